@@ -1,0 +1,148 @@
+//! The library's one error type: structured fields, lowercase messages, a `hint:` where a fix exists.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between reading an input and producing a report.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML or JSON, or does not match the expected shape.
+    #[error("`{path}`: {message}")]
+    Parse { path: String, message: String },
+    /// A field is missing, out of range or inconsistent with another.
+    #[error("`{path}`: field `{field}` {problem}{}", hint_line(.hint))]
+    Field {
+        path: String,
+        field: String,
+        problem: String,
+        hint: Option<String>,
+    },
+    /// A name (model, GPU, method, ...) that is not known.
+    #[error("unknown {kind} `{name}`{}", hint_line(.hint))]
+    Unknown {
+        kind: &'static str,
+        name: String,
+        hint: Option<String>,
+    },
+    /// A plan that cannot be simulated (e.g. a method that needs attention the model lacks).
+    #[error("{message}{}", hint_line(.hint))]
+    Plan {
+        message: String,
+        hint: Option<String>,
+    },
+    /// No GPU adapter for `ftplan calibrate`.
+    #[error("no GPU adapter found: {reason}{}", hint_line(&Some(.hint.clone())))]
+    NoAdapter { reason: String, hint: String },
+    /// The GPU benchmark ran but failed or produced wrong numbers.
+    #[error("calibration failed: {0}")]
+    Calibration(String),
+    /// Writing an output file failed.
+    #[error("cannot write `{path}`: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+fn hint_line(hint: &Option<String>) -> String {
+    match hint {
+        Some(h) => format!(" (hint: {h})"),
+        None => String::new(),
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn field(
+        path: impl Into<String>,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> Error {
+        Error::Field {
+            path: path.into(),
+            field: field.into(),
+            problem: problem.into(),
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(self, text: impl Into<String>) -> Error {
+        match self {
+            Error::Field {
+                path,
+                field,
+                problem,
+                ..
+            } => Error::Field {
+                path,
+                field,
+                problem,
+                hint: Some(text.into()),
+            },
+            Error::Plan { message, .. } => Error::Plan {
+                message,
+                hint: Some(text.into()),
+            },
+            other => other,
+        }
+    }
+
+    /// An unknown name with a "did you mean" drawn from `candidates`.
+    pub fn unknown<'a>(
+        kind: &'static str,
+        name: &str,
+        candidates: impl IntoIterator<Item = &'a str>,
+        list_command: &str,
+    ) -> Error {
+        let hint = match did_you_mean(name, candidates) {
+            Some(best) => Some(format!("did you mean `{best}`? `{list_command}` lists them all")),
+            None => Some(format!("`{list_command}` lists them all")),
+        };
+        Error::Unknown {
+            kind,
+            name: name.to_string(),
+            hint,
+        }
+    }
+}
+
+/// The closest candidate by edit distance, if it is close enough to be a plausible typo.
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let lower = name.to_lowercase();
+    candidates
+        .into_iter()
+        .map(|c| (levenshtein(&lower, &c.to_lowercase()), c))
+        .filter(|(d, c)| *d <= (c.len().max(lower.len()) / 3).max(2) || c.contains(&lower))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.to_string())
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_names() {
+        let names = ["llama2-7b", "llama3-8b", "mistral-7b"];
+        assert_eq!(did_you_mean("llama2-7", names).as_deref(), Some("llama2-7b"));
+        assert_eq!(did_you_mean("mistrl-7b", names).as_deref(), Some("mistral-7b"));
+        assert_eq!(did_you_mean("bert", names), None);
+    }
+}

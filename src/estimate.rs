@@ -1,0 +1,79 @@
+//! One estimate: build the graph for a model and plan, then run the memory (and time) models.
+
+use crate::error::{Error, Result};
+use crate::graph;
+use crate::memory::{self, MemoryEstimate};
+use crate::spec::hardware::Hardware;
+use crate::spec::model::ModelSpec;
+use crate::spec::plan::{Method, Plan};
+use crate::time::{self, Rates, TimeEstimate};
+use serde::Serialize;
+
+/// Largest batch x sequence accepted: beyond it byte counts overflow and no GPU is that large.
+const MAX_TOKENS: u64 = 1 << 34;
+
+/// Everything computed for one model, plan and GPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    pub model: ModelSpec,
+    pub plan: Plan,
+    pub hardware: Hardware,
+    pub memory: MemoryEstimate,
+    pub time: TimeEstimate,
+    pub fits: bool,
+}
+
+/// Rejects plans that cannot be simulated, naming the offending setting.
+pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
+    let field = |f: &str, problem: String| Error::field("plan", f, problem);
+    if plan.batch == 0 {
+        return Err(field("batch", "must be at least 1".into()));
+    }
+    if plan.seq == 0 {
+        return Err(field("seq", "must be at least 1".into()));
+    }
+    if plan.gpus == 0 {
+        return Err(field("gpus", "must be at least 1".into()));
+    }
+    let tokens = plan.batch.saturating_mul(plan.seq.max(plan.target_seq));
+    if tokens > MAX_TOKENS {
+        return Err(field("batch", format!("x seq = {tokens} tokens per step is absurdly large")));
+    }
+    match &plan.method {
+        Method::Lora(l) | Method::Qlora(l) => {
+            if l.rank == 0 {
+                return Err(field("lora-rank", "must be at least 1".into()));
+            }
+            if l.rank > model.hidden_size {
+                return Err(field(
+                    "lora-rank",
+                    format!("({}) exceeds the hidden size ({})", l.rank, model.hidden_size),
+                ));
+            }
+        }
+        Method::Adapter { size } if *size == 0 => {
+            return Err(field("adapter-size", "must be at least 1".into()));
+        }
+        Method::Prefix { virtual_tokens } | Method::Prompt { virtual_tokens } if *virtual_tokens == 0 => {
+            return Err(field("virtual-tokens", "must be at least 1".into()));
+        }
+        _ => {}
+    }
+    if model.is_encoder_decoder() && plan.target_seq == 0 {
+        return Err(field("target-seq", "must be at least 1 for an encoder-decoder model".into()));
+    }
+    Ok(())
+}
+
+/// Runs the whole pipeline for one plan.
+pub fn estimate(model: &ModelSpec, plan: &Plan, hardware: &Hardware, rates: &Rates) -> Result<Estimate> {
+    check_plan(model, plan)?;
+    let graph = graph::build(model, plan);
+    graph
+        .verify()
+        .map_err(|e| Error::Plan { message: format!("internal: op graph invalid: {e}"), hint: None })?;
+    let memory = memory::estimate(&graph, plan, hardware);
+    let time = time::estimate(&graph, plan, hardware, rates);
+    let fits = memory.required <= hardware.memory;
+    Ok(Estimate { model: model.clone(), plan: plan.clone(), hardware: hardware.clone(), memory, time, fits })
+}

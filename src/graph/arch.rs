@@ -1,0 +1,266 @@
+//! The op sequence of each architecture family: embeddings, blocks, head and loss, with the
+//! method's insertions (`peft`'s adapters, prompts and prefixes) placed where peft puts them.
+
+use crate::graph::build::{AttnMask, Builder, Val};
+use crate::graph::op::{OpGraph, ParamId, ParamRole};
+use crate::spec::model::{Family, ModelSpec, Positions, Stack};
+use crate::spec::plan::{Method, Plan, Proj};
+
+/// Builds the op graph of one training step.
+pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
+    let mut b = Builder::new(model, plan);
+    let embed = b.base_param("embed_tokens", (model.vocab_size, model.hidden_size), ParamRole::Embedding);
+    let memory = match model.encoder {
+        Some(enc) => {
+            let src = plan.seq + plan.method.prompt_tokens();
+            let out = stack_forward(&mut b, "encoder", embed, &enc, src, None);
+            Some(out)
+        }
+        None => None,
+    };
+    let seq = if model.is_encoder_decoder() { plan.target_seq } else { plan.seq };
+    let seq = seq + plan.method.prompt_tokens();
+    let (x, _) = stack_forward(&mut b, "decoder", embed, &model.decoder, seq, memory);
+    let x = if model.family == Family::T5 && model.tie_word_embeddings {
+        // T5 rescales by d_model^-0.5 before a tied LM head (a scalar multiply: saves nothing).
+        b.cast("lm_head.rescale", x, x.dtype)
+    } else {
+        x
+    };
+    let head = if model.tie_word_embeddings {
+        embed
+    } else {
+        b.base_param("lm_head", (model.vocab_size, model.hidden_size), ParamRole::Embedding)
+    };
+    b.lm_head_and_loss(x, head, model.lm_head_bias);
+    b.finish()
+}
+
+/// The encoder (when `memory` is None and the model is encoder-decoder) or the decoder stack.
+fn stack_forward(
+    b: &mut Builder,
+    name: &str,
+    embed: ParamId,
+    stack: &Stack,
+    seq: u64,
+    memory: Option<(Val, u64)>,
+) -> (Val, u64) {
+    let model = b.model;
+    let plan = b.plan;
+    let batch = plan.batch;
+    let tokens = batch.saturating_mul(seq);
+    let h = model.hidden_size;
+    let is_decoder = memory.is_some() || !model.is_encoder_decoder();
+
+    let mut x = b.embedding(&format!("{name}.embed_tokens"), embed, h, batch * (seq - plan.method.prompt_tokens()));
+    if let Method::Prompt { virtual_tokens } = plan.method {
+        // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in front.
+        let rows = virtual_tokens;
+        let p = b.adapter_param(&format!("{name}.prompt_embeddings"), (rows, h));
+        let prompt = b.embedding(&format!("{name}.prompt"), p, h, batch * rows);
+        let cat = b.val(h, tokens, x.dtype, true);
+        let _ = prompt;
+        x = b.cast(&format!("{name}.prompt.cat"), cat, x.dtype);
+    }
+    if let Positions::Learned { rows } = model.positions {
+        let pos = b.base_param(&format!("{name}.embed_positions"), (rows, h), ParamRole::Embedding);
+        let p = b.embedding(&format!("{name}.embed_positions"), pos, h, tokens);
+        x = b.add(&format!("{name}.embed.add"), x, p);
+    }
+    if model.family == Family::Bart {
+        x = b.norm(&format!("{name}.layernorm_embedding"), x);
+    }
+    x = b.dropout(&format!("{name}.embed.dropout"), x, model.dropout.embedding);
+    if plan.grad_ckpt && !x.grad {
+        // `enable_input_require_grads`: checkpointing a frozen model needs a grad-requiring input.
+        x.grad = true;
+    }
+    let embed_dtype = x.dtype;
+
+    // Prefix tuning: one embedding of virtual_tokens x (layers x 2 x kv width), cast to the base
+    // dtype and concatenated before each layer's keys and values.
+    let prefix = plan.method.prefix_tokens();
+    if prefix > 0 {
+        let kv_width = stack.kv_heads * stack.head_dim;
+        let p = b.adapter_param(&format!("{name}.prefix_encoder"), (prefix, stack.layers * 2 * kv_width));
+        b.embedding(&format!("{name}.prefix"), p, stack.layers * 2 * kv_width, batch * prefix);
+    }
+    if model.family == Family::T5 {
+        if let Positions::RelativeBias { buckets } = model.positions {
+            b.base_param(&format!("{name}.relative_attention_bias"), (buckets, stack.heads), ParamRole::Embedding);
+        }
+    }
+
+    for layer in 0..stack.layers {
+        let ln = format!("{name}.layers.{layer}");
+        b.begin_block(x);
+        x = block(b, &ln, x, stack, seq, embed_dtype, is_decoder, memory);
+        b.end_block();
+    }
+    if model.family != Family::Bart {
+        x = b.norm(&format!("{name}.final_norm"), x);
+    }
+    if model.family == Family::T5 {
+        x = b.dropout(&format!("{name}.final_dropout"), x, model.dropout.residual);
+    }
+    (x, seq)
+}
+
+/// One transformer block.
+#[expect(clippy::too_many_arguments)]
+fn block(
+    b: &mut Builder,
+    name: &str,
+    x: Val,
+    stack: &Stack,
+    seq: u64,
+    embed_dtype: crate::units::DType,
+    is_decoder: bool,
+    memory: Option<(Val, u64)>,
+) -> Val {
+    let model = b.model;
+    let p_res = model.dropout.residual;
+    let self_mask = self_attention_mask(b, is_decoder);
+    if model.parallel_block {
+        // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
+        let h = b.norm(&format!("{name}.input_layernorm"), x);
+        let a = self_attention(b, &format!("{name}.attn"), h, stack, seq, embed_dtype, self_mask);
+        let a = b.dropout(&format!("{name}.attn.dropout"), a, p_res);
+        let m = mlp(b, &format!("{name}.mlp"), h, stack);
+        let m = b.dropout(&format!("{name}.mlp.dropout"), m, p_res);
+        let sum = b.add(&format!("{name}.parallel.add"), a, m);
+        return b.add(&format!("{name}.residual"), x, sum);
+    }
+    if model.post_norm {
+        // BART: sub-layer, dropout, residual add, then LayerNorm.
+        let a = self_attention(b, &format!("{name}.self_attn"), x, stack, seq, embed_dtype, self_mask);
+        let a = b.dropout(&format!("{name}.self_attn.dropout"), a, p_res);
+        let mut x = b.add(&format!("{name}.self_attn.residual"), x, a);
+        x = b.norm(&format!("{name}.self_attn_layer_norm"), x);
+        if let Some(mem) = memory {
+            let c = cross_attention(b, &format!("{name}.encoder_attn"), x, mem, stack, seq);
+            let c = b.dropout(&format!("{name}.encoder_attn.dropout"), c, p_res);
+            x = b.add(&format!("{name}.encoder_attn.residual"), x, c);
+            x = b.norm(&format!("{name}.encoder_attn_layer_norm"), x);
+        }
+        let m = mlp(b, &format!("{name}.mlp"), x, stack);
+        let m = adapter(b, &format!("{name}.adapter"), m);
+        let m = b.dropout(&format!("{name}.mlp.dropout"), m, p_res);
+        let x = b.add(&format!("{name}.mlp.residual"), x, m);
+        return b.norm(&format!("{name}.final_layer_norm"), x);
+    }
+    // Pre-norm (Llama, GPT-2, OPT, T5).
+    let h = b.norm(&format!("{name}.input_layernorm"), x);
+    let a = self_attention(b, &format!("{name}.self_attn"), h, stack, seq, embed_dtype, self_mask);
+    let a = b.dropout(&format!("{name}.self_attn.dropout"), a, p_res);
+    let mut x = b.add(&format!("{name}.self_attn.residual"), x, a);
+    if let Some(mem) = memory {
+        let h = b.norm(&format!("{name}.cross_layernorm"), x);
+        let c = cross_attention(b, &format!("{name}.cross_attn"), h, mem, stack, seq);
+        let c = b.dropout(&format!("{name}.cross_attn.dropout"), c, p_res);
+        x = b.add(&format!("{name}.cross_attn.residual"), x, c);
+    }
+    let h = b.norm(&format!("{name}.post_attention_layernorm"), x);
+    let m = mlp(b, &format!("{name}.mlp"), h, stack);
+    let m = if model.family == Family::Gpt2 { b.dropout(&format!("{name}.mlp.dropout"), m, p_res) } else { m };
+    let m = adapter(b, &format!("{name}.adapter"), m);
+    let m = if model.family == Family::Gpt2 { m } else { b.dropout(&format!("{name}.mlp.dropout"), m, p_res) };
+    b.add(&format!("{name}.mlp.residual"), x, m)
+}
+
+fn self_attention_mask(b: &Builder, is_decoder: bool) -> AttnMask {
+    let model = b.model;
+    match model.positions {
+        Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
+        Positions::RelativeBias { .. } => AttnMask::FrozenBias,
+        _ if b.plan.method.prefix_tokens() > 0 => AttnMask::Explicit,
+        _ if is_decoder => AttnMask::Causal,
+        _ => AttnMask::Full,
+    }
+}
+
+/// The bottleneck adapter after the FFN output, when the method is `adapter`.
+fn adapter(b: &mut Builder, name: &str, x: Val) -> Val {
+    match b.plan.method {
+        Method::Adapter { size } => b.bottleneck(name, x, size),
+        _ => x,
+    }
+}
+
+/// q/k/v projections, positions, the attention core and the output projection.
+fn self_attention(
+    b: &mut Builder,
+    name: &str,
+    x: Val,
+    stack: &Stack,
+    seq: u64,
+    embed_dtype: crate::units::DType,
+    mask: AttnMask,
+) -> Val {
+    let model = b.model;
+    let q_width = stack.heads * stack.head_dim;
+    let kv_width = stack.kv_heads * stack.head_dim;
+    let (mut q, mut k, mut v) = if model.fused_qkv {
+        let qkv = b.linear(&format!("{name}.qkv"), x, q_width + 2 * kv_width, model.qkv_bias, Some(Proj::Q));
+        (Val { width: q_width, ..qkv }, Val { width: kv_width, ..qkv }, Val { width: kv_width, ..qkv })
+    } else {
+        let q = b.linear(&format!("{name}.q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
+        let k = b.linear(&format!("{name}.k_proj"), x, kv_width, model.qkv_bias, Some(Proj::K));
+        let v = b.linear(&format!("{name}.v_proj"), x, kv_width, model.qkv_bias, Some(Proj::V));
+        (q, k, v)
+    };
+    if let Positions::Rotary { .. } = model.positions {
+        q = b.rotary(&format!("{name}.rotary_q"), q, embed_dtype);
+        k = b.rotary(&format!("{name}.rotary_k"), k, embed_dtype);
+    }
+    let batch = b.plan.batch;
+    let prefix = b.plan.method.prefix_tokens();
+    let mut seq_k = seq;
+    if prefix > 0 {
+        // DynamicCache.update concatenates the prefix in front of the keys and values.
+        seq_k += prefix;
+        k = b.val(kv_width, batch * seq_k, k.dtype, true);
+        v = b.val(kv_width, batch * seq_k, v.dtype, true);
+    }
+    let a = b.attention(&format!("{name}.core"), q, k, v, stack, batch, (seq, seq_k), mask);
+    let o_bias = model.linear_bias;
+    b.linear(&format!("{name}.o_proj"), a, model.hidden_size, o_bias, Some(Proj::O))
+}
+
+/// Decoder cross-attention over the encoder output `memory` (keys and values from it).
+fn cross_attention(b: &mut Builder, name: &str, x: Val, memory: (Val, u64), stack: &Stack, seq: u64) -> Val {
+    let model = b.model;
+    let (mem, mem_seq) = memory;
+    let q_width = stack.heads * stack.head_dim;
+    let kv_width = stack.kv_heads * stack.head_dim;
+    let q = b.linear(&format!("{name}.q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
+    let k = b.linear(&format!("{name}.k_proj"), mem, kv_width, model.qkv_bias, Some(Proj::K));
+    let v = b.linear(&format!("{name}.v_proj"), mem, kv_width, model.qkv_bias, Some(Proj::V));
+    let batch = b.plan.batch;
+    let mask = match model.positions {
+        Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
+        _ => AttnMask::Full,
+    };
+    let a = b.attention(&format!("{name}.core"), q, k, v, stack, batch, (seq, mem_seq), mask);
+    b.linear(&format!("{name}.o_proj"), a, model.hidden_size, model.linear_bias, Some(Proj::O))
+}
+
+/// The feed-forward network: gated (SwiGLU/GeGLU) or two-matrix.
+fn mlp(b: &mut Builder, name: &str, x: Val, stack: &Stack) -> Val {
+    let model = b.model;
+    let inter = stack.intermediate_size;
+    let bias = model.linear_bias;
+    if model.gated_ffn {
+        let g = b.linear(&format!("{name}.gate_proj"), x, inter, bias, Some(Proj::Gate));
+        let u = b.linear(&format!("{name}.up_proj"), x, inter, bias, Some(Proj::Up));
+        let a = b.activation(&format!("{name}.act"), g);
+        let p = b.mul(&format!("{name}.gate_mul"), a, u);
+        let p = b.dropout(&format!("{name}.act.dropout"), p, model.dropout.activation);
+        b.linear(&format!("{name}.down_proj"), p, model.hidden_size, bias, Some(Proj::Down))
+    } else {
+        let f = b.linear(&format!("{name}.fc1"), x, inter, bias, Some(Proj::Up));
+        let a = b.activation(&format!("{name}.act"), f);
+        let a = b.dropout(&format!("{name}.act.dropout"), a, model.dropout.activation);
+        b.linear(&format!("{name}.fc2"), a, model.hidden_size, bias, Some(Proj::Down))
+    }
+}

@@ -1,0 +1,242 @@
+//! Ops, the tensors they save for backward, the parameters they own, and the [`OpGraph`] that
+//! holds them in execution order.
+//!
+//! petgraph stays private: callers see typed ids and plain structs.
+
+use crate::units::{Bytes, DType, Flops};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+
+/// Index of a tensor in [`OpGraph::tensors`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub u32);
+
+/// Index of a parameter in [`OpGraph::params`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ParamId(pub u32);
+
+/// What a saved tensor is, for the breakdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorKind {
+    /// An activation saved for backward.
+    Activation,
+    /// A bf16 copy of an fp32 weight made by autocast's cast cache (`torch.autocast` caches casts
+    /// of leaf tensors that require grad until the autocast region exits; a saved copy lives on
+    /// until its op's backward).
+    WeightCopy,
+    /// Logits and the loss's saved log-probabilities.
+    Logits,
+}
+
+/// A tensor that some op keeps for backward.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tensor {
+    pub bytes: Bytes,
+    pub kind: TensorKind,
+    /// Kept by a checkpointed block across its forward (the block input).
+    pub checkpoint_input: bool,
+}
+
+/// What a parameter is, for parameter counting and the optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamRole {
+    /// Token or position embedding table.
+    Embedding,
+    /// A linear layer's weight.
+    Linear,
+    /// A bias vector.
+    Bias,
+    /// A norm's scale (and shift).
+    Norm,
+    /// A parameter a PEFT method adds (LoRA A/B, adapters, prefixes, prompts, IA3 vectors).
+    Adapter,
+}
+
+/// One parameter tensor (or a group of identical ones).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Param {
+    pub name: String,
+    pub elements: u64,
+    /// Storage type (NF4 for QLoRA's quantized weights).
+    pub dtype: DType,
+    pub trainable: bool,
+    pub role: ParamRole,
+    /// Extra storage that belongs to the parameter (QLoRA's quantization constants).
+    pub extra: Bytes,
+    /// Shape as (rows, cols) for matrices; optimizers such as Adafactor factor it.
+    pub shape: (u64, u64),
+}
+
+impl Param {
+    pub fn bytes(&self) -> Bytes {
+        self.dtype.bytes(self.elements) + self.extra
+    }
+}
+
+/// Which kind of kernel an op runs; the time model picks its roofline by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// A GEMM on tensor cores.
+    Matmul,
+    /// Fused attention (flash / memory-efficient) or its eager/math equivalent.
+    Attention,
+    /// A norm (memory-bound reduction).
+    Norm,
+    /// Element-wise ops: activations, residual adds, casts, dropout, rotary.
+    Elementwise,
+    /// Embedding gather.
+    Embedding,
+    /// Log-softmax and cross-entropy over the vocabulary.
+    Loss,
+}
+
+/// FLOPs and bytes moved by an op in each pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Cost {
+    pub forward_flops: Flops,
+    /// Gradient with respect to the op's inputs.
+    pub input_grad_flops: Flops,
+    /// Gradient with respect to its trainable weights.
+    pub weight_grad_flops: Flops,
+    /// Bytes read and written in the forward pass.
+    pub forward_bytes: Bytes,
+    /// Bytes read and written in the backward pass.
+    pub backward_bytes: Bytes,
+    /// Kernel launches in the forward pass.
+    pub forward_kernels: u32,
+    /// Kernel launches in the backward pass.
+    pub backward_kernels: u32,
+    /// The GEMM's smallest dimension (decides tensor-core efficiency); 0 when not a GEMM.
+    pub min_dim: u64,
+}
+
+/// One operation of the forward pass, with everything backward will need.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Op {
+    pub name: String,
+    pub kind: OpKind,
+    /// The checkpointed block this op belongs to, if gradient checkpointing is on.
+    pub segment: Option<u32>,
+    /// Parameters read by the op (a tied weight appears in two ops).
+    #[serde(skip)]
+    pub params: Vec<ParamId>,
+    /// Tensors it keeps alive for its backward.
+    #[serde(skip)]
+    pub saves: Vec<TensorId>,
+    /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
+    pub forward_transient: Bytes,
+    /// Memory live only while its backward runs (incoming and outgoing gradients, scratch).
+    pub backward_transient: Bytes,
+    /// Whether backward reaches this op at all (false before the first trainable op).
+    pub in_backward: bool,
+    pub cost: Cost,
+    /// The dtype its matmuls run in (for the time model).
+    pub compute: DType,
+}
+
+/// The op graph of one training step: ops in forward execution order, linked by data flow.
+#[derive(Debug, Clone, Default)]
+pub struct OpGraph {
+    graph: DiGraph<Op, ()>,
+    order: Vec<NodeIndex>,
+    pub tensors: Vec<Tensor>,
+    pub params: Vec<Param>,
+}
+
+impl OpGraph {
+    pub fn add_tensor(&mut self, tensor: Tensor) -> TensorId {
+        self.tensors.push(tensor);
+        TensorId((self.tensors.len() - 1) as u32)
+    }
+
+    pub fn add_param(&mut self, param: Param) -> ParamId {
+        self.params.push(param);
+        ParamId((self.params.len() - 1) as u32)
+    }
+
+    /// Appends an op after the previous one (data flows along the execution order; a residual
+    /// skip is an extra edge from the block input).
+    pub fn push(&mut self, op: Op) -> usize {
+        let node = self.graph.add_node(op);
+        if let Some(&prev) = self.order.last() {
+            self.graph.add_edge(prev, node, ());
+        }
+        self.order.push(node);
+        self.order.len() - 1
+    }
+
+    /// Adds a data-flow edge between two ops by their position in execution order.
+    pub fn link(&mut self, from: usize, to: usize) {
+        if let (Some(&a), Some(&b)) = (self.order.get(from), self.order.get(to)) {
+            self.graph.update_edge(a, b, ());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Ops in forward execution order.
+    pub fn ops(&self) -> impl DoubleEndedIterator<Item = &Op> + ExactSizeIterator {
+        self.order.iter().map(|&n| &self.graph[n])
+    }
+
+    pub fn op_mut(&mut self, index: usize) -> Option<&mut Op> {
+        let node = *self.order.get(index)?;
+        self.graph.node_weight_mut(node)
+    }
+
+    pub fn tensor(&self, id: TensorId) -> &Tensor {
+        &self.tensors[id.0 as usize]
+    }
+
+    pub fn param(&self, id: ParamId) -> &Param {
+        &self.params[id.0 as usize]
+    }
+
+    /// Checks the invariants every consumer relies on: the graph is acyclic and every edge points
+    /// forward in execution order, every id refers to an existing tensor or parameter, and a
+    /// checkpointed block's ops are contiguous.
+    pub fn verify(&self) -> Result<(), String> {
+        if petgraph::algo::is_cyclic_directed(&self.graph) {
+            return Err("op graph has a cycle".into());
+        }
+        let position: std::collections::HashMap<NodeIndex, usize> =
+            self.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        for edge in self.graph.raw_edges() {
+            if position[&edge.source()] >= position[&edge.target()] {
+                return Err("an edge points backwards in execution order".into());
+            }
+        }
+        let mut seen_segments = std::collections::HashSet::new();
+        let mut last_segment = None;
+        for op in self.ops() {
+            for t in &op.saves {
+                if t.0 as usize >= self.tensors.len() {
+                    return Err(format!("op `{}` saves a tensor that does not exist", op.name));
+                }
+            }
+            for p in &op.params {
+                if p.0 as usize >= self.params.len() {
+                    return Err(format!("op `{}` uses a parameter that does not exist", op.name));
+                }
+            }
+            if op.segment != last_segment {
+                if let Some(s) = op.segment
+                    && !seen_segments.insert(s)
+                {
+                    return Err(format!("checkpoint segment {s} is not contiguous"));
+                }
+                last_segment = op.segment;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! ftplan: will fine-tuning this model with this method fit on this GPU, and how fast will it run?
+//!
+//! The pipeline is one-way: `spec` (model, hardware, plan) -> `graph` (ops of one training step)
+//! -> `memory` and `time` (walks over the ops) -> `report` (tables, JSON, charts). The CLI sits on
+//! top and is the only part that reads files given on the command line or prints.
+
+pub mod error;
+pub mod estimate;
+pub mod graph;
+pub mod memory;
+pub mod optimizer;
+pub mod spec;
+pub mod time;
+pub mod units;
+pub mod validate;
+
+pub use error::{Error, Result};

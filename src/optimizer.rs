@@ -1,0 +1,100 @@
+//! What each optimizer keeps per trainable parameter, and what its step allocates.
+
+use crate::graph::op::Param;
+use crate::spec::plan::Optimizer;
+use crate::units::{Bytes, DType};
+
+/// bitsandbytes keeps tensors smaller than this in 32-bit states (`min_8bit_size`).
+const MIN_8BIT_SIZE: u64 = 4096;
+/// bitsandbytes' block size for optimizer-state quantization (one fp32 absmax per block).
+const BNB_BLOCK: u64 = 256;
+
+/// Persistent optimizer state for the trainable parameters.
+pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
+    params
+        .iter()
+        .map(|p| {
+            // PyTorch creates states with `zeros_like(param)`: the parameter's dtype.
+            let dtype = p.dtype;
+            // Fused and foreach AdamW keep `step` as a 1-element fp32 tensor per parameter.
+            let step = DType::F32.bytes(1);
+            match optimizer {
+                Optimizer::Adamw | Optimizer::AdamwForeach => dtype.bytes(p.elements) * 2 + step,
+                Optimizer::Adamw8bit => {
+                    if p.elements < MIN_8BIT_SIZE {
+                        DType::F32.bytes(p.elements) * 2 + step
+                    } else {
+                        DType::U8.bytes(p.elements) * 2
+                            + DType::F32.bytes(p.elements.div_ceil(BNB_BLOCK)) * 2
+                            + step
+                    }
+                }
+                Optimizer::Sgd => dtype.bytes(p.elements),
+                Optimizer::Adafactor => {
+                    // Factored second moment for matrices, full for vectors (Shazeer & Stern
+                    // 2018, sec. 3); torch.optim.Adafactor keeps no first moment by default.
+                    let (rows, cols) = p.shape;
+                    let elements = if rows > 1 && cols > 1 { rows + cols } else { p.elements };
+                    dtype.bytes(elements) + step
+                }
+            }
+        })
+        .sum()
+}
+
+/// Memory the optimizer step allocates on top of parameters, gradients and states.
+pub fn step_temporary(optimizer: Optimizer, params: &[&Param]) -> Bytes {
+    match optimizer {
+        // Fused kernels update in place.
+        Optimizer::Adamw | Optimizer::Adamw8bit => Bytes::ZERO,
+        // `_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)` holds one
+        // state-sized tensor per parameter until `_foreach_addcdiv_` has used it.
+        Optimizer::AdamwForeach => params.iter().map(|p| p.dtype.bytes(p.elements)).sum(),
+        // `_foreach_mul_` / `_foreach_add_` on the momentum buffers are in place.
+        Optimizer::Sgd => Bytes::ZERO,
+        // `_single_tensor_adafactor` builds a full-size variance estimate one parameter at a
+        // time: the largest parameter's worth.
+        Optimizer::Adafactor => params
+            .iter()
+            .map(|p| p.dtype.bytes(p.elements))
+            .max()
+            .unwrap_or(Bytes::ZERO),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::op::ParamRole;
+
+    fn matrix(rows: u64, cols: u64) -> Param {
+        Param {
+            name: "w".into(),
+            elements: rows * cols,
+            dtype: DType::F32,
+            trainable: true,
+            role: ParamRole::Linear,
+            extra: Bytes::ZERO,
+            shape: (rows, cols),
+        }
+    }
+
+    #[test]
+    fn adamw_keeps_two_states_in_the_param_dtype() {
+        let p = matrix(100, 100);
+        assert_eq!(state_bytes(Optimizer::Adamw, &[&p]), Bytes(2 * 4 * 10_000 + 4));
+    }
+
+    #[test]
+    fn adafactor_factors_matrices() {
+        let p = matrix(100, 50);
+        assert_eq!(state_bytes(Optimizer::Adafactor, &[&p]), Bytes(4 * 150 + 4));
+    }
+
+    #[test]
+    fn adamw8bit_is_a_quarter_of_fp32_adamw_plus_absmax() {
+        let p = matrix(256, 256);
+        let bytes = state_bytes(Optimizer::Adamw8bit, &[&p]);
+        assert_eq!(bytes, Bytes(2 * 65_536 + 2 * 4 * 256 + 4));
+    }
+}

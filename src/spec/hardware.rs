@@ -1,0 +1,111 @@
+//! A GPU profile: memory, peak rates per dtype, bandwidth and interconnect (vendor datasheets).
+
+use crate::error::{Error, Result};
+use crate::units::{Bytes, DType};
+use serde::{Deserialize, Serialize};
+
+/// `hardware/*.toml` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardwareWire {
+    pub name: String,
+    /// Other names people type (`a100` for `a100-80gb`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    pub display_name: String,
+    pub vendor: String,
+    pub source: String,
+    /// Device memory as the CUDA/ROCm runtime reports it (`torch.cuda.mem_get_info` total).
+    pub memory_gib: f64,
+    pub fp32_tflops: f64,
+    pub tf32_tflops: f64,
+    pub bf16_tflops: f64,
+    pub fp16_tflops: f64,
+    pub int8_tops: f64,
+    pub hbm_gbps: f64,
+    pub interconnect: String,
+    pub interconnect_gbps: f64,
+    /// Memory the CUDA context and libraries take before PyTorch allocates anything.
+    pub context_mib: f64,
+    /// cuBLAS workspace per handle, allocated through PyTorch's caching allocator (PyTorch's
+    /// `getChosenWorkspaceSize`: 32 MiB on Hopper, 4 MiB x 2 + 16 KiB x 8 before).
+    pub cublas_workspace_mib: f64,
+    /// Kernel launch plus framework dispatch per op, as measured on this class of GPU.
+    #[serde(default = "default_launch_us")]
+    pub launch_overhead_us: f64,
+    pub price_per_hour_usd: Option<f64>,
+}
+
+fn default_launch_us() -> f64 {
+    8.0
+}
+
+/// A validated GPU profile.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hardware {
+    pub name: String,
+    pub display_name: String,
+    pub vendor: String,
+    pub memory: Bytes,
+    pub fp32_tflops: f64,
+    pub tf32_tflops: f64,
+    pub bf16_tflops: f64,
+    pub fp16_tflops: f64,
+    pub int8_tops: f64,
+    pub hbm_gbps: f64,
+    pub interconnect: String,
+    pub interconnect_gbps: f64,
+    pub context: Bytes,
+    pub cublas_workspace: Bytes,
+    pub launch_overhead_us: f64,
+    pub price_per_hour_usd: Option<f64>,
+}
+
+impl Hardware {
+    /// Peak dense matmul rate for a dtype, FLOP/s.
+    pub fn peak_flops(&self, dtype: DType) -> f64 {
+        1e12 * match dtype {
+            DType::Bf16 => self.bf16_tflops,
+            DType::F16 => self.fp16_tflops,
+            DType::F32 => self.fp32_tflops,
+            DType::U8 | DType::Nf4 | DType::I64 => self.bf16_tflops,
+        }
+    }
+
+    pub fn bandwidth(&self) -> f64 {
+        self.hbm_gbps * 1e9
+    }
+
+    pub fn from_wire(path: &str, w: HardwareWire) -> Result<Hardware> {
+        let positive = |field: &str, v: f64, max: f64| -> Result<f64> {
+            if !(v.is_finite() && v > 0.0) {
+                Err(Error::field(path, field, format!("must be a positive number, found {v}")))
+            } else if v > max {
+                Err(Error::field(path, field, format!("is absurdly large ({v}); the most accepted is {max}")))
+            } else {
+                Ok(v)
+            }
+        };
+        Ok(Hardware {
+            memory: Bytes::from_gib(positive("memory_gib", w.memory_gib, 1e5)?),
+            fp32_tflops: positive("fp32_tflops", w.fp32_tflops, 1e6)?,
+            tf32_tflops: positive("tf32_tflops", w.tf32_tflops, 1e6)?,
+            bf16_tflops: positive("bf16_tflops", w.bf16_tflops, 1e6)?,
+            fp16_tflops: positive("fp16_tflops", w.fp16_tflops, 1e6)?,
+            int8_tops: positive("int8_tops", w.int8_tops, 1e6)?,
+            hbm_gbps: positive("hbm_gbps", w.hbm_gbps, 1e6)?,
+            interconnect_gbps: positive("interconnect_gbps", w.interconnect_gbps, 1e6)?,
+            context: Bytes::from_mib(positive("context_mib", w.context_mib, 1e6)?),
+            cublas_workspace: Bytes::from_mib(positive("cublas_workspace_mib", w.cublas_workspace_mib, 1e5)?),
+            launch_overhead_us: positive("launch_overhead_us", w.launch_overhead_us, 1e5)?,
+            price_per_hour_usd: match w.price_per_hour_usd {
+                Some(p) => Some(positive("price_per_hour_usd", p, 1e6)?),
+                None => None,
+            },
+            name: w.name,
+            display_name: w.display_name,
+            vendor: w.vendor,
+            interconnect: w.interconnect,
+        })
+    }
+}

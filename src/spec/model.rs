@@ -1,0 +1,163 @@
+//! A validated model architecture: everything the memory and time models need, no `Option`s.
+//!
+//! Built from a Hugging Face `config.json` or from a `models/*.toml` file that uses the same field
+//! names (see `spec::hf`), so a published config value pastes straight in.
+
+use serde::Serialize;
+
+/// Which Hugging Face implementation the architecture follows; decides the block's op sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `LlamaForCausalLM` (also TinyLlama): pre-RMSNorm, rotary, SwiGLU.
+    Llama,
+    /// `MistralForCausalLM`: the Llama block with sliding-window attention.
+    Mistral,
+    /// `Qwen2ForCausalLM`: the Llama block with q/k/v biases.
+    Qwen2,
+    /// `GemmaForCausalLM`: Llama-like, GeGLU, (1 + w) RMSNorm, scaled embeddings.
+    Gemma,
+    /// `GPT2LMHeadModel`: pre-LayerNorm, learned positions, fused qkv `Conv1D`, GELU (tanh).
+    Gpt2,
+    /// `OPTForCausalLM`: pre-LayerNorm, learned positions, ReLU.
+    Opt,
+    /// `PhiForCausalLM`: parallel attention and MLP, partial rotary, GELU (tanh).
+    Phi,
+    /// `FalconForCausalLM`: parallel attention and MLP, multi-query, fused qkv.
+    Falcon,
+    /// `T5ForConditionalGeneration`: encoder-decoder, T5 RMSNorm, relative position bias.
+    T5,
+    /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
+    Bart,
+}
+
+impl Family {
+    pub const ALL: [(&'static str, Family); 10] = [
+        ("llama", Family::Llama),
+        ("mistral", Family::Mistral),
+        ("qwen2", Family::Qwen2),
+        ("gemma", Family::Gemma),
+        ("gpt2", Family::Gpt2),
+        ("opt", Family::Opt),
+        ("phi", Family::Phi),
+        ("falcon", Family::Falcon),
+        ("t5", Family::T5),
+        ("bart", Family::Bart),
+    ];
+
+    pub fn model_type(self) -> &'static str {
+        Family::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("llama")
+    }
+}
+
+/// Element-wise activation of the feed-forward network, as the framework implements it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `F.silu` (one kernel; saves its input).
+    Silu,
+    /// `F.gelu` exact or `approximate="tanh"` (one kernel; saves its input).
+    Gelu,
+    /// transformers' `NewGELUActivation` (`gelu_new`): a chain of Python element-wise ops, each
+    /// saving its own operands, with `pow` autocast to fp32.
+    GeluNewPython,
+    /// `F.relu` (saves its output).
+    Relu,
+}
+
+/// Normalisation layer implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// `nn.LayerNorm` (autocast runs it in fp32; saves its input, mean and rstd).
+    LayerNorm,
+    /// `LlamaRMSNorm`: upcast to fp32, normalise, cast back, multiply by the weight.
+    RmsNorm,
+    /// `GemmaRMSNorm`: fp32 throughout, `* (1 + weight)`, cast back.
+    GemmaRmsNorm,
+    /// `T5LayerNorm`: fp32 variance, input times rsqrt, cast to the weight dtype.
+    T5RmsNorm,
+}
+
+/// How token positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Positions {
+    /// Rotary embeddings on the first `fraction` of each head's dimensions.
+    Rotary { fraction: f64 },
+    /// A learned table of `rows` positions (`offset` extra rows, as OPT and BART keep 2).
+    Learned { rows: u64 },
+    /// T5's learned relative-position bias: `buckets` x heads in the first layer of each stack.
+    RelativeBias { buckets: u64 },
+}
+
+/// Dropout probabilities; a non-zero one stores a mask for backward.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Dropouts {
+    /// After the embeddings.
+    pub embedding: f64,
+    /// On attention probabilities.
+    pub attention: f64,
+    /// On each sub-layer's output before the residual add.
+    pub residual: f64,
+    /// Inside the FFN, after the activation.
+    pub activation: f64,
+}
+
+/// One stack of identical blocks (a decoder-only model has one; encoder-decoder has two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Stack {
+    pub layers: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub intermediate_size: u64,
+}
+
+/// A validated model description.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelSpec {
+    pub name: String,
+    pub family: Family,
+    pub hidden_size: u64,
+    pub vocab_size: u64,
+    /// The decoder (or the only) stack.
+    pub decoder: Stack,
+    /// The encoder stack of an encoder-decoder model.
+    pub encoder: Option<Stack>,
+    pub gated_ffn: bool,
+    pub activation: Activation,
+    pub norm: Norm,
+    /// BART puts the norm after the residual add.
+    pub post_norm: bool,
+    pub positions: Positions,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Biases on the attention output projection, the FFN linears and the norms.
+    pub linear_bias: bool,
+    /// Attention and FFN read the same norm output and add to the residual together.
+    pub parallel_block: bool,
+    /// q, k and v come from one projection (GPT-2 `c_attn`, Falcon `query_key_value`).
+    pub fused_qkv: bool,
+    /// Phi-2's LM head has a bias.
+    pub lm_head_bias: bool,
+    pub dropout: Dropouts,
+    /// Published total parameter count, when the file states one (checked by the tests).
+    pub published_params: Option<u64>,
+}
+
+impl ModelSpec {
+    pub fn is_encoder_decoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// All blocks, encoder and decoder.
+    pub fn total_layers(&self) -> u64 {
+        self.decoder.layers + self.encoder.map_or(0, |e| e.layers)
+    }
+}

@@ -1,0 +1,198 @@
+//! A training plan: method, precision, optimizer, shapes and kernels.
+
+use serde::Serialize;
+
+/// Which projections LoRA wraps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTargets {
+    /// Attention query and value projections (peft's default for most models; GPT-2's fused
+    /// `c_attn` as a whole).
+    QueryValue,
+    /// Every linear inside the blocks (peft's `all-linear`; the LM head excluded).
+    AllLinear,
+    /// Named projections.
+    Named(Vec<Proj>),
+}
+
+/// A projection inside a block, by role rather than by module name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const NAMES: [(&'static str, Proj); 7] = [
+        ("q", Proj::Q),
+        ("k", Proj::K),
+        ("v", Proj::V),
+        ("o", Proj::O),
+        ("gate", Proj::Gate),
+        ("up", Proj::Up),
+        ("down", Proj::Down),
+    ];
+}
+
+/// LoRA's settings (Hu et al. 2021).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lora {
+    pub rank: u64,
+    pub alpha: f64,
+    pub targets: LoraTargets,
+}
+
+/// How the model is fine-tuned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "name")]
+pub enum Method {
+    /// Every parameter trains.
+    Full,
+    /// Frozen base plus trainable low-rank A/B matrices beside chosen projections.
+    Lora(Lora),
+    /// LoRA over an NF4 4-bit base with double quantization (Dettmers et al. 2023).
+    Qlora(Lora),
+    /// A bottleneck adapter (hidden -> size -> hidden, ReLU, residual) after each block's FFN
+    /// (Houlsby et al. 2019; Pfeiffer placement).
+    Adapter { size: u64 },
+    /// Trainable key/value prefixes in every attention layer (Li & Liang 2021), as peft
+    /// implements it: an embedding of `virtual_tokens x layers x 2 x hidden`.
+    Prefix { virtual_tokens: u64 },
+    /// Trainable input embeddings prepended to the sequence (Lester et al. 2021).
+    Prompt { virtual_tokens: u64 },
+    /// Learned scaling vectors on keys, values and the FFN (Liu et al. 2022), peft's targets.
+    Ia3,
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora(_) => "lora",
+            Method::Qlora(_) => "qlora",
+            Method::Adapter { .. } => "adapter",
+            Method::Prefix { .. } => "prefix",
+            Method::Prompt { .. } => "prompt",
+            Method::Ia3 => "ia3",
+        }
+    }
+
+    /// Whether the base model's weights are frozen.
+    pub fn frozen_base(&self) -> bool {
+        match self {
+            Method::Full => false,
+            Method::Lora(_)
+            | Method::Qlora(_)
+            | Method::Adapter { .. }
+            | Method::Prefix { .. }
+            | Method::Prompt { .. }
+            | Method::Ia3 => true,
+        }
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        match self {
+            Method::Lora(l) | Method::Qlora(l) => Some(l),
+            Method::Full
+            | Method::Adapter { .. }
+            | Method::Prefix { .. }
+            | Method::Prompt { .. }
+            | Method::Ia3 => None,
+        }
+    }
+
+    /// Virtual tokens prepended to the input sequence (prompt tuning lengthens the sequence).
+    pub fn prompt_tokens(&self) -> u64 {
+        match self {
+            Method::Prompt { virtual_tokens } => *virtual_tokens,
+            _ => 0,
+        }
+    }
+
+    /// Virtual tokens prepended to every layer's keys and values (prefix tuning).
+    pub fn prefix_tokens(&self) -> u64 {
+        match self {
+            Method::Prefix { virtual_tokens } => *virtual_tokens,
+            _ => 0,
+        }
+    }
+}
+
+/// The dtype regime of the model's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// fp32 weights, forward under bf16 autocast (Hugging Face Trainer's `bf16=True`).
+    MixedBf16,
+    /// bf16 weights. Full fine-tuning runs without autocast (pure bf16, bf16 optimizer states);
+    /// PEFT methods keep peft's fp32 adapters and run under bf16 autocast.
+    Bf16,
+    /// Everything fp32, no autocast.
+    Fp32,
+}
+
+/// The optimizer and its implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// `torch.optim.AdamW(fused=True)`: two states per parameter, no step temporaries
+    /// (Hugging Face Trainer's default on torch >= 2.8).
+    Adamw,
+    /// `torch.optim.AdamW` default (foreach) on a GPU: two states plus a temporary the size of
+    /// one state (`_foreach_sqrt` of the second moment) while it steps.
+    AdamwForeach,
+    /// bitsandbytes `AdamW8bit`: two 1-byte states plus fp32 block-wise absmax per 2048 values
+    /// (Dettmers et al. 2022).
+    Adamw8bit,
+    /// `torch.optim.SGD(momentum=0.9)`: one momentum buffer per parameter.
+    Sgd,
+    /// `torch.optim.Adafactor`: factored second moments (a row and a column vector per matrix),
+    /// no first moment (Shazeer & Stern 2018).
+    Adafactor,
+}
+
+/// Which attention implementation the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    /// `F.scaled_dot_product_attention`: flash / memory-efficient kernels, memory linear in the
+    /// sequence length.
+    Sdpa,
+    /// transformers' eager attention: materialised score and probability matrices.
+    Eager,
+}
+
+/// Everything about one training step except the model and the hardware.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub method: Method,
+    pub precision: Precision,
+    pub optimizer: Optimizer,
+    /// Micro-batch per GPU.
+    pub batch: u64,
+    /// Tokens per sample (encoder-decoder: source length).
+    pub seq: u64,
+    /// Target length of an encoder-decoder model.
+    pub target_seq: u64,
+    pub grad_ckpt: bool,
+    pub attention: AttentionKernel,
+    /// Data-parallel GPUs (DDP): each holds a full replica.
+    pub gpus: u64,
+}
+
+impl Plan {
+    /// Whether the forward pass runs under bf16 autocast.
+    pub fn autocast(&self) -> bool {
+        match self.precision {
+            Precision::MixedBf16 => true,
+            Precision::Bf16 => self.method.frozen_base(),
+            Precision::Fp32 => false,
+        }
+    }
+}

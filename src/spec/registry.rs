@@ -1,0 +1,142 @@
+//! Finding models and GPUs by name, alias or path: the shipped `models/*.toml` and
+//! `hardware/*.toml` (embedded at build time), or a user's `config.json` / TOML file.
+
+use crate::error::{Error, Result};
+use crate::spec::hardware::{Hardware, HardwareWire};
+use crate::spec::hf::parse_config;
+use crate::spec::model::ModelSpec;
+use std::path::Path;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
+}
+
+/// A resolved name, with a note when an alias picked one of several variants.
+#[derive(Debug, Clone)]
+pub struct Resolved<T> {
+    pub value: T,
+    pub note: Option<String>,
+}
+
+/// The shipped model files as (name, TOML text).
+pub fn model_files() -> &'static [(&'static str, &'static str)] {
+    embedded::MODELS
+}
+
+/// The shipped hardware files as (name, TOML text).
+pub fn hardware_files() -> &'static [(&'static str, &'static str)] {
+    embedded::HARDWARE
+}
+
+fn looks_like_path(arg: &str) -> bool {
+    arg.ends_with(".json") || arg.ends_with(".toml") || arg.contains('/') || arg.contains('\\')
+}
+
+fn normalize(name: &str) -> String {
+    name.trim().to_lowercase().replace(['_', ' '], "-")
+}
+
+fn toml_to_json(path: &str, text: &str) -> Result<serde_json::Value> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| Error::Parse {
+        path: path.to_string(),
+        message: one_line(&e.to_string()),
+    })?;
+    serde_json::to_value(table).map_err(|e| Error::Parse { path: path.to_string(), message: e.to_string() })
+}
+
+/// Collapses a multi-line parser message (toml shows a source excerpt) to one line.
+pub fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn aliases(value: &serde_json::Value) -> Vec<String> {
+    value
+        .get("aliases")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(normalize)).collect())
+        .unwrap_or_default()
+}
+
+/// Parses a shipped or user TOML model file; `stem` is the expected `name`.
+pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec> {
+    let value = toml_to_json(path, text)?;
+    let name = value.get("name").and_then(|n| n.as_str()).unwrap_or(stem);
+    if name != stem {
+        return Err(Error::field(path, "name", format!("is `{name}` but the file is `{stem}.toml`"))
+            .with_hint("a model file's `name` must equal its file stem"));
+    }
+    parse_config(path, &value, name, true)
+}
+
+/// Reads a model from a path (`config.json` or TOML) or by shipped name or alias.
+pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
+    if looks_like_path(arg) || Path::new(arg).is_file() {
+        let path = Path::new(arg);
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+        let spec = if arg.ends_with(".toml") {
+            parse_model_toml(arg, &stem, &text)?
+        } else {
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
+                path: arg.to_string(),
+                message: format!("invalid JSON: {e}"),
+            })?;
+            // A config.json is named after its folder (`Llama-2-7b-hf/config.json`).
+            let name = if stem == "config" {
+                path.parent()
+                    .and_then(|p| p.file_name())
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("config")
+                    .to_string()
+            } else {
+                stem
+            };
+            parse_config(arg, &value, &name, false)?
+        };
+        return Ok(Resolved { value: spec, note: None });
+    }
+    let wanted = normalize(arg);
+    for (stem, text) in model_files() {
+        let path = format!("models/{stem}.toml");
+        let value = toml_to_json(&path, text)?;
+        if *stem == wanted || aliases(&value).contains(&wanted) {
+            let spec = parse_model_toml(&path, stem, text)?;
+            let note = (*stem != wanted).then(|| format!("model `{arg}` resolves to `{stem}`"));
+            return Ok(Resolved { value: spec, note });
+        }
+    }
+    Err(Error::unknown("model", arg, model_files().iter().map(|(n, _)| *n), "ftplan list models"))
+}
+
+/// Parses a hardware TOML file.
+pub fn parse_hardware_toml(path: &str, stem: &str, text: &str) -> Result<(Hardware, Vec<String>)> {
+    let mut wire: HardwareWire = toml::from_str(text)
+        .map_err(|e| Error::Parse { path: path.into(), message: one_line(&e.to_string()) })?;
+    let aliases = std::mem::take(&mut wire.aliases);
+    if wire.name != stem {
+        return Err(Error::field(path, "name", format!("is `{}` but the file is `{stem}.toml`", wire.name)));
+    }
+    let hw = Hardware::from_wire(path, wire)?;
+    Ok((hw, aliases.iter().map(|a| normalize(a)).collect()))
+}
+
+/// Finds a GPU by shipped name or alias, or reads a hardware TOML path.
+pub fn resolve_hardware(arg: &str) -> Result<Resolved<Hardware>> {
+    if looks_like_path(arg) {
+        let path = Path::new(arg);
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("gpu");
+        let (hw, _) = parse_hardware_toml(arg, stem, &text)?;
+        return Ok(Resolved { value: hw, note: None });
+    }
+    let wanted = normalize(arg);
+    for (stem, text) in hardware_files() {
+        let path = format!("hardware/{stem}.toml");
+        let (hw, aliases) = parse_hardware_toml(&path, stem, text)?;
+        if *stem == wanted || aliases.contains(&wanted) {
+            let note = (*stem != wanted).then(|| format!("GPU `{arg}` resolves to `{stem}` ({})", hw.display_name));
+            return Ok(Resolved { value: hw, note });
+        }
+    }
+    Err(Error::unknown("GPU", arg, hardware_files().iter().map(|(n, _)| *n), "ftplan list gpus"))
+}

@@ -1,0 +1,190 @@
+//! Step time: a roofline over the op graph plus the host's kernel-launch cost.
+//!
+//! Each op's device time is the larger of its FLOPs over the achievable matmul rate (a
+//! size-dependent efficiency curve, replaced by `ftplan calibrate` measurements) and its bytes
+//! over the achievable bandwidth (Williams et al. 2009, "Roofline"). PyTorch's eager mode launches
+//! kernels asynchronously from one host thread, paying a dispatch cost per kernel; when kernels
+//! are short the host, not the GPU, sets the pace, so the step takes the larger of the two totals.
+
+use crate::graph::op::{OpGraph, OpKind};
+use crate::spec::hardware::Hardware;
+use crate::spec::plan::{Optimizer, Plan};
+use crate::units::{Bytes, DType, Flops};
+use serde::{Deserialize, Serialize};
+
+/// Achievable rates of one GPU, from the datasheet or from `ftplan calibrate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Where the numbers come from.
+    pub source: String,
+    /// (GEMM size n, achieved FLOP/s) for n x n x n bf16 products, ascending in n.
+    pub bf16_matmul: Vec<(u64, f64)>,
+    /// (n, FLOP/s) for fp32 (no TF32) products.
+    pub fp32_matmul: Vec<(u64, f64)>,
+    /// Achieved device-to-device copy bandwidth, bytes/s (read + write).
+    pub copy_bandwidth: f64,
+    /// Host-side cost of one eager-mode kernel launch (dispatch, autograd bookkeeping), seconds.
+    pub launch_overhead: f64,
+}
+
+/// Fraction of datasheet peak a large, well-shaped cuBLAS GEMM sustains (power and clock
+/// limits; e.g. 783 of 989 TFLOP/s bf16 on the H200, `validation/calib-h200.json`).
+const DATASHEET_MATMUL_EFFICIENCY: f64 = 0.8;
+/// Fraction of datasheet HBM bandwidth a streaming copy sustains (4.25 of 4.8 TB/s on the H200).
+const DATASHEET_BANDWIDTH_EFFICIENCY: f64 = 0.88;
+/// GEMM dimension at which tile and wave quantisation halve the achievable rate.
+const HALF_EFFICIENCY_DIM: f64 = 96.0;
+/// FlashAttention-2 reaches about half of the GEMM rate forward and less backward (Dao 2023, fig. 5-6).
+const ATTENTION_EFFICIENCY: f64 = 0.5;
+
+impl Rates {
+    /// Datasheet-derived curves for a GPU that was not calibrated.
+    pub fn from_datasheet(hw: &Hardware) -> Rates {
+        let curve = |peak: f64| {
+            [256u64, 512, 1024, 2048, 4096, 8192]
+                .iter()
+                .map(|&n| (n, peak * DATASHEET_MATMUL_EFFICIENCY * n as f64 / (n as f64 + HALF_EFFICIENCY_DIM)))
+                .collect()
+        };
+        Rates {
+            source: format!("{} datasheet", hw.display_name),
+            bf16_matmul: curve(hw.bf16_tflops * 1e12),
+            fp32_matmul: curve(hw.fp32_tflops * 1e12),
+            copy_bandwidth: hw.hbm_gbps * 1e9 * DATASHEET_BANDWIDTH_EFFICIENCY,
+            launch_overhead: hw.launch_overhead_us * 1e-6,
+        }
+    }
+
+    /// Achievable FLOP/s of a GEMM whose smallest dimension is `dim`.
+    pub fn matmul(&self, dtype: DType, dim: u64) -> f64 {
+        let curve = match dtype {
+            DType::F32 => &self.fp32_matmul,
+            DType::Bf16 | DType::F16 | DType::U8 | DType::Nf4 | DType::I64 => &self.bf16_matmul,
+        };
+        interpolate(curve, dim.max(1))
+    }
+}
+
+/// Rate at `n` on a measured curve: scaled by n/(n + n_half) below the first point, flat above
+/// the last, linear in between.
+fn interpolate(curve: &[(u64, f64)], n: u64) -> f64 {
+    let Some(&(n0, r0)) = curve.first() else { return 1.0 };
+    if n <= n0 {
+        let shape = |x: f64| x / (x + HALF_EFFICIENCY_DIM);
+        return r0 * shape(n as f64) / shape(n0 as f64);
+    }
+    for w in curve.windows(2) {
+        let ((a, ra), (b, rb)) = (w[0], w[1]);
+        if n <= b {
+            let t = (n - a) as f64 / (b - a) as f64;
+            return ra + t * (rb - ra);
+        }
+    }
+    curve.last().map_or(r0, |&(_, r)| r)
+}
+
+/// Step time and throughput.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TimeEstimate {
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    /// Model FLOPs utilisation: 6N (or 4N + 2N_trainable) per token over the datasheet peak.
+    pub mfu: f64,
+    /// Device time of forward, backward and optimizer.
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
+    pub optimizer_seconds: f64,
+    /// Host launch time of the whole step.
+    pub host_seconds: f64,
+    /// Whether the host (kernel launches) rather than the GPU sets the pace.
+    pub launch_bound: bool,
+    /// All FLOPs of the step, recomputation included.
+    pub flops: f64,
+    /// Data-parallel gradient all-reduce (ring: 2(n-1)/n of the gradients over the interconnect).
+    pub allreduce_seconds: f64,
+}
+
+fn op_time(flops: Flops, bytes: Bytes, kind: OpKind, compute: DType, dim: u64, rates: &Rates) -> f64 {
+    let compute_rate = match kind {
+        OpKind::Matmul => rates.matmul(compute, dim),
+        OpKind::Attention => rates.matmul(compute, dim.max(1) * 64) * ATTENTION_EFFICIENCY,
+        // Element-wise work runs on CUDA cores: bandwidth-bound in practice.
+        OpKind::Norm | OpKind::Elementwise | OpKind::Embedding | OpKind::Loss => f64::INFINITY,
+    };
+    let t_compute = if flops.0 > 0.0 { flops.0 / compute_rate } else { 0.0 };
+    let t_memory = bytes.0 as f64 / rates.copy_bandwidth;
+    t_compute.max(t_memory)
+}
+
+/// Estimates the time of one training step.
+pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> TimeEstimate {
+    let mut fwd = 0.0;
+    let mut bwd = 0.0;
+    let mut kernels = 0u64;
+    let mut flops = 0.0;
+    for op in graph.ops() {
+        let c = &op.cost;
+        let t_f = op_time(c.forward_flops, c.forward_bytes, op.kind, op.compute, c.min_dim, rates);
+        fwd += t_f;
+        kernels += u64::from(c.forward_kernels);
+        flops += c.forward_flops.0;
+        if op.in_backward {
+            let back_flops = c.input_grad_flops + c.weight_grad_flops;
+            bwd += op_time(back_flops, c.backward_bytes, op.kind, op.compute, c.min_dim, rates);
+            kernels += u64::from(c.backward_kernels);
+            flops += back_flops.0;
+            if op.segment.is_some() {
+                // Checkpointing reruns the block's forward during backward.
+                bwd += t_f;
+                kernels += u64::from(c.forward_kernels);
+                flops += c.forward_flops.0;
+            }
+        }
+    }
+    // Optimizer: a memory-bound pass over parameters, gradients and states.
+    let trainable: Vec<_> = graph.params.iter().filter(|p| p.trainable).collect();
+    let param_bytes: Bytes = trainable.iter().map(|p| p.bytes()).sum();
+    let state_bytes = crate::optimizer::state_bytes(plan.optimizer, &trainable);
+    let (passes, kernels_per_tensor) = match plan.optimizer {
+        // multi_tensor_apply: one launch covers many tensors.
+        Optimizer::Adamw | Optimizer::Adamw8bit => (1.0, 0.05),
+        // ~10 _foreach_ kernels, each a pass over its operands.
+        Optimizer::AdamwForeach => (4.0, 0.5),
+        Optimizer::Sgd => (2.0, 0.1),
+        // Per-parameter loop of ~15 small kernels.
+        Optimizer::Adafactor => (3.0, 15.0),
+    };
+    let opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
+    let opt = opt_bytes / rates.copy_bandwidth;
+    kernels += (trainable.len() as f64 * kernels_per_tensor).ceil() as u64;
+
+    let host = kernels as f64 * rates.launch_overhead;
+    let device = fwd + bwd + opt;
+    let allreduce = if plan.gpus > 1 {
+        let grads: f64 = trainable.iter().map(|p| p.dtype.bytes(p.elements).0 as f64).sum();
+        2.0 * (plan.gpus - 1) as f64 / plan.gpus as f64 * grads / (hw.interconnect_gbps * 1e9)
+    } else {
+        0.0
+    };
+    let step = device.max(host) + allreduce;
+    let tokens = plan.batch as f64 * (plan.seq + plan.target_seq) as f64;
+    // MFU counts the model's useful FLOPs (no recomputation) against the datasheet peak.
+    let useful: f64 = graph
+        .ops()
+        .map(|o| o.cost.forward_flops.0 + if o.in_backward { o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0 } else { 0.0 })
+        .sum();
+    let peak = hw.peak_flops(if plan.autocast() || plan.precision == crate::spec::plan::Precision::Bf16 { DType::Bf16 } else { DType::F32 });
+    TimeEstimate {
+        step_seconds: step,
+        tokens_per_second: tokens * plan.gpus as f64 / step,
+        mfu: useful / step / peak,
+        forward_seconds: fwd,
+        backward_seconds: bwd,
+        optimizer_seconds: opt,
+        host_seconds: host,
+        launch_bound: host > device,
+        flops,
+        allreduce_seconds: allreduce,
+    }
+}
+

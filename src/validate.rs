@@ -1,0 +1,158 @@
+//! The headline figure: estimates against measured runs (`validation/measured.jsonl`, H200).
+
+use crate::error::{Error, Result};
+use crate::estimate::estimate;
+use crate::spec::hardware::Hardware;
+use crate::time::Rates;
+use crate::spec::hf::parse_config;
+use crate::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
+use serde::{Deserialize, Serialize};
+
+/// Bounds the tests enforce (issue #2).
+pub const MEDIAN_BOUND: f64 = 0.05;
+pub const WORST_BOUND: f64 = 0.15;
+
+#[derive(Debug, Deserialize)]
+struct Record {
+    name: String,
+    run: Run,
+    config: serde_json::Value,
+    peak_run: u64,
+    params_trainable: u64,
+    #[serde(default)]
+    step_time_s: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Run {
+    model: String,
+    method: String,
+    batch: u64,
+    seq: serde_json::Value,
+    grad_ckpt: bool,
+    attn: String,
+    lora_r: Option<u64>,
+    lora_alpha: Option<f64>,
+    lora_targets: Option<serde_json::Value>,
+    n_virtual: Option<u64>,
+    adapter_dim: Option<u64>,
+    optimizer: Option<String>,
+    #[serde(default)]
+    base_fp32: bool,
+}
+
+/// One compared run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub measured_peak: u64,
+    pub estimated_peak: u64,
+    /// (estimate - measured) / measured.
+    pub error: f64,
+    pub measured_trainable: u64,
+    pub estimated_trainable: u64,
+    pub measured_step_s: Option<f64>,
+    pub estimated_step_s: f64,
+    pub plan: Plan,
+    pub model: crate::spec::model::ModelSpec,
+}
+
+/// Parses `measured.jsonl` into plans and compares each estimate with the measurement.
+pub fn compare(path: &str, text: &str, hardware: &Hardware, rates: &Rates) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let where_ = format!("{path}:{}", i + 1);
+        let rec: Record = serde_json::from_str(line)
+            .map_err(|e| Error::Parse { path: where_.clone(), message: e.to_string() })?;
+        let model = parse_config(&where_, &rec.config, &rec.run.model, false)?;
+        let plan = plan_of(&where_, &rec.run)?;
+        let est = estimate(&model, &plan, hardware, rates)?;
+        let estimated = est.memory.peak.0;
+        rows.push(Row {
+            name: rec.name,
+            measured_peak: rec.peak_run,
+            estimated_peak: estimated,
+            error: (estimated as f64 - rec.peak_run as f64) / rec.peak_run as f64,
+            measured_trainable: rec.params_trainable,
+            estimated_trainable: est.memory.trainable_params,
+            measured_step_s: rec.step_time_s,
+            estimated_step_s: est.time.step_seconds,
+            plan,
+            model,
+        });
+    }
+    Ok(rows)
+}
+
+fn plan_of(path: &str, run: &Run) -> Result<Plan> {
+    let bad = |field: &str, what: String| Error::field(path, field, what);
+    let lora = || -> Result<Lora> {
+        let rank = run.lora_r.ok_or_else(|| bad("lora_r", "is missing".into()))?;
+        let targets = match &run.lora_targets {
+            Some(serde_json::Value::String(s)) if s == "qv" => LoraTargets::QueryValue,
+            Some(serde_json::Value::String(s)) if s == "all" => LoraTargets::AllLinear,
+            other => return Err(bad("lora_targets", format!("unsupported value {other:?}"))),
+        };
+        Ok(Lora { rank, alpha: run.lora_alpha.unwrap_or(2.0 * rank as f64), targets })
+    };
+    let virtual_tokens = || run.n_virtual.ok_or_else(|| bad("n_virtual", "is missing".into()));
+    let (method, precision) = match run.method.as_str() {
+        "full" => (Method::Full, Precision::MixedBf16),
+        "full_bf16" => (Method::Full, Precision::Bf16),
+        "lora" => (Method::Lora(lora()?), Precision::Bf16),
+        "qlora" => (Method::Qlora(lora()?), Precision::Bf16),
+        "prefix" => (Method::Prefix { virtual_tokens: virtual_tokens()? }, Precision::Bf16),
+        "prompt" => (Method::Prompt { virtual_tokens: virtual_tokens()? }, Precision::Bf16),
+        "ia3" => (Method::Ia3, Precision::Bf16),
+        "adapter" => (
+            Method::Adapter { size: run.adapter_dim.ok_or_else(|| bad("adapter_dim", "is missing".into()))? },
+            Precision::Bf16,
+        ),
+        other => return Err(bad("method", format!("`{other}` is not a known method"))),
+    };
+    let precision = if run.base_fp32 { Precision::MixedBf16 } else { precision };
+    let optimizer = match run.optimizer.as_deref() {
+        None | Some("fused") => Optimizer::Adamw,
+        Some("foreach") => Optimizer::AdamwForeach,
+        Some("sgd") => Optimizer::Sgd,
+        Some("adafactor") => Optimizer::Adafactor,
+        Some("adamw8bit") => Optimizer::Adamw8bit,
+        Some(other) => return Err(bad("optimizer", format!("`{other}` is not known"))),
+    };
+    let (seq, target_seq) = match &run.seq {
+        serde_json::Value::Number(n) => (n.as_u64().unwrap_or(0), 0),
+        serde_json::Value::Array(a) if a.len() == 2 => {
+            (a[0].as_u64().unwrap_or(0), a[1].as_u64().unwrap_or(0))
+        }
+        other => return Err(bad("seq", format!("unsupported value {other}"))),
+    };
+    let attention = match run.attn.as_str() {
+        "eager" => AttentionKernel::Eager,
+        _ => AttentionKernel::Sdpa,
+    };
+    Ok(Plan {
+        method,
+        precision,
+        optimizer,
+        batch: run.batch,
+        seq,
+        target_seq,
+        grad_ckpt: run.grad_ckpt,
+        attention,
+        gpus: 1,
+    })
+}
+
+/// Median and worst absolute error.
+pub fn summary(rows: &[Row]) -> (f64, f64) {
+    let mut errs: Vec<f64> = rows.iter().map(|r| r.error.abs()).collect();
+    errs.sort_by(f64::total_cmp);
+    let median = if errs.is_empty() {
+        0.0
+    } else if errs.len() % 2 == 1 {
+        errs[errs.len() / 2]
+    } else {
+        (errs[errs.len() / 2 - 1] + errs[errs.len() / 2]) / 2.0
+    };
+    (median, errs.last().copied().unwrap_or(0.0))
+}
