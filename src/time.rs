@@ -6,7 +6,7 @@
 //! kernels asynchronously from one host thread, paying a dispatch cost per kernel; when kernels
 //! are short the host, not the GPU, sets the pace, so the step takes the larger of the two totals.
 
-use crate::graph::op::{OpGraph, OpKind};
+use crate::graph::op::{Op, OpGraph, OpKind};
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::{Optimizer, Plan};
 use crate::units::{Bytes, DType, Flops};
@@ -23,8 +23,11 @@ pub struct Rates {
     pub fp32_matmul: Vec<(u64, f64)>,
     /// Achieved device-to-device copy bandwidth, bytes/s (read + write).
     pub copy_bandwidth: f64,
-    /// Host-side cost of one eager-mode kernel launch (dispatch, autograd bookkeeping), seconds.
+    /// Host-side cost of one eager-mode op dispatch (ATen dispatch, autograd bookkeeping,
+    /// kernel launch), seconds.
     pub launch_overhead: f64,
+    /// Host-side cost of one `nn.Module` call (Python hooks and argument handling), seconds.
+    pub module_overhead: f64,
 }
 
 /// Fraction of datasheet peak a large, well-shaped cuBLAS GEMM sustains (power and clock
@@ -36,6 +39,11 @@ const DATASHEET_BANDWIDTH_EFFICIENCY: f64 = 0.88;
 const HALF_EFFICIENCY_DIM: f64 = 96.0;
 /// FlashAttention-2 reaches about half of the GEMM rate forward and less backward (Dao 2023, fig. 5-6).
 const ATTENTION_EFFICIENCY: f64 = 0.5;
+/// A 16-bit GEMM with a dimension that is not a multiple of 8 falls off cuBLAS's tensor-core
+/// fast path (NVIDIA's "Matrix Multiplication Background" guide, sec. 4.1): padding GPT-2's
+/// vocabulary from 50257 to 50304 made nanoGPT's whole step ~25% faster, i.e. the misaligned LM
+/// head ran roughly eight times slower than an aligned one.
+const MISALIGNED_EFFICIENCY: f64 = 0.125;
 
 impl Rates {
     /// Datasheet-derived curves for a GPU that was not calibrated.
@@ -52,6 +60,7 @@ impl Rates {
             fp32_matmul: curve(hw.fp32_tflops * 1e12),
             copy_bandwidth: hw.hbm_gbps * 1e9 * DATASHEET_BANDWIDTH_EFFICIENCY,
             launch_overhead: hw.launch_overhead_us * 1e-6,
+            module_overhead: hw.module_overhead_us * 1e-6,
         }
     }
 
@@ -104,8 +113,12 @@ pub struct TimeEstimate {
     pub allreduce_seconds: f64,
 }
 
-fn op_time(flops: Flops, bytes: Bytes, kind: OpKind, compute: DType, dim: u64, rates: &Rates) -> f64 {
+fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
+    let (kind, compute, dim) = (op.kind, op.compute, op.cost.min_dim);
     let compute_rate = match kind {
+        OpKind::Matmul if op.cost.misaligned && compute != DType::F32 => {
+            rates.matmul(compute, dim) * MISALIGNED_EFFICIENCY
+        }
         OpKind::Matmul => rates.matmul(compute, dim),
         OpKind::Attention => rates.matmul(compute, dim.max(1) * 64) * ATTENTION_EFFICIENCY,
         // Element-wise work runs on CUDA cores: bandwidth-bound in practice.
@@ -121,22 +134,25 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let mut fwd = 0.0;
     let mut bwd = 0.0;
     let mut kernels = 0u64;
+    let mut modules = 0u64;
     let mut flops = 0.0;
     for op in graph.ops() {
         let c = &op.cost;
-        let t_f = op_time(c.forward_flops, c.forward_bytes, op.kind, op.compute, c.min_dim, rates);
+        modules += u64::from(c.modules);
+        let t_f = op_time(c.forward_flops, c.forward_bytes, op, rates);
         fwd += t_f;
         kernels += u64::from(c.forward_kernels);
         flops += c.forward_flops.0;
         if op.in_backward {
             let back_flops = c.input_grad_flops + c.weight_grad_flops;
-            bwd += op_time(back_flops, c.backward_bytes, op.kind, op.compute, c.min_dim, rates);
+            bwd += op_time(back_flops, c.backward_bytes, op, rates);
             kernels += u64::from(c.backward_kernels);
             flops += back_flops.0;
             if op.segment.is_some() {
                 // Checkpointing reruns the block's forward during backward.
                 bwd += t_f;
                 kernels += u64::from(c.forward_kernels);
+                modules += u64::from(c.modules);
                 flops += c.forward_flops.0;
             }
         }
@@ -158,7 +174,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let opt = opt_bytes / rates.copy_bandwidth;
     kernels += (trainable.len() as f64 * kernels_per_tensor).ceil() as u64;
 
-    let host = kernels as f64 * rates.launch_overhead;
+    let host = kernels as f64 * rates.launch_overhead + modules as f64 * rates.module_overhead;
     let device = fwd + bwd + opt;
     let allreduce = if plan.gpus > 1 {
         let grads: f64 = trainable.iter().map(|p| p.dtype.bytes(p.elements).0 as f64).sum();

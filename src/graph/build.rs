@@ -189,6 +189,18 @@ impl<'a> Builder<'a> {
     /// input's size; with p = 0 `F.dropout` returns its input unchanged.
     pub fn dropout(&mut self, name: &str, x: Val, p: f64) -> Val {
         if p <= 0.0 {
+            // `nn.Dropout(p=0)` still costs a module call and a dispatch that returns its input.
+            self.emit(OpSpec {
+                name: name.to_string(),
+                kind: OpKind::Elementwise,
+                params: Vec::new(),
+                saves: Vec::new(),
+                forward_transient: Bytes::ZERO,
+                backward_transient: Bytes::ZERO,
+                cost: Cost { forward_kernels: 1, modules: 1, ..Cost::default() },
+                compute: x.dtype,
+                in_backward: false,
+            });
             return x;
         }
         let mask = self.tensor(TensorKind::Activation, DType::U8.bytes(x.elements()));
@@ -343,9 +355,12 @@ impl<'a> Builder<'a> {
                 weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
                 forward_bytes: xin.bytes() + out.bytes() + weight_bytes,
                 backward_bytes: (xin.bytes() + out.bytes()) * 2 + weight_bytes * 2,
-                forward_kernels: 1,
-                backward_kernels: u32::from(x.grad) + u32::from(trainable),
+                // view + mm; backward: input grad, weight grad and its AccumulateGrad, bias sum.
+                forward_kernels: 2,
+                backward_kernels: 1 + u32::from(x.grad) + 2 * u32::from(trainable) + u32::from(trainable && bias),
                 min_dim: x.tokens.min(in_features).min(out_features),
+                modules: 1,
+                misaligned: in_features % 8 != 0 || out_features % 8 != 0,
             },
             compute,
             in_backward: out_grad,
@@ -408,9 +423,11 @@ impl<'a> Builder<'a> {
                 weight_grad_flops: Flops(flops),
                 forward_bytes: x.bytes() + out.bytes(),
                 backward_bytes: (x.bytes() + out.bytes()) * 2,
-                forward_kernels: 1,
-                backward_kernels: 1 + u32::from(input_grad),
+                forward_kernels: 2,
+                backward_kernels: 3 + u32::from(input_grad),
                 min_dim: x.tokens.min(x.width).min(out_features),
+                modules: 1,
+                misaligned: false,
             },
             compute,
             in_backward: true,
@@ -507,8 +524,11 @@ impl<'a> Builder<'a> {
                 input_grad_flops: Flops(8.0 * x.elements() as f64),
                 forward_bytes: x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 2,
                 backward_bytes: (x.bytes() + out.bytes()) * 3,
-                forward_kernels: if kind == Norm::LayerNorm { 1 } else { 6 },
-                backward_kernels: if kind == Norm::LayerNorm { 1 } else { 8 },
+                // LlamaRMSNorm is eight Python-level ops (to, pow, mean, add, rsqrt, mul, to,
+                // mul); layer_norm is one fused kernel.
+                forward_kernels: if kind == Norm::LayerNorm { 1 } else { 8 },
+                backward_kernels: if kind == Norm::LayerNorm { 1 } else { 12 },
+                modules: 1,
                 ..Cost::default()
             },
             compute: out.dtype,
@@ -521,6 +541,17 @@ impl<'a> Builder<'a> {
     pub fn activation(&mut self, name: &str, x: Val) -> Val {
         let width = x.width;
         let tokens = x.tokens;
+        self.emit(OpSpec {
+            name: format!("{name}.module"),
+            kind: OpKind::Elementwise,
+            params: Vec::new(),
+            saves: Vec::new(),
+            forward_transient: Bytes::ZERO,
+            backward_transient: Bytes::ZERO,
+            cost: Cost { modules: 1, ..Cost::default() },
+            compute: x.dtype,
+            in_backward: false,
+        });
         match self.model.activation {
             Activation::Silu | Activation::Gelu => {
                 // One kernel; backward needs the input.
@@ -576,8 +607,9 @@ impl<'a> Builder<'a> {
         let out = self.val(x.width, x.tokens, wider(x.dtype, cos_dtype), x.grad);
         let op = self.elementwise(name, &[x], out, Vec::new(), 3.0);
         if let Some(o) = self.graph.op_mut(op) {
-            o.cost.forward_kernels = 6;
-            o.cost.backward_kernels = 6;
+            // mul, two slices, neg, cat, mul, add.
+            o.cost.forward_kernels = 7;
+            o.cost.backward_kernels = 7;
         }
         out
     }
@@ -699,9 +731,13 @@ impl<'a> Builder<'a> {
                 weight_grad_flops: Flops(0.0),
                 forward_bytes: io + score_bytes,
                 backward_bytes: io * 2 + score_bytes * 2,
-                forward_kernels: if kernel == Kernel::Fused { 1 } else { 5 },
-                backward_kernels: if kernel == Kernel::Fused { 2 } else { 8 },
+                // Head split views and transposes around the kernel(s).
+                forward_kernels: if kernel == Kernel::Fused { 9 } else { 14 },
+                backward_kernels: if kernel == Kernel::Fused { 9 } else { 16 },
                 min_dim: head_dim,
+                // The attention module and the block around it.
+                modules: 2,
+                misaligned: false,
             },
             compute,
             in_backward: grad,
@@ -731,6 +767,7 @@ impl<'a> Builder<'a> {
                 backward_bytes: out.bytes() * 2 + if p.trainable { table_bytes * 2 } else { Bytes::ZERO },
                 forward_kernels: 1,
                 backward_kernels: u32::from(p.trainable) * 2,
+                modules: 1,
                 ..Cost::default()
             },
             compute: dtype,
@@ -780,9 +817,11 @@ impl<'a> Builder<'a> {
                 weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
                 forward_bytes: xin.bytes() + logits.bytes() + compute.bytes(head_param.elements),
                 backward_bytes: (xin.bytes() + logits.bytes()) * 2 + compute.bytes(head_param.elements) * 2,
-                forward_kernels: 1,
-                backward_kernels: 2,
+                forward_kernels: 2,
+                backward_kernels: 3,
                 min_dim: tokens.min(x.width),
+                modules: 1,
+                misaligned: vocab % 8 != 0 || x.width % 8 != 0,
             },
             compute,
             in_backward: grad,
@@ -809,8 +848,9 @@ impl<'a> Builder<'a> {
                 input_grad_flops: Flops(4.0 * (tokens * vocab) as f64),
                 forward_bytes: logits.bytes() + upcast * 3,
                 backward_bytes: vocab_grad * 4 + logits.bytes(),
-                forward_kernels: 4,
-                backward_kernels: 4,
+                // float, pad, slice, contiguous, views, log_softmax, nll_loss.
+                forward_kernels: 8,
+                backward_kernels: 5,
                 ..Cost::default()
             },
             compute: loss_dtype,

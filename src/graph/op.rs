@@ -111,6 +111,11 @@ pub struct Cost {
     pub backward_kernels: u32,
     /// The GEMM's smallest dimension (decides tensor-core efficiency); 0 when not a GEMM.
     pub min_dim: u64,
+    /// `nn.Module` calls in the forward pass (Python-side hooks and argument handling).
+    pub modules: u32,
+    /// A GEMM with a dimension that is not a multiple of 8 elements, which 16-bit tensor-core
+    /// kernels cannot load with aligned vector accesses.
+    pub misaligned: bool,
 }
 
 /// One operation of the forward pass, with everything backward will need.

@@ -33,11 +33,18 @@ pub struct HardwareWire {
     /// Kernel launch plus framework dispatch per op, as measured on this class of GPU.
     #[serde(default = "default_launch_us")]
     pub launch_overhead_us: f64,
+    /// Python-side cost of one `nn.Module` call on the host that drives this GPU.
+    #[serde(default = "default_module_us")]
+    pub module_overhead_us: f64,
     pub price_per_hour_usd: Option<f64>,
 }
 
 fn default_launch_us() -> f64 {
-    8.0
+    15.0
+}
+
+fn default_module_us() -> f64 {
+    90.0
 }
 
 /// A validated GPU profile.
@@ -58,6 +65,7 @@ pub struct Hardware {
     pub context: Bytes,
     pub cublas_workspace: Bytes,
     pub launch_overhead_us: f64,
+    pub module_overhead_us: f64,
     pub price_per_hour_usd: Option<f64>,
 }
 
@@ -98,6 +106,7 @@ impl Hardware {
             context: Bytes::from_mib(positive("context_mib", w.context_mib, 1e6)?),
             cublas_workspace: Bytes::from_mib(positive("cublas_workspace_mib", w.cublas_workspace_mib, 1e5)?),
             launch_overhead_us: positive("launch_overhead_us", w.launch_overhead_us, 1e5)?,
+            module_overhead_us: positive("module_overhead_us", w.module_overhead_us, 1e5)?,
             price_per_hour_usd: match w.price_per_hour_usd {
                 Some(p) => Some(positive("price_per_hour_usd", p, 1e6)?),
                 None => None,
