@@ -4,11 +4,13 @@
 //! -> `memory` and `time` (walks over the ops) -> `report` (tables, JSON, charts). The CLI sits on
 //! top and is the only part that reads files given on the command line or prints.
 
+pub mod calibrate;
 pub mod error;
 pub mod estimate;
 pub mod graph;
 pub mod memory;
 pub mod optimizer;
+pub mod report;
 pub mod spec;
 pub mod time;
 pub mod units;

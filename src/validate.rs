@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 /// Bounds the tests enforce (issue #2).
 pub const MEDIAN_BOUND: f64 = 0.05;
 pub const WORST_BOUND: f64 = 0.15;
+/// Step-time bound (issue #3).
+pub const TIME_MEDIAN_BOUND: f64 = 0.25;
 
 #[derive(Debug, Deserialize)]
 struct Record {
@@ -143,9 +145,26 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
     })
 }
 
-/// Median and worst absolute error.
-pub fn summary(rows: &[Row]) -> (f64, f64) {
-    let mut errs: Vec<f64> = rows.iter().map(|r| r.error.abs()).collect();
+/// Headline figures of a comparison.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Summary {
+    pub runs: usize,
+    pub memory_median: f64,
+    pub memory_worst: f64,
+    pub time_median: f64,
+    pub time_worst: f64,
+    /// Every estimated trainable-parameter count equals the measured one.
+    pub trainable_exact: bool,
+}
+
+impl Row {
+    /// (estimate - measured) / measured step time.
+    pub fn time_error(&self) -> Option<f64> {
+        self.measured_step_s.map(|m| (self.estimated_step_s - m) / m)
+    }
+}
+
+fn median_and_worst(mut errs: Vec<f64>) -> (f64, f64) {
     errs.sort_by(f64::total_cmp);
     let median = if errs.is_empty() {
         0.0
@@ -155,4 +174,18 @@ pub fn summary(rows: &[Row]) -> (f64, f64) {
         (errs[errs.len() / 2 - 1] + errs[errs.len() / 2]) / 2.0
     };
     (median, errs.last().copied().unwrap_or(0.0))
+}
+
+/// Median and worst absolute errors of memory and step time.
+pub fn summary(rows: &[Row]) -> Summary {
+    let (memory_median, memory_worst) = median_and_worst(rows.iter().map(|r| r.error.abs()).collect());
+    let (time_median, time_worst) = median_and_worst(rows.iter().filter_map(|r| r.time_error().map(f64::abs)).collect());
+    Summary {
+        runs: rows.len(),
+        memory_median,
+        memory_worst,
+        time_median,
+        time_worst,
+        trainable_exact: rows.iter().all(|r| r.measured_trainable == r.estimated_trainable),
+    }
 }

@@ -1,0 +1,143 @@
+//! The calibration file: what `ftplan calibrate` measured, and how the time model uses it.
+//!
+//! Two formats load: ftplan's own TOML, and the JSON that the ground-truth harness
+//! (`measure.py`, `validation/calib-h200.json`) writes from PyTorch's cuBLAS and copy timings.
+
+use crate::error::{Error, Result};
+use crate::spec::hardware::Hardware;
+use crate::spec::registry::one_line;
+use crate::time::Rates;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The adapter that was measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    #[serde(default)]
+    pub driver: String,
+}
+
+/// One measured matmul size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Point {
+    /// n of an n x n x n product.
+    pub n: u64,
+    /// Achieved FLOP/s.
+    pub flops: f64,
+}
+
+/// A calibration as saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    pub adapter: AdapterInfo,
+    /// UTC date of the run (YYYY-MM-DD).
+    pub date: String,
+    /// "timestamp-query" or "wall-clock".
+    pub timing: String,
+    pub fp32_matmul: Vec<Point>,
+    /// bf16 rates when the source measured them (PyTorch); wgpu has no bf16 tensor-core path.
+    #[serde(default)]
+    pub bf16_matmul: Vec<Point>,
+    /// Device-to-device copy bandwidth, read + write, GB/s.
+    pub copy_gbps: f64,
+}
+
+/// `measure.py`'s calib.json.
+#[derive(Debug, Deserialize)]
+struct HarnessCalib {
+    gpu: String,
+    matmul_tflops_8192: HarnessRates,
+    #[serde(rename = "d2d_copy_GBps_read_plus_write")]
+    copy_gbps: f64,
+    #[serde(default)]
+    driver: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HarnessRates {
+    fp32: f64,
+    bf16: f64,
+}
+
+impl Calibration {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self).map_err(|e| Error::Write { path: path.into(), message: e.to_string() })?;
+        crate::report::write_atomic(path, text.as_bytes())
+    }
+
+    pub fn load(path: &Path) -> Result<Calibration> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let cal = if path.extension().is_some_and(|e| e == "json") {
+            let h: HarnessCalib = serde_json::from_str(&text).map_err(|e| Error::Parse { path: shown.clone(), message: e.to_string() })?;
+            Calibration {
+                adapter: AdapterInfo { name: h.gpu, backend: "cuda (PyTorch)".into(), device_type: "discrete".into(), driver: h.driver.unwrap_or_default() },
+                date: String::new(),
+                timing: "cuda-events".into(),
+                fp32_matmul: vec![Point { n: 8192, flops: h.matmul_tflops_8192.fp32 * 1e12 }],
+                bf16_matmul: vec![Point { n: 8192, flops: h.matmul_tflops_8192.bf16 * 1e12 }],
+                copy_gbps: h.copy_gbps,
+            }
+        } else {
+            toml::from_str(&text).map_err(|e| Error::Parse { path: shown.clone(), message: one_line(e.message()) })?
+        };
+        let bad_rate = cal.fp32_matmul.iter().chain(&cal.bf16_matmul).any(|p| !(p.flops.is_finite() && p.flops > 0.0) || p.n == 0);
+        if bad_rate || cal.fp32_matmul.is_empty() {
+            return Err(Error::field(shown, "fp32_matmul", "needs at least one point with positive n and flops"));
+        }
+        if !(cal.copy_gbps.is_finite() && cal.copy_gbps > 0.0) {
+            return Err(Error::field(shown, "copy_gbps", format!("must be positive, found {}", cal.copy_gbps)));
+        }
+        Ok(cal)
+    }
+
+    /// Whether the measured adapter looks like this GPU profile.
+    pub fn device_matches(&self, hw: &Hardware) -> bool {
+        let name = self.adapter.name.to_lowercase();
+        let key = hw.name.split('-').next().unwrap_or(&hw.name).to_lowercase();
+        name.contains(&key)
+    }
+
+    /// Rates for the time model: measured curves where there are any, the datasheet's otherwise.
+    pub fn rates(&self, hw: &Hardware) -> Rates {
+        let datasheet = Rates::from_datasheet(hw);
+        let curve = |points: &[Point]| {
+            let mut v: Vec<(u64, f64)> = points.iter().map(|p| (p.n, p.flops)).collect();
+            v.sort_by_key(|p| p.0);
+            v
+        };
+        Rates {
+            source: format!("calibration of {} ({})", self.adapter.name, if self.date.is_empty() { "harness" } else { &self.date }),
+            bf16_matmul: if self.bf16_matmul.is_empty() { datasheet.bf16_matmul } else { curve(&self.bf16_matmul) },
+            fp32_matmul: curve(&self.fp32_matmul),
+            copy_bandwidth: self.copy_gbps * 1e9,
+            launch_overhead: datasheet.launch_overhead,
+            module_overhead: datasheet.module_overhead,
+        }
+    }
+}
+
+/// Today's UTC date, from the system clock (days since 1970 to a civil date, H. Hinnant's
+/// `civil_from_days`).
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}

@@ -1,0 +1,123 @@
+//! `ftplan calibrate`: measure the GPU's achievable matmul rate and copy bandwidth with wgpu
+//! compute kernels, check every result against a CPU reference, and write a calibration file
+//! that replaces the datasheet curves in the time model.
+//!
+//! The GPU sits behind [`GpuBench`]; [`mock::MockGpu`] is deterministic, so nothing but the
+//! wgpu correctness test needs an adapter.
+
+pub mod file;
+pub mod mock;
+pub mod wgpu_bench;
+
+pub use file::{AdapterInfo, Calibration, Point};
+
+use crate::error::{Error, Result};
+
+/// What a benchmark backend must do.
+pub trait GpuBench {
+    fn info(&self) -> AdapterInfo;
+    /// Multiplies two n x n row-major matrices `reps` times; returns the product and the
+    /// seconds per product (warm-ups excluded) and whether GPU timestamps measured it.
+    fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], reps: u32) -> Result<(Vec<f32>, f64)>;
+    /// Copies a buffer of `words` u32 values (filled with [`pattern`]) `reps` times; returns
+    /// the destination's values at `probes` and the seconds per copy.
+    fn copy(&mut self, words: u64, reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)>;
+    /// Whether timings come from timestamp queries (else submit-and-wait wall clock).
+    fn timestamps(&self) -> bool;
+}
+
+/// The copy kernel's source values.
+pub fn pattern(i: u64) -> u32 {
+    (i as u32).wrapping_mul(2_654_435_761).rotate_left(7)
+}
+
+/// Matmul inputs whose products and sums are exact in fp32 (multiples of 1/4 in [-1, 1]).
+pub fn inputs(n: u32) -> (Vec<f32>, Vec<f32>) {
+    let n = n as usize;
+    let a = (0..n * n).map(|i| ((i * 7 + i / n * 3) % 9) as f32 * 0.25 - 1.0).collect();
+    let b = (0..n * n).map(|i| ((i * 5 + i / n) % 7) as f32 * 0.25 - 0.75).collect();
+    (a, b)
+}
+
+/// Entry (i, j) of A x B on the CPU.
+pub fn reference(n: u32, a: &[f32], b: &[f32], i: usize, j: usize) -> f32 {
+    let n = n as usize;
+    (0..n).map(|k| a[i * n + k] * b[k * n + j]).sum()
+}
+
+/// Sizes and repetitions of one calibration run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub matmul_sizes: Vec<u32>,
+    pub matmul_reps: u32,
+    pub copy_bytes: u64,
+    pub copy_reps: u32,
+}
+
+impl Settings {
+    /// A real GPU: sizes up to 4096, a 256 MiB copy.
+    pub fn full() -> Settings {
+        Settings { matmul_sizes: vec![256, 512, 1024, 2048, 4096], matmul_reps: 10, copy_bytes: 256 << 20, copy_reps: 20 }
+    }
+
+    /// Software adapters and CI.
+    pub fn quick() -> Settings {
+        Settings { matmul_sizes: vec![64, 128], matmul_reps: 2, copy_bytes: 4 << 20, copy_reps: 2 }
+    }
+}
+
+/// Runs the benchmark, checking each result before it counts.
+pub fn run(gpu: &mut dyn GpuBench, settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Calibration> {
+    let info = gpu.info();
+    let mut fp32 = Vec::new();
+    for &n in &settings.matmul_sizes {
+        if n % 64 != 0 {
+            return Err(Error::Calibration(format!("matmul size {n} is not a multiple of 64")));
+        }
+        let (a, b) = inputs(n);
+        let (c, seconds) = gpu.matmul(n, &a, &b, settings.matmul_reps)?;
+        verify_matmul(n, &a, &b, &c)?;
+        let flops = 2.0 * f64::from(n).powi(3) / seconds;
+        progress(&format!("matmul fp32 {n}x{n}x{n}: {:.2} TFLOP/s (checked)", flops / 1e12));
+        fp32.push(Point { n: u64::from(n), flops });
+    }
+    let words = settings.copy_bytes / 4;
+    let probes: Vec<u64> = (0..64).map(|i| (i * 1_000_003) % words).chain([0, words - 1]).collect();
+    let (values, seconds) = gpu.copy(words, settings.copy_reps, &probes)?;
+    for (&p, &v) in probes.iter().zip(&values) {
+        if v != pattern(p) {
+            return Err(Error::Calibration(format!("copy kernel wrote {v} at word {p}, expected {}", pattern(p))));
+        }
+    }
+    let bandwidth = 2.0 * settings.copy_bytes as f64 / seconds;
+    progress(&format!("copy {} MiB: {:.0} GB/s read+write (checked)", settings.copy_bytes >> 20, bandwidth / 1e9));
+    Ok(Calibration {
+        adapter: info,
+        date: file::today(),
+        timing: if gpu.timestamps() { "timestamp-query".into() } else { "wall-clock".into() },
+        fp32_matmul: fp32,
+        bf16_matmul: Vec::new(),
+        copy_gbps: bandwidth / 1e9,
+    })
+}
+
+fn verify_matmul(n: u32, a: &[f32], b: &[f32], c: &[f32]) -> Result<()> {
+    let size = n as usize;
+    if c.len() != size * size {
+        return Err(Error::Calibration(format!("matmul returned {} values, expected {}", c.len(), size * size)));
+    }
+    // Every entry for small sizes; a spread of rows and columns for large ones.
+    let picks: Vec<(usize, usize)> = if size <= 128 {
+        (0..size).flat_map(|i| (0..size).map(move |j| (i, j))).collect()
+    } else {
+        (0..256).map(|t| ((t * 37) % size, (t * 101 + 13) % size)).chain([(size - 1, size - 1)]).collect()
+    };
+    for (i, j) in picks {
+        let want = reference(n, a, b, i, j);
+        let got = c[i * size + j];
+        if (got - want).abs() > 1e-3 * want.abs().max(1.0) {
+            return Err(Error::Calibration(format!("matmul {n}: C[{i}][{j}] = {got}, CPU reference {want}")));
+        }
+    }
+    Ok(())
+}

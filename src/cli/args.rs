@@ -1,0 +1,255 @@
+//! Command-line flags (clap). Parsing only: `cli::plan` turns them into a validated plan.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ftplan",
+    version,
+    about = "Will fine-tuning this model with this method fit on this GPU, and how fast will it run?",
+    after_help = "Exit codes: 0 fits, 1 does not fit, 2 error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Estimate memory and step time for one plan.
+    Estimate(EstimateArgs),
+    /// Check plan files (or one plan given by flags) against their GPUs; for CI.
+    Check(CheckArgs),
+    /// Largest batch and sequence that fit, and single changes that make a plan fit.
+    Fit(FitArgs),
+    /// Several methods (and/or GPUs) side by side for one model, with a chart.
+    Compare(CompareArgs),
+    /// Memory and step time against sequence length or batch size; or a models x GPUs fit matrix.
+    Sweep(SweepArgs),
+    /// List shipped models or GPUs.
+    List {
+        #[arg(value_enum)]
+        what: ListWhat,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Compare estimates with the measured H200 runs in validation/ (the headline error table).
+    Validate(ValidateArgs),
+    /// Measure this machine's GPU with a wgpu micro-benchmark and write a calibration file.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListWhat {
+    Models,
+    Gpus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    Full,
+    Lora,
+    Qlora,
+    Adapter,
+    Prefix,
+    Prompt,
+    Ia3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    #[value(name = "mixed-bf16")]
+    MixedBf16,
+    Bf16,
+    Fp32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    Adamw,
+    #[value(name = "adamw-foreach")]
+    AdamwForeach,
+    #[value(name = "adamw-8bit")]
+    Adamw8bit,
+    Sgd,
+    Adafactor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttentionArg {
+    Sdpa,
+    Eager,
+}
+
+/// The flags that describe one plan (shared by estimate, check and fit).
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Model name or alias (`ftplan list models`), or a path to a config.json or model TOML.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Fine-tuning method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Full)]
+    pub method: MethodArg,
+    /// GPU name or alias (`ftplan list gpus`), or a path to a hardware TOML.
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// Dtype regime of the weights [default: mixed-bf16 for full, bf16 for PEFT methods].
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
+    pub optimizer: OptimizerArg,
+    /// Micro-batch per GPU.
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Tokens per sample (encoder-decoder: source length).
+    #[arg(long, default_value_t = 1024)]
+    pub seq: u64,
+    /// Target length of an encoder-decoder model.
+    #[arg(long, default_value_t = 128)]
+    pub target_seq: u64,
+    /// Gradient checkpointing (one checkpoint per block, non-reentrant).
+    #[arg(long)]
+    pub grad_ckpt: bool,
+    #[arg(long, value_enum, default_value_t = AttentionArg::Sdpa)]
+    pub attention: AttentionArg,
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: u64,
+    /// LoRA alpha [default: 2 x rank].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// `qv`, `all`, or a comma list of q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "qv")]
+    pub lora_targets: String,
+    /// Virtual tokens for prefix and prompt tuning.
+    #[arg(long, default_value_t = 20)]
+    pub virtual_tokens: u64,
+    /// Bottleneck size of the adapter method.
+    #[arg(long, default_value_t = 64)]
+    pub adapter_size: u64,
+    /// Data-parallel GPUs (each holds a full replica).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u64,
+    /// Memory to keep free, in percent of the device.
+    #[arg(long, default_value_t = 0.0)]
+    pub headroom: f64,
+    /// Calibration file from `ftplan calibrate` (replaces the datasheet rate curves).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EstimateArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Training tokens, for wall time and cost.
+    #[arg(long)]
+    pub tokens: Option<f64>,
+    /// Epochs over --dataset-tokens, for wall time and cost.
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    #[arg(long)]
+    pub dataset_tokens: Option<f64>,
+    /// Price per GPU-hour in USD (overrides the hardware profile's).
+    #[arg(long)]
+    pub price: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Plan files (TOML) or folders of them; none: the plan given by flags.
+    pub plans: Vec<PathBuf>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct FitArgs {
+    /// A plan file; without one, the plan given by flags.
+    pub plan_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Methods to compare, comma-separated.
+    #[arg(long, default_value = "full,lora,qlora,adapter,prefix,prompt,ia3")]
+    pub methods: String,
+    /// Extra GPUs to compare on, comma-separated (default: --gpu alone).
+    #[arg(long)]
+    pub gpus_list: Option<String>,
+    /// Folder for the charts and the Markdown report.
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SweepAxis {
+    Seq,
+    Batch,
+    /// Fit matrix of --models x --gpus-list for --method.
+    Matrix,
+}
+
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[arg(long, value_enum, default_value_t = SweepAxis::Seq)]
+    pub over: SweepAxis,
+    /// Methods, one curve each.
+    #[arg(long, default_value = "full,lora,qlora")]
+    pub methods: String,
+    /// Models for the fit matrix, comma-separated.
+    #[arg(long)]
+    pub models: Option<String>,
+    /// GPUs for the fit matrix, comma-separated.
+    #[arg(long)]
+    pub gpus_list: Option<String>,
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Measured runs (JSON lines, the ground-truth format).
+    #[arg(long, default_value = "validation/measured.jsonl")]
+    pub file: PathBuf,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Calibration file for the step-time column [default: validation/calib-h200.json's rates].
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Where to write the calibration TOML.
+    #[arg(long, default_value = "calibration.toml")]
+    pub out: PathBuf,
+    /// Smaller sizes and fewer repetitions (software adapters, CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Use a deterministic mock GPU instead of a real adapter (tests).
+    #[arg(long, hide = true)]
+    pub mock: bool,
+}

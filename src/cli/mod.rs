@@ -1,0 +1,177 @@
+//! The thin CLI: parse, run the library, print, map to an exit code.
+
+pub mod args;
+pub mod plan;
+mod planning;
+
+use args::{CalibrateArgs, Cli, Command, EstimateArgs, Format, ListWhat, ValidateArgs};
+use ftplan::error::Error;
+use ftplan::estimate::{Estimate, estimate};
+use ftplan::report::{self, json::Budget};
+use ftplan::spec::registry::{hardware_files, model_files, parse_hardware_toml, parse_model_toml};
+use plan::{PlanInput, Resolved};
+use std::process::ExitCode;
+
+/// Exit codes: 0 fits (or success), 1 does not fit (or a bound was exceeded), 2 error.
+pub const FITS: u8 = 0;
+pub const DOES_NOT_FIT: u8 = 1;
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Estimate(a) => run_estimate(&a),
+        Command::List { what, format } => list(what, format),
+        Command::Validate(a) => validate(&a),
+        Command::Calibrate(a) => calibrate(&a),
+        Command::Check(a) => planning::check(&a),
+        Command::Fit(a) => planning::fit(&a),
+        Command::Compare(a) => planning::compare(&a),
+        Command::Sweep(a) => planning::sweep(&a),
+    }
+}
+
+/// Runs one resolved plan; `fits` accounts for the headroom.
+pub fn estimate_resolved(r: &Resolved) -> ftplan::Result<Estimate> {
+    let mut e = estimate(&r.model, &r.plan, &r.hardware, &r.rates)?;
+    e.fits = e.memory.required <= r.budget();
+    Ok(e)
+}
+
+fn note(notes: &[String]) {
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+}
+
+fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
+    let r = PlanInput::from_args(&a.plan).resolve()?;
+    note(&r.notes);
+    let e = estimate_resolved(&r)?;
+    let tokens = match (a.tokens, a.epochs, a.dataset_tokens) {
+        (Some(t), _, _) => Some(t),
+        (None, Some(ep), Some(ds)) => Some(ep * ds),
+        (None, Some(_), None) => {
+            return Err(Error::field("command line", "epochs", "needs --dataset-tokens").into());
+        }
+        _ => None,
+    };
+    if let Some(t) = tokens
+        && !(t.is_finite() && t > 0.0)
+    {
+        return Err(Error::field("command line", "tokens", format!("must be positive, found {t}")).into());
+    }
+    let budget = tokens.map(|t| Budget { tokens: t, price_per_gpu_hour: a.price.or(r.hardware.price_per_hour_usd) });
+    match a.format {
+        Format::Table => print!("{}", report::table::estimate(&e, budget)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report::json::estimate(&e, budget, &r.notes))?),
+    }
+    Ok(ExitCode::from(if e.fits { FITS } else { DOES_NOT_FIT }))
+}
+
+fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let header: Vec<&str>;
+    match what {
+        ListWhat::Models => {
+            header = vec!["name", "type", "params", "layers", "hidden", "heads/kv", "vocab"];
+            for (stem, text) in model_files() {
+                let m = parse_model_toml(&format!("models/{stem}.toml"), stem, text)?;
+                let layers = match m.encoder {
+                    Some(e) => format!("{}+{}", e.layers, m.decoder.layers),
+                    None => m.decoder.layers.to_string(),
+                };
+                let params = m.published_params.map(report::count).unwrap_or_default();
+                rows.push(vec![
+                    m.name.clone(),
+                    m.family.model_type().into(),
+                    params,
+                    layers,
+                    m.hidden_size.to_string(),
+                    format!("{}/{}", m.decoder.heads, m.decoder.kv_heads),
+                    m.vocab_size.to_string(),
+                ]);
+            }
+        }
+        ListWhat::Gpus => {
+            header = vec!["name", "device", "memory GiB", "bf16 TFLOP/s", "HBM GB/s", "interconnect"];
+            for (stem, text) in hardware_files() {
+                let (h, _) = parse_hardware_toml(&format!("hardware/{stem}.toml"), stem, text)?;
+                rows.push(vec![
+                    h.name.clone(),
+                    h.display_name.clone(),
+                    format!("{:.1}", h.memory.gib()),
+                    format!("{:.0}", h.bf16_tflops),
+                    format!("{:.0}", h.hbm_gbps),
+                    h.interconnect.clone(),
+                ]);
+            }
+        }
+    }
+    match format {
+        Format::Table => {
+            let mut t = comfy_table::Table::new();
+            t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+            t.set_header(header);
+            for r in rows {
+                t.add_row(r);
+            }
+            println!("{t}");
+        }
+        Format::Json => {
+            let objs: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| serde_json::Value::Object(header.iter().zip(r).map(|(h, v)| (h.to_string(), v.clone().into())).collect()))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&objs)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let path = a.file.display().to_string();
+    let text = std::fs::read_to_string(&a.file).map_err(|source| Error::Read { path: a.file.clone(), source })?;
+    let hw = ftplan::spec::registry::resolve_hardware("h200")?.value;
+    let cal_path = a.calibration.clone().unwrap_or_else(|| a.file.with_file_name("calib-h200.json"));
+    let rates = match ftplan::calibrate::Calibration::load(&cal_path) {
+        Ok(c) => c.rates(&hw),
+        Err(e) if a.calibration.is_some() => return Err(e.into()),
+        Err(_) => ftplan::time::Rates::from_datasheet(&hw),
+    };
+    let rows = ftplan::validate::compare(&path, &text, &hw, &rates)?;
+    let s = ftplan::validate::summary(&rows);
+    let within = s.memory_median <= ftplan::validate::MEDIAN_BOUND
+        && s.memory_worst <= ftplan::validate::WORST_BOUND
+        && s.time_median <= ftplan::validate::TIME_MEDIAN_BOUND
+        && s.trainable_exact;
+    match a.format {
+        Format::Table => print!("{}", report::table::validation(&rows, &s, &rates.source)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "rows": rows, "summary": s, "within_bounds": within }))?),
+    }
+    Ok(ExitCode::from(if within { 0 } else { 1 }))
+}
+
+fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
+    use ftplan::calibrate::{self, GpuBench, Settings, mock::MockGpu, wgpu_bench::WgpuBench};
+    let settings = if a.quick { Settings::quick() } else { Settings::full() };
+    let mut gpu: Box<dyn GpuBench> = if a.mock {
+        Box::new(MockGpu::default())
+    } else {
+        Box::new(WgpuBench::open(wgpu::Backends::all())?)
+    };
+    let info = gpu.info();
+    eprintln!("adapter: {} ({}, {})", info.name, info.backend, info.device_type);
+    let start = std::time::Instant::now();
+    let cal = calibrate::run(gpu.as_mut(), &settings, &mut |line| eprintln!("  {line}"))?;
+    cal.save(&a.out)?;
+    let best = cal.fp32_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
+    println!(
+        "{}: fp32 matmul up to {:.2} TFLOP/s, copy {:.0} GB/s ({} timing, {:.1} s); wrote {}",
+        info.name,
+        best / 1e12,
+        cal.copy_gbps,
+        cal.timing,
+        start.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

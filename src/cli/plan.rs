@@ -1,0 +1,341 @@
+//! One way in for a plan, from flags or from a plan file: `PlanInput` -> validated
+//! model + plan + GPU + rates.
+
+use crate::cli::args::{AttentionArg, MethodArg, OptimizerArg, PlanArgs, PrecisionArg};
+use ftplan::error::{Error, Result, did_you_mean};
+use ftplan::spec::hardware::Hardware;
+use ftplan::spec::model::ModelSpec;
+use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Proj};
+use ftplan::spec::registry::{one_line, resolve_hardware, resolve_model};
+use ftplan::time::Rates;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A plan file (`examples/*.toml`) as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFile {
+    pub name: Option<String>,
+    pub model: String,
+    pub gpu: String,
+    #[serde(default = "one")]
+    pub gpus: u64,
+    #[serde(default = "full")]
+    pub method: String,
+    pub precision: Option<String>,
+    #[serde(default = "adamw")]
+    pub optimizer: String,
+    #[serde(default = "one")]
+    pub batch: u64,
+    #[serde(default = "seq")]
+    pub seq: u64,
+    #[serde(default = "target")]
+    pub target_seq: u64,
+    #[serde(default)]
+    pub grad_ckpt: bool,
+    #[serde(default = "sdpa")]
+    pub attention: String,
+    #[serde(default)]
+    pub headroom_percent: f64,
+    pub lora: Option<LoraFile>,
+    pub virtual_tokens: Option<u64>,
+    pub adapter_size: Option<u64>,
+    pub calibration: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraFile {
+    #[serde(default = "rank")]
+    pub rank: u64,
+    pub alpha: Option<f64>,
+    #[serde(default = "qv")]
+    pub targets: String,
+}
+
+fn one() -> u64 {
+    1
+}
+fn full() -> String {
+    "full".into()
+}
+fn adamw() -> String {
+    "adamw".into()
+}
+fn seq() -> u64 {
+    1024
+}
+fn target() -> u64 {
+    128
+}
+fn sdpa() -> String {
+    "sdpa".into()
+}
+fn rank() -> u64 {
+    16
+}
+fn qv() -> String {
+    "qv".into()
+}
+
+/// Everything needed to run one estimate.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub name: String,
+    pub model: ModelSpec,
+    pub plan: Plan,
+    pub hardware: Hardware,
+    pub rates: Rates,
+    /// Fraction of device memory to keep free.
+    pub headroom: f64,
+    /// Alias resolutions and similar, for stderr.
+    pub notes: Vec<String>,
+}
+
+impl Resolved {
+    /// Device memory available to the run after the headroom.
+    pub fn budget(&self) -> ftplan::units::Bytes {
+        ftplan::units::Bytes((self.hardware.memory.0 as f64 * (1.0 - self.headroom)) as u64)
+    }
+}
+
+fn parse_name<T: Copy>(origin: &str, field: &str, value: &str, table: &[(&'static str, T)]) -> Result<T> {
+    table.iter().find(|(n, _)| *n == value).map(|(_, v)| *v).ok_or_else(|| {
+        let err = Error::field(origin, field, format!("`{value}` is not one of {}", names(table)));
+        match did_you_mean(value, table.iter().map(|(n, _)| *n)) {
+            Some(s) => err.with_hint(format!("did you mean `{s}`?")),
+            None => err,
+        }
+    })
+}
+
+fn names<T>(table: &[(&'static str, T)]) -> String {
+    table.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+const METHODS: [(&str, MethodArg); 7] = [
+    ("full", MethodArg::Full),
+    ("lora", MethodArg::Lora),
+    ("qlora", MethodArg::Qlora),
+    ("adapter", MethodArg::Adapter),
+    ("prefix", MethodArg::Prefix),
+    ("prompt", MethodArg::Prompt),
+    ("ia3", MethodArg::Ia3),
+];
+const PRECISIONS: [(&str, PrecisionArg); 3] =
+    [("mixed-bf16", PrecisionArg::MixedBf16), ("bf16", PrecisionArg::Bf16), ("fp32", PrecisionArg::Fp32)];
+const OPTIMIZERS: [(&str, OptimizerArg); 5] = [
+    ("adamw", OptimizerArg::Adamw),
+    ("adamw-foreach", OptimizerArg::AdamwForeach),
+    ("adamw-8bit", OptimizerArg::Adamw8bit),
+    ("sgd", OptimizerArg::Sgd),
+    ("adafactor", OptimizerArg::Adafactor),
+];
+const ATTENTIONS: [(&str, AttentionArg); 2] = [("sdpa", AttentionArg::Sdpa), ("eager", AttentionArg::Eager)];
+
+/// Parses `qv`, `all` or `q,k,v,o,gate,up,down`.
+pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets> {
+    match text.trim() {
+        "qv" => Ok(LoraTargets::QueryValue),
+        "all" | "all-linear" => Ok(LoraTargets::AllLinear),
+        list => {
+            let mut projs = Vec::new();
+            for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let part = part.trim_end_matches("_proj");
+                projs.push(parse_name(origin, field, part, &Proj::NAMES)?);
+            }
+            if projs.is_empty() {
+                return Err(Error::field(origin, field, "names no projection").with_hint("use qv, all or q,k,v,o,gate,up,down"));
+            }
+            Ok(LoraTargets::Named(projs))
+        }
+    }
+}
+
+/// A plan's fields before validation, from flags or a file.
+pub struct PlanInput {
+    pub origin: String,
+    pub name: Option<String>,
+    pub model: Option<String>,
+    pub gpu: Option<String>,
+    pub method: MethodArg,
+    pub precision: Option<PrecisionArg>,
+    pub optimizer: OptimizerArg,
+    pub batch: u64,
+    pub seq: u64,
+    pub target_seq: u64,
+    pub grad_ckpt: bool,
+    pub attention: AttentionArg,
+    pub lora_rank: u64,
+    pub lora_alpha: Option<f64>,
+    pub lora_targets: String,
+    pub virtual_tokens: u64,
+    pub adapter_size: u64,
+    pub gpus: u64,
+    pub headroom_percent: f64,
+    pub calibration: Option<PathBuf>,
+}
+
+impl PlanInput {
+    pub fn from_args(a: &PlanArgs) -> PlanInput {
+        PlanInput {
+            origin: "command line".into(),
+            name: None,
+            model: a.model.clone(),
+            gpu: a.gpu.clone(),
+            method: a.method,
+            precision: a.precision,
+            optimizer: a.optimizer,
+            batch: a.batch,
+            seq: a.seq,
+            target_seq: a.target_seq,
+            grad_ckpt: a.grad_ckpt,
+            attention: a.attention,
+            lora_rank: a.lora_rank,
+            lora_alpha: a.lora_alpha,
+            lora_targets: a.lora_targets.clone(),
+            virtual_tokens: a.virtual_tokens,
+            adapter_size: a.adapter_size,
+            gpus: a.gpus,
+            headroom_percent: a.headroom,
+            calibration: a.calibration.clone(),
+        }
+    }
+
+    /// Reads a plan file; relative model/GPU/calibration paths are relative to the file.
+    pub fn from_file(path: &Path) -> Result<PlanInput> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let f: PlanFile = toml::from_str(&text).map_err(|e| Error::Parse { path: origin.clone(), message: one_line(e.message()) })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &str| {
+            if p.ends_with(".json") || p.ends_with(".toml") {
+                dir.join(p).display().to_string()
+            } else {
+                p.to_string()
+            }
+        };
+        let lora = f.lora.unwrap_or(LoraFile { rank: 16, alpha: None, targets: "qv".into() });
+        Ok(PlanInput {
+            name: f.name.clone().or_else(|| path.file_stem().and_then(|s| s.to_str()).map(String::from)),
+            model: Some(rel(&f.model)),
+            gpu: Some(rel(&f.gpu)),
+            method: parse_name(&origin, "method", &f.method, &METHODS)?,
+            precision: match &f.precision {
+                Some(p) => Some(parse_name(&origin, "precision", p, &PRECISIONS)?),
+                None => None,
+            },
+            optimizer: parse_name(&origin, "optimizer", &f.optimizer, &OPTIMIZERS)?,
+            batch: f.batch,
+            seq: f.seq,
+            target_seq: f.target_seq,
+            grad_ckpt: f.grad_ckpt,
+            attention: parse_name(&origin, "attention", &f.attention, &ATTENTIONS)?,
+            lora_rank: lora.rank,
+            lora_alpha: lora.alpha,
+            lora_targets: lora.targets,
+            virtual_tokens: f.virtual_tokens.unwrap_or(20),
+            adapter_size: f.adapter_size.unwrap_or(64),
+            gpus: f.gpus,
+            headroom_percent: f.headroom_percent,
+            calibration: f.calibration.map(|c| dir.join(c)),
+            origin,
+        })
+    }
+
+    /// Validates and resolves names.
+    pub fn resolve(&self) -> Result<Resolved> {
+        let o = self.origin.as_str();
+        let model_name = self.model.as_deref().ok_or_else(|| {
+            Error::field(o, "model", "is missing").with_hint("pass --model NAME or a config.json path")
+        })?;
+        let gpu_name = self.gpu.as_deref().ok_or_else(|| {
+            Error::field(o, "gpu", "is missing").with_hint("pass --gpu NAME (`ftplan list gpus`)")
+        })?;
+        let model = resolve_model(model_name)?;
+        let gpu = resolve_hardware(gpu_name)?;
+        let mut notes: Vec<String> = [model.note.clone(), gpu.note.clone()].into_iter().flatten().collect();
+        let lora = || -> Result<Lora> {
+            Ok(Lora {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64),
+                targets: lora_targets(o, "lora-targets", &self.lora_targets)?,
+            })
+        };
+        let method = match self.method {
+            MethodArg::Full => Method::Full,
+            MethodArg::Lora => Method::Lora(lora()?),
+            MethodArg::Qlora => Method::Qlora(lora()?),
+            MethodArg::Adapter => Method::Adapter { size: self.adapter_size },
+            MethodArg::Prefix => Method::Prefix { virtual_tokens: self.virtual_tokens },
+            MethodArg::Prompt => Method::Prompt { virtual_tokens: self.virtual_tokens },
+            MethodArg::Ia3 => Method::Ia3,
+        };
+        let precision = match self.precision {
+            Some(PrecisionArg::MixedBf16) => Precision::MixedBf16,
+            Some(PrecisionArg::Bf16) => Precision::Bf16,
+            Some(PrecisionArg::Fp32) => Precision::Fp32,
+            None if method.frozen_base() => Precision::Bf16,
+            None => Precision::MixedBf16,
+        };
+        let optimizer = match self.optimizer {
+            OptimizerArg::Adamw => Optimizer::Adamw,
+            OptimizerArg::AdamwForeach => Optimizer::AdamwForeach,
+            OptimizerArg::Adamw8bit => Optimizer::Adamw8bit,
+            OptimizerArg::Sgd => Optimizer::Sgd,
+            OptimizerArg::Adafactor => Optimizer::Adafactor,
+        };
+        if !(0.0..100.0).contains(&self.headroom_percent) {
+            return Err(Error::field(o, "headroom", format!("must be a percentage in [0, 100), found {}", self.headroom_percent)));
+        }
+        let plan = Plan {
+            method,
+            precision,
+            optimizer,
+            batch: self.batch,
+            seq: self.seq,
+            target_seq: if model.value.is_encoder_decoder() { self.target_seq } else { 0 },
+            grad_ckpt: self.grad_ckpt,
+            attention: match self.attention {
+                AttentionArg::Sdpa => AttentionKernel::Sdpa,
+                AttentionArg::Eager => AttentionKernel::Eager,
+            },
+            gpus: self.gpus,
+        };
+        ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;
+        let rates = match &self.calibration {
+            Some(path) => {
+                let cal = ftplan::calibrate::Calibration::load(path)?;
+                if cal.device_matches(&gpu.value) {
+                    notes.push(format!("using calibration `{}` ({})", path.display(), cal.adapter.name));
+                } else {
+                    notes.push(format!(
+                        "calibration `{}` was measured on `{}`, not `{}`: its rates are used as given",
+                        path.display(),
+                        cal.adapter.name,
+                        gpu.value.display_name
+                    ));
+                }
+                cal.rates(&gpu.value)
+            }
+            None => Rates::from_datasheet(&gpu.value),
+        };
+        Ok(Resolved {
+            name: self.name.clone().unwrap_or_else(|| format!("{}-{}-{}", model.value.name, plan.method.name(), gpu.value.name)),
+            model: model.value,
+            plan,
+            hardware: gpu.value,
+            rates,
+            headroom: self.headroom_percent / 100.0,
+            notes,
+        })
+    }
+}
+
+/// Plan validation errors name "plan"; say where the plan came from instead.
+fn relabel(e: Error, origin: &str) -> Error {
+    match e {
+        Error::Field { field, problem, hint, .. } => Error::Field { path: origin.to_string(), field, problem, hint },
+        other => other,
+    }
+}

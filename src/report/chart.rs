@@ -1,0 +1,2 @@
+//! Charts (plotters): SVG and PNG with an embedded font, no system libraries.
+

@@ -1,0 +1,59 @@
+//! JSON output. Field names are a contract: add, never rename.
+
+use crate::estimate::Estimate;
+use serde_json::{Value, json};
+
+/// Wall time and cost for a number of training tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub tokens: f64,
+    pub price_per_gpu_hour: Option<f64>,
+}
+
+pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value {
+    let m = &e.memory;
+    let b = &m.at_peak;
+    let mut time = json!({
+        "step_seconds": e.time.step_seconds,
+        "tokens_per_second": e.time.tokens_per_second,
+        "mfu": e.time.mfu,
+        "launch_bound": e.time.launch_bound,
+        "host_seconds": e.time.host_seconds,
+        "forward_seconds": e.time.forward_seconds,
+        "backward_seconds": e.time.backward_seconds,
+        "optimizer_seconds": e.time.optimizer_seconds,
+        "allreduce_seconds": e.time.allreduce_seconds,
+    });
+    if let Some(budget) = budget {
+        let wall = budget.tokens / e.time.tokens_per_second;
+        time["training_tokens"] = json!(budget.tokens);
+        time["wall_seconds"] = json!(wall);
+        if let Some(price) = budget.price_per_gpu_hour {
+            time["cost_usd"] = json!(wall / 3600.0 * price * e.plan.gpus as f64);
+        }
+    }
+    json!({
+        "model": { "name": e.model.name, "params": m.total_params, "family": e.model.family },
+        "method": e.plan.method.name(),
+        "plan": e.plan,
+        "trainable_params": m.trainable_params,
+        "memory": {
+            "weights": b.weights.0,
+            "gradients": b.gradients.0,
+            "optimizer": b.optimizer.0,
+            "activations": b.activations.0,
+            "logits": b.logits.0,
+            "temporary": b.temporary.0,
+            "peak": m.peak.0,
+            "overhead": m.overhead.0,
+            "required": m.required.0,
+            "peak_phase": m.peak_phase,
+            "peak_op": m.peak_op,
+            "persistent": m.persistent.0,
+        },
+        "device": { "name": e.hardware.name, "memory": e.hardware.memory.0, "display_name": e.hardware.display_name },
+        "fits": e.fits,
+        "time": time,
+        "notes": notes,
+    })
+}
