@@ -11,6 +11,7 @@ pub mod graph;
 pub mod memory;
 pub mod optimizer;
 pub mod report;
+pub mod search;
 pub mod spec;
 pub mod time;
 pub mod units;

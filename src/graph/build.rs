@@ -341,7 +341,13 @@ impl<'a> Builder<'a> {
             self.grad_started = true;
         }
         let flops = 2.0 * x.tokens as f64 * in_features as f64 * out_features as f64;
-        let weight_bytes = if qlora { DType::Nf4.bytes(in_features * out_features) } else { compute.bytes(in_features * out_features) };
+        // QLoRA dequantizes the NF4 weight to bf16 before each use, forward and backward: one
+        // more kernel that reads 4 bits and writes 16 per weight, which the matmul then reads.
+        let weight_bytes = if qlora {
+            DType::Nf4.bytes(in_features * out_features) + DType::Bf16.bytes(in_features * out_features) * 2
+        } else {
+            compute.bytes(in_features * out_features)
+        };
         self.emit(OpSpec {
             name: name.to_string(),
             kind: OpKind::Matmul,
@@ -356,8 +362,8 @@ impl<'a> Builder<'a> {
                 forward_bytes: xin.bytes() + out.bytes() + weight_bytes,
                 backward_bytes: (xin.bytes() + out.bytes()) * 2 + weight_bytes * 2,
                 // view + mm; backward: input grad, weight grad and its AccumulateGrad, bias sum.
-                forward_kernels: 2,
-                backward_kernels: 1 + u32::from(x.grad) + 2 * u32::from(trainable) + u32::from(trainable && bias),
+                forward_kernels: 2 + u32::from(qlora),
+                backward_kernels: 1 + u32::from(x.grad) + 2 * u32::from(trainable) + u32::from(trainable && bias) + u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
                 modules: 1,
                 misaligned: in_features % 8 != 0 || out_features % 8 != 0,

@@ -112,3 +112,76 @@ pub fn validation(rows: &[crate::validate::Row], s: &crate::validate::Summary, r
         crate::validate::TIME_MEDIAN_BOUND * 100.0,
     )
 }
+
+fn styled(header: Vec<String>) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED);
+    t.set_header(header);
+    t
+}
+
+/// Methods (or GPUs) side by side.
+pub fn compare(bars: &[super::chart::Bar]) -> String {
+    let mut t = styled(
+        ["method", "trainable", "weights", "grads", "optimizer", "activations", "logits", "temp", "peak", "required", "device", "step", "tokens/s", "verdict"]
+            .map(String::from)
+            .to_vec(),
+    );
+    for b in bars {
+        let e = &b.estimate;
+        let m = &e.memory;
+        let p = &m.at_peak;
+        t.add_row(vec![
+            b.label.clone(),
+            count(m.trainable_params),
+            gib(p.weights),
+            gib(p.gradients),
+            gib(p.optimizer),
+            gib(p.activations),
+            gib(p.logits),
+            gib(p.temporary),
+            gib(m.peak),
+            gib(m.required),
+            gib(b.budget),
+            duration(e.time.step_seconds),
+            format!("{:.0}", e.time.tokens_per_second),
+            if e.fits { "fits".into() } else { "DOES NOT FIT".into() },
+        ]);
+    }
+    format!("memory in GiB\n{t}")
+}
+
+/// A sweep: required memory (and step time) per value, one column pair per method.
+pub fn sweep(axis: &str, series: &[super::chart::Series], budget: crate::units::Bytes) -> String {
+    let mut header = vec![axis.to_string()];
+    for s in series {
+        header.push(format!("{} GiB", s.name));
+        header.push(format!("{} step", s.name));
+    }
+    let mut t = styled(header);
+    let n = series.first().map_or(0, |s| s.points.len());
+    for i in 0..n {
+        let mut row = vec![series[0].points[i].x.to_string()];
+        for s in series {
+            let p = &s.points[i];
+            let mark = if p.required > budget { " x" } else { "" };
+            row.push(format!("{}{mark}", gib(p.required)));
+            row.push(duration(p.step_seconds));
+        }
+        t.add_row(row);
+    }
+    format!("required memory (x: over the {} GiB limit) and step time\n{t}", gib(budget))
+}
+
+/// The models x GPUs fit matrix.
+pub fn matrix(gpus: &[String], rows: &[(String, Vec<super::chart::Cell>)]) -> String {
+    let mut header = vec!["model".to_string()];
+    header.extend(gpus.iter().cloned());
+    let mut t = styled(header);
+    for (name, cells) in rows {
+        let mut row = vec![name.clone()];
+        row.extend(cells.iter().map(|c| format!("{} {}", if c.fits { "fits" } else { "no" }, gib(c.required))));
+        t.add_row(row);
+    }
+    format!("required GiB per model and GPU\n{t}")
+}
