@@ -60,6 +60,8 @@ pub struct MemoryEstimate {
     /// Weights and optimizer states: what stays between steps.
     pub persistent: Bytes,
     pub total_params: u64,
+    /// Parameters of the base model (what the model card states), without a method's additions.
+    pub base_params: u64,
     pub trainable_params: u64,
     /// CUDA context and allocator headroom, outside `max_memory_allocated`.
     pub overhead: Bytes,
@@ -128,12 +130,16 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             }
         }
     }
-    // Autocast exits: copies held only by the cache (checkpointed blocks) go.
+    // Autocast exits: copies held only by the cache (checkpointed blocks, ops autograd does not
+    // record) go.
     let cached: Vec<TensorId> = ops
         .iter()
-        .filter(|o| o.segment.is_some())
-        .flat_map(|o| o.saves.iter().copied())
-        .filter(|&t| graph.tensor(t).kind == TensorKind::WeightCopy)
+        .flat_map(|o| o.saves.iter().map(move |&t| (o.segment, t)))
+        .filter(|&(segment, t)| {
+            let tensor = graph.tensor(t);
+            tensor.kind == TensorKind::WeightCopy && (segment.is_some() || tensor.cache_only)
+        })
+        .map(|(_, t)| t)
         .collect();
     for t in cached {
         walk.release(t);
@@ -149,7 +155,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         if op.segment.is_some() && op.segment != current_segment {
             // Recompute the block's forward: its saved tensors come back.
             for o in ops.iter().filter(|o| o.segment == op.segment) {
-                for &t in &o.saves {
+                for &t in o.saves.iter().filter(|&&t| !graph.tensor(t).cache_only) {
                     walk.hold(t);
                 }
             }
@@ -199,6 +205,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         peak_op,
         persistent: weights + states,
         total_params: params.iter().map(|p| p.elements).sum(),
+        base_params: params.iter().filter(|p| p.role != crate::graph::op::ParamRole::Adapter).map(|p| p.elements).sum(),
         trainable_params: trainable.iter().map(|p| p.elements).sum(),
         overhead,
         required: peak + overhead,

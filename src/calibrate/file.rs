@@ -5,7 +5,6 @@
 
 use crate::error::{Error, Result};
 use crate::spec::hardware::Hardware;
-use crate::spec::registry::one_line;
 use crate::time::Rates;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -85,7 +84,7 @@ impl Calibration {
                 copy_gbps: h.copy_gbps,
             }
         } else {
-            toml::from_str(&text).map_err(|e| Error::Parse { path: shown.clone(), message: one_line(e.message()) })?
+            toml::from_str(&text).map_err(|e| crate::spec::registry::toml_error(&shown, &text, &e))?
         };
         let bad_rate = cal.fp32_matmul.iter().chain(&cal.bf16_matmul).any(|p| !(p.flops.is_finite() && p.flops > 0.0) || p.n == 0);
         if bad_rate || cal.fp32_matmul.is_empty() {

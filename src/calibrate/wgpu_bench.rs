@@ -142,17 +142,10 @@ impl WgpuBench {
                 usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: false,
             });
-            let read = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: 16,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
             let mut enc = run(reps, Some(&qs));
             enc.resolve_query_set(&qs, 0..2, &resolve, 0);
-            enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
             self.queue.submit([enc.finish()]);
-            let ticks = self.read_u64(&read)?;
+            let ticks = self.read_u64(&resolve)?;
             let ns = (ticks[1].saturating_sub(ticks[0])) as f64 * f64::from(self.queue.get_timestamp_period());
             if ns > 0.0 {
                 return Ok(ns * 1e-9 / f64::from(reps));

@@ -252,4 +252,18 @@ pub struct CalibrateArgs {
     /// Use a deterministic mock GPU instead of a real adapter (tests).
     #[arg(long, hide = true)]
     pub mock: bool,
+    /// Which graphics API to look for an adapter on.
+    #[arg(long, value_enum, default_value_t = BackendArg::All)]
+    pub backend: BackendArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    All,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+    /// No backend: always "no adapter" (for testing the error path).
+    None,
 }

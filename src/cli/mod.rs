@@ -156,7 +156,15 @@ fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     let mut gpu: Box<dyn GpuBench> = if a.mock {
         Box::new(MockGpu::default())
     } else {
-        Box::new(WgpuBench::open(wgpu::Backends::all())?)
+        let backends = match a.backend {
+            args::BackendArg::All => wgpu::Backends::all(),
+            args::BackendArg::Vulkan => wgpu::Backends::VULKAN,
+            args::BackendArg::Metal => wgpu::Backends::METAL,
+            args::BackendArg::Dx12 => wgpu::Backends::DX12,
+            args::BackendArg::Gl => wgpu::Backends::GL,
+            args::BackendArg::None => wgpu::Backends::empty(),
+        };
+        Box::new(WgpuBench::open(backends)?)
     };
     let info = gpu.info();
     eprintln!("adapter: {} ({}, {})", info.name, info.backend, info.device_type);

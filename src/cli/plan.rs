@@ -6,7 +6,7 @@ use ftplan::error::{Error, Result, did_you_mean};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
 use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Proj};
-use ftplan::spec::registry::{one_line, resolve_hardware, resolve_model};
+use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -206,7 +206,7 @@ impl PlanInput {
     pub fn from_file(path: &Path) -> Result<PlanInput> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
-        let f: PlanFile = toml::from_str(&text).map_err(|e| Error::Parse { path: origin.clone(), message: one_line(e.message()) })?;
+        let f: PlanFile = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &str| {
             if p.ends_with(".json") || p.ends_with(".toml") {

@@ -127,6 +127,7 @@ fn block(
         let a = self_attention(b, &format!("{name}.attn"), h, stack, seq, embed_dtype, self_mask);
         let a = b.dropout(&format!("{name}.attn.dropout"), a, p_res);
         let m = mlp(b, &format!("{name}.mlp"), h, stack);
+        let m = adapter(b, &format!("{name}.adapter"), m);
         let m = b.dropout(&format!("{name}.mlp.dropout"), m, p_res);
         let sum = b.add(&format!("{name}.parallel.add"), a, m);
         return b.add(&format!("{name}.residual"), x, sum);

@@ -93,7 +93,12 @@ impl<'a> Builder<'a> {
     }
 
     fn tensor(&mut self, kind: TensorKind, bytes: Bytes) -> TensorId {
-        self.graph.add_tensor(Tensor { bytes, kind, checkpoint_input: false })
+        self.graph.add_tensor(Tensor { bytes, kind, checkpoint_input: false, cache_only: false })
+    }
+
+    /// A bf16 weight copy from autocast's cache; `cache_only` when autograd does not keep it.
+    fn weight_copy(&mut self, bytes: Bytes, cache_only: bool) -> TensorId {
+        self.graph.add_tensor(Tensor { bytes, kind: TensorKind::WeightCopy, checkpoint_input: false, cache_only })
     }
 
     /// A fresh value of `width` elements per token.
@@ -221,6 +226,7 @@ impl<'a> Builder<'a> {
             bytes: input.bytes(),
             kind: TensorKind::Activation,
             checkpoint_input: true,
+            cache_only: false,
         });
         let out = Val { id, ..input };
         // A zero-cost marker op that keeps the block input.
@@ -325,17 +331,23 @@ impl<'a> Builder<'a> {
             saves.push(xin.id);
         }
         let mut forward_transient = Bytes::ZERO;
+        let out_grad = x.grad || trainable;
+        let mut cached = None;
         if self.autocast && self.base == DType::F32 {
-            // autocast's cast cache: one bf16 copy of the weight (and bias).
+            // autocast's cast cache: one bf16 copy of the weight (and bias), made whether or not
+            // autograd keeps it; autograd keeps it when the input needs a gradient.
             let elems = in_features * out_features + if bias { out_features } else { 0 };
-            let copy = self.tensor(TensorKind::WeightCopy, DType::Bf16.bytes(elems));
-            saves.push(copy);
+            let copy = self.weight_copy(DType::Bf16.bytes(elems), !x.grad);
+            if x.grad {
+                saves.push(copy);
+            } else {
+                cached = Some(copy);
+            }
         }
         if qlora {
             // bitsandbytes dequantizes the whole weight to bf16 for the matmul.
             forward_transient += DType::Bf16.bytes(in_features * out_features);
         }
-        let out_grad = x.grad || trainable;
         let out = self.val(out_features, x.tokens, compute, out_grad);
         if x.grad || trainable {
             self.grad_started = true;
@@ -352,7 +364,7 @@ impl<'a> Builder<'a> {
             name: name.to_string(),
             kind: OpKind::Matmul,
             params,
-            saves: if out_grad { saves } else { Vec::new() },
+            saves: if out_grad { saves } else { Vec::new() }.into_iter().chain(cached).collect(),
             forward_transient: forward_transient + out.bytes(),
             backward_transient: out.bytes() + xin.bytes() + forward_transient,
             cost: Cost {
@@ -468,7 +480,8 @@ impl<'a> Builder<'a> {
     pub fn norm(&mut self, name: &str, x: Val) -> Val {
         let h = x.width;
         let kind = self.model.norm;
-        let has_bias = kind == Norm::LayerNorm && self.model.linear_bias;
+        // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
+        let has_bias = kind == Norm::LayerNorm;
         let w = self.base_param(&format!("{name}.weight"), (1, h), ParamRole::Norm);
         let mut params = vec![w];
         if has_bias {
@@ -799,9 +812,14 @@ impl<'a> Builder<'a> {
         if trainable {
             saves.push(xin.id);
         }
-        if self.autocast && head_param.dtype == DType::F32 && x.grad {
-            let copy = self.tensor(TensorKind::WeightCopy, DType::Bf16.bytes(head_param.elements));
-            saves.push(copy);
+        let mut cached = None;
+        if self.autocast && head_param.dtype == DType::F32 {
+            let copy = self.weight_copy(DType::Bf16.bytes(head_param.elements), !x.grad);
+            if x.grad {
+                saves.push(copy);
+            } else {
+                cached = Some(copy);
+            }
         }
         let mut params = vec![head];
         if bias {
@@ -814,7 +832,7 @@ impl<'a> Builder<'a> {
             name: "lm_head".into(),
             kind: OpKind::Matmul,
             params,
-            saves: if grad { saves } else { Vec::new() },
+            saves: if grad { saves } else { Vec::new() }.into_iter().chain(cached).collect(),
             forward_transient: logits.bytes(),
             backward_transient: logits.bytes() + xin.bytes(),
             cost: Cost {
@@ -837,6 +855,7 @@ impl<'a> Builder<'a> {
             bytes: loss_dtype.bytes(tokens * vocab),
             kind: TensorKind::Logits,
             checkpoint_input: false,
+            cache_only: false,
         });
         let upcast = if loss_dtype != logits.dtype { loss_dtype.bytes(tokens * vocab) } else { Bytes::ZERO };
         let vocab_grad = loss_dtype.bytes(tokens * vocab);

@@ -36,6 +36,8 @@ pub struct Tensor {
     pub kind: TensorKind,
     /// Kept by a checkpointed block across its forward (the block input).
     pub checkpoint_input: bool,
+    /// Held only by autocast's cast cache, not by autograd: freed when the forward pass ends.
+    pub cache_only: bool,
 }
 
 /// What a parameter is, for parameter counting and the optimizer.

@@ -33,7 +33,8 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         }
     }
     json!({
-        "model": { "name": e.model.name, "params": m.total_params, "family": e.model.family },
+        "model": { "name": e.model.name, "params": m.base_params, "family": e.model.family },
+        "total_params": m.total_params,
         "method": e.plan.method.name(),
         "plan": e.plan,
         "trainable_params": m.trainable_params,

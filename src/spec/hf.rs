@@ -132,7 +132,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Bart => bart(&r)?,
     };
     spec.name = name.to_string();
-    spec.published_params = r.opt_u64(&["params"]).ok().flatten();
+    spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
     check_heads(path, &spec.decoder, spec.hidden_size, &r)?;
     if let Some(enc) = &spec.encoder {
         check_heads(path, enc, spec.hidden_size, &r)?;

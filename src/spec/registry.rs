@@ -37,16 +37,37 @@ fn normalize(name: &str) -> String {
 }
 
 fn toml_to_json(path: &str, text: &str) -> Result<serde_json::Value> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| Error::Parse {
-        path: path.to_string(),
-        message: one_line(&e.to_string()),
-    })?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
     serde_json::to_value(table).map_err(|e| Error::Parse { path: path.to_string(), message: e.to_string() })
 }
 
 /// Collapses a multi-line parser message (toml shows a source excerpt) to one line.
 pub fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A TOML error as one line: `line N: message`, with a "did you mean" for unknown fields.
+pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> Error {
+    let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let message = one_line(e.message());
+    // serde's "unknown field `x`, expected one of `a`, `b`": suggest the closest.
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, expected)) = rest.split_once('`')
+    {
+        let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let err = Error::field(path, field, "is not a known field");
+        return match crate::error::did_you_mean(field, candidates.iter().copied()) {
+            Some(s) => err.with_hint(format!("did you mean `{s}`?")),
+            None => err,
+        };
+    }
+    Error::Parse {
+        path: path.to_string(),
+        message: match line {
+            Some(l) => format!("line {l}: {message}"),
+            None => message,
+        },
+    }
 }
 
 fn aliases(value: &serde_json::Value) -> Vec<String> {
@@ -110,8 +131,7 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
 
 /// Parses a hardware TOML file.
 pub fn parse_hardware_toml(path: &str, stem: &str, text: &str) -> Result<(Hardware, Vec<String>)> {
-    let mut wire: HardwareWire = toml::from_str(text)
-        .map_err(|e| Error::Parse { path: path.into(), message: one_line(&e.to_string()) })?;
+    let mut wire: HardwareWire = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
     let aliases = std::mem::take(&mut wire.aliases);
     if wire.name != stem {
         return Err(Error::field(path, "name", format!("is `{}` but the file is `{stem}.toml`", wire.name)));

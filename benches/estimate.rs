@@ -1,0 +1,88 @@
+//! Speed targets (issues #2 and #4), reported rather than asserted:
+//! one estimate in well under a millisecond, a 10,000-plan sweep in under a second on one core,
+//! and `ftplan estimate` as a whole process in under 50 ms.
+//!
+//! Run with `cargo bench`.
+
+use ftplan::estimate::estimate;
+use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
+use ftplan::spec::registry::{resolve_hardware, resolve_model};
+use ftplan::time::Rates;
+use std::hint::black_box;
+use std::time::Instant;
+
+fn main() {
+    let model = resolve_model("llama2-7b").expect("shipped").value;
+    let hw = resolve_hardware("a100-80gb").expect("shipped").value;
+    let rates = Rates::from_datasheet(&hw);
+    let plan = Plan {
+        method: Method::Lora(Lora { rank: 16, alpha: 32.0, targets: LoraTargets::QueryValue }),
+        precision: Precision::Bf16,
+        optimizer: Optimizer::Adamw,
+        batch: 4,
+        seq: 2048,
+        target_seq: 0,
+        grad_ckpt: false,
+        attention: AttentionKernel::Sdpa,
+        gpus: 1,
+    };
+
+    // One estimate.
+    for _ in 0..50 {
+        black_box(estimate(&model, &plan, &hw, &rates).expect("estimates"));
+    }
+    let n = 2000;
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(estimate(&model, black_box(&plan), &hw, &rates).expect("estimates"));
+    }
+    let per = start.elapsed().as_secs_f64() / f64::from(n);
+    println!("estimate (llama2-7b, lora, 32 layers): {:.1} us per estimate", per * 1e6);
+
+    // A 10,000-plan sweep (methods x batch x seq x checkpointing) on one core.
+    let methods = [
+        Method::Full,
+        plan.method.clone(),
+        Method::Qlora(Lora { rank: 16, alpha: 32.0, targets: LoraTargets::AllLinear }),
+        Method::Adapter { size: 64 },
+        Method::Ia3,
+    ];
+    let small = resolve_model("tinyllama-1.1b").expect("shipped").value;
+    let start = Instant::now();
+    let mut count = 0u32;
+    let mut fits = 0u32;
+    'outer: for m in &methods {
+        for batch in 1..=25u64 {
+            for seq in (1..=40u64).map(|s| s * 128) {
+                for ckpt in [false, true] {
+                    let p = Plan { method: m.clone(), batch, seq, grad_ckpt: ckpt, ..plan.clone() };
+                    let e = estimate(&small, &p, &hw, &rates).expect("estimates");
+                    fits += u32::from(e.fits);
+                    count += 1;
+                    if count == 10_000 {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+    }
+    let sweep = start.elapsed().as_secs_f64();
+    println!("sweep of {count} plans (tinyllama-1.1b, 22 layers): {sweep:.3} s on one core ({fits} fit)");
+
+    // The whole process, as a user runs it.
+    let exe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/ftplan");
+    if exe.exists() {
+        let runs = 20;
+        let start = Instant::now();
+        for _ in 0..runs {
+            let out = std::process::Command::new(&exe)
+                .args(["estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100"])
+                .output()
+                .expect("runs");
+            assert!(out.status.success());
+        }
+        println!("`ftplan estimate` process: {:.1} ms per run", start.elapsed().as_secs_f64() / f64::from(runs) * 1e3);
+    } else {
+        println!("`ftplan estimate` process: build target/release/ftplan (cargo build --release) to time it");
+    }
+}

@@ -1,0 +1,116 @@
+//! One fixture per validation rule: a one-line error naming file and field, exit 2, no panic.
+
+use crate::ftplan;
+
+fn rejects(args: &[&str], want: &[&str]) {
+    let out = ftplan().args(args).assert().code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+    for w in want {
+        assert!(err.contains(w), "{args:?}: `{w}` not in: {err}");
+    }
+    // `check` prints its table (with the plan marked INVALID); the others print nothing.
+    assert!(args[0] == "check" || out.get_output().stdout.is_empty(), "{args:?} printed to stdout");
+}
+
+fn model(fixture: &str, want: &[&str]) {
+    let path = format!("tests/fixtures/invalid/{fixture}");
+    let mut all = vec![fixture];
+    all.extend_from_slice(want);
+    rejects(&["estimate", "--gpu", "h100", "--model", &path], &all);
+}
+
+#[test]
+fn malformed_toml() {
+    model("malformed.toml", &["line 2"]);
+}
+
+#[test]
+fn malformed_json() {
+    model("malformed.json", &["invalid JSON"]);
+}
+
+#[test]
+fn missing_field() {
+    model("missing-field.json", &["`hidden_size`", "is missing"]);
+}
+
+#[test]
+fn zero_size() {
+    model("zero-layers.json", &["`num_hidden_layers`", "positive"]);
+}
+
+#[test]
+fn negative_size() {
+    model("negative-heads.json", &["`num_attention_heads`", "positive"]);
+}
+
+#[test]
+fn wrong_type() {
+    model("wrong-type.json", &["`hidden_size`", "must be a number"]);
+}
+
+#[test]
+fn heads_must_divide_the_hidden_size_without_head_dim() {
+    model("heads-not-dividing.json", &["`num_attention_heads`", "does not divide", "head_dim"]);
+}
+
+#[test]
+fn kv_heads_must_divide_heads() {
+    model("kv-heads-not-dividing.json", &["`num_key_value_heads`", "does not divide"]);
+}
+
+#[test]
+fn unsupported_model_type_lists_the_supported_ones() {
+    model("unsupported-type.json", &["`bert`", "llama, mistral, qwen2"]);
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_they_overflow() {
+    model("absurd-size.json", &["`hidden_size`", "absurdly large"]);
+}
+
+#[test]
+fn probabilities_must_be_probabilities() {
+    model("bad-dropout.json", &["`attn_pdrop`", "[0, 1)"]);
+}
+
+#[test]
+fn unknown_toml_fields_get_a_suggestion() {
+    model("typo-field.toml", &["`hiden_size`", "did you mean `hidden_size`"]);
+}
+
+#[test]
+fn a_model_file_is_named_after_its_stem() {
+    model("name-mismatch.toml", &["`name`", "name-mismatch.toml"]);
+}
+
+#[test]
+fn missing_file() {
+    model("does-not-exist.json", &["cannot read"]);
+}
+
+#[test]
+fn hardware_values_must_be_positive() {
+    rejects(&["estimate", "--model", "gpt2", "--gpu", "tests/fixtures/invalid/bad-gpu.toml"], &["bad-gpu.toml", "`memory_gib`", "positive"]);
+}
+
+#[test]
+fn unknown_hardware_fields_get_a_suggestion() {
+    rejects(&["estimate", "--model", "gpt2", "--gpu", "tests/fixtures/invalid/gpu-unknown-field.toml"], &["`memory_gb`", "did you mean `memory_gib`"]);
+}
+
+#[test]
+fn unknown_model_gpu_and_method() {
+    rejects(&["estimate", "--model", "lama2-7b", "--gpu", "h100"], &["unknown model", "did you mean `llama2-7b`"]);
+    rejects(&["estimate", "--model", "gpt2", "--gpu", "a1000"], &["unknown GPU", "did you mean"]);
+    rejects(&["check", "tests/fixtures/plans/invalid-method.toml"], &["`method`", "did you mean `lora`"]);
+    rejects(&["compare", "--model", "gpt2", "--gpu", "t4", "--methods", "full,lorra"], &["`methods`", "did you mean `lora`"]);
+}
+
+#[test]
+fn missing_model_or_gpu_flags() {
+    rejects(&["estimate", "--gpu", "h100"], &["`model`", "is missing"]);
+    rejects(&["estimate", "--model", "gpt2"], &["`gpu`", "is missing"]);
+}
