@@ -7,7 +7,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 fn main() {
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("embedded.rs");
     let mut code = String::new();
     for dir in ["models", "hardware"] {
@@ -17,10 +18,18 @@ fn main() {
             .unwrap_or_default();
         files.retain(|p| p.extension().is_some_and(|e| e == "toml"));
         files.sort();
-        writeln!(code, "pub const {}: &[(&str, &str)] = &[", dir.to_uppercase()).ok();
+        writeln!(
+            code,
+            "pub const {}: &[(&str, &str)] = &[",
+            dir.to_uppercase()
+        )
+        .ok();
         for file in files {
             println!("cargo:rerun-if-changed={}", file.display());
-            let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let stem = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
             writeln!(code, "    ({stem:?}, include_str!({:?})),", abs(&file)).ok();
         }
         writeln!(code, "];").ok();
@@ -29,5 +38,8 @@ fn main() {
 }
 
 fn abs(p: &Path) -> String {
-    p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    p.canonicalize()
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }

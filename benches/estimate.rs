@@ -16,7 +16,11 @@ fn main() {
     let hw = resolve_hardware("a100-80gb").expect("shipped").value;
     let rates = Rates::from_datasheet(&hw);
     let plan = Plan {
-        method: Method::Lora(Lora { rank: 16, alpha: 32.0, targets: LoraTargets::QueryValue }),
+        method: Method::Lora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets: LoraTargets::QueryValue,
+        }),
         precision: Precision::Bf16,
         optimizer: Optimizer::Adamw,
         batch: 4,
@@ -37,13 +41,20 @@ fn main() {
         black_box(estimate(&model, black_box(&plan), &hw, &rates).expect("estimates"));
     }
     let per = start.elapsed().as_secs_f64() / f64::from(n);
-    println!("estimate (llama2-7b, lora, 32 layers): {:.1} us per estimate", per * 1e6);
+    println!(
+        "estimate (llama2-7b, lora, 32 layers): {:.1} us per estimate",
+        per * 1e6
+    );
 
     // A 10,000-plan sweep (methods x batch x seq x checkpointing) on one core.
     let methods = [
         Method::Full,
         plan.method.clone(),
-        Method::Qlora(Lora { rank: 16, alpha: 32.0, targets: LoraTargets::AllLinear }),
+        Method::Qlora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets: LoraTargets::AllLinear,
+        }),
         Method::Adapter { size: 64 },
         Method::Ia3,
     ];
@@ -55,7 +66,13 @@ fn main() {
         for batch in 1..=25u64 {
             for seq in (1..=40u64).map(|s| s * 128) {
                 for ckpt in [false, true] {
-                    let p = Plan { method: m.clone(), batch, seq, grad_ckpt: ckpt, ..plan.clone() };
+                    let p = Plan {
+                        method: m.clone(),
+                        batch,
+                        seq,
+                        grad_ckpt: ckpt,
+                        ..plan.clone()
+                    };
                     let e = estimate(&small, &p, &hw, &rates).expect("estimates");
                     fits += u32::from(e.fits);
                     count += 1;
@@ -67,7 +84,9 @@ fn main() {
         }
     }
     let sweep = start.elapsed().as_secs_f64();
-    println!("sweep of {count} plans (tinyllama-1.1b, 22 layers): {sweep:.3} s on one core ({fits} fit)");
+    println!(
+        "sweep of {count} plans (tinyllama-1.1b, 22 layers): {sweep:.3} s on one core ({fits} fit)"
+    );
 
     // The whole process, as a user runs it.
     let exe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/ftplan");
@@ -76,13 +95,20 @@ fn main() {
         let start = Instant::now();
         for _ in 0..runs {
             let out = std::process::Command::new(&exe)
-                .args(["estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100"])
+                .args([
+                    "estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100",
+                ])
                 .output()
                 .expect("runs");
             assert!(out.status.success());
         }
-        println!("`ftplan estimate` process: {:.1} ms per run", start.elapsed().as_secs_f64() / f64::from(runs) * 1e3);
+        println!(
+            "`ftplan estimate` process: {:.1} ms per run",
+            start.elapsed().as_secs_f64() / f64::from(runs) * 1e3
+        );
     } else {
-        println!("`ftplan estimate` process: build target/release/ftplan (cargo build --release) to time it");
+        println!(
+            "`ftplan estimate` process: build target/release/ftplan (cargo build --release) to time it"
+        );
     }
 }

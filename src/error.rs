@@ -98,7 +98,9 @@ impl Error {
         list_command: &str,
     ) -> Error {
         let hint = match did_you_mean(name, candidates) {
-            Some(best) => Some(format!("did you mean `{best}`? `{list_command}` lists them all")),
+            Some(best) => Some(format!(
+                "did you mean `{best}`? `{list_command}` lists them all"
+            )),
             None => Some(format!("`{list_command}` lists them all")),
         };
         Error::Unknown {
@@ -110,7 +112,10 @@ impl Error {
 }
 
 /// The closest candidate by edit distance, if it is close enough to be a plausible typo.
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     let lower = name.to_lowercase();
     candidates
         .into_iter()
@@ -141,8 +146,14 @@ mod tests {
     #[test]
     fn suggests_close_names() {
         let names = ["llama2-7b", "llama3-8b", "mistral-7b"];
-        assert_eq!(did_you_mean("llama2-7", names).as_deref(), Some("llama2-7b"));
-        assert_eq!(did_you_mean("mistrl-7b", names).as_deref(), Some("mistral-7b"));
+        assert_eq!(
+            did_you_mean("llama2-7", names).as_deref(),
+            Some("llama2-7b")
+        );
+        assert_eq!(
+            did_you_mean("mistrl-7b", names).as_deref(),
+            Some("mistral-7b")
+        );
         assert_eq!(did_you_mean("bert", names), None);
     }
 }

@@ -37,7 +37,10 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     let tokens = plan.batch.saturating_mul(plan.seq.max(plan.target_seq));
     if tokens > MAX_TOKENS {
-        return Err(field("batch", format!("x seq = {tokens} tokens per step is absurdly large")));
+        return Err(field(
+            "batch",
+            format!("x seq = {tokens} tokens per step is absurdly large"),
+        ));
     }
     match &plan.method {
         Method::Lora(l) | Method::Qlora(l) => {
@@ -47,33 +50,54 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             if l.rank > model.hidden_size {
                 return Err(field(
                     "lora-rank",
-                    format!("({}) exceeds the hidden size ({})", l.rank, model.hidden_size),
+                    format!(
+                        "({}) exceeds the hidden size ({})",
+                        l.rank, model.hidden_size
+                    ),
                 ));
             }
         }
         Method::Adapter { size } if *size == 0 => {
             return Err(field("adapter-size", "must be at least 1".into()));
         }
-        Method::Prefix { virtual_tokens } | Method::Prompt { virtual_tokens } if *virtual_tokens == 0 => {
+        Method::Prefix { virtual_tokens } | Method::Prompt { virtual_tokens }
+            if *virtual_tokens == 0 =>
+        {
             return Err(field("virtual-tokens", "must be at least 1".into()));
         }
         _ => {}
     }
     if model.is_encoder_decoder() && plan.target_seq == 0 {
-        return Err(field("target-seq", "must be at least 1 for an encoder-decoder model".into()));
+        return Err(field(
+            "target-seq",
+            "must be at least 1 for an encoder-decoder model".into(),
+        ));
     }
     Ok(())
 }
 
 /// Runs the whole pipeline for one plan.
-pub fn estimate(model: &ModelSpec, plan: &Plan, hardware: &Hardware, rates: &Rates) -> Result<Estimate> {
+pub fn estimate(
+    model: &ModelSpec,
+    plan: &Plan,
+    hardware: &Hardware,
+    rates: &Rates,
+) -> Result<Estimate> {
     check_plan(model, plan)?;
     let graph = graph::build(model, plan);
-    graph
-        .verify()
-        .map_err(|e| Error::Plan { message: format!("internal: op graph invalid: {e}"), hint: None })?;
+    graph.verify().map_err(|e| Error::Plan {
+        message: format!("internal: op graph invalid: {e}"),
+        hint: None,
+    })?;
     let memory = memory::estimate(&graph, plan, hardware);
     let time = time::estimate(&graph, plan, hardware, rates);
     let fits = memory.required <= hardware.memory;
-    Ok(Estimate { model: model.clone(), plan: plan.clone(), hardware: hardware.clone(), memory, time, fits })
+    Ok(Estimate {
+        model: model.clone(),
+        plan: plan.clone(),
+        hardware: hardware.clone(),
+        memory,
+        time,
+        fits,
+    })
 }

@@ -35,7 +35,12 @@ pub struct Breakdown {
 
 impl Breakdown {
     pub fn total(&self) -> Bytes {
-        self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.temporary
+        self.weights
+            + self.gradients
+            + self.optimizer
+            + self.activations
+            + self.logits
+            + self.temporary
     }
 }
 
@@ -81,7 +86,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     let states = optimizer::state_bytes(plan.optimizer, &trainable);
     let all_grads: Bytes = trainable.iter().map(|p| p.dtype.bytes(p.elements)).sum();
     // DDP's reducer copies gradients into flat buckets (gradient_as_bucket_view=False).
-    let ddp_buckets = if plan.gpus > 1 { all_grads } else { Bytes::ZERO };
+    let ddp_buckets = if plan.gpus > 1 {
+        all_grads
+    } else {
+        Bytes::ZERO
+    };
     // One cuBLAS workspace per (thread, stream): the forward thread and autograd's device thread.
     let workspace = hardware.cublas_workspace * 2;
 
@@ -101,7 +110,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         live_logits: Bytes::ZERO,
         grads: Bytes::ZERO,
         best: None,
-        base: Breakdown { weights, optimizer: states, temporary: workspace, ..Breakdown::default() },
+        base: Breakdown {
+            weights,
+            optimizer: states,
+            temporary: workspace,
+            ..Breakdown::default()
+        },
     };
 
     // Forward.
@@ -111,7 +125,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         }
         let (act_t, logit_t) = split_transient(op.kind, op.forward_transient);
         walk.observe(Phase::Forward, &op.name, act_t, logit_t);
-        let segment_ends = op.segment.is_some() && ops.get(i + 1).map(|n| n.segment) != Some(op.segment);
+        let segment_ends =
+            op.segment.is_some() && ops.get(i + 1).map(|n| n.segment) != Some(op.segment);
         if segment_ends {
             // Checkpointing drops the block's saved activations, keeping its input; autocast's
             // cache keeps the weight copies until the autocast region exits.
@@ -192,9 +207,16 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     // Optimizer step: parameters, all gradients, states and step temporaries.
     walk.grads = all_grads + ddp_buckets;
     let step_temp = optimizer::step_temporary(plan.optimizer, &trainable);
-    walk.observe(Phase::OptimizerStep, "optimizer.step", step_temp, Bytes::ZERO);
+    walk.observe(
+        Phase::OptimizerStep,
+        "optimizer.step",
+        step_temp,
+        Bytes::ZERO,
+    );
 
-    let (at_peak, peak_phase, peak_op) = walk.best.unwrap_or((walk.base, Phase::Forward, String::new()));
+    let (at_peak, peak_phase, peak_op) =
+        walk.best
+            .unwrap_or((walk.base, Phase::Forward, String::new()));
     let peak = at_peak.total();
     let slack = Bytes((peak.0 as f64 * ALLOCATOR_SLACK) as u64);
     let overhead = hardware.context + slack;
@@ -205,7 +227,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         peak_op,
         persistent: weights + states,
         total_params: params.iter().map(|p| p.elements).sum(),
-        base_params: params.iter().filter(|p| p.role != crate::graph::op::ParamRole::Adapter).map(|p| p.elements).sum(),
+        base_params: params
+            .iter()
+            .filter(|p| p.role != crate::graph::op::ParamRole::Adapter)
+            .map(|p| p.elements)
+            .sum(),
         trainable_params: trainable.iter().map(|p| p.elements).sum(),
         overhead,
         required: peak + overhead,
@@ -216,9 +242,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
 fn split_transient(kind: OpKind, bytes: Bytes) -> (Bytes, Bytes) {
     match kind {
         OpKind::Loss => (Bytes::ZERO, bytes),
-        OpKind::Matmul | OpKind::Attention | OpKind::Norm | OpKind::Elementwise | OpKind::Embedding => {
-            (bytes, Bytes::ZERO)
-        }
+        OpKind::Matmul
+        | OpKind::Attention
+        | OpKind::Norm
+        | OpKind::Elementwise
+        | OpKind::Embedding => (bytes, Bytes::ZERO),
     }
 }
 
@@ -248,7 +276,9 @@ impl Walk<'_> {
             let tensor = self.graph.tensor(t);
             match tensor.kind {
                 TensorKind::Logits => self.live_logits = self.live_logits - tensor.bytes,
-                TensorKind::Activation | TensorKind::WeightCopy => self.live_act = self.live_act - tensor.bytes,
+                TensorKind::Activation | TensorKind::WeightCopy => {
+                    self.live_act = self.live_act - tensor.bytes
+                }
             }
         }
     }
@@ -261,7 +291,11 @@ impl Walk<'_> {
             temporary: self.base.temporary + temporary,
             ..self.base
         };
-        if self.best.as_ref().is_none_or(|(b, _, _)| now.total() > b.total()) {
+        if self
+            .best
+            .as_ref()
+            .is_none_or(|(b, _, _)| now.total() > b.total())
+        {
             self.best = Some((now, phase, op.to_string()));
         }
     }

@@ -34,7 +34,11 @@ pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
                     // Factored second moment for matrices, full for vectors (Shazeer & Stern
                     // 2018, sec. 3); torch.optim.Adafactor keeps no first moment by default.
                     let (rows, cols) = p.shape;
-                    let elements = if rows > 1 && cols > 1 { rows + cols } else { p.elements };
+                    let elements = if rows > 1 && cols > 1 {
+                        rows + cols
+                    } else {
+                        p.elements
+                    };
                     dtype.bytes(elements) + step
                 }
             }
@@ -82,7 +86,10 @@ mod tests {
     #[test]
     fn adamw_keeps_two_states_in_the_param_dtype() {
         let p = matrix(100, 100);
-        assert_eq!(state_bytes(Optimizer::Adamw, &[&p]), Bytes(2 * 4 * 10_000 + 4));
+        assert_eq!(
+            state_bytes(Optimizer::Adamw, &[&p]),
+            Bytes(2 * 4 * 10_000 + 4)
+        );
     }
 
     #[test]

@@ -91,9 +91,15 @@ pub struct Fix {
 /// Single changes that make `plan` fit, ranked by their time cost (cheapest first).
 pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result<Vec<Fix>> {
     let base = target.run(plan)?;
-    let base_time_per_token = base.time.step_seconds / (plan.batch * (plan.seq + plan.target_seq)) as f64;
+    let base_time_per_token =
+        base.time.step_seconds / (plan.batch * (plan.seq + plan.target_seq)) as f64;
     let mut out = Vec::new();
-    let mut consider = |change: String, p: &Plan, t: &Target, accumulation: u64, gpu: Option<String>| -> Result<()> {
+    let mut consider = |change: String,
+                        p: &Plan,
+                        t: &Target,
+                        accumulation: u64,
+                        gpu: Option<String>|
+     -> Result<()> {
         let e = t.run(p)?;
         let tokens = (p.batch * accumulation * (p.seq + p.target_seq)) as f64;
         let step = e.time.step_seconds * accumulation as f64;
@@ -108,26 +114,51 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         Ok(())
     };
     if !plan.grad_ckpt {
-        let p = Plan { grad_ckpt: true, ..plan.clone() };
+        let p = Plan {
+            grad_ckpt: true,
+            ..plan.clone()
+        };
         consider("turn on gradient checkpointing".into(), &p, target, 1, None)?;
     }
-    let lora = Lora { rank: 16, alpha: 32.0, targets: LoraTargets::QueryValue };
+    let lora = Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::QueryValue,
+    };
     match &plan.method {
         Method::Full => {
-            let p = Plan { method: Method::Lora(lora.clone()), precision: crate::spec::plan::Precision::Bf16, ..plan.clone() };
+            let p = Plan {
+                method: Method::Lora(lora.clone()),
+                precision: crate::spec::plan::Precision::Bf16,
+                ..plan.clone()
+            };
             consider("switch to LoRA (r16, qv)".into(), &p, target, 1, None)?;
-            let p = Plan { method: Method::Qlora(lora), precision: crate::spec::plan::Precision::Bf16, ..plan.clone() };
+            let p = Plan {
+                method: Method::Qlora(lora),
+                precision: crate::spec::plan::Precision::Bf16,
+                ..plan.clone()
+            };
             consider("switch to QLoRA (r16, qv)".into(), &p, target, 1, None)?;
         }
         Method::Lora(l) => {
-            let p = Plan { method: Method::Qlora(l.clone()), ..plan.clone() };
+            let p = Plan {
+                method: Method::Qlora(l.clone()),
+                ..plan.clone()
+            };
             consider("switch to QLoRA (4-bit base)".into(), &p, target, 1, None)?;
         }
-        Method::Qlora(_) | Method::Adapter { .. } | Method::Prefix { .. } | Method::Prompt { .. } | Method::Ia3 => {}
+        Method::Qlora(_)
+        | Method::Adapter { .. }
+        | Method::Prefix { .. }
+        | Method::Prompt { .. }
+        | Method::Ia3 => {}
     }
     match plan.optimizer {
         Optimizer::Adamw | Optimizer::AdamwForeach => {
-            let p = Plan { optimizer: Optimizer::Adamw8bit, ..plan.clone() };
+            let p = Plan {
+                optimizer: Optimizer::Adamw8bit,
+                ..plan.clone()
+            };
             consider("use 8-bit AdamW (bitsandbytes)".into(), &p, target, 1, None)?;
         }
         Optimizer::Adamw8bit | Optimizer::Sgd | Optimizer::Adafactor => {}
@@ -136,25 +167,55 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         && let Some(b) = max_batch(target, plan)?.filter(|&b| b < plan.batch)
     {
         let accumulation = plan.batch.div_ceil(b);
-        let p = Plan { batch: b, ..plan.clone() };
-        consider(format!("batch {b} with {accumulation} gradient-accumulation steps"), &p, target, accumulation, None)?;
+        let p = Plan {
+            batch: b,
+            ..plan.clone()
+        };
+        consider(
+            format!("batch {b} with {accumulation} gradient-accumulation steps"),
+            &p,
+            target,
+            accumulation,
+            None,
+        )?;
     }
     if let Some(s) = max_seq(target, plan)?.filter(|&s| s < plan.seq) {
-        let p = Plan { seq: s, ..plan.clone() };
+        let p = Plan {
+            seq: s,
+            ..plan.clone()
+        };
         consider(format!("shorten the sequence to {s}"), &p, target, 1, None)?;
     }
     // The smallest catalogue GPU with more memory on which the plan fits.
-    let mut bigger: Vec<&(Hardware, Rates)> = gpus.iter().filter(|(h, _)| h.memory > target.hardware.memory).collect();
+    let mut bigger: Vec<&(Hardware, Rates)> = gpus
+        .iter()
+        .filter(|(h, _)| h.memory > target.hardware.memory)
+        .collect();
     bigger.sort_by_key(|(h, _)| h.memory);
     for (hw, rates) in bigger {
         let headroom = target.budget.0 as f64 / target.hardware.memory.0 as f64;
-        let t = Target { model: target.model, hardware: hw, rates, budget: Bytes((hw.memory.0 as f64 * headroom) as u64) };
+        let t = Target {
+            model: target.model,
+            hardware: hw,
+            rates,
+            budget: Bytes((hw.memory.0 as f64 * headroom) as u64),
+        };
         if t.fits(plan)? {
-            consider(format!("use a bigger GPU: {}", hw.display_name), plan, &t, 1, Some(hw.name.clone()))?;
+            consider(
+                format!("use a bigger GPU: {}", hw.display_name),
+                plan,
+                &t,
+                1,
+                Some(hw.name.clone()),
+            )?;
             break;
         }
     }
     out.retain(|f| f.fits);
-    out.sort_by(|a, b| a.slowdown.total_cmp(&b.slowdown).then(a.required.cmp(&b.required)));
+    out.sort_by(|a, b| {
+        a.slowdown
+            .total_cmp(&b.slowdown)
+            .then(a.required.cmp(&b.required))
+    });
     Ok(out)
 }

@@ -51,7 +51,13 @@ impl Rates {
         let curve = |peak: f64| {
             [256u64, 512, 1024, 2048, 4096, 8192]
                 .iter()
-                .map(|&n| (n, peak * DATASHEET_MATMUL_EFFICIENCY * n as f64 / (n as f64 + HALF_EFFICIENCY_DIM)))
+                .map(|&n| {
+                    (
+                        n,
+                        peak * DATASHEET_MATMUL_EFFICIENCY * n as f64
+                            / (n as f64 + HALF_EFFICIENCY_DIM),
+                    )
+                })
                 .collect()
         };
         Rates {
@@ -77,7 +83,9 @@ impl Rates {
 /// Rate at `n` on a measured curve: scaled by n/(n + n_half) below the first point, flat above
 /// the last, linear in between.
 fn interpolate(curve: &[(u64, f64)], n: u64) -> f64 {
-    let Some(&(n0, r0)) = curve.first() else { return 1.0 };
+    let Some(&(n0, r0)) = curve.first() else {
+        return 1.0;
+    };
     if n <= n0 {
         let shape = |x: f64| x / (x + HALF_EFFICIENCY_DIM);
         return r0 * shape(n as f64) / shape(n0 as f64);
@@ -124,38 +132,75 @@ fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
         // Element-wise work runs on CUDA cores: bandwidth-bound in practice.
         OpKind::Norm | OpKind::Elementwise | OpKind::Embedding | OpKind::Loss => f64::INFINITY,
     };
-    let t_compute = if flops.0 > 0.0 { flops.0 / compute_rate } else { 0.0 };
+    let t_compute = if flops.0 > 0.0 {
+        flops.0 / compute_rate
+    } else {
+        0.0
+    };
     let t_memory = bytes.0 as f64 / rates.copy_bandwidth;
     t_compute.max(t_memory)
 }
 
+/// The host thread enqueues work asynchronously; the GPU runs it in order. A unit of work
+/// becomes available once the host has paid its dispatch cost, and starts when the GPU is free:
+/// when kernels are short the GPU waits on the host, when they are long the host runs ahead.
+#[derive(Debug, Default)]
+struct Queue {
+    host: f64,
+    device: f64,
+    busy: f64,
+    host_total: f64,
+}
+
+impl Queue {
+    fn push(&mut self, host: f64, device: f64) {
+        self.host += host;
+        self.host_total += host;
+        self.device = self.device.max(self.host) + device;
+        self.busy += device;
+    }
+}
+
 /// Estimates the time of one training step.
 pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> TimeEstimate {
+    let host_cost = |kernels: u32, modules: u32| {
+        f64::from(kernels) * rates.launch_overhead + f64::from(modules) * rates.module_overhead
+    };
+    let mut q = Queue::default();
     let mut fwd = 0.0;
-    let mut bwd = 0.0;
-    let mut kernels = 0u64;
-    let mut modules = 0u64;
     let mut flops = 0.0;
-    for op in graph.ops() {
+    let ops: Vec<&Op> = graph.ops().collect();
+    for op in &ops {
         let c = &op.cost;
-        modules += u64::from(c.modules);
-        let t_f = op_time(c.forward_flops, c.forward_bytes, op, rates);
-        fwd += t_f;
-        kernels += u64::from(c.forward_kernels);
+        let t = op_time(c.forward_flops, c.forward_bytes, op, rates);
+        fwd += t;
         flops += c.forward_flops.0;
-        if op.in_backward {
-            let back_flops = c.input_grad_flops + c.weight_grad_flops;
-            bwd += op_time(back_flops, c.backward_bytes, op, rates);
-            kernels += u64::from(c.backward_kernels);
-            flops += back_flops.0;
-            if op.segment.is_some() {
-                // Checkpointing reruns the block's forward during backward.
-                bwd += t_f;
-                kernels += u64::from(c.forward_kernels);
-                modules += u64::from(c.modules);
+        q.push(host_cost(c.forward_kernels, c.modules), t);
+    }
+    let mut bwd = 0.0;
+    let mut current = None;
+    for (i, op) in ops.iter().enumerate().rev() {
+        if !op.in_backward {
+            continue;
+        }
+        if op.segment.is_some() && op.segment != current {
+            // Checkpointing reruns the block's forward before its backward.
+            for o in ops[..=i].iter().filter(|o| o.segment == op.segment) {
+                let c = &o.cost;
+                let t = op_time(c.forward_flops, c.forward_bytes, o, rates);
+                bwd += t;
                 flops += c.forward_flops.0;
+                q.push(host_cost(c.forward_kernels, c.modules), t);
             }
         }
+        current = op.segment;
+        let c = &op.cost;
+        let back_flops = c.input_grad_flops + c.weight_grad_flops;
+        let t = op_time(back_flops, c.backward_bytes, op, rates);
+        bwd += t;
+        flops += back_flops.0;
+        // Backward runs in autograd's C++ engine: no module calls.
+        q.push(host_cost(c.backward_kernels, 0), t);
     }
     // Optimizer: a memory-bound pass over parameters, gradients and states.
     let trainable: Vec<_> = graph.params.iter().filter(|p| p.trainable).collect();
@@ -172,24 +217,41 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     };
     let opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
     let opt = opt_bytes / rates.copy_bandwidth;
-    kernels += (trainable.len() as f64 * kernels_per_tensor).ceil() as u64;
+    let opt_kernels = (trainable.len() as f64 * kernels_per_tensor).ceil();
+    q.push(opt_kernels * rates.launch_overhead, opt);
 
-    let host = kernels as f64 * rates.launch_overhead + modules as f64 * rates.module_overhead;
-    let device = fwd + bwd + opt;
+    let host = q.host_total;
+    let device = q.busy;
     let allreduce = if plan.gpus > 1 {
-        let grads: f64 = trainable.iter().map(|p| p.dtype.bytes(p.elements).0 as f64).sum();
+        let grads: f64 = trainable
+            .iter()
+            .map(|p| p.dtype.bytes(p.elements).0 as f64)
+            .sum();
         2.0 * (plan.gpus - 1) as f64 / plan.gpus as f64 * grads / (hw.interconnect_gbps * 1e9)
     } else {
         0.0
     };
-    let step = device.max(host) + allreduce;
+    let step = q.device + allreduce;
     let tokens = plan.batch as f64 * (plan.seq + plan.target_seq) as f64;
     // MFU counts the model's useful FLOPs (no recomputation) against the datasheet peak.
     let useful: f64 = graph
         .ops()
-        .map(|o| o.cost.forward_flops.0 + if o.in_backward { o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0 } else { 0.0 })
+        .map(|o| {
+            o.cost.forward_flops.0
+                + if o.in_backward {
+                    o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0
+                } else {
+                    0.0
+                }
+        })
         .sum();
-    let peak = hw.peak_flops(if plan.autocast() || plan.precision == crate::spec::plan::Precision::Bf16 { DType::Bf16 } else { DType::F32 });
+    let peak = hw.peak_flops(
+        if plan.autocast() || plan.precision == crate::spec::plan::Precision::Bf16 {
+            DType::Bf16
+        } else {
+            DType::F32
+        },
+    );
     TimeEstimate {
         step_seconds: step,
         tokens_per_second: tokens * plan.gpus as f64 / step,
@@ -203,4 +265,3 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         allreduce_seconds: allreduce,
     }
 }
-

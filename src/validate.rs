@@ -3,9 +3,9 @@
 use crate::error::{Error, Result};
 use crate::estimate::estimate;
 use crate::spec::hardware::Hardware;
-use crate::time::Rates;
 use crate::spec::hf::parse_config;
 use crate::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
+use crate::time::Rates;
 use serde::{Deserialize, Serialize};
 
 /// Bounds the tests enforce (issue #2).
@@ -62,10 +62,16 @@ pub struct Row {
 /// Parses `measured.jsonl` into plans and compares each estimate with the measurement.
 pub fn compare(path: &str, text: &str, hardware: &Hardware, rates: &Rates) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let where_ = format!("{path}:{}", i + 1);
-        let rec: Record = serde_json::from_str(line)
-            .map_err(|e| Error::Parse { path: where_.clone(), message: e.to_string() })?;
+        let rec: Record = serde_json::from_str(line).map_err(|e| Error::Parse {
+            path: where_.clone(),
+            message: e.to_string(),
+        })?;
         let model = parse_config(&where_, &rec.config, &rec.run.model, false)?;
         let plan = plan_of(&where_, &rec.run)?;
         let est = estimate(&model, &plan, hardware, rates)?;
@@ -89,30 +95,57 @@ pub fn compare(path: &str, text: &str, hardware: &Hardware, rates: &Rates) -> Re
 fn plan_of(path: &str, run: &Run) -> Result<Plan> {
     let bad = |field: &str, what: String| Error::field(path, field, what);
     let lora = || -> Result<Lora> {
-        let rank = run.lora_r.ok_or_else(|| bad("lora_r", "is missing".into()))?;
+        let rank = run
+            .lora_r
+            .ok_or_else(|| bad("lora_r", "is missing".into()))?;
         let targets = match &run.lora_targets {
             Some(serde_json::Value::String(s)) if s == "qv" => LoraTargets::QueryValue,
             Some(serde_json::Value::String(s)) if s == "all" => LoraTargets::AllLinear,
             other => return Err(bad("lora_targets", format!("unsupported value {other:?}"))),
         };
-        Ok(Lora { rank, alpha: run.lora_alpha.unwrap_or(2.0 * rank as f64), targets })
+        Ok(Lora {
+            rank,
+            alpha: run.lora_alpha.unwrap_or(2.0 * rank as f64),
+            targets,
+        })
     };
-    let virtual_tokens = || run.n_virtual.ok_or_else(|| bad("n_virtual", "is missing".into()));
+    let virtual_tokens = || {
+        run.n_virtual
+            .ok_or_else(|| bad("n_virtual", "is missing".into()))
+    };
     let (method, precision) = match run.method.as_str() {
         "full" => (Method::Full, Precision::MixedBf16),
         "full_bf16" => (Method::Full, Precision::Bf16),
         "lora" => (Method::Lora(lora()?), Precision::Bf16),
         "qlora" => (Method::Qlora(lora()?), Precision::Bf16),
-        "prefix" => (Method::Prefix { virtual_tokens: virtual_tokens()? }, Precision::Bf16),
-        "prompt" => (Method::Prompt { virtual_tokens: virtual_tokens()? }, Precision::Bf16),
+        "prefix" => (
+            Method::Prefix {
+                virtual_tokens: virtual_tokens()?,
+            },
+            Precision::Bf16,
+        ),
+        "prompt" => (
+            Method::Prompt {
+                virtual_tokens: virtual_tokens()?,
+            },
+            Precision::Bf16,
+        ),
         "ia3" => (Method::Ia3, Precision::Bf16),
         "adapter" => (
-            Method::Adapter { size: run.adapter_dim.ok_or_else(|| bad("adapter_dim", "is missing".into()))? },
+            Method::Adapter {
+                size: run
+                    .adapter_dim
+                    .ok_or_else(|| bad("adapter_dim", "is missing".into()))?,
+            },
             Precision::Bf16,
         ),
         other => return Err(bad("method", format!("`{other}` is not a known method"))),
     };
-    let precision = if run.base_fp32 { Precision::MixedBf16 } else { precision };
+    let precision = if run.base_fp32 {
+        Precision::MixedBf16
+    } else {
+        precision
+    };
     let optimizer = match run.optimizer.as_deref() {
         None | Some("fused") => Optimizer::Adamw,
         Some("foreach") => Optimizer::AdamwForeach,
@@ -160,7 +193,8 @@ pub struct Summary {
 impl Row {
     /// (estimate - measured) / measured step time.
     pub fn time_error(&self) -> Option<f64> {
-        self.measured_step_s.map(|m| (self.estimated_step_s - m) / m)
+        self.measured_step_s
+            .map(|m| (self.estimated_step_s - m) / m)
     }
 }
 
@@ -178,14 +212,21 @@ fn median_and_worst(mut errs: Vec<f64>) -> (f64, f64) {
 
 /// Median and worst absolute errors of memory and step time.
 pub fn summary(rows: &[Row]) -> Summary {
-    let (memory_median, memory_worst) = median_and_worst(rows.iter().map(|r| r.error.abs()).collect());
-    let (time_median, time_worst) = median_and_worst(rows.iter().filter_map(|r| r.time_error().map(f64::abs)).collect());
+    let (memory_median, memory_worst) =
+        median_and_worst(rows.iter().map(|r| r.error.abs()).collect());
+    let (time_median, time_worst) = median_and_worst(
+        rows.iter()
+            .filter_map(|r| r.time_error().map(f64::abs))
+            .collect(),
+    );
     Summary {
         runs: rows.len(),
         memory_median,
         memory_worst,
         time_median,
         time_worst,
-        trainable_exact: rows.iter().all(|r| r.measured_trainable == r.estimated_trainable),
+        trainable_exact: rows
+            .iter()
+            .all(|r| r.measured_trainable == r.estimated_trainable),
     }
 }

@@ -15,21 +15,46 @@ fn json(cmd: &mut assert_cmd::Command, code: i32) -> Value {
 
 #[test]
 fn the_readme_command_fits_and_exits_zero() {
-    let text = stdout(ftplan().args(["estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100"]), 0);
+    let text = stdout(
+        ftplan().args([
+            "estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100",
+        ]),
+        0,
+    );
     insta::assert_snapshot!("estimate_llama7b_lora_a100", text);
 }
 
 #[test]
 fn aliases_are_reported_on_stderr() {
-    let out = ftplan().args(["estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100"]).assert().success();
+    let out = ftplan()
+        .args([
+            "estimate", "--model", "llama7b", "--method", "lora", "--gpu", "a100",
+        ])
+        .assert()
+        .success();
     let err = String::from_utf8_lossy(&out.get_output().stderr);
     assert!(err.contains("`a100` resolves to `a100-80gb`"), "{err}");
 }
 
 #[test]
 fn json_output_keeps_its_contract() {
-    let v = json(ftplan().args(["estimate", "--model", "gpt2", "--method", "full", "--gpu", "h100", "--format", "json"]), 0);
-    for key in ["weights", "gradients", "optimizer", "activations", "logits", "temporary", "peak", "overhead", "required"] {
+    let v = json(
+        ftplan().args([
+            "estimate", "--model", "gpt2", "--method", "full", "--gpu", "h100", "--format", "json",
+        ]),
+        0,
+    );
+    for key in [
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "temporary",
+        "peak",
+        "overhead",
+        "required",
+    ] {
         assert!(v["memory"][key].is_u64(), "memory.{key} is an integer: {v}");
     }
     assert_eq!(v["model"]["name"], "gpt2");
@@ -40,23 +65,62 @@ fn json_output_keeps_its_contract() {
     assert!(v["device"]["memory"].is_u64());
     assert_eq!(v["fits"], true);
     for key in ["step_seconds", "tokens_per_second", "mfu"] {
-        assert!(v["time"][key].as_f64().is_some_and(|x| x > 0.0), "time.{key}: {v}");
+        assert!(
+            v["time"][key].as_f64().is_some_and(|x| x > 0.0),
+            "time.{key}: {v}"
+        );
     }
     let m = &v["memory"];
-    let sum: u64 = ["weights", "gradients", "optimizer", "activations", "logits", "temporary"].iter().map(|k| m[k].as_u64().unwrap_or(0)).sum();
-    assert_eq!(sum, m["peak"].as_u64().unwrap_or(0), "breakdown sums to the peak");
-    assert_eq!(m["peak"].as_u64().unwrap_or(0) + m["overhead"].as_u64().unwrap_or(0), m["required"].as_u64().unwrap_or(1));
+    let sum: u64 = [
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "logits",
+        "temporary",
+    ]
+    .iter()
+    .map(|k| m[k].as_u64().unwrap_or(0))
+    .sum();
+    assert_eq!(
+        sum,
+        m["peak"].as_u64().unwrap_or(0),
+        "breakdown sums to the peak"
+    );
+    assert_eq!(
+        m["peak"].as_u64().unwrap_or(0) + m["overhead"].as_u64().unwrap_or(0),
+        m["required"].as_u64().unwrap_or(1)
+    );
 }
 
 #[test]
 fn a_plan_that_does_not_fit_exits_one() {
-    let v = json(ftplan().args(["estimate", "--model", "llama2-70b", "--method", "full", "--gpu", "a100-80gb", "--format", "json"]), 1);
+    let v = json(
+        ftplan().args([
+            "estimate",
+            "--model",
+            "llama2-70b",
+            "--method",
+            "full",
+            "--gpu",
+            "a100-80gb",
+            "--format",
+            "json",
+        ]),
+        1,
+    );
     assert_eq!(v["fits"], false);
 }
 
 #[test]
 fn wall_time_and_cost_follow_from_tokens_and_price() {
-    let v = json(ftplan().args(["estimate", "--model", "gpt2", "--gpu", "h100", "--format", "json", "--tokens", "1e9", "--price", "2"]), 0);
+    let v = json(
+        ftplan().args([
+            "estimate", "--model", "gpt2", "--gpu", "h100", "--format", "json", "--tokens", "1e9",
+            "--price", "2",
+        ]),
+        0,
+    );
     let tps = v["time"]["tokens_per_second"].as_f64().unwrap_or(0.0);
     let wall = v["time"]["wall_seconds"].as_f64().unwrap_or(0.0);
     assert!((wall - 1e9 / tps).abs() / wall < 1e-9);
@@ -67,9 +131,24 @@ fn wall_time_and_cost_follow_from_tokens_and_price() {
 #[test]
 fn unknown_names_get_a_suggestion_and_exit_two() {
     for (args, want) in [
-        (vec!["--model", "llama2-7", "--gpu", "h100"], "did you mean `llama2-7b`"),
+        (
+            vec!["--model", "llama2-7", "--gpu", "h100"],
+            "did you mean `llama2-7b`",
+        ),
         (vec!["--model", "gpt2", "--gpu", "h1000"], "did you mean `h"),
-        (vec!["--model", "gpt2", "--gpu", "h100", "--lora-targets", "q,vv", "--method", "lora"], "did you mean `v`"),
+        (
+            vec![
+                "--model",
+                "gpt2",
+                "--gpu",
+                "h100",
+                "--lora-targets",
+                "q,vv",
+                "--method",
+                "lora",
+            ],
+            "did you mean `v`",
+        ),
     ] {
         let out = ftplan().arg("estimate").args(&args).assert().code(2);
         let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
@@ -84,12 +163,19 @@ fn impossible_plans_are_errors_not_panics() {
     for (args, want) in [
         (vec!["--batch", "0"], "`batch`"),
         (vec!["--seq", "0"], "`seq`"),
-        (vec!["--batch", "100000000", "--seq", "100000000"], "absurdly large"),
+        (
+            vec!["--batch", "100000000", "--seq", "100000000"],
+            "absurdly large",
+        ),
         (vec!["--method", "lora", "--lora-rank", "0"], "`lora-rank`"),
         (vec!["--headroom", "150"], "`headroom`"),
         (vec!["--gpus", "0"], "`gpus`"),
     ] {
-        let out = ftplan().args(["estimate", "--model", "gpt2", "--gpu", "h100"]).args(&args).assert().code(2);
+        let out = ftplan()
+            .args(["estimate", "--model", "gpt2", "--gpu", "h100"])
+            .args(&args)
+            .assert()
+            .code(2);
         let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
@@ -99,7 +185,14 @@ fn impossible_plans_are_errors_not_panics() {
 #[test]
 fn list_shows_every_shipped_model_and_gpu() {
     let models = stdout(ftplan().args(["list", "models"]), 0);
-    for name in ["gpt2-xl", "llama3-70b", "flan-t5-xl", "bart-base", "falcon-7b", "phi-2"] {
+    for name in [
+        "gpt2-xl",
+        "llama3-70b",
+        "flan-t5-xl",
+        "bart-base",
+        "falcon-7b",
+        "phi-2",
+    ] {
         assert!(models.contains(name), "{name} missing from {models}");
     }
     let gpus = stdout(ftplan().args(["list", "gpus"]), 0);
@@ -110,8 +203,34 @@ fn list_shows_every_shipped_model_and_gpu() {
 
 #[test]
 fn config_json_is_accepted_wherever_a_model_name_is() {
-    let a = json(ftplan().args(["estimate", "--model", "examples/configs/mistral-7b-config.json", "--gpu", "h100", "--method", "lora", "--format", "json"]), 0);
-    let b = json(ftplan().args(["estimate", "--model", "mistral-7b", "--gpu", "h100", "--method", "lora", "--format", "json"]), 0);
+    let a = json(
+        ftplan().args([
+            "estimate",
+            "--model",
+            "examples/configs/mistral-7b-config.json",
+            "--gpu",
+            "h100",
+            "--method",
+            "lora",
+            "--format",
+            "json",
+        ]),
+        0,
+    );
+    let b = json(
+        ftplan().args([
+            "estimate",
+            "--model",
+            "mistral-7b",
+            "--gpu",
+            "h100",
+            "--method",
+            "lora",
+            "--format",
+            "json",
+        ]),
+        0,
+    );
     assert_eq!(a["memory"]["peak"], b["memory"]["peak"]);
     assert_eq!(a["model"]["params"], 7_241_732_096u64);
 }
@@ -119,13 +238,34 @@ fn config_json_is_accepted_wherever_a_model_name_is() {
 #[test]
 fn check_exit_codes_follow_the_worst_plan() {
     stdout(ftplan().args(["check", "examples"]), 0);
-    stdout(ftplan().args(["check", "tests/fixtures/plans/llama2-7b-full-a100-40gb.toml"]), 1);
-    stdout(ftplan().args(["check", "tests/fixtures/plans/invalid-method.toml"]), 2);
+    stdout(
+        ftplan().args([
+            "check",
+            "tests/fixtures/plans/llama2-7b-full-a100-40gb.toml",
+        ]),
+        1,
+    );
+    stdout(
+        ftplan().args(["check", "tests/fixtures/plans/invalid-method.toml"]),
+        2,
+    );
     // A folder with a failing and an invalid plan: invalid wins.
     stdout(ftplan().args(["check", "tests/fixtures/plans"]), 2);
     // A single plan from flags.
-    stdout(ftplan().args(["check", "--model", "gpt2", "--gpu", "t4"]), 0);
-    let v = json(ftplan().args(["check", "examples", "tests/fixtures/plans/llama2-7b-full-a100-40gb.toml", "--format", "json"]), 1);
+    stdout(
+        ftplan().args(["check", "--model", "gpt2", "--gpu", "t4"]),
+        0,
+    );
+    let v = json(
+        ftplan().args([
+            "check",
+            "examples",
+            "tests/fixtures/plans/llama2-7b-full-a100-40gb.toml",
+            "--format",
+            "json",
+        ]),
+        1,
+    );
     let plans = v["plans"].as_array().cloned().unwrap_or_default();
     assert_eq!(plans.len(), 5);
     assert_eq!(plans.iter().filter(|p| p["fits"] == false).count(), 1);
@@ -133,25 +273,55 @@ fn check_exit_codes_follow_the_worst_plan() {
 
 #[test]
 fn invalid_plan_files_name_file_and_field() {
-    let out = ftplan().args(["check", "tests/fixtures/plans/invalid-method.toml"]).assert().code(2);
+    let out = ftplan()
+        .args(["check", "tests/fixtures/plans/invalid-method.toml"])
+        .assert()
+        .code(2);
     let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
-    assert!(err.contains("invalid-method.toml") && err.contains("`method`") && err.contains("did you mean `lora`"), "{err}");
+    assert!(
+        err.contains("invalid-method.toml")
+            && err.contains("`method`")
+            && err.contains("did you mean `lora`"),
+        "{err}"
+    );
 }
 
 fn required(args: &[String]) -> u64 {
-    let out = ftplan().args(["estimate", "--format", "json"]).args(args).output().expect("runs");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let out = ftplan()
+        .args(["estimate", "--format", "json"])
+        .args(args)
+        .output()
+        .expect("runs");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     v["memory"]["required"].as_u64().expect("required")
 }
 
 #[test]
 fn fit_search_agrees_with_the_estimate() {
     let base = |batch: u64, seq: u64| -> Vec<String> {
-        ["--model", "llama2-7b", "--gpu", "a100-80gb", "--method", "lora", "--batch", &batch.to_string(), "--seq", &seq.to_string()]
-            .map(String::from)
-            .to_vec()
+        [
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100-80gb",
+            "--method",
+            "lora",
+            "--batch",
+            &batch.to_string(),
+            "--seq",
+            &seq.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
     };
-    let v = json(ftplan().arg("fit").args(base(1, 2048)).args(["--format", "json"]), 0);
+    let v = json(
+        ftplan()
+            .arg("fit")
+            .args(base(1, 2048))
+            .args(["--format", "json"]),
+        0,
+    );
     let budget = v["budget"].as_u64().expect("budget");
     let max_batch = v["max_batch"].as_u64().expect("a batch fits");
     assert!(required(&base(max_batch, 2048)) <= budget);
@@ -163,35 +333,90 @@ fn fit_search_agrees_with_the_estimate() {
 
 #[test]
 fn fit_ranks_fixes_for_a_plan_that_does_not_fit() {
-    let v = json(ftplan().args(["fit", "--model", "llama2-7b", "--gpu", "a100-40gb", "--method", "full", "--batch", "2", "--seq", "1024", "--format", "json"]), 1);
+    let v = json(
+        ftplan().args([
+            "fit",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100-40gb",
+            "--method",
+            "full",
+            "--batch",
+            "2",
+            "--seq",
+            "1024",
+            "--format",
+            "json",
+        ]),
+        1,
+    );
     let fixes = v["fixes"].as_array().cloned().unwrap_or_default();
     assert!(!fixes.is_empty(), "{v}");
     let budget = v["budget"].as_u64().expect("budget");
     for f in &fixes {
         assert!(f["change"].is_string());
         let gpu_change = f["gpu"].is_string();
-        assert!(gpu_change || f["required"].as_u64().expect("required") <= budget, "{f}");
+        assert!(
+            gpu_change || f["required"].as_u64().expect("required") <= budget,
+            "{f}"
+        );
     }
     let changes: Vec<&str> = fixes.iter().filter_map(|f| f["change"].as_str()).collect();
     assert!(changes.iter().any(|c| c.contains("LoRA")), "{changes:?}");
-    let slow: Vec<f64> = fixes.iter().filter_map(|f| f["slowdown"].as_f64()).collect();
-    assert!(slow.windows(2).all(|w| w[0] <= w[1]), "ranked by time cost: {slow:?}");
+    let slow: Vec<f64> = fixes
+        .iter()
+        .filter_map(|f| f["slowdown"].as_f64())
+        .collect();
+    assert!(
+        slow.windows(2).all(|w| w[0] <= w[1]),
+        "ranked by time cost: {slow:?}"
+    );
 }
 
 #[test]
 fn compare_writes_charts_and_a_report() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().display().to_string();
-    stdout(ftplan().args(["compare", "--model", "tinyllama", "--gpu", "l4", "--methods", "full,lora,qlora", "--out", &out]), 0);
+    stdout(
+        ftplan().args([
+            "compare",
+            "--model",
+            "tinyllama",
+            "--gpu",
+            "l4",
+            "--methods",
+            "full,lora,qlora",
+            "--out",
+            &out,
+        ]),
+        0,
+    );
     let svg = std::fs::read_to_string(dir.path().join("compare-tinyllama-1.1b.svg")).expect("svg");
-    for label in ["full", "lora", "qlora", "activations", "device memory", "memory (GiB)"] {
+    for label in [
+        "full",
+        "lora",
+        "qlora",
+        "activations",
+        "device memory",
+        "memory (GiB)",
+    ] {
         assert!(svg.contains(label), "SVG lacks {label}");
     }
-    let png = std::fs::metadata(dir.path().join("compare-tinyllama-1.1b.png")).expect("png").len();
+    let png = std::fs::metadata(dir.path().join("compare-tinyllama-1.1b.png"))
+        .expect("png")
+        .len();
     assert!(png > 10_000, "PNG is {png} bytes");
     let md = std::fs::read_to_string(dir.path().join("compare-tinyllama-1.1b.md")).expect("md");
-    assert!(md.contains("compare-tinyllama-1.1b.png") && md.contains("qlora"), "{md}");
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(
+        md.contains("compare-tinyllama-1.1b.png") && md.contains("qlora"),
+        "{md}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
@@ -199,12 +424,47 @@ fn compare_writes_charts_and_a_report() {
 fn sweeps_write_curves_and_a_fit_matrix() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().display().to_string();
-    stdout(ftplan().args(["sweep", "--model", "gpt2", "--gpu", "t4", "--over", "seq", "--methods", "full,lora", "--out", &out]), 0);
+    stdout(
+        ftplan().args([
+            "sweep",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "t4",
+            "--over",
+            "seq",
+            "--methods",
+            "full,lora",
+            "--out",
+            &out,
+        ]),
+        0,
+    );
     let svg = std::fs::read_to_string(dir.path().join("sweep-gpt2-seq.svg")).expect("svg");
     assert!(svg.contains("full") && svg.contains("lora") && svg.contains("device limit"));
-    stdout(ftplan().args(["sweep", "--model", "gpt2", "--gpu", "t4", "--over", "batch", "--out", &out]), 0);
+    stdout(
+        ftplan().args([
+            "sweep", "--model", "gpt2", "--gpu", "t4", "--over", "batch", "--out", &out,
+        ]),
+        0,
+    );
     assert!(dir.path().join("sweep-gpt2-batch.png").exists());
-    stdout(ftplan().args(["sweep", "--over", "matrix", "--method", "lora", "--models", "gpt2,llama2-7b", "--gpus-list", "t4,h100", "--out", &out]), 0);
+    stdout(
+        ftplan().args([
+            "sweep",
+            "--over",
+            "matrix",
+            "--method",
+            "lora",
+            "--models",
+            "gpt2,llama2-7b",
+            "--gpus-list",
+            "t4,h100",
+            "--out",
+            &out,
+        ]),
+        0,
+    );
     let svg = std::fs::read_to_string(dir.path().join("fit-matrix.svg")).expect("svg");
     assert!(svg.contains("llama2-7b") && svg.contains("h100-sxm"));
 }
@@ -214,10 +474,27 @@ fn an_unwritable_output_is_an_error_with_no_partial_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, "not a folder").expect("write");
-    let out = ftplan().args(["compare", "--model", "gpt2", "--gpu", "t4", "--methods", "lora", "--out"]).arg(&blocker).assert().code(2);
+    let out = ftplan()
+        .args([
+            "compare",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "t4",
+            "--methods",
+            "lora",
+            "--out",
+        ])
+        .arg(&blocker)
+        .assert()
+        .code(2);
     assert!(!String::from_utf8_lossy(&out.get_output().stderr).contains("panicked"));
     let target = blocker.join("cal.toml");
-    ftplan().args(["calibrate", "--mock", "--quick", "--out"]).arg(&target).assert().code(2);
+    ftplan()
+        .args(["calibrate", "--mock", "--quick", "--out"])
+        .arg(&target)
+        .assert()
+        .code(2);
     assert!(!target.exists());
 }
 
@@ -225,21 +502,77 @@ fn an_unwritable_output_is_an_error_with_no_partial_file() {
 fn calibration_file_round_trips_into_the_estimate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cal = dir.path().join("cal.toml");
-    ftplan().args(["calibrate", "--mock", "--quick", "--out"]).arg(&cal).assert().success();
+    ftplan()
+        .args(["calibrate", "--mock", "--quick", "--out"])
+        .arg(&cal)
+        .assert()
+        .success();
     let text = std::fs::read_to_string(&cal).expect("written");
-    assert!(text.contains("fp32_matmul") && text.contains("copy_gbps"), "{text}");
-    let with = json(ftplan().args(["estimate", "--model", "gpt2", "--gpu", "h100", "--format", "json", "--calibration"]).arg(&cal), 0);
-    let without = json(ftplan().args(["estimate", "--model", "gpt2", "--gpu", "h100", "--format", "json"]), 0);
+    assert!(
+        text.contains("fp32_matmul") && text.contains("copy_gbps"),
+        "{text}"
+    );
+    let with = json(
+        ftplan()
+            .args([
+                "estimate",
+                "--model",
+                "gpt2",
+                "--gpu",
+                "h100",
+                "--format",
+                "json",
+                "--calibration",
+            ])
+            .arg(&cal),
+        0,
+    );
+    let without = json(
+        ftplan().args([
+            "estimate", "--model", "gpt2", "--gpu", "h100", "--format", "json",
+        ]),
+        0,
+    );
     // The mock's copy bandwidth (1 TB/s) is below the datasheet's: the device time grows.
     assert!(with["time"]["forward_seconds"].as_f64() > without["time"]["forward_seconds"].as_f64());
-    assert_eq!(with["memory"], without["memory"], "calibration changes time, not memory");
+    assert_eq!(
+        with["memory"], without["memory"],
+        "calibration changes time, not memory"
+    );
     let harness = repo("validation/calib-h200.json");
-    json(ftplan().args(["estimate", "--model", "gpt2", "--gpu", "h200", "--format", "json", "--calibration"]).arg(&harness), 0);
+    json(
+        ftplan()
+            .args([
+                "estimate",
+                "--model",
+                "gpt2",
+                "--gpu",
+                "h200",
+                "--format",
+                "json",
+                "--calibration",
+            ])
+            .arg(&harness),
+        0,
+    );
 }
 
 #[test]
 fn no_adapter_is_a_clear_error() {
-    let out = ftplan().args(["calibrate", "--backend", "none", "--quick", "--out", "/tmp/ftplan-none.toml"]).assert().code(2);
+    let out = ftplan()
+        .args([
+            "calibrate",
+            "--backend",
+            "none",
+            "--quick",
+            "--out",
+            "/tmp/ftplan-none.toml",
+        ])
+        .assert()
+        .code(2);
     let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
-    assert!(err.contains("no GPU adapter") && err.contains("mesa-vulkan-drivers"), "{err}");
+    assert!(
+        err.contains("no GPU adapter") && err.contains("mesa-vulkan-drivers"),
+        "{err}"
+    );
 }

@@ -7,16 +7,26 @@ use ftplan::calibrate::{self, Settings, wgpu_bench::WgpuBench};
 fn wgpu_kernels_compute_correct_results() {
     let mut gpu = match WgpuBench::open(wgpu::Backends::all()) {
         Ok(g) => g,
-        Err(e) => panic!("{e}: this test needs a wgpu adapter (`.ci/run` installs mesa-vulkan-drivers)"),
+        Err(e) => {
+            panic!("{e}: this test needs a wgpu adapter (`.ci/run` installs mesa-vulkan-drivers)")
+        }
     };
-    let settings = Settings { matmul_sizes: vec![64, 128, 192], matmul_reps: 2, copy_bytes: 1 << 20, copy_reps: 2 };
-    let cal = calibrate::run(&mut gpu, &settings, &mut |line| println!("{line}")).expect("kernels verified");
+    let settings = Settings {
+        matmul_sizes: vec![64, 128, 192],
+        matmul_reps: 2,
+        copy_bytes: 1 << 20,
+        copy_reps: 2,
+    };
+    let cal = calibrate::run(&mut gpu, &settings, &mut |line| println!("{line}"))
+        .expect("kernels verified");
     assert_eq!(cal.fp32_matmul.len(), 3);
     assert!(cal.fp32_matmul.iter().all(|p| p.flops > 0.0) && cal.copy_gbps > 0.0);
 }
 
 #[test]
 fn no_backend_means_no_adapter_not_a_panic() {
-    let err = WgpuBench::open(wgpu::Backends::empty()).err().expect("no adapter without backends");
+    let err = WgpuBench::open(wgpu::Backends::empty())
+        .err()
+        .expect("no adapter without backends");
     assert!(err.to_string().contains("no GPU adapter"), "{err}");
 }

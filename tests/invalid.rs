@@ -6,12 +6,19 @@ fn rejects(args: &[&str], want: &[&str]) {
     let out = ftplan().args(args).assert().code(2);
     let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: not one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
     for w in want {
         assert!(err.contains(w), "{args:?}: `{w}` not in: {err}");
     }
     // `check` prints its table (with the plan marked INVALID); the others print nothing.
-    assert!(args[0] == "check" || out.get_output().stdout.is_empty(), "{args:?} printed to stdout");
+    assert!(
+        args[0] == "check" || out.get_output().stdout.is_empty(),
+        "{args:?} printed to stdout"
+    );
 }
 
 fn model(fixture: &str, want: &[&str]) {
@@ -43,7 +50,10 @@ fn zero_size() {
 
 #[test]
 fn negative_size() {
-    model("negative-heads.json", &["`num_attention_heads`", "positive"]);
+    model(
+        "negative-heads.json",
+        &["`num_attention_heads`", "positive"],
+    );
 }
 
 #[test]
@@ -53,17 +63,26 @@ fn wrong_type() {
 
 #[test]
 fn heads_must_divide_the_hidden_size_without_head_dim() {
-    model("heads-not-dividing.json", &["`num_attention_heads`", "does not divide", "head_dim"]);
+    model(
+        "heads-not-dividing.json",
+        &["`num_attention_heads`", "does not divide", "head_dim"],
+    );
 }
 
 #[test]
 fn kv_heads_must_divide_heads() {
-    model("kv-heads-not-dividing.json", &["`num_key_value_heads`", "does not divide"]);
+    model(
+        "kv-heads-not-dividing.json",
+        &["`num_key_value_heads`", "does not divide"],
+    );
 }
 
 #[test]
 fn unsupported_model_type_lists_the_supported_ones() {
-    model("unsupported-type.json", &["`bert`", "llama, mistral, qwen2"]);
+    model(
+        "unsupported-type.json",
+        &["`bert`", "llama, mistral, qwen2"],
+    );
 }
 
 #[test]
@@ -78,7 +97,10 @@ fn probabilities_must_be_probabilities() {
 
 #[test]
 fn unknown_toml_fields_get_a_suggestion() {
-    model("typo-field.toml", &["`hiden_size`", "did you mean `hidden_size`"]);
+    model(
+        "typo-field.toml",
+        &["`hiden_size`", "did you mean `hidden_size`"],
+    );
 }
 
 #[test]
@@ -93,20 +115,58 @@ fn missing_file() {
 
 #[test]
 fn hardware_values_must_be_positive() {
-    rejects(&["estimate", "--model", "gpt2", "--gpu", "tests/fixtures/invalid/bad-gpu.toml"], &["bad-gpu.toml", "`memory_gib`", "positive"]);
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "tests/fixtures/invalid/bad-gpu.toml",
+        ],
+        &["bad-gpu.toml", "`memory_gib`", "positive"],
+    );
 }
 
 #[test]
 fn unknown_hardware_fields_get_a_suggestion() {
-    rejects(&["estimate", "--model", "gpt2", "--gpu", "tests/fixtures/invalid/gpu-unknown-field.toml"], &["`memory_gb`", "did you mean `memory_gib`"]);
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "tests/fixtures/invalid/gpu-unknown-field.toml",
+        ],
+        &["`memory_gb`", "did you mean `memory_gib`"],
+    );
 }
 
 #[test]
 fn unknown_model_gpu_and_method() {
-    rejects(&["estimate", "--model", "lama2-7b", "--gpu", "h100"], &["unknown model", "did you mean `llama2-7b`"]);
-    rejects(&["estimate", "--model", "gpt2", "--gpu", "a1000"], &["unknown GPU", "did you mean"]);
-    rejects(&["check", "tests/fixtures/plans/invalid-method.toml"], &["`method`", "did you mean `lora`"]);
-    rejects(&["compare", "--model", "gpt2", "--gpu", "t4", "--methods", "full,lorra"], &["`methods`", "did you mean `lora`"]);
+    rejects(
+        &["estimate", "--model", "lama2-7b", "--gpu", "h100"],
+        &["unknown model", "did you mean `llama2-7b`"],
+    );
+    rejects(
+        &["estimate", "--model", "gpt2", "--gpu", "a1000"],
+        &["unknown GPU", "did you mean"],
+    );
+    rejects(
+        &["check", "tests/fixtures/plans/invalid-method.toml"],
+        &["`method`", "did you mean `lora`"],
+    );
+    rejects(
+        &[
+            "compare",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "t4",
+            "--methods",
+            "full,lorra",
+        ],
+        &["`methods`", "did you mean `lora`"],
+    );
 }
 
 #[test]

@@ -7,8 +7,22 @@ use ftplan::spec::registry::{hardware_files, model_files, parse_hardware_toml, p
 use ftplan::time::Rates;
 
 fn plan(method: Method) -> Plan {
-    let precision = if method.frozen_base() { Precision::Bf16 } else { Precision::MixedBf16 };
-    Plan { method, precision, optimizer: Optimizer::Adamw, batch: 1, seq: 512, target_seq: 128, grad_ckpt: false, attention: AttentionKernel::Sdpa, gpus: 1 }
+    let precision = if method.frozen_base() {
+        Precision::Bf16
+    } else {
+        Precision::MixedBf16
+    };
+    Plan {
+        method,
+        precision,
+        optimizer: Optimizer::Adamw,
+        batch: 1,
+        seq: 512,
+        target_seq: 128,
+        grad_ckpt: false,
+        attention: AttentionKernel::Sdpa,
+        gpus: 1,
+    }
 }
 
 #[test]
@@ -16,10 +30,15 @@ fn shipped_parameter_counts_match_their_published_totals() {
     assert!(model_files().len() >= 34);
     for (stem, text) in model_files() {
         let m = parse_model_toml(stem, stem, text).unwrap_or_else(|e| panic!("{stem}: {e}"));
-        let published = m.published_params.unwrap_or_else(|| panic!("{stem} states no `params`"));
+        let published = m
+            .published_params
+            .unwrap_or_else(|| panic!("{stem} states no `params`"));
         let g = graph::build(&m, &plan(Method::Full));
         let counted: u64 = g.params.iter().map(|p| p.elements).sum();
-        assert_eq!(counted, published, "{stem}: counted {counted}, published {published}");
+        assert_eq!(
+            counted, published,
+            "{stem}: counted {counted}, published {published}"
+        );
     }
 }
 
@@ -27,18 +46,35 @@ fn shipped_parameter_counts_match_their_published_totals() {
 fn every_model_and_gpu_pair_estimates() {
     let gpus: Vec<_> = hardware_files()
         .iter()
-        .map(|(stem, text)| parse_hardware_toml(stem, stem, text).unwrap_or_else(|e| panic!("{stem}: {e}")).0)
+        .map(|(stem, text)| {
+            parse_hardware_toml(stem, stem, text)
+                .unwrap_or_else(|e| panic!("{stem}: {e}"))
+                .0
+        })
         .collect();
     assert!(gpus.len() >= 16);
-    let lora = Method::Lora(Lora { rank: 16, alpha: 32.0, targets: LoraTargets::QueryValue });
+    let lora = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::QueryValue,
+    });
     for (stem, text) in model_files() {
         let m = parse_model_toml(stem, stem, text).expect("loads");
         for hw in &gpus {
             let rates = Rates::from_datasheet(hw);
             for method in [Method::Full, lora.clone()] {
-                let e = estimate(&m, &plan(method), hw, &rates).unwrap_or_else(|e| panic!("{stem} on {}: {e}", hw.name));
-                assert!(e.memory.peak.0 > 0 && e.time.step_seconds > 0.0, "{stem} on {}", hw.name);
-                assert_eq!(e.memory.at_peak.total(), e.memory.peak, "breakdown sums to the peak");
+                let e = estimate(&m, &plan(method), hw, &rates)
+                    .unwrap_or_else(|e| panic!("{stem} on {}: {e}", hw.name));
+                assert!(
+                    e.memory.peak.0 > 0 && e.time.step_seconds > 0.0,
+                    "{stem} on {}",
+                    hw.name
+                );
+                assert_eq!(
+                    e.memory.at_peak.total(),
+                    e.memory.peak,
+                    "breakdown sums to the peak"
+                );
             }
         }
     }
@@ -47,22 +83,53 @@ fn every_model_and_gpu_pair_estimates() {
 #[test]
 fn every_peft_method_builds_a_valid_graph_for_every_family() {
     let methods = [
-        Method::Lora(Lora { rank: 8, alpha: 16.0, targets: LoraTargets::AllLinear }),
-        Method::Qlora(Lora { rank: 8, alpha: 16.0, targets: LoraTargets::QueryValue }),
+        Method::Lora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::AllLinear,
+        }),
+        Method::Qlora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::QueryValue,
+        }),
         Method::Adapter { size: 32 },
         Method::Prefix { virtual_tokens: 10 },
         Method::Prompt { virtual_tokens: 10 },
         Method::Ia3,
     ];
-    for stem in ["gpt2", "opt-1.3b", "llama3.2-1b", "gemma-2b", "phi-2", "falcon-7b", "t5-small", "flan-t5-base", "bart-base", "qwen2.5-0.5b"] {
-        let (_, text) = model_files().iter().find(|(s, _)| *s == stem).expect("shipped");
+    for stem in [
+        "gpt2",
+        "opt-1.3b",
+        "llama3.2-1b",
+        "gemma-2b",
+        "phi-2",
+        "falcon-7b",
+        "t5-small",
+        "flan-t5-base",
+        "bart-base",
+        "qwen2.5-0.5b",
+    ] {
+        let (_, text) = model_files()
+            .iter()
+            .find(|(s, _)| *s == stem)
+            .expect("shipped");
         let m = parse_model_toml(stem, stem, text).expect("loads");
         for method in &methods {
             for ckpt in [false, true] {
-                let p = Plan { grad_ckpt: ckpt, ..plan(method.clone()) };
+                let p = Plan {
+                    grad_ckpt: ckpt,
+                    ..plan(method.clone())
+                };
                 let g = graph::build(&m, &p);
-                g.verify().unwrap_or_else(|e| panic!("{stem} {}: {e}", method.name()));
-                let trainable: u64 = g.params.iter().filter(|p| p.trainable).map(|p| p.elements).sum();
+                g.verify()
+                    .unwrap_or_else(|e| panic!("{stem} {}: {e}", method.name()));
+                let trainable: u64 = g
+                    .params
+                    .iter()
+                    .filter(|p| p.trainable)
+                    .map(|p| p.elements)
+                    .sum();
                 assert!(trainable > 0, "{stem} {} trains nothing", method.name());
             }
         }

@@ -9,10 +9,19 @@ use ftplan::time::Rates;
 use proptest::prelude::*;
 
 fn fixtures() -> (Vec<ModelSpec>, Hardware, Rates) {
-    let models = ["gpt2", "tinyllama-1.1b", "t5-small", "bart-base", "phi-2", "falcon-7b", "gemma-2b", "opt-1.3b"]
-        .iter()
-        .map(|m| resolve_model(m).expect("shipped").value)
-        .collect();
+    let models = [
+        "gpt2",
+        "tinyllama-1.1b",
+        "t5-small",
+        "bart-base",
+        "phi-2",
+        "falcon-7b",
+        "gemma-2b",
+        "opt-1.3b",
+    ]
+    .iter()
+    .map(|m| resolve_model(m).expect("shipped").value)
+    .collect();
     let hw = resolve_hardware("h100").expect("shipped").value;
     let rates = Rates::from_datasheet(&hw);
     (models, hw, rates)
@@ -21,8 +30,16 @@ fn fixtures() -> (Vec<ModelSpec>, Hardware, Rates) {
 fn method(i: usize) -> Method {
     match i % 7 {
         0 => Method::Full,
-        1 => Method::Lora(Lora { rank: 16, alpha: 32.0, targets: LoraTargets::QueryValue }),
-        2 => Method::Qlora(Lora { rank: 8, alpha: 16.0, targets: LoraTargets::AllLinear }),
+        1 => Method::Lora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets: LoraTargets::QueryValue,
+        }),
+        2 => Method::Qlora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::AllLinear,
+        }),
         3 => Method::Adapter { size: 64 },
         4 => Method::Prefix { virtual_tokens: 16 },
         5 => Method::Prompt { virtual_tokens: 16 },
@@ -31,7 +48,13 @@ fn method(i: usize) -> Method {
 }
 
 fn optimizer(i: usize) -> Optimizer {
-    [Optimizer::Adamw, Optimizer::AdamwForeach, Optimizer::Adamw8bit, Optimizer::Sgd, Optimizer::Adafactor][i % 5]
+    [
+        Optimizer::Adamw,
+        Optimizer::AdamwForeach,
+        Optimizer::Adamw8bit,
+        Optimizer::Sgd,
+        Optimizer::Adafactor,
+    ][i % 5]
 }
 
 prop_compose! {

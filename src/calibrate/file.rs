@@ -66,32 +66,65 @@ struct HarnessRates {
 
 impl Calibration {
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self).map_err(|e| Error::Write { path: path.into(), message: e.to_string() })?;
+        let text = toml::to_string_pretty(self).map_err(|e| Error::Write {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         crate::report::write_atomic(path, text.as_bytes())
     }
 
     pub fn load(path: &Path) -> Result<Calibration> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
         let cal = if path.extension().is_some_and(|e| e == "json") {
-            let h: HarnessCalib = serde_json::from_str(&text).map_err(|e| Error::Parse { path: shown.clone(), message: e.to_string() })?;
+            let h: HarnessCalib = serde_json::from_str(&text).map_err(|e| Error::Parse {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
             Calibration {
-                adapter: AdapterInfo { name: h.gpu, backend: "cuda (PyTorch)".into(), device_type: "discrete".into(), driver: h.driver.unwrap_or_default() },
+                adapter: AdapterInfo {
+                    name: h.gpu,
+                    backend: "cuda (PyTorch)".into(),
+                    device_type: "discrete".into(),
+                    driver: h.driver.unwrap_or_default(),
+                },
                 date: String::new(),
                 timing: "cuda-events".into(),
-                fp32_matmul: vec![Point { n: 8192, flops: h.matmul_tflops_8192.fp32 * 1e12 }],
-                bf16_matmul: vec![Point { n: 8192, flops: h.matmul_tflops_8192.bf16 * 1e12 }],
+                fp32_matmul: vec![Point {
+                    n: 8192,
+                    flops: h.matmul_tflops_8192.fp32 * 1e12,
+                }],
+                bf16_matmul: vec![Point {
+                    n: 8192,
+                    flops: h.matmul_tflops_8192.bf16 * 1e12,
+                }],
                 copy_gbps: h.copy_gbps,
             }
         } else {
-            toml::from_str(&text).map_err(|e| crate::spec::registry::toml_error(&shown, &text, &e))?
+            toml::from_str(&text)
+                .map_err(|e| crate::spec::registry::toml_error(&shown, &text, &e))?
         };
-        let bad_rate = cal.fp32_matmul.iter().chain(&cal.bf16_matmul).any(|p| !(p.flops.is_finite() && p.flops > 0.0) || p.n == 0);
+        let bad_rate = cal
+            .fp32_matmul
+            .iter()
+            .chain(&cal.bf16_matmul)
+            .any(|p| !(p.flops.is_finite() && p.flops > 0.0) || p.n == 0);
         if bad_rate || cal.fp32_matmul.is_empty() {
-            return Err(Error::field(shown, "fp32_matmul", "needs at least one point with positive n and flops"));
+            return Err(Error::field(
+                shown,
+                "fp32_matmul",
+                "needs at least one point with positive n and flops",
+            ));
         }
         if !(cal.copy_gbps.is_finite() && cal.copy_gbps > 0.0) {
-            return Err(Error::field(shown, "copy_gbps", format!("must be positive, found {}", cal.copy_gbps)));
+            return Err(Error::field(
+                shown,
+                "copy_gbps",
+                format!("must be positive, found {}", cal.copy_gbps),
+            ));
         }
         Ok(cal)
     }
@@ -112,8 +145,20 @@ impl Calibration {
             v
         };
         Rates {
-            source: format!("calibration of {} ({})", self.adapter.name, if self.date.is_empty() { "harness" } else { &self.date }),
-            bf16_matmul: if self.bf16_matmul.is_empty() { datasheet.bf16_matmul } else { curve(&self.bf16_matmul) },
+            source: format!(
+                "calibration of {} ({})",
+                self.adapter.name,
+                if self.date.is_empty() {
+                    "harness"
+                } else {
+                    &self.date
+                }
+            ),
+            bf16_matmul: if self.bf16_matmul.is_empty() {
+                datasheet.bf16_matmul
+            } else {
+                curve(&self.bf16_matmul)
+            },
             fp32_matmul: curve(&self.fp32_matmul),
             copy_bandwidth: self.copy_gbps * 1e9,
             launch_overhead: datasheet.launch_overhead,

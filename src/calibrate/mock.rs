@@ -11,13 +11,21 @@ pub struct MockGpu {
 
 impl Default for MockGpu {
     fn default() -> MockGpu {
-        MockGpu { flops: 10e12, bandwidth: 1e12 }
+        MockGpu {
+            flops: 10e12,
+            bandwidth: 1e12,
+        }
     }
 }
 
 impl GpuBench for MockGpu {
     fn info(&self) -> AdapterInfo {
-        AdapterInfo { name: "mock".into(), backend: "none".into(), device_type: "mock".into(), driver: String::new() }
+        AdapterInfo {
+            name: "mock".into(),
+            backend: "none".into(),
+            device_type: "mock".into(),
+            driver: String::new(),
+        }
     }
 
     fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], _reps: u32) -> Result<(Vec<f32>, f64)> {
@@ -35,7 +43,10 @@ impl GpuBench for MockGpu {
     }
 
     fn copy(&mut self, words: u64, _reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {
-        Ok((probes.iter().map(|&p| pattern(p)).collect(), 8.0 * words as f64 / self.bandwidth))
+        Ok((
+            probes.iter().map(|&p| pattern(p)).collect(),
+            8.0 * words as f64 / self.bandwidth,
+        ))
     }
 
     fn timestamps(&self) -> bool {

@@ -34,8 +34,12 @@ pub fn pattern(i: u64) -> u32 {
 /// Matmul inputs whose products and sums are exact in fp32 (multiples of 1/4 in [-1, 1]).
 pub fn inputs(n: u32) -> (Vec<f32>, Vec<f32>) {
     let n = n as usize;
-    let a = (0..n * n).map(|i| ((i * 7 + i / n * 3) % 9) as f32 * 0.25 - 1.0).collect();
-    let b = (0..n * n).map(|i| ((i * 5 + i / n) % 7) as f32 * 0.25 - 0.75).collect();
+    let a = (0..n * n)
+        .map(|i| ((i * 7 + i / n * 3) % 9) as f32 * 0.25 - 1.0)
+        .collect();
+    let b = (0..n * n)
+        .map(|i| ((i * 5 + i / n) % 7) as f32 * 0.25 - 0.75)
+        .collect();
     (a, b)
 }
 
@@ -57,44 +61,80 @@ pub struct Settings {
 impl Settings {
     /// A real GPU: sizes up to 4096, a 256 MiB copy.
     pub fn full() -> Settings {
-        Settings { matmul_sizes: vec![256, 512, 1024, 2048, 4096], matmul_reps: 10, copy_bytes: 256 << 20, copy_reps: 20 }
+        Settings {
+            matmul_sizes: vec![256, 512, 1024, 2048, 4096],
+            matmul_reps: 10,
+            copy_bytes: 256 << 20,
+            copy_reps: 20,
+        }
     }
 
     /// Software adapters and CI.
     pub fn quick() -> Settings {
-        Settings { matmul_sizes: vec![64, 128], matmul_reps: 2, copy_bytes: 4 << 20, copy_reps: 2 }
+        Settings {
+            matmul_sizes: vec![64, 128],
+            matmul_reps: 2,
+            copy_bytes: 4 << 20,
+            copy_reps: 2,
+        }
     }
 }
 
 /// Runs the benchmark, checking each result before it counts.
-pub fn run(gpu: &mut dyn GpuBench, settings: &Settings, progress: &mut dyn FnMut(&str)) -> Result<Calibration> {
+pub fn run(
+    gpu: &mut dyn GpuBench,
+    settings: &Settings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Calibration> {
     let info = gpu.info();
     let mut fp32 = Vec::new();
     for &n in &settings.matmul_sizes {
         if n % 64 != 0 {
-            return Err(Error::Calibration(format!("matmul size {n} is not a multiple of 64")));
+            return Err(Error::Calibration(format!(
+                "matmul size {n} is not a multiple of 64"
+            )));
         }
         let (a, b) = inputs(n);
         let (c, seconds) = gpu.matmul(n, &a, &b, settings.matmul_reps)?;
         verify_matmul(n, &a, &b, &c)?;
         let flops = 2.0 * f64::from(n).powi(3) / seconds;
-        progress(&format!("matmul fp32 {n}x{n}x{n}: {:.2} TFLOP/s (checked)", flops / 1e12));
-        fp32.push(Point { n: u64::from(n), flops });
+        progress(&format!(
+            "matmul fp32 {n}x{n}x{n}: {:.2} TFLOP/s (checked)",
+            flops / 1e12
+        ));
+        fp32.push(Point {
+            n: u64::from(n),
+            flops,
+        });
     }
     let words = settings.copy_bytes / 4;
-    let probes: Vec<u64> = (0..64).map(|i| (i * 1_000_003) % words).chain([0, words - 1]).collect();
+    let probes: Vec<u64> = (0..64)
+        .map(|i| (i * 1_000_003) % words)
+        .chain([0, words - 1])
+        .collect();
     let (values, seconds) = gpu.copy(words, settings.copy_reps, &probes)?;
     for (&p, &v) in probes.iter().zip(&values) {
         if v != pattern(p) {
-            return Err(Error::Calibration(format!("copy kernel wrote {v} at word {p}, expected {}", pattern(p))));
+            return Err(Error::Calibration(format!(
+                "copy kernel wrote {v} at word {p}, expected {}",
+                pattern(p)
+            )));
         }
     }
     let bandwidth = 2.0 * settings.copy_bytes as f64 / seconds;
-    progress(&format!("copy {} MiB: {:.0} GB/s read+write (checked)", settings.copy_bytes >> 20, bandwidth / 1e9));
+    progress(&format!(
+        "copy {} MiB: {:.0} GB/s read+write (checked)",
+        settings.copy_bytes >> 20,
+        bandwidth / 1e9
+    ));
     Ok(Calibration {
         adapter: info,
         date: file::today(),
-        timing: if gpu.timestamps() { "timestamp-query".into() } else { "wall-clock".into() },
+        timing: if gpu.timestamps() {
+            "timestamp-query".into()
+        } else {
+            "wall-clock".into()
+        },
         fp32_matmul: fp32,
         bf16_matmul: Vec::new(),
         copy_gbps: bandwidth / 1e9,
@@ -104,19 +144,30 @@ pub fn run(gpu: &mut dyn GpuBench, settings: &Settings, progress: &mut dyn FnMut
 fn verify_matmul(n: u32, a: &[f32], b: &[f32], c: &[f32]) -> Result<()> {
     let size = n as usize;
     if c.len() != size * size {
-        return Err(Error::Calibration(format!("matmul returned {} values, expected {}", c.len(), size * size)));
+        return Err(Error::Calibration(format!(
+            "matmul returned {} values, expected {}",
+            c.len(),
+            size * size
+        )));
     }
     // Every entry for small sizes; a spread of rows and columns for large ones.
     let picks: Vec<(usize, usize)> = if size <= 128 {
-        (0..size).flat_map(|i| (0..size).map(move |j| (i, j))).collect()
+        (0..size)
+            .flat_map(|i| (0..size).map(move |j| (i, j)))
+            .collect()
     } else {
-        (0..256).map(|t| ((t * 37) % size, (t * 101 + 13) % size)).chain([(size - 1, size - 1)]).collect()
+        (0..256)
+            .map(|t| ((t * 37) % size, (t * 101 + 13) % size))
+            .chain([(size - 1, size - 1)])
+            .collect()
     };
     for (i, j) in picks {
         let want = reference(n, a, b, i, j);
         let got = c[i * size + j];
         if (got - want).abs() > 1e-3 * want.abs().max(1.0) {
-            return Err(Error::Calibration(format!("matmul {n}: C[{i}][{j}] = {got}, CPU reference {want}")));
+            return Err(Error::Calibration(format!(
+                "matmul {n}: C[{i}][{j}] = {got}, CPU reference {want}"
+            )));
         }
     }
     Ok(())

@@ -33,10 +33,17 @@ impl WgpuBench {
             power_preference: wgpu::PowerPreference::HighPerformance,
             ..Default::default()
         }))
-        .map_err(|e| Error::NoAdapter { reason: super::super::spec::registry::one_line(&e.to_string()), hint: hint() })?;
+        .map_err(|e| Error::NoAdapter {
+            reason: super::super::spec::registry::one_line(&e.to_string()),
+            hint: hint(),
+        })?;
         let ai = adapter.get_info();
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
-        let features = if timestamps { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };
+        let features = if timestamps {
+            wgpu::Features::TIMESTAMP_QUERY
+        } else {
+            wgpu::Features::empty()
+        };
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("ftplan-calibrate"),
@@ -44,7 +51,10 @@ impl WgpuBench {
             required_limits: limits.clone(),
             ..Default::default()
         }))
-        .map_err(|e| Error::NoAdapter { reason: format!("{} could not open a device: {e}", ai.name), hint: hint() })?;
+        .map_err(|e| Error::NoAdapter {
+            reason: format!("{} could not open a device: {e}", ai.name),
+            hint: hint(),
+        })?;
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("kernels"),
             source: wgpu::ShaderSource::Wgsl(SHADER.into()),
@@ -66,41 +76,49 @@ impl WgpuBench {
                 name: ai.name.clone(),
                 backend: format!("{:?}", ai.backend).to_lowercase(),
                 device_type: format!("{:?}", ai.device_type).to_lowercase(),
-                driver: format!("{} {}", ai.driver, ai.driver_info).trim().to_string(),
+                driver: format!("{} {}", ai.driver, ai.driver_info)
+                    .trim()
+                    .to_string(),
             },
             device,
             queue,
             matmul,
             copy,
             timestamps,
-            max_binding: u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size),
+            max_binding: limits
+                .max_storage_buffer_binding_size
+                .min(limits.max_buffer_size),
         })
     }
 
     fn storage(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            })
     }
 
     fn empty(&self, label: &str, size: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     }
 
     fn uniform(&self, values: [u32; 4]) -> wgpu::Buffer {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("dims"),
-            contents: &bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("dims"),
+                contents: &bytes,
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
     }
 
     fn wait(&self) -> Result<()> {
@@ -111,7 +129,13 @@ impl WgpuBench {
     }
 
     /// Runs `dispatch` (x, y) `warmup + reps` times with `bind`; returns seconds per repetition.
-    fn time(&self, pipeline: &wgpu::ComputePipeline, bind: &wgpu::BindGroup, groups: (u32, u32), reps: u32) -> Result<f64> {
+    fn time(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        bind: &wgpu::BindGroup,
+        groups: (u32, u32),
+        reps: u32,
+    ) -> Result<f64> {
         let run = |count: u32, query: Option<&wgpu::QuerySet>| {
             let mut enc = self.device.create_command_encoder(&Default::default());
             {
@@ -135,7 +159,11 @@ impl WgpuBench {
         self.queue.submit([run(2, None).finish()]);
         self.wait()?;
         if self.timestamps {
-            let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor { label: None, ty: wgpu::QueryType::Timestamp, count: 2 });
+            let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: None,
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
             let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size: 16,
@@ -146,7 +174,8 @@ impl WgpuBench {
             enc.resolve_query_set(&qs, 0..2, &resolve, 0);
             self.queue.submit([enc.finish()]);
             let ticks = self.read_u64(&resolve)?;
-            let ns = (ticks[1].saturating_sub(ticks[0])) as f64 * f64::from(self.queue.get_timestamp_period());
+            let ns = (ticks[1].saturating_sub(ticks[0])) as f64
+                * f64::from(self.queue.get_timestamp_period());
             if ns > 0.0 {
                 return Ok(ns * 1e-9 / f64::from(reps));
             }
@@ -159,7 +188,10 @@ impl WgpuBench {
 
     fn read_u64(&self, buf: &wgpu::Buffer) -> Result<Vec<u64>> {
         let bytes = self.read(buf, 0, buf.size())?;
-        Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
     }
 
     /// Copies `len` bytes at `offset` of `src` back to the host.
@@ -176,7 +208,9 @@ impl WgpuBench {
         let slice = staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, |_| {});
         self.wait()?;
-        let view = slice.get_mapped_range().map_err(|e| Error::Calibration(format!("mapping a buffer failed: {e}")))?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Calibration(format!("mapping a buffer failed: {e}")))?;
         let out = view.to_vec();
         drop(view);
         staging.unmap();
@@ -184,13 +218,24 @@ impl WgpuBench {
     }
 
     /// A bind group for the bindings the entry point uses (its derived layout has only those).
-    fn bind(&self, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+    fn bind(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[(u32, &wgpu::Buffer)],
+    ) -> wgpu::BindGroup {
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
-            .map(|&(i, b)| wgpu::BindGroupEntry { binding: i, resource: b.as_entire_binding() })
+            .map(|&(i, b)| wgpu::BindGroupEntry {
+                binding: i,
+                resource: b.as_entire_binding(),
+            })
             .collect();
-        self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries })
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        })
     }
 }
 
@@ -206,7 +251,9 @@ impl GpuBench for WgpuBench {
     fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], reps: u32) -> Result<(Vec<f32>, f64)> {
         let bytes = u64::from(n) * u64::from(n) * 4;
         if bytes > self.max_binding {
-            return Err(Error::Calibration(format!("a {n}x{n} matrix exceeds the adapter's storage binding limit")));
+            return Err(Error::Calibration(format!(
+                "a {n}x{n} matrix exceeds the adapter's storage binding limit"
+            )));
         }
         let to_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let ab = self.storage("a", &to_bytes(a));
@@ -216,14 +263,19 @@ impl GpuBench for WgpuBench {
         let bind = self.bind(&self.matmul, &[(0, &ab), (1, &bb), (2, &cb), (3, &dims)]);
         let seconds = self.time(&self.matmul, &bind, (n / 64, n / 64), reps.max(1))?;
         let out = self.read(&cb, 0, bytes)?;
-        let c = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4]))).collect();
+        let c = out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
+            .collect();
         Ok((c, seconds))
     }
 
     fn copy(&mut self, words: u64, reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {
         let bytes = words * 4;
-        if bytes > self.max_binding || words % 4 != 0 {
-            return Err(Error::Calibration(format!("copy of {bytes} bytes exceeds the adapter's binding limit or is not vec4-sized")));
+        if bytes > self.max_binding || !words.is_multiple_of(4) {
+            return Err(Error::Calibration(format!(
+                "copy of {bytes} bytes exceeds the adapter's binding limit or is not vec4-sized"
+            )));
         }
         let src: Vec<u8> = (0..words).flat_map(|i| pattern(i).to_le_bytes()).collect();
         let ab = self.storage("src", &src);
@@ -236,7 +288,9 @@ impl GpuBench for WgpuBench {
         for &p in probes {
             let word = self.read(&dst, (p / 4) * 16, 16)?;
             let lane = (p % 4) as usize;
-            values.push(u32::from_le_bytes(word[lane * 4..lane * 4 + 4].try_into().unwrap_or([0; 4])));
+            values.push(u32::from_le_bytes(
+                word[lane * 4..lane * 4 + 4].try_into().unwrap_or([0; 4]),
+            ));
         }
         Ok((values, seconds))
     }

@@ -57,12 +57,23 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = tokens
         && !(t.is_finite() && t > 0.0)
     {
-        return Err(Error::field("command line", "tokens", format!("must be positive, found {t}")).into());
+        return Err(Error::field(
+            "command line",
+            "tokens",
+            format!("must be positive, found {t}"),
+        )
+        .into());
     }
-    let budget = tokens.map(|t| Budget { tokens: t, price_per_gpu_hour: a.price.or(r.hardware.price_per_hour_usd) });
+    let budget = tokens.map(|t| Budget {
+        tokens: t,
+        price_per_gpu_hour: a.price.or(r.hardware.price_per_hour_usd),
+    });
     match a.format {
         Format::Table => print!("{}", report::table::estimate(&e, budget)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report::json::estimate(&e, budget, &r.notes))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json::estimate(&e, budget, &r.notes))?
+        ),
     }
     Ok(ExitCode::from(if e.fits { FITS } else { DOES_NOT_FIT }))
 }
@@ -72,7 +83,9 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
     let header: Vec<&str>;
     match what {
         ListWhat::Models => {
-            header = vec!["name", "type", "params", "layers", "hidden", "heads/kv", "vocab"];
+            header = vec![
+                "name", "type", "params", "layers", "hidden", "heads/kv", "vocab",
+            ];
             for (stem, text) in model_files() {
                 let m = parse_model_toml(&format!("models/{stem}.toml"), stem, text)?;
                 let layers = match m.encoder {
@@ -92,7 +105,14 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
             }
         }
         ListWhat::Gpus => {
-            header = vec!["name", "device", "memory GiB", "bf16 TFLOP/s", "HBM GB/s", "interconnect"];
+            header = vec![
+                "name",
+                "device",
+                "memory GiB",
+                "bf16 TFLOP/s",
+                "HBM GB/s",
+                "interconnect",
+            ];
             for (stem, text) in hardware_files() {
                 let (h, _) = parse_hardware_toml(&format!("hardware/{stem}.toml"), stem, text)?;
                 rows.push(vec![
@@ -119,7 +139,15 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
         Format::Json => {
             let objs: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|r| serde_json::Value::Object(header.iter().zip(r).map(|(h, v)| (h.to_string(), v.clone().into())).collect()))
+                .map(|r| {
+                    serde_json::Value::Object(
+                        header
+                            .iter()
+                            .zip(r)
+                            .map(|(h, v)| (h.to_string(), v.clone().into()))
+                            .collect(),
+                    )
+                })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&objs)?);
         }
@@ -129,9 +157,15 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
 
 fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let path = a.file.display().to_string();
-    let text = std::fs::read_to_string(&a.file).map_err(|source| Error::Read { path: a.file.clone(), source })?;
+    let text = std::fs::read_to_string(&a.file).map_err(|source| Error::Read {
+        path: a.file.clone(),
+        source,
+    })?;
     let hw = ftplan::spec::registry::resolve_hardware("h200")?.value;
-    let cal_path = a.calibration.clone().unwrap_or_else(|| a.file.with_file_name("calib-h200.json"));
+    let cal_path = a
+        .calibration
+        .clone()
+        .unwrap_or_else(|| a.file.with_file_name("calib-h200.json"));
     let rates = match ftplan::calibrate::Calibration::load(&cal_path) {
         Ok(c) => c.rates(&hw),
         Err(e) if a.calibration.is_some() => return Err(e.into()),
@@ -145,14 +179,23 @@ fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
         && s.trainable_exact;
     match a.format {
         Format::Table => print!("{}", report::table::validation(&rows, &s, &rates.source)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "rows": rows, "summary": s, "within_bounds": within }))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "rows": rows, "summary": s, "within_bounds": within })
+            )?
+        ),
     }
     Ok(ExitCode::from(if within { 0 } else { 1 }))
 }
 
 fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     use ftplan::calibrate::{self, GpuBench, Settings, mock::MockGpu, wgpu_bench::WgpuBench};
-    let settings = if a.quick { Settings::quick() } else { Settings::full() };
+    let settings = if a.quick {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
     let mut gpu: Box<dyn GpuBench> = if a.mock {
         Box::new(MockGpu::default())
     } else {
@@ -167,7 +210,10 @@ fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         Box::new(WgpuBench::open(backends)?)
     };
     let info = gpu.info();
-    eprintln!("adapter: {} ({}, {})", info.name, info.backend, info.device_type);
+    eprintln!(
+        "adapter: {} ({}, {})",
+        info.name, info.backend, info.device_type
+    );
     let start = std::time::Instant::now();
     let cal = calibrate::run(gpu.as_mut(), &settings, &mut |line| eprintln!("  {line}"))?;
     cal.save(&a.out)?;

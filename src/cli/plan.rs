@@ -5,7 +5,9 @@ use crate::cli::args::{AttentionArg, MethodArg, OptimizerArg, PlanArgs, Precisio
 use ftplan::error::{Error, Result, did_you_mean};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
-use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Proj};
+use ftplan::spec::plan::{
+    AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Proj,
+};
 use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
 use serde::Deserialize;
@@ -99,14 +101,27 @@ impl Resolved {
     }
 }
 
-fn parse_name<T: Copy>(origin: &str, field: &str, value: &str, table: &[(&'static str, T)]) -> Result<T> {
-    table.iter().find(|(n, _)| *n == value).map(|(_, v)| *v).ok_or_else(|| {
-        let err = Error::field(origin, field, format!("`{value}` is not one of {}", names(table)));
-        match did_you_mean(value, table.iter().map(|(n, _)| *n)) {
-            Some(s) => err.with_hint(format!("did you mean `{s}`?")),
-            None => err,
-        }
-    })
+fn parse_name<T: Copy>(
+    origin: &str,
+    field: &str,
+    value: &str,
+    table: &[(&'static str, T)],
+) -> Result<T> {
+    table
+        .iter()
+        .find(|(n, _)| *n == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let err = Error::field(
+                origin,
+                field,
+                format!("`{value}` is not one of {}", names(table)),
+            );
+            match did_you_mean(value, table.iter().map(|(n, _)| *n)) {
+                Some(s) => err.with_hint(format!("did you mean `{s}`?")),
+                None => err,
+            }
+        })
 }
 
 fn names<T>(table: &[(&'static str, T)]) -> String {
@@ -122,8 +137,11 @@ const METHODS: [(&str, MethodArg); 7] = [
     ("prompt", MethodArg::Prompt),
     ("ia3", MethodArg::Ia3),
 ];
-const PRECISIONS: [(&str, PrecisionArg); 3] =
-    [("mixed-bf16", PrecisionArg::MixedBf16), ("bf16", PrecisionArg::Bf16), ("fp32", PrecisionArg::Fp32)];
+const PRECISIONS: [(&str, PrecisionArg); 3] = [
+    ("mixed-bf16", PrecisionArg::MixedBf16),
+    ("bf16", PrecisionArg::Bf16),
+    ("fp32", PrecisionArg::Fp32),
+];
 const OPTIMIZERS: [(&str, OptimizerArg); 5] = [
     ("adamw", OptimizerArg::Adamw),
     ("adamw-foreach", OptimizerArg::AdamwForeach),
@@ -131,7 +149,8 @@ const OPTIMIZERS: [(&str, OptimizerArg); 5] = [
     ("sgd", OptimizerArg::Sgd),
     ("adafactor", OptimizerArg::Adafactor),
 ];
-const ATTENTIONS: [(&str, AttentionArg); 2] = [("sdpa", AttentionArg::Sdpa), ("eager", AttentionArg::Eager)];
+const ATTENTIONS: [(&str, AttentionArg); 2] =
+    [("sdpa", AttentionArg::Sdpa), ("eager", AttentionArg::Eager)];
 
 /// Parses `qv`, `all` or `q,k,v,o,gate,up,down`.
 pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets> {
@@ -145,7 +164,8 @@ pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets
                 projs.push(parse_name(origin, field, part, &Proj::NAMES)?);
             }
             if projs.is_empty() {
-                return Err(Error::field(origin, field, "names no projection").with_hint("use qv, all or q,k,v,o,gate,up,down"));
+                return Err(Error::field(origin, field, "names no projection")
+                    .with_hint("use qv, all or q,k,v,o,gate,up,down"));
             }
             Ok(LoraTargets::Named(projs))
         }
@@ -205,7 +225,10 @@ impl PlanInput {
     /// Reads a plan file; relative model/GPU/calibration paths are relative to the file.
     pub fn from_file(path: &Path) -> Result<PlanInput> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
         let f: PlanFile = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &str| {
@@ -215,9 +238,16 @@ impl PlanInput {
                 p.to_string()
             }
         };
-        let lora = f.lora.unwrap_or(LoraFile { rank: 16, alpha: None, targets: "qv".into() });
+        let lora = f.lora.unwrap_or(LoraFile {
+            rank: 16,
+            alpha: None,
+            targets: "qv".into(),
+        });
         Ok(PlanInput {
-            name: f.name.clone().or_else(|| path.file_stem().and_then(|s| s.to_str()).map(String::from)),
+            name: f
+                .name
+                .clone()
+                .or_else(|| path.file_stem().and_then(|s| s.to_str()).map(String::from)),
             model: Some(rel(&f.model)),
             gpu: Some(rel(&f.gpu)),
             method: parse_name(&origin, "method", &f.method, &METHODS)?,
@@ -247,14 +277,18 @@ impl PlanInput {
     pub fn resolve(&self) -> Result<Resolved> {
         let o = self.origin.as_str();
         let model_name = self.model.as_deref().ok_or_else(|| {
-            Error::field(o, "model", "is missing").with_hint("pass --model NAME or a config.json path")
+            Error::field(o, "model", "is missing")
+                .with_hint("pass --model NAME or a config.json path")
         })?;
         let gpu_name = self.gpu.as_deref().ok_or_else(|| {
             Error::field(o, "gpu", "is missing").with_hint("pass --gpu NAME (`ftplan list gpus`)")
         })?;
         let model = resolve_model(model_name)?;
         let gpu = resolve_hardware(gpu_name)?;
-        let mut notes: Vec<String> = [model.note.clone(), gpu.note.clone()].into_iter().flatten().collect();
+        let mut notes: Vec<String> = [model.note.clone(), gpu.note.clone()]
+            .into_iter()
+            .flatten()
+            .collect();
         let lora = || -> Result<Lora> {
             Ok(Lora {
                 rank: self.lora_rank,
@@ -266,9 +300,15 @@ impl PlanInput {
             MethodArg::Full => Method::Full,
             MethodArg::Lora => Method::Lora(lora()?),
             MethodArg::Qlora => Method::Qlora(lora()?),
-            MethodArg::Adapter => Method::Adapter { size: self.adapter_size },
-            MethodArg::Prefix => Method::Prefix { virtual_tokens: self.virtual_tokens },
-            MethodArg::Prompt => Method::Prompt { virtual_tokens: self.virtual_tokens },
+            MethodArg::Adapter => Method::Adapter {
+                size: self.adapter_size,
+            },
+            MethodArg::Prefix => Method::Prefix {
+                virtual_tokens: self.virtual_tokens,
+            },
+            MethodArg::Prompt => Method::Prompt {
+                virtual_tokens: self.virtual_tokens,
+            },
             MethodArg::Ia3 => Method::Ia3,
         };
         let precision = match self.precision {
@@ -286,7 +326,14 @@ impl PlanInput {
             OptimizerArg::Adafactor => Optimizer::Adafactor,
         };
         if !(0.0..100.0).contains(&self.headroom_percent) {
-            return Err(Error::field(o, "headroom", format!("must be a percentage in [0, 100), found {}", self.headroom_percent)));
+            return Err(Error::field(
+                o,
+                "headroom",
+                format!(
+                    "must be a percentage in [0, 100), found {}",
+                    self.headroom_percent
+                ),
+            ));
         }
         let plan = Plan {
             method,
@@ -294,7 +341,11 @@ impl PlanInput {
             optimizer,
             batch: self.batch,
             seq: self.seq,
-            target_seq: if model.value.is_encoder_decoder() { self.target_seq } else { 0 },
+            target_seq: if model.value.is_encoder_decoder() {
+                self.target_seq
+            } else {
+                0
+            },
             grad_ckpt: self.grad_ckpt,
             attention: match self.attention {
                 AttentionArg::Sdpa => AttentionKernel::Sdpa,
@@ -307,7 +358,11 @@ impl PlanInput {
             Some(path) => {
                 let cal = ftplan::calibrate::Calibration::load(path)?;
                 if cal.device_matches(&gpu.value) {
-                    notes.push(format!("using calibration `{}` ({})", path.display(), cal.adapter.name));
+                    notes.push(format!(
+                        "using calibration `{}` ({})",
+                        path.display(),
+                        cal.adapter.name
+                    ));
                 } else {
                     notes.push(format!(
                         "calibration `{}` was measured on `{}`, not `{}`: its rates are used as given",
@@ -321,7 +376,14 @@ impl PlanInput {
             None => Rates::from_datasheet(&gpu.value),
         };
         Ok(Resolved {
-            name: self.name.clone().unwrap_or_else(|| format!("{}-{}-{}", model.value.name, plan.method.name(), gpu.value.name)),
+            name: self.name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}-{}",
+                    model.value.name,
+                    plan.method.name(),
+                    gpu.value.name
+                )
+            }),
             model: model.value,
             plan,
             hardware: gpu.value,
@@ -335,7 +397,17 @@ impl PlanInput {
 /// Plan validation errors name "plan"; say where the plan came from instead.
 fn relabel(e: Error, origin: &str) -> Error {
     match e {
-        Error::Field { field, problem, hint, .. } => Error::Field { path: origin.to_string(), field, problem, hint },
+        Error::Field {
+            field,
+            problem,
+            hint,
+            ..
+        } => Error::Field {
+            path: origin.to_string(),
+            field,
+            problem,
+            hint,
+        },
         other => other,
     }
 }

@@ -7,7 +7,9 @@ use ftplan::error::Error;
 use ftplan::report::{self, chart, gib};
 use ftplan::search::{self, Target};
 use ftplan::spec::hardware::Hardware;
-use ftplan::spec::registry::{hardware_files, parse_hardware_toml, resolve_hardware, resolve_model};
+use ftplan::spec::registry::{
+    hardware_files, parse_hardware_toml, resolve_hardware, resolve_model,
+};
 use ftplan::time::Rates;
 use serde_json::json;
 use std::path::PathBuf;
@@ -21,7 +23,10 @@ fn plan_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     for p in paths {
         if p.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(|source| Error::Read { path: p.clone(), source })?
+                .map_err(|source| Error::Read {
+                    path: p.clone(),
+                    source,
+                })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|f| f.extension().is_some_and(|e| e == "toml"))
                 .collect();
@@ -38,13 +43,23 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<ExitCode> {
     let inputs: Vec<Result<PlanInput, ftplan::Error>> = if a.plans.is_empty() {
         vec![Ok(PlanInput::from_args(&a.plan))]
     } else {
-        plan_files(&a.plans)?.iter().map(|p| PlanInput::from_file(p)).collect()
+        plan_files(&a.plans)?
+            .iter()
+            .map(|p| PlanInput::from_file(p))
+            .collect()
     };
     let mut results = Vec::new();
     let (mut invalid, mut misfit) = (false, false);
     let mut table = comfy_table::Table::new();
     table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(vec!["plan", "required GiB", "device", "device GiB", "margin GiB", "verdict"]);
+    table.set_header(vec![
+        "plan",
+        "required GiB",
+        "device",
+        "device GiB",
+        "margin GiB",
+        "verdict",
+    ]);
     for input in inputs {
         let resolved = input.and_then(|i| i.resolve());
         let outcome = resolved.and_then(|r| estimate_resolved(&r).map(|e| (r, e)));
@@ -59,7 +74,11 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<ExitCode> {
                     r.hardware.name.clone(),
                     gib(budget),
                     format!("{:+.2}", margin / (1u64 << 30) as f64),
-                    if e.fits { "fits".into() } else { "DOES NOT FIT".into() },
+                    if e.fits {
+                        "fits".into()
+                    } else {
+                        "DOES NOT FIT".into()
+                    },
                 ]);
                 results.push(json!({
                     "plan": r.name, "required": e.memory.required.0, "peak": e.memory.peak.0,
@@ -71,16 +90,32 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<ExitCode> {
             Err(err) => {
                 invalid = true;
                 eprintln!("error: {err}");
-                table.add_row(vec![err_origin(&err), String::new(), String::new(), String::new(), String::new(), "INVALID".into()]);
+                table.add_row(vec![
+                    err_origin(&err),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    "INVALID".into(),
+                ]);
                 results.push(json!({ "error": err.to_string(), "fits": serde_json::Value::Null }));
             }
         }
     }
     match a.format {
         Format::Table => println!("{table}"),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json!({ "plans": results }))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "plans": results }))?
+        ),
     }
-    Ok(ExitCode::from(if invalid { INVALID } else if misfit { DOES_NOT_FIT } else { FITS }))
+    Ok(ExitCode::from(if invalid {
+        INVALID
+    } else if misfit {
+        DOES_NOT_FIT
+    } else {
+        FITS
+    }))
 }
 
 fn err_origin(e: &ftplan::Error) -> String {
@@ -103,7 +138,12 @@ fn catalogue() -> anyhow::Result<Vec<(Hardware, Rates)>> {
 }
 
 fn target(r: &Resolved) -> Target<'_> {
-    Target { model: &r.model, hardware: &r.hardware, rates: &r.rates, budget: r.budget() }
+    Target {
+        model: &r.model,
+        hardware: &r.hardware,
+        rates: &r.rates,
+        budget: r.budget(),
+    }
 }
 
 pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
@@ -117,7 +157,11 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
     let e = estimate_resolved(&r)?;
     let max_batch = search::max_batch(&t, &r.plan)?;
     let max_seq = search::max_seq(&t, &r.plan)?;
-    let fixes = if e.fits { Vec::new() } else { search::fixes(&t, &r.plan, &catalogue()?)? };
+    let fixes = if e.fits {
+        Vec::new()
+    } else {
+        search::fixes(&t, &r.plan, &catalogue()?)?
+    };
     match a.format {
         Format::Json => {
             println!(
@@ -130,10 +174,28 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         }
         Format::Table => {
             let verdict = if e.fits { "fits" } else { "does not fit" };
-            println!("{}: needs {} GiB of {} GiB on {}: {verdict}", r.name, gib(e.memory.required), gib(r.budget()), r.hardware.name);
-            let show = |v: Option<u64>| v.map_or("none (batch 1 / length 1 does not fit)".to_string(), |v| v.to_string());
-            println!("largest micro-batch at seq {}: {}", r.plan.seq, show(max_batch));
-            println!("longest sequence at batch {}: {}", r.plan.batch, show(max_seq));
+            println!(
+                "{}: needs {} GiB of {} GiB on {}: {verdict}",
+                r.name,
+                gib(e.memory.required),
+                gib(r.budget()),
+                r.hardware.name
+            );
+            let show = |v: Option<u64>| {
+                v.map_or("none (batch 1 / length 1 does not fit)".to_string(), |v| {
+                    v.to_string()
+                })
+            };
+            println!(
+                "largest micro-batch at seq {}: {}",
+                r.plan.seq,
+                show(max_batch)
+            );
+            println!(
+                "longest sequence at batch {}: {}",
+                r.plan.batch,
+                show(max_seq)
+            );
             if !e.fits {
                 let mut table = comfy_table::Table::new();
                 table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
@@ -164,9 +226,16 @@ fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             MethodArg::from_str(s, true).map_err(|_| {
-                let names = ["full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3"];
-                let hint = ftplan::error::did_you_mean(s, names).map(|h| format!("did you mean `{h}`?")).unwrap_or_else(|| names.join(", "));
-                anyhow::Error::from(Error::field("command line", "methods", format!("`{s}` is not a method")).with_hint(hint))
+                let names = [
+                    "full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3",
+                ];
+                let hint = ftplan::error::did_you_mean(s, names)
+                    .map(|h| format!("did you mean `{h}`?"))
+                    .unwrap_or_else(|| names.join(", "));
+                anyhow::Error::from(
+                    Error::field("command line", "methods", format!("`{s}` is not a method"))
+                        .with_hint(hint),
+                )
             })
         })
         .collect()
@@ -175,7 +244,12 @@ fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
 fn gpu_list(first: Option<&str>, list: Option<&str>) -> Vec<String> {
     let mut out: Vec<String> = first.into_iter().map(String::from).collect();
     if let Some(l) = list {
-        out.extend(l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from));
+        out.extend(
+            l.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from),
+        );
     }
     out
 }
@@ -191,22 +265,64 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
             input.gpu = Some(gpu.clone());
             let r = input.resolve()?;
             let e = estimate_resolved(&r)?;
-            rows.push(chart::Bar { label: format!("{}{}", e.plan.method.name(), if gpus.len() > 1 { format!(" @ {}", r.hardware.name) } else { String::new() }), estimate: e, budget: r.budget() });
+            rows.push(chart::Bar {
+                label: format!(
+                    "{}{}",
+                    e.plan.method.name(),
+                    if gpus.len() > 1 {
+                        format!(" @ {}", r.hardware.name)
+                    } else {
+                        String::new()
+                    }
+                ),
+                estimate: e,
+                budget: r.budget(),
+            });
         }
     }
-    let Some(first) = rows.first() else { anyhow::bail!("nothing to compare") };
+    let Some(first) = rows.first() else {
+        anyhow::bail!("nothing to compare")
+    };
     let p = &first.estimate.plan;
-    let seq = if first.estimate.model.is_encoder_decoder() { format!("{}+{}", p.seq, p.target_seq) } else { p.seq.to_string() };
-    let title = format!("{}: required memory by method (GiB; batch {} x seq {seq}{})", first.estimate.model.name, p.batch, if p.grad_ckpt { ", grad-ckpt" } else { "" });
+    let seq = if first.estimate.model.is_encoder_decoder() {
+        format!("{}+{}", p.seq, p.target_seq)
+    } else {
+        p.seq.to_string()
+    };
+    let title = format!(
+        "{}: required memory by method (GiB; batch {} x seq {seq}{})",
+        first.estimate.model.name,
+        p.batch,
+        if p.grad_ckpt { ", grad-ckpt" } else { "" }
+    );
     let stem = format!("compare-{}", first.estimate.model.name);
     let files = chart::write_compare(&a.out, &stem, &title, &rows)?;
     let table = report::table::compare(&rows);
-    report::write_atomic(&a.out.join(format!("{stem}.md")), report::markdown(&title, &table, &files).as_bytes())?;
+    report::write_atomic(
+        &a.out.join(format!("{stem}.md")),
+        report::markdown(&title, &table, &files).as_bytes(),
+    )?;
     match a.format {
         Format::Table => println!("{table}"),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows.iter().map(|b| report::json::estimate(&b.estimate, None, &[])).collect::<Vec<_>>())?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &rows
+                    .iter()
+                    .map(|b| report::json::estimate(&b.estimate, None, &[]))
+                    .collect::<Vec<_>>()
+            )?
+        ),
     }
-    eprintln!("wrote {}", files.iter().chain([&a.out.join(format!("{stem}.md"))]).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    eprintln!(
+        "wrote {}",
+        files
+            .iter()
+            .chain([&a.out.join(format!("{stem}.md"))])
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -238,27 +354,65 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
                 _ => p.batch = v,
             }
             let e = ftplan::estimate::estimate(&r.model, &p, &r.hardware, &r.rates)?;
-            points.push(chart::SweepPoint { x: v, required: e.memory.required, step_seconds: e.time.step_seconds });
+            points.push(chart::SweepPoint {
+                x: v,
+                required: e.memory.required,
+                step_seconds: e.time.step_seconds,
+            });
         }
-        series.push(chart::Series { name: r.plan.method.name().to_string(), points });
+        series.push(chart::Series {
+            name: r.plan.method.name().to_string(),
+            points,
+        });
     }
-    let axis = if a.over == SweepAxis::Seq { "sequence length (tokens)" } else { "micro-batch" };
+    let axis = if a.over == SweepAxis::Seq {
+        "sequence length (tokens)"
+    } else {
+        "micro-batch"
+    };
     let title = format!("{model_name} on {hw_name}: memory vs {axis}");
-    let stem = format!("sweep-{model_name}-{}", if a.over == SweepAxis::Seq { "seq" } else { "batch" });
+    let stem = format!(
+        "sweep-{model_name}-{}",
+        if a.over == SweepAxis::Seq {
+            "seq"
+        } else {
+            "batch"
+        }
+    );
     let files = chart::write_sweep(&a.out, &stem, &title, axis, &series, budget)?;
     let table = report::table::sweep(axis, &series, budget);
-    report::write_atomic(&a.out.join(format!("{stem}.md")), report::markdown(&title, &table, &files).as_bytes())?;
+    report::write_atomic(
+        &a.out.join(format!("{stem}.md")),
+        report::markdown(&title, &table, &files).as_bytes(),
+    )?;
     match a.format {
         Format::Table => println!("{table}"),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json!({ "axis": axis, "budget": budget.0, "series": series }))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "axis": axis, "budget": budget.0, "series": series })
+            )?
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Fit matrix: models x GPUs for one method.
 fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let models: Vec<String> = a.models.as_deref().unwrap_or("gpt2,tinyllama-1.1b,llama2-7b,llama2-13b,llama3-8b,llama2-70b").split(',').map(|s| s.trim().to_string()).collect();
-    let gpus: Vec<String> = a.gpus_list.as_deref().unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200").split(',').map(|s| s.trim().to_string()).collect();
+    let models: Vec<String> = a
+        .models
+        .as_deref()
+        .unwrap_or("gpt2,tinyllama-1.1b,llama2-7b,llama2-13b,llama3-8b,llama2-70b")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let gpus: Vec<String> = a
+        .gpus_list
+        .as_deref()
+        .unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     let mut cells = Vec::new();
     for m in &models {
         let model = resolve_model(m)?.value;
@@ -269,17 +423,31 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             input.gpu = Some(g.clone());
             let r = input.resolve()?;
             let e = estimate_resolved(&r)?;
-            row.push(chart::Cell { required: e.memory.required, budget: r.budget(), fits: e.fits });
+            row.push(chart::Cell {
+                required: e.memory.required,
+                budget: r.budget(),
+                fits: e.fits,
+            });
         }
         cells.push((model.name, row));
     }
-    let gpu_names: Vec<String> = gpus.iter().map(|g| resolve_hardware(g).map(|h| h.value.name)).collect::<Result<_, _>>()?;
+    let gpu_names: Vec<String> = gpus
+        .iter()
+        .map(|g| resolve_hardware(g).map(|h| h.value.name))
+        .collect::<Result<_, _>>()?;
     let method = a.plan.method;
-    let title = format!("fit matrix: {:?} fine-tuning, batch {} x seq {}", method, a.plan.batch, a.plan.seq).to_lowercase();
+    let title = format!(
+        "fit matrix: {:?} fine-tuning, batch {} x seq {}",
+        method, a.plan.batch, a.plan.seq
+    )
+    .to_lowercase();
     let stem = "fit-matrix".to_string();
     let files = chart::write_matrix(&a.out, &stem, &title, &gpu_names, &cells)?;
     let table = report::table::matrix(&gpu_names, &cells);
-    report::write_atomic(&a.out.join(format!("{stem}.md")), report::markdown(&title, &table, &files).as_bytes())?;
+    report::write_atomic(
+        &a.out.join(format!("{stem}.md")),
+        report::markdown(&title, &table, &files).as_bytes(),
+    )?;
     println!("{table}");
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,11 @@ use crate::spec::plan::{Method, Plan, Proj};
 /// Builds the op graph of one training step.
 pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
     let mut b = Builder::new(model, plan);
-    let embed = b.base_param("embed_tokens", (model.vocab_size, model.hidden_size), ParamRole::Embedding);
+    let embed = b.base_param(
+        "embed_tokens",
+        (model.vocab_size, model.hidden_size),
+        ParamRole::Embedding,
+    );
     let memory = match model.encoder {
         Some(enc) => {
             let src = plan.seq + plan.method.prompt_tokens();
@@ -18,7 +22,11 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
         }
         None => None,
     };
-    let seq = if model.is_encoder_decoder() { plan.target_seq } else { plan.seq };
+    let seq = if model.is_encoder_decoder() {
+        plan.target_seq
+    } else {
+        plan.seq
+    };
     let seq = seq + plan.method.prompt_tokens();
     let (x, _) = stack_forward(&mut b, "decoder", embed, &model.decoder, seq, memory);
     let x = if model.family == Family::T5 && model.tie_word_embeddings {
@@ -30,7 +38,11 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
     let head = if model.tie_word_embeddings {
         embed
     } else {
-        b.base_param("lm_head", (model.vocab_size, model.hidden_size), ParamRole::Embedding)
+        b.base_param(
+            "lm_head",
+            (model.vocab_size, model.hidden_size),
+            ParamRole::Embedding,
+        )
     };
     b.lm_head_and_loss(x, head, model.lm_head_bias);
     b.finish()
@@ -52,7 +64,12 @@ fn stack_forward(
     let h = model.hidden_size;
     let is_decoder = memory.is_some() || !model.is_encoder_decoder();
 
-    let mut x = b.embedding(&format!("{name}.embed_tokens"), embed, h, batch * (seq - plan.method.prompt_tokens()));
+    let mut x = b.embedding(
+        &format!("{name}.embed_tokens"),
+        embed,
+        h,
+        batch * (seq - plan.method.prompt_tokens()),
+    );
     if let Method::Prompt { virtual_tokens } = plan.method {
         // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in front.
         let rows = virtual_tokens;
@@ -63,7 +80,11 @@ fn stack_forward(
         x = b.cast(&format!("{name}.prompt.cat"), cat, x.dtype);
     }
     if let Positions::Learned { rows } = model.positions {
-        let pos = b.base_param(&format!("{name}.embed_positions"), (rows, h), ParamRole::Embedding);
+        let pos = b.base_param(
+            &format!("{name}.embed_positions"),
+            (rows, h),
+            ParamRole::Embedding,
+        );
         let p = b.embedding(&format!("{name}.embed_positions"), pos, h, tokens);
         x = b.add(&format!("{name}.embed.add"), x, p);
     }
@@ -82,13 +103,25 @@ fn stack_forward(
     let prefix = plan.method.prefix_tokens();
     if prefix > 0 {
         let kv_width = stack.kv_heads * stack.head_dim;
-        let p = b.adapter_param(&format!("{name}.prefix_encoder"), (prefix, stack.layers * 2 * kv_width));
-        b.embedding(&format!("{name}.prefix"), p, stack.layers * 2 * kv_width, batch * prefix);
+        let p = b.adapter_param(
+            &format!("{name}.prefix_encoder"),
+            (prefix, stack.layers * 2 * kv_width),
+        );
+        b.embedding(
+            &format!("{name}.prefix"),
+            p,
+            stack.layers * 2 * kv_width,
+            batch * prefix,
+        );
     }
-    if model.family == Family::T5 {
-        if let Positions::RelativeBias { buckets } = model.positions {
-            b.base_param(&format!("{name}.relative_attention_bias"), (buckets, stack.heads), ParamRole::Embedding);
-        }
+    if model.family == Family::T5
+        && let Positions::RelativeBias { buckets } = model.positions
+    {
+        b.base_param(
+            &format!("{name}.relative_attention_bias"),
+            (buckets, stack.heads),
+            ParamRole::Embedding,
+        );
     }
 
     for layer in 0..stack.layers {
@@ -124,7 +157,15 @@ fn block(
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
         let h = b.norm(&format!("{name}.input_layernorm"), x);
-        let a = self_attention(b, &format!("{name}.attn"), h, stack, seq, embed_dtype, self_mask);
+        let a = self_attention(
+            b,
+            &format!("{name}.attn"),
+            h,
+            stack,
+            seq,
+            embed_dtype,
+            self_mask,
+        );
         let a = b.dropout(&format!("{name}.attn.dropout"), a, p_res);
         let m = mlp(b, &format!("{name}.mlp"), h, stack);
         let m = adapter(b, &format!("{name}.adapter"), m);
@@ -134,7 +175,15 @@ fn block(
     }
     if model.post_norm {
         // BART: sub-layer, dropout, residual add, then LayerNorm.
-        let a = self_attention(b, &format!("{name}.self_attn"), x, stack, seq, embed_dtype, self_mask);
+        let a = self_attention(
+            b,
+            &format!("{name}.self_attn"),
+            x,
+            stack,
+            seq,
+            embed_dtype,
+            self_mask,
+        );
         let a = b.dropout(&format!("{name}.self_attn.dropout"), a, p_res);
         let mut x = b.add(&format!("{name}.self_attn.residual"), x, a);
         x = b.norm(&format!("{name}.self_attn_layer_norm"), x);
@@ -152,7 +201,15 @@ fn block(
     }
     // Pre-norm (Llama, GPT-2, OPT, T5).
     let h = b.norm(&format!("{name}.input_layernorm"), x);
-    let a = self_attention(b, &format!("{name}.self_attn"), h, stack, seq, embed_dtype, self_mask);
+    let a = self_attention(
+        b,
+        &format!("{name}.self_attn"),
+        h,
+        stack,
+        seq,
+        embed_dtype,
+        self_mask,
+    );
     let a = b.dropout(&format!("{name}.self_attn.dropout"), a, p_res);
     let mut x = b.add(&format!("{name}.self_attn.residual"), x, a);
     if let Some(mem) = memory {
@@ -163,9 +220,17 @@ fn block(
     }
     let h = b.norm(&format!("{name}.post_attention_layernorm"), x);
     let m = mlp(b, &format!("{name}.mlp"), h, stack);
-    let m = if model.family == Family::Gpt2 { b.dropout(&format!("{name}.mlp.dropout"), m, p_res) } else { m };
+    let m = if model.family == Family::Gpt2 {
+        b.dropout(&format!("{name}.mlp.dropout"), m, p_res)
+    } else {
+        m
+    };
     let m = adapter(b, &format!("{name}.adapter"), m);
-    let m = if model.family == Family::Gpt2 { m } else { b.dropout(&format!("{name}.mlp.dropout"), m, p_res) };
+    let m = if model.family == Family::Gpt2 {
+        m
+    } else {
+        b.dropout(&format!("{name}.mlp.dropout"), m, p_res)
+    };
     b.add(&format!("{name}.mlp.residual"), x, m)
 }
 
@@ -202,12 +267,49 @@ fn self_attention(
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
     let (mut q, mut k, mut v) = if model.fused_qkv {
-        let qkv = b.linear(&format!("{name}.qkv"), x, q_width + 2 * kv_width, model.qkv_bias, Some(Proj::Q));
-        (Val { width: q_width, ..qkv }, Val { width: kv_width, ..qkv }, Val { width: kv_width, ..qkv })
+        let qkv = b.linear(
+            &format!("{name}.qkv"),
+            x,
+            q_width + 2 * kv_width,
+            model.qkv_bias,
+            Some(Proj::Q),
+        );
+        (
+            Val {
+                width: q_width,
+                ..qkv
+            },
+            Val {
+                width: kv_width,
+                ..qkv
+            },
+            Val {
+                width: kv_width,
+                ..qkv
+            },
+        )
     } else {
-        let q = b.linear(&format!("{name}.q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
-        let k = b.linear(&format!("{name}.k_proj"), x, kv_width, model.qkv_bias, Some(Proj::K));
-        let v = b.linear(&format!("{name}.v_proj"), x, kv_width, model.qkv_bias, Some(Proj::V));
+        let q = b.linear(
+            &format!("{name}.q_proj"),
+            x,
+            q_width,
+            model.qkv_bias,
+            Some(Proj::Q),
+        );
+        let k = b.linear(
+            &format!("{name}.k_proj"),
+            x,
+            kv_width,
+            model.qkv_bias,
+            Some(Proj::K),
+        );
+        let v = b.linear(
+            &format!("{name}.v_proj"),
+            x,
+            kv_width,
+            model.qkv_bias,
+            Some(Proj::V),
+        );
         (q, k, v)
     };
     if let Positions::Rotary { .. } = model.positions {
@@ -223,27 +325,82 @@ fn self_attention(
         k = b.val(kv_width, batch * seq_k, k.dtype, true);
         v = b.val(kv_width, batch * seq_k, v.dtype, true);
     }
-    let a = b.attention(&format!("{name}.core"), q, k, v, stack, batch, (seq, seq_k), mask);
+    let a = b.attention(
+        &format!("{name}.core"),
+        q,
+        k,
+        v,
+        stack,
+        batch,
+        (seq, seq_k),
+        mask,
+    );
     let o_bias = model.linear_bias;
-    b.linear(&format!("{name}.o_proj"), a, model.hidden_size, o_bias, Some(Proj::O))
+    b.linear(
+        &format!("{name}.o_proj"),
+        a,
+        model.hidden_size,
+        o_bias,
+        Some(Proj::O),
+    )
 }
 
 /// Decoder cross-attention over the encoder output `memory` (keys and values from it).
-fn cross_attention(b: &mut Builder, name: &str, x: Val, memory: (Val, u64), stack: &Stack, seq: u64) -> Val {
+fn cross_attention(
+    b: &mut Builder,
+    name: &str,
+    x: Val,
+    memory: (Val, u64),
+    stack: &Stack,
+    seq: u64,
+) -> Val {
     let model = b.model;
     let (mem, mem_seq) = memory;
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
-    let q = b.linear(&format!("{name}.q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
-    let k = b.linear(&format!("{name}.k_proj"), mem, kv_width, model.qkv_bias, Some(Proj::K));
-    let v = b.linear(&format!("{name}.v_proj"), mem, kv_width, model.qkv_bias, Some(Proj::V));
+    let q = b.linear(
+        &format!("{name}.q_proj"),
+        x,
+        q_width,
+        model.qkv_bias,
+        Some(Proj::Q),
+    );
+    let k = b.linear(
+        &format!("{name}.k_proj"),
+        mem,
+        kv_width,
+        model.qkv_bias,
+        Some(Proj::K),
+    );
+    let v = b.linear(
+        &format!("{name}.v_proj"),
+        mem,
+        kv_width,
+        model.qkv_bias,
+        Some(Proj::V),
+    );
     let batch = b.plan.batch;
     let mask = match model.positions {
         Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
         _ => AttnMask::Full,
     };
-    let a = b.attention(&format!("{name}.core"), q, k, v, stack, batch, (seq, mem_seq), mask);
-    b.linear(&format!("{name}.o_proj"), a, model.hidden_size, model.linear_bias, Some(Proj::O))
+    let a = b.attention(
+        &format!("{name}.core"),
+        q,
+        k,
+        v,
+        stack,
+        batch,
+        (seq, mem_seq),
+        mask,
+    );
+    b.linear(
+        &format!("{name}.o_proj"),
+        a,
+        model.hidden_size,
+        model.linear_bias,
+        Some(Proj::O),
+    )
 }
 
 /// The feed-forward network: gated (SwiGLU/GeGLU) or two-matrix.
@@ -252,16 +409,34 @@ fn mlp(b: &mut Builder, name: &str, x: Val, stack: &Stack) -> Val {
     let inter = stack.intermediate_size;
     let bias = model.linear_bias;
     if model.gated_ffn {
-        let g = b.linear(&format!("{name}.gate_proj"), x, inter, bias, Some(Proj::Gate));
+        let g = b.linear(
+            &format!("{name}.gate_proj"),
+            x,
+            inter,
+            bias,
+            Some(Proj::Gate),
+        );
         let u = b.linear(&format!("{name}.up_proj"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(&format!("{name}.act"), g);
         let p = b.mul(&format!("{name}.gate_mul"), a, u);
         let p = b.dropout(&format!("{name}.act.dropout"), p, model.dropout.activation);
-        b.linear(&format!("{name}.down_proj"), p, model.hidden_size, bias, Some(Proj::Down))
+        b.linear(
+            &format!("{name}.down_proj"),
+            p,
+            model.hidden_size,
+            bias,
+            Some(Proj::Down),
+        )
     } else {
         let f = b.linear(&format!("{name}.fc1"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(&format!("{name}.act"), f);
         let a = b.dropout(&format!("{name}.act.dropout"), a, model.dropout.activation);
-        b.linear(&format!("{name}.fc2"), a, model.hidden_size, bias, Some(Proj::Down))
+        b.linear(
+            &format!("{name}.fc2"),
+            a,
+            model.hidden_size,
+            bias,
+            Some(Proj::Down),
+        )
     }
 }

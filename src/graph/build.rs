@@ -89,25 +89,55 @@ impl<'a> Builder<'a> {
 
     /// The dtype matmuls produce.
     fn compute(&self) -> DType {
-        if self.autocast { DType::Bf16 } else { self.base }
+        if self.autocast {
+            DType::Bf16
+        } else {
+            self.base
+        }
     }
 
     fn tensor(&mut self, kind: TensorKind, bytes: Bytes) -> TensorId {
-        self.graph.add_tensor(Tensor { bytes, kind, checkpoint_input: false, cache_only: false })
+        self.graph.add_tensor(Tensor {
+            bytes,
+            kind,
+            checkpoint_input: false,
+            cache_only: false,
+        })
     }
 
     /// A bf16 weight copy from autocast's cache; `cache_only` when autograd does not keep it.
     fn weight_copy(&mut self, bytes: Bytes, cache_only: bool) -> TensorId {
-        self.graph.add_tensor(Tensor { bytes, kind: TensorKind::WeightCopy, checkpoint_input: false, cache_only })
+        self.graph.add_tensor(Tensor {
+            bytes,
+            kind: TensorKind::WeightCopy,
+            checkpoint_input: false,
+            cache_only,
+        })
     }
 
     /// A fresh value of `width` elements per token.
     pub fn val(&mut self, width: u64, tokens: u64, dtype: DType, grad: bool) -> Val {
-        let id = self.tensor(TensorKind::Activation, dtype.bytes(width.saturating_mul(tokens)));
-        Val { id, dtype, width, tokens, grad }
+        let id = self.tensor(
+            TensorKind::Activation,
+            dtype.bytes(width.saturating_mul(tokens)),
+        );
+        Val {
+            id,
+            dtype,
+            width,
+            tokens,
+            grad,
+        }
     }
 
-    fn param(&mut self, name: &str, shape: (u64, u64), dtype: DType, trainable: bool, role: ParamRole) -> ParamId {
+    fn param(
+        &mut self,
+        name: &str,
+        shape: (u64, u64),
+        dtype: DType,
+        trainable: bool,
+        role: ParamRole,
+    ) -> ParamId {
         self.graph.add_param(Param {
             name: name.to_string(),
             elements: shape.0.saturating_mul(shape.1),
@@ -147,7 +177,14 @@ impl<'a> Builder<'a> {
     }
 
     /// An element-wise op over `inputs` producing `out`, saving `saves`.
-    fn elementwise(&mut self, name: &str, inputs: &[Val], out: Val, saves: Vec<TensorId>, flops_per_elem: f64) -> usize {
+    fn elementwise(
+        &mut self,
+        name: &str,
+        inputs: &[Val],
+        out: Val,
+        saves: Vec<TensorId>,
+        flops_per_elem: f64,
+    ) -> usize {
         let read: Bytes = inputs.iter().map(Val::bytes).sum();
         let in_backward = out.grad;
         let saves = if in_backward { saves } else { Vec::new() };
@@ -202,7 +239,11 @@ impl<'a> Builder<'a> {
                 saves: Vec::new(),
                 forward_transient: Bytes::ZERO,
                 backward_transient: Bytes::ZERO,
-                cost: Cost { forward_kernels: 1, modules: 1, ..Cost::default() },
+                cost: Cost {
+                    forward_kernels: 1,
+                    modules: 1,
+                    ..Cost::default()
+                },
                 compute: x.dtype,
                 in_backward: false,
             });
@@ -259,7 +300,10 @@ impl<'a> Builder<'a> {
             LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
             LoraTargets::Named(list) => {
                 list.contains(&proj)
-                    || (fused && list.iter().any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
+                    || (fused
+                        && list
+                            .iter()
+                            .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
             }
         };
         hit.then_some(lora.rank)
@@ -281,7 +325,14 @@ impl<'a> Builder<'a> {
 
     /// A linear layer of the base model (`nn.Linear`, `Conv1D` or bitsandbytes `Linear4bit`),
     /// with whatever the method wraps around it.
-    pub fn linear(&mut self, name: &str, x: Val, out_features: u64, bias: bool, proj: Option<Proj>) -> Val {
+    pub fn linear(
+        &mut self,
+        name: &str,
+        x: Val,
+        out_features: u64,
+        bias: bool,
+        proj: Option<Proj>,
+    ) -> Val {
         let in_features = x.width;
         let qlora = matches!(self.plan.method, Method::Qlora(_)) && proj.is_some();
         let weight = if qlora {
@@ -299,11 +350,19 @@ impl<'a> Builder<'a> {
                 shape: (out_features, in_features),
             })
         } else {
-            self.base_param(&format!("{name}.weight"), (out_features, in_features), ParamRole::Linear)
+            self.base_param(
+                &format!("{name}.weight"),
+                (out_features, in_features),
+                ParamRole::Linear,
+            )
         };
         let mut params = vec![weight];
         if bias {
-            params.push(self.base_param(&format!("{name}.bias"), (1, out_features), ParamRole::Bias));
+            params.push(self.base_param(
+                &format!("{name}.bias"),
+                (1, out_features),
+                ParamRole::Bias,
+            ));
         }
         let trainable = self.base_trainable && !qlora;
         let compute = if qlora { DType::Bf16 } else { self.compute() };
@@ -325,7 +384,11 @@ impl<'a> Builder<'a> {
             x = self.cast(&format!("{name}.ia3.back"), scaled, x.dtype);
         }
 
-        let xin = if self.autocast || qlora { self.cast(&format!("{name}.cast"), x, DType::Bf16) } else { x };
+        let xin = if self.autocast || qlora {
+            self.cast(&format!("{name}.cast"), x, DType::Bf16)
+        } else {
+            x
+        };
         let mut saves = Vec::new();
         if trainable {
             saves.push(xin.id);
@@ -356,7 +419,8 @@ impl<'a> Builder<'a> {
         // QLoRA dequantizes the NF4 weight to bf16 before each use, forward and backward: one
         // more kernel that reads 4 bits and writes 16 per weight, which the matmul then reads.
         let weight_bytes = if qlora {
-            DType::Nf4.bytes(in_features * out_features) + DType::Bf16.bytes(in_features * out_features) * 2
+            DType::Nf4.bytes(in_features * out_features)
+                + DType::Bf16.bytes(in_features * out_features) * 2
         } else {
             compute.bytes(in_features * out_features)
         };
@@ -364,7 +428,10 @@ impl<'a> Builder<'a> {
             name: name.to_string(),
             kind: OpKind::Matmul,
             params,
-            saves: if out_grad { saves } else { Vec::new() }.into_iter().chain(cached).collect(),
+            saves: if out_grad { saves } else { Vec::new() }
+                .into_iter()
+                .chain(cached)
+                .collect(),
             forward_transient: forward_transient + out.bytes(),
             backward_transient: out.bytes() + xin.bytes() + forward_transient,
             cost: Cost {
@@ -375,10 +442,14 @@ impl<'a> Builder<'a> {
                 backward_bytes: (xin.bytes() + out.bytes()) * 2 + weight_bytes * 2,
                 // view + mm; backward: input grad, weight grad and its AccumulateGrad, bias sum.
                 forward_kernels: 2 + u32::from(qlora),
-                backward_kernels: 1 + u32::from(x.grad) + 2 * u32::from(trainable) + u32::from(trainable && bias) + u32::from(qlora),
+                backward_kernels: 1
+                    + u32::from(x.grad)
+                    + 2 * u32::from(trainable)
+                    + u32::from(trainable && bias)
+                    + u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
                 modules: 1,
-                misaligned: in_features % 8 != 0 || out_features % 8 != 0,
+                misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
             },
             compute,
             in_backward: out_grad,
@@ -393,13 +464,23 @@ impl<'a> Builder<'a> {
             let a = self.adapter_param(&format!("{name}.lora_A"), (rank, in_features));
             let b = self.adapter_param(&format!("{name}.lora_B"), (out_features, rank));
             let xa = self.cast(&format!("{name}.lora.cast"), x, self.adapter);
-            let xa = if self.autocast { self.cast(&format!("{name}.lora.autocast"), xa, DType::Bf16) } else { xa };
+            let xa = if self.autocast {
+                self.cast(&format!("{name}.lora.autocast"), xa, DType::Bf16)
+            } else {
+                xa
+            };
             let lc = xa.dtype;
             let mid = self.lora_matmul(&format!("{name}.lora_A"), xa, rank, a, x.grad);
             let up = self.lora_matmul(&format!("{name}.lora_B"), mid, out_features, b, true);
             let _ = lc;
             let scaled = self.val(out_features, x.tokens, up.dtype, true);
-            self.elementwise(&format!("{name}.lora.scale"), &[up], scaled, Vec::new(), 1.0);
+            self.elementwise(
+                &format!("{name}.lora.scale"),
+                &[up],
+                scaled,
+                Vec::new(),
+                1.0,
+            );
             out = self.add(&format!("{name}.lora.add"), out, scaled);
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
@@ -419,8 +500,19 @@ impl<'a> Builder<'a> {
 
     /// A small trainable matmul (LoRA A or B, adapter down/up): saves its input for the weight
     /// gradient; under autocast also the bf16 copy of its fp32 weight when the input needs grad.
-    fn lora_matmul(&mut self, name: &str, x: Val, out_features: u64, weight: ParamId, input_grad: bool) -> Val {
-        let compute = if self.autocast { DType::Bf16 } else { self.adapter };
+    fn lora_matmul(
+        &mut self,
+        name: &str,
+        x: Val,
+        out_features: u64,
+        weight: ParamId,
+        input_grad: bool,
+    ) -> Val {
+        let compute = if self.autocast {
+            DType::Bf16
+        } else {
+            self.adapter
+        };
         let mut saves = vec![x.id];
         if self.autocast && input_grad {
             let elems = x.width * out_features;
@@ -462,7 +554,11 @@ impl<'a> Builder<'a> {
         let down_b = self.adapter_param(&format!("{name}.down.bias"), (1, size));
         let up = self.adapter_param(&format!("{name}.up.weight"), (h, size));
         let up_b = self.adapter_param(&format!("{name}.up.bias"), (1, h));
-        let xin = if self.autocast { self.cast(&format!("{name}.cast"), x, DType::Bf16) } else { x };
+        let xin = if self.autocast {
+            self.cast(&format!("{name}.cast"), x, DType::Bf16)
+        } else {
+            x
+        };
         let mid = self.lora_matmul(&format!("{name}.down"), xin, size, down, x.grad);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(down_b);
@@ -494,7 +590,11 @@ impl<'a> Builder<'a> {
         let out = match kind {
             Norm::LayerNorm => {
                 // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32.
-                let input = if self.autocast { self.cast(&format!("{name}.cast"), x, DType::F32) } else { x };
+                let input = if self.autocast {
+                    self.cast(&format!("{name}.cast"), x, DType::F32)
+                } else {
+                    x
+                };
                 saves.push(input.id);
                 saves.push(stats(self));
                 self.val(h, tokens, input.dtype, x.grad || trainable)
@@ -515,16 +615,30 @@ impl<'a> Builder<'a> {
                     // LlamaRMSNorm casts back to the input dtype before the weight multiply.
                     Norm::RmsNorm => x.dtype,
                     // T5LayerNorm casts to the weight dtype when that is half precision.
-                    Norm::T5RmsNorm => if self.base == DType::Bf16 { DType::Bf16 } else { DType::F32 },
+                    Norm::T5RmsNorm => {
+                        if self.base == DType::Bf16 {
+                            DType::Bf16
+                        } else {
+                            DType::F32
+                        }
+                    }
                     // GemmaRMSNorm stays fp32 until the end.
                     _ => DType::F32,
                 };
-                let pre = if kind == Norm::GemmaRmsNorm { normed32 } else { self.val(h, tokens, out_dtype, x.grad) };
+                let pre = if kind == Norm::GemmaRmsNorm {
+                    normed32
+                } else {
+                    self.val(h, tokens, out_dtype, x.grad)
+                };
                 if trainable {
                     // weight * normed keeps `normed` for the weight gradient.
                     saves.push(pre.id);
                 }
-                let out_dtype = if kind == Norm::GemmaRmsNorm { x.dtype } else { wider(out_dtype, self.base) };
+                let out_dtype = if kind == Norm::GemmaRmsNorm {
+                    x.dtype
+                } else {
+                    wider(out_dtype, self.base)
+                };
                 self.val(h, tokens, out_dtype, x.grad || trainable)
             }
         };
@@ -541,8 +655,19 @@ impl<'a> Builder<'a> {
             cost: Cost {
                 forward_flops: Flops(5.0 * x.elements() as f64),
                 input_grad_flops: Flops(8.0 * x.elements() as f64),
-                forward_bytes: x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 2,
-                backward_bytes: (x.bytes() + out.bytes()) * 3,
+                // The fused layer_norm kernel reads its input and writes its output; the
+                // RMSNorm variants run each of their ops as a kernel over fp32 copies (upcast,
+                // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
+                forward_bytes: if kind == Norm::LayerNorm {
+                    x.bytes() + out.bytes()
+                } else {
+                    x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
+                },
+                backward_bytes: if kind == Norm::LayerNorm {
+                    (x.bytes() + out.bytes()) * 2
+                } else {
+                    (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12
+                },
                 // LlamaRMSNorm is eight Python-level ops (to, pow, mean, add, rsqrt, mul, to,
                 // mul); layer_norm is one fused kernel.
                 forward_kernels: if kind == Norm::LayerNorm { 1 } else { 8 },
@@ -567,7 +692,10 @@ impl<'a> Builder<'a> {
             saves: Vec::new(),
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
-            cost: Cost { modules: 1, ..Cost::default() },
+            cost: Cost {
+                modules: 1,
+                ..Cost::default()
+            },
             compute: x.dtype,
             in_backward: false,
         });
@@ -599,7 +727,13 @@ impl<'a> Builder<'a> {
                 let one_plus = self.val(width, tokens, wide, x.grad);
                 self.elementwise(&format!("{name}.one_plus"), &[t], one_plus, Vec::new(), 1.0);
                 let out = self.val(width, tokens, wider(wide, x.dtype), x.grad);
-                self.elementwise(&format!("{name}.mul"), &[half, one_plus], out, vec![half.id, one_plus.id], 1.0);
+                self.elementwise(
+                    &format!("{name}.mul"),
+                    &[half, one_plus],
+                    out,
+                    vec![half.id, one_plus.id],
+                    1.0,
+                );
                 out
             }
         }
@@ -626,9 +760,12 @@ impl<'a> Builder<'a> {
         let out = self.val(x.width, x.tokens, wider(x.dtype, cos_dtype), x.grad);
         let op = self.elementwise(name, &[x], out, Vec::new(), 3.0);
         if let Some(o) = self.graph.op_mut(op) {
-            // mul, two slices, neg, cat, mul, add.
+            // mul, two slices, neg, cat, mul, add: each a kernel, ~10 passes over the tensor
+            // each way (transformers' `apply_rotary_pos_emb`).
             o.cost.forward_kernels = 7;
             o.cost.backward_kernels = 7;
+            o.cost.forward_bytes = out.bytes() * 10;
+            o.cost.backward_bytes = out.bytes() * 10;
         }
         out
     }
@@ -650,7 +787,10 @@ impl<'a> Builder<'a> {
         let head_dim = stack.head_dim;
         let grad = q.grad || k.grad || v.grad;
         let p_drop = self.model.dropout.attention;
-        let scores = batch.saturating_mul(heads).saturating_mul(seq_q).saturating_mul(seq_k);
+        let scores = batch
+            .saturating_mul(heads)
+            .saturating_mul(seq_q)
+            .saturating_mul(seq_k);
         let out_width = heads * head_dim;
         let mut saves = Vec::new();
         let mut fwd_extra = Bytes::ZERO;
@@ -673,7 +813,10 @@ impl<'a> Builder<'a> {
                 // with one, `repeat_kv` materialises keys and values for every head.
                 let group = heads / stack.kv_heads.max(1);
                 let (k, v) = if mask == AttnMask::Explicit && group > 1 {
-                    (self.val(out_width, k.tokens, compute, k.grad), self.val(out_width, v.tokens, compute, v.grad))
+                    (
+                        self.val(out_width, k.tokens, compute, k.grad),
+                        self.val(out_width, v.tokens, compute, v.grad),
+                    )
                 } else {
                     (k, v)
                 };
@@ -681,11 +824,16 @@ impl<'a> Builder<'a> {
                 let k = self.cast(&format!("{name}.k.cast"), k, compute);
                 let v = self.cast(&format!("{name}.v.cast"), v, compute);
                 saves.extend([q.id, k.id, v.id]);
-                saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(batch * heads * seq_q)));
+                saves.push(self.tensor(
+                    TensorKind::Activation,
+                    DType::F32.bytes(batch * heads * seq_q),
+                ));
                 if mask == AttnMask::Explicit {
                     // SDPA converts a boolean mask to an additive one per call and the
                     // memory-efficient kernel keeps it (convert_boolean_attn_mask).
-                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(batch * seq_q * seq_k)));
+                    saves.push(
+                        self.tensor(TensorKind::Activation, compute.bytes(batch * seq_q * seq_k)),
+                    );
                 }
                 out = self.val(out_width, q.tokens, compute, grad);
                 saves.push(out.id);
@@ -713,8 +861,16 @@ impl<'a> Builder<'a> {
                 // it is kept by the matmul with v, and so is v.
                 let group = heads / stack.kv_heads.max(1);
                 let q = self.cast(&format!("{name}.q.cast"), q, compute);
-                let k_rep = if group > 1 { self.val(out_width, k.tokens, compute, k.grad) } else { self.cast(&format!("{name}.k.cast"), k, compute) };
-                let v_rep = if group > 1 { self.val(out_width, v.tokens, compute, v.grad) } else { self.cast(&format!("{name}.v.cast"), v, compute) };
+                let k_rep = if group > 1 {
+                    self.val(out_width, k.tokens, compute, k.grad)
+                } else {
+                    self.cast(&format!("{name}.k.cast"), k, compute)
+                };
+                let v_rep = if group > 1 {
+                    self.val(out_width, v.tokens, compute, v.grad)
+                } else {
+                    self.cast(&format!("{name}.v.cast"), v, compute)
+                };
                 saves.extend([q.id, k_rep.id, v_rep.id]);
                 saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(scores)));
                 saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
@@ -783,7 +939,12 @@ impl<'a> Builder<'a> {
             backward_transient: out.bytes(),
             cost: Cost {
                 forward_bytes: out.bytes() * 2,
-                backward_bytes: out.bytes() * 2 + if p.trainable { table_bytes * 2 } else { Bytes::ZERO },
+                backward_bytes: out.bytes() * 2
+                    + if p.trainable {
+                        table_bytes * 2
+                    } else {
+                        Bytes::ZERO
+                    },
                 forward_kernels: 1,
                 backward_kernels: u32::from(p.trainable) * 2,
                 modules: 1,
@@ -807,7 +968,11 @@ impl<'a> Builder<'a> {
         let head_param = self.graph.param(head).clone();
         let trainable = head_param.trainable;
         let compute = self.compute();
-        let xin = if self.autocast { self.cast("lm_head.cast", x, DType::Bf16) } else { x };
+        let xin = if self.autocast {
+            self.cast("lm_head.cast", x, DType::Bf16)
+        } else {
+            x
+        };
         let mut saves = Vec::new();
         if trainable {
             saves.push(xin.id);
@@ -832,7 +997,10 @@ impl<'a> Builder<'a> {
             name: "lm_head".into(),
             kind: OpKind::Matmul,
             params,
-            saves: if grad { saves } else { Vec::new() }.into_iter().chain(cached).collect(),
+            saves: if grad { saves } else { Vec::new() }
+                .into_iter()
+                .chain(cached)
+                .collect(),
             forward_transient: logits.bytes(),
             backward_transient: logits.bytes() + xin.bytes(),
             cost: Cost {
@@ -840,24 +1008,33 @@ impl<'a> Builder<'a> {
                 input_grad_flops: Flops(if x.grad { flops } else { 0.0 }),
                 weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
                 forward_bytes: xin.bytes() + logits.bytes() + compute.bytes(head_param.elements),
-                backward_bytes: (xin.bytes() + logits.bytes()) * 2 + compute.bytes(head_param.elements) * 2,
+                backward_bytes: (xin.bytes() + logits.bytes()) * 2
+                    + compute.bytes(head_param.elements) * 2,
                 forward_kernels: 2,
                 backward_kernels: 3,
                 min_dim: tokens.min(x.width),
                 modules: 1,
-                misaligned: vocab % 8 != 0 || x.width % 8 != 0,
+                misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
             },
             compute,
             in_backward: grad,
         });
-        let loss_dtype = if self.model.is_encoder_decoder() && !self.autocast { logits.dtype } else { DType::F32 };
+        let loss_dtype = if self.model.is_encoder_decoder() && !self.autocast {
+            logits.dtype
+        } else {
+            DType::F32
+        };
         let logp = self.graph.add_tensor(Tensor {
             bytes: loss_dtype.bytes(tokens * vocab),
             kind: TensorKind::Logits,
             checkpoint_input: false,
             cache_only: false,
         });
-        let upcast = if loss_dtype != logits.dtype { loss_dtype.bytes(tokens * vocab) } else { Bytes::ZERO };
+        let upcast = if loss_dtype != logits.dtype {
+            loss_dtype.bytes(tokens * vocab)
+        } else {
+            Bytes::ZERO
+        };
         let vocab_grad = loss_dtype.bytes(tokens * vocab);
         self.emit(OpSpec {
             name: "loss".into(),
@@ -910,7 +1087,11 @@ impl<'a> Builder<'a> {
 
 /// The widest of two float dtypes, as PyTorch's type promotion picks it.
 pub fn wider(a: DType, b: DType) -> DType {
-    if a == DType::F32 || b == DType::F32 { DType::F32 } else { a }
+    if a == DType::F32 || b == DType::F32 {
+        DType::F32
+    } else {
+        a
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

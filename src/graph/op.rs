@@ -215,8 +215,12 @@ impl OpGraph {
         if petgraph::algo::is_cyclic_directed(&self.graph) {
             return Err("op graph has a cycle".into());
         }
-        let position: std::collections::HashMap<NodeIndex, usize> =
-            self.order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let position: std::collections::HashMap<NodeIndex, usize> = self
+            .order
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (n, i))
+            .collect();
         for edge in self.graph.raw_edges() {
             if position[&edge.source()] >= position[&edge.target()] {
                 return Err("an edge points backwards in execution order".into());
@@ -227,12 +231,18 @@ impl OpGraph {
         for op in self.ops() {
             for t in &op.saves {
                 if t.0 as usize >= self.tensors.len() {
-                    return Err(format!("op `{}` saves a tensor that does not exist", op.name));
+                    return Err(format!(
+                        "op `{}` saves a tensor that does not exist",
+                        op.name
+                    ));
                 }
             }
             for p in &op.params {
                 if p.0 as usize >= self.params.len() {
-                    return Err(format!("op `{}` uses a parameter that does not exist", op.name));
+                    return Err(format!(
+                        "op `{}` uses a parameter that does not exist",
+                        op.name
+                    ));
                 }
             }
             if op.segment != last_segment {

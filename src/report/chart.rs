@@ -37,7 +37,11 @@ fn fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The bundled DejaVu Sans (Bitstream Vera licence) covers every label.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
         let _ = plotters::style::register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold());
     });
 }
@@ -73,19 +77,27 @@ pub struct Cell {
 }
 
 fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> Error + '_ {
-    move |e| Error::Write { path: path.into(), message: format!("chart: {e:?}") }
+    move |e| Error::Write {
+        path: path.into(),
+        message: format!("chart: {e:?}"),
+    }
 }
 
 /// A chart that can draw itself on any plotters backend.
 trait Chart {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> std::result::Result<(), String>;
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String>;
 }
 
 /// Draws `chart` into `dir/stem.svg` and `dir/stem.png` (each written atomically).
 fn both(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
-
     fonts();
-    std::fs::create_dir_all(dir).map_err(|e| Error::Write { path: dir.into(), message: e.to_string() })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Write {
+        path: dir.into(),
+        message: e.to_string(),
+    })?;
     let svg_path = dir.join(format!("{stem}.svg"));
     let png_path = dir.join(format!("{stem}.png"));
     let mut svg = String::new();
@@ -98,13 +110,21 @@ fn both(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
     let tmp = dir.join(format!(".{stem}.{}.png", std::process::id()));
     {
         let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
-        let drawn = chart.draw(&root).and_then(|_| root.present().map_err(|e| format!("{e:?}")));
+        let drawn = chart
+            .draw(&root)
+            .and_then(|_| root.present().map_err(|e| format!("{e:?}")));
         if let Err(e) = drawn {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Write { path: png_path, message: format!("chart: {e}") });
+            return Err(Error::Write {
+                path: png_path,
+                message: format!("chart: {e}"),
+            });
         }
     }
-    std::fs::rename(&tmp, &png_path).map_err(|e| Error::Write { path: png_path.clone(), message: e.to_string() })?;
+    std::fs::rename(&tmp, &png_path).map_err(|e| Error::Write {
+        path: png_path.clone(),
+        message: e.to_string(),
+    })?;
     Ok(vec![svg_path, png_path])
 }
 
@@ -114,7 +134,16 @@ fn gib(b: Bytes) -> f64 {
 
 fn terms(e: &Estimate) -> [f64; 7] {
     let b = &e.memory.at_peak;
-    [b.weights, b.gradients, b.optimizer, b.activations, b.logits, b.temporary, e.memory.overhead].map(gib)
+    [
+        b.weights,
+        b.gradients,
+        b.optimizer,
+        b.activations,
+        b.logits,
+        b.temporary,
+        e.memory.overhead,
+    ]
+    .map(gib)
 }
 
 /// Stacked memory terms per method, with the device's memory as a line.
@@ -128,75 +157,110 @@ struct Compare<'a> {
 }
 
 impl Chart for Compare<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> std::result::Result<(), String> {
-    let (title, bars) = (self.title, self.bars);
-    let device = bars.iter().map(|b| gib(b.budget)).fold(0.0, f64::max);
-    let top = bars.iter().map(|b| terms(&b.estimate).iter().sum::<f64>()).fold(device, f64::max) * 1.15;
-    let n = bars.len();
-    {
-        root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 24, FontStyle::Bold))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(80)
-            .build_cartesian_2d(0f64..n as f64, 0f64..top)
-            .map_err(|e| format!("{e:?}"))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .x_desc("method (labelled above each bar)")
-            .y_desc("memory (GiB)")
-            .label_style(("sans-serif", 18))
-            .axis_desc_style(("sans-serif", 20))
-            .draw()
-            .map_err(|e| format!("{e:?}"))?;
-        for (t, (name, color)) in TERMS.iter().enumerate() {
-            let rects: Vec<Rectangle<(f64, f64)>> = bars
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
-                    let v = terms(&b.estimate);
-                    let below: f64 = v[..t].iter().sum();
-                    Rectangle::new([(i as f64 + 0.2, below), (i as f64 + 0.8, below + v[t])], color.filled())
-                })
-                .collect();
-            chart
-                .draw_series(rects)
-                .map_err(|e| format!("{e:?}"))?
-                .label(*name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
-        }
-        let above = Pos::new(HPos::Center, VPos::Bottom);
-        for (i, b) in bars.iter().enumerate() {
-            let total: f64 = terms(&b.estimate).iter().sum();
-            let style = TextStyle::from(("sans-serif", 17).into_font()).pos(above);
-            chart
-                .draw_series([Text::new(format!("{} ({total:.1})", b.label), (i as f64 + 0.5, total + top * 0.01), style)])
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let (title, bars) = (self.title, self.bars);
+        let device = bars.iter().map(|b| gib(b.budget)).fold(0.0, f64::max);
+        let top = bars
+            .iter()
+            .map(|b| terms(&b.estimate).iter().sum::<f64>())
+            .fold(device, f64::max)
+            * 1.15;
+        let n = bars.len();
+        {
+            root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
+            let mut chart = ChartBuilder::on(root)
+                .caption(title, ("sans-serif", 24, FontStyle::Bold))
+                .margin(20)
+                .x_label_area_size(50)
+                .y_label_area_size(80)
+                .build_cartesian_2d(0f64..n as f64, 0f64..top)
                 .map_err(|e| format!("{e:?}"))?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(0)
+                .x_desc("method (labelled above each bar)")
+                .y_desc("memory (GiB)")
+                .label_style(("sans-serif", 18))
+                .axis_desc_style(("sans-serif", 20))
+                .draw()
+                .map_err(|e| format!("{e:?}"))?;
+            for (t, (name, color)) in TERMS.iter().enumerate() {
+                let rects: Vec<Rectangle<(f64, f64)>> = bars
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| {
+                        let v = terms(&b.estimate);
+                        let below: f64 = v[..t].iter().sum();
+                        Rectangle::new(
+                            [(i as f64 + 0.2, below), (i as f64 + 0.8, below + v[t])],
+                            color.filled(),
+                        )
+                    })
+                    .collect();
+                chart
+                    .draw_series(rects)
+                    .map_err(|e| format!("{e:?}"))?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
+                    });
+            }
+            let above = Pos::new(HPos::Center, VPos::Bottom);
+            for (i, b) in bars.iter().enumerate() {
+                let total: f64 = terms(&b.estimate).iter().sum();
+                let style = TextStyle::from(("sans-serif", 17).into_font()).pos(above);
+                chart
+                    .draw_series([Text::new(
+                        format!("{} ({total:.1})", b.label),
+                        (i as f64 + 0.5, total + top * 0.01),
+                        style,
+                    )])
+                    .map_err(|e| format!("{e:?}"))?;
+            }
+            chart
+                .draw_series(LineSeries::new(
+                    [(0.0, device), (n as f64, device)],
+                    BLACK.stroke_width(3),
+                ))
+                .map_err(|e| format!("{e:?}"))?
+                .label(format!("device memory ({device:.1} GiB)"))
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(3)));
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 16))
+                .draw()
+                .map_err(|e| format!("{e:?}"))?;
+            Ok(())
         }
-        chart
-            .draw_series(LineSeries::new([(0.0, device), (n as f64, device)], BLACK.stroke_width(3)))
-            .map_err(|e| format!("{e:?}"))?
-            .label(format!("device memory ({device:.1} GiB)"))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(3)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 16))
-            .draw()
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(())
-    }
     }
 }
 
 /// Required memory against the swept variable, one curve per method, the device limit drawn.
-pub fn write_sweep(dir: &Path, stem: &str, title: &str, axis: &str, series: &[Series], budget: Bytes) -> Result<Vec<PathBuf>> {
-    both(dir, stem, &Sweep { title, axis, series, budget })
+pub fn write_sweep(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    axis: &str,
+    series: &[Series],
+    budget: Bytes,
+) -> Result<Vec<PathBuf>> {
+    both(
+        dir,
+        stem,
+        &Sweep {
+            title,
+            axis,
+            series,
+            budget,
+        },
+    )
 }
 
 struct Sweep<'a> {
@@ -207,59 +271,93 @@ struct Sweep<'a> {
 }
 
 impl Chart for Sweep<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> std::result::Result<(), String> {
-    let (title, axis, series, budget) = (self.title, self.axis, self.series, self.budget);
-    let xs: Vec<u64> = series.first().map(|s| s.points.iter().map(|p| p.x).collect()).unwrap_or_default();
-    let device = gib(budget);
-    let top = series.iter().flat_map(|s| s.points.iter().map(|p| gib(p.required))).fold(device, f64::max) * 1.1;
-    let n = xs.len().max(1);
-    {
-        root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 24, FontStyle::Bold))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(80)
-            .build_cartesian_2d(0f64..(n - 1).max(1) as f64, (0f64..top).log_scale().zero_point(0.01))
-            .map_err(|e| format!("{e:?}"))?;
-        chart
-            .configure_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|x| xs.get(x.round() as usize).map(|v| v.to_string()).unwrap_or_default())
-            .x_desc(format!("{axis} (log scale)"))
-            .y_desc("required memory (GiB, log scale)")
-            .label_style(("sans-serif", 18))
-            .axis_desc_style(("sans-serif", 20))
-            .draw()
-            .map_err(|e| format!("{e:?}"))?;
-        for (i, s) in series.iter().enumerate() {
-            let color = LINES[i % LINES.len()];
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let (title, axis, series, budget) = (self.title, self.axis, self.series, self.budget);
+        let xs: Vec<u64> = series
+            .first()
+            .map(|s| s.points.iter().map(|p| p.x).collect())
+            .unwrap_or_default();
+        let device = gib(budget);
+        let top = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| gib(p.required)))
+            .fold(device, f64::max)
+            * 1.1;
+        let n = xs.len().max(1);
+        {
+            root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
+            let mut chart = ChartBuilder::on(root)
+                .caption(title, ("sans-serif", 24, FontStyle::Bold))
+                .margin(20)
+                .x_label_area_size(50)
+                .y_label_area_size(80)
+                .build_cartesian_2d(
+                    0f64..(n - 1).max(1) as f64,
+                    (0f64..top).log_scale().zero_point(0.01),
+                )
+                .map_err(|e| format!("{e:?}"))?;
             chart
-                .draw_series(LineSeries::new(s.points.iter().enumerate().map(|(j, p)| (j as f64, gib(p.required).max(0.01))), color.stroke_width(3)))
+                .configure_mesh()
+                .x_labels(n)
+                .x_label_formatter(&|x| {
+                    xs.get(x.round() as usize)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                })
+                .x_desc(format!("{axis} (log scale)"))
+                .y_desc("required memory (GiB, log scale)")
+                .label_style(("sans-serif", 18))
+                .axis_desc_style(("sans-serif", 20))
+                .draw()
+                .map_err(|e| format!("{e:?}"))?;
+            for (i, s) in series.iter().enumerate() {
+                let color = LINES[i % LINES.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points
+                            .iter()
+                            .enumerate()
+                            .map(|(j, p)| (j as f64, gib(p.required).max(0.01))),
+                        color.stroke_width(3),
+                    ))
+                    .map_err(|e| format!("{e:?}"))?
+                    .label(s.name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 14, y)], color.stroke_width(3))
+                    });
+            }
+            chart
+                .draw_series(LineSeries::new(
+                    [(0.0, device), ((n - 1).max(1) as f64, device)],
+                    BLACK.stroke_width(2),
+                ))
                 .map_err(|e| format!("{e:?}"))?
-                .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], color.stroke_width(3)));
+                .label(format!("device limit ({device:.1} GiB)"))
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(2)));
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 16))
+                .draw()
+                .map_err(|e| format!("{e:?}"))?;
+            Ok(())
         }
-        chart
-            .draw_series(LineSeries::new([(0.0, device), ((n - 1).max(1) as f64, device)], BLACK.stroke_width(2)))
-            .map_err(|e| format!("{e:?}"))?
-            .label(format!("device limit ({device:.1} GiB)"))
-            .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 16))
-            .draw()
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(())
-    }
     }
 }
 
 /// Models x GPUs: green cells fit, red cells do not, each labelled with its required GiB.
-pub fn write_matrix(dir: &Path, stem: &str, title: &str, gpus: &[String], rows: &[(String, Vec<Cell>)]) -> Result<Vec<PathBuf>> {
+pub fn write_matrix(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    gpus: &[String],
+    rows: &[(String, Vec<Cell>)],
+) -> Result<Vec<PathBuf>> {
     both(dir, stem, &Matrix { title, gpus, rows })
 }
 
@@ -270,45 +368,73 @@ struct Matrix<'a> {
 }
 
 impl Chart for Matrix<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> std::result::Result<(), String> {
-    let (title, gpus, rows) = (self.title, self.gpus, self.rows);
-    let (cols, nrows) = (gpus.len().max(1), rows.len().max(1));
-    {
-        root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 24, FontStyle::Bold))
-            .margin(20)
-            .x_label_area_size(50)
-            .y_label_area_size(160)
-            .build_cartesian_2d(0f64..cols as f64, 0f64..nrows as f64)
-            .map_err(|e| format!("{e:?}"))?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(cols * 2 + 1)
-            .y_labels(nrows * 2 + 1)
-            .x_label_formatter(&|x| if x.fract() > 0.25 && x.fract() < 0.75 { gpus.get(x.floor() as usize).cloned().unwrap_or_default() } else { String::new() })
-            .y_label_formatter(&|y| if y.fract() > 0.25 && y.fract() < 0.75 { rows.get(nrows - 1 - y.floor() as usize).map(|r| r.0.clone()).unwrap_or_default() } else { String::new() })
-            .x_desc("GPU")
-            .y_desc("model")
-            .label_style(("sans-serif", 16))
-            .axis_desc_style(("sans-serif", 20))
-            .draw()
-            .map_err(|e| format!("{e:?}"))?;
-        for (r, (_, cells)) in rows.iter().enumerate() {
-            let y = (nrows - 1 - r) as f64;
-            for (c, cell) in cells.iter().enumerate() {
-                let color = if cell.fits { RGBColor(138, 226, 52) } else { RGBColor(239, 41, 41) };
-                chart
-                    .draw_series([Rectangle::new([(c as f64 + 0.04, y + 0.06), (c as f64 + 0.96, y + 0.94)], color.mix(0.7).filled())])
-                    .map_err(|e| format!("{e:?}"))?;
-                let label = format!("{:.1} GiB", gib(cell.required));
-                chart
-                    .draw_series([Text::new(label, (c as f64 + 0.2, y + 0.6), ("sans-serif", 16))])
-                    .map_err(|e| format!("{e:?}"))?;
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let (title, gpus, rows) = (self.title, self.gpus, self.rows);
+        let (cols, nrows) = (gpus.len().max(1), rows.len().max(1));
+        {
+            root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
+            let mut chart = ChartBuilder::on(root)
+                .caption(title, ("sans-serif", 24, FontStyle::Bold))
+                .margin(20)
+                .x_label_area_size(50)
+                .y_label_area_size(160)
+                .build_cartesian_2d(0f64..cols as f64, 0f64..nrows as f64)
+                .map_err(|e| format!("{e:?}"))?;
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_labels(cols * 2 + 1)
+                .y_labels(nrows * 2 + 1)
+                .x_label_formatter(&|x| {
+                    if x.fract() > 0.25 && x.fract() < 0.75 {
+                        gpus.get(x.floor() as usize).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_label_formatter(&|y| {
+                    if y.fract() > 0.25 && y.fract() < 0.75 {
+                        rows.get(nrows - 1 - y.floor() as usize)
+                            .map(|r| r.0.clone())
+                            .unwrap_or_default()
+                    } else {
+                        String::new()
+                    }
+                })
+                .x_desc("GPU")
+                .y_desc("model")
+                .label_style(("sans-serif", 16))
+                .axis_desc_style(("sans-serif", 20))
+                .draw()
+                .map_err(|e| format!("{e:?}"))?;
+            for (r, (_, cells)) in rows.iter().enumerate() {
+                let y = (nrows - 1 - r) as f64;
+                for (c, cell) in cells.iter().enumerate() {
+                    let color = if cell.fits {
+                        RGBColor(138, 226, 52)
+                    } else {
+                        RGBColor(239, 41, 41)
+                    };
+                    chart
+                        .draw_series([Rectangle::new(
+                            [(c as f64 + 0.04, y + 0.06), (c as f64 + 0.96, y + 0.94)],
+                            color.mix(0.7).filled(),
+                        )])
+                        .map_err(|e| format!("{e:?}"))?;
+                    let label = format!("{:.1} GiB", gib(cell.required));
+                    chart
+                        .draw_series([Text::new(
+                            label,
+                            (c as f64 + 0.2, y + 0.6),
+                            ("sans-serif", 16),
+                        )])
+                        .map_err(|e| format!("{e:?}"))?;
+                }
             }
+            Ok(())
         }
-        Ok(())
-    }
     }
 }

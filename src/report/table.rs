@@ -23,20 +23,42 @@ pub fn describe(plan: &Plan, enc_dec: bool) -> String {
         Method::Prompt { virtual_tokens } => format!("prompt {virtual_tokens}"),
         Method::Ia3 => "ia3".to_string(),
     };
-    let seq = if enc_dec { format!("{}+{}", plan.seq, plan.target_seq) } else { plan.seq.to_string() };
-    let precision = serde_json::to_value(plan.precision).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-    let optimizer = serde_json::to_value(plan.optimizer).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let seq = if enc_dec {
+        format!("{}+{}", plan.seq, plan.target_seq)
+    } else {
+        plan.seq.to_string()
+    };
+    let precision = serde_json::to_value(plan.precision)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let optimizer = serde_json::to_value(plan.optimizer)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
     format!(
         "{method}, {precision}, {optimizer}, batch {} x seq {seq}{}{}{}",
         plan.batch,
         if plan.grad_ckpt { ", grad-ckpt" } else { "" },
-        if plan.attention == crate::spec::plan::AttentionKernel::Eager { ", eager attention" } else { "" },
-        if plan.gpus > 1 { format!(", {} GPUs (DDP)", plan.gpus) } else { String::new() },
+        if plan.attention == crate::spec::plan::AttentionKernel::Eager {
+            ", eager attention"
+        } else {
+            ""
+        },
+        if plan.gpus > 1 {
+            format!(", {} GPUs (DDP)", plan.gpus)
+        } else {
+            String::new()
+        },
     )
 }
 
 fn row(table: &mut Table, name: &str, value: String, note: &str) {
-    table.add_row(vec![Cell::new(name), Cell::new(value).set_alignment(CellAlignment::Right), Cell::new(note)]);
+    table.add_row(vec![
+        Cell::new(name),
+        Cell::new(value).set_alignment(CellAlignment::Right),
+        Cell::new(note),
+    ]);
 }
 
 /// The estimate as a table; `budget` adds wall time and cost rows.
@@ -49,31 +71,89 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
     row(&mut t, "weights", gib(b.weights), "");
     row(&mut t, "gradients", gib(b.gradients), "");
     row(&mut t, "optimizer states", gib(b.optimizer), "");
-    row(&mut t, "activations", gib(b.activations), "saved for backward, autocast weight copies");
+    row(
+        &mut t,
+        "activations",
+        gib(b.activations),
+        "saved for backward, autocast weight copies",
+    );
     row(&mut t, "logits / loss", gib(b.logits), "");
-    row(&mut t, "temporary", gib(b.temporary), "op buffers, optimizer step, cuBLAS workspaces");
+    row(
+        &mut t,
+        "temporary",
+        gib(b.temporary),
+        "op buffers, optimizer step, cuBLAS workspaces",
+    );
     let phase = format!("{:?} at `{}`", m.peak_phase, m.peak_op).to_lowercase();
-    row(&mut t, "peak (allocated)", gib(m.peak), &format!("torch.cuda.max_memory_allocated; {phase}"));
-    row(&mut t, "runtime overhead", gib(m.overhead), "CUDA context, allocator slack");
+    row(
+        &mut t,
+        "peak (allocated)",
+        gib(m.peak),
+        &format!("torch.cuda.max_memory_allocated; {phase}"),
+    );
+    row(
+        &mut t,
+        "runtime overhead",
+        gib(m.overhead),
+        "CUDA context, allocator slack",
+    );
     row(&mut t, "required", gib(m.required), "");
-    row(&mut t, "device memory", gib(e.hardware.memory), &e.hardware.display_name);
+    row(
+        &mut t,
+        "device memory",
+        gib(e.hardware.memory),
+        &e.hardware.display_name,
+    );
     let pct = 100.0 * m.trainable_params as f64 / m.total_params.max(1) as f64;
-    t.add_row(vec![Cell::new("trainable params"), Cell::new(count(m.trainable_params)).set_alignment(CellAlignment::Right), Cell::new(format!("{pct:.3}% of {}", count(m.total_params)))]);
+    t.add_row(vec![
+        Cell::new("trainable params"),
+        Cell::new(count(m.trainable_params)).set_alignment(CellAlignment::Right),
+        Cell::new(format!("{pct:.3}% of {}", count(m.total_params))),
+    ]);
     let tm = &e.time;
-    let bound = if tm.launch_bound { "host-bound (kernel launches)" } else { "GPU-bound" };
+    let bound = if tm.launch_bound {
+        "host-bound (kernel launches)"
+    } else {
+        "GPU-bound"
+    };
     row(&mut t, "step time", duration(tm.step_seconds), bound);
-    row(&mut t, "tokens / s", format!("{:.0}", tm.tokens_per_second), "");
-    row(&mut t, "MFU", format!("{:.1}%", tm.mfu * 100.0), "model FLOPs over datasheet peak");
+    row(
+        &mut t,
+        "tokens / s",
+        format!("{:.0}", tm.tokens_per_second),
+        "",
+    );
+    row(
+        &mut t,
+        "MFU",
+        format!("{:.1}%", tm.mfu * 100.0),
+        "model FLOPs over datasheet peak",
+    );
     if let Some(budget) = budget {
         let wall = budget.tokens / tm.tokens_per_second;
-        row(&mut t, "wall time", duration(wall), &format!("{:.3e} tokens", budget.tokens));
+        row(
+            &mut t,
+            "wall time",
+            duration(wall),
+            &format!("{:.3e} tokens", budget.tokens),
+        );
         if let Some(price) = budget.price_per_gpu_hour {
-            row(&mut t, "cost", format!("${:.2}", wall / 3600.0 * price * e.plan.gpus as f64), &format!("${price:.2} per GPU-hour"));
+            row(
+                &mut t,
+                "cost",
+                format!("${:.2}", wall / 3600.0 * price * e.plan.gpus as f64),
+                &format!("${price:.2} per GPU-hour"),
+            );
         }
     }
     let verdict = if e.fits { "FITS" } else { "DOES NOT FIT" };
     let margin = e.hardware.memory.0 as f64 - m.required.0 as f64;
-    row(&mut t, "verdict", verdict.to_string(), &format!("margin {:+.2} GiB", margin / (1u64 << 30) as f64));
+    row(
+        &mut t,
+        "verdict",
+        verdict.to_string(),
+        &format!("margin {:+.2} GiB", margin / (1u64 << 30) as f64),
+    );
     format!(
         "{} on {}: {}\n{t}\n",
         e.model.name,
@@ -83,20 +163,46 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
 }
 
 /// The accuracy table against measured runs.
-pub fn validation(rows: &[crate::validate::Row], s: &crate::validate::Summary, rates: &str) -> String {
+pub fn validation(
+    rows: &[crate::validate::Row],
+    s: &crate::validate::Summary,
+    rates: &str,
+) -> String {
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED);
-    t.set_header(vec!["run", "measured GiB", "estimate GiB", "error", "measured ms", "estimate ms", "error"]);
+    t.set_header(vec![
+        "run",
+        "measured GiB",
+        "estimate GiB",
+        "error",
+        "measured ms",
+        "estimate ms",
+        "error",
+    ]);
     let right = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
     for r in rows {
         t.add_row(vec![
             Cell::new(&r.name),
-            right(format!("{:.2}", r.measured_peak as f64 / (1u64 << 30) as f64)),
-            right(format!("{:.2}", r.estimated_peak as f64 / (1u64 << 30) as f64)),
+            right(format!(
+                "{:.2}",
+                r.measured_peak as f64 / (1u64 << 30) as f64
+            )),
+            right(format!(
+                "{:.2}",
+                r.estimated_peak as f64 / (1u64 << 30) as f64
+            )),
             right(format!("{:+.1}%", r.error * 100.0)),
-            right(r.measured_step_s.map(|m| format!("{:.1}", m * 1e3)).unwrap_or_default()),
+            right(
+                r.measured_step_s
+                    .map(|m| format!("{:.1}", m * 1e3))
+                    .unwrap_or_default(),
+            ),
             right(format!("{:.1}", r.estimated_step_s * 1e3)),
-            right(r.time_error().map(|e| format!("{:+.1}%", e * 100.0)).unwrap_or_default()),
+            right(
+                r.time_error()
+                    .map(|e| format!("{:+.1}%", e * 100.0))
+                    .unwrap_or_default(),
+            ),
         ]);
     }
     format!(
@@ -106,7 +212,11 @@ pub fn validation(rows: &[crate::validate::Row], s: &crate::validate::Summary, r
         s.runs,
         crate::validate::MEDIAN_BOUND * 100.0,
         crate::validate::WORST_BOUND * 100.0,
-        if s.trainable_exact { "all exact" } else { "NOT all exact" },
+        if s.trainable_exact {
+            "all exact"
+        } else {
+            "NOT all exact"
+        },
         s.time_median * 100.0,
         s.time_worst * 100.0,
         crate::validate::TIME_MEDIAN_BOUND * 100.0,
@@ -123,9 +233,24 @@ fn styled(header: Vec<String>) -> Table {
 /// Methods (or GPUs) side by side.
 pub fn compare(bars: &[super::chart::Bar]) -> String {
     let mut t = styled(
-        ["method", "trainable", "weights", "grads", "optimizer", "activations", "logits", "temp", "peak", "required", "device", "step", "tokens/s", "verdict"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "method",
+            "trainable",
+            "weights",
+            "grads",
+            "optimizer",
+            "activations",
+            "logits",
+            "temp",
+            "peak",
+            "required",
+            "device",
+            "step",
+            "tokens/s",
+            "verdict",
+        ]
+        .map(String::from)
+        .to_vec(),
     );
     for b in bars {
         let e = &b.estimate;
@@ -145,7 +270,11 @@ pub fn compare(bars: &[super::chart::Bar]) -> String {
             gib(b.budget),
             duration(e.time.step_seconds),
             format!("{:.0}", e.time.tokens_per_second),
-            if e.fits { "fits".into() } else { "DOES NOT FIT".into() },
+            if e.fits {
+                "fits".into()
+            } else {
+                "DOES NOT FIT".into()
+            },
         ]);
     }
     format!("memory in GiB\n{t}")
@@ -170,7 +299,10 @@ pub fn sweep(axis: &str, series: &[super::chart::Series], budget: crate::units::
         }
         t.add_row(row);
     }
-    format!("required memory (x: over the {} GiB limit) and step time\n{t}", gib(budget))
+    format!(
+        "required memory (x: over the {} GiB limit) and step time\n{t}",
+        gib(budget)
+    )
 }
 
 /// The models x GPUs fit matrix.
@@ -180,7 +312,11 @@ pub fn matrix(gpus: &[String], rows: &[(String, Vec<super::chart::Cell>)]) -> St
     let mut t = styled(header);
     for (name, cells) in rows {
         let mut row = vec![name.clone()];
-        row.extend(cells.iter().map(|c| format!("{} {}", if c.fits { "fits" } else { "no" }, gib(c.required))));
+        row.extend(
+            cells
+                .iter()
+                .map(|c| format!("{} {}", if c.fits { "fits" } else { "no" }, gib(c.required))),
+        );
         t.add_row(row);
     }
     format!("required GiB per model and GPU\n{t}")

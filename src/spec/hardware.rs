@@ -87,9 +87,17 @@ impl Hardware {
     pub fn from_wire(path: &str, w: HardwareWire) -> Result<Hardware> {
         let positive = |field: &str, v: f64, max: f64| -> Result<f64> {
             if !(v.is_finite() && v > 0.0) {
-                Err(Error::field(path, field, format!("must be a positive number, found {v}")))
+                Err(Error::field(
+                    path,
+                    field,
+                    format!("must be a positive number, found {v}"),
+                ))
             } else if v > max {
-                Err(Error::field(path, field, format!("is absurdly large ({v}); the most accepted is {max}")))
+                Err(Error::field(
+                    path,
+                    field,
+                    format!("is absurdly large ({v}); the most accepted is {max}"),
+                ))
             } else {
                 Ok(v)
             }
@@ -104,7 +112,11 @@ impl Hardware {
             hbm_gbps: positive("hbm_gbps", w.hbm_gbps, 1e6)?,
             interconnect_gbps: positive("interconnect_gbps", w.interconnect_gbps, 1e6)?,
             context: Bytes::from_mib(positive("context_mib", w.context_mib, 1e6)?),
-            cublas_workspace: Bytes::from_mib(positive("cublas_workspace_mib", w.cublas_workspace_mib, 1e5)?),
+            cublas_workspace: Bytes::from_mib(positive(
+                "cublas_workspace_mib",
+                w.cublas_workspace_mib,
+                1e5,
+            )?),
             launch_overhead_us: positive("launch_overhead_us", w.launch_overhead_us, 1e5)?,
             module_overhead_us: positive("module_overhead_us", w.module_overhead_us, 1e5)?,
             price_per_hour_usd: match w.price_per_hour_usd {

@@ -2,9 +2,7 @@
 //! [`ModelSpec`]. Field names and defaults follow each transformers configuration class.
 
 use crate::error::{Error, Result, did_you_mean};
-use crate::spec::model::{
-    Activation, Dropouts, Family, ModelSpec, Norm, Positions, Stack,
-};
+use crate::spec::model::{Activation, Dropouts, Family, ModelSpec, Norm, Positions, Stack};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -47,7 +45,11 @@ impl<'a> Reader<'a> {
                 format!("must be a positive whole number, found `{value}`"),
             ));
         }
-        let limit = if key.contains("layers") || key == "n_layer" { MAX_LAYERS } else { MAX_DIM };
+        let limit = if key.contains("layers") || key == "n_layer" {
+            MAX_LAYERS
+        } else {
+            MAX_DIM
+        };
         if number > limit as f64 {
             return Err(Error::field(
                 self.path,
@@ -86,7 +88,11 @@ impl<'a> Reader<'a> {
         match self.raw(keys) {
             None => Ok(default),
             Some((key, value)) => value.as_bool().ok_or_else(|| {
-                Error::field(self.path, key, format!("must be true or false, found `{value}`"))
+                Error::field(
+                    self.path,
+                    key,
+                    format!("must be true or false, found `{value}`"),
+                )
             }),
         }
     }
@@ -106,10 +112,15 @@ impl<'a> Reader<'a> {
 /// `strict` (TOML model files): keys the reader does not know are errors with a suggestion;
 /// `config.json` files carry many irrelevant keys and are read leniently.
 pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Result<ModelSpec> {
-    let map = value
-        .as_object()
-        .ok_or_else(|| Error::Parse { path: path.into(), message: "expected an object".into() })?;
-    let r = Reader { path, map, seen: RefCell::new(BTreeSet::new()) };
+    let map = value.as_object().ok_or_else(|| Error::Parse {
+        path: path.into(),
+        message: "expected an object".into(),
+    })?;
+    let r = Reader {
+        path,
+        map,
+        seen: RefCell::new(BTreeSet::new()),
+    };
     let model_type = r.str_or(&["model_type"], "")?;
     if model_type.is_empty() {
         return Err(Error::field(path, "model_type", "is missing").with_hint(supported()));
@@ -119,8 +130,12 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         .find(|(n, _)| *n == model_type)
         .map(|(_, f)| *f)
         .ok_or_else(|| {
-            Error::field(path, "model_type", format!("`{model_type}` is not supported"))
-                .with_hint(supported())
+            Error::field(
+                path,
+                "model_type",
+                format!("`{model_type}` is not supported"),
+            )
+            .with_hint(supported())
         })?;
     let mut spec = match family {
         Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma => llama_like(&r, family)?,
@@ -163,7 +178,7 @@ fn supported() -> String {
 /// heads (grouped-query attention shares each KV head among a whole group).
 fn check_heads(path: &str, s: &Stack, hidden: u64, r: &Reader) -> Result<()> {
     let explicit_head_dim = r.map.contains_key("head_dim") || r.map.contains_key("d_kv");
-    if !explicit_head_dim && hidden % s.heads != 0 {
+    if !explicit_head_dim && !hidden.is_multiple_of(s.heads) {
         return Err(Error::field(
             path,
             "num_attention_heads",
@@ -171,11 +186,14 @@ fn check_heads(path: &str, s: &Stack, hidden: u64, r: &Reader) -> Result<()> {
         )
         .with_hint("set `head_dim` explicitly or fix the head count"));
     }
-    if s.heads % s.kv_heads != 0 {
+    if !s.heads.is_multiple_of(s.kv_heads) {
         return Err(Error::field(
             path,
             "num_key_value_heads",
-            format!("({}) does not divide num_attention_heads ({})", s.kv_heads, s.heads),
+            format!(
+                "({}) does not divide num_attention_heads ({})",
+                s.kv_heads, s.heads
+            ),
         ));
     }
     Ok(())
@@ -190,8 +208,10 @@ fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
         "gelu_new" => Activation::GeluNewPython,
         "relu" => Activation::Relu,
         other => {
-            return Err(Error::field(path, key, format!("activation `{other}` is not supported"))
-                .with_hint("one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu"));
+            return Err(
+                Error::field(path, key, format!("activation `{other}` is not supported"))
+                    .with_hint("one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu"),
+            );
         }
     })
 }
@@ -201,14 +221,27 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let heads = r.u64(&["num_attention_heads"])?;
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(heads);
     let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1));
-    let act_default = if family == Family::Gemma { "gelu_pytorch_tanh" } else { "silu" };
-    let act_key = if r.map.contains_key("hidden_activation") { "hidden_activation" } else { "hidden_act" };
+    let act_default = if family == Family::Gemma {
+        "gelu_pytorch_tanh"
+    } else {
+        "silu"
+    };
+    let act_key = if r.map.contains_key("hidden_activation") {
+        "hidden_activation"
+    } else {
+        "hidden_act"
+    };
     let act = r.str_or(&["hidden_activation", "hidden_act"], act_default)?;
     let attention_dropout = r.f64_or(&["attention_dropout"], 0.0)?;
     // Qwen2 always has q/k/v biases; Llama and Mistral follow `attention_bias`.
     let qkv_bias = family == Family::Qwen2 || r.bool_or(&["attention_bias"], false)?;
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
-    r.raw(&["rms_norm_eps", "max_position_embeddings", "sliding_window", "rope_theta"]);
+    r.raw(&[
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "sliding_window",
+        "rope_theta",
+    ]);
     Ok(ModelSpec {
         name: String::new(),
         family,
@@ -224,7 +257,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         encoder: None,
         gated_ffn: true,
         activation: activation(r.path, &act, act_key)?,
-        norm: if family == Family::Gemma { Norm::GemmaRmsNorm } else { Norm::RmsNorm },
+        norm: if family == Family::Gemma {
+            Norm::GemmaRmsNorm
+        } else {
+            Norm::RmsNorm
+        },
         post_norm: false,
         positions: Positions::Rotary { fraction: 1.0 },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], family == Family::Gemma)?,
@@ -233,7 +270,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         parallel_block: false,
         fused_qkv: false,
         lm_head_bias: false,
-        dropout: Dropouts { attention: attention_dropout, ..Dropouts::default() },
+        dropout: Dropouts {
+            attention: attention_dropout,
+            ..Dropouts::default()
+        },
         published_params: None,
     })
 }
@@ -260,7 +300,9 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
         post_norm: false,
-        positions: Positions::Learned { rows: r.u64(&["n_positions", "max_position_embeddings"])? },
+        positions: Positions::Learned {
+            rows: r.u64(&["n_positions", "max_position_embeddings"])?,
+        },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,
@@ -284,10 +326,16 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
     if let Some(proj) = r.opt_u64(&["word_embed_proj_dim"])?
         && proj != hidden
     {
-        return Err(Error::field(r.path, "word_embed_proj_dim", "must equal hidden_size")
-            .with_hint("OPT-350m's projected embeddings are not modelled"));
+        return Err(
+            Error::field(r.path, "word_embed_proj_dim", "must equal hidden_size")
+                .with_hint("OPT-350m's projected embeddings are not modelled"),
+        );
     }
-    r.raw(&["do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine"]);
+    r.raw(&[
+        "do_layer_norm_before",
+        "enable_bias",
+        "layer_norm_elementwise_affine",
+    ]);
     Ok(ModelSpec {
         name: String::new(),
         family: Family::Opt,
@@ -306,7 +354,9 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         norm: Norm::LayerNorm,
         post_norm: false,
         // OPTLearnedPositionalEmbedding keeps 2 extra rows (the offset).
-        positions: Positions::Learned { rows: r.u64(&["max_position_embeddings"])? + 2 },
+        positions: Positions::Learned {
+            rows: r.u64(&["max_position_embeddings"])? + 2,
+        },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,
@@ -327,7 +377,12 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
     let act = r.str_or(&["hidden_act"], "gelu_new")?;
-    r.raw(&["layer_norm_eps", "qk_layernorm", "max_position_embeddings", "rope_theta"]);
+    r.raw(&[
+        "layer_norm_eps",
+        "qk_layernorm",
+        "max_position_embeddings",
+        "rope_theta",
+    ]);
     Ok(ModelSpec {
         name: String::new(),
         family: Family::Phi,
@@ -345,7 +400,9 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
         post_norm: false,
-        positions: Positions::Rotary { fraction: r.f64_or(&["partial_rotary_factor"], 0.5)? },
+        positions: Positions::Rotary {
+            fraction: r.f64_or(&["partial_rotary_factor"], 0.5)?,
+        },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
         qkv_bias: true,
         linear_bias: true,
@@ -366,15 +423,26 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
     if r.bool_or(&["new_decoder_architecture"], false)? {
-        return Err(Error::field(r.path, "new_decoder_architecture", "is not supported")
-            .with_hint("Falcon-7B's original architecture is modelled; 40B/180B are not"));
+        return Err(
+            Error::field(r.path, "new_decoder_architecture", "is not supported")
+                .with_hint("Falcon-7B's original architecture is modelled; 40B/180B are not"),
+        );
     }
     if r.bool_or(&["alibi"], false)? {
         return Err(Error::field(r.path, "alibi", "is not supported"));
     }
     let multi_query = r.bool_or(&["multi_query"], true)?;
-    let kv_heads = if multi_query { 1 } else { r.opt_u64(&["num_kv_heads"])?.unwrap_or(heads) };
-    r.raw(&["parallel_attn", "layer_norm_epsilon", "max_position_embeddings", "rope_theta"]);
+    let kv_heads = if multi_query {
+        1
+    } else {
+        r.opt_u64(&["num_kv_heads"])?.unwrap_or(heads)
+    };
+    r.raw(&[
+        "parallel_attn",
+        "layer_norm_epsilon",
+        "max_position_embeddings",
+        "rope_theta",
+    ]);
     let bias = r.bool_or(&["bias"], false)?;
     Ok(ModelSpec {
         name: String::new(),
@@ -428,8 +496,18 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         activation(r.path, &act_name, "feed_forward_proj")?
     };
     let drop = r.f64_or(&["dropout_rate"], 0.1)?;
-    r.raw(&["layer_norm_epsilon", "relative_attention_max_distance", "decoder_start_token_id"]);
-    let stack = |layers| Stack { layers, heads, kv_heads: heads, head_dim, intermediate_size: ff };
+    r.raw(&[
+        "layer_norm_epsilon",
+        "relative_attention_max_distance",
+        "decoder_start_token_id",
+    ]);
+    let stack = |layers| Stack {
+        layers,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        intermediate_size: ff,
+    };
     Ok(ModelSpec {
         name: String::new(),
         family: Family::T5,
@@ -442,7 +520,9 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         norm: Norm::T5RmsNorm,
         post_norm: false,
         positions: Positions::RelativeBias {
-            buckets: r.opt_u64(&["relative_attention_num_buckets"])?.unwrap_or(32),
+            buckets: r
+                .opt_u64(&["relative_attention_num_buckets"])?
+                .unwrap_or(32),
         },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: false,
@@ -450,7 +530,12 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         parallel_block: false,
         fused_qkv: false,
         lm_head_bias: false,
-        dropout: Dropouts { embedding: drop, attention: drop, residual: drop, activation: drop },
+        dropout: Dropouts {
+            embedding: drop,
+            attention: drop,
+            residual: drop,
+            activation: drop,
+        },
         published_params: None,
     })
 }
@@ -473,14 +558,24 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         family: Family::Bart,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
-        decoder: stack(r.u64(&["decoder_layers"])?, dec_heads, r.u64(&["decoder_ffn_dim"])?),
-        encoder: Some(stack(r.u64(&["encoder_layers"])?, enc_heads, r.u64(&["encoder_ffn_dim"])?)),
+        decoder: stack(
+            r.u64(&["decoder_layers"])?,
+            dec_heads,
+            r.u64(&["decoder_ffn_dim"])?,
+        ),
+        encoder: Some(stack(
+            r.u64(&["encoder_layers"])?,
+            enc_heads,
+            r.u64(&["encoder_ffn_dim"])?,
+        )),
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
         post_norm: true,
         // BartLearnedPositionalEmbedding keeps 2 extra rows (the offset).
-        positions: Positions::Learned { rows: r.u64(&["max_position_embeddings"])? + 2 },
+        positions: Positions::Learned {
+            rows: r.u64(&["max_position_embeddings"])? + 2,
+        },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,

@@ -38,7 +38,10 @@ fn normalize(name: &str) -> String {
 
 fn toml_to_json(path: &str, text: &str) -> Result<serde_json::Value> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
-    serde_json::to_value(table).map_err(|e| Error::Parse { path: path.to_string(), message: e.to_string() })
+    serde_json::to_value(table).map_err(|e| Error::Parse {
+        path: path.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Collapses a multi-line parser message (toml shows a source excerpt) to one line.
@@ -48,7 +51,9 @@ pub fn one_line(message: &str) -> String {
 
 /// A TOML error as one line: `line N: message`, with a "did you mean" for unknown fields.
 pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> Error {
-    let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
     let message = one_line(e.message());
     // serde's "unknown field `x`, expected one of `a`, `b`": suggest the closest.
     if let Some(rest) = message.strip_prefix("unknown field `")
@@ -83,8 +88,12 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
     let value = toml_to_json(path, text)?;
     let name = value.get("name").and_then(|n| n.as_str()).unwrap_or(stem);
     if name != stem {
-        return Err(Error::field(path, "name", format!("is `{name}` but the file is `{stem}.toml`"))
-            .with_hint("a model file's `name` must equal its file stem"));
+        return Err(Error::field(
+            path,
+            "name",
+            format!("is `{name}` but the file is `{stem}.toml`"),
+        )
+        .with_hint("a model file's `name` must equal its file stem"));
     }
     parse_config(path, &value, name, true)
 }
@@ -93,15 +102,23 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
 pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
     if looks_like_path(arg) || Path::new(arg).is_file() {
         let path = Path::new(arg);
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string();
         let spec = if arg.ends_with(".toml") {
             parse_model_toml(arg, &stem, &text)?
         } else {
-            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
-                path: arg.to_string(),
-                message: format!("invalid JSON: {e}"),
-            })?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Parse {
+                    path: arg.to_string(),
+                    message: format!("invalid JSON: {e}"),
+                })?;
             // A config.json is named after its folder (`Llama-2-7b-hf/config.json`).
             let name = if stem == "config" {
                 path.parent()
@@ -114,7 +131,10 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
             };
             parse_config(arg, &value, &name, false)?
         };
-        return Ok(Resolved { value: spec, note: None });
+        return Ok(Resolved {
+            value: spec,
+            note: None,
+        });
     }
     let wanted = normalize(arg);
     for (stem, text) in model_files() {
@@ -126,7 +146,12 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
             return Ok(Resolved { value: spec, note });
         }
     }
-    Err(Error::unknown("model", arg, model_files().iter().map(|(n, _)| *n), "ftplan list models"))
+    Err(Error::unknown(
+        "model",
+        arg,
+        model_files().iter().map(|(n, _)| *n),
+        "ftplan list models",
+    ))
 }
 
 /// Parses a hardware TOML file.
@@ -134,7 +159,11 @@ pub fn parse_hardware_toml(path: &str, stem: &str, text: &str) -> Result<(Hardwa
     let mut wire: HardwareWire = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
     let aliases = std::mem::take(&mut wire.aliases);
     if wire.name != stem {
-        return Err(Error::field(path, "name", format!("is `{}` but the file is `{stem}.toml`", wire.name)));
+        return Err(Error::field(
+            path,
+            "name",
+            format!("is `{}` but the file is `{stem}.toml`", wire.name),
+        ));
     }
     let hw = Hardware::from_wire(path, wire)?;
     Ok((hw, aliases.iter().map(|a| normalize(a)).collect()))
@@ -144,19 +173,31 @@ pub fn parse_hardware_toml(path: &str, stem: &str, text: &str) -> Result<(Hardwa
 pub fn resolve_hardware(arg: &str) -> Result<Resolved<Hardware>> {
     if looks_like_path(arg) {
         let path = Path::new(arg);
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("gpu");
         let (hw, _) = parse_hardware_toml(arg, stem, &text)?;
-        return Ok(Resolved { value: hw, note: None });
+        return Ok(Resolved {
+            value: hw,
+            note: None,
+        });
     }
     let wanted = normalize(arg);
     for (stem, text) in hardware_files() {
         let path = format!("hardware/{stem}.toml");
         let (hw, aliases) = parse_hardware_toml(&path, stem, text)?;
         if *stem == wanted || aliases.contains(&wanted) {
-            let note = (*stem != wanted).then(|| format!("GPU `{arg}` resolves to `{stem}` ({})", hw.display_name));
+            let note = (*stem != wanted)
+                .then(|| format!("GPU `{arg}` resolves to `{stem}` ({})", hw.display_name));
             return Ok(Resolved { value: hw, note });
         }
     }
-    Err(Error::unknown("GPU", arg, hardware_files().iter().map(|(n, _)| *n), "ftplan list gpus"))
+    Err(Error::unknown(
+        "GPU",
+        arg,
+        hardware_files().iter().map(|(n, _)| *n),
+        "ftplan list gpus",
+    ))
 }
