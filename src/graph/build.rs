@@ -69,9 +69,12 @@ struct OpSpec {
 
 impl<'a> Builder<'a> {
     pub fn new(model: &'a ModelSpec, plan: &'a Plan) -> Builder<'a> {
-        let base = match plan.precision {
-            Precision::MixedBf16 | Precision::Fp32 => DType::F32,
-            Precision::Bf16 => DType::Bf16,
+        let base = match (&plan.method, plan.precision) {
+            // peft's `prepare_model_for_kbit_training` upcasts every parameter that was not
+            // quantized (embeddings, norms, LM head, biases) to fp32.
+            (Method::Qlora(_), _) => DType::F32,
+            (_, Precision::MixedBf16 | Precision::Fp32) => DType::F32,
+            (_, Precision::Bf16) => DType::Bf16,
         };
         Builder {
             graph: OpGraph::default(),
@@ -396,7 +399,7 @@ impl<'a> Builder<'a> {
         let mut forward_transient = Bytes::ZERO;
         let out_grad = x.grad || trainable;
         let mut cached = None;
-        if self.autocast && self.base == DType::F32 {
+        if self.autocast && self.base == DType::F32 && !qlora {
             // autocast's cast cache: one bf16 copy of the weight (and bias), made whether or not
             // autograd keeps it; autograd keeps it when the input needs a gradient.
             let elems = in_features * out_features + if bias { out_features } else { 0 };
@@ -411,7 +414,9 @@ impl<'a> Builder<'a> {
             // bitsandbytes dequantizes the whole weight to bf16 for the matmul.
             forward_transient += DType::Bf16.bytes(in_features * out_features);
         }
-        let out = self.val(out_features, x.tokens, compute, out_grad);
+        // bitsandbytes' Linear4bit computes in bf16 and casts the result back to its input's dtype.
+        let out_dtype = if qlora { x.dtype } else { compute };
+        let out = self.val(out_features, x.tokens, out_dtype, out_grad);
         if x.grad || trainable {
             self.grad_started = true;
         }

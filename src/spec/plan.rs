@@ -192,6 +192,8 @@ impl Plan {
         match self.precision {
             Precision::MixedBf16 => true,
             Precision::Bf16 => self.method.frozen_base(),
+            // QLoRA computes in bf16 under autocast whatever the other weights' dtype.
+            Precision::Fp32 if matches!(self.method, Method::Qlora(_)) => true,
             Precision::Fp32 => false,
         }
     }
