@@ -46,6 +46,25 @@ fn main() {
         per * 1e6
     );
 
+    // Where the time goes.
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(ftplan::graph::build(&model, black_box(&plan)));
+    }
+    let build = start.elapsed().as_secs_f64() / f64::from(n);
+    let g = ftplan::graph::build(&model, &plan);
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(ftplan::memory::estimate(&g, black_box(&plan), &hw));
+    }
+    let mem = start.elapsed().as_secs_f64() / f64::from(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        black_box(ftplan::time::estimate(&g, black_box(&plan), &hw, &rates));
+    }
+    let time = start.elapsed().as_secs_f64() / f64::from(n);
+    println!("  of which graph build {:.1} us, memory walk {:.1} us, time model {:.1} us ({} ops)", build * 1e6, mem * 1e6, time * 1e6, g.len());
+
     // A 10,000-plan sweep (methods x batch x seq x checkpointing) on one core.
     let methods = [
         Method::Full,

@@ -8,13 +8,12 @@
 //! then holds parameters, gradients, states and its own temporaries. The peak is the largest
 //! total over all of these moments, which is what `torch.cuda.max_memory_allocated` reports.
 
-use crate::graph::op::{OpGraph, OpKind, TensorId, TensorKind};
+use crate::graph::op::{Name, OpGraph, OpKind, TensorId, TensorKind};
 use crate::optimizer;
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::Plan;
 use crate::units::Bytes;
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
 
 /// Memory by what it holds, at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -96,52 +95,48 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
 
     let ops: Vec<_> = graph.ops().collect();
     // The earliest op saving each tensor frees it in backward.
-    let mut first_saver: HashMap<TensorId, usize> = HashMap::new();
+    let mut first_saver = vec![usize::MAX; graph.tensors.len()];
     for (i, op) in ops.iter().enumerate() {
         for &t in &op.saves {
-            first_saver.entry(t).or_insert(i);
+            let f = &mut first_saver[t.0 as usize];
+            *f = (*f).min(i);
         }
     }
 
     let mut walk = Walk {
         graph,
-        live: HashSet::new(),
+        live: vec![false; graph.tensors.len()],
         live_act: Bytes::ZERO,
         live_logits: Bytes::ZERO,
         grads: Bytes::ZERO,
         best: None,
-        base: Breakdown {
-            weights,
-            optimizer: states,
-            temporary: workspace,
-            ..Breakdown::default()
-        },
+        base: Breakdown { weights, optimizer: states, temporary: workspace, ..Breakdown::default() },
     };
 
     // Forward.
+    let mut segment_start = 0;
     for (i, op) in ops.iter().enumerate() {
         for &t in &op.saves {
             walk.hold(t);
         }
         let (act_t, logit_t) = split_transient(op.kind, op.forward_transient);
-        walk.observe(Phase::Forward, &op.name, act_t, logit_t);
+        walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
+        if op.segment.is_some() && (i == 0 || ops[i - 1].segment != op.segment) {
+            segment_start = i;
+        }
         let segment_ends =
             op.segment.is_some() && ops.get(i + 1).map(|n| n.segment) != Some(op.segment);
         if segment_ends {
             // Checkpointing drops the block's saved activations, keeping its input; autocast's
-            // cache keeps the weight copies until the autocast region exits.
-            let seg = op.segment;
-            let drop: Vec<TensorId> = ops
-                .iter()
-                .filter(|o| o.segment == seg)
-                .flat_map(|o| o.saves.iter().copied())
-                .filter(|&t| {
+            // cache keeps the weight copies until the autocast region exits. (Segments are
+            // contiguous: `OpGraph::verify`.)
+            for o in &ops[segment_start..=i] {
+                for &t in &o.saves {
                     let tensor = graph.tensor(t);
-                    !tensor.checkpoint_input && tensor.kind != TensorKind::WeightCopy
-                })
-                .collect();
-            for t in drop {
-                walk.release(t);
+                    if !tensor.checkpoint_input && tensor.kind != TensorKind::WeightCopy {
+                        walk.release(t);
+                    }
+                }
             }
         }
     }
@@ -161,7 +156,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     }
 
     // Backward.
-    let mut has_grad = HashSet::new();
+    let mut has_grad = vec![false; graph.params.len()];
     let mut current_segment = None;
     for (i, op) in ops.iter().enumerate().rev() {
         if !op.in_backward {
@@ -169,7 +164,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         }
         if op.segment.is_some() && op.segment != current_segment {
             // Recompute the block's forward: its saved tensors come back.
-            for o in ops.iter().filter(|o| o.segment == op.segment) {
+            let start = ops[..i].iter().rposition(|o| o.segment != op.segment).map_or(0, |p| p + 1);
+            for o in &ops[start..=i] {
                 for &t in o.saves.iter().filter(|&&t| !graph.tensor(t).cache_only) {
                     walk.hold(t);
                 }
@@ -183,7 +179,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 continue;
             }
             let bytes = param.dtype.bytes(param.elements);
-            if has_grad.insert(p) {
+            if !std::mem::replace(&mut has_grad[p.0 as usize], true) {
                 walk.grads += bytes;
             } else {
                 // A tied weight's second gradient is computed, then accumulated into `.grad`.
@@ -191,32 +187,25 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             }
         }
         let (act_t, logit_t) = split_transient(op.kind, transient);
-        walk.observe(Phase::Backward, &op.name, act_t, logit_t);
+        walk.observe(Phase::Backward, Some(op.name), act_t, logit_t);
         for &t in &op.saves {
-            if first_saver.get(&t) == Some(&i) {
+            if first_saver[t.0 as usize] == i {
                 walk.release(t);
             }
         }
     }
     // Whatever a frozen prefix saved and never freed is gone by now.
-    let leftover: Vec<TensorId> = walk.live.iter().copied().collect();
-    for t in leftover {
-        walk.release(t);
-    }
+    walk.live.iter_mut().for_each(|l| *l = false);
+    walk.live_act = Bytes::ZERO;
+    walk.live_logits = Bytes::ZERO;
 
     // Optimizer step: parameters, all gradients, states and step temporaries.
     walk.grads = all_grads + ddp_buckets;
     let step_temp = optimizer::step_temporary(plan.optimizer, &trainable);
-    walk.observe(
-        Phase::OptimizerStep,
-        "optimizer.step",
-        step_temp,
-        Bytes::ZERO,
-    );
+    walk.observe(Phase::OptimizerStep, None, step_temp, Bytes::ZERO);
 
-    let (at_peak, peak_phase, peak_op) =
-        walk.best
-            .unwrap_or((walk.base, Phase::Forward, String::new()));
+    let (at_peak, peak_phase, peak_name) = walk.best.unwrap_or((walk.base, Phase::Forward, None));
+    let peak_op = peak_name.map_or_else(|| "optimizer.step".to_string(), |n| graph.name(n));
     let peak = at_peak.total();
     let slack = Bytes((peak.0 as f64 * ALLOCATOR_SLACK) as u64);
     let overhead = hardware.context + slack;
@@ -252,17 +241,17 @@ fn split_transient(kind: OpKind, bytes: Bytes) -> (Bytes, Bytes) {
 
 struct Walk<'g> {
     graph: &'g OpGraph,
-    live: HashSet<TensorId>,
+    live: Vec<bool>,
     live_act: Bytes,
     live_logits: Bytes,
     grads: Bytes,
-    best: Option<(Breakdown, Phase, String)>,
+    best: Option<(Breakdown, Phase, Option<Name>)>,
     base: Breakdown,
 }
 
 impl Walk<'_> {
     fn hold(&mut self, t: TensorId) {
-        if self.live.insert(t) {
+        if !std::mem::replace(&mut self.live[t.0 as usize], true) {
             let tensor = self.graph.tensor(t);
             match tensor.kind {
                 TensorKind::Logits => self.live_logits += tensor.bytes,
@@ -272,7 +261,7 @@ impl Walk<'_> {
     }
 
     fn release(&mut self, t: TensorId) {
-        if self.live.remove(&t) {
+        if std::mem::replace(&mut self.live[t.0 as usize], false) {
             let tensor = self.graph.tensor(t);
             match tensor.kind {
                 TensorKind::Logits => self.live_logits = self.live_logits - tensor.bytes,
@@ -283,7 +272,7 @@ impl Walk<'_> {
         }
     }
 
-    fn observe(&mut self, phase: Phase, op: &str, temporary: Bytes, logits: Bytes) {
+    fn observe(&mut self, phase: Phase, op: Option<Name>, temporary: Bytes, logits: Bytes) {
         let now = Breakdown {
             gradients: self.grads,
             activations: self.live_act,
@@ -296,7 +285,7 @@ impl Walk<'_> {
             .as_ref()
             .is_none_or(|(b, _, _)| now.total() > b.total())
         {
-            self.best = Some((now, phase, op.to_string()));
+            self.best = Some((now, phase, op));
         }
     }
 }

@@ -73,7 +73,7 @@ mod tests {
 
     fn matrix(rows: u64, cols: u64) -> Param {
         Param {
-            name: "w".into(),
+            name: crate::graph::op::Name::root("w"),
             elements: rows * cols,
             dtype: DType::F32,
             trainable: true,

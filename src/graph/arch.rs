@@ -2,7 +2,7 @@
 //! method's insertions (`peft`'s adapters, prompts and prefixes) placed where peft puts them.
 
 use crate::graph::build::{AttnMask, Builder, Val};
-use crate::graph::op::{OpGraph, ParamId, ParamRole};
+use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope};
 use crate::spec::model::{Family, ModelSpec, Positions, Stack};
 use crate::spec::plan::{Method, Plan, Proj};
 
@@ -10,14 +10,15 @@ use crate::spec::plan::{Method, Plan, Proj};
 pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
     let mut b = Builder::new(model, plan);
     let embed = b.base_param(
-        "embed_tokens",
+        Name::root("embed_tokens"),
         (model.vocab_size, model.hidden_size),
         ParamRole::Embedding,
     );
     let memory = match model.encoder {
         Some(enc) => {
             let src = plan.seq + plan.method.prompt_tokens();
-            let out = stack_forward(&mut b, "encoder", embed, &enc, src, None);
+            let encoder_scope = b.scope(Scope::default(), "encoder");
+            let out = stack_forward(&mut b, encoder_scope, embed, &enc, src, None);
             Some(out)
         }
         None => None,
@@ -28,10 +29,11 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
         plan.seq
     };
     let seq = seq + plan.method.prompt_tokens();
-    let (x, _) = stack_forward(&mut b, "decoder", embed, &model.decoder, seq, memory);
+    let decoder_scope = b.scope(Scope::default(), "decoder");
+    let (x, _) = stack_forward(&mut b, decoder_scope, embed, &model.decoder, seq, memory);
     let x = if model.family == Family::T5 && model.tie_word_embeddings {
         // T5 rescales by d_model^-0.5 before a tied LM head (a scalar multiply: saves nothing).
-        b.cast("lm_head.rescale", x, x.dtype)
+        b.cast(Name::root("lm_head").sub("rescale"), x, x.dtype)
     } else {
         x
     };
@@ -39,7 +41,7 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
         embed
     } else {
         b.base_param(
-            "lm_head",
+            Name::root("lm_head"),
             (model.vocab_size, model.hidden_size),
             ParamRole::Embedding,
         )
@@ -51,7 +53,7 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
 /// The encoder (when `memory` is None and the model is encoder-decoder) or the decoder stack.
 fn stack_forward(
     b: &mut Builder,
-    name: &str,
+    name: Scope,
     embed: ParamId,
     stack: &Stack,
     seq: u64,
@@ -65,7 +67,7 @@ fn stack_forward(
     let is_decoder = memory.is_some() || !model.is_encoder_decoder();
 
     let mut x = b.embedding(
-        &format!("{name}.embed_tokens"),
+        name.at("embed_tokens"),
         embed,
         h,
         batch * (seq - plan.method.prompt_tokens()),
@@ -73,25 +75,25 @@ fn stack_forward(
     if let Method::Prompt { virtual_tokens } = plan.method {
         // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in front.
         let rows = virtual_tokens;
-        let p = b.adapter_param(&format!("{name}.prompt_embeddings"), (rows, h));
-        let prompt = b.embedding(&format!("{name}.prompt"), p, h, batch * rows);
+        let p = b.adapter_param(name.at("prompt_embeddings"), (rows, h));
+        let prompt = b.embedding(name.at("prompt"), p, h, batch * rows);
         let cat = b.val(h, tokens, x.dtype, true);
         let _ = prompt;
-        x = b.cast(&format!("{name}.prompt.cat"), cat, x.dtype);
+        x = b.cast(name.at("prompt").sub("cat"), cat, x.dtype);
     }
     if let Positions::Learned { rows } = model.positions {
         let pos = b.base_param(
-            &format!("{name}.embed_positions"),
+            name.at("embed_positions"),
             (rows, h),
             ParamRole::Embedding,
         );
-        let p = b.embedding(&format!("{name}.embed_positions"), pos, h, tokens);
-        x = b.add(&format!("{name}.embed.add"), x, p);
+        let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
+        x = b.add(name.at("embed").sub("add"), x, p);
     }
     if model.family == Family::Bart {
-        x = b.norm(&format!("{name}.layernorm_embedding"), x);
+        x = b.norm(name.at("layernorm_embedding"), x);
     }
-    x = b.dropout(&format!("{name}.embed.dropout"), x, model.dropout.embedding);
+    x = b.dropout(name.at("embed").sub("dropout"), x, model.dropout.embedding);
     if plan.grad_ckpt && !x.grad {
         // `enable_input_require_grads`: checkpointing a frozen model needs a grad-requiring input.
         x.grad = true;
@@ -104,11 +106,11 @@ fn stack_forward(
     if prefix > 0 {
         let kv_width = stack.kv_heads * stack.head_dim;
         let p = b.adapter_param(
-            &format!("{name}.prefix_encoder"),
+            name.at("prefix_encoder"),
             (prefix, stack.layers * 2 * kv_width),
         );
         b.embedding(
-            &format!("{name}.prefix"),
+            name.at("prefix"),
             p,
             stack.layers * 2 * kv_width,
             batch * prefix,
@@ -118,23 +120,23 @@ fn stack_forward(
         && let Positions::RelativeBias { buckets } = model.positions
     {
         b.base_param(
-            &format!("{name}.relative_attention_bias"),
+            name.at("relative_attention_bias"),
             (buckets, stack.heads),
             ParamRole::Embedding,
         );
     }
 
     for layer in 0..stack.layers {
-        let ln = format!("{name}.layers.{layer}");
+        let ln = b.scope(name, &format!("layers.{layer}"));
         b.begin_block(x);
-        x = block(b, &ln, x, stack, seq, embed_dtype, is_decoder, memory);
+        x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory);
         b.end_block();
     }
     if model.family != Family::Bart {
-        x = b.norm(&format!("{name}.final_norm"), x);
+        x = b.norm(name.at("final_norm"), x);
     }
     if model.family == Family::T5 {
-        x = b.dropout(&format!("{name}.final_dropout"), x, model.dropout.residual);
+        x = b.dropout(name.at("final_dropout"), x, model.dropout.residual);
     }
     (x, seq)
 }
@@ -143,7 +145,7 @@ fn stack_forward(
 #[expect(clippy::too_many_arguments)]
 fn block(
     b: &mut Builder,
-    name: &str,
+    name: Scope,
     x: Val,
     stack: &Stack,
     seq: u64,
@@ -156,82 +158,76 @@ fn block(
     let self_mask = self_attention_mask(b, is_decoder);
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
-        let h = b.norm(&format!("{name}.input_layernorm"), x);
-        let a = self_attention(
-            b,
-            &format!("{name}.attn"),
+        let h = b.norm(name.at("input_layernorm"), x);
+        let a = self_attention(b, (name, "attn"),
             h,
             stack,
             seq,
             embed_dtype,
             self_mask,
         );
-        let a = b.dropout(&format!("{name}.attn.dropout"), a, p_res);
-        let m = mlp(b, &format!("{name}.mlp"), h, stack);
-        let m = adapter(b, &format!("{name}.adapter"), m);
-        let m = b.dropout(&format!("{name}.mlp.dropout"), m, p_res);
-        let sum = b.add(&format!("{name}.parallel.add"), a, m);
-        return b.add(&format!("{name}.residual"), x, sum);
+        let a = b.dropout(name.at("attn").sub("dropout"), a, p_res);
+        let m = mlp(b, (name, "mlp"), h, stack);
+        let m = adapter(b, name.at("adapter"), m);
+        let m = b.dropout(name.at("mlp").sub("dropout"), m, p_res);
+        let sum = b.add(name.at("parallel").sub("add"), a, m);
+        return b.add(name.at("residual"), x, sum);
     }
     if model.post_norm {
         // BART: sub-layer, dropout, residual add, then LayerNorm.
-        let a = self_attention(
-            b,
-            &format!("{name}.self_attn"),
+        let a = self_attention(b, (name, "self_attn"),
             x,
             stack,
             seq,
             embed_dtype,
             self_mask,
         );
-        let a = b.dropout(&format!("{name}.self_attn.dropout"), a, p_res);
-        let mut x = b.add(&format!("{name}.self_attn.residual"), x, a);
-        x = b.norm(&format!("{name}.self_attn_layer_norm"), x);
+        let a = b.dropout(name.at("self_attn").sub("dropout"), a, p_res);
+        let mut x = b.add(name.at("self_attn").sub("residual"), x, a);
+        x = b.norm(name.at("self_attn_layer_norm"), x);
         if let Some(mem) = memory {
-            let c = cross_attention(b, &format!("{name}.encoder_attn"), x, mem, stack, seq);
-            let c = b.dropout(&format!("{name}.encoder_attn.dropout"), c, p_res);
-            x = b.add(&format!("{name}.encoder_attn.residual"), x, c);
-            x = b.norm(&format!("{name}.encoder_attn_layer_norm"), x);
+            let c = cross_attention(b, (name, "encoder_attn"), x, mem, stack, seq);
+            let c = b.dropout(name.at("encoder_attn").sub("dropout"), c, p_res);
+            x = b.add(name.at("encoder_attn").sub("residual"), x, c);
+            x = b.norm(name.at("encoder_attn_layer_norm"), x);
         }
-        let m = mlp(b, &format!("{name}.mlp"), x, stack);
-        let m = adapter(b, &format!("{name}.adapter"), m);
-        let m = b.dropout(&format!("{name}.mlp.dropout"), m, p_res);
-        let x = b.add(&format!("{name}.mlp.residual"), x, m);
-        return b.norm(&format!("{name}.final_layer_norm"), x);
+        let m = mlp(b, (name, "mlp"), x, stack);
+        let m = adapter(b, name.at("adapter"), m);
+        let m = b.dropout(name.at("mlp").sub("dropout"), m, p_res);
+        let x = b.add(name.at("mlp").sub("residual"), x, m);
+        return b.norm(name.at("final_layer_norm"), x);
     }
     // Pre-norm (Llama, GPT-2, OPT, T5).
-    let h = b.norm(&format!("{name}.input_layernorm"), x);
-    let a = self_attention(
-        b,
-        &format!("{name}.self_attn"),
+    let h = b.norm(name.at("input_layernorm"), x);
+    let a = self_attention(b, (name, "self_attn"),
         h,
         stack,
         seq,
         embed_dtype,
         self_mask,
     );
-    let a = b.dropout(&format!("{name}.self_attn.dropout"), a, p_res);
-    let mut x = b.add(&format!("{name}.self_attn.residual"), x, a);
+    let a = b.dropout(name.at("self_attn").sub("dropout"), a, p_res);
+    let mut x = b.add(name.at("self_attn").sub("residual"), x, a);
     if let Some(mem) = memory {
-        let h = b.norm(&format!("{name}.cross_layernorm"), x);
-        let c = cross_attention(b, &format!("{name}.cross_attn"), h, mem, stack, seq);
-        let c = b.dropout(&format!("{name}.cross_attn.dropout"), c, p_res);
-        x = b.add(&format!("{name}.cross_attn.residual"), x, c);
+        let h = b.norm(name.at("cross_layernorm"), x);
+        let c = cross_attention(b, (name, "cross_attn"), h, mem, stack, seq);
+        let c = b.dropout(name.at("cross_attn").sub("dropout"), c, p_res);
+        x = b.add(name.at("cross_attn").sub("residual"), x, c);
     }
-    let h = b.norm(&format!("{name}.post_attention_layernorm"), x);
-    let m = mlp(b, &format!("{name}.mlp"), h, stack);
+    let h = b.norm(name.at("post_attention_layernorm"), x);
+    let m = mlp(b, (name, "mlp"), h, stack);
     let m = if model.family == Family::Gpt2 {
-        b.dropout(&format!("{name}.mlp.dropout"), m, p_res)
+        b.dropout(name.at("mlp").sub("dropout"), m, p_res)
     } else {
         m
     };
-    let m = adapter(b, &format!("{name}.adapter"), m);
+    let m = adapter(b, name.at("adapter"), m);
     let m = if model.family == Family::Gpt2 {
         m
     } else {
-        b.dropout(&format!("{name}.mlp.dropout"), m, p_res)
+        b.dropout(name.at("mlp").sub("dropout"), m, p_res)
     };
-    b.add(&format!("{name}.mlp.residual"), x, m)
+    b.add(name.at("mlp").sub("residual"), x, m)
 }
 
 fn self_attention_mask(b: &Builder, is_decoder: bool) -> AttnMask {
@@ -246,7 +242,7 @@ fn self_attention_mask(b: &Builder, is_decoder: bool) -> AttnMask {
 }
 
 /// The bottleneck adapter after the FFN output, when the method is `adapter`.
-fn adapter(b: &mut Builder, name: &str, x: Val) -> Val {
+fn adapter(b: &mut Builder, name: Name, x: Val) -> Val {
     match b.plan.method {
         Method::Adapter { size } => b.bottleneck(name, x, size),
         _ => x,
@@ -256,19 +252,20 @@ fn adapter(b: &mut Builder, name: &str, x: Val) -> Val {
 /// q/k/v projections, positions, the attention core and the output projection.
 fn self_attention(
     b: &mut Builder,
-    name: &str,
+    at: (Scope, &'static str),
     x: Val,
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
     mask: AttnMask,
 ) -> Val {
+    let name = b.scope(at.0, at.1);
     let model = b.model;
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
     let (mut q, mut k, mut v) = if model.fused_qkv {
         let qkv = b.linear(
-            &format!("{name}.qkv"),
+            name.at("qkv"),
             x,
             q_width + 2 * kv_width,
             model.qkv_bias,
@@ -290,21 +287,21 @@ fn self_attention(
         )
     } else {
         let q = b.linear(
-            &format!("{name}.q_proj"),
+            name.at("q_proj"),
             x,
             q_width,
             model.qkv_bias,
             Some(Proj::Q),
         );
         let k = b.linear(
-            &format!("{name}.k_proj"),
+            name.at("k_proj"),
             x,
             kv_width,
             model.qkv_bias,
             Some(Proj::K),
         );
         let v = b.linear(
-            &format!("{name}.v_proj"),
+            name.at("v_proj"),
             x,
             kv_width,
             model.qkv_bias,
@@ -313,8 +310,8 @@ fn self_attention(
         (q, k, v)
     };
     if let Positions::Rotary { .. } = model.positions {
-        q = b.rotary(&format!("{name}.rotary_q"), q, embed_dtype);
-        k = b.rotary(&format!("{name}.rotary_k"), k, embed_dtype);
+        q = b.rotary(name.at("rotary_q"), q, embed_dtype);
+        k = b.rotary(name.at("rotary_k"), k, embed_dtype);
     }
     let batch = b.plan.batch;
     let prefix = b.plan.method.prefix_tokens();
@@ -326,7 +323,7 @@ fn self_attention(
         v = b.val(kv_width, batch * seq_k, v.dtype, true);
     }
     let a = b.attention(
-        &format!("{name}.core"),
+        name.at("core"),
         q,
         k,
         v,
@@ -337,7 +334,7 @@ fn self_attention(
     );
     let o_bias = model.linear_bias;
     b.linear(
-        &format!("{name}.o_proj"),
+        name.at("o_proj"),
         a,
         model.hidden_size,
         o_bias,
@@ -348,32 +345,33 @@ fn self_attention(
 /// Decoder cross-attention over the encoder output `memory` (keys and values from it).
 fn cross_attention(
     b: &mut Builder,
-    name: &str,
+    at: (Scope, &'static str),
     x: Val,
     memory: (Val, u64),
     stack: &Stack,
     seq: u64,
 ) -> Val {
+    let name = b.scope(at.0, at.1);
     let model = b.model;
     let (mem, mem_seq) = memory;
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
     let q = b.linear(
-        &format!("{name}.q_proj"),
+        name.at("q_proj"),
         x,
         q_width,
         model.qkv_bias,
         Some(Proj::Q),
     );
     let k = b.linear(
-        &format!("{name}.k_proj"),
+        name.at("k_proj"),
         mem,
         kv_width,
         model.qkv_bias,
         Some(Proj::K),
     );
     let v = b.linear(
-        &format!("{name}.v_proj"),
+        name.at("v_proj"),
         mem,
         kv_width,
         model.qkv_bias,
@@ -385,7 +383,7 @@ fn cross_attention(
         _ => AttnMask::Full,
     };
     let a = b.attention(
-        &format!("{name}.core"),
+        name.at("core"),
         q,
         k,
         v,
@@ -395,7 +393,7 @@ fn cross_attention(
         mask,
     );
     b.linear(
-        &format!("{name}.o_proj"),
+        name.at("o_proj"),
         a,
         model.hidden_size,
         model.linear_bias,
@@ -404,35 +402,38 @@ fn cross_attention(
 }
 
 /// The feed-forward network: gated (SwiGLU/GeGLU) or two-matrix.
-fn mlp(b: &mut Builder, name: &str, x: Val, stack: &Stack) -> Val {
+fn mlp(
+    b: &mut Builder,
+    at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
+    let name = b.scope(at.0, at.1);
     let model = b.model;
     let inter = stack.intermediate_size;
     let bias = model.linear_bias;
     if model.gated_ffn {
         let g = b.linear(
-            &format!("{name}.gate_proj"),
+            name.at("gate_proj"),
             x,
             inter,
             bias,
             Some(Proj::Gate),
         );
-        let u = b.linear(&format!("{name}.up_proj"), x, inter, bias, Some(Proj::Up));
-        let a = b.activation(&format!("{name}.act"), g);
-        let p = b.mul(&format!("{name}.gate_mul"), a, u);
-        let p = b.dropout(&format!("{name}.act.dropout"), p, model.dropout.activation);
+        let u = b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up));
+        let a = b.activation(name.at("act"), g);
+        let p = b.mul(name.at("gate_mul"), a, u);
+        let p = b.dropout(name.at("act").sub("dropout"), p, model.dropout.activation);
         b.linear(
-            &format!("{name}.down_proj"),
+            name.at("down_proj"),
             p,
             model.hidden_size,
             bias,
             Some(Proj::Down),
         )
     } else {
-        let f = b.linear(&format!("{name}.fc1"), x, inter, bias, Some(Proj::Up));
-        let a = b.activation(&format!("{name}.act"), f);
-        let a = b.dropout(&format!("{name}.act.dropout"), a, model.dropout.activation);
+        let f = b.linear(name.at("fc1"), x, inter, bias, Some(Proj::Up));
+        let a = b.activation(name.at("act"), f);
+        let a = b.dropout(name.at("act").sub("dropout"), a, model.dropout.activation);
         b.linear(
-            &format!("{name}.fc2"),
+            name.at("fc2"),
             a,
             model.hidden_size,
             bias,

@@ -8,11 +8,12 @@
 //! are the whole activation model: there is no per-model multiplier.
 
 use crate::graph::op::{
-    Cost, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Tensor, TensorId, TensorKind,
+    Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind,
 };
 use crate::spec::model::{Activation, ModelSpec, Norm, Positions, Stack};
 use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Plan, Precision, Proj};
 use crate::units::{Bytes, DType, Flops};
+use smallvec::{SmallVec, smallvec};
 
 /// A value flowing through the forward pass.
 #[derive(Debug, Clone, Copy)]
@@ -56,10 +57,10 @@ pub struct Builder<'a> {
 
 /// Pieces of a matmul-like op that the callers fill.
 struct OpSpec {
-    name: String,
+    name: Name,
     kind: OpKind,
-    params: Vec<ParamId>,
-    saves: Vec<TensorId>,
+    params: SmallVec<[ParamId; 3]>,
+    saves: SmallVec<[TensorId; 6]>,
     forward_transient: Bytes,
     backward_transient: Bytes,
     cost: Cost,
@@ -108,6 +109,11 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// Interns a child scope (`decoder` -> `decoder.layers.3`).
+    pub fn scope(&mut self, parent: Scope, child: &str) -> Scope {
+        self.graph.scope(parent, child)
+    }
+
     /// A bf16 weight copy from autocast's cache; `cache_only` when autograd does not keep it.
     fn weight_copy(&mut self, bytes: Bytes, cache_only: bool) -> TensorId {
         self.graph.add_tensor(Tensor {
@@ -135,14 +141,14 @@ impl<'a> Builder<'a> {
 
     fn param(
         &mut self,
-        name: &str,
+        name: Name,
         shape: (u64, u64),
         dtype: DType,
         trainable: bool,
         role: ParamRole,
     ) -> ParamId {
         self.graph.add_param(Param {
-            name: name.to_string(),
+            name,
             elements: shape.0.saturating_mul(shape.1),
             dtype,
             trainable,
@@ -153,13 +159,13 @@ impl<'a> Builder<'a> {
     }
 
     /// A frozen-or-trainable base parameter in the plan's base dtype.
-    pub fn base_param(&mut self, name: &str, shape: (u64, u64), role: ParamRole) -> ParamId {
+    pub fn base_param(&mut self, name: Name, shape: (u64, u64), role: ParamRole) -> ParamId {
         let (base, trainable) = (self.base, self.base_trainable);
         self.param(name, shape, base, trainable, role)
     }
 
     /// A trainable PEFT parameter.
-    pub fn adapter_param(&mut self, name: &str, shape: (u64, u64)) -> ParamId {
+    pub fn adapter_param(&mut self, name: Name, shape: (u64, u64)) -> ParamId {
         let dtype = self.adapter;
         self.param(name, shape, dtype, true, ParamRole::Adapter)
     }
@@ -182,19 +188,19 @@ impl<'a> Builder<'a> {
     /// An element-wise op over `inputs` producing `out`, saving `saves`.
     fn elementwise(
         &mut self,
-        name: &str,
+        name: Name,
         inputs: &[Val],
         out: Val,
-        saves: Vec<TensorId>,
+        saves: SmallVec<[TensorId; 6]>,
         flops_per_elem: f64,
     ) -> usize {
         let read: Bytes = inputs.iter().map(Val::bytes).sum();
         let in_backward = out.grad;
-        let saves = if in_backward { saves } else { Vec::new() };
+        let saves = if in_backward { saves } else { SmallVec::new() };
         self.emit(OpSpec {
-            name: name.to_string(),
+            name,
             kind: OpKind::Elementwise,
-            params: Vec::new(),
+            params: SmallVec::new(),
             saves,
             forward_transient: out.bytes(),
             backward_transient: out.bytes() + read,
@@ -213,33 +219,33 @@ impl<'a> Builder<'a> {
     }
 
     /// `x.to(dtype)`: the same tensor when the dtype already matches, else a copy (saves nothing).
-    pub fn cast(&mut self, name: &str, x: Val, dtype: DType) -> Val {
+    pub fn cast(&mut self, name: Name, x: Val, dtype: DType) -> Val {
         if x.dtype == dtype {
             return x;
         }
         let out = self.val(x.width, x.tokens, dtype, x.grad);
-        self.elementwise(name, &[x], out, Vec::new(), 0.0);
+        self.elementwise(name, &[x], out, SmallVec::new(), 0.0);
         out
     }
 
     /// `a + b` (residual adds): saves nothing; the result takes the wider dtype.
-    pub fn add(&mut self, name: &str, a: Val, b: Val) -> Val {
+    pub fn add(&mut self, name: Name, a: Val, b: Val) -> Val {
         let dtype = wider(a.dtype, b.dtype);
         let out = self.val(a.width, a.tokens, dtype, a.grad || b.grad);
-        self.elementwise(name, &[a, b], out, Vec::new(), 1.0);
+        self.elementwise(name, &[a, b], out, SmallVec::new(), 1.0);
         out
     }
 
     /// `nn.Dropout(p)` in training: with p > 0 CUDA's fused dropout keeps a bool mask of the
     /// input's size; with p = 0 `F.dropout` returns its input unchanged.
-    pub fn dropout(&mut self, name: &str, x: Val, p: f64) -> Val {
+    pub fn dropout(&mut self, name: Name, x: Val, p: f64) -> Val {
         if p <= 0.0 {
             // `nn.Dropout(p=0)` still costs a module call and a dispatch that returns its input.
             self.emit(OpSpec {
-                name: name.to_string(),
+                name,
                 kind: OpKind::Elementwise,
-                params: Vec::new(),
-                saves: Vec::new(),
+                params: SmallVec::new(),
+                saves: SmallVec::new(),
                 forward_transient: Bytes::ZERO,
                 backward_transient: Bytes::ZERO,
                 cost: Cost {
@@ -254,7 +260,7 @@ impl<'a> Builder<'a> {
         }
         let mask = self.tensor(TensorKind::Activation, DType::U8.bytes(x.elements()));
         let out = self.val(x.width, x.tokens, x.dtype, x.grad);
-        self.elementwise(name, &[x], out, vec![mask], 2.0);
+        self.elementwise(name, &[x], out, smallvec![mask], 2.0);
         out
     }
 
@@ -275,10 +281,10 @@ impl<'a> Builder<'a> {
         let out = Val { id, ..input };
         // A zero-cost marker op that keeps the block input.
         self.emit(OpSpec {
-            name: "checkpoint.input".into(),
+            name: Name::root("checkpoint_input"),
             kind: OpKind::Elementwise,
-            params: Vec::new(),
-            saves: vec![out.id],
+            params: SmallVec::new(),
+            saves: smallvec![out.id],
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost::default(),
@@ -330,7 +336,7 @@ impl<'a> Builder<'a> {
     /// with whatever the method wraps around it.
     pub fn linear(
         &mut self,
-        name: &str,
+        name: Name,
         x: Val,
         out_features: u64,
         bias: bool,
@@ -344,7 +350,7 @@ impl<'a> Builder<'a> {
             let elements = in_features.saturating_mul(out_features);
             let blocks = elements.div_ceil(64);
             self.graph.add_param(Param {
-                name: format!("{name}.weight"),
+                name: name.sub("weight"),
                 elements,
                 dtype: DType::Nf4,
                 trainable: false,
@@ -354,15 +360,15 @@ impl<'a> Builder<'a> {
             })
         } else {
             self.base_param(
-                &format!("{name}.weight"),
+                name.sub("weight"),
                 (out_features, in_features),
                 ParamRole::Linear,
             )
         };
-        let mut params = vec![weight];
+        let mut params: SmallVec<[ParamId; 3]> = smallvec![weight];
         if bias {
             params.push(self.base_param(
-                &format!("{name}.bias"),
+                name.sub("bias"),
                 (1, out_features),
                 ParamRole::Bias,
             ));
@@ -372,27 +378,25 @@ impl<'a> Builder<'a> {
 
         // IA3 on a feed-forward input: `(x.to(fp32) * l)` saves the fp32 input for l's gradient.
         let mut x = x;
-        let mut pre_saves = Vec::new();
         let ia3 = self.ia3_on(proj);
         if ia3 == Some(Ia3Site::Input) {
-            let l = self.adapter_param(&format!("{name}.ia3_l"), (1, in_features));
-            let x32 = self.cast(&format!("{name}.ia3.cast"), x, self.adapter);
+            let l = self.adapter_param(name.sub("ia3_l"), (1, in_features));
+            let x32 = self.cast(name.sub("ia3_cast"), x, self.adapter);
             let scaled = self.val(in_features, x.tokens, self.adapter, true);
             self.grad_started = true;
-            let op = self.elementwise(&format!("{name}.ia3"), &[x32], scaled, vec![x32.id], 1.0);
+            let op = self.elementwise(name.sub("ia3"), &[x32], scaled, smallvec![x32.id], 1.0);
             if let Some(o) = self.graph.op_mut(op) {
                 o.params.push(l);
             }
-            pre_saves.push(x32.id);
-            x = self.cast(&format!("{name}.ia3.back"), scaled, x.dtype);
+            x = self.cast(name.sub("ia3_back"), scaled, x.dtype);
         }
 
         let xin = if self.autocast || qlora {
-            self.cast(&format!("{name}.cast"), x, DType::Bf16)
+            self.cast(name.sub("cast"), x, DType::Bf16)
         } else {
             x
         };
-        let mut saves = Vec::new();
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         if trainable {
             saves.push(xin.id);
         }
@@ -430,10 +434,10 @@ impl<'a> Builder<'a> {
             compute.bytes(in_features * out_features)
         };
         self.emit(OpSpec {
-            name: name.to_string(),
+            name,
             kind: OpKind::Matmul,
             params,
-            saves: if out_grad { saves } else { Vec::new() }
+            saves: if out_grad { saves } else { SmallVec::new() }
                 .into_iter()
                 .chain(cached)
                 .collect(),
@@ -466,40 +470,37 @@ impl<'a> Builder<'a> {
         // output; the scaled update is added to the base output.
         if let Some(rank) = self.lora_on(proj) {
             self.grad_started = true;
-            let a = self.adapter_param(&format!("{name}.lora_A"), (rank, in_features));
-            let b = self.adapter_param(&format!("{name}.lora_B"), (out_features, rank));
-            let xa = self.cast(&format!("{name}.lora.cast"), x, self.adapter);
+            let a = self.adapter_param(name.sub("lora_A"), (rank, in_features));
+            let b = self.adapter_param(name.sub("lora_B"), (out_features, rank));
+            let xa = self.cast(name.sub("lora_cast"), x, self.adapter);
             let xa = if self.autocast {
-                self.cast(&format!("{name}.lora.autocast"), xa, DType::Bf16)
+                self.cast(name.sub("lora_autocast"), xa, DType::Bf16)
             } else {
                 xa
             };
-            let lc = xa.dtype;
-            let mid = self.lora_matmul(&format!("{name}.lora_A"), xa, rank, a, x.grad);
-            let up = self.lora_matmul(&format!("{name}.lora_B"), mid, out_features, b, true);
-            let _ = lc;
+            let mid = self.lora_matmul(name.sub("lora_A"), xa, rank, a, x.grad);
+            let up = self.lora_matmul(name.sub("lora_B"), mid, out_features, b, true);
             let scaled = self.val(out_features, x.tokens, up.dtype, true);
             self.elementwise(
-                &format!("{name}.lora.scale"),
+                name.sub("lora_scale"),
                 &[up],
                 scaled,
-                Vec::new(),
+                SmallVec::new(),
                 1.0,
             );
-            out = self.add(&format!("{name}.lora.add"), out, scaled);
+            out = self.add(name.sub("lora_add"), out, scaled);
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
         if ia3 == Some(Ia3Site::Output) {
             self.grad_started = true;
-            let l = self.adapter_param(&format!("{name}.ia3_l"), (1, out_features));
+            let l = self.adapter_param(name.sub("ia3_l"), (1, out_features));
             let scaled = self.val(out_features, x.tokens, wider(out.dtype, self.adapter), true);
-            let op = self.elementwise(&format!("{name}.ia3"), &[out], scaled, vec![out.id], 1.0);
+            let op = self.elementwise(name.sub("ia3"), &[out], scaled, smallvec![out.id], 1.0);
             if let Some(o) = self.graph.op_mut(op) {
                 o.params.push(l);
             }
-            out = self.cast(&format!("{name}.ia3.back"), scaled, out.dtype);
+            out = self.cast(name.sub("ia3_back"), scaled, out.dtype);
         }
-        let _ = pre_saves;
         out
     }
 
@@ -507,7 +508,7 @@ impl<'a> Builder<'a> {
     /// gradient; under autocast also the bf16 copy of its fp32 weight when the input needs grad.
     fn lora_matmul(
         &mut self,
-        name: &str,
+        name: Name,
         x: Val,
         out_features: u64,
         weight: ParamId,
@@ -518,7 +519,7 @@ impl<'a> Builder<'a> {
         } else {
             self.adapter
         };
-        let mut saves = vec![x.id];
+        let mut saves = smallvec![x.id];
         if self.autocast && input_grad {
             let elems = x.width * out_features;
             saves.push(self.tensor(TensorKind::WeightCopy, DType::Bf16.bytes(elems)));
@@ -526,9 +527,9 @@ impl<'a> Builder<'a> {
         let out = self.val(out_features, x.tokens, compute, true);
         let flops = 2.0 * x.tokens as f64 * x.width as f64 * out_features as f64;
         self.emit(OpSpec {
-            name: name.to_string(),
+            name,
             kind: OpKind::Matmul,
-            params: vec![weight],
+            params: smallvec![weight],
             saves,
             forward_transient: out.bytes(),
             backward_transient: out.bytes() + x.bytes(),
@@ -552,51 +553,51 @@ impl<'a> Builder<'a> {
 
     /// A bottleneck adapter (down, ReLU, up, residual) on `x`, in the adapter's fp32 weights
     /// under autocast (measure.py's `Bottleneck`, Houlsby et al. 2019).
-    pub fn bottleneck(&mut self, name: &str, x: Val, size: u64) -> Val {
+    pub fn bottleneck(&mut self, name: Name, x: Val, size: u64) -> Val {
         self.grad_started = true;
         let h = x.width;
-        let down = self.adapter_param(&format!("{name}.down.weight"), (size, h));
-        let down_b = self.adapter_param(&format!("{name}.down.bias"), (1, size));
-        let up = self.adapter_param(&format!("{name}.up.weight"), (h, size));
-        let up_b = self.adapter_param(&format!("{name}.up.bias"), (1, h));
+        let down = self.adapter_param(name.sub("down_weight"), (size, h));
+        let down_b = self.adapter_param(name.sub("down_bias"), (1, size));
+        let up = self.adapter_param(name.sub("up_weight"), (h, size));
+        let up_b = self.adapter_param(name.sub("up_bias"), (1, h));
         let xin = if self.autocast {
-            self.cast(&format!("{name}.cast"), x, DType::Bf16)
+            self.cast(name.sub("cast"), x, DType::Bf16)
         } else {
             x
         };
-        let mid = self.lora_matmul(&format!("{name}.down"), xin, size, down, x.grad);
+        let mid = self.lora_matmul(name.sub("down"), xin, size, down, x.grad);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(down_b);
         }
         let act = self.val(size, x.tokens, mid.dtype, true);
-        self.elementwise(&format!("{name}.relu"), &[mid], act, vec![act.id], 1.0);
-        let upv = self.lora_matmul(&format!("{name}.up"), act, h, up, true);
+        self.elementwise(name.sub("relu"), &[mid], act, smallvec![act.id], 1.0);
+        let upv = self.lora_matmul(name.sub("up"), act, h, up, true);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(up_b);
         }
-        self.add(&format!("{name}.residual"), x, upv)
+        self.add(name.sub("residual"), x, upv)
     }
 
     /// A normalisation layer, saving what its implementation's autograd graph keeps.
-    pub fn norm(&mut self, name: &str, x: Val) -> Val {
+    pub fn norm(&mut self, name: Name, x: Val) -> Val {
         let h = x.width;
         let kind = self.model.norm;
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = kind == Norm::LayerNorm;
-        let w = self.base_param(&format!("{name}.weight"), (1, h), ParamRole::Norm);
-        let mut params = vec![w];
+        let w = self.base_param(name.sub("weight"), (1, h), ParamRole::Norm);
+        let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
         if has_bias {
-            params.push(self.base_param(&format!("{name}.bias"), (1, h), ParamRole::Norm));
+            params.push(self.base_param(name.sub("bias"), (1, h), ParamRole::Norm));
         }
         let trainable = self.base_trainable;
         let tokens = x.tokens;
         let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
-        let mut saves = Vec::new();
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let out = match kind {
             Norm::LayerNorm => {
                 // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32.
                 let input = if self.autocast {
-                    self.cast(&format!("{name}.cast"), x, DType::F32)
+                    self.cast(name.sub("cast"), x, DType::F32)
                 } else {
                     x
                 };
@@ -606,7 +607,7 @@ impl<'a> Builder<'a> {
             }
             Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::T5RmsNorm => {
                 // hidden.to(fp32): pow(2) and the rsqrt multiply keep the fp32 copy.
-                let x32 = self.cast(&format!("{name}.upcast"), x, DType::F32);
+                let x32 = self.cast(name.sub("upcast"), x, DType::F32);
                 if x.grad {
                     saves.push(x32.id);
                     saves.push(stats(self));
@@ -651,10 +652,10 @@ impl<'a> Builder<'a> {
             self.grad_started = true;
         }
         self.emit(OpSpec {
-            name: name.to_string(),
+            name,
             kind: OpKind::Norm,
             params,
-            saves: if out.grad { saves } else { Vec::new() },
+            saves: if out.grad { saves } else { SmallVec::new() },
             forward_transient: out.bytes() + x.dtype.bytes(x.elements()),
             backward_transient: out.bytes() + x.bytes() + DType::F32.bytes(x.elements()),
             cost: Cost {
@@ -687,14 +688,14 @@ impl<'a> Builder<'a> {
     }
 
     /// The FFN's activation. `gated` multiplies by the up projection afterwards (the caller).
-    pub fn activation(&mut self, name: &str, x: Val) -> Val {
+    pub fn activation(&mut self, name: Name, x: Val) -> Val {
         let width = x.width;
         let tokens = x.tokens;
         self.emit(OpSpec {
-            name: format!("{name}.module"),
+            name: name.sub("module"),
             kind: OpKind::Elementwise,
-            params: Vec::new(),
-            saves: Vec::new(),
+            params: SmallVec::new(),
+            saves: SmallVec::new(),
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost {
@@ -708,13 +709,13 @@ impl<'a> Builder<'a> {
             Activation::Silu | Activation::Gelu => {
                 // One kernel; backward needs the input.
                 let out = self.val(width, tokens, x.dtype, x.grad);
-                self.elementwise(name, &[x], out, vec![x.id], 8.0);
+                self.elementwise(name, &[x], out, smallvec![x.id], 8.0);
                 out
             }
             Activation::Relu => {
                 // threshold_backward uses the output.
                 let out = self.val(width, tokens, x.dtype, x.grad);
-                self.elementwise(name, &[x], out, vec![out.id], 1.0);
+                self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
                 out
             }
             Activation::GeluNewPython => {
@@ -722,21 +723,21 @@ impl<'a> Builder<'a> {
                 // pow (autocast: fp32) keeps its fp32 input; tanh keeps its output; the final
                 // multiply keeps both operands, 0.5*x and (1 + tanh).
                 let wide = if self.autocast { DType::F32 } else { x.dtype };
-                let x32 = self.cast(&format!("{name}.pow.cast"), x, wide);
+                let x32 = self.cast(name.sub("pow_cast"), x, wide);
                 let inner = self.val(width, tokens, wide, x.grad);
-                self.elementwise(&format!("{name}.pow"), &[x32], inner, vec![x32.id], 4.0);
+                self.elementwise(name.sub("pow"), &[x32], inner, smallvec![x32.id], 4.0);
                 let t = self.val(width, tokens, wide, x.grad);
-                self.elementwise(&format!("{name}.tanh"), &[inner], t, vec![t.id], 4.0);
+                self.elementwise(name.sub("tanh"), &[inner], t, smallvec![t.id], 4.0);
                 let half = self.val(width, tokens, x.dtype, x.grad);
-                self.elementwise(&format!("{name}.half"), &[x], half, Vec::new(), 1.0);
+                self.elementwise(name.sub("half"), &[x], half, SmallVec::new(), 1.0);
                 let one_plus = self.val(width, tokens, wide, x.grad);
-                self.elementwise(&format!("{name}.one_plus"), &[t], one_plus, Vec::new(), 1.0);
+                self.elementwise(name.sub("one_plus"), &[t], one_plus, SmallVec::new(), 1.0);
                 let out = self.val(width, tokens, wider(wide, x.dtype), x.grad);
                 self.elementwise(
-                    &format!("{name}.mul"),
+                    name.sub("mul"),
                     &[half, one_plus],
                     out,
-                    vec![half.id, one_plus.id],
+                    smallvec![half.id, one_plus.id],
                     1.0,
                 );
                 out
@@ -745,9 +746,9 @@ impl<'a> Builder<'a> {
     }
 
     /// `a * b` of two activations (gated FFN): keeps both.
-    pub fn mul(&mut self, name: &str, a: Val, b: Val) -> Val {
+    pub fn mul(&mut self, name: Name, a: Val, b: Val) -> Val {
         let out = self.val(a.width, a.tokens, wider(a.dtype, b.dtype), a.grad || b.grad);
-        let mut saves = Vec::new();
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         if b.grad {
             saves.push(a.id);
         }
@@ -761,9 +762,9 @@ impl<'a> Builder<'a> {
     /// Rotary embeddings: `q * cos + rotate_half(q) * sin` keeps only cos and sin (shared), and
     /// produces a new tensor in the wider of q's and cos's dtypes (cos follows the embeddings'
     /// dtype: fp32 when the weights are fp32).
-    pub fn rotary(&mut self, name: &str, x: Val, cos_dtype: DType) -> Val {
+    pub fn rotary(&mut self, name: Name, x: Val, cos_dtype: DType) -> Val {
         let out = self.val(x.width, x.tokens, wider(x.dtype, cos_dtype), x.grad);
-        let op = self.elementwise(name, &[x], out, Vec::new(), 3.0);
+        let op = self.elementwise(name, &[x], out, SmallVec::new(), 3.0);
         if let Some(o) = self.graph.op_mut(op) {
             // mul, two slices, neg, cat, mul, add: each a kernel, ~10 passes over the tensor
             // each way (transformers' `apply_rotary_pos_emb`).
@@ -779,7 +780,7 @@ impl<'a> Builder<'a> {
     #[expect(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
-        name: &str,
+        name: Name,
         q: Val,
         k: Val,
         v: Val,
@@ -797,7 +798,7 @@ impl<'a> Builder<'a> {
             .saturating_mul(seq_q)
             .saturating_mul(seq_k);
         let out_width = heads * head_dim;
-        let mut saves = Vec::new();
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let mut fwd_extra = Bytes::ZERO;
         let kernel = match (self.plan.attention, mask) {
             (AttentionKernel::Eager, _) => Kernel::Eager,
@@ -825,9 +826,9 @@ impl<'a> Builder<'a> {
                 } else {
                     (k, v)
                 };
-                let q = self.cast(&format!("{name}.q.cast"), q, compute);
-                let k = self.cast(&format!("{name}.k.cast"), k, compute);
-                let v = self.cast(&format!("{name}.v.cast"), v, compute);
+                let q = self.cast(name.sub("q_cast"), q, compute);
+                let k = self.cast(name.sub("k_cast"), k, compute);
+                let v = self.cast(name.sub("v_cast"), v, compute);
                 saves.extend([q.id, k.id, v.id]);
                 saves.push(self.tensor(
                     TensorKind::Activation,
@@ -849,7 +850,7 @@ impl<'a> Builder<'a> {
                 // `where` result that the second matmul keeps: two probability matrices.
                 let qs = self.val(q.width, q.tokens, compute, q.grad);
                 let ks = self.val(k.width, k.tokens, compute, k.grad);
-                let v = self.cast(&format!("{name}.v.cast"), v, compute);
+                let v = self.cast(name.sub("v_cast"), v, compute);
                 saves.extend([qs.id, ks.id, v.id]);
                 saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                 saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
@@ -865,16 +866,16 @@ impl<'a> Builder<'a> {
                 // to every head), softmax(dtype=fp32) keeps its fp32 output, the bf16 copy of
                 // it is kept by the matmul with v, and so is v.
                 let group = heads / stack.kv_heads.max(1);
-                let q = self.cast(&format!("{name}.q.cast"), q, compute);
+                let q = self.cast(name.sub("q_cast"), q, compute);
                 let k_rep = if group > 1 {
                     self.val(out_width, k.tokens, compute, k.grad)
                 } else {
-                    self.cast(&format!("{name}.k.cast"), k, compute)
+                    self.cast(name.sub("k_cast"), k, compute)
                 };
                 let v_rep = if group > 1 {
                     self.val(out_width, v.tokens, compute, v.grad)
                 } else {
-                    self.cast(&format!("{name}.v.cast"), v, compute)
+                    self.cast(name.sub("v_cast"), v, compute)
                 };
                 saves.extend([q.id, k_rep.id, v_rep.id]);
                 saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(scores)));
@@ -898,10 +899,10 @@ impl<'a> Builder<'a> {
             Kernel::Math | Kernel::Eager => DType::F32.bytes(scores) * 4,
         };
         self.emit(OpSpec {
-            name: name.to_string(),
+            name,
             kind: OpKind::Attention,
-            params: Vec::new(),
-            saves: if grad { saves } else { Vec::new() },
+            params: SmallVec::new(),
+            saves: if grad { saves } else { SmallVec::new() },
             forward_transient: out.bytes() + fwd_extra,
             backward_transient: io + fwd_extra,
             cost: Cost {
@@ -926,7 +927,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Token (and position) embedding lookup: backward needs only the indices.
-    pub fn embedding(&mut self, name: &str, param: ParamId, width: u64, tokens: u64) -> Val {
+    pub fn embedding(&mut self, name: Name, param: ParamId, width: u64, tokens: u64) -> Val {
         let p = self.graph.param(param).clone();
         let dtype = p.dtype;
         let out = self.val(width, tokens, dtype, p.trainable);
@@ -935,10 +936,10 @@ impl<'a> Builder<'a> {
         }
         let table_bytes = p.bytes();
         self.emit(OpSpec {
-            name: name.to_string(),
+            name,
             kind: OpKind::Embedding,
-            params: vec![param],
-            saves: Vec::new(),
+            params: smallvec![param],
+            saves: SmallVec::new(),
             forward_transient: out.bytes(),
             // The table-sized gradient is counted as the parameter's gradient.
             backward_transient: out.bytes(),
@@ -974,11 +975,11 @@ impl<'a> Builder<'a> {
         let trainable = head_param.trainable;
         let compute = self.compute();
         let xin = if self.autocast {
-            self.cast("lm_head.cast", x, DType::Bf16)
+            self.cast(Name::root("lm_head").sub("cast"), x, DType::Bf16)
         } else {
             x
         };
-        let mut saves = Vec::new();
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         if trainable {
             saves.push(xin.id);
         }
@@ -991,18 +992,18 @@ impl<'a> Builder<'a> {
                 cached = Some(copy);
             }
         }
-        let mut params = vec![head];
+        let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
         if bias {
-            params.push(self.base_param("lm_head.bias", (1, vocab), ParamRole::Bias));
+            params.push(self.base_param(Name::root("lm_head").sub("bias"), (1, vocab), ParamRole::Bias));
         }
         let logits = self.val(vocab, tokens, compute, x.grad || trainable);
         let flops = 2.0 * tokens as f64 * x.width as f64 * vocab as f64;
         let grad = logits.grad;
         self.emit(OpSpec {
-            name: "lm_head".into(),
+            name: Name::root("lm_head"),
             kind: OpKind::Matmul,
             params,
-            saves: if grad { saves } else { Vec::new() }
+            saves: if grad { saves } else { SmallVec::new() }
                 .into_iter()
                 .chain(cached)
                 .collect(),
@@ -1042,10 +1043,10 @@ impl<'a> Builder<'a> {
         };
         let vocab_grad = loss_dtype.bytes(tokens * vocab);
         self.emit(OpSpec {
-            name: "loss".into(),
+            name: Name::root("loss"),
             kind: OpKind::Loss,
-            params: Vec::new(),
-            saves: vec![logp],
+            params: SmallVec::new(),
+            saves: smallvec![logp],
             // The bf16 logits stay referenced by the model output until the loss is computed.
             forward_transient: logits.bytes() + upcast,
             // nll_loss's gradient and log_softmax's gradient coexist with the saved output.

@@ -6,6 +6,38 @@
 use crate::units::{Bytes, DType, Flops};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
+use smallvec::SmallVec;
+
+/// An interned name prefix (`decoder.layers.3.self_attn`), one string per module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Scope(pub u32);
+
+impl Scope {
+    /// A leaf inside this scope.
+    pub fn at(self, part: &'static str) -> Name {
+        Name { scope: self, part, sub: "" }
+    }
+}
+
+/// An op's or parameter's name without an allocation: scope, module and sub-op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Name {
+    pub scope: Scope,
+    pub part: &'static str,
+    pub sub: &'static str,
+}
+
+impl Name {
+    /// A top-level name (`lm_head`).
+    pub fn root(part: &'static str) -> Name {
+        Scope(0).at(part)
+    }
+
+    /// An op inside this one (`q_proj` -> `q_proj.cast`).
+    pub fn sub(self, sub: &'static str) -> Name {
+        Name { sub, ..self }
+    }
+}
 
 /// Index of a tensor in [`OpGraph::tensors`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +91,8 @@ pub enum ParamRole {
 /// One parameter tensor (or a group of identical ones).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Param {
-    pub name: String,
+    #[serde(skip)]
+    pub name: Name,
     pub elements: u64,
     /// Storage type (NF4 for QLoRA's quantized weights).
     pub dtype: DType,
@@ -121,18 +154,16 @@ pub struct Cost {
 }
 
 /// One operation of the forward pass, with everything backward will need.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Op {
-    pub name: String,
+    pub name: Name,
     pub kind: OpKind,
     /// The checkpointed block this op belongs to, if gradient checkpointing is on.
     pub segment: Option<u32>,
     /// Parameters read by the op (a tied weight appears in two ops).
-    #[serde(skip)]
-    pub params: Vec<ParamId>,
+    pub params: SmallVec<[ParamId; 3]>,
     /// Tensors it keeps alive for its backward.
-    #[serde(skip)]
-    pub saves: Vec<TensorId>,
+    pub saves: SmallVec<[TensorId; 6]>,
     /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
     pub forward_transient: Bytes,
     /// Memory live only while its backward runs (incoming and outgoing gradients, scratch).
@@ -145,15 +176,47 @@ pub struct Op {
 }
 
 /// The op graph of one training step: ops in forward execution order, linked by data flow.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OpGraph {
     graph: DiGraph<Op, ()>,
     order: Vec<NodeIndex>,
     pub tensors: Vec<Tensor>,
     pub params: Vec<Param>,
+    /// Interned scope strings; scope 0 is the model root.
+    scopes: Vec<String>,
+}
+
+impl Default for OpGraph {
+    fn default() -> OpGraph {
+        OpGraph {
+            graph: DiGraph::with_capacity(2048, 2048),
+            order: Vec::with_capacity(2048),
+            tensors: Vec::with_capacity(4096),
+            params: Vec::with_capacity(1024),
+            scopes: vec![String::new()],
+        }
+    }
 }
 
 impl OpGraph {
+    /// Interns `parent.child`.
+    pub fn scope(&mut self, parent: Scope, child: &str) -> Scope {
+        let base = &self.scopes[parent.0 as usize];
+        let s = if base.is_empty() { child.to_string() } else { format!("{base}.{child}") };
+        self.scopes.push(s);
+        Scope((self.scopes.len() - 1) as u32)
+    }
+
+    /// The dotted name.
+    pub fn name(&self, n: Name) -> String {
+        [self.scopes[n.scope.0 as usize].as_str(), n.part, n.sub]
+            .iter()
+            .filter(|p| !p.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
     pub fn add_tensor(&mut self, tensor: Tensor) -> TensorId {
         self.tensors.push(tensor);
         TensorId((self.tensors.len() - 1) as u32)
@@ -233,7 +296,7 @@ impl OpGraph {
                 if t.0 as usize >= self.tensors.len() {
                     return Err(format!(
                         "op `{}` saves a tensor that does not exist",
-                        op.name
+                        self.name(op.name)
                     ));
                 }
             }
@@ -241,7 +304,7 @@ impl OpGraph {
                 if p.0 as usize >= self.params.len() {
                     return Err(format!(
                         "op `{}` uses a parameter that does not exist",
-                        op.name
+                        self.name(op.name)
                     ));
                 }
             }
