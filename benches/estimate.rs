@@ -63,7 +63,13 @@ fn main() {
         black_box(ftplan::time::estimate(&g, black_box(&plan), &hw, &rates));
     }
     let time = start.elapsed().as_secs_f64() / f64::from(n);
-    println!("  of which graph build {:.1} us, memory walk {:.1} us, time model {:.1} us ({} ops)", build * 1e6, mem * 1e6, time * 1e6, g.len());
+    println!(
+        "  of which graph build {:.1} us, memory walk {:.1} us, time model {:.1} us ({} ops)",
+        build * 1e6,
+        mem * 1e6,
+        time * 1e6,
+        g.len()
+    );
 
     // A 10,000-plan sweep (methods x batch x seq x checkpointing) on one core.
     let methods = [

@@ -110,7 +110,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         live_logits: Bytes::ZERO,
         grads: Bytes::ZERO,
         best: None,
-        base: Breakdown { weights, optimizer: states, temporary: workspace, ..Breakdown::default() },
+        base: Breakdown {
+            weights,
+            optimizer: states,
+            temporary: workspace,
+            ..Breakdown::default()
+        },
     };
 
     // Forward.
@@ -164,7 +169,10 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         }
         if op.segment.is_some() && op.segment != current_segment {
             // Recompute the block's forward: its saved tensors come back.
-            let start = ops[..i].iter().rposition(|o| o.segment != op.segment).map_or(0, |p| p + 1);
+            let start = ops[..i]
+                .iter()
+                .rposition(|o| o.segment != op.segment)
+                .map_or(0, |p| p + 1);
             for o in &ops[start..=i] {
                 for &t in o.saves.iter().filter(|&&t| !graph.tensor(t).cache_only) {
                     walk.hold(t);

@@ -185,7 +185,10 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         }
         if op.segment.is_some() && op.segment != current {
             // Checkpointing reruns the block's forward before its backward.
-            let start = ops[..i].iter().rposition(|o| o.segment != op.segment).map_or(0, |p| p + 1);
+            let start = ops[..i]
+                .iter()
+                .rposition(|o| o.segment != op.segment)
+                .map_or(0, |p| p + 1);
             for o in &ops[start..=i] {
                 let c = &o.cost;
                 let t = op_time(c.forward_flops, c.forward_bytes, o, rates);

@@ -82,11 +82,7 @@ fn stack_forward(
         x = b.cast(name.at("prompt").sub("cat"), cat, x.dtype);
     }
     if let Positions::Learned { rows } = model.positions {
-        let pos = b.base_param(
-            name.at("embed_positions"),
-            (rows, h),
-            ParamRole::Embedding,
-        );
+        let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
         let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
         x = b.add(name.at("embed").sub("add"), x, p);
     }
@@ -159,13 +155,7 @@ fn block(
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
         let h = b.norm(name.at("input_layernorm"), x);
-        let a = self_attention(b, (name, "attn"),
-            h,
-            stack,
-            seq,
-            embed_dtype,
-            self_mask,
-        );
+        let a = self_attention(b, (name, "attn"), h, stack, seq, embed_dtype, self_mask);
         let a = b.dropout(name.at("attn").sub("dropout"), a, p_res);
         let m = mlp(b, (name, "mlp"), h, stack);
         let m = adapter(b, name.at("adapter"), m);
@@ -175,7 +165,9 @@ fn block(
     }
     if model.post_norm {
         // BART: sub-layer, dropout, residual add, then LayerNorm.
-        let a = self_attention(b, (name, "self_attn"),
+        let a = self_attention(
+            b,
+            (name, "self_attn"),
             x,
             stack,
             seq,
@@ -199,7 +191,9 @@ fn block(
     }
     // Pre-norm (Llama, GPT-2, OPT, T5).
     let h = b.norm(name.at("input_layernorm"), x);
-    let a = self_attention(b, (name, "self_attn"),
+    let a = self_attention(
+        b,
+        (name, "self_attn"),
         h,
         stack,
         seq,
@@ -286,13 +280,7 @@ fn self_attention(
             },
         )
     } else {
-        let q = b.linear(
-            name.at("q_proj"),
-            x,
-            q_width,
-            model.qkv_bias,
-            Some(Proj::Q),
-        );
+        let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
         let k = b.linear(
             name.at("k_proj"),
             x,
@@ -322,16 +310,7 @@ fn self_attention(
         k = b.val(kv_width, batch * seq_k, k.dtype, true);
         v = b.val(kv_width, batch * seq_k, v.dtype, true);
     }
-    let a = b.attention(
-        name.at("core"),
-        q,
-        k,
-        v,
-        stack,
-        batch,
-        (seq, seq_k),
-        mask,
-    );
+    let a = b.attention(name.at("core"), q, k, v, stack, batch, (seq, seq_k), mask);
     let o_bias = model.linear_bias;
     b.linear(
         name.at("o_proj"),
@@ -356,13 +335,7 @@ fn cross_attention(
     let (mem, mem_seq) = memory;
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
-    let q = b.linear(
-        name.at("q_proj"),
-        x,
-        q_width,
-        model.qkv_bias,
-        Some(Proj::Q),
-    );
+    let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
     let k = b.linear(
         name.at("k_proj"),
         mem,
@@ -382,16 +355,7 @@ fn cross_attention(
         Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
         _ => AttnMask::Full,
     };
-    let a = b.attention(
-        name.at("core"),
-        q,
-        k,
-        v,
-        stack,
-        batch,
-        (seq, mem_seq),
-        mask,
-    );
+    let a = b.attention(name.at("core"), q, k, v, stack, batch, (seq, mem_seq), mask);
     b.linear(
         name.at("o_proj"),
         a,
@@ -402,21 +366,13 @@ fn cross_attention(
 }
 
 /// The feed-forward network: gated (SwiGLU/GeGLU) or two-matrix.
-fn mlp(
-    b: &mut Builder,
-    at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
+fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
     let name = b.scope(at.0, at.1);
     let model = b.model;
     let inter = stack.intermediate_size;
     let bias = model.linear_bias;
     if model.gated_ffn {
-        let g = b.linear(
-            name.at("gate_proj"),
-            x,
-            inter,
-            bias,
-            Some(Proj::Gate),
-        );
+        let g = b.linear(name.at("gate_proj"), x, inter, bias, Some(Proj::Gate));
         let u = b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(name.at("act"), g);
         let p = b.mul(name.at("gate_mul"), a, u);
@@ -432,12 +388,6 @@ fn mlp(
         let f = b.linear(name.at("fc1"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(name.at("act"), f);
         let a = b.dropout(name.at("act").sub("dropout"), a, model.dropout.activation);
-        b.linear(
-            name.at("fc2"),
-            a,
-            model.hidden_size,
-            bias,
-            Some(Proj::Down),
-        )
+        b.linear(name.at("fc2"), a, model.hidden_size, bias, Some(Proj::Down))
     }
 }

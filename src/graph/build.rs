@@ -10,7 +10,7 @@
 use crate::graph::op::{
     Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind,
 };
-use crate::spec::model::{Activation, ModelSpec, Norm, Positions, Stack};
+use crate::spec::model::{Activation, Family, ModelSpec, Norm, Positions, Stack};
 use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Plan, Precision, Proj};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -107,6 +107,16 @@ impl<'a> Builder<'a> {
             checkpoint_input: false,
             cache_only: false,
         })
+    }
+
+    /// Host-side cost with no device work (a module call, a dispatch that returns its input),
+    /// charged to the op before it.
+    fn host_only(&mut self, modules: u32, dispatches: u32) {
+        let last = self.graph.len().checked_sub(1);
+        if let Some(op) = last.and_then(|i| self.graph.op_mut(i)) {
+            op.cost.modules += modules;
+            op.cost.forward_kernels += dispatches;
+        }
     }
 
     /// Interns a child scope (`decoder` -> `decoder.layers.3`).
@@ -239,23 +249,17 @@ impl<'a> Builder<'a> {
     /// `nn.Dropout(p)` in training: with p > 0 CUDA's fused dropout keeps a bool mask of the
     /// input's size; with p = 0 `F.dropout` returns its input unchanged.
     pub fn dropout(&mut self, name: Name, x: Val, p: f64) -> Val {
+        // GPT-2, T5 and Phi call `nn.Dropout` modules, BART, OPT and Falcon call
+        // `F.dropout`; the Llama family has no dropout calls outside attention.
+        let (modules, dispatch) = match self.model.family {
+            Family::Gpt2 | Family::T5 | Family::Phi => (1, 1),
+            Family::Bart | Family::Opt | Family::Falcon => (0, 1),
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma => (0, 0),
+        };
         if p <= 0.0 {
-            // `nn.Dropout(p=0)` still costs a module call and a dispatch that returns its input.
-            self.emit(OpSpec {
-                name,
-                kind: OpKind::Elementwise,
-                params: SmallVec::new(),
-                saves: SmallVec::new(),
-                forward_transient: Bytes::ZERO,
-                backward_transient: Bytes::ZERO,
-                cost: Cost {
-                    forward_kernels: 1,
-                    modules: 1,
-                    ..Cost::default()
-                },
-                compute: x.dtype,
-                in_backward: false,
-            });
+            // A call with p = 0 still costs its host time and returns its input.
+            let _ = name;
+            self.host_only(modules, dispatch);
             return x;
         }
         let mask = self.tensor(TensorKind::Activation, DType::U8.bytes(x.elements()));
@@ -367,11 +371,7 @@ impl<'a> Builder<'a> {
         };
         let mut params: SmallVec<[ParamId; 3]> = smallvec![weight];
         if bias {
-            params.push(self.base_param(
-                name.sub("bias"),
-                (1, out_features),
-                ParamRole::Bias,
-            ));
+            params.push(self.base_param(name.sub("bias"), (1, out_features), ParamRole::Bias));
         }
         let trainable = self.base_trainable && !qlora;
         let compute = if qlora { DType::Bf16 } else { self.compute() };
@@ -481,13 +481,7 @@ impl<'a> Builder<'a> {
             let mid = self.lora_matmul(name.sub("lora_A"), xa, rank, a, x.grad);
             let up = self.lora_matmul(name.sub("lora_B"), mid, out_features, b, true);
             let scaled = self.val(out_features, x.tokens, up.dtype, true);
-            self.elementwise(
-                name.sub("lora_scale"),
-                &[up],
-                scaled,
-                SmallVec::new(),
-                1.0,
-            );
+            self.elementwise(name.sub("lora_scale"), &[up], scaled, SmallVec::new(), 1.0);
             out = self.add(name.sub("lora_add"), out, scaled);
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
@@ -691,20 +685,8 @@ impl<'a> Builder<'a> {
     pub fn activation(&mut self, name: Name, x: Val) -> Val {
         let width = x.width;
         let tokens = x.tokens;
-        self.emit(OpSpec {
-            name: name.sub("module"),
-            kind: OpKind::Elementwise,
-            params: SmallVec::new(),
-            saves: SmallVec::new(),
-            forward_transient: Bytes::ZERO,
-            backward_transient: Bytes::ZERO,
-            cost: Cost {
-                modules: 1,
-                ..Cost::default()
-            },
-            compute: x.dtype,
-            in_backward: false,
-        });
+        // The activation module's call.
+        self.host_only(1, 0);
         match self.model.activation {
             Activation::Silu | Activation::Gelu => {
                 // One kernel; backward needs the input.
@@ -994,7 +976,11 @@ impl<'a> Builder<'a> {
         }
         let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
         if bias {
-            params.push(self.base_param(Name::root("lm_head").sub("bias"), (1, vocab), ParamRole::Bias));
+            params.push(self.base_param(
+                Name::root("lm_head").sub("bias"),
+                (1, vocab),
+                ParamRole::Bias,
+            ));
         }
         let logits = self.val(vocab, tokens, compute, x.grad || trainable);
         let flops = 2.0 * tokens as f64 * x.width as f64 * vocab as f64;

@@ -15,7 +15,11 @@ pub struct Scope(pub u32);
 impl Scope {
     /// A leaf inside this scope.
     pub fn at(self, part: &'static str) -> Name {
-        Name { scope: self, part, sub: "" }
+        Name {
+            scope: self,
+            part,
+            sub: "",
+        }
     }
 }
 
@@ -175,11 +179,12 @@ pub struct Op {
     pub compute: DType,
 }
 
-/// The op graph of one training step: ops in forward execution order, linked by data flow.
+/// The op graph of one training step: ops in forward execution order, each linked to the op
+/// that consumes its output. petgraph holds the topology; node `i` is `ops[i]`.
 #[derive(Debug, Clone)]
 pub struct OpGraph {
-    graph: DiGraph<Op, ()>,
-    order: Vec<NodeIndex>,
+    graph: DiGraph<(), ()>,
+    ops: Vec<Op>,
     pub tensors: Vec<Tensor>,
     pub params: Vec<Param>,
     /// Interned scope strings; scope 0 is the model root.
@@ -190,7 +195,7 @@ impl Default for OpGraph {
     fn default() -> OpGraph {
         OpGraph {
             graph: DiGraph::with_capacity(2048, 2048),
-            order: Vec::with_capacity(2048),
+            ops: Vec::with_capacity(2048),
             tensors: Vec::with_capacity(4096),
             params: Vec::with_capacity(1024),
             scopes: vec![String::new()],
@@ -202,7 +207,11 @@ impl OpGraph {
     /// Interns `parent.child`.
     pub fn scope(&mut self, parent: Scope, child: &str) -> Scope {
         let base = &self.scopes[parent.0 as usize];
-        let s = if base.is_empty() { child.to_string() } else { format!("{base}.{child}") };
+        let s = if base.is_empty() {
+            child.to_string()
+        } else {
+            format!("{base}.{child}")
+        };
         self.scopes.push(s);
         Scope((self.scopes.len() - 1) as u32)
     }
@@ -227,40 +236,32 @@ impl OpGraph {
         ParamId((self.params.len() - 1) as u32)
     }
 
-    /// Appends an op after the previous one (data flows along the execution order; a residual
-    /// skip is an extra edge from the block input).
+    /// Appends an op after the previous one, which feeds it.
     pub fn push(&mut self, op: Op) -> usize {
-        let node = self.graph.add_node(op);
-        if let Some(&prev) = self.order.last() {
-            self.graph.add_edge(prev, node, ());
+        let node = self.graph.add_node(());
+        if node.index() > 0 {
+            self.graph
+                .add_edge(NodeIndex::new(node.index() - 1), node, ());
         }
-        self.order.push(node);
-        self.order.len() - 1
-    }
-
-    /// Adds a data-flow edge between two ops by their position in execution order.
-    pub fn link(&mut self, from: usize, to: usize) {
-        if let (Some(&a), Some(&b)) = (self.order.get(from), self.order.get(to)) {
-            self.graph.update_edge(a, b, ());
-        }
+        self.ops.push(op);
+        self.ops.len() - 1
     }
 
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.ops.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.ops.is_empty()
     }
 
     /// Ops in forward execution order.
-    pub fn ops(&self) -> impl DoubleEndedIterator<Item = &Op> + ExactSizeIterator {
-        self.order.iter().map(|&n| &self.graph[n])
+    pub fn ops(&self) -> std::slice::Iter<'_, Op> {
+        self.ops.iter()
     }
 
     pub fn op_mut(&mut self, index: usize) -> Option<&mut Op> {
-        let node = *self.order.get(index)?;
-        self.graph.node_weight_mut(node)
+        self.ops.get_mut(index)
     }
 
     pub fn tensor(&self, id: TensorId) -> &Tensor {
@@ -278,14 +279,11 @@ impl OpGraph {
         if petgraph::algo::is_cyclic_directed(&self.graph) {
             return Err("op graph has a cycle".into());
         }
-        let position: std::collections::HashMap<NodeIndex, usize> = self
-            .order
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (n, i))
-            .collect();
+        if self.graph.node_count() != self.ops.len() {
+            return Err("op graph and op list disagree".into());
+        }
         for edge in self.graph.raw_edges() {
-            if position[&edge.source()] >= position[&edge.target()] {
+            if edge.source().index() >= edge.target().index() {
                 return Err("an edge points backwards in execution order".into());
             }
         }
