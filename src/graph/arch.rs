@@ -33,7 +33,7 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
     let (x, _) = stack_forward(&mut b, decoder_scope, embed, &model.decoder, seq, memory);
     let x = if model.family == Family::T5 && model.tie_word_embeddings {
         // T5 rescales by d_model^-0.5 before a tied LM head (a scalar multiply: saves nothing).
-        b.cast(Name::root("lm_head").sub("rescale"), x, x.dtype)
+        b.cast(Name::root("lm_head").then("rescale"), x, x.dtype)
     } else {
         x
     };
@@ -79,17 +79,17 @@ fn stack_forward(
         let prompt = b.embedding(name.at("prompt"), p, h, batch * rows);
         let cat = b.val(h, tokens, x.dtype, true);
         let _ = prompt;
-        x = b.cast(name.at("prompt").sub("cat"), cat, x.dtype);
+        x = b.cast(name.at("prompt").then("cat"), cat, x.dtype);
     }
     if let Positions::Learned { rows } = model.positions {
         let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
         let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
-        x = b.add(name.at("embed").sub("add"), x, p);
+        x = b.add(name.at("embed").then("add"), x, p);
     }
     if model.family == Family::Bart {
         x = b.norm(name.at("layernorm_embedding"), x);
     }
-    x = b.dropout(name.at("embed").sub("dropout"), x, model.dropout.embedding);
+    x = b.dropout(name.at("embed").then("dropout"), x, model.dropout.embedding);
     if plan.grad_ckpt && !x.grad {
         // `enable_input_require_grads`: checkpointing a frozen model needs a grad-requiring input.
         x.grad = true;
@@ -156,11 +156,11 @@ fn block(
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
         let h = b.norm(name.at("input_layernorm"), x);
         let a = self_attention(b, (name, "attn"), h, stack, seq, embed_dtype, self_mask);
-        let a = b.dropout(name.at("attn").sub("dropout"), a, p_res);
+        let a = b.dropout(name.at("attn").then("dropout"), a, p_res);
         let m = mlp(b, (name, "mlp"), h, stack);
         let m = adapter(b, name.at("adapter"), m);
-        let m = b.dropout(name.at("mlp").sub("dropout"), m, p_res);
-        let sum = b.add(name.at("parallel").sub("add"), a, m);
+        let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
+        let sum = b.add(name.at("parallel").then("add"), a, m);
         return b.add(name.at("residual"), x, sum);
     }
     if model.post_norm {
@@ -174,19 +174,19 @@ fn block(
             embed_dtype,
             self_mask,
         );
-        let a = b.dropout(name.at("self_attn").sub("dropout"), a, p_res);
-        let mut x = b.add(name.at("self_attn").sub("residual"), x, a);
+        let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
+        let mut x = b.add(name.at("self_attn").then("residual"), x, a);
         x = b.norm(name.at("self_attn_layer_norm"), x);
         if let Some(mem) = memory {
             let c = cross_attention(b, (name, "encoder_attn"), x, mem, stack, seq);
-            let c = b.dropout(name.at("encoder_attn").sub("dropout"), c, p_res);
-            x = b.add(name.at("encoder_attn").sub("residual"), x, c);
+            let c = b.dropout(name.at("encoder_attn").then("dropout"), c, p_res);
+            x = b.add(name.at("encoder_attn").then("residual"), x, c);
             x = b.norm(name.at("encoder_attn_layer_norm"), x);
         }
         let m = mlp(b, (name, "mlp"), x, stack);
         let m = adapter(b, name.at("adapter"), m);
-        let m = b.dropout(name.at("mlp").sub("dropout"), m, p_res);
-        let x = b.add(name.at("mlp").sub("residual"), x, m);
+        let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
+        let x = b.add(name.at("mlp").then("residual"), x, m);
         return b.norm(name.at("final_layer_norm"), x);
     }
     // Pre-norm (Llama, GPT-2, OPT, T5).
@@ -200,18 +200,18 @@ fn block(
         embed_dtype,
         self_mask,
     );
-    let a = b.dropout(name.at("self_attn").sub("dropout"), a, p_res);
-    let mut x = b.add(name.at("self_attn").sub("residual"), x, a);
+    let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
+    let mut x = b.add(name.at("self_attn").then("residual"), x, a);
     if let Some(mem) = memory {
         let h = b.norm(name.at("cross_layernorm"), x);
         let c = cross_attention(b, (name, "cross_attn"), h, mem, stack, seq);
-        let c = b.dropout(name.at("cross_attn").sub("dropout"), c, p_res);
-        x = b.add(name.at("cross_attn").sub("residual"), x, c);
+        let c = b.dropout(name.at("cross_attn").then("dropout"), c, p_res);
+        x = b.add(name.at("cross_attn").then("residual"), x, c);
     }
     let h = b.norm(name.at("post_attention_layernorm"), x);
     let m = mlp(b, (name, "mlp"), h, stack);
     let m = if model.family == Family::Gpt2 {
-        b.dropout(name.at("mlp").sub("dropout"), m, p_res)
+        b.dropout(name.at("mlp").then("dropout"), m, p_res)
     } else {
         m
     };
@@ -219,9 +219,9 @@ fn block(
     let m = if model.family == Family::Gpt2 {
         m
     } else {
-        b.dropout(name.at("mlp").sub("dropout"), m, p_res)
+        b.dropout(name.at("mlp").then("dropout"), m, p_res)
     };
-    b.add(name.at("mlp").sub("residual"), x, m)
+    b.add(name.at("mlp").then("residual"), x, m)
 }
 
 fn self_attention_mask(b: &Builder, is_decoder: bool) -> AttnMask {
@@ -376,7 +376,7 @@ fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val
         let u = b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(name.at("act"), g);
         let p = b.mul(name.at("gate_mul"), a, u);
-        let p = b.dropout(name.at("act").sub("dropout"), p, model.dropout.activation);
+        let p = b.dropout(name.at("act").then("dropout"), p, model.dropout.activation);
         b.linear(
             name.at("down_proj"),
             p,
@@ -387,7 +387,7 @@ fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val
     } else {
         let f = b.linear(name.at("fc1"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(name.at("act"), f);
-        let a = b.dropout(name.at("act").sub("dropout"), a, model.dropout.activation);
+        let a = b.dropout(name.at("act").then("dropout"), a, model.dropout.activation);
         b.linear(name.at("fc2"), a, model.hidden_size, bias, Some(Proj::Down))
     }
 }

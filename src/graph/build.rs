@@ -354,7 +354,7 @@ impl<'a> Builder<'a> {
             let elements = in_features.saturating_mul(out_features);
             let blocks = elements.div_ceil(64);
             self.graph.add_param(Param {
-                name: name.sub("weight"),
+                name: name.then("weight"),
                 elements,
                 dtype: DType::Nf4,
                 trainable: false,
@@ -364,14 +364,14 @@ impl<'a> Builder<'a> {
             })
         } else {
             self.base_param(
-                name.sub("weight"),
+                name.then("weight"),
                 (out_features, in_features),
                 ParamRole::Linear,
             )
         };
         let mut params: SmallVec<[ParamId; 3]> = smallvec![weight];
         if bias {
-            params.push(self.base_param(name.sub("bias"), (1, out_features), ParamRole::Bias));
+            params.push(self.base_param(name.then("bias"), (1, out_features), ParamRole::Bias));
         }
         let trainable = self.base_trainable && !qlora;
         let compute = if qlora { DType::Bf16 } else { self.compute() };
@@ -380,19 +380,19 @@ impl<'a> Builder<'a> {
         let mut x = x;
         let ia3 = self.ia3_on(proj);
         if ia3 == Some(Ia3Site::Input) {
-            let l = self.adapter_param(name.sub("ia3_l"), (1, in_features));
-            let x32 = self.cast(name.sub("ia3_cast"), x, self.adapter);
+            let l = self.adapter_param(name.then("ia3_l"), (1, in_features));
+            let x32 = self.cast(name.then("ia3_cast"), x, self.adapter);
             let scaled = self.val(in_features, x.tokens, self.adapter, true);
             self.grad_started = true;
-            let op = self.elementwise(name.sub("ia3"), &[x32], scaled, smallvec![x32.id], 1.0);
+            let op = self.elementwise(name.then("ia3"), &[x32], scaled, smallvec![x32.id], 1.0);
             if let Some(o) = self.graph.op_mut(op) {
                 o.params.push(l);
             }
-            x = self.cast(name.sub("ia3_back"), scaled, x.dtype);
+            x = self.cast(name.then("ia3_back"), scaled, x.dtype);
         }
 
         let xin = if self.autocast || qlora {
-            self.cast(name.sub("cast"), x, DType::Bf16)
+            self.cast(name.then("cast"), x, DType::Bf16)
         } else {
             x
         };
@@ -470,30 +470,30 @@ impl<'a> Builder<'a> {
         // output; the scaled update is added to the base output.
         if let Some(rank) = self.lora_on(proj) {
             self.grad_started = true;
-            let a = self.adapter_param(name.sub("lora_A"), (rank, in_features));
-            let b = self.adapter_param(name.sub("lora_B"), (out_features, rank));
-            let xa = self.cast(name.sub("lora_cast"), x, self.adapter);
+            let a = self.adapter_param(name.then("lora_A"), (rank, in_features));
+            let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
+            let xa = self.cast(name.then("lora_cast"), x, self.adapter);
             let xa = if self.autocast {
-                self.cast(name.sub("lora_autocast"), xa, DType::Bf16)
+                self.cast(name.then("lora_autocast"), xa, DType::Bf16)
             } else {
                 xa
             };
-            let mid = self.lora_matmul(name.sub("lora_A"), xa, rank, a, x.grad);
-            let up = self.lora_matmul(name.sub("lora_B"), mid, out_features, b, true);
+            let mid = self.lora_matmul(name.then("lora_A"), xa, rank, a, x.grad);
+            let up = self.lora_matmul(name.then("lora_B"), mid, out_features, b, true);
             let scaled = self.val(out_features, x.tokens, up.dtype, true);
-            self.elementwise(name.sub("lora_scale"), &[up], scaled, SmallVec::new(), 1.0);
-            out = self.add(name.sub("lora_add"), out, scaled);
+            self.elementwise(name.then("lora_scale"), &[up], scaled, SmallVec::new(), 1.0);
+            out = self.add(name.then("lora_add"), out, scaled);
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
         if ia3 == Some(Ia3Site::Output) {
             self.grad_started = true;
-            let l = self.adapter_param(name.sub("ia3_l"), (1, out_features));
+            let l = self.adapter_param(name.then("ia3_l"), (1, out_features));
             let scaled = self.val(out_features, x.tokens, wider(out.dtype, self.adapter), true);
-            let op = self.elementwise(name.sub("ia3"), &[out], scaled, smallvec![out.id], 1.0);
+            let op = self.elementwise(name.then("ia3"), &[out], scaled, smallvec![out.id], 1.0);
             if let Some(o) = self.graph.op_mut(op) {
                 o.params.push(l);
             }
-            out = self.cast(name.sub("ia3_back"), scaled, out.dtype);
+            out = self.cast(name.then("ia3_back"), scaled, out.dtype);
         }
         out
     }
@@ -550,26 +550,26 @@ impl<'a> Builder<'a> {
     pub fn bottleneck(&mut self, name: Name, x: Val, size: u64) -> Val {
         self.grad_started = true;
         let h = x.width;
-        let down = self.adapter_param(name.sub("down_weight"), (size, h));
-        let down_b = self.adapter_param(name.sub("down_bias"), (1, size));
-        let up = self.adapter_param(name.sub("up_weight"), (h, size));
-        let up_b = self.adapter_param(name.sub("up_bias"), (1, h));
+        let down = self.adapter_param(name.then("down_weight"), (size, h));
+        let down_b = self.adapter_param(name.then("down_bias"), (1, size));
+        let up = self.adapter_param(name.then("up_weight"), (h, size));
+        let up_b = self.adapter_param(name.then("up_bias"), (1, h));
         let xin = if self.autocast {
-            self.cast(name.sub("cast"), x, DType::Bf16)
+            self.cast(name.then("cast"), x, DType::Bf16)
         } else {
             x
         };
-        let mid = self.lora_matmul(name.sub("down"), xin, size, down, x.grad);
+        let mid = self.lora_matmul(name.then("down"), xin, size, down, x.grad);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(down_b);
         }
         let act = self.val(size, x.tokens, mid.dtype, true);
-        self.elementwise(name.sub("relu"), &[mid], act, smallvec![act.id], 1.0);
-        let upv = self.lora_matmul(name.sub("up"), act, h, up, true);
+        self.elementwise(name.then("relu"), &[mid], act, smallvec![act.id], 1.0);
+        let upv = self.lora_matmul(name.then("up"), act, h, up, true);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(up_b);
         }
-        self.add(name.sub("residual"), x, upv)
+        self.add(name.then("residual"), x, upv)
     }
 
     /// A normalisation layer, saving what its implementation's autograd graph keeps.
@@ -578,10 +578,10 @@ impl<'a> Builder<'a> {
         let kind = self.model.norm;
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = kind == Norm::LayerNorm;
-        let w = self.base_param(name.sub("weight"), (1, h), ParamRole::Norm);
+        let w = self.base_param(name.then("weight"), (1, h), ParamRole::Norm);
         let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
         if has_bias {
-            params.push(self.base_param(name.sub("bias"), (1, h), ParamRole::Norm));
+            params.push(self.base_param(name.then("bias"), (1, h), ParamRole::Norm));
         }
         let trainable = self.base_trainable;
         let tokens = x.tokens;
@@ -591,7 +591,7 @@ impl<'a> Builder<'a> {
             Norm::LayerNorm => {
                 // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32.
                 let input = if self.autocast {
-                    self.cast(name.sub("cast"), x, DType::F32)
+                    self.cast(name.then("cast"), x, DType::F32)
                 } else {
                     x
                 };
@@ -601,7 +601,7 @@ impl<'a> Builder<'a> {
             }
             Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::T5RmsNorm => {
                 // hidden.to(fp32): pow(2) and the rsqrt multiply keep the fp32 copy.
-                let x32 = self.cast(name.sub("upcast"), x, DType::F32);
+                let x32 = self.cast(name.then("upcast"), x, DType::F32);
                 if x.grad {
                     saves.push(x32.id);
                     saves.push(stats(self));
@@ -705,18 +705,18 @@ impl<'a> Builder<'a> {
                 // pow (autocast: fp32) keeps its fp32 input; tanh keeps its output; the final
                 // multiply keeps both operands, 0.5*x and (1 + tanh).
                 let wide = if self.autocast { DType::F32 } else { x.dtype };
-                let x32 = self.cast(name.sub("pow_cast"), x, wide);
+                let x32 = self.cast(name.then("pow_cast"), x, wide);
                 let inner = self.val(width, tokens, wide, x.grad);
-                self.elementwise(name.sub("pow"), &[x32], inner, smallvec![x32.id], 4.0);
+                self.elementwise(name.then("pow"), &[x32], inner, smallvec![x32.id], 4.0);
                 let t = self.val(width, tokens, wide, x.grad);
-                self.elementwise(name.sub("tanh"), &[inner], t, smallvec![t.id], 4.0);
+                self.elementwise(name.then("tanh"), &[inner], t, smallvec![t.id], 4.0);
                 let half = self.val(width, tokens, x.dtype, x.grad);
-                self.elementwise(name.sub("half"), &[x], half, SmallVec::new(), 1.0);
+                self.elementwise(name.then("half"), &[x], half, SmallVec::new(), 1.0);
                 let one_plus = self.val(width, tokens, wide, x.grad);
-                self.elementwise(name.sub("one_plus"), &[t], one_plus, SmallVec::new(), 1.0);
+                self.elementwise(name.then("one_plus"), &[t], one_plus, SmallVec::new(), 1.0);
                 let out = self.val(width, tokens, wider(wide, x.dtype), x.grad);
                 self.elementwise(
-                    name.sub("mul"),
+                    name.then("mul"),
                     &[half, one_plus],
                     out,
                     smallvec![half.id, one_plus.id],
@@ -808,9 +808,9 @@ impl<'a> Builder<'a> {
                 } else {
                     (k, v)
                 };
-                let q = self.cast(name.sub("q_cast"), q, compute);
-                let k = self.cast(name.sub("k_cast"), k, compute);
-                let v = self.cast(name.sub("v_cast"), v, compute);
+                let q = self.cast(name.then("q_cast"), q, compute);
+                let k = self.cast(name.then("k_cast"), k, compute);
+                let v = self.cast(name.then("v_cast"), v, compute);
                 saves.extend([q.id, k.id, v.id]);
                 saves.push(self.tensor(
                     TensorKind::Activation,
@@ -832,7 +832,7 @@ impl<'a> Builder<'a> {
                 // `where` result that the second matmul keeps: two probability matrices.
                 let qs = self.val(q.width, q.tokens, compute, q.grad);
                 let ks = self.val(k.width, k.tokens, compute, k.grad);
-                let v = self.cast(name.sub("v_cast"), v, compute);
+                let v = self.cast(name.then("v_cast"), v, compute);
                 saves.extend([qs.id, ks.id, v.id]);
                 saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                 saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
@@ -848,16 +848,16 @@ impl<'a> Builder<'a> {
                 // to every head), softmax(dtype=fp32) keeps its fp32 output, the bf16 copy of
                 // it is kept by the matmul with v, and so is v.
                 let group = heads / stack.kv_heads.max(1);
-                let q = self.cast(name.sub("q_cast"), q, compute);
+                let q = self.cast(name.then("q_cast"), q, compute);
                 let k_rep = if group > 1 {
                     self.val(out_width, k.tokens, compute, k.grad)
                 } else {
-                    self.cast(name.sub("k_cast"), k, compute)
+                    self.cast(name.then("k_cast"), k, compute)
                 };
                 let v_rep = if group > 1 {
                     self.val(out_width, v.tokens, compute, v.grad)
                 } else {
-                    self.cast(name.sub("v_cast"), v, compute)
+                    self.cast(name.then("v_cast"), v, compute)
                 };
                 saves.extend([q.id, k_rep.id, v_rep.id]);
                 saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(scores)));
@@ -957,7 +957,7 @@ impl<'a> Builder<'a> {
         let trainable = head_param.trainable;
         let compute = self.compute();
         let xin = if self.autocast {
-            self.cast(Name::root("lm_head").sub("cast"), x, DType::Bf16)
+            self.cast(Name::root("lm_head").then("cast"), x, DType::Bf16)
         } else {
             x
         };
@@ -977,7 +977,7 @@ impl<'a> Builder<'a> {
         let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
         if bias {
             params.push(self.base_param(
-                Name::root("lm_head").sub("bias"),
+                Name::root("lm_head").then("bias"),
                 (1, vocab),
                 ParamRole::Bias,
             ));

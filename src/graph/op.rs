@@ -38,7 +38,7 @@ impl Name {
     }
 
     /// An op inside this one (`q_proj` -> `q_proj.cast`).
-    pub fn sub(self, sub: &'static str) -> Name {
+    pub fn then(self, sub: &'static str) -> Name {
         Name { sub, ..self }
     }
 }
