@@ -281,11 +281,9 @@ impl Chart for Sweep<'_> {
             .map(|s| s.points.iter().map(|p| p.x).collect())
             .unwrap_or_default();
         let device = gib(budget);
-        let top = series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| gib(p.required)))
-            .fold(device, f64::max)
-            * 1.1;
+        let values = || series.iter().flat_map(|s| s.points.iter().map(|p| gib(p.required)));
+        let top = values().fold(device, f64::max) * 1.3;
+        let bottom = values().fold(device, f64::min).max(0.01) * 0.7;
         let n = xs.len().max(1);
         {
             root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
@@ -294,20 +292,24 @@ impl Chart for Sweep<'_> {
                 .margin(20)
                 .x_label_area_size(50)
                 .y_label_area_size(80)
+                .margin_right(50)
                 .build_cartesian_2d(
                     0f64..(n - 1).max(1) as f64,
-                    (0f64..top).log_scale().zero_point(0.01),
+                    (bottom..top).log_scale(),
                 )
                 .map_err(|e| format!("{e:?}"))?;
             chart
                 .configure_mesh()
+                .light_line_style(WHITE)
                 .x_labels(n)
+                .y_labels(12)
+                .y_label_formatter(&|y| format!("{y:.1}"))
                 .x_label_formatter(&|x| {
                     xs.get(x.round() as usize)
                         .map(|v| v.to_string())
                         .unwrap_or_default()
                 })
-                .x_desc(format!("{axis} (log scale)"))
+                .x_desc(format!("{axis}, log scale"))
                 .y_desc("required memory (GiB, log scale)")
                 .label_style(("sans-serif", 18))
                 .axis_desc_style(("sans-serif", 20))
@@ -320,7 +322,7 @@ impl Chart for Sweep<'_> {
                         s.points
                             .iter()
                             .enumerate()
-                            .map(|(j, p)| (j as f64, gib(p.required).max(0.01))),
+                            .map(|(j, p)| (j as f64, gib(p.required).max(bottom))),
                         color.stroke_width(3),
                     ))
                     .map_err(|e| format!("{e:?}"))?
