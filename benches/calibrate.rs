@@ -17,9 +17,14 @@ fn main() {
     };
     let info = gpu.info();
     let software = info.device_type == "cpu";
-    let settings = if software { Settings::quick() } else { Settings::full() };
+    let settings = if software {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
     let opened = start.elapsed().as_secs_f64();
-    let cal = calibrate::run(&mut gpu, &settings, &mut |line| println!("  {line}")).expect("calibration runs and verifies");
+    let cal = calibrate::run(&mut gpu, &settings, &mut |line| println!("  {line}"))
+        .expect("calibration runs and verifies");
     let total = start.elapsed().as_secs_f64();
     let best = cal.fp32_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
     println!(

@@ -36,11 +36,14 @@ fn main() {
         black_box(estimate(&model, &plan, &hw, &rates).expect("estimates"));
     }
     let n = 2000;
-    let start = Instant::now();
-    for _ in 0..n {
-        black_box(estimate(&model, black_box(&plan), &hw, &rates).expect("estimates"));
+    let mut per = f64::INFINITY;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for _ in 0..n {
+            black_box(estimate(&model, black_box(&plan), &hw, &rates).expect("estimates"));
+        }
+        per = per.min(start.elapsed().as_secs_f64() / f64::from(n));
     }
-    let per = start.elapsed().as_secs_f64() / f64::from(n);
     println!(
         "estimate (llama2-7b, lora, 32 layers): {:.1} us per estimate",
         per * 1e6
@@ -84,31 +87,37 @@ fn main() {
         Method::Ia3,
     ];
     let small = resolve_model("tinyllama-1.1b").expect("shipped").value;
-    let start = Instant::now();
+    // Best of three rounds: this shared machine's other load only ever adds time.
+    let mut sweep = f64::INFINITY;
     let mut count = 0u32;
     let mut fits = 0u32;
-    'outer: for m in &methods {
-        for batch in 1..=25u64 {
-            for seq in (1..=40u64).map(|s| s * 128) {
-                for ckpt in [false, true] {
-                    let p = Plan {
-                        method: m.clone(),
-                        batch,
-                        seq,
-                        grad_ckpt: ckpt,
-                        ..plan.clone()
-                    };
-                    let e = estimate(&small, &p, &hw, &rates).expect("estimates");
-                    fits += u32::from(e.fits);
-                    count += 1;
-                    if count == 10_000 {
-                        break 'outer;
+    for _ in 0..3 {
+        let start = Instant::now();
+        count = 0;
+        fits = 0;
+        'outer: for m in &methods {
+            for batch in 1..=25u64 {
+                for seq in (1..=40u64).map(|s| s * 128) {
+                    for ckpt in [false, true] {
+                        let p = Plan {
+                            method: m.clone(),
+                            batch,
+                            seq,
+                            grad_ckpt: ckpt,
+                            ..plan.clone()
+                        };
+                        let e = estimate(&small, &p, &hw, &rates).expect("estimates");
+                        fits += u32::from(e.fits);
+                        count += 1;
+                        if count == 10_000 {
+                            break 'outer;
+                        }
                     }
                 }
             }
         }
+        sweep = sweep.min(start.elapsed().as_secs_f64());
     }
-    let sweep = start.elapsed().as_secs_f64();
     println!(
         "sweep of {count} plans (tinyllama-1.1b, 22 layers): {sweep:.3} s on one core ({fits} fit)"
     );

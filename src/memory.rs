@@ -110,12 +110,14 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         live_logits: Bytes::ZERO,
         grads: Bytes::ZERO,
         best: None,
+        best_total: Bytes::ZERO,
         base: Breakdown {
             weights,
             optimizer: states,
             temporary: workspace,
             ..Breakdown::default()
         },
+        base_total: weights + states + workspace,
     };
 
     // Forward.
@@ -254,7 +256,9 @@ struct Walk<'g> {
     live_logits: Bytes,
     grads: Bytes,
     best: Option<(Breakdown, Phase, Option<Name>)>,
+    best_total: Bytes,
     base: Breakdown,
+    base_total: Bytes,
 }
 
 impl Walk<'_> {
@@ -281,6 +285,12 @@ impl Walk<'_> {
     }
 
     fn observe(&mut self, phase: Phase, op: Option<Name>, temporary: Bytes, logits: Bytes) {
+        // Compare totals first; build the breakdown only for a new maximum (hot loop).
+        let total =
+            self.base_total + self.grads + self.live_act + self.live_logits + logits + temporary;
+        if self.best.is_some() && total <= self.best_total {
+            return;
+        }
         let now = Breakdown {
             gradients: self.grads,
             activations: self.live_act,
@@ -288,12 +298,7 @@ impl Walk<'_> {
             temporary: self.base.temporary + temporary,
             ..self.base
         };
-        if self
-            .best
-            .as_ref()
-            .is_none_or(|(b, _, _)| now.total() > b.total())
-        {
-            self.best = Some((now, phase, op));
-        }
+        self.best_total = total;
+        self.best = Some((now, phase, op));
     }
 }

@@ -122,6 +122,10 @@ pub struct TimeEstimate {
 }
 
 fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
+    let t_memory = bytes.0 as f64 / rates.copy_bandwidth;
+    if flops.0 <= 0.0 {
+        return t_memory;
+    }
     let (kind, compute, dim) = (op.kind, op.compute, op.cost.min_dim);
     let compute_rate = match kind {
         OpKind::Matmul if op.cost.misaligned && compute != DType::F32 => {
@@ -132,13 +136,7 @@ fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
         // Element-wise work runs on CUDA cores: bandwidth-bound in practice.
         OpKind::Norm | OpKind::Elementwise | OpKind::Embedding | OpKind::Loss => f64::INFINITY,
     };
-    let t_compute = if flops.0 > 0.0 {
-        flops.0 / compute_rate
-    } else {
-        0.0
-    };
-    let t_memory = bytes.0 as f64 / rates.copy_bandwidth;
-    t_compute.max(t_memory)
+    (flops.0 / compute_rate).max(t_memory)
 }
 
 /// The host thread enqueues work asynchronously; the GPU runs it in order. A unit of work

@@ -1130,7 +1130,13 @@ mod tests {
             family: Family::Llama,
             hidden_size: 64,
             vocab_size: 128,
-            decoder: Stack { layers, heads: 4, kv_heads: 2, head_dim: 16, intermediate_size: 256 },
+            decoder: Stack {
+                layers,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 16,
+                intermediate_size: 256,
+            },
             encoder: None,
             gated_ffn: true,
             activation: Activation::Silu,
@@ -1149,7 +1155,11 @@ mod tests {
     }
 
     fn plan(method: Method) -> Plan {
-        let precision = if method.frozen_base() { Precision::Bf16 } else { Precision::MixedBf16 };
+        let precision = if method.frozen_base() {
+            Precision::Bf16
+        } else {
+            Precision::MixedBf16
+        };
         Plan {
             method,
             precision,
@@ -1173,7 +1183,10 @@ mod tests {
         let g = b.finish();
         let params: u64 = g.params.iter().map(|p| p.elements).sum();
         assert_eq!(params, 20);
-        let op = g.ops().find(|o| o.kind == OpKind::Matmul).expect("a matmul");
+        let op = g
+            .ops()
+            .find(|o| o.kind == OpKind::Matmul)
+            .expect("a matmul");
         // 2 x tokens x in x out, for the forward and for each gradient.
         assert_eq!(op.cost.forward_flops.0, 2.0 * 7.0 * 3.0 * 5.0);
         assert_eq!(op.cost.input_grad_flops.0, 210.0);
@@ -1189,13 +1202,20 @@ mod tests {
         let matmul_params: u64 = g
             .params
             .iter()
-            .filter(|p| p.role == ParamRole::Linear || (p.role == ParamRole::Embedding && p.shape.0 == 128 && p.name.part == "lm_head"))
+            .filter(|p| {
+                p.role == ParamRole::Linear
+                    || (p.role == ParamRole::Embedding
+                        && p.shape.0 == 128
+                        && p.name.part == "lm_head")
+            })
             .map(|p| p.elements)
             .sum();
         let flops: f64 = g
             .ops()
             .filter(|o| o.kind == OpKind::Matmul)
-            .map(|o| o.cost.forward_flops.0 + o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0)
+            .map(|o| {
+                o.cost.forward_flops.0 + o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0
+            })
             .sum();
         flops / tokens / matmul_params as f64
     }
@@ -1209,7 +1229,11 @@ mod tests {
     #[test]
     fn a_frozen_base_costs_about_4n_flops_per_token() {
         // No weight gradients for the base; the first projections' input needs no gradient.
-        let lora = Method::Lora(Lora { rank: 1, alpha: 2.0, targets: LoraTargets::QueryValue });
+        let lora = Method::Lora(Lora {
+            rank: 1,
+            alpha: 2.0,
+            targets: LoraTargets::QueryValue,
+        });
         let f = flops_per_token_param(lora);
         assert!((3.8..=4.05).contains(&f), "{f}");
     }
@@ -1219,7 +1243,10 @@ mod tests {
         let model = tiny(1);
         let p = plan(Method::Full);
         let g = crate::graph::build(&model, &p);
-        let attn = g.ops().find(|o| o.kind == OpKind::Attention).expect("attention");
+        let attn = g
+            .ops()
+            .find(|o| o.kind == OpKind::Attention)
+            .expect("attention");
         let full = 4.0 * 2.0 * 4.0 * 32.0 * 32.0 * 16.0;
         assert_eq!(attn.cost.forward_flops.0, full / 2.0);
         assert_eq!(attn.cost.input_grad_flops.0, 2.5 * full / 2.0);
@@ -1229,21 +1256,39 @@ mod tests {
     fn mixed_precision_keeps_a_bf16_copy_of_each_linear_weight() {
         let model = tiny(2);
         let g = crate::graph::build(&model, &plan(Method::Full));
-        let linear: u64 = g.params.iter().filter(|p| p.role == ParamRole::Linear || p.name.part == "lm_head").map(|p| p.elements).sum();
-        let copies: u64 = g.tensors.iter().filter(|t| t.kind == TensorKind::WeightCopy).map(|t| t.bytes.0).sum();
+        let linear: u64 = g
+            .params
+            .iter()
+            .filter(|p| p.role == ParamRole::Linear || p.name.part == "lm_head")
+            .map(|p| p.elements)
+            .sum();
+        let copies: u64 = g
+            .tensors
+            .iter()
+            .filter(|t| t.kind == TensorKind::WeightCopy)
+            .map(|t| t.bytes.0)
+            .sum();
         assert_eq!(copies, 2 * linear);
     }
 
     #[test]
     fn a_frozen_linear_saves_no_input() {
         let model = tiny(1);
-        let lora = Method::Lora(Lora { rank: 4, alpha: 8.0, targets: LoraTargets::QueryValue });
+        let lora = Method::Lora(Lora {
+            rank: 4,
+            alpha: 8.0,
+            targets: LoraTargets::QueryValue,
+        });
         let p = plan(lora);
         let mut b = Builder::new(&model, &p);
         let x = b.val(64, 10, DType::Bf16, true);
         b.linear(Scope::default().at("k_proj"), x, 32, false, Some(Proj::K));
         let g = b.finish();
         let op = g.ops().find(|o| o.kind == OpKind::Matmul).expect("matmul");
-        assert!(op.saves.is_empty(), "a frozen bf16 linear keeps nothing: {:?}", op.saves);
+        assert!(
+            op.saves.is_empty(),
+            "a frozen bf16 linear keeps nothing: {:?}",
+            op.saves
+        );
     }
 }

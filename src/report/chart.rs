@@ -281,7 +281,11 @@ impl Chart for Sweep<'_> {
             .map(|s| s.points.iter().map(|p| p.x).collect())
             .unwrap_or_default();
         let device = gib(budget);
-        let values = || series.iter().flat_map(|s| s.points.iter().map(|p| gib(p.required)));
+        let values = || {
+            series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| gib(p.required)))
+        };
         let top = values().fold(device, f64::max) * 1.3;
         let bottom = values().fold(device, f64::min).max(0.01) * 0.7;
         let n = xs.len().max(1);
@@ -293,10 +297,7 @@ impl Chart for Sweep<'_> {
                 .x_label_area_size(50)
                 .y_label_area_size(80)
                 .margin_right(50)
-                .build_cartesian_2d(
-                    0f64..(n - 1).max(1) as f64,
-                    (bottom..top).log_scale(),
-                )
+                .build_cartesian_2d(0f64..(n - 1).max(1) as f64, (bottom..top).log_scale())
                 .map_err(|e| format!("{e:?}"))?;
             chart
                 .configure_mesh()
