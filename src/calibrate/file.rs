@@ -40,6 +40,9 @@ pub struct Calibration {
     /// "timestamp-query" or "wall-clock".
     pub timing: String,
     pub fp32_matmul: Vec<Point>,
+    /// f16-input, f32-accumulate WGSL rates, where the adapter supports shader-f16.
+    #[serde(default)]
+    pub f16_matmul: Vec<Point>,
     /// bf16 rates when the source measured them (PyTorch); wgpu has no bf16 tensor-core path.
     #[serde(default)]
     pub bf16_matmul: Vec<Point>,
@@ -97,6 +100,7 @@ impl Calibration {
                     n: 8192,
                     flops: h.matmul_tflops_8192.fp32 * 1e12,
                 }],
+                f16_matmul: Vec::new(),
                 bf16_matmul: vec![Point {
                     n: 8192,
                     flops: h.matmul_tflops_8192.bf16 * 1e12,

@@ -42,6 +42,17 @@ impl GpuBench for MockGpu {
         Ok((c, 2.0 * nf.powi(3) / rate))
     }
 
+    fn matmul_f16(
+        &mut self,
+        n: u32,
+        a: &[f32],
+        b: &[f32],
+        reps: u32,
+    ) -> Result<Option<(Vec<f32>, f64)>> {
+        // Half the bytes loaded; the same arithmetic rate.
+        self.matmul(n, a, b, reps).map(Some)
+    }
+
     fn copy(&mut self, words: u64, _reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {
         Ok((
             probes.iter().map(|&p| pattern(p)).collect(),

@@ -19,6 +19,15 @@ pub trait GpuBench {
     /// Multiplies two n x n row-major matrices `reps` times; returns the product and the
     /// seconds per product (warm-ups excluded) and whether GPU timestamps measured it.
     fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], reps: u32) -> Result<(Vec<f32>, f64)>;
+    /// The same product with f16 inputs and f32 accumulation; `None` where the adapter has no
+    /// shader-f16 support.
+    fn matmul_f16(
+        &mut self,
+        n: u32,
+        a: &[f32],
+        b: &[f32],
+        reps: u32,
+    ) -> Result<Option<(Vec<f32>, f64)>>;
     /// Copies a buffer of `words` u32 values (filled with [`pattern`]) `reps` times; returns
     /// the destination's values at `probes` and the seconds per copy.
     fn copy(&mut self, words: u64, reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)>;
@@ -47,6 +56,28 @@ pub fn inputs(n: u32) -> (Vec<f32>, Vec<f32>) {
 pub fn reference(n: u32, a: &[f32], b: &[f32], i: usize, j: usize) -> f32 {
     let n = n as usize;
     (0..n).map(|k| a[i * n + k] * b[k * n + j]).sum()
+}
+
+/// A FLOP rate for people: GFLOP/s below a TFLOP/s.
+pub fn rate(flops: f64) -> String {
+    if flops >= 1e12 {
+        format!("{:.2} TFLOP/s", flops / 1e12)
+    } else {
+        format!("{:.1} GFLOP/s", flops / 1e9)
+    }
+}
+
+/// IEEE half-precision bits of `x`, for values that are exact in f16 (the benchmark's inputs:
+/// multiples of 1/4 in [-1, 1]) and zero.
+pub fn f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    if x == 0.0 {
+        return sign;
+    }
+    let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
+    let mantissa = ((bits >> 13) & 0x3ff) as u16;
+    sign | ((exp.clamp(0, 31) as u16) << 10) | mantissa
 }
 
 /// Sizes and repetitions of one calibration run.
@@ -99,10 +130,28 @@ pub fn run(
         verify_matmul(n, &a, &b, &c)?;
         let flops = 2.0 * f64::from(n).powi(3) / seconds;
         progress(&format!(
-            "matmul fp32 {n}x{n}x{n}: {:.2} TFLOP/s (checked)",
-            flops / 1e12
+            "matmul fp32 {n}x{n}x{n}: {} (checked)",
+            rate(flops)
         ));
         fp32.push(Point {
+            n: u64::from(n),
+            flops,
+        });
+    }
+    let mut half = Vec::new();
+    for &n in &settings.matmul_sizes {
+        let (a, b) = inputs(n);
+        let Some((c, seconds)) = gpu.matmul_f16(n, &a, &b, settings.matmul_reps)? else {
+            progress("matmul f16: the adapter has no shader-f16 support; skipped");
+            break;
+        };
+        verify_matmul(n, &a, &b, &c)?;
+        let flops = 2.0 * f64::from(n).powi(3) / seconds;
+        progress(&format!(
+            "matmul f16 inputs {n}x{n}x{n}: {} (checked)",
+            rate(flops)
+        ));
+        half.push(Point {
             n: u64::from(n),
             flops,
         });
@@ -123,7 +172,7 @@ pub fn run(
     }
     let bandwidth = 2.0 * settings.copy_bytes as f64 / seconds;
     progress(&format!(
-        "copy {} MiB: {:.0} GB/s read+write (checked)",
+        "copy {} MiB: {:.1} GB/s read+write (checked)",
         settings.copy_bytes >> 20,
         bandwidth / 1e9
     ));
@@ -136,6 +185,7 @@ pub fn run(
             "wall-clock".into()
         },
         fp32_matmul: fp32,
+        f16_matmul: half,
         bf16_matmul: Vec::new(),
         copy_gbps: bandwidth / 1e9,
     })

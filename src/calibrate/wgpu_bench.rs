@@ -6,6 +6,7 @@ use std::time::Instant;
 use wgpu::util::DeviceExt;
 
 const SHADER: &str = include_str!("kernels.wgsl");
+const SHADER_F16: &str = include_str!("kernels_f16.wgsl");
 const COPY_GROUPS: u32 = 4096;
 
 /// An opened adapter with both pipelines built.
@@ -14,6 +15,7 @@ pub struct WgpuBench {
     queue: wgpu::Queue,
     info: AdapterInfo,
     matmul: wgpu::ComputePipeline,
+    matmul_f16: Option<wgpu::ComputePipeline>,
     copy: wgpu::ComputePipeline,
     timestamps: bool,
     max_binding: u64,
@@ -39,11 +41,14 @@ impl WgpuBench {
         })?;
         let ai = adapter.get_info();
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
-        let features = if timestamps {
-            wgpu::Features::TIMESTAMP_QUERY
-        } else {
-            wgpu::Features::empty()
-        };
+        let shader_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        let mut features = wgpu::Features::empty();
+        if timestamps {
+            features |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        if shader_f16 {
+            features |= wgpu::Features::SHADER_F16;
+        }
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("ftplan-calibrate"),
@@ -71,6 +76,20 @@ impl WgpuBench {
         };
         let matmul = pipeline("matmul");
         let copy = pipeline("copy");
+        let matmul_f16 = shader_f16.then(|| {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("kernels_f16"),
+                source: wgpu::ShaderSource::Wgsl(SHADER_F16.into()),
+            });
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("matmul_f16"),
+                layout: None,
+                module: &module,
+                entry_point: Some("matmul"),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        });
         Ok(WgpuBench {
             info: AdapterInfo {
                 name: ai.name.clone(),
@@ -83,6 +102,7 @@ impl WgpuBench {
             device,
             queue,
             matmul,
+            matmul_f16,
             copy,
             timestamps,
             max_binding: limits
@@ -217,6 +237,35 @@ impl WgpuBench {
         Ok(out)
     }
 
+    /// Runs a matmul pipeline on inputs already in its storage format; the output is f32.
+    fn product(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        n: u32,
+        a: &[u8],
+        b: &[u8],
+        reps: u32,
+    ) -> Result<(Vec<f32>, f64)> {
+        let bytes = u64::from(n) * u64::from(n) * 4;
+        if bytes > self.max_binding {
+            return Err(Error::Calibration(format!(
+                "a {n}x{n} matrix exceeds the adapter's storage binding limit"
+            )));
+        }
+        let ab = self.storage("a", a);
+        let bb = self.storage("b", b);
+        let cb = self.empty("c", bytes);
+        let dims = self.uniform([n, 0, 0, 0]);
+        let bind = self.bind(pipeline, &[(0, &ab), (1, &bb), (2, &cb), (3, &dims)]);
+        let seconds = self.time(pipeline, &bind, (n / 64, n / 64), reps.max(1))?;
+        let out = self.read(&cb, 0, bytes)?;
+        let c = out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
+            .collect();
+        Ok((c, seconds))
+    }
+
     /// A bind group for the bindings the entry point uses (its derived layout has only those).
     fn bind(
         &self,
@@ -249,25 +298,27 @@ impl GpuBench for WgpuBench {
     }
 
     fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], reps: u32) -> Result<(Vec<f32>, f64)> {
-        let bytes = u64::from(n) * u64::from(n) * 4;
-        if bytes > self.max_binding {
-            return Err(Error::Calibration(format!(
-                "a {n}x{n} matrix exceeds the adapter's storage binding limit"
-            )));
-        }
         let to_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let ab = self.storage("a", &to_bytes(a));
-        let bb = self.storage("b", &to_bytes(b));
-        let cb = self.empty("c", bytes);
-        let dims = self.uniform([n, 0, 0, 0]);
-        let bind = self.bind(&self.matmul, &[(0, &ab), (1, &bb), (2, &cb), (3, &dims)]);
-        let seconds = self.time(&self.matmul, &bind, (n / 64, n / 64), reps.max(1))?;
-        let out = self.read(&cb, 0, bytes)?;
-        let c = out
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
-            .collect();
-        Ok((c, seconds))
+        self.product(&self.matmul, n, &to_bytes(a), &to_bytes(b), reps)
+    }
+
+    fn matmul_f16(
+        &mut self,
+        n: u32,
+        a: &[f32],
+        b: &[f32],
+        reps: u32,
+    ) -> Result<Option<(Vec<f32>, f64)>> {
+        let Some(pipeline) = &self.matmul_f16 else {
+            return Ok(None);
+        };
+        let to_bytes = |v: &[f32]| {
+            v.iter()
+                .flat_map(|&x| super::f16_bits(x).to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        self.product(pipeline, n, &to_bytes(a), &to_bytes(b), reps)
+            .map(Some)
     }
 
     fn copy(&mut self, words: u64, reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {

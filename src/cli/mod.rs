@@ -218,10 +218,16 @@ fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     let cal = calibrate::run(gpu.as_mut(), &settings, &mut |line| eprintln!("  {line}"))?;
     cal.save(&a.out)?;
     let best = cal.fp32_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
+    let best_f16 = cal.f16_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
+    let f16 = if best_f16 > 0.0 {
+        format!(", f16-input matmul up to {}", calibrate::rate(best_f16))
+    } else {
+        String::new()
+    };
     println!(
-        "{}: fp32 matmul up to {:.2} TFLOP/s, copy {:.0} GB/s ({} timing, {:.1} s); wrote {}",
+        "{}: fp32 matmul up to {}{f16}, copy {:.1} GB/s ({} timing, {:.1} s); wrote {}",
         info.name,
-        best / 1e12,
+        calibrate::rate(best),
         cal.copy_gbps,
         cal.timing,
         start.elapsed().as_secs_f64(),
