@@ -5,8 +5,8 @@ use crate::error::{Error, Result};
 use std::time::Instant;
 use wgpu::util::DeviceExt;
 
-const SHADER: &str = include_str!("kernels.wgsl");
-const SHADER_F16: &str = include_str!("kernels_f16.wgsl");
+const MATMUL: &str = include_str!("matmul.wgsl");
+const COPY: &str = include_str!("copy.wgsl");
 const COPY_GROUPS: u32 = 4096;
 
 /// An opened adapter with both pipelines built.
@@ -60,13 +60,14 @@ impl WgpuBench {
             reason: format!("{} could not open a device: {e}", ai.name),
             hint: hint(),
         })?;
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("kernels"),
-            source: wgpu::ShaderSource::Wgsl(SHADER.into()),
-        });
-        let pipeline = |entry: &str| {
+        // One matmul source for both element types (a WGSL type alias).
+        let compile = |label: &str, source: String, entry: &str| {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(entry),
+                label: Some(label),
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
@@ -74,21 +75,14 @@ impl WgpuBench {
                 cache: None,
             })
         };
-        let matmul = pipeline("matmul");
-        let copy = pipeline("copy");
+        let matmul = compile("matmul", format!("alias Elem = f32;\n{MATMUL}"), "matmul");
+        let copy = compile("copy", COPY.to_string(), "copy");
         let matmul_f16 = shader_f16.then(|| {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("kernels_f16"),
-                source: wgpu::ShaderSource::Wgsl(SHADER_F16.into()),
-            });
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("matmul_f16"),
-                layout: None,
-                module: &module,
-                entry_point: Some("matmul"),
-                compilation_options: Default::default(),
-                cache: None,
-            })
+            compile(
+                "matmul_f16",
+                format!("enable f16;\nalias Elem = f16;\n{MATMUL}"),
+                "matmul",
+            )
         });
         Ok(WgpuBench {
             info: AdapterInfo {

@@ -1,6 +1,5 @@
-// ftplan calibration kernel: the matrix product of kernels.wgsl with f16 inputs (half the bytes
-// loaded) and f32 accumulation, built only where the adapter has SHADER_F16.
-enable f16;
+// ftplan calibration kernel: C = A x B with inputs of type `Elem` (f32, or f16 where the
+// adapter has shader-f16), accumulated in f32. The including code defines `Elem`.
 
 struct Dims {
     n: u32,
@@ -9,8 +8,8 @@ struct Dims {
     pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> a: array<vec4<f16>>;
-@group(0) @binding(1) var<storage, read> b: array<vec4<f16>>;
+@group(0) @binding(0) var<storage, read> a: array<vec4<Elem>>;
+@group(0) @binding(1) var<storage, read> b: array<vec4<Elem>>;
 @group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;
 @group(0) @binding(3) var<uniform> dims: Dims;
 
@@ -67,4 +66,3 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
     c[(r + 2u) * n4 + cq] = acc2;
     c[(r + 3u) * n4 + cq] = acc3;
 }
-
