@@ -220,7 +220,10 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
     let opt = opt_bytes / rates.copy_bandwidth;
     let opt_kernels = (trainable.len() as f64 * kernels_per_tensor).ceil();
-    q.push(opt_kernels * rates.launch_overhead, opt);
+    // Per trainable tensor: its AccumulateGrad node in backward, and the optimizer's Python
+    // bookkeeping (`_init_group` collects params, grads and states one tensor at a time).
+    let per_tensor = 2.0 * trainable.len() as f64;
+    q.push((opt_kernels + per_tensor) * rates.launch_overhead, opt);
 
     let host = q.host_total;
     let device = q.busy;

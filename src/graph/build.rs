@@ -449,11 +449,12 @@ impl<'a> Builder<'a> {
                 weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
                 forward_bytes: xin.bytes() + out.bytes() + weight_bytes,
                 backward_bytes: (xin.bytes() + out.bytes()) * 2 + weight_bytes * 2,
-                // view + mm; backward: input grad, weight grad and its AccumulateGrad, bias sum.
+                // view + mm; backward: input grad, weight grad, bias sum (each parameter's
+                // AccumulateGrad is charged per parameter by the time model).
                 forward_kernels: 2 + u32::from(qlora),
                 backward_kernels: 1
                     + u32::from(x.grad)
-                    + 2 * u32::from(trainable)
+                    + u32::from(trainable)
                     + u32::from(trainable && bias)
                     + u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
@@ -534,7 +535,7 @@ impl<'a> Builder<'a> {
                 forward_bytes: x.bytes() + out.bytes(),
                 backward_bytes: (x.bytes() + out.bytes()) * 2,
                 forward_kernels: 2,
-                backward_kernels: 3 + u32::from(input_grad),
+                backward_kernels: 2 + u32::from(input_grad),
                 min_dim: x.tokens.min(x.width).min(out_features),
                 modules: 1,
                 misaligned: false,
