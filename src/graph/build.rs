@@ -10,7 +10,7 @@
 use crate::graph::op::{
     Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind,
 };
-use crate::spec::model::{Activation, Family, ModelSpec, Norm, Positions, Stack};
+use crate::spec::model::{Activation, Family, ModelSpec, Norm, Stack};
 use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Plan, Precision, Proj};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -51,8 +51,6 @@ pub struct Builder<'a> {
     base_trainable: bool,
     segment: Option<u32>,
     next_segment: u32,
-    /// Set once any op in the forward pass has a trainable input: ops after it are in backward.
-    grad_started: bool,
 }
 
 /// Pieces of a matmul-like op that the callers fill.
@@ -87,7 +85,6 @@ impl<'a> Builder<'a> {
             base_trainable: !plan.method.frozen_base(),
             segment: None,
             next_segment: 0,
-            grad_started: false,
         }
     }
 
@@ -383,7 +380,6 @@ impl<'a> Builder<'a> {
             let l = self.adapter_param(name.then("ia3_l"), (1, in_features));
             let x32 = self.cast(name.then("ia3_cast"), x, self.adapter);
             let scaled = self.val(in_features, x.tokens, self.adapter, true);
-            self.grad_started = true;
             let op = self.elementwise(name.then("ia3"), &[x32], scaled, smallvec![x32.id], 1.0);
             if let Some(o) = self.graph.op_mut(op) {
                 o.params.push(l);
@@ -421,9 +417,6 @@ impl<'a> Builder<'a> {
         // bitsandbytes' Linear4bit computes in bf16 and casts the result back to its input's dtype.
         let out_dtype = if qlora { x.dtype } else { compute };
         let out = self.val(out_features, x.tokens, out_dtype, out_grad);
-        if x.grad || trainable {
-            self.grad_started = true;
-        }
         let flops = 2.0 * x.tokens as f64 * in_features as f64 * out_features as f64;
         // QLoRA dequantizes the NF4 weight to bf16 before each use, forward and backward: one
         // more kernel that reads 4 bits and writes 16 per weight, which the matmul then reads.
@@ -470,7 +463,6 @@ impl<'a> Builder<'a> {
         // (under autocast) back to bf16 for `lora_A`, which saves that copy; `lora_B` saves A's
         // output; the scaled update is added to the base output.
         if let Some(rank) = self.lora_on(proj) {
-            self.grad_started = true;
             let a = self.adapter_param(name.then("lora_A"), (rank, in_features));
             let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
             let xa = self.cast(name.then("lora_cast"), x, self.adapter);
@@ -487,7 +479,6 @@ impl<'a> Builder<'a> {
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
         if ia3 == Some(Ia3Site::Output) {
-            self.grad_started = true;
             let l = self.adapter_param(name.then("ia3_l"), (1, out_features));
             let scaled = self.val(out_features, x.tokens, wider(out.dtype, self.adapter), true);
             let op = self.elementwise(name.then("ia3"), &[out], scaled, smallvec![out.id], 1.0);
@@ -549,7 +540,6 @@ impl<'a> Builder<'a> {
     /// A bottleneck adapter (down, ReLU, up, residual) on `x`, in the adapter's fp32 weights
     /// under autocast (measure.py's `Bottleneck`, Houlsby et al. 2019).
     pub fn bottleneck(&mut self, name: Name, x: Val, size: u64) -> Val {
-        self.grad_started = true;
         let h = x.width;
         let down = self.adapter_param(name.then("down_weight"), (size, h));
         let down_b = self.adapter_param(name.then("down_bias"), (1, size));
@@ -643,9 +633,6 @@ impl<'a> Builder<'a> {
                 self.val(h, tokens, out_dtype, x.grad || trainable)
             }
         };
-        if out.grad {
-            self.grad_started = true;
-        }
         self.emit(OpSpec {
             name,
             kind: OpKind::Norm,
@@ -871,9 +858,6 @@ impl<'a> Builder<'a> {
                 out = self.val(out_width, q.tokens, compute, grad);
             }
         }
-        if grad {
-            self.grad_started = true;
-        }
         let flops = 4.0 * scores as f64 * head_dim as f64;
         let causal_factor = if mask == AttnMask::Causal { 0.5 } else { 1.0 };
         let io = q.bytes() + k.bytes() + v.bytes() + out.bytes();
@@ -914,9 +898,6 @@ impl<'a> Builder<'a> {
         let p = self.graph.param(param).clone();
         let dtype = p.dtype;
         let out = self.val(width, tokens, dtype, p.trainable);
-        if p.trainable {
-            self.grad_started = true;
-        }
         let table_bytes = p.bytes();
         self.emit(OpSpec {
             name,
@@ -1053,24 +1034,8 @@ impl<'a> Builder<'a> {
         })
     }
 
-    pub fn grad_started(&self) -> bool {
-        self.grad_started
-    }
-
-    pub fn base_dtype(&self) -> DType {
-        self.base
-    }
-
-    pub fn autocast(&self) -> bool {
-        self.autocast
-    }
-
     pub fn is_base_trainable(&self) -> bool {
         self.base_trainable
-    }
-
-    pub fn positions(&self) -> Positions {
-        self.model.positions
     }
 
     pub fn finish(self) -> OpGraph {
@@ -1121,7 +1086,7 @@ enum Kernel {
 mod tests {
     use super::*;
     use crate::graph::op::Scope;
-    use crate::spec::model::{Dropouts, Family, Stack};
+    use crate::spec::model::{Dropouts, Family, Positions, Stack};
     use crate::spec::plan::{Lora, Optimizer};
 
     /// A small Llama-style decoder.

@@ -80,10 +80,6 @@ impl Hardware {
         }
     }
 
-    pub fn bandwidth(&self) -> f64 {
-        self.hbm_gbps * 1e9
-    }
-
     pub fn from_wire(path: &str, w: HardwareWire) -> Result<Hardware> {
         let positive = |field: &str, v: f64, max: f64| -> Result<f64> {
             if !(v.is_finite() && v > 0.0) {
