@@ -298,10 +298,7 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     let stem = format!("compare-{}", first.estimate.model.name);
     let files = chart::write_compare(&a.out, &stem, &title, &rows)?;
     let table = report::table::compare(&rows);
-    report::write_atomic(
-        &a.out.join(format!("{stem}.md")),
-        report::markdown(&title, &table, &files).as_bytes(),
-    )?;
+    let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
     match a.format {
         Format::Table => println!("{table}"),
         Format::Json => println!(
@@ -314,16 +311,19 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
             )?
         ),
     }
-    eprintln!(
-        "wrote {}",
-        files
-            .iter()
-            .chain([&a.out.join(format!("{stem}.md"))])
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    wrote(&files, &md);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells stderr which files a report wrote.
+fn wrote(files: &[PathBuf], md: &std::path::Path) {
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.as_path())
+        .chain([md])
+        .map(|p| p.display().to_string())
+        .collect();
+    eprintln!("wrote {}", names.join(", "));
 }
 
 pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
@@ -381,10 +381,8 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     );
     let files = chart::write_sweep(&a.out, &stem, &title, axis, &series, budget)?;
     let table = report::table::sweep(axis, &series, budget);
-    report::write_atomic(
-        &a.out.join(format!("{stem}.md")),
-        report::markdown(&title, &table, &files).as_bytes(),
-    )?;
+    let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
+    wrote(&files, &md);
     match a.format {
         Format::Table => println!("{table}"),
         Format::Json => println!(
@@ -444,10 +442,8 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let stem = "fit-matrix".to_string();
     let files = chart::write_matrix(&a.out, &stem, &title, &gpu_names, &cells)?;
     let table = report::table::matrix(&gpu_names, &cells);
-    report::write_atomic(
-        &a.out.join(format!("{stem}.md")),
-        report::markdown(&title, &table, &files).as_bytes(),
-    )?;
+    let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
+    wrote(&files, &md);
     println!("{table}");
     Ok(ExitCode::SUCCESS)
 }

@@ -58,6 +58,19 @@ pub fn duration(s: f64) -> String {
     }
 }
 
+/// Writes `dir/stem.md` (the report for `files`) and returns its path.
+pub fn write_markdown(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    table: &str,
+    files: &[std::path::PathBuf],
+) -> Result<std::path::PathBuf> {
+    let path = dir.join(format!("{stem}.md"));
+    write_atomic(&path, markdown(title, table, files).as_bytes())?;
+    Ok(path)
+}
+
 /// A Markdown report embedding the charts and the table.
 pub fn markdown(title: &str, table: &str, files: &[std::path::PathBuf]) -> String {
     let mut s = format!("# {title}\n\n");
