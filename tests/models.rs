@@ -135,3 +135,72 @@ fn every_peft_method_builds_a_valid_graph_for_every_family() {
         }
     }
 }
+
+#[test]
+fn every_model_method_and_setting_builds_a_valid_graph() {
+    let methods = [
+        Method::Full,
+        Method::Lora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::AllLinear,
+        }),
+        Method::Qlora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::QueryValue,
+        }),
+        Method::Adapter { size: 16 },
+        Method::Prefix { virtual_tokens: 4 },
+        Method::Prompt { virtual_tokens: 4 },
+        Method::Ia3,
+    ];
+    let hw = parse_hardware_toml(
+        "h100-sxm",
+        "h100-sxm",
+        hardware_files()
+            .iter()
+            .find(|(s, _)| *s == "h100-sxm")
+            .expect("ships")
+            .1,
+    )
+    .expect("loads")
+    .0;
+    let rates = Rates::from_datasheet(&hw);
+    for (stem, text) in model_files() {
+        let m = parse_model_toml(stem, stem, text).expect("loads");
+        for method in &methods {
+            for (ckpt, eager, precision) in [
+                (false, false, Precision::MixedBf16),
+                (true, true, Precision::Bf16),
+                (true, false, Precision::Fp32),
+            ] {
+                let p = Plan {
+                    grad_ckpt: ckpt,
+                    attention: if eager {
+                        AttentionKernel::Eager
+                    } else {
+                        AttentionKernel::Sdpa
+                    },
+                    precision,
+                    seq: 64,
+                    target_seq: 16,
+                    ..plan(method.clone())
+                };
+                let g = graph::build(&m, &p);
+                g.verify()
+                    .unwrap_or_else(|e| panic!("{stem} {} {p:?}: {e}", method.name()));
+                let e = estimate(&m, &p, &hw, &rates).unwrap_or_else(|e| panic!("{stem}: {e}"));
+                assert!(
+                    e.memory.peak.0 > 0 && e.time.step_seconds.is_finite(),
+                    "{stem} {}",
+                    method.name()
+                );
+                assert!(
+                    e.memory.trainable_params > 0
+                        && e.memory.trainable_params <= e.memory.total_params
+                );
+            }
+        }
+    }
+}
