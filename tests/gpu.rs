@@ -12,7 +12,7 @@ fn wgpu_kernels_compute_correct_results() {
         }
     };
     let settings = Settings {
-        matmul_sizes: vec![64, 128, 192],
+        matmul_sizes: vec![64, 128, 256],
         matmul_reps: 2,
         copy_bytes: 1 << 20,
         copy_reps: 2,

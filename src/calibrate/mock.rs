@@ -1,6 +1,6 @@
 //! A deterministic stand-in GPU: exact results on the CPU, timings from fixed rates.
 
-use super::{AdapterInfo, GpuBench, pattern, reference};
+use super::{AdapterInfo, Elem, GpuBench, KernelRun, pattern, reference};
 use crate::error::Result;
 
 /// Computes on the CPU and reports the time a GPU with these rates would take.
@@ -28,7 +28,14 @@ impl GpuBench for MockGpu {
         }
     }
 
-    fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], _reps: u32) -> Result<(Vec<f32>, f64)> {
+    fn matmul(
+        &mut self,
+        _elem: Elem,
+        n: u32,
+        a: &[f32],
+        b: &[f32],
+        _reps: u32,
+    ) -> Result<Vec<KernelRun>> {
         let size = n as usize;
         let mut c = vec![0.0; size * size];
         for i in 0..size {
@@ -39,18 +46,11 @@ impl GpuBench for MockGpu {
         // A size-dependent rate: small products reach less of the peak.
         let nf = f64::from(n);
         let rate = self.flops * nf / (nf + 96.0);
-        Ok((c, 2.0 * nf.powi(3) / rate))
-    }
-
-    fn matmul_f16(
-        &mut self,
-        n: u32,
-        a: &[f32],
-        b: &[f32],
-        reps: u32,
-    ) -> Result<Option<(Vec<f32>, f64)>> {
-        // Half the bytes loaded; the same arithmetic rate.
-        self.matmul(n, a, b, reps).map(Some)
+        Ok(vec![KernelRun {
+            kernel: "mock",
+            c,
+            seconds: 2.0 * nf.powi(3) / rate,
+        }])
     }
 
     fn copy(&mut self, words: u64, _reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {

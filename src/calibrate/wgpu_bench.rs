@@ -1,11 +1,12 @@
 //! The real benchmark on a wgpu adapter (Vulkan, Metal, DX12 or GL).
 
-use super::{AdapterInfo, GpuBench, pattern};
+use super::{AdapterInfo, Elem, GpuBench, KernelRun, pattern};
 use crate::error::{Error, Result};
 use std::time::Instant;
 use wgpu::util::DeviceExt;
 
 const MATMUL: &str = include_str!("matmul.wgsl");
+const MATMUL8: &str = include_str!("matmul8.wgsl");
 const COPY: &str = include_str!("copy.wgsl");
 const COPY_GROUPS: u32 = 4096;
 
@@ -14,8 +15,8 @@ pub struct WgpuBench {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: AdapterInfo,
-    matmul: wgpu::ComputePipeline,
-    matmul_f16: Option<wgpu::ComputePipeline>,
+    /// (element type, kernel name, C tile edge, pipeline) for every matmul variant built.
+    matmuls: Vec<(Elem, &'static str, u32, wgpu::ComputePipeline)>,
     copy: wgpu::ComputePipeline,
     timestamps: bool,
     max_binding: u64,
@@ -75,15 +76,20 @@ impl WgpuBench {
                 cache: None,
             })
         };
-        let matmul = compile("matmul", format!("alias Elem = f32;\n{MATMUL}"), "matmul");
         let copy = compile("copy", COPY.to_string(), "copy");
-        let matmul_f16 = shader_f16.then(|| {
-            compile(
-                "matmul_f16",
-                format!("enable f16;\nalias Elem = f16;\n{MATMUL}"),
-                "matmul",
-            )
-        });
+        let mut matmuls = Vec::new();
+        for (elem, prelude) in [
+            (Elem::F32, "alias Elem = f32;\n"),
+            (Elem::F16, "enable f16;\nalias Elem = f16;\n"),
+        ] {
+            if elem == Elem::F16 && !shader_f16 {
+                continue;
+            }
+            for (name, tile, source) in [("tiled-4x4", 64, MATMUL), ("tiled-8x8", 128, MATMUL8)] {
+                let pipeline = compile(name, format!("{prelude}{source}"), "matmul");
+                matmuls.push((elem, name, tile, pipeline));
+            }
+        }
         Ok(WgpuBench {
             info: AdapterInfo {
                 name: ai.name.clone(),
@@ -95,8 +101,7 @@ impl WgpuBench {
             },
             device,
             queue,
-            matmul,
-            matmul_f16,
+            matmuls,
             copy,
             timestamps,
             max_binding: limits
@@ -235,6 +240,7 @@ impl WgpuBench {
     fn product(
         &self,
         pipeline: &wgpu::ComputePipeline,
+        tile: u32,
         n: u32,
         a: &[u8],
         b: &[u8],
@@ -251,7 +257,7 @@ impl WgpuBench {
         let cb = self.empty("c", bytes);
         let dims = self.uniform([n, 0, 0, 0]);
         let bind = self.bind(pipeline, &[(0, &ab), (1, &bb), (2, &cb), (3, &dims)]);
-        let seconds = self.time(pipeline, &bind, (n / 64, n / 64), reps.max(1))?;
+        let seconds = self.time(pipeline, &bind, (n / tile, n / tile), reps.max(1))?;
         let out = self.read(&cb, 0, bytes)?;
         let c = out
             .chunks_exact(4)
@@ -291,28 +297,36 @@ impl GpuBench for WgpuBench {
         self.timestamps
     }
 
-    fn matmul(&mut self, n: u32, a: &[f32], b: &[f32], reps: u32) -> Result<(Vec<f32>, f64)> {
-        let to_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        self.product(&self.matmul, n, &to_bytes(a), &to_bytes(b), reps)
-    }
-
-    fn matmul_f16(
+    fn matmul(
         &mut self,
+        elem: Elem,
         n: u32,
         a: &[f32],
         b: &[f32],
         reps: u32,
-    ) -> Result<Option<(Vec<f32>, f64)>> {
-        let Some(pipeline) = &self.matmul_f16 else {
-            return Ok(None);
+    ) -> Result<Vec<KernelRun>> {
+        let to_bytes = |v: &[f32]| -> Vec<u8> {
+            match elem {
+                Elem::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                Elem::F16 => v
+                    .iter()
+                    .flat_map(|&x| super::f16_bits(x).to_le_bytes())
+                    .collect(),
+            }
         };
-        let to_bytes = |v: &[f32]| {
-            v.iter()
-                .flat_map(|&x| super::f16_bits(x).to_le_bytes())
-                .collect::<Vec<u8>>()
-        };
-        self.product(pipeline, n, &to_bytes(a), &to_bytes(b), reps)
-            .map(Some)
+        let (a, b) = (to_bytes(a), to_bytes(b));
+        let mut runs = Vec::new();
+        for (e, name, tile, pipeline) in &self.matmuls {
+            if *e == elem && n.is_multiple_of(*tile) {
+                let (c, seconds) = self.product(pipeline, *tile, n, &a, &b, reps)?;
+                runs.push(KernelRun {
+                    kernel: name,
+                    c,
+                    seconds,
+                });
+            }
+        }
+        Ok(runs)
     }
 
     fn copy(&mut self, words: u64, reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {
