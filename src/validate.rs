@@ -61,35 +61,58 @@ pub struct Row {
 
 /// Parses `measured.jsonl` into plans and compares each estimate with the measurement.
 pub fn compare(path: &str, text: &str, hardware: &Hardware, rates: &Rates) -> Result<Vec<Row>> {
+    let (rows, failed) = compare_all(path, text, hardware, rates);
+    match failed.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(rows),
+    }
+}
+
+/// Like [`compare`], but a run ftplan cannot plan (an unsupported architecture, a malformed
+/// line) is set aside with its error instead of stopping the comparison.
+pub fn compare_all(
+    path: &str,
+    text: &str,
+    hardware: &Hardware,
+    rates: &Rates,
+) -> (Vec<Row>, Vec<(String, Error)>) {
     let mut rows = Vec::new();
+    let mut failed = Vec::new();
     for (i, line) in text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let where_ = format!("{path}:{}", i + 1);
-        let rec: Record = serde_json::from_str(line).map_err(|e| Error::Parse {
-            path: where_.clone(),
-            message: e.to_string(),
-        })?;
-        let model = parse_config(&where_, &rec.config, &rec.run.model, false)?;
-        let plan = plan_of(&where_, &rec.run)?;
-        let est = estimate(&model, &plan, hardware, rates)?;
-        let estimated = est.memory.peak.0;
-        rows.push(Row {
-            name: rec.name,
-            measured_peak: rec.peak_run,
-            estimated_peak: estimated,
-            error: (estimated as f64 - rec.peak_run as f64) / rec.peak_run as f64,
-            measured_trainable: rec.params_trainable,
-            estimated_trainable: est.memory.trainable_params,
-            measured_step_s: rec.step_time_s,
-            estimated_step_s: est.time.step_seconds,
-            plan,
-            model,
-        });
+        match compare_one(&where_, line, hardware, rates) {
+            Ok(row) => rows.push(row),
+            Err(e) => failed.push((where_, e)),
+        }
     }
-    Ok(rows)
+    (rows, failed)
+}
+
+fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> Result<Row> {
+    let rec: Record = serde_json::from_str(line).map_err(|e| Error::Parse {
+        path: where_.to_string(),
+        message: e.to_string(),
+    })?;
+    let model = parse_config(where_, &rec.config, &rec.run.model, false)?;
+    let plan = plan_of(where_, &rec.run)?;
+    let est = estimate(&model, &plan, hardware, rates)?;
+    let estimated = est.memory.peak.0;
+    Ok(Row {
+        name: rec.name,
+        measured_peak: rec.peak_run,
+        estimated_peak: estimated,
+        error: (estimated as f64 - rec.peak_run as f64) / rec.peak_run as f64,
+        measured_trainable: rec.params_trainable,
+        estimated_trainable: est.memory.trainable_params,
+        measured_step_s: rec.step_time_s,
+        estimated_step_s: est.time.step_seconds,
+        plan,
+        model,
+    })
 }
 
 fn plan_of(path: &str, run: &Run) -> Result<Plan> {
@@ -98,11 +121,14 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         let rank = run
             .lora_r
             .ok_or_else(|| bad("lora_r", "is missing".into()))?;
-        let targets = match &run.lora_targets {
-            Some(serde_json::Value::String(s)) if s == "qv" => LoraTargets::QueryValue,
-            Some(serde_json::Value::String(s)) if s == "all" => LoraTargets::AllLinear,
+        // measure.py: "qv" (peft's default q/v targets), "all" (all-linear) or a module list.
+        let names: Vec<&str> = match &run.lora_targets {
+            Some(serde_json::Value::String(s)) => vec![s.as_str()],
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
             other => return Err(bad("lora_targets", format!("unsupported value {other:?}"))),
         };
+        let targets = LoraTargets::parse(names)
+            .map_err(|(name, _)| bad("lora_targets", format!("`{name}` is not a known module")))?;
         Ok(Lora {
             rank,
             alpha: run.lora_alpha.unwrap_or(2.0 * rank as f64),

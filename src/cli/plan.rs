@@ -5,9 +5,7 @@ use crate::cli::args::{AttentionArg, MethodArg, OptimizerArg, PlanArgs, Precisio
 use ftplan::error::{Error, Result, did_you_mean};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
-use ftplan::spec::plan::{
-    AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Proj,
-};
+use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
 use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
 use serde::Deserialize;
@@ -154,22 +152,18 @@ const ATTENTIONS: [(&str, AttentionArg); 2] =
 
 /// Parses `qv`, `all` or `q,k,v,o,gate,up,down`.
 pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets> {
-    match text.trim() {
-        "qv" => Ok(LoraTargets::QueryValue),
-        "all" | "all-linear" => Ok(LoraTargets::AllLinear),
-        list => {
-            let mut projs = Vec::new();
-            for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let part = part.trim_end_matches("_proj");
-                projs.push(parse_name(origin, field, part, &Proj::NAMES)?);
-            }
-            if projs.is_empty() {
-                return Err(Error::field(origin, field, "names no projection")
-                    .with_hint("use qv, all or q,k,v,o,gate,up,down"));
-            }
-            Ok(LoraTargets::Named(projs))
+    LoraTargets::parse(text.split(',')).map_err(|(name, hint)| {
+        let problem = if name.is_empty() {
+            "names no projection".to_string()
+        } else {
+            format!("`{name}` is not a projection ftplan knows")
+        };
+        let err = Error::field(origin, field, problem);
+        match hint {
+            Some(h) => err.with_hint(h),
+            None => err,
         }
-    }
+    })
 }
 
 /// A plan's fields before validation, from flags or a file.

@@ -38,6 +38,105 @@ impl Proj {
         ("up", Proj::Up),
         ("down", Proj::Down),
     ];
+
+    /// Hugging Face module names (as peft's `target_modules` names them) by role. GPT-2's
+    /// `c_proj` names both the attention output and the FFN output projection.
+    pub const MODULES: [(&'static str, &'static [Proj]); 30] = [
+        ("q", &[Proj::Q]),
+        ("k", &[Proj::K]),
+        ("v", &[Proj::V]),
+        ("o", &[Proj::O]),
+        ("query", &[Proj::Q]),
+        ("key", &[Proj::K]),
+        ("value", &[Proj::V]),
+        ("out_proj", &[Proj::O]),
+        ("dense", &[Proj::O]),
+        ("c_attn", &[Proj::Q, Proj::K, Proj::V]),
+        ("query_key_value", &[Proj::Q, Proj::K, Proj::V]),
+        ("qkv_proj", &[Proj::Q, Proj::K, Proj::V]),
+        ("c_proj", &[Proj::O, Proj::Down]),
+        ("gate", &[Proj::Gate]),
+        ("w1", &[Proj::Gate]),
+        ("wi_0", &[Proj::Gate]),
+        ("up", &[Proj::Up]),
+        ("w3", &[Proj::Up]),
+        ("wi", &[Proj::Up]),
+        ("wi_1", &[Proj::Up]),
+        ("c_fc", &[Proj::Up]),
+        ("fc1", &[Proj::Up]),
+        ("dense_h_to_4h", &[Proj::Up]),
+        ("down", &[Proj::Down]),
+        ("w2", &[Proj::Down]),
+        ("wo", &[Proj::Down]),
+        ("fc2", &[Proj::Down]),
+        ("dense_4h_to_h", &[Proj::Down]),
+        ("gate_up_proj", &[Proj::Gate, Proj::Up]),
+        (
+            "all-linear",
+            &[
+                Proj::Q,
+                Proj::K,
+                Proj::V,
+                Proj::O,
+                Proj::Gate,
+                Proj::Up,
+                Proj::Down,
+            ],
+        ),
+    ];
+}
+
+impl LoraTargets {
+    /// `qv`, `all`, or a list of roles (`q`, `gate`) or Hugging Face module names (`q_proj`,
+    /// `c_attn`, `wo`): the projections each names, or the unknown name with a suggestion.
+    pub fn parse<'a>(
+        items: impl IntoIterator<Item = &'a str>,
+    ) -> Result<LoraTargets, (String, Option<String>)> {
+        let items: Vec<&str> = items
+            .into_iter()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        match items.as_slice() {
+            ["qv"] => return Ok(LoraTargets::QueryValue),
+            ["all"] | ["all-linear"] => return Ok(LoraTargets::AllLinear),
+            [] => {
+                return Err((
+                    String::new(),
+                    Some("use qv, all or q,k,v,o,gate,up,down".into()),
+                ));
+            }
+            _ => {}
+        }
+        let mut projs = Vec::new();
+        for item in items {
+            // `model.layers.0.self_attn.q_proj` -> `q_proj`; `q_proj` -> `q`.
+            let leaf = item.rsplit('.').next().unwrap_or(item);
+            let short = leaf
+                .strip_suffix("_proj")
+                .filter(|s| !s.is_empty())
+                .unwrap_or(leaf);
+            let found = Proj::MODULES
+                .iter()
+                .find(|(n, _)| *n == leaf || *n == short);
+            match found {
+                Some((_, roles)) => {
+                    for r in roles.iter() {
+                        if !projs.contains(r) {
+                            projs.push(*r);
+                        }
+                    }
+                }
+                None => {
+                    let hint =
+                        crate::error::did_you_mean(leaf, Proj::MODULES.iter().map(|(n, _)| *n))
+                            .map(|s| format!("did you mean `{s}`?"));
+                    return Err((item.to_string(), hint));
+                }
+            }
+        }
+        Ok(LoraTargets::Named(projs))
+    }
 }
 
 /// LoRA's settings (Hu et al. 2021).
