@@ -305,7 +305,10 @@ mod tests {
     #[test]
     fn lora_targets_take_roles_and_hugging_face_module_names() {
         assert_eq!(LoraTargets::parse(["qv"]), Ok(LoraTargets::QueryValue));
-        assert_eq!(LoraTargets::parse(["all-linear"]), Ok(LoraTargets::AllLinear));
+        assert_eq!(
+            LoraTargets::parse(["all-linear"]),
+            Ok(LoraTargets::AllLinear)
+        );
         assert_eq!(
             LoraTargets::parse(["q_proj", "v_proj", "model.layers.0.mlp.down_proj"]),
             Ok(LoraTargets::Named(vec![Proj::Q, Proj::V, Proj::Down]))
@@ -313,7 +316,13 @@ mod tests {
         // GPT-2's `c_proj` is both the attention output and the FFN output.
         assert_eq!(
             LoraTargets::parse(["c_attn", "c_proj"]),
-            Ok(LoraTargets::Named(vec![Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Down]))
+            Ok(LoraTargets::Named(vec![
+                Proj::Q,
+                Proj::K,
+                Proj::V,
+                Proj::O,
+                Proj::Down
+            ]))
         );
         let (name, hint) = LoraTargets::parse(["q_prj"]).expect_err("unknown");
         assert_eq!(name, "q_prj");
