@@ -128,9 +128,18 @@ impl LoraTargets {
                     }
                 }
                 None => {
-                    let hint =
-                        crate::error::did_you_mean(leaf, Proj::MODULES.iter().map(|(n, _)| *n))
-                            .map(|s| format!("did you mean `{s}`?"));
+                    const PROJ: [&str; 7] = [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ];
+                    let names = Proj::MODULES.iter().map(|(n, _)| *n).chain(PROJ);
+                    let hint = crate::error::did_you_mean(leaf, names)
+                        .map(|s| format!("did you mean `{s}`?"));
                     return Err((item.to_string(), hint));
                 }
             }
