@@ -77,9 +77,8 @@ fn stack_forward(
         let rows = virtual_tokens;
         let p = b.adapter_param(name.at("prompt_embeddings"), (rows, h));
         let prompt = b.embedding(name.at("prompt"), p, h, batch * rows);
-        let cat = b.val(h, tokens, x.dtype, true);
-        let _ = prompt;
-        x = b.cast(name.at("prompt").then("cat"), cat, x.dtype);
+        let prompt = b.cast(name.at("prompt").then("cast"), prompt, x.dtype);
+        x = b.concat(name.at("prompt").then("cat"), prompt, x);
     }
     if let Positions::Learned { rows } = model.positions {
         let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);

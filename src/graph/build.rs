@@ -243,6 +243,21 @@ impl<'a> Builder<'a> {
         out
     }
 
+    /// `torch.cat` along the sequence: saves nothing (its backward only slices).
+    pub fn concat(&mut self, name: Name, a: Val, b: Val) -> Val {
+        let out = Val {
+            id: self.tensor(
+                TensorKind::Activation,
+                a.dtype.bytes(a.width.saturating_mul(a.tokens + b.tokens)),
+            ),
+            tokens: a.tokens + b.tokens,
+            grad: a.grad || b.grad,
+            ..a
+        };
+        self.elementwise(name, &[a, b], out, SmallVec::new(), 0.0);
+        out
+    }
+
     /// `nn.Dropout(p)` in training: with p > 0 CUDA's fused dropout keeps a bool mask of the
     /// input's size; with p = 0 `F.dropout` returns its input unchanged.
     pub fn dropout(&mut self, name: Name, x: Val, p: f64) -> Val {
