@@ -83,7 +83,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     let trainable: Vec<_> = params.iter().copied().filter(|p| p.trainable).collect();
     let weights: Bytes = params.iter().map(|p| p.bytes()).sum();
     let states = optimizer::state_bytes(plan.optimizer, &trainable);
-    let all_grads: Bytes = trainable.iter().map(|p| p.dtype.bytes(p.elements)).sum();
+    let all_grads: Bytes = trainable.iter().map(|p| p.grad_bytes()).sum();
     // DDP's reducer copies gradients into flat buckets (gradient_as_bucket_view=False).
     let ddp_buckets = if plan.gpus > 1 {
         all_grads
@@ -118,91 +118,130 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             ..Breakdown::default()
         },
         base_total: weights + states + workspace,
+        local: None,
     };
 
-    // Forward.
+    // Forward. A repeated block (`Op::repeat`) is walked once; each of its other copies adds
+    // what one copy leaves held, and its peak is that of the last copy.
     let mut segment_start = 0;
-    for (i, op) in ops.iter().enumerate() {
-        for &t in &op.saves {
-            walk.hold(t);
-        }
-        let (act_t, logit_t) = split_transient(op.kind, op.forward_transient);
-        walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
-        if op.segment.is_some() && (i == 0 || ops[i - 1].segment != op.segment) {
-            segment_start = i;
-        }
-        let segment_ends =
-            op.segment.is_some() && ops.get(i + 1).map(|n| n.segment) != Some(op.segment);
-        if segment_ends {
-            // Checkpointing drops the block's saved activations, keeping its input; autocast's
-            // cache keeps the weight copies until the autocast region exits. (Segments are
-            // contiguous: `OpGraph::verify`.)
-            for o in &ops[segment_start..=i] {
-                for &t in &o.saves {
-                    let tensor = graph.tensor(t);
-                    if !tensor.checkpoint_input && tensor.kind != TensorKind::WeightCopy {
-                        walk.release(t);
+    let mut cache_copies = Bytes::ZERO;
+    let mut i = 0;
+    while i < ops.len() {
+        let end = group_end(&ops, i);
+        let copies = u64::from(ops[i].repeat);
+        let before = walk.state();
+        walk.local = (copies > 1).then_some(None);
+        for k in i..end {
+            let op = ops[k];
+            for &t in &op.saves {
+                walk.hold(t);
+            }
+            let (act_t, logit_t) = split_transient(op.kind, op.forward_transient);
+            walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
+            if op.segment.is_some() && (k == 0 || ops[k - 1].segment != op.segment) {
+                segment_start = k;
+            }
+            let segment_ends =
+                op.segment.is_some() && ops.get(k + 1).map(|n| n.segment) != Some(op.segment);
+            if segment_ends {
+                // Checkpointing drops the block's saved activations, keeping its input;
+                // autocast's cache keeps the weight copies until the autocast region exits.
+                // (Segments are contiguous: `OpGraph::verify`.)
+                for o in &ops[segment_start..=k] {
+                    for &t in &o.saves {
+                        let tensor = graph.tensor(t);
+                        if graph.created_in(op.segment, t)
+                            && !tensor.checkpoint_input
+                            && tensor.kind != TensorKind::WeightCopy
+                        {
+                            walk.release(t);
+                        }
                     }
                 }
             }
         }
+        if copies > 1 {
+            // Cache-held weight copies of the other copies go when autocast exits.
+            let cached: Bytes = ops[i..end]
+                .iter()
+                .flat_map(|o| o.saves.iter().map(move |&t| (o.segment, t)))
+                .filter(|&(segment, t)| walk.live[t.0 as usize] && is_cache_held(graph, segment, t))
+                .map(|(_, t)| graph.tensor(t).bytes)
+                .sum();
+            cache_copies += cached * (copies - 1);
+            walk.repeat(before, copies - 1);
+        }
+        i = end;
     }
     // Autocast exits: copies held only by the cache (checkpointed blocks, ops autograd does not
     // record) go.
     let cached: Vec<TensorId> = ops
         .iter()
         .flat_map(|o| o.saves.iter().map(move |&t| (o.segment, t)))
-        .filter(|&(segment, t)| {
-            let tensor = graph.tensor(t);
-            tensor.kind == TensorKind::WeightCopy && (segment.is_some() || tensor.cache_only)
-        })
+        .filter(|&(segment, t)| is_cache_held(graph, segment, t))
         .map(|(_, t)| t)
         .collect();
     for t in cached {
         walk.release(t);
     }
+    walk.live_act = walk.live_act - cache_copies;
 
-    // Backward.
+    // Backward, in reverse; a repeated block again once, its copies accounted for.
     let mut has_grad = vec![false; graph.params.len()];
     let mut current_segment = None;
-    for (i, op) in ops.iter().enumerate().rev() {
-        if !op.in_backward {
-            continue;
-        }
-        if op.segment.is_some() && op.segment != current_segment {
-            // Recompute the block's forward: its saved tensors come back.
-            let start = ops[..i]
-                .iter()
-                .rposition(|o| o.segment != op.segment)
-                .map_or(0, |p| p + 1);
-            for o in &ops[start..=i] {
-                for &t in o.saves.iter().filter(|&&t| !graph.tensor(t).cache_only) {
-                    walk.hold(t);
+    let mut end = ops.len();
+    while end > 0 {
+        let start = group_start(&ops, end - 1);
+        let copies = u64::from(ops[end - 1].repeat);
+        let before = walk.state();
+        walk.local = (copies > 1).then_some(None);
+        for i in (start..end).rev() {
+            let op = ops[i];
+            if !op.in_backward {
+                continue;
+            }
+            if op.segment.is_some() && op.segment != current_segment {
+                // Recompute the block's forward: its saved tensors come back.
+                let seg_start = ops[..i]
+                    .iter()
+                    .rposition(|o| o.segment != op.segment)
+                    .map_or(0, |p| p + 1);
+                for o in &ops[seg_start..=i] {
+                    for &t in &o.saves {
+                        if graph.created_in(op.segment, t) && !graph.tensor(t).cache_only {
+                            walk.hold(t);
+                        }
+                    }
+                }
+            }
+            current_segment = op.segment;
+            let mut transient = op.backward_transient;
+            for &p in &op.params {
+                let param = graph.param(p);
+                if !param.trainable {
+                    continue;
+                }
+                // One copy's gradient; a repeated block's other copies are added after it.
+                let bytes = param.dtype.bytes(param.elements);
+                if !std::mem::replace(&mut has_grad[p.0 as usize], true) {
+                    walk.grads += bytes;
+                } else {
+                    // A tied weight's second gradient is computed, then accumulated into `.grad`.
+                    transient += bytes;
+                }
+            }
+            let (act_t, logit_t) = split_transient(op.kind, transient);
+            walk.observe(Phase::Backward, Some(op.name), act_t, logit_t);
+            for &t in &op.saves {
+                if first_saver[t.0 as usize] == i {
+                    walk.release(t);
                 }
             }
         }
-        current_segment = op.segment;
-        let mut transient = op.backward_transient;
-        for &p in &op.params {
-            let param = graph.param(p);
-            if !param.trainable {
-                continue;
-            }
-            let bytes = param.dtype.bytes(param.elements);
-            if !std::mem::replace(&mut has_grad[p.0 as usize], true) {
-                walk.grads += bytes;
-            } else {
-                // A tied weight's second gradient is computed, then accumulated into `.grad`.
-                transient += bytes;
-            }
+        if copies > 1 {
+            walk.repeat(before, copies - 1);
         }
-        let (act_t, logit_t) = split_transient(op.kind, transient);
-        walk.observe(Phase::Backward, Some(op.name), act_t, logit_t);
-        for &t in &op.saves {
-            if first_saver[t.0 as usize] == i {
-                walk.release(t);
-            }
-        }
+        end = start;
     }
     // Whatever a frozen prefix saved and never freed is gone by now.
     walk.live.iter_mut().for_each(|l| *l = false);
@@ -225,16 +264,46 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         peak_phase,
         peak_op,
         persistent: weights + states,
-        total_params: params.iter().map(|p| p.elements).sum(),
+        total_params: params.iter().map(|p| p.count()).sum(),
         base_params: params
             .iter()
             .filter(|p| p.role != crate::graph::op::ParamRole::Adapter)
-            .map(|p| p.elements)
+            .map(|p| p.count())
             .sum(),
-        trainable_params: trainable.iter().map(|p| p.elements).sum(),
+        trainable_params: trainable.iter().map(|p| p.count()).sum(),
         overhead,
         required: peak + overhead,
     }
+}
+
+/// End (exclusive) of the run of ops that share `ops[i]`'s repeat count (1: just `i`).
+fn group_end(ops: &[&crate::graph::op::Op], i: usize) -> usize {
+    if ops[i].repeat <= 1 {
+        return i + 1;
+    }
+    let mut e = i + 1;
+    while e < ops.len() && ops[e].repeat == ops[i].repeat {
+        e += 1;
+    }
+    e
+}
+
+/// Start of the run of ops that share `ops[i]`'s repeat count (walking backwards).
+fn group_start(ops: &[&crate::graph::op::Op], i: usize) -> usize {
+    if ops[i].repeat <= 1 {
+        return i;
+    }
+    let mut s = i;
+    while s > 0 && ops[s - 1].repeat == ops[i].repeat {
+        s -= 1;
+    }
+    s
+}
+
+/// A weight copy that only autocast's cache holds past its block (freed when autocast exits).
+fn is_cache_held(graph: &OpGraph, segment: Option<u32>, t: TensorId) -> bool {
+    let tensor = graph.tensor(t);
+    tensor.kind == TensorKind::WeightCopy && (segment.is_some() || tensor.cache_only)
 }
 
 /// Transient memory counts as logits for the loss and LM head, as temporary elsewhere.
@@ -259,6 +328,22 @@ struct Walk<'g> {
     best_total: Bytes,
     base: Breakdown,
     base_total: Bytes,
+    /// While walking a repeated block: its own best moment (compared across copies afterwards).
+    local: Option<Option<(Breakdown, Phase, Option<Name>)>>,
+}
+
+/// Live totals at a moment, to measure what one copy of a block changes.
+#[derive(Clone, Copy)]
+struct State {
+    act: Bytes,
+    logits: Bytes,
+    grads: Bytes,
+}
+
+/// `base + k * (now - before)` per field, clamped at zero.
+fn extend(base: Bytes, before: Bytes, now: Bytes, k: u64) -> Bytes {
+    let d = i128::from(now.0) - i128::from(before.0);
+    Bytes((i128::from(base.0) + d * i128::from(k)).clamp(0, i128::from(u64::MAX)) as u64)
 }
 
 impl Walk<'_> {
@@ -284,13 +369,49 @@ impl Walk<'_> {
         }
     }
 
+    fn state(&self) -> State {
+        State {
+            act: self.live_act,
+            logits: self.live_logits,
+            grads: self.grads,
+        }
+    }
+
+    /// After walking one copy of a block that stands for `1 + more` copies: the other copies
+    /// change the live totals by the same amount each, so the block's highest moment is in its
+    /// first copy (when one copy lowers the total) or its last (when it raises it).
+    fn repeat(&mut self, before: State, more: u64) {
+        let now = self.state();
+        if let Some(Some((b, phase, name))) = self.local.take() {
+            let delta = i128::from(now.act.0) + i128::from(now.logits.0) + i128::from(now.grads.0)
+                - i128::from(before.act.0)
+                - i128::from(before.logits.0)
+                - i128::from(before.grads.0);
+            let candidate = if delta > 0 {
+                Breakdown {
+                    activations: extend(b.activations, before.act, now.act, more),
+                    logits: extend(b.logits, before.logits, now.logits, more),
+                    gradients: extend(b.gradients, before.grads, now.grads, more),
+                    ..b
+                }
+            } else {
+                b
+            };
+            if self.best.is_none() || candidate.total() > self.best_total {
+                self.best_total = candidate.total();
+                self.best = Some((candidate, phase, name));
+            }
+        }
+        self.local = None;
+        self.live_act = extend(now.act, before.act, now.act, more);
+        self.live_logits = extend(now.logits, before.logits, now.logits, more);
+        self.grads = extend(now.grads, before.grads, now.grads, more);
+    }
+
     fn observe(&mut self, phase: Phase, op: Option<Name>, temporary: Bytes, logits: Bytes) {
         // Compare totals first; build the breakdown only for a new maximum (hot loop).
         let total =
             self.base_total + self.grads + self.live_act + self.live_logits + logits + temporary;
-        if self.best.is_some() && total <= self.best_total {
-            return;
-        }
         let now = Breakdown {
             gradients: self.grads,
             activations: self.live_act,
@@ -298,6 +419,15 @@ impl Walk<'_> {
             temporary: self.base.temporary + temporary,
             ..self.base
         };
+        if let Some(local) = &mut self.local {
+            if local.as_ref().is_none_or(|(b, _, _)| total > b.total()) {
+                *local = Some((now, phase, op));
+            }
+            return;
+        }
+        if self.best.is_some() && total <= self.best_total {
+            return;
+        }
         self.best_total = total;
         self.best = Some((now, phase, op));
     }

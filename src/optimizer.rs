@@ -13,12 +13,13 @@ const BNB_BLOCK: u64 = 256;
 pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
     params
         .iter()
-        .map(|p| {
+        .map(|p| -> Bytes {
+            // One copy's state, times the copies a repeated block's parameter stands for.
             // PyTorch creates states with `zeros_like(param)`: the parameter's dtype.
             let dtype = p.dtype;
             // Fused and foreach AdamW keep `step` as a 1-element fp32 tensor per parameter.
             let step = DType::F32.bytes(1);
-            match optimizer {
+            let one = match optimizer {
                 Optimizer::Adamw | Optimizer::AdamwForeach => dtype.bytes(p.elements) * 2 + step,
                 // bitsandbytes keeps `step` as a Python int.
                 Optimizer::Adamw8bit => {
@@ -41,7 +42,8 @@ pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
                     };
                     dtype.bytes(elements) + step
                 }
-            }
+            };
+            one * p.copies
         })
         .sum()
 }
@@ -53,7 +55,7 @@ pub fn step_temporary(optimizer: Optimizer, params: &[&Param]) -> Bytes {
         Optimizer::Adamw | Optimizer::Adamw8bit => Bytes::ZERO,
         // `_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)` holds one
         // state-sized tensor per parameter until `_foreach_addcdiv_` has used it.
-        Optimizer::AdamwForeach => params.iter().map(|p| p.dtype.bytes(p.elements)).sum(),
+        Optimizer::AdamwForeach => params.iter().map(|p| p.grad_bytes()).sum(),
         // `_foreach_mul_` / `_foreach_add_` on the momentum buffers are in place.
         Optimizer::Sgd => Bytes::ZERO,
         // `_single_tensor_adafactor` builds a full-size variance estimate one parameter at a
@@ -80,6 +82,7 @@ mod tests {
             role: ParamRole::Linear,
             extra: Bytes::ZERO,
             shape: (rows, cols),
+            copies: 1,
         }
     }
 

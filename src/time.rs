@@ -168,7 +168,23 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let mut fwd = 0.0;
     let mut flops = 0.0;
     let ops: Vec<&Op> = graph.ops().collect();
-    for op in &ops {
+    // Execution order with each repeated block expanded to its copies; `true` marks the first
+    // op of a copy.
+    let mut order: Vec<(usize, bool)> = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    while i < ops.len() {
+        let mut end = i + 1;
+        while ops[i].repeat > 1 && end < ops.len() && ops[end].repeat == ops[i].repeat {
+            end += 1;
+        }
+        let repeated = ops[i].repeat > 1;
+        for _ in 0..ops[i].repeat.max(1) {
+            order.extend((i..end).map(|k| (k, repeated && k == i)));
+        }
+        i = end;
+    }
+    for &(k, _) in &order {
+        let op = ops[k];
         let c = &op.cost;
         let t = op_time(c.forward_flops, c.forward_bytes, op, rates);
         fwd += t;
@@ -177,7 +193,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     }
     let mut bwd = 0.0;
     let mut current = None;
-    for (i, op) in ops.iter().enumerate().rev() {
+    for (pos, &(i, _)) in order.iter().enumerate().rev() {
+        let op = ops[i];
+        // A new copy of a repeated block is a new checkpointed block.
+        if order.get(pos + 1).is_some_and(|&(_, first)| first) {
+            current = None;
+        }
         if !op.in_backward {
             continue;
         }
@@ -219,19 +240,17 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     };
     let opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
     let opt = opt_bytes / rates.copy_bandwidth;
-    let opt_kernels = (trainable.len() as f64 * kernels_per_tensor).ceil();
+    let tensors: u64 = trainable.iter().map(|p| p.copies).sum();
+    let opt_kernels = (tensors as f64 * kernels_per_tensor).ceil();
     // Per trainable tensor: its AccumulateGrad node in backward, and the optimizer's Python
     // bookkeeping (`_init_group` collects params, grads and states one tensor at a time).
-    let per_tensor = 2.0 * trainable.len() as f64;
+    let per_tensor = 2.0 * tensors as f64;
     q.push((opt_kernels + per_tensor) * rates.launch_overhead, opt);
 
     let host = q.host_total;
     let device = q.busy;
     let allreduce = if plan.gpus > 1 {
-        let grads: f64 = trainable
-            .iter()
-            .map(|p| p.dtype.bytes(p.elements).0 as f64)
-            .sum();
+        let grads: f64 = trainable.iter().map(|p| p.grad_bytes().0 as f64).sum();
         2.0 * (plan.gpus - 1) as f64 / plan.gpus as f64 * grads / (hw.interconnect_gbps * 1e9)
     } else {
         0.0
@@ -242,12 +261,13 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let useful: f64 = graph
         .ops()
         .map(|o| {
-            o.cost.forward_flops.0
-                + if o.in_backward {
-                    o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0
-                } else {
-                    0.0
-                }
+            f64::from(o.repeat.max(1))
+                * (o.cost.forward_flops.0
+                    + if o.in_backward {
+                        o.cost.input_grad_flops.0 + o.cost.weight_grad_flops.0
+                    } else {
+                        0.0
+                    })
         })
         .sum();
     let peak = hw.peak_flops(

@@ -34,7 +34,7 @@ fn shipped_parameter_counts_match_their_published_totals() {
             .published_params
             .unwrap_or_else(|| panic!("{stem} states no `params`"));
         let g = graph::build(&m, &plan(Method::Full));
-        let counted: u64 = g.params.iter().map(|p| p.elements).sum();
+        let counted: u64 = g.params.iter().map(|p| p.count()).sum();
         assert_eq!(
             counted, published,
             "{stem}: counted {counted}, published {published}"

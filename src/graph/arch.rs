@@ -121,11 +121,28 @@ fn stack_forward(
         );
     }
 
-    for layer in 0..stack.layers {
-        let ln = b.scope(name, &format!("layers.{layer}"));
+    // Layer 0 is built on its own (gradients may start inside it); layers 1..L-1 are the same
+    // ops on the same shapes, so they are built once and marked as L-1 copies.
+    let mut layer = 0;
+    while layer < stack.layers {
+        let rest = stack.layers - layer;
+        let copies = if layer >= 1 && rest > 1 {
+            u32::try_from(rest).unwrap_or(u32::MAX)
+        } else {
+            1
+        };
+        let label = if copies > 1 {
+            format!("layers.{layer}-{}", stack.layers - 1)
+        } else {
+            format!("layers.{layer}")
+        };
+        let ln = b.scope(name, &label);
+        b.set_repeat(copies);
         b.begin_block(x);
         x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory);
         b.end_block();
+        b.set_repeat(1);
+        layer += u64::from(copies);
     }
     if model.family != Family::Bart {
         x = b.norm(name.at("final_norm"), x);

@@ -51,6 +51,8 @@ pub struct Builder<'a> {
     base_trainable: bool,
     segment: Option<u32>,
     next_segment: u32,
+    /// Copies the ops and parameters being built stand for.
+    repeat: u32,
 }
 
 /// Pieces of a matmul-like op that the callers fill.
@@ -85,6 +87,7 @@ impl<'a> Builder<'a> {
             base_trainable: !plan.method.frozen_base(),
             segment: None,
             next_segment: 0,
+            repeat: 1,
         }
     }
 
@@ -114,6 +117,11 @@ impl<'a> Builder<'a> {
             op.cost.modules += modules;
             op.cost.forward_kernels += dispatches;
         }
+    }
+
+    /// Ops and parameters built from now on stand for `copies` identical blocks.
+    pub fn set_repeat(&mut self, copies: u32) {
+        self.repeat = copies.max(1);
     }
 
     /// Interns a child scope (`decoder` -> `decoder.layers.3`).
@@ -162,6 +170,7 @@ impl<'a> Builder<'a> {
             role,
             extra: Bytes::ZERO,
             shape,
+            copies: u64::from(self.repeat),
         })
     }
 
@@ -182,6 +191,7 @@ impl<'a> Builder<'a> {
             name: spec.name,
             kind: spec.kind,
             segment: self.segment,
+            repeat: self.repeat,
             params: spec.params,
             saves: spec.saves,
             forward_transient: spec.forward_transient,
@@ -286,21 +296,18 @@ impl<'a> Builder<'a> {
         if !self.plan.grad_ckpt {
             return;
         }
-        self.segment = Some(self.next_segment);
+        let segment = self.next_segment;
+        self.segment = Some(segment);
         self.next_segment += 1;
-        let id = self.graph.add_tensor(Tensor {
-            bytes: input.bytes(),
-            kind: TensorKind::Activation,
-            checkpoint_input: true,
-            cache_only: false,
-        });
-        let out = Val { id, ..input };
+        // The checkpoint keeps the block's input itself (whoever else saves it).
+        self.graph.tensors[input.id.0 as usize].checkpoint_input = true;
+        self.graph.begin_segment(segment);
         // A zero-cost marker op that keeps the block input.
         self.emit(OpSpec {
             name: Name::root("checkpoint_input"),
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
-            saves: smallvec![out.id],
+            saves: smallvec![input.id],
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost::default(),
@@ -373,6 +380,7 @@ impl<'a> Builder<'a> {
                 role: ParamRole::Linear,
                 extra: Bytes(blocks + 4 * blocks.div_ceil(256)),
                 shape: (out_features, in_features),
+                copies: u64::from(self.repeat),
             })
         } else {
             self.base_param(

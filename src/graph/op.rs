@@ -106,11 +106,29 @@ pub struct Param {
     pub extra: Bytes,
     /// Shape as (rows, cols) for matrices; optimizers such as Adafactor factor it.
     pub shape: (u64, u64),
+    /// Identical copies this parameter stands for (one per layer of a repeated block).
+    pub copies: u64,
 }
 
 impl Param {
-    pub fn bytes(&self) -> Bytes {
+    /// Storage of one copy.
+    pub fn copy_bytes(&self) -> Bytes {
         self.dtype.bytes(self.elements) + self.extra
+    }
+
+    /// Storage of all copies.
+    pub fn bytes(&self) -> Bytes {
+        self.copy_bytes() * self.copies
+    }
+
+    /// Elements of all copies.
+    pub fn count(&self) -> u64 {
+        self.elements.saturating_mul(self.copies)
+    }
+
+    /// Gradient storage of all copies (gradients take the parameter's dtype).
+    pub fn grad_bytes(&self) -> Bytes {
+        self.dtype.bytes(self.elements) * self.copies
     }
 }
 
@@ -164,6 +182,10 @@ pub struct Op {
     pub kind: OpKind,
     /// The checkpointed block this op belongs to, if gradient checkpointing is on.
     pub segment: Option<u32>,
+    /// Identical consecutive blocks this op stands for: the ops of layers 1..L-1 are built once
+    /// as a template with `repeat = L - 1` (they are the same ops on the same shapes), and the
+    /// memory walk and time model account for the copies.
+    pub repeat: u32,
     /// Parameters read by the op (a tied weight appears in two ops).
     pub params: SmallVec<[ParamId; 3]>,
     /// Tensors it keeps alive for its backward.
@@ -189,6 +211,9 @@ pub struct OpGraph {
     pub params: Vec<Param>,
     /// Interned scope strings; scope 0 is the model root.
     scopes: Vec<String>,
+    /// First tensor id created inside each checkpointed block (by segment id): a block's
+    /// recomputation concerns the tensors it creates, not those it reads from outside.
+    segment_tensors: Vec<u32>,
 }
 
 impl Default for OpGraph {
@@ -199,11 +224,30 @@ impl Default for OpGraph {
             tensors: Vec::with_capacity(4096),
             params: Vec::with_capacity(1024),
             scopes: vec![String::new()],
+            segment_tensors: Vec::new(),
         }
     }
 }
 
 impl OpGraph {
+    /// Records that checkpointed block `segment` starts now.
+    pub fn begin_segment(&mut self, segment: u32) {
+        let first = self.tensors.len() as u32;
+        let i = segment as usize;
+        if self.segment_tensors.len() <= i {
+            self.segment_tensors.resize(i + 1, first);
+        }
+        self.segment_tensors[i] = first;
+    }
+
+    /// Whether `t` was created inside checkpointed block `segment` (and so is dropped after its
+    /// forward and recomputed before its backward).
+    pub fn created_in(&self, segment: Option<u32>, t: TensorId) -> bool {
+        segment
+            .and_then(|s| self.segment_tensors.get(s as usize))
+            .is_some_and(|&first| t.0 >= first)
+    }
+
     /// Interns `parent.child`.
     pub fn scope(&mut self, parent: Scope, child: &str) -> Scope {
         let base = &self.scopes[parent.0 as usize];
