@@ -1,7 +1,8 @@
 //! The op sequence of each architecture family: embeddings, blocks, head and loss, with the
 //! method's insertions (`peft`'s adapters, prompts and prefixes) placed where peft puts them.
 
-use crate::graph::build::{AttnMask, Builder, Val};
+use crate::graph::attention::AttnMask;
+use crate::graph::build::{Builder, Val};
 use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope};
 use crate::spec::model::{Family, ModelSpec, Positions, Stack};
 use crate::spec::plan::{Method, Plan, Proj};

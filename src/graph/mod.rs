@@ -1,7 +1,11 @@
 //! The per-layer op graph of one training step.
 
 pub mod arch;
+pub mod attention;
 pub mod build;
+pub mod head;
+pub mod layers;
+pub mod linear;
 pub mod op;
 
 pub use arch::build;

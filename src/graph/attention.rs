@@ -1,0 +1,179 @@
+//! The attention core: which SDPA kernel runs (fused, math, eager) and what each keeps.
+
+use super::build::{Builder, OpSpec, Val};
+use crate::graph::op::{Cost, Name, OpKind, TensorId, TensorKind};
+use crate::spec::model::Stack;
+use crate::spec::plan::AttentionKernel;
+use crate::units::{Bytes, DType, Flops};
+use smallvec::SmallVec;
+
+impl Builder<'_> {
+    /// Self- or cross-attention core between projected q, k, v.
+    #[expect(clippy::too_many_arguments)]
+    pub fn attention(
+        &mut self,
+        name: Name,
+        q: Val,
+        k: Val,
+        v: Val,
+        stack: &Stack,
+        batch: u64,
+        (seq_q, seq_k): (u64, u64),
+        mask: AttnMask,
+    ) -> Val {
+        let heads = stack.heads;
+        let head_dim = stack.head_dim;
+        let grad = q.grad || k.grad || v.grad;
+        let p_drop = self.model.dropout.attention;
+        let scores = batch
+            .saturating_mul(heads)
+            .saturating_mul(seq_q)
+            .saturating_mul(seq_k);
+        let out_width = heads * head_dim;
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        let mut fwd_extra = Bytes::ZERO;
+        let kernel = match (self.plan.attention, mask) {
+            (AttentionKernel::Eager, _) => Kernel::Eager,
+            // A float bias that needs no gradient (T5's relative bias over a frozen base) does
+            // not reach the fused kernels on CUDA; SDPA falls back to its math path, which
+            // upcasts bf16 inputs to fp32 (observed on the H200 ground truth, see README).
+            (AttentionKernel::Sdpa, AttnMask::FrozenBias | AttnMask::TrainableBias) => Kernel::Math,
+            (AttentionKernel::Sdpa, _) => Kernel::Fused,
+        };
+        let compute = if self.autocast { DType::Bf16 } else { q.dtype };
+        let out;
+        match kernel {
+            Kernel::Fused => {
+                // flash / memory-efficient: q, k, v (as cast by autocast), the output (laid out
+                // so that the caller's transpose().contiguous() is free), and fp32 logsumexp.
+                // Dropout inside the kernel is regenerated from the RNG state: no mask.
+                // transformers passes `enable_gqa` to SDPA only when there is no mask;
+                // with one, `repeat_kv` materialises keys and values for every head.
+                let group = heads / stack.kv_heads.max(1);
+                let (k, v) = if mask == AttnMask::Explicit && group > 1 {
+                    (
+                        self.val(out_width, k.tokens, compute, k.grad),
+                        self.val(out_width, v.tokens, compute, v.grad),
+                    )
+                } else {
+                    (k, v)
+                };
+                let q = self.cast(name.then("q_cast"), q, compute);
+                let k = self.cast(name.then("k_cast"), k, compute);
+                let v = self.cast(name.then("v_cast"), v, compute);
+                saves.extend([q.id, k.id, v.id]);
+                saves.push(self.tensor(
+                    TensorKind::Activation,
+                    DType::F32.bytes(batch * heads * seq_q),
+                ));
+                if mask == AttnMask::Explicit {
+                    // SDPA converts a boolean mask to an additive one per call and the
+                    // memory-efficient kernel keeps it (convert_boolean_attn_mask).
+                    saves.push(
+                        self.tensor(TensorKind::Activation, compute.bytes(batch * seq_q * seq_k)),
+                    );
+                }
+                out = self.val(out_width, q.tokens, compute, grad);
+                saves.push(out.id);
+            }
+            Kernel::Math => {
+                // _scaled_dot_product_attention_math: the scaled q and k copies and v are kept
+                // by the two matmuls; `_safe_softmax` keeps softmax's output and returns a new
+                // `where` result that the second matmul keeps: two probability matrices.
+                let qs = self.val(q.width, q.tokens, compute, q.grad);
+                let ks = self.val(k.width, k.tokens, compute, k.grad);
+                let v = self.cast(name.then("v_cast"), v, compute);
+                saves.extend([qs.id, ks.id, v.id]);
+                saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                if p_drop > 0.0 {
+                    saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
+                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                }
+                fwd_extra += compute.bytes(scores) * 2;
+                out = self.val(out_width, q.tokens, compute, grad);
+            }
+            Kernel::Eager => {
+                // eager_attention_forward: matmul keeps q and k (GQA keys and values repeated
+                // to every head), softmax(dtype=fp32) keeps its fp32 output, the bf16 copy of
+                // it is kept by the matmul with v, and so is v.
+                let group = heads / stack.kv_heads.max(1);
+                let q = self.cast(name.then("q_cast"), q, compute);
+                let k_rep = if group > 1 {
+                    self.val(out_width, k.tokens, compute, k.grad)
+                } else {
+                    self.cast(name.then("k_cast"), k, compute)
+                };
+                let v_rep = if group > 1 {
+                    self.val(out_width, v.tokens, compute, v.grad)
+                } else {
+                    self.cast(name.then("v_cast"), v, compute)
+                };
+                saves.extend([q.id, k_rep.id, v_rep.id]);
+                saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(scores)));
+                saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                if p_drop > 0.0 {
+                    saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
+                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                }
+                fwd_extra += compute.bytes(scores) * 2;
+                out = self.val(out_width, q.tokens, compute, grad);
+            }
+        }
+        let flops = 4.0 * scores as f64 * head_dim as f64;
+        let causal_factor = if mask == AttnMask::Causal { 0.5 } else { 1.0 };
+        let io = q.bytes() + k.bytes() + v.bytes() + out.bytes();
+        let score_bytes = match kernel {
+            Kernel::Fused => Bytes::ZERO,
+            Kernel::Math | Kernel::Eager => DType::F32.bytes(scores) * 4,
+        };
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Attention,
+            params: SmallVec::new(),
+            saves: if grad { saves } else { SmallVec::new() },
+            forward_transient: out.bytes() + fwd_extra,
+            backward_transient: io + fwd_extra,
+            cost: Cost {
+                forward_flops: Flops(flops * causal_factor),
+                // Flash backward recomputes the scores: 2.5x the forward matmuls.
+                input_grad_flops: Flops(2.5 * flops * causal_factor),
+                weight_grad_flops: Flops(0.0),
+                forward_bytes: io + score_bytes,
+                backward_bytes: io * 2 + score_bytes * 2,
+                // Head split views and transposes around the kernel(s).
+                forward_kernels: if kernel == Kernel::Fused { 9 } else { 14 },
+                backward_kernels: if kernel == Kernel::Fused { 9 } else { 16 },
+                min_dim: head_dim,
+                // The attention module and the block around it.
+                modules: 2,
+                misaligned: false,
+            },
+            compute,
+            in_backward: grad,
+        });
+        out
+    }
+}
+
+/// What accompanies an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnMask {
+    /// Causal with no explicit mask (`is_causal=True`).
+    Causal,
+    /// No mask (encoder self-attention, cross-attention).
+    Full,
+    /// A boolean mask materialised by the caller (prefix tuning's extended mask).
+    Explicit,
+    /// A float bias that requires grad (T5's relative bias over a trainable base).
+    TrainableBias,
+    /// A float bias that requires no grad.
+    FrozenBias,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Fused,
+    Math,
+    Eager,
+}

@@ -1,0 +1,149 @@
+//! Embedding lookups, the LM head and the loss over the vocabulary.
+
+use super::build::{Builder, OpSpec, Val};
+use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, Tensor, TensorId, TensorKind};
+use crate::units::{Bytes, DType, Flops};
+use smallvec::{SmallVec, smallvec};
+
+impl Builder<'_> {
+    /// Token (and position) embedding lookup: backward needs only the indices.
+    pub fn embedding(&mut self, name: Name, param: ParamId, width: u64, tokens: u64) -> Val {
+        let p = self.graph.param(param).clone();
+        let dtype = p.dtype;
+        let out = self.val(width, tokens, dtype, p.trainable);
+        let table_bytes = p.bytes();
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Embedding,
+            params: smallvec![param],
+            saves: SmallVec::new(),
+            forward_transient: out.bytes(),
+            // The table-sized gradient is counted as the parameter's gradient.
+            backward_transient: out.bytes(),
+            cost: Cost {
+                forward_bytes: out.bytes() * 2,
+                backward_bytes: out.bytes() * 2
+                    + if p.trainable {
+                        table_bytes * 2
+                    } else {
+                        Bytes::ZERO
+                    },
+                forward_kernels: 1,
+                backward_kernels: u32::from(p.trainable) * 2,
+                modules: 1,
+                ..Cost::default()
+            },
+            compute: dtype,
+            in_backward: p.trainable,
+        });
+        out
+    }
+
+    /// The LM head and the loss.
+    ///
+    /// Causal LMs go through transformers' `ForCausalLMLoss`, which upcasts the logits with
+    /// `.float()`; seq2seq models call `CrossEntropyLoss` on the logits, which autocast runs in
+    /// fp32. `log_softmax` keeps its output; its backward and `nll_loss`'s each produce a
+    /// vocabulary-sized gradient, the largest transient of the step.
+    pub fn lm_head_and_loss(&mut self, x: Val, head: ParamId, bias: bool) -> usize {
+        let vocab = self.model.vocab_size;
+        let tokens = x.tokens;
+        let head_param = self.graph.param(head).clone();
+        let trainable = head_param.trainable;
+        let compute = self.compute();
+        let xin = if self.autocast {
+            self.cast(Name::root("lm_head").then("cast"), x, DType::Bf16)
+        } else {
+            x
+        };
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        if trainable {
+            saves.push(xin.id);
+        }
+        let mut cached = None;
+        if self.autocast && head_param.dtype == DType::F32 {
+            let copy = self.weight_copy(DType::Bf16.bytes(head_param.elements), !x.grad);
+            if x.grad {
+                saves.push(copy);
+            } else {
+                cached = Some(copy);
+            }
+        }
+        let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
+        if bias {
+            params.push(self.base_param(
+                Name::root("lm_head").then("bias"),
+                (1, vocab),
+                ParamRole::Bias,
+            ));
+        }
+        let logits = self.val(vocab, tokens, compute, x.grad || trainable);
+        let flops = 2.0 * tokens as f64 * x.width as f64 * vocab as f64;
+        let grad = logits.grad;
+        self.emit(OpSpec {
+            name: Name::root("lm_head"),
+            kind: OpKind::Matmul,
+            params,
+            saves: if grad { saves } else { SmallVec::new() }
+                .into_iter()
+                .chain(cached)
+                .collect(),
+            forward_transient: logits.bytes(),
+            backward_transient: logits.bytes() + xin.bytes(),
+            cost: Cost {
+                forward_flops: Flops(flops),
+                input_grad_flops: Flops(if x.grad { flops } else { 0.0 }),
+                weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
+                forward_bytes: xin.bytes() + logits.bytes() + compute.bytes(head_param.elements),
+                backward_bytes: (xin.bytes() + logits.bytes()) * 2
+                    + compute.bytes(head_param.elements) * 2,
+                forward_kernels: 2,
+                backward_kernels: 3,
+                min_dim: tokens.min(x.width),
+                modules: 1,
+                misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
+            },
+            compute,
+            in_backward: grad,
+        });
+        let loss_dtype = if self.model.is_encoder_decoder() && !self.autocast {
+            logits.dtype
+        } else {
+            DType::F32
+        };
+        let logp = self.graph.add_tensor(Tensor {
+            bytes: loss_dtype.bytes(tokens * vocab),
+            kind: TensorKind::Logits,
+            checkpoint_input: false,
+            cache_only: false,
+        });
+        let upcast = if loss_dtype != logits.dtype {
+            loss_dtype.bytes(tokens * vocab)
+        } else {
+            Bytes::ZERO
+        };
+        let vocab_grad = loss_dtype.bytes(tokens * vocab);
+        self.emit(OpSpec {
+            name: Name::root("loss"),
+            kind: OpKind::Loss,
+            params: SmallVec::new(),
+            saves: smallvec![logp],
+            // The bf16 logits stay referenced by the model output until the loss is computed.
+            forward_transient: logits.bytes() + upcast,
+            // nll_loss's gradient and log_softmax's gradient coexist with the saved output.
+            backward_transient: vocab_grad * 2,
+            cost: Cost {
+                forward_flops: Flops(5.0 * (tokens * vocab) as f64),
+                input_grad_flops: Flops(4.0 * (tokens * vocab) as f64),
+                forward_bytes: logits.bytes() + upcast * 3,
+                backward_bytes: vocab_grad * 4 + logits.bytes(),
+                // float, pad, slice, contiguous, views, log_softmax, nll_loss.
+                forward_kernels: 8,
+                backward_kernels: 5,
+                ..Cost::default()
+            },
+            compute: loss_dtype,
+            in_backward: grad,
+        })
+    }
+}

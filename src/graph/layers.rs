@@ -1,0 +1,193 @@
+//! Norms, activations, element-wise products and rotary embeddings, each saving what its
+//! framework implementation's autograd graph keeps.
+
+use super::build::{Builder, OpSpec, Val, wider};
+use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
+use crate::spec::model::{Activation, Norm};
+use crate::units::{DType, Flops};
+use smallvec::{SmallVec, smallvec};
+
+impl Builder<'_> {
+    /// A normalisation layer, saving what its implementation's autograd graph keeps.
+    pub fn norm(&mut self, name: Name, x: Val) -> Val {
+        let h = x.width;
+        let kind = self.model.norm;
+        // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
+        let has_bias = kind == Norm::LayerNorm;
+        let w = self.base_param(name.then("weight"), (1, h), ParamRole::Norm);
+        let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
+        if has_bias {
+            params.push(self.base_param(name.then("bias"), (1, h), ParamRole::Norm));
+        }
+        let trainable = self.base_trainable;
+        let tokens = x.tokens;
+        let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        let out = match kind {
+            Norm::LayerNorm => {
+                // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32.
+                let input = if self.autocast {
+                    self.cast(name.then("cast"), x, DType::F32)
+                } else {
+                    x
+                };
+                saves.push(input.id);
+                saves.push(stats(self));
+                self.val(h, tokens, input.dtype, x.grad || trainable)
+            }
+            Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::T5RmsNorm => {
+                // hidden.to(fp32): pow(2) and the rsqrt multiply keep the fp32 copy.
+                let x32 = self.cast(name.then("upcast"), x, DType::F32);
+                if x.grad {
+                    saves.push(x32.id);
+                    saves.push(stats(self));
+                }
+                if kind == Norm::T5RmsNorm && x.dtype != DType::F32 && x.grad {
+                    // T5LayerNorm multiplies the *original* input by the fp32 rsqrt.
+                    saves.push(x.id);
+                }
+                let normed32 = self.val(h, tokens, DType::F32, x.grad);
+                let out_dtype = match kind {
+                    // LlamaRMSNorm casts back to the input dtype before the weight multiply.
+                    Norm::RmsNorm => x.dtype,
+                    // T5LayerNorm casts to the weight dtype when that is half precision.
+                    Norm::T5RmsNorm => {
+                        if self.base == DType::Bf16 {
+                            DType::Bf16
+                        } else {
+                            DType::F32
+                        }
+                    }
+                    // GemmaRMSNorm stays fp32 until the end.
+                    _ => DType::F32,
+                };
+                let pre = if kind == Norm::GemmaRmsNorm {
+                    normed32
+                } else {
+                    self.val(h, tokens, out_dtype, x.grad)
+                };
+                if trainable {
+                    // weight * normed keeps `normed` for the weight gradient.
+                    saves.push(pre.id);
+                }
+                let out_dtype = if kind == Norm::GemmaRmsNorm {
+                    x.dtype
+                } else {
+                    wider(out_dtype, self.base)
+                };
+                self.val(h, tokens, out_dtype, x.grad || trainable)
+            }
+        };
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Norm,
+            params,
+            saves: if out.grad { saves } else { SmallVec::new() },
+            forward_transient: out.bytes() + x.dtype.bytes(x.elements()),
+            backward_transient: out.bytes() + x.bytes() + DType::F32.bytes(x.elements()),
+            cost: Cost {
+                forward_flops: Flops(5.0 * x.elements() as f64),
+                input_grad_flops: Flops(8.0 * x.elements() as f64),
+                // The fused layer_norm kernel reads its input and writes its output; the
+                // RMSNorm variants run each of their ops as a kernel over fp32 copies (upcast,
+                // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
+                forward_bytes: if kind == Norm::LayerNorm {
+                    x.bytes() + out.bytes()
+                } else {
+                    x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
+                },
+                backward_bytes: if kind == Norm::LayerNorm {
+                    (x.bytes() + out.bytes()) * 2
+                } else {
+                    (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12
+                },
+                // LlamaRMSNorm is eight Python-level ops (to, pow, mean, add, rsqrt, mul, to,
+                // mul); layer_norm is one fused kernel.
+                forward_kernels: if kind == Norm::LayerNorm { 1 } else { 8 },
+                backward_kernels: if kind == Norm::LayerNorm { 1 } else { 12 },
+                modules: 1,
+                ..Cost::default()
+            },
+            compute: out.dtype,
+            in_backward: out.grad,
+        });
+        out
+    }
+
+    /// The FFN's activation. `gated` multiplies by the up projection afterwards (the caller).
+    pub fn activation(&mut self, name: Name, x: Val) -> Val {
+        let width = x.width;
+        let tokens = x.tokens;
+        // The activation module's call.
+        self.host_only(1, 0);
+        match self.model.activation {
+            Activation::Silu | Activation::Gelu => {
+                // One kernel; backward needs the input.
+                let out = self.val(width, tokens, x.dtype, x.grad);
+                self.elementwise(name, &[x], out, smallvec![x.id], 8.0);
+                out
+            }
+            Activation::Relu => {
+                // threshold_backward uses the output.
+                let out = self.val(width, tokens, x.dtype, x.grad);
+                self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
+                out
+            }
+            Activation::GeluNewPython => {
+                // 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * pow(x, 3)))), op by op:
+                // pow (autocast: fp32) keeps its fp32 input; tanh keeps its output; the final
+                // multiply keeps both operands, 0.5*x and (1 + tanh).
+                let wide = if self.autocast { DType::F32 } else { x.dtype };
+                let x32 = self.cast(name.then("pow_cast"), x, wide);
+                let inner = self.val(width, tokens, wide, x.grad);
+                self.elementwise(name.then("pow"), &[x32], inner, smallvec![x32.id], 4.0);
+                let t = self.val(width, tokens, wide, x.grad);
+                self.elementwise(name.then("tanh"), &[inner], t, smallvec![t.id], 4.0);
+                let half = self.val(width, tokens, x.dtype, x.grad);
+                self.elementwise(name.then("half"), &[x], half, SmallVec::new(), 1.0);
+                let one_plus = self.val(width, tokens, wide, x.grad);
+                self.elementwise(name.then("one_plus"), &[t], one_plus, SmallVec::new(), 1.0);
+                let out = self.val(width, tokens, wider(wide, x.dtype), x.grad);
+                self.elementwise(
+                    name.then("mul"),
+                    &[half, one_plus],
+                    out,
+                    smallvec![half.id, one_plus.id],
+                    1.0,
+                );
+                out
+            }
+        }
+    }
+
+    /// `a * b` of two activations (gated FFN): keeps both.
+    pub fn mul(&mut self, name: Name, a: Val, b: Val) -> Val {
+        let out = self.val(a.width, a.tokens, wider(a.dtype, b.dtype), a.grad || b.grad);
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        if b.grad {
+            saves.push(a.id);
+        }
+        if a.grad {
+            saves.push(b.id);
+        }
+        self.elementwise(name, &[a, b], out, saves, 1.0);
+        out
+    }
+
+    /// Rotary embeddings: `q * cos + rotate_half(q) * sin` keeps only cos and sin (shared), and
+    /// produces a new tensor in the wider of q's and cos's dtypes (cos follows the embeddings'
+    /// dtype: fp32 when the weights are fp32).
+    pub fn rotary(&mut self, name: Name, x: Val, cos_dtype: DType) -> Val {
+        let out = self.val(x.width, x.tokens, wider(x.dtype, cos_dtype), x.grad);
+        let op = self.elementwise(name, &[x], out, SmallVec::new(), 3.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            // mul, two slices, neg, cat, mul, add: each a kernel, ~10 passes over the tensor
+            // each way (transformers' `apply_rotary_pos_emb`).
+            o.cost.forward_kernels = 7;
+            o.cost.backward_kernels = 7;
+            o.cost.forward_bytes = out.bytes() * 10;
+            o.cost.backward_bytes = out.bytes() * 10;
+        }
+        out
+    }
+}

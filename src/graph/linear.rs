@@ -1,0 +1,285 @@
+//! Linear layers and what PEFT methods wrap around them: LoRA's A/B (Hu et al. 2021), QLoRA's
+//! NF4 base (Dettmers et al. 2023), IA3 scalings (Liu et al. 2022) and bottleneck adapters
+//! (Houlsby et al. 2019), as peft and bitsandbytes run them.
+
+use super::build::{Builder, OpSpec, Val, wider};
+use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, TensorId, TensorKind};
+use crate::spec::plan::{LoraTargets, Method, Proj};
+use crate::units::{Bytes, DType, Flops};
+use smallvec::{SmallVec, smallvec};
+
+impl Builder<'_> {
+    /// Whether LoRA wraps this projection.
+    fn lora_on(&self, proj: Option<Proj>) -> Option<u64> {
+        let lora = self.plan.method.lora()?;
+        let proj = proj?;
+        // A fused q/k/v projection (GPT-2 `c_attn`, Falcon `query_key_value`) is one module:
+        // naming any of q, k or v wraps all of it, as peft's target names do.
+        let fused = self.model.fused_qkv && proj == Proj::Q;
+        let hit = match &lora.targets {
+            LoraTargets::AllLinear => true,
+            LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
+            LoraTargets::Named(list) => {
+                list.contains(&proj)
+                    || (fused
+                        && list
+                            .iter()
+                            .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
+            }
+        };
+        hit.then_some(lora.rank)
+    }
+
+    fn ia3_on(&self, proj: Option<Proj>) -> Option<Ia3Site> {
+        if self.plan.method != Method::Ia3 {
+            return None;
+        }
+        // peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING: keys, values and the FFN's
+        // output projection (feed-forward: the scaling multiplies the input).
+        match proj? {
+            Proj::Q if self.model.fused_qkv => Some(Ia3Site::Output),
+            Proj::K | Proj::V => Some(Ia3Site::Output),
+            Proj::Down => Some(Ia3Site::Input),
+            _ => None,
+        }
+    }
+
+    /// A linear layer of the base model (`nn.Linear`, `Conv1D` or bitsandbytes `Linear4bit`),
+    /// with whatever the method wraps around it.
+    pub fn linear(
+        &mut self,
+        name: Name,
+        x: Val,
+        out_features: u64,
+        bias: bool,
+        proj: Option<Proj>,
+    ) -> Val {
+        let in_features = x.width;
+        let qlora = matches!(self.plan.method, Method::Qlora(_)) && proj.is_some();
+        let weight = if qlora {
+            // NF4 with double quantization: 4 bits per weight, one 8-bit absmax per 64 weights
+            // plus one fp32 second-level constant per 256 blocks (Dettmers et al. 2023, sec. 3).
+            let elements = in_features.saturating_mul(out_features);
+            let blocks = elements.div_ceil(64);
+            self.graph.add_param(Param {
+                name: name.then("weight"),
+                elements,
+                dtype: DType::Nf4,
+                trainable: false,
+                role: ParamRole::Linear,
+                extra: Bytes(blocks + 4 * blocks.div_ceil(256)),
+                shape: (out_features, in_features),
+                copies: u64::from(self.repeat),
+            })
+        } else {
+            self.base_param(
+                name.then("weight"),
+                (out_features, in_features),
+                ParamRole::Linear,
+            )
+        };
+        let mut params: SmallVec<[ParamId; 3]> = smallvec![weight];
+        if bias {
+            params.push(self.base_param(name.then("bias"), (1, out_features), ParamRole::Bias));
+        }
+        let trainable = self.base_trainable && !qlora;
+        let compute = if qlora { DType::Bf16 } else { self.compute() };
+
+        // IA3 on a feed-forward input: `(x.to(fp32) * l)` saves the fp32 input for l's gradient.
+        let mut x = x;
+        let ia3 = self.ia3_on(proj);
+        if ia3 == Some(Ia3Site::Input) {
+            let l = self.adapter_param(name.then("ia3_l"), (1, in_features));
+            let x32 = self.cast(name.then("ia3_cast"), x, self.adapter);
+            let scaled = self.val(in_features, x.tokens, self.adapter, true);
+            let op = self.elementwise(name.then("ia3"), &[x32], scaled, smallvec![x32.id], 1.0);
+            if let Some(o) = self.graph.op_mut(op) {
+                o.params.push(l);
+            }
+            x = self.cast(name.then("ia3_back"), scaled, x.dtype);
+        }
+
+        let xin = if self.autocast || qlora {
+            self.cast(name.then("cast"), x, DType::Bf16)
+        } else {
+            x
+        };
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        if trainable {
+            saves.push(xin.id);
+        }
+        let mut forward_transient = Bytes::ZERO;
+        let out_grad = x.grad || trainable;
+        let mut cached = None;
+        if self.autocast && self.base == DType::F32 && !qlora {
+            // autocast's cast cache: one bf16 copy of the weight (and bias), made whether or not
+            // autograd keeps it; autograd keeps it when the input needs a gradient.
+            let elems = in_features * out_features + if bias { out_features } else { 0 };
+            let copy = self.weight_copy(DType::Bf16.bytes(elems), !x.grad);
+            if x.grad {
+                saves.push(copy);
+            } else {
+                cached = Some(copy);
+            }
+        }
+        if qlora {
+            // bitsandbytes dequantizes the whole weight to bf16 for the matmul.
+            forward_transient += DType::Bf16.bytes(in_features * out_features);
+        }
+        // bitsandbytes' Linear4bit computes in bf16 and casts the result back to its input's dtype.
+        let out_dtype = if qlora { x.dtype } else { compute };
+        let out = self.val(out_features, x.tokens, out_dtype, out_grad);
+        let flops = 2.0 * x.tokens as f64 * in_features as f64 * out_features as f64;
+        // QLoRA dequantizes the NF4 weight to bf16 before each use, forward and backward: one
+        // more kernel that reads 4 bits and writes 16 per weight, which the matmul then reads.
+        let weight_bytes = if qlora {
+            DType::Nf4.bytes(in_features * out_features)
+                + DType::Bf16.bytes(in_features * out_features) * 2
+        } else {
+            compute.bytes(in_features * out_features)
+        };
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Matmul,
+            params,
+            saves: if out_grad { saves } else { SmallVec::new() }
+                .into_iter()
+                .chain(cached)
+                .collect(),
+            forward_transient: forward_transient + out.bytes(),
+            backward_transient: out.bytes() + xin.bytes() + forward_transient,
+            cost: Cost {
+                forward_flops: Flops(flops),
+                input_grad_flops: Flops(if x.grad { flops } else { 0.0 }),
+                weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
+                forward_bytes: xin.bytes() + out.bytes() + weight_bytes,
+                backward_bytes: (xin.bytes() + out.bytes()) * 2 + weight_bytes * 2,
+                // view + mm; backward: input grad, weight grad, bias sum (each parameter's
+                // AccumulateGrad is charged per parameter by the time model).
+                forward_kernels: 2 + u32::from(qlora),
+                backward_kernels: 1
+                    + u32::from(x.grad)
+                    + u32::from(trainable)
+                    + u32::from(trainable && bias)
+                    + u32::from(qlora),
+                min_dim: x.tokens.min(in_features).min(out_features),
+                modules: 1,
+                misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
+            },
+            compute,
+            in_backward: out_grad,
+        });
+        let mut out = out;
+
+        // LoRA (Hu et al. 2021) as peft runs it: the input is cast to the adapter's dtype, then
+        // (under autocast) back to bf16 for `lora_A`, which saves that copy; `lora_B` saves A's
+        // output; the scaled update is added to the base output.
+        if let Some(rank) = self.lora_on(proj) {
+            let a = self.adapter_param(name.then("lora_A"), (rank, in_features));
+            let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
+            let xa = self.cast(name.then("lora_cast"), x, self.adapter);
+            let xa = if self.autocast {
+                self.cast(name.then("lora_autocast"), xa, DType::Bf16)
+            } else {
+                xa
+            };
+            let mid = self.lora_matmul(name.then("lora_A"), xa, rank, a, x.grad);
+            let up = self.lora_matmul(name.then("lora_B"), mid, out_features, b, true);
+            let scaled = self.val(out_features, x.tokens, up.dtype, true);
+            self.elementwise(name.then("lora_scale"), &[up], scaled, SmallVec::new(), 1.0);
+            out = self.add(name.then("lora_add"), out, scaled);
+        }
+        // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
+        if ia3 == Some(Ia3Site::Output) {
+            let l = self.adapter_param(name.then("ia3_l"), (1, out_features));
+            let scaled = self.val(out_features, x.tokens, wider(out.dtype, self.adapter), true);
+            let op = self.elementwise(name.then("ia3"), &[out], scaled, smallvec![out.id], 1.0);
+            if let Some(o) = self.graph.op_mut(op) {
+                o.params.push(l);
+            }
+            out = self.cast(name.then("ia3_back"), scaled, out.dtype);
+        }
+        out
+    }
+
+    /// A small trainable matmul (LoRA A or B, adapter down/up): saves its input for the weight
+    /// gradient; under autocast also the bf16 copy of its fp32 weight when the input needs grad.
+    pub(super) fn lora_matmul(
+        &mut self,
+        name: Name,
+        x: Val,
+        out_features: u64,
+        weight: ParamId,
+        input_grad: bool,
+    ) -> Val {
+        let compute = if self.autocast {
+            DType::Bf16
+        } else {
+            self.adapter
+        };
+        let mut saves = smallvec![x.id];
+        if self.autocast && input_grad {
+            let elems = x.width * out_features;
+            saves.push(self.tensor(TensorKind::WeightCopy, DType::Bf16.bytes(elems)));
+        }
+        let out = self.val(out_features, x.tokens, compute, true);
+        let flops = 2.0 * x.tokens as f64 * x.width as f64 * out_features as f64;
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Matmul,
+            params: smallvec![weight],
+            saves,
+            forward_transient: out.bytes(),
+            backward_transient: out.bytes() + x.bytes(),
+            cost: Cost {
+                forward_flops: Flops(flops),
+                input_grad_flops: Flops(if input_grad { flops } else { 0.0 }),
+                weight_grad_flops: Flops(flops),
+                forward_bytes: x.bytes() + out.bytes(),
+                backward_bytes: (x.bytes() + out.bytes()) * 2,
+                forward_kernels: 2,
+                backward_kernels: 2 + u32::from(input_grad),
+                min_dim: x.tokens.min(x.width).min(out_features),
+                modules: 1,
+                misaligned: false,
+            },
+            compute,
+            in_backward: true,
+        });
+        out
+    }
+
+    /// A bottleneck adapter (down, ReLU, up, residual) on `x`, in the adapter's fp32 weights
+    /// under autocast (measure.py's `Bottleneck`, Houlsby et al. 2019).
+    pub fn bottleneck(&mut self, name: Name, x: Val, size: u64) -> Val {
+        let h = x.width;
+        let down = self.adapter_param(name.then("down_weight"), (size, h));
+        let down_b = self.adapter_param(name.then("down_bias"), (1, size));
+        let up = self.adapter_param(name.then("up_weight"), (h, size));
+        let up_b = self.adapter_param(name.then("up_bias"), (1, h));
+        let xin = if self.autocast {
+            self.cast(name.then("cast"), x, DType::Bf16)
+        } else {
+            x
+        };
+        let mid = self.lora_matmul(name.then("down"), xin, size, down, x.grad);
+        if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
+            o.params.push(down_b);
+        }
+        let act = self.val(size, x.tokens, mid.dtype, true);
+        self.elementwise(name.then("relu"), &[mid], act, smallvec![act.id], 1.0);
+        let upv = self.lora_matmul(name.then("up"), act, h, up, true);
+        if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
+            o.params.push(up_b);
+        }
+        self.add(name.then("residual"), x, upv)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ia3Site {
+    /// Scales the layer's input (peft's feed-forward modules).
+    Input,
+    /// Scales the layer's output.
+    Output,
+}
