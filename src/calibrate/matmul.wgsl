@@ -1,17 +1,7 @@
 // ftplan calibration kernel: C = A x B with inputs of type `Elem` (f32, or f16 where the
 // adapter has shader-f16), accumulated in f32. The including code defines `Elem`.
 
-struct Dims {
-    n: u32,
-    words: u32,
-    groups: u32,
-    pad: u32,
-}
-
-@group(0) @binding(0) var<storage, read> a: array<vec4<Elem>>;
-@group(0) @binding(1) var<storage, read> b: array<vec4<Elem>>;
-@group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;
-@group(0) @binding(3) var<uniform> dims: Dims;
+// Bindings and `Dims`: matmul_common.wgsl.
 
 // C = A x B for n x n row-major matrices, n a multiple of 64.
 // A 16 x 16 workgroup computes a 64 x 64 tile of C; each thread a 4 x 4 block held in registers

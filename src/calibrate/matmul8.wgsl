@@ -3,17 +3,7 @@
 // thread an 8 x 8 block in 64 registers, stepping through K in slices of 8 staged in workgroup
 // memory. Needs n to be a multiple of 128. The including code defines `Elem`.
 
-struct Dims {
-    n: u32,
-    words: u32,
-    groups: u32,
-    pad: u32,
-}
-
-@group(0) @binding(0) var<storage, read> a: array<vec4<Elem>>;
-@group(0) @binding(1) var<storage, read> b: array<vec4<Elem>>;
-@group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;
-@group(0) @binding(3) var<uniform> dims: Dims;
+// Bindings and `Dims`: matmul_common.wgsl.
 
 const TILE: u32 = 128u;
 const BK: u32 = 8u;

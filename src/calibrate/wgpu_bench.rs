@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use std::time::Instant;
 use wgpu::util::DeviceExt;
 
+const MATMUL_COMMON: &str = include_str!("matmul_common.wgsl");
 const MATMUL: &str = include_str!("matmul.wgsl");
 const MATMUL8: &str = include_str!("matmul8.wgsl");
 const COPY: &str = include_str!("copy.wgsl");
@@ -86,7 +87,7 @@ impl WgpuBench {
                 continue;
             }
             for (name, tile, source) in [("tiled-4x4", 64, MATMUL), ("tiled-8x8", 128, MATMUL8)] {
-                let pipeline = compile(name, format!("{prelude}{source}"), "matmul");
+                let pipeline = compile(name, format!("{prelude}{MATMUL_COMMON}{source}"), "matmul");
                 matmuls.push((elem, name, tile, pipeline));
             }
         }
