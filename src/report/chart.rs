@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::units::Bytes;
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -132,6 +133,33 @@ fn gib(b: Bytes) -> f64 {
     b.gib()
 }
 
+/// The device's memory as a horizontal line across the plot, then the framed legend.
+fn limit_and_legend<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    x_end: f64,
+    device: f64,
+    what: &str,
+    width: u32,
+    position: SeriesLabelPosition,
+) -> std::result::Result<(), String> {
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, device), (x_end, device)],
+            BLACK.stroke_width(width),
+        ))
+        .map_err(|e| format!("{e:?}"))?
+        .label(format!("{what} ({device:.1} GiB)"))
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(width)));
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()
+        .map_err(|e| format!("{e:?}"))
+}
+
 fn terms(e: &Estimate) -> [f64; 7] {
     let b = &e.memory.at_peak;
     [
@@ -221,23 +249,14 @@ impl Chart for Compare<'_> {
                     )])
                     .map_err(|e| format!("{e:?}"))?;
             }
-            chart
-                .draw_series(LineSeries::new(
-                    [(0.0, device), (n as f64, device)],
-                    BLACK.stroke_width(3),
-                ))
-                .map_err(|e| format!("{e:?}"))?
-                .label(format!("device memory ({device:.1} GiB)"))
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(3)));
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 16))
-                .draw()
-                .map_err(|e| format!("{e:?}"))?;
-            Ok(())
+            limit_and_legend(
+                &mut chart,
+                n as f64,
+                device,
+                "device memory",
+                3,
+                SeriesLabelPosition::UpperRight,
+            )
         }
     }
 }
@@ -332,23 +351,14 @@ impl Chart for Sweep<'_> {
                         PathElement::new([(x, y), (x + 14, y)], color.stroke_width(3))
                     });
             }
-            chart
-                .draw_series(LineSeries::new(
-                    [(0.0, device), ((n - 1).max(1) as f64, device)],
-                    BLACK.stroke_width(2),
-                ))
-                .map_err(|e| format!("{e:?}"))?
-                .label(format!("device limit ({device:.1} GiB)"))
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(2)));
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 16))
-                .draw()
-                .map_err(|e| format!("{e:?}"))?;
-            Ok(())
+            limit_and_legend(
+                &mut chart,
+                (n - 1).max(1) as f64,
+                device,
+                "device limit",
+                2,
+                SeriesLabelPosition::UpperLeft,
+            )
         }
     }
 }
