@@ -1,15 +1,6 @@
 // ftplan calibration kernel: a bandwidth copy.
 
-struct Dims {
-    n: u32,
-    words: u32,
-    groups: u32,
-    pad: u32,
-}
-
-@group(0) @binding(0) var<storage, read> a: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> c: array<vec4<f32>>;
-@group(0) @binding(3) var<uniform> dims: Dims;
+// Bindings and `Dims`: kernels_common.wgsl (with `Elem = f32`; `b` is unused here).
 
 // c = a, vec4 at a time, grid-stride over `words` vec4s.
 @compute @workgroup_size(256)

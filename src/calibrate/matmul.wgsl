@@ -1,7 +1,7 @@
 // ftplan calibration kernel: C = A x B with inputs of type `Elem` (f32, or f16 where the
 // adapter has shader-f16), accumulated in f32. The including code defines `Elem`.
 
-// Bindings and `Dims`: matmul_common.wgsl.
+// Bindings and `Dims`: kernels_common.wgsl.
 
 // C = A x B for n x n row-major matrices, n a multiple of 64.
 // A 16 x 16 workgroup computes a 64 x 64 tile of C; each thread a 4 x 4 block held in registers

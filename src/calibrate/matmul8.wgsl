@@ -3,7 +3,7 @@
 // thread an 8 x 8 block in 64 registers, stepping through K in slices of 8 staged in workgroup
 // memory. Needs n to be a multiple of 128. The including code defines `Elem`.
 
-// Bindings and `Dims`: matmul_common.wgsl.
+// Bindings and `Dims`: kernels_common.wgsl.
 
 const TILE: u32 = 128u;
 const BK: u32 = 8u;

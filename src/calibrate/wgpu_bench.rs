@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use std::time::Instant;
 use wgpu::util::DeviceExt;
 
-const MATMUL_COMMON: &str = include_str!("matmul_common.wgsl");
+const COMMON: &str = include_str!("kernels_common.wgsl");
 const MATMUL: &str = include_str!("matmul.wgsl");
 const MATMUL8: &str = include_str!("matmul8.wgsl");
 const COPY: &str = include_str!("copy.wgsl");
@@ -77,7 +77,7 @@ impl WgpuBench {
                 cache: None,
             })
         };
-        let copy = compile("copy", COPY.to_string(), "copy");
+        let copy = compile("copy", format!("alias Elem = f32;\n{COMMON}{COPY}"), "copy");
         let mut matmuls = Vec::new();
         for (elem, prelude) in [
             (Elem::F32, "alias Elem = f32;\n"),
@@ -87,7 +87,7 @@ impl WgpuBench {
                 continue;
             }
             for (name, tile, source) in [("tiled-4x4", 64, MATMUL), ("tiled-8x8", 128, MATMUL8)] {
-                let pipeline = compile(name, format!("{prelude}{MATMUL_COMMON}{source}"), "matmul");
+                let pipeline = compile(name, format!("{prelude}{COMMON}{source}"), "matmul");
                 matmuls.push((elem, name, tile, pipeline));
             }
         }

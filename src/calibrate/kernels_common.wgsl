@@ -1,6 +1,6 @@
-// ftplan calibration kernels' shared interface: C = A x B for n x n row-major matrices with
-// inputs of type `Elem` (f32, or f16 where the adapter has shader-f16; the including code
-// defines it), accumulated and written in f32.
+// ftplan calibration kernels' shared interface: inputs `a` and `b` of type `Elem` (f32, or f16
+// where the adapter has shader-f16; the including code defines it), output `c` in f32, sizes in
+// `dims`.
 
 struct Dims {
     n: u32,
