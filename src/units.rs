@@ -1,4 +1,4 @@
-//! Units as types: bytes, FLOPs, seconds, and dtypes that know their width in bits.
+//! Units as types: bytes, FLOPs, and dtypes that know their width in bits.
 //!
 //! Dtypes carry bits, not bytes, so a 4-bit NF4 weight is not rounded to zero or one byte
 //! (llm-analysis's `BYTES_INT4 = 4 // 8 == 0` is the bug this prevents).
@@ -26,10 +26,6 @@ impl Bytes {
 
     pub fn gib(self) -> f64 {
         self.0 as f64 / GIB
-    }
-
-    pub fn saturating_sub(self, other: Bytes) -> Bytes {
-        Bytes(self.0.saturating_sub(other.0))
     }
 }
 
@@ -96,30 +92,6 @@ impl AddAssign for Flops {
 impl Sum for Flops {
     fn sum<I: Iterator<Item = Flops>>(iter: I) -> Flops {
         iter.fold(Flops(0.0), Add::add)
-    }
-}
-
-/// Wall-clock seconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd, Serialize)]
-#[serde(transparent)]
-pub struct Seconds(pub f64);
-
-impl Add for Seconds {
-    type Output = Seconds;
-    fn add(self, rhs: Seconds) -> Seconds {
-        Seconds(self.0 + rhs.0)
-    }
-}
-
-impl AddAssign for Seconds {
-    fn add_assign(&mut self, rhs: Seconds) {
-        self.0 += rhs.0;
-    }
-}
-
-impl Sum for Seconds {
-    fn sum<I: Iterator<Item = Seconds>>(iter: I) -> Seconds {
-        iter.fold(Seconds(0.0), Add::add)
     }
 }
 

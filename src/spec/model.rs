@@ -155,9 +155,4 @@ impl ModelSpec {
     pub fn is_encoder_decoder(&self) -> bool {
         self.encoder.is_some()
     }
-
-    /// All blocks, encoder and decoder.
-    pub fn total_layers(&self) -> u64 {
-        self.decoder.layers + self.encoder.map_or(0, |e| e.layers)
-    }
 }
