@@ -20,6 +20,8 @@ pub struct Estimate {
     pub hardware: Hardware,
     pub memory: MemoryEstimate,
     pub time: TimeEstimate,
+    /// Device memory the plan may use: the device's, less any headroom the user keeps free.
+    pub budget: crate::units::Bytes,
     pub fits: bool,
 }
 
@@ -102,6 +104,7 @@ pub fn estimate(
         hardware: hardware.clone(),
         memory,
         time,
+        budget: hardware.memory,
         fits,
     })
 }

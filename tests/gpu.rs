@@ -7,8 +7,16 @@ use ftplan::calibrate::{self, Settings, wgpu_bench::WgpuBench};
 fn wgpu_kernels_compute_correct_results() {
     let mut gpu = match WgpuBench::open(wgpu::Backends::all()) {
         Ok(g) => g,
-        Err(e) => {
+        // CI installs Debian's software Vulkan driver and sets this, so there it must run.
+        Err(e) if std::env::var_os("FTPLAN_REQUIRE_ADAPTER").is_some() => {
             panic!("{e}: this test needs a wgpu adapter (`.ci/run` installs mesa-vulkan-drivers)")
+        }
+        Err(e) => {
+            eprintln!(
+                "skipped: wgpu_kernels_compute_correct_results: {e} \
+                 (install mesa-vulkan-drivers to run the kernels on the CPU)"
+            );
+            return;
         }
     };
     let settings = Settings {

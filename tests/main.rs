@@ -3,6 +3,7 @@
 mod accuracy;
 mod cli;
 mod gpu;
+mod hardening;
 mod invalid;
 mod models;
 mod properties;

@@ -1,5 +1,22 @@
 //! The thin CLI: parse, run the library, print, map to an exit code.
 
+/// `print!` to stdout that returns the write's error instead of panicking: a closed pipe
+/// (`ftplan ... | head -1`) becomes an error that `main` ends quietly on (as ripgrep does).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($t)*)?
+    }};
+}
+
+/// `println!` counterpart of [`out!`].
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($t)*)?
+    }};
+}
+
 pub mod args;
 pub mod plan;
 mod planning;
@@ -32,7 +49,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Runs one resolved plan; `fits` accounts for the headroom.
 pub fn estimate_resolved(r: &Resolved) -> ftplan::Result<Estimate> {
     let mut e = estimate(&r.model, &r.plan, &r.hardware, &r.rates)?;
-    e.fits = e.memory.required <= r.budget();
+    e.budget = r.budget();
+    e.fits = e.memory.required <= e.budget;
     Ok(e)
 }
 
@@ -69,8 +87,8 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         price_per_gpu_hour: a.price.or(r.hardware.price_per_hour_usd),
     });
     match a.format {
-        Format::Table => print!("{}", report::table::estimate(&e, budget)),
-        Format::Json => println!(
+        Format::Table => out!("{}", report::table::estimate(&e, budget)),
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&report::json::estimate(&e, budget, &r.notes))?
         ),
@@ -134,7 +152,7 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
             for r in rows {
                 t.add_row(r);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         Format::Json => {
             let objs: Vec<serde_json::Value> = rows
@@ -149,7 +167,7 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
                     )
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&objs)?);
+            outln!("{}", serde_json::to_string_pretty(&objs)?);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -182,8 +200,8 @@ fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
         && s.time_median <= ftplan::validate::TIME_MEDIAN_BOUND
         && s.trainable_exact;
     match a.format {
-        Format::Table => print!("{}", report::table::validation(&rows, &s, &rates.source)),
-        Format::Json => println!(
+        Format::Table => out!("{}", report::table::validation(&rows, &s, &rates.source)),
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(
                 &serde_json::json!({ "rows": rows, "summary": s, "within_bounds": within })
@@ -228,7 +246,7 @@ fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     } else {
         String::new()
     };
-    println!(
+    outln!(
         "{}: fp32 matmul up to {}{f16}, copy {:.1} GB/s ({} timing, {:.1} s); wrote {}",
         info.name,
         calibrate::rate(best),

@@ -28,8 +28,19 @@ fn plan_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
                     source,
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|e| e == "toml"))
+                .filter(|f| {
+                    f.is_file()
+                        && f.extension()
+                            .is_some_and(|e| e.to_string_lossy().eq_ignore_ascii_case("toml"))
+                })
                 .collect();
+            if files.is_empty() {
+                return Err(Error::Plan {
+                    message: format!("no plan files (`*.toml`) in `{}`", p.display()),
+                    hint: Some("name plan files, or a folder that holds some".into()),
+                }
+                .into());
+            }
             files.sort();
             out.extend(files);
         } else {
@@ -103,8 +114,8 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<ExitCode> {
         }
     }
     match a.format {
-        Format::Table => println!("{table}"),
-        Format::Json => println!(
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&json!({ "plans": results }))?
         ),
@@ -164,7 +175,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
     };
     match a.format {
         Format::Json => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
                     "plan": r.name, "fits": e.fits, "required": e.memory.required.0, "budget": r.budget().0,
@@ -174,7 +185,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         }
         Format::Table => {
             let verdict = if e.fits { "fits" } else { "does not fit" };
-            println!(
+            outln!(
                 "{}: needs {} GiB of {} GiB on {}: {verdict}",
                 r.name,
                 gib(e.memory.required),
@@ -186,12 +197,12 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
                     v.to_string()
                 })
             };
-            println!(
+            outln!(
                 "largest micro-batch at seq {}: {}",
                 r.plan.seq,
                 show(max_batch)
             );
-            println!(
+            outln!(
                 "longest sequence at batch {}: {}",
                 r.plan.batch,
                 show(max_seq)
@@ -209,9 +220,9 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
                     ]);
                 }
                 if fixes.is_empty() {
-                    println!("no single change makes it fit");
+                    outln!("no single change makes it fit");
                 } else {
-                    println!("{table}");
+                    outln!("{table}");
                 }
             }
         }
@@ -300,8 +311,8 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     let table = report::table::compare(&rows);
     let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
     match a.format {
-        Format::Table => println!("{table}"),
-        Format::Json => println!(
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(
                 &rows
@@ -384,8 +395,8 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
     wrote(&files, &md);
     match a.format {
-        Format::Table => println!("{table}"),
-        Format::Json => println!(
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(
                 &json!({ "axis": axis, "budget": budget.0, "series": series })
@@ -444,6 +455,6 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let table = report::table::matrix(&gpu_names, &cells);
     let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
     wrote(&files, &md);
-    println!("{table}");
+    outln!("{table}");
     Ok(ExitCode::SUCCESS)
 }

@@ -108,24 +108,21 @@ fn both(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
         root.present().map_err(draw_err(&svg_path))?;
     }
     super::write_atomic(&svg_path, svg.as_bytes())?;
-    let tmp = dir.join(format!(".{stem}.{}.png", std::process::id()));
+    // The bitmap backend writes by path: into our own exclusively created temporary file.
+    let tmp = super::temp_beside(&png_path)?;
     {
-        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        let root = BitMapBackend::new(tmp.path(), SIZE).into_drawing_area();
         let drawn = chart
             .draw(&root)
             .and_then(|_| root.present().map_err(|e| format!("{e:?}")));
         if let Err(e) = drawn {
-            let _ = std::fs::remove_file(&tmp);
             return Err(Error::Write {
                 path: png_path,
                 message: format!("chart: {e}"),
             });
         }
     }
-    std::fs::rename(&tmp, &png_path).map_err(|e| Error::Write {
-        path: png_path.clone(),
-        message: e.to_string(),
-    })?;
+    super::persist(tmp, &png_path)?;
     Ok(vec![svg_path, png_path])
 }
 

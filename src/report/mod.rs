@@ -9,23 +9,47 @@ use crate::error::{Error, Result};
 use crate::units::Bytes;
 use std::path::Path;
 
-/// Writes via a temporary file in the same folder and a rename, so a failure never leaves a
-/// half-written file behind.
+/// Writes via an exclusively created temporary file with an unpredictable name in the same
+/// folder (`tempfile::NamedTempFile::new_in`: `O_EXCL`, never follows a planted symlink) and a
+/// rename, so a failure never leaves a half-written file behind and nothing outside `path` is
+/// ever written.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let fail = |e: std::io::Error| Error::Write {
+    let mut tmp = temp_beside(path)?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| write_error(path, e))?;
+    persist(tmp, path)
+}
+
+fn write_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Write {
         path: path.into(),
         message: e.to_string(),
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(fail)?;
     }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        fail(e)
-    })
+}
+
+/// A fresh temporary file in `path`'s folder (created if missing); dropped, it is removed.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| write_error(path, e))?;
+    // Keep the extension: the bitmap encoder picks its format from it.
+    let suffix = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    tempfile::Builder::new()
+        .prefix(".ftplan-")
+        .suffix(&suffix)
+        .tempfile_in(dir)
+        .map_err(|e| write_error(path, e))
+}
+
+/// Renames a finished temporary file onto `path` (the temporary file is removed on failure).
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.persist(path)
+        .map(|_| ())
+        .map_err(|e| write_error(path, e.error))
 }
 
 /// GiB with two decimals.

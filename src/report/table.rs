@@ -147,7 +147,8 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         }
     }
     let verdict = if e.fits { "FITS" } else { "DOES NOT FIT" };
-    let margin = e.hardware.memory.0 as f64 - m.required.0 as f64;
+    // Against the budget (device memory less headroom), the same figure `fits` compares with.
+    let margin = e.budget.0 as f64 - m.required.0 as f64;
     row(
         &mut t,
         "verdict",

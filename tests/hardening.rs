@@ -1,0 +1,111 @@
+//! The edges around the estimator (issue: hardening): closed pipes, plan folders with nothing in
+//! them, the headroom margin, and writes that leave nothing behind.
+
+use crate::{ftplan, repo};
+use std::process::{Command, Stdio};
+
+/// The built binary, run directly so a test controls its pipes.
+fn binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftplan"));
+    cmd.current_dir(repo("."));
+    cmd
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly_with_exit_zero() {
+    for args in [
+        &["list", "gpus", "--format", "json"][..],
+        &["list", "models"],
+        &["estimate", "--model", "gpt2", "--gpu", "h100"],
+    ] {
+        let mut child = binary()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ftplan");
+        // Close the read end before the program writes (as `| head -0` would).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("ftplan ends");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn check_on_a_folder_without_plans_is_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = ftplan().args(["check"]).arg(dir.path()).assert().code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(err.contains("no plan files"), "{err}");
+    // A plan named `*.TOML` is a plan: extensions match case-insensitively.
+    std::fs::copy(
+        repo("examples/llama2-7b-lora-a100.toml"),
+        dir.path().join("PLAN.TOML"),
+    )
+    .expect("copy plan");
+    ftplan().args(["check"]).arg(dir.path()).assert().code(0);
+}
+
+#[test]
+fn the_margin_accounts_for_the_headroom() {
+    // GPT-2 full, batch 12, on an RTX 4090 needs about 19 GiB of 23.6; with 30 % kept free it does not fit,
+    // and the margin says so (negative) instead of showing the device's whole memory.
+    let out = ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "rtx4090",
+            "--batch",
+            "12",
+            "--headroom",
+            "30",
+        ])
+        .assert()
+        .code(1);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.contains("verdict"))
+        .expect("a verdict row");
+    assert!(
+        line.contains("DOES NOT FIT") && line.contains("margin -"),
+        "{line}"
+    );
+}
+
+#[test]
+fn reports_leave_no_temporary_files_and_replace_planted_links() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A link planted where a predictable temporary name used to be is never followed.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "keep").expect("write victim");
+    ftplan()
+        .args([
+            "compare",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h100",
+            "--methods",
+            "full,lora",
+            "--out",
+        ])
+        .arg(dir.path())
+        .assert()
+        .code(0);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read out dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with('.')),
+        "temporary files left: {names:?}"
+    );
+    assert!(names.iter().any(|n| n.ends_with(".png")), "{names:?}");
+    assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep");
+}
