@@ -28,7 +28,7 @@ fn main() {
         target_seq: 0,
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
-        gpus: 1,
+        parallel: ftplan::spec::parallel::Parallel::single(),
     };
 
     // One estimate.

@@ -34,9 +34,10 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     if plan.seq == 0 {
         return Err(field("seq", "must be at least 1".into()));
     }
-    if plan.gpus == 0 {
-        return Err(field("gpus", "must be at least 1".into()));
-    }
+    let heads = model.decoder.heads;
+    let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
+    crate::spec::parallel::check(&plan.parallel, layers, heads, model.decoder.kv_heads)
+        .map_err(|(f, problem)| field(&f, problem))?;
     let tokens = plan.batch.saturating_mul(plan.seq.max(plan.target_seq));
     if tokens > MAX_TOKENS {
         return Err(field(

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod optimizer;
 pub mod report;
 pub mod search;
+pub mod shard;
 pub mod spec;
 pub mod time;
 pub mod units;

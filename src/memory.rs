@@ -8,9 +8,10 @@
 //! then holds parameters, gradients, states and its own temporaries. The peak is the largest
 //! total over all of these moments, which is what `torch.cuda.max_memory_allocated` reports.
 
-use crate::graph::op::{Name, OpGraph, OpKind, TensorId, TensorKind};
-use crate::optimizer;
+use crate::graph::op::{Name, OpGraph, OpKind, ParamId, TensorId, TensorKind};
+use crate::shard::Layout;
 use crate::spec::hardware::Hardware;
+use crate::spec::parallel::{Engine, Offload};
 use crate::spec::plan::Plan;
 use crate::units::Bytes;
 use serde::Serialize;
@@ -63,6 +64,11 @@ pub struct MemoryEstimate {
     pub peak_op: String,
     /// Weights and optimizer states: what stays between steps.
     pub persistent: Bytes,
+    /// Weights, gradients and optimizer states this GPU keeps (its shards), without transient
+    /// gathers and buckets: the ZeRO paper's "model states" (Rajbhandari et al. 2020, sec. 3).
+    pub model_states: Bytes,
+    /// Host memory per node that offload uses (zero without offload).
+    pub host: Bytes,
     pub total_params: u64,
     /// Parameters of the base model (what the model card states), without a method's additions.
     pub base_params: u64,
@@ -81,11 +87,23 @@ pub const ALLOCATOR_SLACK: f64 = 0.05;
 pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEstimate {
     let params: Vec<_> = graph.params.iter().collect();
     let trainable: Vec<_> = params.iter().copied().filter(|p| p.trainable).collect();
-    let weights: Bytes = params.iter().map(|p| p.bytes()).sum();
-    let states = optimizer::state_bytes(plan.optimizer, &trainable);
+    let layout = Layout::new(graph, plan);
+    let states = layout.optimizer_states(plan, &trainable);
     let all_grads: Bytes = trainable.iter().map(|p| p.grad_bytes()).sum();
+    let full_weights: Bytes = params.iter().map(|p| p.bytes()).sum();
+    let weights = if layout.offload == Offload::Params {
+        // The sharded parameters live on the host; units are copied up to be gathered.
+        Bytes::ZERO
+    } else {
+        full_weights.div_ceil(layout.params_div)
+    };
+    let states_on_gpu = if layout.offload == Offload::None {
+        states.div_ceil(layout.optimizer_div)
+    } else {
+        Bytes::ZERO
+    };
     // DDP's reducer copies gradients into flat buckets (gradient_as_bucket_view=False).
-    let ddp_buckets = if plan.gpus > 1 {
+    let ddp_buckets = if plan.parallel.engine == Engine::Ddp && plan.parallel.dp() > 1 {
         all_grads
     } else {
         Bytes::ZERO
@@ -113,13 +131,17 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         best_total: Bytes::ZERO,
         base: Breakdown {
             weights,
-            optimizer: states,
+            optimizer: states_on_gpu,
             temporary: workspace,
             ..Breakdown::default()
         },
-        base_total: weights + states + workspace,
+        base_total: weights + states_on_gpu + workspace,
         local: None,
+        gathered: Bytes::ZERO,
+        held_units: Bytes::ZERO,
+        reduce_buffer: Bytes::ZERO,
     };
+    walk.gathered = layout.root_gathered();
 
     // Forward. A repeated block (`Op::repeat`) is walked once; each of its other copies adds
     // what one copy leaves held, and its peak is that of the last copy.
@@ -133,6 +155,9 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         walk.local = (copies > 1).then_some(None);
         for k in i..end {
             let op = ops[k];
+            if k == 0 || ops[k - 1].unit != op.unit {
+                walk.gathered = layout.forward_gathered(op.unit);
+            }
             for &t in &op.saves {
                 walk.hold(t);
             }
@@ -140,6 +165,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
             if op.segment.is_some() && (k == 0 || ops[k - 1].segment != op.segment) {
                 segment_start = k;
+            }
+            if ops.get(k + 1).is_none_or(|n| n.unit != op.unit) {
+                // Leaving a unit: it is resharded, or (SHARD_GRAD_OP) stays gathered until its
+                // backward.
+                walk.held_units += layout.kept_after_forward(op.unit);
             }
             let segment_ends =
                 op.segment.is_some() && ops.get(k + 1).map(|n| n.segment) != Some(op.segment);
@@ -188,6 +218,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
 
     // Backward, in reverse; a repeated block again once, its copies accounted for.
     let mut has_grad = vec![false; graph.params.len()];
+    // Gradients produced inside the unit whose backward is running (reduced when it ends).
+    let mut unit_grads: Vec<ParamId> = Vec::new();
     let mut current_segment = None;
     let mut end = ops.len();
     while end > 0 {
@@ -197,7 +229,15 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         walk.local = (copies > 1).then_some(None);
         for i in (start..end).rev() {
             let op = ops[i];
+            if i + 1 == ops.len() || ops[i + 1].unit != op.unit {
+                walk.gathered = layout.backward_gathered(i, op.unit);
+            }
+            // The root reduces once, when backward ends (FSDP2's root post-backward).
+            let unit_starts = i == 0 || (op.unit > 0 && ops[i - 1].unit != op.unit);
             if !op.in_backward {
+                if unit_starts {
+                    walk.finish_unit(&layout, op.unit, &mut unit_grads);
+                }
                 continue;
             }
             if op.segment.is_some() && op.segment != current_segment {
@@ -225,6 +265,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 let bytes = param.dtype.bytes(param.elements);
                 if !std::mem::replace(&mut has_grad[p.0 as usize], true) {
                     walk.grads += bytes;
+                    unit_grads.push(p);
                 } else {
                     // A tied weight's second gradient is computed, then accumulated into `.grad`.
                     transient += bytes;
@@ -237,6 +278,9 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                     walk.release(t);
                 }
             }
+            if unit_starts {
+                walk.finish_unit(&layout, op.unit, &mut unit_grads);
+            }
         }
         if copies > 1 {
             walk.repeat(before, copies - 1);
@@ -248,9 +292,18 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     walk.live_act = Bytes::ZERO;
     walk.live_logits = Bytes::ZERO;
 
-    // Optimizer step: parameters, all gradients, states and step temporaries.
-    walk.grads = all_grads + ddp_buckets;
-    let step_temp = optimizer::step_temporary(plan.optimizer, &trainable);
+    walk.gathered = Bytes::ZERO;
+    walk.held_units = Bytes::ZERO;
+    walk.reduce_buffer = Bytes::ZERO;
+
+    // Optimizer step: parameters, this rank's gradients, states and step temporaries.
+    walk.grads = all_grads.div_ceil(layout.grads_div) + ddp_buckets;
+    let step_temp = if layout.offload == Offload::None {
+        layout.step_temporary(plan, &trainable)
+    } else {
+        // ZeRO-Offload steps on the CPU.
+        Bytes::ZERO
+    };
     walk.observe(Phase::OptimizerStep, None, step_temp, Bytes::ZERO);
 
     let (at_peak, peak_phase, peak_name) = walk.best.unwrap_or((walk.base, Phase::Forward, None));
@@ -263,7 +316,13 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         peak,
         peak_phase,
         peak_op,
-        persistent: weights + states,
+        persistent: weights + states_on_gpu,
+        model_states: weights + states_on_gpu + layout.kept_grads(all_grads),
+        host: layout.host_bytes(
+            full_weights,
+            states,
+            trainable.iter().map(|p| p.count()).sum(),
+        ),
         total_params: params.iter().map(|p| p.count()).sum(),
         base_params: params
             .iter()
@@ -330,6 +389,12 @@ struct Walk<'g> {
     base_total: Bytes,
     /// While walking a repeated block: its own best moment (compared across copies afterwards).
     local: Option<Option<(Breakdown, Phase, Option<Name>)>>,
+    /// Gathered (unsharded) parameters of the units running now and prefetched: a level.
+    gathered: Bytes,
+    /// Units kept gathered from their forward to their backward (SHARD_GRAD_OP): cumulative.
+    held_units: Bytes,
+    /// The last unit's reduce-scatter buffer, freed when the next one is issued: a level.
+    reduce_buffer: Bytes,
 }
 
 /// Live totals at a moment, to measure what one copy of a block changes.
@@ -338,6 +403,7 @@ struct State {
     act: Bytes,
     logits: Bytes,
     grads: Bytes,
+    held: Bytes,
 }
 
 /// `base + k * (now - before)` per field, clamped at zero.
@@ -374,6 +440,7 @@ impl Walk<'_> {
             act: self.live_act,
             logits: self.live_logits,
             grads: self.grads,
+            held: self.held_units,
         }
     }
 
@@ -383,15 +450,20 @@ impl Walk<'_> {
     fn repeat(&mut self, before: State, more: u64) {
         let now = self.state();
         if let Some(Some((b, phase, name))) = self.local.take() {
-            let delta = i128::from(now.act.0) + i128::from(now.logits.0) + i128::from(now.grads.0)
+            let delta = i128::from(now.act.0)
+                + i128::from(now.logits.0)
+                + i128::from(now.grads.0)
+                + i128::from(now.held.0)
                 - i128::from(before.act.0)
                 - i128::from(before.logits.0)
-                - i128::from(before.grads.0);
+                - i128::from(before.grads.0)
+                - i128::from(before.held.0);
             let candidate = if delta > 0 {
                 Breakdown {
                     activations: extend(b.activations, before.act, now.act, more),
                     logits: extend(b.logits, before.logits, now.logits, more),
                     gradients: extend(b.gradients, before.grads, now.grads, more),
+                    weights: extend(b.weights, before.held, now.held, more),
                     ..b
                 }
             } else {
@@ -406,17 +478,37 @@ impl Walk<'_> {
         self.live_act = extend(now.act, before.act, now.act, more);
         self.live_logits = extend(now.logits, before.logits, now.logits, more);
         self.grads = extend(now.grads, before.grads, now.grads, more);
+        self.held_units = extend(now.held, before.held, now.held, more);
+    }
+
+    /// A unit's backward has ended: its gradients are reduced. A sharding engine reduce-scatters
+    /// them (the unsharded gradients go, this rank's shard stays, the reduce buffer lives until
+    /// the next unit's is issued) and reshards the unit.
+    fn finish_unit(&mut self, layout: &Layout, unit: u32, grads: &mut Vec<ParamId>) {
+        let (unsharded, kept, buffer) = layout.reduce(self.graph, unit, grads);
+        self.grads = self.grads - unsharded + kept;
+        if buffer > Bytes::ZERO {
+            self.reduce_buffer = buffer;
+        }
+        self.held_units = self.held_units - layout.kept_after_forward(unit);
     }
 
     fn observe(&mut self, phase: Phase, op: Option<Name>, temporary: Bytes, logits: Bytes) {
         // Compare totals first; build the breakdown only for a new maximum (hot loop).
-        let total =
-            self.base_total + self.grads + self.live_act + self.live_logits + logits + temporary;
+        let comm = self.gathered + self.held_units + self.reduce_buffer;
+        let total = self.base_total
+            + self.grads
+            + self.live_act
+            + self.live_logits
+            + logits
+            + temporary
+            + comm;
         let now = Breakdown {
+            weights: self.base.weights + self.gathered + self.held_units,
             gradients: self.grads,
             activations: self.live_act,
             logits: self.live_logits + logits,
-            temporary: self.base.temporary + temporary,
+            temporary: self.base.temporary + temporary + self.reduce_buffer,
             ..self.base
         };
         if let Some(local) = &mut self.local {

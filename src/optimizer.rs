@@ -15,8 +15,8 @@ pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
         .iter()
         .map(|p| -> Bytes {
             // One copy's state, times the copies a repeated block's parameter stands for.
-            // PyTorch creates states with `zeros_like(param)`: the parameter's dtype.
-            let dtype = p.dtype;
+            // PyTorch creates states with `zeros_like(param)`: the parameter's (kept) dtype.
+            let dtype = p.storage;
             // Fused and foreach AdamW keep `step` as a 1-element fp32 tensor per parameter.
             let step = DType::F32.bytes(1);
             let one = match optimizer {
@@ -62,7 +62,7 @@ pub fn step_temporary(optimizer: Optimizer, params: &[&Param]) -> Bytes {
         // time: the largest parameter's worth.
         Optimizer::Adafactor => params
             .iter()
-            .map(|p| p.dtype.bytes(p.elements))
+            .map(|p| p.storage.bytes(p.elements))
             .max()
             .unwrap_or(Bytes::ZERO),
     }
@@ -78,6 +78,8 @@ mod tests {
             name: crate::graph::op::Name::root("w"),
             elements: rows * cols,
             dtype: DType::F32,
+            storage: DType::F32,
+            unit: 0,
             trainable: true,
             role: ParamRole::Linear,
             extra: Bytes::ZERO,

@@ -249,9 +249,10 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
 
     let host = q.host_total;
     let device = q.busy;
-    let allreduce = if plan.gpus > 1 {
+    let allreduce = if plan.parallel.gpus > 1 {
+        let gpus = plan.parallel.gpus;
         let grads: f64 = trainable.iter().map(|p| p.grad_bytes().0 as f64).sum();
-        2.0 * (plan.gpus - 1) as f64 / plan.gpus as f64 * grads / (hw.interconnect_gbps * 1e9)
+        2.0 * (gpus - 1) as f64 / gpus as f64 * grads / (hw.interconnect_gbps * 1e9)
     } else {
         0.0
     };
@@ -279,7 +280,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     );
     TimeEstimate {
         step_seconds: step,
-        tokens_per_second: tokens * plan.gpus as f64 / step,
+        tokens_per_second: tokens * plan.parallel.gpus as f64 / step,
         mfu: useful / step / peak,
         forward_seconds: fwd,
         backward_seconds: bwd,

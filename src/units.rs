@@ -27,6 +27,11 @@ impl Bytes {
     pub fn gib(self) -> f64 {
         self.0 as f64 / GIB
     }
+
+    /// One of `ranks` equal shards, rounded up (FSDP and ZeRO pad to a multiple of the ranks).
+    pub fn div_ceil(self, ranks: u64) -> Bytes {
+        Bytes(self.0.div_ceil(ranks.max(1)))
+    }
 }
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;

@@ -19,7 +19,15 @@ struct Record {
     name: String,
     run: Run,
     config: serde_json::Value,
-    peak_run: u64,
+    /// `max_memory_allocated` over the run (single-GPU runs).
+    #[serde(default)]
+    peak_run: Option<u64>,
+    /// One rank's peak (FSDP runs, `fsdp.jsonl`).
+    #[serde(default)]
+    peak_bytes: Option<u64>,
+    /// Ranks of an FSDP run (its plan is `--engine fsdp --gpus world_size`).
+    #[serde(default)]
+    world_size: Option<u64>,
     params_trainable: u64,
     #[serde(default)]
     step_time_s: Option<f64>,
@@ -41,6 +49,9 @@ struct Run {
     optimizer: Option<String>,
     #[serde(default)]
     base_fp32: bool,
+    /// FSDP's SHARD_GRAD_OP instead of FULL_SHARD.
+    #[serde(default)]
+    grad_op: bool,
 }
 
 /// One compared run.
@@ -98,14 +109,32 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
         message: e.to_string(),
     })?;
     let model = parse_config(where_, &rec.config, &rec.run.model, false)?;
-    let plan = plan_of(where_, &rec.run)?;
+    let mut plan = plan_of(where_, &rec.run)?;
+    if let Some(world) = rec.world_size {
+        // One rank of an N-way FSDP2 run on one machine (`fsdp_fake.py`): every block and the
+        // root `fully_shard`ed, bf16 param dtype, fp32 reduce dtype, no autocast.
+        plan.parallel = crate::spec::parallel::Parallel {
+            gpus: world,
+            gpus_per_node: world,
+            engine: if rec.run.grad_op {
+                crate::spec::parallel::Engine::FsdpGradOp
+            } else {
+                crate::spec::parallel::Engine::Fsdp
+            },
+            ..crate::spec::parallel::Parallel::single()
+        };
+    }
+    let measured = rec
+        .peak_run
+        .or(rec.peak_bytes)
+        .ok_or_else(|| Error::field(where_, "peak_run", "is missing"))?;
     let est = estimate(&model, &plan, hardware, rates)?;
     let estimated = est.memory.peak.0;
     Ok(Row {
         name: rec.name,
-        measured_peak: rec.peak_run,
+        measured_peak: measured,
         estimated_peak: estimated,
-        error: (estimated as f64 - rec.peak_run as f64) / rec.peak_run as f64,
+        error: (estimated as f64 - measured as f64) / measured as f64,
         measured_trainable: rec.params_trainable,
         estimated_trainable: est.memory.trainable_params,
         measured_step_s: rec.step_time_s,
@@ -200,7 +229,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         target_seq,
         grad_ckpt: run.grad_ckpt,
         attention,
-        gpus: 1,
+        parallel: crate::spec::parallel::Parallel::single(),
     })
 }
 

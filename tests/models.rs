@@ -21,7 +21,7 @@ fn plan(method: Method) -> Plan {
         target_seq: 128,
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
-        gpus: 1,
+        parallel: ftplan::spec::parallel::Parallel::single(),
     }
 }
 

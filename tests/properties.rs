@@ -65,7 +65,7 @@ prop_compose! {
             optimizer: optimizer(o),
             batch, seq, target_seq: target, grad_ckpt: ckpt,
             attention: if eager { AttentionKernel::Eager } else { AttentionKernel::Sdpa },
-            gpus: 1,
+            parallel: ftplan::spec::parallel::Parallel::single(),
         }
     }
 }

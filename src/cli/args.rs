@@ -133,9 +133,33 @@ pub struct PlanArgs {
     /// Bottleneck size of the adapter method.
     #[arg(long, default_value_t = 64)]
     pub adapter_size: u64,
-    /// Data-parallel GPUs (each holds a full replica).
+    /// GPUs in the job (data x tensor x pipeline parallel).
     #[arg(long, default_value_t = 1)]
     pub gpus: u64,
+    /// GPUs per node (default: 8, or --gpus when fewer).
+    #[arg(long)]
+    pub gpus_per_node: Option<u64>,
+    /// Data-parallel engine: ddp, zero1, zero2, zero3, fsdp, fsdp-grad-op, fsdp-hybrid.
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// What lives on the host: none, optimizer, params.
+    #[arg(long)]
+    pub offload: Option<String>,
+    /// Tensor-parallel degree.
+    #[arg(long, default_value_t = 1)]
+    pub tp: u64,
+    /// Sequence parallelism beside tensor parallelism.
+    #[arg(long)]
+    pub sp: bool,
+    /// Pipeline-parallel stages (1F1B schedule).
+    #[arg(long, default_value_t = 1)]
+    pub pp: u64,
+    /// Micro-batches per step through the pipeline (default: 2 x --pp with a pipeline).
+    #[arg(long)]
+    pub micro_batches: Option<u64>,
+    /// Gradient-accumulation steps per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: u64,
     /// Memory to keep free, in percent of the device.
     #[arg(long, default_value_t = 0.0)]
     pub headroom: f64,

@@ -5,6 +5,7 @@ use crate::cli::args::{AttentionArg, MethodArg, OptimizerArg, PlanArgs, Precisio
 use ftplan::error::{Error, Result, did_you_mean};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
+use ftplan::spec::parallel::{Engine, Offload, Parallel};
 use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
 use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
@@ -20,6 +21,18 @@ pub struct PlanFile {
     pub gpu: String,
     #[serde(default = "one")]
     pub gpus: u64,
+    pub gpus_per_node: Option<u64>,
+    pub engine: Option<String>,
+    pub offload: Option<String>,
+    #[serde(default = "one")]
+    pub tp: u64,
+    #[serde(default)]
+    pub sp: bool,
+    #[serde(default = "one")]
+    pub pp: u64,
+    pub micro_batches: Option<u64>,
+    #[serde(default = "one")]
+    pub grad_accum: u64,
     #[serde(default = "full")]
     pub method: String,
     pub precision: Option<String>,
@@ -185,9 +198,62 @@ pub struct PlanInput {
     pub lora_targets: String,
     pub virtual_tokens: u64,
     pub adapter_size: u64,
-    pub gpus: u64,
+    pub layout: LayoutInput,
     pub headroom_percent: f64,
     pub calibration: Option<PathBuf>,
+}
+
+/// The parallel layout as given; defaults are filled in by `resolve`.
+#[derive(Debug, Clone, Default)]
+pub struct LayoutInput {
+    pub gpus: u64,
+    pub gpus_per_node: Option<u64>,
+    pub engine: Option<String>,
+    pub offload: Option<String>,
+    pub tp: u64,
+    pub sp: bool,
+    pub pp: u64,
+    pub micro_batches: Option<u64>,
+    pub grad_accum: u64,
+}
+
+impl LayoutInput {
+    /// The validated layout for `model` on `hardware`.
+    pub fn resolve(
+        &self,
+        origin: &str,
+        model: &ModelSpec,
+        hardware: &Hardware,
+    ) -> Result<Parallel> {
+        let engine = match &self.engine {
+            Some(e) => parse_name(origin, "engine", e, &Engine::ALL)?,
+            None => Engine::Ddp,
+        };
+        let offload = match &self.offload {
+            Some(o) => parse_name(origin, "offload", o, &Offload::ALL)?,
+            None => Offload::None,
+        };
+        let gpus = self.gpus;
+        let p = Parallel {
+            gpus,
+            gpus_per_node: self
+                .gpus_per_node
+                .unwrap_or_else(|| hardware.gpus_per_node.min(gpus.max(1))),
+            engine,
+            offload,
+            tp: self.tp,
+            sp: self.sp,
+            pp: self.pp,
+            micro_batches: self
+                .micro_batches
+                .unwrap_or(if self.pp > 1 { 2 * self.pp } else { 1 }),
+            grad_accum: self.grad_accum,
+        };
+        let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
+        ftplan::spec::parallel::check(&p, layers, model.decoder.heads, model.decoder.kv_heads)
+            .map_err(|(field, problem)| Error::field(origin, &field, problem))?;
+        Ok(p)
+    }
 }
 
 impl PlanInput {
@@ -210,7 +276,17 @@ impl PlanInput {
             lora_targets: a.lora_targets.clone(),
             virtual_tokens: a.virtual_tokens,
             adapter_size: a.adapter_size,
-            gpus: a.gpus,
+            layout: LayoutInput {
+                gpus: a.gpus,
+                gpus_per_node: a.gpus_per_node,
+                engine: a.engine.clone(),
+                offload: a.offload.clone(),
+                tp: a.tp,
+                sp: a.sp,
+                pp: a.pp,
+                micro_batches: a.micro_batches,
+                grad_accum: a.grad_accum,
+            },
             headroom_percent: a.headroom,
             calibration: a.calibration.clone(),
         }
@@ -260,7 +336,17 @@ impl PlanInput {
             lora_targets: lora.targets,
             virtual_tokens: f.virtual_tokens.unwrap_or(20),
             adapter_size: f.adapter_size.unwrap_or(64),
-            gpus: f.gpus,
+            layout: LayoutInput {
+                gpus: f.gpus,
+                gpus_per_node: f.gpus_per_node,
+                engine: f.engine,
+                offload: f.offload,
+                tp: f.tp,
+                sp: f.sp,
+                pp: f.pp,
+                micro_batches: f.micro_batches,
+                grad_accum: f.grad_accum,
+            },
             headroom_percent: f.headroom_percent,
             calibration: f.calibration.map(|c| dir.join(c)),
             origin,
@@ -345,7 +431,7 @@ impl PlanInput {
                 AttentionArg::Sdpa => AttentionKernel::Sdpa,
                 AttentionArg::Eager => AttentionKernel::Eager,
             },
-            gpus: self.gpus,
+            parallel: self.layout.resolve(o, &model.value, &gpu.value)?,
         };
         ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;
         let rates = match &self.calibration {

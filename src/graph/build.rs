@@ -13,6 +13,7 @@ use crate::graph::op::{
     Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind,
 };
 use crate::spec::model::{Family, ModelSpec};
+use crate::spec::parallel::Engine;
 use crate::spec::plan::{Method, Plan, Precision};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -55,6 +56,13 @@ pub struct Builder<'a> {
     pub(super) next_segment: u32,
     /// Copies the ops and parameters being built stand for.
     pub(super) repeat: u32,
+    /// Storage dtypes kept between steps for base and PEFT parameters (differ from `base` and
+    /// `adapter` only under FSDP's mixed-precision policy).
+    pub(super) storage_base: DType,
+    pub(super) storage_adapter: DType,
+    /// The sharding unit being built (0: root; `k + 1`: block `k`).
+    pub(super) unit: u32,
+    next_unit: u32,
 }
 
 /// Pieces of a matmul-like op that the callers fill.
@@ -79,13 +87,31 @@ impl<'a> Builder<'a> {
             (_, Precision::MixedBf16 | Precision::Fp32) => DType::F32,
             (_, Precision::Bf16) => DType::Bf16,
         };
+        // A sharding engine in 16-bit precision runs the module in bf16 without autocast:
+        // FSDP2's `MixedPrecisionPolicy(param_dtype=bf16)` casts each unit as it gathers it
+        // (the sharded parameter keeps its dtype), and DeepSpeed's `bf16` mode casts the
+        // module itself and keeps fp32 master weights in its optimizer.
+        let engine = plan.parallel.engine;
+        let sixteen_bit = engine != Engine::Ddp && plan.precision != Precision::Fp32;
+        let (compute_base, adapter, autocast) = if sixteen_bit {
+            (DType::Bf16, DType::Bf16, false)
+        } else {
+            (base, DType::F32, plan.autocast())
+        };
+        let keep = |compute: DType, original: DType| {
+            if engine.is_fsdp() { original } else { compute }
+        };
         Builder {
             graph: OpGraph::default(),
             model,
             plan,
-            autocast: plan.autocast(),
-            base,
-            adapter: DType::F32,
+            autocast,
+            base: compute_base,
+            storage_base: keep(compute_base, base),
+            storage_adapter: keep(adapter, DType::F32),
+            unit: 0,
+            next_unit: 1,
+            adapter,
             base_trainable: !plan.method.frozen_base(),
             segment: None,
             next_segment: 0,
@@ -161,6 +187,7 @@ impl<'a> Builder<'a> {
         name: Name,
         shape: (u64, u64),
         dtype: DType,
+        storage: DType,
         trainable: bool,
         role: ParamRole,
     ) -> ParamId {
@@ -168,6 +195,8 @@ impl<'a> Builder<'a> {
             name,
             elements: shape.0.saturating_mul(shape.1),
             dtype,
+            storage,
+            unit: self.unit,
             trainable,
             role,
             extra: Bytes::ZERO,
@@ -178,14 +207,14 @@ impl<'a> Builder<'a> {
 
     /// A frozen-or-trainable base parameter in the plan's base dtype.
     pub fn base_param(&mut self, name: Name, shape: (u64, u64), role: ParamRole) -> ParamId {
-        let (base, trainable) = (self.base, self.base_trainable);
-        self.param(name, shape, base, trainable, role)
+        let (base, storage, trainable) = (self.base, self.storage_base, self.base_trainable);
+        self.param(name, shape, base, storage, trainable, role)
     }
 
     /// A trainable PEFT parameter.
     pub fn adapter_param(&mut self, name: Name, shape: (u64, u64)) -> ParamId {
-        let dtype = self.adapter;
-        self.param(name, shape, dtype, true, ParamRole::Adapter)
+        let (dtype, storage) = (self.adapter, self.storage_adapter);
+        self.param(name, shape, dtype, storage, true, ParamRole::Adapter)
     }
 
     pub(super) fn emit(&mut self, spec: OpSpec) -> usize {
@@ -193,6 +222,7 @@ impl<'a> Builder<'a> {
             name: spec.name,
             kind: spec.kind,
             segment: self.segment,
+            unit: self.unit,
             repeat: self.repeat,
             params: spec.params,
             saves: spec.saves,
@@ -295,6 +325,8 @@ impl<'a> Builder<'a> {
     /// Marks the start of a checkpointed block (HF's `gradient_checkpointing_enable`, one
     /// `torch.utils.checkpoint` per block): the block input is kept, its interior is recomputed.
     pub fn begin_block(&mut self, input: Val) {
+        self.unit = self.next_unit;
+        self.next_unit += 1;
         if !self.plan.grad_ckpt {
             return;
         }
@@ -319,6 +351,7 @@ impl<'a> Builder<'a> {
     }
 
     pub fn end_block(&mut self) {
+        self.unit = 0;
         self.segment = None;
     }
 
@@ -395,7 +428,7 @@ mod tests {
             target_seq: 0,
             grad_ckpt: false,
             attention: AttentionKernel::Sdpa,
-            gpus: 1,
+            parallel: crate::spec::parallel::Parallel::single(),
         }
     }
 

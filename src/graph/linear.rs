@@ -65,6 +65,8 @@ impl Builder<'_> {
                 name: name.then("weight"),
                 elements,
                 dtype: DType::Nf4,
+                storage: DType::Nf4,
+                unit: self.unit,
                 trainable: false,
                 role: ParamRole::Linear,
                 extra: Bytes(blocks + 4 * blocks.div_ceil(256)),

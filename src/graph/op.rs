@@ -98,8 +98,15 @@ pub struct Param {
     #[serde(skip)]
     pub name: Name,
     pub elements: u64,
-    /// Storage type (NF4 for QLoRA's quantized weights).
+    /// The dtype the module computes with, and so of its gradient and of a gathered copy (NF4
+    /// for QLoRA's quantized weights; bf16 under FSDP's mixed-precision policy).
     pub dtype: DType,
+    /// The dtype kept between steps: `dtype`, except under FSDP's mixed precision, where the
+    /// sharded parameter keeps its original (fp32) dtype and is cast to `dtype` when gathered.
+    pub storage: DType,
+    /// The sharding unit: 0 for the root (embeddings, final norm, head), `k + 1` for block `k`
+    /// (FSDP's `fully_shard` per block; ZeRO-3 gathers per module, grouped the same way).
+    pub unit: u32,
     pub trainable: bool,
     pub role: ParamRole,
     /// Extra storage that belongs to the parameter (QLoRA's quantization constants).
@@ -111,8 +118,13 @@ pub struct Param {
 }
 
 impl Param {
-    /// Storage of one copy.
+    /// Storage of one copy, as kept between steps.
     pub fn copy_bytes(&self) -> Bytes {
+        self.storage.bytes(self.elements) + self.extra
+    }
+
+    /// One copy as the module computes with it (a gathered FSDP unit holds this).
+    pub fn compute_bytes(&self) -> Bytes {
         self.dtype.bytes(self.elements) + self.extra
     }
 
@@ -126,9 +138,10 @@ impl Param {
         self.elements.saturating_mul(self.copies)
     }
 
-    /// Gradient storage of all copies (gradients take the parameter's dtype).
+    /// Gradient storage of all copies (gradients take the parameter's dtype; a sharded FSDP
+    /// gradient its storage dtype).
     pub fn grad_bytes(&self) -> Bytes {
-        self.dtype.bytes(self.elements) * self.copies
+        self.storage.bytes(self.elements) * self.copies
     }
 }
 
@@ -182,6 +195,8 @@ pub struct Op {
     pub kind: OpKind,
     /// The checkpointed block this op belongs to, if gradient checkpointing is on.
     pub segment: Option<u32>,
+    /// The sharding unit it runs in (see [`Param::unit`]).
+    pub unit: u32,
     /// Identical consecutive blocks this op stands for: the ops of layers 1..L-1 are built once
     /// as a template with `repeat = L - 1` (they are the same ops on the same shapes), and the
     /// memory walk and time model account for the copies.

@@ -29,7 +29,7 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         time["training_tokens"] = json!(budget.tokens);
         time["wall_seconds"] = json!(wall);
         if let Some(price) = budget.price_per_gpu_hour {
-            time["cost_usd"] = json!(wall / 3600.0 * price * e.plan.gpus as f64);
+            time["cost_usd"] = json!(wall / 3600.0 * price * e.plan.parallel.gpus as f64);
         }
     }
     json!({

@@ -45,8 +45,8 @@ pub fn describe(plan: &Plan, enc_dec: bool) -> String {
         } else {
             ""
         },
-        if plan.gpus > 1 {
-            format!(", {} GPUs (DDP)", plan.gpus)
+        if plan.parallel.gpus > 1 {
+            format!(", {} GPUs ({})", plan.parallel.gpus, plan.parallel.label())
         } else {
             String::new()
         },
@@ -141,7 +141,10 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
             row(
                 &mut t,
                 "cost",
-                format!("${:.2}", wall / 3600.0 * price * e.plan.gpus as f64),
+                format!(
+                    "${:.2}",
+                    wall / 3600.0 * price * e.plan.parallel.gpus as f64
+                ),
                 &format!("${price:.2} per GPU-hour"),
             );
         }

@@ -37,6 +37,37 @@ pub struct HardwareWire {
     #[serde(default = "default_module_us")]
     pub module_overhead_us: f64,
     pub price_per_hour_usd: Option<f64>,
+    /// Inter-node network per GPU, Gb/s (one NIC per GPU in GPU servers).
+    #[serde(default = "default_network_gbps")]
+    pub network_gbps: f64,
+    /// GPUs in the usual server for this card.
+    #[serde(default = "default_gpus_per_node")]
+    pub gpus_per_node: u64,
+    /// Host memory of that server, GiB (what CPU offload can use).
+    #[serde(default = "default_host_memory_gib")]
+    pub host_memory_gib: f64,
+    /// Host-to-device link per GPU, GB/s in each direction (what offload transfers pay).
+    #[serde(default = "default_host_link_gbps")]
+    pub host_link_gbps: f64,
+}
+
+/// 100 Gb/s Ethernet: the common NIC where a profile names none.
+fn default_network_gbps() -> f64 {
+    100.0
+}
+
+fn default_gpus_per_node() -> u64 {
+    8
+}
+
+/// A common 2-socket server's memory where a profile names none.
+fn default_host_memory_gib() -> f64 {
+    512.0
+}
+
+/// PCIe 4.0 x16: 32 GB/s per direction (PCI-SIG), where a profile names none.
+fn default_host_link_gbps() -> f64 {
+    32.0
 }
 
 fn default_launch_us() -> f64 {
@@ -67,6 +98,13 @@ pub struct Hardware {
     pub launch_overhead_us: f64,
     pub module_overhead_us: f64,
     pub price_per_hour_usd: Option<f64>,
+    /// Inter-node network per GPU, Gb/s.
+    pub network_gbps: f64,
+    pub gpus_per_node: u64,
+    /// Host memory per node.
+    pub host_memory: Bytes,
+    /// Host-to-device link per GPU, GB/s per direction.
+    pub host_link_gbps: f64,
 }
 
 impl Hardware {
@@ -119,6 +157,19 @@ impl Hardware {
                 Some(p) => Some(positive("price_per_hour_usd", p, 1e6)?),
                 None => None,
             },
+            network_gbps: positive("network_gbps", w.network_gbps, 1e5)?,
+            gpus_per_node: match w.gpus_per_node {
+                1..=1024 => w.gpus_per_node,
+                n => {
+                    return Err(Error::field(
+                        path,
+                        "gpus_per_node",
+                        format!("must be 1 to 1024, found {n}"),
+                    ));
+                }
+            },
+            host_memory: Bytes::from_gib(positive("host_memory_gib", w.host_memory_gib, 1e6)?),
+            host_link_gbps: positive("host_link_gbps", w.host_link_gbps, 1e5)?,
             name: w.name,
             display_name: w.display_name,
             vendor: w.vendor,

@@ -3,5 +3,6 @@
 pub mod hardware;
 pub mod hf;
 pub mod model;
+pub mod parallel;
 pub mod plan;
 pub mod registry;

@@ -290,8 +290,8 @@ pub struct Plan {
     pub target_seq: u64,
     pub grad_ckpt: bool,
     pub attention: AttentionKernel,
-    /// Data-parallel GPUs (DDP): each holds a full replica.
-    pub gpus: u64,
+    /// The parallel layout (one GPU by default).
+    pub parallel: crate::spec::parallel::Parallel,
 }
 
 impl Plan {
