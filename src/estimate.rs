@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::graph;
+use crate::graph::arch::Stage;
 use crate::memory::{self, MemoryEstimate};
 use crate::spec::hardware::Hardware;
 use crate::spec::model::ModelSpec;
@@ -87,16 +88,72 @@ pub fn estimate(
     rates: &Rates,
 ) -> Result<Estimate> {
     check_plan(model, plan)?;
-    let graph = graph::build(model, plan);
-    // The graph's invariants are checked for every shipped model and method by the tests;
-    // debug builds recheck them on every estimate.
-    if cfg!(debug_assertions) {
-        graph.verify().map_err(|e| Error::Plan {
-            message: format!("internal: op graph invalid: {e}"),
-            hint: None,
-        })?;
+    let par = plan.parallel;
+    if par.pp > 1 && model.is_encoder_decoder() {
+        return Err(Error::field(
+            "plan",
+            "pp",
+            "pipeline stages of encoder-decoder models are not modelled",
+        ));
     }
-    let memory = memory::estimate(&graph, plan, hardware);
+    // One rank's model: its tensor-parallel share of the largest pipeline stage.
+    let rank_model = model.tensor_parallel_rank(par.tp).pipeline_stage(par.pp);
+    let stages: Vec<(Stage, u64)> = if par.pp == 1 {
+        vec![(Stage::WHOLE, 1)]
+    } else {
+        // 1F1B: stage s of p holds the activations of min(p - s, M) micro-batches at its peak
+        // (Narayanan et al. 2021, sec. 2.2); the first holds the embeddings, the last the head.
+        vec![
+            (
+                Stage {
+                    first: true,
+                    last: false,
+                },
+                par.pp.min(par.micro_batches),
+            ),
+            (
+                Stage {
+                    first: false,
+                    last: true,
+                },
+                1,
+            ),
+        ]
+    };
+    let mut worst: Option<(graph::OpGraph, MemoryEstimate)> = None;
+    for (stage, in_flight) in stages {
+        let g = graph::arch::build_stage(&rank_model, plan, stage);
+        // The graph's invariants are checked for every shipped model and method by the tests;
+        // debug builds recheck them on every estimate.
+        if cfg!(debug_assertions) {
+            g.verify().map_err(|e| Error::Plan {
+                message: format!("internal: op graph invalid: {e}"),
+                hint: None,
+            })?;
+        }
+        let mut m = memory::estimate(&g, plan, hardware);
+        let more = m.saved_after_forward * (in_flight - 1);
+        m.at_peak.activations += more;
+        m.peak += more;
+        m.required += more;
+        if worst.as_ref().is_none_or(|(_, w)| m.required > w.required) {
+            worst = Some((g, m));
+        }
+    }
+    let Some((graph, mut memory)) = worst else {
+        return Err(Error::Plan {
+            message: "internal: no pipeline stage".into(),
+            hint: None,
+        });
+    };
+    if par.tp > 1 || par.pp > 1 {
+        // Parameter counts are the model's, not one rank's.
+        let whole = graph::build(model, plan);
+        let (total, base, trainable) = graph::op::counts(&whole);
+        memory.total_params = total;
+        memory.base_params = base;
+        memory.trainable_params = trainable;
+    }
     let time = time::estimate(&graph, plan, hardware, rates);
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

@@ -5,6 +5,7 @@
 //! top and is the only part that reads files given on the command line or prints.
 
 pub mod calibrate;
+pub mod comm;
 pub mod error;
 pub mod estimate;
 pub mod graph;

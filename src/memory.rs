@@ -62,6 +62,9 @@ pub struct MemoryEstimate {
     pub peak_phase: Phase,
     /// The op running at the peak (or "optimizer.step").
     pub peak_op: String,
+    /// Saved activations when the forward pass ends (what one more in-flight pipeline
+    /// micro-batch adds).
+    pub saved_after_forward: Bytes,
     /// Weights and optimizer states: what stays between steps.
     pub persistent: Bytes,
     /// Weights, gradients and optimizer states this GPU keeps (its shards), without transient
@@ -215,6 +218,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         walk.release(t);
     }
     walk.live_act = walk.live_act - cache_copies;
+    let saved_after_forward = walk.live_act + walk.live_logits;
 
     // Backward, in reverse; a repeated block again once, its copies accounted for.
     let mut has_grad = vec![false; graph.params.len()];
@@ -316,6 +320,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         peak,
         peak_phase,
         peak_op,
+        saved_after_forward,
         persistent: weights + states_on_gpu,
         model_states: weights + states_on_gpu + layout.kept_grads(all_grads),
         host: layout.host_bytes(

@@ -100,6 +100,10 @@ fn interpolate(curve: &[(u64, f64)], n: u64) -> f64 {
     curve.last().map_or(r0, |&(_, r)| r)
 }
 
+/// A two-socket server's memory bandwidth (8 channels of DDR4-3200 per socket: 2 x 204.8 GB/s,
+/// about 200 GB/s sustained in STREAM-like loops), for the CPU optimizer step of offload.
+const HOST_MEMORY_BANDWIDTH: f64 = 200e9;
+
 /// Step time and throughput.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct TimeEstimate {
@@ -119,6 +123,13 @@ pub struct TimeEstimate {
     pub flops: f64,
     /// Data-parallel gradient all-reduce (ring: 2(n-1)/n of the gradients over the interconnect).
     pub allreduce_seconds: f64,
+    /// Collective time per step on one rank (all-gathers, reduce-scatters, all-reduces,
+    /// pipeline sends), overlapped or not.
+    pub communication_seconds: f64,
+    /// The part of it compute does not hide (on the step's critical path).
+    pub exposed_communication_seconds: f64,
+    /// Idle fraction of a pipeline stage under 1F1B: (p - 1) / (M + p - 1).
+    pub bubble_fraction: f64,
 }
 
 fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
@@ -183,22 +194,40 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         }
         i = end;
     }
-    for &(k, _) in &order {
+    // Device time per unit instance (a block copy, or the root's ops between blocks), in
+    // execution order: what the step schedule overlaps communication with.
+    let mut fwd_units: Vec<(u32, f64)> = Vec::new();
+    let mut last: Option<usize> = None;
+    for &(k, first) in &order {
         let op = ops[k];
         let c = &op.cost;
         let t = op_time(c.forward_flops, c.forward_bytes, op, rates);
+        if first || last.is_none_or(|l| ops[l].unit != op.unit) {
+            fwd_units.push((op.unit, 0.0));
+        }
+        if let Some(u) = fwd_units.last_mut() {
+            u.1 += t;
+        }
+        last = Some(k);
         fwd += t;
         flops += c.forward_flops.0;
         q.push(host_cost(c.forward_kernels, c.modules), t);
     }
     let mut bwd = 0.0;
     let mut current = None;
+    let mut bwd_units: Vec<(u32, f64)> = Vec::new();
     for (pos, &(i, _)) in order.iter().enumerate().rev() {
         let op = ops[i];
         // A new copy of a repeated block is a new checkpointed block.
-        if order.get(pos + 1).is_some_and(|&(_, first)| first) {
+        let new_copy = order.get(pos + 1).is_some_and(|&(_, first)| first);
+        if new_copy {
             current = None;
         }
+        let next_unit = order.get(pos + 1).map(|&(n, _)| ops[n].unit);
+        if new_copy || next_unit != Some(op.unit) {
+            bwd_units.push((op.unit, 0.0));
+        }
+        let before = bwd;
         if !op.in_backward {
             continue;
         }
@@ -224,6 +253,9 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         flops += back_flops.0;
         // Backward runs in autograd's C++ engine: no module calls.
         q.push(host_cost(c.backward_kernels, 0), t);
+        if let Some(u) = bwd_units.last_mut() {
+            u.1 += bwd - before;
+        }
     }
     // Optimizer: a memory-bound pass over parameters, gradients and states.
     let trainable: Vec<_> = graph.params.iter().filter(|p| p.trainable).collect();
@@ -239,7 +271,18 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         Optimizer::Adafactor => (3.0, 15.0),
     };
     let opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
-    let opt = opt_bytes / rates.copy_bandwidth;
+    let par = plan.parallel;
+    let (_, _, optimizer_div) = par.divisors();
+    let opt = if par.offload == crate::spec::parallel::Offload::None {
+        // Each rank steps its shard of the optimizer states.
+        opt_bytes / rates.copy_bandwidth / optimizer_div as f64
+    } else {
+        // ZeRO-Offload's CPU Adam: fp32 parameter, gradient and two states read and written
+        // (32 bytes per parameter) at the host's memory bandwidth, shared by the node's ranks.
+        let elements: u64 = trainable.iter().map(|p| p.count()).sum();
+        let ranks = par.gpus_per_node.min(par.gpus).max(1) as f64;
+        elements as f64 / optimizer_div as f64 * 32.0 / (HOST_MEMORY_BANDWIDTH / ranks)
+    };
     let tensors: u64 = trainable.iter().map(|p| p.copies).sum();
     let opt_kernels = (tensors as f64 * kernels_per_tensor).ceil();
     // Per trainable tensor: its AccumulateGrad node in backward, and the optimizer's Python
@@ -249,15 +292,25 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
 
     let host = q.host_total;
     let device = q.busy;
-    let allreduce = if plan.parallel.gpus > 1 {
-        let gpus = plan.parallel.gpus;
-        let grads: f64 = trainable.iter().map(|p| p.grad_bytes().0 as f64).sum();
-        2.0 * (gpus - 1) as f64 / gpus as f64 * grads / (hw.interconnect_gbps * 1e9)
-    } else {
-        0.0
-    };
-    let step = q.device + allreduce;
-    let tokens = plan.batch as f64 * (plan.seq + plan.target_seq) as f64;
+    // One rank's compute (and host) time for one micro-batch; the step schedule adds the
+    // layout's communication, pipeline and accumulation.
+    let compute = q.device - opt;
+    let sched = crate::comm::schedule(
+        graph,
+        plan,
+        hw,
+        &crate::comm::Compute {
+            forward: fwd_units,
+            backward: bwd_units,
+            total: compute,
+            optimizer: opt,
+        },
+    );
+    let step = sched.step_seconds;
+    // Tokens per optimizer step on one data-parallel replica.
+    let tokens = plan.batch as f64
+        * (plan.seq + plan.target_seq) as f64
+        * (par.micro_batches * par.grad_accum) as f64;
     // MFU counts the model's useful FLOPs (no recomputation) against the datasheet peak.
     let useful: f64 = graph
         .ops()
@@ -280,14 +333,18 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     );
     TimeEstimate {
         step_seconds: step,
-        tokens_per_second: tokens * plan.parallel.gpus as f64 / step,
-        mfu: useful / step / peak,
+        tokens_per_second: tokens * par.dp() as f64 / step,
+        // Every rank does 1/(tp x pp) of a replica's work for its micro-batches.
+        mfu: useful * (par.micro_batches * par.grad_accum) as f64 / step / peak,
         forward_seconds: fwd,
         backward_seconds: bwd,
         optimizer_seconds: opt,
         host_seconds: host,
         launch_bound: host > device,
         flops,
-        allreduce_seconds: allreduce,
+        allreduce_seconds: sched.exposed_seconds,
+        communication_seconds: sched.communication_seconds,
+        exposed_communication_seconds: sched.exposed_seconds,
+        bubble_fraction: sched.bubble_fraction,
     }
 }

@@ -7,14 +7,39 @@ use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope};
 use crate::spec::model::{Family, ModelSpec, Positions, Stack};
 use crate::spec::plan::{Method, Plan, Proj};
 
+/// Which part of the model a graph covers: the whole model, or one pipeline stage (the first
+/// holds the embeddings, the last the final norm, LM head and loss; Narayanan et al. 2021).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stage {
+    pub first: bool,
+    pub last: bool,
+}
+
+impl Stage {
+    pub const WHOLE: Stage = Stage {
+        first: true,
+        last: true,
+    };
+}
+
 /// Builds the op graph of one training step.
 pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
+    build_stage(model, plan, Stage::WHOLE)
+}
+
+/// Builds the graph of one pipeline stage (decoder-only models): a later stage receives its
+/// input activation from the previous stage and sends its output on.
+pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     let mut b = Builder::new(model, plan);
-    let embed = b.base_param(
-        Name::root("embed_tokens"),
-        (model.vocab_size, model.hidden_size),
-        ParamRole::Embedding,
-    );
+    b.stage = stage;
+    // Megatron-LM keeps a copy of tied word embeddings on the last stage for the LM head.
+    let embed = (stage.first || (stage.last && model.tie_word_embeddings)).then(|| {
+        b.base_param(
+            Name::root("embed_tokens"),
+            (model.vocab_size, model.hidden_size),
+            ParamRole::Embedding,
+        )
+    });
     let memory = match model.encoder {
         Some(enc) => {
             let src = plan.seq + plan.method.prompt_tokens();
@@ -32,20 +57,22 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
     let seq = seq + plan.method.prompt_tokens();
     let decoder_scope = b.scope(Scope::default(), "decoder");
     let (x, _) = stack_forward(&mut b, decoder_scope, embed, &model.decoder, seq, memory);
+    if !stage.last {
+        return b.finish();
+    }
     let x = if model.family == Family::T5 && model.tie_word_embeddings {
         // T5 rescales by d_model^-0.5 before a tied LM head (a scalar multiply: saves nothing).
         b.cast(Name::root("lm_head").then("rescale"), x, x.dtype)
     } else {
         x
     };
-    let head = if model.tie_word_embeddings {
-        embed
-    } else {
-        b.base_param(
+    let head = match embed.filter(|_| model.tie_word_embeddings) {
+        Some(tied) => tied,
+        None => b.base_param(
             Name::root("lm_head"),
             (model.vocab_size, model.hidden_size),
             ParamRole::Embedding,
-        )
+        ),
     };
     b.lm_head_and_loss(x, head, model.lm_head_bias);
     b.finish()
@@ -55,7 +82,7 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
 fn stack_forward(
     b: &mut Builder,
     name: Scope,
-    embed: ParamId,
+    embed: Option<ParamId>,
     stack: &Stack,
     seq: u64,
     memory: Option<(Val, u64)>,
@@ -67,39 +94,48 @@ fn stack_forward(
     let h = model.hidden_size;
     let is_decoder = memory.is_some() || !model.is_encoder_decoder();
 
-    let mut x = b.embedding(
-        name.at("embed_tokens"),
-        embed,
-        h,
-        batch * (seq - plan.method.prompt_tokens()),
-    );
-    if let Method::Prompt { virtual_tokens } = plan.method {
-        // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in front.
-        let rows = virtual_tokens;
-        let p = b.adapter_param(name.at("prompt_embeddings"), (rows, h));
-        let prompt = b.embedding(name.at("prompt"), p, h, batch * rows);
-        let prompt = b.cast(name.at("prompt").then("cast"), prompt, x.dtype);
-        x = b.concat(name.at("prompt").then("cat"), prompt, x);
-    }
-    if let Positions::Learned { rows } = model.positions {
-        let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
-        let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
-        x = b.add(name.at("embed").then("add"), x, p);
-    }
-    if model.family == Family::Bart {
-        x = b.norm(name.at("layernorm_embedding"), x);
-    }
-    x = b.dropout(name.at("embed").then("dropout"), x, model.dropout.embedding);
-    if plan.grad_ckpt && !x.grad {
-        // `enable_input_require_grads`: checkpointing a frozen model needs a grad-requiring input.
-        x.grad = true;
-    }
+    let first = b.stage.first;
+    let mut x = match embed.filter(|_| first) {
+        // A later pipeline stage: the previous stage's output arrives, and its gradient goes
+        // back, in the dtype the embedding produced.
+        None => b.val(h, tokens, b.base, true),
+        Some(embed_param) => {
+            let mut x = b.embedding(
+                name.at("embed_tokens"),
+                embed_param,
+                h,
+                batch * (seq - plan.method.prompt_tokens()),
+            );
+            if let Method::Prompt { virtual_tokens } = plan.method {
+                // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in front.
+                let rows = virtual_tokens;
+                let p = b.adapter_param(name.at("prompt_embeddings"), (rows, h));
+                let prompt = b.embedding(name.at("prompt"), p, h, batch * rows);
+                let prompt = b.cast(name.at("prompt").then("cast"), prompt, x.dtype);
+                x = b.concat(name.at("prompt").then("cat"), prompt, x);
+            }
+            if let Positions::Learned { rows } = model.positions {
+                let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
+                let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
+                x = b.add(name.at("embed").then("add"), x, p);
+            }
+            if model.family == Family::Bart {
+                x = b.norm(name.at("layernorm_embedding"), x);
+            }
+            x = b.dropout(name.at("embed").then("dropout"), x, model.dropout.embedding);
+            if plan.grad_ckpt && !x.grad {
+                // `enable_input_require_grads`: checkpointing a frozen model needs a grad-requiring input.
+                x.grad = true;
+            }
+            x
+        }
+    };
     let embed_dtype = x.dtype;
 
     // Prefix tuning: one embedding of virtual_tokens x (layers x 2 x kv width), cast to the base
     // dtype and concatenated before each layer's keys and values.
     let prefix = plan.method.prefix_tokens();
-    if prefix > 0 {
+    if prefix > 0 && first {
         let kv_width = stack.kv_heads * stack.head_dim;
         let p = b.adapter_param(
             name.at("prefix_encoder"),
@@ -145,7 +181,7 @@ fn stack_forward(
         b.set_repeat(1);
         layer += u64::from(copies);
     }
-    if model.family != Family::Bart {
+    if model.family != Family::Bart && b.stage.last {
         x = b.norm(name.at("final_norm"), x);
     }
     if model.family == Family::T5 {

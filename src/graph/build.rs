@@ -60,6 +60,8 @@ pub struct Builder<'a> {
     /// `adapter` only under FSDP's mixed-precision policy).
     pub(super) storage_base: DType,
     pub(super) storage_adapter: DType,
+    /// The part of the model being built (a pipeline stage, or all of it).
+    pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
     pub(super) unit: u32,
     next_unit: u32,
@@ -111,6 +113,7 @@ impl<'a> Builder<'a> {
             storage_adapter: keep(adapter, DType::F32),
             unit: 0,
             next_unit: 1,
+            stage: crate::graph::arch::Stage::WHOLE,
             adapter,
             base_trainable: !plan.method.frozen_base(),
             segment: None,

@@ -376,3 +376,18 @@ impl OpGraph {
         Ok(())
     }
 }
+
+/// Parameter counts of a graph: (total, base model without a method's additions, trainable).
+pub fn counts(graph: &OpGraph) -> (u64, u64, u64) {
+    let (mut total, mut base, mut trainable) = (0u64, 0u64, 0u64);
+    for p in &graph.params {
+        total = total.saturating_add(p.count());
+        if p.role != ParamRole::Adapter {
+            base = base.saturating_add(p.count());
+        }
+        if p.trainable {
+            trainable = trainable.saturating_add(p.count());
+        }
+    }
+    (total, base, trainable)
+}

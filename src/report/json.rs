@@ -23,6 +23,9 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         "backward_seconds": e.time.backward_seconds,
         "optimizer_seconds": e.time.optimizer_seconds,
         "allreduce_seconds": e.time.allreduce_seconds,
+        "communication_seconds": e.time.communication_seconds,
+        "exposed_communication_seconds": e.time.exposed_communication_seconds,
+        "bubble_fraction": e.time.bubble_fraction,
     });
     if let Some(budget) = budget {
         let wall = budget.tokens / e.time.tokens_per_second;
@@ -51,7 +54,22 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
             "peak_phase": m.peak_phase,
             "peak_op": m.peak_op,
             "persistent": m.persistent.0,
+            "model_states": m.model_states.0,
         },
+        "parallel": {
+            "gpus": e.plan.parallel.gpus,
+            "nodes": e.plan.parallel.nodes(),
+            "gpus_per_node": e.plan.parallel.gpus_per_node,
+            "engine": e.plan.parallel.engine,
+            "offload": e.plan.parallel.offload,
+            "tp": e.plan.parallel.tp,
+            "sp": e.plan.parallel.sp,
+            "pp": e.plan.parallel.pp,
+            "micro_batches": e.plan.parallel.micro_batches,
+            "grad_accum": e.plan.parallel.grad_accum,
+            "dp": e.plan.parallel.dp(),
+        },
+        "host_memory": m.host.0,
         "device": { "name": e.hardware.name, "memory": e.hardware.memory.0, "display_name": e.hardware.display_name },
         "fits": e.fits,
         "time": time,

@@ -98,6 +98,26 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         "CUDA context, allocator slack",
     );
     row(&mut t, "required", gib(m.required), "");
+    let par = &e.plan.parallel;
+    if par.gpus > 1 || par.engine != crate::spec::parallel::Engine::Ddp {
+        row(
+            &mut t,
+            "model states",
+            gib(m.model_states),
+            "weights, gradients and optimizer states this GPU keeps",
+        );
+    }
+    if m.host > crate::units::Bytes::ZERO {
+        row(
+            &mut t,
+            "host memory",
+            gib(m.host),
+            &format!(
+                "per node, for offload ({} GiB in the server)",
+                gib(e.hardware.host_memory)
+            ),
+        );
+    }
     row(
         &mut t,
         "device memory",
@@ -117,6 +137,25 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         "GPU-bound"
     };
     row(&mut t, "step time", duration(tm.step_seconds), bound);
+    if tm.communication_seconds > 0.0 {
+        row(
+            &mut t,
+            "communication",
+            duration(tm.communication_seconds),
+            &format!(
+                "{} not hidden by compute",
+                duration(tm.exposed_communication_seconds)
+            ),
+        );
+    }
+    if tm.bubble_fraction > 0.0 {
+        row(
+            &mut t,
+            "pipeline bubble",
+            format!("{:.1}%", tm.bubble_fraction * 100.0),
+            "(p - 1) / (M + p - 1)",
+        );
+    }
     row(
         &mut t,
         "tokens / s",

@@ -155,4 +155,36 @@ impl ModelSpec {
     pub fn is_encoder_decoder(&self) -> bool {
         self.encoder.is_some()
     }
+
+    /// What one of `tp` tensor-parallel ranks holds (Shoeybi et al. 2019, sec. 3): attention
+    /// split by heads (q/k/v column-parallel, output row-parallel), the FFN by its intermediate
+    /// width, the embedding, LM head and cross-entropy by vocabulary (vocab-parallel). The hidden
+    /// width, norms and the residual stream stay whole on every rank (without sequence
+    /// parallelism their activations are replicated).
+    pub fn tensor_parallel_rank(&self, tp: u64) -> ModelSpec {
+        let tp = tp.max(1);
+        let split = |s: Stack| Stack {
+            heads: s.heads / tp,
+            kv_heads: s.kv_heads / tp,
+            intermediate_size: s.intermediate_size.div_ceil(tp),
+            ..s
+        };
+        ModelSpec {
+            vocab_size: self.vocab_size.div_ceil(tp),
+            decoder: split(self.decoder),
+            encoder: self.encoder.map(split),
+            ..self.clone()
+        }
+    }
+
+    /// The largest of `pp` pipeline stages: `ceil(layers / pp)` decoder layers.
+    pub fn pipeline_stage(&self, pp: u64) -> ModelSpec {
+        ModelSpec {
+            decoder: Stack {
+                layers: self.decoder.layers.div_ceil(pp.max(1)),
+                ..self.decoder
+            },
+            ..self.clone()
+        }
+    }
 }
