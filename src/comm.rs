@@ -25,6 +25,13 @@ use petgraph::graph::{DiGraph, NodeIndex};
 const HOP_LATENCY_INTRA: f64 = 5e-6;
 const HOP_LATENCY_INTER: f64 = 10e-6;
 
+/// A link of 1 byte/s and no latency: a collective's "seconds" over it are the bytes one rank
+/// sends.
+const VOLUME: Link = Link {
+    bytes_per_second: 1.0,
+    latency: 0.0,
+};
+
 /// One rank's compute for one micro-batch, per unit instance in execution order.
 #[derive(Debug, Clone, Default)]
 pub struct Compute {
@@ -42,6 +49,8 @@ pub struct Compute {
 pub struct Schedule {
     pub step_seconds: f64,
     pub communication_seconds: f64,
+    /// Bytes one rank sends in data-parallel collectives per step (ring volumes).
+    pub data_parallel_bytes: f64,
     pub exposed_seconds: f64,
     pub bubble_fraction: f64,
 }
@@ -103,43 +112,52 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     // in the reduce dtype: FSDP's fp32 `reduce_dtype`, DeepSpeed's module dtype, DDP's
     // gradient dtype).
     let units = graph.ops().map(|o| o.unit).max().unwrap_or(0) as usize + 1;
+    // Per unit: one copy of a repeated block; the totals count every copy.
     let mut gather = vec![0.0; units];
     let mut reduce = vec![0.0; units];
+    let (mut gather_total, mut reduce_total) = (0.0, 0.0);
     for p in &graph.params {
         let u = p.unit as usize;
-        gather[u] += p.compute_bytes().0 as f64;
+        let bytes = p.compute_bytes().0 as f64;
+        gather[u] += bytes;
+        gather_total += bytes * p.copies as f64;
         if p.trainable {
             let dtype = if engine.is_fsdp() {
                 DType::F32
             } else {
                 p.dtype
             };
-            reduce[u] += dtype.bytes(p.elements).0 as f64;
+            let bytes = dtype.bytes(p.elements).0 as f64;
+            reduce[u] += bytes;
+            reduce_total += bytes * p.copies as f64;
         }
     }
-    let all_gather = |u: u32| {
+    // Each cost is a function of the links, so the same code gives seconds over the real
+    // links and bytes sent per rank over `VOLUME` (1 byte/s, no latency).
+    let inter = Link::between(hw, true);
+    let all_gather = |u: u32, dp: &Link| {
         if shards.parameters {
-            dp_link.gather(gather[u as usize], group)
+            dp.gather(gather[u as usize], group)
         } else {
             0.0
         }
     };
-    let reduce_cost = |u: u32| {
+    let reduce_cost = |u: u32, dp: &Link, across: &Link| {
         let bytes = reduce[u as usize];
         match engine {
-            Engine::Ddp => dp_link.all_reduce(bytes, par.dp()),
+            Engine::Ddp => dp.all_reduce(bytes, par.dp()),
             // ZeRO-1 reduces into the owning rank's partition like ZeRO-2 (reduce-scatter).
             Engine::Zero1 | Engine::Zero2 | Engine::Zero3 | Engine::Fsdp | Engine::FsdpGradOp => {
-                dp_link.gather(bytes, group)
+                dp.gather(bytes, group)
             }
             // HYBRID_SHARD: reduce-scatter in the node, then all-reduce the shard across nodes.
             Engine::FsdpHybrid => {
                 let replicas = par.dp() / group.max(1);
-                dp_link.gather(bytes, group)
-                    + Link::between(hw, true).all_reduce(bytes / group as f64, replicas)
+                dp.gather(bytes, group) + across.all_reduce(bytes / group as f64, replicas)
             }
         }
     };
+    let mut volume = 0.0;
     // Tensor parallelism: two all-reduces of the block's output activation per block in
     // forward and two in backward, on the critical path (Megatron's f and g operators).
     let tp_link = Link::between(hw, par.tp > par.gpus_per_node);
@@ -205,11 +223,22 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
             .into_iter()
             .collect()
     };
+    // The root unit runs twice per pass (embeddings, then head): it is gathered once per pass
+    // and reduced once, when backward ends.
+    let last_root = compute.backward.iter().rposition(|&(u, _)| u == 0);
     for m in 0..micro {
         let sync = m + 1 == micro;
+        let mut root_gathered = false;
+        let mut root_regathered = false;
         // Forward: each unit waits for its all-gather (FSDP prefetches the next while it runs).
         for &(u, t) in &compute.forward {
-            let ag = all_gather(u);
+            let gather_now = u > 0 || !std::mem::replace(&mut root_gathered, true);
+            let ag = if gather_now {
+                volume += all_gather(u, &VOLUME);
+                all_gather(u, &dp_link)
+            } else {
+                0.0
+            };
             let deps: Vec<NodeIndex> = if ag > 0.0 {
                 comm_total += ag;
                 let after = ahead(&computes);
@@ -237,11 +266,14 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
             ));
         }
         // Backward: gathered again (FULL_SHARD), reduced after (overlapping the next unit's).
-        for &(u, t) in &compute.backward {
-            let ag = if engine == Engine::FsdpGradOp {
+        for (k, &(u, t)) in compute.backward.iter().enumerate() {
+            // FSDP2 keeps its root gathered through backward; DeepSpeed re-gathers it.
+            let regather = u > 0 || !std::mem::replace(&mut root_regathered, true);
+            let ag = if engine == Engine::FsdpGradOp || (u == 0 && engine.is_fsdp()) || !regather {
                 0.0
             } else {
-                all_gather(u)
+                volume += all_gather(u, &VOLUME);
+                all_gather(u, &dp_link)
             };
             let deps: Vec<NodeIndex> = if ag > 0.0 {
                 comm_total += ag;
@@ -271,8 +303,10 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
             computes.push(b);
             // DDP and ZeRO-1/2 reduce once per optimizer step (no_sync while accumulating);
             // FSDP reduce-scatters every backward.
-            if sync || engine.is_fsdp() || engine == Engine::Zero3 {
-                let r = reduce_cost(u);
+            let reduces_here = u > 0 || Some(k) == last_root;
+            if reduces_here && (sync || engine.is_fsdp() || engine == Engine::Zero3) {
+                let r = reduce_cost(u, &dp_link, &inter);
+                volume += reduce_cost(u, &VOLUME, &VOLUME);
                 if r > 0.0 {
                     comm_total += r;
                     task(&mut dag, r, true, &[b], &mut last_compute, &mut last_comm);
@@ -284,8 +318,8 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     let all_done: Vec<NodeIndex> = last_comm.iter().copied().collect();
     let mut after_step = 0.0;
     if matches!(engine, Engine::Zero1 | Engine::Zero2) && par.dp() > 1 {
-        let params: f64 = gather.iter().sum();
-        after_step += dp_link.gather(params, group);
+        after_step += dp_link.gather(gather_total, group);
+        volume += VOLUME.gather(gather_total, group);
         comm_total += after_step;
     }
     // Offload: gradients go down to the host and updated parameters come back each step
@@ -293,8 +327,8 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     let mut offload = 0.0;
     if par.offload != Offload::None {
         let link = hw.host_link_gbps * 1e9;
-        let shard_grads: f64 = reduce.iter().sum::<f64>() / group.max(1) as f64;
-        let shard_params: f64 = gather.iter().sum::<f64>() / group.max(1) as f64;
+        let shard_grads = reduce_total / group.max(1) as f64;
+        let shard_params = gather_total / group.max(1) as f64;
         offload += (shard_grads + shard_params) / link;
         if par.offload == Offload::Params {
             // Each unit's shard comes up for forward and backward.
@@ -337,6 +371,7 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     Schedule {
         step_seconds: step,
         communication_seconds: comm_total,
+        data_parallel_bytes: volume,
         exposed_seconds: exposed,
         bubble_fraction: bubble,
     }

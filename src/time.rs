@@ -126,6 +126,8 @@ pub struct TimeEstimate {
     /// Collective time per step on one rank (all-gathers, reduce-scatters, all-reduces,
     /// pipeline sends), overlapped or not.
     pub communication_seconds: f64,
+    /// Bytes one rank sends in data-parallel collectives per step.
+    pub data_parallel_bytes: f64,
     /// The part of it compute does not hide (on the step's critical path).
     pub exposed_communication_seconds: f64,
     /// Idle fraction of a pipeline stage under 1F1B: (p - 1) / (M + p - 1).
@@ -344,6 +346,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         flops,
         allreduce_seconds: sched.exposed_seconds,
         communication_seconds: sched.communication_seconds,
+        data_parallel_bytes: sched.data_parallel_bytes,
         exposed_communication_seconds: sched.exposed_seconds,
         bubble_fraction: sched.bubble_fraction,
     }

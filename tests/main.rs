@@ -2,6 +2,7 @@
 
 mod accuracy;
 mod cli;
+mod cluster;
 mod gpu;
 mod hardening;
 mod invalid;

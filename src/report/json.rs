@@ -24,6 +24,7 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         "optimizer_seconds": e.time.optimizer_seconds,
         "allreduce_seconds": e.time.allreduce_seconds,
         "communication_seconds": e.time.communication_seconds,
+        "data_parallel_bytes": e.time.data_parallel_bytes,
         "exposed_communication_seconds": e.time.exposed_communication_seconds,
         "bubble_fraction": e.time.bubble_fraction,
     });
