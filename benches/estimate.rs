@@ -145,4 +145,50 @@ fn main() {
             "`ftplan estimate` process: build target/release/ftplan (cargo build --release) to time it"
         );
     }
+
+    // The layout search for a 175 B model over up to 1,024 A100s (issue: the cluster planner;
+    // target under 1 s on this 2-core machine).
+    let big = resolve_model("gpt3-175b").expect("shipped").value;
+    let target = ftplan::search::Target {
+        model: &big,
+        hardware: &hw,
+        rates: &rates,
+        budget: hw.memory,
+    };
+    let full = Plan {
+        method: Method::Full,
+        precision: Precision::MixedBf16,
+        batch: 1,
+        ..plan.clone()
+    };
+    let bounds = ftplan::layouts::Bounds {
+        max_gpus: 1024,
+        host_memory: hw.host_memory,
+        price_per_gpu_hour: hw.price_per_hour_usd,
+    };
+    let mut best = f64::INFINITY;
+    let mut runs = 0;
+    let mut top = String::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let (found, n) = ftplan::layouts::search(
+            &target,
+            &full,
+            ftplan::layouts::Fixed::default(),
+            bounds,
+            ftplan::layouts::Objective::Gpus,
+            5,
+        )
+        .expect("search runs");
+        best = best.min(start.elapsed().as_secs_f64());
+        runs = n;
+        top = found
+            .first()
+            .map(|l| format!("{} GPUs, {}", l.parallel.gpus, l.parallel.label()))
+            .unwrap_or_default();
+    }
+    println!(
+        "layout search (gpt3-175b full, up to 1024 x a100-80gb): {:.0} ms, {runs} estimates; best: {top}",
+        best * 1e3
+    );
 }

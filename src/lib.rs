@@ -9,6 +9,7 @@ pub mod comm;
 pub mod error;
 pub mod estimate;
 pub mod graph;
+pub mod layouts;
 pub mod memory;
 pub mod optimizer;
 pub mod report;

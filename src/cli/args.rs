@@ -133,9 +133,9 @@ pub struct PlanArgs {
     /// Bottleneck size of the adapter method.
     #[arg(long, default_value_t = 64)]
     pub adapter_size: u64,
-    /// GPUs in the job (data x tensor x pipeline parallel).
-    #[arg(long, default_value_t = 1)]
-    pub gpus: u64,
+    /// GPUs in the job (data x tensor x pipeline parallel) [default: 1].
+    #[arg(long)]
+    pub gpus: Option<u64>,
     /// GPUs per node (default: 8, or --gpus when fewer).
     #[arg(long)]
     pub gpus_per_node: Option<u64>,
@@ -145,15 +145,15 @@ pub struct PlanArgs {
     /// What lives on the host: none, optimizer, params.
     #[arg(long)]
     pub offload: Option<String>,
-    /// Tensor-parallel degree.
-    #[arg(long, default_value_t = 1)]
-    pub tp: u64,
+    /// Tensor-parallel degree [default: 1].
+    #[arg(long)]
+    pub tp: Option<u64>,
     /// Sequence parallelism beside tensor parallelism.
     #[arg(long)]
     pub sp: bool,
-    /// Pipeline-parallel stages (1F1B schedule).
-    #[arg(long, default_value_t = 1)]
-    pub pp: u64,
+    /// Pipeline-parallel stages (1F1B schedule) [default: 1].
+    #[arg(long)]
+    pub pp: Option<u64>,
     /// Micro-batches per step through the pipeline (default: 2 x --pp with a pipeline).
     #[arg(long)]
     pub micro_batches: Option<u64>,
@@ -203,8 +203,31 @@ pub struct FitArgs {
     pub plan_file: Option<PathBuf>,
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// Most GPUs the layout search may use (layout flags given are kept fixed).
+    #[arg(long, default_value_t = 1024)]
+    pub max_gpus: u64,
+    /// What the best layout minimises: gpus, time or cost.
+    #[arg(long, value_enum, default_value_t = ObjectiveArg::Gpus)]
+    pub objective: ObjectiveArg,
+    /// Host memory per node for offload, GiB (default: the GPU's usual server).
+    #[arg(long)]
+    pub host_memory: Option<f64>,
+    /// Layouts to show.
+    #[arg(long, default_value_t = 5)]
+    pub layouts: usize,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+/// `ftplan fit --objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    /// Fewest GPUs, then fastest step.
+    Gpus,
+    /// Most tokens per second.
+    Time,
+    /// Lowest cost per million tokens.
+    Cost,
 }
 
 #[derive(Debug, Args)]

@@ -19,17 +19,14 @@ pub struct PlanFile {
     pub name: Option<String>,
     pub model: String,
     pub gpu: String,
-    #[serde(default = "one")]
-    pub gpus: u64,
+    pub gpus: Option<u64>,
     pub gpus_per_node: Option<u64>,
     pub engine: Option<String>,
     pub offload: Option<String>,
-    #[serde(default = "one")]
-    pub tp: u64,
+    pub tp: Option<u64>,
     #[serde(default)]
     pub sp: bool,
-    #[serde(default = "one")]
-    pub pp: u64,
+    pub pp: Option<u64>,
     pub micro_batches: Option<u64>,
     #[serde(default = "one")]
     pub grad_accum: u64,
@@ -206,18 +203,36 @@ pub struct PlanInput {
 /// The parallel layout as given; defaults are filled in by `resolve`.
 #[derive(Debug, Clone, Default)]
 pub struct LayoutInput {
-    pub gpus: u64,
+    pub gpus: Option<u64>,
     pub gpus_per_node: Option<u64>,
     pub engine: Option<String>,
     pub offload: Option<String>,
-    pub tp: u64,
+    pub tp: Option<u64>,
     pub sp: bool,
-    pub pp: u64,
+    pub pp: Option<u64>,
     pub micro_batches: Option<u64>,
     pub grad_accum: u64,
 }
 
 impl LayoutInput {
+    /// The layout choices given (for `fit`'s search, which searches the rest).
+    pub fn fixed(&self, origin: &str, grad_ckpt: bool) -> Result<ftplan::layouts::Fixed> {
+        Ok(ftplan::layouts::Fixed {
+            gpus: self.gpus,
+            engine: match &self.engine {
+                Some(e) => Some(parse_name(origin, "engine", e, &Engine::ALL)?),
+                None => None,
+            },
+            offload: match &self.offload {
+                Some(o) => Some(parse_name(origin, "offload", o, &Offload::ALL)?),
+                None => None,
+            },
+            tp: self.tp,
+            pp: self.pp,
+            grad_ckpt: grad_ckpt.then_some(true),
+        })
+    }
+
     /// The validated layout for `model` on `hardware`.
     pub fn resolve(
         &self,
@@ -225,15 +240,11 @@ impl LayoutInput {
         model: &ModelSpec,
         hardware: &Hardware,
     ) -> Result<Parallel> {
-        let engine = match &self.engine {
-            Some(e) => parse_name(origin, "engine", e, &Engine::ALL)?,
-            None => Engine::Ddp,
-        };
-        let offload = match &self.offload {
-            Some(o) => parse_name(origin, "offload", o, &Offload::ALL)?,
-            None => Offload::None,
-        };
-        let gpus = self.gpus;
+        let fixed = self.fixed(origin, false)?;
+        let engine = fixed.engine.unwrap_or(Engine::Ddp);
+        let offload = fixed.offload.unwrap_or(Offload::None);
+        let gpus = self.gpus.unwrap_or(1);
+        let (tp, pp) = (self.tp.unwrap_or(1), self.pp.unwrap_or(1));
         let p = Parallel {
             gpus,
             gpus_per_node: self
@@ -241,12 +252,12 @@ impl LayoutInput {
                 .unwrap_or_else(|| hardware.gpus_per_node.min(gpus.max(1))),
             engine,
             offload,
-            tp: self.tp,
+            tp,
             sp: self.sp,
-            pp: self.pp,
+            pp,
             micro_batches: self
                 .micro_batches
-                .unwrap_or(if self.pp > 1 { 2 * self.pp } else { 1 }),
+                .unwrap_or(if pp > 1 { 2 * pp } else { 1 }),
             grad_accum: self.grad_accum,
         };
         let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);

@@ -1,9 +1,12 @@
 //! `check`, `fit`, `compare` and `sweep`: planning answers built on the same estimate.
 
-use super::args::{CheckArgs, CompareArgs, FitArgs, Format, MethodArg, SweepArgs, SweepAxis};
+use super::args::{
+    CheckArgs, CompareArgs, FitArgs, Format, MethodArg, ObjectiveArg, SweepArgs, SweepAxis,
+};
 use super::plan::{PlanInput, Resolved};
 use super::{DOES_NOT_FIT, FITS, estimate_resolved, note};
 use ftplan::error::Error;
+use ftplan::layouts::{Bounds, Objective};
 use ftplan::report::{self, chart, gib};
 use ftplan::search::{self, Target};
 use ftplan::spec::hardware::Hardware;
@@ -173,6 +176,42 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
     } else {
         search::fixes(&t, &r.plan, &catalogue()?)?
     };
+    if !(1..=ftplan::spec::parallel::MAX_GPUS).contains(&a.max_gpus) {
+        return Err(Error::field(
+            "command line",
+            "max-gpus",
+            format!(
+                "must be 1 to {}, found {}",
+                ftplan::spec::parallel::MAX_GPUS,
+                a.max_gpus
+            ),
+        )
+        .into());
+    }
+    let host_memory = match a.host_memory {
+        Some(g) if g.is_finite() && g > 0.0 && g <= 1e6 => ftplan::units::Bytes::from_gib(g),
+        Some(g) => {
+            return Err(Error::field(
+                "command line",
+                "host-memory",
+                format!("must be a positive number of GiB up to 1e6, found {g}"),
+            )
+            .into());
+        }
+        None => r.hardware.host_memory,
+    };
+    let fixed = input.layout.fixed(&input.origin, r.plan.grad_ckpt)?;
+    let objective = match a.objective {
+        ObjectiveArg::Gpus => Objective::Gpus,
+        ObjectiveArg::Time => Objective::Time,
+        ObjectiveArg::Cost => Objective::Cost,
+    };
+    let bounds = Bounds {
+        max_gpus: a.max_gpus,
+        host_memory,
+        price_per_gpu_hour: r.hardware.price_per_hour_usd,
+    };
+    let (layouts, _) = ftplan::layouts::search(&t, &r.plan, fixed, bounds, objective, a.layouts)?;
     match a.format {
         Format::Json => {
             outln!(
@@ -180,6 +219,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
                 serde_json::to_string_pretty(&json!({
                     "plan": r.name, "fits": e.fits, "required": e.memory.required.0, "budget": r.budget().0,
                     "max_batch": max_batch, "max_seq": max_seq, "fixes": fixes,
+                    "layouts": layouts,
                 }))?
             );
         }
@@ -225,6 +265,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
                     outln!("{table}");
                 }
             }
+            outln!("{}", ftplan::report::table::layouts(&layouts, a.max_gpus));
         }
     }
     Ok(ExitCode::from(if e.fits { FITS } else { DOES_NOT_FIT }))

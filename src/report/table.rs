@@ -364,3 +364,48 @@ pub fn matrix(gpus: &[String], rows: &[(String, Vec<super::chart::Cell>)]) -> St
     }
     format!("required GiB per model and GPU\n{t}")
 }
+
+/// `fit`'s layout search: one line per layout, best first.
+pub fn layouts(found: &[crate::layouts::Layout], max_gpus: u64) -> String {
+    if found.is_empty() {
+        return format!("no layout of up to {max_gpus} GPUs fits\n");
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED);
+    t.set_header(vec![
+        "#",
+        "GPUs",
+        "layout",
+        "ckpt",
+        "GiB per GPU",
+        "host GiB/node",
+        "step",
+        "tokens / s",
+        "$ / M tokens",
+    ]);
+    for (i, l) in found.iter().enumerate() {
+        t.add_row(vec![
+            (i + 1).to_string(),
+            format!(
+                "{} ({} node{})",
+                l.parallel.gpus,
+                l.parallel.nodes(),
+                if l.parallel.nodes() == 1 { "" } else { "s" }
+            ),
+            l.parallel.label(),
+            if l.grad_ckpt { "yes" } else { "no" }.to_string(),
+            gib(crate::units::Bytes(l.memory.required)),
+            if l.memory.host > 0 {
+                gib(crate::units::Bytes(l.memory.host))
+            } else {
+                String::new()
+            },
+            duration(l.time.step_seconds),
+            format!("{:.0}", l.time.tokens_per_second),
+            l.time
+                .cost_per_million_tokens
+                .map_or(String::new(), |c| format!("{c:.2}")),
+        ]);
+    }
+    format!("layouts that fit, best first:\n{t}\n")
+}

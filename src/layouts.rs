@@ -1,0 +1,237 @@
+//! The layout search behind `ftplan fit`: for a model, method and GPU type, which parallel
+//! layouts (GPUs, engine, offload, tensor and pipeline degree, checkpointing) fit, and which is
+//! best by the fewest GPUs, the fastest step or the lowest cost.
+//!
+//! Per-GPU memory never rises as data-parallel ranks are added (a property the tests check), so
+//! for each combination of the other choices the fewest fitting GPUs is found by bisection over
+//! data-parallel degrees; the time and cost objectives then also look at every larger degree.
+
+use crate::error::Result;
+use crate::estimate::{Estimate, estimate};
+use crate::search::Target;
+use crate::spec::parallel::{Engine, Offload, Parallel, check};
+use crate::spec::plan::Plan;
+use crate::units::Bytes;
+use serde::Serialize;
+
+/// What the search ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Fewest GPUs, then fastest step.
+    Gpus,
+    /// Most tokens per second for the job, then fewest GPUs.
+    Time,
+    /// Lowest cost per million tokens, then fewest GPUs.
+    Cost,
+}
+
+/// Choices the user fixed; the rest are searched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fixed {
+    pub gpus: Option<u64>,
+    pub engine: Option<Engine>,
+    pub offload: Option<Offload>,
+    pub tp: Option<u64>,
+    pub pp: Option<u64>,
+    pub grad_ckpt: Option<bool>,
+}
+
+/// The search's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub max_gpus: u64,
+    /// Host memory per node that offload may use.
+    pub host_memory: Bytes,
+    pub price_per_gpu_hour: Option<f64>,
+}
+
+/// One layout and what it costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Layout {
+    pub parallel: Parallel,
+    pub grad_ckpt: bool,
+    pub memory: LayoutMemory,
+    pub time: LayoutTime,
+    pub fits: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LayoutMemory {
+    /// Per GPU, bytes.
+    pub required: u64,
+    pub peak: u64,
+    pub model_states: u64,
+    /// Per node, bytes (offload).
+    pub host: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LayoutTime {
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub communication_seconds: f64,
+    pub cost_per_million_tokens: Option<f64>,
+}
+
+fn powers_of_two(max: u64) -> impl Iterator<Item = u64> {
+    (0..=20u32)
+        .map(|k| 1u64 << k)
+        .take_while(move |&v| v <= max)
+}
+
+/// Layouts that fit, best first (at most `keep`), and how many estimates the search ran.
+pub fn search(
+    target: &Target,
+    plan: &Plan,
+    fixed: Fixed,
+    bounds: Bounds,
+    objective: Objective,
+    keep: usize,
+) -> Result<(Vec<Layout>, usize)> {
+    let model = target.model;
+    let hw = target.hardware;
+    let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
+    let engines: Vec<Engine> = match fixed.engine {
+        Some(e) => vec![e],
+        None => Engine::ALL.iter().map(|(_, e)| *e).collect(),
+    };
+    let offloads: Vec<Offload> = match fixed.offload {
+        Some(o) => vec![o],
+        None => Offload::ALL.iter().map(|(_, o)| *o).collect(),
+    };
+    let tps: Vec<u64> = match fixed.tp {
+        Some(t) => vec![t],
+        None => powers_of_two(hw.gpus_per_node.min(bounds.max_gpus)).collect(),
+    };
+    let pps: Vec<u64> = match fixed.pp {
+        Some(p) => vec![p],
+        None => powers_of_two(layers.min(bounds.max_gpus).min(64)).collect(),
+    };
+    let ckpts: Vec<bool> = match fixed.grad_ckpt {
+        Some(c) => vec![c],
+        None => vec![false, true],
+    };
+    let mut found: Vec<Layout> = Vec::new();
+    let mut runs = 0usize;
+    for &engine in &engines {
+        for &offload in &offloads {
+            for &tp in &tps {
+                for &pp in &pps {
+                    for &grad_ckpt in &ckpts {
+                        let at = |dp: u64, runs: &mut usize| -> Result<Option<Layout>> {
+                            let gpus = dp * tp * pp;
+                            let parallel = Parallel {
+                                gpus,
+                                gpus_per_node: hw.gpus_per_node.min(gpus),
+                                engine,
+                                offload,
+                                tp,
+                                sp: false,
+                                pp,
+                                micro_batches: if pp > 1 { 2 * pp } else { 1 },
+                                grad_accum: 1,
+                            };
+                            if check(
+                                &parallel,
+                                layers,
+                                model.decoder.heads,
+                                model.decoder.kv_heads,
+                            )
+                            .is_err()
+                                || (pp > 1 && model.is_encoder_decoder())
+                            {
+                                return Ok(None);
+                            }
+                            let p = Plan {
+                                parallel,
+                                grad_ckpt,
+                                ..plan.clone()
+                            };
+                            *runs += 1;
+                            let e = estimate(model, &p, hw, target.rates)?;
+                            Ok(Some(layout(&e, target.budget, bounds)))
+                        };
+                        let dps: Vec<u64> = match fixed.gpus {
+                            Some(g) if g % (tp * pp) == 0 => vec![g / (tp * pp)],
+                            Some(_) => continue,
+                            None => powers_of_two(bounds.max_gpus / (tp * pp)).collect(),
+                        };
+                        // Bisection for the fewest fitting data-parallel degree.
+                        let (mut lo, mut hi) = (0usize, dps.len());
+                        let mut first_fit: Option<(usize, Layout)> = None;
+                        while lo < hi {
+                            let mid = (lo + hi) / 2;
+                            match at(dps[mid], &mut runs)? {
+                                None => {
+                                    lo = hi;
+                                }
+                                Some(l) if l.fits => {
+                                    hi = mid;
+                                    first_fit = Some((mid, l));
+                                }
+                                Some(_) => lo = mid + 1,
+                            }
+                        }
+                        let Some((i, l)) = first_fit else { continue };
+                        found.push(l);
+                        if objective != Objective::Gpus {
+                            for &dp in &dps[i + 1..] {
+                                if let Some(l) = at(dp, &mut runs)?.filter(|l| l.fits) {
+                                    found.push(l);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    rank(&mut found, objective);
+    found.truncate(keep);
+    Ok((found, runs))
+}
+
+fn layout(e: &Estimate, budget: Bytes, bounds: Bounds) -> Layout {
+    let par = e.plan.parallel;
+    let cost = bounds
+        .price_per_gpu_hour
+        .map(|price| par.gpus as f64 * price / 3600.0 / e.time.tokens_per_second * 1e6);
+    let host_ok = e.memory.host <= bounds.host_memory;
+    Layout {
+        parallel: par,
+        grad_ckpt: e.plan.grad_ckpt,
+        memory: LayoutMemory {
+            required: e.memory.required.0,
+            peak: e.memory.peak.0,
+            model_states: e.memory.model_states.0,
+            host: e.memory.host.0,
+        },
+        time: LayoutTime {
+            step_seconds: e.time.step_seconds,
+            tokens_per_second: e.time.tokens_per_second,
+            communication_seconds: e.time.communication_seconds,
+            cost_per_million_tokens: cost,
+        },
+        fits: e.memory.required <= budget && host_ok,
+    }
+}
+
+/// Best first by the objective; ties go to fewer GPUs, then the faster layout.
+pub fn rank(found: &mut [Layout], objective: Objective) {
+    let time_per_token = |l: &Layout| 1.0 / l.time.tokens_per_second.max(1e-30);
+    found.sort_by(|a, b| {
+        let by_gpus = a.parallel.gpus.cmp(&b.parallel.gpus);
+        let by_time = time_per_token(a).total_cmp(&time_per_token(b));
+        let by_cost = a
+            .time
+            .cost_per_million_tokens
+            .unwrap_or(f64::INFINITY)
+            .total_cmp(&b.time.cost_per_million_tokens.unwrap_or(f64::INFINITY));
+        match objective {
+            Objective::Gpus => by_gpus.then(by_time),
+            Objective::Time => by_time.then(by_gpus),
+            Objective::Cost => by_cost.then(by_gpus).then(by_time),
+        }
+    });
+}
