@@ -296,8 +296,23 @@ fn adapter(b: &mut Builder, name: Name, x: Val) -> Val {
     }
 }
 
-/// q/k/v projections, positions, the attention core and the output projection.
+/// q/k/v projections, positions, the attention core and the output projection: a
+/// tensor-parallel region.
 fn self_attention(
+    b: &mut Builder,
+    at: (Scope, &'static str),
+    x: Val,
+    stack: &Stack,
+    seq: u64,
+    embed_dtype: crate::units::DType,
+    mask: AttnMask,
+) -> Val {
+    in_tp_region(b, |b| {
+        self_attention_ops(b, at, x, stack, seq, embed_dtype, mask)
+    })
+}
+
+fn self_attention_ops(
     b: &mut Builder,
     at: (Scope, &'static str),
     x: Val,
@@ -383,6 +398,17 @@ fn cross_attention(
     stack: &Stack,
     seq: u64,
 ) -> Val {
+    in_tp_region(b, |b| cross_attention_ops(b, at, x, memory, stack, seq))
+}
+
+fn cross_attention_ops(
+    b: &mut Builder,
+    at: (Scope, &'static str),
+    x: Val,
+    memory: (Val, u64),
+    stack: &Stack,
+    seq: u64,
+) -> Val {
     let name = b.scope(at.0, at.1);
     let model = b.model;
     let (mem, mem_seq) = memory;
@@ -419,7 +445,21 @@ fn cross_attention(
 }
 
 /// The feed-forward network: gated (SwiGLU/GeGLU) or two-matrix.
+/// The FFN: a tensor-parallel region.
 fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
+    in_tp_region(b, |b| mlp_ops(b, at, x, stack))
+}
+
+/// Runs `f` with the builder inside a tensor-parallel region (Megatron's column-then-row
+/// parallel pair), where sequence parallelism does not split activations.
+fn in_tp_region(b: &mut Builder, f: impl FnOnce(&mut Builder) -> Val) -> Val {
+    let outer = std::mem::replace(&mut b.tp_region, true);
+    let out = f(b);
+    b.tp_region = outer;
+    out
+}
+
+fn mlp_ops(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
     let name = b.scope(at.0, at.1);
     let model = b.model;
     let inter = stack.intermediate_size;

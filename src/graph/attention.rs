@@ -2,6 +2,7 @@
 
 use super::build::{Builder, OpSpec, Val};
 use crate::graph::op::{Cost, Name, OpKind, TensorId, TensorKind};
+use crate::spec::model::Family;
 use crate::spec::model::Stack;
 use crate::spec::plan::AttentionKernel;
 use crate::units::{Bytes, DType, Flops};
@@ -110,10 +111,22 @@ impl Builder<'_> {
                     self.cast(name.then("v_cast"), v, compute)
                 };
                 saves.extend([q.id, k_rep.id, v_rep.id]);
-                saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(scores)));
-                saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                // Softmax's saved output: fp32 where the code asks for it
+                // (`softmax(..., dtype=torch.float32)`, Llama and most families) or autocast
+                // promotes it; GPT-2's `eager_attention_forward` softmaxes in the input dtype.
+                let softmax_dtype = if self.autocast || self.model.family != Family::Gpt2 {
+                    DType::F32
+                } else {
+                    compute
+                };
+                saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
                 if p_drop > 0.0 {
+                    // Dropout keeps only its mask; its output is what the matmul with v keeps
+                    // (the cast copy before it is kept by nobody).
                     saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
+                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                } else if softmax_dtype != compute {
+                    // The cast copy the matmul with v keeps.
                     saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                 }
                 fwd_extra += compute.bytes(scores) * 2;

@@ -60,6 +60,9 @@ pub struct Builder<'a> {
     /// `adapter` only under FSDP's mixed-precision policy).
     pub(super) storage_base: DType,
     pub(super) storage_adapter: DType,
+    /// Inside attention or the FFN (a tensor-parallel region: sequence parallelism leaves its
+    /// activations whole).
+    pub(super) tp_region: bool,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
@@ -114,6 +117,7 @@ impl<'a> Builder<'a> {
             unit: 0,
             next_unit: 1,
             stage: crate::graph::arch::Stage::WHOLE,
+            tp_region: false,
             adapter,
             base_trainable: !plan.method.frozen_base(),
             segment: None,
@@ -170,12 +174,23 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// A rank's share of a `width`-wide activation under sequence parallelism (Korthikanti et
+    /// al. 2022, sec. 4.2.2): inside a block and outside its tensor-parallel regions, the
+    /// hidden-width activations tensor parallelism replicates (norms, dropout and its masks,
+    /// residual, the inputs the column-parallel linears keep) are split along the sequence.
+    fn sequence_split(&self, width: u64, bytes: Bytes) -> Bytes {
+        let par = self.plan.parallel;
+        if par.sp && self.unit > 0 && !self.tp_region && width == self.model.hidden_size {
+            bytes.div_ceil(par.tp)
+        } else {
+            bytes
+        }
+    }
+
     /// A fresh value of `width` elements per token.
     pub fn val(&mut self, width: u64, tokens: u64, dtype: DType, grad: bool) -> Val {
-        let id = self.tensor(
-            TensorKind::Activation,
-            dtype.bytes(width.saturating_mul(tokens)),
-        );
+        let bytes = self.sequence_split(width, dtype.bytes(width.saturating_mul(tokens)));
+        let id = self.tensor(TensorKind::Activation, bytes);
         Val {
             id,
             dtype,
@@ -319,7 +334,8 @@ impl<'a> Builder<'a> {
             self.host_only(modules, dispatch);
             return x;
         }
-        let mask = self.tensor(TensorKind::Activation, DType::U8.bytes(x.elements()));
+        let mask_bytes = self.sequence_split(x.width, DType::U8.bytes(x.elements()));
+        let mask = self.tensor(TensorKind::Activation, mask_bytes);
         let out = self.val(x.width, x.tokens, x.dtype, x.grad);
         self.elementwise(name, &[x], out, smallvec![mask], 2.0);
         out
