@@ -5,11 +5,18 @@ use std::path::PathBuf;
 /// Everything that can go wrong between reading an input and producing a report.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read.
-    #[error("cannot read `{path}`: {source}")]
+    /// A file could not be read (the OS's reason is the source, printed once by the chain).
+    #[error("cannot read `{path}`")]
     Read {
         path: PathBuf,
         source: std::io::Error,
+    },
+    /// An input that is not something ftplan reads (a FIFO, a device, a huge file).
+    #[error("`{path}`: {problem}{}", hint_line(.hint))]
+    Input {
+        path: PathBuf,
+        problem: String,
+        hint: Option<String>,
     },
     /// A file is not valid TOML or JSON, or does not match the expected shape.
     #[error("`{path}`: {message}")]
@@ -48,7 +55,8 @@ pub enum Error {
 
 fn hint_line(hint: &Option<String>) -> String {
     match hint {
-        Some(h) => format!(" (hint: {h})"),
+        // The message policy: what failed, the file and field, then the hint on its own line.
+        Some(h) => format!("\nhint: {h}"),
         None => String::new(),
     }
 }

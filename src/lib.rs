@@ -9,6 +9,8 @@ pub mod comm;
 pub mod error;
 pub mod estimate;
 pub mod graph;
+pub mod interop;
+pub mod io;
 pub mod layouts;
 pub mod memory;
 pub mod optimizer;

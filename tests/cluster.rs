@@ -457,3 +457,53 @@ fn block_activations_beside_korthikanti() {
         }
     }
 }
+
+#[test]
+fn engine_configs_round_trip_through_export() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ds = dir.path().join("ds_config.json");
+    let acc = dir.path().join("accelerate.yaml");
+    ftplan()
+        .args([
+            "export", "--model", "llama2-7b", "--gpu", "a100", "--gpus", "16", "--engine", "zero3",
+            "--offload", "optimizer", "--batch", "4", "--grad-accum", "8", "--deepspeed",
+        ])
+        .arg(&ds)
+        .arg("--accelerate")
+        .arg(&acc)
+        .assert()
+        .code(0);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ds).expect("ds written")).expect("JSON");
+    assert_eq!(v["zero_optimization"]["stage"], 3);
+    assert_eq!(v["zero_optimization"]["offload_optimizer"]["device"], "cpu");
+    assert_eq!(v["train_batch_size"], 4 * 8 * 16);
+    // Read back: the same layout as the flags.
+    let estimate_with = |args: &[&str], file: &std::path::Path| -> serde_json::Value {
+        let out = ftplan()
+            .args(["estimate", "--model", "llama2-7b", "--gpu", "a100", "--format", "json"])
+            .args(args)
+            .arg(file)
+            .assert()
+            .code(0);
+        serde_json::from_slice(&out.get_output().stdout).expect("JSON")
+    };
+    let from_ds = estimate_with(&["--gpus", "16", "--deepspeed"], &ds);
+    assert_eq!(from_ds["parallel"]["engine"], "zero3");
+    assert_eq!(from_ds["parallel"]["offload"], "optimizer");
+    assert_eq!(from_ds["plan"]["batch"], 4);
+    let from_acc = estimate_with(&["--accelerate-config"], &acc);
+    assert_eq!(from_acc["parallel"]["gpus"], 16);
+    assert_eq!(from_acc["parallel"]["nodes"], 2);
+    assert_eq!(from_acc["parallel"]["engine"], "zero3");
+    // FSDP has no DeepSpeed file: a named rule, and nothing written.
+    let bad = dir.path().join("fsdp.json");
+    let out = ftplan()
+        .args(["export", "--model", "llama2-7b", "--gpu", "a100", "--gpus", "8", "--engine", "fsdp", "--deepspeed"])
+        .arg(&bad)
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(err.contains("DeepSpeed does not run"), "{err}");
+    assert!(!bad.exists());
+}

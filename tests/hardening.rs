@@ -109,3 +109,36 @@ fn reports_leave_no_temporary_files_and_replace_planted_links() {
     assert!(names.iter().any(|n| n.ends_with(".png")), "{names:?}");
     assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "keep");
 }
+
+#[test]
+fn special_files_are_refused_not_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A FIFO used to block forever; a folder is not a file either.
+    let fifo = dir.path().join("model.json");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    let mut inputs = vec![dir.path().to_path_buf()];
+    if made.is_ok_and(|s| s.success()) {
+        inputs.push(fifo);
+    }
+    for path in inputs {
+        let out = ftplan()
+            .args(["estimate", "--gpu", "h100", "--model"])
+            .arg(&path)
+            .timeout(std::time::Duration::from_secs(20))
+            .assert()
+            .code(2);
+        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        assert!(err.contains("not a regular file") || err.contains("is a folder"), "{err}");
+        crate::assert_message_policy(&err);
+    }
+}
+
+#[test]
+fn the_os_error_is_printed_once() {
+    let out = ftplan()
+        .args(["estimate", "--gpu", "h100", "--model", "no/such/config.json"])
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}

@@ -1,4 +1,5 @@
-//! One fixture per validation rule: a one-line error naming file and field, exit 2, no panic.
+//! One fixture per validation rule: an error line naming file and field (and a hint line where
+//! one exists), exit 2, no panic.
 
 use crate::ftplan;
 
@@ -6,11 +7,7 @@ fn rejects(args: &[&str], want: &[&str]) {
     let out = ftplan().args(args).assert().code(2);
     let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?}: not one line: {err}"
-    );
+    crate::assert_message_policy(&err);
     for w in want {
         assert!(err.contains(w), "{args:?}: `{w}` not in: {err}");
     }

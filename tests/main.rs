@@ -22,3 +22,21 @@ pub fn ftplan() -> assert_cmd::Command {
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
     cmd
 }
+
+/// The message policy: one `error:` line naming what failed (file and field), then at most one
+/// `hint:` line; `note:` lines may come before.
+pub fn assert_message_policy(err: &str) {
+    let lines: Vec<&str> = err
+        .trim_end()
+        .lines()
+        .filter(|l| !l.starts_with("note: "))
+        .collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("error: ")),
+        "no error line: {err}"
+    );
+    assert!(lines.len() <= 2, "more than an error and a hint line: {err}");
+    if let Some(hint) = lines.get(1) {
+        assert!(hint.starts_with("hint: "), "second line is not a hint: {err}");
+    }
+}

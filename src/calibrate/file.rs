@@ -78,10 +78,7 @@ impl Calibration {
 
     pub fn load(path: &Path) -> Result<Calibration> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = crate::io::read_text(path)?;
         let cal = if path.extension().is_some_and(|e| e == "json") {
             let h: HarnessCalib = serde_json::from_str(&text).map_err(|e| Error::Parse {
                 path: shown.clone(),

@@ -27,6 +27,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Memory and step time against sequence length or batch size; or a models x GPUs fit matrix.
     Sweep(SweepArgs),
+    /// Write the plan as the engine's own config: `--deepspeed FILE` and/or `--accelerate FILE`.
+    Export(ExportArgs),
     /// List shipped models or GPUs.
     List {
         #[arg(value_enum)]
@@ -166,6 +168,13 @@ pub struct PlanArgs {
     /// Calibration file from `ftplan calibrate` (replaces the datasheet rate curves).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// A DeepSpeed ds_config.json: ZeRO stage, offload, micro-batch, accumulation, bf16 (with
+    /// `export`: the file to write).
+    #[arg(long)]
+    pub deepspeed: Option<PathBuf>,
+    /// An Accelerate config YAML: distributed type, processes, machines, FSDP/DeepSpeed keys.
+    #[arg(long)]
+    pub accelerate_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +226,15 @@ pub struct FitArgs {
     pub layouts: usize,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// The Accelerate config YAML to write.
+    #[arg(long)]
+    pub accelerate: Option<PathBuf>,
 }
 
 /// `ftplan fit --objective`.

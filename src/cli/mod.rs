@@ -21,7 +21,7 @@ pub mod args;
 pub mod plan;
 mod planning;
 
-use args::{CalibrateArgs, Cli, Command, EstimateArgs, Format, ListWhat, ValidateArgs};
+use args::{CalibrateArgs, Cli, Command, EstimateArgs, ExportArgs, Format, ListWhat, ValidateArgs};
 use ftplan::error::Error;
 use ftplan::estimate::{Estimate, estimate};
 use ftplan::report::{self, json::Budget};
@@ -43,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Fit(a) => planning::fit(&a),
         Command::Compare(a) => planning::compare(&a),
         Command::Sweep(a) => planning::sweep(&a),
+        Command::Export(a) => export(&a),
     }
 }
 
@@ -94,6 +95,36 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(ExitCode::from(if e.fits { FITS } else { DOES_NOT_FIT }))
+}
+
+/// Writes the plan as DeepSpeed JSON and/or Accelerate YAML (atomically; nothing is written
+/// unless every requested file can be made).
+fn export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
+    // With `export`, `--deepspeed` names the file to write, not one to read.
+    let mut plan_args = a.plan.clone();
+    let deepspeed_out = plan_args.deepspeed.take();
+    if deepspeed_out.is_none() && a.accelerate.is_none() {
+        return Err(
+            Error::field("command line", "deepspeed", "names no file to write")
+                .with_hint("pass --deepspeed FILE and/or --accelerate FILE")
+                .into(),
+        );
+    }
+    let r = PlanInput::from_args(&plan_args).resolve()?;
+    note(&r.notes);
+    let mut files: Vec<(std::path::PathBuf, String)> = Vec::new();
+    if let Some(path) = deepspeed_out {
+        let v = ftplan::interop::deepspeed::write(&r.plan)?;
+        files.push((path, serde_json::to_string_pretty(&v)? + "\n"));
+    }
+    if let Some(path) = &a.accelerate {
+        files.push((path.clone(), ftplan::interop::accelerate::write(&r.plan)?));
+    }
+    for (path, text) in &files {
+        report::write_atomic(path, text.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
@@ -175,10 +206,7 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
 
 fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let path = a.file.display().to_string();
-    let text = std::fs::read_to_string(&a.file).map_err(|source| Error::Read {
-        path: a.file.clone(),
-        source,
-    })?;
+    let text = ftplan::io::read_text(a.file.as_ref())?;
     let hw = ftplan::spec::registry::resolve_hardware("h200")?.value;
     let cal_path = a
         .calibration

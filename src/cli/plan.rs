@@ -51,6 +51,10 @@ pub struct PlanFile {
     pub virtual_tokens: Option<u64>,
     pub adapter_size: Option<u64>,
     pub calibration: Option<PathBuf>,
+    /// A DeepSpeed JSON beside the plan (relative to it).
+    pub deepspeed: Option<PathBuf>,
+    /// An Accelerate YAML beside the plan (relative to it).
+    pub accelerate_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +181,7 @@ pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets
 }
 
 /// A plan's fields before validation, from flags or a file.
+#[derive(Debug, Clone)]
 pub struct PlanInput {
     pub origin: String,
     pub name: Option<String>,
@@ -198,6 +203,8 @@ pub struct PlanInput {
     pub layout: LayoutInput,
     pub headroom_percent: f64,
     pub calibration: Option<PathBuf>,
+    pub deepspeed: Option<PathBuf>,
+    pub accelerate_config: Option<PathBuf>,
 }
 
 /// The parallel layout as given; defaults are filled in by `resolve`.
@@ -300,16 +307,15 @@ impl PlanInput {
             },
             headroom_percent: a.headroom,
             calibration: a.calibration.clone(),
+            deepspeed: a.deepspeed.clone(),
+            accelerate_config: a.accelerate_config.clone(),
         }
     }
 
     /// Reads a plan file; relative model/GPU/calibration paths are relative to the file.
     pub fn from_file(path: &Path) -> Result<PlanInput> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = ftplan::io::read_text(path)?;
         let f: PlanFile = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &str| {
@@ -360,12 +366,73 @@ impl PlanInput {
             },
             headroom_percent: f.headroom_percent,
             calibration: f.calibration.map(|c| dir.join(c)),
+            deepspeed: f.deepspeed.map(|c| dir.join(c)),
+            accelerate_config: f.accelerate_config.map(|c| dir.join(c)),
             origin,
         })
     }
 
+    /// Applies the engine configuration files the plan names: their values replace the
+    /// plan's defaults; flags given explicitly for the layout win.
+    fn with_engine_configs(&self) -> Result<(PlanInput, Vec<String>)> {
+        let mut input = self.clone();
+        let mut notes = Vec::new();
+        let mut files = Vec::new();
+        if let Some(p) = &self.deepspeed {
+            let text = ftplan::io::read_text(p)?;
+            files.push(ftplan::interop::deepspeed::read(
+                &p.display().to_string(),
+                &text,
+            )?);
+        }
+        if let Some(p) = &self.accelerate_config {
+            let text = ftplan::io::read_text(p)?;
+            files.push(ftplan::interop::accelerate::read(
+                &p.display().to_string(),
+                &text,
+            )?);
+        }
+        for i in files {
+            let l = &mut input.layout;
+            l.gpus = l.gpus.or(i.gpus);
+            if let (None, Some(g), Some(n)) = (l.gpus_per_node, i.gpus, i.nodes) {
+                l.gpus_per_node = Some(g.div_ceil(n.max(1)));
+            }
+            if l.engine.is_none() {
+                l.engine = i.engine.map(|e| e.name().to_string());
+            }
+            if l.offload.is_none() {
+                l.offload = i.offload.map(|o| o.name().to_string());
+            }
+            if let Some(g) = i.grad_accum {
+                l.grad_accum = g;
+            }
+            if let Some(b) = i.batch {
+                input.batch = b;
+            }
+            if input.precision.is_none() {
+                input.precision = i.precision.map(|p| match p {
+                    Precision::MixedBf16 => PrecisionArg::MixedBf16,
+                    Precision::Bf16 => PrecisionArg::Bf16,
+                    Precision::Fp32 => PrecisionArg::Fp32,
+                });
+            }
+            input.grad_ckpt |= i.grad_ckpt == Some(true);
+            notes.extend(i.notes);
+        }
+        input.deepspeed = None;
+        input.accelerate_config = None;
+        Ok((input, notes))
+    }
+
     /// Validates and resolves names.
     pub fn resolve(&self) -> Result<Resolved> {
+        if self.deepspeed.is_some() || self.accelerate_config.is_some() {
+            let (input, notes) = self.with_engine_configs()?;
+            let mut r = input.resolve()?;
+            r.notes.extend(notes);
+            return Ok(r);
+        }
         let o = self.origin.as_str();
         let model_name = self.model.as_deref().ok_or_else(|| {
             Error::field(o, "model", "is missing")

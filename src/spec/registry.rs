@@ -102,10 +102,7 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
 pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
     if looks_like_path(arg) || Path::new(arg).is_file() {
         let path = Path::new(arg);
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = crate::io::read_text(path)?;
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
@@ -173,10 +170,7 @@ pub fn parse_hardware_toml(path: &str, stem: &str, text: &str) -> Result<(Hardwa
 pub fn resolve_hardware(arg: &str) -> Result<Resolved<Hardware>> {
     if looks_like_path(arg) {
         let path = Path::new(arg);
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = crate::io::read_text(path)?;
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("gpu");
         let (hw, _) = parse_hardware_toml(arg, stem, &text)?;
         return Ok(Resolved {
