@@ -132,13 +132,16 @@ pub fn search(
                                 micro_batches: if pp > 1 { 2 * pp } else { 1 },
                                 grad_accum: 1,
                             };
-                            if check(
-                                &parallel,
-                                layers,
-                                model.decoder.heads,
-                                model.decoder.kv_heads,
-                            )
-                            .is_err()
+                            // A sharding engine on one data-parallel rank without offload is
+                            // plain training: the DDP layout stands for it.
+                            // So is HYBRID_SHARD inside one node: FULL_SHARD.
+                            let pointless = (parallel.dp() == 1
+                                && offload == Offload::None
+                                && engine != Engine::Ddp)
+                                || (engine == Engine::FsdpHybrid && parallel.nodes() == 1);
+                            let heads = (model.decoder.heads, model.decoder.kv_heads);
+                            if pointless
+                                || check(&parallel, layers, heads.0, heads.1).is_err()
                                 || (pp > 1 && model.is_encoder_decoder())
                             {
                                 return Ok(None);
@@ -163,9 +166,9 @@ pub fn search(
                         while lo < hi {
                             let mid = (lo + hi) / 2;
                             match at(dps[mid], &mut runs)? {
-                                None => {
-                                    lo = hi;
-                                }
+                                // Invalid at this degree (a sharding engine on one rank, say):
+                                // more ranks may be valid.
+                                None => lo = mid + 1,
                                 Some(l) if l.fits => {
                                     hi = mid;
                                     first_fit = Some((mid, l));
@@ -217,12 +220,34 @@ fn layout(e: &Estimate, budget: Bytes, bounds: Bounds) -> Layout {
     }
 }
 
-/// Best first by the objective; ties go to fewer GPUs, then the faster layout.
+/// How far a layout is from plain data parallelism: fewer moving parts rank first among layouts
+/// of about the same speed.
+fn complexity(l: &Layout) -> u64 {
+    let engine = Engine::ALL
+        .iter()
+        .position(|(_, e)| *e == l.parallel.engine)
+        .unwrap_or(0) as u64;
+    let offload = Offload::ALL
+        .iter()
+        .position(|(_, o)| *o == l.parallel.offload)
+        .unwrap_or(0) as u64;
+    offload * 100 + (l.parallel.tp + l.parallel.pp) * 10 + engine + u64::from(l.grad_ckpt)
+}
+
+/// Time per token in buckets of 3 %: layouts this close are equally fast within the model's
+/// accuracy, and the simpler one goes first (a bucketed key keeps the order total).
+fn speed_bucket(l: &Layout) -> i64 {
+    let per_token = 1.0 / l.time.tokens_per_second.max(1e-30);
+    (per_token.ln() / 1.03f64.ln()).floor() as i64
+}
+
+/// Best first by the objective; ties go to fewer GPUs, then the faster, then the simpler layout.
 pub fn rank(found: &mut [Layout], objective: Objective) {
-    let time_per_token = |l: &Layout| 1.0 / l.time.tokens_per_second.max(1e-30);
     found.sort_by(|a, b| {
         let by_gpus = a.parallel.gpus.cmp(&b.parallel.gpus);
-        let by_time = time_per_token(a).total_cmp(&time_per_token(b));
+        let by_time = speed_bucket(a)
+            .cmp(&speed_bucket(b))
+            .then(complexity(a).cmp(&complexity(b)));
         let by_cost = a
             .time
             .cost_per_million_tokens

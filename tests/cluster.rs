@@ -465,8 +465,22 @@ fn engine_configs_round_trip_through_export() {
     let acc = dir.path().join("accelerate.yaml");
     ftplan()
         .args([
-            "export", "--model", "llama2-7b", "--gpu", "a100", "--gpus", "16", "--engine", "zero3",
-            "--offload", "optimizer", "--batch", "4", "--grad-accum", "8", "--deepspeed",
+            "export",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100",
+            "--gpus",
+            "16",
+            "--engine",
+            "zero3",
+            "--offload",
+            "optimizer",
+            "--batch",
+            "4",
+            "--grad-accum",
+            "8",
+            "--deepspeed",
         ])
         .arg(&ds)
         .arg("--accelerate")
@@ -481,7 +495,15 @@ fn engine_configs_round_trip_through_export() {
     // Read back: the same layout as the flags.
     let estimate_with = |args: &[&str], file: &std::path::Path| -> serde_json::Value {
         let out = ftplan()
-            .args(["estimate", "--model", "llama2-7b", "--gpu", "a100", "--format", "json"])
+            .args([
+                "estimate",
+                "--model",
+                "llama2-7b",
+                "--gpu",
+                "a100",
+                "--format",
+                "json",
+            ])
             .args(args)
             .arg(file)
             .assert()
@@ -499,7 +521,18 @@ fn engine_configs_round_trip_through_export() {
     // FSDP has no DeepSpeed file: a named rule, and nothing written.
     let bad = dir.path().join("fsdp.json");
     let out = ftplan()
-        .args(["export", "--model", "llama2-7b", "--gpu", "a100", "--gpus", "8", "--engine", "fsdp", "--deepspeed"])
+        .args([
+            "export",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100",
+            "--gpus",
+            "8",
+            "--engine",
+            "fsdp",
+            "--deepspeed",
+        ])
         .arg(&bad)
         .assert()
         .code(2);

@@ -128,7 +128,10 @@ fn special_files_are_refused_not_read() {
             .assert()
             .code(2);
         let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
-        assert!(err.contains("not a regular file") || err.contains("is a folder"), "{err}");
+        assert!(
+            err.contains("not a regular file") || err.contains("is a folder"),
+            "{err}"
+        );
         crate::assert_message_policy(&err);
     }
 }
@@ -136,7 +139,13 @@ fn special_files_are_refused_not_read() {
 #[test]
 fn the_os_error_is_printed_once() {
     let out = ftplan()
-        .args(["estimate", "--gpu", "h100", "--model", "no/such/config.json"])
+        .args([
+            "estimate",
+            "--gpu",
+            "h100",
+            "--model",
+            "no/such/config.json",
+        ])
         .assert()
         .code(2);
     let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();

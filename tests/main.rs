@@ -35,8 +35,14 @@ pub fn assert_message_policy(err: &str) {
         lines.first().is_some_and(|l| l.starts_with("error: ")),
         "no error line: {err}"
     );
-    assert!(lines.len() <= 2, "more than an error and a hint line: {err}");
+    assert!(
+        lines.len() <= 2,
+        "more than an error and a hint line: {err}"
+    );
     if let Some(hint) = lines.get(1) {
-        assert!(hint.starts_with("hint: "), "second line is not a hint: {err}");
+        assert!(
+            hint.starts_with("hint: "),
+            "second line is not a hint: {err}"
+        );
     }
 }
