@@ -260,3 +260,15 @@ pub fn rank(found: &mut [Layout], objective: Objective) {
         }
     });
 }
+
+/// The layout with the fewest GPUs (up to `bounds.max_gpus`) that fits `plan`'s model and method,
+/// what `fixed` does not fix searched.
+pub fn fewest_gpus(
+    target: &Target,
+    plan: &Plan,
+    fixed: Fixed,
+    bounds: Bounds,
+) -> Result<Option<Layout>> {
+    let (found, _) = search(target, plan, fixed, bounds, Objective::Gpus, 1)?;
+    Ok(found.into_iter().next())
+}

@@ -540,3 +540,44 @@ fn engine_configs_round_trip_through_export() {
     assert!(err.contains("DeepSpeed does not run"), "{err}");
     assert!(!bad.exists());
 }
+
+#[test]
+fn gpus_needed_chart_falls_with_parameter_efficient_methods() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = ftplan()
+        .args([
+            "sweep",
+            "--over",
+            "gpus",
+            "--gpu",
+            "a100",
+            "--methods",
+            "full,qlora",
+            "--offload",
+            "none",
+            "--models",
+            "llama2-7b,llama2-70b",
+            "--format",
+            "json",
+            "--out",
+        ])
+        .arg(dir.path())
+        .assert()
+        .code(0);
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    let needed = |model: &str, method: &str| {
+        v["needed"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["model"] == model && r["method"] == method)
+                    .and_then(|r| r["gpus"].as_u64())
+            })
+            .unwrap_or(u64::MAX)
+    };
+    assert!(needed("llama2-70b", "qlora") < needed("llama2-70b", "full"));
+    assert!(needed("llama2-7b", "full") <= needed("llama2-70b", "full"));
+    for f in ["gpus-needed.svg", "gpus-needed.png", "gpus-needed.md"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+}

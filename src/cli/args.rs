@@ -271,6 +271,8 @@ pub enum SweepAxis {
     Batch,
     /// Fit matrix of --models x --gpus-list for --method.
     Matrix,
+    /// Fewest GPUs of --gpu each of --methods needs, for each of --models (layouts searched).
+    Gpus,
 }
 
 #[derive(Debug, Args)]
@@ -282,7 +284,7 @@ pub struct SweepArgs {
     /// Methods, one curve each.
     #[arg(long, default_value = "full,lora,qlora")]
     pub methods: String,
-    /// Models for the fit matrix, comma-separated.
+    /// Models for the fit matrix and the GPUs-needed chart, comma-separated.
     #[arg(long)]
     pub models: Option<String>,
     /// GPUs for the fit matrix, comma-separated.

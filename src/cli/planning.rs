@@ -382,6 +382,9 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     if a.over == SweepAxis::Matrix {
         return matrix(a);
     }
+    if a.over == SweepAxis::Gpus {
+        return gpus_needed(a);
+    }
     let methods = methods(&a.methods)?;
     let values: Vec<u64> = match a.over {
         SweepAxis::Seq => (7..=15).map(|p| 1u64 << p).collect(),
@@ -442,6 +445,75 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             serde_json::to_string_pretty(
                 &json!({ "axis": axis, "budget": budget.0, "series": series })
             )?
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The fewest GPUs each method needs, per model: why parameter-efficient methods exist.
+fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let models: Vec<String> = a
+        .models
+        .as_deref()
+        .unwrap_or("llama2-7b,llama2-13b,llama2-70b,gpt3-175b")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let methods = methods(&a.methods)?;
+    let mut series: Vec<chart::GpusNeeded> = Vec::new();
+    let mut hw_name = String::new();
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for &m in &methods {
+        let mut gpus = Vec::new();
+        for model in &models {
+            let mut input = PlanInput::from_args(&a.plan);
+            input.method = m;
+            input.model = Some(model.clone());
+            let r = input.resolve()?;
+            hw_name = r.hardware.display_name.clone();
+            let bounds = Bounds {
+                max_gpus: 4096,
+                host_memory: r.hardware.host_memory,
+                price_per_gpu_hour: r.hardware.price_per_hour_usd,
+            };
+            let fixed = input.layout.fixed(&input.origin, r.plan.grad_ckpt)?;
+            let best = ftplan::layouts::fewest_gpus(&target(&r), &r.plan, fixed, bounds)?;
+            rows.push(json!({
+                "model": model, "method": r.plan.method.name(),
+                "gpus": best.as_ref().map(|l| l.parallel.gpus), "layout": best,
+            }));
+            gpus.push(best.map(|l| l.parallel.gpus));
+        }
+        series.push(chart::GpusNeeded {
+            method: format!("{m:?}").to_lowercase(),
+            gpus,
+        });
+    }
+    let title = format!("GPUs needed per method on {hw_name}");
+    let stem = "gpus-needed";
+    let files = chart::write_gpus_needed(&a.out, stem, &title, &models, &series)?;
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
+    let mut header = vec!["method".to_string()];
+    header.extend(models.iter().cloned());
+    table.set_header(header);
+    for s in &series {
+        let mut row = vec![s.method.clone()];
+        row.extend(
+            s.gpus
+                .iter()
+                .map(|g| g.map_or("> 4096".to_string(), |g| g.to_string())),
+        );
+        table.add_row(row);
+    }
+    let table = table.to_string();
+    let md = report::write_markdown(&a.out, stem, &title, &table, &files)?;
+    wrote(&files, &md);
+    match a.format {
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "needed": rows }))?
         ),
     }
     Ok(ExitCode::SUCCESS)

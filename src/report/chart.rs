@@ -448,3 +448,116 @@ impl Chart for Matrix<'_> {
         }
     }
 }
+
+/// One method's fewest GPUs for each model (`None`: no layout within the search's bound).
+#[derive(Debug, Clone, Serialize)]
+pub struct GpusNeeded {
+    pub method: String,
+    pub gpus: Vec<Option<u64>>,
+}
+
+/// "GPUs needed per method": models along x, the fewest GPUs each method needs (log scale).
+pub fn write_gpus_needed(
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    models: &[String],
+    series: &[GpusNeeded],
+) -> Result<Vec<PathBuf>> {
+    both(
+        dir,
+        stem,
+        &Needed {
+            title,
+            models,
+            series,
+        },
+    )
+}
+
+struct Needed<'a> {
+    title: &'a str,
+    models: &'a [String],
+    series: &'a [GpusNeeded],
+}
+
+impl Chart for Needed<'_> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let most = self
+            .series
+            .iter()
+            .flat_map(|s| s.gpus.iter().flatten())
+            .copied()
+            .max()
+            .unwrap_or(1)
+            .max(2) as f64;
+        let n = self.models.len().max(1);
+        root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(self.title, ("sans-serif", 24, FontStyle::Bold))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(80)
+            .margin_right(50)
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (0.7f64..most * 1.6).log_scale())
+            .map_err(|e| format!("{e:?}"))?;
+        let models = self.models;
+        chart
+            .configure_mesh()
+            .light_line_style(WHITE)
+            .x_labels(n)
+            .y_labels(12)
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() > 0.01 || i < 0.0 {
+                    return String::new();
+                }
+                models.get(i as usize).cloned().unwrap_or_default()
+            })
+            .x_desc("model")
+            .y_desc("fewest GPUs that fit (log scale)")
+            .label_style(("sans-serif", 18))
+            .axis_desc_style(("sans-serif", 20))
+            .draw()
+            .map_err(|e| format!("{e:?}"))?;
+        for (i, s) in self.series.iter().enumerate() {
+            let color = LINES[i % LINES.len()];
+            let points: Vec<(f64, f64)> = s
+                .gpus
+                .iter()
+                .enumerate()
+                .filter_map(|(j, g)| g.map(|g| (j as f64, g as f64)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))
+                .map_err(|e| format!("{e:?}"))?
+                .label(s.method.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 14, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(points.iter().map(|&(x, y)| {
+                    EmptyElement::at((x, y))
+                        + Circle::new((0, 0), 6, color.filled())
+                        + Text::new(
+                            format!("{y:.0}"),
+                            (8, -22),
+                            ("sans-serif", 16).into_font().color(&color),
+                        )
+                }))
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 18))
+            .draw()
+            .map_err(|e| format!("{e:?}"))
+    }
+}
