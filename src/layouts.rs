@@ -118,7 +118,16 @@ pub fn search(
         for &offload in &offloads {
             for &tp in &tps {
                 for &pp in &pps {
-                    for &grad_ckpt in &ckpts {
+                    // 1F1B keeps min(p, M) micro-batches in flight, so M >= p costs the same
+                    // memory and a smaller bubble (with a larger batch per step).
+                    let micro: Vec<u64> = if pp > 1 {
+                        vec![pp, 2 * pp, 4 * pp]
+                    } else {
+                        vec![1]
+                    };
+                    for (&grad_ckpt, &micro_batches) in
+                        ckpts.iter().flat_map(|c| micro.iter().map(move |m| (c, m)))
+                    {
                         let at = |dp: u64, runs: &mut usize| -> Result<Option<Layout>> {
                             let gpus = dp * tp * pp;
                             let parallel = Parallel {
@@ -129,7 +138,7 @@ pub fn search(
                                 tp,
                                 sp: false,
                                 pp,
-                                micro_batches: if pp > 1 { 2 * pp } else { 1 },
+                                micro_batches,
                                 grad_accum: 1,
                             };
                             // A sharding engine on one data-parallel rank without offload is

@@ -14,6 +14,7 @@ impl Builder<'_> {
         let kind = self.model.norm;
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = kind == Norm::LayerNorm;
+        let layer_norm = matches!(kind, Norm::LayerNorm | Norm::LayerNormWithoutBias);
         let w = self.base_param(name.then("weight"), (1, h), ParamRole::Norm);
         let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
         if has_bias {
@@ -24,7 +25,7 @@ impl Builder<'_> {
         let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let out = match kind {
-            Norm::LayerNorm => {
+            Norm::LayerNorm | Norm::LayerNormWithoutBias => {
                 // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32.
                 let input = if self.autocast {
                     self.cast(name.then("cast"), x, DType::F32)
@@ -91,12 +92,12 @@ impl Builder<'_> {
                 // The fused layer_norm kernel reads its input and writes its output; the
                 // RMSNorm variants run each of their ops as a kernel over fp32 copies (upcast,
                 // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
-                forward_bytes: if kind == Norm::LayerNorm {
+                forward_bytes: if layer_norm {
                     x.bytes() + out.bytes()
                 } else {
                     x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
                 },
-                backward_bytes: if kind == Norm::LayerNorm {
+                backward_bytes: if layer_norm {
                     (x.bytes() + out.bytes()) * 2
                 } else {
                     (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12

@@ -145,6 +145,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Falcon => falcon(&r)?,
         Family::T5 => t5(&r)?,
         Family::Bart => bart(&r)?,
+        Family::Palm => palm(&r)?,
     };
     spec.name = name.to_string();
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
@@ -413,6 +414,47 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
             embedding: r.f64_or(&["embd_pdrop"], 0.0)?,
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["resid_pdrop"], 0.0)?,
+            activation: 0.0,
+        },
+        published_params: None,
+    })
+}
+
+/// PaLM has no transformers implementation: the keys are Llama's names, and what the paper fixes
+/// (Chowdhery et al. 2022, sec. 2: parallel layers, SwiGLU, multi-query attention, RoPE, shared
+/// input-output embeddings, no biases in dense kernels or layer norms) is not configurable.
+fn palm(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let heads = r.u64(&["num_attention_heads"])?;
+    r.raw(&["max_position_embeddings", "layer_norm_eps"]);
+    Ok(ModelSpec {
+        name: String::new(),
+        family: Family::Palm,
+        hidden_size: hidden,
+        vocab_size: r.u64(&["vocab_size"])?,
+        decoder: Stack {
+            layers: r.u64(&["num_hidden_layers"])?,
+            heads,
+            kv_heads: r.opt_u64(&["num_key_value_heads"])?.unwrap_or(1),
+            head_dim: r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1)),
+            intermediate_size: r.opt_u64(&["intermediate_size"])?.unwrap_or(4 * hidden),
+        },
+        encoder: None,
+        gated_ffn: true,
+        activation: Activation::Silu,
+        norm: Norm::LayerNormWithoutBias,
+        post_norm: false,
+        positions: Positions::Rotary { fraction: 1.0 },
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        linear_bias: false,
+        parallel_block: true,
+        fused_qkv: false,
+        lm_head_bias: false,
+        dropout: Dropouts {
+            embedding: 0.0,
+            attention: 0.0,
+            residual: 0.0,
             activation: 0.0,
         },
         published_params: None,

@@ -29,10 +29,13 @@ pub enum Family {
     T5,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
+    /// PaLM (Chowdhery et al. 2022, sec. 2; no transformers class): a parallel attention + FFN
+    /// block, SwiGLU, multi-query attention, rotary, shared embeddings, LayerNorm, no biases.
+    Palm,
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 10] = [
+    pub const ALL: [(&'static str, Family); 11] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -43,6 +46,7 @@ impl Family {
         ("falcon", Family::Falcon),
         ("t5", Family::T5),
         ("bart", Family::Bart),
+        ("palm", Family::Palm),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -75,6 +79,8 @@ pub enum Activation {
 pub enum Norm {
     /// `nn.LayerNorm` (autocast runs it in fp32; saves its input, mean and rstd).
     LayerNorm,
+    /// `nn.LayerNorm(bias=False)`: the same op with a scale only (PaLM).
+    LayerNormWithoutBias,
     /// `LlamaRMSNorm`: upcast to fp32, normalise, cast back, multiply by the weight.
     RmsNorm,
     /// `GemmaRMSNorm`: fp32 throughout, `* (1 + weight)`, cast back.
