@@ -35,6 +35,21 @@ fn main() {
         writeln!(code, "];").ok();
     }
     fs::write(out, code).expect("OUT_DIR is writable");
+
+    // `ftplan --version` names the commit it was built from (when built from a git checkout).
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown commit".into());
+    println!("cargo:rustc-env=FTPLAN_COMMIT={commit}");
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/refs/heads");
 }
 
 fn abs(p: &Path) -> String {

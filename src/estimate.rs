@@ -12,6 +12,11 @@ use serde::Serialize;
 
 /// Largest batch x sequence accepted: beyond it byte counts overflow and no GPU is that large.
 const MAX_TOKENS: u64 = 1 << 34;
+/// Largest sequence, adapter width or number of virtual tokens (attention scores grow with the
+/// square of the sequence).
+const MAX_WIDTH: u64 = 1 << 20;
+/// Past this a figure is beyond any device (and near where saturating arithmetic would clamp).
+const MAX_BYTES: u64 = 1 << 60;
 
 /// Everything computed for one model, plan and GPU.
 #[derive(Debug, Clone, Serialize)]
@@ -39,6 +44,15 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
     crate::spec::parallel::check(&plan.parallel, layers, heads, model.decoder.kv_heads)
         .map_err(|(f, problem)| field(&f, problem))?;
+    if plan.seq > MAX_WIDTH || plan.target_seq > MAX_WIDTH {
+        return Err(field(
+            "seq",
+            format!(
+                "must be at most {MAX_WIDTH} tokens, found {}",
+                plan.seq.max(plan.target_seq)
+            ),
+        ));
+    }
     let tokens = plan.batch.saturating_mul(plan.seq.max(plan.target_seq));
     if tokens > MAX_TOKENS {
         return Err(field(
@@ -48,6 +62,12 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     match &plan.method {
         Method::Lora(l) | Method::Qlora(l) => {
+            if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
+                return Err(field(
+                    "lora-alpha",
+                    format!("must be a positive number up to 1e6, found {}", l.alpha),
+                ));
+            }
             if l.rank == 0 {
                 return Err(field("lora-rank", "must be at least 1".into()));
             }
@@ -61,13 +81,19 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 ));
             }
         }
-        Method::Adapter { size } if *size == 0 => {
-            return Err(field("adapter-size", "must be at least 1".into()));
+        Method::Adapter { size } if *size == 0 || *size > MAX_WIDTH => {
+            return Err(field(
+                "adapter-size",
+                format!("must be 1 to {MAX_WIDTH}, found {size}"),
+            ));
         }
         Method::Prefix { virtual_tokens } | Method::Prompt { virtual_tokens }
-            if *virtual_tokens == 0 =>
+            if *virtual_tokens == 0 || *virtual_tokens > MAX_WIDTH =>
         {
-            return Err(field("virtual-tokens", "must be at least 1".into()));
+            return Err(field(
+                "virtual-tokens",
+                format!("must be 1 to {MAX_WIDTH}, found {virtual_tokens}"),
+            ));
         }
         _ => {}
     }
@@ -155,6 +181,21 @@ pub fn estimate(
         memory.trainable_params = trainable;
     }
     let time = time::estimate(&graph, plan, hardware, rates);
+    // No saturated or non-finite figure is ever shown as a result.
+    let absurd = memory.required.0 >= MAX_BYTES
+        || memory.host.0 >= MAX_BYTES
+        || memory.total_params >= 1 << 50
+        || !(time.step_seconds.is_finite() && time.step_seconds > 0.0)
+        || !(time.tokens_per_second.is_finite() && time.mfu.is_finite());
+    if absurd {
+        return Err(Error::Plan {
+            message: format!(
+                "`{}` with this plan needs more than 1 EiB per GPU, or more parameters than exist; nothing is reported",
+                model.name
+            ),
+            hint: Some("check the model's sizes and the plan's batch and sequence".into()),
+        });
+    }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {
         model: model.clone(),

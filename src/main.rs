@@ -4,10 +4,14 @@
 mod cli;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = cli::args::Cli::parse();
+    let args = match cli::args::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(&e),
+    };
     match cli::run(args) {
         Ok(code) => code,
         // A closed stdout (`ftplan ... | head -1`) is a normal end, not an error.
@@ -24,4 +28,26 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// clap's errors under the tool's message policy: one `error:` line, then one `hint:` line
+/// (clap's own tip where it has one). Help and version print as they are.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let text = e.render().to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("error: invalid arguments");
+            let tip = lines.find_map(|l| l.strip_prefix("tip: ")).unwrap_or(
+                "`ftplan --help` lists the commands, `ftplan COMMAND --help` their flags",
+            );
+            eprintln!("{first}");
+            eprintln!("hint: {tip}");
+            ExitCode::from(2)
+        }
+    }
 }

@@ -36,10 +36,16 @@ const LIMIT: u64 = 1 << 24;
 
 /// The largest value of a field in [1, LIMIT] for which `set(plan, v)` fits, if 1 fits.
 fn largest(target: &Target, plan: &Plan, set: impl Fn(&mut Plan, u64)) -> Result<Option<u64>> {
+    // A probe past the plan limits (tokens per step, sequence) does not fit: the search is
+    // capped there instead of failing a valid plan.
     let at = |v: u64| -> Result<bool> {
         let mut p = plan.clone();
         set(&mut p, v);
-        target.fits(&p)
+        match target.fits(&p) {
+            Ok(fits) => Ok(fits),
+            Err(_) if v > 1 => Ok(false),
+            Err(e) => Err(e),
+        }
     };
     if !at(1)? {
         return Ok(None);

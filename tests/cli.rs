@@ -165,6 +165,10 @@ fn impossible_plans_are_errors_not_panics() {
         (vec!["--seq", "0"], "`seq`"),
         (
             vec!["--batch", "100000000", "--seq", "100000000"],
+            "`seq` must be at most",
+        ),
+        (
+            vec!["--batch", "100000000", "--seq", "100000"],
             "absurdly large",
         ),
         (vec!["--method", "lora", "--lora-rank", "0"], "`lora-rank`"),

@@ -581,3 +581,67 @@ fn gpus_needed_chart_falls_with_parameter_efficient_methods() {
         assert!(dir.path().join(f).exists(), "{f}");
     }
 }
+
+#[test]
+fn every_method_runs_under_every_engine() {
+    let all = [
+        Method::Full,
+        Method::Lora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::AllLinear,
+        }),
+        Method::Qlora(Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: LoraTargets::QueryValue,
+        }),
+        Method::Adapter { size: 32 },
+        Method::Prefix { virtual_tokens: 8 },
+        Method::Prompt { virtual_tokens: 8 },
+        Method::Ia3,
+    ];
+    for method in all {
+        let single = run(
+            "tinyllama-1.1b",
+            &plan(method.clone(), Precision::MixedBf16, Parallel::single()),
+        );
+        for (_, engine) in Engine::ALL {
+            for (_, offload) in Offload::ALL {
+                let mut layout = layout(16, engine);
+                layout.offload = offload;
+                let p = plan(method.clone(), Precision::MixedBf16, layout);
+                let m = resolve_model("tinyllama-1.1b").expect("shipped").value;
+                let hw = resolve_hardware("a100-80gb").expect("shipped").value;
+                let Ok(e) = estimate(&m, &p, &hw, &Rates::from_datasheet(&hw)) else {
+                    // Only the named rules refuse a layout (offload with DDP, params offload
+                    // without sharded parameters).
+                    assert!(
+                        offload != Offload::None
+                            && (engine == Engine::Ddp
+                                || (offload == Offload::Params && !engine.shards().parameters)),
+                        "{engine:?} {offload:?} {}",
+                        method.name()
+                    );
+                    continue;
+                };
+                let name = method.name();
+                assert_eq!(
+                    e.memory.trainable_params, single.memory.trainable_params,
+                    "{name}"
+                );
+                assert!(
+                    e.memory.peak.0 > 0 && e.time.step_seconds.is_finite(),
+                    "{name}"
+                );
+                if engine.shards().gradients {
+                    // Sharded model states never exceed the replicated ones.
+                    assert!(
+                        e.memory.model_states <= single.memory.model_states,
+                        "{name} {engine:?}"
+                    );
+                }
+            }
+        }
+    }
+}

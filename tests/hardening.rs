@@ -151,3 +151,158 @@ fn the_os_error_is_printed_once() {
     let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
+
+/// Runs `ftplan estimate` with `args` and expects exit 2 with `want` in the one error line.
+fn refused(args: &[&str], want: &str) {
+    let out = ftplan().arg("estimate").args(args).assert().code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(err.contains(want), "{args:?}: `{want}` not in: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    crate::assert_message_policy(&err);
+    assert!(
+        out.get_output().stdout.is_empty(),
+        "{args:?} printed a result"
+    );
+}
+
+#[test]
+fn every_number_has_a_range() {
+    let gpt2 = ["--model", "gpt2", "--gpu", "h100"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        gpt2.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    for (args, field) in [
+        (
+            with(&[
+                "--method",
+                "adapter",
+                "--adapter-size",
+                "18446744073709551615",
+            ]),
+            "`adapter-size`",
+        ),
+        (
+            with(&["--method", "prompt", "--virtual-tokens", "99999999999"]),
+            "`virtual-tokens`",
+        ),
+        (with(&["--gpus", "18446744073709551615"]), "`gpus`"),
+        (with(&["--price", "nan"]), "`price`"),
+        (with(&["--price", "-1"]), "`price`"),
+        (
+            with(&["--method", "lora", "--lora-alpha", "inf"]),
+            "`lora-alpha`",
+        ),
+        (
+            with(&["--method", "lora", "--lora-alpha", "-2"]),
+            "`lora-alpha`",
+        ),
+        (
+            with(&["--epochs", "-1", "--dataset-tokens", "5"]),
+            "`epochs`",
+        ),
+        (
+            with(&["--epochs", "2", "--dataset-tokens", "-5"]),
+            "`dataset-tokens`",
+        ),
+        (with(&["--tokens", "1e300"]), "`tokens`"),
+        (with(&["--headroom", "-5"]), "`headroom`"),
+        (with(&["--seq", "100000000"]), "`seq`"),
+        (
+            vec![
+                "--model",
+                "tests/fixtures/invalid/huge-model.json",
+                "--gpu",
+                "h100",
+            ],
+            "parameters",
+        ),
+        (
+            vec![
+                "--model",
+                "tests/fixtures/invalid/rotary-negative.json",
+                "--gpu",
+                "h100",
+            ],
+            "`partial_rotary_factor`",
+        ),
+        (
+            vec![
+                "--model",
+                "tests/fixtures/invalid/inf-size.toml",
+                "--gpu",
+                "h100",
+            ],
+            "`hidden_size` must be a finite number",
+        ),
+        (
+            vec![
+                "--model",
+                "tests/fixtures/invalid/nan-dropout.toml",
+                "--gpu",
+                "h100",
+            ],
+            "`attention_dropout` must be a finite number",
+        ),
+        (
+            vec![
+                "--model",
+                "gpt2",
+                "--gpu",
+                "tests/fixtures/invalid/tiny-rate-gpu.toml",
+            ],
+            "`bf16_tflops`",
+        ),
+        (
+            vec![
+                "--model",
+                "gpt2",
+                "--gpu",
+                "tests/fixtures/invalid/inf-rate-gpu.toml",
+            ],
+            "`hbm_gbps`",
+        ),
+    ] {
+        refused(&args, field);
+    }
+}
+
+#[test]
+fn a_file_named_like_a_shipped_model_does_not_shadow_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("gpt2"), "not a model").expect("write decoy");
+    let out = ftplan()
+        .current_dir(dir.path())
+        .args(["estimate", "--model", "gpt2", "--gpu", "h100"])
+        .assert()
+        .code(0);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(text.starts_with("gpt2 on h100"), "{text}");
+}
+
+#[test]
+fn fit_caps_its_search_instead_of_rejecting_a_valid_plan() {
+    // gpt2 at batch 1 fits everywhere; the batch probe walks past the token limit.
+    ftplan()
+        .args([
+            "fit",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h200",
+            "--seq",
+            "8",
+            "--max-gpus",
+            "1",
+        ])
+        .assert()
+        .code(0);
+}
+
+#[test]
+fn usage_errors_follow_the_message_policy_and_version_names_the_commit() {
+    let out = ftplan().args(["estimate", "--bogus"]).assert().code(2);
+    crate::assert_message_policy(&String::from_utf8_lossy(&out.get_output().stderr));
+    let out = ftplan().arg("--version").assert().code(0);
+    let v = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(v.starts_with("ftplan 0.") && v.contains('('), "{v}");
+}

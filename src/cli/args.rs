@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(
     name = "ftplan",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FTPLAN_COMMIT"), ")"),
     about = "Will fine-tuning this model with this method fit on this GPU, and how fast will it run?",
     after_help = "Exit codes: 0 fits, 1 does not fit, 2 error."
 )]
@@ -124,7 +124,7 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 16)]
     pub lora_rank: u64,
     /// LoRA alpha [default: 2 x rank].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lora_alpha: Option<f64>,
     /// `qv`, `all`, or a comma list of q,k,v,o,gate,up,down.
     #[arg(long, default_value = "qv")]
@@ -163,7 +163,7 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: u64,
     /// Memory to keep free, in percent of the device.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub headroom: f64,
     /// Calibration file from `ftplan calibrate` (replaces the datasheet rate curves).
     #[arg(long)]
@@ -184,15 +184,15 @@ pub struct EstimateArgs {
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Training tokens, for wall time and cost.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub tokens: Option<f64>,
     /// Epochs over --dataset-tokens, for wall time and cost.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub epochs: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dataset_tokens: Option<f64>,
     /// Price per GPU-hour in USD (overrides the hardware profile's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub price: Option<f64>,
 }
 
@@ -219,7 +219,7 @@ pub struct FitArgs {
     #[arg(long, value_enum, default_value_t = ObjectiveArg::Gpus)]
     pub objective: ObjectiveArg,
     /// Host memory per node for offload, GiB (default: the GPU's usual server).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub host_memory: Option<f64>,
     /// Layouts to show.
     #[arg(long, default_value_t = 5)]

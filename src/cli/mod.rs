@@ -55,6 +55,15 @@ pub fn estimate_resolved(r: &Resolved) -> ftplan::Result<Estimate> {
     Ok(e)
 }
 
+/// A number as a person reads it: plain when moderate, exponent form when huge or tiny.
+fn show(x: f64) -> String {
+    if x.is_finite() && x != 0.0 && !(1e-3..1e9).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 fn note(notes: &[String]) {
     for n in notes {
         eprintln!("note: {n}");
@@ -65,7 +74,21 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     let r = PlanInput::from_args(&a.plan).resolve()?;
     note(&r.notes);
     let e = estimate_resolved(&r)?;
-    let tokens = match (a.tokens, a.epochs, a.dataset_tokens) {
+    // The one place the budget flags get their ranges.
+    let ranged = |field: &str, v: Option<f64>, max: f64| -> anyhow::Result<Option<f64>> {
+        match v {
+            Some(x) if !(x.is_finite() && x > 0.0 && x <= max) => Err(Error::field(
+                "command line",
+                field,
+                format!("must be a positive number up to {max:e}, found {}", show(x)),
+            )
+            .into()),
+            other => Ok(other),
+        }
+    };
+    let epochs = ranged("epochs", a.epochs, 1e6)?;
+    let dataset = ranged("dataset-tokens", a.dataset_tokens, 1e15)?;
+    let tokens = match (ranged("tokens", a.tokens, 1e18)?, epochs, dataset) {
         (Some(t), _, _) => Some(t),
         (None, Some(ep), Some(ds)) => Some(ep * ds),
         (None, Some(_), None) => {
@@ -73,19 +96,23 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    if let Some(t) = tokens
-        && !(t.is_finite() && t > 0.0)
-    {
-        return Err(Error::field(
-            "command line",
-            "tokens",
-            format!("must be positive, found {t}"),
-        )
-        .into());
-    }
+    let price = match a.price {
+        Some(p) if !(p.is_finite() && (0.0..=1e6).contains(&p)) => {
+            return Err(Error::field(
+                "command line",
+                "price",
+                format!(
+                    "must be a price per GPU-hour from 0 to 1e6, found {}",
+                    show(p)
+                ),
+            )
+            .into());
+        }
+        other => other,
+    };
     let budget = tokens.map(|t| Budget {
         tokens: t,
-        price_per_gpu_hour: a.price.or(r.hardware.price_per_hour_usd),
+        price_per_gpu_hour: price.or(r.hardware.price_per_hour_usd),
     });
     match a.format {
         Format::Table => out!("{}", report::table::estimate(&e, budget)),

@@ -119,12 +119,14 @@ impl Hardware {
     }
 
     pub fn from_wire(path: &str, w: HardwareWire) -> Result<Hardware> {
+        // The one place hardware numbers get their ranges: finite, at least a thousandth of the
+        // unit (a rate of 1e-300 would print 300-digit step times), at most `max`.
         let positive = |field: &str, v: f64, max: f64| -> Result<f64> {
-            if !(v.is_finite() && v > 0.0) {
+            if !(v.is_finite() && v >= 1e-3) {
                 Err(Error::field(
                     path,
                     field,
-                    format!("must be a positive number, found {v}"),
+                    format!("must be a number from 0.001 to {max}, found {v}"),
                 ))
             } else if v > max {
                 Err(Error::field(

@@ -13,6 +13,34 @@ const MAX_DIM: u64 = 1 << 24;
 const MAX_LAYERS: u64 = 10_000;
 
 /// Keys that describe a file rather than the architecture (TOML model files only).
+/// Most parameters a model may have (100 T: a hundred times the largest trained) so that no
+/// count or byte figure can wrap.
+pub const MAX_PARAMS: u128 = 100_000_000_000_000;
+
+/// Refuses models whose size, computed without wrapping, is beyond any that exists.
+fn check_size(path: &str, spec: &ModelSpec) -> Result<()> {
+    let h = u128::from(spec.hidden_size);
+    let stack = |s: &Stack| {
+        let attention =
+            2 * h * u128::from(s.heads * s.head_dim) + 2 * h * u128::from(s.kv_heads * s.head_dim);
+        let ffn = 3 * h * u128::from(s.intermediate_size);
+        u128::from(s.layers) * (attention + ffn)
+    };
+    let total = stack(&spec.decoder)
+        + spec.encoder.as_ref().map_or(0, stack)
+        + 2 * h * u128::from(spec.vocab_size);
+    if total > MAX_PARAMS {
+        return Err(Error::field(
+            path,
+            "hidden_size",
+            format!(
+                "with these sizes the model has about {total} parameters; the most accepted is 1e14"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 const META_KEYS: [&str; 4] = ["name", "source", "params", "aliases"];
 
 /// A config being read, remembering which keys were looked at so that a TOML file's unknown keys
@@ -72,11 +100,22 @@ impl<'a> Reader<'a> {
                 let p = value.as_f64().ok_or_else(|| {
                     Error::field(self.path, key, format!("must be a number, found `{value}`"))
                 })?;
-                if !(0.0..1.0).contains(&p) && key.contains("drop") {
+                // The one place config floats get their ranges.
+                let (ok, range) = if key.contains("drop") {
+                    ((0.0..1.0).contains(&p), "a probability in [0, 1)")
+                } else if key.contains("rotary") {
+                    (p > 0.0 && p <= 1.0, "a fraction in (0, 1]")
+                } else {
+                    (
+                        p.is_finite() && p > 0.0 && p <= 1e12,
+                        "a positive number up to 1e12",
+                    )
+                };
+                if !ok {
                     return Err(Error::field(
                         self.path,
                         key,
-                        format!("is a probability and must be in [0, 1), found {p}"),
+                        format!("must be {range}, found {p}"),
                     ));
                 }
                 Ok(p)
@@ -149,6 +188,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     };
     spec.name = name.to_string();
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
+    check_size(path, &spec)?;
     check_heads(path, &spec.decoder, spec.hidden_size, &r)?;
     if let Some(enc) = &spec.encoder {
         check_heads(path, enc, spec.hidden_size, &r)?;

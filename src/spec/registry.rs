@@ -38,9 +38,31 @@ fn normalize(name: &str) -> String {
 
 fn toml_to_json(path: &str, text: &str) -> Result<serde_json::Value> {
     let table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+    // JSON has no NaN or infinity: caught here, they would read as absent.
+    if let Some(key) = non_finite(&table) {
+        return Err(Error::field(
+            path,
+            key,
+            "must be a finite number, found nan or inf",
+        ));
+    }
     serde_json::to_value(table).map_err(|e| Error::Parse {
         path: path.to_string(),
         message: e.to_string(),
+    })
+}
+
+/// The first key whose value is a NaN or infinite float, at any depth.
+fn non_finite(table: &toml::Table) -> Option<String> {
+    table.iter().find_map(|(k, v)| match v {
+        toml::Value::Float(f) if !f.is_finite() => Some(k.clone()),
+        toml::Value::Table(t) => non_finite(t).map(|inner| format!("{k}.{inner}")),
+        toml::Value::Array(a) => a.iter().find_map(|x| match x {
+            toml::Value::Float(f) if !f.is_finite() => Some(k.clone()),
+            toml::Value::Table(t) => non_finite(t).map(|inner| format!("{k}.{inner}")),
+            _ => None,
+        }),
+        _ => None,
     })
 }
 
@@ -100,7 +122,9 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
 
 /// Reads a model from a path (`config.json` or TOML) or by shipped name or alias.
 pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
-    if looks_like_path(arg) || Path::new(arg).is_file() {
+    // A path must look like one: a file in the working directory named like a shipped model
+    // (`./llama2-7b`) must not silently replace it.
+    if looks_like_path(arg) {
         let path = Path::new(arg);
         let text = crate::io::read_text(path)?;
         let stem = path
