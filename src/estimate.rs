@@ -62,12 +62,6 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     match &plan.method {
         Method::Lora(l) | Method::Qlora(l) => {
-            if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
-                return Err(field(
-                    "lora-alpha",
-                    format!("must be a positive number up to 1e6, found {}", l.alpha),
-                ));
-            }
             if l.rank == 0 {
                 return Err(field("lora-rank", "must be at least 1".into()));
             }
@@ -78,6 +72,12 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                         "({}) exceeds the hidden size ({})",
                         l.rank, model.hidden_size
                     ),
+                ));
+            }
+            if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
+                return Err(field(
+                    "lora-alpha",
+                    format!("must be a positive number up to 1e6, found {}", l.alpha),
                 ));
             }
         }
