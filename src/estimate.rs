@@ -97,6 +97,24 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
         }
         _ => {}
     }
+    // A learned position table has one row per position: longer sequences index past it
+    // (transformers raises); prompt tuning's virtual tokens take positions too.
+    if let crate::spec::model::Positions::Learned { rows } = model.positions {
+        let longest = plan.seq.max(plan.target_seq) + plan.method.prompt_tokens();
+        if longest > rows {
+            return Err(field(
+                "seq",
+                format!(
+                    "({longest} tokens) exceeds `{}`'s {rows} learned positions",
+                    model.name
+                ),
+            )
+            .with_hint(format!(
+                "use --seq {} or less",
+                rows - plan.method.prompt_tokens().min(rows)
+            )));
+        }
+    }
     if model.is_encoder_decoder() && plan.target_seq == 0 {
         return Err(field(
             "target-seq",
@@ -195,6 +213,19 @@ pub fn estimate(
             ),
             hint: Some("check the model's sizes and the plan's batch and sequence".into()),
         });
+    }
+    if plan.method.frozen_base() && memory.trainable_params == 0 {
+        // peft raises when its targets match no module; so does ftplan.
+        return Err(Error::field(
+            "plan",
+            "lora-targets",
+            format!(
+                "`{}` finds nothing to train in `{}`",
+                plan.method.name(),
+                model.name
+            ),
+        )
+        .with_hint("choose targets the model has (`all` covers every linear in the blocks)"));
     }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

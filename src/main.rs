@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         // A closed stdout (`ftplan ... | head -1`) is a normal end, not an error.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", escape_controls(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
@@ -50,4 +50,18 @@ fn usage_error(e: &clap::Error) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Control characters from input files (names, values) shown as escapes, so a crafted file
+/// cannot move the terminal's cursor or recolour it; the newline before a `hint:` stays.
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }

@@ -9,6 +9,10 @@ use crate::time::Rates;
 use serde::{Deserialize, Serialize};
 
 /// Bounds the tests enforce (issue #2).
+/// The measured runs and the calibration of the GPU that ran them, built into the binary.
+pub const MEASURED: &str = include_str!("../validation/measured.jsonl");
+pub const CALIBRATION: &str = include_str!("../validation/calib-h200.json");
+
 pub const MEDIAN_BOUND: f64 = 0.05;
 pub const WORST_BOUND: f64 = 0.15;
 /// Step-time bound (issue #3).

@@ -306,3 +306,80 @@ fn usage_errors_follow_the_message_policy_and_version_names_the_commit() {
     let v = String::from_utf8_lossy(&out.get_output().stdout).to_string();
     assert!(v.starts_with("ftplan 0.") && v.contains('('), "{v}");
 }
+
+#[test]
+fn answers_that_used_to_mislead_are_refused_or_named() {
+    // A LoRA target set that matches nothing (peft raises); a sequence past GPT-2's learned
+    // position table (transformers raises).
+    refused(
+        &[
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h100",
+            "--method",
+            "lora",
+            "--lora-targets",
+            "gate",
+        ],
+        "finds nothing to train",
+    );
+    refused(
+        &["--model", "gpt2", "--gpu", "h100", "--seq", "4096"],
+        "1024 learned positions",
+    );
+    // An unknown model inside a plan file names the file and the field.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(&plan, "model = \"llama2-7bb\"\ngpu = \"a100\"\n").expect("write plan");
+    let out = ftplan().arg("check").arg(&plan).assert().code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        err.contains("plan.toml") && err.contains("`model`"),
+        "{err}"
+    );
+    // Control characters from input reach the terminal escaped.
+    let out = ftplan()
+        .args(["estimate", "--gpu", "h100", "--model", "x\u{1b}[2J"])
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        !err.contains('\u{1b}') && err.contains("\\u{1b}"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn list_json_has_numbers_and_validate_works_anywhere() {
+    let out = ftplan()
+        .args(["list", "gpus", "--format", "json"])
+        .assert()
+        .code(0);
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    assert!(
+        v[0]["memory"].is_u64() && v[0]["bf16_tflops"].is_f64(),
+        "{v}"
+    );
+    let out = ftplan()
+        .args(["list", "models", "--format", "json"])
+        .assert()
+        .code(0);
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    assert!(v[0]["hidden_size"].is_u64(), "{v}");
+    // An installed binary outside the repository still has its measured runs.
+    let dir = tempfile::tempdir().expect("temp dir");
+    ftplan()
+        .current_dir(dir.path())
+        .arg("validate")
+        .assert()
+        .code(0);
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").expect("write empty");
+    ftplan()
+        .arg("validate")
+        .arg("--file")
+        .arg(&empty)
+        .assert()
+        .code(2);
+}

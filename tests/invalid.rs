@@ -120,7 +120,11 @@ fn hardware_values_must_be_positive() {
             "--gpu",
             "tests/fixtures/invalid/bad-gpu.toml",
         ],
-        &["bad-gpu.toml", "`memory_gib`", "must be a number from 0.001"],
+        &[
+            "bad-gpu.toml",
+            "`memory_gib`",
+            "must be a number from 0.001",
+        ],
     );
 }
 

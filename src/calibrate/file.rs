@@ -77,9 +77,15 @@ impl Calibration {
     }
 
     pub fn load(path: &Path) -> Result<Calibration> {
-        let shown = path.display().to_string();
         let text = crate::io::read_text(path)?;
-        let cal = if path.extension().is_some_and(|e| e == "json") {
+        Calibration::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses a calibration: the harness's JSON (`shown` ends in `.json`) or ftplan's TOML.
+    pub fn parse(shown: &str, text: &str) -> Result<Calibration> {
+        let shown = shown.to_string();
+        let text = text.to_string();
+        let cal = if shown.ends_with(".json") {
             let h: HarnessCalib = serde_json::from_str(&text).map_err(|e| Error::Parse {
                 path: shown.clone(),
                 message: e.to_string(),
@@ -112,19 +118,20 @@ impl Calibration {
             .fp32_matmul
             .iter()
             .chain(&cal.bf16_matmul)
-            .any(|p| !(p.flops.is_finite() && p.flops > 0.0) || p.n == 0);
+            // At least a MFLOP/s: a rate of 1e-300 would print 300-digit step times.
+            .any(|p| !(p.flops.is_finite() && p.flops >= 1e6 && p.flops <= 1e18) || p.n == 0);
         if bad_rate || cal.fp32_matmul.is_empty() {
             return Err(Error::field(
                 shown,
                 "fp32_matmul",
-                "needs at least one point with positive n and flops",
+                "needs at least one point with positive n and flops from 1e6 to 1e18",
             ));
         }
-        if !(cal.copy_gbps.is_finite() && cal.copy_gbps > 0.0) {
+        if !(cal.copy_gbps.is_finite() && (1e-3..=1e6).contains(&cal.copy_gbps)) {
             return Err(Error::field(
                 shown,
                 "copy_gbps",
-                format!("must be positive, found {}", cal.copy_gbps),
+                format!("must be from 0.001 to 1e6, found {}", cal.copy_gbps),
             ));
         }
         Ok(cal)

@@ -298,9 +298,9 @@ pub struct SweepArgs {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// Measured runs (JSON lines, the ground-truth format).
-    #[arg(long, default_value = "validation/measured.jsonl")]
-    pub file: PathBuf,
+    /// Measured runs (JSON lines, the ground-truth format) [default: the H200 runs built in].
+    #[arg(long)]
+    pub file: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Calibration file for the step-time column [default: validation/calib-h200.json's rates].

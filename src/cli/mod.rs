@@ -49,7 +49,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Runs one resolved plan; `fits` accounts for the headroom.
 pub fn estimate_resolved(r: &Resolved) -> ftplan::Result<Estimate> {
-    let mut e = estimate(&r.model, &r.plan, &r.hardware, &r.rates)?;
+    let mut e = estimate(&r.model, &r.plan, &r.hardware, &r.rates)
+        .map_err(|e| plan::relabel(e, &r.origin))?;
     e.budget = r.budget();
     e.fits = e.memory.required <= e.budget;
     Ok(e)
@@ -156,6 +157,7 @@ fn export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
 
 fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
     let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut objs: Vec<serde_json::Value> = Vec::new();
     let header: Vec<&str>;
     match what {
         ListWhat::Models => {
@@ -169,6 +171,12 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
                     None => m.decoder.layers.to_string(),
                 };
                 let params = m.published_params.map(report::count).unwrap_or_default();
+                objs.push(serde_json::json!({
+                    "name": m.name, "model_type": m.family.model_type(),
+                    "params": m.published_params, "layers": m.decoder.layers,
+                    "encoder_layers": m.encoder.map(|e| e.layers), "hidden_size": m.hidden_size,
+                    "heads": m.decoder.heads, "kv_heads": m.decoder.kv_heads, "vocab_size": m.vocab_size,
+                }));
                 rows.push(vec![
                     m.name.clone(),
                     m.family.model_type().into(),
@@ -191,6 +199,13 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
             ];
             for (stem, text) in hardware_files() {
                 let (h, _) = parse_hardware_toml(&format!("hardware/{stem}.toml"), stem, text)?;
+                objs.push(serde_json::json!({
+                    "name": h.name, "display_name": h.display_name, "memory": h.memory.0,
+                    "bf16_tflops": h.bf16_tflops, "hbm_gbps": h.hbm_gbps,
+                    "interconnect": h.interconnect, "interconnect_gbps": h.interconnect_gbps,
+                    "network_gbps": h.network_gbps, "gpus_per_node": h.gpus_per_node,
+                    "host_memory": h.host_memory.0,
+                }));
                 rows.push(vec![
                     h.name.clone(),
                     h.display_name.clone(),
@@ -213,18 +228,7 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
             outln!("{t}");
         }
         Format::Json => {
-            let objs: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|r| {
-                    serde_json::Value::Object(
-                        header
-                            .iter()
-                            .zip(r)
-                            .map(|(h, v)| (h.to_string(), v.clone().into()))
-                            .collect(),
-                    )
-                })
-                .collect();
+            // Numbers are numbers (bytes for memory), as in `estimate`'s JSON.
             outln!("{}", serde_json::to_string_pretty(&objs)?);
         }
     }
@@ -232,17 +236,28 @@ fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    let path = a.file.display().to_string();
-    let text = ftplan::io::read_text(a.file.as_ref())?;
+    // Without --file: the measured runs embedded in the binary (so an installed `ftplan
+    // validate` works from any folder).
+    let (path, text) = match &a.file {
+        Some(f) => (f.display().to_string(), ftplan::io::read_text(f)?),
+        None => (
+            "validation/measured.jsonl".to_string(),
+            ftplan::validate::MEASURED.to_string(),
+        ),
+    };
+    if text.lines().all(|l| l.trim().is_empty()) {
+        return Err(Error::field(&path, "runs", "holds no measured runs")
+            .with_hint("one JSON object per line, as in validation/measured.jsonl")
+            .into());
+    }
     let hw = ftplan::spec::registry::resolve_hardware("h200")?.value;
-    let cal_path = a
-        .calibration
-        .clone()
-        .unwrap_or_else(|| a.file.with_file_name("calib-h200.json"));
-    let rates = match ftplan::calibrate::Calibration::load(&cal_path) {
-        Ok(c) => c.rates(&hw),
-        Err(e) if a.calibration.is_some() => return Err(e.into()),
-        Err(_) => ftplan::time::Rates::from_datasheet(&hw),
+    let rates = match &a.calibration {
+        Some(p) => ftplan::calibrate::Calibration::load(p)?.rates(&hw),
+        None => ftplan::calibrate::Calibration::parse(
+            "validation/calib-h200.json",
+            ftplan::validate::CALIBRATION,
+        )?
+        .rates(&hw),
     };
     let (rows, failed) = ftplan::validate::compare_all(&path, &text, &hw, &rates);
     for (at, e) in &failed {

@@ -96,6 +96,8 @@ fn qv() -> String {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub name: String,
+    /// Where the plan came from (a plan file's path, or "command line").
+    pub origin: String,
     pub model: ModelSpec,
     pub plan: Plan,
     pub hardware: Hardware,
@@ -441,8 +443,8 @@ impl PlanInput {
         let gpu_name = self.gpu.as_deref().ok_or_else(|| {
             Error::field(o, "gpu", "is missing").with_hint("pass --gpu NAME (`ftplan list gpus`)")
         })?;
-        let model = resolve_model(model_name)?;
-        let gpu = resolve_hardware(gpu_name)?;
+        let model = resolve_model(model_name).map_err(|e| in_file(e, o, "model"))?;
+        let gpu = resolve_hardware(gpu_name).map_err(|e| in_file(e, o, "gpu"))?;
         let mut notes: Vec<String> = [model.note.clone(), gpu.note.clone()]
             .into_iter()
             .flatten()
@@ -534,6 +536,7 @@ impl PlanInput {
             None => Rates::from_datasheet(&gpu.value),
         };
         Ok(Resolved {
+            origin: self.origin.clone(),
             name: self.name.clone().unwrap_or_else(|| {
                 format!(
                     "{}-{}-{}",
@@ -552,8 +555,21 @@ impl PlanInput {
     }
 }
 
+/// An unknown model or GPU named by a plan file: say which file and field named it.
+fn in_file(e: Error, origin: &str, field: &str) -> Error {
+    match e {
+        Error::Unknown { kind, name, hint } if origin != "command line" => Error::Field {
+            path: origin.to_string(),
+            field: field.to_string(),
+            problem: format!("names unknown {kind} `{name}`"),
+            hint,
+        },
+        other => other,
+    }
+}
+
 /// Plan validation errors name "plan"; say where the plan came from instead.
-fn relabel(e: Error, origin: &str) -> Error {
+pub fn relabel(e: Error, origin: &str) -> Error {
     match e {
         Error::Field {
             field,

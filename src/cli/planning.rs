@@ -408,7 +408,19 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
                 SweepAxis::Seq => p.seq = v,
                 _ => p.batch = v,
             }
-            let e = ftplan::estimate::estimate(&r.model, &p, &r.hardware, &r.rates)?;
+            // The curve ends where the model stops (a learned position table, say).
+            let e = match ftplan::estimate::estimate(&r.model, &p, &r.hardware, &r.rates) {
+                Ok(e) => e,
+                Err(err) if !points.is_empty() => {
+                    eprintln!(
+                        "note: the {} curve stops at {}: {err}",
+                        r.plan.method.name(),
+                        p.seq.max(p.batch)
+                    );
+                    break;
+                }
+                Err(err) => return Err(err.into()),
+            };
             points.push(chart::SweepPoint {
                 x: v,
                 required: e.memory.required,

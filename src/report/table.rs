@@ -248,8 +248,19 @@ pub fn validation(
             ),
         ]);
     }
+    let timed = rows.iter().any(|r| r.measured_step_s.is_some());
+    let time_line = if timed {
+        format!(
+            "step time:   median |error| {:.1}%, worst {:.1}% (bound {:.0}%; rates: {rates})",
+            s.time_median * 100.0,
+            s.time_worst * 100.0,
+            crate::validate::TIME_MEDIAN_BOUND * 100.0,
+        )
+    } else {
+        "step time:   not measured in these runs".to_string()
+    };
     format!(
-        "{t}\npeak memory: median |error| {:.1}%, worst {:.1}% over {} runs (bounds {:.0}% / {:.0}%); trainable parameters {}\nstep time:   median |error| {:.1}%, worst {:.1}% (bound {:.0}%; rates: {rates})\n",
+        "{t}\npeak memory: median |error| {:.1}%, worst {:.1}% over {} runs (bounds {:.0}% / {:.0}%); trainable parameters {}\n{time_line}\n",
         s.memory_median * 100.0,
         s.memory_worst * 100.0,
         s.runs,
@@ -260,9 +271,6 @@ pub fn validation(
         } else {
             "NOT all exact"
         },
-        s.time_median * 100.0,
-        s.time_worst * 100.0,
-        crate::validate::TIME_MEDIAN_BOUND * 100.0,
     )
 }
 
