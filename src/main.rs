@@ -3,15 +3,20 @@
 
 mod cli;
 
-use clap::Parser;
 use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = match cli::args::Cli::try_parse() {
+    let matches = match cli::args::Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage_error(&e),
+    };
+    let args = match cli::args::Cli::from_arg_matches(&matches) {
         Ok(args) => args,
         Err(e) => return usage_error(&e),
     };
+    cli::record_given(&matches);
     match cli::run(args) {
         Ok(code) => code,
         // A closed stdout (`ftplan ... | head -1`) is a normal end, not an error.

@@ -383,3 +383,68 @@ fn list_json_has_numbers_and_validate_works_anywhere() {
         .assert()
         .code(2);
 }
+
+#[test]
+fn flags_that_would_be_dropped_are_said_or_refused() {
+    // A flag the method does not read is said on stderr.
+    let out = ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h100",
+            "--lora-rank",
+            "8",
+        ])
+        .assert()
+        .code(0);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        err.contains("--lora-rank is ignored by --method full"),
+        "{err}"
+    );
+    // Plan flags beside a plan file would not apply: refused.
+    let out = ftplan()
+        .args(["check", "examples/llama2-7b-lora-a100.toml", "--batch", "4"])
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(
+        err.contains("--batch") && err.contains("would not apply"),
+        "{err}"
+    );
+    crate::assert_message_policy(&err);
+    // compare reads --methods, not --method.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = ftplan()
+        .args([
+            "compare", "--model", "gpt2", "--gpu", "h100", "--method", "lora", "--out",
+        ])
+        .arg(dir.path())
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(err.contains("--methods"), "{err}");
+    // The fit matrix answers in JSON when asked.
+    let out = ftplan()
+        .args([
+            "sweep",
+            "--over",
+            "matrix",
+            "--method",
+            "lora",
+            "--models",
+            "gpt2",
+            "--gpus-list",
+            "t4,a100",
+            "--format",
+            "json",
+            "--out",
+        ])
+        .arg(dir.path())
+        .assert()
+        .code(0);
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    assert_eq!(v["gpus"].as_array().map(Vec::len), Some(2), "{v}");
+}

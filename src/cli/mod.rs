@@ -29,6 +29,53 @@ use ftplan::spec::registry::{hardware_files, model_files, parse_hardware_toml, p
 use plan::{PlanInput, Resolved};
 use std::process::ExitCode;
 
+/// The subcommand's flags the user typed (clap ids, e.g. `lora_rank`), as opposed to defaults.
+static GIVEN: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Records which flags came from the command line.
+pub fn record_given(matches: &clap::ArgMatches) {
+    let given = matches
+        .subcommand()
+        .map(|(_, sub)| {
+            sub.ids()
+                .filter(|id| {
+                    sub.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+                })
+                .map(|id| id.as_str().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = GIVEN.set(given);
+}
+
+/// Whether the user typed flag `id` (clap's id: the field name).
+pub fn given(id: &str) -> bool {
+    GIVEN.get().is_some_and(|g| g.iter().any(|x| x == id))
+}
+
+/// The plan flags the user typed (for commands where a plan file replaces them).
+pub fn given_plan_flags() -> Vec<String> {
+    use clap::Args as _;
+    let plan_ids: Vec<String> = args::PlanArgs::augment_args(clap::Command::new("plan"))
+        .get_arguments()
+        .map(|a| a.get_id().as_str().to_string())
+        .collect();
+    GIVEN
+        .get()
+        .map(|g| {
+            g.iter()
+                .filter(|id| plan_ids.contains(id))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `--lora-rank` for clap's id `lora_rank`.
+pub fn flag(id: &str) -> String {
+    format!("--{}", id.replace('_', "-"))
+}
+
 /// Exit codes: 0 fits (or success), 1 does not fit (or a bound was exceeded), 2 error.
 pub const FITS: u8 = 0;
 pub const DOES_NOT_FIT: u8 = 1;

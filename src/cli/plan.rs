@@ -471,6 +471,29 @@ impl PlanInput {
             },
             MethodArg::Ia3 => Method::Ia3,
         };
+        // Flags the method does not read: said, not silently dropped.
+        if self.origin == "command line" {
+            let lora = matches!(method, Method::Lora(_) | Method::Qlora(_));
+            let tokens = matches!(method, Method::Prefix { .. } | Method::Prompt { .. });
+            let unused: &[(&str, bool)] = &[
+                ("lora_rank", !lora),
+                ("lora_alpha", !lora),
+                ("lora_targets", !lora),
+                ("virtual_tokens", !tokens),
+                ("adapter_size", !matches!(method, Method::Adapter { .. })),
+                // QLoRA's base is NF4 computed in bf16 and the rest fp32, whatever --precision.
+                ("precision", matches!(method, Method::Qlora(_))),
+            ];
+            for (id, ignored) in unused {
+                if *ignored && crate::cli::given(id) {
+                    notes.push(format!(
+                        "{} is ignored by --method {}",
+                        crate::cli::flag(id),
+                        method.name()
+                    ));
+                }
+            }
+        }
         let precision = match self.precision {
             Some(PrecisionArg::MixedBf16) => Precision::MixedBf16,
             Some(PrecisionArg::Bf16) => Precision::Bf16,

@@ -53,7 +53,27 @@ fn plan_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Plan flags typed beside plan files would be silently dropped: refuse them.
+fn no_flags_beside_plan_files(files: bool) -> anyhow::Result<()> {
+    let given = super::given_plan_flags();
+    if files && !given.is_empty() {
+        let names: Vec<String> = given.iter().map(|id| super::flag(id)).collect();
+        return Err(Error::field(
+            "command line",
+            given[0].as_str(),
+            format!(
+                "({}) would not apply: the plan file sets the plan",
+                names.join(", ")
+            ),
+        )
+        .with_hint("put the setting in the plan file, or give the whole plan as flags")
+        .into());
+    }
+    Ok(())
+}
+
 pub fn check(a: &CheckArgs) -> anyhow::Result<ExitCode> {
+    no_flags_beside_plan_files(!a.plans.is_empty())?;
     let inputs: Vec<Result<PlanInput, ftplan::Error>> = if a.plans.is_empty() {
         vec![Ok(PlanInput::from_args(&a.plan))]
     } else {
@@ -161,6 +181,7 @@ fn target(r: &Resolved) -> Target<'_> {
 }
 
 pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
+    no_flags_beside_plan_files(a.plan_file.is_some())?;
     let input = match &a.plan_file {
         Some(p) => PlanInput::from_file(p)?,
         None => PlanInput::from_args(&a.plan),
@@ -307,6 +328,15 @@ fn gpu_list(first: Option<&str>, list: Option<&str>) -> Vec<String> {
 }
 
 pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
+    if super::given("method") {
+        return Err(Error::field(
+            "command line",
+            "method",
+            "is not read by compare, which compares --methods",
+        )
+        .with_hint("pass --methods full,lora,qlora")
+        .into());
+    }
     let methods = methods(&a.methods)?;
     let gpus = gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref());
     let mut rows = Vec::new();
@@ -580,6 +610,16 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let table = report::table::matrix(&gpu_names, &cells);
     let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
     wrote(&files, &md);
-    outln!("{table}");
+    match a.format {
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "method": format!("{method:?}").to_lowercase(),
+                "gpus": gpu_names,
+                "rows": cells.iter().map(|(m, row)| json!({ "model": m, "cells": row })).collect::<Vec<_>>(),
+            }))?
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -188,11 +188,13 @@ impl Chart for Compare<'_> {
     ) -> std::result::Result<(), String> {
         let (title, bars) = (self.title, self.bars);
         let device = bars.iter().map(|b| gib(b.budget)).fold(0.0, f64::max);
+        // Per-GPU limit lines need room below the legend box.
+        let per_gpu = !bars.iter().all(|b| b.budget == bars[0].budget);
         let top = bars
             .iter()
             .map(|b| terms(&b.estimate).iter().sum::<f64>())
             .fold(device, f64::max)
-            * 1.15;
+            * if per_gpu { 1.5 } else { 1.15 };
         let n = bars.len();
         {
             root.fill(&WHITE).map_err(|e| format!("{e:?}"))?;
@@ -246,14 +248,41 @@ impl Chart for Compare<'_> {
                     )])
                     .map_err(|e| format!("{e:?}"))?;
             }
-            limit_and_legend(
-                &mut chart,
-                n as f64,
-                device,
-                "device memory",
-                3,
-                SeriesLabelPosition::UpperRight,
-            )
+            if bars.iter().all(|b| b.budget == bars[0].budget) {
+                return limit_and_legend(
+                    &mut chart,
+                    n as f64,
+                    device,
+                    "device memory",
+                    3,
+                    SeriesLabelPosition::UpperRight,
+                );
+            }
+            // Different GPUs: each bar is measured against its own device's memory.
+            for (i, b) in bars.iter().enumerate() {
+                let limit = gib(b.budget);
+                let drawn = chart
+                    .draw_series(LineSeries::new(
+                        [(i as f64 + 0.1, limit), (i as f64 + 0.9, limit)],
+                        BLACK.stroke_width(3),
+                    ))
+                    .map_err(|e| format!("{e:?}"))?;
+                if i == 0 {
+                    drawn
+                        .label("device memory (each bar's GPU)")
+                        .legend(|(x, y)| {
+                            PathElement::new([(x, y), (x + 14, y)], BLACK.stroke_width(3))
+                        });
+                }
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 16))
+                .draw()
+                .map_err(|e| format!("{e:?}"))
         }
     }
 }
