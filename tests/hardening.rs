@@ -448,3 +448,45 @@ fn flags_that_would_be_dropped_are_said_or_refused() {
     let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
     assert_eq!(v["gpus"].as_array().map(Vec::len), Some(2), "{v}");
 }
+
+#[test]
+fn calibration_fits_its_budget_and_says_why_it_stopped() {
+    use ftplan::calibrate::{mock::MockGpu, run_within};
+    // A device whose rate flattens early: sizes stop growing where the rate does, well inside
+    // the budget, and the file says so.
+    let mut gpu = MockGpu {
+        knee: 4.0,
+        ..MockGpu::default()
+    };
+    let start = std::time::Instant::now();
+    let cal = run_within(&mut gpu, 30.0, &mut |_| {}).expect("calibrates");
+    assert!(start.elapsed().as_secs_f64() < 30.0);
+    assert!(
+        cal.limits
+            .iter()
+            .any(|l| l.contains("F32 matmul: rate plateaued")),
+        "{:?}",
+        cal.limits
+    );
+    assert_eq!(cal.budget_seconds, Some(30.0));
+    // Through the command: a short budget is kept, progress goes to stderr, the file records it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out_file = dir.path().join("cal.toml");
+    let out = ftplan()
+        .args(["calibrate", "--mock", "--budget", "1", "--out"])
+        .arg(&out_file)
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .code(0);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(err.contains("checked") && err.contains("stopped:"), "{err}");
+    let text = std::fs::read_to_string(&out_file).expect("calibration written");
+    assert!(
+        text.contains("budget_seconds = 1.0") && text.contains("limits"),
+        "{text}"
+    );
+    ftplan()
+        .args(["calibrate", "--mock", "--budget", "0"])
+        .assert()
+        .code(2);
+}

@@ -48,6 +48,13 @@ pub struct Calibration {
     pub bf16_matmul: Vec<Point>,
     /// Device-to-device copy bandwidth, read + write, GB/s.
     pub copy_gbps: f64,
+    /// The time budget the run had (`ftplan calibrate --budget`), if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_seconds: Option<f64>,
+    /// Why each measurement stopped growing: "rate plateaued" (the device's rate), "budget",
+    /// or "largest size".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 /// `measure.py`'s calib.json.
@@ -109,6 +116,8 @@ impl Calibration {
                     flops: h.matmul_tflops_8192.bf16 * 1e12,
                 }],
                 copy_gbps: h.copy_gbps,
+                budget_seconds: None,
+                limits: Vec::new(),
             }
         } else {
             toml::from_str(&text)

@@ -7,6 +7,8 @@ use crate::error::Result;
 pub struct MockGpu {
     pub flops: f64,
     pub bandwidth: f64,
+    /// Size at which matmuls reach half the peak (rate = peak x n / (n + knee)).
+    pub knee: f64,
 }
 
 impl Default for MockGpu {
@@ -14,6 +16,7 @@ impl Default for MockGpu {
         MockGpu {
             flops: 10e12,
             bandwidth: 1e12,
+            knee: 96.0,
         }
     }
 }
@@ -45,7 +48,7 @@ impl GpuBench for MockGpu {
         }
         // A size-dependent rate: small products reach less of the peak.
         let nf = f64::from(n);
-        let rate = self.flops * nf / (nf + 96.0);
+        let rate = self.flops * nf / (nf + self.knee);
         Ok(vec![KernelRun {
             kernel: "mock",
             c,

@@ -125,57 +125,40 @@ impl Settings {
     }
 }
 
-/// Runs the benchmark, checking each result before it counts.
-pub fn run(
+/// One matmul measurement at size `n`: the fastest verified kernel's rate and its seconds per
+/// product, or `None` where the adapter lacks the element type.
+fn measure_matmul(
     gpu: &mut dyn GpuBench,
-    settings: &Settings,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Calibration> {
-    let info = gpu.info();
-    let mut fp32 = Vec::new();
-    let mut half = Vec::new();
-    for (elem, points) in [(Elem::F32, &mut fp32), (Elem::F16, &mut half)] {
-        for &n in &settings.matmul_sizes {
-            if n % 64 != 0 {
-                return Err(Error::Calibration(format!(
-                    "matmul size {n} is not a multiple of 64"
-                )));
-            }
-            let (a, b) = inputs(n);
-            let runs = gpu.matmul(elem, n, &a, &b, settings.matmul_reps)?;
-            if runs.is_empty() {
-                progress(&format!(
-                    "matmul {elem:?}: not supported by this adapter; skipped"
-                ));
-                break;
-            }
-            // Every variant must be right; the fastest counts.
-            let mut best: Option<(&str, f64)> = None;
-            for run in &runs {
-                verify_matmul(n, &a, &b, &run.c)?;
-                let flops = 2.0 * f64::from(n).powi(3) / run.seconds;
-                if best.is_none_or(|(_, f)| flops > f) {
-                    best = Some((run.kernel, flops));
-                }
-            }
-            if let Some((kernel, flops)) = best {
-                progress(&format!(
-                    "matmul {elem:?} {n}x{n}x{n}: {} ({kernel}, checked)",
-                    rate(flops)
-                ));
-                points.push(Point {
-                    n: u64::from(n),
-                    flops,
-                });
-            }
+    elem: Elem,
+    n: u32,
+    reps: u32,
+) -> Result<Option<(&'static str, f64, f64)>> {
+    if n % 64 != 0 {
+        return Err(Error::Calibration(format!(
+            "matmul size {n} is not a multiple of 64"
+        )));
+    }
+    let (a, b) = inputs(n);
+    let runs = gpu.matmul(elem, n, &a, &b, reps)?;
+    let mut best: Option<(&'static str, f64, f64)> = None;
+    for run in &runs {
+        verify_matmul(n, &a, &b, &run.c)?;
+        let flops = 2.0 * f64::from(n).powi(3) / run.seconds;
+        if best.is_none_or(|(_, f, _)| flops > f) {
+            best = Some((run.kernel, flops, run.seconds));
         }
     }
-    let words = settings.copy_bytes / 4;
+    Ok(best)
+}
+
+/// One verified copy of `bytes`: read+write bandwidth (bytes/s) and seconds per copy.
+fn measure_copy(gpu: &mut dyn GpuBench, bytes: u64, reps: u32) -> Result<(f64, f64)> {
+    let words = (bytes / 4).max(1);
     let probes: Vec<u64> = (0..64)
         .map(|i| (i * 1_000_003) % words)
         .chain([0, words - 1])
         .collect();
-    let (values, seconds) = gpu.copy(words, settings.copy_reps, &probes)?;
+    let (values, seconds) = gpu.copy(words, reps, &probes)?;
     for (&p, &v) in probes.iter().zip(&values) {
         if v != pattern(p) {
             return Err(Error::Calibration(format!(
@@ -184,14 +167,19 @@ pub fn run(
             )));
         }
     }
-    let bandwidth = 2.0 * settings.copy_bytes as f64 / seconds;
-    progress(&format!(
-        "copy {} MiB: {:.1} GB/s read+write (checked)",
-        settings.copy_bytes >> 20,
-        bandwidth / 1e9
-    ));
-    Ok(Calibration {
-        adapter: info,
+    Ok((2.0 * (words * 4) as f64 / seconds, seconds))
+}
+
+fn finish(
+    gpu: &dyn GpuBench,
+    fp32: Vec<Point>,
+    half: Vec<Point>,
+    bandwidth: f64,
+    limits: Vec<String>,
+    budget: Option<f64>,
+) -> Calibration {
+    Calibration {
+        adapter: gpu.info(),
         date: file::today(),
         timing: if gpu.timestamps() {
             "timestamp-query".into()
@@ -202,7 +190,153 @@ pub fn run(
         f16_matmul: half,
         bf16_matmul: Vec::new(),
         copy_gbps: bandwidth / 1e9,
-    })
+        budget_seconds: budget,
+        limits,
+    }
+}
+
+/// Runs every kernel at fixed sizes (`Settings`), verifying each result against the CPU.
+pub fn run(
+    gpu: &mut dyn GpuBench,
+    settings: &Settings,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Calibration> {
+    let mut fp32 = Vec::new();
+    let mut half = Vec::new();
+    for (elem, points) in [(Elem::F32, &mut fp32), (Elem::F16, &mut half)] {
+        for &n in &settings.matmul_sizes {
+            let Some((kernel, flops, _)) = measure_matmul(gpu, elem, n, settings.matmul_reps)?
+            else {
+                progress(&format!(
+                    "matmul {elem:?}: not supported by this adapter; skipped"
+                ));
+                break;
+            };
+            progress(&format!(
+                "matmul {elem:?} {n}x{n}x{n}: {} ({kernel}, checked)",
+                rate(flops)
+            ));
+            points.push(Point {
+                n: u64::from(n),
+                flops,
+            });
+        }
+    }
+    let (bandwidth, _) = measure_copy(gpu, settings.copy_bytes, settings.copy_reps)?;
+    progress(&format!(
+        "copy {} MiB: {:.1} GB/s read+write (checked)",
+        settings.copy_bytes >> 20,
+        bandwidth / 1e9
+    ));
+    Ok(finish(gpu, fp32, half, bandwidth, Vec::new(), None))
+}
+
+/// A rate counts as still rising while each doubling of the size gains at least this much.
+const RISING: f64 = 1.05;
+/// The largest sizes tried: 8192^3 matmuls and 1 GiB copies are what datasheet rates assume.
+const MAX_MATMUL: u32 = 8192;
+const MAX_COPY: u64 = 1 << 30;
+
+/// Runs within `budget` seconds: sizes double from small while the predicted next measurement
+/// fits the remaining share of the budget and the rate is still rising, so the rates written
+/// are the device's (sizes stop where the rate plateaus) unless the budget ends first; the
+/// file's `limits` says which. Time spent counts the wall clock (verification included) or the
+/// kernels' reported time, whichever is larger.
+pub fn run_within(
+    gpu: &mut dyn GpuBench,
+    budget: f64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Calibration> {
+    let mut limits = Vec::new();
+    let mut series: [Vec<Point>; 2] = [Vec::new(), Vec::new()];
+    for (k, (elem, share)) in [(Elem::F32, 0.45), (Elem::F16, 0.35)]
+        .into_iter()
+        .enumerate()
+    {
+        let share = budget * share;
+        // `last`: (rate, wall seconds the measurement took, verification included).
+        let (mut spent, mut n, mut last) = (0.0f64, 64u32, None::<(f64, f64)>);
+        let reason = loop {
+            // The next size costs about 8x the last measurement (n^3 work).
+            let (reps, predicted) = match last {
+                None => (1, 0.0),
+                Some((_, took)) => {
+                    let reps = ((share - spent) / 4.0 / (took * 8.0)).clamp(1.0, 10.0) as u32;
+                    (reps, took * 8.0 * f64::from(reps))
+                }
+            };
+            if last.is_some() && spent + predicted > share {
+                break format!("stopped by the budget after {}", n / 2);
+            }
+            let t0 = std::time::Instant::now();
+            let Some((kernel, flops, single)) = measure_matmul(gpu, elem, n, reps)? else {
+                break "not supported by this adapter".to_string();
+            };
+            let took = t0.elapsed().as_secs_f64().max(single * f64::from(reps + 1));
+            spent += took;
+            progress(&format!(
+                "matmul {elem:?} {n}x{n}x{n}: {} ({kernel}, checked; {spent:.1} of {share:.1} s)",
+                rate(flops)
+            ));
+            series[k].push(Point {
+                n: u64::from(n),
+                flops,
+            });
+            let plateau = last.is_some_and(|(prev, _)| flops < prev * RISING);
+            last = Some((flops, took / f64::from(reps)));
+            if plateau {
+                break format!("rate plateaued at {n}");
+            }
+            if n >= MAX_MATMUL {
+                break format!("largest size {n}");
+            }
+            n *= 2;
+        };
+        limits.push(format!("{elem:?} matmul: {reason}"));
+    }
+    let share = budget * 0.2;
+    let (mut spent, mut bytes, mut last) = (0.0f64, 1u64 << 20, None::<(f64, f64)>);
+    let mut bandwidth = 0.0f64;
+    let reason = loop {
+        // The next size costs about 2x the last measurement.
+        let (reps, predicted) = match last {
+            None => (2, 0.0),
+            Some((_, took)) => {
+                let reps = ((share - spent) / 4.0 / (took * 2.0)).clamp(2.0, 20.0) as u32;
+                (reps, took * 2.0 * f64::from(reps))
+            }
+        };
+        if last.is_some() && spent + predicted > share {
+            break format!("stopped by the budget after {} MiB", bytes >> 21);
+        }
+        let t0 = std::time::Instant::now();
+        let (bw, single) = measure_copy(gpu, bytes, reps)?;
+        let took = t0.elapsed().as_secs_f64().max(single * f64::from(reps + 1));
+        spent += took;
+        progress(&format!(
+            "copy {} MiB: {:.1} GB/s read+write (checked; {spent:.1} of {share:.1} s)",
+            bytes >> 20,
+            bw / 1e9
+        ));
+        let plateau = last.is_some_and(|(prev, _)| bw < prev * RISING);
+        bandwidth = bandwidth.max(bw);
+        last = Some((bw, took / f64::from(reps)));
+        if plateau {
+            break format!("rate plateaued at {} MiB", bytes >> 20);
+        }
+        if bytes >= MAX_COPY {
+            break format!("largest size {} MiB", bytes >> 20);
+        }
+        bytes *= 2;
+    };
+    limits.push(format!("copy: {reason}"));
+    let [fp32, half] = series;
+    if fp32.is_empty() {
+        return Err(Error::Calibration(format!(
+            "no fp32 matmul fitted a {budget} s budget; give --budget more seconds"
+        )));
+    }
+    Ok(finish(gpu, fp32, half, bandwidth, limits, Some(budget)))
 }
 
 fn verify_matmul(n: u32, a: &[f32], b: &[f32], c: &[f32]) -> Result<()> {

@@ -313,7 +313,11 @@ pub struct CalibrateArgs {
     /// Where to write the calibration TOML.
     #[arg(long, default_value = "calibration.toml")]
     pub out: PathBuf,
-    /// Smaller sizes and fewer repetitions (software adapters, CI).
+    /// Seconds the calibration may take: sizes grow until the rate stops rising or the
+    /// budget ends (0.5 to 3600).
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    pub budget: f64,
+    /// Fixed small sizes and few repetitions instead of a budget (software adapters, CI).
     #[arg(long)]
     pub quick: bool,
     /// Use a deterministic mock GPU instead of a real adapter (tests).

@@ -330,11 +330,14 @@ fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
 
 fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
     use ftplan::calibrate::{self, GpuBench, Settings, mock::MockGpu, wgpu_bench::WgpuBench};
-    let settings = if a.quick {
-        Settings::quick()
-    } else {
-        Settings::full()
-    };
+    if !(a.budget.is_finite() && (0.5..=3600.0).contains(&a.budget)) {
+        return Err(Error::field(
+            "command line",
+            "budget",
+            format!("must be 0.5 to 3600 seconds, found {}", show(a.budget)),
+        )
+        .into());
+    }
     let mut gpu: Box<dyn GpuBench> = if a.mock {
         Box::new(MockGpu::default())
     } else {
@@ -354,7 +357,16 @@ fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {
         info.name, info.backend, info.device_type
     );
     let start = std::time::Instant::now();
-    let cal = calibrate::run(gpu.as_mut(), &settings, &mut |line| eprintln!("  {line}"))?;
+    // Progress goes to stderr as each measurement finishes: this is the one long command.
+    let mut progress = |line: &str| eprintln!("  {line}");
+    let cal = if a.quick {
+        calibrate::run(gpu.as_mut(), &Settings::quick(), &mut progress)?
+    } else {
+        calibrate::run_within(gpu.as_mut(), a.budget, &mut progress)?
+    };
+    for limit in &cal.limits {
+        eprintln!("  stopped: {limit}");
+    }
     cal.save(&a.out)?;
     let best = cal.fp32_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
     let best_f16 = cal.f16_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
