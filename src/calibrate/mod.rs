@@ -133,7 +133,7 @@ fn measure_matmul(
     n: u32,
     reps: u32,
 ) -> Result<Option<(&'static str, f64, f64)>> {
-    if n % 64 != 0 {
+    if !n.is_multiple_of(64) {
         return Err(Error::Calibration(format!(
             "matmul size {n} is not a multiple of 64"
         )));
