@@ -3,6 +3,7 @@
 mod accuracy;
 mod cli;
 mod cluster;
+mod fuzz;
 mod gpu;
 mod hardening;
 mod invalid;
