@@ -59,7 +59,7 @@ fn mutate(seed: &str, rng: &mut Rng) -> String {
         }
         let i = rng.below(lines.len());
         match rng.below(7) {
-            0 | 1 | 2 => {
+            0..=2 => {
                 // Replace the value after the first `=` or `:` with an extreme.
                 let line = &lines[i];
                 if let Some(at) = line.find(['=', ':']) {
