@@ -490,3 +490,46 @@ fn calibration_fits_its_budget_and_says_why_it_stopped() {
         .assert()
         .code(2);
 }
+
+#[test]
+fn every_flag_is_described_and_completions_exist() {
+    for cmd in [
+        "estimate",
+        "check",
+        "fit",
+        "compare",
+        "sweep",
+        "export",
+        "list",
+        "validate",
+        "calibrate",
+        "completions",
+    ] {
+        let out = ftplan().args([cmd, "-h"]).assert().code(0);
+        let help = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let flag = line.trim();
+            // A flag alone on its line takes its description from the next line.
+            if line.starts_with("  ") && flag.starts_with('-') && !flag.contains("  ") {
+                let next = lines.get(i + 1).map_or("", |l| l.trim());
+                assert!(
+                    !next.is_empty() && !next.starts_with('[') && !next.starts_with('-'),
+                    "`ftplan {cmd}`: {flag} has no description"
+                );
+            }
+        }
+        // No colour codes anywhere (so NO_COLOR holds whatever the terminal).
+        assert!(!help.contains('\u{1b}'), "{cmd}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ftplan().args(["completions", shell]).assert().code(0);
+        assert!(String::from_utf8_lossy(&out.get_output().stdout).contains("ftplan"));
+    }
+    let out = ftplan()
+        .args(["estimate", "--model", "gpt2", "--gpu", "h100"])
+        .env("NO_COLOR", "1")
+        .assert()
+        .code(0);
+    assert!(!out.get_output().stdout.contains(&0x1b));
+}

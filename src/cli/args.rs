@@ -27,12 +27,18 @@ pub enum Command {
     Compare(CompareArgs),
     /// Memory and step time against sequence length or batch size; or a models x GPUs fit matrix.
     Sweep(SweepArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Write the plan as the engine's own config: `--deepspeed FILE` and/or `--accelerate FILE`.
     Export(ExportArgs),
     /// List shipped models or GPUs.
     List {
         #[arg(value_enum)]
         what: ListWhat,
+        /// Output: a table for people or JSON for programs.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
@@ -105,6 +111,7 @@ pub struct PlanArgs {
     /// Dtype regime of the weights [default: mixed-bf16 for full, bf16 for PEFT methods].
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
+    /// Optimizer and its implementation (fused AdamW is Hugging Face Trainer's default).
     #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
     pub optimizer: OptimizerArg,
     /// Micro-batch per GPU.
@@ -119,8 +126,10 @@ pub struct PlanArgs {
     /// Gradient checkpointing (one checkpoint per block, non-reentrant).
     #[arg(long)]
     pub grad_ckpt: bool,
+    /// Attention kernel: SDPA (flash / memory-efficient) or eager.
     #[arg(long, value_enum, default_value_t = AttentionArg::Sdpa)]
     pub attention: AttentionArg,
+    /// LoRA rank r.
     #[arg(long, default_value_t = 16)]
     pub lora_rank: u64,
     /// LoRA alpha [default: 2 x rank].
@@ -181,6 +190,7 @@ pub struct PlanArgs {
 pub struct EstimateArgs {
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Training tokens, for wall time and cost.
@@ -189,6 +199,7 @@ pub struct EstimateArgs {
     /// Epochs over --dataset-tokens, for wall time and cost.
     #[arg(long, allow_negative_numbers = true)]
     pub epochs: Option<f64>,
+    /// Tokens in the dataset (with --epochs: wall time and cost for the whole run).
     #[arg(long, allow_negative_numbers = true)]
     pub dataset_tokens: Option<f64>,
     /// Price per GPU-hour in USD (overrides the hardware profile's).
@@ -202,6 +213,7 @@ pub struct CheckArgs {
     pub plans: Vec<PathBuf>,
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -224,6 +236,7 @@ pub struct FitArgs {
     /// Layouts to show.
     #[arg(long, default_value_t = 5)]
     pub layouts: usize,
+    /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -261,6 +274,7 @@ pub struct CompareArgs {
     /// Folder for the charts and the Markdown report.
     #[arg(long, default_value = "reports")]
     pub out: PathBuf,
+    /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -279,6 +293,7 @@ pub enum SweepAxis {
 pub struct SweepArgs {
     #[command(flatten)]
     pub plan: PlanArgs,
+    /// What to sweep: seq, batch, matrix (models x GPUs) or gpus (fewest GPUs per method).
     #[arg(long, value_enum, default_value_t = SweepAxis::Seq)]
     pub over: SweepAxis,
     /// Methods, one curve each.
@@ -290,8 +305,10 @@ pub struct SweepArgs {
     /// GPUs for the fit matrix, comma-separated.
     #[arg(long)]
     pub gpus_list: Option<String>,
+    /// Folder for the chart (SVG + PNG) and the Markdown report.
     #[arg(long, default_value = "reports")]
     pub out: PathBuf,
+    /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -301,6 +318,7 @@ pub struct ValidateArgs {
     /// Measured runs (JSON lines, the ground-truth format) [default: the H200 runs built in].
     #[arg(long)]
     pub file: Option<PathBuf>,
+    /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
     /// Calibration file for the step-time column [default: validation/calib-h200.json's rates].
