@@ -378,9 +378,13 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
         if p.grad_ckpt { ", grad-ckpt" } else { "" }
     );
     let stem = format!("compare-{}", first.estimate.model.name);
-    let files = chart::write_compare(&a.out, &stem, &title, &rows)?;
+    let stage = report::Stage::new(&a.out)?;
+    let files = chart::write_compare(stage.path(), &stem, &title, &rows)?;
     let table = report::table::compare(&rows);
-    let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
+    let md = report::write_markdown(stage.path(), &stem, &title, &table, &files)?;
+    let mut all = files.clone();
+    all.push(md);
+    let all = stage.commit(&all)?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -393,7 +397,7 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
             )?
         ),
     }
-    wrote(&files, &md);
+    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -476,10 +480,14 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             "batch"
         }
     );
-    let files = chart::write_sweep(&a.out, &stem, &title, axis, &series, budget)?;
+    let stage = report::Stage::new(&a.out)?;
+    let files = chart::write_sweep(stage.path(), &stem, &title, axis, &series, budget)?;
     let table = report::table::sweep(axis, &series, budget);
-    let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
-    wrote(&files, &md);
+    let md = report::write_markdown(stage.path(), &stem, &title, &table, &files)?;
+    let mut all = files.clone();
+    all.push(md);
+    let all = stage.commit(&all)?;
+    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -533,7 +541,8 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     }
     let title = format!("GPUs needed per method on {hw_name}");
     let stem = "gpus-needed";
-    let files = chart::write_gpus_needed(&a.out, stem, &title, &models, &series)?;
+    let stage = report::Stage::new(&a.out)?;
+    let files = chart::write_gpus_needed(stage.path(), stem, &title, &models, &series)?;
     let mut table = comfy_table::Table::new();
     table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
     let mut header = vec!["method".to_string()];
@@ -549,8 +558,11 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         table.add_row(row);
     }
     let table = table.to_string();
-    let md = report::write_markdown(&a.out, stem, &title, &table, &files)?;
-    wrote(&files, &md);
+    let md = report::write_markdown(stage.path(), stem, &title, &table, &files)?;
+    let mut all = files.clone();
+    all.push(md);
+    let all = stage.commit(&all)?;
+    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -606,10 +618,14 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     )
     .to_lowercase();
     let stem = "fit-matrix".to_string();
-    let files = chart::write_matrix(&a.out, &stem, &title, &gpu_names, &cells)?;
+    let stage = report::Stage::new(&a.out)?;
+    let files = chart::write_matrix(stage.path(), &stem, &title, &gpu_names, &cells)?;
     let table = report::table::matrix(&gpu_names, &cells);
-    let md = report::write_markdown(&a.out, &stem, &title, &table, &files)?;
-    wrote(&files, &md);
+    let md = report::write_markdown(stage.path(), &stem, &title, &table, &files)?;
+    let mut all = files.clone();
+    all.push(md);
+    let all = stage.commit(&all)?;
+    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(

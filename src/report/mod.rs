@@ -52,6 +52,46 @@ pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
         .map_err(|e| write_error(path, e.error))
 }
 
+/// A command's outputs, written into a fresh, exclusively created folder inside the output
+/// folder and moved into place together only once all of them are written: a run that fails
+/// part-way leaves the previous reports as they were (the folder is removed on drop).
+pub struct Stage {
+    dir: tempfile::TempDir,
+    out: std::path::PathBuf,
+}
+
+impl Stage {
+    pub fn new(out: &Path) -> Result<Stage> {
+        std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix(".ftplan-stage-")
+            .tempdir_in(out)
+            .map_err(|e| write_error(out, e))?;
+        Ok(Stage {
+            dir,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Where the writers write.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Moves the staged `files` into the output folder; returns their final paths.
+    pub fn commit(self, files: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>> {
+        let mut done = Vec::with_capacity(files.len());
+        for f in files {
+            let name = f.file_name().unwrap_or_default();
+            let target = self.out.join(name);
+            std::fs::rename(self.dir.path().join(name), &target)
+                .map_err(|e| write_error(&target, e))?;
+            done.push(target);
+        }
+        Ok(done)
+    }
+}
+
 /// GiB with two decimals.
 pub fn gib(b: Bytes) -> String {
     format!("{:.2}", b.gib())
@@ -111,4 +151,36 @@ pub fn markdown(title: &str, table: &str, files: &[std::path::PathBuf]) -> Strin
         env!("CARGO_PKG_VERSION")
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_dropped_before_commit_leaves_the_previous_reports() {
+        let out = tempfile::tempdir().expect("temp dir");
+        std::fs::write(out.path().join("r.md"), "previous").expect("previous report");
+        {
+            let stage = Stage::new(out.path()).expect("stage");
+            write_atomic(&stage.path().join("r.md"), b"half of a new run").expect("staged");
+            // A later writer fails: the stage is dropped uncommitted.
+        }
+        let names: Vec<_> = std::fs::read_dir(out.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        let kept = std::fs::read_to_string(out.path().join("r.md")).expect("read");
+        assert_eq!(kept, "previous");
+        // Committed, the new file replaces the old one.
+        let stage = Stage::new(out.path()).expect("stage");
+        let staged = stage.path().join("r.md");
+        write_atomic(&staged, b"new").expect("staged");
+        stage.commit(&[staged]).expect("commit");
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("r.md")).expect("read"),
+            "new"
+        );
+    }
 }
