@@ -3,6 +3,7 @@
 mod accuracy;
 mod cli;
 mod cluster;
+mod contracts;
 mod fuzz;
 mod gpu;
 mod hardening;

@@ -36,11 +36,14 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
             time["cost_usd"] = json!(wall / 3600.0 * price * e.plan.parallel.gpus as f64);
         }
     }
+    let mut plan = json!(e.plan);
+    // The contract kept `plan.gpus` before the layout became `plan.parallel`.
+    plan["gpus"] = json!(e.plan.parallel.gpus);
     json!({
         "model": { "name": e.model.name, "params": m.base_params, "family": e.model.family },
         "total_params": m.total_params,
         "method": e.plan.method.name(),
-        "plan": e.plan,
+        "plan": plan,
         "trainable_params": m.trainable_params,
         "memory": {
             "weights": b.weights.0,
