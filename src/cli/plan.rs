@@ -494,6 +494,13 @@ impl PlanInput {
                 }
             }
         }
+        let longest = self.seq.max(self.target_seq);
+        if let Some(context) = model.value.context.filter(|&c| longest > c) {
+            notes.push(format!(
+                "--seq {longest} is past `{}`'s trained context of {context} tokens (it runs, out of distribution)",
+                model.value.name
+            ));
+        }
         let precision = match self.precision {
             Some(PrecisionArg::MixedBf16) => Precision::MixedBf16,
             Some(PrecisionArg::Bf16) => Precision::Bf16,

@@ -431,6 +431,7 @@ mod tests {
             lm_head_bias: false,
             dropout: Dropouts::default(),
             published_params: None,
+            context: None,
         }
     }
 

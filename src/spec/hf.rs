@@ -188,6 +188,10 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     };
     spec.name = name.to_string();
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
+    spec.context = ["max_position_embeddings", "n_positions", "n_ctx"]
+        .iter()
+        .find_map(|k| map.get(*k).and_then(serde_json::Value::as_u64))
+        .filter(|&c| c > 0);
     check_size(path, &spec)?;
     check_heads(path, &spec.decoder, spec.hidden_size, &r)?;
     if let Some(enc) = &spec.encoder {
@@ -316,6 +320,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             ..Dropouts::default()
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -357,6 +362,7 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
             activation: 0.0,
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -411,6 +417,7 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -457,6 +464,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
             activation: 0.0,
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -498,6 +506,7 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
             activation: 0.0,
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -557,6 +566,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
             activation: 0.0,
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -619,6 +629,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
             activation: drop,
         },
         published_params: None,
+        context: None,
     })
 }
 
@@ -671,5 +682,6 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
         },
         published_params: None,
+        context: None,
     })
 }

@@ -155,6 +155,9 @@ pub struct ModelSpec {
     pub dropout: Dropouts,
     /// Published total parameter count, when the file states one (checked by the tests).
     pub published_params: Option<u64>,
+    /// The context the model was trained for (`max_position_embeddings`, `n_positions`), where
+    /// the config states one: longer sequences run but are out of distribution.
+    pub context: Option<u64>,
 }
 
 impl ModelSpec {
