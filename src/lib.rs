@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod comm;
 pub mod error;
 pub mod estimate;
+pub mod explore;
 pub mod graph;
 pub mod interop;
 pub mod io;

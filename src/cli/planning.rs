@@ -6,13 +6,12 @@ use super::args::{
 use super::plan::{PlanInput, Resolved};
 use super::{DOES_NOT_FIT, FITS, estimate_resolved, note};
 use ftplan::error::Error;
+use ftplan::explore::{self, Case};
 use ftplan::layouts::{Bounds, Objective};
 use ftplan::report::{self, chart, gib};
 use ftplan::search::{self, Target};
 use ftplan::spec::hardware::Hardware;
-use ftplan::spec::registry::{
-    hardware_files, parse_hardware_toml, resolve_hardware, resolve_model,
-};
+use ftplan::spec::registry::{hardware_files, parse_hardware_toml};
 use ftplan::time::Rates;
 use serde_json::json;
 use std::path::PathBuf;
@@ -327,6 +326,41 @@ fn gpu_list(first: Option<&str>, list: Option<&str>) -> Vec<String> {
     out
 }
 
+/// A resolved plan as the library's exploration case.
+fn case(r: Resolved) -> Case {
+    let budget = r.budget();
+    Case {
+        model: r.model,
+        plan: r.plan,
+        hardware: r.hardware,
+        rates: r.rates,
+        budget,
+    }
+}
+
+/// Writes a report's charts and Markdown together (staged), and says which files.
+fn publish(
+    out: &std::path::Path,
+    stem: &str,
+    title: &str,
+    table: &str,
+    draw: impl FnOnce(&std::path::Path) -> ftplan::Result<Vec<PathBuf>>,
+) -> anyhow::Result<()> {
+    let stage = report::Stage::new(out)?;
+    let mut files = draw(stage.path())?;
+    files.push(report::write_markdown(
+        stage.path(),
+        stem,
+        title,
+        table,
+        &files,
+    )?);
+    let all = stage.commit(&files)?;
+    let names: Vec<String> = all.iter().map(|p| p.display().to_string()).collect();
+    eprintln!("wrote {}", names.join(", "));
+    Ok(())
+}
+
 pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     if super::given("method") {
         return Err(Error::field(
@@ -338,163 +372,77 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let methods = methods(&a.methods)?;
-    let gpus = gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref());
-    let mut rows = Vec::new();
-    for gpu in &gpus {
+    let mut cases = Vec::new();
+    for gpu in gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref()) {
         for &m in &methods {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
             input.gpu = Some(gpu.clone());
-            let r = input.resolve()?;
-            let e = estimate_resolved(&r)?;
-            rows.push(chart::Bar {
-                label: format!(
-                    "{}{}",
-                    e.plan.method.name(),
-                    if gpus.len() > 1 {
-                        format!(" @ {}", r.hardware.name)
-                    } else {
-                        String::new()
-                    }
-                ),
-                estimate: e,
-                budget: r.budget(),
-            });
+            cases.push(case(input.resolve()?));
         }
     }
-    let Some(first) = rows.first() else {
-        anyhow::bail!("nothing to compare")
-    };
-    let p = &first.estimate.plan;
-    let seq = if first.estimate.model.is_encoder_decoder() {
-        format!("{}+{}", p.seq, p.target_seq)
-    } else {
-        p.seq.to_string()
-    };
-    let title = format!(
-        "{}: required memory by method (GiB; batch {} x seq {seq}{})",
-        first.estimate.model.name,
-        p.batch,
-        if p.grad_ckpt { ", grad-ckpt" } else { "" }
-    );
-    let stem = format!("compare-{}", first.estimate.model.name);
-    let stage = report::Stage::new(&a.out)?;
-    let files = chart::write_compare(stage.path(), &stem, &title, &rows)?;
-    let table = report::table::compare(&rows);
-    let md = report::write_markdown(stage.path(), &stem, &title, &table, &files)?;
-    let mut all = files.clone();
-    all.push(md);
-    let all = stage.commit(&all)?;
+    let result = explore::compare(&cases)?;
+    let stem = format!("compare-{}", result.model);
+    let table = report::table::compare(&result.bars);
+    publish(&a.out, &stem, &result.title, &table, |dir| {
+        chart::write_compare(dir, &stem, &result.title, &result.bars)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
             "{}",
-            serde_json::to_string_pretty(
-                &rows
-                    .iter()
-                    .map(|b| report::json::estimate(&b.estimate, None, &[]))
-                    .collect::<Vec<_>>()
-            )?
+            serde_json::to_string_pretty(&report::json::compare(&result))?
         ),
     }
-    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Tells stderr which files a report wrote.
-fn wrote(files: &[PathBuf], md: &std::path::Path) {
-    let names: Vec<String> = files
-        .iter()
-        .map(|p| p.as_path())
-        .chain([md])
-        .map(|p| p.display().to_string())
-        .collect();
-    eprintln!("wrote {}", names.join(", "));
-}
-
 pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
-    if a.over == SweepAxis::Matrix {
-        return matrix(a);
-    }
-    if a.over == SweepAxis::Gpus {
-        return gpus_needed(a);
-    }
-    let methods = methods(&a.methods)?;
-    let values: Vec<u64> = match a.over {
-        SweepAxis::Seq => (7..=15).map(|p| 1u64 << p).collect(),
-        _ => (0..=7).map(|p| 1u64 << p).collect(),
+    let axis = match a.over {
+        SweepAxis::Matrix => return matrix(a),
+        SweepAxis::Gpus => return gpus_needed(a),
+        SweepAxis::Seq => explore::Axis::Seq,
+        SweepAxis::Batch => explore::Axis::Batch,
     };
-    let mut series = Vec::new();
-    let mut hw_name = String::new();
-    let mut budget = ftplan::units::Bytes::ZERO;
-    let mut model_name = String::new();
-    for &m in &methods {
+    let values: Vec<u64> = match axis {
+        explore::Axis::Seq => (7..=15).map(|p| 1u64 << p).collect(),
+        explore::Axis::Batch => (0..=7).map(|p| 1u64 << p).collect(),
+    };
+    let mut cases = Vec::new();
+    for &m in &methods(&a.methods)? {
         let mut input = PlanInput::from_args(&a.plan);
         input.method = m;
-        let r = input.resolve()?;
-        hw_name = r.hardware.display_name.clone();
-        budget = r.budget();
-        model_name = r.model.name.clone();
-        let mut points = Vec::new();
-        for &v in &values {
-            let mut p = r.plan.clone();
-            match a.over {
-                SweepAxis::Seq => p.seq = v,
-                _ => p.batch = v,
-            }
-            // The curve ends where the model stops (a learned position table, say).
-            let e = match ftplan::estimate::estimate(&r.model, &p, &r.hardware, &r.rates) {
-                Ok(e) => e,
-                Err(err) if !points.is_empty() => {
-                    eprintln!(
-                        "note: the {} curve stops at {}: {err}",
-                        r.plan.method.name(),
-                        p.seq.max(p.batch)
-                    );
-                    break;
-                }
-                Err(err) => return Err(err.into()),
-            };
-            points.push(chart::SweepPoint {
-                x: v,
-                required: e.memory.required,
-                step_seconds: e.time.step_seconds,
-            });
-        }
-        series.push(chart::Series {
-            name: r.plan.method.name().to_string(),
-            points,
-        });
+        cases.push(case(input.resolve()?));
     }
-    let axis = if a.over == SweepAxis::Seq {
-        "sequence length (tokens)"
-    } else {
-        "micro-batch"
-    };
-    let title = format!("{model_name} on {hw_name}: memory vs {axis}");
+    let result = explore::sweep(&cases, axis, &values)?;
+    for s in &result.stopped {
+        eprintln!("note: {s}");
+    }
     let stem = format!(
-        "sweep-{model_name}-{}",
-        if a.over == SweepAxis::Seq {
+        "sweep-{}-{}",
+        result.model,
+        if axis == explore::Axis::Seq {
             "seq"
         } else {
             "batch"
         }
     );
-    let stage = report::Stage::new(&a.out)?;
-    let files = chart::write_sweep(stage.path(), &stem, &title, axis, &series, budget)?;
-    let table = report::table::sweep(axis, &series, budget);
-    let md = report::write_markdown(stage.path(), &stem, &title, &table, &files)?;
-    let mut all = files.clone();
-    all.push(md);
-    let all = stage.commit(&all)?;
-    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
+    let table = report::table::sweep(axis.label(), &result.series, result.budget);
+    publish(&a.out, &stem, &result.title, &table, |dir| {
+        chart::write_sweep(
+            dir,
+            &stem,
+            &result.title,
+            axis.label(),
+            &result.series,
+            result.budget,
+        )
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
             "{}",
-            serde_json::to_string_pretty(
-                &json!({ "axis": axis, "budget": budget.0, "series": series })
-            )?
+            serde_json::to_string_pretty(&report::json::sweep(&result))?
         ),
     }
     Ok(ExitCode::SUCCESS)
@@ -509,65 +457,31 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
-    let methods = methods(&a.methods)?;
-    let mut series: Vec<chart::GpusNeeded> = Vec::new();
-    let mut hw_name = String::new();
-    let mut rows: Vec<serde_json::Value> = Vec::new();
-    for &m in &methods {
-        let mut gpus = Vec::new();
+    let mut rows = Vec::new();
+    let mut fixed = None;
+    for &m in &methods(&a.methods)? {
+        let mut cases = Vec::new();
         for model in &models {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
             input.model = Some(model.clone());
             let r = input.resolve()?;
-            hw_name = r.hardware.display_name.clone();
-            let bounds = Bounds {
-                max_gpus: 4096,
-                host_memory: r.hardware.host_memory,
-                price_per_gpu_hour: r.hardware.price_per_hour_usd,
-            };
-            let fixed = input.layout.fixed(&input.origin, r.plan.grad_ckpt)?;
-            let best = ftplan::layouts::fewest_gpus(&target(&r), &r.plan, fixed, bounds)?;
-            rows.push(json!({
-                "model": model, "method": r.plan.method.name(),
-                "gpus": best.as_ref().map(|l| l.parallel.gpus), "layout": best,
-            }));
-            gpus.push(best.map(|l| l.parallel.gpus));
+            fixed = Some(input.layout.fixed(&input.origin, r.plan.grad_ckpt)?);
+            cases.push(case(r));
         }
-        series.push(chart::GpusNeeded {
-            method: format!("{m:?}").to_lowercase(),
-            gpus,
-        });
+        rows.push((format!("{m:?}").to_lowercase(), cases));
     }
-    let title = format!("GPUs needed per method on {hw_name}");
+    let result = explore::gpus_needed(models, &rows, fixed.unwrap_or_default(), 4096)?;
+    let table = report::table::gpus_needed(&result);
     let stem = "gpus-needed";
-    let stage = report::Stage::new(&a.out)?;
-    let files = chart::write_gpus_needed(stage.path(), stem, &title, &models, &series)?;
-    let mut table = comfy_table::Table::new();
-    table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-    let mut header = vec!["method".to_string()];
-    header.extend(models.iter().cloned());
-    table.set_header(header);
-    for s in &series {
-        let mut row = vec![s.method.clone()];
-        row.extend(
-            s.gpus
-                .iter()
-                .map(|g| g.map_or("> 4096".to_string(), |g| g.to_string())),
-        );
-        table.add_row(row);
-    }
-    let table = table.to_string();
-    let md = report::write_markdown(stage.path(), stem, &title, &table, &files)?;
-    let mut all = files.clone();
-    all.push(md);
-    let all = stage.commit(&all)?;
-    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
+    publish(&a.out, stem, &result.title, &table, |dir| {
+        chart::write_gpus_needed(dir, stem, &result.title, &result.models, &result.series)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "needed": rows }))?
+            serde_json::to_string_pretty(&report::json::gpus_needed(&result))?
         ),
     }
     Ok(ExitCode::SUCCESS)
@@ -589,52 +503,39 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
-    let mut cells = Vec::new();
+    let mut rows = Vec::new();
+    let mut gpu_names = Vec::new();
     for m in &models {
-        let model = resolve_model(m)?.value;
-        let mut row = Vec::new();
+        let mut cases = Vec::new();
         for g in &gpus {
             let mut input = PlanInput::from_args(&a.plan);
             input.model = Some(m.clone());
             input.gpu = Some(g.clone());
-            let r = input.resolve()?;
-            let e = estimate_resolved(&r)?;
-            row.push(chart::Cell {
-                required: e.memory.required,
-                budget: r.budget(),
-                fits: e.fits,
-            });
+            cases.push(case(input.resolve()?));
         }
-        cells.push((model.name, row));
+        gpu_names = cases.iter().map(|c| c.hardware.name.clone()).collect();
+        rows.push(cases);
     }
-    let gpu_names: Vec<String> = gpus
-        .iter()
-        .map(|g| resolve_hardware(g).map(|h| h.value.name))
-        .collect::<Result<_, _>>()?;
     let method = a.plan.method;
     let title = format!(
         "fit matrix: {:?} fine-tuning, batch {} x seq {}",
         method, a.plan.batch, a.plan.seq
     )
     .to_lowercase();
-    let stem = "fit-matrix".to_string();
-    let stage = report::Stage::new(&a.out)?;
-    let files = chart::write_matrix(stage.path(), &stem, &title, &gpu_names, &cells)?;
-    let table = report::table::matrix(&gpu_names, &cells);
-    let md = report::write_markdown(stage.path(), &stem, &title, &table, &files)?;
-    let mut all = files.clone();
-    all.push(md);
-    let all = stage.commit(&all)?;
-    wrote(&all[..all.len() - 1], &all[all.len() - 1]);
+    let result = explore::matrix(title, gpu_names, &rows)?;
+    let table = report::table::matrix(&result.gpus, &result.rows);
+    let stem = "fit-matrix";
+    publish(&a.out, stem, &result.title, &table, |dir| {
+        chart::write_matrix(dir, stem, &result.title, &result.gpus, &result.rows)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
             "{}",
-            serde_json::to_string_pretty(&json!({
-                "method": format!("{method:?}").to_lowercase(),
-                "gpus": gpu_names,
-                "rows": cells.iter().map(|(m, row)| json!({ "model": m, "cells": row })).collect::<Vec<_>>(),
-            }))?
+            serde_json::to_string_pretty(&report::json::matrix(
+                &format!("{method:?}").to_lowercase(),
+                &result
+            ))?
         ),
     }
     Ok(ExitCode::SUCCESS)

@@ -9,7 +9,6 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
@@ -47,35 +46,7 @@ fn fonts() {
     });
 }
 
-/// One method (or GPU) in a comparison.
-pub struct Bar {
-    pub label: String,
-    pub estimate: Estimate,
-    pub budget: Bytes,
-}
-
-/// A value of the swept variable.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct SweepPoint {
-    pub x: u64,
-    pub required: Bytes,
-    pub step_seconds: f64,
-}
-
-/// One curve of a sweep.
-#[derive(Debug, Clone, Serialize)]
-pub struct Series {
-    pub name: String,
-    pub points: Vec<SweepPoint>,
-}
-
-/// One model x GPU cell of a fit matrix.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Cell {
-    pub required: Bytes,
-    pub budget: Bytes,
-    pub fits: bool,
-}
+pub use crate::explore::{Bar, Cell, Series, SweepPoint};
 
 fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> Error + '_ {
     move |e| Error::Write {
@@ -478,20 +449,13 @@ impl Chart for Matrix<'_> {
     }
 }
 
-/// One method's fewest GPUs for each model (`None`: no layout within the search's bound).
-#[derive(Debug, Clone, Serialize)]
-pub struct GpusNeeded {
-    pub method: String,
-    pub gpus: Vec<Option<u64>>,
-}
-
 /// "GPUs needed per method": models along x, the fewest GPUs each method needs (log scale).
 pub fn write_gpus_needed(
     dir: &Path,
     stem: &str,
     title: &str,
     models: &[String],
-    series: &[GpusNeeded],
+    series: &[crate::explore::Needed],
 ) -> Result<Vec<PathBuf>> {
     both(
         dir,
@@ -507,7 +471,7 @@ pub fn write_gpus_needed(
 struct Needed<'a> {
     title: &'a str,
     models: &'a [String],
-    series: &'a [GpusNeeded],
+    series: &'a [crate::explore::Needed],
 }
 
 impl Chart for Needed<'_> {

@@ -80,3 +80,43 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         "notes": notes,
     })
 }
+
+/// `compare`: one `estimate` object per bar (the contract since the first release).
+pub fn compare(c: &crate::explore::Comparison) -> Value {
+    Value::Array(
+        c.bars
+            .iter()
+            .map(|b| estimate(&b.estimate, None, &[]))
+            .collect(),
+    )
+}
+
+/// `sweep --over seq|batch`.
+pub fn sweep(s: &crate::explore::Sweep) -> Value {
+    json!({ "axis": s.axis.label(), "budget": s.budget.0, "series": s.series, "stopped": s.stopped })
+}
+
+/// `sweep --over matrix`.
+pub fn matrix(method: &str, m: &crate::explore::Matrix) -> Value {
+    json!({
+        "method": method,
+        "gpus": m.gpus,
+        "rows": m.rows.iter().map(|(model, cells)| json!({ "model": model, "cells": cells })).collect::<Vec<_>>(),
+    })
+}
+
+/// `sweep --over gpus`.
+pub fn gpus_needed(g: &crate::explore::GpusNeeded) -> Value {
+    let mut needed = Vec::new();
+    for s in &g.series {
+        for (i, model) in g.models.iter().enumerate() {
+            needed.push(json!({
+                "model": model,
+                "method": s.method,
+                "gpus": s.gpus.get(i).copied().flatten(),
+                "layout": s.layouts.get(i).cloned().flatten(),
+            }));
+        }
+    }
+    json!({ "needed": needed })
+}

@@ -417,3 +417,20 @@ pub fn layouts(found: &[crate::layouts::Layout], max_gpus: u64) -> String {
     }
     format!("layouts that fit, best first:\n{t}\n")
 }
+
+/// `sweep --over gpus`: methods x models, the fewest GPUs each needs.
+pub fn gpus_needed(g: &crate::explore::GpusNeeded) -> String {
+    let mut header = vec!["method".to_string()];
+    header.extend(g.models.iter().cloned());
+    let mut t = styled(header);
+    for s in &g.series {
+        let mut row = vec![s.method.clone()];
+        row.extend(
+            s.gpus
+                .iter()
+                .map(|n| n.map_or("> 4096".to_string(), |n| n.to_string())),
+        );
+        t.add_row(row);
+    }
+    t.to_string()
+}

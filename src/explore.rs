@@ -1,0 +1,287 @@
+//! The explorations behind `compare`, `sweep` and the fit matrix: many estimates of resolved
+//! cases, gathered into one typed, serialisable result per command, which the table, JSON,
+//! Markdown and chart writers in `report` render. The CLI resolves the cases and renders.
+
+use crate::error::{Error, Result};
+use crate::estimate::{Estimate, estimate};
+use crate::layouts::{self, Bounds, Fixed, Layout};
+use crate::search::Target;
+use crate::spec::hardware::Hardware;
+use crate::spec::model::ModelSpec;
+use crate::spec::plan::Plan;
+use crate::time::Rates;
+use crate::units::Bytes;
+use serde::Serialize;
+
+/// One resolved plan to estimate: a model, plan and GPU with its rates and memory budget.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub model: ModelSpec,
+    pub plan: Plan,
+    pub hardware: Hardware,
+    pub rates: Rates,
+    /// Device memory the plan may use (less headroom).
+    pub budget: Bytes,
+}
+
+impl Case {
+    fn run(&self) -> Result<Estimate> {
+        let mut e = estimate(&self.model, &self.plan, &self.hardware, &self.rates)?;
+        e.budget = self.budget;
+        e.fits = e.memory.required <= self.budget;
+        Ok(e)
+    }
+}
+
+/// One method (or GPU) in a comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bar {
+    pub label: String,
+    pub estimate: Estimate,
+    pub budget: Bytes,
+}
+
+/// `compare`: methods (and GPUs) side by side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub model: String,
+    pub title: String,
+    pub bars: Vec<Bar>,
+}
+
+/// Estimates every case; bars are labelled by method, and by GPU when there are several.
+pub fn compare(cases: &[Case]) -> Result<Comparison> {
+    let first = cases.first().ok_or_else(|| Error::Plan {
+        message: "nothing to compare".into(),
+        hint: Some("pass --methods and/or --gpus-list".into()),
+    })?;
+    let several_gpus = cases.iter().any(|c| c.hardware.name != first.hardware.name);
+    let bars = cases
+        .iter()
+        .map(|c| {
+            Ok(Bar {
+                label: format!(
+                    "{}{}",
+                    c.plan.method.name(),
+                    if several_gpus {
+                        format!(" @ {}", c.hardware.name)
+                    } else {
+                        String::new()
+                    }
+                ),
+                estimate: c.run()?,
+                budget: c.budget,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let p = &first.plan;
+    let seq = if first.model.is_encoder_decoder() {
+        format!("{}+{}", p.seq, p.target_seq)
+    } else {
+        p.seq.to_string()
+    };
+    Ok(Comparison {
+        model: first.model.name.clone(),
+        title: format!(
+            "{}: required memory by method (GiB; batch {} x seq {seq}{})",
+            first.model.name,
+            p.batch,
+            if p.grad_ckpt { ", grad-ckpt" } else { "" }
+        ),
+        bars,
+    })
+}
+
+/// What a sweep varies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Axis {
+    Seq,
+    Batch,
+}
+
+impl Axis {
+    pub fn label(self) -> &'static str {
+        match self {
+            Axis::Seq => "sequence length (tokens)",
+            Axis::Batch => "micro-batch",
+        }
+    }
+}
+
+/// A value of the swept variable.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SweepPoint {
+    pub x: u64,
+    pub required: Bytes,
+    pub step_seconds: f64,
+}
+
+/// One curve of a sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<SweepPoint>,
+}
+
+/// `sweep --over seq|batch`: one curve per method.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sweep {
+    pub model: String,
+    pub title: String,
+    pub axis: Axis,
+    pub budget: Bytes,
+    pub series: Vec<Series>,
+    /// Where a curve ended early, and why (a learned position table, say).
+    pub stopped: Vec<String>,
+}
+
+/// Sweeps `axis` over `values` for each case (one per method).
+pub fn sweep(cases: &[Case], axis: Axis, values: &[u64]) -> Result<Sweep> {
+    let first = cases.first().ok_or_else(|| Error::Plan {
+        message: "nothing to sweep".into(),
+        hint: Some("pass --methods".into()),
+    })?;
+    let mut series = Vec::new();
+    let mut stopped = Vec::new();
+    for c in cases {
+        let mut points = Vec::new();
+        for &v in values {
+            let mut case = c.clone();
+            match axis {
+                Axis::Seq => case.plan.seq = v,
+                Axis::Batch => case.plan.batch = v,
+            }
+            // The curve ends where the model stops.
+            let e = match case.run() {
+                Ok(e) => e,
+                Err(err) if !points.is_empty() => {
+                    stopped.push(format!(
+                        "the {} curve stops at {v}: {err}",
+                        c.plan.method.name()
+                    ));
+                    break;
+                }
+                Err(err) => return Err(err),
+            };
+            points.push(SweepPoint {
+                x: v,
+                required: e.memory.required,
+                step_seconds: e.time.step_seconds,
+            });
+        }
+        series.push(Series {
+            name: c.plan.method.name().to_string(),
+            points,
+        });
+    }
+    Ok(Sweep {
+        model: first.model.name.clone(),
+        title: format!(
+            "{} on {}: memory vs {}",
+            first.model.name,
+            first.hardware.display_name,
+            axis.label()
+        ),
+        axis,
+        budget: first.budget,
+        series,
+        stopped,
+    })
+}
+
+/// One model x GPU cell of a fit matrix.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Cell {
+    pub required: Bytes,
+    pub budget: Bytes,
+    pub fits: bool,
+}
+
+/// `sweep --over matrix`: models x GPUs for one method.
+#[derive(Debug, Clone, Serialize)]
+pub struct Matrix {
+    pub title: String,
+    pub gpus: Vec<String>,
+    pub rows: Vec<(String, Vec<Cell>)>,
+}
+
+/// Estimates each row's cases (one per GPU).
+pub fn matrix(title: String, gpus: Vec<String>, rows: &[Vec<Case>]) -> Result<Matrix> {
+    let rows = rows
+        .iter()
+        .filter_map(|cases| cases.first().map(|c| (c.model.name.clone(), cases)))
+        .map(|(model, cases)| {
+            let cells = cases
+                .iter()
+                .map(|c| {
+                    let e = c.run()?;
+                    Ok(Cell {
+                        required: e.memory.required,
+                        budget: c.budget,
+                        fits: e.fits,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((model, cells))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Matrix { title, gpus, rows })
+}
+
+/// One method's fewest GPUs for each model (`None`: none within the search's bound).
+#[derive(Debug, Clone, Serialize)]
+pub struct Needed {
+    pub method: String,
+    pub gpus: Vec<Option<u64>>,
+    pub layouts: Vec<Option<Layout>>,
+}
+
+/// `sweep --over gpus`: the fewest GPUs each method needs, per model.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpusNeeded {
+    pub title: String,
+    pub models: Vec<String>,
+    pub series: Vec<Needed>,
+}
+
+/// For each method (a row of cases, one per model), the fewest-GPU layout of each model.
+pub fn gpus_needed(
+    models: Vec<String>,
+    methods: &[(String, Vec<Case>)],
+    fixed: Fixed,
+    max_gpus: u64,
+) -> Result<GpusNeeded> {
+    let mut gpu_name = String::new();
+    let mut series = Vec::new();
+    for (method, cases) in methods {
+        let mut needed = Needed {
+            method: method.clone(),
+            gpus: Vec::new(),
+            layouts: Vec::new(),
+        };
+        for c in cases {
+            gpu_name = c.hardware.display_name.clone();
+            let target = Target {
+                model: &c.model,
+                hardware: &c.hardware,
+                rates: &c.rates,
+                budget: c.budget,
+            };
+            let bounds = Bounds {
+                max_gpus,
+                host_memory: c.hardware.host_memory,
+                price_per_gpu_hour: c.hardware.price_per_hour_usd,
+            };
+            let best = layouts::fewest_gpus(&target, &c.plan, fixed, bounds)?;
+            needed.gpus.push(best.as_ref().map(|l| l.parallel.gpus));
+            needed.layouts.push(best);
+        }
+        series.push(needed);
+    }
+    Ok(GpusNeeded {
+        title: format!("GPUs needed per method on {gpu_name}"),
+        models,
+        series,
+    })
+}
