@@ -191,7 +191,9 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
         }
         n
     };
-    let micro = (par.grad_accum * if par.pp > 1 { 1 } else { par.micro_batches }).max(1);
+    // Without a pipeline the DAG runs every accumulation step; with one it holds one
+    // micro-batch, and the 1F1B schedule below repeats it.
+    let micro = if par.pp > 1 { 1 } else { par.grad_accum.max(1) };
     let scale = if compute
         .forward
         .iter()
@@ -353,16 +355,20 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     // 1F1B: the stage's micro-batches plus p - 1 slots of bubble; a send and a receive of the
     // boundary activation per micro-batch each way.
     let (step, bubble) = if par.pp > 1 {
+        // 1F1B: (M + p - 1) slots per accumulation step, each one micro-batch's forward and
+        // backward on this stage plus sending the boundary activation on and its gradient back;
+        // the data-parallel reduction's exposed tail and the optimizer once per step.
         let p = par.pp as f64;
         let m = par.micro_batches as f64;
+        let slots = (m + p - 1.0) * par.grad_accum as f64;
         let p2p_link = Link::between(hw, par.gpus_per_node < par.tp * par.pp);
         let send = 2.0 * (act_bytes / p2p_link.bytes_per_second + p2p_link.latency);
-        comm_total += send * m;
-        exposed = exposed * m + send * (m + p - 1.0);
-        let per_micro = step - opt - after_step - offload + send;
+        comm_total += send * m * par.grad_accum as f64;
+        let tail = (step - compute_sum - opt - after_step - offload).max(0.0);
+        exposed = tail + send * slots;
         let bubble = (p - 1.0) / (m + p - 1.0);
         (
-            per_micro * (m + p - 1.0) * par.grad_accum as f64 + opt + after_step + offload,
+            (compute_sum + send) * slots + tail + opt + after_step + offload,
             bubble,
         )
     } else {

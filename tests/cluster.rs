@@ -645,3 +645,23 @@ fn every_method_runs_under_every_engine() {
         }
     }
 }
+
+#[test]
+fn the_pipeline_bubble_and_accumulation_scale_the_step() {
+    let at = |micro: u64, accum: u64| {
+        let mut p = plan(Method::Full, Precision::MixedBf16, layout(4, Engine::Ddp));
+        p.parallel.pp = 4;
+        p.parallel.micro_batches = micro;
+        p.parallel.grad_accum = accum;
+        run("llama2-7b", &p).time
+    };
+    let (m4, m32, m4x4) = (at(4, 1), at(32, 1), at(4, 4));
+    // Narayanan et al. 2021: the bubble is (p - 1) / (M + p - 1).
+    assert!((m4.bubble_fraction - 3.0 / 7.0).abs() < 1e-12);
+    assert!((m32.bubble_fraction - 3.0 / 35.0).abs() < 1e-12);
+    // More micro-batches: more tokens per step and less idle time per token.
+    assert!(m32.tokens_per_second > m4.tokens_per_second * 1.5);
+    // Accumulating 4 steps costs about 4 pipeline passes (the reduction and step once).
+    let ratio = m4x4.step_seconds / m4.step_seconds;
+    assert!((3.5..4.0).contains(&ratio), "{ratio}");
+}
