@@ -166,8 +166,35 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
                 ..plan.clone()
             };
             consider("use 8-bit AdamW (bitsandbytes)".into(), &p, target, 1, None)?;
+            // Factored second moments, no first moment (Shazeer & Stern 2018).
+            let p = Plan {
+                optimizer: Optimizer::Adafactor,
+                ..plan.clone()
+            };
+            consider(
+                "use Adafactor (factored states)".into(),
+                &p,
+                target,
+                1,
+                None,
+            )?;
         }
         Optimizer::Adamw8bit | Optimizer::Sgd | Optimizer::Adafactor => {}
+    }
+    // Full fine-tuning in pure bf16: bf16 weights, gradients and optimizer states, no fp32
+    // master copy (what many recipes do when memory is short).
+    if plan.method == Method::Full && plan.precision != crate::spec::plan::Precision::Bf16 {
+        let p = Plan {
+            precision: crate::spec::plan::Precision::Bf16,
+            ..plan.clone()
+        };
+        consider(
+            "train in pure bf16 (bf16 weights and optimizer states)".into(),
+            &p,
+            target,
+            1,
+            None,
+        )?;
     }
     if plan.batch > 1
         && let Some(b) = max_batch(target, plan)?.filter(|&b| b < plan.batch)

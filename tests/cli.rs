@@ -580,3 +580,33 @@ fn no_adapter_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn fit_offers_pure_bf16_and_adafactor_for_full_7b_on_an_a100() {
+    // Full fine-tuning of Llama-2-7B needs ~106 GiB on an 80 GB A100; pure bf16 (no fp32 master
+    // weights, bf16 states) and Adafactor (factored states) each fit on their own.
+    let v = json(
+        ftplan().args([
+            "fit",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100",
+            "--method",
+            "full",
+            "--max-gpus",
+            "1",
+            "--format",
+            "json",
+        ]),
+        1,
+    );
+    let fixes = v["fixes"].as_array().expect("fixes");
+    for want in ["pure bf16", "Adafactor", "8-bit AdamW"] {
+        let fix = fixes
+            .iter()
+            .find(|f| f["change"].as_str().is_some_and(|c| c.contains(want)))
+            .unwrap_or_else(|| panic!("no `{want}` fix: {v}"));
+        assert_eq!(fix["fits"], true, "{fix}");
+    }
+}
