@@ -610,3 +610,13 @@ fn fit_offers_pure_bf16_and_adafactor_for_full_7b_on_an_a100() {
         assert_eq!(fix["fits"], true, "{fix}");
     }
 }
+
+#[test]
+fn bf16_on_a_gpu_without_bf16_tensor_cores_is_said() {
+    let out = ftplan()
+        .args(["estimate", "--model", "gpt2", "--gpu", "t4"])
+        .assert()
+        .code(0);
+    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(err.contains("no bf16 tensor cores"), "{err}");
+}

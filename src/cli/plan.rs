@@ -525,6 +525,15 @@ impl PlanInput {
                 ),
             ));
         }
+        // V100 and T4 have no bf16 tensor cores: bf16 runs there at their fp32 rate.
+        let hw = &gpu.value;
+        let computes_bf16 = precision != Precision::Fp32 || matches!(method, Method::Qlora(_));
+        if computes_bf16 && hw.bf16_tflops <= hw.fp32_tflops * 1.01 {
+            notes.push(format!(
+                "`{}` has no bf16 tensor cores: bf16 runs at its fp32 rate ({} TFLOP/s); people train in fp16 mixed precision there (fp16 tensor cores, {} TFLOP/s), which ftplan does not model yet",
+                hw.name, hw.fp32_tflops, hw.fp16_tflops
+            ));
+        }
         let plan = Plan {
             method,
             precision,
