@@ -193,3 +193,17 @@ fn every_model_method_and_setting_builds_a_valid_graph() {
         }
     }
 }
+
+#[test]
+fn mixture_of_experts_counts_all_experts_and_activates_top_k() {
+    use ftplan::spec::registry::resolve_model;
+    // Mixtral-8x7B: 46.7 B parameters, 12.9 B active per token (Jiang et al. 2024, sec. 2).
+    let m = resolve_model("mixtral-8x7b").expect("ships").value;
+    let total = m.published_params.expect("states its params");
+    let active = m.active_params(total);
+    assert!(active < total);
+    assert!((12.8e9..13.0e9).contains(&(active as f64)), "{active}");
+    // Dense models: active = total.
+    let dense = resolve_model("llama2-7b").expect("ships").value;
+    assert_eq!(dense.active_params(6_738_415_616), 6_738_415_616);
+}

@@ -460,6 +460,9 @@ fn in_tp_region(b: &mut Builder, f: impl FnOnce(&mut Builder) -> Val) -> Val {
 }
 
 fn mlp_ops(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
+    if let Some(moe) = b.model.moe {
+        return moe_ops(b, at, x, stack, moe);
+    }
     let name = b.scope(at.0, at.1);
     let model = b.model;
     let inter = stack.intermediate_size;
@@ -483,4 +486,52 @@ fn mlp_ops(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) ->
         let a = b.dropout(name.at("act").then("dropout"), a, model.dropout.activation);
         b.linear(name.at("fc2"), a, model.hidden_size, bias, Some(Proj::Down))
     }
+}
+
+/// transformers' sparse MoE block (`MixtralSparseMoeBlock`): router logits from a linear `gate`
+/// (h -> experts, no bias; not a LoRA target, so LoRA's `gate`/`w1` means the experts' gate
+/// projections), a softmax in fp32 over the experts and top-k; each expert, a gated FFN
+/// (`w1`, `w3`, `w2`), runs on the tokens routed to it (gathered with `index_select`), its
+/// output scaled by the routing weight and added back with `index_add_`. Routing is taken as
+/// uniform: each expert receives tokens x top_k / experts.
+fn moe_ops(
+    b: &mut Builder,
+    at: (Scope, &'static str),
+    x: Val,
+    stack: &Stack,
+    moe: crate::spec::model::Moe,
+) -> Val {
+    let name = b.scope(at.0, at.1);
+    let h = b.model.hidden_size;
+    let inter = stack.intermediate_size;
+    let router = b.linear(name.at("gate"), x, moe.experts, false, None);
+    let probs = b.cast(
+        name.at("router").then("softmax"),
+        router,
+        crate::units::DType::F32,
+    );
+    let routed = (x.tokens * moe.top_k).div_ceil(moe.experts.max(1));
+    let out = b.val(h, x.tokens, x.dtype, x.grad || b.is_base_trainable());
+    for e in 0..moe.experts {
+        let es = b.scope(name, &format!("experts.{e}"));
+        // index_select of this expert's tokens (its backward scatters the gradient back).
+        let xe = b.val(x.width, routed, x.dtype, x.grad);
+        b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
+        let g = b.linear(es.at("w1"), xe, inter, false, Some(Proj::Gate));
+        let u = b.linear(es.at("w3"), xe, inter, false, Some(Proj::Up));
+        let a = b.activation(es.at("act"), g);
+        let p = b.mul(es.at("mul"), a, u);
+        let d = b.linear(es.at("w2"), p, h, false, Some(Proj::Down));
+        // Scaled by its routing weights (kept for backward), then index_add_ into the output.
+        let w = b.val(1, routed, probs.dtype, probs.grad);
+        let scaled = b.mul(es.at("weight"), d, w);
+        b.elementwise(
+            es.at("index_add"),
+            &[scaled],
+            out,
+            smallvec::SmallVec::new(),
+            1.0,
+        );
+    }
+    out
 }

@@ -326,9 +326,12 @@ impl<'a> Builder<'a> {
         let (modules, dispatch) = match self.model.family {
             Family::Gpt2 | Family::T5 | Family::Phi => (1, 1),
             Family::Bart | Family::Opt | Family::Falcon => (0, 1),
-            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma | Family::Palm => {
-                (0, 0)
-            }
+            Family::Llama
+            | Family::Mistral
+            | Family::Qwen2
+            | Family::Gemma
+            | Family::Palm
+            | Family::Mixtral => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.
@@ -432,6 +435,7 @@ mod tests {
             dropout: Dropouts::default(),
             published_params: None,
             context: None,
+            moe: None,
         }
     }
 

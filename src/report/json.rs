@@ -42,6 +42,7 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
     json!({
         "model": { "name": e.model.name, "params": m.base_params, "family": e.model.family },
         "total_params": m.total_params,
+        "active_params": e.model.active_params(m.total_params),
         "method": e.plan.method.name(),
         "plan": plan,
         "trainable_params": m.trainable_params,

@@ -130,6 +130,14 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         Cell::new(count(m.trainable_params)).set_alignment(CellAlignment::Right),
         Cell::new(format!("{pct:.3}% of {}", count(m.total_params))),
     ]);
+    if let Some(moe) = e.model.moe {
+        row(
+            &mut t,
+            "active params",
+            count(e.model.active_params(m.total_params)),
+            &format!("per token: top-{} of {} experts", moe.top_k, moe.experts),
+        );
+    }
     let tm = &e.time;
     let bound = if tm.launch_bound {
         "host-bound (kernel launches)"

@@ -2,7 +2,7 @@
 //! [`ModelSpec`]. Field names and defaults follow each transformers configuration class.
 
 use crate::error::{Error, Result, did_you_mean};
-use crate::spec::model::{Activation, Dropouts, Family, ModelSpec, Norm, Positions, Stack};
+use crate::spec::model::{Activation, Dropouts, Family, ModelSpec, Moe, Norm, Positions, Stack};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -23,7 +23,8 @@ fn check_size(path: &str, spec: &ModelSpec) -> Result<()> {
     let stack = |s: &Stack| {
         let attention =
             2 * h * u128::from(s.heads * s.head_dim) + 2 * h * u128::from(s.kv_heads * s.head_dim);
-        let ffn = 3 * h * u128::from(s.intermediate_size);
+        let experts = spec.moe.map_or(1, |m| u128::from(m.experts.max(1)));
+        let ffn = 3 * h * u128::from(s.intermediate_size) * experts;
         u128::from(s.layers) * (attention + ffn)
     };
     let total = stack(&spec.decoder)
@@ -177,7 +178,9 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
             .with_hint(supported())
         })?;
     let mut spec = match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma => llama_like(&r, family)?,
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma | Family::Mixtral => {
+            llama_like(&r, family)?
+        }
         Family::Gpt2 => gpt2(&r)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -286,7 +289,24 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "max_position_embeddings",
         "sliding_window",
         "rope_theta",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "router_jitter_noise",
     ]);
+    let moe = if family == Family::Mixtral {
+        let experts = r.u64(&["num_local_experts"])?;
+        let top_k = r.u64(&["num_experts_per_tok"])?;
+        if experts > 1024 || top_k > experts {
+            return Err(Error::field(
+                r.path,
+                "num_experts_per_tok",
+                format!("({top_k}) must be at most the experts ({experts}), at most 1024"),
+            ));
+        }
+        Some(Moe { experts, top_k })
+    } else {
+        None
+    };
     Ok(ModelSpec {
         name: String::new(),
         family,
@@ -321,6 +341,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe,
     })
 }
 
@@ -363,6 +384,7 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }
 
@@ -418,6 +440,7 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }
 
@@ -465,6 +488,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }
 
@@ -507,6 +531,7 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }
 
@@ -567,6 +592,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }
 
@@ -630,6 +656,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }
 
@@ -683,5 +710,6 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         },
         published_params: None,
         context: None,
+        moe: None,
     })
 }

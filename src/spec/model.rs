@@ -29,13 +29,15 @@ pub enum Family {
     T5,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
+    /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
+    Mixtral,
     /// PaLM (Chowdhery et al. 2022, sec. 2; no transformers class): a parallel attention + FFN
     /// block, SwiGLU, multi-query attention, rotary, shared embeddings, LayerNorm, no biases.
     Palm,
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 11] = [
+    pub const ALL: [(&'static str, Family); 12] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -47,6 +49,7 @@ impl Family {
         ("t5", Family::T5),
         ("bart", Family::Bart),
         ("palm", Family::Palm),
+        ("mixtral", Family::Mixtral),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -158,6 +161,16 @@ pub struct ModelSpec {
     /// The context the model was trained for (`max_position_embeddings`, `n_positions`), where
     /// the config states one: longer sequences run but are out of distribution.
     pub context: Option<u64>,
+    /// A mixture-of-experts FFN in every block (Mixtral), in place of the dense one.
+    pub moe: Option<Moe>,
+}
+
+/// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
+/// gated FFNs of `intermediate_size` each, a linear router, each token sent to `top_k` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Moe {
+    pub experts: u64,
+    pub top_k: u64,
 }
 
 impl ModelSpec {
@@ -183,6 +196,18 @@ impl ModelSpec {
             decoder: split(self.decoder),
             encoder: self.encoder.map(split),
             ..self.clone()
+        }
+    }
+
+    /// Parameters a token runs through: all, less the experts it is not routed to.
+    pub fn active_params(&self, total: u64) -> u64 {
+        match self.moe {
+            Some(m) if m.experts > 0 => {
+                let per_expert = 3 * self.hidden_size * self.decoder.intermediate_size;
+                let idle = self.decoder.layers * per_expert * m.experts.saturating_sub(m.top_k);
+                total.saturating_sub(idle)
+            }
+            _ => total,
         }
     }
 
