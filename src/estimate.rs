@@ -81,6 +81,15 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 ));
             }
         }
+        Method::Freeze { top_layers, .. } => {
+            let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
+            if *top_layers > layers {
+                return Err(field(
+                    "train-layers",
+                    format!("({top_layers}) exceeds the model's {layers} layers"),
+                ));
+            }
+        }
         Method::Adapter { size } if *size == 0 || *size > MAX_WIDTH => {
             return Err(field(
                 "adapter-size",
@@ -214,18 +223,23 @@ pub fn estimate(
             hint: Some("check the model's sizes and the plan's batch and sequence".into()),
         });
     }
-    if plan.method.frozen_base() && memory.trainable_params == 0 {
-        // peft raises when its targets match no module; so does ftplan.
+    if memory.trainable_params == 0 {
+        // peft raises when its targets match no module (and BitFit on a model without biases
+        // trains nothing); so does ftplan.
         return Err(Error::field(
             "plan",
-            "lora-targets",
+            if plan.method.lora().is_some() {
+                "lora-targets"
+            } else {
+                "method"
+            },
             format!(
                 "`{}` finds nothing to train in `{}`",
                 plan.method.name(),
                 model.name
             ),
         )
-        .with_hint("choose targets the model has (`all` covers every linear in the blocks)"));
+        .with_hint("choose what the model has (LoRA's `all` covers every linear in the blocks)"));
     }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

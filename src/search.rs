@@ -157,7 +157,10 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         | Method::Adapter { .. }
         | Method::Prefix { .. }
         | Method::Prompt { .. }
-        | Method::Ia3 => {}
+        | Method::Ia3
+        | Method::BitFit
+        | Method::LnTuning
+        | Method::Freeze { .. } => {}
     }
     match plan.optimizer {
         Optimizer::Adamw | Optimizer::AdamwForeach => {

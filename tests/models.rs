@@ -207,3 +207,71 @@ fn mixture_of_experts_counts_all_experts_and_activates_top_k() {
     let dense = resolve_model("llama2-7b").expect("ships").value;
     assert_eq!(dense.active_params(6_738_415_616), 6_738_415_616);
 }
+
+#[test]
+fn partial_tuning_trains_exactly_its_roles() {
+    use ftplan::estimate::estimate;
+    use ftplan::spec::plan::{AttentionKernel, Method, Optimizer, Plan, Precision};
+    use ftplan::spec::registry::{resolve_hardware, resolve_model};
+    use ftplan::time::Rates;
+    let hw = resolve_hardware("h100").expect("ships").value;
+    let rates = Rates::from_datasheet(&hw);
+    let plan = |method: Method| Plan {
+        method,
+        precision: Precision::MixedBf16,
+        optimizer: Optimizer::Adamw,
+        batch: 2,
+        seq: 512,
+        target_seq: 0,
+        grad_ckpt: false,
+        attention: AttentionKernel::Sdpa,
+        parallel: ftplan::spec::parallel::Parallel::single(),
+    };
+    let run = |model: &str, method: Method| {
+        let m = resolve_model(model).expect("ships").value;
+        estimate(&m, &plan(method), &hw, &rates)
+    };
+    let trained = |model: &str, method: Method| {
+        run(model, method)
+            .expect("estimates")
+            .memory
+            .trainable_params
+    };
+    // GPT-2: per block c_attn 2304 + c_proj 768 + c_fc 3072 + c_proj 768 biases and two
+    // LayerNorm shifts of 768 = 8,448; 12 blocks and ln_f's shift: 102,144 (BitFit).
+    assert_eq!(trained("gpt2", Method::BitFit), 12 * 8_448 + 768);
+    // 25 LayerNorms, scale and shift of 768 each (LN tuning).
+    assert_eq!(trained("gpt2", Method::LnTuning), 25 * 2 * 768);
+    // Llama-2-7B's top 4 blocks (4 x 4096^2 + 3 x 4096 x 11008 + 2 x 4096 each) and the final norm.
+    let block = 4 * 4096 * 4096 + 3 * 4096 * 11_008 + 2 * 4096;
+    let top4 = Method::Freeze {
+        top_layers: 4,
+        embeddings: false,
+    };
+    assert_eq!(trained("llama2-7b", top4), 4 * block + 4096);
+    // Llama has no biases: BitFit trains nothing, which is an error, not a silent 0.
+    assert!(run("llama2-7b", Method::BitFit).is_err());
+    // Never more optimizer state than full fine-tuning; backward reaches fewer layers, so the
+    // saved activations grow with the layers that train.
+    let full = run("tinyllama-1.1b", Method::Full).expect("full");
+    let mut last = 0;
+    for top in [1, 4, 11, 22] {
+        let e = run(
+            "tinyllama-1.1b",
+            Method::Freeze {
+                top_layers: top,
+                embeddings: false,
+            },
+        )
+        .expect("freeze");
+        assert!(e.memory.persistent <= full.memory.persistent);
+        let acts = e.memory.saved_after_forward.0;
+        assert!(acts >= last, "top {top}: {acts} < {last}");
+        last = acts;
+    }
+    for m in [Method::BitFit, Method::LnTuning] {
+        let e = run("gpt2", m).expect("partial");
+        let f = run("gpt2", Method::Full).expect("full");
+        assert!(e.memory.at_peak.optimizer <= f.memory.at_peak.optimizer);
+    }
+}

@@ -62,13 +62,27 @@ pub enum Format {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
+    /// Every parameter trains.
     Full,
+    /// LoRA adapters beside chosen projections (peft).
     Lora,
+    /// LoRA over an NF4 4-bit base (peft + bitsandbytes).
     Qlora,
+    /// A bottleneck adapter after each block's FFN.
     Adapter,
+    /// Prefix tuning (peft).
     Prefix,
+    /// Prompt tuning (peft).
     Prompt,
+    /// IA3 scaling vectors (peft).
     Ia3,
+    /// Bias terms only (BitFit).
+    #[value(name = "bitfit")]
+    BitFit,
+    /// Norm scales and shifts only (LN tuning).
+    LnTuning,
+    /// The top --train-layers blocks train, the rest is frozen.
+    Freeze,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,6 +155,12 @@ pub struct PlanArgs {
     /// Virtual tokens for prefix and prompt tuning.
     #[arg(long, default_value_t = 20)]
     pub virtual_tokens: u64,
+    /// With --method freeze: the blocks that train, `top:N` (or `N`) [default: top:1].
+    #[arg(long)]
+    pub train_layers: Option<String>,
+    /// With --method freeze: the token embeddings train too.
+    #[arg(long)]
+    pub train_embeddings: bool,
     /// Bottleneck size of the adapter method.
     #[arg(long, default_value_t = 64)]
     pub adapter_size: u64,

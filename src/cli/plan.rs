@@ -50,6 +50,9 @@ pub struct PlanFile {
     pub lora: Option<LoraFile>,
     pub virtual_tokens: Option<u64>,
     pub adapter_size: Option<u64>,
+    pub train_layers: Option<String>,
+    #[serde(default)]
+    pub train_embeddings: bool,
     pub calibration: Option<PathBuf>,
     /// A DeepSpeed JSON beside the plan (relative to it).
     pub deepspeed: Option<PathBuf>,
@@ -142,15 +145,38 @@ fn names<T>(table: &[(&'static str, T)]) -> String {
     table.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
-const METHODS: [(&str, MethodArg); 7] = [
-    ("full", MethodArg::Full),
-    ("lora", MethodArg::Lora),
-    ("qlora", MethodArg::Qlora),
-    ("adapter", MethodArg::Adapter),
-    ("prefix", MethodArg::Prefix),
-    ("prompt", MethodArg::Prompt),
-    ("ia3", MethodArg::Ia3),
-];
+/// A method named in a plan file: the same names as `--method` (one definition, clap's).
+fn parse_method(origin: &str, value: &str) -> Result<MethodArg> {
+    use clap::ValueEnum;
+    let names: Vec<String> = MethodArg::value_variants()
+        .iter()
+        .filter_map(|m| m.to_possible_value().map(|p| p.get_name().to_string()))
+        .collect();
+    MethodArg::from_str(value, false).map_err(|_| {
+        let err = Error::field(
+            origin,
+            "method",
+            format!("`{value}` is not one of {}", names.join(", ")),
+        );
+        match did_you_mean(value, names.iter().map(String::as_str)) {
+            Some(s) => err.with_hint(format!("did you mean `{s}`?")),
+            None => err,
+        }
+    })
+}
+
+/// `top:N` or `N`: the number of top blocks `--method freeze` trains.
+fn parse_train_layers(origin: &str, text: &str) -> Result<u64> {
+    let n = text.strip_prefix("top:").unwrap_or(text).trim();
+    n.parse::<u64>().map_err(|_| {
+        Error::field(
+            origin,
+            "train-layers",
+            format!("`{text}` is not `top:N` or a number of layers"),
+        )
+        .with_hint("e.g. --train-layers top:4")
+    })
+}
 const PRECISIONS: [(&str, PrecisionArg); 3] = [
     ("mixed-bf16", PrecisionArg::MixedBf16),
     ("bf16", PrecisionArg::Bf16),
@@ -202,6 +228,8 @@ pub struct PlanInput {
     pub lora_targets: String,
     pub virtual_tokens: u64,
     pub adapter_size: u64,
+    pub train_layers: Option<String>,
+    pub train_embeddings: bool,
     pub layout: LayoutInput,
     pub headroom_percent: f64,
     pub calibration: Option<PathBuf>,
@@ -296,6 +324,8 @@ impl PlanInput {
             lora_targets: a.lora_targets.clone(),
             virtual_tokens: a.virtual_tokens,
             adapter_size: a.adapter_size,
+            train_layers: a.train_layers.clone(),
+            train_embeddings: a.train_embeddings,
             layout: LayoutInput {
                 gpus: a.gpus,
                 gpus_per_node: a.gpus_per_node,
@@ -339,7 +369,7 @@ impl PlanInput {
                 .or_else(|| path.file_stem().and_then(|s| s.to_str()).map(String::from)),
             model: Some(rel(&f.model)),
             gpu: Some(rel(&f.gpu)),
-            method: parse_name(&origin, "method", &f.method, &METHODS)?,
+            method: parse_method(&origin, &f.method)?,
             precision: match &f.precision {
                 Some(p) => Some(parse_name(&origin, "precision", p, &PRECISIONS)?),
                 None => None,
@@ -355,6 +385,8 @@ impl PlanInput {
             lora_targets: lora.targets,
             virtual_tokens: f.virtual_tokens.unwrap_or(20),
             adapter_size: f.adapter_size.unwrap_or(64),
+            train_layers: f.train_layers.clone(),
+            train_embeddings: f.train_embeddings,
             layout: LayoutInput {
                 gpus: f.gpus,
                 gpus_per_node: f.gpus_per_node,
@@ -470,6 +502,15 @@ impl PlanInput {
                 virtual_tokens: self.virtual_tokens,
             },
             MethodArg::Ia3 => Method::Ia3,
+            MethodArg::BitFit => Method::BitFit,
+            MethodArg::LnTuning => Method::LnTuning,
+            MethodArg::Freeze => Method::Freeze {
+                top_layers: match &self.train_layers {
+                    Some(t) => parse_train_layers(o, t)?,
+                    None => 1,
+                },
+                embeddings: self.train_embeddings,
+            },
         };
         // Flags the method does not read: said, not silently dropped.
         if self.origin == "command line" {
@@ -481,6 +522,8 @@ impl PlanInput {
                 ("lora_targets", !lora),
                 ("virtual_tokens", !tokens),
                 ("adapter_size", !matches!(method, Method::Adapter { .. })),
+                ("train_layers", !matches!(method, Method::Freeze { .. })),
+                ("train_embeddings", !matches!(method, Method::Freeze { .. })),
                 // QLoRA's base is NF4 computed in bf16 and the rest fp32, whatever --precision.
                 ("precision", matches!(method, Method::Qlora(_))),
             ];

@@ -4,6 +4,16 @@
 use crate::graph::attention::AttnMask;
 use crate::graph::build::{Builder, Val};
 use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope};
+
+/// Every parameter role, for checking that a run of blocks trains uniformly.
+const ROLES: [ParamRole; 6] = [
+    ParamRole::Embedding,
+    ParamRole::Linear,
+    ParamRole::Bias,
+    ParamRole::Norm,
+    ParamRole::NormBias,
+    ParamRole::Adapter,
+];
 use crate::spec::model::{Family, ModelSpec, Positions, Stack};
 use crate::spec::plan::{Method, Plan, Proj};
 
@@ -160,24 +170,40 @@ fn stack_forward(
 
     // Layer 0 is built on its own (gradients may start inside it); layers 1..L-1 are the same
     // ops on the same shapes, so they are built once and marked as L-1 copies.
+    // Blocks are numbered across the encoder, then the decoder (what `Method::trains` reads).
+    let offset = if memory.is_some() {
+        model.encoder.map_or(0, |e| e.layers)
+    } else {
+        0
+    };
+    // A run of identical blocks must train identically: it ends where the method's choice
+    // changes (the boundary of `--method freeze`).
+    let total = b.layers;
+    let same = |a: u64, c: u64| {
+        ROLES.iter().all(|&r| {
+            plan.method.trains(r, Some(a), total) == plan.method.trains(r, Some(c), total)
+        })
+    };
     let mut layer = 0;
     while layer < stack.layers {
         let rest = stack.layers - layer;
-        let copies = if layer >= 1 && rest > 1 {
-            u32::try_from(rest).unwrap_or(u32::MAX)
-        } else {
-            1
-        };
+        let mut copies = if layer >= 1 && rest > 1 { rest } else { 1 };
+        if let Some(j) = (1..copies).find(|&j| !same(offset + layer, offset + layer + j)) {
+            copies = j;
+        }
+        let copies = u32::try_from(copies).unwrap_or(u32::MAX);
         let label = if copies > 1 {
-            format!("layers.{layer}-{}", stack.layers - 1)
+            format!("layers.{layer}-{}", layer + u64::from(copies) - 1)
         } else {
             format!("layers.{layer}")
         };
         let ln = b.scope(name, &label);
         b.set_repeat(copies);
+        b.layer = Some(offset + layer);
         b.begin_block(x);
         x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory);
         b.end_block();
+        b.layer = None;
         b.set_repeat(1);
         layer += u64::from(copies);
     }

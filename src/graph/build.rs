@@ -51,7 +51,10 @@ pub struct Builder<'a> {
     pub(super) base: DType,
     /// Storage dtype of trainable PEFT parameters (peft upcasts them to fp32).
     pub(super) adapter: DType,
-    pub(super) base_trainable: bool,
+    /// The block being built (its index across the encoder then the decoder), `None` outside
+    /// the blocks; and how many blocks there are: what `Method::trains` needs.
+    pub(super) layer: Option<u64>,
+    pub(super) layers: u64,
     pub(super) segment: Option<u32>,
     pub(super) next_segment: u32,
     /// Copies the ops and parameters being built stand for.
@@ -119,7 +122,8 @@ impl<'a> Builder<'a> {
             stage: crate::graph::arch::Stage::WHOLE,
             tp_region: false,
             adapter,
-            base_trainable: !plan.method.frozen_base(),
+            layer: None,
+            layers: model.decoder.layers + model.encoder.map_or(0, |e| e.layers),
             segment: None,
             next_segment: 0,
             repeat: 1,
@@ -225,7 +229,7 @@ impl<'a> Builder<'a> {
 
     /// A frozen-or-trainable base parameter in the plan's base dtype.
     pub fn base_param(&mut self, name: Name, shape: (u64, u64), role: ParamRole) -> ParamId {
-        let (base, storage, trainable) = (self.base, self.storage_base, self.base_trainable);
+        let (base, storage, trainable) = (self.base, self.storage_base, self.trains(role));
         self.param(name, shape, base, storage, trainable, role)
     }
 
@@ -380,7 +384,12 @@ impl<'a> Builder<'a> {
     }
 
     pub fn is_base_trainable(&self) -> bool {
-        self.base_trainable
+        self.trains(ParamRole::Linear)
+    }
+
+    /// Whether a base parameter of `role` trains here (the method decides).
+    pub(super) fn trains(&self, role: ParamRole) -> bool {
+        self.plan.method.trains(role, self.layer, self.layers)
     }
 
     pub fn finish(self) -> OpGraph {

@@ -18,9 +18,10 @@ impl Builder<'_> {
         let w = self.base_param(name.then("weight"), (1, h), ParamRole::Norm);
         let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
         if has_bias {
-            params.push(self.base_param(name.then("bias"), (1, h), ParamRole::Norm));
+            params.push(self.base_param(name.then("bias"), (1, h), ParamRole::NormBias));
         }
-        let trainable = self.base_trainable;
+        let trainable =
+            self.trains(ParamRole::Norm) || (has_bias && self.trains(ParamRole::NormBias));
         let tokens = x.tokens;
         let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();

@@ -84,7 +84,9 @@ impl Builder<'_> {
         if bias {
             params.push(self.base_param(name.then("bias"), (1, out_features), ParamRole::Bias));
         }
-        let trainable = self.base_trainable && !qlora;
+        let trainable = self.trains(ParamRole::Linear) && !qlora;
+        // A trainable bias needs only the output's gradient (a sum), not the input (BitFit).
+        let bias_trainable = bias && self.trains(ParamRole::Bias);
         let compute = if qlora { DType::Bf16 } else { self.compute() };
 
         // IA3 on a feed-forward input: `(x.to(fp32) * l)` saves the fp32 input for l's gradient.
@@ -111,7 +113,7 @@ impl Builder<'_> {
             saves.push(xin.id);
         }
         let mut forward_transient = Bytes::ZERO;
-        let out_grad = x.grad || trainable;
+        let out_grad = x.grad || trainable || bias_trainable;
         let mut cached = None;
         if self.autocast && self.base == DType::F32 && !qlora {
             // autocast's cast cache: one bf16 copy of the weight (and bias), made whether or not
@@ -162,7 +164,7 @@ impl Builder<'_> {
                 backward_kernels: 1
                     + u32::from(x.grad)
                     + u32::from(trainable)
-                    + u32::from(trainable && bias)
+                    + u32::from(bias_trainable)
                     + u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
                 modules: 1,

@@ -76,21 +76,7 @@ pub struct Tensor {
     pub cache_only: bool,
 }
 
-/// What a parameter is, for parameter counting and the optimizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamRole {
-    /// Token or position embedding table.
-    Embedding,
-    /// A linear layer's weight.
-    Linear,
-    /// A bias vector.
-    Bias,
-    /// A norm's scale (and shift).
-    Norm,
-    /// A parameter a PEFT method adds (LoRA A/B, adapters, prefixes, prompts, IA3 vectors).
-    Adapter,
-}
+pub use crate::spec::model::ParamRole;
 
 /// One parameter tensor (or a group of identical ones).
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -22,6 +22,15 @@ pub fn describe(plan: &Plan, enc_dec: bool) -> String {
         Method::Prefix { virtual_tokens } => format!("prefix {virtual_tokens}"),
         Method::Prompt { virtual_tokens } => format!("prompt {virtual_tokens}"),
         Method::Ia3 => "ia3".to_string(),
+        Method::BitFit => "bitfit".to_string(),
+        Method::LnTuning => "ln-tuning".to_string(),
+        Method::Freeze {
+            top_layers,
+            embeddings,
+        } => format!(
+            "freeze (top {top_layers} layers{})",
+            if *embeddings { " + embeddings" } else { "" }
+        ),
     };
     let seq = if enc_dec {
         format!("{}+{}", plan.seq, plan.target_seq)

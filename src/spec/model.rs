@@ -222,3 +222,21 @@ impl ModelSpec {
         }
     }
 }
+
+/// What a parameter is, for parameter counting and the optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamRole {
+    /// Token or position embedding table.
+    Embedding,
+    /// A linear layer's weight.
+    Linear,
+    /// A bias vector.
+    Bias,
+    /// A norm's scale.
+    Norm,
+    /// A norm's shift (LayerNorm's bias): a bias to BitFit, a norm parameter to LN tuning.
+    NormBias,
+    /// A parameter a PEFT method adds (LoRA A/B, adapters, prefixes, prompts, IA3 vectors).
+    Adapter,
+}

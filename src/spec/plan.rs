@@ -1,5 +1,6 @@
 //! A training plan: method, precision, optimizer, shapes and kernels.
 
+use crate::spec::model::ParamRole;
 use serde::Serialize;
 
 /// Which projections LoRA wraps.
@@ -176,6 +177,14 @@ pub enum Method {
     Prompt { virtual_tokens: u64 },
     /// Learned scaling vectors on keys, values and the FFN (Liu et al. 2022), peft's targets.
     Ia3,
+    /// Bias terms only (BitFit; Ben Zaken et al. 2022).
+    #[serde(rename = "bitfit")]
+    BitFit,
+    /// Norm scales and shifts only (LN tuning; peft's `LNTuningConfig`).
+    LnTuning,
+    /// The top `top_layers` blocks (and the final norm) train, with the token embeddings when
+    /// `embeddings`; everything below is frozen and backward stops at the lowest trainable layer.
+    Freeze { top_layers: u64, embeddings: bool },
 }
 
 impl Method {
@@ -188,13 +197,44 @@ impl Method {
             Method::Prefix { .. } => "prefix",
             Method::Prompt { .. } => "prompt",
             Method::Ia3 => "ia3",
+            Method::BitFit => "bitfit",
+            Method::LnTuning => "ln-tuning",
+            Method::Freeze { .. } => "freeze",
         }
     }
 
-    /// Whether the base model's weights are frozen.
+    /// Whether a base-model parameter of `role` trains, in block `layer` of `layers` (`None`:
+    /// outside the blocks: embeddings, final norm, head). The one place trainability is
+    /// decided; PEFT methods train only what they add.
+    pub fn trains(&self, role: ParamRole, layer: Option<u64>, layers: u64) -> bool {
+        match self {
+            Method::Full => true,
+            Method::Lora(_)
+            | Method::Qlora(_)
+            | Method::Adapter { .. }
+            | Method::Prefix { .. }
+            | Method::Prompt { .. }
+            | Method::Ia3 => false,
+            Method::BitFit => matches!(role, ParamRole::Bias | ParamRole::NormBias),
+            Method::LnTuning => matches!(role, ParamRole::Norm | ParamRole::NormBias),
+            Method::Freeze {
+                top_layers,
+                embeddings,
+            } => match (role, layer) {
+                (ParamRole::Embedding, _) => *embeddings,
+                // The final norm sits above every block.
+                (_, None) => *top_layers > 0,
+                (_, Some(i)) => i + top_layers >= layers,
+            },
+        }
+    }
+
+    /// Whether the base model is frozen with a PEFT method's additions training (peft's regime:
+    /// a bf16 base, fp32 adapters under autocast). Partial tuning trains base parameters and
+    /// follows full fine-tuning's regime.
     pub fn frozen_base(&self) -> bool {
         match self {
-            Method::Full => false,
+            Method::Full | Method::BitFit | Method::LnTuning | Method::Freeze { .. } => false,
             Method::Lora(_)
             | Method::Qlora(_)
             | Method::Adapter { .. }
@@ -211,7 +251,10 @@ impl Method {
             | Method::Adapter { .. }
             | Method::Prefix { .. }
             | Method::Prompt { .. }
-            | Method::Ia3 => None,
+            | Method::Ia3
+            | Method::BitFit
+            | Method::LnTuning
+            | Method::Freeze { .. } => None,
         }
     }
 
