@@ -130,6 +130,7 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         rank: 16,
         alpha: 32.0,
         targets: LoraTargets::QueryValue,
+        dora: false,
     };
     match &plan.method {
         Method::Full => {

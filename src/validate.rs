@@ -166,6 +166,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
             rank,
             alpha: run.lora_alpha.unwrap_or(2.0 * rank as f64),
             targets,
+            dora: false,
         })
     };
     let virtual_tokens = || {

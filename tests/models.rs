@@ -57,6 +57,7 @@ fn every_model_and_gpu_pair_estimates() {
         rank: 16,
         alpha: 32.0,
         targets: LoraTargets::QueryValue,
+        dora: false,
     });
     for (stem, text) in model_files() {
         let m = parse_model_toml(stem, stem, text).expect("loads");
@@ -87,11 +88,13 @@ fn peft_methods() -> Vec<Method> {
             rank: 8,
             alpha: 16.0,
             targets: LoraTargets::AllLinear,
+            dora: false,
         }),
         Method::Qlora(Lora {
             rank: 8,
             alpha: 16.0,
             targets: LoraTargets::QueryValue,
+            dora: false,
         }),
         Method::Adapter { size: 32 },
         Method::Prefix { virtual_tokens: 10 },
@@ -274,4 +277,45 @@ fn partial_tuning_trains_exactly_its_roles() {
         let f = run("gpt2", Method::Full).expect("full");
         assert!(e.memory.at_peak.optimizer <= f.memory.at_peak.optimizer);
     }
+}
+
+#[test]
+fn dora_adds_one_magnitude_per_output_and_keeps_both_results() {
+    use ftplan::estimate::estimate;
+    use ftplan::spec::plan::{
+        AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision,
+    };
+    use ftplan::spec::registry::{resolve_hardware, resolve_model};
+    use ftplan::time::Rates;
+    let model = resolve_model("llama2-7b").expect("ships").value;
+    let hw = resolve_hardware("h100").expect("ships").value;
+    let rates = Rates::from_datasheet(&hw);
+    let run = |dora: bool| {
+        let plan = Plan {
+            method: Method::Lora(Lora {
+                rank: 16,
+                alpha: 32.0,
+                targets: LoraTargets::AllLinear,
+                dora,
+            }),
+            precision: Precision::Bf16,
+            optimizer: Optimizer::Adamw,
+            batch: 1,
+            seq: 512,
+            target_seq: 0,
+            grad_ckpt: false,
+            attention: AttentionKernel::Sdpa,
+            parallel: ftplan::spec::parallel::Parallel::single(),
+        };
+        estimate(&model, &plan, &hw, &rates)
+            .expect("estimates")
+            .memory
+    };
+    let (lora, dora) = (run(false), run(true));
+    // peft's DoRA: one magnitude per output of each adapted linear (q, k, v, o 4096; gate, up
+    // 11008; down 4096) in each of 32 layers.
+    let outputs: u64 = 4 * 4096 + 2 * 11_008 + 4096;
+    assert_eq!(dora.trainable_params - lora.trainable_params, 32 * outputs);
+    // Both results of every adapted linear kept for the magnitude's gradient.
+    assert!(dora.saved_after_forward > lora.saved_after_forward);
 }

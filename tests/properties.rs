@@ -34,11 +34,13 @@ fn method(i: usize) -> Method {
             rank: 16,
             alpha: 32.0,
             targets: LoraTargets::QueryValue,
+            dora: false,
         }),
         2 => Method::Qlora(Lora {
             rank: 8,
             alpha: 16.0,
             targets: LoraTargets::AllLinear,
+            dora: false,
         }),
         3 => Method::Adapter { size: 64 },
         4 => Method::Prefix { virtual_tokens: 16 },

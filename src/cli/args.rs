@@ -155,6 +155,9 @@ pub struct PlanArgs {
     /// Virtual tokens for prefix and prompt tuning.
     #[arg(long, default_value_t = 20)]
     pub virtual_tokens: u64,
+    /// Weight-decomposed LoRA (DoRA, peft's `use_dora=True`) with --method lora or qlora.
+    #[arg(long)]
+    pub lora_dora: bool,
     /// With --method freeze: the blocks that train, `top:N` (or `N`) [default: top:1].
     #[arg(long)]
     pub train_layers: Option<String>,

@@ -68,6 +68,8 @@ pub struct LoraFile {
     pub alpha: Option<f64>,
     #[serde(default = "qv")]
     pub targets: String,
+    #[serde(default)]
+    pub dora: bool,
 }
 
 fn one() -> u64 {
@@ -226,6 +228,7 @@ pub struct PlanInput {
     pub lora_rank: u64,
     pub lora_alpha: Option<f64>,
     pub lora_targets: String,
+    pub lora_dora: bool,
     pub virtual_tokens: u64,
     pub adapter_size: u64,
     pub train_layers: Option<String>,
@@ -322,6 +325,7 @@ impl PlanInput {
             lora_rank: a.lora_rank,
             lora_alpha: a.lora_alpha,
             lora_targets: a.lora_targets.clone(),
+            lora_dora: a.lora_dora,
             virtual_tokens: a.virtual_tokens,
             adapter_size: a.adapter_size,
             train_layers: a.train_layers.clone(),
@@ -361,6 +365,7 @@ impl PlanInput {
             rank: 16,
             alpha: None,
             targets: "qv".into(),
+            dora: false,
         });
         Ok(PlanInput {
             name: f
@@ -383,6 +388,7 @@ impl PlanInput {
             lora_rank: lora.rank,
             lora_alpha: lora.alpha,
             lora_targets: lora.targets,
+            lora_dora: lora.dora,
             virtual_tokens: f.virtual_tokens.unwrap_or(20),
             adapter_size: f.adapter_size.unwrap_or(64),
             train_layers: f.train_layers.clone(),
@@ -486,6 +492,7 @@ impl PlanInput {
                 rank: self.lora_rank,
                 alpha: self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64),
                 targets: lora_targets(o, "lora-targets", &self.lora_targets)?,
+                dora: self.lora_dora,
             })
         };
         let method = match self.method {
@@ -520,6 +527,7 @@ impl PlanInput {
                 ("lora_rank", !lora),
                 ("lora_alpha", !lora),
                 ("lora_targets", !lora),
+                ("lora_dora", !lora),
                 ("virtual_tokens", !tokens),
                 ("adapter_size", !matches!(method, Method::Adapter { .. })),
                 ("train_layers", !matches!(method, Method::Freeze { .. })),

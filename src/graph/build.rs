@@ -527,6 +527,7 @@ mod tests {
             rank: 1,
             alpha: 2.0,
             targets: LoraTargets::QueryValue,
+            dora: false,
         });
         let f = flops_per_token_param(lora);
         assert!((3.8..=4.05).contains(&f), "{f}");
@@ -572,6 +573,7 @@ mod tests {
             rank: 4,
             alpha: 8.0,
             targets: LoraTargets::QueryValue,
+            dora: false,
         });
         let p = plan(lora);
         let mut b = Builder::new(&model, &p);

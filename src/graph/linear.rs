@@ -191,7 +191,11 @@ impl Builder<'_> {
             let up = self.lora_matmul(name.then("lora_B"), mid, out_features, b, true);
             let scaled = self.val(out_features, x.tokens, up.dtype, true);
             self.elementwise(name.then("lora_scale"), &[up], scaled, SmallVec::new(), 1.0);
-            out = self.add(name.then("lora_add"), out, scaled);
+            if self.plan.method.lora().is_some_and(|l| l.dora) {
+                out = self.dora(name, out, scaled, (in_features, out_features), rank);
+            } else {
+                out = self.add(name.then("lora_add"), out, scaled);
+            }
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
         if ia3 == Some(Ia3Site::Output) {
@@ -202,6 +206,45 @@ impl Builder<'_> {
                 o.params.push(l);
             }
             out = self.cast(name.then("ia3_back"), scaled, out.dtype);
+        }
+        out
+    }
+
+    /// DoRA (Liu et al. 2024) as peft's `DoraLinearLayer` runs it: each forward composes the
+    /// full weight `W + s * B @ A` in the adapters' dtype and takes its row norms (detached, so
+    /// neither is kept), then `(m / ||W'|| - 1) * base + (m / ||W'||) * lora` with the trainable
+    /// magnitude `m` (one per output), which keeps both results for m's gradient.
+    fn dora(&mut self, name: Name, base: Val, lora: Val, shape: (u64, u64), rank: u64) -> Val {
+        let (in_features, out_features) = shape;
+        let magnitude = self.adapter_param(name.then("lora_magnitude"), (1, out_features));
+        let weight = self.adapter.bytes(in_features * out_features);
+        let norm = self.val(out_features, 1, self.adapter, false);
+        let op = self.elementwise(name.then("dora_norm"), &[], norm, SmallVec::new(), 0.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            // B @ A and W + s * (B @ A), both weight-sized, while the norm runs.
+            o.forward_transient += weight * 2;
+            o.cost.forward_flops = Flops(
+                2.0 * (rank * in_features * out_features) as f64
+                    + 3.0 * (in_features * out_features) as f64,
+            );
+            o.cost.forward_bytes = weight * 3;
+            o.cost.forward_kernels = 4;
+        }
+        let out = self.val(
+            out_features,
+            base.tokens,
+            wider(base.dtype, lora.dtype),
+            true,
+        );
+        let op = self.elementwise(
+            name.then("dora_scale"),
+            &[base, lora],
+            out,
+            smallvec![base.id, lora.id],
+            3.0,
+        );
+        if let Some(o) = self.graph.op_mut(op) {
+            o.params.push(magnitude);
         }
         out
     }

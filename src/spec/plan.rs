@@ -155,6 +155,8 @@ pub struct Lora {
     pub rank: u64,
     pub alpha: f64,
     pub targets: LoraTargets,
+    /// Weight-decomposed LoRA (DoRA; Liu et al. 2024; peft's `use_dora=True`).
+    pub dora: bool,
 }
 
 /// How the model is fine-tuned.
