@@ -178,9 +178,12 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
             .with_hint(supported())
         })?;
     let mut spec = match family {
-        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma | Family::Mixtral => {
-            llama_like(&r, family)?
-        }
+        Family::Llama
+        | Family::Mistral
+        | Family::Qwen2
+        | Family::Gemma
+        | Family::Mixtral
+        | Family::Phi3 => llama_like(&r, family)?,
         Family::Gpt2 => gpt2(&r)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -292,7 +295,18 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "router_aux_loss_coef",
         "output_router_logits",
         "router_jitter_noise",
+        "original_max_position_embeddings",
+        "rope_scaling",
     ]);
+    // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
+    let (residual, embedding) = if family == Family::Phi3 {
+        (
+            r.f64_or(&["resid_pdrop"], 0.0)?,
+            r.f64_or(&["embd_pdrop"], 0.0)?,
+        )
+    } else {
+        (0.0, 0.0)
+    };
     let moe = if family == Family::Mixtral {
         let experts = r.u64(&["num_local_experts"])?;
         let top_k = r.u64(&["num_experts_per_tok"])?;
@@ -333,10 +347,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         qkv_bias,
         linear_bias: mlp_bias,
         parallel_block: false,
-        fused_qkv: false,
+        // Phi-3's `qkv_proj` (and `gate_up_proj`, the same bytes as two projections).
+        fused_qkv: family == Family::Phi3,
         lm_head_bias: false,
         dropout: Dropouts {
             attention: attention_dropout,
+            residual,
+            embedding,
             ..Dropouts::default()
         },
         published_params: None,

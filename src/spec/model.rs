@@ -31,13 +31,15 @@ pub enum Family {
     Bart,
     /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
     Mixtral,
+    /// `Phi3ForCausalLM`: the Llama block with fused `qkv_proj` and `gate_up_proj`.
+    Phi3,
     /// PaLM (Chowdhery et al. 2022, sec. 2; no transformers class): a parallel attention + FFN
     /// block, SwiGLU, multi-query attention, rotary, shared embeddings, LayerNorm, no biases.
     Palm,
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 12] = [
+    pub const ALL: [(&'static str, Family); 13] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -50,6 +52,7 @@ impl Family {
         ("bart", Family::Bart),
         ("palm", Family::Palm),
         ("mixtral", Family::Mixtral),
+        ("phi3", Family::Phi3),
     ];
 
     pub fn model_type(self) -> &'static str {
