@@ -391,6 +391,11 @@ fn self_attention_ops(
         );
         (q, k, v)
     };
+    if model.qk_norm {
+        // Qwen3: `q_norm(q.view(..., head_dim))`, the same for k, before rotary.
+        q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
+        k = b.norm_sized(name.at("k_norm"), k, stack.head_dim);
+    }
     if let Positions::Rotary { .. } = model.positions {
         q = b.rotary(name.at("rotary_q"), q, embed_dtype);
         k = b.rotary(name.at("rotary_k"), k, embed_dtype);

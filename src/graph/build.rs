@@ -335,7 +335,8 @@ impl<'a> Builder<'a> {
             | Family::Qwen2
             | Family::Gemma
             | Family::Palm
-            | Family::Mixtral => (0, 0),
+            | Family::Mixtral
+            | Family::Qwen3 => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.
@@ -445,6 +446,7 @@ mod tests {
             published_params: None,
             context: None,
             moe: None,
+            qk_norm: false,
         }
     }
 

@@ -10,15 +10,21 @@ use smallvec::{SmallVec, smallvec};
 impl Builder<'_> {
     /// A normalisation layer, saving what its implementation's autograd graph keeps.
     pub fn norm(&mut self, name: Name, x: Val) -> Val {
+        self.norm_sized(name, x, x.width)
+    }
+
+    /// A norm whose weight has `weight` elements applied across `x` (Qwen3's per-head q/k
+    /// norms: a head_dim weight over every head).
+    pub fn norm_sized(&mut self, name: Name, x: Val, weight: u64) -> Val {
         let h = x.width;
         let kind = self.model.norm;
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = kind == Norm::LayerNorm;
         let layer_norm = matches!(kind, Norm::LayerNorm | Norm::LayerNormWithoutBias);
-        let w = self.base_param(name.then("weight"), (1, h), ParamRole::Norm);
+        let w = self.base_param(name.then("weight"), (1, weight), ParamRole::Norm);
         let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
         if has_bias {
-            params.push(self.base_param(name.then("bias"), (1, h), ParamRole::NormBias));
+            params.push(self.base_param(name.then("bias"), (1, weight), ParamRole::NormBias));
         }
         let trainable =
             self.trains(ParamRole::Norm) || (has_bias && self.trains(ParamRole::NormBias));

@@ -183,7 +183,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Qwen2
         | Family::Gemma
         | Family::Mixtral
-        | Family::Phi3 => llama_like(&r, family)?,
+        | Family::Phi3
+        | Family::Qwen3 => llama_like(&r, family)?,
         Family::Gpt2 => gpt2(&r)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -297,6 +298,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "router_jitter_noise",
         "original_max_position_embeddings",
         "rope_scaling",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
     let (residual, embedding) = if family == Family::Phi3 {
@@ -359,6 +363,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe,
+        qk_norm: family == Family::Qwen3,
     })
 }
 
@@ -402,6 +407,7 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }
 
@@ -458,6 +464,7 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }
 
@@ -506,6 +513,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }
 
@@ -549,6 +557,7 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }
 
@@ -610,6 +619,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }
 
@@ -674,6 +684,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }
 
@@ -728,5 +739,6 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
+        qk_norm: false,
     })
 }

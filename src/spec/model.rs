@@ -33,13 +33,15 @@ pub enum Family {
     Mixtral,
     /// `Phi3ForCausalLM`: the Llama block with fused `qkv_proj` and `gate_up_proj`.
     Phi3,
+    /// `Qwen3ForCausalLM`: the Llama block with per-head q/k RMSNorm and explicit `head_dim`.
+    Qwen3,
     /// PaLM (Chowdhery et al. 2022, sec. 2; no transformers class): a parallel attention + FFN
     /// block, SwiGLU, multi-query attention, rotary, shared embeddings, LayerNorm, no biases.
     Palm,
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 13] = [
+    pub const ALL: [(&'static str, Family); 14] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -53,6 +55,7 @@ impl Family {
         ("palm", Family::Palm),
         ("mixtral", Family::Mixtral),
         ("phi3", Family::Phi3),
+        ("qwen3", Family::Qwen3),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -166,6 +169,8 @@ pub struct ModelSpec {
     pub context: Option<u64>,
     /// A mixture-of-experts FFN in every block (Mixtral), in place of the dense one.
     pub moe: Option<Moe>,
+    /// RMSNorm on each head of q and k before rotary (Qwen3's `q_norm`, `k_norm`).
+    pub qk_norm: bool,
 }
 
 /// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
