@@ -319,3 +319,26 @@ fn dora_adds_one_magnitude_per_output_and_keeps_both_results() {
     // Both results of every adapted linear kept for the magnitude's gradient.
     assert!(dora.saved_after_forward > lora.saved_after_forward);
 }
+
+#[test]
+fn new_families_replayed_on_cpu_are_within_the_bounds() {
+    // Qwen3, Phi-3 and Mixtral (validation/families.jsonl, measure.py --fake).
+    use ftplan::spec::registry::resolve_hardware;
+    use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let path = crate::repo("validation/families.jsonl");
+    let text = std::fs::read_to_string(&path).expect("ships");
+    let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
+    assert_eq!(rows.len(), 5);
+    for r in &rows {
+        assert!(
+            r.error.abs() <= WORST_BOUND,
+            "{}: {:+.1}%",
+            r.name,
+            r.error * 100.0
+        );
+        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
+    }
+    assert!(validate::summary(&rows).memory_median <= MEDIAN_BOUND);
+}

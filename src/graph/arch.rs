@@ -535,24 +535,87 @@ fn moe_ops(
     let name = b.scope(at.0, at.1);
     let h = b.model.hidden_size;
     let inter = stack.intermediate_size;
-    let router = b.linear(name.at("gate"), x, moe.experts, false, None);
+    let experts = moe.experts.max(1);
+    let mut router = b.linear(name.at("gate"), x, experts, false, None);
+    let all_linear = b
+        .plan
+        .method
+        .lora()
+        .is_some_and(|l| l.targets == crate::spec::plan::LoraTargets::AllLinear);
+    if let (true, Some(r)) = (all_linear, b.lora_on(Some(Proj::Down))) {
+        // peft's `all-linear` wraps the router too.
+        let a = b.adapter_param(name.at("gate").then("lora_A"), (r, h));
+        let bb = b.adapter_param(name.at("gate").then("lora_B"), (experts, r));
+        let mid = b.lora_matmul(name.at("gate").then("lora_A"), x, r, a, x.grad);
+        let up = b.lora_matmul(name.at("gate").then("lora_B"), mid, experts, bb, true);
+        router = b.add(name.at("gate").then("lora_add"), router, up);
+    }
     let probs = b.cast(
         name.at("router").then("softmax"),
         router,
         crate::units::DType::F32,
     );
-    let routed = (x.tokens * moe.top_k).div_ceil(moe.experts.max(1));
+    let routed = (x.tokens * moe.top_k).div_ceil(experts);
     let out = b.val(h, x.tokens, x.dtype, x.grad || b.is_base_trainable());
-    for e in 0..moe.experts {
+    // LoRA on the experts as peft 0.21 reaches transformers 5's 3-D expert parameters
+    // (`gate_up_proj` [E, 2 inter, h], `down_proj` [E, h, inter]; `ParamWrapper`): factors
+    // shared across experts with E x r rows, the delta `B @ A` added to the whole parameter
+    // every forward; the experts' matmuls then keep the merged (bf16) weights and their inputs
+    // for backward.
+    let gate_up = b.lora_on(Some(Proj::Gate)).or(b.lora_on(Some(Proj::Up)));
+    let down = b.lora_on(Some(Proj::Down));
+    if gate_up.is_some() || down.is_some() {
+        let mut params = smallvec::SmallVec::<[crate::graph::op::ParamId; 3]>::new();
+        let (mut merged, mut largest) = (0u64, 0u64);
+        if let Some(r) = gate_up {
+            let rows = 2 * r * experts;
+            params.push(b.adapter_param(name.at("experts").then("gate_up_lora_A"), (rows, h)));
+            params.push(
+                b.adapter_param(name.at("experts").then("gate_up_lora_B"), (2 * inter, rows)),
+            );
+            merged += experts * 2 * inter * h;
+            largest = largest.max(experts * 2 * inter * h);
+        }
+        if let Some(r) = down {
+            let rows = r * experts;
+            params.push(b.adapter_param(name.at("experts").then("down_lora_A"), (rows, inter)));
+            params.push(b.adapter_param(name.at("experts").then("down_lora_B"), (h, rows)));
+            merged += experts * h * inter;
+            largest = largest.max(experts * h * inter);
+        }
+        let compute = b.compute();
+        let kept = b.tensor(
+            crate::graph::op::TensorKind::Activation,
+            compute.bytes(merged) + compute.bytes(x.tokens * moe.top_k * (h + inter)),
+        );
+        let merge = b.val(1, 1, compute, true);
+        let op = b.elementwise(
+            name.at("experts").then("lora_merge"),
+            &[],
+            merge,
+            smallvec::smallvec![kept],
+            0.0,
+        );
+        if let Some(o) = b.graph.op_mut(op) {
+            o.params.extend(params);
+            // The fp32 delta and the merged parameter, one wrapped parameter at a time.
+            o.forward_transient += crate::units::DType::F32.bytes(largest) * 2;
+            o.cost.forward_flops =
+                crate::units::Flops(2.0 * (merged * (gate_up.or(down).unwrap_or(0))) as f64);
+        }
+    }
+    let expert_lora = gate_up.is_none() && down.is_none();
+    for e in 0..experts {
         let es = b.scope(name, &format!("experts.{e}"));
         // index_select of this expert's tokens (its backward scatters the gradient back).
         let xe = b.val(x.width, routed, x.dtype, x.grad);
         b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
-        let g = b.linear(es.at("w1"), xe, inter, false, Some(Proj::Gate));
-        let u = b.linear(es.at("w3"), xe, inter, false, Some(Proj::Up));
+        let role = |p: Proj| expert_lora.then_some(p);
+        let g = b.linear(es.at("w1"), xe, inter, false, role(Proj::Gate));
+        let u = b.linear(es.at("w3"), xe, inter, false, role(Proj::Up));
         let a = b.activation(es.at("act"), g);
         let p = b.mul(es.at("mul"), a, u);
-        let d = b.linear(es.at("w2"), p, h, false, Some(Proj::Down));
+        let d = b.linear(es.at("w2"), p, h, false, role(Proj::Down));
         // Scaled by its routing weights (kept for backward), then index_add_ into the output.
         let w = b.val(1, routed, probs.dtype, probs.grad);
         let scaled = b.mul(es.at("weight"), d, w);

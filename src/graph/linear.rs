@@ -10,7 +10,7 @@ use smallvec::{SmallVec, smallvec};
 
 impl Builder<'_> {
     /// Whether LoRA wraps this projection.
-    fn lora_on(&self, proj: Option<Proj>) -> Option<u64> {
+    pub(super) fn lora_on(&self, proj: Option<Proj>) -> Option<u64> {
         let lora = self.plan.method.lora()?;
         let proj = proj?;
         // A fused q/k/v projection (GPT-2 `c_attn`, Falcon `query_key_value`) is one module:
