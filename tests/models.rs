@@ -322,7 +322,7 @@ fn dora_adds_one_magnitude_per_output_and_keeps_both_results() {
 
 #[test]
 fn new_families_replayed_on_cpu_are_within_the_bounds() {
-    // Qwen3, Phi-3 and Mixtral (validation/families.jsonl, measure.py --fake).
+    // Qwen3, Phi-3, Mixtral and Pythia (validation/families.jsonl, measure.py --fake).
     use ftplan::spec::registry::resolve_hardware;
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let hw = resolve_hardware("h200").expect("ships").value;
@@ -330,7 +330,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     let path = crate::repo("validation/families.jsonl");
     let text = std::fs::read_to_string(&path).expect("ships");
     let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 7);
     for r in &rows {
         assert!(
             r.error.abs() <= WORST_BOUND,

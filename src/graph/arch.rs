@@ -236,6 +236,12 @@ fn block(
         let h = b.norm(name.at("input_layernorm"), x);
         let a = self_attention(b, (name, "attn"), h, stack, seq, embed_dtype, self_mask);
         let a = b.dropout(name.at("attn").then("dropout"), a, p_res);
+        // GPT-NeoX normalises the input again for the MLP (`post_attention_layernorm(x)`).
+        let h = if model.parallel_two_norms {
+            b.norm(name.at("post_attention_layernorm"), x)
+        } else {
+            h
+        };
         let m = mlp(b, (name, "mlp"), h, stack);
         let m = adapter(b, name.at("adapter"), m);
         let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);

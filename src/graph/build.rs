@@ -328,7 +328,7 @@ impl<'a> Builder<'a> {
         // GPT-2, T5 and Phi call `nn.Dropout` modules, BART, OPT and Falcon call
         // `F.dropout`; the Llama family has no dropout calls outside attention.
         let (modules, dispatch) = match self.model.family {
-            Family::Gpt2 | Family::T5 | Family::Phi | Family::Phi3 => (1, 1),
+            Family::Gpt2 | Family::T5 | Family::Phi | Family::Phi3 | Family::GptNeox => (1, 1),
             Family::Bart | Family::Opt | Family::Falcon => (0, 1),
             Family::Llama
             | Family::Mistral
@@ -447,6 +447,7 @@ mod tests {
             context: None,
             moe: None,
             qk_norm: false,
+            parallel_two_norms: false,
         }
     }
 

@@ -192,6 +192,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::T5 => t5(&r)?,
         Family::Bart => bart(&r)?,
         Family::Palm => palm(&r)?,
+        Family::GptNeox => gpt_neox(&r)?,
     };
     spec.name = name.to_string();
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
@@ -364,6 +365,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         context: None,
         moe,
         qk_norm: family == Family::Qwen3,
+        parallel_two_norms: false,
     })
 }
 
@@ -408,6 +410,7 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
     })
 }
 
@@ -465,6 +468,63 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
+    })
+}
+
+/// `GPTNeoXForCausalLM` (Pythia, GPT-NeoX-20B): a parallel block whose attention and MLP each
+/// normalise the input with their own LayerNorm, a fused biased `query_key_value`, partial rotary,
+/// a biased GELU MLP, an untied `embed_out`.
+fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let heads = r.u64(&["num_attention_heads"])?;
+    let act = r.str_or(&["hidden_act"], "gelu")?;
+    r.raw(&[
+        "layer_norm_eps",
+        "rotary_emb_base",
+        "rope_theta",
+        "max_position_embeddings",
+        "rope_scaling",
+        "classifier_dropout",
+    ]);
+    let parallel = r.bool_or(&["use_parallel_residual"], true)?;
+    Ok(ModelSpec {
+        name: String::new(),
+        family: Family::GptNeox,
+        hidden_size: hidden,
+        vocab_size: r.u64(&["vocab_size"])?,
+        decoder: Stack {
+            layers: r.u64(&["num_hidden_layers"])?,
+            heads,
+            kv_heads: heads,
+            head_dim: hidden / heads.max(1),
+            intermediate_size: r.u64(&["intermediate_size"])?,
+        },
+        encoder: None,
+        gated_ffn: false,
+        activation: activation(r.path, &act, "hidden_act")?,
+        norm: Norm::LayerNorm,
+        post_norm: false,
+        positions: Positions::Rotary {
+            fraction: r.f64_or(&["rotary_pct", "partial_rotary_factor"], 0.25)?,
+        },
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        qkv_bias: r.bool_or(&["attention_bias"], true)?,
+        linear_bias: true,
+        parallel_block: parallel,
+        fused_qkv: true,
+        lm_head_bias: false,
+        dropout: Dropouts {
+            embedding: 0.0,
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            residual: r.f64_or(&["hidden_dropout"], 0.0)?,
+            activation: 0.0,
+        },
+        published_params: None,
+        context: None,
+        moe: None,
+        qk_norm: false,
+        parallel_two_norms: parallel,
     })
 }
 
@@ -514,6 +574,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
     })
 }
 
@@ -558,6 +619,7 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
     })
 }
 
@@ -620,6 +682,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
     })
 }
 
@@ -685,6 +748,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
     })
 }
 
@@ -740,5 +804,6 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         context: None,
         moe: None,
         qk_norm: false,
+        parallel_two_norms: false,
     })
 }

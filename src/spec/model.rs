@@ -35,13 +35,15 @@ pub enum Family {
     Phi3,
     /// `Qwen3ForCausalLM`: the Llama block with per-head q/k RMSNorm and explicit `head_dim`.
     Qwen3,
+    /// `GPTNeoXForCausalLM` (Pythia, GPT-NeoX-20B): parallel attention and MLP, two norms.
+    GptNeox,
     /// PaLM (Chowdhery et al. 2022, sec. 2; no transformers class): a parallel attention + FFN
     /// block, SwiGLU, multi-query attention, rotary, shared embeddings, LayerNorm, no biases.
     Palm,
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 14] = [
+    pub const ALL: [(&'static str, Family); 15] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -56,6 +58,7 @@ impl Family {
         ("mixtral", Family::Mixtral),
         ("phi3", Family::Phi3),
         ("qwen3", Family::Qwen3),
+        ("gpt_neox", Family::GptNeox),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -171,6 +174,9 @@ pub struct ModelSpec {
     pub moe: Option<Moe>,
     /// RMSNorm on each head of q and k before rotary (Qwen3's `q_norm`, `k_norm`).
     pub qk_norm: bool,
+    /// A parallel block whose attention and MLP each normalise the input with their own norm
+    /// (GPT-NeoX), rather than sharing one (Phi, Falcon).
+    pub parallel_two_norms: bool,
 }
 
 /// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
