@@ -111,16 +111,12 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     // Bytes each unit gathers (its parameters in the compute dtype) and reduces (its gradients
     // in the reduce dtype: FSDP's fp32 `reduce_dtype`, DeepSpeed's module dtype, DDP's
     // gradient dtype).
-    let units = graph.ops().map(|o| o.unit).max().unwrap_or(0) as usize + 1;
     // Per unit: one copy of a repeated block; the totals count every copy.
-    let mut gather = vec![0.0; units];
-    let mut reduce = vec![0.0; units];
+    let gather: Vec<f64> = graph.unit_bytes().iter().map(|b| b.0 as f64).collect();
+    let mut reduce = vec![0.0; gather.len()];
     let (mut gather_total, mut reduce_total) = (0.0, 0.0);
     for p in &graph.params {
-        let u = p.unit as usize;
-        let bytes = p.compute_bytes().0 as f64;
-        gather[u] += bytes;
-        gather_total += bytes * p.copies as f64;
+        gather_total += p.compute_bytes().0 as f64 * p.copies as f64;
         if p.trainable {
             let dtype = if engine.is_fsdp() {
                 DType::F32
@@ -128,7 +124,7 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
                 p.dtype
             };
             let bytes = dtype.bytes(p.elements).0 as f64;
-            reduce[u] += bytes;
+            reduce[p.unit as usize] += bytes;
             reduce_total += bytes * p.copies as f64;
         }
     }
@@ -164,67 +160,26 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     let act_bytes = DType::Bf16
         .bytes(plan.batch * (plan.seq + plan.target_seq))
         .0 as f64
-        * graph_hidden(graph, plan) as f64;
+        * graph_hidden(graph) as f64;
     let tp_per_block = 2.0 * tp_link.all_reduce(act_bytes, par.tp);
 
-    // The DAG: compute tasks chained on one stream, collectives chained on the other.
-    let mut dag: DiGraph<f64, ()> = DiGraph::new();
-    let mut last_compute: Option<NodeIndex> = None;
-    let mut last_comm: Option<NodeIndex> = None;
-    let mut comm_total = 0.0;
-    let mut compute_sum = 0.0;
-    let task = |dag: &mut DiGraph<f64, ()>,
-                seconds: f64,
-                on_comm: bool,
-                after: &[NodeIndex],
-                last_compute: &mut Option<NodeIndex>,
-                last_comm: &mut Option<NodeIndex>| {
-        let n = dag.add_node(seconds);
-        let previous = if on_comm { *last_comm } else { *last_compute };
-        for p in previous.iter().chain(after) {
-            dag.add_edge(*p, n, ());
-        }
-        if on_comm {
-            *last_comm = Some(n);
-        } else {
-            *last_compute = Some(n);
-        }
-        n
-    };
+    let mut s = Streams::default();
     // Without a pipeline the DAG runs every accumulation step; with one it holds one
     // micro-batch, and the 1F1B schedule below repeats it.
     let micro = if par.pp > 1 { 1 } else { par.grad_accum.max(1) };
-    let scale = if compute
+    // Host stalls stretch the device work evenly.
+    let device: f64 = compute
         .forward
         .iter()
         .chain(&compute.backward)
         .map(|u| u.1)
-        .sum::<f64>()
-        > 0.0
-    {
-        // Host stalls stretch the device work evenly.
-        compute.total
-            / compute
-                .forward
-                .iter()
-                .chain(&compute.backward)
-                .map(|u| u.1)
-                .sum::<f64>()
+        .sum();
+    let scale = if device > 0.0 {
+        compute.total / device
     } else {
         1.0
     };
-    let blocks_of = |u: u32| if u > 0 { 1.0 } else { 0.0 };
-    // Compute tasks so far: a unit's all-gather may start once the unit two before it has
-    // run (prefetching one unit ahead, as FSDP does, bounds the gathered memory).
-    let mut computes: Vec<NodeIndex> = Vec::new();
-    let ahead = |computes: &Vec<NodeIndex>| -> Vec<NodeIndex> {
-        computes
-            .len()
-            .checked_sub(2)
-            .map(|i| computes[i])
-            .into_iter()
-            .collect()
-    };
+    let tp_of = |u: u32| if u > 0 { tp_per_block } else { 0.0 };
     // The root unit runs twice per pass (embeddings, then head): it is gathered once per pass
     // and reduced once, when backward ends.
     let last_root = compute.backward.iter().rposition(|&(u, _)| u == 0);
@@ -241,31 +196,7 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
             } else {
                 0.0
             };
-            let deps: Vec<NodeIndex> = if ag > 0.0 {
-                comm_total += ag;
-                let after = ahead(&computes);
-                vec![task(
-                    &mut dag,
-                    ag,
-                    true,
-                    &after,
-                    &mut last_compute,
-                    &mut last_comm,
-                )]
-            } else {
-                Vec::new()
-            };
-            let seconds = t * scale + tp_per_block * blocks_of(u);
-            compute_sum += seconds;
-            comm_total += tp_per_block * blocks_of(u);
-            computes.push(task(
-                &mut dag,
-                seconds,
-                false,
-                &deps,
-                &mut last_compute,
-                &mut last_comm,
-            ));
+            s.unit(ag, t * scale, tp_of(u));
         }
         // Backward: gathered again (FULL_SHARD), reduced after (overlapping the next unit's).
         for (k, &(u, t)) in compute.backward.iter().enumerate() {
@@ -277,32 +208,7 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
                 volume += all_gather(u, &VOLUME);
                 all_gather(u, &dp_link)
             };
-            let deps: Vec<NodeIndex> = if ag > 0.0 {
-                comm_total += ag;
-                let after = ahead(&computes);
-                vec![task(
-                    &mut dag,
-                    ag,
-                    true,
-                    &after,
-                    &mut last_compute,
-                    &mut last_comm,
-                )]
-            } else {
-                Vec::new()
-            };
-            let seconds = t * scale + tp_per_block * blocks_of(u);
-            compute_sum += seconds;
-            comm_total += tp_per_block * blocks_of(u);
-            let b = task(
-                &mut dag,
-                seconds,
-                false,
-                &deps,
-                &mut last_compute,
-                &mut last_comm,
-            );
-            computes.push(b);
+            let b = s.unit(ag, t * scale, tp_of(u));
             // DDP and ZeRO-1/2 reduce once per optimizer step (no_sync while accumulating);
             // FSDP reduce-scatters every backward.
             let reduces_here = u > 0 || Some(k) == last_root;
@@ -310,19 +216,19 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
                 let r = reduce_cost(u, &dp_link, &inter);
                 volume += reduce_cost(u, &VOLUME, &VOLUME);
                 if r > 0.0 {
-                    comm_total += r;
-                    task(&mut dag, r, true, &[b], &mut last_compute, &mut last_comm);
+                    s.comm_total += r;
+                    s.task(r, true, &[b]);
                 }
             }
         }
     }
     // The step waits for every reduction; ZeRO-1/2 then all-gather the updated parameters.
-    let all_done: Vec<NodeIndex> = last_comm.iter().copied().collect();
+    let all_done: Vec<NodeIndex> = s.last_comm.iter().copied().collect();
     let mut after_step = 0.0;
     if matches!(engine, Engine::Zero1 | Engine::Zero2) && par.dp() > 1 {
         after_step += dp_link.gather(gather_total, group);
         volume += VOLUME.gather(gather_total, group);
-        comm_total += after_step;
+        s.comm_total += after_step;
     }
     // Offload: gradients go down to the host and updated parameters come back each step
     // (ZeRO-Offload, Ren et al. 2021, sec. 4), over each GPU's host link; the CPU steps.
@@ -336,22 +242,15 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
             // Each unit's shard comes up for forward and backward.
             offload += 2.0 * shard_params / link * micro as f64;
         }
-        comm_total += offload;
+        s.comm_total += offload;
     }
     let opt = compute.optimizer;
-    task(
-        &mut dag,
-        opt + after_step + offload,
-        false,
-        &all_done,
-        &mut last_compute,
-        &mut last_comm,
-    );
-    let step = critical_path(&dag);
+    s.task(opt + after_step + offload, false, &all_done);
+    let step = critical_path(&s.dag);
     // Communication compute does not hide: the critical path beyond the compute stream's work
     // (tensor-parallel all-reduces sit inside the compute tasks, and count too).
-    let tp_total = comm_total_tp(&compute.forward, &compute.backward, tp_per_block) * micro as f64;
-    let mut exposed = (step - compute_sum - opt).max(0.0) + tp_total;
+    let (compute_sum, mut comm_total) = (s.compute_sum, s.comm_total);
+    let mut exposed = (step - compute_sum - opt).max(0.0) + s.tp_sum;
     // 1F1B: the stage's micro-batches plus p - 1 slots of bubble; a send and a receive of the
     // boundary activation per micro-batch each way.
     let (step, bubble) = if par.pp > 1 {
@@ -383,19 +282,70 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     }
 }
 
-/// Tensor-parallel all-reduce time of one micro-batch (inside the block compute tasks).
-fn comm_total_tp(forward: &[(u32, f64)], backward: &[(u32, f64)], per_block: f64) -> f64 {
-    forward
-        .iter()
-        .chain(backward)
-        .filter(|(u, _)| *u > 0)
-        .count() as f64
-        * per_block
+/// The step DAG being built: compute tasks chained on one stream, collectives on the other.
+#[derive(Default)]
+struct Streams {
+    dag: DiGraph<f64, ()>,
+    last_compute: Option<NodeIndex>,
+    last_comm: Option<NodeIndex>,
+    /// Compute tasks so far, in order.
+    computes: Vec<NodeIndex>,
+    compute_sum: f64,
+    comm_total: f64,
+    /// Tensor-parallel all-reduce time, which sits inside the compute tasks.
+    tp_sum: f64,
+}
+
+impl Streams {
+    /// A task after the last one on its stream and after `after`.
+    fn task(&mut self, seconds: f64, on_comm: bool, after: &[NodeIndex]) -> NodeIndex {
+        let n = self.dag.add_node(seconds);
+        let previous = if on_comm {
+            self.last_comm
+        } else {
+            self.last_compute
+        };
+        for p in previous.iter().chain(after) {
+            self.dag.add_edge(*p, n, ());
+        }
+        if on_comm {
+            self.last_comm = Some(n);
+        } else {
+            self.last_compute = Some(n);
+        }
+        n
+    }
+
+    /// One unit's compute (with `tp` of tensor-parallel all-reduces inside it), after its
+    /// all-gather when it has one. The all-gather may start once the unit two before has run:
+    /// prefetching one unit ahead, as FSDP does, bounds the gathered memory.
+    fn unit(&mut self, gather: f64, seconds: f64, tp: f64) -> NodeIndex {
+        let deps: Vec<NodeIndex> = if gather > 0.0 {
+            self.comm_total += gather;
+            let after: Vec<NodeIndex> = self
+                .computes
+                .len()
+                .checked_sub(2)
+                .map(|i| self.computes[i])
+                .into_iter()
+                .collect();
+            vec![self.task(gather, true, &after)]
+        } else {
+            Vec::new()
+        };
+        let total = seconds + tp;
+        self.compute_sum += total;
+        self.comm_total += tp;
+        self.tp_sum += tp;
+        let n = self.task(total, false, &deps);
+        self.computes.push(n);
+        n
+    }
 }
 
 /// The hidden width a tensor-parallel all-reduce moves: the width of the largest activation
 /// an embedding produces (the residual stream).
-fn graph_hidden(graph: &OpGraph, _plan: &Plan) -> u64 {
+fn graph_hidden(graph: &OpGraph) -> u64 {
     graph
         .params
         .iter()

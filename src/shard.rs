@@ -57,13 +57,7 @@ impl Layout {
         let p = &plan.parallel;
         let (params_div, grads_div, optimizer_div) = p.divisors();
         let shards = p.engine.shards();
-        let units = graph.ops().map(|o| o.unit).max().unwrap_or(0) as usize + 1;
-        let mut unit_bytes = vec![Bytes::ZERO; units];
-        for param in &graph.params {
-            if let Some(b) = unit_bytes.get_mut(param.unit as usize) {
-                *b += param.compute_bytes();
-            }
-        }
+        let unit_bytes = graph.unit_bytes();
         // The block unit that runs before each op's unit in forward order runs after it in
         // backward.
         let mut prefetch = Vec::with_capacity(graph.len());

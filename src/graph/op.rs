@@ -317,6 +317,19 @@ impl OpGraph {
         &self.params[id.0 as usize]
     }
 
+    /// Bytes each sharding unit holds when gathered (one copy of a repeated block), by unit id:
+    /// what an FSDP/ZeRO-3 all-gather brings in.
+    pub fn unit_bytes(&self) -> Vec<Bytes> {
+        let units = self.ops().map(|o| o.unit).max().unwrap_or(0) as usize + 1;
+        let mut bytes = vec![Bytes::ZERO; units];
+        for p in &self.params {
+            if let Some(b) = bytes.get_mut(p.unit as usize) {
+                *b += p.compute_bytes();
+            }
+        }
+        bytes
+    }
+
     /// Checks the invariants every consumer relies on: the graph is acyclic and every edge points
     /// forward in execution order, every id refers to an existing tensor or parameter, and a
     /// checkpointed block's ops are contiguous.
