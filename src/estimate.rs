@@ -133,6 +133,20 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Runs the whole pipeline for one plan against `budget` (device memory less any headroom).
+pub fn estimate_within(
+    model: &ModelSpec,
+    plan: &Plan,
+    hardware: &Hardware,
+    rates: &Rates,
+    budget: crate::units::Bytes,
+) -> Result<Estimate> {
+    let mut e = estimate(model, plan, hardware, rates)?;
+    e.budget = budget;
+    e.fits = e.memory.required <= budget;
+    Ok(e)
+}
+
 /// Runs the whole pipeline for one plan.
 pub fn estimate(
     model: &ModelSpec,

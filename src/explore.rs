@@ -3,7 +3,7 @@
 //! Markdown and chart writers in `report` render. The CLI resolves the cases and renders.
 
 use crate::error::{Error, Result};
-use crate::estimate::{Estimate, estimate};
+use crate::estimate::{Estimate, estimate_within};
 use crate::layouts::{self, Bounds, Fixed, Layout};
 use crate::search::Target;
 use crate::spec::hardware::Hardware;
@@ -26,10 +26,13 @@ pub struct Case {
 
 impl Case {
     fn run(&self) -> Result<Estimate> {
-        let mut e = estimate(&self.model, &self.plan, &self.hardware, &self.rates)?;
-        e.budget = self.budget;
-        e.fits = e.memory.required <= self.budget;
-        Ok(e)
+        estimate_within(
+            &self.model,
+            &self.plan,
+            &self.hardware,
+            &self.rates,
+            self.budget,
+        )
     }
 }
 

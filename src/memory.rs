@@ -11,7 +11,7 @@
 use crate::graph::op::{Name, OpGraph, OpKind, ParamId, TensorId, TensorKind};
 use crate::shard::Layout;
 use crate::spec::hardware::Hardware;
-use crate::spec::parallel::{Engine, Offload};
+use crate::spec::parallel::Offload;
 use crate::spec::plan::Plan;
 use crate::units::Bytes;
 use serde::Serialize;
@@ -105,12 +105,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     } else {
         Bytes::ZERO
     };
-    // DDP's reducer copies gradients into flat buckets (gradient_as_bucket_view=False).
-    let ddp_buckets = if plan.parallel.engine == Engine::Ddp && plan.parallel.dp() > 1 {
-        all_grads
-    } else {
-        Bytes::ZERO
-    };
+    let ddp_buckets = layout.ddp_buckets(all_grads);
     // One cuBLAS workspace per (thread, stream): the forward thread and autograd's device thread.
     let workspace = hardware.cublas_workspace * 2;
 

@@ -50,6 +50,8 @@ pub struct Layout {
     /// op's own unit, which backward prefetches.
     prefetch: Vec<Bytes>,
     ranks_per_node: u64,
+    /// Data-parallel replicas.
+    replicas: u64,
 }
 
 impl Layout {
@@ -92,6 +94,7 @@ impl Layout {
             unit_bytes,
             prefetch,
             ranks_per_node: p.gpus_per_node.min(p.gpus).max(1),
+            replicas: p.dp(),
         }
     }
 
@@ -213,6 +216,17 @@ impl Layout {
             own + DType::F32.bytes(elements).div_ceil(self.optimizer_div)
         } else {
             own
+        }
+    }
+
+    /// DDP's reducer copies every gradient into flat buckets (`gradient_as_bucket_view=False`)
+    /// when there is more than one replica; the sharding engines reduce through their own
+    /// buffers instead.
+    pub fn ddp_buckets(&self, all_grads: Bytes) -> Bytes {
+        if self.engine == Engine::Ddp && self.replicas > 1 {
+            all_grads
+        } else {
+            Bytes::ZERO
         }
     }
 

@@ -23,7 +23,7 @@ mod planning;
 
 use args::{CalibrateArgs, Cli, Command, EstimateArgs, ExportArgs, Format, ListWhat, ValidateArgs};
 use ftplan::error::Error;
-use ftplan::estimate::{Estimate, estimate};
+use ftplan::estimate::Estimate;
 use ftplan::report::{self, json::Budget};
 use ftplan::spec::registry::{hardware_files, model_files, parse_hardware_toml, parse_model_toml};
 use plan::{PlanInput, Resolved};
@@ -103,11 +103,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Runs one resolved plan; `fits` accounts for the headroom.
 pub fn estimate_resolved(r: &Resolved) -> ftplan::Result<Estimate> {
-    let mut e = estimate(&r.model, &r.plan, &r.hardware, &r.rates)
-        .map_err(|e| plan::relabel(e, &r.origin))?;
-    e.budget = r.budget();
-    e.fits = e.memory.required <= e.budget;
-    Ok(e)
+    ftplan::estimate::estimate_within(&r.model, &r.plan, &r.hardware, &r.rates, r.budget())
+        .map_err(|e| plan::relabel(e, &r.origin))
 }
 
 /// A number as a person reads it: plain when moderate, exponent form when huge or tiny.

@@ -273,13 +273,8 @@ impl LayoutInput {
         })
     }
 
-    /// The validated layout for `model` on `hardware`.
-    pub fn resolve(
-        &self,
-        origin: &str,
-        model: &ModelSpec,
-        hardware: &Hardware,
-    ) -> Result<Parallel> {
+    /// The layout on `hardware`, defaults filled in (its rules are checked with the plan).
+    pub fn resolve(&self, origin: &str, hardware: &Hardware) -> Result<Parallel> {
         let fixed = self.fixed(origin, false)?;
         let engine = fixed.engine.unwrap_or(Engine::Ddp);
         let offload = fixed.offload.unwrap_or(Offload::None);
@@ -300,9 +295,7 @@ impl LayoutInput {
                 .unwrap_or(if pp > 1 { 2 * pp } else { 1 }),
             grad_accum: self.grad_accum,
         };
-        let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
-        ftplan::spec::parallel::check(&p, layers, model.decoder.heads, model.decoder.kv_heads)
-            .map_err(|(field, problem)| Error::field(origin, &field, problem))?;
+        // Its rules are checked with the rest of the plan (`estimate::check_plan`).
         Ok(p)
     }
 }
@@ -601,7 +594,7 @@ impl PlanInput {
                 AttentionArg::Sdpa => AttentionKernel::Sdpa,
                 AttentionArg::Eager => AttentionKernel::Eager,
             },
-            parallel: self.layout.resolve(o, &model.value, &gpu.value)?,
+            parallel: self.layout.resolve(o, &gpu.value)?,
         };
         ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;
         let rates = match &self.calibration {

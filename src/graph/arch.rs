@@ -543,12 +543,13 @@ fn moe_ops(
     let inter = stack.intermediate_size;
     let experts = moe.experts.max(1);
     let mut router = b.linear(name.at("gate"), x, experts, false, None);
-    let all_linear = b
+    let router_lora = b
         .plan
         .method
         .lora()
-        .is_some_and(|l| l.targets == crate::spec::plan::LoraTargets::AllLinear);
-    if let (true, Some(r)) = (all_linear, b.lora_on(Some(Proj::Down))) {
+        .filter(|l| l.targets == crate::spec::plan::LoraTargets::AllLinear)
+        .map(|l| l.rank);
+    if let Some(r) = router_lora {
         // peft's `all-linear` wraps the router too.
         let a = b.adapter_param(name.at("gate").then("lora_A"), (r, h));
         let bb = b.adapter_param(name.at("gate").then("lora_B"), (experts, r));
