@@ -48,3 +48,32 @@ pub fn assert_message_policy(err: &str) {
         );
     }
 }
+
+/// One plan per PEFT method, with small settings (shared by the graph, model and cluster tests).
+pub fn peft_methods() -> Vec<ftplan::spec::plan::Method> {
+    vec![
+        ftplan::spec::plan::Method::Lora(ftplan::spec::plan::Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: ftplan::spec::plan::LoraTargets::AllLinear,
+            dora: false,
+        }),
+        ftplan::spec::plan::Method::Qlora(ftplan::spec::plan::Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: ftplan::spec::plan::LoraTargets::QueryValue,
+            dora: false,
+        }),
+        ftplan::spec::plan::Method::Adapter { size: 32 },
+        ftplan::spec::plan::Method::Prefix { virtual_tokens: 10 },
+        ftplan::spec::plan::Method::Prompt { virtual_tokens: 10 },
+        ftplan::spec::plan::Method::Ia3,
+    ]
+}
+
+/// Full fine-tuning and every PEFT method.
+pub fn all_methods() -> Vec<ftplan::spec::plan::Method> {
+    std::iter::once(ftplan::spec::plan::Method::Full)
+        .chain(peft_methods())
+        .collect()
+}

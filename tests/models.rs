@@ -81,31 +81,9 @@ fn every_model_and_gpu_pair_estimates() {
     }
 }
 
-/// One plan per PEFT method, with small settings.
-fn peft_methods() -> Vec<Method> {
-    vec![
-        Method::Lora(Lora {
-            rank: 8,
-            alpha: 16.0,
-            targets: LoraTargets::AllLinear,
-            dora: false,
-        }),
-        Method::Qlora(Lora {
-            rank: 8,
-            alpha: 16.0,
-            targets: LoraTargets::QueryValue,
-            dora: false,
-        }),
-        Method::Adapter { size: 32 },
-        Method::Prefix { virtual_tokens: 10 },
-        Method::Prompt { virtual_tokens: 10 },
-        Method::Ia3,
-    ]
-}
-
 #[test]
 fn every_peft_method_builds_a_valid_graph_for_every_family() {
-    let methods = peft_methods();
+    let methods = crate::peft_methods();
     for stem in [
         "gpt2",
         "opt-1.3b",
@@ -146,7 +124,7 @@ fn every_peft_method_builds_a_valid_graph_for_every_family() {
 
 #[test]
 fn every_model_method_and_setting_builds_a_valid_graph() {
-    let methods: Vec<Method> = [Method::Full].into_iter().chain(peft_methods()).collect();
+    let methods: Vec<Method> = crate::all_methods();
     let hw = parse_hardware_toml(
         "h100-sxm",
         "h100-sxm",
