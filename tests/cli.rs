@@ -32,7 +32,7 @@ fn aliases_are_reported_on_stderr() {
         ])
         .assert()
         .success();
-    let err = String::from_utf8_lossy(&out.get_output().stderr);
+    let err = crate::stderr_of(&out);
     assert!(err.contains("`a100` resolves to `a100-80gb`"), "{err}");
 }
 
@@ -151,7 +151,7 @@ fn unknown_names_get_a_suggestion_and_exit_two() {
         ),
     ] {
         let out = ftplan().arg("estimate").args(&args).assert().code(2);
-        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        let err = crate::stderr_of(&out);
         assert!(err.contains(want), "{args:?}: {err}");
         crate::assert_message_policy(&err);
         assert!(!err.contains("panicked"), "{err}");
@@ -180,7 +180,7 @@ fn impossible_plans_are_errors_not_panics() {
             .args(&args)
             .assert()
             .code(2);
-        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        let err = crate::stderr_of(&out);
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
@@ -281,7 +281,7 @@ fn invalid_plan_files_name_file_and_field() {
         .args(["check", "tests/fixtures/plans/invalid-method.toml"])
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(
         err.contains("invalid-method.toml")
             && err.contains("`method`")
@@ -492,7 +492,7 @@ fn an_unwritable_output_is_an_error_with_no_partial_file() {
         .arg(&blocker)
         .assert()
         .code(2);
-    assert!(!String::from_utf8_lossy(&out.get_output().stderr).contains("panicked"));
+    assert!(!crate::stderr_of(&out).contains("panicked"));
     let target = blocker.join("cal.toml");
     ftplan()
         .args(["calibrate", "--mock", "--quick", "--out"])
@@ -574,7 +574,7 @@ fn no_adapter_is_a_clear_error() {
         ])
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(
         err.contains("no GPU adapter") && err.contains("mesa-vulkan-drivers"),
         "{err}"
@@ -617,6 +617,6 @@ fn bf16_on_a_gpu_without_bf16_tensor_cores_is_said() {
         .args(["estimate", "--model", "gpt2", "--gpu", "t4"])
         .assert()
         .code(0);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(err.contains("no bf16 tensor cores"), "{err}");
 }

@@ -229,7 +229,7 @@ fn invalid_layouts_name_their_rule() {
             .args(args)
             .assert()
             .code(2);
-        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        let err = crate::stderr_of(&out);
         assert!(err.contains(rule), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
@@ -520,7 +520,7 @@ fn engine_configs_round_trip_through_export() {
         .arg(&bad)
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(err.contains("DeepSpeed does not run"), "{err}");
     assert!(!bad.exists());
 }

@@ -190,7 +190,7 @@ fn error_messages() {
         &["check", "tests/fixtures"],
     ] {
         let out = ftplan().args(args).assert().code(2);
-        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        let err = crate::stderr_of(&out);
         let err: Vec<&str> = err.lines().filter(|l| !l.starts_with("note: ")).collect();
         all += &format!("$ ftplan {}\n{}\n\n", args.join(" "), err.join("\n"));
     }

@@ -38,7 +38,7 @@ fn a_closed_stdout_ends_quietly_with_exit_zero() {
 fn check_on_a_folder_without_plans_is_an_error() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = ftplan().args(["check"]).arg(dir.path()).assert().code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(err.contains("no plan files"), "{err}");
     // A plan named `*.TOML` is a plan: extensions match case-insensitively.
     std::fs::copy(
@@ -127,7 +127,7 @@ fn special_files_are_refused_not_read() {
             .timeout(std::time::Duration::from_secs(20))
             .assert()
             .code(2);
-        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        let err = crate::stderr_of(&out);
         assert!(
             err.contains("not a regular file") || err.contains("is a folder"),
             "{err}"
@@ -148,14 +148,14 @@ fn the_os_error_is_printed_once() {
         ])
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
 /// Runs `ftplan estimate` with `args` and expects exit 2 with `want` in the one error line.
 fn refused(args: &[&str], want: &str) {
     let out = ftplan().arg("estimate").args(args).assert().code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(err.contains(want), "{args:?}: `{want}` not in: {err}");
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     crate::assert_message_policy(&err);
@@ -301,7 +301,7 @@ fn fit_caps_its_search_instead_of_rejecting_a_valid_plan() {
 #[test]
 fn usage_errors_follow_the_message_policy_and_version_names_the_commit() {
     let out = ftplan().args(["estimate", "--bogus"]).assert().code(2);
-    crate::assert_message_policy(&String::from_utf8_lossy(&out.get_output().stderr));
+    crate::assert_message_policy(&crate::stderr_of(&out));
     let out = ftplan().arg("--version").assert().code(0);
     let v = String::from_utf8_lossy(&out.get_output().stdout).to_string();
     assert!(v.starts_with("ftplan 0.") && v.contains('('), "{v}");
@@ -333,7 +333,7 @@ fn answers_that_used_to_mislead_are_refused_or_named() {
     let plan = dir.path().join("plan.toml");
     std::fs::write(&plan, "model = \"llama2-7bb\"\ngpu = \"a100\"\n").expect("write plan");
     let out = ftplan().arg("check").arg(&plan).assert().code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(
         err.contains("plan.toml") && err.contains("`model`"),
         "{err}"
@@ -343,7 +343,7 @@ fn answers_that_used_to_mislead_are_refused_or_named() {
         .args(["estimate", "--gpu", "h100", "--model", "x\u{1b}[2J"])
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(
         !err.contains('\u{1b}') && err.contains("\\u{1b}"),
         "{err:?}"
@@ -399,7 +399,7 @@ fn flags_that_would_be_dropped_are_said_or_refused() {
         ])
         .assert()
         .code(0);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(
         err.contains("--lora-rank is ignored by --method full"),
         "{err}"
@@ -409,7 +409,7 @@ fn flags_that_would_be_dropped_are_said_or_refused() {
         .args(["check", "examples/llama2-7b-lora-a100.toml", "--batch", "4"])
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(
         err.contains("--batch") && err.contains("would not apply"),
         "{err}"
@@ -424,7 +424,7 @@ fn flags_that_would_be_dropped_are_said_or_refused() {
         .arg(dir.path())
         .assert()
         .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(err.contains("--methods"), "{err}");
     // The fit matrix answers in JSON when asked.
     let out = ftplan()
@@ -478,7 +478,7 @@ fn calibration_fits_its_budget_and_says_why_it_stopped() {
         .timeout(std::time::Duration::from_secs(60))
         .assert()
         .code(0);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(err.contains("checked") && err.contains("stopped:"), "{err}");
     let text = std::fs::read_to_string(&out_file).expect("calibration written");
     assert!(

@@ -5,7 +5,7 @@ use crate::ftplan;
 
 fn rejects(args: &[&str], want: &[&str]) {
     let out = ftplan().args(args).assert().code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    let err = crate::stderr_of(&out);
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     crate::assert_message_policy(&err);
     for w in want {

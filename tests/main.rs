@@ -25,6 +25,11 @@ pub fn ftplan() -> assert_cmd::Command {
     cmd
 }
 
+/// What a finished `ftplan` run wrote to stderr.
+pub fn stderr_of(out: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8_lossy(&out.get_output().stderr).to_string()
+}
+
 /// The message policy: one `error:` line naming what failed (file and field), then at most one
 /// `hint:` line; `note:` lines may come before.
 pub fn assert_message_policy(err: &str) {
