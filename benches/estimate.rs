@@ -29,6 +29,7 @@ fn main() {
         target_seq: 0,
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
+        expert_load: 1.0,
         parallel: ftplan::spec::parallel::Parallel::single(),
     };
 

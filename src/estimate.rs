@@ -6,7 +6,7 @@ use crate::graph::arch::Stage;
 use crate::memory::{self, MemoryEstimate};
 use crate::spec::hardware::Hardware;
 use crate::spec::model::ModelSpec;
-use crate::spec::plan::{Method, Plan};
+use crate::spec::plan::{Method, Plan, Side};
 use crate::time::{self, Rates, TimeEstimate};
 use serde::Serialize;
 
@@ -81,12 +81,42 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 ));
             }
         }
-        Method::Freeze { top_layers, .. } => {
-            let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
-            if *top_layers > layers {
+        Method::Prefix { .. } | Method::Ia3 | Method::Adapter { .. } if !model.has_attention() => {
+            return Err(field(
+                "method",
+                format!(
+                    "`{}` does not apply to `{}`: its blocks have no attention keys and values or FFN for it to reach",
+                    plan.method.name(),
+                    model.name
+                ),
+            )
+            .with_hint("prompt tuning, LoRA (--lora-targets all) or a partial method apply"));
+        }
+        Method::Freeze {
+            top_layers, side, ..
+        } => {
+            let enc = model.encoder.map_or(0, |e| e.layers);
+            let (layers, what) = match side {
+                None => (model.decoder.layers + enc, "model's"),
+                Some(_) if !model.is_encoder_decoder() => {
+                    return Err(field(
+                        "train-side",
+                        format!(
+                            "`{}` has one stack; --train-side needs an encoder-decoder model",
+                            model.name
+                        ),
+                    )
+                    .with_hint("use --train-layers top:N on a decoder-only model"));
+                }
+                Some(Side::Encoder) => (enc, "encoder's"),
+                Some(Side::Decoder) => (model.decoder.layers, "decoder's"),
+            };
+            if let Some(top) = top_layers
+                && *top > layers
+            {
                 return Err(field(
                     "train-layers",
-                    format!("({top_layers}) exceeds the model's {layers} layers"),
+                    format!("({top}) exceeds the {what} {layers} layers"),
                 ));
             }
         }

@@ -234,6 +234,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         target_seq,
         grad_ckpt: run.grad_ckpt,
         attention,
+        expert_load: 1.0,
         parallel: crate::spec::parallel::Parallel::single(),
     })
 }

@@ -22,6 +22,7 @@ fn plan(method: Method, precision: Precision, parallel: Parallel) -> Plan {
         target_seq: 0,
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
+        expert_load: 1.0,
         parallel,
     }
 }

@@ -107,6 +107,7 @@ fn small_plan() -> Plan {
         target_seq: 32,
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
+        expert_load: 1.0,
         parallel: ftplan::spec::parallel::Parallel::single(),
     }
 }

@@ -67,6 +67,7 @@ prop_compose! {
             optimizer: optimizer(o),
             batch, seq, target_seq: target, grad_ckpt: ckpt,
             attention: if eager { AttentionKernel::Eager } else { AttentionKernel::Sdpa },
+            expert_load: 1.0,
             parallel: ftplan::spec::parallel::Parallel::single(),
         }
     }

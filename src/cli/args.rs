@@ -107,6 +107,8 @@ pub enum OptimizerArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttentionArg {
     Sdpa,
+    #[value(name = "flash2")]
+    Flash2,
     Eager,
 }
 
@@ -140,7 +142,7 @@ pub struct PlanArgs {
     /// Gradient checkpointing (one checkpoint per block, non-reentrant).
     #[arg(long)]
     pub grad_ckpt: bool,
-    /// Attention kernel: SDPA (flash / memory-efficient) or eager.
+    /// Attention kernel: SDPA (flash / memory-efficient), flash2 (flash_attention_2) or eager.
     #[arg(long, value_enum, default_value_t = AttentionArg::Sdpa)]
     pub attention: AttentionArg,
     /// LoRA rank r.
@@ -164,6 +166,12 @@ pub struct PlanArgs {
     /// With --method freeze: the token embeddings train too.
     #[arg(long)]
     pub train_embeddings: bool,
+    /// With --method freeze on an encoder-decoder: only this side trains (encoder, decoder).
+    #[arg(long)]
+    pub train_side: Option<String>,
+    /// Mixture-of-experts: the busiest expert's tokens over the mean (1 = uniform routing).
+    #[arg(long, allow_negative_numbers = true)]
+    pub expert_load: Option<f64>,
     /// Bottleneck size of the adapter method.
     #[arg(long, default_value_t = 64)]
     pub adapter_size: u64,

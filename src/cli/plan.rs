@@ -6,7 +6,9 @@ use ftplan::error::{Error, Result, did_you_mean};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
 use ftplan::spec::parallel::{Engine, Offload, Parallel};
-use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
+use ftplan::spec::plan::{
+    AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Side,
+};
 use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
 use serde::Deserialize;
@@ -53,6 +55,8 @@ pub struct PlanFile {
     pub train_layers: Option<String>,
     #[serde(default)]
     pub train_embeddings: bool,
+    pub train_side: Option<String>,
+    pub expert_load: Option<f64>,
     pub calibration: Option<PathBuf>,
     /// A DeepSpeed JSON beside the plan (relative to it).
     pub deepspeed: Option<PathBuf>,
@@ -191,8 +195,12 @@ const OPTIMIZERS: [(&str, OptimizerArg); 5] = [
     ("sgd", OptimizerArg::Sgd),
     ("adafactor", OptimizerArg::Adafactor),
 ];
-const ATTENTIONS: [(&str, AttentionArg); 2] =
-    [("sdpa", AttentionArg::Sdpa), ("eager", AttentionArg::Eager)];
+const ATTENTIONS: [(&str, AttentionArg); 3] = [
+    ("sdpa", AttentionArg::Sdpa),
+    ("flash2", AttentionArg::Flash2),
+    ("eager", AttentionArg::Eager),
+];
+const SIDES: [(&str, Side); 2] = [("encoder", Side::Encoder), ("decoder", Side::Decoder)];
 
 /// Parses `qv`, `all` or `q,k,v,o,gate,up,down`.
 pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets> {
@@ -233,6 +241,8 @@ pub struct PlanInput {
     pub adapter_size: u64,
     pub train_layers: Option<String>,
     pub train_embeddings: bool,
+    pub train_side: Option<String>,
+    pub expert_load: Option<f64>,
     pub layout: LayoutInput,
     pub headroom_percent: f64,
     pub calibration: Option<PathBuf>,
@@ -323,6 +333,8 @@ impl PlanInput {
             adapter_size: a.adapter_size,
             train_layers: a.train_layers.clone(),
             train_embeddings: a.train_embeddings,
+            train_side: a.train_side.clone(),
+            expert_load: a.expert_load,
             layout: LayoutInput {
                 gpus: a.gpus,
                 gpus_per_node: a.gpus_per_node,
@@ -386,6 +398,8 @@ impl PlanInput {
             adapter_size: f.adapter_size.unwrap_or(64),
             train_layers: f.train_layers.clone(),
             train_embeddings: f.train_embeddings,
+            train_side: f.train_side.clone(),
+            expert_load: f.expert_load,
             layout: LayoutInput {
                 gpus: f.gpus,
                 gpus_per_node: f.gpus_per_node,
@@ -506,12 +520,26 @@ impl PlanInput {
             MethodArg::LnTuning => Method::LnTuning,
             MethodArg::Freeze => Method::Freeze {
                 top_layers: match &self.train_layers {
-                    Some(t) => parse_train_layers(o, t)?,
-                    None => 1,
+                    Some(t) => Some(parse_train_layers(o, t)?),
+                    None => None,
                 },
                 embeddings: self.train_embeddings,
+                side: match &self.train_side {
+                    Some(s) => Some(parse_name(o, "train-side", s, &SIDES)?),
+                    None => None,
+                },
             },
         };
+        let expert_load = self.expert_load.unwrap_or(1.0);
+        if !(expert_load.is_finite() && (1.0..=1000.0).contains(&expert_load)) {
+            return Err(Error::field(
+                o,
+                "expert-load",
+                format!(
+                    "must be a ratio in [1, 1000] (busiest expert over the mean), found {expert_load}"
+                ),
+            ));
+        }
         // Flags the method does not read: said, not silently dropped.
         if self.origin == "command line" {
             let lora = matches!(method, Method::Lora(_) | Method::Qlora(_));
@@ -525,6 +553,7 @@ impl PlanInput {
                 ("adapter_size", !matches!(method, Method::Adapter { .. })),
                 ("train_layers", !matches!(method, Method::Freeze { .. })),
                 ("train_embeddings", !matches!(method, Method::Freeze { .. })),
+                ("train_side", !matches!(method, Method::Freeze { .. })),
                 // QLoRA's base is NF4 computed in bf16 and the rest fp32, whatever --precision.
                 ("precision", matches!(method, Method::Qlora(_))),
             ];
@@ -592,8 +621,10 @@ impl PlanInput {
             grad_ckpt: self.grad_ckpt,
             attention: match self.attention {
                 AttentionArg::Sdpa => AttentionKernel::Sdpa,
+                AttentionArg::Flash2 => AttentionKernel::Flash2,
                 AttentionArg::Eager => AttentionKernel::Eager,
             },
+            expert_load,
             parallel: self.layout.resolve(o, &gpu.value)?,
         };
         ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;

@@ -14,8 +14,10 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::NormBias,
     ParamRole::Adapter,
 ];
-use crate::spec::model::{Family, ModelSpec, Positions, Stack};
-use crate::spec::plan::{Method, Plan, Proj};
+use crate::spec::model::{
+    BlockKind, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, Stack,
+};
+use crate::spec::plan::{Depth, Method, Plan, Proj};
 
 /// Which part of the model a graph covers: the whole model, or one pipeline stage (the first
 /// holds the embeddings, the last the final norm, LM head and loss; Narayanan et al. 2021).
@@ -129,8 +131,9 @@ fn stack_forward(
                 let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
                 x = b.add(name.at("embed").then("add"), x, p);
             }
-            if model.family == Family::Bart {
-                x = b.norm(name.at("layernorm_embedding"), x);
+            if model.embedding_norm {
+                // BART's `layernorm_embedding`, BLOOM's `word_embeddings_layernorm`.
+                x = b.norm(name.at("embedding_norm"), x);
             }
             x = b.dropout(name.at("embed").then("dropout"), x, model.dropout.embedding);
             if plan.grad_ckpt && !x.grad {
@@ -168,47 +171,83 @@ fn stack_forward(
         );
     }
 
-    // Layer 0 is built on its own (gradients may start inside it); layers 1..L-1 are the same
-    // ops on the same shapes, so they are built once and marked as L-1 copies.
+    // Blocks are built once per kind and marked as copies: the model is cut into segments
+    // that train alike (the boundary of `--method freeze`); each segment's first block is built
+    // on its own (gradients may start inside it), and the rest are grouped by what they are
+    // made of (`BlockKind`: Gemma-2's local and global layers, DeepSeek's dense and sparse
+    // ones), the kind of the segment's last block built last. Every copy is the same ops on
+    // the same shapes, so the order inside a segment does not change the sums.
     // Blocks are numbered across the encoder, then the decoder (what `Method::trains` reads).
     let offset = if memory.is_some() {
         model.encoder.map_or(0, |e| e.layers)
     } else {
         0
     };
-    // A run of identical blocks must train identically: it ends where the method's choice
-    // changes (the boundary of `--method freeze`).
-    let total = b.layers;
-    let same = |a: u64, c: u64| {
-        ROLES.iter().all(|&r| {
-            plan.method.trains(r, Some(a), total) == plan.method.trains(r, Some(c), total)
-        })
+    let all_layers = b.layers;
+    let depth = |layer| Depth {
+        layer: Some(layer),
+        layers: all_layers,
+        encoder_layers: model.encoder.map_or(0, |e| e.layers),
     };
-    let mut layer = 0;
-    while layer < stack.layers {
-        let rest = stack.layers - layer;
-        let mut copies = if layer >= 1 && rest > 1 { rest } else { 1 };
-        if let Some(j) = (1..copies).find(|&j| !same(offset + layer, offset + layer + j)) {
-            copies = j;
-        }
-        let copies = u32::try_from(copies).unwrap_or(u32::MAX);
-        let label = if copies > 1 {
-            format!("layers.{layer}-{}", layer + u64::from(copies) - 1)
+    let same = |a: u64, c: u64| {
+        ROLES
+            .iter()
+            .all(|&r| plan.method.trains(r, depth(a)) == plan.method.trains(r, depth(c)))
+    };
+    let kind_of = |l: u64| {
+        if memory.is_none() && model.is_encoder_decoder() {
+            BlockKind {
+                mixer: Mixer::Attention,
+                ffn: FfnKind::Dense,
+            }
         } else {
-            format!("layers.{layer}")
-        };
-        let ln = b.scope(name, &label);
-        b.set_repeat(copies);
-        b.layer = Some(offset + layer);
-        b.begin_block(x);
-        x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory);
-        b.end_block();
-        b.layer = None;
-        b.set_repeat(1);
-        layer += u64::from(copies);
+            model.block_kind(l)
+        }
+    };
+    let mut start = 0;
+    while start < stack.layers {
+        let mut end = start + 1;
+        while end < stack.layers && same(offset + start, offset + end) {
+            end += 1;
+        }
+        // (kind, first layer, copies), in build order.
+        let mut runs: Vec<(BlockKind, u64, u64)> = vec![(kind_of(start), start, 1)];
+        let last_kind = kind_of(end - 1);
+        let mut grouped: Vec<(BlockKind, u64, u64)> = Vec::new();
+        for l in start + 1..end {
+            let k = kind_of(l);
+            match grouped.iter_mut().find(|r| r.0 == k) {
+                Some(r) => r.2 += 1,
+                None => grouped.push((k, l, 1)),
+            }
+        }
+        if let Some(i) = grouped.iter().position(|r| r.0 == last_kind) {
+            let r = grouped.remove(i);
+            grouped.push(r);
+        }
+        runs.extend(grouped);
+        for (kind, first, copies) in runs {
+            let label = if copies > 1 {
+                format!("layers.{first}+{}", copies - 1)
+            } else {
+                format!("layers.{first}")
+            };
+            let ln = b.scope(name, &label);
+            b.set_repeat(u32::try_from(copies).unwrap_or(u32::MAX));
+            b.layer = Some(offset + first);
+            b.begin_block(x);
+            x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory, kind);
+            b.end_block();
+            b.layer = None;
+            b.set_repeat(1);
+        }
+        start = end;
     }
-    if model.family != Family::Bart && b.stage.last {
+    if model.norm_placement != NormPlacement::Post && b.stage.last {
+        // The stack's final norm trains with its top block.
+        b.layer = Some(offset + stack.layers.saturating_sub(1));
         x = b.norm(name.at("final_norm"), x);
+        b.layer = None;
     }
     if model.family == Family::T5 {
         x = b.dropout(name.at("final_dropout"), x, model.dropout.residual);
@@ -216,7 +255,8 @@ fn stack_forward(
     (x, seq)
 }
 
-/// One transformer block.
+/// One block: a mixer (attention or a state-space scan) and an FFN, normalised where the
+/// architecture puts its norms.
 #[expect(clippy::too_many_arguments)]
 fn block(
     b: &mut Builder,
@@ -227,38 +267,39 @@ fn block(
     embed_dtype: crate::units::DType,
     is_decoder: bool,
     memory: Option<(Val, u64)>,
+    kind: BlockKind,
 ) -> Val {
     let model = b.model;
     let p_res = model.dropout.residual;
-    let self_mask = self_attention_mask(b, is_decoder);
+    let window = match kind.mixer {
+        Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
+        Mixer::Attention => None,
+        Mixer::SlidingWindow { window } => Some(window),
+    };
+    let self_mask = self_attention_mask(b, is_decoder, seq, window);
+    let attend = |b: &mut Builder, at, h| {
+        self_attention(b, at, h, stack, seq, embed_dtype, (self_mask, window))
+    };
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
         let h = b.norm(name.at("input_layernorm"), x);
-        let a = self_attention(b, (name, "attn"), h, stack, seq, embed_dtype, self_mask);
+        let a = attend(b, (name, "attn"), h);
         let a = b.dropout(name.at("attn").then("dropout"), a, p_res);
-        // GPT-NeoX normalises the input again for the MLP (`post_attention_layernorm(x)`).
+        // GPT-NeoX and Falcon's new decoder normalise the input again for the MLP.
         let h = if model.parallel_two_norms {
             b.norm(name.at("post_attention_layernorm"), x)
         } else {
             h
         };
-        let m = mlp(b, (name, "mlp"), h, stack);
+        let m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
         let m = adapter(b, name.at("adapter"), m);
         let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
         let sum = b.add(name.at("parallel").then("add"), a, m);
         return b.add(name.at("residual"), x, sum);
     }
-    if model.post_norm {
+    if model.norm_placement == NormPlacement::Post {
         // BART: sub-layer, dropout, residual add, then LayerNorm.
-        let a = self_attention(
-            b,
-            (name, "self_attn"),
-            x,
-            stack,
-            seq,
-            embed_dtype,
-            self_mask,
-        );
+        let a = attend(b, (name, "self_attn"), x);
         let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
         let mut x = b.add(name.at("self_attn").then("residual"), x, a);
         x = b.norm(name.at("self_attn_layer_norm"), x);
@@ -268,23 +309,28 @@ fn block(
             x = b.add(name.at("encoder_attn").then("residual"), x, c);
             x = b.norm(name.at("encoder_attn_layer_norm"), x);
         }
-        let m = mlp(b, (name, "mlp"), x, stack);
+        let m = mlp(b, (name, "mlp"), x, stack, kind.ffn);
         let m = adapter(b, name.at("adapter"), m);
         let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
         let x = b.add(name.at("mlp").then("residual"), x, m);
         return b.norm(name.at("final_layer_norm"), x);
     }
-    // Pre-norm (Llama, GPT-2, OPT, T5).
-    let h = b.norm(name.at("input_layernorm"), x);
-    let a = self_attention(
-        b,
-        (name, "self_attn"),
-        h,
-        stack,
-        seq,
-        embed_dtype,
-        self_mask,
+    // Pre-norm (Llama, GPT-2, OPT, T5), sandwich (Gemma-2/3: pre and post) or output-only
+    // (OLMo-2: the sub-layer's output is normalised before the residual add).
+    let pre = model.norm_placement != NormPlacement::Output;
+    let post = matches!(
+        model.norm_placement,
+        NormPlacement::Sandwich | NormPlacement::Output
     );
+    let h = if pre {
+        b.norm(name.at("input_layernorm"), x)
+    } else {
+        x
+    };
+    let mut a = attend(b, (name, "self_attn"), h);
+    if post {
+        a = b.norm(name.at("post_attention_layernorm"), a);
+    }
     let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
     let mut x = b.add(name.at("self_attn").then("residual"), x, a);
     if let Some(mem) = memory {
@@ -293,8 +339,15 @@ fn block(
         let c = b.dropout(name.at("cross_attn").then("dropout"), c, p_res);
         x = b.add(name.at("cross_attn").then("residual"), x, c);
     }
-    let h = b.norm(name.at("post_attention_layernorm"), x);
-    let m = mlp(b, (name, "mlp"), h, stack);
+    let h = if pre {
+        b.norm(name.at("pre_feedforward_layernorm"), x)
+    } else {
+        x
+    };
+    let mut m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
+    if post {
+        m = b.norm(name.at("post_feedforward_layernorm"), m);
+    }
     let m = if model.family == Family::Gpt2 {
         b.dropout(name.at("mlp").then("dropout"), m, p_res)
     } else {
@@ -309,12 +362,18 @@ fn block(
     b.add(name.at("mlp").then("residual"), x, m)
 }
 
-fn self_attention_mask(b: &Builder, is_decoder: bool) -> AttnMask {
+/// What accompanies self-attention. A sliding window as transformers builds it
+/// (`masking_utils.sdpa_mask`): no mask while the keys fit the window (`is_causal` suffices),
+/// a materialised mask once they reach it (`_ignore_causal_mask_sdpa` declines the skip);
+/// flash_attention_2 takes the window as kernel arguments and never needs one.
+fn self_attention_mask(b: &Builder, is_decoder: bool, seq: u64, window: Option<u64>) -> AttnMask {
     let model = b.model;
+    let keys = seq + b.plan.method.prefix_tokens();
     match model.positions {
         Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
         Positions::RelativeBias { .. } => AttnMask::FrozenBias,
         _ if b.plan.method.prefix_tokens() > 0 => AttnMask::Explicit,
+        _ if is_decoder && window.is_some_and(|w| keys >= w) => AttnMask::Explicit,
         _ if is_decoder => AttnMask::Causal,
         _ => AttnMask::Full,
     }
@@ -337,7 +396,7 @@ fn self_attention(
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
-    mask: AttnMask,
+    mask: (AttnMask, Option<u64>),
 ) -> Val {
     in_tp_region(b, |b| {
         self_attention_ops(b, at, x, stack, seq, embed_dtype, mask)
@@ -351,8 +410,11 @@ fn self_attention_ops(
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
-    mask: AttnMask,
+    (mask, window): (AttnMask, Option<u64>),
 ) -> Val {
+    if let Some(mla) = b.model.mla {
+        return latent_attention(b, at, x, stack, seq, embed_dtype, (mask, window), mla);
+    }
     let name = b.scope(at.0, at.1);
     let model = b.model;
     let q_width = stack.heads * stack.head_dim;
@@ -397,10 +459,18 @@ fn self_attention_ops(
         );
         (q, k, v)
     };
-    if model.qk_norm {
-        // Qwen3: `q_norm(q.view(..., head_dim))`, the same for k, before rotary.
-        q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
-        k = b.norm_sized(name.at("k_norm"), k, stack.head_dim);
+    match model.qk_norm {
+        QkNorm::None => {}
+        // Qwen3, Gemma-3: `q_norm(q.view(..., head_dim))`, the same for k, before rotary.
+        QkNorm::PerHead => {
+            q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
+            k = b.norm_sized(name.at("k_norm"), k, stack.head_dim);
+        }
+        // OLMo-2: one RMSNorm over the whole q (and k) projection.
+        QkNorm::Full => {
+            q = b.norm(name.at("q_norm"), q);
+            k = b.norm(name.at("k_norm"), k);
+        }
     }
     if let Positions::Rotary { .. } = model.positions {
         q = b.rotary(name.at("rotary_q"), q, embed_dtype);
@@ -415,7 +485,14 @@ fn self_attention_ops(
         k = b.val(kv_width, batch * seq_k, k.dtype, true);
         v = b.val(kv_width, batch * seq_k, v.dtype, true);
     }
-    let a = b.attention(name.at("core"), q, k, v, stack, batch, (seq, seq_k), mask);
+    let a = b.attention(
+        name.at("core"),
+        [q, k, v],
+        stack,
+        batch,
+        (seq, seq_k),
+        (mask, window),
+    );
     let o_bias = model.linear_bias;
     b.linear(
         name.at("o_proj"),
@@ -471,7 +548,14 @@ fn cross_attention_ops(
         Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
         _ => AttnMask::Full,
     };
-    let a = b.attention(name.at("core"), q, k, v, stack, batch, (seq, mem_seq), mask);
+    let a = b.attention(
+        name.at("core"),
+        [q, k, v],
+        stack,
+        batch,
+        (seq, mem_seq),
+        (mask, None),
+    );
     b.linear(
         name.at("o_proj"),
         a,
@@ -481,10 +565,15 @@ fn cross_attention_ops(
     )
 }
 
-/// The feed-forward network: gated (SwiGLU/GeGLU) or two-matrix.
-/// The FFN: a tensor-parallel region.
-fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
-    in_tp_region(b, |b| mlp_ops(b, at, x, stack))
+/// The FFN, dense or mixture-of-experts: a tensor-parallel region.
+fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack, ffn: FfnKind) -> Val {
+    in_tp_region(b, |b| match (ffn, b.model.moe) {
+        (FfnKind::Moe, Some(moe)) => moe_ops(b, at, x, moe),
+        _ => {
+            let name = b.scope(at.0, at.1);
+            dense_ffn(b, name, x, stack.intermediate_size)
+        }
+    })
 }
 
 /// Runs `f` with the builder inside a tensor-parallel region (Megatron's column-then-row
@@ -496,13 +585,9 @@ fn in_tp_region(b: &mut Builder, f: impl FnOnce(&mut Builder) -> Val) -> Val {
     out
 }
 
-fn mlp_ops(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) -> Val {
-    if let Some(moe) = b.model.moe {
-        return moe_ops(b, at, x, stack, moe);
-    }
-    let name = b.scope(at.0, at.1);
+/// A dense FFN of width `inter`: gated (SwiGLU/GeGLU) or two-matrix.
+fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
     let model = b.model;
-    let inter = stack.intermediate_size;
     let bias = model.linear_bias;
     if model.gated_ffn {
         let g = b.linear(name.at("gate_proj"), x, inter, bias, Some(Proj::Gate));
@@ -525,6 +610,210 @@ fn mlp_ops(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack) ->
     }
 }
 
+/// Multi-head latent attention as transformers' DeepSeek-V2/V3 attention runs it (DeepSeek-AI
+/// 2024, sec. 2.1): q from `q_proj` (or `q_a_proj`, RMSNorm, `q_b_proj`); one
+/// `kv_a_proj_with_mqa` to the latent plus a rotary key shared by every head; RMSNorm on the
+/// latent; `kv_b_proj` up to per-head keys and values; keys and queries are the concatenation of
+/// their plain and rotary parts (new tensors); values have their own head width.
+#[expect(clippy::too_many_arguments)]
+fn latent_attention(
+    b: &mut Builder,
+    at: (Scope, &'static str),
+    x: Val,
+    stack: &Stack,
+    seq: u64,
+    embed_dtype: crate::units::DType,
+    (mask, window): (AttnMask, Option<u64>),
+    mla: crate::spec::model::Mla,
+) -> Val {
+    let name = b.scope(at.0, at.1);
+    let heads = stack.heads;
+    let qk = mla.nope_dim + mla.rope_dim;
+    let q = match mla.q_rank {
+        Some(r) => {
+            let qa = b.linear(name.at("q_a_proj"), x, r, false, Some(Proj::Q));
+            let qa = b.norm(name.at("q_a_layernorm"), qa);
+            b.linear(name.at("q_b_proj"), qa, heads * qk, false, Some(Proj::Q))
+        }
+        None => b.linear(name.at("q_proj"), x, heads * qk, false, Some(Proj::Q)),
+    };
+    let kv_a = b.linear(
+        name.at("kv_a_proj_with_mqa"),
+        x,
+        mla.kv_rank + mla.rope_dim,
+        false,
+        Some(Proj::K),
+    );
+    let latent = Val {
+        width: mla.kv_rank,
+        ..kv_a
+    };
+    let latent = b.norm(name.at("kv_a_layernorm"), latent);
+    let kv = b.linear(
+        name.at("kv_b_proj"),
+        latent,
+        heads * (mla.nope_dim + mla.v_dim),
+        false,
+        Some(Proj::V),
+    );
+    let q_rope = Val {
+        width: heads * mla.rope_dim,
+        ..q
+    };
+    let k_rope = Val {
+        width: mla.rope_dim,
+        ..kv_a
+    };
+    let q_rope = b.rotary(name.at("rotary_q"), q_rope, embed_dtype);
+    let k_rope = b.rotary(name.at("rotary_k"), k_rope, embed_dtype);
+    // torch.cat of the plain and rotary parts (the shared rotary key expanded to every head).
+    let q_nope = Val {
+        width: heads * mla.nope_dim,
+        ..q
+    };
+    let q = b.concat_width(name.at("q_cat"), q_nope, q_rope);
+    let k_nope = Val {
+        width: heads * mla.nope_dim,
+        ..kv
+    };
+    let k_rope = Val {
+        width: heads * mla.rope_dim,
+        ..k_rope
+    };
+    let k = b.concat_width(name.at("k_cat"), k_nope, k_rope);
+    let v = Val {
+        width: heads * mla.v_dim,
+        ..kv
+    };
+    let a = b.attention(
+        name.at("core"),
+        [q, k, v],
+        stack,
+        b.plan.batch,
+        (seq, seq),
+        (mask, window),
+    );
+    b.linear(
+        name.at("o_proj"),
+        a,
+        b.model.hidden_size,
+        false,
+        Some(Proj::O),
+    )
+}
+
+/// A Mamba block as transformers runs it without the `mamba-ssm` CUDA kernels (the torch path
+/// of `MambaMixer`, what `pip install transformers` trains with): RMSNorm, `in_proj` to the
+/// input and gate (2 x inner), a depthwise causal `conv1d` and SiLU, `x_proj` to the step size
+/// and the input-dependent B and C, `dt_proj`, then `mamba_selective_scan`'s recurrent loop,
+/// D skip, SiLU(gate) product and `out_proj`; the residual is kept in fp32
+/// (`residual_in_fp32`).
+///
+/// What the scan keeps (modeling_mamba.py): `exp(A * dt)` and `dt * B` over
+/// batch x inner x seq x state in fp32 (the discretised A and B), and, per time step, the
+/// recurrent state (fp32) that the next step's multiply keeps plus its cast copy that the
+/// matmul with C keeps: 14 bytes per (batch, inner, position, state) element, linear in the
+/// sequence, while the state carried between steps stays batch x inner x state.
+fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ssm) -> Val {
+    use crate::graph::op::{ParamRole, TensorKind};
+    use crate::units::DType;
+    let h = b.model.hidden_size;
+    let tokens = x.tokens;
+    let seq = tokens / b.plan.batch.max(1);
+    let inner = ssm.inner;
+    let hn = b.norm(name.at("norm"), x);
+    let mixer = b.scope(name, "mixer");
+    let proj = b.linear(mixer.at("in_proj"), hn, 2 * inner, false, Some(Proj::Up));
+    let xs = Val {
+        width: inner,
+        ..proj
+    };
+    let gate = Val {
+        width: inner,
+        ..proj
+    };
+    // conv1d (depthwise, padding conv - 1) saves its input; SiLU saves the conv output.
+    let conv_w = b.base_param(
+        mixer.at("conv1d.weight"),
+        (inner, ssm.conv),
+        ParamRole::Linear,
+    );
+    let conv_b = b.base_param(mixer.at("conv1d.bias"), (1, inner), ParamRole::Bias);
+    let conv = b.val(inner, tokens, xs.dtype, true);
+    let op = b.elementwise(
+        mixer.at("conv1d"),
+        &[xs],
+        conv,
+        smallvec::smallvec![xs.id],
+        2.0 * ssm.conv as f64,
+    );
+    if let Some(o) = b.graph.op_mut(op) {
+        o.params.extend([conv_w, conv_b]);
+    }
+    let xc = b.activation(mixer.at("act"), conv);
+    // x_proj reads the transposed activations: F.linear copies them contiguous first.
+    let xc = b.cast(mixer.at("transpose"), xc, xc.dtype);
+    let dbc = b.linear(
+        mixer.at("x_proj"),
+        xc,
+        ssm.dt_rank + 2 * ssm.state,
+        false,
+        Some(Proj::Gate),
+    );
+    let dt_in = Val {
+        width: ssm.dt_rank,
+        ..dbc
+    };
+    let dt = b.linear(mixer.at("dt_proj"), dt_in, inner, true, Some(Proj::Gate));
+    let a_log = b.base_param(mixer.at("A_log"), (inner, ssm.state), ParamRole::Linear);
+    let d = b.base_param(mixer.at("D"), (1, inner), ParamRole::Linear);
+    // softplus(dt + bias) in fp32 (saves its input); the product with A and B keeps dt.
+    let dt32 = b.val(inner, tokens, DType::F32, true);
+    let grad = x.grad || b.is_base_trainable();
+    let batch = b.plan.batch;
+    let bisn = batch * inner * seq * ssm.state;
+    let discretised = b.tensor(TensorKind::Activation, DType::F32.bytes(bisn) * 2);
+    let states = b.tensor(
+        TensorKind::Activation,
+        (DType::F32.bytes(1) + b.compute().bytes(1)) * bisn,
+    );
+    let small = b.tensor(
+        TensorKind::Activation,
+        DType::F32.bytes(tokens * inner) * 4 + DType::F32.bytes(tokens * ssm.state),
+    );
+    let y = b.val(inner, tokens, DType::F32, grad);
+    let op = b.elementwise(
+        mixer.at("selective_scan"),
+        &[xc, dt],
+        y,
+        smallvec::smallvec![discretised, states, small, dt32.id],
+        6.0 * ssm.state as f64,
+    );
+    if let Some(o) = b.graph.op_mut(op) {
+        o.params.extend([a_log, d]);
+        // deltaB_u and the A * dt product before exp, alive together while the loop runs;
+        // backward sums each step's slice gradients into full-size buffers.
+        o.forward_transient += DType::F32.bytes(bisn) * 2;
+        o.backward_transient += DType::F32.bytes(bisn) * 3;
+        // Per step: a multiply, an add, a cast, a matmul and the views around them.
+        let steps = u32::try_from(seq).unwrap_or(u32::MAX);
+        o.cost.forward_kernels = steps.saturating_mul(4).saturating_add(12);
+        o.cost.backward_kernels = steps.saturating_mul(8).saturating_add(16);
+        o.cost.forward_bytes = DType::F32.bytes(bisn) * 6;
+        o.cost.backward_bytes = DType::F32.bytes(bisn) * 12;
+    }
+    // scan_output * silu(gate): SiLU keeps the gate, the product keeps both factors.
+    let g = b.activation(mixer.at("gate_act"), gate);
+    let yg = b.mul(mixer.at("gate_mul"), y, g);
+    let out = b.linear(mixer.at("out_proj"), yg, h, false, Some(Proj::O));
+    let residual = if x.dtype == DType::F32 {
+        x
+    } else {
+        b.cast(name.at("residual_fp32"), x, DType::F32)
+    };
+    b.add(name.at("residual"), residual, out)
+}
+
 /// transformers' sparse MoE block (`MixtralSparseMoeBlock`): router logits from a linear `gate`
 /// (h -> experts, no bias; not a LoRA target, so LoRA's `gate`/`w1` means the experts' gate
 /// projections), a softmax in fp32 over the experts and top-k; each expert, a gated FFN
@@ -535,12 +824,11 @@ fn moe_ops(
     b: &mut Builder,
     at: (Scope, &'static str),
     x: Val,
-    stack: &Stack,
     moe: crate::spec::model::Moe,
 ) -> Val {
     let name = b.scope(at.0, at.1);
     let h = b.model.hidden_size;
-    let inter = stack.intermediate_size;
+    let inter = moe.expert_intermediate;
     let experts = moe.experts.max(1);
     let mut router = b.linear(name.at("gate"), x, experts, false, None);
     let router_lora = b
@@ -562,7 +850,18 @@ fn moe_ops(
         router,
         crate::units::DType::F32,
     );
-    let routed = (x.tokens * moe.top_k).div_ceil(experts);
+    // Uniform routing gives each expert tokens x top_k / experts; `--expert-load` L plans for
+    // imbalance: the busiest expert receives L times that (at most every token), the others
+    // share the rest, so the total routed is unchanged.
+    let assigned = x.tokens * moe.top_k;
+    let mean = assigned.div_ceil(experts);
+    let busiest =
+        ((mean as f64 * b.plan.expert_load).ceil() as u64).clamp(mean, x.tokens.max(mean));
+    let others = if experts > 1 {
+        assigned.saturating_sub(busiest).div_ceil(experts - 1)
+    } else {
+        busiest
+    };
     let out = b.val(h, x.tokens, x.dtype, x.grad || b.is_base_trainable());
     // LoRA on the experts as peft 0.21 reaches transformers 5's 3-D expert parameters
     // (`gate_up_proj` [E, 2 inter, h], `down_proj` [E, h, inter]; `ParamWrapper`): factors
@@ -614,6 +913,7 @@ fn moe_ops(
     let expert_lora = gate_up.is_none() && down.is_none();
     for e in 0..experts {
         let es = b.scope(name, &format!("experts.{e}"));
+        let routed = if e == 0 { busiest } else { others };
         // index_select of this expert's tokens (its backward scatters the gradient back).
         let xe = b.val(x.width, routed, x.dtype, x.grad);
         b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
@@ -634,5 +934,24 @@ fn moe_ops(
             1.0,
         );
     }
-    out
+    if moe.shared_intermediate == 0 {
+        return out;
+    }
+    // Shared experts every token passes through (Qwen2-MoE's `shared_expert`, DeepSeek's
+    // `shared_experts`): a dense gated FFN, scaled by a sigmoid gate in Qwen2-MoE.
+    let shared_scope = b.scope(name, "shared_expert");
+    let mut s = dense_ffn(b, shared_scope, x, moe.shared_intermediate);
+    if moe.shared_gate {
+        let g = b.linear(name.at("shared_expert_gate"), x, 1, false, None);
+        let sig = b.val(1, g.tokens, g.dtype, g.grad);
+        b.elementwise(
+            name.at("shared_gate_sigmoid"),
+            &[g],
+            sig,
+            smallvec::smallvec![sig.id],
+            4.0,
+        );
+        s = b.mul(name.at("shared_gate_mul"), s, sig);
+    }
+    b.add(name.at("shared_add"), out, s)
 }

@@ -10,31 +10,40 @@ use smallvec::SmallVec;
 
 impl Builder<'_> {
     /// Self- or cross-attention core between projected q, k, v.
-    #[expect(clippy::too_many_arguments)]
     pub fn attention(
         &mut self,
         name: Name,
-        q: Val,
-        k: Val,
-        v: Val,
+        [q, k, v]: [Val; 3],
         stack: &Stack,
         batch: u64,
         (seq_q, seq_k): (u64, u64),
-        mask: AttnMask,
+        (mask, window): (AttnMask, Option<u64>),
     ) -> Val {
         let heads = stack.heads;
         let head_dim = stack.head_dim;
+        // Values may be narrower than queries and keys (DeepSeek's latent attention).
+        let v_head = v.width / stack.kv_heads.max(1);
         let grad = q.grad || k.grad || v.grad;
         let p_drop = self.model.dropout.attention;
         let scores = batch
             .saturating_mul(heads)
             .saturating_mul(seq_q)
             .saturating_mul(seq_k);
-        let out_width = heads * head_dim;
+        let out_width = heads * v_head;
+        let k_width = heads * head_dim;
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let mut fwd_extra = Bytes::ZERO;
         let kernel = match (self.plan.attention, mask) {
+            // BLOOM's attention is its own eager code (baddbmm with the ALiBi bias).
+            _ if self.model.positions == crate::spec::model::Positions::Alibi => Kernel::Eager,
             (AttentionKernel::Eager, _) => Kernel::Eager,
+            (AttentionKernel::Flash2, AttnMask::FrozenBias | AttnMask::TrainableBias) => {
+                Kernel::Math
+            }
+            // flash_attention_2 takes causality, the window and padding as arguments (a
+            // prefix is a longer key sequence, bottom-right aligned): never a mask tensor,
+            // grouped KV heads native.
+            (AttentionKernel::Flash2, _) => Kernel::Flash,
             // A float bias that needs no gradient (T5's relative bias over a frozen base) does
             // not reach the fused kernels on CUDA; SDPA falls back to its math path, which
             // upcasts bf16 inputs to fp32 (observed on the H200 ground truth, see README).
@@ -44,6 +53,18 @@ impl Builder<'_> {
         let compute = if self.autocast { DType::Bf16 } else { q.dtype };
         let out;
         match kernel {
+            Kernel::Flash => {
+                let q = self.cast(name.then("q_cast"), q, compute);
+                let k = self.cast(name.then("k_cast"), k, compute);
+                let v = self.cast(name.then("v_cast"), v, compute);
+                saves.extend([q.id, k.id, v.id]);
+                saves.push(self.tensor(
+                    TensorKind::Activation,
+                    DType::F32.bytes(batch * heads * seq_q),
+                ));
+                out = self.val(out_width, q.tokens, compute, grad);
+                saves.push(out.id);
+            }
             Kernel::Fused => {
                 // flash / memory-efficient: q, k, v (as cast by autocast), the output (laid out
                 // so that the caller's transpose().contiguous() is free), and fp32 logsumexp.
@@ -53,7 +74,7 @@ impl Builder<'_> {
                 let group = heads / stack.kv_heads.max(1);
                 let (k, v) = if mask == AttnMask::Explicit && group > 1 {
                     (
-                        self.val(out_width, k.tokens, compute, k.grad),
+                        self.val(k_width, k.tokens, compute, k.grad),
                         self.val(out_width, v.tokens, compute, v.grad),
                     )
                 } else {
@@ -101,7 +122,7 @@ impl Builder<'_> {
                 let group = heads / stack.kv_heads.max(1);
                 let q = self.cast(name.then("q_cast"), q, compute);
                 let k_rep = if group > 1 {
-                    self.val(out_width, k.tokens, compute, k.grad)
+                    self.val(k_width, k.tokens, compute, k.grad)
                 } else {
                     self.cast(name.then("k_cast"), k, compute)
                 };
@@ -119,6 +140,11 @@ impl Builder<'_> {
                 } else {
                     compute
                 };
+                if self.model.softcap.attention > 0.0 {
+                    // Gemma-2's soft-capping: scores / cap, tanh (keeps its output), * cap.
+                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                    fwd_extra += compute.bytes(scores);
+                }
                 saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
                 if p_drop > 0.0 {
                     // Dropout keeps only its mask; its output is what the matmul with v keeps
@@ -133,11 +159,30 @@ impl Builder<'_> {
                 out = self.val(out_width, q.tokens, compute, grad);
             }
         }
-        let flops = 4.0 * scores as f64 * head_dim as f64;
-        let causal_factor = if mask == AttnMask::Causal { 0.5 } else { 1.0 };
+        let flops = 2.0 * scores as f64 * (head_dim + v_head) as f64;
+        // Causal attention computes half the scores with a fused kernel (`is_causal`); a
+        // materialised mask makes every kernel compute them all; flash_attention_2 also skips
+        // what lies outside the window: of the seq_q x seq_k pairs, each query sees
+        // min(position + 1, window) keys.
+        let causal_factor = match (kernel, mask) {
+            (Kernel::Flash, AttnMask::Causal | AttnMask::Explicit) | (_, AttnMask::Causal) => {
+                let visible = |w: u64| {
+                    let w = w.min(seq_k) as f64;
+                    w * (w + 1.0) / 2.0 + (seq_k as f64 - w) * w
+                };
+                let full = visible(seq_k);
+                let seen = window.map_or(full, visible);
+                if kernel == Kernel::Flash && mask == AttnMask::Explicit && window.is_none() {
+                    1.0
+                } else {
+                    0.5 * seen / full.max(1.0)
+                }
+            }
+            _ => 1.0,
+        };
         let io = q.bytes() + k.bytes() + v.bytes() + out.bytes();
         let score_bytes = match kernel {
-            Kernel::Fused => Bytes::ZERO,
+            Kernel::Fused | Kernel::Flash => Bytes::ZERO,
             Kernel::Math | Kernel::Eager => DType::F32.bytes(scores) * 4,
         };
         self.emit(OpSpec {
@@ -155,8 +200,16 @@ impl Builder<'_> {
                 forward_bytes: io + score_bytes,
                 backward_bytes: io * 2 + score_bytes * 2,
                 // Head split views and transposes around the kernel(s).
-                forward_kernels: if kernel == Kernel::Fused { 9 } else { 14 },
-                backward_kernels: if kernel == Kernel::Fused { 9 } else { 16 },
+                forward_kernels: if matches!(kernel, Kernel::Fused | Kernel::Flash) {
+                    9
+                } else {
+                    14
+                },
+                backward_kernels: if matches!(kernel, Kernel::Fused | Kernel::Flash) {
+                    9
+                } else {
+                    16
+                },
                 min_dim: head_dim,
                 // The attention module and the block around it.
                 modules: 2,
@@ -186,6 +239,8 @@ pub enum AttnMask {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
+    /// flash_attention_2 (Dao 2023).
+    Flash,
     Fused,
     Math,
     Eager,

@@ -307,6 +307,14 @@ impl<'a> Builder<'a> {
         out
     }
 
+    /// `torch.cat` along the features (`[a, b]` per token): a new tensor; saves nothing.
+    pub fn concat_width(&mut self, name: Name, a: Val, b: Val) -> Val {
+        let dtype = wider(a.dtype, b.dtype);
+        let out = self.val(a.width + b.width, a.tokens, dtype, a.grad || b.grad);
+        self.elementwise(name, &[a, b], out, SmallVec::new(), 0.0);
+        out
+    }
+
     /// `torch.cat` along the sequence: saves nothing (its backward only slices).
     pub fn concat(&mut self, name: Name, a: Val, b: Val) -> Val {
         let out = Val {
@@ -328,8 +336,20 @@ impl<'a> Builder<'a> {
         // GPT-2, T5 and Phi call `nn.Dropout` modules, BART, OPT and Falcon call
         // `F.dropout`; the Llama family has no dropout calls outside attention.
         let (modules, dispatch) = match self.model.family {
-            Family::Gpt2 | Family::T5 | Family::Phi | Family::Phi3 | Family::GptNeox => (1, 1),
-            Family::Bart | Family::Opt | Family::Falcon => (0, 1),
+            Family::Gpt2
+            | Family::T5
+            | Family::Phi
+            | Family::Phi3
+            | Family::GptNeox
+            | Family::Starcoder2
+            | Family::Olmo2 => (1, 1),
+            Family::Bart | Family::Opt | Family::Falcon | Family::Bloom => (0, 1),
+            Family::Gemma2
+            | Family::Gemma3
+            | Family::Qwen2Moe
+            | Family::Qwen3Moe
+            | Family::Deepseek
+            | Family::Mamba => (0, 0),
             Family::Llama
             | Family::Mistral
             | Family::Qwen2
@@ -390,7 +410,14 @@ impl<'a> Builder<'a> {
 
     /// Whether a base parameter of `role` trains here (the method decides).
     pub(super) fn trains(&self, role: ParamRole) -> bool {
-        self.plan.method.trains(role, self.layer, self.layers)
+        self.plan.method.trains(
+            role,
+            crate::spec::plan::Depth {
+                layer: self.layer,
+                layers: self.layers,
+                encoder_layers: self.model.encoder.map_or(0, |e| e.layers),
+            },
+        )
     }
 
     pub fn finish(self) -> OpGraph {
@@ -411,8 +438,7 @@ pub fn wider(a: DType, b: DType) -> DType {
 mod tests {
     use super::*;
     use crate::graph::op::Scope;
-    use crate::spec::model::{Activation, Norm};
-    use crate::spec::model::{Dropouts, Family, Positions, Stack};
+    use crate::spec::model::{Family, Stack};
     use crate::spec::plan::{AttentionKernel, LoraTargets, Proj};
     use crate::spec::plan::{Lora, Optimizer};
 
@@ -420,34 +446,7 @@ mod tests {
     fn tiny(layers: u64) -> ModelSpec {
         ModelSpec {
             name: "tiny".into(),
-            family: Family::Llama,
-            hidden_size: 64,
-            vocab_size: 128,
-            decoder: Stack {
-                layers,
-                heads: 4,
-                kv_heads: 2,
-                head_dim: 16,
-                intermediate_size: 256,
-            },
-            encoder: None,
-            gated_ffn: true,
-            activation: Activation::Silu,
-            norm: Norm::RmsNorm,
-            post_norm: false,
-            positions: Positions::Rotary { fraction: 1.0 },
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            linear_bias: false,
-            parallel_block: false,
-            fused_qkv: false,
-            lm_head_bias: false,
-            dropout: Dropouts::default(),
-            published_params: None,
-            context: None,
-            moe: None,
-            qk_norm: false,
-            parallel_two_norms: false,
+            ..ModelSpec::decoder_only(Family::Llama, 64, 128, Stack::new(layers, 4, 2, 16, 256))
         }
     }
 
@@ -466,6 +465,7 @@ mod tests {
             target_seq: 0,
             grad_ckpt: false,
             attention: AttentionKernel::Sdpa,
+            expert_load: 1.0,
             parallel: crate::spec::parallel::Parallel::single(),
         }
     }

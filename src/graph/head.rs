@@ -106,6 +106,26 @@ impl Builder<'_> {
             compute,
             in_backward: grad,
         });
+        let logits = if self.model.softcap.logits > 0.0 {
+            // Gemma-2's final soft-capping: logits / cap, tanh (keeps its output), * cap; each
+            // a new vocabulary-sized tensor in the logits' dtype.
+            let capped = self.val(vocab, tokens, logits.dtype, logits.grad);
+            let op = self.elementwise(
+                Name::root("lm_head").then("softcap"),
+                &[logits],
+                capped,
+                smallvec![capped.id],
+                3.0,
+            );
+            if let Some(o) = self.graph.op_mut(op) {
+                o.forward_transient += logits.bytes();
+                o.cost.forward_kernels = 3;
+                o.cost.backward_kernels = 3;
+            }
+            capped
+        } else {
+            logits
+        };
         let loss_dtype = if self.model.is_encoder_decoder() && !self.autocast {
             logits.dtype
         } else {

@@ -43,7 +43,7 @@ impl Builder<'_> {
                 saves.push(stats(self));
                 self.val(h, tokens, input.dtype, x.grad || trainable)
             }
-            Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::T5RmsNorm => {
+            Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm | Norm::T5RmsNorm => {
                 // hidden.to(fp32): pow(2) and the rsqrt multiply keep the fp32 copy.
                 let x32 = self.cast(name.then("upcast"), x, DType::F32);
                 if x.grad {
@@ -69,7 +69,8 @@ impl Builder<'_> {
                     // GemmaRMSNorm stays fp32 until the end.
                     _ => DType::F32,
                 };
-                let pre = if kind == Norm::GemmaRmsNorm {
+                let fp32_weight = matches!(kind, Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm);
+                let pre = if fp32_weight {
                     normed32
                 } else {
                     self.val(h, tokens, out_dtype, x.grad)
@@ -78,7 +79,7 @@ impl Builder<'_> {
                     // weight * normed keeps `normed` for the weight gradient.
                     saves.push(pre.id);
                 }
-                let out_dtype = if kind == Norm::GemmaRmsNorm {
+                let out_dtype = if fp32_weight {
                     x.dtype
                 } else {
                     wider(out_dtype, self.base)

@@ -27,10 +27,23 @@ pub fn describe(plan: &Plan, enc_dec: bool) -> String {
         Method::Freeze {
             top_layers,
             embeddings,
-        } => format!(
-            "freeze (top {top_layers} layers{})",
-            if *embeddings { " + embeddings" } else { "" }
-        ),
+            side,
+        } => {
+            let side = match side {
+                Some(crate::spec::plan::Side::Encoder) => "encoder ",
+                Some(crate::spec::plan::Side::Decoder) => "decoder ",
+                None => "",
+            };
+            let top = match (top_layers, side.is_empty()) {
+                (Some(n), _) => format!("top {n} {side}layers"),
+                (None, true) => "top 1 layers".to_string(),
+                (None, false) => format!("{side}only"),
+            };
+            format!(
+                "freeze ({top}{})",
+                if *embeddings { " + embeddings" } else { "" }
+            )
+        }
     };
     let seq = if enc_dec {
         format!("{}+{}", plan.seq, plan.target_seq)

@@ -2,7 +2,10 @@
 //! [`ModelSpec`]. Field names and defaults follow each transformers configuration class.
 
 use crate::error::{Error, Result, did_you_mean};
-use crate::spec::model::{Activation, Dropouts, Family, ModelSpec, Moe, Norm, Positions, Stack};
+use crate::spec::model::{
+    Activation, Dropouts, Family, Mixer, Mla, ModelSpec, Moe, Norm, NormPlacement, Positions,
+    QkNorm, Softcap, Ssm, Stack,
+};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -124,6 +127,13 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn opt_f64(&self, keys: &[&'static str]) -> Result<Option<f64>> {
+        match self.raw(keys) {
+            None => Ok(None),
+            Some(_) => self.f64_or(keys, 0.0).map(Some),
+        }
+    }
+
     fn bool_or(&self, keys: &[&'static str], default: bool) -> Result<bool> {
         match self.raw(keys) {
             None => Ok(default),
@@ -184,7 +194,16 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Gemma
         | Family::Mixtral
         | Family::Phi3
-        | Family::Qwen3 => llama_like(&r, family)?,
+        | Family::Qwen3
+        | Family::Gemma2
+        | Family::Gemma3
+        | Family::Olmo2
+        | Family::Qwen2Moe
+        | Family::Qwen3Moe => llama_like(&r, family)?,
+        Family::Starcoder2 => starcoder2(&r)?,
+        Family::Bloom => bloom(&r)?,
+        Family::Deepseek => deepseek(&r)?,
+        Family::Mamba => mamba(&r)?,
         Family::Gpt2 => gpt2(&r)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -269,16 +288,136 @@ fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
     })
 }
 
+/// Attention mixers by layer: the config's `layer_types` where it lists them (transformers 5
+/// writes it for every family with local layers), else the family's rule over `sliding_window`.
+fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
+    // Qwen2-MoE writes `sliding_window: 0` when it is off.
+    let window = match r.raw(&["sliding_window"]) {
+        Some((_, v)) if v.as_u64() == Some(0) => None,
+        _ => r.opt_u64(&["sliding_window"])?,
+    };
+    let on = r.bool_or(&["use_sliding_window"], true)?;
+    let window = window.filter(|_| on);
+    if let Some((key, Value::Array(list))) = r.raw(&["layer_types"]) {
+        if list.len() as u64 != layers {
+            return Err(Error::field(
+                r.path,
+                key,
+                format!("lists {} layers; the model has {layers}", list.len()),
+            ));
+        }
+        return list
+            .iter()
+            .map(|t| match (t.as_str(), window) {
+                (Some("full_attention"), _) => Ok(Mixer::Attention),
+                (Some("sliding_attention"), Some(w)) => Ok(Mixer::SlidingWindow { window: w }),
+                (Some("sliding_attention"), None) => Err(Error::field(
+                    r.path,
+                    "sliding_window",
+                    "is missing; `layer_types` has sliding_attention layers",
+                )),
+                _ => Err(
+                    Error::field(r.path, key, format!("`{t}` is not a known layer type"))
+                        .with_hint("full_attention or sliding_attention"),
+                ),
+            })
+            .collect();
+    }
+    let Some(w) = window else {
+        return Ok(vec![Mixer::Attention]);
+    };
+    let local = Mixer::SlidingWindow { window: w };
+    Ok(match family {
+        // Gemma2Config: even layers (0, 2, ...) slide, odd ones attend globally.
+        Family::Gemma2 => vec![local, Mixer::Attention],
+        // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one.
+        Family::Gemma3 => {
+            let pattern = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(6);
+            let mut v = vec![local; pattern.saturating_sub(1).min(layers) as usize];
+            v.push(Mixer::Attention);
+            v
+        }
+        // Qwen2/Qwen3: `use_sliding_window` on the layers from `max_window_layers` up.
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen2Moe | Family::Qwen3Moe => {
+            if !r.bool_or(&["use_sliding_window"], false)? {
+                return Ok(vec![Mixer::Attention]);
+            }
+            let from = r.opt_u64(&["max_window_layers"])?.unwrap_or(layers);
+            (0..layers)
+                .map(|l| if l >= from { local } else { Mixer::Attention })
+                .collect()
+        }
+        _ => vec![local],
+    })
+}
+
+/// Reads the shared mixture-of-experts keys (Mixtral, Qwen2/3-MoE, DeepSeek).
+fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
+    let (experts_key, expert_inter) = match family {
+        Family::Mixtral => ("num_local_experts", intermediate),
+        Family::Deepseek => ("n_routed_experts", r.u64(&["moe_intermediate_size"])?),
+        Family::Qwen2Moe | Family::Qwen3Moe => ("num_experts", r.u64(&["moe_intermediate_size"])?),
+        _ => return Ok(None),
+    };
+    // transformers 5 names Qwen3-MoE's count `num_local_experts` (`num_experts` maps to it).
+    let experts = match experts_key {
+        "n_routed_experts" => r.u64(&["n_routed_experts"])?,
+        _ => r.u64(&["num_experts", "num_local_experts"])?,
+    };
+    let top_k = r.u64(&["num_experts_per_tok"])?;
+    if experts > 1024 || top_k > experts {
+        return Err(Error::field(
+            r.path,
+            "num_experts_per_tok",
+            format!("({top_k}) must be at most the experts ({experts}), at most 1024"),
+        ));
+    }
+    r.raw(&[
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "router_jitter_noise",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "n_group",
+        "topk_group",
+        "topk_method",
+        "scoring_func",
+        "moe_layer_freq",
+        "aux_loss_alpha",
+        "seq_aux",
+    ]);
+    let (shared, gate) = match family {
+        Family::Qwen2Moe => (r.u64(&["shared_expert_intermediate_size"])?, true),
+        Family::Deepseek => (
+            r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
+            false,
+        ),
+        _ => (0, false),
+    };
+    if let Some((key, v)) = r.raw(&["mlp_only_layers"])
+        && v.as_array().is_some_and(|a| !a.is_empty())
+    {
+        return Err(Error::field(r.path, key, "is not supported when non-empty")
+            .with_hint("dense layers are modelled below `first_k_dense_replace` or between `decoder_sparse_step`s"));
+    }
+    Ok(Some(Moe {
+        experts,
+        top_k,
+        expert_intermediate: expert_inter,
+        shared_intermediate: shared,
+        shared_gate: gate,
+        first_dense: r.opt_u64(&["first_k_dense_replace"])?.unwrap_or(0),
+        every: r.opt_u64(&["decoder_sparse_step"])?.unwrap_or(1),
+    }))
+}
+
 fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(heads);
     let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1));
-    let act_default = if family == Family::Gemma {
-        "gelu_pytorch_tanh"
-    } else {
-        "silu"
-    };
+    let gemma = matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
+    let act_default = if gemma { "gelu_pytorch_tanh" } else { "silu" };
     let act_key = if r.map.contains_key("hidden_activation") {
         "hidden_activation"
     } else {
@@ -286,22 +425,22 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     };
     let act = r.str_or(&["hidden_activation", "hidden_act"], act_default)?;
     let attention_dropout = r.f64_or(&["attention_dropout"], 0.0)?;
-    // Qwen2 always has q/k/v biases; Llama and Mistral follow `attention_bias`.
-    let qkv_bias = family == Family::Qwen2 || r.bool_or(&["attention_bias"], false)?;
+    // Qwen2 (and Qwen2-MoE) always have q/k/v biases; the others follow `attention_bias`.
+    let qkv_bias = matches!(family, Family::Qwen2 | Family::Qwen2Moe)
+        || r.bool_or(&["attention_bias"], false)?;
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
     r.raw(&[
         "rms_norm_eps",
         "max_position_embeddings",
-        "sliding_window",
         "rope_theta",
-        "router_aux_loss_coef",
-        "output_router_logits",
-        "router_jitter_noise",
+        "rope_local_base_freq",
         "original_max_position_embeddings",
         "rope_scaling",
-        "use_sliding_window",
+        "rope_parameters",
         "max_window_layers",
-        "layer_types",
+        "query_pre_attn_scalar",
+        "sliding_window_pattern",
+        "use_bidirectional_attention",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
     let (residual, embedding) = if family == Family::Phi3 {
@@ -312,60 +451,221 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     } else {
         (0.0, 0.0)
     };
-    let moe = if family == Family::Mixtral {
-        let experts = r.u64(&["num_local_experts"])?;
-        let top_k = r.u64(&["num_experts_per_tok"])?;
-        if experts > 1024 || top_k > experts {
-            return Err(Error::field(
-                r.path,
-                "num_experts_per_tok",
-                format!("({top_k}) must be at most the experts ({experts}), at most 1024"),
-            ));
-        }
-        Some(Moe { experts, top_k })
+    let layers = r.u64(&["num_hidden_layers"])?;
+    let intermediate = r.u64(&["intermediate_size"])?;
+    let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
+    let base = ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack);
+    // Gemma-2 soft-caps scores at 50 and logits at 30 by default (Gemma2Config); a null cap
+    // (Gemma-3) is none.
+    let (attn_cap, logit_cap) = if family == Family::Gemma2 {
+        (50.0, 30.0)
     } else {
-        None
+        (0.0, 0.0)
+    };
+    let softcap = Softcap {
+        attention: r.opt_f64(&["attn_logit_softcapping"])?.unwrap_or(attn_cap),
+        logits: r
+            .opt_f64(&["final_logit_softcapping"])?
+            .unwrap_or(logit_cap),
     };
     Ok(ModelSpec {
-        name: String::new(),
-        family,
-        hidden_size: hidden,
-        vocab_size: r.u64(&["vocab_size"])?,
-        decoder: Stack {
-            layers: r.u64(&["num_hidden_layers"])?,
-            heads,
-            kv_heads,
-            head_dim,
-            intermediate_size: r.u64(&["intermediate_size"])?,
-        },
-        encoder: None,
-        gated_ffn: true,
         activation: activation(r.path, &act, act_key)?,
-        norm: if family == Family::Gemma {
-            Norm::GemmaRmsNorm
-        } else {
-            Norm::RmsNorm
+        norm: match family {
+            _ if gemma => Norm::GemmaRmsNorm,
+            Family::Olmo2 => Norm::Olmo2RmsNorm,
+            _ => Norm::RmsNorm,
         },
-        post_norm: false,
-        positions: Positions::Rotary { fraction: 1.0 },
-        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], family == Family::Gemma)?,
+        norm_placement: match family {
+            Family::Gemma2 | Family::Gemma3 => NormPlacement::Sandwich,
+            Family::Olmo2 => NormPlacement::Output,
+            _ => NormPlacement::Pre,
+        },
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], gemma)?,
         qkv_bias,
         linear_bias: mlp_bias,
-        parallel_block: false,
         // Phi-3's `qkv_proj` (and `gate_up_proj`, the same bytes as two projections).
         fused_qkv: family == Family::Phi3,
-        lm_head_bias: false,
         dropout: Dropouts {
             attention: attention_dropout,
             residual,
             embedding,
             ..Dropouts::default()
         },
-        published_params: None,
-        context: None,
-        moe,
-        qk_norm: family == Family::Qwen3,
-        parallel_two_norms: false,
+        moe: moe(r, family, intermediate)?,
+        qk_norm: match family {
+            Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 => QkNorm::PerHead,
+            Family::Olmo2 => QkNorm::Full,
+            _ => QkNorm::None,
+        },
+        mixers: mixers(r, family, layers)?,
+        softcap,
+        ..base
+    })
+}
+
+/// `Starcoder2ForCausalLM`: the Mistral layout with LayerNorm, biases on every linear
+/// (`use_bias`), a two-matrix GELU MLP and GPT-style dropouts.
+fn starcoder2(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let heads = r.u64(&["num_attention_heads"])?;
+    let layers = r.u64(&["num_hidden_layers"])?;
+    let act = r.str_or(&["hidden_act"], "gelu_pytorch_tanh")?;
+    let bias = r.bool_or(&["use_bias"], true)?;
+    r.raw(&[
+        "norm_epsilon",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_parameters",
+    ]);
+    let stack = Stack::new(
+        layers,
+        heads,
+        r.opt_u64(&["num_key_value_heads"])?.unwrap_or(heads),
+        hidden / heads.max(1),
+        r.u64(&["intermediate_size"])?,
+    );
+    Ok(ModelSpec {
+        gated_ffn: false,
+        activation: activation(r.path, &act, "hidden_act")?,
+        norm: Norm::LayerNorm,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
+        qkv_bias: bias,
+        linear_bias: bias,
+        dropout: Dropouts {
+            embedding: r.f64_or(&["embedding_dropout"], 0.0)?,
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            residual: r.f64_or(&["residual_dropout"], 0.0)?,
+            activation: 0.0,
+        },
+        mixers: mixers(r, Family::Starcoder2, layers)?,
+        ..ModelSpec::decoder_only(Family::Starcoder2, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `BloomForCausalLM`: ALiBi instead of position embeddings, LayerNorm after the embeddings, a
+/// fused biased `query_key_value`, a 4h GELU MLP, tied embeddings.
+fn bloom(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size", "n_embed"])?;
+    let heads = r.u64(&["n_head", "num_attention_heads"])?;
+    r.raw(&[
+        "layer_norm_epsilon",
+        "apply_residual_connection_post_layernorm",
+        "slow_but_exact",
+        "pretraining_tp",
+        "seq_length",
+    ]);
+    let stack = Stack::new(
+        r.u64(&["n_layer", "num_hidden_layers"])?,
+        heads,
+        heads,
+        hidden / heads.max(1),
+        4 * hidden,
+    );
+    Ok(ModelSpec {
+        gated_ffn: false,
+        activation: Activation::Gelu,
+        norm: Norm::LayerNorm,
+        positions: Positions::Alibi,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
+        qkv_bias: true,
+        linear_bias: true,
+        fused_qkv: true,
+        embedding_norm: true,
+        dropout: Dropouts {
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            residual: r.f64_or(&["hidden_dropout"], 0.0)?,
+            ..Dropouts::default()
+        },
+        ..ModelSpec::decoder_only(Family::Bloom, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`: multi-head latent attention, dense FFNs
+/// in the first `first_k_dense_replace` layers, then shared plus routed experts.
+fn deepseek(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let heads = r.u64(&["num_attention_heads"])?;
+    let intermediate = r.u64(&["intermediate_size"])?;
+    let mla = Mla {
+        q_rank: r.opt_u64(&["q_lora_rank"])?,
+        kv_rank: r.u64(&["kv_lora_rank"])?,
+        rope_dim: r.u64(&["qk_rope_head_dim"])?,
+        nope_dim: r.u64(&["qk_nope_head_dim"])?,
+        v_dim: r.u64(&["v_head_dim"])?,
+    };
+    r.raw(&[
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_interleave",
+        "attention_bias",
+        "num_nextn_predict_layers",
+        "ep_size",
+    ]);
+    let stack = Stack::new(
+        r.u64(&["num_hidden_layers"])?,
+        heads,
+        heads,
+        mla.nope_dim + mla.rope_dim,
+        intermediate,
+    );
+    Ok(ModelSpec {
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        dropout: Dropouts {
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            ..Dropouts::default()
+        },
+        moe: moe(r, Family::Deepseek, intermediate)?,
+        mla: Some(mla),
+        ..ModelSpec::decoder_only(Family::Deepseek, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `MambaForCausalLM`: blocks of RMSNorm, the selective-scan mixer and a residual; no FFN, no
+/// attention, tied embeddings.
+fn mamba(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let expand = r.opt_u64(&["expand"])?.unwrap_or(2);
+    let dt_rank = match r.raw(&["time_step_rank"]) {
+        Some((_, Value::String(s))) if s == "auto" => hidden.div_ceil(16),
+        Some(_) => r.u64(&["time_step_rank"])?,
+        None => hidden.div_ceil(16),
+    };
+    if r.bool_or(&["use_bias"], false)? {
+        return Err(Error::field(r.path, "use_bias", "is not supported")
+            .with_hint("the published Mamba checkpoints have no linear biases"));
+    }
+    r.raw(&[
+        "layer_norm_epsilon",
+        "use_conv_bias",
+        "residual_in_fp32",
+        "hidden_act",
+        "time_step_scale",
+        "time_step_min",
+        "time_step_max",
+        "time_step_init_scheme",
+        "time_step_floor",
+        "rescale_prenorm_residual",
+        "use_mambapy",
+        "use_associative_scan",
+        "intermediate_size",
+    ]);
+    let ssm = Ssm {
+        inner: expand * hidden,
+        state: r.opt_u64(&["state_size"])?.unwrap_or(16),
+        conv: r.opt_u64(&["conv_kernel"])?.unwrap_or(4),
+        dt_rank,
+    };
+    let stack = Stack::new(r.u64(&["num_hidden_layers"])?, 1, 1, hidden, 0);
+    Ok(ModelSpec {
+        positions: Positions::None,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
+        mixers: vec![Mixer::Ssm(ssm)],
+        ..ModelSpec::decoder_only(Family::Mamba, hidden, r.u64(&["vocab_size"])?, stack)
     })
 }
 
@@ -390,7 +690,7 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         positions: Positions::Learned {
             rows: r.u64(&["n_positions", "max_position_embeddings"])?,
         },
@@ -409,8 +709,12 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: false,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
@@ -447,7 +751,7 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         // OPTLearnedPositionalEmbedding keeps 2 extra rows (the offset).
         positions: Positions::Learned {
             rows: r.u64(&["max_position_embeddings"])? + 2,
@@ -467,8 +771,12 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: false,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
@@ -504,7 +812,7 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         positions: Positions::Rotary {
             fraction: r.f64_or(&["rotary_pct", "partial_rotary_factor"], 0.25)?,
         },
@@ -523,8 +831,12 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: parallel,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
@@ -554,7 +866,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         positions: Positions::Rotary {
             fraction: r.f64_or(&["partial_rotary_factor"], 0.5)?,
         },
@@ -573,8 +885,12 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: false,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
@@ -601,7 +917,7 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: true,
         activation: Activation::Silu,
         norm: Norm::LayerNormWithoutBias,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         positions: Positions::Rotary { fraction: 1.0 },
         tie_word_embeddings: true,
         qkv_bias: false,
@@ -618,25 +934,28 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: false,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
 fn falcon(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
-    if r.bool_or(&["new_decoder_architecture"], false)? {
-        return Err(
-            Error::field(r.path, "new_decoder_architecture", "is not supported")
-                .with_hint("Falcon-7B's original architecture is modelled; 40B/180B are not"),
-        );
-    }
+    // Falcon-40B/180B's new decoder: grouped KV heads (`num_kv_heads`) and a parallel block
+    // whose attention and MLP have their own LayerNorms (`ln_attn`, `ln_mlp`).
+    let new_decoder = r.bool_or(&["new_decoder_architecture"], false)?;
     if r.bool_or(&["alibi"], false)? {
         return Err(Error::field(r.path, "alibi", "is not supported"));
     }
     let multi_query = r.bool_or(&["multi_query"], true)?;
-    let kv_heads = if multi_query {
+    let kv_heads = if new_decoder {
+        r.opt_u64(&["num_kv_heads"])?.unwrap_or(heads)
+    } else if multi_query {
         1
     } else {
         r.opt_u64(&["num_kv_heads"])?.unwrap_or(heads)
@@ -664,12 +983,12 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: Activation::Gelu,
         norm: Norm::LayerNorm,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         positions: Positions::Rotary { fraction: 1.0 },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: bias,
         linear_bias: bias,
-        parallel_block: r.bool_or(&["parallel_attn"], true)?,
+        parallel_block: new_decoder || r.bool_or(&["parallel_attn"], true)?,
         fused_qkv: true,
         lm_head_bias: false,
         dropout: Dropouts {
@@ -681,8 +1000,12 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
-        parallel_two_norms: false,
+        qk_norm: QkNorm::None,
+        parallel_two_norms: new_decoder,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
@@ -726,7 +1049,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: gated,
         activation: act,
         norm: Norm::T5RmsNorm,
-        post_norm: false,
+        norm_placement: NormPlacement::Pre,
         positions: Positions::RelativeBias {
             buckets: r
                 .opt_u64(&["relative_attention_num_buckets"])?
@@ -747,8 +1070,12 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: false,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: false,
+        mla: None,
     })
 }
 
@@ -783,7 +1110,7 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        post_norm: true,
+        norm_placement: NormPlacement::Post,
         // BartLearnedPositionalEmbedding keeps 2 extra rows (the offset).
         positions: Positions::Learned {
             rows: r.u64(&["max_position_embeddings"])? + 2,
@@ -803,7 +1130,11 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         published_params: None,
         context: None,
         moe: None,
-        qk_norm: false,
+        qk_norm: QkNorm::None,
         parallel_two_norms: false,
+        mixers: vec![Mixer::Attention],
+        softcap: Softcap::default(),
+        embedding_norm: true,
+        mla: None,
     })
 }

@@ -40,10 +40,32 @@ pub enum Family {
     /// PaLM (Chowdhery et al. 2022, sec. 2; no transformers class): a parallel attention + FFN
     /// block, SwiGLU, multi-query attention, rotary, shared embeddings, LayerNorm, no biases.
     Palm,
+    /// `Gemma2ForCausalLM`: Gemma with sandwich norms, alternating sliding-window and global
+    /// layers (1:1) and tanh soft-capping of attention and final logits.
+    Gemma2,
+    /// `Gemma3ForCausalLM` (text): Gemma-2's block with per-head q/k norms, five sliding-window
+    /// layers to each global one, no soft-capping.
+    Gemma3,
+    /// `Olmo2ForCausalLM`: RMSNorm on each sub-layer's output (not its input) and on the whole
+    /// q and k projections.
+    Olmo2,
+    /// `Starcoder2ForCausalLM`: LayerNorm, biases everywhere, GELU MLP, GQA, sliding window.
+    Starcoder2,
+    /// `BloomForCausalLM`: ALiBi positions, a LayerNorm after the embeddings, fused biased qkv.
+    Bloom,
+    /// `Qwen2MoeForCausalLM`: Qwen2 attention, routed experts beside a gated shared expert.
+    Qwen2Moe,
+    /// `Qwen3MoeForCausalLM`: Qwen3 attention (q/k norms), routed experts.
+    Qwen3Moe,
+    /// `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`: multi-head latent attention, shared
+    /// plus routed experts after the first dense layers.
+    Deepseek,
+    /// `MambaForCausalLM`: selective state-space blocks (Gu & Dao 2023), no attention.
+    Mamba,
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 15] = [
+    pub const ALL: [(&'static str, Family); 25] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -59,6 +81,16 @@ impl Family {
         ("phi3", Family::Phi3),
         ("qwen3", Family::Qwen3),
         ("gpt_neox", Family::GptNeox),
+        ("gemma2", Family::Gemma2),
+        ("gemma3_text", Family::Gemma3),
+        ("olmo2", Family::Olmo2),
+        ("starcoder2", Family::Starcoder2),
+        ("bloom", Family::Bloom),
+        ("qwen2_moe", Family::Qwen2Moe),
+        ("qwen3_moe", Family::Qwen3Moe),
+        ("deepseek_v2", Family::Deepseek),
+        ("deepseek_v3", Family::Deepseek),
+        ("mamba", Family::Mamba),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -97,6 +129,9 @@ pub enum Norm {
     RmsNorm,
     /// `GemmaRMSNorm`: fp32 throughout, `* (1 + weight)`, cast back.
     GemmaRmsNorm,
+    /// `Olmo2RMSNorm`: fp32 throughout, `weight *` the fp32 normalised input, cast back (the
+    /// weight multiply keeps the fp32 copy, as Gemma's does).
+    Olmo2RmsNorm,
     /// `T5LayerNorm`: fp32 variance, input times rsqrt, cast to the weight dtype.
     T5RmsNorm,
 }
@@ -111,6 +146,82 @@ pub enum Positions {
     Learned { rows: u64 },
     /// T5's learned relative-position bias: `buckets` x heads in the first layer of each stack.
     RelativeBias { buckets: u64 },
+    /// ALiBi (Press et al. 2022): a fixed per-head linear bias on the scores, no parameters.
+    Alibi,
+    /// None (a recurrent mixer orders the tokens itself).
+    None,
+}
+
+/// What mixes information across positions in a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Mixer {
+    /// Softmax attention over every key (causal in a decoder).
+    Attention,
+    /// Each query sees only the `window` most recent keys (sliding-window / locally banded
+    /// attention: Mistral, Gemma-2/3 local layers, GPT-3's banded layers, Starcoder2).
+    SlidingWindow { window: u64 },
+    /// Mamba's selective state-space scan (Gu & Dao 2023): a recurrent state of
+    /// `inner x state` per sequence, constant in its length.
+    Ssm(Ssm),
+}
+
+/// Mamba's mixer sizes (`MambaConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Ssm {
+    /// `expand x hidden_size`.
+    pub inner: u64,
+    /// `state_size` (N).
+    pub state: u64,
+    /// `conv_kernel`.
+    pub conv: u64,
+    /// `time_step_rank` (ceil(hidden / 16) by default).
+    pub dt_rank: u64,
+}
+
+/// The FFN of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnKind {
+    Dense,
+    /// The model's mixture-of-experts FFN.
+    Moe,
+    /// No FFN (Mamba's block is norm, mixer, residual).
+    None,
+}
+
+/// What one block is made of; blocks of one kind are built once and repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct BlockKind {
+    pub mixer: Mixer,
+    pub ffn: FfnKind,
+}
+
+/// Where a block normalises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormPlacement {
+    /// On each sub-layer's input (Llama, GPT-2, T5).
+    Pre,
+    /// After each residual add (BART).
+    Post,
+    /// Both on the input and on the output of each sub-layer before the residual add
+    /// (Gemma-2/3's `pre_`/`post_feedforward_layernorm`).
+    Sandwich,
+    /// On each sub-layer's output before the residual add only (OLMo-2).
+    Output,
+}
+
+/// Multi-head latent attention (DeepSeek-V2, sec. 2.1): keys and values from one compressed
+/// latent of `kv_rank` plus a shared rotary key of `rope_dim`, queries optionally through their
+/// own low-rank bottleneck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Mla {
+    pub q_rank: Option<u64>,
+    pub kv_rank: u64,
+    pub rope_dim: u64,
+    pub nope_dim: u64,
+    pub v_dim: u64,
 }
 
 /// Dropout probabilities; a non-zero one stores a mask for backward.
@@ -136,6 +247,18 @@ pub struct Stack {
     pub intermediate_size: u64,
 }
 
+impl Stack {
+    pub fn new(layers: u64, heads: u64, kv_heads: u64, head_dim: u64, intermediate: u64) -> Stack {
+        Stack {
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            intermediate_size: intermediate,
+        }
+    }
+}
+
 /// A validated model description.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSpec {
@@ -150,8 +273,7 @@ pub struct ModelSpec {
     pub gated_ffn: bool,
     pub activation: Activation,
     pub norm: Norm,
-    /// BART puts the norm after the residual add.
-    pub post_norm: bool,
+    pub norm_placement: NormPlacement,
     pub positions: Positions,
     pub tie_word_embeddings: bool,
     /// Biases on the q/k/v projections.
@@ -172,22 +294,126 @@ pub struct ModelSpec {
     pub context: Option<u64>,
     /// A mixture-of-experts FFN in every block (Mixtral), in place of the dense one.
     pub moe: Option<Moe>,
-    /// RMSNorm on each head of q and k before rotary (Qwen3's `q_norm`, `k_norm`).
-    pub qk_norm: bool,
+    /// RMSNorm on q and k before rotary: per head (Qwen3, Gemma-3) or over the whole
+    /// projection (OLMo-2).
+    pub qk_norm: QkNorm,
+    /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
+    pub mixers: Vec<Mixer>,
+    /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
+    /// (Gemma-2).
+    pub softcap: Softcap,
+    /// A norm right after the token embeddings (BLOOM's `word_embeddings_layernorm`, BART's
+    /// `layernorm_embedding`).
+    pub embedding_norm: bool,
+    /// Multi-head latent attention in place of q/k/v projections (DeepSeek).
+    pub mla: Option<Mla>,
     /// A parallel block whose attention and MLP each normalise the input with their own norm
     /// (GPT-NeoX), rather than sharing one (Phi, Falcon).
     pub parallel_two_norms: bool,
 }
 
 /// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
-/// gated FFNs of `intermediate_size` each, a linear router, each token sent to `top_k` of them.
+/// gated FFNs of `expert_intermediate` each, a linear router, each token sent to `top_k` of them;
+/// optionally shared experts every token passes through (Qwen2-MoE, DeepSeekMoE, Dai et al.
+/// 2024) and dense layers below or between the sparse ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Moe {
     pub experts: u64,
     pub top_k: u64,
+    pub expert_intermediate: u64,
+    /// Width of the shared expert FFN (0: none).
+    pub shared_intermediate: u64,
+    /// A sigmoid gate on the shared expert's output (Qwen2-MoE's `shared_expert_gate`).
+    pub shared_gate: bool,
+    /// Dense layers before the first sparse one (DeepSeek's `first_k_dense_replace`).
+    pub first_dense: u64,
+    /// Every `every`-th layer is sparse (Qwen2-MoE's `decoder_sparse_step`).
+    pub every: u64,
+}
+
+/// How q and k are normalised before the scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    None,
+    PerHead,
+    Full,
+}
+
+/// tanh soft-capping (Gemma-2); 0 means none.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Softcap {
+    pub attention: f64,
+    pub logits: f64,
 }
 
 impl ModelSpec {
+    /// A decoder-only model of `family` with the common defaults (pre-norm RMSNorm, rotary, no
+    /// biases, dense attention); each family's reader changes what differs.
+    pub fn decoder_only(family: Family, hidden: u64, vocab: u64, decoder: Stack) -> ModelSpec {
+        ModelSpec {
+            name: String::new(),
+            family,
+            hidden_size: hidden,
+            vocab_size: vocab,
+            decoder,
+            encoder: None,
+            gated_ffn: true,
+            activation: Activation::Silu,
+            norm: Norm::RmsNorm,
+            norm_placement: NormPlacement::Pre,
+            positions: Positions::Rotary { fraction: 1.0 },
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            linear_bias: false,
+            parallel_block: false,
+            fused_qkv: false,
+            lm_head_bias: false,
+            dropout: Dropouts::default(),
+            published_params: None,
+            context: None,
+            moe: None,
+            qk_norm: QkNorm::None,
+            parallel_two_norms: false,
+            mixers: vec![Mixer::Attention],
+            softcap: Softcap::default(),
+            embedding_norm: false,
+            mla: None,
+        }
+    }
+
+    /// What block `layer` (0-based within its stack) is made of.
+    pub fn block_kind(&self, layer: u64) -> BlockKind {
+        let period = self.mixers.len().max(1) as u64;
+        let mixer = self
+            .mixers
+            .get((layer % period) as usize)
+            .copied()
+            .unwrap_or(Mixer::Attention);
+        let ffn = match (mixer, self.moe) {
+            (Mixer::Ssm(_), _) => FfnKind::None,
+            (_, Some(m))
+                if layer >= m.first_dense && (layer + 1).is_multiple_of(m.every.max(1)) =>
+            {
+                FfnKind::Moe
+            }
+            _ => FfnKind::Dense,
+        };
+        BlockKind { mixer, ffn }
+    }
+
+    /// Whether any block attends (Mamba's do not).
+    pub fn has_attention(&self) -> bool {
+        self.mixers.iter().any(|m| !matches!(m, Mixer::Ssm(_)))
+    }
+
+    /// The number of sparse (mixture-of-experts) blocks.
+    pub fn moe_layers(&self) -> u64 {
+        (0..self.decoder.layers)
+            .filter(|&l| self.block_kind(l).ffn == FfnKind::Moe)
+            .count() as u64
+    }
+
     pub fn is_encoder_decoder(&self) -> bool {
         self.encoder.is_some()
     }
@@ -199,6 +425,11 @@ impl ModelSpec {
     /// parallelism their activations are replicated).
     pub fn tensor_parallel_rank(&self, tp: u64) -> ModelSpec {
         let tp = tp.max(1);
+        let moe = self.moe.map(|m| Moe {
+            expert_intermediate: m.expert_intermediate.div_ceil(tp),
+            shared_intermediate: m.shared_intermediate.div_ceil(tp),
+            ..m
+        });
         let split = |s: Stack| Stack {
             heads: s.heads / tp,
             kv_heads: s.kv_heads / tp,
@@ -209,6 +440,7 @@ impl ModelSpec {
             vocab_size: self.vocab_size.div_ceil(tp),
             decoder: split(self.decoder),
             encoder: self.encoder.map(split),
+            moe,
             ..self.clone()
         }
     }
@@ -217,8 +449,8 @@ impl ModelSpec {
     pub fn active_params(&self, total: u64) -> u64 {
         match self.moe {
             Some(m) if m.experts > 0 => {
-                let per_expert = 3 * self.hidden_size * self.decoder.intermediate_size;
-                let idle = self.decoder.layers * per_expert * m.experts.saturating_sub(m.top_k);
+                let per_expert = 3 * self.hidden_size * m.expert_intermediate;
+                let idle = self.moe_layers() * per_expert * m.experts.saturating_sub(m.top_k);
                 total.saturating_sub(idle)
             }
             _ => total,

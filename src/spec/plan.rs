@@ -42,7 +42,7 @@ impl Proj {
 
     /// Hugging Face module names (as peft's `target_modules` names them) by role. GPT-2's
     /// `c_proj` names both the attention output and the FFN output projection.
-    pub const MODULES: [(&'static str, &'static [Proj]); 30] = [
+    pub const MODULES: [(&'static str, &'static [Proj]); 37] = [
         ("q", &[Proj::Q]),
         ("k", &[Proj::K]),
         ("v", &[Proj::V]),
@@ -72,6 +72,16 @@ impl Proj {
         ("fc2", &[Proj::Down]),
         ("dense_4h_to_h", &[Proj::Down]),
         ("gate_up_proj", &[Proj::Gate, Proj::Up]),
+        // DeepSeek's multi-head latent attention: the query bottleneck, the joint key/value
+        // latent (with the shared rotary key) and its up-projection to keys and values.
+        ("q_a_proj", &[Proj::Q]),
+        ("q_b_proj", &[Proj::Q]),
+        ("kv_a_proj_with_mqa", &[Proj::K]),
+        ("kv_b_proj", &[Proj::V]),
+        // Mamba's mixer projections.
+        ("in_proj", &[Proj::Up]),
+        ("x_proj", &[Proj::Gate]),
+        ("dt_proj", &[Proj::Gate]),
         (
             "all-linear",
             &[
@@ -186,7 +196,30 @@ pub enum Method {
     LnTuning,
     /// The top `top_layers` blocks (and the final norm) train, with the token embeddings when
     /// `embeddings`; everything below is frozen and backward stops at the lowest trainable layer.
-    Freeze { top_layers: u64, embeddings: bool },
+    /// With a `side`, only that stack of an encoder-decoder trains (its top `top_layers`
+    /// blocks, all of them when None).
+    Freeze {
+        top_layers: Option<u64>,
+        embeddings: bool,
+        side: Option<Side>,
+    },
+}
+
+/// One stack of an encoder-decoder model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Encoder,
+    Decoder,
+}
+
+/// Where a parameter sits: its block (numbered across the encoder, then the decoder; None
+/// outside the blocks) and the model's block counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth {
+    pub layer: Option<u64>,
+    pub layers: u64,
+    pub encoder_layers: u64,
 }
 
 impl Method {
@@ -208,7 +241,12 @@ impl Method {
     /// Whether a base-model parameter of `role` trains, in block `layer` of `layers` (`None`:
     /// outside the blocks: embeddings, final norm, head). The one place trainability is
     /// decided; PEFT methods train only what they add.
-    pub fn trains(&self, role: ParamRole, layer: Option<u64>, layers: u64) -> bool {
+    pub fn trains(&self, role: ParamRole, at: Depth) -> bool {
+        let Depth {
+            layer,
+            layers,
+            encoder_layers,
+        } = at;
         match self {
             Method::Full => true,
             Method::Lora(_)
@@ -222,12 +260,23 @@ impl Method {
             Method::Freeze {
                 top_layers,
                 embeddings,
-            } => match (role, layer) {
-                (ParamRole::Embedding, _) => *embeddings,
-                // The final norm sits above every block.
-                (_, None) => *top_layers > 0,
-                (_, Some(i)) => i + top_layers >= layers,
-            },
+                side,
+            } => {
+                // The blocks [from, to) of the chosen side; its top `top_layers` train.
+                let (from, to) = match side {
+                    None => (0, layers),
+                    Some(Side::Encoder) => (0, encoder_layers),
+                    Some(Side::Decoder) => (encoder_layers, layers),
+                };
+                let top = top_layers.unwrap_or(if side.is_some() { to - from } else { 1 });
+                match (role, layer) {
+                    (ParamRole::Embedding, _) => *embeddings,
+                    // Nothing else lies outside the blocks (final norms go with their stack's
+                    // top block).
+                    (_, None) => top > 0,
+                    (_, Some(i)) => i >= from && i < to && i + top >= to,
+                }
+            }
         }
     }
 
@@ -317,6 +366,9 @@ pub enum AttentionKernel {
     /// `F.scaled_dot_product_attention`: flash / memory-efficient kernels, memory linear in the
     /// sequence length.
     Sdpa,
+    /// `flash_attention_2` (Dao 2023; the `flash-attn` package): causality, sliding windows
+    /// and soft-capping are kernel arguments, never a mask tensor; grouped KV heads native.
+    Flash2,
     /// transformers' eager attention: materialised score and probability matrices.
     Eager,
 }
@@ -335,6 +387,8 @@ pub struct Plan {
     pub target_seq: u64,
     pub grad_ckpt: bool,
     pub attention: AttentionKernel,
+    /// The busiest expert's share of routed tokens over the mean (1: uniform routing).
+    pub expert_load: f64,
     /// The parallel layout (one GPU by default).
     pub parallel: crate::spec::parallel::Parallel,
 }
