@@ -51,6 +51,55 @@ fn main() {
         per * 1e6
     );
 
+    // Every shipped model (issue #8: MoE, alternating and recurrent layers stay fast), LoRA on
+    // every linear, batch 4 x 2048: the slowest and a few named.
+    let mut slowest = (String::new(), 0.0f64);
+    let mut named = Vec::new();
+    for (stem, text) in ftplan::spec::registry::model_files() {
+        let name = stem.to_string();
+        let m = ftplan::spec::registry::parse_model_toml(stem, stem, text).expect("ships");
+        let p = Plan {
+            method: Method::Lora(Lora {
+                rank: 16,
+                alpha: 32.0,
+                targets: LoraTargets::AllLinear,
+                dora: false,
+            }),
+            seq: if m.is_encoder_decoder() { 512 } else { 2048 },
+            target_seq: if m.is_encoder_decoder() { 128 } else { 0 },
+            ..plan.clone()
+        };
+        let reps = 200;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let start = Instant::now();
+            for _ in 0..reps {
+                black_box(estimate(&m, black_box(&p), &hw, &rates).ok());
+            }
+            best = best.min(start.elapsed().as_secs_f64() / f64::from(reps));
+        }
+        if best > slowest.1 {
+            slowest = (name.clone(), best);
+        }
+        if [
+            "mixtral-8x7b",
+            "gemma-2-9b",
+            "deepseek-v3",
+            "qwen3-30b-a3b",
+            "mamba-1.4b",
+        ]
+        .contains(&name.as_str())
+        {
+            named.push(format!("{name} {:.0} us", best * 1e6));
+        }
+    }
+    println!(
+        "every shipped model: slowest {} at {:.0} us per estimate; {}",
+        slowest.0,
+        slowest.1 * 1e6,
+        named.join(", ")
+    );
+
     // Where the time goes.
     let start = Instant::now();
     for _ in 0..n {

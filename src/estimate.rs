@@ -40,6 +40,25 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     if plan.seq == 0 {
         return Err(field("seq", "must be at least 1".into()));
     }
+    // transformers' T5 (relative bias) and BLOOM (ALiBi) declare no flash_attention_2 support
+    // (`_supports_flash_attn`): from_pretrained refuses it.
+    if plan.attention == crate::spec::plan::AttentionKernel::Flash2
+        && matches!(
+            model.positions,
+            crate::spec::model::Positions::RelativeBias { .. }
+                | crate::spec::model::Positions::Alibi
+        )
+    {
+        return Err(field(
+            "attention",
+            format!(
+                "`{}` ({}) has no flash_attention_2 in transformers: its position bias is added to the scores",
+                model.name,
+                model.family.model_type()
+            ),
+        )
+        .with_hint("use --attention sdpa or eager"));
+    }
     let heads = model.decoder.heads;
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
     crate::spec::parallel::check(&plan.parallel, layers, heads, model.decoder.kv_heads)

@@ -1,6 +1,7 @@
 //! Integration tests in one binary (faster to link than one per file).
 
 mod accuracy;
+mod architectures;
 mod cli;
 mod cluster;
 mod contracts;

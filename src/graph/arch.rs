@@ -805,7 +805,9 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     // scan_output * silu(gate): SiLU keeps the gate, the product keeps both factors.
     let g = b.activation(mixer.at("gate_act"), gate);
     let yg = b.mul(mixer.at("gate_mul"), y, g);
-    let out = b.linear(mixer.at("out_proj"), yg, h, false, Some(Proj::O));
+    // peft refuses LoRA on Mamba's `out_proj` and `conv1d` ("incompatible with Mamba-based
+    // models"): not a target.
+    let out = b.linear(mixer.at("out_proj"), yg, h, false, None);
     let residual = if x.dtype == DType::F32 {
         x
     } else {
@@ -911,8 +913,16 @@ fn moe_ops(
         }
     }
     let expert_lora = gate_up.is_none() && down.is_none();
-    for e in 0..experts {
-        let es = b.scope(name, &format!("experts.{e}"));
+    // The busiest expert, then one expert standing for the other experts - 1 (same ops on the
+    // same shapes, `OpGraph::scale_since`).
+    for e in 0..experts.min(2) {
+        let label = match e {
+            0 => "experts.0".to_string(),
+            _ if experts > 2 => format!("experts.1-{}", experts - 1),
+            _ => "experts.1".to_string(),
+        };
+        let es = b.scope(name, &label);
+        let mark = b.graph.mark();
         let routed = if e == 0 { busiest } else { others };
         // index_select of this expert's tokens (its backward scatters the gradient back).
         let xe = b.val(x.width, routed, x.dtype, x.grad);
@@ -933,6 +943,9 @@ fn moe_ops(
             smallvec::SmallVec::new(),
             1.0,
         );
+        if e == 1 {
+            b.graph.scale_since(mark, experts - 1);
+        }
     }
     if moe.shared_intermediate == 0 {
         return out;

@@ -165,6 +165,8 @@ impl Builder<'_> {
         // what lies outside the window: of the seq_q x seq_k pairs, each query sees
         // min(position + 1, window) keys.
         let causal_factor = match (kernel, mask) {
+            // Eager and SDPA's math path multiply out every score, masked or not.
+            (Kernel::Eager | Kernel::Math, _) => 1.0,
             (Kernel::Flash, AttnMask::Causal | AttnMask::Explicit) | (_, AttnMask::Causal) => {
                 let visible = |w: u64| {
                     let w = w.min(seq_k) as f64;

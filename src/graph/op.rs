@@ -305,6 +305,39 @@ impl OpGraph {
         self.ops.iter()
     }
 
+    /// Where the graph stands (ops, tensors, parameters), for [`OpGraph::scale_since`].
+    pub fn mark(&self) -> (usize, usize, usize) {
+        (self.ops.len(), self.tensors.len(), self.params.len())
+    }
+
+    /// Makes everything added since `mark` stand for `factor` identical instances that run one
+    /// after another (a mixture-of-experts layer's experts): their tensors, parameters, FLOPs,
+    /// bytes moved and kernel launches count `factor` times, while each op's transient
+    /// buffers stay those of one instance. Keeps a layer of many experts a handful of ops.
+    pub fn scale_since(&mut self, (ops, tensors, params): (usize, usize, usize), factor: u64) {
+        let f = factor.max(1);
+        let k = u32::try_from(f).unwrap_or(u32::MAX);
+        for t in &mut self.tensors[tensors..] {
+            t.bytes = t.bytes * f;
+        }
+        for p in &mut self.params[params..] {
+            p.elements = p.elements.saturating_mul(f);
+            p.extra = p.extra * f;
+            p.shape.0 = p.shape.0.saturating_mul(f);
+        }
+        for o in &mut self.ops[ops..] {
+            let c = &mut o.cost;
+            c.forward_flops = Flops(c.forward_flops.0 * f as f64);
+            c.input_grad_flops = Flops(c.input_grad_flops.0 * f as f64);
+            c.weight_grad_flops = Flops(c.weight_grad_flops.0 * f as f64);
+            c.forward_bytes = c.forward_bytes * f;
+            c.backward_bytes = c.backward_bytes * f;
+            c.forward_kernels = c.forward_kernels.saturating_mul(k);
+            c.backward_kernels = c.backward_kernels.saturating_mul(k);
+            c.modules = c.modules.saturating_mul(k);
+        }
+    }
+
     pub fn op_mut(&mut self, index: usize) -> Option<&mut Op> {
         self.ops.get_mut(index)
     }

@@ -1,0 +1,361 @@
+//! Issue #8: blocks described by what they are made of (sliding windows per kernel, per-layer
+//! patterns, mixture-of-experts, latent attention, a recurrent family) and partial tuning by side.
+
+use ftplan::estimate::{Estimate, estimate};
+use ftplan::graph::{self, op::OpKind};
+use ftplan::spec::model::{BlockKind, FfnKind, Mixer, ModelSpec};
+use ftplan::spec::plan::{
+    AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Side,
+};
+use ftplan::spec::registry::{model_files, parse_model_toml, resolve_hardware, resolve_model};
+use ftplan::time::Rates;
+use proptest::prelude::*;
+
+fn model(name: &str) -> ModelSpec {
+    resolve_model(name).expect("ships").value
+}
+
+fn lora() -> Method {
+    Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::QueryValue,
+        dora: false,
+    })
+}
+
+fn plan(method: Method, batch: u64, seq: u64, attention: AttentionKernel) -> Plan {
+    Plan {
+        precision: if method.frozen_base() {
+            Precision::Bf16
+        } else {
+            Precision::MixedBf16
+        },
+        method,
+        optimizer: Optimizer::Adamw,
+        batch,
+        seq,
+        target_seq: 128,
+        grad_ckpt: false,
+        attention,
+        expert_load: 1.0,
+        parallel: ftplan::spec::parallel::Parallel::single(),
+    }
+}
+
+fn run(m: &ModelSpec, p: &Plan) -> Estimate {
+    let hw = resolve_hardware("h200").expect("ships").value;
+    estimate(m, p, &hw, &Rates::from_datasheet(&hw)).expect("estimates")
+}
+
+/// Forward FLOPs of the attention cores.
+fn attention_flops(m: &ModelSpec, p: &Plan) -> f64 {
+    let g = graph::build(m, p);
+    g.ops()
+        .filter(|o| o.kind == OpKind::Attention)
+        .map(|o| o.cost.forward_flops.0 * f64::from(o.repeat.max(1)))
+        .sum()
+}
+
+/// The same model with every layer attending to every earlier key.
+fn without_window(m: &ModelSpec) -> ModelSpec {
+    ModelSpec {
+        mixers: vec![Mixer::Attention],
+        ..m.clone()
+    }
+}
+
+#[test]
+fn sliding_window_costs_what_each_kernel_makes_of_it() {
+    // Mistral-7B: a 4096-token window on all 32 layers, 8 KV heads of 32.
+    let m = model("mistral-7b");
+    assert_eq!(m.mixers, vec![Mixer::SlidingWindow { window: 4096 }]);
+    let full = without_window(&m);
+    // flash_attention_2 takes the window as kernel arguments: no mask, and the FLOPs fall to
+    // the pairs inside it. At seq 8192: each query sees min(i + 1, 4096) keys,
+    // 4096 x 4097 / 2 + 4096 x 4096 = 25,167,872 pairs against 8192 x 8193 / 2 = 33,558,528.
+    let flash = plan(lora(), 1, 8192, AttentionKernel::Flash2);
+    let ratio = attention_flops(&m, &flash) / attention_flops(&full, &flash);
+    assert!(
+        (ratio - 25_167_872.0 / 33_558_528.0).abs() < 1e-9,
+        "{ratio}"
+    );
+    assert_eq!(run(&m, &flash).memory.peak, run(&full, &flash).memory.peak);
+    // SDPA: below the window transformers passes no mask (is_causal); at or past it,
+    // `sdpa_mask` materialises one, SDPA converts it to an additive bf16 mask that the
+    // memory-efficient kernel keeps (1 x 8192 x 8192 x 2 B = 128 MiB per layer) and
+    // `repeat_kv` expands the 8 KV heads to 32 for the masked call (2 x 3 x 8192 x 1024 x 2 B
+    // = 96 MiB more per layer): at least 32 x 224 MiB over full attention.
+    let sdpa = plan(lora(), 1, 8192, AttentionKernel::Sdpa);
+    let masked = run(&m, &sdpa).memory.peak.0 - run(&full, &sdpa).memory.peak.0;
+    assert!(masked >= 32 * 224 << 20, "{masked}");
+    let short = plan(lora(), 1, 2048, AttentionKernel::Sdpa);
+    assert_eq!(run(&m, &short).memory.peak, run(&full, &short).memory.peak);
+    // Eager computes every score whatever the window: the same FLOPs as full attention.
+    let eager = plan(lora(), 1, 8192, AttentionKernel::Eager);
+    assert_eq!(attention_flops(&m, &eager), attention_flops(&full, &eager));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// With flash2 a window never costs more memory or FLOPs than full attention, and costs the
+    /// same once it covers the sequence.
+    #[test]
+    fn flash2_window_never_costs_more_than_full_attention(window in 1u64..6000, seq in 16u64..5000, batch in 1u64..4) {
+        let base = model("tinyllama-1.1b");
+        let windowed = ModelSpec { mixers: vec![Mixer::SlidingWindow { window }], ..base.clone() };
+        let p = plan(lora(), batch, seq, AttentionKernel::Flash2);
+        let (w, f) = (run(&windowed, &p), run(&base, &p));
+        prop_assert!(w.memory.peak <= f.memory.peak);
+        let (wf, ff) = (attention_flops(&windowed, &p), attention_flops(&base, &p));
+        prop_assert!(wf <= ff * (1.0 + 1e-12));
+        if window >= seq {
+            prop_assert_eq!(w.memory.peak, f.memory.peak);
+            prop_assert!((wf - ff).abs() <= ff * 1e-12);
+        }
+    }
+}
+
+#[test]
+fn layers_follow_their_published_patterns() {
+    let kinds = |m: &ModelSpec| -> Vec<BlockKind> {
+        (0..m.decoder.layers).map(|l| m.block_kind(l)).collect()
+    };
+    let local = |w| Mixer::SlidingWindow { window: w };
+    // Gemma-2: layer 0 slides (4096), layer 1 is global, alternating (Gemma2Config.layer_types).
+    let g2 = kinds(&model("gemma-2-9b"));
+    assert_eq!(g2.len(), 42);
+    assert!(g2.iter().step_by(2).all(|k| k.mixer == local(4096)));
+    assert!(
+        g2.iter()
+            .skip(1)
+            .step_by(2)
+            .all(|k| k.mixer == Mixer::Attention)
+    );
+    // Gemma-3: five local layers (512) to each global one: layers 5, 11, 17, 23 are global.
+    let g3 = kinds(&model("gemma-3-1b"));
+    let global: Vec<usize> = (0..g3.len())
+        .filter(|&l| g3[l].mixer == Mixer::Attention)
+        .collect();
+    assert_eq!(global, vec![5, 11, 17, 23]);
+    // DeepSeek-V3: the first 3 layers dense, the other 58 sparse; V2-Lite: the first one.
+    let v3 = kinds(&model("deepseek-v3"));
+    assert!(v3[..3].iter().all(|k| k.ffn == FfnKind::Dense));
+    assert!(v3[3..].iter().all(|k| k.ffn == FfnKind::Moe));
+    assert_eq!(model("deepseek-v2-lite").moe_layers(), 26);
+    // Mamba: no attention, no FFN.
+    let mamba = model("mamba-130m");
+    assert!(!mamba.has_attention());
+    assert!(kinds(&mamba).iter().all(|k| k.ffn == FfnKind::None));
+    // An explicit `layer_types` wins over the family rule, and must list every layer.
+    let cfg = |types: &str| {
+        format!(
+            r#"{{"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 100,
+            "sliding_window": 32, "layer_types": [{types}]}}"#
+        )
+    };
+    let parse = |text: &str| {
+        let v: serde_json::Value = serde_json::from_str(text).expect("json");
+        ftplan::spec::hf::parse_config("c.json", &v, "c", false)
+    };
+    let m = parse(&cfg(
+        r#""full_attention", "sliding_attention", "full_attention""#,
+    ))
+    .expect("parses");
+    assert_eq!(
+        m.mixers,
+        vec![Mixer::Attention, local(32), Mixer::Attention]
+    );
+    let err = parse(&cfg(r#""full_attention""#)).expect_err("too short");
+    assert!(
+        err.to_string().contains("lists 1 layers; the model has 3"),
+        "{err}"
+    );
+    // Qwen2-MoE's `decoder_sparse_step` 2: layers 1, 3, 5, ... are sparse.
+    let v: serde_json::Value = serde_json::from_str(
+        r#"{"model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128,
+        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 100,
+        "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 2}"#,
+    )
+    .expect("json");
+    let m = ftplan::spec::hf::parse_config("c.json", &v, "c", false).expect("parses");
+    let sparse: Vec<u64> = (0..4)
+        .filter(|&l| m.block_kind(l).ffn == FfnKind::Moe)
+        .collect();
+    assert_eq!(sparse, vec![1, 3]);
+}
+
+#[test]
+fn mixture_of_experts_active_parameters_match_the_model_cards() {
+    // Active per token, from the model cards: Qwen3-30B-A3B 3.3 B, Qwen1.5-MoE-A2.7B 2.7 B,
+    // DeepSeek-V2-Lite 2.4 B, DeepSeek-V3 37 B, Mixtral 12.9 B. DeepSeek's cards leave out the
+    // input embedding (102,400 x 2,048 = 0.21 B for V2-Lite), which a token does pass through.
+    for (name, low, high) in [
+        ("qwen3-30b-a3b", 3.2e9, 3.4e9),
+        ("qwen1.5-moe-a2.7b", 2.6e9, 2.75e9),
+        ("deepseek-v2-lite", 2.6e9, 2.7e9),
+        ("deepseek-v3", 36.5e9, 38.0e9),
+        ("mixtral-8x7b", 12.8e9, 13.0e9),
+    ] {
+        let m = model(name);
+        let total = m.published_params.expect("states its params");
+        let active = m.active_params(total) as f64;
+        assert!((low..high).contains(&active), "{name}: {active}");
+    }
+    // Every shipped model: active never exceeds total.
+    for (stem, text) in model_files() {
+        let m = parse_model_toml(stem, stem, text).expect("loads");
+        let total = m.published_params.expect("states its params");
+        assert!(m.active_params(total) <= total, "{stem}");
+    }
+}
+
+#[test]
+fn expert_load_moves_tokens_to_the_busiest_expert_without_changing_the_total() {
+    let m = model("mixtral-8x7b");
+    let even = plan(lora(), 4, 2048, AttentionKernel::Sdpa);
+    let skewed = Plan {
+        expert_load: 3.0,
+        ..even.clone()
+    };
+    let (a, b) = (run(&m, &even), run(&m, &skewed));
+    // The same tokens reach the experts (up to rounding one token per expert): the same FLOPs
+    // and the same weights and states.
+    assert!((a.time.flops - b.time.flops).abs() <= a.time.flops * 1e-3);
+    assert_eq!(a.memory.persistent, b.memory.persistent);
+    // The busiest expert's buffers are three times the mean: never a lower peak.
+    assert!(b.memory.peak >= a.memory.peak);
+}
+
+#[test]
+fn a_recurrent_layer_keeps_memory_linear_in_the_sequence() {
+    let m = model("mamba-130m");
+    let peak = |seq| {
+        run(&m, &plan(Method::Full, 2, seq, AttentionKernel::Sdpa))
+            .memory
+            .peak
+            .0
+    };
+    let (a, b, c) = (peak(1024), peak(2048), peak(3072));
+    // Equal steps in sequence, equal steps in memory (no seq^2 term).
+    let (d1, d2) = ((b - a) as f64, (c - b) as f64);
+    assert!((d1 - d2).abs() <= d1 * 1e-3, "{d1} vs {d2}");
+    // The scan keeps exp(A dt) and dt B in fp32 (8 B) and, per step, the fp32 state and its
+    // bf16 copy (6 B) per (batch, inner, position, state) element: with batch 2, inner
+    // 2 x 768, seq 1024, state 16, 14 x 50,331,648 B = 672 MiB per layer.
+    let p = plan(Method::Full, 2, 1024, AttentionKernel::Sdpa);
+    let g = graph::build(&m, &p);
+    let scan = g
+        .ops()
+        .find(|o| g.name(o.name).contains("selective_scan"))
+        .expect("a scan op");
+    let saved: u64 = scan.saves.iter().map(|&t| g.tensor(t).bytes.0).sum();
+    let bisn = 2 * 1536 * 1024 * 16;
+    assert!(
+        saved >= 14 * bisn && saved <= 14 * bisn + 64 * 2 * 1024 * 1536,
+        "{saved}"
+    );
+    // Methods that need attention or an FFN are refused, as peft finds nothing to wrap.
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let prefix = plan(
+        Method::Prefix { virtual_tokens: 10 },
+        1,
+        512,
+        AttentionKernel::Sdpa,
+    );
+    assert!(estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).is_err());
+}
+
+#[test]
+fn freezing_one_side_trains_exactly_that_stack() {
+    // T5-small: d_model 512, d_ff 2048, 8 heads x 64, 6 + 6 layers (ReLU FFN).
+    // A decoder block: self- and cross-attention 2 x 4 x 512^2 = 2,097,152, FFN 2 x 512 x
+    // 2048 = 2,097,152, three norms 1,536: 4,195,840; six of them and the final norm 512 =
+    // 25,175,552. An encoder block: 1,048,576 + 2,097,152 + 1,024 = 3,146,752; six and the
+    // final norm: 18,881,024. (The relative-position tables are embeddings: frozen.)
+    let m = model("t5-small");
+    let side = |side, top| Method::Freeze {
+        top_layers: top,
+        embeddings: false,
+        side: Some(side),
+    };
+    let trained = |method| {
+        run(&m, &plan(method, 4, 512, AttentionKernel::Sdpa))
+            .memory
+            .trainable_params
+    };
+    assert_eq!(trained(side(Side::Decoder, None)), 25_175_552);
+    assert_eq!(trained(side(Side::Encoder, None)), 18_881_024);
+    assert_eq!(trained(side(Side::Decoder, Some(2))), 2 * 4_195_840 + 512);
+    // Training only the decoder, backward never enters the encoder: fewer saved activations
+    // than training only the encoder, and less than full fine-tuning.
+    let act = |method| {
+        run(&m, &plan(method, 4, 512, AttentionKernel::Sdpa))
+            .memory
+            .saved_after_forward
+            .0
+    };
+    assert!(act(side(Side::Decoder, None)) < act(side(Side::Encoder, None)));
+    assert!(act(side(Side::Encoder, None)) < act(Method::Full));
+    // A decoder-only model has no side to choose.
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let p = plan(side(Side::Decoder, None), 1, 512, AttentionKernel::Sdpa);
+    let err =
+        estimate(&model("gpt2"), &p, &hw, &Rates::from_datasheet(&hw)).expect_err("one stack");
+    assert!(err.to_string().contains("encoder-decoder"), "{err}");
+}
+
+#[test]
+fn partial_methods_never_hold_more_optimizer_state_than_full_fine_tuning() {
+    for name in [
+        "gemma-2-2b",
+        "bloom-560m",
+        "olmo-2-1b",
+        "starcoder2-3b",
+        "t5-small",
+        "gpt2",
+    ] {
+        let m = model(name);
+        let full = run(&m, &plan(Method::Full, 1, 512, AttentionKernel::Sdpa));
+        for method in [
+            Method::BitFit,
+            Method::LnTuning,
+            Method::Freeze {
+                top_layers: Some(2),
+                embeddings: false,
+                side: None,
+            },
+        ] {
+            let hw = resolve_hardware("h200").expect("ships").value;
+            // BitFit on a model without biases is refused (nothing to train).
+            let Ok(e) = estimate(
+                &m,
+                &plan(method.clone(), 1, 512, AttentionKernel::Sdpa),
+                &hw,
+                &Rates::from_datasheet(&hw),
+            ) else {
+                continue;
+            };
+            assert!(
+                e.memory.model_states <= full.memory.model_states,
+                "{name} {}",
+                method.name()
+            );
+            assert!(e.memory.trainable_params < full.memory.trainable_params);
+        }
+    }
+}
+
+#[test]
+fn flash_attention_2_is_refused_where_transformers_has_none() {
+    let hw = resolve_hardware("h200").expect("ships").value;
+    for name in ["t5-small", "bloom-560m"] {
+        let p = plan(lora(), 1, 512, AttentionKernel::Flash2);
+        let err =
+            estimate(&model(name), &p, &hw, &Rates::from_datasheet(&hw)).expect_err("no flash2");
+        assert!(err.to_string().contains("flash_attention_2"), "{err}");
+    }
+}
