@@ -88,7 +88,7 @@ fn sliding_window_costs_what_each_kernel_makes_of_it() {
     // = 96 MiB more per layer): at least 32 x 224 MiB over full attention.
     let sdpa = plan(lora(), 1, 8192, AttentionKernel::Sdpa);
     let masked = run(&m, &sdpa).memory.peak.0 - run(&full, &sdpa).memory.peak.0;
-    assert!(masked >= 32 * 224 << 20, "{masked}");
+    assert!(masked >= (32 * 224) << 20, "{masked}");
     let short = plan(lora(), 1, 2048, AttentionKernel::Sdpa);
     assert_eq!(run(&m, &short).memory.peak, run(&full, &short).memory.peak);
     // Eager computes every score whatever the window: the same FLOPs as full attention.
