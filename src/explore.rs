@@ -288,3 +288,185 @@ pub fn gpus_needed(
         series,
     })
 }
+
+/// What a method does to one part of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Update {
+    /// The part has no parameters here.
+    Absent,
+    Frozen,
+    /// Some of its parameters train (BitFit's biases, LN tuning's shifts beside a frozen weight).
+    Partly,
+    Trains,
+    /// The method adds trainable parameters here (LoRA, adapters, prefixes, prompts, IA3).
+    Added,
+}
+
+/// The parts of a model the "which parameters update" chart shows, in its row order.
+pub const PARTS: [&str; 5] = ["embeddings", "attention / mixer", "FFN", "norms", "LM head"];
+
+/// One method's view: `cells[column][part]`, column 0 outside the blocks, then block by block.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdatePanel {
+    pub method: String,
+    pub trainable_params: u64,
+    pub cells: Vec<[Update; 5]>,
+}
+
+/// `sweep --over updates`: which parameters each method updates, by part and block, read from
+/// each plan's op graph (the parameters it builds and whether each trains).
+#[derive(Debug, Clone, Serialize)]
+pub struct Updates {
+    pub title: String,
+    pub model: String,
+    pub blocks: u64,
+    pub panels: Vec<UpdatePanel>,
+}
+
+fn part_of(name: &str, role: crate::spec::model::ParamRole) -> usize {
+    use crate::spec::model::ParamRole;
+    if name.contains("lm_head") {
+        4
+    } else if role == ParamRole::Embedding || name.contains("prompt") {
+        0
+    } else if matches!(role, ParamRole::Norm | ParamRole::NormBias) || name.contains("norm") {
+        3
+    } else if name.contains("attn")
+        || name.contains("attention")
+        || name.contains("mixer")
+        || name.contains("prefix")
+    {
+        1
+    } else {
+        2
+    }
+}
+
+/// Which parameters update under each of `plans` for `model`.
+pub fn updates(model: &ModelSpec, plans: &[Plan]) -> Updates {
+    let blocks = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
+    let columns = blocks as usize + 1;
+    let mut panels = Vec::new();
+    for plan in plans {
+        let g = crate::graph::build(model, plan);
+        // (trainable, frozen, added) per cell.
+        let mut tally = vec![[(0u64, 0u64, 0u64); 5]; columns];
+        let mut trainable_params = 0;
+        for p in &g.params {
+            let name = g.name(p.name);
+            let part = part_of(&name, p.role);
+            let added = p.role == crate::spec::model::ParamRole::Adapter;
+            if p.trainable {
+                trainable_params += p.count();
+            }
+            // Prefix tuning's one embedding feeds every block's attention.
+            let cols: Vec<usize> = match p.layer {
+                None if name.contains("prefix") => (1..columns).collect(),
+                None => vec![0],
+                Some(first) => (0..blocks)
+                    .filter(|&l| g.built_as.get(l as usize) == Some(&first))
+                    .map(|l| l as usize + 1)
+                    .collect(),
+            };
+            for c in cols {
+                let t = &mut tally[c][part];
+                match (added, p.trainable) {
+                    (true, _) => t.2 += 1,
+                    (false, true) => t.0 += 1,
+                    (false, false) => t.1 += 1,
+                }
+            }
+        }
+        let cells = tally
+            .iter()
+            .map(|row| {
+                row.map(|(trains, frozen, added)| match (trains, frozen, added) {
+                    (_, _, a) if a > 0 => Update::Added,
+                    (0, 0, _) => Update::Absent,
+                    (0, _, _) => Update::Frozen,
+                    (_, 0, _) => Update::Trains,
+                    _ => Update::Partly,
+                })
+            })
+            .collect();
+        panels.push(UpdatePanel {
+            method: plan.method.name().to_string(),
+            trainable_params,
+            cells,
+        });
+    }
+    Updates {
+        title: format!("Which parameters update: {}", model.name),
+        model: model.name.clone(),
+        blocks,
+        panels,
+    }
+}
+
+/// One method across model scales.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleSeries {
+    pub method: String,
+    pub trainable_params: Vec<u64>,
+    /// Peak memory per GPU (GiB); None where the method does not apply.
+    pub peak_gib: Vec<Option<f64>>,
+}
+
+/// `sweep --over scale`: trainable parameters and peak memory per method across model sizes
+/// (why parameter-efficient methods exist).
+#[derive(Debug, Clone, Serialize)]
+pub struct Scale {
+    pub title: String,
+    pub models: Vec<String>,
+    pub total_params: Vec<u64>,
+    pub series: Vec<ScaleSeries>,
+}
+
+/// Estimates each method (`cases[method][model]`) across the models.
+pub fn scale(methods: &[(String, Vec<Case>)]) -> Result<Scale> {
+    let first = methods
+        .first()
+        .and_then(|(_, c)| c.first())
+        .ok_or_else(|| Error::Plan {
+            message: "nothing to compare".into(),
+            hint: Some("pass --methods and --models".into()),
+        })?;
+    let mut models = Vec::new();
+    let mut total_params = Vec::new();
+    for c in &methods[0].1 {
+        models.push(c.model.name.clone());
+        let g = crate::graph::build(&c.model, &c.plan);
+        total_params.push(g.params.iter().map(|p| p.count()).sum());
+    }
+    let mut series = Vec::new();
+    for (method, cases) in methods {
+        let mut s = ScaleSeries {
+            method: method.clone(),
+            trainable_params: Vec::new(),
+            peak_gib: Vec::new(),
+        };
+        for c in cases {
+            match c.run() {
+                Ok(e) => {
+                    s.trainable_params.push(e.memory.trainable_params);
+                    s.peak_gib.push(Some(e.memory.peak.gib()));
+                }
+                Err(_) => {
+                    s.trainable_params.push(0);
+                    s.peak_gib.push(None);
+                }
+            }
+        }
+        series.push(s);
+    }
+    Ok(Scale {
+        title: format!(
+            "Why PEFT: trainable parameters and peak memory per GPU ({}, batch {} x seq {})",
+            first.hardware.display_name, first.plan.batch, first.plan.seq
+        ),
+        models,
+        total_params,
+        series,
+    })
+}

@@ -85,6 +85,7 @@ mod tests {
             extra: Bytes::ZERO,
             shape: (rows, cols),
             copies: 1,
+            layer: None,
         }
     }
 

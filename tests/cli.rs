@@ -620,3 +620,57 @@ fn bf16_on_a_gpu_without_bf16_tensor_cores_is_said() {
     let err = crate::stderr_of(&out);
     assert!(err.contains("no bf16 tensor cores"), "{err}");
 }
+
+#[test]
+fn the_updates_and_why_peft_charts_are_written_with_their_json() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().expect("utf-8");
+    let v = json(
+        ftplan().args([
+            "sweep", "--over", "updates", "--model", "gpt2", "--seq", "512", "--gpu", "h100",
+            "--out", out, "--format", "json",
+        ]),
+        0,
+    );
+    let panels = v["panels"].as_array().expect("panels");
+    assert_eq!(panels.len(), 9, "every method");
+    // LoRA (q, v through GPT-2's c_attn) adds to the attention of all 12 blocks and leaves the
+    // FFN frozen; column 0 is outside the blocks.
+    let lora = panels.iter().find(|p| p["method"] == "lora").expect("lora");
+    let cells = lora["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), 13);
+    assert!(
+        cells[1..]
+            .iter()
+            .all(|c| c[1] == "added" && c[2] == "frozen")
+    );
+    for f in ["updates-gpt2.svg", "updates-gpt2.png", "updates-gpt2.md"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+    let v = json(
+        ftplan().args([
+            "sweep",
+            "--over",
+            "scale",
+            "--models",
+            "gpt3-125m,gpt3-13b",
+            "--methods",
+            "full,lora",
+            "--seq",
+            "512",
+            "--gpu",
+            "a100",
+            "--out",
+            out,
+            "--format",
+            "json",
+        ]),
+        0,
+    );
+    let series = v["series"].as_array().expect("series");
+    let trainable = |i: usize, j: usize| series[i]["trainable_params"][j].as_u64().expect("n");
+    // Full fine-tuning trains everything, LoRA a small fraction, at both scales.
+    assert_eq!(trainable(0, 0), v["total_params"][0].as_u64().expect("n"));
+    assert!(trainable(1, 1) * 100 < trainable(0, 1));
+    assert!(dir.path().join("why-peft.png").exists());
+}

@@ -175,3 +175,66 @@ fn missing_model_or_gpu_flags() {
     rejects(&["estimate", "--gpu", "h100"], &["`model`", "is missing"]);
     rejects(&["estimate", "--model", "gpt2"], &["`gpu`", "is missing"]);
 }
+
+#[test]
+fn layer_patterns_and_experts() {
+    model(
+        "layer-types-length.json",
+        &["`layer_types`", "lists 2 layers; the model has 4"],
+    );
+    model(
+        "bad-layer-type.json",
+        &[
+            "`layer_types`",
+            "`\"linear_attention\"` is not a known layer type",
+            "full_attention or sliding_attention",
+        ],
+    );
+    model(
+        "too-many-active-experts.json",
+        &["`num_experts_per_tok`", "at most the experts (4)"],
+    );
+}
+
+#[test]
+fn architecture_plan_rules() {
+    fn est<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["estimate", "--gpu", "h100"];
+        v.extend_from_slice(extra);
+        v
+    }
+    rejects(
+        &est(&[
+            "--model",
+            "gpt2",
+            "--method",
+            "freeze",
+            "--train-side",
+            "decoder",
+        ]),
+        &["`train-side`", "encoder-decoder", "--train-layers"],
+    );
+    rejects(
+        &est(&[
+            "--model",
+            "t5-small",
+            "--method",
+            "freeze",
+            "--train-side",
+            "middle",
+        ]),
+        &["`train-side`", "`middle`"],
+    );
+    rejects(
+        &est(&["--model", "mixtral", "--expert-load", "0.5"]),
+        &["`expert-load`", "[1, 1000]"],
+    );
+    rejects(
+        &est(&["--model", "t5-small", "--attention", "flash2"]),
+        &["`attention`", "flash_attention_2", "sdpa or eager"],
+    );
+    rejects(
+        &est(&["--model", "mamba-130m", "--method", "prefix"]),
+        &["`method`", "does not apply", "prompt tuning"],
+    );
+}

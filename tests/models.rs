@@ -325,7 +325,9 @@ fn dora_adds_one_magnitude_per_output_and_keeps_both_results() {
 
 #[test]
 fn new_families_replayed_on_cpu_are_within_the_bounds() {
-    // Qwen3, Phi-3, Mixtral and Pythia (validation/families.jsonl, measure.py --fake).
+    // Qwen3, Phi-3, Mixtral and Pythia, then issue #8's Gemma-2/3, OLMo-2, StarCoder2, BLOOM,
+    // Mamba, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite and Falcon-40B (validation/families.jsonl,
+    // measure.py --fake).
     use ftplan::spec::registry::resolve_hardware;
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let hw = resolve_hardware("h200").expect("ships").value;
@@ -333,10 +335,25 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     let path = crate::repo("validation/families.jsonl");
     let text = std::fs::read_to_string(&path).expect("ships");
     let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
-    assert_eq!(rows.len(), 7);
+    assert_eq!(rows.len(), 21);
     for r in &rows {
+        // Issue #8's runs are held to 2 % each (all within 1.5 % when added).
+        let bound = if r.name.contains("gemma-2")
+            || r.name.contains("gemma-3")
+            || r.name.contains("olmo-2")
+            || r.name.contains("starcoder2")
+            || r.name.contains("bloom")
+            || r.name.contains("mamba")
+            || r.name.contains("moe")
+            || r.name.contains("deepseek")
+            || r.name.contains("falcon-40b")
+        {
+            0.02
+        } else {
+            WORST_BOUND
+        };
         assert!(
-            r.error.abs() <= WORST_BOUND,
+            r.error.abs() <= bound,
             "{}: {:+.1}%",
             r.name,
             r.error * 100.0

@@ -318,18 +318,23 @@ pub enum SweepAxis {
     Matrix,
     /// Fewest GPUs of --gpu each of --methods needs, for each of --models (layouts searched).
     Gpus,
+    /// Which parameters each of --methods updates in --model, by part and block.
+    Updates,
+    /// Trainable parameters and peak memory of each of --methods across --models ("why PEFT").
+    Scale,
 }
 
 #[derive(Debug, Args)]
 pub struct SweepArgs {
     #[command(flatten)]
     pub plan: PlanArgs,
-    /// What to sweep: seq, batch, matrix (models x GPUs) or gpus (fewest GPUs per method).
+    /// What to sweep: seq, batch, matrix (models x GPUs), gpus (fewest GPUs per method),
+    /// updates (which parameters each method trains) or scale (methods across model sizes).
     #[arg(long, value_enum, default_value_t = SweepAxis::Seq)]
     pub over: SweepAxis,
-    /// Methods, one curve each.
-    #[arg(long, default_value = "full,lora,qlora")]
-    pub methods: String,
+    /// Methods, one curve each [default: full,lora,qlora; every method for updates and scale].
+    #[arg(long)]
+    pub methods: Option<String>,
     /// Models for the fit matrix and the GPUs-needed chart, comma-separated.
     #[arg(long)]
     pub models: Option<String>,

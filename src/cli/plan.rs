@@ -531,6 +531,12 @@ impl PlanInput {
             },
         };
         let expert_load = self.expert_load.unwrap_or(1.0);
+        if self.expert_load.is_some() && model.value.moe.is_none() {
+            notes.push(format!(
+                "--expert-load is ignored: `{}` has no mixture-of-experts layers",
+                model.value.name
+            ));
+        }
         if !(expert_load.is_finite() && (1.0..=1000.0).contains(&expert_load)) {
             return Err(Error::field(
                 o,

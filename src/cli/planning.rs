@@ -298,10 +298,13 @@ fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             MethodArg::from_str(s, true).map_err(|_| {
-                let names = [
-                    "full", "lora", "qlora", "adapter", "prefix", "prompt", "ia3",
-                ];
-                let hint = ftplan::error::did_you_mean(s, names)
+                // The names clap knows for `--method`: one definition.
+                let names: Vec<String> = MethodArg::value_variants()
+                    .iter()
+                    .filter_map(|v| v.to_possible_value())
+                    .map(|v| v.get_name().to_string())
+                    .collect();
+                let hint = ftplan::error::did_you_mean(s, names.iter().map(String::as_str))
                     .map(|h| format!("did you mean `{h}`?"))
                     .unwrap_or_else(|| names.join(", "));
                 anyhow::Error::from(
@@ -401,6 +404,8 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let axis = match a.over {
         SweepAxis::Matrix => return matrix(a),
         SweepAxis::Gpus => return gpus_needed(a),
+        SweepAxis::Updates => return updates(a),
+        SweepAxis::Scale => return scale(a),
         SweepAxis::Seq => explore::Axis::Seq,
         SweepAxis::Batch => explore::Axis::Batch,
     };
@@ -409,7 +414,7 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         explore::Axis::Batch => (0..=7).map(|p| 1u64 << p).collect(),
     };
     let mut cases = Vec::new();
-    for &m in &methods(&a.methods)? {
+    for &m in &methods(a.methods.as_deref().unwrap_or("full,lora,qlora"))? {
         let mut input = PlanInput::from_args(&a.plan);
         input.method = m;
         cases.push(case(input.resolve()?));
@@ -448,6 +453,70 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every method, for the charts that compare them all.
+const EVERY_METHOD: &str = "full,lora,adapter,prefix,prompt,ia3,bitfit,ln-tuning,freeze";
+
+/// Which parameters each method updates, by part and block.
+fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let mut plans = Vec::new();
+    let mut model = None;
+    for &m in &methods(a.methods.as_deref().unwrap_or(EVERY_METHOD))? {
+        let mut input = PlanInput::from_args(&a.plan);
+        input.method = m;
+        let r = input.resolve()?;
+        plans.push(r.plan);
+        model = Some(r.model);
+    }
+    let model = model.ok_or_else(|| Error::field("command line", "methods", "names no method"))?;
+    let result = explore::updates(&model, &plans);
+    let table = report::table::updates(&result);
+    let stem = format!("updates-{}", result.model);
+    publish(&a.out, &stem, &result.title, &table, |dir| {
+        chart::write_updates(dir, &stem, &result)
+    })?;
+    match a.format {
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&result)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Trainable parameters and peak memory per method across model sizes.
+fn scale(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let models: Vec<String> = a
+        .models
+        .as_deref()
+        .unwrap_or("gpt3-125m,gpt3-1.3b,gpt3-13b,gpt3-175b,palm-540b")
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let mut rows = Vec::new();
+    for &m in &methods(a.methods.as_deref().unwrap_or(EVERY_METHOD))? {
+        let mut cases = Vec::new();
+        for model in &models {
+            let mut input = PlanInput::from_args(&a.plan);
+            input.method = m;
+            input.model = Some(model.clone());
+            cases.push(case(input.resolve()?));
+        }
+        let name = cases.first().map_or_else(String::new, |c: &explore::Case| {
+            c.plan.method.name().to_string()
+        });
+        rows.push((name, cases));
+    }
+    let result = explore::scale(&rows)?;
+    let table = report::table::scale(&result);
+    let stem = "why-peft";
+    publish(&a.out, stem, &result.title, &table, |dir| {
+        chart::write_scale(dir, stem, &result)
+    })?;
+    match a.format {
+        Format::Table => outln!("{table}"),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&result)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The fewest GPUs each method needs, per model: why parameter-efficient methods exist.
 fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let models: Vec<String> = a
@@ -459,7 +528,7 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let mut rows = Vec::new();
     let mut fixed = None;
-    for &m in &methods(&a.methods)? {
+    for &m in &methods(a.methods.as_deref().unwrap_or("full,lora,qlora"))? {
         let mut cases = Vec::new();
         for model in &models {
             let mut input = PlanInput::from_args(&a.plan);

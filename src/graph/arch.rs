@@ -214,12 +214,20 @@ fn stack_forward(
         let mut runs: Vec<(BlockKind, u64, u64)> = vec![(kind_of(start), start, 1)];
         let last_kind = kind_of(end - 1);
         let mut grouped: Vec<(BlockKind, u64, u64)> = Vec::new();
+        record_built_as(b, offset + start, offset + start);
         for l in start + 1..end {
             let k = kind_of(l);
-            match grouped.iter_mut().find(|r| r.0 == k) {
-                Some(r) => r.2 += 1,
-                None => grouped.push((k, l, 1)),
-            }
+            let first = match grouped.iter_mut().find(|r| r.0 == k) {
+                Some(r) => {
+                    r.2 += 1;
+                    r.1
+                }
+                None => {
+                    grouped.push((k, l, 1));
+                    l
+                }
+            };
+            record_built_as(b, offset + l, offset + first);
         }
         if let Some(i) = grouped.iter().position(|r| r.0 == last_kind) {
             let r = grouped.remove(i);
@@ -253,6 +261,15 @@ fn stack_forward(
         x = b.dropout(name.at("final_dropout"), x, model.dropout.residual);
     }
     (x, seq)
+}
+
+/// Notes that block `layer` is built as block `first` (what a chart of the model reads).
+fn record_built_as(b: &mut Builder, layer: u64, first: u64) {
+    let v = &mut b.graph.built_as;
+    if v.len() <= layer as usize {
+        v.resize(layer as usize + 1, 0);
+    }
+    v[layer as usize] = first;
 }
 
 /// One block: a mixer (attention or a state-space scan) and an FFN, normalised where the

@@ -33,6 +33,7 @@ impl Builder<'_> {
         let k_width = heads * head_dim;
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let mut fwd_extra = Bytes::ZERO;
+        let mut bwd_extra = Bytes::ZERO;
         let kernel = match (self.plan.attention, mask) {
             // BLOOM's attention is its own eager code (baddbmm with the ALiBi bias).
             _ if self.model.positions == crate::spec::model::Positions::Alibi => Kernel::Eager,
@@ -156,6 +157,13 @@ impl Builder<'_> {
                     saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                 }
                 fwd_extra += compute.bytes(scores) * 2;
+                if softmax_dtype != compute && p_drop == 0.0 {
+                    // Backward through softmax holds its incoming gradient (upcast by the
+                    // `.to()` backward) and its result, both in the softmax's fp32; the bf16
+                    // probabilities the matmul with v kept are released when that matmul's
+                    // backward has run: two fp32 score matrices less the bf16 copy.
+                    bwd_extra += softmax_dtype.bytes(scores) * 2 - compute.bytes(scores);
+                }
                 out = self.val(out_width, q.tokens, compute, grad);
             }
         }
@@ -193,7 +201,7 @@ impl Builder<'_> {
             params: SmallVec::new(),
             saves: if grad { saves } else { SmallVec::new() },
             forward_transient: out.bytes() + fwd_extra,
-            backward_transient: io + fwd_extra,
+            backward_transient: io + fwd_extra.max(bwd_extra),
             cost: Cost {
                 forward_flops: Flops(flops * causal_factor),
                 // Flash backward recomputes the scores: 2.5x the forward matmuls.

@@ -224,6 +224,7 @@ impl<'a> Builder<'a> {
             extra: Bytes::ZERO,
             shape,
             copies: u64::from(self.repeat),
+            layer: self.layer,
         })
     }
 

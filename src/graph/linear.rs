@@ -72,6 +72,7 @@ impl Builder<'_> {
                 extra: Bytes(blocks + 4 * blocks.div_ceil(256)),
                 shape: (out_features, in_features),
                 copies: u64::from(self.repeat),
+                layer: self.layer,
             })
         } else {
             self.base_param(

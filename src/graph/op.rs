@@ -101,6 +101,8 @@ pub struct Param {
     pub shape: (u64, u64),
     /// Identical copies this parameter stands for (one per layer of a repeated block).
     pub copies: u64,
+    /// The block it belongs to (the first of its run of identical blocks); None outside.
+    pub layer: Option<u64>,
 }
 
 impl Param {
@@ -215,6 +217,9 @@ pub struct OpGraph {
     /// First tensor id created inside each checkpointed block (by segment id): a block's
     /// recomputation concerns the tensors it creates, not those it reads from outside.
     segment_tensors: Vec<u32>,
+    /// For each block (numbered across the encoder, then the decoder), the block that was built
+    /// for it: the first of its run of identical blocks.
+    pub built_as: Vec<u64>,
 }
 
 impl Default for OpGraph {
@@ -226,6 +231,7 @@ impl Default for OpGraph {
             params: Vec::with_capacity(1024),
             scopes: vec![String::new()],
             segment_tensors: Vec::new(),
+            built_as: Vec::new(),
         }
     }
 }

@@ -23,7 +23,7 @@ const TERMS: [(&str, RGBColor); 7] = [
     ("temporary", RGBColor(193, 125, 17)),
     ("runtime overhead", RGBColor(136, 138, 133)),
 ];
-const LINES: [RGBColor; 7] = [
+const LINES: [RGBColor; 10] = [
     RGBColor(52, 101, 164),
     RGBColor(204, 0, 0),
     RGBColor(115, 210, 22),
@@ -31,6 +31,9 @@ const LINES: [RGBColor; 7] = [
     RGBColor(117, 80, 123),
     RGBColor(193, 125, 17),
     RGBColor(46, 52, 54),
+    RGBColor(6, 152, 154),
+    RGBColor(237, 212, 0),
+    RGBColor(233, 115, 205),
 ];
 
 fn fonts() {
@@ -65,6 +68,15 @@ trait Chart {
 
 /// Draws `chart` into `dir/stem.svg` and `dir/stem.png` (each written atomically).
 fn both(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
+    both_sized(dir, stem, chart, SIZE)
+}
+
+fn both_sized(
+    dir: &Path,
+    stem: &str,
+    chart: &impl Chart,
+    size: (u32, u32),
+) -> Result<Vec<PathBuf>> {
     fonts();
     std::fs::create_dir_all(dir).map_err(|e| Error::Write {
         path: dir.into(),
@@ -74,7 +86,7 @@ fn both(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
     let png_path = dir.join(format!("{stem}.png"));
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
         chart.draw(&root).map_err(draw_err(&svg_path))?;
         root.present().map_err(draw_err(&svg_path))?;
     }
@@ -82,7 +94,7 @@ fn both(dir: &Path, stem: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
     // The bitmap backend writes by path: into our own exclusively created temporary file.
     let tmp = super::temp_beside(&png_path)?;
     {
-        let root = BitMapBackend::new(tmp.path(), SIZE).into_drawing_area();
+        let root = BitMapBackend::new(tmp.path(), size).into_drawing_area();
         let drawn = chart
             .draw(&root)
             .and_then(|_| root.present().map_err(|e| format!("{e:?}")));
@@ -552,5 +564,242 @@ impl Chart for Needed<'_> {
             .label_font(("sans-serif", 18))
             .draw()
             .map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// "Which parameters update": one panel per method, parts by block.
+pub fn write_updates(dir: &Path, stem: &str, u: &crate::explore::Updates) -> Result<Vec<PathBuf>> {
+    let height = 150 + 128 * u.panels.len() as u32;
+    both_sized(dir, stem, &UpdatesChart(u), (1200, height))
+}
+
+struct UpdatesChart<'a>(&'a crate::explore::Updates);
+
+const UPDATE_COLOURS: [(crate::explore::Update, &str, RGBColor); 5] = [
+    (
+        crate::explore::Update::Trains,
+        "trains",
+        RGBColor(78, 154, 6),
+    ),
+    (
+        crate::explore::Update::Partly,
+        "partly trains",
+        RGBColor(170, 220, 120),
+    ),
+    (
+        crate::explore::Update::Added,
+        "added by the method",
+        RGBColor(245, 121, 0),
+    ),
+    (
+        crate::explore::Update::Frozen,
+        "frozen",
+        RGBColor(186, 189, 182),
+    ),
+    (
+        crate::explore::Update::Absent,
+        "none here",
+        RGBColor(255, 255, 255),
+    ),
+];
+
+impl Chart for UpdatesChart<'_> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let u = self.0;
+        let err = |e| format!("{e:?}");
+        root.fill(&WHITE).map_err(err)?;
+        let font = |size| ("sans-serif", size).into_font();
+        root.draw(&Text::new(
+            u.title.clone(),
+            (20, 15),
+            ("sans-serif", 24, FontStyle::Bold).into_font(),
+        ))
+        .map_err(err)?;
+        let (left, right) = (330i32, 1180i32);
+        let columns = u.blocks as i32 + 1;
+        let cell_w = ((right - left) / columns).max(1);
+        let row_h = 18i32;
+        for (i, panel) in u.panels.iter().enumerate() {
+            let top = 60 + 128 * i as i32;
+            root.draw(&Text::new(
+                format!(
+                    "{} ({} trainable)",
+                    panel.method,
+                    human(panel.trainable_params)
+                ),
+                (20, top),
+                ("sans-serif", 18, FontStyle::Bold).into_font(),
+            ))
+            .map_err(err)?;
+            for (r, part) in crate::explore::PARTS.iter().enumerate() {
+                let y = top + 22 + r as i32 * row_h;
+                root.draw(&Text::new(part.to_string(), (40, y + 2), font(14)))
+                    .map_err(err)?;
+                for (c, cell) in panel.cells.iter().enumerate() {
+                    let x = left + c as i32 * cell_w + if c > 0 { 6 } else { 0 };
+                    let colour = UPDATE_COLOURS
+                        .iter()
+                        .find(|(k, _, _)| *k == cell[r])
+                        .map_or(WHITE, |(_, _, col)| *col);
+                    root.draw(&Rectangle::new(
+                        [(x, y), (x + cell_w - 1, y + row_h - 2)],
+                        colour.filled(),
+                    ))
+                    .map_err(err)?;
+                }
+            }
+        }
+        // Column legend and colour key.
+        let y = 60 + 128 * u.panels.len() as i32;
+        root.draw(&Text::new(
+            format!(
+                "first column: outside the blocks (embeddings, final norm, head); then blocks 0..{}",
+                u.blocks.saturating_sub(1)
+            ),
+            (left, y),
+            font(14),
+        ))
+        .map_err(err)?;
+        for (k, (_, label, colour)) in UPDATE_COLOURS.iter().enumerate() {
+            let x = 40 + 220 * k as i32;
+            root.draw(&Rectangle::new(
+                [(x, y + 30), (x + 18, y + 46)],
+                ShapeStyle::from(colour).filled(),
+            ))
+            .map_err(err)?;
+            root.draw(&Rectangle::new([(x, y + 30), (x + 18, y + 46)], BLACK))
+                .map_err(err)?;
+            root.draw(&Text::new(label.to_string(), (x + 26, y + 31), font(16)))
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+fn human(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} K", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+/// "Why PEFT": trainable parameters and peak memory per method against model size.
+pub fn write_scale(dir: &Path, stem: &str, s: &crate::explore::Scale) -> Result<Vec<PathBuf>> {
+    both_sized(dir, stem, &ScaleChart(s), (1400, 720))
+}
+
+struct ScaleChart<'a>(&'a crate::explore::Scale);
+
+impl Chart for ScaleChart<'_> {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> std::result::Result<(), String> {
+        let s = self.0;
+        let err = |e| format!("{e:?}");
+        root.fill(&WHITE).map_err(err)?;
+        let root = root
+            .titled(&s.title, ("sans-serif", 22, FontStyle::Bold))
+            .map_err(err)?;
+        let (a, b) = root.split_horizontally(700);
+        let xs: Vec<f64> = s.total_params.iter().map(|&p| p as f64).collect();
+        let (x_lo, x_hi) = (
+            xs.iter().copied().fold(f64::INFINITY, f64::min) / 1.5,
+            xs.iter().copied().fold(0.0, f64::max) * 1.5,
+        );
+        for (area, trainable) in [(&a, true), (&b, false)] {
+            let values: Vec<f64> = s
+                .series
+                .iter()
+                .flat_map(|m| {
+                    if trainable {
+                        m.trainable_params
+                            .iter()
+                            .filter(|&&t| t > 0)
+                            .map(|&t| t as f64)
+                            .collect::<Vec<_>>()
+                    } else {
+                        m.peak_gib.iter().flatten().copied().collect()
+                    }
+                })
+                .collect();
+            let lo = values
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+                .max(1e-3)
+                / 2.0;
+            let hi = values.iter().copied().fold(0.0, f64::max).max(lo * 10.0) * 2.0;
+            let mut chart = ChartBuilder::on(area)
+                .margin(20)
+                .x_label_area_size(50)
+                .y_label_area_size(90)
+                .build_cartesian_2d((x_lo..x_hi).log_scale(), (lo..hi).log_scale())
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .light_line_style(WHITE)
+                .x_desc("model parameters (log)")
+                .y_desc(if trainable {
+                    "trainable parameters (log)"
+                } else {
+                    "peak memory per GPU, GiB (log)"
+                })
+                .x_label_formatter(&|x| human(*x as u64))
+                .y_label_formatter(&|y| {
+                    if trainable {
+                        human(*y as u64)
+                    } else {
+                        format!("{y:.1}")
+                    }
+                })
+                .label_style(("sans-serif", 15))
+                .axis_desc_style(("sans-serif", 17))
+                .draw()
+                .map_err(err)?;
+            for (i, m) in s.series.iter().enumerate() {
+                let colour = LINES[i % LINES.len()];
+                let points: Vec<(f64, f64)> = xs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, &x)| {
+                        let y = if trainable {
+                            Some(m.trainable_params[j] as f64).filter(|&t| t > 0.0)
+                        } else {
+                            m.peak_gib[j]
+                        };
+                        y.map(|y| (x, y))
+                    })
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(points.clone(), colour.stroke_width(3)))
+                    .map_err(err)?
+                    .label(m.method.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 14, y)], colour.stroke_width(3))
+                    });
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+                    .map_err(err)?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()
+                .map_err(err)?;
+        }
+        Ok(())
     }
 }

@@ -464,3 +464,58 @@ pub fn gpus_needed(g: &crate::explore::GpusNeeded) -> String {
     }
     t.to_string()
 }
+
+/// `sweep --over updates`: per method, how many blocks each part trains in.
+pub fn updates(u: &crate::explore::Updates) -> String {
+    use crate::explore::{PARTS, Update};
+    let mut header = vec!["method".to_string(), "trainable".to_string()];
+    header.extend(PARTS.iter().map(|p| p.to_string()));
+    let mut t = styled(header);
+    for p in &u.panels {
+        let mut row = vec![p.method.clone(), p.trainable_params.to_string()];
+        for part in 0..PARTS.len() {
+            let cells: Vec<Update> = p.cells.iter().map(|c| c[part]).collect();
+            let present = cells.iter().filter(|c| **c != Update::Absent).count();
+            let count = |k: Update| cells.iter().filter(|c| **c == k).count();
+            let said: Vec<String> = [
+                (Update::Trains, "trains"),
+                (Update::Partly, "partly"),
+                (Update::Added, "added"),
+            ]
+            .iter()
+            .filter(|(k, _)| count(*k) > 0)
+            .map(|(k, w)| format!("{w} {}/{present}", count(*k)))
+            .collect();
+            row.push(if present == 0 {
+                "-".to_string()
+            } else if said.is_empty() {
+                "frozen".to_string()
+            } else {
+                said.join(", ")
+            });
+        }
+        t.add_row(row);
+    }
+    t.to_string()
+}
+
+/// `sweep --over scale`: trainable parameters and peak GiB per method and model.
+pub fn scale(s: &crate::explore::Scale) -> String {
+    let mut header = vec!["method".to_string()];
+    header.extend(s.models.iter().cloned());
+    let mut t = styled(header);
+    for m in &s.series {
+        let mut row = vec![m.method.clone()];
+        row.extend(
+            m.trainable_params
+                .iter()
+                .zip(&m.peak_gib)
+                .map(|(t, p)| match p {
+                    Some(p) => format!("{t} / {p:.1} GiB"),
+                    None => "n/a".to_string(),
+                }),
+        );
+        t.add_row(row);
+    }
+    t.to_string()
+}
