@@ -13,6 +13,7 @@ pub mod graph;
 pub mod interop;
 pub mod io;
 pub mod layouts;
+pub mod measure;
 pub mod memory;
 pub mod optimizer;
 pub mod report;

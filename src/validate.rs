@@ -53,6 +53,9 @@ struct Run {
     optimizer: Option<String>,
     #[serde(default)]
     base_fp32: bool,
+    /// `ftplan measure`'s freeze runs: the top blocks that train.
+    #[serde(default)]
+    train_layers: Option<u64>,
     /// FSDP's SHARD_GRAD_OP instead of FULL_SHARD.
     #[serde(default)]
     grad_op: bool,
@@ -191,6 +194,16 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
             Precision::Bf16,
         ),
         "ia3" => (Method::Ia3, Precision::Bf16),
+        "bitfit" => (Method::BitFit, Precision::MixedBf16),
+        "ln_tuning" => (Method::LnTuning, Precision::MixedBf16),
+        "freeze" => (
+            Method::Freeze {
+                top_layers: Some(run.train_layers.unwrap_or(1)),
+                embeddings: false,
+                side: None,
+            },
+            Precision::MixedBf16,
+        ),
         "adapter" => (
             Method::Adapter {
                 size: run
@@ -223,6 +236,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
     };
     let attention = match run.attn.as_str() {
         "eager" => AttentionKernel::Eager,
+        "flash2" => AttentionKernel::Flash2,
         _ => AttentionKernel::Sdpa,
     };
     Ok(Plan {

@@ -9,6 +9,7 @@ mod fuzz;
 mod gpu;
 mod hardening;
 mod invalid;
+mod measure;
 mod models;
 mod properties;
 

@@ -32,6 +32,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Run the plan for real (Python with torch, transformers, peft) and print estimate and
+    /// measurement side by side.
+    Measure(MeasureArgs),
     /// Write the plan as the engine's own config: `--deepspeed FILE` and/or `--accelerate FILE`.
     Export(ExportArgs),
     /// List shipped models or GPUs.
@@ -236,6 +239,38 @@ pub struct EstimateArgs {
     /// Price per GPU-hour in USD (overrides the hardware profile's).
     #[arg(long, allow_negative_numbers = true)]
     pub price: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cuda,
+    Cpu,
+}
+
+#[derive(Debug, Args)]
+pub struct MeasureArgs {
+    /// A plan file (TOML) instead of the plan flags.
+    pub plan_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// The Python that has torch, transformers and peft.
+    #[arg(long, default_value = "python3")]
+    pub python: PathBuf,
+    /// Where the harness runs: the GPU (cuda) or, without one, the CPU.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cuda)]
+    pub device: DeviceArg,
+    /// The same structure at toy size (2 layers, width 64, vocabulary 512): seconds anywhere.
+    #[arg(long)]
+    pub tiny: bool,
+    /// Training steps (the first, which creates the optimizer states, is not timed).
+    #[arg(long, default_value_t = 4)]
+    pub steps: u32,
+    /// Append the run to this JSON-lines file, in the format `ftplan validate --file` reads.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Output: a table for people or JSON for programs.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
 }
 
 #[derive(Debug, Args)]

@@ -91,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compare(a) => planning::compare(&a),
         Command::Sweep(a) => planning::sweep(&a),
         Command::Export(a) => export(&a),
+        Command::Measure(a) => measure(&a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut out = Vec::new();
@@ -178,6 +179,121 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
 
 /// Writes the plan as DeepSpeed JSON and/or Accelerate YAML (atomically; nothing is written
 /// unless every requested file can be made).
+/// `ftplan measure`: the plan run for real beside its estimate; out of memory is a result
+/// (exit 1, like `check`), a missing package or device an error (exit 2).
+fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
+    use ftplan::measure::{self, Comparison, Device, Outcome};
+    planning::no_flags_beside_plan_files(a.plan_file.is_some())?;
+    let input = match &a.plan_file {
+        Some(p) => PlanInput::from_file(p)?,
+        None => PlanInput::from_args(&a.plan),
+    };
+    if !(2..=100).contains(&a.steps) {
+        return Err(Error::field(
+            "command line",
+            "steps",
+            format!("must be 2 to 100, found {}", a.steps),
+        )
+        .into());
+    }
+    let r = input.resolve()?;
+    note(&r.notes);
+    if r.plan.parallel.gpus > 1 {
+        return Err(Error::field(
+            &r.origin,
+            "gpus",
+            "multi-GPU plans are not measured yet (one process, one device)",
+        )
+        .with_hint("measure one GPU's plan, or one rank with ../shared/gt/fsdp_fake.py")
+        .into());
+    }
+    let model_arg = input.model.clone().unwrap_or_default();
+    let mut config = ftplan::spec::registry::model_config(&model_arg)?;
+    let mut model = r.model.clone();
+    if a.tiny {
+        config = measure::tiny_config(&config);
+        let name = format!("{}-tiny", model.name);
+        model = ftplan::spec::hf::parse_config(&model_arg, &config, &name, false)?;
+    }
+    let device = match a.device {
+        args::DeviceArg::Cuda => Device::Cuda,
+        args::DeviceArg::Cpu => Device::Cpu,
+    };
+    let mut hardware = r.hardware.clone();
+    if device == Device::Cpu {
+        // No cuBLAS on a CPU: its workspaces are not part of what is measured there.
+        hardware.cublas_workspace = ftplan::units::Bytes::ZERO;
+    }
+    let estimate = ftplan::estimate::estimate(&model, &r.plan, &hardware, &r.rates)?;
+    let mut run = measure::run_record(&model, &r.plan);
+    // Module names as given reach peft unchanged (`query_key_value`, `c_attn`, ...).
+    if r.plan.method.lora().is_some()
+        && !matches!(input.lora_targets.trim(), "qv" | "all" | "all-linear")
+    {
+        let names: Vec<&str> = input
+            .lora_targets
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        run["lora_targets"] = serde_json::json!(names);
+    }
+    match measure::run_harness(&a.python, &config, &run, device, a.steps)? {
+        Outcome::OutOfMemory(message) => {
+            eprintln!(
+                "out of memory: {message} (estimated peak {:.2} GiB)",
+                estimate.memory.peak.gib()
+            );
+            Ok(ExitCode::from(1))
+        }
+        Outcome::Measured {
+            measured,
+            environment,
+        } => {
+            if let Some(path) = &a.save {
+                let line = measure::record(&config, &run, device, &measured, &environment);
+                report::append_line(path, &line.to_string())?;
+                eprintln!("appended the run to {}", path.display());
+            }
+            let c = Comparison::new(estimate, measured, environment);
+            match a.format {
+                Format::Table => {
+                    outln!(
+                        "{} {} on {}: estimate against a run of {} steps",
+                        model.name,
+                        r.plan.method.name(),
+                        c.environment["device"].as_str().unwrap_or("?"),
+                        a.steps
+                    );
+                    outln!("{}", report::table::measure(&c));
+                    if device == Device::Cpu {
+                        outln!(
+                            "step time and tokens/s: the CPU's, against the estimate for `{}`",
+                            hardware.name
+                        );
+                    }
+                    outln!(
+                        "torch {}, transformers {}, peft {}",
+                        c.environment["torch"].as_str().unwrap_or("?"),
+                        c.environment["transformers"].as_str().unwrap_or("?"),
+                        c.environment["peft"].as_str().unwrap_or("-")
+                    );
+                }
+                Format::Json => outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "estimate": report::json::estimate(&c.estimate, None, &r.notes),
+                        "measured": c.measured,
+                        "errors": c.errors,
+                        "environment": c.environment,
+                    }))?
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 fn export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
     // With `export`, `--deepspeed` names the file to write, not one to read.
     let mut plan_args = a.plan.clone();

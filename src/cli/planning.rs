@@ -53,7 +53,7 @@ fn plan_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Plan flags typed beside plan files would be silently dropped: refuse them.
-fn no_flags_beside_plan_files(files: bool) -> anyhow::Result<()> {
+pub(crate) fn no_flags_beside_plan_files(files: bool) -> anyhow::Result<()> {
     let given = super::given_plan_flags();
     if files && !given.is_empty() {
         let names: Vec<String> = given.iter().map(|id| super::flag(id)).collect();

@@ -13,6 +13,27 @@ use std::path::Path;
 /// folder (`tempfile::NamedTempFile::new_in`: `O_EXCL`, never follows a planted symlink) and a
 /// rename, so a failure never leaves a half-written file behind and nothing outside `path` is
 /// ever written.
+/// Appends one line to a file by rewriting it whole through a temporary file: a reader never
+/// sees half a line, and a failed write leaves the old file.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(Error::Write {
+                path: path.into(),
+                message: e.to_string(),
+            });
+        }
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(line);
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = temp_beside(path)?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(|e| write_error(path, e))?;

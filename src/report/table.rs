@@ -519,3 +519,42 @@ pub fn scale(s: &crate::explore::Scale) -> String {
     }
     t.to_string()
 }
+
+/// `ftplan measure`: estimate and measurement side by side.
+pub fn measure(c: &crate::measure::Comparison) -> String {
+    let mut t = styled(vec![
+        String::new(),
+        "estimate".into(),
+        "measured".into(),
+        "error".into(),
+    ]);
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let pct = |e: f64| format!("{:+.1}%", e * 100.0);
+    let e = &c.estimate;
+    let m = &c.measured;
+    t.add_row(vec![
+        "peak memory".into(),
+        mib(e.memory.peak.0),
+        mib(m.peak),
+        pct(c.errors.peak),
+    ]);
+    t.add_row(vec![
+        "step time".into(),
+        format!("{:.1} ms", e.time.step_seconds * 1e3),
+        format!("{:.1} ms", m.step_seconds * 1e3),
+        pct(c.errors.step_seconds),
+    ]);
+    t.add_row(vec![
+        "tokens / s".into(),
+        format!("{:.0}", e.time.tokens_per_second),
+        format!("{:.0}", m.tokens_per_second),
+        pct(c.errors.tokens_per_second),
+    ]);
+    t.add_row(vec![
+        "trainable params".into(),
+        e.memory.trainable_params.to_string(),
+        m.params_trainable.to_string(),
+        pct(c.errors.params_trainable),
+    ]);
+    t.to_string()
+}

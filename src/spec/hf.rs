@@ -586,8 +586,19 @@ fn deepseek(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
     let intermediate = r.u64(&["intermediate_size"])?;
+    // `q_lora_rank`: transformers' default is 1536 (DeepseekV2Config, V3 alike); V2-Lite's
+    // config says null (no query bottleneck), which a TOML file writes as 0.
+    let q_rank = match r.map.get("q_lora_rank") {
+        None => Some(1536),
+        Some(Value::Null) => None,
+        Some(v) if v.as_u64() == Some(0) => {
+            r.raw(&["q_lora_rank"]);
+            None
+        }
+        Some(_) => r.opt_u64(&["q_lora_rank"])?,
+    };
     let mla = Mla {
-        q_rank: r.opt_u64(&["q_lora_rank"])?,
+        q_rank,
         kv_rank: r.u64(&["kv_lora_rank"])?,
         rope_dim: r.u64(&["qk_rope_head_dim"])?,
         nope_dim: r.u64(&["qk_nope_head_dim"])?,

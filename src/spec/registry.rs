@@ -175,6 +175,52 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
     ))
 }
 
+/// The config object behind a model argument (a `config.json` or TOML path, or a shipped name
+/// or alias), without the file-only keys (`name`, `source`, `params`, `aliases`): what
+/// `ftplan measure` hands to transformers.
+pub fn model_config(arg: &str) -> Result<serde_json::Value> {
+    let mut value = if looks_like_path(arg) {
+        let text = crate::io::read_text(Path::new(arg))?;
+        if arg.ends_with(".toml") {
+            toml_to_json(arg, &text)?
+        } else {
+            serde_json::from_str(&text).map_err(|e| Error::Parse {
+                path: arg.to_string(),
+                message: format!("invalid JSON: {e}"),
+            })?
+        }
+    } else {
+        let wanted = normalize(arg);
+        let mut found = None;
+        for (stem, text) in model_files() {
+            let path = format!("models/{stem}.toml");
+            let value = toml_to_json(&path, text)?;
+            if *stem == wanted || aliases(&value).contains(&wanted) {
+                found = Some(value);
+                break;
+            }
+        }
+        found.ok_or_else(|| {
+            Error::unknown(
+                "model",
+                arg,
+                model_files().iter().map(|(n, _)| *n),
+                "ftplan list models",
+            )
+        })?
+    };
+    if let Some(map) = value.as_object_mut() {
+        for key in ["name", "source", "params", "aliases"] {
+            map.remove(key);
+        }
+        // TOML has no null: a 0 query rank is DeepSeek's `q_lora_rank: null`.
+        if map.get("q_lora_rank").and_then(serde_json::Value::as_u64) == Some(0) {
+            map.insert("q_lora_rank".into(), serde_json::Value::Null);
+        }
+    }
+    Ok(value)
+}
+
 /// Parses a hardware TOML file.
 pub fn parse_hardware_toml(path: &str, stem: &str, text: &str) -> Result<(Hardware, Vec<String>)> {
     let mut wire: HardwareWire = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""ftplan's measuring harness: runs one fine-tuning plan for a few steps and reports its memory and time.
+
+`ftplan measure` embeds this file, writes it to a temporary directory and runs it with the plan as JSON
+on stdin:
+
+    {"config": {...a transformers config, with model_type...},
+     "run": {"method": "full" | "full_bf16" | "lora" | "qlora" | "prefix" | "prompt" | "ia3" | "adapter"
+                        | "bitfit" | "ln_tuning" | "freeze",
+             "batch": B, "seq": S or [source, target], "grad_ckpt": bool, "attn": "sdpa" | "eager" | "flash2",
+             "lora_r", "lora_alpha", "lora_targets": "qv" | "all" | [names], "lora_dora",
+             "n_virtual", "adapter_dim", "train_layers", "optimizer": "fused" | "foreach" | "sgd" |
+             "adafactor" | "adamw8bit", "base_fp32": bool},
+     "device": "cuda" | "cpu", "steps": N}
+
+It builds the model from the config with random weights (nothing is downloaded), applies the method
+with peft as people do, trains N steps on random tokens and prints one JSON object on stdout:
+peak memory over the run and per step (CUDA: `torch.cuda.max_memory_allocated`; CPU: the bytes of
+live tensor storages as PyTorch's dispatcher creates and frees them), the median step time of the
+steps after the first, tokens/s, parameter counts and versions. Exit 3: a package is missing
+(`{"missing": name}`); 4: the device is unavailable; 5: out of memory (`{"oom": true, ...}`).
+"""
+import json
+import statistics
+import sys
+import time
+import weakref
+
+
+def emit(obj, code=0):
+    print(json.dumps(obj))
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+try:
+    import torch
+    import transformers
+except ImportError as e:
+    emit({"missing": e.name}, 3)
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+FROZEN = {"lora", "qlora", "prefix", "prompt", "ia3", "adapter"}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages, as the dispatcher sees them created; freed when the storage dies."""
+
+    def __init__(self, start=()):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+        for t in start:
+            self.track(t)
+
+    def track(self, t):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live or st.nbytes() == 0:
+            return
+        self.live[key] = weakref.ref(st, lambda _, k=key, n=st.nbytes(): self.free(k, n))
+        self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+
+    def free(self, key, n):
+        if self.live.pop(key, None) is not None:
+            self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+
+class Bottleneck(torch.nn.Module):
+    """Houlsby/Pfeiffer adapter after the block's FFN: x + up(relu(down(x)))."""
+
+    def __init__(self, hidden, dim):
+        super().__init__()
+        self.down, self.up = torch.nn.Linear(hidden, dim), torch.nn.Linear(dim, hidden)
+
+    def forward(self, x):
+        return x + self.up(torch.relu(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
+
+
+def ffn_sites(model):
+    import re
+    site = re.compile(r"\.\d+\.(mlp|fc2|layer\.\d+\.DenseReluDense)$")
+    return [m for n, m in model.named_modules() if site.search(n)]
+
+
+def apply_method(model, run, enc_dec):
+    method = run["method"]
+    if method in ("full", "full_bf16"):
+        return model
+    model.requires_grad_(False)
+    if method == "bitfit":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith(".bias"))
+        return model
+    if method == "freeze":
+        blocks = [m for n, m in model.named_modules() if n.endswith(".layers") or n.endswith(".h")
+                  or n.endswith(".block") or n.endswith(".layer")]
+        layers = [b for stack in blocks for b in stack] if blocks else []
+        for b in layers[len(layers) - run.get("train_layers", 1):]:
+            b.requires_grad_(True)
+        for n, m in model.named_modules():
+            if n.endswith("norm") and "layers" not in n:
+                m.requires_grad_(True)
+        return model
+    if method == "adapter":
+        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        for site in ffn_sites(model):
+            site.add_module("bottleneck", Bottleneck(hidden, run["adapter_dim"]).to(next(model.parameters()).device))
+            site.register_forward_hook(lambda mod, inp, out: mod.bottleneck(out))
+        return model
+    try:
+        import peft
+    except ImportError:
+        emit({"missing": "peft"}, 3)
+    task = peft.TaskType.SEQ_2_SEQ_LM if enc_dec else peft.TaskType.CAUSAL_LM
+    if method == "qlora":
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=run["grad_ckpt"],
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method in ("lora", "qlora"):
+        t = run["lora_targets"]
+        targets = "all-linear" if t == "all" else (None if t == "qv" else list(t))
+        if targets is None:  # "qv": the query and value projections, as each family names them
+            mla_q = ["q_proj"] if getattr(model.config, "q_lora_rank", None) is None else ["q_a_proj", "q_b_proj"]
+            targets = {"gpt2": ["c_attn"], "t5": ["q", "v"], "bloom": ["query_key_value"],
+                       "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"],
+                       "deepseek_v2": mla_q + ["kv_b_proj"], "deepseek_v3": mla_q + ["kv_b_proj"]}.get(
+                model.config.model_type, ["q_proj", "v_proj"])
+        cfg = peft.LoraConfig(task_type=task, r=run["lora_r"], lora_alpha=run.get("lora_alpha", 2 * run["lora_r"]),
+                              lora_dropout=0.0, target_modules=targets, use_dora=run.get("lora_dora", False),
+                              fan_in_fan_out=model.config.model_type == "gpt2")
+    elif method == "prefix":
+        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
+    elif method == "prompt":
+        cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
+    elif method == "ia3":
+        cfg = peft.IA3Config(task_type=task)
+    elif method == "ln_tuning":
+        cfg = peft.LNTuningConfig(task_type=task)
+    else:
+        raise ValueError(f"unknown method {method}")
+    return peft.get_peft_model(model, cfg)
+
+
+def optimizer(params, name, device):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=1e-5)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            emit({"missing": "bitsandbytes"}, 3)
+        return bnb.optim.AdamW8bit(params, lr=1e-5)
+    fused = name == "fused" and device == "cuda"
+    return torch.optim.AdamW(params, lr=1e-5, fused=fused, foreach=None if fused else True)
+
+
+def main():
+    spec = json.load(sys.stdin)
+    run, device, steps = spec["run"], spec["device"], max(2, spec.get("steps", 4))
+    if device == "cuda" and not torch.cuda.is_available():
+        emit({"unavailable": "no CUDA device is visible to PyTorch"}, 4)
+    cfg = dict(spec["config"])
+    model_type = cfg.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **cfg)
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    if enc_dec and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = 0  # T5's published configs: the pad token starts the decoder
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a class default past a shrunk vocabulary
+        if isinstance(getattr(config, attr, None), int) and getattr(config, attr) >= config.vocab_size:
+            setattr(config, attr, 0)
+    method = run["method"]
+    frozen = method in FROZEN
+    bf16_weights = (frozen and not run.get("base_fp32")) or method == "full_bf16"
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    attn = {"flash2": "flash_attention_2"}.get(run["attn"], run["attn"])
+    cls = transformers.AutoModelForSeq2SeqLM if enc_dec else transformers.AutoModelForCausalLM
+    kwargs = {"torch_dtype": dtype}
+    if method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            emit({"missing": "bitsandbytes"}, 3)
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.device(device):
+        try:
+            model = cls.from_config(config, attn_implementation=attn, **kwargs)
+        except ValueError as e:
+            if "attention implementation" not in str(e) and "attn_implementation" not in str(e):
+                raise
+            # Models with their own attention code (BLOOM) or none (Mamba) run what they have.
+            model = cls.from_config(config, attn_implementation="eager", **kwargs)
+    model = apply_method(model, run, enc_dec)
+    if run["grad_ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if frozen or method in ("bitfit", "ln_tuning", "freeze"):
+            model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params, run.get("optimizer", "fused"), device)
+    autocast = not (method == "full_bf16" or (method not in FROZEN and run.get("precision") == "fp32"))
+    vocab = config.vocab_size
+    seq = run["seq"]
+    src, tgt = (seq[0], seq[1]) if isinstance(seq, list) else (seq, 0)
+    batch = run["batch"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, src), generator=g).to(device)}
+    if enc_dec:
+        inputs["labels"] = torch.randint(0, vocab, (batch, tgt), generator=g).to(device)
+    else:
+        inputs["labels"] = inputs["input_ids"]
+    tracker = None
+    if device == "cpu":
+        tracker = LiveBytes(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
+        tracker.__enter__()
+    times, peaks = [], []
+    try:
+        for _ in range(steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            elif tracker is not None:
+                tracker.peak = tracker.now
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peaks.append(torch.cuda.max_memory_allocated())
+            else:
+                peaks.append(tracker.peak)
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError as e:
+        emit({"oom": True, "message": str(e).splitlines()[0]}, 5)
+    finally:
+        if tracker is not None:
+            tracker.__exit__(None, None, None)
+    step = statistics.median(times[1:])
+    tokens = batch * (src + tgt)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    emit({
+        "measured": {
+            "peak": max(peaks),
+            "peak_by_step": peaks,
+            "step_seconds": step,
+            "tokens_per_second": tokens / step,
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "params_trainable": sum(p.numel() for p in params),
+        },
+        "environment": dict(versions, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                            python=sys.version.split()[0]),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+//! `ftplan measure`: runs a plan for real with the libraries people fine-tune with (the harness in
+//! `harness/measure.py`, embedded here), and sets the measurement beside the estimate.
+//!
+//! The harness builds the model from the plan's own config with random weights, applies the method
+//! with peft, trains a few steps on random tokens and reports the peak of
+//! `torch.cuda.max_memory_allocated` (on CPU: the bytes of live tensor storages as PyTorch's
+//! dispatcher creates them), the step time and the parameter counts.
+
+use crate::error::{Error, Result};
+use crate::estimate::Estimate;
+use crate::spec::model::ModelSpec;
+use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Optimizer, Plan, Precision};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use std::path::Path;
+
+/// The harness, shipped in the binary.
+pub const HARNESS: &str = include_str!("../harness/measure.py");
+
+/// The packages a measurement needs, as one `pip install` line.
+pub const PIP: &str = "pip install torch transformers peft";
+
+/// Where the harness runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cuda,
+    Cpu,
+}
+
+/// What the harness measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    /// Peak bytes over the run.
+    pub peak: u64,
+    pub peak_by_step: Vec<u64>,
+    /// Median wall time of the steps after the first.
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub params_total: u64,
+    pub params_trainable: u64,
+}
+
+/// A run's outcome: measured, or out of memory (the plan does not fit).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Measured {
+        measured: Measured,
+        environment: Value,
+    },
+    OutOfMemory(String),
+}
+
+/// (estimate - measured) / measured for each figure.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Errors {
+    pub peak: f64,
+    pub step_seconds: f64,
+    pub tokens_per_second: f64,
+    pub params_trainable: f64,
+}
+
+/// `ftplan measure`'s result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub estimate: Estimate,
+    pub measured: Measured,
+    pub errors: Errors,
+    pub environment: Value,
+}
+
+impl Comparison {
+    pub fn new(estimate: Estimate, measured: Measured, environment: Value) -> Comparison {
+        let rel = |e: f64, m: f64| if m > 0.0 { (e - m) / m } else { 0.0 };
+        let errors = Errors {
+            peak: rel(estimate.memory.peak.0 as f64, measured.peak as f64),
+            step_seconds: rel(estimate.time.step_seconds, measured.step_seconds),
+            tokens_per_second: rel(estimate.time.tokens_per_second, measured.tokens_per_second),
+            params_trainable: rel(
+                estimate.memory.trainable_params as f64,
+                measured.params_trainable as f64,
+            ),
+        };
+        Comparison {
+            estimate,
+            measured,
+            errors,
+            environment,
+        }
+    }
+}
+
+/// Shrinks a config to the same structure at toy size (`--tiny`): 2 layers per stack, width 64,
+/// 4 heads of 16, FFN 128, vocabulary 512, at most 4 experts (2 active), small latent ranks and
+/// windows, so that a run takes seconds anywhere.
+pub fn tiny_config(config: &Value) -> Value {
+    let mut c = config.as_object().cloned().unwrap_or_default();
+    let set = |c: &mut Map<String, Value>, keys: &[&str], v: u64| {
+        for k in keys {
+            if c.get(*k).is_some_and(|x| !x.is_null()) {
+                c.insert((*k).to_string(), json!(v));
+            }
+        }
+    };
+    let cap = |c: &mut Map<String, Value>, k: &str, most: u64| {
+        if let Some(v) = c.get(k).and_then(Value::as_u64) {
+            c.insert(k.to_string(), json!(v.min(most)));
+        }
+    };
+    set(
+        &mut c,
+        &[
+            "num_hidden_layers",
+            "n_layer",
+            "num_layers",
+            "num_decoder_layers",
+            "encoder_layers",
+            "decoder_layers",
+        ],
+        2,
+    );
+    set(&mut c, &["hidden_size", "n_embd", "d_model", "n_embed"], 64);
+    set(
+        &mut c,
+        &[
+            "num_attention_heads",
+            "n_head",
+            "num_heads",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+        ],
+        4,
+    );
+    set(
+        &mut c,
+        &[
+            "intermediate_size",
+            "ffn_dim",
+            "d_ff",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "n_inner",
+            "ffn_hidden_size",
+        ],
+        128,
+    );
+    set(&mut c, &["head_dim", "d_kv", "v_head_dim"], 16);
+    set(&mut c, &["vocab_size"], 512);
+    set(
+        &mut c,
+        &["moe_intermediate_size", "shared_expert_intermediate_size"],
+        32,
+    );
+    set(&mut c, &["kv_lora_rank", "q_lora_rank"], 16);
+    set(&mut c, &["qk_rope_head_dim", "qk_nope_head_dim"], 8);
+    set(&mut c, &["sliding_window"], 32);
+    set(&mut c, &["time_step_rank"], 4);
+    for (k, most) in [
+        ("num_key_value_heads", 2),
+        ("num_kv_heads", 2),
+        ("num_local_experts", 4),
+        ("num_experts", 4),
+        ("n_routed_experts", 4),
+        ("num_experts_per_tok", 2),
+        ("first_k_dense_replace", 1),
+        ("n_shared_experts", 1),
+        // DeepSeek-V3's grouped routing: one group of the few experts left.
+        ("n_group", 1),
+        ("topk_group", 1),
+    ] {
+        cap(&mut c, k, most);
+    }
+    // Special tokens past the small vocabulary (Phi-3's pad 32000) point at its first row.
+    for k in ["pad_token_id", "bos_token_id", "eos_token_id"] {
+        if c.get(k).and_then(Value::as_u64).is_some_and(|t| t >= 512) {
+            c.insert(k.to_string(), json!(0));
+        }
+    }
+    if let Some(Value::Array(types)) = c.get("layer_types").cloned() {
+        c.insert(
+            "layer_types".into(),
+            Value::Array(types.into_iter().take(2).collect()),
+        );
+    }
+    Value::Object(c)
+}
+
+/// The plan in the harness's (and `validation/*.jsonl`'s) run vocabulary.
+pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
+    let method = match (&plan.method, plan.precision) {
+        (Method::Full, Precision::Bf16) => "full_bf16",
+        (Method::Full, _) => "full",
+        (Method::LnTuning, _) => "ln_tuning",
+        (m, _) => m.name(),
+    };
+    let seq = if model.is_encoder_decoder() {
+        json!([plan.seq, plan.target_seq])
+    } else {
+        json!(plan.seq)
+    };
+    let mut run = json!({
+        "model": model.name,
+        "method": method,
+        "batch": plan.batch,
+        "seq": seq,
+        "grad_ckpt": plan.grad_ckpt,
+        "attn": match plan.attention {
+            AttentionKernel::Sdpa => "sdpa",
+            AttentionKernel::Flash2 => "flash2",
+            AttentionKernel::Eager => "eager",
+        },
+        "optimizer": match plan.optimizer {
+            Optimizer::Adamw => "fused",
+            Optimizer::AdamwForeach => "foreach",
+            Optimizer::Adamw8bit => "adamw8bit",
+            Optimizer::Sgd => "sgd",
+            Optimizer::Adafactor => "adafactor",
+        },
+    });
+    let r = run.as_object_mut().expect("an object");
+    if plan.method.frozen_base() && plan.precision == Precision::MixedBf16 {
+        r.insert("base_fp32".into(), json!(true));
+    }
+    if plan.precision == Precision::Fp32 {
+        r.insert("precision".into(), json!("fp32"));
+    }
+    match &plan.method {
+        Method::Lora(l) | Method::Qlora(l) => {
+            r.insert("lora_r".into(), json!(l.rank));
+            r.insert("lora_alpha".into(), json!(l.alpha));
+            r.insert(
+                "lora_targets".into(),
+                match &l.targets {
+                    LoraTargets::QueryValue => json!("qv"),
+                    LoraTargets::AllLinear => json!("all"),
+                    LoraTargets::Named(p) => json!(
+                        p.iter()
+                            .map(|p| {
+                                let short = crate::spec::plan::Proj::NAMES
+                                    .iter()
+                                    .find(|(_, q)| q == p)
+                                    .map_or("q", |(n, _)| *n);
+                                format!("{short}_proj")
+                            })
+                            .collect::<Vec<_>>()
+                    ),
+                },
+            );
+            if l.dora {
+                r.insert("lora_dora".into(), json!(true));
+            }
+        }
+        Method::Prefix { virtual_tokens } | Method::Prompt { virtual_tokens } => {
+            r.insert("n_virtual".into(), json!(virtual_tokens));
+        }
+        Method::Adapter { size } => {
+            r.insert("adapter_dim".into(), json!(size));
+        }
+        Method::Freeze { top_layers, .. } => {
+            r.insert("train_layers".into(), json!(top_layers.unwrap_or(1)));
+        }
+        Method::Full | Method::Ia3 | Method::BitFit | Method::LnTuning => {}
+    }
+    run
+}
+
+/// Runs the harness with `python` and returns what it measured.
+pub fn run_harness(
+    python: &Path,
+    config: &Value,
+    run: &Value,
+    device: Device,
+    steps: u32,
+) -> Result<Outcome> {
+    let dir = tempfile::tempdir().map_err(|e| Error::Write {
+        path: std::env::temp_dir(),
+        message: e.to_string(),
+    })?;
+    let script = dir.path().join("measure.py");
+    std::fs::write(&script, HARNESS).map_err(|e| Error::Write {
+        path: script.clone(),
+        message: e.to_string(),
+    })?;
+    let spec = json!({
+        "config": config,
+        "run": run,
+        "device": match device { Device::Cuda => "cuda", Device::Cpu => "cpu" },
+        "steps": steps,
+    });
+    let mut child = std::process::Command::new(python)
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Plan {
+            message: format!("cannot run `{}`: {e}", python.display()),
+            hint: Some(format!(
+                "install Python 3 with `{PIP}`, or pass --python PATH"
+            )),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        // A harness that exits early closes its stdin; its exit status says why.
+        let _ = stdin.write_all(spec.to_string().as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| Error::Plan {
+        message: format!("`{}` did not finish: {e}", python.display()),
+        hint: None,
+    })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| l.starts_with('{'));
+    let reply: Option<Value> = last.and_then(|l| serde_json::from_str(l).ok());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string();
+    match (out.status.code(), reply) {
+        (Some(0), Some(v)) => {
+            let measured: Measured =
+                serde_json::from_value(v["measured"].clone()).map_err(|e| Error::Plan {
+                    message: format!("the harness's reply is not understood: {e}"),
+                    hint: None,
+                })?;
+            Ok(Outcome::Measured {
+                measured,
+                environment: v["environment"].clone(),
+            })
+        }
+        (Some(3), Some(v)) => Err(Error::Plan {
+            message: format!(
+                "`{}` has no Python package `{}`",
+                python.display(),
+                v["missing"].as_str().unwrap_or("?")
+            ),
+            hint: Some(format!(
+                "{PIP} (bitsandbytes too for QLoRA and 8-bit AdamW)"
+            )),
+        }),
+        (Some(4), Some(v)) => Err(Error::Plan {
+            message: v["unavailable"]
+                .as_str()
+                .unwrap_or("the device is unavailable")
+                .to_string(),
+            hint: Some("run on a machine with an NVIDIA GPU, or pass --device cpu".into()),
+        }),
+        (Some(5), Some(v)) => Ok(Outcome::OutOfMemory(
+            v["message"].as_str().unwrap_or("out of memory").to_string(),
+        )),
+        (code, _) => Err(Error::Plan {
+            message: format!(
+                "the harness failed (exit {}): {tail}",
+                code.map_or("by signal".to_string(), |c| c.to_string())
+            ),
+            hint: Some(
+                "the plan may use a method or option this transformers/peft cannot run".into(),
+            ),
+        }),
+    }
+}
+
+/// A measured run as a line of `validation/*.jsonl` (what `ftplan validate --file` reads).
+pub fn record(
+    config: &Value,
+    run: &Value,
+    device: Device,
+    m: &Measured,
+    environment: &Value,
+) -> Value {
+    let name = format!(
+        "{}|{}|b{}|s{}|gc{}|{}",
+        run["model"].as_str().unwrap_or("model"),
+        run["method"].as_str().unwrap_or("?"),
+        run["batch"],
+        run["seq"],
+        u8::from(run["grad_ckpt"].as_bool().unwrap_or(false)),
+        run["attn"].as_str().unwrap_or("sdpa"),
+    );
+    let mut r = json!({
+        "name": name,
+        "run": run,
+        "config": config,
+        "params_trainable": m.params_trainable,
+        "params_total": m.params_total,
+        "step_time_s": m.step_seconds,
+        "tokens_per_s": m.tokens_per_second,
+        "peak_by_step": m.peak_by_step,
+        "measure": "ftplan measure (harness/measure.py)",
+        "environment": environment,
+    });
+    let key = match device {
+        Device::Cuda => "peak_run",
+        Device::Cpu => "peak_bytes",
+    };
+    r.as_object_mut()
+        .expect("an object")
+        .insert(key.into(), json!(m.peak));
+    r
+}

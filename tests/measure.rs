@@ -1,0 +1,170 @@
+//! `ftplan measure` (issue #11): the embedded harness run for real on CPU at toy size, and the
+//! messages for what can go wrong around it (missing packages, no device, out of memory).
+
+use crate::ftplan;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// The Python the harness runs with: `FTPLAN_PYTHON`, else `python3`; None (and a visible skip)
+/// when it lacks torch, transformers or peft, unless `FTPLAN_REQUIRE_PYTHON=1` (`.ci/run`).
+fn python() -> Option<PathBuf> {
+    let py = PathBuf::from(std::env::var("FTPLAN_PYTHON").unwrap_or_else(|_| "python3".into()));
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(py);
+    }
+    assert!(
+        std::env::var("FTPLAN_REQUIRE_PYTHON").as_deref() != Ok("1"),
+        "FTPLAN_REQUIRE_PYTHON=1 but `{}` cannot import torch, transformers and peft",
+        py.display()
+    );
+    eprintln!(
+        "SKIPPED: `{}` has no torch/transformers/peft (pip install torch transformers peft, or set FTPLAN_PYTHON)",
+        py.display()
+    );
+    None
+}
+
+fn measure(py: &Path, extra: &[&str], save: &Path) -> Value {
+    let mut args = vec![
+        "measure", "--gpu", "h200", "--device", "cpu", "--tiny", "--batch", "2", "--seq", "64",
+        "--format", "json", "--save",
+    ];
+    args.push(save.to_str().expect("utf-8"));
+    args.push("--python");
+    args.push(py.to_str().expect("utf-8"));
+    args.extend_from_slice(extra);
+    let out = ftplan().args(&args).assert().code(0);
+    serde_json::from_slice(&out.get_output().stdout).expect("JSON")
+}
+
+#[test]
+fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let saved = dir.path().join("runs.jsonl");
+    // Llama's structure at toy size, LoRA on q and v: the dispatcher's count of live tensor bytes
+    // against the estimate (no cuBLAS on a CPU), and peft's trainable count exactly:
+    // 2 layers x (q: 16 x (64 + 64) + v: 16 x (64 + 32)) = 7,168.
+    let v = measure(&py, &["--model", "llama3.2-1b", "--method", "lora"], &saved);
+    assert_eq!(v["measured"]["params_trainable"], 7168);
+    assert_eq!(v["estimate"]["trainable_params"], 7168);
+    let err = v["errors"]["peak"].as_f64().expect("error");
+    assert!(err.abs() < 0.05, "peak error {err}");
+    assert!(v["measured"]["step_seconds"].as_f64().expect("s") > 0.0);
+    assert!(v["environment"]["torch"].is_string());
+    // An MoE family and a partial method run too, trainable counts exact.
+    for extra in [
+        &["--model", "qwen3-30b-a3b", "--method", "lora"][..],
+        &["--model", "gpt2", "--method", "bitfit"][..],
+    ] {
+        let v = measure(&py, extra, &saved);
+        assert_eq!(
+            v["measured"]["params_trainable"], v["estimate"]["trainable_params"],
+            "{extra:?}"
+        );
+    }
+    // --save appended three lines that `ftplan validate --file` reads back.
+    let text = std::fs::read_to_string(&saved).expect("saved");
+    assert_eq!(text.lines().count(), 3);
+    let out = ftplan()
+        .args([
+            "validate",
+            "--file",
+            saved.to_str().expect("utf-8"),
+            "--format",
+            "json",
+        ])
+        .assert();
+    let v: Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    assert_eq!(v["rows"].as_array().map(Vec::len), Some(3), "{v}");
+}
+
+/// A stand-in for Python that answers as the harness does in one situation.
+fn fake_python(dir: &Path, reply: &str, code: i32) -> PathBuf {
+    let path = dir.join("python");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\ncat > /dev/null\necho '{reply}'\nexit {code}\n"),
+    )
+    .expect("writes");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    path
+}
+
+#[cfg(unix)]
+#[test]
+fn missing_packages_devices_and_out_of_memory_are_said() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = |py: &Path| {
+        ftplan()
+            .args([
+                "measure",
+                "--model",
+                "gpt2",
+                "--gpu",
+                "h200",
+                "--seq",
+                "512",
+                "--python",
+                py.to_str().expect("utf-8"),
+            ])
+            .assert()
+    };
+    // A missing package: exit 2, the pip line that fixes it.
+    let out = run(&fake_python(dir.path(), r#"{"missing": "peft"}"#, 3)).code(2);
+    let err = crate::stderr_of(&out);
+    crate::assert_message_policy(&err);
+    assert!(
+        err.contains("no Python package `peft`")
+            && err.contains("pip install torch transformers peft"),
+        "{err}"
+    );
+    // No CUDA device: exit 2, and the way round it.
+    let out = run(&fake_python(
+        dir.path(),
+        r#"{"unavailable": "no CUDA device is visible to PyTorch"}"#,
+        4,
+    ))
+    .code(2);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("no CUDA device") && err.contains("--device cpu"),
+        "{err}"
+    );
+    // Out of memory is a result: the plan does not fit (exit 1), with the estimate beside it.
+    let out = run(&fake_python(
+        dir.path(),
+        r#"{"oom": true, "message": "CUDA out of memory"}"#,
+        5,
+    ))
+    .code(1);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("out of memory") && err.contains("estimated peak"),
+        "{err}"
+    );
+    // No Python at all.
+    let out = run(Path::new("/nonexistent/python3")).code(2);
+    let err = crate::stderr_of(&out);
+    crate::assert_message_policy(&err);
+    assert!(
+        err.contains("cannot run") && err.contains("--python"),
+        "{err}"
+    );
+    // A multi-GPU plan is not measured (yet): exit 2 naming the field.
+    let out = ftplan()
+        .args([
+            "measure", "--model", "gpt2", "--gpu", "h200", "--gpus", "2", "--seq", "512",
+        ])
+        .assert()
+        .code(2);
+    assert!(crate::stderr_of(&out).contains("`gpus`"));
+}
