@@ -21,6 +21,8 @@ pub struct Rates {
     pub bf16_matmul: Vec<(u64, f64)>,
     /// (n, FLOP/s) for fp32 (no TF32) products.
     pub fp32_matmul: Vec<(u64, f64)>,
+    /// (n, FLOP/s) for fp16 products (V100 and T4 have fp16 tensor cores but no bf16 ones).
+    pub fp16_matmul: Vec<(u64, f64)>,
     /// Achieved device-to-device copy bandwidth, bytes/s (read + write).
     pub copy_bandwidth: f64,
     /// Host-side cost of one eager-mode op dispatch (ATen dispatch, autograd bookkeeping,
@@ -64,6 +66,7 @@ impl Rates {
             source: format!("{} datasheet", hw.display_name),
             bf16_matmul: curve(hw.bf16_tflops * 1e12),
             fp32_matmul: curve(hw.fp32_tflops * 1e12),
+            fp16_matmul: curve(hw.fp16_tflops * 1e12),
             copy_bandwidth: hw.hbm_gbps * 1e9 * DATASHEET_BANDWIDTH_EFFICIENCY,
             launch_overhead: hw.launch_overhead_us * 1e-6,
             module_overhead: hw.module_overhead_us * 1e-6,
@@ -74,6 +77,7 @@ impl Rates {
     pub fn matmul(&self, dtype: DType, dim: u64) -> f64 {
         let curve = match dtype {
             DType::F32 => &self.fp32_matmul,
+            DType::F16 if !self.fp16_matmul.is_empty() => &self.fp16_matmul,
             DType::Bf16 | DType::F16 | DType::U8 | DType::Nf4 | DType::I64 => &self.bf16_matmul,
         };
         interpolate(curve, dim.max(1))
@@ -272,7 +276,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         // Per-parameter loop of ~15 small kernels.
         Optimizer::Adafactor => (3.0, 15.0),
     };
-    let opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
+    let mut opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
+    if plan.precision == crate::spec::plan::Precision::MixedFp16 {
+        // GradScaler.unscale_: `_amp_foreach_non_finite_check_and_unscale_` reads and writes
+        // every gradient once more (the gradients are the parameters' size and dtype).
+        opt_bytes += param_bytes.0 as f64 * 2.0;
+    }
     let par = plan.parallel;
     let (_, _, optimizer_div) = par.divisors();
     let opt = if par.offload == crate::spec::parallel::Offload::None {
@@ -326,13 +335,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
                     })
         })
         .sum();
-    let peak = hw.peak_flops(
-        if plan.autocast() || plan.precision == crate::spec::plan::Precision::Bf16 {
-            DType::Bf16
-        } else {
-            DType::F32
-        },
-    );
+    let peak = hw.peak_flops(match plan.precision {
+        crate::spec::plan::Precision::MixedFp16 => DType::F16,
+        crate::spec::plan::Precision::Bf16 => DType::Bf16,
+        _ if plan.autocast() => DType::Bf16,
+        _ => DType::F32,
+    });
     TimeEstimate {
         step_seconds: step,
         tokens_per_second: tokens * par.dp() as f64 / step,

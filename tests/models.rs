@@ -362,3 +362,35 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     }
     assert!(validate::summary(&rows).memory_median <= MEDIAN_BOUND);
 }
+
+#[test]
+fn mixed_fp16_keeps_the_bytes_and_takes_the_fp16_tensor_cores() {
+    use ftplan::spec::registry::{resolve_hardware, resolve_model};
+    // A V100 has fp16 tensor cores (125 TFLOP/s) and none for bf16 (its fp32 rate, 15.7):
+    // fp16 autocast moves the same bytes as bf16 (2 per element; the GradScaler's state is two
+    // scalars) and its GEMMs run at the fp16 rate, so the step is several times shorter.
+    let m = resolve_model("llama3.2-1b").expect("ships").value;
+    let hw = resolve_hardware("v100-32gb").expect("ships").value;
+    let rates = Rates::from_datasheet(&hw);
+    let p = |precision| Plan {
+        precision,
+        batch: 4,
+        seq: 1024,
+        ..plan(Method::Full)
+    };
+    let bf16 = estimate(&m, &p(Precision::MixedBf16), &hw, &rates).expect("estimates");
+    let fp16 = estimate(&m, &p(Precision::MixedFp16), &hw, &rates).expect("estimates");
+    assert_eq!(bf16.memory.peak, fp16.memory.peak);
+    assert!(fp16.time.step_seconds < bf16.time.step_seconds / 3.0);
+    assert!(
+        fp16.time.mfu > 0.0 && fp16.time.mfu < 1.0,
+        "{}",
+        fp16.time.mfu
+    );
+    // DeepSpeed and Accelerate files say fp16 and are read back as it.
+    let ds = ftplan::interop::deepspeed::write(&p(Precision::MixedFp16)).expect("writes");
+    assert_eq!(ds["fp16"]["enabled"], true);
+    assert_eq!(ds["bf16"]["enabled"], false);
+    let back = ftplan::interop::deepspeed::read("ds.json", &ds.to_string()).expect("reads");
+    assert_eq!(back.precision, Some(Precision::MixedFp16));
+}

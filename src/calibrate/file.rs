@@ -177,6 +177,16 @@ impl Calibration {
                 curve(&self.bf16_matmul)
             },
             fp32_matmul: curve(&self.fp32_matmul),
+            // Calibration measures bf16; fp16 follows it by the datasheet's fp16/bf16 ratio.
+            fp16_matmul: {
+                let bf16 = if self.bf16_matmul.is_empty() {
+                    Rates::from_datasheet(hw).bf16_matmul
+                } else {
+                    curve(&self.bf16_matmul)
+                };
+                let ratio = hw.fp16_tflops / hw.bf16_tflops.max(1e-9);
+                bf16.into_iter().map(|(n, r)| (n, r * ratio)).collect()
+            },
             copy_bandwidth: self.copy_gbps * 1e9,
             launch_overhead: datasheet.launch_overhead,
             module_overhead: datasheet.module_overhead,

@@ -92,6 +92,9 @@ pub enum MethodArg {
 pub enum PrecisionArg {
     #[value(name = "mixed-bf16")]
     MixedBf16,
+    /// fp16 autocast with a loss scaler (GPUs without bf16: V100, T4).
+    #[value(name = "mixed-fp16")]
+    MixedFp16,
     Bf16,
     Fp32,
 }

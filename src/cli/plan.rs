@@ -183,8 +183,9 @@ fn parse_train_layers(origin: &str, text: &str) -> Result<u64> {
         .with_hint("e.g. --train-layers top:4")
     })
 }
-const PRECISIONS: [(&str, PrecisionArg); 3] = [
+const PRECISIONS: [(&str, PrecisionArg); 4] = [
     ("mixed-bf16", PrecisionArg::MixedBf16),
+    ("mixed-fp16", PrecisionArg::MixedFp16),
     ("bf16", PrecisionArg::Bf16),
     ("fp32", PrecisionArg::Fp32),
 ];
@@ -460,6 +461,7 @@ impl PlanInput {
             if input.precision.is_none() {
                 input.precision = i.precision.map(|p| match p {
                     Precision::MixedBf16 => PrecisionArg::MixedBf16,
+                    Precision::MixedFp16 => PrecisionArg::MixedFp16,
                     Precision::Bf16 => PrecisionArg::Bf16,
                     Precision::Fp32 => PrecisionArg::Fp32,
                 });
@@ -582,6 +584,7 @@ impl PlanInput {
         }
         let precision = match self.precision {
             Some(PrecisionArg::MixedBf16) => Precision::MixedBf16,
+            Some(PrecisionArg::MixedFp16) => Precision::MixedFp16,
             Some(PrecisionArg::Bf16) => Precision::Bf16,
             Some(PrecisionArg::Fp32) => Precision::Fp32,
             None if method.frozen_base() => Precision::Bf16,
@@ -606,10 +609,11 @@ impl PlanInput {
         }
         // V100 and T4 have no bf16 tensor cores: bf16 runs there at their fp32 rate.
         let hw = &gpu.value;
-        let computes_bf16 = precision != Precision::Fp32 || matches!(method, Method::Qlora(_));
+        let computes_bf16 = !matches!(precision, Precision::Fp32 | Precision::MixedFp16)
+            || matches!(method, Method::Qlora(_));
         if computes_bf16 && hw.bf16_tflops <= hw.fp32_tflops * 1.01 {
             notes.push(format!(
-                "`{}` has no bf16 tensor cores: bf16 runs at its fp32 rate ({} TFLOP/s); people train in fp16 mixed precision there (fp16 tensor cores, {} TFLOP/s), which ftplan does not model yet",
+                "`{}` has no bf16 tensor cores: bf16 runs at its fp32 rate ({} TFLOP/s); fp16 mixed precision uses its fp16 tensor cores ({} TFLOP/s): try --precision mixed-fp16",
                 hw.name, hw.fp32_tflops, hw.fp16_tflops
             ));
         }

@@ -51,7 +51,7 @@ impl Builder<'_> {
             (AttentionKernel::Sdpa, AttnMask::FrozenBias | AttnMask::TrainableBias) => Kernel::Math,
             (AttentionKernel::Sdpa, _) => Kernel::Fused,
         };
-        let compute = if self.autocast { DType::Bf16 } else { q.dtype };
+        let compute = if self.autocast { self.half } else { q.dtype };
         let out;
         match kernel {
             Kernel::Flash => {

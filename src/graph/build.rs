@@ -47,6 +47,9 @@ pub struct Builder<'a> {
     pub model: &'a ModelSpec,
     pub plan: &'a Plan,
     pub(super) autocast: bool,
+    /// Autocast's 16-bit dtype: fp16 under `--precision mixed-fp16`, else bf16 (same bytes; the
+    /// time model reads the matching tensor-core rate).
+    pub(super) half: DType,
     /// Storage dtype of the base model's dense weights.
     pub(super) base: DType,
     /// Storage dtype of trainable PEFT parameters (peft upcasts them to fp32).
@@ -92,7 +95,7 @@ impl<'a> Builder<'a> {
             // peft's `prepare_model_for_kbit_training` upcasts every parameter that was not
             // quantized (embeddings, norms, LM head, biases) to fp32.
             (Method::Qlora(_), _) => DType::F32,
-            (_, Precision::MixedBf16 | Precision::Fp32) => DType::F32,
+            (_, Precision::MixedBf16 | Precision::MixedFp16 | Precision::Fp32) => DType::F32,
             (_, Precision::Bf16) => DType::Bf16,
         };
         // A sharding engine in 16-bit precision runs the module in bf16 without autocast:
@@ -114,6 +117,11 @@ impl<'a> Builder<'a> {
             model,
             plan,
             autocast,
+            half: if plan.precision == Precision::MixedFp16 {
+                DType::F16
+            } else {
+                DType::Bf16
+            },
             base: compute_base,
             storage_base: keep(compute_base, base),
             storage_adapter: keep(adapter, DType::F32),
@@ -132,11 +140,7 @@ impl<'a> Builder<'a> {
 
     /// The dtype matmuls produce.
     pub(super) fn compute(&self) -> DType {
-        if self.autocast {
-            DType::Bf16
-        } else {
-            self.base
-        }
+        if self.autocast { self.half } else { self.base }
     }
 
     pub(super) fn tensor(&mut self, kind: TensorKind, bytes: Bytes) -> TensorId {

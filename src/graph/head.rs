@@ -52,7 +52,7 @@ impl Builder<'_> {
         let trainable = head_param.trainable;
         let compute = self.compute();
         let xin = if self.autocast {
-            self.cast(Name::root("lm_head").then("cast"), x, DType::Bf16)
+            self.cast(Name::root("lm_head").then("cast"), x, self.half)
         } else {
             x
         };

@@ -105,7 +105,7 @@ impl Builder<'_> {
         }
 
         let xin = if self.autocast || qlora {
-            self.cast(name.then("cast"), x, DType::Bf16)
+            self.cast(name.then("cast"), x, self.half)
         } else {
             x
         };
@@ -184,7 +184,7 @@ impl Builder<'_> {
             let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
             let xa = self.cast(name.then("lora_cast"), x, self.adapter);
             let xa = if self.autocast {
-                self.cast(name.then("lora_autocast"), xa, DType::Bf16)
+                self.cast(name.then("lora_autocast"), xa, self.half)
             } else {
                 xa
             };
@@ -306,7 +306,7 @@ impl Builder<'_> {
         let up = self.adapter_param(name.then("up_weight"), (h, size));
         let up_b = self.adapter_param(name.then("up_bias"), (1, h));
         let xin = if self.autocast {
-            self.cast(name.then("cast"), x, DType::Bf16)
+            self.cast(name.then("cast"), x, self.half)
         } else {
             x
         };

@@ -56,11 +56,12 @@ pub fn read(path: &str, text: &str) -> Result<Imported> {
     out.precision = match c.mixed_precision.as_deref() {
         None | Some("no") => None,
         Some("bf16") => Some(Precision::MixedBf16),
+        Some("fp16") => Some(Precision::MixedFp16),
         Some(other) => {
             return Err(Error::field(
                 path,
                 "mixed_precision",
-                format!("`{other}` is not modelled (no, bf16)"),
+                format!("`{other}` is not modelled (no, bf16, fp16)"),
             ));
         }
     };
@@ -157,10 +158,10 @@ pub fn write(plan: &Plan) -> Result<String> {
         num_machines: Some(p.nodes()),
         machine_rank: Some(0),
         mixed_precision: Some(
-            if plan.precision == Precision::Fp32 {
-                "no"
-            } else {
-                "bf16"
+            match plan.precision {
+                Precision::Fp32 => "no",
+                Precision::MixedFp16 => "fp16",
+                Precision::MixedBf16 | Precision::Bf16 => "bf16",
             }
             .into(),
         ),

@@ -103,12 +103,8 @@ pub fn read(path: &str, text: &str) -> Result<Imported> {
     out.batch = count(path, &v, "train_micro_batch_size_per_gpu")?;
     out.grad_accum = count(path, &v, "gradient_accumulation_steps")?;
     if enabled(&v, "fp16") {
-        return Err(Error::field(
-            path,
-            "fp16.enabled",
-            "fp16 mixed precision is not modelled yet",
-        )
-        .with_hint("use bf16 (\"bf16\": {\"enabled\": true}) on GPUs that have it"));
+        // DeepSpeed's fp16 mode: fp16 compute, fp32 masters, a dynamic loss scale.
+        out.precision = Some(Precision::MixedFp16);
     }
     if enabled(&v, "bf16") {
         // DeepSpeed's bf16 mode: a bf16 module with fp32 master weights in the optimizer.
@@ -184,11 +180,13 @@ pub fn write(plan: &Plan) -> Result<Value> {
         zero["allgather_bucket_size"] = json!(ZERO_REDUCE_BUCKET);
     }
     let bf16 = matches!(plan.precision, Precision::MixedBf16 | Precision::Bf16);
+    let fp16 = plan.precision == Precision::MixedFp16;
     Ok(json!({
         "train_micro_batch_size_per_gpu": plan.batch,
         "gradient_accumulation_steps": p.grad_accum,
         "train_batch_size": plan.batch * p.grad_accum * p.dp(),
         "bf16": { "enabled": bf16 },
+        "fp16": { "enabled": fp16, "loss_scale": 0 },
         "zero_optimization": zero,
     }))
 }

@@ -332,6 +332,11 @@ impl Method {
 pub enum Precision {
     /// fp32 weights, forward under bf16 autocast (Hugging Face Trainer's `bf16=True`).
     MixedBf16,
+    /// fp32 weights, forward under fp16 autocast with a dynamic loss scaler (Trainer's
+    /// `fp16=True`, `torch.amp.GradScaler`): for GPUs without bf16 (V100, T4). The same bytes
+    /// as mixed bf16 (the scaler's state is two scalars; `unscale_` divides the gradients in
+    /// place), fp16 tensor-core rates, and one more pass over the gradients per step.
+    MixedFp16,
     /// bf16 weights. Full fine-tuning runs without autocast (pure bf16, bf16 optimizer states);
     /// PEFT methods keep peft's fp32 adapters and run under bf16 autocast.
     Bf16,
@@ -397,7 +402,7 @@ impl Plan {
     /// Whether the forward pass runs under bf16 autocast.
     pub fn autocast(&self) -> bool {
         match self.precision {
-            Precision::MixedBf16 => true,
+            Precision::MixedBf16 | Precision::MixedFp16 => true,
             Precision::Bf16 => self.method.frozen_base(),
             // QLoRA computes in bf16 under autocast whatever the other weights' dtype.
             Precision::Fp32 if matches!(self.method, Method::Qlora(_)) => true,
