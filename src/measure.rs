@@ -265,6 +265,48 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
 }
 
 /// Runs the harness with `python` and returns what it measured.
+/// Times this machine's host costs with the harness (`--calibrate-host`): one op's dispatch and
+/// one module call, the two constants the time model otherwise takes from the H200 host.
+pub fn host_costs(
+    python: &Path,
+    device: Device,
+) -> Result<(crate::calibrate::file::HostCosts, Value)> {
+    let reply = match invoke(
+        python,
+        &json!({"calibrate_host": true, "device": device_name(device)}),
+    ) {
+        Ok(v) => v,
+        Err(Failed(e)) => return Err(e),
+        Err(Oom(m)) => {
+            return Err(Error::Plan {
+                message: m,
+                hint: None,
+            });
+        }
+    };
+    let h = &reply["host"];
+    match (h["dispatch_us"].as_f64(), h["module_us"].as_f64()) {
+        (Some(d), Some(m)) => Ok((
+            crate::calibrate::file::HostCosts {
+                dispatch_us: d,
+                module_us: m,
+            },
+            reply["environment"].clone(),
+        )),
+        _ => Err(Error::Plan {
+            message: format!("the harness's host timing is not understood: {reply}"),
+            hint: None,
+        }),
+    }
+}
+
+fn device_name(device: Device) -> &'static str {
+    match device {
+        Device::Cuda => "cuda",
+        Device::Cpu => "cpu",
+    }
+}
+
 pub fn run_harness(
     python: &Path,
     config: &Value,
@@ -272,6 +314,44 @@ pub fn run_harness(
     device: Device,
     steps: u32,
 ) -> Result<Outcome> {
+    let spec = json!({
+        "config": config,
+        "run": run,
+        "device": device_name(device),
+        "steps": steps,
+    });
+    match invoke(python, &spec) {
+        Ok(v) => {
+            let measured: Measured =
+                serde_json::from_value(v["measured"].clone()).map_err(|e| Error::Plan {
+                    message: format!("the harness's reply is not understood: {e}"),
+                    hint: None,
+                })?;
+            Ok(Outcome::Measured {
+                measured,
+                environment: v["environment"].clone(),
+            })
+        }
+        Err(Oom(message)) => Ok(Outcome::OutOfMemory(message)),
+        Err(Failed(e)) => Err(e),
+    }
+}
+
+/// Why a harness call gave no reply.
+enum Failure {
+    Oom(String),
+    Failed(Error),
+}
+use Failure::{Failed, Oom};
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failed(e)
+    }
+}
+
+/// Writes the harness to a temporary folder, runs it with `spec` on stdin, returns its reply.
+fn invoke(python: &Path, spec: &Value) -> std::result::Result<Value, Failure> {
     let dir = tempfile::tempdir().map_err(|e| Error::Write {
         path: std::env::temp_dir(),
         message: e.to_string(),
@@ -281,12 +361,6 @@ pub fn run_harness(
         path: script.clone(),
         message: e.to_string(),
     })?;
-    let spec = json!({
-        "config": config,
-        "run": run,
-        "device": match device { Device::Cuda => "cuda", Device::Cpu => "cpu" },
-        "steps": steps,
-    });
     let mut child = std::process::Command::new(python)
         .arg(&script)
         .stdin(std::process::Stdio::piped())
@@ -319,18 +393,8 @@ pub fn run_harness(
         .unwrap_or("")
         .to_string();
     match (out.status.code(), reply) {
-        (Some(0), Some(v)) => {
-            let measured: Measured =
-                serde_json::from_value(v["measured"].clone()).map_err(|e| Error::Plan {
-                    message: format!("the harness's reply is not understood: {e}"),
-                    hint: None,
-                })?;
-            Ok(Outcome::Measured {
-                measured,
-                environment: v["environment"].clone(),
-            })
-        }
-        (Some(3), Some(v)) => Err(Error::Plan {
+        (Some(0), Some(v)) => Ok(v),
+        (Some(3), Some(v)) => Err(Failed(Error::Plan {
             message: format!(
                 "`{}` has no Python package `{}`",
                 python.display(),
@@ -339,18 +403,19 @@ pub fn run_harness(
             hint: Some(format!(
                 "{PIP} (bitsandbytes too for QLoRA and 8-bit AdamW)"
             )),
-        }),
-        (Some(4), Some(v)) => Err(Error::Plan {
+        })),
+        (Some(4), Some(v)) => Err(Failed(Error::Plan {
             message: v["unavailable"]
                 .as_str()
                 .unwrap_or("the device is unavailable")
                 .to_string(),
             hint: Some("run on a machine with an NVIDIA GPU, or pass --device cpu".into()),
-        }),
-        (Some(5), Some(v)) => Ok(Outcome::OutOfMemory(
-            v["message"].as_str().unwrap_or("out of memory").to_string(),
-        )),
-        (code, _) => Err(Error::Plan {
+        })),
+        (Some(5), Some(v)) => Err(Oom(v["message"]
+            .as_str()
+            .unwrap_or("out of memory")
+            .to_string())),
+        (code, _) => Err(Failed(Error::Plan {
             message: format!(
                 "the harness failed (exit {}): {tail}",
                 code.map_or("by signal".to_string(), |c| c.to_string())
@@ -358,7 +423,7 @@ pub fn run_harness(
             hint: Some(
                 "the plan may use a method or option this transformers/peft cannot run".into(),
             ),
-        }),
+        })),
     }
 }
 

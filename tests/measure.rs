@@ -168,3 +168,48 @@ fn missing_packages_devices_and_out_of_memory_are_said() {
         .code(2);
     assert!(crate::stderr_of(&out).contains("`gpus`"));
 }
+
+#[test]
+fn host_costs_are_learned_into_the_calibration_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cal = dir.path().join("cal.toml");
+    std::fs::write(
+        &cal,
+        "date = \"2026-12-02\"\ntiming = \"wall-clock\"\ncopy_gbps = 3000.0\n\
+         [adapter]\nname = \"NVIDIA H200\"\nbackend = \"vulkan\"\ndevice_type = \"discrete\"\n\
+         [[fp32_matmul]]\nn = 4096\nflops = 5.0e13\n",
+    )
+    .expect("writes");
+    // Out-of-range host costs are refused where the file is read.
+    let bad = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(&cal).expect("reads");
+    std::fs::write(
+        &bad,
+        format!("{text}[host]\ndispatch_us = 0.0\nmodule_us = 1.0\n"),
+    )
+    .expect("writes");
+    let err = ftplan::calibrate::Calibration::load(&bad).expect_err("zero dispatch");
+    assert!(err.to_string().contains("dispatch_us"), "{err}");
+    let Some(py) = python() else { return };
+    ftplan()
+        .args([
+            "measure",
+            "--calibrate-host",
+            "--device",
+            "cpu",
+            "--calibration",
+        ])
+        .arg(&cal)
+        .arg("--python")
+        .arg(&py)
+        .assert()
+        .code(0);
+    let c = ftplan::calibrate::Calibration::load(&cal).expect("still loads");
+    let host = c.host.expect("host costs written");
+    assert!(host.dispatch_us > 0.01 && host.module_us > 0.0, "{host:?}");
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let rates = c.rates(&hw);
+    assert!((rates.launch_overhead - host.dispatch_us * 1e-6).abs() < 1e-12);
+}

@@ -55,6 +55,20 @@ pub struct Calibration {
     /// or "largest size".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<String>,
+    /// This machine's host costs, from `ftplan measure --calibrate-host` (PyTorch timed on it);
+    /// without them the time model uses the constants fitted on the H200 host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostCosts>,
+}
+
+/// Host-side costs of eager PyTorch on one machine.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostCosts {
+    /// One op on a tensor that requires grad: ATen dispatch, autograd node, kernel launch (us).
+    pub dispatch_us: f64,
+    /// One `nn.Module` call without kernels: Python hooks and argument handling (us).
+    pub module_us: f64,
 }
 
 /// `measure.py`'s calib.json.
@@ -118,6 +132,7 @@ impl Calibration {
                 copy_gbps: h.copy_gbps,
                 budget_seconds: None,
                 limits: Vec::new(),
+                host: None,
             }
         } else {
             toml::from_str(&text)
@@ -134,6 +149,18 @@ impl Calibration {
                 shown,
                 "fp32_matmul",
                 "needs at least one point with positive n and flops from 1e6 to 1e18",
+            ));
+        }
+        if let Some(h) = cal.host
+            && !(h.dispatch_us.is_finite()
+                && h.module_us.is_finite()
+                && (0.01..=1e5).contains(&h.dispatch_us)
+                && (0.0..=1e5).contains(&h.module_us))
+        {
+            return Err(Error::field(
+                shown,
+                "host",
+                "dispatch_us must be from 0.01 to 1e5 and module_us from 0 to 1e5 microseconds",
             ));
         }
         if !(cal.copy_gbps.is_finite() && (1e-3..=1e6).contains(&cal.copy_gbps)) {
@@ -188,8 +215,12 @@ impl Calibration {
                 bf16.into_iter().map(|(n, r)| (n, r * ratio)).collect()
             },
             copy_bandwidth: self.copy_gbps * 1e9,
-            launch_overhead: datasheet.launch_overhead,
-            module_overhead: datasheet.module_overhead,
+            launch_overhead: self
+                .host
+                .map_or(datasheet.launch_overhead, |h| h.dispatch_us * 1e-6),
+            module_overhead: self
+                .host
+                .map_or(datasheet.module_overhead, |h| h.module_us * 1e-6),
         }
     }
 }

@@ -192,6 +192,7 @@ fn finish(
         copy_gbps: bandwidth / 1e9,
         budget_seconds: budget,
         limits,
+        host: None,
     }
 }
 

@@ -183,6 +183,44 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
 /// (exit 1, like `check`), a missing package or device an error (exit 2).
 fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
     use ftplan::measure::{self, Comparison, Device, Outcome};
+    let device = match a.device {
+        args::DeviceArg::Cuda => Device::Cuda,
+        args::DeviceArg::Cpu => Device::Cpu,
+    };
+    if a.calibrate_host {
+        let path = a.plan.calibration.as_ref().ok_or_else(|| {
+            Error::field("command line", "calibration", "names no file to write").with_hint(
+                "pass --calibration FILE (a TOML file from `ftplan calibrate --out FILE`)",
+            )
+        })?;
+        if path.extension().is_some_and(|e| e == "json") {
+            return Err(Error::field(
+                &path.display().to_string(),
+                "calibration",
+                "is the ground-truth harness's JSON, which ftplan reads but does not write",
+            )
+            .with_hint("give a TOML calibration from `ftplan calibrate --out FILE`")
+            .into());
+        }
+        let mut cal = ftplan::calibrate::Calibration::load(path).map_err(|e| {
+            anyhow::Error::from(e).context(format!(
+                "run `ftplan calibrate --out {}` first",
+                path.display()
+            ))
+        })?;
+        let (host, env) = measure::host_costs(&a.python, device)?;
+        cal.host = Some(host);
+        cal.save(path)?;
+        outln!(
+            "{}: one op's dispatch {:.1} us, one module call {:.1} us (torch {}); written to {}",
+            env["device"].as_str().unwrap_or("?"),
+            host.dispatch_us,
+            host.module_us,
+            env["torch"].as_str().unwrap_or("?"),
+            path.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     planning::no_flags_beside_plan_files(a.plan_file.is_some())?;
     let input = match &a.plan_file {
         Some(p) => PlanInput::from_file(p)?,
@@ -215,10 +253,6 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
         let name = format!("{}-tiny", model.name);
         model = ftplan::spec::hf::parse_config(&model_arg, &config, &name, false)?;
     }
-    let device = match a.device {
-        args::DeviceArg::Cuda => Device::Cuda,
-        args::DeviceArg::Cpu => Device::Cpu,
-    };
     let mut hardware = r.hardware.clone();
     if device == Device::Cpu {
         // No cuBLAS on a CPU: its workspaces are not part of what is measured there.
