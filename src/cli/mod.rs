@@ -195,7 +195,7 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
         })?;
         if path.extension().is_some_and(|e| e == "json") {
             return Err(Error::field(
-                &path.display().to_string(),
+                path.display().to_string(),
                 "calibration",
                 "is the ground-truth harness's JSON, which ftplan reads but does not write",
             )
