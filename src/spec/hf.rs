@@ -686,8 +686,6 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
     let act = r.str_or(&["activation_function"], "gelu_new")?;
     r.raw(&["layer_norm_epsilon"]);
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::Gpt2,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: Stack {
@@ -697,35 +695,23 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
             head_dim: hidden / heads.max(1),
             intermediate_size: r.opt_u64(&["n_inner"])?.unwrap_or(4 * hidden),
         },
-        encoder: None,
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        norm_placement: NormPlacement::Pre,
         positions: Positions::Learned {
             rows: r.u64(&["n_positions", "max_position_embeddings"])?,
         },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,
-        parallel_block: false,
         fused_qkv: true,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: r.f64_or(&["embd_pdrop"], 0.1)?,
             attention: r.f64_or(&["attn_pdrop"], 0.1)?,
             residual: r.f64_or(&["resid_pdrop"], 0.1)?,
             activation: 0.0,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
-        parallel_two_norms: false,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::Gpt2)
     })
 }
 
@@ -747,8 +733,6 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         "layer_norm_elementwise_affine",
     ]);
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::Opt,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: Stack {
@@ -758,11 +742,9 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
             head_dim: hidden / heads.max(1),
             intermediate_size: r.u64(&["ffn_dim"])?,
         },
-        encoder: None,
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        norm_placement: NormPlacement::Pre,
         // OPTLearnedPositionalEmbedding keeps 2 extra rows (the offset).
         positions: Positions::Learned {
             rows: r.u64(&["max_position_embeddings"])? + 2,
@@ -770,24 +752,13 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,
-        parallel_block: false,
-        fused_qkv: false,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: r.f64_or(&["dropout"], 0.1)?,
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["dropout"], 0.1)?,
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
-        parallel_two_norms: false,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::Opt)
     })
 }
 
@@ -808,8 +779,6 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
     ]);
     let parallel = r.bool_or(&["use_parallel_residual"], true)?;
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::GptNeox,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: Stack {
@@ -819,11 +788,9 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
             head_dim: hidden / heads.max(1),
             intermediate_size: r.u64(&["intermediate_size"])?,
         },
-        encoder: None,
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
-        norm_placement: NormPlacement::Pre,
         positions: Positions::Rotary {
             fraction: r.f64_or(&["rotary_pct", "partial_rotary_factor"], 0.25)?,
         },
@@ -832,22 +799,14 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
         linear_bias: true,
         parallel_block: parallel,
         fused_qkv: true,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: 0.0,
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["hidden_dropout"], 0.0)?,
             activation: 0.0,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
         parallel_two_norms: parallel,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::GptNeox)
     })
 }
 
@@ -862,8 +821,6 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         "rope_theta",
     ]);
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::Phi,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: Stack {
@@ -873,11 +830,9 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
             head_dim: hidden / heads.max(1),
             intermediate_size: r.u64(&["intermediate_size"])?,
         },
-        encoder: None,
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
-        norm_placement: NormPlacement::Pre,
         positions: Positions::Rotary {
             fraction: r.f64_or(&["partial_rotary_factor"], 0.5)?,
         },
@@ -885,7 +840,6 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         qkv_bias: true,
         linear_bias: true,
         parallel_block: true,
-        fused_qkv: false,
         lm_head_bias: true,
         dropout: Dropouts {
             embedding: r.f64_or(&["embd_pdrop"], 0.0)?,
@@ -893,15 +847,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
             residual: r.f64_or(&["resid_pdrop"], 0.0)?,
             activation: 0.0,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
-        parallel_two_norms: false,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::Phi)
     })
 }
 
@@ -913,8 +859,6 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
     let heads = r.u64(&["num_attention_heads"])?;
     r.raw(&["max_position_embeddings", "layer_norm_eps"]);
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::Palm,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: Stack {
@@ -924,33 +868,16 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
             head_dim: r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1)),
             intermediate_size: r.opt_u64(&["intermediate_size"])?.unwrap_or(4 * hidden),
         },
-        encoder: None,
-        gated_ffn: true,
-        activation: Activation::Silu,
         norm: Norm::LayerNormWithoutBias,
-        norm_placement: NormPlacement::Pre,
-        positions: Positions::Rotary { fraction: 1.0 },
         tie_word_embeddings: true,
-        qkv_bias: false,
-        linear_bias: false,
         parallel_block: true,
-        fused_qkv: false,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: 0.0,
             attention: 0.0,
             residual: 0.0,
             activation: 0.0,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
-        parallel_two_norms: false,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::Palm)
     })
 }
 
@@ -979,8 +906,6 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
     ]);
     let bias = r.bool_or(&["bias"], false)?;
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::Falcon,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: Stack {
@@ -990,33 +915,22 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
             head_dim: hidden / heads.max(1),
             intermediate_size: r.opt_u64(&["ffn_hidden_size"])?.unwrap_or(4 * hidden),
         },
-        encoder: None,
         gated_ffn: false,
         activation: Activation::Gelu,
         norm: Norm::LayerNorm,
-        norm_placement: NormPlacement::Pre,
-        positions: Positions::Rotary { fraction: 1.0 },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: bias,
         linear_bias: bias,
         parallel_block: new_decoder || r.bool_or(&["parallel_attn"], true)?,
         fused_qkv: true,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: 0.0,
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["hidden_dropout"], 0.0)?,
             activation: 0.0,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
         parallel_two_norms: new_decoder,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::Falcon)
     })
 }
 
@@ -1051,8 +965,6 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         intermediate_size: ff,
     };
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::T5,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: stack(r.opt_u64(&["num_decoder_layers"])?.unwrap_or(layers)),
@@ -1060,33 +972,19 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: gated,
         activation: act,
         norm: Norm::T5RmsNorm,
-        norm_placement: NormPlacement::Pre,
         positions: Positions::RelativeBias {
             buckets: r
                 .opt_u64(&["relative_attention_num_buckets"])?
                 .unwrap_or(32),
         },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
-        qkv_bias: false,
-        linear_bias: false,
-        parallel_block: false,
-        fused_qkv: false,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: drop,
             attention: drop,
             residual: drop,
             activation: drop,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
-        parallel_two_norms: false,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
-        embedding_norm: false,
-        mla: None,
+        ..ModelSpec::of_family(Family::T5)
     })
 }
 
@@ -1104,8 +1002,6 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         intermediate_size: ff,
     };
     Ok(ModelSpec {
-        name: String::new(),
-        family: Family::Bart,
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
         decoder: stack(
@@ -1129,23 +1025,13 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,
-        parallel_block: false,
-        fused_qkv: false,
-        lm_head_bias: false,
         dropout: Dropouts {
             embedding: r.f64_or(&["dropout"], 0.1)?,
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["dropout"], 0.1)?,
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
         },
-        published_params: None,
-        context: None,
-        moe: None,
-        qk_norm: QkNorm::None,
-        parallel_two_norms: false,
-        mixers: vec![Mixer::Attention],
-        softcap: Softcap::default(),
         embedding_norm: true,
-        mla: None,
+        ..ModelSpec::of_family(Family::Bart)
     })
 }

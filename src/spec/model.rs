@@ -352,11 +352,22 @@ impl ModelSpec {
     /// biases, dense attention); each family's reader changes what differs.
     pub fn decoder_only(family: Family, hidden: u64, vocab: u64, decoder: Stack) -> ModelSpec {
         ModelSpec {
-            name: String::new(),
-            family,
             hidden_size: hidden,
             vocab_size: vocab,
             decoder,
+            ..ModelSpec::of_family(family)
+        }
+    }
+
+    /// Every field at the common default for `family`; its sizes (hidden, vocabulary, stacks)
+    /// are zero until the reader sets them from the config.
+    pub fn of_family(family: Family) -> ModelSpec {
+        ModelSpec {
+            name: String::new(),
+            family,
+            hidden_size: 0,
+            vocab_size: 0,
+            decoder: Stack::new(0, 0, 0, 0, 0),
             encoder: None,
             gated_ffn: true,
             activation: Activation::Silu,
