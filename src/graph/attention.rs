@@ -54,26 +54,16 @@ impl Builder<'_> {
         let compute = if self.autocast { self.half } else { q.dtype };
         let out;
         match kernel {
-            Kernel::Flash => {
-                let q = self.cast(name.then("q_cast"), q, compute);
-                let k = self.cast(name.then("k_cast"), k, compute);
-                let v = self.cast(name.then("v_cast"), v, compute);
-                saves.extend([q.id, k.id, v.id]);
-                saves.push(self.tensor(
-                    TensorKind::Activation,
-                    DType::F32.bytes(batch * heads * seq_q),
-                ));
-                out = self.val(out_width, q.tokens, compute, grad);
-                saves.push(out.id);
-            }
-            Kernel::Fused => {
+            Kernel::Fused | Kernel::Flash => {
                 // flash / memory-efficient: q, k, v (as cast by autocast), the output (laid out
                 // so that the caller's transpose().contiguous() is free), and fp32 logsumexp.
                 // Dropout inside the kernel is regenerated from the RNG state: no mask.
-                // transformers passes `enable_gqa` to SDPA only when there is no mask;
+                // With SDPA, transformers passes `enable_gqa` only when there is no mask;
                 // with one, `repeat_kv` materialises keys and values for every head.
+                // flash_attention_2 never gets a mask tensor and takes grouped KV as is.
+                let masked = kernel == Kernel::Fused && mask == AttnMask::Explicit;
                 let group = heads / stack.kv_heads.max(1);
-                let (k, v) = if mask == AttnMask::Explicit && group > 1 {
+                let (k, v) = if masked && group > 1 {
                     (
                         self.val(k_width, k.tokens, compute, k.grad),
                         self.val(out_width, v.tokens, compute, v.grad),
@@ -89,7 +79,7 @@ impl Builder<'_> {
                     TensorKind::Activation,
                     DType::F32.bytes(batch * heads * seq_q),
                 ));
-                if mask == AttnMask::Explicit {
+                if masked {
                     // SDPA converts a boolean mask to an additive one per call and the
                     // memory-efficient kernel keeps it (convert_boolean_attn_mask).
                     saves.push(
