@@ -5,6 +5,7 @@ mod architectures;
 mod cli;
 mod cluster;
 mod contracts;
+mod fidelity;
 mod fuzz;
 mod gpu;
 mod hardening;

@@ -66,7 +66,13 @@ pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     } else {
         plan.seq
     };
-    let seq = seq + plan.method.prompt_tokens();
+    // peft's prompt tuning prepends the virtual tokens to the encoder's input only in a
+    // seq2seq model (`PeftModelForSeq2SeqLM.forward`, PROMPT_TUNING branch).
+    let seq = if model.is_encoder_decoder() {
+        seq
+    } else {
+        seq + plan.method.prompt_tokens()
+    };
     let decoder_scope = b.scope(Scope::default(), "decoder");
     let (x, _) = stack_forward(&mut b, decoder_scope, embed, &model.decoder, seq, memory);
     if !stage.last {
@@ -105,6 +111,12 @@ fn stack_forward(
     let tokens = batch.saturating_mul(seq);
     let h = model.hidden_size;
     let is_decoder = memory.is_some() || !model.is_encoder_decoder();
+    // Virtual tokens in front of this stack's input: every causal LM's, a seq2seq encoder's.
+    let prompted = if is_decoder && model.is_encoder_decoder() {
+        0
+    } else {
+        plan.method.prompt_tokens()
+    };
 
     let first = b.stage.first;
     let mut x = match embed.filter(|_| first) {
@@ -116,15 +128,19 @@ fn stack_forward(
                 name.at("embed_tokens"),
                 embed_param,
                 h,
-                batch * (seq - plan.method.prompt_tokens()),
+                batch * (seq - prompted),
             );
-            if let Method::Prompt { virtual_tokens } = plan.method {
-                // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in front.
-                let rows = virtual_tokens;
+            if let (Method::Prompt { virtual_tokens }, true) = (&plan.method, prompted > 0) {
+                // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in
+                // front. A seq2seq model's table has a row set per transformer submodule
+                // (`num_transformer_submodules` = 2), all looked up and cast; the encoder's
+                // first `virtual_tokens` are used.
+                let rows = *virtual_tokens * if model.is_encoder_decoder() { 2 } else { 1 };
                 let p = b.adapter_param(name.at("prompt_embeddings"), (rows, h));
                 let prompt = b.embedding(name.at("prompt"), p, h, batch * rows);
                 let prompt = b.cast(name.at("prompt").then("cast"), prompt, x.dtype);
-                x = b.concat(name.at("prompt").then("cat"), prompt, x);
+                let used = b.val(h, batch * *virtual_tokens, x.dtype, prompt.grad);
+                x = b.concat(name.at("prompt").then("cat"), used, x);
             }
             if let Positions::Learned { rows } = model.positions {
                 let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
@@ -387,8 +403,7 @@ fn self_attention_mask(b: &Builder, is_decoder: bool, seq: u64, window: Option<u
     let model = b.model;
     let keys = seq + b.plan.method.prefix_tokens();
     match model.positions {
-        Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
-        Positions::RelativeBias { .. } => AttnMask::FrozenBias,
+        Positions::RelativeBias { .. } => AttnMask::StridedBias,
         _ if b.plan.method.prefix_tokens() > 0 => AttnMask::Explicit,
         _ if is_decoder && window.is_some_and(|w| keys >= w) => AttnMask::Explicit,
         _ if is_decoder => AttnMask::Causal,
@@ -561,8 +576,12 @@ fn cross_attention_ops(
         Some(Proj::V),
     );
     let batch = b.plan.batch;
+    // T5's cross-attention adds a zeros bias (no relative positions across sequences),
+    // created per forward, contiguous; `requires_grad` under gradient checkpointing.
     let mask = match model.positions {
-        Positions::RelativeBias { .. } if b.is_base_trainable() => AttnMask::TrainableBias,
+        Positions::RelativeBias { .. } => AttnMask::ContiguousBias {
+            grad: b.plan.grad_ckpt,
+        },
         _ => AttnMask::Full,
     };
     let a = b.attention(
@@ -612,6 +631,7 @@ fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
         let a = b.activation(name.at("act"), g);
         let p = b.mul(name.at("gate_mul"), a, u);
         let p = b.dropout(name.at("act").then("dropout"), p, model.dropout.activation);
+        let p = to_output_weight_dtype(b, name, p);
         b.linear(
             name.at("down_proj"),
             p,
@@ -623,7 +643,21 @@ fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
         let f = b.linear(name.at("fc1"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(name.at("act"), f);
         let a = b.dropout(name.at("act").then("dropout"), a, model.dropout.activation);
+        let a = to_output_weight_dtype(b, name, a);
         b.linear(name.at("fc2"), a, model.hidden_size, bias, Some(Proj::Down))
+    }
+}
+
+/// T5's feed-forward casts its hidden state to the dtype of `wo`'s weight before `wo`
+/// (`T5DenseActDense.forward`, kept for checkpoints whose `wo` stays fp32 or int8): over fp32
+/// weights under autocast that is an fp32 copy of the FFN-wide activation, which autocast then
+/// casts back to bf16 for the matmul, a new tensor that `wo` keeps.
+fn to_output_weight_dtype(b: &mut Builder, name: Scope, x: Val) -> Val {
+    if b.model.family == Family::T5 {
+        let base = b.base;
+        b.cast(name.at("fc2").then("to_weight_dtype"), x, base)
+    } else {
+        x
     }
 }
 

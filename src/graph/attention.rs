@@ -38,17 +38,15 @@ impl Builder<'_> {
             // BLOOM's attention is its own eager code (baddbmm with the ALiBi bias).
             _ if self.model.positions == crate::spec::model::Positions::Alibi => Kernel::Eager,
             (AttentionKernel::Eager, _) => Kernel::Eager,
-            (AttentionKernel::Flash2, AttnMask::FrozenBias | AttnMask::TrainableBias) => {
-                Kernel::Math
-            }
+            // T5's self-attention bias is `compute_bias`'s permuted view (last-dim stride = the
+            // number of heads): every fused kernel requires stride 1 in the last dimension of
+            // the mask (`check_last_dim_stride_equals_1_dense`, aten sdp_utils), so SDPA runs
+            // its math path. transformers has no flash_attention_2 path for it either.
+            (_, AttnMask::StridedBias) => Kernel::Math,
             // flash_attention_2 takes causality, the window and padding as arguments (a
             // prefix is a longer key sequence, bottom-right aligned): never a mask tensor,
             // grouped KV heads native.
             (AttentionKernel::Flash2, _) => Kernel::Flash,
-            // A float bias that needs no gradient (T5's relative bias over a frozen base) does
-            // not reach the fused kernels on CUDA; SDPA falls back to its math path, which
-            // upcasts bf16 inputs to fp32 (observed on the H200 ground truth, see README).
-            (AttentionKernel::Sdpa, AttnMask::FrozenBias | AttnMask::TrainableBias) => Kernel::Math,
             (AttentionKernel::Sdpa, _) => Kernel::Fused,
         };
         let compute = if self.autocast { self.half } else { q.dtype };
@@ -86,24 +84,43 @@ impl Builder<'_> {
                         self.tensor(TensorKind::Activation, compute.bytes(batch * seq_q * seq_k)),
                     );
                 }
+                if mask == (AttnMask::ContiguousBias { grad: true }) {
+                    // The memory-efficient backward writes the bias gradient at the bias's
+                    // expanded (batch, heads, q, k) size before autograd sums it back
+                    // (`_efficient_attention_backward`, `bias_requires_grad`).
+                    bwd_extra += compute.bytes(scores);
+                }
                 out = self.val(out_width, q.tokens, compute, grad);
                 saves.push(out.id);
             }
             Kernel::Math => {
-                // _scaled_dot_product_attention_math: the scaled q and k copies and v are kept
-                // by the two matmuls; `_safe_softmax` keeps softmax's output and returns a new
-                // `where` result that the second matmul keeps: two probability matrices.
-                let qs = self.val(q.width, q.tokens, compute, q.grad);
-                let ks = self.val(k.width, k.tokens, compute, k.grad);
-                let v = self.cast(name.then("v_cast"), v, compute);
-                saves.extend([qs.id, ks.id, v.id]);
-                saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
-                saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                // `_scaled_dot_product_attention_math` (aten attention.cpp) keeps q, k and v in
+                // fp32 for accuracy (bf16/fp16 inputs are upcast unless the reduced-precision
+                // math flag is set) and the matmuls keep their fp32 copies; `_safe_softmax` has
+                // its own derivative and returns one fp32 probability matrix, which its backward
+                // and the matmul with v keep. Dropout keeps its mask and its fp32 output.
+                // Inside `_safe_softmax`: the scores, softmax's output and the `-inf` test's
+                // boolean live beside the result; backward holds the incoming gradient and
+                // softmax backward's result, both fp32 and score-sized.
+                // A matmul keeps each operand only for the other's gradient: q when k needs
+                // one, k when q does, v when the probabilities do.
+                let acc = DType::F32;
+                if k.grad {
+                    saves.push(self.val(q.width, q.tokens, acc, q.grad).id);
+                }
+                if q.grad {
+                    saves.push(self.val(k.width, k.tokens, acc, k.grad).id);
+                }
+                if q.grad || k.grad {
+                    saves.push(self.val(v.width, v.tokens, acc, v.grad).id);
+                }
+                saves.push(self.tensor(TensorKind::Activation, acc.bytes(scores)));
                 if p_drop > 0.0 {
                     saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
-                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                    saves.push(self.tensor(TensorKind::Activation, acc.bytes(scores)));
                 }
-                fwd_extra += compute.bytes(scores) * 2;
+                fwd_extra += acc.bytes(scores) * 2 + DType::U8.bytes(scores);
+                bwd_extra += acc.bytes(scores) * 2;
                 out = self.val(out_width, q.tokens, compute, grad);
             }
             Kernel::Eager => {
@@ -231,10 +248,12 @@ pub enum AttnMask {
     Full,
     /// A boolean mask materialised by the caller (prefix tuning's extended mask).
     Explicit,
-    /// A float bias that requires grad (T5's relative bias over a trainable base).
-    TrainableBias,
-    /// A float bias that requires no grad.
-    FrozenBias,
+    /// A float bias whose last dimension is strided (T5's relative position bias in
+    /// self-attention, `values.permute([2, 0, 1])`): no fused kernel takes it.
+    StridedBias,
+    /// A contiguous float bias (T5's cross-attention zeros); `grad` when it requires grad
+    /// (T5 sets `requires_grad` on it under gradient checkpointing).
+    ContiguousBias { grad: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

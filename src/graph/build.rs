@@ -172,14 +172,39 @@ impl<'a> Builder<'a> {
         self.graph.scope(parent, child)
     }
 
-    /// A bf16 weight copy from autocast's cache; `cache_only` when autograd does not keep it.
-    pub(super) fn weight_copy(&mut self, bytes: Bytes, cache_only: bool) -> TensorId {
-        self.graph.add_tensor(Tensor {
-            bytes,
-            kind: TensorKind::WeightCopy,
-            checkpoint_input: false,
-            cache_only,
-        })
+    /// The bf16 copy autocast makes of an fp32 weight for a matmul, given whether the weight
+    /// trains and whether autograd keeps the copy (the matmul's input needs a gradient).
+    ///
+    /// ATen's `cached_cast` (aten/src/ATen/autocast_mode.h) caches only the casts of leaf
+    /// tensors that require grad: a trainable weight is cast once and the cache holds the copy
+    /// until the outermost autocast region exits, kept or not by autograd (a `WeightCopy`,
+    /// `cache_only` when autograd does not keep it). A frozen fp32 weight (LoRA over an fp32
+    /// base, the frozen part of BitFit or layer freezing) is cast at every use: autograd keeps
+    /// that copy like any saved tensor, so checkpointing drops it with the block's other
+    /// activations and the recompute casts again; when autograd does not keep it, it is freed
+    /// as the op returns. Returns the tensor to save, if any, and the op's transient bytes.
+    pub(super) fn autocast_weight(
+        &mut self,
+        bytes: Bytes,
+        trainable: bool,
+        kept: bool,
+    ) -> (Option<TensorId>, Bytes) {
+        if trainable {
+            let copy = self.graph.add_tensor(Tensor {
+                bytes,
+                kind: TensorKind::WeightCopy,
+                checkpoint_input: false,
+                cache_only: !kept,
+            });
+            (Some(copy), Bytes::ZERO)
+        } else if kept {
+            (
+                Some(self.tensor(TensorKind::Activation, bytes)),
+                Bytes::ZERO,
+            )
+        } else {
+            (None, bytes)
+        }
     }
 
     /// A rank's share of a `width`-wide activation under sequence parallelism (Korthikanti et

@@ -61,12 +61,15 @@ impl Builder<'_> {
             saves.push(xin.id);
         }
         let mut cached = None;
+        let mut cast = Bytes::ZERO;
         if self.autocast && head_param.dtype == DType::F32 {
-            let copy = self.weight_copy(DType::Bf16.bytes(head_param.elements), !x.grad);
+            let (copy, transient) =
+                self.autocast_weight(DType::Bf16.bytes(head_param.elements), trainable, x.grad);
+            cast = transient;
             if x.grad {
-                saves.push(copy);
+                saves.extend(copy);
             } else {
-                cached = Some(copy);
+                cached = copy;
             }
         }
         let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
@@ -88,7 +91,7 @@ impl Builder<'_> {
                 .into_iter()
                 .chain(cached)
                 .collect(),
-            forward_transient: logits.bytes(),
+            forward_transient: logits.bytes() + cast,
             backward_transient: logits.bytes() + xin.bytes(),
             cost: Cost {
                 forward_flops: Flops(flops),

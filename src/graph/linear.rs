@@ -3,7 +3,7 @@
 //! (Houlsby et al. 2019), as peft and bitsandbytes run them.
 
 use super::build::{Builder, OpSpec, Val, wider};
-use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, TensorId, TensorKind};
+use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, TensorId};
 use crate::spec::plan::{LoraTargets, Method, Proj};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -117,14 +117,16 @@ impl Builder<'_> {
         let out_grad = x.grad || trainable || bias_trainable;
         let mut cached = None;
         if self.autocast && self.base == DType::F32 && !qlora {
-            // autocast's cast cache: one bf16 copy of the weight (and bias), made whether or not
-            // autograd keeps it; autograd keeps it when the input needs a gradient.
+            // autocast's bf16 copy of the weight (and bias): cached when they train, cast per
+            // use when frozen; autograd keeps it when the input needs a gradient.
             let elems = in_features * out_features + if bias { out_features } else { 0 };
-            let copy = self.weight_copy(DType::Bf16.bytes(elems), !x.grad);
+            let (copy, transient) =
+                self.autocast_weight(DType::Bf16.bytes(elems), trainable, x.grad);
+            forward_transient += transient;
             if x.grad {
-                saves.push(copy);
+                saves.extend(copy);
             } else {
-                cached = Some(copy);
+                cached = copy;
             }
         }
         if qlora {
@@ -266,9 +268,11 @@ impl Builder<'_> {
             self.adapter
         };
         let mut saves = smallvec![x.id];
-        if self.autocast && input_grad {
+        if self.autocast {
+            // A trainable leaf: autocast caches its copy (held to the region's end either way).
             let elems = x.width * out_features;
-            saves.push(self.tensor(TensorKind::WeightCopy, DType::Bf16.bytes(elems)));
+            let (copy, _) = self.autocast_weight(DType::Bf16.bytes(elems), true, input_grad);
+            saves.extend(copy);
         }
         let out = self.val(out_features, x.tokens, compute, true);
         let flops = 2.0 * x.tokens as f64 * x.width as f64 * out_features as f64;

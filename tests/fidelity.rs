@@ -1,0 +1,203 @@
+//! Issue #10: the mechanisms behind the runs that were off by 15-18 %, each on a small case whose
+//! figures are derived by hand in the comments.
+
+use ftplan::graph::{self, op::OpGraph, op::TensorKind};
+use ftplan::spec::model::ModelSpec;
+use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
+use ftplan::spec::registry::resolve_model;
+
+fn model(name: &str) -> ModelSpec {
+    resolve_model(name).expect("ships").value
+}
+
+fn plan(method: Method, precision: Precision, batch: u64, seq: u64, target: u64, gc: bool) -> Plan {
+    Plan {
+        method,
+        precision,
+        optimizer: Optimizer::Adamw,
+        batch,
+        seq,
+        target_seq: target,
+        grad_ckpt: gc,
+        attention: AttentionKernel::Sdpa,
+        expert_load: 1.0,
+        parallel: ftplan::spec::parallel::Parallel::single(),
+    }
+}
+
+fn lora(rank: u64) -> Method {
+    Method::Lora(Lora {
+        rank,
+        alpha: 2.0 * rank as f64,
+        targets: LoraTargets::QueryValue,
+        dora: false,
+    })
+}
+
+/// Bytes an op keeps for its backward, by the op's full name.
+fn saved(g: &OpGraph, name: &str) -> u64 {
+    let op = g
+        .ops()
+        .find(|o| g.name(o.name) == name)
+        .unwrap_or_else(|| panic!("no op {name}"));
+    op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum()
+}
+
+#[test]
+fn autocast_caches_only_the_copies_of_weights_that_train() {
+    // GPT-2 (12 layers, width 768) with LoRA r8 on `c_attn` over an fp32 base under bf16
+    // autocast. ATen's `cached_cast` caches a cast only for a leaf that requires grad, so the
+    // cached copies are the LoRA matrices' alone: per layer A 768x8 + B 8x2304 = 24,576
+    // weights, x 12 layers x 2 bytes = 589,824 bytes. The frozen fp32 weights are cast at every
+    // use and kept only as ordinary saved tensors, which checkpointing drops.
+    let m = model("gpt2");
+    let g = graph::build(&m, &plan(lora(8), Precision::MixedBf16, 1, 128, 0, true));
+    let cached: u64 = g
+        .tensors
+        .iter()
+        .filter(|t| t.kind == TensorKind::WeightCopy)
+        .map(|t| t.bytes.0)
+        .sum();
+    // Layers 1..11 are one template op set repeated 11 times: count the template once per copy.
+    let per_layer = (768 * 8 + 8 * 2304) * 2;
+    let templates = g
+        .tensors
+        .iter()
+        .filter(|t| t.kind == TensorKind::WeightCopy)
+        .count();
+    assert_eq!(
+        templates,
+        2 * 2,
+        "LoRA A and B, in layer 0 and in the repeated template"
+    );
+    assert_eq!(cached, 2 * per_layer);
+    // `c_attn`'s frozen 768x2304 weight (+ bias 2304) in a layer whose input needs a gradient:
+    // the matmul keeps its bf16 copy, 2 x (768 x 2304 + 2304) = 3,543,552 bytes (the input, which
+    // only a weight gradient would need, stays with LoRA's A).
+    assert_eq!(
+        saved(&g, "decoder.layers.1+10.self_attn.qkv"),
+        2 * (768 * 2304 + 2304)
+    );
+}
+
+#[test]
+fn checkpointing_drops_the_per_use_copies_of_a_frozen_fp32_base() {
+    // Llama-3.2-1B, LoRA r16 on q,v over an fp32 base, batch 1 x 2048, checkpointed. The frozen
+    // block weights are 16 x (2048x2048 + 2x 2048x512 + 2048x2048 + 3x 2048x8192) = 973,078,528
+    // (q, k, v, o, gate, up, down); their bf16 copies, 1.95 GB, were held to the end of forward
+    // before (the issue's +15.8 %). Now the activations at the peak (the loss) are the checkpoint
+    // inputs and what lies outside the blocks (the LM head's per-use copy of the tied 128,256 x
+    // 2048 embedding, 525 MB), well below half of the block weights' copies.
+    let m = model("llama3.2-1b");
+    let p = plan(lora(16), Precision::MixedBf16, 1, 2048, 0, true);
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let e = ftplan::estimate::estimate(&m, &p, &hw, &ftplan::time::Rates::from_datasheet(&hw))
+        .expect("estimates");
+    let block_copies = 973_078_528u64 * 2;
+    assert!(
+        e.memory.at_peak.activations.0 < block_copies / 2,
+        "activations {} should not hold the block weights' copies ({block_copies})",
+        e.memory.at_peak.activations.0
+    );
+}
+
+#[test]
+fn t5_self_attention_runs_the_fp32_math_path() {
+    // T5-small (8 heads of 64, dropout 0.1), full fine-tuning, batch 2 x 64 source tokens.
+    // The relative bias is a permuted view (last-dim stride 8), so SDPA runs its math path,
+    // which upcasts q, k, v to fp32: each 2 x 8 x 64 x 64 x 4 = 262,144 bytes; one fp32
+    // probability matrix 2 x 8 x 64 x 64 x 4 = 262,144; dropout's mask 65,536 (1 byte) and its
+    // fp32 output 262,144. Saved: 4 x 262,144 + 65,536 + 262,144 = 1,376,256 bytes.
+    let m = model("t5-small");
+    let g = graph::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
+    );
+    assert_eq!(saved(&g, "encoder.layers.1+4.self_attn.core"), 1_376_256);
+}
+
+#[test]
+fn t5_cross_attention_takes_the_fused_kernel() {
+    // The cross-attention bias is a contiguous zeros tensor: the memory-efficient kernel takes
+    // it and keeps bf16 q (2 x 16 x 512 x 2 = 32,768), k and v (2 x 64 x 512 x 2 = 131,072
+    // each), the output (32,768) and the fp32 logsumexp (2 x 8 x 16 x 4 = 1,024): 328,704.
+    let m = model("t5-small");
+    let g = graph::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
+    );
+    assert_eq!(saved(&g, "decoder.layers.1+4.cross_attn.core"), 328_704);
+}
+
+#[test]
+fn t5_casts_the_ffn_activation_to_the_output_weight_dtype() {
+    // `T5DenseActDense` casts the ReLU output to `wo.weight.dtype` (fp32 under mixed precision)
+    // and autocast casts it back to bf16 for `wo`: `wo` keeps that new bf16 tensor, 2 x 64 x
+    // 2048 x 2 = 524,288 bytes, and its weight copy 512 x 2048 x 2 = 2,097,152; ReLU keeps its own
+    // output besides (another 524,288).
+    let m = model("t5-small");
+    let g = graph::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
+    );
+    assert_eq!(saved(&g, "encoder.layers.1+4.mlp.fc2"), 524_288 + 2_097_152);
+    assert_eq!(saved(&g, "encoder.layers.1+4.mlp.act"), 524_288);
+}
+
+#[test]
+fn seq2seq_prompt_tuning_prompts_the_encoder_only() {
+    // peft's PeftModelForSeq2SeqLM prepends the 20 virtual tokens to the encoder's input; the
+    // decoder keeps its 16 target tokens, so the loss's fp32 log-probabilities are
+    // 2 x 16 x 32,128 x 4 = 4,112,384 bytes. The table still has a row set per submodule:
+    // 2 x 20 x 512 = 20,480 trainable parameters.
+    let m = model("t5-small");
+    let p = plan(
+        Method::Prompt { virtual_tokens: 20 },
+        Precision::Bf16,
+        2,
+        64,
+        16,
+        false,
+    );
+    let g = graph::build(&m, &p);
+    assert_eq!(saved(&g, "loss"), 2 * 16 * 32_128 * 4);
+    let trainable: u64 = g
+        .params
+        .iter()
+        .filter(|p| p.trainable)
+        .map(|p| p.elements)
+        .sum();
+    assert_eq!(trainable, 2 * 20 * 512);
+}
+
+#[test]
+fn the_outliers_replayed_on_cpu_are_within_the_bounds() {
+    // validation/outliers.jsonl: issue #10's checkpointed T5-base full fine-tuning and its
+    // fp32-base Llama-3.2-1B LoRA, replayed at full size by measure.py --fake (torch 2.11). On
+    // the H200 they measured 5.24 and 8.40 GiB; the CPU replay of the T5 run takes SDPA's math
+    // path for its cross-attention as well (the CPU's fused kernel refuses a bias that needs a
+    // gradient), the H200 the memory-efficient kernel.
+    use ftplan::spec::registry::resolve_hardware;
+    use ftplan::validate;
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let path = crate::repo("validation/outliers.jsonl");
+    let text = std::fs::read_to_string(&path).expect("ships");
+    let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let bound = if r.name.starts_with("llama") {
+            0.01
+        } else {
+            0.05
+        };
+        assert!(
+            r.error.abs() <= bound,
+            "{}: {:+.1}%",
+            r.name,
+            r.error * 100.0
+        );
+    }
+}
