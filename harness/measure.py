@@ -10,7 +10,7 @@ on stdin:
              "batch": B, "seq": S or [source, target], "grad_ckpt": bool, "attn": "sdpa" | "eager" | "flash2",
              "lora_r", "lora_alpha", "lora_targets": "qv" | "all" | [names], "lora_dora",
              "n_virtual", "adapter_dim", "train_layers", "optimizer": "fused" | "foreach" | "sgd" |
-             "adafactor" | "adamw8bit", "base_fp32": bool},
+             "adafactor" | "adamw8bit" | "paged_adamw_8bit" | "paged_adamw_32bit", "base_fp32": bool},
      "device": "cuda" | "cpu", "steps": N}
 
 It builds the model from the config with random weights (nothing is downloaded), applies the method
@@ -157,12 +157,15 @@ def optimizer(params, name, device):
         return torch.optim.SGD(params, lr=1e-5, momentum=0.9)
     if name == "adafactor":
         return torch.optim.Adafactor(params, lr=1e-5)
-    if name == "adamw8bit":
+    if name in ("adamw8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
         try:
             import bitsandbytes as bnb
         except ImportError:
             emit({"missing": "bitsandbytes"}, 3)
-        return bnb.optim.AdamW8bit(params, lr=1e-5)
+        # Paged states live in CUDA unified memory, outside torch.cuda.max_memory_allocated.
+        kind = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+        return kind(params, lr=1e-5)
     fused = name == "fused" and device == "cuda"
     return torch.optim.AdamW(params, lr=1e-5, fused=fused, foreach=None if fused else True)
 

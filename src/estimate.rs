@@ -270,7 +270,16 @@ pub fn estimate(
         memory.base_params = base;
         memory.trainable_params = trainable;
     }
-    let time = time::estimate(&graph, plan, hardware, rates);
+    let mut time = time::estimate(&graph, plan, hardware, rates);
+    if memory.paged > crate::units::Bytes::ZERO {
+        // Paged states the device has no room for live on the host; every optimizer step
+        // touches all of them, so the evicted pages migrate in and back out over the host link
+        // (CUDA unified memory's on-demand migration).
+        let resident = memory.required + memory.paged;
+        memory.paged_evicted =
+            crate::units::Bytes(resident.0.saturating_sub(hardware.memory.0)).min(memory.paged);
+        time.add_paging(2.0 * memory.paged_evicted.0 as f64 / (hardware.host_link_gbps * 1e9));
+    }
     // No saturated or non-finite figure is ever shown as a result.
     let absurd = memory.required.0 >= MAX_BYTES
         || memory.host.0 >= MAX_BYTES

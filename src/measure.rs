@@ -213,6 +213,8 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
             Optimizer::Adamw => "fused",
             Optimizer::AdamwForeach => "foreach",
             Optimizer::Adamw8bit => "adamw8bit",
+            Optimizer::PagedAdamw8bit => "paged_adamw_8bit",
+            Optimizer::PagedAdamw32bit => "paged_adamw_32bit",
             Optimizer::Sgd => "sgd",
             Optimizer::Adafactor => "adafactor",
         },

@@ -78,6 +78,12 @@ pub struct MemoryEstimate {
     pub trainable_params: u64,
     /// CUDA context and allocator headroom, outside `max_memory_allocated`.
     pub overhead: Bytes,
+    /// Optimizer states in CUDA unified memory (paged optimizers): in neither `peak` nor
+    /// `required`, since the driver can evict them to host memory.
+    pub paged: Bytes,
+    /// The part of `paged` with no room beside `required` on the device: evicted to the host
+    /// and paged back for every optimizer step (set by the estimate, which knows the device).
+    pub paged_evicted: Bytes,
     /// Peak plus overhead: what the device must hold.
     pub required: Bytes,
 }
@@ -104,6 +110,14 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         states.div_ceil(layout.optimizer_div)
     } else {
         Bytes::ZERO
+    };
+    // bitsandbytes' paged optimizers allocate their states with `cudaMallocManaged`
+    // (`F.get_paged`): outside PyTorch's caching allocator, so outside its peak; resident on
+    // the GPU while there is room, evicted page by page to host memory when there is not.
+    let (states_on_gpu, paged) = if plan.optimizer.paged() {
+        (Bytes::ZERO, states_on_gpu)
+    } else {
+        (states_on_gpu, Bytes::ZERO)
     };
     let ddp_buckets = layout.ddp_buckets(all_grads);
     // One cuBLAS workspace per (thread, stream): the forward thread and autograd's device thread.
@@ -332,6 +346,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         trainable_params: trainable.iter().map(|p| p.count()).sum(),
         overhead,
         required: peak + overhead,
+        paged,
+        paged_evicted: Bytes::ZERO,
     }
 }
 

@@ -22,7 +22,7 @@ pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
             let one = match optimizer {
                 Optimizer::Adamw | Optimizer::AdamwForeach => dtype.bytes(p.elements) * 2 + step,
                 // bitsandbytes keeps `step` as a Python int.
-                Optimizer::Adamw8bit => {
+                Optimizer::Adamw8bit | Optimizer::PagedAdamw8bit => {
                     if p.elements < MIN_8BIT_SIZE {
                         DType::F32.bytes(p.elements) * 2
                     } else {
@@ -30,6 +30,8 @@ pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
                             + DType::F32.bytes(p.elements.div_ceil(BNB_BLOCK)) * 2
                     }
                 }
+                // `optim_bits=32`: fp32 states whatever the parameter's dtype.
+                Optimizer::PagedAdamw32bit => DType::F32.bytes(p.elements) * 2,
                 Optimizer::Sgd => dtype.bytes(p.elements),
                 Optimizer::Adafactor => {
                     // Factored second moment for matrices, full for vectors (Shazeer & Stern
@@ -52,7 +54,10 @@ pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
 pub fn step_temporary(optimizer: Optimizer, params: &[&Param]) -> Bytes {
     match optimizer {
         // Fused kernels update in place.
-        Optimizer::Adamw | Optimizer::Adamw8bit => Bytes::ZERO,
+        Optimizer::Adamw
+        | Optimizer::Adamw8bit
+        | Optimizer::PagedAdamw8bit
+        | Optimizer::PagedAdamw32bit => Bytes::ZERO,
         // `_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)` holds one
         // state-sized tensor per parameter until `_foreach_addcdiv_` has used it.
         Optimizer::AdamwForeach => params.iter().map(|p| p.grad_bytes()).sum(),

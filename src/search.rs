@@ -147,15 +147,43 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
             };
             consider("switch to QLoRA (r16, qv)".into(), &p, target, 1, None)?;
         }
-        Method::Lora(l) => {
-            let p = Plan {
-                method: Method::Qlora(l.clone()),
-                ..plan.clone()
+        Method::Lora(l) | Method::Qlora(l) => {
+            let with = |l: Lora| match &plan.method {
+                Method::Lora(_) => Method::Lora(l),
+                _ => Method::Qlora(l),
             };
-            consider("switch to QLoRA (4-bit base)".into(), &p, target, 1, None)?;
+            if let Method::Lora(l) = &plan.method {
+                let p = Plan {
+                    method: Method::Qlora(l.clone()),
+                    ..plan.clone()
+                };
+                consider("switch to QLoRA (4-bit base)".into(), &p, target, 1, None)?;
+            }
+            // A smaller rank or fewer adapted projections: less adapter state and fewer
+            // saved low-rank activations.
+            if l.rank > 8 {
+                let p = Plan {
+                    method: with(Lora {
+                        rank: 8,
+                        alpha: l.alpha * 8.0 / l.rank as f64,
+                        ..l.clone()
+                    }),
+                    ..plan.clone()
+                };
+                consider("LoRA rank 8".into(), &p, target, 1, None)?;
+            }
+            if l.targets != LoraTargets::QueryValue {
+                let p = Plan {
+                    method: with(Lora {
+                        targets: LoraTargets::QueryValue,
+                        ..l.clone()
+                    }),
+                    ..plan.clone()
+                };
+                consider("LoRA on q and v only".into(), &p, target, 1, None)?;
+            }
         }
-        Method::Qlora(_)
-        | Method::Adapter { .. }
+        Method::Adapter { .. }
         | Method::Prefix { .. }
         | Method::Prompt { .. }
         | Method::Ia3
@@ -163,6 +191,12 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         | Method::LnTuning
         | Method::Freeze { .. } => {}
     }
+    // Paged 8-bit AdamW (the QLoRA recipe): states in unified memory, which the driver evicts
+    // to host memory when the GPU has no room; slower only by the pages it moves.
+    let paged = Plan {
+        optimizer: Optimizer::PagedAdamw8bit,
+        ..plan.clone()
+    };
     match plan.optimizer {
         Optimizer::Adamw | Optimizer::AdamwForeach => {
             let p = Plan {
@@ -170,6 +204,13 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
                 ..plan.clone()
             };
             consider("use 8-bit AdamW (bitsandbytes)".into(), &p, target, 1, None)?;
+            consider(
+                "use paged 8-bit AdamW (states evicted to host under pressure)".into(),
+                &paged,
+                target,
+                1,
+                None,
+            )?;
             // Factored second moments, no first moment (Shazeer & Stern 2018).
             let p = Plan {
                 optimizer: Optimizer::Adafactor,
@@ -183,7 +224,17 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
                 None,
             )?;
         }
-        Optimizer::Adamw8bit | Optimizer::Sgd | Optimizer::Adafactor => {}
+        Optimizer::Adamw8bit => consider(
+            "use paged 8-bit AdamW (states evicted to host under pressure)".into(),
+            &paged,
+            target,
+            1,
+            None,
+        )?,
+        Optimizer::PagedAdamw8bit
+        | Optimizer::PagedAdamw32bit
+        | Optimizer::Sgd
+        | Optimizer::Adafactor => {}
     }
     // Full fine-tuning in pure bf16: bf16 weights, gradients and optimizer states, no fp32
     // master copy (what many recipes do when memory is short).

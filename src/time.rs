@@ -136,6 +136,19 @@ pub struct TimeEstimate {
     pub exposed_communication_seconds: f64,
     /// Idle fraction of a pipeline stage under 1F1B: (p - 1) / (M + p - 1).
     pub bubble_fraction: f64,
+    /// Host-link time of paged optimizer states evicted to host memory (zero when resident).
+    pub paging_seconds: f64,
+}
+
+impl TimeEstimate {
+    /// Adds time the GPU waits for evicted optimizer pages, on the step's critical path.
+    pub fn add_paging(&mut self, seconds: f64) {
+        let scale = self.step_seconds / (self.step_seconds + seconds);
+        self.paging_seconds += seconds;
+        self.step_seconds += seconds;
+        self.tokens_per_second *= scale;
+        self.mfu *= scale;
+    }
 }
 
 fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
@@ -269,7 +282,10 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let state_bytes = crate::optimizer::state_bytes(plan.optimizer, &trainable);
     let (passes, kernels_per_tensor) = match plan.optimizer {
         // multi_tensor_apply: one launch covers many tensors.
-        Optimizer::Adamw | Optimizer::Adamw8bit => (1.0, 0.05),
+        Optimizer::Adamw
+        | Optimizer::Adamw8bit
+        | Optimizer::PagedAdamw8bit
+        | Optimizer::PagedAdamw32bit => (1.0, 0.05),
         // ~10 _foreach_ kernels, each a pass over its operands.
         Optimizer::AdamwForeach => (4.0, 0.5),
         Optimizer::Sgd => (2.0, 0.1),
@@ -357,5 +373,6 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         data_parallel_bytes: sched.data_parallel_bytes,
         exposed_communication_seconds: sched.exposed_seconds,
         bubble_fraction: sched.bubble_fraction,
+        paging_seconds: 0.0,
     }
 }

@@ -225,6 +225,8 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         Some("sgd") => Optimizer::Sgd,
         Some("adafactor") => Optimizer::Adafactor,
         Some("adamw8bit") => Optimizer::Adamw8bit,
+        Some("paged_adamw_8bit") => Optimizer::PagedAdamw8bit,
+        Some("paged_adamw_32bit") => Optimizer::PagedAdamw32bit,
         Some(other) => return Err(bad("optimizer", format!("`{other}` is not known"))),
     };
     let (seq, target_seq) = match &run.seq {

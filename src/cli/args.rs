@@ -106,6 +106,10 @@ pub enum OptimizerArg {
     AdamwForeach,
     #[value(name = "adamw-8bit")]
     Adamw8bit,
+    #[value(name = "paged-adamw-8bit")]
+    PagedAdamw8bit,
+    #[value(name = "paged-adamw-32bit")]
+    PagedAdamw32bit,
     Sgd,
     Adafactor,
 }

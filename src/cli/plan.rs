@@ -189,10 +189,12 @@ const PRECISIONS: [(&str, PrecisionArg); 4] = [
     ("bf16", PrecisionArg::Bf16),
     ("fp32", PrecisionArg::Fp32),
 ];
-const OPTIMIZERS: [(&str, OptimizerArg); 5] = [
+const OPTIMIZERS: [(&str, OptimizerArg); 7] = [
     ("adamw", OptimizerArg::Adamw),
     ("adamw-foreach", OptimizerArg::AdamwForeach),
     ("adamw-8bit", OptimizerArg::Adamw8bit),
+    ("paged-adamw-8bit", OptimizerArg::PagedAdamw8bit),
+    ("paged-adamw-32bit", OptimizerArg::PagedAdamw32bit),
     ("sgd", OptimizerArg::Sgd),
     ("adafactor", OptimizerArg::Adafactor),
 ];
@@ -594,6 +596,8 @@ impl PlanInput {
             OptimizerArg::Adamw => Optimizer::Adamw,
             OptimizerArg::AdamwForeach => Optimizer::AdamwForeach,
             OptimizerArg::Adamw8bit => Optimizer::Adamw8bit,
+            OptimizerArg::PagedAdamw8bit => Optimizer::PagedAdamw8bit,
+            OptimizerArg::PagedAdamw32bit => Optimizer::PagedAdamw32bit,
             OptimizerArg::Sgd => Optimizer::Sgd,
             OptimizerArg::Adafactor => Optimizer::Adafactor,
         };
@@ -611,7 +615,7 @@ impl PlanInput {
         let hw = &gpu.value;
         let computes_bf16 = !matches!(precision, Precision::Fp32 | Precision::MixedFp16)
             || matches!(method, Method::Qlora(_));
-        if computes_bf16 && hw.bf16_tflops <= hw.fp32_tflops * 1.01 {
+        if computes_bf16 && !hw.has_bf16_tensor_cores() {
             notes.push(format!(
                 "`{}` has no bf16 tensor cores: bf16 runs at its fp32 rate ({} TFLOP/s); fp16 mixed precision uses its fp16 tensor cores ({} TFLOP/s): try --precision mixed-fp16",
                 hw.name, hw.fp32_tflops, hw.fp16_tflops

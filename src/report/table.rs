@@ -120,6 +120,23 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         "CUDA context, allocator slack",
     );
     row(&mut t, "required", gib(m.required), "");
+    if m.paged > crate::units::Bytes::ZERO {
+        // Paged optimizer states: outside the allocator's peak; resident while there is room.
+        let note = if m.paged_evicted > crate::units::Bytes::ZERO {
+            format!(
+                "unified memory: {} GiB evicted to host, paged in every step (+{:.0} ms)",
+                gib(m.paged_evicted),
+                e.time.paging_seconds * 1e3
+            )
+        } else {
+            format!(
+                "unified memory, resident: {} GiB on the GPU with them; up to {} GiB of host memory under pressure",
+                gib(m.required + m.paged),
+                gib(m.paged)
+            )
+        };
+        row(&mut t, "paged optimizer states", gib(m.paged), &note);
+    }
     let par = &e.plan.parallel;
     if par.gpus > 1 || par.engine != crate::spec::parallel::Engine::Ddp {
         row(

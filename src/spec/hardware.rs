@@ -108,6 +108,12 @@ pub struct Hardware {
 }
 
 impl Hardware {
+    /// Whether bf16 runs on tensor cores (not on V100 or T4, whose datasheets give bf16 no
+    /// rate above fp32's).
+    pub fn has_bf16_tensor_cores(&self) -> bool {
+        self.bf16_tflops > self.fp32_tflops * 1.01
+    }
+
     /// Peak dense matmul rate for a dtype, FLOP/s.
     pub fn peak_flops(&self, dtype: DType) -> f64 {
         1e12 * match dtype {

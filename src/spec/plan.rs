@@ -357,11 +357,28 @@ pub enum Optimizer {
     /// bitsandbytes `AdamW8bit`: two 1-byte states plus fp32 block-wise absmax per 2048 values
     /// (Dettmers et al. 2022).
     Adamw8bit,
+    /// bitsandbytes `PagedAdamW8bit` (`paged_adamw_8bit`): AdamW8bit's states in CUDA unified
+    /// memory (`F.get_paged` -> `cudaMallocManaged`), outside PyTorch's caching allocator; the
+    /// driver evicts them to host memory under pressure (Dettmers et al. 2023, QLoRA sec. 2,
+    /// "paged optimizers").
+    #[serde(rename = "paged-adamw-8bit")]
+    PagedAdamw8bit,
+    /// bitsandbytes `PagedAdamW32bit` (`paged_adamw_32bit`): two fp32 states per parameter in
+    /// unified memory.
+    #[serde(rename = "paged-adamw-32bit")]
+    PagedAdamw32bit,
     /// `torch.optim.SGD(momentum=0.9)`: one momentum buffer per parameter.
     Sgd,
     /// `torch.optim.Adafactor`: factored second moments (a row and a column vector per matrix),
     /// no first moment (Shazeer & Stern 2018).
     Adafactor,
+}
+
+impl Optimizer {
+    /// Whether its states live in CUDA unified memory (paged), outside PyTorch's allocator.
+    pub fn paged(self) -> bool {
+        matches!(self, Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit)
+    }
 }
 
 /// Which attention implementation the model runs.
