@@ -11,7 +11,13 @@ on stdin:
              "lora_r", "lora_alpha", "lora_targets": "qv" | "all" | [names], "lora_dora",
              "n_virtual", "adapter_dim", "train_layers", "optimizer": "fused" | "foreach" | "sgd" |
              "adafactor" | "adamw8bit" | "paged_adamw_8bit" | "paged_adamw_32bit", "base_fp32": bool},
-     "device": "cuda" | "cpu", "steps": N}
+     "device": "cuda" | "cpu", "steps": N, "world_size": W, "engine": "ddp" | "fsdp" | "fsdp-grad-op"}
+
+A multi-GPU plan (`world_size` > 1) runs under `torchrun --nproc_per_node W`, the spec in a file
+(`--spec FILE`): DDP, or FSDP2 `fully_shard` on every block (the model's `_no_split_modules`) and the
+root, `reshard_after_forward` False for fsdp-grad-op, `MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)` in place of autocast. Ranks use NCCL on CUDA (one GPU each) and gloo on CPU; rank 0
+prints the reply with every rank's peak (`peak_by_rank`; `peak` is the largest).
 
 It builds the model from the config with random weights (nothing is downloaded), applies the method
 with peft as people do, trains N steps on random tokens and prints one JSON object on stdout:
@@ -21,15 +27,19 @@ steps after the first, tokens/s, parameter counts and versions. Exit 3: a packag
 (`{"missing": name}`); 4: the device is unavailable; 5: out of memory (`{"oom": true, ...}`).
 """
 import json
+import os
 import statistics
 import sys
 import time
 import weakref
 
+RANK = int(os.environ.get("RANK", "0"))
+
 
 def emit(obj, code=0):
-    print(json.dumps(obj))
-    sys.stdout.flush()
+    if RANK == 0 or code != 0:
+        print(json.dumps(obj))
+        sys.stdout.flush()
     sys.exit(code)
 
 
@@ -55,6 +65,8 @@ class LiveBytes(TorchDispatchMode):
             self.track(t)
 
     def track(self, t):
+        if hasattr(t, "to_local"):  # an FSDP2 parameter (DTensor): this rank's shard
+            t = t.to_local()
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
             return
         st = t.untyped_storage()
@@ -195,8 +207,32 @@ def host_costs(device):
     return {"dispatch_us": dispatch, "module_us": module}
 
 
+def wrap(model, engine, device, mixed):
+    """Data parallelism as the plan lays it out: DDP, or FSDP2 on every block and the root."""
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [torch.cuda.current_device()] if device == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = {"reshard_after_forward": engine != "fsdp-grad-op"}
+    if mixed:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks |= set(getattr(base, "_no_split_modules", None) or [])
+    for m in list(model.modules()):
+        if type(m).__name__ in blocks:
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
 def main():
-    spec = json.load(sys.stdin)
+    if "--spec" in sys.argv:
+        with open(sys.argv[sys.argv.index("--spec") + 1]) as f:
+            spec = json.load(f)
+    else:
+        spec = json.load(sys.stdin)
     if spec.get("calibrate_host"):
         device = spec["device"]
         if device == "cuda" and not torch.cuda.is_available():
@@ -207,6 +243,16 @@ def main():
     run, device, steps = spec["run"], spec["device"], max(2, spec.get("steps", 4))
     if device == "cuda" and not torch.cuda.is_available():
         emit({"unavailable": "no CUDA device is visible to PyTorch"}, 4)
+    world, engine = spec.get("world_size", 1), spec.get("engine", "ddp")
+    dist = None
+    if world > 1:
+        import torch.distributed as dist
+        if device == "cuda":
+            if torch.cuda.device_count() < world:
+                emit({"unavailable": f"the plan needs {world} GPUs on this node, PyTorch sees "
+                                     f"{torch.cuda.device_count()}"}, 4)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     cfg = dict(spec["config"])
     model_type = cfg.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **cfg)
@@ -235,7 +281,7 @@ def main():
             bnb_4bit_compute_dtype=torch.bfloat16)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with torch.device(device):
+    with torch.device(torch.cuda.current_device() if device == "cuda" else device):
         try:
             model = cls.from_config(config, attn_implementation=attn, **kwargs)
         except ValueError as e:
@@ -249,9 +295,13 @@ def main():
         if frozen or method in ("bitfit", "ln_tuning", "freeze"):
             model.enable_input_require_grads()
     model.train()
+    autocast = not (method == "full_bf16" or (method not in FROZEN and run.get("precision") == "fp32"))
+    if dist is not None:
+        fsdp = engine != "ddp"
+        model = wrap(model, engine, device, mixed=fsdp and autocast)
+        autocast = autocast and not fsdp  # FSDP's mixed-precision policy casts instead
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, run.get("optimizer", "fused"), device)
-    autocast = not (method == "full_bf16" or (method not in FROZEN and run.get("precision") == "fp32"))
     vocab = config.vocab_size
     seq = run["seq"]
     src, tgt = (seq[0], seq[1]) if isinstance(seq, list) else (seq, 0)
@@ -263,12 +313,16 @@ def main():
     else:
         inputs["labels"] = inputs["input_ids"]
     tracker = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # after any sharding: the steady state is measured
     if device == "cpu":
         tracker = LiveBytes(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
         tracker.__enter__()
     times, peaks = [], []
     try:
         for _ in range(steps):
+            if dist is not None:
+                dist.barrier()
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -291,8 +345,17 @@ def main():
     finally:
         if tracker is not None:
             tracker.__exit__(None, None, None)
+    peak = max(peaks)
+    by_rank = [peak]
+    if dist is not None:
+        by_rank = [None] * world
+        dist.all_gather_object(by_rank, peak)
+        times_all = [None] * world
+        dist.all_gather_object(times_all, statistics.median(times[1:]))
+        times = [0.0, max(times_all)]
+        dist.destroy_process_group()
     step = statistics.median(times[1:])
-    tokens = batch * (src + tgt)
+    tokens = batch * (src + tgt) * world
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import peft
@@ -301,15 +364,17 @@ def main():
         pass
     emit({
         "measured": {
-            "peak": max(peaks),
+            "peak": max(by_rank),
             "peak_by_step": peaks,
+            "peak_by_rank": by_rank,
             "step_seconds": step,
             "tokens_per_second": tokens / step,
-            "params_total": sum(p.numel() for p in model.parameters()),
+            "params_total": sum(p.numel() for p in model.parameters()),  # DTensors: global sizes
             "params_trainable": sum(p.numel() for p in params),
         },
         "environment": dict(versions, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                            python=sys.version.split()[0]),
+                            python=sys.version.split()[0], world_size=world,
+                            **({"engine": engine} if world > 1 else {})),
     })
 
 

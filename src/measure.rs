@@ -39,6 +39,54 @@ pub struct Measured {
     pub tokens_per_second: f64,
     pub params_total: u64,
     pub params_trainable: u64,
+    /// Each rank's peak, for a multi-GPU plan (`peak` is the largest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peak_by_rank: Vec<u64>,
+}
+
+/// A plan's data-parallel layout as the harness runs it under `torchrun`, or why it cannot:
+/// one node's GPUs with DDP or FSDP2 (`fully_shard`); ZeRO needs DeepSpeed's launcher, and tensor
+/// or pipeline parallelism, offload and several nodes need more than one `torchrun`.
+pub fn layout(plan: &Plan) -> Result<Option<(u64, &'static str)>> {
+    use crate::spec::parallel::{Engine, Offload};
+    let par = &plan.parallel;
+    if par.gpus <= 1 {
+        return Ok(None);
+    }
+    let refuse = |field: &str, what: &str| {
+        Err(Error::field(
+            "plan",
+            field,
+            format!(
+                "{what} is not measured by `ftplan measure` (one torchrun, one node, DDP or FSDP2)"
+            ),
+        )
+        .with_hint("measure the plan with --engine ddp, fsdp or fsdp-grad-op on one node's GPUs"))
+    };
+    if par.tp > 1 || par.pp > 1 {
+        return refuse(
+            if par.tp > 1 { "tp" } else { "pp" },
+            "tensor or pipeline parallelism",
+        );
+    }
+    if par.offload != Offload::None {
+        return refuse("offload", "offload");
+    }
+    if par.gpus > par.gpus_per_node {
+        return refuse("gpus", "a multi-node job");
+    }
+    if par.grad_accum > 1 {
+        return refuse("grad-accum", "gradient accumulation");
+    }
+    let engine = match par.engine {
+        Engine::Ddp => "ddp",
+        Engine::Fsdp => "fsdp",
+        Engine::FsdpGradOp => "fsdp-grad-op",
+        Engine::Zero1 | Engine::Zero2 | Engine::Zero3 | Engine::FsdpHybrid => {
+            return refuse("engine", "this engine");
+        }
+    };
+    Ok(Some((par.gpus, engine)))
 }
 
 /// A run's outcome: measured, or out of memory (the plan does not fit).
@@ -315,12 +363,16 @@ pub fn run_harness(
     run: &Value,
     device: Device,
     steps: u32,
+    layout: Option<(u64, &str)>,
 ) -> Result<Outcome> {
+    let (world, engine) = layout.unwrap_or((1, "ddp"));
     let spec = json!({
         "config": config,
         "run": run,
         "device": device_name(device),
         "steps": steps,
+        "world_size": world,
+        "engine": engine,
     });
     match invoke(python, &spec) {
         Ok(v) => {
@@ -363,8 +415,25 @@ fn invoke(python: &Path, spec: &Value) -> std::result::Result<Value, Failure> {
         path: script.clone(),
         message: e.to_string(),
     })?;
-    let mut child = std::process::Command::new(python)
-        .arg(&script)
+    let world = spec["world_size"].as_u64().unwrap_or(1);
+    let mut command = std::process::Command::new(python);
+    if world > 1 {
+        // torchrun starts one process per rank; they read the plan from a file.
+        let path = dir.path().join("spec.json");
+        std::fs::write(&path, spec.to_string()).map_err(|e| Error::Write {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        command
+            .args(["-m", "torch.distributed.run", "--standalone"])
+            .arg(format!("--nproc_per_node={world}"))
+            .arg(&script)
+            .arg("--spec")
+            .arg(&path);
+    } else {
+        command.arg(&script);
+    }
+    let mut child = command
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -394,7 +463,19 @@ fn invoke(python: &Path, spec: &Value) -> std::result::Result<Value, Failure> {
         .find(|l| !l.trim().is_empty())
         .unwrap_or("")
         .to_string();
-    match (out.status.code(), reply) {
+    // Under torchrun a rank's own exit status becomes torchrun's 1; its reply still says why.
+    // `python -m torch.distributed.run` without torch fails before the harness can say so.
+    let reply = reply.or_else(|| {
+        (stderr.contains("No module named torch") || stderr.contains("No module named 'torch'"))
+            .then(|| json!({"missing": "torch"}))
+    });
+    let code = match &reply {
+        Some(v) if v.get("missing").is_some() => Some(3),
+        Some(v) if v.get("unavailable").is_some() => Some(4),
+        Some(v) if v.get("oom").is_some() => Some(5),
+        _ => out.status.code(),
+    };
+    match (code, reply) {
         (Some(0), Some(v)) => Ok(v),
         (Some(3), Some(v)) => Err(Failed(Error::Plan {
             message: format!(

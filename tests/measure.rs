@@ -159,14 +159,6 @@ fn missing_packages_devices_and_out_of_memory_are_said() {
         err.contains("cannot run") && err.contains("--python"),
         "{err}"
     );
-    // A multi-GPU plan is not measured (yet): exit 2 naming the field.
-    let out = ftplan()
-        .args([
-            "measure", "--model", "gpt2", "--gpu", "h200", "--gpus", "2", "--seq", "512",
-        ])
-        .assert()
-        .code(2);
-    assert!(crate::stderr_of(&out).contains("`gpus`"));
 }
 
 #[test]
@@ -212,4 +204,51 @@ fn host_costs_are_learned_into_the_calibration_file() {
         .value;
     let rates = c.rates(&hw);
     assert!((rates.launch_overhead - host.dispatch_us * 1e-6).abs() < 1e-12);
+}
+
+#[test]
+fn a_multi_gpu_plan_runs_under_torchrun_with_fsdp2() {
+    // Two gloo ranks on CPU, each FSDP2-sharding Llama's structure at toy size (every block and
+    // the root `fully_shard`ed, bf16 parameters gathered, fp32 gradients reduced): both ranks
+    // report a peak, the largest is compared with the per-GPU estimate, and the trainable count
+    // is the whole model's: embeddings 2 x 512 x 64 + per layer (q 64x64 + k, v 64x32 + o 64x64
+    // + 3 x 64x128 + 2 norms of 64) x 2 + the final norm = 65,536 + 2 x 45,184 + 64 = 155,968.
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let saved = dir.path().join("runs.jsonl");
+    let v = measure(
+        &py,
+        &["--model", "llama3.2-1b", "--gpus", "2", "--engine", "fsdp"],
+        &saved,
+    );
+    let ranks = v["measured"]["peak_by_rank"].as_array().expect("per rank");
+    assert_eq!(ranks.len(), 2);
+    assert_eq!(v["environment"]["world_size"], 2);
+    assert_eq!(
+        v["measured"]["params_trainable"],
+        v["estimate"]["trainable_params"]
+    );
+    let err = v["errors"]["peak"].as_f64().expect("error");
+    assert!(err.abs() < 0.10, "peak error {err}");
+    let line = std::fs::read_to_string(&saved).expect("saved");
+    assert!(line.contains("\"engine\":\"fsdp\""), "{line}");
+}
+
+#[test]
+fn layouts_one_torchrun_cannot_run_are_refused_by_name() {
+    // ZeRO needs DeepSpeed's launcher, tensor parallelism Megatron's: exit 2, the field named.
+    for (flags, field) in [
+        (&["--gpus", "2", "--engine", "zero2"][..], "engine"),
+        (&["--gpus", "2", "--tp", "2"][..], "tp"),
+        (&["--gpus", "16", "--gpus-per-node", "8"][..], "gpus"),
+    ] {
+        let mut args = vec![
+            "measure", "--model", "gpt2", "--gpu", "h200", "--device", "cpu",
+        ];
+        args.extend_from_slice(flags);
+        let out = ftplan().args(&args).assert().code(2);
+        let err = crate::stderr_of(&out);
+        assert!(err.contains(&format!("field `{field}`")), "{err}");
+        crate::assert_message_policy(&err);
+    }
 }

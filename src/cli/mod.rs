@@ -236,15 +236,7 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
     }
     let r = input.resolve()?;
     note(&r.notes);
-    if r.plan.parallel.gpus > 1 {
-        return Err(Error::field(
-            &r.origin,
-            "gpus",
-            "multi-GPU plans are not measured yet (one process, one device)",
-        )
-        .with_hint("measure one GPU's plan, or one rank with ../shared/gt/fsdp_fake.py")
-        .into());
-    }
+    let layout = measure::layout(&r.plan)?;
     let model_arg = input.model.clone().unwrap_or_default();
     let mut config = ftplan::spec::registry::model_config(&model_arg)?;
     let mut model = r.model.clone();
@@ -272,7 +264,11 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
             .collect();
         run["lora_targets"] = serde_json::json!(names);
     }
-    match measure::run_harness(&a.python, &config, &run, device, a.steps)? {
+    if let Some((world, engine)) = layout {
+        run["world_size"] = serde_json::json!(world);
+        run["engine"] = serde_json::json!(engine);
+    }
+    match measure::run_harness(&a.python, &config, &run, device, a.steps, layout)? {
         Outcome::OutOfMemory(message) => {
             eprintln!(
                 "out of memory: {message} (estimated peak {:.2} GiB)",
@@ -292,8 +288,14 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
             let c = Comparison::new(estimate, measured, environment);
             match a.format {
                 Format::Table => {
+                    let ranks = match layout {
+                        Some((world, engine)) => format!(
+                            ", {world} ranks ({engine}; the estimate is per GPU, the peak the largest rank's)"
+                        ),
+                        None => String::new(),
+                    };
                     outln!(
-                        "{} {} on {}: estimate against a run of {} steps",
+                        "{} {} on {}{ranks}: estimate against a run of {} steps",
                         model.name,
                         r.plan.method.name(),
                         c.environment["device"].as_str().unwrap_or("?"),
