@@ -135,9 +135,13 @@ impl<'a> Reader<'a> {
     }
 
     fn bool_or(&self, keys: &[&'static str], default: bool) -> Result<bool> {
+        Ok(self.opt_bool(keys)?.unwrap_or(default))
+    }
+
+    fn opt_bool(&self, keys: &[&'static str]) -> Result<Option<bool>> {
         match self.raw(keys) {
-            None => Ok(default),
-            Some((key, value)) => value.as_bool().ok_or_else(|| {
+            None => Ok(None),
+            Some((key, value)) => value.as_bool().map(Some).ok_or_else(|| {
                 Error::field(
                     self.path,
                     key,
@@ -296,9 +300,15 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         Some((_, v)) if v.as_u64() == Some(0) => None,
         _ => r.opt_u64(&["sliding_window"])?,
     };
-    let on = r.bool_or(&["use_sliding_window"], true)?;
-    let window = window.filter(|_| on);
+    // `use_sliding_window: false` turns the window off; absent, it is on where `layer_types`
+    // lists sliding layers and by the family's rule, except Qwen's, whose configs default it off.
+    let qwen = matches!(
+        family,
+        Family::Qwen2 | Family::Qwen3 | Family::Qwen2Moe | Family::Qwen3Moe
+    );
+    let flag = r.opt_bool(&["use_sliding_window"])?;
     if let Some((key, Value::Array(list))) = r.raw(&["layer_types"]) {
+        let window = window.filter(|_| flag != Some(false));
         if list.len() as u64 != layers {
             return Err(Error::field(
                 r.path,
@@ -323,7 +333,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             })
             .collect();
     }
-    let Some(w) = window else {
+    let Some(w) = window.filter(|_| flag.unwrap_or(!qwen)) else {
         return Ok(vec![Mixer::Attention]);
     };
     let local = Mixer::SlidingWindow { window: w };
@@ -337,11 +347,8 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             v.push(Mixer::Attention);
             v
         }
-        // Qwen2/Qwen3: `use_sliding_window` on the layers from `max_window_layers` up.
-        Family::Qwen2 | Family::Qwen3 | Family::Qwen2Moe | Family::Qwen3Moe => {
-            if !r.bool_or(&["use_sliding_window"], false)? {
-                return Ok(vec![Mixer::Attention]);
-            }
+        // Qwen2/Qwen3: the window on the layers from `max_window_layers` up.
+        _ if qwen => {
             let from = r.opt_u64(&["max_window_layers"])?.unwrap_or(layers);
             (0..layers)
                 .map(|l| if l >= from { local } else { Mixer::Attention })
@@ -688,13 +695,12 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
-        decoder: Stack {
-            layers: r.u64(&["n_layer", "num_hidden_layers"])?,
+        decoder: Stack::multi_head(
+            r.u64(&["n_layer", "num_hidden_layers"])?,
             heads,
-            kv_heads: heads,
-            head_dim: hidden / heads.max(1),
-            intermediate_size: r.opt_u64(&["n_inner"])?.unwrap_or(4 * hidden),
-        },
+            hidden / heads.max(1),
+            r.opt_u64(&["n_inner"])?.unwrap_or(4 * hidden),
+        ),
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
@@ -735,13 +741,12 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
-        decoder: Stack {
-            layers: r.u64(&["num_hidden_layers"])?,
+        decoder: Stack::multi_head(
+            r.u64(&["num_hidden_layers"])?,
             heads,
-            kv_heads: heads,
-            head_dim: hidden / heads.max(1),
-            intermediate_size: r.u64(&["ffn_dim"])?,
-        },
+            hidden / heads.max(1),
+            r.u64(&["ffn_dim"])?,
+        ),
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
@@ -781,13 +786,12 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
-        decoder: Stack {
-            layers: r.u64(&["num_hidden_layers"])?,
+        decoder: Stack::multi_head(
+            r.u64(&["num_hidden_layers"])?,
             heads,
-            kv_heads: heads,
-            head_dim: hidden / heads.max(1),
-            intermediate_size: r.u64(&["intermediate_size"])?,
-        },
+            hidden / heads.max(1),
+            r.u64(&["intermediate_size"])?,
+        ),
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
@@ -957,13 +961,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
         "relative_attention_max_distance",
         "decoder_start_token_id",
     ]);
-    let stack = |layers| Stack {
-        layers,
-        heads,
-        kv_heads: heads,
-        head_dim,
-        intermediate_size: ff,
-    };
+    let stack = |layers| Stack::multi_head(layers, heads, head_dim, ff);
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
@@ -994,13 +992,8 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
     let enc_heads = r.u64(&["encoder_attention_heads"])?;
     let dec_heads = r.u64(&["decoder_attention_heads"])?;
     r.raw(&["scale_embedding", "init_std"]);
-    let stack = |layers, heads: u64, ff| Stack {
-        layers,
-        heads,
-        kv_heads: heads,
-        head_dim: hidden / heads.max(1),
-        intermediate_size: ff,
-    };
+    let stack =
+        |layers, heads: u64, ff| Stack::multi_head(layers, heads, hidden / heads.max(1), ff);
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,

@@ -248,6 +248,11 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A stack whose every head has its own keys and values (no grouping).
+    pub fn multi_head(layers: u64, heads: u64, head_dim: u64, intermediate: u64) -> Stack {
+        Stack::new(layers, heads, heads, head_dim, intermediate)
+    }
+
     pub fn new(layers: u64, heads: u64, kv_heads: u64, head_dim: u64, intermediate: u64) -> Stack {
         Stack {
             layers,
