@@ -59,6 +59,11 @@ struct Run {
     /// FSDP's SHARD_GRAD_OP instead of FULL_SHARD.
     #[serde(default)]
     grad_op: bool,
+    /// `ftplan measure`'s multi-GPU runs: ranks and engine (`ddp`, `fsdp`, `fsdp-grad-op`).
+    #[serde(default)]
+    world_size: Option<u64>,
+    #[serde(default)]
+    engine: Option<String>,
 }
 
 /// One compared run.
@@ -117,17 +122,27 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
     })?;
     let model = parse_config(where_, &rec.config, &rec.run.model, false)?;
     let mut plan = plan_of(where_, &rec.run)?;
-    if let Some(world) = rec.world_size {
-        // One rank of an N-way FSDP2 run on one machine (`fsdp_fake.py`): every block and the
-        // root `fully_shard`ed, bf16 param dtype, fp32 reduce dtype, no autocast.
+    if let Some(world) = rec.world_size.or(rec.run.world_size).filter(|&w| w > 1) {
+        // One rank of an N-way run on one node: FSDP2 (`fsdp_fake.py`, `ftplan measure`: every
+        // block and the root `fully_shard`ed, bf16 param dtype, fp32 reduce dtype, no autocast)
+        // or DDP (`ftplan measure`).
+        use crate::spec::parallel::Engine;
+        let engine = match (rec.run.engine.as_deref(), rec.run.grad_op) {
+            (Some("ddp"), _) => Engine::Ddp,
+            (Some("fsdp-grad-op"), _) | (None, true) => Engine::FsdpGradOp,
+            (Some("fsdp") | None, _) => Engine::Fsdp,
+            (Some(other), _) => {
+                return Err(Error::field(
+                    where_,
+                    "engine",
+                    format!("`{other}` is not a measured engine (ddp, fsdp, fsdp-grad-op)"),
+                ));
+            }
+        };
         plan.parallel = crate::spec::parallel::Parallel {
             gpus: world,
             gpus_per_node: world,
-            engine: if rec.run.grad_op {
-                crate::spec::parallel::Engine::FsdpGradOp
-            } else {
-                crate::spec::parallel::Engine::Fsdp
-            },
+            engine,
             ..crate::spec::parallel::Parallel::single()
         };
     }

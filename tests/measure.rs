@@ -232,6 +232,20 @@ fn a_multi_gpu_plan_runs_under_torchrun_with_fsdp2() {
     assert!(err.abs() < 0.10, "peak error {err}");
     let line = std::fs::read_to_string(&saved).expect("saved");
     assert!(line.contains("\"engine\":\"fsdp\""), "{line}");
+    // `validate --file` plans the saved run as the 2-rank FSDP2 layout it was, not one GPU.
+    let out = ftplan()
+        .args([
+            "validate",
+            "--file",
+            saved.to_str().expect("utf-8"),
+            "--format",
+            "json",
+        ])
+        .assert();
+    let v: Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    let parallel = &v["rows"][0]["plan"]["parallel"];
+    assert_eq!(parallel["gpus"], 2, "{v}");
+    assert_eq!(parallel["engine"], "fsdp", "{v}");
 }
 
 #[test]
