@@ -179,13 +179,7 @@ fn the_outliers_replayed_on_cpu_are_within_the_bounds() {
     // the H200 they measured 5.24 and 8.40 GiB; the CPU replay of the T5 run takes SDPA's math
     // path for its cross-attention as well (the CPU's fused kernel refuses a bias that needs a
     // gradient), the H200 the memory-efficient kernel.
-    use ftplan::spec::registry::resolve_hardware;
-    use ftplan::validate;
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let rates = ftplan::time::Rates::from_datasheet(&hw);
-    let path = crate::repo("validation/outliers.jsonl");
-    let text = std::fs::read_to_string(&path).expect("ships");
-    let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
+    let rows = crate::shipped_rows("validation/outliers.jsonl");
     assert_eq!(rows.len(), 2);
     for r in &rows {
         let bound = if r.name.starts_with("llama") {

@@ -21,6 +21,17 @@ pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// The runs of a shipped `validation/*.jsonl` file compared with their H200 estimates.
+pub fn shipped_rows(file: &str) -> Vec<ftplan::validate::Row> {
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let path = repo(file);
+    let text = std::fs::read_to_string(&path).expect("ships");
+    ftplan::validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans")
+}
+
 /// The `ftplan` binary, run from the repository root.
 pub fn ftplan() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("ftplan").expect("the ftplan binary is built");

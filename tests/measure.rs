@@ -70,17 +70,18 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
     // --save appended three lines that `ftplan validate --file` reads back.
     let text = std::fs::read_to_string(&saved).expect("saved");
     assert_eq!(text.lines().count(), 3);
-    let out = ftplan()
-        .args([
-            "validate",
-            "--file",
-            saved.to_str().expect("utf-8"),
-            "--format",
-            "json",
-        ])
-        .assert();
-    let v: Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    let v = validate_json(&saved);
     assert_eq!(v["rows"].as_array().map(Vec::len), Some(3), "{v}");
+}
+
+/// `ftplan validate --file FILE --format json`.
+fn validate_json(file: &Path) -> Value {
+    let out = ftplan()
+        .args(["validate", "--file"])
+        .arg(file)
+        .args(["--format", "json"])
+        .assert();
+    serde_json::from_slice(&out.get_output().stdout).expect("JSON")
 }
 
 /// A stand-in for Python that answers as the harness does in one situation.
@@ -233,16 +234,7 @@ fn a_multi_gpu_plan_runs_under_torchrun_with_fsdp2() {
     let line = std::fs::read_to_string(&saved).expect("saved");
     assert!(line.contains("\"engine\":\"fsdp\""), "{line}");
     // `validate --file` plans the saved run as the 2-rank FSDP2 layout it was, not one GPU.
-    let out = ftplan()
-        .args([
-            "validate",
-            "--file",
-            saved.to_str().expect("utf-8"),
-            "--format",
-            "json",
-        ])
-        .assert();
-    let v: Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    let v = validate_json(&saved);
     let parallel = &v["rows"][0]["plan"]["parallel"];
     assert_eq!(parallel["gpus"], 2, "{v}");
     assert_eq!(parallel["engine"], "fsdp", "{v}");

@@ -328,13 +328,8 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // Qwen3, Phi-3, Mixtral and Pythia, then issue #8's Gemma-2/3, OLMo-2, StarCoder2, BLOOM,
     // Mamba, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite and Falcon-40B (validation/families.jsonl,
     // measure.py --fake).
-    use ftplan::spec::registry::resolve_hardware;
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let rates = ftplan::time::Rates::from_datasheet(&hw);
-    let path = crate::repo("validation/families.jsonl");
-    let text = std::fs::read_to_string(&path).expect("ships");
-    let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
+    let rows = crate::shipped_rows("validation/families.jsonl");
     assert_eq!(rows.len(), 21);
     for r in &rows {
         // Issue #8's runs are held to 2 % each (all within 1.5 % when added).
