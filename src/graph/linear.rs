@@ -116,7 +116,8 @@ impl Builder<'_> {
         let mut forward_transient = Bytes::ZERO;
         let out_grad = x.grad || trainable || bias_trainable;
         let mut cached = None;
-        if self.autocast && self.base == DType::F32 && !qlora {
+        let weight_cast = self.autocast && self.base == DType::F32 && !qlora;
+        if weight_cast {
             // autocast's bf16 copy of the weight (and bias): cached when they train, cast per
             // use when frozen; autograd keeps it when the input needs a gradient.
             let elems = in_features * out_features + if bias { out_features } else { 0 };
@@ -161,12 +162,14 @@ impl Builder<'_> {
                 weight_grad_flops: Flops(if trainable { flops } else { 0.0 }),
                 forward_bytes: xin.bytes() + out.bytes() + weight_bytes,
                 backward_bytes: (xin.bytes() + out.bytes()) * 2 + weight_bytes * 2,
-                // view + mm; backward: input grad, weight grad, bias sum (each parameter's
-                // AccumulateGrad is charged per parameter by the time model).
-                forward_kernels: 2 + u32::from(qlora),
-                backward_kernels: 1
-                    + u32::from(x.grad)
-                    + u32::from(trainable)
+                // Forward: the matmul, and autocast's cast of an fp32 weight. Backward: the
+                // input's gradient, the weight's (and, under autocast, its cast back to the
+                // fp32 parameter's dtype), the bias sum (each parameter's AccumulateGrad is
+                // charged per parameter by the time model). A frozen bf16 weight costs one
+                // matmul each way: what PyTorch dispatches for it.
+                forward_kernels: 1 + u32::from(weight_cast) + u32::from(qlora),
+                backward_kernels: u32::from(x.grad)
+                    + u32::from(trainable) * (1 + u32::from(weight_cast))
                     + u32::from(bias_trainable)
                     + u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
