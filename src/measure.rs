@@ -61,7 +61,11 @@ pub fn layout(plan: &Plan) -> Result<Option<(u64, &'static str)>> {
                 "{what} is not measured by `ftplan measure` (one torchrun, one node, DDP or FSDP2)"
             ),
         )
-        .with_hint("measure the plan with --engine ddp, fsdp or fsdp-grad-op on one node's GPUs"))
+        .with_hint(if what.contains("zero") {
+            "for ZeRO, `ftplan export --deepspeed FILE` writes the DeepSpeed config to launch with `deepspeed`; `measure` runs --engine ddp, fsdp or fsdp-grad-op"
+        } else {
+            "measure the plan with --engine ddp, fsdp or fsdp-grad-op on one node's GPUs"
+        }))
     };
     if par.tp > 1 || par.pp > 1 {
         return refuse(
@@ -83,7 +87,11 @@ pub fn layout(plan: &Plan) -> Result<Option<(u64, &'static str)>> {
         Engine::Fsdp => "fsdp",
         Engine::FsdpGradOp => "fsdp-grad-op",
         Engine::Zero1 | Engine::Zero2 | Engine::Zero3 | Engine::FsdpHybrid => {
-            return refuse("engine", "this engine");
+            let name = Engine::ALL
+                .iter()
+                .find(|(_, e)| *e == par.engine)
+                .map_or("this engine", |(n, _)| n);
+            return refuse("engine", &format!("`{name}`"));
         }
     };
     Ok(Some((par.gpus, engine)))
