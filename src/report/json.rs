@@ -27,6 +27,7 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         "data_parallel_bytes": e.time.data_parallel_bytes,
         "exposed_communication_seconds": e.time.exposed_communication_seconds,
         "bubble_fraction": e.time.bubble_fraction,
+        "paging_seconds": e.time.paging_seconds,
     });
     if let Some(budget) = budget {
         let wall = budget.tokens / e.time.tokens_per_second;
@@ -60,6 +61,8 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
             "peak_op": m.peak_op,
             "persistent": m.persistent.0,
             "model_states": m.model_states.0,
+            "paged": m.paged.0,
+            "paged_evicted": m.paged_evicted.0,
         },
         "parallel": {
             "gpus": e.plan.parallel.gpus,
