@@ -152,7 +152,7 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
                 Method::Lora(_) => Method::Lora(l),
                 _ => Method::Qlora(l),
             };
-            if let Method::Lora(l) = &plan.method {
+            if matches!(plan.method, Method::Lora(_)) {
                 let p = Plan {
                     method: Method::Qlora(l.clone()),
                     ..plan.clone()

@@ -60,17 +60,13 @@ impl Builder<'_> {
         if trainable {
             saves.push(xin.id);
         }
-        let mut cached = None;
+        let mut weight_copy = None;
         let mut cast = Bytes::ZERO;
         if self.autocast && head_param.dtype == DType::F32 {
             let (copy, transient) =
                 self.autocast_weight(DType::Bf16.bytes(head_param.elements), trainable, x.grad);
             cast = transient;
-            if x.grad {
-                saves.extend(copy);
-            } else {
-                cached = copy;
-            }
+            weight_copy = copy;
         }
         let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
         if bias {
@@ -89,7 +85,7 @@ impl Builder<'_> {
             params,
             saves: if grad { saves } else { SmallVec::new() }
                 .into_iter()
-                .chain(cached)
+                .chain(weight_copy)
                 .collect(),
             forward_transient: logits.bytes() + cast,
             backward_transient: logits.bytes() + xin.bytes(),

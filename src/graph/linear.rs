@@ -115,7 +115,7 @@ impl Builder<'_> {
         }
         let mut forward_transient = Bytes::ZERO;
         let out_grad = x.grad || trainable || bias_trainable;
-        let mut cached = None;
+        let mut weight_copy = None;
         let weight_cast = self.autocast && self.base == DType::F32 && !qlora;
         if weight_cast {
             // autocast's bf16 copy of the weight (and bias): cached when they train, cast per
@@ -124,11 +124,7 @@ impl Builder<'_> {
             let (copy, transient) =
                 self.autocast_weight(DType::Bf16.bytes(elems), trainable, x.grad);
             forward_transient += transient;
-            if x.grad {
-                saves.extend(copy);
-            } else {
-                cached = copy;
-            }
+            weight_copy = copy;
         }
         if qlora {
             // bitsandbytes dequantizes the whole weight to bf16 for the matmul.
@@ -152,7 +148,7 @@ impl Builder<'_> {
             params,
             saves: if out_grad { saves } else { SmallVec::new() }
                 .into_iter()
-                .chain(cached)
+                .chain(weight_copy)
                 .collect(),
             forward_transient: forward_transient + out.bytes(),
             backward_transient: out.bytes() + xin.bytes() + forward_transient,
