@@ -183,15 +183,21 @@ def optimizer(params, name, device):
 
 
 def host_costs(device):
-    """Per-op dispatch (an op on a tensor that requires grad: dispatch, autograd node, launch) and
-    per-module call (an nn.Identity: hooks and argument handling, no kernel), in microseconds: the
-    median of five timed loops of 2,000, after a warm-up."""
+    """Per-op dispatch (an op on a tensor that requires grad: dispatch, autograd node, launch),
+    per-module call (an nn.Identity: hooks and argument handling, no kernel), and non-reentrant
+    gradient checkpointing's Python (per block, and per tensor the block saves), in microseconds.
+    Dispatch and module: the median of five timed loops of 2,000 after a warm-up. Checkpointing:
+    a chain of 1 and of 256 `tanh`s (each saves one tensor), forward and backward with and
+    without `checkpoint`, less the recomputed forward; each the fastest of nine loops (the
+    difference of two long loops, so a slow loop from the rest of the machine would swamp it)."""
+    from torch.utils.checkpoint import checkpoint
+
     x = torch.zeros(16, device=device, requires_grad=True)
     ident = torch.nn.Identity()
 
-    def timed(body, n=2000):
+    def timed(body, n=2000, loops=6, pick=statistics.median):
         runs = []
-        for _ in range(6):
+        for _ in range(loops):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -200,11 +206,26 @@ def host_costs(device):
             if device == "cuda":
                 torch.cuda.synchronize()
             runs.append((time.perf_counter() - t0) / n * 1e6)
-        return statistics.median(runs[1:])
+        return pick(runs[1:])
+
+    def chain(t, k):
+        for _ in range(k):
+            t = torch.tanh(t)
+        return t
+
+    def checkpoint_extra(k):
+        fastest = dict(n=30, loops=10, pick=min)
+        plain = timed(lambda: chain(x, k).sum().backward(), **fastest)
+        forward = timed(lambda: chain(x, k), **fastest)
+        ckpt = timed(lambda: checkpoint(chain, x, k, use_reentrant=False).sum().backward(), **fastest)
+        return ckpt - plain - forward
 
     dispatch = timed(lambda: x * 1.0001)
     module = timed(lambda: ident(x))
-    return {"dispatch_us": dispatch, "module_us": module}
+    one, many = checkpoint_extra(1), checkpoint_extra(256)
+    tensor = max(0.0, (many - one) / 255)
+    return {"dispatch_us": dispatch, "module_us": module,
+            "checkpoint_block_us": max(0.0, one - tensor), "checkpoint_tensor_us": tensor}
 
 
 def wrap(model, engine, device, mixed):

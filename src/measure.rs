@@ -322,9 +322,9 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
     run
 }
 
-/// Runs the harness with `python` and returns what it measured.
-/// Times this machine's host costs with the harness (`--calibrate-host`): one op's dispatch and
-/// one module call, the two constants the time model otherwise takes from the H200 host.
+/// Times this machine's host costs with the harness (`--calibrate-host`): one op's dispatch, one
+/// module call and gradient checkpointing's per-block and per-saved-tensor hooks, the constants
+/// the time model otherwise takes from the GPU profile.
 pub fn host_costs(
     python: &Path,
     device: Device,
@@ -348,6 +348,8 @@ pub fn host_costs(
             crate::calibrate::file::HostCosts {
                 dispatch_us: d,
                 module_us: m,
+                checkpoint_block_us: h["checkpoint_block_us"].as_f64(),
+                checkpoint_tensor_us: h["checkpoint_tensor_us"].as_f64(),
             },
             reply["environment"].clone(),
         )),
@@ -365,6 +367,7 @@ fn device_name(device: Device) -> &'static str {
     }
 }
 
+/// Runs the harness with `python` and returns what it measured.
 pub fn run_harness(
     python: &Path,
     config: &Value,

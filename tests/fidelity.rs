@@ -306,3 +306,39 @@ fn a_linear_costs_the_kernels_pytorch_dispatches_for_it() {
     assert_eq!(kernels(&full, fc1), (2, 4));
     assert_eq!(kernels(&frozen, fc1), (1, 1));
 }
+
+#[test]
+fn checkpointing_costs_host_time_per_block_and_per_saved_tensor() {
+    // GPT-2 (12 blocks) without dropout, as the ground-truth runs train it, full fine-tuning,
+    // batch 1 x 128, with and without non-reentrant checkpointing, on rates whose every other
+    // host cost is zero, so the host time differs by checkpointing's Python alone.
+    let mut m = model("gpt2");
+    m.dropout = Default::default();
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let host = |gc: bool, block_us: f64, tensor_us: f64| {
+        let rates = ftplan::time::Rates {
+            launch_overhead: 0.0,
+            module_overhead: 0.0,
+            checkpoint_block: block_us * 1e-6,
+            checkpoint_tensor: tensor_us * 1e-6,
+            ..ftplan::time::Rates::from_datasheet(&hw)
+        };
+        let p = plan(Method::Full, Precision::MixedBf16, 1, 128, 0, gc);
+        ftplan::estimate::estimate(&m, &p, &hw, &rates)
+            .expect("estimates")
+            .time
+            .host_seconds
+    };
+    // 200 us per block, one recomputation per block: 12 x 200 us = 2.4 ms.
+    let per_block = host(true, 200.0, 0.0) - host(false, 200.0, 0.0);
+    assert!((per_block - 2.4e-3).abs() < 1e-9, "{per_block}");
+    // 1 us per saved tensor (half in forward, half in backward): 12 x the tensors one block
+    // saves. A counting pack hook sees 27 per GPT-2 block on CPU and 31 on CUDA (the flash
+    // kernel also saves the cumulative lengths and the Philox seed and offset); the graph's
+    // estimate, each op's kept tensors plus the weights it reads, is 22 + 12 = 34.
+    let per_tensor = (host(true, 0.0, 1.0) - host(false, 0.0, 1.0)) / 12.0 / 1e-6;
+    assert!((per_tensor - 34.0).abs() < 1e-6, "{per_tensor}");
+    assert!((27.0..=31.0 * 1.25).contains(&per_tensor));
+}

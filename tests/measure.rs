@@ -183,6 +183,13 @@ fn host_costs_are_learned_into_the_calibration_file() {
     .expect("writes");
     let err = ftplan::calibrate::Calibration::load(&bad).expect_err("zero dispatch");
     assert!(err.to_string().contains("dispatch_us"), "{err}");
+    std::fs::write(
+        &bad,
+        format!("{text}[host]\ndispatch_us = 5.0\nmodule_us = 1.0\ncheckpoint_tensor_us = -1.0\n"),
+    )
+    .expect("writes");
+    let err = ftplan::calibrate::Calibration::load(&bad).expect_err("negative checkpoint cost");
+    assert!(err.to_string().contains("checkpoint_tensor_us"), "{err}");
     let Some(py) = python() else { return };
     ftplan()
         .args([
@@ -200,11 +207,17 @@ fn host_costs_are_learned_into_the_calibration_file() {
     let c = ftplan::calibrate::Calibration::load(&cal).expect("still loads");
     let host = c.host.expect("host costs written");
     assert!(host.dispatch_us > 0.01 && host.module_us > 0.0, "{host:?}");
+    // Checkpointing's Python is timed too: a block costs more than one op, a saved tensor's
+    // hooks more than nothing.
+    let block = host.checkpoint_block_us.expect("checkpoint block timed");
+    let tensor = host.checkpoint_tensor_us.expect("checkpoint tensor timed");
+    assert!(block > host.dispatch_us && tensor > 0.0, "{host:?}");
     let hw = ftplan::spec::registry::resolve_hardware("h200")
         .expect("ships")
         .value;
     let rates = c.rates(&hw);
     assert!((rates.launch_overhead - host.dispatch_us * 1e-6).abs() < 1e-12);
+    assert!((rates.checkpoint_tensor - tensor * 1e-6).abs() < 1e-12);
 }
 
 #[test]

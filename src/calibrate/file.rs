@@ -69,6 +69,13 @@ pub struct HostCosts {
     pub dispatch_us: f64,
     /// One `nn.Module` call without kernels: Python hooks and argument handling (us).
     pub module_us: f64,
+    /// One block under non-reentrant gradient checkpointing, beyond its ops (us); absent in
+    /// files written before it was timed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_block_us: Option<f64>,
+    /// One tensor saved under non-reentrant gradient checkpointing (us).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_tensor_us: Option<f64>,
 }
 
 /// `measure.py`'s calib.json.
@@ -151,17 +158,23 @@ impl Calibration {
                 "needs at least one point with positive n and flops from 1e6 to 1e18",
             ));
         }
-        if let Some(h) = cal.host
-            && !(h.dispatch_us.is_finite()
-                && h.module_us.is_finite()
-                && (0.01..=1e5).contains(&h.dispatch_us)
-                && (0.0..=1e5).contains(&h.module_us))
-        {
-            return Err(Error::field(
-                shown,
-                "host",
-                "dispatch_us must be from 0.01 to 1e5 and module_us from 0 to 1e5 microseconds",
-            ));
+        if let Some(h) = cal.host {
+            let within = |v: f64, low: f64| v.is_finite() && (low..=1e5).contains(&v);
+            if !(within(h.dispatch_us, 0.01) && within(h.module_us, 0.0)) {
+                return Err(Error::field(
+                    shown,
+                    "host",
+                    "dispatch_us must be from 0.01 to 1e5 and module_us from 0 to 1e5 microseconds",
+                ));
+            }
+            let checkpoint = [h.checkpoint_block_us, h.checkpoint_tensor_us];
+            if checkpoint.into_iter().flatten().any(|v| !within(v, 0.0)) {
+                return Err(Error::field(
+                    shown,
+                    "host",
+                    "checkpoint_block_us and checkpoint_tensor_us must be from 0 to 1e5 microseconds",
+                ));
+            }
         }
         if !(cal.copy_gbps.is_finite() && (1e-3..=1e6).contains(&cal.copy_gbps)) {
             return Err(Error::field(
@@ -221,6 +234,14 @@ impl Calibration {
             module_overhead: self
                 .host
                 .map_or(datasheet.module_overhead, |h| h.module_us * 1e-6),
+            checkpoint_block: self
+                .host
+                .and_then(|h| h.checkpoint_block_us)
+                .map_or(datasheet.checkpoint_block, |us| us * 1e-6),
+            checkpoint_tensor: self
+                .host
+                .and_then(|h| h.checkpoint_tensor_us)
+                .map_or(datasheet.checkpoint_tensor, |us| us * 1e-6),
         }
     }
 }

@@ -211,8 +211,15 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
         let (host, env) = measure::host_costs(&a.python, device)?;
         cal.host = Some(host);
         cal.save(path)?;
+        let checkpoint = match (host.checkpoint_block_us, host.checkpoint_tensor_us) {
+            (Some(b), Some(t)) => {
+                format!(", a checkpointed block {b:.0} us and each tensor it saves {t:.1} us")
+            }
+            _ => String::new(),
+        };
         outln!(
-            "{}: one op's dispatch {:.1} us, one module call {:.1} us (torch {}); written to {}",
+            "{}: one op's dispatch {:.1} us, one module call {:.1} us{checkpoint} (torch {}); \
+             written to {}",
             env["device"].as_str().unwrap_or("?"),
             host.dispatch_us,
             host.module_us,

@@ -36,6 +36,12 @@ pub struct HardwareWire {
     /// Python-side cost of one `nn.Module` call on the host that drives this GPU.
     #[serde(default = "default_module_us")]
     pub module_overhead_us: f64,
+    /// Host cost of one block under non-reentrant gradient checkpointing, beyond its ops.
+    #[serde(default = "default_checkpoint_block_us")]
+    pub checkpoint_block_us: f64,
+    /// Host cost of one saved tensor under non-reentrant gradient checkpointing.
+    #[serde(default = "default_checkpoint_tensor_us")]
+    pub checkpoint_tensor_us: f64,
     pub price_per_hour_usd: Option<f64>,
     /// Inter-node network per GPU, Gb/s (one NIC per GPU in GPU servers).
     #[serde(default = "default_network_gbps")]
@@ -78,6 +84,24 @@ fn default_module_us() -> f64 {
     90.0
 }
 
+/// `torch.utils.checkpoint` (non-reentrant, torch 2.11) is Python on the host: per block it
+/// stashes and restores the RNG states, enters autocast and saved-tensor-hook contexts, and runs
+/// the recomputation through a dynamo-disabled wrapper; per saved tensor its pack hook makes a
+/// holder and records shape/dtype/device, the recomputation's pack hook files the new tensor,
+/// the unpack hook hands it back, and `check_recomputed_tensors_match` compares the two.
+/// Timed with `harness/measure.py`'s `--calibrate-host` loop (a chain of 1 and of 256 `tanh`s,
+/// each saving one tensor, checkpointed or not; the difference, less the recomputed forward) on
+/// a 2-core Xeon VM, Python 3.11, torch 2.11: 180-250 us per block and 10-12 us per saved
+/// tensor over repeated runs. They are CPU-side Python costs, so they do not depend on the GPU;
+/// `ftplan measure --calibrate-host` measures a machine's own.
+fn default_checkpoint_block_us() -> f64 {
+    200.0
+}
+
+fn default_checkpoint_tensor_us() -> f64 {
+    11.0
+}
+
 /// A validated GPU profile.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Hardware {
@@ -97,6 +121,8 @@ pub struct Hardware {
     pub cublas_workspace: Bytes,
     pub launch_overhead_us: f64,
     pub module_overhead_us: f64,
+    pub checkpoint_block_us: f64,
+    pub checkpoint_tensor_us: f64,
     pub price_per_hour_usd: Option<f64>,
     /// Inter-node network per GPU, Gb/s.
     pub network_gbps: f64,
@@ -161,6 +187,8 @@ impl Hardware {
             )?),
             launch_overhead_us: positive("launch_overhead_us", w.launch_overhead_us, 1e5)?,
             module_overhead_us: positive("module_overhead_us", w.module_overhead_us, 1e5)?,
+            checkpoint_block_us: positive("checkpoint_block_us", w.checkpoint_block_us, 1e5)?,
+            checkpoint_tensor_us: positive("checkpoint_tensor_us", w.checkpoint_tensor_us, 1e5)?,
             price_per_hour_usd: match w.price_per_hour_usd {
                 Some(p) => Some(positive("price_per_hour_usd", p, 1e6)?),
                 None => None,
