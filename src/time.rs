@@ -309,19 +309,35 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let trainable: Vec<_> = graph.params.iter().filter(|p| p.trainable).collect();
     let param_bytes: Bytes = trainable.iter().map(|p| p.bytes()).sum();
     let state_bytes = crate::optimizer::state_bytes(plan.optimizer, &trainable);
-    let (passes, kernels_per_tensor) = match plan.optimizer {
-        // multi_tensor_apply: one launch covers many tensors.
+    // Bytes each implementation's kernels read and write, from its source, in units of the
+    // parameters' bytes P (gradients are the parameters' size and dtype) and the states' S;
+    // and its kernel launches per parameter tensor.
+    let (p, s) = (param_bytes.0 as f64, state_bytes.0 as f64);
+    let (mut opt_bytes, kernels_per_tensor) = match plan.optimizer {
+        // One fused kernel over chunks of many tensors (`_fused_adamw_`'s multi_tensor_apply,
+        // bitsandbytes' blockwise kernels): parameter read and written, gradient read, states
+        // read and written.
         Optimizer::Adamw
         | Optimizer::Adamw8bit
         | Optimizer::PagedAdamw8bit
-        | Optimizer::PagedAdamw32bit => (1.0, 0.05),
-        // ~10 _foreach_ kernels, each a pass over its operands.
-        Optimizer::AdamwForeach => (4.0, 0.5),
-        Optimizer::Sgd => (2.0, 0.1),
-        // Per-parameter loop of ~15 small kernels.
-        Optimizer::Adafactor => (3.0, 15.0),
+        | Optimizer::PagedAdamw32bit => (3.0 * p + 2.0 * s, 0.05),
+        // `_multi_tensor_adamw`, one foreach kernel each: mul_(param, 1 - lr wd),
+        // lerp_(m, grad), mul_(v), addcmul_(v, grad, grad), sqrt(v) into a temporary of v's
+        // size, div_ and add_ on it, addcdiv_(param, m, temporary). Parameter 4 P, gradient
+        // 3 P, m 3 S/2, v 5 S/2, the temporary 6 S/2.
+        Optimizer::AdamwForeach => (7.0 * p + 7.0 * s, 0.5),
+        // `_multi_tensor_sgd` with momentum: mul_(buf), add_(buf, grad), add_(param, buf):
+        // buffer 5 S, gradient P, parameter 2 P.
+        Optimizer::Sgd => (3.0 * p + 5.0 * s, 0.1),
+        // `_multi_tensor_adafactor` (torch.optim's default on CUDA): per parameter its norm,
+        // the gradient's row and column norms, the outer-product variance estimate, the row
+        // mean and the update's norm (6 kernels) and two `.item()` reads of those norms, which
+        // wait for the GPU; foreach kernels for the rest. Bytes: the norms read P and 2 P, the
+        // estimate is written, divided, clamped, rsqrt-ed, multiplied by the gradient (P),
+        // normed and added to the parameter (2 P): about 17 P (the factored states are
+        // negligible beside it).
+        Optimizer::Adafactor => (17.0 * p + 2.0 * s, 8.0),
     };
-    let mut opt_bytes = (param_bytes.0 as f64 * 3.0 + state_bytes.0 as f64 * 2.0) * passes;
     if plan.precision == crate::spec::plan::Precision::MixedFp16 {
         // GradScaler.unscale_: `_amp_foreach_non_finite_check_and_unscale_` reads and writes
         // every gradient once more (the gradients are the parameters' size and dtype).

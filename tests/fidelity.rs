@@ -342,3 +342,38 @@ fn checkpointing_costs_host_time_per_block_and_per_saved_tensor() {
     assert!((per_tensor - 34.0).abs() < 1e-6, "{per_tensor}");
     assert!((27.0..=31.0 * 1.25).contains(&per_tensor));
 }
+
+#[test]
+fn optimizer_steps_move_the_bytes_their_kernels_touch() {
+    // GPT-2 full fine-tuning in fp32: 124,439,808 parameters in 148 tensors, P = 4 x that =
+    // 497,759,232 bytes of parameters (and as many of gradients), on a GPU streaming 1e12 B/s.
+    let m = model("gpt2");
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let rates = ftplan::time::Rates {
+        copy_bandwidth: 1e12,
+        ..ftplan::time::Rates::from_datasheet(&hw)
+    };
+    let seconds = |optimizer: Optimizer| {
+        let p = Plan {
+            optimizer,
+            ..plan(Method::Full, Precision::Fp32, 1, 128, 0, false)
+        };
+        ftplan::estimate::estimate(&m, &p, &hw, &rates)
+            .expect("estimates")
+            .time
+            .optimizer_seconds
+    };
+    let p = 497_759_232.0;
+    // SGD with momentum, `_multi_tensor_sgd`: mul_(buf) reads and writes the buffer,
+    // add_(buf, grad) reads both and writes the buffer, add_(param, buf) reads both and writes
+    // the parameter: 3 P + 5 S with S = P, 8 x 497,759,232 = 3,982,073,856 bytes.
+    assert!((seconds(Optimizer::Sgd) - 8.0 * p / 1e12).abs() < 1e-9);
+    // Fused AdamW: parameter read and written, gradient read, both moments read and written:
+    // 3 P + 2 S with S = 2 P + 148 fp32 steps (592 bytes): 7 P + 1,184 bytes.
+    assert!((seconds(Optimizer::Adamw) - (7.0 * p + 1184.0) / 1e12).abs() < 1e-9);
+    // Foreach AdamW, eight foreach kernels (weight decay, lerp_, mul_, addcmul_, sqrt, div_,
+    // add_, addcdiv_): 7 P + 7 S = 21 P + 4,144 bytes, three times the fused kernel's traffic.
+    assert!((seconds(Optimizer::AdamwForeach) - (21.0 * p + 4144.0) / 1e12).abs() < 1e-9);
+}
