@@ -377,3 +377,32 @@ fn optimizer_steps_move_the_bytes_their_kernels_touch() {
     // add_, addcdiv_): 7 P + 7 S = 21 P + 4,144 bytes, three times the fused kernel's traffic.
     assert!((seconds(Optimizer::AdamwForeach) - (21.0 * p + 4144.0) / 1e12).abs() < 1e-9);
 }
+
+#[test]
+fn a_dropout_module_is_called_whether_or_not_it_drops() {
+    // GPT-2 calls `nn.Dropout` modules: one module call and one `aten::dropout` dispatch each,
+    // which with p = 0 returns its input and with p > 0 runs one `native_dropout` kernel (and
+    // one backward kernel). So the published p = 0.1 and p = 0 cost the same module calls and
+    // forward dispatches; only backward has a kernel more per dropout: per block after
+    // attention and after the MLP (attention's own dropout runs inside the fused kernel), plus
+    // the embeddings' once: 12 x 2 + 1 = 25.
+    let with = model("gpt2");
+    let mut without = with.clone();
+    without.dropout = Default::default();
+    let p = plan(Method::Full, Precision::MixedBf16, 1, 128, 0, false);
+    let totals = |m: &ModelSpec| {
+        let g = graph::build(m, &p);
+        g.ops().fold((0u32, 0u32, 0u32), |(md, fw, bw), o| {
+            let r = o.repeat.max(1);
+            (
+                md + o.cost.modules * r,
+                fw + o.cost.forward_kernels * r,
+                bw + o.cost.backward_kernels * r,
+            )
+        })
+    };
+    let (m1, f1, b1) = totals(&with);
+    let (m0, f0, b0) = totals(&without);
+    assert_eq!((m1, f1), (m0, f0));
+    assert_eq!(b1 - b0, 25);
+}

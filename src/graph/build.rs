@@ -397,7 +397,10 @@ impl<'a> Builder<'a> {
         let mask_bytes = self.sequence_split(x.width, DType::U8.bytes(x.elements()));
         let mask = self.tensor(TensorKind::Activation, mask_bytes);
         let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        // One `native_dropout` kernel each way (CUDA fuses the draw and the scaling); the
+        // `nn.Dropout` module call is paid as with p = 0.
         self.elementwise(name, &[x], out, smallvec![mask], 2.0);
+        self.host_only(modules, 0);
         out
     }
 
