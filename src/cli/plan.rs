@@ -151,17 +151,17 @@ fn names<T>(table: &[(&'static str, T)]) -> String {
     table.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
-/// A method named in a plan file: the same names as `--method` (one definition, clap's).
-fn parse_method(origin: &str, value: &str) -> Result<MethodArg> {
-    use clap::ValueEnum;
-    let names: Vec<String> = MethodArg::value_variants()
+/// A method, precision, optimizer or attention kernel named in a plan file: the same names as
+/// the flag's (one definition, clap's `ValueEnum`).
+fn parse_value<T: clap::ValueEnum>(origin: &str, field: &str, value: &str) -> Result<T> {
+    let names: Vec<String> = T::value_variants()
         .iter()
         .filter_map(|m| m.to_possible_value().map(|p| p.get_name().to_string()))
         .collect();
-    MethodArg::from_str(value, false).map_err(|_| {
+    T::from_str(value, false).map_err(|_| {
         let err = Error::field(
             origin,
-            "method",
+            field,
             format!("`{value}` is not one of {}", names.join(", ")),
         );
         match did_you_mean(value, names.iter().map(String::as_str)) {
@@ -183,26 +183,6 @@ fn parse_train_layers(origin: &str, text: &str) -> Result<u64> {
         .with_hint("e.g. --train-layers top:4")
     })
 }
-const PRECISIONS: [(&str, PrecisionArg); 4] = [
-    ("mixed-bf16", PrecisionArg::MixedBf16),
-    ("mixed-fp16", PrecisionArg::MixedFp16),
-    ("bf16", PrecisionArg::Bf16),
-    ("fp32", PrecisionArg::Fp32),
-];
-const OPTIMIZERS: [(&str, OptimizerArg); 7] = [
-    ("adamw", OptimizerArg::Adamw),
-    ("adamw-foreach", OptimizerArg::AdamwForeach),
-    ("adamw-8bit", OptimizerArg::Adamw8bit),
-    ("paged-adamw-8bit", OptimizerArg::PagedAdamw8bit),
-    ("paged-adamw-32bit", OptimizerArg::PagedAdamw32bit),
-    ("sgd", OptimizerArg::Sgd),
-    ("adafactor", OptimizerArg::Adafactor),
-];
-const ATTENTIONS: [(&str, AttentionArg); 3] = [
-    ("sdpa", AttentionArg::Sdpa),
-    ("flash2", AttentionArg::Flash2),
-    ("eager", AttentionArg::Eager),
-];
 const SIDES: [(&str, Side); 2] = [("encoder", Side::Encoder), ("decoder", Side::Decoder)];
 
 /// Parses `qv`, `all` or `q,k,v,o,gate,up,down`.
@@ -382,17 +362,17 @@ impl PlanInput {
                 .or_else(|| path.file_stem().and_then(|s| s.to_str()).map(String::from)),
             model: Some(rel(&f.model)),
             gpu: Some(rel(&f.gpu)),
-            method: parse_method(&origin, &f.method)?,
+            method: parse_value(&origin, "method", &f.method)?,
             precision: match &f.precision {
-                Some(p) => Some(parse_name(&origin, "precision", p, &PRECISIONS)?),
+                Some(p) => Some(parse_value(&origin, "precision", p)?),
                 None => None,
             },
-            optimizer: parse_name(&origin, "optimizer", &f.optimizer, &OPTIMIZERS)?,
+            optimizer: parse_value(&origin, "optimizer", &f.optimizer)?,
             batch: f.batch,
             seq: f.seq,
             target_seq: f.target_seq,
             grad_ckpt: f.grad_ckpt,
-            attention: parse_name(&origin, "attention", &f.attention, &ATTENTIONS)?,
+            attention: parse_value(&origin, "attention", &f.attention)?,
             lora_rank: lora.rank,
             lora_alpha: lora.alpha,
             lora_targets: lora.targets,
