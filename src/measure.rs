@@ -53,46 +53,47 @@ pub fn layout(plan: &Plan) -> Result<Option<(u64, &'static str)>> {
     if par.gpus <= 1 {
         return Ok(None);
     }
-    let refuse = |field: &str, what: &str| {
+    const OTHER_LAYOUT: &str =
+        "measure the plan with --engine ddp, fsdp or fsdp-grad-op on one node's GPUs";
+    let refuse = |field: &str, what: &str, hint: &str| {
         Err(Error::field(
             "plan",
             field,
             format!(
-                "{what} is not measured by `ftplan measure` (one torchrun, one node, DDP or FSDP2)"
+                "asks for {what}, which `ftplan measure` does not run (it runs one torchrun on \
+                 one node: DDP or FSDP2)"
             ),
         )
-        .with_hint(if what.contains("zero") {
-            "for ZeRO, `ftplan export --deepspeed FILE` writes the DeepSpeed config to launch with `deepspeed`; `measure` runs --engine ddp, fsdp or fsdp-grad-op"
-        } else {
-            "measure the plan with --engine ddp, fsdp or fsdp-grad-op on one node's GPUs"
-        }))
+        .with_hint(hint))
     };
-    if par.tp > 1 || par.pp > 1 {
-        return refuse(
-            if par.tp > 1 { "tp" } else { "pp" },
-            "tensor or pipeline parallelism",
-        );
+    if par.tp > 1 {
+        return refuse("tp", "tensor parallelism", OTHER_LAYOUT);
+    }
+    if par.pp > 1 {
+        return refuse("pp", "pipeline parallelism", OTHER_LAYOUT);
     }
     if par.offload != Offload::None {
-        return refuse("offload", "offload");
+        return refuse("offload", "offload", OTHER_LAYOUT);
     }
     if par.gpus > par.gpus_per_node {
-        return refuse("gpus", "a multi-node job");
+        return refuse("gpus", "several nodes", OTHER_LAYOUT);
     }
     if par.grad_accum > 1 {
-        return refuse("grad-accum", "gradient accumulation");
+        return refuse("grad-accum", "gradient accumulation", OTHER_LAYOUT);
     }
     let engine = match par.engine {
         Engine::Ddp => "ddp",
         Engine::Fsdp => "fsdp",
         Engine::FsdpGradOp => "fsdp-grad-op",
-        Engine::Zero1 | Engine::Zero2 | Engine::Zero3 | Engine::FsdpHybrid => {
-            let name = Engine::ALL
-                .iter()
-                .find(|(_, e)| *e == par.engine)
-                .map_or("this engine", |(n, _)| n);
-            return refuse("engine", &format!("`{name}`"));
+        Engine::Zero1 | Engine::Zero2 | Engine::Zero3 => {
+            return refuse(
+                "engine",
+                "DeepSpeed ZeRO",
+                "`ftplan export --deepspeed FILE` writes the DeepSpeed config to launch with \
+                 `deepspeed`; `measure` runs --engine ddp, fsdp or fsdp-grad-op",
+            );
         }
+        Engine::FsdpHybrid => return refuse("engine", "hybrid sharding", OTHER_LAYOUT),
     };
     Ok(Some((par.gpus, engine)))
 }

@@ -94,16 +94,15 @@ impl Builder<'_> {
                 saves.push(out.id);
             }
             Kernel::Math => {
-                // `_scaled_dot_product_attention_math` (aten attention.cpp) keeps q, k and v in
-                // fp32 for accuracy (bf16/fp16 inputs are upcast unless the reduced-precision
-                // math flag is set) and the matmuls keep their fp32 copies; `_safe_softmax` has
-                // its own derivative and returns one fp32 probability matrix, which its backward
-                // and the matmul with v keep. Dropout keeps its mask and its fp32 output.
-                // Inside `_safe_softmax`: the scores, softmax's output and the `-inf` test's
-                // boolean live beside the result; backward holds the incoming gradient and
-                // softmax backward's result, both fp32 and score-sized.
-                // A matmul keeps each operand only for the other's gradient: q when k needs
-                // one, k when q does, v when the probabilities do.
+                // `_scaled_dot_product_attention_math` (aten attention.cpp) upcasts bf16/fp16
+                // q, k and v to fp32 (unless the reduced-precision math flag is set); each
+                // matmul keeps an operand only for the other's gradient: q when k needs one, k
+                // when q does, v when the probabilities do. `_safe_softmax` has its own
+                // derivative and returns one fp32 probability matrix, kept by its backward and
+                // the matmul with v; while it runs, the scores, softmax's output and the `-inf`
+                // test's boolean live beside the result. Dropout keeps its mask and its fp32
+                // output. Backward holds the incoming gradient and softmax backward's result,
+                // both fp32 and score-sized.
                 let acc = DType::F32;
                 if k.grad {
                     saves.push(self.val(q.width, q.tokens, acc, q.grad).id);
