@@ -129,6 +129,24 @@ fn hardware_values_must_be_positive() {
 }
 
 #[test]
+fn host_costs_in_a_hardware_profile_must_be_positive() {
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "tests/fixtures/invalid/bad-checkpoint-gpu.toml",
+        ],
+        &[
+            "bad-checkpoint-gpu.toml",
+            "`checkpoint_tensor_us`",
+            "must be a number from 0.001",
+        ],
+    );
+}
+
+#[test]
 fn unknown_hardware_fields_get_a_suggestion() {
     rejects(
         &[
