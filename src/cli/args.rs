@@ -275,8 +275,9 @@ pub struct MeasureArgs {
     /// Append the run to this JSON-lines file, in the format `ftplan validate --file` reads.
     #[arg(long)]
     pub save: Option<PathBuf>,
-    /// Instead of a plan: time this machine's per-op dispatch and per-module call with PyTorch
-    /// and write them into the --calibration file (made by `ftplan calibrate`).
+    /// Instead of a plan: time this machine's per-op dispatch, per-module call and gradient
+    /// checkpointing's per-block and per-saved-tensor hooks with PyTorch, and write them into
+    /// the --calibration file (made by `ftplan calibrate`).
     #[arg(long)]
     pub calibrate_host: bool,
     /// Output: a table for people or JSON for programs.
