@@ -209,7 +209,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     // weights it reads (a matmul saves its input and its weight, or the weight's cast copy):
     // within a quarter of the pack-hook calls counted on Llama, GPT-2, T5 and BART blocks.
     let checkpoint_hooks = |op: &Op| {
-        if op.segment.is_some() {
+        // An op that backward never reaches builds no autograd node and saves nothing.
+        if op.segment.is_some() && op.in_backward {
             (op.saves.len() + op.params.len()) as f64 * rates.checkpoint_tensor / 2.0
         } else {
             0.0
