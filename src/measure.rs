@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::spec::model::ModelSpec;
-use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Optimizer, Plan, Precision};
+use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Plan, Precision};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::path::Path;
@@ -82,9 +82,7 @@ pub fn layout(plan: &Plan) -> Result<Option<(u64, &'static str)>> {
         return refuse("grad-accum", "gradient accumulation", OTHER_LAYOUT);
     }
     let engine = match par.engine {
-        Engine::Ddp => "ddp",
-        Engine::Fsdp => "fsdp",
-        Engine::FsdpGradOp => "fsdp-grad-op",
+        Engine::Ddp | Engine::Fsdp | Engine::FsdpGradOp => par.engine.name(),
         Engine::Zero1 | Engine::Zero2 | Engine::Zero3 => {
             return refuse(
                 "engine",
@@ -266,15 +264,7 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
             AttentionKernel::Flash2 => "flash2",
             AttentionKernel::Eager => "eager",
         },
-        "optimizer": match plan.optimizer {
-            Optimizer::Adamw => "fused",
-            Optimizer::AdamwForeach => "foreach",
-            Optimizer::Adamw8bit => "adamw8bit",
-            Optimizer::PagedAdamw8bit => "paged_adamw_8bit",
-            Optimizer::PagedAdamw32bit => "paged_adamw_32bit",
-            Optimizer::Sgd => "sgd",
-            Optimizer::Adafactor => "adafactor",
-        },
+        "optimizer": plan.optimizer.record_name(),
     });
     let r = run.as_object_mut().expect("an object");
     if plan.method.frozen_base() && plan.precision == Precision::MixedBf16 {

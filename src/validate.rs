@@ -127,17 +127,22 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
         // block and the root `fully_shard`ed, bf16 param dtype, fp32 reduce dtype, no autocast)
         // or DDP (`ftplan measure`).
         use crate::spec::parallel::Engine;
-        let engine = match (rec.run.engine.as_deref(), rec.run.grad_op) {
-            (Some("ddp"), _) => Engine::Ddp,
-            (Some("fsdp-grad-op"), _) | (None, true) => Engine::FsdpGradOp,
-            (Some("fsdp") | None, _) => Engine::Fsdp,
-            (Some(other), _) => {
-                return Err(Error::field(
-                    where_,
-                    "engine",
-                    format!("`{other}` is not a measured engine (ddp, fsdp, fsdp-grad-op)"),
-                ));
-            }
+        let engine = match rec.run.engine.as_deref() {
+            None if rec.run.grad_op => Engine::FsdpGradOp,
+            None => Engine::Fsdp,
+            Some(name) => Engine::ALL
+                .iter()
+                .find(|(n, e)| {
+                    *n == name && matches!(e, Engine::Ddp | Engine::Fsdp | Engine::FsdpGradOp)
+                })
+                .map(|(_, e)| *e)
+                .ok_or_else(|| {
+                    Error::field(
+                        where_,
+                        "engine",
+                        format!("`{name}` is not a measured engine (ddp, fsdp, fsdp-grad-op)"),
+                    )
+                })?,
         };
         plan.parallel = crate::spec::parallel::Parallel {
             gpus: world,
@@ -235,14 +240,12 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         precision
     };
     let optimizer = match run.optimizer.as_deref() {
-        None | Some("fused") => Optimizer::Adamw,
-        Some("foreach") => Optimizer::AdamwForeach,
-        Some("sgd") => Optimizer::Sgd,
-        Some("adafactor") => Optimizer::Adafactor,
-        Some("adamw8bit") => Optimizer::Adamw8bit,
-        Some("paged_adamw_8bit") => Optimizer::PagedAdamw8bit,
-        Some("paged_adamw_32bit") => Optimizer::PagedAdamw32bit,
-        Some(other) => return Err(bad("optimizer", format!("`{other}` is not known"))),
+        None => Optimizer::Adamw,
+        Some(name) => Optimizer::RECORD_NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, o)| *o)
+            .ok_or_else(|| bad("optimizer", format!("`{name}` is not known")))?,
     };
     let (seq, target_seq) = match &run.seq {
         serde_json::Value::Number(n) => (n.as_u64().unwrap_or(0), 0),

@@ -375,6 +375,26 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
+    /// Each optimizer's name in a measured run's record (the harnesses' `optimizer` field;
+    /// absent means fused AdamW).
+    pub const RECORD_NAMES: [(&'static str, Optimizer); 7] = [
+        ("fused", Optimizer::Adamw),
+        ("foreach", Optimizer::AdamwForeach),
+        ("adamw8bit", Optimizer::Adamw8bit),
+        ("paged_adamw_8bit", Optimizer::PagedAdamw8bit),
+        ("paged_adamw_32bit", Optimizer::PagedAdamw32bit),
+        ("sgd", Optimizer::Sgd),
+        ("adafactor", Optimizer::Adafactor),
+    ];
+
+    /// Its name in a measured run's record.
+    pub fn record_name(self) -> &'static str {
+        Optimizer::RECORD_NAMES
+            .iter()
+            .find(|(_, o)| *o == self)
+            .map_or("fused", |(n, _)| n)
+    }
+
     /// Whether its states live in CUDA unified memory (paged), outside PyTorch's allocator.
     pub fn paged(self) -> bool {
         matches!(self, Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit)
