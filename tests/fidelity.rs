@@ -103,6 +103,15 @@ fn checkpointing_drops_the_per_use_copies_of_a_frozen_fp32_base() {
     );
 }
 
+/// T5-small (dropout 0.1) in full mixed-precision fine-tuning, batch 2 x 64 source and 16
+/// target tokens: the graph the T5 tests read.
+fn t5_small_full() -> OpGraph {
+    graph::build(
+        &model("t5-small"),
+        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
+    )
+}
+
 #[test]
 fn t5_self_attention_runs_the_fp32_math_path() {
     // T5-small (8 heads of 64, dropout 0.1), full fine-tuning, batch 2 x 64 source tokens.
@@ -110,11 +119,7 @@ fn t5_self_attention_runs_the_fp32_math_path() {
     // which upcasts q, k, v to fp32: each 2 x 8 x 64 x 64 x 4 = 262,144 bytes; one fp32
     // probability matrix 2 x 8 x 64 x 64 x 4 = 262,144; dropout's mask 65,536 (1 byte) and its
     // fp32 output 262,144. Saved: 4 x 262,144 + 65,536 + 262,144 = 1,376,256 bytes.
-    let m = model("t5-small");
-    let g = graph::build(
-        &m,
-        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
-    );
+    let g = t5_small_full();
     assert_eq!(saved(&g, "encoder.layers.1+4.self_attn.core"), 1_376_256);
 }
 
@@ -123,11 +128,7 @@ fn t5_cross_attention_takes_the_fused_kernel() {
     // The cross-attention bias is a contiguous zeros tensor: the memory-efficient kernel takes
     // it and keeps bf16 q (2 x 16 x 512 x 2 = 32,768), k and v (2 x 64 x 512 x 2 = 131,072
     // each), the output (32,768) and the fp32 logsumexp (2 x 8 x 16 x 4 = 1,024): 328,704.
-    let m = model("t5-small");
-    let g = graph::build(
-        &m,
-        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
-    );
+    let g = t5_small_full();
     assert_eq!(saved(&g, "decoder.layers.1+4.cross_attn.core"), 328_704);
 }
 
@@ -137,11 +138,7 @@ fn t5_casts_the_ffn_activation_to_the_output_weight_dtype() {
     // and autocast casts it back to bf16 for `wo`: `wo` keeps that new bf16 tensor, 2 x 64 x
     // 2048 x 2 = 524,288 bytes, and its weight copy 512 x 2048 x 2 = 2,097,152; ReLU keeps its own
     // output besides (another 524,288).
-    let m = model("t5-small");
-    let g = graph::build(
-        &m,
-        &plan(Method::Full, Precision::MixedBf16, 2, 64, 16, false),
-    );
+    let g = t5_small_full();
     assert_eq!(saved(&g, "encoder.layers.1+4.mlp.fc2"), 524_288 + 2_097_152);
     assert_eq!(saved(&g, "encoder.layers.1+4.mlp.act"), 524_288);
 }

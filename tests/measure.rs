@@ -176,20 +176,17 @@ fn host_costs_are_learned_into_the_calibration_file() {
     // Out-of-range host costs are refused where the file is read.
     let bad = dir.path().join("bad.toml");
     let text = std::fs::read_to_string(&cal).expect("reads");
-    std::fs::write(
-        &bad,
-        format!("{text}[host]\ndispatch_us = 0.0\nmodule_us = 1.0\n"),
-    )
-    .expect("writes");
-    let err = ftplan::calibrate::Calibration::load(&bad).expect_err("zero dispatch");
-    assert!(err.to_string().contains("dispatch_us"), "{err}");
-    std::fs::write(
-        &bad,
-        format!("{text}[host]\ndispatch_us = 5.0\nmodule_us = 1.0\ncheckpoint_tensor_us = -1.0\n"),
-    )
-    .expect("writes");
-    let err = ftplan::calibrate::Calibration::load(&bad).expect_err("negative checkpoint cost");
-    assert!(err.to_string().contains("checkpoint_tensor_us"), "{err}");
+    for (host, field) in [
+        ("dispatch_us = 0.0\nmodule_us = 1.0\n", "dispatch_us"),
+        (
+            "dispatch_us = 5.0\nmodule_us = 1.0\ncheckpoint_tensor_us = -1.0\n",
+            "checkpoint_tensor_us",
+        ),
+    ] {
+        std::fs::write(&bad, format!("{text}[host]\n{host}")).expect("writes");
+        let err = ftplan::calibrate::Calibration::load(&bad).expect_err("out of range");
+        assert!(err.to_string().contains(field), "{err}");
+    }
     let Some(py) = python() else { return };
     ftplan()
         .args([
