@@ -474,6 +474,7 @@ fn self_attention_ops(
             },
         )
     } else {
+        b.fork(name.at("fork"), x, 3);
         let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
         let k = b.linear(
             name.at("k_proj"),
@@ -560,6 +561,9 @@ fn cross_attention_ops(
     let (mem, mem_seq) = memory;
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
+    // The encoder's output feeds every decoder layer's keys and values; per layer, its two
+    // gradients join the running sum (two adds each, one fewer in all).
+    b.fork(name.at("fork"), mem, 3);
     let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
     let k = b.linear(
         name.at("k_proj"),
@@ -626,6 +630,7 @@ fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
     let model = b.model;
     let bias = model.linear_bias;
     if model.gated_ffn {
+        b.fork(name.at("fork"), x, 2);
         let g = b.linear(name.at("gate_proj"), x, inter, bias, Some(Proj::Gate));
         let u = b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up));
         let a = b.activation(name.at("act"), g);

@@ -325,7 +325,10 @@ impl<'a> Builder<'a> {
             return x;
         }
         let out = self.val(x.width, x.tokens, dtype, x.grad);
-        self.elementwise(name, &[x], out, SmallVec::new(), 0.0);
+        let op = self.elementwise(name, &[x], out, SmallVec::new(), 0.0);
+        // `_to_copy`'s derivative casts the gradient back: one kernel reading the gradient in
+        // the output dtype and writing it in the input dtype, the forward's bytes.
+        self.set_backward_bytes(op, x.bytes() + out.bytes());
         out
     }
 
@@ -333,8 +336,50 @@ impl<'a> Builder<'a> {
     pub fn add(&mut self, name: Name, a: Val, b: Val) -> Val {
         let dtype = wider(a.dtype, b.dtype);
         let out = self.val(a.width, a.tokens, dtype, a.grad || b.grad);
-        self.elementwise(name, &[a, b], out, SmallVec::new(), 1.0);
+        let op = self.elementwise(name, &[a, b], out, SmallVec::new(), 1.0);
+        // add's derivative hands the gradient to both inputs unchanged (no kernel); the one
+        // kernel is autograd's accumulation where an input forked (`InputBuffer::accumulate`):
+        // the residual stream read by the block and by this add, or for LoRA the layer input
+        // read by the base weight and by `lora_A`. Two gradients read, their sum written, the
+        // forward's bytes; a CPU dispatch trace of a Llama block shows exactly that.
+        self.set_backward_bytes(op, a.bytes() + b.bytes() + out.bytes());
         out
+    }
+
+    /// A value read by `consumers` ops: autograd sums their gradients before passing one on
+    /// (`InputBuffer::accumulate`), `consumers - 1` adds each reading two gradients and
+    /// writing their sum. Emitted before the consumers, so that its backward runs after
+    /// theirs. Forward costs nothing and memory is unchanged (the sum replaces a gradient the
+    /// walk already holds); a CPU dispatch trace of a Llama block shows the adds after the
+    /// q/k/v and gate/up projections' backward.
+    pub(super) fn fork(&mut self, name: Name, x: Val, consumers: u32) {
+        if !x.grad || consumers < 2 {
+            return;
+        }
+        let adds = consumers - 1;
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Elementwise,
+            params: SmallVec::new(),
+            saves: SmallVec::new(),
+            forward_transient: Bytes::ZERO,
+            backward_transient: Bytes::ZERO,
+            cost: Cost {
+                input_grad_flops: Flops(f64::from(adds) * x.elements() as f64),
+                backward_bytes: x.bytes() * 3 * u64::from(adds),
+                backward_kernels: adds,
+                ..Cost::default()
+            },
+            compute: x.dtype,
+            in_backward: true,
+        });
+    }
+
+    /// Sets op `op`'s backward traffic where its derivative is not the generic two passes.
+    pub(super) fn set_backward_bytes(&mut self, op: usize, bytes: Bytes) {
+        if let Some(o) = self.graph.op_mut(op) {
+            o.cost.backward_bytes = bytes;
+        }
     }
 
     /// `torch.cat` along the features (`[a, b]` per token): a new tensor; saves nothing.

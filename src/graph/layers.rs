@@ -105,10 +105,35 @@ impl Builder<'_> {
                 } else {
                     x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
                 },
-                backward_bytes: if layer_norm {
-                    (x.bytes() + out.bytes()) * 2
-                } else {
-                    (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12
+                backward_bytes: match kind {
+                    Norm::LayerNorm | Norm::LayerNormWithoutBias => (x.bytes() + out.bytes()) * 2,
+                    // LlamaRMSNorm's autograd, op by op (derivatives.yaml; a CPU dispatch trace
+                    // of a Llama block gives the same 84 bytes per bf16 element with the
+                    // upcast's backward): the weight multiply's input gradient (gradient read,
+                    // result written), its cast to fp32 when the input was narrower, then
+                    // seventeen fp32 passes: the rsqrt multiply's two gradients (3 + 2), the
+                    // sum over the row (1), mean's expanded division (1), pow's derivative
+                    // x^1, times 2, times the gradient (2 + 2 + 3), and the accumulation of
+                    // the two paths (3). A trained weight adds its product with the normed
+                    // input and the sum over tokens (4 passes of the normed dtype).
+                    Norm::RmsNorm => {
+                        let f32 = DType::F32.bytes(x.elements());
+                        let narrow = if out.dtype == DType::F32 {
+                            crate::units::Bytes::ZERO
+                        } else {
+                            out.bytes() + f32
+                        };
+                        let weight = if trainable {
+                            out.dtype.bytes(x.elements()) * 4
+                        } else {
+                            crate::units::Bytes::ZERO
+                        };
+                        out.bytes() * 2 + narrow + f32 * 17 + weight
+                    }
+                    // The other RMSNorm variants: about twelve fp32 passes.
+                    Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm | Norm::T5RmsNorm => {
+                        (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12
+                    }
                 },
                 // LlamaRMSNorm is eight Python-level ops (to, pow, mean, add, rsqrt, mul, to,
                 // mul); layer_norm is one fused kernel.
@@ -131,15 +156,19 @@ impl Builder<'_> {
         self.host_only(1, 0);
         match self.model.activation {
             Activation::Silu | Activation::Gelu => {
-                // One kernel; backward needs the input.
+                // One kernel; backward needs the input: `silu_backward` / `gelu_backward` read
+                // the gradient and the saved input and write the input's gradient.
                 let out = self.val(width, tokens, x.dtype, x.grad);
-                self.elementwise(name, &[x], out, smallvec![x.id], 8.0);
+                let op = self.elementwise(name, &[x], out, smallvec![x.id], 8.0);
+                self.set_backward_bytes(op, out.bytes() + x.bytes() * 2);
                 out
             }
             Activation::Relu => {
-                // threshold_backward uses the output.
+                // threshold_backward reads the gradient and the saved output and writes the
+                // input's gradient.
                 let out = self.val(width, tokens, x.dtype, x.grad);
-                self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
+                let op = self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
+                self.set_backward_bytes(op, out.bytes() * 2 + x.bytes());
                 out
             }
             Activation::GeluNewPython => {
@@ -190,12 +219,15 @@ impl Builder<'_> {
         let out = self.val(x.width, x.tokens, wider(x.dtype, cos_dtype), x.grad);
         let op = self.elementwise(name, &[x], out, SmallVec::new(), 3.0);
         if let Some(o) = self.graph.op_mut(op) {
-            // mul, two slices, neg, cat, mul, add: each a kernel, ~10 passes over the tensor
-            // each way (transformers' `apply_rotary_pos_emb`).
+            // mul, two slices, neg, cat, mul, add: seven dispatches, ten passes over the
+            // tensor (transformers' `apply_rotary_pos_emb`). Backward: two muls, neg, two
+            // `slice_backward`s (each writes the whole zeroed gradient and copies half into it)
+            // and two adds, fourteen passes (a CPU dispatch trace of a Llama block: 14.1 for q,
+            // 14.5 for k).
             o.cost.forward_kernels = 7;
             o.cost.backward_kernels = 7;
             o.cost.forward_bytes = out.bytes() * 10;
-            o.cost.backward_bytes = out.bytes() * 10;
+            o.cost.backward_bytes = out.bytes() * 14;
         }
         out
     }
