@@ -4,7 +4,7 @@
 use super::build::{Builder, OpSpec, Val, wider};
 use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
 use crate::spec::model::{Activation, Norm};
-use crate::units::{DType, Flops};
+use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
 
 impl Builder<'_> {
@@ -119,14 +119,14 @@ impl Builder<'_> {
                     Norm::RmsNorm => {
                         let f32 = DType::F32.bytes(x.elements());
                         let narrow = if out.dtype == DType::F32 {
-                            crate::units::Bytes::ZERO
+                            Bytes::ZERO
                         } else {
                             out.bytes() + f32
                         };
                         let weight = if trainable {
                             out.dtype.bytes(x.elements()) * 4
                         } else {
-                            crate::units::Bytes::ZERO
+                            Bytes::ZERO
                         };
                         out.bytes() * 2 + narrow + f32 * 17 + weight
                     }
