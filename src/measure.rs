@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::estimate::Estimate;
 use crate::spec::model::ModelSpec;
-use crate::spec::plan::{AttentionKernel, LoraTargets, Method, Plan, Precision};
+use crate::spec::plan::{LoraTargets, Method, Plan, Precision};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::path::Path;
@@ -259,11 +259,7 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
         "batch": plan.batch,
         "seq": seq,
         "grad_ckpt": plan.grad_ckpt,
-        "attn": match plan.attention {
-            AttentionKernel::Sdpa => "sdpa",
-            AttentionKernel::Flash2 => "flash2",
-            AttentionKernel::Eager => "eager",
-        },
+        "attn": plan.attention.record_name(),
         "optimizer": plan.optimizer.record_name(),
     });
     let r = run.as_object_mut().expect("an object");

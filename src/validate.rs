@@ -254,11 +254,14 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         }
         other => return Err(bad("seq", format!("unsupported value {other}"))),
     };
-    let attention = match run.attn.as_str() {
-        "eager" => AttentionKernel::Eager,
-        "flash2" => AttentionKernel::Flash2,
-        _ => AttentionKernel::Sdpa,
-    };
+    let attention = AttentionKernel::RECORD_NAMES
+        .iter()
+        .find(|(n, _)| *n == run.attn)
+        .map(|(_, k)| *k)
+        .ok_or_else(|| {
+            bad("attn", format!("`{}` is not known", run.attn))
+                .with_hint("use `sdpa`, `flash2` or `eager`")
+        })?;
     Ok(Plan {
         method,
         precision,

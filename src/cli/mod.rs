@@ -469,7 +469,12 @@ fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
         )?
         .rates(&hw),
     };
-    let (rows, failed) = ftplan::validate::compare_all(&path, &text, &hw, &rates);
+    let (rows, mut failed) = ftplan::validate::compare_all(&path, &text, &hw, &rates);
+    if rows.is_empty() && !failed.is_empty() {
+        // Nothing could be planned: the file is bad input, not a comparison that failed.
+        let (_, e) = failed.swap_remove(0);
+        return Err(e.into());
+    }
     for (at, e) in &failed {
         eprintln!("error: {at}: run not planned: {e}");
     }

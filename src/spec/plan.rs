@@ -415,6 +415,25 @@ pub enum AttentionKernel {
     Eager,
 }
 
+impl AttentionKernel {
+    /// The names measured-run records use for each kernel (`run.attn`: what the harnesses pass
+    /// to transformers' `attn_implementation`, `flash2` for `flash_attention_2`): `ftplan
+    /// measure` writes them and `ftplan validate` reads them.
+    pub const RECORD_NAMES: [(&'static str, AttentionKernel); 3] = [
+        ("sdpa", AttentionKernel::Sdpa),
+        ("flash2", AttentionKernel::Flash2),
+        ("eager", AttentionKernel::Eager),
+    ];
+
+    /// This kernel's name in measured-run records.
+    pub fn record_name(self) -> &'static str {
+        AttentionKernel::RECORD_NAMES
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map_or("sdpa", |(n, _)| n)
+    }
+}
+
 /// Everything about one training step except the model and the hardware.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
