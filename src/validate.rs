@@ -241,10 +241,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
     };
     let optimizer = match run.optimizer.as_deref() {
         None => Optimizer::Adamw,
-        Some(name) => Optimizer::RECORD_NAMES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, o)| *o)
+        Some(name) => crate::spec::value_in(&Optimizer::RECORD_NAMES, name)
             .ok_or_else(|| bad("optimizer", format!("`{name}` is not known")))?,
     };
     let (seq, target_seq) = match &run.seq {
@@ -254,11 +251,8 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         }
         other => return Err(bad("seq", format!("unsupported value {other}"))),
     };
-    let attention = AttentionKernel::RECORD_NAMES
-        .iter()
-        .find(|(n, _)| *n == run.attn)
-        .map(|(_, k)| *k)
-        .ok_or_else(|| {
+    let attention =
+        crate::spec::value_in(&AttentionKernel::RECORD_NAMES, &run.attn).ok_or_else(|| {
             bad("attn", format!("`{}` is not known", run.attn))
                 .with_hint("use `sdpa`, `flash2` or `eager`")
         })?;

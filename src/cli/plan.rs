@@ -130,21 +130,17 @@ fn parse_name<T: Copy>(
     value: &str,
     table: &[(&'static str, T)],
 ) -> Result<T> {
-    table
-        .iter()
-        .find(|(n, _)| *n == value)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let err = Error::field(
-                origin,
-                field,
-                format!("`{value}` is not one of {}", names(table)),
-            );
-            match did_you_mean(value, table.iter().map(|(n, _)| *n)) {
-                Some(s) => err.with_hint(format!("did you mean `{s}`?")),
-                None => err,
-            }
-        })
+    ftplan::spec::value_in(table, value).ok_or_else(|| {
+        let err = Error::field(
+            origin,
+            field,
+            format!("`{value}` is not one of {}", names(table)),
+        );
+        match did_you_mean(value, table.iter().map(|(n, _)| *n)) {
+            Some(s) => err.with_hint(format!("did you mean `{s}`?")),
+            None => err,
+        }
+    })
 }
 
 fn names<T>(table: &[(&'static str, T)]) -> String {

@@ -179,18 +179,14 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     if model_type.is_empty() {
         return Err(Error::field(path, "model_type", "is missing").with_hint(supported()));
     }
-    let family = Family::ALL
-        .iter()
-        .find(|(n, _)| *n == model_type)
-        .map(|(_, f)| *f)
-        .ok_or_else(|| {
-            Error::field(
-                path,
-                "model_type",
-                format!("`{model_type}` is not supported"),
-            )
-            .with_hint(supported())
-        })?;
+    let family = super::value_in(&Family::ALL, &model_type).ok_or_else(|| {
+        Error::field(
+            path,
+            "model_type",
+            format!("`{model_type}` is not supported"),
+        )
+        .with_hint(supported())
+    })?;
     let mut spec = match family {
         Family::Llama
         | Family::Mistral

@@ -94,11 +94,7 @@ impl Family {
     ];
 
     pub fn model_type(self) -> &'static str {
-        Family::ALL
-            .iter()
-            .find(|(_, f)| *f == self)
-            .map(|(n, _)| *n)
-            .unwrap_or("llama")
+        super::name_in(&Family::ALL, self).unwrap_or("llama")
     }
 }
 

@@ -38,10 +38,7 @@ impl Engine {
     ];
 
     pub fn name(self) -> &'static str {
-        Engine::ALL
-            .iter()
-            .find(|(_, e)| *e == self)
-            .map_or("ddp", |(n, _)| n)
+        super::name_in(&Engine::ALL, self).unwrap_or("ddp")
     }
 
     /// Which states are sharded (Rajbhandari et al. 2020, sec. 5: P_os, P_os+g, P_os+g+p).

@@ -389,10 +389,7 @@ impl Optimizer {
 
     /// Its name in a measured run's record.
     pub fn record_name(self) -> &'static str {
-        Optimizer::RECORD_NAMES
-            .iter()
-            .find(|(_, o)| *o == self)
-            .map_or("fused", |(n, _)| n)
+        super::name_in(&Optimizer::RECORD_NAMES, self).unwrap_or("fused")
     }
 
     /// Whether its states live in CUDA unified memory (paged), outside PyTorch's allocator.
@@ -427,10 +424,7 @@ impl AttentionKernel {
 
     /// This kernel's name in measured-run records.
     pub fn record_name(self) -> &'static str {
-        AttentionKernel::RECORD_NAMES
-            .iter()
-            .find(|(_, k)| *k == self)
-            .map_or("sdpa", |(n, _)| n)
+        super::name_in(&AttentionKernel::RECORD_NAMES, self).unwrap_or("sdpa")
     }
 }
 
