@@ -130,12 +130,8 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
         let engine = match rec.run.engine.as_deref() {
             None if rec.run.grad_op => Engine::FsdpGradOp,
             None => Engine::Fsdp,
-            Some(name) => Engine::ALL
-                .iter()
-                .find(|(n, e)| {
-                    *n == name && matches!(e, Engine::Ddp | Engine::Fsdp | Engine::FsdpGradOp)
-                })
-                .map(|(_, e)| *e)
+            Some(name) => crate::spec::value_in(&Engine::ALL, name)
+                .filter(|e| matches!(e, Engine::Ddp | Engine::Fsdp | Engine::FsdpGradOp))
                 .ok_or_else(|| {
                     Error::field(
                         where_,
