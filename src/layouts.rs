@@ -199,9 +199,45 @@ pub fn search(
             }
         }
     }
+    let mut found = undominated(found);
     rank(&mut found, objective);
     found.truncate(keep);
     Ok((found, runs))
+}
+
+/// Whether `b` is at least as good as `a` on everything a user weighs: GPUs, memory per GPU,
+/// host memory, speed (within the 3 % buckets the ranking uses), cost and moving parts.
+fn no_worse(b: &Layout, a: &Layout) -> bool {
+    let cost = |l: &Layout| l.time.cost_per_million_tokens.unwrap_or(f64::INFINITY);
+    b.parallel.gpus <= a.parallel.gpus
+        && b.memory.required <= a.memory.required
+        && b.memory.host <= a.memory.host
+        && speed_bucket(b) <= speed_bucket(a)
+        && cost(b) <= cost(a)
+        && complexity(b) <= complexity(a)
+}
+
+/// Drops every layout another one dominates (no worse on anything, better on something; of
+/// layouts equal on everything, the first found stays). On one data-parallel rank ZeRO-1, -2
+/// and -3 with the optimizer offloaded hold the same states in the same places, as FSDP's
+/// FULL_SHARD and SHARD_GRAD_OP do, so only the simplest of each shows: the list offers
+/// choices, not names for one.
+fn undominated(found: Vec<Layout>) -> Vec<Layout> {
+    let keep: Vec<bool> = found
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            !found
+                .iter()
+                .enumerate()
+                .any(|(j, b)| j != i && no_worse(b, a) && (!no_worse(a, b) || j < i))
+        })
+        .collect();
+    found
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(l, k)| k.then_some(l))
+        .collect()
 }
 
 fn layout(e: &Estimate, budget: Bytes, bounds: Bounds) -> Layout {

@@ -224,6 +224,10 @@ fn invalid_layouts_name_their_rule() {
             &["--gpus", "8", "--engine", "zero2", "--offload", "params"],
             "needs sharded parameters",
         ),
+        (
+            &["--gpus", "8", "--engine", "fsdp", "--offload", "optimizer"],
+            "is not an FSDP offload",
+        ),
     ] {
         let out = ftplan()
             .args(["estimate", "--model", "llama2-7b", "--gpu", "a100"])
@@ -267,7 +271,8 @@ proptest! {
         // Room for prompt tuning's virtual tokens inside GPT-2's 1,024 positions.
         p.seq = 512;
         let on_gpu = run("gpt2-medium", &p).memory.required;
-        p.parallel.offload = Offload::Optimizer;
+        // FSDP offloads parameters, gradients and the step together, never the optimizer alone.
+        p.parallel.offload = if engine.is_fsdp() { Offload::Params } else { Offload::Optimizer };
         let offloaded = run("gpt2-medium", &p);
         prop_assert!(offloaded.memory.required <= on_gpu);
         prop_assert!(offloaded.memory.host.0 > 0);
@@ -340,6 +345,71 @@ fn the_layout_search_misses_no_layout_with_fewer_gpus() {
                     }
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn fit_lists_choices_not_names_for_one_layout() {
+    // Full fine-tuning of TinyLlama does not fit one 16 GB T4 on the GPU alone; with the
+    // optimizer offloaded it does. On one rank ZeRO-1, -2 and -3 place the optimizer on the
+    // host alike (nothing is left to shard), so one row stands for them, the simplest (ZeRO-1);
+    // ZeRO-3's `params` offload is a different choice (less GPU memory, more host memory).
+    let out = ftplan()
+        .args([
+            "fit",
+            "--model",
+            "tinyllama-1.1b",
+            "--gpu",
+            "t4",
+            "--method",
+            "full",
+            "--format",
+            "json",
+            "--layouts",
+            "12",
+        ])
+        .assert()
+        .code(1);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.get_output().stdout).expect("fit --format json is JSON");
+    let layouts = v["layouts"].as_array().expect("layouts");
+    let one_gpu: Vec<(String, String, bool)> = layouts
+        .iter()
+        .filter(|l| l["parallel"]["gpus"] == 1)
+        .map(|l| {
+            (
+                l["parallel"]["engine"].as_str().unwrap_or("").to_string(),
+                l["parallel"]["offload"].as_str().unwrap_or("").to_string(),
+                l["grad_ckpt"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    let optimizer_offload: Vec<_> = one_gpu
+        .iter()
+        .filter(|(_, o, ckpt)| o == "optimizer" && !ckpt)
+        .collect();
+    assert_eq!(optimizer_offload.len(), 1, "{one_gpu:?}");
+    assert_eq!(optimizer_offload[0].0, "zero1", "{one_gpu:?}");
+    // No listed layout is matched or beaten on every count by another listed one.
+    let key = |l: &serde_json::Value| {
+        (
+            l["parallel"]["gpus"].as_u64().unwrap_or(0),
+            l["memory"]["required"].as_u64().unwrap_or(0),
+            l["memory"]["host"].as_u64().unwrap_or(0),
+            l["time"]["tokens_per_second"].as_f64().unwrap_or(0.0),
+        )
+    };
+    for (i, a) in layouts.iter().enumerate() {
+        for (j, b) in layouts.iter().enumerate() {
+            let (ka, kb) = (key(a), key(b));
+            let beaten = kb.0 <= ka.0 && kb.1 <= ka.1 && kb.2 <= ka.2 && kb.3 >= ka.3 * 1.03;
+            assert!(
+                i == j || !beaten,
+                "{} beats {}",
+                b["parallel"],
+                a["parallel"]
+            );
         }
     }
 }
@@ -584,11 +654,12 @@ fn every_method_runs_under_every_engine() {
                 let hw = resolve_hardware("a100-80gb").expect("shipped").value;
                 let Ok(e) = estimate(&m, &p, &hw, &Rates::from_datasheet(&hw)) else {
                     // Only the named rules refuse a layout (offload with DDP, params offload
-                    // without sharded parameters).
+                    // without sharded parameters, FSDP offloading the optimizer alone).
                     assert!(
                         offload != Offload::None
                             && (engine == Engine::Ddp
-                                || (offload == Offload::Params && !engine.shards().parameters)),
+                                || (offload == Offload::Params && !engine.shards().parameters)
+                                || (offload == Offload::Optimizer && engine.is_fsdp())),
                         "{engine:?} {offload:?} {}",
                         method.name()
                     );

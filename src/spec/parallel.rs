@@ -281,6 +281,18 @@ pub fn check(p: &Parallel, layers: u64, heads: u64, kv_heads: u64) -> Result<(),
             "needs a sharding engine (--engine zero1/2/3 or fsdp); DDP cannot offload".into(),
         );
     }
+    // FSDP's only offload (FSDP1 `CPUOffload(offload_params=True)`, FSDP2
+    // `CPUOffloadPolicy`) moves parameters, gradients and the optimizer step to the host
+    // together; keeping parameters on the GPU with the optimizer on the host is ZeRO-Offload.
+    if p.offload == Offload::Optimizer && p.engine.is_fsdp() {
+        return rule(
+            "offload",
+            "`optimizer` is not an FSDP offload: FSDP's CPU offload moves parameters, \
+             gradients and the optimizer step together (--offload params); ZeRO-Offload keeps \
+             parameters on the GPU (--engine zero1/2/3)"
+                .into(),
+        );
+    }
     if p.offload == Offload::Params && !p.engine.shards().parameters {
         return rule(
             "offload",
