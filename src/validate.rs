@@ -35,6 +35,11 @@ struct Record {
     params_trainable: u64,
     #[serde(default)]
     step_time_s: Option<f64>,
+    /// The harness untied the LM head after building: transformers 5's `T5Config` forces
+    /// `tie_word_embeddings=True`, which a flan-t5 checkpoint (`false`) then loads untied; the
+    /// recorded config still says tied.
+    #[serde(default)]
+    lm_head_untied: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,7 +125,10 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
         path: where_.to_string(),
         message: e.to_string(),
     })?;
-    let model = parse_config(where_, &rec.config, &rec.run.model, false)?;
+    let mut model = parse_config(where_, &rec.config, &rec.run.model, false)?;
+    if rec.lm_head_untied {
+        model.tie_word_embeddings = false;
+    }
     let mut plan = plan_of(where_, &rec.run)?;
     if let Some(world) = rec.world_size.or(rec.run.world_size).filter(|&w| w > 1) {
         // One rank of an N-way run on one node: FSDP2 (`fsdp_fake.py`, `ftplan measure`: every

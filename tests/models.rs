@@ -321,14 +321,29 @@ fn dora_adds_one_magnitude_per_output_and_keeps_both_results() {
 #[test]
 fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // Qwen3, Phi-3, Mixtral and Pythia, then issue #8's Gemma-2/3, OLMo-2, StarCoder2, BLOOM,
-    // Mamba, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite and Falcon-40B (validation/families.jsonl,
-    // measure.py --fake).
+    // Mamba, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2-Lite and Falcon-40B, then the shipped families
+    // no run had covered: OPT, Phi-2, Gemma (v1), Mistral past its window, Llama-3.2 (tied
+    // 128k vocabulary), Flan-T5 (gated GELU, untied head), Falcon-7B (multi-query) and
+    // Qwen2.5-7B (validation/families.jsonl, measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 21);
+    assert_eq!(rows.len(), 32);
+    let late = [
+        "opt-1.3b|",
+        "phi-2|",
+        "gemma-2b|",
+        "mistral-7b|",
+        "llama3.2-1b|",
+        "flan-t5-base|",
+        "falcon-7b|",
+        "qwen2.5-7b|",
+    ];
     for r in &rows {
-        // Issue #8's runs are held to 2 % each (all within 1.5 % when added).
-        let bound = if r.name.contains("gemma-2")
+        // Issue #8's runs are held to 2 % each (all within 1.5 % when added); the last eleven
+        // to 1 % (within 0.6 % when added, before any change to the model).
+        let bound = if late.iter().any(|m| r.name.starts_with(m)) {
+            0.01
+        } else if r.name.contains("gemma-2")
             || r.name.contains("gemma-3")
             || r.name.contains("olmo-2")
             || r.name.contains("starcoder2")
