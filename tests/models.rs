@@ -369,6 +369,27 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
 }
 
 #[test]
+fn bitsandbytes_runs_replayed_on_cpu_match_once_the_gpu_workspaces_are_set_aside() {
+    // QLoRA (NF4 with double quantization, peft's prepare_model_for_kbit_training, LoRA on every
+    // linear, with and without checkpointing) and 8-bit AdamW, replayed on CPU with real tensors
+    // and bitsandbytes' CPU backend (validation/bnb.jsonl). A CPU has no cuBLAS: the estimate's
+    // two H200 workspaces (2 x 32 MiB, the forward thread's and autograd's) are all that
+    // separates it from the replay.
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let workspaces = hw.cublas_workspace.0 * 2;
+    assert_eq!(workspaces, 67_108_864);
+    let rows = crate::shipped_rows("validation/bnb.jsonl");
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let net = (r.estimated_peak as f64 - workspaces as f64) / r.measured_peak as f64 - 1.0;
+        assert!(net.abs() <= 0.005, "{}: {:+.2}%", r.name, net * 100.0);
+        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
+    }
+}
+
+#[test]
 fn mixed_fp16_keeps_the_bytes_and_takes_the_fp16_tensor_cores() {
     use ftplan::spec::registry::{resolve_hardware, resolve_model};
     // A V100 has fp16 tensor cores (125 TFLOP/s) and none for bf16 (its fp32 rate, 15.7):
