@@ -65,7 +65,10 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [(&'static str, Family); 25] = [
+    /// transformers' `model_type` names; a later name for the same family reads the same way
+    /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, DeepSeek-V3
+    /// is V2's layout); the first name is the family's own.
+    pub const ALL: [(&'static str, Family); 27] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -91,6 +94,8 @@ impl Family {
         ("deepseek_v2", Family::Deepseek),
         ("deepseek_v3", Family::Deepseek),
         ("mamba", Family::Mamba),
+        ("olmo3", Family::Olmo2),
+        ("ministral", Family::Mistral),
     ];
 
     pub fn model_type(self) -> &'static str {
