@@ -439,3 +439,66 @@ fn a_llama_block_moves_the_backward_bytes_of_its_autograd_formulas() {
         / 1024;
     assert_eq!(per_token, 589_824);
 }
+
+#[test]
+fn granite_pays_for_its_three_multipliers_and_nothing_else() {
+    // Granite is the Llama block plus three scalar multiplies (GraniteModel and
+    // GraniteDecoderLayer in transformers): the embeddings once, each of the two residual
+    // branches per layer, and the logits once. Read the same config as `llama` and the graphs
+    // differ by exactly those ops. With a frozen bf16 base (LoRA) at batch 1 x 512, hidden 256,
+    // 3 layers and a 1,000-token vocabulary, each multiply reads and writes its tensor once
+    // forward (a bf16 hidden row is 512 B, a logits row 2,000 B):
+    // - 1 + 2 x 3 = 7 hidden-sized multiplies: 7 x 512 x (512 + 512) = 3,670,016 B;
+    // - the logits divide: 512 x (2,000 + 2,000) = 2,048,000 B.
+    // Sum: 5,718,016 bytes more forward traffic, and 8 more ops.
+    let config = |model_type: &str| {
+        serde_json::json!({
+            "model_type": model_type, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 1000, "tie_word_embeddings": true,
+            "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+            "attention_multiplier": 0.015625, "logits_scaling": 8.0
+        })
+    };
+    let read = |t: &str| {
+        ftplan::spec::hf::parse_config("granite.json", &config(t), "granite", false)
+            .expect("a Granite config reads")
+    };
+    let (granite, llama) = (read("granite"), read("llama"));
+    assert_eq!(granite.multipliers.residual, 0.22);
+    let p = plan(
+        Method::Lora(ftplan::spec::plan::Lora {
+            rank: 8,
+            alpha: 16.0,
+            targets: ftplan::spec::plan::LoraTargets::QueryValue,
+            dora: false,
+        }),
+        Precision::Bf16,
+        1,
+        512,
+        0,
+        false,
+    );
+    let totals = |m: &ftplan::spec::model::ModelSpec| {
+        let g = ftplan::graph::build(m, &p);
+        let ops: u64 = g.ops().map(|o| u64::from(o.repeat.max(1))).sum();
+        let bytes: u64 = g
+            .ops()
+            .map(|o| u64::from(o.repeat.max(1)) * o.cost.forward_bytes.0)
+            .sum();
+        (ops, bytes)
+    };
+    let ((ops_g, bytes_g), (ops_l, bytes_l)) = (totals(&granite), totals(&llama));
+    assert_eq!(ops_g - ops_l, 8);
+    assert_eq!(bytes_g - bytes_l, 5_718_016);
+    // Same parameters, same trainable count.
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let (eg, el) = (
+        ftplan::estimate::estimate(&granite, &p, &hw, &rates).expect("plans"),
+        ftplan::estimate::estimate(&llama, &p, &hw, &rates).expect("plans"),
+    );
+    assert_eq!(eg.memory.trainable_params, el.memory.trainable_params);
+}

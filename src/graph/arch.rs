@@ -80,7 +80,7 @@ pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     }
     let x = if model.family == Family::T5 && model.tie_word_embeddings {
         // T5 rescales by d_model^-0.5 before a tied LM head (a scalar multiply: saves nothing).
-        b.cast(Name::root("lm_head").then("rescale"), x, x.dtype)
+        b.scale(Name::root("lm_head").then("rescale"), x)
     } else {
         x
     };
@@ -141,6 +141,10 @@ fn stack_forward(
                 let prompt = b.cast(name.at("prompt").then("cast"), prompt, x.dtype);
                 let used = b.val(h, batch * *virtual_tokens, x.dtype, prompt.grad);
                 x = b.concat(name.at("prompt").then("cat"), used, x);
+            }
+            if model.multipliers.embedding != 1.0 {
+                // Granite: `inputs_embeds * embedding_multiplier`.
+                x = b.scale(name.at("embed").then("multiplier"), x);
             }
             if let Positions::Learned { rows } = model.positions {
                 let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
@@ -365,6 +369,7 @@ fn block(
         a = b.norm(name.at("post_attention_layernorm"), a);
     }
     let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
+    let a = residual_multiplier(b, name.at("self_attn").then("multiplier"), a);
     let mut x = b.add(name.at("self_attn").then("residual"), x, a);
     if let Some(mem) = memory {
         let h = b.norm(name.at("cross_layernorm"), x);
@@ -392,7 +397,17 @@ fn block(
     } else {
         b.dropout(name.at("mlp").then("dropout"), m, p_res)
     };
+    let m = residual_multiplier(b, name.at("mlp").then("multiplier"), m);
     b.add(name.at("mlp").then("residual"), x, m)
+}
+
+/// Granite's `branch * residual_multiplier` before each residual add (none elsewhere).
+fn residual_multiplier(b: &mut Builder, name: Name, branch: Val) -> Val {
+    if b.model.multipliers.residual == 1.0 {
+        branch
+    } else {
+        b.scale(name, branch)
+    }
 }
 
 /// What accompanies self-attention. A sliding window as transformers builds it

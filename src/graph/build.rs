@@ -332,6 +332,16 @@ impl<'a> Builder<'a> {
         out
     }
 
+    /// `x * s` for a Python float `s` (T5's head rescale, Granite's multipliers): a new tensor
+    /// of x's size and dtype; `MulBackward` keeps no tensor for a scalar and multiplies the
+    /// gradient by `s`, one kernel each way.
+    pub fn scale(&mut self, name: Name, x: Val) -> Val {
+        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        let op = self.elementwise(name, &[x], out, SmallVec::new(), 1.0);
+        self.set_backward_bytes(op, x.bytes() + out.bytes());
+        out
+    }
+
     /// `a + b` (residual adds): saves nothing; the result takes the wider dtype.
     pub fn add(&mut self, name: Name, a: Val, b: Val) -> Val {
         let dtype = wider(a.dtype, b.dtype);
@@ -431,7 +441,8 @@ impl<'a> Builder<'a> {
             | Family::Gemma
             | Family::Palm
             | Family::Mixtral
-            | Family::Qwen3 => (0, 0),
+            | Family::Qwen3
+            | Family::Granite => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.

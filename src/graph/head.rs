@@ -125,6 +125,13 @@ impl Builder<'_> {
         } else {
             logits
         };
+        let logits = if self.model.multipliers.logits_divisor == 1.0 {
+            logits
+        } else {
+            // Granite: `logits / logits_scaling`, a new vocabulary-sized tensor in the logits'
+            // dtype; the undivided logits are freed once it exists.
+            self.scale(Name::root("lm_head").then("scaling"), logits)
+        };
         let loss_dtype = if self.model.is_encoder_decoder() && !self.autocast {
             logits.dtype
         } else {

@@ -3,8 +3,8 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, Dropouts, Family, Mixer, Mla, ModelSpec, Moe, Norm, NormPlacement, Positions,
-    QkNorm, Softcap, Ssm, Stack,
+    Activation, Dropouts, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement,
+    Positions, QkNorm, Softcap, Ssm, Stack,
 };
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -198,6 +198,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Gemma2
         | Family::Gemma3
         | Family::Olmo2
+        | Family::Granite
         | Family::Qwen2Moe
         | Family::Qwen3Moe => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
@@ -471,6 +472,18 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             .opt_f64(&["final_logit_softcapping"])?
             .unwrap_or(logit_cap),
     };
+    // Granite's scalar multipliers (GraniteConfig's defaults are 1: none); its
+    // `attention_multiplier` is SDPA's `scale` argument and costs nothing.
+    let multipliers = if family == Family::Granite {
+        r.raw(&["attention_multiplier"]);
+        Multipliers {
+            embedding: r.f64_or(&["embedding_multiplier"], 1.0)?,
+            residual: r.f64_or(&["residual_multiplier"], 1.0)?,
+            logits_divisor: r.f64_or(&["logits_scaling"], 1.0)?,
+        }
+    } else {
+        Multipliers::default()
+    };
     Ok(ModelSpec {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
@@ -502,6 +515,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         mixers: mixers(r, family, layers)?,
         softcap,
+        multipliers,
         ..base
     })
 }

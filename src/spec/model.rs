@@ -49,6 +49,10 @@ pub enum Family {
     /// `Olmo2ForCausalLM`: RMSNorm on each sub-layer's output (not its input) and on the whole
     /// q and k projections.
     Olmo2,
+    /// `GraniteForCausalLM`: the Llama block with scalar multipliers on the embeddings, each
+    /// residual branch and the logits (`embedding_multiplier`, `residual_multiplier`,
+    /// `logits_scaling`).
+    Granite,
     /// `Starcoder2ForCausalLM`: LayerNorm, biases everywhere, GELU MLP, GQA, sliding window.
     Starcoder2,
     /// `BloomForCausalLM`: ALiBi positions, a LayerNorm after the embeddings, fused biased qkv.
@@ -68,7 +72,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, DeepSeek-V3
     /// is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 27] = [
+    pub const ALL: [(&'static str, Family); 28] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -94,6 +98,7 @@ impl Family {
         ("deepseek_v2", Family::Deepseek),
         ("deepseek_v3", Family::Deepseek),
         ("mamba", Family::Mamba),
+        ("granite", Family::Granite),
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
     ];
@@ -308,6 +313,8 @@ pub struct ModelSpec {
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
     /// (Gemma-2).
     pub softcap: Softcap,
+    /// Scalar multipliers on embeddings, residual branches and logits (Granite).
+    pub multipliers: Multipliers,
     /// A norm right after the token embeddings (BLOOM's `word_embeddings_layernorm`, BART's
     /// `layernorm_embedding`).
     pub embedding_norm: bool,
@@ -344,6 +351,27 @@ pub enum QkNorm {
     None,
     PerHead,
     Full,
+}
+
+/// Scalar multipliers a model applies as separate multiplies (Granite); 1 means none.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Multipliers {
+    /// `inputs_embeds * embedding_multiplier`, after the token embeddings.
+    pub embedding: f64,
+    /// `residual + branch * residual_multiplier`, on each sub-layer's output.
+    pub residual: f64,
+    /// `logits / logits_scaling`, after the LM head.
+    pub logits_divisor: f64,
+}
+
+impl Default for Multipliers {
+    fn default() -> Multipliers {
+        Multipliers {
+            embedding: 1.0,
+            residual: 1.0,
+            logits_divisor: 1.0,
+        }
+    }
 }
 
 /// tanh soft-capping (Gemma-2); 0 means none.
@@ -394,6 +422,7 @@ impl ModelSpec {
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),
+            multipliers: Multipliers::default(),
             embedding_norm: false,
             mla: None,
         }
