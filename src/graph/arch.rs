@@ -823,7 +823,7 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     }
     let xc = b.activation(mixer.at("act"), conv);
     // x_proj reads the transposed activations: F.linear copies them contiguous first.
-    let xc = b.cast(mixer.at("transpose"), xc, xc.dtype);
+    let xc = b.contiguous(mixer.at("transpose"), xc);
     let dbc = b.linear(
         mixer.at("x_proj"),
         xc,

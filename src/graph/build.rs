@@ -342,6 +342,12 @@ impl<'a> Builder<'a> {
         out
     }
 
+    /// `x.contiguous()` on a strided view (or `.clone()`): a copy of x, kept by nobody but its
+    /// reader; its backward is the gradient's copy back, one kernel each way, as `scale`.
+    pub fn contiguous(&mut self, name: Name, x: Val) -> Val {
+        self.scale(name, x)
+    }
+
     /// `a + b` (residual adds): saves nothing; the result takes the wider dtype.
     pub fn add(&mut self, name: Name, a: Val, b: Val) -> Val {
         let dtype = wider(a.dtype, b.dtype);
