@@ -502,3 +502,42 @@ fn granite_pays_for_its_three_multipliers_and_nothing_else() {
     );
     assert_eq!(eg.memory.trainable_params, el.memory.trainable_params);
 }
+
+#[test]
+fn smollm3_skips_rotary_on_its_nope_layers() {
+    // SmolLM3Attention applies rotary only where `no_rope_layers[layer]` is 1; absent, every
+    // fourth layer (`no_rope_layer_interval` 4) goes without. 8 layers: layers 3 and 7 skip it,
+    // so 6 layers x (q, k) = 12 rotary ops, against 16 for the same config read as Llama.
+    let config = |model_type: &str, extra: serde_json::Value| {
+        let mut c = serde_json::json!({
+            "model_type": model_type, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 1000, "tie_word_embeddings": true
+        });
+        if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        c
+    };
+    let rotary_ops = |c: serde_json::Value| {
+        let m =
+            ftplan::spec::hf::parse_config("smollm3.json", &c, "smollm3", false).expect("reads");
+        let p = plan(Method::Full, Precision::MixedBf16, 1, 256, 0, false);
+        let g = ftplan::graph::build(&m, &p);
+        g.ops()
+            .filter(|o| g.name(o.name).contains("rotary"))
+            .map(|o| u64::from(o.repeat.max(1)))
+            .sum::<u64>()
+    };
+    let none = serde_json::json!({});
+    assert_eq!(rotary_ops(config("smollm3", none.clone())), 12);
+    assert_eq!(rotary_ops(config("llama", none)), 16);
+    // An explicit list wins: only layer 0 without rotary.
+    let list = serde_json::json!({"no_rope_layers": [0, 1, 1, 1, 1, 1, 1, 1]});
+    assert_eq!(rotary_ops(config("smollm3", list)), 14);
+    // A list that is not one 0 or 1 per layer is refused by field.
+    let bad = serde_json::json!({"no_rope_layers": [1, 1, 2, 1, 1, 1, 1, 1]});
+    let err = ftplan::spec::hf::parse_config("smollm3.json", &config("smollm3", bad), "s", false)
+        .expect_err("2 is not 0 or 1");
+    assert!(err.to_string().contains("no_rope_layers"), "{err}");
+}

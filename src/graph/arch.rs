@@ -219,6 +219,7 @@ fn stack_forward(
             BlockKind {
                 mixer: Mixer::Attention,
                 ffn: FfnKind::Dense,
+                rope: true,
             }
         } else {
             model.block_kind(l)
@@ -315,7 +316,15 @@ fn block(
     };
     let self_mask = self_attention_mask(b, is_decoder, seq, window);
     let attend = |b: &mut Builder, at, h| {
-        self_attention(b, at, h, stack, seq, embed_dtype, (self_mask, window))
+        self_attention(
+            b,
+            at,
+            h,
+            stack,
+            seq,
+            embed_dtype,
+            (self_mask, window, kind.rope),
+        )
     };
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
@@ -443,7 +452,7 @@ fn self_attention(
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
-    mask: (AttnMask, Option<u64>),
+    mask: (AttnMask, Option<u64>, bool),
 ) -> Val {
     in_tp_region(b, |b| {
         self_attention_ops(b, at, x, stack, seq, embed_dtype, mask)
@@ -457,7 +466,7 @@ fn self_attention_ops(
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
-    (mask, window): (AttnMask, Option<u64>),
+    (mask, window, rope): (AttnMask, Option<u64>, bool),
 ) -> Val {
     if let Some(mla) = b.model.mla {
         return latent_attention(b, at, x, stack, seq, embed_dtype, (mask, window), mla);
@@ -520,7 +529,7 @@ fn self_attention_ops(
             k = b.norm(name.at("k_norm"), k);
         }
     }
-    if let Positions::Rotary { .. } = model.positions {
+    if let (Positions::Rotary { .. }, true) = (model.positions, rope) {
         q = b.rotary(name.at("rotary_q"), q, embed_dtype);
         k = b.rotary(name.at("rotary_k"), k, embed_dtype);
     }

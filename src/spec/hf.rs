@@ -484,6 +484,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     } else {
         Multipliers::default()
     };
+    let rope_layers = rope_layers(r, layers)?;
     Ok(ModelSpec {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
@@ -516,8 +517,48 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         mixers: mixers(r, family, layers)?,
         softcap,
         multipliers,
+        rope_layers,
         ..base
     })
+}
+
+/// SmolLM3's NoPE layers (`SmolLM3Config`): `no_rope_layers` lists 1 for a layer that applies
+/// rotary and 0 for one that does not; absent, every `no_rope_layer_interval`-th layer (4) goes
+/// without. Other families apply rotary everywhere.
+fn rope_layers(r: &Reader, layers: u64) -> Result<Vec<bool>> {
+    if let Some((key, value)) = r.raw(&["no_rope_layers"]).filter(|(_, v)| !v.is_null()) {
+        let Value::Array(list) = value else {
+            return Err(Error::field(
+                r.path,
+                key,
+                "must be a list of 0 and 1 per layer",
+            ));
+        };
+        if list.len() as u64 != layers {
+            return Err(Error::field(
+                r.path,
+                key,
+                format!("lists {} layers; the model has {layers}", list.len()),
+            ));
+        }
+        return list
+            .iter()
+            .map(|v| match v.as_u64() {
+                Some(0) => Ok(false),
+                Some(1) => Ok(true),
+                _ => Err(Error::field(
+                    r.path,
+                    key,
+                    format!("`{v}` is not 0 or 1 (1: the layer applies rotary)"),
+                )),
+            })
+            .collect();
+    }
+    if r.map.get("model_type").and_then(Value::as_str) != Some("smollm3") {
+        return Ok(Vec::new());
+    }
+    let interval = r.opt_u64(&["no_rope_layer_interval"])?.unwrap_or(4).max(1);
+    Ok((0..interval).map(|l| (l + 1) % interval != 0).collect())
 }
 
 /// `Starcoder2ForCausalLM`: the Mistral layout with LayerNorm, biases on every linear

@@ -70,9 +70,9 @@ pub enum Family {
 
 impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
-    /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, DeepSeek-V3
-    /// is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 28] = [
+    /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
+    /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
+    pub const ALL: [(&'static str, Family); 29] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -99,6 +99,7 @@ impl Family {
         ("deepseek_v3", Family::Deepseek),
         ("mamba", Family::Mamba),
         ("granite", Family::Granite),
+        ("smollm3", Family::Llama),
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
     ];
@@ -201,6 +202,8 @@ pub enum FfnKind {
 pub struct BlockKind {
     pub mixer: Mixer,
     pub ffn: FfnKind,
+    /// Whether its attention applies rotary positions (SmolLM3's NoPE layers do not).
+    pub rope: bool,
 }
 
 /// Where a block normalises.
@@ -315,6 +318,9 @@ pub struct ModelSpec {
     pub softcap: Softcap,
     /// Scalar multipliers on embeddings, residual branches and logits (Granite).
     pub multipliers: Multipliers,
+    /// Which layers apply rotary positions, repeated with this period; empty: all of them
+    /// (SmolLM3's `no_rope_layers` leaves every fourth layer without: NoPE).
+    pub rope_layers: Vec<bool>,
     /// A norm right after the token embeddings (BLOOM's `word_embeddings_layernorm`, BART's
     /// `layernorm_embedding`).
     pub embedding_norm: bool,
@@ -423,6 +429,7 @@ impl ModelSpec {
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),
             multipliers: Multipliers::default(),
+            rope_layers: Vec::new(),
             embedding_norm: false,
             mla: None,
         }
@@ -445,7 +452,12 @@ impl ModelSpec {
             }
             _ => FfnKind::Dense,
         };
-        BlockKind { mixer, ffn }
+        let rope = self
+            .rope_layers
+            .get((layer % self.rope_layers.len().max(1) as u64) as usize)
+            .copied()
+            .unwrap_or(true);
+        BlockKind { mixer, ffn, rope }
     }
 
     /// Whether any block attends (Mamba's do not).
