@@ -83,6 +83,14 @@ fn unsupported_model_type_lists_the_supported_ones() {
 }
 
 #[test]
+fn a_multimodal_wrapper_points_at_its_text_config() {
+    model(
+        "multimodal-wrapper.json",
+        &["`gemma3` is not supported", "`gemma3_text`", "text_config"],
+    );
+}
+
+#[test]
 fn absurd_sizes_are_refused_before_they_overflow() {
     model("absurd-size.json", &["`hidden_size`", "absurdly large"]);
 }

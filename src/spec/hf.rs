@@ -180,12 +180,26 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         return Err(Error::field(path, "model_type", "is missing").with_hint(supported()));
     }
     let family = super::value_in(&Family::ALL, &model_type).ok_or_else(|| {
-        Error::field(
+        let error = Error::field(
             path,
             "model_type",
             format!("`{model_type}` is not supported"),
-        )
-        .with_hint(supported())
+        );
+        // A multimodal wrapper (Gemma-3 4B and up, Llama-4, Qwen2.5-VL, ...) nests its language
+        // model's config; that one may be readable on its own.
+        let text = r
+            .map
+            .get("text_config")
+            .and_then(|t| t.get("model_type"))
+            .and_then(Value::as_str);
+        match text {
+            Some(t) if super::value_in(&Family::ALL, t).is_some() => error.with_hint(format!(
+                "`{model_type}` wraps a `{t}` language model in `text_config`: save that object \
+                 as its own config.json to plan the text model (the vision tower's weights are \
+                 then not counted)"
+            )),
+            _ => error.with_hint(supported()),
+        }
     })?;
     let mut spec = match family {
         Family::Llama
