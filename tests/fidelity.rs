@@ -541,3 +541,51 @@ fn smollm3_skips_rotary_on_its_nope_layers() {
         .expect_err("2 is not 0 or 1");
     assert!(err.to_string().contains("no_rope_layers"), "{err}");
 }
+
+#[test]
+fn attention_and_mlp_biases_follow_each_class() {
+    // Which linears get a bias is each attention and MLP class's choice, not the config's
+    // alone. Two layers of hidden 64, 4 heads of 16 over 2 KV heads, FFN 128, vocabulary 100:
+    // the unbiased model has 86,848 parameters (Gemma's tied head: 80,448; Qwen3's and OLMo-2's
+    // q/k norms add 64). Per layer, `attention_bias` puts q 64 + k 32 + v 32 + o 64 = 192 on
+    // q, k, v and o (Llama, Qwen3, Gemma, OLMo-2, Granite: +384), Mistral ignores it; only
+    // Llama's MLP (and Granite's) reads `mlp_bias`, gate 128 + up 128 + down 64 = 320 (+640);
+    // Qwen2 always biases q, k and v (+256), never o. Every figure below is what transformers
+    // 5.17's `AutoModelForCausalLM.from_config` builds for the same config.
+    let count = |model_type: &str, extra: (&str, bool)| {
+        let mut c = serde_json::json!({
+            "model_type": model_type, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 100, "head_dim": 16,
+            "tie_word_embeddings": model_type.starts_with("gemma")
+        });
+        c[extra.0] = serde_json::Value::Bool(extra.1);
+        let m = ftplan::spec::hf::parse_config("c.json", &c, model_type, false).expect("reads");
+        let p = plan(Method::Full, Precision::MixedBf16, 1, 16, 0, false);
+        let hw = ftplan::spec::registry::resolve_hardware("h200")
+            .expect("ships")
+            .value;
+        let rates = ftplan::time::Rates::from_datasheet(&hw);
+        ftplan::estimate::estimate(&m, &p, &hw, &rates)
+            .expect("plans")
+            .memory
+            .trainable_params
+    };
+    let (att, mlp) = (("attention_bias", true), ("mlp_bias", true));
+    for (model_type, with_att, with_mlp) in [
+        ("llama", 87_232, 87_488),
+        ("granite", 87_232, 87_488),
+        ("qwen3", 87_296, 86_912),
+        ("olmo2", 87_424, 87_040),
+        ("gemma", 80_832, 80_448),
+        ("qwen2", 87_104, 87_104),
+        ("mistral", 86_848, 86_848),
+    ] {
+        assert_eq!(
+            count(model_type, att),
+            with_att,
+            "{model_type} attention_bias"
+        );
+        assert_eq!(count(model_type, mlp), with_mlp, "{model_type} mlp_bias");
+    }
+}

@@ -550,7 +550,7 @@ fn self_attention_ops(
         (seq, seq_k),
         (mask, window),
     );
-    let o_bias = model.linear_bias;
+    let o_bias = model.out_bias.unwrap_or(model.linear_bias);
     b.linear(
         name.at("o_proj"),
         a,

@@ -443,10 +443,19 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     };
     let act = r.str_or(&["hidden_activation", "hidden_act"], act_default)?;
     let attention_dropout = r.f64_or(&["attention_dropout"], 0.0)?;
-    // Qwen2 (and Qwen2-MoE) always have q/k/v biases; the others follow `attention_bias`.
-    let qkv_bias = matches!(family, Family::Qwen2 | Family::Qwen2Moe)
-        || r.bool_or(&["attention_bias"], false)?;
+    // Which biases each attention and MLP class builds (transformers 5.17, checked by
+    // instantiating each class): Qwen2 (and Qwen2-MoE) always bias q, k and v, never o;
+    // Mistral, Mixtral and Phi-3 build no bias whatever the config says; the others put
+    // `attention_bias` on q, k, v and o. Only Llama's MLP (Granite's, SmolLM3's) reads
+    // `mlp_bias`.
+    let attention_bias = r.bool_or(&["attention_bias"], false)?;
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
+    let (qkv_bias, out_bias) = match family {
+        Family::Qwen2 | Family::Qwen2Moe => (true, false),
+        Family::Mistral | Family::Mixtral | Family::Phi3 => (false, false),
+        _ => (attention_bias, attention_bias),
+    };
+    let mlp_bias = mlp_bias && matches!(family, Family::Llama | Family::Granite);
     r.raw(&[
         "rms_norm_eps",
         "max_position_embeddings",
@@ -514,6 +523,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], gemma)?,
         qkv_bias,
         linear_bias: mlp_bias,
+        out_bias: Some(out_bias),
         // Phi-3's `qkv_proj` (and `gate_up_proj`, the same bytes as two projections).
         fused_qkv: family == Family::Phi3,
         dropout: Dropouts {

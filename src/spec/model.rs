@@ -294,6 +294,9 @@ pub struct ModelSpec {
     pub qkv_bias: bool,
     /// Biases on the attention output projection, the FFN linears and the norms.
     pub linear_bias: bool,
+    /// A bias on the attention output projection where it differs from `linear_bias` (the
+    /// Llama family's `attention_bias` covers q, k, v and o; `mlp_bias` the FFN).
+    pub out_bias: Option<bool>,
     /// Attention and FFN read the same norm output and add to the residual together.
     pub parallel_block: bool,
     /// q, k and v come from one projection (GPT-2 `c_attn`, Falcon `query_key_value`).
@@ -417,6 +420,7 @@ impl ModelSpec {
             tie_word_embeddings: false,
             qkv_bias: false,
             linear_bias: false,
+            out_bias: None,
             parallel_block: false,
             fused_qkv: false,
             lm_head_bias: false,
