@@ -589,3 +589,45 @@ fn attention_and_mlp_biases_follow_each_class() {
         assert_eq!(count(model_type, mlp), with_mlp, "{model_type} mlp_bias");
     }
 }
+
+#[test]
+fn eager_masks_stay_to_the_end_of_a_checkpointed_backward() {
+    // Eager attention gets one materialised additive mask per mask type (transformers'
+    // `eager_mask`: batch x 1 x q x k in the embeddings' dtype), and every checkpointed block
+    // keeps it as an input until its backward. EXAONE-4-like: a sliding and a full layer, so two
+    // masks; frozen bf16 base, batch 2 x 256: 2 masks x 2 x 256 x 256 x 2 bytes = 524,288.
+    // With SDPA (no mask below the window) or without checkpointing nothing keeps them.
+    let c = serde_json::json!({
+        "model_type": "exaone4", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 1000, "sliding_window": 4096,
+        "layer_types": ["sliding_attention", "full_attention"]
+    });
+    let m = ftplan::spec::hf::parse_config("exaone.json", &c, "exaone", false).expect("reads");
+    // EXAONE-4: rotary on its windowed layer only.
+    assert_eq!(m.rope_layers, vec![true, false]);
+    let kept = |attention: AttentionKernel, gc: bool| {
+        let mut p = plan(
+            Method::Lora(ftplan::spec::plan::Lora {
+                rank: 8,
+                alpha: 16.0,
+                targets: ftplan::spec::plan::LoraTargets::QueryValue,
+                dora: false,
+            }),
+            Precision::Bf16,
+            2,
+            256,
+            0,
+            gc,
+        );
+        p.attention = attention;
+        let g = ftplan::graph::build(&m, &p);
+        g.ops()
+            .filter(|o| g.name(o.name).contains("eager_masks"))
+            .flat_map(|o| o.saves.iter().map(|t| g.tensors[t.0 as usize].bytes.0))
+            .sum::<u64>()
+    };
+    assert_eq!(kept(AttentionKernel::Eager, true), 524_288);
+    assert_eq!(kept(AttentionKernel::Sdpa, true), 0);
+    assert_eq!(kept(AttentionKernel::Eager, false), 0);
+}

@@ -325,11 +325,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // no run had covered: OPT, Phi-2, Gemma (v1), Mistral past its window, Llama-3.2 (tied
     // 128k vocabulary), Flan-T5 (gated GELU, untied head), Falcon-7B (multi-query) and
     // Qwen2.5-7B, the `olmo3` and `ministral` model types (read as OLMo-2 and Mistral with
-    // their `layer_types` windows) past their windows, Granite and SmolLM3's NoPE layers
-    // (validation/families.jsonl, measure.py --fake).
+    // their `layer_types` windows) past their windows, Granite, SmolLM3's NoPE layers and
+    // EXAONE-4 (validation/families.jsonl, measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 41);
+    assert_eq!(rows.len(), 43);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -343,10 +343,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         "ministral-8b|",
         "granite-3.1-",
         "smollm3-3b|",
+        "exaone-4.0-",
     ];
     for r in &rows {
         // Issue #8's runs are held to 2 % each (all within 1.5 % when added); the last
-        // twenty to 1 % (within 0.9 % when added; Granite's multipliers were added after its
+        // twenty-two to 1 % (within 0.9 % when added; Granite's multipliers were added after its
         // replays and moved none of them).
         let bound = if late.iter().any(|m| r.name.starts_with(m)) {
             0.01

@@ -191,6 +191,26 @@ fn stack_forward(
         );
     }
 
+    // Eager attention in a decoder-only model: one materialised mask per mask type (full,
+    // sliding), which checkpointing keeps to the end of backward.
+    let attends = model.mixers.iter().any(|m| !matches!(m, Mixer::Ssm(_)));
+    if b.plan.attention == crate::spec::plan::AttentionKernel::Eager
+        && first
+        && attends
+        && !model.is_encoder_decoder()
+        && !matches!(model.positions, Positions::Alibi)
+        && model.mla.is_none()
+    {
+        let full = model.mixers.iter().any(|m| matches!(m, Mixer::Attention));
+        let sliding = model
+            .mixers
+            .iter()
+            .any(|m| matches!(m, Mixer::SlidingWindow { .. }));
+        let types = u64::from(full) + u64::from(sliding);
+        let keys = seq + prefix;
+        b.checkpointed_masks(embed_dtype.bytes(batch * seq * keys * types));
+    }
+
     // Blocks are built once per kind and marked as copies: the model is cut into segments
     // that train alike (the boundary of `--method freeze`); each segment's first block is built
     // on its own (gradients may start inside it), and the rest are grouped by what they are

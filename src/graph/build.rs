@@ -448,7 +448,8 @@ impl<'a> Builder<'a> {
             | Family::Palm
             | Family::Mixtral
             | Family::Qwen3
-            | Family::Granite => (0, 0),
+            | Family::Granite
+            | Family::Exaone4 => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.
@@ -491,6 +492,35 @@ impl<'a> Builder<'a> {
             cost: Cost::default(),
             compute: input.dtype,
             in_backward: input.grad,
+        });
+    }
+
+    /// Eager attention's masks under gradient checkpointing: transformers builds one 4-D
+    /// additive mask per mask type for the whole stack (`masking_utils.eager_mask`: the boolean
+    /// `sdpa_mask`, expanded to the batch, through `torch.where` into the embeddings' dtype, so
+    /// `batch x q x k` elements each). Every checkpointed block keeps its inputs, the mask among
+    /// them, until its backward, so the masks live until the first block's backward is done.
+    /// (Without checkpointing nothing saves them: they are freed when the model's forward
+    /// returns, before backward.)
+    pub fn checkpointed_masks(&mut self, bytes: Bytes) {
+        if !self.plan.grad_ckpt || bytes == Bytes::ZERO {
+            return;
+        }
+        let mask = self.tensor(TensorKind::Activation, bytes);
+        self.emit(OpSpec {
+            name: Name::root("eager_masks"),
+            kind: OpKind::Elementwise,
+            params: SmallVec::new(),
+            saves: smallvec![mask],
+            forward_transient: Bytes::ZERO,
+            backward_transient: Bytes::ZERO,
+            cost: Cost {
+                forward_bytes: bytes,
+                forward_kernels: 1,
+                ..Cost::default()
+            },
+            compute: DType::Bf16,
+            in_backward: true,
         });
     }
 

@@ -213,6 +213,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Gemma3
         | Family::Olmo2
         | Family::Granite
+        | Family::Exaone4
         | Family::Qwen2Moe
         | Family::Qwen3Moe => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
@@ -351,6 +352,32 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     Ok(match family {
         // Gemma2Config: even layers (0, 2, ...) slide, odd ones attend globally.
         Family::Gemma2 => vec![local, Mixer::Attention],
+        // Exaone4Config: `sliding_window_pattern` 4 (or "LLLG"): every fourth layer global.
+        Family::Exaone4 => {
+            let pattern: Vec<Mixer> = match r.raw(&["sliding_window_pattern"]) {
+                Some((_, Value::String(p))) => p
+                    .chars()
+                    .map(|c| if c == 'G' { Mixer::Attention } else { local })
+                    .collect(),
+                _ => {
+                    let every = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4).max(1);
+                    (1..=every)
+                        .map(|l| {
+                            if l % every == 0 {
+                                Mixer::Attention
+                            } else {
+                                local
+                            }
+                        })
+                        .collect()
+                }
+            };
+            if pattern.is_empty() {
+                vec![local]
+            } else {
+                pattern
+            }
+        }
         // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one.
         Family::Gemma3 => {
             let pattern = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(6);
@@ -452,7 +479,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
     let (qkv_bias, out_bias) = match family {
         Family::Qwen2 | Family::Qwen2Moe => (true, false),
-        Family::Mistral | Family::Mixtral | Family::Phi3 => (false, false),
+        Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
         _ => (attention_bias, attention_bias),
     };
     let mlp_bias = mlp_bias && matches!(family, Family::Llama | Family::Granite);
@@ -507,7 +534,20 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     } else {
         Multipliers::default()
     };
-    let rope_layers = rope_layers(r, layers)?;
+    let mixers = mixers(r, family, layers)?;
+    // EXAONE-4 applies rotary on its windowed layers only once a window is set (global NoPE).
+    let rope_layers = if family == Family::Exaone4
+        && mixers
+            .iter()
+            .any(|m| matches!(m, Mixer::SlidingWindow { .. }))
+    {
+        mixers
+            .iter()
+            .map(|m| matches!(m, Mixer::SlidingWindow { .. }))
+            .collect()
+    } else {
+        rope_layers(r, layers)?
+    };
     Ok(ModelSpec {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
@@ -517,7 +557,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         norm_placement: match family {
             Family::Gemma2 | Family::Gemma3 => NormPlacement::Sandwich,
-            Family::Olmo2 => NormPlacement::Output,
+            Family::Olmo2 | Family::Exaone4 => NormPlacement::Output,
             _ => NormPlacement::Pre,
         },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], gemma)?,
@@ -534,11 +574,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         moe: moe(r, family, intermediate)?,
         qk_norm: match family {
-            Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 => QkNorm::PerHead,
+            Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Exaone4 => QkNorm::PerHead,
             Family::Olmo2 => QkNorm::Full,
             _ => QkNorm::None,
         },
-        mixers: mixers(r, family, layers)?,
+        mixers,
         softcap,
         multipliers,
         rope_layers,

@@ -49,6 +49,9 @@ pub enum Family {
     /// `Olmo2ForCausalLM`: RMSNorm on each sub-layer's output (not its input) and on the whole
     /// q and k projections.
     Olmo2,
+    /// `Exaone4ForCausalLM`: RMSNorm on each sub-layer's output (as OLMo-2), per-head q/k
+    /// norms, windowed layers with rotary and global layers without (NoPE) once a window is set.
+    Exaone4,
     /// `GraniteForCausalLM`: the Llama block with scalar multipliers on the embeddings, each
     /// residual branch and the logits (`embedding_multiplier`, `residual_multiplier`,
     /// `logits_scaling`).
@@ -72,7 +75,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 29] = [
+    pub const ALL: [(&'static str, Family); 30] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -100,6 +103,7 @@ impl Family {
         ("mamba", Family::Mamba),
         ("granite", Family::Granite),
         ("smollm3", Family::Llama),
+        ("exaone4", Family::Exaone4),
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
     ];
