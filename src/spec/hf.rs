@@ -304,6 +304,18 @@ fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
     })
 }
 
+/// A per-layer list (`layer_types`, `no_rope_layers`) must have one entry per layer.
+fn one_per_layer(r: &Reader, key: &str, list: &[Value], layers: u64) -> Result<()> {
+    if list.len() as u64 == layers {
+        return Ok(());
+    }
+    Err(Error::field(
+        r.path,
+        key,
+        format!("lists {} layers; the model has {layers}", list.len()),
+    ))
+}
+
 /// Attention mixers by layer: the config's `layer_types` where it lists them (transformers 5
 /// writes it for every family with local layers), else the family's rule over `sliding_window`.
 fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
@@ -321,13 +333,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     let flag = r.opt_bool(&["use_sliding_window"])?;
     if let Some((key, Value::Array(list))) = r.raw(&["layer_types"]) {
         let window = window.filter(|_| flag != Some(false));
-        if list.len() as u64 != layers {
-            return Err(Error::field(
-                r.path,
-                key,
-                format!("lists {} layers; the model has {layers}", list.len()),
-            ));
-        }
+        one_per_layer(r, key, list, layers)?;
         return list
             .iter()
             .map(|t| match (t.as_str(), window) {
@@ -535,19 +541,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Multipliers::default()
     };
     let mixers = mixers(r, family, layers)?;
-    // EXAONE-4 applies rotary on its windowed layers only once a window is set (global NoPE).
-    let rope_layers = if family == Family::Exaone4
-        && mixers
-            .iter()
-            .any(|m| matches!(m, Mixer::SlidingWindow { .. }))
-    {
-        mixers
-            .iter()
-            .map(|m| matches!(m, Mixer::SlidingWindow { .. }))
-            .collect()
-    } else {
-        rope_layers(r, layers)?
-    };
+    let rope_layers = rope_layers(r, family, &mixers, layers)?;
     Ok(ModelSpec {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
@@ -586,10 +580,15 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     })
 }
 
-/// SmolLM3's NoPE layers (`SmolLM3Config`): `no_rope_layers` lists 1 for a layer that applies
-/// rotary and 0 for one that does not; absent, every `no_rope_layer_interval`-th layer (4) goes
-/// without. Other families apply rotary everywhere.
-fn rope_layers(r: &Reader, layers: u64) -> Result<Vec<bool>> {
+/// Which layers apply rotary (empty: all). EXAONE-4 applies it on its windowed layers only once
+/// a window is set (global NoPE). SmolLM3 (`SmolLM3Config`): `no_rope_layers` lists 1 for a
+/// layer that applies rotary and 0 for one that does not; absent, every
+/// `no_rope_layer_interval`-th layer (4) goes without. Other families apply rotary everywhere.
+fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Result<Vec<bool>> {
+    let windowed = |m: &Mixer| matches!(m, Mixer::SlidingWindow { .. });
+    if family == Family::Exaone4 && mixers.iter().any(windowed) {
+        return Ok(mixers.iter().map(windowed).collect());
+    }
     if let Some((key, value)) = r.raw(&["no_rope_layers"]).filter(|(_, v)| !v.is_null()) {
         let Value::Array(list) = value else {
             return Err(Error::field(
@@ -598,13 +597,7 @@ fn rope_layers(r: &Reader, layers: u64) -> Result<Vec<bool>> {
                 "must be a list of 0 and 1 per layer",
             ));
         };
-        if list.len() as u64 != layers {
-            return Err(Error::field(
-                r.path,
-                key,
-                format!("lists {} layers; the model has {layers}", list.len()),
-            ));
-        }
+        one_per_layer(r, key, list, layers)?;
         return list
             .iter()
             .map(|v| match v.as_u64() {

@@ -100,10 +100,7 @@ impl Offload {
     ];
 
     pub fn name(self) -> &'static str {
-        Offload::ALL
-            .iter()
-            .find(|(_, o)| *o == self)
-            .map_or("none", |(n, _)| n)
+        super::name_in(&Offload::ALL, self).unwrap_or("none")
     }
 }
 
