@@ -466,19 +466,7 @@ fn granite_pays_for_its_three_multipliers_and_nothing_else() {
     };
     let (granite, llama) = (read("granite"), read("llama"));
     assert_eq!(granite.multipliers.residual, 0.22);
-    let p = plan(
-        Method::Lora(ftplan::spec::plan::Lora {
-            rank: 8,
-            alpha: 16.0,
-            targets: ftplan::spec::plan::LoraTargets::QueryValue,
-            dora: false,
-        }),
-        Precision::Bf16,
-        1,
-        512,
-        0,
-        false,
-    );
+    let p = plan(lora(8), Precision::Bf16, 1, 512, 0, false);
     let totals = |m: &ftplan::spec::model::ModelSpec| {
         let g = ftplan::graph::build(m, &p);
         let ops: u64 = g.ops().map(|o| u64::from(o.repeat.max(1))).sum();
@@ -492,15 +480,10 @@ fn granite_pays_for_its_three_multipliers_and_nothing_else() {
     assert_eq!(ops_g - ops_l, 8);
     assert_eq!(bytes_g - bytes_l, 5_718_016);
     // Same parameters, same trainable count.
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
-    let rates = ftplan::time::Rates::from_datasheet(&hw);
-    let (eg, el) = (
-        ftplan::estimate::estimate(&granite, &p, &hw, &rates).expect("plans"),
-        ftplan::estimate::estimate(&llama, &p, &hw, &rates).expect("plans"),
+    assert_eq!(
+        run(&granite, &p, "h200").memory.trainable_params,
+        run(&llama, &p, "h200").memory.trainable_params
     );
-    assert_eq!(eg.memory.trainable_params, el.memory.trainable_params);
 }
 
 #[test]
@@ -562,14 +545,7 @@ fn attention_and_mlp_biases_follow_each_class() {
         c[extra.0] = serde_json::Value::Bool(extra.1);
         let m = ftplan::spec::hf::parse_config("c.json", &c, model_type, false).expect("reads");
         let p = plan(Method::Full, Precision::MixedBf16, 1, 16, 0, false);
-        let hw = ftplan::spec::registry::resolve_hardware("h200")
-            .expect("ships")
-            .value;
-        let rates = ftplan::time::Rates::from_datasheet(&hw);
-        ftplan::estimate::estimate(&m, &p, &hw, &rates)
-            .expect("plans")
-            .memory
-            .trainable_params
+        run(&m, &p, "h200").memory.trainable_params
     };
     let (att, mlp) = (("attention_bias", true), ("mlp_bias", true));
     for (model_type, with_att, with_mlp) in [
@@ -607,19 +583,7 @@ fn eager_masks_stay_to_the_end_of_a_checkpointed_backward() {
     // EXAONE-4: rotary on its windowed layer only.
     assert_eq!(m.rope_layers, vec![true, false]);
     let kept = |attention: AttentionKernel, gc: bool| {
-        let mut p = plan(
-            Method::Lora(ftplan::spec::plan::Lora {
-                rank: 8,
-                alpha: 16.0,
-                targets: ftplan::spec::plan::LoraTargets::QueryValue,
-                dora: false,
-            }),
-            Precision::Bf16,
-            2,
-            256,
-            0,
-            gc,
-        );
+        let mut p = plan(lora(8), Precision::Bf16, 2, 256, 0, gc);
         p.attention = attention;
         let g = ftplan::graph::build(&m, &p);
         g.ops()
