@@ -199,6 +199,10 @@ fn mixture_of_experts_active_parameters_match_the_model_cards() {
         ("deepseek-v2-lite", 2.6e9, 2.7e9),
         ("deepseek-v3", 36.5e9, 38.0e9),
         ("mixtral-8x7b", 12.8e9, 13.0e9),
+        // GPT-OSS's card: 3.6 B and 5.1 B, counting one of its two untied 201,088 x 2,880
+        // tables (0.58 B); a token passes through both.
+        ("gpt-oss-20b", 4.15e9, 4.25e9),
+        ("gpt-oss-120b", 5.6e9, 5.8e9),
     ] {
         let m = model(name);
         let total = m.published_params.expect("states its params");
@@ -358,4 +362,78 @@ fn flash_attention_2_is_refused_where_transformers_has_none() {
             estimate(&model(name), &p, &hw, &Rates::from_datasheet(&hw)).expect_err("no flash2");
         assert!(err.to_string().contains("flash_attention_2"), "{err}");
     }
+}
+
+#[test]
+fn gpt_oss_sinks_widen_the_eager_softmax_by_one_column() {
+    // gpt-oss-20b (24 layers, 64 query heads of 64, 8 KV heads), LoRA on q and v, batch 1 x 128,
+    // eager attention, bf16. Per layer, `eager_attention_forward` keeps for backward:
+    // - q after rotary, and k and v repeated to all 64 heads: 3 x 128 x 4,096 x 2 B = 3,145,728;
+    // - the softmax of `cat([scores, sinks])`, one column wider than the scores, in bf16 (the
+    //   cat's dtype): 64 x 128 x 129 x 2 B = 2,113,536 (the matmul with v keeps a view of it);
+    // - `max(dim=-1)`'s int64 indices: 64 x 128 x 8 B = 65,536.
+    // 5,324,800 bytes per layer.
+    let m = model("gpt-oss-20b");
+    let p = plan(lora(), 1, 128, AttentionKernel::Eager);
+    let g = graph::build(&m, &p);
+    let kept: u64 = g
+        .ops()
+        .filter(|o| o.kind == OpKind::Attention)
+        .map(|o| {
+            let bytes: u64 = o.saves.iter().map(|&t| g.tensor(t).bytes.0).sum();
+            bytes * u64::from(o.repeat.max(1))
+        })
+        .sum();
+    assert_eq!(kept, 24 * 5_324_800);
+    // The sink is one parameter per head and layer.
+    let without = ModelSpec {
+        attention_sinks: false,
+        ..m.clone()
+    };
+    let params = |m: &ModelSpec| run(m, &p).memory.total_params;
+    assert_eq!(params(&m) - params(&without), 24 * 64);
+    // SDPA has no sink: transformers runs GPT-OSS's eager code, and so does the plan.
+    let sdpa = plan(lora(), 1, 128, AttentionKernel::Sdpa);
+    assert_eq!(run(&m, &sdpa).memory.peak, run(&m, &p).memory.peak);
+}
+
+#[test]
+fn gpt_oss_all_linear_stops_at_the_attention_projections() {
+    // peft's `all-linear` on GPT-OSS wraps q, k, v and o only (its experts are 3-D parameters
+    // and its router is not an `nn.Linear`). Rank 16, hidden 2,880, q and o 4,096 wide, k and
+    // v 512: q and o 16 x (2,880 + 4,096) = 111,616 each, k and v 16 x (2,880 + 512) = 54,272
+    // each; 331,776 per layer, 7,962,624 over 24 layers (what peft 0.21 reports).
+    let m = model("gpt-oss-20b");
+    let all = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::AllLinear,
+        dora: false,
+    });
+    let e = run(&m, &plan(all, 1, 256, AttentionKernel::Eager));
+    assert_eq!(e.memory.trainable_params, 7_962_624);
+    // The base: 20,914,757,184 parameters as transformers builds them, sinks and the router's
+    // and experts' biases included (276,576 per layer).
+    assert_eq!(e.memory.total_params - 7_962_624, 20_914_757_184);
+}
+
+#[test]
+fn gpt_oss_plans_eager_attention_and_says_why() {
+    // The default `--attention sdpa` cannot take GPT-OSS's sink: the plan says eager, and a
+    // note on stderr says why (exit 0: LoRA on q and v fits on an H200).
+    let out = crate::ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "gpt-oss-20b",
+            "--gpu",
+            "h200",
+            "--method",
+            "lora",
+        ])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("eager attention"), "{stdout}");
+    assert!(crate::stderr_of(&out).contains("attention sinks, which SDPA cannot take"));
 }

@@ -326,10 +326,10 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // 128k vocabulary), Flan-T5 (gated GELU, untied head), Falcon-7B (multi-query) and
     // Qwen2.5-7B, the `olmo3` and `ministral` model types (read as OLMo-2 and Mistral with
     // their `layer_types` windows) past their windows, Granite, SmolLM3's NoPE layers and
-    // EXAONE-4 (validation/families.jsonl, measure.py --fake).
+    // EXAONE-4, then GPT-OSS 20B and 120B (validation/families.jsonl, measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 43);
+    assert_eq!(rows.len(), 52);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -344,11 +344,12 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         "granite-3.1-",
         "smollm3-3b|",
         "exaone-4.0-",
+        "gpt-oss-",
     ];
     for r in &rows {
         // Issue #8's runs are held to 2 % each (all within 1.5 % when added); the last
-        // twenty-two to 1 % (within 0.9 % when added; Granite's multipliers were added after its
-        // replays and moved none of them).
+        // thirty-one to 1 % (within 0.9 % when added, GPT-OSS's nine within 0.2 %; Granite's
+        // multipliers were added after its replays and moved none of them).
         let bound = if late.iter().any(|m| r.name.starts_with(m)) {
             0.01
         } else if r.name.contains("gemma-2")

@@ -610,6 +610,17 @@ impl PlanInput {
             },
             grad_ckpt: self.grad_ckpt,
             attention: match self.attention {
+                // SDPA has no attention-sink logit: transformers refuses it for GPT-OSS
+                // (`_supports_sdpa = False`) and runs the eager code by default.
+                AttentionArg::Sdpa if model.value.attention_sinks => {
+                    notes.push(format!(
+                        "`{}` has attention sinks, which SDPA cannot take: planned with eager \
+                         attention, as transformers runs it (--attention flash2 plans a \
+                         sink-aware flash kernel)",
+                        model.value.name
+                    ));
+                    AttentionKernel::Eager
+                }
                 AttentionArg::Sdpa => AttentionKernel::Sdpa,
                 AttentionArg::Flash2 => AttentionKernel::Flash2,
                 AttentionArg::Eager => AttentionKernel::Eager,

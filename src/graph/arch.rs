@@ -15,7 +15,8 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, Stack,
+    BlockKind, ExpertGate, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
+    Stack,
 };
 use crate::spec::plan::{Depth, Method, Plan, Proj};
 
@@ -916,6 +917,61 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     b.add(name.at("residual"), residual, out)
 }
 
+/// GPT-OSS's expert gate (`GptOssExperts._apply_gate`) on the interleaved gate/up projection
+/// `gu`: `gate = gu[..., ::2].clamp(max=7)`, `up = gu[..., 1::2].clamp(-7, 7)`,
+/// `glu = gate * sigmoid(1.702 gate)`, then `(up + 1) * glu`. Each clamp keeps its input for its
+/// mask (both strided views of `gu`, which thus stays for backward), the scaled copy is kept by
+/// nobody, sigmoid keeps its output and each product both factors.
+fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
+    let half = Val {
+        width: gu.width / 2,
+        ..gu
+    };
+    let next = |b: &mut Builder| b.val(half.width, gu.tokens, gu.dtype, gu.grad);
+    let gate = next(b);
+    b.elementwise(
+        name.then("gate_clamp"),
+        &[half],
+        gate,
+        smallvec::smallvec![gu.id],
+        1.0,
+    );
+    let up = next(b);
+    b.elementwise(
+        name.then("up_clamp"),
+        &[half],
+        up,
+        smallvec::smallvec![gu.id],
+        2.0,
+    );
+    let scaled = next(b);
+    b.elementwise(
+        name.then("alpha"),
+        &[gate],
+        scaled,
+        smallvec::SmallVec::new(),
+        1.0,
+    );
+    let sig = next(b);
+    b.elementwise(
+        name.then("sigmoid"),
+        &[scaled],
+        sig,
+        smallvec::smallvec![sig.id],
+        4.0,
+    );
+    let glu = b.mul(name.then("glu"), gate, sig);
+    let up1 = next(b);
+    b.elementwise(
+        name.then("up_plus_one"),
+        &[up],
+        up1,
+        smallvec::SmallVec::new(),
+        1.0,
+    );
+    b.mul(name.then("mul"), up1, glu)
+}
+
 /// transformers' sparse MoE block (`MixtralSparseMoeBlock`): router logits from a linear `gate`
 /// (h -> experts, no bias; not a LoRA target, so LoRA's `gate`/`w1` means the experts' gate
 /// projections), a softmax in fp32 over the experts and top-k; each expert, a gated FFN
@@ -932,12 +988,18 @@ fn moe_ops(
     let h = b.model.hidden_size;
     let inter = moe.expert_intermediate;
     let experts = moe.experts.max(1);
-    let mut router = b.linear(name.at("gate"), x, experts, false, None);
+    let mut router = b.linear(name.at("gate"), x, experts, moe.bias, None);
+    // peft 0.21 maps the v4 names of the experts and the router onto transformers 5's fused
+    // parameters (`_MOE_TARGET_MODULE_MAPPING`) for the model types that changed between the
+    // two; GPT-OSS's experts were 3-D parameters from the start and are not in that table, so
+    // its `all-linear` stops at the attention projections (peft's target parameters aside).
+    let peft_reaches_experts = b.model.family != Family::GptOss;
     let router_lora = b
         .plan
         .method
         .lora()
         .filter(|l| l.targets == crate::spec::plan::LoraTargets::AllLinear)
+        .filter(|_| peft_reaches_experts)
         .map(|l| l.rank);
     if let Some(r) = router_lora {
         // peft's `all-linear` wraps the router too.
@@ -970,8 +1032,14 @@ fn moe_ops(
     // shared across experts with E x r rows, the delta `B @ A` added to the whole parameter
     // every forward; the experts' matmuls then keep the merged (bf16) weights and their inputs
     // for backward.
-    let gate_up = b.lora_on(Some(Proj::Gate)).or(b.lora_on(Some(Proj::Up)));
-    let down = b.lora_on(Some(Proj::Down));
+    let (gate_up, down) = if peft_reaches_experts {
+        (
+            b.lora_on(Some(Proj::Gate)).or(b.lora_on(Some(Proj::Up))),
+            b.lora_on(Some(Proj::Down)),
+        )
+    } else {
+        (None, None)
+    };
     if gate_up.is_some() || down.is_some() {
         let mut params = smallvec::SmallVec::<[crate::graph::op::ParamId; 3]>::new();
         let (mut merged, mut largest) = (0u64, 0u64);
@@ -1027,12 +1095,20 @@ fn moe_ops(
         // index_select of this expert's tokens (its backward scatters the gradient back).
         let xe = b.val(x.width, routed, x.dtype, x.grad);
         b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
-        let role = |p: Proj| expert_lora.then_some(p);
-        let g = b.linear(es.at("w1"), xe, inter, false, role(Proj::Gate));
-        let u = b.linear(es.at("w3"), xe, inter, false, role(Proj::Up));
-        let a = b.activation(es.at("act"), g);
-        let p = b.mul(es.at("mul"), a, u);
-        let d = b.linear(es.at("w2"), p, h, false, role(Proj::Down));
+        let role = |p: Proj| (expert_lora && peft_reaches_experts).then_some(p);
+        let p = match moe.gate {
+            ExpertGate::Activation => {
+                let g = b.linear(es.at("w1"), xe, inter, moe.bias, role(Proj::Gate));
+                let u = b.linear(es.at("w3"), xe, inter, moe.bias, role(Proj::Up));
+                let a = b.activation(es.at("act"), g);
+                b.mul(es.at("mul"), a, u)
+            }
+            ExpertGate::ClampedSwiglu => {
+                let gu = b.linear(es.at("gate_up_proj"), xe, 2 * inter, moe.bias, None);
+                clamped_swiglu(b, es.at("gate"), gu)
+            }
+        };
+        let d = b.linear(es.at("w2"), p, h, moe.bias, role(Proj::Down));
         // Scaled by its routing weights (kept for backward), then index_add_ into the output.
         let w = b.val(1, routed, probs.dtype, probs.grad);
         let scaled = b.mul(es.at("weight"), d, w);

@@ -33,10 +33,17 @@ impl Builder<'_> {
         let k_width = heads * head_dim;
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let mut fwd_extra = Bytes::ZERO;
+        // Kernels GPT-OSS's sink adds each way (cat, max, subtract; slice, max and cat
+        // backward, the two gradients' sum, the sink's reduction).
+        let mut sink_kernels = (0u32, 0u32);
         let mut bwd_extra = Bytes::ZERO;
+        let sinks = self.model.attention_sinks;
         let kernel = match (self.plan.attention, mask) {
             // BLOOM's attention is its own eager code (baddbmm with the ALiBi bias).
             _ if self.model.positions == crate::spec::model::Positions::Alibi => Kernel::Eager,
+            // SDPA has no sink logit: GPT-OSS declares `_supports_sdpa = False`, so transformers
+            // runs its eager code; flash_attention_2 means the hub's sink-aware flash kernel.
+            (AttentionKernel::Sdpa, _) if sinks => Kernel::Eager,
             (AttentionKernel::Eager, _) => Kernel::Eager,
             // T5's self-attention bias is `compute_bias`'s permuted view (last-dim stride = the
             // number of heads): every fused kernel requires stride 1 in the last dimension of
@@ -142,7 +149,11 @@ impl Builder<'_> {
                 // Softmax's saved output: fp32 where the code asks for it
                 // (`softmax(..., dtype=torch.float32)`, Llama and most families) or autocast
                 // promotes it; GPT-2's `eager_attention_forward` softmaxes in the input dtype.
-                let softmax_dtype = if self.autocast || self.model.family != Family::Gpt2 {
+                // GPT-OSS softmaxes `cat([scores, sinks])` in that tensor's own dtype: the
+                // scores' promoted with the sink parameter's (fp32 weights make it fp32).
+                let softmax_dtype = if sinks {
+                    super::build::wider(compute, self.base)
+                } else if self.autocast || self.model.family != Family::Gpt2 {
                     DType::F32
                 } else {
                     compute
@@ -152,23 +163,41 @@ impl Builder<'_> {
                     saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                     fwd_extra += compute.bytes(scores);
                 }
-                saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
-                if p_drop > 0.0 {
-                    // Dropout keeps only its mask; its output is what the matmul with v keeps
-                    // (the cast copy before it is kept by nobody).
-                    saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
-                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
-                } else if softmax_dtype != compute {
-                    // The cast copy the matmul with v keeps.
-                    saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
-                }
-                fwd_extra += compute.bytes(scores) * 2;
-                if softmax_dtype != compute && p_drop == 0.0 {
-                    // Backward through softmax holds its incoming gradient (upcast by the
-                    // `.to()` backward) and its result, both in the softmax's fp32; the bf16
-                    // probabilities the matmul with v kept are released when that matmul's
-                    // backward has run: two fp32 score matrices less the bf16 copy.
-                    bwd_extra += softmax_dtype.bytes(scores) * 2 - compute.bytes(scores);
+                if sinks {
+                    // One more column per query (the sink), and `max(dim=-1)`'s indices for
+                    // its backward (int64 per query row).
+                    let rows = batch.saturating_mul(heads).saturating_mul(seq_q);
+                    saves.push(self.tensor(TensorKind::Activation, DType::I64.bytes(rows)));
+                    let with_sink = rows.saturating_mul(seq_k + 1);
+                    saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(with_sink)));
+                    if softmax_dtype != compute {
+                        saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                    }
+                    // Forward: the concatenated logits and their max-subtracted copy live
+                    // together before the softmax; backward: the sliced gradient widened back,
+                    // softmax's result and `max`'s scattered gradient, summed.
+                    fwd_extra += softmax_dtype.bytes(with_sink) * 2;
+                    bwd_extra += softmax_dtype.bytes(with_sink) * 2;
+                    sink_kernels = (3, 5);
+                } else {
+                    saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
+                    if p_drop > 0.0 {
+                        // Dropout keeps only its mask; its output is what the matmul with v keeps
+                        // (the cast copy before it is kept by nobody).
+                        saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
+                        saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                    } else if softmax_dtype != compute {
+                        // The cast copy the matmul with v keeps.
+                        saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
+                    }
+                    fwd_extra += compute.bytes(scores) * 2;
+                    if softmax_dtype != compute && p_drop == 0.0 {
+                        // Backward through softmax holds its incoming gradient (upcast by the
+                        // `.to()` backward) and its result, both in the softmax's fp32; the bf16
+                        // probabilities the matmul with v kept are released when that matmul's
+                        // backward has run: two fp32 score matrices less the bf16 copy.
+                        bwd_extra += softmax_dtype.bytes(scores) * 2 - compute.bytes(scores);
+                    }
                 }
                 out = self.val(out_width, q.tokens, compute, grad);
             }
@@ -201,10 +230,21 @@ impl Builder<'_> {
             Kernel::Fused | Kernel::Flash => Bytes::ZERO,
             Kernel::Math | Kernel::Eager => DType::F32.bytes(scores) * 4,
         };
+        // GPT-OSS's learned sink logit, one per head, read by every query's softmax.
+        let params = if sinks {
+            let sink = self.base_param(
+                name.then("sinks"),
+                (heads, 1),
+                crate::spec::model::ParamRole::Bias,
+            );
+            SmallVec::from_slice(&[sink])
+        } else {
+            SmallVec::new()
+        };
         self.emit(OpSpec {
             name,
             kind: OpKind::Attention,
-            params: SmallVec::new(),
+            params,
             saves: if grad { saves } else { SmallVec::new() },
             forward_transient: out.bytes() + fwd_extra,
             backward_transient: io + fwd_extra.max(bwd_extra),
@@ -219,12 +259,12 @@ impl Builder<'_> {
                 forward_kernels: if matches!(kernel, Kernel::Fused | Kernel::Flash) {
                     9
                 } else {
-                    14
+                    14 + sink_kernels.0
                 },
                 backward_kernels: if matches!(kernel, Kernel::Fused | Kernel::Flash) {
                     9
                 } else {
-                    16
+                    16 + sink_kernels.1
                 },
                 min_dim: head_dim,
                 // The attention module and the block around it.

@@ -3,8 +3,8 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, Dropouts, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement,
-    Positions, QkNorm, Softcap, Ssm, Stack,
+    Activation, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
+    NormPlacement, Positions, QkNorm, Softcap, Ssm, Stack,
 };
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -215,7 +215,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Granite
         | Family::Exaone4
         | Family::Qwen2Moe
-        | Family::Qwen3Moe => llama_like(&r, family)?,
+        | Family::Qwen3Moe
+        | Family::GptOss => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -408,6 +409,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Mixtral => ("num_local_experts", intermediate),
         Family::Deepseek => ("n_routed_experts", r.u64(&["moe_intermediate_size"])?),
         Family::Qwen2Moe | Family::Qwen3Moe => ("num_experts", r.u64(&["moe_intermediate_size"])?),
+        Family::GptOss => ("num_local_experts", intermediate),
         _ => return Ok(None),
     };
     // transformers 5 names Qwen3-MoE's count `num_local_experts` (`num_experts` maps to it).
@@ -415,7 +417,14 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         "n_routed_experts" => r.u64(&["n_routed_experts"])?,
         _ => r.u64(&["num_experts", "num_local_experts"])?,
     };
-    let top_k = r.u64(&["num_experts_per_tok"])?;
+    // GPT-OSS's published config also writes `experts_per_token` (the original checkpoint's
+    // name); GptOssConfig's own key and default (4) is `num_experts_per_tok`.
+    let top_k = match family {
+        Family::GptOss => r
+            .opt_u64(&["num_experts_per_tok", "experts_per_token"])?
+            .unwrap_or(4),
+        _ => r.u64(&["num_experts_per_tok"])?,
+    };
     if experts > 1024 || top_k > experts {
         return Err(Error::field(
             r.path,
@@ -459,6 +468,14 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         shared_gate: gate,
         first_dense: r.opt_u64(&["first_k_dense_replace"])?.unwrap_or(0),
         every: r.opt_u64(&["decoder_sparse_step"])?.unwrap_or(1),
+        bias: family == Family::GptOss,
+        gate: if family == Family::GptOss {
+            // `swiglu_limit` (7.0) bounds values, not shapes.
+            r.raw(&["swiglu_limit"]);
+            ExpertGate::ClampedSwiglu
+        } else {
+            ExpertGate::Activation
+        },
     }))
 }
 
@@ -481,7 +498,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     // Mistral, Mixtral and Phi-3 build no bias whatever the config says; the others put
     // `attention_bias` on q, k, v and o. Only Llama's MLP (Granite's, SmolLM3's) reads
     // `mlp_bias`.
-    let attention_bias = r.bool_or(&["attention_bias"], false)?;
+    let attention_bias = r.bool_or(&["attention_bias"], family == Family::GptOss)?;
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
     let (qkv_bias, out_bias) = match family {
         Family::Qwen2 | Family::Qwen2Moe => (true, false),
@@ -501,6 +518,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "query_pre_attn_scalar",
         "sliding_window_pattern",
         "use_bidirectional_attention",
+        // GPT-OSS: the original checkpoint's context and its MXFP4 storage, which training
+        // dequantizes to bf16 (see `Family::GptOss`).
+        "initial_context_length",
+        "quantization_config",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
     let (residual, embedding) = if family == Family::Phi3 {
@@ -546,7 +567,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
             _ if gemma => Norm::GemmaRmsNorm,
-            Family::Olmo2 => Norm::Olmo2RmsNorm,
+            // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
+            Family::Olmo2 | Family::GptOss => Norm::Olmo2RmsNorm,
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
@@ -576,6 +598,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         softcap,
         multipliers,
         rope_layers,
+        attention_sinks: family == Family::GptOss,
         ..base
     })
 }

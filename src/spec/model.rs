@@ -69,13 +69,19 @@ pub enum Family {
     Deepseek,
     /// `MambaForCausalLM`: selective state-space blocks (Gu & Dao 2023), no attention.
     Mamba,
+    /// `GptOssForCausalLM` (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"): the Llama
+    /// block with biased q/k/v/o, a learned attention sink per head, alternating banded (128)
+    /// and dense layers, and routed experts with biases and a clamped SwiGLU. The published
+    /// checkpoints store the experts in MXFP4; training dequantizes them to bf16 first
+    /// (transformers' `Mxfp4Config(dequantize=True)`), which is what is planned.
+    GptOss,
 }
 
 impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 30] = [
+    pub const ALL: [(&'static str, Family); 31] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -106,6 +112,7 @@ impl Family {
         ("exaone4", Family::Exaone4),
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
+        ("gpt_oss", Family::GptOss),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -336,6 +343,10 @@ pub struct ModelSpec {
     /// A parallel block whose attention and MLP each normalise the input with their own norm
     /// (GPT-NeoX), rather than sharing one (Phi, Falcon).
     pub parallel_two_norms: bool,
+    /// A learned logit per head that joins every query's softmax and is then dropped
+    /// (GPT-OSS's `sinks`; Xiao et al. 2024, "Efficient Streaming Language Models with
+    /// Attention Sinks").
+    pub attention_sinks: bool,
 }
 
 /// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
@@ -355,6 +366,21 @@ pub struct Moe {
     pub first_dense: u64,
     /// Every `every`-th layer is sparse (Qwen2-MoE's `decoder_sparse_step`).
     pub every: u64,
+    /// Biases on the router and on every expert's projections (GPT-OSS).
+    pub bias: bool,
+    /// How an expert combines its gate and up projections.
+    pub gate: ExpertGate,
+}
+
+/// How an expert combines its gate and up projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertGate {
+    /// `act(gate) * up` from two projections (Mixtral, Qwen-MoE, DeepSeek).
+    Activation,
+    /// GPT-OSS (`GptOssExperts._apply_gate`): gate and up interleaved in one projection, each
+    /// clamped to the SwiGLU limit, then `(up + 1) * gate * sigmoid(1.702 gate)`.
+    ClampedSwiglu,
 }
 
 /// How q and k are normalised before the scores.
@@ -440,6 +466,7 @@ impl ModelSpec {
             rope_layers: Vec::new(),
             embedding_norm: false,
             mla: None,
+            attention_sinks: false,
         }
     }
 
