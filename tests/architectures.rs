@@ -437,3 +437,61 @@ fn gpt_oss_plans_eager_attention_and_says_why() {
     assert!(stdout.contains("eager attention"), "{stdout}");
     assert!(crate::stderr_of(&out).contains("attention sinks, which SDPA cannot take"));
 }
+
+#[test]
+fn lora_reaches_moe_experts_as_peft_converts_each_model_type() {
+    // peft 0.21 on transformers 5 (`convert_peft_config_for_transformers`): for the model types
+    // in its conversion table the FFN names move onto the fused experts; Qwen2-MoE is not in
+    // that table, so its LoRA stays on `nn.Linear` modules. Rank 16, `all-linear`; the totals
+    // are what peft wraps on each model built from the shipped config.
+    let all = |m: &str| {
+        let method = Method::Lora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets: LoraTargets::AllLinear,
+            dora: false,
+        });
+        run(&model(m), &plan(method, 1, 128, AttentionKernel::Sdpa))
+            .memory
+            .trainable_params
+    };
+    // Qwen1.5-MoE-A2.7B, 24 layers, hidden 2,048: q, k, v, o (2,048 -> 2,048) 4 x 16 x 4,096
+    // = 262,144; the shared expert's gate, up and down (5,632 wide) 3 x 16 x 7,680 = 368,640;
+    // `shared_expert_gate` (2,048 -> 1) 16 x 2,049 = 32,784. 663,568 x 24 = 15,925,632; the
+    // 60 experts and the router carry none.
+    assert_eq!(all("qwen1.5-moe-a2.7b"), 15_925_632);
+    // DeepSeek-V2-Lite, 27 layers (the first dense), hidden 2,048, 16 heads:
+    // - attention, per layer: q_proj (-> 3,072) 16 x 5,120 = 81,920, kv_a_proj_with_mqa
+    //   (-> 576) 16 x 2,624 = 41,984, kv_b_proj (512 -> 4,096) 16 x 4,608 = 73,728, o_proj
+    //   16 x 4,096 = 65,536: 263,168 x 27 = 7,105,536;
+    // - 26 sparse layers of 64 experts (1,408 wide), factors shared across experts: gate_up
+    //   A 2,048 x 2,048 and B 2,816 x 2,048, down A 1,024 x 1,408 and B 2,048 x 1,024:
+    //   13,500,416 x 26 = 351,010,816; the router 16 x (2,048 + 64) x 26 = 878,592;
+    // - the dense first layer and the shared experts: none (their names moved to the experts).
+    // 358,994,944.
+    assert_eq!(all("deepseek-v2-lite"), 358_994_944);
+}
+
+#[test]
+fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
+    // peft 0.21.2 wraps transformers 5's 3-D expert stacks with `_LoraFactorsProxy`:
+    // `baddbmm(W, lhs, rhs)` in W's dtype, so forward holds no delta the size of the stack,
+    // only the merged weights the experts' matmuls keep. Backward holds the merged weight's
+    // gradient until `baddbmm`'s backward folds it into the factors': one stack at a time, the
+    // largest Mixtral-8x7B's gate_up, 8 x 2 x 14,336 x 4,096 = 939,524,096 bf16 elements,
+    // 1,879,048,192 bytes (the op's own output is a 2-byte placeholder).
+    let m = model("mixtral-8x7b");
+    let all = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::AllLinear,
+        dora: false,
+    });
+    let g = graph::build(&m, &plan(all, 1, 128, AttentionKernel::Sdpa));
+    let merge = g
+        .ops()
+        .find(|o| g.name(o.name).ends_with("experts.lora_merge"))
+        .expect("the experts are wrapped");
+    assert_eq!(merge.forward_transient.0, 2);
+    assert_eq!(merge.backward_transient.0, 2 + 1_879_048_192);
+}

@@ -672,6 +672,13 @@ fn in_tp_region(b: &mut Builder, f: impl FnOnce(&mut Builder) -> Val) -> Val {
 
 /// A dense FFN of width `inter`: gated (SwiGLU/GeGLU) or two-matrix.
 fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
+    b.dense_ffn = true;
+    let out = dense_ffn_ops(b, name, x, inter);
+    b.dense_ffn = false;
+    out
+}
+
+fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
     let model = b.model;
     let bias = model.linear_bias;
     if model.gated_ffn {
@@ -917,6 +924,25 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     b.add(name.at("residual"), residual, out)
 }
 
+/// LoRA beside a linear (input `x`, output `y`) that only peft's `all-linear` reaches (it has
+/// no role a target list can name: MoE routers, Qwen2-MoE's `shared_expert_gate`).
+fn all_linear_lora(b: &mut Builder, name: Name, x: Val, y: Val) -> Val {
+    let Some(r) = b
+        .plan
+        .method
+        .lora()
+        .filter(|l| l.targets == crate::spec::plan::LoraTargets::AllLinear)
+        .map(|l| l.rank)
+    else {
+        return y;
+    };
+    let a = b.adapter_param(name.then("lora_A"), (r, x.width));
+    let bb = b.adapter_param(name.then("lora_B"), (y.width, r));
+    let mid = b.lora_matmul(name.then("lora_A"), x, r, a, x.grad);
+    let up = b.lora_matmul(name.then("lora_B"), mid, y.width, bb, true);
+    b.add(name.then("lora_add"), y, up)
+}
+
 /// GPT-OSS's expert gate (`GptOssExperts._apply_gate`) on the interleaved gate/up projection
 /// `gu`: `gate = gu[..., ::2].clamp(max=7)`, `up = gu[..., 1::2].clamp(-7, 7)`,
 /// `glu = gate * sigmoid(1.702 gate)`, then `(up + 1) * glu`. Each clamp keeps its input for its
@@ -989,25 +1015,11 @@ fn moe_ops(
     let inter = moe.expert_intermediate;
     let experts = moe.experts.max(1);
     let mut router = b.linear(name.at("gate"), x, experts, moe.bias, None);
-    // peft 0.21 maps the v4 names of the experts and the router onto transformers 5's fused
-    // parameters (`_MOE_TARGET_MODULE_MAPPING`) for the model types that changed between the
-    // two; GPT-OSS's experts were 3-D parameters from the start and are not in that table, so
-    // its `all-linear` stops at the attention projections (peft's target parameters aside).
-    let peft_reaches_experts = b.model.family != Family::GptOss;
-    let router_lora = b
-        .plan
-        .method
-        .lora()
-        .filter(|l| l.targets == crate::spec::plan::LoraTargets::AllLinear)
-        .filter(|_| peft_reaches_experts)
-        .map(|l| l.rank);
-    if let Some(r) = router_lora {
-        // peft's `all-linear` wraps the router too.
-        let a = b.adapter_param(name.at("gate").then("lora_A"), (r, h));
-        let bb = b.adapter_param(name.at("gate").then("lora_B"), (experts, r));
-        let mid = b.lora_matmul(name.at("gate").then("lora_A"), x, r, a, x.grad);
-        let up = b.lora_matmul(name.at("gate").then("lora_B"), mid, experts, bb, true);
-        router = b.add(name.at("gate").then("lora_add"), router, up);
+    // Whether peft's LoRA reaches the experts and the router at all
+    // (`Family::peft_converts_experts`); `all-linear` then adds the router's weight.
+    let peft_reaches_experts = b.model.family.peft_converts_experts();
+    if peft_reaches_experts {
+        router = all_linear_lora(b, name.at("gate"), x, router);
     }
     let probs = b.cast(
         name.at("router").then("softmax"),
@@ -1074,8 +1086,13 @@ fn moe_ops(
         );
         if let Some(o) = b.graph.op_mut(op) {
             o.params.extend(params);
-            // The fp32 delta and the merged parameter, one wrapped parameter at a time.
-            o.forward_transient += crate::units::DType::F32.bytes(largest) * 2;
+            // peft 0.21.2 folds a single adapter into the stack with one
+            // `baddbmm(W, lhs, rhs)` in W's dtype (`_LoraFactorsProxy`; the factors are cast to
+            // it): no delta the size of the stack in forward, only the merged weight, kept
+            // above. In backward the experts' matmuls return that merged weight's gradient, a
+            // tensor of its size, until `baddbmm`'s backward folds it into the factors' (one
+            // wrapped parameter at a time).
+            o.backward_transient += compute.bytes(largest);
             o.cost.forward_flops =
                 crate::units::Flops(2.0 * (merged * (gate_up.or(down).unwrap_or(0))) as f64);
         }
@@ -1132,6 +1149,8 @@ fn moe_ops(
     let mut s = dense_ffn(b, shared_scope, x, moe.shared_intermediate);
     if moe.shared_gate {
         let g = b.linear(name.at("shared_expert_gate"), x, 1, false, None);
+        // An `nn.Linear`, so `all-linear` wraps it.
+        let g = all_linear_lora(b, name.at("shared_expert_gate"), x, g);
         let sig = b.val(1, g.tokens, g.dtype, g.grad);
         b.elementwise(
             name.at("shared_gate_sigmoid"),

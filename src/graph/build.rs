@@ -66,6 +66,9 @@ pub struct Builder<'a> {
     /// `adapter` only under FSDP's mixed-precision policy).
     pub(super) storage_base: DType,
     pub(super) storage_adapter: DType,
+    /// Building a dense FFN (a dense layer's or a shared expert's), whose projection names
+    /// peft may have moved onto the experts (`Family::peft_converts_experts`).
+    pub(super) dense_ffn: bool,
     /// Inside attention or the FFN (a tensor-parallel region: sequence parallelism leaves its
     /// activations whole).
     pub(super) tp_region: bool,
@@ -129,6 +132,7 @@ impl<'a> Builder<'a> {
             next_unit: 1,
             stage: crate::graph::arch::Stage::WHOLE,
             tp_region: false,
+            dense_ffn: false,
             adapter,
             layer: None,
             layers: model.decoder.layers + model.encoder.map_or(0, |e| e.layers),

@@ -13,6 +13,14 @@ impl Builder<'_> {
     pub(super) fn lora_on(&self, proj: Option<Proj>) -> Option<u64> {
         let lora = self.plan.method.lora()?;
         let proj = proj?;
+        if self.dense_ffn
+            && self.model.moe.is_some()
+            && self.model.family.peft_converts_experts()
+            && matches!(proj, Proj::Gate | Proj::Up | Proj::Down)
+        {
+            // peft moved these names onto the fused experts.
+            return None;
+        }
         // A fused q/k/v projection (GPT-2 `c_attn`, Falcon `query_key_value`) is one module:
         // naming any of q, k or v wraps all of it, as peft's target names do.
         let fused = self.model.fused_qkv && proj == Proj::Q;

@@ -118,6 +118,20 @@ impl Family {
     pub fn model_type(self) -> &'static str {
         super::name_in(&Family::ALL, self).unwrap_or("llama")
     }
+
+    /// Whether peft 0.21 moves LoRA's FFN target names onto transformers 5's fused experts
+    /// (`convert_peft_config_for_transformers`): for the model types its
+    /// `_MODEL_TO_CONVERSION_PATTERN` maps (transformers' v4-to-v5 conversion table plus
+    /// Mixtral), `gate_proj`/`up_proj`/`down_proj` (Mixtral's `w1`/`w3`/`w2`) become the
+    /// experts' `gate_up_proj`/`down_proj` parameters and `all-linear` adds the router's
+    /// weight; the names leave `target_modules`, so dense FFNs sharing them (DeepSeek's first
+    /// layers and shared experts) are no longer adapted. Qwen2-MoE is not in that table (it is
+    /// a pattern key itself) and GPT-OSS had 3-D experts before v5: there, LoRA reaches only
+    /// `nn.Linear` modules, never the experts. Checked by counting what peft wraps on each
+    /// shipped MoE model.
+    pub fn peft_converts_experts(self) -> bool {
+        matches!(self, Family::Mixtral | Family::Qwen3Moe | Family::Deepseek)
+    }
 }
 
 /// Element-wise activation of the feed-forward network, as the framework implements it.
