@@ -495,3 +495,28 @@ fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
     assert_eq!(merge.forward_transient.0, 2);
     assert_eq!(merge.backward_transient.0, 2 + 1_879_048_192);
 }
+
+#[test]
+fn a_moe_layer_launches_its_grouped_kernels_once_whatever_its_expert_count() {
+    // transformers 5 runs all experts with `grouped_mm` (its default experts implementation), so
+    // a sparse layer dispatches the same kernels for 8 experts as for 128. Counted with a
+    // dispatch mode on Mixtral's block (torch 2.15, views left out): forward 30 -- the router's
+    // linear, casts, softmax, topk, sum and division (8); sort, floor_divide, three gathers,
+    // the int cast, histc, cumsum, the sentinel compare, clamp_, masked_fill_, two grouped
+    // matmuls, two masked_fills, SiLU, two multiplies, arange, index_put_ and the final sum
+    // (22). GPT-OSS's gate adds its clamps, sigmoid and products, its biases their gathers and
+    // adds: 34. One module call each for the block, the experts and (Mixtral's) activation.
+    let per_layer = |name: &str| {
+        let m = model(name);
+        let g = graph::build(&m, &plan(lora(), 1, 128, AttentionKernel::Eager));
+        g.ops()
+            .filter(|o| o.repeat > 1 && g.name(o.name).contains(".mlp"))
+            .fold((0, 0), |(k, md), o| {
+                (k + o.cost.forward_kernels, md + o.cost.modules)
+            })
+    };
+    assert_eq!(per_layer("mixtral-8x7b"), (30, 3));
+    assert_eq!(per_layer("qwen3-30b-a3b"), (30, 3));
+    // GPT-OSS repeats two blocks (a banded layer, a dense one): 34 each.
+    assert_eq!(per_layer("gpt-oss-20b").0, 2 * 34);
+}

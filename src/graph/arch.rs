@@ -1026,6 +1026,14 @@ fn moe_ops(
         router,
         crate::units::DType::F32,
     );
+    if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
+        // The router's own kernels beyond its linear and the cast to fp32 (a dispatch count of
+        // Mixtral's block, torch 2.15): softmax, topk, the top-k weights' sum and division and
+        // the cast back, 5; backward, the cast's, the division's (div, neg, sum and a second
+        // div), topk's scatter, softmax's and the fork's add, 10.
+        o.cost.forward_kernels += 5;
+        o.cost.backward_kernels += 10;
+    }
     // Uniform routing gives each expert tokens x top_k / experts; `--expert-load` L plans for
     // imbalance: the busiest expert receives L times that (at most every token), the others
     // share the rest, so the total routed is unchanged.
@@ -1111,7 +1119,21 @@ fn moe_ops(
         let routed = if e == 0 { busiest } else { others };
         // index_select of this expert's tokens (its backward scatters the gradient back).
         let xe = b.val(x.width, routed, x.dtype, x.grad);
-        b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
+        let gather = b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
+        if e == 0
+            && let Some(o) = b.graph.op_mut(gather)
+        {
+            // transformers 5 runs every expert at once (`grouped_mm_experts_forward`, the
+            // default `experts_implementation`): per layer, beyond this gather and the final
+            // sum, the routing bookkeeping dispatches sort, floor_divide, the routing weights'
+            // gather, the int cast, histc, cumsum, the sentinel compare, clamp_, masked_fill_,
+            // two masked_fills after the grouped matmuls, arange and index_put_ for the inverse
+            // permutation and the reorder gather: 14 kernels; backward, the three masked_fills'
+            // and the two gathers' (zeros and index_put each): 7. A dispatch count of
+            // Mixtral's and GPT-OSS's blocks (torch 2.15) agrees.
+            o.cost.forward_kernels += 14;
+            o.cost.backward_kernels += 7;
+        }
         let role = |p: Proj| (expert_lora && peft_reaches_experts).then_some(p);
         let p = match moe.gate {
             ExpertGate::Activation => {
@@ -1138,6 +1160,23 @@ fn moe_ops(
         );
         if e == 1 {
             b.graph.scale_since(mark, experts - 1);
+        }
+        // The grouped kernels launch once for all experts, so the op set standing for the other
+        // experts adds device work but no launches; no expert is a module of its own (the
+        // `experts` module is called once, its activation module once).
+        let since = mark.0;
+        let calls = u32::from(e == 0) * (1 + u32::from(moe.gate == ExpertGate::Activation));
+        for i in since..b.graph.len() {
+            if let Some(o) = b.graph.op_mut(i) {
+                o.cost.modules = 0;
+                if e == 1 {
+                    o.cost.forward_kernels = 0;
+                    o.cost.backward_kernels = 0;
+                }
+            }
+        }
+        if let Some(o) = b.graph.op_mut(since) {
+            o.cost.modules = calls;
         }
     }
     if moe.shared_intermediate == 0 {
