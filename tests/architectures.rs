@@ -203,6 +203,8 @@ fn mixture_of_experts_active_parameters_match_the_model_cards() {
         // tables (0.58 B); a token passes through both.
         ("gpt-oss-20b", 4.15e9, 4.25e9),
         ("gpt-oss-120b", 5.6e9, 5.8e9),
+        // GLM-4.5-Air's card: 12 B, without its two 151,552 x 4,096 tables (1.24 B).
+        ("glm-4.5-air", 13.3e9, 13.5e9),
     ] {
         let m = model(name);
         let total = m.published_params.expect("states its params");
@@ -519,4 +521,32 @@ fn a_moe_layer_launches_its_grouped_kernels_once_whatever_its_expert_count() {
     assert_eq!(per_layer("qwen3-30b-a3b"), (30, 3));
     // GPT-OSS repeats two blocks (a banded layer, a dense one): 34 each.
     assert_eq!(per_layer("gpt-oss-20b").0, 2 * 34);
+}
+
+#[test]
+fn qlora_leaves_fused_experts_unquantized_and_upcast() {
+    // bitsandbytes through transformers 5.17 (`replace_with_bnb_linear`) swaps `nn.Linear`
+    // modules only; MoE experts are 3-D parameters, so they stay bf16, and peft's
+    // `prepare_model_for_kbit_training` upcasts every parameter it did not quantize to fp32
+    // (a CPU replay of a small Mixtral agrees: its experts end fp32, its attention 4-bit).
+    // Mixtral-8x7B: 32 layers x 8 experts x 3 x 4,096 x 14,336 = 45,097,156,608 expert
+    // weights, 4 bytes each: 180,388,626,432 bytes; never NF4.
+    let qlora = Method::Qlora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::QueryValue,
+        dora: false,
+    });
+    let m = model("mixtral-8x7b");
+    let g = graph::build(&m, &plan(qlora, 1, 128, AttentionKernel::Sdpa));
+    let experts = g
+        .params
+        .iter()
+        .filter(|p| g.name(p.name).contains(".experts."));
+    assert!(
+        experts
+            .clone()
+            .all(|p| p.dtype == ftplan::units::DType::F32)
+    );
+    assert_eq!(experts.map(|p| p.bytes().0).sum::<u64>(), 180_388_626_432);
 }

@@ -597,6 +597,14 @@ impl PlanInput {
                 hw.name, hw.fp32_tflops, hw.fp16_tflops
             ));
         }
+        if matches!(method, Method::Qlora(_)) && model.value.moe.is_some() {
+            notes.push(format!(
+                "`{}`'s experts are 3-D parameters in transformers 5, which bitsandbytes does not \
+                 quantize (it swaps `nn.Linear` modules): under QLoRA they stay unquantized and \
+                 peft's `prepare_model_for_kbit_training` upcasts them to fp32, as planned",
+                model.value.name
+            ));
+        }
         let plan = Plan {
             method,
             precision,

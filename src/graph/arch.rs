@@ -1105,7 +1105,6 @@ fn moe_ops(
                 crate::units::Flops(2.0 * (merged * (gate_up.or(down).unwrap_or(0))) as f64);
         }
     }
-    let expert_lora = gate_up.is_none() && down.is_none();
     // The busiest expert, then one expert standing for the other experts - 1 (same ops on the
     // same shapes, `OpGraph::scale_since`).
     for e in 0..experts.min(2) {
@@ -1134,11 +1133,16 @@ fn moe_ops(
             o.cost.forward_kernels += 14;
             o.cost.backward_kernels += 7;
         }
-        let role = |p: Proj| (expert_lora && peft_reaches_experts).then_some(p);
+        // transformers 5's experts are 3-D parameters, not `nn.Linear` modules: no target
+        // name reaches them one by one (LoRA reaches them through the fused stack above),
+        // IA3 does not wrap them, and bitsandbytes quantizes `nn.Linear` only
+        // (`replace_with_bnb_linear`), so under QLoRA they stay 16-bit and
+        // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
+        // was not quantized.
         let p = match moe.gate {
             ExpertGate::Activation => {
-                let g = b.linear(es.at("w1"), xe, inter, moe.bias, role(Proj::Gate));
-                let u = b.linear(es.at("w3"), xe, inter, moe.bias, role(Proj::Up));
+                let g = b.linear(es.at("w1"), xe, inter, moe.bias, None);
+                let u = b.linear(es.at("w3"), xe, inter, moe.bias, None);
                 let a = b.activation(es.at("act"), g);
                 b.mul(es.at("mul"), a, u)
             }
@@ -1147,7 +1151,7 @@ fn moe_ops(
                 clamped_swiglu(b, es.at("gate"), gu)
             }
         };
-        let d = b.linear(es.at("w2"), p, h, moe.bias, role(Proj::Down));
+        let d = b.linear(es.at("w2"), p, h, moe.bias, None);
         // Scaled by its routing weights (kept for backward), then index_add_ into the output.
         let w = b.val(1, routed, probs.dtype, probs.grad);
         let scaled = b.mul(es.at("weight"), d, w);

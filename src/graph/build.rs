@@ -454,7 +454,8 @@ impl<'a> Builder<'a> {
             | Family::Qwen3
             | Family::Granite
             | Family::Exaone4
-            | Family::GptOss => (0, 0),
+            | Family::GptOss
+            | Family::Glm4Moe => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.

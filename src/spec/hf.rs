@@ -216,7 +216,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Exaone4
         | Family::Qwen2Moe
         | Family::Qwen3Moe
-        | Family::GptOss => llama_like(&r, family)?,
+        | Family::GptOss
+        | Family::Glm4Moe => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -407,7 +408,9 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
 fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     let (experts_key, expert_inter) = match family {
         Family::Mixtral => ("num_local_experts", intermediate),
-        Family::Deepseek => ("n_routed_experts", r.u64(&["moe_intermediate_size"])?),
+        Family::Deepseek | Family::Glm4Moe => {
+            ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
+        }
         Family::Qwen2Moe | Family::Qwen3Moe => ("num_experts", r.u64(&["moe_intermediate_size"])?),
         Family::GptOss => ("num_local_experts", intermediate),
         _ => return Ok(None),
@@ -448,7 +451,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     ]);
     let (shared, gate) = match family {
         Family::Qwen2Moe => (r.u64(&["shared_expert_intermediate_size"])?, true),
-        Family::Deepseek => (
+        Family::Deepseek | Family::Glm4Moe => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
         ),
@@ -502,6 +505,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
     let (qkv_bias, out_bias) = match family {
         Family::Qwen2 | Family::Qwen2Moe => (true, false),
+        // Glm4MoeAttention: `attention_bias` on q, k and v; o never.
+        Family::Glm4Moe => (attention_bias, false),
         Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
         _ => (attention_bias, attention_bias),
     };
@@ -522,6 +527,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         // dequantizes to bf16 (see `Family::GptOss`).
         "initial_context_length",
         "quantization_config",
+        // GLM-4.5's multi-token-prediction layer: in the checkpoint, not in transformers' model.
+        "num_nextn_predict_layers",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
     let (residual, embedding) = if family == Family::Phi3 {
@@ -591,6 +598,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         moe: moe(r, family, intermediate)?,
         qk_norm: match family {
             Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Exaone4 => QkNorm::PerHead,
+            Family::Glm4Moe if r.bool_or(&["use_qk_norm"], false)? => QkNorm::PerHead,
             Family::Olmo2 => QkNorm::Full,
             _ => QkNorm::None,
         },
@@ -599,8 +607,37 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         multipliers,
         rope_layers,
         attention_sinks: family == Family::GptOss,
+        positions: if family == Family::Glm4Moe {
+            rotary_fraction(r, 0.5)?
+        } else {
+            base.positions
+        },
         ..base
     })
+}
+
+/// Rotary on a fraction of each head: `partial_rotary_factor` at the top level or, as
+/// transformers 5 writes it, inside `rope_parameters`.
+fn rotary_fraction(r: &Reader, default: f64) -> Result<Positions> {
+    let nested = r
+        .map
+        .get("rope_parameters")
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(Value::as_f64);
+    let fraction = match nested {
+        Some(f) if r.raw(&["partial_rotary_factor"]).is_none() => {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(Error::field(
+                    r.path,
+                    "rope_parameters.partial_rotary_factor",
+                    format!("must be a fraction in (0, 1], found {f}"),
+                ));
+            }
+            f
+        }
+        _ => r.f64_or(&["partial_rotary_factor"], default)?,
+    };
+    Ok(Positions::Rotary { fraction })
 }
 
 /// Which layers apply rotary (empty: all). EXAONE-4 applies it on its windowed layers only once

@@ -75,13 +75,18 @@ pub enum Family {
     /// checkpoints store the experts in MXFP4; training dequantizes them to bf16 first
     /// (transformers' `Mxfp4Config(dequantize=True)`), which is what is planned.
     GptOss,
+    /// `Glm4MoeForCausalLM` (GLM-4.5, GLM-4.5-Air; Zhipu AI 2025): grouped-query attention with
+    /// q/k/v biases, rotary on half of each head, optional per-head q/k norms, dense first
+    /// layers, then DeepSeek-V3's routing (sigmoid scores, a shared expert). The checkpoint's
+    /// multi-token-prediction layer is not built by transformers and is not counted.
+    Glm4Moe,
 }
 
 impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 31] = [
+    pub const ALL: [(&'static str, Family); 32] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -113,6 +118,7 @@ impl Family {
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
         ("gpt_oss", Family::GptOss),
+        ("glm4_moe", Family::Glm4Moe),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -130,7 +136,10 @@ impl Family {
     /// `nn.Linear` modules, never the experts. Checked by counting what peft wraps on each
     /// shipped MoE model.
     pub fn peft_converts_experts(self) -> bool {
-        matches!(self, Family::Mixtral | Family::Qwen3Moe | Family::Deepseek)
+        matches!(
+            self,
+            Family::Mixtral | Family::Qwen3Moe | Family::Deepseek | Family::Glm4Moe
+        )
     }
 }
 
