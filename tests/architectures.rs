@@ -550,3 +550,21 @@ fn qlora_leaves_fused_experts_unquantized_and_upcast() {
     );
     assert_eq!(experts.map(|p| p.bytes().0).sum::<u64>(), 180_388_626_432);
 }
+
+#[test]
+fn a_fused_gate_up_projection_takes_one_lora_pair() {
+    // Phi-3's (and GLM-4's) `gate_up_proj` is one `nn.Linear` to both halves, so LoRA wraps it
+    // once: Phi-3-mini, rank 16 on every linear, per layer qkv_proj (3,072 -> 9,216)
+    // 16 x 12,288 = 196,608, o_proj 16 x 6,144 = 98,304, gate_up_proj (3,072 -> 16,384)
+    // 16 x 19,456 = 311,296, down_proj (8,192 -> 3,072) 16 x 11,264 = 180,224: 786,432 x 32
+    // layers = 25,165,824, what peft wraps (two separate pairs would add 16 x 3,072 a layer).
+    let m = model("phi-3-mini");
+    let all = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::AllLinear,
+        dora: false,
+    });
+    let e = run(&m, &plan(all, 1, 128, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 25_165_824);
+}

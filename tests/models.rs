@@ -327,11 +327,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // Qwen2.5-7B, the `olmo3` and `ministral` model types (read as OLMo-2 and Mistral with
     // their `layer_types` windows) past their windows, Granite, SmolLM3's NoPE layers and
     // EXAONE-4, then GPT-OSS 20B and 120B, then LoRA on every linear of Qwen1.5-MoE,
-    // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms)
-    // (validation/families.jsonl, measure.py --fake).
+    // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms), then
+    // GLM-4-9B (validation/families.jsonl, measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 60);
+    assert_eq!(rows.len(), 63);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -348,10 +348,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         "exaone-4.0-",
         "gpt-oss-",
         "glm-4.5-",
+        "glm-4-9b|",
     ];
     for r in &rows {
         // Issue #8's runs are held to 2 % each (all within 1.5 % when added); the last
-        // thirty-six to 1 % (within 0.9 % when added, GPT-OSS's nine within 0.2 %; Granite's
+        // thirty-nine to 1 % (within 0.9 % when added, GPT-OSS's nine within 0.2 %; Granite's
         // multipliers were added after its replays and moved none of them).
         let bound = if late.iter().any(|m| r.name.starts_with(m)) {
             0.01

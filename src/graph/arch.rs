@@ -682,9 +682,25 @@ fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
     let model = b.model;
     let bias = model.linear_bias;
     if model.gated_ffn {
-        b.fork(name.at("fork"), x, 2);
-        let g = b.linear(name.at("gate_proj"), x, inter, bias, Some(Proj::Gate));
-        let u = b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up));
+        let (g, u) = if model.fused_gate_up {
+            // One projection to both halves, chunked: the activation keeps the gate half and
+            // the product the up half, both views of the one output.
+            let gu = b.linear(
+                name.at("gate_up_proj"),
+                x,
+                2 * inter,
+                bias,
+                Some(Proj::Gate),
+            );
+            let half = Val { width: inter, ..gu };
+            (half, half)
+        } else {
+            b.fork(name.at("fork"), x, 2);
+            (
+                b.linear(name.at("gate_proj"), x, inter, bias, Some(Proj::Gate)),
+                b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up)),
+            )
+        };
         let a = b.activation(name.at("act"), g);
         let p = b.mul(name.at("gate_mul"), a, u);
         let p = b.dropout(name.at("act").then("dropout"), p, model.dropout.activation);

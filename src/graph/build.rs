@@ -455,7 +455,8 @@ impl<'a> Builder<'a> {
             | Family::Granite
             | Family::Exaone4
             | Family::GptOss
-            | Family::Glm4Moe => (0, 0),
+            | Family::Glm4Moe
+            | Family::Glm4 => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.

@@ -24,6 +24,8 @@ impl Builder<'_> {
         // A fused q/k/v projection (GPT-2 `c_attn`, Falcon `query_key_value`) is one module:
         // naming any of q, k or v wraps all of it, as peft's target names do.
         let fused = self.model.fused_qkv && proj == Proj::Q;
+        // A fused `gate_up_proj` likewise: naming gate or up wraps the one module.
+        let fused_ffn = self.model.fused_gate_up && proj == Proj::Gate;
         let hit = match &lora.targets {
             LoraTargets::AllLinear => true,
             LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
@@ -33,6 +35,7 @@ impl Builder<'_> {
                         && list
                             .iter()
                             .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
+                    || (fused_ffn && list.contains(&Proj::Up))
             }
         };
         hit.then_some(lora.rank)

@@ -217,7 +217,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Qwen2Moe
         | Family::Qwen3Moe
         | Family::GptOss
-        | Family::Glm4Moe => llama_like(&r, family)?,
+        | Family::Glm4Moe
+        | Family::Glm4 => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -505,8 +506,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
     let (qkv_bias, out_bias) = match family {
         Family::Qwen2 | Family::Qwen2Moe => (true, false),
-        // Glm4MoeAttention: `attention_bias` on q, k and v; o never.
-        Family::Glm4Moe => (attention_bias, false),
+        // Glm4Attention, Glm4MoeAttention: `attention_bias` on q, k and v; o never.
+        Family::Glm4 | Family::Glm4Moe => (attention_bias, false),
         Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
         _ => (attention_bias, attention_bias),
     };
@@ -579,7 +580,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
-            Family::Gemma2 | Family::Gemma3 => NormPlacement::Sandwich,
+            Family::Gemma2 | Family::Gemma3 | Family::Glm4 => NormPlacement::Sandwich,
             Family::Olmo2 | Family::Exaone4 => NormPlacement::Output,
             _ => NormPlacement::Pre,
         },
@@ -589,6 +590,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         out_bias: Some(out_bias),
         // Phi-3's `qkv_proj` (and `gate_up_proj`, the same bytes as two projections).
         fused_qkv: family == Family::Phi3,
+        fused_gate_up: matches!(family, Family::Phi3 | Family::Glm4),
         dropout: Dropouts {
             attention: attention_dropout,
             residual,
@@ -607,7 +609,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         multipliers,
         rope_layers,
         attention_sinks: family == Family::GptOss,
-        positions: if family == Family::Glm4Moe {
+        positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
         } else {
             base.positions

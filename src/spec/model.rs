@@ -80,13 +80,16 @@ pub enum Family {
     /// layers, then DeepSeek-V3's routing (sigmoid scores, a shared expert). The checkpoint's
     /// multi-token-prediction layer is not built by transformers and is not counted.
     Glm4Moe,
+    /// `Glm4ForCausalLM` (GLM-4-0414): the Llama block with sandwich norms (after attention and
+    /// after the MLP too), q/k/v biases, rotary on half of each head and a fused `gate_up_proj`.
+    Glm4,
 }
 
 impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 32] = [
+    pub const ALL: [(&'static str, Family); 33] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -119,6 +122,7 @@ impl Family {
         ("ministral", Family::Mistral),
         ("gpt_oss", Family::GptOss),
         ("glm4_moe", Family::Glm4Moe),
+        ("glm4", Family::Glm4),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -335,6 +339,9 @@ pub struct ModelSpec {
     pub parallel_block: bool,
     /// q, k and v come from one projection (GPT-2 `c_attn`, Falcon `query_key_value`).
     pub fused_qkv: bool,
+    /// The gated FFN's gate and up projections are one module (`gate_up_proj`: Phi-3, GLM-4),
+    /// chunked after it: one LoRA pair spans both.
+    pub fused_gate_up: bool,
     /// Phi-2's LM head has a bias.
     pub lm_head_bias: bool,
     pub dropout: Dropouts,
@@ -476,6 +483,7 @@ impl ModelSpec {
             out_bias: None,
             parallel_block: false,
             fused_qkv: false,
+            fused_gate_up: false,
             lm_head_bias: false,
             dropout: Dropouts::default(),
             published_params: None,
