@@ -32,6 +32,10 @@ pub struct Estimate {
 }
 
 /// Rejects plans that cannot be simulated, naming the offending setting.
+/// What LoRA can target in a Mamba mixer.
+const MAMBA_TARGETS: &str =
+    "name the mixer's other projections: --lora-targets in_proj,x_proj,dt_proj";
+
 pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     let field = |f: &str, problem: String| Error::field("plan", f, problem);
     if plan.batch == 0 {
@@ -92,6 +96,25 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                         l.rank, model.hidden_size
                     ),
                 ));
+            }
+            // peft refuses LoRA on a Mamba mixer's `out_proj` (and `conv1d`), which
+            // `all-linear` includes (`_check_lora_target_modules_mamba`).
+            let names_out = match &l.targets {
+                crate::spec::plan::LoraTargets::AllLinear => true,
+                crate::spec::plan::LoraTargets::Named(list) => {
+                    list.contains(&crate::spec::plan::Proj::O)
+                }
+                crate::spec::plan::LoraTargets::QueryValue => false,
+            };
+            if model.family == crate::spec::model::Family::Mamba && names_out {
+                return Err(field(
+                    "lora-targets",
+                    format!(
+                        "peft refuses LoRA on `{}`'s mixer `out_proj` (`all-linear` includes it)",
+                        model.name
+                    ),
+                )
+                .with_hint(MAMBA_TARGETS));
             }
             if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
                 return Err(field(
@@ -311,7 +334,11 @@ pub fn estimate(
                 model.name
             ),
         )
-        .with_hint("choose what the model has (LoRA's `all` covers every linear in the blocks)"));
+        .with_hint(if model.family == crate::spec::model::Family::Mamba {
+            MAMBA_TARGETS
+        } else {
+            "choose what the model has (LoRA's `all` covers every linear in the blocks)"
+        }));
     }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

@@ -568,3 +568,43 @@ fn a_fused_gate_up_projection_takes_one_lora_pair() {
     let e = run(&m, &plan(all, 1, 128, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 25_165_824);
 }
+
+#[test]
+fn lora_on_mamba_refuses_what_peft_refuses() {
+    // peft raises for LoRA on a Mamba mixer's `out_proj` (`_check_lora_target_modules_mamba`),
+    // which `all-linear` includes: exit 2 with the field and the names that work.
+    let out = crate::ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "mamba-130m",
+            "--gpu",
+            "h200",
+            "--method",
+            "lora",
+            "--lora-targets",
+            "all",
+        ])
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("`lora-targets`") && err.contains("out_proj"),
+        "{err}"
+    );
+    assert!(err.contains("in_proj,x_proj,dt_proj"), "{err}");
+    // Those three, rank 16, 24 layers (d_model 768, inner 1,536, dt rank 48, state 16):
+    // in_proj (768 -> 3,072) 16 x 3,840 = 61,440, x_proj (1,536 -> 80) 16 x 1,616 = 25,856,
+    // dt_proj (48 -> 1,536) 16 x 1,584 = 25,344: 112,640 x 24 = 2,703,360, what peft wraps.
+    let named = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::parse(["in_proj", "x_proj", "dt_proj"]).expect("known names"),
+        dora: false,
+    });
+    let e = run(
+        &model("mamba-130m"),
+        &plan(named, 1, 64, AttentionKernel::Sdpa),
+    );
+    assert_eq!(e.memory.trainable_params, 2_703_360);
+}

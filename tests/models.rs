@@ -128,7 +128,10 @@ fn every_peft_method_builds_a_valid_graph_for_every_family() {
 fn refused_by_design(m: &ftplan::spec::model::ModelSpec, method: &Method) -> bool {
     !m.has_attention()
         && match method {
-            Method::Lora(l) | Method::Qlora(l) => l.targets == LoraTargets::QueryValue,
+            // Mamba: no q or v to adapt, and peft refuses `all-linear` (the mixer's out_proj).
+            Method::Lora(l) | Method::Qlora(l) => {
+                matches!(l.targets, LoraTargets::QueryValue | LoraTargets::AllLinear)
+            }
             Method::Prefix { .. } | Method::Ia3 | Method::Adapter { .. } => true,
             _ => false,
         }
