@@ -608,3 +608,24 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
     );
     assert_eq!(e.memory.trainable_params, 2_703_360);
 }
+
+#[test]
+fn fit_on_a_model_without_attention_skips_the_changes_it_cannot_take() {
+    // Mamba-1.4B, full fine-tuning at 8 x 2048 on a T4: nothing fits, and the candidate "switch
+    // to LoRA on q and v" has nothing to adapt; `fit` reports the other changes and exits 1
+    // (does not fit), not 2.
+    crate::ftplan()
+        .args([
+            "fit",
+            "--model",
+            "mamba-1.4b",
+            "--gpu",
+            "t4",
+            "--batch",
+            "8",
+            "--seq",
+            "2048",
+        ])
+        .assert()
+        .code(1);
+}
