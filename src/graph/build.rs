@@ -428,7 +428,7 @@ impl<'a> Builder<'a> {
     /// `nn.Dropout(p)` in training: with p > 0 CUDA's fused dropout keeps a bool mask of the
     /// input's size; with p = 0 `F.dropout` returns its input unchanged.
     pub fn dropout(&mut self, name: Name, x: Val, p: f64) -> Val {
-        // GPT-2, T5 and Phi call `nn.Dropout` modules, BART, OPT and Falcon call
+        // GPT-2, T5 and Phi call `nn.Dropout` modules, BART, OPT, Falcon and Seed-OSS call
         // `F.dropout`; the Llama family has no dropout calls outside attention.
         let (modules, dispatch) = match self.model.family {
             Family::Gpt2
@@ -438,7 +438,7 @@ impl<'a> Builder<'a> {
             | Family::GptNeox
             | Family::Starcoder2
             | Family::Olmo2 => (1, 1),
-            Family::Bart | Family::Opt | Family::Falcon | Family::Bloom => (0, 1),
+            Family::Bart | Family::Opt | Family::Falcon | Family::Bloom | Family::SeedOss => (0, 1),
             Family::Gemma2
             | Family::Gemma3
             | Family::Qwen2Moe
@@ -456,7 +456,10 @@ impl<'a> Builder<'a> {
             | Family::Exaone4
             | Family::GptOss
             | Family::Glm4Moe
-            | Family::Glm4 => (0, 0),
+            | Family::Glm4
+            | Family::HunyuanDense
+            | Family::Helium
+            | Family::Olmoe => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.

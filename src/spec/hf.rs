@@ -218,7 +218,11 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Qwen3Moe
         | Family::GptOss
         | Family::Glm4Moe
-        | Family::Glm4 => llama_like(&r, family)?,
+        | Family::Glm4
+        | Family::SeedOss
+        | Family::HunyuanDense
+        | Family::Helium
+        | Family::Olmoe => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -413,6 +417,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
         Family::Qwen2Moe | Family::Qwen3Moe => ("num_experts", r.u64(&["moe_intermediate_size"])?),
+        // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
+        Family::Olmoe => ("num_experts", intermediate),
         Family::GptOss => ("num_local_experts", intermediate),
         _ => return Ok(None),
     };
@@ -496,7 +502,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "hidden_act"
     };
     let act = r.str_or(&["hidden_activation", "hidden_act"], act_default)?;
-    let attention_dropout = r.f64_or(&["attention_dropout"], 0.0)?;
+    let attention_dropout = r.f64_or(
+        &["attention_dropout"],
+        if family == Family::SeedOss { 0.1 } else { 0.0 },
+    )?;
     // Which biases each attention and MLP class builds (transformers 5.17, checked by
     // instantiating each class): Qwen2 (and Qwen2-MoE) always bias q, k and v, never o;
     // Mistral, Mixtral and Phi-3 build no bias whatever the config says; the others put
@@ -507,11 +516,19 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let (qkv_bias, out_bias) = match family {
         Family::Qwen2 | Family::Qwen2Moe => (true, false),
         // Glm4Attention, Glm4MoeAttention: `attention_bias` on q, k and v; o never.
-        Family::Glm4 | Family::Glm4Moe => (attention_bias, false),
+        Family::Glm4 | Family::Glm4Moe | Family::Helium => (attention_bias, false),
+        Family::SeedOss => (
+            r.bool_or(&["attention_bias"], true)?,
+            r.bool_or(&["attention_out_bias"], false)?,
+        ),
         Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
         _ => (attention_bias, attention_bias),
     };
-    let mlp_bias = mlp_bias && matches!(family, Family::Llama | Family::Granite);
+    let mlp_bias = mlp_bias
+        && matches!(
+            family,
+            Family::Llama | Family::Granite | Family::SeedOss | Family::Helium
+        );
     r.raw(&[
         "rms_norm_eps",
         "max_position_embeddings",
@@ -530,15 +547,20 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "quantization_config",
         // GLM-4.5's multi-token-prediction layer: in the checkpoint, not in transformers' model.
         "num_nextn_predict_layers",
+        // OLMoE's optional in-place clamp of q, k and v: no memory.
+        "clip_qkv",
+        "pretraining_tp",
+        "eod_token_id",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
-    let (residual, embedding) = if family == Family::Phi3 {
-        (
+    let (residual, embedding) = match family {
+        Family::Phi3 => (
             r.f64_or(&["resid_pdrop"], 0.0)?,
             r.f64_or(&["embd_pdrop"], 0.0)?,
-        )
-    } else {
-        (0.0, 0.0)
+        ),
+        // SeedOssConfig's defaults: 0.1 on each sub-layer's output and in attention.
+        Family::SeedOss => (r.f64_or(&["residual_dropout"], 0.1)?, 0.0),
+        _ => (0.0, 0.0),
     };
     let layers = r.u64(&["num_hidden_layers"])?;
     let intermediate = r.u64(&["intermediate_size"])?;
@@ -576,7 +598,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         norm: match family {
             _ if gemma => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
-            Family::Olmo2 | Family::GptOss => Norm::Olmo2RmsNorm,
+            Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
@@ -599,7 +621,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         moe: moe(r, family, intermediate)?,
         qk_norm: match family {
-            Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Exaone4 => QkNorm::PerHead,
+            Family::Qwen3
+            | Family::Qwen3Moe
+            | Family::Gemma3
+            | Family::Exaone4
+            | Family::HunyuanDense => QkNorm::PerHead,
+            Family::Olmoe => QkNorm::Full,
             Family::Glm4Moe if r.bool_or(&["use_qk_norm"], false)? => QkNorm::PerHead,
             Family::Olmo2 => QkNorm::Full,
             _ => QkNorm::None,

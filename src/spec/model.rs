@@ -83,13 +83,25 @@ pub enum Family {
     /// `Glm4ForCausalLM` (GLM-4-0414): the Llama block with sandwich norms (after attention and
     /// after the MLP too), q/k/v biases, rotary on half of each head and a fused `gate_up_proj`.
     Glm4,
+    /// `SeedOssForCausalLM` (Seed-OSS-36B): the Llama block with q/k/v biases
+    /// (`attention_bias`), an optional o bias (`attention_out_bias`), and dropout on the
+    /// attention and MLP outputs (`residual_dropout`, 0.1 by default) and in attention.
+    SeedOss,
+    /// `HunYuanDenseV1ForCausalLM`: the Llama block with per-head q/k RMSNorms after rotary.
+    HunyuanDense,
+    /// `HeliumForCausalLM` (Kyutai): the Llama block whose RMSNorm multiplies by its weight in
+    /// fp32 before casting back (OLMo-2's order); q/k/v biases only.
+    Helium,
+    /// `OlmoeForCausalLM` (OLMoE, Muennighoff et al. 2024): pre-norm, RMSNorm over the whole q
+    /// and k projections (OLMo-2's), routed experts without a shared one.
+    Olmoe,
 }
 
 impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 33] = [
+    pub const ALL: [(&'static str, Family); 37] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -123,6 +135,10 @@ impl Family {
         ("gpt_oss", Family::GptOss),
         ("glm4_moe", Family::Glm4Moe),
         ("glm4", Family::Glm4),
+        ("seed_oss", Family::SeedOss),
+        ("hunyuan_v1_dense", Family::HunyuanDense),
+        ("helium", Family::Helium),
+        ("olmoe", Family::Olmoe),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -142,7 +158,7 @@ impl Family {
     pub fn peft_converts_experts(self) -> bool {
         matches!(
             self,
-            Family::Mixtral | Family::Qwen3Moe | Family::Deepseek | Family::Glm4Moe
+            Family::Mixtral | Family::Qwen3Moe | Family::Deepseek | Family::Glm4Moe | Family::Olmoe
         )
     }
 }
