@@ -459,7 +459,9 @@ impl<'a> Builder<'a> {
             | Family::Glm4
             | Family::HunyuanDense
             | Family::Helium
-            | Family::Olmoe => (0, 0),
+            | Family::Olmoe
+            | Family::Cohere
+            | Family::Cohere2 => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.

@@ -43,7 +43,11 @@ impl Builder<'_> {
                 saves.push(stats(self));
                 self.val(h, tokens, input.dtype, x.grad || trainable)
             }
-            Norm::RmsNorm | Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm | Norm::T5RmsNorm => {
+            Norm::RmsNorm
+            | Norm::GemmaRmsNorm
+            | Norm::Olmo2RmsNorm
+            | Norm::T5RmsNorm
+            | Norm::CohereLayerNorm => {
                 // hidden.to(fp32): pow(2) and the rsqrt multiply keep the fp32 copy.
                 let x32 = self.cast(name.then("upcast"), x, DType::F32);
                 if x.grad {
@@ -53,6 +57,13 @@ impl Builder<'_> {
                 if kind == Norm::T5RmsNorm && x.dtype != DType::F32 && x.grad {
                     // T5LayerNorm multiplies the *original* input by the fp32 rsqrt.
                     saves.push(x.id);
+                }
+                if kind == Norm::CohereLayerNorm && x.grad {
+                    // CohereLayerNorm computes `hidden_states - mean` twice, once squared for
+                    // the variance (pow keeps it) and once multiplied by the rsqrt (the
+                    // product keeps it): two fp32 centred copies, where the fp32 input above
+                    // stands for the first.
+                    saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(x.elements())));
                 }
                 let normed32 = self.val(h, tokens, DType::F32, x.grad);
                 let out_dtype = match kind {
@@ -69,7 +80,10 @@ impl Builder<'_> {
                     // GemmaRMSNorm stays fp32 until the end.
                     _ => DType::F32,
                 };
-                let fp32_weight = matches!(kind, Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm);
+                let fp32_weight = matches!(
+                    kind,
+                    Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm | Norm::CohereLayerNorm
+                );
                 let pre = if fp32_weight {
                     normed32
                 } else {
@@ -131,7 +145,10 @@ impl Builder<'_> {
                         out.bytes() * 2 + narrow + f32 * 17 + weight
                     }
                     // The other RMSNorm variants: about twelve fp32 passes.
-                    Norm::GemmaRmsNorm | Norm::Olmo2RmsNorm | Norm::T5RmsNorm => {
+                    Norm::GemmaRmsNorm
+                    | Norm::Olmo2RmsNorm
+                    | Norm::T5RmsNorm
+                    | Norm::CohereLayerNorm => {
                         (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12
                     }
                 },

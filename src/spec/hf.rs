@@ -222,7 +222,9 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::SeedOss
         | Family::HunyuanDense
         | Family::Helium
-        | Family::Olmoe => llama_like(&r, family)?,
+        | Family::Olmoe
+        | Family::Cohere
+        | Family::Cohere2 => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -391,9 +393,11 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 pattern
             }
         }
-        // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one.
-        Family::Gemma3 => {
-            let pattern = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(6);
+        // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one;
+        // Cohere2Config the same rule with 4.
+        Family::Gemma3 | Family::Cohere2 => {
+            let default = if family == Family::Gemma3 { 6 } else { 4 };
+            let pattern = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(default);
             let mut v = vec![local; pattern.saturating_sub(1).min(layers) as usize];
             v.push(Mixer::Attention);
             v
@@ -551,6 +555,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "clip_qkv",
         "pretraining_tp",
         "eod_token_id",
+        "layer_norm_eps",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
     let (residual, embedding) = match family {
@@ -581,7 +586,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     };
     // Granite's scalar multipliers (GraniteConfig's defaults are 1: none); its
     // `attention_multiplier` is SDPA's `scale` argument and costs nothing.
-    let multipliers = if family == Family::Granite {
+    let multipliers = if matches!(family, Family::Cohere | Family::Cohere2) {
+        // `logits * logit_scale` (CohereConfig's 0.0625): the same one op as a divisor.
+        Multipliers {
+            logits_divisor: 1.0 / r.f64_or(&["logit_scale"], 0.0625)?,
+            ..Multipliers::default()
+        }
+    } else if family == Family::Granite {
         r.raw(&["attention_multiplier"]);
         Multipliers {
             embedding: r.f64_or(&["embedding_multiplier"], 1.0)?,
@@ -599,6 +610,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             _ if gemma => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
+            Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
@@ -606,7 +618,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Olmo2 | Family::Exaone4 => NormPlacement::Output,
             _ => NormPlacement::Pre,
         },
-        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], gemma)?,
+        tie_word_embeddings: r.bool_or(
+            &["tie_word_embeddings"],
+            gemma || matches!(family, Family::Cohere | Family::Cohere2),
+        )?,
+        // Cohere: attention and the MLP read one norm's output and add to the residual together.
+        parallel_block: matches!(family, Family::Cohere | Family::Cohere2),
         qkv_bias,
         linear_bias: mlp_bias,
         out_bias: Some(out_bias),
@@ -627,6 +644,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Exaone4
             | Family::HunyuanDense => QkNorm::PerHead,
             Family::Olmoe => QkNorm::Full,
+            // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
+            // head and channel, as many weights as one norm over the whole projection.
+            Family::Cohere if r.bool_or(&["use_qk_norm"], false)? => QkNorm::Full,
             Family::Glm4Moe if r.bool_or(&["use_qk_norm"], false)? => QkNorm::PerHead,
             Family::Olmo2 => QkNorm::Full,
             _ => QkNorm::None,
@@ -669,13 +689,13 @@ fn rotary_fraction(r: &Reader, default: f64) -> Result<Positions> {
     Ok(Positions::Rotary { fraction })
 }
 
-/// Which layers apply rotary (empty: all). EXAONE-4 applies it on its windowed layers only once
-/// a window is set (global NoPE). SmolLM3 (`SmolLM3Config`): `no_rope_layers` lists 1 for a
+/// Which layers apply rotary (empty: all). EXAONE-4 and Cohere2 apply it on their windowed
+/// layers only once a window is set (global NoPE). SmolLM3 (`SmolLM3Config`): `no_rope_layers` lists 1 for a
 /// layer that applies rotary and 0 for one that does not; absent, every
 /// `no_rope_layer_interval`-th layer (4) goes without. Other families apply rotary everywhere.
 fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Result<Vec<bool>> {
     let windowed = |m: &Mixer| matches!(m, Mixer::SlidingWindow { .. });
-    if family == Family::Exaone4 && mixers.iter().any(windowed) {
+    if matches!(family, Family::Exaone4 | Family::Cohere2) && mixers.iter().any(windowed) {
         return Ok(mixers.iter().map(windowed).collect());
     }
     if let Some((key, value)) = r.raw(&["no_rope_layers"]).filter(|(_, v)| !v.is_null()) {

@@ -95,13 +95,19 @@ pub enum Family {
     /// `OlmoeForCausalLM` (OLMoE, Muennighoff et al. 2024): pre-norm, RMSNorm over the whole q
     /// and k projections (OLMo-2's), routed experts without a shared one.
     Olmoe,
+    /// `CohereForCausalLM` (Command R): one LayerNorm (no bias) feeding attention and the MLP
+    /// in parallel, rotary, tied embeddings, logits times `logit_scale`.
+    Cohere,
+    /// `Cohere2ForCausalLM` (Command R7B, Command A): Cohere's block with three windowed layers
+    /// (rotary) to one global layer (no positions).
+    Cohere2,
 }
 
 impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 37] = [
+    pub const ALL: [(&'static str, Family); 39] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -139,6 +145,8 @@ impl Family {
         ("hunyuan_v1_dense", Family::HunyuanDense),
         ("helium", Family::Helium),
         ("olmoe", Family::Olmoe),
+        ("cohere", Family::Cohere),
+        ("cohere2", Family::Cohere2),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -195,6 +203,10 @@ pub enum Norm {
     Olmo2RmsNorm,
     /// `T5LayerNorm`: fp32 variance, input times rsqrt, cast to the weight dtype.
     T5RmsNorm,
+    /// `CohereLayerNorm`: a LayerNorm written op by op, without a bias, fp32 throughout:
+    /// the centred fp32 input kept as Olmo2RMSNorm keeps its fp32 input, the weight multiply
+    /// in fp32, then the cast back.
+    CohereLayerNorm,
 }
 
 /// How token positions enter the model.
