@@ -1123,6 +1123,10 @@ fn moe_ops(
     }
     // The busiest expert, then one expert standing for the other experts - 1 (same ops on the
     // same shapes, `OpGraph::scale_since`).
+    // transformers 5's experts run `grouped_mm` on `input.to(weight.dtype)`, which autocast does
+    // not touch (`_grouped_mm` is not on its lists): fp32 experts (mixed precision, QLoRA's
+    // upcast) compute in fp32 and keep no 16-bit weight copies.
+    let autocast = std::mem::replace(&mut b.autocast, false);
     for e in 0..experts.min(2) {
         let label = match e {
             0 => "experts.0".to_string(),
@@ -1199,6 +1203,7 @@ fn moe_ops(
             o.cost.modules = calls;
         }
     }
+    b.autocast = autocast;
     if moe.shared_intermediate == 0 {
         return out;
     }
