@@ -24,6 +24,16 @@ fn lora() -> Method {
     })
 }
 
+/// LoRA r16 on every linear (peft's `all-linear`).
+fn lora_all() -> Method {
+    Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::AllLinear,
+        dora: false,
+    })
+}
+
 fn plan(method: Method, batch: u64, seq: u64, attention: AttentionKernel) -> Plan {
     Plan {
         precision: if method.frozen_base() {
@@ -406,13 +416,8 @@ fn gpt_oss_all_linear_stops_at_the_attention_projections() {
     // v 512: q and o 16 x (2,880 + 4,096) = 111,616 each, k and v 16 x (2,880 + 512) = 54,272
     // each; 331,776 per layer, 7,962,624 over 24 layers (what peft 0.21 reports).
     let m = model("gpt-oss-20b");
-    let all = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: LoraTargets::AllLinear,
-        dora: false,
-    });
-    let e = run(&m, &plan(all, 1, 256, AttentionKernel::Eager));
+
+    let e = run(&m, &plan(lora_all(), 1, 256, AttentionKernel::Eager));
     assert_eq!(e.memory.trainable_params, 7_962_624);
     // The base: 20,914,757,184 parameters as transformers builds them, sinks and the router's
     // and experts' biases included (276,576 per layer).
@@ -447,13 +452,7 @@ fn lora_reaches_moe_experts_as_peft_converts_each_model_type() {
     // that table, so its LoRA stays on `nn.Linear` modules. Rank 16, `all-linear`; the totals
     // are what peft wraps on each model built from the shipped config.
     let all = |m: &str| {
-        let method = Method::Lora(Lora {
-            rank: 16,
-            alpha: 32.0,
-            targets: LoraTargets::AllLinear,
-            dora: false,
-        });
-        run(&model(m), &plan(method, 1, 128, AttentionKernel::Sdpa))
+        run(&model(m), &plan(lora_all(), 1, 128, AttentionKernel::Sdpa))
             .memory
             .trainable_params
     };
@@ -483,13 +482,8 @@ fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
     // largest Mixtral-8x7B's gate_up, 8 x 2 x 14,336 x 4,096 = 939,524,096 bf16 elements,
     // 1,879,048,192 bytes (the op's own output is a 2-byte placeholder).
     let m = model("mixtral-8x7b");
-    let all = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: LoraTargets::AllLinear,
-        dora: false,
-    });
-    let g = graph::build(&m, &plan(all, 1, 128, AttentionKernel::Sdpa));
+
+    let g = graph::build(&m, &plan(lora_all(), 1, 128, AttentionKernel::Sdpa));
     let merge = g
         .ops()
         .find(|o| g.name(o.name).ends_with("experts.lora_merge"))
@@ -559,13 +553,8 @@ fn a_fused_gate_up_projection_takes_one_lora_pair() {
     // 16 x 19,456 = 311,296, down_proj (8,192 -> 3,072) 16 x 11,264 = 180,224: 786,432 x 32
     // layers = 25,165,824, what peft wraps (two separate pairs would add 16 x 3,072 a layer).
     let m = model("phi-3-mini");
-    let all = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: LoraTargets::AllLinear,
-        dora: false,
-    });
-    let e = run(&m, &plan(all, 1, 128, AttentionKernel::Sdpa));
+
+    let e = run(&m, &plan(lora_all(), 1, 128, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 25_165_824);
 }
 

@@ -3,7 +3,7 @@
 
 use crate::graph::attention::AttnMask;
 use crate::graph::build::{Builder, Val};
-use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope};
+use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, TensorId};
 
 /// Every parameter role, for checking that a run of blocks trains uniformly.
 const ROLES: [ParamRole; 6] = [
@@ -969,32 +969,18 @@ fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
         width: gu.width / 2,
         ..gu
     };
-    let next = |b: &mut Builder| b.val(half.width, gu.tokens, gu.dtype, gu.grad);
-    let gate = next(b);
-    b.elementwise(
-        name.then("gate_clamp"),
-        &[half],
-        gate,
-        smallvec::smallvec![gu.id],
-        1.0,
-    );
-    let up = next(b);
-    b.elementwise(
-        name.then("up_clamp"),
-        &[half],
-        up,
-        smallvec::smallvec![gu.id],
-        2.0,
-    );
-    let scaled = next(b);
-    b.elementwise(
-        name.then("alpha"),
-        &[gate],
-        scaled,
-        smallvec::SmallVec::new(),
-        1.0,
-    );
-    let sig = next(b);
+    // One element-wise op on `input` to a new half-width value, keeping `keep`.
+    let step =
+        |b: &mut Builder, op: &'static str, input: Val, keep: Option<TensorId>, flops: f64| {
+            let out = b.val(half.width, gu.tokens, gu.dtype, gu.grad);
+            let saves = keep.map_or_else(smallvec::SmallVec::new, |t| smallvec::smallvec![t]);
+            b.elementwise(name.then(op), &[input], out, saves, flops);
+            out
+        };
+    let gate = step(b, "gate_clamp", half, Some(gu.id), 1.0);
+    let up = step(b, "up_clamp", half, Some(gu.id), 2.0);
+    let scaled = step(b, "alpha", gate, None, 1.0);
+    let sig = b.val(half.width, gu.tokens, gu.dtype, gu.grad);
     b.elementwise(
         name.then("sigmoid"),
         &[scaled],
@@ -1003,14 +989,7 @@ fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
         4.0,
     );
     let glu = b.mul(name.then("glu"), gate, sig);
-    let up1 = next(b);
-    b.elementwise(
-        name.then("up_plus_one"),
-        &[up],
-        up1,
-        smallvec::SmallVec::new(),
-        1.0,
-    );
+    let up1 = step(b, "up_plus_one", up, None, 1.0);
     b.mul(name.then("mul"), up1, glu)
 }
 
