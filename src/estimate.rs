@@ -31,11 +31,11 @@ pub struct Estimate {
     pub fits: bool,
 }
 
-/// Rejects plans that cannot be simulated, naming the offending setting.
 /// What LoRA can target in a Mamba mixer.
 const MAMBA_TARGETS: &str =
     "name the mixer's other projections: --lora-targets in_proj,x_proj,dt_proj";
 
+/// Rejects plans that cannot be simulated, naming the offending setting.
 pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     let field = |f: &str, problem: String| Error::field("plan", f, problem);
     if plan.batch == 0 {

@@ -268,7 +268,7 @@ fn a_recurrent_layer_keeps_memory_linear_in_the_sequence() {
         .ops()
         .find(|o| g.name(o.name).contains("selective_scan"))
         .expect("a scan op");
-    let saved: u64 = scan.saves.iter().map(|&t| g.tensor(t).bytes.0).sum();
+    let saved = crate::kept_bytes(&g, scan);
     let bisn = 2 * 1536 * 1024 * 16;
     assert!(
         saved >= 14 * bisn && saved <= 14 * bisn + 64 * 2 * 1024 * 1536,
@@ -391,10 +391,7 @@ fn gpt_oss_sinks_widen_the_eager_softmax_by_one_column() {
     let kept: u64 = g
         .ops()
         .filter(|o| o.kind == OpKind::Attention)
-        .map(|o| {
-            let bytes: u64 = o.saves.iter().map(|&t| g.tensor(t).bytes.0).sum();
-            bytes * u64::from(o.repeat.max(1))
-        })
+        .map(|o| crate::kept_bytes(&g, o) * u64::from(o.repeat.max(1)))
         .sum();
     assert_eq!(kept, 24 * 5_324_800);
     // The sink is one parameter per head and layer.

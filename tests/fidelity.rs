@@ -40,7 +40,7 @@ fn saved(g: &OpGraph, name: &str) -> u64 {
         .ops()
         .find(|o| g.name(o.name) == name)
         .unwrap_or_else(|| panic!("no op {name}"));
-    op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum()
+    crate::kept_bytes(g, op)
 }
 
 #[test]

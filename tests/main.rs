@@ -16,6 +16,11 @@ mod properties;
 
 use std::path::PathBuf;
 
+/// Bytes an op keeps for its backward.
+pub fn kept_bytes(g: &ftplan::graph::op::OpGraph, op: &ftplan::graph::op::Op) -> u64 {
+    op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum()
+}
+
 /// A path inside the repository.
 pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)

@@ -508,6 +508,6 @@ fn cohere_layer_norm_keeps_two_centred_fp32_copies() {
         .ops()
         .rfind(|o| g.name(o.name).ends_with("input_layernorm"))
         .expect("a block norm");
-    let kept: u64 = norm.saves.iter().map(|&t| g.tensor(t).bytes.0).sum();
+    let kept = crate::kept_bytes(&g, norm);
     assert_eq!(kept, 4_195_328);
 }

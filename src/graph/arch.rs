@@ -194,10 +194,9 @@ fn stack_forward(
 
     // Eager attention in a decoder-only model: one materialised mask per mask type (full,
     // sliding), which checkpointing keeps to the end of backward.
-    let attends = model.mixers.iter().any(|m| !matches!(m, Mixer::Ssm(_)));
     if b.plan.attention == crate::spec::plan::AttentionKernel::Eager
         && first
-        && attends
+        && model.has_attention()
         && !model.is_encoder_decoder()
         && !matches!(model.positions, Positions::Alibi)
         && model.mla.is_none()
@@ -994,7 +993,7 @@ fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
 }
 
 /// transformers' sparse MoE block (`MixtralSparseMoeBlock`): router logits from a linear `gate`
-/// (h -> experts, no bias; not a LoRA target, so LoRA's `gate`/`w1` means the experts' gate
+/// (h -> experts, biased in GPT-OSS only; not a LoRA target, so LoRA's `gate`/`w1` means the experts' gate
 /// projections), a softmax in fp32 over the experts and top-k; each expert, a gated FFN
 /// (`w1`, `w3`, `w2`), runs on the tokens routed to it (gathered with `index_select`), its
 /// output scaled by the routing weight and added back with `index_add_`. Routing is taken as

@@ -104,27 +104,31 @@ impl<'a> Reader<'a> {
                 let p = value.as_f64().ok_or_else(|| {
                     Error::field(self.path, key, format!("must be a number, found `{value}`"))
                 })?;
-                // The one place config floats get their ranges.
-                let (ok, range) = if key.contains("drop") {
-                    ((0.0..1.0).contains(&p), "a probability in [0, 1)")
-                } else if key.contains("rotary") {
-                    (p > 0.0 && p <= 1.0, "a fraction in (0, 1]")
-                } else {
-                    (
-                        p.is_finite() && p > 0.0 && p <= 1e12,
-                        "a positive number up to 1e12",
-                    )
-                };
-                if !ok {
-                    return Err(Error::field(
-                        self.path,
-                        key,
-                        format!("must be {range}, found {p}"),
-                    ));
-                }
-                Ok(p)
+                self.in_range(key, p)
             }
         }
+    }
+
+    /// The one place config floats get their ranges, by what the key names.
+    fn in_range(&self, key: &str, p: f64) -> Result<f64> {
+        let (ok, range) = if key.contains("drop") {
+            ((0.0..1.0).contains(&p), "a probability in [0, 1)")
+        } else if key.contains("rotary") {
+            (p > 0.0 && p <= 1.0, "a fraction in (0, 1]")
+        } else {
+            (
+                p.is_finite() && p > 0.0 && p <= 1e12,
+                "a positive number up to 1e12",
+            )
+        };
+        if !ok {
+            return Err(Error::field(
+                self.path,
+                key,
+                format!("must be {range}, found {p}"),
+            ));
+        }
+        Ok(p)
     }
 
     fn opt_f64(&self, keys: &[&'static str]) -> Result<Option<f64>> {
@@ -511,10 +515,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         if family == Family::SeedOss { 0.1 } else { 0.0 },
     )?;
     // Which biases each attention and MLP class builds (transformers 5.17, checked by
-    // instantiating each class): Qwen2 (and Qwen2-MoE) always bias q, k and v, never o;
-    // Mistral, Mixtral and Phi-3 build no bias whatever the config says; the others put
-    // `attention_bias` on q, k, v and o. Only Llama's MLP (Granite's, SmolLM3's) reads
-    // `mlp_bias`.
+    // instantiating each class): Qwen2 (and Qwen2-MoE) always bias q, k and v, never o; GLM-4,
+    // GLM-4.5 and Helium put `attention_bias` on q, k and v only, Seed-OSS has its own key for
+    // o; Mistral, Mixtral, Phi-3 and EXAONE-4 build no bias whatever the config says; the others
+    // put `attention_bias` on q, k, v and o. Only Llama's, Granite's (SmolLM3's), Seed-OSS's
+    // and Helium's MLPs read `mlp_bias`.
     let attention_bias = r.bool_or(&["attention_bias"], family == Family::GptOss)?;
     let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
     let (qkv_bias, out_bias) = match family {
@@ -584,8 +589,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             .opt_f64(&["final_logit_softcapping"])?
             .unwrap_or(logit_cap),
     };
-    // Granite's scalar multipliers (GraniteConfig's defaults are 1: none); its
-    // `attention_multiplier` is SDPA's `scale` argument and costs nothing.
+    // Scalar multipliers, one multiply each where they are not 1.
     let multipliers = if matches!(family, Family::Cohere | Family::Cohere2) {
         // `logits * logit_scale` (CohereConfig's 0.0625): the same one op as a divisor.
         Multipliers {
@@ -593,6 +597,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             ..Multipliers::default()
         }
     } else if family == Family::Granite {
+        // GraniteConfig's defaults are 1 (none); `attention_multiplier` is SDPA's `scale`
+        // argument and costs nothing.
         r.raw(&["attention_multiplier"]);
         Multipliers {
             embedding: r.f64_or(&["embedding_multiplier"], 1.0)?,
@@ -627,7 +633,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         qkv_bias,
         linear_bias: mlp_bias,
         out_bias: Some(out_bias),
-        // Phi-3's `qkv_proj` (and `gate_up_proj`, the same bytes as two projections).
+        // Phi-3's `qkv_proj`; its and GLM-4's `gate_up_proj`.
         fused_qkv: family == Family::Phi3,
         fused_gate_up: matches!(family, Family::Phi3 | Family::Glm4),
         dropout: Dropouts {
@@ -675,14 +681,7 @@ fn rotary_fraction(r: &Reader, default: f64) -> Result<Positions> {
         .and_then(Value::as_f64);
     let fraction = match nested {
         Some(f) if r.raw(&["partial_rotary_factor"]).is_none() => {
-            if !(f > 0.0 && f <= 1.0) {
-                return Err(Error::field(
-                    r.path,
-                    "rope_parameters.partial_rotary_factor",
-                    format!("must be a fraction in (0, 1], found {f}"),
-                ));
-            }
-            f
+            r.in_range("rope_parameters.partial_rotary_factor", f)?
         }
         _ => r.f64_or(&["partial_rotary_factor"], default)?,
     };
@@ -690,8 +689,8 @@ fn rotary_fraction(r: &Reader, default: f64) -> Result<Positions> {
 }
 
 /// Which layers apply rotary (empty: all). EXAONE-4 and Cohere2 apply it on their windowed
-/// layers only once a window is set (global NoPE). SmolLM3 (`SmolLM3Config`): `no_rope_layers` lists 1 for a
-/// layer that applies rotary and 0 for one that does not; absent, every
+/// layers only once a window is set (global NoPE). SmolLM3 (`SmolLM3Config`): `no_rope_layers`
+/// lists 1 for a layer that applies rotary and 0 for one that does not; absent, every
 /// `no_rope_layer_interval`-th layer (4) goes without. Other families apply rotary everywhere.
 fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Result<Vec<bool>> {
     let windowed = |m: &Mixer| matches!(m, Mixer::SlidingWindow { .. });
