@@ -162,6 +162,19 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 ));
             }
         }
+        // peft's prefix tuning hands the model its virtual keys and values as a `Cache`, which
+        // each layer's attention appends to; a checkpointed layer's recomputation would append
+        // again, so peft refuses the pair when it wraps the model ("PREFIX_TUNING does not work
+        // with gradient checkpointing", `PeftModel._setup_prompt_encoder`), and turning
+        // checkpointing on after wrapping fails in the first backward (keys one prefix longer
+        // than the mask).
+        Method::Prefix { .. } if plan.grad_ckpt => {
+            return Err(field(
+                "grad-ckpt",
+                "prefix tuning cannot be checkpointed: peft refuses it (the recomputation would append the prefix's keys and values again)".into(),
+            )
+            .with_hint("drop --grad-ckpt, or use prompt tuning or LoRA, which checkpoint"));
+        }
         Method::Adapter { size } if *size == 0 || *size > MAX_WIDTH => {
             return Err(field(
                 "adapter-size",

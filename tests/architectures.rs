@@ -596,6 +596,47 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
 }
 
 #[test]
+fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
+    // peft 0.21 raises "PREFIX_TUNING does not work with gradient checkpointing" when it wraps
+    // a checkpointed model, and checkpointing turned on after wrapping fails in the first
+    // backward (the recomputation appends the prefix to the cache again: 16 + 4 + 4 keys
+    // against a 16 + 4 mask, checked on a 2-layer Llama on CPU). Exit 2, naming the field.
+    let out = crate::ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "tinyllama-1.1b",
+            "--gpu",
+            "h200",
+            "--method",
+            "prefix",
+            "--grad-ckpt",
+        ])
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("`grad-ckpt`") && err.contains("prefix"),
+        "{err}"
+    );
+    assert!(err.contains("hint"), "{err}");
+    // Prompt tuning checkpoints (the virtual tokens are part of the input, not a cache).
+    crate::ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "tinyllama-1.1b",
+            "--gpu",
+            "h200",
+            "--method",
+            "prompt",
+            "--grad-ckpt",
+        ])
+        .assert()
+        .code(0);
+}
+
+#[test]
 fn fit_on_a_model_without_attention_skips_the_changes_it_cannot_take() {
     // Mamba-1.4B, full fine-tuning at 8 x 2048 on a T4: nothing fits, and the candidate "switch
     // to LoRA on q and v" has nothing to adapt; `fit` reports the other changes and exits 1

@@ -175,7 +175,9 @@ fn every_model_method_and_setting_builds_a_valid_graph() {
                 let g = graph::build(&m, &p);
                 g.verify()
                     .unwrap_or_else(|e| panic!("{stem} {} {p:?}: {e}", method.name()));
-                if refused_by_design(&m, method) {
+                if refused_by_design(&m, method)
+                    || (ckpt && matches!(method, Method::Prefix { .. }))
+                {
                     assert!(estimate(&m, &p, &hw, &rates).is_err(), "{stem}");
                     continue;
                 }
@@ -389,6 +391,48 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
     }
     assert!(validate::summary(&rows).memory_median <= MEDIAN_BOUND);
+}
+
+#[test]
+fn the_harness_models_across_methods_replayed_on_cpu_are_within_the_bounds() {
+    // The measured runs' own models (GPT-2, GPT-2-medium, Qwen2.5-0.5B, TinyLlama, Llama-2-7B,
+    // T5-base, BART-large) under the methods, checkpointing, attention kernels and precisions
+    // measured.jsonl does not pair them with (validation/sweep.jsonl, measure.py --fake). Before
+    // the two mechanisms it found, seq2seq prefix tuning was +66 % (BART) and +198 % (T5): peft
+    // gives the prefix to the decoder's self-attention only, so a frozen encoder keeps nothing;
+    // and IA3 took keys and values everywhere, where peft's table gives Qwen2 (and Gemma, BART,
+    // Phi) queries and values, OPT queries and keys (Qwen2.5-0.5B's count was 122,880, peft's
+    // 141,312). Each run now within 3.2 %, most of it the two cuBLAS workspaces (64 MiB) a CPU
+    // replay does not have.
+    use ftplan::validate::{self, MEDIAN_BOUND};
+    let rows = crate::shipped_rows("validation/sweep.jsonl");
+    assert_eq!(rows.len(), 39);
+    for r in &rows {
+        assert!(
+            r.error.abs() <= 0.04,
+            "{}: {:+.1}%",
+            r.name,
+            r.error * 100.0
+        );
+        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
+    }
+    assert!(validate::summary(&rows).memory_median <= MEDIAN_BOUND.min(0.01));
+    let trainable = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .map(|r| r.estimated_trainable)
+    };
+    // BART-large prefix, 32 virtual tokens: one table for the 12 decoder layers' keys and
+    // values, 32 x 12 x 2 x 1,024 = 786,432 (not one per stack).
+    assert_eq!(
+        trainable("bart-large|prefix|b8|s(512, 128)|gc0|sdpa"),
+        Some(786_432)
+    );
+    // Qwen2.5-0.5B IA3 on q (896), v (128) and down_proj's input (4,864), 24 layers: 141,312.
+    assert_eq!(
+        trainable("qwen2.5-0.5b|ia3|b8|s1024|gc0|sdpa"),
+        Some(141_312)
+    );
 }
 
 #[test]

@@ -65,7 +65,9 @@ prop_compose! {
             method: method(m),
             precision: [Precision::MixedBf16, Precision::Bf16, Precision::Fp32][p],
             optimizer: optimizer(o),
-            batch, seq, target_seq: target, grad_ckpt: ckpt,
+            // Prefix tuning cannot be checkpointed (peft refuses it; so does ftplan).
+            grad_ckpt: ckpt && m != 4,
+            batch, seq, target_seq: target,
             attention: if eager { AttentionKernel::Eager } else { AttentionKernel::Sdpa },
             expert_load: 1.0,
             parallel: ftplan::spec::parallel::Parallel::single(),
@@ -91,6 +93,7 @@ proptest! {
     fn checkpointing_never_adds_memory(plan in plans(), which in 0usize..8) {
         let (models, hw, rates) = fixtures();
         let m = &models[which];
+        prop_assume!(!matches!(plan.method, Method::Prefix { .. }));
         let off = estimate(m, &Plan { grad_ckpt: false, ..plan.clone() }, &hw, &rates).expect("estimates").memory.peak;
         let on = estimate(m, &Plan { grad_ckpt: true, ..plan }, &hw, &rates).expect("estimates").memory.peak;
         prop_assert!(on <= off, "checkpointing {on:?} > {off:?}");

@@ -167,8 +167,19 @@ fn stack_forward(
     let embed_dtype = x.dtype;
 
     // Prefix tuning: one embedding of virtual_tokens x (layers x 2 x kv width), cast to the base
-    // dtype and concatenated before each layer's keys and values.
-    let prefix = plan.method.prefix_tokens();
+    // dtype and concatenated before each layer's keys and values. peft hands them to the model
+    // as its key/value cache, which only a decoder's self-attention reads: a seq2seq encoder
+    // takes no cache, and `PeftModel.get_prompt` empties the cross-attention cache
+    // (`cross_attention_cache = DynamicCache()`, peft 0.21), so an encoder-decoder's encoder
+    // runs unchanged, and with a frozen base it keeps nothing for backward (checked on BART and
+    // T5 on CPU: encoder keys are the source length, decoder self-attention keys are the
+    // prefix plus the target, cross-attention keys the source).
+    let prefix = if is_decoder {
+        plan.method.prefix_tokens()
+    } else {
+        0
+    };
+    b.prefix = prefix;
     if prefix > 0 && first {
         let kv_width = stack.kv_heads * stack.head_dim;
         let p = b.adapter_param(
@@ -445,10 +456,10 @@ fn residual_multiplier(b: &mut Builder, name: Name, branch: Val) -> Val {
 /// flash_attention_2 takes the window as kernel arguments and never needs one.
 fn self_attention_mask(b: &Builder, is_decoder: bool, seq: u64, window: Option<u64>) -> AttnMask {
     let model = b.model;
-    let keys = seq + b.plan.method.prefix_tokens();
+    let keys = seq + b.prefix;
     match model.positions {
         Positions::RelativeBias { .. } => AttnMask::StridedBias,
-        _ if b.plan.method.prefix_tokens() > 0 => AttnMask::Explicit,
+        _ if b.prefix > 0 => AttnMask::Explicit,
         _ if is_decoder && window.is_some_and(|w| keys >= w) => AttnMask::Explicit,
         _ if is_decoder => AttnMask::Causal,
         _ => AttnMask::Full,
@@ -554,7 +565,7 @@ fn self_attention_ops(
         k = b.rotary(name.at("rotary_k"), k, embed_dtype);
     }
     let batch = b.plan.batch;
-    let prefix = b.plan.method.prefix_tokens();
+    let prefix = b.prefix;
     let mut seq_k = seq;
     if prefix > 0 {
         // DynamicCache.update concatenates the prefix in front of the keys and values.

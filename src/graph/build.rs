@@ -72,6 +72,9 @@ pub struct Builder<'a> {
     /// Inside attention or the FFN (a tensor-parallel region: sequence parallelism leaves its
     /// activations whole).
     pub(super) tp_region: bool,
+    /// Virtual key/value tokens in front of the self-attention keys of the stack being built
+    /// (prefix tuning; the decoder's only, in an encoder-decoder model).
+    pub(super) prefix: u64,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
@@ -132,6 +135,7 @@ impl<'a> Builder<'a> {
             next_unit: 1,
             stage: crate::graph::arch::Stage::WHOLE,
             tp_region: false,
+            prefix: 0,
             dense_ffn: false,
             adapter,
             layer: None,

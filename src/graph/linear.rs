@@ -4,6 +4,7 @@
 
 use super::build::{Builder, OpSpec, Val, wider};
 use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, TensorId};
+use crate::spec::model::Family;
 use crate::spec::plan::{LoraTargets, Method, Proj};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -45,12 +46,26 @@ impl Builder<'_> {
         if self.plan.method != Method::Ia3 {
             return None;
         }
-        // peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING: keys, values and the FFN's
-        // output projection (feed-forward: the scaling multiplies the input).
+        // peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21, keyed by
+        // model_type): two attention projections and the FFN's output projection, which is a
+        // feed-forward module (the scaling multiplies its input). Which two depends on the
+        // model type; a fused qkv projection is scaled whole. Model types missing from the
+        // table make peft ask for `target_modules`; they get Llama's entry, as the harness does.
+        let attention: [Proj; 2] = match self.model.family {
+            Family::Qwen2
+            | Family::Qwen3
+            | Family::Gemma
+            | Family::Gemma2
+            | Family::Gemma3
+            | Family::Bart
+            | Family::Phi => [Proj::Q, Proj::V],
+            Family::Opt => [Proj::Q, Proj::K],
+            _ => [Proj::K, Proj::V],
+        };
         match proj? {
             Proj::Q if self.model.fused_qkv => Some(Ia3Site::Output),
-            Proj::K | Proj::V => Some(Ia3Site::Output),
             Proj::Down => Some(Ia3Site::Input),
+            p if attention.contains(&p) => Some(Ia3Site::Output),
             _ => None,
         }
     }
