@@ -384,7 +384,9 @@ fn gpt_oss_sinks_widen_the_eager_softmax_by_one_column() {
     // - the softmax of `cat([scores, sinks])`, one column wider than the scores, in bf16 (the
     //   cat's dtype): 64 x 128 x 129 x 2 B = 2,113,536 (the matmul with v keeps a view of it);
     // - `max(dim=-1)`'s int64 indices: 64 x 128 x 8 B = 65,536.
-    // 5,324,800 bytes per layer.
+    // 5,324,800 bytes per layer. The first layer's input has no gradient (frozen embeddings),
+    // so its keys have none either and the scores' matmul does not keep q (autograd keeps
+    // `bmm`'s first operand only for the second's gradient): 1,048,576 less there.
     let m = model("gpt-oss-20b");
     let p = plan(lora(), 1, 128, AttentionKernel::Eager);
     let g = graph::build(&m, &p);
@@ -393,7 +395,7 @@ fn gpt_oss_sinks_widen_the_eager_softmax_by_one_column() {
         .filter(|o| o.kind == OpKind::Attention)
         .map(|o| crate::kept_bytes(&g, o) * u64::from(o.repeat.max(1)))
         .sum();
-    assert_eq!(kept, 24 * 5_324_800);
+    assert_eq!(kept, 24 * 5_324_800 - 1_048_576);
     // The sink is one parameter per head and layer.
     let without = ModelSpec {
         attention_sinks: false,
@@ -672,4 +674,70 @@ fn fp32_experts_run_grouped_mm_in_fp32_without_autocast_copies() {
     };
     let kept = run(&m, &p).memory.saved_after_forward.0;
     assert!((2_946_498_560..5 << 30).contains(&kept), "{kept}");
+}
+
+#[test]
+fn seq2seq_prefix_reaches_the_decoder_self_attention_only() {
+    // peft 0.21 hands a seq2seq model's prefix to the decoder's self-attention cache and empties
+    // the cross-attention cache; the encoder takes none. BART-base (d_model 768, 12 heads of 64,
+    // 6 + 6 layers), prefix 16, batch 1 x 64 source / 32 target tokens, eager attention, bf16:
+    // - trainable: one table for the decoder, 16 x (6 layers x 2 x 768) = 147,456;
+    // - the encoder trains nothing and its output feeds only frozen key/value projections, so no
+    //   encoder op keeps anything for backward;
+    // - decoder self-attention sees 16 + 32 keys, cross-attention the 64 source tokens;
+    // - each cross-attention core keeps k and v (64 x 768 x 2 B = 98,304 each) and the fp32
+    //   softmax (12 x 32 x 64 x 4 B = 98,304) and, with bart-base's attention dropout of 0.1,
+    //   dropout's bool mask (24,576); not q or the dropped bf16 probabilities, which only the
+    //   keys' and values' (absent) gradients need: 319,488 per layer.
+    let m = model("bart-base");
+    let p = Plan {
+        target_seq: 32,
+        ..plan(
+            Method::Prefix { virtual_tokens: 16 },
+            1,
+            64,
+            AttentionKernel::Eager,
+        )
+    };
+    assert_eq!(run(&m, &p).memory.trainable_params, 147_456);
+    let g = graph::build(&m, &p);
+    let kept = |part: &str| -> u64 {
+        g.ops()
+            .filter(|o| g.name(o.name).contains(part))
+            .map(|o| crate::kept_bytes(&g, o) * u64::from(o.repeat.max(1)))
+            .sum()
+    };
+    assert_eq!(kept("encoder."), 0);
+    let cross: u64 = g
+        .ops()
+        .filter(|o| o.kind == OpKind::Attention && g.name(o.name).contains("encoder_attn"))
+        .map(|o| crate::kept_bytes(&g, o) * u64::from(o.repeat.max(1)))
+        .sum();
+    assert_eq!(cross, 6 * 319_488);
+    // The self-attention core's flops: 12 heads x 32 queries x 48 keys x (64 + 64) x 2, all
+    // scores (eager), per decoder layer.
+    let self_flops: f64 = g
+        .ops()
+        .filter(|o| {
+            let n = g.name(o.name);
+            o.kind == OpKind::Attention && n.starts_with("decoder.") && n.contains("self_attn")
+        })
+        .map(|o| o.cost.forward_flops.0 * f64::from(o.repeat.max(1)))
+        .sum();
+    assert_eq!(self_flops, 6.0 * 2.0 * 12.0 * 32.0 * 48.0 * 128.0);
+}
+
+#[test]
+fn ia3_scales_the_projections_peft_names_for_each_model_type() {
+    // peft 0.21's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING: Llama k, v and down_proj;
+    // Gemma (and Qwen2/3, BART, Phi) q, v and down_proj; down_proj scales its input.
+    // TinyLlama (22 layers, k and v 4 x 64 = 256 wide, FFN 5,632): 22 x (256 + 256 + 5,632)
+    // = 135,168. Gemma-2B (18 layers, q 8 x 256 = 2,048, one KV head: v 256, FFN 16,384):
+    // 18 x (2,048 + 256 + 16,384) = 336,384 (keys and values would give 301,824).
+    let p = plan(Method::Ia3, 1, 128, AttentionKernel::Sdpa);
+    assert_eq!(
+        run(&model("tinyllama-1.1b"), &p).memory.trainable_params,
+        135_168
+    );
+    assert_eq!(run(&model("gemma-2b"), &p).memory.trainable_params, 336_384);
 }

@@ -145,7 +145,21 @@ impl Builder<'_> {
                 } else {
                     self.cast(name.then("v_cast"), v, compute)
                 };
-                saves.extend([q.id, k_rep.id, v_rep.id]);
+                // Each matmul keeps an operand only for the other's gradient (autograd saves
+                // `bmm`'s `self` only when `mat2` needs a gradient, and the reverse): q for
+                // k's, k for q's, v when the probabilities need one. A seq2seq decoder's
+                // cross-attention over an encoder nothing trains (prefix tuning) has keys and
+                // values without gradients: q and the probabilities' copy are not kept.
+                let scores_grad = q.grad || k.grad;
+                if k.grad {
+                    saves.push(q.id);
+                }
+                if q.grad {
+                    saves.push(k_rep.id);
+                }
+                if scores_grad {
+                    saves.push(v_rep.id);
+                }
                 // Softmax's saved output: fp32 where the code asks for it
                 // (`softmax(..., dtype=torch.float32)`, Llama and most families) or autocast
                 // promotes it; GPT-2's `eager_attention_forward` softmaxes in the input dtype.
@@ -180,14 +194,18 @@ impl Builder<'_> {
                     bwd_extra += softmax_dtype.bytes(with_sink) * 2;
                     sink_kernels = (3, 5);
                 } else {
-                    saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
-                    if p_drop > 0.0 {
-                        // Dropout keeps only its mask; its output is what the matmul with v keeps
-                        // (the cast copy before it is kept by nobody).
+                    if scores_grad {
+                        saves
+                            .push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
+                    }
+                    // What the matmul with v keeps (for v's gradient only): dropout's output,
+                    // or softmax's cast copy.
+                    let copy_kept = v.grad && (p_drop > 0.0 || softmax_dtype != compute);
+                    if p_drop > 0.0 && scores_grad {
+                        // Dropout keeps only its mask (the cast copy before it is kept by nobody).
                         saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
-                        saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
-                    } else if softmax_dtype != compute {
-                        // The cast copy the matmul with v keeps.
+                    }
+                    if copy_kept {
                         saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                     }
                     fwd_extra += compute.bytes(scores) * 2;
@@ -196,7 +214,12 @@ impl Builder<'_> {
                         // `.to()` backward) and its result, both in the softmax's fp32; the bf16
                         // probabilities the matmul with v kept are released when that matmul's
                         // backward has run: two fp32 score matrices less the bf16 copy.
-                        bwd_extra += softmax_dtype.bytes(scores) * 2 - compute.bytes(scores);
+                        let released = if copy_kept {
+                            compute.bytes(scores)
+                        } else {
+                            Bytes::ZERO
+                        };
+                        bwd_extra += softmax_dtype.bytes(scores) * 2 - released;
                     }
                 }
                 out = self.val(out_width, q.tokens, compute, grad);
