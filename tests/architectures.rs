@@ -741,3 +741,24 @@ fn ia3_scales_the_projections_peft_names_for_each_model_type() {
     );
     assert_eq!(run(&model("gemma-2b"), &p).memory.trainable_params, 336_384);
 }
+
+#[test]
+fn ln_tuning_trains_the_norms_peft_names_for_each_model_type() {
+    // peft 0.21's LNTuningConfig wraps TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING's
+    // modules: Llama every norm, Qwen2 only `post_attention_layernorm` (the FFN's input norm).
+    // TinyLlama (22 layers, width 2,048): 2 x 22 + 1 final norms, 45 x 2,048 = 92,160.
+    // Qwen2.5-0.5B (24 layers, width 896): 24 x 896 = 21,504 (all norms would be 43,904).
+    // Both as peft counts them (ftplan measure, CPU, 2 x 256 tokens: peaks equal to 0.1 MiB).
+    let p = Plan {
+        precision: Precision::MixedBf16,
+        ..plan(Method::LnTuning, 1, 128, AttentionKernel::Sdpa)
+    };
+    assert_eq!(
+        run(&model("tinyllama-1.1b"), &p).memory.trainable_params,
+        92_160
+    );
+    assert_eq!(
+        run(&model("qwen2.5-0.5b"), &p).memory.trainable_params,
+        21_504
+    );
+}

@@ -8,6 +8,36 @@ use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
 
 impl Builder<'_> {
+    /// A norm's weight or bias; `reached` false leaves it frozen whatever its role.
+    fn norm_param(&mut self, name: Name, weight: u64, role: ParamRole, reached: bool) -> ParamId {
+        if reached {
+            return self.base_param(name, (1, weight), role);
+        }
+        let (base, storage) = (self.base, self.storage_base);
+        self.param(name, (1, weight), base, storage, false, role)
+    }
+
+    /// Whether LN tuning trains the norm `name`. peft's `LNTuningConfig` (0.21) wraps the
+    /// modules its TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING names per model type:
+    /// Qwen2/Qwen3 only `post_attention_layernorm` (the FFN's input norm; no q/k norms, no final
+    /// norm), Gemma-3 its four block norms and the final one (no q/k norms), Falcon
+    /// `input_layernorm` and `ln_f` (the new decoder's `ln_attn`/`ln_mlp` are not named), BART
+    /// and BLOOM every norm but the embeddings'. Model types the table lacks make peft ask for
+    /// `target_modules`; ftplan trains all their norms. Every other method: true.
+    fn ln_tuning_reaches(&self, name: Name) -> bool {
+        use crate::spec::model::Family;
+        if self.plan.method != crate::spec::plan::Method::LnTuning {
+            return true;
+        }
+        match self.model.family {
+            Family::Qwen2 | Family::Qwen3 => name.part == "pre_feedforward_layernorm",
+            Family::Gemma3 => !matches!(name.part, "q_norm" | "k_norm"),
+            Family::Falcon if self.model.parallel_two_norms => name.part == "final_norm",
+            Family::Bart | Family::Bloom => name.part != "embedding_norm",
+            _ => true,
+        }
+    }
+
     /// A normalisation layer, saving what its implementation's autograd graph keeps.
     pub fn norm(&mut self, name: Name, x: Val) -> Val {
         self.norm_sized(name, x, x.width)
@@ -21,13 +51,14 @@ impl Builder<'_> {
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = kind == Norm::LayerNorm;
         let layer_norm = matches!(kind, Norm::LayerNorm | Norm::LayerNormWithoutBias);
-        let w = self.base_param(name.then("weight"), (1, weight), ParamRole::Norm);
+        let reached = self.ln_tuning_reaches(name);
+        let w = self.norm_param(name.then("weight"), weight, ParamRole::Norm, reached);
         let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
         if has_bias {
-            params.push(self.base_param(name.then("bias"), (1, weight), ParamRole::NormBias));
+            params.push(self.norm_param(name.then("bias"), weight, ParamRole::NormBias, reached));
         }
-        let trainable =
-            self.trains(ParamRole::Norm) || (has_bias && self.trains(ParamRole::NormBias));
+        let trainable = reached
+            && (self.trains(ParamRole::Norm) || (has_bias && self.trains(ParamRole::NormBias)));
         let tokens = x.tokens;
         let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
