@@ -115,14 +115,36 @@ def apply_method(model, run, enc_dec):
             p.requires_grad_(n.endswith(".bias"))
         return model
     if method == "freeze":
-        blocks = [m for n, m in model.named_modules() if n.endswith(".layers") or n.endswith(".h")
-                  or n.endswith(".block") or n.endswith(".layer")]
-        layers = [b for stack in blocks for b in stack] if blocks else []
-        for b in layers[len(layers) - run.get("train_layers", 1):]:
-            b.requires_grad_(True)
+        # ftplan's freeze: blocks numbered across the encoder then the decoder; the top
+        # `train_layers` of the chosen side train (default: the top block, or the whole side when
+        # one is named). A stack's final norm trains with its top block, its embedding norm with
+        # its bottom block; embeddings (token tables, an untied head, learned positions, T5's
+        # relative bias) only with `train_embeddings`.
+        stacks = []  # (owner module, blocks)
         for n, m in model.named_modules():
-            if n.endswith("norm") and "layers" not in n:
-                m.requires_grad_(True)
+            if isinstance(m, torch.nn.ModuleList) and len(m) > 1 \
+                    and not any(n.startswith(k + ".") for k, _, _ in stacks):
+                owner = model.get_submodule(n.rpartition(".")[0]) if "." in n else model
+                stacks.append((n, owner, list(m)))
+        blocks = [b for _, _, bs in stacks for b in bs]
+        enc = len(stacks[0][2]) if enc_dec and len(stacks) > 1 else 0
+        side = run.get("train_side")
+        lo, hi = {"encoder": (0, enc), "decoder": (enc, len(blocks))}.get(side, (0, len(blocks)))
+        top = run.get("train_layers", hi - lo if side else 1)
+        trained = set(range(max(lo, hi - top), hi))
+        first = 0
+        for _, owner, bs in stacks:
+            for i, b in enumerate(bs):
+                b.requires_grad_(first + i in trained)
+            for cn, c in owner.named_children():
+                if "Norm" in type(c).__name__:
+                    c.requires_grad_((first if "embed" in cn else first + len(bs) - 1) in trained)
+            first += len(bs)
+        emb = bool(run.get("train_embeddings"))
+        for n, m in model.named_modules():
+            if m is model.get_input_embeddings() or m is model.get_output_embeddings() \
+                    or n.endswith(("embed_positions", "wpe", "relative_attention_bias")):
+                m.requires_grad_(emb)
         return model
     if method == "adapter":
         hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
@@ -310,6 +332,13 @@ def main():
                 raise
             # Models with their own attention code (BLOOM) or none (Mamba) run what they have.
             model = cls.from_config(config, attn_implementation="eager", **kwargs)
+    # transformers 5's T5Config forces `tie_word_embeddings=True` (it keeps `false` only as "do
+    # not rescale"), so from_config ties T5 v1.1's head; its checkpoints (flan-t5, mT5) carry their
+    # own `lm_head.weight` and load untied. Untie it as a checkpoint would.
+    head, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if spec["config"].get("tie_word_embeddings") is False and head is not None \
+            and head.weight is inp.weight:
+        head.weight = torch.nn.Parameter(inp.weight.detach().clone())
     model = apply_method(model, run, enc_dec)
     if run["grad_ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -174,7 +174,18 @@ pub fn tiny_config(config: &Value) -> Value {
         ],
         2,
     );
-    set(&mut c, &["hidden_size", "n_embd", "d_model", "n_embed"], 64);
+    // OPT's `word_embed_proj_dim` equals its hidden size (ftplan refuses a projection).
+    set(
+        &mut c,
+        &[
+            "hidden_size",
+            "n_embd",
+            "d_model",
+            "n_embed",
+            "word_embed_proj_dim",
+        ],
+        64,
+    );
     set(
         &mut c,
         &[
@@ -301,8 +312,28 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
         Method::Adapter { size } => {
             r.insert("adapter_dim".into(), json!(size));
         }
-        Method::Freeze { top_layers, .. } => {
-            r.insert("train_layers".into(), json!(top_layers.unwrap_or(1)));
+        Method::Freeze {
+            top_layers,
+            embeddings,
+            side,
+        } => {
+            // The harness resolves the default as ftplan does: the top block, or the whole
+            // side when one is named.
+            if let Some(top) = top_layers {
+                r.insert("train_layers".into(), json!(top));
+            }
+            if *embeddings {
+                r.insert("train_embeddings".into(), json!(true));
+            }
+            if let Some(side) = side {
+                r.insert(
+                    "train_side".into(),
+                    json!(match side {
+                        crate::spec::plan::Side::Encoder => "encoder",
+                        crate::spec::plan::Side::Decoder => "decoder",
+                    }),
+                );
+            }
         }
         Method::Full | Method::Ia3 | Method::BitFit | Method::LnTuning => {}
     }

@@ -58,9 +58,14 @@ struct Run {
     optimizer: Option<String>,
     #[serde(default)]
     base_fp32: bool,
-    /// `ftplan measure`'s freeze runs: the top blocks that train.
+    /// `ftplan measure`'s freeze runs: the top blocks that train (default: the top one, or
+    /// the whole `train_side`), whether the embeddings train, and which side of a seq2seq model.
     #[serde(default)]
     train_layers: Option<u64>,
+    #[serde(default)]
+    train_embeddings: bool,
+    #[serde(default)]
+    train_side: Option<String>,
     /// FSDP's SHARD_GRAD_OP instead of FULL_SHARD.
     #[serde(default)]
     grad_op: bool,
@@ -222,9 +227,19 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         "ln_tuning" => (Method::LnTuning, Precision::MixedBf16),
         "freeze" => (
             Method::Freeze {
-                top_layers: Some(run.train_layers.unwrap_or(1)),
-                embeddings: false,
-                side: None,
+                top_layers: run.train_layers,
+                embeddings: run.train_embeddings,
+                side: match run.train_side.as_deref() {
+                    None => None,
+                    Some("encoder") => Some(crate::spec::plan::Side::Encoder),
+                    Some("decoder") => Some(crate::spec::plan::Side::Decoder),
+                    Some(other) => {
+                        return Err(bad(
+                            "train_side",
+                            format!("`{other}` is not encoder or decoder"),
+                        ));
+                    }
+                },
             },
             Precision::MixedBf16,
         ),

@@ -56,10 +56,31 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
     assert!(err.abs() < 0.05, "peak error {err}");
     assert!(v["measured"]["step_seconds"].as_f64().expect("s") > 0.0);
     assert!(v["environment"]["torch"].is_string());
-    // An MoE family and a partial method run too, trainable counts exact.
+    // An MoE family and the partial methods run too, trainable counts exact: LN tuning on
+    // Qwen2 (peft's table: `post_attention_layernorm` only), and `freeze` with its side and
+    // embeddings passed to the harness (T5's decoder side: its blocks, final norm, not the
+    // shared embeddings; BART's top block with the embeddings, positions and head).
     for extra in [
         &["--model", "qwen3-30b-a3b", "--method", "lora"][..],
         &["--model", "gpt2", "--method", "bitfit"][..],
+        &["--model", "qwen2.5-0.5b", "--method", "ln-tuning"][..],
+        &[
+            "--model",
+            "t5-small",
+            "--method",
+            "freeze",
+            "--train-side",
+            "decoder",
+        ][..],
+        &[
+            "--model",
+            "bart-base",
+            "--method",
+            "freeze",
+            "--train-layers",
+            "1",
+            "--train-embeddings",
+        ][..],
     ] {
         let v = measure(&py, extra, &saved);
         assert_eq!(
@@ -67,11 +88,16 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
             "{extra:?}"
         );
     }
-    // --save appended three lines that `ftplan validate --file` reads back.
+    // --save appended six lines that `ftplan validate --file` reads back, the freeze runs'
+    // side and embeddings included (their counts match again there).
     let text = std::fs::read_to_string(&saved).expect("saved");
-    assert_eq!(text.lines().count(), 3);
+    assert_eq!(text.lines().count(), 6);
     let v = validate_json(&saved);
-    assert_eq!(v["rows"].as_array().map(Vec::len), Some(3), "{v}");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 6, "{v}");
+    for r in rows {
+        assert_eq!(r["measured_trainable"], r["estimated_trainable"], "{r}");
+    }
 }
 
 /// `ftplan validate --file FILE --format json`.

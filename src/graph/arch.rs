@@ -153,8 +153,16 @@ fn stack_forward(
                 x = b.add(name.at("embed").then("add"), x, p);
             }
             if model.embedding_norm {
-                // BART's `layernorm_embedding`, BLOOM's `word_embeddings_layernorm`.
+                // BART's `layernorm_embedding`, BLOOM's `word_embeddings_layernorm`: it trains
+                // with the stack's bottom block (what `--method freeze` reads).
+                let offset = if memory.is_some() {
+                    model.encoder.map_or(0, |e| e.layers)
+                } else {
+                    0
+                };
+                b.layer = Some(offset);
                 x = b.norm(name.at("embedding_norm"), x);
+                b.layer = None;
             }
             x = b.dropout(name.at("embed").then("dropout"), x, model.dropout.embedding);
             if plan.grad_ckpt && !x.grad {
