@@ -298,3 +298,29 @@ fn layouts_one_torchrun_cannot_run_are_refused_by_name() {
         crate::assert_message_policy(&err);
     }
 }
+
+#[test]
+fn a_model_without_a_transformers_class_is_refused_before_any_python_runs() {
+    // PaLM is built from its paper; the harness would fail deep in `AutoConfig`. One line, exit
+    // 2, naming the field, with no Python needed to say so.
+    let out = ftplan()
+        .args([
+            "measure",
+            "--model",
+            "palm-62b",
+            "--gpu",
+            "h200",
+            "--device",
+            "cpu",
+            "--tiny",
+            "--python",
+            "/nonexistent/python",
+        ])
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("`model`") && err.contains("transformers class"),
+        "{err}"
+    );
+}

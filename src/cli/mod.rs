@@ -245,6 +245,19 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
     note(&r.notes);
     let layout = measure::layout(&r.plan)?;
     let model_arg = input.model.clone().unwrap_or_default();
+    if r.model.family == ftplan::spec::model::Family::Palm {
+        // PaLM is built from its paper (no transformers class): nothing for the harness to run.
+        return Err(Error::field(
+            "command line",
+            "model",
+            format!(
+                "`{}` has no transformers class, so `measure` cannot build it",
+                r.model.name
+            ),
+        )
+        .with_hint("measure a model with a transformers config (`ftplan list models`)")
+        .into());
+    }
     let mut config = ftplan::spec::registry::model_config(&model_arg)?;
     let mut model = r.model.clone();
     if a.tiny {
