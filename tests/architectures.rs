@@ -603,39 +603,21 @@ fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
     // a checkpointed model, and checkpointing turned on after wrapping fails in the first
     // backward (the recomputation appends the prefix to the cache again: 16 + 4 + 4 keys
     // against a 16 + 4 mask, checked on a 2-layer Llama on CPU). Exit 2, naming the field.
-    let out = crate::ftplan()
-        .args([
-            "estimate",
-            "--model",
-            "tinyllama-1.1b",
-            "--gpu",
-            "h200",
-            "--method",
-            "prefix",
-            "--grad-ckpt",
-        ])
-        .assert()
-        .code(2);
-    let err = crate::stderr_of(&out);
+    let checkpointed = |method: &str, code: i32| {
+        crate::ftplan()
+            .args(["estimate", "--model", "tinyllama-1.1b", "--gpu", "h200"])
+            .args(["--method", method, "--grad-ckpt"])
+            .assert()
+            .code(code)
+    };
+    let err = crate::stderr_of(&checkpointed("prefix", 2));
     assert!(
         err.contains("`grad-ckpt`") && err.contains("prefix"),
         "{err}"
     );
     assert!(err.contains("hint"), "{err}");
     // Prompt tuning checkpoints (the virtual tokens are part of the input, not a cache).
-    crate::ftplan()
-        .args([
-            "estimate",
-            "--model",
-            "tinyllama-1.1b",
-            "--gpu",
-            "h200",
-            "--method",
-            "prompt",
-            "--grad-ckpt",
-        ])
-        .assert()
-        .code(0);
+    checkpointed("prompt", 0);
 }
 
 #[test]
