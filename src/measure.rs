@@ -326,13 +326,8 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
                 r.insert("train_embeddings".into(), json!(true));
             }
             if let Some(side) = side {
-                r.insert(
-                    "train_side".into(),
-                    json!(match side {
-                        crate::spec::plan::Side::Encoder => "encoder",
-                        crate::spec::plan::Side::Decoder => "decoder",
-                    }),
-                );
+                let name = crate::spec::name_in(&crate::spec::plan::Side::NAMES, *side);
+                r.insert("train_side".into(), json!(name));
             }
         }
         Method::Full | Method::Ia3 | Method::BitFit | Method::LnTuning => {}

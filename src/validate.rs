@@ -231,14 +231,11 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
                 embeddings: run.train_embeddings,
                 side: match run.train_side.as_deref() {
                     None => None,
-                    Some("encoder") => Some(crate::spec::plan::Side::Encoder),
-                    Some("decoder") => Some(crate::spec::plan::Side::Decoder),
-                    Some(other) => {
-                        return Err(bad(
-                            "train_side",
-                            format!("`{other}` is not encoder or decoder"),
-                        ));
-                    }
+                    Some(name) => Some(
+                        crate::spec::value_in(&crate::spec::plan::Side::NAMES, name).ok_or_else(
+                            || bad("train_side", format!("`{name}` is not encoder or decoder")),
+                        )?,
+                    ),
                 },
             },
             Precision::MixedBf16,

@@ -179,7 +179,6 @@ fn parse_train_layers(origin: &str, text: &str) -> Result<u64> {
         .with_hint("e.g. --train-layers top:4")
     })
 }
-const SIDES: [(&str, Side); 2] = [("encoder", Side::Encoder), ("decoder", Side::Decoder)];
 
 /// Parses `qv`, `all` or `q,k,v,o,gate,up,down`.
 pub fn lora_targets(origin: &str, field: &str, text: &str) -> Result<LoraTargets> {
@@ -505,7 +504,7 @@ impl PlanInput {
                 },
                 embeddings: self.train_embeddings,
                 side: match &self.train_side {
-                    Some(s) => Some(parse_name(o, "train-side", s, &SIDES)?),
+                    Some(s) => Some(parse_name(o, "train-side", s, &Side::NAMES)?),
                     None => None,
                 },
             },

@@ -112,6 +112,12 @@ fn stack_forward(
     let tokens = batch.saturating_mul(seq);
     let h = model.hidden_size;
     let is_decoder = memory.is_some() || !model.is_encoder_decoder();
+    // Blocks are numbered across the encoder, then the decoder (what `Method::trains` reads).
+    let offset = if memory.is_some() {
+        model.encoder.map_or(0, |e| e.layers)
+    } else {
+        0
+    };
     // Virtual tokens in front of this stack's input: every causal LM's, a seq2seq encoder's.
     let prompted = if is_decoder && model.is_encoder_decoder() {
         0
@@ -155,11 +161,6 @@ fn stack_forward(
             if model.embedding_norm {
                 // BART's `layernorm_embedding`, BLOOM's `word_embeddings_layernorm`: it trains
                 // with the stack's bottom block (what `--method freeze` reads).
-                let offset = if memory.is_some() {
-                    model.encoder.map_or(0, |e| e.layers)
-                } else {
-                    0
-                };
                 b.layer = Some(offset);
                 x = b.norm(name.at("embedding_norm"), x);
                 b.layer = None;
@@ -236,12 +237,6 @@ fn stack_forward(
     // made of (`BlockKind`: Gemma-2's local and global layers, DeepSeek's dense and sparse
     // ones), the kind of the segment's last block built last. Every copy is the same ops on
     // the same shapes, so the order inside a segment does not change the sums.
-    // Blocks are numbered across the encoder, then the decoder (what `Method::trains` reads).
-    let offset = if memory.is_some() {
-        model.encoder.map_or(0, |e| e.layers)
-    } else {
-        0
-    };
     let all_layers = b.layers;
     let depth = |layer| Depth {
         layer: Some(layer),

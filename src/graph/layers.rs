@@ -10,11 +10,9 @@ use smallvec::{SmallVec, smallvec};
 impl Builder<'_> {
     /// A norm's weight or bias; `reached` false leaves it frozen whatever its role.
     fn norm_param(&mut self, name: Name, weight: u64, role: ParamRole, reached: bool) -> ParamId {
-        if reached {
-            return self.base_param(name, (1, weight), role);
-        }
+        let trainable = reached && self.trains(role);
         let (base, storage) = (self.base, self.storage_base);
-        self.param(name, (1, weight), base, storage, false, role)
+        self.param(name, (1, weight), base, storage, trainable, role)
     }
 
     /// Whether LN tuning trains the norm `name`. peft's `LNTuningConfig` (0.21) wraps the

@@ -213,6 +213,12 @@ pub enum Side {
     Decoder,
 }
 
+impl Side {
+    /// The names flags, plan files and run records give each side.
+    pub const NAMES: [(&'static str, Side); 2] =
+        [("encoder", Side::Encoder), ("decoder", Side::Decoder)];
+}
+
 /// Where a parameter sits: its block (numbered across the encoder, then the decoder; None
 /// outside the blocks) and the model's block counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
