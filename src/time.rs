@@ -130,6 +130,11 @@ pub struct TimeEstimate {
     pub optimizer_seconds: f64,
     /// Host launch time of the whole step.
     pub host_seconds: f64,
+    /// Op dispatches the host pays for in one step (forward, recomputation, backward, the
+    /// optimizer's kernels and per-tensor bookkeeping), each at the dispatch cost.
+    pub host_dispatches: f64,
+    /// `nn.Module` calls of one step (forward and recomputation), each at the module cost.
+    pub host_module_calls: f64,
     /// Whether the host (kernel launches) rather than the GPU sets the pace.
     pub launch_bound: bool,
     /// All FLOPs of the step, recomputation included.
@@ -187,6 +192,8 @@ struct Queue {
     device: f64,
     busy: f64,
     host_total: f64,
+    dispatches: f64,
+    modules: f64,
 }
 
 impl Queue {
@@ -195,6 +202,12 @@ impl Queue {
         self.host_total += host;
         self.device = self.device.max(self.host) + device;
         self.busy += device;
+    }
+
+    /// Counts what one unit of host work dispatches, for the report.
+    fn count(&mut self, dispatches: u32, modules: u32) {
+        self.dispatches += f64::from(dispatches);
+        self.modules += f64::from(modules);
     }
 }
 
@@ -256,6 +269,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
             host_cost(c.forward_kernels, c.modules) + checkpoint_hooks(op),
             t,
         );
+        q.count(c.forward_kernels, c.modules);
     }
     let mut bwd = 0.0;
     let mut current = None;
@@ -291,6 +305,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
                     host_cost(c.forward_kernels, c.modules) + checkpoint_hooks(o) + entry,
                     t,
                 );
+                q.count(c.forward_kernels, c.modules);
                 entry = 0.0;
             }
         }
@@ -302,6 +317,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         flops += back_flops.0;
         // Backward runs in autograd's C++ engine: no module calls.
         q.push(host_cost(c.backward_kernels, 0), t);
+        q.count(c.backward_kernels, 0);
         if let Some(u) = bwd_units.last_mut() {
             u.1 += bwd - before;
         }
@@ -362,6 +378,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     // bookkeeping (`_init_group` collects params, grads and states one tensor at a time).
     let per_tensor = 2.0 * tensors as f64;
     q.push((opt_kernels + per_tensor) * rates.launch_overhead, opt);
+    q.dispatches += opt_kernels + per_tensor;
 
     let host = q.host_total;
     let device = q.busy;
@@ -412,6 +429,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         backward_seconds: bwd,
         optimizer_seconds: opt,
         host_seconds: host,
+        host_dispatches: q.dispatches,
+        host_module_calls: q.modules,
         launch_bound: host > device,
         flops,
         allreduce_seconds: sched.exposed_seconds,

@@ -88,6 +88,8 @@ pub struct Row {
     pub estimated_trainable: u64,
     pub measured_step_s: Option<f64>,
     pub estimated_step_s: f64,
+    /// The estimate's step-time breakdown (device phases, host dispatches and module calls).
+    pub estimated_time: crate::time::TimeEstimate,
     pub plan: Plan,
     pub model: crate::spec::model::ModelSpec,
 }
@@ -175,6 +177,7 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
         estimated_trainable: est.memory.trainable_params,
         measured_step_s: rec.step_time_s,
         estimated_step_s: est.time.step_seconds,
+        estimated_time: est.time,
         plan,
         model,
     })

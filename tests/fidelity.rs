@@ -595,3 +595,42 @@ fn eager_masks_stay_to_the_end_of_a_checkpointed_backward() {
     assert_eq!(kept(AttentionKernel::Sdpa, true), 0);
     assert_eq!(kept(AttentionKernel::Eager, false), 0);
 }
+
+#[test]
+fn the_host_time_is_the_dispatches_and_module_calls_it_reports() {
+    // TinyLlama (22 blocks), LoRA r16 on a frozen bf16 base, batch 1 x 128, no checkpointing:
+    // the host time is exactly dispatches x the dispatch cost + module calls x the module cost.
+    // LoRA on all seven projections instead of q and v adds 5 targets per block, each calling
+    // its `lora_A` and `lora_B` modules: 22 x 5 x 2 = 220 more module calls.
+    let m = model("tinyllama-1.1b");
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let rates = ftplan::time::Rates {
+        launch_overhead: 15e-6,
+        module_overhead: 90e-6,
+        ..ftplan::time::Rates::from_datasheet(&hw)
+    };
+    let time = |targets: LoraTargets| {
+        let method = Method::Lora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets,
+            dora: false,
+        });
+        let p = plan(method, Precision::Bf16, 1, 128, 0, false);
+        ftplan::estimate::estimate(&m, &p, &hw, &rates)
+            .expect("estimates")
+            .time
+    };
+    let (qv, all) = (time(LoraTargets::QueryValue), time(LoraTargets::AllLinear));
+    for t in [qv, all] {
+        let host = t.host_dispatches * 15e-6 + t.host_module_calls * 90e-6;
+        assert!((t.host_seconds - host).abs() < 1e-9, "{t:?}");
+        assert!(
+            t.host_dispatches > 1000.0 && t.host_module_calls > 200.0,
+            "{t:?}"
+        );
+    }
+    assert_eq!(all.host_module_calls - qv.host_module_calls, 220.0);
+}

@@ -19,6 +19,8 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         "mfu": e.time.mfu,
         "launch_bound": e.time.launch_bound,
         "host_seconds": e.time.host_seconds,
+        "host_dispatches": e.time.host_dispatches,
+        "host_module_calls": e.time.host_module_calls,
         "forward_seconds": e.time.forward_seconds,
         "backward_seconds": e.time.backward_seconds,
         "optimizer_seconds": e.time.optimizer_seconds,

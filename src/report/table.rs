@@ -179,11 +179,14 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
     }
     let tm = &e.time;
     let bound = if tm.launch_bound {
-        "host-bound (kernel launches)"
+        format!(
+            "host-bound: {:.0} op dispatches and {:.0} module calls",
+            tm.host_dispatches, tm.host_module_calls
+        )
     } else {
-        "GPU-bound"
+        "GPU-bound".to_string()
     };
-    row(&mut t, "step time", duration(tm.step_seconds), bound);
+    row(&mut t, "step time", duration(tm.step_seconds), &bound);
     if tm.communication_seconds > 0.0 {
         row(
             &mut t,
