@@ -718,6 +718,23 @@ fn ia3_scales_the_projections_peft_names_for_each_model_type() {
         135_168
     );
     assert_eq!(run(&model("gemma-2b"), &p).memory.trainable_params, 336_384);
+    // mT5's entry: k, v and `wi_1` (the gated FFN's linear half, ftplan's up projection),
+    // scaled at their outputs, no feed-forward module. mt5-small (8 + 8 layers, k and v
+    // 6 x 64 = 384 wide, FFN 1,024): 8 x (384 + 384 + 1,024) + 8 x (4 x 384 + 1,024) = 34,816,
+    // as peft counts it (`ftplan measure --tiny` agrees at toy size). T5's `wo` input scaling
+    // has the same width, so the graph's sites tell them apart.
+    let mt5 = model("mt5-small");
+    assert_eq!(run(&mt5, &p).memory.trainable_params, 34_816);
+    let g = ftplan::graph::build(&mt5, &p);
+    let sites: Vec<String> = g
+        .ops()
+        .map(|o| g.name(o.name))
+        .filter(|n| n.ends_with(".ia3"))
+        .collect();
+    assert!(sites.iter().any(|n| n.contains("up_proj")), "{sites:?}");
+    assert!(!sites.iter().any(|n| n.contains("down_proj")), "{sites:?}");
+    let t5 = ftplan::graph::build(&model("flan-t5-base"), &p);
+    assert!(t5.ops().any(|o| t5.name(o.name).ends_with("down_proj.ia3")));
 }
 
 #[test]

@@ -79,7 +79,7 @@ pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     if !stage.last {
         return b.finish();
     }
-    let x = if model.family == Family::T5 && model.tie_word_embeddings {
+    let x = if model.family.is_t5() && model.tie_word_embeddings {
         // T5 rescales by d_model^-0.5 before a tied LM head (a scalar multiply: saves nothing).
         b.scale(Name::root("lm_head").then("rescale"), x)
     } else {
@@ -202,7 +202,7 @@ fn stack_forward(
             batch * prefix,
         );
     }
-    if model.family == Family::T5
+    if model.family.is_t5()
         && let Positions::RelativeBias { buckets } = model.positions
     {
         b.base_param(
@@ -312,7 +312,7 @@ fn stack_forward(
         x = b.norm(name.at("final_norm"), x);
         b.layer = None;
     }
-    if model.family == Family::T5 {
+    if model.family.is_t5() {
         x = b.dropout(name.at("final_dropout"), x, model.dropout.residual);
     }
     (x, seq)
@@ -739,7 +739,7 @@ fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
 /// weights under autocast that is an fp32 copy of the FFN-wide activation, which autocast then
 /// casts back to bf16 for the matmul, a new tensor that `wo` keeps.
 fn to_output_weight_dtype(b: &mut Builder, name: Scope, x: Val) -> Val {
-    if b.model.family == Family::T5 {
+    if b.model.family.is_t5() {
         let base = b.base;
         b.cast(name.at("fc2").then("to_weight_dtype"), x, base)
     } else {

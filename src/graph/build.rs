@@ -437,6 +437,7 @@ impl<'a> Builder<'a> {
         let (modules, dispatch) = match self.model.family {
             Family::Gpt2
             | Family::T5
+            | Family::Mt5
             | Family::Phi
             | Family::Phi3
             | Family::GptNeox

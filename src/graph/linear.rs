@@ -64,6 +64,10 @@ impl Builder<'_> {
         };
         match proj? {
             Proj::Q if self.model.fused_qkv => Some(Ia3Site::Output),
+            // mT5's entry scales `wi_1`'s output (the gated FFN's linear half) instead, and
+            // lists no feed-forward module.
+            Proj::Up if self.model.family == Family::Mt5 => Some(Ia3Site::Output),
+            Proj::Down if self.model.family == Family::Mt5 => None,
             Proj::Down => Some(Ia3Site::Input),
             p if attention.contains(&p) => Some(Ia3Site::Output),
             _ => None,

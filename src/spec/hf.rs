@@ -237,7 +237,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
         Family::Falcon => falcon(&r)?,
-        Family::T5 => t5(&r)?,
+        Family::T5 | Family::Mt5 => t5(&r, family)?,
         Family::Bart => bart(&r)?,
         Family::Palm => palm(&r)?,
         Family::GptNeox => gpt_neox(&r)?,
@@ -1154,7 +1154,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
     })
 }
 
-fn t5(r: &Reader) -> Result<ModelSpec> {
+fn t5(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["d_model"])?;
     let heads = r.u64(&["num_heads"])?;
     let head_dim = r.u64(&["d_kv"])?;
@@ -1198,7 +1198,7 @@ fn t5(r: &Reader) -> Result<ModelSpec> {
             residual: drop,
             activation: drop,
         },
-        ..ModelSpec::of_family(Family::T5)
+        ..ModelSpec::of_family(family)
     })
 }
 

@@ -27,6 +27,9 @@ pub enum Family {
     Falcon,
     /// `T5ForConditionalGeneration`: encoder-decoder, T5 RMSNorm, relative position bias.
     T5,
+    /// `MT5ForConditionalGeneration` (Xue et al. 2021, "mT5"): T5 v1.1's modules (transformers
+    /// copies them) under its own `model_type`, which peft's IA3 table keys differently.
+    Mt5,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
     /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
@@ -104,10 +107,15 @@ pub enum Family {
 }
 
 impl Family {
+    /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
+    pub fn is_t5(self) -> bool {
+        matches!(self, Family::T5 | Family::Mt5)
+    }
+
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 39] = [
+    pub const ALL: [(&'static str, Family); 40] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -147,6 +155,7 @@ impl Family {
         ("olmoe", Family::Olmoe),
         ("cohere", Family::Cohere),
         ("cohere2", Family::Cohere2),
+        ("mt5", Family::Mt5),
     ];
 
     pub fn model_type(self) -> &'static str {
