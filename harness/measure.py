@@ -178,9 +178,19 @@ def apply_method(model, run, enc_dec):
     elif method == "prompt":
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
     elif method == "ia3":
-        cfg = peft.IA3Config(task_type=task)
+        # A model type missing from peft's IA3 table makes peft ask for target_modules: Llama's
+        # entry then, as ftplan estimates it.
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
+        kw = ({} if model.config.model_type in ia3_table else
+              dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+        cfg = peft.IA3Config(task_type=task, **kw)
     elif method == "ln_tuning":
-        cfg = peft.LNTuningConfig(task_type=task)
+        # Likewise for LN tuning: every norm module, as ftplan estimates it.
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING as ln_table
+        norms = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if n and "norm" in type(m).__name__.lower()})
+        kw = {} if model.config.model_type in ln_table else dict(target_modules=norms)
+        cfg = peft.LNTuningConfig(task_type=task, **kw)
     else:
         raise ValueError(f"unknown method {method}")
     return peft.get_peft_model(model, cfg)

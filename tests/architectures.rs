@@ -757,3 +757,21 @@ fn ln_tuning_trains_the_norms_peft_names_for_each_model_type() {
         21_504
     );
 }
+
+#[test]
+fn stablelm_drops_the_mlp_output_only() {
+    // StableLmDecoderLayer has one `nn.Dropout(hidden_dropout)`, applied to the MLP's output;
+    // attention's output goes to the residual undropped. With hidden_dropout 0.1 every block
+    // keeps one bool mask of batch x seq x hidden = 1 x 128 x 2,048 bytes, not two.
+    let mut m = model("stablelm-2-1.6b");
+    m.dropout.residual = 0.1;
+    let p = plan(Method::Full, 1, 128, AttentionKernel::Sdpa);
+    let g = graph::build(&m, &p);
+    let names: Vec<String> = g.ops().map(|o| g.name(o.name)).collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("mlp.dropout")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.ends_with("self_attn.dropout")));
+    assert!(!names.iter().any(|n| n.ends_with("attn.dropout")));
+}

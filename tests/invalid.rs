@@ -220,6 +220,10 @@ fn layer_patterns_and_experts() {
         "too-many-active-experts.json",
         &["`num_experts_per_tok`", "at most the experts (4)"],
     );
+    model(
+        "stablelm-qk-layernorm.json",
+        &["`qk_layernorm`", "is not modelled", "qk_layernorm = false"],
+    );
 }
 
 #[test]

@@ -343,6 +343,15 @@ fn block(
 ) -> Val {
     let model = b.model;
     let p_res = model.dropout.residual;
+    // StableLM's layer has one `nn.Dropout`, on the MLP's output; the others drop each
+    // sub-layer's output.
+    let drop_attention = |b: &mut Builder, at: Name, a: Val| {
+        if model.family == Family::StableLm {
+            a
+        } else {
+            b.dropout(at, a, p_res)
+        }
+    };
     let window = match kind.mixer {
         Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
         Mixer::Attention => None,
@@ -364,7 +373,7 @@ fn block(
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
         let h = b.norm(name.at("input_layernorm"), x);
         let a = attend(b, (name, "attn"), h);
-        let a = b.dropout(name.at("attn").then("dropout"), a, p_res);
+        let a = drop_attention(b, name.at("attn").then("dropout"), a);
         // GPT-NeoX and Falcon's new decoder normalise the input again for the MLP.
         let h = if model.parallel_two_norms {
             b.norm(name.at("post_attention_layernorm"), x)
@@ -411,7 +420,7 @@ fn block(
     if post {
         a = b.norm(name.at("post_attention_layernorm"), a);
     }
-    let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
+    let a = drop_attention(b, name.at("self_attn").then("dropout"), a);
     let a = residual_multiplier(b, name.at("self_attn").then("multiplier"), a);
     let mut x = b.add(name.at("self_attn").then("residual"), x, a);
     if let Some(mem) = memory {

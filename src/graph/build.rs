@@ -438,6 +438,7 @@ impl<'a> Builder<'a> {
             Family::Gpt2
             | Family::T5
             | Family::Mt5
+            | Family::StableLm
             | Family::Phi
             | Family::Phi3
             | Family::GptNeox

@@ -228,7 +228,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Helium
         | Family::Olmoe
         | Family::Cohere
-        | Family::Cohere2 => llama_like(&r, family)?,
+        | Family::Cohere2
+        | Family::StableLm => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -531,8 +532,20 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             r.bool_or(&["attention_out_bias"], false)?,
         ),
         Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
+        // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
+        Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         _ => (attention_bias, attention_bias),
     };
+    if family == Family::StableLm && r.bool_or(&["qk_layernorm"], false)? {
+        // StableLM-2-12B's `StableLmLayerNormPerHead`: one LayerNorm module per head, split
+        // and concatenated again, which no norm kind here describes.
+        return Err(Error::field(
+            r.path,
+            "qk_layernorm",
+            "true (a LayerNorm module per head, StableLM-2-12B) is not modelled",
+        )
+        .with_hint("StableLM configs with qk_layernorm = false are supported"));
+    }
     let mlp_bias = mlp_bias
         && matches!(
             family,
@@ -570,6 +583,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         ),
         // SeedOssConfig's defaults: 0.1 on each sub-layer's output and in attention.
         Family::SeedOss => (r.f64_or(&["residual_dropout"], 0.1)?, 0.0),
+        // StableLmDecoderLayer drops the MLP's output only (`hidden_dropout`).
+        Family::StableLm => (r.f64_or(&["hidden_dropout"], 0.0)?, 0.0),
         _ => (0.0, 0.0),
     };
     let layers = r.u64(&["num_hidden_layers"])?;
@@ -617,6 +632,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
+            Family::StableLm => Norm::LayerNorm,
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
@@ -628,8 +644,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             &["tie_word_embeddings"],
             gemma || matches!(family, Family::Cohere | Family::Cohere2),
         )?,
-        // Cohere: attention and the MLP read one norm's output and add to the residual together.
-        parallel_block: matches!(family, Family::Cohere | Family::Cohere2),
+        // Cohere (and StableLM's `use_parallel_residual`): attention and the MLP read one norm's
+        // output and add to the residual together.
+        parallel_block: matches!(family, Family::Cohere | Family::Cohere2)
+            || (family == Family::StableLm && r.bool_or(&["use_parallel_residual"], false)?),
         qkv_bias,
         linear_bias: mlp_bias,
         out_bias: Some(out_bias),
@@ -664,6 +682,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         attention_sinks: family == Family::GptOss,
         positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
+        } else if family == Family::StableLm {
+            rotary_fraction(r, 0.25)?
         } else {
             base.positions
         },

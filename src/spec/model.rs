@@ -27,6 +27,10 @@ pub enum Family {
     Falcon,
     /// `T5ForConditionalGeneration`: encoder-decoder, T5 RMSNorm, relative position bias.
     T5,
+    /// `StableLmForCausalLM` (StableLM-3B-4E1T, StableLM-2): the Llama block with LayerNorm
+    /// (weight and bias), rotary on a quarter of each head, optional q/k/v biases and an
+    /// optional parallel residual over one norm.
+    StableLm,
     /// `MT5ForConditionalGeneration` (Xue et al. 2021, "mT5"): T5 v1.1's modules (transformers
     /// copies them) under its own `model_type`, which peft's IA3 table keys differently.
     Mt5,
@@ -115,7 +119,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 40] = [
+    pub const ALL: [(&'static str, Family); 41] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -156,6 +160,7 @@ impl Family {
         ("cohere", Family::Cohere),
         ("cohere2", Family::Cohere2),
         ("mt5", Family::Mt5),
+        ("stablelm", Family::StableLm),
     ];
 
     pub fn model_type(self) -> &'static str {
