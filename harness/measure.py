@@ -179,10 +179,13 @@ def apply_method(model, run, enc_dec):
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
     elif method == "ia3":
         # A model type missing from peft's IA3 table makes peft ask for target_modules: Llama's
-        # entry then, as ftplan estimates it.
+        # entry then (keys, values and the FFN's output projection by its name), as ftplan
+        # estimates it.
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        ffn_out = next((n for n in ("down_proj", "fc2", "wo") if n in names), "down_proj")
         kw = ({} if model.config.model_type in ia3_table else
-              dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+              dict(target_modules=["k_proj", "v_proj", ffn_out], feedforward_modules=[ffn_out]))
         cfg = peft.IA3Config(task_type=task, **kw)
     elif method == "ln_tuning":
         # Likewise for LN tuning: every norm module, as ftplan estimates it.

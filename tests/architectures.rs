@@ -775,3 +775,32 @@ fn stablelm_drops_the_mlp_output_only() {
     assert!(!names.iter().any(|n| n.ends_with("self_attn.dropout")));
     assert!(!names.iter().any(|n| n.ends_with("attn.dropout")));
 }
+
+#[test]
+fn mbart_normalises_before_each_sub_layer_and_after_each_stack() {
+    // MBartEncoderLayer / MBartDecoderLayer: LayerNorm before self-attention, cross-attention and
+    // the FFN; each stack ends in `layer_norm` beside BART's `layernorm_embedding`; token
+    // embeddings times sqrt(1,024) = 32. LN tuning (no peft entry: every norm) on
+    // mbart-large-50 trains weight and bias of 12 x 2 + 12 x 3 + 2 + 2 = 64 norms of width 1,024:
+    // 64 x 2 x 1,024 = 131,072 (`ftplan measure --tiny` agrees at toy size).
+    let m = model("mbart-large-50");
+    assert_eq!(m.multipliers.embedding, 32.0);
+    let p = plan(Method::LnTuning, 1, 128, AttentionKernel::Sdpa);
+    assert_eq!(run(&m, &p).memory.trainable_params, 131_072);
+    let g = graph::build(&m, &p);
+    let names: Vec<String> = g.ops().map(|o| g.name(o.name)).collect();
+    for want in [
+        "encoder.final_norm",
+        "decoder.final_norm",
+        "encoder.embed.multiplier",
+        "decoder.layers.1+10.cross_layernorm",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    let bart = graph::build(&model("bart-large"), &p);
+    assert!(
+        !bart
+            .ops()
+            .any(|o| bart.name(o.name).ends_with("final_norm"))
+    );
+}

@@ -444,7 +444,12 @@ impl<'a> Builder<'a> {
             | Family::GptNeox
             | Family::Starcoder2
             | Family::Olmo2 => (1, 1),
-            Family::Bart | Family::Opt | Family::Falcon | Family::Bloom | Family::SeedOss => (0, 1),
+            Family::Bart
+            | Family::Mbart
+            | Family::Opt
+            | Family::Falcon
+            | Family::Bloom
+            | Family::SeedOss => (0, 1),
             Family::Gemma2
             | Family::Gemma3
             | Family::Qwen2Moe

@@ -239,7 +239,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Phi => phi(&r)?,
         Family::Falcon => falcon(&r)?,
         Family::T5 | Family::Mt5 => t5(&r, family)?,
-        Family::Bart => bart(&r)?,
+        Family::Bart | Family::Mbart => bart(&r, family)?,
         Family::Palm => palm(&r)?,
         Family::GptNeox => gpt_neox(&r)?,
     };
@@ -1222,12 +1222,21 @@ fn t5(r: &Reader, family: Family) -> Result<ModelSpec> {
     })
 }
 
-fn bart(r: &Reader) -> Result<ModelSpec> {
+fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["d_model"])?;
     let act = r.str_or(&["activation_function"], "gelu")?;
     let enc_heads = r.u64(&["encoder_attention_heads"])?;
     let dec_heads = r.u64(&["decoder_attention_heads"])?;
-    r.raw(&["scale_embedding", "init_std"]);
+    r.raw(&["init_std"]);
+    // mBART multiplies the token embeddings by sqrt(d_model) (`scale_embedding`, true in its
+    // configs); BART's configs say false, and its `* 1.0` is left out as before.
+    let mbart = family == Family::Mbart;
+    let embed_scale = if mbart && r.bool_or(&["scale_embedding"], false)? {
+        (hidden as f64).sqrt()
+    } else {
+        r.raw(&["scale_embedding"]);
+        1.0
+    };
     let stack =
         |layers, heads: u64, ff| Stack::multi_head(layers, heads, hidden / heads.max(1), ff);
     Ok(ModelSpec {
@@ -1246,7 +1255,15 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        norm_placement: NormPlacement::Post,
+        norm_placement: if mbart {
+            NormPlacement::Pre
+        } else {
+            NormPlacement::Post
+        },
+        multipliers: Multipliers {
+            embedding: embed_scale,
+            ..Multipliers::default()
+        },
         // BartLearnedPositionalEmbedding keeps 2 extra rows (the offset).
         positions: Positions::Learned {
             rows: r.u64(&["max_position_embeddings"])? + 2,
@@ -1261,6 +1278,6 @@ fn bart(r: &Reader) -> Result<ModelSpec> {
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
         },
         embedding_norm: true,
-        ..ModelSpec::of_family(Family::Bart)
+        ..ModelSpec::of_family(family)
     })
 }

@@ -27,6 +27,9 @@ pub enum Family {
     Falcon,
     /// `T5ForConditionalGeneration`: encoder-decoder, T5 RMSNorm, relative position bias.
     T5,
+    /// `MBartForConditionalGeneration` (Liu et al. 2020, "mBART"): BART's modules with the norms
+    /// before each sub-layer, a final LayerNorm per stack and `sqrt(d_model)`-scaled embeddings.
+    Mbart,
     /// `StableLmForCausalLM` (StableLM-3B-4E1T, StableLM-2): the Llama block with LayerNorm
     /// (weight and bias), rotary on a quarter of each head, optional q/k/v biases and an
     /// optional parallel residual over one norm.
@@ -119,7 +122,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 41] = [
+    pub const ALL: [(&'static str, Family); 42] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -161,6 +164,7 @@ impl Family {
         ("cohere2", Family::Cohere2),
         ("mt5", Family::Mt5),
         ("stablelm", Family::StableLm),
+        ("mbart", Family::Mbart),
     ];
 
     pub fn model_type(self) -> &'static str {
