@@ -166,7 +166,7 @@ def apply_method(model, run, enc_dec):
         targets = "all-linear" if t == "all" else (None if t == "qv" else list(t))
         if targets is None:  # "qv": the query and value projections, as each family names them
             mla_q = ["q_proj"] if getattr(model.config, "q_lora_rank", None) is None else ["q_a_proj", "q_b_proj"]
-            targets = {"gpt2": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"], "bloom": ["query_key_value"],
+            targets = {"gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"], "bloom": ["query_key_value"],
                        "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"],
                        "deepseek_v2": mla_q + ["kv_b_proj"], "deepseek_v3": mla_q + ["kv_b_proj"]}.get(
                 model.config.model_type, ["q_proj", "v_proj"])

@@ -105,7 +105,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         Bytes::ZERO
     } else {
         full_weights.div_ceil(layout.params_div)
-    };
+    } + graph.buffers;
     let states_on_gpu = if layout.offload == Offload::None {
         states.div_ceil(layout.optimizer_div)
     } else {

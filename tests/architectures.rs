@@ -804,3 +804,20 @@ fn mbart_normalises_before_each_sub_layer_and_after_each_stack() {
             .any(|o| bart.name(o.name).ends_with("final_norm"))
     );
 }
+
+#[test]
+fn gpt_bigcode_keeps_its_causal_mask_table_on_the_gpu() {
+    // GPTBigCodeModel registers `bias`, an (n_positions x n_positions) bool lower triangle,
+    // moved to the GPU with the model: StarCoderBase-1B's 8,192 positions give
+    // 8,192^2 = 67,108,864 bytes beside its 1,137,207,296 parameters. Multi-query attention:
+    // one key/value head of 128 for 16 query heads, so `c_attn` is 2,048 x (2,048 + 2 x 128).
+    let m = model("starcoderbase-1b");
+    assert_eq!(m.decoder.kv_heads, 1);
+    let p = Plan {
+        precision: Precision::Bf16,
+        ..plan(Method::Full, 1, 128, AttentionKernel::Sdpa)
+    };
+    let e = run(&m, &p);
+    assert_eq!(e.memory.total_params, 1_137_207_296);
+    assert_eq!(e.memory.at_peak.weights.0, 1_137_207_296 * 2 + 67_108_864);
+}

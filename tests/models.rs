@@ -334,10 +334,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // EXAONE-4, then GPT-OSS 20B and 120B, then LoRA on every linear of Qwen1.5-MoE,
     // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms), then
     // GLM-4-9B, then Seed-OSS, HunYuan-dense, Helium and OLMoE, then Cohere's Command R7B and a
-    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART (validation/families.jsonl, measure.py --fake).
+    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder (validation/families.jsonl, measure.py
+    // --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 103);
+    assert_eq!(rows.len(), 113);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -363,7 +364,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         "cohere-qk-4l|",
     ];
     for r in &rows {
-        // Issue #8's runs, mT5's, StableLM's and mBART's are held to 2 % each (all within 1.5 % when added); the
+        // Issue #8's runs and the later model types' are held to 2 % each (all within 1.5 % when added); the
         // fifty-two before mT5 to 1 % (within 0.9 % when added, GPT-OSS's nine within 0.2 %; Granite's
         // multipliers were added after its replays and moved none of them).
         let bound = if late.iter().any(|m| r.name.starts_with(m)) {
@@ -380,6 +381,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             || r.name.starts_with("mt5-")
             || r.name.starts_with("stablelm-")
             || r.name.starts_with("mbart-")
+            || r.name.starts_with("starcoderbase-")
         {
             0.02
         } else {

@@ -45,6 +45,13 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
 pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     let mut b = Builder::new(model, plan);
     b.stage = stage;
+    if model.family == Family::GptBigcode
+        && let Positions::Learned { rows } = model.positions
+    {
+        // GPTBigCodeModel registers `bias`, a (n_positions x n_positions) bool lower-triangular
+        // table (non-persistent, moved to the GPU with the model): 64 MiB for StarCoder's 8,192.
+        b.graph.buffers = crate::units::Bytes(rows.saturating_mul(rows));
+    }
     // Megatron-LM keeps a copy of tied word embeddings on the last stage for the LM head.
     let embed = (stage.first || (stage.last && model.tie_word_embeddings)).then(|| {
         b.base_param(
@@ -438,13 +445,13 @@ fn block(
     if post {
         m = b.norm(name.at("post_feedforward_layernorm"), m);
     }
-    let m = if model.family == Family::Gpt2 {
+    let m = if model.family.is_gpt2() {
         b.dropout(name.at("mlp").then("dropout"), m, p_res)
     } else {
         m
     };
     let m = adapter(b, name.at("adapter"), m);
-    let m = if model.family == Family::Gpt2 {
+    let m = if model.family.is_gpt2() {
         m
     } else {
         b.dropout(name.at("mlp").then("dropout"), m, p_res)

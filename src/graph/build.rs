@@ -436,6 +436,7 @@ impl<'a> Builder<'a> {
         // `F.dropout`; the Llama family has no dropout calls outside attention.
         let (modules, dispatch) = match self.model.family {
             Family::Gpt2
+            | Family::GptBigcode
             | Family::T5
             | Family::Mt5
             | Family::StableLm

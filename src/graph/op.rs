@@ -220,6 +220,9 @@ pub struct OpGraph {
     /// For each block (numbered across the encoder, then the decoder), the block that was built
     /// for it: the first of its run of identical blocks.
     pub built_as: Vec<u64>,
+    /// Module buffers resident beside the weights, not parameters (GPTBigCode's causal-mask
+    /// table): replicated on every rank, never trained.
+    pub buffers: Bytes,
 }
 
 impl Default for OpGraph {
@@ -232,6 +235,7 @@ impl Default for OpGraph {
             scopes: vec![String::new()],
             segment_tensors: Vec::new(),
             built_as: Vec::new(),
+            buffers: Bytes::ZERO,
         }
     }
 }

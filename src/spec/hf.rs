@@ -234,7 +234,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
         Family::Mamba => mamba(&r)?,
-        Family::Gpt2 => gpt2(&r)?,
+        Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
         Family::Falcon => falcon(&r)?,
@@ -923,17 +923,38 @@ fn mamba(r: &Reader) -> Result<ModelSpec> {
     })
 }
 
-fn gpt2(r: &Reader) -> Result<ModelSpec> {
+fn gpt2(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["n_embd", "hidden_size"])?;
     let heads = r.u64(&["n_head", "num_attention_heads"])?;
-    let act = r.str_or(&["activation_function"], "gelu_new")?;
+    let bigcode = family == Family::GptBigcode;
+    let act = r.str_or(
+        &["activation_function"],
+        if bigcode {
+            "gelu_pytorch_tanh"
+        } else {
+            "gelu_new"
+        },
+    )?;
     r.raw(&["layer_norm_epsilon"]);
+    // GPTBigCodeAttention: `multi_query` (true by default) gives one key/value head; its
+    // softmax-precision flags only concern the legacy fused-softmax path.
+    r.raw(&[
+        "scale_attn_weights",
+        "attention_softmax_in_fp32",
+        "scale_attention_softmax_in_fp32",
+    ]);
+    let kv_heads = if bigcode && r.bool_or(&["multi_query"], true)? {
+        1
+    } else {
+        heads
+    };
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
-        decoder: Stack::multi_head(
+        decoder: Stack::new(
             r.u64(&["n_layer", "num_hidden_layers"])?,
             heads,
+            kv_heads,
             hidden / heads.max(1),
             r.opt_u64(&["n_inner"])?.unwrap_or(4 * hidden),
         ),
@@ -953,7 +974,7 @@ fn gpt2(r: &Reader) -> Result<ModelSpec> {
             residual: r.f64_or(&["resid_pdrop"], 0.1)?,
             activation: 0.0,
         },
-        ..ModelSpec::of_family(Family::Gpt2)
+        ..ModelSpec::of_family(family)
     })
 }
 

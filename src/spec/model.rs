@@ -27,6 +27,9 @@ pub enum Family {
     Falcon,
     /// `T5ForConditionalGeneration`: encoder-decoder, T5 RMSNorm, relative position bias.
     T5,
+    /// `GPTBigCodeForCausalLM` (StarCoder 1, SantaCoder, WizardCoder): GPT-2's block with
+    /// `nn.Linear` layers and multi-query attention (one key/value head, `multi_query`).
+    GptBigcode,
     /// `MBartForConditionalGeneration` (Liu et al. 2020, "mBART"): BART's modules with the norms
     /// before each sub-layer, a final LayerNorm per stack and `sqrt(d_model)`-scaled embeddings.
     Mbart,
@@ -114,6 +117,11 @@ pub enum Family {
 }
 
 impl Family {
+    /// GPT-2's block: dropout inside the MLP module, before a hook on its output.
+    pub fn is_gpt2(self) -> bool {
+        matches!(self, Family::Gpt2 | Family::GptBigcode)
+    }
+
     /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
     pub fn is_t5(self) -> bool {
         matches!(self, Family::T5 | Family::Mt5)
@@ -122,7 +130,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 42] = [
+    pub const ALL: [(&'static str, Family); 43] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -165,6 +173,7 @@ impl Family {
         ("mt5", Family::Mt5),
         ("stablelm", Family::StableLm),
         ("mbart", Family::Mbart),
+        ("gpt_bigcode", Family::GptBigcode),
     ];
 
     pub fn model_type(self) -> &'static str {
