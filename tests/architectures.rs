@@ -821,3 +821,35 @@ fn gpt_bigcode_keeps_its_causal_mask_table_on_the_gpu() {
     assert_eq!(e.memory.total_params, 1_137_207_296);
     assert_eq!(e.memory.at_peak.weights.0, 1_137_207_296 * 2 + 67_108_864);
 }
+
+#[test]
+fn olmo_layer_norm_has_nothing_to_train_and_keeps_an_fp32_copy() {
+    // OlmoLayerNorm: F.layer_norm(x.to(float32), no weight, no bias).to(x.dtype). OLMo-1B's
+    // 1,176,764,416 parameters hold no norm weights, so LN tuning finds nothing; on a frozen bf16
+    // base under LoRA each norm keeps its fp32 upcast (4 bytes per element) and mean and rstd
+    // (2 x 4 bytes per token): at batch 1 x 128 and width 2,048, 128 x (2,048 x 4 + 8) bytes.
+    let m = model("olmo-1b");
+    let p = plan(Method::LnTuning, 1, 128, AttentionKernel::Sdpa);
+    let hw = resolve_hardware("h200").expect("ships").value;
+    assert!(estimate(&m, &p, &hw, &Rates::from_datasheet(&hw)).is_err());
+    let p = plan(
+        Method::Lora(ftplan::spec::plan::Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets: ftplan::spec::plan::LoraTargets::QueryValue,
+            dora: false,
+        }),
+        1,
+        128,
+        AttentionKernel::Sdpa,
+    );
+    let e = run(&m, &p);
+    assert_eq!(e.memory.base_params, 1_176_764_416);
+    let g = graph::build(&m, &p);
+    let op = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1+14.input_layernorm")
+        .expect("norm");
+    assert!(op.params.is_empty());
+    assert_eq!(crate::kept_bytes(&g, op), 128 * (2_048 * 4 + 8));
+}

@@ -473,7 +473,8 @@ impl<'a> Builder<'a> {
             | Family::Helium
             | Family::Olmoe
             | Family::Cohere
-            | Family::Cohere2 => (0, 0),
+            | Family::Cohere2
+            | Family::Olmo => (0, 0),
         };
         if p <= 0.0 {
             // A call with p = 0 still costs its host time and returns its input.

@@ -49,9 +49,13 @@ impl Builder<'_> {
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = kind == Norm::LayerNorm;
         let layer_norm = matches!(kind, Norm::LayerNorm | Norm::LayerNormWithoutBias);
-        let reached = self.ln_tuning_reaches(name);
-        let w = self.norm_param(name.then("weight"), weight, ParamRole::Norm, reached);
-        let mut params: SmallVec<[ParamId; 3]> = smallvec![w];
+        // OLMo 1's LayerNorm has neither weight nor bias.
+        let has_weight = kind != Norm::OlmoLayerNorm;
+        let reached = self.ln_tuning_reaches(name) && has_weight;
+        let mut params: SmallVec<[ParamId; 3]> = SmallVec::new();
+        if has_weight {
+            params.push(self.norm_param(name.then("weight"), weight, ParamRole::Norm, reached));
+        }
         if has_bias {
             params.push(self.norm_param(name.then("bias"), weight, ParamRole::NormBias, reached));
         }
@@ -71,6 +75,16 @@ impl Builder<'_> {
                 saves.push(input.id);
                 saves.push(stats(self));
                 self.val(h, tokens, input.dtype, x.grad || trainable)
+            }
+            Norm::OlmoLayerNorm => {
+                // `hidden_states.to(float32)` (the input itself when already fp32), whose copy
+                // native_layer_norm keeps with its mean and rstd; the result is cast back.
+                let x32 = self.cast(name.then("upcast"), x, DType::F32);
+                if x.grad {
+                    saves.push(x32.id);
+                    saves.push(stats(self));
+                }
+                self.val(h, tokens, x.dtype, x.grad)
             }
             Norm::RmsNorm
             | Norm::GemmaRmsNorm
@@ -143,13 +157,17 @@ impl Builder<'_> {
                 // The fused layer_norm kernel reads its input and writes its output; the
                 // RMSNorm variants run each of their ops as a kernel over fp32 copies (upcast,
                 // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
-                forward_bytes: if layer_norm {
+                forward_bytes: if layer_norm || kind == Norm::OlmoLayerNorm {
                     x.bytes() + out.bytes()
                 } else {
                     x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
                 },
                 backward_bytes: match kind {
                     Norm::LayerNorm | Norm::LayerNormWithoutBias => (x.bytes() + out.bytes()) * 2,
+                    // The fused layer_norm backward over the fp32 copy, and the cast's.
+                    Norm::OlmoLayerNorm => {
+                        DType::F32.bytes(x.elements()) * 3 + x.bytes() + out.bytes()
+                    }
                     // LlamaRMSNorm's autograd, op by op (derivatives.yaml; a CPU dispatch trace
                     // of a Llama block gives the same 84 bytes per bf16 element with the
                     // upcast's backward): the weight multiply's input gradient (gradient read,
@@ -183,8 +201,17 @@ impl Builder<'_> {
                 },
                 // LlamaRMSNorm is eight Python-level ops (to, pow, mean, add, rsqrt, mul, to,
                 // mul); layer_norm is one fused kernel.
-                forward_kernels: if kind == Norm::LayerNorm { 1 } else { 8 },
-                backward_kernels: if kind == Norm::LayerNorm { 1 } else { 12 },
+                forward_kernels: match kind {
+                    Norm::LayerNorm => 1,
+                    // layer_norm and the cast back (the upcast is its own op).
+                    Norm::OlmoLayerNorm => 2,
+                    _ => 8,
+                },
+                backward_kernels: match kind {
+                    Norm::LayerNorm => 1,
+                    Norm::OlmoLayerNorm => 2,
+                    _ => 12,
+                },
                 modules: 1,
                 ..Cost::default()
             },

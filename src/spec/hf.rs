@@ -229,7 +229,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Olmoe
         | Family::Cohere
         | Family::Cohere2
-        | Family::StableLm => llama_like(&r, family)?,
+        | Family::StableLm
+        | Family::Olmo => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Deepseek => deepseek(&r)?,
@@ -633,6 +634,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
             Family::StableLm => Norm::LayerNorm,
+            Family::Olmo => Norm::OlmoLayerNorm,
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {

@@ -30,6 +30,9 @@ pub enum Family {
     /// `GPTBigCodeForCausalLM` (StarCoder 1, SantaCoder, WizardCoder): GPT-2's block with
     /// `nn.Linear` layers and multi-query attention (one key/value head, `multi_query`).
     GptBigcode,
+    /// `OlmoForCausalLM` (OLMo 1, Groeneveld et al. 2024): the Llama block with a LayerNorm
+    /// that has no parameters, computed in fp32.
+    Olmo,
     /// `MBartForConditionalGeneration` (Liu et al. 2020, "mBART"): BART's modules with the norms
     /// before each sub-layer, a final LayerNorm per stack and `sqrt(d_model)`-scaled embeddings.
     Mbart,
@@ -130,7 +133,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 43] = [
+    pub const ALL: [(&'static str, Family); 44] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -174,6 +177,7 @@ impl Family {
         ("stablelm", Family::StableLm),
         ("mbart", Family::Mbart),
         ("gpt_bigcode", Family::GptBigcode),
+        ("olmo", Family::Olmo),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -234,6 +238,9 @@ pub enum Norm {
     /// the centred fp32 input kept as Olmo2RMSNorm keeps its fp32 input, the weight multiply
     /// in fp32, then the cast back.
     CohereLayerNorm,
+    /// `OlmoLayerNorm` (OLMo 1): `F.layer_norm` of the fp32 upcast with no weight and no bias,
+    /// cast back to the input's dtype. Nothing to train.
+    OlmoLayerNorm,
 }
 
 /// How token positions enter the model.
