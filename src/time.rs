@@ -188,34 +188,34 @@ fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
 /// when kernels are short the GPU waits on the host, when they are long the host runs ahead.
 #[derive(Debug, Default)]
 struct Queue {
+    /// Host cost of one op dispatch and of one `nn.Module` call.
+    dispatch_cost: f64,
+    module_cost: f64,
     host: f64,
     device: f64,
     busy: f64,
     host_total: f64,
+    /// Dispatches and module calls paid so far, for the report.
     dispatches: f64,
     modules: f64,
 }
 
 impl Queue {
-    fn push(&mut self, host: f64, device: f64) {
+    /// One unit of work: its dispatches and module calls (plus any other host time, `extra`)
+    /// on the host, then `device` seconds on the GPU.
+    fn push(&mut self, dispatches: f64, modules: f64, extra: f64, device: f64) {
+        let host = dispatches * self.dispatch_cost + modules * self.module_cost + extra;
+        self.dispatches += dispatches;
+        self.modules += modules;
         self.host += host;
         self.host_total += host;
         self.device = self.device.max(self.host) + device;
         self.busy += device;
     }
-
-    /// Counts what one unit of host work dispatches, for the report.
-    fn count(&mut self, dispatches: u32, modules: u32) {
-        self.dispatches += f64::from(dispatches);
-        self.modules += f64::from(modules);
-    }
 }
 
 /// Estimates the time of one training step.
 pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> TimeEstimate {
-    let host_cost = |kernels: u32, modules: u32| {
-        f64::from(kernels) * rates.launch_overhead + f64::from(modules) * rates.module_overhead
-    };
     // Non-reentrant checkpointing runs Python hooks for every tensor a block's autograd nodes
     // save: a pack hook in forward, and in backward the recomputation's pack hook and the
     // unpack hook (half the cost each way). An op's saved tensors are those it keeps plus the
@@ -229,7 +229,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
             0.0
         }
     };
-    let mut q = Queue::default();
+    let mut q = Queue {
+        dispatch_cost: rates.launch_overhead,
+        module_cost: rates.module_overhead,
+        ..Queue::default()
+    };
     let mut fwd = 0.0;
     let mut flops = 0.0;
     let ops: Vec<&Op> = graph.ops().collect();
@@ -266,10 +270,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         fwd += t;
         flops += c.forward_flops.0;
         q.push(
-            host_cost(c.forward_kernels, c.modules) + checkpoint_hooks(op),
+            f64::from(c.forward_kernels),
+            f64::from(c.modules),
+            checkpoint_hooks(op),
             t,
         );
-        q.count(c.forward_kernels, c.modules);
     }
     let mut bwd = 0.0;
     let mut current = None;
@@ -302,10 +307,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
                 bwd += t;
                 flops += c.forward_flops.0;
                 q.push(
-                    host_cost(c.forward_kernels, c.modules) + checkpoint_hooks(o) + entry,
+                    f64::from(c.forward_kernels),
+                    f64::from(c.modules),
+                    checkpoint_hooks(o) + entry,
                     t,
                 );
-                q.count(c.forward_kernels, c.modules);
                 entry = 0.0;
             }
         }
@@ -316,8 +322,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         bwd += t;
         flops += back_flops.0;
         // Backward runs in autograd's C++ engine: no module calls.
-        q.push(host_cost(c.backward_kernels, 0), t);
-        q.count(c.backward_kernels, 0);
+        q.push(f64::from(c.backward_kernels), 0.0, 0.0, t);
         if let Some(u) = bwd_units.last_mut() {
             u.1 += bwd - before;
         }
@@ -377,8 +382,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     // Per trainable tensor: its AccumulateGrad node in backward, and the optimizer's Python
     // bookkeeping (`_init_group` collects params, grads and states one tensor at a time).
     let per_tensor = 2.0 * tensors as f64;
-    q.push((opt_kernels + per_tensor) * rates.launch_overhead, opt);
-    q.dispatches += opt_kernels + per_tensor;
+    q.push(opt_kernels + per_tensor, 0.0, 0.0, opt);
 
     let host = q.host_total;
     let device = q.busy;
