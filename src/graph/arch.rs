@@ -45,13 +45,7 @@ pub fn build(model: &ModelSpec, plan: &Plan) -> OpGraph {
 pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     let mut b = Builder::new(model, plan);
     b.stage = stage;
-    if model.family == Family::GptBigcode
-        && let Positions::Learned { rows } = model.positions
-    {
-        // GPTBigCodeModel registers `bias`, a (n_positions x n_positions) bool lower-triangular
-        // table (non-persistent, moved to the GPU with the model): 64 MiB for StarCoder's 8,192.
-        b.graph.buffers = crate::units::Bytes(rows.saturating_mul(rows));
-    }
+    b.graph.buffers = model.buffers;
     // Megatron-LM keeps a copy of tied word embeddings on the last stage for the LM head.
     let embed = (stage.first || (stage.last && model.tie_word_embeddings)).then(|| {
         b.base_param(

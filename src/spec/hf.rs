@@ -6,6 +6,7 @@ use crate::spec::model::{
     Activation, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
     NormPlacement, Positions, QkNorm, Softcap, Ssm, Stack,
 };
+use crate::units::Bytes;
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -950,6 +951,15 @@ fn gpt2(r: &Reader, family: Family) -> Result<ModelSpec> {
     } else {
         heads
     };
+    let positions = r.u64(&["n_positions", "max_position_embeddings"])?;
+    // GPTBigCodeModel registers `bias`, an (n_positions x n_positions) bool lower-triangular
+    // table (non-persistent, moved to the GPU with the model): 64 MiB for StarCoder's 8,192.
+    // (`nn.Buffer` in GPTBigCodeModel.__init__; GPT-2 holds no such buffer in transformers 5.)
+    let buffers = if bigcode {
+        Bytes(positions.saturating_mul(positions))
+    } else {
+        Bytes::ZERO
+    };
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
@@ -963,10 +973,9 @@ fn gpt2(r: &Reader, family: Family) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        positions: Positions::Learned {
-            rows: r.u64(&["n_positions", "max_position_embeddings"])?,
-        },
+        positions: Positions::Learned { rows: positions },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
+        buffers,
         qkv_bias: true,
         linear_bias: true,
         fused_qkv: true,

@@ -439,6 +439,9 @@ pub struct ModelSpec {
     /// (GPT-OSS's `sinks`; Xiao et al. 2024, "Efficient Streaming Language Models with
     /// Attention Sinks").
     pub attention_sinks: bool,
+    /// Non-parameter module buffers moved to the GPU with the model and kept there for the
+    /// whole run (GPTBigCode's causal-mask table).
+    pub buffers: crate::units::Bytes,
 }
 
 /// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
@@ -560,6 +563,7 @@ impl ModelSpec {
             embedding_norm: false,
             mla: None,
             attention_sinks: false,
+            buffers: crate::units::Bytes::ZERO,
         }
     }
 
