@@ -150,6 +150,20 @@ impl Comparison {
 /// windows, so that a run takes seconds anywhere.
 pub fn tiny_config(config: &Value) -> Value {
     let mut c = config.as_object().cloned().unwrap_or_default();
+    // GPT-J's `rotary_dim` keeps its share of the (now 16-wide) head.
+    let head = |c: &Map<String, Value>| {
+        let hidden = ["n_embd", "hidden_size"]
+            .iter()
+            .find_map(|k| c.get(*k).and_then(Value::as_u64))?;
+        let heads = ["n_head", "num_attention_heads"]
+            .iter()
+            .find_map(|k| c.get(*k).and_then(Value::as_u64))?;
+        Some(hidden / heads.max(1))
+    };
+    if let (Some(rot), Some(h)) = (c.get("rotary_dim").and_then(Value::as_u64), head(&c)) {
+        let tiny = (rot * 16 / h.max(1)).max(2) & !1;
+        c.insert("rotary_dim".into(), json!(tiny));
+    }
     let set = |c: &mut Map<String, Value>, keys: &[&str], v: u64| {
         for k in keys {
             if c.get(*k).is_some_and(|x| !x.is_null()) {
@@ -240,6 +254,27 @@ pub fn tiny_config(config: &Value) -> Value {
     for k in ["pad_token_id", "bos_token_id", "eos_token_id"] {
         if c.get(k).and_then(Value::as_u64).is_some_and(|t| t >= 512) {
             c.insert(k.to_string(), json!(0));
+        }
+    }
+    // GPT-Neo's `attention_types` ([[pattern, repeats]]) must spell out exactly two layers;
+    // `attention_layers` (the expanded list some saved configs carry) likewise.
+    if let Some(Value::Array(groups)) = c.get("attention_types").cloned() {
+        let layers: Vec<Value> = groups
+            .iter()
+            .filter_map(|g| {
+                let pattern = g.get(0)?.as_array()?.clone();
+                let times = g.get(1)?.as_u64()?;
+                Some((0..times).flat_map(move |_| pattern.clone()))
+            })
+            .flatten()
+            .take(2)
+            .collect();
+        c.insert(
+            "attention_types".into(),
+            json!(layers.iter().map(|l| json!([[l], 1])).collect::<Vec<_>>()),
+        );
+        if c.contains_key("attention_layers") {
+            c.insert("attention_layers".into(), Value::Array(layers));
         }
     }
     if let Some(Value::Array(types)) = c.get("layer_types").cloned() {

@@ -853,3 +853,70 @@ fn olmo_layer_norm_has_nothing_to_train_and_keeps_an_fp32_copy() {
     assert!(op.params.is_empty());
     assert_eq!(crate::kept_bytes(&g, op), 128 * (2_048 * 4 + 8));
 }
+
+#[test]
+fn gpt_neo_keeps_a_mask_buffer_per_layer_and_runs_its_eager_attention() {
+    // GPTNeoSelfAttention registers `bias`, a (2,048 x 2,048) bool mask (the local layers' a
+    // band of 256), in every one of GPT-Neo-125M's 12 layers: 12 x 2,048^2 = 50,331,648 bytes
+    // beside its 125,198,592 bf16 parameters. It has no SDPA path: asking for SDPA plans the
+    // eager code, so both plans are the same estimate.
+    let m = model("gpt-neo-125m");
+    assert!(!m.sdpa);
+    let sdpa = Plan {
+        precision: Precision::Bf16,
+        ..plan(Method::Full, 1, 128, AttentionKernel::Sdpa)
+    };
+    let eager = Plan {
+        attention: AttentionKernel::Eager,
+        ..sdpa.clone()
+    };
+    let e = run(&m, &sdpa);
+    assert_eq!(e.memory.total_params, 125_198_592);
+    assert_eq!(e.memory.at_peak.weights.0, 125_198_592 * 2 + 50_331_648);
+    assert_eq!(e.memory.peak, run(&m, &eager).memory.peak);
+}
+
+#[test]
+fn gpt_neo_scores_in_fp32_from_fp32_queries_and_keys_without_autocast() {
+    // `_attn` casts q and k to fp32: with bf16 weights and no autocast the score matmul keeps
+    // fp32 q and k, 128 tokens x 768 x 4 bytes = 393,216 each; v stays bf16 (196,608); softmax
+    // keeps its fp32 output, 12 heads x 128 x 128 x 4 = 786,432, and the matmul with v its bf16
+    // copy, 393,216. Under autocast (fp32 weights) the matmul casts them back: bf16 q and k.
+    let m = model("gpt-neo-125m");
+    let core_saves = |p: &Plan| {
+        let g = graph::build(&m, p);
+        let op = g
+            .ops()
+            .find(|o| g.name(o.name).ends_with("self_attn.core"))
+            .expect("attention core");
+        crate::kept_bytes(&g, op)
+    };
+    let pure = Plan {
+        precision: Precision::Bf16,
+        ..plan(Method::Full, 1, 128, AttentionKernel::Eager)
+    };
+    assert_eq!(core_saves(&pure), 393_216 * 2 + 196_608 + 786_432 + 393_216);
+    let mixed = plan(Method::Full, 1, 128, AttentionKernel::Eager);
+    assert_eq!(core_saves(&mixed), 196_608 * 3 + 786_432 + 393_216);
+}
+
+#[test]
+fn gpt_j_keeps_a_sin_cos_table_per_layer_and_a_biased_head() {
+    // GPTJAttention's `embed_positions`: fp32 sin and cos for 2,048 positions x rotary_dim 64,
+    // in each of 28 layers: 28 x 2,048 x 64 x 4 = 14,680,064 bytes. Rotary covers 64 of each
+    // 256-wide head; q, k, v and out carry no bias, the LM head does (50,400 more parameters):
+    // 6,050,882,784 in all, as transformers counts GPT-J-6B.
+    let m = model("gpt-j-6b");
+    assert!(!m.sdpa && m.parallel_block && m.lm_head_bias);
+    assert_eq!(
+        m.positions,
+        ftplan::spec::model::Positions::Rotary { fraction: 0.25 }
+    );
+    let p = Plan {
+        precision: Precision::Bf16,
+        ..plan(Method::Full, 1, 128, AttentionKernel::Eager)
+    };
+    let e = run(&m, &p);
+    assert_eq!(e.memory.total_params, 6_050_882_784);
+    assert_eq!(e.memory.at_peak.weights.0, 6_050_882_784 * 2 + 14_680_064);
+}

@@ -326,3 +326,27 @@ fn a_model_without_a_transformers_class_is_refused_before_any_python_runs() {
         "{err}"
     );
 }
+
+#[test]
+fn tiny_configs_keep_gpt_neo_layer_patterns_and_gpt_j_rotary_share() {
+    // GPT-Neo's config validates `attention_types` against `num_layers`: two tiny layers need
+    // [[["global"], 1], [["local"], 1]]. GPT-J's rotary_dim 64 of a 256-wide head (4,096 / 16)
+    // is a quarter; the tiny head is 16 wide, so 4.
+    let neo = serde_json::json!({"model_type": "gpt_neo", "hidden_size": 768, "num_layers": 12,
+        "num_heads": 12, "attention_types": [[["global", "local"], 6]],
+        "attention_layers": ["global", "local", "global", "local", "global", "local",
+                             "global", "local", "global", "local", "global", "local"]});
+    let t = ftplan::measure::tiny_config(&neo);
+    assert_eq!(t["num_layers"], 2);
+    assert_eq!(
+        t["attention_types"],
+        serde_json::json!([[["global"], 1], [["local"], 1]])
+    );
+    assert_eq!(
+        t["attention_layers"],
+        serde_json::json!(["global", "local"])
+    );
+    let gptj = serde_json::json!({"model_type": "gptj", "n_embd": 4096, "n_head": 16,
+        "n_layer": 28, "rotary_dim": 64});
+    assert_eq!(ftplan::measure::tiny_config(&gptj)["rotary_dim"], 4);
+}

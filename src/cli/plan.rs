@@ -617,15 +617,24 @@ impl PlanInput {
             },
             grad_ckpt: self.grad_ckpt,
             attention: match self.attention {
-                // SDPA has no attention-sink logit: transformers refuses it for GPT-OSS
-                // (`_supports_sdpa = False`) and runs the eager code by default.
-                AttentionArg::Sdpa if model.value.attention_sinks => {
-                    notes.push(format!(
-                        "`{}` has attention sinks, which SDPA cannot take: planned with eager \
-                         attention, as transformers runs it (--attention flash2 plans a \
-                         sink-aware flash kernel)",
-                        model.value.name
-                    ));
+                // transformers refuses SDPA for a model without an SDPA path
+                // (`_supports_sdpa = False`) and runs its eager code by default.
+                AttentionArg::Sdpa if !model.value.sdpa => {
+                    notes.push(if model.value.attention_sinks {
+                        format!(
+                            "`{}` has attention sinks, which SDPA cannot take: planned with \
+                             eager attention, as transformers runs it (--attention flash2 plans \
+                             a sink-aware flash kernel)",
+                            model.value.name
+                        )
+                    } else {
+                        format!(
+                            "`{}` has no SDPA path in transformers: planned with its eager \
+                             attention, as transformers runs it (--attention flash2 plans its \
+                             flash_attention_2 class)",
+                            model.value.name
+                        )
+                    });
                     AttentionKernel::Eager
                 }
                 AttentionArg::Sdpa => AttentionKernel::Sdpa,

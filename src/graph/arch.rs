@@ -382,8 +382,13 @@ fn block(
             h
         };
         let m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
-        let m = adapter(b, name.at("adapter"), m);
-        let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
+        let m = if model.family.dropout_in_mlp() {
+            let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
+            adapter(b, name.at("adapter"), m)
+        } else {
+            let m = adapter(b, name.at("adapter"), m);
+            b.dropout(name.at("mlp").then("dropout"), m, p_res)
+        };
         let sum = b.add(name.at("parallel").then("add"), a, m);
         return b.add(name.at("residual"), x, sum);
     }
@@ -439,13 +444,13 @@ fn block(
     if post {
         m = b.norm(name.at("post_feedforward_layernorm"), m);
     }
-    let m = if model.family.is_gpt2() {
+    let m = if model.family.dropout_in_mlp() {
         b.dropout(name.at("mlp").then("dropout"), m, p_res)
     } else {
         m
     };
     let m = adapter(b, name.at("adapter"), m);
-    let m = if model.family.is_gpt2() {
+    let m = if model.family.dropout_in_mlp() {
         m
     } else {
         b.dropout(name.at("mlp").then("dropout"), m, p_res)

@@ -41,9 +41,10 @@ impl Builder<'_> {
         let kernel = match (self.plan.attention, mask) {
             // BLOOM's attention is its own eager code (baddbmm with the ALiBi bias).
             _ if self.model.positions == crate::spec::model::Positions::Alibi => Kernel::Eager,
-            // SDPA has no sink logit: GPT-OSS declares `_supports_sdpa = False`, so transformers
-            // runs its eager code; flash_attention_2 means the hub's sink-aware flash kernel.
-            (AttentionKernel::Sdpa, _) if sinks => Kernel::Eager,
+            // A model without an SDPA path (`_supports_sdpa = False`: GPT-OSS, whose sink logit
+            // SDPA cannot take; GPT-Neo; GPT-J) runs its eager code; flash_attention_2 means
+            // the model's flash class (GPT-OSS: the hub's sink-aware kernel).
+            (AttentionKernel::Sdpa, _) if !self.model.sdpa => Kernel::Eager,
             (AttentionKernel::Eager, _) => Kernel::Eager,
             // T5's self-attention bias is `compute_bias`'s permuted view (last-dim stride = the
             // number of heads): every fused kernel requires stride 1 in the last dimension of
@@ -134,11 +135,24 @@ impl Builder<'_> {
                 // to every head), softmax(dtype=fp32) keeps its fp32 output, the bf16 copy of
                 // it is kept by the matmul with v, and so is v.
                 let group = heads / stack.kv_heads.max(1);
-                let q = self.cast(name.then("q_cast"), q, compute);
-                let k_rep = if group > 1 {
-                    self.val(k_width, k.tokens, compute, k.grad)
+                // GPT-Neo's and GPT-J's `_attn` cast q and k to fp32 first. Under autocast
+                // the matmul casts them back to bf16 (those copies are what it keeps) while
+                // the fp32 ones live until the call returns; without autocast the scores are
+                // an fp32 matmul that keeps the fp32 q and k.
+                let upcast = self.model.attention_upcast;
+                let qk_dtype = if upcast && !self.autocast {
+                    DType::F32
                 } else {
-                    self.cast(name.then("k_cast"), k, compute)
+                    compute
+                };
+                if upcast && self.autocast {
+                    fwd_extra += DType::F32.bytes(q.elements()) + DType::F32.bytes(k.elements());
+                }
+                let q = self.cast(name.then("q_cast"), q, qk_dtype);
+                let k_rep = if group > 1 {
+                    self.val(k_width, k.tokens, qk_dtype, k.grad)
+                } else {
+                    self.cast(name.then("k_cast"), k, qk_dtype)
                 };
                 let v_rep = if group > 1 {
                     self.val(out_width, v.tokens, compute, v.grad)

@@ -437,6 +437,8 @@ impl<'a> Builder<'a> {
         let (modules, dispatch) = match self.model.family {
             Family::Gpt2
             | Family::GptBigcode
+            | Family::GptNeo
+            | Family::Gptj
             | Family::T5
             | Family::Mt5
             | Family::StableLm

@@ -58,7 +58,9 @@ impl Builder<'_> {
             | Family::Gemma2
             | Family::Gemma3
             | Family::Bart
-            | Family::Phi => [Proj::Q, Proj::V],
+            | Family::Phi
+            | Family::GptNeo
+            | Family::Gptj => [Proj::Q, Proj::V],
             Family::Opt => [Proj::Q, Proj::K],
             _ => [Proj::K, Proj::V],
         };

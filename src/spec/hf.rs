@@ -239,6 +239,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
+        Family::GptNeo => gpt_neo(&r)?,
+        Family::Gptj => gptj(&r)?,
         Family::Falcon => falcon(&r)?,
         Family::T5 | Family::Mt5 => t5(&r, family)?,
         Family::Bart | Family::Mbart => bart(&r, family)?,
@@ -683,6 +685,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         multipliers,
         rope_layers,
         attention_sinks: family == Family::GptOss,
+        // GptOssPreTrainedModel: `_supports_sdpa = False` (SDPA has no sink logit).
+        sdpa: family != Family::GptOss,
         positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
         } else if family == Family::StableLm {
@@ -986,6 +990,111 @@ fn gpt2(r: &Reader, family: Family) -> Result<ModelSpec> {
             activation: 0.0,
         },
         ..ModelSpec::of_family(family)
+    })
+}
+
+/// GPTNeoConfig (saved keys `num_layers`, `num_heads`). `attention_types` alternates global
+/// and local layers, but the local ones differ only in their mask: the eager code multiplies
+/// out every score and masks with the layer's own (positions x positions) bool buffer, and the
+/// flash_attention_2 path passes no window at all, so every layer costs full causal attention;
+/// the buffers stay on the GPU, one per layer (`GPTNeoSelfAttention.bias`, `nn.Buffer`).
+fn gpt_neo(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let heads = r.u64(&["num_heads", "num_attention_heads"])?;
+    let layers = r.u64(&["num_layers", "num_hidden_layers"])?;
+    let positions = r.u64(&["max_position_embeddings"])?;
+    let act = r.str_or(&["activation_function"], "gelu_new")?;
+    r.raw(&[
+        "attention_types",
+        "attention_layers",
+        "window_size",
+        "layer_norm_epsilon",
+        "classifier_dropout",
+    ]);
+    Ok(ModelSpec {
+        hidden_size: hidden,
+        vocab_size: r.u64(&["vocab_size"])?,
+        decoder: Stack::new(
+            layers,
+            heads,
+            heads,
+            hidden / heads.max(1),
+            r.opt_u64(&["intermediate_size"])?.unwrap_or(4 * hidden),
+        ),
+        gated_ffn: false,
+        activation: activation(r.path, &act, "activation_function")?,
+        norm: Norm::LayerNorm,
+        positions: Positions::Learned { rows: positions },
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
+        qkv_bias: false,
+        linear_bias: true,
+        dropout: Dropouts {
+            embedding: r.f64_or(&["embed_dropout"], 0.0)?,
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            residual: r.f64_or(&["resid_dropout"], 0.0)?,
+            activation: 0.0,
+        },
+        sdpa: false,
+        attention_upcast: true,
+        buffers: Bytes(layers.saturating_mul(positions.saturating_mul(positions))),
+        ..ModelSpec::of_family(Family::GptNeo)
+    })
+}
+
+/// GPTJConfig. Each attention layer keeps its sin/cos table as an fp32 buffer
+/// (`embed_positions`, `n_positions x rotary_dim`, built by `create_sinusoidal_positions`).
+fn gptj(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["n_embd", "hidden_size"])?;
+    let heads = r.u64(&["n_head", "num_attention_heads"])?;
+    let layers = r.u64(&["n_layer", "num_hidden_layers"])?;
+    let positions = r.u64(&["n_positions", "max_position_embeddings"])?;
+    let head_dim = hidden / heads.max(1);
+    let rotary_dim = r.opt_u64(&["rotary_dim"])?.unwrap_or(head_dim);
+    if rotary_dim > head_dim || rotary_dim % 2 == 1 {
+        return Err(Error::field(
+            r.path,
+            "rotary_dim",
+            format!("({rotary_dim}) must be even and at most the head size ({head_dim})"),
+        ));
+    }
+    let act = r.str_or(&["activation_function"], "gelu_new")?;
+    r.raw(&["layer_norm_epsilon"]);
+    Ok(ModelSpec {
+        hidden_size: hidden,
+        vocab_size: r.u64(&["vocab_size"])?,
+        decoder: Stack::new(
+            layers,
+            heads,
+            heads,
+            head_dim,
+            r.opt_u64(&["n_inner"])?.unwrap_or(4 * hidden),
+        ),
+        gated_ffn: false,
+        activation: activation(r.path, &act, "activation_function")?,
+        norm: Norm::LayerNorm,
+        positions: Positions::Rotary {
+            fraction: rotary_dim as f64 / head_dim.max(1) as f64,
+        },
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        qkv_bias: false,
+        linear_bias: true,
+        out_bias: Some(false),
+        parallel_block: true,
+        lm_head_bias: true,
+        dropout: Dropouts {
+            embedding: r.f64_or(&["embd_pdrop"], 0.0)?,
+            attention: r.f64_or(&["attn_pdrop"], 0.0)?,
+            residual: r.f64_or(&["resid_pdrop"], 0.0)?,
+            activation: 0.0,
+        },
+        sdpa: false,
+        attention_upcast: true,
+        buffers: Bytes(
+            layers
+                .saturating_mul(positions.saturating_mul(rotary_dim))
+                .saturating_mul(4),
+        ),
+        ..ModelSpec::of_family(Family::Gptj)
     })
 }
 

@@ -43,6 +43,14 @@ pub enum Family {
     /// `MT5ForConditionalGeneration` (Xue et al. 2021, "mT5"): T5 v1.1's modules (transformers
     /// copies them) under its own `model_type`, which peft's IA3 table keys differently.
     Mt5,
+    /// `GPTNeoForCausalLM` (Black et al. 2021, GPT-Neo 125M-2.7B): GPT-2's block with
+    /// `nn.Linear` layers, no q/k/v biases and unscaled scores, alternating global and local
+    /// (256-token) layers whose window is a boolean mask buffer per layer; eager attention only.
+    GptNeo,
+    /// `GPTJForCausalLM` (Wang & Komatsuzaki 2021, GPT-J-6B): one LayerNorm feeding attention
+    /// and the MLP in parallel, interleaved rotary on the first `rotary_dim` features of each
+    /// head, no attention biases, a biased LM head; eager attention only.
+    Gptj,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
     /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
@@ -120,9 +128,13 @@ pub enum Family {
 }
 
 impl Family {
-    /// GPT-2's block: dropout inside the MLP module, before a hook on its output.
-    pub fn is_gpt2(self) -> bool {
-        matches!(self, Family::Gpt2 | Family::GptBigcode)
+    /// The MLP module ends in its own `nn.Dropout` (GPT-2's block and the GPT-Neo/GPT-J
+    /// modules modelled on it), so a hook on the module's output (an adapter) comes after it.
+    pub fn dropout_in_mlp(self) -> bool {
+        matches!(
+            self,
+            Family::Gpt2 | Family::GptBigcode | Family::GptNeo | Family::Gptj
+        )
     }
 
     /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
@@ -133,7 +145,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 44] = [
+    pub const ALL: [(&'static str, Family); 46] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -178,6 +190,8 @@ impl Family {
         ("mbart", Family::Mbart),
         ("gpt_bigcode", Family::GptBigcode),
         ("olmo", Family::Olmo),
+        ("gpt_neo", Family::GptNeo),
+        ("gptj", Family::Gptj),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -439,6 +453,13 @@ pub struct ModelSpec {
     /// (GPT-OSS's `sinks`; Xiao et al. 2024, "Efficient Streaming Language Models with
     /// Attention Sinks").
     pub attention_sinks: bool,
+    /// transformers has an SDPA path for the model (`_supports_sdpa`); without one it runs the
+    /// model's eager attention when SDPA is asked for (GPT-OSS, GPT-Neo, GPT-J).
+    pub sdpa: bool,
+    /// The eager attention casts q and k to fp32 before the scores (GPT-Neo's and GPT-J's
+    /// `_attn`: `query.to(torch.float32)`): without autocast the scores are fp32 and the
+    /// matmul keeps the fp32 copies.
+    pub attention_upcast: bool,
     /// Non-parameter module buffers moved to the GPU with the model and kept there for the
     /// whole run (GPTBigCode's causal-mask table).
     pub buffers: crate::units::Bytes,
@@ -563,6 +584,8 @@ impl ModelSpec {
             embedding_norm: false,
             mla: None,
             attention_sinks: false,
+            sdpa: true,
+            attention_upcast: false,
             buffers: crate::units::Bytes::ZERO,
         }
     }
