@@ -193,7 +193,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     // A learned position table has one row per position: longer sequences index past it
     // (transformers raises); prompt tuning's virtual tokens take positions too.
-    if let crate::spec::model::Positions::Learned { rows } = model.positions {
+    if let Some(rows) = model.positions.table_rows() {
         let longest = plan.seq.max(plan.target_seq) + plan.method.prompt_tokens();
         if longest > rows {
             return Err(field(

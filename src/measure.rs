@@ -225,7 +225,7 @@ pub fn tiny_config(config: &Value) -> Value {
         128,
     );
     set(&mut c, &["head_dim", "d_kv", "v_head_dim"], 16);
-    set(&mut c, &["vocab_size"], 512);
+    set(&mut c, &["vocab_size", "decoder_vocab_size"], 512);
     set(
         &mut c,
         &["moe_intermediate_size", "shared_expert_intermediate_size"],
@@ -251,7 +251,12 @@ pub fn tiny_config(config: &Value) -> Value {
         cap(&mut c, k, most);
     }
     // Special tokens past the small vocabulary (Phi-3's pad 32000) point at its first row.
-    for k in ["pad_token_id", "bos_token_id", "eos_token_id"] {
+    for k in [
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+    ] {
         if c.get(k).and_then(Value::as_u64).is_some_and(|t| t >= 512) {
             c.insert(k.to_string(), json!(0));
         }

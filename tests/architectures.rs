@@ -920,3 +920,36 @@ fn gpt_j_keeps_a_sin_cos_table_per_layer_and_a_biased_head() {
     assert_eq!(e.memory.total_params, 6_050_882_784);
     assert_eq!(e.memory.at_peak.weights.0, 6_050_882_784 * 2 + 14_680_064);
 }
+
+#[test]
+fn marian_and_pegasus_positions_are_frozen_sinusoidal_tables() {
+    // MarianSinusoidalPositionalEmbedding is an `nn.Embedding(_freeze=True)`: each stack keeps
+    // a 512 x 512 table that no method trains. OPUS-MT en-de has 74,410,496 parameters, full
+    // fine-tuning trains 74,410,496 - 2 x 512 x 512 = 73,886,208 of them, and the tables get
+    // no AdamW states: what stays between steps is 74,410,496 fp32 weights and 73,886,208 x 8
+    // bytes of moments. Pegasus-large: 2 x 1,024 x 1,024 of 570,797,056 frozen; pre-norm (a final norm
+    // per stack) and no embedding norm.
+    let m = model("opus-mt-en-de");
+    assert_eq!(
+        m.positions,
+        ftplan::spec::model::Positions::Sinusoidal { rows: 512 }
+    );
+    assert!(!m.embedding_norm);
+    assert!((m.multipliers.embedding - 512f64.sqrt()).abs() < 1e-12);
+    let mut p = plan(Method::Full, 8, 128, AttentionKernel::Sdpa);
+    p.target_seq = 128;
+    let e = run(&m, &p);
+    assert_eq!(e.memory.total_params, 74_410_496);
+    assert_eq!(e.memory.trainable_params, 73_886_208);
+    // Fused AdamW also keeps a 4-byte `step` per trainable tensor: the shared embedding, 16
+    // per encoder layer and 26 per decoder layer, 1 + 6 x 16 + 6 x 26 = 253.
+    assert_eq!(
+        e.memory.persistent.0,
+        74_410_496 * 4 + 73_886_208 * 8 + 253 * 4
+    );
+    let m = model("pegasus-large");
+    assert_eq!(m.norm_placement, ftplan::spec::model::NormPlacement::Pre);
+    let e = run(&m, &p);
+    assert_eq!(e.memory.total_params, 570_797_056);
+    assert_eq!(e.memory.trainable_params, 570_797_056 - 2 * 1_024 * 1_024);
+}

@@ -224,6 +224,14 @@ fn layer_patterns_and_experts() {
         "stablelm-qk-layernorm.json",
         &["`qk_layernorm`", "is not modelled", "qk_layernorm = false"],
     );
+    model(
+        "marian-separate-vocabularies.json",
+        &[
+            "`share_encoder_decoder_embeddings`",
+            "not modelled",
+            "shared-vocabulary",
+        ],
+    );
 }
 
 #[test]

@@ -334,11 +334,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // EXAONE-4, then GPT-OSS 20B and 120B, then LoRA on every linear of Qwen1.5-MoE,
     // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms), then
     // GLM-4-9B, then Seed-OSS, HunYuan-dense, Helium and OLMoE, then Cohere's Command R7B and a
-    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J (validation/families.jsonl,
+    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus (validation/families.jsonl,
     // measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 142);
+    assert_eq!(rows.len(), 157);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -369,9 +369,12 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         // multipliers were added after its replays and moved none of them).
         let bound = if late.iter().any(|m| r.name.starts_with(m)) {
             0.01
-        } else if r.name == "gptj-6b|lora|b4|s2048|gc1|eager|r16|all" {
-            // The replay sums two fp32 gradients out of place (autograd accumulates in place
-            // only for vanilla tensors, not FakeTensors): 512 MiB more than CUDA holds, -2.6 %.
+        } else if r.name == "gptj-6b|lora|b4|s2048|gc1|eager|r16|all"
+            || r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
+        {
+            // The replay sums two gradients out of place (autograd accumulates in place only
+            // for vanilla tensors, not FakeTensors): GPT-J's two fp32 GELU-output gradients
+            // (512 MiB more than CUDA holds, -2.6 %), Pegasus's tied embedding's (-2.5 %).
             0.03
         } else if r.name.contains("gemma-2")
             || r.name.contains("gemma-3")
@@ -390,6 +393,8 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             || r.name.starts_with("olmo-7b|")
             || r.name.starts_with("gpt-neo-")
             || r.name.starts_with("gptj-")
+            || r.name.starts_with("opus-mt-")
+            || r.name.starts_with("pegasus-")
         {
             0.02
         } else {

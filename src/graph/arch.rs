@@ -154,8 +154,16 @@ fn stack_forward(
                 // Granite: `inputs_embeds * embedding_multiplier`.
                 x = b.scale(name.at("embed").then("multiplier"), x);
             }
-            if let Positions::Learned { rows } = model.positions {
-                let pos = b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding);
+            let table = match model.positions {
+                Positions::Learned { rows } => {
+                    Some(b.base_param(name.at("embed_positions"), (rows, h), ParamRole::Embedding))
+                }
+                Positions::Sinusoidal { rows } => {
+                    Some(b.frozen_param(name.at("embed_positions"), (rows, h)))
+                }
+                _ => None,
+            };
+            if let Some(pos) = table {
                 let p = b.embedding(name.at("embed_positions"), pos, h, tokens);
                 x = b.add(name.at("embed").then("add"), x, p);
             }

@@ -271,6 +271,13 @@ impl<'a> Builder<'a> {
         self.param(name, shape, base, storage, trainable, role)
     }
 
+    /// A parameter the model itself freezes (`requires_grad=False`, Marian's and Pegasus's
+    /// sinusoidal position tables): in the base dtype, trained by no method.
+    pub fn frozen_param(&mut self, name: Name, shape: (u64, u64)) -> ParamId {
+        let (base, storage) = (self.base, self.storage_base);
+        self.param(name, shape, base, storage, false, ParamRole::Embedding)
+    }
+
     /// A trainable PEFT parameter.
     pub fn adapter_param(&mut self, name: Name, shape: (u64, u64)) -> ParamId {
         let (dtype, storage) = (self.adapter, self.storage_adapter);
@@ -449,6 +456,8 @@ impl<'a> Builder<'a> {
             | Family::Olmo2 => (1, 1),
             Family::Bart
             | Family::Mbart
+            | Family::Marian
+            | Family::Pegasus
             | Family::Opt
             | Family::Falcon
             | Family::Bloom

@@ -243,7 +243,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Gptj => gptj(&r)?,
         Family::Falcon => falcon(&r)?,
         Family::T5 | Family::Mt5 => t5(&r, family)?,
-        Family::Bart | Family::Mbart => bart(&r, family)?,
+        Family::Bart | Family::Mbart | Family::Marian | Family::Pegasus => bart(&r, family)?,
         Family::Palm => palm(&r)?,
         Family::GptNeox => gpt_neox(&r)?,
     };
@@ -1369,15 +1369,36 @@ fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
     let enc_heads = r.u64(&["encoder_attention_heads"])?;
     let dec_heads = r.u64(&["decoder_attention_heads"])?;
     r.raw(&["init_std"]);
-    // mBART multiplies the token embeddings by sqrt(d_model) (`scale_embedding`, true in its
-    // configs); BART's configs say false, and its `* 1.0` is left out as before.
-    let mbart = family == Family::Mbart;
-    let embed_scale = if mbart && r.bool_or(&["scale_embedding"], false)? {
+    // mBART, Marian and Pegasus multiply the token embeddings by sqrt(d_model)
+    // (`scale_embedding`, true in their configs); BART's configs say false, and its `* 1.0` is
+    // left out as before.
+    let pre_norm = matches!(family, Family::Mbart | Family::Pegasus);
+    let embed_scale = if family != Family::Bart && r.bool_or(&["scale_embedding"], false)? {
         (hidden as f64).sqrt()
     } else {
         r.raw(&["scale_embedding"]);
         1.0
     };
+    let positions = r.u64(&["max_position_embeddings"])?;
+    // Marian and Pegasus: a fixed sinusoidal table per stack, no embedding LayerNorm; BART and
+    // mBART: a learned table with 2 extra rows (BartLearnedPositionalEmbedding's offset) and
+    // `layernorm_embedding`.
+    let sinusoidal = matches!(family, Family::Marian | Family::Pegasus);
+    if family == Family::Marian {
+        // Marian's separate decoder vocabulary (`share_encoder_decoder_embeddings = false`,
+        // `decoder_vocab_size`) gives the decoder its own table and head.
+        let vocab = r.u64(&["vocab_size"])?;
+        let decoder_vocab = r.opt_u64(&["decoder_vocab_size"])?.unwrap_or(vocab);
+        if !r.bool_or(&["share_encoder_decoder_embeddings"], true)? || decoder_vocab != vocab {
+            return Err(Error::field(
+                r.path,
+                "share_encoder_decoder_embeddings",
+                "is false (or decoder_vocab_size differs from vocab_size): separate source and \
+                 target vocabularies are not modelled",
+            )
+            .with_hint("plan with the shared-vocabulary OPUS-MT models"));
+        }
+    }
     let stack =
         |layers, heads: u64, ff| Stack::multi_head(layers, heads, hidden / heads.max(1), ff);
     Ok(ModelSpec {
@@ -1396,7 +1417,7 @@ fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "activation_function")?,
         norm: Norm::LayerNorm,
-        norm_placement: if mbart {
+        norm_placement: if pre_norm {
             NormPlacement::Pre
         } else {
             NormPlacement::Post
@@ -1405,9 +1426,12 @@ fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
             embedding: embed_scale,
             ..Multipliers::default()
         },
-        // BartLearnedPositionalEmbedding keeps 2 extra rows (the offset).
-        positions: Positions::Learned {
-            rows: r.u64(&["max_position_embeddings"])? + 2,
+        positions: if sinusoidal {
+            Positions::Sinusoidal { rows: positions }
+        } else {
+            Positions::Learned {
+                rows: positions + 2,
+            }
         },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
@@ -1418,7 +1442,7 @@ fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
             residual: r.f64_or(&["dropout"], 0.1)?,
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
         },
-        embedding_norm: true,
+        embedding_norm: !sinusoidal,
         ..ModelSpec::of_family(family)
     })
 }

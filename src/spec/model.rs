@@ -51,6 +51,13 @@ pub enum Family {
     /// and the MLP in parallel, interleaved rotary on the first `rotary_dim` features of each
     /// head, no attention biases, a biased LM head; eager attention only.
     Gptj,
+    /// `MarianMTModel` (Junczys-Dowmunt et al. 2018; the OPUS-MT translation models): BART's
+    /// post-norm layers without an embedding norm, `sqrt(d_model)`-scaled embeddings, and a
+    /// frozen sinusoidal position table per stack.
+    Marian,
+    /// `PegasusForConditionalGeneration` (Zhang et al. 2020): mBART's pre-norm layers and final
+    /// norm per stack without an embedding norm, scaled embeddings, frozen sinusoidal positions.
+    Pegasus,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
     /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
@@ -145,7 +152,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 46] = [
+    pub const ALL: [(&'static str, Family); 48] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -192,6 +199,8 @@ impl Family {
         ("olmo", Family::Olmo),
         ("gpt_neo", Family::GptNeo),
         ("gptj", Family::Gptj),
+        ("marian", Family::Marian),
+        ("pegasus", Family::Pegasus),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -265,12 +274,27 @@ pub enum Positions {
     Rotary { fraction: f64 },
     /// A learned table of `rows` positions (`offset` extra rows, as OPT and BART keep 2).
     Learned { rows: u64 },
+    /// A fixed sinusoidal table of `rows` positions (Vaswani et al. 2017, sec. 3.5) stored as an
+    /// `nn.Embedding` weight the model freezes (`_freeze=True`, `requires_grad=False`: Marian,
+    /// Pegasus): a parameter in each stack, counted with the weights, never trained, looked up
+    /// under `no_grad`.
+    Sinusoidal { rows: u64 },
     /// T5's learned relative-position bias: `buckets` x heads in the first layer of each stack.
     RelativeBias { buckets: u64 },
     /// ALiBi (Press et al. 2022): a fixed per-head linear bias on the scores, no parameters.
     Alibi,
     /// None (a recurrent mixer orders the tokens itself).
     None,
+}
+
+impl Positions {
+    /// The rows of a position table (learned or fixed): a longer sequence indexes past it.
+    pub fn table_rows(self) -> Option<u64> {
+        match self {
+            Positions::Learned { rows } | Positions::Sinusoidal { rows } => Some(rows),
+            _ => None,
+        }
+    }
 }
 
 /// What mixes information across positions in a block.
