@@ -225,6 +225,13 @@ fn layer_patterns_and_experts() {
         &["`qk_layernorm`", "is not modelled", "qk_layernorm = false"],
     );
     model(
+        "gptj-rotary-too-wide.json",
+        &[
+            "`rotary_dim`",
+            "(96) must be even and at most the head size (64)",
+        ],
+    );
+    model(
         "marian-separate-vocabularies.json",
         &[
             "`share_encoder_decoder_embeddings`",
