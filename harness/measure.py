@@ -168,6 +168,7 @@ def apply_method(model, run, enc_dec):
             mla_q = ["q_proj"] if getattr(model.config, "q_lora_rank", None) is None else ["q_a_proj", "q_b_proj"]
             targets = {"gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"], "bloom": ["query_key_value"],
                        "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"],
+                       "codegen": ["qkv_proj"],
                        "deepseek_v2": mla_q + ["kv_b_proj"], "deepseek_v3": mla_q + ["kv_b_proj"]}.get(
                 model.config.model_type, ["q_proj", "v_proj"])
         cfg = peft.LoraConfig(task_type=task, r=run["lora_r"], lora_alpha=run.get("lora_alpha", 2 * run["lora_r"]),
@@ -179,13 +180,14 @@ def apply_method(model, run, enc_dec):
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
     elif method == "ia3":
         # A model type missing from peft's IA3 table makes peft ask for target_modules: Llama's
-        # entry then (keys, values and the FFN's output projection by its name), as ftplan
-        # estimates it.
+        # entry then (keys, values, or a fused qkv projection whole, and the FFN's output
+        # projection by its name), as ftplan estimates it.
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        ffn_out = next((n for n in ("down_proj", "fc2", "wo") if n in names), "down_proj")
+        ffn_out = next((n for n in ("down_proj", "fc2", "wo", "fc_out") if n in names), "down_proj")
+        attn = ["qkv_proj"] if "qkv_proj" in names else ["k_proj", "v_proj"]
         kw = ({} if model.config.model_type in ia3_table else
-              dict(target_modules=["k_proj", "v_proj", ffn_out], feedforward_modules=[ffn_out]))
+              dict(target_modules=attn + [ffn_out], feedforward_modules=[ffn_out]))
         cfg = peft.IA3Config(task_type=task, **kw)
     elif method == "ln_tuning":
         # Likewise for LN tuning: every norm module, as ftplan estimates it.

@@ -953,3 +953,38 @@ fn marian_and_pegasus_positions_are_frozen_sinusoidal_tables() {
     assert_eq!(e.memory.total_params, 570_797_056);
     assert_eq!(e.memory.trainable_params, 570_797_056 - 2 * 1_024 * 1_024);
 }
+
+#[test]
+fn codegen_copies_its_qkv_shards_and_gpt_neo_holds_the_last_probabilities() {
+    // CodeGen reshapes q, k and v out of a non-contiguous split of `qkv_proj`'s output, so the
+    // eager core keeps three 128 x 1,024 bf16 parts (262,144 bytes each), not the fused
+    // 3,072-wide output; plus softmax's fp32 probabilities (16 heads x 128 x 128 x 4 =
+    // 1,048,576) and their bf16 copy (524,288).
+    let m = model("codegen-350m-mono");
+    assert!(m.fused_qkv && m.qkv_split_copies);
+    let p = plan(Method::Full, 1, 128, AttentionKernel::Eager);
+    let g = graph::build(&m, &p);
+    let core = g
+        .ops()
+        .find(|o| g.name(o.name).ends_with("attn.core"))
+        .expect("attention core");
+    assert_eq!(
+        crate::kept_bytes(&g, core),
+        3 * 262_144 + 1_048_576 + 524_288
+    );
+    // GPT-Neo's layer loop holds the previous block's returned probabilities while the next
+    // runs: under checkpointing nothing else keeps them, so each attention's forward carries
+    // one more 12 x 128 x 128 bf16 matrix, 393,216 bytes.
+    let m = model("gpt-neo-125m");
+    let transient = |p: &Plan| {
+        let g = graph::build(&m, p);
+        g.ops()
+            .find(|o| g.name(o.name).ends_with("self_attn.core"))
+            .expect("attention core")
+            .forward_transient
+            .0
+    };
+    let mut ckpt = p.clone();
+    ckpt.grad_ckpt = true;
+    assert_eq!(transient(&ckpt) - transient(&p), 393_216);
+}

@@ -540,20 +540,18 @@ fn self_attention_ops(
             model.qkv_bias,
             Some(Proj::Q),
         );
-        (
-            Val {
-                width: q_width,
-                ..qkv
-            },
-            Val {
-                width: kv_width,
-                ..qkv
-            },
-            Val {
-                width: kv_width,
-                ..qkv
-            },
-        )
+        let part = |width| Val { width, ..qkv };
+        if model.qkv_split_copies {
+            // CodeGen: each part is reshaped out of a non-contiguous split view, a copy; the
+            // fused output is then released.
+            (
+                b.contiguous(name.at("q_split"), part(q_width)),
+                b.contiguous(name.at("k_split"), part(kv_width)),
+                b.contiguous(name.at("v_split"), part(kv_width)),
+            )
+        } else {
+            (part(q_width), part(kv_width), part(kv_width))
+        }
     } else {
         b.fork(name.at("fork"), x, 3);
         let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));

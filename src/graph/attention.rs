@@ -223,6 +223,12 @@ impl Builder<'_> {
                         saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                     }
                     fwd_extra += compute.bytes(scores) * 2;
+                    if self.model.returns_attention_weights && (self.plan.grad_ckpt || !copy_kept) {
+                        // The previous block's probabilities, returned and still held by the
+                        // model's loop while this block runs, where nothing saved them
+                        // (a checkpointed block keeps none).
+                        fwd_extra += compute.bytes(scores);
+                    }
                     if softmax_dtype != compute && p_drop == 0.0 {
                         // Backward through softmax holds its incoming gradient (upcast by the
                         // `.to()` backward) and its result, both in the softmax's fp32; the bf16

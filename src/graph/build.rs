@@ -446,6 +446,7 @@ impl<'a> Builder<'a> {
             | Family::GptBigcode
             | Family::GptNeo
             | Family::Gptj
+            | Family::Codegen
             | Family::T5
             | Family::Mt5
             | Family::StableLm

@@ -240,7 +240,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
         Family::GptNeo => gpt_neo(&r)?,
-        Family::Gptj => gptj(&r)?,
+        Family::Gptj | Family::Codegen => gptj(&r, family)?,
         Family::Falcon => falcon(&r)?,
         Family::T5 | Family::Mt5 => t5(&r, family)?,
         Family::Bart | Family::Mbart | Family::Marian | Family::Pegasus => bart(&r, family)?,
@@ -1036,14 +1036,18 @@ fn gpt_neo(r: &Reader) -> Result<ModelSpec> {
         },
         sdpa: false,
         attention_upcast: true,
+        returns_attention_weights: true,
         buffers: Bytes(layers.saturating_mul(positions.saturating_mul(positions))),
         ..ModelSpec::of_family(Family::GptNeo)
     })
 }
 
-/// GPTJConfig. Each attention layer keeps its sin/cos table as an fp32 buffer
+/// GPTJConfig and CodeGenConfig. Each attention layer keeps its sin/cos table as an fp32 buffer
 /// (`embed_positions`, `n_positions x rotary_dim`, built by `create_sinusoidal_positions`).
-fn gptj(r: &Reader) -> Result<ModelSpec> {
+/// CodeGen fuses q, k and v into one `qkv_proj` and splits it as 4 model-parallel shards
+/// (`mp_num = 4` in `CodeGenAttention.forward`), so its heads come in fours.
+fn gptj(r: &Reader, family: Family) -> Result<ModelSpec> {
+    let codegen = family == Family::Codegen;
     let hidden = r.u64(&["n_embd", "hidden_size"])?;
     let heads = r.u64(&["n_head", "num_attention_heads"])?;
     let layers = r.u64(&["n_layer", "num_hidden_layers"])?;
@@ -1057,8 +1061,15 @@ fn gptj(r: &Reader) -> Result<ModelSpec> {
             format!("({rotary_dim}) must be even and at most the head size ({head_dim})"),
         ));
     }
+    if codegen && !heads.is_multiple_of(4) {
+        return Err(Error::field(
+            r.path,
+            "n_head",
+            format!("({heads}) is not a multiple of 4: CodeGen splits its qkv_proj into 4 shards"),
+        ));
+    }
     let act = r.str_or(&["activation_function"], "gelu_new")?;
-    r.raw(&["layer_norm_epsilon"]);
+    r.raw(&["layer_norm_epsilon", "n_ctx"]);
     Ok(ModelSpec {
         hidden_size: hidden,
         vocab_size: r.u64(&["vocab_size"])?,
@@ -1079,6 +1090,8 @@ fn gptj(r: &Reader) -> Result<ModelSpec> {
         qkv_bias: false,
         linear_bias: true,
         out_bias: Some(false),
+        fused_qkv: codegen,
+        qkv_split_copies: codegen,
         parallel_block: true,
         lm_head_bias: true,
         dropout: Dropouts {
@@ -1089,12 +1102,13 @@ fn gptj(r: &Reader) -> Result<ModelSpec> {
         },
         sdpa: false,
         attention_upcast: true,
+        returns_attention_weights: true,
         buffers: Bytes(
             layers
                 .saturating_mul(positions.saturating_mul(rotary_dim))
                 .saturating_mul(4),
         ),
-        ..ModelSpec::of_family(Family::Gptj)
+        ..ModelSpec::of_family(family)
     })
 }
 

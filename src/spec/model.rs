@@ -58,6 +58,9 @@ pub enum Family {
     /// `PegasusForConditionalGeneration` (Zhang et al. 2020): mBART's pre-norm layers and final
     /// norm per stack without an embedding norm, scaled embeddings, frozen sinusoidal positions.
     Pegasus,
+    /// `CodeGenForCausalLM` (Nijkamp et al. 2023, CodeGen 350M-16B): GPT-J's block with one
+    /// fused `qkv_proj` (no bias) split as four model-parallel shards.
+    Codegen,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
     /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
@@ -140,7 +143,7 @@ impl Family {
     pub fn dropout_in_mlp(self) -> bool {
         matches!(
             self,
-            Family::Gpt2 | Family::GptBigcode | Family::GptNeo | Family::Gptj
+            Family::Gpt2 | Family::GptBigcode | Family::GptNeo | Family::Gptj | Family::Codegen
         )
     }
 
@@ -152,7 +155,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 48] = [
+    pub const ALL: [(&'static str, Family); 49] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -201,6 +204,7 @@ impl Family {
         ("gptj", Family::Gptj),
         ("marian", Family::Marian),
         ("pegasus", Family::Pegasus),
+        ("codegen", Family::Codegen),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -439,6 +443,10 @@ pub struct ModelSpec {
     pub parallel_block: bool,
     /// q, k and v come from one projection (GPT-2 `c_attn`, Falcon `query_key_value`).
     pub fused_qkv: bool,
+    /// The fused q/k/v output is split by reshapes that copy each part (CodeGen's four-shard
+    /// layout: a reshape of a non-contiguous split view), so attention keeps the parts, not
+    /// the fused output as GPT-2's views do.
+    pub qkv_split_copies: bool,
     /// The gated FFN's gate and up projections are one module (`gate_up_proj`: Phi-3, GLM-4),
     /// chunked after it: one LoRA pair spans both.
     pub fused_gate_up: bool,
@@ -484,6 +492,9 @@ pub struct ModelSpec {
     /// `_attn`: `query.to(torch.float32)`): without autocast the scores are fp32 and the
     /// matmul keeps the fp32 copies.
     pub attention_upcast: bool,
+    /// Each block returns its eager attention probabilities and the model's layer loop holds
+    /// them (`outputs = block(...)`) until the next block returns (GPT-Neo, GPT-J, CodeGen).
+    pub returns_attention_weights: bool,
     /// Non-parameter module buffers moved to the GPU with the model and kept there for the
     /// whole run (GPTBigCode's causal-mask table).
     pub buffers: crate::units::Bytes,
@@ -593,6 +604,7 @@ impl ModelSpec {
             out_bias: None,
             parallel_block: false,
             fused_qkv: false,
+            qkv_split_copies: false,
             fused_gate_up: false,
             lm_head_bias: false,
             dropout: Dropouts::default(),
@@ -610,6 +622,7 @@ impl ModelSpec {
             attention_sinks: false,
             sdpa: true,
             attention_upcast: false,
+            returns_attention_weights: false,
             buffers: crate::units::Bytes::ZERO,
         }
     }
