@@ -1034,12 +1034,21 @@ fn gpt_neo(r: &Reader) -> Result<ModelSpec> {
             residual: r.f64_or(&["resid_dropout"], 0.0)?,
             activation: 0.0,
         },
+        buffers: Bytes(layers.saturating_mul(positions.saturating_mul(positions))),
+        ..gpt_neo_attention(ModelSpec::of_family(Family::GptNeo))
+    })
+}
+
+/// The attention GPT-Neo's `GPTNeoSelfAttention._attn` set and GPT-J and CodeGen copied: no SDPA
+/// path (`_supports_sdpa = False`), q and k cast to fp32 before the scores, and each block
+/// returning its probabilities to the model's layer loop.
+fn gpt_neo_attention(base: ModelSpec) -> ModelSpec {
+    ModelSpec {
         sdpa: false,
         attention_upcast: true,
         returns_attention_weights: true,
-        buffers: Bytes(layers.saturating_mul(positions.saturating_mul(positions))),
-        ..ModelSpec::of_family(Family::GptNeo)
-    })
+        ..base
+    }
 }
 
 /// GPTJConfig and CodeGenConfig. Each attention layer keeps its sin/cos table as an fp32 buffer
@@ -1054,7 +1063,7 @@ fn gptj(r: &Reader, family: Family) -> Result<ModelSpec> {
     let positions = r.u64(&["n_positions", "max_position_embeddings"])?;
     let head_dim = hidden / heads.max(1);
     let rotary_dim = r.opt_u64(&["rotary_dim"])?.unwrap_or(head_dim);
-    if rotary_dim > head_dim || rotary_dim % 2 == 1 {
+    if rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
         return Err(Error::field(
             r.path,
             "rotary_dim",
@@ -1100,15 +1109,12 @@ fn gptj(r: &Reader, family: Family) -> Result<ModelSpec> {
             residual: r.f64_or(&["resid_pdrop"], 0.0)?,
             activation: 0.0,
         },
-        sdpa: false,
-        attention_upcast: true,
-        returns_attention_weights: true,
         buffers: Bytes(
             layers
                 .saturating_mul(positions.saturating_mul(rotary_dim))
                 .saturating_mul(4),
         ),
-        ..ModelSpec::of_family(family)
+        ..gpt_neo_attention(ModelSpec::of_family(family))
     })
 }
 
