@@ -15,8 +15,7 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, ExpertGate, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
-    Stack,
+    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, Stack,
 };
 use crate::spec::plan::{Depth, Method, Plan, Proj};
 
@@ -352,10 +351,8 @@ fn block(
 ) -> Val {
     let model = b.model;
     let p_res = model.dropout.residual;
-    // StableLM's layer has one `nn.Dropout`, on the MLP's output; the others drop each
-    // sub-layer's output.
     let drop_attention = |b: &mut Builder, at: Name, a: Val| {
-        if model.family == Family::StableLm {
+        if model.dropout.residual_ffn_only {
             a
         } else {
             b.dropout(at, a, p_res)

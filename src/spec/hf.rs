@@ -662,6 +662,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         dropout: Dropouts {
             attention: attention_dropout,
             residual,
+            residual_ffn_only: family == Family::StableLm,
             embedding,
             ..Dropouts::default()
         },
@@ -786,6 +787,7 @@ fn starcoder2(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["residual_dropout"], 0.0)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         mixers: mixers(r, Family::Starcoder2, layers)?,
         ..ModelSpec::decoder_only(Family::Starcoder2, hidden, r.u64(&["vocab_size"])?, stack)
@@ -988,6 +990,7 @@ fn gpt2(r: &Reader, family: Family) -> Result<ModelSpec> {
             attention: r.f64_or(&["attn_pdrop"], 0.1)?,
             residual: r.f64_or(&["resid_pdrop"], 0.1)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         ..ModelSpec::of_family(family)
     })
@@ -1033,6 +1036,7 @@ fn gpt_neo(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["resid_dropout"], 0.0)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         buffers: Bytes(layers.saturating_mul(positions.saturating_mul(positions))),
         ..gpt_neo_attention(ModelSpec::of_family(Family::GptNeo))
@@ -1108,6 +1112,7 @@ fn gptj(r: &Reader, family: Family) -> Result<ModelSpec> {
             attention: r.f64_or(&["attn_pdrop"], 0.0)?,
             residual: r.f64_or(&["resid_pdrop"], 0.0)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         buffers: Bytes(
             layers
@@ -1159,6 +1164,7 @@ fn opt(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["dropout"], 0.1)?,
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
+            ..Dropouts::default()
         },
         ..ModelSpec::of_family(Family::Opt)
     })
@@ -1205,6 +1211,7 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["hidden_dropout"], 0.0)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         parallel_two_norms: parallel,
         ..ModelSpec::of_family(Family::GptNeox)
@@ -1247,6 +1254,7 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["resid_pdrop"], 0.0)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         ..ModelSpec::of_family(Family::Phi)
     })
@@ -1277,6 +1285,7 @@ fn palm(r: &Reader) -> Result<ModelSpec> {
             attention: 0.0,
             residual: 0.0,
             activation: 0.0,
+            ..Dropouts::default()
         },
         ..ModelSpec::of_family(Family::Palm)
     })
@@ -1329,6 +1338,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["hidden_dropout"], 0.0)?,
             activation: 0.0,
+            ..Dropouts::default()
         },
         parallel_two_norms: new_decoder,
         ..ModelSpec::of_family(Family::Falcon)
@@ -1378,6 +1388,7 @@ fn t5(r: &Reader, family: Family) -> Result<ModelSpec> {
             attention: drop,
             residual: drop,
             activation: drop,
+            ..Dropouts::default()
         },
         ..ModelSpec::of_family(family)
     })
@@ -1461,6 +1472,7 @@ fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["dropout"], 0.1)?,
             activation: r.f64_or(&["activation_dropout"], 0.0)?,
+            ..Dropouts::default()
         },
         embedding_norm: !sinusoidal,
         ..ModelSpec::of_family(family)

@@ -384,6 +384,9 @@ pub struct Dropouts {
     pub attention: f64,
     /// On each sub-layer's output before the residual add.
     pub residual: f64,
+    /// Whether `residual` drops the FFN's output only, the attention's output passing through
+    /// undropped (StableLM's layer has one `nn.Dropout`, after its MLP).
+    pub residual_ffn_only: bool,
     /// Inside the FFN, after the activation.
     pub activation: f64,
 }
