@@ -101,7 +101,8 @@ class Bottleneck(torch.nn.Module):
 
 def ffn_sites(model):
     import re
-    site = re.compile(r"\.\d+\.(mlp|fc2|layer\.\d+\.DenseReluDense)$")
+    # MPT's `ffn` adds the residual itself: its output is the block's, the same shape.
+    site = re.compile(r"\.\d+\.(mlp|ffn|fc2|layer\.\d+\.DenseReluDense)$")
     return [m for n, m in model.named_modules() if site.search(n)]
 
 
@@ -168,16 +169,19 @@ def apply_method(model, run, enc_dec):
             mla_q = ["q_proj"] if getattr(model.config, "q_lora_rank", None) is None else ["q_a_proj", "q_b_proj"]
             targets = {"gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "t5": ["q", "v"], "mt5": ["q", "v"], "bloom": ["query_key_value"],
                        "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"],
-                       "codegen": ["qkv_proj"],
+                       "codegen": ["qkv_proj"], "mpt": ["Wqkv"],
                        "deepseek_v2": mla_q + ["kv_b_proj"], "deepseek_v3": mla_q + ["kv_b_proj"]}.get(
                 model.config.model_type, ["q_proj", "v_proj"])
         cfg = peft.LoraConfig(task_type=task, r=run["lora_r"], lora_alpha=run.get("lora_alpha", 2 * run["lora_r"]),
                               lora_dropout=0.0, target_modules=targets, use_dora=run.get("lora_dora", False),
                               fan_in_fan_out=model.config.model_type == "gpt2")
-    elif method == "prefix":
-        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
-    elif method == "prompt":
-        cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=run["n_virtual"])
+    elif method in ("prefix", "prompt"):
+        # peft finds the head count under a few config keys only; MPT's `n_heads` is not one of
+        # them (peft then asks for `num_attention_heads`), so pass the config's own value.
+        kind = peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig
+        heads = getattr(model.config, "num_attention_heads", None)
+        cfg = kind(task_type=task, num_virtual_tokens=run["n_virtual"],
+                   **({"num_attention_heads": heads} if heads else {}))
     elif method == "ia3":
         # A model type missing from peft's IA3 table makes peft ask for target_modules: Llama's
         # entry then (keys, values, or a fused qkv projection whole, and the FFN's output
@@ -185,7 +189,8 @@ def apply_method(model, run, enc_dec):
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as ia3_table
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         ffn_out = next((n for n in ("down_proj", "fc2", "wo", "fc_out") if n in names), "down_proj")
-        attn = ["qkv_proj"] if "qkv_proj" in names else ["k_proj", "v_proj"]
+        fused = next((n for n in ("qkv_proj", "Wqkv") if n in names), None)
+        attn = [fused] if fused else ["k_proj", "v_proj"]
         kw = ({} if model.config.model_type in ia3_table else
               dict(target_modules=attn + [ffn_out], feedforward_modules=[ffn_out]))
         cfg = peft.IA3Config(task_type=task, **kw)

@@ -44,24 +44,22 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     if plan.seq == 0 {
         return Err(field("seq", "must be at least 1".into()));
     }
-    // transformers' T5 (relative bias) and BLOOM (ALiBi) declare no flash_attention_2 support
-    // (`_supports_flash_attn`): from_pretrained refuses it.
-    if plan.attention == crate::spec::plan::AttentionKernel::Flash2
-        && matches!(
-            model.positions,
-            crate::spec::model::Positions::RelativeBias { .. }
-                | crate::spec::model::Positions::Alibi
-        )
-    {
+    // A model whose transformers class declares no flash_attention_2 (`_supports_flash_attn`
+    // false: T5's relative bias, BLOOM's and MPT's ALiBi, CodeGen): from_pretrained refuses it.
+    if plan.attention == crate::spec::plan::AttentionKernel::Flash2 && !model.flash_attention {
         return Err(field(
             "attention",
             format!(
-                "`{}` ({}) has no flash_attention_2 in transformers: its position bias is added to the scores",
+                "`{}` ({}) has no flash_attention_2 in transformers",
                 model.name,
                 model.family.model_type()
             ),
         )
-        .with_hint("use --attention sdpa or eager"));
+        .with_hint(if model.sdpa {
+            "use --attention sdpa or eager"
+        } else {
+            "use --attention eager (it has no SDPA path either: sdpa plans the same eager code)"
+        }));
     }
     let heads = model.decoder.heads;
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);

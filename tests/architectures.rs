@@ -368,12 +368,15 @@ fn partial_methods_never_hold_more_optimizer_state_than_full_fine_tuning() {
 #[test]
 fn flash_attention_2_is_refused_where_transformers_has_none() {
     let hw = resolve_hardware("h200").expect("ships").value;
-    for name in ["t5-small", "bloom-560m"] {
-        let p = plan(lora(), 1, 512, AttentionKernel::Flash2);
+    let p = plan(lora(), 1, 512, AttentionKernel::Flash2);
+    // `_supports_flash_attn` is false (or unset) on these classes in transformers 5.17.
+    for name in ["t5-small", "bloom-560m", "mpt-7b", "codegen-350m-mono"] {
         let err =
             estimate(&model(name), &p, &hw, &Rates::from_datasheet(&hw)).expect_err("no flash2");
         assert!(err.to_string().contains("flash_attention_2"), "{err}");
     }
+    // GPT-J has no SDPA path but does have a flash_attention_2 class.
+    assert!(estimate(&model("gpt-j-6b"), &p, &hw, &Rates::from_datasheet(&hw)).is_ok());
 }
 
 #[test]
@@ -987,4 +990,54 @@ fn codegen_copies_its_qkv_shards_and_gpt_neo_holds_the_last_probabilities() {
     let mut ckpt = p.clone();
     ckpt.grad_ckpt = true;
     assert_eq!(transient(&ckpt) - transient(&p), 393_216);
+}
+
+#[test]
+fn mpt_reads_transformers_block_and_its_nested_attention_config() {
+    // transformers' MptForCausalLM: ALiBi on eager scores (no SDPA or flash class), one
+    // bias-free `Wqkv`, a tied head, and `attn_config.attn_pdrop` for the probabilities and
+    // both sub-layer outputs; `resid_pdrop` is read by nothing.
+    let config = serde_json::json!({
+        "model_type": "mpt", "d_model": 256, "n_heads": 4, "n_layers": 2, "vocab_size": 512,
+        "max_seq_len": 128, "resid_pdrop": 0.3, "attn_config": {"attn_pdrop": 0.1}
+    });
+    let m =
+        ftplan::spec::hf::parse_config("config.json", &config, "mpt-toy", false).expect("reads");
+    assert!(!m.sdpa && !m.flash_attention && m.fused_qkv && m.tie_word_embeddings);
+    assert_eq!((m.dropout.attention, m.dropout.residual), (0.1, 0.1));
+    assert_eq!(m.context, Some(128));
+    // Parameters: 512 x 256 tied embedding; per layer Wqkv 3 x 256^2, out_proj 256^2, the MLP
+    // 2 x 4 x 256^2, two bias-free norms 2 x 256; the final norm 256.
+    let per_layer = 12 * 256 * 256 + 2 * 256;
+    let total = run(&m, &plan(Method::Full, 1, 64, AttentionKernel::Eager))
+        .memory
+        .total_params;
+    assert_eq!(total, 512 * 256 + 2 * per_layer + 256);
+}
+
+#[test]
+fn eager_attention_over_a_fused_projection_keeps_part_sized_copies() {
+    // MPT-7B (32 heads of 128, hidden 4,096, one fused `Wqkv`), prefix tuning with 32 virtual
+    // tokens, batch 1 x 64, bf16, eager attention. `matmul` on the head-split views of the
+    // fused output copies each operand for `bmm` and autograd keeps the copies, not the fused
+    // output. A layer past the first (everything requires grad there) keeps:
+    // - q: 64 x 4,096 x 2 B = 524,288; k and v with the prefix in front, 96 x 4,096 x 2 B =
+    //   786,432 each;
+    // - softmax's fp32 output, 32 x 64 x 96 x 4 B = 786,432, and its bf16 copy for v's
+    //   gradient, 393,216:
+    // 3,276,800 bytes, where keeping the fused output (3 x 524,288) beside k and v would be
+    // 4,325,376. Without the prefix (LoRA q,v) the three copies are the fused output's bytes:
+    // 3 x 524,288 + 32 x 64 x 64 x 6 B = 2,359,296.
+    let m = model("mpt-7b");
+    let core = |method: Method| -> u64 {
+        let p = plan(method, 1, 64, AttentionKernel::Eager);
+        let g = graph::build(&m, &p);
+        let op = g
+            .ops()
+            .find(|o| o.repeat > 1 && o.kind == OpKind::Attention)
+            .expect("a repeated attention core");
+        crate::kept_bytes(&g, op)
+    };
+    assert_eq!(core(Method::Prefix { virtual_tokens: 32 }), 3_276_800);
+    assert_eq!(core(lora()), 2_359_296);
 }

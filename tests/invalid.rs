@@ -239,6 +239,23 @@ fn layer_patterns_and_experts() {
             "shared-vocabulary",
         ],
     );
+    // A nested config object's field is named with its parent's.
+    model(
+        "mpt-clip-qkv.json",
+        &[
+            "`attn_config.clip_qkv`",
+            "is 8: clamping q, k and v is not modelled",
+            "null",
+        ],
+    );
+    model(
+        "mpt-attn-config-not-object.json",
+        &["`attn_config`", "must be an object, found `0.1`"],
+    );
+    model(
+        "mpt-expansion-ratio.json",
+        &["`expansion_ratio`", "always 4 x d_model", "remote code"],
+    );
 }
 
 #[test]

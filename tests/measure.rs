@@ -60,8 +60,10 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
     // Qwen2 (peft's table: `post_attention_layernorm` only), and `freeze` with its side and
     // embeddings passed to the harness (T5's decoder side: its blocks, final norm, not the
     // shared embeddings; BART's top block with the embeddings, positions and head), and IA3 on
-    // StableLM, which peft's table lacks (the harness passes Llama's entry, as ftplan models it).
+    // StableLM, which peft's table lacks (the harness passes Llama's entry, as ftplan models it),
+    // and prefix tuning on MPT, whose config names its heads `n_heads` (peft asks for the count).
     for extra in [
+        &["--model", "mpt-7b", "--method", "prefix"][..],
         &["--model", "stablelm-2-1.6b", "--method", "ia3"][..],
         &["--model", "qwen3-30b-a3b", "--method", "lora"][..],
         &["--model", "gpt2", "--method", "bitfit"][..],
@@ -90,13 +92,13 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
             "{extra:?}"
         );
     }
-    // --save appended seven lines that `ftplan validate --file` reads back, the freeze runs'
+    // --save appended eight lines that `ftplan validate --file` reads back, the freeze runs'
     // side and embeddings included (their counts match again there).
     let text = std::fs::read_to_string(&saved).expect("saved");
-    assert_eq!(text.lines().count(), 7);
+    assert_eq!(text.lines().count(), 8);
     let v = validate_json(&saved);
     let rows = v["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 7, "{v}");
+    assert_eq!(rows.len(), 8, "{v}");
     for r in rows {
         assert_eq!(r["measured_trainable"], r["estimated_trainable"], "{r}");
     }

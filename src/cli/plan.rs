@@ -627,11 +627,17 @@ impl PlanInput {
                              a sink-aware flash kernel)",
                             model.value.name
                         )
-                    } else {
+                    } else if model.value.flash_attention {
                         format!(
                             "`{}` has no SDPA path in transformers: planned with its eager \
                              attention, as transformers runs it (--attention flash2 plans its \
                              flash_attention_2 class)",
+                            model.value.name
+                        )
+                    } else {
+                        format!(
+                            "`{}` has no SDPA path in transformers: planned with its eager \
+                             attention, the only one transformers has for it",
                             model.value.name
                         )
                     });

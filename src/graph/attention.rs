@@ -39,11 +39,10 @@ impl Builder<'_> {
         let mut bwd_extra = Bytes::ZERO;
         let sinks = self.model.attention_sinks;
         let kernel = match (self.plan.attention, mask) {
-            // BLOOM's attention is its own eager code (baddbmm with the ALiBi bias).
-            _ if self.model.positions == crate::spec::model::Positions::Alibi => Kernel::Eager,
             // A model without an SDPA path (`_supports_sdpa = False`: GPT-OSS, whose sink logit
-            // SDPA cannot take; GPT-Neo; GPT-J) runs its eager code; flash_attention_2 means
-            // the model's flash class (GPT-OSS: the hub's sink-aware kernel).
+            // SDPA cannot take; GPT-Neo; GPT-J; BLOOM and MPT, whose ALiBi bias joins eager
+            // scores) runs its eager code; flash_attention_2 means the model's flash class
+            // (GPT-OSS: the hub's sink-aware kernel).
             (AttentionKernel::Sdpa, _) if !self.model.sdpa => Kernel::Eager,
             (AttentionKernel::Eager, _) => Kernel::Eager,
             // T5's self-attention bias is `compute_bias`'s permuted view (last-dim stride = the
@@ -135,6 +134,15 @@ impl Builder<'_> {
                 // to every head), softmax(dtype=fp32) keeps its fp32 output, the bf16 copy of
                 // it is kept by the matmul with v, and so is v.
                 let group = heads / stack.kv_heads.max(1);
+                // `matmul` on a head-split view of a fused projection's output (GPT-2's
+                // `c_attn`, MPT's `Wqkv`: batch and head strides that do not fold into one
+                // dimension) makes a contiguous copy for `bmm`, and that copy, part-sized, is
+                // what autograd keeps, not the fused output (which the call then releases).
+                let (q, k, v) = (
+                    self.own_storage(q),
+                    self.own_storage(k),
+                    self.own_storage(v),
+                );
                 // GPT-Neo's and GPT-J's `_attn` cast q and k to fp32 first. Under autocast
                 // the matmul casts them back to bf16 (those copies are what it keeps) while
                 // the fp32 ones live until the call returns; without autocast the scores are

@@ -229,6 +229,18 @@ impl<'a> Builder<'a> {
     }
 
     /// A fresh value of `width` elements per token.
+    /// `v` in storage of its own: a part of a larger tensor (q, k or v as a head-split view of
+    /// a fused projection's output) becomes a new tensor of the part's size, as a contiguous
+    /// copy of it; anything else is returned as it is.
+    pub fn own_storage(&mut self, v: Val) -> Val {
+        let own = self.sequence_split(v.width, v.dtype.bytes(v.elements()));
+        if self.graph.tensor(v.id).bytes > own {
+            self.val(v.width, v.tokens, v.dtype, v.grad)
+        } else {
+            v
+        }
+    }
+
     pub fn val(&mut self, width: u64, tokens: u64, dtype: DType, grad: bool) -> Val {
         let bytes = self.sequence_split(width, dtype.bytes(width.saturating_mul(tokens)));
         let id = self.tensor(TensorKind::Activation, bytes);
@@ -447,6 +459,8 @@ impl<'a> Builder<'a> {
             | Family::GptNeo
             | Family::Gptj
             | Family::Codegen
+            // MPT: an `nn.Dropout` after attention, `F.dropout` in the MLP.
+            | Family::Mpt
             | Family::T5
             | Family::Mt5
             | Family::StableLm

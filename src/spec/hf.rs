@@ -156,6 +156,44 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Reads the nested object under `key` (MPT's `attn_config`) with its own reader; errors name
+    /// the field as `key.field`. `None` when the key is absent or null.
+    fn nested<T>(
+        &self,
+        key: &'static str,
+        read: impl FnOnce(&Reader) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let Some((_, value)) = self.raw(&[key]) else {
+            return Ok(None);
+        };
+        let map = value.as_object().ok_or_else(|| {
+            Error::field(
+                self.path,
+                key,
+                format!("must be an object, found `{value}`"),
+            )
+        })?;
+        let inner = Reader {
+            path: self.path,
+            map,
+            seen: RefCell::new(BTreeSet::new()),
+        };
+        read(&inner).map(Some).map_err(|e| match e {
+            Error::Field {
+                path,
+                field,
+                problem,
+                hint,
+            } => Error::Field {
+                path,
+                field: format!("{key}.{field}"),
+                problem,
+                hint,
+            },
+            other => other,
+        })
+    }
+
     fn str_or(&self, keys: &[&'static str], default: &'static str) -> Result<String> {
         match self.raw(keys) {
             None => Ok(default.to_string()),
@@ -234,6 +272,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Olmo => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
+        Family::Mpt => mpt(&r)?,
         Family::Deepseek => deepseek(&r)?,
         Family::Mamba => mamba(&r)?,
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
@@ -249,10 +288,15 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     };
     spec.name = name.to_string();
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
-    spec.context = ["max_position_embeddings", "n_positions", "n_ctx"]
-        .iter()
-        .find_map(|k| map.get(*k).and_then(serde_json::Value::as_u64))
-        .filter(|&c| c > 0);
+    spec.context = [
+        "max_position_embeddings",
+        "n_positions",
+        "n_ctx",
+        "max_seq_len",
+    ]
+    .iter()
+    .find_map(|k| map.get(*k).and_then(serde_json::Value::as_u64))
+    .filter(|&c| c > 0);
     check_size(path, &spec)?;
     check_heads(path, &spec.decoder, spec.hidden_size, &r)?;
     if let Some(enc) = &spec.encoder {
@@ -818,6 +862,10 @@ fn bloom(r: &Reader) -> Result<ModelSpec> {
         activation: Activation::Gelu,
         norm: Norm::LayerNorm,
         positions: Positions::Alibi,
+        // BloomPreTrainedModel declares neither SDPA nor flash_attention_2: its attention is
+        // the eager `baddbmm` with the ALiBi bias.
+        sdpa: false,
+        flash_attention: false,
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         qkv_bias: true,
         linear_bias: true,
@@ -829,6 +877,75 @@ fn bloom(r: &Reader) -> Result<ModelSpec> {
             ..Dropouts::default()
         },
         ..ModelSpec::decoder_only(Family::Bloom, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `MptForCausalLM` (MPT-7B, MPT-30B) as transformers writes it, which is not MosaicML's remote
+/// code: pre-norm blocks whose LayerNorms have their bias removed, one bias-free `Wqkv`, ALiBi
+/// added to eager scores (no SDPA path), a 4 x `d_model` GELU MLP whatever `expansion_ratio`
+/// says, a tied head, and `attn_config.attn_pdrop` used for all three dropouts (probabilities,
+/// the attention output, the MLP output); `resid_pdrop`, `emb_pdrop`, `no_bias`, `qk_ln`,
+/// `attn_type` and `alibi` are not read by that code. Each block returns its probabilities to the
+/// model's loop, as GPT-Neo's does.
+fn mpt(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["d_model", "hidden_size"])?;
+    let heads = r.u64(&["n_heads", "num_attention_heads"])?;
+    let layers = r.u64(&["n_layers", "num_hidden_layers"])?;
+    let expansion = r.opt_u64(&["expansion_ratio"])?.unwrap_or(4);
+    if expansion != 4 {
+        return Err(Error::field(
+            r.path,
+            "expansion_ratio",
+            format!("is {expansion}; transformers' MptMLP is always 4 x d_model wide"),
+        )
+        .with_hint("a checkpoint with another ratio loads only with MosaicML's remote code, which ftplan does not model"));
+    }
+    r.raw(&[
+        "resid_pdrop",
+        "emb_pdrop",
+        "no_bias",
+        "learned_pos_emb",
+        "embedding_fraction",
+        "norm_type",
+        "logit_scale",
+        "init_device",
+        "layer_norm_epsilon",
+        "max_seq_len",
+    ]);
+    let attn_pdrop = r
+        .nested("attn_config", |a| {
+            if let Some((key, value)) = a.raw(&["clip_qkv"]) {
+                return Err(Error::field(
+                    a.path,
+                    key,
+                    format!("is {value}: clamping q, k and v is not modelled"),
+                )
+                .with_hint("remove `clip_qkv` (or set it to null) to plan the unclamped model"));
+            }
+            a.f64_or(&["attn_pdrop"], 0.0)
+        })?
+        .unwrap_or(0.0);
+    Ok(ModelSpec {
+        gated_ffn: false,
+        activation: Activation::Gelu,
+        norm: Norm::LayerNormWithoutBias,
+        positions: Positions::Alibi,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
+        fused_qkv: true,
+        sdpa: false,
+        flash_attention: false,
+        returns_attention_weights: true,
+        dropout: Dropouts {
+            attention: attn_pdrop,
+            residual: attn_pdrop,
+            ..Dropouts::default()
+        },
+        ..ModelSpec::decoder_only(
+            Family::Mpt,
+            hidden,
+            r.u64(&["vocab_size"])?,
+            Stack::new(layers, heads, heads, hidden / heads.max(1), 4 * hidden),
+        )
     })
 }
 
@@ -1105,6 +1222,8 @@ fn gptj(r: &Reader, family: Family) -> Result<ModelSpec> {
         out_bias: Some(false),
         fused_qkv: codegen,
         qkv_split_copies: codegen,
+        // CodeGenPreTrainedModel declares no flash_attention_2 (GPTJPreTrainedModel does).
+        flash_attention: !codegen,
         parallel_block: true,
         lm_head_bias: true,
         dropout: Dropouts {
@@ -1377,6 +1496,8 @@ fn t5(r: &Reader, family: Family) -> Result<ModelSpec> {
         gated_ffn: gated,
         activation: act,
         norm: Norm::T5RmsNorm,
+        // T5PreTrainedModel declares no flash_attention_2: the relative bias joins the scores.
+        flash_attention: false,
         positions: Positions::RelativeBias {
             buckets: r
                 .opt_u64(&["relative_attention_num_buckets"])?

@@ -61,6 +61,9 @@ pub enum Family {
     /// `CodeGenForCausalLM` (Nijkamp et al. 2023, CodeGen 350M-16B): GPT-J's block with one
     /// fused `qkv_proj` (no bias) split as four model-parallel shards.
     Codegen,
+    /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
+    /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
+    Mpt,
     /// `BartForConditionalGeneration`: encoder-decoder, post-LayerNorm, learned positions.
     Bart,
     /// `MixtralForCausalLM`: the Mistral block with a sparse mixture-of-experts FFN.
@@ -155,7 +158,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 49] = [
+    pub const ALL: [(&'static str, Family); 50] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -205,6 +208,7 @@ impl Family {
         ("marian", Family::Marian),
         ("pegasus", Family::Pegasus),
         ("codegen", Family::Codegen),
+        ("mpt", Family::Mpt),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -491,6 +495,9 @@ pub struct ModelSpec {
     /// transformers has an SDPA path for the model (`_supports_sdpa`); without one it runs the
     /// model's eager attention when SDPA is asked for (GPT-OSS, GPT-Neo, GPT-J).
     pub sdpa: bool,
+    /// transformers has a flash_attention_2 path for the model (`_supports_flash_attn`);
+    /// without one `from_pretrained` refuses it (T5 and mT5, BLOOM, CodeGen, MPT).
+    pub flash_attention: bool,
     /// The eager attention casts q and k to fp32 before the scores (GPT-Neo's and GPT-J's
     /// `_attn`: `query.to(torch.float32)`): without autocast the scores are fp32 and the
     /// matmul keeps the fp32 copies.
@@ -624,6 +631,7 @@ impl ModelSpec {
             mla: None,
             attention_sinks: false,
             sdpa: true,
+            flash_attention: true,
             attention_upcast: false,
             returns_attention_weights: false,
             buffers: crate::units::Bytes::ZERO,

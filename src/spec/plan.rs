@@ -42,7 +42,7 @@ impl Proj {
 
     /// Hugging Face module names (as peft's `target_modules` names them) by role. GPT-2's
     /// `c_proj` names both the attention output and the FFN output projection.
-    pub const MODULES: [(&'static str, &'static [Proj]); 37] = [
+    pub const MODULES: [(&'static str, &'static [Proj]); 38] = [
         ("q", &[Proj::Q]),
         ("k", &[Proj::K]),
         ("v", &[Proj::V]),
@@ -55,6 +55,8 @@ impl Proj {
         ("c_attn", &[Proj::Q, Proj::K, Proj::V]),
         ("query_key_value", &[Proj::Q, Proj::K, Proj::V]),
         ("qkv_proj", &[Proj::Q, Proj::K, Proj::V]),
+        // MPT's fused projection (peft's LoRA default for `mpt`).
+        ("Wqkv", &[Proj::Q, Proj::K, Proj::V]),
         ("c_proj", &[Proj::O, Proj::Down]),
         ("gate", &[Proj::Gate]),
         ("w1", &[Proj::Gate]),
