@@ -58,11 +58,14 @@ fn main() {
     for (stem, text) in ftplan::spec::registry::model_files() {
         let name = stem.to_string();
         let m = ftplan::spec::registry::parse_model_toml(stem, stem, text).expect("ships");
-        // peft refuses `all-linear` on Mamba (its mixer's out_proj): the three that work.
-        let targets = if m.has_attention() {
-            LoraTargets::AllLinear
-        } else {
+        // peft refuses `all-linear` on Mamba (its mixer's out_proj): the three that work; on
+        // PhiMoE it fails on the router: the attention projections, all LoRA reaches there.
+        let targets = if !m.has_attention() {
             LoraTargets::parse(["in_proj", "x_proj", "dt_proj"]).expect("known names")
+        } else if m.family == ftplan::spec::model::Family::Phimoe {
+            LoraTargets::parse(["q_proj", "k_proj", "v_proj", "o_proj"]).expect("known names")
+        } else {
+            LoraTargets::AllLinear
         };
         let p = Plan {
             method: Method::Lora(Lora {

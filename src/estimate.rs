@@ -114,6 +114,22 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 )
                 .with_hint(MAMBA_TARGETS));
             }
+            // PhiMoE's router is an `nn.Linear` subclass whose forward returns a tuple: peft's
+            // `all-linear` wraps it, and the LoRA layer fails adding its delta to that tuple
+            // (peft 0.21.2, transformers 5.17). The experts are 3-D parameters peft does not
+            // convert for `phimoe`, so the attention projections are all LoRA can reach.
+            if model.family == crate::spec::model::Family::Phimoe
+                && l.targets == crate::spec::plan::LoraTargets::AllLinear
+            {
+                return Err(field(
+                    "lora-targets",
+                    format!(
+                        "peft's `all-linear` wraps `{}`'s router (an nn.Linear returning a tuple), and LoRA fails on it",
+                        model.name
+                    ),
+                )
+                .with_hint("name the attention projections: --lora-targets q_proj,k_proj,v_proj,o_proj"));
+            }
             if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
                 return Err(field(
                     "lora-alpha",

@@ -1041,3 +1041,70 @@ fn eager_attention_over_a_fused_projection_keeps_part_sized_copies() {
     assert_eq!(core(Method::Prefix { virtual_tokens: 32 }), 3_276_800);
     assert_eq!(core(lora()), 2_359_296);
 }
+
+#[test]
+fn moe_input_jitter_keeps_one_noise_tensor_per_multiply() {
+    // Phi-3.5-MoE (hidden 4,096) with `input_jitter_noise` 0.01, LoRA q,v, batch 1 x 64:
+    // PhimoeSparseMoeBlock and then PhimoeTopKRouter multiply the block's input in place by
+    // fresh uniform noise, and each `mul_` keeps its noise for backward. The input is
+    // `post_attention_layernorm`'s output, an `nn.LayerNorm` that autocast runs in fp32:
+    // 2 x 64 x 4,096 x 4 B = 2,097,152 bytes per layer. Mixtral's block does it once when
+    // `router_jitter_noise` is set, on its RMSNorm's bf16 output: 64 x 4,096 x 2 B = 524,288.
+    // With no jitter there is no such op.
+    let kept = |m: &ModelSpec| -> u64 {
+        let g = graph::build(m, &plan(lora(), 1, 64, AttentionKernel::Sdpa));
+        g.ops()
+            .filter(|o| g.name(o.name).contains(".jitter"))
+            .filter(|o| g.name(o.name).contains("layers.1"))
+            .map(|o| crate::kept_bytes(&g, o))
+            .sum()
+    };
+    let phimoe = model("phi-3.5-moe");
+    assert_eq!(phimoe.moe.expect("moe").input_jitter, 2);
+    assert_eq!(kept(&phimoe), 2_097_152);
+    let mut still = phimoe.clone();
+    still.moe = phimoe.moe.map(|m| ftplan::spec::model::Moe {
+        input_jitter: 0,
+        ..m
+    });
+    assert_eq!(kept(&still), 0);
+    let mixtral = model("mixtral-8x7b");
+    assert_eq!(mixtral.moe.expect("moe").input_jitter, 0);
+    let mut jittered = mixtral.clone();
+    jittered.moe = mixtral.moe.map(|m| ftplan::spec::model::Moe {
+        input_jitter: 1,
+        ..m
+    });
+    assert_eq!(kept(&jittered), 524_288);
+}
+
+#[test]
+fn phimoe_routes_with_sparsemixer_and_refuses_all_linear_as_peft_fails() {
+    // sparsemixer's forward is 47 kernels beyond the router's linear and the cast (a dispatch
+    // count of PhimoeTopKRouter), top-k routing's 5: 42 more per MoE layer, 32 layers.
+    let m = model("phi-3.5-moe");
+    let p = plan(lora(), 1, 64, AttentionKernel::Sdpa);
+    let kernels = |m: &ModelSpec| -> u64 {
+        let g = graph::build(m, &p);
+        g.ops()
+            .filter(|o| g.name(o.name).ends_with("router.softmax"))
+            .map(|o| u64::from(o.cost.forward_kernels) * u64::from(o.repeat.max(1)))
+            .sum()
+    };
+    let mut topk = m.clone();
+    topk.moe = m.moe.map(|x| ftplan::spec::model::Moe {
+        routing: ftplan::spec::model::Routing::TopK,
+        ..x
+    });
+    assert_eq!(kernels(&m) - kernels(&topk), 32 * 42);
+    // peft's `all-linear` wraps the router (an nn.Linear subclass returning a tuple) and fails.
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let err = estimate(
+        &m,
+        &plan(lora_all(), 1, 64, AttentionKernel::Sdpa),
+        &hw,
+        &Rates::from_datasheet(&hw),
+    )
+    .expect_err("peft fails");
+    assert!(err.to_string().contains("router"), "{err}");
+}

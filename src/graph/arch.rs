@@ -1040,6 +1040,13 @@ fn moe_ops(
     let h = b.model.hidden_size;
     let inter = moe.expert_intermediate;
     let experts = moe.experts.max(1);
+    for i in 0..moe.input_jitter {
+        b.jitter(
+            name.at("jitter")
+                .then(["block", "router"][i.min(1) as usize]),
+            x,
+        );
+    }
     let mut router = b.linear(name.at("gate"), x, experts, moe.bias, None);
     // Whether peft's LoRA reaches the experts and the router at all
     // (`Family::peft_converts_experts`); `all-linear` then adds the router's weight.
@@ -1053,12 +1060,25 @@ fn moe_ops(
         crate::units::DType::F32,
     );
     if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
-        // The router's own kernels beyond its linear and the cast to fp32 (a dispatch count of
-        // Mixtral's block, torch 2.15): softmax, topk, the top-k weights' sum and division and
-        // the cast back, 5; backward, the cast's, the division's (div, neg, sum and a second
-        // div), topk's scatter, softmax's and the fork's add, 10.
-        o.cost.forward_kernels += 5;
-        o.cost.backward_kernels += 10;
+        let (forward, backward) = match moe.routing {
+            // The router's own kernels beyond its linear and the cast to fp32 (a dispatch count
+            // of Mixtral's block, torch 2.15): softmax, topk, the top-k weights' sum and
+            // division and the cast back, 5; backward, the cast's, the division's (div, neg,
+            // sum and a second div), topk's scatter, softmax's and the fork's add, 10.
+            crate::spec::model::Routing::TopK => (5, 10),
+            // PhimoeTopKRouter's `sparsemixer` (a dispatch count of the router in training,
+            // torch 2.15, views and detaches left out): per choice the threshold mask (max,
+            // abs, clamp, sub, div, gt), masked_fill, the Gumbel sample (empty_like,
+            // exponential_, log, sub, max), softmax, gather, the midpoint mask (max, eq,
+            // rand_like, gt, logical_or, add) and PhimoeMultiplier's mul, 22 and the second's
+            // 23 (a `uniform_` more), the first choice masked out with `scatter`, two `cat`s:
+            // 48, less the cast already counted; backward, PhimoeMultiplier's four per choice
+            // (its softmax is not differentiated), their sum and the fork's add, 10. Its
+            // tensors are tokens x experts: no memory that matters.
+            crate::spec::model::Routing::SparseMixer => (47, 10),
+        };
+        o.cost.forward_kernels += forward;
+        o.cost.backward_kernels += backward;
     }
     // Uniform routing gives each expert tokens x top_k / experts; `--expert-load` L plans for
     // imbalance: the busiest expert receives L times that (at most every token), the others

@@ -346,6 +346,22 @@ impl<'a> Builder<'a> {
         })
     }
 
+    /// `x *= torch.empty_like(x).uniform_(1 - e, 1 + e)` in training (MoE input jitter): x keeps
+    /// its storage; the noise is a new tensor of x's size, kept for backward when x needs a
+    /// gradient (`mul_`'s derivative for x is the gradient times the other operand). Kernels:
+    /// `uniform_` and `mul_` forward, one `mul` backward.
+    pub fn jitter(&mut self, name: Name, x: Val) {
+        let noise = self.tensor(TensorKind::Activation, x.bytes());
+        let op = self.elementwise(name, &[x], x, smallvec![noise], 1.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            // In place: nothing beyond the noise, which is kept (or, with no gradient, freed
+            // as the multiply returns).
+            o.forward_transient = if x.grad { Bytes::ZERO } else { x.bytes() };
+            o.cost.forward_kernels = 2;
+            o.cost.forward_bytes = x.bytes() * 3;
+        }
+    }
+
     /// `x.to(dtype)`: the same tensor when the dtype already matches, else a copy (saves nothing).
     pub fn cast(&mut self, name: Name, x: Val, dtype: DType) -> Val {
         if x.dtype == dtype {
@@ -489,6 +505,7 @@ impl<'a> Builder<'a> {
             | Family::Gemma
             | Family::Palm
             | Family::Mixtral
+            | Family::Phimoe
             | Family::Qwen3
             | Family::Granite
             | Family::Exaone4

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
-    NormPlacement, Positions, QkNorm, Softcap, Ssm, Stack,
+    NormPlacement, Positions, QkNorm, Routing, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -112,7 +112,7 @@ impl<'a> Reader<'a> {
 
     /// The one place config floats get their ranges, by what the key names.
     fn in_range(&self, key: &str, p: f64) -> Result<f64> {
-        let (ok, range) = if key.contains("drop") {
+        let (ok, range) = if key.contains("drop") || key.contains("noise") {
             ((0.0..1.0).contains(&p), "a probability in [0, 1)")
         } else if key.contains("rotary") {
             (p > 0.0 && p <= 1.0, "a fraction in (0, 1]")
@@ -250,6 +250,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Qwen2
         | Family::Gemma
         | Family::Mixtral
+        | Family::Phimoe
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -469,7 +470,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
 /// Reads the shared mixture-of-experts keys (Mixtral, Qwen2/3-MoE, DeepSeek).
 fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     let (experts_key, expert_inter) = match family {
-        Family::Mixtral => ("num_local_experts", intermediate),
+        Family::Mixtral | Family::Phimoe => ("num_local_experts", intermediate),
         Family::Deepseek | Family::Glm4Moe => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
@@ -499,10 +500,19 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             format!("({top_k}) must be at most the experts ({experts}), at most 1024"),
         ));
     }
+    // Input jitter, in training only: MixtralSparseMoeBlock multiplies its input by noise when
+    // `router_jitter_noise` > 0; PhimoeSparseMoeBlock and then PhimoeTopKRouter each do when
+    // `input_jitter_noise` > 0 (PhiMoE's `router_jitter_noise` is sparsemixer's threshold).
+    let input_jitter = match family {
+        Family::Mixtral if r.f64_or(&["router_jitter_noise"], 0.0)? > 0.0 => 1,
+        Family::Phimoe if r.f64_or(&["input_jitter_noise"], 0.0)? > 0.0 => 2,
+        _ => 0,
+    };
     r.raw(&[
         "router_aux_loss_coef",
         "output_router_logits",
         "router_jitter_noise",
+        "input_jitter_noise",
         "norm_topk_prob",
         "routed_scaling_factor",
         "n_group",
@@ -543,6 +553,12 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         } else {
             ExpertGate::Activation
         },
+        routing: if family == Family::Phimoe {
+            Routing::SparseMixer
+        } else {
+            Routing::TopK
+        },
+        input_jitter,
     }))
 }
 
@@ -680,7 +696,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
-            Family::StableLm => Norm::LayerNorm,
+            // PhimoeDecoderLayer and PhimoeModel use `nn.LayerNorm` (weight and bias).
+            Family::StableLm | Family::Phimoe => Norm::LayerNorm,
             Family::Olmo => Norm::OlmoLayerNorm,
             _ => Norm::RmsNorm,
         },
@@ -729,6 +746,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         softcap,
         multipliers,
         rope_layers,
+        // PhimoeForCausalLM: `lm_head_bias` (true in Phi-3.5-MoE's config).
+        lm_head_bias: family == Family::Phimoe && r.bool_or(&["lm_head_bias"], false)?,
         attention_sinks: family == Family::GptOss,
         // GptOssPreTrainedModel: `_supports_sdpa = False` (SDPA has no sink logit).
         sdpa: family != Family::GptOss,

@@ -58,6 +58,9 @@ pub enum Family {
     /// `PegasusForConditionalGeneration` (Zhang et al. 2020): mBART's pre-norm layers and final
     /// norm per stack without an embedding norm, scaled embeddings, frozen sinusoidal positions.
     Pegasus,
+    /// `PhimoeForCausalLM` (Phi-3.5-MoE): Mixtral's block with biased LayerNorms, q/k/v/o biases
+    /// (`attention_bias`), a biased LM head, `sparsemixer` routing and input jitter.
+    Phimoe,
     /// `CodeGenForCausalLM` (Nijkamp et al. 2023, CodeGen 350M-16B): GPT-J's block with one
     /// fused `qkv_proj` (no bias) split as four model-parallel shards.
     Codegen,
@@ -158,7 +161,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 50] = [
+    pub const ALL: [(&'static str, Family); 51] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -209,6 +212,7 @@ impl Family {
         ("pegasus", Family::Pegasus),
         ("codegen", Family::Codegen),
         ("mpt", Family::Mpt),
+        ("phimoe", Family::Phimoe),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -531,6 +535,24 @@ pub struct Moe {
     pub bias: bool,
     /// How an expert combines its gate and up projections.
     pub gate: ExpertGate,
+    /// How the router picks experts from its logits.
+    pub routing: Routing,
+    /// In-place multiplies of the block's input by fresh uniform noise in training
+    /// (`hidden_states *= torch.empty_like(hidden_states).uniform_(1 - e, 1 + e)`): Mixtral's
+    /// `router_jitter_noise` once, PhiMoE's `input_jitter_noise` twice (in the block and again
+    /// in its router, on the same storage). Each keeps its noise tensor for backward.
+    pub input_jitter: u32,
+}
+
+/// How a router turns logits into experts and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// Softmax over the experts, then top-k (Mixtral, Qwen-MoE, DeepSeek, ...).
+    TopK,
+    /// PhiMoE's `sparsemixer` (Liu et al. 2024, "GRIN: GRadient-INformed MoE"): per choice a
+    /// masked softmax, a Gumbel sample and Heun's midpoint mask, with a custom backward.
+    SparseMixer,
 }
 
 /// How an expert combines its gate and up projections.
