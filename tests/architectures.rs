@@ -1108,3 +1108,39 @@ fn phimoe_routes_with_sparsemixer_and_refuses_all_linear_as_peft_fails() {
     .expect_err("peft fails");
     assert!(err.to_string().contains("router"), "{err}");
 }
+#[test]
+fn nemotron_norm_runs_in_half_precision_and_relu2_keeps_an_fp32_copy() {
+    // A toy Nemotron (hidden 256, intermediate 768, 4 heads of 64), full fine-tuning in mixed
+    // bf16, batch 1 x 64. Per layer past the first:
+    // - NemotronLayerNorm1P casts its arguments to autocast's bf16 itself: layer_norm keeps the
+    //   bf16 copy of the fp32 residual (64 x 256 x 2 B = 32,768) and fp32 mean and rstd
+    //   (2 x 64 x 4 B = 512), 33,280, where nn.LayerNorm would keep the fp32 input (65,536);
+    //   its bf16 output feeds q, k and v with no autocast copy of its own.
+    // - relu2: `relu` keeps its bf16 output (64 x 768 x 2 B = 98,304), and `torch.square`,
+    //   which autocast runs as fp32 `pow`, keeps its fp32 copy (196,608).
+    let config = serde_json::json!({
+        "model_type": "nemotron", "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "head_dim": 64, "vocab_size": 512, "hidden_act": "relu2"
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    assert!(!m.gated_ffn);
+    assert_eq!(
+        m.positions,
+        ftplan::spec::model::Positions::Rotary { fraction: 0.5 }
+    );
+    let p = Plan {
+        precision: Precision::MixedBf16,
+        ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
+    };
+    let g = graph::build(&m, &p);
+    let kept = |suffix: &str| -> u64 {
+        g.ops()
+            .filter(|o| g.name(o.name) == format!("decoder.layers.1.{suffix}"))
+            .map(|o| crate::kept_bytes(&g, o))
+            .sum()
+    };
+    assert_eq!(kept("input_layernorm"), 33_280);
+    assert_eq!(kept("mlp.act"), 98_304);
+    assert_eq!(kept("mlp.act.square"), 196_608);
+}

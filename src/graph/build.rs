@@ -506,6 +506,7 @@ impl<'a> Builder<'a> {
             | Family::Palm
             | Family::Mixtral
             | Family::Phimoe
+            | Family::Nemotron
             | Family::Qwen3
             | Family::Granite
             | Family::Exaone4

@@ -47,8 +47,11 @@ impl Builder<'_> {
         let h = x.width;
         let kind = self.model.norm;
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
-        let has_bias = kind == Norm::LayerNorm;
-        let layer_norm = matches!(kind, Norm::LayerNorm | Norm::LayerNormWithoutBias);
+        let has_bias = matches!(kind, Norm::LayerNorm | Norm::LayerNorm1P);
+        let layer_norm = matches!(
+            kind,
+            Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P
+        );
         // OLMo 1's LayerNorm has neither weight nor bias.
         let has_weight = kind != Norm::OlmoLayerNorm;
         let reached = self.ln_tuning_reaches(name) && has_weight;
@@ -65,10 +68,17 @@ impl Builder<'_> {
         let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let out = match kind {
-            Norm::LayerNorm | Norm::LayerNormWithoutBias => {
-                // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32.
+            Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P => {
+                // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32,
+                // while NemotronLayerNorm1P casts its input to autocast's half dtype itself and
+                // runs with autocast off.
+                let to = if kind == Norm::LayerNorm1P {
+                    self.half
+                } else {
+                    DType::F32
+                };
                 let input = if self.autocast {
-                    self.cast(name.then("cast"), x, DType::F32)
+                    self.cast(name.then("cast"), x, to)
                 } else {
                     x
                 };
@@ -163,7 +173,9 @@ impl Builder<'_> {
                     x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
                 },
                 backward_bytes: match kind {
-                    Norm::LayerNorm | Norm::LayerNormWithoutBias => (x.bytes() + out.bytes()) * 2,
+                    Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P => {
+                        (x.bytes() + out.bytes()) * 2
+                    }
                     // The fused layer_norm backward over the fp32 copy, and the cast's.
                     Norm::OlmoLayerNorm => {
                         DType::F32.bytes(x.elements()) * 3 + x.bytes() + out.bytes()
@@ -202,13 +214,19 @@ impl Builder<'_> {
                 // LlamaRMSNorm is eight Python-level ops (to, pow, mean, add, rsqrt, mul, to,
                 // mul); layer_norm is one fused kernel.
                 forward_kernels: match kind {
-                    Norm::LayerNorm => 1,
+                    Norm::LayerNorm | Norm::LayerNormWithoutBias => 1,
+                    // `weight + 1`, then (under autocast) the weight's and bias's casts.
+                    Norm::LayerNorm1P => 2 + 2 * u32::from(self.autocast),
                     // layer_norm and the cast back (the upcast is its own op).
                     Norm::OlmoLayerNorm => 2,
                     _ => 8,
                 },
                 backward_kernels: match kind {
-                    Norm::LayerNorm => 1,
+                    Norm::LayerNorm | Norm::LayerNormWithoutBias => 1,
+                    // layer_norm's, and the weight's `+ 1` and casts pass its gradient on.
+                    Norm::LayerNorm1P => {
+                        1 + u32::from(trainable) * (1 + 2 * u32::from(self.autocast))
+                    }
                     Norm::OlmoLayerNorm => 2,
                     _ => 12,
                 },
@@ -242,6 +260,18 @@ impl Builder<'_> {
                 let out = self.val(width, tokens, x.dtype, x.grad);
                 let op = self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
                 self.set_backward_bytes(op, out.bytes() * 2 + x.bytes());
+                out
+            }
+            Activation::Relu2 => {
+                // `relu` keeps its output, which `torch.square` (a `pow`, run in fp32 under
+                // autocast) keeps too, or its fp32 copy; the square is new.
+                let r = self.val(width, tokens, x.dtype, x.grad);
+                let op = self.elementwise(name, &[x], r, smallvec![r.id], 1.0);
+                self.set_backward_bytes(op, r.bytes() * 2 + x.bytes());
+                let wide = if self.autocast { DType::F32 } else { x.dtype };
+                let r32 = self.cast(name.then("pow_cast"), r, wide);
+                let out = self.val(width, tokens, wide, x.grad);
+                self.elementwise(name.then("square"), &[r32], out, smallvec![r32.id], 2.0);
                 out
             }
             Activation::GeluNewPython => {

@@ -251,6 +251,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Gemma
         | Family::Mixtral
         | Family::Phimoe
+        | Family::Nemotron
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -358,10 +359,11 @@ fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
         }
         "gelu_new" => Activation::GeluNewPython,
         "relu" => Activation::Relu,
+        "relu2" => Activation::Relu2,
         other => {
             return Err(
                 Error::field(path, key, format!("activation `{other}` is not supported"))
-                    .with_hint("one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu"),
+                    .with_hint("one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2"),
             );
         }
     })
@@ -613,7 +615,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let mlp_bias = mlp_bias
         && matches!(
             family,
-            Family::Llama | Family::Granite | Family::SeedOss | Family::Helium
+            Family::Llama | Family::Granite | Family::SeedOss | Family::Helium | Family::Nemotron
         );
     r.raw(&[
         "rms_norm_eps",
@@ -638,6 +640,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "pretraining_tp",
         "eod_token_id",
         "layer_norm_eps",
+        "norm_eps",
     ]);
     // Phi-3 keeps GPT-style residual and embedding dropout (`resid_pdrop`, `embd_pdrop`).
     let (residual, embedding) = match family {
@@ -698,6 +701,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
             // PhimoeDecoderLayer and PhimoeModel use `nn.LayerNorm` (weight and bias).
             Family::StableLm | Family::Phimoe => Norm::LayerNorm,
+            Family::Nemotron => Norm::LayerNorm1P,
             Family::Olmo => Norm::OlmoLayerNorm,
             _ => Norm::RmsNorm,
         },
@@ -746,6 +750,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         softcap,
         multipliers,
         rope_layers,
+        // NemotronMLP: `down_proj(act(up_proj(x)))`, no gate.
+        gated_ffn: family != Family::Nemotron,
         // PhimoeForCausalLM: `lm_head_bias` (true in Phi-3.5-MoE's config).
         lm_head_bias: family == Family::Phimoe && r.bool_or(&["lm_head_bias"], false)?,
         attention_sinks: family == Family::GptOss,
@@ -755,6 +761,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             rotary_fraction(r, 0.5)?
         } else if family == Family::StableLm {
             rotary_fraction(r, 0.25)?
+        } else if family == Family::Nemotron {
+            // NemotronConfig's default `partial_rotary_factor` is 0.5.
+            rotary_fraction(r, 0.5)?
         } else {
             base.positions
         },

@@ -64,6 +64,9 @@ pub enum Family {
     /// `CodeGenForCausalLM` (Nijkamp et al. 2023, CodeGen 350M-16B): GPT-J's block with one
     /// fused `qkv_proj` (no bias) split as four model-parallel shards.
     Codegen,
+    /// `NemotronForCausalLM` (Nemotron-4, Minitron): the Llama attention with half-rotary heads,
+    /// a non-gated squared-ReLU MLP and `NemotronLayerNorm1P`.
+    Nemotron,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -161,7 +164,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 51] = [
+    pub const ALL: [(&'static str, Family); 52] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -213,6 +216,7 @@ impl Family {
         ("codegen", Family::Codegen),
         ("mpt", Family::Mpt),
         ("phimoe", Family::Phimoe),
+        ("nemotron", Family::Nemotron),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -250,6 +254,9 @@ pub enum Activation {
     GeluNewPython,
     /// `F.relu` (saves its output).
     Relu,
+    /// transformers' `ReLUSquaredActivation` (`relu2`; So et al. 2021, "Primer"): `relu`, then
+    /// `torch.square`, which autocast runs as fp32 `pow`.
+    Relu2,
 }
 
 /// Normalisation layer implementation.
@@ -260,6 +267,10 @@ pub enum Norm {
     LayerNorm,
     /// `nn.LayerNorm(bias=False)`: the same op with a scale only (PaLM).
     LayerNormWithoutBias,
+    /// `NemotronLayerNorm1P`: `F.layer_norm` with `weight + 1`, its arguments cast to
+    /// autocast's dtype by the module itself and run with autocast off (half precision under
+    /// mixed precision, where `nn.LayerNorm` runs in fp32).
+    LayerNorm1P,
     /// `LlamaRMSNorm`: upcast to fp32, normalise, cast back, multiply by the weight.
     RmsNorm,
     /// `GemmaRMSNorm`: fp32 throughout, `* (1 + weight)`, cast back.
