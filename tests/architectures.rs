@@ -1144,3 +1144,26 @@ fn nemotron_norm_runs_in_half_precision_and_relu2_keeps_an_fp32_copy() {
     assert_eq!(kept("mlp.act"), 98_304);
     assert_eq!(kept("mlp.act.square"), 196_608);
 }
+
+#[test]
+fn arcee_is_llama_with_a_non_gated_relu2_mlp() {
+    // ArceeConfig: `hidden_act` defaults to relu2, the MLP is `down_proj(act(up_proj(x)))` with
+    // `mlp_bias`, the norms are Llama's RMSNorm. A toy (hidden 256, intermediate 1,024, 4 heads
+    // of 64, 2 KV heads, 2 layers, vocabulary 512, untied): per layer q and o 256^2 each, k and v
+    // 256 x 128 each, up and down 256 x 1,024 each, two norms 256; the embedding and head
+    // 512 x 256 each and the final norm 256.
+    let config = serde_json::json!({
+        "model_type": "arcee", "hidden_size": 256, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    assert!(!m.gated_ffn);
+    assert_eq!(m.activation, ftplan::spec::model::Activation::Relu2);
+    assert_eq!(m.norm, ftplan::spec::model::Norm::RmsNorm);
+    let per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 2 * 256 * 1024 + 2 * 256;
+    let total = run(&m, &plan(Method::Full, 1, 64, AttentionKernel::Sdpa))
+        .memory
+        .total_params;
+    assert_eq!(total, 2 * per_layer + 2 * 512 * 256 + 256);
+}

@@ -507,6 +507,7 @@ impl<'a> Builder<'a> {
             | Family::Mixtral
             | Family::Phimoe
             | Family::Nemotron
+            | Family::Arcee
             | Family::Qwen3
             | Family::Granite
             | Family::Exaone4

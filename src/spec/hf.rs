@@ -252,6 +252,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Mixtral
         | Family::Phimoe
         | Family::Nemotron
+        | Family::Arcee
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -570,7 +571,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(heads);
     let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1));
     let gemma = matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
-    let act_default = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+    let act_default = match family {
+        _ if gemma => "gelu_pytorch_tanh",
+        // ArceeConfig's and NemotronConfig's default.
+        Family::Arcee | Family::Nemotron => "relu2",
+        _ => "silu",
+    };
     let act_key = if r.map.contains_key("hidden_activation") {
         "hidden_activation"
     } else {
@@ -615,7 +621,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let mlp_bias = mlp_bias
         && matches!(
             family,
-            Family::Llama | Family::Granite | Family::SeedOss | Family::Helium | Family::Nemotron
+            Family::Llama
+                | Family::Granite
+                | Family::SeedOss
+                | Family::Helium
+                | Family::Nemotron
+                | Family::Arcee
         );
     r.raw(&[
         "rms_norm_eps",
@@ -750,8 +761,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         softcap,
         multipliers,
         rope_layers,
-        // NemotronMLP: `down_proj(act(up_proj(x)))`, no gate.
-        gated_ffn: family != Family::Nemotron,
+        // NemotronMLP and ArceeMLP: `down_proj(act(up_proj(x)))`, no gate.
+        gated_ffn: !matches!(family, Family::Nemotron | Family::Arcee),
         // PhimoeForCausalLM: `lm_head_bias` (true in Phi-3.5-MoE's config).
         lm_head_bias: family == Family::Phimoe && r.bool_or(&["lm_head_bias"], false)?,
         attention_sinks: family == Family::GptOss,

@@ -67,6 +67,9 @@ pub enum Family {
     /// `NemotronForCausalLM` (Nemotron-4, Minitron): the Llama attention with half-rotary heads,
     /// a non-gated squared-ReLU MLP and `NemotronLayerNorm1P`.
     Nemotron,
+    /// `ArceeForCausalLM` (Arcee AFM-4.5B): the Llama block with a non-gated MLP, `relu2` by
+    /// default.
+    Arcee,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -164,7 +167,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 52] = [
+    pub const ALL: [(&'static str, Family); 53] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -217,6 +220,7 @@ impl Family {
         ("mpt", Family::Mpt),
         ("phimoe", Family::Phimoe),
         ("nemotron", Family::Nemotron),
+        ("arcee", Family::Arcee),
     ];
 
     pub fn model_type(self) -> &'static str {
