@@ -228,21 +228,25 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// A fresh value of `width` elements per token.
     /// `v` in storage of its own: a part of a larger tensor (q, k or v as a head-split view of
     /// a fused projection's output) becomes a new tensor of the part's size, as a contiguous
     /// copy of it; anything else is returned as it is.
     pub fn own_storage(&mut self, v: Val) -> Val {
-        let own = self.sequence_split(v.width, v.dtype.bytes(v.elements()));
-        if self.graph.tensor(v.id).bytes > own {
+        if self.graph.tensor(v.id).bytes > self.val_bytes(v.width, v.tokens, v.dtype) {
             self.val(v.width, v.tokens, v.dtype, v.grad)
         } else {
             v
         }
     }
 
+    /// The bytes a value of `width` x `tokens` elements takes on this rank.
+    fn val_bytes(&self, width: u64, tokens: u64, dtype: DType) -> Bytes {
+        self.sequence_split(width, dtype.bytes(width.saturating_mul(tokens)))
+    }
+
+    /// A fresh value of `width` elements per token.
     pub fn val(&mut self, width: u64, tokens: u64, dtype: DType, grad: bool) -> Val {
-        let bytes = self.sequence_split(width, dtype.bytes(width.saturating_mul(tokens)));
+        let bytes = self.val_bytes(width, tokens, dtype);
         let id = self.tensor(TensorKind::Activation, bytes);
         Val {
             id,

@@ -254,20 +254,11 @@ impl Builder<'_> {
                 self.set_backward_bytes(op, out.bytes() + x.bytes() * 2);
                 out
             }
-            Activation::Relu => {
-                // threshold_backward reads the gradient and the saved output and writes the
-                // input's gradient.
-                let out = self.val(width, tokens, x.dtype, x.grad);
-                let op = self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
-                self.set_backward_bytes(op, out.bytes() * 2 + x.bytes());
-                out
-            }
+            Activation::Relu => self.relu(name, x),
             Activation::Relu2 => {
                 // `relu` keeps its output, which `torch.square` (a `pow`, run in fp32 under
                 // autocast) keeps too, or its fp32 copy; the square is new.
-                let r = self.val(width, tokens, x.dtype, x.grad);
-                let op = self.elementwise(name, &[x], r, smallvec![r.id], 1.0);
-                self.set_backward_bytes(op, r.bytes() * 2 + x.bytes());
+                let r = self.relu(name, x);
                 let wide = if self.autocast { DType::F32 } else { x.dtype };
                 let r32 = self.cast(name.then("pow_cast"), r, wide);
                 let out = self.val(width, tokens, wide, x.grad);
@@ -299,6 +290,15 @@ impl Builder<'_> {
                 out
             }
         }
+    }
+
+    /// `F.relu`: one kernel keeping its output; `threshold_backward` reads the gradient and that
+    /// output and writes the input's gradient.
+    fn relu(&mut self, name: Name, x: Val) -> Val {
+        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        let op = self.elementwise(name, &[x], out, smallvec![out.id], 1.0);
+        self.set_backward_bytes(op, out.bytes() * 2 + x.bytes());
+        out
     }
 
     /// `a * b` of two activations (gated FFN): keeps both.
