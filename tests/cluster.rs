@@ -706,3 +706,36 @@ fn the_pipeline_bubble_and_accumulation_scale_the_step() {
     let ratio = m4x4.step_seconds / m4.step_seconds;
     assert!((3.5..4.0).contains(&ratio), "{ratio}");
 }
+
+#[test]
+fn bart_logits_stay_fp32_under_fsdp_mixed_precision() {
+    // BART adds `final_logits_bias`, an `nn.Buffer`, to the LM head's output. FSDP2's
+    // MixedPrecisionPolicy casts parameters to bf16 but leaves buffers fp32, so the bf16 logits
+    // are promoted to fp32 and the loss runs in fp32; DeepSpeed's bf16 mode casts the module,
+    // buffers too, and the loss stays in bf16. Batch 2 x 64 target tokens over a 1,000-token
+    // vocabulary: 128,000 logits. log_softmax keeps its output (fp32: 512,000 B; bf16:
+    // 256,000 B) and its backward holds two vocabulary-sized gradients (1,024,000 / 512,000 B).
+    // Measured: `fsdp_fake.py` replays BART-large full w4 at 2.65 GiB, which ftplan put at
+    // 2.56 while it kept the loss in bf16 (validation/fsdp.jsonl, split probe3).
+    let config = serde_json::json!({
+        "model_type": "bart", "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+        "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128, "vocab_size": 1000, "max_position_embeddings": 128,
+        "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0
+    });
+    let m = ftplan::spec::hf::parse_config("bart.json", &config, "bart", false).expect("reads");
+    assert!(m.logits_buffer);
+    let loss = |engine: Engine| {
+        let mut p = plan(Method::Full, Precision::MixedBf16, layout(2, engine));
+        (p.batch, p.seq, p.target_seq) = (2, 64, 64);
+        let g = ftplan::graph::build(&m, &p);
+        let op = g
+            .ops()
+            .find(|o| g.name(o.name) == "loss")
+            .expect("a loss op");
+        let saved: u64 = op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum();
+        (saved, op.backward_transient.0)
+    };
+    assert_eq!(loss(Engine::Fsdp), (512_000, 1_024_000));
+    assert_eq!(loss(Engine::Zero2), (256_000, 512_000));
+}

@@ -1,7 +1,8 @@
 //! Embedding lookups, the LM head and the loss over the vocabulary.
 
-use super::build::{Builder, OpSpec, Val};
+use super::build::{Builder, OpSpec, Val, wider};
 use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, Tensor, TensorId, TensorKind};
+use crate::spec::plan::Method;
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
 
@@ -122,6 +123,31 @@ impl Builder<'_> {
                 o.cost.backward_kernels = 3;
             }
             capped
+        } else {
+            logits
+        };
+        let logits = if self.model.logits_buffer {
+            // BART's `lm_logits + self.final_logits_bias`: a new tensor of the wider dtype (the
+            // 16-bit logits are freed once it exists). The buffer has the dtype the model was
+            // stored in: fp32 under autocast and under FSDP's MixedPrecisionPolicy, which casts
+            // parameters and not buffers, so there the loss runs on fp32 logits; bf16 when the
+            // model itself was cast (pure bf16, DeepSpeed's bf16 mode, or a QLoRA load, whose
+            // `prepare_model_for_kbit_training` upcasts parameters only).
+            let buffer = if matches!(self.plan.method, Method::Qlora(_)) {
+                self.half
+            } else {
+                self.storage_base
+            };
+            let out = self.val(vocab, tokens, wider(logits.dtype, buffer), logits.grad);
+            let op = self.elementwise(
+                Name::root("lm_head").then("final_logits_bias"),
+                &[logits],
+                out,
+                SmallVec::new(),
+                1.0,
+            );
+            self.set_backward_bytes(op, logits.bytes() + out.bytes());
+            out
         } else {
             logits
         };

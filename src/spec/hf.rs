@@ -1635,6 +1635,9 @@ fn bart(r: &Reader, family: Family) -> Result<ModelSpec> {
             ..Dropouts::default()
         },
         embedding_norm: !sinusoidal,
+        // `BartForConditionalGeneration.final_logits_bias` (and its mBART, Marian and Pegasus
+        // copies), an `nn.Buffer` of zeros.
+        logits_buffer: true,
         ..ModelSpec::of_family(family)
     })
 }

@@ -478,6 +478,10 @@ pub struct ModelSpec {
     pub fused_gate_up: bool,
     /// Phi-2's LM head has a bias.
     pub lm_head_bias: bool,
+    /// A vocabulary-sized buffer is added to the LM head's output (`lm_logits +
+    /// self.final_logits_bias`: BART, mBART, Marian, Pegasus). A buffer keeps the dtype the
+    /// model is stored in, so over fp32 storage the add promotes 16-bit logits to fp32.
+    pub logits_buffer: bool,
     pub dropout: Dropouts,
     /// Published total parameter count, when the file states one (checked by the tests).
     pub published_params: Option<u64>,
@@ -654,6 +658,7 @@ impl ModelSpec {
             qkv_split_copies: false,
             fused_gate_up: false,
             lm_head_bias: false,
+            logits_buffer: false,
             dropout: Dropouts::default(),
             published_params: None,
             context: None,
