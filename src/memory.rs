@@ -420,6 +420,7 @@ struct State {
     logits: Bytes,
     grads: Bytes,
     held: Bytes,
+    reduce: Bytes,
 }
 
 /// `base + k * (now - before)` per field, clamped at zero.
@@ -457,12 +458,16 @@ impl Walk<'_> {
             logits: self.live_logits,
             grads: self.grads,
             held: self.held_units,
+            reduce: self.reduce_buffer,
         }
     }
 
     /// After walking one copy of a block that stands for `1 + more` copies: the other copies
     /// change the live totals by the same amount each, so the block's highest moment is in its
-    /// first copy (when one copy lowers the total) or its last (when it raises it).
+    /// first copy (when one copy lowers the total) or its last (when it raises it). In
+    /// backward, every copy after the first also runs beside the reduce-scatter input the copy
+    /// before it left (a level: FSDP2 frees it when the next unit's reduce-scatter is issued),
+    /// which the first copy ran without when the unit before it reduces nothing (the root).
     fn repeat(&mut self, before: State, more: u64) {
         let now = self.state();
         if let Some(Some((b, phase, name))) = self.local.take() {
@@ -474,14 +479,18 @@ impl Walk<'_> {
                 - i128::from(before.logits.0)
                 - i128::from(before.grads.0)
                 - i128::from(before.held.0);
-            let candidate = if delta > 0 {
-                Breakdown {
-                    activations: extend(b.activations, before.act, now.act, more),
-                    logits: extend(b.logits, before.logits, now.logits, more),
-                    gradients: extend(b.gradients, before.grads, now.grads, more),
-                    weights: extend(b.weights, before.held, now.held, more),
-                    ..b
-                }
+            // The highest of copies 2 ..= 1 + more: the last if each copy adds, else the second.
+            let k = if delta > 0 { more } else { more.min(1) };
+            let later = Breakdown {
+                activations: extend(b.activations, before.act, now.act, k),
+                logits: extend(b.logits, before.logits, now.logits, k),
+                gradients: extend(b.gradients, before.grads, now.grads, k),
+                weights: extend(b.weights, before.held, now.held, k),
+                temporary: extend(b.temporary, before.reduce, now.reduce, k.min(1)),
+                ..b
+            };
+            let candidate = if k > 0 && later.total() > b.total() {
+                later
             } else {
                 b
             };
