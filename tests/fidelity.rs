@@ -634,3 +634,31 @@ fn the_host_time_is_the_dispatches_and_module_calls_it_reports() {
     }
     assert_eq!(all.host_module_calls - qv.host_module_calls, 220.0);
 }
+
+#[test]
+fn t5_and_bart_eager_softmax_keeps_the_scores_dtype_without_autocast() {
+    // transformers 5.17's `eager_attention_forward` for T5 and the BART family calls
+    // `softmax(attn_weights, dim=-1)` with no dtype (Llama's asks for fp32). Under autocast
+    // softmax is on the fp32 list; a bf16 module without autocast (pure bf16, FSDP's
+    // MixedPrecisionPolicy) keeps bf16 probabilities and no cast copy. T5-base, full bf16,
+    // batch 2 x 64 source tokens, one encoder self-attention (12 heads of 64): q, k and v are
+    // 2 x 64 x 768 x 2 B = 196,608 B each; the probabilities 2 x 12 x 64 x 64 = 98,304
+    // elements, 196,608 B in bf16. Saved: 4 x 196,608 = 786,432 B. (Read as fp32 with a bf16
+    // copy kept by the matmul with v, as before: 3 x 196,608 + 393,216 + 196,608.)
+    // Measured: T5-base full eager over 4 FSDP2 ranks replayed at 3.49 GiB, estimated 5.03
+    // with fp32 probabilities, 3.55 now (validation/fsdp.jsonl, split probe6).
+    let mut m = model("t5-base");
+    m.dropout = Default::default(); // the published 0.1 would keep a mask and the dropped copy
+    let mut p = plan(Method::Full, Precision::Bf16, 2, 64, 16, false);
+    p.attention = AttentionKernel::Eager;
+    let g = graph::build(&m, &p);
+    assert_eq!(saved(&g, "encoder.layers.1+10.self_attn.core"), 786_432);
+    // The same shapes read as Llama (which softmaxes in fp32) keep the fp32 matrix and its copy.
+    let mut llama = m.clone();
+    llama.family = ftplan::spec::model::Family::Llama;
+    let g = graph::build(&llama, &p);
+    assert_eq!(
+        saved(&g, "encoder.layers.1+10.self_attn.core"),
+        3 * 196_608 + 393_216 + 196_608
+    );
+}

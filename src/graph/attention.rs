@@ -2,7 +2,6 @@
 
 use super::build::{Builder, OpSpec, Val};
 use crate::graph::op::{Cost, Name, OpKind, TensorId, TensorKind};
-use crate::spec::model::Family;
 use crate::spec::model::Stack;
 use crate::spec::plan::AttentionKernel;
 use crate::units::{Bytes, DType, Flops};
@@ -184,12 +183,13 @@ impl Builder<'_> {
                 }
                 // Softmax's saved output: fp32 where the code asks for it
                 // (`softmax(..., dtype=torch.float32)`, Llama and most families) or autocast
-                // promotes it; GPT-2's `eager_attention_forward` softmaxes in the input dtype.
+                // promotes it; GPT-2's, T5's and BART's `eager_attention_forward` softmax in
+                // the scores' dtype (`Family::eager_softmax_in_input_dtype`).
                 // GPT-OSS softmaxes `cat([scores, sinks])` in that tensor's own dtype: the
                 // scores' promoted with the sink parameter's (fp32 weights make it fp32).
                 let softmax_dtype = if sinks {
                     super::build::wider(compute, self.base)
-                } else if self.autocast || self.model.family != Family::Gpt2 {
+                } else if self.autocast || !self.model.family.eager_softmax_in_input_dtype() {
                     DType::F32
                 } else {
                     compute

@@ -159,6 +159,24 @@ impl Family {
         )
     }
 
+    /// The eager attention's softmax runs in the scores' own dtype (`softmax(attn_weights,
+    /// dim=-1)` in transformers 5.17's `eager_attention_forward` for GPT-2, T5, mT5 and the BART
+    /// family), where the other families ask for `dtype=torch.float32` and cast back. Under
+    /// autocast both are fp32 (softmax is on autocast's fp32 list); without it (pure bf16,
+    /// FSDP's and DeepSpeed's bf16 modules) these keep bf16 probabilities.
+    pub fn eager_softmax_in_input_dtype(self) -> bool {
+        matches!(
+            self,
+            Family::Gpt2
+                | Family::T5
+                | Family::Mt5
+                | Family::Bart
+                | Family::Mbart
+                | Family::Marian
+                | Family::Pegasus
+        )
+    }
+
     /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
     pub fn is_t5(self) -> bool {
         matches!(self, Family::T5 | Family::Mt5)
