@@ -383,7 +383,13 @@ impl<'a> Builder<'a> {
     /// of x's size and dtype; `MulBackward` keeps no tensor for a scalar and multiplies the
     /// gradient by `s`, one kernel each way.
     pub fn scale(&mut self, name: Name, x: Val) -> Val {
-        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        self.scale_into(name, x, x.dtype)
+    }
+
+    /// `scale` whose result has `dtype`: type promotion by an operand that keeps no tensor for
+    /// backward (BART's fp32 `final_logits_bias` buffer added to bf16 logits).
+    pub fn scale_into(&mut self, name: Name, x: Val, dtype: DType) -> Val {
+        let out = self.val(x.width, x.tokens, dtype, x.grad);
         let op = self.elementwise(name, &[x], out, SmallVec::new(), 1.0);
         self.set_backward_bytes(op, x.bytes() + out.bytes());
         out

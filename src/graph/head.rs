@@ -138,16 +138,11 @@ impl Builder<'_> {
             } else {
                 self.storage_base
             };
-            let out = self.val(vocab, tokens, wider(logits.dtype, buffer), logits.grad);
-            let op = self.elementwise(
+            self.scale_into(
                 Name::root("lm_head").then("final_logits_bias"),
-                &[logits],
-                out,
-                SmallVec::new(),
-                1.0,
-            );
-            self.set_backward_bytes(op, logits.bytes() + out.bytes());
-            out
+                logits,
+                wider(logits.dtype, buffer),
+            )
         } else {
             logits
         };
