@@ -1167,3 +1167,52 @@ fn arcee_is_llama_with_a_non_gated_relu2_mlp() {
         .total_params;
     assert_eq!(total, 2 * per_layer + 2 * 512 * 256 + 256);
 }
+
+#[test]
+fn ernie_biases_every_linear_and_keeps_interleaved_fp32_rotary_tables_per_layer() {
+    // A toy ERNIE 4.5 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,
+    // vocabulary 512, `use_bias`, tied by Ernie4_5Config's default), full fine-tuning in mixed
+    // bf16, batch 2 x 64.
+    // - `use_bias` biases q, k, v, o and the three MLP linears: per layer q and o 256^2 + 256,
+    //   k and v 256 x 128 + 128, gate and up 256 x 768 + 768, down 768 x 256 + 256, two norms
+    //   of 256; the tied embedding 512 x 256 and the final norm 256.
+    // - Its `apply_rotary_pos_emb` builds `cos[..., :32].repeat_interleave(2, dim=-1)` and the
+    //   same of sin in every layer, from fp32 tables of one sequence's positions (position_ids
+    //   are (1, 64)): two (1, 1, 64, 64) fp32 tensors, 16,384 B each, that `q.float() * cos`
+    //   and `rotate_half(q).float() * sin` keep: 32,768 B. Llama's multiplies keep only the
+    //   model's shared tables, nothing per layer.
+    let config = serde_json::json!({
+        "model_type": "ernie4_5", "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 512, "use_bias": true
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    assert!(m.tie_word_embeddings && m.qkv_bias && m.linear_bias);
+    let per_layer = 2 * (256 * 256 + 256)
+        + 2 * (256 * 128 + 128)
+        + 2 * (256 * 768 + 768)
+        + (768 * 256 + 256)
+        + 2 * 256;
+    let p = Plan {
+        precision: Precision::MixedBf16,
+        ..plan(Method::Full, 2, 64, AttentionKernel::Sdpa)
+    };
+    assert_eq!(
+        run(&m, &p).memory.total_params,
+        2 * per_layer + 512 * 256 + 256
+    );
+    let kept = |m: &ModelSpec, suffix: &str| -> u64 {
+        let g = graph::build(m, &p);
+        g.ops()
+            .filter(|o| g.name(o.name) == format!("decoder.layers.1.{suffix}"))
+            .map(|o| crate::kept_bytes(&g, o))
+            .sum()
+    };
+    assert_eq!(kept(&m, "self_attn.rotary_q"), 32_768);
+    let llama = ModelSpec {
+        family: ftplan::spec::model::Family::Llama,
+        rotary_apply: ftplan::spec::model::RotaryApply::Shared,
+        ..m.clone()
+    };
+    assert_eq!(kept(&llama, "self_attn.rotary_q"), 0);
+}

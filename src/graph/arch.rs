@@ -15,7 +15,8 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, Stack,
+    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
+    RotaryApply, Stack,
 };
 use crate::spec::plan::{Depth, Method, Plan, Proj};
 
@@ -581,9 +582,15 @@ fn self_attention_ops(
             k = b.norm(name.at("k_norm"), k);
         }
     }
-    if let (Positions::Rotary { .. }, true) = (model.positions, rope) {
-        q = b.rotary(name.at("rotary_q"), q, embed_dtype);
-        k = b.rotary(name.at("rotary_k"), k, embed_dtype);
+    if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
+        let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;
+        (q, k) = b.rotary_qk(
+            (name.at("rotary_q"), name.at("rotary_k")),
+            (q, k),
+            embed_dtype,
+            model.rotary_apply,
+            (seq, rotary_width),
+        );
     }
     let batch = b.plan.batch;
     let prefix = b.prefix;
@@ -819,8 +826,13 @@ fn latent_attention(
         width: mla.rope_dim,
         ..kv_a
     };
-    let q_rope = b.rotary(name.at("rotary_q"), q_rope, embed_dtype);
-    let k_rope = b.rotary(name.at("rotary_k"), k_rope, embed_dtype);
+    let (q_rope, k_rope) = b.rotary_qk(
+        (name.at("rotary_q"), name.at("rotary_k")),
+        (q_rope, k_rope),
+        embed_dtype,
+        RotaryApply::Shared,
+        (seq, mla.rope_dim),
+    );
     // torch.cat of the plain and rotary parts (the shared rotary key expanded to every head).
     let q_nope = Val {
         width: heads * mla.nope_dim,

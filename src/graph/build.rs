@@ -518,6 +518,7 @@ impl<'a> Builder<'a> {
             | Family::Phimoe
             | Family::Nemotron
             | Family::Arcee
+            | Family::Ernie45
             | Family::Qwen3
             | Family::Granite
             | Family::Exaone4

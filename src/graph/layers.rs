@@ -3,7 +3,7 @@
 
 use super::build::{Builder, OpSpec, Val, wider};
 use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
-use crate::spec::model::{Activation, Norm};
+use crate::spec::model::{Activation, Norm, RotaryApply};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
 
@@ -315,23 +315,93 @@ impl Builder<'_> {
         out
     }
 
-    /// Rotary embeddings: `q * cos + rotate_half(q) * sin` keeps only cos and sin (shared), and
-    /// produces a new tensor in the wider of q's and cos's dtypes (cos follows the embeddings'
-    /// dtype: fp32 when the weights are fp32).
-    pub fn rotary(&mut self, name: Name, x: Val, cos_dtype: DType) -> Val {
-        let out = self.val(x.width, x.tokens, wider(x.dtype, cos_dtype), x.grad);
-        let op = self.elementwise(name, &[x], out, SmallVec::new(), 3.0);
-        if let Some(o) = self.graph.op_mut(op) {
-            // mul, two slices, neg, cat, mul, add: seven dispatches, ten passes over the
-            // tensor (transformers' `apply_rotary_pos_emb`). Backward: two muls, neg, two
-            // `slice_backward`s (each writes the whole zeroed gradient and copies half into it)
-            // and two adds, fourteen passes (a CPU dispatch trace of a Llama block: 14.1 for q,
-            // 14.5 for k).
-            o.cost.forward_kernels = 7;
-            o.cost.backward_kernels = 7;
-            o.cost.forward_bytes = out.bytes() * 10;
-            o.cost.backward_bytes = out.bytes() * 14;
+    /// Rotary embeddings on q and k, as the family's `apply_rotary_pos_emb` runs them; the
+    /// tables are `(seq, rotary_width)`: one sequence's positions (transformers builds
+    /// `position_ids` as `cache_position.unsqueeze(0)`, batch 1, when none are passed) by the
+    /// rotated part of one head.
+    pub fn rotary_qk(
+        &mut self,
+        names: (Name, Name),
+        (q, k): (Val, Val),
+        cos_dtype: DType,
+        apply: RotaryApply,
+        (seq, rotary_width): (u64, u64),
+    ) -> (Val, Val) {
+        // GLM's and ERNIE's per-layer `cos[..., :half].repeat_interleave(2, dim=-1)` (and sin's):
+        // two new (1, 1, seq, rotary width) tensors that both q's and k's multiplies keep.
+        let table_dtype = match apply {
+            RotaryApply::Shared => None,
+            RotaryApply::Interleaved => Some(cos_dtype),
+            RotaryApply::InterleavedFp32 => Some(DType::F32),
+        };
+        let table_bytes = table_dtype.map(|d| d.bytes(seq.saturating_mul(rotary_width)));
+        let tables: SmallVec<[TensorId; 6]> = match table_bytes {
+            Some(bytes) => smallvec![
+                self.tensor(TensorKind::Activation, bytes),
+                self.tensor(TensorKind::Activation, bytes)
+            ],
+            None => SmallVec::new(),
+        };
+        let (q_op, q) = self.rotary(names.0, q, cos_dtype, apply, tables.clone());
+        let (_, k) = self.rotary(names.1, k, cos_dtype, apply, tables);
+        if let (Some(bytes), Some(o)) = (table_bytes, self.graph.op_mut(q_op)) {
+            // Per table: the slice, `unsqueeze` and `repeat_interleave` (an expand and one copy
+            // kernel reading half a table and writing a whole one); on q's op, which runs first.
+            o.cost.forward_kernels += 6;
+            o.cost.forward_bytes += bytes * 3;
         }
-        out
+        (q, k)
+    }
+
+    /// One of q and k. `Shared` (transformers' Llama `apply_rotary_pos_emb`): `q * cos +
+    /// rotate_half(q) * sin` keeps only the model's cos and sin, and produces a new tensor in the
+    /// wider of q's and cos's dtypes (cos follows the embeddings' dtype: fp32 when the weights
+    /// are fp32). GLM's interleaved form keeps its per-layer tables; ERNIE's runs in fp32 and
+    /// casts back to q's dtype.
+    fn rotary(
+        &mut self,
+        name: Name,
+        x: Val,
+        cos_dtype: DType,
+        apply: RotaryApply,
+        tables: SmallVec<[TensorId; 6]>,
+    ) -> (usize, Val) {
+        let fp32 = apply == RotaryApply::InterleavedFp32;
+        let dtype = if fp32 {
+            x.dtype
+        } else {
+            wider(x.dtype, cos_dtype)
+        };
+        let out = self.val(x.width, x.tokens, dtype, x.grad);
+        let op = self.elementwise(name, &[x], out, tables, 3.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            if fp32 {
+                // ERNIE: `q.float()`, `* cos`, two strided slices, `neg`, `stack`, `flatten`,
+                // `.float()`, `* sin`, the add and `.to(q.dtype)`: eleven dispatches. Per element
+                // (q of s bytes, fp32 of 4): the casts move s + 4 each, the multiplies 8 each,
+                // neg and stack 2s each, the add 12 and the cast back 4 + s: 38 + 7s bytes.
+                // Backward: the three casts (4 + s each), two muls (8 each), neg (2s), two
+                // `slice_backward`s (a zeroed gradient and half copied in: 2s each) and the
+                // add of the two paths (3s): 28 + 12s. At the add, the two fp32 products and
+                // their fp32 sum are live.
+                let (e, s) = (x.elements(), x.dtype.bytes(1).0);
+                o.cost.forward_kernels = 11;
+                o.cost.backward_kernels = 9;
+                o.cost.forward_bytes = Bytes(e.saturating_mul(38 + 7 * s));
+                o.cost.backward_bytes = Bytes(e.saturating_mul(28 + 12 * s));
+                o.forward_transient = DType::F32.bytes(e) * 3;
+            } else {
+                // mul, two slices, neg, cat, mul, add: seven dispatches, ten passes over the
+                // tensor (transformers' `apply_rotary_pos_emb`). Backward: two muls, neg, two
+                // `slice_backward`s (each writes the whole zeroed gradient and copies half into it)
+                // and two adds, fourteen passes (a CPU dispatch trace of a Llama block: 14.1 for q,
+                // 14.5 for k).
+                o.cost.forward_kernels = 7;
+                o.cost.backward_kernels = 7;
+                o.cost.forward_bytes = out.bytes() * 10;
+                o.cost.backward_bytes = out.bytes() * 14;
+            }
+        }
+        (op, out)
     }
 }

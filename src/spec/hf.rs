@@ -4,7 +4,7 @@
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
-    NormPlacement, Positions, QkNorm, Routing, Softcap, Ssm, Stack,
+    NormPlacement, Positions, QkNorm, RotaryApply, Routing, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -253,6 +253,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Phimoe
         | Family::Nemotron
         | Family::Arcee
+        | Family::Ernie45
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -568,8 +569,14 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
 fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
-    let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(heads);
-    let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1));
+    // Ernie4_5Config's defaults are 2 KV heads of 128 (the 0.3B model's); the others default to
+    // one KV head per head of hidden / heads.
+    let (kv_default, head_dim_default) = match family {
+        Family::Ernie45 => (2, 128),
+        _ => (heads, hidden / heads.max(1)),
+    };
+    let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
+    let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(head_dim_default);
     let gemma = matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
     let act_default = match family {
         _ if gemma => "gelu_pytorch_tanh",
@@ -606,6 +613,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
+        // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
+        Family::Ernie45 => {
+            let b = r.bool_or(&["use_bias"], false)?;
+            (b, b)
+        }
         _ => (attention_bias, attention_bias),
     };
     if family == Family::StableLm && r.bool_or(&["qk_layernorm"], false)? {
@@ -618,16 +630,17 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         )
         .with_hint("StableLM configs with qk_layernorm = false are supported"));
     }
-    let mlp_bias = mlp_bias
-        && matches!(
-            family,
-            Family::Llama
-                | Family::Granite
-                | Family::SeedOss
-                | Family::Helium
-                | Family::Nemotron
-                | Family::Arcee
-        );
+    let mlp_bias = match family {
+        Family::Llama
+        | Family::Granite
+        | Family::SeedOss
+        | Family::Helium
+        | Family::Nemotron
+        | Family::Arcee => mlp_bias,
+        // The same `use_bias` as the attention's.
+        Family::Ernie45 => qkv_bias,
+        _ => false,
+    };
     r.raw(&[
         "rms_norm_eps",
         "max_position_embeddings",
@@ -723,7 +736,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         tie_word_embeddings: r.bool_or(
             &["tie_word_embeddings"],
-            gemma || matches!(family, Family::Cohere | Family::Cohere2),
+            gemma || matches!(family, Family::Cohere | Family::Cohere2 | Family::Ernie45),
         )?,
         // Cohere (and StableLM's `use_parallel_residual`): attention and the MLP read one norm's
         // output and add to the residual together.
@@ -756,6 +769,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Glm4Moe if r.bool_or(&["use_qk_norm"], false)? => QkNorm::PerHead,
             Family::Olmo2 => QkNorm::Full,
             _ => QkNorm::None,
+        },
+        rotary_apply: match family {
+            Family::Glm4 => RotaryApply::Interleaved,
+            Family::Ernie45 => RotaryApply::InterleavedFp32,
+            _ => RotaryApply::Shared,
         },
         mixers,
         softcap,

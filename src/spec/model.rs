@@ -70,6 +70,9 @@ pub enum Family {
     /// `ArceeForCausalLM` (Arcee AFM-4.5B): the Llama block with a non-gated MLP, `relu2` by
     /// default.
     Arcee,
+    /// `Ernie4_5ForCausalLM` (Baidu ERNIE 4.5 dense): the Llama block with `use_bias` on every
+    /// linear and GLM's interleaved rotary computed in fp32 ([`RotaryApply::InterleavedFp32`]).
+    Ernie45,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -185,7 +188,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 53] = [
+    pub const ALL: [(&'static str, Family); 54] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -239,6 +242,7 @@ impl Family {
         ("phimoe", Family::Phimoe),
         ("nemotron", Family::Nemotron),
         ("arcee", Family::Arcee),
+        ("ernie4_5", Family::Ernie45),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -511,6 +515,8 @@ pub struct ModelSpec {
     /// RMSNorm on q and k before rotary: per head (Qwen3, Gemma-3) or over the whole
     /// projection (OLMo-2).
     pub qk_norm: QkNorm,
+    /// How the attention applies rotary positions (with `positions` rotary).
+    pub rotary_apply: RotaryApply,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
@@ -603,6 +609,23 @@ pub enum ExpertGate {
     ClampedSwiglu,
 }
 
+/// How the attention applies the model's rotary cos/sin tables to q and k (transformers'
+/// `apply_rotary_pos_emb` of each family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotaryApply {
+    /// `q * cos + rotate_half(q) * sin` on the tables the model computed once (Llama): the
+    /// multiplies keep those shared tables, nothing per layer.
+    Shared,
+    /// GLM's: every layer first `repeat_interleave`s the tables' halves, two new tensors of
+    /// (batch, 1, seq, rotary width) in the tables' dtype that the multiplies keep for backward.
+    Interleaved,
+    /// ERNIE 4.5's: GLM's interleaved tables from fp32 cos/sin (its rotary embedding skips the
+    /// cast to the activations' dtype), `q.float()` and `rotate_half(q).float()` multiplied in
+    /// fp32, the sum cast back to q's dtype.
+    InterleavedFp32,
+}
+
 /// How q and k are normalised before the scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -682,6 +705,7 @@ impl ModelSpec {
             context: None,
             moe: None,
             qk_norm: QkNorm::None,
+            rotary_apply: RotaryApply::Shared,
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),
