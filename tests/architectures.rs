@@ -1216,3 +1216,43 @@ fn ernie_biases_every_linear_and_keeps_interleaved_fp32_rotary_tables_per_layer(
     };
     assert_eq!(kept(&llama, "self_attn.rotary_q"), 0);
 }
+
+#[test]
+fn ministral3_scales_each_query_by_its_position_after_rotary() {
+    // A toy Ministral 3 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,
+    // vocabulary 512), full fine-tuning in mixed bf16, batch 2 x 64. Ministral3Attention
+    // multiplies the rotated q by `get_llama_4_attn_scale(position_ids, ...)`: a (1, 1, 64, 1)
+    // scale cast to q's dtype, fp32 here (Mistral's rotary output is fp32 under autocast with
+    // fp32 weights), which `MulBackward` keeps: 64 x 4 B = 256. q itself is not kept (the
+    // scale needs no gradient); the product is a new fp32 q, 2 x 64 x 256 x 4 B = 131,072 B,
+    // live until SDPA's autocast copy. Mistral has no such multiply.
+    let config = serde_json::json!({
+        "model_type": "ministral3", "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 512,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                            "original_max_position_embeddings": 16384,
+                            "llama_4_scaling_beta": 0.1}
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    assert!(m.query_position_scale && !m.qkv_bias && !m.linear_bias);
+    let p = Plan {
+        precision: Precision::MixedBf16,
+        ..plan(Method::Full, 2, 64, AttentionKernel::Sdpa)
+    };
+    let g = graph::build(&m, &p);
+    let scale: Vec<_> = g
+        .ops()
+        .filter(|o| g.name(o.name) == "decoder.layers.1.self_attn.q_scale")
+        .collect();
+    assert_eq!(scale.len(), 1);
+    assert_eq!(crate::kept_bytes(&g, scale[0]), 256);
+    assert_eq!(scale[0].forward_transient.0, 131_072);
+    let mistral = ModelSpec {
+        family: ftplan::spec::model::Family::Mistral,
+        query_position_scale: false,
+        ..m.clone()
+    };
+    let g = graph::build(&mistral, &p);
+    assert!(g.ops().all(|o| !g.name(o.name).ends_with("q_scale")));
+}

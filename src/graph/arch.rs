@@ -592,6 +592,9 @@ fn self_attention_ops(
             (seq, rotary_width),
         );
     }
+    if model.query_position_scale {
+        q = b.position_scale(name.at("q_scale"), q, seq);
+    }
     let batch = b.plan.batch;
     let prefix = b.prefix;
     let mut seq_k = seq;

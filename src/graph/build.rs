@@ -519,6 +519,7 @@ impl<'a> Builder<'a> {
             | Family::Nemotron
             | Family::Arcee
             | Family::Ernie45
+            | Family::Ministral3
             | Family::Qwen3
             | Family::Granite
             | Family::Exaone4

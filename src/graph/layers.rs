@@ -353,6 +353,22 @@ impl Builder<'_> {
         (q, k)
     }
 
+    /// `q * scale.to(q.dtype)` with Llama 4's per-position scale (`get_llama_4_attn_scale`:
+    /// `1 + beta * log(1 + floor(position_ids / original_max))`, shaped (1, 1, seq, 1) from
+    /// batch-1 position ids): a new tensor of q's size and dtype; `MulBackward` keeps the
+    /// (seq) scale in q's dtype and multiplies the gradient by it. Dispatches: div, floor,
+    /// add, log, mul, add, the indexing, the cast and the multiply forward; one mul back.
+    pub fn position_scale(&mut self, name: Name, q: Val, seq: u64) -> Val {
+        let scale = self.tensor(TensorKind::Activation, q.dtype.bytes(seq));
+        let out = self.val(q.width, q.tokens, q.dtype, q.grad);
+        let op = self.elementwise(name, &[q], out, smallvec![scale], 1.0);
+        self.set_backward_bytes(op, q.bytes() + out.bytes());
+        if let Some(o) = self.graph.op_mut(op) {
+            o.cost.forward_kernels = 9;
+        }
+        out
+    }
+
     /// One of q and k. `Shared` (transformers' Llama `apply_rotary_pos_emb`): `q * cos +
     /// rotate_half(q) * sin` keeps only the model's cos and sin, and produces a new tensor in the
     /// wider of q's and cos's dtypes (cos follows the embeddings' dtype: fp32 when the weights

@@ -254,6 +254,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Nemotron
         | Family::Arcee
         | Family::Ernie45
+        | Family::Ministral3
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -610,7 +611,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             r.bool_or(&["attention_bias"], true)?,
             r.bool_or(&["attention_out_bias"], false)?,
         ),
-        Family::Mistral | Family::Mixtral | Family::Phi3 | Family::Exaone4 => (false, false),
+        Family::Mistral | Family::Ministral3 | Family::Mixtral | Family::Phi3 | Family::Exaone4 => {
+            (false, false)
+        }
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
@@ -770,6 +773,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Olmo2 => QkNorm::Full,
             _ => QkNorm::None,
         },
+        // Ministral3Attention: `query_states * get_llama_4_attn_scale(position_ids, ...)`.
+        query_position_scale: family == Family::Ministral3,
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 => RotaryApply::InterleavedFp32,

@@ -73,6 +73,9 @@ pub enum Family {
     /// `Ernie4_5ForCausalLM` (Baidu ERNIE 4.5 dense): the Llama block with `use_bias` on every
     /// linear and GLM's interleaved rotary computed in fp32 ([`RotaryApply::InterleavedFp32`]).
     Ernie45,
+    /// `Ministral3ForCausalLM` (Ministral 3, the language model inside Mistral's `mistral3`
+    /// checkpoints): Mistral's block with Llama 4's position-dependent query scaling.
+    Ministral3,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -188,7 +191,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 54] = [
+    pub const ALL: [(&'static str, Family); 55] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -243,6 +246,7 @@ impl Family {
         ("nemotron", Family::Nemotron),
         ("arcee", Family::Arcee),
         ("ernie4_5", Family::Ernie45),
+        ("ministral3", Family::Ministral3),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -517,6 +521,10 @@ pub struct ModelSpec {
     pub qk_norm: QkNorm,
     /// How the attention applies rotary positions (with `positions` rotary).
     pub rotary_apply: RotaryApply,
+    /// After rotary, q is multiplied by `1 + beta * log(1 + floor(position / original
+    /// context))` per position (Llama 4's attention temperature scaling, as Ministral 3's
+    /// attention applies it in every layer).
+    pub query_position_scale: bool,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
@@ -706,6 +714,7 @@ impl ModelSpec {
             moe: None,
             qk_norm: QkNorm::None,
             rotary_apply: RotaryApply::Shared,
+            query_position_scale: false,
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),
