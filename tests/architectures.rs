@@ -1256,3 +1256,45 @@ fn ministral3_scales_each_query_by_its_position_after_rotary() {
     let g = graph::build(&mistral, &p);
     assert!(g.ops().all(|o| !g.name(o.name).ends_with("q_scale")));
 }
+
+#[test]
+fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
+    // A toy ERNIE-4.5-MoE (hidden 256, 4 heads of 64, 2 KV heads, 2 layers, vocabulary 512;
+    // 4 experts of 128, top 2, one shared expert; `moe_layer_start_index` 1: layer 0 dense,
+    // layer 1 sparse), full fine-tuning in pure bf16, batch 1 x 64. Ernie4_5_MoeTopKRouter's
+    // weight stays fp32 (`_keep_in_fp32_modules_strict`: 4 x 256 x 4 B = 4,096) and runs
+    // `F.linear(hidden_states.float(), weight.float())` with autocast off: the fp32 copy of the
+    // bf16 input, 64 x 256 x 4 B = 65,536, is what its matmul keeps for the weight's gradient,
+    // where a bf16 router would keep the norm's own output.
+    let config = serde_json::json!({
+        "model_type": "ernie4_5_moe", "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 128,
+        "moe_num_shared_experts": 1
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let moe = m.moe.expect("sparse");
+    assert!(moe.router_fp32);
+    assert_eq!(
+        (moe.first_dense, moe.every, moe.shared_intermediate),
+        (1, 1, 128)
+    );
+    let p = Plan {
+        precision: Precision::Bf16,
+        ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
+    };
+    let g = graph::build(&m, &p);
+    let gate = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1.mlp.gate")
+        .expect("a router");
+    assert_eq!(crate::kept_bytes(&g, gate), 65_536);
+    let weight = &g.params[gate.params[0].0 as usize];
+    assert_eq!(weight.bytes().0, 4_096);
+    // Sparse layers must run to the last one.
+    let mut mid = config.clone();
+    mid["moe_layer_end_index"] = serde_json::json!(0);
+    let err =
+        ftplan::spec::hf::parse_config("config.json", &mid, "toy", false).expect_err("refused");
+    assert!(err.to_string().contains("moe_layer_end_index"), "{err}");
+}

@@ -338,11 +338,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // EXAONE-4, then GPT-OSS 20B and 120B, then LoRA on every linear of Qwen1.5-MoE,
     // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms), then
     // GLM-4-9B, then Seed-OSS, HunYuan-dense, Helium and OLMoE, then Cohere's Command R7B and a
-    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5 and Ministral 3 (validation/families.jsonl,
+    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3 and ERNIE-4.5-MoE (validation/families.jsonl,
     // measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 212);
+    assert_eq!(rows.len(), 219);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -375,10 +375,13 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             0.01
         } else if r.name == "gptj-6b|lora|b4|s2048|gc1|eager|r16|all"
             || r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
+            || r.name.starts_with("ernie-moe-4l|full|")
         {
             // The replay sums two gradients out of place (autograd accumulates in place only
             // for vanilla tensors, not FakeTensors): GPT-J's two fp32 GELU-output gradients
-            // (512 MiB more than CUDA holds, -2.6 %), Pegasus's tied embedding's (-2.5 %).
+            // (512 MiB more than CUDA holds, -2.6 %), Pegasus's tied embedding's (-2.5 %), the
+            // 4-layer ERNIE-MoE's tied fp32 embedding's (0.99 GiB, -2.1 %: its full runs peak
+            // where that sum is taken).
             0.03
         } else if r.name.contains("gemma-2")
             || r.name.contains("gemma-3")

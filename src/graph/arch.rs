@@ -1062,13 +1062,33 @@ fn moe_ops(
             x,
         );
     }
-    let mut router = b.linear(name.at("gate"), x, experts, moe.bias, None);
+    // An fp32 router (ERNIE 4.5) reads an fp32 copy of its input (the input itself when it is
+    // fp32 already), which its matmul and LoRA keep as they would a half-precision one; its
+    // weight is stored and multiplied in fp32 with autocast off.
+    let saved = (b.autocast, b.base, b.storage_base);
+    let router_in = if moe.router_fp32 {
+        (b.autocast, b.base, b.storage_base) =
+            (false, crate::units::DType::F32, crate::units::DType::F32);
+        b.cast(name.at("gate").then("float"), x, crate::units::DType::F32)
+    } else {
+        x
+    };
+    let mut router = b.linear(name.at("gate"), router_in, experts, moe.bias, None);
+    if moe.router_fp32 {
+        // Ernie4_5_MoeStatics' `e_score_correction_bias`: one fp32 value per expert, frozen
+        // (`requires_grad=False`), added to the probabilities before topk; read by the router.
+        let statics = b.frozen_param(name.at("gate").then("moe_statics"), (1, experts));
+        if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
+            o.params.push(statics);
+        }
+    }
     // Whether peft's LoRA reaches the experts and the router at all
     // (`Family::peft_converts_experts`); `all-linear` then adds the router's weight.
     let peft_reaches_experts = b.model.family.peft_converts_experts();
     if peft_reaches_experts {
-        router = all_linear_lora(b, name.at("gate"), x, router);
+        router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
+    (b.autocast, b.base, b.storage_base) = saved;
     let probs = b.cast(
         name.at("router").then("softmax"),
         router,
@@ -1080,6 +1100,10 @@ fn moe_ops(
             // of Mixtral's block, torch 2.15): softmax, topk, the top-k weights' sum and
             // division and the cast back, 5; backward, the cast's, the division's (div, neg,
             // sum and a second div), topk's scatter, softmax's and the fork's add, 10.
+            // ERNIE's router adds its `moe_statics` bias before topk, gathers the weights from
+            // the probabilities and clamps their sum: add, gather and clamp forward; gather's
+            // zeroed scatter and clamp's masked gradient backward.
+            crate::spec::model::Routing::TopK if moe.router_fp32 => (8, 13),
             crate::spec::model::Routing::TopK => (5, 10),
             // PhimoeTopKRouter's `sparsemixer` (a dispatch count of the router in training,
             // torch 2.15, views and detaches left out): per choice the threshold mask (max,

@@ -507,6 +507,7 @@ impl<'a> Builder<'a> {
             | Family::Gemma3
             | Family::Qwen2Moe
             | Family::Qwen3Moe
+            | Family::Ernie45Moe
             | Family::Deepseek
             | Family::Mamba => (0, 0),
             Family::Llama

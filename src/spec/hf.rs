@@ -255,6 +255,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Arcee
         | Family::Ernie45
         | Family::Ministral3
+        | Family::Ernie45Moe
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -483,11 +484,13 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
         Family::Olmoe => ("num_experts", intermediate),
         Family::GptOss => ("num_local_experts", intermediate),
+        Family::Ernie45Moe => ("moe_num_experts", r.u64(&["moe_intermediate_size"])?),
         _ => return Ok(None),
     };
     // transformers 5 names Qwen3-MoE's count `num_local_experts` (`num_experts` maps to it).
     let experts = match experts_key {
         "n_routed_experts" => r.u64(&["n_routed_experts"])?,
+        "moe_num_experts" => r.u64(&["moe_num_experts", "num_experts"])?,
         _ => r.u64(&["num_experts", "num_local_experts"])?,
     };
     // GPT-OSS's published config also writes `experts_per_token` (the original checkpoint's
@@ -496,6 +499,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::GptOss => r
             .opt_u64(&["num_experts_per_tok", "experts_per_token"])?
             .unwrap_or(4),
+        Family::Ernie45Moe => r.u64(&["moe_k", "num_experts_per_tok"])?,
         _ => r.u64(&["num_experts_per_tok"])?,
     };
     if experts > 1024 || top_k > experts {
@@ -534,7 +538,42 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
         ),
+        // Ernie4_5_MoeSparseMoeBlock: one MLP of `moe_intermediate_size` x shared experts.
+        Family::Ernie45Moe => (
+            r.opt_u64(&["moe_num_shared_experts"])?.unwrap_or(2) * expert_inter,
+            false,
+        ),
         _ => (0, false),
+    };
+    // Which layers are sparse: DeepSeek's from `first_k_dense_replace` on, Qwen2-MoE's every
+    // `decoder_sparse_step`-th; ERNIE's every `moe_layer_interval`-th from
+    // `moe_layer_start_index` (default 1) to `moe_layer_end_index` (default -1: the last).
+    let (first_dense, every) = if family == Family::Ernie45Moe {
+        let layers = r.u64(&["num_hidden_layers"])?;
+        let end = r
+            .raw(&["moe_layer_end_index"])
+            .and_then(|(_, v)| v.as_i64());
+        if let Some(end) = end.filter(|&e| e != -1 && e as i128 != i128::from(layers) - 1) {
+            return Err(Error::field(
+                r.path,
+                "moe_layer_end_index",
+                format!("{end} (dense layers after the sparse ones) is not supported"),
+            )
+            .with_hint(format!(
+                "-1 or {} (the last layer) is",
+                layers.saturating_sub(1)
+            )));
+        }
+        r.raw(&["moe_norm_min"]);
+        (
+            r.opt_u64(&["moe_layer_start_index"])?.unwrap_or(1),
+            r.opt_u64(&["moe_layer_interval"])?.unwrap_or(1),
+        )
+    } else {
+        (
+            r.opt_u64(&["first_k_dense_replace"])?.unwrap_or(0),
+            r.opt_u64(&["decoder_sparse_step"])?.unwrap_or(1),
+        )
     };
     if let Some((key, v)) = r.raw(&["mlp_only_layers"])
         && v.as_array().is_some_and(|a| !a.is_empty())
@@ -548,8 +587,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         expert_intermediate: expert_inter,
         shared_intermediate: shared,
         shared_gate: gate,
-        first_dense: r.opt_u64(&["first_k_dense_replace"])?.unwrap_or(0),
-        every: r.opt_u64(&["decoder_sparse_step"])?.unwrap_or(1),
+        first_dense,
+        every,
         bias: family == Family::GptOss,
         gate: if family == Family::GptOss {
             // `swiglu_limit` (7.0) bounds values, not shapes.
@@ -564,6 +603,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             Routing::TopK
         },
         input_jitter,
+        router_fp32: family == Family::Ernie45Moe,
     }))
 }
 
@@ -574,6 +614,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     // one KV head per head of hidden / heads.
     let (kv_default, head_dim_default) = match family {
         Family::Ernie45 => (2, 128),
+        // Ernie4_5_MoeConfig: 4 KV heads (the 21B-A3B's), no `head_dim` key.
+        Family::Ernie45Moe => (4, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -617,7 +659,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
-        Family::Ernie45 => {
+        Family::Ernie45 | Family::Ernie45Moe => {
             let b = r.bool_or(&["use_bias"], false)?;
             (b, b)
         }
@@ -640,8 +682,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::Helium
         | Family::Nemotron
         | Family::Arcee => mlp_bias,
-        // The same `use_bias` as the attention's.
-        Family::Ernie45 => qkv_bias,
+        // The same `use_bias` as the attention's (ERNIE-MoE's dense and shared-expert MLPs).
+        Family::Ernie45 | Family::Ernie45Moe => qkv_bias,
         _ => false,
     };
     r.raw(&[
@@ -739,7 +781,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         tie_word_embeddings: r.bool_or(
             &["tie_word_embeddings"],
-            gemma || matches!(family, Family::Cohere | Family::Cohere2 | Family::Ernie45),
+            gemma
+                || matches!(
+                    family,
+                    Family::Cohere | Family::Cohere2 | Family::Ernie45 | Family::Ernie45Moe
+                ),
         )?,
         // Cohere (and StableLM's `use_parallel_residual`): attention and the MLP read one norm's
         // output and add to the residual together.
@@ -777,7 +823,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         query_position_scale: family == Family::Ministral3,
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
-            Family::Ernie45 => RotaryApply::InterleavedFp32,
+            Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
             _ => RotaryApply::Shared,
         },
         mixers,

@@ -76,6 +76,9 @@ pub enum Family {
     /// `Ministral3ForCausalLM` (Ministral 3, the language model inside Mistral's `mistral3`
     /// checkpoints): Mistral's block with Llama 4's position-dependent query scaling.
     Ministral3,
+    /// `Ernie4_5_MoeForCausalLM` (ERNIE-4.5-21B-A3B, 300B-A47B): ERNIE 4.5's attention with
+    /// sparse layers of fused experts and shared experts, routed by an fp32 router.
+    Ernie45Moe,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -191,7 +194,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 55] = [
+    pub const ALL: [(&'static str, Family); 56] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -247,6 +250,7 @@ impl Family {
         ("arcee", Family::Arcee),
         ("ernie4_5", Family::Ernie45),
         ("ministral3", Family::Ministral3),
+        ("ernie4_5_moe", Family::Ernie45Moe),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -266,7 +270,12 @@ impl Family {
     pub fn peft_converts_experts(self) -> bool {
         matches!(
             self,
-            Family::Mixtral | Family::Qwen3Moe | Family::Deepseek | Family::Glm4Moe | Family::Olmoe
+            Family::Mixtral
+                | Family::Qwen3Moe
+                | Family::Deepseek
+                | Family::Glm4Moe
+                | Family::Olmoe
+                | Family::Ernie45Moe
         )
     }
 }
@@ -593,6 +602,10 @@ pub struct Moe {
     /// `router_jitter_noise` once, PhiMoE's `input_jitter_noise` twice (in the block and again
     /// in its router, on the same storage). Each keeps its noise tensor for backward.
     pub input_jitter: u32,
+    /// The router is an fp32 module run with autocast off (ERNIE 4.5's
+    /// `Ernie4_5_MoeTopKRouter`: an fp32 weight `_keep_in_fp32_modules_strict` keeps even in a
+    /// bf16 model, `F.linear(hidden_states.float(), weight.float())`, fp32 logits).
+    pub router_fp32: bool,
 }
 
 /// How a router turns logits into experts and weights.
