@@ -1274,7 +1274,7 @@ fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
     });
     let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
     let moe = m.moe.expect("sparse");
-    assert!(moe.router_fp32);
+    assert_eq!(moe.router, ftplan::spec::model::RouterPrecision::Fp32Module);
     assert_eq!(
         (moe.first_dense, moe.every, moe.shared_intermediate),
         (1, 1, 128)
@@ -1297,4 +1297,41 @@ fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
     let err =
         ftplan::spec::hf::parse_config("config.json", &mid, "toy", false).expect_err("refused");
     assert!(err.to_string().contains("moe_layer_end_index"), "{err}");
+}
+
+#[test]
+fn deepseek_and_glm_routers_run_in_fp32_without_autocast() {
+    // A toy GLM-4.5 (hidden 256, 4 heads of 64, 2 KV heads, 2 layers, the second sparse: 4
+    // experts of 128, top 2, one shared expert), full fine-tuning, batch 1 x 64.
+    // Glm4MoeTopkRouter (as DeepSeek's) runs `F.linear(hidden_states.type(torch.float32),
+    // self.weight.type(torch.float32))` with autocast left on. In pure bf16 that is an fp32
+    // matmul keeping the fp32 copy of its input (64 x 256 x 4 B = 65,536) for the weight's
+    // gradient and of its weight (4 x 256 x 4 B = 4,096) for the input's: 69,632. Under
+    // autocast the matmul runs in bf16 on autocast's copies: the input's (32,768) and the fp32
+    // weight's (4 x 256 x 2 B = 2,048), 34,816, as a Mixtral router keeps.
+    let config = serde_json::json!({
+        "model_type": "glm4_moe", "hidden_size": 256, "intermediate_size": 768,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 512, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 128, "n_shared_experts": 1, "first_k_dense_replace": 1
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    assert_eq!(
+        m.moe.expect("sparse").router,
+        ftplan::spec::model::RouterPrecision::Fp32Operands
+    );
+    let kept = |precision: Precision| -> u64 {
+        let p = Plan {
+            precision,
+            ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
+        };
+        let g = graph::build(&m, &p);
+        let gate = g
+            .ops()
+            .find(|o| g.name(o.name) == "decoder.layers.1.mlp.gate")
+            .expect("a router");
+        crate::kept_bytes(&g, gate)
+    };
+    assert_eq!(kept(Precision::Bf16), 69_632);
+    assert_eq!(kept(Precision::MixedBf16), 34_816);
 }

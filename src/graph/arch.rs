@@ -1062,24 +1062,45 @@ fn moe_ops(
             x,
         );
     }
-    // An fp32 router (ERNIE 4.5) reads an fp32 copy of its input (the input itself when it is
-    // fp32 already), which its matmul and LoRA keep as they would a half-precision one; its
-    // weight is stored and multiplied in fp32 with autocast off.
-    let saved = (b.autocast, b.base, b.storage_base);
-    let router_in = if moe.router_fp32 {
-        (b.autocast, b.base, b.storage_base) =
-            (false, crate::units::DType::F32, crate::units::DType::F32);
-        b.cast(name.at("gate").then("float"), x, crate::units::DType::F32)
-    } else {
-        x
+    // An fp32 router reads an fp32 copy of its input (the input itself when it is fp32
+    // already), which its matmul and LoRA keep as they would a half-precision one. ERNIE's is
+    // an fp32 module with autocast off; DeepSeek's and GLM-4.5's cast both operands to fp32,
+    // which autocast undoes when it is on, and which without it is the fp32 matmul that
+    // autocast to an fp32 "half" type describes (the input's cast kept by the matmul), plus the
+    // weight's fp32 copy, kept for the input's gradient.
+    use crate::spec::model::RouterPrecision;
+    use crate::units::DType;
+    let saved = (b.autocast, b.half, b.base, b.storage_base);
+    let operands_fp32 = moe.router == RouterPrecision::Fp32Operands && !b.autocast;
+    let router_in = match moe.router {
+        RouterPrecision::Fp32Module => {
+            (b.autocast, b.base, b.storage_base) = (false, DType::F32, DType::F32);
+            b.cast(name.at("gate").then("float"), x, DType::F32)
+        }
+        RouterPrecision::Fp32Operands if operands_fp32 => {
+            (b.autocast, b.half) = (true, DType::F32);
+            x
+        }
+        RouterPrecision::Fp32Operands | RouterPrecision::Model => x,
     };
     let mut router = b.linear(name.at("gate"), router_in, experts, moe.bias, None);
-    if moe.router_fp32 {
+    let gate_op = b.graph.len().saturating_sub(1);
+    if moe.router == RouterPrecision::Fp32Module {
         // Ernie4_5_MoeStatics' `e_score_correction_bias`: one fp32 value per expert, frozen
         // (`requires_grad=False`), added to the probabilities before topk; read by the router.
         let statics = b.frozen_param(name.at("gate").then("moe_statics"), (1, experts));
-        if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
+        if let Some(o) = b.graph.op_mut(gate_op) {
             o.params.push(statics);
+        }
+    }
+    if operands_fp32 && x.grad {
+        let copy = b.tensor(
+            crate::graph::op::TensorKind::Activation,
+            DType::F32.bytes(experts * h),
+        );
+        if let Some(o) = b.graph.op_mut(gate_op) {
+            o.saves.push(copy);
+            o.cost.forward_kernels += 1;
         }
     }
     // Whether peft's LoRA reaches the experts and the router at all
@@ -1088,7 +1109,7 @@ fn moe_ops(
     if peft_reaches_experts {
         router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
-    (b.autocast, b.base, b.storage_base) = saved;
+    (b.autocast, b.half, b.base, b.storage_base) = saved;
     let probs = b.cast(
         name.at("router").then("softmax"),
         router,
@@ -1103,7 +1124,9 @@ fn moe_ops(
             // ERNIE's router adds its `moe_statics` bias before topk, gathers the weights from
             // the probabilities and clamps their sum: add, gather and clamp forward; gather's
             // zeroed scatter and clamp's masked gradient backward.
-            crate::spec::model::Routing::TopK if moe.router_fp32 => (8, 13),
+            crate::spec::model::Routing::TopK if moe.router == RouterPrecision::Fp32Module => {
+                (8, 13)
+            }
             crate::spec::model::Routing::TopK => (5, 10),
             // PhimoeTopKRouter's `sparsemixer` (a dispatch count of the router in training,
             // torch 2.15, views and detaches left out): per choice the threshold mask (max,

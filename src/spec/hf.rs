@@ -4,7 +4,7 @@
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
-    NormPlacement, Positions, QkNorm, RotaryApply, Routing, Softcap, Ssm, Stack,
+    NormPlacement, Positions, QkNorm, RotaryApply, RouterPrecision, Routing, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -603,7 +603,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             Routing::TopK
         },
         input_jitter,
-        router_fp32: family == Family::Ernie45Moe,
+        router: match family {
+            Family::Ernie45Moe => RouterPrecision::Fp32Module,
+            Family::Deepseek | Family::Glm4Moe => RouterPrecision::Fp32Operands,
+            _ => RouterPrecision::Model,
+        },
     }))
 }
 

@@ -602,10 +602,25 @@ pub struct Moe {
     /// `router_jitter_noise` once, PhiMoE's `input_jitter_noise` twice (in the block and again
     /// in its router, on the same storage). Each keeps its noise tensor for backward.
     pub input_jitter: u32,
-    /// The router is an fp32 module run with autocast off (ERNIE 4.5's
-    /// `Ernie4_5_MoeTopKRouter`: an fp32 weight `_keep_in_fp32_modules_strict` keeps even in a
-    /// bf16 model, `F.linear(hidden_states.float(), weight.float())`, fp32 logits).
-    pub router_fp32: bool,
+    /// The precision the router's matmul runs in.
+    pub router: RouterPrecision,
+}
+
+/// The precision of a MoE router's matmul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterPrecision {
+    /// A linear in the model's dtype, autocast like the others (Mixtral, Qwen-MoE).
+    Model,
+    /// `F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))` with
+    /// autocast left as it is (DeepSeek-V2/V3's and GLM-4.5's `TopkRouter`): under autocast it
+    /// runs in bf16 as `Model` does; without (pure bf16) it is an fp32 matmul that keeps fp32
+    /// copies of its input (for the weight's gradient) and of its weight (for the input's).
+    Fp32Operands,
+    /// An fp32 module run with autocast off (ERNIE 4.5's `Ernie4_5_MoeTopKRouter`: an fp32
+    /// weight `_keep_in_fp32_modules_strict` keeps even in a bf16 model, `F.linear(
+    /// hidden_states.float(), weight.float())`, fp32 logits).
+    Fp32Module,
 }
 
 /// How a router turns logits into experts and weights.
