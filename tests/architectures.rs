@@ -1335,3 +1335,46 @@ fn deepseek_and_glm_routers_run_in_fp32_without_autocast() {
     assert_eq!(kept(Precision::Bf16), 69_632);
     assert_eq!(kept(Precision::MixedBf16), 34_816);
 }
+
+#[test]
+fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
+    // A toy HunYuan-MoE (hidden 256, intermediate 128, 4 heads of 64, 2 KV heads, 2 layers, 4
+    // experts, top 2 given per layer), pure bf16 full fine-tuning, batch 1 x 64. Every layer
+    // has one shared MLP and the experts, all `intermediate_size` wide; the router `wg` is built
+    // with `dtype=torch.float32`, so it stays fp32 in a bf16 model (4 x 256 x 4 B = 4,096), and
+    // without autocast multiplies `hidden_states.float()`, whose fp32 copy it keeps
+    // (64 x 256 x 4 B = 65,536).
+    let mut config = serde_json::json!({
+        "model_type": "hunyuan_v1_moe", "hidden_size": 256, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 512, "num_experts": 4, "moe_topk": [2, 2]
+    });
+    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let moe = m.moe.expect("sparse");
+    assert_eq!(
+        (
+            moe.experts,
+            moe.top_k,
+            moe.expert_intermediate,
+            moe.shared_intermediate
+        ),
+        (4, 2, 128, 128)
+    );
+    assert_eq!(moe.router, ftplan::spec::model::RouterPrecision::Fp32Weight);
+    let p = Plan {
+        precision: Precision::Bf16,
+        ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
+    };
+    let g = graph::build(&m, &p);
+    let gate = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1.mlp.gate")
+        .expect("a router");
+    assert_eq!(crate::kept_bytes(&g, gate), 65_536);
+    assert_eq!(g.params[gate.params[0].0 as usize].bytes().0, 4_096);
+    // A different top-k per layer is refused.
+    config["moe_topk"] = serde_json::json!([2, 1]);
+    let err =
+        ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect_err("refused");
+    assert!(err.to_string().contains("moe_topk"), "{err}");
+}

@@ -1064,7 +1064,8 @@ fn moe_ops(
     }
     // An fp32 router reads an fp32 copy of its input (the input itself when it is fp32
     // already), which its matmul and LoRA keep as they would a half-precision one. ERNIE's is
-    // an fp32 module with autocast off; DeepSeek's and GLM-4.5's cast both operands to fp32,
+    // an fp32 module with autocast off; HunYuan's an fp32 weight whose matmul autocast still
+    // runs in bf16; DeepSeek's and GLM-4.5's cast both operands to fp32,
     // which autocast undoes when it is on, and which without it is the fp32 matmul that
     // autocast to an fp32 "half" type describes (the input's cast kept by the matmul), plus the
     // weight's fp32 copy, kept for the input's gradient.
@@ -1080,6 +1081,14 @@ fn moe_ops(
         RouterPrecision::Fp32Operands if operands_fp32 => {
             (b.autocast, b.half) = (true, DType::F32);
             x
+        }
+        RouterPrecision::Fp32Weight => {
+            (b.base, b.storage_base) = (DType::F32, DType::F32);
+            if b.autocast {
+                x
+            } else {
+                b.cast(name.at("gate").then("float"), x, DType::F32)
+            }
         }
         RouterPrecision::Fp32Operands | RouterPrecision::Model => x,
     };

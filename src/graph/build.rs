@@ -508,6 +508,7 @@ impl<'a> Builder<'a> {
             | Family::Qwen2Moe
             | Family::Qwen3Moe
             | Family::Ernie45Moe
+            | Family::HunyuanMoe
             | Family::Deepseek
             | Family::Mamba => (0, 0),
             Family::Llama

@@ -256,6 +256,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
+        | Family::HunyuanMoe
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -485,12 +486,16 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Olmoe => ("num_experts", intermediate),
         Family::GptOss => ("num_local_experts", intermediate),
         Family::Ernie45Moe => ("moe_num_experts", r.u64(&["moe_intermediate_size"])?),
+        // HunYuanMoEV1Experts (MixtralExperts) and its shared MLP are `intermediate_size` wide;
+        // the published configs' per-layer `moe_intermediate_size` list is not read by it.
+        Family::HunyuanMoe => ("num_experts", intermediate),
         _ => return Ok(None),
     };
     // transformers 5 names Qwen3-MoE's count `num_local_experts` (`num_experts` maps to it).
     let experts = match experts_key {
         "n_routed_experts" => r.u64(&["n_routed_experts"])?,
         "moe_num_experts" => r.u64(&["moe_num_experts", "num_experts"])?,
+        _ if family == Family::HunyuanMoe => uniform_per_layer(r, "num_experts")?,
         _ => r.u64(&["num_experts", "num_local_experts"])?,
     };
     // GPT-OSS's published config also writes `experts_per_token` (the original checkpoint's
@@ -500,6 +505,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             .opt_u64(&["num_experts_per_tok", "experts_per_token"])?
             .unwrap_or(4),
         Family::Ernie45Moe => r.u64(&["moe_k", "num_experts_per_tok"])?,
+        Family::HunyuanMoe => uniform_per_layer(r, "moe_topk")?,
         _ => r.u64(&["num_experts_per_tok"])?,
     };
     if experts > 1024 || top_k > experts {
@@ -543,6 +549,15 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["moe_num_shared_experts"])?.unwrap_or(2) * expert_inter,
             false,
         ),
+        // HunYuanMoEV1Moe: one `shared_mlp` whatever `num_shared_expert` says.
+        Family::HunyuanMoe => {
+            r.raw(&[
+                "num_shared_expert",
+                "moe_intermediate_size",
+                "use_mixed_mlp_moe",
+            ]);
+            (expert_inter, false)
+        }
         _ => (0, false),
     };
     // Which layers are sparse: DeepSeek's from `first_k_dense_replace` on, Qwen2-MoE's every
@@ -606,9 +621,28 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
             Family::Deepseek | Family::Glm4Moe => RouterPrecision::Fp32Operands,
+            Family::HunyuanMoe => RouterPrecision::Fp32Weight,
             _ => RouterPrecision::Model,
         },
     }))
+}
+
+/// A count HunYuan's config may give per layer (`num_experts`, `moe_topk`: an integer or a
+/// list); ftplan builds one kind of sparse layer, so a list must repeat one value.
+fn uniform_per_layer(r: &Reader, key: &'static str) -> Result<u64> {
+    match r.raw(&[key]) {
+        Some((_, Value::Array(items))) => {
+            let values: Vec<Option<u64>> = items.iter().map(Value::as_u64).collect();
+            match values.first() {
+                Some(Some(v)) if values.iter().all(|x| *x == Some(*v)) => Ok(*v),
+                _ => Err(
+                    Error::field(r.path, key, "must be one count for every layer")
+                        .with_hint("layers with different expert counts are not modelled"),
+                ),
+            }
+        }
+        _ => r.u64(&[key]),
+    }
 }
 
 fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
@@ -814,7 +848,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Qwen3Moe
             | Family::Gemma3
             | Family::Exaone4
-            | Family::HunyuanDense => QkNorm::PerHead,
+            | Family::HunyuanDense
+            | Family::HunyuanMoe => QkNorm::PerHead,
             Family::Olmoe => QkNorm::Full,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
             // head and channel, as many weights as one norm over the whole projection.

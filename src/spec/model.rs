@@ -79,6 +79,9 @@ pub enum Family {
     /// `Ernie4_5_MoeForCausalLM` (ERNIE-4.5-21B-A3B, 300B-A47B): ERNIE 4.5's attention with
     /// sparse layers of fused experts and shared experts, routed by an fp32 router.
     Ernie45Moe,
+    /// `HunYuanMoEV1ForCausalLM` (Hunyuan-A13B): HunYuan-dense's attention, and in every layer
+    /// one shared MLP beside `num_experts` fused experts, all of `intermediate_size`.
+    HunyuanMoe,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -194,7 +197,7 @@ impl Family {
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 56] = [
+    pub const ALL: [(&'static str, Family); 57] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -251,6 +254,7 @@ impl Family {
         ("ernie4_5", Family::Ernie45),
         ("ministral3", Family::Ministral3),
         ("ernie4_5_moe", Family::Ernie45Moe),
+        ("hunyuan_v1_moe", Family::HunyuanMoe),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -276,6 +280,7 @@ impl Family {
                 | Family::Glm4Moe
                 | Family::Olmoe
                 | Family::Ernie45Moe
+                | Family::HunyuanMoe
         )
     }
 }
@@ -617,6 +622,10 @@ pub enum RouterPrecision {
     /// runs in bf16 as `Model` does; without (pure bf16) it is an fp32 matmul that keeps fp32
     /// copies of its input (for the weight's gradient) and of its weight (for the input's).
     Fp32Operands,
+    /// An fp32 weight in any model (HunYuan-MoE's `wg`, built with `dtype=torch.float32`) and
+    /// the input cast to fp32 when the weight is, autocast left on: under autocast the bf16
+    /// matmul on autocast's copies; without, an fp32 matmul keeping the input's fp32 copy.
+    Fp32Weight,
     /// An fp32 module run with autocast off (ERNIE 4.5's `Ernie4_5_MoeTopKRouter`: an fp32
     /// weight `_keep_in_fp32_modules_strict` keeps even in a bf16 model, `F.linear(
     /// hidden_states.float(), weight.float())`, fp32 logits).
