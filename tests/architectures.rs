@@ -68,6 +68,24 @@ fn attention_flops(m: &ModelSpec, p: &Plan) -> f64 {
 }
 
 /// The same model with every layer attending to every earlier key.
+/// A toy model read from a `config.json` object.
+fn toy(config: &serde_json::Value) -> ModelSpec {
+    ftplan::spec::hf::parse_config("config.json", config, "toy", false).expect("reads")
+}
+
+/// Bytes the ops named `name` keep for backward, and their first parameter's bytes.
+fn kept_at(m: &ModelSpec, p: &Plan, name: &str) -> (u64, u64) {
+    let g = graph::build(m, p);
+    let ops: Vec<_> = g.ops().filter(|o| g.name(o.name) == name).collect();
+    assert!(!ops.is_empty(), "no op `{name}`");
+    let kept = ops.iter().map(|o| crate::kept_bytes(&g, o)).sum();
+    let param = ops[0]
+        .params
+        .first()
+        .map_or(0, |&id| g.params[id.0 as usize].bytes().0);
+    (kept, param)
+}
+
 fn without_window(m: &ModelSpec) -> ModelSpec {
     ModelSpec {
         mixers: vec![Mixer::Attention],
@@ -1186,7 +1204,7 @@ fn ernie_biases_every_linear_and_keeps_interleaved_fp32_rotary_tables_per_layer(
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 64, "vocab_size": 512, "use_bias": true
     });
-    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let m = toy(&config);
     assert!(m.tie_word_embeddings && m.qkv_bias && m.linear_bias);
     let per_layer = 2 * (256 * 256 + 256)
         + 2 * (256 * 128 + 128)
@@ -1201,20 +1219,14 @@ fn ernie_biases_every_linear_and_keeps_interleaved_fp32_rotary_tables_per_layer(
         run(&m, &p).memory.total_params,
         2 * per_layer + 512 * 256 + 256
     );
-    let kept = |m: &ModelSpec, suffix: &str| -> u64 {
-        let g = graph::build(m, &p);
-        g.ops()
-            .filter(|o| g.name(o.name) == format!("decoder.layers.1.{suffix}"))
-            .map(|o| crate::kept_bytes(&g, o))
-            .sum()
-    };
-    assert_eq!(kept(&m, "self_attn.rotary_q"), 32_768);
+    let rotary = "decoder.layers.1.self_attn.rotary_q";
+    assert_eq!(kept_at(&m, &p, rotary).0, 32_768);
     let llama = ModelSpec {
         family: ftplan::spec::model::Family::Llama,
         rotary_apply: ftplan::spec::model::RotaryApply::Shared,
         ..m.clone()
     };
-    assert_eq!(kept(&llama, "self_attn.rotary_q"), 0);
+    assert_eq!(kept_at(&llama, &p, rotary).0, 0);
 }
 
 #[test]
@@ -1234,7 +1246,7 @@ fn ministral3_scales_each_query_by_its_position_after_rotary() {
                             "original_max_position_embeddings": 16384,
                             "llama_4_scaling_beta": 0.1}
     });
-    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let m = toy(&config);
     assert!(m.query_position_scale && !m.qkv_bias && !m.linear_bias);
     let p = Plan {
         precision: Precision::MixedBf16,
@@ -1272,7 +1284,7 @@ fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
         "vocab_size": 512, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 128,
         "moe_num_shared_experts": 1
     });
-    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let m = toy(&config);
     let moe = m.moe.expect("sparse");
     assert_eq!(moe.router, ftplan::spec::model::RouterPrecision::Fp32Module);
     assert_eq!(
@@ -1283,14 +1295,10 @@ fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
         precision: Precision::Bf16,
         ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
     };
-    let g = graph::build(&m, &p);
-    let gate = g
-        .ops()
-        .find(|o| g.name(o.name) == "decoder.layers.1.mlp.gate")
-        .expect("a router");
-    assert_eq!(crate::kept_bytes(&g, gate), 65_536);
-    let weight = &g.params[gate.params[0].0 as usize];
-    assert_eq!(weight.bytes().0, 4_096);
+    assert_eq!(
+        kept_at(&m, &p, "decoder.layers.1.mlp.gate"),
+        (65_536, 4_096)
+    );
     // Sparse layers must run to the last one.
     let mut mid = config.clone();
     mid["moe_layer_end_index"] = serde_json::json!(0);
@@ -1315,7 +1323,7 @@ fn deepseek_and_glm_routers_run_in_fp32_without_autocast() {
         "head_dim": 64, "vocab_size": 512, "n_routed_experts": 4, "num_experts_per_tok": 2,
         "moe_intermediate_size": 128, "n_shared_experts": 1, "first_k_dense_replace": 1
     });
-    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let m = toy(&config);
     assert_eq!(
         m.moe.expect("sparse").router,
         ftplan::spec::model::RouterPrecision::Fp32Operands
@@ -1325,12 +1333,7 @@ fn deepseek_and_glm_routers_run_in_fp32_without_autocast() {
             precision,
             ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
         };
-        let g = graph::build(&m, &p);
-        let gate = g
-            .ops()
-            .find(|o| g.name(o.name) == "decoder.layers.1.mlp.gate")
-            .expect("a router");
-        crate::kept_bytes(&g, gate)
+        kept_at(&m, &p, "decoder.layers.1.mlp.gate").0
     };
     assert_eq!(kept(Precision::Bf16), 69_632);
     assert_eq!(kept(Precision::MixedBf16), 34_816);
@@ -1349,7 +1352,7 @@ fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 64, "vocab_size": 512, "num_experts": 4, "moe_topk": [2, 2]
     });
-    let m = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    let m = toy(&config);
     let moe = m.moe.expect("sparse");
     assert_eq!(
         (
@@ -1365,13 +1368,10 @@ fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
         precision: Precision::Bf16,
         ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
     };
-    let g = graph::build(&m, &p);
-    let gate = g
-        .ops()
-        .find(|o| g.name(o.name) == "decoder.layers.1.mlp.gate")
-        .expect("a router");
-    assert_eq!(crate::kept_bytes(&g, gate), 65_536);
-    assert_eq!(g.params[gate.params[0].0 as usize].bytes().0, 4_096);
+    assert_eq!(
+        kept_at(&m, &p, "decoder.layers.1.mlp.gate"),
+        (65_536, 4_096)
+    );
     // A different top-k per layer is refused.
     config["moe_topk"] = serde_json::json!([2, 1]);
     let err =
