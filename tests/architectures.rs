@@ -1378,3 +1378,28 @@ fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
         ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect_err("refused");
     assert!(err.to_string().contains("moe_topk"), "{err}");
 }
+
+#[test]
+fn glm_4_7_flash_reads_as_deepseek_attention_with_its_mlp_layer_types() {
+    // `glm4_moe_lite` (GLM-4.7-Flash): DeepSeek-V3's latent attention (20 heads of 192 + 64
+    // over a 2,048-wide model, which no head count has to divide) with GLM-4.5's MoE.
+    // Glm4MoeLiteConfig's `q_lora_rank` default is 768, and `mlp_layer_types` says which layers
+    // are dense: here the first two, so `first_dense` is 2. A dense layer after a sparse one is
+    // refused.
+    let mut config = serde_json::json!({
+        "model_type": "glm4_moe_lite", "hidden_size": 2048, "intermediate_size": 10240,
+        "num_hidden_layers": 4, "num_attention_heads": 20, "num_key_value_heads": 20,
+        "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 192,
+        "v_head_dim": 256, "n_routed_experts": 64, "n_shared_experts": 1,
+        "num_experts_per_tok": 4, "moe_intermediate_size": 1536, "vocab_size": 154880,
+        "mlp_layer_types": ["dense", "dense", "sparse", "sparse"]
+    });
+    let m = toy(&config);
+    assert_eq!(m.family, ftplan::spec::model::Family::Deepseek);
+    assert_eq!(m.mla.expect("latent attention").q_rank, Some(768));
+    assert_eq!(m.moe.expect("sparse").first_dense, 2);
+    config["mlp_layer_types"] = serde_json::json!(["dense", "sparse", "dense", "sparse"]);
+    let err =
+        ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect_err("refused");
+    assert!(err.to_string().contains("mlp_layer_types"), "{err}");
+}

@@ -334,7 +334,11 @@ fn supported() -> String {
 /// Heads must tile the hidden size when no explicit head_dim is given, and KV heads must divide
 /// heads (grouped-query attention shares each KV head among a whole group).
 fn check_heads(path: &str, s: &Stack, hidden: u64, r: &Reader) -> Result<()> {
-    let explicit_head_dim = r.map.contains_key("head_dim") || r.map.contains_key("d_kv");
+    // Multi-head latent attention's heads are `qk_nope_head_dim + qk_rope_head_dim` wide
+    // whatever the hidden size (GLM-4.7-Flash: 20 heads of 256 over 2,048).
+    let explicit_head_dim = r.map.contains_key("head_dim")
+        || r.map.contains_key("d_kv")
+        || r.map.contains_key("qk_nope_head_dim");
     if !explicit_head_dim && !hidden.is_multiple_of(s.heads) {
         return Err(Error::field(
             path,
@@ -584,9 +588,30 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["moe_layer_start_index"])?.unwrap_or(1),
             r.opt_u64(&["moe_layer_interval"])?.unwrap_or(1),
         )
+    } else if let Some((key, types)) = r.raw(&["mlp_layer_types"]) {
+        // Glm4MoeLiteConfig: a "dense" or "sparse" entry per layer (default one dense layer,
+        // then sparse ones); ftplan models dense layers before the sparse ones.
+        let types: Vec<Option<&str>> = types
+            .as_array()
+            .map(|a| a.iter().map(Value::as_str).collect())
+            .unwrap_or_default();
+        let dense = types.iter().take_while(|t| **t == Some("dense")).count();
+        if types.is_empty() || types[dense..].iter().any(|t| *t != Some("sparse")) {
+            return Err(Error::field(
+                r.path,
+                key,
+                "must list \"dense\" layers, then only \"sparse\" ones",
+            ));
+        }
+        (dense as u64, 1)
     } else {
+        let default_dense = u64::from(
+            family == Family::Deepseek
+                && r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite"),
+        );
         (
-            r.opt_u64(&["first_k_dense_replace"])?.unwrap_or(0),
+            r.opt_u64(&["first_k_dense_replace"])?
+                .unwrap_or(default_dense),
             r.opt_u64(&["decoder_sparse_step"])?.unwrap_or(1),
         )
     };
@@ -1102,10 +1127,12 @@ fn deepseek(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
     let intermediate = r.u64(&["intermediate_size"])?;
-    // `q_lora_rank`: transformers' default is 1536 (DeepseekV2Config, V3 alike); V2-Lite's
-    // config says null (no query bottleneck), which a TOML file writes as 0.
+    // `q_lora_rank`: transformers' default is 1536 (DeepseekV2Config, V3 alike; 768 in
+    // Glm4MoeLiteConfig); V2-Lite's config says null (no query bottleneck), which a TOML file
+    // writes as 0.
+    let lite = r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite");
     let q_rank = match r.map.get("q_lora_rank") {
-        None => Some(1536),
+        None => Some(if lite { 768 } else { 1536 }),
         Some(Value::Null) => None,
         Some(v) if v.as_u64() == Some(0) => {
             r.raw(&["q_lora_rank"]);

@@ -196,8 +196,10 @@ impl Family {
 
     /// transformers' `model_type` names; a later name for the same family reads the same way
     /// (OLMo-3 is OLMo-2 with `layer_types` windows, Ministral is Mistral with them, SmolLM3 is
-    /// Llama with NoPE layers, DeepSeek-V3 is V2's layout); the first name is the family's own.
-    pub const ALL: [(&'static str, Family); 57] = [
+    /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
+    /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
+    /// family's own.
+    pub const ALL: [(&'static str, Family); 58] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -255,6 +257,7 @@ impl Family {
         ("ministral3", Family::Ministral3),
         ("ernie4_5_moe", Family::Ernie45Moe),
         ("hunyuan_v1_moe", Family::HunyuanMoe),
+        ("glm4_moe_lite", Family::Deepseek),
     ];
 
     pub fn model_type(self) -> &'static str {
