@@ -605,6 +605,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         }
         (dense as u64, 1)
     } else {
+        // Without `mlp_layer_types`, Glm4MoeLiteConfig's default is one dense layer first.
         let default_dense = u64::from(
             family == Family::Deepseek
                 && r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite"),
