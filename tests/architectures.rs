@@ -73,6 +73,13 @@ fn toy(config: &serde_json::Value) -> ModelSpec {
     ftplan::spec::hf::parse_config("config.json", config, "toy", false).expect("reads")
 }
 
+/// Asserts a toy `config.json` object is refused with an error naming `field`.
+fn toy_refused(config: &serde_json::Value, field: &str) {
+    let err =
+        ftplan::spec::hf::parse_config("config.json", config, "toy", false).expect_err("refused");
+    assert!(err.to_string().contains(field), "{err}");
+}
+
 /// Bytes the ops named `name` keep for backward, and their first parameter's bytes.
 fn kept_at(m: &ModelSpec, p: &Plan, name: &str) -> (u64, u64) {
     let g = graph::build(m, p);
@@ -1302,9 +1309,7 @@ fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
     // Sparse layers must run to the last one.
     let mut mid = config.clone();
     mid["moe_layer_end_index"] = serde_json::json!(0);
-    let err =
-        ftplan::spec::hf::parse_config("config.json", &mid, "toy", false).expect_err("refused");
-    assert!(err.to_string().contains("moe_layer_end_index"), "{err}");
+    toy_refused(&mid, "moe_layer_end_index");
 }
 
 #[test]
@@ -1374,9 +1379,7 @@ fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
     );
     // A different top-k per layer is refused.
     config["moe_topk"] = serde_json::json!([2, 1]);
-    let err =
-        ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect_err("refused");
-    assert!(err.to_string().contains("moe_topk"), "{err}");
+    toy_refused(&config, "moe_topk");
 }
 
 #[test]
@@ -1399,7 +1402,5 @@ fn glm_4_7_flash_reads_as_deepseek_attention_with_its_mlp_layer_types() {
     assert_eq!(m.mla.expect("latent attention").q_rank, Some(768));
     assert_eq!(m.moe.expect("sparse").first_dense, 2);
     config["mlp_layer_types"] = serde_json::json!(["dense", "sparse", "dense", "sparse"]);
-    let err =
-        ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect_err("refused");
-    assert!(err.to_string().contains("mlp_layer_types"), "{err}");
+    toy_refused(&config, "mlp_layer_types");
 }

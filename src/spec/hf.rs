@@ -606,10 +606,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         (dense as u64, 1)
     } else {
         // Without `mlp_layer_types`, Glm4MoeLiteConfig's default is one dense layer first.
-        let default_dense = u64::from(
-            family == Family::Deepseek
-                && r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite"),
-        );
+        let default_dense = u64::from(glm4_moe_lite(r));
         (
             r.opt_u64(&["first_k_dense_replace"])?
                 .unwrap_or(default_dense),
@@ -1124,6 +1121,11 @@ fn mpt(r: &Reader) -> Result<ModelSpec> {
 
 /// `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`: multi-head latent attention, dense FFNs
 /// in the first `first_k_dense_replace` layers, then shared plus routed experts.
+/// GLM-4.7-Flash's `glm4_moe_lite`, read as DeepSeek's family with its own defaults.
+fn glm4_moe_lite(r: &Reader) -> bool {
+    r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite")
+}
+
 fn deepseek(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
@@ -1131,9 +1133,8 @@ fn deepseek(r: &Reader) -> Result<ModelSpec> {
     // `q_lora_rank`: transformers' default is 1536 (DeepseekV2Config, V3 alike; 768 in
     // Glm4MoeLiteConfig); V2-Lite's config says null (no query bottleneck), which a TOML file
     // writes as 0.
-    let lite = r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite");
     let q_rank = match r.map.get("q_lora_rank") {
-        None => Some(if lite { 768 } else { 1536 }),
+        None => Some(if glm4_moe_lite(r) { 768 } else { 1536 }),
         Some(Value::Null) => None,
         Some(v) if v.as_u64() == Some(0) => {
             r.raw(&["q_lora_rank"]);

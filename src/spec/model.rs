@@ -666,7 +666,8 @@ pub enum RotaryApply {
     /// multiplies keep those shared tables, nothing per layer.
     Shared,
     /// GLM's: every layer first `repeat_interleave`s the tables' halves, two new tensors of
-    /// (batch, 1, seq, rotary width) in the tables' dtype that the multiplies keep for backward.
+    /// (1, 1, seq, rotary width) (position ids of batch 1) in the tables' dtype that the
+    /// multiplies keep for backward.
     Interleaved,
     /// ERNIE 4.5's: GLM's interleaved tables from fp32 cos/sin (its rotary embedding skips the
     /// cast to the activations' dtype), `q.float()` and `rotate_half(q).float()` multiplied in
