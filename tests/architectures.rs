@@ -1404,3 +1404,77 @@ fn glm_4_7_flash_reads_as_deepseek_attention_with_its_mlp_layer_types() {
     config["mlp_layer_types"] = serde_json::json!(["dense", "sparse", "dense", "sparse"]);
     toy_refused(&config, "mlp_layer_types");
 }
+
+#[test]
+fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
+    // A toy Qwen3.5 text model: hidden 256, a Gated DeltaNet layer then a full-attention one
+    // (2 heads of 64, 1 KV head); the linear layer has 2 key heads and 4 value heads of 32,
+    // conv 4; vocabulary 512. Full fine-tuning, batch 1 x 100: the chunked rule pads the
+    // sequence to 128 positions, two chunks of 64. Per position: key width hk = 4 x 32 = 128
+    // (q and k repeated to the value heads), value width hv = 128, a chunk matrix row of
+    // 4 heads x 64 = 256; a state is 4 x 32 x 32 = 4,096 values.
+    //
+    // Kept in any regime (fp32, 4 B): the fp32 q and k the L2 norms read (2 x 128 x 100),
+    // the padded q, k and v, k * beta and the two solves' results (4 hk + 2 hv = 768 per
+    // padded position), the pairwise decay and the triangular system (2 x 256), two rsqrt,
+    // beta padded and three decay exponentials (6 x 4 heads):
+    // 4 x (25,600 + 98,304 + 65,536 + 3,072) = 770,048.
+    // Pure bf16 (no autocast): the fp32 matmuls keep the decayed q and k and the corrected
+    // values (2 hk + hv = 384), both products and the intra-chunk matrix (3 x 256), and both
+    // chunks' incoming states: 4 x (49,152 + 98,304 + 8,192) = 622,592; 1,392,640 in all.
+    // Under autocast every matmul keeps bf16 copies instead: q, k^T twice, k * beta and the
+    // two products before the loop (2 B x (512 + 512) x 128 = 262,144); per chunk two copies
+    // of its state (2 x 2 x 2 x 4,096 = 32,768), the decayed-key, query and key slices but in
+    // one chunk (64 x 384), the corrected values thrice of four (3 x 64 x 128) and both intra
+    // slices (2 x 64 x 256): 2 x 81,920 = 163,840; and the first state in fp32 (16,384):
+    // 1,245,184 in all.
+    let config = serde_json::json!({
+        "model_type": "qwen3_5_text", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 64, "vocab_size": 512, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+        "layer_types": ["linear_attention", "full_attention"]
+    });
+    let m = toy(&config);
+    let d = ftplan::spec::model::DeltaNet {
+        key_heads: 2,
+        value_heads: 4,
+        key_dim: 32,
+        value_dim: 32,
+        conv: 4,
+    };
+    assert_eq!(m.mixers, vec![Mixer::GatedDeltaNet(d), Mixer::Attention]);
+    assert!(m.attention_output_gate);
+    let kept = |precision: Precision, name: &str| {
+        let p = Plan {
+            precision,
+            ..plan(Method::Full, 1, 100, AttentionKernel::Sdpa)
+        };
+        kept_at(&m, &p, name)
+    };
+    let rule = "decoder.layers.0.linear_attn.chunk_gated_delta_rule";
+    assert_eq!(kept(Precision::Bf16, rule).0, 1_392_640);
+    assert_eq!(kept(Precision::MixedBf16, rule).0, 1_245_184);
+    // Gated attention: q_proj writes queries and the gate (2 x 2 x 64 = 256 outputs of 256
+    // inputs, bf16: 131,072 B); the sigmoid keeps its bf16 output, 100 x 128 x 2 = 25,600.
+    assert_eq!(
+        kept(Precision::Bf16, "decoder.layers.1.self_attn.gate_sigmoid"),
+        (25_600, 0)
+    );
+    assert_eq!(
+        kept(Precision::Bf16, "decoder.layers.1.self_attn.q_proj").1,
+        131_072
+    );
+    // Without `layer_types`: full attention every `full_attention_interval` layers.
+    let mut every = config.clone();
+    every.as_object_mut().expect("object").remove("layer_types");
+    every["full_attention_interval"] = serde_json::json!(2);
+    assert_eq!(
+        toy(&every).mixers,
+        vec![Mixer::GatedDeltaNet(d), Mixer::Attention]
+    );
+    // Each value head needs a key head to repeat.
+    let mut odd = config.clone();
+    odd["linear_num_value_heads"] = serde_json::json!(3);
+    toy_refused(&odd, "linear_num_value_heads");
+}

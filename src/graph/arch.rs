@@ -361,12 +361,16 @@ fn block(
     };
     let window = match kind.mixer {
         Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
-        Mixer::Attention => None,
+        Mixer::Attention | Mixer::GatedDeltaNet(_) => None,
         Mixer::SlidingWindow { window } => Some(window),
     };
     let self_mask = self_attention_mask(b, is_decoder, seq, window);
-    let attend = |b: &mut Builder, at, h| {
-        self_attention(
+    let attend = |b: &mut Builder, at: (Scope, &'static str), h| match kind.mixer {
+        // Qwen3.5's linear layers: `linear_attn` where the others have `self_attn`.
+        Mixer::GatedDeltaNet(d) => {
+            in_tp_region(b, |b| b.gated_delta_net((at.0, "linear_attn"), h, d))
+        }
+        _ => self_attention(
             b,
             at,
             h,
@@ -374,7 +378,7 @@ fn block(
             seq,
             embed_dtype,
             (self_mask, window, kind.rope),
-        )
+        ),
     };
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
@@ -530,6 +534,11 @@ fn self_attention_ops(
     let model = b.model;
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
+    // Gated attention (Qwen3.5): `q_proj` writes, per head, the queries and then the gate;
+    // `gate.reshape(...)` of that strided half copies it, and the queries' half is a view
+    // the q norm reads.
+    let gated = model.attention_output_gate;
+    let mut gate = None;
     let (mut q, mut k, mut v) = if model.fused_qkv {
         let qkv = b.linear(
             name.at("qkv"),
@@ -552,7 +561,18 @@ fn self_attention_ops(
         }
     } else {
         b.fork(name.at("fork"), x, 3);
-        let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
+        let q_out = if gated { 2 * q_width } else { q_width };
+        let q = b.linear(name.at("q_proj"), x, q_out, model.qkv_bias, Some(Proj::Q));
+        let q = if gated {
+            let half = Val {
+                width: q_width,
+                ..q
+            };
+            gate = Some(b.contiguous(name.at("gate_split"), half));
+            half
+        } else {
+            q
+        };
         let k = b.linear(
             name.at("k_proj"),
             x,
@@ -604,7 +624,7 @@ fn self_attention_ops(
         k = b.val(kv_width, batch * seq_k, k.dtype, true);
         v = b.val(kv_width, batch * seq_k, v.dtype, true);
     }
-    let a = b.attention(
+    let mut a = b.attention(
         name.at("core"),
         [q, k, v],
         stack,
@@ -612,6 +632,11 @@ fn self_attention_ops(
         (seq, seq_k),
         (mask, window),
     );
+    if let Some(g) = gate {
+        // `attn_output * torch.sigmoid(gate)`: sigmoid keeps its output, the product both.
+        let s = b.sigmoid(name.at("gate_sigmoid"), g);
+        a = b.mul(name.at("gate_mul"), a, s);
+    }
     let o_bias = model.out_bias.unwrap_or(model.linear_bias);
     b.linear(
         name.at("o_proj"),
@@ -1026,14 +1051,7 @@ fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
     let gate = step(b, "gate_clamp", half, Some(gu.id), 1.0);
     let up = step(b, "up_clamp", half, Some(gu.id), 2.0);
     let scaled = step(b, "alpha", gate, None, 1.0);
-    let sig = b.val(half.width, gu.tokens, gu.dtype, gu.grad);
-    b.elementwise(
-        name.then("sigmoid"),
-        &[scaled],
-        sig,
-        smallvec::smallvec![sig.id],
-        4.0,
-    );
+    let sig = b.sigmoid(name.then("sigmoid"), scaled);
     let glu = b.mul(name.then("glu"), gate, sig);
     let up1 = step(b, "up_plus_one", up, None, 1.0);
     b.mul(name.then("mul"), up1, glu)
@@ -1316,14 +1334,7 @@ fn moe_ops(
         let g = b.linear(name.at("shared_expert_gate"), x, 1, false, None);
         // An `nn.Linear`, so `all-linear` wraps it.
         let g = all_linear_lora(b, name.at("shared_expert_gate"), x, g);
-        let sig = b.val(1, g.tokens, g.dtype, g.grad);
-        b.elementwise(
-            name.at("shared_gate_sigmoid"),
-            &[g],
-            sig,
-            smallvec::smallvec![sig.id],
-            4.0,
-        );
+        let sig = b.sigmoid(name.at("shared_gate_sigmoid"), g);
         s = b.mul(name.at("shared_gate_mul"), s, sig);
     }
     b.add(name.at("shared_add"), out, s)

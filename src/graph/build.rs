@@ -523,6 +523,7 @@ impl<'a> Builder<'a> {
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3
+            | Family::Qwen35
             | Family::Granite
             | Family::Exaone4
             | Family::GptOss

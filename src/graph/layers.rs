@@ -292,6 +292,60 @@ impl Builder<'_> {
         }
     }
 
+    /// `torch.sigmoid(x)`: one kernel keeping its output (`sigmoid_backward` reads it).
+    pub fn sigmoid(&mut self, name: Name, x: Val) -> Val {
+        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        self.elementwise(name, &[x], out, smallvec![out.id], 4.0);
+        out
+    }
+
+    /// A gated RMSNorm over groups of `group` channels (Qwen3.5's `Qwen3_5RMSNormGated`, the
+    /// norm of Gated DeltaNet's output per value head): `x.to(fp32)` normalised by its rsqrt
+    /// (pow and the multiply keep the fp32 copy, the multiply the rsqrt), cast back to x's
+    /// dtype, times the weight (which keeps that cast copy when it trains; an fp32 weight
+    /// promotes the product to fp32), times `silu(gate.to(fp32))` (SiLU keeps the fp32 gate,
+    /// the product both factors), cast back to x's dtype.
+    pub fn gated_rms_norm(&mut self, name: Name, x: Val, gate: Val, group: u64) -> Val {
+        let reached = self.ln_tuning_reaches(name);
+        let weight = self.norm_param(name.then("weight"), group, ParamRole::Norm, reached);
+        let trains = reached && self.trains(ParamRole::Norm);
+        let grad = x.grad || gate.grad || trains;
+        let x32 = self.cast(name.then("upcast"), x, DType::F32);
+        let rows = x.elements() / group.max(1);
+        let rstd = self.tensor(TensorKind::Activation, DType::F32.bytes(rows));
+        let normed = self.val(x.width, x.tokens, DType::F32, x.grad);
+        let op = self.elementwise(
+            name.then("rms"),
+            &[x32],
+            normed,
+            smallvec![x32.id, rstd],
+            4.0,
+        );
+        if let Some(o) = self.graph.op_mut(op) {
+            // pow, mean, add, rsqrt, multiply; the module's own call.
+            o.cost.forward_kernels = 5;
+            o.cost.backward_kernels = 8;
+            o.cost.modules = 1;
+        }
+        let narrow = self.cast(name.then("downcast"), normed, x.dtype);
+        let weighted = self.val(x.width, x.tokens, wider(self.base, x.dtype), grad);
+        let saves = if trains {
+            smallvec![narrow.id]
+        } else {
+            SmallVec::new()
+        };
+        let op = self.elementwise(name.then("weight_mul"), &[narrow], weighted, saves, 1.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.params.push(weight);
+        }
+        let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
+        let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
+        self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
+        self.host_only(1, 0);
+        let gated = self.mul(name.then("gate_mul"), weighted, act);
+        self.cast(name.then("cast_back"), gated, x.dtype)
+    }
+
     /// `F.relu`: one kernel keeping its output; `threshold_backward` reads the gradient and that
     /// output and writes the input's gradient.
     fn relu(&mut self, name: Name, x: Val) -> Val {

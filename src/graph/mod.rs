@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod attention;
 pub mod build;
+mod delta;
 pub mod head;
 pub mod layers;
 pub mod linear;

@@ -3,8 +3,9 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
-    NormPlacement, Positions, QkNorm, RotaryApply, RouterPrecision, Routing, Softcap, Ssm, Stack,
+    Activation, DeltaNet, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers,
+    Norm, NormPlacement, Positions, QkNorm, RotaryApply, RouterPrecision, Routing, Softcap, Ssm,
+    Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -257,6 +258,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Ministral3
         | Family::Ernie45Moe
         | Family::HunyuanMoe
+        | Family::Qwen35
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -390,6 +392,34 @@ fn one_per_layer(r: &Reader, key: &str, list: &[Value], layers: u64) -> Result<(
     ))
 }
 
+/// Gated DeltaNet's sizes for a family with linear-attention layers (Qwen3_5TextConfig's
+/// `linear_*` keys and defaults), `None` for every other family.
+fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
+    if family != Family::Qwen35 {
+        return Ok(None);
+    }
+    let d = DeltaNet {
+        key_heads: r.opt_u64(&["linear_num_key_heads"])?.unwrap_or(16),
+        value_heads: r.opt_u64(&["linear_num_value_heads"])?.unwrap_or(32),
+        key_dim: r.opt_u64(&["linear_key_head_dim"])?.unwrap_or(128),
+        value_dim: r.opt_u64(&["linear_value_head_dim"])?.unwrap_or(128),
+        conv: r.opt_u64(&["linear_conv_kernel_dim"])?.unwrap_or(4),
+    };
+    // `repeat_interleave(num_v_heads // num_k_heads)` gives every value head a query and key
+    // head: anything else fails in the model's forward.
+    if !d.value_heads.is_multiple_of(d.key_heads) {
+        return Err(Error::field(
+            r.path,
+            "linear_num_value_heads",
+            format!(
+                "({}) is not a multiple of linear_num_key_heads ({})",
+                d.value_heads, d.key_heads
+            ),
+        ));
+    }
+    Ok(Some(d))
+}
+
 /// Attention mixers by layer: the config's `layer_types` where it lists them (transformers 5
 /// writes it for every family with local layers), else the family's rule over `sliding_window`.
 fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
@@ -405,25 +435,43 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         Family::Qwen2 | Family::Qwen3 | Family::Qwen2Moe | Family::Qwen3Moe
     );
     let flag = r.opt_bool(&["use_sliding_window"])?;
+    let linear = delta_net(r, family)?;
+    // Qwen3_5TextConfig: without `layer_types`, layer i is full attention when (i + 1) is a
+    // multiple of `full_attention_interval` (4), linear otherwise (read either way: configs
+    // write both).
+    let every = match linear {
+        Some(_) => r.opt_u64(&["full_attention_interval"])?.unwrap_or(4),
+        None => 1,
+    };
     if let Some((key, Value::Array(list))) = r.raw(&["layer_types"]) {
         let window = window.filter(|_| flag != Some(false));
         one_per_layer(r, key, list, layers)?;
         return list
             .iter()
-            .map(|t| match (t.as_str(), window) {
-                (Some("full_attention"), _) => Ok(Mixer::Attention),
-                (Some("sliding_attention"), Some(w)) => Ok(Mixer::SlidingWindow { window: w }),
-                (Some("sliding_attention"), None) => Err(Error::field(
+            .map(|t| match (t.as_str(), window, linear) {
+                (Some("full_attention"), _, _) => Ok(Mixer::Attention),
+                (Some("sliding_attention"), Some(w), _) => Ok(Mixer::SlidingWindow { window: w }),
+                (Some("sliding_attention"), None, _) => Err(Error::field(
                     r.path,
                     "sliding_window",
                     "is missing; `layer_types` has sliding_attention layers",
                 )),
+                (Some("linear_attention"), _, Some(d)) => Ok(Mixer::GatedDeltaNet(d)),
                 _ => Err(
                     Error::field(r.path, key, format!("`{t}` is not a known layer type"))
-                        .with_hint("full_attention or sliding_attention"),
+                        .with_hint(if linear.is_some() {
+                            "full_attention or linear_attention"
+                        } else {
+                            "full_attention or sliding_attention"
+                        }),
                 ),
             })
             .collect();
+    }
+    if let Some(d) = linear {
+        let mut v = vec![Mixer::GatedDeltaNet(d); every.saturating_sub(1).min(layers) as usize];
+        v.push(Mixer::Attention);
+        return Ok(v);
     }
     let Some(w) = window.filter(|_| flag.unwrap_or(!qwen)) else {
         return Ok(vec![Mixer::Attention]);
@@ -677,6 +725,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Ernie45 => (2, 128),
         // Ernie4_5_MoeConfig: 4 KV heads (the 21B-A3B's), no `head_dim` key.
         Family::Ernie45Moe => (4, hidden / heads.max(1)),
+        // Qwen3_5TextConfig: 4 KV heads of 256.
+        Family::Qwen35 => (4, 256),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -767,6 +817,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         "num_nextn_predict_layers",
         // OLMoE's optional in-place clamp of q, k and v: no memory.
         "clip_qkv",
+        // Qwen3.5's checkpoints: the multi-token-prediction layer transformers does not build
+        // (`_keys_to_ignore_on_load_unexpected = ["^mtp.*"]`), the always-on output gate and
+        // the recurrent state's dtype for generation (neither read by Qwen3_5TextModel).
+        "mtp_num_hidden_layers",
+        "mtp_use_dedicated_embeddings",
+        "attn_output_gate",
+        "mamba_ssm_dtype",
         "pretraining_tp",
         "eod_token_id",
         "layer_norm_eps",
@@ -825,7 +882,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     Ok(ModelSpec {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
-            _ if gemma => Norm::GemmaRmsNorm,
+            // Qwen3_5RMSNorm: `(x.float() * rsqrt) * (1 + weight.float())`, Gemma's.
+            _ if gemma || family == Family::Qwen35 => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
@@ -869,6 +927,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         qk_norm: match family {
             Family::Qwen3
             | Family::Qwen3Moe
+            | Family::Qwen35
             | Family::Gemma3
             | Family::Exaone4
             | Family::HunyuanDense
@@ -883,6 +942,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         // Ministral3Attention: `query_states * get_llama_4_attn_scale(position_ids, ...)`.
         query_position_scale: family == Family::Ministral3,
+        // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`.
+        attention_output_gate: family == Family::Qwen35,
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
@@ -901,7 +962,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         sdpa: family != Family::GptOss,
         positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
-        } else if family == Family::StableLm {
+        } else if matches!(family, Family::StableLm | Family::Qwen35) {
+            // Qwen3_5TextConfig sets `partial_rotary_factor` 0.25 when absent.
             rotary_fraction(r, 0.25)?
         } else if family == Family::Nemotron {
             // NemotronConfig's default `partial_rotary_factor` is 0.5.

@@ -82,6 +82,11 @@ pub enum Family {
     /// `HunYuanMoEV1ForCausalLM` (Hunyuan-A13B): HunYuan-dense's attention, and in every layer
     /// one shared MLP beside `num_experts` fused experts, all of `intermediate_size`.
     HunyuanMoe,
+    /// `Qwen3_5ForCausalLM` (Qwen3.5's language model, `qwen3_5_text`): Gated DeltaNet
+    /// linear-attention layers with a full-attention layer every `full_attention_interval`
+    /// (3:1 by default), whose attention gates its output with a sigmoid of a second query
+    /// half; per-head q/k norms, zero-centred RMSNorms, rotary on a quarter of each head.
+    Qwen35,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -199,7 +204,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 58] = [
+    pub const ALL: [(&'static str, Family); 59] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -258,6 +263,7 @@ impl Family {
         ("ernie4_5_moe", Family::Ernie45Moe),
         ("hunyuan_v1_moe", Family::HunyuanMoe),
         ("glm4_moe_lite", Family::Deepseek),
+        ("qwen3_5_text", Family::Qwen35),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -379,6 +385,35 @@ pub enum Mixer {
     /// Mamba's selective state-space scan (Gu & Dao 2023): a recurrent state of
     /// `inner x state` per sequence, constant in its length.
     Ssm(Ssm),
+    /// Gated DeltaNet linear attention (Yang et al. 2025, "Gated Delta Networks: Improving
+    /// Mamba2 with Delta Rule"): a `key_dim x value_dim` state per value head, updated by the
+    /// gated delta rule and read by each query (Qwen3.5's and Qwen3-Next's linear layers).
+    GatedDeltaNet(DeltaNet),
+}
+
+/// Gated DeltaNet's sizes (`linear_*` keys of Qwen3.5's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct DeltaNet {
+    /// `linear_num_key_heads`: query and key heads (repeated to the value heads' count).
+    pub key_heads: u64,
+    /// `linear_num_value_heads`.
+    pub value_heads: u64,
+    /// `linear_key_head_dim`.
+    pub key_dim: u64,
+    /// `linear_value_head_dim`.
+    pub value_dim: u64,
+    /// `linear_conv_kernel_dim`: the causal depthwise convolution over q, k and v.
+    pub conv: u64,
+}
+
+impl DeltaNet {
+    /// Query plus key width (`2 x key_heads x key_dim`) and value width.
+    pub fn widths(self) -> (u64, u64) {
+        (
+            2 * self.key_heads * self.key_dim,
+            self.value_heads * self.value_dim,
+        )
+    }
 }
 
 /// Mamba's mixer sizes (`MambaConfig`).
@@ -542,6 +577,9 @@ pub struct ModelSpec {
     /// context))` per position (Llama 4's attention temperature scaling, as Ministral 3's
     /// attention applies it in every layer).
     pub query_position_scale: bool,
+    /// The query projection is twice as wide; its second half, through a sigmoid, multiplies
+    /// the attention output before `o_proj` (Qwen3.5's and Qwen3-Next's gated attention).
+    pub attention_output_gate: bool,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
@@ -756,6 +794,7 @@ impl ModelSpec {
             qk_norm: QkNorm::None,
             rotary_apply: RotaryApply::Shared,
             query_position_scale: false,
+            attention_output_gate: false,
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),

@@ -27,6 +27,9 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    /// A projection of a linear-attention mixer (Gated DeltaNet's `in_proj_*` and `out_proj`):
+    /// no target role names it, so LoRA reaches it only through `all-linear`.
+    Mixer,
 }
 
 impl Proj {

@@ -1,0 +1,255 @@
+//! Gated DeltaNet linear attention (Yang et al. 2025, "Gated Delta Networks: Improving Mamba2
+//! with Delta Rule"), as transformers 5.17's `Qwen3_5GatedDeltaNet` runs it without the
+//! flash-linear-attention and causal-conv1d kernels: `causal_conv1d_fn`'s `F.conv1d` and
+//! `torch_chunk_gated_delta_rule`, the chunked delta rule in fp32 PyTorch ops. Like Mamba's
+//! slow path (`arch::mamba_block`), that fallback is what a plain `pip install transformers`
+//! trains with and what a replay measures; its saved tensors are counted op by op below.
+
+use super::build::{Builder, Val};
+use crate::graph::op::{Name, OpKind, ParamRole, Scope, TensorKind};
+use crate::spec::model::DeltaNet;
+use crate::spec::plan::Proj;
+use crate::units::{Bytes, DType};
+use smallvec::smallvec;
+
+/// `torch_chunk_gated_delta_rule`'s `chunk_size` (the default its caller keeps).
+const CHUNK: u64 = 64;
+
+/// Kernels of the chunked rule outside its loop, forward: five transposed fp32 copies, two
+/// L2 norms of five ops, the query scale, five pads, two beta products, cumsum, the pairwise
+/// decay's subtract, masked_fill and exp, two matmuls and two decay products, the decayed keys'
+/// exp and product, two triangular solves, two zero fills, the query's and key's decay (exp,
+/// product; subtract, exp, product), the chunk decay's exp, and the output's copy back.
+const RULE_FORWARD_KERNELS: u32 = 44;
+/// Per chunk, forward: the state read by the keys (matmul, subtract), by the queries (matmul),
+/// the intra-chunk matmul and sum, the copy into the output slice, the state's decay product,
+/// the key-value outer product (matmul) and sum.
+const CHUNK_FORWARD_KERNELS: u32 = 9;
+/// Backward has each forward op's derivative (a matmul two, a product up to two), plus per
+/// chunk the full-size zero gradients of five sliced tensors (`select_backward`), the output
+/// slice's `CopySlices` clone and zero fill, and the gradient accumulations.
+const RULE_BACKWARD_KERNELS: u32 = 80;
+const CHUNK_BACKWARD_KERNELS: u32 = 30;
+
+impl Builder<'_> {
+    /// Qwen3.5's linear-attention mixer on the normed hidden states `x` (its caller adds the
+    /// residual).
+    ///
+    /// Outside the rule: four projections of x; the convolution over q, k and v (its input is
+    /// cast to the conv weight's dtype, then by autocast to bf16, and kept when that weight
+    /// trains; SiLU keeps the convolution's output, padded by `conv - 1` positions); beta =
+    /// sigmoid(b) and g = -exp(A_log) * softplus(a.float() + dt_bias), tiny. With more value
+    /// than key heads, q and k are `repeat_interleave`d (copies nobody keeps).
+    ///
+    /// The rule (`torch_chunk_gated_delta_rule`, fp32) keeps per padded position: the fp32
+    /// q and k the L2 norms read, the padded q, k, v, k * beta, the triangular solves' results
+    /// (new values, decayed keys), the decayed q and k the loop reads, and each chunk's
+    /// corrected values: eight key-width and three value-width fp32 tensors; five 64-wide
+    /// chunk matrices per head (the pairwise decay, both products before and after it, and the
+    /// unit-triangular system the solves keep); and every chunk's incoming recurrent state,
+    /// `key_dim x value_dim` per head, which the next chunk's matmuls keep.
+    pub(super) fn gated_delta_net(
+        &mut self,
+        at: (Scope, &'static str),
+        x: Val,
+        d: DeltaNet,
+    ) -> Val {
+        let b = self;
+        let name = b.scope(at.0, at.1);
+        let (qk_width, v_width) = d.widths();
+        let conv_width = qk_width + v_width;
+        let heads = d.value_heads;
+        let tokens = x.tokens;
+        let batch = b.plan.batch.max(1);
+        let seq = tokens / batch;
+        b.fork(name.at("fork"), x, 4);
+        let qkv = b.linear(
+            name.at("in_proj_qkv"),
+            x,
+            conv_width,
+            false,
+            Some(Proj::Mixer),
+        );
+        let z = b.linear(name.at("in_proj_z"), x, v_width, false, Some(Proj::Mixer));
+        let beta_in = b.linear(name.at("in_proj_b"), x, heads, false, Some(Proj::Mixer));
+        let a = b.linear(name.at("in_proj_a"), x, heads, false, Some(Proj::Mixer));
+
+        // causal_conv1d_fn: `x.to(weight.dtype)`, F.conv1d (autocast: bf16 operands) with
+        // `conv - 1` positions of padding on each side, sliced to the sequence.
+        let conv_weight = b.base_param(
+            name.at("conv1d").then("weight"),
+            (conv_width, d.conv),
+            ParamRole::Linear,
+        );
+        let weight_trains = b.trains(ParamRole::Linear);
+        let up = b.cast(name.at("conv1d").then("upcast"), qkv, b.base);
+        let conv_in = if b.autocast {
+            b.cast(name.at("conv1d").then("autocast"), up, b.half)
+        } else {
+            up
+        };
+        let conv_grad = conv_in.grad || weight_trains;
+        let padded = b.val(
+            conv_width,
+            batch * (seq + d.conv.saturating_sub(1)),
+            conv_in.dtype,
+            conv_grad,
+        );
+        let conv = Val { tokens, ..padded };
+        // `convolution`'s derivative is one formula for input, weight and bias: autograd keeps
+        // the input (and weight) whenever any of them needs a gradient.
+        let op = b.elementwise(
+            name.at("conv1d"),
+            &[conv_in],
+            conv,
+            smallvec![conv_in.id],
+            2.0 * d.conv as f64,
+        );
+        if let Some(o) = b.graph.op_mut(op) {
+            o.params.push(conv_weight);
+            o.forward_transient = padded.bytes();
+        }
+        let mixed = b.activation(name.at("conv1d").then("act"), conv);
+
+        // beta = sigmoid(b); g = -A_log.float().exp() * softplus(a.float() + dt_bias).
+        let beta = b.sigmoid(name.at("beta"), beta_in);
+        let dt_bias = b.base_param(name.at("dt_bias"), (1, heads), ParamRole::Bias);
+        let a_log = b.base_param(name.at("A_log"), (1, heads), ParamRole::Linear);
+        let a32 = b.cast(name.at("a_upcast"), a, DType::F32);
+        let g_grad = a32.grad || b.trains(ParamRole::Bias) || b.trains(ParamRole::Linear);
+        let shifted = b.val(heads, tokens, DType::F32, g_grad);
+        let op = b.elementwise(name.at("dt_add"), &[a32], shifted, smallvec![], 1.0);
+        if let Some(o) = b.graph.op_mut(op) {
+            o.params.push(dt_bias);
+        }
+        let soft = b.val(heads, tokens, DType::F32, g_grad);
+        b.elementwise(
+            name.at("softplus"),
+            &[shifted],
+            soft,
+            smallvec![shifted.id],
+            4.0,
+        );
+        let g = b.val(heads, tokens, DType::F32, g_grad);
+        let op = b.elementwise(name.at("decay"), &[soft], g, smallvec![soft.id], 3.0);
+        if let Some(o) = b.graph.op_mut(op) {
+            o.params.push(a_log);
+        }
+
+        // q and k repeated to every value head: copies alive until the mixer returns.
+        let repeat = heads / d.key_heads.max(1);
+        let hk = heads * d.key_dim;
+        let hv = v_width;
+        let repeated = if repeat > 1 {
+            mixed.dtype.bytes(2 * hk * tokens)
+        } else {
+            Bytes::ZERO
+        };
+        let out = b.val(hv, tokens, mixed.dtype, mixed.grad || g.grad || beta.grad);
+        let rule = name.at("chunk_gated_delta_rule");
+        let op = b.delta_rule(rule, (mixed, g, beta), out, d, (batch, seq));
+        if let Some(o) = b.graph.op_mut(op) {
+            // What the mixer's own locals hold while the rule runs: the convolution's SiLU
+            // output (q, k and v are views of it), the repeated q and k, and z.
+            o.forward_transient += mixed.bytes() + repeated + z.bytes();
+            if repeat > 1 {
+                o.cost.forward_kernels += 2;
+                o.cost.backward_kernels += 2;
+            }
+        }
+        let normed = b.gated_rms_norm(name.at("norm"), out, z, d.value_dim);
+        b.linear(
+            name.at("out_proj"),
+            normed,
+            b.model.hidden_size,
+            false,
+            Some(Proj::Mixer),
+        )
+    }
+
+    /// `torch_chunk_gated_delta_rule` over `(batch, seq)`: the op, its saved fp32 tensors (see
+    /// `gated_delta_net`), its locals and its kernels.
+    fn delta_rule(
+        &mut self,
+        name: Name,
+        (mixed, g, beta): (Val, Val, Val),
+        out: Val,
+        d: DeltaNet,
+        (batch, seq): (u64, u64),
+    ) -> usize {
+        let f32 = |n: u64| DType::F32.bytes(n);
+        let half = |n: u64| self.half.bytes(n);
+        let heads = d.value_heads;
+        let hk = heads * d.key_dim;
+        let hv = heads * d.value_dim;
+        let chunks = seq.div_ceil(CHUNK);
+        // Padded positions (the sequence rounded up to whole chunks) over the batch.
+        let padded = batch * chunks * CHUNK;
+        let tokens = batch * seq;
+        // One chunk's slice of a per-position tensor of `width` over the batch, and one state.
+        let slice = |width: u64| batch * CHUNK * width;
+        let state = batch * heads * d.key_dim * d.value_dim;
+        let square = heads * CHUNK;
+        // Kept whatever the regime: the fp32 q and k (the L2 norms), the padded q, k and v,
+        // k * beta, the solves' results and their unit-triangular system, the pairwise decay;
+        // two rsqrt, beta padded, three decay exponentials.
+        let common = f32(2 * hk * tokens)
+            + f32((4 * hk + 2 * hv) * padded)
+            + f32(2 * square * padded)
+            + f32(6 * heads * padded);
+        let saved = if self.autocast {
+            // Autocast runs every matmul in bf16 and each keeps its own cast copies: q, k^T
+            // (twice) and k * beta before the loop with both products (before the decay);
+            // per chunk two copies of the incoming state, the decayed keys' and queries'
+            // slices (not in the first chunk, whose zero state needs no gradient), the
+            // corrected values twice and the transposed keys' slice (not in the last chunk,
+            // whose update nothing reads) and the intra-chunk slice. The fp32 states the
+            // decay products keep run from the zero state to the one before the last.
+            let n = chunks;
+            common
+                + half(4 * hk * padded + 2 * square * padded)
+                + half(2 * state * n)
+                + half((n - 1) * slice(3 * hk) + (2 * n - 1) * slice(hv) + n * slice(square))
+                + f32(state * (n - 1))
+        } else {
+            // fp32 matmuls keep their operands themselves: the decayed q and k, the corrected
+            // values, both products and the intra-chunk matrix, and every chunk's incoming
+            // state.
+            common + f32((2 * hk + hv) * padded + 3 * square * padded) + f32(state * chunks)
+        };
+        let kept = self.tensor(TensorKind::Activation, saved);
+        let op = self.elementwise(name, &[mixed, g, beta], out, smallvec![kept], 0.0);
+        let steps = u32::try_from(chunks).unwrap_or(u32::MAX);
+        if let Some(o) = self.graph.op_mut(op) {
+            // The locals at the loop's end: v * beta and the decayed k * beta (which the
+            // solves read but do not keep) and the fp32 output being filled, beside the
+            // result's copy back.
+            o.forward_transient += f32(hv * padded) * 2 + f32(hk * padded);
+            // Backward: full-size fp32 gradients of the sliced tensors (new values, decayed
+            // keys, decayed q and k, the intra-chunk matrix), one more zero-filled slice
+            // gradient and the output's `CopySlices` clone at a time.
+            o.backward_transient = out.bytes()
+                + f32(3 * hk * padded)
+                + f32(hv * padded) * 3
+                + f32(heads * CHUNK * padded);
+            // Matmuls within chunks: q k^T and (k beta) k^T, the two solves, and per chunk
+            // the state's reads (2 x 64 x dk x dv), the intra-chunk product (64 x 64 x dv) and
+            // the update (dk x dv x 64), two FLOPs per multiply-add.
+            let per_position = 4.0 * (CHUNK * d.key_dim) as f64
+                + (CHUNK * (d.key_dim + d.value_dim)) as f64
+                + 6.0 * (d.key_dim * d.value_dim) as f64
+                + 2.0 * (CHUNK * d.value_dim) as f64;
+            o.cost.forward_flops = crate::units::Flops(per_position * (heads * padded) as f64);
+            o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
+            o.cost.forward_bytes = saved * 2 + o.forward_transient;
+            o.cost.backward_bytes = (saved + o.backward_transient) * 2;
+            o.cost.forward_kernels = RULE_FORWARD_KERNELS + CHUNK_FORWARD_KERNELS * steps;
+            o.cost.backward_kernels = RULE_BACKWARD_KERNELS + CHUNK_BACKWARD_KERNELS * steps;
+            // fp32 matmuls of 64-row chunks (no tensor cores without TF32).
+            o.kind = OpKind::Matmul;
+            o.compute = DType::F32;
+            o.cost.min_dim = CHUNK;
+        }
+        op
+    }
+}
