@@ -1478,3 +1478,27 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
     odd["linear_num_value_heads"] = serde_json::json!(3);
     toy_refused(&odd, "linear_num_value_heads");
 }
+
+#[test]
+fn qwen3_5_moe_adapts_linear_layers_but_not_its_experts() {
+    // A one-layer toy Qwen3.5-MoE (hidden 64; a Gated DeltaNet layer with 2 key and 2 value
+    // heads of 16; 4 experts of 32, top 2, a shared expert of 32), LoRA r16 on `all-linear`.
+    // peft's conversion table maps `qwen3_5_moe_text` to `qwen3_5_text`'s prefix change only,
+    // so the 3-D experts are not adapted and the router (`Qwen3_5MoeTopKRouter`) is no
+    // `nn.Linear`: LoRA wraps the mixer's in_proj_qkv (64 -> 96), in_proj_z (64 -> 32),
+    // in_proj_b and in_proj_a (64 -> 2) and out_proj (32 -> 64), 16 x (160 + 96 + 66 + 66 + 96)
+    // = 7,744, the shared expert's gate, up and down projections, 16 x 3 x 96 = 4,608, and its
+    // gate (64 -> 1), 16 x 65 = 1,040: 13,392.
+    let m = toy(&serde_json::json!({
+        "model_type": "qwen3_5_moe_text", "hidden_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 256,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+        "layer_types": ["linear_attention"]
+    }));
+    assert_eq!(m.block_kind(0).ffn, FfnKind::Moe);
+    assert!(matches!(m.block_kind(0).mixer, Mixer::GatedDeltaNet(_)));
+    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 13_392);
+}

@@ -509,6 +509,7 @@ impl<'a> Builder<'a> {
             | Family::Qwen3Moe
             | Family::Ernie45Moe
             | Family::HunyuanMoe
+            | Family::Qwen35Moe
             | Family::Deepseek
             | Family::Mamba => (0, 0),
             Family::Llama

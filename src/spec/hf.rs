@@ -259,6 +259,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Ernie45Moe
         | Family::HunyuanMoe
         | Family::Qwen35
+        | Family::Qwen35Moe
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -395,7 +396,7 @@ fn one_per_layer(r: &Reader, key: &str, list: &[Value], layers: u64) -> Result<(
 /// Gated DeltaNet's sizes for a family with linear-attention layers (Qwen3_5TextConfig's
 /// `linear_*` keys and defaults), `None` for every other family.
 fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
-    if family != Family::Qwen35 {
+    if !family.is_qwen35() {
         return Ok(None);
     }
     let d = DeltaNet {
@@ -533,7 +534,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Deepseek | Family::Glm4Moe => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
-        Family::Qwen2Moe | Family::Qwen3Moe => ("num_experts", r.u64(&["moe_intermediate_size"])?),
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe => {
+            ("num_experts", r.u64(&["moe_intermediate_size"])?)
+        }
         // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
         Family::Olmoe => ("num_experts", intermediate),
         Family::GptOss => ("num_local_experts", intermediate),
@@ -591,7 +594,10 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         "seq_aux",
     ]);
     let (shared, gate) = match family {
-        Family::Qwen2Moe => (r.u64(&["shared_expert_intermediate_size"])?, true),
+        // Qwen3_5MoeSparseMoeBlock is Qwen2-MoE's (its router always renormalises the top k).
+        Family::Qwen2Moe | Family::Qwen35Moe => {
+            (r.u64(&["shared_expert_intermediate_size"])?, true)
+        }
         Family::Deepseek | Family::Glm4Moe => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
@@ -727,6 +733,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Ernie45Moe => (4, hidden / heads.max(1)),
         // Qwen3_5TextConfig: 4 KV heads of 256.
         Family::Qwen35 => (4, 256),
+        // Qwen3_5MoeTextConfig: 2 KV heads of 256.
+        Family::Qwen35Moe => (2, 256),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -842,7 +850,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         _ => (0.0, 0.0),
     };
     let layers = r.u64(&["num_hidden_layers"])?;
-    let intermediate = r.u64(&["intermediate_size"])?;
+    // Qwen3_5MoeTextConfig has no dense layer and no `intermediate_size`.
+    let intermediate = if family == Family::Qwen35Moe {
+        r.opt_u64(&["intermediate_size"])?.unwrap_or(0)
+    } else {
+        r.u64(&["intermediate_size"])?
+    };
     let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
     let base = ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack);
     // Gemma-2 soft-caps scores at 50 and logits at 30 by default (Gemma2Config); a null cap
@@ -883,7 +896,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
             // Qwen3_5RMSNorm: `(x.float() * rsqrt) * (1 + weight.float())`, Gemma's.
-            _ if gemma || family == Family::Qwen35 => Norm::GemmaRmsNorm,
+            _ if gemma || family.is_qwen35() => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
@@ -928,6 +941,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Qwen3
             | Family::Qwen3Moe
             | Family::Qwen35
+            | Family::Qwen35Moe
             | Family::Gemma3
             | Family::Exaone4
             | Family::HunyuanDense
@@ -943,7 +957,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         // Ministral3Attention: `query_states * get_llama_4_attn_scale(position_ids, ...)`.
         query_position_scale: family == Family::Ministral3,
         // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`.
-        attention_output_gate: family == Family::Qwen35,
+        attention_output_gate: family.is_qwen35(),
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
@@ -962,7 +976,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         sdpa: family != Family::GptOss,
         positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
-        } else if matches!(family, Family::StableLm | Family::Qwen35) {
+        } else if family == Family::StableLm || family.is_qwen35() {
             // Qwen3_5TextConfig sets `partial_rotary_factor` 0.25 when absent.
             rotary_fraction(r, 0.25)?
         } else if family == Family::Nemotron {

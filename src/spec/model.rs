@@ -87,6 +87,10 @@ pub enum Family {
     /// (3:1 by default), whose attention gates its output with a sigmoid of a second query
     /// half; per-head q/k norms, zero-centred RMSNorms, rotary on a quarter of each head.
     Qwen35,
+    /// `Qwen3_5MoeForCausalLM` (`qwen3_5_moe_text`, Qwen3.5-35B-A3B and up): Qwen3.5's layers
+    /// with Qwen2-MoE's sparse block in every layer (fused experts, a shared expert scaled by a
+    /// sigmoid gate); peft does not move LoRA's FFN names onto its experts.
+    Qwen35Moe,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -194,6 +198,11 @@ impl Family {
         )
     }
 
+    /// Qwen3.5's layers (Gated DeltaNet beside gated attention), dense or sparse.
+    pub fn is_qwen35(self) -> bool {
+        matches!(self, Family::Qwen35 | Family::Qwen35Moe)
+    }
+
     /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
     pub fn is_t5(self) -> bool {
         matches!(self, Family::T5 | Family::Mt5)
@@ -204,7 +213,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 59] = [
+    pub const ALL: [(&'static str, Family); 60] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -264,6 +273,7 @@ impl Family {
         ("hunyuan_v1_moe", Family::HunyuanMoe),
         ("glm4_moe_lite", Family::Deepseek),
         ("qwen3_5_text", Family::Qwen35),
+        ("qwen3_5_moe_text", Family::Qwen35Moe),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -856,9 +866,22 @@ impl ModelSpec {
     /// split by heads (q/k/v column-parallel, output row-parallel), the FFN by its intermediate
     /// width, the embedding, LM head and cross-entropy by vocabulary (vocab-parallel). The hidden
     /// width, norms and the residual stream stay whole on every rank (without sequence
-    /// parallelism their activations are replicated).
+    /// parallelism their activations are replicated). Gated DeltaNet layers split by head too
+    /// (key and value heads; each head's state is its own).
     pub fn tensor_parallel_rank(&self, tp: u64) -> ModelSpec {
         let tp = tp.max(1);
+        let mixers = self
+            .mixers
+            .iter()
+            .map(|&m| match m {
+                Mixer::GatedDeltaNet(d) => Mixer::GatedDeltaNet(DeltaNet {
+                    key_heads: d.key_heads.div_ceil(tp),
+                    value_heads: d.value_heads.div_ceil(tp),
+                    ..d
+                }),
+                other => other,
+            })
+            .collect();
         let moe = self.moe.map(|m| Moe {
             expert_intermediate: m.expert_intermediate.div_ceil(tp),
             shared_intermediate: m.shared_intermediate.div_ceil(tp),
@@ -875,6 +898,7 @@ impl ModelSpec {
             decoder: split(self.decoder),
             encoder: self.encoder.map(split),
             moe,
+            mixers,
             ..self.clone()
         }
     }
