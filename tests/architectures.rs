@@ -504,19 +504,31 @@ fn lora_reaches_moe_experts_as_peft_converts_each_model_type() {
 fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
     // peft 0.21.2 wraps transformers 5's 3-D expert stacks with `_LoraFactorsProxy`:
     // `baddbmm(W, lhs, rhs)` in W's dtype, so forward holds no delta the size of the stack,
-    // only the merged weights the experts' matmuls keep. Backward holds the merged weight's
-    // gradient until `baddbmm`'s backward folds it into the factors': one stack at a time, the
-    // largest Mixtral-8x7B's gate_up, 8 x 2 x 14,336 x 4,096 = 939,524,096 bf16 elements,
-    // 1,879,048,192 bytes (the op's own output is a 2-byte placeholder).
+    // only the merged weights the experts' matmuls keep, with their inputs and the factors'
+    // bf16 casts `baddbmm` keeps. Each stack is merged where it is read, so backward holds one
+    // merged weight's gradient at a time until `baddbmm`'s backward folds it into the factors'.
+    // Mixtral-8x7B, LoRA r16 on every linear, batch 1 x 128 (top 2: 256 routed rows):
+    // - gate_up: 8 x 2 x 14,336 x 4,096 = 939,524,096 bf16 elements, 1,879,048,192 bytes; its
+    //   input 256 x 4,096 x 2 = 2,097,152; factors of 2 x 16 x 8 = 256 rows, 256 x (4,096 +
+    //   28,672) x 2 = 16,777,216: kept 1,897,922,560.
+    // - down: 8 x 4,096 x 14,336 x 2 = 939,524,096; its input 256 x 14,336 x 2 = 7,340,032;
+    //   factors of 128 rows, 128 x (14,336 + 4,096) x 2 = 4,718,592: kept 951,582,720.
+    // (Each op's own output is a 2-byte placeholder.)
     let m = model("mixtral-8x7b");
-
-    let g = graph::build(&m, &plan(lora_all(), 1, 128, AttentionKernel::Sdpa));
-    let merge = g
-        .ops()
-        .find(|o| g.name(o.name).ends_with("experts.lora_merge"))
-        .expect("the experts are wrapped");
-    assert_eq!(merge.forward_transient.0, 2);
-    assert_eq!(merge.backward_transient.0, 2 + 1_879_048_192);
+    let p = plan(lora_all(), 1, 128, AttentionKernel::Sdpa);
+    let g = graph::build(&m, &p);
+    let merge = |stack: &str| {
+        g.ops()
+            .find(|o| g.name(o.name).ends_with(stack))
+            .expect("the experts are wrapped")
+    };
+    let gate_up = merge("experts.gate_up_lora_merge");
+    assert_eq!(gate_up.forward_transient.0, 2);
+    assert_eq!(gate_up.backward_transient.0, 2 + 1_879_048_192);
+    assert_eq!(crate::kept_bytes(&g, gate_up), 1_897_922_560);
+    let down = merge("experts.down_lora_merge");
+    assert_eq!(down.backward_transient.0, 2 + 939_524_096);
+    assert_eq!(crate::kept_bytes(&g, down), 951_582_720);
 }
 
 #[test]
@@ -1442,6 +1454,7 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
         key_dim: 32,
         value_dim: 32,
         conv: 4,
+        fused: false,
     };
     assert_eq!(m.mixers, vec![Mixer::GatedDeltaNet(d), Mixer::Attention]);
     assert!(m.attention_output_gate);
@@ -1501,4 +1514,31 @@ fn qwen3_5_moe_adapts_linear_layers_but_not_its_experts() {
     assert!(matches!(m.block_kind(0).mixer, Mixer::GatedDeltaNet(_)));
     let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 13_392);
+}
+
+#[test]
+fn qwen3_next_projects_its_linear_layers_through_two_fused_linears() {
+    // A one-layer toy Qwen3-Next (hidden 64; a Gated DeltaNet layer with 2 key and 2 value
+    // heads of 16; `decoder_sparse_step` 2 leaves layer 0 dense, an MLP of 32), LoRA r16 on
+    // `all-linear`. Its mixer has two input projections where Qwen3.5 has four:
+    // in_proj_qkvz (64 -> 2 x 32 + 2 x 32 = 128) 16 x 192 = 3,072 and in_proj_ba (64 -> 4)
+    // 16 x 68 = 1,088, then out_proj (32 -> 64) 16 x 96 = 1,536: 5,696. The dense MLP is not
+    // adapted: peft's conversion table maps `qwen3_next` to Qwen2-MoE's pattern, which moves
+    // gate/up/down onto the experts and out of `target_modules` (the replay's
+    // `peft_target_modules` lists no MLP name).
+    let m = toy(&serde_json::json!({
+        "model_type": "qwen3_next", "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "vocab_size": 256, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts": 4,
+        "num_experts_per_tok": 2, "decoder_sparse_step": 2, "layer_types": ["linear_attention"]
+    }));
+    assert_eq!(m.block_kind(0).ffn, FfnKind::Dense);
+    assert!(matches!(
+        m.block_kind(0).mixer,
+        Mixer::GatedDeltaNet(d) if d.fused
+    ));
+    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 5_696);
 }

@@ -1011,6 +1011,40 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     b.add(name.at("residual"), residual, out)
 }
 
+/// One expert stack's LoRA as peft 0.21 reaches transformers 5's 3-D expert parameters
+/// (`ParamWrapper`: factors `[a, b]` shared across experts, E x r rows). peft 0.21.2 folds a
+/// single adapter into the stack with one `baddbmm(W, lhs, rhs)` in W's dtype
+/// (`_LoraFactorsProxy`): no delta the size of the stack in forward, only the merged weight,
+/// which the experts' grouped matmul keeps with its input (`sizes`: merged weight, factor and
+/// input elements); the factors' casts to W's dtype are what `baddbmm` keeps for each other's
+/// gradient (none when the adapters already have it). In backward the matmul returns the
+/// merged weight's gradient, a tensor of its size, until `baddbmm`'s backward folds it into
+/// the factors'.
+fn expert_lora_merge(
+    b: &mut Builder,
+    name: Name,
+    params: [crate::graph::op::ParamId; 2],
+    (merged, factors, inputs): (u64, u64, u64),
+    (rank, compute): (u64, crate::units::DType),
+) {
+    let factor_copies = if b.adapter == compute {
+        crate::units::Bytes::ZERO
+    } else {
+        compute.bytes(factors)
+    };
+    let kept = b.tensor(
+        crate::graph::op::TensorKind::Activation,
+        compute.bytes(merged) + compute.bytes(inputs) + factor_copies,
+    );
+    let merge = b.val(1, 1, compute, true);
+    let op = b.elementwise(name, &[], merge, smallvec::smallvec![kept], 0.0);
+    if let Some(o) = b.graph.op_mut(op) {
+        o.params.extend(params);
+        o.backward_transient += compute.bytes(merged);
+        o.cost.forward_flops = crate::units::Flops(2.0 * (merged * rank) as f64);
+    }
+}
+
 /// LoRA beside a linear (input `x`, output `y`) that only peft's `all-linear` reaches (it has
 /// no role a target list can name: MoE routers, Qwen2-MoE's `shared_expert_gate`).
 fn all_linear_lora(b: &mut Builder, name: Name, x: Val, y: Val) -> Val {
@@ -1195,51 +1229,43 @@ fn moe_ops(
     } else {
         (None, None)
     };
-    if gate_up.is_some() || down.is_some() {
-        let mut params = smallvec::SmallVec::<[crate::graph::op::ParamId; 3]>::new();
-        let (mut merged, mut largest) = (0u64, 0u64);
-        if let Some(r) = gate_up {
-            let rows = 2 * r * experts;
-            params.push(b.adapter_param(name.at("experts").then("gate_up_lora_A"), (rows, h)));
-            params.push(
-                b.adapter_param(name.at("experts").then("gate_up_lora_B"), (2 * inter, rows)),
-            );
-            merged += experts * 2 * inter * h;
-            largest = largest.max(experts * 2 * inter * h);
-        }
-        if let Some(r) = down {
-            let rows = r * experts;
-            params.push(b.adapter_param(name.at("experts").then("down_lora_A"), (rows, inter)));
-            params.push(b.adapter_param(name.at("experts").then("down_lora_B"), (h, rows)));
-            merged += experts * h * inter;
-            largest = largest.max(experts * h * inter);
-        }
-        let compute = b.compute();
-        let kept = b.tensor(
-            crate::graph::op::TensorKind::Activation,
-            compute.bytes(merged) + compute.bytes(x.tokens * moe.top_k * (h + inter)),
+    // Each wrapped stack is merged where the experts read it (`torch.nn.utils.parametrize`
+    // recomputes a parameter at each access): gate_up before the first grouped matmul, down
+    // before the second, so that in backward the down stack's merge folds its gradient into
+    // its factors (and frees its merged weight) before the gate_up stack's gradient exists.
+    let tokens_routed = x.tokens * moe.top_k;
+    // `baddbmm` is on autocast's list: the merged stacks are in its dtype.
+    let merge_dtype = b.compute();
+    if let Some(r) = gate_up {
+        let rows = 2 * r * experts;
+        let a = b.adapter_param(name.at("experts").then("gate_up_lora_A"), (rows, h));
+        let bb = b.adapter_param(name.at("experts").then("gate_up_lora_B"), (2 * inter, rows));
+        expert_lora_merge(
+            b,
+            name.at("experts").then("gate_up_lora_merge"),
+            [a, bb],
+            (
+                experts * 2 * inter * h,
+                rows * (h + 2 * inter),
+                tokens_routed * h,
+            ),
+            (r, merge_dtype),
         );
-        let merge = b.val(1, 1, compute, true);
-        let op = b.elementwise(
-            name.at("experts").then("lora_merge"),
-            &[],
-            merge,
-            smallvec::smallvec![kept],
-            0.0,
-        );
-        if let Some(o) = b.graph.op_mut(op) {
-            o.params.extend(params);
-            // peft 0.21.2 folds a single adapter into the stack with one
-            // `baddbmm(W, lhs, rhs)` in W's dtype (`_LoraFactorsProxy`; the factors are cast to
-            // it): no delta the size of the stack in forward, only the merged weight, kept
-            // above. In backward the experts' matmuls return that merged weight's gradient, a
-            // tensor of its size, until `baddbmm`'s backward folds it into the factors' (one
-            // wrapped parameter at a time).
-            o.backward_transient += compute.bytes(largest);
-            o.cost.forward_flops =
-                crate::units::Flops(2.0 * (merged * (gate_up.or(down).unwrap_or(0))) as f64);
-        }
     }
+    let down_merge = down.map(|r| {
+        let rows = r * experts;
+        let a = b.adapter_param(name.at("experts").then("down_lora_A"), (rows, inter));
+        let bb = b.adapter_param(name.at("experts").then("down_lora_B"), (h, rows));
+        (
+            [a, bb],
+            (
+                experts * h * inter,
+                rows * (inter + h),
+                tokens_routed * inter,
+            ),
+            r,
+        )
+    });
     // The busiest expert, then one expert standing for the other experts - 1 (same ops on the
     // same shapes, `OpGraph::scale_since`).
     // transformers 5's experts run `grouped_mm` on `input.to(weight.dtype)`, which autocast does
@@ -1290,6 +1316,17 @@ fn moe_ops(
                 clamped_swiglu(b, es.at("gate"), gu)
             }
         };
+        if e == 0
+            && let Some((params, sizes, r)) = down_merge
+        {
+            expert_lora_merge(
+                b,
+                name.at("experts").then("down_lora_merge"),
+                params,
+                sizes,
+                (r, merge_dtype),
+            );
+        }
         let d = b.linear(es.at("w2"), p, h, moe.bias, None);
         // Scaled by its routing weights (kept for backward), then index_add_ into the output.
         let w = b.val(1, routed, probs.dtype, probs.grad);

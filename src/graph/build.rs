@@ -510,6 +510,7 @@ impl<'a> Builder<'a> {
             | Family::Ernie45Moe
             | Family::HunyuanMoe
             | Family::Qwen35Moe
+            | Family::Qwen3Next
             | Family::Deepseek
             | Family::Mamba => (0, 0),
             Family::Llama

@@ -62,17 +62,51 @@ impl Builder<'_> {
         let tokens = x.tokens;
         let batch = b.plan.batch.max(1);
         let seq = tokens / batch;
-        b.fork(name.at("fork"), x, 4);
-        let qkv = b.linear(
-            name.at("in_proj_qkv"),
-            x,
-            conv_width,
-            false,
-            Some(Proj::Mixer),
-        );
-        let z = b.linear(name.at("in_proj_z"), x, v_width, false, Some(Proj::Mixer));
-        let beta_in = b.linear(name.at("in_proj_b"), x, heads, false, Some(Proj::Mixer));
-        let a = b.linear(name.at("in_proj_a"), x, heads, false, Some(Proj::Mixer));
+        let (qkv, z, beta_in, a) = if d.fused {
+            // Qwen3-Next: `in_proj_qkvz` and `in_proj_ba`, viewed per key head and split;
+            // reshaping the strided q, k, v, z, b and a parts copies each, and `torch.cat`
+            // joins q, k and v again (their copies and the projection outputs are freed).
+            b.fork(name.at("fork"), x, 2);
+            let qkvz = b.linear(
+                name.at("in_proj_qkvz"),
+                x,
+                conv_width + v_width,
+                false,
+                Some(Proj::Mixer),
+            );
+            let ba = b.linear(
+                name.at("in_proj_ba"),
+                x,
+                2 * heads,
+                false,
+                Some(Proj::Mixer),
+            );
+            let part = |w: u64, of: Val| Val { width: w, ..of };
+            let qkv = b.contiguous(name.at("qkv_cat"), part(conv_width, qkvz));
+            if let Some(o) = b.graph.op_mut(b.graph.len() - 1) {
+                // Three reshape copies, then the concatenation they feed.
+                o.forward_transient += qkv.bytes();
+                o.cost.forward_kernels = 4;
+                o.cost.backward_kernels = 4;
+            }
+            let z = b.contiguous(name.at("z_split"), part(v_width, qkvz));
+            let beta_in = b.contiguous(name.at("b_split"), part(heads, ba));
+            let a = b.contiguous(name.at("a_split"), part(heads, ba));
+            (qkv, z, beta_in, a)
+        } else {
+            b.fork(name.at("fork"), x, 4);
+            let qkv = b.linear(
+                name.at("in_proj_qkv"),
+                x,
+                conv_width,
+                false,
+                Some(Proj::Mixer),
+            );
+            let z = b.linear(name.at("in_proj_z"), x, v_width, false, Some(Proj::Mixer));
+            let beta_in = b.linear(name.at("in_proj_b"), x, heads, false, Some(Proj::Mixer));
+            let a = b.linear(name.at("in_proj_a"), x, heads, false, Some(Proj::Mixer));
+            (qkv, z, beta_in, a)
+        };
 
         // causal_conv1d_fn: `x.to(weight.dtype)`, F.conv1d (autocast: bf16 operands) with
         // `conv - 1` positions of padding on each side, sliced to the sequence.

@@ -260,6 +260,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::HunyuanMoe
         | Family::Qwen35
         | Family::Qwen35Moe
+        | Family::Qwen3Next
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
@@ -396,7 +397,7 @@ fn one_per_layer(r: &Reader, key: &str, list: &[Value], layers: u64) -> Result<(
 /// Gated DeltaNet's sizes for a family with linear-attention layers (Qwen3_5TextConfig's
 /// `linear_*` keys and defaults), `None` for every other family.
 fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
-    if !family.is_qwen35() {
+    if !family.gated_delta_net() {
         return Ok(None);
     }
     let d = DeltaNet {
@@ -405,6 +406,7 @@ fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
         key_dim: r.opt_u64(&["linear_key_head_dim"])?.unwrap_or(128),
         value_dim: r.opt_u64(&["linear_value_head_dim"])?.unwrap_or(128),
         conv: r.opt_u64(&["linear_conv_kernel_dim"])?.unwrap_or(4),
+        fused: family == Family::Qwen3Next,
     };
     // `repeat_interleave(num_v_heads // num_k_heads)` gives every value head a query and key
     // head: anything else fails in the model's forward.
@@ -534,7 +536,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Deepseek | Family::Glm4Moe => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
-        Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe => {
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             ("num_experts", r.u64(&["moe_intermediate_size"])?)
         }
         // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
@@ -594,8 +596,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         "seq_aux",
     ]);
     let (shared, gate) = match family {
-        // Qwen3_5MoeSparseMoeBlock is Qwen2-MoE's (its router always renormalises the top k).
-        Family::Qwen2Moe | Family::Qwen35Moe => {
+        // Qwen3_5MoeSparseMoeBlock and Qwen3NextSparseMoeBlock are Qwen2-MoE's.
+        Family::Qwen2Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             (r.u64(&["shared_expert_intermediate_size"])?, true)
         }
         Family::Deepseek | Family::Glm4Moe => (
@@ -733,8 +735,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Ernie45Moe => (4, hidden / heads.max(1)),
         // Qwen3_5TextConfig: 4 KV heads of 256.
         Family::Qwen35 => (4, 256),
-        // Qwen3_5MoeTextConfig: 2 KV heads of 256.
-        Family::Qwen35Moe => (2, 256),
+        // Qwen3_5MoeTextConfig and Qwen3NextConfig: 2 KV heads of 256.
+        Family::Qwen35Moe | Family::Qwen3Next => (2, 256),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -896,7 +898,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
             // Qwen3_5RMSNorm: `(x.float() * rsqrt) * (1 + weight.float())`, Gemma's.
-            _ if gemma || family.is_qwen35() => Norm::GemmaRmsNorm,
+            _ if gemma || family.gated_delta_net() => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
@@ -942,6 +944,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Qwen3Moe
             | Family::Qwen35
             | Family::Qwen35Moe
+            | Family::Qwen3Next
             | Family::Gemma3
             | Family::Exaone4
             | Family::HunyuanDense
@@ -957,7 +960,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         // Ministral3Attention: `query_states * get_llama_4_attn_scale(position_ids, ...)`.
         query_position_scale: family == Family::Ministral3,
         // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`.
-        attention_output_gate: family.is_qwen35(),
+        attention_output_gate: family.gated_delta_net(),
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
@@ -976,7 +979,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         sdpa: family != Family::GptOss,
         positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
-        } else if family == Family::StableLm || family.is_qwen35() {
+        } else if family == Family::StableLm || family.gated_delta_net() {
             // Qwen3_5TextConfig sets `partial_rotary_factor` 0.25 when absent.
             rotary_fraction(r, 0.25)?
         } else if family == Family::Nemotron {

@@ -91,6 +91,11 @@ pub enum Family {
     /// with Qwen2-MoE's sparse block in every layer (fused experts, a shared expert scaled by a
     /// sigmoid gate); peft does not move LoRA's FFN names onto its experts.
     Qwen35Moe,
+    /// `Qwen3NextForCausalLM` (Qwen3-Next-80B-A3B): Qwen3.5-MoE's layers, its Gated DeltaNet
+    /// projecting q, k, v and z in one `in_proj_qkvz` (and b, a in `in_proj_ba`) laid out per
+    /// key head; Qwen3-MoE's sparse-layer rules (`decoder_sparse_step`); peft moves LoRA's FFN
+    /// names onto its experts.
+    Qwen3Next,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -198,9 +203,9 @@ impl Family {
         )
     }
 
-    /// Qwen3.5's layers (Gated DeltaNet beside gated attention), dense or sparse.
-    pub fn is_qwen35(self) -> bool {
-        matches!(self, Family::Qwen35 | Family::Qwen35Moe)
+    /// Qwen3.5's and Qwen3-Next's layers: Gated DeltaNet beside gated attention.
+    pub fn gated_delta_net(self) -> bool {
+        matches!(self, Family::Qwen35 | Family::Qwen35Moe | Family::Qwen3Next)
     }
 
     /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
@@ -213,7 +218,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 60] = [
+    pub const ALL: [(&'static str, Family); 61] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -274,6 +279,7 @@ impl Family {
         ("glm4_moe_lite", Family::Deepseek),
         ("qwen3_5_text", Family::Qwen35),
         ("qwen3_5_moe_text", Family::Qwen35Moe),
+        ("qwen3_next", Family::Qwen3Next),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -300,6 +306,7 @@ impl Family {
                 | Family::Olmoe
                 | Family::Ernie45Moe
                 | Family::HunyuanMoe
+                | Family::Qwen3Next
         )
     }
 }
@@ -414,6 +421,10 @@ pub struct DeltaNet {
     pub value_dim: u64,
     /// `linear_conv_kernel_dim`: the causal depthwise convolution over q, k and v.
     pub conv: u64,
+    /// Qwen3-Next's `in_proj_qkvz` and `in_proj_ba`: one projection for q, k, v and z and one
+    /// for b and a, interleaved per key head, whose parts are copied out and concatenated
+    /// again (Qwen3.5 has four projections).
+    pub fused: bool,
 }
 
 impl DeltaNet {
