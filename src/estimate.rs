@@ -61,6 +61,19 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             "use --attention eager (it has no SDPA path either: sdpa plans the same eager code)"
         }));
     }
+    // flash-linear-attention's chunked rule asserts 16-bit inputs ("ChunkGatedDeltaRuleFunction
+    // does not support float32"): an fp32 model without autocast cannot use it.
+    if plan.linear_kernel == crate::spec::plan::LinearKernel::Fla
+        && model.has_linear_attention()
+        && plan.precision == crate::spec::plan::Precision::Fp32
+        && !plan.autocast()
+    {
+        return Err(field(
+            "linear-kernel",
+            "fla needs 16-bit inputs; flash-linear-attention refuses float32".into(),
+        )
+        .with_hint("use --linear-kernel torch, or a bf16 or mixed precision"));
+    }
     let heads = model.decoder.heads;
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
     crate::spec::parallel::check(&plan.parallel, layers, heads, model.decoder.kv_heads)

@@ -285,6 +285,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         grad_ckpt: run.grad_ckpt,
         attention,
         expert_load: 1.0,
+        linear_kernel: crate::spec::plan::LinearKernel::Torch,
         parallel: crate::spec::parallel::Parallel::single(),
     })
 }

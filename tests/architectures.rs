@@ -49,6 +49,7 @@ fn plan(method: Method, batch: u64, seq: u64, attention: AttentionKernel) -> Pla
         grad_ckpt: false,
         attention,
         expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         parallel: ftplan::spec::parallel::Parallel::single(),
     }
 }
@@ -260,6 +261,7 @@ fn expert_load_moves_tokens_to_the_busiest_expert_without_changing_the_total() {
     let even = plan(lora(), 4, 2048, AttentionKernel::Sdpa);
     let skewed = Plan {
         expert_load: 3.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         ..even.clone()
     };
     let (a, b) = (run(&m, &even), run(&m, &skewed));
@@ -1477,6 +1479,22 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
     assert_eq!(
         kept(Precision::Bf16, "decoder.layers.1.self_attn.q_proj").1,
         131_072
+    );
+    // With flash-linear-attention's kernels (`--linear-kernel fla`), from its source: the rule
+    // keeps the normalised q and k and v in bf16 ((128 + 128 + 128) x 100 x 2 = 76,800), two
+    // rsqrt and the cumulative decay in fp32 (3 x 4 x 100 x 4 = 4,800), beta (800) and the
+    // inverted 64-wide triangular system (4 x 64 x 100 x 2 = 51,200): 133,600 in all; the
+    // causal-conv1d kernel keeps its input, q and k of 2 heads and v of 4 before any repeat
+    // ((64 + 64 + 128) x 100 x 2 = 51,200), and fuses the SiLU, which keeps nothing.
+    let fla = Plan {
+        precision: Precision::Bf16,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Fla,
+        ..plan(Method::Full, 1, 100, AttentionKernel::Sdpa)
+    };
+    assert_eq!(kept_at(&m, &fla, rule).0, 133_600);
+    assert_eq!(
+        kept_at(&m, &fla, "decoder.layers.0.linear_attn.conv1d").0,
+        51_200
     );
     // Without `layer_types`: full attention every `full_attention_interval` layers.
     let mut every = config.clone();

@@ -23,6 +23,7 @@ fn plan(method: Method, precision: Precision, parallel: Parallel) -> Plan {
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
         expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         parallel,
     }
 }

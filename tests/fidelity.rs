@@ -21,6 +21,7 @@ fn plan(method: Method, precision: Precision, batch: u64, seq: u64, target: u64,
         grad_ckpt: gc,
         attention: AttentionKernel::Sdpa,
         expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         parallel: ftplan::spec::parallel::Parallel::single(),
     }
 }

@@ -108,6 +108,7 @@ fn small_plan() -> Plan {
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
         expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         parallel: ftplan::spec::parallel::Parallel::single(),
     }
 }

@@ -300,3 +300,29 @@ fn architecture_plan_rules() {
         &["`method`", "does not apply", "prompt tuning"],
     );
 }
+
+#[test]
+fn linear_value_heads_not_a_multiple_of_key_heads() {
+    model(
+        "linear-heads-not-dividing.json",
+        &["`linear_num_value_heads`", "linear_num_key_heads"],
+    );
+}
+
+#[test]
+fn flash_linear_attention_refuses_fp32() {
+    rejects(
+        &[
+            "estimate",
+            "--gpu",
+            "h100",
+            "--model",
+            "tests/fixtures/models/qwen3_5-toy.json",
+            "--precision",
+            "fp32",
+            "--linear-kernel",
+            "fla",
+        ],
+        &["`linear-kernel`", "float32", "hint:"],
+    );
+}

@@ -22,6 +22,7 @@ fn plan(method: Method) -> Plan {
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
         expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         parallel: ftplan::spec::parallel::Parallel::single(),
     }
 }
@@ -232,6 +233,7 @@ fn partial_tuning_trains_exactly_its_roles() {
         grad_ckpt: false,
         attention: AttentionKernel::Sdpa,
         expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
         parallel: ftplan::spec::parallel::Parallel::single(),
     };
     let run = |model: &str, method: Method| {
@@ -312,6 +314,7 @@ fn dora_adds_one_magnitude_per_output_and_keeps_both_results() {
             grad_ckpt: false,
             attention: AttentionKernel::Sdpa,
             expert_load: 1.0,
+            linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
             parallel: ftplan::spec::parallel::Parallel::single(),
         };
         estimate(&model, &plan, &hw, &rates)

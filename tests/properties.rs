@@ -70,6 +70,7 @@ prop_compose! {
             batch, seq, target_seq: target,
             attention: if eager { AttentionKernel::Eager } else { AttentionKernel::Sdpa },
             expert_load: 1.0,
+            linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
             parallel: ftplan::spec::parallel::Parallel::single(),
         }
     }

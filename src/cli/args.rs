@@ -115,6 +115,12 @@ pub enum OptimizerArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LinearKernelArg {
+    Torch,
+    Fla,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttentionArg {
     Sdpa,
     #[value(name = "flash2")]
@@ -182,6 +188,10 @@ pub struct PlanArgs {
     /// Mixture-of-experts: the busiest expert's tokens over the mean (1 = uniform routing).
     #[arg(long, allow_negative_numbers = true)]
     pub expert_load: Option<f64>,
+    /// Linear-attention layers (Qwen3.5, Qwen3-Next): transformers' PyTorch code (torch) or
+    /// the flash-linear-attention and causal-conv1d kernels (fla), when installed.
+    #[arg(long, value_enum, default_value_t = LinearKernelArg::Torch)]
+    pub linear_kernel: LinearKernelArg,
     /// Bottleneck size of the adapter method.
     #[arg(long, default_value_t = 64)]
     pub adapter_size: u64,

@@ -1,13 +1,15 @@
 //! One way in for a plan, from flags or from a plan file: `PlanInput` -> validated
 //! model + plan + GPU + rates.
 
-use crate::cli::args::{AttentionArg, MethodArg, OptimizerArg, PlanArgs, PrecisionArg};
+use crate::cli::args::{
+    AttentionArg, LinearKernelArg, MethodArg, OptimizerArg, PlanArgs, PrecisionArg,
+};
 use ftplan::error::{Error, Result, did_you_mean};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
 use ftplan::spec::parallel::{Engine, Offload, Parallel};
 use ftplan::spec::plan::{
-    AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Side,
+    AttentionKernel, LinearKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Side,
 };
 use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
@@ -57,6 +59,8 @@ pub struct PlanFile {
     pub train_embeddings: bool,
     pub train_side: Option<String>,
     pub expert_load: Option<f64>,
+    #[serde(default = "torch")]
+    pub linear_kernel: String,
     pub calibration: Option<PathBuf>,
     /// A DeepSpeed JSON beside the plan (relative to it).
     pub deepspeed: Option<PathBuf>,
@@ -93,6 +97,9 @@ fn target() -> u64 {
 }
 fn sdpa() -> String {
     "sdpa".into()
+}
+fn torch() -> String {
+    "torch".into()
 }
 fn rank() -> u64 {
     16
@@ -221,6 +228,7 @@ pub struct PlanInput {
     pub train_embeddings: bool,
     pub train_side: Option<String>,
     pub expert_load: Option<f64>,
+    pub linear_kernel: LinearKernelArg,
     pub layout: LayoutInput,
     pub headroom_percent: f64,
     pub calibration: Option<PathBuf>,
@@ -313,6 +321,7 @@ impl PlanInput {
             train_embeddings: a.train_embeddings,
             train_side: a.train_side.clone(),
             expert_load: a.expert_load,
+            linear_kernel: a.linear_kernel,
             layout: LayoutInput {
                 gpus: a.gpus,
                 gpus_per_node: a.gpus_per_node,
@@ -378,6 +387,7 @@ impl PlanInput {
             train_embeddings: f.train_embeddings,
             train_side: f.train_side.clone(),
             expert_load: f.expert_load,
+            linear_kernel: parse_value(&origin, "linear_kernel", &f.linear_kernel)?,
             layout: LayoutInput {
                 gpus: f.gpus,
                 gpus_per_node: f.gpus_per_node,
@@ -604,6 +614,14 @@ impl PlanInput {
                 model.value.name
             ));
         }
+        if model.value.has_linear_attention() && self.linear_kernel == LinearKernelArg::Torch {
+            notes.push(format!(
+                "`{}`'s Gated DeltaNet layers are planned as transformers' PyTorch code, which a \
+                 plain install runs; with flash-linear-attention and causal-conv1d installed \
+                 pass --linear-kernel fla",
+                model.value.name
+            ));
+        }
         let plan = Plan {
             method,
             precision,
@@ -648,6 +666,10 @@ impl PlanInput {
                 AttentionArg::Eager => AttentionKernel::Eager,
             },
             expert_load,
+            linear_kernel: match self.linear_kernel {
+                LinearKernelArg::Torch => LinearKernel::Torch,
+                LinearKernelArg::Fla => LinearKernel::Fla,
+            },
             parallel: self.layout.resolve(o, &gpu.value)?,
         };
         ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;

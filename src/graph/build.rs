@@ -678,6 +678,7 @@ mod tests {
             grad_ckpt: false,
             attention: AttentionKernel::Sdpa,
             expert_load: 1.0,
+            linear_kernel: crate::spec::plan::LinearKernel::Torch,
             parallel: crate::spec::parallel::Parallel::single(),
         }
     }

@@ -8,7 +8,7 @@
 use super::build::{Builder, Val};
 use crate::graph::op::{Name, OpKind, ParamRole, Scope, TensorKind};
 use crate::spec::model::DeltaNet;
-use crate::spec::plan::Proj;
+use crate::spec::plan::{LinearKernel, Proj};
 use crate::units::{Bytes, DType};
 use smallvec::smallvec;
 
@@ -116,34 +116,53 @@ impl Builder<'_> {
             ParamRole::Linear,
         );
         let weight_trains = b.trains(ParamRole::Linear);
-        let up = b.cast(name.at("conv1d").then("upcast"), qkv, b.base);
-        let conv_in = if b.autocast {
-            b.cast(name.at("conv1d").then("autocast"), up, b.half)
+        let fla = b.plan.linear_kernel == LinearKernel::Fla;
+        let mixed = if fla {
+            // causal-conv1d's `causal_conv1d_fn` (an autograd Function): keeps its input as
+            // given (the projection's output, bf16), the weight and bias; the SiLU is fused
+            // and recomputed in backward, the output unpadded.
+            let out = b.val(conv_width, tokens, qkv.dtype, qkv.grad || weight_trains);
+            let op = b.elementwise(
+                name.at("conv1d"),
+                &[qkv],
+                out,
+                smallvec![qkv.id],
+                2.0 * d.conv as f64 + 8.0,
+            );
+            if let Some(o) = b.graph.op_mut(op) {
+                o.params.push(conv_weight);
+            }
+            out
         } else {
-            up
+            let up = b.cast(name.at("conv1d").then("upcast"), qkv, b.base);
+            let conv_in = if b.autocast {
+                b.cast(name.at("conv1d").then("autocast"), up, b.half)
+            } else {
+                up
+            };
+            let conv_grad = conv_in.grad || weight_trains;
+            let padded = b.val(
+                conv_width,
+                batch * (seq + d.conv.saturating_sub(1)),
+                conv_in.dtype,
+                conv_grad,
+            );
+            let conv = Val { tokens, ..padded };
+            // `convolution`'s derivative is one formula for input, weight and bias: autograd
+            // keeps the input (and weight) whenever any of them needs a gradient.
+            let op = b.elementwise(
+                name.at("conv1d"),
+                &[conv_in],
+                conv,
+                smallvec![conv_in.id],
+                2.0 * d.conv as f64,
+            );
+            if let Some(o) = b.graph.op_mut(op) {
+                o.params.push(conv_weight);
+                o.forward_transient = padded.bytes();
+            }
+            b.activation(name.at("conv1d").then("act"), conv)
         };
-        let conv_grad = conv_in.grad || weight_trains;
-        let padded = b.val(
-            conv_width,
-            batch * (seq + d.conv.saturating_sub(1)),
-            conv_in.dtype,
-            conv_grad,
-        );
-        let conv = Val { tokens, ..padded };
-        // `convolution`'s derivative is one formula for input, weight and bias: autograd keeps
-        // the input (and weight) whenever any of them needs a gradient.
-        let op = b.elementwise(
-            name.at("conv1d"),
-            &[conv_in],
-            conv,
-            smallvec![conv_in.id],
-            2.0 * d.conv as f64,
-        );
-        if let Some(o) = b.graph.op_mut(op) {
-            o.params.push(conv_weight);
-            o.forward_transient = padded.bytes();
-        }
-        let mixed = b.activation(name.at("conv1d").then("act"), conv);
 
         // beta = sigmoid(b); g = -A_log.float().exp() * softplus(a.float() + dt_bias).
         let beta = b.sigmoid(name.at("beta"), beta_in);
@@ -181,7 +200,11 @@ impl Builder<'_> {
         };
         let out = b.val(hv, tokens, mixed.dtype, mixed.grad || g.grad || beta.grad);
         let rule = name.at("chunk_gated_delta_rule");
-        let op = b.delta_rule(rule, (mixed, g, beta), out, d, (batch, seq));
+        let op = if fla {
+            b.fla_delta_rule(rule, (mixed, g, beta), out, d, (batch, seq))
+        } else {
+            b.delta_rule(rule, (mixed, g, beta), out, d, (batch, seq))
+        };
         if let Some(o) = b.graph.op_mut(op) {
             // What the mixer's own locals hold while the rule runs: the convolution's SiLU
             // output (q, k and v are views of it), the repeated q and k, and z.
@@ -199,6 +222,60 @@ impl Builder<'_> {
             false,
             Some(Proj::Mixer),
         )
+    }
+
+    /// flash-linear-attention's `chunk_gated_delta_rule` (`ChunkGatedDeltaRuleFunction`, fla
+    /// `ops/gated_delta_rule/chunk.py`) over `(batch, seq)`. `input_guard` makes its inputs
+    /// contiguous; it keeps the L2-normalised q and k (in q's dtype) with their fp32 rsqrt,
+    /// v, the chunk-local cumulative decay (fp32), beta and the inverted 64-wide triangular
+    /// system `A` (in k's dtype), and recomputes the WY factors `w`, `u` and the per-chunk
+    /// states `h` in backward. Forward holds `h` (`key_dim x value_dim` per head and chunk,
+    /// k's dtype), the corrected values, `w` and `u` until it returns; backward holds them
+    /// again with the states' gradient and fp32 q, k and w gradients.
+    fn fla_delta_rule(
+        &mut self,
+        name: Name,
+        (mixed, g, beta): (Val, Val, Val),
+        out: Val,
+        d: DeltaNet,
+        (batch, seq): (u64, u64),
+    ) -> usize {
+        let half = mixed.dtype;
+        let heads = d.value_heads;
+        let hk = heads * d.key_dim;
+        let hv = heads * d.value_dim;
+        let tokens = batch * seq;
+        let chunks = seq.div_ceil(CHUNK);
+        let states = half.bytes(batch * chunks * heads * d.key_dim * d.value_dim);
+        let saved = half.bytes((2 * hk + hv) * tokens)
+            + DType::F32.bytes(3 * heads * tokens)
+            + beta.dtype.bytes(heads * tokens)
+            + half.bytes(heads * CHUNK * tokens);
+        let kept = self.tensor(TensorKind::Activation, saved);
+        let op = self.elementwise(name, &[mixed, g, beta], out, smallvec![kept], 0.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.forward_transient += states + half.bytes((hk + 2 * hv) * tokens);
+            o.backward_transient = out.bytes()
+                + states * 2
+                + half.bytes((hk + 2 * hv) * tokens)
+                + DType::F32.bytes((3 * hk + hv) * tokens);
+            let per_position = 4.0 * (CHUNK * d.key_dim) as f64
+                + (CHUNK * (d.key_dim + d.value_dim)) as f64
+                + 6.0 * (d.key_dim * d.value_dim) as f64
+                + 2.0 * (CHUNK * d.value_dim) as f64;
+            o.cost.forward_flops = crate::units::Flops(per_position * (heads * tokens) as f64);
+            o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
+            o.cost.forward_bytes = saved * 2 + o.forward_transient;
+            o.cost.backward_bytes = (saved + o.backward_transient) * 2;
+            // Forward: two L2 norms, the cumsum, k k^T, the triangular solve, w and u, the
+            // states, the output and its cast; backward twice as many launches.
+            o.cost.forward_kernels = 9;
+            o.cost.backward_kernels = 18;
+            o.kind = OpKind::Matmul;
+            o.compute = half;
+            o.cost.min_dim = CHUNK;
+        }
+        op
     }
 
     /// `torch_chunk_gated_delta_rule` over `(batch, seq)`: the op, its saved fp32 tensors (see

@@ -857,6 +857,13 @@ impl ModelSpec {
         BlockKind { mixer, ffn, rope }
     }
 
+    /// Whether any block is a linear-attention (Gated DeltaNet) layer.
+    pub fn has_linear_attention(&self) -> bool {
+        self.mixers
+            .iter()
+            .any(|m| matches!(m, Mixer::GatedDeltaNet(_)))
+    }
+
     /// Whether any block attends (Mamba's do not).
     pub fn has_attention(&self) -> bool {
         self.mixers.iter().any(|m| !matches!(m, Mixer::Ssm(_)))

@@ -439,6 +439,20 @@ impl AttentionKernel {
     }
 }
 
+/// How linear-attention layers (Qwen3.5's and Qwen3-Next's Gated DeltaNet) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearKernel {
+    /// transformers' own PyTorch code (`torch_chunk_gated_delta_rule`, `F.conv1d`): what a
+    /// plain install runs.
+    #[default]
+    Torch,
+    /// The flash-linear-attention and causal-conv1d kernels, which transformers uses when those
+    /// packages are installed: a fused rule that keeps its normalised inputs and recomputes
+    /// the states in backward, and a convolution with its activation fused.
+    Fla,
+}
+
 /// Everything about one training step except the model and the hardware.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Plan {
@@ -455,6 +469,8 @@ pub struct Plan {
     pub attention: AttentionKernel,
     /// The busiest expert's share of routed tokens over the mean (1: uniform routing).
     pub expert_load: f64,
+    /// The linear-attention kernels (models with Gated DeltaNet layers).
+    pub linear_kernel: LinearKernel,
     /// The parallel layout (one GPU by default).
     pub parallel: crate::spec::parallel::Parallel,
 }
