@@ -259,21 +259,9 @@ impl Builder<'_> {
                 + states * 2
                 + half.bytes((hk + 2 * hv) * tokens)
                 + DType::F32.bytes((3 * hk + hv) * tokens);
-            let per_position = 4.0 * (CHUNK * d.key_dim) as f64
-                + (CHUNK * (d.key_dim + d.value_dim)) as f64
-                + 6.0 * (d.key_dim * d.value_dim) as f64
-                + 2.0 * (CHUNK * d.value_dim) as f64;
-            o.cost.forward_flops = crate::units::Flops(per_position * (heads * tokens) as f64);
-            o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
-            o.cost.forward_bytes = saved * 2 + o.forward_transient;
-            o.cost.backward_bytes = (saved + o.backward_transient) * 2;
             // Forward: two L2 norms, the cumsum, k k^T, the triangular solve, w and u, the
             // states, the output and its cast; backward twice as many launches.
-            o.cost.forward_kernels = 9;
-            o.cost.backward_kernels = 18;
-            o.kind = OpKind::Matmul;
-            o.compute = half;
-            o.cost.min_dim = CHUNK;
+            rule_cost(o, d, heads * tokens, saved, (9, 18), half);
         }
         op
     }
@@ -343,24 +331,47 @@ impl Builder<'_> {
                 + f32(3 * hk * padded)
                 + f32(hv * padded) * 3
                 + f32(heads * CHUNK * padded);
-            // Matmuls within chunks: q k^T and (k beta) k^T, the two solves, and per chunk
-            // the state's reads (2 x 64 x dk x dv), the intra-chunk product (64 x 64 x dv) and
-            // the update (dk x dv x 64), two FLOPs per multiply-add.
-            let per_position = 4.0 * (CHUNK * d.key_dim) as f64
-                + (CHUNK * (d.key_dim + d.value_dim)) as f64
-                + 6.0 * (d.key_dim * d.value_dim) as f64
-                + 2.0 * (CHUNK * d.value_dim) as f64;
-            o.cost.forward_flops = crate::units::Flops(per_position * (heads * padded) as f64);
-            o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
-            o.cost.forward_bytes = saved * 2 + o.forward_transient;
-            o.cost.backward_bytes = (saved + o.backward_transient) * 2;
-            o.cost.forward_kernels = RULE_FORWARD_KERNELS + CHUNK_FORWARD_KERNELS * steps;
-            o.cost.backward_kernels = RULE_BACKWARD_KERNELS + CHUNK_BACKWARD_KERNELS * steps;
             // fp32 matmuls of 64-row chunks (no tensor cores without TF32).
-            o.kind = OpKind::Matmul;
-            o.compute = DType::F32;
-            o.cost.min_dim = CHUNK;
+            rule_cost(
+                o,
+                d,
+                heads * padded,
+                saved,
+                (
+                    RULE_FORWARD_KERNELS + CHUNK_FORWARD_KERNELS * steps,
+                    RULE_BACKWARD_KERNELS + CHUNK_BACKWARD_KERNELS * steps,
+                ),
+                DType::F32,
+            );
         }
         op
     }
+}
+
+/// The chunked rule's cost over `positions` (head x position pairs): its matmuls within
+/// chunks (q k^T and (k beta) k^T, the two solves, and per chunk the state's reads,
+/// 2 x 64 x dk x dv, the intra-chunk product, 64 x 64 x dv, and the update, dk x dv x 64; two
+/// FLOPs per multiply-add; backward twice that), its saved tensors and transients written
+/// and read, and its kernel launches, as 64-row matmuls in `compute`.
+fn rule_cost(
+    o: &mut crate::graph::op::Op,
+    d: DeltaNet,
+    positions: u64,
+    saved: Bytes,
+    (forward_kernels, backward_kernels): (u32, u32),
+    compute: DType,
+) {
+    let per_position = 4.0 * (CHUNK * d.key_dim) as f64
+        + (CHUNK * (d.key_dim + d.value_dim)) as f64
+        + 6.0 * (d.key_dim * d.value_dim) as f64
+        + 2.0 * (CHUNK * d.value_dim) as f64;
+    o.cost.forward_flops = crate::units::Flops(per_position * positions as f64);
+    o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
+    o.cost.forward_bytes = saved * 2 + o.forward_transient;
+    o.cost.backward_bytes = (saved + o.backward_transient) * 2;
+    o.cost.forward_kernels = forward_kernels;
+    o.cost.backward_kernels = backward_kernels;
+    o.kind = OpKind::Matmul;
+    o.compute = compute;
+    o.cost.min_dim = CHUNK;
 }
