@@ -54,6 +54,14 @@ fn plan(method: Method, batch: u64, seq: u64, attention: AttentionKernel) -> Pla
     }
 }
 
+/// Full fine-tuning in `precision` with SDPA.
+fn full(precision: Precision, batch: u64, seq: u64) -> Plan {
+    Plan {
+        precision,
+        ..plan(Method::Full, batch, seq, AttentionKernel::Sdpa)
+    }
+}
+
 fn run(m: &ModelSpec, p: &Plan) -> Estimate {
     let hw = resolve_hardware("h200").expect("ships").value;
     estimate(m, p, &hw, &Rates::from_datasheet(&hw)).expect("estimates")
@@ -855,10 +863,7 @@ fn gpt_bigcode_keeps_its_causal_mask_table_on_the_gpu() {
     // one key/value head of 128 for 16 query heads, so `c_attn` is 2,048 x (2,048 + 2 x 128).
     let m = model("starcoderbase-1b");
     assert_eq!(m.decoder.kv_heads, 1);
-    let p = Plan {
-        precision: Precision::Bf16,
-        ..plan(Method::Full, 1, 128, AttentionKernel::Sdpa)
-    };
+    let p = full(Precision::Bf16, 1, 128);
     let e = run(&m, &p);
     assert_eq!(e.memory.total_params, 1_137_207_296);
     assert_eq!(e.memory.at_peak.weights.0, 1_137_207_296 * 2 + 67_108_864);
@@ -904,10 +909,7 @@ fn gpt_neo_keeps_a_mask_buffer_per_layer_and_runs_its_eager_attention() {
     // eager code, so both plans are the same estimate.
     let m = model("gpt-neo-125m");
     assert!(!m.sdpa);
-    let sdpa = Plan {
-        precision: Precision::Bf16,
-        ..plan(Method::Full, 1, 128, AttentionKernel::Sdpa)
-    };
+    let sdpa = full(Precision::Bf16, 1, 128);
     let eager = Plan {
         attention: AttentionKernel::Eager,
         ..sdpa.clone()
@@ -1168,10 +1170,7 @@ fn nemotron_norm_runs_in_half_precision_and_relu2_keeps_an_fp32_copy() {
         m.positions,
         ftplan::spec::model::Positions::Rotary { fraction: 0.5 }
     );
-    let p = Plan {
-        precision: Precision::MixedBf16,
-        ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
-    };
+    let p = full(Precision::MixedBf16, 1, 64);
     let g = graph::build(&m, &p);
     let kept = |suffix: &str| -> u64 {
         g.ops()
@@ -1232,10 +1231,7 @@ fn ernie_biases_every_linear_and_keeps_interleaved_fp32_rotary_tables_per_layer(
         + 2 * (256 * 768 + 768)
         + (768 * 256 + 256)
         + 2 * 256;
-    let p = Plan {
-        precision: Precision::MixedBf16,
-        ..plan(Method::Full, 2, 64, AttentionKernel::Sdpa)
-    };
+    let p = full(Precision::MixedBf16, 2, 64);
     assert_eq!(
         run(&m, &p).memory.total_params,
         2 * per_layer + 512 * 256 + 256
@@ -1269,10 +1265,7 @@ fn ministral3_scales_each_query_by_its_position_after_rotary() {
     });
     let m = toy(&config);
     assert!(m.query_position_scale && !m.qkv_bias && !m.linear_bias);
-    let p = Plan {
-        precision: Precision::MixedBf16,
-        ..plan(Method::Full, 2, 64, AttentionKernel::Sdpa)
-    };
+    let p = full(Precision::MixedBf16, 2, 64);
     let g = graph::build(&m, &p);
     let scale: Vec<_> = g
         .ops()
@@ -1312,10 +1305,7 @@ fn ernie_moe_routes_with_an_fp32_router_in_a_bf16_model() {
         (moe.first_dense, moe.every, moe.shared_intermediate),
         (1, 1, 128)
     );
-    let p = Plan {
-        precision: Precision::Bf16,
-        ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
-    };
+    let p = full(Precision::Bf16, 1, 64);
     assert_eq!(
         kept_at(&m, &p, "decoder.layers.1.mlp.gate"),
         (65_536, 4_096)
@@ -1347,13 +1337,7 @@ fn deepseek_and_glm_routers_run_in_fp32_without_autocast() {
         m.moe.expect("sparse").router,
         ftplan::spec::model::RouterPrecision::Fp32Operands
     );
-    let kept = |precision: Precision| -> u64 {
-        let p = Plan {
-            precision,
-            ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
-        };
-        kept_at(&m, &p, "decoder.layers.1.mlp.gate").0
-    };
+    let kept = |precision| kept_at(&m, &full(precision, 1, 64), "decoder.layers.1.mlp.gate").0;
     assert_eq!(kept(Precision::Bf16), 69_632);
     assert_eq!(kept(Precision::MixedBf16), 34_816);
 }
@@ -1383,10 +1367,7 @@ fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
         (4, 2, 128, 128)
     );
     assert_eq!(moe.router, ftplan::spec::model::RouterPrecision::Fp32Weight);
-    let p = Plan {
-        precision: Precision::Bf16,
-        ..plan(Method::Full, 1, 64, AttentionKernel::Sdpa)
-    };
+    let p = full(Precision::Bf16, 1, 64);
     assert_eq!(
         kept_at(&m, &p, "decoder.layers.1.mlp.gate"),
         (65_536, 4_096)
@@ -1460,13 +1441,7 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
     };
     assert_eq!(m.mixers, vec![Mixer::GatedDeltaNet(d), Mixer::Attention]);
     assert!(m.attention_output_gate);
-    let kept = |precision: Precision, name: &str| {
-        let p = Plan {
-            precision,
-            ..plan(Method::Full, 1, 100, AttentionKernel::Sdpa)
-        };
-        kept_at(&m, &p, name)
-    };
+    let kept = |precision, name: &str| kept_at(&m, &full(precision, 1, 100), name);
     let rule = "decoder.layers.0.linear_attn.chunk_gated_delta_rule";
     assert_eq!(kept(Precision::Bf16, rule).0, 1_392_640);
     assert_eq!(kept(Precision::MixedBf16, rule).0, 1_245_184);
@@ -1487,9 +1462,8 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
     // causal-conv1d kernel keeps its input, q and k of 2 heads and v of 4 before any repeat
     // ((64 + 64 + 128) x 100 x 2 = 51,200), and fuses the SiLU, which keeps nothing.
     let fla = Plan {
-        precision: Precision::Bf16,
         linear_kernel: ftplan::spec::plan::LinearKernel::Fla,
-        ..plan(Method::Full, 1, 100, AttentionKernel::Sdpa)
+        ..full(Precision::Bf16, 1, 100)
     };
     assert_eq!(kept_at(&m, &fla, rule).0, 133_600);
     assert_eq!(

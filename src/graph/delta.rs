@@ -200,11 +200,7 @@ impl Builder<'_> {
         };
         let out = b.val(hv, tokens, mixed.dtype, mixed.grad || g.grad || beta.grad);
         let rule = name.at("chunk_gated_delta_rule");
-        let op = if fla {
-            b.fla_delta_rule(rule, (mixed, g, beta), out, d, (batch, seq))
-        } else {
-            b.delta_rule(rule, (mixed, g, beta), out, d, (batch, seq))
-        };
+        let op = b.delta_rule(rule, (mixed, g, beta), out, d, (batch, seq));
         if let Some(o) = b.graph.op_mut(op) {
             // What the mixer's own locals hold while the rule runs: the convolution's SiLU
             // output (q, k and v are views of it), the repeated q and k, and z.
@@ -224,50 +220,8 @@ impl Builder<'_> {
         )
     }
 
-    /// flash-linear-attention's `chunk_gated_delta_rule` (`ChunkGatedDeltaRuleFunction`, fla
-    /// `ops/gated_delta_rule/chunk.py`) over `(batch, seq)`. `input_guard` makes its inputs
-    /// contiguous; it keeps the L2-normalised q and k (in q's dtype) with their fp32 rsqrt,
-    /// v, the chunk-local cumulative decay (fp32), beta and the inverted 64-wide triangular
-    /// system `A` (in k's dtype), and recomputes the WY factors `w`, `u` and the per-chunk
-    /// states `h` in backward. Forward holds `h` (`key_dim x value_dim` per head and chunk,
-    /// k's dtype), the corrected values, `w` and `u` until it returns; backward holds them
-    /// again with the states' gradient and fp32 q, k and w gradients.
-    fn fla_delta_rule(
-        &mut self,
-        name: Name,
-        (mixed, g, beta): (Val, Val, Val),
-        out: Val,
-        d: DeltaNet,
-        (batch, seq): (u64, u64),
-    ) -> usize {
-        let half = mixed.dtype;
-        let heads = d.value_heads;
-        let hk = heads * d.key_dim;
-        let hv = heads * d.value_dim;
-        let tokens = batch * seq;
-        let chunks = seq.div_ceil(CHUNK);
-        let states = half.bytes(batch * chunks * heads * d.key_dim * d.value_dim);
-        let saved = half.bytes((2 * hk + hv) * tokens)
-            + DType::F32.bytes(3 * heads * tokens)
-            + beta.dtype.bytes(heads * tokens)
-            + half.bytes(heads * CHUNK * tokens);
-        let kept = self.tensor(TensorKind::Activation, saved);
-        let op = self.elementwise(name, &[mixed, g, beta], out, smallvec![kept], 0.0);
-        if let Some(o) = self.graph.op_mut(op) {
-            o.forward_transient += states + half.bytes((hk + 2 * hv) * tokens);
-            o.backward_transient = out.bytes()
-                + states * 2
-                + half.bytes((hk + 2 * hv) * tokens)
-                + DType::F32.bytes((3 * hk + hv) * tokens);
-            // Forward: two L2 norms, the cumsum, k k^T, the triangular solve, w and u, the
-            // states, the output and its cast; backward twice as many launches.
-            rule_cost(o, d, heads * tokens, saved, (9, 18), half);
-        }
-        op
-    }
-
-    /// `torch_chunk_gated_delta_rule` over `(batch, seq)`: the op, its saved fp32 tensors (see
-    /// `gated_delta_net`), its locals and its kernels.
+    /// The gated delta rule over `(batch, seq)` with the plan's kernel: one op keeping what
+    /// that kernel keeps, holding its locals, and costed as 64-row matmuls.
     fn delta_rule(
         &mut self,
         name: Name,
@@ -276,102 +230,135 @@ impl Builder<'_> {
         d: DeltaNet,
         (batch, seq): (u64, u64),
     ) -> usize {
-        let f32 = |n: u64| DType::F32.bytes(n);
-        let half = |n: u64| self.half.bytes(n);
-        let heads = d.value_heads;
-        let hk = heads * d.key_dim;
-        let hv = heads * d.value_dim;
-        let chunks = seq.div_ceil(CHUNK);
-        // Padded positions (the sequence rounded up to whole chunks) over the batch.
-        let padded = batch * chunks * CHUNK;
-        let tokens = batch * seq;
-        // One chunk's slice of a per-position tensor of `width` over the batch, and one state.
-        let slice = |width: u64| batch * CHUNK * width;
-        let state = batch * heads * d.key_dim * d.value_dim;
-        let square = heads * CHUNK;
-        // Kept whatever the regime: the fp32 q and k (the L2 norms), the padded q, k and v,
-        // k * beta, the solves' results and their unit-triangular system, the pairwise decay;
-        // two rsqrt, beta padded, three decay exponentials.
-        let common = f32(2 * hk * tokens)
-            + f32((4 * hk + 2 * hv) * padded)
-            + f32(2 * square * padded)
-            + f32(6 * heads * padded);
-        let saved = if self.autocast {
-            // Autocast runs every matmul in bf16 and each keeps its own cast copies: q, k^T
-            // (twice) and k * beta before the loop with both products (before the decay);
-            // per chunk two copies of the incoming state, the decayed keys' and queries'
-            // slices (not in the first chunk, whose zero state needs no gradient), the
-            // corrected values twice and the transposed keys' slice (not in the last chunk,
-            // whose update nothing reads) and the intra-chunk slice. The fp32 states the
-            // decay products keep run from the zero state to the one before the last.
-            let n = chunks;
-            common
-                + half(4 * hk * padded + 2 * square * padded)
-                + half(2 * state * n)
-                + half((n - 1) * slice(3 * hk) + (2 * n - 1) * slice(hv) + n * slice(square))
-                + f32(state * (n - 1))
-        } else {
-            // fp32 matmuls keep their operands themselves: the decayed q and k, the corrected
-            // values, both products and the intra-chunk matrix, and every chunk's incoming
-            // state.
-            common + f32((2 * hk + hv) * padded + 3 * square * padded) + f32(state * chunks)
+        let rule = match self.plan.linear_kernel {
+            LinearKernel::Fla => fla_rule(d, (batch, seq), (mixed.dtype, beta.dtype)),
+            LinearKernel::Torch => torch_rule(d, (batch, seq), self.autocast, self.half),
         };
-        let kept = self.tensor(TensorKind::Activation, saved);
+        let kept = self.tensor(TensorKind::Activation, rule.saved);
         let op = self.elementwise(name, &[mixed, g, beta], out, smallvec![kept], 0.0);
-        let steps = u32::try_from(chunks).unwrap_or(u32::MAX);
         if let Some(o) = self.graph.op_mut(op) {
-            // The locals at the loop's end: v * beta and the decayed k * beta (which the
-            // solves read but do not keep) and the fp32 output being filled, beside the
-            // result's copy back.
-            o.forward_transient += f32(hv * padded) * 2 + f32(hk * padded);
-            // Backward: full-size fp32 gradients of the sliced tensors (new values, decayed
-            // keys, decayed q and k, the intra-chunk matrix), one more zero-filled slice
-            // gradient and the output's `CopySlices` clone at a time.
-            o.backward_transient = out.bytes()
-                + f32(3 * hk * padded)
-                + f32(hv * padded) * 3
-                + f32(heads * CHUNK * padded);
-            // fp32 matmuls of 64-row chunks (no tensor cores without TF32).
-            rule_cost(
-                o,
-                d,
-                heads * padded,
-                saved,
-                (
-                    RULE_FORWARD_KERNELS + CHUNK_FORWARD_KERNELS * steps,
-                    RULE_BACKWARD_KERNELS + CHUNK_BACKWARD_KERNELS * steps,
-                ),
-                DType::F32,
-            );
+            o.forward_transient += rule.forward;
+            o.backward_transient = out.bytes() + rule.backward;
+            // Matmuls within chunks: q k^T and (k beta) k^T, the two solves, and per chunk
+            // the state's reads (2 x 64 x dk x dv), the intra-chunk product (64 x 64 x dv)
+            // and the update (dk x dv x 64), two FLOPs per multiply-add; backward twice that.
+            let per_position = 4.0 * (CHUNK * d.key_dim) as f64
+                + (CHUNK * (d.key_dim + d.value_dim)) as f64
+                + 6.0 * (d.key_dim * d.value_dim) as f64
+                + 2.0 * (CHUNK * d.value_dim) as f64;
+            o.cost.forward_flops = crate::units::Flops(per_position * rule.positions as f64);
+            o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
+            o.cost.forward_bytes = rule.saved * 2 + o.forward_transient;
+            o.cost.backward_bytes = (rule.saved + o.backward_transient) * 2;
+            (o.cost.forward_kernels, o.cost.backward_kernels) = rule.kernels;
+            o.kind = OpKind::Matmul;
+            o.compute = rule.compute;
+            o.cost.min_dim = CHUNK;
         }
         op
     }
 }
 
-/// The chunked rule's cost over `positions` (head x position pairs): its matmuls within
-/// chunks (q k^T and (k beta) k^T, the two solves, and per chunk the state's reads,
-/// 2 x 64 x dk x dv, the intra-chunk product, 64 x 64 x dv, and the update, dk x dv x 64; two
-/// FLOPs per multiply-add; backward twice that), its saved tensors and transients written
-/// and read, and its kernel launches, as 64-row matmuls in `compute`.
-fn rule_cost(
-    o: &mut crate::graph::op::Op,
-    d: DeltaNet,
-    positions: u64,
+/// What one kernel's rule keeps for backward, holds beyond its output forward and backward,
+/// over how many (head, position) pairs it computes, with how many launches each way, in
+/// which dtype.
+struct Rule {
     saved: Bytes,
-    (forward_kernels, backward_kernels): (u32, u32),
+    forward: Bytes,
+    backward: Bytes,
+    positions: u64,
+    kernels: (u32, u32),
     compute: DType,
-) {
-    let per_position = 4.0 * (CHUNK * d.key_dim) as f64
-        + (CHUNK * (d.key_dim + d.value_dim)) as f64
-        + 6.0 * (d.key_dim * d.value_dim) as f64
-        + 2.0 * (CHUNK * d.value_dim) as f64;
-    o.cost.forward_flops = crate::units::Flops(per_position * positions as f64);
-    o.cost.input_grad_flops = crate::units::Flops(2.0 * o.cost.forward_flops.0);
-    o.cost.forward_bytes = saved * 2 + o.forward_transient;
-    o.cost.backward_bytes = (saved + o.backward_transient) * 2;
-    o.cost.forward_kernels = forward_kernels;
-    o.cost.backward_kernels = backward_kernels;
-    o.kind = OpKind::Matmul;
-    o.compute = compute;
-    o.cost.min_dim = CHUNK;
+}
+
+/// flash-linear-attention's `chunk_gated_delta_rule` (`ChunkGatedDeltaRuleFunction`, fla
+/// `ops/gated_delta_rule/chunk.py`): `input_guard` makes its inputs contiguous; it keeps the
+/// L2-normalised q and k (in q's dtype) with their fp32 rsqrt, v, the chunk-local cumulative
+/// decay (fp32), beta and the inverted 64-wide triangular system `A` (in k's dtype), and
+/// recomputes the WY factors `w`, `u` and the per-chunk states `h` in backward. Forward holds
+/// `h` (`key_dim x value_dim` per head and chunk, k's dtype), the corrected values, `w` and `u`
+/// until it returns; backward holds them again with the states' gradient and fp32 q, k and w
+/// gradients. Launches: two L2 norms, the cumsum, k k^T, the triangular solve, w and u, the
+/// states, the output and its cast; backward twice as many.
+fn fla_rule(d: DeltaNet, (batch, seq): (u64, u64), (half, beta): (DType, DType)) -> Rule {
+    let heads = d.value_heads;
+    let hk = heads * d.key_dim;
+    let hv = heads * d.value_dim;
+    let tokens = batch * seq;
+    let states = half.bytes(batch * seq.div_ceil(CHUNK) * heads * d.key_dim * d.value_dim);
+    Rule {
+        saved: half.bytes((2 * hk + hv) * tokens)
+            + DType::F32.bytes(3 * heads * tokens)
+            + beta.bytes(heads * tokens)
+            + half.bytes(heads * CHUNK * tokens),
+        forward: states + half.bytes((hk + 2 * hv) * tokens),
+        backward: states * 2
+            + half.bytes((hk + 2 * hv) * tokens)
+            + DType::F32.bytes((3 * hk + hv) * tokens),
+        positions: heads * tokens,
+        kernels: (9, 18),
+        compute: half,
+    }
+}
+
+/// `torch_chunk_gated_delta_rule` (see `gated_delta_net`), in fp32 over the sequence padded to
+/// whole chunks; under autocast its matmuls keep bf16 (`half`) copies of their operands.
+fn torch_rule(d: DeltaNet, (batch, seq): (u64, u64), autocast: bool, half: DType) -> Rule {
+    let f32 = |n: u64| DType::F32.bytes(n);
+    let half = |n: u64| half.bytes(n);
+    let heads = d.value_heads;
+    let hk = heads * d.key_dim;
+    let hv = heads * d.value_dim;
+    let chunks = seq.div_ceil(CHUNK);
+    // Padded positions (the sequence rounded up to whole chunks) over the batch.
+    let padded = batch * chunks * CHUNK;
+    let tokens = batch * seq;
+    // One chunk's slice of a per-position tensor of `width` over the batch, and one state.
+    let slice = |width: u64| batch * CHUNK * width;
+    let state = batch * heads * d.key_dim * d.value_dim;
+    let square = heads * CHUNK;
+    // Kept whatever the regime: the fp32 q and k (the L2 norms), the padded q, k and v,
+    // k * beta, the solves' results and their unit-triangular system, the pairwise decay;
+    // two rsqrt, beta padded, three decay exponentials.
+    let common = f32(2 * hk * tokens)
+        + f32((4 * hk + 2 * hv) * padded)
+        + f32(2 * square * padded)
+        + f32(6 * heads * padded);
+    let saved = if autocast {
+        // Autocast runs every matmul in bf16 and each keeps its own cast copies: q, k^T
+        // (twice) and k * beta before the loop with both products (before the decay); per
+        // chunk two copies of the incoming state, the decayed keys' and queries' slices (not
+        // in the first chunk, whose zero state needs no gradient), the corrected values twice
+        // and the transposed keys' slice (not in the last chunk, whose update nothing reads)
+        // and the intra-chunk slice. The fp32 states the decay products keep run from the zero
+        // state to the one before the last.
+        let n = chunks;
+        common
+            + half(4 * hk * padded + 2 * square * padded)
+            + half(2 * state * n)
+            + half((n - 1) * slice(3 * hk) + (2 * n - 1) * slice(hv) + n * slice(square))
+            + f32(state * (n - 1))
+    } else {
+        // fp32 matmuls keep their operands themselves: the decayed q and k, the corrected
+        // values, both products and the intra-chunk matrix, and every chunk's incoming state.
+        common + f32((2 * hk + hv) * padded + 3 * square * padded) + f32(state * chunks)
+    };
+    let steps = u32::try_from(chunks).unwrap_or(u32::MAX);
+    Rule {
+        saved,
+        // The locals at the loop's end: v * beta and the decayed k * beta (which the solves
+        // read but do not keep) and the fp32 output being filled, beside the result's copy.
+        forward: f32(hv * padded) * 2 + f32(hk * padded),
+        // Full-size fp32 gradients of the sliced tensors (new values, decayed keys, decayed q
+        // and k, the intra-chunk matrix), one more zero-filled slice gradient and the
+        // output's `CopySlices` clone at a time.
+        backward: f32(3 * hk * padded) + f32(hv * padded) * 3 + f32(heads * CHUNK * padded),
+        positions: heads * padded,
+        kernels: (
+            RULE_FORWARD_KERNELS + CHUNK_FORWARD_KERNELS * steps,
+            RULE_BACKWARD_KERNELS + CHUNK_BACKWARD_KERNELS * steps,
+        ),
+        // fp32 matmuls of 64-row chunks (no tensor cores without TF32).
+        compute: DType::F32,
+    }
 }
