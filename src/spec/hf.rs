@@ -549,10 +549,10 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         _ => return Ok(None),
     };
     // transformers 5 names Qwen3-MoE's count `num_local_experts` (`num_experts` maps to it).
-    let experts = match experts_key {
-        "n_routed_experts" => r.u64(&["n_routed_experts"])?,
-        "moe_num_experts" => r.u64(&["moe_num_experts", "num_experts"])?,
-        _ if family == Family::HunyuanMoe => uniform_per_layer(r, "num_experts")?,
+    let experts = match (family, experts_key) {
+        (Family::HunyuanMoe, key) => uniform_per_layer(r, key)?,
+        (_, "n_routed_experts") => r.u64(&["n_routed_experts"])?,
+        (_, "moe_num_experts") => r.u64(&["moe_num_experts", "num_experts"])?,
         _ => r.u64(&["num_experts", "num_local_experts"])?,
     };
     // GPT-OSS's published config also writes `experts_per_token` (the original checkpoint's
