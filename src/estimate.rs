@@ -114,6 +114,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 crate::spec::plan::LoraTargets::AllLinear => true,
                 crate::spec::plan::LoraTargets::Named(list) => {
                     list.contains(&crate::spec::plan::Proj::O)
+                        || list.contains(&crate::spec::plan::Proj::OutProj)
                 }
                 crate::spec::plan::LoraTargets::QueryValue => false,
             };

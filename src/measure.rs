@@ -329,17 +329,9 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
                 match &l.targets {
                     LoraTargets::QueryValue => json!("qv"),
                     LoraTargets::AllLinear => json!("all"),
-                    LoraTargets::Named(p) => json!(
-                        p.iter()
-                            .map(|p| {
-                                let short = crate::spec::plan::Proj::NAMES
-                                    .iter()
-                                    .find(|(_, q)| q == p)
-                                    .map_or("q", |(n, _)| *n);
-                                format!("{short}_proj")
-                            })
-                            .collect::<Vec<_>>()
-                    ),
+                    LoraTargets::Named(p) => {
+                        json!(p.iter().map(|p| p.module()).collect::<Vec<_>>())
+                    }
                 },
             );
             if l.dora {

@@ -1534,3 +1534,45 @@ fn qwen3_next_projects_its_linear_layers_through_two_fused_linears() {
     let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 5_696);
 }
+
+#[test]
+fn out_proj_names_the_linear_mixers_output_where_a_model_has_one() {
+    // peft matches `target_modules` by module name. A toy Qwen3.5 (hidden 64; layer 0 a Gated
+    // DeltaNet with 2 key and 2 value heads of 16, layer 1 gated attention with 2 heads of 32)
+    // has `out_proj` only in its mixer (32 -> 64, r16: 16 x 96 = 1,536); its attention's output
+    // is `o_proj` (64 -> 64: 16 x 128 = 2,048). The mixer's inputs answer to their own names:
+    // in_proj_qkv (64 -> 2 x 16 x 2 + 2 x 16 = 96: 16 x 160 = 2,560) and in_proj_z (64 -> 32:
+    // 1,536). A toy BART (d_model 64, one layer each side) names its attention outputs
+    // `out_proj`: the encoder's self-attention and the decoder's self- and cross-attention,
+    // 3 x 2,048 = 6,144.
+    let qwen = toy(&serde_json::json!({
+        "model_type": "qwen3_5_text", "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "vocab_size": 256, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "layer_types": ["linear_attention", "full_attention"]
+    }));
+    let bart = toy(&serde_json::json!({
+        "model_type": "bart", "d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+        "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128, "vocab_size": 1000, "max_position_embeddings": 128
+    }));
+    let trainable = |m: &ModelSpec, names: &[&str]| {
+        let targets = LoraTargets::parse(names.iter().copied()).expect("known names");
+        let method = Method::Lora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets,
+            dora: false,
+        });
+        let mut p = plan(method, 1, 64, AttentionKernel::Sdpa);
+        if m.encoder.is_some() {
+            p.target_seq = 16;
+        }
+        run(m, &p).memory.trainable_params
+    };
+    assert_eq!(trainable(&qwen, &["out_proj"]), 1_536);
+    assert_eq!(trainable(&qwen, &["o_proj"]), 2_048);
+    assert_eq!(trainable(&qwen, &["in_proj_qkv", "in_proj_z"]), 4_096);
+    assert_eq!(trainable(&bart, &["out_proj"]), 6_144);
+}

@@ -72,14 +72,14 @@ impl Builder<'_> {
                 x,
                 conv_width + v_width,
                 false,
-                Some(Proj::Mixer),
+                Some(Proj::InProjQkvz),
             );
             let ba = b.linear(
                 name.at("in_proj_ba"),
                 x,
                 2 * heads,
                 false,
-                Some(Proj::Mixer),
+                Some(Proj::InProjBa),
             );
             let part = |w: u64, of: Val| Val { width: w, ..of };
             let qkv = b.contiguous(name.at("qkv_cat"), part(conv_width, qkvz));
@@ -100,11 +100,11 @@ impl Builder<'_> {
                 x,
                 conv_width,
                 false,
-                Some(Proj::Mixer),
+                Some(Proj::InProjQkv),
             );
-            let z = b.linear(name.at("in_proj_z"), x, v_width, false, Some(Proj::Mixer));
-            let beta_in = b.linear(name.at("in_proj_b"), x, heads, false, Some(Proj::Mixer));
-            let a = b.linear(name.at("in_proj_a"), x, heads, false, Some(Proj::Mixer));
+            let z = b.linear(name.at("in_proj_z"), x, v_width, false, Some(Proj::InProjZ));
+            let beta_in = b.linear(name.at("in_proj_b"), x, heads, false, Some(Proj::InProjB));
+            let a = b.linear(name.at("in_proj_a"), x, heads, false, Some(Proj::InProjA));
             (qkv, z, beta_in, a)
         };
 
@@ -216,7 +216,7 @@ impl Builder<'_> {
             normed,
             b.model.hidden_size,
             false,
-            Some(Proj::Mixer),
+            Some(Proj::OutProj),
         )
     }
 

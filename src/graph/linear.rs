@@ -37,6 +37,12 @@ impl Builder<'_> {
                             .iter()
                             .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
                     || (fused_ffn && list.contains(&Proj::Up))
+                    // `out_proj` is the attention output in the models that name it so; a
+                    // model with a linear-attention mixer gives the name to the mixer's
+                    // output (its attention's is `o_proj`), as peft's name matching does.
+                    || (proj == Proj::O
+                        && list.contains(&Proj::OutProj)
+                        && !self.model.has_linear_attention())
             }
         };
         hit.then_some(lora.rank)

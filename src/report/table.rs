@@ -14,7 +14,10 @@ pub fn describe(plan: &Plan, enc_dec: bool) -> String {
             let t = match &l.targets {
                 LoraTargets::QueryValue => "qv".to_string(),
                 LoraTargets::AllLinear => "all".to_string(),
-                LoraTargets::Named(p) => format!("{p:?}").to_lowercase(),
+                LoraTargets::Named(p) => {
+                    let names: Vec<&str> = p.iter().map(|p| p.label()).collect();
+                    format!("[{}]", names.join(", "))
+                }
             };
             format!("{} r{} {}", plan.method.name(), l.rank, t)
         }

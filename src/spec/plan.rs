@@ -27,9 +27,20 @@ pub enum Proj {
     Gate,
     Up,
     Down,
-    /// A projection of a linear-attention mixer (Gated DeltaNet's `in_proj_*` and `out_proj`):
-    /// no target role names it, so LoRA reaches it only through `all-linear`.
-    Mixer,
+    /// The projections of a Gated DeltaNet mixer, by their module names: Qwen3.5's
+    /// `in_proj_qkv`, `in_proj_z`, `in_proj_b` and `in_proj_a`, Qwen3-Next's fused
+    /// `in_proj_qkvz` and `in_proj_ba`, and the mixer's `out_proj`. No role names them: LoRA
+    /// reaches them through `all-linear` or by these names, as peft's target names do.
+    InProjQkv,
+    InProjZ,
+    InProjB,
+    InProjA,
+    InProjQkvz,
+    InProjBa,
+    /// The module named `out_proj`: a linear-attention mixer's output projection where the
+    /// model has one (its attention's is `o_proj`), otherwise the attention output that
+    /// BART, OPT, GPT-Neo and MPT name so.
+    OutProj,
 }
 
 impl Proj {
@@ -45,7 +56,7 @@ impl Proj {
 
     /// Hugging Face module names (as peft's `target_modules` names them) by role. GPT-2's
     /// `c_proj` names both the attention output and the FFN output projection.
-    pub const MODULES: [(&'static str, &'static [Proj]); 38] = [
+    pub const MODULES: [(&'static str, &'static [Proj]); 44] = [
         ("q", &[Proj::Q]),
         ("k", &[Proj::K]),
         ("v", &[Proj::V]),
@@ -53,7 +64,7 @@ impl Proj {
         ("query", &[Proj::Q]),
         ("key", &[Proj::K]),
         ("value", &[Proj::V]),
-        ("out_proj", &[Proj::O]),
+        ("out_proj", &[Proj::OutProj]),
         ("dense", &[Proj::O]),
         ("c_attn", &[Proj::Q, Proj::K, Proj::V]),
         ("query_key_value", &[Proj::Q, Proj::K, Proj::V]),
@@ -83,6 +94,13 @@ impl Proj {
         ("q_b_proj", &[Proj::Q]),
         ("kv_a_proj_with_mqa", &[Proj::K]),
         ("kv_b_proj", &[Proj::V]),
+        // Gated DeltaNet's projections (Qwen3.5, Qwen3-Next).
+        ("in_proj_qkv", &[Proj::InProjQkv]),
+        ("in_proj_z", &[Proj::InProjZ]),
+        ("in_proj_b", &[Proj::InProjB]),
+        ("in_proj_a", &[Proj::InProjA]),
+        ("in_proj_qkvz", &[Proj::InProjQkvz]),
+        ("in_proj_ba", &[Proj::InProjBa]),
         // Mamba's mixer projections.
         ("in_proj", &[Proj::Up]),
         ("x_proj", &[Proj::Gate]),
@@ -97,9 +115,44 @@ impl Proj {
                 Proj::Gate,
                 Proj::Up,
                 Proj::Down,
+                Proj::InProjQkv,
+                Proj::InProjZ,
+                Proj::InProjB,
+                Proj::InProjA,
+                Proj::InProjQkvz,
+                Proj::InProjBa,
+                Proj::OutProj,
             ],
         ),
     ];
+
+    /// The short name a role has (`q`, `down`), or the module name of a mixer's projection.
+    pub fn label(self) -> &'static str {
+        Proj::NAMES
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or(self.module(), |(n, _)| n)
+    }
+
+    /// The Hugging Face module name a target list writes for this projection.
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+            Proj::InProjQkv => "in_proj_qkv",
+            Proj::InProjZ => "in_proj_z",
+            Proj::InProjB => "in_proj_b",
+            Proj::InProjA => "in_proj_a",
+            Proj::InProjQkvz => "in_proj_qkvz",
+            Proj::InProjBa => "in_proj_ba",
+            Proj::OutProj => "out_proj",
+        }
+    }
 }
 
 impl LoraTargets {
