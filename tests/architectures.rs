@@ -1576,3 +1576,45 @@ fn out_proj_names_the_linear_mixers_output_where_a_model_has_one() {
     assert_eq!(trainable(&qwen, &["in_proj_qkv", "in_proj_z"]), 4_096);
     assert_eq!(trainable(&bart, &["out_proj"]), 6_144);
 }
+
+#[test]
+fn apertus_xielu_keeps_what_its_python_chain_saves() {
+    // A one-layer toy Apertus (hidden 64, MLP 128, batch 1 x 64: 8,192 elements per MLP
+    // activation). transformers runs xIELU as Python element-wise ops (the CUDA kernel is an
+    // optional wheel): where(x > 0, a_p x x + beta x, (expm1(min(x, eps)) - x) a_n + beta x).
+    // Under autocast `softplus` (making a_p and a_n) and `expm1` are on CUDA's fp32 list, and
+    // a_p, a_n have shape (1,), so they promote: the chain runs in fp32. Kept: x (up_proj's
+    // bf16 output, for (a_p x) x and the minimum) 16,384, a_p x in fp32 32,768, expm1's fp32
+    // output 32,768 and the x > 0 mask 8,192: 90,112 bytes under LoRA, whose alphas are frozen.
+    // Full fine-tuning trains the alphas, so alpha_n's gradient keeps expm1(...) - x (fp32,
+    // 32,768) too: 122,880. Pure bf16 (no autocast) runs the chain in bf16: x, a_p x, expm1's
+    // output and expm1(...) - x at 16,384 each and the mask: 73,728.
+    let m = toy(&serde_json::json!({
+        "model_type": "apertus", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": 256
+    }));
+    assert_eq!(m.activation, ftplan::spec::model::Activation::Xielu);
+    assert!(!m.gated_ffn);
+    let kept = |p: &Plan| {
+        let g = graph::build(&m, p);
+        let mut ids = std::collections::BTreeSet::new();
+        for o in g.ops() {
+            if g.name(o.name).starts_with("decoder.layers.0.mlp.act") {
+                ids.extend(o.saves.iter().copied());
+            }
+        }
+        assert!(!ids.is_empty(), "no xIELU ops");
+        ids.iter().map(|&t| g.tensor(t).bytes.0).sum::<u64>()
+    };
+    assert_eq!(kept(&plan(lora(), 1, 64, AttentionKernel::Sdpa)), 90_112);
+    assert_eq!(kept(&full(Precision::MixedBf16, 1, 64)), 122_880);
+    assert_eq!(kept(&full(Precision::Bf16, 1, 64)), 73_728);
+    // alpha_p and alpha_n: two parameters of one element per layer, trained by full
+    // fine-tuning only (as Mamba's A_log and D are).
+    let lora_trainable = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa))
+        .memory
+        .trainable_params;
+    // LoRA r16 on q and v (64 -> 64 each): 2 x 16 x 128 = 4,096, no alphas.
+    assert_eq!(lora_trainable, 4_096);
+}

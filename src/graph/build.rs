@@ -522,6 +522,7 @@ impl<'a> Builder<'a> {
             | Family::Phimoe
             | Family::Nemotron
             | Family::Arcee
+            | Family::Apertus
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3

@@ -289,7 +289,124 @@ impl Builder<'_> {
                 );
                 out
             }
+            Activation::Xielu => self.xielu(name, x),
         }
+    }
+
+    /// transformers' `XIELUActivation._xielu_python` (the CUDA kernel is an optional wheel):
+    /// `where(x > 0, a_p x x + beta x, (expm1(min(x, eps)) - x) a_n + beta x)`, with
+    /// `a_p = softplus(alpha_p)` and `a_n = beta + softplus(alpha_n)`. The two alphas are
+    /// parameters of shape (1,) in the config's dtype, and `softplus` is on CUDA autocast's fp32
+    /// list: under autocast each is an fp32 tensor of shape (1,), a dimensioned operand, so
+    /// every product with one is promoted to fp32 and the chain runs in fp32 whatever the
+    /// weights' dtype (without autocast, in the wider of x's and the weights' dtype); beta and
+    /// eps are 0-d buffers, which do not promote. `expm1` is on the fp32 list too. Autograd keeps, op by op: x (for `a_p x`'s alpha gradient and `(a_p x) x`),
+    /// `a_p x` itself, `expm1`'s output, `expm1(...) - x` when the alphas train (alpha_n's
+    /// gradient), and the `x > 0` mask (`where`'s only saved tensor). Python evaluates the
+    /// mask, then the positive branch, then the negative one; so while the last sum of the
+    /// negative branch runs, the positive branch, both of the sum's operands and its result
+    /// are live.
+    fn xielu(&mut self, name: Name, x: Val) -> Val {
+        let (width, tokens) = (x.width, x.tokens);
+        let alpha_p = self.base_param(name.then("alpha_p"), (1, 1), ParamRole::Linear);
+        let alpha_n = self.base_param(name.then("alpha_n"), (1, 1), ParamRole::Linear);
+        let alphas_train = self.trains(ParamRole::Linear);
+        let wide = if self.autocast {
+            DType::F32
+        } else {
+            wider(x.dtype, self.base)
+        };
+        let grad = x.grad || alphas_train;
+        let mask = self.val(width, tokens, DType::U8, false);
+        self.elementwise(name.then("positive_mask"), &[x], mask, SmallVec::new(), 1.0);
+        // a_p * x (its x kept only for the alpha's gradient), then (a_p x) * x keeping both.
+        let apx = self.val(width, tokens, wide, grad);
+        let first_saves = if alphas_train {
+            smallvec![x.id]
+        } else {
+            SmallVec::new()
+        };
+        let op = self.elementwise(name.then("alpha_p_x"), &[x], apx, first_saves, 1.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.params.push(alpha_p);
+            // softplus(alpha_p): one kernel on one element.
+            o.cost.forward_kernels += 1;
+            o.cost.backward_kernels += 1;
+        }
+        let sq = self.val(width, tokens, wide, grad);
+        self.elementwise(
+            name.then("square"),
+            &[apx, x],
+            sq,
+            smallvec![apx.id, x.id],
+            1.0,
+        );
+        let bx = self.val(width, tokens, x.dtype, x.grad);
+        self.elementwise(name.then("beta_x"), &[x], bx, SmallVec::new(), 1.0);
+        let positive = self.val(width, tokens, wide, grad);
+        let op = self.elementwise(
+            name.then("positive"),
+            &[sq, bx],
+            positive,
+            SmallVec::new(),
+            1.0,
+        );
+        if let Some(o) = self.graph.op_mut(op) {
+            o.forward_transient += sq.bytes() + bx.bytes();
+        }
+        // expm1(min(x, eps)) - x: `minimum` keeps x (already kept), expm1 its output.
+        let low = self.val(width, tokens, x.dtype, x.grad);
+        self.elementwise(name.then("min_eps"), &[x], low, smallvec![x.id], 1.0);
+        let low = if self.autocast {
+            self.cast(name.then("expm1_cast"), low, DType::F32)
+        } else {
+            low
+        };
+        let e = self.val(width, tokens, low.dtype, x.grad);
+        self.elementwise(name.then("expm1"), &[low], e, smallvec![e.id], 4.0);
+        let d = self.val(width, tokens, wider(e.dtype, x.dtype), x.grad);
+        self.elementwise(name.then("minus_x"), &[e, x], d, SmallVec::new(), 1.0);
+        let scaled_saves = if alphas_train {
+            smallvec![d.id]
+        } else {
+            SmallVec::new()
+        };
+        let scaled = self.val(width, tokens, wide, grad);
+        let op = self.elementwise(name.then("alpha_n_mul"), &[d], scaled, scaled_saves, 1.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.params.push(alpha_n);
+            // beta + softplus(alpha_n): two kernels on one element.
+            o.cost.forward_kernels += 2;
+            o.cost.backward_kernels += 1;
+        }
+        let bx2 = self.val(width, tokens, x.dtype, x.grad);
+        self.elementwise(name.then("beta_x_2"), &[x], bx2, SmallVec::new(), 1.0);
+        let negative = self.val(width, tokens, wide, grad);
+        let op = self.elementwise(
+            name.then("negative"),
+            &[scaled, bx2],
+            negative,
+            SmallVec::new(),
+            1.0,
+        );
+        if let Some(o) = self.graph.op_mut(op) {
+            o.forward_transient += positive.bytes() + scaled.bytes() + bx2.bytes();
+        }
+        let out = self.val(width, tokens, wide, grad);
+        let op = self.elementwise(
+            name.then("where"),
+            &[mask, positive, negative],
+            out,
+            smallvec![mask.id],
+            0.0,
+        );
+        if let Some(o) = self.graph.op_mut(op) {
+            // Forward: both branches live with the output. Backward: `where` splits the
+            // gradient into one masked copy per branch.
+            o.forward_transient += positive.bytes() + negative.bytes();
+            o.backward_transient = out.bytes() * 3;
+        }
+        out
     }
 
     /// `torch.sigmoid(x)`: one kernel keeping its output (`sigmoid_backward` reads it).

@@ -254,6 +254,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Phimoe
         | Family::Nemotron
         | Family::Arcee
+        | Family::Apertus
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
@@ -373,10 +374,13 @@ fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
         "gelu_new" => Activation::GeluNewPython,
         "relu" => Activation::Relu,
         "relu2" => Activation::Relu2,
+        "xielu" => Activation::Xielu,
         other => {
             return Err(
                 Error::field(path, key, format!("activation `{other}` is not supported"))
-                    .with_hint("one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2"),
+                    .with_hint(
+                        "one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2, xielu",
+                    ),
             );
         }
     })
@@ -746,6 +750,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         _ if gemma => "gelu_pytorch_tanh",
         // ArceeConfig's and NemotronConfig's default.
         Family::Arcee | Family::Nemotron => "relu2",
+        Family::Apertus => "xielu",
         _ => "silu",
     };
     let act_key = if r.map.contains_key("hidden_activation") {
@@ -948,7 +953,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Gemma3
             | Family::Exaone4
             | Family::HunyuanDense
-            | Family::HunyuanMoe => QkNorm::PerHead,
+            | Family::HunyuanMoe
+            | Family::Apertus => QkNorm::PerHead,
             Family::Olmoe => QkNorm::Full,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
             // head and channel, as many weights as one norm over the whole projection.
@@ -970,8 +976,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         softcap,
         multipliers,
         rope_layers,
-        // NemotronMLP and ArceeMLP: `down_proj(act(up_proj(x)))`, no gate.
-        gated_ffn: !matches!(family, Family::Nemotron | Family::Arcee),
+        // NemotronMLP, ArceeMLP and ApertusMLP: `down_proj(act(up_proj(x)))`, no gate.
+        gated_ffn: !matches!(family, Family::Nemotron | Family::Arcee | Family::Apertus),
         // PhimoeForCausalLM: `lm_head_bias` (true in Phi-3.5-MoE's config).
         lm_head_bias: family == Family::Phimoe && r.bool_or(&["lm_head_bias"], false)?,
         attention_sinks: family == Family::GptOss,

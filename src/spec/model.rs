@@ -70,6 +70,9 @@ pub enum Family {
     /// `ArceeForCausalLM` (Arcee AFM-4.5B): the Llama block with a non-gated MLP, `relu2` by
     /// default.
     Arcee,
+    /// `ApertusForCausalLM` (Swiss AI Apertus 8B/70B): the Llama block with per-head q/k
+    /// RMSNorms and a non-gated MLP whose activation is xIELU.
+    Apertus,
     /// `Ernie4_5ForCausalLM` (Baidu ERNIE 4.5 dense): the Llama block with `use_bias` on every
     /// linear and GLM's interleaved rotary computed in fp32 ([`RotaryApply::InterleavedFp32`]).
     Ernie45,
@@ -218,7 +221,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 61] = [
+    pub const ALL: [(&'static str, Family); 62] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -280,6 +283,7 @@ impl Family {
         ("qwen3_5_text", Family::Qwen35),
         ("qwen3_5_moe_text", Family::Qwen35Moe),
         ("qwen3_next", Family::Qwen3Next),
+        ("apertus", Family::Apertus),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -327,6 +331,11 @@ pub enum Activation {
     /// transformers' `ReLUSquaredActivation` (`relu2`; So et al. 2021, "Primer"): `relu`, then
     /// `torch.square`, which autocast runs as fp32 `pow`.
     Relu2,
+    /// transformers' `XIELUActivation` (Huang 2024, "Deriving Activation Functions Using
+    /// Integration", arXiv:2411.13010) in its Python form (the fused CUDA one is an optional
+    /// wheel): two learnable scalars per layer and a chain of element-wise ops, each keeping
+    /// its own operands.
+    Xielu,
 }
 
 /// Normalisation layer implementation.
