@@ -1618,3 +1618,46 @@ fn apertus_xielu_keeps_what_its_python_chain_saves() {
     // LoRA r16 on q and v (64 -> 64 each): 2 x 16 x 128 = 4,096, no alphas.
     assert_eq!(lora_trainable, 4_096);
 }
+
+#[test]
+fn minimax_m2_and_dots1_read_as_the_blocks_they_reuse() {
+    // Toy configs counted on transformers 5.17's builds and peft 0.21.2's `all-linear` (r16).
+    // MiniMax-M2 (hidden 64; 2 heads of 32, 1 KV head; 4 experts of 32, top 2; one layer):
+    // Mixtral's sparse block with q/k norms over the whole projections (64 + 32 weights) and
+    // rotary on half of each head; 70,176 parameters. peft moves w1/w3/w2 onto the fused
+    // experts: 30,784 trainable.
+    let mm = toy(&serde_json::json!({
+        "model_type": "minimax_m2", "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "vocab_size": 256, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5}
+    }));
+    assert_eq!(mm.qk_norm, ftplan::spec::model::QkNorm::Full);
+    assert_eq!(mm.block_kind(0).ffn, FfnKind::Moe);
+    // dots.llm1 (hidden 64; 2 heads of 32; a dense first layer of 96, then 4 experts of 32,
+    // top 2, one shared expert): Qwen3's attention, whose window starts at
+    // `max_window_layers` (1), over DeepSeek-V3's MoE; 115,392 parameters, 40,000 trainable.
+    let d1 = toy(&serde_json::json!({
+        "model_type": "dots1", "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "vocab_size": 256, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "sliding_window": 16, "max_window_layers": 1
+    }));
+    assert_eq!(
+        d1.mixers,
+        vec![Mixer::Attention, Mixer::SlidingWindow { window: 16 }]
+    );
+    assert_eq!(d1.block_kind(0).ffn, FfnKind::Dense);
+    assert_eq!(d1.block_kind(1).ffn, FfnKind::Moe);
+    for (m, total, trainable) in [(&mm, 70_176, 30_784), (&d1, 115_392, 40_000)] {
+        let e = run(m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+        assert_eq!(e.memory.base_params, total, "{}", m.family.model_type());
+        assert_eq!(
+            e.memory.trainable_params,
+            trainable,
+            "{}",
+            m.family.model_type()
+        );
+    }
+}

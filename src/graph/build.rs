@@ -523,6 +523,8 @@ impl<'a> Builder<'a> {
             | Family::Nemotron
             | Family::Arcee
             | Family::Apertus
+            | Family::MinimaxM2
+            | Family::Dots1
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3

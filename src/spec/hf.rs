@@ -255,6 +255,8 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Nemotron
         | Family::Arcee
         | Family::Apertus
+        | Family::MinimaxM2
+        | Family::Dots1
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
@@ -522,8 +524,9 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             v.push(Mixer::Attention);
             v
         }
-        // Qwen2/Qwen3: the window on the layers from `max_window_layers` up.
-        _ if qwen => {
+        // Qwen2/Qwen3 (and Dots1Config, which derives `layer_types` the same way): the window
+        // on the layers from `max_window_layers` up.
+        _ if qwen || family == Family::Dots1 => {
             let from = r.opt_u64(&["max_window_layers"])?.unwrap_or(layers);
             (0..layers)
                 .map(|l| if l >= from { local } else { Mixer::Attention })
@@ -536,8 +539,9 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
 /// Reads the shared mixture-of-experts keys (Mixtral, Qwen2/3-MoE, DeepSeek).
 fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     let (experts_key, expert_inter) = match family {
-        Family::Mixtral | Family::Phimoe => ("num_local_experts", intermediate),
-        Family::Deepseek | Family::Glm4Moe => {
+        // MiniMaxM2Config: `intermediate_size` is each expert's width; every layer is sparse.
+        Family::Mixtral | Family::Phimoe | Family::MinimaxM2 => ("num_local_experts", intermediate),
+        Family::Deepseek | Family::Glm4Moe | Family::Dots1 => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
@@ -580,7 +584,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     // `router_jitter_noise` > 0; PhimoeSparseMoeBlock and then PhimoeTopKRouter each do when
     // `input_jitter_noise` > 0 (PhiMoE's `router_jitter_noise` is sparsemixer's threshold).
     let input_jitter = match family {
-        Family::Mixtral if r.f64_or(&["router_jitter_noise"], 0.0)? > 0.0 => 1,
+        Family::Mixtral | Family::MinimaxM2 if r.f64_or(&["router_jitter_noise"], 0.0)? > 0.0 => 1,
         Family::Phimoe if r.f64_or(&["input_jitter_noise"], 0.0)? > 0.0 => 2,
         _ => 0,
     };
@@ -604,7 +608,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Qwen2Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             (r.u64(&["shared_expert_intermediate_size"])?, true)
         }
-        Family::Deepseek | Family::Glm4Moe => (
+        Family::Deepseek | Family::Glm4Moe | Family::Dots1 => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
         ),
@@ -703,7 +707,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         input_jitter,
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
-            Family::Deepseek | Family::Glm4Moe => RouterPrecision::Fp32Operands,
+            Family::Deepseek | Family::Glm4Moe | Family::Dots1 => RouterPrecision::Fp32Operands,
             Family::HunyuanMoe => RouterPrecision::Fp32Weight,
             _ => RouterPrecision::Model,
         },
@@ -779,9 +783,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             r.bool_or(&["attention_bias"], true)?,
             r.bool_or(&["attention_out_bias"], false)?,
         ),
-        Family::Mistral | Family::Ministral3 | Family::Mixtral | Family::Phi3 | Family::Exaone4 => {
-            (false, false)
-        }
+        Family::Mistral
+        | Family::Ministral3
+        | Family::Mixtral
+        | Family::Phi3
+        | Family::Exaone4
+        | Family::MinimaxM2 => (false, false),
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
@@ -954,8 +961,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Exaone4
             | Family::HunyuanDense
             | Family::HunyuanMoe
-            | Family::Apertus => QkNorm::PerHead,
-            Family::Olmoe => QkNorm::Full,
+            | Family::Apertus
+            | Family::Dots1 => QkNorm::PerHead,
+            Family::Olmoe | Family::MinimaxM2 => QkNorm::Full,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
             // head and channel, as many weights as one norm over the whole projection.
             Family::Cohere if r.bool_or(&["use_qk_norm"], false)? => QkNorm::Full,
@@ -991,6 +999,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         } else if family == Family::Nemotron {
             // NemotronConfig's default `partial_rotary_factor` is 0.5.
             rotary_fraction(r, 0.5)?
+        } else if family == Family::MinimaxM2 {
+            // MiniMaxM2RotaryEmbedding (GLM-4.5's): `partial_rotary_factor` from
+            // `rope_parameters`, 1.0 when absent.
+            rotary_fraction(r, 1.0)?
         } else {
             base.positions
         },

@@ -70,6 +70,15 @@ pub enum Family {
     /// `ArceeForCausalLM` (Arcee AFM-4.5B): the Llama block with a non-gated MLP, `relu2` by
     /// default.
     Arcee,
+    /// `MiniMaxM2ForCausalLM` (MiniMax-M2, 230B-A10B): Mixtral's sparse block in every layer
+    /// with a sigmoid router (plus a correction bias that only picks experts), q/k RMSNorms over
+    /// the whole projections (FlexOlmo's attention) and rotary on `partial_rotary_factor` of
+    /// each head.
+    MinimaxM2,
+    /// `Dots1ForCausalLM` (rednote dots.llm1, 142B-A14B): Qwen3's attention (per-head q/k norms,
+    /// windows from `max_window_layers` up) over DeepSeek-V3's MoE layers (dense ones below
+    /// `first_k_dense_replace`, shared experts, an fp32-operand router).
+    Dots1,
     /// `ApertusForCausalLM` (Swiss AI Apertus 8B/70B): the Llama block with per-head q/k
     /// RMSNorms and a non-gated MLP whose activation is xIELU.
     Apertus,
@@ -221,7 +230,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 62] = [
+    pub const ALL: [(&'static str, Family); 64] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -284,6 +293,8 @@ impl Family {
         ("qwen3_5_moe_text", Family::Qwen35Moe),
         ("qwen3_next", Family::Qwen3Next),
         ("apertus", Family::Apertus),
+        ("minimax_m2", Family::MinimaxM2),
+        ("dots1", Family::Dots1),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -304,6 +315,8 @@ impl Family {
         matches!(
             self,
             Family::Mixtral
+                | Family::MinimaxM2
+                | Family::Dots1
                 | Family::Qwen3Moe
                 | Family::Deepseek
                 | Family::Glm4Moe
