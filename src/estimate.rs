@@ -76,7 +76,11 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     let heads = model.decoder.heads;
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
-    crate::spec::parallel::check(&plan.parallel, layers, heads, model.decoder.kv_heads)
+    // Gemma 4's global layers have fewer KV heads than its local ones: tp divides both.
+    let kv_heads = model.global_attention.map_or(model.decoder.kv_heads, |g| {
+        g.kv_heads.min(model.decoder.kv_heads)
+    });
+    crate::spec::parallel::check(&plan.parallel, layers, heads, kv_heads)
         .map_err(|(f, problem)| field(&f, problem))?;
     if plan.seq > MAX_WIDTH || plan.target_seq > MAX_WIDTH {
         return Err(field(

@@ -1661,3 +1661,52 @@ fn minimax_m2_and_dots1_read_as_the_blocks_they_reuse() {
         );
     }
 }
+
+#[test]
+fn gemma4_global_layers_have_their_own_heads_and_keys_double_as_values() {
+    // A two-layer toy Gemma 4 text model (hidden 64; a sliding layer with 2 heads and 2 KV
+    // heads of 32, then a global layer with 2 heads of 64 and 1 KV head whose keys are the
+    // values: `attention_k_eq_v`, no v_proj), counted on transformers 5.17's build: 103,168
+    // parameters. peft's `all-linear` at r16 wraps, on the sliding layer, q (64 -> 64), k and v
+    // (64 -> 64) and o: 4 x 16 x 128 = 8,192, and on the global layer q (64 -> 128) 3,072,
+    // k (64 -> 64) 2,048 and o (128 -> 64) 3,072; with both MLPs (3 x 16 x 192 each, 18,432):
+    // 34,816. q,v reaches the sliding layer's two (4,096) and the global layer's q (3,072):
+    // 7,168. A config transformers saved writes the global geometry as `per_layer_config`
+    // with `global_head_dim` and `num_global_key_value_heads` null: it reads the same.
+    let published = serde_json::json!({
+        "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 1,
+        "attention_k_eq_v": true, "vocab_size": 256, "hidden_size_per_layer_input": 0,
+        "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]
+    });
+    let mut saved = published.clone();
+    saved["global_head_dim"] = serde_json::Value::Null;
+    saved["num_global_key_value_heads"] = serde_json::Value::Null;
+    saved["per_layer_config"] =
+        serde_json::json!({"1": {"head_dim": 64, "num_key_value_heads": 1}});
+    for config in [&published, &saved] {
+        let m = toy(config);
+        assert_eq!(
+            m.global_attention,
+            Some(ftplan::spec::model::GlobalAttention {
+                head_dim: 64,
+                kv_heads: 1,
+                keys_as_values: true
+            })
+        );
+        assert!(m.value_norm);
+        let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+        assert_eq!(e.memory.base_params, 103_168);
+        assert_eq!(e.memory.trainable_params, 34_816);
+        let p = plan(lora(), 1, 64, AttentionKernel::Sdpa);
+        let e = run(&m, &p);
+        assert_eq!(e.memory.trainable_params, 7_168);
+        // The scale-less v_norm on the global layer's one KV head (64 wide, 64 tokens) keeps
+        // its fp32 copy, 16,384 bytes, and the row statistics, 64 x 2 x 4 = 512: 16,896.
+        assert_eq!(
+            kept_at(&m, &p, "decoder.layers.1.self_attn.v_norm").0,
+            16_896
+        );
+    }
+}

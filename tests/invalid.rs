@@ -326,3 +326,15 @@ fn flash_linear_attention_refuses_fp32() {
         &["`linear-kernel`", "float32", "hint:"],
     );
 }
+
+#[test]
+fn gemma4_per_layer_embeddings_are_refused_with_what_is_supported() {
+    model(
+        "gemma4-per-layer-embeddings.json",
+        &[
+            "`hidden_size_per_layer_input`",
+            "per-layer embeddings",
+            "31B",
+        ],
+    );
+}

@@ -341,11 +341,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // EXAONE-4, then GPT-OSS 20B and 120B, then LoRA on every linear of Qwen1.5-MoE,
     // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms), then
     // GLM-4-9B, then Seed-OSS, HunYuan-dense, Helium and OLMoE, then Cohere's Command R7B and a
-    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3, ERNIE-4.5-MoE, a pure-bf16 GLM-4.5, HunYuan-MoE and GLM-4.7-Flash, then Qwen3.5's Gated DeltaNet hybrid, dense and MoE, and Qwen3-Next, then Apertus's xIELU, then MiniMax-M2 and dots.llm1 (validation/families.jsonl,
+    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3, ERNIE-4.5-MoE, a pure-bf16 GLM-4.5, HunYuan-MoE and GLM-4.7-Flash, then Qwen3.5's Gated DeltaNet hybrid, dense and MoE, and Qwen3-Next, then Apertus's xIELU, then MiniMax-M2 and dots.llm1, then Gemma 4 (validation/families.jsonl,
     // measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 262);
+    assert_eq!(rows.len(), 267);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -386,6 +386,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             // 4-layer ERNIE-MoE's tied fp32 embedding's (0.99 GiB, -2.1 %: its full runs peak
             // where that sum is taken).
             0.03
+        } else if r.name == "gemma-4-31b-6l|full|b1|s2048|gc0|sdpa" {
+            // The same replay artifact at Gemma 4's 262,144 x 5,376 tied table: the fp32
+            // embedding gradient is summed into the LM head's out of place, a third 5.25 GiB
+            // tensor CUDA's in-place accumulation never allocates (-6.2 %; +0.8 % without it).
+            0.07
         } else if r.name.contains("gemma-2")
             || r.name.contains("gemma-3")
             || r.name.contains("olmo-2")
@@ -420,6 +425,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             || r.name.starts_with("apertus-")
             || r.name.starts_with("minimax-m2-")
             || r.name.starts_with("dots1-")
+            || r.name.starts_with("gemma-4-")
         {
             0.02
         } else {

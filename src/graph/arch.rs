@@ -532,6 +532,16 @@ fn self_attention_ops(
     }
     let name = b.scope(at.0, at.1);
     let model = b.model;
+    // Gemma 4's global layers: their own head width and KV heads and, with
+    // `attention_k_eq_v`, no `v_proj` (the key projection's output is the values too).
+    let global = model.global_attention.filter(|_| window.is_none());
+    let global_stack = global.map(|g| Stack {
+        head_dim: g.head_dim,
+        kv_heads: g.kv_heads,
+        ..*stack
+    });
+    let stack = global_stack.as_ref().unwrap_or(stack);
+    let keys_as_values = global.is_some_and(|g| g.keys_as_values);
     let q_width = stack.heads * stack.head_dim;
     let kv_width = stack.kv_heads * stack.head_dim;
     // Gated attention (Qwen3.5): `q_proj` writes, per head, the queries and then the gate;
@@ -560,7 +570,7 @@ fn self_attention_ops(
             (part(q_width), part(kv_width), part(kv_width))
         }
     } else {
-        b.fork(name.at("fork"), x, 3);
+        b.fork(name.at("fork"), x, if keys_as_values { 2 } else { 3 });
         let q_out = if gated { 2 * q_width } else { q_width };
         let q = b.linear(name.at("q_proj"), x, q_out, model.qkv_bias, Some(Proj::Q));
         let q = if gated {
@@ -580,13 +590,20 @@ fn self_attention_ops(
             model.qkv_bias,
             Some(Proj::K),
         );
-        let v = b.linear(
-            name.at("v_proj"),
-            x,
-            kv_width,
-            model.qkv_bias,
-            Some(Proj::V),
-        );
+        let v = if keys_as_values {
+            // The key norm and the value norm both read k_proj's output: its gradient is
+            // their two gradients' sum.
+            b.fork(name.at("kv_fork"), k, 2);
+            k
+        } else {
+            b.linear(
+                name.at("v_proj"),
+                x,
+                kv_width,
+                model.qkv_bias,
+                Some(Proj::V),
+            )
+        };
         (q, k, v)
     };
     match model.qk_norm {
@@ -601,6 +618,9 @@ fn self_attention_ops(
             q = b.norm(name.at("q_norm"), q);
             k = b.norm(name.at("k_norm"), k);
         }
+    }
+    if model.value_norm {
+        v = b.unscaled_rms_norm(name.at("v_norm"), v);
     }
     if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
         let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;

@@ -525,6 +525,7 @@ impl<'a> Builder<'a> {
             | Family::Apertus
             | Family::MinimaxM2
             | Family::Dots1
+            | Family::Gemma4
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3

@@ -293,6 +293,42 @@ impl Builder<'_> {
         }
     }
 
+    /// A scale-less RMSNorm (Gemma 4's `v_norm`, `Gemma4RMSNorm(with_scale=False)`):
+    /// `x.float()` times `pow(mean(x^2) + eps, -0.5)`, cast back with `type_as`. The square and
+    /// the product keep the fp32 copy, with the row statistics; there is no weight.
+    pub fn unscaled_rms_norm(&mut self, name: Name, x: Val) -> Val {
+        let x32 = self.cast(name.then("upcast"), x, DType::F32);
+        let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        if x.grad {
+            saves.push(x32.id);
+            saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(x.tokens * 2)));
+        }
+        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        let f32 = DType::F32.bytes(x.elements());
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Norm,
+            params: SmallVec::new(),
+            saves,
+            forward_transient: out.bytes() + f32,
+            backward_transient: out.bytes() + x.bytes() + f32,
+            cost: Cost {
+                forward_flops: Flops(4.0 * x.elements() as f64),
+                input_grad_flops: Flops(8.0 * x.elements() as f64),
+                forward_bytes: x.bytes() + out.bytes() + f32 * 5,
+                backward_bytes: (x.bytes() + out.bytes()) * 2 + f32 * 10,
+                // pow, mean, add, pow, mul and the cast back.
+                forward_kernels: 6,
+                backward_kernels: 10,
+                modules: 1,
+                ..Cost::default()
+            },
+            compute: DType::F32,
+            in_backward: x.grad,
+        });
+        out
+    }
+
     /// transformers' `XIELUActivation._xielu_python` (the CUDA kernel is an optional wheel):
     /// `where(x > 0, a_p x x + beta x, (expm1(min(x, eps)) - x) a_n + beta x)`, with
     /// `a_p = softplus(alpha_p)` and `a_n = beta + softplus(alpha_n)`. The two alphas are

@@ -3,9 +3,9 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, DeltaNet, Dropouts, ExpertGate, Family, Mixer, Mla, ModelSpec, Moe, Multipliers,
-    Norm, NormPlacement, Positions, QkNorm, RotaryApply, RouterPrecision, Routing, Softcap, Ssm,
-    Stack,
+    Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
+    Moe, Multipliers, Norm, NormPlacement, Positions, QkNorm, RotaryApply, RouterPrecision,
+    Routing, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -257,6 +257,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Apertus
         | Family::MinimaxM2
         | Family::Dots1
+        | Family::Gemma4
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
@@ -517,8 +518,8 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         }
         // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one;
         // Cohere2Config the same rule with 4.
-        Family::Gemma3 | Family::Cohere2 => {
-            let default = if family == Family::Gemma3 { 6 } else { 4 };
+        Family::Gemma3 | Family::Gemma4 | Family::Cohere2 => {
+            let default = if family == Family::Cohere2 { 4 } else { 6 };
             let pattern = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(default);
             let mut v = vec![local; pattern.saturating_sub(1).min(layers) as usize];
             v.push(Mixer::Attention);
@@ -745,11 +746,17 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Qwen35 => (4, 256),
         // Qwen3_5MoeTextConfig and Qwen3NextConfig: 2 KV heads of 256.
         Family::Qwen35Moe | Family::Qwen3Next => (2, 256),
+        // Gemma4TextConfig: 4 KV heads of 256 on the local layers.
+        Family::Gemma4 => (4, 256),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
     let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(head_dim_default);
-    let gemma = matches!(family, Family::Gemma | Family::Gemma2 | Family::Gemma3);
+    let gemma = matches!(
+        family,
+        Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Gemma4
+    );
+    let global_attention = gemma4_global_attention(r, family, kv_heads)?;
     let act_default = match family {
         _ if gemma => "gelu_pytorch_tanh",
         // ArceeConfig's and NemotronConfig's default.
@@ -921,7 +928,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
-            Family::Gemma2 | Family::Gemma3 | Family::Glm4 => NormPlacement::Sandwich,
+            Family::Gemma2 | Family::Gemma3 | Family::Gemma4 | Family::Glm4 => {
+                NormPlacement::Sandwich
+            }
             Family::Olmo2 | Family::Exaone4 => NormPlacement::Output,
             _ => NormPlacement::Pre,
         },
@@ -962,7 +971,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::HunyuanDense
             | Family::HunyuanMoe
             | Family::Apertus
-            | Family::Dots1 => QkNorm::PerHead,
+            | Family::Dots1
+            | Family::Gemma4 => QkNorm::PerHead,
             Family::Olmoe | Family::MinimaxM2 => QkNorm::Full,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
             // head and channel, as many weights as one norm over the whole projection.
@@ -975,6 +985,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         query_position_scale: family == Family::Ministral3,
         // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`.
         attention_output_gate: family.gated_delta_net(),
+        global_attention,
+        value_norm: family == Family::Gemma4,
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
@@ -999,6 +1011,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         } else if family == Family::Nemotron {
             // NemotronConfig's default `partial_rotary_factor` is 0.5.
             rotary_fraction(r, 0.5)?
+        } else if family == Family::Gemma4 {
+            // Gemma 4's global layers use "proportional" rotary: inverse frequencies for
+            // `partial_rotary_factor` of the head and zeros for the rest, so cos and sin span
+            // the whole head and rotary runs over all of it, as on the local layers.
+            Positions::Rotary { fraction: 1.0 }
         } else if family == Family::MinimaxM2 {
             // MiniMaxM2RotaryEmbedding (GLM-4.5's): `partial_rotary_factor` from
             // `rope_parameters`, 1.0 when absent.
@@ -1008,6 +1025,101 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         ..base
     })
+}
+
+/// Gemma 4's global layers (`Gemma4TextConfig.__post_init__`'s `per_layer_config`): heads of
+/// `global_head_dim` (512) and, with `attention_k_eq_v`, `num_global_key_value_heads` KV heads
+/// whose keys are the values too. The small models' per-layer embeddings and shared KV layers,
+/// and the MoE block beside the MLP, are refused: ftplan does not model them yet.
+fn gemma4_global_attention(
+    r: &Reader,
+    family: Family,
+    kv_heads: u64,
+) -> Result<Option<GlobalAttention>> {
+    if family != Family::Gemma4 {
+        return Ok(None);
+    }
+    let refuse = |key: &'static str, what: &str| {
+        Err(
+            Error::field(r.path, key, format!("{what} is not modelled yet"))
+                .with_hint("Gemma 4's dense 31B-style configs are supported"),
+        )
+    };
+    let positive = |key: &'static str| {
+        r.raw(&[key])
+            .and_then(|(_, v)| v.as_f64())
+            .is_some_and(|v| v > 0.0)
+    };
+    if positive("hidden_size_per_layer_input") {
+        return refuse(
+            "hidden_size_per_layer_input",
+            "a non-zero value (per-layer embeddings, Gemma 4 E2B/E4B)",
+        );
+    }
+    if positive("num_kv_shared_layers") {
+        return refuse(
+            "num_kv_shared_layers",
+            "a non-zero value (layers sharing keys and values)",
+        );
+    }
+    if r.bool_or(&["enable_moe_block"], false)? {
+        return refuse(
+            "enable_moe_block",
+            "true (an MoE block beside the MLP, Gemma 4 26B-A4B)",
+        );
+    }
+    if r.raw(&["use_bidirectional_attention"])
+        .is_some_and(|(_, v)| v.as_str() == Some("all"))
+    {
+        return refuse(
+            "use_bidirectional_attention",
+            "\"all\" (bidirectional text attention)",
+        );
+    }
+    r.raw(&[
+        "vocab_size_per_layer_input",
+        "use_double_wide_mlp",
+        "num_experts",
+        "top_k_experts",
+        "moe_intermediate_size",
+        "expert_intermediate_size",
+    ]);
+    let keys_as_values = r.bool_or(&["attention_k_eq_v"], false)?;
+    // A config transformers saved writes the resolved geometry per global layer in
+    // `per_layer_config` and nulls `global_head_dim` and `num_global_key_value_heads`; the
+    // published configs write those two keys instead.
+    if let Some((key, Value::Object(layers))) = r.raw(&["per_layer_config"]) {
+        let mut geometry = None;
+        for entry in layers.values() {
+            let read = |k: &str| entry.get(k).and_then(Value::as_u64).filter(|&v| v > 0);
+            let this = (read("head_dim"), read("num_key_value_heads"));
+            if this.0.is_none() || geometry.is_some_and(|g| g != this) {
+                return Err(Error::field(
+                    r.path,
+                    key,
+                    "must give every global layer one positive head_dim (and num_key_value_heads)",
+                ));
+            }
+            geometry = Some(this);
+        }
+        if let Some((Some(head_dim), kv)) = geometry {
+            return Ok(Some(GlobalAttention {
+                head_dim,
+                kv_heads: kv.unwrap_or(kv_heads),
+                keys_as_values,
+            }));
+        }
+    }
+    let global_kv = r.opt_u64(&["num_global_key_value_heads"])?;
+    Ok(Some(GlobalAttention {
+        head_dim: r.opt_u64(&["global_head_dim"])?.unwrap_or(512),
+        kv_heads: if keys_as_values {
+            global_kv.unwrap_or(kv_heads)
+        } else {
+            kv_heads
+        },
+        keys_as_values,
+    }))
 }
 
 /// Rotary on a fraction of each head: `partial_rotary_factor` at the top level or, as

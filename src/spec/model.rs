@@ -79,6 +79,11 @@ pub enum Family {
     /// windows from `max_window_layers` up) over DeepSeek-V3's MoE layers (dense ones below
     /// `first_k_dense_replace`, shared experts, an fp32-operand router).
     Dots1,
+    /// `Gemma4ForCausalLM` (Gemma 4's language model, `gemma4_text`): Gemma-3's sandwich-normed
+    /// block with five local layers to a global one, the global layers with their own head
+    /// width and KV heads and, with `attention_k_eq_v`, keys doubling as values; q, k and v
+    /// per-head norms (v's without a scale) and an in-place `layer_scalar`.
+    Gemma4,
     /// `ApertusForCausalLM` (Swiss AI Apertus 8B/70B): the Llama block with per-head q/k
     /// RMSNorms and a non-gated MLP whose activation is xIELU.
     Apertus,
@@ -230,7 +235,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 64] = [
+    pub const ALL: [(&'static str, Family); 65] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -295,6 +300,7 @@ impl Family {
         ("apertus", Family::Apertus),
         ("minimax_m2", Family::MinimaxM2),
         ("dots1", Family::Dots1),
+        ("gemma4_text", Family::Gemma4),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -472,6 +478,16 @@ pub struct Ssm {
     pub dt_rank: u64,
 }
 
+/// The attention geometry of a model's global layers where it differs from its local ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct GlobalAttention {
+    pub head_dim: u64,
+    pub kv_heads: u64,
+    /// No `v_proj`: the key projection's output is the values too (before the key norm and
+    /// rotary, which apply to the keys only).
+    pub keys_as_values: bool,
+}
+
 /// The FFN of one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -623,6 +639,12 @@ pub struct ModelSpec {
     /// The query projection is twice as wide; its second half, through a sigmoid, multiplies
     /// the attention output before `o_proj` (Qwen3.5's and Qwen3-Next's gated attention).
     pub attention_output_gate: bool,
+    /// The global (full-attention) layers' own attention geometry, where the model has local
+    /// layers beside them (Gemma 4's `global_head_dim`, `num_global_key_value_heads` and
+    /// `attention_k_eq_v`).
+    pub global_attention: Option<GlobalAttention>,
+    /// A scale-less RMSNorm over each value head (Gemma 4's `v_norm`).
+    pub value_norm: bool,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
@@ -838,6 +860,8 @@ impl ModelSpec {
             rotary_apply: RotaryApply::Shared,
             query_position_scale: false,
             attention_output_gate: false,
+            global_attention: None,
+            value_norm: false,
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),
@@ -933,9 +957,14 @@ impl ModelSpec {
             intermediate_size: s.intermediate_size.div_ceil(tp),
             ..s
         };
+        let global_attention = self.global_attention.map(|g| GlobalAttention {
+            kv_heads: g.kv_heads / tp,
+            ..g
+        });
         ModelSpec {
             vocab_size: self.vocab_size.div_ceil(tp),
             decoder: split(self.decoder),
+            global_attention,
             encoder: self.encoder.map(split),
             moe,
             mixers,
