@@ -1710,3 +1710,29 @@ fn gemma4_global_layers_have_their_own_heads_and_keys_double_as_values() {
         );
     }
 }
+
+#[test]
+fn gemma4_experts_run_beside_the_mlp_and_all_linear_reaches_their_router() {
+    // The Gemma 4 toy above with `enable_moe_block` (26B-A4B's layout): an MLP of 96, and beside
+    // it 4 experts of 32 (top 2) on the block's residual input, with a router norm, `scale`
+    // (64) and `per_expert_scale` (4), and three norms more per layer; transformers 5.17
+    // builds 141,064 parameters. peft does not convert Gemma 4's 3-D experts, but the
+    // router's projection is an `nn.Linear`, which `all-linear` wraps: attention 16,384 as
+    // above, MLPs 2 x 3 x 16 x (64 + 96) = 15,360, routers 2 x 16 x (64 + 4) = 2,176: 33,920.
+    let m = toy(&serde_json::json!({
+        "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "head_dim": 32, "global_head_dim": 64, "num_global_key_value_heads": 1,
+        "attention_k_eq_v": true, "vocab_size": 256, "hidden_size_per_layer_input": 0,
+        "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+        "enable_moe_block": true, "num_experts": 4, "top_k_experts": 2,
+        "moe_intermediate_size": 32
+    }));
+    assert!(m.moe.is_some_and(|moe| moe.beside_mlp && moe.top_k == 2));
+    assert_eq!(m.block_kind(0).ffn, FfnKind::Moe);
+    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.base_params, 141_064);
+    assert_eq!(e.memory.trainable_params, 33_920);
+    let e = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 7_168);
+}

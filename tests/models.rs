@@ -345,7 +345,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 267);
+    assert_eq!(rows.len(), 271);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -379,12 +379,14 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         } else if r.name == "gptj-6b|lora|b4|s2048|gc1|eager|r16|all"
             || r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
             || r.name.starts_with("ernie-moe-4l|full|")
+            || r.name == "gemma-4-26b-a4b-6l|full|b1|s2048|gc0|sdpa"
         {
             // The replay sums two gradients out of place (autograd accumulates in place only
             // for vanilla tensors, not FakeTensors): GPT-J's two fp32 GELU-output gradients
             // (512 MiB more than CUDA holds, -2.6 %), Pegasus's tied embedding's (-2.5 %), the
             // 4-layer ERNIE-MoE's tied fp32 embedding's (0.99 GiB, -2.1 %: its full runs peak
-            // where that sum is taken).
+            // where that sum is taken), Gemma 4 26B-A4B's tied 262,144 x 2,816 table's
+            // (2.75 GiB, -3.0 %; +0.1 % without it).
             0.03
         } else if r.name == "gemma-4-31b-6l|full|b1|s2048|gc0|sdpa" {
             // The same replay artifact at Gemma 4's 262,144 x 5,376 tied table: the fp32

@@ -2,7 +2,7 @@
 //! method's insertions (`peft`'s adapters, prompts and prefixes) placed where peft puts them.
 
 use crate::graph::attention::AttnMask;
-use crate::graph::build::{Builder, Val};
+use crate::graph::build::{Builder, Val, wider};
 use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, TensorId};
 
 /// Every parameter role, for checking that a run of blocks trains uniformly.
@@ -450,7 +450,18 @@ fn block(
     } else {
         x
     };
-    let mut m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
+    let beside = model
+        .moe
+        .filter(|m| m.beside_mlp && kind.ffn == FfnKind::Moe);
+    let mut m = match beside {
+        Some(moe) => {
+            let m = mlp(b, (name, "mlp"), h, stack, FfnKind::Dense);
+            let m = b.norm(name.at("post_feedforward_layernorm_1"), m);
+            let e = experts_beside_mlp(b, name, x, moe);
+            b.add(name.at("moe").then("add"), m, e)
+        }
+        None => mlp(b, (name, "mlp"), h, stack, kind.ffn),
+    };
     if post {
         m = b.norm(name.at("post_feedforward_layernorm"), m);
     }
@@ -739,7 +750,7 @@ fn cross_attention_ops(
 /// The FFN, dense or mixture-of-experts: a tensor-parallel region.
 fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack, ffn: FfnKind) -> Val {
     in_tp_region(b, |b| match (ffn, b.model.moe) {
-        (FfnKind::Moe, Some(moe)) => moe_ops(b, at, x, moe),
+        (FfnKind::Moe, Some(moe)) if !moe.beside_mlp => moe_ops(b, at, x, x, moe),
         _ => {
             let name = b.scope(at.0, at.1);
             dense_ffn(b, name, x, stack.intermediate_size)
@@ -1117,10 +1128,67 @@ fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
 /// (`w1`, `w3`, `w2`), runs on the tokens routed to it (gathered with `index_select`), its
 /// output scaled by the routing weight and added back with `index_add_`. Routing is taken as
 /// uniform: each expert receives tokens x top_k / experts.
+/// Gemma 4's experts beside the MLP (`Gemma4TextDecoderLayer` with `enable_moe_block`), on the
+/// block's residual input `x`: the router (`Gemma4TextRouter`) reads a scale-less RMSNorm of it
+/// times a learned per-channel `scale` and hidden^-0.5, the experts read
+/// `pre_feedforward_layernorm_2` of it, and `post_feedforward_layernorm_2` norms their output.
+/// Each top-k weight is multiplied by its expert's `per_expert_scale` (a gather of E values).
+fn experts_beside_mlp(b: &mut Builder, name: Scope, x: Val, moe: crate::spec::model::Moe) -> Val {
+    // The residual input gains two readers beyond the residual add and the MLP's norm.
+    b.fork(name.at("moe").then("fork"), x, 3);
+    let h = b.model.hidden_size;
+    let normed = b.unscaled_rms_norm(name.at("router").then("norm"), x);
+    let scale = b.base_param(name.at("router").then("scale"), (1, h), ParamRole::Linear);
+    let per_expert = b.base_param(
+        name.at("router").then("per_expert_scale"),
+        (1, moe.experts),
+        ParamRole::Linear,
+    );
+    let trains = b.trains(ParamRole::Linear);
+    // `normed * scale`: `scale` is a dimensioned (h,) tensor, so the product is in the wider
+    // dtype; it keeps `normed` for the scale's gradient. The constant factor keeps nothing.
+    let scaled = b.val(
+        h,
+        x.tokens,
+        wider(normed.dtype, b.base),
+        normed.grad || trains,
+    );
+    let saves = if trains {
+        smallvec::smallvec![normed.id]
+    } else {
+        smallvec::SmallVec::new()
+    };
+    let op = b.elementwise(
+        name.at("router").then("scale"),
+        &[normed],
+        scaled,
+        saves,
+        1.0,
+    );
+    if let Some(o) = b.graph.op_mut(op) {
+        o.params.push(scale);
+        o.params.push(per_expert);
+    }
+    let router_x = b.val(h, x.tokens, scaled.dtype, scaled.grad);
+    b.elementwise(
+        name.at("router").then("root_size"),
+        &[scaled],
+        router_x,
+        smallvec::SmallVec::new(),
+        1.0,
+    );
+    let experts_x = b.norm(name.at("pre_feedforward_layernorm_2"), x);
+    let e = in_tp_region(b, |b| {
+        moe_ops(b, (name, "experts"), experts_x, router_x, moe)
+    });
+    b.norm(name.at("post_feedforward_layernorm_2"), e)
+}
+
 fn moe_ops(
     b: &mut Builder,
     at: (Scope, &'static str),
     x: Val,
+    router_x: Val,
     moe: crate::spec::model::Moe,
 ) -> Val {
     let name = b.scope(at.0, at.1);
@@ -1148,21 +1216,21 @@ fn moe_ops(
     let router_in = match moe.router {
         RouterPrecision::Fp32Module => {
             (b.autocast, b.base, b.storage_base) = (false, DType::F32, DType::F32);
-            b.cast(name.at("gate").then("float"), x, DType::F32)
+            b.cast(name.at("gate").then("float"), router_x, DType::F32)
         }
         RouterPrecision::Fp32Operands if operands_fp32 => {
             (b.autocast, b.half) = (true, DType::F32);
-            x
+            router_x
         }
         RouterPrecision::Fp32Weight => {
             (b.base, b.storage_base) = (DType::F32, DType::F32);
             if b.autocast {
-                x
+                router_x
             } else {
-                b.cast(name.at("gate").then("float"), x, DType::F32)
+                b.cast(name.at("gate").then("float"), router_x, DType::F32)
             }
         }
-        RouterPrecision::Fp32Operands | RouterPrecision::Model => x,
+        RouterPrecision::Fp32Operands | RouterPrecision::Model => router_x,
     };
     let mut router = b.linear(name.at("gate"), router_in, experts, moe.bias, None);
     let gate_op = b.graph.len().saturating_sub(1);
@@ -1187,7 +1255,9 @@ fn moe_ops(
     // Whether peft's LoRA reaches the experts and the router at all
     // (`Family::peft_converts_experts`); `all-linear` then adds the router's weight.
     let peft_reaches_experts = b.model.family.peft_converts_experts();
-    if peft_reaches_experts {
+    // Gemma 4's router projects through an `nn.Linear` (`router.proj`), which `all-linear`
+    // wraps although peft leaves its experts alone.
+    if peft_reaches_experts || moe.beside_mlp {
         router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
     (b.autocast, b.half, b.base, b.storage_base) = saved;

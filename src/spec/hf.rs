@@ -555,6 +555,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         // HunYuanMoEV1Experts (MixtralExperts) and its shared MLP are `intermediate_size` wide;
         // the published configs' per-layer `moe_intermediate_size` list is not read by it.
         Family::HunyuanMoe => ("num_experts", intermediate),
+        // Gemma4TextConfig: `enable_moe_block` adds the experts beside every layer's MLP.
+        Family::Gemma4 if r.bool_or(&["enable_moe_block"], false)? => (
+            "num_experts",
+            r.u64(&["moe_intermediate_size", "expert_intermediate_size"])?,
+        ),
         _ => return Ok(None),
     };
     // transformers 5 names Qwen3-MoE's count `num_local_experts` (`num_experts` maps to it).
@@ -572,6 +577,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             .unwrap_or(4),
         Family::Ernie45Moe => r.u64(&["moe_k", "num_experts_per_tok"])?,
         Family::HunyuanMoe => uniform_per_layer(r, "moe_topk")?,
+        Family::Gemma4 => r.u64(&["top_k_experts", "num_experts_per_tok"])?,
         _ => r.u64(&["num_experts_per_tok"])?,
     };
     if experts > 1024 || top_k > experts {
@@ -706,6 +712,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             Routing::TopK
         },
         input_jitter,
+        beside_mlp: family == Family::Gemma4,
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
             Family::Deepseek | Family::Glm4Moe | Family::Dots1 => RouterPrecision::Fp32Operands,
@@ -1029,8 +1036,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
 
 /// Gemma 4's global layers (`Gemma4TextConfig.__post_init__`'s `per_layer_config`): heads of
 /// `global_head_dim` (512) and, with `attention_k_eq_v`, `num_global_key_value_heads` KV heads
-/// whose keys are the values too. The small models' per-layer embeddings and shared KV layers,
-/// and the MoE block beside the MLP, are refused: ftplan does not model them yet.
+/// whose keys are the values too. The small models' per-layer embeddings and shared KV layers
+/// are refused: ftplan does not model them yet.
 fn gemma4_global_attention(
     r: &Reader,
     family: Family,
@@ -1062,12 +1069,6 @@ fn gemma4_global_attention(
             "a non-zero value (layers sharing keys and values)",
         );
     }
-    if r.bool_or(&["enable_moe_block"], false)? {
-        return refuse(
-            "enable_moe_block",
-            "true (an MoE block beside the MLP, Gemma 4 26B-A4B)",
-        );
-    }
     if r.raw(&["use_bidirectional_attention"])
         .is_some_and(|(_, v)| v.as_str() == Some("all"))
     {
@@ -1076,14 +1077,7 @@ fn gemma4_global_attention(
             "\"all\" (bidirectional text attention)",
         );
     }
-    r.raw(&[
-        "vocab_size_per_layer_input",
-        "use_double_wide_mlp",
-        "num_experts",
-        "top_k_experts",
-        "moe_intermediate_size",
-        "expert_intermediate_size",
-    ]);
+    r.raw(&["vocab_size_per_layer_input", "use_double_wide_mlp"]);
     let keys_as_values = r.bool_or(&["attention_k_eq_v"], false)?;
     // A config transformers saved writes the resolved geometry per global layer in
     // `per_layer_config` and nulls `global_head_dim` and `num_global_key_value_heads`; the

@@ -715,6 +715,10 @@ pub struct Moe {
     pub input_jitter: u32,
     /// The precision the router's matmul runs in.
     pub router: RouterPrecision,
+    /// The sparse block runs beside a dense MLP rather than in its place (Gemma 4 26B-A4B's
+    /// `enable_moe_block`): router and experts read the block's residual input through norms of
+    /// their own, and the experts' output, normed, is added to the MLP's.
+    pub beside_mlp: bool,
 }
 
 /// The precision of a MoE router's matmul.
