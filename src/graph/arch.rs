@@ -1146,27 +1146,16 @@ fn experts_beside_mlp(b: &mut Builder, name: Scope, x: Val, moe: crate::spec::mo
     );
     let trains = b.trains(ParamRole::Linear);
     // `normed * scale`: `scale` is a dimensioned (h,) tensor, so the product is in the wider
-    // dtype; it keeps `normed` for the scale's gradient. The constant factor keeps nothing.
-    let scaled = b.val(
-        h,
-        x.tokens,
-        wider(normed.dtype, b.base),
-        normed.grad || trains,
-    );
-    let saves = if trains {
-        smallvec::smallvec![normed.id]
-    } else {
-        smallvec::SmallVec::new()
-    };
-    let op = b.elementwise(
+    // dtype. The constant factor keeps nothing; `per_expert_scale` multiplies the top-k weights
+    // (tokens x k: no memory that matters).
+    let dtype = wider(normed.dtype, b.base);
+    let scaled = b.param_mul(
         name.at("router").then("scale"),
-        &[normed],
-        scaled,
-        saves,
-        1.0,
+        normed,
+        (scale, trains),
+        dtype,
     );
-    if let Some(o) = b.graph.op_mut(op) {
-        o.params.push(scale);
+    if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
         o.params.push(per_expert);
     }
     let router_x = b.val(h, x.tokens, scaled.dtype, scaled.grad);

@@ -356,19 +356,9 @@ impl Builder<'_> {
         let mask = self.val(width, tokens, DType::U8, false);
         self.elementwise(name.then("positive_mask"), &[x], mask, SmallVec::new(), 1.0);
         // a_p * x (its x kept only for the alpha's gradient), then (a_p x) * x keeping both.
-        let apx = self.val(width, tokens, wide, grad);
-        let first_saves = if alphas_train {
-            smallvec![x.id]
-        } else {
-            SmallVec::new()
-        };
-        let op = self.elementwise(name.then("alpha_p_x"), &[x], apx, first_saves, 1.0);
-        if let Some(o) = self.graph.op_mut(op) {
-            o.params.push(alpha_p);
-            // softplus(alpha_p): one kernel on one element.
-            o.cost.forward_kernels += 1;
-            o.cost.backward_kernels += 1;
-        }
+        let apx = self.param_mul(name.then("alpha_p_x"), x, (alpha_p, alphas_train), wide);
+        // softplus(alpha_p): one kernel on one element.
+        self.host_only(0, 1);
         let sq = self.val(width, tokens, wide, grad);
         self.elementwise(
             name.then("square"),
@@ -377,19 +367,20 @@ impl Builder<'_> {
             smallvec![apx.id, x.id],
             1.0,
         );
-        let bx = self.val(width, tokens, x.dtype, x.grad);
-        self.elementwise(name.then("beta_x"), &[x], bx, SmallVec::new(), 1.0);
-        let positive = self.val(width, tokens, wide, grad);
-        let op = self.elementwise(
-            name.then("positive"),
-            &[sq, bx],
-            positive,
-            SmallVec::new(),
-            1.0,
-        );
-        if let Some(o) = self.graph.op_mut(op) {
-            o.forward_transient += sq.bytes() + bx.bytes();
-        }
+        // Each branch ends `... + self.beta * x`: a fresh `beta * x` (beta is a buffer, so it
+        // keeps nothing), then the sum, while both operands and whatever else is live
+        // (`earlier`) stay allocated.
+        let plus_beta_x = |b: &mut Self, names: [&'static str; 2], a: Val, earlier: Bytes| {
+            let bx = b.val(width, tokens, x.dtype, x.grad);
+            b.elementwise(name.then(names[0]), &[x], bx, SmallVec::new(), 1.0);
+            let sum = b.val(width, tokens, wide, grad);
+            let op = b.elementwise(name.then(names[1]), &[a, bx], sum, SmallVec::new(), 1.0);
+            if let Some(o) = b.graph.op_mut(op) {
+                o.forward_transient += a.bytes() + bx.bytes() + earlier;
+            }
+            sum
+        };
+        let positive = plus_beta_x(self, ["beta_x", "positive"], sq, Bytes::ZERO);
         // expm1(min(x, eps)) - x: `minimum` keeps x (already kept), expm1 its output.
         let low = self.val(width, tokens, x.dtype, x.grad);
         self.elementwise(name.then("min_eps"), &[x], low, smallvec![x.id], 1.0);
@@ -402,32 +393,10 @@ impl Builder<'_> {
         self.elementwise(name.then("expm1"), &[low], e, smallvec![e.id], 4.0);
         let d = self.val(width, tokens, wider(e.dtype, x.dtype), x.grad);
         self.elementwise(name.then("minus_x"), &[e, x], d, SmallVec::new(), 1.0);
-        let scaled_saves = if alphas_train {
-            smallvec![d.id]
-        } else {
-            SmallVec::new()
-        };
-        let scaled = self.val(width, tokens, wide, grad);
-        let op = self.elementwise(name.then("alpha_n_mul"), &[d], scaled, scaled_saves, 1.0);
-        if let Some(o) = self.graph.op_mut(op) {
-            o.params.push(alpha_n);
-            // beta + softplus(alpha_n): two kernels on one element.
-            o.cost.forward_kernels += 2;
-            o.cost.backward_kernels += 1;
-        }
-        let bx2 = self.val(width, tokens, x.dtype, x.grad);
-        self.elementwise(name.then("beta_x_2"), &[x], bx2, SmallVec::new(), 1.0);
-        let negative = self.val(width, tokens, wide, grad);
-        let op = self.elementwise(
-            name.then("negative"),
-            &[scaled, bx2],
-            negative,
-            SmallVec::new(),
-            1.0,
-        );
-        if let Some(o) = self.graph.op_mut(op) {
-            o.forward_transient += positive.bytes() + scaled.bytes() + bx2.bytes();
-        }
+        let scaled = self.param_mul(name.then("alpha_n_mul"), d, (alpha_n, alphas_train), wide);
+        // beta + softplus(alpha_n): two kernels on one element.
+        self.host_only(0, 2);
+        let negative = plus_beta_x(self, ["beta_x_2", "negative"], scaled, positive.bytes());
         let out = self.val(width, tokens, wide, grad);
         let op = self.elementwise(
             name.then("where"),
@@ -452,6 +421,29 @@ impl Builder<'_> {
         out
     }
 
+    /// `x * p` for a parameter `p` broadcast over x (a norm's weight, xIELU's alphas, Gemma 4's
+    /// router scale): the product is in `dtype` (PyTorch's promotion of the two), keeps x only
+    /// for p's gradient (`trains`), and records p as the op's parameter.
+    pub(super) fn param_mul(
+        &mut self,
+        name: Name,
+        x: Val,
+        (param, trains): (ParamId, bool),
+        dtype: DType,
+    ) -> Val {
+        let out = self.val(x.width, x.tokens, dtype, x.grad || trains);
+        let saves = if trains {
+            smallvec![x.id]
+        } else {
+            SmallVec::new()
+        };
+        let op = self.elementwise(name, &[x], out, saves, 1.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.params.push(param);
+        }
+        out
+    }
+
     /// A gated RMSNorm over groups of `group` channels (Qwen3.5's `Qwen3_5RMSNormGated`, the
     /// norm of Gated DeltaNet's output per value head): `x.to(fp32)` normalised by its rsqrt
     /// (pow and the multiply keep the fp32 copy, the multiply the rsqrt), cast back to x's
@@ -462,7 +454,6 @@ impl Builder<'_> {
         let reached = self.ln_tuning_reaches(name);
         let weight = self.norm_param(name.then("weight"), group, ParamRole::Norm, reached);
         let trains = reached && self.trains(ParamRole::Norm);
-        let grad = x.grad || gate.grad || trains;
         let x32 = self.cast(name.then("upcast"), x, DType::F32);
         let rows = x.elements() / group.max(1);
         let rstd = self.tensor(TensorKind::Activation, DType::F32.bytes(rows));
@@ -481,16 +472,12 @@ impl Builder<'_> {
             o.cost.modules = 1;
         }
         let narrow = self.cast(name.then("downcast"), normed, x.dtype);
-        let weighted = self.val(x.width, x.tokens, wider(self.base, x.dtype), grad);
-        let saves = if trains {
-            smallvec![narrow.id]
-        } else {
-            SmallVec::new()
-        };
-        let op = self.elementwise(name.then("weight_mul"), &[narrow], weighted, saves, 1.0);
-        if let Some(o) = self.graph.op_mut(op) {
-            o.params.push(weight);
-        }
+        let weighted = self.param_mul(
+            name.then("weight_mul"),
+            narrow,
+            (weight, trains),
+            wider(self.base, x.dtype),
+        );
         let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
         let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
         self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
