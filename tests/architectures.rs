@@ -1736,3 +1736,36 @@ fn gemma4_experts_run_beside_the_mlp_and_all_linear_reaches_their_router() {
     let e = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 7_168);
 }
+
+#[test]
+fn gemma4_small_models_gate_per_layer_inputs_and_share_keys_and_values() {
+    // A four-layer toy Gemma 4 in the E2B/E4B layout (hidden 64, MLP 128; 2 heads and 1 KV
+    // head of 32 locally, of 64 globally; per-layer inputs of 16 per layer from a table of 256
+    // rows; the last two layers reuse earlier layers' keys and values, with MLPs twice as
+    // wide), counted on transformers 5.17's build: 255,600 parameters. The shared layers have
+    // no k_proj, v_proj or k norm. peft's `all-linear` (r16) reaches, besides the blocks' own
+    // linears, the root's `per_layer_model_projection` (64 -> 64: 2,048) and every block's
+    // `per_layer_input_gate` and `per_layer_projection` (64 <-> 16: 1,280 each): 89,088 in
+    // all; q,v 13,824 (four q and the two unshared layers' v).
+    let m = toy(&serde_json::json!({
+        "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 32, "global_head_dim": 64, "vocab_size": 256,
+        "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16,
+        "num_kv_shared_layers": 2, "use_double_wide_mlp": true, "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    }));
+    assert_eq!(
+        m.per_layer_input,
+        Some(ftplan::spec::model::PerLayerInput {
+            width: 16,
+            vocab: 256
+        })
+    );
+    assert!(!m.block_kind(1).kv_shared && m.block_kind(2).kv_shared);
+    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.base_params, 255_600);
+    assert_eq!(e.memory.trainable_params, 89_088);
+    let e = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 13_824);
+}

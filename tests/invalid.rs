@@ -328,13 +328,13 @@ fn flash_linear_attention_refuses_fp32() {
 }
 
 #[test]
-fn gemma4_per_layer_embeddings_are_refused_with_what_is_supported() {
+fn gemma4_bidirectional_text_attention_is_refused_with_what_is_supported() {
     model(
-        "gemma4-per-layer-embeddings.json",
+        "gemma4-bidirectional-text.json",
         &[
-            "`hidden_size_per_layer_input`",
-            "per-layer embeddings",
-            "31B",
+            "`use_bidirectional_attention`",
+            "bidirectional",
+            "\"vision\"",
         ],
     );
 }

@@ -183,6 +183,9 @@ fn stack_forward(
         }
     };
     let embed_dtype = x.dtype;
+    if let (Some(ple), Some(_), true) = (model.per_layer_input, embed, first) {
+        b.per_layer_inputs = Some(per_layer_inputs(b, name, x, ple, stack.layers));
+    }
 
     // Prefix tuning: one embedding of virtual_tokens x (layers x 2 x kv width), cast to the base
     // dtype and concatenated before each layer's keys and values. peft hands them to the model
@@ -263,6 +266,7 @@ fn stack_forward(
                 mixer: Mixer::Attention,
                 ffn: FfnKind::Dense,
                 rope: true,
+                kv_shared: false,
             }
         } else {
             model.block_kind(l)
@@ -377,7 +381,7 @@ fn block(
             stack,
             seq,
             embed_dtype,
-            (self_mask, window, kind.rope),
+            (self_mask, window, kind.rope, kind.kv_shared),
         ),
     };
     if model.parallel_block {
@@ -450,6 +454,16 @@ fn block(
     } else {
         x
     };
+    // Gemma 4's `use_double_wide_mlp`: the shared-KV layers' MLPs are twice as wide.
+    let wide_stack = Stack {
+        intermediate_size: stack.intermediate_size * 2,
+        ..*stack
+    };
+    let stack = if kind.kv_shared && model.double_wide_shared_mlp {
+        &wide_stack
+    } else {
+        stack
+    };
     let beside = model
         .moe
         .filter(|m| m.beside_mlp && kind.ffn == FfnKind::Moe);
@@ -477,7 +491,63 @@ fn block(
         b.dropout(name.at("mlp").then("dropout"), m, p_res)
     };
     let m = residual_multiplier(b, name.at("mlp").then("multiplier"), m);
-    b.add(name.at("mlp").then("residual"), x, m)
+    let x = b.add(name.at("mlp").then("residual"), x, m);
+    match b.per_layer_inputs {
+        Some(inputs) => per_layer_input_gate(b, name, x, inputs),
+        None => x,
+    }
+}
+
+/// Gemma 4's per-layer inputs (`Gemma4TextModel.get_per_layer_inputs` and
+/// `project_per_layer_inputs`), once per forward: the token ids looked up in
+/// `embed_tokens_per_layer` (scaled by sqrt(width)), and the scaled embeddings projected by
+/// `per_layer_model_projection` (hidden -> layers x width, times hidden^-0.5), reshaped per
+/// layer and normed by `per_layer_projection_norm`; their sum times 2^-0.5 is what the blocks
+/// read, each its own slice (a view, so the whole tensor lives until the last of them is done).
+fn per_layer_inputs(
+    b: &mut Builder,
+    name: Scope,
+    x: Val,
+    ple: crate::spec::model::PerLayerInput,
+    layers: u64,
+) -> Val {
+    let width = layers * ple.width;
+    let table = b.base_param(
+        name.at("embed_tokens_per_layer"),
+        (ple.vocab, width),
+        ParamRole::Embedding,
+    );
+    let looked_up = b.embedding(name.at("embed_tokens_per_layer"), table, width, x.tokens);
+    let identity = b.scale(name.at("embed_tokens_per_layer").then("scale"), looked_up);
+    // `nn.Linear`s that `all-linear` wraps (no target role names them).
+    let projected = b.linear(name.at("per_layer_model_projection"), x, width, false, None);
+    let projected = all_linear_lora(b, name.at("per_layer_model_projection"), x, projected);
+    let projected = b.scale(
+        name.at("per_layer_model_projection").then("scale"),
+        projected,
+    );
+    let normed = b.norm_sized(name.at("per_layer_projection_norm"), projected, ple.width);
+    let sum = b.add(name.at("per_layer_inputs").then("add"), normed, identity);
+    b.scale(name.at("per_layer_inputs").then("scale"), sum)
+}
+
+/// The end of a Gemma 4 block with per-layer inputs (`Gemma4TextDecoderLayer`): the residual
+/// stream through `per_layer_input_gate` (hidden -> width), the activation, times the layer's
+/// slice of the per-layer inputs, `per_layer_projection` (width -> hidden) and
+/// `post_per_layer_input_norm`, added back (the in-place `layer_scalar` after it keeps nothing).
+fn per_layer_input_gate(b: &mut Builder, name: Scope, x: Val, inputs: Val) -> Val {
+    let width = inputs.width / b.model.decoder.layers.max(1);
+    let slice = Val { width, ..inputs };
+    b.fork(name.at("per_layer").then("fork"), x, 2);
+    let gate = b.linear(name.at("per_layer_input_gate"), x, width, false, None);
+    let gate = all_linear_lora(b, name.at("per_layer_input_gate"), x, gate);
+    let g = b.activation(name.at("per_layer").then("act"), gate);
+    let g = b.mul(name.at("per_layer").then("mul"), g, slice);
+    let h = b.model.hidden_size;
+    let out = b.linear(name.at("per_layer_projection"), g, h, false, None);
+    let g = all_linear_lora(b, name.at("per_layer_projection"), g, out);
+    let g = b.norm(name.at("post_per_layer_input_norm"), g);
+    b.add(name.at("per_layer").then("residual"), x, g)
 }
 
 /// Granite's `branch * residual_multiplier` before each residual add (none elsewhere).
@@ -522,7 +592,7 @@ fn self_attention(
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
-    mask: (AttnMask, Option<u64>, bool),
+    mask: (AttnMask, Option<u64>, bool, bool),
 ) -> Val {
     in_tp_region(b, |b| {
         self_attention_ops(b, at, x, stack, seq, embed_dtype, mask)
@@ -536,7 +606,7 @@ fn self_attention_ops(
     stack: &Stack,
     seq: u64,
     embed_dtype: crate::units::DType,
-    (mask, window, rope): (AttnMask, Option<u64>, bool),
+    (mask, window, rope, kv_shared): (AttnMask, Option<u64>, bool, bool),
 ) -> Val {
     if let Some(mla) = b.model.mla {
         return latent_attention(b, at, x, stack, seq, embed_dtype, (mask, window), mla);
@@ -580,6 +650,20 @@ fn self_attention_ops(
         } else {
             (part(q_width), part(kv_width), part(kv_width))
         }
+    } else if kv_shared {
+        // Gemma 4's shared-KV layers: only queries of their own; the keys and values are an
+        // earlier layer's (normed and rotated there), which that layer's attention already
+        // keeps. They stand here as tensors of no size, so nothing is counted twice.
+        let q = b.linear(name.at("q_proj"), x, q_width, model.qkv_bias, Some(Proj::Q));
+        let shared = |b: &mut Builder| Val {
+            id: b.tensor(
+                crate::graph::op::TensorKind::Activation,
+                crate::units::Bytes::ZERO,
+            ),
+            width: kv_width,
+            ..q
+        };
+        (q, shared(b), shared(b))
     } else {
         b.fork(name.at("fork"), x, if keys_as_values { 2 } else { 3 });
         let q_out = if gated { 2 * q_width } else { q_width };
@@ -619,6 +703,9 @@ fn self_attention_ops(
     };
     match model.qk_norm {
         QkNorm::None => {}
+        QkNorm::PerHead if kv_shared => {
+            q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
+        }
         // Qwen3, Gemma-3: `q_norm(q.view(..., head_dim))`, the same for k, before rotary.
         QkNorm::PerHead => {
             q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
@@ -630,10 +717,18 @@ fn self_attention_ops(
             k = b.norm(name.at("k_norm"), k);
         }
     }
-    if model.value_norm {
+    if model.value_norm && !kv_shared {
         v = b.unscaled_rms_norm(name.at("v_norm"), v);
     }
-    if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
+    if let (Positions::Rotary { .. }, true, true) = (model.positions, rope, kv_shared) {
+        (_, q) = b.rotary(
+            name.at("rotary_q"),
+            q,
+            embed_dtype,
+            model.rotary_apply,
+            smallvec::SmallVec::new(),
+        );
+    } else if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
         let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;
         (q, k) = b.rotary_qk(
             (name.at("rotary_q"), name.at("rotary_k")),

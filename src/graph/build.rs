@@ -75,6 +75,9 @@ pub struct Builder<'a> {
     /// Virtual key/value tokens in front of the self-attention keys of the stack being built
     /// (prefix tuning; the decoder's only, in an encoder-decoder model).
     pub(super) prefix: u64,
+    /// Gemma 4's per-layer inputs (tokens x layers x width), built at the embeddings; each
+    /// block reads its slice (a view that keeps the whole tensor).
+    pub(super) per_layer_inputs: Option<Val>,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
@@ -136,6 +139,7 @@ impl<'a> Builder<'a> {
             stage: crate::graph::arch::Stage::WHOLE,
             tp_region: false,
             prefix: 0,
+            per_layer_inputs: None,
             dense_ffn: false,
             adapter,
             layer: None,

@@ -568,7 +568,7 @@ impl Builder<'_> {
     /// wider of q's and cos's dtypes (cos follows the embeddings' dtype: fp32 when the weights
     /// are fp32). GLM's interleaved form keeps its per-layer tables; ERNIE's runs in fp32 and
     /// casts back to q's dtype.
-    fn rotary(
+    pub(super) fn rotary(
         &mut self,
         name: Name,
         x: Val,

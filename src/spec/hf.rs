@@ -4,8 +4,8 @@
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
-    Moe, Multipliers, Norm, NormPlacement, Positions, QkNorm, RotaryApply, RouterPrecision,
-    Routing, Softcap, Ssm, Stack,
+    Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, RotaryApply,
+    RouterPrecision, Routing, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -764,6 +764,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Gemma4
     );
     let global_attention = gemma4_global_attention(r, family, kv_heads)?;
+    let (per_layer_input, kv_shared_layers, double_wide_shared_mlp) = gemma4_small(r, family)?;
     let act_default = match family {
         _ if gemma => "gelu_pytorch_tanh",
         // ArceeConfig's and NemotronConfig's default.
@@ -994,6 +995,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         attention_output_gate: family.gated_delta_net(),
         global_attention,
         value_norm: family == Family::Gemma4,
+        per_layer_input,
+        kv_shared_layers,
+        double_wide_shared_mlp,
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
@@ -1037,7 +1041,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
 /// Gemma 4's global layers (`Gemma4TextConfig.__post_init__`'s `per_layer_config`): heads of
 /// `global_head_dim` (512) and, with `attention_k_eq_v`, `num_global_key_value_heads` KV heads
 /// whose keys are the values too. The small models' per-layer embeddings and shared KV layers
-/// are refused: ftplan does not model them yet.
+/// are read by `gemma4_small`.
 fn gemma4_global_attention(
     r: &Reader,
     family: Family,
@@ -1049,26 +1053,9 @@ fn gemma4_global_attention(
     let refuse = |key: &'static str, what: &str| {
         Err(
             Error::field(r.path, key, format!("{what} is not modelled yet"))
-                .with_hint("Gemma 4's dense 31B-style configs are supported"),
+                .with_hint("causal (None) or \"vision\", as Gemma 4's published configs are"),
         )
     };
-    let positive = |key: &'static str| {
-        r.raw(&[key])
-            .and_then(|(_, v)| v.as_f64())
-            .is_some_and(|v| v > 0.0)
-    };
-    if positive("hidden_size_per_layer_input") {
-        return refuse(
-            "hidden_size_per_layer_input",
-            "a non-zero value (per-layer embeddings, Gemma 4 E2B/E4B)",
-        );
-    }
-    if positive("num_kv_shared_layers") {
-        return refuse(
-            "num_kv_shared_layers",
-            "a non-zero value (layers sharing keys and values)",
-        );
-    }
     if r.raw(&["use_bidirectional_attention"])
         .is_some_and(|(_, v)| v.as_str() == Some("all"))
     {
@@ -1077,7 +1064,6 @@ fn gemma4_global_attention(
             "\"all\" (bidirectional text attention)",
         );
     }
-    r.raw(&["vocab_size_per_layer_input", "use_double_wide_mlp"]);
     let keys_as_values = r.bool_or(&["attention_k_eq_v"], false)?;
     // A config transformers saved writes the resolved geometry per global layer in
     // `per_layer_config` and nulls `global_head_dim` and `num_global_key_value_heads`; the
@@ -1114,6 +1100,47 @@ fn gemma4_global_attention(
         },
         keys_as_values,
     }))
+}
+
+/// Gemma 4 E2B/E4B's per-layer embeddings (`hidden_size_per_layer_input`, 256 by
+/// Gemma4TextConfig's default, 0 in the larger models' configs; `vocab_size_per_layer_input`)
+/// and its shared-KV layers (`num_kv_shared_layers`, with `use_double_wide_mlp` doubling their
+/// MLPs).
+fn gemma4_small(r: &Reader, family: Family) -> Result<(Option<PerLayerInput>, u64, bool)> {
+    if family != Family::Gemma4 {
+        return Ok((None, 0, false));
+    }
+    let whole = |key: &'static str, default: u64| -> Result<u64> {
+        match r.raw(&[key]) {
+            None => Ok(default),
+            Some((_, v)) => v.as_u64().filter(|&n| n <= 1 << 24).ok_or_else(|| {
+                Error::field(
+                    r.path,
+                    key,
+                    format!("must be a whole number up to 2^24, found `{v}`"),
+                )
+            }),
+        }
+    };
+    let width = whole("hidden_size_per_layer_input", 256)?;
+    let vocab = whole("vocab_size_per_layer_input", 262_144)?;
+    let shared = whole("num_kv_shared_layers", 0)?;
+    let layers = r.u64(&["num_hidden_layers"])?;
+    if shared >= layers && shared > 0 {
+        return Err(Error::field(
+            r.path,
+            "num_kv_shared_layers",
+            format!(
+                "({shared}) must leave at least one of the {layers} layers its own keys and values"
+            ),
+        ));
+    }
+    let per_layer = (width > 0 && vocab > 0).then_some(PerLayerInput { width, vocab });
+    Ok((
+        per_layer,
+        shared,
+        r.bool_or(&["use_double_wide_mlp"], false)?,
+    ))
 }
 
 /// Rotary on a fraction of each head: `partial_rotary_factor` at the top level or, as

@@ -478,6 +478,14 @@ pub struct Ssm {
     pub dt_rank: u64,
 }
 
+/// Gemma 4's per-layer embeddings (PLE): `width` channels per layer from a table of `vocab`
+/// rows of `layers x width`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct PerLayerInput {
+    pub width: u64,
+    pub vocab: u64,
+}
+
 /// The attention geometry of a model's global layers where it differs from its local ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct GlobalAttention {
@@ -506,6 +514,9 @@ pub struct BlockKind {
     pub ffn: FfnKind,
     /// Whether its attention applies rotary positions (SmolLM3's NoPE layers do not).
     pub rope: bool,
+    /// Whether its attention reads the keys and values of an earlier layer of its type
+    /// (Gemma 4's last `num_kv_shared_layers`): no key or value projections of its own.
+    pub kv_shared: bool,
 }
 
 /// Where a block normalises.
@@ -645,6 +656,15 @@ pub struct ModelSpec {
     pub global_attention: Option<GlobalAttention>,
     /// A scale-less RMSNorm over each value head (Gemma 4's `v_norm`).
     pub value_norm: bool,
+    /// Per-layer input embeddings (Gemma 4 E2B/E4B): a second token embedding and a
+    /// projection of the first, `width` channels for every layer, which each block gates into
+    /// its residual stream.
+    pub per_layer_input: Option<PerLayerInput>,
+    /// The last this many decoder layers reuse an earlier layer's keys and values (Gemma 4's
+    /// `num_kv_shared_layers`).
+    pub kv_shared_layers: u64,
+    /// Those layers' MLPs are twice as wide (Gemma 4's `use_double_wide_mlp`).
+    pub double_wide_shared_mlp: bool,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
@@ -866,6 +886,9 @@ impl ModelSpec {
             attention_output_gate: false,
             global_attention: None,
             value_norm: false,
+            per_layer_input: None,
+            kv_shared_layers: 0,
+            double_wide_shared_mlp: false,
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             softcap: Softcap::default(),
@@ -904,7 +927,14 @@ impl ModelSpec {
             .get((layer % self.rope_layers.len().max(1) as u64) as usize)
             .copied()
             .unwrap_or(true);
-        BlockKind { mixer, ffn, rope }
+        let kv_shared = self.kv_shared_layers > 0
+            && layer >= self.decoder.layers.saturating_sub(self.kv_shared_layers);
+        BlockKind {
+            mixer,
+            ffn,
+            rope,
+            kv_shared,
+        }
     }
 
     /// Whether any block is a linear-attention (Gated DeltaNet) layer.
