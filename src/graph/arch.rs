@@ -455,11 +455,12 @@ fn block(
         x
     };
     // Gemma 4's `use_double_wide_mlp`: the shared-KV layers' MLPs are twice as wide.
-    let wide_stack = Stack {
-        intermediate_size: stack.intermediate_size * 2,
-        ..*stack
-    };
+    let wide_stack;
     let stack = if kind.kv_shared && model.double_wide_shared_mlp {
+        wide_stack = Stack {
+            intermediate_size: stack.intermediate_size * 2,
+            ..*stack
+        };
         &wide_stack
     } else {
         stack

@@ -336,12 +336,12 @@ impl Builder<'_> {
     /// list: under autocast each is an fp32 tensor of shape (1,), a dimensioned operand, so
     /// every product with one is promoted to fp32 and the chain runs in fp32 whatever the
     /// weights' dtype (without autocast, in the wider of x's and the weights' dtype); beta and
-    /// eps are 0-d buffers, which do not promote. `expm1` is on the fp32 list too. Autograd keeps, op by op: x (for `a_p x`'s alpha gradient and `(a_p x) x`),
-    /// `a_p x` itself, `expm1`'s output, `expm1(...) - x` when the alphas train (alpha_n's
-    /// gradient), and the `x > 0` mask (`where`'s only saved tensor). Python evaluates the
-    /// mask, then the positive branch, then the negative one; so while the last sum of the
-    /// negative branch runs, the positive branch, both of the sum's operands and its result
-    /// are live.
+    /// eps are 0-d buffers, which do not promote. `expm1` is on the fp32 list too. Autograd
+    /// keeps, op by op: x (for `a_p x`'s alpha gradient and `(a_p x) x`), `a_p x` itself,
+    /// `expm1`'s output, `expm1(...) - x` when the alphas train (alpha_n's gradient), and the
+    /// `x > 0` mask (`where`'s only saved tensor). Python evaluates the mask, then the positive
+    /// branch, then the negative one; so while the last sum of the negative branch runs, the
+    /// positive branch, both of the sum's operands and its result are live.
     fn xielu(&mut self, name: Name, x: Val) -> Val {
         let (width, tokens) = (x.width, x.tokens);
         let alpha_p = self.base_param(name.then("alpha_p"), (1, 1), ParamRole::Linear);

@@ -1050,19 +1050,15 @@ fn gemma4_global_attention(
     if family != Family::Gemma4 {
         return Ok(None);
     }
-    let refuse = |key: &'static str, what: &str| {
-        Err(
-            Error::field(r.path, key, format!("{what} is not modelled yet"))
-                .with_hint("causal (None) or \"vision\", as Gemma 4's published configs are"),
-        )
-    };
-    if r.raw(&["use_bidirectional_attention"])
-        .is_some_and(|(_, v)| v.as_str() == Some("all"))
+    if let Some((key, v)) = r.raw(&["use_bidirectional_attention"])
+        && v.as_str() == Some("all")
     {
-        return refuse(
-            "use_bidirectional_attention",
-            "\"all\" (bidirectional text attention)",
-        );
+        return Err(Error::field(
+            r.path,
+            key,
+            "\"all\" (bidirectional text attention) is not modelled yet",
+        )
+        .with_hint("causal (None) or \"vision\", as Gemma 4's published configs are"));
     }
     let keys_as_values = r.bool_or(&["attention_k_eq_v"], false)?;
     // A config transformers saved writes the resolved geometry per global layer in
