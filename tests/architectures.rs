@@ -67,6 +67,14 @@ fn run(m: &ModelSpec, p: &Plan) -> Estimate {
     estimate(m, p, &hw, &Rates::from_datasheet(&hw)).expect("estimates")
 }
 
+/// A toy's base parameters and what LoRA r16 trains on it with `all-linear` and with q,v: the
+/// counts the architecture tests compare with transformers' builds and peft's wrapping.
+fn lora_counts(m: &ModelSpec) -> (u64, u64, u64) {
+    let all = run(m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa)).memory;
+    let qv = run(m, &plan(lora(), 1, 64, AttentionKernel::Sdpa)).memory;
+    (all.base_params, all.trainable_params, qv.trainable_params)
+}
+
 /// Forward FLOPs of the attention cores.
 fn attention_flops(m: &ModelSpec, p: &Plan) -> f64 {
     let g = graph::build(m, p);
@@ -1696,12 +1704,8 @@ fn gemma4_global_layers_have_their_own_heads_and_keys_double_as_values() {
             })
         );
         assert!(m.value_norm);
-        let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
-        assert_eq!(e.memory.base_params, 103_168);
-        assert_eq!(e.memory.trainable_params, 34_816);
+        assert_eq!(lora_counts(&m), (103_168, 34_816, 7_168));
         let p = plan(lora(), 1, 64, AttentionKernel::Sdpa);
-        let e = run(&m, &p);
-        assert_eq!(e.memory.trainable_params, 7_168);
         // The scale-less v_norm on the global layer's one KV head (64 wide, 64 tokens) keeps
         // its fp32 copy, 16,384 bytes, and the row statistics, 64 x 2 x 4 = 512: 16,896.
         assert_eq!(
@@ -1730,11 +1734,7 @@ fn gemma4_experts_run_beside_the_mlp_and_all_linear_reaches_their_router() {
     }));
     assert!(m.moe.is_some_and(|moe| moe.beside_mlp && moe.top_k == 2));
     assert_eq!(m.block_kind(0).ffn, FfnKind::Moe);
-    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
-    assert_eq!(e.memory.base_params, 141_064);
-    assert_eq!(e.memory.trainable_params, 33_920);
-    let e = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa));
-    assert_eq!(e.memory.trainable_params, 7_168);
+    assert_eq!(lora_counts(&m), (141_064, 33_920, 7_168));
 }
 
 #[test]
@@ -1763,9 +1763,5 @@ fn gemma4_small_models_gate_per_layer_inputs_and_share_keys_and_values() {
         })
     );
     assert!(!m.block_kind(1).kv_shared && m.block_kind(2).kv_shared);
-    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
-    assert_eq!(e.memory.base_params, 255_600);
-    assert_eq!(e.memory.trainable_params, 89_088);
-    let e = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa));
-    assert_eq!(e.memory.trainable_params, 13_824);
+    assert_eq!(lora_counts(&m), (255_600, 89_088, 13_824));
 }
