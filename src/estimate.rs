@@ -166,6 +166,19 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             )
             .with_hint("prompt tuning, LoRA (--lora-targets all) or a partial method apply"));
         }
+        // peft hands prefix tuning's keys and values to the model as a `DynamicCache` of
+        // attention layers; LFM2's convolution layers ask that cache for their own state
+        // (`has_previous_state`) and transformers 5.17 raises.
+        Method::Prefix { .. } if model.has_short_conv() => {
+            return Err(field(
+                "method",
+                format!(
+                    "peft's prefix tuning fails on `{}`: its convolution layers reject the cache the prefix arrives in (transformers 5.17)",
+                    model.name
+                ),
+            )
+            .with_hint("prompt tuning, LoRA or IA3 apply"));
+        }
         Method::Freeze {
             top_layers, side, ..
         } => {

@@ -110,6 +110,40 @@ fn kept_at(m: &ModelSpec, p: &Plan, name: &str) -> (u64, u64) {
     (kept, param)
 }
 
+/// Distinct activation bytes kept for backward by the ops whose names start with `prefix` (a
+/// tensor two of them keep counts once; autocast's weight copies are not activations).
+fn kept_under(m: &ModelSpec, p: &Plan, prefix: &str) -> u64 {
+    let g = graph::build(m, p);
+    let mut ids = std::collections::BTreeSet::new();
+    for o in g.ops() {
+        if g.name(o.name).starts_with(prefix) {
+            ids.extend(o.saves.iter().copied());
+        }
+    }
+    assert!(!ids.is_empty(), "nothing kept under `{prefix}`");
+    ids.iter()
+        .map(|&t| g.tensor(t))
+        .filter(|t| t.kind == ftplan::graph::op::TensorKind::Activation)
+        .map(|t| t.bytes.0)
+        .sum()
+}
+
+/// What LoRA r16 on the modules `names` (peft's `target_modules`) trains on a toy.
+fn lora_trainable(m: &ModelSpec, names: &[&str]) -> u64 {
+    let targets = LoraTargets::parse(names.iter().copied()).expect("known names");
+    let method = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets,
+        dora: false,
+    });
+    let mut p = plan(method, 1, 64, AttentionKernel::Sdpa);
+    if m.encoder.is_some() {
+        p.target_seq = 16;
+    }
+    run(m, &p).memory.trainable_params
+}
+
 fn without_window(m: &ModelSpec) -> ModelSpec {
     ModelSpec {
         mixers: vec![Mixer::Attention],
@@ -1565,24 +1599,10 @@ fn out_proj_names_the_linear_mixers_output_where_a_model_has_one() {
         "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
         "decoder_ffn_dim": 128, "vocab_size": 1000, "max_position_embeddings": 128
     }));
-    let trainable = |m: &ModelSpec, names: &[&str]| {
-        let targets = LoraTargets::parse(names.iter().copied()).expect("known names");
-        let method = Method::Lora(Lora {
-            rank: 16,
-            alpha: 32.0,
-            targets,
-            dora: false,
-        });
-        let mut p = plan(method, 1, 64, AttentionKernel::Sdpa);
-        if m.encoder.is_some() {
-            p.target_seq = 16;
-        }
-        run(m, &p).memory.trainable_params
-    };
-    assert_eq!(trainable(&qwen, &["out_proj"]), 1_536);
-    assert_eq!(trainable(&qwen, &["o_proj"]), 2_048);
-    assert_eq!(trainable(&qwen, &["in_proj_qkv", "in_proj_z"]), 4_096);
-    assert_eq!(trainable(&bart, &["out_proj"]), 6_144);
+    assert_eq!(lora_trainable(&qwen, &["out_proj"]), 1_536);
+    assert_eq!(lora_trainable(&qwen, &["o_proj"]), 2_048);
+    assert_eq!(lora_trainable(&qwen, &["in_proj_qkv", "in_proj_z"]), 4_096);
+    assert_eq!(lora_trainable(&bart, &["out_proj"]), 6_144);
 }
 
 #[test]
@@ -1604,17 +1624,7 @@ fn apertus_xielu_keeps_what_its_python_chain_saves() {
     }));
     assert_eq!(m.activation, ftplan::spec::model::Activation::Xielu);
     assert!(!m.gated_ffn);
-    let kept = |p: &Plan| {
-        let g = graph::build(&m, p);
-        let mut ids = std::collections::BTreeSet::new();
-        for o in g.ops() {
-            if g.name(o.name).starts_with("decoder.layers.0.mlp.act") {
-                ids.extend(o.saves.iter().copied());
-            }
-        }
-        assert!(!ids.is_empty(), "no xIELU ops");
-        ids.iter().map(|&t| g.tensor(t).bytes.0).sum::<u64>()
-    };
+    let kept = |p: &Plan| kept_under(&m, p, "decoder.layers.0.mlp.act");
     assert_eq!(kept(&plan(lora(), 1, 64, AttentionKernel::Sdpa)), 90_112);
     assert_eq!(kept(&full(Precision::MixedBf16, 1, 64)), 122_880);
     assert_eq!(kept(&full(Precision::Bf16, 1, 64)), 73_728);
@@ -1764,4 +1774,77 @@ fn gemma4_small_models_gate_per_layer_inputs_and_share_keys_and_values() {
     );
     assert!(!m.block_kind(1).kv_shared && m.block_kind(2).kv_shared);
     assert_eq!(lora_counts(&m), (255_600, 89_088, 13_824));
+}
+
+#[test]
+fn lfm2_short_convolutions_keep_their_projection_and_padded_filter_output() {
+    // A toy LFM2 (hidden 64, 4 heads of 16 with 2 KV heads, vocabulary 256): layer 0 attends,
+    // layer 1 is a gated short convolution. `block_ff_dim` 192 is auto-adjusted to two thirds,
+    // 128, then rounded up to `block_multiple_of` (32): 128 (to 256 with the default 256).
+    // transformers 5.17 builds 94,752 parameters: embeddings 16,384 (tied); the attention
+    // layer's q, k, v, out_proj 12,288, q/k norms 32, MLP 3 x 64 x 128 = 24,576, two norms 128;
+    // the convolution layer's filter 64 x 3 = 192, in_proj 64 -> 192 12,288, out_proj 4,096,
+    // MLP 24,576, norms 128; the final norm 64.
+    let config = |multiple: u64| {
+        serde_json::json!({
+            "model_type": "lfm2", "hidden_size": 64, "block_ff_dim": 192,
+            "block_multiple_of": multiple, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 256,
+            "layer_types": ["full_attention", "conv"]
+        })
+    };
+    let m = toy(&config(32));
+    assert_eq!(m.decoder.intermediate_size, 128);
+    assert_eq!(toy(&config(256)).decoder.intermediate_size, 256);
+    assert!(m.tie_word_embeddings);
+    assert_eq!(
+        m.block_kind(1).mixer,
+        Mixer::ShortConv(ftplan::spec::model::ShortConv {
+            taps: 3,
+            bias: false
+        })
+    );
+    // peft 0.21.2, r16: `all-linear` 31,744 (q 2,048, k and v 1,536 each, both out_projs
+    // 2,048 each, in_proj 16 x (64 + 192) = 4,096, two MLPs of 3 x 3,072); `in_proj,out_proj`
+    // reaches the attention's output and the convolution's two projections: 8,192.
+    let (base, all, qv) = lora_counts(&m);
+    assert_eq!((base, all, qv), (94_752, 31_744, 3_584));
+    assert_eq!(lora_trainable(&m, &["in_proj", "out_proj"]), 8_192);
+    assert_eq!(lora_trainable(&m, &["w1", "w2", "w3"]), 18_432);
+    // The convolution layer at batch 1 x 64 under autocast (fp32 weights, bf16 compute), bf16
+    // tensors of 64 x 64 = 8,192 bytes: in_proj keeps its input's bf16 cast (8,192); `B * x`
+    // keeps B and x, views of in_proj's whole output (3 x 8,192 = 24,576); the filter keeps
+    // autocast's bf16 copy of that product (8,192; the fp32 copy `.to(weight.dtype)` makes is
+    // freed); `C * conv` keeps C (the same output) and the filter's output, padded by two
+    // positions (64 x 66 x 2 = 8,448); out_proj keeps that product (8,192, contiguous as it
+    // is): 57,600 bytes. Pure bf16 casts nothing: in_proj keeps its bf16 input and the
+    // filter the product itself, the same bytes. causal-conv1d's kernel keeps its input and
+    // returns an unpadded output: 57,344.
+    let conv = "decoder.layers.1.conv";
+    assert_eq!(
+        kept_under(&m, &full(Precision::MixedBf16, 1, 64), conv),
+        57_600
+    );
+    assert_eq!(kept_under(&m, &full(Precision::Bf16, 1, 64), conv), 57_600);
+    let fla = Plan {
+        linear_kernel: ftplan::spec::plan::LinearKernel::Fla,
+        ..full(Precision::MixedBf16, 1, 64)
+    };
+    assert_eq!(kept_under(&m, &fla, conv), 57_344);
+    // IA3: peft's table has no `lfm2` entry and the harness gives Llama's (`k_proj`, `v_proj`,
+    // `down_proj`); LFM2's FFN output is `w2`, so only k's and v's outputs are scaled: 32 + 32
+    // (LFM2-350M's replay: 6 x (512 + 512) = 6,144).
+    let ia3 = run(&m, &plan(Method::Ia3, 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(ia3.memory.trainable_params, 64);
+    // peft's prefix tuning fails on LFM2 (its convolution layers reject the cache the prefix
+    // arrives in, as a replay shows): refused, with what does apply.
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let prefix = plan(
+        Method::Prefix { virtual_tokens: 20 },
+        1,
+        64,
+        AttentionKernel::Sdpa,
+    );
+    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(err.to_string().contains("prefix tuning fails"), "{err}");
 }

@@ -130,7 +130,10 @@ fn refused_by_design(m: &ftplan::spec::model::ModelSpec, method: &Method) -> boo
     // PhiMoE: peft's `all-linear` wraps its router, an nn.Linear returning a tuple, and fails.
     let phimoe_all_linear = m.family == ftplan::spec::model::Family::Phimoe
         && matches!(method, Method::Lora(l) | Method::Qlora(l) if l.targets == LoraTargets::AllLinear);
+    // LFM2: peft's prefix cache fails on its convolution layers.
+    let lfm2_prefix = m.has_short_conv() && matches!(method, Method::Prefix { .. });
     phimoe_all_linear
+        || lfm2_prefix
         || !m.has_attention()
             && match method {
                 // Mamba: no q or v to adapt, and peft refuses `all-linear` (the mixer's out_proj).
@@ -341,11 +344,11 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // EXAONE-4, then GPT-OSS 20B and 120B, then LoRA on every linear of Qwen1.5-MoE,
     // DeepSeek-V2-Lite and Qwen3-MoE, then GLM-4.5-Air and an 8-layer GLM-4.5 (q/k norms), then
     // GLM-4-9B, then Seed-OSS, HunYuan-dense, Helium and OLMoE, then Cohere's Command R7B and a
-    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3, ERNIE-4.5-MoE, a pure-bf16 GLM-4.5, HunYuan-MoE and GLM-4.7-Flash, then Qwen3.5's Gated DeltaNet hybrid, dense and MoE, and Qwen3-Next, then Apertus's xIELU, then MiniMax-M2 and dots.llm1, then Gemma 4 (validation/families.jsonl,
+    // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3, ERNIE-4.5-MoE, a pure-bf16 GLM-4.5, HunYuan-MoE and GLM-4.7-Flash, then Qwen3.5's Gated DeltaNet hybrid, dense and MoE, and Qwen3-Next, then Apertus's xIELU, then MiniMax-M2 and dots.llm1, then Gemma 4, then LFM2's short convolutions (validation/families.jsonl,
     // measure.py --fake).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 275);
+    assert_eq!(rows.len(), 285);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -380,13 +383,15 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             || r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
             || r.name.starts_with("ernie-moe-4l|full|")
             || r.name == "gemma-4-26b-a4b-6l|full|b1|s2048|gc0|sdpa"
+            || r.name == "lfm2-1.2b|full|b2|s1024|gc1|sdpa"
         {
             // The replay sums two gradients out of place (autograd accumulates in place only
             // for vanilla tensors, not FakeTensors): GPT-J's two fp32 GELU-output gradients
             // (512 MiB more than CUDA holds, -2.6 %), Pegasus's tied embedding's (-2.5 %), the
             // 4-layer ERNIE-MoE's tied fp32 embedding's (0.99 GiB, -2.1 %: its full runs peak
             // where that sum is taken), Gemma 4 26B-A4B's tied 262,144 x 2,816 table's
-            // (2.75 GiB, -3.0 %; +0.1 % without it).
+            // (2.75 GiB, -3.0 %; +0.1 % without it), LFM2-1.2B's tied 65,536 x 2,048 table's
+            // under checkpointing (0.5 GiB, -2.3 %; +0.4 % without it).
             0.03
         } else if r.name == "gemma-4-31b-6l|full|b1|s2048|gc0|sdpa" {
             // The same replay artifact at Gemma 4's 262,144 x 5,376 tied table: the fp32
@@ -428,6 +433,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             || r.name.starts_with("minimax-m2-")
             || r.name.starts_with("dots1-")
             || r.name.starts_with("gemma-4-")
+            || r.name.starts_with("lfm2-")
         {
             0.02
         } else {

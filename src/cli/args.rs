@@ -188,8 +188,9 @@ pub struct PlanArgs {
     /// Mixture-of-experts: the busiest expert's tokens over the mean (1 = uniform routing).
     #[arg(long, allow_negative_numbers = true)]
     pub expert_load: Option<f64>,
-    /// Linear-attention layers (Qwen3.5, Qwen3-Next): transformers' PyTorch code (torch) or
-    /// the flash-linear-attention and causal-conv1d kernels (fla), when installed.
+    /// Linear-attention and convolution layers (Qwen3.5, Qwen3-Next, LFM2): transformers'
+    /// PyTorch code (torch) or the flash-linear-attention and causal-conv1d kernels (fla),
+    /// when installed.
     #[arg(long, value_enum, default_value_t = LinearKernelArg::Torch)]
     pub linear_kernel: LinearKernelArg,
     /// Bottleneck size of the adapter method.

@@ -365,7 +365,7 @@ fn block(
     };
     let window = match kind.mixer {
         Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
-        Mixer::Attention | Mixer::GatedDeltaNet(_) => None,
+        Mixer::Attention | Mixer::GatedDeltaNet(_) | Mixer::ShortConv(_) => None,
         Mixer::SlidingWindow { window } => Some(window),
     };
     let self_mask = self_attention_mask(b, is_decoder, seq, window);
@@ -374,6 +374,8 @@ fn block(
         Mixer::GatedDeltaNet(d) => {
             in_tp_region(b, |b| b.gated_delta_net((at.0, "linear_attn"), h, d))
         }
+        // LFM2's convolution layers: `conv` where the others have `self_attn`.
+        Mixer::ShortConv(c) => in_tp_region(b, |b| b.short_conv((at.0, "conv"), h, c)),
         _ => self_attention(
             b,
             at,
@@ -1045,7 +1047,13 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     let inner = ssm.inner;
     let hn = b.norm(name.at("norm"), x);
     let mixer = b.scope(name, "mixer");
-    let proj = b.linear(mixer.at("in_proj"), hn, 2 * inner, false, Some(Proj::Up));
+    let proj = b.linear(
+        mixer.at("in_proj"),
+        hn,
+        2 * inner,
+        false,
+        Some(Proj::InProj),
+    );
     let xs = Val {
         width: inner,
         ..proj

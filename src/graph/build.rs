@@ -530,6 +530,7 @@ impl<'a> Builder<'a> {
             | Family::MinimaxM2
             | Family::Dots1
             | Family::Gemma4
+            | Family::Lfm2
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3

@@ -108,61 +108,9 @@ impl Builder<'_> {
             (qkv, z, beta_in, a)
         };
 
-        // causal_conv1d_fn: `x.to(weight.dtype)`, F.conv1d (autocast: bf16 operands) with
-        // `conv - 1` positions of padding on each side, sliced to the sequence.
-        let conv_weight = b.base_param(
-            name.at("conv1d").then("weight"),
-            (conv_width, d.conv),
-            ParamRole::Linear,
-        );
-        let weight_trains = b.trains(ParamRole::Linear);
-        let fla = b.plan.linear_kernel == LinearKernel::Fla;
-        let mixed = if fla {
-            // causal-conv1d's `causal_conv1d_fn` (an autograd Function): keeps its input as
-            // given (the projection's output, bf16), the weight and bias; the SiLU is fused
-            // and recomputed in backward, the output unpadded.
-            let out = b.val(conv_width, tokens, qkv.dtype, qkv.grad || weight_trains);
-            let op = b.elementwise(
-                name.at("conv1d"),
-                &[qkv],
-                out,
-                smallvec![qkv.id],
-                2.0 * d.conv as f64 + 8.0,
-            );
-            if let Some(o) = b.graph.op_mut(op) {
-                o.params.push(conv_weight);
-            }
-            out
-        } else {
-            let up = b.cast(name.at("conv1d").then("upcast"), qkv, b.base);
-            let conv_in = if b.autocast {
-                b.cast(name.at("conv1d").then("autocast"), up, b.half)
-            } else {
-                up
-            };
-            let conv_grad = conv_in.grad || weight_trains;
-            let padded = b.val(
-                conv_width,
-                batch * (seq + d.conv.saturating_sub(1)),
-                conv_in.dtype,
-                conv_grad,
-            );
-            let conv = Val { tokens, ..padded };
-            // `convolution`'s derivative is one formula for input, weight and bias: autograd
-            // keeps the input (and weight) whenever any of them needs a gradient.
-            let op = b.elementwise(
-                name.at("conv1d"),
-                &[conv_in],
-                conv,
-                smallvec![conv_in.id],
-                2.0 * d.conv as f64,
-            );
-            if let Some(o) = b.graph.op_mut(op) {
-                o.params.push(conv_weight);
-                o.forward_transient = padded.bytes();
-            }
-            b.activation(name.at("conv1d").then("act"), conv)
-        };
+        // causal_conv1d_fn over q, k and v with its SiLU.
+        let conv = b.scope(name, "conv1d");
+        let mixed = b.causal_conv1d(conv, qkv, d.conv, (false, true));
 
         // beta = sigmoid(b); g = -A_log.float().exp() * softplus(a.float() + dt_bias).
         let beta = b.sigmoid(name.at("beta"), beta_in);

@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod attention;
 pub mod build;
+mod conv;
 mod delta;
 pub mod head;
 pub mod layers;

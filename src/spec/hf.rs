@@ -5,7 +5,7 @@ use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
     Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, RotaryApply,
-    RouterPrecision, Routing, Softcap, Ssm, Stack,
+    RouterPrecision, Routing, ShortConv, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -258,6 +258,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::MinimaxM2
         | Family::Dots1
         | Family::Gemma4
+        | Family::Lfm2
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
@@ -430,6 +431,64 @@ fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
     Ok(Some(d))
 }
 
+/// LFM2's short-convolution sizes (Lfm2Config's `conv_L_cache`, 3, and `conv_bias`, false),
+/// `None` for every other family.
+fn lfm2_short_conv(r: &Reader, family: Family) -> Result<Option<ShortConv>> {
+    if family != Family::Lfm2 {
+        return Ok(None);
+    }
+    Ok(Some(ShortConv {
+        taps: r.opt_u64(&["conv_L_cache"])?.unwrap_or(3),
+        bias: r.bool_or(&["conv_bias"], false)?,
+    }))
+}
+
+/// LFM2's MLP width (`Lfm2MLP.__init__`): `block_ff_dim` (or `intermediate_size`), and with
+/// `block_auto_adjust_ff_dim` (the default) two thirds of it, times `block_ffn_dim_multiplier`
+/// when set, rounded up to a multiple of `block_multiple_of` (Llama's SwiGLU sizing).
+fn lfm2_intermediate(r: &Reader) -> Result<u64> {
+    let stated = r
+        .opt_u64(&["block_ff_dim", "intermediate_size"])?
+        .unwrap_or(12288);
+    if !r.bool_or(&["block_auto_adjust_ff_dim"], true)? {
+        return Ok(stated);
+    }
+    let two_thirds = 2 * stated / 3;
+    // An explicit null skips the multiplier and the rounding; absent, it is 1.0.
+    if r.map
+        .get("block_ffn_dim_multiplier")
+        .is_some_and(Value::is_null)
+    {
+        return Ok(two_thirds);
+    }
+    let m = match r.raw(&["block_ffn_dim_multiplier"]) {
+        None => 1.0,
+        Some((key, m)) => m
+            .as_f64()
+            .filter(|m| m.is_finite() && *m > 0.0)
+            .ok_or_else(|| {
+                Error::field(
+                    r.path,
+                    key,
+                    format!("must be a positive number, found `{m}`"),
+                )
+            })?,
+    };
+    let multiple = r.opt_u64(&["block_multiple_of"])?.unwrap_or(256);
+    // `int(multiplier * size)` truncates, then the rounding up.
+    let scaled = m * two_thirds as f64;
+    (scaled < 2f64.powi(53))
+        .then(|| (scaled as u64).div_ceil(multiple).checked_mul(multiple))
+        .flatten()
+        .ok_or_else(|| {
+            Error::field(
+                r.path,
+                "block_ffn_dim_multiplier",
+                format!("({m}) makes the MLP wider than any model"),
+            )
+        })
+}
+
 /// Attention mixers by layer: the config's `layer_types` where it lists them (transformers 5
 /// writes it for every family with local layers), else the family's rule over `sliding_window`.
 fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
@@ -446,6 +505,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     );
     let flag = r.opt_bool(&["use_sliding_window"])?;
     let linear = delta_net(r, family)?;
+    let short_conv = lfm2_short_conv(r, family)?;
     // Qwen3_5TextConfig: without `layer_types`, layer i is full attention when (i + 1) is a
     // multiple of `full_attention_interval` (4), linear otherwise (read either way: configs
     // write both).
@@ -460,6 +520,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             .iter()
             .map(|t| match (t.as_str(), window, linear) {
                 (Some("full_attention"), _, _) => Ok(Mixer::Attention),
+                (Some("conv"), _, _) if let Some(c) = short_conv => Ok(Mixer::ShortConv(c)),
                 (Some("sliding_attention"), Some(w), _) => Ok(Mixer::SlidingWindow { window: w }),
                 (Some("sliding_attention"), None, _) => Err(Error::field(
                     r.path,
@@ -471,6 +532,8 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                     Error::field(r.path, key, format!("`{t}` is not a known layer type"))
                         .with_hint(if linear.is_some() {
                             "full_attention or linear_attention"
+                        } else if short_conv.is_some() {
+                            "full_attention or conv"
                         } else {
                             "full_attention or sliding_attention"
                         }),
@@ -481,6 +544,27 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     if let Some(d) = linear {
         let mut v = vec![Mixer::GatedDeltaNet(d); every.saturating_sub(1).min(layers) as usize];
         v.push(Mixer::Attention);
+        return Ok(v);
+    }
+    if let Some(c) = short_conv {
+        // Lfm2Config without `layer_types`: attention on the layers `full_attn_idxs` lists
+        // (all of them when it is absent), convolutions elsewhere.
+        let Some((key, Value::Array(idxs))) = r.raw(&["full_attn_idxs"]) else {
+            return Ok(vec![Mixer::Attention]);
+        };
+        let mut v = vec![Mixer::ShortConv(c); layers as usize];
+        for i in idxs {
+            match i.as_u64().filter(|&i| i < layers) {
+                Some(i) => v[i as usize] = Mixer::Attention,
+                None => {
+                    return Err(Error::field(
+                        r.path,
+                        key,
+                        format!("`{i}` is not a layer index below {layers}"),
+                    ));
+                }
+            }
+        }
         return Ok(v);
     }
     let Some(w) = window.filter(|_| flag.unwrap_or(!qwen)) else {
@@ -755,6 +839,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Qwen35Moe | Family::Qwen3Next => (2, 256),
         // Gemma4TextConfig: 4 KV heads of 256 on the local layers.
         Family::Gemma4 => (4, 256),
+        // Lfm2Config: 8 KV heads.
+        Family::Lfm2 => (8, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -803,7 +889,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::Mixtral
         | Family::Phi3
         | Family::Exaone4
-        | Family::MinimaxM2 => (false, false),
+        | Family::MinimaxM2
+        | Family::Lfm2 => (false, false),
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
@@ -880,10 +967,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     };
     let layers = r.u64(&["num_hidden_layers"])?;
     // Qwen3_5MoeTextConfig has no dense layer and no `intermediate_size`.
-    let intermediate = if family == Family::Qwen35Moe {
-        r.opt_u64(&["intermediate_size"])?.unwrap_or(0)
-    } else {
-        r.u64(&["intermediate_size"])?
+    let intermediate = match family {
+        Family::Qwen35Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(0),
+        Family::Lfm2 => lfm2_intermediate(r)?,
+        _ => r.u64(&["intermediate_size"])?,
     };
     let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
     let base = ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack);
@@ -942,12 +1029,21 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Olmo2 | Family::Exaone4 => NormPlacement::Output,
             _ => NormPlacement::Pre,
         },
+        // Lfm2Config reads LFM2's own `tie_embedding` over `tie_word_embeddings`.
         tie_word_embeddings: r.bool_or(
-            &["tie_word_embeddings"],
+            if family == Family::Lfm2 {
+                &["tie_embedding", "tie_word_embeddings"]
+            } else {
+                &["tie_word_embeddings"]
+            },
             gemma
                 || matches!(
                     family,
-                    Family::Cohere | Family::Cohere2 | Family::Ernie45 | Family::Ernie45Moe
+                    Family::Cohere
+                        | Family::Cohere2
+                        | Family::Ernie45
+                        | Family::Ernie45Moe
+                        | Family::Lfm2
                 ),
         )?,
         // Cohere (and StableLM's `use_parallel_residual`): attention and the MLP read one norm's
@@ -980,6 +1076,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::HunyuanMoe
             | Family::Apertus
             | Family::Dots1
+            | Family::Lfm2
             | Family::Gemma4 => QkNorm::PerHead,
             Family::Olmoe | Family::MinimaxM2 => QkNorm::Full,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every

@@ -113,6 +113,10 @@ pub enum Family {
     /// key head; Qwen3-MoE's sparse-layer rules (`decoder_sparse_step`); peft moves LoRA's FFN
     /// names onto its experts.
     Qwen3Next,
+    /// `Lfm2ForCausalLM` (Liquid AI LFM2 350M-2.6B): gated short-convolution layers
+    /// ([`Mixer::ShortConv`]) with GQA attention layers between them as `layer_types` lists,
+    /// per-head q/k RMSNorms, a SwiGLU MLP (`w1`, `w3`, `w2`) in every layer, a tied head.
+    Lfm2,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -235,7 +239,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 65] = [
+    pub const ALL: [(&'static str, Family); 66] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -301,6 +305,7 @@ impl Family {
         ("minimax_m2", Family::MinimaxM2),
         ("dots1", Family::Dots1),
         ("gemma4_text", Family::Gemma4),
+        ("lfm2", Family::Lfm2),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -434,6 +439,18 @@ pub enum Mixer {
     /// Mamba2 with Delta Rule"): a `key_dim x value_dim` state per value head, updated by the
     /// gated delta rule and read by each query (Qwen3.5's and Qwen3-Next's linear layers).
     GatedDeltaNet(DeltaNet),
+    /// LFM2's gated short convolution (Liquid AI 2025): `C * conv(B * x)` over B, C and x
+    /// projected from the input, a causal depthwise filter of a few taps, no state beyond them.
+    ShortConv(ShortConv),
+}
+
+/// LFM2's short-convolution mixer (`Lfm2ShortConv`), hidden-size wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct ShortConv {
+    /// `conv_L_cache`: the filter's taps.
+    pub taps: u64,
+    /// `conv_bias`: biases on `in_proj`, the filter and `out_proj`.
+    pub bias: bool,
 }
 
 /// Gated DeltaNet's sizes (`linear_*` keys of Qwen3.5's config).
@@ -942,6 +959,11 @@ impl ModelSpec {
         self.mixers
             .iter()
             .any(|m| matches!(m, Mixer::GatedDeltaNet(_)))
+    }
+
+    /// Whether any block is a short-convolution layer (LFM2).
+    pub fn has_short_conv(&self) -> bool {
+        self.mixers.iter().any(|m| matches!(m, Mixer::ShortConv(_)))
     }
 
     /// Whether any block attends (Mamba's do not).

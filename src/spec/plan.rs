@@ -41,6 +41,9 @@ pub enum Proj {
     /// model has one (its attention's is `o_proj`), otherwise the attention output that
     /// BART, OPT, GPT-Neo and MPT name so.
     OutProj,
+    /// The module named `in_proj`: Mamba's mixer input (x and the gate) and LFM2's short
+    /// convolution input (B, C and x).
+    InProj,
 }
 
 impl Proj {
@@ -102,7 +105,7 @@ impl Proj {
         ("in_proj_qkvz", &[Proj::InProjQkvz]),
         ("in_proj_ba", &[Proj::InProjBa]),
         // Mamba's mixer projections.
-        ("in_proj", &[Proj::Up]),
+        ("in_proj", &[Proj::InProj]),
         ("x_proj", &[Proj::Gate]),
         ("dt_proj", &[Proj::Gate]),
         (
@@ -122,6 +125,7 @@ impl Proj {
                 Proj::InProjQkvz,
                 Proj::InProjBa,
                 Proj::OutProj,
+                Proj::InProj,
             ],
         ),
     ];
@@ -151,6 +155,7 @@ impl Proj {
             Proj::InProjQkvz => "in_proj_qkvz",
             Proj::InProjBa => "in_proj_ba",
             Proj::OutProj => "out_proj",
+            Proj::InProj => "in_proj",
         }
     }
 }
@@ -502,7 +507,7 @@ pub enum LinearKernel {
     Torch,
     /// The flash-linear-attention and causal-conv1d kernels, which transformers uses when those
     /// packages are installed: a fused rule that keeps its normalised inputs and recomputes
-    /// the states in backward, and a convolution with its activation fused.
+    /// the states in backward, and a convolution (LFM2's too) with its activation fused.
     Fla,
 }
 
