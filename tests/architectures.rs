@@ -1848,3 +1848,29 @@ fn lfm2_short_convolutions_keep_their_projection_and_padded_filter_output() {
     let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
     assert!(err.to_string().contains("prefix tuning fails"), "{err}");
 }
+
+#[test]
+fn lfm2_moe_routes_its_convolution_layers_experts_beyond_peft_s_reach() {
+    // A toy LFM2-MoE (hidden 64, 4 heads of 16 with 2 KV heads; layer 0 attends with a dense
+    // MLP of 96, `num_dense_layers` 1; layer 1 convolves with 4 experts of 32, top 2).
+    // transformers 5.17 builds 88,864 parameters: embeddings 16,384 (tied); layer 0's attention
+    // 12,288, q/k norms 32, MLP 3 x 64 x 96 = 18,432, norms 128; layer 1's filter 192, in_proj
+    // 12,288, out_proj 4,096, experts' gate_up 4 x 64 x 64 = 16,384 and down 4 x 64 x 32 =
+    // 8,192, the router's 4 x 64 weight (an `nn.Parameter`, not a linear), norms 128; the final
+    // norm 64. peft 0.21.2's conversion table has no `lfm2_moe` pattern: `w1,w2,w3` reach the
+    // dense MLP only (3 x 16 x (64 + 96) = 7,680) and `all-linear` adds the attention (7,168)
+    // and the convolution's projections (6,144): 20,992.
+    let m = toy(&serde_json::json!({
+        "model_type": "lfm2_moe", "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256, "num_experts": 4,
+        "num_experts_per_tok": 2, "num_dense_layers": 1,
+        "layer_types": ["full_attention", "conv"]
+    }));
+    assert_eq!(m.decoder.intermediate_size, 96);
+    assert_eq!(m.block_kind(0).ffn, FfnKind::Dense);
+    assert_eq!(m.block_kind(1).ffn, FfnKind::Moe);
+    assert!(matches!(m.block_kind(1).mixer, Mixer::ShortConv(_)));
+    assert_eq!(lora_counts(&m), (88_864, 20_992, 3_584));
+    assert_eq!(lora_trainable(&m, &["w1", "w2", "w3"]), 7_680);
+}

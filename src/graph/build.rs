@@ -531,6 +531,7 @@ impl<'a> Builder<'a> {
             | Family::Dots1
             | Family::Gemma4
             | Family::Lfm2
+            | Family::Lfm2Moe
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3

@@ -78,7 +78,7 @@ impl Builder<'_> {
             Proj::Down if self.model.family == Family::Mt5 => None,
             // LFM2 is not in the table and names its FFN output `w2`: Llama's entry finds only
             // `k_proj` and `v_proj` (a toy LFM2 trains k's and v's outputs only).
-            Proj::Down if self.model.family == Family::Lfm2 => None,
+            Proj::Down if self.model.family.is_lfm2() => None,
             Proj::Down => Some(Ia3Site::Input),
             p if attention.contains(&p) => Some(Ia3Site::Output),
             _ => None,

@@ -259,6 +259,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Dots1
         | Family::Gemma4
         | Family::Lfm2
+        | Family::Lfm2Moe
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
@@ -434,7 +435,7 @@ fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
 /// LFM2's short-convolution sizes (Lfm2Config's `conv_L_cache`, 3, and `conv_bias`, false),
 /// `None` for every other family.
 fn lfm2_short_conv(r: &Reader, family: Family) -> Result<Option<ShortConv>> {
-    if family != Family::Lfm2 {
+    if !family.is_lfm2() {
         return Ok(None);
     }
     Ok(Some(ShortConv {
@@ -632,6 +633,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             ("num_experts", r.u64(&["moe_intermediate_size"])?)
         }
+        // Lfm2MoeConfig: 32 experts of 1,792 by default.
+        Family::Lfm2Moe => (
+            "num_experts",
+            r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1792),
+        ),
         // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
         Family::Olmoe => ("num_experts", intermediate),
         Family::GptOss => ("num_local_experts", intermediate),
@@ -743,6 +749,10 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["moe_layer_start_index"])?.unwrap_or(1),
             r.opt_u64(&["moe_layer_interval"])?.unwrap_or(1),
         )
+    } else if family == Family::Lfm2Moe {
+        // Lfm2MoeDecoderLayer: dense MLPs below `num_dense_layers` (2), experts from there.
+        r.raw(&["use_expert_bias"]);
+        (r.opt_u64(&["num_dense_layers"])?.unwrap_or(2), 1)
     } else if let Some((key, types)) = r.raw(&["mlp_layer_types"]) {
         // Glm4MoeLiteConfig: a "dense" or "sparse" entry per layer (default one dense layer,
         // then sparse ones); ftplan models dense layers before the sparse ones.
@@ -840,7 +850,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         // Gemma4TextConfig: 4 KV heads of 256 on the local layers.
         Family::Gemma4 => (4, 256),
         // Lfm2Config: 8 KV heads.
-        Family::Lfm2 => (8, hidden / heads.max(1)),
+        Family::Lfm2 | Family::Lfm2Moe => (8, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -890,7 +900,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::Phi3
         | Family::Exaone4
         | Family::MinimaxM2
-        | Family::Lfm2 => (false, false),
+        | Family::Lfm2
+        | Family::Lfm2Moe => (false, false),
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
@@ -970,6 +981,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let intermediate = match family {
         Family::Qwen35Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(0),
         Family::Lfm2 => lfm2_intermediate(r)?,
+        // Lfm2MoeMLP: `intermediate_size` as it is (7,168 by default), no auto-adjust.
+        Family::Lfm2Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(7168),
         _ => r.u64(&["intermediate_size"])?,
     };
     let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
@@ -1031,7 +1044,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         // Lfm2Config reads LFM2's own `tie_embedding` over `tie_word_embeddings`.
         tie_word_embeddings: r.bool_or(
-            if family == Family::Lfm2 {
+            if family.is_lfm2() {
                 &["tie_embedding", "tie_word_embeddings"]
             } else {
                 &["tie_word_embeddings"]
@@ -1044,6 +1057,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
                         | Family::Ernie45
                         | Family::Ernie45Moe
                         | Family::Lfm2
+                        | Family::Lfm2Moe
                 ),
         )?,
         // Cohere (and StableLM's `use_parallel_residual`): attention and the MLP read one norm's
@@ -1077,6 +1091,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Apertus
             | Family::Dots1
             | Family::Lfm2
+            | Family::Lfm2Moe
             | Family::Gemma4 => QkNorm::PerHead,
             Family::Olmoe | Family::MinimaxM2 => QkNorm::Full,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every

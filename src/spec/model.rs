@@ -117,6 +117,10 @@ pub enum Family {
     /// ([`Mixer::ShortConv`]) with GQA attention layers between them as `layer_types` lists,
     /// per-head q/k RMSNorms, a SwiGLU MLP (`w1`, `w3`, `w2`) in every layer, a tied head.
     Lfm2,
+    /// `Lfm2MoeForCausalLM` (LFM2-8B-A1B): LFM2's layers with dense MLPs in the first
+    /// `num_dense_layers` and then fused experts behind a sigmoid router; peft's conversion
+    /// table has no pattern for it, so LoRA's FFN names reach the dense MLPs only.
+    Lfm2Moe,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -229,6 +233,11 @@ impl Family {
         matches!(self, Family::Qwen35 | Family::Qwen35Moe | Family::Qwen3Next)
     }
 
+    /// LFM2's layers (dense and MoE): short convolutions beside attention, LFM2's config keys.
+    pub fn is_lfm2(self) -> bool {
+        matches!(self, Family::Lfm2 | Family::Lfm2Moe)
+    }
+
     /// T5's block and stacks (T5 itself and mT5, whose modules are copies of T5's).
     pub fn is_t5(self) -> bool {
         matches!(self, Family::T5 | Family::Mt5)
@@ -239,7 +248,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 66] = [
+    pub const ALL: [(&'static str, Family); 67] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -306,6 +315,7 @@ impl Family {
         ("dots1", Family::Dots1),
         ("gemma4_text", Family::Gemma4),
         ("lfm2", Family::Lfm2),
+        ("lfm2_moe", Family::Lfm2Moe),
     ];
 
     pub fn model_type(self) -> &'static str {
