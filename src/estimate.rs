@@ -132,11 +132,11 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 )
                 .with_hint(MAMBA_TARGETS));
             }
-            // PhiMoE's router is an `nn.Linear` subclass whose forward returns a tuple: peft's
-            // `all-linear` wraps it, and the LoRA layer fails adding its delta to that tuple
-            // (peft 0.21.2, transformers 5.17). The experts are 3-D parameters peft does not
-            // convert for `phimoe`, so the attention projections are all LoRA can reach.
-            if model.family == crate::spec::model::Family::Phimoe
+            // PhiMoE's and Llama 4's routers are `nn.Linear` subclasses whose forward returns a
+            // tuple: peft's `all-linear` wraps them, and the LoRA layer fails adding its delta
+            // to that tuple (peft 0.21.2, transformers 5.17). Their experts are 3-D parameters
+            // peft does not convert, so the named linears are all LoRA can reach.
+            if model.family.router_returns_tuple()
                 && l.targets == crate::spec::plan::LoraTargets::AllLinear
             {
                 return Err(field(
@@ -146,7 +146,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                         model.name
                     ),
                 )
-                .with_hint("name the attention projections: --lora-targets q_proj,k_proj,v_proj,o_proj"));
+                .with_hint("name the linears: --lora-targets q_proj,k_proj,v_proj,o_proj (and gate_proj,up_proj,down_proj where the model has dense or shared MLPs)"));
             }
             if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
                 return Err(field(

@@ -1306,7 +1306,9 @@ fn ministral3_scales_each_query_by_its_position_after_rotary() {
                             "llama_4_scaling_beta": 0.1}
     });
     let m = toy(&config);
-    assert!(m.query_position_scale && !m.qkv_bias && !m.linear_bias);
+    assert!(
+        m.query_scale == ftplan::spec::model::QueryScale::Every && !m.qkv_bias && !m.linear_bias
+    );
     let p = full(Precision::MixedBf16, 2, 64);
     let g = graph::build(&m, &p);
     let scale: Vec<_> = g
@@ -1318,7 +1320,7 @@ fn ministral3_scales_each_query_by_its_position_after_rotary() {
     assert_eq!(scale[0].forward_transient.0, 131_072);
     let mistral = ModelSpec {
         family: ftplan::spec::model::Family::Mistral,
-        query_position_scale: false,
+        query_scale: ftplan::spec::model::QueryScale::None,
         ..m.clone()
     };
     let g = graph::build(&mistral, &p);
@@ -1873,4 +1875,73 @@ fn lfm2_moe_routes_its_convolution_layers_experts_beyond_peft_s_reach() {
     assert!(matches!(m.block_kind(1).mixer, Mixer::ShortConv(_)));
     assert_eq!(lora_counts(&m), (88_864, 20_992, 3_584));
     assert_eq!(lora_trainable(&m, &["w1", "w2", "w3"]), 7_680);
+}
+
+#[test]
+fn llama4_runs_every_token_through_every_expert() {
+    // A toy Llama 4 (hidden 64; 4 heads of 16, 2 KV heads; 4 layers, the fourth NoPE; 4
+    // experts of 32, top 1, on every other layer, beside a shared expert of 32; dense MLPs of
+    // 96). transformers 5.17 builds 181,312 parameters; peft 0.21.2 trains 14,336 with LoRA r16
+    // on q,v (4 x 16 x (64 + 64) + 4 x 16 x (64 + 32)) and 24,576 on gate,up,down (the dense
+    // MLPs 2 x 7,680, the shared experts 2 x 4,608; the 3-D experts are out of its reach), and
+    // fails on `all-linear`, which wraps the router (an nn.Linear returning a tuple).
+    let m = toy(&serde_json::json!({
+        "model_type": "llama4_text", "hidden_size": 64, "intermediate_size": 32,
+        "intermediate_size_mlp": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "num_local_experts": 4,
+        "num_experts_per_tok": 1, "interleave_moe_layer_step": 2
+    }));
+    assert_eq!(
+        (0..4).map(|l| m.block_kind(l).ffn).collect::<Vec<_>>(),
+        [FfnKind::Dense, FfnKind::Moe, FfnKind::Dense, FfnKind::Moe]
+    );
+    assert_eq!(
+        (0..4).map(|l| m.block_kind(l).rope).collect::<Vec<_>>(),
+        [true, true, true, false]
+    );
+    // Chunked layers (8,192 by default) where rotary applies, full attention on the NoPE one.
+    assert_eq!(m.block_kind(0).mixer, Mixer::SlidingWindow { window: 8192 });
+    assert_eq!(m.block_kind(3).mixer, Mixer::Attention);
+    let qv = run(&m, &plan(lora(), 1, 64, AttentionKernel::Sdpa)).memory;
+    assert_eq!((qv.base_params, qv.trainable_params), (181_312, 14_336));
+    assert_eq!(
+        lora_trainable(&m, &["gate_proj", "up_proj", "down_proj"]),
+        24_576
+    );
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
+    let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(err.to_string().contains("router"), "{err}");
+    // The sparse layer at batch 1 x 64, pure bf16, every expert on every token (E x T = 256
+    // rows): the router's sigmoid keeps its (64, 4) output (512 bytes); the product of the
+    // repeated input with the transposed scores keeps both, 256 x 64 x 2 = 32,768 and 512;
+    // gate_up's matmul keeps that product (32,768) when the experts train; SiLU and `up *`
+    // keep gate_up's output (256 x 64 x 2 = 32,768) and the SiLU's (256 x 32 x 2 = 16,384);
+    // down's matmul keeps the product (16,384): 132,096. With the experts frozen (LoRA) the
+    // two matmuls keep no input: 82,944.
+    // (The repeat and the scores' transposed copy keep nothing.)
+    let experts = |p: &Plan| {
+        ["router.sigmoid", "routed_in", "experts"]
+            .iter()
+            .map(|part| kept_under(&m, p, &format!("decoder.layers.1.mlp.{part}")))
+            .sum::<u64>()
+    };
+    assert_eq!(experts(&full(Precision::Bf16, 1, 64)), 132_096);
+    // After rotary, the rotary layers' L2 norm keeps fp32 copies of q (64 x 64 x 4 = 16,384)
+    // and k (64 x 32 x 4 = 8,192) and one fp32 statistic per head and token (64 x 4 x 4 =
+    // 1,024; 64 x 2 x 4 = 512). The NoPE layer has no norm and scales its queries.
+    let bf16 = full(Precision::Bf16, 1, 64);
+    let l2 = ["q_norm", "k_norm"]
+        .map(|n| kept_under(&m, &bf16, &format!("decoder.layers.0.self_attn.{n}")));
+    assert_eq!(l2, [17_408, 8_704]);
+    let g = graph::build(&m, &bf16);
+    let names: Vec<String> = g.ops().map(|o| g.name(o.name)).collect();
+    let in_nope = |part: &str| {
+        names
+            .iter()
+            .any(|n| n.starts_with("decoder.layers.3.self_attn") && n.contains(part))
+    };
+    assert!(!in_nope("q_norm") && in_nope("q_scale") && !in_nope("rotary"));
+    let lora_bf16 = plan(lora(), 1, 64, AttentionKernel::Sdpa);
+    assert_eq!(experts(&lora_bf16), 82_944);
 }

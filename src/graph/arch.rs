@@ -15,7 +15,7 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
+    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, QueryScale,
     RotaryApply, Stack,
 };
 use crate::spec::plan::{Depth, Method, Plan, Proj};
@@ -719,9 +719,11 @@ fn self_attention_ops(
             q = b.norm(name.at("q_norm"), q);
             k = b.norm(name.at("k_norm"), k);
         }
+        // Llama 4: after rotary, below.
+        QkNorm::L2AfterRotary => {}
     }
     if model.value_norm && !kv_shared {
-        v = b.unscaled_rms_norm(name.at("v_norm"), v);
+        v = b.unscaled_rms_norm(name.at("v_norm"), v, (stack.head_dim, 2));
     }
     if let (Positions::Rotary { .. }, true, true) = (model.positions, rope, kv_shared) {
         (_, q) = b.rotary(
@@ -741,7 +743,19 @@ fn self_attention_ops(
             (seq, rotary_width),
         );
     }
-    if model.query_position_scale {
+    if model.qk_norm == QkNorm::L2AfterRotary && rope {
+        // One `qk_norm` module, called on q and on k.
+        q = b.unscaled_rms_norm(name.at("q_norm"), q, (stack.head_dim, 1));
+        if !kv_shared {
+            k = b.unscaled_rms_norm(name.at("k_norm"), k, (stack.head_dim, 1));
+        }
+    }
+    let scaled = match model.query_scale {
+        QueryScale::None => false,
+        QueryScale::Every => true,
+        QueryScale::NopeLayers => !rope,
+    };
+    if scaled {
         q = b.position_scale(name.at("q_scale"), q, seq);
     }
     let batch = b.plan.batch;
@@ -1241,7 +1255,7 @@ fn experts_beside_mlp(b: &mut Builder, name: Scope, x: Val, moe: crate::spec::mo
     // The residual input gains two readers beyond the residual add and the MLP's norm.
     b.fork(name.at("moe").then("fork"), x, 3);
     let h = b.model.hidden_size;
-    let normed = b.unscaled_rms_norm(name.at("router").then("norm"), x);
+    let normed = b.unscaled_rms_norm(name.at("router").then("norm"), x, (h, 2));
     let scale = b.base_param(name.at("router").then("scale"), (1, h), ParamRole::Linear);
     let per_expert = b.base_param(
         name.at("router").then("per_expert_scale"),
@@ -1354,6 +1368,10 @@ fn moe_ops(
         router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
     (b.autocast, b.half, b.base, b.storage_base) = saved;
+    if moe.routing == crate::spec::model::Routing::EveryExpert {
+        let out = experts_on_every_token(b, name, x, router, moe);
+        return shared_experts(b, name, x, out, moe);
+    }
     let probs = b.cast(
         name.at("router").then("softmax"),
         router,
@@ -1382,6 +1400,8 @@ fn moe_ops(
             // (its softmax is not differentiated), their sum and the fork's add, 10. Its
             // tensors are tokens x experts: no memory that matters.
             crate::spec::model::Routing::SparseMixer => (47, 10),
+            // Returned before the softmax.
+            crate::spec::model::Routing::EveryExpert => (0, 0),
         };
         o.cost.forward_kernels += forward;
         o.cost.backward_kernels += backward;
@@ -1543,11 +1563,132 @@ fn moe_ops(
         }
     }
     b.autocast = autocast;
+    shared_experts(b, name, x, out, moe)
+}
+
+/// Llama 4's experts (`Llama4TextMoe`, `Llama4TextExperts`) on the router's logits: every
+/// token through every expert. The router keeps the top-k logits (the rest -inf) and takes
+/// `sigmoid(scores.float()).to(dtype)`, which keeps its output; `hidden_states.repeat(E, 1)`
+/// copies the input once per expert, and the product with the transposed scores keeps both
+/// (the copies for the scores' gradient). The experts are two `torch.bmm`s over that
+/// (E, tokens, hidden) product: gate_up (whose output the SiLU and `up *` keep, as views),
+/// then down; `bmm` is on autocast's list, so fp32 expert stacks get cached bf16 copies. The
+/// outputs are summed over the experts (`sum(0)`, nothing kept) into the shared expert's.
+fn experts_on_every_token(
+    b: &mut Builder,
+    name: Scope,
+    x: Val,
+    logits: Val,
+    moe: crate::spec::model::Moe,
+) -> Val {
+    let h = b.model.hidden_size;
+    let inter = moe.expert_intermediate;
+    let experts = moe.experts.max(1);
+    let tokens = x.tokens;
+    let scores = b.val(experts, tokens, logits.dtype, logits.grad);
+    let op = b.elementwise(
+        name.at("router").then("sigmoid"),
+        &[logits],
+        scores,
+        smallvec::smallvec![scores.id],
+        4.0,
+    );
+    if let Some(o) = b.graph.op_mut(op) {
+        // topk, full_like, scatter_, the cast to fp32, sigmoid and the cast back; backward
+        // the casts', sigmoid's and the scatter's gather.
+        o.cost.forward_kernels = 6;
+        o.cost.backward_kernels = 4;
+    }
+    let all = tokens.saturating_mul(experts);
+    let repeated = b.val(h, all, x.dtype, x.grad);
+    let op = b.elementwise(
+        name.at("repeat"),
+        &[x],
+        repeated,
+        smallvec::SmallVec::new(),
+        0.0,
+    );
+    // `repeat`'s derivative sums the copies' gradients: one pass over them.
+    b.set_backward_bytes(op, repeated.bytes() + x.bytes());
+    // `router_scores.transpose(0, 1).reshape(-1, 1)`: a copy of the (tokens, E) scores.
+    let weights = b.val(1, all, scores.dtype, scores.grad);
+    b.elementwise(
+        name.at("scores_t"),
+        &[scores],
+        weights,
+        smallvec::SmallVec::new(),
+        0.0,
+    );
+    let scaled = b.mul(name.at("routed_in"), repeated, weights);
+    let out = b.val(
+        h,
+        tokens,
+        scaled.dtype,
+        scaled.grad || b.is_base_trainable(),
+    );
+    // Expert 0, then one expert standing for the other E - 1 (`OpGraph::scale_since`): each
+    // reads its rows of the product, a view its matmul keeps whole (once, made before).
+    for e in 0..experts.min(2) {
+        let label = match e {
+            0 => "experts.0".to_string(),
+            _ if experts > 2 => format!("experts.1-{}", experts - 1),
+            _ => "experts.1".to_string(),
+        };
+        let es = b.scope(name, &label);
+        let mark = b.graph.mark();
+        let xe = Val { tokens, ..scaled };
+        let gate_up = b.linear(es.at("gate_up_proj"), xe, 2 * inter, moe.bias, None);
+        let gate = Val {
+            width: inter,
+            ..gate_up
+        };
+        let a = b.activation(es.at("act"), gate);
+        let up = Val {
+            width: inter,
+            ..gate_up
+        };
+        let p = b.mul(es.at("mul"), up, a);
+        let d = b.linear(es.at("down_proj"), p, h, moe.bias, None);
+        b.elementwise(es.at("sum"), &[d], out, smallvec::SmallVec::new(), 1.0);
+        if e == 1 {
+            b.graph.scale_since(mark, experts - 1);
+        }
+        // Each `bmm` launches once for all experts; the `experts` module is called once. One
+        // call runs every expert at once, so the op set standing for the other experts has
+        // their buffers in flight together: in forward with expert 0's results already made,
+        // in backward beside expert 0's still-held inputs, the whole batch's.
+        let since = mark.0;
+        for i in since..b.graph.len() {
+            if let Some(o) = b.graph.op_mut(i) {
+                o.cost.modules = 0;
+                if e == 1 {
+                    o.cost.forward_kernels = 0;
+                    o.cost.backward_kernels = 0;
+                    o.forward_transient = o.forward_transient * (experts - 1);
+                    o.backward_transient = o.backward_transient * experts;
+                }
+            }
+        }
+        if let Some(o) = b.graph.op_mut(since) {
+            o.cost.modules = u32::from(e == 0);
+        }
+    }
+    out
+}
+
+/// The routed experts' output `out` plus the shared experts every token passes through
+/// (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`, Llama 4's `shared_expert`): a
+/// dense gated FFN, scaled by a sigmoid gate in Qwen2-MoE.
+fn shared_experts(
+    b: &mut Builder,
+    name: Scope,
+    x: Val,
+    out: Val,
+    moe: crate::spec::model::Moe,
+) -> Val {
     if moe.shared_intermediate == 0 {
         return out;
     }
-    // Shared experts every token passes through (Qwen2-MoE's `shared_expert`, DeepSeek's
-    // `shared_experts`): a dense gated FFN, scaled by a sigmoid gate in Qwen2-MoE.
     let shared_scope = b.scope(name, "shared_expert");
     let mut s = dense_ffn(b, shared_scope, x, moe.shared_intermediate);
     if moe.shared_gate {

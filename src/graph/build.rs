@@ -532,6 +532,7 @@ impl<'a> Builder<'a> {
             | Family::Gemma4
             | Family::Lfm2
             | Family::Lfm2Moe
+            | Family::Llama4
             | Family::Ernie45
             | Family::Ministral3
             | Family::Qwen3

@@ -293,15 +293,22 @@ impl Builder<'_> {
         }
     }
 
-    /// A scale-less RMSNorm (Gemma 4's `v_norm`, `Gemma4RMSNorm(with_scale=False)`):
-    /// `x.float()` times `pow(mean(x^2) + eps, -0.5)`, cast back with `type_as`. The square and
-    /// the product keep the fp32 copy, with the row statistics; there is no weight.
-    pub fn unscaled_rms_norm(&mut self, name: Name, x: Val) -> Val {
+    /// A scale-less RMSNorm over groups of `group` channels (a head, or the whole width):
+    /// `x.float()` times `pow(mean(x^2) + eps, -0.5)` (Gemma 4's `v_norm` and router norm,
+    /// `Gemma4RMSNorm(with_scale=False)`, whose `pow` keeps its input and the product its
+    /// output: two fp32 statistics per group) or times `rsqrt(...)` (Llama 4's
+    /// `Llama4TextL2Norm`, whose `rsqrt` and product keep one), cast back with `type_as`. The
+    /// square and the product keep the fp32 copy; there is no weight.
+    pub fn unscaled_rms_norm(&mut self, name: Name, x: Val, (group, stats): (u64, u64)) -> Val {
         let x32 = self.cast(name.then("upcast"), x, DType::F32);
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         if x.grad {
+            let rows = x.elements() / group.max(1);
             saves.push(x32.id);
-            saves.push(self.tensor(TensorKind::Activation, DType::F32.bytes(x.tokens * 2)));
+            saves.push(self.tensor(
+                TensorKind::Activation,
+                DType::F32.bytes(rows.saturating_mul(stats)),
+            ));
         }
         let out = self.val(x.width, x.tokens, x.dtype, x.grad);
         let f32 = DType::F32.bytes(x.elements());
@@ -524,7 +531,7 @@ impl Builder<'_> {
         // GLM's and ERNIE's per-layer `cos[..., :half].repeat_interleave(2, dim=-1)` (and sin's):
         // two new (1, 1, seq, rotary width) tensors that both q's and k's multiplies keep.
         let table_dtype = match apply {
-            RotaryApply::Shared => None,
+            RotaryApply::Shared | RotaryApply::ComplexFp32 => None,
             RotaryApply::Interleaved => Some(cos_dtype),
             RotaryApply::InterleavedFp32 => Some(DType::F32),
         };
@@ -577,7 +584,8 @@ impl Builder<'_> {
         tables: SmallVec<[TensorId; 6]>,
     ) -> (usize, Val) {
         let fp32 = apply == RotaryApply::InterleavedFp32;
-        let dtype = if fp32 {
+        let complex = apply == RotaryApply::ComplexFp32;
+        let dtype = if fp32 || complex {
             x.dtype
         } else {
             wider(x.dtype, cos_dtype)
@@ -585,7 +593,18 @@ impl Builder<'_> {
         let out = self.val(x.width, x.tokens, dtype, x.grad);
         let op = self.elementwise(name, &[x], out, tables, 3.0);
         if let Some(o) = self.graph.op_mut(op) {
-            if fp32 {
+            if complex {
+                // Llama 4: `q.float()`, the complex multiply (the views around it are free)
+                // and `type_as(q)`: three kernels each way (the multiply's derivative is the
+                // gradient times the table's conjugate). The fp32 copy and the fp32 product
+                // are alive together.
+                let e = x.elements();
+                o.cost.forward_kernels = 3;
+                o.cost.backward_kernels = 3;
+                o.cost.forward_bytes = x.bytes() + DType::F32.bytes(e) * 4 + out.bytes();
+                o.cost.backward_bytes = o.cost.forward_bytes;
+                o.forward_transient = DType::F32.bytes(e) * 2;
+            } else if fp32 {
                 // ERNIE: `q.float()`, `* cos`, two strided slices, `neg`, `stack`, `flatten`,
                 // `.float()`, `* sin`, the add and `.to(q.dtype)`: eleven dispatches. Per element
                 // (q of s bytes, fp32 of 4): the casts move s + 4 each, the multiplies 8 each,

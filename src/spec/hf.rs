@@ -4,8 +4,8 @@
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
-    Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, RotaryApply,
-    RouterPrecision, Routing, ShortConv, Softcap, Ssm, Stack,
+    Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
+    RotaryApply, RouterPrecision, Routing, ShortConv, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -260,6 +260,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Gemma4
         | Family::Lfm2
         | Family::Lfm2Moe
+        | Family::Llama4
         | Family::Ernie45
         | Family::Ministral3
         | Family::Ernie45Moe
@@ -507,6 +508,16 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     let flag = r.opt_bool(&["use_sliding_window"])?;
     let linear = delta_net(r, family)?;
     let short_conv = lfm2_short_conv(r, family)?;
+    // Llama 4's chunked layers (`attention_chunk_size`, 8,192 when absent, none when null):
+    // each query sees the keys of its own chunk only. Modelled as a window of the chunk's
+    // length: both take SDPA's causal path when the sequence fits in one, and an explicit mask
+    // when it does not (where a window's keys per query are the chunk's at most).
+    let chunked = match r.map.get("attention_chunk_size") {
+        Some(Value::Null) => Mixer::Attention,
+        _ => Mixer::SlidingWindow {
+            window: r.opt_u64(&["attention_chunk_size"])?.unwrap_or(8192),
+        },
+    };
     // Qwen3_5TextConfig: without `layer_types`, layer i is full attention when (i + 1) is a
     // multiple of `full_attention_interval` (4), linear otherwise (read either way: configs
     // write both).
@@ -522,6 +533,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             .map(|t| match (t.as_str(), window, linear) {
                 (Some("full_attention"), _, _) => Ok(Mixer::Attention),
                 (Some("conv"), _, _) if let Some(c) = short_conv => Ok(Mixer::ShortConv(c)),
+                (Some("chunked_attention"), _, _) if family == Family::Llama4 => Ok(chunked),
                 (Some("sliding_attention"), Some(w), _) => Ok(Mixer::SlidingWindow { window: w }),
                 (Some("sliding_attention"), None, _) => Err(Error::field(
                     r.path,
@@ -546,6 +558,15 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         let mut v = vec![Mixer::GatedDeltaNet(d); every.saturating_sub(1).min(layers) as usize];
         v.push(Mixer::Attention);
         return Ok(v);
+    }
+    if family == Family::Llama4 {
+        // Llama4TextConfig without `layer_types`: chunked where rotary applies, full on the
+        // NoPE layers.
+        let rope = rope_layers(r, family, &[], layers)?;
+        return Ok(rope
+            .iter()
+            .map(|&rope| if rope { chunked } else { Mixer::Attention })
+            .collect());
     }
     if let Some(c) = short_conv {
         // Lfm2Config without `layer_types`: attention on the layers `full_attn_idxs` lists
@@ -633,6 +654,12 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             ("num_experts", r.u64(&["moe_intermediate_size"])?)
         }
+        // Llama4TextConfig: `num_local_experts` (16) of `intermediate_size` (8,192); the dense
+        // layers' width is `intermediate_size_mlp`.
+        Family::Llama4 => (
+            "num_local_experts",
+            r.opt_u64(&["intermediate_size"])?.unwrap_or(8192),
+        ),
         // Lfm2MoeConfig: 32 experts of 1,792 by default.
         Family::Lfm2Moe => (
             "num_experts",
@@ -668,6 +695,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Ernie45Moe => r.u64(&["moe_k", "num_experts_per_tok"])?,
         Family::HunyuanMoe => uniform_per_layer(r, "moe_topk")?,
         Family::Gemma4 => r.u64(&["top_k_experts", "num_experts_per_tok"])?,
+        Family::Llama4 => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(1),
         _ => r.u64(&["num_experts_per_tok"])?,
     };
     if experts > 1024 || top_k > experts {
@@ -714,6 +742,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["moe_num_shared_experts"])?.unwrap_or(2) * expert_inter,
             false,
         ),
+        // Llama4TextMoe: one `shared_expert`, a Llama4TextMLP of `intermediate_size`.
+        Family::Llama4 => (expert_inter, false),
         // HunYuanMoEV1Moe: one `shared_mlp` whatever `num_shared_expert` says.
         Family::HunyuanMoe => {
             r.raw(&[
@@ -749,6 +779,27 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["moe_layer_start_index"])?.unwrap_or(1),
             r.opt_u64(&["moe_layer_interval"])?.unwrap_or(1),
         )
+    } else if family == Family::Llama4 {
+        // Llama4TextConfig: `moe_layers` defaults to every `interleave_moe_layer_step`-th layer
+        // (step - 1, 2 step - 1, ...), which is the rule the blocks follow; another list is not.
+        let layers = r.u64(&["num_hidden_layers"])?;
+        let step = r.opt_u64(&["interleave_moe_layer_step"])?.unwrap_or(1);
+        if let Some((key, Value::Array(list))) = r.raw(&["moe_layers"]) {
+            let rule: Vec<u64> = (1..=layers)
+                .filter(|l| l % step == 0)
+                .map(|l| l - 1)
+                .collect();
+            let given: Vec<Option<u64>> = list.iter().map(Value::as_u64).collect();
+            if given != rule.iter().map(|&l| Some(l)).collect::<Vec<_>>() {
+                return Err(Error::field(
+                    r.path,
+                    key,
+                    format!("must be every {step}th layer from {}, as `interleave_moe_layer_step` makes it", step - 1),
+                )
+                .with_hint("other sparse-layer lists are not modelled"));
+            }
+        }
+        (0, step)
     } else if family == Family::Lfm2Moe {
         // Lfm2MoeDecoderLayer: dense MLPs below `num_dense_layers` (2), experts from there.
         r.raw(&["use_expert_bias"]);
@@ -800,10 +851,10 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         } else {
             ExpertGate::Activation
         },
-        routing: if family == Family::Phimoe {
-            Routing::SparseMixer
-        } else {
-            Routing::TopK
+        routing: match family {
+            Family::Phimoe => Routing::SparseMixer,
+            Family::Llama4 => Routing::EveryExpert,
+            _ => Routing::TopK,
         },
         input_jitter,
         beside_mlp: family == Family::Gemma4,
@@ -851,6 +902,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Gemma4 => (4, 256),
         // Lfm2Config: 8 KV heads.
         Family::Lfm2 | Family::Lfm2Moe => (8, hidden / heads.max(1)),
+        // Llama4TextConfig: 8 KV heads of 128.
+        Family::Llama4 => (8, 128),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -983,6 +1036,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Lfm2 => lfm2_intermediate(r)?,
         // Lfm2MoeMLP: `intermediate_size` as it is (7,168 by default), no auto-adjust.
         Family::Lfm2Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(7168),
+        // Llama4TextMLP in the dense layers: `intermediate_size_mlp` (16,384); the experts and
+        // the shared expert are `intermediate_size` wide (read by `moe`).
+        Family::Llama4 => r.opt_u64(&["intermediate_size_mlp"])?.unwrap_or(16384),
         _ => r.u64(&["intermediate_size"])?,
     };
     let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
@@ -1094,6 +1150,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Lfm2Moe
             | Family::Gemma4 => QkNorm::PerHead,
             Family::Olmoe | Family::MinimaxM2 => QkNorm::Full,
+            // Llama4TextAttention: `Llama4TextL2Norm` on the rotary layers' q and k.
+            Family::Llama4 if r.bool_or(&["use_qk_norm"], true)? => QkNorm::L2AfterRotary,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
             // head and channel, as many weights as one norm over the whole projection.
             Family::Cohere if r.bool_or(&["use_qk_norm"], false)? => QkNorm::Full,
@@ -1102,7 +1160,15 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             _ => QkNorm::None,
         },
         // Ministral3Attention: `query_states * get_llama_4_attn_scale(position_ids, ...)`.
-        query_position_scale: family == Family::Ministral3,
+        query_scale: match family {
+            Family::Ministral3 => QueryScale::Every,
+            // Llama 4's `attn_temperature_tuning` scales the NoPE layers' queries.
+            Family::Llama4 if r.bool_or(&["attn_temperature_tuning"], true)? => {
+                r.raw(&["attn_scale", "floor_scale"]);
+                QueryScale::NopeLayers
+            }
+            _ => QueryScale::None,
+        },
         // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`.
         attention_output_gate: family.gated_delta_net(),
         global_attention,
@@ -1113,6 +1179,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         rotary_apply: match family {
             Family::Glm4 => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
+            Family::Llama4 => RotaryApply::ComplexFp32,
             _ => RotaryApply::Shared,
         },
         mixers,
@@ -1277,7 +1344,9 @@ fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Res
     if matches!(family, Family::Exaone4 | Family::Cohere2) && mixers.iter().any(windowed) {
         return Ok(mixers.iter().map(windowed).collect());
     }
-    if let Some((key, value)) = r.raw(&["no_rope_layers"]).filter(|(_, v)| !v.is_null()) {
+    // Llama4TextConfig reads an empty `no_rope_layers` as absent (its interval applies).
+    let listed = |v: &Value| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty());
+    if let Some((key, value)) = r.raw(&["no_rope_layers"]).filter(|(_, v)| listed(v)) {
         let Value::Array(list) = value else {
             return Err(Error::field(
                 r.path,
@@ -1299,7 +1368,9 @@ fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Res
             })
             .collect();
     }
-    if r.map.get("model_type").and_then(Value::as_str) != Some("smollm3") {
+    if family != Family::Llama4
+        && r.map.get("model_type").and_then(Value::as_str) != Some("smollm3")
+    {
         return Ok(Vec::new());
     }
     let interval = r.opt_u64(&["no_rope_layer_interval"])?.unwrap_or(4).max(1);

@@ -121,6 +121,13 @@ pub enum Family {
     /// `num_dense_layers` and then fused experts behind a sigmoid router; peft's conversion
     /// table has no pattern for it, so LoRA's FFN names reach the dense MLPs only.
     Lfm2Moe,
+    /// `Llama4ForCausalLM` (Llama 4's language model, `llama4_text`: Scout 17B-16E, Maverick
+    /// 17B-128E): GQA attention with rotary applied as a complex product in fp32, L2-normed q
+    /// and k on the rotary layers, every fourth layer without rotary (NoPE) and with Llama 4's
+    /// query temperature scaling, the others chunked; sparse layers every
+    /// `interleave_moe_layer_step`, whose experts run on every token
+    /// ([`Routing::EveryExpert`]) beside a shared expert.
+    Llama4,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -233,6 +240,12 @@ impl Family {
         matches!(self, Family::Qwen35 | Family::Qwen35Moe | Family::Qwen3Next)
     }
 
+    /// The MoE router is an `nn.Linear` subclass whose forward returns a tuple (PhiMoE's
+    /// `PhimoeTopKRouter`, Llama 4's `Llama4Router`): peft's `all-linear` wraps it and fails.
+    pub fn router_returns_tuple(self) -> bool {
+        matches!(self, Family::Phimoe | Family::Llama4)
+    }
+
     /// LFM2's layers (dense and MoE): short convolutions beside attention, LFM2's config keys.
     pub fn is_lfm2(self) -> bool {
         matches!(self, Family::Lfm2 | Family::Lfm2Moe)
@@ -248,7 +261,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 67] = [
+    pub const ALL: [(&'static str, Family); 68] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -316,6 +329,7 @@ impl Family {
         ("gemma4_text", Family::Gemma4),
         ("lfm2", Family::Lfm2),
         ("lfm2_moe", Family::Lfm2Moe),
+        ("llama4_text", Family::Llama4),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -670,10 +684,9 @@ pub struct ModelSpec {
     pub qk_norm: QkNorm,
     /// How the attention applies rotary positions (with `positions` rotary).
     pub rotary_apply: RotaryApply,
-    /// After rotary, q is multiplied by `1 + beta * log(1 + floor(position / original
-    /// context))` per position (Llama 4's attention temperature scaling, as Ministral 3's
-    /// attention applies it in every layer).
-    pub query_position_scale: bool,
+    /// Which layers multiply q by `1 + beta * log(1 + floor(position / original context))`
+    /// per position after rotary (Llama 4's attention temperature scaling).
+    pub query_scale: QueryScale,
     /// The query projection is twice as wide; its second half, through a sigmoid, multiplies
     /// the attention output before `o_proj` (Qwen3.5's and Qwen3-Next's gated attention).
     pub attention_output_gate: bool,
@@ -795,6 +808,11 @@ pub enum RouterPrecision {
 pub enum Routing {
     /// Softmax over the experts, then top-k (Mixtral, Qwen-MoE, DeepSeek, ...).
     TopK,
+    /// Llama 4's `Llama4TextMoe`: top-k of the logits, a sigmoid of those (the others are
+    /// -inf, so zero), and every token through every expert: the input is repeated once per
+    /// expert and scaled by its score before the experts' batched matmuls, whose outputs are
+    /// summed. Compute and activations grow with the expert count, not with top-k.
+    EveryExpert,
     /// PhiMoE's `sparsemixer` (Liu et al. 2024, "GRIN: GRadient-INformed MoE"): per choice a
     /// masked softmax, a Gumbel sample and Heun's midpoint mask, with a custom backward.
     SparseMixer,
@@ -827,6 +845,10 @@ pub enum RotaryApply {
     /// cast to the activations' dtype), `q.float()` and `rotate_half(q).float()` multiplied in
     /// fp32, the sum cast back to q's dtype.
     InterleavedFp32,
+    /// Llama 4's `apply_rotary_emb`: `q.float()` viewed as complex pairs, multiplied by the
+    /// model's complex64 `freqs_cis` (which the product keeps, once for all layers), viewed back
+    /// and cast to q's dtype: two fp32 tensors of q's size in flight, nothing per layer kept.
+    ComplexFp32,
 }
 
 /// How q and k are normalised before the scores.
@@ -836,6 +858,20 @@ pub enum QkNorm {
     None,
     PerHead,
     Full,
+    /// Llama 4's `Llama4TextL2Norm` on the rotary layers only, after rotary: a scale-less
+    /// RMSNorm over each head of fp32 copies of q and k.
+    L2AfterRotary,
+}
+
+/// Where Llama 4's per-position query temperature scaling applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryScale {
+    None,
+    /// Every layer (Ministral 3's `get_llama_4_attn_scale`).
+    Every,
+    /// The layers without rotary (Llama 4's `attn_temperature_tuning`).
+    NopeLayers,
 }
 
 /// Scalar multipliers a model applies as separate multiplies (Granite); 1 means none.
@@ -909,7 +945,7 @@ impl ModelSpec {
             moe: None,
             qk_norm: QkNorm::None,
             rotary_apply: RotaryApply::Shared,
-            query_position_scale: false,
+            query_scale: QueryScale::None,
             attention_output_gate: false,
             global_attention: None,
             value_norm: false,
