@@ -1476,12 +1476,7 @@ fn moe_ops(
     // upcast) compute in fp32 and keep no 16-bit weight copies.
     let autocast = std::mem::replace(&mut b.autocast, false);
     for e in 0..experts.min(2) {
-        let label = match e {
-            0 => "experts.0".to_string(),
-            _ if experts > 2 => format!("experts.1-{}", experts - 1),
-            _ => "experts.1".to_string(),
-        };
-        let es = b.scope(name, &label);
+        let es = expert_scope(b, name, e, experts);
         let mark = b.graph.mark();
         let routed = if e == 0 { busiest } else { others };
         // index_select of this expert's tokens (its backward scatters the gradient back).
@@ -1566,6 +1561,17 @@ fn moe_ops(
     shared_experts(b, name, x, out, moe)
 }
 
+/// The scope of expert `e` of a layer's two expert op sets: `experts.0`, and `experts.1-{E-1}`
+/// for the one standing for the others.
+fn expert_scope(b: &mut Builder, name: Scope, e: u64, experts: u64) -> Scope {
+    let label = match e {
+        0 => "experts.0".to_string(),
+        _ if experts > 2 => format!("experts.1-{}", experts - 1),
+        _ => "experts.1".to_string(),
+    };
+    b.scope(name, &label)
+}
+
 /// Llama 4's experts (`Llama4TextMoe`, `Llama4TextExperts`) on the router's logits: every
 /// token through every expert. The router keeps the top-k logits (the rest -inf) and takes
 /// `sigmoid(scores.float()).to(dtype)`, which keeps its output; `hidden_states.repeat(E, 1)`
@@ -1629,12 +1635,7 @@ fn experts_on_every_token(
     // Expert 0, then one expert standing for the other E - 1 (`OpGraph::scale_since`): each
     // reads its rows of the product, a view its matmul keeps whole (once, made before).
     for e in 0..experts.min(2) {
-        let label = match e {
-            0 => "experts.0".to_string(),
-            _ if experts > 2 => format!("experts.1-{}", experts - 1),
-            _ => "experts.1".to_string(),
-        };
-        let es = b.scope(name, &label);
+        let es = expert_scope(b, name, e, experts);
         let mark = b.graph.mark();
         let xe = Val { tokens, ..scaled };
         let gate_up = b.linear(es.at("gate_up_proj"), xe, 2 * inter, moe.bias, None);
