@@ -1945,3 +1945,33 @@ fn llama4_runs_every_token_through_every_expert() {
     let lora_bf16 = plan(lora(), 1, 64, AttentionKernel::Sdpa);
     assert_eq!(experts(&lora_bf16), 82_944);
 }
+
+#[test]
+fn mistral4_reads_as_deepseek_with_llama4_query_scaling_and_unconverted_experts() {
+    // A toy Mistral4 (hidden 64; 4 latent-attention heads, q rank 32, kv rank 16, nope and
+    // rope dims 8, values 16; a dense first layer of 96, then 4 experts of 32, top 2, and one
+    // shared expert): transformers 5.17 builds 105,120 parameters. peft 0.21.2's conversion
+    // table has no `mistral4` pattern: gate,up,down reach the dense and shared MLPs only
+    // (12,288) and `all-linear` adds the attention's linears (28,928).
+    let m = toy(&serde_json::json!({
+        "model_type": "mistral4", "hidden_size": 64, "intermediate_size": 96,
+        "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 32,
+        "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "vocab_size": 256
+    }));
+    assert!(m.mla.is_some());
+    assert_eq!(m.query_scale, ftplan::spec::model::QueryScale::Every);
+    let all = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa)).memory;
+    assert_eq!((all.base_params, all.trainable_params), (105_120, 28_928));
+    assert_eq!(
+        lora_trainable(&m, &["gate_proj", "up_proj", "down_proj"]),
+        12_288
+    );
+    // The scaling multiplies the concatenated queries in every layer.
+    let g = graph::build(&m, &full(Precision::Bf16, 1, 64));
+    assert!(
+        g.ops()
+            .any(|o| g.name(o.name).ends_with("self_attn.q_scale"))
+    );
+}

@@ -1009,7 +1009,10 @@ fn latent_attention(
         width: heads * mla.nope_dim,
         ..q
     };
-    let q = b.concat_width(name.at("q_cat"), q_nope, q_rope);
+    let mut q = b.concat_width(name.at("q_cat"), q_nope, q_rope);
+    if b.model.query_scale == QueryScale::Every {
+        q = b.position_scale(name.at("q_scale"), q, seq);
+    }
     let k_nope = Val {
         width: heads * mla.nope_dim,
         ..kv

@@ -516,6 +516,7 @@ impl<'a> Builder<'a> {
             | Family::Qwen35Moe
             | Family::Qwen3Next
             | Family::Deepseek
+            | Family::Mistral4
             | Family::Mamba => (0, 0),
             Family::Llama
             | Family::Mistral

@@ -291,7 +291,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Mpt => mpt(&r)?,
-        Family::Deepseek => deepseek(&r)?,
+        Family::Deepseek | Family::Mistral4 => deepseek(&r, family)?,
         Family::Mamba => mamba(&r)?,
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
@@ -648,7 +648,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     let (experts_key, expert_inter) = match family {
         // MiniMaxM2Config: `intermediate_size` is each expert's width; every layer is sparse.
         Family::Mixtral | Family::Phimoe | Family::MinimaxM2 => ("num_local_experts", intermediate),
-        Family::Deepseek | Family::Glm4Moe | Family::Dots1 => {
+        Family::Deepseek | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
@@ -733,7 +733,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Qwen2Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             (r.u64(&["shared_expert_intermediate_size"])?, true)
         }
-        Family::Deepseek | Family::Glm4Moe | Family::Dots1 => (
+        Family::Deepseek | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
         ),
@@ -1535,7 +1535,7 @@ fn glm4_moe_lite(r: &Reader) -> bool {
     r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite")
 }
 
-fn deepseek(r: &Reader) -> Result<ModelSpec> {
+fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
     let intermediate = r.u64(&["intermediate_size"])?;
@@ -1543,7 +1543,13 @@ fn deepseek(r: &Reader) -> Result<ModelSpec> {
     // Glm4MoeLiteConfig); V2-Lite's config says null (no query bottleneck), which a TOML file
     // writes as 0.
     let q_rank = match r.map.get("q_lora_rank") {
-        None => Some(if glm4_moe_lite(r) { 768 } else { 1536 }),
+        None => Some(if glm4_moe_lite(r) {
+            768
+        } else if family == Family::Mistral4 {
+            1024
+        } else {
+            1536
+        }),
         Some(Value::Null) => None,
         Some(v) if v.as_u64() == Some(0) => {
             r.raw(&["q_lora_rank"]);
@@ -1584,9 +1590,16 @@ fn deepseek(r: &Reader) -> Result<ModelSpec> {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             ..Dropouts::default()
         },
-        moe: moe(r, Family::Deepseek, intermediate)?,
+        moe: moe(r, family, intermediate)?,
         mla: Some(mla),
-        ..ModelSpec::decoder_only(Family::Deepseek, hidden, r.u64(&["vocab_size"])?, stack)
+        // Mistral4Attention: `query_states * get_llama_4_attn_scale(...)` after the
+        // concatenation, in every layer.
+        query_scale: if family == Family::Mistral4 {
+            QueryScale::Every
+        } else {
+            QueryScale::None
+        },
+        ..ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack)
     })
 }
 

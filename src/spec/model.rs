@@ -128,6 +128,11 @@ pub enum Family {
     /// `interleave_moe_layer_step`, whose experts run on every token
     /// ([`Routing::EveryExpert`]) beside a shared expert.
     Llama4,
+    /// `Mistral4ForCausalLM`: DeepSeek-V3's latent attention and layers (dense ones below
+    /// `first_k_dense_replace`, routed and shared experts) with Llama 4's query scaling in
+    /// every layer and a router in the model's dtype; peft's conversion table has no pattern
+    /// for it, so LoRA's FFN names reach the dense and shared MLPs only.
+    Mistral4,
     /// `MptForCausalLM` (MosaicML MPT-7B/30B, as transformers writes it): ALiBi on eager
     /// scores, one bias-free `Wqkv`, LayerNorms without bias, a 4x GELU MLP, a tied head.
     Mpt,
@@ -261,7 +266,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 68] = [
+    pub const ALL: [(&'static str, Family); 69] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -330,6 +335,7 @@ impl Family {
         ("lfm2", Family::Lfm2),
         ("lfm2_moe", Family::Lfm2Moe),
         ("llama4_text", Family::Llama4),
+        ("mistral4", Family::Mistral4),
     ];
 
     pub fn model_type(self) -> &'static str {
