@@ -1545,23 +1545,35 @@ fn moe_ops(
         // The grouped kernels launch once for all experts, so the op set standing for the other
         // experts adds device work but no launches; no expert is a module of its own (the
         // `experts` module is called once, its activation module once).
-        let since = mark.0;
         let calls = u32::from(e == 0) * (1 + u32::from(moe.gate == ExpertGate::Activation));
-        for i in since..b.graph.len() {
-            if let Some(o) = b.graph.op_mut(i) {
-                o.cost.modules = 0;
-                if e == 1 {
-                    o.cost.forward_kernels = 0;
-                    o.cost.backward_kernels = 0;
-                }
-            }
-        }
-        if let Some(o) = b.graph.op_mut(since) {
-            o.cost.modules = calls;
-        }
+        launched_once(b, mark.0, (e, calls), None);
     }
     b.autocast = autocast;
     shared_experts(b, name, x, out, moe)
+}
+
+/// Expert `e`'s op set (from op `since`) in a layer whose experts run in one call: it launches
+/// nothing beyond expert 0's set and makes `calls` module calls (on its first op). With
+/// `batched` (the expert count E), that one call has every expert's buffers in flight: the set
+/// standing for the other E - 1 holds theirs in forward (expert 0's results already made) and
+/// all E's in backward (beside expert 0's still-held inputs).
+fn launched_once(b: &mut Builder, since: usize, (e, calls): (u64, u32), batched: Option<u64>) {
+    for i in since..b.graph.len() {
+        if let Some(o) = b.graph.op_mut(i) {
+            o.cost.modules = 0;
+            if e == 1 {
+                o.cost.forward_kernels = 0;
+                o.cost.backward_kernels = 0;
+                if let Some(experts) = batched {
+                    o.forward_transient = o.forward_transient * (experts - 1);
+                    o.backward_transient = o.backward_transient * experts;
+                }
+            }
+        }
+    }
+    if let Some(o) = b.graph.op_mut(since) {
+        o.cost.modules = calls;
+    }
 }
 
 /// The scope of expert `e` of a layer's two expert op sets: `experts.0`, and `experts.1-{E-1}`
@@ -1657,25 +1669,9 @@ fn experts_on_every_token(
         if e == 1 {
             b.graph.scale_since(mark, experts - 1);
         }
-        // Each `bmm` launches once for all experts; the `experts` module is called once. One
-        // call runs every expert at once, so the op set standing for the other experts has
-        // their buffers in flight together: in forward with expert 0's results already made,
-        // in backward beside expert 0's still-held inputs, the whole batch's.
-        let since = mark.0;
-        for i in since..b.graph.len() {
-            if let Some(o) = b.graph.op_mut(i) {
-                o.cost.modules = 0;
-                if e == 1 {
-                    o.cost.forward_kernels = 0;
-                    o.cost.backward_kernels = 0;
-                    o.forward_transient = o.forward_transient * (experts - 1);
-                    o.backward_transient = o.backward_transient * experts;
-                }
-            }
-        }
-        if let Some(o) = b.graph.op_mut(since) {
-            o.cost.modules = u32::from(e == 0);
-        }
+        // Each `bmm` launches once for all experts, with all their buffers in flight; the
+        // `experts` module is called once.
+        launched_once(b, mark.0, (e, u32::from(e == 0)), Some(experts));
     }
     out
 }
