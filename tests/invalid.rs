@@ -109,6 +109,15 @@ fn unknown_toml_fields_get_a_suggestion() {
 }
 
 #[test]
+fn another_family_s_field_is_unknown_in_a_model_file() {
+    // Llama 4's `attention_chunk_size` means nothing to a Llama model: refused, not ignored.
+    model(
+        "foreign-field.toml",
+        &["`attention_chunk_size`", "is not a known field"],
+    );
+}
+
+#[test]
 fn a_model_file_is_named_after_its_stem() {
     model("name-mismatch.toml", &["`name`", "name-mismatch.toml"]);
 }

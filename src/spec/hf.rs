@@ -445,6 +445,25 @@ fn lfm2_short_conv(r: &Reader, family: Family) -> Result<Option<ShortConv>> {
     }))
 }
 
+/// Llama 4's chunked layers (`attention_chunk_size`, 8,192 when absent, none when null), `None`
+/// for every other family. Each query sees the keys of its own chunk only; modelled as a window
+/// of the chunk's length: both take SDPA's causal path when the sequence fits in one, and an
+/// explicit mask when it does not (where a window's keys per query are the chunk's at most).
+fn llama4_chunked(r: &Reader, family: Family) -> Result<Option<Mixer>> {
+    if family != Family::Llama4 {
+        return Ok(None);
+    }
+    Ok(Some(match r.map.get("attention_chunk_size") {
+        Some(Value::Null) => {
+            r.raw(&["attention_chunk_size"]);
+            Mixer::Attention
+        }
+        _ => Mixer::SlidingWindow {
+            window: r.opt_u64(&["attention_chunk_size"])?.unwrap_or(8192),
+        },
+    }))
+}
+
 /// LFM2's MLP width (`Lfm2MLP.__init__`): `block_ff_dim` (or `intermediate_size`), and with
 /// `block_auto_adjust_ff_dim` (the default) two thirds of it, times `block_ffn_dim_multiplier`
 /// when set, rounded up to a multiple of `block_multiple_of` (Llama's SwiGLU sizing).
@@ -508,16 +527,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     let flag = r.opt_bool(&["use_sliding_window"])?;
     let linear = delta_net(r, family)?;
     let short_conv = lfm2_short_conv(r, family)?;
-    // Llama 4's chunked layers (`attention_chunk_size`, 8,192 when absent, none when null):
-    // each query sees the keys of its own chunk only. Modelled as a window of the chunk's
-    // length: both take SDPA's causal path when the sequence fits in one, and an explicit mask
-    // when it does not (where a window's keys per query are the chunk's at most).
-    let chunked = match r.map.get("attention_chunk_size") {
-        Some(Value::Null) => Mixer::Attention,
-        _ => Mixer::SlidingWindow {
-            window: r.opt_u64(&["attention_chunk_size"])?.unwrap_or(8192),
-        },
-    };
+    let chunked = llama4_chunked(r, family)?;
     // Qwen3_5TextConfig: without `layer_types`, layer i is full attention when (i + 1) is a
     // multiple of `full_attention_interval` (4), linear otherwise (read either way: configs
     // write both).
@@ -533,7 +543,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             .map(|t| match (t.as_str(), window, linear) {
                 (Some("full_attention"), _, _) => Ok(Mixer::Attention),
                 (Some("conv"), _, _) if let Some(c) = short_conv => Ok(Mixer::ShortConv(c)),
-                (Some("chunked_attention"), _, _) if family == Family::Llama4 => Ok(chunked),
+                (Some("chunked_attention"), _, _) if let Some(c) = chunked => Ok(c),
                 (Some("sliding_attention"), Some(w), _) => Ok(Mixer::SlidingWindow { window: w }),
                 (Some("sliding_attention"), None, _) => Err(Error::field(
                     r.path,
@@ -559,7 +569,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         v.push(Mixer::Attention);
         return Ok(v);
     }
-    if family == Family::Llama4 {
+    if let Some(chunked) = chunked {
         // Llama4TextConfig without `layer_types`: chunked where rotary applies, full on the
         // NoPE layers.
         let rope = rope_layers(r, family, &[], layers)?;
@@ -785,12 +795,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         let layers = r.u64(&["num_hidden_layers"])?;
         let step = r.opt_u64(&["interleave_moe_layer_step"])?.unwrap_or(1);
         if let Some((key, Value::Array(list))) = r.raw(&["moe_layers"]) {
-            let rule: Vec<u64> = (1..=layers)
-                .filter(|l| l % step == 0)
-                .map(|l| l - 1)
-                .collect();
-            let given: Vec<Option<u64>> = list.iter().map(Value::as_u64).collect();
-            if given != rule.iter().map(|&l| Some(l)).collect::<Vec<_>>() {
+            let rule = (1..=layers).filter(|l| l % step == 0).map(|l| Some(l - 1));
+            if !list.iter().map(Value::as_u64).eq(rule) {
                 return Err(Error::field(
                     r.path,
                     key,
@@ -1163,9 +1169,14 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         query_scale: match family {
             Family::Ministral3 => QueryScale::Every,
             // Llama 4's `attn_temperature_tuning` scales the NoPE layers' queries.
-            Family::Llama4 if r.bool_or(&["attn_temperature_tuning"], true)? => {
+            // (`attn_scale` and `floor_scale` set its values, not its shapes.)
+            Family::Llama4 => {
                 r.raw(&["attn_scale", "floor_scale"]);
-                QueryScale::NopeLayers
+                if r.bool_or(&["attn_temperature_tuning"], true)? {
+                    QueryScale::NopeLayers
+                } else {
+                    QueryScale::None
+                }
             }
             _ => QueryScale::None,
         },
