@@ -15,8 +15,13 @@ pub const CALIBRATION: &str = include_str!("../validation/calib-h200.json");
 
 pub const MEDIAN_BOUND: f64 = 0.05;
 pub const WORST_BOUND: f64 = 0.15;
-/// Step-time bound (issue #3).
-pub const TIME_MEDIAN_BOUND: f64 = 0.25;
+/// Step-time bounds (issue #10): the median, and the worst run. The worst-case bound cannot be
+/// tighter than the runs themselves: the host-bound runs' step times moved by up to 53 %
+/// between two H200 machines (`validation/measured.jsonl` against the re-measure in
+/// `validation/profile-h200.jsonl`, same harness and software), while the GPU-bound runs
+/// agreed within 3 %.
+pub const TIME_MEDIAN_BOUND: f64 = 0.10;
+pub const TIME_WORST_BOUND: f64 = 0.45;
 
 #[derive(Debug, Deserialize)]
 struct Record {
@@ -26,6 +31,16 @@ struct Record {
     /// `max_memory_allocated` over the run (single-GPU runs).
     #[serde(default)]
     peak_run: Option<u64>,
+    /// The peaks of steps 1-2 and of step 3 alone. A QLoRA run's `peak_run` also holds the
+    /// bf16 weights the harness builds before quantizing them (`n_4bit_linears` is set), which
+    /// a real `from_pretrained` with a `BitsAndBytesConfig` never holds at once (it quantizes
+    /// each weight as it loads): those runs are compared on the step peaks.
+    #[serde(default)]
+    peak_steps_1_2: Option<u64>,
+    #[serde(default)]
+    peak_steady: Option<u64>,
+    #[serde(default)]
+    n_4bit_linears: Option<u64>,
     /// One rank's peak (FSDP runs, `fsdp.jsonl`).
     #[serde(default)]
     peak_bytes: Option<u64>,
@@ -162,8 +177,12 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
             ..crate::spec::parallel::Parallel::single()
         };
     }
-    let measured = rec
-        .peak_run
+    let step_peak = match (rec.n_4bit_linears, rec.peak_steps_1_2, rec.peak_steady) {
+        (Some(_), Some(a), Some(b)) => Some(a.max(b)),
+        _ => None,
+    };
+    let measured = step_peak
+        .or(rec.peak_run)
         .or(rec.peak_bytes)
         .ok_or_else(|| Error::field(where_, "peak_run", "is missing"))?;
     let est = estimate(&model, &plan, hardware, rates)?;
