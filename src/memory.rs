@@ -111,11 +111,14 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     } else {
         Bytes::ZERO
     };
-    // bitsandbytes' paged optimizers allocate their states with `cudaMallocManaged`
+    // bitsandbytes' paged optimizers allocate their large states with `cudaMallocManaged`
     // (`F.get_paged`): outside PyTorch's caching allocator, so outside its peak; resident on
     // the GPU while there is room, evicted page by page to host memory when there is not.
     let (states_on_gpu, paged) = if plan.optimizer.paged() {
-        (Bytes::ZERO, states_on_gpu)
+        let paged = crate::optimizer::paged_state_bytes(plan.optimizer, &trainable)
+            .div_ceil(layout.optimizer_div)
+            .min(states_on_gpu);
+        (states_on_gpu - paged, paged)
     } else {
         (states_on_gpu, Bytes::ZERO)
     };

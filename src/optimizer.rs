@@ -9,6 +9,26 @@ const MIN_8BIT_SIZE: u64 = 4096;
 /// bitsandbytes' block size for optimizer-state quantization (one fp32 absmax per block).
 const BNB_BLOCK: u64 = 256;
 
+/// bitsandbytes' paged optimizers allocate a state in unified memory only for tensors of at
+/// least this many elements (`get_state_buffer`: `p.numel() < 1e5` takes `torch.zeros_like`).
+const MIN_PAGED_SIZE: u64 = 100_000;
+
+/// The part of [`state_bytes`] a paged optimizer keeps in CUDA unified memory: the states of
+/// tensors of at least 1e5 elements; their 8-bit absmax vectors and every smaller tensor's
+/// states are ordinary allocations (bitsandbytes 0.50, optim/optimizer.py `init_state`).
+pub fn paged_state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
+    let state = match optimizer {
+        Optimizer::PagedAdamw8bit => DType::U8,
+        Optimizer::PagedAdamw32bit => DType::F32,
+        _ => return Bytes::ZERO,
+    };
+    params
+        .iter()
+        .filter(|p| p.elements >= MIN_PAGED_SIZE)
+        .map(|p| state.bytes(p.elements) * 2 * p.copies)
+        .sum()
+}
+
 /// Persistent optimizer state for the trainable parameters.
 pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
     params
