@@ -6,7 +6,7 @@
 //! kernels asynchronously from one host thread, paying a dispatch cost per kernel; when kernels
 //! are short the host, not the GPU, sets the pace, so the step takes the larger of the two totals.
 
-use crate::graph::op::{Op, OpGraph, OpKind};
+use crate::graph::op::{Access, Op, OpGraph, OpKind};
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::{Optimizer, Plan};
 use crate::units::{Bytes, DType, Flops};
@@ -165,8 +165,78 @@ impl TimeEstimate {
     }
 }
 
-fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates) -> f64 {
-    let t_memory = bytes.0 as f64 / rates.copy_bandwidth;
+/// Fractions of the copy bandwidth that PyTorch's memory-bound kernels sustain, measured on the
+/// H200 with torch 2.11 (`validation/kbench-h200.json`, `validation/kbench.py`: 16.7 M-element
+/// operands, several times the L2; the CUDA-event figures less the 9.7 us an event pair adds
+/// to one kernel, which is the gap between the same add timed alone and replayed from a CUDA
+/// graph). They describe the kernels' loops rather than the chip, so other GPUs take them too.
+/// A contiguous bf16 add: 3.97 of 4.23 TB/s.
+const CONTIGUOUS_EFFICIENCY: f64 = 0.94;
+/// `x.float()` of a bf16 tensor: 1.86 TB/s.
+const WIDENING_EFFICIENCY: f64 = 0.44;
+/// Rotary's `q * cos` over a transposed view, a row-broadcast multiply and `.contiguous()` of
+/// a transpose: 1.37, 1.48 and 1.35 TB/s.
+const STRIDED_EFFICIENCY: f64 = 0.33;
+/// Row-wise kernels (norms, softmax): `F.layer_norm` in fp32 and transformers' eight-op
+/// `LlamaRMSNorm` on bf16 both sustain 2.23 TB/s of the bytes the graph counts for them.
+const ROWWISE_EFFICIENCY: f64 = 0.53;
+/// The least time a kernel holds the GPU, launch to retirement: 1.3 us per kernel for adds of
+/// one element replayed back to back from a CUDA graph (`kbench.py`, `graph_add_bf16_n1`).
+const KERNEL_FLOOR: f64 = 1.3e-6;
+
+/// PyTorch's fused AdamW (`_fused_adamw_`, one `multi_tensor_apply` kernel per chunk of
+/// tensors) as profiled inside the measured steps (`validation/profile-h200.jsonl`): 30.8 GB
+/// for TinyLlama's 1.1 B fp32 parameters in 8.9 ms, 0.82 of the copy rate; Llama-2-7B's bf16
+/// parameters 34.3 ms, which bytes alone would put at 22 ms: the kernel does its arithmetic in
+/// fp32 per element (`FusedAdamMathFunctor`'s opmath type) and converts every bf16 load and
+/// store, 197 G elements/s at most.
+const FUSED_ADAMW_EFFICIENCY: f64 = 0.82;
+const FUSED_ADAMW_ELEMENTS: f64 = 197e9;
+/// bitsandbytes' blockwise 8-bit Adam kernel (`kOptimizerStatic8bit2StateBlockwise`)
+/// dequantizes both states through their 256-value maps, updates them and quantizes them back
+/// by searching those maps per element: 35 G elements/s whatever the parameter dtype (1.10 B fp32
+/// in 31.2 ms, 0.49 B bf16 in 14.2 ms, `validation/profile-h200.jsonl`), far under its bytes.
+const BNB_8BIT_ELEMENTS: f64 = 35e9;
+
+/// Which pass of an op is timed.
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+/// Device seconds of one op's forward and of its backward (one copy).
+pub fn op_seconds(op: &Op, rates: &Rates) -> (f64, f64) {
+    let c = &op.cost;
+    (
+        op_time(c.forward_flops, c.forward_bytes, op, rates, Pass::Forward),
+        op_time(
+            c.input_grad_flops + c.weight_grad_flops,
+            c.backward_bytes,
+            op,
+            rates,
+            Pass::Backward,
+        ),
+    )
+}
+
+fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates, pass: Pass) -> f64 {
+    let (access, kernels) = match pass {
+        Pass::Forward => (op.cost.forward_access, op.cost.forward_kernels),
+        Pass::Backward => (op.cost.backward_access, op.cost.backward_kernels),
+    };
+    let efficiency = match op.kind {
+        // GEMM and attention kernels stream their operands at the copy rate when memory-bound.
+        OpKind::Matmul | OpKind::Attention => 1.0,
+        OpKind::Norm | OpKind::Loss => ROWWISE_EFFICIENCY,
+        OpKind::Elementwise | OpKind::Embedding => match access {
+            Access::Contiguous => CONTIGUOUS_EFFICIENCY,
+            Access::Widening => WIDENING_EFFICIENCY,
+            Access::Strided => STRIDED_EFFICIENCY,
+        },
+    };
+    let floor = f64::from(kernels) * KERNEL_FLOOR;
+    let t_memory = (bytes.0 as f64 / (rates.copy_bandwidth * efficiency)).max(floor);
     if flops.0 <= 0.0 {
         return t_memory;
     }
@@ -201,6 +271,17 @@ struct Queue {
 }
 
 impl Queue {
+    /// Work the host waits for before and after (a `torch.cuda.synchronize()` around it): its
+    /// host time and its device time add up instead of overlapping.
+    fn serial(&mut self, dispatches: f64, device: f64) {
+        let host = dispatches * self.dispatch_cost;
+        self.dispatches += dispatches;
+        self.host_total += host;
+        self.host = self.host.max(self.device) + host + device;
+        self.device = self.host;
+        self.busy += device;
+    }
+
     /// One unit of work: its dispatches and module calls (plus any other host time, `extra`)
     /// on the host, then `device` seconds on the GPU.
     fn push(&mut self, dispatches: f64, modules: f64, extra: f64, device: f64) {
@@ -259,7 +340,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     for &(k, first) in &order {
         let op = ops[k];
         let c = &op.cost;
-        let t = op_time(c.forward_flops, c.forward_bytes, op, rates);
+        let t = op_time(c.forward_flops, c.forward_bytes, op, rates, Pass::Forward);
         if first || last.is_none_or(|l| ops[l].unit != op.unit) {
             fwd_units.push((op.unit, 0.0));
         }
@@ -303,7 +384,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
             let mut entry = rates.checkpoint_block;
             for o in &ops[start..=i] {
                 let c = &o.cost;
-                let t = op_time(c.forward_flops, c.forward_bytes, o, rates);
+                let t = op_time(c.forward_flops, c.forward_bytes, o, rates, Pass::Forward);
                 bwd += t;
                 flops += c.forward_flops.0;
                 q.push(
@@ -318,11 +399,17 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         current = op.segment;
         let c = &op.cost;
         let back_flops = c.input_grad_flops + c.weight_grad_flops;
-        let t = op_time(back_flops, c.backward_bytes, op, rates);
+        let t = op_time(back_flops, c.backward_bytes, op, rates, Pass::Backward);
         bwd += t;
         flops += back_flops.0;
-        // Backward runs in autograd's C++ engine: no module calls.
-        q.push(f64::from(c.backward_kernels), 0.0, 0.0, t);
+        // Backward runs in autograd's C++ engine: no module calls, except where a Python
+        // `autograd.Function`'s backward runs.
+        q.push(
+            f64::from(c.backward_kernels),
+            f64::from(c.backward_modules),
+            0.0,
+            t,
+        );
         if let Some(u) = bwd_units.last_mut() {
             u.1 += bwd - before;
         }
@@ -367,22 +454,39 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     }
     let par = plan.parallel;
     let (_, _, optimizer_div) = par.divisors();
+    let elements: f64 = trainable.iter().map(|p| p.count() as f64).sum();
     let opt = if par.offload == crate::spec::parallel::Offload::None {
-        // Each rank steps its shard of the optimizer states.
-        opt_bytes / rates.copy_bandwidth / optimizer_div as f64
+        // Each rank steps its shard of the optimizer states, at the rate its kernels sustain.
+        let (efficiency, element_rate) = match plan.optimizer {
+            Optimizer::Adamw => (FUSED_ADAMW_EFFICIENCY, FUSED_ADAMW_ELEMENTS),
+            Optimizer::Adamw8bit | Optimizer::PagedAdamw8bit => {
+                (CONTIGUOUS_EFFICIENCY, BNB_8BIT_ELEMENTS)
+            }
+            _ => (CONTIGUOUS_EFFICIENCY, f64::INFINITY),
+        };
+        (opt_bytes / (rates.copy_bandwidth * efficiency)).max(elements / element_rate)
+            / optimizer_div as f64
     } else {
         // ZeRO-Offload's CPU Adam: fp32 parameter, gradient and two states read and written
         // (32 bytes per parameter) at the host's memory bandwidth, shared by the node's ranks.
-        let elements: u64 = trainable.iter().map(|p| p.count()).sum();
         let ranks = par.gpus_per_node.min(par.gpus).max(1) as f64;
-        elements as f64 / optimizer_div as f64 * 32.0 / (HOST_MEMORY_BANDWIDTH / ranks)
+        elements / optimizer_div as f64 * 32.0 / (HOST_MEMORY_BANDWIDTH / ranks)
     };
     let tensors: u64 = trainable.iter().map(|p| p.copies).sum();
     let opt_kernels = (tensors as f64 * kernels_per_tensor).ceil();
     // Per trainable tensor: its AccumulateGrad node in backward, and the optimizer's Python
     // bookkeeping (`_init_group` collects params, grads and states one tensor at a time).
     let per_tensor = 2.0 * tensors as f64;
-    q.push(opt_kernels + per_tensor, 0.0, 0.0, opt);
+    if plan.optimizer.bitsandbytes() {
+        // bitsandbytes' `Optimizer8bit.step` calls `torch.cuda.synchronize()` after every
+        // parameter's update (`sync_gpu` in bitsandbytes 0.50's optim/optimizer.py): the first
+        // waits for backward to drain, and from then on each parameter's Python and its kernel
+        // run one after the other. Per tensor: its AccumulateGrad node, the update's dispatch
+        // and the synchronize's round trip, each at the dispatch cost.
+        q.serial(3.0 * tensors as f64, opt);
+    } else {
+        q.push(opt_kernels + per_tensor, 0.0, 0.0, opt);
+    }
 
     let host = q.host_total;
     let device = q.busy;

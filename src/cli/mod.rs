@@ -496,6 +496,7 @@ fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
         && s.memory_median <= ftplan::validate::MEDIAN_BOUND
         && s.memory_worst <= ftplan::validate::WORST_BOUND
         && s.time_median <= ftplan::validate::TIME_MEDIAN_BOUND
+        && s.time_worst <= ftplan::validate::TIME_WORST_BOUND
         && s.trainable_exact;
     match a.format {
         Format::Table => out!("{}", report::table::validation(&rows, &s, &rates.source)),

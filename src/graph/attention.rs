@@ -321,6 +321,7 @@ impl Builder<'_> {
                 // The attention module and the block around it.
                 modules: 2,
                 misaligned: false,
+                ..Cost::default()
             },
             compute,
             in_backward: grad,

@@ -10,7 +10,8 @@
 //! are the whole activation model: there is no per-model multiplier.
 
 use crate::graph::op::{
-    Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind,
+    Access, Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId,
+    TensorKind,
 };
 use crate::spec::model::{Family, ModelSpec};
 use crate::spec::parallel::Engine;
@@ -380,6 +381,17 @@ impl<'a> Builder<'a> {
         // `_to_copy`'s derivative casts the gradient back: one kernel reading the gradient in
         // the output dtype and writing it in the input dtype, the forward's bytes.
         self.set_backward_bytes(op, x.bytes() + out.bytes());
+        // Whichever pass widens runs the slower dynamic-cast loop; narrowing to bf16 has its
+        // own vectorized kernel (`bfloat16_copy_kernel_cuda`).
+        let widening = dtype.bytes(1) > x.dtype.bytes(1);
+        self.set_access(
+            op,
+            if widening {
+                (Access::Widening, Access::Contiguous)
+            } else {
+                (Access::Contiguous, Access::Widening)
+            },
+        );
         out
     }
 
@@ -393,16 +405,23 @@ impl<'a> Builder<'a> {
     /// `scale` whose result has `dtype`: type promotion by an operand that keeps no tensor for
     /// backward (BART's fp32 `final_logits_bias` buffer added to bf16 logits).
     pub fn scale_into(&mut self, name: Name, x: Val, dtype: DType) -> Val {
+        self.one_pass(name, x, dtype, Access::Contiguous)
+    }
+
+    /// A new tensor of x's size from one kernel reading x (and one reading its gradient back).
+    fn one_pass(&mut self, name: Name, x: Val, dtype: DType, access: Access) -> Val {
         let out = self.val(x.width, x.tokens, dtype, x.grad);
         let op = self.elementwise(name, &[x], out, SmallVec::new(), 1.0);
         self.set_backward_bytes(op, x.bytes() + out.bytes());
+        self.set_access(op, (access, access));
         out
     }
 
     /// `x.contiguous()` on a strided view (or `.clone()`): a copy of x, kept by nobody but its
-    /// reader; its backward is the gradient's copy back, one kernel each way, as `scale`.
+    /// reader; its backward is the gradient's copy back, one kernel each way, as `scale`, both
+    /// through the strided loop.
     pub fn contiguous(&mut self, name: Name, x: Val) -> Val {
-        self.scale(name, x)
+        self.one_pass(name, x, x.dtype, Access::Strided)
     }
 
     /// `a + b` (residual adds): saves nothing; the result takes the wider dtype.
@@ -446,6 +465,14 @@ impl<'a> Builder<'a> {
             compute: x.dtype,
             in_backward: true,
         });
+    }
+
+    /// Sets op `op`'s memory paths (forward, backward).
+    pub(super) fn set_access(&mut self, op: usize, (forward, backward): (Access, Access)) {
+        if let Some(o) = self.graph.op_mut(op) {
+            o.cost.forward_access = forward;
+            o.cost.backward_access = backward;
+        }
     }
 
     /// Sets op `op`'s backward traffic where its derivative is not the generic two passes.

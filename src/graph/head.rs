@@ -102,6 +102,7 @@ impl Builder<'_> {
                 min_dim: tokens.min(x.width),
                 modules: 1,
                 misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
+                ..Cost::default()
             },
             compute,
             in_backward: grad,

@@ -2,7 +2,7 @@
 //! framework implementation's autograd graph keeps.
 
 use super::build::{Builder, OpSpec, Val, wider};
-use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
+use crate::graph::op::{Access, Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
 use crate::spec::model::{Activation, Norm, RotaryApply};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -592,6 +592,9 @@ impl Builder<'_> {
         };
         let out = self.val(x.width, x.tokens, dtype, x.grad);
         let op = self.elementwise(name, &[x], out, tables, 3.0);
+        // q and k are transposed views (batch, heads, seq, head_dim) and cos/sin broadcast over
+        // the heads: every multiply, the neg and the add take the strided loop.
+        self.set_access(op, (Access::Strided, Access::Strided));
         if let Some(o) = self.graph.op_mut(op) {
             if complex {
                 // Llama 4: `q.float()`, the complex multiply (the views around it are free)

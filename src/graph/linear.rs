@@ -203,15 +203,22 @@ impl Builder<'_> {
                 // input's gradient, the weight's (and, under autocast, its cast back to the
                 // fp32 parameter's dtype), the bias sum (each parameter's AccumulateGrad is
                 // charged per parameter by the time model). A frozen bf16 weight costs one
-                // matmul each way: what PyTorch dispatches for it.
-                forward_kernels: 1 + u32::from(weight_cast) + u32::from(qlora),
+                // matmul each way: what PyTorch dispatches for it. QLoRA's `matmul_4bit` is a
+                // Python `autograd.Function` (`MatMul4Bit`) that dequantizes the weight in
+                // each pass: with double quantization the 8-bit absmax first
+                // (`dequantize_blockwise`), its offset added, then the NF4 weight: three
+                // dispatches more each way (4.5 more launches per 4-bit linear use profiled on
+                // Llama-2-7B, `validation/profile-h200.jsonl`), and Python in both passes.
+                forward_kernels: 1 + u32::from(weight_cast) + 3 * u32::from(qlora),
                 backward_kernels: u32::from(x.grad)
                     + u32::from(trainable) * (1 + u32::from(weight_cast))
                     + u32::from(bias_trainable)
-                    + u32::from(qlora),
+                    + 3 * u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
-                modules: 1,
+                modules: 1 + u32::from(qlora),
+                backward_modules: u32::from(qlora),
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
+                ..Cost::default()
             },
             compute,
             in_backward: out_grad,
@@ -334,6 +341,7 @@ impl Builder<'_> {
                 min_dim: x.tokens.min(x.width).min(out_features),
                 modules: 1,
                 misaligned: false,
+                ..Cost::default()
             },
             compute,
             in_backward: true,

@@ -151,6 +151,24 @@ pub enum OpKind {
     Loss,
 }
 
+/// How an element-wise op's kernels walk memory: PyTorch's TensorIterator picks the loop per
+/// call (`gpu_kernel_impl` in aten/src/ATen/native/cuda/CUDALoops.cuh), and the loops sustain
+/// different fractions of the copy bandwidth (`validation/kbench-h200.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Contiguous operands of one dtype: `vectorized_elementwise_kernel`, 4- or 8-wide loads.
+    #[default]
+    Contiguous,
+    /// A contiguous copy into a wider dtype (`x.float()` of a bf16 tensor): the dynamic-cast
+    /// `unrolled_elementwise_kernel`, one element per load.
+    Widening,
+    /// A broadcast or strided operand (rotary's `q * cos` on a transposed view, `.contiguous()`
+    /// of a transpose): the legacy `elementwise_kernel`, which computes every operand's offset
+    /// per element with an `OffsetCalculator`.
+    Strided,
+}
+
 /// FLOPs and bytes moved by an op in each pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Cost {
@@ -174,6 +192,12 @@ pub struct Cost {
     /// A GEMM with a dimension that is not a multiple of 8 elements, which 16-bit tensor-core
     /// kernels cannot load with aligned vector accesses.
     pub misaligned: bool,
+    /// Python-level `autograd.Function`s whose backward runs Python (bitsandbytes'
+    /// `MatMul4Bit`): each costs the host about one `nn.Module` call in backward.
+    pub backward_modules: u32,
+    /// The memory path of an element-wise op's forward and backward kernels.
+    pub forward_access: Access,
+    pub backward_access: Access,
 }
 
 /// One operation of the forward pass, with everything backward will need.

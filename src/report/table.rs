@@ -304,10 +304,11 @@ pub fn validation(
     let timed = rows.iter().any(|r| r.measured_step_s.is_some());
     let time_line = if timed {
         format!(
-            "step time:   median |error| {:.1}%, worst {:.1}% (bound {:.0}%; rates: {rates})",
+            "step time:   median |error| {:.1}%, worst {:.1}% (bounds {:.0}% / {:.0}%; rates: {rates})",
             s.time_median * 100.0,
             s.time_worst * 100.0,
             crate::validate::TIME_MEDIAN_BOUND * 100.0,
+            crate::validate::TIME_WORST_BOUND * 100.0,
         )
     } else {
         "step time:   not measured in these runs".to_string()

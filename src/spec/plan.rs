@@ -461,6 +461,14 @@ impl Optimizer {
         super::name_in(&Optimizer::RECORD_NAMES, self).unwrap_or("fused")
     }
 
+    /// Whether bitsandbytes implements it.
+    pub fn bitsandbytes(self) -> bool {
+        matches!(
+            self,
+            Optimizer::Adamw8bit | Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit
+        )
+    }
+
     /// Whether its states live in CUDA unified memory (paged), outside PyTorch's allocator.
     pub fn paged(self) -> bool {
         matches!(self, Optimizer::PagedAdamw8bit | Optimizer::PagedAdamw32bit)
