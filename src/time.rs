@@ -46,8 +46,12 @@ const DATASHEET_MATMUL_EFFICIENCY: f64 = 0.8;
 const DATASHEET_BANDWIDTH_EFFICIENCY: f64 = 0.88;
 /// GEMM dimension at which tile and wave quantisation halve the achievable rate.
 const HALF_EFFICIENCY_DIM: f64 = 96.0;
-/// FlashAttention-2 reaches about half of the GEMM rate forward and less backward (Dao 2023, fig. 5-6).
-const ATTENTION_EFFICIENCY: f64 = 0.5;
+/// FlashAttention-2 reaches about half of the GEMM rate forward and less backward on an A100
+/// (Dao 2023, fig. 5-6); the fused kernels SDPA picks on the H200 (cuDNN's flash forward and
+/// backward, torch 2.11) sustained less on the fine-tuning shapes profiled there: a median of
+/// 0.28 of the GEMM rate forward and 0.35 backward over 26 runs, 0.34 to 0.47 at 8k tokens and
+/// more (`validation/profile-h200.jsonl`).
+const ATTENTION_EFFICIENCY: f64 = 0.35;
 /// A 16-bit GEMM with a dimension that is not a multiple of 8 falls off cuBLAS's tensor-core
 /// fast path (NVIDIA's "Matrix Multiplication Background" guide, sec. 4.1): padding GPT-2's
 /// vocabulary from 50257 to 50304 made nanoGPT's whole step ~25% faster, i.e. the misaligned LM
