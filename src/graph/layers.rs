@@ -66,6 +66,9 @@ impl Builder<'_> {
             && (self.trains(ParamRole::Norm) || (has_bias && self.trains(ParamRole::NormBias)));
         let tokens = x.tokens;
         let stats = |b: &mut Self| b.tensor(TensorKind::Activation, DType::F32.bytes(tokens * 2));
+        // The RMSNorm variants' `hidden_states.to(float32)` of a narrower input is an op of its
+        // own (`cast` below); the norm op then holds the rest of the chain.
+        let upcast = !layer_norm && kind != Norm::OlmoLayerNorm && x.dtype != DType::F32;
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let out = match kind {
             Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P => {
@@ -169,6 +172,15 @@ impl Builder<'_> {
                 // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
                 forward_bytes: if layer_norm || kind == Norm::OlmoLayerNorm {
                     x.bytes() + out.bytes()
+                } else if upcast {
+                    // The upcast (reading x, writing the first fp32 pass) is its own op; T5's
+                    // norm reads x once more for its rsqrt multiply.
+                    let again = if kind == Norm::T5RmsNorm {
+                        x.bytes()
+                    } else {
+                        Bytes::ZERO
+                    };
+                    out.bytes() + again + DType::F32.bytes(x.elements()) * 6
                 } else {
                     x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
                 },
@@ -219,7 +231,7 @@ impl Builder<'_> {
                     Norm::LayerNorm1P => 2 + 2 * u32::from(self.autocast),
                     // layer_norm and the cast back (the upcast is its own op).
                     Norm::OlmoLayerNorm => 2,
-                    _ => 8,
+                    _ => 8 - u32::from(upcast),
                 },
                 backward_kernels: match kind {
                     Norm::LayerNorm | Norm::LayerNormWithoutBias => 1,
