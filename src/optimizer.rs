@@ -29,6 +29,19 @@ pub fn paged_state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
         .sum()
 }
 
+/// The state tensors a paged optimizer keeps in unified memory (two per large tensor), each
+/// prefetched to the GPU before its update (`prefetch_state`).
+pub fn paged_state_tensors(optimizer: Optimizer, params: &[&Param]) -> u64 {
+    if !optimizer.paged() {
+        return 0;
+    }
+    params
+        .iter()
+        .filter(|p| p.elements >= MIN_PAGED_SIZE)
+        .map(|p| 2 * p.copies)
+        .sum()
+}
+
 /// Persistent optimizer state for the trainable parameters.
 pub fn state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
     params
