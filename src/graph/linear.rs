@@ -208,15 +208,18 @@ impl Builder<'_> {
                 // each pass: with double quantization the 8-bit absmax first
                 // (`dequantize_blockwise`), its offset added, then the NF4 weight: three
                 // dispatches more each way (4.5 more launches per 4-bit linear use profiled on
-                // Llama-2-7B, `validation/profile-h200.jsonl`), and Python in both passes.
+                // Llama-2-7B, `validation/profile-h200.jsonl`), and two layers of Python in both
+                // passes, each about a module call: the Function's own, and
+                // `F.dequantize_4bit`'s (the quant state's checks, the nested
+                // `dequantize_blockwise` of the absmax, the custom op's Python wrapper).
                 forward_kernels: 1 + u32::from(weight_cast) + 3 * u32::from(qlora),
                 backward_kernels: u32::from(x.grad)
                     + u32::from(trainable) * (1 + u32::from(weight_cast))
                     + u32::from(bias_trainable)
                     + 3 * u32::from(qlora),
                 min_dim: x.tokens.min(in_features).min(out_features),
-                modules: 1 + u32::from(qlora),
-                backward_modules: u32::from(qlora),
+                modules: 1 + 2 * u32::from(qlora),
+                backward_modules: 2 * u32::from(qlora),
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
                 ..Cost::default()
             },
