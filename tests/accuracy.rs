@@ -6,13 +6,17 @@ use ftplan::spec::registry::resolve_hardware;
 use ftplan::validate::{self, MEDIAN_BOUND, TIME_MEDIAN_BOUND, TIME_WORST_BOUND, WORST_BOUND};
 
 fn rows() -> Vec<validate::Row> {
+    rows_of("validation/measured.jsonl")
+}
+
+/// A measured file's runs against the H200 estimate with the harness's calibration.
+fn rows_of(file: &str) -> Vec<validate::Row> {
     let hw = resolve_hardware("h200").expect("h200 ships").value;
     let rates = Calibration::load(&repo("validation/calib-h200.json"))
         .expect("calibration loads")
         .rates(&hw);
-    let path = repo("validation/measured.jsonl");
-    let text =
-        std::fs::read_to_string(&path).expect("validation/measured.jsonl is in the repository");
+    let path = repo(file);
+    let text = std::fs::read_to_string(&path).expect("the file is in the repository");
     validate::compare(&path.display().to_string(), &text, &hw, &rates)
         .expect("every measured run plans")
 }
@@ -84,13 +88,7 @@ fn bitsandbytes_runs_on_the_h200_match_on_memory_and_step_time() {
     // QLoRA (NF4, double quantization, bf16 compute), 8-bit AdamW and the paged optimizers
     // measured on an H200 (validation/bnb-h200.jsonl; QLoRA compared on its step peaks): every
     // peak within 1 %, step times within the headline bounds.
-    let hw = resolve_hardware("h200").expect("h200 ships").value;
-    let rates = Calibration::load(&repo("validation/calib-h200.json"))
-        .expect("calibration loads")
-        .rates(&hw);
-    let path = repo("validation/bnb-h200.jsonl");
-    let text = std::fs::read_to_string(&path).expect("ships");
-    let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
+    let rows = rows_of("validation/bnb-h200.jsonl");
     assert_eq!(rows.len(), 8);
     for r in &rows {
         assert!(
@@ -115,13 +113,7 @@ fn bitsandbytes_runs_on_the_h200_match_on_memory_and_step_time() {
 fn host_bound_runs_re_measured_on_another_h200_are_within_30_percent() {
     // validation/remeasure-h200.jsonl: eight host-bound runs measured twice on a third H200;
     // the machine's own first and second passes differ by up to 39 %.
-    let hw = resolve_hardware("h200").expect("h200 ships").value;
-    let rates = Calibration::load(&repo("validation/calib-h200.json"))
-        .expect("calibration loads")
-        .rates(&hw);
-    let path = repo("validation/remeasure-h200.jsonl");
-    let text = std::fs::read_to_string(&path).expect("ships");
-    let rows = validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans");
+    let rows = rows_of("validation/remeasure-h200.jsonl");
     assert_eq!(rows.len(), 16);
     for r in &rows {
         assert!(

@@ -345,28 +345,36 @@ fn checkpointing_costs_host_time_per_block_and_per_saved_tensor() {
     assert!((27.0..=31.0 * 1.25).contains(&per_tensor));
 }
 
-#[test]
-fn optimizer_steps_move_the_bytes_their_kernels_touch() {
-    // GPT-2 full fine-tuning in fp32: 124,439,808 parameters in 148 tensors, P = 4 x that =
-    // 497,759,232 bytes of parameters (and as many of gradients), on a GPU streaming 1e12 B/s.
-    let m = model("gpt2");
+/// GPT-2 full fine-tuning in fp32, batch 1 x 128, with `optimizer`, on an H200 whose copy rate
+/// and dispatch cost are set (module calls free).
+fn gpt2_fp32_step(
+    optimizer: Optimizer,
+    copy_bandwidth: f64,
+    launch_overhead: f64,
+) -> ftplan::time::TimeEstimate {
     let hw = ftplan::spec::registry::resolve_hardware("h200")
         .expect("ships")
         .value;
     let rates = ftplan::time::Rates {
-        copy_bandwidth: 1e12,
+        copy_bandwidth,
+        launch_overhead,
+        module_overhead: 0.0,
         ..ftplan::time::Rates::from_datasheet(&hw)
     };
-    let seconds = |optimizer: Optimizer| {
-        let p = Plan {
-            optimizer,
-            ..plan(Method::Full, Precision::Fp32, 1, 128, 0, false)
-        };
-        ftplan::estimate::estimate(&m, &p, &hw, &rates)
-            .expect("estimates")
-            .time
-            .optimizer_seconds
+    let p = Plan {
+        optimizer,
+        ..plan(Method::Full, Precision::Fp32, 1, 128, 0, false)
     };
+    ftplan::estimate::estimate(&model("gpt2"), &p, &hw, &rates)
+        .expect("estimates")
+        .time
+}
+
+#[test]
+fn optimizer_steps_move_the_bytes_their_kernels_touch() {
+    // GPT-2 full fine-tuning in fp32: 124,439,808 parameters in 148 tensors, P = 4 x that =
+    // 497,759,232 bytes of parameters (and as many of gradients), on a GPU streaming 1e12 B/s.
+    let seconds = |optimizer| gpt2_fp32_step(optimizer, 1e12, 0.0).optimizer_seconds;
     let p = 497_759_232.0;
     // Foreach kernels stream at 0.94 of the copy rate (a contiguous add on the H200,
     // validation/kbench-h200.json): 0.94e12 B/s here.
@@ -394,25 +402,7 @@ fn bitsandbytes_steps_synchronize_after_every_parameter() {
     // the kernels add up instead of overlapping. GPT-2 in fp32 with 8-bit AdamW has 148
     // trainable tensors: at 10 us per dispatch that is 148 x 3 x 10 us = 4.44 ms on top of the
     // kernel's 3.555 ms, after the backward pass has drained.
-    let m = model("gpt2");
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
-    let rates = ftplan::time::Rates {
-        copy_bandwidth: 1e9,
-        launch_overhead: 10e-6,
-        module_overhead: 0.0,
-        ..ftplan::time::Rates::from_datasheet(&hw)
-    };
-    let time = |optimizer: Optimizer| {
-        let p = Plan {
-            optimizer,
-            ..plan(Method::Full, Precision::Fp32, 1, 128, 0, false)
-        };
-        ftplan::estimate::estimate(&m, &p, &hw, &rates)
-            .expect("estimates")
-            .time
-    };
+    let time = |optimizer| gpt2_fp32_step(optimizer, 1e9, 10e-6);
     let bnb = time(Optimizer::Adamw8bit);
     let fused = time(Optimizer::Adamw);
     // Up to the optimizer both steps are the same work, and at 1e9 B/s the GPU is far behind
