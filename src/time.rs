@@ -6,7 +6,7 @@
 //! kernels asynchronously from one host thread, paying a dispatch cost per kernel; when kernels
 //! are short the host, not the GPU, sets the pace, so the step takes the larger of the two totals.
 
-use crate::graph::op::{Access, Op, OpGraph, OpKind};
+use crate::graph::op::{Access, AttentionPath, Op, OpGraph, OpKind};
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::{Optimizer, Plan};
 use crate::units::{Bytes, DType, Flops};
@@ -52,6 +52,9 @@ const HALF_EFFICIENCY_DIM: f64 = 96.0;
 /// 0.28 of the GEMM rate forward and 0.35 backward over 26 runs, 0.34 to 0.47 at 8k tokens and
 /// more (`validation/profile-h200.jsonl`).
 const ATTENTION_EFFICIENCY: f64 = 0.35;
+/// The same kernels reading prefix tuning's materialised mask computed every score at 0.22 to
+/// 0.28 of the GEMM rate (TinyLlama and GPT-2 prefix runs, `validation/profile-h200.jsonl`).
+const MASKED_ATTENTION_EFFICIENCY: f64 = 0.25;
 /// A 16-bit GEMM with a dimension that is not a multiple of 8 falls off cuBLAS's tensor-core
 /// fast path (NVIDIA's "Matrix Multiplication Background" guide, sec. 4.1): padding GPT-2's
 /// vocabulary from 50257 to 50304 made nanoGPT's whole step ~25% faster, i.e. the misaligned LM
@@ -235,8 +238,12 @@ fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates, pass: Pass) -> f6
         Pass::Forward => (op.cost.forward_access, op.cost.forward_kernels),
         Pass::Backward => (op.cost.backward_access, op.cost.backward_kernels),
     };
+    let unfused = op.kind == OpKind::Attention && op.cost.attention == AttentionPath::Unfused;
     let efficiency = match op.kind {
-        // GEMM and attention kernels stream their operands at the copy rate when memory-bound.
+        // Unfused attention's score passes are softmax and its neighbours.
+        OpKind::Attention if unfused => ROWWISE_EFFICIENCY,
+        // GEMM and fused attention kernels stream their operands at the copy rate when
+        // memory-bound.
         OpKind::Matmul | OpKind::Attention => 1.0,
         OpKind::Norm | OpKind::Loss => ROWWISE_EFFICIENCY,
         OpKind::Elementwise | OpKind::Embedding => match access {
@@ -256,11 +263,26 @@ fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates, pass: Pass) -> f6
             rates.matmul(compute, dim) * MISALIGNED_EFFICIENCY
         }
         OpKind::Matmul => rates.matmul(compute, dim),
-        OpKind::Attention => rates.matmul(compute, dim.max(1) * 64) * ATTENTION_EFFICIENCY,
+        OpKind::Attention => {
+            // Batched products over (seq x head_dim) operands: the rate of a GEMM as large as
+            // the head dimension times 64.
+            let gemm = rates.matmul(compute, dim.max(1) * 64);
+            match op.cost.attention {
+                AttentionPath::Fused => gemm * ATTENTION_EFFICIENCY,
+                AttentionPath::FusedMasked => gemm * MASKED_ATTENTION_EFFICIENCY,
+                AttentionPath::Unfused => gemm,
+            }
+        }
         // Element-wise work runs on CUDA cores: bandwidth-bound in practice.
         OpKind::Norm | OpKind::Elementwise | OpKind::Embedding | OpKind::Loss => f64::INFINITY,
     };
-    (flops.0 / compute_rate).max(t_memory)
+    let t_compute = flops.0 / compute_rate;
+    if unfused {
+        // Separate kernels run one after another: the products, then the score passes.
+        t_compute + t_memory
+    } else {
+        t_compute.max(t_memory)
+    }
 }
 
 /// The host thread enqueues work asynchronously; the GPU runs it in order. A unit of work

@@ -784,3 +784,40 @@ fn qlora_pays_python_for_each_4bit_matmul_both_ways() {
         890.0
     );
 }
+
+#[test]
+fn unfused_attention_runs_its_products_then_its_score_passes() {
+    // TinyLlama with eager attention in pure bf16, one sequence of 512 tokens: 32 heads x
+    // 512 x 512 = 8,388,608 scores, each a 64-long dot product for q k^T and another for the
+    // weighted sum of v: 2 x 8,388,608 x 128 = 2,147,483,648 FLOPs forward (eager masks the
+    // future but computes it), and backward four products (dV, dP, dQ, dK) where flash's
+    // recomputation would make five: 4,294,967,296.
+    let m = model("tinyllama-1.1b");
+    let p = Plan {
+        attention: ftplan::spec::plan::AttentionKernel::Eager,
+        ..plan(Method::Full, Precision::Bf16, 1, 512, 0, false)
+    };
+    let g = ftplan::graph::arch::build(&m, &p);
+    let op = g
+        .ops()
+        .find(|o| o.kind == ftplan::graph::op::OpKind::Attention)
+        .expect("attention");
+    assert_eq!(op.cost.forward_flops.0, 2_147_483_648.0);
+    assert_eq!(op.cost.input_grad_flops.0, 4_294_967_296.0);
+    // On a GPU whose bf16 GEMMs run 1e12 FLOP/s and whose copies move 1e12 B/s, the products
+    // take 2.15 ms, and then the score matrix's passes (fp32, four of them: 134 MB and more)
+    // go through row-wise kernels at 0.53e12 B/s: the two add up, they do not overlap as a
+    // fused kernel's would.
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let rates = ftplan::time::Rates {
+        bf16_matmul: vec![(4096, 1e12)],
+        copy_bandwidth: 1e12,
+        ..ftplan::time::Rates::from_datasheet(&hw)
+    };
+    let (forward, _) = ftplan::time::op_seconds(op, &rates);
+    assert!(op.cost.forward_bytes.0 >= 4 * 4 * 8_388_608);
+    let want = 2_147_483_648.0 / 1e12 + op.cost.forward_bytes.0 as f64 / 0.53e12;
+    assert!((forward - want).abs() < 1e-12, "{forward} vs {want}");
+}

@@ -1,7 +1,7 @@
 //! The attention core: which SDPA kernel runs (fused, math, eager) and what each keeps.
 
 use super::build::{Builder, OpSpec, Val};
-use crate::graph::op::{Cost, Name, OpKind, TensorId, TensorKind};
+use crate::graph::op::{AttentionPath, Cost, Name, OpKind, TensorId, TensorKind};
 use crate::spec::model::Stack;
 use crate::spec::plan::AttentionKernel;
 use crate::units::{Bytes, DType, Flops};
@@ -254,6 +254,7 @@ impl Builder<'_> {
             }
         }
         let flops = 2.0 * scores as f64 * (head_dim + v_head) as f64;
+        let unfused = matches!(kernel, Kernel::Math | Kernel::Eager);
         // Causal attention computes half the scores with a fused kernel (`is_causal`); a
         // materialised mask makes every kernel compute them all; flash_attention_2 also skips
         // what lies outside the window: of the seq_q x seq_k pairs, each query sees
@@ -301,8 +302,9 @@ impl Builder<'_> {
             backward_transient: io + fwd_extra.max(bwd_extra),
             cost: Cost {
                 forward_flops: Flops(flops * causal_factor),
-                // Flash backward recomputes the scores: 2.5x the forward matmuls.
-                input_grad_flops: Flops(2.5 * flops * causal_factor),
+                // Flash backward recomputes the scores: 2.5x the forward matmuls; op by op, the
+                // saved probabilities leave four products (dV, dP, dQ, dK): 2x.
+                input_grad_flops: Flops(if unfused { 2.0 } else { 2.5 } * flops * causal_factor),
                 weight_grad_flops: Flops(0.0),
                 forward_bytes: io + score_bytes,
                 backward_bytes: io * 2 + score_bytes * 2,
@@ -321,9 +323,22 @@ impl Builder<'_> {
                 // The attention module and the block around it.
                 modules: 2,
                 misaligned: false,
+                attention: if unfused {
+                    AttentionPath::Unfused
+                } else if kernel == Kernel::Fused && mask == AttnMask::Explicit {
+                    AttentionPath::FusedMasked
+                } else {
+                    AttentionPath::Fused
+                },
                 ..Cost::default()
             },
-            compute,
+            // SDPA's math path upcasts q, k and v to fp32 (`_scaled_dot_product_attention_math`):
+            // its products run in fp32.
+            compute: if kernel == Kernel::Math {
+                DType::F32
+            } else {
+                compute
+            },
             in_backward: grad,
         });
         out

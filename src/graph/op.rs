@@ -169,6 +169,22 @@ pub enum Access {
     Strided,
 }
 
+/// How an attention op reaches its scores, for the time model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionPath {
+    /// One fused kernel each way (flash, memory-efficient, cuDNN), causal or unmasked.
+    #[default]
+    Fused,
+    /// A fused kernel that reads a materialised mask (prefix tuning's extended mask): every
+    /// score is computed and the mask is read per tile.
+    FusedMasked,
+    /// Op by op (eager, SDPA's math path): the two batched products at the GEMM rate, and the
+    /// score matrix's passes (scale, mask, softmax, dropout) through row-wise kernels between
+    /// them, one after the other.
+    Unfused,
+}
+
 /// FLOPs and bytes moved by an op in each pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Cost {
@@ -195,6 +211,8 @@ pub struct Cost {
     /// Python-level `autograd.Function`s whose backward runs Python (bitsandbytes'
     /// `MatMul4Bit`): each costs the host about one `nn.Module` call in backward.
     pub backward_modules: u32,
+    /// How an attention op computes (other kinds: `Fused`, unused).
+    pub attention: AttentionPath,
     /// The memory path of an element-wise op's forward and backward kernels.
     pub forward_access: Access,
     pub backward_access: Access,
