@@ -55,6 +55,10 @@ const ATTENTION_EFFICIENCY: f64 = 0.35;
 /// The same kernels reading prefix tuning's materialised mask computed every score at 0.22 to
 /// 0.28 of the GEMM rate (TinyLlama and GPT-2 prefix runs, `validation/profile-h200.jsonl`).
 const MASKED_ATTENTION_EFFICIENCY: f64 = 0.25;
+/// With attention dropout they drew their random numbers per score: 0.16 to 0.18 of the GEMM
+/// rate forward and 0.28 to 0.30 backward (GPT-2 and BART with dropout, the same file), 0.24
+/// over both passes' FLOPs (one forward, 2.5 backward).
+const DROPOUT_ATTENTION_EFFICIENCY: f64 = 0.24;
 /// A 16-bit GEMM with a dimension that is not a multiple of 8 falls off cuBLAS's tensor-core
 /// fast path (NVIDIA's "Matrix Multiplication Background" guide, sec. 4.1): padding GPT-2's
 /// vocabulary from 50257 to 50304 made nanoGPT's whole step ~25% faster, i.e. the misaligned LM
@@ -270,6 +274,7 @@ fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates, pass: Pass) -> f6
             match op.cost.attention {
                 AttentionPath::Fused => gemm * ATTENTION_EFFICIENCY,
                 AttentionPath::FusedMasked => gemm * MASKED_ATTENTION_EFFICIENCY,
+                AttentionPath::FusedDropout => gemm * DROPOUT_ATTENTION_EFFICIENCY,
                 AttentionPath::Unfused => gemm,
             }
         }

@@ -280,6 +280,9 @@ impl Builder<'_> {
         let io = q.bytes() + k.bytes() + v.bytes() + out.bytes();
         let score_bytes = match kernel {
             Kernel::Fused | Kernel::Flash => Bytes::ZERO,
+            // Scale, mask, softmax and its read by the product with v; dropout adds its own
+            // pass (fp32 probabilities read, the result and its byte mask written).
+            Kernel::Math | Kernel::Eager if p_drop > 0.0 => Bytes(scores.saturating_mul(16 + 9)),
             Kernel::Math | Kernel::Eager => DType::F32.bytes(scores) * 4,
         };
         // GPT-OSS's learned sink logit, one per head, read by every query's softmax.
@@ -327,6 +330,8 @@ impl Builder<'_> {
                     AttentionPath::Unfused
                 } else if kernel == Kernel::Fused && mask == AttnMask::Explicit {
                     AttentionPath::FusedMasked
+                } else if p_drop > 0.0 {
+                    AttentionPath::FusedDropout
                 } else {
                     AttentionPath::Fused
                 },

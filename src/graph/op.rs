@@ -179,6 +179,9 @@ pub enum AttentionPath {
     /// A fused kernel that reads a materialised mask (prefix tuning's extended mask): every
     /// score is computed and the mask is read per tile.
     FusedMasked,
+    /// A fused kernel that drops attention probabilities: it draws Philox random numbers per
+    /// score in both passes.
+    FusedDropout,
     /// Op by op (eager, SDPA's math path): the two batched products at the GEMM rate, and the
     /// score matrix's passes (scale, mask, softmax, dropout) through row-wise kernels between
     /// them, one after the other.
