@@ -1,8 +1,9 @@
 """Profile one training step of measure.py's runs: kernel time per kernel name, GPU busy time, launches, host ops.
 
-OUT=DIR python3 prof.py [--budget-s S] [--only SUBSTR ...]   (CPU: --cpu-smoke)
-Writes DIR/prof.jsonl, one line per run. Reuses measure.py's build/prepare/optimizer/step, so the step is the
-one measured.jsonl timed.
+Copy it beside ../shared/gt/measure.py and cases.py (it imports measure), then:
+OUT=DIR python3 profile.py [--cases=cases_bnb] [--order FILE] [--budget-s S]   (CPU: --cpu-smoke)
+Writes DIR/prof.jsonl, one line per run (profile-h200.jsonl keeps each run's top 40 kernels of it). Reuses
+measure.py's build/prepare/optimizer/step, so the step is the one measured.jsonl timed.
 """
 import argparse, json, os, statistics, sys, time, traceback
 
