@@ -1,7 +1,7 @@
 """Profile one training step of measure.py's runs: kernel time per kernel name, GPU busy time, launches, host ops.
 
 Copy it beside ../shared/gt/measure.py and cases.py (it imports measure), then:
-OUT=DIR python3 profile.py [--cases=cases_bnb] [--order FILE] [--budget-s S]   (CPU: --cpu-smoke)
+OUT=DIR python3 step_profile.py [--cases=cases_bnb] [--order FILE] [--budget-s S]   (CPU: --cpu-smoke)
 Writes DIR/prof.jsonl, one line per run (profile-h200.jsonl keeps each run's top 40 kernels of it). Reuses
 measure.py's build/prepare/optimizer/step, so the step is the one measured.jsonl timed.
 """
