@@ -13,33 +13,36 @@ const BNB_BLOCK: u64 = 256;
 /// least this many elements (`get_state_buffer`: `p.numel() < 1e5` takes `torch.zeros_like`).
 const MIN_PAGED_SIZE: u64 = 100_000;
 
+/// A paged optimizer's unified-memory state dtype and the trainable tensors whose two states
+/// get it (at least 1e5 elements); None for an optimizer that does not page.
+fn paged_states<'p>(
+    optimizer: Optimizer,
+    params: &'p [&'p Param],
+) -> Option<(DType, impl Iterator<Item = &'p &'p Param>)> {
+    let state = match optimizer {
+        Optimizer::PagedAdamw8bit => DType::U8,
+        Optimizer::PagedAdamw32bit => DType::F32,
+        _ => return None,
+    };
+    Some((
+        state,
+        params.iter().filter(|p| p.elements >= MIN_PAGED_SIZE),
+    ))
+}
+
 /// The part of [`state_bytes`] a paged optimizer keeps in CUDA unified memory: the states of
 /// tensors of at least 1e5 elements; their 8-bit absmax vectors and every smaller tensor's
 /// states are ordinary allocations (bitsandbytes 0.50, optim/optimizer.py `init_state`).
 pub fn paged_state_bytes(optimizer: Optimizer, params: &[&Param]) -> Bytes {
-    let state = match optimizer {
-        Optimizer::PagedAdamw8bit => DType::U8,
-        Optimizer::PagedAdamw32bit => DType::F32,
-        _ => return Bytes::ZERO,
-    };
-    params
-        .iter()
-        .filter(|p| p.elements >= MIN_PAGED_SIZE)
-        .map(|p| state.bytes(p.elements) * 2 * p.copies)
-        .sum()
+    paged_states(optimizer, params).map_or(Bytes::ZERO, |(state, large)| {
+        large.map(|p| state.bytes(p.elements) * 2 * p.copies).sum()
+    })
 }
 
 /// The state tensors a paged optimizer keeps in unified memory (two per large tensor), each
 /// prefetched to the GPU before its update (`prefetch_state`).
 pub fn paged_state_tensors(optimizer: Optimizer, params: &[&Param]) -> u64 {
-    if !optimizer.paged() {
-        return 0;
-    }
-    params
-        .iter()
-        .filter(|p| p.elements >= MIN_PAGED_SIZE)
-        .map(|p| 2 * p.copies)
-        .sum()
+    paged_states(optimizer, params).map_or(0, |(_, large)| large.map(|p| 2 * p.copies).sum())
 }
 
 /// Persistent optimizer state for the trainable parameters.
