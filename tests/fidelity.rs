@@ -10,6 +10,27 @@ fn model(name: &str) -> ModelSpec {
     resolve_model(name).expect("ships").value
 }
 
+fn h200() -> ftplan::spec::hardware::Hardware {
+    ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value
+}
+
+/// The H200's datasheet rates; tests set the fields they derive figures from.
+fn h200_rates() -> ftplan::time::Rates {
+    ftplan::time::Rates::from_datasheet(&h200())
+}
+
+/// Rates with round numbers: bf16 GEMMs at 1e12 FLOP/s (at the attention products' size),
+/// copies at 1e12 B/s.
+fn round_rates() -> ftplan::time::Rates {
+    ftplan::time::Rates {
+        bf16_matmul: vec![(4096, 1e12)],
+        copy_bandwidth: 1e12,
+        ..h200_rates()
+    }
+}
+
 fn plan(method: Method, precision: Precision, batch: u64, seq: u64, target: u64, gc: bool) -> Plan {
     Plan {
         method,
@@ -91,11 +112,7 @@ fn checkpointing_drops_the_per_use_copies_of_a_frozen_fp32_base() {
     // 2048 embedding, 525 MB), well below half of the block weights' copies.
     let m = model("llama3.2-1b");
     let p = plan(lora(16), Precision::MixedBf16, 1, 2048, 0, true);
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
-    let e = ftplan::estimate::estimate(&m, &p, &hw, &ftplan::time::Rates::from_datasheet(&hw))
-        .expect("estimates");
+    let e = run(&m, &p, "h200");
     let block_copies = 973_078_528u64 * 2;
     assert!(
         e.memory.at_peak.activations.0 < block_copies / 2,
@@ -316,16 +333,14 @@ fn checkpointing_costs_host_time_per_block_and_per_saved_tensor() {
     // host cost is zero, so the host time differs by checkpointing's Python alone.
     let mut m = model("gpt2");
     m.dropout = Default::default();
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
+    let hw = h200();
     let host = |gc: bool, block_us: f64, tensor_us: f64| {
         let rates = ftplan::time::Rates {
             launch_overhead: 0.0,
             module_overhead: 0.0,
             checkpoint_block: block_us * 1e-6,
             checkpoint_tensor: tensor_us * 1e-6,
-            ..ftplan::time::Rates::from_datasheet(&hw)
+            ..h200_rates()
         };
         let p = plan(Method::Full, Precision::MixedBf16, 1, 128, 0, gc);
         ftplan::estimate::estimate(&m, &p, &hw, &rates)
@@ -352,20 +367,17 @@ fn gpt2_fp32_step(
     copy_bandwidth: f64,
     launch_overhead: f64,
 ) -> ftplan::time::TimeEstimate {
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
     let rates = ftplan::time::Rates {
         copy_bandwidth,
         launch_overhead,
         module_overhead: 0.0,
-        ..ftplan::time::Rates::from_datasheet(&hw)
+        ..h200_rates()
     };
     let p = Plan {
         optimizer,
         ..plan(Method::Full, Precision::Fp32, 1, 128, 0, false)
     };
-    ftplan::estimate::estimate(&model("gpt2"), &p, &hw, &rates)
+    ftplan::estimate::estimate(&model("gpt2"), &p, &h200(), &rates)
         .expect("estimates")
         .time
 }
@@ -649,13 +661,11 @@ fn the_host_time_is_the_dispatches_and_module_calls_it_reports() {
     // LoRA on all seven projections instead of q and v adds 5 targets per block, each calling
     // its `lora_A` and `lora_B` modules: 22 x 5 x 2 = 220 more module calls.
     let m = model("tinyllama-1.1b");
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
+    let hw = h200();
     let rates = ftplan::time::Rates {
         launch_overhead: 15e-6,
         module_overhead: 90e-6,
-        ..ftplan::time::Rates::from_datasheet(&hw)
+        ..h200_rates()
     };
     let time = |targets: LoraTargets| {
         let method = Method::Lora(Lora {
@@ -718,12 +728,9 @@ fn element_wise_kernels_run_at_their_loops_measured_rates() {
     let m = model("tinyllama-1.1b");
     let p = plan(Method::Full, Precision::Bf16, 1, 128, 0, false);
     let g = ftplan::graph::arch::build(&m, &p);
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
     let rates = ftplan::time::Rates {
         copy_bandwidth: 1e12,
-        ..ftplan::time::Rates::from_datasheet(&hw)
+        ..h200_rates()
     };
     let time = |suffix: &str| {
         let op = g
@@ -762,27 +769,14 @@ fn qlora_pays_python_for_each_4bit_matmul_both_ways() {
     // read the frozen embeddings' output, which needs no gradient, so autograd builds no node
     // for them): 2 x 445 = 890 module calls more than LoRA's.
     let m = model("llama2-7b");
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
-    let rates = ftplan::time::Rates::from_datasheet(&hw);
     let calls = |method: Method| {
         let p = plan(method, Precision::Bf16, 1, 512, 0, false);
-        ftplan::estimate::estimate(&m, &p, &hw, &rates)
-            .expect("estimates")
-            .time
-            .host_module_calls
+        run(&m, &p, "h200").time.host_module_calls
     };
-    let lora = ftplan::spec::plan::Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: ftplan::spec::plan::LoraTargets::parse(["qv"]).expect("qv"),
-        dora: false,
+    let Method::Lora(adapter) = lora(16) else {
+        unreachable!("lora() builds LoRA")
     };
-    assert_eq!(
-        calls(Method::Qlora(lora.clone())) - calls(Method::Lora(lora)),
-        890.0
-    );
+    assert_eq!(calls(Method::Qlora(adapter)) - calls(lora(16)), 890.0);
 }
 
 #[test]
@@ -808,15 +802,7 @@ fn unfused_attention_runs_its_products_then_its_score_passes() {
     // take 2.15 ms, and then the score matrix's passes (fp32, four of them: 134 MB and more)
     // go through row-wise kernels at 0.53e12 B/s: the two add up, they do not overlap as a
     // fused kernel's would.
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
-    let rates = ftplan::time::Rates {
-        bf16_matmul: vec![(4096, 1e12)],
-        copy_bandwidth: 1e12,
-        ..ftplan::time::Rates::from_datasheet(&hw)
-    };
-    let (forward, _) = ftplan::time::op_seconds(op, &rates);
+    let (forward, _) = ftplan::time::op_seconds(op, &round_rates());
     assert!(op.cost.forward_bytes.0 >= 4 * 4 * 8_388_608);
     let want = 2_147_483_648.0 / 1e12 + op.cost.forward_bytes.0 as f64 / 0.53e12;
     assert!((forward - want).abs() < 1e-12, "{forward} vs {want}");
@@ -828,14 +814,7 @@ fn fused_attention_with_dropout_runs_at_its_profiled_rate() {
     // of them computed, two 64-long products each: 2 x 196,608 x 128 / 2 = 25,165,824 FLOPs
     // forward. On a GPU whose bf16 GEMMs run 1e12 FLOP/s the fused kernel takes them at 0.35
     // of that (71.9 us); drawing dropout's random numbers per score, at 0.24 (104.9 us).
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value;
-    let rates = ftplan::time::Rates {
-        bf16_matmul: vec![(4096, 1e12)],
-        copy_bandwidth: 1e12,
-        ..ftplan::time::Rates::from_datasheet(&hw)
-    };
+    let rates = round_rates();
     let forward = |p_drop: f64| {
         let mut m = model("gpt2");
         m.dropout.attention = p_drop;
