@@ -83,6 +83,22 @@ fn step_time_worst_error_is_within_the_bound() {
     }
 }
 
+/// Every run's peak within `memory` and step time within `time` (relative errors), and its
+/// trainable count exact.
+fn each_within(rows: &[validate::Row], memory: f64, time: f64) {
+    for r in rows {
+        assert!(
+            r.error.abs() <= memory,
+            "{}: {:+.2}%",
+            r.name,
+            r.error * 100.0
+        );
+        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
+        let e = r.time_error().expect("timed");
+        assert!(e.abs() <= time, "{}: step {:+.1}%", r.name, e * 100.0);
+    }
+}
+
 #[test]
 fn bitsandbytes_runs_on_the_h200_match_on_memory_and_step_time() {
     // QLoRA (NF4, double quantization, bf16 compute), 8-bit AdamW and the paged optimizers
@@ -90,17 +106,7 @@ fn bitsandbytes_runs_on_the_h200_match_on_memory_and_step_time() {
     // peak within 1 %, step times within the headline bounds.
     let rows = rows_of("validation/bnb-h200.jsonl");
     assert_eq!(rows.len(), 8);
-    for r in &rows {
-        assert!(
-            r.error.abs() <= 0.01,
-            "{}: {:+.2}%",
-            r.name,
-            r.error * 100.0
-        );
-        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
-        let e = r.time_error().expect("timed");
-        assert!(e.abs() <= 0.25, "{}: step {:+.1}%", r.name, e * 100.0);
-    }
+    each_within(&rows, 0.01, 0.25);
     let s = validate::summary(&rows);
     assert!(
         s.time_median <= TIME_MEDIAN_BOUND,
@@ -115,16 +121,7 @@ fn host_bound_runs_re_measured_on_another_h200_are_within_30_percent() {
     // the machine's own first and second passes differ by up to 39 %.
     let rows = rows_of("validation/remeasure-h200.jsonl");
     assert_eq!(rows.len(), 16);
-    for r in &rows {
-        assert!(
-            r.error.abs() <= 0.05,
-            "{}: {:+.2}%",
-            r.name,
-            r.error * 100.0
-        );
-        let e = r.time_error().expect("timed");
-        assert!(e.abs() <= 0.30, "{}: step {:+.1}%", r.name, e * 100.0);
-    }
+    each_within(&rows, 0.05, 0.30);
 }
 
 #[test]
