@@ -233,7 +233,12 @@ fn host_costs_are_learned_into_the_calibration_file() {
         .code(0);
     let c = ftplan::calibrate::Calibration::load(&cal).expect("still loads");
     let host = c.host.expect("host costs written");
-    assert!(host.dispatch_us > 0.01 && host.module_us > 0.0, "{host:?}");
+    // The module cost is a transformers module's Python beyond its ops (a Llama block's
+    // attention and MLP forward: argument handling, shapes, masks), several dispatches' worth;
+    // an empty `nn.Identity` call, which it used to time, is under one dispatch (2.0 us against
+    // 15.7 on the H200's host).
+    assert!(host.dispatch_us > 0.01, "{host:?}");
+    assert!(host.module_us > 2.0 * host.dispatch_us, "{host:?}");
     // Checkpointing's Python is timed too: a block costs more than one op, a saved tensor's
     // hooks more than nothing.
     let block = host.checkpoint_block_us.expect("checkpoint block timed");
@@ -244,6 +249,7 @@ fn host_costs_are_learned_into_the_calibration_file() {
         .value;
     let rates = c.rates(&hw);
     assert!((rates.launch_overhead - host.dispatch_us * 1e-6).abs() < 1e-12);
+    assert!((rates.module_overhead - host.module_us * 1e-6).abs() < 1e-12);
     assert!((rates.checkpoint_tensor - tensor * 1e-6).abs() < 1e-12);
 }
 

@@ -90,16 +90,20 @@ fn default_module_us() -> f64 {
 /// holder and records shape/dtype/device, the recomputation's pack hook files the new tensor,
 /// the unpack hook hands it back, and `check_recomputed_tensors_match` compares the two.
 /// Timed with `harness/measure.py`'s `--calibrate-host` loop (a chain of 1 and of 256 `tanh`s,
-/// each saving one tensor, checkpointed or not; the difference, less the recomputed forward) on
-/// a 2-core Xeon VM, Python 3.11, torch 2.11: 180-250 us per block and 10-12 us per saved
-/// tensor over repeated runs. They are CPU-side Python costs, so they do not depend on the GPU;
-/// `ftplan measure --calibrate-host` measures a machine's own.
+/// each saving one tensor, checkpointed or not; the difference, less the recomputed forward, the
+/// fastest of nine loops) on the host of the H200 that measured `validation/` (16-core Xeon VM,
+/// Python 3.12, torch 2.11+cu130, on `cuda`, 2026-12-04): 752 us per block and 15.0 us per saved
+/// tensor. On a CUDA tensor the block also stashes the CUDA generator's state and the
+/// recomputation forks and restores it (PyTorch's checkpoint notes: "saves and restores the RNG
+/// state for CPU and another device type"), which a CPU-only timing misses: the same loop on a
+/// 2-core VM's CPU gave 180-250 us and 10-12 us. `ftplan measure --calibrate-host` measures a
+/// machine's own.
 fn default_checkpoint_block_us() -> f64 {
-    200.0
+    750.0
 }
 
 fn default_checkpoint_tensor_us() -> f64 {
-    11.0
+    15.0
 }
 
 /// A validated GPU profile.
