@@ -450,6 +450,34 @@ fn flags_that_would_be_dropped_are_said_or_refused() {
 }
 
 #[test]
+fn calibration_copies_beyond_the_cache_and_writes_the_memory_rate() {
+    use ftplan::calibrate::{mock::MockGpu, run_within};
+    // The H200 as `ftplan calibrate` saw it (2026-12-04): copies whose two buffers fit its 60 MB
+    // L2 ran at up to 4,945 GB/s, above the HBM's 4,800 GB/s datasheet rate; the rate written
+    // was that cache's, since the sizes stopped when the rate first stopped rising (at 32 MiB).
+    // A mock with a 64 MiB cache at 8 TB/s and 4 TB/s memory: copies of 1 to 32 MiB (source
+    // and destination up to 64 MiB) run from the cache, 64 MiB and up from memory; the sizes go
+    // on to 256 MiB per buffer and stop where two sizes agree, and the file has 4,000 GB/s.
+    // (Matmul rates flatten at once, `knee` 4, so the CPU reference products stay small.)
+    let mut gpu = MockGpu {
+        knee: 4.0,
+        bandwidth: 4e12,
+        cache_bytes: 64 << 20,
+        cache_bandwidth: 8e12,
+        ..MockGpu::default()
+    };
+    let cal = run_within(&mut gpu, 30.0, &mut |_| {}).expect("calibrates");
+    assert!((cal.copy_gbps - 4000.0).abs() < 1e-6, "{}", cal.copy_gbps);
+    assert!(
+        cal.limits
+            .iter()
+            .any(|l| l == "copy: rate steady at 256 MiB"),
+        "{:?}",
+        cal.limits
+    );
+}
+
+#[test]
 fn calibration_fits_its_budget_and_says_why_it_stopped() {
     use ftplan::calibrate::{mock::MockGpu, run_within};
     // A device whose rate flattens early: sizes stop growing where the rate does, well inside

@@ -11,7 +11,7 @@ cases.py (llama2-7b left out: TinyLlama has its block) is measured three ways:
 With --full NAME,... the named runs are also measured at their own shape again (measure.py's record).
 
 Copy it beside ../shared/gt/measure.py and cases.py (it imports measure), then:
-OUT=DIR python3 host_probe.py [--steps 12] [--full bart-large|adapter,...]   (CPU: --cpu-smoke)
+OUT=DIR python3 host_probe.py [--steps 12] [--full bart-large|adapter,...] [--no-toy]   (CPU: --cpu-smoke)
 Writes DIR/host.jsonl, one line per run.
 """
 import argparse, contextlib, json, os, statistics, sys, time, traceback
@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--full", default="")
+    ap.add_argument("--no-toy", action="store_true", help="only the --full runs")
     args, _ = ap.parse_known_args()
     dev = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
     out_dir = os.environ.get("OUT", "out")
@@ -118,7 +119,7 @@ def main():
         if r["model"] == "llama2-7b":
             continue
         t = toy(r)
-        if M.run_name(t) not in seen:
+        if not args.no_toy and M.run_name(t) not in seen:
             seen.add(M.run_name(t))
             runs.append(("toy", t))
     full = [k for k in args.full.split(",") if k]

@@ -9,6 +9,10 @@ pub struct MockGpu {
     pub bandwidth: f64,
     /// Size at which matmuls reach half the peak (rate = peak x n / (n + knee)).
     pub knee: f64,
+    /// A last-level cache: copies whose source and destination fit in `cache_bytes` run at
+    /// `cache_bandwidth`.
+    pub cache_bytes: u64,
+    pub cache_bandwidth: f64,
 }
 
 impl Default for MockGpu {
@@ -17,6 +21,8 @@ impl Default for MockGpu {
             flops: 10e12,
             bandwidth: 1e12,
             knee: 96.0,
+            cache_bytes: 0,
+            cache_bandwidth: 0.0,
         }
     }
 }
@@ -57,9 +63,15 @@ impl GpuBench for MockGpu {
     }
 
     fn copy(&mut self, words: u64, _reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {
+        let footprint = 8 * words;
+        let bandwidth = if footprint <= self.cache_bytes {
+            self.cache_bandwidth
+        } else {
+            self.bandwidth
+        };
         Ok((
             probes.iter().map(|&p| pattern(p)).collect(),
-            8.0 * words as f64 / self.bandwidth,
+            footprint as f64 / bandwidth,
         ))
     }
 

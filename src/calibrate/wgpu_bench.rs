@@ -330,6 +330,11 @@ impl GpuBench for WgpuBench {
         Ok(runs)
     }
 
+    fn max_copy_bytes(&self) -> u64 {
+        // Whole vec4s.
+        self.max_binding / 16 * 16
+    }
+
     fn copy(&mut self, words: u64, reps: u32, probes: &[u64]) -> Result<(Vec<u32>, f64)> {
         let bytes = words * 4;
         if bytes > self.max_binding || !words.is_multiple_of(4) {
