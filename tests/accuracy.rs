@@ -168,8 +168,8 @@ fn the_h200_as_ftplan_calibrates_it_keeps_the_step_time_bounds() {
 
 #[test]
 fn the_h200_hosts_forward_python_per_module_call_is_the_profiles_module_cost() {
-    // validation/host-h200.jsonl: measure.py's runs at batch 1 and 16 tokens on the lent H200,
-    // where kernels take microseconds and a synchronized forward's wall time is the host's. Per
+    // validation/host-h200.jsonl, pass 1: measure.py's runs at batch 1 and 16 tokens on the lent
+    // H200, where kernels take microseconds and a synchronized forward's wall time is the host's. Per
     // run: (forward seconds - top-level aten ops x 15.7 us, the dispatch `--calibrate-host`
     // timed on that machine) / module calls. E.g. BART-large full fine-tuning: (44.9 ms - 860 x
     // 15.7 us) / 348 = 90 us. The median over the 29 runs is the module cost every GPU profile
@@ -178,6 +178,7 @@ fn the_h200_hosts_forward_python_per_module_call_is_the_profiles_module_cost() {
     let mut per_module: Vec<f64> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["pass"] == 1)
         .filter_map(|r| {
             let p = r.get("phases")?;
             let forward = p["forward_s"].as_f64()?;

@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--full", default="")
     ap.add_argument("--no-toy", action="store_true", help="only the --full runs")
+    ap.add_argument("--only", default="", help="toy runs whose names start with one of these (comma list)")
     args, _ = ap.parse_known_args()
     dev = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
     out_dir = os.environ.get("OUT", "out")
@@ -119,6 +120,9 @@ def main():
         if r["model"] == "llama2-7b":
             continue
         t = toy(r)
+        only = [k for k in args.only.split(",") if k]
+        if only and not any(M.run_name(r).startswith(k) for k in only):
+            continue
         if not args.no_toy and M.run_name(t) not in seen:
             seen.add(M.run_name(t))
             runs.append(("toy", t))
