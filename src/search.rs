@@ -1,5 +1,5 @@
-//! Searches over the simulator: the largest batch and sequence that fit, and single changes
-//! that make a plan fit. Memory never decreases with batch or sequence length (a property the
+//! Searches over the simulator: the largest batch and sequence that fit, and the changes
+//! (one, or two when no one fits) that make a plan fit. Memory never decreases with batch or sequence length (a property the
 //! tests check), so a doubling probe followed by bisection finds the exact boundary.
 
 use crate::error::Result;
@@ -77,11 +77,14 @@ pub fn max_seq(target: &Target, plan: &Plan) -> Result<Option<u64>> {
     largest(target, plan, |p, v| p.seq = v)
 }
 
-/// One single change to a plan and what it costs.
+/// One change to a plan (or two together, when no single one fits) and what it costs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Fix {
     /// What to change, for people.
     pub change: String,
+    /// How many changes it makes (1, or 2 when no single change fits on this GPU without
+    /// shortening the sequence).
+    pub changes: u32,
     /// Required memory after the change.
     pub required: u64,
     pub fits: bool,
@@ -94,41 +97,45 @@ pub struct Fix {
     pub gpu: Option<String>,
 }
 
-/// Single changes that make `plan` fit, ranked by their time cost (cheapest first).
-pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result<Vec<Fix>> {
-    let base = target.run(plan)?;
-    let base_time_per_token =
-        base.time.step_seconds / (plan.batch * (plan.seq + plan.target_seq)) as f64;
+/// Which part of a plan an edit changes: two edits combine only when they change different
+/// parts (QLoRA and LoRA rank 8 are both the method, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Checkpointing,
+    Method,
+    Optimizer,
+    Precision,
+}
+
+/// One change a practitioner would try, applicable to the plan it was made for and to that
+/// plan with another part changed.
+struct Edit {
+    label: String,
+    part: Part,
+    apply: Box<dyn Fn(&Plan) -> Plan>,
+}
+
+fn edit(label: &str, part: Part, apply: impl Fn(&Plan) -> Plan + 'static) -> Edit {
+    Edit {
+        label: label.into(),
+        part,
+        apply: Box::new(apply),
+    }
+}
+
+/// The changes that apply to `plan`: checkpointing, a lighter method (LoRA, QLoRA, a smaller
+/// rank, fewer targets), a lighter optimizer (8-bit, paged, Adafactor) and pure bf16.
+fn edits(plan: &Plan) -> Vec<Edit> {
     let mut out = Vec::new();
-    let mut consider = |change: String,
-                        p: &Plan,
-                        t: &Target,
-                        accumulation: u64,
-                        gpu: Option<String>|
-     -> Result<()> {
-        // A change the model cannot take (LoRA on q and v of a model without attention) is
-        // not a fix: it is left out, not an error of the plan being fixed.
-        let Ok(e) = t.run(p) else {
-            return Ok(());
-        };
-        let tokens = (p.batch * accumulation * (p.seq + p.target_seq)) as f64;
-        let step = e.time.step_seconds * accumulation as f64;
-        out.push(Fix {
-            change,
-            required: e.memory.required.0,
-            fits: e.memory.required <= t.budget,
-            step_seconds: step,
-            slowdown: step / tokens / base_time_per_token,
-            gpu,
-        });
-        Ok(())
-    };
     if !plan.grad_ckpt {
-        let p = Plan {
-            grad_ckpt: true,
-            ..plan.clone()
-        };
-        consider("turn on gradient checkpointing".into(), &p, target, 1, None)?;
+        out.push(edit(
+            "turn on gradient checkpointing",
+            Part::Checkpointing,
+            |p| Plan {
+                grad_ckpt: true,
+                ..p.clone()
+            },
+        ));
     }
     let lora = Lora {
         rank: 16,
@@ -138,53 +145,64 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
     };
     match &plan.method {
         Method::Full => {
-            let p = Plan {
-                method: Method::Lora(lora.clone()),
-                precision: crate::spec::plan::Precision::Bf16,
-                ..plan.clone()
-            };
-            consider("switch to LoRA (r16, qv)".into(), &p, target, 1, None)?;
-            let p = Plan {
-                method: Method::Qlora(lora),
-                precision: crate::spec::plan::Precision::Bf16,
-                ..plan.clone()
-            };
-            consider("switch to QLoRA (r16, qv)".into(), &p, target, 1, None)?;
+            let l = lora.clone();
+            out.push(edit("switch to LoRA (r16, qv)", Part::Method, move |p| {
+                Plan {
+                    method: Method::Lora(l.clone()),
+                    precision: crate::spec::plan::Precision::Bf16,
+                    ..p.clone()
+                }
+            }));
+            out.push(edit("switch to QLoRA (r16, qv)", Part::Method, move |p| {
+                Plan {
+                    method: Method::Qlora(lora.clone()),
+                    precision: crate::spec::plan::Precision::Bf16,
+                    ..p.clone()
+                }
+            }));
         }
         Method::Lora(l) | Method::Qlora(l) => {
-            let with = |l: Lora| match &plan.method {
-                Method::Lora(_) => Method::Lora(l),
-                _ => Method::Qlora(l),
+            let qlora = matches!(plan.method, Method::Qlora(_));
+            let with = move |l: Lora| {
+                if qlora {
+                    Method::Qlora(l)
+                } else {
+                    Method::Lora(l)
+                }
             };
-            if matches!(plan.method, Method::Lora(_)) {
-                let p = Plan {
-                    method: Method::Qlora(l.clone()),
-                    ..plan.clone()
-                };
-                consider("switch to QLoRA (4-bit base)".into(), &p, target, 1, None)?;
+            if !qlora {
+                let l = l.clone();
+                out.push(edit(
+                    "switch to QLoRA (4-bit base)",
+                    Part::Method,
+                    move |p| Plan {
+                        method: Method::Qlora(l.clone()),
+                        ..p.clone()
+                    },
+                ));
             }
             // A smaller rank or fewer adapted projections: less adapter state and fewer
             // saved low-rank activations.
             if l.rank > 8 {
-                let p = Plan {
-                    method: with(Lora {
-                        rank: 8,
-                        alpha: l.alpha * 8.0 / l.rank as f64,
-                        ..l.clone()
-                    }),
-                    ..plan.clone()
+                let l = Lora {
+                    rank: 8,
+                    alpha: l.alpha * 8.0 / l.rank as f64,
+                    ..l.clone()
                 };
-                consider("LoRA rank 8".into(), &p, target, 1, None)?;
+                out.push(edit("LoRA rank 8", Part::Method, move |p| Plan {
+                    method: with(l.clone()),
+                    ..p.clone()
+                }));
             }
             if l.targets != LoraTargets::QueryValue {
-                let p = Plan {
-                    method: with(Lora {
-                        targets: LoraTargets::QueryValue,
-                        ..l.clone()
-                    }),
-                    ..plan.clone()
+                let l = Lora {
+                    targets: LoraTargets::QueryValue,
+                    ..l.clone()
                 };
-                consider("LoRA on q and v only".into(), &p, target, 1, None)?;
+                out.push(edit("LoRA on q and v only", Part::Method, move |p| Plan {
+                    method: with(l.clone()),
+                    ..p.clone()
+                }));
             }
         }
         Method::Adapter { .. }
@@ -195,46 +213,29 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         | Method::LnTuning
         | Method::Freeze { .. } => {}
     }
+    let optimizer = |label: &str, o: Optimizer| {
+        edit(label, Part::Optimizer, move |p| Plan {
+            optimizer: o,
+            ..p.clone()
+        })
+    };
     // Paged 8-bit AdamW (the QLoRA recipe): states in unified memory, which the driver evicts
     // to host memory when the GPU has no room; slower only by the pages it moves.
-    let paged = Plan {
-        optimizer: Optimizer::PagedAdamw8bit,
-        ..plan.clone()
-    };
+    let paged = "use paged 8-bit AdamW (states evicted to host under pressure)";
     match plan.optimizer {
         Optimizer::Adamw | Optimizer::AdamwForeach => {
-            let p = Plan {
-                optimizer: Optimizer::Adamw8bit,
-                ..plan.clone()
-            };
-            consider("use 8-bit AdamW (bitsandbytes)".into(), &p, target, 1, None)?;
-            consider(
-                "use paged 8-bit AdamW (states evicted to host under pressure)".into(),
-                &paged,
-                target,
-                1,
-                None,
-            )?;
+            out.push(optimizer(
+                "use 8-bit AdamW (bitsandbytes)",
+                Optimizer::Adamw8bit,
+            ));
+            out.push(optimizer(paged, Optimizer::PagedAdamw8bit));
             // Factored second moments, no first moment (Shazeer & Stern 2018).
-            let p = Plan {
-                optimizer: Optimizer::Adafactor,
-                ..plan.clone()
-            };
-            consider(
-                "use Adafactor (factored states)".into(),
-                &p,
-                target,
-                1,
-                None,
-            )?;
+            out.push(optimizer(
+                "use Adafactor (factored states)",
+                Optimizer::Adafactor,
+            ));
         }
-        Optimizer::Adamw8bit => consider(
-            "use paged 8-bit AdamW (states evicted to host under pressure)".into(),
-            &paged,
-            target,
-            1,
-            None,
-        )?,
+        Optimizer::Adamw8bit => out.push(optimizer(paged, Optimizer::PagedAdamw8bit)),
         Optimizer::PagedAdamw8bit
         | Optimizer::PagedAdamw32bit
         | Optimizer::Sgd
@@ -243,40 +244,136 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
     // Full fine-tuning in pure bf16: bf16 weights, gradients and optimizer states, no fp32
     // master copy (what many recipes do when memory is short).
     if plan.method == Method::Full && plan.precision != crate::spec::plan::Precision::Bf16 {
-        let p = Plan {
-            precision: crate::spec::plan::Precision::Bf16,
-            ..plan.clone()
+        out.push(edit(
+            "train in pure bf16 (bf16 weights and optimizer states)",
+            Part::Precision,
+            |p| Plan {
+                // A switch to LoRA or QLoRA already set the precision its method runs in.
+                precision: if p.method == Method::Full {
+                    crate::spec::plan::Precision::Bf16
+                } else {
+                    p.precision
+                },
+                ..p.clone()
+            },
+        ));
+    }
+    out
+}
+
+/// How many combined fixes are kept when no single change fits.
+const PAIRS_SHOWN: usize = 5;
+
+/// Changes that make `plan` fit, ranked by their time cost (cheapest first): each single
+/// change, a bigger GPU, and, when no single change fits on this GPU without shortening the
+/// sequence, pairs of changes to different parts of the plan (or a change with a smaller
+/// batch or a shorter sequence).
+pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result<Vec<Fix>> {
+    let base = target.run(plan)?;
+    let base_time_per_token =
+        base.time.step_seconds / (plan.batch * (plan.seq + plan.target_seq)) as f64;
+    let mut out = Vec::new();
+    let assess = |change: String,
+                  changes: u32,
+                  p: &Plan,
+                  t: &Target,
+                  accumulation: u64,
+                  gpu: Option<String>|
+     -> Result<Option<Fix>> {
+        // A change the model cannot take (LoRA on q and v of a model without attention) is
+        // not a fix: it is left out, not an error of the plan being fixed.
+        let Ok(e) = t.run(p) else {
+            return Ok(None);
         };
-        consider(
-            "train in pure bf16 (bf16 weights and optimizer states)".into(),
-            &p,
+        let tokens = (p.batch * accumulation * (p.seq + p.target_seq)) as f64;
+        let step = e.time.step_seconds * accumulation as f64;
+        Ok(Some(Fix {
+            change,
+            changes,
+            required: e.memory.required.0,
+            fits: e.memory.required <= t.budget,
+            step_seconds: step,
+            slowdown: step / tokens / base_time_per_token,
+            gpu,
+        }))
+    };
+    // The batch and sequence that fit with the rest of `p` as it is: a smaller micro-batch
+    // with gradient accumulation keeps the effective batch; a shorter sequence does not.
+    let shrink = |p: &Plan| -> Result<Vec<(String, Plan, u64)>> {
+        let mut v = Vec::new();
+        if p.batch > 1
+            && let Some(b) = max_batch(target, p)?.filter(|&b| b < p.batch)
+        {
+            let accumulation = p.batch.div_ceil(b);
+            v.push((
+                format!("batch {b} with {accumulation} gradient-accumulation steps"),
+                Plan {
+                    batch: b,
+                    ..p.clone()
+                },
+                accumulation,
+            ));
+        }
+        if let Some(s) = max_seq(target, p)?.filter(|&s| s < p.seq) {
+            v.push((
+                format!("shorten the sequence to {s}"),
+                Plan {
+                    seq: s,
+                    ..p.clone()
+                },
+                1,
+            ));
+        }
+        Ok(v)
+    };
+    let edits = edits(plan);
+    for e in &edits {
+        out.extend(assess(
+            e.label.clone(),
+            1,
+            &(e.apply)(plan),
             target,
             1,
             None,
-        )?;
+        )?);
     }
-    if plan.batch > 1
-        && let Some(b) = max_batch(target, plan)?.filter(|&b| b < plan.batch)
-    {
-        let accumulation = plan.batch.div_ceil(b);
-        let p = Plan {
-            batch: b,
-            ..plan.clone()
-        };
-        consider(
-            format!("batch {b} with {accumulation} gradient-accumulation steps"),
-            &p,
-            target,
-            accumulation,
-            None,
-        )?;
+    // Whether a single change fits that trains on the same data: a smaller micro-batch with
+    // gradient accumulation does, a shorter sequence does not (it truncates every sample).
+    let mut same_data_fits = out.iter().any(|f| f.fits);
+    for (label, p, accumulation) in shrink(plan)? {
+        let fix = assess(label, 1, &p, target, accumulation, None)?;
+        same_data_fits |= p.seq == plan.seq && fix.as_ref().is_some_and(|f| f.fits);
+        out.extend(fix);
     }
-    if let Some(s) = max_seq(target, plan)?.filter(|&s| s < plan.seq) {
-        let p = Plan {
-            seq: s,
-            ..plan.clone()
-        };
-        consider(format!("shorten the sequence to {s}"), &p, target, 1, None)?;
+    if !same_data_fits {
+        // No single change fits on this GPU without truncating the samples: two changes
+        // together, to different parts of the plan.
+        // (whether it trains on the same data, the fix)
+        let mut pairs: Vec<(bool, Fix)> = Vec::new();
+        for (i, a) in edits.iter().enumerate() {
+            let pa = (a.apply)(plan);
+            // A change the model cannot take has no pairs either.
+            if target.run(&pa).is_err() {
+                continue;
+            }
+            for b in edits[i + 1..].iter().filter(|b| b.part != a.part) {
+                let label = format!("{}, and {}", a.label, b.label);
+                let fix = assess(label, 2, &(b.apply)(&pa), target, 1, None)?;
+                pairs.extend(fix.map(|f| (true, f)));
+            }
+            for (label, p, accumulation) in shrink(&pa)? {
+                let label = format!("{}, and {label}", a.label);
+                let fix = assess(label, 2, &p, target, accumulation, None)?;
+                pairs.extend(fix.map(|f| (p.seq == plan.seq, f)));
+            }
+        }
+        pairs.retain(|(_, f)| f.fits);
+        // Those that keep the data first (a shorter sequence looks cheap per token, but it
+        // trains on less of each sample), each group by its time cost.
+        pairs.sort_by(|(a_keeps, a), (b_keeps, b)| {
+            b_keeps.cmp(a_keeps).then(a.slowdown.total_cmp(&b.slowdown))
+        });
+        out.extend(pairs.into_iter().take(PAIRS_SHOWN).map(|(_, f)| f));
     }
     // The smallest catalogue GPU with more memory on which the plan fits.
     let mut bigger: Vec<&(Hardware, Rates)> = gpus
@@ -293,13 +390,14 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
             budget: Bytes((hw.memory.0 as f64 * headroom) as u64),
         };
         if t.fits(plan)? {
-            consider(
+            out.extend(assess(
                 format!("use a bigger GPU: {}", hw.display_name),
+                1,
                 plan,
                 &t,
                 1,
                 Some(hw.name.clone()),
-            )?;
+            )?);
             break;
         }
     }

@@ -379,6 +379,80 @@ fn fit_ranks_fixes_for_a_plan_that_does_not_fit() {
 }
 
 #[test]
+fn fit_offers_two_changes_together_when_no_single_one_fits() {
+    // LoRA r64 on every linear of Llama-2-7B, batch 4 x 4096, on a 24 GB RTX 4090 (23.64 GiB
+    // budget): 126.3 GiB. Checkpointing alone leaves 25.98 GiB, QLoRA alone 151.6 (no
+    // checkpointing: the step keeps every block's activations), so no single change fits
+    // without truncating the samples; both together need 21.55 GiB. Pairs that keep the data
+    // (checkpointing with QLoRA, or with a smaller micro-batch and accumulation) are offered
+    // before those that shorten the sequence, and the whole list stays ranked by time cost.
+    let v = json(
+        ftplan().args([
+            "fit",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "rtx4090",
+            "--method",
+            "lora",
+            "--lora-rank",
+            "64",
+            "--lora-targets",
+            "all",
+            "--batch",
+            "4",
+            "--seq",
+            "4096",
+            "--max-gpus",
+            "1",
+            "--format",
+            "json",
+        ]),
+        1,
+    );
+    let fixes = v["fixes"].as_array().expect("fixes");
+    let single = |want: &str| {
+        fixes
+            .iter()
+            .any(|f| f["changes"] == 1 && f["change"].as_str().is_some_and(|c| c.contains(want)))
+    };
+    assert!(!single("checkpointing") && !single("QLoRA"), "{v}");
+    let pair = fixes
+        .iter()
+        .find(|f| {
+            f["changes"] == 2
+                && f["change"]
+                    .as_str()
+                    .is_some_and(|c| c.contains("checkpointing") && c.contains("QLoRA"))
+        })
+        .unwrap_or_else(|| panic!("no checkpointing + QLoRA pair: {v}"));
+    let gib = pair["required"].as_f64().expect("required") / (1u64 << 30) as f64;
+    assert!((gib - 21.55).abs() < 0.01 && pair["fits"] == true, "{pair}");
+    let slow: Vec<f64> = fixes
+        .iter()
+        .filter_map(|f| f["slowdown"].as_f64())
+        .collect();
+    assert!(slow.windows(2).all(|w| w[0] <= w[1]), "{slow:?}");
+    // A plan one change fixes gets no pairs.
+    let v = json(
+        ftplan().args([
+            "fit",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100-40gb",
+            "--method",
+            "full",
+            "--format",
+            "json",
+        ]),
+        1,
+    );
+    let fixes = v["fixes"].as_array().expect("fixes");
+    assert!(fixes.iter().all(|f| f["changes"] == 1), "{v}");
+}
+
+#[test]
 fn compare_writes_charts_and_a_report() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().display().to_string();

@@ -21,7 +21,7 @@ pub enum Command {
     Estimate(EstimateArgs),
     /// Check plan files (or one plan given by flags) against their GPUs; for CI.
     Check(CheckArgs),
-    /// Largest batch and sequence that fit, and single changes that make a plan fit.
+    /// Largest batch and sequence that fit, and the changes (one, or two together) that make a plan fit.
     Fit(FitArgs),
     /// Several methods (and/or GPUs) side by side for one model, with a chart.
     Compare(CompareArgs),

@@ -280,7 +280,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
                     ]);
                 }
                 if fixes.is_empty() {
-                    outln!("no single change makes it fit");
+                    outln!("no change, nor two together, makes it fit");
                 } else {
                     outln!("{table}");
                 }
