@@ -13,6 +13,11 @@ fn json(cmd: &mut assert_cmd::Command, code: i32) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
+/// `ftplan fit ARGS --format json` for a plan that does not fit (exit 1).
+fn fit_json(args: &[&str]) -> Value {
+    json(ftplan().arg("fit").args(args).args(["--format", "json"]), 1)
+}
+
 #[test]
 fn the_readme_command_fits_and_exits_zero() {
     let text = stdout(
@@ -337,24 +342,18 @@ fn fit_search_agrees_with_the_estimate() {
 
 #[test]
 fn fit_ranks_fixes_for_a_plan_that_does_not_fit() {
-    let v = json(
-        ftplan().args([
-            "fit",
-            "--model",
-            "llama2-7b",
-            "--gpu",
-            "a100-40gb",
-            "--method",
-            "full",
-            "--batch",
-            "2",
-            "--seq",
-            "1024",
-            "--format",
-            "json",
-        ]),
-        1,
-    );
+    let v = fit_json(&[
+        "--model",
+        "llama2-7b",
+        "--gpu",
+        "a100-40gb",
+        "--method",
+        "full",
+        "--batch",
+        "2",
+        "--seq",
+        "1024",
+    ]);
     let fixes = v["fixes"].as_array().cloned().unwrap_or_default();
     assert!(!fixes.is_empty(), "{v}");
     let budget = v["budget"].as_u64().expect("budget");
@@ -376,6 +375,8 @@ fn fit_ranks_fixes_for_a_plan_that_does_not_fit() {
         slow.windows(2).all(|w| w[0] <= w[1]),
         "ranked by time cost: {slow:?}"
     );
+    // Single changes fit here, so no pairs are tried.
+    assert!(fixes.iter().all(|f| f["changes"] == 1), "{v}");
 }
 
 #[test]
@@ -386,30 +387,24 @@ fn fit_offers_two_changes_together_when_no_single_one_fits() {
     // without truncating the samples; both together need 21.55 GiB. Pairs that keep the data
     // (checkpointing with QLoRA, or with a smaller micro-batch and accumulation) are offered
     // before those that shorten the sequence, and the whole list stays ranked by time cost.
-    let v = json(
-        ftplan().args([
-            "fit",
-            "--model",
-            "llama2-7b",
-            "--gpu",
-            "rtx4090",
-            "--method",
-            "lora",
-            "--lora-rank",
-            "64",
-            "--lora-targets",
-            "all",
-            "--batch",
-            "4",
-            "--seq",
-            "4096",
-            "--max-gpus",
-            "1",
-            "--format",
-            "json",
-        ]),
-        1,
-    );
+    let v = fit_json(&[
+        "--model",
+        "llama2-7b",
+        "--gpu",
+        "rtx4090",
+        "--method",
+        "lora",
+        "--lora-rank",
+        "64",
+        "--lora-targets",
+        "all",
+        "--batch",
+        "4",
+        "--seq",
+        "4096",
+        "--max-gpus",
+        "1",
+    ]);
     let fixes = v["fixes"].as_array().expect("fixes");
     let single = |want: &str| {
         fixes
@@ -433,23 +428,6 @@ fn fit_offers_two_changes_together_when_no_single_one_fits() {
         .filter_map(|f| f["slowdown"].as_f64())
         .collect();
     assert!(slow.windows(2).all(|w| w[0] <= w[1]), "{slow:?}");
-    // A plan one change fixes gets no pairs.
-    let v = json(
-        ftplan().args([
-            "fit",
-            "--model",
-            "llama2-7b",
-            "--gpu",
-            "a100-40gb",
-            "--method",
-            "full",
-            "--format",
-            "json",
-        ]),
-        1,
-    );
-    let fixes = v["fixes"].as_array().expect("fixes");
-    assert!(fixes.iter().all(|f| f["changes"] == 1), "{v}");
 }
 
 #[test]
