@@ -614,6 +614,31 @@ fn calibration_file_round_trips_into_the_estimate() {
 }
 
 #[test]
+fn a_wgpu_calibration_says_its_fp32_rate_is_a_floor_for_fp32_plans() {
+    // validation/calib-wgpu-h200.toml: the WGSL fp32 product peaked at 19.9 TFLOP/s on the
+    // H200, where PyTorch's fp32 GEMM reached 50.7; an fp32 plan estimated with it says so, a
+    // mixed-precision plan (bf16 GEMMs, the datasheet's) does not.
+    let note = |precision: &str| {
+        let out = ftplan()
+            .args([
+                "estimate",
+                "--model",
+                "gpt2",
+                "--gpu",
+                "h200",
+                "--precision",
+                precision,
+            ])
+            .args(["--calibration", "validation/calib-wgpu-h200.toml"])
+            .assert()
+            .code(0);
+        crate::stderr_of(&out).contains("19.9 TFLOP/s at best")
+    };
+    assert!(note("fp32"));
+    assert!(!note("mixed-bf16"));
+}
+
+#[test]
 fn no_adapter_is_a_clear_error() {
     let out = ftplan()
         .args([

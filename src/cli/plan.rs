@@ -690,6 +690,22 @@ impl PlanInput {
                         gpu.value.display_name
                     ));
                 }
+                // wgpu's fp32 products run on CUDA cores without the vendor library's tuning:
+                // on the H200 they reached 19.9 TFLOP/s where PyTorch's fp32 reached 50.7
+                // (validation/calib-wgpu-h200.toml, calib-h200.json). Only a calibration with
+                // PyTorch-measured rates (which carries bf16 ones) is the library's own rate.
+                let fp32_gemms =
+                    plan.precision == Precision::Fp32 && !matches!(plan.method, Method::Qlora(_));
+                if fp32_gemms && cal.bf16_matmul.is_empty() && !cal.fp32_matmul.is_empty() {
+                    let peak = cal.fp32_matmul.iter().map(|p| p.flops).fold(0.0, f64::max);
+                    notes.push(format!(
+                        "calibration `{}` timed fp32 products with its own WGSL kernels ({:.1} TFLOP/s at best); \
+                         PyTorch's fp32 GEMMs run faster (50.7 against 19.9 TFLOP/s on the H200), so this fp32 \
+                         plan's matmul time is an upper bound",
+                        path.display(),
+                        peak / 1e12
+                    ));
+                }
                 cal.rates(&gpu.value)
             }
             None => Rates::from_datasheet(&gpu.value),
