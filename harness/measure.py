@@ -10,7 +10,8 @@ on stdin:
              "batch": B, "seq": S or [source, target], "grad_ckpt": bool, "attn": "sdpa" | "eager" | "flash2",
              "lora_r", "lora_alpha", "lora_targets": "qv" | "all" | [names], "lora_dora",
              "n_virtual", "adapter_dim", "train_layers", "optimizer": "fused" | "foreach" | "sgd" |
-             "adafactor" | "adamw8bit" | "paged_adamw_8bit" | "paged_adamw_32bit", "base_fp32": bool},
+             "adafactor" | "adamw8bit" | "paged_adamw_8bit" | "paged_adamw_32bit", "base_fp32": bool,
+             "precision": "fp32" | "mixed_fp16" (fp16 autocast and a GradScaler; QLoRA computes in fp16)},
      "device": "cuda" | "cpu", "steps": N, "world_size": W, "engine": "ddp" | "fsdp" | "fsdp-grad-op"}
 
 A multi-GPU plan (`world_size` > 1) runs under `torchrun --nproc_per_node W`, the spec in a file
@@ -381,6 +382,9 @@ def main():
             setattr(config, attr, 0)
     method = run["method"]
     frozen = method in FROZEN
+    # The autocast (and QLoRA compute) dtype: fp16 with a loss scaler for GPUs without bf16.
+    fp16 = run.get("precision") == "mixed_fp16"
+    half = torch.float16 if fp16 else torch.bfloat16
     bf16_weights = (frozen and not run.get("base_fp32")) or method == "full_bf16"
     dtype = torch.bfloat16 if bf16_weights else torch.float32
     attn = {"flash2": "flash_attention_2"}.get(run["attn"], run["attn"])
@@ -393,7 +397,7 @@ def main():
             emit({"missing": "bitsandbytes"}, 3)
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=half)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.device(torch.cuda.current_device() if device == "cuda" else device):
@@ -424,6 +428,9 @@ def main():
         autocast = autocast and not fsdp  # FSDP's mixed-precision policy casts instead
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params, run.get("optimizer", "fused"), device)
+    # GradScaler: the loss scaled before backward, the gradients unscaled (and checked for
+    # infinities) before the step; its state is a one-element scale and growth tracker.
+    scaler = torch.amp.GradScaler(device, enabled=fp16)
     vocab = config.vocab_size
     seq = run["seq"]
     src, tgt = (seq[0], seq[1]) if isinstance(seq, list) else (seq, 0)
@@ -451,10 +458,11 @@ def main():
             elif tracker is not None:
                 tracker.peak = tracker.now
             t0 = time.perf_counter()
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device_type=device, dtype=half, enabled=autocast):
                 loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()

@@ -314,11 +314,24 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
         "optimizer": plan.optimizer.record_name(),
     });
     let r = run.as_object_mut().expect("an object");
-    if plan.method.frozen_base() && plan.precision == Precision::MixedBf16 {
+    // A frozen base kept in fp32 under autocast (QLoRA under mixed-fp16 computes in fp16 over
+    // its NF4 base, whatever dtype the base loaded in).
+    let fp16_qlora =
+        matches!(plan.method, Method::Qlora(_)) && plan.precision == Precision::MixedFp16;
+    if plan.method.frozen_base()
+        && !fp16_qlora
+        && matches!(plan.precision, Precision::MixedBf16 | Precision::MixedFp16)
+    {
         r.insert("base_fp32".into(), json!(true));
     }
-    if plan.precision == Precision::Fp32 {
-        r.insert("precision".into(), json!("fp32"));
+    match plan.precision {
+        Precision::Fp32 => {
+            r.insert("precision".into(), json!("fp32"));
+        }
+        Precision::MixedFp16 => {
+            r.insert("precision".into(), json!("mixed_fp16"));
+        }
+        Precision::MixedBf16 | Precision::Bf16 => {}
     }
     match &plan.method {
         Method::Lora(l) | Method::Qlora(l) => {

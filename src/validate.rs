@@ -73,6 +73,10 @@ struct Run {
     optimizer: Option<String>,
     #[serde(default)]
     base_fp32: bool,
+    /// `ftplan measure`'s runs in another precision: `fp32`, or `mixed_fp16` (fp16 autocast with
+    /// a loss scaler).
+    #[serde(default)]
+    precision: Option<String>,
     /// `ftplan measure`'s freeze runs: the top blocks that train (default: the top one, or
     /// the whole `train_side`), whether the embeddings train, and which side of a seq2seq model.
     #[serde(default)]
@@ -272,10 +276,15 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
         ),
         other => return Err(bad("method", format!("`{other}` is not a known method"))),
     };
-    let precision = if run.base_fp32 {
-        Precision::MixedBf16
-    } else {
-        precision
+    let precision = match run.precision.as_deref() {
+        None if run.base_fp32 => Precision::MixedBf16,
+        None => precision,
+        Some("fp32") => Precision::Fp32,
+        Some("mixed_fp16") => Precision::MixedFp16,
+        Some(other) => {
+            return Err(bad("precision", format!("`{other}` is not known"))
+                .with_hint("use `fp32` or `mixed_fp16`, or leave it out"));
+        }
     };
     let optimizer = match run.optimizer.as_deref() {
         None => Optimizer::Adamw,

@@ -563,31 +563,44 @@ fn every_flag_is_described_and_completions_exist() {
 }
 
 #[test]
-fn a_measured_run_with_an_unknown_attention_name_is_refused_by_field() {
-    // Records name the kernel as the harnesses do (`sdpa`, `flash2`, `eager`); another name is
-    // an error naming the field, not silently SDPA.
-    let line = ftplan::validate::MEASURED
+fn a_measured_run_with_an_unknown_attention_or_precision_name_is_refused_by_field() {
+    // Records name the kernel as the harnesses do (`sdpa`, `flash2`, `eager`) and the precision
+    // as `ftplan measure` does (`fp32`, `mixed_fp16`); another name is an error naming the
+    // field and the known names, not silently SDPA or mixed bf16.
+    let first = ftplan::validate::MEASURED
         .lines()
         .next()
-        .expect("a measured run")
-        .replacen("\"attn\": \"sdpa\"", "\"attn\": \"flash_attention_2\"", 1);
-    assert!(line.contains("flash_attention_2"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("runs.jsonl");
-    std::fs::write(&file, format!("{line}\n")).expect("write");
-    let out = ftplan()
-        .arg("validate")
-        .arg("--file")
-        .arg(&file)
-        .assert()
-        .code(2);
-    let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
-    assert!(
-        err.contains("attn") && err.contains("flash_attention_2"),
-        "{err}"
-    );
-    assert!(
-        err.contains("sdpa"),
-        "the hint names the known kernels: {err}"
-    );
+        .expect("a measured run");
+    for (line, field, bad, known) in [
+        (
+            first.replacen("\"attn\": \"sdpa\"", "\"attn\": \"flash_attention_2\"", 1),
+            "attn",
+            "flash_attention_2",
+            "sdpa",
+        ),
+        (
+            first.replacen(
+                "\"grad_ckpt\":",
+                "\"precision\": \"fp16\", \"grad_ckpt\":",
+                1,
+            ),
+            "precision",
+            "fp16",
+            "mixed_fp16",
+        ),
+    ] {
+        assert!(line.contains(bad));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("runs.jsonl");
+        std::fs::write(&file, format!("{line}\n")).expect("write");
+        let out = ftplan()
+            .arg("validate")
+            .arg("--file")
+            .arg(&file)
+            .assert()
+            .code(2);
+        let err = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+        assert!(err.contains(field) && err.contains(bad), "{err}");
+        assert!(err.contains(known), "the hint names the known names: {err}");
+    }
 }

@@ -67,6 +67,15 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
         &["--model", "stablelm-2-1.6b", "--method", "ia3"][..],
         &["--model", "qwen3-30b-a3b", "--method", "lora"][..],
         &["--model", "gpt2", "--method", "bitfit"][..],
+        // fp16 autocast with a GradScaler (the recipe for GPUs without bf16), read back as such.
+        &[
+            "--model",
+            "llama3.2-1b",
+            "--method",
+            "lora",
+            "--precision",
+            "mixed-fp16",
+        ][..],
         &["--model", "qwen2.5-0.5b", "--method", "ln-tuning"][..],
         &[
             "--model",
@@ -92,13 +101,14 @@ fn the_harness_measures_tiny_plans_on_cpu_and_saves_them() {
             "{extra:?}"
         );
     }
-    // --save appended eight lines that `ftplan validate --file` reads back, the freeze runs'
-    // side and embeddings included (their counts match again there).
+    // --save appended nine lines that `ftplan validate --file` reads back, the freeze runs'
+    // side and embeddings and the fp16 run's precision included (their counts match again).
     let text = std::fs::read_to_string(&saved).expect("saved");
-    assert_eq!(text.lines().count(), 8);
+    assert_eq!(text.lines().count(), 9);
+    assert!(text.contains(r#""precision":"mixed_fp16""#), "{text}");
     let v = validate_json(&saved);
     let rows = v["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 8, "{v}");
+    assert_eq!(rows.len(), 9, "{v}");
     for r in rows {
         assert_eq!(r["measured_trainable"], r["estimated_trainable"], "{r}");
     }

@@ -549,8 +549,14 @@ impl PlanInput {
                 ("train_layers", !matches!(method, Method::Freeze { .. })),
                 ("train_embeddings", !matches!(method, Method::Freeze { .. })),
                 ("train_side", !matches!(method, Method::Freeze { .. })),
-                // QLoRA's base is NF4 computed in bf16 and the rest fp32, whatever --precision.
-                ("precision", matches!(method, Method::Qlora(_))),
+                // QLoRA's base is NF4 and the rest fp32 whatever --precision; it computes in
+                // bf16, or in fp16 with a loss scaler under mixed-fp16 (the recipe for GPUs
+                // without bf16).
+                (
+                    "precision",
+                    matches!(method, Method::Qlora(_))
+                        && self.precision != Some(PrecisionArg::MixedFp16),
+                ),
             ];
             for (id, ignored) in unused {
                 if *ignored && crate::cli::given(id) {
@@ -598,8 +604,12 @@ impl PlanInput {
         }
         // V100 and T4 have no bf16 tensor cores: bf16 runs there at their fp32 rate.
         let hw = &gpu.value;
-        let computes_bf16 = !matches!(precision, Precision::Fp32 | Precision::MixedFp16)
-            || matches!(method, Method::Qlora(_));
+        let computes_bf16 = match precision {
+            Precision::MixedFp16 => false,
+            // QLoRA computes in bf16 whatever the other weights' dtype.
+            Precision::Fp32 => matches!(method, Method::Qlora(_)),
+            Precision::MixedBf16 | Precision::Bf16 => true,
+        };
         if computes_bf16 && !hw.has_bf16_tensor_cores() {
             notes.push(format!(
                 "`{}` has no bf16 tensor cores: bf16 runs at its fp32 rate ({} TFLOP/s); fp16 mixed precision uses its fp16 tensor cores ({} TFLOP/s): try --precision mixed-fp16",

@@ -65,7 +65,7 @@ impl Builder<'_> {
         let mut cast = Bytes::ZERO;
         if self.autocast && head_param.dtype == DType::F32 {
             let (copy, transient) =
-                self.autocast_weight(DType::Bf16.bytes(head_param.elements), trainable, x.grad);
+                self.autocast_weight(self.half.bytes(head_param.elements), trainable, x.grad);
             cast = transient;
             weight_copy = copy;
         }

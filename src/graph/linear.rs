@@ -129,7 +129,9 @@ impl Builder<'_> {
         let trainable = self.trains(ParamRole::Linear) && !qlora;
         // A trainable bias needs only the output's gradient (a sum), not the input (BitFit).
         let bias_trainable = bias && self.trains(ParamRole::Bias);
-        let compute = if qlora { DType::Bf16 } else { self.compute() };
+        // bitsandbytes computes in its `bnb_4bit_compute_dtype`: bf16, or fp16 in the recipe
+        // for GPUs without bf16 (mixed-fp16 plans).
+        let compute = if qlora { self.half } else { self.compute() };
 
         // IA3 on a feed-forward input: `(x.to(fp32) * l)` saves the fp32 input for l's gradient.
         let mut x = x;
@@ -159,27 +161,28 @@ impl Builder<'_> {
         let mut weight_copy = None;
         let weight_cast = self.autocast && self.base == DType::F32 && !qlora;
         if weight_cast {
-            // autocast's bf16 copy of the weight (and bias): cached when they train, cast per
-            // use when frozen; autograd keeps it when the input needs a gradient.
+            // autocast's half-precision copy of the weight (and bias): cached when they train,
+            // cast per use when frozen; autograd keeps it when the input needs a gradient.
             let elems = in_features * out_features + if bias { out_features } else { 0 };
-            let (copy, transient) =
-                self.autocast_weight(DType::Bf16.bytes(elems), trainable, x.grad);
+            let (copy, transient) = self.autocast_weight(self.half.bytes(elems), trainable, x.grad);
             forward_transient += transient;
             weight_copy = copy;
         }
         if qlora {
-            // bitsandbytes dequantizes the whole weight to bf16 for the matmul.
-            forward_transient += DType::Bf16.bytes(in_features * out_features);
+            // bitsandbytes dequantizes the whole weight to the compute dtype for the matmul.
+            forward_transient += self.half.bytes(in_features * out_features);
         }
-        // bitsandbytes' Linear4bit computes in bf16 and casts the result back to its input's dtype.
+        // bitsandbytes' Linear4bit computes in its compute dtype and casts the result back to its
+        // input's dtype.
         let out_dtype = if qlora { x.dtype } else { compute };
         let out = self.val(out_features, x.tokens, out_dtype, out_grad);
         let flops = 2.0 * x.tokens as f64 * in_features as f64 * out_features as f64;
-        // QLoRA dequantizes the NF4 weight to bf16 before each use, forward and backward: one
-        // more kernel that reads 4 bits and writes 16 per weight, which the matmul then reads.
+        // QLoRA dequantizes the NF4 weight to the compute dtype before each use, forward and
+        // backward: one more kernel that reads 4 bits and writes 16 per weight, which the matmul
+        // then reads.
         let weight_bytes = if qlora {
             DType::Nf4.bytes(in_features * out_features)
-                + DType::Bf16.bytes(in_features * out_features) * 2
+                + self.half.bytes(in_features * out_features) * 2
         } else {
             compute.bytes(in_features * out_features)
         };
@@ -313,7 +316,7 @@ impl Builder<'_> {
         input_grad: bool,
     ) -> Val {
         let compute = if self.autocast {
-            DType::Bf16
+            self.half
         } else {
             self.adapter
         };
@@ -321,7 +324,7 @@ impl Builder<'_> {
         if self.autocast {
             // A trainable leaf: autocast caches its copy (held to the region's end either way).
             let elems = x.width * out_features;
-            let (copy, _) = self.autocast_weight(DType::Bf16.bytes(elems), true, input_grad);
+            let (copy, _) = self.autocast_weight(self.half.bytes(elems), true, input_grad);
             saves.extend(copy);
         }
         let out = self.val(out_features, x.tokens, compute, true);
