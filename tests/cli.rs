@@ -620,15 +620,8 @@ fn a_wgpu_calibration_says_its_fp32_rate_is_a_floor_for_fp32_plans() {
     // mixed-precision plan (bf16 GEMMs, the datasheet's) does not.
     let note = |precision: &str| {
         let out = ftplan()
-            .args([
-                "estimate",
-                "--model",
-                "gpt2",
-                "--gpu",
-                "h200",
-                "--precision",
-                precision,
-            ])
+            .args(["estimate", "--model", "gpt2", "--gpu", "h200"])
+            .args(["--precision", precision])
             .args(["--calibration", "validation/calib-wgpu-h200.toml"])
             .assert()
             .code(0);
