@@ -281,8 +281,9 @@ def host_costs(device):
     module calls a global forward pre-hook counts. An empty module
     (nn.Identity) costs 1-2 us, but the time model's module cost stands for a transformers
     module's forward (its argument handling, shape bookkeeping, mask and cache logic): on the
-    H200's host the same difference over 29 full-size models at toy shape had a median of 91 us
-    (validation/host-h200.jsonl), where an Identity call took 2.0 us. Checkpointing:
+    H200's host a forward less its top-level ops over its module calls, for 29 full-size models at
+    toy shape (hundreds of modules each, so what a forward pays once is spread thin), had a median
+    of 91 us (validation/host-h200.jsonl), where an Identity call took 2.0 us. Checkpointing:
     a chain of 1 and of 256 `tanh`s (each saves one tensor), forward and backward with and
     without `checkpoint`, less the recomputed forward; each the fastest of nine loops (the
     difference of two long loops, so a slow loop from the rest of the machine would swamp it)."""
