@@ -9,7 +9,7 @@
 use crate::graph::op::{Access, AttentionPath, Op, OpGraph, OpKind};
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::{Optimizer, Plan};
-use crate::units::{Bytes, DType, Flops};
+use crate::units::{Bytes, DType};
 use serde::{Deserialize, Serialize};
 
 /// Achievable rates of one GPU, from the datasheet or from `ftplan calibrate`.
@@ -224,23 +224,29 @@ enum Pass {
 
 /// Device seconds of one op's forward and of its backward (one copy).
 pub fn op_seconds(op: &Op, rates: &Rates) -> (f64, f64) {
-    let c = &op.cost;
     (
-        op_time(c.forward_flops, c.forward_bytes, op, rates, Pass::Forward),
-        op_time(
-            c.input_grad_flops + c.weight_grad_flops,
-            c.backward_bytes,
-            op,
-            rates,
-            Pass::Backward,
-        ),
+        op_time(op, rates, Pass::Forward),
+        op_time(op, rates, Pass::Backward),
     )
 }
 
-fn op_time(flops: Flops, bytes: Bytes, op: &Op, rates: &Rates, pass: Pass) -> f64 {
-    let (access, kernels) = match pass {
-        Pass::Forward => (op.cost.forward_access, op.cost.forward_kernels),
-        Pass::Backward => (op.cost.backward_access, op.cost.backward_kernels),
+/// Device seconds of one pass of one op: its FLOPs, bytes, access path and kernel count for
+/// that pass.
+fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
+    let c = &op.cost;
+    let (flops, bytes, access, kernels) = match pass {
+        Pass::Forward => (
+            c.forward_flops,
+            c.forward_bytes,
+            c.forward_access,
+            c.forward_kernels,
+        ),
+        Pass::Backward => (
+            c.input_grad_flops + c.weight_grad_flops,
+            c.backward_bytes,
+            c.backward_access,
+            c.backward_kernels,
+        ),
     };
     let unfused = op.kind == OpKind::Attention && op.cost.attention == AttentionPath::Unfused;
     let efficiency = match op.kind {
@@ -377,7 +383,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     for &(k, first) in &order {
         let op = ops[k];
         let c = &op.cost;
-        let t = op_time(c.forward_flops, c.forward_bytes, op, rates, Pass::Forward);
+        let t = op_time(op, rates, Pass::Forward);
         if first || last.is_none_or(|l| ops[l].unit != op.unit) {
             fwd_units.push((op.unit, 0.0));
         }
@@ -421,7 +427,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
             let mut entry = rates.checkpoint_block;
             for o in &ops[start..=i] {
                 let c = &o.cost;
-                let t = op_time(c.forward_flops, c.forward_bytes, o, rates, Pass::Forward);
+                let t = op_time(o, rates, Pass::Forward);
                 bwd += t;
                 flops += c.forward_flops.0;
                 q.push(
@@ -436,7 +442,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         current = op.segment;
         let c = &op.cost;
         let back_flops = c.input_grad_flops + c.weight_grad_flops;
-        let t = op_time(back_flops, c.backward_bytes, op, rates, Pass::Backward);
+        let t = op_time(op, rates, Pass::Backward);
         bwd += t;
         flops += back_flops.0;
         // Backward runs in autograd's C++ engine: no module calls, except where a Python
