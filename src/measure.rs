@@ -324,14 +324,8 @@ pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
     {
         r.insert("base_fp32".into(), json!(true));
     }
-    match plan.precision {
-        Precision::Fp32 => {
-            r.insert("precision".into(), json!("fp32"));
-        }
-        Precision::MixedFp16 => {
-            r.insert("precision".into(), json!("mixed_fp16"));
-        }
-        Precision::MixedBf16 | Precision::Bf16 => {}
+    if let Some(name) = plan.precision.record_name() {
+        r.insert("precision".into(), json!(name));
     }
     match &plan.method {
         Method::Lora(l) | Method::Qlora(l) => {

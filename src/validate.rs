@@ -290,12 +290,10 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
     let precision = match run.precision.as_deref() {
         None if run.base_fp32 => Precision::MixedBf16,
         None => precision,
-        Some("fp32") => Precision::Fp32,
-        Some("mixed_fp16") => Precision::MixedFp16,
-        Some(other) => {
-            return Err(bad("precision", format!("`{other}` is not known"))
-                .with_hint("use `fp32` or `mixed_fp16`, or leave it out"));
-        }
+        Some(name) => crate::spec::value_in(&Precision::RECORD_NAMES, name).ok_or_else(|| {
+            bad("precision", format!("`{name}` is not known"))
+                .with_hint("use `fp32` or `mixed_fp16`, or leave it out")
+        })?,
     };
     let optimizer = match run.optimizer.as_deref() {
         None => Optimizer::Adamw,

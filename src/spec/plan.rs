@@ -413,6 +413,20 @@ pub enum Precision {
     Fp32,
 }
 
+impl Precision {
+    /// Names in measured-run records for the precisions a record states (`ftplan measure`'s
+    /// `precision`); the others follow from the method and `base_fp32`.
+    pub const RECORD_NAMES: [(&'static str, Precision); 2] = [
+        ("fp32", Precision::Fp32),
+        ("mixed_fp16", Precision::MixedFp16),
+    ];
+
+    /// This precision's name in measured-run records, if a record states it.
+    pub fn record_name(self) -> Option<&'static str> {
+        super::name_in(&Precision::RECORD_NAMES, self)
+    }
+}
+
 /// The optimizer and its implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
