@@ -10,7 +10,8 @@ cases.py (llama2-7b left out: TinyLlama has its block) is measured three ways:
     kernel launches per phase.
 With --full NAME,... the named runs are also measured at their own shape again (measure.py's record).
 
-Copy it beside ../shared/gt/measure.py and cases.py (it imports measure), then:
+Copy it beside ../shared/gt/measure.py, cases.py and step_profile.py (it imports measure and
+step_profile's launch names and top-level test), then:
 OUT=DIR python3 host_probe.py [--steps 12] [--full bart-large|adapter,...] [--no-toy]   (CPU: --cpu-smoke)
 Writes DIR/host.jsonl, one line per run.
 """
@@ -22,8 +23,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import measure as M
+from step_profile import LAUNCH, top_level_aten
 
-LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -90,12 +91,8 @@ def phases(run, dev, steps, smoke):
             continue
         if e.name in LAUNCH:
             launches[phase(e)] = launches.get(phase(e), 0) + 1
-        elif e.name.startswith("aten::"):
-            p = e.cpu_parent
-            while p is not None and not p.name.startswith("aten::"):
-                p = p.cpu_parent
-            if p is None:
-                aten[phase(e)] = aten.get(phase(e), 0) + 1
+        elif e.name.startswith("aten::") and top_level_aten(e):
+            aten[phase(e)] = aten.get(phase(e), 0) + 1
     out.update(launches=launches, aten_top=aten)
     del model, opt, params, data
     M.cleanup(dev)
