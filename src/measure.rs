@@ -600,6 +600,7 @@ pub fn record(
         "tokens_per_s": m.tokens_per_second,
         "peak_by_step": m.peak_by_step,
         "measure": "ftplan measure (harness/measure.py)",
+        "device": device_name(device),
         "environment": environment,
     });
     let key = match device {

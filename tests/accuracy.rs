@@ -211,3 +211,56 @@ fn validate_command_prints_the_table_and_passes() {
         "{text}"
     );
 }
+
+/// One line of a shipped `validation/*.jsonl` file, by run name.
+fn line_of(file: &str, name: &str) -> String {
+    let text = std::fs::read_to_string(repo(file)).expect("ships");
+    text.lines()
+        .find(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["name"] == name))
+        .expect("the run is in the file")
+        .to_string()
+}
+
+#[test]
+fn a_memtracker_replay_is_compared_without_the_trackers_leak_and_without_cublas() {
+    // T5-base LoRA r16 q/v, batch 16, 512 + 128 tokens, checkpointing, replayed by
+    // `measure.py --fake` (validation/sweep.jsonl). Its steps peaked at 1,499,355,656,
+    // 1,548,115,016 and 1,582,718,024 B: MemTracker keeps 34,603,008 B of each checkpointed
+    // step alive (1,582,718,024 - 1,548,115,016; validation/tracker_leak.py shows PyTorch alone
+    // frees them), so step k (from 0) carries k x 34,603,008 and its own peaks are 1,499,355,656,
+    // 1,513,512,008 and 1,513,512,008: the run's is 1,513,512,008 B, not the last step's.
+    let name = "t5-base|lora|b16|s(512, 128)|gc1|sdpa|r16|qv";
+    let line = line_of("validation/sweep.jsonl", name);
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let rows = validate::compare("sweep", &line, &hw, &rates).expect("plans");
+    assert_eq!(rows[0].measured_peak, 1_513_512_008);
+    // A CPU has no cuBLAS: the estimate compared is the H200's less its two 32 MiB workspaces
+    // (67,108,864 B), as `ftplan measure --device cpu` compares.
+    let est =
+        ftplan::estimate::estimate(&rows[0].model, &rows[0].plan, &hw, &rates).expect("estimates");
+    assert_eq!(rows[0].estimated_peak, est.memory.peak.0 - 67_108_864);
+    assert!(rows[0].error.abs() < 0.02, "{:+.2}%", rows[0].error * 100.0);
+}
+
+#[test]
+fn a_run_measured_on_a_gpu_keeps_its_peak_and_workspaces() {
+    // The same comparison for a GPU run: TinyLlama LoRA at batch 8 on the H200
+    // (measured.jsonl) is compared on its `peak_run` with the workspaces in the estimate; the
+    // same record marked as run on the CPU (`"device": "cpu"`, as `ftplan measure --device cpu
+    // --save` writes) is estimated 67,108,864 B lower.
+    let name = "tinyllama-1.1b|lora|b8|s1024|gc0|sdpa|r16|qv";
+    let line = line_of("validation/measured.jsonl", name);
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let gpu = validate::compare("gpu", &line, &hw, &rates).expect("plans");
+    let rec: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(
+        gpu[0].measured_peak,
+        rec["peak_run"].as_u64().expect("peak_run")
+    );
+    let mut cpu: serde_json::Value = rec.clone();
+    cpu["device"] = serde_json::json!("cpu");
+    let cpu = validate::compare("cpu", &cpu.to_string(), &hw, &rates).expect("plans");
+    assert_eq!(gpu[0].estimated_peak - cpu[0].estimated_peak, 67_108_864);
+}

@@ -265,11 +265,10 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
         let name = format!("{}-tiny", model.name);
         model = ftplan::spec::hf::parse_config(&model_arg, &config, &name, false)?;
     }
-    let mut hardware = r.hardware.clone();
-    if device == Device::Cpu {
-        // No cuBLAS on a CPU: its workspaces are not part of what is measured there.
-        hardware.cublas_workspace = ftplan::units::Bytes::ZERO;
-    }
+    let hardware = match device {
+        Device::Cpu => r.hardware.as_cpu_replay(),
+        Device::Cuda => r.hardware.clone(),
+    };
     let estimate = ftplan::estimate::estimate(&model, &r.plan, &hardware, &r.rates)?;
     let mut run = measure::run_record(&model, &r.plan);
     // Module names as given reach peft unchanged (`query_key_value`, `c_attn`, ...).

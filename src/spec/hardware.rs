@@ -138,6 +138,16 @@ pub struct Hardware {
 }
 
 impl Hardware {
+    /// This GPU as a CPU replay of a plan sees it: the same plan run on the CPU (`ftplan measure
+    /// --device cpu`, or PyTorch's memory trackers over fake tensors) calls no cuBLAS, so it has
+    /// none of the workspaces cuBLAS keeps per thread and stream on a GPU.
+    pub fn as_cpu_replay(&self) -> Hardware {
+        Hardware {
+            cublas_workspace: Bytes::ZERO,
+            ..self.clone()
+        }
+    }
+
     /// Whether bf16 runs on tensor cores (not on V100 or T4, whose datasheets give bf16 no
     /// rate above fp32's).
     pub fn has_bf16_tensor_cores(&self) -> bool {
