@@ -873,3 +873,71 @@ fn qlora_under_mixed_fp16_computes_in_fp16_as_the_t4_recipe_does() {
     let ratio = bf16.time.step_seconds / fp16.time.step_seconds;
     assert!(ratio > 3.0 && ratio < 8.1, "{ratio}");
 }
+
+#[test]
+fn a_checkpointed_frozen_seq2seq_keeps_its_embedding_leaf_and_the_encoder_output() {
+    // BART-large (the harness's dropout-free config) with bottleneck adapters of 64, batch 8,
+    // 512 source and 128 target tokens, bf16 base under autocast, checkpointing
+    // (validation/sweep.jsonl). Two things live through backward that the walk had dropped:
+    // - `enable_input_require_grads` makes each input-embedding lookup's bf16 output a leaf
+    //   that requires grad (encoder 8 x 512 x 1,024 x 2 = 8,388,608 B, decoder 8 x 128 x 1,024
+    //   x 2 = 2,097,152), held by its AccumulateGrad node; from it on `layernorm_embedding`
+    //   records autograd and saves its fp32 input (16,777,216 and 4,194,304) and its fp32 mean
+    //   and rstd (8 x 512 x 4 x 2 = 32,768 and 8,192);
+    // - every decoder block's checkpoint holds the encoder's fp32 output (16,777,216) as an
+    //   input, where the cross-attention's projections inside save only their bf16 casts.
+    // Together 48,275,456 B at the loss's backward, the peak: the estimate moved from
+    // 1,719,959,936 to 1,768,235,392 B (H200 less its two cuBLAS workspaces, as the CPU
+    // replay has none); a dispatch-level tracker of the replay without module hooks peaks at
+    // 1,768,524,346 there, which is what `validate` reads from the MemTracker record less its
+    // leak (-0.02 %).
+    let rows = crate::shipped_rows("validation/sweep.jsonl");
+    let row = rows
+        .iter()
+        .find(|r| r.name == "bart-large|adapter|b8|s(512, 128)|gc1|sdpa")
+        .expect("the run is in the file");
+    assert_eq!(row.measured_peak, 1_768_524_346);
+    assert_eq!(row.estimated_peak, 1_719_959_936 + 48_275_456);
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let held = |name: &str| {
+        let op = g
+            .ops()
+            .find(|o| g.name(o.name) == name)
+            .expect("the op exists");
+        op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum::<u64>()
+    };
+    assert_eq!(held("encoder.embed_tokens.input_require_grads"), 8_388_608);
+    assert_eq!(held("decoder.embed_tokens.input_require_grads"), 2_097_152);
+    // Each decoder block's checkpoint keeps its hidden input, fp32 (8 x 128 x 1,024 x 4 =
+    // 4,194,304: under autocast BART's post-norm blocks hand on LayerNorm's fp32 output), and
+    // the encoder output.
+    let decoder_checkpoint = g
+        .ops()
+        .rfind(|o| g.name(o.name) == "checkpoint_input")
+        .expect("checkpointed");
+    let kept: Vec<u64> = decoder_checkpoint
+        .saves
+        .iter()
+        .map(|&t| g.tensor(t).bytes.0)
+        .collect();
+    assert_eq!(kept, vec![4_194_304, 16_777_216]);
+    // Without checkpointing, or with the embeddings training, no leaf is made.
+    for p in [
+        Plan {
+            grad_ckpt: false,
+            ..row.plan.clone()
+        },
+        Plan {
+            method: Method::Full,
+            precision: Precision::MixedBf16,
+            ..row.plan.clone()
+        },
+    ] {
+        let g = ftplan::graph::arch::build(&row.model, &p);
+        assert!(
+            !g.ops()
+                .any(|o| g.name(o.name).ends_with("input_require_grads")),
+            "{p:?}"
+        );
+    }
+}

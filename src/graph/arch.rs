@@ -138,6 +138,17 @@ fn stack_forward(
                 h,
                 batch * (seq - prompted),
             );
+            if plan.grad_ckpt && !x.grad {
+                // `enable_input_require_grads`, which transformers' Trainer and peft call when
+                // a frozen model is checkpointed (a checkpoint needs a grad-requiring input): a
+                // forward hook on the input-embedding module calls `requires_grad_()` on its
+                // output, which becomes a leaf that requires grad. Every op from there to the
+                // first block records autograd and saves what it saves (BART's
+                // `layernorm_embedding` its fp32 input under autocast), and the leaf's
+                // AccumulateGrad node holds it until backward ends.
+                x.grad = true;
+                b.hold(name.at("embed_tokens").then("input_require_grads"), x);
+            }
             if let (Method::Prompt { virtual_tokens }, true) = (&plan.method, prompted > 0) {
                 // peft's PromptEmbedding, cast to the embeddings' dtype and concatenated in
                 // front. A seq2seq model's table has a row set per transformer submodule
@@ -175,10 +186,6 @@ fn stack_forward(
                 b.layer = None;
             }
             x = b.dropout(name.at("embed").then("dropout"), x, model.dropout.embedding);
-            if plan.grad_ckpt && !x.grad {
-                // `enable_input_require_grads`: checkpointing a frozen model needs a grad-requiring input.
-                x.grad = true;
-            }
             x
         }
     };
@@ -311,7 +318,7 @@ fn stack_forward(
             let ln = b.scope(name, &label);
             b.set_repeat(u32::try_from(copies).unwrap_or(u32::MAX));
             b.layer = Some(offset + first);
-            b.begin_block(x);
+            b.begin_block(x, memory.map(|(m, _)| m));
             x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory, kind);
             b.end_block();
             b.layer = None;

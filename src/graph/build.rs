@@ -594,8 +594,11 @@ impl<'a> Builder<'a> {
     }
 
     /// Marks the start of a checkpointed block (HF's `gradient_checkpointing_enable`, one
-    /// `torch.utils.checkpoint` per block): the block input is kept, its interior is recomputed.
-    pub fn begin_block(&mut self, input: Val) {
+    /// `torch.utils.checkpoint` per block): the block's inputs are kept, its interior is
+    /// recomputed. A decoder block's inputs are its hidden state and the encoder's output
+    /// (`memory`): every decoder block's checkpoint holds the encoder output itself, until the
+    /// first decoder block's backward, whatever dtype its cross-attention casts it to inside.
+    pub fn begin_block(&mut self, input: Val, memory: Option<Val>) {
         self.unit = self.next_unit;
         self.next_unit += 1;
         if !self.plan.grad_ckpt {
@@ -604,20 +607,41 @@ impl<'a> Builder<'a> {
         let segment = self.next_segment;
         self.segment = Some(segment);
         self.next_segment += 1;
-        // The checkpoint keeps the block's input itself (whoever else saves it).
-        self.graph.tensors[input.id.0 as usize].checkpoint_input = true;
+        // The checkpoint keeps the block's inputs themselves (whoever else saves them).
+        let mut saves: SmallVec<[TensorId; 6]> = smallvec![input.id];
+        saves.extend(memory.map(|m| m.id));
+        for &t in &saves {
+            self.graph.tensors[t.0 as usize].checkpoint_input = true;
+        }
         self.graph.begin_segment(segment);
-        // A zero-cost marker op that keeps the block input.
+        // A zero-cost marker op that keeps the block inputs.
         self.emit(OpSpec {
             name: Name::root("checkpoint_input"),
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
-            saves: smallvec![input.id],
+            saves,
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost::default(),
             compute: input.dtype,
-            in_backward: input.grad,
+            in_backward: input.grad || memory.is_some_and(|m| m.grad),
+        });
+    }
+
+    /// A zero-cost op that keeps `x` until backward reaches it: a leaf that requires grad,
+    /// which its AccumulateGrad node holds for the whole backward pass (backward reaches the
+    /// op, built before anything that reads `x`, last).
+    pub fn hold(&mut self, name: Name, x: Val) {
+        self.emit(OpSpec {
+            name,
+            kind: OpKind::Elementwise,
+            params: SmallVec::new(),
+            saves: smallvec![x.id],
+            forward_transient: Bytes::ZERO,
+            backward_transient: Bytes::ZERO,
+            cost: Cost::default(),
+            compute: x.dtype,
+            in_backward: true,
         });
     }
 

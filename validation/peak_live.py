@@ -1,0 +1,99 @@
+"""What is alive at a replayed run's peak, by the op that made each storage.
+
+Replays one of measure.py's runs at full size under FakeTensorMode on CPU, as `measure.py --fake` does, but
+accounted by a dispatch-level tracker with no module hooks (so none of MemTracker's step-to-step leak under
+checkpointing, see tracker_leak.py): every storage an op creates is followed by a weak reference until it dies.
+For each step it prints the peak, the op running at it, and the live storages grouped by (creating op, shape,
+dtype), largest first; storages that existed before the step (parameters, buffers, optimizer states, the batch)
+are `external`.
+
+BART-large with adapters of 64, batch 8, 512 + 128 tokens, checkpointing (validation/sweep.jsonl) peaks in step 2
+at 1,768,524,346 B, at `_log_softmax_backward_data`: what `ftplan validate` compares for that run.
+
+Copy it beside ../shared/gt/measure.py and cases.py (it imports them):
+  python3 peak_live.py '{"model": "bart-large", "method": "adapter", "batch": 8, "seq": [512, 128],
+                         "grad_ckpt": true, "split": "dev", "attn": "sdpa", "adapter_dim": 64}' [--steps 2] [--top 40]
+"""
+import argparse, collections, json, os, sys, weakref
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import measure as M
+
+
+class Live(TorchDispatchMode):
+    """Live storage bytes and their peak, with the live set at the peak."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.live, self.now, self.peak, self.at, self.ops = {}, 0, 0, None, 0
+        for t in start:
+            self.track(t, "external")
+
+    def track(self, t, made_by):
+        if not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        key, n = id(st), st.nbytes()
+        if key in self.live or n == 0:
+            return
+        ref = weakref.ref(st, lambda _, k=key, n=n: self.free(k, n))
+        self.live[key] = (ref, n, made_by, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        self.now += n
+        if self.now > self.peak:
+            self.peak = self.now
+            self.at = (made_by, [v[1:] for v in self.live.values() if v[0]() is not None])
+
+    def free(self, key, n):
+        if self.live.pop(key, None) is not None:
+            self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.track(t, func.__name__)
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run", help="one of measure.py's run dicts, as JSON")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--top", type=int, default=40)
+    a = ap.parse_args()
+    run = json.loads(a.run)
+    rec = {"run": run, "notes": []}
+    dev = torch.device("cpu")
+    batch, seq, wdtype, use_autocast = M.settings(run, False, rec)
+    M.mirror_cuda_autocast_fp32_ops()
+    with M.fake_mode(), M.unpacked_batches():
+        torch.manual_seed(0)
+        model, cfg = M.build(run, dev, False, wdtype, rec)
+        for m in model.modules():  # as measure.py: a zero LayerDrop draws nothing from a fake tensor
+            if getattr(m, "layerdrop", None) == 0:
+                m.layerdrop = M.NeverDrop()
+        model, params = M.prepare(model, run, dev, rec)
+        opt, _ = M.make_optimizer(run, params, dev)
+        data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
+        for step in range(1, a.steps + 1):
+            states = [s for st in opt.state.values() for s in st.values() if isinstance(s, torch.Tensor)]
+            live = Live(list(model.parameters()) + list(model.buffers()) + list(data.values()) + states)
+            with live:
+                loss, _ = M.train_step(model, data, opt, params, dev.type, use_autocast)
+            del loss
+            made_by, alive = live.at
+            print(f"step {step}: peak {live.peak} B at {made_by}")
+            total, count = collections.Counter(), collections.Counter()
+            for n, op, shape, dtype in alive:
+                total[(op, shape, dtype)] += n
+                count[(op, shape, dtype)] += 1
+            for key, n in total.most_common(a.top):
+                print(f"  {n:>14,} x{count[key]:<4} {key[0]} {key[1]} {key[2]}")
+
+
+if __name__ == "__main__":
+    main()
