@@ -13,11 +13,14 @@ at 1,768,524,346 B, at `_log_softmax_backward_data`: what `ftplan validate` comp
 Copy it beside ../shared/gt/measure.py and cases.py (it imports them):
   python3 peak_live.py '{"model": "bart-large", "method": "adapter", "batch": 8, "seq": [512, 128],
                          "grad_ckpt": true, "split": "dev", "attn": "sdpa", "adapter_dim": 64}' [--steps 2] [--top 40]
+  python3 peak_live.py --record outliers.jsonl 'llama3.2-1b|lora|...'   (the run and its exact config from a
+                                                                       record, for a model cases.py lacks)
 """
 import argparse, collections, json, os, sys, weakref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -59,17 +62,56 @@ class Live(TorchDispatchMode):
         return out
 
 
+# Keys of a saved config.json that are not the config class's constructor arguments (or that build() sets).
+NOT_ARGS = {"model_type", "transformers_version", "architectures", "_name_or_path", "use_cache", "dtype"}
+
+
+def from_record(path, name):
+    """The run of the record called `name` in a .jsonl file, its model registered from the record's config."""
+    with open(path) as fh:
+        rec = next(r for r in map(json.loads, fh) if r["name"] == name)
+    run, cfg = rec["run"], rec["config"]
+    cls = type(transformers.AutoConfig.for_model(cfg["model_type"])).__name__
+    kw = {k: v for k, v in cfg.items() if k not in NOT_ARGS}
+    if rec.get("lm_head_untied"):
+        kw["tie_word_embeddings"] = False
+    M.MODELS[run["model"]] = (cls, kw)
+    if cfg.get("is_encoder_decoder"):
+        M.ENC_DEC.add(run["model"])
+    return run
+
+
+def mirror_cuda_strided_mask_rule():
+    """CUDA's fused SDPA kernels refuse a mask whose last dimension is strided (`check_last_dim_stride_equals_1_dense`:
+    T5's permuted position bias) and the call takes the math path; the CPU flash kernel would take it. Such calls run
+    under sdpa_kernel(MATH), as the replays in validation/ did (their `notes` say so)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def mirrored(*args, **kwargs):
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1:
+            with sdpa_kernel(SDPBackend.MATH):
+                return sdpa(*args, **kwargs)
+        return sdpa(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = mirrored
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("run", help="one of measure.py's run dicts, as JSON")
+    ap.add_argument("run", help="one of measure.py's run dicts, as JSON (with --record: the record's name)")
+    ap.add_argument("--record", help="a .jsonl file holding the named record")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--json", action="store_true", help="print only {\"peak_plain_bytes\": ..., \"peak_plain_by_step\": [...]}")
     a = ap.parse_args()
-    run = json.loads(a.run)
+    run = from_record(a.record, a.run) if a.record else json.loads(a.run)
     rec = {"run": run, "notes": []}
     dev = torch.device("cpu")
     batch, seq, wdtype, use_autocast = M.settings(run, False, rec)
     M.mirror_cuda_autocast_fp32_ops()
+    mirror_cuda_strided_mask_rule()
     with M.fake_mode(), M.unpacked_batches():
         torch.manual_seed(0)
         model, cfg = M.build(run, dev, False, wdtype, rec)
@@ -79,6 +121,7 @@ def main():
         model, params = M.prepare(model, run, dev, rec)
         opt, _ = M.make_optimizer(run, params, dev)
         data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
+        peaks = []
         for step in range(1, a.steps + 1):
             states = [s for st in opt.state.values() for s in st.values() if isinstance(s, torch.Tensor)]
             live = Live(list(model.parameters()) + list(model.buffers()) + list(data.values()) + states)
@@ -86,6 +129,9 @@ def main():
                 loss, _ = M.train_step(model, data, opt, params, dev.type, use_autocast)
             del loss
             made_by, alive = live.at
+            peaks.append(live.peak)
+            if a.json:
+                continue
             print(f"step {step}: peak {live.peak} B at {made_by}")
             total, count = collections.Counter(), collections.Counter()
             for n, op, shape, dtype in alive:
@@ -93,6 +139,8 @@ def main():
                 count[(op, shape, dtype)] += 1
             for key, n in total.most_common(a.top):
                 print(f"  {n:>14,} x{count[key]:<4} {key[0]} {key[1]} {key[2]}")
+    if a.json:
+        print(json.dumps({"peak_plain_bytes": max(peaks), "peak_plain_by_step": peaks}))
 
 
 if __name__ == "__main__":
