@@ -3,7 +3,8 @@
 
 use crate::graph::attention::AttnMask;
 use crate::graph::build::{Builder, Val, wider};
-use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, TensorId};
+use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, TensorId, TensorKind};
+use smallvec::SmallVec;
 
 /// Every parameter role, for checking that a run of blocks trains uniformly.
 const ROLES: [ParamRole; 6] = [
@@ -221,14 +222,38 @@ fn stack_forward(
             batch * prefix,
         );
     }
+    // T5 under checkpointing: the stack's first block computes the relative position bias, a
+    // (1, heads, q, k) view of its embedding lookup in that table's dtype, and the stack hands
+    // it to every later block as an argument (`T5Stack.forward`), so each block's checkpoint
+    // holds it for its recomputation until that block's backward; the first block recomputes
+    // it there. A decoder block's cross-attention gets a zeros bias (1, heads, q, source) in
+    // the queries' dtype, made in the first block and handed on the same way (transformers
+    // sets `requires_grad` on it, so autograd also keeps it, and its gradient, to the end of
+    // backward; the walk lets it go with the decoder's checkpoints).
+    let mut position_biases: SmallVec<[TensorId; 2]> = SmallVec::new();
     if model.family.is_t5()
         && let Positions::RelativeBias { buckets } = model.positions
     {
-        b.base_param(
+        let table = b.base_param(
             name.at("relative_attention_bias"),
             (buckets, stack.heads),
             ParamRole::Embedding,
         );
+        if plan.grad_ckpt {
+            let dtype = b.graph.param(table).dtype;
+            let keys = seq + prefix;
+            position_biases.push(b.tensor(
+                TensorKind::Activation,
+                dtype.bytes(stack.heads * seq * keys),
+            ));
+            if let Some((_, source)) = memory {
+                let queries = if b.autocast { b.half } else { b.base };
+                position_biases.push(b.tensor(
+                    TensorKind::Activation,
+                    queries.bytes(stack.heads * seq * source),
+                ));
+            }
+        }
     }
 
     // Eager attention in a decoder-only model: one materialised mask per mask type (full,
@@ -318,7 +343,7 @@ fn stack_forward(
             let ln = b.scope(name, &label);
             b.set_repeat(u32::try_from(copies).unwrap_or(u32::MAX));
             b.layer = Some(offset + first);
-            b.begin_block(x, memory.map(|(m, _)| m));
+            b.begin_block(x, memory.map(|(m, _)| m), &position_biases);
             x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory, kind);
             b.end_block();
             b.layer = None;

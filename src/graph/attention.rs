@@ -36,6 +36,8 @@ impl Builder<'_> {
         // backward, the two gradients' sum, the sink's reduction).
         let mut sink_kernels = (0u32, 0u32);
         let mut bwd_extra = Bytes::ZERO;
+        // The math path's backward extras, where its backward is charged alone (below).
+        let mut math_backward: Option<Bytes> = None;
         let sinks = self.model.attention_sinks;
         let kernel = match (self.plan.attention, mask) {
             // A model without an SDPA path (`_supports_sdpa = False`: GPT-OSS, whose sink logit
@@ -116,8 +118,11 @@ impl Builder<'_> {
                 if q.grad {
                     saves.push(self.val(k.width, k.tokens, acc, k.grad).id);
                 }
+                let mut v_copy = Bytes::ZERO;
                 if q.grad || k.grad {
-                    saves.push(self.val(v.width, v.tokens, acc, v.grad).id);
+                    let v32 = self.val(v.width, v.tokens, acc, v.grad);
+                    v_copy = v32.bytes();
+                    saves.push(v32.id);
                 }
                 saves.push(self.tensor(TensorKind::Activation, acc.bytes(scores)));
                 if p_drop > 0.0 {
@@ -126,6 +131,14 @@ impl Builder<'_> {
                 }
                 fwd_extra += acc.bytes(scores) * 2 + DType::U8.bytes(scores);
                 bwd_extra += acc.bytes(scores) * 2;
+                // Backward's worst moment is softmax's backward: the saved probabilities, dP
+                // and dS, three score matrices. A checkpointed block's recomputed forward holds
+                // less at this op (the scores, softmax's output and the byte-wide `-inf` test),
+                // so its forward extras are not charged here; and by then the product with v has
+                // run its backward, which frees v's fp32 copy. (A replay of checkpointed T5-base
+                // full fine-tuning traced without module hooks, `validation/peak_live.py`, peaks
+                // there with exactly these live: no boolean, no fp32 v.)
+                math_backward = Some(bwd_extra - v_copy);
                 out = self.val(out_width, q.tokens, compute, grad);
             }
             Kernel::Eager => {
@@ -302,7 +315,10 @@ impl Builder<'_> {
             params,
             saves: if grad { saves } else { SmallVec::new() },
             forward_transient: out.bytes() + fwd_extra,
-            backward_transient: io + fwd_extra.max(bwd_extra),
+            // A checkpointed block recomputes its forward just before its backward: an op's
+            // backward is charged the larger of its forward's and its backward's extras, unless
+            // its backward is known to hold more than its recomputed forward (the math path).
+            backward_transient: io + math_backward.unwrap_or(fwd_extra.max(bwd_extra)),
             cost: Cost {
                 forward_flops: Flops(flops * causal_factor),
                 // Flash backward recomputes the scores: 2.5x the forward matmuls; op by op, the

@@ -597,8 +597,9 @@ impl<'a> Builder<'a> {
     /// `torch.utils.checkpoint` per block): the block's inputs are kept, its interior is
     /// recomputed. A decoder block's inputs are its hidden state and the encoder's output
     /// (`memory`): every decoder block's checkpoint holds the encoder output itself, until the
-    /// first decoder block's backward, whatever dtype its cross-attention casts it to inside.
-    pub fn begin_block(&mut self, input: Val, memory: Option<Val>) {
+    /// first decoder block's backward, whatever dtype its cross-attention casts it to inside;
+    /// `also` are the other tensors the stack hands every block (T5's position biases).
+    pub fn begin_block(&mut self, input: Val, memory: Option<Val>, also: &[TensorId]) {
         self.unit = self.next_unit;
         self.next_unit += 1;
         if !self.plan.grad_ckpt {
@@ -610,6 +611,7 @@ impl<'a> Builder<'a> {
         // The checkpoint keeps the block's inputs themselves (whoever else saves them).
         let mut saves: SmallVec<[TensorId; 6]> = smallvec![input.id];
         saves.extend(memory.map(|m| m.id));
+        saves.extend_from_slice(also);
         for &t in &saves {
             self.graph.tensors[t.0 as usize].checkpoint_input = true;
         }
