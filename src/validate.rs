@@ -265,8 +265,10 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
 /// `k L` and its own peak is `p_k - k L`. Without a leak (`L = 0`) this is the plain maximum.
 /// Within a step the hooks can hold more: of 124 checkpointed replays re-measured by a tracker
 /// without module hooks (`validation/peak_live.py`), 123 equal this figure to the byte, and
-/// checkpointed T5-base full fine-tuning was 251,658,240 B over it (the size of five of its
-/// fp32 position biases, 1 x 12 x 1,024 x 1,024). A record re-measured so (`peak_plain_bytes`)
+/// checkpointed T5-base full fine-tuning was 251,658,240 B over it: ten hidden-sized fp32
+/// gradients (8 x 1,024 x 768 x 4 each) of block inputs, which the tracker's multi-grad hooks
+/// keep referenced until the position bias that T5 hands every block has its whole gradient
+/// (validation/README.md, issue #10's outliers). A record re-measured so (`peak_plain_bytes`)
 /// is compared on that figure instead.
 fn memtracker_peak(steps: &[u64]) -> Option<u64> {
     let leak = match steps {

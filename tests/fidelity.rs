@@ -191,8 +191,9 @@ fn the_outliers_replayed_on_cpu_are_within_the_bounds() {
     // path for its cross-attention as well (the CPU's fused kernel refuses a bias that needs a
     // gradient), the H200 the memory-efficient kernel. Compared on their peaks re-measured by a
     // tracker without module hooks (validation/peak_live.py): MemTracker's hooks held
-    // 251,658,240 B more at the T5 run's peak (the size of five of its fp32 position biases),
-    // 4.96 % (-4.4 % before). The T5 run is -1.2 %: at its peak (the first encoder block's
+    // 251,658,240 B more at the T5 run's peak (ten hidden-sized fp32 block-input gradients,
+    // referenced by its multi-grad hooks until T5's shared position bias has its whole
+    // gradient), 4.96 % (-4.4 % before). The T5 run is -1.2 %: at its peak (the first encoder block's
     // softmax backward) the recomputed block also holds the sum of its position bias and mask
     // (1 x 12 x 1,024 x 1,024 fp32, 50 MB), and the decoder's zeros cross-attention bias, a
     // leaf autograd keeps to the end of backward, with its gradient (6.3 MB each), which the
