@@ -206,35 +206,14 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
     }
     // A replay on the CPU has no cuBLAS workspaces to count: compare like with like, as
     // `ftplan measure --device cpu` does.
-    let on_cpu = rec.device.as_deref().is_some_and(|d| d.starts_with("cpu"))
-        || rec.measure.as_deref().is_some_and(|m| m.contains("cpu"));
     let cpu_hardware;
-    let hardware = if on_cpu {
+    let hardware = if rec.replayed_on_cpu() {
         cpu_hardware = hardware.as_cpu_replay();
         &cpu_hardware
     } else {
         hardware
     };
-    let tracked_peak = match (rec.measure.as_deref(), &rec.peak_by_step) {
-        (Some(m), Some(steps)) if m.contains("memtracker") || m.starts_with("fsdp2-fake") => {
-            memtracker_peak(steps)
-        }
-        _ => None,
-    };
-    let setup_bound = match (rec.peak_setup, rec.peak_run) {
-        (Some(setup), Some(run)) => setup >= run,
-        _ => false,
-    };
-    let step_peak = match (rec.peak_steps_1_2, rec.peak_steady) {
-        (Some(a), Some(b)) if rec.n_4bit_linears.is_some() || setup_bound => Some(a.max(b)),
-        _ => None,
-    };
-    let measured = step_peak
-        .or(rec.peak_run)
-        .or(rec.peak_plain_bytes)
-        .or(tracked_peak)
-        .or(rec.peak_bytes)
-        .ok_or_else(|| Error::field(where_, "peak_run", "is missing"))?;
+    let measured = rec.compared_peak(where_)?;
     let est = estimate(&model, &plan, hardware, rates)?;
     let estimated = est.memory.peak.0;
     Ok(Row {
@@ -280,6 +259,41 @@ fn memtracker_peak(steps: &[u64]) -> Option<u64> {
         .enumerate()
         .map(|(k, &p)| p.saturating_sub(k as u64 * leak))
         .max()
+}
+
+impl Record {
+    /// Whether the run was replayed on a CPU (`device` `cpu...`, or a `measure` naming a CPU
+    /// replay: `fake-cpu-memtracker`, `fsdp2-fake-pg-fake-cpu`).
+    fn replayed_on_cpu(&self) -> bool {
+        self.device.as_deref().is_some_and(|d| d.starts_with("cpu"))
+            || self.measure.as_deref().is_some_and(|m| m.contains("cpu"))
+    }
+
+    /// The measured peak the estimate is compared with: a QLoRA or setup-bound run's step
+    /// peaks, a GPU run's whole-run peak, or a replay's peak (re-measured without module hooks
+    /// where it was, else less the tracker's leak).
+    fn compared_peak(&self, where_: &str) -> Result<u64> {
+        let setup_bound = match (self.peak_setup, self.peak_run) {
+            (Some(setup), Some(run)) => setup >= run,
+            _ => false,
+        };
+        let step_peak = match (self.peak_steps_1_2, self.peak_steady) {
+            (Some(a), Some(b)) if self.n_4bit_linears.is_some() || setup_bound => Some(a.max(b)),
+            _ => None,
+        };
+        let tracked_peak = match (self.measure.as_deref(), &self.peak_by_step) {
+            (Some(m), Some(steps)) if m.contains("memtracker") || m.starts_with("fsdp2-fake") => {
+                memtracker_peak(steps)
+            }
+            _ => None,
+        };
+        step_peak
+            .or(self.peak_run)
+            .or(self.peak_plain_bytes)
+            .or(tracked_peak)
+            .or(self.peak_bytes)
+            .ok_or_else(|| Error::field(where_, "peak_run", "is missing"))
+    }
 }
 
 fn plan_of(path: &str, run: &Run) -> Result<Plan> {
