@@ -212,6 +212,15 @@ fn validate_command_prints_the_table_and_passes() {
     );
 }
 
+/// One measured record compared with the H200's datasheet estimate.
+fn row_of_line(line: &str) -> validate::Row {
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    validate::compare("record", line, &hw, &rates)
+        .expect("plans")
+        .remove(0)
+}
+
 /// One line of a shipped `validation/*.jsonl` file, by run name.
 fn line_of(file: &str, name: &str) -> String {
     let text = std::fs::read_to_string(repo(file)).expect("ships");
@@ -230,16 +239,14 @@ fn a_memtracker_replay_is_compared_without_the_trackers_leak_and_without_cublas(
     // PyTorch alone frees them), so step k (from 0) carries k x 34,603,008 and its own peaks are
     // 1,020,235,332, 1,022,614,980 and 1,022,614,980: the run's is 1,022,614,980 B.
     let name = "t5-base|adapter|b16|s(512, 128)|gc1|sdpa|fsdp|w8";
-    let line = line_of("validation/fsdp.jsonl", name);
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let rates = ftplan::time::Rates::from_datasheet(&hw);
-    let rows = validate::compare("fsdp", &line, &hw, &rates).expect("plans");
-    assert_eq!(rows[0].measured_peak, 1_022_614_980);
+    let row = row_of_line(&line_of("validation/fsdp.jsonl", name));
+    assert_eq!(row.measured_peak, 1_022_614_980);
     // A CPU has no cuBLAS: the estimate compared is the H200's less its two 32 MiB workspaces
     // (67,108,864 B), as `ftplan measure --device cpu` compares.
-    let est =
-        ftplan::estimate::estimate(&rows[0].model, &rows[0].plan, &hw, &rates).expect("estimates");
-    assert_eq!(rows[0].estimated_peak, est.memory.peak.0 - 67_108_864);
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let rates = ftplan::time::Rates::from_datasheet(&hw);
+    let est = ftplan::estimate::estimate(&row.model, &row.plan, &hw, &rates).expect("estimates");
+    assert_eq!(row.estimated_peak, est.memory.peak.0 - 67_108_864);
     // The same correction on a single-GPU replay (T5-base LoRA q/v at batch 16, sweep.jsonl:
     // steps at 1,499,355,656, 1,548,115,016 and 1,582,718,024, so 1,513,512,008) equals, to the
     // byte, that run's peak re-measured by a tracker without module hooks
@@ -250,8 +257,7 @@ fn a_memtracker_replay_is_compared_without_the_trackers_leak_and_without_cublas(
     );
     let rec: serde_json::Value = serde_json::from_str(&line).expect("json");
     assert_eq!(rec["peak_plain_bytes"], 1_513_512_008_u64);
-    let rows = validate::compare("sweep", &line, &hw, &rates).expect("plans");
-    assert_eq!(rows[0].measured_peak, 1_513_512_008);
+    assert_eq!(row_of_line(&line).measured_peak, 1_513_512_008);
 }
 
 #[test]
@@ -262,16 +268,14 @@ fn a_run_measured_on_a_gpu_keeps_its_peak_and_workspaces() {
     // --save` writes) is estimated 67,108,864 B lower.
     let name = "tinyllama-1.1b|lora|b8|s1024|gc0|sdpa|r16|qv";
     let line = line_of("validation/measured.jsonl", name);
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let rates = ftplan::time::Rates::from_datasheet(&hw);
-    let gpu = validate::compare("gpu", &line, &hw, &rates).expect("plans");
+    let gpu = row_of_line(&line);
     let rec: serde_json::Value = serde_json::from_str(&line).expect("json");
     assert_eq!(
-        gpu[0].measured_peak,
+        gpu.measured_peak,
         rec["peak_run"].as_u64().expect("peak_run")
     );
     let mut cpu: serde_json::Value = rec.clone();
     cpu["device"] = serde_json::json!("cpu");
-    let cpu = validate::compare("cpu", &cpu.to_string(), &hw, &rates).expect("plans");
-    assert_eq!(gpu[0].estimated_peak - cpu[0].estimated_peak, 67_108_864);
+    let cpu = row_of_line(&cpu.to_string());
+    assert_eq!(gpu.estimated_peak - cpu.estimated_peak, 67_108_864);
 }

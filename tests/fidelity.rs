@@ -66,6 +66,22 @@ fn saved(g: &OpGraph, name: &str) -> u64 {
     crate::kept_bytes(g, op)
 }
 
+/// The bytes of each tensor every checkpointed block keeps as an input, block by block.
+fn checkpoint_inputs(g: &OpGraph) -> Vec<Vec<u64>> {
+    g.ops()
+        .filter(|o| g.name(o.name) == "checkpoint_input")
+        .map(|o| o.saves.iter().map(|&t| g.tensor(t).bytes.0).collect())
+        .collect()
+}
+
+/// A run of validation/sweep.jsonl compared with its H200 estimate, by name.
+fn sweep_run(name: &str) -> ftplan::validate::Row {
+    crate::shipped_rows("validation/sweep.jsonl")
+        .into_iter()
+        .find(|r| r.name == name)
+        .expect("the run is in the file")
+}
+
 #[test]
 fn autocast_caches_only_the_copies_of_weights_that_train() {
     // GPT-2 (12 layers, width 768) with LoRA r8 on `c_attn` over an fp32 base under bf16
@@ -899,36 +915,26 @@ fn a_checkpointed_frozen_seq2seq_keeps_its_embedding_leaf_and_the_encoder_output
     // replay has none); a dispatch-level tracker of the replay without module hooks peaks at
     // 1,768,524,346 there, which is what `validate` reads from the MemTracker record less its
     // leak (-0.02 %).
-    let rows = crate::shipped_rows("validation/sweep.jsonl");
-    let row = rows
-        .iter()
-        .find(|r| r.name == "bart-large|adapter|b8|s(512, 128)|gc1|sdpa")
-        .expect("the run is in the file");
+    let row = sweep_run("bart-large|adapter|b8|s(512, 128)|gc1|sdpa");
     assert_eq!(row.measured_peak, 1_768_524_346);
     assert_eq!(row.estimated_peak, 1_719_959_936 + 48_275_456);
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
-    let held = |name: &str| {
-        let op = g
-            .ops()
-            .find(|o| g.name(o.name) == name)
-            .expect("the op exists");
-        op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum::<u64>()
-    };
-    assert_eq!(held("encoder.embed_tokens.input_require_grads"), 8_388_608);
-    assert_eq!(held("decoder.embed_tokens.input_require_grads"), 2_097_152);
+    assert_eq!(
+        saved(&g, "encoder.embed_tokens.input_require_grads"),
+        8_388_608
+    );
+    assert_eq!(
+        saved(&g, "decoder.embed_tokens.input_require_grads"),
+        2_097_152
+    );
     // Each decoder block's checkpoint keeps its hidden input, fp32 (8 x 128 x 1,024 x 4 =
     // 4,194,304: under autocast BART's post-norm blocks hand on LayerNorm's fp32 output), and
     // the encoder output.
-    let decoder_checkpoint = g
-        .ops()
-        .rfind(|o| g.name(o.name) == "checkpoint_input")
-        .expect("checkpointed");
-    let kept: Vec<u64> = decoder_checkpoint
-        .saves
-        .iter()
-        .map(|&t| g.tensor(t).bytes.0)
-        .collect();
-    assert_eq!(kept, vec![4_194_304, 16_777_216]);
+    let markers = checkpoint_inputs(&g);
+    assert_eq!(
+        markers.last().expect("checkpointed"),
+        &vec![4_194_304, 16_777_216]
+    );
     // Without checkpointing, or with the embeddings training, no leaf is made.
     for p in [
         Plan {
@@ -958,17 +964,9 @@ fn checkpointed_t5_keeps_its_position_biases_and_its_math_backward_holds_three_s
     // lookup (6,291,456 B), the decoder's (128, 128, 12) (393,216) and the cross-attention's
     // zeros bias (1, 12, 128, 512) bf16 (1,572,864) are alive: T5Stack hands them to every
     // block, whose checkpoint holds them.
-    let rows = crate::shipped_rows("validation/sweep.jsonl");
-    let row = rows
-        .iter()
-        .find(|r| r.name == "t5-base|lora|b16|s(512, 128)|gc1|sdpa|r16|qv")
-        .expect("the run is in the file");
+    let row = sweep_run("t5-base|lora|b16|s(512, 128)|gc1|sdpa|r16|qv");
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
-    let markers: Vec<Vec<u64>> = g
-        .ops()
-        .filter(|o| g.name(o.name) == "checkpoint_input")
-        .map(|o| o.saves.iter().map(|&t| g.tensor(t).bytes.0).collect())
-        .collect();
+    let markers = checkpoint_inputs(&g);
     // An encoder block keeps its bf16 input (16 x 512 x 768 x 2 = 12,582,912) and the bias.
     assert_eq!(markers[0], vec![12_582_912, 6_291_456]);
     // A decoder block: its input (16 x 128 x 768 x 2 = 3,145,728), the encoder output

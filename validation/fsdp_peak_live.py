@@ -13,7 +13,7 @@ Copy it beside ../shared/gt/measure.py, cases.py, fsdp_fake.py and peak_live.py 
   python3 fsdp_peak_live.py '{"model": "t5-base", "method": "adapter", "batch": 16, "seq": [512, 128],
                               "grad_ckpt": true, "split": "dev", "attn": "sdpa", "adapter_dim": 64}' 8
 """
-import contextlib, json, sys, weakref, collections
+import json, sys
 sys.path.insert(0, '.')
 import torch, torch.distributed as dist
 import measure as M
@@ -23,44 +23,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 import fsdp_fake as F
 
-class LiveR(PL.Live):
-    def track(self, t, made_by):
-        if hasattr(t, 'to_local'): t = t.to_local()
-        if not isinstance(t, torch.Tensor): return
-        st = t.untyped_storage(); key = id(st)
-        if key in self.live: return
-        n = st.nbytes()
-        ref = weakref.ref(st, lambda _, k=key: self.free2(k))
-        self.live[key] = [ref, n, made_by, tuple(t.shape), str(t.dtype).removeprefix('torch.')]
-        self.now += n; self.bump()
-    def bump(self):
-        if self.now > self.peak:
-            self.peak = self.now
-            self.at = (None, [tuple(v[1:]) for v in self.live.values() if v[0]() is not None])
-    def free2(self, key):
-        v = self.live.pop(key, None)
-        if v is not None: self.now -= v[1]
-    def resized(self, st, size):
-        v = self.live.get(id(st))
-        if v is None: return
-        self.now += size - v[1]; v[1] = size; self.bump()
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten(out)[0]: self.track(t, func.__name__)
-        return out
-
 run = json.loads(sys.argv[1]); world = int(sys.argv[2])
 dev = torch.device('cpu'); rec = {'run': run, 'notes': []}
 dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
 mesh = init_device_mesh('cpu', (world,))
 batch, seq, wdtype, _ = M.settings(run, False, rec)
 PL.mirror_cuda_strided_mask_rule()
-orig_resize = torch.UntypedStorage.resize_
-LIVE = [None]
-def resize_(st, size):
-    orig_resize(st, size)
-    if LIVE[0] is not None: LIVE[0].resized(st, st.nbytes())
-torch.UntypedStorage.resize_ = resize_
 with M.fake_mode(), M.unpacked_batches():
     torch.manual_seed(0)
     model, cfg = M.build(run, dev, False, wdtype, rec)
@@ -74,8 +42,7 @@ with M.fake_mode(), M.unpacked_batches():
     data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
     for step in range(3):
         states = [s for st in opt.state.values() for s in st.values() if isinstance(s, torch.Tensor)]
-        live = LiveR([p for p in model.parameters()] + list(model.buffers()) + list(data.values()) + states)
-        LIVE[0] = live
+        live = PL.Live([p for p in model.parameters()] + list(model.buffers()) + list(data.values()) + states)
         with live:
             loss = model(**data).loss
             loss.backward()
@@ -84,7 +51,4 @@ with M.fake_mode(), M.unpacked_batches():
         del loss
         print('step', step + 1, 'peak', live.peak, flush=True)
         if step == 2:
-            tot = collections.Counter(); cnt = collections.Counter()
-            for n, op, sh, dt in live.at[1]:
-                tot[(op, sh, dt)] += n; cnt[(op, sh, dt)] += 1
-            for k, n in tot.most_common(30): print('  %14d x%-4d %s' % (n, cnt[k], k))
+            PL.print_live(live.at[1], 30)

@@ -28,38 +28,76 @@ import measure as M
 
 
 class Live(TorchDispatchMode):
-    """Live storage bytes and their peak, with the live set at the peak."""
+    """Live storage bytes and their peak, with the live set at the peak: every storage an op creates under it (or
+    that existed at its start, `start`) is followed by a weak reference until it dies, so it keeps none alive. A
+    storage resized while it is active is followed to its new size (FSDP2 frees and re-allocates unsharded
+    parameters by `UntypedStorage.resize_`, outside the dispatcher); an FSDP2 parameter counts as its local shard."""
 
-    def __init__(self, start):
+    def __init__(self, start=()):
         super().__init__()
-        self.live, self.now, self.peak, self.at, self.ops = {}, 0, 0, None, 0
+        self.live, self.now, self.peak, self.at = {}, 0, 0, None
         for t in start:
             self.track(t, "external")
 
     def track(self, t, made_by):
+        if hasattr(t, "to_local"):  # a DTensor: this rank's shard
+            t = t.to_local()
         if not isinstance(t, torch.Tensor):
             return
         st = t.untyped_storage()
-        key, n = id(st), st.nbytes()
-        if key in self.live or n == 0:
+        key = id(st)
+        if key in self.live:
             return
-        ref = weakref.ref(st, lambda _, k=key, n=n: self.free(k, n))
-        self.live[key] = (ref, n, made_by, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        ref = weakref.ref(st, lambda _, k=key: self.free(k))
+        self.live[key] = [ref, st.nbytes(), made_by, tuple(t.shape), str(t.dtype).removeprefix("torch.")]
+        self.grow(st.nbytes(), made_by)
+
+    def grow(self, n, made_by):
         self.now += n
         if self.now > self.peak:
             self.peak = self.now
-            self.at = (made_by, [v[1:] for v in self.live.values() if v[0]() is not None])
+            self.at = (made_by, [tuple(v[1:]) for v in self.live.values() if v[0]() is not None])
 
-    def free(self, key, n):
-        if self.live.pop(key, None) is not None:
-            self.now -= n
+    def free(self, key):
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.now -= entry[1]
+
+    def resized(self, st):
+        entry = self.live.get(id(st))
+        if entry is not None:
+            change, entry[1] = st.nbytes() - entry[1], st.nbytes()
+            self.grow(change, "resize_")
+
+    def __enter__(self):
+        self.resize = torch.UntypedStorage.resize_
+
+        def resize_(st, size):
+            self.resize(st, size)
+            self.resized(st)
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self.resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             self.track(t, func.__name__)
         return out
+
+
+def print_live(alive, top):
+    """The live storages of a peak, grouped by (creating op, shape, dtype), largest first."""
+    total, count = collections.Counter(), collections.Counter()
+    for n, op, shape, dtype in alive:
+        total[(op, shape, dtype)] += n
+        count[(op, shape, dtype)] += 1
+    for key, n in total.most_common(top):
+        print(f"  {n:>14,} x{count[key]:<4} {key[0]} {key[1]} {key[2]}")
 
 
 # Keys of a saved config.json that are not the config class's constructor arguments (or that build() sets).
@@ -133,12 +171,7 @@ def main():
             if a.json:
                 continue
             print(f"step {step}: peak {live.peak} B at {made_by}")
-            total, count = collections.Counter(), collections.Counter()
-            for n, op, shape, dtype in alive:
-                total[(op, shape, dtype)] += n
-                count[(op, shape, dtype)] += 1
-            for key, n in total.most_common(a.top):
-                print(f"  {n:>14,} x{count[key]:<4} {key[0]} {key[1]} {key[2]}")
+            print_live(alive, a.top)
     if a.json:
         print(json.dumps({"peak_plain_bytes": max(peaks), "peak_plain_by_step": peaks}))
 

@@ -6,48 +6,26 @@ the H200's checkpointed runs have equal peaks in every step and nothing left but
 states.  This runs the same steps with real (not fake) CPU tensors twice:
   * under measure.py's `Tracker` (a `MemTracker`), printing each step's peak and the bytes of activations and
     temporaries the tracker still counts live after it;
-  * under a dispatch-level tracker with no module hooks (a `TorchDispatchMode` holding weak references to the
-    storages it sees created), printing the bytes still alive after each step.
+  * under a dispatch-level tracker with no module hooks (peak_live.py's `Live`, a `TorchDispatchMode` holding weak
+    references to the storages it sees created), printing the bytes still alive after each step.
 T5-base's structure at --cpu-smoke widths, LoRA r16 on q/v, batch 2, 64 + 32 tokens, checkpointing (seen on
 torch 2.15, transformers 5.17, peft 0.21): the MemTracker's live activations and temporaries grow by 32 KiB a
 step (the position biases of the recomputed blocks, each counted once as an activation and once as a
 temporary), the plain tracker's live bytes are the same after every step.
 
-Copy it beside ../shared/gt/measure.py and cases.py (it imports them) and run it with a Python that has
+Copy it beside ../shared/gt/measure.py, cases.py and peak_live.py (it imports them) and run it with a Python that has
 torch, transformers and peft:  python3 tracker_leak.py [--steps 3]
 """
-import argparse, os, sys, weakref
+import argparse, os, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import measure as M
+from peak_live import Live
 
 RUN = {"model": "t5-base", "method": "lora", "batch": 2, "seq": [64, 32], "grad_ckpt": True, "split": "dev",
        "attn": "sdpa", "lora_r": 16, "lora_targets": "qv"}
-
-
-class Plain(TorchDispatchMode):
-    """Bytes of the storages created under it that are still alive (weak references: it keeps none alive)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                old = self.seen.get(id(st))
-                if old is None or old[0]() is None:
-                    self.seen[id(st)] = (weakref.ref(st), st.nbytes())
-        return out
-
-    def live(self):
-        return sum(n for ref, n in self.seen.values() if ref() is not None)
 
 
 def setup():
@@ -82,12 +60,12 @@ def main():
             print(f"MemTracker step {step}: peak {peak} B, activations and temporaries left {left} B", flush=True)
 
     model, params, opt, data, dev, use_autocast = setup()
-    plain = Plain()
+    plain = Live()
     for step in range(1, steps + 1):
         with plain:
             loss, _ = M.train_step(model, data, opt, params, dev.type, use_autocast)
         del loss
-        print(f"plain tracker step {step}: storages alive {plain.live()} B", flush=True)
+        print(f"plain tracker step {step}: storages alive {plain.now} B", flush=True)
 
 
 if __name__ == "__main__":
