@@ -233,7 +233,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     let saved_after_forward = walk.live_act + walk.live_logits;
 
     // Backward, in reverse; a repeated block again once, its copies accounted for.
-    let mut has_grad = vec![false; graph.params.len()];
+    let mut held = vec![HeldGrad::None; graph.params.len()];
     // Gradients produced inside the unit whose backward is running (reduced when it ends).
     let mut unit_grads: Vec<ParamId> = Vec::new();
     let mut current_segment = None;
@@ -279,12 +279,22 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 }
                 // One copy's gradient; a repeated block's other copies are added after it.
                 let bytes = param.dtype.bytes(param.elements);
-                if !std::mem::replace(&mut has_grad[p.0 as usize], true) {
-                    walk.grads += bytes;
-                    unit_grads.push(p);
-                } else {
-                    // A tied weight's second gradient is computed, then accumulated into `.grad`.
-                    transient += bytes;
+                match held[p.0 as usize] {
+                    HeldGrad::None => {
+                        walk.grads += bytes;
+                        unit_grads.push(p);
+                        held[p.0 as usize] = HeldGrad::first_from(op, param);
+                    }
+                    HeldGrad::Fresh => {
+                        // A tied weight's next gradient is computed, then added into the one held.
+                        transient += bytes;
+                    }
+                    HeldGrad::View => {
+                        // Added out of place: the sum is a third gradient-sized tensor beside the
+                        // two, and a fresh one that later gradients are added into.
+                        transient += bytes * 2;
+                        held[p.0 as usize] = HeldGrad::Fresh;
+                    }
                 }
             }
             let (act_t, logit_t) = split_transient(op.kind, transient);
@@ -351,6 +361,35 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         required: peak + overhead,
         paged,
         paged_evicted: Bytes::ZERO,
+    }
+}
+
+/// The gradient autograd holds for a parameter while backward runs, before `.grad` takes it: a
+/// tied weight's gradients from its several readers are summed in the engine's `InputBuffer`.
+///
+/// `InputBuffer::accumulate` (torch/csrc/autograd/input_buffer.cpp) adds in place only into a
+/// gradient it holds the last reference to (`can_accumulate_inplace`). A weight read by a matmul
+/// in its own dtype (pure bf16 or fp32, or FSDP's gathered bf16 copy) gets its gradient as the
+/// transpose view of the matmul's product (F.linear's `mm_mat2_backward`, then `TBackward`), and
+/// the first sum into it is out of place. Under autocast the gradient passes through the cast's
+/// backward (`ToCopyBackward`), a fresh tensor, and sums go into it in place. On real CPU tensors
+/// the profiler shows `aten::add` for the first case and `aten::add_` for the second (a tied
+/// Llama at toy widths; `validation/peak_live.py` says how the replays follow this).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HeldGrad {
+    None,
+    Fresh,
+    View,
+}
+
+impl HeldGrad {
+    /// The first gradient of `param`, computed by `op`.
+    fn first_from(op: &crate::graph::op::Op, param: &crate::graph::op::Param) -> HeldGrad {
+        if op.kind == crate::graph::op::OpKind::Matmul && op.compute == param.dtype {
+            HeldGrad::View
+        } else {
+            HeldGrad::Fresh
+        }
     }
 }
 
