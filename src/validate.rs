@@ -248,7 +248,9 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
 /// gradients (8 x 1,024 x 768 x 4 each) of block inputs, which the tracker's multi-grad hooks
 /// keep referenced until the position bias that T5 hands every block has its whole gradient
 /// (validation/README.md, issue #10's outliers). A record re-measured so (`peak_plain_bytes`)
-/// is compared on that figure instead.
+/// is compared on that figure instead; that tracker also counts autograd's gradient sums as the
+/// engine makes them on real tensors (in place into a gradient it solely holds), where any
+/// dispatch mode, `MemTracker` included, makes every sum out of place.
 fn memtracker_peak(steps: &[u64]) -> Option<u64> {
     let leak = match steps {
         [_, second, third, ..] => third.saturating_sub(*second),

@@ -12,8 +12,10 @@ the leak-corrected FSDPMemTracker figure of validation/fsdp.jsonl.
 Copy it beside ../shared/gt/measure.py, cases.py, fsdp_fake.py and peak_live.py (it imports them):
   python3 fsdp_peak_live.py '{"model": "t5-base", "method": "adapter", "batch": 16, "seq": [512, 128],
                               "grad_ckpt": true, "split": "dev", "attn": "sdpa", "adapter_dim": 64}' 8
+  python3 fsdp_peak_live.py --record fsdp.jsonl 'bart-large|full|...|fsdp|w2' --json   (a record's run, config and
+                              world size; prints {"peak_plain_bytes": ..., "peak_plain_by_step": [...]})
 """
-import json, sys
+import argparse, json, sys
 sys.path.insert(0, '.')
 import torch, torch.distributed as dist
 import measure as M
@@ -23,15 +25,30 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 import fsdp_fake as F
 
-run = json.loads(sys.argv[1]); world = int(sys.argv[2])
+ap = argparse.ArgumentParser()
+ap.add_argument("run", help="one of measure.py's run dicts, as JSON (with --record: the record's name)")
+ap.add_argument("world", nargs="?", type=int, help="ranks (with --record: the record's world_size)")
+ap.add_argument("--record", help="a .jsonl file holding the named record")
+ap.add_argument("--json", action="store_true")
+a = ap.parse_args()
+if a.record:
+    run = PL.from_record(a.record, a.run)
+    with open(a.record) as fh:
+        world = next(r for r in map(json.loads, fh) if r["name"] == a.run)["world_size"]
+else:
+    run, world = json.loads(a.run), a.world
 dev = torch.device('cpu'); rec = {'run': run, 'notes': []}
 dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
 mesh = init_device_mesh('cpu', (world,))
 batch, seq, wdtype, _ = M.settings(run, False, rec)
+M.mirror_cuda_autocast_fp32_ops()  # as fsdp_fake.py's main
 PL.mirror_cuda_strided_mask_rule()
 with M.fake_mode(), M.unpacked_batches():
     torch.manual_seed(0)
     model, cfg = M.build(run, dev, False, wdtype, rec)
+    for m in model.modules():  # as the fsdp.jsonl replays: a zero LayerDrop draws nothing from a fake tensor
+        if getattr(m, "layerdrop", None) == 0:
+            m.layerdrop = M.NeverDrop()
     model, params = M.prepare(model, run, dev, rec)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for b in F.blocks(model):
@@ -40,6 +57,7 @@ with M.fake_mode(), M.unpacked_batches():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
     data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
+    peaks = []
     for step in range(3):
         states = [s for st in opt.state.values() for s in st.values() if isinstance(s, torch.Tensor)]
         live = PL.Live([p for p in model.parameters()] + list(model.buffers()) + list(data.values()) + states)
@@ -49,6 +67,11 @@ with M.fake_mode(), M.unpacked_batches():
             opt.step()
             opt.zero_grad(set_to_none=True)
         del loss
+        peaks.append(live.peak)
+        if a.json:
+            continue
         print('step', step + 1, 'peak', live.peak, flush=True)
         if step == 2:
             PL.print_live(live.at[1], 30)
+if a.json:
+    print(json.dumps({"peak_plain_bytes": max(peaks), "peak_plain_by_step": peaks}))
