@@ -43,6 +43,7 @@ mesh = init_device_mesh('cpu', (world,))
 batch, seq, wdtype, _ = M.settings(run, False, rec)
 M.mirror_cuda_autocast_fp32_ops()  # as fsdp_fake.py's main
 PL.mirror_cuda_strided_mask_rule()
+PL.mirror_cuda_dropout()
 with M.fake_mode(), M.unpacked_batches():
     torch.manual_seed(0)
     model, cfg = M.build(run, dev, False, wdtype, rec)

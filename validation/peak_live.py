@@ -186,6 +186,34 @@ def mirror_cuda_strided_mask_rule():
     torch.nn.functional.scaled_dot_product_attention = mirrored
 
 
+def mirror_cuda_dropout():
+    """CUDA's dropout, as the replays of models with their published dropout ran it (validation/README.md, the
+    sweep's notes): `F.dropout` in training with 0 < p < 1 takes aten's fused `native_dropout` on a CUDA tensor
+    (`is_fused_kernel_acceptable`), which keeps the output and a byte-wide mask where the CPU path keeps an fp32 one;
+    and a fused SDPA kernel draws its dropout inside from a Philox seed and offset, keeping no mask, so its
+    `dropout_p` is left out of the call (a call the strided-mask rule sends to the math path keeps it). With p = 0
+    nothing changes."""
+    dropout = torch.nn.functional.dropout
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused_dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and input.numel() > 0:
+            return torch.ops.aten.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def fused_sdpa(*args, **kwargs):
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        strided = isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1
+        if not strided:
+            if len(args) > 4:
+                args = args[:4] + (0.0,) + args[5:]
+            kwargs.pop("dropout_p", None)
+        return sdpa(*args, **kwargs)
+
+    torch.nn.functional.dropout = fused_dropout
+    torch.nn.functional.scaled_dot_product_attention = fused_sdpa
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run", help="one of measure.py's run dicts, as JSON (with --record: the record's name)")
@@ -200,6 +228,7 @@ def main():
     batch, seq, wdtype, use_autocast = M.settings(run, False, rec)
     M.mirror_cuda_autocast_fp32_ops()
     mirror_cuda_strided_mask_rule()
+    mirror_cuda_dropout()
     with M.fake_mode(), M.unpacked_batches():
         torch.manual_seed(0)
         model, cfg = M.build(run, dev, False, wdtype, rec)
