@@ -8,7 +8,7 @@
 //! then holds parameters, gradients, states and its own temporaries. The peak is the largest
 //! total over all of these moments, which is what `torch.cuda.max_memory_allocated` reports.
 
-use crate::graph::op::{Name, OpGraph, OpKind, ParamId, TensorId, TensorKind};
+use crate::graph::op::{Name, Op, OpGraph, OpKind, Param, ParamId, TensorId, TensorKind};
 use crate::shard::Layout;
 use crate::spec::hardware::Hardware;
 use crate::spec::parallel::Offload;
@@ -384,8 +384,8 @@ enum HeldGrad {
 
 impl HeldGrad {
     /// The first gradient of `param`, computed by `op`.
-    fn first_from(op: &crate::graph::op::Op, param: &crate::graph::op::Param) -> HeldGrad {
-        if op.kind == crate::graph::op::OpKind::Matmul && op.compute == param.dtype {
+    fn first_from(op: &Op, param: &Param) -> HeldGrad {
+        if op.kind == OpKind::Matmul && op.compute == param.dtype {
             HeldGrad::View
         } else {
             HeldGrad::Fresh
@@ -394,7 +394,7 @@ impl HeldGrad {
 }
 
 /// End (exclusive) of the run of ops that share `ops[i]`'s repeat count (1: just `i`).
-fn group_end(ops: &[&crate::graph::op::Op], i: usize) -> usize {
+fn group_end(ops: &[&Op], i: usize) -> usize {
     if ops[i].repeat <= 1 {
         return i + 1;
     }
@@ -406,7 +406,7 @@ fn group_end(ops: &[&crate::graph::op::Op], i: usize) -> usize {
 }
 
 /// Start of the run of ops that share `ops[i]`'s repeat count (walking backwards).
-fn group_start(ops: &[&crate::graph::op::Op], i: usize) -> usize {
+fn group_start(ops: &[&Op], i: usize) -> usize {
     if ops[i].repeat <= 1 {
         return i;
     }

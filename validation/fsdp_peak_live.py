@@ -32,9 +32,8 @@ ap.add_argument("--record", help="a .jsonl file holding the named record")
 ap.add_argument("--json", action="store_true")
 a = ap.parse_args()
 if a.record:
-    run = PL.from_record(a.record, a.run)
-    with open(a.record) as fh:
-        world = next(r for r in map(json.loads, fh) if r["name"] == a.run)["world_size"]
+    stored = PL.read_record(a.record, a.run)
+    run, world = PL.from_record(a.record, a.run, stored), stored["world_size"]
 else:
     run, world = json.loads(a.run), a.world
 dev = torch.device('cpu'); rec = {'run': run, 'notes': []}
@@ -47,9 +46,7 @@ PL.mirror_cuda_dropout()
 with M.fake_mode(), M.unpacked_batches():
     torch.manual_seed(0)
     model, cfg = M.build(run, dev, False, wdtype, rec)
-    for m in model.modules():  # as the fsdp.jsonl replays: a zero LayerDrop draws nothing from a fake tensor
-        if getattr(m, "layerdrop", None) == 0:
-            m.layerdrop = M.NeverDrop()
+    PL.never_drop(model)  # as the fsdp.jsonl replays
     model, params = M.prepare(model, run, dev, rec)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for b in F.blocks(model):

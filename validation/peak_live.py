@@ -91,7 +91,11 @@ class Live(TorchDispatchMode):
         self.now += n
         if self.now > self.peak:
             self.peak = self.now
-            self.at = (made_by, [tuple(v[1:]) for v in self.live.values() if v[0]() is not None])
+            self.at = self.snapshot(made_by)
+
+    def snapshot(self, made_by):
+        """The live set now, as the peak keeps it: (creating op, [(bytes, op, shape, dtype), ...])."""
+        return (made_by, [tuple(v[1:]) for v in self.live.values() if v[0]() is not None])
 
     def free(self, key):
         entry = self.live.pop(key, None)
@@ -131,7 +135,7 @@ class Live(TorchDispatchMode):
         if self.is_gradient_sum(func, args, out):
             at = None
             if self.now + out.untyped_storage().nbytes() > self.peak:  # the live set, should it be out of place
-                at = (func.__name__, [tuple(v[1:]) for v in self.live.values() if v[0]() is not None])
+                at = self.snapshot(func.__name__)
             self.pending = (weakref.ref(args[0].untyped_storage()), out, self.now, at)
             self.track(out, func.__name__, counted=False)
             return out
@@ -154,10 +158,16 @@ def print_live(alive, top):
 NOT_ARGS = {"model_type", "transformers_version", "architectures", "_name_or_path", "use_cache", "dtype"}
 
 
-def from_record(path, name):
-    """The run of the record called `name` in a .jsonl file, its model registered from the record's config."""
+def read_record(path, name):
+    """The record called `name` in a .jsonl file."""
     with open(path) as fh:
-        rec = next(r for r in map(json.loads, fh) if r["name"] == name)
+        return next(r for r in map(json.loads, fh) if r["name"] == name)
+
+
+def from_record(path, name, rec=None):
+    """The run of the record called `name` in a .jsonl file (or of `rec`, already read), its model registered from
+    the record's config."""
+    rec = rec or read_record(path, name)
     run, cfg = rec["run"], rec["config"]
     cls = type(transformers.AutoConfig.for_model(cfg["model_type"])).__name__
     kw = {k: v for k, v in cfg.items() if k not in NOT_ARGS}
@@ -169,6 +179,12 @@ def from_record(path, name):
     return run
 
 
+def strided_mask(args, kwargs):
+    """Whether an SDPA call's mask has a strided last dimension, which CUDA's fused kernels refuse."""
+    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+    return isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1
+
+
 def mirror_cuda_strided_mask_rule():
     """CUDA's fused SDPA kernels refuse a mask whose last dimension is strided (`check_last_dim_stride_equals_1_dense`:
     T5's permuted position bias) and the call takes the math path; the CPU flash kernel would take it. Such calls run
@@ -177,13 +193,19 @@ def mirror_cuda_strided_mask_rule():
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def mirrored(*args, **kwargs):
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        if isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1:
+        if strided_mask(args, kwargs):
             with sdpa_kernel(SDPBackend.MATH):
                 return sdpa(*args, **kwargs)
         return sdpa(*args, **kwargs)
 
     torch.nn.functional.scaled_dot_product_attention = mirrored
+
+
+def never_drop(model):
+    """As measure.py does: a zero LayerDrop (BART, OPT) draws nothing from a fake tensor."""
+    for m in model.modules():
+        if getattr(m, "layerdrop", None) == 0:
+            m.layerdrop = M.NeverDrop()
 
 
 def mirror_cuda_dropout():
@@ -202,9 +224,7 @@ def mirror_cuda_dropout():
         return dropout(input, p, training, inplace)
 
     def fused_sdpa(*args, **kwargs):
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        strided = isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1
-        if not strided:
+        if not strided_mask(args, kwargs):
             if len(args) > 4:
                 args = args[:4] + (0.0,) + args[5:]
             kwargs.pop("dropout_p", None)
@@ -232,9 +252,7 @@ def main():
     with M.fake_mode(), M.unpacked_batches():
         torch.manual_seed(0)
         model, cfg = M.build(run, dev, False, wdtype, rec)
-        for m in model.modules():  # as measure.py: a zero LayerDrop draws nothing from a fake tensor
-            if getattr(m, "layerdrop", None) == 0:
-                m.layerdrop = M.NeverDrop()
+        never_drop(model)
         model, params = M.prepare(model, run, dev, rec)
         opt, _ = M.make_optimizer(run, params, dev)
         data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
