@@ -127,10 +127,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     let workspace = hardware.cublas_workspace * 2;
 
     let ops: Vec<_> = graph.ops().collect();
-    // The earliest op saving each tensor frees it in backward.
+    // The earliest op saving each tensor frees it in backward; the earliest adding to an
+    // accumulated gradient (`Op::grads`) ends it there.
     let mut first_saver = vec![usize::MAX; graph.tensors.len()];
     for (i, op) in ops.iter().enumerate() {
-        for &t in &op.saves {
+        for &t in op.saves.iter().chain(&op.grads) {
             let f = &mut first_saver[t.0 as usize];
             *f = (*f).min(i);
         }
@@ -142,6 +143,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         live_act: Bytes::ZERO,
         live_logits: Bytes::ZERO,
         grads: Bytes::ZERO,
+        pending: Bytes::ZERO,
         best: None,
         best_total: Bytes::ZERO,
         base: Breakdown {
@@ -299,10 +301,18 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             }
             let (act_t, logit_t) = split_transient(op.kind, transient);
             walk.observe(Phase::Backward, Some(op.name), act_t, logit_t);
-            for &t in &op.saves {
-                if first_saver[t.0 as usize] == i {
-                    walk.release(t);
-                }
+            // Its contribution to an accumulated gradient exists once its backward is done;
+            // the earliest contributor's backward passes the sum on.
+            for &g in &op.grads {
+                walk.accumulate(g);
+            }
+            let last_use =
+                |t: &TensorId| first_saver[t.0 as usize] == i && !graph.tensor(*t).graph_held;
+            for &t in op.saves.iter().filter(|t| last_use(t)) {
+                walk.release(t);
+            }
+            for &g in op.grads.iter().filter(|t| last_use(t)) {
+                walk.settle(g);
             }
             if unit_starts {
                 walk.finish_unit(&layout, op.unit, &mut unit_grads);
@@ -313,10 +323,17 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         }
         end = start;
     }
-    // Whatever a frozen prefix saved and never freed is gone by now.
+    // Whatever a frozen prefix saved and never freed is gone by now; what the graph holds
+    // stays while the loss does, through the step.
     walk.live.iter_mut().for_each(|l| *l = false);
-    walk.live_act = Bytes::ZERO;
+    walk.live_act = graph
+        .tensors
+        .iter()
+        .filter(|t| t.graph_held)
+        .map(|t| t.bytes)
+        .sum();
     walk.live_logits = Bytes::ZERO;
+    walk.pending = Bytes::ZERO;
 
     walk.gathered = Bytes::ZERO;
     walk.held_units = Bytes::ZERO;
@@ -435,18 +452,25 @@ fn split_transient(kind: OpKind, bytes: Bytes) -> (Bytes, Bytes) {
     }
 }
 
+/// A moment of the walk: what is live, in which phase, at which op.
+type Moment = (Breakdown, Phase, Option<Name>);
+
 struct Walk<'g> {
     graph: &'g OpGraph,
     live: Vec<bool>,
     live_act: Bytes,
     live_logits: Bytes,
     grads: Bytes,
-    best: Option<(Breakdown, Phase, Option<Name>)>,
+    /// Accumulated gradients of tensors several ops read (`Op::grads`): a level, not a per-copy
+    /// amount, since every copy of a block adds to the same sum.
+    pending: Bytes,
+    best: Option<Moment>,
     best_total: Bytes,
     base: Breakdown,
     base_total: Bytes,
-    /// While walking a repeated block: its own best moment (compared across copies afterwards).
-    local: Option<Option<(Breakdown, Phase, Option<Name>)>>,
+    /// While walking a repeated block: its own best moment (compared across copies afterwards)
+    /// and the accumulated gradients then.
+    local: Option<Option<(Moment, Bytes)>>,
     /// Gathered (unsharded) parameters of the units running now and prefetched: a level.
     gathered: Bytes,
     /// Units kept gathered from their forward to their backward (SHARD_GRAD_OP): cumulative.
@@ -482,6 +506,20 @@ impl Walk<'_> {
         }
     }
 
+    /// An op's backward has added to the gradient autograd accumulates for `t`.
+    fn accumulate(&mut self, t: TensorId) {
+        if !std::mem::replace(&mut self.live[t.0 as usize], true) {
+            self.pending += self.graph.tensor(t).bytes;
+        }
+    }
+
+    /// The accumulated gradient for `t` has been passed on.
+    fn settle(&mut self, t: TensorId) {
+        if std::mem::replace(&mut self.live[t.0 as usize], false) {
+            self.pending = self.pending - self.graph.tensor(t).bytes;
+        }
+    }
+
     fn release(&mut self, t: TensorId) {
         if std::mem::replace(&mut self.live[t.0 as usize], false) {
             let tensor = self.graph.tensor(t);
@@ -512,7 +550,7 @@ impl Walk<'_> {
     /// which the first copy ran without when the unit before it reduces nothing (the root).
     fn repeat(&mut self, before: State, more: u64) {
         let now = self.state();
-        if let Some(Some((b, phase, name))) = self.local.take() {
+        if let Some(Some(((b, phase, name), pending))) = self.local.take() {
             let delta = i128::from(now.act.0)
                 + i128::from(now.logits.0)
                 + i128::from(now.grads.0)
@@ -523,8 +561,9 @@ impl Walk<'_> {
                 - i128::from(before.held.0);
             // The highest of copies 2 ..= 1 + more: the last if each copy adds, else the second.
             let k = if delta > 0 { more } else { more.min(1) };
+            // Later copies run beside all of the accumulated gradients the first one made.
             let later = Breakdown {
-                activations: extend(b.activations, before.act, now.act, k),
+                activations: extend(b.activations, before.act, now.act, k) + self.pending - pending,
                 logits: extend(b.logits, before.logits, now.logits, k),
                 gradients: extend(b.gradients, before.grads, now.grads, k),
                 weights: extend(b.weights, before.held, now.held, k),
@@ -565,6 +604,7 @@ impl Walk<'_> {
         let comm = self.gathered + self.held_units + self.reduce_buffer;
         let total = self.base_total
             + self.grads
+            + self.pending
             + self.live_act
             + self.live_logits
             + logits
@@ -573,14 +613,14 @@ impl Walk<'_> {
         let now = Breakdown {
             weights: self.base.weights + self.gathered + self.held_units,
             gradients: self.grads,
-            activations: self.live_act,
+            activations: self.live_act + self.pending,
             logits: self.live_logits + logits,
             temporary: self.base.temporary + temporary + self.reduce_buffer,
             ..self.base
         };
         if let Some(local) = &mut self.local {
-            if local.as_ref().is_none_or(|(b, _, _)| total > b.total()) {
-                *local = Some((now, phase, op));
+            if local.as_ref().is_none_or(|((b, ..), _)| total > b.total()) {
+                *local = Some(((now, phase, op), self.pending));
             }
             return;
         }

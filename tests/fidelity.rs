@@ -990,6 +990,65 @@ fn checkpointed_t5_keeps_its_position_biases_and_its_math_backward_holds_three_s
 }
 
 #[test]
+fn t5_accumulates_its_position_bias_gradient_across_the_blocks_that_read_it() {
+    // T5Stack hands the first block's position bias to every block. Each block's attention adds
+    // its bias gradient (the scores' gradient summed over the batch) to the one autograd sums in
+    // the InputBuffer of the first block's lookup: alive from the last block's attention
+    // backward to the first's. The decoder's cross-attention zeros, a leaf with requires_grad
+    // under checkpointing, is kept by its AccumulateGrad node while the graph lives, and so is
+    // its .grad. T5-base full fine-tuning (fp32 table, bf16 autocast), batch 8, 1,024 + 256
+    // tokens, checkpointing, replayed without hooks (validation/peak_live.py), peaks at the
+    // first encoder block's softmax backward with all three alive:
+    // - the encoder's bias gradient, (1, 12, 1,024, 1,024) fp32: 50,331,648 B;
+    // - the zeros and their gradient, (1, 12, 256, 1,024) bf16: 6,291,456 B each.
+    let rows = crate::shipped_rows("validation/outliers.jsonl");
+    let row = rows
+        .iter()
+        .find(|r| r.name == "t5-base|full|b8|s(1024, 256)|gc1|sdpa")
+        .expect("the run is in the file");
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let grads = |name: &str| -> Vec<(u64, bool)> {
+        let op = g
+            .ops()
+            .find(|o| g.name(o.name) == name)
+            .expect("the op exists");
+        op.grads
+            .iter()
+            .map(|&t| (g.tensor(t).bytes.0, g.tensor(t).graph_held))
+            .collect()
+    };
+    // Every self-attention adds to the encoder's sum (the first block and the other eleven).
+    assert_eq!(
+        grads("encoder.layers.0.self_attn.core"),
+        [(50_331_648, false)]
+    );
+    assert_eq!(
+        grads("encoder.layers.1+10.self_attn.core"),
+        [(50_331_648, false)]
+    );
+    assert_eq!(
+        grads("decoder.layers.1+10.cross_attn.core"),
+        [(6_291_456, true)]
+    );
+    // The estimate was 59,813,384 B under the replay (-1.2 %); the three add 62,914,560, counted
+    // once however many blocks add to them, and leave it 3,101,176 B (+0.06 %) over.
+    let h200 = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    let memory = ftplan::memory::estimate(&g, &row.plan, &h200);
+    assert_eq!(memory.peak_op, "encoder.layers.0.self_attn.core");
+    assert_eq!(row.estimated_peak - row.measured_peak, 3_101_176);
+    // Frozen, the table gets no gradient and nothing accumulates: LoRA on q and v.
+    let lora = sweep_run("t5-base|lora|b16|s(512, 128)|gc1|sdpa|r16|qv");
+    let g = ftplan::graph::arch::build(&lora.model, &lora.plan);
+    assert!(
+        g.ops()
+            .filter(|o| g.name(o.name).contains("self_attn.core"))
+            .all(|o| o.grads.is_empty())
+    );
+}
+
+#[test]
 fn a_tied_embedding_read_uncast_by_its_head_sums_its_two_gradients_out_of_place() {
     // GPT-2 (tied wte, 50,257 x 768), batch 1, 128 tokens: backward ends at the input
     // embedding's backward, with every gradient held, where the head's gradient of the tied

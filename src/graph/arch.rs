@@ -3,7 +3,7 @@
 
 use crate::graph::attention::AttnMask;
 use crate::graph::build::{Builder, Val, wider};
-use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, TensorId, TensorKind};
+use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind};
 use smallvec::SmallVec;
 
 /// Every parameter role, for checking that a run of blocks trains uniformly.
@@ -227,10 +227,16 @@ fn stack_forward(
     // it to every later block as an argument (`T5Stack.forward`), so each block's checkpoint
     // holds it for its recomputation until that block's backward; the first block recomputes
     // it there. A decoder block's cross-attention gets a zeros bias (1, heads, q, source) in
-    // the queries' dtype, made in the first block and handed on the same way (transformers
-    // sets `requires_grad` on it, so autograd also keeps it, and its gradient, to the end of
-    // backward; the walk lets it go with the decoder's checkpoints).
+    // the queries' dtype, made in the first block and handed on the same way; transformers
+    // sets `requires_grad` on it, a leaf that its `AccumulateGrad` node keeps while the graph
+    // lives (`Tensor::graph_held`).
+    //
+    // Each block's attention adds its bias gradient (the scores' gradient summed over the
+    // batch) to the one autograd accumulates for the bias: in the `InputBuffer` of the first
+    // block's lookup, from the last block's attention backward to the first's, when the table
+    // trains; and for the zeros, a leaf, in its `.grad`, kept to the end (`Tensor::graph_held`).
     let mut position_biases: SmallVec<[TensorId; 2]> = SmallVec::new();
+    b.bias_grads.clear();
     if model.family.is_t5()
         && let Positions::RelativeBias { buckets } = model.positions
     {
@@ -239,19 +245,29 @@ fn stack_forward(
             (buckets, stack.heads),
             ParamRole::Embedding,
         );
+        let table = b.graph.param(table);
+        let (dtype, trains) = (table.dtype, table.trainable);
+        let keys = seq + prefix;
+        let bias = dtype.bytes(stack.heads * seq * keys);
+        if trains {
+            let g = b.tensor(TensorKind::Activation, bias);
+            b.bias_grads.push((AttnMask::StridedBias, g));
+        }
         if plan.grad_ckpt {
-            let dtype = b.graph.param(table).dtype;
-            let keys = seq + prefix;
-            position_biases.push(b.tensor(
-                TensorKind::Activation,
-                dtype.bytes(stack.heads * seq * keys),
-            ));
+            position_biases.push(b.tensor(TensorKind::Activation, bias));
             if let Some((_, source)) = memory {
                 let queries = if b.autocast { b.half } else { b.base };
-                position_biases.push(b.tensor(
-                    TensorKind::Activation,
-                    queries.bytes(stack.heads * seq * source),
-                ));
+                let zeros = queries.bytes(stack.heads * seq * source);
+                let held = |b: &mut Builder| {
+                    b.graph.add_tensor(Tensor {
+                        graph_held: true,
+                        ..Tensor::new(TensorKind::Activation, zeros)
+                    })
+                };
+                position_biases.push(held(b));
+                let g = held(b);
+                b.bias_grads
+                    .push((AttnMask::ContiguousBias { grad: true }, g));
             }
         }
     }
@@ -357,6 +373,7 @@ fn stack_forward(
         x = b.norm(name.at("final_norm"), x);
         b.layer = None;
     }
+    b.bias_grads.clear();
     if model.family.is_t5() {
         x = b.dropout(name.at("final_dropout"), x, model.dropout.residual);
     }

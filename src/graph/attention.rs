@@ -309,7 +309,7 @@ impl Builder<'_> {
         } else {
             SmallVec::new()
         };
-        self.emit(OpSpec {
+        let op = self.emit(OpSpec {
             name,
             kind: OpKind::Attention,
             params,
@@ -362,6 +362,17 @@ impl Builder<'_> {
             },
             in_backward: grad,
         });
+        // The bias this mask carries is the stack's, read by every block: its gradient (the
+        // scores' gradient summed over the batch) is added to the one autograd accumulates.
+        let grads: SmallVec<[TensorId; 1]> = self
+            .bias_grads
+            .iter()
+            .filter(|&&(m, _)| m == mask)
+            .map(|&(_, g)| g)
+            .collect();
+        if grad && let Some(o) = self.graph.op_mut(op) {
+            o.grads = grads;
+        }
         out
     }
 }

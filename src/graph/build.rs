@@ -79,6 +79,10 @@ pub struct Builder<'a> {
     /// Gemma 4's per-layer inputs (tokens x layers x width), built at the embeddings; each
     /// block reads its slice (a view that keeps the whole tensor).
     pub(super) per_layer_inputs: Option<Val>,
+    /// Gradients autograd accumulates for the biases the stack being built hands every block
+    /// (T5's), each with the kind of attention mask that reads its bias: every attention op
+    /// with that mask adds to it in backward (`Op::grads`).
+    pub(super) bias_grads: SmallVec<[(super::attention::AttnMask, TensorId); 2]>,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
@@ -141,6 +145,7 @@ impl<'a> Builder<'a> {
             tp_region: false,
             prefix: 0,
             per_layer_inputs: None,
+            bias_grads: SmallVec::new(),
             dense_ffn: false,
             adapter,
             layer: None,
@@ -157,12 +162,7 @@ impl<'a> Builder<'a> {
     }
 
     pub(super) fn tensor(&mut self, kind: TensorKind, bytes: Bytes) -> TensorId {
-        self.graph.add_tensor(Tensor {
-            bytes,
-            kind,
-            checkpoint_input: false,
-            cache_only: false,
-        })
+        self.graph.add_tensor(Tensor::new(kind, bytes))
     }
 
     /// Host-side cost with no device work (a module call, a dispatch that returns its input),
@@ -204,10 +204,8 @@ impl<'a> Builder<'a> {
     ) -> (Option<TensorId>, Bytes) {
         if trainable {
             let copy = self.graph.add_tensor(Tensor {
-                bytes,
-                kind: TensorKind::WeightCopy,
-                checkpoint_input: false,
                 cache_only: !kept,
+                ..Tensor::new(TensorKind::WeightCopy, bytes)
             });
             (Some(copy), Bytes::ZERO)
         } else if kept {
@@ -314,6 +312,7 @@ impl<'a> Builder<'a> {
             repeat: self.repeat,
             params: spec.params,
             saves: spec.saves,
+            grads: SmallVec::new(),
             forward_transient: spec.forward_transient,
             backward_transient: spec.backward_transient,
             in_backward: spec.in_backward,

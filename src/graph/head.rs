@@ -159,12 +159,10 @@ impl Builder<'_> {
         } else {
             DType::F32
         };
-        let logp = self.graph.add_tensor(Tensor {
-            bytes: loss_dtype.bytes(tokens * vocab),
-            kind: TensorKind::Logits,
-            checkpoint_input: false,
-            cache_only: false,
-        });
+        let logp = self.graph.add_tensor(Tensor::new(
+            TensorKind::Logits,
+            loss_dtype.bytes(tokens * vocab),
+        ));
         let upcast = if loss_dtype != logits.dtype {
             loss_dtype.bytes(tokens * vocab)
         } else {

@@ -74,6 +74,25 @@ pub struct Tensor {
     pub checkpoint_input: bool,
     /// Held only by autocast's cast cache, not by autograd: freed when the forward pass ends.
     pub cache_only: bool,
+    /// Held by autograd's graph for as long as the graph lives: a leaf that requires grad
+    /// (T5's cross-attention zeros under checkpointing) is kept by its `AccumulateGrad` node,
+    /// which the loss's `grad_fn` chain references after backward has run, and so is the
+    /// `.grad` accumulated into it. Kept to the end of backward and through the optimizer step
+    /// (`measure.py`'s `train_step` keeps the loss until the step returns).
+    pub graph_held: bool,
+}
+
+impl Tensor {
+    /// A tensor that some op keeps, with nothing special about its lifetime.
+    pub fn new(kind: TensorKind, bytes: Bytes) -> Tensor {
+        Tensor {
+            bytes,
+            kind,
+            checkpoint_input: false,
+            cache_only: false,
+            graph_held: false,
+        }
+    }
 }
 
 pub use crate::spec::model::ParamRole;
@@ -238,6 +257,12 @@ pub struct Op {
     pub params: SmallVec<[ParamId; 3]>,
     /// Tensors it keeps alive for its backward.
     pub saves: SmallVec<[TensorId; 6]>,
+    /// Gradients its backward adds to, for a tensor several ops read (T5's position bias,
+    /// which the stack hands every block). Autograd sums them in the `InputBuffer` of the
+    /// tensor's producer (or, for a leaf, its `AccumulateGrad`): the sum exists from the
+    /// backward of the last op that names it (in forward order) to the backward of the first
+    /// (the producer's side), or, `graph_held`, to the end. Never live in forward.
+    pub grads: SmallVec<[TensorId; 1]>,
     /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
     pub forward_transient: Bytes,
     /// Memory live only while its backward runs (incoming and outgoing gradients, scratch).
