@@ -107,10 +107,12 @@ impl Builder<'_> {
                 // matmul keeps an operand only for the other's gradient: q when k needs one, k
                 // when q does, v when the probabilities do. `_safe_softmax` has its own
                 // derivative and returns one fp32 probability matrix, kept by its backward and
-                // the matmul with v; while it runs, the scores, softmax's output and the `-inf`
-                // test's boolean live beside the result. Dropout keeps its mask and its fp32
-                // output. Backward holds the incoming gradient and softmax backward's result,
-                // both fp32 and score-sized.
+                // the matmul with v; while it runs, the scores and the `-inf` test's boolean
+                // (`isneginf`) live beside it: `where_out` zeroes fully masked rows in the
+                // softmax's own output (since torch 2.6, pytorch#139613; before, `where` made a
+                // fourth score-sized tensor). Dropout keeps its mask and its fp32 output.
+                // Backward holds the incoming gradient and softmax backward's result, both fp32
+                // and score-sized.
                 let acc = DType::F32;
                 if k.grad {
                     saves.push(self.val(q.width, q.tokens, acc, q.grad).id);
@@ -129,11 +131,11 @@ impl Builder<'_> {
                     saves.push(self.tensor(TensorKind::Activation, DType::U8.bytes(scores)));
                     saves.push(self.tensor(TensorKind::Activation, acc.bytes(scores)));
                 }
-                fwd_extra += acc.bytes(scores) * 2 + DType::U8.bytes(scores);
+                fwd_extra += acc.bytes(scores) + DType::U8.bytes(scores);
                 bwd_extra += acc.bytes(scores) * 2;
                 // Backward's worst moment is softmax's backward: the saved probabilities, dP
                 // and dS, three score matrices. A checkpointed block's recomputed forward holds
-                // less at this op (the scores, softmax's output and the byte-wide `-inf` test),
+                // less at this op (the scores, the probabilities and the byte-wide `-inf` test),
                 // so its forward extras are not charged here; and by then the product with v has
                 // run its backward, which frees v's fp32 copy. (A replay of checkpointed T5-base
                 // full fine-tuning traced without module hooks, `validation/peak_live.py`, peaks
