@@ -323,15 +323,10 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         }
         end = start;
     }
-    // Whatever a frozen prefix saved and never freed is gone by now; what the graph holds
-    // stays while the loss does, through the step.
+    // Whatever a frozen prefix saved and never freed is gone by now, and so is what the graph
+    // held (the training loop has dropped the loss: `Tensor::graph_held`).
     walk.live.iter_mut().for_each(|l| *l = false);
-    walk.live_act = graph
-        .tensors
-        .iter()
-        .filter(|t| t.graph_held)
-        .map(|t| t.bytes)
-        .sum();
+    walk.live_act = Bytes::ZERO;
     walk.live_logits = Bytes::ZERO;
     walk.pending = Bytes::ZERO;
 

@@ -228,8 +228,8 @@ fn stack_forward(
     // holds it for its recomputation until that block's backward; the first block recomputes
     // it there. A decoder block's cross-attention gets a zeros bias (1, heads, q, source) in
     // the queries' dtype, made in the first block and handed on the same way; transformers
-    // sets `requires_grad` on it, a leaf that its `AccumulateGrad` node keeps while the graph
-    // lives (`Tensor::graph_held`).
+    // sets `requires_grad` on it, a leaf that its `AccumulateGrad` node keeps to the end of
+    // backward (`Tensor::graph_held`).
     //
     // Each block's attention adds its bias gradient (the scores' gradient summed over the
     // batch) to the one autograd accumulates for the bias: in the `InputBuffer` of the first

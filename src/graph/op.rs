@@ -77,8 +77,10 @@ pub struct Tensor {
     /// Held by autograd's graph for as long as the graph lives: a leaf that requires grad
     /// (T5's cross-attention zeros under checkpointing) is kept by its `AccumulateGrad` node,
     /// which the loss's `grad_fn` chain references after backward has run, and so is the
-    /// `.grad` accumulated into it. Kept to the end of backward and through the optimizer step
-    /// (`measure.py`'s `train_step` keeps the loss until the step returns).
+    /// `.grad` accumulated into it: to the end of backward. (Then as long as the loss: Hugging
+    /// Face's `Trainer` drops it before the optimizer step, `training_step` returning
+    /// `loss.detach()`; `measure.py`'s `train_step` keeps it through the step, two such
+    /// tensors more there.)
     pub graph_held: bool,
 }
 
