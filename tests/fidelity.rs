@@ -1062,6 +1062,76 @@ fn t5_accumulates_its_position_bias_gradient_across_the_blocks_that_read_it() {
 }
 
 #[test]
+fn repeat_kv_from_one_kv_head_is_a_view_that_only_autocast_copies() {
+    // transformers' SDPA path passes `enable_gqa` only with no mask and heads at most 256 wide
+    // (`use_gqa_in_sdpa`); otherwise `repeat_kv` (`expand(...).reshape(...)`) repeats keys and
+    // values for every head. From one KV head the size-1 dimension merges with the expanded one
+    // into a stride-0 view: no copy, and the kernel keeps the view. Autocast's cast of an fp32
+    // view writes every head. Gemma 4 E2B's widths (8 heads, 1 KV head of 256, 512 in the global
+    // layers, 2,048 tokens; layers 0-4 own their keys, 5-9 share them), per layer's attention:
+    let rows = crate::shipped_rows("validation/families.jsonl");
+    let saves = |run: &str, op: &str| -> Vec<u64> {
+        let row = rows
+            .iter()
+            .find(|r| r.name == run)
+            .expect("the run is in the file");
+        let g = ftplan::graph::arch::build(&row.model, &row.plan);
+        let op = g
+            .ops()
+            .find(|o| g.name(o.name) == op)
+            .expect("the op exists");
+        op.saves.iter().map(|&t| g.tensor(t).bytes.0).collect()
+    };
+    // LoRA over a bf16 base, batch 4: a sliding layer keeps q (4 x 2,048 x 8 x 256 x 2 =
+    // 33,554,432), k and v as the one head's views (4 x 2,048 x 256 x 2 = 4,194,304 each), the
+    // logsumexp (4 x 8 x 2,048 x 4 = 262,144), the output and the additive window mask (4 x
+    // 2,048 x 2,048 x 2): each 33,554,432.
+    let lora = "gemma-4-e2b-10l|lora|b4|s2048|gc0|sdpa|r16|all";
+    assert_eq!(
+        saves(lora, "decoder.layers.0.self_attn.core"),
+        [
+            33_554_432, 4_194_304, 4_194_304, 262_144, 33_554_432, 33_554_432
+        ]
+    );
+    // Full fine-tuning under autocast, batch 1: the rotary tables are fp32, so the keys are, and
+    // the cast writes all 8 heads (1 x 2,048 x 8 x 256 x 2 = 8,388,608); the values (bf16 out of
+    // their norm) stay a view (1,048,576). A global layer has no mask but 512-wide heads, so it
+    // repeats too (16,777,216); a shared layer casts the earlier layer's keys again, and its
+    // values are that layer's (counted there).
+    let full = "gemma-4-e2b-10l|full|b1|s2048|gc0|sdpa";
+    assert_eq!(
+        saves(full, "decoder.layers.0.self_attn.core"),
+        [
+            8_388_608, 8_388_608, 1_048_576, 65_536, 8_388_608, 8_388_608
+        ]
+    );
+    assert_eq!(
+        saves(full, "decoder.layers.4.self_attn.core"),
+        [16_777_216, 16_777_216, 2_097_152, 65_536, 16_777_216]
+    );
+    assert_eq!(
+        saves(full, "decoder.layers.5+3.self_attn.core"),
+        [8_388_608, 8_388_608, 0, 65_536, 8_388_608, 8_388_608]
+    );
+    // The replays without hooks agree within 0.1 % (LoRA had been +1.1 %, Gemma 4 31B's LoRA
+    // runs -0.7 %, Gemma-2B's prefix tuning +1.7 %).
+    for run in [
+        lora,
+        full,
+        "gemma-4-31b-6l|lora|b2|s2048|gc0|sdpa|r16|qv",
+        "gemma-4-31b-6l|lora|b2|s2048|gc0|sdpa|r16|all",
+    ] {
+        let row = rows
+            .iter()
+            .find(|r| r.name == run)
+            .expect("the run is in the file");
+        assert!(row.error.abs() < 0.001, "{run}: {:+.2}%", row.error * 100.0);
+    }
+    let prefix = sweep_run("gemma-2b|prefix|b2|s1024|gc0|sdpa");
+    assert!(prefix.error.abs() < 0.001, "{:+.2}%", prefix.error * 100.0);
+}
+
+#[test]
 fn a_tied_embedding_read_uncast_by_its_head_sums_its_two_gradients_out_of_place() {
     // GPT-2 (tied wte, 50,257 x 768), batch 1, 128 tokens: backward ends at the input
     // embedding's backward, with every gradient held, where the head's gradient of the tied

@@ -792,6 +792,12 @@ fn self_attention_ops(
             (seq, rotary_width),
         );
     }
+    if kv_shared {
+        // The earlier layer's keys went through the same norm and rotary as these queries:
+        // they arrive in the queries' dtype (fp32 where the rotary tables are), which decides
+        // whether SDPA's autocast casts them (and so copies `repeat_kv`'s view, below).
+        k.dtype = q.dtype;
+    }
     if model.qk_norm == QkNorm::L2AfterRotary && rope {
         // One `qk_norm` module, called on q and on k.
         q = b.unscaled_rms_norm(name.at("q_norm"), q, (stack.head_dim, 1));

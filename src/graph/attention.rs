@@ -64,18 +64,27 @@ impl Builder<'_> {
                 // flash / memory-efficient: q, k, v (as cast by autocast), the output (laid out
                 // so that the caller's transpose().contiguous() is free), and fp32 logsumexp.
                 // Dropout inside the kernel is regenerated from the RNG state: no mask.
-                // With SDPA, transformers passes `enable_gqa` only when there is no mask;
-                // with one, `repeat_kv` materialises keys and values for every head.
-                // flash_attention_2 never gets a mask tensor and takes grouped KV as is.
+                // With SDPA, transformers passes `enable_gqa` only when there is no mask and
+                // the heads are at most 256 wide (`use_gqa_in_sdpa`; Gemma 4's global heads are
+                // 512); otherwise `repeat_kv` materialises keys and values for every head: its
+                // `expand(...).reshape(...)` copies, except from a single KV head, whose size-1
+                // dimension merges with the expanded one into a stride-0 view (checked on CPU:
+                // same storage), which the kernel reads as it is, unless autocast casts it (fp32
+                // keys from an fp32 rotary), and the cast writes every head. flash_attention_2
+                // never gets a mask tensor and takes grouped KV as is.
                 let masked = kernel == Kernel::Fused && mask == AttnMask::Explicit;
                 let group = heads / stack.kv_heads.max(1);
-                let (k, v) = if masked && group > 1 {
-                    (
-                        self.val(k_width, k.tokens, compute, k.grad),
-                        self.val(out_width, v.tokens, compute, v.grad),
-                    )
+                let repeated = kernel == Kernel::Fused && group > 1 && (masked || head_dim > 256);
+                let copied = |x: &Val| repeated && (stack.kv_heads > 1 || x.dtype != compute);
+                let k = if copied(&k) {
+                    self.val(k_width, k.tokens, compute, k.grad)
                 } else {
-                    (k, v)
+                    k
+                };
+                let v = if copied(&v) {
+                    self.val(out_width, v.tokens, compute, v.grad)
+                } else {
+                    v
                 };
                 let q = self.cast(name.then("q_cast"), q, compute);
                 let k = self.cast(name.then("k_cast"), k, compute);
