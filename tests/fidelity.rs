@@ -1132,6 +1132,38 @@ fn repeat_kv_from_one_kv_head_is_a_view_that_only_autocast_copies() {
 }
 
 #[test]
+fn a_head_major_query_makes_the_attention_output_a_copy_the_output_projection_keeps() {
+    // transformers' attention functions end in `attn_output.transpose(1, 2).contiguous()`.
+    // FlashAttention and cuDNN write the output in q's memory layout (`empty_like`,
+    // `alloc_with_matching_layout`), and so does the CPU kernel. A q that a projection's view
+    // made is token-major, and the transpose is then free. Partial rotary rebuilds q with
+    // `cat((q_rot, q_pass), -1)`, a head-major tensor, and the copy is a new tensor.
+    // Pythia-1B (GPT-NeoX, rotary on a quarter of each head), full fine-tuning, batch 4 x 1,024,
+    // hidden 2,048: per layer a bf16 copy of 4 x 1,024 x 2,048 x 2 = 16,777,216 B, kept by
+    // `dense` beside the output SDPA saved. That is 16 x 16,777,216 = 268,435,456 B in all,
+    // which the estimate had missed (-268,402,952 B against the hook-free replay, -1.24 %).
+    let rows = crate::shipped_rows("validation/families.jsonl");
+    let row = rows
+        .iter()
+        .find(|r| r.name == "pythia-1b|full|b4|s1024|gc0|sdpa")
+        .expect("the run is in the file");
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let copy = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1+14.attn.core.out_copy")
+        .expect("a copy after the attention");
+    assert_eq!(copy.forward_transient.0, 16_777_216);
+    assert_eq!(row.estimated_peak - row.measured_peak, 32_504);
+    // Llama's full rotary keeps q token-major: no copy.
+    let tiny = model("tinyllama-1.1b");
+    let g = ftplan::graph::arch::build(
+        &tiny,
+        &plan(Method::Full, Precision::MixedBf16, 4, 512, 0, false),
+    );
+    assert!(g.ops().all(|o| !g.name(o.name).ends_with("out_copy")));
+}
+
+#[test]
 fn a_tied_embedding_read_uncast_by_its_head_sums_its_two_gradients_out_of_place() {
     // GPT-2 (tied wte, 50,257 x 768), batch 1, 128 tokens: backward ends at the input
     // embedding's backward, with every gradient held, where the head's gradient of the tied

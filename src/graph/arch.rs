@@ -774,6 +774,7 @@ fn self_attention_ops(
     if model.value_norm && !kv_shared {
         v = b.unscaled_rms_norm(name.at("v_norm"), v, (stack.head_dim, 2));
     }
+    let mut q_head_major = false;
     if let (Positions::Rotary { .. }, true, true) = (model.positions, rope, kv_shared) {
         (_, q) = b.rotary(
             name.at("rotary_q"),
@@ -784,6 +785,8 @@ fn self_attention_ops(
         );
     } else if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
         let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;
+        // Partial rotary rebuilds q as `cat((q_rot, q_pass), dim=-1)`: a new, head-major tensor.
+        q_head_major = rotary_width < stack.head_dim;
         (q, k) = b.rotary_qk(
             (name.at("rotary_q"), name.at("rotary_k")),
             (q, k),
@@ -828,7 +831,7 @@ fn self_attention_ops(
         stack,
         batch,
         (seq, seq_k),
-        (mask, window),
+        (mask, window, q_head_major),
     );
     if let Some(g) = gate {
         // `attn_output * torch.sigmoid(gate)`: sigmoid keeps its output, the product both.
@@ -903,7 +906,7 @@ fn cross_attention_ops(
         stack,
         batch,
         (seq, mem_seq),
-        (mask, None),
+        (mask, None, false),
     );
     b.linear(
         name.at("o_proj"),
@@ -1087,7 +1090,8 @@ fn latent_attention(
         stack,
         b.plan.batch,
         (seq, seq),
-        (mask, window),
+        // `cat((q_pass, q_rot), dim=-1)`: head-major.
+        (mask, window, true),
     );
     b.linear(
         name.at("o_proj"),

@@ -16,7 +16,7 @@ impl Builder<'_> {
         stack: &Stack,
         batch: u64,
         (seq_q, seq_k): (u64, u64),
-        (mask, window): (AttnMask, Option<u64>),
+        (mask, window, q_head_major): (AttnMask, Option<u64>, bool),
     ) -> Val {
         let heads = stack.heads;
         let head_dim = stack.head_dim;
@@ -383,6 +383,19 @@ impl Builder<'_> {
             .collect();
         if grad && let Some(o) = self.graph.op_mut(op) {
             o.grads = grads;
+        }
+        // The caller's `transpose(1, 2).contiguous()` (transformers' attention functions) is
+        // free when the kernel wrote its output token-major. FlashAttention's forward allocates
+        // it like q (`empty_like`) and cuDNN's with q's layout (`alloc_with_matching_layout`,
+        // aten cudnn/MHA.cpp), as does the CPU kernel; so a q that is head-major in memory (made
+        // by a `cat`: partial rotary, latent attention) gives a head-major output, and the copy
+        // is a new tensor, which the output projection keeps beside the one the kernel saved.
+        // The memory-efficient kernel, which takes the masked calls on CUDA, always writes
+        // token-major (`at::empty({B, M, num_heads, Kv})`).
+        let layout_follows_q = matches!(kernel, Kernel::Flash)
+            || (kernel == Kernel::Fused && mask != AttnMask::Explicit);
+        if q_head_major && layout_follows_q {
+            return self.contiguous(name.then("out_copy"), out);
         }
         out
     }
