@@ -180,12 +180,20 @@ impl Builder<'_> {
                     fwd_extra += DType::F32.bytes(q.elements()) + DType::F32.bytes(k.elements());
                 }
                 let q = self.cast(name.then("q_cast"), q, qk_dtype);
-                let k_rep = if group > 1 {
+                // Grouped keys and values reach `matmul` repeated for every head (`repeat_kv`,
+                // or Falcon's broadcast), and `matmul` folds batch and heads into `bmm`'s batch.
+                // One KV head at batch 1 folds as a view (a stride-0 batch `bmm` reads as it
+                // is: a CPU replay of Falcon-7B keeps the one head); anything else, or a cast
+                // to the matmul's dtype, writes every head.
+                let repeated = |x: &Val, dtype: DType| {
+                    group > 1 && (stack.kv_heads > 1 || batch > 1 || x.dtype != dtype)
+                };
+                let k_rep = if repeated(&k, qk_dtype) {
                     self.val(k_width, k.tokens, qk_dtype, k.grad)
                 } else {
                     self.cast(name.then("k_cast"), k, qk_dtype)
                 };
-                let v_rep = if group > 1 {
+                let v_rep = if repeated(&v, compute) {
                     self.val(out_width, v.tokens, compute, v.grad)
                 } else {
                     self.cast(name.then("v_cast"), v, compute)
