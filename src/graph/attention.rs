@@ -61,8 +61,8 @@ impl Builder<'_> {
         let out;
         match kernel {
             Kernel::Fused | Kernel::Flash => {
-                // flash / memory-efficient: q, k, v (as cast by autocast), the output (laid out
-                // so that the caller's transpose().contiguous() is free), and fp32 logsumexp.
+                // flash / memory-efficient: q, k, v (as cast by autocast), the output (token-major
+                // unless q is head-major, below), and fp32 logsumexp.
                 // Dropout inside the kernel is regenerated from the RNG state: no mask.
                 // With SDPA, transformers passes `enable_gqa` only when there is no mask and
                 // the heads are at most 256 wide (`use_gqa_in_sdpa`; Gemma 4's global heads are
