@@ -74,12 +74,17 @@ fn checkpoint_inputs(g: &OpGraph) -> Vec<Vec<u64>> {
         .collect()
 }
 
-/// A run of validation/sweep.jsonl compared with its H200 estimate, by name.
-fn sweep_run(name: &str) -> ftplan::validate::Row {
-    crate::shipped_rows("validation/sweep.jsonl")
+/// A run of a shipped validation file compared with its H200 estimate, by name.
+fn shipped_run(file: &str, name: &str) -> ftplan::validate::Row {
+    crate::shipped_rows(file)
         .into_iter()
         .find(|r| r.name == name)
         .expect("the run is in the file")
+}
+
+/// A run of validation/sweep.jsonl compared with its H200 estimate, by name.
+fn sweep_run(name: &str) -> ftplan::validate::Row {
+    shipped_run("validation/sweep.jsonl", name)
 }
 
 #[test]
@@ -995,10 +1000,10 @@ fn checkpointed_t5_keeps_its_position_biases_and_its_math_backward_holds_three_s
     // With adapters over 8 ranks (sharded weights, so activations dominate) the estimate had
     // peaked in the last encoder block's forward, one score matrix too high (+2.5 %); it now
     // peaks in backward, as the replay does, within 1 %.
-    let fsdp = crate::shipped_rows("validation/fsdp.jsonl")
-        .into_iter()
-        .find(|r| r.name == "t5-base|adapter|b16|s(512, 128)|gc1|sdpa|fsdp|w8")
-        .expect("the run is in the file");
+    let fsdp = shipped_run(
+        "validation/fsdp.jsonl",
+        "t5-base|adapter|b16|s(512, 128)|gc1|sdpa|fsdp|w8",
+    );
     assert!(fsdp.error.abs() < 0.01, "{:+.2}%", fsdp.error * 100.0);
 }
 
@@ -1008,17 +1013,16 @@ fn t5_accumulates_its_position_bias_gradient_across_the_blocks_that_read_it() {
     // its bias gradient (the scores' gradient summed over the batch) to the one autograd sums in
     // the InputBuffer of the first block's lookup: alive from the last block's attention
     // backward to the first's. The decoder's cross-attention zeros, a leaf with requires_grad
-    // under checkpointing, is kept by its AccumulateGrad node while the graph lives, and so is
+    // under checkpointing, is kept by its AccumulateGrad node to the end of backward, and so is
     // its .grad. T5-base full fine-tuning (fp32 table, bf16 autocast), batch 8, 1,024 + 256
     // tokens, checkpointing, replayed without hooks (validation/peak_live.py), peaks at the
     // first encoder block's softmax backward with all three alive:
     // - the encoder's bias gradient, (1, 12, 1,024, 1,024) fp32: 50,331,648 B;
     // - the zeros and their gradient, (1, 12, 256, 1,024) bf16: 6,291,456 B each.
-    let rows = crate::shipped_rows("validation/outliers.jsonl");
-    let row = rows
-        .iter()
-        .find(|r| r.name == "t5-base|full|b8|s(1024, 256)|gc1|sdpa")
-        .expect("the run is in the file");
+    let row = shipped_run(
+        "validation/outliers.jsonl",
+        "t5-base|full|b8|s(1024, 256)|gc1|sdpa",
+    );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let grads = |name: &str| -> Vec<(u64, bool)> {
         let op = g
@@ -1132,8 +1136,8 @@ fn repeat_kv_from_one_kv_head_is_a_view_that_only_autocast_copies() {
     // Eager attention's `matmul` folds batch and heads into one `bmm` batch: at batch 1 a single
     // KV head folds as a view too. Falcon-7B (71 heads over one KV head of 64), adapters, 1 x
     // 1,024 tokens: each layer had been charged keys and values for all 71 heads (1 x 1,024 x
-    // 4,544 x 2 = 9,306,112 B each, 2 x 31 x that = 576,978,944 B over its 32 layers' copies)
-    // and read +1.82 %; the replay keeps the one head.
+    // 4,544 x 2 = 9,306,112 B each, 2 x 31 x that = 576,978,944 B over the 31 layers whose
+    // attention backward reaches) and read +1.82 %; the replay keeps the one head.
     let falcon = sweep_run("falcon-7b|adapter|b1|s1024|gc0|eager");
     assert!(falcon.error.abs() < 0.001, "{:+.2}%", falcon.error * 100.0);
 }
@@ -1149,11 +1153,10 @@ fn a_head_major_query_makes_the_attention_output_a_copy_the_output_projection_ke
     // hidden 2,048: per layer a bf16 copy of 4 x 1,024 x 2,048 x 2 = 16,777,216 B, kept by
     // `dense` beside the output SDPA saved. That is 16 x 16,777,216 = 268,435,456 B in all,
     // which the estimate had missed (-268,402,952 B against the hook-free replay, -1.24 %).
-    let rows = crate::shipped_rows("validation/families.jsonl");
-    let row = rows
-        .iter()
-        .find(|r| r.name == "pythia-1b|full|b4|s1024|gc0|sdpa")
-        .expect("the run is in the file");
+    let row = shipped_run(
+        "validation/families.jsonl",
+        "pythia-1b|full|b4|s1024|gc0|sdpa",
+    );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let copy = g
         .ops()
