@@ -1,7 +1,7 @@
 //! Issue #10: the mechanisms behind the runs that were off by 15-18 %, each on a small case whose
 //! figures are derived by hand in the comments.
 
-use ftplan::graph::{self, op::OpGraph, op::TensorKind};
+use ftplan::graph::{self, op::Op, op::OpGraph, op::TensorKind};
 use ftplan::spec::model::ModelSpec;
 use ftplan::spec::plan::{AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision};
 use ftplan::spec::registry::resolve_model;
@@ -57,13 +57,16 @@ fn lora(rank: u64) -> Method {
     })
 }
 
+/// An op of a graph, by its full name.
+fn op_named<'g>(g: &'g OpGraph, name: &str) -> &'g Op {
+    g.ops()
+        .find(|o| g.name(o.name) == name)
+        .unwrap_or_else(|| panic!("no op {name}"))
+}
+
 /// Bytes an op keeps for its backward, by the op's full name.
 fn saved(g: &OpGraph, name: &str) -> u64 {
-    let op = g
-        .ops()
-        .find(|o| g.name(o.name) == name)
-        .unwrap_or_else(|| panic!("no op {name}"));
-    crate::kept_bytes(g, op)
+    crate::kept_bytes(g, op_named(g, name))
 }
 
 /// The bytes of each tensor every checkpointed block keeps as an input, block by block.
@@ -348,7 +351,7 @@ fn a_linear_costs_the_kernels_pytorch_dispatches_for_it() {
         ),
     );
     let kernels = |g: &OpGraph, name: &str| {
-        let op = g.ops().find(|o| g.name(o.name) == name).expect("op");
+        let op = op_named(g, name);
         (op.cost.forward_kernels, op.cost.backward_kernels)
     };
     let fc1 = "encoder.layers.1+10.mlp.fc1";
@@ -763,10 +766,7 @@ fn element_wise_kernels_run_at_their_loops_measured_rates() {
         ..h200_rates()
     };
     let time = |suffix: &str| {
-        let op = g
-            .ops()
-            .find(|o| g.name(o.name) == format!("decoder.layers.0.{suffix}"))
-            .expect("the op exists");
+        let op = op_named(&g, &format!("decoder.layers.0.{suffix}"));
         ftplan::time::op_seconds(op, &rates)
     };
     let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-12, "{got} vs {want}");
@@ -985,10 +985,7 @@ fn checkpointed_t5_keeps_its_position_biases_and_its_math_backward_holds_three_s
     // 201,326,592 each), beside q, k, v and the output (4 x 12,582,912 bf16); v's fp32 copy
     // (25,165,824) is freed by then (the product with v ran its backward), and the forward's
     // boolean `-inf` test is not alive: 50,331,648 + 402,653,184 - 25,165,824 = 427,819,008.
-    let core = g
-        .ops()
-        .find(|o| g.name(o.name) == "encoder.layers.0.self_attn.core")
-        .expect("the op exists");
+    let core = op_named(&g, "encoder.layers.0.self_attn.core");
     assert_eq!(core.backward_transient.0, 427_819_008);
     // Its forward: while `_safe_softmax` runs, the scores (201,326,592) and `isneginf`'s boolean
     // (16 x 12 x 512 x 512 = 50,331,648) live beside the probabilities it keeps; `where_out`
@@ -1025,11 +1022,8 @@ fn t5_accumulates_its_position_bias_gradient_across_the_blocks_that_read_it() {
     );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let grads = |name: &str| -> Vec<(u64, bool)> {
-        let op = g
-            .ops()
-            .find(|o| g.name(o.name) == name)
-            .expect("the op exists");
-        op.grads
+        op_named(&g, name)
+            .grads
             .iter()
             .map(|&t| (g.tensor(t).bytes.0, g.tensor(t).graph_held))
             .collect()
@@ -1074,17 +1068,19 @@ fn repeat_kv_from_one_kv_head_is_a_view_that_only_autocast_copies() {
     // view writes every head. Gemma 4 E2B's widths (8 heads, 1 KV head of 256, 512 in the global
     // layers, 2,048 tokens; layers 0-4 own their keys, 5-9 share them), per layer's attention:
     let rows = crate::shipped_rows("validation/families.jsonl");
-    let saves = |run: &str, op: &str| -> Vec<u64> {
-        let row = rows
-            .iter()
+    let row = |run: &str| {
+        rows.iter()
             .find(|r| r.name == run)
-            .expect("the run is in the file");
+            .expect("the run is in the file")
+    };
+    let saves = |run: &str, op: &str| -> Vec<u64> {
+        let row = row(run);
         let g = ftplan::graph::arch::build(&row.model, &row.plan);
-        let op = g
-            .ops()
-            .find(|o| g.name(o.name) == op)
-            .expect("the op exists");
-        op.saves.iter().map(|&t| g.tensor(t).bytes.0).collect()
+        op_named(&g, op)
+            .saves
+            .iter()
+            .map(|&t| g.tensor(t).bytes.0)
+            .collect()
     };
     // LoRA over a bf16 base, batch 4: a sliding layer keeps q (4 x 2,048 x 8 x 256 x 2 =
     // 33,554,432), k and v as the one head's views (4 x 2,048 x 256 x 2 = 4,194,304 each), the
@@ -1125,10 +1121,7 @@ fn repeat_kv_from_one_kv_head_is_a_view_that_only_autocast_copies() {
         "gemma-4-31b-6l|lora|b2|s2048|gc0|sdpa|r16|qv",
         "gemma-4-31b-6l|lora|b2|s2048|gc0|sdpa|r16|all",
     ] {
-        let row = rows
-            .iter()
-            .find(|r| r.name == run)
-            .expect("the run is in the file");
+        let row = row(run);
         assert!(row.error.abs() < 0.001, "{run}: {:+.2}%", row.error * 100.0);
     }
     let prefix = sweep_run("gemma-2b|prefix|b2|s1024|gc0|sdpa");
@@ -1158,10 +1151,7 @@ fn a_head_major_query_makes_the_attention_output_a_copy_the_output_projection_ke
         "pythia-1b|full|b4|s1024|gc0|sdpa",
     );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
-    let copy = g
-        .ops()
-        .find(|o| g.name(o.name) == "decoder.layers.1+14.attn.core.out_copy")
-        .expect("a copy after the attention");
+    let copy = op_named(&g, "decoder.layers.1+14.attn.core.out_copy");
     assert_eq!(copy.forward_transient.0, 16_777_216);
     assert_eq!(row.estimated_peak - row.measured_peak, 32_504);
     // Llama's full rotary keeps q token-major: no copy.
