@@ -186,6 +186,8 @@ pub struct PlanArgs {
     #[arg(long)]
     pub train_side: Option<String>,
     /// Mixture-of-experts: the busiest expert's tokens over the mean (1 = uniform routing).
+    /// Accepted for old plans; on one GPU it changes nothing (transformers 5 runs every routed
+    /// row through one grouped matmul, whatever the routing).
     #[arg(long, allow_negative_numbers = true)]
     pub expert_load: Option<f64>,
     /// Linear-attention and convolution layers (Qwen3.5, Qwen3-Next, LFM2): transformers'

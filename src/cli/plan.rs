@@ -520,11 +520,17 @@ impl PlanInput {
             },
         };
         let expert_load = self.expert_load.unwrap_or(1.0);
-        if self.expert_load.is_some() && model.value.moe.is_none() {
-            notes.push(format!(
-                "--expert-load is ignored: `{}` has no mixture-of-experts layers",
-                model.value.name
-            ));
+        if self.expert_load.is_some() {
+            notes.push(match model.value.moe {
+                None => format!(
+                    "--expert-load is ignored: `{}` has no mixture-of-experts layers",
+                    model.value.name
+                ),
+                Some(_) => "--expert-load changes nothing: transformers 5 runs every routed row \
+                            through one grouped matmul per projection, so memory and FLOPs do \
+                            not depend on how the router spreads the tokens"
+                    .to_string(),
+            });
         }
         if !(expert_load.is_finite() && (1.0..=1000.0).contains(&expert_load)) {
             return Err(Error::field(

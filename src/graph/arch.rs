@@ -1302,12 +1302,6 @@ fn clamped_swiglu(b: &mut Builder, name: Name, gu: Val) -> Val {
     b.mul(name.then("mul"), up1, glu)
 }
 
-/// transformers' sparse MoE block (`MixtralSparseMoeBlock`): router logits from a linear `gate`
-/// (h -> experts, biased in GPT-OSS only; not a LoRA target, so LoRA's `gate`/`w1` means the experts' gate
-/// projections), a softmax in fp32 over the experts and top-k; each expert, a gated FFN
-/// (`w1`, `w3`, `w2`), runs on the tokens routed to it (gathered with `index_select`), its
-/// output scaled by the routing weight and added back with `index_add_`. Routing is taken as
-/// uniform: each expert receives tokens x top_k / experts.
 /// Gemma 4's experts beside the MLP (`Gemma4TextDecoderLayer` with `enable_moe_block`), on the
 /// block's residual input `x`: the router (`Gemma4TextRouter`) reads a scale-less RMSNorm of it
 /// times a learned per-channel `scale` and hidden^-0.5, the experts read
@@ -1353,6 +1347,13 @@ fn experts_beside_mlp(b: &mut Builder, name: Scope, x: Val, moe: crate::spec::mo
     b.norm(name.at("post_feedforward_layernorm_2"), e)
 }
 
+/// transformers' sparse MoE block (`MixtralSparseMoeBlock` and its kin): router logits from a
+/// linear `gate` (h -> experts, biased in GPT-OSS only; not a LoRA target, so LoRA's
+/// `gate`/`w1` means the experts' gate projections), top-k weights from a softmax (or sigmoid)
+/// over the experts; then the experts as transformers 5 runs them (`grouped_mm_experts_forward`):
+/// every routed row gathered in expert order, one grouped matmul per projection over all of
+/// them against the `[E, out, in]` stacks, the gated activation between, the outputs scaled by
+/// the routing weights, put back in token order and summed over each token's choices.
 fn moe_ops(
     b: &mut Builder,
     at: (Scope, &'static str),
@@ -1439,19 +1440,34 @@ fn moe_ops(
         router,
         crate::units::DType::F32,
     );
+    use crate::spec::model::RoutingWeights;
+    let weights = match moe.weights {
+        RoutingWeights::Fp32 => DType::F32,
+        RoutingWeights::Logits => router.dtype,
+        RoutingWeights::Softmax if b.autocast => DType::F32,
+        RoutingWeights::Softmax => router.dtype,
+        RoutingWeights::Hidden => x.dtype,
+    };
+    // Top-k routing from an fp32 softmax casts the weights back where the family does.
+    let cast_back = u32::from(weights != probs.dtype);
     if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
         let (forward, backward) = match moe.routing {
             // The router's own kernels beyond its linear and the cast to fp32 (a dispatch count
-            // of Mixtral's block, torch 2.15): softmax, topk, the top-k weights' sum and
-            // division and the cast back, 5; backward, the cast's, the division's (div, neg,
-            // sum and a second div), topk's scatter, softmax's and the fork's add, 10.
+            // of Mixtral's and Qwen3-MoE's blocks, torch 2.15): softmax, topk, the top-k
+            // weights' sum, and the clone and division of the in-place `/=` on topk's output,
+            // 5, and the weights' cast back to the logits' dtype where the family makes one;
+            // backward, the cast's, the division's (div, neg, sum and a second div), topk's
+            // scatter, softmax's and the fork's add, 10, and the cast back's.
             // ERNIE's router adds its `moe_statics` bias before topk, gathers the weights from
             // the probabilities and clamps their sum: add, gather and clamp forward; gather's
             // zeroed scatter and clamp's masked gradient backward.
             crate::spec::model::Routing::TopK if moe.router == RouterPrecision::Fp32Module => {
                 (8, 13)
             }
-            crate::spec::model::Routing::TopK => (5, 10),
+            crate::spec::model::Routing::TopK => (5 + cast_back, 10 + cast_back),
+            // GPT-OSS: topk on the logits, then the softmax (this op); backward, topk's zeros
+            // and scatter and the fork's add (a dispatch count of its block, torch 2.15).
+            crate::spec::model::Routing::SoftmaxOfTopK => (1, 3),
             // PhimoeTopKRouter's `sparsemixer` (a dispatch count of the router in training,
             // torch 2.15, views and detaches left out): per choice the threshold mask (max,
             // abs, clamp, sub, div, gt), masked_fill, the Gumbel sample (empty_like,
@@ -1468,19 +1484,14 @@ fn moe_ops(
         o.cost.forward_kernels += forward;
         o.cost.backward_kernels += backward;
     }
-    // Uniform routing gives each expert tokens x top_k / experts; `--expert-load` L plans for
-    // imbalance: the busiest expert receives L times that (at most every token), the others
-    // share the rest, so the total routed is unchanged.
-    let assigned = x.tokens * moe.top_k;
-    let mean = assigned.div_ceil(experts);
-    let busiest =
-        ((mean as f64 * b.plan.expert_load).ceil() as u64).clamp(mean, x.tokens.max(mean));
-    let others = if experts > 1 {
-        assigned.saturating_sub(busiest).div_ceil(experts - 1)
-    } else {
-        busiest
-    };
-    let out = b.val(h, x.tokens, x.dtype, x.grad || b.is_base_trainable());
+    // transformers 5 runs every routed row through the experts at once
+    // (`grouped_mm_experts_forward` in integrations/moe.py, its default
+    // `experts_implementation`; the fallback without a grouped kernel writes the same S-row
+    // outputs). The rows are sorted by expert, not split: each projection is one grouped matmul
+    // over all S = tokens x top_k routed rows against the whole `[E, out, in]` stack. So what a
+    // layer holds does not depend on how the router spreads the tokens: the one op set below
+    // carries all S rows and all E experts' weights.
+    let routed = x.tokens * moe.top_k;
     // LoRA on the experts as peft 0.21 reaches transformers 5's 3-D expert parameters
     // (`gate_up_proj` [E, 2 inter, h], `down_proj` [E, h, inter]; `ParamWrapper`): factors
     // shared across experts with E x r rows, the delta `B @ A` added to the whole parameter
@@ -1498,7 +1509,6 @@ fn moe_ops(
     // recomputes a parameter at each access): gate_up before the first grouped matmul, down
     // before the second, so that in backward the down stack's merge folds its gradient into
     // its factors (and frees its merged weight) before the gate_up stack's gradient exists.
-    let tokens_routed = x.tokens * moe.top_k;
     // `baddbmm` is on autocast's list: the merged stacks are in its dtype.
     let merge_dtype = b.compute();
     if let Some(r) = gate_up {
@@ -1509,11 +1519,7 @@ fn moe_ops(
             b,
             name.at("experts").then("gate_up_lora_merge"),
             [a, bb],
-            (
-                experts * 2 * inter * h,
-                rows * (h + 2 * inter),
-                tokens_routed * h,
-            ),
+            (experts * 2 * inter * h, rows * (h + 2 * inter), routed * h),
             (r, merge_dtype),
         );
     }
@@ -1523,92 +1529,170 @@ fn moe_ops(
         let bb = b.adapter_param(name.at("experts").then("down_lora_B"), (h, rows));
         (
             [a, bb],
-            (
-                experts * h * inter,
-                rows * (inter + h),
-                tokens_routed * inter,
-            ),
+            (experts * h * inter, rows * (inter + h), routed * inter),
             r,
         )
     });
-    // The busiest expert, then one expert standing for the other experts - 1 (same ops on the
-    // same shapes, `OpGraph::scale_since`).
     // transformers 5's experts run `grouped_mm` on `input.to(weight.dtype)`, which autocast does
     // not touch (`_grouped_mm` is not on its lists): fp32 experts (mixed precision, QLoRA's
     // upcast) compute in fp32 and keep no 16-bit weight copies.
     let autocast = std::mem::replace(&mut b.autocast, false);
-    for e in 0..experts.min(2) {
-        let es = expert_scope(b, name, e, experts);
-        let mark = b.graph.mark();
-        let routed = if e == 0 { busiest } else { others };
-        // index_select of this expert's tokens (its backward scatters the gradient back).
-        let xe = b.val(x.width, routed, x.dtype, x.grad);
-        let gather = b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
-        if e == 0
-            && let Some(o) = b.graph.op_mut(gather)
-        {
-            // transformers 5 runs every expert at once (`grouped_mm_experts_forward`, the
-            // default `experts_implementation`): per layer, beyond this gather and the final
-            // sum, the routing bookkeeping dispatches sort, floor_divide, the routing weights'
-            // gather, the int cast, histc, cumsum, the sentinel compare, clamp_, masked_fill_,
-            // two masked_fills after the grouped matmuls, arange and index_put_ for the inverse
-            // permutation and the reorder gather: 14 kernels; backward, the three masked_fills'
-            // and the two gathers' (zeros and index_put each): 7. A dispatch count of
-            // Mixtral's and GPT-OSS's blocks (torch 2.15) agrees.
-            o.cost.forward_kernels += 14;
-            o.cost.backward_kernels += 7;
-        }
-        // transformers 5's experts are 3-D parameters, not `nn.Linear` modules: no target
-        // name reaches them one by one (LoRA reaches them through the fused stack above),
-        // IA3 does not wrap them, and bitsandbytes quantizes `nn.Linear` only
-        // (`replace_with_bnb_linear`), so under QLoRA they stay 16-bit and
-        // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
-        // was not quantized.
-        let p = match moe.gate {
-            ExpertGate::Activation => {
-                let g = b.linear(es.at("w1"), xe, inter, moe.bias, None);
-                let u = b.linear(es.at("w3"), xe, inter, moe.bias, None);
-                let a = b.activation(es.at("act"), g);
-                b.mul(es.at("mul"), a, u)
-            }
-            ExpertGate::ClampedSwiglu => {
-                let gu = b.linear(es.at("gate_up_proj"), xe, 2 * inter, moe.bias, None);
-                clamped_swiglu(b, es.at("gate"), gu)
-            }
-        };
-        if e == 0
-            && let Some((params, sizes, r)) = down_merge
-        {
-            expert_lora_merge(
-                b,
-                name.at("experts").then("down_lora_merge"),
-                params,
-                sizes,
-                (r, merge_dtype),
-            );
-        }
-        let d = b.linear(es.at("w2"), p, h, moe.bias, None);
-        // Scaled by its routing weights (kept for backward), then index_add_ into the output.
-        let w = b.val(1, routed, probs.dtype, probs.grad);
-        let scaled = b.mul(es.at("weight"), d, w);
-        b.elementwise(
-            es.at("index_add"),
-            &[scaled],
-            out,
-            smallvec::SmallVec::new(),
-            1.0,
-        );
-        if e == 1 {
-            b.graph.scale_since(mark, experts - 1);
-        }
-        // The grouped kernels launch once for all experts, so the op set standing for the other
-        // experts adds device work but no launches; no expert is a module of its own (the
-        // `experts` module is called once, its activation module once).
-        let calls = u32::from(e == 0) * (1 + u32::from(moe.gate == ExpertGate::Activation));
-        launched_once(b, mark.0, (e, calls), None);
+    let es = b.scope(name, "experts");
+    let mark = b.graph.mark();
+    // `hidden_states[perm // top_k]`: an (S, h) copy of the rows in expert order, cast to the
+    // stack's dtype; its in-place pre-mask (`masked_fill_`) keeps it. Its backward scatters the
+    // gradient back.
+    let xe = b.val(x.width, routed, x.dtype, x.grad);
+    let gather = b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
+    if let Some(o) = b.graph.op_mut(gather) {
+        // Beyond the ops below (a dispatch count of Mixtral's block, torch 2.15, views left
+        // out): forward sort, floor_divide, the routing weights' gather, the int cast, histc,
+        // cumsum, the sentinel compare, clamp_, the pre-mask's masked_fill_, arange and
+        // index_put_ for the inverse permutation, 11; backward the reorder's zeros, the weight
+        // product's second multiply with its cast and sum, the gate product's second multiply,
+        // the `cat` of the two halves' gradients, the pre-mask's masked_fill, this gather's
+        // zeros and the routing weights' gather (zeros and index_put), 10.
+        o.cost.forward_kernels += 11;
+        o.cost.backward_kernels += 10;
     }
+    let stack = b.compute();
+    let xe = b.cast(es.at("to_weight_dtype"), xe, stack);
+    // transformers 5's experts are 3-D parameters, not `nn.Linear` modules: no target
+    // name reaches them one by one (LoRA reaches them through the fused stack above),
+    // IA3 does not wrap them, and bitsandbytes quantizes `nn.Linear` only
+    // (`replace_with_bnb_linear`), so under QLoRA they stay 16-bit and
+    // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
+    // was not quantized.
+    let per_group = routed.div_ceil(experts);
+    let p = match moe.gate {
+        ExpertGate::Activation => {
+            // `gate_up_proj`, chunked: the activation keeps the gate half and the product the
+            // up half, views of one (S, 2 x inter) output.
+            let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
+            let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
+            let gate = Val { width: inter, ..gu };
+            let a = b.activation(es.at("act"), gate);
+            b.mul(es.at("mul"), a, Val { width: inter, ..gu })
+        }
+        ExpertGate::ClampedSwiglu => {
+            let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
+            let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
+            clamped_swiglu(b, es.at("gate"), gu)
+        }
+    };
+    if let Some((params, sizes, r)) = down_merge {
+        expert_lora_merge(
+            b,
+            name.at("experts").then("down_lora_merge"),
+            params,
+            sizes,
+            (r, merge_dtype),
+        );
+    }
+    let d = grouped_linear(b, es.at("down_proj"), p, h, (moe.bias, experts));
+    let d = sentinel_mask(b, es.at("down_mask"), d);
+    // Scaled by the routing weights (fp32 from the router's softmax, so the product is fp32;
+    // it keeps both factors), put back in token order (`weighted_out[inv_perm]`, an (S, h)
+    // copy that keeps nothing) and summed over each token's top-k choices, then cast to the
+    // hidden states' dtype.
+    let w = b.val(1, routed, weights, probs.grad);
+    let scaled = b.mul(es.at("weight"), d, w);
+    let reordered = b.val(h, routed, scaled.dtype, scaled.grad);
+    let op = b.elementwise(
+        es.at("reorder"),
+        &[scaled],
+        reordered,
+        smallvec::SmallVec::new(),
+        0.0,
+    );
+    input_lives_through(b, op, scaled);
+    let summed = b.val(
+        h,
+        x.tokens,
+        reordered.dtype,
+        reordered.grad || b.is_base_trainable(),
+    );
+    let op = b.elementwise(
+        es.at("sum"),
+        &[reordered],
+        summed,
+        smallvec::SmallVec::new(),
+        1.0,
+    );
+    input_lives_through(b, op, reordered);
+    let out = b.cast(es.at("to_hidden_dtype"), summed, x.dtype);
+    // The grouped kernels run each expert's rows as one group: the rate of a GEMM as tall as
+    // a group (routing taken as uniform).
+    for i in mark.0..b.graph.len() {
+        if let Some(o) = b.graph.op_mut(i)
+            && o.kind == crate::graph::op::OpKind::Matmul
+            && !o.params.is_empty()
+        {
+            o.cost.min_dim = o.cost.min_dim.min(per_group);
+        }
+    }
+    // One call of the `experts` module (and of its activation module).
+    let calls = 1 + u32::from(moe.gate == ExpertGate::Activation);
+    launched_once(b, mark.0, (0, calls), None);
     b.autocast = autocast;
     shared_experts(b, name, x, out, moe)
+}
+
+/// One grouped matmul of the experts: `_grouped_mm` over the S routed rows against the whole
+/// `[E, out, in]` stack, which is `b.linear` on those rows with parameters standing for all
+/// `experts` stacks (weights, gradients, optimizer states and the bytes the kernel reads). A
+/// bias is gathered per routed row (`bias[expert_ids]`, an (S, out) tensor) and added in place.
+fn grouped_linear(
+    b: &mut Builder,
+    name: Name,
+    x: Val,
+    out: u64,
+    (bias, experts): (bool, u64),
+) -> Val {
+    let op = b.graph.len();
+    let y = b.linear(name, x, out, bias, None);
+    let e = experts.max(1);
+    let ids = b
+        .graph
+        .op_mut(op)
+        .map(|o| o.params.clone())
+        .unwrap_or_default();
+    let mut weights = crate::units::Bytes::ZERO;
+    for id in ids {
+        if let Some(p) = b.graph.params.get_mut(id.0 as usize) {
+            weights += p.compute_bytes();
+            p.elements = p.elements.saturating_mul(e);
+            p.extra = p.extra * e;
+            p.shape.0 = p.shape.0.saturating_mul(e);
+        }
+    }
+    if let Some(o) = b.graph.op_mut(op) {
+        o.cost.forward_bytes += weights * (e - 1);
+        o.cost.backward_bytes += weights * (2 * (e - 1));
+        if bias {
+            o.forward_transient += y.bytes();
+            o.cost.forward_kernels += 2;
+        }
+    }
+    y
+}
+
+/// `proj_out.masked_fill(sentinel_mask, 0.0)` after a grouped matmul (the rows an expert-
+/// parallel sentinel leaves unwritten): a new tensor of the matmul's output, which dies as it
+/// returns, so both exist while it runs. Backward masks the gradient into another.
+fn sentinel_mask(b: &mut Builder, name: Name, x: Val) -> Val {
+    let out = b.val(x.width, x.tokens, x.dtype, x.grad);
+    let op = b.elementwise(name, &[x], out, smallvec::SmallVec::new(), 0.0);
+    input_lives_through(b, op, x);
+    out
+}
+
+/// An op whose input nothing keeps: the input dies only as the op returns, so both are live
+/// while it runs.
+fn input_lives_through(b: &mut Builder, op: usize, input: Val) {
+    if let Some(o) = b.graph.op_mut(op) {
+        o.forward_transient += input.bytes();
+    }
 }
 
 /// Expert `e`'s op set (from op `since`) in a layer whose experts run in one call: it launches

@@ -5,7 +5,7 @@ use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
     Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
-    RotaryApply, RouterPrecision, Routing, ShortConv, Softcap, Ssm, Stack,
+    RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -860,10 +860,24 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         routing: match family {
             Family::Phimoe => Routing::SparseMixer,
             Family::Llama4 => Routing::EveryExpert,
+            Family::GptOss => Routing::SoftmaxOfTopK,
             _ => Routing::TopK,
         },
         input_jitter,
         beside_mlp: family == Family::Gemma4,
+        weights: match family {
+            Family::Mixtral | Family::MinimaxM2 | Family::Gemma4 => RoutingWeights::Fp32,
+            // DeepSeek-V2's router softmaxes in fp32; V3's (and GLM-4.7-Flash's) takes a
+            // sigmoid of the logits.
+            Family::Deepseek
+                if r.map.get("model_type").and_then(Value::as_str) == Some("deepseek_v2") =>
+            {
+                RoutingWeights::Fp32
+            }
+            Family::Mistral4 | Family::Phimoe => RoutingWeights::Softmax,
+            Family::Ernie45Moe => RoutingWeights::Hidden,
+            _ => RoutingWeights::Logits,
+        },
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
             Family::Deepseek | Family::Glm4Moe | Family::Dots1 => RouterPrecision::Fp32Operands,

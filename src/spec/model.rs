@@ -781,6 +781,8 @@ pub struct Moe {
     pub input_jitter: u32,
     /// The precision the router's matmul runs in.
     pub router: RouterPrecision,
+    /// The dtype of the top-k weights the experts' outputs are scaled by.
+    pub weights: RoutingWeights,
     /// The sparse block runs beside a dense MLP rather than in its place (Gemma 4 26B-A4B's
     /// `enable_moe_block`): router and experts read the block's residual input through norms of
     /// their own, and the experts' output, normed, is added to the MLP's.
@@ -808,12 +810,36 @@ pub enum RouterPrecision {
     Fp32Module,
 }
 
+/// The dtype of a router's top-k weights, as each family's router leaves them. The experts'
+/// outputs times these weights (an (S, hidden) product over every routed row, put back in token
+/// order and summed) are in the wider of the two dtypes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingWeights {
+    /// fp32 whatever the logits: Mixtral's `softmax(router_logits.float())`, DeepSeek-V2's and
+    /// Gemma 4's `softmax(..., dtype=torch.float32)`, MiniMax-M2's
+    /// `sigmoid(router_logits.float())`.
+    Fp32,
+    /// The logits' dtype: Qwen-MoE's, OLMoE's and HunYuan's `.to(router_logits.dtype)` after
+    /// an fp32 softmax, GPT-OSS's softmax in the logits' dtype, LFM2's
+    /// `type_as(router_logits)`, the sigmoid of DeepSeek-V3's, GLM-4.5's and dots.llm1's logits.
+    Logits,
+    /// A softmax given no dtype (Mistral 4's `router_logits.softmax(-1)`, PhiMoE's
+    /// sparsemixer): autocast runs it in fp32 (`softmax` is on its fp32 list); without autocast,
+    /// the logits' dtype.
+    Softmax,
+    /// ERNIE 4.5's `routing_weights.to(hidden_states.dtype)`.
+    Hidden,
+}
+
 /// How a router turns logits into experts and weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     /// Softmax over the experts, then top-k (Mixtral, Qwen-MoE, DeepSeek, ...).
     TopK,
+    /// Top-k of the logits, then a softmax over the k (GPT-OSS's `GptOssTopKRouter`).
+    SoftmaxOfTopK,
     /// Llama 4's `Llama4TextMoe`: top-k of the logits, a sigmoid of those (the others are
     /// -inf, so zero), and every token through every expert: the input is repeated once per
     /// expert and scaled by its score before the experts' batched matmuls, whose outputs are

@@ -547,7 +547,11 @@ pub struct Plan {
     pub target_seq: u64,
     pub grad_ckpt: bool,
     pub attention: AttentionKernel,
-    /// The busiest expert's share of routed tokens over the mean (1: uniform routing).
+    /// The busiest expert's share of routed tokens over the mean (1: uniform routing), as the
+    /// plan states it. The estimate does not depend on it: transformers 5 runs every routed row
+    /// through one grouped matmul per projection (`grouped_mm_experts_forward`), so a layer's
+    /// buffers and FLOPs are those of all routed rows however the router spreads them. Kept so
+    /// plan files and the JSON contract stay stable.
     pub expert_load: f64,
     /// The linear-attention kernels (models with Gated DeltaNet layers).
     pub linear_kernel: LinearKernel,
