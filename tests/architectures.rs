@@ -350,6 +350,40 @@ fn grouped_experts_hold_every_routed_row_at_once_whatever_the_routing() {
 }
 
 #[test]
+fn mamba_keeps_the_convolutions_recast_input_and_the_d_skips_input() {
+    // transformers 5.17's torch path of `MambaMixer`, full fine-tuning under bf16 autocast with
+    // fp32 weights, batch 2 x 1,024 tokens (2,048), inner 1,536, state 16:
+    // - `causal_conv1d_fn` convolves `hidden_states.to(weight.dtype)`: an fp32 copy, which
+    //   autocast casts back to bf16 for `conv1d`, a new tensor the convolution keeps for its
+    //   weight's gradient: 2,048 x 1,536 x 2 = 6,291,456 B, not in_proj's output.
+    // - The scan keeps, beyond its 14 B per (batch, inner, position, state) element (14 x
+    //   50,331,648 = 704,643,072): softplus' fp32 input (autocast's copy of dt) and the fp32
+    //   copy of the input that `deltaB_u` multiplies, 2 x 2,048 x 1,536 x 4 = 25,165,824; the
+    //   fp32 B, 2,048 x 16 x 4 = 131,072; softplus' output dt, 12,582,912; and the D skip's bf16
+    //   input (`hidden_states * D`, for D's gradient), 6,291,456: 748,814,336 in all.
+    let m = model("mamba-130m");
+    let g = graph::build(&m, &plan(Method::Full, 2, 1024, AttentionKernel::Sdpa));
+    let op = |name: &str| {
+        g.ops()
+            .find(|o| g.name(o.name) == format!("decoder.layers.1+22.mixer.{name}"))
+            .expect("the mixer's op")
+    };
+    let conv = op("conv1d");
+    assert_eq!(crate::kept_bytes(&g, conv), 6_291_456);
+    let in_proj = op("in_proj");
+    assert!(conv.saves.iter().all(|t| !in_proj.saves.contains(t)));
+    assert_eq!(crate::kept_bytes(&g, op("selective_scan")), 748_814_336);
+    // In pure bf16 the `.to(weight.dtype)` is the input itself: the convolution keeps no copy
+    // but the view of in_proj's output (2,048 x 3,072 x 2 = 12,582,912, kept whole).
+    let g = graph::build(&m, &full(Precision::Bf16, 2, 1024));
+    let conv = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1+22.mixer.conv1d")
+        .expect("the convolution");
+    assert_eq!(crate::kept_bytes(&g, conv), 12_582_912);
+}
+
+#[test]
 fn a_recurrent_layer_keeps_memory_linear_in_the_sequence() {
     let m = model("mamba-130m");
     let peak = |seq| {

@@ -1113,7 +1113,9 @@ fn latent_attention(
 /// batch x inner x seq x state in fp32 (the discretised A and B), and, per time step, the
 /// recurrent state (fp32) that the next step's multiply keeps plus its cast copy that the
 /// matmul with C keeps: 14 bytes per (batch, inner, position, state) element, linear in the
-/// sequence, while the state carried between steps stays batch x inner x state.
+/// sequence, while the state carried between steps stays batch x inner x state. Beside it, per
+/// position: softplus' fp32 input and output, the fp32 input copy `deltaB_u` multiplies, and
+/// the D skip's 16-bit input (checked against a live-set replay of Mamba-130m, 2026-12-05).
 fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ssm) -> Val {
     use crate::graph::op::{ParamRole, TensorKind};
     use crate::units::DType;
@@ -1145,20 +1147,36 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
         ParamRole::Linear,
     );
     let conv_b = b.base_param(mixer.at("conv1d.bias"), (1, inner), ParamRole::Bias);
+    // `causal_conv1d_fn` runs `F.conv1d(hidden_states.to(weight.dtype), ...)`: with fp32
+    // weights under autocast, that fp32 copy is cast back to 16 bits for the convolution, a new
+    // tensor it keeps for its weight's gradient; otherwise it keeps a view of in_proj's output.
+    // A frozen convolution keeps no input.
+    let recast = b.autocast && b.base == DType::F32;
+    let conv_in = if !b.trains(ParamRole::Linear) {
+        None
+    } else if recast {
+        Some(b.tensor(TensorKind::Activation, xs.bytes()))
+    } else {
+        Some(xs.id)
+    };
     let conv = b.val(inner, tokens, xs.dtype, true);
     let op = b.elementwise(
         mixer.at("conv1d"),
         &[xs],
         conv,
-        smallvec::smallvec![xs.id],
+        conv_in.into_iter().collect(),
         2.0 * ssm.conv as f64,
     );
     if let Some(o) = b.graph.op_mut(op) {
         o.params.extend([conv_w, conv_b]);
+        if recast {
+            // The fp32 copy and the 16-bit one, alive while the convolution runs.
+            o.forward_transient += DType::F32.bytes(inner * tokens) + xs.bytes();
+        }
     }
-    let xc = b.activation(mixer.at("act"), conv);
+    let act = b.activation(mixer.at("act"), conv);
     // x_proj reads the transposed activations: F.linear copies them contiguous first.
-    let xc = b.contiguous(mixer.at("transpose"), xc);
+    let xc = b.contiguous(mixer.at("transpose"), act);
     let dbc = b.linear(
         mixer.at("x_proj"),
         xc,
@@ -1183,16 +1201,24 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
         TensorKind::Activation,
         (DType::F32.bytes(1) + b.compute().bytes(1)) * bisn,
     );
+    // softplus keeps its fp32 input (autocast's copy of dt), `dt * B.float()` the fp32 B, and
+    // `deltaB * hidden_states.float()` the fp32 copy of the input.
     let small = b.tensor(
         TensorKind::Activation,
-        DType::F32.bytes(tokens * inner) * 4 + DType::F32.bytes(tokens * ssm.state),
+        DType::F32.bytes(tokens * inner) * 2 + DType::F32.bytes(tokens * ssm.state),
     );
+    let mut saves: smallvec::SmallVec<[TensorId; 6]> =
+        smallvec::smallvec![discretised, states, small, dt32.id];
+    // The D skip, `hidden_states * D`, keeps the (16-bit) input for D's gradient.
+    if b.trains(ParamRole::Linear) {
+        saves.push(act.id);
+    }
     let y = b.val(inner, tokens, DType::F32, grad);
     let op = b.elementwise(
         mixer.at("selective_scan"),
         &[xc, dt],
         y,
-        smallvec::smallvec![discretised, states, small, dt32.id],
+        saves,
         6.0 * ssm.state as f64,
     );
     if let Some(o) = b.graph.op_mut(op) {
