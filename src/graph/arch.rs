@@ -1590,21 +1590,17 @@ fn moe_ops(
     // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
     // was not quantized.
     let per_group = routed.div_ceil(experts);
+    let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
+    let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
     let p = match moe.gate {
         ExpertGate::Activation => {
             // `gate_up_proj`, chunked: the activation keeps the gate half and the product the
             // up half, views of one (S, 2 x inter) output.
-            let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
-            let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
             let gate = Val { width: inter, ..gu };
             let a = b.activation(es.at("act"), gate);
             b.mul(es.at("mul"), a, Val { width: inter, ..gu })
         }
-        ExpertGate::ClampedSwiglu => {
-            let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
-            let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
-            clamped_swiglu(b, es.at("gate"), gu)
-        }
+        ExpertGate::ClampedSwiglu => clamped_swiglu(b, es.at("gate"), gu),
     };
     if let Some((params, sizes, r)) = down_merge {
         expert_lora_merge(
@@ -1617,35 +1613,21 @@ fn moe_ops(
     }
     let d = grouped_linear(b, es.at("down_proj"), p, h, (moe.bias, experts));
     let d = sentinel_mask(b, es.at("down_mask"), d);
-    // Scaled by the routing weights (fp32 from the router's softmax, so the product is fp32;
-    // it keeps both factors), put back in token order (`weighted_out[inv_perm]`, an (S, h)
-    // copy that keeps nothing) and summed over each token's top-k choices, then cast to the
-    // hidden states' dtype.
+    // Scaled by the routing weights (in the wider of their dtype and the experts'; the product
+    // keeps both factors), put back in token order (`weighted_out[inv_perm]`, an (S, h) copy
+    // that keeps nothing) and summed over each token's top-k choices, then cast to the hidden
+    // states' dtype.
     let w = b.val(1, routed, weights, probs.grad);
     let scaled = b.mul(es.at("weight"), d, w);
     let reordered = b.val(h, routed, scaled.dtype, scaled.grad);
-    let op = b.elementwise(
-        es.at("reorder"),
-        &[scaled],
-        reordered,
-        smallvec::SmallVec::new(),
-        0.0,
-    );
-    input_lives_through(b, op, scaled);
+    let reordered = unkept(b, es.at("reorder"), scaled, (reordered, 0.0));
     let summed = b.val(
         h,
         x.tokens,
         reordered.dtype,
         reordered.grad || b.is_base_trainable(),
     );
-    let op = b.elementwise(
-        es.at("sum"),
-        &[reordered],
-        summed,
-        smallvec::SmallVec::new(),
-        1.0,
-    );
-    input_lives_through(b, op, reordered);
+    let summed = unkept(b, es.at("sum"), reordered, (summed, 1.0));
     let out = b.cast(es.at("to_hidden_dtype"), summed, x.dtype);
     // The grouped kernels run each expert's rows as one group: the rate of a GEMM as tall as
     // a group (routing taken as uniform).
@@ -1704,21 +1686,22 @@ fn grouped_linear(
 }
 
 /// `proj_out.masked_fill(sentinel_mask, 0.0)` after a grouped matmul (the rows an expert-
-/// parallel sentinel leaves unwritten): a new tensor of the matmul's output, which dies as it
-/// returns, so both exist while it runs. Backward masks the gradient into another.
+/// parallel sentinel leaves unwritten): a new tensor of the matmul's output. Backward masks
+/// the gradient into another.
 fn sentinel_mask(b: &mut Builder, name: Name, x: Val) -> Val {
     let out = b.val(x.width, x.tokens, x.dtype, x.grad);
-    let op = b.elementwise(name, &[x], out, smallvec::SmallVec::new(), 0.0);
-    input_lives_through(b, op, x);
-    out
+    unkept(b, name, x, (out, 0.0))
 }
 
-/// An op whose input nothing keeps: the input dies only as the op returns, so both are live
+/// An element-wise op from `input`, which nothing keeps, to a new `out` (with `flops` per
+/// element), keeping nothing itself: the input dies only as the op returns, so both are live
 /// while it runs.
-fn input_lives_through(b: &mut Builder, op: usize, input: Val) {
+fn unkept(b: &mut Builder, name: Name, input: Val, (out, flops): (Val, f64)) -> Val {
+    let op = b.elementwise(name, &[input], out, smallvec::SmallVec::new(), flops);
     if let Some(o) = b.graph.op_mut(op) {
         o.forward_transient += input.bytes();
     }
+    out
 }
 
 /// Expert `e`'s op set (from op `since`) in a layer whose experts run in one call: it launches
