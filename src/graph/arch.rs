@@ -1589,7 +1589,6 @@ fn moe_ops(
     // (`replace_with_bnb_linear`), so under QLoRA they stay 16-bit and
     // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
     // was not quantized.
-    let per_group = routed.div_ceil(experts);
     let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
     let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
     let p = match moe.gate {
@@ -1629,16 +1628,6 @@ fn moe_ops(
     );
     let summed = unkept(b, es.at("sum"), reordered, (summed, 1.0));
     let out = b.cast(es.at("to_hidden_dtype"), summed, x.dtype);
-    // The grouped kernels run each expert's rows as one group: the rate of a GEMM as tall as
-    // a group (routing taken as uniform).
-    for i in mark.0..b.graph.len() {
-        if let Some(o) = b.graph.op_mut(i)
-            && o.kind == crate::graph::op::OpKind::Matmul
-            && !o.params.is_empty()
-        {
-            o.cost.min_dim = o.cost.min_dim.min(per_group);
-        }
-    }
     // One call of the `experts` module (and of its activation module).
     let calls = 1 + u32::from(moe.gate == ExpertGate::Activation);
     launched_once(b, mark.0, (0, calls), None);
@@ -1669,14 +1658,15 @@ fn grouped_linear(
     for id in ids {
         if let Some(p) = b.graph.params.get_mut(id.0 as usize) {
             weights += p.compute_bytes();
-            p.elements = p.elements.saturating_mul(e);
-            p.extra = p.extra * e;
-            p.shape.0 = p.shape.0.saturating_mul(e);
+            p.stack(e);
         }
     }
     if let Some(o) = b.graph.op_mut(op) {
         o.cost.forward_bytes += weights * (e - 1);
         o.cost.backward_bytes += weights * (2 * (e - 1));
+        // The grouped kernel runs each expert's rows as one group: the rate of a GEMM as tall
+        // as a group (routing taken as uniform).
+        o.cost.min_dim = o.cost.min_dim.min(x.tokens.div_ceil(e));
         if bias {
             o.forward_transient += y.bytes();
             o.cost.forward_kernels += 2;

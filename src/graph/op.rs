@@ -127,6 +127,14 @@ pub struct Param {
 }
 
 impl Param {
+    /// Makes this parameter stand for `factor` stacked instances of itself (a mixture-of-
+    /// experts layer's experts): elements, extra storage and rows.
+    pub fn stack(&mut self, factor: u64) {
+        self.elements = self.elements.saturating_mul(factor);
+        self.extra = self.extra * factor;
+        self.shape.0 = self.shape.0.saturating_mul(factor);
+    }
+
     /// Storage of one copy, as kept between steps.
     pub fn copy_bytes(&self) -> Bytes {
         self.storage.bytes(self.elements) + self.extra
@@ -403,9 +411,7 @@ impl OpGraph {
             t.bytes = t.bytes * f;
         }
         for p in &mut self.params[params..] {
-            p.elements = p.elements.saturating_mul(f);
-            p.extra = p.extra * f;
-            p.shape.0 = p.shape.0.saturating_mul(f);
+            p.stack(f);
         }
         for o in &mut self.ops[ops..] {
             let c = &mut o.cost;
