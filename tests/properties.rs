@@ -76,6 +76,93 @@ prop_compose! {
     }
 }
 
+/// Checkpointing trades saved activations for recomputation, so it never adds memory, with one
+/// exception the model copies from transformers: under checkpointing, T5's decoder makes its
+/// cross-attention's zeros bias (1, heads, target, source) a leaf with `requires_grad`, which
+/// autograd keeps, with its `.grad`, to the end of backward. On a tiny step those two tensors
+/// outweigh what checkpointing saves, so the bound is `off` plus them, at 4 bytes an element
+/// (the widest dtype the zeros take: the queries', fp32 without autocast).
+fn checkpointing_adds_at_most_t5s_zeros_leaf(
+    m: &ModelSpec,
+    plan: &Plan,
+    hw: &Hardware,
+    rates: &Rates,
+) -> Result<(), TestCaseError> {
+    let off = estimate(
+        m,
+        &Plan {
+            grad_ckpt: false,
+            ..plan.clone()
+        },
+        hw,
+        rates,
+    )
+    .expect("estimates")
+    .memory
+    .peak;
+    let on = estimate(
+        m,
+        &Plan {
+            grad_ckpt: true,
+            ..plan.clone()
+        },
+        hw,
+        rates,
+    )
+    .expect("estimates")
+    .memory
+    .peak;
+    let leaves = if m.family.is_t5() && m.encoder.is_some() {
+        2 * m.decoder.heads * plan.target_seq * plan.seq * 4
+    } else {
+        0
+    };
+    prop_assert!(
+        on.0 <= off.0 + leaves,
+        "checkpointing {on:?} > {off:?} + {leaves} B of T5's zeros leaf and its gradient"
+    );
+    Ok(())
+}
+
+/// The case proptest found: t5-small, b1, source 16, target 8, full mixed bf16. Checkpointing
+/// adds the bf16 zeros (8 heads x 8 x 16 x 2 B = 2,048 B) and its gradient, 4,096 B, and saves
+/// less than that at these shapes.
+#[test]
+fn checkpointing_t5_small_at_tiny_shapes_adds_exactly_the_zeros_leaf_and_its_gradient() {
+    let (models, hw, rates) = fixtures();
+    let plan = Plan {
+        method: Method::Full,
+        precision: Precision::MixedBf16,
+        optimizer: Optimizer::Adamw8bit,
+        grad_ckpt: false,
+        batch: 1,
+        seq: 16,
+        target_seq: 8,
+        attention: AttentionKernel::Sdpa,
+        expert_load: 1.0,
+        linear_kernel: ftplan::spec::plan::LinearKernel::Torch,
+        parallel: ftplan::spec::parallel::Parallel::single(),
+    };
+    let t5 = &models[2];
+    let peak = |ckpt| {
+        estimate(
+            t5,
+            &Plan {
+                grad_ckpt: ckpt,
+                ..plan.clone()
+            },
+            &hw,
+            &rates,
+        )
+        .expect("estimates")
+        .memory
+        .peak
+        .0
+    };
+    assert_eq!(peak(true) - peak(false), 2 * 8 * 8 * 16 * 2);
+    checkpointing_adds_at_most_t5s_zeros_leaf(t5, &plan, &hw, &rates).expect("within the bound");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -91,13 +178,10 @@ proptest! {
     }
 
     #[test]
-    fn checkpointing_never_adds_memory(plan in plans(), which in 0usize..8) {
+    fn checkpointing_adds_at_most_the_leaves_it_creates(plan in plans(), which in 0usize..8) {
         let (models, hw, rates) = fixtures();
-        let m = &models[which];
         prop_assume!(!matches!(plan.method, Method::Prefix { .. }));
-        let off = estimate(m, &Plan { grad_ckpt: false, ..plan.clone() }, &hw, &rates).expect("estimates").memory.peak;
-        let on = estimate(m, &Plan { grad_ckpt: true, ..plan }, &hw, &rates).expect("estimates").memory.peak;
-        prop_assert!(on <= off, "checkpointing {on:?} > {off:?}");
+        checkpointing_adds_at_most_t5s_zeros_leaf(&models[which], &plan, &hw, &rates)?;
     }
 
     /// For per-element optimizers. Adafactor's factored state (a row and a column per matrix) is
