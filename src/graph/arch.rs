@@ -455,24 +455,24 @@ fn block(
             b.dropout(name.at("mlp").then("dropout"), m, p_res)
         };
         let sum = b.add(name.at("parallel").then("add"), a, m);
-        return b.add(name.at("residual"), x, sum);
+        return b.residual(name.at("residual"), x, sum);
     }
     if model.norm_placement == NormPlacement::Post {
         // BART: sub-layer, dropout, residual add, then LayerNorm.
         let a = attend(b, (name, "self_attn"), x);
         let a = b.dropout(name.at("self_attn").then("dropout"), a, p_res);
-        let mut x = b.add(name.at("self_attn").then("residual"), x, a);
+        let mut x = b.residual(name.at("self_attn").then("residual"), x, a);
         x = b.norm(name.at("self_attn_layer_norm"), x);
         if let Some(mem) = memory {
             let c = cross_attention(b, (name, "encoder_attn"), x, mem, stack, seq);
             let c = b.dropout(name.at("encoder_attn").then("dropout"), c, p_res);
-            x = b.add(name.at("encoder_attn").then("residual"), x, c);
+            x = b.residual(name.at("encoder_attn").then("residual"), x, c);
             x = b.norm(name.at("encoder_attn_layer_norm"), x);
         }
         let m = mlp(b, (name, "mlp"), x, stack, kind.ffn);
         let m = adapter(b, name.at("adapter"), m);
         let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
-        let x = b.add(name.at("mlp").then("residual"), x, m);
+        let x = b.residual(name.at("mlp").then("residual"), x, m);
         return b.norm(name.at("final_layer_norm"), x);
     }
     // Pre-norm (Llama, GPT-2, OPT, T5), sandwich (Gemma-2/3: pre and post) or output-only
@@ -493,12 +493,12 @@ fn block(
     }
     let a = drop_attention(b, name.at("self_attn").then("dropout"), a);
     let a = residual_multiplier(b, name.at("self_attn").then("multiplier"), a);
-    let mut x = b.add(name.at("self_attn").then("residual"), x, a);
+    let mut x = b.residual(name.at("self_attn").then("residual"), x, a);
     if let Some(mem) = memory {
         let h = b.norm(name.at("cross_layernorm"), x);
         let c = cross_attention(b, (name, "cross_attn"), h, mem, stack, seq);
         let c = b.dropout(name.at("cross_attn").then("dropout"), c, p_res);
-        x = b.add(name.at("cross_attn").then("residual"), x, c);
+        x = b.residual(name.at("cross_attn").then("residual"), x, c);
     }
     let h = if pre {
         b.norm(name.at("pre_feedforward_layernorm"), x)
@@ -543,7 +543,7 @@ fn block(
         b.dropout(name.at("mlp").then("dropout"), m, p_res)
     };
     let m = residual_multiplier(b, name.at("mlp").then("multiplier"), m);
-    let x = b.add(name.at("mlp").then("residual"), x, m);
+    let x = b.residual(name.at("mlp").then("residual"), x, m);
     match b.per_layer_inputs {
         Some(inputs) => per_layer_input_gate(b, name, x, inputs),
         None => x,
@@ -599,7 +599,7 @@ fn per_layer_input_gate(b: &mut Builder, name: Scope, x: Val, inputs: Val) -> Va
     let out = b.linear(name.at("per_layer_projection"), g, h, false, None);
     let g = all_linear_lora(b, name.at("per_layer_projection"), g, out);
     let g = b.norm(name.at("post_per_layer_input_norm"), g);
-    b.add(name.at("per_layer").then("residual"), x, g)
+    b.residual(name.at("per_layer").then("residual"), x, g)
 }
 
 /// Granite's `branch * residual_multiplier` before each residual add (none elsewhere).

@@ -38,6 +38,9 @@ impl Builder<'_> {
         let mut bwd_extra = Bytes::ZERO;
         // The math path's backward extras, where its backward is charged alone (below).
         let mut math_backward: Option<Bytes> = None;
+        // The input gradients live at the backward's worst moment, where that is not all of
+        // them at once with the output's (the fused kernels' single backward call).
+        let mut grads_at_worst: Option<Bytes> = None;
         let sinks = self.model.attention_sinks;
         let kernel = match (self.plan.attention, mask) {
             // A model without an SDPA path (`_supports_sdpa = False`: GPT-OSS, whose sink logit
@@ -150,6 +153,15 @@ impl Builder<'_> {
                 // full fine-tuning traced without module hooks, `validation/peak_live.py`, peaks
                 // there with exactly these live: no boolean, no fp32 v.)
                 math_backward = Some(bwd_extra - v_copy);
+                // At softmax's backward the product with v has run its backward: v's fp32
+                // gradient exists and the output's gradient has been released; q's and k's come
+                // after. (The sum's gradient the residual keeps meanwhile is the block's:
+                // `Builder::residual`.) The replay above holds exactly this one.
+                grads_at_worst = Some(if v.grad {
+                    acc.bytes(v.elements())
+                } else {
+                    Bytes::ZERO
+                });
                 out = self.val(out_width, q.tokens, compute, grad);
             }
             Kernel::Eager => {
@@ -282,6 +294,12 @@ impl Builder<'_> {
                         bwd_extra += softmax_dtype.bytes(scores) * 2 - released;
                     }
                 }
+                // Softmax's backward, the worst moment, runs after the product with v's
+                // (`matmul(probs, v)` made both its gradients, dP and the repeated v's) and
+                // before the scores' product makes q's and k's: v's gradient is the one held.
+                // A replay of checkpointed MPT-7B LoRA holds exactly that beside the score
+                // matrices (validation/README.md, "Eager attention's transients").
+                grads_at_worst = Some(if v.grad { v_rep.bytes() } else { Bytes::ZERO });
                 out = self.val(out_width, q.tokens, compute, grad);
             }
         }
@@ -337,7 +355,8 @@ impl Builder<'_> {
             // A checkpointed block recomputes its forward just before its backward: an op's
             // backward is charged the larger of its forward's and its backward's extras, unless
             // its backward is known to hold more than its recomputed forward (the math path).
-            backward_transient: io + math_backward.unwrap_or(fwd_extra.max(bwd_extra)),
+            backward_transient: grads_at_worst.unwrap_or(io)
+                + math_backward.unwrap_or(fwd_extra.max(bwd_extra)),
             cost: Cost {
                 forward_flops: Flops(flops * causal_factor),
                 // Flash backward recomputes the scores: 2.5x the forward matmuls; op by op, the

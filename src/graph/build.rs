@@ -437,6 +437,42 @@ impl<'a> Builder<'a> {
         out
     }
 
+    /// `x + branch`, where `branch` was computed from `x` (a block's residual add, an adapter's
+    /// skip). `AddBackward0` hands the sum's gradient to both sides, and the engine runs the
+    /// branch's backward first (`ReadyQueue` pops the node with the highest sequence number,
+    /// and the branch's nodes were made after `x`'s producer), so `x`'s side keeps that
+    /// gradient (in its dtype: `validate_outputs` casts it when the add promoted) in the
+    /// `InputBuffer` of `x`'s producer until the branch's backward reaches `x` and the two are
+    /// summed (torch/csrc/autograd/engine.cpp). The op that takes the sum's gradient first
+    /// counts it among its own (`Op::backward_transient`); from there to the branch's first op
+    /// it is held (`Op::grads`): a hidden-sized gradient beside every op of a block's MLP or
+    /// attention backward.
+    pub fn residual(&mut self, name: Name, x: Val, branch: Val) -> Val {
+        let last = self.graph.len().checked_sub(1);
+        let out = self.add(name, x, branch);
+        if !(x.grad && branch.grad) {
+            return out;
+        }
+        let Some(last) = last else { return out };
+        let first = self
+            .graph
+            .ops()
+            .enumerate()
+            .take(last)
+            .skip(self.graph.producer(x.id) + 1)
+            .find(|(_, o)| o.in_backward)
+            .map(|(i, _)| i);
+        if let Some(first) = first {
+            let g = self.tensor(TensorKind::Activation, x.bytes());
+            for i in [first, last] {
+                if let Some(o) = self.graph.op_mut(i) {
+                    o.grads.push(g);
+                }
+            }
+        }
+        out
+    }
+
     /// A value read by `consumers` ops: autograd sums their gradients before passing one on
     /// (`InputBuffer::accumulate`), `consumers - 1` adds each reading two gradients and
     /// writing their sum. Emitted before the consumers, so that its backward runs after

@@ -378,7 +378,7 @@ impl Builder<'_> {
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(up_b);
         }
-        self.add(name.then("residual"), x, upv)
+        self.residual(name.then("residual"), x, upv)
     }
 }
 

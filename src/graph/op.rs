@@ -291,6 +291,9 @@ pub struct OpGraph {
     graph: DiGraph<(), ()>,
     ops: Vec<Op>,
     pub tensors: Vec<Tensor>,
+    /// For each tensor, how many ops the graph held when it was made: the index of the op that
+    /// produces it (builders make an op's output just before they push the op).
+    born: Vec<u32>,
     pub params: Vec<Param>,
     /// Interned scope strings; scope 0 is the model root.
     scopes: Vec<String>,
@@ -311,6 +314,7 @@ impl Default for OpGraph {
             graph: DiGraph::with_capacity(2048, 2048),
             ops: Vec::with_capacity(2048),
             tensors: Vec::with_capacity(4096),
+            born: Vec::with_capacity(4096),
             params: Vec::with_capacity(1024),
             scopes: vec![String::new()],
             segment_tensors: Vec::new(),
@@ -363,7 +367,13 @@ impl OpGraph {
 
     pub fn add_tensor(&mut self, tensor: Tensor) -> TensorId {
         self.tensors.push(tensor);
+        self.born.push(self.ops.len() as u32);
         TensorId((self.tensors.len() - 1) as u32)
+    }
+
+    /// The index of the op that produces `t` (see `born`).
+    pub fn producer(&self, t: TensorId) -> usize {
+        self.born[t.0 as usize] as usize
     }
 
     pub fn add_param(&mut self, param: Param) -> ParamId {
