@@ -1271,6 +1271,31 @@ fn a_residual_keeps_the_sums_gradient_while_its_branch_runs_backward() {
 }
 
 #[test]
+fn a_mixed_dtype_products_backward_makes_both_gradients_in_the_wider_dtype() {
+    // Flan-T5's gated MLP multiplies gelu_new's fp32 output by wi_1's bf16 one (autocast runs
+    // the gelu chain's `pow` in fp32). `mul_tensor_backward` makes each gradient as
+    // `grad * other` in the product's dtype; the engine casts the bf16 one down only after the
+    // node has returned (`validate_outputs`). So the incoming fp32 gradient and both fp32
+    // products live at once: 3 x (8 x 512 x 2,048 x 4 = 33,554,432) = 100,663,296 B. Flan-T5-base
+    // with adapters, batch 8, 512 + 128 tokens, checkpointed (validation/sweep.jsonl), replayed
+    // without hooks (validation/peak_live.py), peaks at 1,012,264,072 B in step 2 at exactly
+    // that `mul`, in the last encoder block's MLP backward, with the residual's bf16 gradient
+    // (8 x 512 x 768 x 2 = 6,291,456) held beside it. The estimate was -1.04 %.
+    let row = sweep_run("flan-t5-base|adapter|b8|s(512, 128)|gc1|sdpa");
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let mul = op_named(&g, "encoder.layers.0.mlp.gate_mul");
+    assert_eq!(mul.backward_transient.0, 100_663_296);
+    // The MLP's residual holds it from the adapter's skip (the branch's last op) back to the
+    // MLP's norm; the adapter's own skip holds the MLP output's gradient over the adapter.
+    assert_eq!(
+        held_grads(&g, "encoder.layers.0.adapter.residual"),
+        [6_291_456]
+    );
+    assert_eq!(held_grads(&g, "encoder.layers.0.adapter.up"), [6_291_456]);
+    assert!(row.error.abs() < 0.005, "{:+.3}%", row.error * 100.0);
+}
+
+#[test]
 fn eager_attentions_softmax_backward_holds_v_gradient_not_q_and_k() {
     // MPT-7B with LoRA on every linear, batch 4 x 2,048, checkpointed, eager attention
     // (validation/families.jsonl): its replay peaks in a block's softmax backward holding v's

@@ -524,7 +524,17 @@ impl Builder<'_> {
         if a.grad {
             saves.push(b.id);
         }
-        self.elementwise(name, &[a, b], out, saves, 1.0);
+        let op = self.elementwise(name, &[a, b], out, saves, 1.0);
+        if a.dtype != b.dtype
+            && let Some(o) = self.graph.op_mut(op)
+        {
+            // `MulBackward0` computes each input's gradient as `grad * other` in the product's
+            // (promoted) dtype and returns them (`mul_tensor_backward`); the engine casts the
+            // narrower one to its input's dtype only after the node has returned and released
+            // the incoming gradient (`validate_outputs`, torch/csrc/autograd/engine.cpp). So
+            // the worst moment holds three product-sized, product-dtype tensors.
+            o.backward_transient = out.bytes() * 3;
+        }
         out
     }
 
