@@ -524,7 +524,7 @@ fn block(
             let m = mlp(b, (name, "mlp"), h, stack, FfnKind::Dense);
             let m = b.norm(name.at("post_feedforward_layernorm_1"), m);
             let e = experts_beside_mlp(b, name, x, moe);
-            b.add(name.at("moe").then("add"), m, e)
+            b.residual(name.at("moe").then("add"), m, e)
         }
         None => mlp(b, (name, "mlp"), h, stack, kind.ffn),
     };
@@ -1298,7 +1298,7 @@ fn all_linear_lora(b: &mut Builder, name: Name, x: Val, y: Val) -> Val {
     let bb = b.adapter_param(name.then("lora_B"), (y.width, r));
     let mid = b.lora_matmul(name.then("lora_A"), x, r, a, x.grad);
     let up = b.lora_matmul(name.then("lora_B"), mid, y.width, bb, true);
-    b.add(name.then("lora_add"), y, up)
+    b.residual(name.then("lora_add"), y, up)
 }
 
 /// GPT-OSS's expert gate (`GptOssExperts._apply_gate`) on the interleaved gate/up projection
@@ -1840,5 +1840,5 @@ fn shared_experts(
         let sig = b.sigmoid(name.at("shared_gate_sigmoid"), g);
         s = b.mul(name.at("shared_gate_mul"), s, sig);
     }
-    b.add(name.at("shared_add"), out, s)
+    b.residual(name.at("shared_add"), out, s)
 }

@@ -437,8 +437,9 @@ impl<'a> Builder<'a> {
         out
     }
 
-    /// `x + branch`, where `branch` was computed from `x` (a block's residual add, an adapter's
-    /// skip). `AddBackward0` hands the sum's gradient to both sides, and the engine runs the
+    /// `x + branch`, where `branch` was computed after `x` (a block's residual add, an
+    /// adapter's skip, LoRA's update beside its base output, a shared expert beside the routed
+    /// ones). `AddBackward0` hands the sum's gradient to both sides, and the engine runs the
     /// branch's backward first (`ReadyQueue` pops the node with the highest sequence number,
     /// and the branch's nodes were made after `x`'s producer), so `x`'s side keeps that
     /// gradient (in its dtype: `validate_outputs` casts it when the add promoted) in the
@@ -446,7 +447,8 @@ impl<'a> Builder<'a> {
     /// summed (torch/csrc/autograd/engine.cpp). The op that takes the sum's gradient first
     /// counts it among its own (`Op::backward_transient`); from there to the branch's first op
     /// it is held (`Op::grads`): a hidden-sized gradient beside every op of a block's MLP or
-    /// attention backward.
+    /// attention backward. (A parallel block's inner `attention + mlp` is a plain add: its
+    /// gradient is the outer residual's own tensor, held once.)
     pub fn residual(&mut self, name: Name, x: Val, branch: Val) -> Val {
         let last = self.graph.len().checked_sub(1);
         let out = self.add(name, x, branch);

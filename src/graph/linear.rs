@@ -250,7 +250,7 @@ impl Builder<'_> {
             if self.plan.method.lora().is_some_and(|l| l.dora) {
                 out = self.dora(name, out, scaled, (in_features, out_features), rank);
             } else {
-                out = self.add(name.then("lora_add"), out, scaled);
+                out = self.residual(name.then("lora_add"), out, scaled);
             }
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
