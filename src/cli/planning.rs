@@ -285,7 +285,10 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
                     outln!("{table}");
                 }
             }
-            outln!("{}", ftplan::report::table::layouts(&layouts, a.max_gpus));
+            outln!(
+                "{}",
+                ftplan::report::table::layouts(&layouts, a.max_gpus, objective)
+            );
         }
     }
     Ok(ExitCode::from(if e.fits { FITS } else { DOES_NOT_FIT }))

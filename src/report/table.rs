@@ -427,8 +427,12 @@ pub fn matrix(gpus: &[String], rows: &[(String, Vec<super::chart::Cell>)]) -> St
     format!("required GiB per model and GPU\n{t}")
 }
 
-/// `fit`'s layout search: one line per layout, best first.
-pub fn layouts(found: &[crate::layouts::Layout], max_gpus: u64) -> String {
+/// `fit`'s layout search: one line per layout, best first by `objective`.
+pub fn layouts(
+    found: &[crate::layouts::Layout],
+    max_gpus: u64,
+    objective: crate::layouts::Objective,
+) -> String {
     if found.is_empty() {
         return format!("no layout of up to {max_gpus} GPUs fits\n");
     }
@@ -469,7 +473,12 @@ pub fn layouts(found: &[crate::layouts::Layout], max_gpus: u64) -> String {
                 .map_or(String::new(), |c| format!("{c:.2}")),
         ]);
     }
-    format!("layouts that fit, best first:\n{t}\n")
+    let by = match objective {
+        crate::layouts::Objective::Gpus => "fewest GPUs, then fastest step",
+        crate::layouts::Objective::Time => "most tokens per second",
+        crate::layouts::Objective::Cost => "lowest cost per million tokens",
+    };
+    format!("layouts that fit, best first ({by}; --objective to change):\n{t}\n")
 }
 
 /// `sweep --over gpus`: methods x models, the fewest GPUs each needs.
