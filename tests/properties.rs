@@ -88,30 +88,21 @@ fn checkpointing_adds_at_most_t5s_zeros_leaf(
     hw: &Hardware,
     rates: &Rates,
 ) -> Result<(), TestCaseError> {
-    let off = estimate(
-        m,
-        &Plan {
-            grad_ckpt: false,
-            ..plan.clone()
-        },
-        hw,
-        rates,
-    )
-    .expect("estimates")
-    .memory
-    .peak;
-    let on = estimate(
-        m,
-        &Plan {
-            grad_ckpt: true,
-            ..plan.clone()
-        },
-        hw,
-        rates,
-    )
-    .expect("estimates")
-    .memory
-    .peak;
+    let peak = |grad_ckpt| {
+        estimate(
+            m,
+            &Plan {
+                grad_ckpt,
+                ..plan.clone()
+            },
+            hw,
+            rates,
+        )
+        .expect("estimates")
+        .memory
+        .peak
+    };
+    let (off, on) = (peak(false), peak(true));
     let leaves = if m.family.is_t5() && m.encoder.is_some() {
         2 * m.decoder.heads * plan.target_seq * plan.seq * 4
     } else {
