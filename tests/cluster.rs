@@ -772,3 +772,34 @@ fn each_fsdp_block_after_the_first_runs_beside_the_last_reduce_scatter_input() {
     );
     assert!(beside_workspaces >= 2_623_488, "{beside_workspaces}");
 }
+
+#[test]
+fn sequence_parallelism_splits_the_gradient_a_residual_holds() {
+    // A residual keeps its sum's gradient, x's size, while the branch runs backward
+    // (`Builder::residual`). Under sequence parallelism x, the residual stream, is the rank's
+    // share of the sequence, and so is its gradient: GPT-2 medium in pure bf16, seq 1,024,
+    // b1, h 1,024: 1,024 x 1,024 x 2 = 2,097,152 B whole, 1,048,576 B on each of 2 ranks.
+    let model = resolve_model("gpt2-medium").expect("shipped").value;
+    let held = |tp: u64, sp: bool| -> Vec<u64> {
+        let mut p = plan(Method::Full, Precision::Bf16, Parallel::single());
+        p.parallel = Parallel {
+            gpus: tp,
+            tp,
+            sp,
+            ..Parallel::single()
+        };
+        let rank = model.tensor_parallel_rank(tp);
+        let g = ftplan::graph::build(&rank, &p);
+        let mut sizes: Vec<u64> = g
+            .ops()
+            .filter(|o| g.name(o.name).starts_with("decoder.layers.0."))
+            .flat_map(|o| o.grads.iter().map(|&t| g.tensor(t).bytes.0))
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    };
+    assert_eq!(held(1, false), [2_097_152]);
+    assert_eq!(held(2, false), [2_097_152]);
+    assert_eq!(held(2, true), [1_048_576]);
+}

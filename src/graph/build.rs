@@ -442,9 +442,10 @@ impl<'a> Builder<'a> {
     /// ones). `AddBackward0` hands the sum's gradient to both sides, and the engine runs the
     /// branch's backward first (`ReadyQueue` pops the node with the highest sequence number,
     /// and the branch's nodes were made after `x`'s producer), so `x`'s side keeps that
-    /// gradient (in its dtype: `validate_outputs` casts it when the add promoted) in the
-    /// `InputBuffer` of `x`'s producer until the branch's backward reaches `x` and the two are
-    /// summed (torch/csrc/autograd/engine.cpp). The op that takes the sum's gradient first
+    /// gradient in the `InputBuffer` of `x`'s producer until the branch's backward reaches `x`
+    /// and the two are summed (torch/csrc/autograd/engine.cpp). It is x's size and dtype
+    /// (`validate_outputs` casts it where the add promoted; sequence parallelism splits it
+    /// where it splits x). The op that takes the sum's gradient first
     /// counts it among its own (`Op::backward_transient`); from there to the branch's first op
     /// it is held (`Op::grads`): a hidden-sized gradient beside every op of a block's MLP or
     /// attention backward. (A parallel block's inner `attention + mlp` is a plain add: its
@@ -465,7 +466,8 @@ impl<'a> Builder<'a> {
             .find(|(_, o)| o.in_backward)
             .map(|(i, _)| i);
         if let Some(first) = first {
-            let g = self.tensor(TensorKind::Activation, x.bytes());
+            let bytes = self.val_bytes(x.width, x.tokens, x.dtype);
+            let g = self.tensor(TensorKind::Activation, bytes);
             for i in [first, last] {
                 if let Some(o) = self.graph.op_mut(i) {
                     o.grads.push(g);
