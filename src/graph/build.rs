@@ -445,10 +445,10 @@ impl<'a> Builder<'a> {
     /// gradient in the `InputBuffer` of `x`'s producer until the branch's backward reaches `x`
     /// and the two are summed (torch/csrc/autograd/engine.cpp). It is x's size and dtype
     /// (`validate_outputs` casts it where the add promoted; sequence parallelism splits it
-    /// where it splits x). The op that takes the sum's gradient first
-    /// counts it among its own (`Op::backward_transient`); from there to the branch's first op
-    /// it is held (`Op::grads`): a hidden-sized gradient beside every op of a block's MLP or
-    /// attention backward. (A parallel block's inner `attention + mlp` is a plain add: its
+    /// where it splits x). The op that takes the sum's gradient first counts it among its own
+    /// (`Op::backward_transient`); from there to the branch's first op it is held
+    /// (`Op::grads`): a hidden-sized gradient beside every op of a block's MLP or attention
+    /// backward. (A parallel block's inner `attention + mlp` is a plain add: its
     /// gradient is the outer residual's own tensor, held once.)
     pub fn residual(&mut self, name: Name, x: Val, branch: Val) -> Val {
         let last = self.graph.len().checked_sub(1);

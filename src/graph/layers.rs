@@ -528,12 +528,13 @@ impl Builder<'_> {
         if a.dtype != b.dtype
             && let Some(o) = self.graph.op_mut(op)
         {
-            // `MulBackward0` computes each input's gradient as `grad * other` in the product's
-            // (promoted) dtype and returns them (`mul_tensor_backward`); the engine casts the
-            // narrower one to its input's dtype only after the node has returned and released
-            // the incoming gradient (`validate_outputs`, torch/csrc/autograd/engine.cpp). So
-            // the worst moment holds three product-sized, product-dtype tensors.
-            o.backward_transient = out.bytes() * 3;
+            // `MulBackward0` computes each needed input gradient as `grad * other` in the
+            // product's (promoted) dtype and returns them (`mul_tensor_backward`); the engine
+            // casts the narrower one to its input's dtype only after the node has returned and
+            // released the incoming gradient (`validate_outputs`, torch/csrc/autograd/engine.cpp).
+            // So the worst moment holds the incoming gradient and one product-sized,
+            // product-dtype tensor per input that needs a gradient.
+            o.backward_transient = out.bytes() * (1 + u64::from(a.grad) + u64::from(b.grad));
         }
         out
     }
