@@ -1293,6 +1293,20 @@ fn a_mixed_dtype_products_backward_makes_both_gradients_in_the_wider_dtype() {
     );
     assert_eq!(held_grads(&g, "encoder.layers.0.adapter.up"), [6_291_456]);
     assert!(row.error.abs() < 0.005, "{:+.3}%", row.error * 100.0);
+    // GPT-J's gelu_new ends `(0.5 * x) * (1 + tanh(...))`, bf16 times fp32 under autocast. GPT-J-6B
+    // with LoRA on every linear, batch 4 x 2,048, checkpointed (validation/families.jsonl), peaks
+    // in the last block's backward of that product: its incoming fp32 gradient (the sum of the
+    // two the output's casts for `fc_out` and its `lora_A` pass back) and both fp32 products,
+    // 3 x (4 x 2,048 x 16,384 x 4 = 536,870,912) = 1,610,612,736 B. It had read -1.3 %, put down
+    // to the replay; it is this mechanism.
+    let row = shipped_run(
+        "validation/families.jsonl",
+        "gptj-6b|lora|b4|s2048|gc1|eager|r16|all",
+    );
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let mul = op_named(&g, "decoder.layers.0.mlp.act.mul");
+    assert_eq!(mul.backward_transient.0, 1_610_612_736);
+    assert!(row.error.abs() < 0.001, "{:+.3}%", row.error * 100.0);
 }
 
 #[test]

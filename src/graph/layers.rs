@@ -291,15 +291,9 @@ impl Builder<'_> {
                 self.elementwise(name.then("half"), &[x], half, SmallVec::new(), 1.0);
                 let one_plus = self.val(width, tokens, wide, x.grad);
                 self.elementwise(name.then("one_plus"), &[t], one_plus, SmallVec::new(), 1.0);
-                let out = self.val(width, tokens, wider(wide, x.dtype), x.grad);
-                self.elementwise(
-                    name.then("mul"),
-                    &[half, one_plus],
-                    out,
-                    smallvec![half.id, one_plus.id],
-                    1.0,
-                );
-                out
+                // Under autocast the halves differ in dtype (bf16 0.5*x, fp32 1 + tanh): the
+                // product's backward makes both gradients in fp32 (`Builder::mul`).
+                self.mul(name.then("mul"), half, one_plus)
             }
             Activation::Xielu => self.xielu(name, x),
         }
