@@ -216,7 +216,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 .map(|(_, t)| graph.tensor(t).bytes)
                 .sum();
             cache_copies += cached * (copies - 1);
-            walk.repeat(before, copies - 1);
+            walk.repeat(before, copies - 1, &[]);
         }
         i = end;
     }
@@ -239,10 +239,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     // Gradients produced inside the unit whose backward is running (reduced when it ends).
     let mut unit_grads: Vec<ParamId> = Vec::new();
     let mut current_segment = None;
+    let mut order = BlockOrder::new(graph, &ops, &first_saver, &walk.live);
     let mut end = ops.len();
     while end > 0 {
         let start = group_start(&ops, end - 1);
         let copies = u64::from(ops[end - 1].repeat);
+        order.enter(&mut walk, ops[end - 1].block, copies.max(1));
         let before = walk.state();
         walk.local = (copies > 1).then_some(None);
         for i in (start..end).rev() {
@@ -319,10 +321,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             }
         }
         if copies > 1 {
-            walk.repeat(before, copies - 1);
+            let offsets = order.copy_offsets();
+            walk.repeat(before, copies - 1, &offsets);
         }
         end = start;
     }
+    order.enter(&mut walk, None, 1);
     // Whatever a frozen prefix saved and never freed is gone by now, and so is what the graph
     // held (the training loop has dropped the loss: `Tensor::graph_held`).
     walk.live.iter_mut().for_each(|l| *l = false);
@@ -427,6 +431,190 @@ fn group_start(ops: &[&Op], i: usize) -> usize {
         s -= 1;
     }
     s
+}
+
+/// The model's order of blocks against the walk's. A hybrid's blocks are built once per kind
+/// and grouped (`arch.rs`: Gemma-2's local and global layers, LFM2's convolutions and
+/// attention), so the walk's backward runs one kind's blocks all together, while autograd runs
+/// each block's backward in the model's order. When the walk reaches a group, the model, at
+/// that group's last block (the first to run backward), still holds what every block below it
+/// keeps after the forward, whatever its kind, and has made the gradients of the blocks above
+/// it only; the walk has released what the groups it walked keep and made their gradients,
+/// all their blocks'. The difference, per group, is what each block of another group keeps
+/// (its checkpoint inputs, or every tensor it saved) less its gradients, times how many of that
+/// group's blocks lie on the wrong side: walked already but below, or not yet walked but above.
+struct BlockOrder {
+    groups: Vec<Group>,
+    /// The group the walk is in, the gradients when it entered, and the offset applied for it
+    /// (activations added and taken, gradients taken and added).
+    current: Option<u32>,
+    entered: (Bytes, u64),
+    applied: [Bytes; 4],
+}
+
+struct Group {
+    /// The first block it was built for, and every block it stands for.
+    first: u32,
+    blocks: Vec<u32>,
+    /// What one of its blocks keeps after the forward.
+    keeps: Bytes,
+    /// One block's gradients: as the walk made them, once walked; before, the trainable
+    /// parameters' gradients in their dtype.
+    grads: Bytes,
+    walked: bool,
+}
+
+impl BlockOrder {
+    fn new(graph: &OpGraph, ops: &[&Op], first_saver: &[usize], live: &[bool]) -> BlockOrder {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut seen = vec![false; graph.params.len()];
+        for op in ops {
+            let Some(b) = op.block else { continue };
+            if groups.last().is_none_or(|g| g.first != b) {
+                let blocks = (0..graph.built_as.len() as u32)
+                    .filter(|&l| graph.built_as[l as usize] == u64::from(b))
+                    .collect();
+                groups.push(Group {
+                    first: b,
+                    blocks,
+                    keeps: Bytes::ZERO,
+                    grads: Bytes::ZERO,
+                    walked: false,
+                });
+            }
+            if let Some(g) = groups.last_mut() {
+                for &p in &op.params {
+                    let param = graph.param(p);
+                    if param.trainable && !std::mem::replace(&mut seen[p.0 as usize], true) {
+                        g.grads += param.dtype.bytes(param.elements);
+                    }
+                }
+            }
+        }
+        // Groups in the model's order (every block of one below every block of the next: no
+        // hybrid, or one kind after another) walk as the model runs: nothing to correct.
+        let in_order = groups.windows(2).all(|w| {
+            let low = w[0].blocks.iter().max();
+            let high = w[1].blocks.iter().min();
+            low.zip(high).is_none_or(|(l, h)| l < h)
+        });
+        if in_order {
+            groups.clear();
+        }
+        // One block's tensors still held after the forward, by the group of their first saver.
+        let savers = if groups.is_empty() {
+            &[][..]
+        } else {
+            first_saver
+        };
+        for (t, &f) in savers.iter().enumerate() {
+            if f == usize::MAX || !live[t] {
+                continue;
+            }
+            if let Some(b) = ops[f].block
+                && let Some(g) = groups.iter_mut().find(|g| g.first == b)
+            {
+                g.keeps += graph.tensors[t].bytes;
+            }
+        }
+        BlockOrder {
+            groups,
+            current: None,
+            entered: (Bytes::ZERO, 1),
+            applied: [Bytes::ZERO; 4],
+        }
+    }
+
+    /// The backward moves into the group of `block` (copies of it at once), or out of the
+    /// blocks.
+    fn enter(&mut self, walk: &mut Walk, block: Option<u32>, copies: u64) {
+        if block == self.current {
+            return;
+        }
+        let (grads_before, walked_copies) = self.entered;
+        if let Some(g) = self
+            .groups
+            .iter_mut()
+            .find(|g| Some(g.first) == self.current)
+        {
+            g.walked = true;
+            g.grads = Bytes(walk.grads.0.saturating_sub(grads_before.0) / walked_copies.max(1));
+        }
+        let [added, taken, grads_taken, grads_added] = self.applied;
+        walk.live_act = walk.live_act + taken - added;
+        walk.grads = walk.grads + grads_taken - grads_added;
+        self.current = block;
+        self.applied = [Bytes::ZERO; 4];
+        self.entered = (walk.grads, copies);
+        let Some(top) = self.blocks().and_then(|b| b.iter().max().copied()) else {
+            return;
+        };
+        self.applied = self.offset(top);
+        let [added, taken, grads_taken, grads_added] = self.applied;
+        walk.live_act = walk.live_act + added - taken;
+        walk.grads = walk.grads + grads_added - grads_taken;
+        self.entered = (walk.grads, copies);
+    }
+
+    /// The blocks the current group stands for.
+    fn blocks(&self) -> Option<&[u32]> {
+        let b = self.current?;
+        self.groups
+            .iter()
+            .find(|g| g.first == b)
+            .map(|g| g.blocks.as_slice())
+    }
+
+    /// At block `at` of the current group: what the other groups' blocks on the wrong side of
+    /// it change (activations added, taken; gradients taken, added).
+    fn offset(&self, at: u32) -> [Bytes; 4] {
+        let mut out = [Bytes::ZERO; 4];
+        for g in &self.groups {
+            if Some(g.first) == self.current {
+                continue;
+            }
+            let wrong = g
+                .blocks
+                .iter()
+                .filter(|&&l| if g.walked { l < at } else { l > at })
+                .count() as u64;
+            if g.walked {
+                out[0] += g.keeps * wrong;
+                out[2] += g.grads * wrong;
+            } else {
+                out[1] += g.keeps * wrong;
+                out[3] += g.grads * wrong;
+            }
+        }
+        out
+    }
+
+    /// For the current group's other blocks, in the order their backward runs (from the top
+    /// down), how their offsets differ from the first's: (activations, gradients).
+    fn copy_offsets(&self) -> Vec<(i128, i128)> {
+        let Some(blocks) = self.blocks() else {
+            return Vec::new();
+        };
+        let mut order = blocks.to_vec();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        let net = |o: [Bytes; 4]| {
+            (
+                i128::from(o[0].0) - i128::from(o[1].0),
+                i128::from(o[3].0) - i128::from(o[2].0),
+            )
+        };
+        let Some(&top) = order.first() else {
+            return Vec::new();
+        };
+        let first = net(self.offset(top));
+        order[1..]
+            .iter()
+            .map(|&l| {
+                let o = net(self.offset(l));
+                (o.0 - first.0, o.1 - first.1)
+            })
+            .collect()
+    }
 }
 
 /// A weight copy that only autocast's cache holds past its block (freed when autocast exits).
@@ -543,7 +731,7 @@ impl Walk<'_> {
     /// backward, every copy after the first also runs beside the reduce-scatter input the copy
     /// before it left (a level: FSDP2 frees it when the next unit's reduce-scatter is issued),
     /// which the first copy ran without when the unit before it reduces nothing (the root).
-    fn repeat(&mut self, before: State, more: u64) {
+    fn repeat(&mut self, before: State, more: u64, offsets: &[(i128, i128)]) {
         let now = self.state();
         if let Some(Some(((b, phase, name), pending))) = self.local.take() {
             let delta = i128::from(now.act.0)
@@ -565,11 +753,33 @@ impl Walk<'_> {
                 temporary: extend(b.temporary, before.reduce, now.reduce, k.min(1)),
                 ..b
             };
-            let candidate = if k > 0 && later.total() > b.total() {
+            let mut candidate = if k > 0 && later.total() > b.total() {
                 later
             } else {
                 b
             };
+            // Copies whose place in the model differs from the first's (a hybrid's blocks of
+            // one kind, interleaved with another's: `BlockOrder`) each get their own moment.
+            for (j, &(act, grads)) in offsets.iter().enumerate() {
+                let j = j as u64 + 1;
+                let shift = |x: Bytes, by: i128| {
+                    Bytes((i128::from(x.0) + by).clamp(0, i128::from(u64::MAX)) as u64)
+                };
+                let copy = Breakdown {
+                    activations: shift(
+                        extend(b.activations, before.act, now.act, j) + self.pending - pending,
+                        act,
+                    ),
+                    logits: extend(b.logits, before.logits, now.logits, j),
+                    gradients: shift(extend(b.gradients, before.grads, now.grads, j), grads),
+                    weights: extend(b.weights, before.held, now.held, j),
+                    temporary: extend(b.temporary, before.reduce, now.reduce, j.min(1)),
+                    ..b
+                };
+                if copy.total() > candidate.total() {
+                    candidate = copy;
+                }
+            }
             if self.best.is_none() || candidate.total() > self.best_total {
                 self.best_total = candidate.total();
                 self.best = Some((candidate, phase, name));

@@ -59,6 +59,9 @@ pub struct Builder<'a> {
     /// the blocks; and how many blocks there are: what `Method::trains` needs.
     pub(super) layer: Option<u64>,
     pub(super) layers: u64,
+    /// The block being built (its first real block, `layer` between `begin_block` and
+    /// `end_block`): what the ops record as `Op::block`.
+    block: Option<u32>,
     pub(super) segment: Option<u32>,
     pub(super) next_segment: u32,
     /// Copies the ops and parameters being built stand for.
@@ -150,6 +153,7 @@ impl<'a> Builder<'a> {
             adapter,
             layer: None,
             layers: model.decoder.layers + model.encoder.map_or(0, |e| e.layers),
+            block: None,
             segment: None,
             next_segment: 0,
             repeat: 1,
@@ -307,6 +311,7 @@ impl<'a> Builder<'a> {
         self.graph.push(Op {
             name: spec.name,
             kind: spec.kind,
+            block: self.block,
             segment: self.segment,
             unit: self.unit,
             repeat: self.repeat,
@@ -639,6 +644,7 @@ impl<'a> Builder<'a> {
     /// first decoder block's backward, whatever dtype its cross-attention casts it to inside;
     /// `also` are the other tensors the stack hands every block (T5's position biases).
     pub fn begin_block(&mut self, input: Val, memory: Option<Val>, also: &[TensorId]) {
+        self.block = self.layer.and_then(|l| u32::try_from(l).ok());
         self.unit = self.next_unit;
         self.next_unit += 1;
         if !self.plan.grad_ckpt {
@@ -716,6 +722,7 @@ impl<'a> Builder<'a> {
     }
 
     pub fn end_block(&mut self) {
+        self.block = None;
         self.unit = 0;
         self.segment = None;
     }

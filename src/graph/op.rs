@@ -255,6 +255,9 @@ pub struct Cost {
 pub struct Op {
     pub name: Name,
     pub kind: OpKind,
+    /// The block it belongs to, as the first real block of the run it was built for (see
+    /// `OpGraph::built_as` for the others it stands for); `None` outside the blocks.
+    pub block: Option<u32>,
     /// The checkpointed block this op belongs to, if gradient checkpointing is on.
     pub segment: Option<u32>,
     /// The sharding unit it runs in (see [`Param::unit`]).
