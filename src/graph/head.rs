@@ -80,6 +80,21 @@ impl Builder<'_> {
         let logits = self.val(vocab, tokens, compute, x.grad || trainable);
         let flops = 2.0 * tokens as f64 * x.width as f64 * vocab as f64;
         let grad = logits.grad;
+        // The last hidden state stays referenced until the loss is computed (the causal LM's
+        // `hidden_states = outputs.last_hidden_state`, a seq2seq model's `outputs[0]`), whether
+        // or not autograd keeps it: under autocast the head keeps its bf16 copy, a frozen head
+        // nothing, and a LayerNorm keeps its input, not its output.
+        let saved_here = grad && trainable && xin.id == x.id;
+        let saved_before = self
+            .graph
+            .ops()
+            .nth(self.graph.producer(x.id))
+            .is_some_and(|o| o.saves.contains(&x.id));
+        let hidden = if saved_here || saved_before {
+            Bytes::ZERO
+        } else {
+            self.graph.tensor(x.id).bytes
+        };
         self.emit(OpSpec {
             name: Name::root("lm_head"),
             kind: OpKind::Matmul,
@@ -88,7 +103,7 @@ impl Builder<'_> {
                 .into_iter()
                 .chain(weight_copy)
                 .collect(),
-            forward_transient: logits.bytes() + cast,
+            forward_transient: logits.bytes() + cast + hidden,
             backward_transient: logits.bytes() + xin.bytes(),
             cost: Cost {
                 forward_flops: Flops(flops),
@@ -119,7 +134,7 @@ impl Builder<'_> {
                 3.0,
             );
             if let Some(o) = self.graph.op_mut(op) {
-                o.forward_transient += logits.bytes();
+                o.forward_transient += logits.bytes() + hidden;
                 o.cost.forward_kernels = 3;
                 o.cost.backward_kernels = 3;
             }
@@ -174,8 +189,9 @@ impl Builder<'_> {
             kind: OpKind::Loss,
             params: SmallVec::new(),
             saves: smallvec![logp],
-            // The bf16 logits stay referenced by the model output until the loss is computed.
-            forward_transient: logits.bytes() + upcast,
+            // The bf16 logits stay referenced by the model output until the loss is computed,
+            // and so does the last hidden state (above).
+            forward_transient: logits.bytes() + upcast + hidden,
             // nll_loss's gradient and log_softmax's gradient coexist with the saved output.
             backward_transient: vocab_grad * 2,
             cost: Cost {
