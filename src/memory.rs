@@ -467,7 +467,6 @@ struct Group {
 impl BlockOrder {
     fn new(graph: &OpGraph, ops: &[&Op], first_saver: &[usize], live: &[bool]) -> BlockOrder {
         let mut groups: Vec<Group> = Vec::new();
-        let mut seen = vec![false; graph.params.len()];
         for op in ops {
             let Some(b) = op.block else { continue };
             if groups.last().is_none_or(|g| g.first != b) {
@@ -482,14 +481,6 @@ impl BlockOrder {
                     walked: false,
                 });
             }
-            if let Some(g) = groups.last_mut() {
-                for &p in &op.params {
-                    let param = graph.param(p);
-                    if param.trainable && !std::mem::replace(&mut seen[p.0 as usize], true) {
-                        g.grads += param.dtype.bytes(param.elements);
-                    }
-                }
-            }
         }
         // Groups in the model's order (every block of one below every block of the next: no
         // hybrid, or one kind after another) walk as the model runs: nothing to correct.
@@ -500,21 +491,34 @@ impl BlockOrder {
         });
         if in_order {
             groups.clear();
-        }
-        // One block's tensors still held after the forward, by the group of their first saver.
-        let savers = if groups.is_empty() {
-            &[][..]
         } else {
-            first_saver
-        };
-        for (t, &f) in savers.iter().enumerate() {
-            if f == usize::MAX || !live[t] {
-                continue;
+            // One block's trainable parameters' gradients, by the group that first reads them.
+            let mut seen = vec![false; graph.params.len()];
+            for op in ops {
+                let Some(g) = op
+                    .block
+                    .and_then(|b| groups.iter_mut().find(|g| g.first == b))
+                else {
+                    continue;
+                };
+                for &p in &op.params {
+                    let param = graph.param(p);
+                    if param.trainable && !std::mem::replace(&mut seen[p.0 as usize], true) {
+                        g.grads += param.dtype.bytes(param.elements);
+                    }
+                }
             }
-            if let Some(b) = ops[f].block
-                && let Some(g) = groups.iter_mut().find(|g| g.first == b)
-            {
-                g.keeps += graph.tensors[t].bytes;
+            // One block's tensors still held after the forward, by the group of their first
+            // saver.
+            for (t, &f) in first_saver.iter().enumerate() {
+                if f == usize::MAX || !live[t] {
+                    continue;
+                }
+                if let Some(b) = ops[f].block
+                    && let Some(g) = groups.iter_mut().find(|g| g.first == b)
+                {
+                    g.keeps += graph.tensors[t].bytes;
+                }
             }
         }
         BlockOrder {
@@ -545,7 +549,6 @@ impl BlockOrder {
         walk.grads = walk.grads + grads_taken - grads_added;
         self.current = block;
         self.applied = [Bytes::ZERO; 4];
-        self.entered = (walk.grads, copies);
         let Some(top) = self.blocks().and_then(|b| b.iter().max().copied()) else {
             return;
         };

@@ -462,14 +462,8 @@ impl<'a> Builder<'a> {
             return out;
         }
         let Some(last) = last else { return out };
-        let first = self
-            .graph
-            .ops()
-            .enumerate()
-            .take(last)
-            .skip(self.graph.producer(x.id) + 1)
-            .find(|(_, o)| o.in_backward)
-            .map(|(i, _)| i);
+        let first = (self.graph.producer(x.id) + 1..last)
+            .find(|&i| self.graph.op(i).is_some_and(|o| o.in_backward));
         if let Some(first) = first {
             let bytes = self.val_bytes(x.width, x.tokens, x.dtype);
             let g = self.tensor(TensorKind::Activation, bytes);

@@ -87,8 +87,7 @@ impl Builder<'_> {
         let saved_here = grad && trainable && xin.id == x.id;
         let saved_before = self
             .graph
-            .ops()
-            .nth(self.graph.producer(x.id))
+            .op(self.graph.producer(x.id))
             .is_some_and(|o| o.saves.contains(&x.id));
         let hidden = if saved_here || saved_before {
             Bytes::ZERO

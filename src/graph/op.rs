@@ -439,6 +439,10 @@ impl OpGraph {
         }
     }
 
+    pub fn op(&self, index: usize) -> Option<&Op> {
+        self.ops.get(index)
+    }
+
     pub fn op_mut(&mut self, index: usize) -> Option<&mut Op> {
         self.ops.get_mut(index)
     }
