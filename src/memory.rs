@@ -239,7 +239,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     // Gradients produced inside the unit whose backward is running (reduced when it ends).
     let mut unit_grads: Vec<ParamId> = Vec::new();
     let mut current_segment = None;
-    let mut order = BlockOrder::new(graph, &ops, &first_saver, &walk.live);
+    let mut order = BlockOrder::new(graph, &layout, &ops, &first_saver, &walk.live);
     let mut end = ops.len();
     while end > 0 {
         let start = group_start(&ops, end - 1);
@@ -458,14 +458,20 @@ struct Group {
     blocks: Vec<u32>,
     /// What one of its blocks keeps after the forward.
     keeps: Bytes,
-    /// One block's gradients: as the walk made them, once walked; before, the trainable
-    /// parameters' gradients in their dtype.
+    /// One block's gradients: as the walk made them, once walked; before, what the layout
+    /// leaves of the trainable parameters' gradients after a block's backward.
     grads: Bytes,
     walked: bool,
 }
 
 impl BlockOrder {
-    fn new(graph: &OpGraph, ops: &[&Op], first_saver: &[usize], live: &[bool]) -> BlockOrder {
+    fn new(
+        graph: &OpGraph,
+        layout: &Layout,
+        ops: &[&Op],
+        first_saver: &[usize],
+        live: &[bool],
+    ) -> BlockOrder {
         let mut groups: Vec<Group> = Vec::new();
         for op in ops {
             let Some(b) = op.block else { continue };
@@ -492,7 +498,8 @@ impl BlockOrder {
         if in_order {
             groups.clear();
         } else {
-            // One block's trainable parameters' gradients, by the group that first reads them.
+            // One block's trainable parameters' gradients once its backward has ended (a shard
+            // where the layout reduce-scatters per unit), by the group that first reads them.
             let mut seen = vec![false; graph.params.len()];
             for op in ops {
                 let Some(g) = op
@@ -504,7 +511,7 @@ impl BlockOrder {
                 for &p in &op.params {
                     let param = graph.param(p);
                     if param.trainable && !std::mem::replace(&mut seen[p.0 as usize], true) {
-                        g.grads += param.dtype.bytes(param.elements);
+                        g.grads += layout.grad_after_unit(param);
                     }
                 }
             }

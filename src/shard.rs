@@ -172,7 +172,7 @@ impl Layout {
                 return true;
             }
             unsharded += p.dtype.bytes(p.elements);
-            kept += p.storage.bytes(p.elements).div_ceil(self.grads_div);
+            kept += self.grad_after_unit(p);
             elements = elements.saturating_add(p.elements);
             false
         });
@@ -184,6 +184,17 @@ impl Layout {
             DType::Bf16.bytes(elements.min(ZERO_REDUCE_BUCKET))
         };
         (unsharded, kept, buffer)
+    }
+
+    /// What this rank keeps of `p`'s gradient once its unit's backward has ended: the shard a
+    /// per-unit reduce-scatter leaves (in the parameter's storage dtype), else the whole
+    /// gradient as backward made it.
+    pub fn grad_after_unit(&self, p: &Param) -> Bytes {
+        if self.reduces_per_unit {
+            p.storage.bytes(p.elements).div_ceil(self.grads_div)
+        } else {
+            p.dtype.bytes(p.elements)
+        }
     }
 
     /// Optimizer states for all ranks together (divide by `optimizer_div` for one rank),
