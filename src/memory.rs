@@ -154,6 +154,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         },
         base_total: weights + states_on_gpu + workspace,
         local: None,
+        copy_in: false,
         gathered: Bytes::ZERO,
         held_units: Bytes::ZERO,
         reduce_buffer: Bytes::ZERO,
@@ -164,16 +165,21 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     // what one copy leaves held, and its peak is that of the last copy.
     let mut segment_start = 0;
     let mut cache_copies = Bytes::ZERO;
+    // The last block unit whose forward ran (its all-gather output outlives it).
+    let mut previous_unit = 0;
     let mut i = 0;
     while i < ops.len() {
         let end = group_end(&ops, i);
         let copies = u64::from(ops[i].repeat);
         let before = walk.state();
-        walk.local = (copies > 1).then_some(None);
+        walk.local = (copies > 1).then_some([None, None]);
         for k in i..end {
             let op = ops[k];
             if k == 0 || ops[k - 1].unit != op.unit {
-                walk.gathered = layout.forward_gathered(op.unit);
+                if k > 0 && ops[k - 1].unit > 0 {
+                    previous_unit = ops[k - 1].unit;
+                }
+                walk.gathered = layout.forward_gathered(op.unit, previous_unit);
             }
             for &t in &op.saves {
                 walk.hold(t);
@@ -216,7 +222,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 .map(|(_, t)| graph.tensor(t).bytes)
                 .sum();
             cache_copies += cached * (copies - 1);
-            walk.repeat(before, copies - 1, &[]);
+            walk.repeat(before, copies - 1, &[], 0);
         }
         i = end;
     }
@@ -246,7 +252,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         let copies = u64::from(ops[end - 1].repeat);
         order.enter(&mut walk, ops[end - 1].block, copies.max(1));
         let before = walk.state();
-        walk.local = (copies > 1).then_some(None);
+        walk.local = (copies > 1).then_some([None, None]);
         for i in (start..end).rev() {
             let op = ops[i];
             if i + 1 == ops.len() || ops[i + 1].unit != op.unit {
@@ -256,7 +262,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             let unit_starts = i == 0 || (op.unit > 0 && ops[i - 1].unit != op.unit);
             if !op.in_backward {
                 if unit_starts {
-                    walk.finish_unit(&layout, op.unit, &mut unit_grads);
+                    walk.finish_unit(&layout, i, op.unit, &mut unit_grads);
                 }
                 continue;
             }
@@ -317,12 +323,13 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 walk.settle(g);
             }
             if unit_starts {
-                walk.finish_unit(&layout, op.unit, &mut unit_grads);
+                walk.finish_unit(&layout, i, op.unit, &mut unit_grads);
             }
         }
         if copies > 1 {
             let offsets = order.copy_offsets();
-            walk.repeat(before, copies - 1, &offsets);
+            let last_prefetch = layout.last_copy_prefetch_change(ops[end - 1].unit);
+            walk.repeat(before, copies - 1, &offsets, last_prefetch);
         }
         end = start;
     }
@@ -662,8 +669,12 @@ struct Walk<'g> {
     base: Breakdown,
     base_total: Bytes,
     /// While walking a repeated block: its own best moment (compared across copies afterwards)
-    /// and the accumulated gradients then.
-    local: Option<Option<(Moment, Bytes)>>,
+    /// and the accumulated gradients then; one among its ops, one at its reduce-scatter's
+    /// copy-in (which frees the previous copy's reduce-scatter input, so later copies do not
+    /// run it beside that level).
+    local: Option<[Option<(Moment, Bytes)>; 2]>,
+    /// The moment being observed is a reduce-scatter's copy-in.
+    copy_in: bool,
     /// Gathered (unsharded) parameters of the units running now and prefetched: a level.
     gathered: Bytes,
     /// Units kept gathered from their forward to their backward (SHARD_GRAD_OP): cumulative.
@@ -741,9 +752,16 @@ impl Walk<'_> {
     /// backward, every copy after the first also runs beside the reduce-scatter input the copy
     /// before it left (a level: FSDP2 frees it when the next unit's reduce-scatter is issued),
     /// which the first copy ran without when the unit before it reduces nothing (the root).
-    fn repeat(&mut self, before: State, more: u64, offsets: &[(i128, i128)]) {
+    ///
+    /// Under FSDP the last copy prefetches the unit below the block, the others another copy
+    /// (`last_prefetch`: how much more the last one gathers).
+    fn repeat(&mut self, before: State, more: u64, offsets: &[(i128, i128)], last_prefetch: i128) {
         let now = self.state();
-        if let Some(Some(((b, phase, name), pending))) = self.local.take() {
+        let slots = self.local.take().unwrap_or_default();
+        for (slot, copy_in) in slots.into_iter().zip([false, true]) {
+            let Some(((b, phase, name), pending)) = slot else {
+                continue;
+            };
             let delta = i128::from(now.act.0)
                 + i128::from(now.logits.0)
                 + i128::from(now.grads.0)
@@ -752,29 +770,38 @@ impl Walk<'_> {
                 - i128::from(before.logits.0)
                 - i128::from(before.grads.0)
                 - i128::from(before.held.0);
-            // The highest of copies 2 ..= 1 + more: the last if each copy adds, else the second.
-            let k = if delta > 0 { more } else { more.min(1) };
+            // The reduce-scatter input a later copy runs beside, except at its own copy-in.
+            let reduce = |j: u64| if copy_in { 0 } else { j.min(1) };
+            let shift = |x: Bytes, by: i128| {
+                Bytes((i128::from(x.0) + by).clamp(0, i128::from(u64::MAX)) as u64)
+            };
+            let prefetch = |j: u64| if j == more { last_prefetch } else { 0 };
             // Later copies run beside all of the accumulated gradients the first one made.
-            let later = Breakdown {
+            let later = |k: u64| Breakdown {
                 activations: extend(b.activations, before.act, now.act, k) + self.pending - pending,
                 logits: extend(b.logits, before.logits, now.logits, k),
                 gradients: extend(b.gradients, before.grads, now.grads, k),
-                weights: extend(b.weights, before.held, now.held, k),
-                temporary: extend(b.temporary, before.reduce, now.reduce, k.min(1)),
+                weights: shift(extend(b.weights, before.held, now.held, k), prefetch(k)),
+                temporary: extend(b.temporary, before.reduce, now.reduce, reduce(k)),
                 ..b
             };
-            let mut candidate = if k > 0 && later.total() > b.total() {
-                later
-            } else {
-                b
-            };
+            // The highest of copies 2 ..= 1 + more: the last if each copy adds, else the second;
+            // the one before the last too where the last prefetches less.
+            let mut ks = vec![if delta > 0 { more } else { more.min(1) }];
+            if delta > 0 && last_prefetch < 0 && more > 1 {
+                ks.push(more - 1);
+            }
+            let mut candidate = b;
+            for k in ks.into_iter().filter(|&k| k > 0) {
+                let copy = later(k);
+                if copy.total() > candidate.total() {
+                    candidate = copy;
+                }
+            }
             // Copies whose place in the model differs from the first's (a hybrid's blocks of
             // one kind, interleaved with another's: `BlockOrder`) each get their own moment.
             for (j, &(act, grads)) in offsets.iter().enumerate() {
                 let j = j as u64 + 1;
-                let shift = |x: Bytes, by: i128| {
-                    Bytes((i128::from(x.0) + by).clamp(0, i128::from(u64::MAX)) as u64)
-                };
                 let copy = Breakdown {
                     activations: shift(
                         extend(b.activations, before.act, now.act, j) + self.pending - pending,
@@ -782,8 +809,8 @@ impl Walk<'_> {
                     ),
                     logits: extend(b.logits, before.logits, now.logits, j),
                     gradients: shift(extend(b.gradients, before.grads, now.grads, j), grads),
-                    weights: extend(b.weights, before.held, now.held, j),
-                    temporary: extend(b.temporary, before.reduce, now.reduce, j.min(1)),
+                    weights: shift(extend(b.weights, before.held, now.held, j), prefetch(j)),
+                    temporary: extend(b.temporary, before.reduce, now.reduce, reduce(j)),
                     ..b
                 };
                 if copy.total() > candidate.total() {
@@ -805,13 +832,34 @@ impl Walk<'_> {
     /// A unit's backward has ended: its gradients are reduced. A sharding engine reduce-scatters
     /// them (the unsharded gradients go, this rank's shard stays, the reduce buffer lives until
     /// the next unit's is issued) and reshards the unit.
-    fn finish_unit(&mut self, layout: &Layout, unit: u32, grads: &mut Vec<ParamId>) {
+    ///
+    /// FSDP2's post-backward (`FSDPParamGroup.post_backward`, `foreach_reduce` in
+    /// `_fsdp_collectives.py`) first reshards the unit, then frees the previous unit's
+    /// reduce-scatter input, allocates this unit's (fp32, every gradient of the unit) and copies
+    /// the gradients into it; only after the copy-in are the unsharded gradients freed. That
+    /// moment holds a unit's gradients twice over, in their dtype and in fp32: for a root with
+    /// a large untied vocabulary (embedding and head), more than any block's backward.
+    fn finish_unit(&mut self, layout: &Layout, index: usize, unit: u32, grads: &mut Vec<ParamId>) {
         let (unsharded, kept, buffer) = layout.reduce(self.graph, unit, grads);
+        self.held_units = self.held_units - layout.kept_after_forward(unit);
+        if buffer > Bytes::ZERO && layout.copies_in_before_freeing() {
+            let gathered = self.gathered;
+            self.gathered = layout.gathered_after_backward(index, unit);
+            self.reduce_buffer = buffer;
+            self.copy_in = true;
+            self.observe(
+                Phase::Backward,
+                Some(Name::root("reduce_scatter_copy_in")),
+                Bytes::ZERO,
+                Bytes::ZERO,
+            );
+            self.copy_in = false;
+            self.gathered = gathered;
+        }
         self.grads = self.grads - unsharded + kept;
         if buffer > Bytes::ZERO {
             self.reduce_buffer = buffer;
         }
-        self.held_units = self.held_units - layout.kept_after_forward(unit);
     }
 
     fn observe(&mut self, phase: Phase, op: Option<Name>, temporary: Bytes, logits: Bytes) {
@@ -834,8 +882,9 @@ impl Walk<'_> {
             ..self.base
         };
         if let Some(local) = &mut self.local {
-            if local.as_ref().is_none_or(|((b, ..), _)| total > b.total()) {
-                *local = Some(((now, phase, op), self.pending));
+            let slot = &mut local[usize::from(self.copy_in)];
+            if slot.as_ref().is_none_or(|((b, ..), _)| total > b.total()) {
+                *slot = Some(((now, phase, op), self.pending));
             }
             return;
         }

@@ -47,8 +47,12 @@ pub struct Layout {
     /// Gathered bytes of one copy of each unit (index: unit id; 0 is the root).
     unit_bytes: Vec<Bytes>,
     /// For each op (forward order): the gathered bytes of the unit backward runs next after the
-    /// op's own unit, which backward prefetches.
+    /// op's own unit, which backward prefetches. A repeated block's walked copy stands for the
+    /// first of its copies to run backward, whose next is another copy of the same unit.
     prefetch: Vec<Bytes>,
+    /// Per unit of a repeated block: how much larger the last copy's prefetch (the unit before
+    /// the block in the model) is than the other copies' (another copy of the block).
+    last_copy_prefetch: Vec<i128>,
     ranks_per_node: u64,
     /// Data-parallel replicas.
     replicas: u64,
@@ -63,6 +67,7 @@ impl Layout {
         // The block unit that runs before each op's unit in forward order runs after it in
         // backward.
         let mut prefetch = Vec::with_capacity(graph.len());
+        let mut last_copy_prefetch = vec![0i128; unit_bytes.len()];
         let mut last_block = 0u32;
         let mut previous_block = 0u32;
         for op in graph.ops() {
@@ -75,7 +80,17 @@ impl Layout {
             } else {
                 last_block
             };
-            prefetch.push(unit_bytes[next as usize] * u64::from(next > 0));
+            let before = unit_bytes[next as usize] * u64::from(next > 0);
+            if op.repeat > 1 && op.unit > 0 {
+                // Llama-2's layers 1-31 (layer 0 is built apart) prefetch one another, and so do
+                // GLM-4.5's MoE layers above its dense first layer, whose own prefetch is the
+                // dense layer's smaller unit.
+                let own = unit_bytes[op.unit as usize];
+                last_copy_prefetch[op.unit as usize] = i128::from(before.0) - i128::from(own.0);
+                prefetch.push(own);
+            } else {
+                prefetch.push(before);
+            }
         }
         Layout {
             params_div,
@@ -93,6 +108,7 @@ impl Layout {
                     .any(|q| q.trainable && q.storage.bits() == 16),
             unit_bytes,
             prefetch,
+            last_copy_prefetch,
             ranks_per_node: p.gpus_per_node.min(p.gpus).max(1),
             replicas: p.dp(),
         }
@@ -114,17 +130,32 @@ impl Layout {
         }
     }
 
-    /// Gathered parameters while `unit`'s forward runs.
-    pub fn forward_gathered(&self, unit: u32) -> Bytes {
+    /// Gathered parameters while `unit`'s forward runs, `previous` being the last block unit
+    /// whose forward has run (0: none yet).
+    ///
+    /// FSDP2 copies a unit's all-gather output out into its unsharded parameters and, in
+    /// forward, defers freeing that output (`FSDPParamGroup.wait_for_unshard` keeps it in
+    /// `comm_ctx.all_gather_state`) until the next unit's forward copies out its own, or the
+    /// root's post-forward frees the last one: every unit's forward runs beside its own
+    /// all-gather output, and the root's ops beside the last one's (the LM head and the loss,
+    /// which a Hugging Face model computes inside its forward, beside the last block's).
+    pub fn forward_gathered(&self, unit: u32, previous: u32) -> Bytes {
         if !self.gathers {
             return Bytes::ZERO;
         }
-        self.unit(0)
-            + if unit > 0 {
-                self.unit(unit)
-            } else {
-                Bytes::ZERO
-            }
+        let own = if unit > 0 {
+            self.unit(unit)
+        } else {
+            Bytes::ZERO
+        };
+        let deferred = if !self.engine.is_fsdp() {
+            Bytes::ZERO
+        } else if unit > 0 {
+            self.unit(unit)
+        } else {
+            self.unit(previous)
+        };
+        self.unit(0) + own + deferred
     }
 
     /// Gathered parameters while the backward of op `index` (in `unit`) runs: the root, the unit
@@ -142,6 +173,38 @@ impl Layout {
             Bytes::ZERO
         };
         self.unit(0) + own + self.prefetch.get(index).copied().unwrap_or(Bytes::ZERO)
+    }
+
+    /// How much more the last copy of a repeated block (`unit`) has prefetched in its backward
+    /// than the copy the walk went through (negative: less).
+    pub fn last_copy_prefetch_change(&self, unit: u32) -> i128 {
+        if !self.gathers || !self.reshard_after_forward {
+            return 0;
+        }
+        self.last_copy_prefetch
+            .get(unit as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Gathered parameters once `unit`'s post-backward has resharded it (FSDP2 reshards a unit
+    /// after its backward in either mode, before it reduces): the root and the next unit's
+    /// prefetched all-gather while a block finishes, nothing once the root does.
+    pub fn gathered_after_backward(&self, index: usize, unit: u32) -> Bytes {
+        if !self.gathers || unit == 0 {
+            return Bytes::ZERO;
+        }
+        if !self.reshard_after_forward {
+            return self.unit(0);
+        }
+        self.unit(0) + self.prefetch.get(index).copied().unwrap_or(Bytes::ZERO)
+    }
+
+    /// Whether a unit's gradients are copied into its reduce-scatter input before they are
+    /// freed (FSDP2's `foreach_reduce`), so that both exist at once. DeepSpeed's ZeRO copies
+    /// each gradient into its bucket as backward makes it.
+    pub fn copies_in_before_freeing(&self) -> bool {
+        self.reduces_per_unit && self.engine.is_fsdp()
     }
 
     /// What stays gathered once `unit`'s forward ends (SHARD_GRAD_OP keeps block units).

@@ -118,6 +118,96 @@ fn blocks_above_a_hybrids_walked_group_keep_only_their_gradient_shard() {
 }
 
 #[test]
+fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_before_freeing_them() {
+    // FSDP2's post-backward reshards the unit, frees the previous unit's reduce-scatter input,
+    // allocates this unit's in fp32 and copies the gradients in; the unsharded gradients go only
+    // after the copy-in (`foreach_reduce`: `unsharded_grads.clear()` follows
+    // `foreach_reduce_scatter_copy_in`). A Qwen3.5-9B-like model cut to 4 layers, full mixed
+    // bf16, batch 1 x 1,024, FSDP over 4 ranks: its root holds the untied embedding and head,
+    // 2 x 248,320 x 4,096 weights and the final norm's 4,096, 2,034,241,536 parameters. When
+    // the root reduces at the end of backward, their bf16 gradients (4,068,474,880 B) and the
+    // fp32 reduce-scatter input (8,136,966,144 B, the replay's largest tensor) are alive
+    // together: the run's peak, 14.4 % above the last op's moment the walk had as its peak.
+    let rows = crate::shipped_rows("validation/fsdp.jsonl");
+    let row = rows
+        .iter()
+        .find(|r| r.name == "qwen3.5-9b-like-4l|full|b1|s1024|gc0|sdpa|fsdp|w4")
+        .expect("the run is in validation/fsdp.jsonl");
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let root: u64 = g
+        .params
+        .iter()
+        .filter(|p| p.unit == 0)
+        .map(|p| p.elements)
+        .sum();
+    assert_eq!(root, 2_034_241_536);
+    let hw = resolve_hardware("h200")
+        .expect("ships")
+        .value
+        .as_cpu_replay();
+    let m = ftplan::memory::estimate(&g, &row.plan, &hw);
+    assert_eq!(m.peak_op, "reduce_scatter_copy_in");
+    assert!(m.at_peak.temporary.0 >= 8_136_966_144, "{:?}", m.at_peak);
+    assert!(row.error.abs() < 0.001, "{:+.3}%", row.error * 100.0);
+}
+
+#[test]
+fn fsdp_prefetches_the_next_copy_of_a_repeated_block_and_defers_freeing_all_gather_outputs() {
+    let rows = crate::shipped_rows("validation/fsdp.jsonl");
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .expect("the run is in validation/fsdp.jsonl")
+    };
+    // GLM-4.5 cut to 4 layers: layer 0 dense, layers 1-3 MoE, built as one block repeated. In
+    // backward each MoE layer prefetches the layer below it, another MoE layer (layer 1 the
+    // dense one): one MoE unit is attention 109,066,240 parameters, router 524,288, shared
+    // expert 17,301,504, 128 experts x 3 x 4,096 x 1,408 = 2,214,592,512 and norms 8,192,
+    // 2,341,492,736 in bf16 = 4,682,985,472 B (the replay's all-gather output has that many
+    // elements). The walk had given the walked copy the dense layer's prefetch, the block before
+    // it in forward order: full bf16, batch 4 x 2,048, over 2 ranks, -5.3 % before.
+    let glm = row("glm-4.5-4l|full_bf16|b4|s2048|gc0|sdpa|fsdp|w2");
+    let g = ftplan::graph::arch::build(&glm.model, &glm.plan);
+    let units = g.unit_bytes();
+    let (i, op) = g
+        .ops()
+        .enumerate()
+        .find(|(_, o)| o.repeat == 3)
+        .expect("the MoE block repeats");
+    assert_eq!(units[op.unit as usize].0, 4_682_985_472);
+    let layout = ftplan::shard::Layout::new(&g, &glm.plan);
+    assert_eq!(
+        layout.backward_gathered(i, op.unit),
+        units[0] + units[op.unit as usize] * 2
+    );
+    assert!(glm.error.abs() < 0.003, "{:+.3}%", glm.error * 100.0);
+    // In forward FSDP2 keeps each unit's all-gather output (`all_gather_state`) until the next
+    // unit's forward, and the root's post-forward frees the last one, so the LM head and the
+    // loss run beside the last block's. GLM-4.5 cut to 8 layers (3 dense, 5 MoE of 160 experts)
+    // with LoRA on every linear under SHARD_GRAD_OP over 2 ranks peaks at the loss with every
+    // unit held and that output, 3,995,446,016 bf16 elements = 7,990,892,032 B: -5.6 % before.
+    let glm8 = row("glm-4.5-8layers|lora|b2|s1024|gc0|eager|r16|all|fsdp-grad-op|w2");
+    let g = ftplan::graph::arch::build(&glm8.model, &glm8.plan);
+    let units = g.unit_bytes();
+    let moe = g.ops().find(|o| o.repeat == 5).expect("the MoE block").unit;
+    let layout = ftplan::shard::Layout::new(&g, &glm8.plan);
+    assert_eq!(units[moe as usize].0, 7_990_892_032);
+    assert_eq!(
+        layout.forward_gathered(0, moe),
+        units[0] + units[moe as usize]
+    );
+    for name in [
+        "glm-4.5-8layers|lora|b2|s1024|gc0|eager|r16|all|fsdp-grad-op|w2",
+        "ernie-moe-4l|full|b2|s2048|gc0|sdpa|fsdp-grad-op|w4",
+        "deepseek-v2-lite|lora|b1|s1024|gc1|sdpa|r16|q_proj,kv_b_proj,o_proj|fsdp-grad-op|w2",
+        "dots1-4l|full|b1|s2048|gc0|sdpa|fsdp|w4",
+    ] {
+        let r = row(name);
+        assert!(r.error.abs() < 0.002, "{name}: {:+.3}%", r.error * 100.0);
+    }
+}
+
+#[test]
 fn zero_paper_model_states_per_gpu() {
     // Rajbhandari et al. 2020, fig. 1: 7.5 B parameters, 64 GPUs, mixed-precision Adam (K = 12):
     // 120 GB baseline, 31.4 GB with P_os, 16.6 GB with P_os+g, 1.9 GB with P_os+g+p.

@@ -223,10 +223,13 @@ impl Family {
     }
 
     /// The eager attention's softmax runs in the scores' own dtype (`softmax(attn_weights,
-    /// dim=-1)` in transformers 5.17's `eager_attention_forward` for GPT-2, T5, mT5 and the BART
-    /// family), where the other families ask for `dtype=torch.float32` and cast back. Under
-    /// autocast both are fp32 (softmax is on autocast's fp32 list); without it (pure bf16,
-    /// FSDP's and DeepSpeed's bf16 modules) these keep bf16 probabilities.
+    /// dim=-1)` in transformers 5.17's `eager_attention_forward` for GPT-2, T5, mT5, the BART
+    /// family and Llama 4's text model), or in the block input's (Falcon's
+    /// `softmax(scores + mask, dtype=hidden_states.dtype)`, `hidden_states` being the
+    /// LayerNorm's output), where the other families ask for `dtype=torch.float32` and cast
+    /// back. Under autocast all are fp32 (softmax is on autocast's fp32 list, and autocast's
+    /// LayerNorm returns fp32); without it (pure bf16, FSDP's and DeepSpeed's bf16 modules) these
+    /// keep bf16 probabilities and no cast copy.
     pub fn eager_softmax_in_input_dtype(self) -> bool {
         matches!(
             self,
@@ -237,6 +240,8 @@ impl Family {
                 | Family::Mbart
                 | Family::Marian
                 | Family::Pegasus
+                | Family::Falcon
+                | Family::Llama4
         )
     }
 
