@@ -787,12 +787,14 @@ impl Walk<'_> {
             };
             // The highest of copies 2 ..= 1 + more: the last if each copy adds, else the second;
             // the one before the last too where the last prefetches less.
-            let mut ks = vec![if delta > 0 { more } else { more.min(1) }];
-            if delta > 0 && last_prefetch < 0 && more > 1 {
-                ks.push(more - 1);
-            }
+            let last = if delta > 0 { more } else { more.min(1) };
+            let before_last = if delta > 0 && last_prefetch < 0 {
+                more - 1
+            } else {
+                0
+            };
             let mut candidate = b;
-            for k in ks.into_iter().filter(|&k| k > 0) {
+            for k in [last, before_last].into_iter().filter(|&k| k > 0) {
                 let copy = later(k);
                 if copy.total() > candidate.total() {
                     candidate = copy;
