@@ -855,6 +855,25 @@ impl Walk<'_> {
                 Bytes::ZERO,
                 Bytes::ZERO,
             );
+            // Then the reduce-scatter writes this rank's shard in fp32 beside its input, and a
+            // 16-bit parameter's gradient is cast from it (`_to_dtype_if_needed`): the input,
+            // the fp32 shard and its cast at once, after the unsharded gradients have gone.
+            // Above the copy-in only over few ranks (2 x 6/N > 2 bytes a bf16 parameter).
+            let output = Bytes(buffer.0.div_ceil(layout.grads_div));
+            if kept != output {
+                let grads = self.grads;
+                self.grads = self.grads - unsharded + kept;
+                self.reduce_buffer = buffer + output;
+                self.copy_in = true;
+                self.observe(
+                    Phase::Backward,
+                    Some(Name::root("reduce_scatter")),
+                    Bytes::ZERO,
+                    Bytes::ZERO,
+                );
+                self.copy_in = false;
+                self.grads = grads;
+            }
             self.copy_in = false;
             self.gathered = gathered;
         }

