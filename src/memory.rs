@@ -154,7 +154,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         },
         base_total: weights + states_on_gpu + workspace,
         local: None,
-        copy_in: false,
+        reducing: false,
         gathered: Bytes::ZERO,
         held_units: Bytes::ZERO,
         reduce_buffer: Bytes::ZERO,
@@ -669,12 +669,12 @@ struct Walk<'g> {
     base: Breakdown,
     base_total: Bytes,
     /// While walking a repeated block: its own best moment (compared across copies afterwards)
-    /// and the accumulated gradients then; one among its ops, one at its reduce-scatter's
-    /// copy-in (which frees the previous copy's reduce-scatter input, so later copies do not
-    /// run it beside that level).
+    /// and the accumulated gradients then; one among its ops, one while it reduces (which
+    /// frees the previous copy's reduce-scatter input first, so later copies do not run it
+    /// beside that level).
     local: Option<[Option<(Moment, Bytes)>; 2]>,
-    /// The moment being observed is a reduce-scatter's copy-in.
-    copy_in: bool,
+    /// The moment being observed is a unit's reduction (`Walk::observe_reduce`).
+    reducing: bool,
     /// Gathered (unsharded) parameters of the units running now and prefetched: a level.
     gathered: Bytes,
     /// Units kept gathered from their forward to their backward (SHARD_GRAD_OP): cumulative.
@@ -758,7 +758,7 @@ impl Walk<'_> {
     fn repeat(&mut self, before: State, more: u64, offsets: &[(i128, i128)], last_prefetch: i128) {
         let now = self.state();
         let slots = self.local.take().unwrap_or_default();
-        for (slot, copy_in) in slots.into_iter().zip([false, true]) {
+        for (slot, reducing) in slots.into_iter().zip([false, true]) {
             let Some(((b, phase, name), pending)) = slot else {
                 continue;
             };
@@ -770,8 +770,8 @@ impl Walk<'_> {
                 - i128::from(before.logits.0)
                 - i128::from(before.grads.0)
                 - i128::from(before.held.0);
-            // The reduce-scatter input a later copy runs beside, except at its own copy-in.
-            let reduce = |j: u64| if copy_in { 0 } else { j.min(1) };
+            // The reduce-scatter input a later copy runs beside, except while it reduces.
+            let reduce = |j: u64| if reducing { 0 } else { j.min(1) };
             let shift = |x: Bytes, by: i128| {
                 Bytes((i128::from(x.0) + by).clamp(0, i128::from(u64::MAX)) as u64)
             };
@@ -848,13 +848,7 @@ impl Walk<'_> {
             let gathered = self.gathered;
             self.gathered = layout.gathered_after_backward(index, unit);
             self.reduce_buffer = buffer;
-            self.copy_in = true;
-            self.observe(
-                Phase::Backward,
-                Some(Name::root("reduce_scatter_copy_in")),
-                Bytes::ZERO,
-                Bytes::ZERO,
-            );
+            self.observe_reduce("reduce_scatter_copy_in");
             // Then the reduce-scatter writes this rank's shard in fp32 beside its input, and a
             // 16-bit parameter's gradient is cast from it (`_to_dtype_if_needed`): the input,
             // the fp32 shard and its cast at once, after the unsharded gradients have gone.
@@ -864,23 +858,27 @@ impl Walk<'_> {
                 let grads = self.grads;
                 self.grads = self.grads - unsharded + kept;
                 self.reduce_buffer = buffer + output;
-                self.copy_in = true;
-                self.observe(
-                    Phase::Backward,
-                    Some(Name::root("reduce_scatter")),
-                    Bytes::ZERO,
-                    Bytes::ZERO,
-                );
-                self.copy_in = false;
+                self.observe_reduce("reduce_scatter");
                 self.grads = grads;
             }
-            self.copy_in = false;
             self.gathered = gathered;
         }
         self.grads = self.grads - unsharded + kept;
         if buffer > Bytes::ZERO {
             self.reduce_buffer = buffer;
         }
+    }
+
+    /// A moment of a unit's reduction, after the previous unit's reduce-scatter input is freed.
+    fn observe_reduce(&mut self, part: &'static str) {
+        self.reducing = true;
+        self.observe(
+            Phase::Backward,
+            Some(Name::root(part)),
+            Bytes::ZERO,
+            Bytes::ZERO,
+        );
+        self.reducing = false;
     }
 
     fn observe(&mut self, phase: Phase, op: Option<Name>, temporary: Bytes, logits: Bytes) {
@@ -903,7 +901,7 @@ impl Walk<'_> {
             ..self.base
         };
         if let Some(local) = &mut self.local {
-            let slot = &mut local[usize::from(self.copy_in)];
+            let slot = &mut local[usize::from(self.reducing)];
             if slot.as_ref().is_none_or(|((b, ..), _)| total > b.total()) {
                 *slot = Some(((now, phase, op), self.pending));
             }

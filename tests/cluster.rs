@@ -37,6 +37,13 @@ fn layout(gpus: u64, engine: Engine) -> Parallel {
     }
 }
 
+/// The run called `name` among `rows` (of validation/fsdp.jsonl).
+fn named<'r>(rows: &'r [validate::Row], name: &str) -> &'r validate::Row {
+    rows.iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("{name} is in validation/fsdp.jsonl"))
+}
+
 fn run(model: &str, p: &Plan) -> Estimate {
     let m = resolve_model(model).expect("shipped").value;
     let hw = resolve_hardware("a100-80gb").expect("shipped").value;
@@ -80,15 +87,11 @@ fn blocks_above_a_hybrids_walked_group_keep_only_their_gradient_shard() {
     // the shard its reduce-scatter left: 823,186,976 parameters (attention 26,550,144 with its
     // biases and sinks, router 92,192, 32 experts 796,538,880, norms 5,760) in bf16 over 8 ranks,
     // 205,796,744 B, where the correction had counted the whole bf16 gradient, 1,646,373,952 B.
-    // Eleven blocks x 1,440,577,208 B = 15.85 GB too
-    // much: the +48.3 % (14.8 GiB) the estimate read against one rank of the FSDP2 replay
-    // (full_bf16, batch 2 x 1,024, checkpointed, eager attention, 8 ranks; validation/fsdp.jsonl).
+    // Eleven blocks x 1,440,577,208 B = 15.85 GB too much: the +48.3 % (14.8 GiB) the estimate
+    // read against one rank of the FSDP2 replay (full_bf16, batch 2 x 1,024, checkpointed, eager
+    // attention, 8 ranks; validation/fsdp.jsonl).
     let rows = crate::shipped_rows("validation/fsdp.jsonl");
-    let row = |name: &str| {
-        rows.iter()
-            .find(|r| r.name == name)
-            .expect("the run is in validation/fsdp.jsonl")
-    };
+    let row = |name: &str| named(&rows, name);
     let oss = row("gpt-oss-20b|full_bf16|b2|s1024|gc1|eager|fsdp|w8");
     let g = ftplan::graph::arch::build(&oss.model, &oss.plan);
     let layout = ftplan::shard::Layout::new(&g, &oss.plan);
@@ -130,10 +133,7 @@ fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_then_casts_its_sh
     // fp32 reduce-scatter input (8,136,966,144 B, the replay's largest tensor) are alive
     // together: the run's peak, 14.4 % above the last op's moment the walk had as its peak.
     let rows = crate::shipped_rows("validation/fsdp.jsonl");
-    let row = rows
-        .iter()
-        .find(|r| r.name == "qwen3.5-9b-like-4l|full|b1|s1024|gc0|sdpa|fsdp|w4")
-        .expect("the run is in validation/fsdp.jsonl");
+    let row = named(&rows, "qwen3.5-9b-like-4l|full|b1|s1024|gc0|sdpa|fsdp|w4");
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let root: u64 = g
         .params
@@ -156,10 +156,10 @@ fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_then_casts_its_sh
     // 3, 128 experts), full bf16, checkpointed: an MoE unit of 16,295,536,640 parameters, its
     // fp32 input 65,182,146,560 B, fp32 shard 32,591,073,280 B and bf16 shard 16,295,536,640 B
     // (the replay's three largest tensors): -6.5 % before.
-    let maverick = rows
-        .iter()
-        .find(|r| r.name == "llama4-maverick-4l|full_bf16|b1|s2048|gc1|sdpa|fsdp|w2")
-        .expect("the run is in validation/fsdp.jsonl");
+    let maverick = named(
+        &rows,
+        "llama4-maverick-4l|full_bf16|b1|s2048|gc1|sdpa|fsdp|w2",
+    );
     let g = ftplan::graph::arch::build(&maverick.model, &maverick.plan);
     let units = g.unit_bytes();
     assert_eq!(units.iter().max().map(|b| b.0), Some(2 * 16_295_536_640));
@@ -180,11 +180,7 @@ fn fsdp_copies_a_units_gradients_into_its_reduce_scatter_input_then_casts_its_sh
 #[test]
 fn fsdp_prefetches_the_next_copy_of_a_repeated_block_and_defers_freeing_all_gather_outputs() {
     let rows = crate::shipped_rows("validation/fsdp.jsonl");
-    let row = |name: &str| {
-        rows.iter()
-            .find(|r| r.name == name)
-            .expect("the run is in validation/fsdp.jsonl")
-    };
+    let row = |name: &str| named(&rows, name);
     // GLM-4.5 cut to 4 layers: layer 0 dense, layers 1-3 MoE, built as one block repeated. In
     // backward each MoE layer prefetches the layer below it, another MoE layer (layer 1 the
     // dense one): one MoE unit is attention 109,066,240 parameters, router 524,288, shared
