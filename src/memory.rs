@@ -776,11 +776,15 @@ impl Walk<'_> {
                 Bytes((i128::from(x.0) + by).clamp(0, i128::from(u64::MAX)) as u64)
             };
             let prefetch = |j: u64| if j == more { last_prefetch } else { 0 };
-            // Later copies run beside all of the accumulated gradients the first one made.
-            let later = |k: u64| Breakdown {
-                activations: extend(b.activations, before.act, now.act, k) + self.pending - pending,
+            // Copy `k` after the first, its activations and gradients shifted by `act` and
+            // `grads`: it runs beside all of the accumulated gradients the first one made.
+            let copy = |k: u64, act: i128, grads: i128| Breakdown {
+                activations: shift(
+                    extend(b.activations, before.act, now.act, k) + self.pending - pending,
+                    act,
+                ),
                 logits: extend(b.logits, before.logits, now.logits, k),
-                gradients: extend(b.gradients, before.grads, now.grads, k),
+                gradients: shift(extend(b.gradients, before.grads, now.grads, k), grads),
                 weights: shift(extend(b.weights, before.held, now.held, k), prefetch(k)),
                 temporary: extend(b.temporary, before.reduce, now.reduce, reduce(k)),
                 ..b
@@ -794,29 +798,19 @@ impl Walk<'_> {
                 0
             };
             let mut candidate = b;
-            for k in [last, before_last].into_iter().filter(|&k| k > 0) {
-                let copy = later(k);
-                if copy.total() > candidate.total() {
-                    candidate = copy;
-                }
-            }
             // Copies whose place in the model differs from the first's (a hybrid's blocks of
             // one kind, interleaved with another's: `BlockOrder`) each get their own moment.
-            for (j, &(act, grads)) in offsets.iter().enumerate() {
-                let j = j as u64 + 1;
-                let copy = Breakdown {
-                    activations: shift(
-                        extend(b.activations, before.act, now.act, j) + self.pending - pending,
-                        act,
-                    ),
-                    logits: extend(b.logits, before.logits, now.logits, j),
-                    gradients: shift(extend(b.gradients, before.grads, now.grads, j), grads),
-                    weights: shift(extend(b.weights, before.held, now.held, j), prefetch(j)),
-                    temporary: extend(b.temporary, before.reduce, now.reduce, reduce(j)),
-                    ..b
-                };
-                if copy.total() > candidate.total() {
-                    candidate = copy;
+            let placed = offsets
+                .iter()
+                .enumerate()
+                .map(|(j, &(act, grads))| copy(j as u64 + 1, act, grads));
+            let plain = [last, before_last]
+                .into_iter()
+                .filter(|&k| k > 0)
+                .map(|k| copy(k, 0, 0));
+            for c in plain.chain(placed) {
+                if c.total() > candidate.total() {
+                    candidate = c;
                 }
             }
             if self.best.is_none() || candidate.total() > self.best_total {
@@ -852,7 +846,7 @@ impl Walk<'_> {
             // Then the reduce-scatter writes this rank's shard in fp32 beside its input, and a
             // 16-bit parameter's gradient is cast from it (`_to_dtype_if_needed`): the input,
             // the fp32 shard and its cast at once, after the unsharded gradients have gone.
-            // Above the copy-in only over few ranks (2 x 6/N > 2 bytes a bf16 parameter).
+            // Above the copy-in only over few ranks (4/N + 2/N > 2 bytes a bf16 parameter: N = 2).
             let output = Bytes(buffer.0.div_ceil(layout.grads_div));
             if kept != output {
                 let grads = self.grads;
