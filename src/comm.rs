@@ -249,8 +249,11 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     let step = critical_path(&s.dag);
     // Communication compute does not hide: the critical path beyond the compute stream's work
     // (tensor-parallel all-reduces sit inside the compute tasks, and count too).
+    // The differences subtract the sums the critical path added, in the order it added them
+    // (the compute chain, then the final task's weight), so that a layout with nothing to hide
+    // reports exactly zero rather than a rounding residue: `(a + b) - a` need not equal `b`.
     let (compute_sum, mut comm_total) = (s.compute_sum, s.comm_total);
-    let mut exposed = (step - compute_sum - opt).max(0.0) + s.tp_sum;
+    let mut exposed = (step - (compute_sum + opt)).max(0.0) + s.tp_sum;
     // 1F1B: the stage's micro-batches plus p - 1 slots of bubble; a send and a receive of the
     // boundary activation per micro-batch each way.
     let (step, bubble) = if par.pp > 1 {
@@ -263,7 +266,7 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
         let p2p_link = Link::between(hw, par.gpus_per_node < par.tp * par.pp);
         let send = 2.0 * (act_bytes / p2p_link.bytes_per_second + p2p_link.latency);
         comm_total += send * m * par.grad_accum as f64;
-        let tail = (step - compute_sum - opt - after_step - offload).max(0.0);
+        let tail = (step - (compute_sum + (opt + after_step + offload))).max(0.0);
         exposed = tail + send * slots;
         let bubble = (p - 1.0) / (m + p - 1.0);
         (
