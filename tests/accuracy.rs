@@ -247,17 +247,22 @@ fn a_memtracker_replay_is_compared_without_the_trackers_leak_and_without_cublas(
     let rates = ftplan::time::Rates::from_datasheet(&hw);
     let est = ftplan::estimate::estimate(&row.model, &row.plan, &hw, &rates).expect("estimates");
     assert_eq!(row.estimated_peak, est.memory.peak.0 - 67_108_864);
-    // The same correction on a single-GPU replay (T5-base LoRA q/v at batch 16, sweep.jsonl:
-    // steps at 1,499,355,656, 1,548,115,016 and 1,582,718,024, so 1,513,512,008) equals, to the
-    // byte, that run's peak re-measured by a tracker without module hooks
-    // (validation/peak_live.py, `peak_plain_bytes`), which `validate` compares where present.
+    // The same correction on a single-GPU replay (TinyLlama LoRA q/v at batch 8 x 1,024,
+    // checkpointed, sweep.jsonl: steps at 6,160,511,240, 6,245,642,856 and 6,312,751,720, a
+    // leak of 67,108,864 a step, so 6,178,533,992) equals, to the byte, that run's peak
+    // re-measured by a tracker without module hooks (validation/peak_live.py,
+    // `peak_plain_bytes`), which `validate` compares where present.
     let line = line_of(
         "validation/sweep.jsonl",
-        "t5-base|lora|b16|s(512, 128)|gc1|sdpa|r16|qv",
+        "tinyllama-1.1b|lora|b8|s1024|gc1|sdpa|r16|qv",
     );
     let rec: serde_json::Value = serde_json::from_str(&line).expect("json");
-    assert_eq!(rec["peak_plain_bytes"], 1_513_512_008_u64);
-    assert_eq!(row_of_line(&line).measured_peak, 1_513_512_008);
+    assert_eq!(rec["peak_plain_bytes"], 6_178_533_992_u64);
+    assert_eq!(
+        rec["peak_by_step"],
+        serde_json::json!([6_160_511_240_u64, 6_245_642_856_u64, 6_312_751_720_u64])
+    );
+    assert_eq!(row_of_line(&line).measured_peak, 6_178_533_992);
 }
 
 #[test]

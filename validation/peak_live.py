@@ -8,7 +8,8 @@ dtype), largest first; storages that existed before the step (parameters, buffer
 are `external`.
 
 BART-large with adapters of 64, batch 8, 512 + 128 tokens, checkpointing (validation/sweep.jsonl) peaks in step 2
-at 1,768,524,346 B, at `_log_softmax_backward_data`: what `ftplan validate` compares for that run.
+at 1,665,581,630 B, at the loss's backward: what `ftplan validate` compares for that run (1,768,524,346 B at
+`_log_softmax_backward_data` before CUDA's cross entropy was mirrored, below).
 
 Copy it beside ../shared/gt/measure.py and cases.py (it imports them):
   python3 peak_live.py '{"model": "bart-large", "method": "adapter", "batch": 8, "seq": [512, 128],
@@ -234,6 +235,29 @@ def mirror_cuda_dropout():
     torch.nn.functional.scaled_dot_product_attention = fused_sdpa
 
 
+def mirror_cuda_cross_entropy():
+    """CUDA autocast's cross entropy. CPU autocast lists `cross_entropy_loss` as an fp32 op and casts 16-bit logits
+    before `log_softmax`; CUDA autocast does not list it (aten/src/ATen/autocast_mode.h: `nll_loss` is on the fp32
+    list, `cross_entropy_loss` is not), so on a GPU the op's decomposition runs (LossNLL.cpp,
+    `cross_entropy_loss_symint`): `log_softmax(x, dim, x.scalar_type())`, whose explicit dtype the fp32_set_opt_dtype
+    policy keeps (16-bit log-probabilities, kept for log_softmax's backward), then `nll_loss`, which autocast casts to
+    fp32 (that copy kept for nll_loss's backward). Replayed here by calling the decomposition under CPU autocast with
+    CUDA's fp32 rules mirrored; fp32 logits, label smoothing and probability targets keep the library's path."""
+    cross_entropy = torch.nn.functional.cross_entropy
+    nll_loss = torch.nn.functional.nll_loss
+
+    def cuda_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                           reduction="mean", label_smoothing=0.0):
+        if (torch.is_autocast_enabled("cpu") and input.dtype in (torch.bfloat16, torch.float16)
+                and label_smoothing == 0.0 and size_average is None and reduce is None
+                and not torch.is_floating_point(target)):
+            logp = torch.log_softmax(input, 1 if input.dim() > 1 else 0, dtype=input.dtype)
+            return nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
+        return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+
+    torch.nn.functional.cross_entropy = cuda_cross_entropy
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run", help="one of measure.py's run dicts, as JSON (with --record: the record's name)")
@@ -249,6 +273,7 @@ def main():
     M.mirror_cuda_autocast_fp32_ops()
     mirror_cuda_strided_mask_rule()
     mirror_cuda_dropout()
+    mirror_cuda_cross_entropy()
     with M.fake_mode(), M.unpacked_batches():
         torch.manual_seed(0)
         model, cfg = M.build(run, dev, False, wdtype, rec)

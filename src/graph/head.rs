@@ -43,9 +43,10 @@ impl Builder<'_> {
     /// The LM head and the loss.
     ///
     /// Causal LMs go through transformers' `ForCausalLMLoss`, which upcasts the logits with
-    /// `.float()`; seq2seq models call `CrossEntropyLoss` on the logits, which autocast runs in
-    /// fp32. `log_softmax` keeps its output; its backward and `nll_loss`'s each produce a
-    /// vocabulary-sized gradient, the largest transient of the step.
+    /// `.float()`; seq2seq models call `CrossEntropyLoss` on the logits as they are (see the
+    /// loss below for what CUDA autocast makes of that). `log_softmax` keeps its output; its
+    /// backward and `nll_loss`'s each produce a vocabulary-sized gradient, the largest transient
+    /// of the step.
     pub fn lm_head_and_loss(&mut self, x: Val, head: ParamId, bias: bool) -> usize {
         let vocab = self.model.vocab_size;
         let tokens = x.tokens;
@@ -168,42 +169,70 @@ impl Builder<'_> {
             // dtype; the undivided logits are freed once it exists.
             self.scale(Name::root("lm_head").then("scaling"), logits)
         };
-        let loss_dtype = if self.model.is_encoder_decoder() && !self.autocast {
-            logits.dtype
-        } else {
+        // `log_softmax` runs in the dtype it is given: fp32 after the causal LM's `.float()`,
+        // the logits' own dtype for a seq2seq model. Under CUDA autocast `cross_entropy_loss`
+        // is on no cast list (autocast_mode.h's fp32 list has `nll_loss`, not it; CPU, XPU and
+        // XLA autocast do list it), so its decomposition calls `log_softmax(x, dim,
+        // x.scalar_type())`, whose explicit dtype the fp32_set_opt_dtype policy respects: 16-bit
+        // log-probabilities. `nll_loss`, on the fp32 list, then casts them and keeps that fp32
+        // copy for its backward (LossNLL.cpp's `cross_entropy_loss_symint`).
+        let seq2seq = self.model.is_encoder_decoder();
+        let logp_dtype = if seq2seq { logits.dtype } else { DType::F32 };
+        let nll_dtype = if seq2seq && self.autocast {
             DType::F32
+        } else {
+            logp_dtype
         };
-        let logp = self.graph.add_tensor(Tensor::new(
-            TensorKind::Logits,
-            loss_dtype.bytes(tokens * vocab),
-        ));
-        let upcast = if loss_dtype != logits.dtype {
-            loss_dtype.bytes(tokens * vocab)
+        let elements = tokens * vocab;
+        let logp = self
+            .graph
+            .add_tensor(Tensor::new(TensorKind::Logits, logp_dtype.bytes(elements)));
+        let mut saves: SmallVec<[TensorId; 6]> = smallvec![logp];
+        // The causal LM's `.float()` copy feeds `log_softmax` and is not kept.
+        let upcast = if logp_dtype != logits.dtype {
+            logp_dtype.bytes(elements)
         } else {
             Bytes::ZERO
         };
-        let vocab_grad = loss_dtype.bytes(tokens * vocab);
+        // nll_loss's kept fp32 copy of 16-bit log-probabilities; freed after its backward.
+        let nll_cast = if nll_dtype != logp_dtype {
+            let bytes = nll_dtype.bytes(elements);
+            saves.push(
+                self.graph
+                    .add_tensor(Tensor::new(TensorKind::Logits, bytes)),
+            );
+            bytes
+        } else {
+            Bytes::ZERO
+        };
+        // Backward: nll_loss's gradient beside everything the loss keeps; then, once its copy
+        // has gone, log_softmax's incoming and outgoing gradients beside its output.
+        let backward_transient = nll_dtype
+            .bytes(elements)
+            .max(logp_dtype.bytes(elements) * 2 - nll_cast);
+        // Traffic: a conversion to fp32 before or after log_softmax moves the fp32 bytes.
+        let widened = upcast.max(nll_cast);
+        let vocab_grad = nll_dtype.bytes(elements);
         self.emit(OpSpec {
             name: Name::root("loss"),
             kind: OpKind::Loss,
             params: SmallVec::new(),
-            saves: smallvec![logp],
+            saves,
             // The bf16 logits stay referenced by the model output until the loss is computed,
             // and so does the last hidden state (above).
             forward_transient: logits.bytes() + upcast + hidden,
-            // nll_loss's gradient and log_softmax's gradient coexist with the saved output.
-            backward_transient: vocab_grad * 2,
+            backward_transient,
             cost: Cost {
                 forward_flops: Flops(5.0 * (tokens * vocab) as f64),
                 input_grad_flops: Flops(4.0 * (tokens * vocab) as f64),
-                forward_bytes: logits.bytes() + upcast * 3,
+                forward_bytes: logits.bytes() + widened * 3,
                 backward_bytes: vocab_grad * 4 + logits.bytes(),
                 // float, pad, slice, contiguous, views, log_softmax, nll_loss.
                 forward_kernels: 8,
                 backward_kernels: 5,
                 ..Cost::default()
             },
-            compute: loss_dtype,
+            compute: nll_dtype,
             in_backward: grad,
         })
     }

@@ -141,9 +141,7 @@ impl Builder<'_> {
             let x32 = self.cast(name.then("ia3_cast"), x, self.adapter);
             let scaled = self.val(in_features, x.tokens, self.adapter, true);
             let op = self.elementwise(name.then("ia3"), &[x32], scaled, smallvec![x32.id], 1.0);
-            if let Some(o) = self.graph.op_mut(op) {
-                o.params.push(l);
-            }
+            self.ia3_scaling(op, l, scaled);
             x = self.cast(name.then("ia3_back"), scaled, x.dtype);
         }
 
@@ -258,12 +256,24 @@ impl Builder<'_> {
             let l = self.adapter_param(name.then("ia3_l"), (1, out_features));
             let scaled = self.val(out_features, x.tokens, wider(out.dtype, self.adapter), true);
             let op = self.elementwise(name.then("ia3"), &[out], scaled, smallvec![out.id], 1.0);
-            if let Some(o) = self.graph.op_mut(op) {
-                o.params.push(l);
-            }
+            self.ia3_scaling(op, l, scaled);
             out = self.cast(name.then("ia3_back"), scaled, out.dtype);
         }
         out
+    }
+
+    /// IA3's `x * l`: the op reads the scaling vector `l`, and its backward (`MulBackward0`)
+    /// computes l's gradient as `grad * x` at the product's full shape; autograd's engine sums it
+    /// down to l's shape only after the node returns (`validate_outputs` in
+    /// torch/csrc/autograd/engine.cpp calls `at::sum_to`), so that full-size product exists
+    /// beside the incoming gradient and x's.
+    fn ia3_scaling(&mut self, op: usize, l: ParamId, scaled: Val) {
+        if let Some(o) = self.graph.op_mut(op) {
+            o.params.push(l);
+            if o.in_backward {
+                o.backward_transient += scaled.bytes();
+            }
+        }
     }
 
     /// DoRA (Liu et al. 2024) as peft's `DoraLinearLayer` runs it: each forward composes the
