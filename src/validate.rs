@@ -91,6 +91,9 @@ struct Run {
     lora_r: Option<u64>,
     lora_alpha: Option<f64>,
     lora_targets: Option<serde_json::Value>,
+    /// DoRA's magnitude vectors beside LoRA (`ftplan measure --dora --save` writes it).
+    #[serde(default)]
+    lora_dora: bool,
     n_virtual: Option<u64>,
     adapter_dim: Option<u64>,
     optimizer: Option<String>,
@@ -316,7 +319,7 @@ fn plan_of(path: &str, run: &Run) -> Result<Plan> {
             rank,
             alpha: run.lora_alpha.unwrap_or(2.0 * rank as f64),
             targets,
-            dora: false,
+            dora: run.lora_dora,
         })
     };
     let virtual_tokens = || {

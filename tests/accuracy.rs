@@ -284,3 +284,19 @@ fn a_run_measured_on_a_gpu_keeps_its_peak_and_workspaces() {
     let cpu = row_of_line(&cpu.to_string());
     assert_eq!(gpu.estimated_peak - cpu.estimated_peak, 67_108_864);
 }
+
+#[test]
+fn a_saved_dora_run_is_estimated_as_dora() {
+    // `ftplan measure --dora --save` writes `"lora_dora": true` into the run; `validate` read it
+    // as plain LoRA. TinyLlama LoRA r16 on q and v: DoRA adds one trainable magnitude per output
+    // of each target, 22 layers x (2,048 + 256) = 50,688 parameters beside LoRA's 2,252,800.
+    let name = "tinyllama-1.1b|lora|b8|s1024|gc0|sdpa|r16|qv";
+    let line = line_of("validation/measured.jsonl", name);
+    let mut rec: serde_json::Value = serde_json::from_str(&line).expect("json");
+    rec["run"]["lora_dora"] = serde_json::json!(true);
+    let plain = row_of_line(&line);
+    let dora = row_of_line(&rec.to_string());
+    assert_eq!(plain.estimated_trainable, 2_252_800);
+    assert_eq!(dora.estimated_trainable, 2_252_800 + 22 * (2_048 + 256));
+    assert!(dora.estimated_peak > plain.estimated_peak);
+}

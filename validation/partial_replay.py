@@ -1,4 +1,4 @@
-"""Full-size fake replays of BitFit, LN tuning and freezing (validation/partial.jsonl): peak_live.py's tracker and
+"""Full-size fake replays of BitFit, LN tuning, freezing and DoRA (validation/partial.jsonl): peak_live.py's tracker and
 CUDA mirrors, with the method applied as `ftplan measure`'s harness (harness/measure.py) applies it: fp32 weights,
 bf16 autocast, `enable_input_require_grads` under checkpointing.
 
@@ -34,6 +34,8 @@ def ln_tuning(model):
     return model
 
 def apply_method(model, run, dev, rec):
+    if run.get("lora_dora"):  # DoRA: measure.py's LoRA has no `use_dora`; the harness's has
+        return H.apply_method(model, run, bool(getattr(model.config, "is_encoder_decoder", False)))
     if run["method"] == "ln_tuning":
         return ln_tuning(model)
     if run["method"] in PARTIAL:
