@@ -207,12 +207,10 @@ impl Builder<'_> {
         };
         // Backward: nll_loss's gradient beside everything the loss keeps; then, once its copy
         // has gone, log_softmax's incoming and outgoing gradients beside its output.
-        let backward_transient = nll_dtype
-            .bytes(elements)
-            .max(logp_dtype.bytes(elements) * 2 - nll_cast);
+        let vocab_grad = nll_dtype.bytes(elements);
+        let backward_transient = vocab_grad.max(logp_dtype.bytes(elements) * 2 - nll_cast);
         // Traffic: a conversion to fp32 before or after log_softmax moves the fp32 bytes.
         let widened = upcast.max(nll_cast);
-        let vocab_grad = nll_dtype.bytes(elements);
         self.emit(OpSpec {
             name: Name::root("loss"),
             kind: OpKind::Loss,
@@ -223,8 +221,8 @@ impl Builder<'_> {
             forward_transient: logits.bytes() + upcast + hidden,
             backward_transient,
             cost: Cost {
-                forward_flops: Flops(5.0 * (tokens * vocab) as f64),
-                input_grad_flops: Flops(4.0 * (tokens * vocab) as f64),
+                forward_flops: Flops(5.0 * elements as f64),
+                input_grad_flops: Flops(4.0 * elements as f64),
                 forward_bytes: logits.bytes() + widened * 3,
                 backward_bytes: vocab_grad * 4 + logits.bytes(),
                 // float, pad, slice, contiguous, views, log_softmax, nll_loss.
