@@ -34,11 +34,10 @@ def ln_tuning(model):
     return model
 
 def apply_method(model, run, dev, rec):
-    if run.get("lora_dora"):  # DoRA: measure.py's LoRA has no `use_dora`; the harness's has
-        return H.apply_method(model, run, bool(getattr(model.config, "is_encoder_decoder", False)))
     if run["method"] == "ln_tuning":
         return ln_tuning(model)
-    if run["method"] in PARTIAL:
+    # BitFit, freezing, and DoRA (measure.py's LoRA has no `use_dora`): as the harness applies them.
+    if run["method"] in PARTIAL or run.get("lora_dora"):
         return H.apply_method(model, run, bool(getattr(model.config, "is_encoder_decoder", False)))
     return _apply(model, run, dev, rec)
 
@@ -51,44 +50,12 @@ def settings(run, smoke, rec):
 
 M.apply_method, M.settings = apply_method, settings
 
-# peft's LN tuning moves each copied norm with `module.to(weight.device)`; under FakeTensorMode nn.Module._apply
-# swaps parameters and refuses fake ones (see measure.py's fake_mode). Everything is on the CPU already, so a move
-# that cannot swap is the identity here.
-_to = torch.nn.Module.to
-def _to_or_same(self, *args, **kwargs):
-    try:
-        return _to(self, *args, **kwargs)
-    except RuntimeError as e:
-        if "Couldn't swap" not in str(e):
-            raise
-        return self
-torch.nn.Module.to = _to_or_same
 M.FROZEN_BASE = M.FROZEN_BASE | PARTIAL   # enable_input_require_grads under checkpointing, as the harness does
 
-def run_one(base, run, steps=2):
-    rec = {"run": run, "notes": []}
-    dev = torch.device("cpu")
-    batch, seq, wdtype, use_autocast = M.settings(run, False, rec)
-    M.mirror_cuda_autocast_fp32_ops(); PL.mirror_cuda_strided_mask_rule(); PL.mirror_cuda_dropout(); PL.mirror_cuda_cross_entropy()
-    with M.fake_mode(), M.unpacked_batches():
-        torch.manual_seed(0)
-        model, cfg = M.build(run, dev, False, wdtype, rec)
-        PL.never_drop(model)
-        model, params = M.prepare(model, run, dev, rec)
-        opt, _ = M.make_optimizer(run, params, dev)
-        data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
-        peaks = []
-        for step in range(steps):
-            states = [s for st in opt.state.values() for s in st.values() if isinstance(s, torch.Tensor)]
-            live = PL.Live(list(model.parameters()) + list(model.buffers()) + list(data.values()) + states)
-            with live:
-                loss, _ = M.train_step(model, data, opt, params, dev.type, use_autocast)
-            del loss
-            peaks.append(live.peak)
-    return dict(peak_plain_bytes=max(peaks), peak_plain_by_step=peaks, params_trainable=sum(p.numel() for p in params),
-                params_total=sum(p.numel() for p in model.parameters()), weight_dtype=rec.get("weight_dtype"))
-
 if __name__ == "__main__":
-    base_file, base_name, run = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    base = PL.from_record(base_file, base_name)  # registers the record's config under its model name
-    print(json.dumps(run_one(base, run)))
+    run = json.loads(sys.argv[3])
+    PL.from_record(sys.argv[1], sys.argv[2])  # registers the record's config under its model name
+    steps, rec = PL.replay(run, 2)
+    peaks = [peak for peak, _ in steps]
+    print(json.dumps(dict(peak_plain_bytes=max(peaks), peak_plain_by_step=peaks,
+                          **{k: rec.get(k) for k in ("params_trainable", "params_total", "weight_dtype")})))

@@ -267,6 +267,20 @@ def main():
     ap.add_argument("--json", action="store_true", help="print only {\"peak_plain_bytes\": ..., \"peak_plain_by_step\": [...]}")
     a = ap.parse_args()
     run = from_record(a.record, a.run) if a.record else json.loads(a.run)
+    steps, _ = replay(run, a.steps)
+    if a.json:
+        peaks = [peak for peak, _ in steps]
+        print(json.dumps({"peak_plain_bytes": max(peaks), "peak_plain_by_step": peaks}))
+        return
+    for step, (peak, (made_by, alive)) in enumerate(steps, 1):
+        print(f"step {step}: peak {peak} B at {made_by}")
+        print_live(alive, a.top)
+
+
+def replay(run, steps):
+    """`steps` training steps of `run` at full size under FakeTensorMode on CPU, with CUDA's autocast, dropout and
+    cross entropy mirrored. Returns each step's (peak, (op at the peak, live set there)) and the run's record
+    (measure.py's settings, build and method fields, `params_trainable` and `params_total` among them)."""
     rec = {"run": run, "notes": []}
     dev = torch.device("cpu")
     batch, seq, wdtype, use_autocast = M.settings(run, False, rec)
@@ -274,28 +288,24 @@ def main():
     mirror_cuda_strided_mask_rule()
     mirror_cuda_dropout()
     mirror_cuda_cross_entropy()
+    out = []
     with M.fake_mode(), M.unpacked_batches():
         torch.manual_seed(0)
         model, cfg = M.build(run, dev, False, wdtype, rec)
         never_drop(model)
         model, params = M.prepare(model, run, dev, rec)
+        rec.update(params_trainable=sum(p.numel() for p in params),
+                   params_total=sum(p.numel() for p in model.parameters()))
         opt, _ = M.make_optimizer(run, params, dev)
         data = M.make_batch(run, batch, seq, cfg.vocab_size, dev)
-        peaks = []
-        for step in range(1, a.steps + 1):
+        for _ in range(steps):
             states = [s for st in opt.state.values() for s in st.values() if isinstance(s, torch.Tensor)]
             live = Live(list(model.parameters()) + list(model.buffers()) + list(data.values()) + states)
             with live:
                 loss, _ = M.train_step(model, data, opt, params, dev.type, use_autocast)
             del loss
-            made_by, alive = live.at
-            peaks.append(live.peak)
-            if a.json:
-                continue
-            print(f"step {step}: peak {live.peak} B at {made_by}")
-            print_live(alive, a.top)
-    if a.json:
-        print(json.dumps({"peak_plain_bytes": max(peaks), "peak_plain_by_step": peaks}))
+            out.append((live.peak, live.at))
+    return out, rec
 
 
 if __name__ == "__main__":
