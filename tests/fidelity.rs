@@ -1181,6 +1181,42 @@ fn a_head_major_query_makes_the_attention_output_a_copy_the_output_projection_ke
 }
 
 #[test]
+fn a_rotary_that_concatenates_makes_q_head_major_even_over_the_whole_head() {
+    // Phi-3's `apply_rotary_pos_emb` returns `torch.cat([q_rot * cos + rotate_half(q_rot) *
+    // sin, q_pass], dim=-1)` whatever `partial_rotary_factor` is; at 1.0 `q_pass` is empty,
+    // but `cat` still writes a new tensor in the default format: head-major. Phi-3-mini
+    // (32 layers, hidden 3,072) full fine-tuning, batch 2 x 1,024: per layer the attention
+    // output's bf16 copy, 2 x 1,024 x 3,072 x 2 = 12,582,912 B, kept by `o_proj` beside the
+    // output SDPA saved; 32 x 12,582,912 = 402,653,184 B, the whole of what the estimate had
+    // missed against the hook-free replay (-402,923,912 B, -0.62 %; over 8 FSDP ranks -2.30 %).
+    let row = shipped_run(
+        "validation/families.jsonl",
+        "phi-3-mini|full|b2|s1024|gc0|sdpa",
+    );
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let copy = op_named(&g, "decoder.layers.1+30.self_attn.core.out_copy");
+    assert_eq!(copy.forward_transient.0, 12_582_912);
+    assert_eq!(row.measured_peak - row.estimated_peak, 270_728);
+    // The `cat` is one more copy kernel on each of q and k: the sum and the copy (fp32 under
+    // autocast, the tables being fp32) alive together, 2 x 2 x 1,024 x 3,072 x 4 B.
+    let rotary = op_named(&g, "decoder.layers.1+30.self_attn.rotary_q");
+    assert_eq!(rotary.cost.forward_kernels, 8);
+    assert_eq!(rotary.forward_transient.0, 50_331_648);
+    let fsdp = shipped_run(
+        "validation/fsdp.jsonl",
+        "phi-3-mini|full|b2|s1024|gc0|sdpa|fsdp|w8",
+    );
+    assert!(fsdp.error.abs() < 0.001, "{:+.2}%", fsdp.error * 100.0);
+    // Phi-3.5-MoE's (PhiMoE's) rotary is Llama's: q stays token-major.
+    let moe = model("phi-3.5-moe");
+    let g = ftplan::graph::arch::build(
+        &moe,
+        &plan(Method::Full, Precision::MixedBf16, 1, 512, 0, false),
+    );
+    assert!(g.ops().all(|o| !g.name(o.name).ends_with("out_copy")));
+}
+
+#[test]
 fn a_tied_embedding_read_uncast_by_its_head_sums_its_two_gradients_out_of_place() {
     // GPT-2 (tied wte, 50,257 x 768), batch 1, 128 tokens: backward ends at the input
     // embedding's backward, with every gradient held, where the head's gradient of the tied

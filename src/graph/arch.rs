@@ -785,14 +785,15 @@ fn self_attention_ops(
         );
     } else if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
         let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;
-        // Partial rotary rebuilds q as `cat((q_rot, q_pass), dim=-1)`: a new, head-major tensor.
-        q_head_major = rotary_width < stack.head_dim;
+        // Partial rotary rebuilds q as `cat((q_rot, q_pass), dim=-1)`: a new, head-major tensor;
+        // some families' rotary does so even with nothing to pass through.
+        q_head_major = rotary_width < stack.head_dim || model.family.rotary_concatenates();
         (q, k) = b.rotary_qk(
             (name.at("rotary_q"), name.at("rotary_k")),
             (q, k),
             embed_dtype,
             model.rotary_apply,
-            (seq, rotary_width),
+            (seq, rotary_width, model.family.rotary_concatenates()),
         );
     }
     if kv_shared {
@@ -1060,7 +1061,8 @@ fn latent_attention(
         (q_rope, k_rope),
         embed_dtype,
         RotaryApply::Shared,
-        (seq, mla.rope_dim),
+        // The `cat` with the non-rotary part is `q_cat` and `k_cat` below.
+        (seq, mla.rope_dim, false),
     );
     // torch.cat of the plain and rotary parts (the shared rotary key expanded to every head).
     let q_nope = Val {

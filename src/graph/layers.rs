@@ -536,14 +536,15 @@ impl Builder<'_> {
     /// Rotary embeddings on q and k, as the family's `apply_rotary_pos_emb` runs them; the
     /// tables are `(seq, rotary_width)`: one sequence's positions (transformers builds
     /// `position_ids` as `cache_position.unsqueeze(0)`, batch 1, when none are passed) by the
-    /// rotated part of one head.
+    /// rotated part of one head. `concatenated`: the family rebuilds q and k as `cat([rotated,
+    /// pass], dim=-1)` (`Family::rotary_concatenates`), one more copy of each.
     pub fn rotary_qk(
         &mut self,
         names: (Name, Name),
         (q, k): (Val, Val),
         cos_dtype: DType,
         apply: RotaryApply,
-        (seq, rotary_width): (u64, u64),
+        (seq, rotary_width, concatenated): (u64, u64, bool),
     ) -> (Val, Val) {
         // GLM's and ERNIE's per-layer `cos[..., :half].repeat_interleave(2, dim=-1)` (and sin's):
         // two new (1, 1, seq, rotary width) tensors that both q's and k's multiplies keep.
@@ -561,7 +562,19 @@ impl Builder<'_> {
             None => SmallVec::new(),
         };
         let (q_op, q) = self.rotary(names.0, q, cos_dtype, apply, tables.clone());
-        let (_, k) = self.rotary(names.1, k, cos_dtype, apply, tables);
+        let (k_op, k) = self.rotary(names.1, k, cos_dtype, apply, tables);
+        if concatenated {
+            for (op, out) in [(q_op, q), (k_op, k)] {
+                if let Some(o) = self.graph.op_mut(op) {
+                    // The `cat`: one kernel reading the rotated and pass-through parts and
+                    // writing the whole, beside the sum it copies. Its backward hands on
+                    // slices of the gradient (views, no kernel).
+                    o.cost.forward_kernels += 1;
+                    o.cost.forward_bytes += out.bytes() * 2;
+                    o.forward_transient = o.forward_transient.max(out.bytes() * 2);
+                }
+            }
+        }
         if let (Some(bytes), Some(o)) = (table_bytes, self.graph.op_mut(q_op)) {
             // Per table: the slice, `unsqueeze` and `repeat_interleave` (an expand and one copy
             // kernel reading half a table and writing a whole one); on q's op, which runs first.

@@ -222,6 +222,30 @@ impl Family {
         )
     }
 
+    /// Its `apply_rotary_pos_emb` (or attention) rebuilds q and k as `torch.cat([rotated,
+    /// pass], dim=-1)` whatever the rotary fraction, the pass-through part empty when it is 1
+    /// (transformers 5.17: Phi-3, GPT-NeoX, GLM-4, GLM-4.5, Nemotron, MiniMax-M2, Qwen3.5,
+    /// Qwen3-Next, and Phi and StableLM in their attention). `cat` writes a new tensor in the
+    /// default (contiguous) format (`compute_output_memory_format` in aten's `TensorShape.cpp`),
+    /// so q arrives at the attention head-major, as under partial rotary. Llama's form, `q * cos
+    /// + rotate_half(q) * sin`, keeps q's token-major layout instead.
+    pub fn rotary_concatenates(self) -> bool {
+        matches!(
+            self,
+            Family::Phi
+                | Family::Phi3
+                | Family::GptNeox
+                | Family::Glm4
+                | Family::Glm4Moe
+                | Family::StableLm
+                | Family::Nemotron
+                | Family::MinimaxM2
+                | Family::Qwen35
+                | Family::Qwen35Moe
+                | Family::Qwen3Next
+        )
+    }
+
     /// The eager attention's softmax runs in the scores' own dtype (`softmax(attn_weights,
     /// dim=-1)` in transformers 5.17's `eager_attention_forward` for GPT-2, T5, mT5, the BART
     /// family and Llama 4's text model), or in the block input's (Falcon's
