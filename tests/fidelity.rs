@@ -1368,6 +1368,52 @@ fn eager_attentions_softmax_backward_holds_v_gradient_not_q_and_k() {
 }
 
 #[test]
+fn falcons_checkpointed_forward_holds_the_unmasked_scores_and_the_returned_probabilities() {
+    // Falcon-40B LoRA on `query_key_value` (frozen bf16 base, autocast), eager, checkpointed,
+    // batch 1 x 1,024, 128 heads: one bf16 score matrix S is 128 x 1,024^2 x 2 = 268,435,456 B,
+    // the fp32 probabilities P twice that. Inside a block's first forward, at softmax, Falcon's
+    // `F.softmax(attention_scores + attention_mask, dtype=hidden_states.dtype)` holds the
+    // scores, their masked sum, the sum's fp32 copy (aten `softmax`: `input.toType(dtype)`) and
+    // the output: 2 x 268,435,456 + 2 x 536,870,912 = 1,610,612,736 B. Of that the op saves P
+    // and the bf16 copy the product with v keeps (805,306,368), leaving 805,306,368; and the
+    // previous block's returned P (`return output, attn_weights`, held by the model's loop),
+    // which a checkpointed block saves nowhere, is 536,870,912 more. With the output (1,024 x
+    // 8,192 x 2 = 16,777,216): 1,358,954,496 B. The estimate had 2 S and no returned P: the
+    // replay was 572 MB (-0.66 %) above it, and 1.02 % over 4 FSDP ranks.
+    let row = shipped_run(
+        "validation/families.jsonl",
+        "falcon-40b|lora|b1|s1024|gc1|eager|r16|query_key_value",
+    );
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let core = op_named(&g, "decoder.layers.1+58.attn.core");
+    assert_eq!(core.forward_transient.0, 1_358_954_496);
+    for (file, name) in [
+        ("validation/families.jsonl", row.name.as_str()),
+        (
+            "validation/fsdp.jsonl",
+            "falcon-40b|lora|b1|s1024|gc1|eager|r16|query_key_value|fsdp|w4",
+        ),
+    ] {
+        let r = shipped_run(file, name);
+        assert!(r.error.abs() < 0.001, "{name}: {:+.2}%", r.error * 100.0);
+    }
+    // Llama's `eager_attention_forward` rebinds one name, so only the masked scores are read
+    // while softmax runs: S + 2 P at that moment less what the op saves (P and the bf16 copy),
+    // 2 S, as before. TinyLlama (32 heads), batch 2 x 1,024: S = 134,217,728 B; the output is
+    // 2 x 1,024 x 2,048 x 2 = 8,388,608 B.
+    let tiny = model("tinyllama-1.1b");
+    let g = graph::build(
+        &tiny,
+        &Plan {
+            attention: AttentionKernel::Eager,
+            ..plan(Method::Full, Precision::MixedBf16, 2, 1024, 0, false)
+        },
+    );
+    let core = op_named(&g, "decoder.layers.1+20.self_attn.core");
+    assert_eq!(core.forward_transient.0, 2 * 134_217_728 + 8_388_608);
+}
+
+#[test]
 fn falcon_and_llama4_softmax_in_their_inputs_dtype_without_autocast() {
     // Falcon's eager attention calls `softmax(scores + mask, dim=-1, dtype=hidden_states.dtype)`
     // with `hidden_states` the block's LayerNorm output, and Llama 4's text attention

@@ -2,7 +2,7 @@
 
 use super::build::{Builder, OpSpec, Val};
 use crate::graph::op::{AttentionPath, Cost, Name, OpKind, TensorId, TensorKind};
-use crate::spec::model::Stack;
+use crate::spec::model::{ReturnedWeights, Stack};
 use crate::spec::plan::AttentionKernel;
 use crate::units::{Bytes, DType, Flops};
 use smallvec::SmallVec;
@@ -274,18 +274,62 @@ impl Builder<'_> {
                     if copy_kept {
                         saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
                     }
-                    fwd_extra += compute.bytes(scores) * 2;
-                    if self.model.returns_attention_weights && (self.plan.grad_ckpt || !copy_kept) {
-                        // The previous block's probabilities, returned and still held by the
-                        // model's loop while this block runs, where nothing saved them
-                        // (a checkpointed block keeps none).
-                        fwd_extra += compute.bytes(scores);
+                    // The forward's worst moment, of three: the scores and their scaled or
+                    // masked copy; softmax, with the scores it reads (and, in Falcon and BLOOM,
+                    // the unmasked ones still referenced), its upcast input and its output;
+                    // the probabilities and their cast (or dropout's output and mask). A bf16
+                    // input asked for fp32 is copied first (`softmax` in aten SoftMax.cpp:
+                    // `input.toType(dtype)`); only CUDA's fp16 takes the `half_to_float` kernel
+                    // and no copy. What the op saves is already held; the rest is transient.
+                    let s = compute.bytes(scores);
+                    let upcast = softmax_dtype != compute && compute != DType::F16;
+                    let held = if self.model.family.eager_scores_held_through_softmax() {
+                        2
+                    } else {
+                        1
+                    };
+                    let probs = softmax_dtype.bytes(scores);
+                    let cast = if softmax_dtype != compute {
+                        s
+                    } else {
+                        Bytes::ZERO
+                    };
+                    let dropped = if p_drop > 0.0 {
+                        s + DType::U8.bytes(scores)
+                    } else {
+                        Bytes::ZERO
+                    };
+                    let worst = (s * 2)
+                        .max(s * held + if upcast { probs } else { Bytes::ZERO } + probs)
+                        .max(probs + cast + dropped);
+                    let mut kept = Bytes::ZERO;
+                    if scores_grad {
+                        kept += probs;
+                        if p_drop > 0.0 {
+                            kept += DType::U8.bytes(scores);
+                        }
                     }
-                    if softmax_dtype != compute && p_drop == 0.0 {
+                    if copy_kept {
+                        kept += s;
+                    }
+                    fwd_extra += worst - kept;
+                    // The previous block's probabilities, returned and still held by the
+                    // model's loop while this block runs, where nothing saved them (a
+                    // checkpointed block keeps none).
+                    match self.model.returned_weights {
+                        ReturnedWeights::Cast if self.plan.grad_ckpt || !copy_kept => {
+                            fwd_extra += compute.bytes(scores);
+                        }
+                        ReturnedWeights::Softmax if self.plan.grad_ckpt || !scores_grad => {
+                            fwd_extra += softmax_dtype.bytes(scores);
+                        }
+                        _ => {}
+                    }
+                    if p_drop == 0.0 {
                         // Backward through softmax holds its incoming gradient (upcast by the
-                        // `.to()` backward) and its result, both in the softmax's fp32; the bf16
-                        // probabilities the matmul with v kept are released when that matmul's
-                        // backward has run: two fp32 score matrices less the bf16 copy.
+                        // `.to()` backward where there is a cast) and its result, both in the
+                        // softmax's dtype; a bf16 copy the matmul with v kept is released when
+                        // that matmul's backward has run: two score matrices less the copy.
                         let released = if copy_kept {
                             compute.bytes(scores)
                         } else {

@@ -5,7 +5,8 @@ use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
     Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
-    RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap, Ssm, Stack,
+    ReturnedWeights, RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap,
+    Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -1475,6 +1476,7 @@ fn bloom(r: &Reader) -> Result<ModelSpec> {
         linear_bias: true,
         fused_qkv: true,
         embedding_norm: true,
+        returned_weights: ReturnedWeights::Cast,
         dropout: Dropouts {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             residual: r.f64_or(&["hidden_dropout"], 0.0)?,
@@ -1538,7 +1540,7 @@ fn mpt(r: &Reader) -> Result<ModelSpec> {
         fused_qkv: true,
         sdpa: false,
         flash_attention: false,
-        returns_attention_weights: true,
+        returned_weights: ReturnedWeights::Cast,
         dropout: Dropouts {
             attention: attn_pdrop,
             residual: attn_pdrop,
@@ -1790,7 +1792,7 @@ fn gpt_neo_attention(base: ModelSpec) -> ModelSpec {
     ModelSpec {
         sdpa: false,
         attention_upcast: true,
-        returns_attention_weights: true,
+        returned_weights: ReturnedWeights::Cast,
         ..base
     }
 }
@@ -2083,6 +2085,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
             ..Dropouts::default()
         },
         parallel_two_norms: new_decoder,
+        returned_weights: ReturnedWeights::Softmax,
         ..ModelSpec::of_family(Family::Falcon)
     })
 }

@@ -246,6 +246,14 @@ impl Family {
         )
     }
 
+    /// The eager attention keeps its unmasked scores referenced while softmax runs on their
+    /// masked sum (transformers 5.17: Falcon's `F.softmax(attention_scores + attention_mask,
+    /// ...)`, BLOOM's `attention_scores` local beside `attn_weights = attn_weights +
+    /// attention_mask`); the other families rebind one name, and the unmasked scores go.
+    pub fn eager_scores_held_through_softmax(self) -> bool {
+        matches!(self, Family::Falcon | Family::Bloom)
+    }
+
     /// The eager attention's softmax runs in the scores' own dtype (`softmax(attn_weights,
     /// dim=-1)` in transformers 5.17's `eager_attention_forward` for GPT-2, T5, mT5, the BART
     /// family and Llama 4's text model), or in the block input's (Falcon's
@@ -772,9 +780,9 @@ pub struct ModelSpec {
     /// `_attn`: `query.to(torch.float32)`): without autocast the scores are fp32 and the
     /// matmul keeps the fp32 copies.
     pub attention_upcast: bool,
-    /// Each block returns its eager attention probabilities and the model's layer loop holds
-    /// them (`outputs = block(...)`) until the next block returns (GPT-Neo, GPT-J, CodeGen).
-    pub returns_attention_weights: bool,
+    /// What each block returns to the model's layer loop besides its hidden states: the loop
+    /// holds it (`outputs = block(...)`) until the next block returns.
+    pub returned_weights: ReturnedWeights,
     /// Non-parameter module buffers moved to the GPU with the model and kept there for the
     /// whole run (GPTBigCode's causal-mask table).
     pub buffers: crate::units::Bytes,
@@ -888,6 +896,22 @@ pub enum ExpertGate {
     /// GPT-OSS (`GptOssExperts._apply_gate`): gate and up interleaved in one projection, each
     /// clamped to the SwiGLU limit, then `(up + 1) * gate * sigmoid(1.702 gate)`.
     ClampedSwiglu,
+}
+
+/// The eager attention probabilities a block returns with its hidden states (transformers 5.17:
+/// `return output, attn_weights` in the decoder layers of GPT-Neo, GPT-J, CodeGen, BLOOM, MPT and
+/// Falcon; the newer families return hidden states only). The model's loop keeps them while the
+/// next block runs, where nothing else may (a checkpointed block saves nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReturnedWeights {
+    None,
+    /// Softmax's own output, which its backward keeps (Falcon's `F.softmax(..., dtype=
+    /// hidden_states.dtype)`: fp32 under autocast, which computes the LayerNorm before in fp32).
+    Softmax,
+    /// The probabilities cast to the values' dtype (or dropout's output), which the product
+    /// with v keeps (GPT-Neo, GPT-J, CodeGen, BLOOM, MPT).
+    Cast,
 }
 
 /// How the attention applies the model's rotary cos/sin tables to q and k (transformers'
@@ -1024,7 +1048,7 @@ impl ModelSpec {
             sdpa: true,
             flash_attention: true,
             attention_upcast: false,
-            returns_attention_weights: false,
+            returned_weights: ReturnedWeights::None,
             buffers: crate::units::Bytes::ZERO,
         }
     }
