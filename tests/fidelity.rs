@@ -85,6 +85,16 @@ fn shipped_run(file: &str, name: &str) -> ftplan::validate::Row {
         .expect("the run is in the file")
 }
 
+/// Asserts a compared run's relative error is under `bound`, naming the run.
+fn within(row: &ftplan::validate::Row, bound: f64) {
+    assert!(
+        row.error.abs() < bound,
+        "{}: {:+.3}%",
+        row.name,
+        row.error * 100.0
+    );
+}
+
 /// A run of validation/sweep.jsonl compared with its H200 estimate, by name.
 fn sweep_run(name: &str) -> ftplan::validate::Row {
     shipped_run("validation/sweep.jsonl", name)
@@ -1010,7 +1020,7 @@ fn checkpointed_t5_keeps_its_position_biases_and_its_math_backward_holds_three_s
     // allocating nothing). With the op's bf16 output (12,582,912): 264,241,152.
     assert_eq!(core.forward_transient.0, 264_241_152);
     // The run peaks at the loss; the estimate equals the hook-free replay's peak within 0.1 %.
-    assert!(row.error.abs() < 0.001, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.001);
     // With adapters over 8 ranks (sharded weights, so activations dominate) the estimate had
     // peaked in the last encoder block's forward, one score matrix too high (+2.5 %); it now
     // peaks in backward, as the replay does, within 1 %.
@@ -1018,7 +1028,7 @@ fn checkpointed_t5_keeps_its_position_biases_and_its_math_backward_holds_three_s
         "validation/fsdp.jsonl",
         "t5-base|adapter|b16|s(512, 128)|gc1|sdpa|fsdp|w8",
     );
-    assert!(fsdp.error.abs() < 0.01, "{:+.2}%", fsdp.error * 100.0);
+    within(&fsdp, 0.01);
 }
 
 #[test]
@@ -1139,17 +1149,17 @@ fn repeat_kv_from_one_kv_head_is_a_view_that_only_autocast_copies() {
         "gemma-4-31b-6l|lora|b2|s2048|gc0|sdpa|r16|all",
     ] {
         let row = row(run);
-        assert!(row.error.abs() < 0.001, "{run}: {:+.2}%", row.error * 100.0);
+        within(row, 0.001);
     }
     let prefix = sweep_run("gemma-2b|prefix|b2|s1024|gc0|sdpa");
-    assert!(prefix.error.abs() < 0.001, "{:+.2}%", prefix.error * 100.0);
+    within(&prefix, 0.001);
     // Eager attention's `matmul` folds batch and heads into one `bmm` batch: at batch 1 a single
     // KV head folds as a view too. Falcon-7B (71 heads over one KV head of 64), adapters, 1 x
     // 1,024 tokens: each layer had been charged keys and values for all 71 heads (1 x 1,024 x
     // 4,544 x 2 = 9,306,112 B each, 2 x 31 x that = 576,978,944 B over the 31 layers whose
     // attention backward reaches) and read +1.82 %; the replay keeps the one head.
     let falcon = sweep_run("falcon-7b|adapter|b1|s1024|gc0|eager");
-    assert!(falcon.error.abs() < 0.001, "{:+.2}%", falcon.error * 100.0);
+    within(&falcon, 0.001);
 }
 
 #[test]
@@ -1206,7 +1216,7 @@ fn a_rotary_that_concatenates_makes_q_head_major_even_over_the_whole_head() {
         "validation/fsdp.jsonl",
         "phi-3-mini|full|b2|s1024|gc0|sdpa|fsdp|w8",
     );
-    assert!(fsdp.error.abs() < 0.001, "{:+.2}%", fsdp.error * 100.0);
+    within(&fsdp, 0.001);
     // Phi-3.5-MoE's (PhiMoE's) rotary is Llama's: q stays token-major.
     let moe = model("phi-3.5-moe");
     let g = ftplan::graph::arch::build(
@@ -1249,7 +1259,7 @@ fn a_tied_embedding_read_uncast_by_its_head_sums_its_two_gradients_out_of_place(
     // the encoder's lookup, adds into that sum in place. With the sum the estimate moved from
     // -2.07 % to -0.36 %.
     let row = sweep_run("bart-large|full_bf16|b4|s(512, 128)|gc0|eager");
-    assert!(row.error.abs() < 0.005, "{}", row.error);
+    within(&row, 0.005);
 }
 
 #[test]
@@ -1269,7 +1279,7 @@ fn the_replays_sum_gradients_as_the_engine_does_on_real_tensors() {
         .find(|r| r.name == "gemma-4-31b-6l|full|b1|s2048|gc0|sdpa")
         .expect("the run is in the file");
     assert_eq!(gemma.measured_peak, 75_720_937_824);
-    assert!(gemma.error.abs() < 0.002, "{}", gemma.error);
+    within(gemma, 0.002);
 }
 
 /// The gradients named by an op's `grads`, in bytes.
@@ -1306,7 +1316,7 @@ fn a_residual_keeps_the_sums_gradient_while_its_branch_runs_backward() {
         held_grads(&g, "decoder.layers.0.self_attn.o_proj"),
         [16_777_216]
     );
-    assert!(row.error.abs() < 0.0001, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.0001);
 }
 
 #[test]
@@ -1331,7 +1341,7 @@ fn a_mixed_dtype_products_backward_makes_both_gradients_in_the_wider_dtype() {
         [6_291_456]
     );
     assert_eq!(held_grads(&g, "encoder.layers.0.adapter.up"), [6_291_456]);
-    assert!(row.error.abs() < 0.005, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.005);
     // GPT-J's gelu_new ends `(0.5 * x) * (1 + tanh(...))`, bf16 times fp32 under autocast. GPT-J-6B
     // with LoRA on every linear, batch 4 x 2,048, checkpointed (validation/families.jsonl), peaks
     // in the last block's backward of that product: its incoming fp32 gradient (the sum of the
@@ -1345,7 +1355,7 @@ fn a_mixed_dtype_products_backward_makes_both_gradients_in_the_wider_dtype() {
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let mul = op_named(&g, "decoder.layers.0.mlp.act.mul");
     assert_eq!(mul.backward_transient.0, 1_610_612_736);
-    assert!(row.error.abs() < 0.001, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.001);
 }
 
 #[test]
@@ -1364,7 +1374,7 @@ fn eager_attentions_softmax_backward_holds_v_gradient_not_q_and_k() {
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let core = op_named(&g, "decoder.layers.0.self_attn.core");
     assert_eq!(core.backward_transient.0, 3_288_334_336);
-    assert!(row.error.abs() < 0.003, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.003);
 }
 
 #[test]
@@ -1395,7 +1405,7 @@ fn falcons_checkpointed_forward_holds_the_unmasked_scores_and_the_returned_proba
         ),
     ] {
         let r = shipped_run(file, name);
-        assert!(r.error.abs() < 0.001, "{name}: {:+.2}%", r.error * 100.0);
+        within(&r, 0.001);
     }
     // Llama's `eager_attention_forward` rebinds one name, so only the masked scores are read
     // while softmax runs: S + 2 P at that moment less what the op saves (P and the bf16 copy),
@@ -1462,11 +1472,7 @@ fn falcon_and_llama4_softmax_in_their_inputs_dtype_without_autocast() {
         ),
     ] {
         let row = shipped_run(file, name);
-        assert!(
-            row.error.abs() < 0.002,
-            "{name}: {:+.3}%",
-            row.error * 100.0
-        );
+        within(&row, 0.002);
     }
 }
 
@@ -1498,7 +1504,7 @@ fn a_hybrids_blocks_are_released_in_the_models_order_not_the_walks() {
         .as_cpu_replay();
     let m = ftplan::memory::estimate(&g, &row.plan, &hw);
     assert!(m.peak_op.ends_with("self_attn.core"), "{}", m.peak_op);
-    assert!(row.error.abs() < 0.003, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.003);
     // Each block of a group gets its own moment. An 8-layer LFM2-8B-A1B in full mixed
     // precision (no checkpointing) peaks in block 2's experts backward, the second of the
     // group built for blocks 2 and 6: by then blocks 3-5 (another group) have made their fp32
@@ -1508,7 +1514,7 @@ fn a_hybrids_blocks_are_released_in_the_models_order_not_the_walks() {
         "validation/families.jsonl",
         "lfm2-8b-a1b-8l|full|b2|s2048|gc0|sdpa",
     );
-    assert!(moe.error.abs() < 0.002, "{:+.3}%", moe.error * 100.0);
+    within(&moe, 0.002);
 }
 
 #[test]
@@ -1528,14 +1534,14 @@ fn the_last_hidden_state_is_alive_until_the_loss_is_computed() {
     );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     assert_eq!(op_named(&g, "loss").forward_transient.0, 4_999_610_368);
-    assert!(row.error.abs() < 0.0005, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.0005);
     // TinyLlama full mixed bf16, batch 4 x 2,048, checkpointed, measured on an H200
     // (validation/measured.jsonl): -0.35 % before, now within 0.05 %.
     let h200 = shipped_run(
         "validation/measured.jsonl",
         "tinyllama-1.1b|full|b4|s2048|gc1|sdpa",
     );
-    assert!(h200.error.abs() < 0.0005, "{:+.3}%", h200.error * 100.0);
+    within(&h200, 0.0005);
 }
 
 #[test]
@@ -1588,11 +1594,7 @@ fn seq2seq_cross_entropy_under_cuda_autocast_keeps_16_bit_log_probabilities() {
         "bart-large|adapter|b8|s(512, 128)|gc0|sdpa",
     ] {
         let row = shipped_run("validation/measured.jsonl", name);
-        assert!(
-            row.error.abs() < 0.0025,
-            "{name}: {:+.3}%",
-            row.error * 100.0
-        );
+        within(&row, 0.0025);
     }
 }
 
@@ -1619,5 +1621,5 @@ fn ia3_holds_its_scaling_gradients_full_size_product() {
     // encoder block's feed-forward backward once the loss keeps 16-bit log-probabilities: the
     // product is 16 x 512 x 3,072 x 4 = 100,663,296 B, which the estimate lacked (-5.7 %).
     let row = sweep_run("t5-base|ia3|b16|s(512, 128)|gc1|sdpa");
-    assert!(row.error.abs() < 0.005, "{:+.3}%", row.error * 100.0);
+    within(&row, 0.005);
 }
