@@ -1217,6 +1217,23 @@ fn a_rotary_that_concatenates_makes_q_head_major_even_over_the_whole_head() {
         "phi-3-mini|full|b2|s1024|gc0|sdpa|fsdp|w8",
     );
     within(&fsdp, 0.001);
+    // Phi-4-mini is a `phi3` config rotating three quarters of each head
+    // (`partial_rotary_factor` 0.75, which Phi3RotaryEmbedding reads): the same `cat`.
+    let config = serde_json::json!({
+        "model_type": "phi3", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "partial_rotary_factor": 0.75
+    });
+    let mini = ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads");
+    assert_eq!(
+        mini.positions,
+        ftplan::spec::model::Positions::Rotary { fraction: 0.75 }
+    );
+    let g = graph::build(
+        &mini,
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
+    );
+    assert!(g.ops().any(|o| g.name(o.name).ends_with("out_copy")));
     // Phi-3.5-MoE's (PhiMoE's) rotary is Llama's: q stays token-major.
     let moe = model("phi-3.5-moe");
     let g = ftplan::graph::arch::build(

@@ -1232,9 +1232,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // `partial_rotary_factor` of the head and zeros for the rest, so cos and sin span
             // the whole head and rotary runs over all of it, as on the local layers.
             Positions::Rotary { fraction: 1.0 }
-        } else if family == Family::MinimaxM2 {
-            // MiniMaxM2RotaryEmbedding (GLM-4.5's): `partial_rotary_factor` from
-            // `rope_parameters`, 1.0 when absent.
+        } else if matches!(family, Family::MinimaxM2 | Family::Phi3) {
+            // MiniMaxM2RotaryEmbedding (GLM-4.5's) and Phi3RotaryEmbedding:
+            // `partial_rotary_factor` (Phi-4-mini's 0.75), 1.0 when absent.
             rotary_fraction(r, 1.0)?
         } else {
             base.positions
