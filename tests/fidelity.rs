@@ -1234,6 +1234,31 @@ fn a_rotary_that_concatenates_makes_q_head_major_even_over_the_whole_head() {
         &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
     );
     assert!(g.ops().any(|o| g.name(o.name).ends_with("out_copy")));
+    // GPT-NeoX's `cat` is unconditional too: a Pythia-1B config rotating whole heads (as
+    // transformers 5 saves it, `rope_parameters.partial_rotary_factor`) replays with one
+    // (4, 1,024, 8, 256) bf16 clone per layer, 16 x 16,777,216 B, as at a quarter.
+    let neox = serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 256, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
+        "rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    });
+    let neox = ftplan::spec::hf::parse_config("config.json", &neox, "toy", false).expect("reads");
+    assert_eq!(
+        neox.positions,
+        ftplan::spec::model::Positions::Rotary { fraction: 1.0 }
+    );
+    let g = graph::build(
+        &neox,
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
+    );
+    assert!(g.ops().any(|o| g.name(o.name).ends_with("out_copy")));
+    within(
+        &shipped_run(
+            "validation/families.jsonl",
+            "pythia-1b-fullrot|full|b4|s1024|gc0|sdpa",
+        ),
+        0.001,
+    );
     // Phi-3.5-MoE's (PhiMoE's) rotary is Llama's: q stays token-major.
     let moe = model("phi-3.5-moe");
     let g = ftplan::graph::arch::build(

@@ -1942,8 +1942,14 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
-        positions: Positions::Rotary {
-            fraction: r.f64_or(&["rotary_pct", "partial_rotary_factor"], 0.25)?,
+        // Hub configs write `rotary_pct`; transformers 5 saves `partial_rotary_factor`, in
+        // `rope_parameters`.
+        positions: if r.raw(&["rotary_pct"]).is_some() {
+            Positions::Rotary {
+                fraction: r.f64_or(&["rotary_pct"], 0.25)?,
+            }
+        } else {
+            rotary_fraction(r, 0.25)?
         },
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
         qkv_bias: r.bool_or(&["attention_bias"], true)?,
