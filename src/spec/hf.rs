@@ -1991,9 +1991,8 @@ fn phi(r: &Reader) -> Result<ModelSpec> {
         gated_ffn: false,
         activation: activation(r.path, &act, "hidden_act")?,
         norm: Norm::LayerNorm,
-        positions: Positions::Rotary {
-            fraction: r.f64_or(&["partial_rotary_factor"], 0.5)?,
-        },
+        // PhiConfig's default 0.5; top level or in `rope_parameters`.
+        positions: rotary_fraction(r, 0.5)?,
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
         qkv_bias: true,
         linear_bias: true,
