@@ -1439,6 +1439,11 @@ fn falcons_checkpointed_forward_holds_the_unmasked_scores_and_the_returned_proba
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let core = op_named(&g, "decoder.layers.1+58.attn.core");
     assert_eq!(core.forward_transient.0, 1_358_954_496);
+    // A block recomputed in backward runs alone: no returned P there. Its backward holds the
+    // repeated values' gradient (1,024 x 8,192 x 2 = 16,777,216) and the larger of the
+    // recomputed softmax moment's 805,306,368 and softmax backward's dP and dS in fp32 less the
+    // released bf16 copy (2 x 536,870,912 - 268,435,456 = 805,306,368): 822,083,584 B.
+    assert_eq!(core.backward_transient.0, 822_083_584);
     for (file, name) in [
         ("validation/families.jsonl", row.name.as_str()),
         (

@@ -32,6 +32,8 @@ impl Builder<'_> {
         let k_width = heads * head_dim;
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
         let mut fwd_extra = Bytes::ZERO;
+        // What the model's loop still holds from the previous block (eager, below).
+        let mut returned = Bytes::ZERO;
         // Kernels GPT-OSS's sink adds each way (cat, max, subtract; slice, max and cat
         // backward, the two gradients' sum, the sink's reduction).
         let mut sink_kernels = (0u32, 0u32);
@@ -315,16 +317,17 @@ impl Builder<'_> {
                     fwd_extra += worst - kept;
                     // The previous block's probabilities, returned and still held by the
                     // model's loop while this block runs, where nothing saved them (a
-                    // checkpointed block keeps none).
-                    match self.model.returned_weights {
+                    // checkpointed block keeps none). Only in the first forward: a block
+                    // recomputed in backward runs alone.
+                    returned = match self.model.returned_weights {
                         ReturnedWeights::Cast if self.plan.grad_ckpt || !copy_kept => {
-                            fwd_extra += compute.bytes(scores);
+                            compute.bytes(scores)
                         }
                         ReturnedWeights::Softmax if self.plan.grad_ckpt || !scores_grad => {
-                            fwd_extra += softmax_dtype.bytes(scores);
+                            softmax_dtype.bytes(scores)
                         }
-                        _ => {}
-                    }
+                        _ => Bytes::ZERO,
+                    };
                     if p_drop == 0.0 {
                         // Backward through softmax holds its incoming gradient (upcast by the
                         // `.to()` backward where there is a cast) and its result, both in the
@@ -395,7 +398,7 @@ impl Builder<'_> {
             kind: OpKind::Attention,
             params,
             saves: if grad { saves } else { SmallVec::new() },
-            forward_transient: out.bytes() + fwd_extra,
+            forward_transient: out.bytes() + fwd_extra + returned,
             // A checkpointed block recomputes its forward just before its backward: an op's
             // backward is charged the larger of its forward's and its backward's extras, unless
             // its backward is known to hold more than its recomputed forward (the math path).
