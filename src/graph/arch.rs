@@ -787,13 +787,14 @@ fn self_attention_ops(
         let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;
         // Partial rotary rebuilds q as `cat((q_rot, q_pass), dim=-1)`: a new, head-major tensor;
         // some families' rotary does so even with nothing to pass through.
-        q_head_major = rotary_width < stack.head_dim || model.family.rotary_concatenates();
+        let concatenated = model.family.rotary_concatenates();
+        q_head_major = rotary_width < stack.head_dim || concatenated;
         (q, k) = b.rotary_qk(
             (name.at("rotary_q"), name.at("rotary_k")),
             (q, k),
             embed_dtype,
             model.rotary_apply,
-            (seq, rotary_width, model.family.rotary_concatenates()),
+            (seq, rotary_width, concatenated),
         );
     }
     if kv_shared {

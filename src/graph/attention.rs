@@ -262,6 +262,8 @@ impl Builder<'_> {
                     bwd_extra += softmax_dtype.bytes(with_sink) * 2;
                     sink_kernels = (3, 5);
                 } else {
+                    // The probabilities, mask and copy saved below, held from this op on.
+                    let first_kept = saves.len();
                     if scores_grad {
                         saves
                             .push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(scores)));
@@ -304,28 +306,18 @@ impl Builder<'_> {
                     let worst = (s * 2)
                         .max(s * held + if upcast { probs } else { Bytes::ZERO } + probs)
                         .max(probs + cast + dropped);
-                    let mut kept = Bytes::ZERO;
-                    if scores_grad {
-                        kept += probs;
-                        if p_drop > 0.0 {
-                            kept += DType::U8.bytes(scores);
-                        }
-                    }
-                    if copy_kept {
-                        kept += s;
-                    }
+                    let kept: Bytes = saves[first_kept..]
+                        .iter()
+                        .map(|&t| self.graph.tensor(t).bytes)
+                        .sum();
                     fwd_extra += worst - kept;
                     // The previous block's probabilities, returned and still held by the
                     // model's loop while this block runs, where nothing saved them (a
                     // checkpointed block keeps none). Only in the first forward: a block
                     // recomputed in backward runs alone.
                     returned = match self.model.returned_weights {
-                        ReturnedWeights::Cast if self.plan.grad_ckpt || !copy_kept => {
-                            compute.bytes(scores)
-                        }
-                        ReturnedWeights::Softmax if self.plan.grad_ckpt || !scores_grad => {
-                            softmax_dtype.bytes(scores)
-                        }
+                        ReturnedWeights::Cast if self.plan.grad_ckpt || !copy_kept => s,
+                        ReturnedWeights::Softmax if self.plan.grad_ckpt || !scores_grad => probs,
                         _ => Bytes::ZERO,
                     };
                     if p_drop == 0.0 {
@@ -333,12 +325,8 @@ impl Builder<'_> {
                         // `.to()` backward where there is a cast) and its result, both in the
                         // softmax's dtype; a bf16 copy the matmul with v kept is released when
                         // that matmul's backward has run: two score matrices less the copy.
-                        let released = if copy_kept {
-                            compute.bytes(scores)
-                        } else {
-                            Bytes::ZERO
-                        };
-                        bwd_extra += softmax_dtype.bytes(scores) * 2 - released;
+                        let released = if copy_kept { s } else { Bytes::ZERO };
+                        bwd_extra += probs * 2 - released;
                     }
                 }
                 // Softmax's backward, the worst moment, runs after the product with v's

@@ -1,7 +1,7 @@
 //! Embedding lookups, the LM head and the loss over the vocabulary.
 
 use super::build::{Builder, OpSpec, Val, wider};
-use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, Tensor, TensorId, TensorKind};
+use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
 use crate::spec::plan::Method;
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -184,9 +184,7 @@ impl Builder<'_> {
             logp_dtype
         };
         let elements = tokens * vocab;
-        let logp = self
-            .graph
-            .add_tensor(Tensor::new(TensorKind::Logits, logp_dtype.bytes(elements)));
+        let logp = self.tensor(TensorKind::Logits, logp_dtype.bytes(elements));
         let mut saves: SmallVec<[TensorId; 6]> = smallvec![logp];
         // The causal LM's `.float()` copy feeds `log_softmax` and is not kept.
         let upcast = if logp_dtype != logits.dtype {
@@ -197,10 +195,7 @@ impl Builder<'_> {
         // nll_loss's kept fp32 copy of 16-bit log-probabilities; freed after its backward.
         let nll_cast = if nll_dtype != logp_dtype {
             let bytes = nll_dtype.bytes(elements);
-            saves.push(
-                self.graph
-                    .add_tensor(Tensor::new(TensorKind::Logits, bytes)),
-            );
+            saves.push(self.tensor(TensorKind::Logits, bytes));
             bytes
         } else {
             Bytes::ZERO

@@ -1347,16 +1347,23 @@ fn gemma4_small(r: &Reader, family: Family) -> Result<(Option<PerLayerInput>, u6
 /// Rotary on a fraction of each head: `partial_rotary_factor` at the top level or, as
 /// transformers 5 writes it, inside `rope_parameters`.
 fn rotary_fraction(r: &Reader, default: f64) -> Result<Positions> {
+    rotary_fraction_of(r, &["partial_rotary_factor"], default)
+}
+
+/// `rotary_fraction` for a family whose top-level key has another name first (GPT-NeoX's
+/// `rotary_pct`): the first of `keys` at the top level, else `rope_parameters`'
+/// `partial_rotary_factor`, else `default`.
+fn rotary_fraction_of(r: &Reader, keys: &[&'static str], default: f64) -> Result<Positions> {
     let nested = r
         .map
         .get("rope_parameters")
         .and_then(|p| p.get("partial_rotary_factor"))
         .and_then(Value::as_f64);
     let fraction = match nested {
-        Some(f) if r.raw(&["partial_rotary_factor"]).is_none() => {
+        Some(f) if r.raw(keys).is_none() => {
             r.in_range("rope_parameters.partial_rotary_factor", f)?
         }
-        _ => r.f64_or(&["partial_rotary_factor"], default)?,
+        _ => r.f64_or(keys, default)?,
     };
     Ok(Positions::Rotary { fraction })
 }
@@ -1944,13 +1951,7 @@ fn gpt_neox(r: &Reader) -> Result<ModelSpec> {
         norm: Norm::LayerNorm,
         // Hub configs write `rotary_pct`; transformers 5 saves `partial_rotary_factor`, in
         // `rope_parameters`.
-        positions: if r.raw(&["rotary_pct"]).is_some() {
-            Positions::Rotary {
-                fraction: r.f64_or(&["rotary_pct"], 0.25)?,
-            }
-        } else {
-            rotary_fraction(r, 0.25)?
-        },
+        positions: rotary_fraction_of(r, &["rotary_pct", "partial_rotary_factor"], 0.25)?,
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
         qkv_bias: r.bool_or(&["attention_bias"], true)?,
         linear_bias: true,
