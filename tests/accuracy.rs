@@ -1,6 +1,6 @@
 //! The headline figure: estimates against the measured H200 runs in `validation/`.
 
-use crate::repo;
+use crate::{each_within, repo};
 use ftplan::calibrate::Calibration;
 use ftplan::spec::registry::resolve_hardware;
 use ftplan::validate::{self, MEDIAN_BOUND, TIME_MEDIAN_BOUND, TIME_WORST_BOUND, WORST_BOUND};
@@ -77,24 +77,6 @@ fn step_time_median_error_is_within_the_bound() {
 #[test]
 fn step_time_worst_error_is_within_the_bound() {
     each_within(&rows(), WORST_BOUND, Some(TIME_WORST_BOUND));
-}
-
-/// Every run's peak within `memory` and, where a bound is given, step time within `time`
-/// (relative errors), and its trainable count exact.
-fn each_within(rows: &[validate::Row], memory: f64, time: Option<f64>) {
-    for r in rows {
-        assert!(
-            r.error.abs() <= memory,
-            "{}: {:+.2}%",
-            r.name,
-            r.error * 100.0
-        );
-        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
-        if let Some(time) = time {
-            let e = r.time_error().expect("timed");
-            assert!(e.abs() <= time, "{}: step {:+.1}%", r.name, e * 100.0);
-        }
-    }
 }
 
 #[test]

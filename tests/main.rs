@@ -37,6 +37,24 @@ pub fn shipped_rows(file: &str) -> Vec<ftplan::validate::Row> {
     ftplan::validate::compare(&path.display().to_string(), &text, &hw, &rates).expect("plans")
 }
 
+/// Every run's peak within `memory` and, where a bound is given, step time within `time`
+/// (relative errors), and its trainable count exact.
+pub fn each_within(rows: &[ftplan::validate::Row], memory: f64, time: Option<f64>) {
+    for r in rows {
+        assert!(
+            r.error.abs() <= memory,
+            "{}: {:+.2}%",
+            r.name,
+            r.error * 100.0
+        );
+        assert_eq!(r.estimated_trainable, r.measured_trainable, "{}", r.name);
+        if let Some(time) = time {
+            let e = r.time_error().expect("timed");
+            assert!(e.abs() <= time, "{}: step {:+.1}%", r.name, e * 100.0);
+        }
+    }
+}
+
 /// The `ftplan` binary, run from the repository root.
 pub fn ftplan() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("ftplan").expect("the ftplan binary is built");
