@@ -182,9 +182,19 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 walk.gathered = layout.forward_gathered(op.unit, previous_unit);
             }
             for &t in &op.saves {
+                // A checkpointed block's first forward keeps nothing for backward: what only
+                // autograd would keep is gone once the op that reads it returns.
+                if op.segment.is_some() && graph.tensor(t).unnamed {
+                    continue;
+                }
                 walk.hold(t);
             }
-            let (act_t, logit_t) = split_transient(op.kind, op.forward_transient);
+            let (mut act_t, logit_t) = split_transient(op.kind, op.forward_transient);
+            for &t in &op.pinned {
+                if !walk.live[t.0 as usize] {
+                    act_t += graph.tensor(t).bytes;
+                }
+            }
             walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
             if op.segment.is_some() && (k == 0 || ops[k - 1].segment != op.segment) {
                 segment_start = k;

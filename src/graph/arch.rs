@@ -1,7 +1,7 @@
 //! The op sequence of each architecture family: embeddings, blocks, head and loss, with the
 //! method's insertions (`peft`'s adapters, prompts and prefixes) placed where peft puts them.
 
-use crate::graph::attention::AttnMask;
+use crate::graph::attention::{AttnCall, AttnMask};
 use crate::graph::build::{Builder, Val, wider};
 use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind};
 use smallvec::SmallVec;
@@ -437,14 +437,20 @@ fn block(
     };
     if model.parallel_block {
         // Phi / Falcon: attention and MLP read one norm output; both add to the residual.
+        // GPT-NeoX and Falcon's new decoder normalise the input again for the MLP: Falcon
+        // before its attention (`ln_attn`, then `ln_mlp`), whose output its forward names
+        // while the attention runs; GPT-NeoX after it.
         let h = b.norm(name.at("input_layernorm"), x);
+        let early = model.parallel_two_norms && model.family.norms_both_before_attention();
+        let h_mlp = early.then(|| b.norm(name.at("post_attention_layernorm"), x));
+        b.block_names = h_mlp.iter().map(|v| v.id).collect();
         let a = attend(b, (name, "attn"), h);
+        b.block_names.clear();
         let a = drop_attention(b, name.at("attn").then("dropout"), a);
-        // GPT-NeoX and Falcon's new decoder normalise the input again for the MLP.
-        let h = if model.parallel_two_norms {
-            b.norm(name.at("post_attention_layernorm"), x)
-        } else {
-            h
+        let h = match h_mlp {
+            Some(h_mlp) => h_mlp,
+            None if model.parallel_two_norms => b.norm(name.at("post_attention_layernorm"), x),
+            None => h,
         };
         let m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
         let m = if model.family.dropout_in_mlp() {
@@ -682,6 +688,11 @@ fn self_attention_ops(
     // the q norm reads.
     let gated = model.attention_output_gate;
     let mut gate = None;
+    // What the frames around the core name while it runs: the block's `hidden_states`, the
+    // norm's output the projections read (rebound only when the attention returns), and the
+    // attention forward's own locals (below).
+    let mut pinned: SmallVec<[TensorId; 4]> = smallvec::smallvec![x.id];
+    pinned.extend(b.block_names.iter().copied());
     let (mut q, mut k, mut v) = if model.fused_qkv {
         let qkv = b.linear(
             name.at("qkv"),
@@ -692,8 +703,10 @@ fn self_attention_ops(
         );
         let part = |width| Val { width, ..qkv };
         if model.qkv_split_copies {
-            // CodeGen: each part is reshaped out of a non-contiguous split view, a copy; the
-            // fused output is then released.
+            // CodeGen: each part is reshaped out of a non-contiguous split view, a copy. No op
+            // keeps the fused output, but the forward's `qkv` and `qkv_split` name it until it
+            // returns.
+            pinned.push(qkv.id);
             (
                 b.contiguous(name.at("q_split"), part(q_width)),
                 b.contiguous(name.at("k_split"), part(kv_width)),
@@ -788,14 +801,27 @@ fn self_attention_ops(
         // Partial rotary rebuilds q as `cat((q_rot, q_pass), dim=-1)`: a new, head-major tensor;
         // some families' rotary does so even with nothing to pass through.
         let concatenated = model.family.rotary_concatenates();
-        q_head_major = rotary_width < stack.head_dim || concatenated;
+        let partial = rotary_width < stack.head_dim;
+        q_head_major = partial || concatenated;
+        let (q_in, k_in) = (q, k);
         (q, k) = b.rotary_qk(
             (name.at("rotary_q"), name.at("rotary_k")),
             (q, k),
-            embed_dtype,
+            model.family.rotary_table_dtype(embed_dtype, k.dtype),
             model.rotary_apply,
             (seq, rotary_width, concatenated),
         );
+        if partial && model.family.rotary_split_in_attention() {
+            // `q_pass` and `k_pass` (views) keep the unrotated q and k, and `q_rot` and `k_rot`
+            // the rotated parts, in the rotary's dtype.
+            let mut rotated = |x: Val| {
+                let width = x.width / stack.head_dim.max(1) * rotary_width;
+                let bytes = x.dtype.bytes(x.tokens.saturating_mul(width));
+                b.tensor(TensorKind::Activation, bytes)
+            };
+            let (q_rot, k_rot) = (rotated(q), rotated(k));
+            pinned.extend([q_in.id, k_in.id, q_rot, k_rot]);
+        }
     }
     if kv_shared {
         // The earlier layer's keys went through the same norm and rotary as these queries:
@@ -833,7 +859,12 @@ fn self_attention_ops(
         stack,
         batch,
         (seq, seq_k),
-        (mask, window, q_head_major),
+        AttnCall {
+            mask,
+            window,
+            q_head_major,
+            pinned,
+        },
     );
     if let Some(g) = gate {
         // `attn_output * torch.sigmoid(gate)`: sigmoid keeps its output, the product both.
@@ -908,7 +939,7 @@ fn cross_attention_ops(
         stack,
         batch,
         (seq, mem_seq),
-        (mask, None, false),
+        AttnCall::masked(mask),
     );
     b.linear(
         name.at("o_proj"),
@@ -1094,7 +1125,11 @@ fn latent_attention(
         b.plan.batch,
         (seq, seq),
         // `cat((q_pass, q_rot), dim=-1)`: head-major.
-        (mask, window, true),
+        AttnCall {
+            window,
+            q_head_major: true,
+            ..AttnCall::masked(mask)
+        },
     );
     b.linear(
         name.at("o_proj"),

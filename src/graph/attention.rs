@@ -16,8 +16,14 @@ impl Builder<'_> {
         stack: &Stack,
         batch: u64,
         (seq_q, seq_k): (u64, u64),
-        (mask, window, q_head_major): (AttnMask, Option<u64>, bool),
+        call: AttnCall,
     ) -> Val {
+        let AttnCall {
+            mask,
+            window,
+            q_head_major,
+            pinned,
+        } = call;
         let heads = stack.heads;
         let head_dim = stack.head_dim;
         // Values may be narrower than queries and keys (DeepSeek's latent attention).
@@ -62,7 +68,9 @@ impl Builder<'_> {
             (AttentionKernel::Flash2, _) => Kernel::Flash,
             (AttentionKernel::Sdpa, _) => Kernel::Fused,
         };
-        let compute = if self.autocast { self.half } else { q.dtype };
+        // Without autocast, the values' dtype: the module's (q and k can be wider, rotated by
+        // CodeGen's fp32 tables).
+        let compute = if self.autocast { self.half } else { v.dtype };
         let out;
         match kernel {
             Kernel::Fused | Kernel::Flash => {
@@ -91,9 +99,9 @@ impl Builder<'_> {
                 } else {
                     v
                 };
-                let q = self.cast(name.then("q_cast"), q, compute);
-                let k = self.cast(name.then("k_cast"), k, compute);
-                let v = self.cast(name.then("v_cast"), v, compute);
+                let q = self.autocast(name.then("q_cast"), q, compute);
+                let k = self.autocast(name.then("k_cast"), k, compute);
+                let v = self.autocast(name.then("v_cast"), v, compute);
                 saves.extend([q.id, k.id, v.id]);
                 saves.push(self.tensor(
                     TensorKind::Activation,
@@ -193,7 +201,16 @@ impl Builder<'_> {
                 if upcast && self.autocast {
                     fwd_extra += DType::F32.bytes(q.elements()) + DType::F32.bytes(k.elements());
                 }
-                let q = self.cast(name.then("q_cast"), q, qk_dtype);
+                // Under autocast the casts are autocast's (bound to no name); without it, the
+                // model's own `.to(torch.float32)`, bound to `_attn`'s `query` and `key`.
+                let cast = |b: &mut Self, name, x, dtype| {
+                    if b.autocast {
+                        b.autocast(name, x, dtype)
+                    } else {
+                        b.cast(name, x, dtype)
+                    }
+                };
+                let q = cast(self, name.then("q_cast"), q, qk_dtype);
                 // Grouped keys and values reach `matmul` repeated for every head (`repeat_kv`,
                 // or Falcon's broadcast), and `matmul` folds batch and heads into `bmm`'s batch.
                 // One KV head at batch 1 folds as a view (a stride-0 batch `bmm` reads as it
@@ -205,12 +222,12 @@ impl Builder<'_> {
                 let k_rep = if repeated(&k, qk_dtype) {
                     self.val(k_width, k.tokens, qk_dtype, k.grad)
                 } else {
-                    self.cast(name.then("k_cast"), k, qk_dtype)
+                    cast(self, name.then("k_cast"), k, qk_dtype)
                 };
                 let v_rep = if repeated(&v, compute) {
                     self.val(out_width, v.tokens, compute, v.grad)
                 } else {
-                    self.cast(name.then("v_cast"), v, compute)
+                    cast(self, name.then("v_cast"), v, compute)
                 };
                 // Each matmul keeps an operand only for the other's gradient (autograd saves
                 // `bmm`'s `self` only when `mat2` needs a gradient, and the reverse): q for
@@ -285,8 +302,12 @@ impl Builder<'_> {
                     // input asked for fp32 is copied first (`softmax` in aten SoftMax.cpp:
                     // `input.toType(dtype)`); only CUDA's fp16 takes the `half_to_float` kernel
                     // and no copy. What the op saves is already held; the rest is transient.
+                    // The scores are in the matmul's dtype (fp32 where `_attn` upcast q and k
+                    // without autocast); the copy cast for v, dropout's output and the
+                    // probabilities a block returns, in v's.
                     let s = compute.bytes(scores);
-                    let upcast = softmax_dtype != compute && compute != DType::F16;
+                    let s_scores = qk_dtype.bytes(scores);
+                    let upcast = softmax_dtype != qk_dtype && qk_dtype != DType::F16;
                     let held = if self.model.family.eager_scores_held_through_softmax() {
                         2
                     } else {
@@ -303,14 +324,17 @@ impl Builder<'_> {
                     } else {
                         Bytes::ZERO
                     };
-                    let worst = (s * 2)
-                        .max(s * held + if upcast { probs } else { Bytes::ZERO } + probs)
-                        .max(probs + cast + dropped);
+                    // The output (charged with the op's other transients) exists from the
+                    // product with v on, the third moment only.
+                    let out_bytes = self.val_bytes(out_width, q.tokens, compute);
+                    let worst = (s_scores * 2)
+                        .max(s_scores * held + if upcast { probs } else { Bytes::ZERO } + probs)
+                        .max(probs + cast + dropped + out_bytes);
                     let kept: Bytes = saves[first_kept..]
                         .iter()
                         .map(|&t| self.graph.tensor(t).bytes)
                         .sum();
-                    fwd_extra += worst - kept;
+                    fwd_extra += worst - kept - out_bytes;
                     // The previous block's probabilities, returned and still held by the
                     // model's loop while this block runs, where nothing saved them (a
                     // checkpointed block keeps none). Only in the first forward: a block
@@ -443,8 +467,11 @@ impl Builder<'_> {
             .filter(|&&(m, _)| m == mask)
             .map(|&(_, g)| g)
             .collect();
-        if grad && let Some(o) = self.graph.op_mut(op) {
-            o.grads = grads;
+        if let Some(o) = self.graph.op_mut(op) {
+            if grad {
+                o.grads = grads;
+            }
+            o.pinned = pinned;
         }
         // The caller's `transpose(1, 2).contiguous()` (transformers' attention functions) is
         // free when the kernel wrote its output token-major. FlashAttention's forward allocates
@@ -460,6 +487,30 @@ impl Builder<'_> {
             return self.contiguous(name.then("out_copy"), out);
         }
         out
+    }
+}
+
+/// How the attention module calls its core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttnCall {
+    pub mask: AttnMask,
+    /// A sliding window, in tokens.
+    pub window: Option<u64>,
+    /// q reaches the kernel head-major in memory (made by a `cat`).
+    pub q_head_major: bool,
+    /// What the frames around the core still name while it runs (`Op::pinned`).
+    pub pinned: SmallVec<[TensorId; 4]>,
+}
+
+impl AttnCall {
+    /// A call with `mask`, no window, a token-major q and nothing else held.
+    pub fn masked(mask: AttnMask) -> AttnCall {
+        AttnCall {
+            mask,
+            window: None,
+            q_head_major: false,
+            pinned: SmallVec::new(),
+        }
     }
 }
 

@@ -86,6 +86,9 @@ pub struct Builder<'a> {
     /// (T5's), each with the kind of attention mask that reads its bias: every attention op
     /// with that mask adds to it in backward (`Op::grads`).
     pub(super) bias_grads: SmallVec<[(super::attention::AttnMask, TensorId); 2]>,
+    /// What the block's forward names beside its attention's input while the attention runs
+    /// (Falcon's `mlp_layernorm_out`, computed first): pinned by the core (`Op::pinned`).
+    pub(super) block_names: SmallVec<[TensorId; 1]>,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
@@ -149,6 +152,7 @@ impl<'a> Builder<'a> {
             prefix: 0,
             per_layer_inputs: None,
             bias_grads: SmallVec::new(),
+            block_names: SmallVec::new(),
             dense_ffn: false,
             adapter,
             layer: None,
@@ -247,7 +251,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The bytes a value of `width` x `tokens` elements takes on this rank.
-    fn val_bytes(&self, width: u64, tokens: u64, dtype: DType) -> Bytes {
+    pub(super) fn val_bytes(&self, width: u64, tokens: u64, dtype: DType) -> Bytes {
         self.sequence_split(width, dtype.bytes(width.saturating_mul(tokens)))
     }
 
@@ -318,6 +322,7 @@ impl<'a> Builder<'a> {
             params: spec.params,
             saves: spec.saves,
             grads: SmallVec::new(),
+            pinned: SmallVec::new(),
             forward_transient: spec.forward_transient,
             backward_transient: spec.backward_transient,
             in_backward: spec.in_backward,
@@ -396,6 +401,16 @@ impl<'a> Builder<'a> {
                 (Access::Contiguous, Access::Widening)
             },
         );
+        out
+    }
+
+    /// Autocast's cast of `x` for the one op that reads it (a matmul's operand, a norm's fp32
+    /// input): `cast`, its result bound to no Python name (`Tensor::unnamed`).
+    pub fn autocast(&mut self, name: Name, x: Val, dtype: DType) -> Val {
+        let out = self.cast(name, x, dtype);
+        if out.id != x.id {
+            self.graph.tensors[out.id.0 as usize].unnamed = true;
+        }
         out
     }
 

@@ -54,7 +54,7 @@ impl Builder<'_> {
         let trainable = head_param.trainable;
         let compute = self.compute();
         let xin = if self.autocast {
-            self.cast(Name::root("lm_head").then("cast"), x, self.half)
+            self.autocast(Name::root("lm_head").then("cast"), x, self.half)
         } else {
             x
         };

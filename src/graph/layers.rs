@@ -81,7 +81,7 @@ impl Builder<'_> {
                     DType::F32
                 };
                 let input = if self.autocast {
-                    self.cast(name.then("cast"), x, to)
+                    self.autocast(name.then("cast"), x, to)
                 } else {
                     x
                 };

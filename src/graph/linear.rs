@@ -146,7 +146,7 @@ impl Builder<'_> {
         }
 
         let xin = if self.autocast || qlora {
-            self.cast(name.then("cast"), x, self.half)
+            self.autocast(name.then("cast"), x, self.half)
         } else {
             x
         };
@@ -237,7 +237,7 @@ impl Builder<'_> {
             let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
             let xa = self.cast(name.then("lora_cast"), x, self.adapter);
             let xa = if self.autocast {
-                self.cast(name.then("lora_autocast"), xa, self.half)
+                self.autocast(name.then("lora_autocast"), xa, self.half)
             } else {
                 xa
             };
@@ -374,7 +374,7 @@ impl Builder<'_> {
         let up = self.adapter_param(name.then("up_weight"), (h, size));
         let up_b = self.adapter_param(name.then("up_bias"), (1, h));
         let xin = if self.autocast {
-            self.cast(name.then("cast"), x, self.half)
+            self.autocast(name.then("cast"), x, self.half)
         } else {
             x
         };

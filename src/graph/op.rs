@@ -82,6 +82,11 @@ pub struct Tensor {
     /// `loss.detach()`; `measure.py`'s `train_step` keeps it through the step, two such
     /// tensors more there.)
     pub graph_held: bool,
+    /// Made by autocast for the one op that reads it, and bound to no Python name: only autograd
+    /// keeps it (for that op's backward). In a checkpointed block's first forward, where
+    /// non-reentrant checkpointing's pack hook keeps nothing (`torch/utils/checkpoint.py`,
+    /// `_checkpoint_hook.pack_hook` returns an empty `_Holder`), it dies when the op returns.
+    pub unnamed: bool,
 }
 
 impl Tensor {
@@ -93,6 +98,7 @@ impl Tensor {
             checkpoint_input: false,
             cache_only: false,
             graph_held: false,
+            unnamed: false,
         }
     }
 }
@@ -276,6 +282,10 @@ pub struct Op {
     /// backward of the last op that names it (in forward order) to the backward of the first
     /// (the producer's side), or, `graph_held`, to the end. Never live in forward.
     pub grads: SmallVec<[TensorId; 1]>,
+    /// Tensors the Python frames around the op still name while its forward runs, which no op
+    /// need keep: a block's `hidden_states` holding the norm's output through the attention,
+    /// CodeGen's and GPT-J's rotary locals. The walk counts those not already held.
+    pub pinned: SmallVec<[TensorId; 4]>,
     /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
     pub forward_transient: Bytes,
     /// Memory live only while its backward runs (incoming and outgoing gradients, scratch).

@@ -246,6 +246,40 @@ impl Family {
         )
     }
 
+    /// The dtype of the rotary tables q and k are multiplied by, given the embeddings' and the
+    /// keys'. Llama's rotary embedding returns cos and sin in the embeddings' dtype
+    /// (`cos.to(dtype=x.dtype)`); GPT-J and CodeGen index a per-layer fp32 buffer
+    /// (`embed_positions`, built by `create_sinusoidal_positions` with `.float()`, and left fp32
+    /// by loading in bf16): GPT-J casts the rows to the keys' dtype (`sincos.to(key.dtype)`),
+    /// CodeGen multiplies by them as they are, so its rotated parts are fp32.
+    pub fn rotary_table_dtype(
+        self,
+        embeddings: crate::units::DType,
+        keys: crate::units::DType,
+    ) -> crate::units::DType {
+        match self {
+            Family::Gptj => keys,
+            Family::Codegen => crate::units::DType::F32,
+            _ => embeddings,
+        }
+    }
+
+    /// A parallel block with two norms computes both before its attention (Falcon's new decoder:
+    /// `attention_layernorm_out = self.ln_attn(...)`, `mlp_layernorm_out = self.ln_mlp(...)`);
+    /// GPT-NeoX normalises for the MLP after the attention returns.
+    pub fn norms_both_before_attention(self) -> bool {
+        matches!(self, Family::Falcon)
+    }
+
+    /// The attention's own forward splits partial rotary into locals and keeps them to its end
+    /// (transformers 5.17, GPT-J and CodeGen: `q_rot = query[:, :, :, : self.rotary_dim]`,
+    /// `q_pass = query[:, :, :, self.rotary_dim :]`, `q_rot = apply_rotary_pos_emb(q_rot, ...)`,
+    /// `query = torch.cat([q_rot, q_pass], dim=-1)`, the same for the keys); the other families
+    /// split inside `apply_rotary_pos_emb`, whose locals go when it returns.
+    pub fn rotary_split_in_attention(self) -> bool {
+        matches!(self, Family::Gptj | Family::Codegen)
+    }
+
     /// The eager attention keeps its unmasked scores referenced while softmax runs on their
     /// masked sum (transformers 5.17: Falcon's `F.softmax(attention_scores + attention_mask,
     /// ...)`, BLOOM's `attention_scores` local beside `attn_weights = attn_weights +
