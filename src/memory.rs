@@ -181,15 +181,18 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 }
                 walk.gathered = layout.forward_gathered(op.unit, previous_unit);
             }
+            let (mut act_t, logit_t) = split_transient(op.kind, op.forward_transient);
             for &t in &op.saves {
                 // A checkpointed block's first forward keeps nothing for backward: what only
-                // autograd would keep is gone once the op that reads it returns.
+                // autograd would keep lives while the op that reads it runs.
                 if op.segment.is_some() && graph.tensor(t).unnamed {
+                    if !walk.live[t.0 as usize] {
+                        act_t += graph.tensor(t).bytes;
+                    }
                     continue;
                 }
                 walk.hold(t);
             }
-            let (mut act_t, logit_t) = split_transient(op.kind, op.forward_transient);
             for &t in &op.pinned {
                 if !walk.live[t.0 as usize] {
                     act_t += graph.tensor(t).bytes;
