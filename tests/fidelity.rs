@@ -1762,3 +1762,44 @@ fn without_autocast_upcast_scores_are_fp32_and_need_no_copy_for_softmax() {
     assert_eq!(core.forward_transient.0, 536_870_912);
     within(&row, 0.001);
 }
+
+#[test]
+fn partial_rotary_rotates_only_its_part_and_pays_for_the_cut_and_the_cat() {
+    // Pythia-1B (GPT-NeoX, rotary on a quarter of each 256-wide head) in bf16, batch 4 x 1,024:
+    // q is 4,096 x 2,048 x 2 = 16,777,216 B (call it Q). The rotation's ten forward and
+    // fourteen backward passes run over the rotated quarter; the `cat` reads both parts and
+    // writes the whole (2 Q); backward, the two slices q was cut into come back as two
+    // `slice_backward`s and their sum (6 Q). Forward 10 x 0.25 + 2 = 4.5 Q = 75,497,472 B,
+    // backward 14 x 0.25 + 6 = 9.5 Q = 159,383,552 B, in 8 and 10 kernels. A CPU dispatch trace
+    // of transformers' code (validation/trace_rotary.py) moves 4.56 and 9.56 Q; ftplan had
+    // charged 12 and 14 Q.
+    let g = graph::build(
+        &model("pythia-1b"),
+        &plan(Method::Full, Precision::Bf16, 4, 1024, 0, false),
+    );
+    let rotary = g
+        .ops()
+        .find(|o| g.name(o.name).ends_with("rotary_q"))
+        .expect("a rotary op");
+    assert_eq!(rotary.cost.forward_bytes.0, 75_497_472);
+    assert_eq!(rotary.cost.backward_bytes.0, 159_383_552);
+    assert_eq!(
+        (rotary.cost.forward_kernels, rotary.cost.backward_kernels),
+        (8, 10)
+    );
+    // Llama's form rotates the whole head and cuts nothing: ten and fourteen passes, as traced
+    // (validation/trace_bytes.py).
+    let g = graph::build(
+        &model("tinyllama-1.1b"),
+        &plan(Method::Full, Precision::Bf16, 2, 1024, 0, false),
+    );
+    let rotary = g
+        .ops()
+        .find(|o| g.name(o.name).ends_with("rotary_q"))
+        .expect("a rotary op");
+    let q = 2 * 1024 * 2048 * 2;
+    assert_eq!(
+        (rotary.cost.forward_bytes.0, rotary.cost.backward_bytes.0),
+        (10 * q, 14 * q)
+    );
+}

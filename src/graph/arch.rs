@@ -809,7 +809,7 @@ fn self_attention_ops(
             (q, k),
             model.family.rotary_table_dtype(embed_dtype, k.dtype),
             model.rotary_apply,
-            (seq, rotary_width, concatenated),
+            (seq, stack.head_dim, rotary_width, concatenated),
         );
         if partial && model.family.rotary_split_in_attention() {
             // `q_pass` and `k_pass` (views) keep the unrotated q and k, and `q_rot` and `k_rot`
@@ -1094,7 +1094,7 @@ fn latent_attention(
         embed_dtype,
         RotaryApply::Shared,
         // The `cat` with the non-rotary part is `q_cat` and `k_cat` below.
-        (seq, mla.rope_dim, false),
+        (seq, mla.rope_dim, mla.rope_dim, false),
     );
     // torch.cat of the plain and rotary parts (the shared rotary key expanded to every head).
     let q_nope = Val {

@@ -537,14 +537,15 @@ impl Builder<'_> {
     /// tables are `(seq, rotary_width)`: one sequence's positions (transformers builds
     /// `position_ids` as `cache_position.unsqueeze(0)`, batch 1, when none are passed) by the
     /// rotated part of one head. `concatenated`: the family rebuilds q and k as `cat([rotated,
-    /// pass], dim=-1)` (`Family::rotary_concatenates`), one more copy of each.
+    /// pass], dim=-1)` (`Family::rotary_concatenates`, and every family under partial rotary),
+    /// one more copy of each.
     pub fn rotary_qk(
         &mut self,
         names: (Name, Name),
         (q, k): (Val, Val),
         cos_dtype: DType,
         apply: RotaryApply,
-        (seq, rotary_width, concatenated): (u64, u64, bool),
+        (seq, head_dim, rotary_width, concatenated): (u64, u64, u64, bool),
     ) -> (Val, Val) {
         // GLM's and ERNIE's per-layer `cos[..., :half].repeat_interleave(2, dim=-1)` (and sin's):
         // two new (1, 1, seq, rotary width) tensors that both q's and k's multiplies keep.
@@ -563,14 +564,32 @@ impl Builder<'_> {
         };
         let (q_op, q) = self.rotary(names.0, q, cos_dtype, apply, tables.clone());
         let (k_op, k) = self.rotary(names.1, k, cos_dtype, apply, tables);
-        if concatenated {
+        let fraction = rotary_width as f64 / head_dim.max(1) as f64;
+        if concatenated || rotary_width < head_dim {
             for (op, out) in [(q_op, q), (k_op, k)] {
                 if let Some(o) = self.graph.op_mut(op) {
-                    // The `cat`: one kernel reading the rotated and pass-through parts and
-                    // writing the whole, beside the sum it copies. Its backward hands on
-                    // slices of the gradient (views, no kernel).
+                    // The rotation's passes run over the rotated part only. The `cat`: one
+                    // kernel reading the rotated and pass-through parts and writing the whole,
+                    // beside the sum it copies; its backward hands on slices of the gradient
+                    // (views), and the slices q was cut into (`q[..., :rotary_dim]`,
+                    // `q[..., rotary_dim:]`) come back as `slice_backward`s (each writes the
+                    // whole zeroed gradient and copies its part in) and their sum: six passes
+                    // and three kernels, or four and two where nothing passes through
+                    // (`validation/trace_rotary.py`: GPT-NeoX at a quarter 4.56 forward
+                    // passes and 9.56 backward, GPT-J at 64 of 256 4.67 and 9.56, Phi-3 over
+                    // the whole head 12.25 and 18.25).
+                    let (fwd, bwd) = (o.cost.forward_bytes.0, o.cost.backward_bytes.0);
+                    o.cost.forward_bytes = Bytes((fwd as f64 * fraction) as u64);
+                    o.cost.backward_bytes = Bytes((bwd as f64 * fraction) as u64);
                     o.cost.forward_kernels += 1;
                     o.cost.forward_bytes += out.bytes() * 2;
+                    let (kernels, passes) = if rotary_width < head_dim {
+                        (3, 6)
+                    } else {
+                        (2, 4)
+                    };
+                    o.cost.backward_kernels += kernels;
+                    o.cost.backward_bytes += out.bytes() * passes;
                     o.forward_transient = o.forward_transient.max(out.bytes() * 2);
                 }
             }
