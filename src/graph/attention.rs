@@ -44,8 +44,8 @@ impl Builder<'_> {
         // backward, the two gradients' sum, the sink's reduction).
         let mut sink_kernels = (0u32, 0u32);
         let mut bwd_extra = Bytes::ZERO;
-        // The eager path's operand casts, gone before its worst moment (below).
-        let mut early_casts: SmallVec<[TensorId; 3]> = SmallVec::new();
+        // The eager path's operand casts, not alive at its worst moment (below).
+        let mut operand_casts: SmallVec<[TensorId; 3]> = SmallVec::new();
         // The math path's backward extras, where its backward is charged alone (below).
         let mut math_backward: Option<Bytes> = None;
         // The input gradients live at the backward's worst moment, where that is not all of
@@ -233,7 +233,7 @@ impl Builder<'_> {
                 };
                 // Autocast casts q and k for the scores' product and v for the last: the first
                 // two are gone by softmax, and v's is made after it.
-                early_casts.extend([q.id, k_rep.id, v_rep.id]);
+                operand_casts.extend([q.id, k_rep.id, v_rep.id]);
                 // Each matmul keeps an operand only for the other's gradient (autograd saves
                 // `bmm`'s `self` only when `mat2` needs a gradient, and the reverse): q for
                 // k's, k for q's, v when the probabilities need one. A seq2seq decoder's
@@ -411,12 +411,12 @@ impl Builder<'_> {
             SmallVec::new()
         };
         // In a checkpointed block's first forward the memory walk charges the unnamed saves
-        // (autocast's casts) at this op, where nothing keeps them; the eager path's are gone
-        // before its worst moment.
-        let early: Bytes = if grad && self.segment.is_some() {
+        // (autocast's casts) at this op, where nothing keeps them; the eager path's are not
+        // alive at its worst moment, softmax.
+        let not_at_worst: Bytes = if grad && self.segment.is_some() {
             saves
                 .iter()
-                .filter(|t| early_casts.contains(t) && self.graph.tensor(**t).unnamed)
+                .filter(|t| operand_casts.contains(t) && self.graph.tensor(**t).unnamed)
                 .map(|&t| self.graph.tensor(t).bytes)
                 .sum()
         } else {
@@ -427,7 +427,7 @@ impl Builder<'_> {
             kind: OpKind::Attention,
             params,
             saves: if grad { saves } else { SmallVec::new() },
-            forward_transient: out.bytes() + fwd_extra + returned - early,
+            forward_transient: out.bytes() + fwd_extra + returned - not_at_worst,
             // A checkpointed block recomputes its forward just before its backward: an op's
             // backward is charged the larger of its forward's and its backward's extras, unless
             // its backward is known to hold more than its recomputed forward (the math path).
