@@ -629,16 +629,11 @@ fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
     let m = model("mixtral-8x7b");
     let p = plan(lora_all(), 1, 128, AttentionKernel::Sdpa);
     let g = graph::build(&m, &p);
-    let merge = |stack: &str| {
-        g.ops()
-            .find(|o| g.name(o.name).ends_with(stack))
-            .expect("the experts are wrapped")
-    };
-    let gate_up = merge("experts.gate_up_lora_merge");
+    let gate_up = crate::op_ending(&g, "experts.gate_up_lora_merge");
     assert_eq!(gate_up.forward_transient.0, 2);
     assert_eq!(gate_up.backward_transient.0, 2 + 1_879_048_192);
     assert_eq!(crate::kept_bytes(&g, gate_up), 1_897_922_560);
-    let down = merge("experts.down_lora_merge");
+    let down = crate::op_ending(&g, "experts.down_lora_merge");
     assert_eq!(down.backward_transient.0, 2 + 939_524_096);
     assert_eq!(crate::kept_bytes(&g, down), 951_582_720);
 }
@@ -1038,10 +1033,7 @@ fn gpt_neo_scores_in_fp32_from_fp32_queries_and_keys_without_autocast() {
     let m = model("gpt-neo-125m");
     let core_saves = |p: &Plan| {
         let g = graph::build(&m, p);
-        let op = g
-            .ops()
-            .find(|o| g.name(o.name).ends_with("self_attn.core"))
-            .expect("attention core");
+        let op = crate::op_ending(&g, "self_attn.core");
         crate::kept_bytes(&g, op)
     };
     let pure = Plan {
@@ -1117,10 +1109,7 @@ fn codegen_copies_its_qkv_shards_and_gpt_neo_holds_the_last_probabilities() {
     assert!(m.fused_qkv && m.qkv_split_copies);
     let p = plan(Method::Full, 1, 128, AttentionKernel::Eager);
     let g = graph::build(&m, &p);
-    let core = g
-        .ops()
-        .find(|o| g.name(o.name).ends_with("attn.core"))
-        .expect("attention core");
+    let core = crate::op_ending(&g, "attn.core");
     assert_eq!(
         crate::kept_bytes(&g, core),
         3 * 262_144 + 1_048_576 + 524_288
@@ -1131,11 +1120,7 @@ fn codegen_copies_its_qkv_shards_and_gpt_neo_holds_the_last_probabilities() {
     let m = model("gpt-neo-125m");
     let transient = |p: &Plan| {
         let g = graph::build(&m, p);
-        g.ops()
-            .find(|o| g.name(o.name).ends_with("self_attn.core"))
-            .expect("attention core")
-            .forward_transient
-            .0
+        crate::op_ending(&g, "self_attn.core").forward_transient.0
     };
     let mut ckpt = p.clone();
     ckpt.grad_ckpt = true;

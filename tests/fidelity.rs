@@ -1488,10 +1488,7 @@ fn falcon_and_llama4_softmax_in_their_inputs_dtype_without_autocast() {
             ..plan(Method::Full, Precision::Bf16, 1, 1024, 0, false)
         },
     );
-    let core = g
-        .ops()
-        .find(|o| g.name(o.name).ends_with("attn.core"))
-        .expect("an attention core");
+    let core = crate::op_ending(&g, "attn.core");
     assert_eq!(
         crate::kept_bytes(&g, core),
         158_466_048,
@@ -1755,10 +1752,7 @@ fn without_autocast_upcast_scores_are_fp32_and_need_no_copy_for_softmax() {
         "codegen-350m|full_bf16|b4|s2048|gc0|eager",
     );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
-    let core = g
-        .ops()
-        .find(|o| g.name(o.name).ends_with("attn.core"))
-        .expect("an attention core");
+    let core = crate::op_ending(&g, "attn.core");
     assert_eq!(core.forward_transient.0, 536_870_912);
     within(&row, 0.001);
 }
@@ -1777,10 +1771,7 @@ fn partial_rotary_rotates_only_its_part_and_pays_for_the_cut_and_the_cat() {
         &model("pythia-1b"),
         &plan(Method::Full, Precision::Bf16, 4, 1024, 0, false),
     );
-    let rotary = g
-        .ops()
-        .find(|o| g.name(o.name).ends_with("rotary_q"))
-        .expect("a rotary op");
+    let rotary = crate::op_ending(&g, "rotary_q");
     assert_eq!(rotary.cost.forward_bytes.0, 75_497_472);
     assert_eq!(rotary.cost.backward_bytes.0, 159_383_552);
     assert_eq!(
@@ -1793,10 +1784,7 @@ fn partial_rotary_rotates_only_its_part_and_pays_for_the_cut_and_the_cat() {
         &model("tinyllama-1.1b"),
         &plan(Method::Full, Precision::Bf16, 2, 1024, 0, false),
     );
-    let rotary = g
-        .ops()
-        .find(|o| g.name(o.name).ends_with("rotary_q"))
-        .expect("a rotary op");
+    let rotary = crate::op_ending(&g, "rotary_q");
     let q = 2 * 1024 * 2048 * 2;
     assert_eq!(
         (rotary.cost.forward_bytes.0, rotary.cost.backward_bytes.0),

@@ -21,6 +21,13 @@ pub fn kept_bytes(g: &ftplan::graph::op::OpGraph, op: &ftplan::graph::op::Op) ->
     op.saves.iter().map(|&t| g.tensor(t).bytes.0).sum()
 }
 
+/// The first op whose full name ends with `suffix` (the first block's, for a per-layer op).
+pub fn op_ending<'g>(g: &'g ftplan::graph::op::OpGraph, suffix: &str) -> &'g ftplan::graph::op::Op {
+    g.ops()
+        .find(|o| g.name(o.name).ends_with(suffix))
+        .unwrap_or_else(|| panic!("no op ending {suffix}"))
+}
+
 /// A path inside the repository.
 pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
