@@ -186,18 +186,12 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 // A checkpointed block's first forward keeps nothing for backward: what only
                 // autograd would keep lives while the op that reads it runs.
                 if op.segment.is_some() && graph.tensor(t).unnamed {
-                    if !walk.live[t.0 as usize] {
-                        act_t += graph.tensor(t).bytes;
-                    }
+                    act_t += walk.unheld(t);
                     continue;
                 }
                 walk.hold(t);
             }
-            for &t in &op.pinned {
-                if !walk.live[t.0 as usize] {
-                    act_t += graph.tensor(t).bytes;
-                }
-            }
+            act_t += op.pinned.iter().map(|&t| walk.unheld(t)).sum();
             walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
             if op.segment.is_some() && (k == 0 || ops[k - 1].segment != op.segment) {
                 segment_start = k;
@@ -713,6 +707,15 @@ fn extend(base: Bytes, before: Bytes, now: Bytes, k: u64) -> Bytes {
 }
 
 impl Walk<'_> {
+    /// `t`'s bytes where nothing holds it: what it adds to a moment it is alive at.
+    fn unheld(&self, t: TensorId) -> Bytes {
+        if self.live[t.0 as usize] {
+            Bytes::ZERO
+        } else {
+            self.graph.tensor(t).bytes
+        }
+    }
+
     fn hold(&mut self, t: TensorId) {
         if !std::mem::replace(&mut self.live[t.0 as usize], true) {
             let tensor = self.graph.tensor(t);
