@@ -1791,3 +1791,44 @@ fn partial_rotary_rotates_only_its_part_and_pays_for_the_cut_and_the_cat() {
         (10 * q, 14 * q)
     );
 }
+
+#[test]
+fn a_moes_shared_experts_gradient_waits_for_the_routed_ones_and_their_weighting_casts_back() {
+    // DeepSeek-V2-Lite, LoRA on q and v (kv_b_proj), bf16 weights, batch 1 x 1,024, hidden
+    // 2,048, top 6 of 64 experts: S = 6,144 routed rows.
+    let (batch, seq, hidden, routed) = (1u64, 1024u64, 2048u64, 6144u64);
+    let build = |gc| {
+        graph::build(
+            &model("deepseek-v2-lite"),
+            &plan(lora(16), Precision::Bf16, batch, seq, 128, gc),
+        )
+    };
+    let g = build(false);
+    // The block's norm output is read by the router, the routed experts and, made last, the
+    // shared experts, whose backward runs first: their contribution to its gradient
+    // (1,024 x 2,048 x 2 = 4,194,304 B) waits from the shared `up_proj`'s backward to the
+    // router's, through the routed experts' whole backward.
+    let router = crate::op_ending(&g, "mlp.gate");
+    let shared_up = crate::op_ending(&g, "mlp.shared_expert.up_proj");
+    let held: Vec<_> = router
+        .grads
+        .iter()
+        .filter(|t| shared_up.grads.contains(t))
+        .collect();
+    assert_eq!(held.len(), 1);
+    assert_eq!(g.tensor(*held[0]).bytes.0, batch * seq * hidden * 2);
+    assert_eq!(batch * seq * hidden * 2, 4_194_304);
+    // `proj_out * sample_weights`: bf16 expert outputs times fp32 routing weights, an fp32
+    // (S, h) product (6,144 x 2,048 x 4 = 50,331,648 B). Its backward holds the incoming
+    // gradient and both full-size products (3 x 50,331,648 = 150,994,944 B), and then the
+    // engine casts the outputs' gradient back to bf16 (6,144 x 2,048 x 2 = 25,165,824 B)
+    // while the node's saved tensors are still held: 176,160,768 B. In a checkpointed block
+    // the saved tensors are the recomputation's and die when the node returns, so the cast
+    // takes the place of the saved bf16 outputs (25,165,824 B) and adds nothing.
+    let product = routed * hidden * 4;
+    assert_eq!(product, 50_331_648);
+    let weighting = |g: &OpGraph| crate::op_ending(g, "experts.weight").backward_transient.0;
+    assert_eq!(weighting(&g), 3 * product + routed * hidden * 2);
+    assert_eq!(weighting(&g), 176_160_768);
+    assert_eq!(weighting(&build(true)), 150_994_944);
+}

@@ -202,6 +202,28 @@ def mirror_cuda_strided_mask_rule():
     torch.nn.functional.scaled_dot_product_attention = mirrored
 
 
+def mirror_cuda_narrow_value():
+    """Values narrower than queries and keys (DeepSeek's latent attention: 192-wide q and k, 128-wide v). PyTorch's CPU
+    flash kernel refuses them (`check_head_dim_size_cpp` wants equal widths) and the call would take the math path,
+    keeping each layer's fp32 score matrix; on CUDA the memory-efficient kernel takes them
+    (`check_head_dim_size_mem_efficient` checks only alignment). Such calls run `_scaled_dot_product_efficient_attention`
+    here, whose fake kernel keeps what CUDA's does: the output and an fp32 log-sum-exp (a boolean mask becomes an additive
+    bias, as `convert_boolean_attn_mask` makes it)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def narrow(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if v.shape[-1] == q.shape[-1] or strided_mask((q, k, v, attn_mask), {}) or enable_gqa:
+            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
+
+    torch.nn.functional.scaled_dot_product_attention = narrow
+
+
 def never_drop(model):
     """As measure.py does: a zero LayerDrop (BART, OPT) draws nothing from a fake tensor."""
     for m in model.modules():
@@ -278,9 +300,10 @@ def main():
 
 
 def replay(run, steps):
-    """`steps` training steps of `run` at full size under FakeTensorMode on CPU, with CUDA's autocast, dropout and
-    cross entropy mirrored. Returns each step's (peak, (op at the peak, live set there)) and the run's record
-    (measure.py's settings, build and method fields, `params_trainable` and `params_total` among them)."""
+    """`steps` training steps of `run` at full size under FakeTensorMode on CPU, with CUDA's autocast, dropout, cross
+    entropy and SDPA kernel for narrower values mirrored. Returns each step's (peak, (op at the peak, live set there))
+    and the run's record (measure.py's settings, build and method fields, `params_trainable` and `params_total` among
+    them)."""
     rec = {"run": run, "notes": []}
     dev = torch.device("cpu")
     batch, seq, wdtype, use_autocast = M.settings(run, False, rec)
@@ -288,6 +311,7 @@ def replay(run, steps):
     mirror_cuda_strided_mask_rule()
     mirror_cuda_dropout()
     mirror_cuda_cross_entropy()
+    mirror_cuda_narrow_value()
     out = []
     with M.fake_mode(), M.unpacked_batches():
         torch.manual_seed(0)

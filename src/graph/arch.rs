@@ -956,7 +956,7 @@ fn mlp(b: &mut Builder, at: (Scope, &'static str), x: Val, stack: &Stack, ffn: F
         (FfnKind::Moe, Some(moe)) if !moe.beside_mlp => moe_ops(b, at, x, x, moe),
         _ => {
             let name = b.scope(at.0, at.1);
-            dense_ffn(b, name, x, stack.intermediate_size)
+            dense_ffn(b, name, x, stack.intermediate_size).0
         }
     })
 }
@@ -970,15 +970,16 @@ fn in_tp_region(b: &mut Builder, f: impl FnOnce(&mut Builder) -> Val) -> Val {
     out
 }
 
-/// A dense FFN of width `inter`: gated (SwiGLU/GeGLU) or two-matrix.
-fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
+/// A dense FFN of width `inter`: gated (SwiGLU/GeGLU) or two-matrix. Also returns the index of
+/// the last op that reads `x` (its projections', LoRA's included).
+fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> (Val, usize) {
     b.dense_ffn = true;
     let out = dense_ffn_ops(b, name, x, inter);
     b.dense_ffn = false;
     out
 }
 
-fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
+fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> (Val, usize) {
     let model = b.model;
     let bias = model.linear_bias;
     if model.gated_ffn {
@@ -1001,23 +1002,27 @@ fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> Val {
                 b.linear(name.at("up_proj"), x, inter, bias, Some(Proj::Up)),
             )
         };
+        let readers_end = b.graph.len() - 1;
         let a = b.activation(name.at("act"), g);
         let p = b.mul(name.at("gate_mul"), a, u);
         let p = b.dropout(name.at("act").then("dropout"), p, model.dropout.activation);
         let p = to_output_weight_dtype(b, name, p);
-        b.linear(
+        let out = b.linear(
             name.at("down_proj"),
             p,
             model.hidden_size,
             bias,
             Some(Proj::Down),
-        )
+        );
+        (out, readers_end)
     } else {
         let f = b.linear(name.at("fc1"), x, inter, bias, Some(Proj::Up));
+        let readers_end = b.graph.len() - 1;
         let a = b.activation(name.at("act"), f);
         let a = b.dropout(name.at("act").then("dropout"), a, model.dropout.activation);
         let a = to_output_weight_dtype(b, name, a);
-        b.linear(name.at("fc2"), a, model.hidden_size, bias, Some(Proj::Down))
+        let out = b.linear(name.at("fc2"), a, model.hidden_size, bias, Some(Proj::Down));
+        (out, readers_end)
     }
 }
 
@@ -1870,13 +1875,18 @@ fn shared_experts(
         return out;
     }
     let shared_scope = b.scope(name, "shared_expert");
-    let mut s = dense_ffn(b, shared_scope, x, moe.shared_intermediate);
+    let (mut s, mut last_reader) = dense_ffn(b, shared_scope, x, moe.shared_intermediate);
     if moe.shared_gate {
         let g = b.linear(name.at("shared_expert_gate"), x, 1, false, None);
         // An `nn.Linear`, so `all-linear` wraps it.
         let g = all_linear_lora(b, name.at("shared_expert_gate"), x, g);
+        last_reader = b.graph.len() - 1;
         let sig = b.sigmoid(name.at("shared_gate_sigmoid"), g);
         s = b.mul(name.at("shared_gate_mul"), s, sig);
     }
+    // The block's input to the experts is read by the router, the routed experts and, made
+    // last, the shared ones, whose backward thus runs first: their contribution to its gradient
+    // waits in the sum through the routed experts' whole backward.
+    b.hold_grad_sum(x, last_reader);
     b.residual(name.at("shared_add"), out, s)
 }

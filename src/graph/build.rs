@@ -473,10 +473,22 @@ impl<'a> Builder<'a> {
     pub fn residual(&mut self, name: Name, x: Val, branch: Val) -> Val {
         let last = self.graph.len().checked_sub(1);
         let out = self.add(name, x, branch);
-        if !(x.grad && branch.grad) {
-            return out;
+        if let Some(last) = last.filter(|_| branch.grad) {
+            self.hold_grad_sum(x, last);
         }
-        let Some(last) = last else { return out };
+        out
+    }
+
+    /// The gradient autograd sums for `x` while the ops that read it run their backward: the
+    /// engine adds each reader's contribution into the `InputBuffer` of `x`'s producer and
+    /// passes the sum on once every reader is done (torch/csrc/autograd/engine.cpp,
+    /// `InputBuffer::accumulate`). It is x's size and dtype and is held (`Op::grads`) from the
+    /// backward of op `last` (the last reader made, whose backward runs first) through that of
+    /// the first op after x's producer that takes part in backward (the first reader).
+    pub(super) fn hold_grad_sum(&mut self, x: Val, last: usize) {
+        if !x.grad {
+            return;
+        }
         let first = (self.graph.producer(x.id) + 1..last)
             .find(|&i| self.graph.op(i).is_some_and(|o| o.in_backward));
         if let Some(first) = first {
@@ -488,7 +500,6 @@ impl<'a> Builder<'a> {
                 }
             }
         }
-        out
     }
 
     /// A value read by `consumers` ops: autograd sums their gradients before passing one on

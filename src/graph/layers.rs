@@ -518,17 +518,38 @@ impl Builder<'_> {
         if a.grad {
             saves.push(b.id);
         }
+        let saved: Bytes = saves.iter().map(|&t| self.graph.tensor(t).bytes).sum();
+        let in_segment = self.segment.is_some();
         let op = self.elementwise(name, &[a, b], out, saves, 1.0);
         if a.dtype != b.dtype
             && let Some(o) = self.graph.op_mut(op)
         {
             // `MulBackward0` computes each needed input gradient as `grad * other` in the
-            // product's (promoted) dtype and returns them (`mul_tensor_backward`); the engine
-            // casts the narrower one to its input's dtype only after the node has returned and
-            // released the incoming gradient (`validate_outputs`, torch/csrc/autograd/engine.cpp).
-            // So the worst moment holds the incoming gradient and one product-sized,
-            // product-dtype tensor per input that needs a gradient.
-            o.backward_transient = out.bytes() * (1 + u64::from(a.grad) + u64::from(b.grad));
+            // product's (promoted) dtype and returns them (`mul_tensor_backward`). The engine
+            // then fits them to their inputs in order (`validate_outputs` in `call_function`,
+            // torch/csrc/autograd/engine.cpp: a broadcast one summed down to its shape, a
+            // narrower one cast to its dtype) while `call_function` still holds the incoming
+            // gradient and the other products, and before `evaluate_function` releases the
+            // node's saved tensors (`release_variables`). So the worst moment holds the incoming
+            // gradient, one product-sized, product-dtype tensor per input that needs a gradient,
+            // and the narrower input's cast gradient beside what the op saved (replayed: the
+            // routed experts' `proj_out * sample_weights` in DeepSeek-V2, three fp32 and one
+            // bf16 (S, h) tensors at its `_to_copy`). In a checkpointed block the saved tensors
+            // are the recomputation's, which non-reentrant checkpointing's unpack hook hands
+            // over and forgets (`torch/utils/checkpoint.py`): they die when the node returns,
+            // before the casts, which then take their place.
+            let casts: Bytes = [a, b]
+                .iter()
+                .filter(|x| x.grad && x.dtype != out.dtype)
+                .map(|x| x.bytes())
+                .sum();
+            let casts = if in_segment {
+                Bytes(casts.0.saturating_sub(saved.0))
+            } else {
+                casts
+            };
+            o.backward_transient =
+                out.bytes() * (1 + u64::from(a.grad) + u64::from(b.grad)) + casts;
         }
         out
     }
