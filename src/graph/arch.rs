@@ -1858,6 +1858,12 @@ fn experts_on_every_token(
         // `experts` module is called once.
         launched_once(b, mark.0, (e, u32::from(e == 0)), Some(experts));
     }
+    // The sum over experts is complete once the last expert has added its rows: what follows
+    // (the shared expert's residual, which holds this gradient across the shared branch's
+    // backward) must see it made there, not before the experts.
+    if let Some(last) = b.graph.len().checked_sub(1) {
+        b.graph.set_producer(out.id, last);
+    }
     out
 }
 

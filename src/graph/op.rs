@@ -389,6 +389,14 @@ impl OpGraph {
         self.born[t.0 as usize] as usize
     }
 
+    /// Records op `op` as the one that completes `t`: a sum that several ops add into, made
+    /// before the first of them.
+    pub fn set_producer(&mut self, t: TensorId, op: usize) {
+        if let Some(born) = self.born.get_mut(t.0 as usize) {
+            *born = op as u32;
+        }
+    }
+
     pub fn add_param(&mut self, param: Param) -> ParamId {
         self.params.push(param);
         ParamId((self.params.len() - 1) as u32)
