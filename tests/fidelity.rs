@@ -1849,11 +1849,10 @@ fn llama4s_routed_sum_is_made_by_its_last_expert_so_the_shared_branch_alone_hold
     // The shared branch's last op: the ops of its down projection (LoRA's add last).
     let last = g
         .ops()
-        .filter(|o| {
+        .rfind(|o| {
             g.name(o.name)
                 .contains("layers.0.mlp.shared_expert.down_proj")
         })
-        .next_back()
         .expect("a shared expert");
     assert_eq!(last.grads.len(), 1);
     for t in &last.grads {
