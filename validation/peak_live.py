@@ -205,24 +205,28 @@ def mirror_cuda_strided_mask_rule():
 def mirror_cuda_narrow_value():
     """Values narrower than queries and keys (DeepSeek's latent attention: 192-wide q and k, 128-wide v). PyTorch's CPU
     flash kernel refuses them (`check_head_dim_size_cpp` wants equal widths) and the call would take the math path,
-    keeping each layer's fp32 score matrix; on CUDA the memory-efficient kernel takes them
-    (`check_head_dim_size_mem_efficient` checks only alignment). Such calls run `_scaled_dot_product_efficient_attention`
-    here, whose fake kernel keeps what CUDA's does: the output and an fp32 log-sum-exp (a boolean mask becomes an additive
-    bias, as `convert_boolean_attn_mask` makes it)."""
+    keeping each layer's fp32 score matrix. On an H200 (sm90, cuDNN 9.10 or later) SDPA prefers cuDNN, whose shape
+    check allows different q/k and v widths up to 256 (`check_cudnn_tensor_shapes`); a call with a mask takes the
+    memory-efficient kernel (`check_head_dim_size_mem_efficient` checks only alignment). Such calls run those kernels'
+    aten ops here, whose fake kernels keep what CUDA's do: the output (cuDNN's laid out like q,
+    `alloc_with_matching_layout`) and an fp32 log-sum-exp; a boolean mask becomes an additive bias, as
+    `convert_boolean_attn_mask` makes it."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def narrow(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if v.shape[-1] == q.shape[-1] or strided_mask((q, k, v, attn_mask), {}) or enable_gqa:
             return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if attn_mask is None:
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, grad, dropout_p, is_causal, False, scale=scale)[0]
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(~attn_mask, float("-inf"))
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, attn_mask, grad, dropout_p, is_causal, scale=scale)[0]
 
     torch.nn.functional.scaled_dot_product_attention = narrow
-
 
 def never_drop(model):
     """As measure.py does: a zero LayerDrop (BART, OPT) draws nothing from a fake tensor."""
