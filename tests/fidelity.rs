@@ -1868,3 +1868,33 @@ fn llama4s_routed_sum_is_made_by_its_last_expert_so_the_shared_branch_alone_hold
         );
     }
 }
+
+#[test]
+fn qwens_shared_expert_runs_before_the_router_and_its_gate_after_the_experts() {
+    // `Qwen2MoeSparseMoeBlock.forward` calls `self.shared_expert(...)` first, then the router
+    // and the routed experts, then `shared_expert_gate`; DeepSeek calls its shared experts
+    // after the routed ones. The graph keeps each family's order, so Qwen's shared activations
+    // are alive through the routed experts' forward and its backward comes after theirs.
+    let position = |g: &OpGraph, suffix: &str| {
+        g.ops()
+            .position(|o| g.name(o.name).ends_with(suffix))
+            .unwrap_or_else(|| panic!("no op ending {suffix}"))
+    };
+    let qwen = graph::build(
+        &model("qwen1.5-moe-a2.7b"),
+        &plan(lora(16), Precision::Bf16, 1, 256, 128, false),
+    );
+    let shared = position(&qwen, "mlp.shared_expert.up_proj");
+    let router = position(&qwen, "mlp.gate");
+    let gather = position(&qwen, "mlp.experts.gather");
+    let gate = position(&qwen, "mlp.shared_expert_gate");
+    assert!(shared < router && router < gather && gather < gate);
+    let deepseek = graph::build(
+        &model("deepseek-v2-lite"),
+        &plan(lora(16), Precision::Bf16, 1, 256, 128, false),
+    );
+    assert!(
+        position(&deepseek, "mlp.experts.gather")
+            < position(&deepseek, "mlp.shared_expert.up_proj")
+    );
+}

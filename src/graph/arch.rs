@@ -1434,6 +1434,13 @@ fn moe_ops(
     let h = b.model.hidden_size;
     let inter = moe.expert_intermediate;
     let experts = moe.experts.max(1);
+    // Qwen's MoE blocks run the shared expert before the router (`Family::shared_expert_first`):
+    // its saved activations are alive through the routed experts' forward, and its backward
+    // comes after theirs.
+    let early = (b.model.family.shared_expert_first() && moe.shared_intermediate > 0).then(|| {
+        let shared_scope = b.scope(name, "shared_expert");
+        dense_ffn(b, shared_scope, x, moe.shared_intermediate)
+    });
     for i in 0..moe.input_jitter {
         b.jitter(
             name.at("jitter")
@@ -1502,7 +1509,7 @@ fn moe_ops(
     (b.autocast, b.half, b.base, b.storage_base) = saved;
     if moe.routing == crate::spec::model::Routing::EveryExpert {
         let out = experts_on_every_token(b, name, x, router, moe);
-        return shared_experts(b, name, x, out, moe);
+        return shared_experts(b, name, x, out, moe, early);
     }
     let probs = b.cast(
         name.at("router").then("softmax"),
@@ -1675,7 +1682,7 @@ fn moe_ops(
     let calls = 1 + u32::from(moe.gate == ExpertGate::Activation);
     launched_once(b, mark.0, (0, calls), None);
     b.autocast = autocast;
-    shared_experts(b, name, x, out, moe)
+    shared_experts(b, name, x, out, moe, early)
 }
 
 /// One grouped matmul of the experts: `_grouped_mm` over the S routed rows against the whole
@@ -1870,18 +1877,26 @@ fn experts_on_every_token(
 /// The routed experts' output `out` plus the shared experts every token passes through
 /// (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`, Llama 4's `shared_expert`): a
 /// dense gated FFN, scaled by a sigmoid gate in Qwen2-MoE.
+/// `early`: the shared expert's output and last op reading `x`, where the family runs it before
+/// the router.
 fn shared_experts(
     b: &mut Builder,
     name: Scope,
     x: Val,
     out: Val,
     moe: crate::spec::model::Moe,
+    early: Option<(Val, usize)>,
 ) -> Val {
     if moe.shared_intermediate == 0 {
         return out;
     }
-    let shared_scope = b.scope(name, "shared_expert");
-    let (mut s, mut last_reader) = dense_ffn(b, shared_scope, x, moe.shared_intermediate);
+    let (mut s, mut last_reader) = match early {
+        Some(made) => made,
+        None => {
+            let shared_scope = b.scope(name, "shared_expert");
+            dense_ffn(b, shared_scope, x, moe.shared_intermediate)
+        }
+    };
     if moe.shared_gate {
         let g = b.linear(name.at("shared_expert_gate"), x, 1, false, None);
         // An `nn.Linear`, so `all-linear` wraps it.
@@ -1890,9 +1905,14 @@ fn shared_experts(
         let sig = b.sigmoid(name.at("shared_gate_sigmoid"), g);
         s = b.mul(name.at("shared_gate_mul"), s, sig);
     }
-    // The block's input to the experts is read by the router, the routed experts and, made
-    // last, the shared ones, whose backward thus runs first: their contribution to its gradient
-    // waits in the sum through the routed experts' whole backward.
-    b.hold_grad_sum(x, last_reader);
+    // The block's input to the experts is read by the router, the routed experts and the shared
+    // ones. Its last reader's backward runs first, and that contribution to its gradient waits
+    // in the sum through the other readers' backward: the shared experts' (or Qwen's gate's,
+    // whose shared expert ran first) through the routed experts' whole backward. A shared
+    // expert run first with no gate after the experts leaves the routed gather as the last
+    // reader, whose backward ends the routed side: nothing waits across it.
+    if early.is_none() || moe.shared_gate {
+        b.hold_grad_sum(x, last_reader);
+    }
     b.residual(name.at("shared_add"), out, s)
 }

@@ -413,6 +413,17 @@ impl Family {
         super::name_in(&Family::ALL, self).unwrap_or("llama")
     }
 
+    /// Qwen's sparse MoE blocks (`Qwen2MoeSparseMoeBlock`, Qwen3-Next's and Qwen3.5-MoE's)
+    /// call `self.shared_expert(...)` before the router and the routed experts, and gate it
+    /// after them; DeepSeek's, GLM's and Llama 4's call their shared experts after the routed
+    /// ones (transformers 5.17).
+    pub fn shared_expert_first(self) -> bool {
+        matches!(
+            self,
+            Family::Qwen2Moe | Family::Qwen3Next | Family::Qwen35Moe
+        )
+    }
+
     /// Whether peft 0.21 moves LoRA's FFN target names onto transformers 5's fused experts
     /// (`convert_peft_config_for_transformers`): for the model types its
     /// `_MODEL_TO_CONVERSION_PATTERN` maps (transformers' v4-to-v5 conversion table plus
