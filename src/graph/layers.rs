@@ -518,12 +518,17 @@ impl Builder<'_> {
         if a.grad {
             saves.push(b.id);
         }
-        let saved: Bytes = saves.iter().map(|&t| self.graph.tensor(t).bytes).sum();
-        let in_segment = self.segment.is_some();
         let op = self.elementwise(name, &[a, b], out, saves, 1.0);
-        if a.dtype != b.dtype
-            && let Some(o) = self.graph.op_mut(op)
-        {
+        if a.dtype == b.dtype {
+            return out;
+        }
+        let saved: Bytes = self
+            .graph
+            .op(op)
+            .map(|o| o.saves.iter().map(|&t| self.graph.tensor(t).bytes).sum())
+            .unwrap_or(Bytes::ZERO);
+        let in_segment = self.segment.is_some();
+        if let Some(o) = self.graph.op_mut(op) {
             // `MulBackward0` computes each needed input gradient as `grad * other` in the
             // product's (promoted) dtype and returns them (`mul_tensor_backward`). The engine
             // then fits them to their inputs in order (`validate_outputs` in `call_function`,
