@@ -49,6 +49,8 @@ impl Breakdown {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Forward,
+    /// A checkpointed block's forward, rerun in backward.
+    Recompute,
     Backward,
     OptimizerStep,
 }
@@ -274,18 +276,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 continue;
             }
             if op.segment.is_some() && op.segment != current_segment {
-                // Recompute the block's forward: its saved tensors come back.
                 let seg_start = ops[..i]
                     .iter()
                     .rposition(|o| o.segment != op.segment)
                     .map_or(0, |p| p + 1);
-                for o in &ops[seg_start..=i] {
-                    for &t in &o.saves {
-                        if graph.created_in(op.segment, t) && !graph.tensor(t).cache_only {
-                            walk.hold(t);
-                        }
-                    }
-                }
+                walk.recompute(&ops[seg_start..=i], op.segment);
             }
             current_segment = op.segment;
             let mut transient = op.backward_transient;
@@ -876,6 +871,45 @@ impl Walk<'_> {
         self.grads = self.grads - unsharded + kept;
         if buffer > Bytes::ZERO {
             self.reduce_buffer = buffer;
+        }
+    }
+
+    /// A checkpointed block's forward, rerun when backward first unpacks one of its saved
+    /// tensors (non-reentrant checkpointing, `torch/utils/checkpoint.py`): its saved tensors
+    /// come back one op at a time, each op's forward transients and what the frames around it
+    /// name (`Op::pinned`) live beside them, and the gradient of the block's output (its
+    /// input's shape) waits. The rerun stops once the last saved tensor is made again
+    /// (`_StopRecomputationError`, checkpointing's early stop, on by default).
+    fn recompute(&mut self, segment: &[&Op], id: Option<u32>) {
+        let graph = self.graph;
+        let restored = |t: TensorId| graph.created_in(id, t) && !graph.tensor(t).cache_only;
+        let Some(last) = segment
+            .iter()
+            .rposition(|o| o.saves.iter().any(|&t| restored(t)))
+        else {
+            return;
+        };
+        let output_grad = segment
+            .first()
+            .and_then(|o| o.saves.first())
+            .map(|&t| graph.tensor(t))
+            .filter(|t| t.checkpoint_input)
+            .map_or(Bytes::ZERO, |t| t.bytes);
+        for o in &segment[..=last] {
+            for &t in &o.saves {
+                if restored(t) {
+                    self.hold(t);
+                }
+            }
+            let transient = o.forward_transient + o.rerun_only - o.first_forward_only;
+            let (act_t, logit_t) = split_transient(o.kind, transient);
+            let named: Bytes = o.pinned.iter().map(|&t| self.unheld(t)).sum();
+            self.observe(
+                Phase::Recompute,
+                Some(o.name),
+                act_t + named + output_grad,
+                logit_t,
+            );
         }
     }
 

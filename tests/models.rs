@@ -352,7 +352,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // validation/peak_live.py only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 323);
+    assert_eq!(rows.len(), 326);
     let late = [
         "opt-1.3b|",
         "phi-2|",

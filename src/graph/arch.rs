@@ -320,6 +320,8 @@ fn stack_forward(
             model.block_kind(l)
         }
     };
+    // The model's forward names the stack's input (`inputs_embeds`) until the blocks are done.
+    let stack_named = b.name(&[x.id]);
     let mut start = 0;
     while start < stack.layers {
         let mut end = start + 1;
@@ -360,13 +362,17 @@ fn stack_forward(
             b.set_repeat(u32::try_from(copies).unwrap_or(u32::MAX));
             b.layer = Some(offset + first);
             b.begin_block(x, memory.map(|(m, _)| m), &position_biases);
+            // The model's loop names the block's input until the block returns.
+            let named = b.name(&[x.id]);
             x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory, kind);
+            b.unname(named);
             b.end_block();
             b.layer = None;
             b.set_repeat(1);
         }
         start = end;
     }
+    b.unname(stack_named);
     if model.norm_placement != NormPlacement::Post && b.stage.last {
         // The stack's final norm trains with its top block.
         b.layer = Some(offset + stack.layers.saturating_sub(1));
@@ -443,15 +449,18 @@ fn block(
         let h = b.norm(name.at("input_layernorm"), x);
         let early = model.parallel_two_norms && model.family.norms_both_before_attention();
         let h_mlp = early.then(|| b.norm(name.at("post_attention_layernorm"), x));
-        b.block_names = h_mlp.iter().map(|v| v.id).collect();
+        let named = b.name(&[h.id]);
+        b.name(h_mlp.map(|v| v.id).as_slice());
         let a = attend(b, (name, "attn"), h);
-        b.block_names.clear();
         let a = drop_attention(b, name.at("attn").then("dropout"), a);
+        // The attention's output waits, named, through the MLP.
+        b.name(&[a.id]);
         let h = match h_mlp {
             Some(h_mlp) => h_mlp,
             None if model.parallel_two_norms => b.norm(name.at("post_attention_layernorm"), x),
             None => h,
         };
+        b.name(&[h.id]);
         let m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
         let m = if model.family.dropout_in_mlp() {
             let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
@@ -461,7 +470,9 @@ fn block(
             b.dropout(name.at("mlp").then("dropout"), m, p_res)
         };
         let sum = b.add(name.at("parallel").then("add"), a, m);
-        return b.residual(name.at("residual"), x, sum);
+        let out = b.residual(name.at("residual"), x, sum);
+        b.unname(named);
+        return out;
     }
     if model.norm_placement == NormPlacement::Post {
         // BART: sub-layer, dropout, residual add, then LayerNorm.
@@ -475,10 +486,13 @@ fn block(
             x = b.residual(name.at("encoder_attn").then("residual"), x, c);
             x = b.norm(name.at("encoder_attn_layer_norm"), x);
         }
+        // The feed-forward half's input is named as `residual` and `hidden_states`.
+        let named = b.name(&[x.id]);
         let m = mlp(b, (name, "mlp"), x, stack, kind.ffn);
         let m = adapter(b, name.at("adapter"), m);
         let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
         let x = b.residual(name.at("mlp").then("residual"), x, m);
+        b.unname(named);
         return b.norm(name.at("final_layer_norm"), x);
     }
     // Pre-norm (Llama, GPT-2, OPT, T5), sandwich (Gemma-2/3: pre and post) or output-only
@@ -493,7 +507,10 @@ fn block(
     } else {
         x
     };
+    // The block's forward names the attention's input (`hidden_states`) until it returns.
+    let named = b.name(&[h.id]);
     let mut a = attend(b, (name, "self_attn"), h);
+    b.unname(named);
     if post {
         a = b.norm(name.at("post_attention_layernorm"), a);
     }
@@ -506,11 +523,15 @@ fn block(
         let c = b.dropout(name.at("cross_attn").then("dropout"), c, p_res);
         x = b.residual(name.at("cross_attn").then("residual"), x, c);
     }
+    // Through the feed-forward half the block names the sum so far (`residual`) and the FFN's
+    // input (`hidden_states`).
+    let named = b.name(&[x.id]);
     let h = if pre {
         b.norm(name.at("pre_feedforward_layernorm"), x)
     } else {
         x
     };
+    b.name(&[h.id]);
     // Gemma 4's `use_double_wide_mlp`: the shared-KV layers' MLPs are twice as wide.
     let wide_stack;
     let stack = if kind.kv_shared && model.double_wide_shared_mlp {
@@ -550,6 +571,7 @@ fn block(
     };
     let m = residual_multiplier(b, name.at("mlp").then("multiplier"), m);
     let x = b.residual(name.at("mlp").then("residual"), x, m);
+    b.unname(named);
     match b.per_layer_inputs {
         Some(inputs) => per_layer_input_gate(b, name, x, inputs),
         None => x,
@@ -692,7 +714,6 @@ fn self_attention_ops(
     // norm's output the projections read (rebound only when the attention returns), and the
     // attention forward's own locals (below).
     let mut pinned: SmallVec<[TensorId; 4]> = smallvec::smallvec![x.id];
-    pinned.extend(b.block_names.iter().copied());
     let (mut q, mut k, mut v) = if model.fused_qkv {
         let qkv = b.linear(
             name.at("qkv"),
@@ -1434,13 +1455,17 @@ fn moe_ops(
     let h = b.model.hidden_size;
     let inter = moe.expert_intermediate;
     let experts = moe.experts.max(1);
+    // The block's forward names its input throughout (`hidden_states`).
+    let block_frame = b.name(&[x.id]);
     // Qwen's MoE blocks run the shared expert before the router (`Family::shared_expert_first`):
-    // its saved activations are alive through the routed experts' forward, and its backward
-    // comes after theirs.
+    // its saved activations are alive through the routed experts' forward, its output is
+    // named (`shared_expert_output`) until its gate scales it, and its backward comes after
+    // theirs.
     let early = (b.model.family.shared_expert_first() && moe.shared_intermediate > 0).then(|| {
         let shared_scope = b.scope(name, "shared_expert");
         dense_ffn(b, shared_scope, x, moe.shared_intermediate)
     });
+    b.name(early.map(|(s, _)| s.id).as_slice());
     for i in 0..moe.input_jitter {
         b.jitter(
             name.at("jitter")
@@ -1509,7 +1534,9 @@ fn moe_ops(
     (b.autocast, b.half, b.base, b.storage_base) = saved;
     if moe.routing == crate::spec::model::Routing::EveryExpert {
         let out = experts_on_every_token(b, name, x, router, moe);
-        return shared_experts(b, name, x, out, moe, early);
+        let out = shared_experts(b, name, x, out, moe, early);
+        b.unname(block_frame);
+        return out;
     }
     let probs = b.cast(
         name.at("router").then("softmax"),
@@ -1620,6 +1647,9 @@ fn moe_ops(
     // gradient back.
     let xe = b.val(x.width, routed, x.dtype, x.grad);
     let gather = b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
+    // `grouped_mm_experts_forward` names the gathered rows (`selected_hidden_states_g`) until
+    // it returns, whether or not a matmul keeps them.
+    let experts_frame = b.name(&[xe.id]);
     if let Some(o) = b.graph.op_mut(gather) {
         // Beyond the ops below (a dispatch count of Mixtral's block, torch 2.15, views left
         // out): forward sort, floor_divide, the routing weights' gather, the int cast, histc,
@@ -1662,6 +1692,8 @@ fn moe_ops(
     }
     let d = grouped_linear(b, es.at("down_proj"), p, h, (moe.bias, experts));
     let d = sentinel_mask(b, es.at("down_mask"), d);
+    // ... and the masked down projection (`proj_out`, last bound there) likewise.
+    b.name(&[d.id]);
     // Scaled by the routing weights (in the wider of their dtype and the experts'; the product
     // keeps both factors), put back in token order (`weighted_out[inv_perm]`, an (S, h) copy
     // that keeps nothing) and summed over each token's top-k choices, then cast to the hidden
@@ -1681,8 +1713,11 @@ fn moe_ops(
     // One call of the `experts` module (and of its activation module).
     let calls = 1 + u32::from(moe.gate == ExpertGate::Activation);
     launched_once(b, mark.0, (0, calls), None);
+    b.unname(experts_frame);
     b.autocast = autocast;
-    shared_experts(b, name, x, out, moe, early)
+    let out = shared_experts(b, name, x, out, moe, early);
+    b.unname(block_frame);
+    out
 }
 
 /// One grouped matmul of the experts: `_grouped_mm` over the S routed rows against the whole

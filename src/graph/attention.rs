@@ -158,10 +158,10 @@ impl Builder<'_> {
                 fwd_extra += acc.bytes(scores) + DType::U8.bytes(scores);
                 bwd_extra += acc.bytes(scores) * 2;
                 // Backward's worst moment is softmax's backward: the saved probabilities, dP
-                // and dS, three score matrices. A checkpointed block's recomputed forward holds
-                // less at this op (the scores, the probabilities and the byte-wide `-inf` test),
-                // so its forward extras are not charged here; and by then the product with v has
-                // run its backward, which frees v's fp32 copy. (A replay of checkpointed T5-base
+                // and dS, three score matrices (a checkpointed block's recomputed forward holds
+                // less at this op: the scores, the probabilities and the byte-wide `-inf`
+                // test); by then the product with v has run its backward, which frees v's
+                // fp32 copy. (A replay of checkpointed T5-base
                 // full fine-tuning traced without module hooks, `validation/peak_live.py`, peaks
                 // there with exactly these live: no boolean, no fp32 v.)
                 math_backward = Some(bwd_extra - v_copy);
@@ -428,11 +428,8 @@ impl Builder<'_> {
             params,
             saves: if grad { saves } else { SmallVec::new() },
             forward_transient: out.bytes() + fwd_extra + returned - not_at_worst,
-            // A checkpointed block recomputes its forward just before its backward: an op's
-            // backward is charged the larger of its forward's and its backward's extras, unless
-            // its backward is known to hold more than its recomputed forward (the math path).
-            backward_transient: grads_at_worst.unwrap_or(io)
-                + math_backward.unwrap_or(fwd_extra.max(bwd_extra)),
+            // (A checkpointed block's rerun forward is the walk's: `Phase::Recompute`.)
+            backward_transient: grads_at_worst.unwrap_or(io) + math_backward.unwrap_or(bwd_extra),
             cost: Cost {
                 forward_flops: Flops(flops * causal_factor),
                 // Flash backward recomputes the scores: 2.5x the forward matmuls; op by op, the
@@ -488,7 +485,15 @@ impl Builder<'_> {
             if grad {
                 o.grads = grads;
             }
-            o.pinned = pinned;
+            // Rerun in backward, the block holds its operand casts (saved) and no other
+            // block's returned probabilities.
+            o.first_forward_only = returned;
+            o.rerun_only = not_at_worst;
+            for t in pinned {
+                if !o.pinned.contains(&t) {
+                    o.pinned.push(t);
+                }
+            }
         }
         // The caller's `transpose(1, 2).contiguous()` (transformers' attention functions) is
         // free when the kernel wrote its output token-major. FlashAttention's forward allocates

@@ -86,9 +86,10 @@ pub struct Builder<'a> {
     /// (T5's), each with the kind of attention mask that reads its bias: every attention op
     /// with that mask adds to it in backward (`Op::grads`).
     pub(super) bias_grads: SmallVec<[(super::attention::AttnMask, TensorId); 2]>,
-    /// What the block's forward names beside its attention's input while the attention runs
-    /// (Falcon's `mlp_layernorm_out`, computed first): pinned by the core (`Op::pinned`).
-    pub(super) block_names: SmallVec<[TensorId; 1]>,
+    /// What the Python frames around the ops being built still name (locals and arguments
+    /// that no op need keep): each op emitted pins them (`Op::pinned`). Pushed and popped by
+    /// [`Builder::name`] and [`Builder::unname`].
+    frame: SmallVec<[TensorId; 6]>,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
@@ -152,7 +153,7 @@ impl<'a> Builder<'a> {
             prefix: 0,
             per_layer_inputs: None,
             bias_grads: SmallVec::new(),
-            block_names: SmallVec::new(),
+            frame: SmallVec::new(),
             dense_ffn: false,
             adapter,
             layer: None,
@@ -322,8 +323,10 @@ impl<'a> Builder<'a> {
             params: spec.params,
             saves: spec.saves,
             grads: SmallVec::new(),
-            pinned: SmallVec::new(),
+            pinned: self.frame.iter().copied().collect(),
             forward_transient: spec.forward_transient,
+            first_forward_only: Bytes::ZERO,
+            rerun_only: Bytes::ZERO,
             backward_transient: spec.backward_transient,
             in_backward: spec.in_backward,
             cost: spec.cost,
@@ -693,6 +696,24 @@ impl<'a> Builder<'a> {
             compute: input.dtype,
             in_backward: input.grad || memory.is_some_and(|m| m.grad),
         });
+    }
+
+    /// The frames around the ops built from now on also name `names` (a function's arguments,
+    /// the locals it holds until it returns or rebinds them): every op emitted pins them
+    /// until [`Builder::unname`] with the depth this returns.
+    pub(super) fn name(&mut self, names: &[TensorId]) -> usize {
+        let depth = self.frame.len();
+        for &t in names {
+            if !self.frame.contains(&t) {
+                self.frame.push(t);
+            }
+        }
+        depth
+    }
+
+    /// The frames entered since `depth` (what [`Builder::name`] returned) have returned.
+    pub(super) fn unname(&mut self, depth: usize) {
+        self.frame.truncate(depth);
     }
 
     /// A zero-cost op that keeps `x` until backward reaches it: a leaf that requires grad,

@@ -285,9 +285,15 @@ pub struct Op {
     /// Tensors the Python frames around the op still name while its forward runs, which no op
     /// need keep: a block's `hidden_states` holding the norm's output through the attention,
     /// CodeGen's and GPT-J's rotary locals. The walk counts those not already held.
-    pub pinned: SmallVec<[TensorId; 4]>,
+    pub pinned: SmallVec<[TensorId; 8]>,
     /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
     pub forward_transient: Bytes,
+    /// How that differs when a checkpointed block reruns its forward in backward: what is
+    /// part of `forward_transient` in the first forward only (what other blocks left the
+    /// frames holding), and what the rerun adds (saves the walk charges to the op in a
+    /// checkpointed block's first forward and deducts from its transient, held in the rerun).
+    pub first_forward_only: Bytes,
+    pub rerun_only: Bytes,
     /// Memory live only while its backward runs (incoming and outgoing gradients, scratch).
     pub backward_transient: Bytes,
     /// Whether backward reaches this op at all (false before the first trainable op).
