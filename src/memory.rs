@@ -193,7 +193,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 }
                 walk.hold(t);
             }
-            act_t += op.pinned.iter().map(|&t| walk.unheld(t)).sum();
+            act_t += graph.named(op).map(|t| walk.unheld(t)).sum();
             walk.observe(Phase::Forward, Some(op.name), act_t, logit_t);
             if op.segment.is_some() && (k == 0 || ops[k - 1].segment != op.segment) {
                 segment_start = k;
@@ -903,7 +903,7 @@ impl Walk<'_> {
             }
             let transient = o.forward_transient + o.rerun_only - o.first_forward_only;
             let (act_t, logit_t) = split_transient(o.kind, transient);
-            let named: Bytes = o.pinned.iter().map(|&t| self.unheld(t)).sum();
+            let named: Bytes = graph.named(o).map(|t| self.unheld(t)).sum();
             self.observe(
                 Phase::Recompute,
                 Some(o.name),

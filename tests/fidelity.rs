@@ -1688,7 +1688,7 @@ fn codegens_attention_names_its_rotary_parts_while_autocasts_casts_die_in_a_chec
     );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let core = op_named(&g, "decoder.layers.1+6.attn.core");
-    let pinned: Vec<u64> = core.pinned.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    let pinned: Vec<u64> = g.named(core).map(|t| g.tensor(t).bytes.0).collect();
     assert_eq!(
         pinned,
         [
@@ -1737,7 +1737,7 @@ fn codegens_attention_names_its_rotary_parts_while_autocasts_casts_die_in_a_chec
     );
     let g = ftplan::graph::arch::build(&falcon.model, &falcon.plan);
     let core = op_named(&g, "decoder.layers.1+58.attn.core");
-    let pinned: Vec<u64> = core.pinned.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    let pinned: Vec<u64> = g.named(core).map(|t| g.tensor(t).bytes.0).collect();
     assert_eq!(pinned, [16_777_216, 16_777_216, 33_554_432, 33_554_432]);
 }
 
@@ -1922,11 +1922,7 @@ fn the_experts_function_names_its_rows_and_a_checkpointed_block_peaks_in_its_rer
     // (`selected_hidden_states_g`) and the masked down projection (`proj_out`). With the
     // experts frozen no matmul keeps the gathered rows, yet they are alive.
     let reorder = op_named(&g, "decoder.layers.1.mlp.experts.reorder");
-    let named: Vec<u64> = reorder
-        .pinned
-        .iter()
-        .map(|&t| g.tensor(t).bytes.0)
-        .collect();
+    let named: Vec<u64> = g.named(reorder).map(|t| g.tensor(t).bytes.0).collect();
     let token = 134_217_728;
     let routed = 536_870_912;
     assert_eq!(named, [token, token, token, token, token, routed, routed]);

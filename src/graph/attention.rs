@@ -481,6 +481,8 @@ impl Builder<'_> {
             .filter(|&&(m, _)| m == mask)
             .map(|&(_, g)| g)
             .collect();
+        let pinned: SmallVec<[TensorId; 4]> =
+            pinned.into_iter().filter(|&t| !self.is_named(t)).collect();
         if let Some(o) = self.graph.op_mut(op) {
             if grad {
                 o.grads = grads;
@@ -489,11 +491,7 @@ impl Builder<'_> {
             // block's returned probabilities.
             o.first_forward_only = returned;
             o.rerun_only = not_at_worst;
-            for t in pinned {
-                if !o.pinned.contains(&t) {
-                    o.pinned.push(t);
-                }
-            }
+            o.pinned = pinned;
         }
         // The caller's `transpose(1, 2).contiguous()` (transformers' attention functions) is
         // free when the kernel wrote its output token-major. FlashAttention's forward allocates

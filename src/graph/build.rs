@@ -89,13 +89,19 @@ pub struct Builder<'a> {
     /// What the Python frames around the ops being built still name (locals and arguments
     /// that no op need keep): each op emitted pins them (`Op::pinned`). Pushed and popped by
     /// [`Builder::name`] and [`Builder::unname`].
-    frame: SmallVec<[TensorId; 6]>,
+    frame: SmallVec<[TensorId; 8]>,
+    /// The id the graph gave `frame` (`OpGraph::add_frame`), which ops record.
+    frame_id: u32,
     /// The part of the model being built (a pipeline stage, or all of it).
     pub stage: crate::graph::arch::Stage,
     /// The sharding unit being built (0: root; `k + 1`: block `k`).
     pub(super) unit: u32,
     next_unit: u32,
 }
+
+/// Where the frames' names stood before a [`Builder::name`]: their count and the graph's id.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FrameMark(usize, u32);
 
 /// Pieces of a matmul-like op that the callers fill.
 pub(super) struct OpSpec {
@@ -154,6 +160,7 @@ impl<'a> Builder<'a> {
             per_layer_inputs: None,
             bias_grads: SmallVec::new(),
             frame: SmallVec::new(),
+            frame_id: 0,
             dense_ffn: false,
             adapter,
             layer: None,
@@ -323,7 +330,8 @@ impl<'a> Builder<'a> {
             params: spec.params,
             saves: spec.saves,
             grads: SmallVec::new(),
-            pinned: self.frame.iter().copied().collect(),
+            frame: self.frame_id,
+            pinned: SmallVec::new(),
             forward_transient: spec.forward_transient,
             first_forward_only: Bytes::ZERO,
             rerun_only: Bytes::ZERO,
@@ -699,21 +707,31 @@ impl<'a> Builder<'a> {
     }
 
     /// The frames around the ops built from now on also name `names` (a function's arguments,
-    /// the locals it holds until it returns or rebinds them): every op emitted pins them
-    /// until [`Builder::unname`] with the depth this returns.
-    pub(super) fn name(&mut self, names: &[TensorId]) -> usize {
-        let depth = self.frame.len();
-        for &t in names {
-            if !self.frame.contains(&t) {
-                self.frame.push(t);
-            }
+    /// the locals it holds until it returns or rebinds them): every op emitted records them
+    /// (`Op::frame`) until [`Builder::unname`] with the mark this returns.
+    pub(super) fn name(&mut self, names: &[TensorId]) -> FrameMark {
+        let mark = FrameMark(self.frame.len(), self.frame_id);
+        let fresh: SmallVec<[TensorId; 4]> = names
+            .iter()
+            .copied()
+            .filter(|t| !self.frame.contains(t))
+            .collect();
+        if !fresh.is_empty() {
+            self.frame.extend(fresh);
+            self.frame_id = self.graph.add_frame(self.frame.clone());
         }
-        depth
+        mark
     }
 
-    /// The frames entered since `depth` (what [`Builder::name`] returned) have returned.
-    pub(super) fn unname(&mut self, depth: usize) {
-        self.frame.truncate(depth);
+    /// The frames entered since `mark` (what [`Builder::name`] returned) have returned.
+    pub(super) fn unname(&mut self, mark: FrameMark) {
+        self.frame.truncate(mark.0);
+        self.frame_id = mark.1;
+    }
+
+    /// Whether the frames around the ops being built name `t`.
+    pub(super) fn is_named(&self, t: TensorId) -> bool {
+        self.frame.contains(&t)
     }
 
     /// A zero-cost op that keeps `x` until backward reaches it: a leaf that requires grad,

@@ -282,10 +282,13 @@ pub struct Op {
     /// backward of the last op that names it (in forward order) to the backward of the first
     /// (the producer's side), or, `graph_held`, to the end. Never live in forward.
     pub grads: SmallVec<[TensorId; 1]>,
-    /// Tensors the Python frames around the op still name while its forward runs, which no op
-    /// need keep: a block's `hidden_states` holding the norm's output through the attention,
-    /// CodeGen's and GPT-J's rotary locals. The walk counts those not already held.
-    pub pinned: SmallVec<[TensorId; 8]>,
+    /// What the Python frames around the op still name while its forward runs, which no op
+    /// need keep (`OpGraph::frame`: the block's input, a residual's sum, a sub-layer's input,
+    /// a function's locals), and beyond them what only this op's moment sees
+    /// (`pinned`: CodeGen's and GPT-J's rotary locals at the attention core). The walk counts
+    /// those not already held ([`OpGraph::named`]).
+    pub frame: u32,
+    pub pinned: SmallVec<[TensorId; 4]>,
     /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
     pub forward_transient: Bytes,
     /// How that differs when a checkpointed block reruns its forward in backward: what is
@@ -325,6 +328,9 @@ pub struct OpGraph {
     /// Module buffers resident beside the weights, not parameters (GPTBigCode's causal-mask
     /// table): replicated on every rank, never trained.
     pub buffers: Bytes,
+    /// The sets of tensors the Python frames name, as the builder entered them (`Op::frame`);
+    /// frame 0 names nothing.
+    frames: Vec<SmallVec<[TensorId; 8]>>,
 }
 
 impl Default for OpGraph {
@@ -339,11 +345,28 @@ impl Default for OpGraph {
             segment_tensors: Vec::new(),
             built_as: Vec::new(),
             buffers: Bytes::ZERO,
+            frames: vec![SmallVec::new()],
         }
     }
 }
 
 impl OpGraph {
+    /// Records a set of names the frames hold; ops refer to it by the id returned.
+    pub fn add_frame(&mut self, names: SmallVec<[TensorId; 8]>) -> u32 {
+        self.frames.push(names);
+        u32::try_from(self.frames.len() - 1).unwrap_or(0)
+    }
+
+    /// The tensors frame `id` names.
+    pub fn frame(&self, id: u32) -> &[TensorId] {
+        self.frames.get(id as usize).map_or(&[], |f| f.as_slice())
+    }
+
+    /// Everything named while `op`'s forward runs: its frame's names, then its own.
+    pub fn named<'a>(&'a self, op: &'a Op) -> impl Iterator<Item = TensorId> + 'a {
+        self.frame(op.frame).iter().chain(&op.pinned).copied()
+    }
+
     /// Records that checkpointed block `segment` starts now.
     pub fn begin_segment(&mut self, segment: u32) {
         let first = self.tensors.len() as u32;
