@@ -877,7 +877,7 @@ impl Walk<'_> {
     /// A checkpointed block's forward, rerun when backward first unpacks one of its saved
     /// tensors (non-reentrant checkpointing, `torch/utils/checkpoint.py`): its saved tensors
     /// come back one op at a time, each op's forward transients and what the frames around it
-    /// name (`Op::pinned`) live beside them, and the gradient of the block's output (its
+    /// name (`OpGraph::named`) live beside them, and the gradient of the block's output (its
     /// input's shape) waits. The rerun stops once the last saved tensor is made again
     /// (`_StopRecomputationError`, checkpointing's early stop, on by default).
     fn recompute(&mut self, segment: &[&Op], id: Option<u32>) {

@@ -87,7 +87,7 @@ pub struct Builder<'a> {
     /// with that mask adds to it in backward (`Op::grads`).
     pub(super) bias_grads: SmallVec<[(super::attention::AttnMask, TensorId); 2]>,
     /// What the Python frames around the ops being built still name (locals and arguments
-    /// that no op need keep): each op emitted pins them (`Op::pinned`). Pushed and popped by
+    /// that no op need keep): each op emitted records them (`Op::frame`). Pushed and popped by
     /// [`Builder::name`] and [`Builder::unname`].
     frame: SmallVec<[TensorId; 8]>,
     /// The id the graph gave `frame` (`OpGraph::add_frame`), which ops record.
