@@ -253,7 +253,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     let mut held = vec![HeldGrad::None; graph.params.len()];
     // Gradients produced inside the unit whose backward is running (reduced when it ends).
     let mut unit_grads: Vec<ParamId> = Vec::new();
-    let mut current_segment = None;
+    // The checkpointed block whose forward was last rerun.
+    let mut rerun = None;
     let mut order = BlockOrder::new(graph, &layout, &ops, &first_saver, &walk.live);
     let mut end = ops.len();
     while end > 0 {
@@ -275,14 +276,21 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 }
                 continue;
             }
-            if op.segment.is_some() && op.segment != current_segment {
+            // A checkpointed block's forward is rerun when backward first unpacks one of its
+            // saved tensors, at the last op of the block that saves one. The ops after it are
+            // the residual and branch sums, whose backward hands its incoming gradient on
+            // without a copy: the rerun is walked before them, so that their pending sums
+            // (aliases of that gradient) are not yet counted beside it.
+            if op.segment.is_some() && op.segment != rerun {
                 let seg_start = ops[..i]
                     .iter()
                     .rposition(|o| o.segment != op.segment)
                     .map_or(0, |p| p + 1);
-                walk.recompute(&ops[seg_start..=i], op.segment);
+                if let Some(trigger) = ops[seg_start..=i].iter().rposition(|o| walk.restores(o)) {
+                    walk.recompute(&ops[seg_start..=seg_start + trigger]);
+                }
+                rerun = op.segment;
             }
-            current_segment = op.segment;
             let mut transient = op.backward_transient;
             for &p in &op.params {
                 let param = graph.param(p);
@@ -874,40 +882,59 @@ impl Walk<'_> {
         }
     }
 
+    /// Whether `op` keeps a tensor its checkpointed block made, which the block's rerun
+    /// forward makes again.
+    fn restores(&self, op: &Op) -> bool {
+        op.saves.iter().any(|&t| self.restored(op.segment, t))
+    }
+
+    fn restored(&self, segment: Option<u32>, t: TensorId) -> bool {
+        self.graph.created_in(segment, t) && !self.graph.tensor(t).cache_only
+    }
+
     /// A checkpointed block's forward, rerun when backward first unpacks one of its saved
-    /// tensors (non-reentrant checkpointing, `torch/utils/checkpoint.py`): its saved tensors
-    /// come back one op at a time, each op's forward transients and what the frames around it
-    /// name (`OpGraph::named`) live beside them, and the gradient of the block's output (its
-    /// input's shape) waits. The rerun stops once the last saved tensor is made again
-    /// (`_StopRecomputationError`, checkpointing's early stop, on by default).
-    fn recompute(&mut self, segment: &[&Op], id: Option<u32>) {
+    /// tensors (non-reentrant checkpointing, `torch/utils/checkpoint.py`): at the backward of
+    /// the block's last op that saves one (`segment`'s last op here, the trigger), whose
+    /// output's gradient waits meanwhile. Its saved tensors come back one op at a time, each
+    /// op's forward transients and what the frames around it name (`OpGraph::named`) beside
+    /// them. The rerun stops as soon as the trigger packs its saved inputs, before it makes
+    /// its output (checkpointing's early stop, on by default: `_StopRecomputationError` from
+    /// the pack hook, which autograd's generated code calls before the kernel).
+    fn recompute(&mut self, segment: &[&Op]) {
         let graph = self.graph;
-        let restored = |t: TensorId| graph.created_in(id, t) && !graph.tensor(t).cache_only;
-        let Some(last) = segment
-            .iter()
-            .rposition(|o| o.saves.iter().any(|&t| restored(t)))
-        else {
+        let Some((trigger, before)) = segment.split_last() else {
             return;
         };
-        let output_grad = segment
+        // The gradient of the block's output (its input's shape) waits, and so does the
+        // trigger's own where it is another tensor: where the trigger ends a branch the block
+        // sums (its output has the block output's size), the sums hand that same gradient down.
+        let output = segment
             .first()
             .and_then(|o| o.saves.first())
             .map(|&t| graph.tensor(t))
             .filter(|t| t.checkpoint_input)
             .map_or(Bytes::ZERO, |t| t.bytes);
-        for o in &segment[..=last] {
+        let waiting = if trigger.out == output {
+            output
+        } else {
+            output + trigger.out
+        };
+        for (k, o) in before.iter().chain([trigger]).enumerate() {
             for &t in &o.saves {
-                if restored(t) {
+                if self.restored(o.segment, t) {
                     self.hold(t);
                 }
             }
-            let transient = o.forward_transient + o.rerun_only - o.first_forward_only;
+            let mut transient = o.forward_transient + o.rerun_only - o.first_forward_only;
+            if k == before.len() {
+                transient = transient - o.out;
+            }
             let (act_t, logit_t) = split_transient(o.kind, transient);
             let named: Bytes = graph.named(o).map(|t| self.unheld(t)).sum();
             self.observe(
                 Phase::Recompute,
                 Some(o.name),
-                act_t + named + output_grad,
+                act_t + named + waiting,
                 logit_t,
             );
         }

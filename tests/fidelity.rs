@@ -1954,3 +1954,45 @@ fn the_experts_function_names_its_rows_and_a_checkpointed_block_peaks_in_its_rer
         within(&shipped_run("validation/families.jsonl", name), 0.005);
     }
 }
+
+#[test]
+fn a_checkpointed_blocks_rerun_starts_at_its_last_saving_op_with_that_ops_gradient_waiting() {
+    // Two layers of Qwen3-MoE (hidden 2,048, 128 experts of 768, top 8, no shared expert),
+    // LoRA r16 on q and v over bf16 weights, batch 8 x 4,096 = 32,768 tokens, checkpointed.
+    // The block's last saved tensor is the inverse permutation that `weighted_out[inv_perm]`
+    // keeps (`IndexBackward0`; the sum over the top-k and the residual add keep nothing), so
+    // backward reruns the block's forward when it reaches that index, stopping as the index
+    // packs its indices, before its output exists. Waiting meanwhile: the reorder's output
+    // gradient (S = 8 x 32,768 = 262,144 rows x 2,048 x 2 = 1,073,741,824 B, expanded by the
+    // sum's backward) and the block output's (32,768 x 2,048 x 2 = 134,217,728 B), which the
+    // residual add hands on.
+    let row = shipped_run(
+        "validation/families.jsonl",
+        "qwen3-moe-2l-v2048|lora|b8|s4096|gc1|sdpa|r16|qv",
+    );
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let reorder = op_named(&g, "decoder.layers.1.mlp.experts.reorder");
+    let int64s: Vec<u64> = reorder.saves.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    assert_eq!(int64s, [262_144 * 8]);
+    assert_eq!(reorder.out.0, 1_073_741_824);
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value
+        .as_cpu_replay();
+    let m = ftplan::memory::estimate(&g, &row.plan, &hw);
+    assert_eq!(m.peak_phase, ftplan::memory::Phase::Recompute);
+    // At the trigger (the replay peaks at the `arange` just before it, with the same tensors
+    // alive): its input, the weighted product (1 routed tensor), the names no op keeps (the
+    // MoE input and the sum after attention: 2 token tensors; the gathered rows: 1 routed;
+    // the down projection is kept by the weighting) and the two waiting gradients.
+    assert_eq!(m.peak_op, "decoder.layers.1.mlp.experts.reorder");
+    let workspaces = hw.cublas_workspace * 2;
+    let (routed, token) = (1_073_741_824, 134_217_728);
+    assert_eq!(
+        (m.at_peak.temporary - workspaces).0,
+        routed + 2 * token + routed + (routed + token)
+    );
+    // Estimated before the replay with the rerun starting at the block's first op in
+    // backward and only the block output's gradient waiting: -4.2 %.
+    within(&row, 0.005);
+}

@@ -1647,6 +1647,7 @@ fn moe_ops(
     // gradient back.
     let xe = b.val(x.width, routed, x.dtype, x.grad);
     let gather = b.elementwise(es.at("gather"), &[x], xe, smallvec::SmallVec::new(), 0.0);
+    keeps_indices(b, routed);
     // `grouped_mm_experts_forward` names the gathered rows (`selected_hidden_states_g`) until
     // it returns, whether or not a matmul keeps them.
     let experts_frame = b.name(&[xe.id]);
@@ -1702,6 +1703,10 @@ fn moe_ops(
     let scaled = b.mul(es.at("weight"), d, w);
     let reordered = b.val(h, routed, scaled.dtype, scaled.grad);
     let reordered = unkept(b, es.at("reorder"), scaled, (reordered, 0.0));
+    // Indexing keeps its indices (`IndexBackward0`): the inverse permutation, S int64s. Being
+    // the block's last saved tensor where no shared expert follows, it is where backward
+    // reruns a checkpointed block's forward, with this op's output gradient (S rows) waiting.
+    keeps_indices(b, routed);
     let summed = b.val(
         h,
         x.tokens,
@@ -1777,6 +1782,22 @@ fn unkept(b: &mut Builder, name: Name, input: Val, (out, flops): (Val, f64)) -> 
         o.forward_transient += input.bytes();
     }
     out
+}
+
+/// The last op, an `index` with `count` int64 indices, keeps them for its backward.
+fn keeps_indices(b: &mut Builder, count: u64) {
+    let Some(last) = b.graph.len().checked_sub(1) else {
+        return;
+    };
+    if b.graph.op(last).is_some_and(|o| o.in_backward) {
+        let t = b.tensor(
+            crate::graph::op::TensorKind::Activation,
+            crate::units::DType::I64.bytes(count),
+        );
+        if let Some(o) = b.graph.op_mut(last) {
+            o.saves.push(t);
+        }
+    }
 }
 
 /// Expert `e`'s op set (from op `since`) in a layer whose experts run in one call: it launches

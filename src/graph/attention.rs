@@ -427,6 +427,7 @@ impl Builder<'_> {
             kind: OpKind::Attention,
             params,
             saves: if grad { saves } else { SmallVec::new() },
+            out: out.bytes(),
             forward_transient: out.bytes() + fwd_extra + returned - not_at_worst,
             // (A checkpointed block's rerun forward is the walk's: `Phase::Recompute`.)
             backward_transient: grads_at_worst.unwrap_or(io) + math_backward.unwrap_or(bwd_extra),

@@ -109,6 +109,8 @@ pub(super) struct OpSpec {
     pub(super) kind: OpKind,
     pub(super) params: SmallVec<[ParamId; 3]>,
     pub(super) saves: SmallVec<[TensorId; 6]>,
+    /// Its output's bytes (zero for markers that make nothing).
+    pub(super) out: Bytes,
     pub(super) forward_transient: Bytes,
     pub(super) backward_transient: Bytes,
     pub(super) cost: Cost,
@@ -332,6 +334,7 @@ impl<'a> Builder<'a> {
             grads: SmallVec::new(),
             frame: self.frame_id,
             pinned: SmallVec::new(),
+            out: spec.out,
             forward_transient: spec.forward_transient,
             first_forward_only: Bytes::ZERO,
             rerun_only: Bytes::ZERO,
@@ -359,6 +362,7 @@ impl<'a> Builder<'a> {
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves,
+            out: out.bytes(),
             forward_transient: out.bytes(),
             backward_transient: out.bytes() + read,
             cost: Cost {
@@ -529,6 +533,7 @@ impl<'a> Builder<'a> {
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves: SmallVec::new(),
+            out: Bytes::ZERO,
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost {
@@ -698,6 +703,7 @@ impl<'a> Builder<'a> {
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves,
+            out: Bytes::ZERO,
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost::default(),
@@ -743,6 +749,7 @@ impl<'a> Builder<'a> {
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves: smallvec![x.id],
+            out: Bytes::ZERO,
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost::default(),
@@ -768,6 +775,7 @@ impl<'a> Builder<'a> {
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves: smallvec![mask],
+            out: Bytes::ZERO,
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost {

@@ -18,6 +18,7 @@ impl Builder<'_> {
             kind: OpKind::Embedding,
             params: smallvec![param],
             saves: SmallVec::new(),
+            out: out.bytes(),
             forward_transient: out.bytes(),
             // The table-sized gradient is counted as the parameter's gradient.
             backward_transient: out.bytes(),
@@ -103,6 +104,7 @@ impl Builder<'_> {
                 .into_iter()
                 .chain(weight_copy)
                 .collect(),
+            out: logits.bytes(),
             forward_transient: logits.bytes() + cast + hidden,
             backward_transient: logits.bytes() + xin.bytes(),
             cost: Cost {
@@ -211,6 +213,7 @@ impl Builder<'_> {
             kind: OpKind::Loss,
             params: SmallVec::new(),
             saves,
+            out: Bytes::ZERO,
             // The bf16 logits stay referenced by the model output until the loss is computed,
             // and so does the last hidden state (above).
             forward_transient: logits.bytes() + upcast + hidden,

@@ -162,6 +162,7 @@ impl Builder<'_> {
             kind: OpKind::Norm,
             params,
             saves: if out.grad { saves } else { SmallVec::new() },
+            out: out.bytes(),
             forward_transient: out.bytes() + x.dtype.bytes(x.elements()),
             backward_transient: out.bytes() + x.bytes() + DType::F32.bytes(x.elements()),
             cost: Cost {
@@ -323,6 +324,7 @@ impl Builder<'_> {
             kind: OpKind::Norm,
             params: SmallVec::new(),
             saves,
+            out: out.bytes(),
             forward_transient: out.bytes() + f32,
             backward_transient: out.bytes() + x.bytes() + f32,
             cost: Cost {

@@ -192,6 +192,7 @@ impl Builder<'_> {
                 .into_iter()
                 .chain(weight_copy)
                 .collect(),
+            out: out.bytes(),
             forward_transient: forward_transient + out.bytes(),
             backward_transient: out.bytes() + xin.bytes() + forward_transient,
             cost: Cost {
@@ -344,6 +345,7 @@ impl Builder<'_> {
             kind: OpKind::Matmul,
             params: smallvec![weight],
             saves,
+            out: out.bytes(),
             forward_transient: out.bytes(),
             backward_transient: out.bytes() + x.bytes(),
             cost: Cost {

@@ -289,6 +289,9 @@ pub struct Op {
     /// those not already held ([`OpGraph::named`]).
     pub frame: u32,
     pub pinned: SmallVec<[TensorId; 4]>,
+    /// Its output's bytes, and so those of the gradient backward hands it (zero for markers
+    /// that make nothing).
+    pub out: Bytes,
     /// Memory live only while its forward runs (unsaved outputs, casts, scratch).
     pub forward_transient: Bytes,
     /// How that differs when a checkpointed block reruns its forward in backward: what is
