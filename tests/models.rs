@@ -386,7 +386,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         let bound = if r.name.contains("-2l-v2048|") && !r.name.starts_with("qwen1.5-moe") {
             // Eight 2-layer MoE runs at a 2,048 vocabulary, estimated before their replays
             // (2026-12-06, validation/README.md, "What the frames name"): within 0.8 % but
-            // checkpointed HunYuan-MoE LoRA and Mixtral LoRA on every linear, both -2.5 %, open.
+            // Mixtral LoRA on every linear, -2.5 %, open.
             0.03
         } else if late.iter().any(|m| r.name.starts_with(m)) {
             0.015

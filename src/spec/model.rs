@@ -415,12 +415,13 @@ impl Family {
 
     /// Qwen's sparse MoE blocks (`Qwen2MoeSparseMoeBlock`, Qwen3-Next's and Qwen3.5-MoE's)
     /// call `self.shared_expert(...)` before the router and the routed experts, and gate it
-    /// after them; DeepSeek's, GLM's and Llama 4's call their shared experts after the routed
-    /// ones (transformers 5.17).
+    /// after them; HunYuan-MoE's (`HunYuanMoEV1Moe`) calls `self.shared_mlp` first too, with no
+    /// gate; DeepSeek's, GLM's and Llama 4's call their shared experts after the routed ones
+    /// (transformers 5.17).
     pub fn shared_expert_first(self) -> bool {
         matches!(
             self,
-            Family::Qwen2Moe | Family::Qwen3Next | Family::Qwen35Moe
+            Family::Qwen2Moe | Family::Qwen3Next | Family::Qwen35Moe | Family::HunyuanMoe
         )
     }
 
