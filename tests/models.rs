@@ -386,8 +386,8 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         let bound = if r.name.contains("-2l-v2048|") && !r.name.starts_with("qwen1.5-moe") {
             // Eight 2-layer MoE runs at a 2,048 vocabulary, estimated before their replays
             // (2026-12-06, validation/README.md, "What the frames name"): within 0.8 % but
-            // Mixtral LoRA on every linear, -2.5 %, open.
-            0.03
+            // four at -2.5 to -4.2 %; within 0.8 % since.
+            0.01
         } else if late.iter().any(|m| r.name.starts_with(m)) {
             0.015
         } else if r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"

@@ -1327,7 +1327,7 @@ fn expert_lora_merge(
     params: [crate::graph::op::ParamId; 2],
     (merged, factors, inputs): (u64, u64, u64),
     (rank, compute): (u64, crate::units::DType),
-) {
+) -> usize {
     let factor_copies = if b.adapter == compute {
         crate::units::Bytes::ZERO
     } else {
@@ -1341,8 +1341,27 @@ fn expert_lora_merge(
     let op = b.elementwise(name, &[], merge, smallvec::smallvec![kept], 0.0);
     if let Some(o) = b.graph.op_mut(op) {
         o.params.extend(params);
-        o.backward_transient += compute.bytes(merged);
         o.cost.forward_flops = crate::units::Flops(2.0 * (merged * rank) as f64);
+    }
+    op
+}
+
+/// The merged stack's gradient (`merged` bytes): the grouped matmul `matmul` makes it in its
+/// backward, beside its input's gradient, and it waits, as the gradient of a tensor autograd
+/// accumulates (`Op::grads`), until the merge `merge` folds it into the LoRA factors.
+fn merged_stack_gradient(
+    b: &mut Builder,
+    merge: usize,
+    matmul: usize,
+    merged: crate::units::Bytes,
+) {
+    let g = b.tensor(crate::graph::op::TensorKind::Activation, merged);
+    if let Some(o) = b.graph.op_mut(matmul) {
+        o.backward_transient += merged;
+        o.grads.push(g);
+    }
+    if let Some(o) = b.graph.op_mut(merge) {
+        o.grads.push(g);
     }
 }
 
@@ -1614,18 +1633,20 @@ fn moe_ops(
     // its factors (and frees its merged weight) before the gate_up stack's gradient exists.
     // `baddbmm` is on autocast's list: the merged stacks are in its dtype.
     let merge_dtype = b.compute();
-    if let Some(r) = gate_up {
+    let gate_up_merge = gate_up.map(|r| {
         let rows = 2 * r * experts;
         let a = b.adapter_param(name.at("experts").then("gate_up_lora_A"), (rows, h));
         let bb = b.adapter_param(name.at("experts").then("gate_up_lora_B"), (2 * inter, rows));
-        expert_lora_merge(
+        let merged = experts * 2 * inter * h;
+        let op = expert_lora_merge(
             b,
             name.at("experts").then("gate_up_lora_merge"),
             [a, bb],
-            (experts * 2 * inter * h, rows * (h + 2 * inter), routed * h),
+            (merged, rows * (h + 2 * inter), routed * h),
             (r, merge_dtype),
         );
-    }
+        (op, merge_dtype.bytes(merged))
+    });
     let down_merge = down.map(|r| {
         let rows = r * experts;
         let a = b.adapter_param(name.at("experts").then("down_lora_A"), (rows, inter));
@@ -1670,7 +1691,11 @@ fn moe_ops(
     // (`replace_with_bnb_linear`), so under QLoRA they stay 16-bit and
     // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
     // was not quantized.
+    let gate_up_op = b.graph.len();
     let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
+    if let Some((merge, merged)) = gate_up_merge {
+        merged_stack_gradient(b, merge, gate_up_op, merged);
+    }
     let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
     let p = match moe.gate {
         ExpertGate::Activation => {
@@ -1682,16 +1707,21 @@ fn moe_ops(
         }
         ExpertGate::ClampedSwiglu => clamped_swiglu(b, es.at("gate"), gu),
     };
-    if let Some((params, sizes, r)) = down_merge {
-        expert_lora_merge(
+    let down_merge = down_merge.map(|(params, sizes, r)| {
+        let op = expert_lora_merge(
             b,
             name.at("experts").then("down_lora_merge"),
             params,
             sizes,
             (r, merge_dtype),
         );
-    }
+        (op, merge_dtype.bytes(sizes.0))
+    });
+    let down_op = b.graph.len();
     let d = grouped_linear(b, es.at("down_proj"), p, h, (moe.bias, experts));
+    if let Some((merge, merged)) = down_merge {
+        merged_stack_gradient(b, merge, down_op, merged);
+    }
     let d = sentinel_mask(b, es.at("down_mask"), d);
     // ... and the masked down projection (`proj_out`, last bound there) likewise.
     b.name(&[d.id]);
