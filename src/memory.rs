@@ -902,7 +902,7 @@ impl Walk<'_> {
     /// the pack hook, which autograd's generated code calls before the kernel).
     fn recompute(&mut self, segment: &[&Op]) {
         let graph = self.graph;
-        let Some((trigger, before)) = segment.split_last() else {
+        let Some(trigger) = segment.last() else {
             return;
         };
         // The gradient of the block's output (its input's shape) waits, and so does the
@@ -919,14 +919,14 @@ impl Walk<'_> {
         } else {
             output + trigger.out
         };
-        for (k, o) in before.iter().chain([trigger]).enumerate() {
+        for (k, o) in segment.iter().enumerate() {
             for &t in &o.saves {
                 if self.restored(o.segment, t) {
                     self.hold(t);
                 }
             }
             let mut transient = o.forward_transient + o.rerun_only - o.first_forward_only;
-            if k == before.len() {
+            if k + 1 == segment.len() {
                 transient = transient - o.out;
             }
             let (act_t, logit_t) = split_transient(o.kind, transient);

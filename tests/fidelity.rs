@@ -64,6 +64,27 @@ fn op_named<'g>(g: &'g OpGraph, name: &str) -> &'g Op {
         .unwrap_or_else(|| panic!("no op {name}"))
 }
 
+/// The bytes of each tensor named while `op`'s forward runs (`OpGraph::named`), in order.
+fn named_bytes(g: &OpGraph, op: &Op) -> Vec<u64> {
+    g.named(op).map(|t| g.tensor(t).bytes.0).collect()
+}
+
+/// The shipped H200 profile as a CPU replay sees it (no CUDA context), and the memory
+/// estimate of `g` under `plan` on it.
+fn replay_estimate(
+    g: &OpGraph,
+    plan: &ftplan::spec::plan::Plan,
+) -> (
+    ftplan::memory::MemoryEstimate,
+    ftplan::spec::hardware::Hardware,
+) {
+    let hw = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value
+        .as_cpu_replay();
+    (ftplan::memory::estimate(g, plan, &hw), hw)
+}
+
 /// Bytes an op keeps for its backward, by the op's full name.
 fn saved(g: &OpGraph, name: &str) -> u64 {
     crate::kept_bytes(g, op_named(g, name))
@@ -1543,11 +1564,7 @@ fn a_hybrids_blocks_are_released_in_the_models_order_not_the_walks() {
         .map(|l| l as u64)
         .collect();
     assert_eq!(attention, [2, 5, 8, 10, 12, 14]);
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value
-        .as_cpu_replay();
-    let m = ftplan::memory::estimate(&g, &row.plan, &hw);
+    let (m, _) = replay_estimate(&g, &row.plan);
     assert!(m.peak_op.ends_with("self_attn.core"), "{}", m.peak_op);
     within(&row, 0.003);
     // Each block of a group gets its own moment. An 8-layer LFM2-8B-A1B in full mixed
@@ -1688,7 +1705,7 @@ fn codegens_attention_names_its_rotary_parts_while_autocasts_casts_die_in_a_chec
     );
     let g = ftplan::graph::arch::build(&row.model, &row.plan);
     let core = op_named(&g, "decoder.layers.1+6.attn.core");
-    let pinned: Vec<u64> = g.named(core).map(|t| g.tensor(t).bytes.0).collect();
+    let pinned = named_bytes(&g, core);
     assert_eq!(
         pinned,
         [
@@ -1737,7 +1754,7 @@ fn codegens_attention_names_its_rotary_parts_while_autocasts_casts_die_in_a_chec
     );
     let g = ftplan::graph::arch::build(&falcon.model, &falcon.plan);
     let core = op_named(&g, "decoder.layers.1+58.attn.core");
-    let pinned: Vec<u64> = g.named(core).map(|t| g.tensor(t).bytes.0).collect();
+    let pinned = named_bytes(&g, core);
     assert_eq!(pinned, [16_777_216, 16_777_216, 33_554_432, 33_554_432]);
 }
 
@@ -1932,7 +1949,7 @@ fn the_experts_function_names_its_rows_and_a_checkpointed_block_peaks_in_its_rer
     // (`selected_hidden_states_g`) and the masked down projection (`proj_out`). With the
     // experts frozen no matmul keeps the gathered rows, yet they are alive.
     let reorder = op_named(&g, "decoder.layers.1.mlp.experts.reorder");
-    let named: Vec<u64> = g.named(reorder).map(|t| g.tensor(t).bytes.0).collect();
+    let named = named_bytes(&g, reorder);
     let token = 134_217_728;
     let routed = 536_870_912;
     assert_eq!(named, [token, token, token, token, token, routed, routed]);
@@ -1945,11 +1962,7 @@ fn the_experts_function_names_its_rows_and_a_checkpointed_block_peaks_in_its_rer
     // token tensor): 3 x 536,870,912 + 4 x 134,217,728 = 2,147,483,648 B beyond the cuBLAS
     // workspaces. The replay (validation/peak_live.py) peaks
     // there; before the frames and the rerun were walked the estimate was -9.3 %.
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value
-        .as_cpu_replay();
-    let m = ftplan::memory::estimate(&g, &row.plan, &hw);
+    let (m, hw) = replay_estimate(&g, &row.plan);
     assert_eq!(m.peak_phase, ftplan::memory::Phase::Recompute);
     assert_eq!(m.peak_op, "decoder.layers.1.mlp.experts.reorder");
     let workspaces = hw.cublas_workspace * 2;
@@ -1985,11 +1998,7 @@ fn a_checkpointed_blocks_rerun_starts_at_its_last_saving_op_with_that_ops_gradie
     let int64s: Vec<u64> = reorder.saves.iter().map(|&t| g.tensor(t).bytes.0).collect();
     assert_eq!(int64s, [262_144 * 8]);
     assert_eq!(reorder.out.0, 1_073_741_824);
-    let hw = ftplan::spec::registry::resolve_hardware("h200")
-        .expect("ships")
-        .value
-        .as_cpu_replay();
-    let m = ftplan::memory::estimate(&g, &row.plan, &hw);
+    let (m, hw) = replay_estimate(&g, &row.plan);
     assert_eq!(m.peak_phase, ftplan::memory::Phase::Recompute);
     // At the trigger (the replay peaks at the `arange` just before it, with the same tensors
     // alive): its input, the weighted product (1 routed tensor), the names no op keeps (the

@@ -710,10 +710,10 @@ fn self_attention_ops(
     // the q norm reads.
     let gated = model.attention_output_gate;
     let mut gate = None;
-    // What the frames around the core name while it runs: the block's `hidden_states`, the
-    // norm's output the projections read (rebound only when the attention returns), and the
-    // attention forward's own locals (below).
-    let mut pinned: SmallVec<[TensorId; 4]> = smallvec::smallvec![x.id];
+    // What the attention forward's own locals name while the core runs (below), beside what
+    // the frames around it name (the block's `hidden_states`, the norm's output the
+    // projections read: `Builder::name` in `block`).
+    let mut pinned: SmallVec<[TensorId; 4]> = SmallVec::new();
     let (mut q, mut k, mut v) = if model.fused_qkv {
         let qkv = b.linear(
             name.at("qkv"),
