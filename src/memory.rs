@@ -882,10 +882,15 @@ impl Walk<'_> {
         }
     }
 
-    /// Whether `op` keeps a tensor its checkpointed block made, which the block's rerun
-    /// forward makes again.
+    /// Whether a checkpointed block's rerun must reach `op`: it keeps a tensor its block made,
+    /// which the rerun makes again, or it packs a parameter it reads (a frozen linear saves only
+    /// its weight, for its input's gradient; a norm its weight). Checkpointing's early stop
+    /// counts every packed tensor, parameters included: the rerun ends when its count reaches
+    /// the forward's (`recomp_counter` against `weak_holders`, `torch/utils/checkpoint.py`), so
+    /// a block whose last saving op is a frozen `down_proj` reruns up to it.
     fn restores(&self, op: &Op) -> bool {
         op.saves.iter().any(|&t| self.restored(op.segment, t))
+            || (op.in_backward && !op.params.is_empty())
     }
 
     fn restored(&self, segment: Option<u32>, t: TensorId) -> bool {
