@@ -44,7 +44,15 @@ class Live(TorchDispatchMode):
     (Llama, GPT-2, Gemma 2, BART, T5, Pegasus; LoRA and checkpointing; mixed, bf16 and fp32), the profiler's record
     of which sums ran as `add_` matches this rule sum for sum, 30 cases of 30. The one that matters most is a tied
     embedding under mixed precision: its two fp32 gradients (vocabulary x hidden) are summed at the end of backward,
-    and out of place they add a third, the 5.6 GB that had put the Gemma 4 31B replay 6.3 % above the estimate."""
+    and out of place they add a third, the 5.6 GB that had put the Gemma 4 31B replay 6.3 % above the estimate.
+
+    Indexing's backward is counted the same way. `index_backward` (torch/csrc/autograd/FunctionsManual.cpp) scatters
+    the gradient into `zeros_like(self)` in place (`_index_put_impl_`) on plain tensors, but out of place
+    (`index_put`) when any operand is subclass-like, as a FakeTensor is: a second tensor of the input's size beside
+    the zeros, which die as the function returns. So an `index_put` in backward into a tensor of its own shape and
+    dtype is settled as a gradient sum is: written into its first operand when that dies before the next op. The
+    one run it moves is Qwen3-MoE's LoRA on every linear (2 layers, 2,048 vocabulary), whose peak is the backward of
+    the experts' `weighted_out[inv_perm]`: 536,870,912 B of S x hidden rows lower (2026-12-06)."""
 
     def __init__(self, start=()):
         super().__init__()
@@ -72,6 +80,14 @@ class Live(TorchDispatchMode):
         `old` dense and not made by a view op (a view's storage is shared, so real runs add out of place)."""
         return (func is torch.ops.aten.add.Tensor and torch._C._current_graph_task_id() != -1
                 and not torch.is_grad_enabled() and len(args) == 2 and isinstance(args[1], torch.Tensor)
+                and not getattr(args[0], "_made_by_view", False) and args[0].shape == out.shape
+                and args[0].dtype == out.dtype and args[0].is_contiguous())
+
+    def is_index_backward(self, func, args, out):
+        """`index_backward`'s scatter into a fresh `zeros_like(self)`: an `index_put` in backward with grad mode off,
+        into a dense tensor of its output's shape and dtype."""
+        return (func is torch.ops.aten.index_put.default and torch._C._current_graph_task_id() != -1
+                and not torch.is_grad_enabled() and isinstance(args[0], torch.Tensor)
                 and not getattr(args[0], "_made_by_view", False) and args[0].shape == out.shape
                 and args[0].dtype == out.dtype and args[0].is_contiguous())
 
@@ -133,7 +149,7 @@ class Live(TorchDispatchMode):
             for t in outs:
                 if isinstance(t, torch.Tensor):
                     t._made_by_view = True
-        if self.is_gradient_sum(func, args, out):
+        if self.is_gradient_sum(func, args, out) or self.is_index_backward(func, args, out):
             at = None
             if self.now + out.untyped_storage().nbytes() > self.peak:  # the live set, should it be out of place
                 at = self.snapshot(func.__name__)
