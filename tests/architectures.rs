@@ -616,16 +616,17 @@ fn lora_reaches_moe_experts_as_peft_converts_each_model_type() {
 fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
     // peft 0.21.2 wraps transformers 5's 3-D expert stacks with `_LoraFactorsProxy`:
     // `baddbmm(W, lhs, rhs)` in W's dtype, so forward holds no delta the size of the stack,
-    // only the merged weights the experts' matmuls keep, with their inputs and the factors'
-    // bf16 casts `baddbmm` keeps. Each stack is merged where it is read, so backward holds one
-    // merged weight's gradient at a time, from its grouped matmul's backward, which makes it,
-    // until `baddbmm`'s backward folds it into the factors' (`Op::grads` of both ops).
+    // only the merged weights the experts' matmuls keep, and the factors' bf16 casts
+    // `baddbmm` keeps; each grouped matmul keeps its input (the stack needs a gradient), as
+    // its own tensor. Each stack is merged where it is read, so backward holds one merged
+    // weight's gradient at a time, from its grouped matmul's backward, which makes it, until
+    // `baddbmm`'s backward folds it into the factors' (`Op::grads` of both ops).
     // Mixtral-8x7B, LoRA r16 on every linear, batch 1 x 128 (top 2: 256 routed rows):
-    // - gate_up: 8 x 2 x 14,336 x 4,096 = 939,524,096 bf16 elements, 1,879,048,192 bytes; its
-    //   input 256 x 4,096 x 2 = 2,097,152; factors of 2 x 16 x 8 = 256 rows, 256 x (4,096 +
-    //   28,672) x 2 = 16,777,216: kept 1,897,922,560.
-    // - down: 8 x 4,096 x 14,336 x 2 = 939,524,096; its input 256 x 14,336 x 2 = 7,340,032;
-    //   factors of 128 rows, 128 x (14,336 + 4,096) x 2 = 4,718,592: kept 951,582,720.
+    // - gate_up: 8 x 2 x 14,336 x 4,096 = 939,524,096 bf16 elements, 1,879,048,192 bytes;
+    //   factors of 2 x 16 x 8 = 256 rows, 256 x (4,096 + 28,672) x 2 = 16,777,216: the merge
+    //   keeps 1,895,825,408; the matmul its input, 256 x 4,096 x 2 = 2,097,152.
+    // - down: 8 x 4,096 x 14,336 x 2 = 939,524,096; factors of 128 rows, 128 x (14,336 +
+    //   4,096) x 2 = 4,718,592: 944,242,688; the matmul its input, 256 x 14,336 x 2 = 7,340,032.
     // (Each op's own output is a 2-byte placeholder.)
     let m = model("mixtral-8x7b");
     let p = plan(lora_all(), 1, 128, AttentionKernel::Sdpa);
@@ -641,11 +642,19 @@ fn lora_on_fused_experts_folds_its_factors_without_a_stack_sized_delta() {
         held(crate::op_ending(&g, "experts.gate_up_proj")),
         [1_879_048_192]
     );
-    assert_eq!(crate::kept_bytes(&g, gate_up), 1_897_922_560);
+    assert_eq!(crate::kept_bytes(&g, gate_up), 1_895_825_408);
+    assert_eq!(
+        crate::kept_bytes(&g, crate::op_ending(&g, "experts.gate_up_proj")),
+        2_097_152
+    );
     let down = crate::op_ending(&g, "experts.down_lora_merge");
     assert_eq!(down.backward_transient.0, 2);
     assert_eq!(held(down), [939_524_096]);
-    assert_eq!(crate::kept_bytes(&g, down), 951_582_720);
+    assert_eq!(crate::kept_bytes(&g, down), 944_242_688);
+    assert_eq!(
+        crate::kept_bytes(&g, crate::op_ending(&g, "experts.down_proj")),
+        7_340_032
+    );
 }
 
 #[test]

@@ -2082,3 +2082,39 @@ fn a_frozen_linear_packs_its_weight_so_a_checkpointed_blocks_rerun_runs_up_to_it
         0.005,
     );
 }
+
+#[test]
+fn a_broadcast_factors_gradient_is_product_sized_and_a_merged_stack_keeps_the_rows_once() {
+    // Two layers of Qwen3-MoE (hidden 2,048, 128 experts of 768, top 8) with LoRA on every
+    // linear, the experts reached through merged stacks (peft's `ParamWrapper`), bf16 weights,
+    // batch 4 x 4,096 = 16,384 tokens: S = 8 x 16,384 = 131,072 routed rows, an (S, h) bf16
+    // tensor 131,072 x 2,048 x 2 = 536,870,912 B.
+    let row = shipped_run(
+        "validation/families.jsonl",
+        "qwen3-moe-2l-v2048|lora|b4|s4096|gc0|sdpa|r16|all",
+    );
+    let g = ftplan::graph::arch::build(&row.model, &row.plan);
+    let routed = 536_870_912;
+    // The grouped matmul over a merged stack keeps its input, the gathered rows, for the
+    // stack's gradient; the experts' function names the same tensor, so it counts once. (The
+    // merge's kept tensor had carried the rows' bytes as its own, and the forward's reorder
+    // counted them twice: +0.8 %.)
+    let gate_up = op_named(&g, "decoder.layers.1.mlp.experts.gate_up_proj");
+    assert_eq!(gate_up.saves.len(), 1);
+    let rows = gate_up.saves[0];
+    assert_eq!(g.tensor(rows).bytes.0, routed);
+    assert!(g.named(gate_up).any(|t| t == rows));
+    // `proj_out * routing_weights` (S x h times S x 1) in backward: the incoming gradient
+    // (the reorder's scatter, in place on a GPU), `grad * weights` for proj_out, and `grad *
+    // proj_out` for the weights, product-sized until the engine sums it down to S x 1: three
+    // routed tensors, where the replay peaks (at that `sum`). Counting the broadcast factor's
+    // gradient at its own size had put two.
+    let weight = op_named(&g, "decoder.layers.1.mlp.experts.weight");
+    assert_eq!(weight.backward_transient.0, 3 * routed);
+    let (m, hw) = replay_estimate(&g, &row.plan);
+    assert_eq!(m.peak_phase, ftplan::memory::Phase::Backward);
+    assert_eq!(m.peak_op, "decoder.layers.1.mlp.experts.weight");
+    let workspaces = hw.cublas_workspace * 2;
+    assert_eq!((m.at_peak.temporary - workspaces).0, 3 * routed);
+    within(&row, 0.005);
+}

@@ -1316,16 +1316,15 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
 /// (`ParamWrapper`: factors `[a, b]` shared across experts, E x r rows). peft 0.21.2 folds a
 /// single adapter into the stack with one `baddbmm(W, lhs, rhs)` in W's dtype
 /// (`_LoraFactorsProxy`): no delta the size of the stack in forward, only the merged weight,
-/// which the experts' grouped matmul keeps with its input (`sizes`: merged weight, factor and
-/// input elements); the factors' casts to W's dtype are what `baddbmm` keeps for each other's
-/// gradient (none when the adapters already have it). In backward the matmul returns the
-/// merged weight's gradient, a tensor of its size, until `baddbmm`'s backward folds it into
-/// the factors'.
+/// which the experts' grouped matmul keeps (`sizes`: merged weight and factor elements; the
+/// matmul's input is kept by the matmul, `merged_stack_matmul`); the factors' casts to W's
+/// dtype are what `baddbmm` keeps for each other's gradient (none when the adapters already
+/// have it).
 fn expert_lora_merge(
     b: &mut Builder,
     name: Name,
     params: [crate::graph::op::ParamId; 2],
-    (merged, factors, inputs): (u64, u64, u64),
+    (merged, factors): (u64, u64),
     (rank, compute): (u64, crate::units::DType),
 ) -> usize {
     let factor_copies = if b.adapter == compute {
@@ -1335,7 +1334,7 @@ fn expert_lora_merge(
     };
     let kept = b.tensor(
         crate::graph::op::TensorKind::Activation,
-        compute.bytes(merged) + compute.bytes(inputs) + factor_copies,
+        compute.bytes(merged) + factor_copies,
     );
     let merge = b.val(1, 1, compute, true);
     let op = b.elementwise(name, &[], merge, smallvec::smallvec![kept], 0.0);
@@ -1346,17 +1345,21 @@ fn expert_lora_merge(
     op
 }
 
-/// The merged stack's gradient (`merged` bytes): the grouped matmul `matmul` makes it in its
-/// backward, beside its input's gradient, and it waits, as the gradient of a tensor autograd
-/// accumulates (`Op::grads`), until the merge `merge` folds it into the LoRA factors.
-fn merged_stack_gradient(
+/// A grouped matmul (`matmul`, input `input`) over a merged stack (`merged` bytes), which needs
+/// a gradient: the matmul keeps its input for that gradient (the stack itself being frozen, it
+/// would keep nothing), makes the gradient in its backward beside its input's, and it waits,
+/// as the gradient of a tensor autograd accumulates (`Op::grads`), until the merge `merge`
+/// folds it into the LoRA factors. The input is its own tensor: the experts' frame names the
+/// gathered rows too, and one tensor is counted once.
+fn merged_stack_matmul(
     b: &mut Builder,
-    merge: usize,
-    matmul: usize,
+    (merge, matmul): (usize, usize),
+    input: TensorId,
     merged: crate::units::Bytes,
 ) {
     let g = b.tensor(crate::graph::op::TensorKind::Activation, merged);
     if let Some(o) = b.graph.op_mut(matmul) {
+        o.saves.push(input);
         o.backward_transient += merged;
         o.grads.push(g);
     }
@@ -1642,7 +1645,7 @@ fn moe_ops(
             b,
             name.at("experts").then("gate_up_lora_merge"),
             [a, bb],
-            (merged, rows * (h + 2 * inter), routed * h),
+            (merged, rows * (h + 2 * inter)),
             (r, merge_dtype),
         );
         (op, merge_dtype.bytes(merged))
@@ -1651,11 +1654,7 @@ fn moe_ops(
         let rows = r * experts;
         let a = b.adapter_param(name.at("experts").then("down_lora_A"), (rows, inter));
         let bb = b.adapter_param(name.at("experts").then("down_lora_B"), (h, rows));
-        (
-            [a, bb],
-            (experts * h * inter, rows * (inter + h), routed * inter),
-            r,
-        )
+        ([a, bb], (experts * h * inter, rows * (inter + h)), r)
     });
     // transformers 5's experts run `grouped_mm` on `input.to(weight.dtype)`, which autocast does
     // not touch (`_grouped_mm` is not on its lists): fp32 experts (mixed precision, QLoRA's
@@ -1694,7 +1693,7 @@ fn moe_ops(
     let gate_up_op = b.graph.len();
     let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
     if let Some((merge, merged)) = gate_up_merge {
-        merged_stack_gradient(b, merge, gate_up_op, merged);
+        merged_stack_matmul(b, (merge, gate_up_op), xe.id, merged);
     }
     let gu = sentinel_mask(b, es.at("gate_up_mask"), gu);
     let p = match moe.gate {
@@ -1720,7 +1719,7 @@ fn moe_ops(
     let down_op = b.graph.len();
     let d = grouped_linear(b, es.at("down_proj"), p, h, (moe.bias, experts));
     if let Some((merge, merged)) = down_merge {
-        merged_stack_gradient(b, merge, down_op, merged);
+        merged_stack_matmul(b, (merge, down_op), p.id, merged);
     }
     let d = sentinel_mask(b, es.at("down_mask"), d);
     // ... and the masked down projection (`proj_out`, last bound there) likewise.

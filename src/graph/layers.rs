@@ -521,9 +521,6 @@ impl Builder<'_> {
             saves.push(b.id);
         }
         let op = self.elementwise(name, &[a, b], out, saves, 1.0);
-        if a.dtype == b.dtype {
-            return out;
-        }
         let saved: Bytes = self
             .graph
             .op(op)
@@ -538,13 +535,15 @@ impl Builder<'_> {
             // narrower one cast to its dtype) while `call_function` still holds the incoming
             // gradient and the other products, and before `evaluate_function` releases the
             // node's saved tensors (`release_variables`). So the worst moment holds the incoming
-            // gradient, one product-sized, product-dtype tensor per input that needs a gradient,
-            // and the narrower input's cast gradient beside what the op saved (replayed: the
-            // routed experts' `proj_out * sample_weights` in DeepSeek-V2, three fp32 and one
-            // bf16 (S, h) tensors at its `_to_copy`). In a checkpointed block the saved tensors
-            // are the recomputation's, which non-reentrant checkpointing's unpack hook hands
-            // over and forgets (`torch/utils/checkpoint.py`): they die when the node returns,
-            // before the casts, which then take their place.
+            // gradient, one product-sized, product-dtype tensor per input that needs a gradient
+            // (a broadcast input's too, before its sum), and the narrower input's cast gradient
+            // beside what the op saved (replayed: the routed experts' `proj_out *
+            // sample_weights` in DeepSeek-V2, three fp32 and one bf16 (S, h) tensors at its
+            // `_to_copy`; in Qwen3-MoE, all bf16, three (S, h) tensors at the weights' `sum`).
+            // In a checkpointed block the saved tensors are the recomputation's, which
+            // non-reentrant checkpointing's unpack hook hands over and forgets
+            // (`torch/utils/checkpoint.py`): they die when the node returns, before the casts,
+            // which then take their place.
             let casts: Bytes = [a, b]
                 .iter()
                 .filter(|x| x.grad && x.dtype != out.dtype)
