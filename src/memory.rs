@@ -887,10 +887,10 @@ impl Walk<'_> {
     /// its weight, for its input's gradient; a norm its weight). Checkpointing's early stop
     /// counts every packed tensor, parameters included: the rerun ends when its count reaches
     /// the forward's (`recomp_counter` against `weak_holders`, `torch/utils/checkpoint.py`), so
-    /// a block whose last saving op is a frozen `down_proj` reruns up to it.
+    /// a block whose last saving op is a frozen `down_proj` reruns up to it
+    /// (`OpGraph::packed_params`).
     fn restores(&self, op: &Op) -> bool {
-        op.saves.iter().any(|&t| self.restored(op.segment, t))
-            || (op.in_backward && !op.params.is_empty())
+        self.graph.packed_params(op) > 0 || op.saves.iter().any(|&t| self.restored(op.segment, t))
     }
 
     fn restored(&self, segment: Option<u32>, t: TensorId) -> bool {

@@ -343,12 +343,13 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     // Non-reentrant checkpointing runs Python hooks for every tensor a block's autograd nodes
     // save: a pack hook in forward, and in backward the recomputation's pack hook and the
     // unpack hook (half the cost each way). An op's saved tensors are those it keeps plus the
-    // weights it reads (a matmul saves its input and its weight, or the weight's cast copy):
-    // within a quarter of the pack-hook calls counted on Llama, GPT-2, T5 and BART blocks.
+    // weights it reads (a matmul saves its input and its weight, or the weight's cast copy;
+    // `OpGraph::packed_params`): within a quarter of the pack-hook calls counted on Llama,
+    // GPT-2, T5 and BART blocks.
     let checkpoint_hooks = |op: &Op| {
         // An op that backward never reaches builds no autograd node and saves nothing.
         if op.segment.is_some() && op.in_backward {
-            (op.saves.len() + op.params.len()) as f64 * rates.checkpoint_tensor / 2.0
+            (op.saves.len() + graph.packed_params(op)) as f64 * rates.checkpoint_tensor / 2.0
         } else {
             0.0
         }

@@ -2118,3 +2118,27 @@ fn a_broadcast_factors_gradient_is_product_sized_and_a_merged_stack_keeps_the_ro
     assert_eq!((m.at_peak.temporary - workspaces).0, 3 * routed);
     within(&row, 0.005);
 }
+
+#[test]
+fn a_4bit_linear_packs_no_parameter_for_checkpointings_hooks() {
+    // The parameters an op's autograd node saves, which non-reentrant checkpointing's pack hook
+    // sees (`OpGraph::packed_params`), TinyLlama with LoRA r16 on q and v, checkpointed:
+    // - over bf16 weights the frozen `down_proj` saves its weight (`MmBackward0` keeps it for
+    //   its input's gradient), so a block's rerun runs up to it; `lora_A` saves its factor;
+    // - under QLoRA the same `down_proj` is bitsandbytes' `MatMul4Bit`, a Python
+    //   `autograd.Function` that keeps its weight as a `ctx` attribute and runs its matmul
+    //   with grad mode off: no packed tensor, so the rerun stops at the FFN's product, the
+    //   block's last op that saves, and the time model charges no hook for the weight.
+    let m = model("tinyllama-1.1b");
+    let Method::Lora(adapter) = lora(16) else {
+        unreachable!("lora() builds LoRA")
+    };
+    let packed = |method: Method, suffix: &str| {
+        let g = graph::build(&m, &plan(method, Precision::Bf16, 1, 256, 0, true));
+        g.packed_params(crate::op_ending(&g, suffix))
+    };
+    assert_eq!(packed(lora(16), "mlp.down_proj"), 1);
+    assert_eq!(packed(lora(16), "q_proj.lora_A"), 1);
+    assert_eq!(packed(Method::Qlora(adapter.clone()), "mlp.down_proj"), 0);
+    assert_eq!(packed(Method::Qlora(adapter), "q_proj.lora_A"), 1);
+}

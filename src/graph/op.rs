@@ -370,6 +370,24 @@ impl OpGraph {
         self.frame(op.frame).iter().chain(&op.pinned).copied()
     }
 
+    /// How many parameters `op`'s autograd node saves through `save_for_backward`, which
+    /// saved-tensor hooks (non-reentrant checkpointing's pack hook) see: every parameter it
+    /// reads where backward reaches it (a frozen linear saves its weight for its input's
+    /// gradient, a norm its weight), none for a 4-bit linear: bitsandbytes' `MatMul4Bit` is a
+    /// Python `autograd.Function` that keeps its weight as a `ctx` attribute and runs its
+    /// matmul with grad mode off.
+    pub fn packed_params(&self, op: &Op) -> usize {
+        let four_bit = op
+            .params
+            .iter()
+            .any(|&p| self.param(p).dtype == crate::units::DType::Nf4);
+        if op.in_backward && !four_bit {
+            op.params.len()
+        } else {
+            0
+        }
+    }
+
     /// Records that checkpointed block `segment` starts now.
     pub fn begin_segment(&mut self, segment: u32) {
         let first = self.tensors.len() as u32;
