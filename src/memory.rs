@@ -899,7 +899,8 @@ impl Walk<'_> {
 
     /// A checkpointed block's forward, rerun when backward first unpacks one of its saved
     /// tensors (non-reentrant checkpointing, `torch/utils/checkpoint.py`): at the backward of
-    /// the block's last op that saves one (`segment`'s last op here, the trigger), whose
+    /// the block's last op that saves one, a packed parameter included (`restores`;
+    /// `segment`'s last op here, the trigger), whose
     /// output's gradient waits meanwhile. Its saved tensors come back one op at a time, each
     /// op's forward transients and what the frames around it name (`OpGraph::named`) beside
     /// them. The rerun stops as soon as the trigger packs its saved inputs, before it makes

@@ -161,9 +161,9 @@ impl Builder<'_> {
                 // and dS, three score matrices (a checkpointed block's recomputed forward holds
                 // less at this op: the scores, the probabilities and the byte-wide `-inf`
                 // test); by then the product with v has run its backward, which frees v's
-                // fp32 copy. (A replay of checkpointed T5-base
-                // full fine-tuning traced without module hooks, `validation/peak_live.py`, peaks
-                // there with exactly these live: no boolean, no fp32 v.)
+                // fp32 copy. (A replay of checkpointed T5-base full fine-tuning traced without
+                // module hooks, `validation/peak_live.py`, peaks there with exactly these live:
+                // no boolean, no fp32 v.)
                 math_backward = Some(bwd_extra - v_copy);
                 // At softmax's backward the product with v has run its backward: v's fp32
                 // gradient exists and the output's gradient has been released; q's and k's come
