@@ -31,9 +31,19 @@ pub struct Estimate {
     pub fits: bool,
 }
 
-/// What LoRA can target in a Mamba mixer.
-const MAMBA_TARGETS: &str =
-    "name the mixer's other projections: --lora-targets in_proj,x_proj,dt_proj";
+/// What LoRA can target in a Mamba or Mamba-2 mixer (peft refuses its `out_proj` and
+/// `conv1d`), for the hint when a plan names nothing else.
+fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
+    match family {
+        crate::spec::model::Family::Mamba => {
+            Some("name the mixer's other projections: --lora-targets in_proj,x_proj,dt_proj")
+        }
+        crate::spec::model::Family::Mamba2 => {
+            Some("name the mixer's input projection: --lora-targets in_proj")
+        }
+        _ => None,
+    }
+}
 
 /// Rejects plans that cannot be simulated, naming the offending setting.
 pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
@@ -73,6 +83,18 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             "fla needs 16-bit inputs; flash-linear-attention refuses float32".into(),
         )
         .with_hint("use --linear-kernel torch, or a bf16 or mixed precision"));
+    }
+    // Mamba-2's kernels (mamba-ssm's `mamba_split_conv1d_scan_combined`) are one autograd
+    // Function whose saves ftplan has not read; the PyTorch path is what it plans.
+    if plan.linear_kernel == crate::spec::plan::LinearKernel::Fla && model.has_ssd() {
+        return Err(field(
+            "linear-kernel",
+            format!(
+                "fla is not modelled for `{}`'s Mamba-2 layers (mamba-ssm's fused scan)",
+                model.name
+            ),
+        )
+        .with_hint("use --linear-kernel torch: transformers' PyTorch path, without mamba-ssm"));
     }
     let heads = model.decoder.heads;
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
@@ -122,7 +144,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                 }
                 crate::spec::plan::LoraTargets::QueryValue => false,
             };
-            if model.family == crate::spec::model::Family::Mamba && names_out {
+            if let Some(hint) = mamba_targets(model.family).filter(|_| names_out) {
                 return Err(field(
                     "lora-targets",
                     format!(
@@ -130,7 +152,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                         model.name
                     ),
                 )
-                .with_hint(MAMBA_TARGETS));
+                .with_hint(hint));
             }
             // PhiMoE's and Llama 4's routers are `nn.Linear` subclasses whose forward returns a
             // tuple: peft's `all-linear` wraps them, and the LoRA layer fails adding its delta
@@ -164,7 +186,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
                     model.name
                 ),
             )
-            .with_hint("prompt tuning, LoRA (--lora-targets all) or a partial method apply"));
+            .with_hint("prompt tuning, LoRA (--lora-targets in_proj) or a partial method apply"));
         }
         // peft hands prefix tuning's keys and values to the model as a `DynamicCache` of
         // attention layers; LFM2's convolution layers ask that cache for their own state
@@ -392,11 +414,9 @@ pub fn estimate(
                 model.name
             ),
         )
-        .with_hint(if model.family == crate::spec::model::Family::Mamba {
-            MAMBA_TARGETS
-        } else {
-            "choose what the model has (LoRA's `all` covers every linear in the blocks)"
-        }));
+        .with_hint(mamba_targets(model.family).unwrap_or(
+            "choose what the model has (LoRA's `all` covers every linear in the blocks)",
+        )));
     }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

@@ -770,6 +770,90 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
     assert_eq!(e.memory.trainable_params, 2_703_360);
 }
 
+/// A 2-layer Mamba-2 at toy widths: hidden 128, inner 256 as 4 heads of 64, state 16, one
+/// group, chunks of 64 tokens.
+fn mamba2_toy() -> ModelSpec {
+    toy(&serde_json::json!({
+        "model_type": "mamba2", "hidden_size": 128, "num_hidden_layers": 2, "vocab_size": 512,
+        "num_heads": 4, "head_dim": 64, "state_size": 16, "n_groups": 1, "expand": 2,
+        "conv_kernel": 4, "chunk_size": 64, "tie_word_embeddings": true
+    }))
+}
+
+#[test]
+fn mamba2s_chunk_scan_keeps_its_chunked_operands_and_backward_holds_two_products() {
+    // transformers 5.17's `mamba2_chunk_scan`, full fine-tuning under bf16 autocast, batch 1 x
+    // 128 tokens: T = P = 128 (two chunks of l = 64, c + 1 = 3), I = 256, h = 4, N = 16.
+    // Kept, in fp32 (4 B): x.float() for dt's gradient, 128 x 256 x 4 = 131,072; the padded
+    // clone D's product keeps, 131,072; softplus' fp32 input and output and the clamp's
+    // output, 3 x 128 x 4 x 4 = 6,144; x chunked 131,072, B and C chunked (repeated to the 4
+    // heads) 2 x 128 x 4 x 16 x 4 = 65,536, L, G and M (l per head and position) 3 x 128 x 4
+    // x 64 x 4 = 393,216, the two decays 2 x 2,048, B_decay 32,768, the concatenated and the
+    // recurred states 2 x 3 x 256 x 16 x 4 = 98,304, C_times_states' sum 131,072:
+    // 1,124,352 in all.
+    let m = mamba2_toy();
+    let g = graph::build(&m, &plan(Method::Full, 1, 128, AttentionKernel::Sdpa));
+    let scan = crate::op_ending(&g, "mixer.chunk_scan");
+    assert_eq!(crate::kept_bytes(&g, scan), 1_124_352);
+    // With N = 16 < p = 64, Y_diag's product (c l l h p = 128 x 64 x 256 x 4 = 8,388,608 B) is
+    // the largest; its backward makes two of them and sums M's down (131,072), beside what is
+    // still kept (the early 268,288; x, B, C, L, G and M, 589,824) and the gradients held:
+    // the scan's own, x's (from the states), B's and C's first parts, 327,680. 18,094,080 at
+    // that moment, 16,969,728 beyond the scan's saves. Forward holds one such product.
+    assert_eq!(scan.backward_transient.0, 16_969_728);
+    assert_eq!(scan.forward_transient.0, 8_388_608);
+    // 100 tokens pad to the same two chunks: the output (and its gradient) stays 128 x 256.
+    let g = graph::build(&m, &plan(Method::Full, 1, 100, AttentionKernel::Sdpa));
+    let scan = crate::op_ending(&g, "mixer.chunk_scan");
+    assert_eq!(scan.out.0, 131_072);
+}
+
+#[test]
+fn lora_on_mamba2_reaches_in_proj_only_and_the_fused_kernels_are_refused() {
+    // peft's Mamba check covers `mamba2` too; the hint names what is left.
+    for (extra, field, want) in [
+        (
+            ["--lora-targets", "all"],
+            "`lora-targets`",
+            "--lora-targets in_proj",
+        ),
+        (
+            ["--linear-kernel", "fla"],
+            "`linear-kernel`",
+            "--linear-kernel torch",
+        ),
+    ] {
+        let out = crate::ftplan()
+            .args([
+                "estimate",
+                "--model",
+                "mamba2-2.7b",
+                "--gpu",
+                "h200",
+                "--method",
+                "lora",
+            ])
+            .args(extra)
+            .assert()
+            .code(2);
+        let err = crate::stderr_of(&out);
+        assert!(err.contains(field) && err.contains(want), "{err}");
+    }
+    // in_proj (2,560 -> 5,120 + 5,376 + 80 = 10,576), rank 16: 16 x (2,560 + 10,576) =
+    // 210,176 a layer, 64 layers: 13,451,264.
+    let named = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::parse(["in_proj"]).expect("known name"),
+        dora: false,
+    });
+    let e = run(
+        &model("mamba2-2.7b"),
+        &plan(named, 1, 256, AttentionKernel::Sdpa),
+    );
+    assert_eq!(e.memory.trainable_params, 13_451_264);
+}
+
 #[test]
 fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
     // peft 0.21 raises "PREFIX_TUNING does not work with gradient checkpointing" when it wraps

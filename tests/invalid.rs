@@ -319,6 +319,14 @@ fn linear_value_heads_not_a_multiple_of_key_heads() {
 }
 
 #[test]
+fn mamba2_heads_that_do_not_tile_the_inner_width() {
+    model(
+        "mamba2-heads-not-tiling.json",
+        &["`num_heads`", "expand x hidden_size"],
+    );
+}
+
+#[test]
 fn flash_linear_attention_refuses_fp32() {
     rejects(
         &[

@@ -638,6 +638,14 @@ impl PlanInput {
                 model.value.name
             ));
         }
+        if model.value.has_ssd() && self.linear_kernel == LinearKernelArg::Torch {
+            notes.push(format!(
+                "`{}`'s Mamba-2 layers are planned as transformers' PyTorch chunked scan (no \
+                 mamba-ssm installed), whose backward holds two fp32 tensors of chunk x chunk x \
+                 heads x state elements per chunk",
+                model.value.name
+            ));
+        }
         let plan = Plan {
             method,
             precision,

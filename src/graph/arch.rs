@@ -420,6 +420,7 @@ fn block(
     };
     let window = match kind.mixer {
         Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
+        Mixer::Ssd(ssd) => return b.mamba2_block(name, x, ssd),
         Mixer::Attention | Mixer::GatedDeltaNet(_) | Mixer::ShortConv(_) => None,
         Mixer::SlidingWindow { window } => Some(window),
     };

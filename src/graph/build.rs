@@ -624,7 +624,8 @@ impl<'a> Builder<'a> {
             | Family::Qwen3Next
             | Family::Deepseek
             | Family::Mistral4
-            | Family::Mamba => (0, 0),
+            | Family::Mamba
+            | Family::Mamba2 => (0, 0),
             Family::Llama
             | Family::Mistral
             | Family::Qwen2

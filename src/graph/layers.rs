@@ -501,6 +501,45 @@ impl Builder<'_> {
         self.cast(name.then("cast_back"), gated, x.dtype)
     }
 
+    /// Mamba-2's `MambaRMSNormGated(x, gate)` in its PyTorch form, which gates before it
+    /// normalises over the whole width: `x.to(fp32) * silu(gate.to(fp32))` (SiLU keeps the
+    /// fp32 gate, the product both factors), normalised by its rsqrt (pow and the multiply
+    /// keep the product, the multiply the rsqrt), cast back to x's dtype, times the weight
+    /// (which keeps the normalised tensor when it trains; an fp32 x or weight makes the result
+    /// fp32).
+    pub fn gate_then_rms_norm(&mut self, name: Name, x: Val, gate: Val) -> Val {
+        let reached = self.ln_tuning_reaches(name);
+        let weight = self.norm_param(name.then("weight"), x.width, ParamRole::Norm, reached);
+        let trains = reached && self.trains(ParamRole::Norm);
+        let x32 = self.cast(name.then("upcast"), x, DType::F32);
+        let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
+        let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
+        self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
+        let gated = self.mul(name.then("gate_mul"), x32, act);
+        let rstd = self.tensor(TensorKind::Activation, DType::F32.bytes(gated.tokens));
+        let normed = self.val(gated.width, gated.tokens, DType::F32, gated.grad);
+        let op = self.elementwise(
+            name.then("rms"),
+            &[gated],
+            normed,
+            smallvec![gated.id, rstd],
+            4.0,
+        );
+        if let Some(o) = self.graph.op_mut(op) {
+            // pow, mean, add, rsqrt, multiply; the module's own call.
+            o.cost.forward_kernels = 5;
+            o.cost.backward_kernels = 8;
+            o.cost.modules = 1;
+        }
+        let narrow = self.cast(name.then("downcast"), normed, x.dtype);
+        self.param_mul(
+            name.then("weight_mul"),
+            narrow,
+            (weight, trains),
+            wider(self.base, x.dtype),
+        )
+    }
+
     /// `F.relu`: one kernel keeping its output; `threshold_backward` reads the gradient and that
     /// output and writes the input's gradient.
     fn relu(&mut self, name: Name, x: Val) -> Val {

@@ -9,6 +9,7 @@ pub mod head;
 pub mod layers;
 pub mod linear;
 pub mod op;
+mod ssd;
 
 pub use arch::build;
 pub use op::OpGraph;

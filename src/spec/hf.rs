@@ -6,7 +6,7 @@ use crate::spec::model::{
     Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
     Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
     ReturnedWeights, RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap,
-    Ssm, Stack,
+    Ssd, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -294,6 +294,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Mpt => mpt(&r)?,
         Family::Deepseek | Family::Mistral4 => deepseek(&r, family)?,
         Family::Mamba => mamba(&r)?,
+        Family::Mamba2 => mamba2(&r)?,
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -1678,6 +1679,69 @@ fn mamba(r: &Reader) -> Result<ModelSpec> {
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         mixers: vec![Mixer::Ssm(ssm)],
         ..ModelSpec::decoder_only(Family::Mamba, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `Mamba2ForCausalLM`: Mamba's blocks (RMSNorm, mixer, fp32 residual) around Mamba-2's
+/// mixer; no FFN, no attention, no positions.
+fn mamba2(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let expand = r.opt_u64(&["expand"])?.unwrap_or(2);
+    let ssd = Ssd {
+        heads: r.opt_u64(&["num_heads"])?.unwrap_or(128),
+        head_dim: r.opt_u64(&["head_dim"])?.unwrap_or(64),
+        state: r.opt_u64(&["state_size"])?.unwrap_or(128),
+        groups: r.opt_u64(&["n_groups"])?.unwrap_or(8),
+        conv: r.opt_u64(&["conv_kernel"])?.unwrap_or(4),
+        chunk: r.opt_u64(&["chunk_size"])?.unwrap_or(256),
+        bias: r.bool_or(&["use_bias"], false)?,
+        conv_bias: r.bool_or(&["use_conv_bias"], true)?,
+    };
+    // Mamba2Config.validate_architecture: the heads tile the inner width exactly.
+    if hidden.checked_mul(expand) != ssd.heads.checked_mul(ssd.head_dim) {
+        return Err(Error::field(
+            r.path,
+            "num_heads",
+            format!(
+                "x head_dim ({} x {}) must equal expand x hidden_size ({expand} x {hidden})",
+                ssd.heads, ssd.head_dim
+            ),
+        ));
+    }
+    if ssd.groups == 0 || !ssd.heads.is_multiple_of(ssd.groups) {
+        return Err(Error::field(
+            r.path,
+            "n_groups",
+            format!("({}) must divide num_heads ({})", ssd.groups, ssd.heads),
+        ));
+    }
+    if ssd.chunk == 0 {
+        return Err(Error::field(r.path, "chunk_size", "must be at least 1"));
+    }
+    if !r.bool_or(&["residual_in_fp32"], true)? {
+        return Err(
+            Error::field(r.path, "residual_in_fp32", "false is not supported")
+                .with_hint("the published Mamba-2 checkpoints keep the residual in fp32"),
+        );
+    }
+    r.raw(&[
+        "layer_norm_epsilon",
+        "hidden_act",
+        "time_step_rank",
+        "time_step_min",
+        "time_step_max",
+        "time_step_floor",
+        "time_step_limit",
+        "rescale_prenorm_residual",
+        "norm_before_gate",
+        "rms_norm",
+    ]);
+    let stack = Stack::new(r.u64(&["num_hidden_layers"])?, 1, 1, hidden, 0);
+    Ok(ModelSpec {
+        positions: Positions::None,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        mixers: vec![Mixer::Ssd(ssd)],
+        ..ModelSpec::decoder_only(Family::Mamba2, hidden, r.u64(&["vocab_size"])?, stack)
     })
 }
 

@@ -178,6 +178,9 @@ pub enum Family {
     Deepseek,
     /// `MambaForCausalLM`: selective state-space blocks (Gu & Dao 2023), no attention.
     Mamba,
+    /// `Mamba2ForCausalLM` (Dao & Gu 2024, "Transformers are SSMs", Mamba-2 and
+    /// Mamba-Codestral): Mamba's block around the state-space-duality mixer ([`Mixer::Ssd`]).
+    Mamba2,
     /// `GptOssForCausalLM` (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"): the Llama
     /// block with biased q/k/v/o, a learned attention sink per head, alternating banded (128)
     /// and dense layers, and routed experts with biases and a clamped SwiGLU. The published
@@ -337,7 +340,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 69] = [
+    pub const ALL: [(&'static str, Family); 70] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -407,6 +410,7 @@ impl Family {
         ("lfm2_moe", Family::Lfm2Moe),
         ("llama4_text", Family::Llama4),
         ("mistral4", Family::Mistral4),
+        ("mamba2", Family::Mamba2),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -555,6 +559,43 @@ pub enum Mixer {
     /// LFM2's gated short convolution (Liquid AI 2025): `C * conv(B * x)` over B, C and x
     /// projected from the input, a causal depthwise filter of a few taps, no state beyond them.
     ShortConv(ShortConv),
+    /// Mamba-2's state-space-duality mixer (Dao & Gu 2024, "Transformers are SSMs: Generalized
+    /// Models and Efficient Algorithms Through Structured State Space Duality"): a scalar decay
+    /// per head, B and C shared by groups of heads, computed chunk by chunk as a masked
+    /// attention-like product within chunks and a recurrence over chunk states between them.
+    Ssd(Ssd),
+}
+
+/// Mamba-2's mixer sizes (`Mamba2Config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Ssd {
+    /// `num_heads`.
+    pub heads: u64,
+    /// `head_dim`: heads x head_dim is the inner width (`expand x hidden_size`).
+    pub head_dim: u64,
+    /// `state_size` (N).
+    pub state: u64,
+    /// `n_groups`: B and C are `n_groups x state` wide, each group shared by its heads.
+    pub groups: u64,
+    /// `conv_kernel`.
+    pub conv: u64,
+    /// `chunk_size`: the sequence is padded to whole chunks.
+    pub chunk: u64,
+    /// `use_bias` (on `in_proj` and `out_proj`) and `use_conv_bias`.
+    pub bias: bool,
+    pub conv_bias: bool,
+}
+
+impl Ssd {
+    /// `expand x hidden_size`, the width of x, z and the scan's output.
+    pub fn inner(&self) -> u64 {
+        self.heads * self.head_dim
+    }
+
+    /// The convolution's channels: x, B and C.
+    pub fn conv_dim(&self) -> u64 {
+        self.inner() + 2 * self.groups * self.state
+    }
 }
 
 /// LFM2's short-convolution mixer (`Lfm2ShortConv`), hidden-size wide.
@@ -1108,7 +1149,7 @@ impl ModelSpec {
             .copied()
             .unwrap_or(Mixer::Attention);
         let ffn = match (mixer, self.moe) {
-            (Mixer::Ssm(_), _) => FfnKind::None,
+            (Mixer::Ssm(_) | Mixer::Ssd(_), _) => FfnKind::None,
             (_, Some(m))
                 if layer >= m.first_dense && (layer + 1).is_multiple_of(m.every.max(1)) =>
             {
@@ -1138,6 +1179,11 @@ impl ModelSpec {
             .any(|m| matches!(m, Mixer::GatedDeltaNet(_)))
     }
 
+    /// Whether any block is a Mamba-2 (state-space-duality) layer.
+    pub fn has_ssd(&self) -> bool {
+        self.mixers.iter().any(|m| matches!(m, Mixer::Ssd(_)))
+    }
+
     /// Whether any block is a short-convolution layer (LFM2).
     pub fn has_short_conv(&self) -> bool {
         self.mixers.iter().any(|m| matches!(m, Mixer::ShortConv(_)))
@@ -1145,7 +1191,9 @@ impl ModelSpec {
 
     /// Whether any block attends (Mamba's do not).
     pub fn has_attention(&self) -> bool {
-        self.mixers.iter().any(|m| !matches!(m, Mixer::Ssm(_)))
+        self.mixers
+            .iter()
+            .any(|m| !matches!(m, Mixer::Ssm(_) | Mixer::Ssd(_)))
     }
 
     /// The number of sparse (mixture-of-experts) blocks.
