@@ -854,6 +854,47 @@ fn lora_on_mamba2_reaches_in_proj_only_and_the_fused_kernels_are_refused() {
     assert_eq!(e.memory.trainable_params, 13_451_264);
 }
 
+/// A 2-layer Granite 4.0 hybrid at toy widths: hidden 64, a Mamba-2 layer (4 heads, "auto"
+/// width 2 x 64 / 4 = 32, state 16) then an attention layer (4 heads of 16, 2 KV heads), 4
+/// experts of 32 (top 2) and a shared MLP of 48 in each, no positions.
+fn granite_hybrid_toy(experts: u64) -> ModelSpec {
+    toy(&serde_json::json!({
+        "model_type": "granitemoehybrid", "hidden_size": 64, "num_hidden_layers": 2,
+        "layer_types": ["mamba", "attention"], "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256, "mamba_n_heads": 4, "mamba_d_state": 16,
+        "mamba_n_groups": 1, "num_local_experts": experts, "num_experts_per_tok": 2,
+        "intermediate_size": 32, "shared_intermediate_size": 48,
+        "position_embedding_type": "nope"
+    }))
+}
+
+#[test]
+fn granite_4_hybrid_layers_are_mamba2_or_attention_each_with_experts_and_a_shared_mlp() {
+    let kinds = |m: &ModelSpec| -> Vec<BlockKind> {
+        (0..m.decoder.layers).map(|l| m.block_kind(l)).collect()
+    };
+    let m = granite_hybrid_toy(4);
+    let k = kinds(&m);
+    assert!(matches!(k[0].mixer, Mixer::Ssd(s) if s.head_dim == 32 && s.state == 16));
+    assert_eq!(k[1].mixer, Mixer::Attention);
+    assert!(k.iter().all(|k| k.ffn == FfnKind::Moe));
+    assert_eq!(m.positions, ftplan::spec::model::Positions::None);
+    // transformers 5.17 builds 141,292 parameters from this config (checked on CPU).
+    let e = run(&m, &full(Precision::MixedBf16, 1, 64));
+    assert_eq!(e.memory.trainable_params, 141_292);
+    // peft's `all-linear` (peft 0.21.2 wraps 24,640, checked): the Mamba layer's in_proj
+    // (64 -> 128 + 160 + 4 = 292) 16 x 356 = 5,696 and out_proj (128 -> 64) 3,072, each
+    // layer's input_linear (64 -> 96) 2,560 and output_linear (48 -> 64) 1,792, the
+    // attention's q and o 2,048 each, k and v 1,536 each; not the experts' 3-D parameters, not
+    // the router's bare weight, and not refused on out_proj as Mamba's is.
+    let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 24_640);
+    // With no experts, the shared MLP is each layer's dense FFN.
+    let dense = granite_hybrid_toy(0);
+    assert!(dense.moe.is_none());
+    assert!(kinds(&dense).iter().all(|k| k.ffn == FfnKind::Dense));
+}
+
 #[test]
 fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
     // peft 0.21 raises "PREFIX_TUNING does not work with gradient checkpointing" when it wraps

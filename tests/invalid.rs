@@ -327,6 +327,14 @@ fn mamba2_heads_that_do_not_tile_the_inner_width() {
 }
 
 #[test]
+fn granite_hybrid_mamba_heads_that_do_not_tile_the_inner_width() {
+    model(
+        "granite-mamba-heads-not-tiling.json",
+        &["`mamba_n_heads`", "expand x hidden_size"],
+    );
+}
+
+#[test]
 fn flash_linear_attention_refuses_fp32() {
     rejects(
         &[

@@ -348,11 +348,12 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3, ERNIE-4.5-MoE, a pure-bf16 GLM-4.5, HunYuan-MoE and GLM-4.7-Flash, then Qwen3.5's Gated DeltaNet hybrid, dense and MoE, and Qwen3-Next, then Apertus's xIELU, then MiniMax-M2 and dots.llm1, then Gemma 4, then LFM2's short convolutions, dense and MoE, then Llama 4, then Mistral4, then Gemma 4 E2B at its published depth, then pure-bf16 Falcon-7B and Llama 4 with eager attention, then checkpointed BLOOM,
     // Falcon-7B and MPT, whose blocks return their probabilities, then Pythia rotating whole
     // heads, then a 3-layer DeepSeek-V2-Lite with CUDA's SDPA kernel for its narrower values,
-    // then Mamba-2's chunked scan (validation/families.jsonl, measure.py --fake; the
-    // twenty-three before Mamba-2 replayed by validation/peak_live.py only).
+    // then Mamba-2's chunked scan and Granite 4.0's hybrid of it (validation/families.jsonl,
+    // measure.py --fake; the twenty-three before Mamba-2 replayed by validation/peak_live.py
+    // only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 345);
+    assert_eq!(rows.len(), 354);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -390,8 +391,9 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             0.01
         } else if late.iter().any(|m| r.name.starts_with(m)) {
             0.015
-        } else if r.name.starts_with("mamba2-") {
-            // Mamba-2's eleven (2026-12-06): within 0.8 % estimated before they ran, 0.3 % since.
+        } else if r.name.starts_with("mamba2-") || r.name.starts_with("granite-4.0-h-") {
+            // Mamba-2's eleven (2026-12-06): within 0.8 % estimated before they ran, 0.3 % since;
+            // Granite 4.0's nine hybrid runs, estimated before they ran: within 0.5 %.
             0.01
         } else if r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
             || r.name.starts_with("ernie-moe-4l|full|")

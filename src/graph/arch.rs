@@ -420,8 +420,10 @@ fn block(
     };
     let window = match kind.mixer {
         Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
-        Mixer::Ssd(ssd) => return b.mamba2_block(name, x, ssd),
-        Mixer::Attention | Mixer::GatedDeltaNet(_) | Mixer::ShortConv(_) => None,
+        Mixer::Ssd(ssd) if model.family == crate::spec::model::Family::Mamba2 => {
+            return b.mamba2_block(name, x, ssd);
+        }
+        Mixer::Attention | Mixer::GatedDeltaNet(_) | Mixer::ShortConv(_) | Mixer::Ssd(_) => None,
         Mixer::SlidingWindow { window } => Some(window),
     };
     let self_mask = self_attention_mask(b, is_decoder, seq, window);
@@ -432,6 +434,11 @@ fn block(
         }
         // LFM2's convolution layers: `conv` where the others have `self_attn`.
         Mixer::ShortConv(c) => in_tp_region(b, |b| b.short_conv((at.0, "conv"), h, c)),
+        // Granite 4.0's Mamba-2 layers: `mamba` where the others have `self_attn`.
+        Mixer::Ssd(s) => in_tp_region(b, |b| {
+            let scope = b.scope(at.0, "mamba");
+            b.ssd_mixer(scope, h, s)
+        }),
         _ => self_attention(
             b,
             at,

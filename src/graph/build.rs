@@ -625,7 +625,8 @@ impl<'a> Builder<'a> {
             | Family::Deepseek
             | Family::Mistral4
             | Family::Mamba
-            | Family::Mamba2 => (0, 0),
+            | Family::Mamba2
+            | Family::GraniteMoeHybrid => (0, 0),
             Family::Llama
             | Family::Mistral
             | Family::Qwen2

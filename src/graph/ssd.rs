@@ -38,7 +38,7 @@ impl Builder<'_> {
     /// and dt in one output; the causal convolution with its SiLU over x, B and C; the chunked
     /// scan; `MambaRMSNormGated(y, z)`; `out_proj` of the result cast back to the mixer input's
     /// dtype. The projection's output and the convolution's are locals until the mixer returns.
-    fn ssd_mixer(&mut self, name: Scope, hn: Val, s: Ssd) -> Val {
+    pub(super) fn ssd_mixer(&mut self, name: Scope, hn: Val, s: Ssd) -> Val {
         let b = self;
         let inner = s.inner();
         let proj = b.linear(

@@ -261,6 +261,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Gemma4
         | Family::Lfm2
         | Family::Lfm2Moe
+        | Family::GraniteMoeHybrid
         | Family::Llama4
         | Family::Ernie45
         | Family::Ministral3
@@ -435,6 +436,73 @@ fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
     Ok(Some(d))
 }
 
+/// Granite 4.0's Mamba-2 layers (`GraniteMoeHybridConfig`'s `mamba_*` keys and defaults:
+/// 128 heads, `mamba_d_head` "auto" = expand x hidden / heads, state 256, one group, a 4-tap
+/// convolution with a bias, chunks of 256, no projection biases), `None` for other families.
+fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
+    if family != Family::GraniteMoeHybrid {
+        return Ok(None);
+    }
+    let hidden = r.u64(&["hidden_size"])?;
+    let inner = hidden.saturating_mul(r.opt_u64(&["mamba_expand"])?.unwrap_or(2));
+    let heads = r.opt_u64(&["mamba_n_heads"])?.unwrap_or(128);
+    let head_dim = match r.raw(&["mamba_d_head"]) {
+        Some((_, Value::String(s))) if s == "auto" => inner / heads.max(1),
+        Some(_) => r.u64(&["mamba_d_head"])?,
+        None => inner / heads.max(1),
+    };
+    let ssd = Ssd {
+        heads,
+        head_dim,
+        state: r.opt_u64(&["mamba_d_state"])?.unwrap_or(256),
+        groups: r.opt_u64(&["mamba_n_groups"])?.unwrap_or(1),
+        conv: r.opt_u64(&["mamba_d_conv"])?.unwrap_or(4),
+        chunk: r.opt_u64(&["mamba_chunk_size"])?.unwrap_or(256),
+        bias: r.bool_or(&["mamba_proj_bias"], false)?,
+        conv_bias: r.bool_or(&["mamba_conv_bias"], true)?,
+    };
+    check_ssd(
+        r,
+        ssd,
+        inner,
+        ("mamba_n_heads", "mamba_n_groups", "mamba_chunk_size"),
+    )?;
+    r.raw(&["time_step_limit", "normalization_function", "init_method"]);
+    Ok(Some(ssd))
+}
+
+/// `validate_architecture` of Mamba2Config and GraniteMoeHybridConfig: the heads tile the
+/// inner width; and the groups divide the heads, and a chunk holds a token, as the scan needs.
+fn check_ssd(
+    r: &Reader,
+    ssd: Ssd,
+    inner: u64,
+    (heads_key, groups_key, chunk_key): (&'static str, &'static str, &'static str),
+) -> Result<()> {
+    if ssd.heads.checked_mul(ssd.head_dim) != Some(inner) || inner == 0 {
+        return Err(Error::field(
+            r.path,
+            heads_key,
+            format!(
+                "x the head width ({} x {}) must equal the inner width, expand x hidden_size \
+                 ({inner})",
+                ssd.heads, ssd.head_dim
+            ),
+        ));
+    }
+    if ssd.groups == 0 || !ssd.heads.is_multiple_of(ssd.groups) {
+        return Err(Error::field(
+            r.path,
+            groups_key,
+            format!("({}) must divide the heads ({})", ssd.groups, ssd.heads),
+        ));
+    }
+    if ssd.chunk == 0 {
+        return Err(Error::field(r.path, chunk_key, "must be at least 1"));
+    }
+    Ok(())
+}
+
 /// LFM2's short-convolution sizes (Lfm2Config's `conv_L_cache`, 3, and `conv_bias`, false),
 /// `None` for every other family.
 fn lfm2_short_conv(r: &Reader, family: Family) -> Result<Option<ShortConv>> {
@@ -530,6 +598,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     let linear = delta_net(r, family)?;
     let short_conv = lfm2_short_conv(r, family)?;
     let chunked = llama4_chunked(r, family)?;
+    let ssd = granite_ssd(r, family)?;
     // Qwen3_5TextConfig: without `layer_types`, layer i is full attention when (i + 1) is a
     // multiple of `full_attention_interval` (4), linear otherwise (read either way: configs
     // write both).
@@ -544,6 +613,12 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             .iter()
             .map(|t| match (t.as_str(), window, linear) {
                 (Some("full_attention"), _, _) => Ok(Mixer::Attention),
+                // GraniteMoeHybridConfig's names, which transformers remaps to these
+                // (`remap_legacy_layer_types`).
+                (Some("attention"), _, _) if ssd.is_some() => Ok(Mixer::Attention),
+                (Some("mamba" | "linear_attention"), _, _) if let Some(s) = ssd => {
+                    Ok(Mixer::Ssd(s))
+                }
                 (Some("conv"), _, _) if let Some(c) = short_conv => Ok(Mixer::ShortConv(c)),
                 (Some("chunked_attention"), _, _) if let Some(c) = chunked => Ok(c),
                 (Some("sliding_attention"), Some(w), _) => Ok(Mixer::SlidingWindow { window: w }),
@@ -555,7 +630,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 (Some("linear_attention"), _, Some(d)) => Ok(Mixer::GatedDeltaNet(d)),
                 _ => Err(
                     Error::field(r.path, key, format!("`{t}` is not a known layer type"))
-                        .with_hint(if linear.is_some() {
+                        .with_hint(if linear.is_some() || ssd.is_some() {
                             "full_attention or linear_attention"
                         } else if short_conv.is_some() {
                             "full_attention or conv"
@@ -565,6 +640,10 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 ),
             })
             .collect();
+    }
+    if let Some(s) = ssd {
+        // GraniteMoeHybridConfig without `layer_types`: every layer is Mamba-2.
+        return Ok(vec![Mixer::Ssd(s)]);
     }
     if let Some(d) = linear {
         let mut v = vec![Mixer::GatedDeltaNet(d); every.saturating_sub(1).min(layers) as usize];
@@ -679,6 +758,20 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         ),
         // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
         Family::Olmoe => ("num_experts", intermediate),
+        // GraniteMoeHybridConfig: 8 experts of `intermediate_size` (11,008) by default, none
+        // (the shared MLP alone) with `num_local_experts` 0.
+        Family::GraniteMoeHybrid => {
+            if r.raw(&["num_local_experts"])
+                .is_some_and(|(_, v)| v.as_u64() == Some(0))
+            {
+                r.raw(&["num_experts_per_tok", "intermediate_size"]);
+                return Ok(None);
+            }
+            (
+                "num_local_experts",
+                r.opt_u64(&["intermediate_size"])?.unwrap_or(11008),
+            )
+        }
         Family::GptOss => ("num_local_experts", intermediate),
         Family::Ernie45Moe => ("moe_num_experts", r.u64(&["moe_intermediate_size"])?),
         // HunYuanMoEV1Experts (MixtralExperts) and its shared MLP are `intermediate_size` wide;
@@ -696,6 +789,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         (Family::HunyuanMoe, key) => uniform_per_layer(r, key)?,
         (_, "n_routed_experts") => r.u64(&["n_routed_experts"])?,
         (_, "moe_num_experts") => r.u64(&["moe_num_experts", "num_experts"])?,
+        (Family::GraniteMoeHybrid, _) => r.opt_u64(&["num_local_experts"])?.unwrap_or(8),
         _ => r.u64(&["num_experts", "num_local_experts"])?,
     };
     // GPT-OSS's published config also writes `experts_per_token` (the original checkpoint's
@@ -708,6 +802,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::HunyuanMoe => uniform_per_layer(r, "moe_topk")?,
         Family::Gemma4 => r.u64(&["top_k_experts", "num_experts_per_tok"])?,
         Family::Llama4 => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(1),
+        Family::GraniteMoeHybrid => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2),
         _ => r.u64(&["num_experts_per_tok"])?,
     };
     if experts > 1024 || top_k > experts {
@@ -756,6 +851,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         ),
         // Llama4TextMoe: one `shared_expert`, a Llama4TextMLP of `intermediate_size`.
         Family::Llama4 => (expert_inter, false),
+        // GraniteMoeHybridDecoderLayer: `moe(x) + shared_mlp(x)`, the shared MLP after.
+        Family::GraniteMoeHybrid => (intermediate, false),
         // HunYuanMoEV1Moe: one `shared_mlp` whatever `num_shared_expert` says.
         Family::HunyuanMoe => {
             r.raw(&[
@@ -862,7 +959,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         routing: match family {
             Family::Phimoe => Routing::SparseMixer,
             Family::Llama4 => Routing::EveryExpert,
-            Family::GptOss => Routing::SoftmaxOfTopK,
+            // GraniteMoeHybridTopKRouter: `softmax(top_k_logits)`.
+            Family::GptOss | Family::GraniteMoeHybrid => Routing::SoftmaxOfTopK,
             _ => Routing::TopK,
         },
         input_jitter,
@@ -877,7 +975,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
                 RoutingWeights::Fp32
             }
             Family::Mistral4 | Family::Phimoe => RoutingWeights::Softmax,
-            Family::Ernie45Moe => RoutingWeights::Hidden,
+            // GraniteMoeHybridTopKRouter: `.type_as(hidden_states)`.
+            Family::Ernie45Moe | Family::GraniteMoeHybrid => RoutingWeights::Hidden,
             _ => RoutingWeights::Logits,
         },
         router: match family {
@@ -1061,6 +1160,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         // Llama4TextMLP in the dense layers: `intermediate_size_mlp` (16,384); the experts and
         // the shared expert are `intermediate_size` wide (read by `moe`).
         Family::Llama4 => r.opt_u64(&["intermediate_size_mlp"])?.unwrap_or(16384),
+        // GraniteMoeHybridMLP (`shared_mlp`, in every layer): `shared_intermediate_size`; the
+        // experts are `intermediate_size` wide (read by `moe`).
+        Family::GraniteMoeHybrid => r.opt_u64(&["shared_intermediate_size"])?.unwrap_or(1024),
         _ => r.u64(&["intermediate_size"])?,
     };
     let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
@@ -1085,7 +1187,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             logits_divisor: 1.0 / r.f64_or(&["logit_scale"], 0.0625)?,
             ..Multipliers::default()
         }
-    } else if family == Family::Granite {
+    } else if matches!(family, Family::Granite | Family::GraniteMoeHybrid) {
         // GraniteConfig's defaults are 1 (none); `attention_multiplier` is SDPA's `scale`
         // argument and costs nothing.
         r.raw(&["attention_multiplier"]);
@@ -1147,7 +1249,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         out_bias: Some(out_bias),
         // Phi-3's `qkv_proj`; its and GLM-4's `gate_up_proj`.
         fused_qkv: family == Family::Phi3,
-        fused_gate_up: matches!(family, Family::Phi3 | Family::Glm4),
+        fused_gate_up: matches!(
+            family,
+            Family::Phi3 | Family::Glm4 | Family::GraniteMoeHybrid
+        ),
         dropout: Dropouts {
             attention: attention_dropout,
             residual,
@@ -1233,6 +1338,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // `partial_rotary_factor` of the head and zeros for the rest, so cos and sin span
             // the whole head and rotary runs over all of it, as on the local layers.
             Positions::Rotary { fraction: 1.0 }
+        } else if family == Family::GraniteMoeHybrid {
+            // GraniteMoeHybridModel builds a rotary embedding only for "rope"; Granite 4.0's
+            // published configs say "nope".
+            match r.str_or(&["position_embedding_type"], "nope")?.as_str() {
+                "rope" => Positions::Rotary { fraction: 1.0 },
+                _ => Positions::None,
+            }
         } else if matches!(family, Family::MinimaxM2 | Family::Phi3) {
             // MiniMaxM2RotaryEmbedding (GLM-4.5's) and Phi3RotaryEmbedding:
             // `partial_rotary_factor` (Phi-4-mini's 0.75), 1.0 when absent.
@@ -1697,27 +1809,12 @@ fn mamba2(r: &Reader) -> Result<ModelSpec> {
         bias: r.bool_or(&["use_bias"], false)?,
         conv_bias: r.bool_or(&["use_conv_bias"], true)?,
     };
-    // Mamba2Config.validate_architecture: the heads tile the inner width exactly.
-    if hidden.checked_mul(expand) != ssd.heads.checked_mul(ssd.head_dim) {
-        return Err(Error::field(
-            r.path,
-            "num_heads",
-            format!(
-                "x head_dim ({} x {}) must equal expand x hidden_size ({expand} x {hidden})",
-                ssd.heads, ssd.head_dim
-            ),
-        ));
-    }
-    if ssd.groups == 0 || !ssd.heads.is_multiple_of(ssd.groups) {
-        return Err(Error::field(
-            r.path,
-            "n_groups",
-            format!("({}) must divide num_heads ({})", ssd.groups, ssd.heads),
-        ));
-    }
-    if ssd.chunk == 0 {
-        return Err(Error::field(r.path, "chunk_size", "must be at least 1"));
-    }
+    check_ssd(
+        r,
+        ssd,
+        hidden.saturating_mul(expand),
+        ("num_heads", "n_groups", "chunk_size"),
+    )?;
     if !r.bool_or(&["residual_in_fp32"], true)? {
         return Err(
             Error::field(r.path, "residual_in_fp32", "false is not supported")

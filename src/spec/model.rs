@@ -181,6 +181,13 @@ pub enum Family {
     /// `Mamba2ForCausalLM` (Dao & Gu 2024, "Transformers are SSMs", Mamba-2 and
     /// Mamba-Codestral): Mamba's block around the state-space-duality mixer ([`Mixer::Ssd`]).
     Mamba2,
+    /// `GraniteMoeHybridForCausalLM` (IBM Granite 4.0, `granitemoehybrid`): Granite's block
+    /// (its scalar multipliers) whose mixer is Mamba-2's ([`Mixer::Ssd`]) or attention by
+    /// `layer_types` (no positions unless `position_embedding_type` is "rope"), and whose FFN
+    /// is GraniteMoE's routed experts (top-k of the logits, then a softmax) followed by a
+    /// shared MLP (`input_linear`, fused gate and up; `output_linear`) in every layer, or the
+    /// shared MLP alone with no experts.
+    GraniteMoeHybrid,
     /// `GptOssForCausalLM` (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"): the Llama
     /// block with biased q/k/v/o, a learned attention sink per head, alternating banded (128)
     /// and dense layers, and routed experts with biases and a clamped SwiGLU. The published
@@ -340,7 +347,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 70] = [
+    pub const ALL: [(&'static str, Family); 71] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -411,6 +418,7 @@ impl Family {
         ("llama4_text", Family::Llama4),
         ("mistral4", Family::Mistral4),
         ("mamba2", Family::Mamba2),
+        ("granitemoehybrid", Family::GraniteMoeHybrid),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -1149,7 +1157,10 @@ impl ModelSpec {
             .copied()
             .unwrap_or(Mixer::Attention);
         let ffn = match (mixer, self.moe) {
-            (Mixer::Ssm(_) | Mixer::Ssd(_), _) => FfnKind::None,
+            // Mamba's and Mamba-2's blocks are norm, mixer, residual; a hybrid's Mamba-2
+            // layers (Granite 4.0) have the FFN every layer has.
+            (Mixer::Ssm(_), _) => FfnKind::None,
+            (Mixer::Ssd(_), _) if self.family == Family::Mamba2 => FfnKind::None,
             (_, Some(m))
                 if layer >= m.first_dense && (layer + 1).is_multiple_of(m.every.max(1)) =>
             {
