@@ -88,7 +88,7 @@ impl Builder<'_> {
             s,
             (batch, seq),
             (act.dtype, dt.dtype),
-            b.autocast && act.dtype != DType::F32,
+            (b.autocast && act.dtype != DType::F32, b.segment.is_some()),
             grads,
         );
         let out = b.val(
@@ -179,7 +179,7 @@ fn chunk_scan(
     s: Ssd,
     (batch, seq): (u64, u64),
     (xd, dtd): (DType, DType),
-    autocast: bool,
+    (autocast, in_segment): (bool, bool),
     g: Grads,
 ) -> Scan {
     let f32 = |n: u64| DType::F32.bytes(n).0;
@@ -261,20 +261,49 @@ fn chunk_scan(
 
     // Backward, at each large product's node: what is still kept, the gradients held (the
     // scan's incoming one, which D's product still holds, first), and the operand gradients
-    // product-sized with one of them summed down.
+    // product-sized; then the engine sums the first operand's down while both are alive. In
+    // a checkpointed block the node's saves are the recomputation's and die as it returns,
+    // before that sum (`mul` in `layers.rs`): `released`, what only that node still kept.
     let early = dt_saves + keep_x32 + keep_pad;
     let prods = if g.x { 2 } else { u64::from(g.dt || g.a) };
-    // C_times_states' product: every save but Csum's and the output decay's.
-    let at_c = early + chunk_saves - xp - sh + (xp + xp) + prods * prod_s + bn;
-    // The recurrence: the recurred states' gradient (a slice's zero-filled copy).
-    let at_n =
-        early + chunk_saves - xp - sh - states + (xp + bn + states) + prods * prod_n + states;
-    // The chunk states' product: x, B, C and B_decay, L, G, M and a decay still kept.
-    let at_s = early + xp + 3 * bn + 3 * e + sh + (xp + bn + states) + prods * prod_s + xp;
-    // Y_diag's product.
-    let at_y = early + xp + 2 * bn + 3 * e + (xp + xp + 2 * bn) + prods * prod_y + e;
-    // G's product: L, B and C kept; the chunked x's, B's, C's, L's and G's gradients held.
-    let at_g = early + e + 2 * bn + (xp + xp + 2 * bn + 2 * e) + prods * prod_g + bn;
+    let moment = |kept_and_held: u64, product: u64, (summed, released): (u64, u64)| {
+        let released = if in_segment { released } else { 0 };
+        kept_and_held + prods * product + summed.saturating_sub(released)
+    };
+    // C_times_states' product (C's gradient summed first): every save but Csum's and the
+    // output decay's; the recurred states are its own.
+    let at_c = moment(
+        early + chunk_saves - xp - sh + (xp + xp),
+        prod_s,
+        (bn, states),
+    );
+    // The recurrence (the tiny decay's gradient first): the recurred states' gradient, a
+    // slice's zero-filled copy, held.
+    let at_n = moment(
+        early + chunk_saves - xp - sh - states + (xp + bn + states),
+        prod_n,
+        (0, states),
+    );
+    // The chunk states' product (B_decay's first, its own save): x, B, C, L, G, M and a decay
+    // still kept.
+    let at_s = moment(
+        early + xp + 3 * bn + 3 * e + sh + (xp + bn + states),
+        prod_s,
+        (bn, bn),
+    );
+    // Y_diag's product (M's first; M and x are its own by then).
+    let at_y = moment(
+        early + xp + 2 * bn + 3 * e + (xp + xp + 2 * bn),
+        prod_y,
+        (e, e + xp),
+    );
+    // G's product (C's first; B and C are its own): L kept; the chunked x's, B's, C's, L's
+    // and G's gradients held.
+    let at_g = moment(
+        early + e + 2 * bn + (xp + xp + 2 * bn + 2 * e),
+        prod_g,
+        (bn, 2 * bn),
+    );
     let worst = at_c.max(at_n).max(at_s).max(at_y).max(at_g);
     let backward = Bytes(worst.saturating_sub(saved));
 
