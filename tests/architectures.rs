@@ -381,6 +381,26 @@ fn mamba_keeps_the_convolutions_recast_input_and_the_d_skips_input() {
         .find(|o| g.name(o.name) == "decoder.layers.1+22.mixer.conv1d")
         .expect("the convolution");
     assert_eq!(crate::kept_bytes(&g, conv), 12_582_912);
+    // And without autocast softplus runs in bf16: it keeps `dt + bias` and the products keep
+    // its output, 2 x 2,048 x 1,536 x 2 = 12,582,912, where autocast's fp32 pair took twice
+    // that: 704,643,072 + 12,582,912 (fp32 x) + 131,072 (fp32 B) + 12,582,912 + 6,291,456 (the
+    // D skip's input) = 736,231,424. (Replayed at 4 x 256 tokens: +2.7 % before this and the
+    // norm's 16-bit input below, +0.7 % after.)
+    let scan = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1+22.mixer.selective_scan")
+        .expect("the scan");
+    assert_eq!(crate::kept_bytes(&g, scan), 736_231_424);
+    // `self.norm(hidden_states.to(dtype=self.norm.weight.dtype))`: past the first block the
+    // fp32 residual stream is cast to bf16 first, and the RMSNorm keeps its own fp32 upcast of
+    // that copy (2,048 x 768 x 4 = 6,291,456), its statistics (16,384) and, for the weight's
+    // gradient, the bf16 normalised tensor (3,145,728): not the fp32 stream itself with an fp32
+    // normalised tensor.
+    let norm = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.1+22.norm")
+        .expect("the norm");
+    assert_eq!(crate::kept_bytes(&g, norm), 6_291_456 + 16_384 + 3_145_728);
 }
 
 #[test]

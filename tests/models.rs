@@ -353,7 +353,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 354);
+    assert_eq!(rows.len(), 355);
     let late = [
         "opt-1.3b|",
         "phi-2|",

@@ -1179,7 +1179,7 @@ fn latent_attention(
 /// input and gate (2 x inner), a depthwise causal `conv1d` and SiLU, `x_proj` to the step size
 /// and the input-dependent B and C, `dt_proj`, then `mamba_selective_scan`'s recurrent loop,
 /// D skip, SiLU(gate) product and `out_proj`; the residual is kept in fp32
-/// (`residual_in_fp32`).
+/// (`residual_in_fp32`), and the norm reads it cast to its weight's dtype.
 ///
 /// What the scan keeps (modeling_mamba.py): `exp(A * dt)` and `dt * B` over
 /// batch x inner x seq x state in fp32 (the discretised A and B), and, per time step, the
@@ -1195,7 +1195,10 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     let tokens = x.tokens;
     let seq = tokens / b.plan.batch.max(1);
     let inner = ssm.inner;
-    let hn = b.norm(name.at("norm"), x);
+    // `self.norm(hidden_states.to(dtype=self.norm.weight.dtype))`: in pure 16-bit training a
+    // 16-bit copy of the fp32 residual stream, which the RMSNorm upcasts again.
+    let xin = b.cast(name.at("norm_input"), x, b.base);
+    let hn = b.norm(name.at("norm"), xin);
     let mixer = b.scope(name, "mixer");
     let proj = b.linear(
         mixer.at("in_proj"),
@@ -1263,8 +1266,10 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     let dt = b.linear(mixer.at("dt_proj"), dt_in, inner, true, Some(Proj::Gate));
     let a_log = b.base_param(mixer.at("A_log"), (inner, ssm.state), ParamRole::Linear);
     let d = b.base_param(mixer.at("D"), (1, inner), ParamRole::Linear);
-    // softplus(dt + bias) in fp32 (saves its input); the product with A and B keeps dt.
-    let dt32 = b.val(inner, tokens, DType::F32, true);
+    // softplus(dt + bias) (saves its input): fp32 under autocast, which lists softplus, else
+    // in dt's own dtype; the product with A and B keeps its output.
+    let soft = if b.autocast { DType::F32 } else { dt.dtype };
+    let dt32 = b.val(inner, tokens, soft, true);
     let grad = x.grad || b.is_base_trainable();
     let batch = b.plan.batch;
     let bisn = batch * inner * seq * ssm.state;
@@ -1273,11 +1278,13 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
         TensorKind::Activation,
         (DType::F32.bytes(1) + b.compute().bytes(1)) * bisn,
     );
-    // softplus keeps its fp32 input (autocast's copy of dt), `dt * B.float()` the fp32 B, and
-    // `deltaB * hidden_states.float()` the fp32 copy of the input.
+    // softplus keeps its input (autocast's fp32 copy of dt, or dt + bias itself), `dt *
+    // B.float()` the fp32 B, and `deltaB * hidden_states.float()` the fp32 copy of the input.
     let small = b.tensor(
         TensorKind::Activation,
-        DType::F32.bytes(tokens * inner) * 2 + DType::F32.bytes(tokens * ssm.state),
+        soft.bytes(tokens * inner)
+            + DType::F32.bytes(tokens * inner)
+            + DType::F32.bytes(tokens * ssm.state),
     );
     let mut saves: smallvec::SmallVec<[TensorId; 6]> =
         smallvec::smallvec![discretised, states, small, dt32.id];
