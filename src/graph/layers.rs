@@ -471,28 +471,7 @@ impl Builder<'_> {
         let trains = reached && self.trains(ParamRole::Norm);
         let x32 = self.cast(name.then("upcast"), x, DType::F32);
         let rows = x.elements() / group.max(1);
-        let rstd = self.tensor(TensorKind::Activation, DType::F32.bytes(rows));
-        let normed = self.val(x.width, x.tokens, DType::F32, x.grad);
-        let op = self.elementwise(
-            name.then("rms"),
-            &[x32],
-            normed,
-            smallvec![x32.id, rstd],
-            4.0,
-        );
-        if let Some(o) = self.graph.op_mut(op) {
-            // pow, mean, add, rsqrt, multiply; the module's own call.
-            o.cost.forward_kernels = 5;
-            o.cost.backward_kernels = 8;
-            o.cost.modules = 1;
-        }
-        let narrow = self.cast(name.then("downcast"), normed, x.dtype);
-        let weighted = self.param_mul(
-            name.then("weight_mul"),
-            narrow,
-            (weight, trains),
-            wider(self.base, x.dtype),
-        );
+        let weighted = self.weighted_rms(name, x32, rows, (weight, trains), x.dtype);
         let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
         let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
         self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
@@ -516,13 +495,27 @@ impl Builder<'_> {
         let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
         self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
         let gated = self.mul(name.then("gate_mul"), x32, act);
-        let rstd = self.tensor(TensorKind::Activation, DType::F32.bytes(gated.tokens));
-        let normed = self.val(gated.width, gated.tokens, DType::F32, gated.grad);
+        self.weighted_rms(name, gated, gated.tokens, (weight, trains), x.dtype)
+    }
+
+    /// The gated norms' shared tail: an fp32 `x32` normalised over `rows` rows by its rsqrt
+    /// (pow and the multiply keep `x32`, the multiply the rsqrt), cast to `dtype`, times the
+    /// weight (which keeps that cast when it trains; an fp32 weight makes the product fp32).
+    fn weighted_rms(
+        &mut self,
+        name: Name,
+        x32: Val,
+        rows: u64,
+        (weight, trains): (ParamId, bool),
+        dtype: DType,
+    ) -> Val {
+        let rstd = self.tensor(TensorKind::Activation, DType::F32.bytes(rows));
+        let normed = self.val(x32.width, x32.tokens, DType::F32, x32.grad);
         let op = self.elementwise(
             name.then("rms"),
-            &[gated],
+            &[x32],
             normed,
-            smallvec![gated.id, rstd],
+            smallvec![x32.id, rstd],
             4.0,
         );
         if let Some(o) = self.graph.op_mut(op) {
@@ -531,12 +524,12 @@ impl Builder<'_> {
             o.cost.backward_kernels = 8;
             o.cost.modules = 1;
         }
-        let narrow = self.cast(name.then("downcast"), normed, x.dtype);
+        let narrow = self.cast(name.then("downcast"), normed, dtype);
         self.param_mul(
             name.then("weight_mul"),
             narrow,
             (weight, trains),
-            wider(self.base, x.dtype),
+            wider(self.base, dtype),
         )
     }
 
