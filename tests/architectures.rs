@@ -909,6 +909,9 @@ fn granite_4_hybrid_layers_are_mamba2_or_attention_each_with_experts_and_a_share
     // the router's bare weight, and not refused on out_proj as Mamba's is.
     let e = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 24_640);
+    // Tensor parallelism splits the Mamba heads as it splits the attention heads.
+    let rank = m.tensor_parallel_rank(2);
+    assert!(matches!(rank.block_kind(0).mixer, Mixer::Ssd(s) if s.heads == 2 && s.groups == 1));
     // With no experts, the shared MLP is each layer's dense FFN.
     let dense = granite_hybrid_toy(0);
     assert!(dense.moe.is_none());

@@ -1235,6 +1235,13 @@ impl ModelSpec {
                     value_heads: d.value_heads.div_ceil(tp),
                     ..d
                 }),
+                // Megatron's Mamba layers split heads and B/C groups across the ranks (one
+                // group is replicated).
+                Mixer::Ssd(s) => Mixer::Ssd(Ssd {
+                    heads: s.heads.div_ceil(tp),
+                    groups: s.groups.div_ceil(tp),
+                    ..s
+                }),
                 other => other,
             })
             .collect();
