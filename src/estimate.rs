@@ -102,6 +102,20 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     let kv_heads = model.global_attention.map_or(model.decoder.kv_heads, |g| {
         g.kv_heads.min(model.decoder.kv_heads)
     });
+    // A Mamba model has no attention heads for Megatron's split, and its mixers' tensor
+    // parallelism is not modelled on their own.
+    if plan.parallel.tp > 1 && !model.has_attention() {
+        return Err(field(
+            "tp",
+            format!(
+                "tensor parallelism is not modelled for `{}`, which has no attention layers",
+                model.name
+            ),
+        )
+        .with_hint(
+            "split it by data parallelism (--engine fsdp or zero3) or pipeline stages (--pp)",
+        ));
+    }
     crate::spec::parallel::check(&plan.parallel, layers, heads, kv_heads)
         .map_err(|(f, problem)| field(&f, problem))?;
     if plan.seq > MAX_WIDTH || plan.target_seq > MAX_WIDTH {

@@ -319,6 +319,24 @@ fn linear_value_heads_not_a_multiple_of_key_heads() {
 }
 
 #[test]
+fn tensor_parallelism_on_a_model_without_attention() {
+    rejects(
+        &[
+            "estimate",
+            "--gpu",
+            "h100",
+            "--model",
+            "mamba2-2.7b",
+            "--gpus",
+            "2",
+            "--tp",
+            "2",
+        ],
+        &["`tp`", "no attention layers", "--pp"],
+    );
+}
+
+#[test]
 fn mamba2_heads_that_do_not_tile_the_inner_width() {
     model(
         "mamba2-heads-not-tiling.json",
