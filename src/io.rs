@@ -56,3 +56,64 @@ fn too_large(path: &Path, bytes: u64) -> Error {
         hint: None,
     }
 }
+
+/// JSON as Python's `json` module writes it: with `allow_nan` (its default, which transformers'
+/// `PretrainedConfig.to_json_string` keeps) non-finite floats are the bare words `Infinity`,
+/// `-Infinity` and `NaN`, as in Mamba-2's `"time_step_limit": [0.0, Infinity]`. JSON has no such
+/// values, so outside strings each becomes a string of the same word: a field read past still
+/// parses, and one that must be a number is refused by name (`must be a number`).
+pub fn python_json(text: &str) -> std::borrow::Cow<'_, str> {
+    const WORDS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
+    if !WORDS.iter().any(|w| text.contains(w)) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string && let Some(word) = WORDS.iter().find(|w| rest.starts_with(**w)) {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `serde_json::from_str` of [`python_json`]'s reading of `text`.
+pub fn from_python_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> std::result::Result<T, serde_json::Error> {
+    serde_json::from_str(&python_json(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::python_json;
+
+    #[test]
+    fn pythons_non_finite_words_become_strings_outside_strings_only() {
+        let text =
+            r#"{"limit": [0.0, Infinity], "low": -Infinity, "x": NaN, "s": "Infinity \" NaN"}"#;
+        assert_eq!(
+            python_json(text),
+            r#"{"limit": [0.0, "Infinity"], "low": "-Infinity", "x": "NaN", "s": "Infinity \" NaN"}"#
+        );
+        assert!(matches!(python_json("{}"), std::borrow::Cow::Borrowed(_)));
+    }
+}

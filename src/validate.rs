@@ -173,7 +173,7 @@ pub fn compare_all(
 }
 
 fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> Result<Row> {
-    let rec: Record = serde_json::from_str(line).map_err(|e| Error::Parse {
+    let rec: Record = crate::io::from_python_json(line).map_err(|e| Error::Parse {
         path: where_.to_string(),
         message: e.to_string(),
     })?;

@@ -245,6 +245,28 @@ fn config_json_is_accepted_wherever_a_model_name_is() {
 }
 
 #[test]
+fn a_config_json_as_python_writes_it_with_infinity_is_read() {
+    // transformers saves Mamba-2's `time_step_limit` as `[0.0, Infinity]` (Python's JSON).
+    let v = json(
+        ftplan().args([
+            "estimate",
+            "--model",
+            "tests/fixtures/models/mamba2-python-json.json",
+            "--gpu",
+            "h100",
+            "--method",
+            "lora",
+            "--lora-targets",
+            "in_proj",
+            "--format",
+            "json",
+        ]),
+        0,
+    );
+    assert!(v["memory"]["peak"].as_u64().is_some_and(|p| p > 0));
+}
+
+#[test]
 fn check_exit_codes_follow_the_worst_plan() {
     stdout(ftplan().args(["check", "examples"]), 0);
     stdout(

@@ -319,6 +319,15 @@ fn linear_value_heads_not_a_multiple_of_key_heads() {
 }
 
 #[test]
+fn a_python_nan_where_a_size_belongs() {
+    // Python's JSON `NaN` is read (as transformers writes it) and refused where a number must be.
+    model(
+        "python-nan-size.json",
+        &["`hidden_size`", "must be a number"],
+    );
+}
+
+#[test]
 fn tensor_parallelism_on_a_model_without_attention() {
     rejects(
         &[

@@ -136,7 +136,7 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
             parse_model_toml(arg, &stem, &text)?
         } else {
             let value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::Parse {
+                crate::io::from_python_json(&text).map_err(|e| Error::Parse {
                     path: arg.to_string(),
                     message: format!("invalid JSON: {e}"),
                 })?;
@@ -184,7 +184,7 @@ pub fn model_config(arg: &str) -> Result<serde_json::Value> {
         if arg.ends_with(".toml") {
             toml_to_json(arg, &text)?
         } else {
-            serde_json::from_str(&text).map_err(|e| Error::Parse {
+            crate::io::from_python_json(&text).map_err(|e| Error::Parse {
                 path: arg.to_string(),
                 message: format!("invalid JSON: {e}"),
             })?
