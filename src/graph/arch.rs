@@ -419,9 +419,13 @@ fn block(
         }
     };
     let window = match kind.mixer {
-        Mixer::Ssm(ssm) => return mamba_block(b, name, x, ssm),
+        Mixer::Ssm(ssm) => {
+            return b.recurrent_block(name, x, |b, mixer, hn| {
+                mamba_mixer(b, mixer, (hn, x.grad), ssm)
+            });
+        }
         Mixer::Ssd(ssd) if model.family == crate::spec::model::Family::Mamba2 => {
-            return b.mamba2_block(name, x, ssd);
+            return b.recurrent_block(name, x, |b, mixer, hn| b.ssd_mixer(mixer, hn, ssd));
         }
         Mixer::Attention | Mixer::GatedDeltaNet(_) | Mixer::ShortConv(_) | Mixer::Ssd(_) => None,
         Mixer::SlidingWindow { window } => Some(window),
@@ -1174,32 +1178,34 @@ fn latent_attention(
     )
 }
 
-/// A Mamba block as transformers runs it without the `mamba-ssm` CUDA kernels (the torch path
-/// of `MambaMixer`, what `pip install transformers` trains with): RMSNorm, `in_proj` to the
-/// input and gate (2 x inner), a depthwise causal `conv1d` and SiLU, `x_proj` to the step size
-/// and the input-dependent B and C, `dt_proj`, then `mamba_selective_scan`'s recurrent loop,
-/// D skip, SiLU(gate) product and `out_proj`; the residual is kept in fp32
-/// (`residual_in_fp32`), and the norm reads it cast to its weight's dtype.
+/// A Mamba mixer as transformers runs it without the `mamba-ssm` CUDA kernels (the torch path
+/// of `MambaMixer`, what `pip install transformers` trains with), on the normed block input
+/// (its block is `Builder::recurrent_block`): `in_proj` to the input and gate (2 x inner), a
+/// depthwise causal `conv1d` and SiLU, `x_proj` to the step size and the input-dependent B
+/// and C, `dt_proj`, then `mamba_selective_scan`'s recurrent loop, D skip, SiLU(gate) product
+/// and `out_proj`.
 ///
 /// What the scan keeps (modeling_mamba.py): `exp(A * dt)` and `dt * B` over
 /// batch x inner x seq x state in fp32 (the discretised A and B), and, per time step, the
 /// recurrent state (fp32) that the next step's multiply keeps plus its cast copy that the
 /// matmul with C keeps: 14 bytes per (batch, inner, position, state) element, linear in the
 /// sequence, while the state carried between steps stays batch x inner x state. Beside it, per
-/// position: softplus' fp32 input and output, the fp32 input copy `deltaB_u` multiplies, and
-/// the D skip's 16-bit input (checked against a live-set replay of Mamba-130m, 2026-12-05).
-fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ssm) -> Val {
+/// position: softplus' input and output (fp32 under autocast), the fp32 input copy `deltaB_u`
+/// multiplies, and the D skip's 16-bit input (checked against live-set replays of Mamba-130m,
+/// 2026-12-05 and, pure bf16, 2026-12-06). `input_grad`: whether the block's input needs a
+/// gradient.
+fn mamba_mixer(
+    b: &mut Builder,
+    mixer: Scope,
+    (hn, input_grad): (Val, bool),
+    ssm: crate::spec::model::Ssm,
+) -> Val {
     use crate::graph::op::{ParamRole, TensorKind};
     use crate::units::DType;
     let h = b.model.hidden_size;
-    let tokens = x.tokens;
+    let tokens = hn.tokens;
     let seq = tokens / b.plan.batch.max(1);
     let inner = ssm.inner;
-    // `self.norm(hidden_states.to(dtype=self.norm.weight.dtype))`: in pure 16-bit training a
-    // 16-bit copy of the fp32 residual stream, which the RMSNorm upcasts again.
-    let xin = b.cast(name.at("norm_input"), x, b.base);
-    let hn = b.norm(name.at("norm"), xin);
-    let mixer = b.scope(name, "mixer");
     let proj = b.linear(
         mixer.at("in_proj"),
         hn,
@@ -1270,7 +1276,7 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     // in dt's own dtype; the product with A and B keeps its output.
     let soft = if b.autocast { DType::F32 } else { dt.dtype };
     let dt32 = b.val(inner, tokens, soft, true);
-    let grad = x.grad || b.is_base_trainable();
+    let grad = input_grad || b.is_base_trainable();
     let batch = b.plan.batch;
     let bisn = batch * inner * seq * ssm.state;
     let discretised = b.tensor(TensorKind::Activation, DType::F32.bytes(bisn) * 2);
@@ -1318,13 +1324,7 @@ fn mamba_block(b: &mut Builder, name: Scope, x: Val, ssm: crate::spec::model::Ss
     let yg = b.mul(mixer.at("gate_mul"), y, g);
     // peft refuses LoRA on Mamba's `out_proj` and `conv1d` ("incompatible with Mamba-based
     // models"): not a target.
-    let out = b.linear(mixer.at("out_proj"), yg, h, false, None);
-    let residual = if x.dtype == DType::F32 {
-        x
-    } else {
-        b.cast(name.at("residual_fp32"), x, DType::F32)
-    };
-    b.add(name.at("residual"), residual, out)
+    b.linear(mixer.at("out_proj"), yg, h, false, None)
 }
 
 /// One expert stack's LoRA as peft 0.21 reaches transformers 5's 3-D expert parameters

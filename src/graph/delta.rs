@@ -2,7 +2,7 @@
 //! with Delta Rule"), as transformers 5.17's `Qwen3_5GatedDeltaNet` runs it without the
 //! flash-linear-attention and causal-conv1d kernels: `causal_conv1d_fn`'s `F.conv1d` and
 //! `torch_chunk_gated_delta_rule`, the chunked delta rule in fp32 PyTorch ops. Like Mamba's
-//! slow path (`arch::mamba_block`), that fallback is what a plain `pip install transformers`
+//! slow path (`arch::mamba_mixer`), that fallback is what a plain `pip install transformers`
 //! trains with and what a replay measures; its saved tensors are counted op by op below.
 
 use super::build::{Builder, Val};

@@ -3,7 +3,7 @@
 //! "SSD algorithm") as transformers 5.17's `Mamba2Mixer` runs it without the mamba-ssm and
 //! causal-conv1d kernels: `causal_conv1d_fn`'s `F.conv1d` and `mamba2_chunk_scan`, the chunked
 //! scan written as broadcast products summed down, in fp32. Like Mamba's slow path
-//! (`arch::mamba_block`) and Gated DeltaNet's (`delta.rs`), that fallback is what a plain
+//! (`arch::mamba_mixer`) and Gated DeltaNet's (`delta.rs`), that fallback is what a plain
 //! `pip install transformers` trains with and what a replay measures.
 //!
 //! Its memory is dominated by the products the sums reduce: `C[..., None, :, :] * B[:, :,
@@ -18,14 +18,20 @@ use crate::units::{Bytes, DType};
 use smallvec::smallvec;
 
 impl Builder<'_> {
-    /// `Mamba2Block`: RMSNorm of the block input cast to the norm weight's dtype (a 16-bit
-    /// copy of the fp32 residual stream in pure 16-bit training), the mixer, and the residual
-    /// added in fp32 (`residual_in_fp32`).
-    pub(super) fn mamba2_block(&mut self, name: Scope, x: Val, s: Ssd) -> Val {
+    /// `MambaBlock` and `Mamba2Block`: RMSNorm of the block input cast to the norm weight's
+    /// dtype (`self.norm(hidden_states.to(dtype=self.norm.weight.dtype))`, a 16-bit copy of
+    /// the fp32 residual stream in pure 16-bit training, which the RMSNorm upcasts again), the
+    /// `mixer` on it, and the residual added in fp32 (`residual_in_fp32`).
+    pub(super) fn recurrent_block(
+        &mut self,
+        name: Scope,
+        x: Val,
+        mixer: impl FnOnce(&mut Self, Scope, Val) -> Val,
+    ) -> Val {
         let xin = self.cast(name.at("norm_input"), x, self.base);
         let hn = self.norm(name.at("norm"), xin);
-        let mixer = self.scope(name, "mixer");
-        let out = self.ssd_mixer(mixer, hn, s);
+        let scope = self.scope(name, "mixer");
+        let out = mixer(self, scope, hn);
         let residual = if x.dtype == DType::F32 {
             x
         } else {

@@ -451,34 +451,43 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
         Some(_) => r.u64(&["mamba_d_head"])?,
         None => inner / heads.max(1),
     };
-    let ssd = Ssd {
-        heads,
-        head_dim,
-        state: r.opt_u64(&["mamba_d_state"])?.unwrap_or(256),
-        groups: r.opt_u64(&["mamba_n_groups"])?.unwrap_or(1),
-        conv: r.opt_u64(&["mamba_d_conv"])?.unwrap_or(4),
-        chunk: r.opt_u64(&["mamba_chunk_size"])?.unwrap_or(256),
-        bias: r.bool_or(&["mamba_proj_bias"], false)?,
-        conv_bias: r.bool_or(&["mamba_conv_bias"], true)?,
-    };
-    check_ssd(
+    let ssd = read_ssd(
         r,
-        ssd,
-        inner,
-        ("mamba_n_heads", "mamba_n_groups", "mamba_chunk_size"),
+        (heads, head_dim, inner),
+        [
+            ("mamba_d_state", 256),
+            ("mamba_n_groups", 1),
+            ("mamba_d_conv", 4),
+            ("mamba_chunk_size", 256),
+        ],
+        ["mamba_n_heads", "mamba_proj_bias", "mamba_conv_bias"],
     )?;
     r.raw(&["time_step_limit", "normalization_function", "init_method"]);
     Ok(Some(ssd))
 }
 
-/// `validate_architecture` of Mamba2Config and GraniteMoeHybridConfig: the heads tile the
-/// inner width; and the groups divide the heads, and a chunk holds a token, as the scan needs.
-fn check_ssd(
+/// Mamba-2's mixer sizes under each config class's key names and defaults (Mamba2Config's,
+/// GraniteMoeHybridConfig's `mamba_*`): heads, their width and the inner width they must tile
+/// as read by the caller; the state, groups, convolution taps and chunk, keys with defaults;
+/// the heads' key (for errors), the projections' and the convolution's bias keys. Checked as
+/// `validate_architecture` checks them (the heads tile the inner width), and as the scan needs
+/// (the groups divide the heads, a chunk holds a token).
+fn read_ssd(
     r: &Reader,
-    ssd: Ssd,
-    inner: u64,
-    (heads_key, groups_key, chunk_key): (&'static str, &'static str, &'static str),
-) -> Result<()> {
+    (heads, head_dim, inner): (u64, u64, u64),
+    [state, groups, conv, chunk]: [(&'static str, u64); 4],
+    [heads_key, bias_key, conv_bias_key]: [&'static str; 3],
+) -> Result<Ssd> {
+    let ssd = Ssd {
+        heads,
+        head_dim,
+        state: r.opt_u64(&[state.0])?.unwrap_or(state.1),
+        groups: r.opt_u64(&[groups.0])?.unwrap_or(groups.1),
+        conv: r.opt_u64(&[conv.0])?.unwrap_or(conv.1),
+        chunk: r.opt_u64(&[chunk.0])?.unwrap_or(chunk.1),
+        bias: r.bool_or(&[bias_key], false)?,
+        conv_bias: r.bool_or(&[conv_bias_key], true)?,
+    };
     if ssd.heads.checked_mul(ssd.head_dim) != Some(inner) || inner == 0 {
         return Err(Error::field(
             r.path,
@@ -493,14 +502,14 @@ fn check_ssd(
     if ssd.groups == 0 || !ssd.heads.is_multiple_of(ssd.groups) {
         return Err(Error::field(
             r.path,
-            groups_key,
+            groups.0,
             format!("({}) must divide the heads ({})", ssd.groups, ssd.heads),
         ));
     }
     if ssd.chunk == 0 {
-        return Err(Error::field(r.path, chunk_key, "must be at least 1"));
+        return Err(Error::field(r.path, chunk.0, "must be at least 1"));
     }
-    Ok(())
+    Ok(ssd)
 }
 
 /// LFM2's short-convolution sizes (Lfm2Config's `conv_L_cache`, 3, and `conv_bias`, false),
@@ -1799,21 +1808,20 @@ fn mamba(r: &Reader) -> Result<ModelSpec> {
 fn mamba2(r: &Reader) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let expand = r.opt_u64(&["expand"])?.unwrap_or(2);
-    let ssd = Ssd {
-        heads: r.opt_u64(&["num_heads"])?.unwrap_or(128),
-        head_dim: r.opt_u64(&["head_dim"])?.unwrap_or(64),
-        state: r.opt_u64(&["state_size"])?.unwrap_or(128),
-        groups: r.opt_u64(&["n_groups"])?.unwrap_or(8),
-        conv: r.opt_u64(&["conv_kernel"])?.unwrap_or(4),
-        chunk: r.opt_u64(&["chunk_size"])?.unwrap_or(256),
-        bias: r.bool_or(&["use_bias"], false)?,
-        conv_bias: r.bool_or(&["use_conv_bias"], true)?,
-    };
-    check_ssd(
+    let ssd = read_ssd(
         r,
-        ssd,
-        hidden.saturating_mul(expand),
-        ("num_heads", "n_groups", "chunk_size"),
+        (
+            r.opt_u64(&["num_heads"])?.unwrap_or(128),
+            r.opt_u64(&["head_dim"])?.unwrap_or(64),
+            hidden.saturating_mul(expand),
+        ),
+        [
+            ("state_size", 128),
+            ("n_groups", 8),
+            ("conv_kernel", 4),
+            ("chunk_size", 256),
+        ],
+        ["num_heads", "use_bias", "use_conv_bias"],
     )?;
     if !r.bool_or(&["residual_in_fp32"], true)? {
         return Err(
