@@ -31,8 +31,8 @@ pub struct Estimate {
     pub fits: bool,
 }
 
-/// What LoRA can target in a Mamba or Mamba-2 mixer (peft refuses its `out_proj` and
-/// `conv1d`), for the hint when a plan names nothing else.
+/// What LoRA can target in a model with Mamba or Mamba-2 mixers (peft refuses their `out_proj`
+/// and `conv1d` for these model types), for the hint when a plan names nothing else.
 fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
     match family {
         crate::spec::model::Family::Mamba => {
@@ -41,6 +41,10 @@ fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
         crate::spec::model::Family::Mamba2 => {
             Some("name the mixer's input projection: --lora-targets in_proj")
         }
+        crate::spec::model::Family::NemotronH => Some(
+            "name the linears but the Mamba `out_proj`: --lora-targets \
+             q_proj,k_proj,v_proj,o_proj,in_proj,up_proj,down_proj",
+        ),
         _ => None,
     }
 }
@@ -152,8 +156,9 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             // `all-linear` includes (`_check_lora_target_modules_mamba`).
             let names_out = match &l.targets {
                 crate::spec::plan::LoraTargets::AllLinear => true,
+                // `o_proj` names the mixer's `out_proj` where no layer attends.
                 crate::spec::plan::LoraTargets::Named(list) => {
-                    list.contains(&crate::spec::plan::Proj::O)
+                    (list.contains(&crate::spec::plan::Proj::O) && !model.has_attention())
                         || list.contains(&crate::spec::plan::Proj::OutProj)
                 }
                 crate::spec::plan::LoraTargets::QueryValue => false,
@@ -203,14 +208,16 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             .with_hint("prompt tuning, LoRA (--lora-targets in_proj) or a partial method apply"));
         }
         // peft hands prefix tuning's keys and values to the model as a `DynamicCache` of
-        // attention layers; LFM2's convolution layers ask that cache for their own state
-        // (`has_previous_state`) and transformers 5.17 raises.
-        Method::Prefix { .. } if model.has_short_conv() => {
+        // attention layers; LFM2's convolution layers and the Mamba-2 layers of Granite 4.0 and
+        // Nemotron-H ask that cache for their own state (`has_previous_state`) and transformers
+        // 5.17 raises (checked on toys of each).
+        Method::Prefix { .. } if model.has_short_conv() || model.has_ssd() => {
             return Err(field(
                 "method",
                 format!(
-                    "peft's prefix tuning fails on `{}`: its convolution layers reject the cache the prefix arrives in (transformers 5.17)",
-                    model.name
+                    "peft's prefix tuning fails on `{}`: its {} layers reject the cache the prefix arrives in (transformers 5.17)",
+                    model.name,
+                    if model.has_ssd() { "Mamba-2" } else { "convolution" }
                 ),
             )
             .with_hint("prompt tuning, LoRA or IA3 apply"));
@@ -428,9 +435,13 @@ pub fn estimate(
                 model.name
             ),
         )
-        .with_hint(mamba_targets(model.family).unwrap_or(
-            "choose what the model has (LoRA's `all` covers every linear in the blocks)",
-        )));
+        .with_hint(
+            mamba_targets(model.family)
+                .filter(|_| plan.method.lora().is_some())
+                .unwrap_or(
+                    "choose what the model has (LoRA's `all` covers every linear in the blocks)",
+                ),
+        ));
     }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

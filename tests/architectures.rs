@@ -918,6 +918,91 @@ fn granite_4_hybrid_layers_are_mamba2_or_attention_each_with_experts_and_a_share
     assert!(kinds(&dense).iter().all(|k| k.ffn == FfnKind::Dense));
 }
 
+/// A Nemotron-H toy of `pattern` (M Mamba-2, - MLP, * attention, E experts): hidden 64, 4 heads
+/// (2 KV) of 16, an MLP of 96, 4 Mamba heads of 16 with state 8 in 2 groups, 4 experts of 32
+/// (top 2) beside a shared MLP of 48.
+fn nemotron_h_toy(pattern: &str) -> ModelSpec {
+    toy(&serde_json::json!({
+        "model_type": "nemotron_h", "hybrid_override_pattern": pattern, "hidden_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 96, "mamba_num_heads": 4, "mamba_head_dim": 16,
+        "ssm_state_size": 8, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 48, "vocab_size": 256
+    }))
+}
+
+#[test]
+fn nemotron_h_layers_are_one_sub_layer_each_mamba2_attention_mlp_or_experts() {
+    let m = nemotron_h_toy("M-*E");
+    let k: Vec<BlockKind> = (0..4).map(|l| m.block_kind(l)).collect();
+    assert!(matches!(k[0].mixer, Mixer::Ssd(s) if s.groups == 2 && s.norm_groups == 2));
+    assert_eq!(
+        (k[0].ffn, k[1].mixer, k[1].ffn),
+        (FfnKind::None, Mixer::None, FfnKind::Dense)
+    );
+    assert_eq!((k[2].mixer, k[2].ffn), (Mixer::Attention, FfnKind::None));
+    assert_eq!((k[3].mixer, k[3].ffn), (Mixer::None, FfnKind::Moe));
+    assert!(k.iter().all(|k| k.single()));
+    assert_eq!(m.positions, ftplan::spec::model::Positions::None);
+    // transformers 5.17 builds 95,596 parameters from this config (checked on CPU): the
+    // embeddings and the untied head 2 x 256 x 64 = 32,768; the Mamba layer 15,212 (its norm
+    // 64, dt_bias, A_log and D 12, the convolution over 64 + 2 x 2 x 8 = 96 channels 384 + 96,
+    // in_proj 64 -> 64 + 96 + 4 = 164 10,496, the gated norm 64, out_proj 4,096); the MLP
+    // layer 64 + 2 x 64 x 96 = 12,352; the attention layer 64 + q 4,096 + k 2,048 + v 2,048 +
+    // o 4,096 = 12,352; the MoE layer 64 + 4 experts x (32 x 64 up + 64 x 32 down) 16,384 +
+    // the router 256 + the shared MLP 2 x 48 x 64 = 6,144, 22,848; the final norm 64.
+    let e = run(&m, &full(Precision::MixedBf16, 1, 64));
+    assert_eq!(e.memory.trainable_params, 95_596);
+    // peft 0.21.2 wraps 19,520 with r16 on every linear peft accepts (checked): in_proj 16 x
+    // (64 + 164) = 3,648, the MLP's up and down 2,560 each, q 2,048, k and v 1,536 each, o
+    // 2,048, the shared MLP's up and down 1,792 each; not the experts' 3-D parameters (peft
+    // has no conversion pattern for nemotron_h) and not the router's bare weight.
+    let names = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "in_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let named = LoraTargets::parse(names).expect("parses");
+    let method = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: named,
+        dora: false,
+    });
+    let e = run(&m, &plan(method, 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 19_520);
+    // `all-linear` includes the Mamba `out_proj`, which peft refuses for this model type.
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
+    let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(err.to_string().contains("out_proj"), "{err}");
+    // Prefix tuning fails in transformers 5.17: the Mamba-2 layers ask the prefix's attention
+    // cache for their state (`has_previous_state` raises; checked on this toy and on Granite
+    // 4.0's).
+    let prefix = plan(
+        Method::Prefix { virtual_tokens: 4 },
+        1,
+        64,
+        AttentionKernel::Sdpa,
+    );
+    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(err.to_string().contains("Mamba-2 layers reject"), "{err}");
+    // The gated norm normalises each of the 2 groups on its own (`Zamba2RMSNormGated`): its
+    // rsqrt keeps one fp32 value per token and group, 64 x 2 x 4 = 512 B, beside the fp32
+    // gated input 64 x 64 x 4 = 16,384 B.
+    let (kept, _) = kept_at(
+        &m,
+        &full(Precision::MixedBf16, 1, 64),
+        "decoder.layers.0.mixer.norm.rms",
+    );
+    assert_eq!(kept, 16_384 + 512);
+}
+
 #[test]
 fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
     // peft 0.21 raises "PREFIX_TUNING does not work with gradient checkpointing" when it wraps

@@ -362,6 +362,30 @@ fn granite_hybrid_mamba_heads_that_do_not_tile_the_inner_width() {
 }
 
 #[test]
+fn nemotron_h_layer_pattern_with_an_unknown_layer() {
+    model(
+        "nemotron-h-bad-pattern.json",
+        &["`hybrid_override_pattern`", "`X` is not a layer"],
+    );
+}
+
+#[test]
+fn nemotron_h_mamba_groups_that_do_not_divide_the_heads() {
+    model(
+        "nemotron-h-groups-not-dividing.json",
+        &["`n_groups`", "must divide the heads (6)"],
+    );
+}
+
+#[test]
+fn nemotron_h_latent_experts_are_refused_with_what_is_modelled() {
+    model(
+        "nemotron-h-latent-moe.json",
+        &["`moe_latent_size`", "not modelled", "hint", "null"],
+    );
+}
+
+#[test]
 fn flash_linear_attention_refuses_fp32() {
     rejects(
         &[

@@ -131,10 +131,15 @@ fn refused_by_design(m: &ftplan::spec::model::ModelSpec, method: &Method) -> boo
     // and fails.
     let phimoe_all_linear = m.family.router_returns_tuple()
         && matches!(method, Method::Lora(l) | Method::Qlora(l) if l.targets == LoraTargets::AllLinear);
-    // LFM2: peft's prefix cache fails on its convolution layers.
-    let lfm2_prefix = m.has_short_conv() && matches!(method, Method::Prefix { .. });
+    // LFM2, Nemotron-H: peft's prefix cache fails on their convolution and Mamba-2 layers.
+    let recurrent_prefix =
+        (m.has_short_conv() || m.has_ssd()) && matches!(method, Method::Prefix { .. });
+    // Nemotron-H: peft refuses `all-linear` (its Mamba layers' out_proj).
+    let nemotron_all_linear = m.family == ftplan::spec::model::Family::NemotronH
+        && matches!(method, Method::Lora(l) | Method::Qlora(l) if l.targets == LoraTargets::AllLinear);
     phimoe_all_linear
-        || lfm2_prefix
+        || recurrent_prefix
+        || nemotron_all_linear
         || !m.has_attention()
             && match method {
                 // Mamba: no q or v to adapt, and peft refuses `all-linear` (the mixer's out_proj).
@@ -348,12 +353,13 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // q/k-normed Cohere, then fp32 experts, then mT5, then StableLM, then mBART, then StarCoder, then OLMo 1, then GPT-Neo and GPT-J, then Marian and Pegasus, then CodeGen, MPT, PhiMoE, Minitron, Arcee, ERNIE 4.5, Ministral 3, ERNIE-4.5-MoE, a pure-bf16 GLM-4.5, HunYuan-MoE and GLM-4.7-Flash, then Qwen3.5's Gated DeltaNet hybrid, dense and MoE, and Qwen3-Next, then Apertus's xIELU, then MiniMax-M2 and dots.llm1, then Gemma 4, then LFM2's short convolutions, dense and MoE, then Llama 4, then Mistral4, then Gemma 4 E2B at its published depth, then pure-bf16 Falcon-7B and Llama 4 with eager attention, then checkpointed BLOOM,
     // Falcon-7B and MPT, whose blocks return their probabilities, then Pythia rotating whole
     // heads, then a 3-layer DeepSeek-V2-Lite with CUDA's SDPA kernel for its narrower values,
-    // then Mamba-2's chunked scan and Granite 4.0's hybrid of it (validation/families.jsonl,
+    // then Mamba-2's chunked scan and Granite 4.0's hybrid of it, then Nemotron-H's one-sub-layer
+    // hybrids, dense and MoE (validation/families.jsonl,
     // measure.py --fake; the twenty-three before Mamba-2 replayed by validation/peak_live.py
     // only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 355);
+    assert_eq!(rows.len(), 363);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -391,10 +397,21 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             0.01
         } else if late.iter().any(|m| r.name.starts_with(m)) {
             0.015
-        } else if r.name.starts_with("mamba2-") || r.name.starts_with("granite-4.0-h-") {
+        } else if [
+            "mamba2-",
+            "granite-4.0-h-",
+            "nemotron-h-",
+            "nemotron-3-nano-",
+        ]
+        .iter()
+        .any(|m| r.name.starts_with(m))
+        {
             // Mamba-2's eleven (2026-12-06): within 0.8 % estimated before they ran, 0.3 % since;
             // Granite 4.0's nine hybrid runs, estimated before they ran: within 0.5 %, 0.2 %
-            // since.
+            // since. Nemotron-H's eight, estimated before they ran: the five dense hybrids
+            // within 0.4 %, the three MoE ones +28 to +74 % (the non-gated experts were built
+            // with a gate); within 0.1 % since (one up projection, and no autograd in the
+            // blocks below the first adapted one).
             0.01
         } else if r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
             || r.name.starts_with("ernie-moe-4l|full|")

@@ -322,6 +322,25 @@ fn stack_forward(
     };
     // The model's forward names the stack's input (`inputs_embeds`) until the blocks are done.
     let stack_named = b.name(&[x.id]);
+    let run = |b: &mut Builder, x: Val, (kind, first, copies): (BlockKind, u64, u64)| {
+        let label = if copies > 1 {
+            format!("layers.{first}+{}", copies - 1)
+        } else {
+            format!("layers.{first}")
+        };
+        let ln = b.scope(name, &label);
+        b.set_repeat(u32::try_from(copies).unwrap_or(u32::MAX));
+        b.layer = Some(offset + first);
+        b.begin_block(x, memory.map(|(m, _)| m), &position_biases);
+        // The model's loop names the block's input until the block returns.
+        let named = b.name(&[x.id]);
+        let out = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory, kind);
+        b.unname(named);
+        b.end_block();
+        b.layer = None;
+        b.set_repeat(1);
+        out
+    };
     let mut start = 0;
     while start < stack.layers {
         let mut end = start + 1;
@@ -352,23 +371,8 @@ fn stack_forward(
             grouped.push(r);
         }
         runs.extend(grouped);
-        for (kind, first, copies) in runs {
-            let label = if copies > 1 {
-                format!("layers.{first}+{}", copies - 1)
-            } else {
-                format!("layers.{first}")
-            };
-            let ln = b.scope(name, &label);
-            b.set_repeat(u32::try_from(copies).unwrap_or(u32::MAX));
-            b.layer = Some(offset + first);
-            b.begin_block(x, memory.map(|(m, _)| m), &position_biases);
-            // The model's loop names the block's input until the block returns.
-            let named = b.name(&[x.id]);
-            x = block(b, ln, x, stack, seq, embed_dtype, is_decoder, memory, kind);
-            b.unname(named);
-            b.end_block();
-            b.layer = None;
-            b.set_repeat(1);
+        for r in runs {
+            x = run(b, x, r);
         }
         start = end;
     }
@@ -419,18 +423,33 @@ fn block(
         }
     };
     let window = match kind.mixer {
-        Mixer::Ssm(ssm) => {
-            return b.recurrent_block(name, x, |b, mixer, hn| {
-                mamba_mixer(b, mixer, (hn, x.grad), ssm)
-            });
-        }
-        Mixer::Ssd(ssd) if model.family == crate::spec::model::Family::Mamba2 => {
-            return b.recurrent_block(name, x, |b, mixer, hn| b.ssd_mixer(mixer, hn, ssd));
-        }
-        Mixer::Attention | Mixer::GatedDeltaNet(_) | Mixer::ShortConv(_) | Mixer::Ssd(_) => None,
         Mixer::SlidingWindow { window } => Some(window),
+        _ => None,
     };
     let self_mask = self_attention_mask(b, is_decoder, seq, window);
+    if kind.single() {
+        // Mamba's blocks (`residual_in_fp32`) and Nemotron-H's layers (`residual +
+        // hidden_states` in the stream's dtype): one sub-layer, `mixer` in every one of them.
+        let fp32_residual = model.family != crate::spec::model::Family::NemotronH;
+        return b.recurrent_block(name, x, fp32_residual, |b, mixer, hn| match kind.mixer {
+            Mixer::Ssm(ssm) => mamba_mixer(b, mixer, (hn, x.grad), ssm),
+            Mixer::Ssd(ssd) => in_tp_region(b, |b| b.ssd_mixer(mixer, hn, ssd)),
+            Mixer::None => {
+                // A bottleneck adapter follows the FFN, as in the two-sub-layer blocks.
+                let m = mlp(b, (name, "mixer"), hn, stack, kind.ffn);
+                adapter(b, name.at("adapter"), m)
+            }
+            _ => self_attention(
+                b,
+                (name, "mixer"),
+                hn,
+                stack,
+                seq,
+                embed_dtype,
+                (self_mask, window, kind.rope, kind.kv_shared),
+            ),
+        });
+    }
     let attend = |b: &mut Builder, at: (Scope, &'static str), h| match kind.mixer {
         // Qwen3.5's linear layers: `linear_attn` where the others have `self_attn`.
         Mixer::GatedDeltaNet(d) => {
@@ -1632,6 +1651,12 @@ fn moe_ops(
     // layer holds does not depend on how the router spreads the tokens: the one op set below
     // carries all S rows and all E experts' weights.
     let routed = x.tokens * moe.top_k;
+    // The first projection's width: gate and up, or up alone for non-gated experts.
+    let up_width = if moe.gate == ExpertGate::None {
+        inter
+    } else {
+        2 * inter
+    };
     // LoRA on the experts as peft 0.21 reaches transformers 5's 3-D expert parameters
     // (`gate_up_proj` [E, 2 inter, h], `down_proj` [E, h, inter]; `ParamWrapper`): factors
     // shared across experts with E x r rows, the delta `B @ A` added to the whole parameter
@@ -1654,13 +1679,13 @@ fn moe_ops(
     let gate_up_merge = gate_up.map(|r| {
         let rows = 2 * r * experts;
         let a = b.adapter_param(name.at("experts").then("gate_up_lora_A"), (rows, h));
-        let bb = b.adapter_param(name.at("experts").then("gate_up_lora_B"), (2 * inter, rows));
-        let merged = experts * 2 * inter * h;
+        let bb = b.adapter_param(name.at("experts").then("gate_up_lora_B"), (up_width, rows));
+        let merged = experts * up_width * h;
         let op = expert_lora_merge(
             b,
             name.at("experts").then("gate_up_lora_merge"),
             [a, bb],
-            (merged, rows * (h + 2 * inter)),
+            (merged, rows * (h + up_width)),
             (r, merge_dtype),
         );
         (op, merge_dtype.bytes(merged))
@@ -1706,7 +1731,7 @@ fn moe_ops(
     // `prepare_model_for_kbit_training` upcasts them to fp32 with everything else that
     // was not quantized.
     let gate_up_op = b.graph.len();
-    let gu = grouped_linear(b, es.at("gate_up_proj"), xe, 2 * inter, (moe.bias, experts));
+    let gu = grouped_linear(b, es.at("gate_up_proj"), xe, up_width, (moe.bias, experts));
     if let Some((merge, merged)) = gate_up_merge {
         merged_stack_matmul(b, (merge, gate_up_op), xe.id, merged);
     }
@@ -1720,6 +1745,8 @@ fn moe_ops(
             b.mul(es.at("mul"), a, Val { width: inter, ..gu })
         }
         ExpertGate::ClampedSwiglu => clamped_swiglu(b, es.at("gate"), gu),
+        // `self.act_fn(proj_out)` on the whole (S, inter) output.
+        ExpertGate::None => b.activation(es.at("act"), gu),
     };
     let down_merge = down_merge.map(|(params, sizes, r)| {
         let op = expert_lora_merge(

@@ -626,6 +626,7 @@ impl<'a> Builder<'a> {
             | Family::Mistral4
             | Family::Mamba
             | Family::Mamba2
+            | Family::NemotronH
             | Family::GraniteMoeHybrid => (0, 0),
             Family::Llama
             | Family::Mistral

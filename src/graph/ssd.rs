@@ -21,18 +21,20 @@ impl Builder<'_> {
     /// `MambaBlock` and `Mamba2Block`: RMSNorm of the block input cast to the norm weight's
     /// dtype (`self.norm(hidden_states.to(dtype=self.norm.weight.dtype))`, a 16-bit copy of
     /// the fp32 residual stream in pure 16-bit training, which the RMSNorm upcasts again), the
-    /// `mixer` on it, and the residual added in fp32 (`residual_in_fp32`).
+    /// `mixer` on it, and the residual added in fp32 (`residual_in_fp32`) where `fp32_residual`
+    /// says so, else in the stream's dtype (Nemotron-H's `NemotronHBlock`, the same shape).
     pub(super) fn recurrent_block(
         &mut self,
         name: Scope,
         x: Val,
+        fp32_residual: bool,
         mixer: impl FnOnce(&mut Self, Scope, Val) -> Val,
     ) -> Val {
         let xin = self.cast(name.at("norm_input"), x, self.base);
         let hn = self.norm(name.at("norm"), xin);
         let scope = self.scope(name, "mixer");
         let out = mixer(self, scope, hn);
-        let residual = if x.dtype == DType::F32 {
+        let residual = if x.dtype == DType::F32 || !fp32_residual {
             x
         } else {
             self.cast(name.at("residual_fp32"), x, DType::F32)
@@ -60,7 +62,7 @@ impl Builder<'_> {
         let act = b.causal_conv1d(conv, part(s.conv_dim()), s.conv, (s.conv_bias, true));
         b.name(&[act.id]);
         let y = b.ssd_scan(name.at("chunk_scan"), act, part(s.heads), s);
-        let normed = b.gate_then_rms_norm(name.at("norm"), y, part(inner));
+        let normed = b.gate_then_rms_norm(name.at("norm"), y, part(inner), s.norm_groups);
         let back = b.cast(name.at("cast"), normed, hn.dtype);
         let out = b.linear(
             name.at("out_proj"),

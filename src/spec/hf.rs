@@ -3,8 +3,8 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, DeltaNet, Dropouts, ExpertGate, Family, GlobalAttention, Mixer, Mla, ModelSpec,
-    Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
+    Activation, DeltaNet, Dropouts, ExpertGate, Family, FfnKind, GlobalAttention, Mixer, Mla,
+    ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
     ReturnedWeights, RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap,
     Ssd, Ssm, Stack,
 };
@@ -296,6 +296,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Deepseek | Family::Mistral4 => deepseek(&r, family)?,
         Family::Mamba => mamba(&r)?,
         Family::Mamba2 => mamba2(&r)?,
+        Family::NemotronH => nemotron_h(&r)?,
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -455,12 +456,16 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
         r,
         (heads, head_dim, inner),
         [
-            ("mamba_d_state", 256),
-            ("mamba_n_groups", 1),
-            ("mamba_d_conv", 4),
-            ("mamba_chunk_size", 256),
+            (&["mamba_d_state"], 256),
+            (&["mamba_n_groups"], 1),
+            (&["mamba_d_conv"], 4),
+            (&["mamba_chunk_size"], 256),
         ],
-        ["mamba_n_heads", "mamba_proj_bias", "mamba_conv_bias"],
+        [
+            &["mamba_n_heads"],
+            &["mamba_proj_bias"],
+            &["mamba_conv_bias"],
+        ],
     )?;
     r.raw(&["time_step_limit", "normalization_function", "init_method"]);
     Ok(Some(ssd))
@@ -475,19 +480,21 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
 fn read_ssd(
     r: &Reader,
     (heads, head_dim, inner): (u64, u64, u64),
-    [state, groups, conv, chunk]: [(&'static str, u64); 4],
-    [heads_key, bias_key, conv_bias_key]: [&'static str; 3],
+    [state, groups, conv, chunk]: [(&[&'static str], u64); 4],
+    [heads_key, bias_key, conv_bias_key]: [&[&'static str]; 3],
 ) -> Result<Ssd> {
     let ssd = Ssd {
         heads,
         head_dim,
-        state: r.opt_u64(&[state.0])?.unwrap_or(state.1),
-        groups: r.opt_u64(&[groups.0])?.unwrap_or(groups.1),
-        conv: r.opt_u64(&[conv.0])?.unwrap_or(conv.1),
-        chunk: r.opt_u64(&[chunk.0])?.unwrap_or(chunk.1),
-        bias: r.bool_or(&[bias_key], false)?,
-        conv_bias: r.bool_or(&[conv_bias_key], true)?,
+        state: r.opt_u64(state.0)?.unwrap_or(state.1),
+        groups: r.opt_u64(groups.0)?.unwrap_or(groups.1),
+        conv: r.opt_u64(conv.0)?.unwrap_or(conv.1),
+        chunk: r.opt_u64(chunk.0)?.unwrap_or(chunk.1),
+        bias: r.bool_or(bias_key, false)?,
+        conv_bias: r.bool_or(conv_bias_key, true)?,
+        norm_groups: 1,
     };
+    let (heads_key, groups_key, chunk_key) = (heads_key[0], groups.0[0], chunk.0[0]);
     if ssd.heads.checked_mul(ssd.head_dim) != Some(inner) || inner == 0 {
         return Err(Error::field(
             r.path,
@@ -502,12 +509,12 @@ fn read_ssd(
     if ssd.groups == 0 || !ssd.heads.is_multiple_of(ssd.groups) {
         return Err(Error::field(
             r.path,
-            groups.0,
+            groups_key,
             format!("({}) must divide the heads ({})", ssd.groups, ssd.heads),
         ));
     }
     if ssd.chunk == 0 {
-        return Err(Error::field(r.path, chunk.0, "must be at least 1"));
+        return Err(Error::field(r.path, chunk_key, "must be at least 1"));
     }
     Ok(ssd)
 }
@@ -1816,12 +1823,12 @@ fn mamba2(r: &Reader) -> Result<ModelSpec> {
             hidden.saturating_mul(expand),
         ),
         [
-            ("state_size", 128),
-            ("n_groups", 8),
-            ("conv_kernel", 4),
-            ("chunk_size", 256),
+            (&["state_size"], 128),
+            (&["n_groups"], 8),
+            (&["conv_kernel"], 4),
+            (&["chunk_size"], 256),
         ],
-        ["num_heads", "use_bias", "use_conv_bias"],
+        [&["num_heads"], &["use_bias"], &["use_conv_bias"]],
     )?;
     if !r.bool_or(&["residual_in_fp32"], true)? {
         return Err(
@@ -1847,6 +1854,234 @@ fn mamba2(r: &Reader) -> Result<ModelSpec> {
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
         mixers: vec![Mixer::Ssd(ssd)],
         ..ModelSpec::decoder_only(Family::Mamba2, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `NemotronHForCausalLM` (transformers 5.17's `NemotronHConfig` keys and defaults): one
+/// sub-layer per `layers_block_type` entry (or `hybrid_override_pattern` character: M, *, -,
+/// E), each `residual + mixer(norm(x))` with no fp32 residual:
+/// - "linear_attention" (M, legacy "mamba"): `NemotronHMamba2Mixer`, Mamba-2's mixer of
+///   `mamba_num_heads x mamba_head_dim` channels (not `expand x hidden`), biases from
+///   `use_bias`, its gated norm per B/C group (`Zamba2RMSNormGated(group_size=inner /
+///   n_groups)`);
+/// - "full_attention" (*, legacy "attention"): GQA without biases or positions (no rotary:
+///   `NemotronHAttention` applies none);
+/// - "mlp" (-): `up_proj`, squared ReLU, `down_proj`, biases from `mlp_bias`;
+/// - "moe" (E): `NemotronHMoE`, non-gated experts behind DeepSeek-V3's sigmoid router (fp32
+///   operands, group-limited top-k, weights in the logits' dtype), a shared MLP after them.
+fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let types: Vec<String> = match r.raw(&["layers_block_type", "layer_types"]) {
+        Some((key, Value::Array(list))) => list
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("mamba") => Ok("linear_attention".to_string()),
+                Some("attention") => Ok("full_attention".to_string()),
+                Some(t) => Ok(t.to_string()),
+                None => Err(Error::field(
+                    r.path,
+                    key,
+                    format!("must list layer types as strings, found `{t}`"),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        Some((key, v)) => {
+            return Err(Error::field(
+                r.path,
+                key,
+                format!("must be a list of layer types, found `{v}`"),
+            ));
+        }
+        None => match r.raw(&["hybrid_override_pattern"]) {
+            Some((key, Value::String(p))) => p
+                .chars()
+                .map(|c| match c {
+                    'M' => Ok("linear_attention".to_string()),
+                    '*' => Ok("full_attention".to_string()),
+                    '-' => Ok("mlp".to_string()),
+                    'E' => Ok("moe".to_string()),
+                    other => Err(Error::field(
+                        r.path,
+                        key,
+                        format!("`{other}` is not a layer (M, *, - or E)"),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            Some((key, v)) => {
+                return Err(Error::field(
+                    r.path,
+                    key,
+                    format!("must be a string of M, *, - and E, found `{v}`"),
+                ));
+            }
+            // NemotronHConfig's default.
+            None => ["linear_attention", "moe", "full_attention", "mlp"]
+                .map(String::from)
+                .to_vec(),
+        },
+    };
+    if types.is_empty() {
+        return Err(Error::field(r.path, "layers_block_type", "lists no layers"));
+    }
+    // `num_hidden_layers` is derived from the list (a different stated count only warns).
+    r.raw(&[
+        "num_hidden_layers",
+        "mtp_layers_block_type",
+        "mtp_hybrid_override_pattern",
+    ]);
+    let heads = r.opt_u64(&["mamba_num_heads"])?.unwrap_or(128);
+    let head_dim = r.opt_u64(&["mamba_head_dim"])?.unwrap_or(64);
+    let ssd = read_ssd(
+        r,
+        (heads, head_dim, heads.saturating_mul(head_dim)),
+        [
+            (&["ssm_state_size"], 128),
+            (&["n_groups", "mamba_n_groups"], 8),
+            (&["conv_kernel", "mamba_d_conv"], 4),
+            (&["chunk_size", "mamba_chunk_size"], 128),
+        ],
+        [
+            &["mamba_num_heads"],
+            &["use_bias"],
+            &["use_conv_bias", "mamba_conv_bias"],
+        ],
+    )?;
+    let ssd = Ssd {
+        norm_groups: ssd.groups,
+        ..ssd
+    };
+    let act = r.str_or(&["mamba_hidden_act"], "silu")?;
+    if act != "silu" {
+        return Err(Error::field(
+            r.path,
+            "mamba_hidden_act",
+            format!("`{act}` is not supported"),
+        )
+        .with_hint("the published Nemotron-H checkpoints use silu"));
+    }
+    if let Some((key, v)) = r.raw(&["moe_latent_size"]).filter(|(_, v)| !v.is_null()) {
+        return Err(Error::field(
+            r.path,
+            key,
+            format!("({v}): latent expert projections (`fc1_latent_proj`) are not modelled"),
+        )
+        .with_hint("null, the experts on the hidden width, is"));
+    }
+    r.raw(&[
+        "mamba_expand",
+        "expand",
+        "mamba_proj_bias",
+        "time_step_min",
+        "time_step_max",
+        "time_step_limit",
+        "time_step_floor",
+        "mamba_dt_min",
+        "mamba_dt_max",
+        "mamba_dt_limit",
+        "mamba_dt_init_floor",
+        "mamba_ssm_cache_dtype",
+        "use_mamba_kernels",
+        "residual_in_fp32",
+        "rescale_prenorm_residual",
+        "hidden_dropout",
+        "attention_bias",
+        "sliding_window",
+        "layer_norm_epsilon",
+        "num_logits_to_keep",
+        "max_position_embeddings",
+        "num_nextn_predict_layers",
+        "moe_shared_expert_overlap",
+        "n_shared_experts",
+        "routed_scaling_factor",
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+    ]);
+    let mut mixers = Vec::with_capacity(types.len());
+    let mut ffns = Vec::with_capacity(types.len());
+    for t in &types {
+        let (mixer, ffn) = match t.as_str() {
+            "linear_attention" => (Mixer::Ssd(ssd), FfnKind::None),
+            "full_attention" => (Mixer::Attention, FfnKind::None),
+            "mlp" => (Mixer::None, FfnKind::Dense),
+            "moe" => (Mixer::None, FfnKind::Moe),
+            other => {
+                return Err(Error::field(
+                    r.path,
+                    "layers_block_type",
+                    format!("`{other}` is not a known layer type"),
+                )
+                .with_hint("linear_attention, full_attention, mlp or moe"));
+            }
+        };
+        mixers.push(mixer);
+        ffns.push(ffn);
+    }
+    let moe = if ffns.contains(&FfnKind::Moe) {
+        let experts = r
+            .opt_u64(&["n_routed_experts", "num_local_experts"])?
+            .unwrap_or(8);
+        let top_k = r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2);
+        if experts == 0 || experts > 1024 || top_k > experts {
+            return Err(Error::field(
+                r.path,
+                "num_experts_per_tok",
+                format!("({top_k}) must be at most the experts ({experts}), 1 to 1024"),
+            ));
+        }
+        Some(Moe {
+            experts,
+            top_k,
+            expert_intermediate: r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(7688),
+            // NemotronHMoE builds one `shared_experts` MLP of this width whatever
+            // `n_shared_experts` says.
+            shared_intermediate: r
+                .opt_u64(&["moe_shared_expert_intermediate_size"])?
+                .unwrap_or(7688),
+            shared_gate: false,
+            first_dense: 0,
+            every: 1,
+            bias: false,
+            gate: ExpertGate::None,
+            routing: Routing::TopK,
+            input_jitter: 0,
+            router: RouterPrecision::Fp32Operands,
+            weights: RoutingWeights::Logits,
+            beside_mlp: false,
+        })
+    } else {
+        r.raw(&[
+            "n_routed_experts",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "moe_shared_expert_intermediate_size",
+        ]);
+        None
+    };
+    let act = r.str_or(&["mlp_hidden_act"], "relu2")?;
+    let stack = Stack::new(
+        types.len() as u64,
+        r.opt_u64(&["num_attention_heads"])?.unwrap_or(32),
+        r.opt_u64(&["num_key_value_heads"])?.unwrap_or(8),
+        r.opt_u64(&["head_dim"])?.unwrap_or(128),
+        r.opt_u64(&["intermediate_size"])?.unwrap_or(21504),
+    );
+    Ok(ModelSpec {
+        gated_ffn: false,
+        activation: activation(r.path, &act, "mlp_hidden_act")?,
+        positions: Positions::None,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        linear_bias: r.bool_or(&["mlp_bias"], false)?,
+        out_bias: Some(false),
+        dropout: Dropouts {
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            ..Dropouts::default()
+        },
+        mixers,
+        ffns,
+        moe,
+        ..ModelSpec::decoder_only(Family::NemotronH, hidden, r.u64(&["vocab_size"])?, stack)
     })
 }
 

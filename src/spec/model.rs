@@ -188,6 +188,12 @@ pub enum Family {
     /// shared MLP (`input_linear`, fused gate and up; `output_linear`) in every layer, or the
     /// shared MLP alone with no experts.
     GraniteMoeHybrid,
+    /// `NemotronHForCausalLM` (NVIDIA Nemotron-H, Nemotron Nano 2, Nemotron 3 Nano): a layer
+    /// per `layers_block_type` entry, each one sub-layer between an RMSNorm and a residual
+    /// add: Mamba-2 ([`Mixer::Ssd`], its gated norm per group), attention without positions,
+    /// a non-gated squared-ReLU MLP, or DeepSeek-V3-style routed experts (non-gated, a sigmoid
+    /// router) with a shared MLP.
+    NemotronH,
     /// `GptOssForCausalLM` (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"): the Llama
     /// block with biased q/k/v/o, a learned attention sink per head, alternating banded (128)
     /// and dense layers, and routed experts with biases and a clamped SwiGLU. The published
@@ -347,7 +353,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 71] = [
+    pub const ALL: [(&'static str, Family); 72] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -419,6 +425,7 @@ impl Family {
         ("mistral4", Family::Mistral4),
         ("mamba2", Family::Mamba2),
         ("granitemoehybrid", Family::GraniteMoeHybrid),
+        ("nemotron_h", Family::NemotronH),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -572,6 +579,8 @@ pub enum Mixer {
     /// per head, B and C shared by groups of heads, computed chunk by chunk as a masked
     /// attention-like product within chunks and a recurrence over chunk states between them.
     Ssd(Ssd),
+    /// No token mixer: the layer is its FFN alone (Nemotron-H's MLP and MoE layers).
+    None,
 }
 
 /// Mamba-2's mixer sizes (`Mamba2Config`).
@@ -592,6 +601,10 @@ pub struct Ssd {
     /// `use_bias` (on `in_proj` and `out_proj`) and `use_conv_bias`.
     pub bias: bool,
     pub conv_bias: bool,
+    /// The gated norm's groups: 1 where it normalises the whole inner width
+    /// (`MambaRMSNormGated`), `n_groups` where each group of `inner / n_groups` channels is
+    /// normalised on its own (Nemotron-H's `Zamba2RMSNormGated` with `group_size`).
+    pub norm_groups: u64,
 }
 
 impl Ssd {
@@ -684,6 +697,14 @@ pub enum FfnKind {
     Moe,
     /// No FFN (Mamba's block is norm, mixer, residual).
     None,
+}
+
+impl BlockKind {
+    /// A block of one sub-layer, a mixer or an FFN: norm, sub-layer, residual (Mamba's blocks,
+    /// Nemotron-H's layers).
+    pub fn single(self) -> bool {
+        self.ffn == FfnKind::None || self.mixer == Mixer::None
+    }
 }
 
 /// What one block is made of; blocks of one kind are built once and repeated.
@@ -845,6 +866,9 @@ pub struct ModelSpec {
     pub double_wide_shared_mlp: bool,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
+    /// The FFN of each layer, repeated with this period, where the config lists it per layer
+    /// (Nemotron-H's `layers_block_type`); empty: from `moe` and the mixer.
+    pub ffns: Vec<FfnKind>,
     /// tanh soft-capping `cap * tanh(x / cap)` of the attention scores and of the final logits
     /// (Gemma-2).
     pub softcap: Softcap,
@@ -991,6 +1015,9 @@ pub enum ExpertGate {
     /// GPT-OSS (`GptOssExperts._apply_gate`): gate and up interleaved in one projection, each
     /// clamped to the SwiGLU limit, then `(up + 1) * gate * sigmoid(1.702 gate)`.
     ClampedSwiglu,
+    /// No gate: `act(up)` from one projection (Nemotron-H's `NemotronHExperts`, transformers'
+    /// experts with `has_gate=False`).
+    None,
 }
 
 /// The eager attention probabilities a block returns with its hidden states (transformers 5.17:
@@ -1134,6 +1161,7 @@ impl ModelSpec {
             double_wide_shared_mlp: false,
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
+            ffns: Vec::new(),
             softcap: Softcap::default(),
             multipliers: Multipliers::default(),
             rope_layers: Vec::new(),
@@ -1156,7 +1184,12 @@ impl ModelSpec {
             .get((layer % period) as usize)
             .copied()
             .unwrap_or(Mixer::Attention);
+        let listed = self
+            .ffns
+            .get((layer % self.ffns.len().max(1) as u64) as usize)
+            .copied();
         let ffn = match (mixer, self.moe) {
+            _ if let Some(ffn) = listed => ffn,
             // Mamba's and Mamba-2's blocks are norm, mixer, residual; a hybrid's Mamba-2
             // layers (Granite 4.0) have the FFN every layer has.
             (Mixer::Ssm(_), _) => FfnKind::None,
@@ -1204,7 +1237,7 @@ impl ModelSpec {
     pub fn has_attention(&self) -> bool {
         self.mixers
             .iter()
-            .any(|m| !matches!(m, Mixer::Ssm(_) | Mixer::Ssd(_)))
+            .any(|m| !matches!(m, Mixer::Ssm(_) | Mixer::Ssd(_) | Mixer::None))
     }
 
     /// The number of sparse (mixture-of-experts) blocks.
@@ -1275,7 +1308,8 @@ impl ModelSpec {
     pub fn active_params(&self, total: u64) -> u64 {
         match self.moe {
             Some(m) if m.experts > 0 => {
-                let per_expert = 3 * self.hidden_size * m.expert_intermediate;
+                let projections = if m.gate == ExpertGate::None { 2 } else { 3 };
+                let per_expert = projections * self.hidden_size * m.expert_intermediate;
                 let idle = self.moe_layers() * per_expert * m.experts.saturating_sub(m.top_k);
                 total.saturating_sub(idle)
             }
