@@ -426,13 +426,20 @@ impl HeldGrad {
     }
 }
 
+/// Whether two ops belong to one repeated run: a block built once for its copies, whose ops
+/// share its copy count and its sharding unit (two neighbouring runs with the same count are
+/// two blocks).
+fn same_run(a: &Op, b: &Op) -> bool {
+    a.repeat == b.repeat && a.unit == b.unit
+}
+
 /// End (exclusive) of the run of ops that share `ops[i]`'s repeat count (1: just `i`).
 fn group_end(ops: &[&Op], i: usize) -> usize {
     if ops[i].repeat <= 1 {
         return i + 1;
     }
     let mut e = i + 1;
-    while e < ops.len() && ops[e].repeat == ops[i].repeat {
+    while e < ops.len() && same_run(ops[e], ops[i]) {
         e += 1;
     }
     e
@@ -444,7 +451,7 @@ fn group_start(ops: &[&Op], i: usize) -> usize {
         return i;
     }
     let mut s = i;
-    while s > 0 && ops[s - 1].repeat == ops[i].repeat {
+    while s > 0 && same_run(ops[s - 1], ops[i]) {
         s -= 1;
     }
     s

@@ -368,7 +368,13 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let mut i = 0;
     while i < ops.len() {
         let mut end = i + 1;
-        while ops[i].repeat > 1 && end < ops.len() && ops[end].repeat == ops[i].repeat {
+        // A run is one block's ops (one sharding unit): two neighbouring runs with the same
+        // copy count stay two.
+        while ops[i].repeat > 1
+            && end < ops.len()
+            && ops[end].repeat == ops[i].repeat
+            && ops[end].unit == ops[i].unit
+        {
             end += 1;
         }
         let repeated = ops[i].repeat > 1;

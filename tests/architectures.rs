@@ -1004,6 +1004,19 @@ fn nemotron_h_layers_are_one_sub_layer_each_mamba2_attention_mlp_or_experts() {
 }
 
 #[test]
+fn layers_below_the_first_adapted_one_record_no_autograd_and_keep_nothing() {
+    // LoRA on q and v of a frozen bf16 base: the embedding's output needs no gradient, so
+    // until the attention layer no op records autograd. The Mamba and MLP layers below it keep
+    // nothing, whatever kinds repeat after it (the MLP below is a copy of the one above, which
+    // keeps its activations): "M-*-" keeps exactly what "*-" keeps.
+    let p = plan(lora(), 2, 64, AttentionKernel::Sdpa);
+    let below = run(&nemotron_h_toy("M-*-"), &p).memory.saved_after_forward;
+    let none_below = run(&nemotron_h_toy("*-"), &p).memory.saved_after_forward;
+    assert_eq!(below, none_below);
+    assert!(none_below.0 > 0);
+}
+
+#[test]
 fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
     // peft 0.21 raises "PREFIX_TUNING does not work with gradient checkpointing" when it wraps
     // a checkpointed model, and checkpointing turned on after wrapping fails in the first

@@ -347,6 +347,45 @@ fn stack_forward(
         while end < stack.layers && same(offset + start, offset + end) {
             end += 1;
         }
+        let uniform = (start + 1..end).all(|l| kind_of(l) == kind_of(start));
+        if !x.grad && !uniform {
+            // Until a block returns an output that needs a gradient (the stack's input needs
+            // none: a frozen embedding, no checkpointing), no autograd graph is recorded, and
+            // in a model of several kinds of blocks which one starts it depends on what each
+            // holds: LoRA on attention only leaves a hybrid's Mamba and MLP layers below its
+            // first attention layer untracked. So blocks are built one at a time, in order,
+            // until one does; a later block of a kind already built without one is a copy of
+            // it, and the copies of each such kind are built after, as one run, on an input
+            // that needs no gradient (their order does not matter: they keep nothing). (Where
+            // every block is of one kind, the first is built on its own below and decides for
+            // the rest.)
+            // (kind, the layer built, the first copy's layer, copies)
+            let mut idle: Vec<(BlockKind, u64, u64, u64)> = Vec::new();
+            while start < end && !x.grad {
+                let k = kind_of(start);
+                match idle.iter_mut().find(|r| r.0 == k) {
+                    Some(r) => {
+                        if r.3 == 0 {
+                            r.2 = start;
+                        }
+                        r.3 += 1;
+                        record_built_as(b, offset + start, offset + r.2);
+                    }
+                    None => {
+                        record_built_as(b, offset + start, offset + start);
+                        x = run(b, x, (k, start, 1));
+                        if !x.grad {
+                            idle.push((k, start, start, 0));
+                        }
+                    }
+                }
+                start += 1;
+            }
+            for (k, _, first, copies) in idle.into_iter().filter(|r| r.3 > 0) {
+                run(b, Val { grad: false, ..x }, (k, first, copies));
+            }
+            continue;
+        }
         // (kind, first layer, copies), in build order.
         let mut runs: Vec<(BlockKind, u64, u64)> = vec![(kind_of(start), start, 1)];
         let last_kind = kind_of(end - 1);
