@@ -208,16 +208,23 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             .with_hint("prompt tuning, LoRA (--lora-targets in_proj) or a partial method apply"));
         }
         // peft hands prefix tuning's keys and values to the model as a `DynamicCache` of
-        // attention layers; LFM2's convolution layers and the Mamba-2 layers of Granite 4.0 and
-        // Nemotron-H ask that cache for their own state (`has_previous_state`) and transformers
-        // 5.17 raises (checked on toys of each).
-        Method::Prefix { .. } if model.has_short_conv() || model.has_ssd() => {
+        // attention layers; the recurrent layers of a hybrid (LFM2's convolutions, Qwen3.5's
+        // and Qwen3-Next's Gated DeltaNet, the Mamba-2 layers of Granite 4.0 and Nemotron-H)
+        // ask that cache for their own state (`has_previous_state`) and transformers 5.17
+        // raises (checked on toys of each).
+        Method::Prefix { .. } if model.has_recurrent_layers() => {
+            let kind = if model.has_ssd() {
+                "Mamba-2"
+            } else if model.has_linear_attention() {
+                "linear-attention"
+            } else {
+                "convolution"
+            };
             return Err(field(
                 "method",
                 format!(
-                    "peft's prefix tuning fails on `{}`: its {} layers reject the cache the prefix arrives in (transformers 5.17)",
+                    "peft's prefix tuning fails on `{}`: its {kind} layers reject the cache the prefix arrives in (transformers 5.17)",
                     model.name,
-                    if model.has_ssd() { "Mamba-2" } else { "convolution" }
                 ),
             )
             .with_hint("prompt tuning, LoRA or IA3 apply"));

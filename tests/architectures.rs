@@ -1843,6 +1843,20 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
     let mut odd = config.clone();
     odd["linear_num_value_heads"] = serde_json::json!(3);
     toy_refused(&odd, "linear_num_value_heads");
+    // peft's prefix tuning fails in transformers 5.17: the linear-attention layers ask the
+    // prefix's attention cache for their state (checked on toy Qwen3.5 and Qwen3-Next).
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let prefix = plan(
+        Method::Prefix { virtual_tokens: 4 },
+        1,
+        64,
+        AttentionKernel::Sdpa,
+    );
+    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(
+        err.to_string().contains("linear-attention layers reject"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -131,9 +131,9 @@ fn refused_by_design(m: &ftplan::spec::model::ModelSpec, method: &Method) -> boo
     // and fails.
     let phimoe_all_linear = m.family.router_returns_tuple()
         && matches!(method, Method::Lora(l) | Method::Qlora(l) if l.targets == LoraTargets::AllLinear);
-    // LFM2, Nemotron-H: peft's prefix cache fails on their convolution and Mamba-2 layers.
-    let recurrent_prefix =
-        (m.has_short_conv() || m.has_ssd()) && matches!(method, Method::Prefix { .. });
+    // Hybrids (LFM2, Qwen3.5, Qwen3-Next, Granite 4.0, Nemotron-H): peft's prefix cache fails
+    // on their recurrent layers.
+    let recurrent_prefix = m.has_recurrent_layers() && matches!(method, Method::Prefix { .. });
     // Nemotron-H: peft refuses `all-linear` (its Mamba layers' out_proj).
     let nemotron_all_linear = m.family == ftplan::spec::model::Family::NemotronH
         && matches!(method, Method::Lora(l) | Method::Qlora(l) if l.targets == LoraTargets::AllLinear);

@@ -1233,6 +1233,12 @@ impl ModelSpec {
         self.mixers.iter().any(|m| matches!(m, Mixer::ShortConv(_)))
     }
 
+    /// Whether some layer keeps a recurrent state it asks the cache for (`has_previous_state`):
+    /// Gated DeltaNet, short-convolution and Mamba-2 layers beside attention.
+    pub fn has_recurrent_layers(&self) -> bool {
+        self.has_linear_attention() || self.has_short_conv() || self.has_ssd()
+    }
+
     /// Whether any block attends (Mamba's do not).
     pub fn has_attention(&self) -> bool {
         self.mixers
