@@ -1716,7 +1716,8 @@ fn moe_ops(
     // `baddbmm` is on autocast's list: the merged stacks are in its dtype.
     let merge_dtype = b.compute();
     let gate_up_merge = gate_up.map(|r| {
-        let rows = 2 * r * experts;
+        // A pair of factors per fused projection (gate and up, or up alone).
+        let rows = up_width / inter.max(1) * r * experts;
         let a = b.adapter_param(name.at("experts").then("gate_up_lora_A"), (rows, h));
         let bb = b.adapter_param(name.at("experts").then("gate_up_lora_B"), (up_width, rows));
         let merged = experts * up_width * h;

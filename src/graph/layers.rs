@@ -482,11 +482,11 @@ impl Builder<'_> {
 
     /// Mamba-2's `MambaRMSNormGated(x, gate)` in its PyTorch form, which gates before it
     /// normalises over the whole width (over each of `groups` equal slices in Nemotron-H's
-    /// `Zamba2RMSNormGated`, one rsqrt per slice): `x.to(fp32) * silu(gate.to(fp32))` (SiLU keeps the
-    /// fp32 gate, the product both factors), normalised by its rsqrt (pow and the multiply
-    /// keep the product, the multiply the rsqrt), cast back to x's dtype, times the weight
-    /// (which keeps the normalised tensor when it trains; an fp32 x or weight makes the result
-    /// fp32).
+    /// `Zamba2RMSNormGated`, one rsqrt per slice): `x.to(fp32) * silu(gate.to(fp32))` (SiLU
+    /// keeps the fp32 gate, the product both factors), normalised by its rsqrt (pow and the
+    /// multiply keep the product, the multiply the rsqrt), cast back to x's dtype, times the
+    /// weight (which keeps the normalised tensor when it trains; an fp32 x or weight makes the
+    /// result fp32).
     pub fn gate_then_rms_norm(&mut self, name: Name, x: Val, gate: Val, groups: u64) -> Val {
         let reached = self.ln_tuning_reaches(name);
         let weight = self.norm_param(name.then("weight"), x.width, ParamRole::Norm, reached);
