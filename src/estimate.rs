@@ -45,6 +45,10 @@ fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
             "name the linears but the Mamba `out_proj`: --lora-targets \
              q_proj,k_proj,v_proj,o_proj,in_proj,up_proj,down_proj",
         ),
+        crate::spec::model::Family::FalconH1 => Some(
+            "name the linears but the Mamba `out_proj`: --lora-targets \
+             q_proj,k_proj,v_proj,o_proj,in_proj,gate_proj,up_proj,down_proj",
+        ),
         _ => None,
     }
 }

@@ -3,7 +3,7 @@
 
 use ftplan::estimate::{Estimate, estimate};
 use ftplan::graph::{self, op::OpKind};
-use ftplan::spec::model::{BlockKind, FfnKind, Mixer, ModelSpec};
+use ftplan::spec::model::{BlockKind, FfnKind, GatedNorm, Mixer, ModelSpec};
 use ftplan::spec::plan::{
     AttentionKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Side,
 };
@@ -1001,6 +1001,85 @@ fn nemotron_h_layers_are_one_sub_layer_each_mamba2_attention_mlp_or_experts() {
         "decoder.layers.0.mixer.norm.rms",
     );
     assert_eq!(kept, 16_384 + 512);
+}
+
+#[test]
+fn falcon_h1_layers_run_mamba2_beside_attention_with_mup_multipliers() {
+    // A toy Falcon-H1: hidden 64, 2 layers, 4 heads (2 KV) of 16, an MLP of 96; Mamba-2 of 64
+    // channels in 4 heads, state 8 in 2 groups, its gated RMSNorm applied before the gate.
+    let config = serde_json::json!({
+        "model_type": "falcon_h1", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+        "vocab_size": 256, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": "auto",
+        "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_chunk_size": 16,
+        "mamba_rms_norm": true, "mamba_norm_before_gate": true, "embedding_multiplier": 5.6,
+        "lm_head_multiplier": 0.04
+    });
+    let m = toy(&config);
+    assert!(m.has_attention() && m.has_ssd());
+    assert!(matches!(m.parallel_ssd, Some(s) if s.gated_norm == GatedNorm::NormThenGate));
+    // transformers 5.17 builds 124,824 parameters (checked on CPU): per layer the MLP 3 x 96 x
+    // 64 = 18,432; the Mamba mixer 15,148 (dt_bias, A_log and D 12, the convolution over 64 +
+    // 2 x 2 x 8 = 96 channels 384 + 96, in_proj 64 -> 64 + 96 + 4 = 164 10,496, its norm 64,
+    // out_proj 4,096); attention q 4,096, k 2,048, v 2,048, o 4,096; two norms 128: 45,996
+    // twice; the untied embeddings and head 32,768; the final norm 64.
+    let e = run(&m, &full(Precision::MixedBf16, 1, 64));
+    assert_eq!(e.memory.trainable_params, 124_824);
+    // peft 0.21.2 wraps 36,992 with r16 on every linear it accepts (checked): per layer in_proj
+    // 16 x (64 + 164) = 3,648, q 2,048, k and v 1,536 each, o 2,048, gate, up and down 2,560
+    // each; `all-linear` adds the Mamba out_proj, which peft refuses for falcon_h1.
+    let names = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "in_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let method = Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::parse(names).expect("parses"),
+        dora: false,
+    });
+    assert_eq!(
+        run(&m, &plan(method, 1, 64, AttentionKernel::Sdpa))
+            .memory
+            .trainable_params,
+        36_992
+    );
+    let hw = resolve_hardware("h200").expect("ships").value;
+    let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
+    let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(err.to_string().contains("out_proj"), "{err}");
+    // The µP multipliers run as ops whatever their values: the Mamba projection times its fp32
+    // `mup_vector` buffer is an fp32 tensor of 100 tokens x 164 x 4 = 65,600 B that keeps
+    // nothing; the gated norm (norm, then gate) keeps the fp32 scan output, a view of the
+    // scan's output over the sequence padded to whole 16-token chunks (112 x 64 x 4 = 28,672
+    // B), and one rsqrt per token and group (100 x 2 x 4 = 800 B).
+    let p = full(Precision::MixedBf16, 1, 100);
+    let g = graph::build(&m, &p);
+    let mup = g
+        .ops()
+        .find(|o| g.name(o.name) == "decoder.layers.0.mamba.mup_vector")
+        .expect("the mup product");
+    assert_eq!((mup.out.0, crate::kept_bytes(&g, mup)), (65_600, 0));
+    assert_eq!(
+        kept_at(&m, &p, "decoder.layers.0.mamba.norm.rms").0,
+        28_672 + 800
+    );
+    // Without `mamba_rms_norm` (the default), `y * silu(z)`: SiLU keeps z's slice of that fp32
+    // projection, the product the padded scan output (28,672) and SiLU's fp32 output (100 x
+    // 64 x 4 = 25,600).
+    let mut plain = config.clone();
+    plain["mamba_rms_norm"] = serde_json::json!(false);
+    let plain = toy(&plain);
+    assert_eq!(
+        kept_at(&plain, &p, "decoder.layers.0.mamba.gate.gate_mul").0,
+        28_672 + 25_600
+    );
 }
 
 #[test]

@@ -386,6 +386,14 @@ fn nemotron_h_latent_experts_are_refused_with_what_is_modelled() {
 }
 
 #[test]
+fn falcon_h1_mamba_heads_that_do_not_tile_its_d_ssm() {
+    model(
+        "falcon-h1-heads-not-tiling.json",
+        &["`mamba_n_heads`", "mamba_d_ssm (96)"],
+    );
+}
+
+#[test]
 fn flash_linear_attention_refuses_fp32() {
     rejects(
         &[

@@ -489,6 +489,42 @@ fn block(
             ),
         });
     }
+    if let Some(ssd) = model.parallel_ssd {
+        // Falcon-H1's layer: the Mamba-2 mixer on the normed input scaled by
+        // `ssm_in_multiplier` (inside the mixer), its output times `ssm_out_multiplier`; then
+        // attention on that input times `attention_in_multiplier`, its output times
+        // `attention_out_multiplier`; their sum added to the residual; then the MLP's half.
+        // The layer's `hidden_states` names the normed input until the sum replaces it, and
+        // the Mamba output waits, named, through the attention.
+        let h = b.norm(name.at("input_layernorm"), x);
+        let named = b.name(&[h.id]);
+        let m = in_tp_region(b, |b| {
+            let scope = b.scope(name, "mamba");
+            b.ssd_mixer(scope, h, ssd)
+        });
+        let m = b.scale(name.at("mamba").then("out_multiplier"), m);
+        b.name(&[m.id]);
+        let ha = b.scale(name.at("self_attn").then("in_multiplier"), h);
+        let a = self_attention(
+            b,
+            (name, "self_attn"),
+            ha,
+            stack,
+            seq,
+            embed_dtype,
+            (self_mask, window, kind.rope, kind.kv_shared),
+        );
+        let a = b.scale(name.at("self_attn").then("out_multiplier"), a);
+        b.unname(named);
+        let sum = b.add(name.at("mixers").then("add"), m, a);
+        let x = b.residual(name.at("residual"), x, sum);
+        let named = b.name(&[x.id]);
+        let h = b.norm(name.at("pre_ff_layernorm"), x);
+        let f = mlp(b, (name, "feed_forward"), h, stack, FfnKind::Dense);
+        let x = b.residual(name.at("mlp").then("residual"), x, f);
+        b.unname(named);
+        return x;
+    }
     let attend = |b: &mut Builder, at: (Scope, &'static str), h| match kind.mixer {
         // Qwen3.5's linear layers: `linear_attn` where the others have `self_attn`.
         Mixer::GatedDeltaNet(d) => {
@@ -841,6 +877,12 @@ fn self_attention_ops(
             model.qkv_bias,
             Some(Proj::K),
         );
+        // Falcon-H1: `k_proj(x) * key_multiplier`, before v_proj runs.
+        let k = if model.family == crate::spec::model::Family::FalconH1 {
+            b.scale(name.at("key_multiplier"), k)
+        } else {
+            k
+        };
         let v = if keys_as_values {
             // The key norm and the value norm both read k_proj's output: its gradient is
             // their two gradients' sum.
@@ -1094,6 +1136,14 @@ fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> (Val, usiz
             )
         };
         let readers_end = b.graph.len() - 1;
+        // Falcon-H1's µP: `act(gate_proj(x) * gate_multiplier)`, `down_proj(y) *
+        // down_multiplier`.
+        let falcon = model.family == crate::spec::model::Family::FalconH1;
+        let g = if falcon {
+            b.scale(name.at("gate_multiplier"), g)
+        } else {
+            g
+        };
         let a = b.activation(name.at("act"), g);
         let p = b.mul(name.at("gate_mul"), a, u);
         let p = b.dropout(name.at("act").then("dropout"), p, model.dropout.activation);
@@ -1105,6 +1155,11 @@ fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> (Val, usiz
             bias,
             Some(Proj::Down),
         );
+        let out = if falcon {
+            b.scale(name.at("down_multiplier"), out)
+        } else {
+            out
+        };
         (out, readers_end)
     } else {
         let f = b.linear(name.at("fc1"), x, inter, bias, Some(Proj::Up));

@@ -627,6 +627,7 @@ impl<'a> Builder<'a> {
             | Family::Mamba
             | Family::Mamba2
             | Family::NemotronH
+            | Family::FalconH1
             | Family::GraniteMoeHybrid => (0, 0),
             Family::Llama
             | Family::Mistral

@@ -492,12 +492,43 @@ impl Builder<'_> {
         let weight = self.norm_param(name.then("weight"), x.width, ParamRole::Norm, reached);
         let trains = reached && self.trains(ParamRole::Norm);
         let x32 = self.cast(name.then("upcast"), x, DType::F32);
-        let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
-        let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
-        self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
+        let act = self.silu_gate(name, gate);
         let gated = self.mul(name.then("gate_mul"), x32, act);
         let rows = gated.tokens.saturating_mul(groups.max(1));
         self.weighted_rms(name, gated, rows, (weight, trains), x.dtype)
+    }
+
+    /// `FalconH1RMSNormGated` with `norm_before_gate`: y upcast to fp32, normalised over each
+    /// of `groups` slices (pow and the multiply keep the fp32 y, the multiply the rsqrt),
+    /// times the weight in fp32 (which keeps the normalised tensor when it trains), then times
+    /// `silu(gate.to(fp32))` (SiLU keeps the fp32 gate, the product both factors), cast back
+    /// to y's dtype.
+    pub fn rms_then_gate(&mut self, name: Name, y: Val, gate: Val, groups: u64) -> Val {
+        let reached = self.ln_tuning_reaches(name);
+        let weight = self.norm_param(name.then("weight"), y.width, ParamRole::Norm, reached);
+        let trains = reached && self.trains(ParamRole::Norm);
+        let y32 = self.cast(name.then("upcast"), y, DType::F32);
+        let rows = y32.tokens.saturating_mul(groups.max(1));
+        let normed = self.weighted_rms(name, y32, rows, (weight, trains), DType::F32);
+        let act = self.silu_gate(name, gate);
+        let gated = self.mul(name.then("gate_mul"), normed, act);
+        self.cast(name.then("cast_back"), gated, y.dtype)
+    }
+
+    /// `y * silu(gate)` with no norm (Falcon-H1's `mamba_rms_norm` false): SiLU in the gate's
+    /// dtype keeping its input, the product keeping both factors.
+    pub fn silu_gated(&mut self, name: Name, y: Val, gate: Val) -> Val {
+        let act = self.val(gate.width, gate.tokens, gate.dtype, gate.grad);
+        self.elementwise(name.then("silu"), &[gate], act, smallvec![gate.id], 8.0);
+        self.mul(name.then("gate_mul"), y, act)
+    }
+
+    /// `F.silu(gate.to(torch.float32))`: the fp32 copy (where the gate is 16-bit) kept by SiLU.
+    fn silu_gate(&mut self, name: Name, gate: Val) -> Val {
+        let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
+        let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
+        self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
+        act
     }
 
     /// The gated norms' shared tail: an fp32 `x32` normalised over `rows` rows by its rsqrt

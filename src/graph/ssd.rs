@@ -12,7 +12,7 @@
 
 use super::build::{Builder, Val};
 use crate::graph::op::{Access, Name, OpKind, ParamRole, Scope, TensorKind};
-use crate::spec::model::Ssd;
+use crate::spec::model::{GatedNorm, Ssd};
 use crate::spec::plan::Proj;
 use crate::units::{Bytes, DType};
 use smallvec::smallvec;
@@ -49,26 +49,45 @@ impl Builder<'_> {
     pub(super) fn ssd_mixer(&mut self, name: Scope, hn: Val, s: Ssd) -> Val {
         let b = self;
         let inner = s.inner();
+        // Falcon-H1: `hidden_states * self.ssm_in_multiplier` first.
+        let x = if s.mup {
+            b.scale(name.at("in_multiplier"), hn)
+        } else {
+            hn
+        };
         let proj = b.linear(
             name.at("in_proj"),
-            hn,
+            x,
             inner + s.conv_dim() + s.heads,
             s.bias,
             Some(Proj::InProj),
         );
+        // `projected_states * self.mup_vector`: a buffer in the model's dtype, which is all the
+        // product keeps.
+        let proj = if s.mup {
+            let dtype = super::build::wider(proj.dtype, b.base);
+            b.scale_into(name.at("mup_vector"), proj, dtype)
+        } else {
+            proj
+        };
         let frame = b.name(&[proj.id]);
         let part = |width: u64| Val { width, ..proj };
         let conv = b.scope(name, "conv1d");
         let act = b.causal_conv1d(conv, part(s.conv_dim()), s.conv, (s.conv_bias, true));
         b.name(&[act.id]);
         let y = b.ssd_scan(name.at("chunk_scan"), act, part(s.heads), s);
-        let normed = b.gate_then_rms_norm(name.at("norm"), y, part(inner), s.norm_groups);
+        let (z, groups) = (part(inner), s.norm_groups);
+        let normed = match s.gated_norm {
+            GatedNorm::GateThenNorm => b.gate_then_rms_norm(name.at("norm"), y, z, groups),
+            GatedNorm::NormThenGate => b.rms_then_gate(name.at("norm"), y, z, groups),
+            GatedNorm::GateOnly => b.silu_gated(name.at("gate"), y, z),
+        };
         let back = b.cast(name.at("cast"), normed, hn.dtype);
         let out = b.linear(
             name.at("out_proj"),
             back,
             b.model.hidden_size,
-            s.bias,
+            s.out_bias,
             Some(Proj::OutProj),
         );
         b.unname(frame);

@@ -3,10 +3,10 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, DeltaNet, Dropouts, ExpertGate, Family, FfnKind, GlobalAttention, Mixer, Mla,
-    ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale,
-    ReturnedWeights, RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap,
-    Ssd, Ssm, Stack,
+    Activation, DeltaNet, Dropouts, ExpertGate, Family, FfnKind, GatedNorm, GlobalAttention, Mixer,
+    Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm,
+    QueryScale, ReturnedWeights, RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv,
+    Softcap, Ssd, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -297,6 +297,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Mamba => mamba(&r)?,
         Family::Mamba2 => mamba2(&r)?,
         Family::NemotronH => nemotron_h(&r)?,
+        Family::FalconH1 => falcon_h1(&r)?,
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -454,7 +455,7 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
     };
     let ssd = read_ssd(
         r,
-        (heads, head_dim, inner),
+        (heads, head_dim, (inner, "expand x hidden_size")),
         [
             (&["mamba_d_state"], 256),
             (&["mamba_n_groups"], 1),
@@ -479,7 +480,7 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
 /// (the groups divide the heads, a chunk holds a token).
 fn read_ssd(
     r: &Reader,
-    (heads, head_dim, inner): (u64, u64, u64),
+    (heads, head_dim, (inner, inner_name)): (u64, u64, (u64, &str)),
     [state, groups, conv, chunk]: [(&[&'static str], u64); 4],
     [heads_key, bias_key, conv_bias_key]: [&[&'static str]; 3],
 ) -> Result<Ssd> {
@@ -493,6 +494,9 @@ fn read_ssd(
         bias: r.bool_or(bias_key, false)?,
         conv_bias: r.bool_or(conv_bias_key, true)?,
         norm_groups: 1,
+        gated_norm: crate::spec::model::GatedNorm::GateThenNorm,
+        out_bias: r.bool_or(bias_key, false)?,
+        mup: false,
     };
     let (heads_key, groups_key, chunk_key) = (heads_key[0], groups.0[0], chunk.0[0]);
     if ssd.heads.checked_mul(ssd.head_dim) != Some(inner) || inner == 0 {
@@ -500,8 +504,7 @@ fn read_ssd(
             r.path,
             heads_key,
             format!(
-                "x the head width ({} x {}) must equal the inner width, expand x hidden_size \
-                 ({inner})",
+                "x the head width ({} x {}) must equal the inner width, {inner_name} ({inner})",
                 ssd.heads, ssd.head_dim
             ),
         ));
@@ -1820,7 +1823,7 @@ fn mamba2(r: &Reader) -> Result<ModelSpec> {
         (
             r.opt_u64(&["num_heads"])?.unwrap_or(128),
             r.opt_u64(&["head_dim"])?.unwrap_or(64),
-            hidden.saturating_mul(expand),
+            (hidden.saturating_mul(expand), "expand x hidden_size"),
         ),
         [
             (&["state_size"], 128),
@@ -1933,7 +1936,14 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
     let head_dim = r.opt_u64(&["mamba_head_dim"])?.unwrap_or(64);
     let ssd = read_ssd(
         r,
-        (heads, head_dim, heads.saturating_mul(head_dim)),
+        (
+            heads,
+            head_dim,
+            (
+                heads.saturating_mul(head_dim),
+                "mamba_num_heads x mamba_head_dim",
+            ),
+        ),
         [
             (&["ssm_state_size"], 128),
             (&["n_groups", "mamba_n_groups"], 8),
@@ -2082,6 +2092,114 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
         ffns,
         moe,
         ..ModelSpec::decoder_only(Family::NemotronH, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `FalconH1ForCausalLM` (transformers 5.17's `FalconH1Config` keys and defaults): every layer
+/// a Mamba-2 mixer (`mamba_d_ssm` channels, 1,024 by default, `expand x hidden` when null;
+/// `mamba_n_heads` heads of `mamba_d_head`, "auto" dividing them evenly) beside GQA attention
+/// with rotary, both on the input norm's output, then a SwiGLU MLP. The mixer's output is
+/// gated by `FalconH1RMSNormGated` (per B/C group, `mamba_norm_before_gate` choosing the
+/// order) or, with `mamba_rms_norm` false (the default), by `y * silu(z)` alone. The µP
+/// multipliers always run as ops whatever their values; the logits' becomes Granite's divisor.
+fn falcon_h1(r: &Reader) -> Result<ModelSpec> {
+    let hidden = r.u64(&["hidden_size"])?;
+    let inner = match r.raw(&["mamba_d_ssm"]) {
+        None => 1024,
+        Some((_, Value::Null)) => hidden.saturating_mul(r.opt_u64(&["mamba_expand"])?.unwrap_or(2)),
+        Some(_) => r.u64(&["mamba_d_ssm"])?,
+    };
+    r.raw(&["mamba_expand"]);
+    let heads = r.opt_u64(&["mamba_n_heads"])?.unwrap_or(128);
+    let head_dim = match r.raw(&["mamba_d_head"]) {
+        Some((_, Value::String(s))) if s == "auto" => inner / heads.max(1),
+        Some(_) => r.u64(&["mamba_d_head"])?,
+        None => inner / heads.max(1),
+    };
+    let ssd = read_ssd(
+        r,
+        (heads, head_dim, (inner, "mamba_d_ssm")),
+        [
+            (&["mamba_d_state"], 256),
+            (&["mamba_n_groups"], 1),
+            (&["mamba_d_conv"], 4),
+            (&["mamba_chunk_size"], 256),
+        ],
+        [
+            &["mamba_n_heads"],
+            &["mamba_proj_bias"],
+            &["mamba_conv_bias"],
+        ],
+    )?;
+    let gated_norm = match (
+        r.bool_or(&["mamba_rms_norm"], false)?,
+        r.bool_or(&["mamba_norm_before_gate"], true)?,
+    ) {
+        (false, _) => GatedNorm::GateOnly,
+        (true, true) => GatedNorm::NormThenGate,
+        (true, false) => GatedNorm::GateThenNorm,
+    };
+    let ssd = Ssd {
+        norm_groups: ssd.groups,
+        gated_norm,
+        out_bias: r.bool_or(&["projectors_bias"], false)?,
+        mup: true,
+        ..ssd
+    };
+    let act = r.str_or(&["hidden_act"], "silu")?;
+    if act != "silu" {
+        return Err(
+            Error::field(r.path, "hidden_act", format!("`{act}` is not supported"))
+                .with_hint("the Mamba-2 convolution's activation is modelled as silu, which the published Falcon-H1 checkpoints use"),
+        );
+    }
+    let lm_head = r.f64_or(&["lm_head_multiplier"], 1.0)?;
+    r.raw(&[
+        "time_step_limit",
+        "rms_norm_eps",
+        "num_logits_to_keep",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "mlp_multipliers",
+        "ssm_multipliers",
+        "key_multiplier",
+        "attention_in_multiplier",
+        "attention_out_multiplier",
+        "ssm_in_multiplier",
+        "ssm_out_multiplier",
+    ]);
+    let heads = r.opt_u64(&["num_attention_heads"])?.unwrap_or(32);
+    let kv_heads = match r.raw(&["num_key_value_heads"]) {
+        Some((_, Value::Null)) => heads,
+        _ => r.opt_u64(&["num_key_value_heads"])?.unwrap_or(8),
+    };
+    let stack = Stack::new(
+        r.opt_u64(&["num_hidden_layers"])?.unwrap_or(32),
+        heads,
+        kv_heads,
+        r.opt_u64(&["head_dim"])?.unwrap_or(hidden / heads.max(1)),
+        r.opt_u64(&["intermediate_size"])?.unwrap_or(14336),
+    );
+    let attention_bias = r.bool_or(&["attention_bias"], false)?;
+    Ok(ModelSpec {
+        activation: activation(r.path, &act, "hidden_act")?,
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        qkv_bias: attention_bias,
+        out_bias: Some(attention_bias),
+        linear_bias: r.bool_or(&["mlp_bias"], false)?,
+        dropout: Dropouts {
+            attention: r.f64_or(&["attention_dropout"], 0.0)?,
+            ..Dropouts::default()
+        },
+        multipliers: Multipliers {
+            embedding: r.f64_or(&["embedding_multiplier"], 1.0)?,
+            logits_divisor: 1.0 / lm_head,
+            ..Multipliers::default()
+        },
+        parallel_ssd: Some(ssd),
+        ..ModelSpec::decoder_only(Family::FalconH1, hidden, r.u64(&["vocab_size"])?, stack)
     })
 }
 

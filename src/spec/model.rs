@@ -194,6 +194,11 @@ pub enum Family {
     /// a non-gated squared-ReLU MLP, or DeepSeek-V3-style routed experts (non-gated, a sigmoid
     /// router) with a shared MLP.
     NemotronH,
+    /// `FalconH1ForCausalLM` (TII Falcon-H1, 0.5B-34B): in every layer a Mamba-2 mixer and GQA
+    /// attention side by side on one RMSNorm's output, their sum added to the residual, then a
+    /// SwiGLU MLP; µP multipliers on the embeddings, each branch's input and output, the keys,
+    /// the MLP's gate and output, the projections (`mup_vector`) and the logits.
+    FalconH1,
     /// `GptOssForCausalLM` (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"): the Llama
     /// block with biased q/k/v/o, a learned attention sink per head, alternating banded (128)
     /// and dense layers, and routed experts with biases and a clamped SwiGLU. The published
@@ -353,7 +358,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 72] = [
+    pub const ALL: [(&'static str, Family); 73] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -426,6 +431,7 @@ impl Family {
         ("mamba2", Family::Mamba2),
         ("granitemoehybrid", Family::GraniteMoeHybrid),
         ("nemotron_h", Family::NemotronH),
+        ("falcon_h1", Family::FalconH1),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -605,6 +611,29 @@ pub struct Ssd {
     /// (`MambaRMSNormGated`), `n_groups` where each group of `inner / n_groups` channels is
     /// normalised on its own (Nemotron-H's `Zamba2RMSNormGated` with `group_size`).
     pub norm_groups: u64,
+    /// How the scan's output meets the gate z.
+    pub gated_norm: GatedNorm,
+    /// `out_proj`'s bias where it differs from `in_proj`'s (Falcon-H1's `projectors_bias`).
+    pub out_bias: bool,
+    /// Falcon-H1's µP: the input scaled by `ssm_in_multiplier` before `in_proj`, and the
+    /// projection times a per-channel buffer (`mup_vector`, in the model's dtype: over fp32
+    /// weights it promotes the 16-bit projection to fp32).
+    pub mup: bool,
+}
+
+/// How a Mamba-2 mixer gates and normalises the scan's output y with z.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatedNorm {
+    /// `MambaRMSNormGated` / `Zamba2RMSNormGated` (and `FalconH1RMSNormGated` without
+    /// `norm_before_gate`, the same ops on the fp32 scan output): y times silu(z) in fp32,
+    /// normalised, cast back to y's dtype, times the weight.
+    GateThenNorm,
+    /// `FalconH1RMSNormGated` with `norm_before_gate`: y in fp32 normalised and times the
+    /// weight in fp32, then times silu(z) in fp32, cast back.
+    NormThenGate,
+    /// No norm (Falcon-H1's `mamba_rms_norm` false): `y * silu(z)`.
+    GateOnly,
 }
 
 impl Ssd {
@@ -866,6 +895,9 @@ pub struct ModelSpec {
     pub double_wide_shared_mlp: bool,
     /// Attention mixers by layer, repeated with this period (Gemma-2: local, global).
     pub mixers: Vec<Mixer>,
+    /// A Mamba-2 mixer beside every layer's attention, on the same normed input, the two
+    /// outputs summed (Falcon-H1).
+    pub parallel_ssd: Option<Ssd>,
     /// The FFN of each layer, repeated with this period, where the config lists it per layer
     /// (Nemotron-H's `layers_block_type`); empty: from `moe` and the mixer.
     pub ffns: Vec<FfnKind>,
@@ -1162,6 +1194,7 @@ impl ModelSpec {
             parallel_two_norms: false,
             mixers: vec![Mixer::Attention],
             ffns: Vec::new(),
+            parallel_ssd: None,
             softcap: Softcap::default(),
             multipliers: Multipliers::default(),
             rope_layers: Vec::new(),
@@ -1225,7 +1258,7 @@ impl ModelSpec {
 
     /// Whether any block is a Mamba-2 (state-space-duality) layer.
     pub fn has_ssd(&self) -> bool {
-        self.mixers.iter().any(|m| matches!(m, Mixer::Ssd(_)))
+        self.parallel_ssd.is_some() || self.mixers.iter().any(|m| matches!(m, Mixer::Ssd(_)))
     }
 
     /// Whether any block is a short-convolution layer (LFM2).
@@ -1279,11 +1312,18 @@ impl ModelSpec {
                 Mixer::Ssd(s) => Mixer::Ssd(Ssd {
                     heads: s.heads.div_ceil(tp),
                     groups: s.groups.div_ceil(tp),
+                    norm_groups: s.norm_groups.div_ceil(tp),
                     ..s
                 }),
                 other => other,
             })
             .collect();
+        let parallel_ssd = self.parallel_ssd.map(|s| Ssd {
+            heads: s.heads.div_ceil(tp),
+            groups: s.groups.div_ceil(tp),
+            norm_groups: s.norm_groups.div_ceil(tp),
+            ..s
+        });
         let moe = self.moe.map(|m| Moe {
             expert_intermediate: m.expert_intermediate.div_ceil(tp),
             shared_intermediate: m.shared_intermediate.div_ceil(tp),
@@ -1306,6 +1346,7 @@ impl ModelSpec {
             encoder: self.encoder.map(split),
             moe,
             mixers,
+            parallel_ssd,
             ..self.clone()
         }
     }
