@@ -1054,6 +1054,15 @@ fn falcon_h1_layers_run_mamba2_beside_attention_with_mup_multipliers() {
     let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
     let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
     assert!(err.to_string().contains("out_proj"), "{err}");
+    // Prefix tuning fails: the Mamba layers ask the prefix's cache for their state.
+    let prefix = plan(
+        Method::Prefix { virtual_tokens: 4 },
+        1,
+        64,
+        AttentionKernel::Sdpa,
+    );
+    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
+    assert!(err.to_string().contains("Mamba-2 layers reject"), "{err}");
     // The µP multipliers run as ops whatever their values: the Mamba projection times its fp32
     // `mup_vector` buffer is an fp32 tensor of 100 tokens x 164 x 4 = 65,600 B that keeps
     // nothing; the gated norm (norm, then gate) keeps the fp32 scan output, a view of the
