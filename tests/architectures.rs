@@ -67,6 +67,24 @@ fn run(m: &ModelSpec, p: &Plan) -> Estimate {
     estimate(m, p, &hw, &Rates::from_datasheet(&hw)).expect("estimates")
 }
 
+/// The error a plan is refused with, as text.
+fn refusal(m: &ModelSpec, p: &Plan) -> String {
+    let hw = resolve_hardware("h200").expect("ships").value;
+    estimate(m, p, &hw, &Rates::from_datasheet(&hw))
+        .expect_err("refused")
+        .to_string()
+}
+
+/// LoRA r16 on the named modules.
+fn lora_named(names: &[&str]) -> Method {
+    Method::Lora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::parse(names.iter().copied()).expect("parses"),
+        dora: false,
+    })
+}
+
 /// A toy's base parameters and what LoRA r16 trains on it with `all-linear` and with q,v: the
 /// counts the architecture tests compare with transformers' builds and peft's wrapping.
 fn lora_counts(m: &ModelSpec) -> (u64, u64, u64) {
@@ -918,6 +936,18 @@ fn granite_4_hybrid_layers_are_mamba2_or_attention_each_with_experts_and_a_share
     assert!(kinds(&dense).iter().all(|k| k.ffn == FfnKind::Dense));
 }
 
+/// What peft refuses on a model type its Mamba check lists (`nemotron_h`, `falcon_h1`): LoRA's
+/// `all-linear`, which includes the Mamba `out_proj`; and prefix tuning, whose attention cache
+/// the Mamba-2 layers ask for their state (`has_previous_state` raises in transformers 5.17;
+/// checked on toys of both and on Granite 4.0's).
+fn mamba_hybrid_refusals(m: &ModelSpec) {
+    let err = refusal(m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert!(err.contains("out_proj"), "{err}");
+    let prefix = Method::Prefix { virtual_tokens: 4 };
+    let err = refusal(m, &plan(prefix, 1, 64, AttentionKernel::Sdpa));
+    assert!(err.contains("Mamba-2 layers reject"), "{err}");
+}
+
 /// A Nemotron-H toy of `pattern` (M Mamba-2, - MLP, * attention, E experts): hidden 64, 4 heads
 /// (2 KV) of 16, an MLP of 96, 4 Mamba heads of 16 with state 8 in 2 groups, 4 experts of 32
 /// (top 2) beside a shared MLP of 48.
@@ -967,31 +997,9 @@ fn nemotron_h_layers_are_one_sub_layer_each_mamba2_attention_mlp_or_experts() {
         "up_proj",
         "down_proj",
     ];
-    let named = LoraTargets::parse(names).expect("parses");
-    let method = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: named,
-        dora: false,
-    });
-    let e = run(&m, &plan(method, 1, 64, AttentionKernel::Sdpa));
+    let e = run(&m, &plan(lora_named(&names), 1, 64, AttentionKernel::Sdpa));
     assert_eq!(e.memory.trainable_params, 19_520);
-    // `all-linear` includes the Mamba `out_proj`, which peft refuses for this model type.
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
-    let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(err.to_string().contains("out_proj"), "{err}");
-    // Prefix tuning fails in transformers 5.17: the Mamba-2 layers ask the prefix's attention
-    // cache for their state (`has_previous_state` raises; checked on this toy and on Granite
-    // 4.0's).
-    let prefix = plan(
-        Method::Prefix { virtual_tokens: 4 },
-        1,
-        64,
-        AttentionKernel::Sdpa,
-    );
-    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(err.to_string().contains("Mamba-2 layers reject"), "{err}");
+    mamba_hybrid_refusals(&m);
     // The gated norm normalises each of the 2 groups on its own (`Zamba2RMSNormGated`): its
     // rsqrt keeps one fp32 value per token and group, 64 x 2 x 4 = 512 B, beside the fp32
     // gated input 64 x 64 x 4 = 16,384 B.
@@ -1027,7 +1035,7 @@ fn falcon_h1_layers_run_mamba2_beside_attention_with_mup_multipliers() {
     assert_eq!(e.memory.trainable_params, 124_824);
     // peft 0.21.2 wraps 36,992 with r16 on every linear it accepts (checked): per layer in_proj
     // 16 x (64 + 164) = 3,648, q 2,048, k and v 1,536 each, o 2,048, gate, up and down 2,560
-    // each; `all-linear` adds the Mamba out_proj, which peft refuses for falcon_h1.
+    // each.
     let names = [
         "q_proj",
         "k_proj",
@@ -1038,31 +1046,9 @@ fn falcon_h1_layers_run_mamba2_beside_attention_with_mup_multipliers() {
         "up_proj",
         "down_proj",
     ];
-    let method = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: LoraTargets::parse(names).expect("parses"),
-        dora: false,
-    });
-    assert_eq!(
-        run(&m, &plan(method, 1, 64, AttentionKernel::Sdpa))
-            .memory
-            .trainable_params,
-        36_992
-    );
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
-    let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(err.to_string().contains("out_proj"), "{err}");
-    // Prefix tuning fails: the Mamba layers ask the prefix's cache for their state.
-    let prefix = plan(
-        Method::Prefix { virtual_tokens: 4 },
-        1,
-        64,
-        AttentionKernel::Sdpa,
-    );
-    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(err.to_string().contains("Mamba-2 layers reject"), "{err}");
+    let e = run(&m, &plan(lora_named(&names), 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(e.memory.trainable_params, 36_992);
+    mamba_hybrid_refusals(&m);
     // The µP multipliers run as ops whatever their values: the Mamba projection times its fp32
     // `mup_vector` buffer is an fp32 tensor of 100 tokens x 164 x 4 = 65,600 B that keeps
     // nothing; the gated norm (norm, then gate) keeps the fp32 scan output, a view of the
@@ -1933,18 +1919,14 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
     toy_refused(&odd, "linear_num_value_heads");
     // peft's prefix tuning fails in transformers 5.17: the linear-attention layers ask the
     // prefix's attention cache for their state (checked on toy Qwen3.5 and Qwen3-Next).
-    let hw = resolve_hardware("h200").expect("ships").value;
     let prefix = plan(
         Method::Prefix { virtual_tokens: 4 },
         1,
         64,
         AttentionKernel::Sdpa,
     );
-    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(
-        err.to_string().contains("linear-attention layers reject"),
-        "{err}"
-    );
+    let err = refusal(&m, &prefix);
+    assert!(err.contains("linear-attention layers reject"), "{err}");
 }
 
 #[test]
@@ -2259,15 +2241,14 @@ fn lfm2_short_convolutions_keep_their_projection_and_padded_filter_output() {
     assert_eq!(ia3.memory.trainable_params, 64);
     // peft's prefix tuning fails on LFM2 (its convolution layers reject the cache the prefix
     // arrives in, as a replay shows): refused, with what does apply.
-    let hw = resolve_hardware("h200").expect("ships").value;
     let prefix = plan(
         Method::Prefix { virtual_tokens: 20 },
         1,
         64,
         AttentionKernel::Sdpa,
     );
-    let err = estimate(&m, &prefix, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(err.to_string().contains("prefix tuning fails"), "{err}");
+    let err = refusal(&m, &prefix);
+    assert!(err.contains("prefix tuning fails"), "{err}");
 }
 
 #[test]
@@ -2327,10 +2308,8 @@ fn llama4_runs_every_token_through_every_expert() {
         lora_trainable(&m, &["gate_proj", "up_proj", "down_proj"]),
         24_576
     );
-    let hw = resolve_hardware("h200").expect("ships").value;
-    let all = plan(lora_all(), 1, 64, AttentionKernel::Sdpa);
-    let err = estimate(&m, &all, &hw, &Rates::from_datasheet(&hw)).expect_err("refused");
-    assert!(err.to_string().contains("router"), "{err}");
+    let err = refusal(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert!(err.contains("router"), "{err}");
     // The sparse layer at batch 1 x 64, pure bf16, every expert on every token (E x T = 256
     // rows): the router's sigmoid keeps its (64, 4) output (512 bytes); the product of the
     // repeated input with the transposed scores keeps both, 256 x 64 x 2 = 32,768 and 512;

@@ -447,15 +447,24 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
     }
     let hidden = r.u64(&["hidden_size"])?;
     let inner = hidden.saturating_mul(r.opt_u64(&["mamba_expand"])?.unwrap_or(2));
+    let ssd = mamba_prefixed_ssd(r, (inner, "expand x hidden_size"))?;
+    r.raw(&["time_step_limit", "normalization_function", "init_method"]);
+    Ok(Some(ssd))
+}
+
+/// A Mamba-2 mixer under the `mamba_*` keys Granite 4.0 and Falcon-H1 share (their config
+/// classes' defaults: 128 heads, `mamba_d_head` "auto" = inner / heads, state 256, one group, a
+/// 4-tap convolution with a bias, chunks of 256, no projection bias), `inner` channels wide.
+fn mamba_prefixed_ssd(r: &Reader, inner: (u64, &str)) -> Result<Ssd> {
     let heads = r.opt_u64(&["mamba_n_heads"])?.unwrap_or(128);
     let head_dim = match r.raw(&["mamba_d_head"]) {
-        Some((_, Value::String(s))) if s == "auto" => inner / heads.max(1),
+        Some((_, Value::String(s))) if s == "auto" => inner.0 / heads.max(1),
         Some(_) => r.u64(&["mamba_d_head"])?,
-        None => inner / heads.max(1),
+        None => inner.0 / heads.max(1),
     };
-    let ssd = read_ssd(
+    read_ssd(
         r,
-        (heads, head_dim, (inner, "expand x hidden_size")),
+        (heads, head_dim, inner),
         [
             (&["mamba_d_state"], 256),
             (&["mamba_n_groups"], 1),
@@ -467,9 +476,7 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
             &["mamba_proj_bias"],
             &["mamba_conv_bias"],
         ],
-    )?;
-    r.raw(&["time_step_limit", "normalization_function", "init_method"]);
-    Ok(Some(ssd))
+    )
 }
 
 /// Mamba-2's mixer sizes under each config class's key names and defaults (Mamba2Config's,
@@ -2110,27 +2117,7 @@ fn falcon_h1(r: &Reader) -> Result<ModelSpec> {
         Some(_) => r.u64(&["mamba_d_ssm"])?,
     };
     r.raw(&["mamba_expand"]);
-    let heads = r.opt_u64(&["mamba_n_heads"])?.unwrap_or(128);
-    let head_dim = match r.raw(&["mamba_d_head"]) {
-        Some((_, Value::String(s))) if s == "auto" => inner / heads.max(1),
-        Some(_) => r.u64(&["mamba_d_head"])?,
-        None => inner / heads.max(1),
-    };
-    let ssd = read_ssd(
-        r,
-        (heads, head_dim, (inner, "mamba_d_ssm")),
-        [
-            (&["mamba_d_state"], 256),
-            (&["mamba_n_groups"], 1),
-            (&["mamba_d_conv"], 4),
-            (&["mamba_chunk_size"], 256),
-        ],
-        [
-            &["mamba_n_heads"],
-            &["mamba_proj_bias"],
-            &["mamba_conv_bias"],
-        ],
-    )?;
+    let ssd = mamba_prefixed_ssd(r, (inner, "mamba_d_ssm"))?;
     let gated_norm = match (
         r.bool_or(&["mamba_rms_norm"], false)?,
         r.bool_or(&["mamba_norm_before_gate"], true)?,
