@@ -469,13 +469,25 @@ impl Builder<'_> {
         let reached = self.ln_tuning_reaches(name);
         let weight = self.norm_param(name.then("weight"), group, ParamRole::Norm, reached);
         let trains = reached && self.trains(ParamRole::Norm);
-        let x32 = self.cast(name.then("upcast"), x, DType::F32);
         let rows = x.elements() / group.max(1);
-        let weighted = self.weighted_rms(name, x32, rows, (weight, trains), x.dtype);
-        let gate32 = self.cast(name.then("gate_upcast"), gate, DType::F32);
-        let act = self.val(gate.width, gate.tokens, DType::F32, gate.grad);
-        self.elementwise(name.then("silu"), &[gate32], act, smallvec![gate32.id], 8.0);
-        self.host_only(1, 0);
+        self.rms_weight_gate(name, (x, gate), rows, (weight, trains), (x.dtype, 1))
+    }
+
+    /// What Qwen3.5's and Falcon-H1's gated norms share: x upcast to fp32, normalised over
+    /// `rows` rows, times the weight in `dtype`, times `silu(gate.to(fp32))` (its SiLU call
+    /// counting `modules` module calls), cast back to x's dtype.
+    fn rms_weight_gate(
+        &mut self,
+        name: Name,
+        (x, gate): (Val, Val),
+        rows: u64,
+        weight: (ParamId, bool),
+        (dtype, modules): (DType, u32),
+    ) -> Val {
+        let x32 = self.cast(name.then("upcast"), x, DType::F32);
+        let weighted = self.weighted_rms(name, x32, rows, weight, dtype);
+        let act = self.silu_gate(name, gate);
+        self.host_only(modules, 0);
         let gated = self.mul(name.then("gate_mul"), weighted, act);
         self.cast(name.then("cast_back"), gated, x.dtype)
     }
@@ -507,12 +519,8 @@ impl Builder<'_> {
         let reached = self.ln_tuning_reaches(name);
         let weight = self.norm_param(name.then("weight"), y.width, ParamRole::Norm, reached);
         let trains = reached && self.trains(ParamRole::Norm);
-        let y32 = self.cast(name.then("upcast"), y, DType::F32);
-        let rows = y32.tokens.saturating_mul(groups.max(1));
-        let normed = self.weighted_rms(name, y32, rows, (weight, trains), DType::F32);
-        let act = self.silu_gate(name, gate);
-        let gated = self.mul(name.then("gate_mul"), normed, act);
-        self.cast(name.then("cast_back"), gated, y.dtype)
+        let rows = y.tokens.saturating_mul(groups.max(1));
+        self.rms_weight_gate(name, (y, gate), rows, (weight, trains), (DType::F32, 0))
     }
 
     /// `y * silu(gate)` with no norm (Falcon-H1's `mamba_rms_norm` false): SiLU in the gate's

@@ -491,6 +491,7 @@ fn read_ssd(
     [state, groups, conv, chunk]: [(&[&'static str], u64); 4],
     [heads_key, bias_key, conv_bias_key]: [&[&'static str]; 3],
 ) -> Result<Ssd> {
+    let bias = r.bool_or(bias_key, false)?;
     let ssd = Ssd {
         heads,
         head_dim,
@@ -498,11 +499,11 @@ fn read_ssd(
         groups: r.opt_u64(groups.0)?.unwrap_or(groups.1),
         conv: r.opt_u64(conv.0)?.unwrap_or(conv.1),
         chunk: r.opt_u64(chunk.0)?.unwrap_or(chunk.1),
-        bias: r.bool_or(bias_key, false)?,
+        bias,
         conv_bias: r.bool_or(conv_bias_key, true)?,
         norm_groups: 1,
-        gated_norm: crate::spec::model::GatedNorm::GateThenNorm,
-        out_bias: r.bool_or(bias_key, false)?,
+        gated_norm: GatedNorm::GateThenNorm,
+        out_bias: bias,
         mup: false,
     };
     let (heads_key, groups_key, chunk_key) = (heads_key[0], groups.0[0], chunk.0[0]);
