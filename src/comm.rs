@@ -117,7 +117,7 @@ pub fn schedule(graph: &OpGraph, plan: &Plan, hw: &Hardware, compute: &Compute) 
     let (mut gather_total, mut reduce_total) = (0.0, 0.0);
     for p in &graph.params {
         gather_total += p.compute_bytes().0 as f64 * p.copies as f64;
-        if p.trainable {
+        if p.updated() {
             let dtype = if engine.is_fsdp() {
                 DType::F32
             } else {

@@ -35,8 +35,9 @@ pub struct Estimate {
 /// and `conv1d` for these model types), for the hint when a plan names nothing else.
 fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
     match family {
-        crate::spec::model::Family::Mamba => {
-            Some("name the mixer's other projections: --lora-targets in_proj,x_proj,dt_proj")
+        // `dt_proj` is accepted, but its factors never train (the mixer reads its weight).
+        crate::spec::model::Family::Mamba | crate::spec::model::Family::FalconMamba => {
+            Some("name the mixer's input projections: --lora-targets in_proj,x_proj")
         }
         crate::spec::model::Family::Mamba2 => {
             Some("name the mixer's input projection: --lora-targets in_proj")
@@ -213,12 +214,15 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
         }
         // peft hands prefix tuning's keys and values to the model as a `DynamicCache` of
         // attention layers; the recurrent layers of a hybrid (LFM2's convolutions, Qwen3.5's
-        // and Qwen3-Next's Gated DeltaNet, the Mamba-2 layers of Granite 4.0 and Nemotron-H)
+        // and Qwen3-Next's Gated DeltaNet, the Mamba-2 layers of Granite 4.0 and Nemotron-H,
+        // Jamba's Mamba layers)
         // ask that cache for their own state (`has_previous_state`) and transformers 5.17
         // raises (checked on toys of each).
         Method::Prefix { .. } if model.has_recurrent_layers() => {
             let kind = if model.has_ssd() {
                 "Mamba-2"
+            } else if model.has_state_space_layers() {
+                "Mamba"
             } else if model.has_linear_attention() {
                 "linear-attention"
             } else {

@@ -97,7 +97,7 @@ pub const ALLOCATOR_SLACK: f64 = 0.05;
 /// Walks the graph and returns the peak and its breakdown.
 pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEstimate {
     let params: Vec<_> = graph.params.iter().collect();
-    let trainable: Vec<_> = params.iter().copied().filter(|p| p.trainable).collect();
+    let trainable: Vec<_> = params.iter().copied().filter(|p| p.updated()).collect();
     let layout = Layout::new(graph, plan);
     let states = layout.optimizer_states(plan, &trainable);
     let all_grads: Bytes = trainable.iter().map(|p| p.grad_bytes()).sum();
@@ -389,7 +389,11 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
             .filter(|p| p.role != crate::graph::op::ParamRole::Adapter)
             .map(|p| p.count())
             .sum(),
-        trainable_params: trainable.iter().map(|p| p.count()).sum(),
+        trainable_params: params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.count())
+            .sum(),
         overhead,
         required: peak + overhead,
         paged,

@@ -127,6 +127,7 @@ mod tests {
             shape: (rows, cols),
             copies: 1,
             layer: None,
+            idle: false,
         }
     }
 

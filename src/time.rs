@@ -465,7 +465,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         }
     }
     // Optimizer: a memory-bound pass over parameters, gradients and states.
-    let trainable: Vec<_> = graph.params.iter().filter(|p| p.trainable).collect();
+    let trainable: Vec<_> = graph.params.iter().filter(|p| p.updated()).collect();
     let param_bytes: Bytes = trainable.iter().map(|p| p.bytes()).sum();
     let state_bytes = crate::optimizer::state_bytes(plan.optimizer, &trainable);
     // Bytes each implementation's kernels read and write, from its source, in units of the

@@ -791,21 +791,42 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
         err.contains("`lora-targets`") && err.contains("out_proj"),
         "{err}"
     );
-    assert!(err.contains("in_proj,x_proj,dt_proj"), "{err}");
-    // Those three, rank 16, 24 layers (d_model 768, inner 1,536, dt rank 48, state 16):
-    // in_proj (768 -> 3,072) 16 x 3,840 = 61,440, x_proj (1,536 -> 80) 16 x 1,616 = 25,856,
-    // dt_proj (48 -> 1,536) 16 x 1,584 = 25,344: 112,640 x 24 = 2,703,360, what peft wraps.
-    let named = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets: LoraTargets::parse(["in_proj", "x_proj", "dt_proj"]).expect("known names"),
-        dora: false,
-    });
-    let e = run(
-        &model("mamba-130m"),
-        &plan(named, 1, 64, AttentionKernel::Sdpa),
+    assert!(err.contains("in_proj,x_proj"), "{err}");
+    // in_proj, x_proj and dt_proj, rank 16, 24 layers (d_model 768, inner 1,536, dt rank 48,
+    // state 16): in_proj (768 -> 3,072) 16 x 3,840 = 61,440, x_proj (1,536 -> 80) 16 x 1,616 =
+    // 25,856, dt_proj (48 -> 1,536) 16 x 1,584 = 25,344: 112,640 x 24 = 2,703,360, what peft
+    // wraps and counts as trainable.
+    let named = |names: &[&str]| {
+        let lora = Method::Lora(Lora {
+            rank: 16,
+            alpha: 32.0,
+            targets: LoraTargets::parse(names.iter().copied()).expect("known names"),
+            dora: false,
+        });
+        run(
+            &model("mamba-130m"),
+            &plan(lora, 1, 64, AttentionKernel::Sdpa),
+        )
+    };
+    let three = named(&["in_proj", "x_proj", "dt_proj"]);
+    assert_eq!(three.memory.trainable_params, 2_703_360);
+    // `x_proj` names x_proj alone: 25,856 x 24 = 620,544.
+    assert_eq!(named(&["x_proj"]).memory.trainable_params, 620_544);
+    // MambaMixer computes `self.dt_proj.weight @ time_step`, never calling the wrapped module:
+    // dt_proj's factors (25,344 x 24 = 608,256) get no gradient and AdamW no state for them
+    // (a toy's `dt_proj.lora_A.grad is None` after backward, transformers 5.17, peft 0.21.2).
+    // Beside in_proj and x_proj alone, only their fp32 weights (2,433,024 B) are added.
+    let two = named(&["in_proj", "x_proj"]);
+    assert_eq!(
+        three.memory.trainable_params - two.memory.trainable_params,
+        608_256
     );
-    assert_eq!(e.memory.trainable_params, 2_703_360);
+    let grads = |e: &Estimate| e.memory.model_states - e.memory.persistent;
+    assert_eq!(grads(&three), grads(&two));
+    assert_eq!(
+        three.memory.persistent - two.memory.persistent,
+        ftplan::units::Bytes(2_433_024)
+    );
 }
 
 /// A 2-layer Mamba-2 at toy widths: hidden 128, inner 256 as 4 heads of 64, state 16, one
@@ -2372,4 +2393,77 @@ fn mistral4_reads_as_deepseek_with_llama4_query_scaling_and_unconverted_experts(
         g.ops()
             .any(|o| g.name(o.name).ends_with("self_attn.q_scale"))
     );
+}
+
+#[test]
+fn falcon_mamba_norms_dt_b_and_c_and_keeps_their_fp32_copies() {
+    // A one-layer Mamba and Falcon Mamba at toy widths: hidden 64, inner 128, state 8, dt rank
+    // 4; full fine-tuning under bf16 autocast, 1 x 100 tokens.
+    let mamba = serde_json::json!({
+        "model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 256,
+        "state_size": 8, "expand": 2, "time_step_rank": 4, "conv_kernel": 4
+    });
+    let mut falcon = mamba.clone();
+    falcon["model_type"] = serde_json::json!("falcon_mamba");
+    let (mamba, falcon) = (toy(&mamba), toy(&falcon));
+    // FalconMambaWeightlessRMSNorm has no parameters (its `weight` is a non-persistent buffer).
+    let p = full(Precision::MixedBf16, 1, 100);
+    let (m, f) = (run(&mamba, &p).memory, run(&falcon, &p).memory);
+    assert_eq!(m.trainable_params, f.trainable_params);
+    // Each norm keeps `x.float()` and the rsqrt per token: dt 100 x 4 x 4 + 400 = 2,000, B and
+    // C 100 x 8 x 4 + 400 = 3,600 each; the scan keeps the normed C (bf16, 100 x 8 x 2 =
+    // 1,600), and dt_proj's matmul the normed dt (800) in place of x_proj's whole output, which
+    // nothing keeps now (100 x 20 x 2 = 4,000): 2,000 + 7,200 + 1,600 + 800 - 4,000 = 7,600.
+    assert_eq!(f.saved_after_forward.0 - m.saved_after_forward.0, 7_600);
+    // peft refuses LoRA on its `out_proj` as on Mamba's (`falcon_mamba` is in its list).
+    let refused = refusal(&falcon, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    assert!(
+        refused.contains("out_proj") && refused.contains("in_proj,x_proj"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn jamba_interleaves_mamba_and_attention_layers_and_dense_and_sparse_ffns() {
+    // A toy Jamba: hidden 256, 4 layers, attention on odd layers (period 2, offset 1) and
+    // experts on odd layers too (4 of 512, top 2), Mamba (inner 512, state 16, dt rank 32) and
+    // a dense SwiGLU MLP of 512 on even ones; 8 heads (2 KV) of 32; untied, vocabulary 1,000.
+    let m = toy(&serde_json::json!({
+        "model_type": "jamba", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "vocab_size": 1000, "num_experts": 4, "num_experts_per_tok": 2,
+        "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+        "expert_layer_offset": 1, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
+        "mamba_dt_rank": 32, "tie_word_embeddings": false
+    }));
+    let kinds: Vec<_> = (0..4).map(|l| m.block_kind(l)).collect();
+    assert!(matches!(kinds[0].mixer, Mixer::Ssm(_)) && kinds[0].ffn == FfnKind::Dense);
+    assert!(kinds[1].mixer == Mixer::Attention && kinds[1].ffn == FfnKind::Moe);
+    assert_eq!(kinds[2], kinds[0]);
+    assert_eq!(kinds[3], kinds[1]);
+    // transformers 5.17 builds 5,684,608 parameters (checked on CPU). A Mamba layer: in_proj
+    // 256 x 1,024 = 262,144, the convolution 2,048 + 512, x_proj 512 x 64 = 32,768, dt_proj
+    // 32 x 512 + 512 = 16,896, A_log 8,192, D 512, out_proj 131,072, the dt/B/C norms 64:
+    // 454,208; its MLP 3 x 256 x 512 = 393,216 and two norms 512: 847,936. An attention layer:
+    // q and o 65,536 each, k and v 16,384 each; the router 1,024, the experts 4 x (1,024 +
+    // 512) x 256 = 1,572,864; two norms: 1,738,240. Twice each, and the embeddings, the head
+    // and the final norm, 512,256.
+    // peft 0.21.2 with r16 (checked with r8 and doubled): `all-linear` wraps per Mamba layer
+    // in_proj 16 x 1,280, x_proj 16 x 576, dt_proj 16 x 544 and out_proj 16 x 768 (peft leaves
+    // Jamba's `out_proj` alone only for the model types it lists), gate, up and down 16 x 768
+    // each: 87,552; per attention layer q 8,192, k and v 5,120 each, o 8,192 and the router
+    // (an `nn.Linear`) 16 x 260 = 4,160: 30,784; twice each. q,v: 2 x (8,192 + 5,120).
+    assert_eq!(lora_counts(&m), (5_684_608, 236_672, 26_624));
+    // Mamba's forward reads `dt_proj.weight`: under `all-linear` its factors (2 x 16 x 544 =
+    // 17,408 elements) count as trainable but get no gradient; the gradients are the other
+    // adapters' (219,264 fp32 elements).
+    let all = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa)).memory;
+    assert_eq!(
+        (all.model_states - all.persistent).0,
+        4 * (236_672 - 17_408)
+    );
+    // Prefix tuning fails on its Mamba layers' cache, as on the other hybrids.
+    let prefix = Method::Prefix { virtual_tokens: 8 };
+    let err = refusal(&m, &plan(prefix, 1, 64, AttentionKernel::Sdpa));
+    assert!(err.contains("Mamba layers reject"), "{err}");
 }

@@ -471,7 +471,7 @@ fn block(
         // hidden_states` in the stream's dtype): one sub-layer, `mixer` in every one of them.
         let fp32_residual = model.family != crate::spec::model::Family::NemotronH;
         return b.recurrent_block(name, x, fp32_residual, |b, mixer, hn| match kind.mixer {
-            Mixer::Ssm(ssm) => mamba_mixer(b, mixer, (hn, x.grad), ssm),
+            Mixer::Ssm(ssm) => mamba_mixer(b, mixer, hn, ssm),
             Mixer::Ssd(ssd) => in_tp_region(b, |b| b.ssd_mixer(mixer, hn, ssd)),
             Mixer::None => {
                 // A bottleneck adapter follows the FFN, as in the two-sub-layer blocks.
@@ -537,6 +537,11 @@ fn block(
             let scope = b.scope(at.0, "mamba");
             b.ssd_mixer(scope, h, s)
         }),
+        // Jamba's Mamba layers: `mamba` likewise.
+        Mixer::Ssm(s) => {
+            let scope = b.scope(at.0, "mamba");
+            mamba_mixer(b, scope, h, s)
+        }
         _ => self_attention(
             b,
             at,
@@ -1305,14 +1310,8 @@ fn latent_attention(
 /// sequence, while the state carried between steps stays batch x inner x state. Beside it, per
 /// position: softplus' input and output (fp32 under autocast), the fp32 input copy `deltaB_u`
 /// multiplies, and the D skip's 16-bit input (checked against live-set replays of Mamba-130m,
-/// 2026-12-05 and, pure bf16, 2026-12-06). `input_grad`: whether the block's input needs a
-/// gradient.
-fn mamba_mixer(
-    b: &mut Builder,
-    mixer: Scope,
-    (hn, input_grad): (Val, bool),
-    ssm: crate::spec::model::Ssm,
-) -> Val {
+/// 2026-12-05 and, pure bf16, 2026-12-06).
+fn mamba_mixer(b: &mut Builder, mixer: Scope, hn: Val, ssm: crate::spec::model::Ssm) -> Val {
     use crate::graph::op::{ParamRole, TensorKind};
     use crate::units::DType;
     let h = b.model.hidden_size;
@@ -1353,7 +1352,7 @@ fn mamba_mixer(
     } else {
         Some(xs.id)
     };
-    let conv = b.val(inner, tokens, xs.dtype, true);
+    let conv = b.val(inner, tokens, xs.dtype, xs.grad || conv_in.is_some());
     let op = b.elementwise(
         mixer.at("conv1d"),
         &[xs],
@@ -1376,20 +1375,54 @@ fn mamba_mixer(
         xc,
         ssm.dt_rank + 2 * ssm.state,
         false,
-        Some(Proj::Gate),
+        Some(Proj::XProj),
     );
-    let dt_in = Val {
-        width: ssm.dt_rank,
-        ..dbc
+    // dt, B and C are views of x_proj's output, which the step's matmul and the scan's
+    // per-step products with C keep; normed (Falcon Mamba, Jamba), each is a new tensor, the
+    // norms keep their fp32 copies instead, and the scan keeps the normed C: its 16-bit
+    // slices, or autocast's 16-bit copies of an fp32 one's (a weighted norm's fp32 weight
+    // promotes it).
+    use crate::spec::model::DtBcNorms;
+    let (dt_in, c_kept) = match ssm.dt_bc_norms {
+        DtBcNorms::None => (
+            Val {
+                width: ssm.dt_rank,
+                ..dbc
+            },
+            None,
+        ),
+        norms => {
+            let mut norm = |part: &'static str, width: u64| {
+                let x = Val { width, ..dbc };
+                match norms {
+                    DtBcNorms::Weighted => b.norm(mixer.at(part), x),
+                    _ => b.unscaled_rms_norm(mixer.at(part), x, (width, 1)),
+                }
+            };
+            let dt = norm("dt_layernorm", ssm.dt_rank);
+            norm("b_layernorm", ssm.state);
+            let c = norm("c_layernorm", ssm.state);
+            let c_kept = if c.dtype == b.compute() {
+                c.id
+            } else {
+                b.tensor(
+                    TensorKind::Activation,
+                    b.compute().bytes(tokens * ssm.state),
+                )
+            };
+            (dt, Some(c_kept))
+        }
     };
-    let dt = b.linear(mixer.at("dt_proj"), dt_in, inner, true, Some(Proj::Gate));
+    let dt = b.linear(mixer.at("dt_proj"), dt_in, inner, true, Some(Proj::DtProj));
     let a_log = b.base_param(mixer.at("A_log"), (inner, ssm.state), ParamRole::Linear);
     let d = b.base_param(mixer.at("D"), (1, inner), ParamRole::Linear);
     // softplus(dt + bias) (saves its input): fp32 under autocast, which lists softplus, else
     // in dt's own dtype; the product with A and B keeps its output.
     let soft = if b.autocast { DType::F32 } else { dt.dtype };
     let dt32 = b.val(inner, tokens, soft, true);
-    let grad = input_grad || b.is_base_trainable();
+    // The scan records autograd when its input or step size needs a gradient (LoRA on in_proj
+    // or x_proj below any trained block) or A_log and D train.
+    let grad = xc.grad || dt.grad || b.trains(ParamRole::Linear);
     let batch = b.plan.batch;
     let bisn = batch * inner * seq * ssm.state;
     let discretised = b.tensor(TensorKind::Activation, DType::F32.bytes(bisn) * 2);
@@ -1407,6 +1440,7 @@ fn mamba_mixer(
     );
     let mut saves: smallvec::SmallVec<[TensorId; 6]> =
         smallvec::smallvec![discretised, states, small, dt32.id];
+    saves.extend(c_kept);
     // The D skip, `hidden_states * D`, keeps the (16-bit) input for D's gradient.
     if b.trains(ParamRole::Linear) {
         saves.push(act.id);
@@ -1436,8 +1470,9 @@ fn mamba_mixer(
     let g = b.activation(mixer.at("gate_act"), gate);
     let yg = b.mul(mixer.at("gate_mul"), y, g);
     // peft refuses LoRA on Mamba's `out_proj` and `conv1d` ("incompatible with Mamba-based
-    // models"): not a target.
-    b.linear(mixer.at("out_proj"), yg, h, false, None)
+    // models") for the model types it lists (`estimate::check_plan` refuses the plan); Jamba
+    // is not among them.
+    b.linear(mixer.at("out_proj"), yg, h, false, Some(Proj::OutProj))
 }
 
 /// One expert stack's LoRA as peft 0.21 reaches transformers 5's 3-D expert parameters
@@ -1678,7 +1713,9 @@ fn moe_ops(
     let peft_reaches_experts = b.model.family.peft_converts_experts();
     // Gemma 4's router projects through an `nn.Linear` (`router.proj`), which `all-linear`
     // wraps although peft leaves its experts alone.
-    if peft_reaches_experts || moe.beside_mlp {
+    // Jamba's router is an `nn.Linear` of its own (`router`), which `all-linear` wraps.
+    if peft_reaches_experts || moe.beside_mlp || b.model.family == crate::spec::model::Family::Jamba
+    {
         router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
     (b.autocast, b.half, b.base, b.storage_base) = saved;
@@ -1718,6 +1755,9 @@ fn moe_ops(
                 (8, 13)
             }
             crate::spec::model::Routing::TopK => (5 + cast_back, 10 + cast_back),
+            // The same without the renormalisation (the sum, clone and division forward; the
+            // division's four kernels, the sum's expand and the fork's add backward).
+            crate::spec::model::Routing::TopKUnnormalised => (2 + cast_back, 4 + cast_back),
             // GPT-OSS: topk on the logits, then the softmax (this op); backward, topk's zeros
             // and scatter and the fork's add (a dispatch count of its block, torch 2.15).
             crate::spec::model::Routing::SoftmaxOfTopK => (1, 3),

@@ -299,6 +299,7 @@ impl<'a> Builder<'a> {
             shape,
             copies: u64::from(self.repeat),
             layer: self.layer,
+            idle: false,
         })
     }
 
@@ -625,6 +626,7 @@ impl<'a> Builder<'a> {
             | Family::Deepseek
             | Family::Mistral4
             | Family::Mamba
+            | Family::FalconMamba
             | Family::Mamba2
             | Family::NemotronH
             | Family::FalconH1
@@ -659,6 +661,7 @@ impl<'a> Builder<'a> {
             | Family::Olmoe
             | Family::Cohere
             | Family::Cohere2
+            | Family::Jamba
             | Family::Olmo => (0, 0),
         };
         if p <= 0.0 {

@@ -38,11 +38,13 @@ impl Builder<'_> {
                             .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
                     || (fused_ffn && list.contains(&Proj::Up))
                     // `out_proj` is the attention output in the models that name it so; a
-                    // model with a linear-attention mixer gives the name to the mixer's
-                    // output (its attention's is `o_proj`), as peft's name matching does.
+                    // model with a linear-attention or Mamba mixer gives the name to the
+                    // mixer's output (its attention's is `o_proj`), as peft's name matching
+                    // does.
                     || (proj == Proj::O
                         && list.contains(&Proj::OutProj)
-                        && !self.model.has_linear_attention())
+                        && !self.model.has_linear_attention()
+                        && !self.model.has_state_space_layers())
             }
         };
         hit.then_some(lora.rank)
@@ -114,6 +116,7 @@ impl Builder<'_> {
                 shape: (out_features, in_features),
                 copies: u64::from(self.repeat),
                 layer: self.layer,
+                idle: false,
             })
         } else {
             self.base_param(
@@ -233,7 +236,24 @@ impl Builder<'_> {
         // LoRA (Hu et al. 2021) as peft runs it: the input is cast to the adapter's dtype, then
         // (under autocast) back to bf16 for `lora_A`, which saves that copy; `lora_B` saves A's
         // output; the scaled update is added to the base output.
-        if let Some(rank) = self.lora_on(proj) {
+        if let Some(rank) = self.lora_on(proj)
+            && proj == Some(Proj::DtProj)
+            && !qlora
+        {
+            // Mamba reads `self.dt_proj.weight` (`dt_proj.weight @ time_step`), never calling
+            // the wrapped module: peft's factors exist and count as trainable, but take no
+            // part. (Under bitsandbytes the mixer calls the module, `dt_proj(time_step) -
+            // dt_proj.bias`, and the factors work as on any linear.)
+            for (part, shape) in [
+                ("lora_A", (rank, in_features)),
+                ("lora_B", (out_features, rank)),
+            ] {
+                let p = self.adapter_param(name.then(part), shape);
+                if let Some(p) = self.graph.params.get_mut(p.0 as usize) {
+                    p.idle = true;
+                }
+            }
+        } else if let Some(rank) = self.lora_on(proj) {
             let a = self.adapter_param(name.then("lora_A"), (rank, in_features));
             let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
             let xa = self.cast(name.then("lora_cast"), x, self.adapter);

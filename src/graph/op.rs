@@ -130,6 +130,10 @@ pub struct Param {
     pub copies: u64,
     /// The block it belongs to (the first of its run of identical blocks); None outside.
     pub layer: Option<u64>,
+    /// Trainable, but no op reads it (LoRA factors on a module whose forward reads only its
+    /// base weight): autograd never gives it a gradient, so the optimizer keeps no state for
+    /// it and nothing reduces it, though peft counts it as trainable.
+    pub idle: bool,
 }
 
 impl Param {
@@ -139,6 +143,11 @@ impl Param {
         self.elements = self.elements.saturating_mul(factor);
         self.extra = self.extra * factor;
         self.shape.0 = self.shape.0.saturating_mul(factor);
+    }
+
+    /// Whether the step updates it: trainable and read by some op.
+    pub fn updated(&self) -> bool {
+        self.trainable && !self.idle
     }
 
     /// Storage of one copy, as kept between steps.

@@ -3,10 +3,10 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, DeltaNet, Dropouts, ExpertGate, Family, FfnKind, GatedNorm, GlobalAttention, Mixer,
-    Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput, Positions, QkNorm,
-    QueryScale, ReturnedWeights, RotaryApply, RouterPrecision, Routing, RoutingWeights, ShortConv,
-    Softcap, Ssd, Ssm, Stack,
+    Activation, DeltaNet, Dropouts, DtBcNorms, ExpertGate, Family, FfnKind, GatedNorm,
+    GlobalAttention, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput,
+    Positions, QkNorm, QueryScale, ReturnedWeights, RotaryApply, RouterPrecision, Routing,
+    RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -294,10 +294,11 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Bloom => bloom(&r)?,
         Family::Mpt => mpt(&r)?,
         Family::Deepseek | Family::Mistral4 => deepseek(&r, family)?,
-        Family::Mamba => mamba(&r)?,
+        Family::Mamba | Family::FalconMamba => mamba(&r, family)?,
         Family::Mamba2 => mamba2(&r)?,
         Family::NemotronH => nemotron_h(&r)?,
         Family::FalconH1 => falcon_h1(&r)?,
+        Family::Jamba => jamba(&r)?,
         Family::Gpt2 | Family::GptBigcode => gpt2(&r, family)?,
         Family::Opt => opt(&r)?,
         Family::Phi => phi(&r)?,
@@ -1052,6 +1053,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Lfm2 | Family::Lfm2Moe => (8, hidden / heads.max(1)),
         // Llama4TextConfig: 8 KV heads of 128.
         Family::Llama4 => (8, 128),
+        // JambaConfig: 8 KV heads.
+        Family::Jamba => (8, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -1778,8 +1781,9 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
 }
 
 /// `MambaForCausalLM`: blocks of RMSNorm, the selective-scan mixer and a residual; no FFN, no
-/// attention, tied embeddings.
-fn mamba(r: &Reader) -> Result<ModelSpec> {
+/// attention, tied embeddings by default. `FalconMambaForCausalLM` is the same model under
+/// the same keys, with weightless norms on dt, B and C (`mixer_rms_eps`).
+fn mamba(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let expand = r.opt_u64(&["expand"])?.unwrap_or(2);
     let dt_rank = match r.raw(&["time_step_rank"]) {
@@ -1805,19 +1809,134 @@ fn mamba(r: &Reader) -> Result<ModelSpec> {
         "use_mambapy",
         "use_associative_scan",
         "intermediate_size",
+        "mixer_rms_eps",
     ]);
     let ssm = Ssm {
         inner: expand * hidden,
         state: r.opt_u64(&["state_size"])?.unwrap_or(16),
         conv: r.opt_u64(&["conv_kernel"])?.unwrap_or(4),
         dt_rank,
+        dt_bc_norms: if family == Family::FalconMamba {
+            DtBcNorms::Weightless
+        } else {
+            DtBcNorms::None
+        },
     };
     let stack = Stack::new(r.u64(&["num_hidden_layers"])?, 1, 1, hidden, 0);
     Ok(ModelSpec {
         positions: Positions::None,
         tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], true)?,
         mixers: vec![Mixer::Ssm(ssm)],
-        ..ModelSpec::decoder_only(Family::Mamba, hidden, r.u64(&["vocab_size"])?, stack)
+        ..ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack)
+    })
+}
+
+/// `JambaForCausalLM` (transformers 5.17's `JambaConfig` keys and defaults): Llama's blocks
+/// (RMSNorms, GQA without bias, a SwiGLU MLP) with no positions; layer i attends when
+/// `i % attn_layer_period == attn_layer_offset` (8, 4) and runs a Mamba mixer otherwise
+/// (`mamba_expand x hidden` channels, `mamba_d_state`, `mamba_d_conv`, `mamba_dt_rank`, with
+/// weighted RMSNorms on dt, B and C); its FFN is `num_experts` fused experts when `i %
+/// expert_layer_period == expert_layer_offset` (2, 1) and there is more than one expert, the
+/// MLP otherwise. The router (`nn.Linear`) softmaxes in fp32, takes the top k and casts them
+/// to the hidden states' dtype without renormalising.
+fn jamba(r: &Reader) -> Result<ModelSpec> {
+    let base = llama_like(r, Family::Jamba)?;
+    let hidden = base.hidden_size;
+    let layers = base.decoder.layers;
+    let periodic = |period_key: &'static str, offset_key: &'static str, defaults: (u64, u64)| {
+        let period = r.opt_u64(&[period_key])?.unwrap_or(defaults.0);
+        let offset = r.opt_u64(&[offset_key])?.unwrap_or(defaults.1);
+        if offset >= period {
+            return Err(Error::field(
+                r.path,
+                offset_key,
+                format!("({offset}) must be smaller than `{period_key}` ({period})"),
+            ));
+        }
+        Ok((period, offset))
+    };
+    let (attn_period, attn_offset) = periodic("attn_layer_period", "attn_layer_offset", (8, 4))?;
+    let (expert_period, expert_offset) =
+        periodic("expert_layer_period", "expert_layer_offset", (2, 1))?;
+    for (key, default) in [("mamba_conv_bias", true), ("mamba_proj_bias", false)] {
+        if r.bool_or(&[key], default)? != default {
+            return Err(
+                Error::field(r.path, key, format!("{} is not supported", !default))
+                    .with_hint(format!("the published Jamba checkpoints use {default}")),
+            );
+        }
+    }
+    let dt_rank = match r.raw(&["mamba_dt_rank"]) {
+        Some((_, Value::String(s))) if s == "auto" => hidden.div_ceil(16),
+        Some(_) => r.u64(&["mamba_dt_rank"])?,
+        None => hidden.div_ceil(16),
+    };
+    let ssm = Ssm {
+        inner: r.opt_u64(&["mamba_expand"])?.unwrap_or(2) * hidden,
+        state: r.opt_u64(&["mamba_d_state"])?.unwrap_or(16),
+        conv: r.opt_u64(&["mamba_d_conv"])?.unwrap_or(4),
+        dt_rank,
+        dt_bc_norms: DtBcNorms::Weighted,
+    };
+    let experts = r.opt_u64(&["num_experts"])?.unwrap_or(16);
+    let top_k = r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2);
+    if experts == 0 || experts > 1024 || top_k == 0 || top_k > experts {
+        return Err(Error::field(
+            r.path,
+            "num_experts_per_tok",
+            format!("({top_k}) must be 1 to the experts ({experts}), 1 to 1024"),
+        ));
+    }
+    r.raw(&[
+        "use_mamba_kernels",
+        "use_mambapy",
+        "use_associative_scan",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "num_logits_to_keep",
+    ]);
+    let mixers = (0..layers)
+        .map(|i| {
+            if i % attn_period == attn_offset {
+                Mixer::Attention
+            } else {
+                Mixer::Ssm(ssm)
+            }
+        })
+        .collect();
+    let sparse = |i: u64| experts > 1 && i % expert_period == expert_offset;
+    let ffns = (0..layers)
+        .map(|i| {
+            if sparse(i) {
+                FfnKind::Moe
+            } else {
+                FfnKind::Dense
+            }
+        })
+        .collect();
+    let moe = (0..layers).any(sparse).then_some(Moe {
+        experts,
+        top_k,
+        expert_intermediate: base.decoder.intermediate_size,
+        shared_intermediate: 0,
+        shared_gate: false,
+        first_dense: 0,
+        every: 1,
+        bias: false,
+        gate: ExpertGate::Activation,
+        routing: Routing::TopKUnnormalised,
+        input_jitter: 0,
+        router: RouterPrecision::Model,
+        weights: RoutingWeights::Hidden,
+        beside_mlp: false,
+    });
+    Ok(ModelSpec {
+        positions: Positions::None,
+        rope_layers: Vec::new(),
+        mixers,
+        ffns,
+        moe,
+        ..base
     })
 }
 

@@ -194,6 +194,16 @@ pub enum Family {
     /// a non-gated squared-ReLU MLP, or DeepSeek-V3-style routed experts (non-gated, a sigmoid
     /// router) with a shared MLP.
     NemotronH,
+    /// `FalconMambaForCausalLM` (TII Falcon Mamba 7B): Mamba's blocks and mixer with weightless
+    /// RMSNorms on the step size's input and on B and C ([`DtBcNorms::Weightless`]).
+    FalconMamba,
+    /// `JambaForCausalLM` (AI21 Jamba, Jamba 1.5/1.6/1.7 Mini and Large, Jamba Reasoning 3B):
+    /// Llama-like two-norm blocks whose mixer is attention without positions every
+    /// `attn_layer_period` layers and a Mamba mixer with weighted dt/B/C RMSNorms
+    /// ([`DtBcNorms::Weighted`]) elsewhere, and whose FFN is a SwiGLU MLP or, every
+    /// `expert_layer_period` layers, Mixtral-like fused experts behind a softmax router without
+    /// renormalisation.
+    Jamba,
     /// `FalconH1ForCausalLM` (TII Falcon-H1, 0.5B-34B): in every layer a Mamba-2 mixer and GQA
     /// attention side by side on one RMSNorm's output, their sum added to the residual, then a
     /// SwiGLU MLP; µP multipliers on the embeddings, each branch's input and output, the keys,
@@ -358,7 +368,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 73] = [
+    pub const ALL: [(&'static str, Family); 75] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -432,6 +442,8 @@ impl Family {
         ("granitemoehybrid", Family::GraniteMoeHybrid),
         ("nemotron_h", Family::NemotronH),
         ("falcon_h1", Family::FalconH1),
+        ("falcon_mamba", Family::FalconMamba),
+        ("jamba", Family::Jamba),
     ];
 
     pub fn model_type(self) -> &'static str {
@@ -697,6 +709,22 @@ pub struct Ssm {
     pub conv: u64,
     /// `time_step_rank` (ceil(hidden / 16) by default).
     pub dt_rank: u64,
+    /// RMSNorms on the step size's low-rank input and on B and C after `x_proj`.
+    pub dt_bc_norms: DtBcNorms,
+}
+
+/// The norms some Mamba variants put on `x_proj`'s three outputs (dt, B and C) before the scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DtBcNorms {
+    /// None (Mamba).
+    None,
+    /// `FalconMambaWeightlessRMSNorm`: `x.float() * rsqrt(mean(x^2) + eps)`, cast back with
+    /// `type_as`; no parameters (Falcon Mamba).
+    Weightless,
+    /// `JambaRMSNorm` (Llama's RMSNorm, a weight each): Jamba's `dt_layernorm`,
+    /// `b_layernorm` and `c_layernorm`.
+    Weighted,
 }
 
 /// Gemma 4's per-layer embeddings (PLE): `width` channels per layer from a table of `vocab`
@@ -1026,6 +1054,9 @@ pub enum RoutingWeights {
 pub enum Routing {
     /// Softmax over the experts, then top-k (Mixtral, Qwen-MoE, DeepSeek, ...).
     TopK,
+    /// Softmax over the experts, then top-k kept as they are, not divided by their sum
+    /// (Jamba's `JambaSparseMoeBlock.route_tokens_to_experts`).
+    TopKUnnormalised,
     /// Top-k of the logits, then a softmax over the k (GPT-OSS's `GptOssTopKRouter`).
     SoftmaxOfTopK,
     /// Llama 4's `Llama4TextMoe`: top-k of the logits, a sigmoid of those (the others are
@@ -1266,10 +1297,15 @@ impl ModelSpec {
         self.mixers.iter().any(|m| matches!(m, Mixer::ShortConv(_)))
     }
 
+    /// Whether any block runs a Mamba or Mamba-2 mixer.
+    pub fn has_state_space_layers(&self) -> bool {
+        self.has_ssd() || self.mixers.iter().any(|m| matches!(m, Mixer::Ssm(_)))
+    }
+
     /// Whether some layer keeps a recurrent state it asks the cache for (`has_previous_state`):
-    /// Gated DeltaNet, short-convolution and Mamba-2 layers beside attention.
+    /// Gated DeltaNet, short-convolution, Mamba and Mamba-2 layers beside attention.
     pub fn has_recurrent_layers(&self) -> bool {
-        self.has_linear_attention() || self.has_short_conv() || self.has_ssd()
+        self.has_linear_attention() || self.has_short_conv() || self.has_state_space_layers()
     }
 
     /// Whether any block attends (Mamba's do not).

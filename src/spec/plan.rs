@@ -44,6 +44,11 @@ pub enum Proj {
     /// The module named `in_proj`: Mamba's mixer input (x and the gate) and LFM2's short
     /// convolution input (B, C and x).
     InProj,
+    /// Mamba's `x_proj` (the step size's low-rank input and the input-dependent B and C).
+    XProj,
+    /// Mamba's `dt_proj`. Its forward reads `dt_proj.weight` directly (`self.dt_proj.weight @
+    /// time_step`), so LoRA factors peft puts on it never take part (transformers 5.17).
+    DtProj,
 }
 
 impl Proj {
@@ -106,8 +111,8 @@ impl Proj {
         ("in_proj_ba", &[Proj::InProjBa]),
         // Mamba's mixer projections.
         ("in_proj", &[Proj::InProj]),
-        ("x_proj", &[Proj::Gate]),
-        ("dt_proj", &[Proj::Gate]),
+        ("x_proj", &[Proj::XProj]),
+        ("dt_proj", &[Proj::DtProj]),
         (
             "all-linear",
             &[
@@ -126,6 +131,8 @@ impl Proj {
                 Proj::InProjBa,
                 Proj::OutProj,
                 Proj::InProj,
+                Proj::XProj,
+                Proj::DtProj,
             ],
         ),
     ];
@@ -156,6 +163,8 @@ impl Proj {
             Proj::InProjBa => "in_proj_ba",
             Proj::OutProj => "out_proj",
             Proj::InProj => "in_proj",
+            Proj::XProj => "x_proj",
+            Proj::DtProj => "dt_proj",
         }
     }
 }
