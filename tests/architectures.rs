@@ -2467,3 +2467,32 @@ fn jamba_interleaves_mamba_and_attention_layers_and_dense_and_sparse_ffns() {
     let err = refusal(&m, &plan(prefix, 1, 64, AttentionKernel::Sdpa));
     assert!(err.contains("Mamba layers reject"), "{err}");
 }
+
+#[test]
+fn nemotron_h_latent_experts_run_on_the_latent_width() {
+    // Nemotron 3 Super's LatentMoE on the toy's expert layer ("M-*E", 4 experts of 32, top
+    // 2): `moe_latent_size` 24 adds fc1_latent_proj (64 -> 24) and fc2_latent_proj (24 -> 64),
+    // 3,072, and the experts read 24 features, not 64: their up and down stacks are 2 x 4 x
+    // 32 x 24 = 6,144, down from 16,384. transformers 5.17 builds 88,428 (checked on CPU).
+    let mut config = serde_json::json!({
+        "model_type": "nemotron_h", "hybrid_override_pattern": "M-*E", "hidden_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 96, "mamba_num_heads": 4, "mamba_head_dim": 16,
+        "ssm_state_size": 8, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16,
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 48, "vocab_size": 256
+    });
+    let p = full(Precision::MixedBf16, 1, 100);
+    let hidden = run(&toy(&config), &p).memory.trainable_params;
+    config["moe_latent_size"] = serde_json::json!(24);
+    let latent = toy(&config);
+    assert_eq!(run(&latent, &p).memory.trainable_params, 88_428);
+    assert_eq!(hidden - 88_428, 16_384 - 6_144 - 3_072);
+    // The grouped up projection keeps its gathered rows, 100 tokens x top 2 at the latent
+    // width, cast to the fp32 stack's dtype: 200 x 24 x 4 = 19,200 B; its stack is 4 x 32 x
+    // 24 x 4 = 12,288 B.
+    assert_eq!(
+        kept_at(&latent, &p, "decoder.layers.3.mixer.experts.gate_up_proj"),
+        (19_200, 12_288)
+    );
+}

@@ -378,10 +378,10 @@ fn nemotron_h_mamba_groups_that_do_not_divide_the_heads() {
 }
 
 #[test]
-fn nemotron_h_latent_experts_are_refused_with_what_is_modelled() {
+fn nemotron_h_latent_expert_width_of_zero() {
     model(
-        "nemotron-h-latent-moe.json",
-        &["`moe_latent_size`", "not modelled", "hint", "null"],
+        "nemotron-h-latent-zero.json",
+        &["`moe_latent_size`", "positive whole number", "`0`"],
     );
 }
 

@@ -1784,6 +1784,19 @@ fn moe_ops(
     // over all S = tokens x top_k routed rows against the whole `[E, out, in]` stack. So what a
     // layer holds does not depend on how the router spreads the tokens: the one op set below
     // carries all S rows and all E experts' weights.
+    // Nemotron 3 Super's LatentMoE: the experts read `fc1_latent_proj(hidden_states)` and
+    // work at its width; `fc2_latent_proj` projects their sum back (both `nn.Linear`, biased
+    // by `mlp_bias`, reached by no target name).
+    let hidden = h;
+    let x_block = x;
+    let x = match moe.latent {
+        Some(latent) => {
+            let bias = b.model.linear_bias;
+            b.linear(name.at("fc1_latent_proj"), x, latent, bias, None)
+        }
+        None => x,
+    };
+    let h = x.width;
     let routed = x.tokens * moe.top_k;
     // The first projection's width: gate and up, or up alone for non-gated experts.
     let up_width = if moe.gate == ExpertGate::None {
@@ -1926,6 +1939,14 @@ fn moe_ops(
     launched_once(b, mark.0, (0, calls), None);
     b.unname(experts_frame);
     b.autocast = autocast;
+    let out = match moe.latent {
+        Some(_) => {
+            let bias = b.model.linear_bias;
+            b.linear(name.at("fc2_latent_proj"), out, hidden, bias, None)
+        }
+        None => out,
+    };
+    let x = x_block;
     let out = shared_experts(b, name, x, out, moe, early);
     b.unname(block_frame);
     out

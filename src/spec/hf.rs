@@ -993,6 +993,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         },
         input_jitter,
         beside_mlp: family == Family::Gemma4,
+        latent: None,
         weights: match family {
             Family::Mixtral | Family::MinimaxM2 | Family::Gemma4 => RoutingWeights::Fp32,
             // DeepSeek-V2's router softmaxes in fp32; V3's (and GLM-4.7-Flash's) takes a
@@ -1929,6 +1930,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
         router: RouterPrecision::Model,
         weights: RoutingWeights::Hidden,
         beside_mlp: false,
+        latent: None,
     });
     Ok(ModelSpec {
         positions: Positions::None,
@@ -2096,14 +2098,11 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
         )
         .with_hint("the published Nemotron-H checkpoints use silu"));
     }
-    if let Some((key, v)) = r.raw(&["moe_latent_size"]).filter(|(_, v)| !v.is_null()) {
-        return Err(Error::field(
-            r.path,
-            key,
-            format!("({v}): latent expert projections (`fc1_latent_proj`) are not modelled"),
-        )
-        .with_hint("null, the experts on the hidden width, is"));
-    }
+    // Nemotron 3 Super's latent experts: null (the default) keeps them on the hidden width.
+    let latent = match r.raw(&["moe_latent_size"]) {
+        Some((_, v)) if !v.is_null() => r.opt_u64(&["moe_latent_size"])?,
+        _ => None,
+    };
     r.raw(&[
         "mamba_expand",
         "expand",
@@ -2185,6 +2184,7 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
             router: RouterPrecision::Fp32Operands,
             weights: RoutingWeights::Logits,
             beside_mlp: false,
+            latent,
         })
     } else {
         r.raw(&[

@@ -1003,6 +1003,11 @@ pub struct Moe {
     /// `enable_moe_block`): router and experts read the block's residual input through norms of
     /// their own, and the experts' output, normed, is added to the MLP's.
     pub beside_mlp: bool,
+    /// The routed experts work on a narrower width (Nemotron 3 Super's LatentMoE,
+    /// `moe_latent_size`): `fc1_latent_proj` projects the block's input down to it before the
+    /// experts and `fc2_latent_proj` their sum back up; router and shared experts read the
+    /// full width.
+    pub latent: Option<u64>,
 }
 
 /// The precision of a MoE router's matmul.
