@@ -93,13 +93,15 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
         )
         .with_hint("use --linear-kernel torch, or a bf16 or mixed precision"));
     }
-    // Mamba-2's kernels (mamba-ssm's `mamba_split_conv1d_scan_combined`) are one autograd
-    // Function whose saves ftplan has not read; the PyTorch path is what it plans.
-    if plan.linear_kernel == crate::spec::plan::LinearKernel::Fla && model.has_ssd() {
+    // mamba-ssm's kernels (Mamba-2's `mamba_split_conv1d_scan_combined`, Mamba's
+    // `mamba_inner_fn`) are each one autograd Function whose saves ftplan has not read; the
+    // PyTorch path is what it plans.
+    if plan.linear_kernel == crate::spec::plan::LinearKernel::Fla && model.has_state_space_layers()
+    {
         return Err(field(
             "linear-kernel",
             format!(
-                "fla is not modelled for `{}`'s Mamba-2 layers (mamba-ssm's fused scan)",
+                "fla is not modelled for `{}`'s Mamba layers (mamba-ssm's fused kernels)",
                 model.name
             ),
         )

@@ -646,6 +646,17 @@ impl PlanInput {
                 model.value.name
             ));
         }
+        if model.value.has_state_space_layers()
+            && !model.value.has_ssd()
+            && self.linear_kernel == LinearKernelArg::Torch
+        {
+            notes.push(format!(
+                "`{}`'s Mamba layers are planned as transformers' PyTorch selective scan (no \
+                 mamba-ssm installed), a loop over positions that keeps 14 bytes per batch x \
+                 channel x position x state element and launches kernels per position",
+                model.value.name
+            ));
+        }
         let plan = Plan {
             method,
             precision,
