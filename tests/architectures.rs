@@ -2496,3 +2496,38 @@ fn nemotron_h_latent_experts_run_on_the_latent_width() {
         (19_200, 12_288)
     );
 }
+
+#[test]
+fn bamba_places_attention_at_its_listed_layers_beside_granite_mamba2_layers() {
+    // A toy Bamba: hidden 128, 4 layers with attention at 1 and 3 (4 heads, 2 KV, of 32), an
+    // MLP of 256 in every layer; Mamba-2 of 256 channels in 8 heads, state 16, 2 groups.
+    let m = toy(&serde_json::json!({
+        "model_type": "bamba", "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "attn_layer_indices": [1, 3], "mamba_n_heads": 8,
+        "mamba_d_head": "auto", "mamba_n_groups": 2, "mamba_d_state": 16, "mamba_d_conv": 4,
+        "mamba_expand": 2, "mamba_chunk_size": 32, "tie_word_embeddings": false
+    }));
+    let mixers: Vec<_> = (0..4).map(|l| m.block_kind(l).mixer).collect();
+    assert!(matches!(mixers[0], Mixer::Ssd(_)) && mixers[1] == Mixer::Attention);
+    assert_eq!((mixers[2], mixers[3]), (mixers[0], mixers[1]));
+    assert!((0..4).all(|l| m.block_kind(l).ffn == FfnKind::Dense));
+    // BambaConfig hard-codes rotary on half of each head.
+    assert_eq!(
+        m.positions,
+        ftplan::spec::model::Positions::Rotary { fraction: 0.5 }
+    );
+    // transformers 5.17 builds 842,544 (checked on CPU). A Mamba layer: in_proj 128 -> 2 x
+    // 256 + 2 x 2 x 16 + 8 = 584, 74,752; the convolution over 320 channels 1,600; dt_bias,
+    // A_log and D 24; the gated norm 256; out_proj 32,768; the MLP 3 x 128 x 256 = 98,304; two
+    // norms 256: 207,960. An attention layer: q and o 16,384 each, k and v 8,192 each, the MLP
+    // and norms: 147,712. Twice each; the embeddings, head and final norm 131,200.
+    // peft 0.21.2, r16 (checked): `all-linear` wraps in_proj 16 x 712, out_proj 16 x 384 and
+    // the MLP's three 16 x 384 each per Mamba layer (`bamba` is not in peft's Mamba list),
+    // q 4,096, k and v 3,072 each, o 4,096 and the MLP per attention layer; q,v 2 x 7,168.
+    assert_eq!(lora_counts(&m), (842_544, 137_472, 14_336));
+    // peft's prefix cache fails on its Mamba-2 layers (checked on the toy).
+    let prefix = Method::Prefix { virtual_tokens: 4 };
+    let err = refusal(&m, &plan(prefix, 1, 64, AttentionKernel::Sdpa));
+    assert!(err.contains("Mamba-2 layers reject"), "{err}");
+}

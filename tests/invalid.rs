@@ -386,6 +386,33 @@ fn nemotron_h_latent_expert_width_of_zero() {
 }
 
 #[test]
+fn bamba_attention_index_past_the_layers() {
+    model(
+        "bamba-attention-past-the-layers.json",
+        &["`attn_layer_indices`", "`4` is not a layer index below 4"],
+    );
+}
+
+#[test]
+fn bamba_z_loss_is_refused_as_not_modelled() {
+    model(
+        "bamba-z-loss.json",
+        &["`z_loss_coefficient`", "z-loss is not modelled", "hint"],
+    );
+}
+
+#[test]
+fn jamba_attention_offset_not_below_its_period() {
+    model(
+        "jamba-attention-offset-past-period.json",
+        &[
+            "`attn_layer_offset`",
+            "must be smaller than `attn_layer_period` (2)",
+        ],
+    );
+}
+
+#[test]
 fn falcon_h1_mamba_heads_that_do_not_tile_its_d_ssm() {
     model(
         "falcon-h1-heads-not-tiling.json",

@@ -662,6 +662,7 @@ impl<'a> Builder<'a> {
             | Family::Cohere
             | Family::Cohere2
             | Family::Jamba
+            | Family::Bamba
             | Family::Olmo => (0, 0),
         };
         if p <= 0.0 {

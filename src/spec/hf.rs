@@ -262,6 +262,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Lfm2
         | Family::Lfm2Moe
         | Family::GraniteMoeHybrid
+        | Family::Bamba
         | Family::Llama4
         | Family::Ernie45
         | Family::Ministral3
@@ -443,7 +444,8 @@ fn delta_net(r: &Reader, family: Family) -> Result<Option<DeltaNet>> {
 /// 128 heads, `mamba_d_head` "auto" = expand x hidden / heads, state 256, one group, a 4-tap
 /// convolution with a bias, chunks of 256, no projection biases), `None` for other families.
 fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
-    if family != Family::GraniteMoeHybrid {
+    // BambaMixer is GraniteMoeHybridMambaLayer under the same keys and defaults.
+    if !matches!(family, Family::GraniteMoeHybrid | Family::Bamba) {
         return Ok(None);
     }
     let hidden = r.u64(&["hidden_size"])?;
@@ -670,7 +672,31 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             .collect();
     }
     if let Some(s) = ssd {
-        // GraniteMoeHybridConfig without `layer_types`: every layer is Mamba-2.
+        // BambaConfig without `layer_types`: attention at `attn_layer_indices`, Mamba-2
+        // elsewhere (all of them when it is absent); GraniteMoeHybridConfig without
+        // `layer_types`: every layer is Mamba-2.
+        let mut v = vec![Mixer::Ssd(s); layers as usize];
+        if family == Family::Bamba
+            && let Some((key, indices)) =
+                r.raw(&["attn_layer_indices"]).filter(|(_, v)| !v.is_null())
+        {
+            let Value::Array(indices) = indices else {
+                return Err(Error::field(r.path, key, "must be a list of layer indices"));
+            };
+            for i in indices {
+                match i.as_u64().filter(|&i| i < layers) {
+                    Some(i) => v[i as usize] = Mixer::Attention,
+                    None => {
+                        return Err(Error::field(
+                            r.path,
+                            key,
+                            format!("`{i}` is not a layer index below {layers}"),
+                        ));
+                    }
+                }
+            }
+            return Ok(v);
+        }
         return Ok(vec![Mixer::Ssd(s)]);
     }
     if let Some(d) = linear {
@@ -1054,8 +1080,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Lfm2 | Family::Lfm2Moe => (8, hidden / heads.max(1)),
         // Llama4TextConfig: 8 KV heads of 128.
         Family::Llama4 => (8, 128),
-        // JambaConfig: 8 KV heads.
-        Family::Jamba => (8, hidden / heads.max(1)),
+        // JambaConfig and BambaConfig: 8 KV heads.
+        Family::Jamba | Family::Bamba => (8, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -1132,6 +1158,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::SeedOss
         | Family::Helium
         | Family::Nemotron
+        | Family::Bamba
         | Family::Arcee => mlp_bias,
         // The same `use_bias` as the attention's (ERNIE-MoE's dense and shared-expert MLPs).
         Family::Ernie45 | Family::Ernie45Moe => qkv_bias,
@@ -1230,6 +1257,17 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     } else {
         Multipliers::default()
     };
+    // BambaForCausalLM adds `z_loss_coefficient x logsumexp(logits)^2` to the loss when it is
+    // positive: ops on the logits ftplan does not build.
+    if family == Family::Bamba
+        && let Some((key, v)) = r.raw(&["z_loss_coefficient"])
+        && v.as_f64() != Some(0.0)
+    {
+        return Err(
+            Error::field(r.path, key, format!("({v}): a z-loss is not modelled"))
+                .with_hint("0, the default, is (no z-loss)"),
+        );
+    }
     let mixers = mixers(r, family, layers)?;
     let rope_layers = rope_layers(r, family, &mixers, layers)?;
     Ok(ModelSpec {
@@ -1369,6 +1407,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // `partial_rotary_factor` of the head and zeros for the rest, so cos and sin span
             // the whole head and rotary runs over all of it, as on the local layers.
             Positions::Rotary { fraction: 1.0 }
+        } else if family == Family::Bamba {
+            // BambaConfig sets `partial_rotary_factor` to 0.5 whatever the config says.
+            r.raw(&["partial_rotary_factor"]);
+            Positions::Rotary { fraction: 0.5 }
         } else if family == Family::GraniteMoeHybrid {
             // GraniteMoeHybridModel builds a rotary embedding only for "rope"; Granite 4.0's
             // published configs say "nope".

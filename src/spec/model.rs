@@ -194,6 +194,10 @@ pub enum Family {
     /// a non-gated squared-ReLU MLP, or DeepSeek-V3-style routed experts (non-gated, a sigmoid
     /// router) with a shared MLP.
     NemotronH,
+    /// `BambaForCausalLM` (IBM Bamba-9B v1/v2): Llama's two-norm blocks with a SwiGLU MLP in
+    /// every layer, whose mixer is Granite 4.0's Mamba-2 layer except at `attn_layer_indices`,
+    /// where it is GQA attention with rotary on half of each head.
+    Bamba,
     /// `FalconMambaForCausalLM` (TII Falcon Mamba 7B): Mamba's blocks and mixer with weightless
     /// RMSNorms on the step size's input and on B and C ([`DtBcNorms::Weightless`]).
     FalconMamba,
@@ -274,6 +278,7 @@ impl Family {
                 | Family::Qwen35
                 | Family::Qwen35Moe
                 | Family::Qwen3Next
+                | Family::Bamba
         )
     }
 
@@ -368,7 +373,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 75] = [
+    pub const ALL: [(&'static str, Family); 76] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -444,6 +449,7 @@ impl Family {
         ("falcon_h1", Family::FalconH1),
         ("falcon_mamba", Family::FalconMamba),
         ("jamba", Family::Jamba),
+        ("bamba", Family::Bamba),
     ];
 
     pub fn model_type(self) -> &'static str {
