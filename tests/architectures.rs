@@ -2531,3 +2531,30 @@ fn bamba_places_attention_at_its_listed_layers_beside_granite_mamba2_layers() {
     let err = refusal(&m, &plan(prefix, 1, 64, AttentionKernel::Sdpa));
     assert!(err.contains("Mamba-2 layers reject"), "{err}");
 }
+
+#[test]
+fn granite_moe_runs_experts_in_every_layer_with_an_optional_shared_mlp() {
+    // A toy Granite 3.x MoE: hidden 128, 2 layers, 4 heads (2 KV) of 32, 4 experts of 64 (top
+    // 2), Granite's multipliers, tied embeddings.
+    let mut config = serde_json::json!({
+        "model_type": "granitemoe", "hidden_size": 128, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 6.0,
+        "attention_multiplier": 0.0078125, "tie_word_embeddings": true
+    });
+    let m = toy(&config);
+    assert!((0..2).all(|l| m.block_kind(l).ffn == FfnKind::Moe));
+    // transformers 5.17 builds 362,112 (checked on CPU): per layer q and o 16,384 each, k and v
+    // 8,192 each, the router 512, the experts 4 x (128 + 64) x 128 = 98,304, two norms 256;
+    // the tied embedding 65,536 and the final norm. peft 0.21.2, r16 (checked): the attention
+    // alone, 2 x (4,096 + 3,072 + 3,072 + 4,096) under `all-linear` (the router is a bare
+    // parameter, the experts 3-D ones peft does not convert for this model type).
+    assert_eq!(lora_counts(&m), (362_112, 28_672, 14_336));
+    // `granitemoeshared` adds a shared MLP of `shared_intermediate_size` (96) after the
+    // experts: input_linear 128 -> 192 and output_linear 96 -> 128, 36,864 a layer (435,840,
+    // checked), which `all-linear` reaches, 16 x 320 + 16 x 224 = 8,704 a layer.
+    config["model_type"] = serde_json::json!("granitemoeshared");
+    config["shared_intermediate_size"] = serde_json::json!(96);
+    assert_eq!(lora_counts(&toy(&config)), (435_840, 46_080, 14_336));
+}

@@ -356,12 +356,13 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // heads, then a 3-layer DeepSeek-V2-Lite with CUDA's SDPA kernel for its narrower values,
     // then Mamba-2's chunked scan and Granite 4.0's hybrid of it, then Nemotron-H's one-sub-layer
     // hybrids, dense and MoE, then Falcon-H1's parallel ones, then Falcon Mamba's and Jamba's
-    // Mamba-1 layers and Nemotron-H's latent experts, then Bamba (validation/families.jsonl,
+    // Mamba-1 layers and Nemotron-H's latent experts, then Bamba, then Granite 3.x MoE
+    // (validation/families.jsonl,
     // measure.py --fake; the twenty-three before Mamba-2 replayed by validation/peak_live.py
     // only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 388);
+    assert_eq!(rows.len(), 394);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -409,6 +410,7 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             "jamba-",
             "nemotron-3-latent-",
             "bamba-",
+            "granite-moe-shared-",
         ]
         .iter()
         .any(|m| r.name.starts_with(m))
@@ -424,7 +426,9 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             // and +12 % (the first layer's scan kept nothing; the blocks below Jamba's first
             // adapted layer kept activations): within 0.3 % since. Three with Nemotron 3
             // Super's latent experts, estimated before they ran: within 0.1 %. Bamba's five,
-            // estimated before they ran: within 0.05 %.
+            // estimated before they ran: within 0.05 %. Granite 3.x MoE's six (the four
+            // `granite-3.1-3b-a800m-4l` ones fall under Granite's 1.5 % above), estimated
+            // before they ran: within 0.1 %.
             0.01
         } else if r.name == "pegasus-large|full_bf16|b4|s(1024, 256)|gc1|sdpa"
             || r.name.starts_with("ernie-moe-4l|full|")

@@ -630,7 +630,8 @@ impl<'a> Builder<'a> {
             | Family::Mamba2
             | Family::NemotronH
             | Family::FalconH1
-            | Family::GraniteMoeHybrid => (0, 0),
+            | Family::GraniteMoeHybrid
+            | Family::GraniteMoe => (0, 0),
             Family::Llama
             | Family::Mistral
             | Family::Qwen2

@@ -262,6 +262,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Lfm2
         | Family::Lfm2Moe
         | Family::GraniteMoeHybrid
+        | Family::GraniteMoe
         | Family::Bamba
         | Family::Llama4
         | Family::Ernie45
@@ -827,6 +828,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             )
         }
         Family::GptOss => ("num_local_experts", intermediate),
+        // GraniteMoeConfig: 8 experts of `intermediate_size` in every layer.
+        Family::GraniteMoe => ("num_local_experts", intermediate),
         Family::Ernie45Moe => ("moe_num_experts", r.u64(&["moe_intermediate_size"])?),
         // HunYuanMoEV1Experts (MixtralExperts) and its shared MLP are `intermediate_size` wide;
         // the published configs' per-layer `moe_intermediate_size` list is not read by it.
@@ -843,7 +846,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         (Family::HunyuanMoe, key) => uniform_per_layer(r, key)?,
         (_, "n_routed_experts") => r.u64(&["n_routed_experts"])?,
         (_, "moe_num_experts") => r.u64(&["moe_num_experts", "num_experts"])?,
-        (Family::GraniteMoeHybrid, _) => r.opt_u64(&["num_local_experts"])?.unwrap_or(8),
+        (Family::GraniteMoeHybrid | Family::GraniteMoe, _) => {
+            r.opt_u64(&["num_local_experts"])?.unwrap_or(8)
+        }
         _ => r.u64(&["num_experts", "num_local_experts"])?,
     };
     // GPT-OSS's published config also writes `experts_per_token` (the original checkpoint's
@@ -856,7 +861,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::HunyuanMoe => uniform_per_layer(r, "moe_topk")?,
         Family::Gemma4 => r.u64(&["top_k_experts", "num_experts_per_tok"])?,
         Family::Llama4 => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(1),
-        Family::GraniteMoeHybrid => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2),
+        Family::GraniteMoeHybrid | Family::GraniteMoe => {
+            r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2)
+        }
         _ => r.u64(&["num_experts_per_tok"])?,
     };
     if experts > 1024 || top_k > experts {
@@ -907,6 +914,14 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Llama4 => (expert_inter, false),
         // GraniteMoeHybridDecoderLayer: `moe(x) + shared_mlp(x)`, the shared MLP after.
         Family::GraniteMoeHybrid => (intermediate, false),
+        // GraniteMoeSharedDecoderLayer likewise, with no shared MLP at 0 (GraniteMoe's).
+        Family::GraniteMoe => match r.raw(&["shared_intermediate_size"]) {
+            Some((_, v)) if v.as_u64() == Some(0) => (0, false),
+            _ => (
+                r.opt_u64(&["shared_intermediate_size"])?.unwrap_or(0),
+                false,
+            ),
+        },
         // HunYuanMoEV1Moe: one `shared_mlp` whatever `num_shared_expert` says.
         Family::HunyuanMoe => {
             r.raw(&[
@@ -1014,7 +1029,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             Family::Phimoe => Routing::SparseMixer,
             Family::Llama4 => Routing::EveryExpert,
             // GraniteMoeHybridTopKRouter: `softmax(top_k_logits)`.
-            Family::GptOss | Family::GraniteMoeHybrid => Routing::SoftmaxOfTopK,
+            Family::GptOss | Family::GraniteMoeHybrid | Family::GraniteMoe => {
+                Routing::SoftmaxOfTopK
+            }
             _ => Routing::TopK,
         },
         input_jitter,
@@ -1031,7 +1048,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             }
             Family::Mistral4 | Family::Phimoe => RoutingWeights::Softmax,
             // GraniteMoeHybridTopKRouter: `.type_as(hidden_states)`.
-            Family::Ernie45Moe | Family::GraniteMoeHybrid => RoutingWeights::Hidden,
+            Family::Ernie45Moe | Family::GraniteMoeHybrid | Family::GraniteMoe => {
+                RoutingWeights::Hidden
+            }
             _ => RoutingWeights::Logits,
         },
         router: match family {
@@ -1245,7 +1264,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             logits_divisor: 1.0 / r.f64_or(&["logit_scale"], 0.0625)?,
             ..Multipliers::default()
         }
-    } else if matches!(family, Family::Granite | Family::GraniteMoeHybrid) {
+    } else if matches!(
+        family,
+        Family::Granite | Family::GraniteMoeHybrid | Family::GraniteMoe
+    ) {
         // GraniteConfig's defaults are 1 (none); `attention_multiplier` is SDPA's `scale`
         // argument and costs nothing.
         r.raw(&["attention_multiplier"]);
@@ -1320,7 +1342,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         fused_qkv: family == Family::Phi3,
         fused_gate_up: matches!(
             family,
-            Family::Phi3 | Family::Glm4 | Family::GraniteMoeHybrid
+            Family::Phi3 | Family::Glm4 | Family::GraniteMoeHybrid | Family::GraniteMoe
         ),
         dropout: Dropouts {
             attention: attention_dropout,

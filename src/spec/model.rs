@@ -194,6 +194,11 @@ pub enum Family {
     /// a non-gated squared-ReLU MLP, or DeepSeek-V3-style routed experts (non-gated, a sigmoid
     /// router) with a shared MLP.
     NemotronH,
+    /// `GraniteMoeForCausalLM` and `GraniteMoeSharedForCausalLM` (IBM Granite 3.0/3.1 MoE,
+    /// 1B-A400M and 3B-A800M): Granite's multipliers and attention with fused experts in every
+    /// layer behind Granite 4.0's router (top-k of the logits, then a softmax over the k), and
+    /// with `shared_intermediate_size` a shared MLP added after them.
+    GraniteMoe,
     /// `BambaForCausalLM` (IBM Bamba-9B v1/v2): Llama's two-norm blocks with a SwiGLU MLP in
     /// every layer, whose mixer is Granite 4.0's Mamba-2 layer except at `attn_layer_indices`,
     /// where it is GQA attention with rotary on half of each head.
@@ -373,7 +378,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 76] = [
+    pub const ALL: [(&'static str, Family); 78] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -450,6 +455,8 @@ impl Family {
         ("falcon_mamba", Family::FalconMamba),
         ("jamba", Family::Jamba),
         ("bamba", Family::Bamba),
+        ("granitemoe", Family::GraniteMoe),
+        ("granitemoeshared", Family::GraniteMoe),
     ];
 
     pub fn model_type(self) -> &'static str {
