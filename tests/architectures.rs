@@ -973,14 +973,19 @@ fn mamba_hybrid_refusals(m: &ModelSpec) {
 /// (2 KV) of 16, an MLP of 96, 4 Mamba heads of 16 with state 8 in 2 groups, 4 experts of 32
 /// (top 2) beside a shared MLP of 48.
 fn nemotron_h_toy(pattern: &str) -> ModelSpec {
-    toy(&serde_json::json!({
+    toy(&nemotron_h_config(pattern))
+}
+
+/// The `config.json` object of `nemotron_h_toy(pattern)`.
+fn nemotron_h_config(pattern: &str) -> serde_json::Value {
+    serde_json::json!({
         "model_type": "nemotron_h", "hybrid_override_pattern": pattern, "hidden_size": 64,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "intermediate_size": 96, "mamba_num_heads": 4, "mamba_head_dim": 16,
         "ssm_state_size": 8, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16,
         "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "moe_shared_expert_intermediate_size": 48, "vocab_size": 256
-    }))
+    })
 }
 
 #[test]
@@ -2474,14 +2479,7 @@ fn nemotron_h_latent_experts_run_on_the_latent_width() {
     // 2): `moe_latent_size` 24 adds fc1_latent_proj (64 -> 24) and fc2_latent_proj (24 -> 64),
     // 3,072, and the experts read 24 features, not 64: their up and down stacks are 2 x 4 x
     // 32 x 24 = 6,144, down from 16,384. transformers 5.17 builds 88,428 (checked on CPU).
-    let mut config = serde_json::json!({
-        "model_type": "nemotron_h", "hybrid_override_pattern": "M-*E", "hidden_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "intermediate_size": 96, "mamba_num_heads": 4, "mamba_head_dim": 16,
-        "ssm_state_size": 8, "n_groups": 2, "conv_kernel": 4, "chunk_size": 16,
-        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-        "moe_shared_expert_intermediate_size": 48, "vocab_size": 256
-    });
+    let mut config = nemotron_h_config("M-*E");
     let p = full(Precision::MixedBf16, 1, 100);
     let hidden = run(&toy(&config), &p).memory.trainable_params;
     config["moe_latent_size"] = serde_json::json!(24);

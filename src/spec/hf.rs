@@ -676,7 +676,6 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         // BambaConfig without `layer_types`: attention at `attn_layer_indices`, Mamba-2
         // elsewhere (all of them when it is absent); GraniteMoeHybridConfig without
         // `layer_types`: every layer is Mamba-2.
-        let mut v = vec![Mixer::Ssd(s); layers as usize];
         if family == Family::Bamba
             && let Some((key, indices)) =
                 r.raw(&["attn_layer_indices"]).filter(|(_, v)| !v.is_null())
@@ -684,19 +683,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             let Value::Array(indices) = indices else {
                 return Err(Error::field(r.path, key, "must be a list of layer indices"));
             };
-            for i in indices {
-                match i.as_u64().filter(|&i| i < layers) {
-                    Some(i) => v[i as usize] = Mixer::Attention,
-                    None => {
-                        return Err(Error::field(
-                            r.path,
-                            key,
-                            format!("`{i}` is not a layer index below {layers}"),
-                        ));
-                    }
-                }
-            }
-            return Ok(v);
+            return attention_at(r, (key, indices), layers, Mixer::Ssd(s));
         }
         return Ok(vec![Mixer::Ssd(s)]);
     }
@@ -720,20 +707,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         let Some((key, Value::Array(idxs))) = r.raw(&["full_attn_idxs"]) else {
             return Ok(vec![Mixer::Attention]);
         };
-        let mut v = vec![Mixer::ShortConv(c); layers as usize];
-        for i in idxs {
-            match i.as_u64().filter(|&i| i < layers) {
-                Some(i) => v[i as usize] = Mixer::Attention,
-                None => {
-                    return Err(Error::field(
-                        r.path,
-                        key,
-                        format!("`{i}` is not a layer index below {layers}"),
-                    ));
-                }
-            }
-        }
-        return Ok(v);
+        return attention_at(r, (key, idxs), layers, Mixer::ShortConv(c));
     }
     let Some(w) = window.filter(|_| flag.unwrap_or(!qwen)) else {
         return Ok(vec![Mixer::Attention]);
@@ -787,6 +761,30 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         }
         _ => vec![local],
     })
+}
+
+/// `layers` mixers, `other` but attention at the layer indices the config's `key` lists
+/// (LFM2's `full_attn_idxs`, Bamba's `attn_layer_indices`).
+fn attention_at(
+    r: &Reader,
+    (key, indices): (&'static str, &[Value]),
+    layers: u64,
+    other: Mixer,
+) -> Result<Vec<Mixer>> {
+    let mut v = vec![other; layers as usize];
+    for i in indices {
+        match i.as_u64().filter(|&i| i < layers) {
+            Some(i) => v[i as usize] = Mixer::Attention,
+            None => {
+                return Err(Error::field(
+                    r.path,
+                    key,
+                    format!("`{i}` is not a layer index below {layers}"),
+                ));
+            }
+        }
+    }
+    Ok(v)
 }
 
 /// Reads the shared mixture-of-experts keys (Mixtral, Qwen2/3-MoE, DeepSeek).
