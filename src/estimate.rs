@@ -127,6 +127,25 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             "split it by data parallelism (--engine fsdp or zero3) or pipeline stages (--pp)",
         ));
     }
+    // Megatron splits Mamba-2 mixers by heads (modelled); no training framework ftplan knows
+    // splits Mamba-1 mixers (Jamba's), which would stay whole on every rank.
+    if plan.parallel.tp > 1
+        && model
+            .mixers
+            .iter()
+            .any(|m| matches!(m, crate::spec::model::Mixer::Ssm(_)))
+    {
+        return Err(field(
+            "tp",
+            format!(
+                "tensor parallelism is not modelled for `{}`'s Mamba layers",
+                model.name
+            ),
+        )
+        .with_hint(
+            "split it by data parallelism (--engine fsdp or zero3) or pipeline stages (--pp)",
+        ));
+    }
     crate::spec::parallel::check(&plan.parallel, layers, heads, kv_heads)
         .map_err(|(f, problem)| field(&f, problem))?;
     if plan.seq > MAX_WIDTH || plan.target_seq > MAX_WIDTH {

@@ -2471,6 +2471,15 @@ fn jamba_interleaves_mamba_and_attention_layers_and_dense_and_sparse_ffns() {
     let prefix = Method::Prefix { virtual_tokens: 8 };
     let err = refusal(&m, &plan(prefix, 1, 64, AttentionKernel::Sdpa));
     assert!(err.contains("Mamba layers reject"), "{err}");
+    // No framework ftplan knows splits Mamba-1 mixers across tensor-parallel ranks.
+    let mut tp = full(Precision::MixedBf16, 1, 64);
+    tp.parallel.tp = 2;
+    tp.parallel.gpus = 2;
+    let err = refusal(&m, &tp);
+    assert!(
+        err.contains("`tp`") && err.contains("Mamba layers"),
+        "{err}"
+    );
 }
 
 #[test]
