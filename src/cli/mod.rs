@@ -125,8 +125,9 @@ fn note(notes: &[String]) {
 
 fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     let r = PlanInput::from_args(&a.plan).resolve()?;
-    note(&r.notes);
+    // Notes qualify a result: a refused plan gets its one error line alone.
     let e = estimate_resolved(&r)?;
+    note(&r.notes);
     // The one place the budget flags get their ranges.
     let ranged = |field: &str, v: Option<f64>, max: f64| -> anyhow::Result<Option<f64>> {
         match v {

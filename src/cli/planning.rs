@@ -186,9 +186,9 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         None => PlanInput::from_args(&a.plan),
     };
     let r = input.resolve()?;
-    note(&r.notes);
     let t = target(&r);
     let e = estimate_resolved(&r)?;
+    note(&r.notes);
     let max_batch = search::max_batch(&t, &r.plan)?;
     let max_seq = search::max_seq(&t, &r.plan)?;
     let fixes = if e.fits {

@@ -1713,9 +1713,7 @@ fn moe_ops(
     let peft_reaches_experts = b.model.family.peft_converts_experts();
     // Gemma 4's router projects through an `nn.Linear` (`router.proj`), which `all-linear`
     // wraps although peft leaves its experts alone.
-    // Jamba's router is an `nn.Linear` of its own (`router`), which `all-linear` wraps.
-    if peft_reaches_experts || moe.beside_mlp || b.model.family == crate::spec::model::Family::Jamba
-    {
+    if peft_reaches_experts || moe.beside_mlp || b.model.family.router_is_linear() {
         router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
     (b.autocast, b.half, b.base, b.storage_base) = saved;
@@ -1777,13 +1775,6 @@ fn moe_ops(
         o.cost.forward_kernels += forward;
         o.cost.backward_kernels += backward;
     }
-    // transformers 5 runs every routed row through the experts at once
-    // (`grouped_mm_experts_forward` in integrations/moe.py, its default
-    // `experts_implementation`; the fallback without a grouped kernel writes the same S-row
-    // outputs). The rows are sorted by expert, not split: each projection is one grouped matmul
-    // over all S = tokens x top_k routed rows against the whole `[E, out, in]` stack. So what a
-    // layer holds does not depend on how the router spreads the tokens: the one op set below
-    // carries all S rows and all E experts' weights.
     // Nemotron 3 Super's LatentMoE: the experts read `fc1_latent_proj(hidden_states)` and
     // work at its width; `fc2_latent_proj` projects their sum back (both `nn.Linear`, biased
     // by `mlp_bias`, reached by no target name).
@@ -1797,6 +1788,13 @@ fn moe_ops(
         None => x,
     };
     let h = x.width;
+    // transformers 5 runs every routed row through the experts at once
+    // (`grouped_mm_experts_forward` in integrations/moe.py, its default
+    // `experts_implementation`; the fallback without a grouped kernel writes the same S-row
+    // outputs). The rows are sorted by expert, not split: each projection is one grouped matmul
+    // over all S = tokens x top_k routed rows against the whole `[E, out, in]` stack. So what a
+    // layer holds does not depend on how the router spreads the tokens: the one op set below
+    // carries all S rows and all E experts' weights.
     let routed = x.tokens * moe.top_k;
     // The first projection's width: gate and up, or up alone for non-gated experts.
     let up_width = if moe.gate == ExpertGate::None {

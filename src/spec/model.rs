@@ -363,6 +363,12 @@ impl Family {
         matches!(self, Family::Phimoe | Family::Llama4)
     }
 
+    /// The MoE router is a plain `nn.Linear` (Jamba's `router`), which `all-linear` wraps
+    /// although peft leaves the 3-D experts alone.
+    pub fn router_is_linear(self) -> bool {
+        matches!(self, Family::Jamba)
+    }
+
     /// LFM2's layers (dense and MoE): short convolutions beside attention, LFM2's config keys.
     pub fn is_lfm2(self) -> bool {
         matches!(self, Family::Lfm2 | Family::Lfm2Moe)
