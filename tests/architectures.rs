@@ -148,14 +148,7 @@ fn kept_under(m: &ModelSpec, p: &Plan, prefix: &str) -> u64 {
 
 /// What LoRA r16 on the modules `names` (peft's `target_modules`) trains on a toy.
 fn lora_trainable(m: &ModelSpec, names: &[&str]) -> u64 {
-    let targets = LoraTargets::parse(names.iter().copied()).expect("known names");
-    let method = Method::Lora(Lora {
-        rank: 16,
-        alpha: 32.0,
-        targets,
-        dora: false,
-    });
-    let mut p = plan(method, 1, 64, AttentionKernel::Sdpa);
+    let mut p = plan(lora_named(names), 1, 64, AttentionKernel::Sdpa);
     if m.encoder.is_some() {
         p.target_seq = 16;
     }
@@ -799,15 +792,9 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
     // 25,856, dt_proj (48 -> 1,536) 16 x 1,584 = 25,344: 112,640 x 24 = 2,703,360, what peft
     // wraps and counts as trainable.
     let named = |names: &[&str]| {
-        let lora = Method::Lora(Lora {
-            rank: 16,
-            alpha: 32.0,
-            targets: LoraTargets::parse(names.iter().copied()).expect("known names"),
-            dora: false,
-        });
         run(
             &model("mamba-130m"),
-            &plan(lora, 1, 64, AttentionKernel::Sdpa),
+            &plan(lora_named(names), 1, 64, AttentionKernel::Sdpa),
         )
     };
     let three = named(&["in_proj", "x_proj", "dt_proj"]);
@@ -1025,8 +1012,7 @@ fn nemotron_h_layers_are_one_sub_layer_each_mamba2_attention_mlp_or_experts() {
         "up_proj",
         "down_proj",
     ];
-    let e = run(&m, &plan(lora_named(&names), 1, 64, AttentionKernel::Sdpa));
-    assert_eq!(e.memory.trainable_params, 19_520);
+    assert_eq!(lora_trainable(&m, &names), 19_520);
     mamba_hybrid_refusals(&m);
     // The gated norm normalises each of the 2 groups on its own (`Zamba2RMSNormGated`): its
     // rsqrt keeps one fp32 value per token and group, 64 x 2 x 4 = 512 B, beside the fp32
@@ -1074,8 +1060,7 @@ fn falcon_h1_layers_run_mamba2_beside_attention_with_mup_multipliers() {
         "up_proj",
         "down_proj",
     ];
-    let e = run(&m, &plan(lora_named(&names), 1, 64, AttentionKernel::Sdpa));
-    assert_eq!(e.memory.trainable_params, 36_992);
+    assert_eq!(lora_trainable(&m, &names), 36_992);
     mamba_hybrid_refusals(&m);
     // The µP multipliers run as ops whatever their values: the Mamba projection times its fp32
     // `mup_vector` buffer is an fp32 tensor of 100 tokens x 164 x 4 = 65,600 B that keeps

@@ -95,6 +95,15 @@ impl<'a> Reader<'a> {
         Ok(Some(number as u64))
     }
 
+    /// A count that configs may also give as "auto" (Mamba's `time_step_rank`, the Mamba-2
+    /// head width): `auto` when absent or "auto", the count otherwise.
+    fn u64_or_auto(&self, key: &'static str, auto: u64) -> Result<u64> {
+        match self.raw(&[key]) {
+            Some((_, Value::String(s))) if s == "auto" => Ok(auto),
+            _ => Ok(self.opt_u64(&[key])?.unwrap_or(auto)),
+        }
+    }
+
     fn u64(&self, keys: &[&'static str]) -> Result<u64> {
         self.opt_u64(keys)?
             .ok_or_else(|| Error::field(self.path, keys[0], "is missing"))
@@ -461,11 +470,7 @@ fn granite_ssd(r: &Reader, family: Family) -> Result<Option<Ssd>> {
 /// 4-tap convolution with a bias, chunks of 256, no projection bias), `inner` channels wide.
 fn mamba_prefixed_ssd(r: &Reader, inner: (u64, &str)) -> Result<Ssd> {
     let heads = r.opt_u64(&["mamba_n_heads"])?.unwrap_or(128);
-    let head_dim = match r.raw(&["mamba_d_head"]) {
-        Some((_, Value::String(s))) if s == "auto" => inner.0 / heads.max(1),
-        Some(_) => r.u64(&["mamba_d_head"])?,
-        None => inner.0 / heads.max(1),
-    };
+    let head_dim = r.u64_or_auto("mamba_d_head", inner.0 / heads.max(1))?;
     read_ssd(
         r,
         (heads, head_dim, inner),
@@ -864,13 +869,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         }
         _ => r.u64(&["num_experts_per_tok"])?,
     };
-    if experts > 1024 || top_k > experts {
-        return Err(Error::field(
-            r.path,
-            "num_experts_per_tok",
-            format!("({top_k}) must be at most the experts ({experts}), at most 1024"),
-        ));
-    }
+    check_top_k(r, experts, top_k)?;
     // Input jitter, in training only: MixtralSparseMoeBlock multiplies its input by noise when
     // `router_jitter_noise` > 0; PhimoeSparseMoeBlock and then PhimoeTopKRouter each do when
     // `input_jitter_noise` > 0 (PhiMoE's `router_jitter_noise` is sparsemixer's threshold).
@@ -1058,6 +1057,19 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             _ => RouterPrecision::Model,
         },
     }))
+}
+
+/// Experts and top-k as a router can use them: at most 1,024 experts, top-k at most that
+/// (both at least 1, as every count is read).
+fn check_top_k(r: &Reader, experts: u64, top_k: u64) -> Result<()> {
+    if experts > 1024 || top_k > experts {
+        return Err(Error::field(
+            r.path,
+            "num_experts_per_tok",
+            format!("({top_k}) must be at most the experts ({experts}), at most 1024"),
+        ));
+    }
+    Ok(())
 }
 
 /// A count HunYuan's config may give per layer (`num_experts`, `moe_topk`: an integer or a
@@ -1849,11 +1861,7 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
 fn mamba(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let expand = r.opt_u64(&["expand"])?.unwrap_or(2);
-    let dt_rank = match r.raw(&["time_step_rank"]) {
-        Some((_, Value::String(s))) if s == "auto" => hidden.div_ceil(16),
-        Some(_) => r.u64(&["time_step_rank"])?,
-        None => hidden.div_ceil(16),
-    };
+    let dt_rank = r.u64_or_auto("time_step_rank", hidden.div_ceil(16))?;
     if r.bool_or(&["use_bias"], false)? {
         return Err(Error::field(r.path, "use_bias", "is not supported")
             .with_hint("the published Mamba checkpoints have no linear biases"));
@@ -1929,11 +1937,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
             );
         }
     }
-    let dt_rank = match r.raw(&["mamba_dt_rank"]) {
-        Some((_, Value::String(s))) if s == "auto" => hidden.div_ceil(16),
-        Some(_) => r.u64(&["mamba_dt_rank"])?,
-        None => hidden.div_ceil(16),
-    };
+    let dt_rank = r.u64_or_auto("mamba_dt_rank", hidden.div_ceil(16))?;
     let ssm = Ssm {
         inner: r.opt_u64(&["mamba_expand"])?.unwrap_or(2) * hidden,
         state: r.opt_u64(&["mamba_d_state"])?.unwrap_or(16),
@@ -1943,13 +1947,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
     };
     let experts = r.opt_u64(&["num_experts"])?.unwrap_or(16);
     let top_k = r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2);
-    if experts == 0 || experts > 1024 || top_k == 0 || top_k > experts {
-        return Err(Error::field(
-            r.path,
-            "num_experts_per_tok",
-            format!("({top_k}) must be 1 to the experts ({experts}), 1 to 1024"),
-        ));
-    }
+    check_top_k(r, experts, top_k)?;
     r.raw(&[
         "use_mamba_kernels",
         "use_mambapy",
@@ -2220,13 +2218,7 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
             .opt_u64(&["n_routed_experts", "num_local_experts"])?
             .unwrap_or(8);
         let top_k = r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2);
-        if experts == 0 || experts > 1024 || top_k > experts {
-            return Err(Error::field(
-                r.path,
-                "num_experts_per_tok",
-                format!("({top_k}) must be at most the experts ({experts}), 1 to 1024"),
-            ));
-        }
+        check_top_k(r, experts, top_k)?;
         Some(Moe {
             experts,
             top_k,
