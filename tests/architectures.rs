@@ -2420,14 +2420,15 @@ fn jamba_interleaves_mamba_and_attention_layers_and_dense_and_sparse_ffns() {
     // A toy Jamba: hidden 256, 4 layers, attention on odd layers (period 2, offset 1) and
     // experts on odd layers too (4 of 512, top 2), Mamba (inner 512, state 16, dt rank 32) and
     // a dense SwiGLU MLP of 512 on even ones; 8 heads (2 KV) of 32; untied, vocabulary 1,000.
-    let m = toy(&serde_json::json!({
+    let mut config = serde_json::json!({
         "model_type": "jamba", "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
         "vocab_size": 1000, "num_experts": 4, "num_experts_per_tok": 2,
         "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
         "expert_layer_offset": 1, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2,
         "mamba_dt_rank": 32, "tie_word_embeddings": false
-    }));
+    });
+    let m = toy(&config);
     let kinds: Vec<_> = (0..4).map(|l| m.block_kind(l)).collect();
     assert!(matches!(kinds[0].mixer, Mixer::Ssm(_)) && kinds[0].ffn == FfnKind::Dense);
     assert!(kinds[1].mixer == Mixer::Attention && kinds[1].ffn == FfnKind::Moe);
@@ -2466,6 +2467,18 @@ fn jamba_interleaves_mamba_and_attention_layers_and_dense_and_sparse_ffns() {
     assert!(
         err.contains("`tp`") && err.contains("Mamba layers"),
         "{err}"
+    );
+    // One expert makes every FFN the dense MLP, whatever `num_experts_per_tok` (2 by default)
+    // says: transformers 5.17 builds 3,323,264 (checked), the two sparse layers' router and
+    // experts (1,573,888 each) replaced by MLPs of 393,216.
+    config["num_experts"] = serde_json::json!(1);
+    let dense = toy(&config);
+    assert!(dense.moe.is_none() && (0..4).all(|l| dense.block_kind(l).ffn == FfnKind::Dense));
+    assert_eq!(
+        run(&dense, &full(Precision::MixedBf16, 1, 64))
+            .memory
+            .trainable_params,
+        3_323_264
     );
 }
 
