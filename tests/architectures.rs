@@ -748,6 +748,100 @@ fn qlora_leaves_fused_experts_unquantized_and_upcast() {
     assert_eq!(experts.map(|p| p.bytes().0).sum::<u64>(), 180_388_626_432);
 }
 
+/// QLoRA r16 on q,v at rank 16, batch 1 x 64 tokens (32 target tokens).
+fn qlora_qv() -> Method {
+    Method::Qlora(Lora {
+        rank: 16,
+        alpha: 32.0,
+        targets: LoraTargets::QueryValue,
+        dora: false,
+    })
+}
+
+/// Elements of a graph's frozen linear weights by dtype: (NF4, fp32).
+fn frozen_linear_elements(m: &ModelSpec, p: &Plan) -> (u64, u64) {
+    let g = graph::build(m, p);
+    g.params
+        .iter()
+        .filter(|q| q.role == ftplan::graph::op::ParamRole::Linear && !q.trainable)
+        .fold((0, 0), |(nf4, f32), q| match q.dtype {
+            ftplan::units::DType::Nf4 => (nf4 + q.count(), f32),
+            ftplan::units::DType::F32 => (nf4, f32 + q.count()),
+            other => panic!("{} is {other:?}", g.name(q.name)),
+        })
+}
+
+#[test]
+fn qlora_quantizes_what_bitsandbytes_swaps_and_upcasts_the_rest() {
+    // transformers 5.17's `replace_with_bnb_linear` swaps a module only when `type(module) is
+    // nn.Linear`, and skips `_keep_in_fp32_modules`; peft's `prepare_model_for_kbit_training`
+    // upcasts what stays 16-bit to fp32. Loading these toys with bitsandbytes 0.50.2 on CPU
+    // agrees element for element.
+    //
+    // Falcon (hidden 64, 4 heads of 16, 2 KV heads, 2 layers, new decoder architecture):
+    // every linear is a `FalconLinear`, so none is swapped. Per layer qkv 64 x (4 + 2 x 2) x 16
+    // = 8,192, dense 4,096, h_to_4h and 4h_to_h 16,384 each: 45,056; two layers 90,112, all
+    // fp32 (the toy's 98,944 parameters add embeddings and LayerNorms, all fp32 too).
+    let falcon = toy(&serde_json::json!({
+        "model_type": "falcon", "hidden_size": 64, "num_attention_heads": 4,
+        "num_kv_heads": 2, "num_hidden_layers": 2, "vocab_size": 128,
+        "new_decoder_architecture": true
+    }));
+    let p = plan(qlora_qv(), 1, 64, AttentionKernel::Sdpa);
+    assert_eq!(frozen_linear_elements(&falcon, &p), (0, 90_112));
+    let g = graph::build(&falcon, &p);
+    assert_eq!(ftplan::graph::op::counts(&g).1, 98_944);
+    assert!(
+        g.params
+            .iter()
+            .all(|q| q.dtype == ftplan::units::DType::F32)
+    );
+    // T5 with a gated FFN (d_model 64, d_ff 128, 4 heads of 16, 2 + 2 layers) keeps `wo`
+    // (`_keep_in_fp32_modules = ["wo"]`): 4 x 128 x 64 = 32,768 fp32. Swapped: q, k, v, o
+    // (4 x 4,096) and wi_0, wi_1 (2 x 8,192) in each encoder layer, 32,768, plus the
+    // cross-attention's 16,384 in each decoder layer: 2 x 32,768 + 2 x 49,152 = 163,840 NF4
+    // (81,920 bytes of packed `uint8` in the loaded model).
+    let t5 = toy(&serde_json::json!({
+        "model_type": "t5", "d_model": 64, "d_ff": 128, "num_heads": 4, "d_kv": 16,
+        "num_layers": 2, "num_decoder_layers": 2, "vocab_size": 128,
+        "feed_forward_proj": "gated-gelu"
+    }));
+    assert_eq!(frozen_linear_elements(&t5, &p), (163_840, 32_768));
+    // The CLI says so beside the estimate.
+    let out = crate::ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "falcon-7b",
+            "--gpu",
+            "h200",
+            "--method",
+            "qlora",
+        ])
+        .assert()
+        .success();
+    let err = crate::stderr_of(&out);
+    assert!(err.contains("nothing is quantized"), "{err}");
+    // A Llama keeps no linear out: every one is 4-bit.
+    assert_eq!(frozen_linear_elements(&model("tinyllama-1.1b"), &p).1, 0);
+}
+
+#[test]
+fn qlora_quantizes_plain_linears_that_no_target_names() {
+    // Qwen2-MoE's `shared_expert_gate` (hidden -> 1) is an `nn.Linear`: bitsandbytes swaps it
+    // like the named projections (a toy loaded on CPU shows `Linear4bit` (32, 1), 64 weights
+    // packed two to a byte). Qwen1.5-MoE-A2.7B: 24 layers x 2,048 = 49,152 elements, NF4.
+    let m = model("qwen1.5-moe-a2.7b");
+    let g = graph::build(&m, &plan(qlora_qv(), 1, 64, AttentionKernel::Sdpa));
+    let gates: Vec<_> = g
+        .params
+        .iter()
+        .filter(|q| g.name(q.name).contains("shared_expert_gate"))
+        .collect();
+    assert!(gates.iter().all(|q| q.dtype == ftplan::units::DType::Nf4));
+    assert_eq!(gates.iter().map(|q| q.count()).sum::<u64>(), 49_152);
+}
+
 #[test]
 fn a_fused_gate_up_projection_takes_one_lora_pair() {
     // Phi-3's (and GLM-4's) `gate_up_proj` is one `nn.Linear` to both halves, so LoRA wraps it

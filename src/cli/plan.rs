@@ -630,6 +630,27 @@ impl PlanInput {
                 model.value.name
             ));
         }
+        // Layers bitsandbytes leaves alone (`Family::bnb_swaps`) are planned as they load.
+        let family = model.value.family;
+        if matches!(method, Method::Qlora(_)) {
+            use ftplan::spec::plan::Proj;
+            if !family.bnb_swaps(Some(Proj::Q)) {
+                notes.push(format!(
+                    "`{}`'s linears are an `nn.Linear` subclass, which transformers' \
+                     bitsandbytes integration does not swap (it swaps modules whose type is \
+                     `nn.Linear`): under QLoRA nothing is quantized and \
+                     `prepare_model_for_kbit_training` upcasts the whole base to fp32, as \
+                     planned; --method lora keeps it bf16",
+                    model.value.name
+                ));
+            } else if !family.bnb_swaps(Some(Proj::Down)) {
+                notes.push(format!(
+                    "`{}` keeps each FFN's `wo` out of quantization (`_keep_in_fp32_modules`): \
+                     under QLoRA it stays unquantized and is upcast to fp32, as planned",
+                    model.value.name
+                ));
+            }
+        }
         if model.value.has_linear_attention() && self.linear_kernel == LinearKernelArg::Torch {
             notes.push(format!(
                 "`{}`'s Gated DeltaNet layers are planned as transformers' PyTorch code, which a \

@@ -711,7 +711,7 @@ fn per_layer_inputs(
     let looked_up = b.embedding(name.at("embed_tokens_per_layer"), table, width, x.tokens);
     let identity = b.scale(name.at("embed_tokens_per_layer").then("scale"), looked_up);
     // `nn.Linear`s that `all-linear` wraps (no target role names them).
-    let projected = b.linear(name.at("per_layer_model_projection"), x, width, false, None);
+    let projected = b.nn_linear(name.at("per_layer_model_projection"), x, width, false);
     let projected = all_linear_lora(b, name.at("per_layer_model_projection"), x, projected);
     let projected = b.scale(
         name.at("per_layer_model_projection").then("scale"),
@@ -730,12 +730,12 @@ fn per_layer_input_gate(b: &mut Builder, name: Scope, x: Val, inputs: Val) -> Va
     let width = inputs.width / b.model.decoder.layers.max(1);
     let slice = Val { width, ..inputs };
     b.fork(name.at("per_layer").then("fork"), x, 2);
-    let gate = b.linear(name.at("per_layer_input_gate"), x, width, false, None);
+    let gate = b.nn_linear(name.at("per_layer_input_gate"), x, width, false);
     let gate = all_linear_lora(b, name.at("per_layer_input_gate"), x, gate);
     let g = b.activation(name.at("per_layer").then("act"), gate);
     let g = b.mul(name.at("per_layer").then("mul"), g, slice);
     let h = b.model.hidden_size;
-    let out = b.linear(name.at("per_layer_projection"), g, h, false, None);
+    let out = b.nn_linear(name.at("per_layer_projection"), g, h, false);
     let g = all_linear_lora(b, name.at("per_layer_projection"), g, out);
     let g = b.norm(name.at("post_per_layer_input_norm"), g);
     b.residual(name.at("per_layer").then("residual"), x, g)
@@ -1688,7 +1688,11 @@ fn moe_ops(
         }
         RouterPrecision::Fp32Operands | RouterPrecision::Model => router_x,
     };
-    let mut router = b.linear(name.at("gate"), router_in, experts, moe.bias, None);
+    let mut router = if b.model.family.router_is_linear() {
+        b.nn_linear(name.at("gate"), router_in, experts, moe.bias)
+    } else {
+        b.linear(name.at("gate"), router_in, experts, moe.bias, None)
+    };
     let gate_op = b.graph.len().saturating_sub(1);
     if moe.router == RouterPrecision::Fp32Module {
         // Ernie4_5_MoeStatics' `e_score_correction_bias`: one fp32 value per expert, frozen
@@ -1711,9 +1715,9 @@ fn moe_ops(
     // Whether peft's LoRA reaches the experts and the router at all
     // (`Family::peft_converts_experts`); `all-linear` then adds the router's weight.
     let peft_reaches_experts = b.model.family.peft_converts_experts();
-    // Gemma 4's router projects through an `nn.Linear` (`router.proj`), which `all-linear`
-    // wraps although peft leaves its experts alone.
-    if peft_reaches_experts || moe.beside_mlp || b.model.family.router_is_linear() {
+    // A router that is an `nn.Linear` (`Family::router_is_linear`) is wrapped by `all-linear`
+    // although peft leaves its experts alone.
+    if peft_reaches_experts || b.model.family.router_is_linear() {
         router = all_linear_lora(b, name.at("gate"), router_in, router);
     }
     (b.autocast, b.half, b.base, b.storage_base) = saved;
@@ -1783,7 +1787,7 @@ fn moe_ops(
     let x = match moe.latent {
         Some(latent) => {
             let bias = b.model.linear_bias;
-            b.linear(name.at("fc1_latent_proj"), x, latent, bias, None)
+            b.nn_linear(name.at("fc1_latent_proj"), x, latent, bias)
         }
         None => x,
     };
@@ -1940,7 +1944,7 @@ fn moe_ops(
     let out = match moe.latent {
         Some(_) => {
             let bias = b.model.linear_bias;
-            b.linear(name.at("fc2_latent_proj"), out, hidden, bias, None)
+            b.nn_linear(name.at("fc2_latent_proj"), out, hidden, bias)
         }
         None => out,
     };
@@ -2179,7 +2183,7 @@ fn shared_experts(
         }
     };
     if moe.shared_gate {
-        let g = b.linear(name.at("shared_expert_gate"), x, 1, false, None);
+        let g = b.nn_linear(name.at("shared_expert_gate"), x, 1, false);
         // An `nn.Linear`, so `all-linear` wraps it.
         let g = all_linear_lora(b, name.at("shared_expert_gate"), x, g);
         last_reader = b.graph.len() - 1;

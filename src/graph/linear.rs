@@ -87,8 +87,9 @@ impl Builder<'_> {
         }
     }
 
-    /// A linear layer of the base model (`nn.Linear`, `Conv1D` or bitsandbytes `Linear4bit`),
-    /// with whatever the method wraps around it.
+    /// A linear layer of the base model with a target role (`nn.Linear`, `Conv1D` or
+    /// bitsandbytes `Linear4bit`), or without one (`None`: a router's or the experts' weights,
+    /// which are not `nn.Linear` modules), with whatever the method wraps around it.
     pub fn linear(
         &mut self,
         name: Name,
@@ -97,8 +98,30 @@ impl Builder<'_> {
         bias: bool,
         proj: Option<Proj>,
     ) -> Val {
+        self.linear_module(name, x, (out_features, bias), proj, proj.is_some())
+    }
+
+    /// An `nn.Linear` module that no target role names (a shared expert's gate, Jamba's
+    /// router, Gemma 4's per-layer projections): bitsandbytes quantizes it under QLoRA as it
+    /// does the named ones.
+    pub fn nn_linear(&mut self, name: Name, x: Val, out_features: u64, bias: bool) -> Val {
+        self.linear_module(name, x, (out_features, bias), None, true)
+    }
+
+    /// `module`: the layer is an `nn.Linear` (or `Conv1D`) module, which QLoRA's
+    /// bitsandbytes may swap for `Linear4bit` (`Family::bnb_swaps`).
+    fn linear_module(
+        &mut self,
+        name: Name,
+        x: Val,
+        (out_features, bias): (u64, bool),
+        proj: Option<Proj>,
+        module: bool,
+    ) -> Val {
         let in_features = x.width;
-        let qlora = matches!(self.plan.method, Method::Qlora(_)) && proj.is_some();
+        let qlora = matches!(self.plan.method, Method::Qlora(_))
+            && module
+            && self.model.family.bnb_swaps(proj);
         let weight = if qlora {
             // NF4 with double quantization: 4 bits per weight, one 8-bit absmax per 64 weights
             // plus one fp32 second-level constant per 256 blocks (Dettmers et al. 2023, sec. 3).

@@ -363,10 +363,30 @@ impl Family {
         matches!(self, Family::Phimoe | Family::Llama4)
     }
 
-    /// The MoE router is a plain `nn.Linear` (Jamba's `router`), which `all-linear` wraps
-    /// although peft leaves the 3-D experts alone.
+    /// The MoE router projects through a plain `nn.Linear` (Jamba's `router`, Gemma 4's
+    /// `router.proj`, HunYuan-MoE's fp32 `wg`), which `all-linear` wraps although peft leaves
+    /// the 3-D experts alone, and which bitsandbytes quantizes under QLoRA. The other routers
+    /// are `nn.Parameter`s of their own modules (`*TopKRouter`) or `nn.Linear` subclasses
+    /// (PhiMoE's, Llama 4's), neither of which it swaps (transformers 5.17).
     pub fn router_is_linear(self) -> bool {
-        matches!(self, Family::Jamba)
+        matches!(self, Family::Jamba | Family::Gemma4 | Family::HunyuanMoe)
+    }
+
+    /// Whether bitsandbytes swaps a linear layer with this target role for a 4-bit
+    /// `Linear4bit` when transformers 5.17 loads the model for QLoRA. `replace_with_bnb_linear`
+    /// swaps a module only when `type(module) is nn.Linear` (or `Conv1D`), and
+    /// `get_modules_to_not_convert` adds the model's `_keep_in_fp32_modules` to the output
+    /// embedding it skips. So Falcon's `FalconLinear`, an `nn.Linear` subclass, is never
+    /// swapped: a Falcon loaded in 4 bits has no 4-bit layer. T5 and mT5 keep `wo`
+    /// (`_keep_in_fp32_modules = ["wo"]`, since their FFN casts its input to `wo`'s dtype).
+    /// Checked by loading toy Falcon and T5 models with bitsandbytes 0.50.2 on CPU. What is not
+    /// swapped stays 16-bit, and peft's `prepare_model_for_kbit_training` upcasts it to fp32.
+    pub fn bnb_swaps(self, proj: Option<crate::spec::plan::Proj>) -> bool {
+        match self {
+            Family::Falcon => false,
+            f if f.is_t5() => proj != Some(crate::spec::plan::Proj::Down),
+            _ => true,
+        }
     }
 
     /// LFM2's layers (dense and MoE): short convolutions beside attention, LFM2's config keys.
