@@ -286,6 +286,43 @@ fn layers_follow_their_published_patterns() {
 }
 
 #[test]
+fn qwen_moe_routers_renormalise_only_with_norm_topk_prob() {
+    // Qwen2MoeTopKRouter: softmax, topk, then `if self.norm_topk_prob: router_top_value /=
+    // router_top_value.sum(...)`, which Qwen2-MoE's config defaults to false. Renormalising
+    // launches the sum and the in-place division's clone and divide forward (3) and the
+    // division's four kernels, the sum's expand and the fork's add backward (6), per sparse
+    // layer: 4 layers here, so 12 and 24 kernels more per step. Memory does not move.
+    let config = |norm: Option<bool>| {
+        let mut v = serde_json::json!({
+            "model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 100,
+            "num_experts": 8, "num_experts_per_tok": 2
+        });
+        if let Some(n) = norm {
+            v["norm_topk_prob"] = serde_json::json!(n);
+        }
+        toy(&v)
+    };
+    let p = plan(lora(), 1, 64, AttentionKernel::Sdpa);
+    let kernels = |m: &ModelSpec| {
+        let g = graph::build(m, &p);
+        g.ops().fold((0, 0), |(f, b), o| {
+            let r = o.repeat.max(1);
+            (
+                f + o.cost.forward_kernels * r,
+                b + o.cost.backward_kernels * r,
+            )
+        })
+    };
+    let (plain, normed) = (config(None), config(Some(true)));
+    assert_eq!(kernels(&config(Some(false))), kernels(&plain));
+    let ((f0, b0), (f1, b1)) = (kernels(&plain), kernels(&normed));
+    assert_eq!((f1 - f0, b1 - b0), (12, 24));
+    assert_eq!(run(&plain, &p).memory.peak, run(&normed, &p).memory.peak);
+}
+
+#[test]
 fn mixture_of_experts_active_parameters_match_the_model_cards() {
     // Active per token, from the model cards: Qwen3-30B-A3B 3.3 B, Qwen1.5-MoE-A2.7B 2.7 B,
     // DeepSeek-V2-Lite 2.4 B, DeepSeek-V3 37 B, Mixtral 12.9 B. DeepSeek's cards leave out the

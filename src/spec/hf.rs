@@ -1025,6 +1025,15 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         routing: match family {
             Family::Phimoe => Routing::SparseMixer,
             Family::Llama4 => Routing::EveryExpert,
+            // Qwen2-MoE's, Qwen3-MoE's, OLMoE's and Qwen3-Next's routers divide the top-k
+            // weights by their sum only `if self.norm_topk_prob` (their configs default it to
+            // false, false, false and true; transformers 5.17). Qwen1.5-MoE, Qwen2-57B-A14B
+            // and OLMoE-1B-7B ship false.
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe | Family::Qwen3Next
+                if !r.bool_or(&["norm_topk_prob"], family == Family::Qwen3Next)? =>
+            {
+                Routing::TopKUnnormalised
+            }
             // GraniteMoeHybridTopKRouter: `softmax(top_k_logits)`.
             Family::GptOss | Family::GraniteMoeHybrid | Family::GraniteMoe => {
                 Routing::SoftmaxOfTopK

@@ -1099,7 +1099,8 @@ pub enum Routing {
     /// Softmax over the experts, then top-k (Mixtral, Qwen-MoE, DeepSeek, ...).
     TopK,
     /// Softmax over the experts, then top-k kept as they are, not divided by their sum
-    /// (Jamba's `JambaSparseMoeBlock.route_tokens_to_experts`).
+    /// (Jamba's `JambaSparseMoeBlock.route_tokens_to_experts`; Qwen-MoE's and OLMoE's
+    /// routers with `norm_topk_prob` false).
     TopKUnnormalised,
     /// Top-k of the logits, then a softmax over the k (GPT-OSS's `GptOssTopKRouter`).
     SoftmaxOfTopK,
