@@ -947,6 +947,29 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
         three.memory.persistent - two.memory.persistent,
         ftplan::units::Bytes(2_433_024)
     );
+    // DDP's reducer raises on the second step for a trainable parameter that got no gradient
+    // unless built with `find_unused_parameters=True`: a note says so over 2 GPUs, not on one.
+    let ddp_note = |gpus: &str| {
+        let out = crate::ftplan()
+            .args([
+                "estimate",
+                "--model",
+                "mamba-130m",
+                "--gpu",
+                "h200",
+                "--method",
+                "lora",
+                "--lora-targets",
+                "in_proj,x_proj,dt_proj",
+                "--gpus",
+                gpus,
+            ])
+            .assert()
+            .success();
+        crate::stderr_of(&out).contains("find_unused_parameters=True")
+    };
+    assert!(ddp_note("2"));
+    assert!(!ddp_note("1"));
 }
 
 /// A 2-layer Mamba-2 at toy widths: hidden 128, inner 256 as 4 heads of 64, state 16, one

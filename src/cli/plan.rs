@@ -9,7 +9,8 @@ use ftplan::spec::hardware::Hardware;
 use ftplan::spec::model::ModelSpec;
 use ftplan::spec::parallel::{Engine, Offload, Parallel};
 use ftplan::spec::plan::{
-    AttentionKernel, LinearKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Side,
+    AttentionKernel, LinearKernel, Lora, LoraTargets, Method, Optimizer, Plan, Precision, Proj,
+    Side,
 };
 use ftplan::spec::registry::{resolve_hardware, resolve_model, toml_error};
 use ftplan::time::Rates;
@@ -633,7 +634,6 @@ impl PlanInput {
         // Layers bitsandbytes leaves alone (`Family::bnb_swaps`) are planned as they load.
         let family = model.value.family;
         if matches!(method, Method::Qlora(_)) {
-            use ftplan::spec::plan::Proj;
             if !family.bnb_swaps(Some(Proj::Q)) {
                 notes.push(format!(
                     "`{}`'s linears are an `nn.Linear` subclass, which transformers' \
@@ -729,6 +729,24 @@ impl PlanInput {
             parallel: self.layout.resolve(o, &gpu.value)?,
         };
         ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;
+        // MambaMixer computes `dt_proj.weight @ time_step` without calling the wrapped module,
+        // so LoRA's factors on `dt_proj` never get a gradient. DDP's reducer expects every
+        // trainable parameter's gradient each step and raises on the second one unless it
+        // is built with `find_unused_parameters=True` (which searches the graph each step).
+        let names_dt_proj = matches!(&plan.method, Method::Lora(l)
+            if matches!(&l.targets, LoraTargets::Named(v) if v.contains(&Proj::DtProj)));
+        if names_dt_proj
+            && model.value.has_mamba_layers()
+            && plan.parallel.engine == Engine::Ddp
+            && plan.parallel.dp() > 1
+        {
+            notes.push(format!(
+                "`{}`'s Mamba layers never call `dt_proj`, so its LoRA factors get no gradient: \
+                 DDP needs `find_unused_parameters=True` (Accelerate's \
+                 `DistributedDataParallelKwargs`), or leave dt_proj out of --lora-targets",
+                model.value.name
+            ));
+        }
         let rates = match &self.calibration {
             Some(path) => {
                 let cal = ftplan::calibrate::Calibration::load(path)?;

@@ -1344,7 +1344,12 @@ impl ModelSpec {
 
     /// Whether any block runs a Mamba or Mamba-2 mixer.
     pub fn has_state_space_layers(&self) -> bool {
-        self.has_ssd() || self.mixers.iter().any(|m| matches!(m, Mixer::Ssm(_)))
+        self.has_ssd() || self.has_mamba_layers()
+    }
+
+    /// Whether any block is a Mamba-1 selective-scan layer (Mamba, Falcon Mamba, Jamba).
+    pub fn has_mamba_layers(&self) -> bool {
+        self.mixers.iter().any(|m| matches!(m, Mixer::Ssm(_)))
     }
 
     /// Whether some layer keeps a recurrent state it asks the cache for (`has_previous_state`):
