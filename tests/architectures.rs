@@ -2567,6 +2567,23 @@ fn falcon_mamba_norms_dt_b_and_c_and_keeps_their_fp32_copies() {
         refused.contains("out_proj") && refused.contains("in_proj,x_proj"),
         "{refused}"
     );
+    // A stated `intermediate_size` wins over `expand` (transformers sets the config's keys after
+    // `__post_init__` computes expand x hidden), as in Falcon Mamba 7B's published config:
+    // hidden 64, expand 16 but width 128, state 16, dt rank 4 (hidden / 16), one layer, 100
+    // tokens of vocabulary, untied. Embeddings and head 2 x 6,400, two norms 128, A_log
+    // 128 x 16 = 2,048, D 128, conv 512 + 128, in_proj 64 x 256 = 16,384, x_proj
+    // 128 x (4 + 2 x 16) = 4,608, dt_proj 512 + 128, out_proj 8,192: 45,568, what transformers
+    // builds (274,048 at expand 16's width of 1,024).
+    let stated = toy(&serde_json::json!({
+        "model_type": "falcon_mamba", "hidden_size": 64, "expand": 16,
+        "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 100,
+        "tie_word_embeddings": false
+    }));
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(run(&stated, &p).memory.trainable_params, 45_568);
+    // The shipped model holds the card's 7.27 B.
+    let card = run(&model("falcon-mamba-7b"), &p).memory.trainable_params;
+    assert_eq!(card, 7_272_665_088);
 }
 
 #[test]

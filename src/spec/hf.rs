@@ -1888,11 +1888,19 @@ fn mamba(r: &Reader, family: Family) -> Result<ModelSpec> {
         "rescale_prenorm_residual",
         "use_mambapy",
         "use_associative_scan",
-        "intermediate_size",
         "mixer_rms_eps",
     ]);
+    // The mixer's width. `MambaConfig.__post_init__` (and Falcon Mamba's) sets
+    // `intermediate_size = expand x hidden_size`, but transformers 5.17 then sets the config's
+    // other keys as they are, so a stated `intermediate_size` wins. Falcon Mamba 7B's config
+    // states expand 16 but `intermediate_size` 8,192 (2 x 4,096), which is what its 7.27 B
+    // parameters hold.
+    let inner = match r.opt_u64(&["intermediate_size"])? {
+        Some(i) => i,
+        None => hidden.saturating_mul(expand),
+    };
     let ssm = Ssm {
-        inner: expand * hidden,
+        inner,
         state: r.opt_u64(&["state_size"])?.unwrap_or(16),
         conv: r.opt_u64(&["conv_kernel"])?.unwrap_or(4),
         dt_rank,
