@@ -258,6 +258,13 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
             )
             .with_hint("prompt tuning, LoRA or IA3 apply"));
         }
+        Method::Prefix { .. } if let Err(reason) = model.peft_prefix_width() => {
+            return Err(field(
+                "method",
+                format!("peft's prefix tuning fails on `{}`: {reason}", model.name),
+            )
+            .with_hint("prompt tuning, LoRA or IA3 apply"));
+        }
         Method::Freeze {
             top_layers, side, ..
         } => {

@@ -1281,6 +1281,51 @@ fn prefix_tuning_with_checkpointing_is_refused_as_peft_refuses_it() {
 }
 
 #[test]
+fn prefix_tuning_takes_the_width_peft_gives_it_and_is_refused_where_it_fails() {
+    // peft 0.21 sizes each layer's prefix keys and values as `head_dim x num_key_value_heads`
+    // where the config has `num_key_value_heads`, else as `hidden_size` over the attention
+    // heads; a layer whose cache has another shape fails at the concatenation. Checked with a
+    // forward and backward on toys (transformers 5.17, CPU).
+    let prefix = plan(
+        Method::Prefix { virtual_tokens: 20 },
+        1,
+        64,
+        AttentionKernel::Sdpa,
+    );
+    // Falcon-40B's config names its 8 KV heads `num_kv_heads`, so peft's prefix is
+    // `hidden_size` wide, and the new decoder broadcasts its KV heads to all 128 before the
+    // cache, which takes it: 20 tokens x 60 layers x 2 x 8,192 = 19,660,800 (the KV width,
+    // 8 x 64, would give 1,228,800).
+    let falcon = run(&model("falcon-40b"), &prefix).memory.trainable_params;
+    assert_eq!(falcon, 19_660_800);
+    // Refused: Falcon-7B's multi-query cache (1 head of 64 against 71), DeepSeek's latent
+    // attention (keys of 192, values of 128 per head), and a T5 whose `d_model` (512) is not
+    // `num_heads x d_kv` (6 x 64, Flan-T5-small's shape).
+    for (m, why) in [
+        (model("falcon-7b"), "caches 1 x 64"),
+        (model("deepseek-v2-lite"), "latent attention"),
+        (
+            toy(&serde_json::json!({
+                "model_type": "t5", "d_model": 512, "d_ff": 1024, "num_heads": 6, "d_kv": 64,
+                "num_layers": 2, "vocab_size": 100, "feed_forward_proj": "gated-gelu"
+            })),
+            "caches 6 x 64",
+        ),
+    ] {
+        let err = refusal(&m, &prefix);
+        assert!(
+            err.contains("prefix tuning fails") && err.contains(why),
+            "{err}"
+        );
+    }
+    // A Llama's prefix is its KV width: TinyLlama 20 x 22 layers x 2 x (4 x 64) = 225,280.
+    let llama = run(&model("tinyllama-1.1b"), &prefix)
+        .memory
+        .trainable_params;
+    assert_eq!(llama, 225_280);
+}
+
+#[test]
 fn fit_on_a_model_without_attention_skips_the_changes_it_cannot_take() {
     // Mamba-1.4B, full fine-tuning at 8 x 2048 on a T4: nothing fits, and the candidate "switch
     // to LoRA on q and v" has nothing to adapt; `fit` reports the other changes and exits 1

@@ -134,12 +134,17 @@ fn refused_by_design(m: &ftplan::spec::model::ModelSpec, method: &Method) -> boo
     // Hybrids (LFM2, Qwen3.5, Qwen3-Next, Granite 4.0, Nemotron-H): peft's prefix cache fails
     // on their recurrent layers.
     let recurrent_prefix = m.has_recurrent_layers() && matches!(method, Method::Prefix { .. });
+    // Latent attention, multi-query caches and T5s whose `d_model` is not `num_heads x d_kv`:
+    // peft's prefix does not fit the layers' caches.
+    let mismatched_prefix =
+        m.peft_prefix_width().is_err() && matches!(method, Method::Prefix { .. });
     // Nemotron-H, Falcon-H1: peft refuses `all-linear` (their Mamba layers' out_proj).
     use ftplan::spec::model::Family;
     let nemotron_all_linear = matches!(m.family, Family::NemotronH | Family::FalconH1)
         && matches!(method, Method::Lora(l) | Method::Qlora(l) if l.targets == LoraTargets::AllLinear);
     phimoe_all_linear
         || recurrent_prefix
+        || mismatched_prefix
         || nemotron_all_linear
         || !m.has_attention()
             && match method {

@@ -210,15 +210,17 @@ fn stack_forward(
     };
     b.prefix = prefix;
     if prefix > 0 && first {
-        let kv_width = stack.kv_heads * stack.head_dim;
+        let width = model
+            .peft_prefix_width()
+            .unwrap_or(stack.kv_heads * stack.head_dim);
         let p = b.adapter_param(
             name.at("prefix_encoder"),
-            (prefix, stack.layers * 2 * kv_width),
+            (prefix, stack.layers * 2 * width),
         );
         b.embedding(
             name.at("prefix"),
             p,
-            stack.layers * 2 * kv_width,
+            stack.layers * 2 * width,
             batch * prefix,
         );
     }
@@ -985,11 +987,14 @@ fn self_attention_ops(
     let batch = b.plan.batch;
     let prefix = b.prefix;
     let mut seq_k = seq;
-    if prefix > 0 {
-        // DynamicCache.update concatenates the prefix in front of the keys and values.
+    // DynamicCache.update concatenates the prefix in front of the keys and values, at the
+    // width the layer caches (Falcon's new decoder broadcasts its KV heads first); peft skips
+    // the layers whose cache has another shape than the prefix (Gemma 4's local layers).
+    let cached = model.cached_kv_width(stack);
+    if prefix > 0 && model.peft_prefix_width() == Ok(cached) {
         seq_k += prefix;
-        k = b.val(kv_width, batch * seq_k, k.dtype, true);
-        v = b.val(kv_width, batch * seq_k, v.dtype, true);
+        k = b.val(cached, batch * seq_k, k.dtype, true);
+        v = b.val(cached, batch * seq_k, v.dtype, true);
     }
     let mut a = b.attention(
         name.at("core"),

@@ -2794,6 +2794,7 @@ fn falcon(r: &Reader) -> Result<ModelSpec> {
             ..Dropouts::default()
         },
         parallel_two_norms: new_decoder,
+        kv_broadcast: new_decoder,
         returned_weights: ReturnedWeights::Softmax,
         ..ModelSpec::of_family(Family::Falcon)
     })

@@ -372,6 +372,34 @@ impl Family {
         matches!(self, Family::Jamba | Family::Gemma4 | Family::HunyuanMoe)
     }
 
+    /// Whether the family's config has `num_key_value_heads`, which peft's prefix tuning
+    /// sizes its keys and values by (the others' configs name their heads otherwise: GPT-2's
+    /// `n_head`, Falcon's `num_kv_heads`, T5's `num_heads`, ...).
+    pub fn config_names_kv_heads(self) -> bool {
+        !matches!(
+            self,
+            Family::Gpt2
+                | Family::Opt
+                | Family::Bloom
+                | Family::Falcon
+                | Family::T5
+                | Family::Mt5
+                | Family::Bart
+                | Family::Mbart
+                | Family::Marian
+                | Family::Pegasus
+                | Family::GptNeo
+                | Family::Gptj
+                | Family::Codegen
+                | Family::Mpt
+                | Family::GptNeox
+                | Family::Palm
+                | Family::Mamba
+                | Family::Mamba2
+                | Family::FalconMamba
+        )
+    }
+
     /// Whether bitsandbytes swaps a linear layer with this target role for a 4-bit
     /// `Linear4bit` when transformers 5.17 loads the model for QLoRA. `replace_with_bnb_linear`
     /// swaps a module only when `type(module) is nn.Linear` (or `Conv1D`), and
@@ -981,6 +1009,9 @@ pub struct ModelSpec {
     pub embedding_norm: bool,
     /// Multi-head latent attention in place of q/k/v projections (DeepSeek).
     pub mla: Option<Mla>,
+    /// The keys and values are broadcast from the KV heads to every query head before the
+    /// cache sees them (Falcon's new decoder, `FalconAttention._split_heads`).
+    pub kv_broadcast: bool,
     /// A parallel block whose attention and MLP each normalise the input with their own norm
     /// (GPT-NeoX), rather than sharing one (Phi, Falcon).
     pub parallel_two_norms: bool,
@@ -1276,6 +1307,7 @@ impl ModelSpec {
             rope_layers: Vec::new(),
             embedding_norm: false,
             mla: None,
+            kv_broadcast: false,
             attention_sinks: false,
             sdpa: true,
             flash_attention: true,
@@ -1356,6 +1388,61 @@ impl ModelSpec {
     /// Gated DeltaNet, short-convolution, Mamba and Mamba-2 layers beside attention.
     pub fn has_recurrent_layers(&self) -> bool {
         self.has_linear_attention() || self.has_short_conv() || self.has_state_space_layers()
+    }
+
+    /// Width of the keys (and of the values) one attention layer hands its cache per token:
+    /// its KV heads, or every query head where they are broadcast first.
+    pub fn cached_kv_width(&self, stack: &Stack) -> u64 {
+        let heads = if self.kv_broadcast {
+            stack.heads
+        } else {
+            stack.kv_heads
+        };
+        heads.saturating_mul(stack.head_dim)
+    }
+
+    /// The keys (and values) per token and layer that peft's prefix tuning builds
+    /// (`_prepare_prompt_learning_config`, peft 0.21): `head_dim x num_key_value_heads` where
+    /// the config has `num_key_value_heads` (the largest of Gemma 4's two layer kinds, whose
+    /// other layers peft then skips), else `hidden_size` split over `num_attention_heads`.
+    /// Each layer concatenates them with its own keys and values, so a layer whose cache has
+    /// another head count or width fails: refused with the reason. Checked on toys of each
+    /// case with a forward and backward on CPU (transformers 5.17): latent attention (DeepSeek,
+    /// GLM-4.7-Flash, Mistral 4), Falcon-7B's multi-query cache and a T5 whose `d_model` is not
+    /// `num_heads x d_kv` fail; Falcon-40B's new decoder and Gemma 4 run.
+    pub fn peft_prefix_width(&self) -> std::result::Result<u64, String> {
+        let stack = &self.decoder;
+        if let Some(mla) = self.mla {
+            return Err(format!(
+                "its latent attention caches keys of {} and values of {} per head, which the \
+                 prefix peft sizes from the config's `head_dim` and `num_key_value_heads` does \
+                 not match, so the concatenation fails",
+                mla.nope_dim + mla.rope_dim,
+                mla.v_dim,
+            ));
+        }
+        let cached = self.cached_kv_width(stack);
+        if self.family.config_names_kv_heads() {
+            let local = stack.kv_heads.saturating_mul(stack.head_dim);
+            return Ok(match self.global_attention {
+                Some(g) if g.head_dim > stack.head_dim => g.kv_heads.saturating_mul(g.head_dim),
+                _ => local,
+            });
+        }
+        let heads = stack.heads.max(1);
+        let cached_heads = if self.kv_broadcast {
+            stack.heads
+        } else {
+            stack.kv_heads
+        };
+        if cached_heads != heads || cached != self.hidden_size {
+            return Err(format!(
+                "peft splits the prefix's `hidden_size` ({}) over {heads} heads, but each layer \
+                 caches {cached_heads} x {} keys and values, so the concatenation fails",
+                self.hidden_size, stack.head_dim
+            ));
+        }
+        Ok(self.hidden_size)
     }
 
     /// Whether any block attends (Mamba's do not).
