@@ -1390,15 +1390,19 @@ impl ModelSpec {
         self.has_linear_attention() || self.has_short_conv() || self.has_state_space_layers()
     }
 
-    /// Width of the keys (and of the values) one attention layer hands its cache per token:
-    /// its KV heads, or every query head where they are broadcast first.
-    pub fn cached_kv_width(&self, stack: &Stack) -> u64 {
-        let heads = if self.kv_broadcast {
+    /// Heads of the keys (and of the values) one attention layer hands its cache: its KV
+    /// heads, or every query head where they are broadcast first.
+    fn cached_kv_heads(&self, stack: &Stack) -> u64 {
+        if self.kv_broadcast {
             stack.heads
         } else {
             stack.kv_heads
-        };
-        heads.saturating_mul(stack.head_dim)
+        }
+    }
+
+    /// Width of the keys (and of the values) one attention layer hands its cache per token.
+    pub fn cached_kv_width(&self, stack: &Stack) -> u64 {
+        self.cached_kv_heads(stack).saturating_mul(stack.head_dim)
     }
 
     /// The keys (and values) per token and layer that peft's prefix tuning builds
@@ -1430,11 +1434,7 @@ impl ModelSpec {
             });
         }
         let heads = stack.heads.max(1);
-        let cached_heads = if self.kv_broadcast {
-            stack.heads
-        } else {
-            stack.kv_heads
-        };
+        let cached_heads = self.cached_kv_heads(stack);
         if cached_heads != heads || cached != self.hidden_size {
             return Err(format!(
                 "peft splits the prefix's `hidden_size` ({}) over {heads} heads, but each layer \
