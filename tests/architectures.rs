@@ -1323,6 +1323,15 @@ fn prefix_tuning_takes_the_width_peft_gives_it_and_is_refused_where_it_fails() {
         .memory
         .trainable_params;
     assert_eq!(llama, 225_280);
+    // MPT's config says `n_heads`, which peft does not look for: it raises until the user
+    // passes `num_attention_heads`, and a note says so.
+    let out = crate::ftplan()
+        .args([
+            "estimate", "--model", "mpt-7b", "--gpu", "h200", "--method", "prompt",
+        ])
+        .assert()
+        .success();
+    assert!(crate::stderr_of(&out).contains("pass num_attention_heads to its PromptTuningConfig"));
 }
 
 #[test]

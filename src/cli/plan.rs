@@ -631,8 +631,22 @@ impl PlanInput {
                 model.value.name
             ));
         }
-        // Layers bitsandbytes leaves alone (`Family::bnb_swaps`) are planned as they load.
         let family = model.value.family;
+        if matches!(method, Method::Prefix { .. } | Method::Prompt { .. })
+            && !family.config_names_attention_heads()
+        {
+            notes.push(format!(
+                "peft finds no `num_attention_heads` in `{}`'s config and raises until it is \
+                 given: pass num_attention_heads to its {} config",
+                model.value.name,
+                if matches!(method, Method::Prefix { .. }) {
+                    "PrefixTuningConfig"
+                } else {
+                    "PromptTuningConfig"
+                }
+            ));
+        }
+        // Layers bitsandbytes leaves alone (`Family::bnb_swaps`) are planned as they load.
         if matches!(method, Method::Qlora(_)) {
             if !family.bnb_swaps(Some(Proj::Q)) {
                 notes.push(format!(

@@ -400,6 +400,15 @@ impl Family {
         )
     }
 
+    /// Whether peft finds the attention heads in the family's config (`num_attention_heads`,
+    /// `n_head`, `num_heads` or `encoder_attention_heads`), which prefix and prompt tuning
+    /// read even where they do not use them. MPT's says `n_heads`, Mamba's and Falcon Mamba's
+    /// have none: peft raises "Please specify `num_attention_heads` in `peft_config`" until the
+    /// user passes it.
+    pub fn config_names_attention_heads(self) -> bool {
+        !matches!(self, Family::Mpt | Family::Mamba | Family::FalconMamba)
+    }
+
     /// Whether bitsandbytes swaps a linear layer with this target role for a 4-bit
     /// `Linear4bit` when transformers 5.17 loads the model for QLoRA. `replace_with_bnb_linear`
     /// swaps a module only when `type(module) is nn.Linear` (or `Conv1D`), and
