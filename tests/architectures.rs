@@ -1332,6 +1332,20 @@ fn prefix_tuning_takes_the_width_peft_gives_it_and_is_refused_where_it_fails() {
         .assert()
         .success();
     assert!(crate::stderr_of(&out).contains("pass num_attention_heads to its PromptTuningConfig"));
+    // peft's IA3 and LN-tuning tables have no `phi3` entry: it raises until targets are
+    // given, and a note says what the plan assumed. Llama's entry needs no note.
+    let notes = |model: &str, method: &str| {
+        let out = crate::ftplan()
+            .args([
+                "estimate", "--model", model, "--gpu", "h200", "--method", method,
+            ])
+            .assert()
+            .success();
+        crate::stderr_of(&out)
+    };
+    assert!(notes("phi-3-mini", "ia3").contains("no IA3 defaults for model type `phi3`"));
+    assert!(notes("phi-3-mini", "ln-tuning").contains("no LN-tuning defaults"));
+    assert!(!notes("llama2-7b", "ia3").contains("defaults"));
 }
 
 #[test]

@@ -646,6 +646,23 @@ impl PlanInput {
                 }
             ));
         }
+        // peft's tables lack defaults for many model types; the plan follows Llama's entry
+        // (IA3) or trains every norm (LN tuning), which the user then names.
+        if method == Method::Ia3 && !model.value.peft_ia3_defaults() {
+            notes.push(format!(
+                "peft has no IA3 defaults for model type `{}` and raises until they are given: \
+                 planned with Llama's entry by role, so pass this model's key, value and FFN \
+                 output modules as target_modules and the FFN output as feedforward_modules",
+                model.value.model_type
+            ));
+        }
+        if method == Method::LnTuning && !model.value.peft_ln_tuning_defaults() {
+            notes.push(format!(
+                "peft has no LN-tuning defaults for model type `{}` and raises until \
+                 target_modules are given: planned with every norm trained",
+                model.value.model_type
+            ));
+        }
         // Layers bitsandbytes leaves alone (`Family::bnb_swaps`) are planned as they load.
         if matches!(method, Method::Qlora(_)) {
             if !family.bnb_swaps(Some(Proj::Q)) {

@@ -322,6 +322,10 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::GptNeox => gpt_neox(&r)?,
     };
     spec.name = name.to_string();
+    spec.model_type = Family::ALL
+        .iter()
+        .find(|(n, _)| *n == model_type)
+        .map_or(family.model_type(), |(n, _)| n);
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
     spec.context = [
         "max_position_embeddings",

@@ -927,6 +927,8 @@ impl Stack {
 pub struct ModelSpec {
     pub name: String,
     pub family: Family,
+    /// transformers' `model_type` as the config gave it (one of `Family::ALL`'s names).
+    pub model_type: &'static str,
     pub hidden_size: u64,
     pub vocab_size: u64,
     /// The decoder (or the only) stack.
@@ -1275,6 +1277,7 @@ impl ModelSpec {
         ModelSpec {
             name: String::new(),
             family,
+            model_type: family.model_type(),
             hidden_size: 0,
             vocab_size: 0,
             decoder: Stack::new(0, 0, 0, 0, 0),
@@ -1407,6 +1410,59 @@ impl ModelSpec {
         } else {
             stack.kv_heads
         }
+    }
+
+    /// Whether peft 0.21 has default IA3 targets for the model type
+    /// (`TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`); for the others it raises
+    /// "Please specify `target_modules` in `peft_config`" until the user names them.
+    pub fn peft_ia3_defaults(&self) -> bool {
+        const TABLE: [&str; 20] = [
+            "t5",
+            "mt5",
+            "gpt2",
+            "bloom",
+            "opt",
+            "gptj",
+            "gpt_neox",
+            "gpt_neo",
+            "bart",
+            "gpt_bigcode",
+            "llama",
+            "mistral",
+            "mixtral",
+            "falcon",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi",
+            "qwen2",
+            "qwen3",
+        ];
+        TABLE.contains(&self.model_type)
+    }
+
+    /// Whether peft 0.21 has default LN-tuning targets for the model type
+    /// (`TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING`); as for IA3, the others need
+    /// `target_modules`.
+    pub fn peft_ln_tuning_defaults(&self) -> bool {
+        const TABLE: [&str; 15] = [
+            "t5",
+            "mt5",
+            "gpt2",
+            "bloom",
+            "gptj",
+            "bart",
+            "llama",
+            "mistral",
+            "falcon",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi",
+            "qwen2",
+            "qwen3",
+        ];
+        TABLE.contains(&self.model_type)
     }
 
     /// Width of the keys (and of the values) one attention layer hands its cache per token.
