@@ -67,6 +67,19 @@ fn run(m: &ModelSpec, p: &Plan) -> Estimate {
     estimate(m, p, &hw, &Rates::from_datasheet(&hw)).expect("estimates")
 }
 
+/// What `ftplan estimate` of `model` with `method` (and `extra` flags) on an H200 prints on
+/// stderr (its notes), asserting that it estimates.
+fn estimate_notes(model: &str, method: &str, extra: &[&str]) -> String {
+    let out = crate::ftplan()
+        .args([
+            "estimate", "--model", model, "--gpu", "h200", "--method", method,
+        ])
+        .args(extra)
+        .assert()
+        .success();
+    crate::stderr_of(&out)
+}
+
 /// The error a plan is refused with, as text.
 fn refusal(m: &ModelSpec, p: &Plan) -> String {
     let hw = resolve_hardware("h200").expect("ships").value;
@@ -845,19 +858,7 @@ fn qlora_quantizes_what_bitsandbytes_swaps_and_upcasts_the_rest() {
     }));
     assert_eq!(frozen_linear_elements(&t5, &p), (163_840, 32_768));
     // The CLI says so beside the estimate.
-    let out = crate::ftplan()
-        .args([
-            "estimate",
-            "--model",
-            "falcon-7b",
-            "--gpu",
-            "h200",
-            "--method",
-            "qlora",
-        ])
-        .assert()
-        .success();
-    let err = crate::stderr_of(&out);
+    let err = estimate_notes("falcon-7b", "qlora", &[]);
     assert!(err.contains("nothing is quantized"), "{err}");
     // A Llama keeps no linear out: every one is 4-bit.
     assert_eq!(frozen_linear_elements(&model("tinyllama-1.1b"), &p).1, 0);
@@ -950,23 +951,8 @@ fn lora_on_mamba_refuses_what_peft_refuses() {
     // DDP's reducer raises on the second step for a trainable parameter that got no gradient
     // unless built with `find_unused_parameters=True`: a note says so over 2 GPUs, not on one.
     let ddp_note = |gpus: &str| {
-        let out = crate::ftplan()
-            .args([
-                "estimate",
-                "--model",
-                "mamba-130m",
-                "--gpu",
-                "h200",
-                "--method",
-                "lora",
-                "--lora-targets",
-                "in_proj,x_proj,dt_proj",
-                "--gpus",
-                gpus,
-            ])
-            .assert()
-            .success();
-        crate::stderr_of(&out).contains("find_unused_parameters=True")
+        let targets = ["--lora-targets", "in_proj,x_proj,dt_proj", "--gpus", gpus];
+        estimate_notes("mamba-130m", "lora", &targets).contains("find_unused_parameters=True")
     };
     assert!(ddp_note("2"));
     assert!(!ddp_note("1"));
@@ -1325,24 +1311,11 @@ fn prefix_tuning_takes_the_width_peft_gives_it_and_is_refused_where_it_fails() {
     assert_eq!(llama, 225_280);
     // MPT's config says `n_heads`, which peft does not look for: it raises until the user
     // passes `num_attention_heads`, and a note says so.
-    let out = crate::ftplan()
-        .args([
-            "estimate", "--model", "mpt-7b", "--gpu", "h200", "--method", "prompt",
-        ])
-        .assert()
-        .success();
-    assert!(crate::stderr_of(&out).contains("pass num_attention_heads to its PromptTuningConfig"));
+    let mpt = estimate_notes("mpt-7b", "prompt", &[]);
+    assert!(mpt.contains("pass num_attention_heads to its PromptTuningConfig"));
     // peft's IA3 and LN-tuning tables have no `phi3` entry: it raises until targets are
     // given, and a note says what the plan assumed. Llama's entry needs no note.
-    let notes = |model: &str, method: &str| {
-        let out = crate::ftplan()
-            .args([
-                "estimate", "--model", model, "--gpu", "h200", "--method", method,
-            ])
-            .assert()
-            .success();
-        crate::stderr_of(&out)
-    };
+    let notes = |model: &str, method: &str| estimate_notes(model, method, &[]);
     assert!(notes("phi-3-mini", "ia3").contains("no IA3 defaults for model type `phi3`"));
     assert!(notes("phi-3-mini", "ln-tuning").contains("no LN-tuning defaults"));
     assert!(!notes("llama2-7b", "ia3").contains("defaults"));
