@@ -129,12 +129,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     // Megatron splits Mamba-2 mixers by heads (modelled); no training framework ftplan knows
     // splits Mamba-1 mixers (Jamba's), which would stay whole on every rank.
-    if plan.parallel.tp > 1
-        && model
-            .mixers
-            .iter()
-            .any(|m| matches!(m, crate::spec::model::Mixer::Ssm(_)))
-    {
+    if plan.parallel.tp > 1 && model.has_mamba_layers() {
         return Err(field(
             "tp",
             format!(

@@ -698,10 +698,7 @@ impl PlanInput {
                 model.value.name
             ));
         }
-        if model.value.has_state_space_layers()
-            && !model.value.has_ssd()
-            && self.linear_kernel == LinearKernelArg::Torch
-        {
+        if model.value.has_mamba_layers() && self.linear_kernel == LinearKernelArg::Torch {
             notes.push(format!(
                 "`{}`'s Mamba layers are planned as transformers' PyTorch selective scan (no \
                  mamba-ssm installed), a loop over positions that keeps 14 bytes per batch x \

@@ -233,7 +233,9 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     if model_type.is_empty() {
         return Err(Error::field(path, "model_type", "is missing").with_hint(supported()));
     }
-    let family = super::value_in(&Family::ALL, &model_type).ok_or_else(|| {
+    // The table's entry: its static name (kept on the spec for peft's tables) and family.
+    let entry = Family::ALL.iter().find(|(n, _)| *n == model_type).copied();
+    let (known_type, family) = entry.ok_or_else(|| {
         let error = Error::field(
             path,
             "model_type",
@@ -322,10 +324,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::GptNeox => gpt_neox(&r)?,
     };
     spec.name = name.to_string();
-    spec.model_type = Family::ALL
-        .iter()
-        .find(|(n, _)| *n == model_type)
-        .map_or(family.model_type(), |(n, _)| n);
+    spec.model_type = known_type;
     spec.published_params = map.get("params").and_then(serde_json::Value::as_u64);
     spec.context = [
         "max_position_embeddings",
