@@ -143,6 +143,12 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
     }
     crate::spec::parallel::check(&plan.parallel, layers, heads, kv_heads)
         .map_err(|(f, problem)| field(&f, problem))?;
+    if plan.parallel.pp > 1 && model.is_encoder_decoder() {
+        return Err(field(
+            "pp",
+            "pipeline stages of encoder-decoder models are not modelled".into(),
+        ));
+    }
     if plan.seq > MAX_WIDTH || plan.target_seq > MAX_WIDTH {
         return Err(field(
             "seq",
@@ -367,13 +373,6 @@ pub fn estimate(
 ) -> Result<Estimate> {
     check_plan(model, plan)?;
     let par = plan.parallel;
-    if par.pp > 1 && model.is_encoder_decoder() {
-        return Err(Error::field(
-            "plan",
-            "pp",
-            "pipeline stages of encoder-decoder models are not modelled",
-        ));
-    }
     // One rank's model: its tensor-parallel share of the largest pipeline stage.
     let rank_model = model.tensor_parallel_rank(par.tp).pipeline_stage(par.pp);
     let stages: Vec<(Stage, u64)> = if par.pp == 1 {

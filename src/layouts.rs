@@ -7,9 +7,9 @@
 //! data-parallel degrees; the time and cost objectives then also look at every larger degree.
 
 use crate::error::Result;
-use crate::estimate::{Estimate, estimate};
+use crate::estimate::{Estimate, check_plan, estimate};
 use crate::search::Target;
-use crate::spec::parallel::{Engine, Offload, Parallel, check};
+use crate::spec::parallel::{Engine, Offload, Parallel};
 use crate::spec::plan::Plan;
 use crate::units::Bytes;
 use serde::Serialize;
@@ -148,18 +148,18 @@ pub fn search(
                                 && offload == Offload::None
                                 && engine != Engine::Ddp)
                                 || (engine == Engine::FsdpHybrid && parallel.nodes() == 1);
-                            let heads = (model.decoder.heads, model.decoder.kv_heads);
-                            if pointless
-                                || check(&parallel, layers, heads.0, heads.1).is_err()
-                                || (pp > 1 && model.is_encoder_decoder())
-                            {
-                                return Ok(None);
-                            }
                             let p = Plan {
                                 parallel,
                                 grad_ckpt,
                                 ..plan.clone()
                             };
+                            // A layout the plan's rules refuse for this model (its heads do
+                            // not split tp ways, Mamba-1 mixers under tp, pipeline stages of
+                            // an encoder-decoder) is not a candidate; the plan itself passed
+                            // them before the search.
+                            if pointless || check_plan(model, &p).is_err() {
+                                return Ok(None);
+                            }
                             *runs += 1;
                             let e = estimate(model, &p, hw, target.rates)?;
                             Ok(Some(layout(&e, target.budget, bounds)))

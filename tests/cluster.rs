@@ -982,3 +982,31 @@ fn one_gpu_reports_exactly_zero_communication() {
         );
     }
 }
+
+#[test]
+fn fit_searches_only_the_layouts_the_model_and_method_allow() {
+    // The plan itself is valid; the search must not fail on a layout its rules refuse.
+    // Prefix tuning cannot be checkpointed (peft refuses it), so no layout turns it on;
+    // Jamba's Mamba-1 mixers have no tensor-parallel split, so no layout uses tp.
+    for (args, ckpt_allowed, tp_allowed) in [
+        (["gpt2-xl", "prefix", "h100"], false, true),
+        (["jamba-v0.1", "lora", "h100"], true, false),
+    ] {
+        let out = ftplan()
+            .args([
+                "fit", "--model", args[0], "--method", args[1], "--gpu", args[2],
+            ])
+            .args(["--layouts", "50", "--format", "json"])
+            .assert();
+        let code = out.get_output().status.code();
+        assert!(matches!(code, Some(0 | 1)), "{args:?}: {code:?}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.get_output().stdout).expect("fit --format json is JSON");
+        let layouts = v["layouts"].as_array().expect("layouts");
+        assert!(!layouts.is_empty(), "{args:?}");
+        for l in layouts {
+            assert!(ckpt_allowed || l["grad_ckpt"] == false, "{args:?}: {l}");
+            assert!(tp_allowed || l["parallel"]["tp"] == 1, "{args:?}: {l}");
+        }
+    }
+}
