@@ -604,3 +604,35 @@ fn a_measured_run_with_an_unknown_attention_or_precision_name_is_refused_by_fiel
         assert!(err.contains(known), "the hint names the known names: {err}");
     }
 }
+
+#[test]
+fn a_flag_refused_after_the_plan_resolves_prints_no_notes() {
+    // Each plan below resolves with notes (`a100` is an alias, --lora-rank is ignored by full
+    // fine-tuning); the flag each command reads after resolving it is refused, and the refusal
+    // is its error and hint alone.
+    let cases: [&[&str]; 4] = [
+        &["estimate", "--epochs", "2"],
+        &["estimate", "--tokens", "1e9", "--price", "-2"],
+        &["fit", "--host-memory", "0"],
+        &[
+            "export",
+            "--engine",
+            "fsdp",
+            "--gpus",
+            "2",
+            "--deepspeed",
+            "never-written.json",
+        ],
+    ];
+    for args in cases {
+        let out = ftplan()
+            .args(args)
+            .args(["--model", "gpt2", "--gpu", "a100", "--lora-rank", "8"])
+            .assert()
+            .code(2);
+        let err = crate::stderr_of(&out);
+        assert!(!err.contains("note:"), "{args:?}: {err}");
+        crate::assert_message_policy(&err);
+    }
+    assert!(!std::path::Path::new("never-written.json").exists());
+}

@@ -125,9 +125,9 @@ fn note(notes: &[String]) {
 
 fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
     let r = PlanInput::from_args(&a.plan).resolve()?;
-    // Notes qualify a result: a refused plan gets its one error line alone.
+    // Notes qualify a result: a refused plan, or a bad budget flag, gets its one error line
+    // alone, so the notes wait until every input has been read.
     let e = estimate_resolved(&r)?;
-    note(&r.notes);
     // The one place the budget flags get their ranges.
     let ranged = |field: &str, v: Option<f64>, max: f64| -> anyhow::Result<Option<f64>> {
         match v {
@@ -168,6 +168,7 @@ fn run_estimate(a: &EstimateArgs) -> anyhow::Result<ExitCode> {
         tokens: t,
         price_per_gpu_hour: price.or(r.hardware.price_per_hour_usd),
     });
+    note(&r.notes);
     match a.format {
         Format::Table => out!("{}", report::table::estimate(&e, budget)),
         Format::Json => outln!(
@@ -243,7 +244,6 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let r = input.resolve()?;
-    note(&r.notes);
     let layout = measure::layout(&r.plan)?;
     let model_arg = input.model.clone().unwrap_or_default();
     if r.model.family == ftplan::spec::model::Family::Palm {
@@ -271,6 +271,8 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
         Device::Cuda => r.hardware.clone(),
     };
     let estimate = ftplan::estimate::estimate(&model, &r.plan, &hardware, &r.rates)?;
+    // The plan is accepted: its notes come before the (long) run, a refusal without them.
+    note(&r.notes);
     let mut run = measure::run_record(&model, &r.plan);
     // Module names as given reach peft unchanged (`query_key_value`, `c_attn`, ...).
     if r.plan.method.lora().is_some()
@@ -362,7 +364,6 @@ fn export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let r = PlanInput::from_args(&plan_args).resolve()?;
-    note(&r.notes);
     let mut files: Vec<(std::path::PathBuf, String)> = Vec::new();
     if let Some(path) = deepspeed_out {
         let v = ftplan::interop::deepspeed::write(&r.plan)?;
@@ -371,6 +372,8 @@ fn export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &a.accelerate {
         files.push((path.clone(), ftplan::interop::accelerate::write(&r.plan)?));
     }
+    // Notes qualify the written plan: one the engine cannot run gets its error line alone.
+    note(&r.notes);
     for (path, text) in &files {
         report::write_atomic(path, text.as_bytes())?;
         eprintln!("wrote {}", path.display());

@@ -188,7 +188,6 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
     let r = input.resolve()?;
     let t = target(&r);
     let e = estimate_resolved(&r)?;
-    note(&r.notes);
     let max_batch = search::max_batch(&t, &r.plan)?;
     let max_seq = search::max_seq(&t, &r.plan)?;
     let fixes = if e.fits {
@@ -232,6 +231,8 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         price_per_gpu_hour: r.hardware.price_per_hour_usd,
     };
     let (layouts, _) = ftplan::layouts::search(&t, &r.plan, fixed, bounds, objective, a.layouts)?;
+    // Notes qualify a result: a refused plan or a bad flag gets its one error line alone.
+    note(&r.notes);
     match a.format {
         Format::Json => {
             outln!(
