@@ -50,10 +50,57 @@ pub struct Comparison {
     pub model: String,
     pub title: String,
     pub bars: Vec<Bar>,
+    /// Methods the plan's rules refuse for the model, left out (see [`triage`]).
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A method (on a GPU) the plan's rules refuse for the model: prefix tuning where peft's prefix
+/// does not fit the cache, prompt tokens past a learned position table, LoRA's default
+/// targets on a model without attention.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeftOut {
+    pub label: String,
+    /// The refusal and its hint, on one line.
+    pub reason: String,
+}
+
+/// What an exploration does with a method the model refuses: a list the user chose fails on
+/// it; a default list (every method) leaves it out and says why, so it shows what applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Fail,
+    LeaveOut,
+}
+
+/// Splits labelled resolutions into the cases that resolve and estimate and the ones left out,
+/// per `refused` (some refusals need the estimate: peft's targets matching nothing). When
+/// every one is refused, the first refusal is the error: nothing applies.
+pub fn triage(
+    resolved: Vec<(String, Result<Case>)>,
+    refused: Refused,
+) -> Result<(Vec<Case>, Vec<LeftOut>)> {
+    let (mut cases, mut left_out, mut first_refusal) = (Vec::new(), Vec::new(), None);
+    for (label, r) in resolved {
+        match r.and_then(|case| case.run().map(|_| case)) {
+            Ok(case) => cases.push(case),
+            Err(err) if refused == Refused::LeaveOut => {
+                left_out.push(LeftOut {
+                    label,
+                    reason: err.to_string().replace("\nhint: ", "; "),
+                });
+                first_refusal.get_or_insert(err);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    match first_refusal {
+        Some(err) if cases.is_empty() => Err(err),
+        _ => Ok((cases, left_out)),
+    }
 }
 
 /// Estimates every case; bars are labelled by method, and by GPU when there are several.
-pub fn compare(cases: &[Case]) -> Result<Comparison> {
+pub fn compare(cases: &[Case], left_out: Vec<LeftOut>) -> Result<Comparison> {
     let first = cases.first().ok_or_else(|| Error::Plan {
         message: "nothing to compare".into(),
         hint: Some("pass --methods and/or --gpus-list".into()),
@@ -92,6 +139,7 @@ pub fn compare(cases: &[Case]) -> Result<Comparison> {
             if p.grad_ckpt { ", grad-ckpt" } else { "" }
         ),
         bars,
+        left_out,
     })
 }
 
@@ -139,14 +187,18 @@ pub struct Sweep {
     pub stopped: Vec<String>,
 }
 
-/// Sweeps `axis` over `values` for each case (one per method).
-pub fn sweep(cases: &[Case], axis: Axis, values: &[u64]) -> Result<Sweep> {
+/// Sweeps `axis` over `values` for each case (one per method); `left_out` are the methods
+/// [`triage`] left out, said in `stopped`.
+pub fn sweep(cases: &[Case], left_out: &[LeftOut], axis: Axis, values: &[u64]) -> Result<Sweep> {
     let first = cases.first().ok_or_else(|| Error::Plan {
         message: "nothing to sweep".into(),
         hint: Some("pass --methods".into()),
     })?;
     let mut series = Vec::new();
-    let mut stopped = Vec::new();
+    let mut stopped: Vec<String> = left_out
+        .iter()
+        .map(|l| format!("the {} curve is left out: {}", l.label, l.reason))
+        .collect();
     for c in cases {
         let mut points = Vec::new();
         for &v in values {
@@ -423,36 +475,56 @@ pub struct Scale {
     pub series: Vec<ScaleSeries>,
 }
 
-/// Estimates each method (`cases[method][model]`) across the models.
-pub fn scale(methods: &[(String, Vec<Case>)]) -> Result<Scale> {
-    let first = methods
-        .first()
-        .and_then(|(_, c)| c.first())
-        .ok_or_else(|| Error::Plan {
+/// Estimates each method (`cases[method][model]`) across the models. A method the plan's
+/// rules refuse on a model (prefix tuning on PaLM's multi-query cache, say) has no point
+/// there; a model every method is refused on is an error (its first refusal).
+pub fn scale(methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
+    let columns = methods.first().map_or(0, |(_, c)| c.len());
+    let resolved = |j: usize| {
+        methods
+            .iter()
+            .find_map(|(_, cases)| cases.get(j)?.as_ref().ok())
+    };
+    if let Some(j) = (0..columns).find(|&j| resolved(j).is_none()) {
+        let refusal = methods
+            .into_iter()
+            .find_map(|(_, mut cases)| (j < cases.len()).then(|| cases.swap_remove(j).err())?);
+        return Err(refusal.unwrap_or_else(|| Error::Plan {
             message: "nothing to compare".into(),
             hint: Some("pass --methods and --models".into()),
-        })?;
+        }));
+    }
+    let firsts: Vec<&Case> = (0..columns).filter_map(resolved).collect();
+    let first = *firsts.first().ok_or_else(|| Error::Plan {
+        message: "nothing to compare".into(),
+        hint: Some("pass --methods and --models".into()),
+    })?;
     let mut models = Vec::new();
     let mut total_params = Vec::new();
-    for c in &methods[0].1 {
+    for c in &firsts {
         models.push(c.model.name.clone());
-        let g = crate::graph::build(&c.model, &c.plan);
+        // The base model's parameters, whichever method resolved first.
+        let full = Plan {
+            method: crate::spec::plan::Method::Full,
+            ..c.plan.clone()
+        };
+        let g = crate::graph::build(&c.model, &full);
         total_params.push(g.params.iter().map(|p| p.count()).sum());
     }
     let mut series = Vec::new();
-    for (method, cases) in methods {
+    for (method, cases) in &methods {
         let mut s = ScaleSeries {
             method: method.clone(),
             trainable_params: Vec::new(),
             peak_gib: Vec::new(),
         };
         for c in cases {
-            match c.run() {
-                Ok(e) => {
+            match c.as_ref().map(Case::run) {
+                Ok(Ok(e)) => {
                     s.trainable_params.push(e.memory.trainable_params);
                     s.peak_gib.push(Some(e.memory.peak.gib()));
                 }
-                Err(_) => {
+                Ok(Err(_)) | Err(_) => {
                     s.trainable_params.push(0);
                     s.peak_gib.push(None);
                 }

@@ -766,3 +766,85 @@ fn the_updates_and_why_peft_charts_are_written_with_their_json() {
     assert!(trainable(1, 1) * 100 < trainable(0, 1));
     assert!(dir.path().join("why-peft.png").exists());
 }
+
+#[test]
+fn explorations_over_every_method_leave_out_what_the_model_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().display().to_string();
+    let run = |args: &[&str], code: i32| {
+        let a = ftplan()
+            .args(args)
+            .args(["--out", &out])
+            .assert()
+            .code(code);
+        crate::stderr_of(&a)
+    };
+    // compare's default list on GPT-2 at 1,024 tokens: prompt tuning's 20 virtual tokens make
+    // 1,044 positions of its 1,024, so it is left out and said; the rest are compared.
+    let err = run(&["compare", "--model", "gpt2", "--gpu", "a100"], 0);
+    assert!(err.contains("note: prompt is left out: ") && err.contains("1024 learned positions"));
+    let md = std::fs::read_to_string(dir.path().join("compare-gpt2.md")).expect("report");
+    assert!(md.contains("prefix") && !md.contains("prompt"), "{md}");
+    // The same method named by the user is an error.
+    let err = run(
+        &[
+            "compare",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "a100",
+            "--methods",
+            "lora,prompt",
+        ],
+        2,
+    );
+    crate::assert_message_policy(&err);
+    // sweep's default list on Mamba: LoRA's default targets (q, v) find nothing in a model
+    // without attention, so the full curve alone is drawn.
+    let err = run(
+        &[
+            "sweep",
+            "--model",
+            "mamba-130m",
+            "--gpu",
+            "a100",
+            "--over",
+            "seq",
+        ],
+        0,
+    );
+    assert!(err.contains("the lora curve is left out") && err.contains("the qlora curve"));
+    // A sequence sweep replaces the plan's own length: Marian's 512 positions do not refuse
+    // the default 1,024 before the sweep starts at 128.
+    run(
+        &[
+            "sweep",
+            "--model",
+            "opus-mt-en-de",
+            "--gpu",
+            "a100",
+            "--over",
+            "seq",
+        ],
+        0,
+    );
+    // "Why PEFT" over its default models: prefix tuning does not fit PaLM's multi-query cache,
+    // so that one point is missing, not the figure.
+    let a = ftplan()
+        .args([
+            "sweep", "--over", "scale", "--gpu", "a100", "--format", "json",
+        ])
+        .args(["--out", &out])
+        .assert()
+        .code(0);
+    let v: serde_json::Value = serde_json::from_slice(&a.get_output().stdout).expect("json");
+    let prefix = v["series"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["method"] == "prefix"))
+        .expect("prefix series");
+    let peaks = prefix["peak_gib"].as_array().expect("peaks");
+    assert!(
+        peaks[..4].iter().all(|p| p.is_f64()) && peaks[4].is_null(),
+        "{peaks:?}"
+    );
+}

@@ -345,6 +345,23 @@ fn case(r: Resolved) -> Case {
     }
 }
 
+/// One method of a comparison or sweep, resolved (or refused) on `gpu`.
+/// A list the user chose fails on a method the model refuses; a default list leaves it out.
+fn refused_by(chosen: bool) -> explore::Refused {
+    if chosen {
+        explore::Refused::Fail
+    } else {
+        explore::Refused::LeaveOut
+    }
+}
+
+/// A method's name as `--method` spells it.
+fn method_name(m: MethodArg) -> String {
+    use clap::ValueEnum;
+    m.to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
+}
+
 /// Writes a report's charts and Markdown together (staged), and says which files.
 fn publish(
     out: &std::path::Path,
@@ -379,21 +396,31 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let methods = methods(&a.methods)?;
-    let mut cases = Vec::new();
-    for gpu in gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref()) {
+    let gpus = gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref());
+    let mut resolved = Vec::new();
+    for gpu in &gpus {
         for &m in &methods {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
             input.gpu = Some(gpu.clone());
-            cases.push(case(input.resolve()?));
+            let label = if gpus.len() > 1 {
+                format!("{} @ {gpu}", method_name(m))
+            } else {
+                method_name(m)
+            };
+            resolved.push((label, input.resolve().map(case)));
         }
     }
-    let result = explore::compare(&cases)?;
+    let (cases, left_out) = explore::triage(resolved, refused_by(super::given("methods")))?;
+    let result = explore::compare(&cases, left_out)?;
     let stem = format!("compare-{}", result.model);
     let table = report::table::compare(&result.bars);
     publish(&a.out, &stem, &result.title, &table, |dir| {
         chart::write_compare(dir, &stem, &result.title, &result.bars)
     })?;
+    for l in &result.left_out {
+        eprintln!("note: {} is left out: {}", l.label, l.reason);
+    }
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -417,16 +444,20 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         explore::Axis::Seq => (7..=15).map(|p| 1u64 << p).collect(),
         explore::Axis::Batch => (0..=7).map(|p| 1u64 << p).collect(),
     };
-    let mut cases = Vec::new();
+    let mut resolved = Vec::new();
     for &m in &methods(a.methods.as_deref().unwrap_or("full,lora,qlora"))? {
         let mut input = PlanInput::from_args(&a.plan);
         input.method = m;
-        cases.push(case(input.resolve()?));
+        // The swept field's first value stands in for the plan's own, which the sweep replaces
+        // (a 1,024-token default past a 512-position table must not refuse a sweep from 128).
+        match axis {
+            explore::Axis::Seq => input.seq = values[0],
+            explore::Axis::Batch => input.batch = values[0],
+        }
+        resolved.push((method_name(m), input.resolve().map(case)));
     }
-    let result = explore::sweep(&cases, axis, &values)?;
-    for s in &result.stopped {
-        eprintln!("note: {s}");
-    }
+    let (cases, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
+    let result = explore::sweep(&cases, &left_out, axis, &values)?;
     let stem = format!(
         "sweep-{}-{}",
         result.model,
@@ -447,6 +478,9 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             result.budget,
         )
     })?;
+    for s in &result.stopped {
+        eprintln!("note: {s}");
+    }
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -462,22 +496,27 @@ const EVERY_METHOD: &str = "full,lora,adapter,prefix,prompt,ia3,bitfit,ln-tuning
 
 /// Which parameters each method updates, by part and block.
 fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let mut plans = Vec::new();
-    let mut model = None;
+    let mut resolved = Vec::new();
     for &m in &methods(a.methods.as_deref().unwrap_or(EVERY_METHOD))? {
         let mut input = PlanInput::from_args(&a.plan);
         input.method = m;
-        let r = input.resolve()?;
-        plans.push(r.plan);
-        model = Some(r.model);
+        resolved.push((method_name(m), input.resolve().map(case)));
     }
-    let model = model.ok_or_else(|| Error::field("command line", "methods", "names no method"))?;
-    let result = explore::updates(&model, &plans);
+    let (cases, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
+    let model = &cases
+        .first()
+        .ok_or_else(|| Error::field("command line", "methods", "names no method"))?
+        .model;
+    let plans: Vec<_> = cases.iter().map(|c| c.plan.clone()).collect();
+    let result = explore::updates(model, &plans);
     let table = report::table::updates(&result);
     let stem = format!("updates-{}", result.model);
     publish(&a.out, &stem, &result.title, &table, |dir| {
         chart::write_updates(dir, &stem, &result)
     })?;
+    for l in &left_out {
+        eprintln!("note: {} is left out: {}", l.label, l.reason);
+    }
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!("{}", serde_json::to_string_pretty(&result)?),
@@ -501,14 +540,11 @@ fn scale(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
             input.model = Some(model.clone());
-            cases.push(case(input.resolve()?));
+            cases.push(input.resolve().map(case));
         }
-        let name = cases.first().map_or_else(String::new, |c: &explore::Case| {
-            c.plan.method.name().to_string()
-        });
-        rows.push((name, cases));
+        rows.push((method_name(m), cases));
     }
-    let result = explore::scale(&rows)?;
+    let result = explore::scale(rows)?;
     let table = report::table::scale(&result);
     let stem = "why-peft";
     publish(&a.out, stem, &result.title, &table, |dir| {
@@ -542,7 +578,7 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             fixed = Some(input.layout.fixed(&input.origin, r.plan.grad_ckpt)?);
             cases.push(case(r));
         }
-        rows.push((format!("{m:?}").to_lowercase(), cases));
+        rows.push((method_name(m), cases));
     }
     let result = explore::gpus_needed(models, &rows, fixed.unwrap_or_default(), 4096)?;
     let table = report::table::gpus_needed(&result);
