@@ -449,3 +449,16 @@ fn gemma4_bidirectional_text_attention_is_refused_with_what_is_supported() {
         ],
     );
 }
+
+#[test]
+fn a_plan_file_s_refused_field_is_named_as_the_file_spells_it() {
+    // Flags and plan-file keys share their rules; a file's error names its own key.
+    for (fixture, key) in [
+        ("micro-batches-without-pp.toml", "field `micro_batches`"),
+        ("lora-rank-zero.toml", "field `lora.rank`"),
+        ("headroom-100.toml", "field `headroom_percent`"),
+    ] {
+        let path = format!("tests/fixtures/plans/{fixture}");
+        rejects(&["fit", &path], &[fixture, key]);
+    }
+}

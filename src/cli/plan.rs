@@ -462,8 +462,25 @@ impl PlanInput {
         Ok((input, notes))
     }
 
-    /// Validates and resolves names.
+    /// Validates and resolves names; a refused field is named as its origin spells it.
     pub fn resolve(&self) -> Result<Resolved> {
+        self.resolve_fields().map_err(|e| match e {
+            Error::Field {
+                path,
+                field,
+                problem,
+                hint,
+            } if path == self.origin => Error::Field {
+                field: spelled_for(&path, &field),
+                path,
+                problem,
+                hint,
+            },
+            other => other,
+        })
+    }
+
+    fn resolve_fields(&self) -> Result<Resolved> {
         if self.deepspeed.is_some() || self.accelerate_config.is_some() {
             let (input, notes) = self.with_engine_configs()?;
             let mut r = input.resolve()?;
@@ -855,10 +872,26 @@ pub fn relabel(e: Error, origin: &str) -> Error {
             ..
         } => Error::Field {
             path: origin.to_string(),
-            field,
+            field: spelled_for(origin, &field),
             problem,
             hint,
         },
         other => other,
+    }
+}
+
+/// A plan field as its origin spells it: a flag on the command line (`micro-batches`,
+/// `lora-rank`), a key in a plan file (`micro_batches`, `rank` under `[lora]` as `lora.rank`,
+/// `headroom_percent`).
+fn spelled_for(origin: &str, field: &str) -> String {
+    if origin == "command line" {
+        return field.to_string();
+    }
+    match field {
+        "headroom" => "headroom_percent".into(),
+        f => match f.strip_prefix("lora-") {
+            Some(key) => format!("lora.{key}"),
+            None => f.replace('-', "_"),
+        },
     }
 }
