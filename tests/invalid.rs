@@ -462,3 +462,59 @@ fn a_plan_file_s_refused_field_is_named_as_the_file_spells_it() {
         rejects(&["fit", &path], &[fixture, key]);
     }
 }
+
+#[test]
+fn an_engine_config_s_refused_layout_says_which_file_set_it() {
+    let ds = |f: &str| format!("tests/fixtures/invalid/{f}");
+    // --engine zero2 overrides the file's stage 3, and the file's parameter offload needs it.
+    let offload = ds("ds-offload-params.json");
+    let args = [
+        "estimate",
+        "--model",
+        "gpt2",
+        "--gpu",
+        "h100",
+        "--gpus",
+        "8",
+        "--engine",
+        "zero2",
+        "--deepspeed",
+        &offload,
+    ];
+    rejects(
+        &args,
+        &[
+            "field `offload`",
+            "ds-offload-params.json` sets the offload; --offload overrides it",
+        ],
+    );
+    // Stage 0 with an offloaded optimizer: the file set both.
+    let stage0 = ds("ds-stage0-offload.json");
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h100",
+            "--gpus",
+            "2",
+            "--deepspeed",
+            &stage0,
+        ],
+        &["sets the engine and offload; --engine and --offload override them"],
+    );
+    // A bucket size is named under its section.
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h100",
+            "--deepspeed",
+            &ds("ds-bad-bucket.json"),
+        ],
+        &["field `zero_optimization.stage3_prefetch_bucket_size`"],
+    );
+}

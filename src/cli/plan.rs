@@ -462,6 +462,69 @@ impl PlanInput {
         Ok((input, notes))
     }
 
+    /// A refused layout field that an engine config supplied (its flag was not given) says
+    /// which file set it: `--engine zero2` beside a DeepSpeed file that offloads parameters is
+    /// refused for the file's offload, which the flag `--offload` overrides.
+    fn name_engine_config_source(&self, e: Error, merged: &PlanInput) -> Error {
+        let supplied = |field: &str| match field {
+            "engine" => self.layout.engine.is_none() && merged.layout.engine.is_some(),
+            "offload" => self.layout.offload.is_none() && merged.layout.offload.is_some(),
+            "gpus" => self.layout.gpus.is_none() && merged.layout.gpus.is_some(),
+            _ => false,
+        };
+        match e {
+            Error::Field {
+                path,
+                field,
+                problem,
+                hint: None,
+            } if supplied(&field) => {
+                let files: Vec<String> = [&self.deepspeed, &self.accelerate_config]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| format!("`{}`", p.display()))
+                    .collect();
+                // The engine and its offload are refused together: name both where the file
+                // set both.
+                let fields: Vec<&str> = match field.as_str() {
+                    "engine" | "offload" => ["engine", "offload"]
+                        .into_iter()
+                        .filter(|f| supplied(f))
+                        .collect(),
+                    f => vec![f],
+                };
+                let flags: Vec<String> = fields
+                    .iter()
+                    .map(|f| {
+                        if self.origin == "command line" {
+                            format!("--{f}")
+                        } else {
+                            format!("the plan's `{}`", spelled_for(&self.origin, f))
+                        }
+                    })
+                    .collect();
+                let verb = if fields.len() > 1 {
+                    "override them"
+                } else {
+                    "overrides it"
+                };
+                let hint = format!(
+                    "{} sets the {}; {} {verb}",
+                    files.join(" or "),
+                    fields.join(" and "),
+                    flags.join(" and ")
+                );
+                Error::Field {
+                    path,
+                    field,
+                    problem,
+                    hint: Some(hint),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Validates and resolves names; a refused field is named as its origin spells it.
     pub fn resolve(&self) -> Result<Resolved> {
         self.resolve_fields().map_err(|e| match e {
@@ -483,7 +546,9 @@ impl PlanInput {
     fn resolve_fields(&self) -> Result<Resolved> {
         if self.deepspeed.is_some() || self.accelerate_config.is_some() {
             let (input, notes) = self.with_engine_configs()?;
-            let mut r = input.resolve()?;
+            let mut r = input
+                .resolve()
+                .map_err(|e| self.name_engine_config_source(e, &input))?;
             r.notes.extend(notes);
             return Ok(r);
         }
