@@ -77,6 +77,25 @@ impl Error {
         }
     }
 
+    /// The same error with a field error's field renamed (a key under its section, a flag as
+    /// a plan file spells it); any other error unchanged.
+    pub fn map_field(self, rename: impl FnOnce(&str) -> String) -> Error {
+        match self {
+            Error::Field {
+                path,
+                field,
+                problem,
+                hint,
+            } => Error::Field {
+                field: rename(&field),
+                path,
+                problem,
+                hint,
+            },
+            other => other,
+        }
+    }
+
     pub fn with_hint(self, text: impl Into<String>) -> Error {
         match self {
             Error::Field {

@@ -465,56 +465,32 @@ fn a_plan_file_s_refused_field_is_named_as_the_file_spells_it() {
 
 #[test]
 fn an_engine_config_s_refused_layout_says_which_file_set_it() {
-    let ds = |f: &str| format!("tests/fixtures/invalid/{f}");
+    let estimate = |file: &str, flags: &[&str], want: &[&str]| {
+        let path = format!("tests/fixtures/invalid/{file}");
+        let mut args = vec!["estimate", "--model", "gpt2", "--gpu", "h100"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--deepspeed", &path]);
+        rejects(&args, want);
+    };
     // --engine zero2 overrides the file's stage 3, and the file's parameter offload needs it.
-    let offload = ds("ds-offload-params.json");
-    let args = [
-        "estimate",
-        "--model",
-        "gpt2",
-        "--gpu",
-        "h100",
-        "--gpus",
-        "8",
-        "--engine",
-        "zero2",
-        "--deepspeed",
-        &offload,
-    ];
-    rejects(
-        &args,
+    estimate(
+        "ds-offload-params.json",
+        &["--gpus", "8", "--engine", "zero2"],
         &[
             "field `offload`",
             "ds-offload-params.json` sets the offload; --offload overrides it",
         ],
     );
     // Stage 0 with an offloaded optimizer: the file set both.
-    let stage0 = ds("ds-stage0-offload.json");
-    rejects(
-        &[
-            "estimate",
-            "--model",
-            "gpt2",
-            "--gpu",
-            "h100",
-            "--gpus",
-            "2",
-            "--deepspeed",
-            &stage0,
-        ],
+    estimate(
+        "ds-stage0-offload.json",
+        &["--gpus", "2"],
         &["sets the engine and offload; --engine and --offload override them"],
     );
     // A bucket size is named under its section.
-    rejects(
-        &[
-            "estimate",
-            "--model",
-            "gpt2",
-            "--gpu",
-            "h100",
-            "--deepspeed",
-            &ds("ds-bad-bucket.json"),
-        ],
+    estimate(
+        "ds-bad-bucket.json",
+        &[],
         &["field `zero_optimization.stage3_prefetch_bucket_size`"],
     );
 }

@@ -472,74 +472,55 @@ impl PlanInput {
             "gpus" => self.layout.gpus.is_none() && merged.layout.gpus.is_some(),
             _ => false,
         };
-        match e {
+        let field = match &e {
             Error::Field {
-                path,
-                field,
-                problem,
-                hint: None,
-            } if supplied(&field) => {
-                let files: Vec<String> = [&self.deepspeed, &self.accelerate_config]
-                    .into_iter()
-                    .flatten()
-                    .map(|p| format!("`{}`", p.display()))
-                    .collect();
-                // The engine and its offload are refused together: name both where the file
-                // set both.
-                let fields: Vec<&str> = match field.as_str() {
-                    "engine" | "offload" => ["engine", "offload"]
-                        .into_iter()
-                        .filter(|f| supplied(f))
-                        .collect(),
-                    f => vec![f],
-                };
-                let flags: Vec<String> = fields
-                    .iter()
-                    .map(|f| {
-                        if self.origin == "command line" {
-                            format!("--{f}")
-                        } else {
-                            format!("the plan's `{}`", spelled_for(&self.origin, f))
-                        }
-                    })
-                    .collect();
-                let verb = if fields.len() > 1 {
-                    "override them"
+                field, hint: None, ..
+            } if supplied(field) => field.clone(),
+            _ => return e,
+        };
+        let files: Vec<String> = [&self.deepspeed, &self.accelerate_config]
+            .into_iter()
+            .flatten()
+            .map(|p| format!("`{}`", p.display()))
+            .collect();
+        // The engine and its offload are refused together: name both where the file set both.
+        let fields: Vec<&str> = match field.as_str() {
+            "engine" | "offload" => ["engine", "offload"]
+                .into_iter()
+                .filter(|f| supplied(f))
+                .collect(),
+            f => vec![f],
+        };
+        let flags: Vec<String> = fields
+            .iter()
+            .map(|f| {
+                if self.origin == "command line" {
+                    format!("--{f}")
                 } else {
-                    "overrides it"
-                };
-                let hint = format!(
-                    "{} sets the {}; {} {verb}",
-                    files.join(" or "),
-                    fields.join(" and "),
-                    flags.join(" and ")
-                );
-                Error::Field {
-                    path,
-                    field,
-                    problem,
-                    hint: Some(hint),
+                    format!("the plan's `{}`", spelled_for(&self.origin, f))
                 }
-            }
-            other => other,
-        }
+            })
+            .collect();
+        let verb = if fields.len() > 1 {
+            "override them"
+        } else {
+            "overrides it"
+        };
+        e.with_hint(format!(
+            "{} sets the {}; {} {verb}",
+            files.join(" or "),
+            fields.join(" and "),
+            flags.join(" and ")
+        ))
     }
 
     /// Validates and resolves names; a refused field is named as its origin spells it.
     pub fn resolve(&self) -> Result<Resolved> {
-        self.resolve_fields().map_err(|e| match e {
-            Error::Field {
-                path,
-                field,
-                problem,
-                hint,
-            } if path == self.origin => Error::Field {
-                field: spelled_for(&path, &field),
-                path,
-                problem,
-                hint,
-            },
-            other => other,
+        self.resolve_fields().map_err(|e| match &e {
+            Error::Field { path, .. } if *path == self.origin => {
+                e.map_field(|field| spelled_for(&self.origin, field))
+            }
+            _ => e,
         })
     }
 
@@ -937,10 +918,11 @@ pub fn relabel(e: Error, origin: &str) -> Error {
             ..
         } => Error::Field {
             path: origin.to_string(),
-            field: spelled_for(origin, &field),
+            field,
             problem,
             hint,
-        },
+        }
+        .map_field(|field| spelled_for(origin, field)),
         other => other,
     }
 }

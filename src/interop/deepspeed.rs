@@ -117,20 +117,8 @@ pub fn read(path: &str, text: &str) -> Result<Imported> {
         "stage3_max_live_parameters",
         "stage3_param_persistence_threshold",
     ] {
-        let n = count(path, &zero, key).map_err(|e| match e {
-            Error::Field {
-                path,
-                field,
-                problem,
-                hint,
-            } => Error::Field {
-                path,
-                field: format!("zero_optimization.{field}"),
-                problem,
-                hint,
-            },
-            other => other,
-        })?;
+        let n = count(path, &zero, key)
+            .map_err(|e| e.map_field(|field| format!("zero_optimization.{field}")))?;
         if let Some(n) = n {
             out.notes.push(format!(
                 "{path}: zero_optimization.{key} = {n} is read; ftplan models each unit's buffers (a block at a time)"

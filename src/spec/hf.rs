@@ -189,20 +189,9 @@ impl<'a> Reader<'a> {
             map,
             seen: RefCell::new(BTreeSet::new()),
         };
-        read(&inner).map(Some).map_err(|e| match e {
-            Error::Field {
-                path,
-                field,
-                problem,
-                hint,
-            } => Error::Field {
-                path,
-                field: format!("{key}.{field}"),
-                problem,
-                hint,
-            },
-            other => other,
-        })
+        read(&inner)
+            .map(Some)
+            .map_err(|e| e.map_field(|field| format!("{key}.{field}")))
     }
 
     fn str_or(&self, keys: &[&'static str], default: &'static str) -> Result<String> {
