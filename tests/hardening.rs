@@ -34,6 +34,30 @@ fn a_closed_stdout_ends_quietly_with_exit_zero() {
     }
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_stdout_is_an_error_that_names_it() {
+    // /dev/full takes no bytes (ENOSPC): the result was not delivered, so exit 2, one line.
+    for args in [
+        &["estimate", "--model", "gpt2", "--gpu", "h100-sxm"][..],
+        &["completions", "bash"],
+    ] {
+        let full = std::fs::File::create("/dev/full").expect("/dev/full");
+        let out = binary()
+            .args(args)
+            .stdout(Stdio::from(full))
+            .output()
+            .expect("ftplan ends");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: cannot write to standard output: "),
+            "{args:?}: {err}"
+        );
+        crate::assert_message_policy(&err);
+    }
+}
+
 #[test]
 fn check_on_a_folder_without_plans_is_an_error() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -5,7 +5,10 @@
 macro_rules! out {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        write!(std::io::stdout().lock(), $($t)*)?
+        anyhow::Context::context(
+            write!(std::io::stdout().lock(), $($t)*),
+            "cannot write to standard output",
+        )?
     }};
 }
 
@@ -13,7 +16,10 @@ macro_rules! out {
 macro_rules! outln {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($t)*)?
+        anyhow::Context::context(
+            writeln!(std::io::stdout().lock(), $($t)*),
+            "cannot write to standard output",
+        )?
     }};
 }
 
@@ -96,7 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             use clap::CommandFactory;
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "ftplan", &mut out);
-            std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+            out!("{}", String::from_utf8_lossy(&out));
             Ok(ExitCode::SUCCESS)
         }
     }
