@@ -46,6 +46,44 @@ pub fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// The `-` that names standard input as a model (`curl .../config.json | ftplan estimate
+/// --model - ...`).
+pub const STDIN: &str = "-";
+
+/// Standard input as text, read once (a comparison resolves its model once per method), to
+/// the same bound as a file. A terminal is refused rather than waited on.
+pub fn read_stdin() -> Result<String> {
+    use std::io::IsTerminal;
+    static TEXT: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    let read = TEXT.get_or_init(|| {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            return Err("is the terminal: `-` reads a config.json piped to standard input".into());
+        }
+        let mut text = String::new();
+        stdin
+            .lock()
+            .take(MAX_INPUT_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        if text.len() as u64 > MAX_INPUT_BYTES {
+            return Err(format!(
+                "is over {} MiB; inputs are at most that",
+                MAX_INPUT_BYTES >> 20
+            ));
+        }
+        Ok(text)
+    });
+    read.clone().map_err(|problem| Error::Input {
+        path: STDIN.into(),
+        problem,
+        hint: Some(
+            "pipe a config.json in (`cat config.json | ftplan ...`), or pass its path".into(),
+        ),
+    })
+}
+
 fn too_large(path: &Path, bytes: u64) -> Error {
     Error::Input {
         path: path.into(),

@@ -660,3 +660,45 @@ fn a_flag_refused_after_the_plan_resolves_prints_no_notes() {
     }
     assert!(!std::path::Path::new("never-written.json").exists());
 }
+
+#[test]
+fn a_config_json_piped_to_standard_input_is_read_as_the_model() {
+    // `curl .../config.json | ftplan estimate --model - ...`: the same estimate as its path,
+    // named as `_name_or_path` says.
+    let path = repo("examples/configs/mistral-7b-config.json");
+    let text = std::fs::read_to_string(&path).expect("config");
+    let mut value: serde_json::Value = serde_json::from_str(&text).expect("json");
+    value["_name_or_path"] = serde_json::json!("mistralai/Mistral-7B-v0.1");
+    let json = |out: &assert_cmd::assert::Assert| -> serde_json::Value {
+        serde_json::from_slice(&out.get_output().stdout).expect("estimate JSON")
+    };
+    let args = [
+        "estimate", "--gpu", "h100-sxm", "--format", "json", "--model",
+    ];
+    let piped = ftplan()
+        .args(args)
+        .arg("-")
+        .write_stdin(value.to_string())
+        .assert()
+        .code(1);
+    let from_file = ftplan().args(args).arg(&path).assert().code(1);
+    let (piped, from_file) = (json(&piped), json(&from_file));
+    assert_eq!(piped["memory"], from_file["memory"]);
+    assert_eq!(
+        piped["model"]["name"], "Mistral-7B-v0.1",
+        "{}",
+        piped["model"]
+    );
+    // Nothing, or not JSON, on standard input: one error naming it.
+    for input in ["", "{"] {
+        let out = ftplan()
+            .args(args)
+            .arg("-")
+            .write_stdin(input)
+            .assert()
+            .code(2);
+        let err = crate::stderr_of(&out);
+        assert!(err.contains("`standard input`: invalid JSON"), "{err}");
+        crate::assert_message_policy(&err);
+    }
+}

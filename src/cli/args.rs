@@ -131,7 +131,8 @@ pub enum AttentionArg {
 /// The flags that describe one plan (shared by estimate, check and fit).
 #[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
-    /// Model name or alias (`ftplan list models`), or a path to a config.json or model TOML.
+    /// Model name or alias (`ftplan list models`), a path to a config.json or model TOML, or
+    /// `-` for a config.json on standard input.
     #[arg(long)]
     pub model: Option<String>,
     /// Fine-tuning method.

@@ -122,6 +122,22 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
 
 /// Reads a model from a path (`config.json` or TOML) or by shipped name or alias.
 pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
+    if arg == crate::io::STDIN {
+        let value = stdin_config()?;
+        // Named as the hub names it (`_name_or_path`, which `save_pretrained` writes), if it
+        // says.
+        let name = value
+            .get("_name_or_path")
+            .and_then(|v| v.as_str())
+            .and_then(|p| p.trim_end_matches('/').rsplit('/').next())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("stdin")
+            .to_string();
+        return Ok(Resolved {
+            value: parse_config("standard input", &value, &name, false)?,
+            note: None,
+        });
+    }
     // A path must look like one: a file in the working directory named like a shipped model
     // (`./llama2-7b`) must not silently replace it.
     if looks_like_path(arg) {
@@ -178,8 +194,19 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
 /// The config object behind a model argument (a `config.json` or TOML path, or a shipped name
 /// or alias), without the file-only keys (`name`, `source`, `params`, `aliases`): what
 /// `ftplan measure` hands to transformers.
+/// A config.json piped to standard input (`--model -`).
+fn stdin_config() -> Result<serde_json::Value> {
+    let text = crate::io::read_stdin()?;
+    crate::io::from_python_json(&text).map_err(|e| Error::Parse {
+        path: "standard input".into(),
+        message: format!("invalid JSON: {e} (`-` reads a config.json)"),
+    })
+}
+
 pub fn model_config(arg: &str) -> Result<serde_json::Value> {
-    let mut value = if looks_like_path(arg) {
+    let mut value = if arg == crate::io::STDIN {
+        stdin_config()?
+    } else if looks_like_path(arg) {
         let text = crate::io::read_text(Path::new(arg))?;
         if arg.ends_with(".toml") {
             toml_to_json(arg, &text)?
