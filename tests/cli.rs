@@ -784,7 +784,8 @@ fn explorations_over_every_method_leave_out_what_the_model_refuses() {
     let err = run(&["compare", "--model", "gpt2", "--gpu", "a100"], 0);
     assert!(err.contains("note: prompt is left out: ") && err.contains("1024 learned positions"));
     let md = std::fs::read_to_string(dir.path().join("compare-gpt2.md")).expect("report");
-    assert!(md.contains("prefix") && !md.contains("prompt"), "{md}");
+    assert!(md.contains("│ prefix") && !md.contains("│ prompt"), "{md}");
+    assert!(md.contains("note: prompt is left out: "), "{md}");
     // The same method named by the user is an error.
     let err = run(
         &[

@@ -362,6 +362,16 @@ fn method_name(m: MethodArg) -> String {
         .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
+/// A table with its notes under it, for the Markdown report (the terminal gets them as
+/// `note:` lines).
+fn with_notes(table: &str, notes: &[String]) -> String {
+    let mut s = table.to_string();
+    for n in notes {
+        s += &format!("\nnote: {n}");
+    }
+    s
+}
+
 /// Writes a report's charts and Markdown together (staged), and says which files.
 fn publish(
     out: &std::path::Path,
@@ -415,11 +425,20 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     let result = explore::compare(&cases, left_out)?;
     let stem = format!("compare-{}", result.model);
     let table = report::table::compare(&result.bars);
-    publish(&a.out, &stem, &result.title, &table, |dir| {
-        chart::write_compare(dir, &stem, &result.title, &result.bars)
-    })?;
-    for l in &result.left_out {
-        eprintln!("note: {} is left out: {}", l.label, l.reason);
+    let left_out: Vec<String> = result
+        .left_out
+        .iter()
+        .map(|l| format!("{} is left out: {}", l.label, l.reason))
+        .collect();
+    publish(
+        &a.out,
+        &stem,
+        &result.title,
+        &with_notes(&table, &left_out),
+        |dir| chart::write_compare(dir, &stem, &result.title, &result.bars),
+    )?;
+    for l in &left_out {
+        eprintln!("note: {l}");
     }
     match a.format {
         Format::Table => outln!("{table}"),
@@ -468,16 +487,22 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         }
     );
     let table = report::table::sweep(axis.label(), &result.series, result.budget);
-    publish(&a.out, &stem, &result.title, &table, |dir| {
-        chart::write_sweep(
-            dir,
-            &stem,
-            &result.title,
-            axis.label(),
-            &result.series,
-            result.budget,
-        )
-    })?;
+    publish(
+        &a.out,
+        &stem,
+        &result.title,
+        &with_notes(&table, &result.stopped),
+        |dir| {
+            chart::write_sweep(
+                dir,
+                &stem,
+                &result.title,
+                axis.label(),
+                &result.series,
+                result.budget,
+            )
+        },
+    )?;
     for s in &result.stopped {
         eprintln!("note: {s}");
     }
