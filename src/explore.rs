@@ -64,6 +64,12 @@ pub struct LeftOut {
     pub reason: String,
 }
 
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is left out: {}", self.label, self.reason)
+    }
+}
+
 /// What an exploration does with a method the model refuses: a list the user chose fails on
 /// it; a default list (every method) leaves it out and says why, so it shows what applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +485,10 @@ pub struct Scale {
 /// rules refuse on a model (prefix tuning on PaLM's multi-query cache, say) has no point
 /// there; a model every method is refused on is an error (its first refusal).
 pub fn scale(methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
+    let nothing = || Error::Plan {
+        message: "nothing to compare".into(),
+        hint: Some("pass --methods and --models".into()),
+    };
     let columns = methods.first().map_or(0, |(_, c)| c.len());
     let resolved = |j: usize| {
         methods
@@ -489,16 +499,10 @@ pub fn scale(methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
         let refusal = methods
             .into_iter()
             .find_map(|(_, mut cases)| (j < cases.len()).then(|| cases.swap_remove(j).err())?);
-        return Err(refusal.unwrap_or_else(|| Error::Plan {
-            message: "nothing to compare".into(),
-            hint: Some("pass --methods and --models".into()),
-        }));
+        return Err(refusal.unwrap_or_else(nothing));
     }
     let firsts: Vec<&Case> = (0..columns).filter_map(resolved).collect();
-    let first = *firsts.first().ok_or_else(|| Error::Plan {
-        message: "nothing to compare".into(),
-        hint: Some("pass --methods and --models".into()),
-    })?;
+    let first = *firsts.first().ok_or_else(nothing)?;
     let mut models = Vec::new();
     let mut total_params = Vec::new();
     for c in &firsts {

@@ -425,11 +425,7 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     let result = explore::compare(&cases, left_out)?;
     let stem = format!("compare-{}", result.model);
     let table = report::table::compare(&result.bars);
-    let left_out: Vec<String> = result
-        .left_out
-        .iter()
-        .map(|l| format!("{} is left out: {}", l.label, l.reason))
-        .collect();
+    let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
     publish(
         &a.out,
         &stem,
@@ -536,11 +532,16 @@ fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let result = explore::updates(model, &plans);
     let table = report::table::updates(&result);
     let stem = format!("updates-{}", result.model);
-    publish(&a.out, &stem, &result.title, &table, |dir| {
-        chart::write_updates(dir, &stem, &result)
-    })?;
+    let left_out: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+    publish(
+        &a.out,
+        &stem,
+        &result.title,
+        &with_notes(&table, &left_out),
+        |dir| chart::write_updates(dir, &stem, &result),
+    )?;
     for l in &left_out {
-        eprintln!("note: {} is left out: {}", l.label, l.reason);
+        eprintln!("note: {l}");
     }
     match a.format {
         Format::Table => outln!("{table}"),
