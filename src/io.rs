@@ -76,7 +76,7 @@ pub fn read_stdin() -> Result<String> {
         Ok(text)
     });
     read.clone().map_err(|problem| Error::Input {
-        path: STDIN.into(),
+        path: "standard input".into(),
         problem,
         hint: Some(
             "pipe a config.json in (`cat config.json | ftplan ...`), or pass its path".into(),

@@ -120,7 +120,8 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
     parse_config(path, &value, name, true)
 }
 
-/// Reads a model from a path (`config.json` or TOML) or by shipped name or alias.
+/// Reads a model from a path (`config.json` or TOML), by shipped name or alias, or from a
+/// config.json on standard input (`-`).
 pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
     if arg == crate::io::STDIN {
         let value = stdin_config()?;
@@ -191,9 +192,6 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
     ))
 }
 
-/// The config object behind a model argument (a `config.json` or TOML path, or a shipped name
-/// or alias), without the file-only keys (`name`, `source`, `params`, `aliases`): what
-/// `ftplan measure` hands to transformers.
 /// A config.json piped to standard input (`--model -`).
 fn stdin_config() -> Result<serde_json::Value> {
     let text = crate::io::read_stdin()?;
@@ -203,6 +201,9 @@ fn stdin_config() -> Result<serde_json::Value> {
     })
 }
 
+/// The config object behind a model argument (a `config.json` or TOML path, a shipped name or
+/// alias, or `-`), without the file-only keys (`name`, `source`, `params`, `aliases`): what
+/// `ftplan measure` hands to transformers.
 pub fn model_config(arg: &str) -> Result<serde_json::Value> {
     let mut value = if arg == crate::io::STDIN {
         stdin_config()?
