@@ -92,7 +92,7 @@ pub fn triage(
             Err(err) if refused == Refused::LeaveOut => {
                 left_out.push(LeftOut {
                     label,
-                    reason: err.to_string().replace("\nhint: ", "; "),
+                    reason: one_line(&err),
                 });
                 first_refusal.get_or_insert(err);
             }
@@ -103,6 +103,11 @@ pub fn triage(
         Some(err) if cases.is_empty() => Err(err),
         _ => Ok((cases, left_out)),
     }
+}
+
+/// An error on one line (a note's reason): the refusal, then its hint.
+fn one_line(err: &Error) -> String {
+    err.to_string().replace("\nhint: ", "; ")
 }
 
 /// Estimates every case; bars are labelled by method, and by GPU when there are several.
@@ -290,12 +295,15 @@ pub fn matrix(title: String, gpus: Vec<String>, rows: &[Vec<Case>]) -> Result<Ma
     Ok(Matrix { title, gpus, rows })
 }
 
-/// One method's fewest GPUs for each model (`None`: none within the search's bound).
+/// One method's fewest GPUs for each model (`None`: none within the search's bound, or the
+/// model refuses the method).
 #[derive(Debug, Clone, Serialize)]
 pub struct Needed {
     pub method: String,
     pub gpus: Vec<Option<u64>>,
     pub layouts: Vec<Option<Layout>>,
+    /// Why the model refuses the method (LoRA's q,v targets on Mamba, say), where it does.
+    pub refused: Vec<Option<String>>,
 }
 
 /// `sweep --over gpus`: the fewest GPUs each method needs, per model.
@@ -306,39 +314,62 @@ pub struct GpusNeeded {
     pub series: Vec<Needed>,
 }
 
-/// For each method (a row of cases, one per model), the fewest-GPU layout of each model.
+/// For each method (a row of cases, one per model), the fewest-GPU layout of each model. A
+/// method a model refuses has no layout there and says why; when every one is refused, the
+/// first refusal is the error.
 pub fn gpus_needed(
     models: Vec<String>,
-    methods: &[(String, Vec<Case>)],
+    methods: Vec<(String, Vec<Result<Case>>)>,
     fixed: Fixed,
     max_gpus: u64,
 ) -> Result<GpusNeeded> {
     let mut gpu_name = String::new();
     let mut series = Vec::new();
+    let (mut any, mut first_refusal) = (false, None);
     for (method, cases) in methods {
         let mut needed = Needed {
-            method: method.clone(),
+            method,
             gpus: Vec::new(),
             layouts: Vec::new(),
+            refused: Vec::new(),
         };
         for c in cases {
-            gpu_name = c.hardware.display_name.clone();
-            let target = Target {
-                model: &c.model,
-                hardware: &c.hardware,
-                rates: &c.rates,
-                budget: c.budget,
-            };
-            let bounds = Bounds {
-                max_gpus,
-                host_memory: c.hardware.host_memory,
-                price_per_gpu_hour: c.hardware.price_per_hour_usd,
-            };
-            let best = layouts::fewest_gpus(&target, &c.plan, fixed, bounds)?;
-            needed.gpus.push(best.as_ref().map(|l| l.parallel.gpus));
-            needed.layouts.push(best);
+            let best = c.and_then(|c| {
+                gpu_name = c.hardware.display_name.clone();
+                let target = Target {
+                    model: &c.model,
+                    hardware: &c.hardware,
+                    rates: &c.rates,
+                    budget: c.budget,
+                };
+                let bounds = Bounds {
+                    max_gpus,
+                    host_memory: c.hardware.host_memory,
+                    price_per_gpu_hour: c.hardware.price_per_hour_usd,
+                };
+                // The plan as given must estimate (peft's targets may match nothing).
+                c.run()?;
+                layouts::fewest_gpus(&target, &c.plan, fixed, bounds)
+            });
+            match best {
+                Ok(best) => {
+                    any = true;
+                    needed.gpus.push(best.as_ref().map(|l| l.parallel.gpus));
+                    needed.layouts.push(best);
+                    needed.refused.push(None);
+                }
+                Err(err) => {
+                    needed.gpus.push(None);
+                    needed.layouts.push(None);
+                    needed.refused.push(Some(one_line(&err)));
+                    first_refusal.get_or_insert(err);
+                }
+            }
         }
         series.push(needed);
+    }
+    if let Some(err) = first_refusal.filter(|_| !any) {
+        return Err(err);
     }
     Ok(GpusNeeded {
         title: format!("GPUs needed per method on {gpu_name}"),

@@ -849,3 +849,48 @@ fn explorations_over_every_method_leave_out_what_the_model_refuses() {
         "{peaks:?}"
     );
 }
+
+#[test]
+fn gpus_needed_marks_a_method_a_model_refuses() {
+    // LoRA's default targets (q, v) find nothing in Mamba: that cell says why; GPT-2's stands.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = ftplan()
+        .args([
+            "sweep",
+            "--over",
+            "gpus",
+            "--models",
+            "mamba-130m,gpt2",
+            "--gpu",
+            "a100",
+        ])
+        .args(["--format", "json", "--out"])
+        .arg(dir.path())
+        .assert()
+        .code(0);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("note: lora on mamba-130m is left out: "),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("json");
+    let cell = |model: &str, method: &str| {
+        v["needed"]
+            .as_array()
+            .and_then(|n| {
+                n.iter()
+                    .find(|c| c["model"] == model && c["method"] == method)
+                    .cloned()
+            })
+            .expect("cell")
+    };
+    let refused = cell("mamba-130m", "lora");
+    assert!(
+        refused["gpus"].is_null() && refused["refused"].is_string(),
+        "{refused}"
+    );
+    let fine = cell("gpt2", "lora");
+    assert_eq!(fine["gpus"], 1, "{fine}");
+    assert!(fine["refused"].is_null());
+    assert_eq!(cell("mamba-130m", "full")["gpus"], 1);
+}

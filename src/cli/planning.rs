@@ -600,18 +600,38 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
             input.model = Some(model.clone());
-            let r = input.resolve()?;
-            fixed = Some(input.layout.fixed(&input.origin, r.plan.grad_ckpt)?);
-            cases.push(case(r));
+            let r = input.resolve();
+            if let Ok(r) = &r {
+                fixed = Some(input.layout.fixed(&input.origin, r.plan.grad_ckpt)?);
+            }
+            cases.push(r.map(case));
         }
         rows.push((method_name(m), cases));
     }
-    let result = explore::gpus_needed(models, &rows, fixed.unwrap_or_default(), 4096)?;
+    let result = explore::gpus_needed(models, rows, fixed.unwrap_or_default(), 4096)?;
     let table = report::table::gpus_needed(&result);
     let stem = "gpus-needed";
-    publish(&a.out, stem, &result.title, &table, |dir| {
-        chart::write_gpus_needed(dir, stem, &result.title, &result.models, &result.series)
-    })?;
+    let refused: Vec<String> = result
+        .series
+        .iter()
+        .flat_map(|s| {
+            let on = result.models.iter().zip(&s.refused);
+            on.filter_map(move |(model, why)| {
+                why.as_ref()
+                    .map(|why| format!("{} on {model} is left out: {why}", s.method))
+            })
+        })
+        .collect();
+    publish(
+        &a.out,
+        stem,
+        &result.title,
+        &with_notes(&table, &refused),
+        |dir| chart::write_gpus_needed(dir, stem, &result.title, &result.models, &result.series),
+    )?;
+    for n in &refused {
+        eprintln!("note: {n}");
+    }
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(

@@ -121,6 +121,7 @@ pub fn gpus_needed(g: &crate::explore::GpusNeeded) -> Value {
                 "method": s.method,
                 "gpus": s.gpus.get(i).copied().flatten(),
                 "layout": s.layouts.get(i).cloned().flatten(),
+                "refused": s.refused.get(i).cloned().flatten(),
             }));
         }
     }

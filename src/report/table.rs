@@ -491,7 +491,12 @@ pub fn gpus_needed(g: &crate::explore::GpusNeeded) -> String {
         row.extend(
             s.gpus
                 .iter()
-                .map(|n| n.map_or("> 4096".to_string(), |n| n.to_string())),
+                .zip(&s.refused)
+                .map(|(n, refused)| match (n, refused) {
+                    (Some(n), _) => n.to_string(),
+                    (None, Some(_)) => "n/a".to_string(),
+                    (None, None) => "> 4096".to_string(),
+                }),
         );
         t.add_row(row);
     }
