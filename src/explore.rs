@@ -270,29 +270,58 @@ pub struct Matrix {
     pub title: String,
     pub gpus: Vec<String>,
     pub rows: Vec<(String, Vec<Cell>)>,
+    /// Models that refuse the method, left out of the rows.
+    pub left_out: Vec<LeftOut>,
 }
 
-/// Estimates each row's cases (one per GPU).
-pub fn matrix(title: String, gpus: Vec<String>, rows: &[Vec<Case>]) -> Result<Matrix> {
-    let rows = rows
-        .iter()
-        .filter_map(|cases| cases.first().map(|c| (c.model.name.clone(), cases)))
-        .map(|(model, cases)| {
-            let cells = cases
-                .iter()
-                .map(|c| {
-                    let e = c.run()?;
-                    Ok(Cell {
+/// Estimates each row's cases (one per GPU; a row is labelled by the model as given). A model
+/// that refuses the method on any GPU is left out; when every one does, the first refusal is
+/// the error.
+pub fn matrix(
+    title: String,
+    gpus: Vec<String>,
+    rows: Vec<(String, Vec<Result<Case>>)>,
+) -> Result<Matrix> {
+    let (mut kept, mut left_out, mut first_refusal) = (Vec::new(), Vec::new(), None);
+    for (label, cases) in rows {
+        let cells = cases
+            .into_iter()
+            .map(|c| {
+                let c = c?;
+                let e = c.run()?;
+                Ok((
+                    c.model.name,
+                    Cell {
                         required: e.memory.required,
                         budget: c.budget,
                         fits: e.fits,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok((model, cells))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Matrix { title, gpus, rows })
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>();
+        match cells {
+            Ok(cells) => {
+                let model = cells.first().map_or(label, |(name, _)| name.clone());
+                kept.push((model, cells.into_iter().map(|(_, c)| c).collect()));
+            }
+            Err(err) => {
+                left_out.push(LeftOut {
+                    label,
+                    reason: one_line(&err),
+                });
+                first_refusal.get_or_insert(err);
+            }
+        }
+    }
+    match first_refusal {
+        Some(err) if kept.is_empty() => Err(err),
+        _ => Ok(Matrix {
+            title,
+            gpus,
+            rows: kept,
+            left_out,
+        }),
+    }
 }
 
 /// One method's fewest GPUs for each model (`None`: none within the search's bound, or the

@@ -851,7 +851,7 @@ fn explorations_over_every_method_leave_out_what_the_model_refuses() {
 }
 
 #[test]
-fn gpus_needed_marks_a_method_a_model_refuses() {
+fn grids_of_models_mark_a_method_a_model_refuses() {
     // LoRA's default targets (q, v) find nothing in Mamba: that cell says why; GPT-2's stands.
     let dir = tempfile::tempdir().expect("tempdir");
     let out = ftplan()
@@ -884,6 +884,25 @@ fn gpus_needed_marks_a_method_a_model_refuses() {
             })
             .expect("cell")
     };
+    // The fit matrix for LoRA leaves Mamba's row out, and says why.
+    let m = ftplan()
+        .args([
+            "sweep",
+            "--over",
+            "matrix",
+            "--method",
+            "lora",
+            "--models",
+            "mamba-130m,gpt2",
+        ])
+        .args(["--format", "json", "--out"])
+        .arg(dir.path())
+        .assert()
+        .code(0);
+    let mv: serde_json::Value = serde_json::from_slice(&m.get_output().stdout).expect("json");
+    assert_eq!(mv["rows"].as_array().map(Vec::len), Some(1), "{mv}");
+    assert_eq!(mv["rows"][0]["model"], "gpt2");
+    assert_eq!(mv["left_out"][0]["label"], "mamba-130m");
     let refused = cell("mamba-130m", "lora");
     assert!(
         refused["gpus"].is_null() && refused["refused"].is_string(),

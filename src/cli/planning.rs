@@ -659,38 +659,49 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .map(|s| s.trim().to_string())
         .collect();
     let mut rows = Vec::new();
-    let mut gpu_names = Vec::new();
+    let mut gpu_names = gpus.clone();
     for m in &models {
         let mut cases = Vec::new();
         for g in &gpus {
             let mut input = PlanInput::from_args(&a.plan);
             input.model = Some(m.clone());
             input.gpu = Some(g.clone());
-            cases.push(case(input.resolve()?));
+            cases.push(input.resolve().map(case));
         }
-        gpu_names = cases.iter().map(|c| c.hardware.name.clone()).collect();
-        rows.push(cases);
+        // The GPUs by their own names (`a100` resolves to `a100-80gb`).
+        if cases.iter().all(Result::is_ok) {
+            gpu_names = cases
+                .iter()
+                .flatten()
+                .map(|c| c.hardware.name.clone())
+                .collect();
+        }
+        rows.push((m.clone(), cases));
     }
-    let method = a.plan.method;
+    let method = method_name(a.plan.method);
     let title = format!(
-        "fit matrix: {:?} fine-tuning, batch {} x seq {}",
-        method, a.plan.batch, a.plan.seq
-    )
-    .to_lowercase();
-    let result = explore::matrix(title, gpu_names, &rows)?;
+        "fit matrix: {method} fine-tuning, batch {} x seq {}",
+        a.plan.batch, a.plan.seq
+    );
+    let result = explore::matrix(title, gpu_names, rows)?;
     let table = report::table::matrix(&result.gpus, &result.rows);
     let stem = "fit-matrix";
-    publish(&a.out, stem, &result.title, &table, |dir| {
-        chart::write_matrix(dir, stem, &result.title, &result.gpus, &result.rows)
-    })?;
+    let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
+    publish(
+        &a.out,
+        stem,
+        &result.title,
+        &with_notes(&table, &left_out),
+        |dir| chart::write_matrix(dir, stem, &result.title, &result.gpus, &result.rows),
+    )?;
+    for l in &left_out {
+        eprintln!("note: {l}");
+    }
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
             "{}",
-            serde_json::to_string_pretty(&report::json::matrix(
-                &format!("{method:?}").to_lowercase(),
-                &result
-            ))?
+            serde_json::to_string_pretty(&report::json::matrix(&method, &result))?
         ),
     }
     Ok(ExitCode::SUCCESS)

@@ -108,6 +108,7 @@ pub fn matrix(method: &str, m: &crate::explore::Matrix) -> Value {
         "method": method,
         "gpus": m.gpus,
         "rows": m.rows.iter().map(|(model, cells)| json!({ "model": model, "cells": cells })).collect::<Vec<_>>(),
+        "left_out": m.left_out,
     })
 }
 
