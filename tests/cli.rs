@@ -854,26 +854,22 @@ fn explorations_over_every_method_leave_out_what_the_model_refuses() {
 fn grids_of_models_mark_a_method_a_model_refuses() {
     // LoRA's default targets (q, v) find nothing in Mamba: that cell says why; GPT-2's stands.
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = ftplan()
-        .args([
-            "sweep",
-            "--over",
-            "gpus",
-            "--models",
-            "mamba-130m,gpt2",
-            "--gpu",
-            "a100",
-        ])
-        .args(["--format", "json", "--out"])
-        .arg(dir.path())
-        .assert()
-        .code(0);
-    let err = crate::stderr_of(&out);
+    let sweep = |over: &[&str]| {
+        let out = ftplan()
+            .args(["sweep", "--models", "mamba-130m,gpt2", "--format", "json"])
+            .args(over)
+            .arg("--out")
+            .arg(dir.path())
+            .assert()
+            .code(0);
+        let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("json");
+        (v, crate::stderr_of(&out))
+    };
+    let (v, err) = sweep(&["--over", "gpus", "--gpu", "a100"]);
     assert!(
         err.contains("note: lora on mamba-130m is left out: "),
         "{err}"
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("json");
     let cell = |model: &str, method: &str| {
         v["needed"]
             .as_array()
@@ -885,21 +881,7 @@ fn grids_of_models_mark_a_method_a_model_refuses() {
             .expect("cell")
     };
     // The fit matrix for LoRA leaves Mamba's row out, and says why.
-    let m = ftplan()
-        .args([
-            "sweep",
-            "--over",
-            "matrix",
-            "--method",
-            "lora",
-            "--models",
-            "mamba-130m,gpt2",
-        ])
-        .args(["--format", "json", "--out"])
-        .arg(dir.path())
-        .assert()
-        .code(0);
-    let mv: serde_json::Value = serde_json::from_slice(&m.get_output().stdout).expect("json");
+    let (mv, _) = sweep(&["--over", "matrix", "--method", "lora"]);
     assert_eq!(mv["rows"].as_array().map(Vec::len), Some(1), "{mv}");
     assert_eq!(mv["rows"][0]["model"], "gpt2");
     assert_eq!(mv["left_out"][0]["label"], "mamba-130m");

@@ -362,36 +362,35 @@ fn method_name(m: MethodArg) -> String {
         .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
-/// A table with its notes under it, for the Markdown report (the terminal gets them as
-/// `note:` lines).
-fn with_notes(table: &str, notes: &[String]) -> String {
-    let mut s = table.to_string();
-    for n in notes {
-        s += &format!("\nnote: {n}");
-    }
-    s
-}
-
-/// Writes a report's charts and Markdown together (staged), and says which files.
+/// Writes a report's charts and Markdown together (staged), says which files, then prints
+/// `notes` (methods left out, curves stopped), which the Markdown also carries under its table.
 fn publish(
     out: &std::path::Path,
     stem: &str,
     title: &str,
     table: &str,
+    notes: &[String],
     draw: impl FnOnce(&std::path::Path) -> ftplan::Result<Vec<PathBuf>>,
 ) -> anyhow::Result<()> {
     let stage = report::Stage::new(out)?;
     let mut files = draw(stage.path())?;
+    let mut noted = table.to_string();
+    for n in notes {
+        noted += &format!("\nnote: {n}");
+    }
     files.push(report::write_markdown(
         stage.path(),
         stem,
         title,
-        table,
+        &noted,
         &files,
     )?);
     let all = stage.commit(&files)?;
     let names: Vec<String> = all.iter().map(|p| p.display().to_string()).collect();
     eprintln!("wrote {}", names.join(", "));
+    for n in notes {
+        eprintln!("note: {n}");
+    }
     Ok(())
 }
 
@@ -426,16 +425,9 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     let stem = format!("compare-{}", result.model);
     let table = report::table::compare(&result.bars);
     let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
-    publish(
-        &a.out,
-        &stem,
-        &result.title,
-        &with_notes(&table, &left_out),
-        |dir| chart::write_compare(dir, &stem, &result.title, &result.bars),
-    )?;
-    for l in &left_out {
-        eprintln!("note: {l}");
-    }
+    publish(&a.out, &stem, &result.title, &table, &left_out, |dir| {
+        chart::write_compare(dir, &stem, &result.title, &result.bars)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -487,7 +479,8 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         &a.out,
         &stem,
         &result.title,
-        &with_notes(&table, &result.stopped),
+        &table,
+        &result.stopped,
         |dir| {
             chart::write_sweep(
                 dir,
@@ -499,9 +492,6 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             )
         },
     )?;
-    for s in &result.stopped {
-        eprintln!("note: {s}");
-    }
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -533,16 +523,9 @@ fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let table = report::table::updates(&result);
     let stem = format!("updates-{}", result.model);
     let left_out: Vec<String> = left_out.iter().map(ToString::to_string).collect();
-    publish(
-        &a.out,
-        &stem,
-        &result.title,
-        &with_notes(&table, &left_out),
-        |dir| chart::write_updates(dir, &stem, &result),
-    )?;
-    for l in &left_out {
-        eprintln!("note: {l}");
-    }
+    publish(&a.out, &stem, &result.title, &table, &left_out, |dir| {
+        chart::write_updates(dir, &stem, &result)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!("{}", serde_json::to_string_pretty(&result)?),
@@ -573,7 +556,7 @@ fn scale(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let result = explore::scale(rows)?;
     let table = report::table::scale(&result);
     let stem = "why-peft";
-    publish(&a.out, stem, &result.title, &table, |dir| {
+    publish(&a.out, stem, &result.title, &table, &[], |dir| {
         chart::write_scale(dir, stem, &result)
     })?;
     match a.format {
@@ -622,16 +605,9 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             })
         })
         .collect();
-    publish(
-        &a.out,
-        stem,
-        &result.title,
-        &with_notes(&table, &refused),
-        |dir| chart::write_gpus_needed(dir, stem, &result.title, &result.models, &result.series),
-    )?;
-    for n in &refused {
-        eprintln!("note: {n}");
-    }
+    publish(&a.out, stem, &result.title, &table, &refused, |dir| {
+        chart::write_gpus_needed(dir, stem, &result.title, &result.models, &result.series)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
@@ -687,16 +663,9 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     let table = report::table::matrix(&result.gpus, &result.rows);
     let stem = "fit-matrix";
     let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
-    publish(
-        &a.out,
-        stem,
-        &result.title,
-        &with_notes(&table, &left_out),
-        |dir| chart::write_matrix(dir, stem, &result.title, &result.gpus, &result.rows),
-    )?;
-    for l in &left_out {
-        eprintln!("note: {l}");
-    }
+    publish(&a.out, stem, &result.title, &table, &left_out, |dir| {
+        chart::write_matrix(dir, stem, &result.title, &result.gpus, &result.rows)
+    })?;
     match a.format {
         Format::Table => outln!("{table}"),
         Format::Json => outln!(
