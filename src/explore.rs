@@ -78,17 +78,21 @@ pub enum Refused {
     LeaveOut,
 }
 
-/// Splits labelled resolutions into the cases that resolve and estimate and the ones left out,
-/// per `refused` (some refusals need the estimate: peft's targets matching nothing). When
-/// every one is refused, the first refusal is the error: nothing applies.
+/// A case and its estimate.
+pub type Estimated = (Case, Estimate);
+
+/// Splits labelled resolutions into the cases that resolve and estimate (with their estimate)
+/// and the ones left out, per `refused` (some refusals need the estimate: peft's targets
+/// matching nothing). When every one is refused, the first refusal is the error: nothing
+/// applies.
 pub fn triage(
     resolved: Vec<(String, Result<Case>)>,
     refused: Refused,
-) -> Result<(Vec<Case>, Vec<LeftOut>)> {
+) -> Result<(Vec<Estimated>, Vec<LeftOut>)> {
     let (mut cases, mut left_out, mut first_refusal) = (Vec::new(), Vec::new(), None);
     for (label, r) in resolved {
-        match r.and_then(|case| case.run().map(|_| case)) {
-            Ok(case) => cases.push(case),
+        match r.and_then(|case| case.run().map(|e| (case, e))) {
+            Ok(estimated) => cases.push(estimated),
             Err(err) if refused == Refused::LeaveOut => {
                 left_out.push(LeftOut {
                     label,
@@ -110,45 +114,47 @@ fn one_line(err: &Error) -> String {
     err.to_string().replace("\nhint: ", "; ")
 }
 
-/// Estimates every case; bars are labelled by method, and by GPU when there are several.
-pub fn compare(cases: &[Case], left_out: Vec<LeftOut>) -> Result<Comparison> {
-    let first = cases.first().ok_or_else(|| Error::Plan {
+/// The estimated cases ([`triage`]) side by side; bars are labelled by method, and by GPU when
+/// there are several.
+pub fn compare(estimated: Vec<Estimated>, left_out: Vec<LeftOut>) -> Result<Comparison> {
+    let (first, _) = estimated.first().ok_or_else(|| Error::Plan {
         message: "nothing to compare".into(),
         hint: Some("pass --methods and/or --gpus-list".into()),
     })?;
-    let several_gpus = cases.iter().any(|c| c.hardware.name != first.hardware.name);
-    let bars = cases
+    let several_gpus = estimated
         .iter()
-        .map(|c| {
-            Ok(Bar {
-                label: format!(
-                    "{}{}",
-                    c.plan.method.name(),
-                    if several_gpus {
-                        format!(" @ {}", c.hardware.name)
-                    } else {
-                        String::new()
-                    }
-                ),
-                estimate: c.run()?,
-                budget: c.budget,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+        .any(|(c, _)| c.hardware.name != first.hardware.name);
     let p = &first.plan;
     let seq = if first.model.is_encoder_decoder() {
         format!("{}+{}", p.seq, p.target_seq)
     } else {
         p.seq.to_string()
     };
+    let model = first.model.name.clone();
+    let title = format!(
+        "{model}: required memory by method (GiB; batch {} x seq {seq}{})",
+        p.batch,
+        if p.grad_ckpt { ", grad-ckpt" } else { "" }
+    );
+    let bars = estimated
+        .into_iter()
+        .map(|(c, estimate)| Bar {
+            label: format!(
+                "{}{}",
+                c.plan.method.name(),
+                if several_gpus {
+                    format!(" @ {}", c.hardware.name)
+                } else {
+                    String::new()
+                }
+            ),
+            estimate,
+            budget: c.budget,
+        })
+        .collect();
     Ok(Comparison {
-        model: first.model.name.clone(),
-        title: format!(
-            "{}: required memory by method (GiB; batch {} x seq {seq}{})",
-            first.model.name,
-            p.batch,
-            if p.grad_ckpt { ", grad-ckpt" } else { "" }
-        ),
+        model,
+        title,
         bars,
         left_out,
     })
@@ -376,8 +382,8 @@ pub fn gpus_needed(
                     host_memory: c.hardware.host_memory,
                     price_per_gpu_hour: c.hardware.price_per_hour_usd,
                 };
-                // The plan as given must estimate (peft's targets may match nothing).
-                c.run()?;
+                // A refusal the estimate finds (peft's targets matching nothing) comes back
+                // from the search's estimates.
                 layouts::fewest_gpus(&target, &c.plan, fixed, bounds)
             });
             match best {

@@ -345,7 +345,6 @@ fn case(r: Resolved) -> Case {
     }
 }
 
-/// One method of a comparison or sweep, resolved (or refused) on `gpu`.
 /// A list the user chose fails on a method the model refuses; a default list leaves it out.
 fn refused_by(chosen: bool) -> explore::Refused {
     if chosen {
@@ -420,8 +419,8 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
             resolved.push((label, input.resolve().map(case)));
         }
     }
-    let (cases, left_out) = explore::triage(resolved, refused_by(super::given("methods")))?;
-    let result = explore::compare(&cases, left_out)?;
+    let (estimated, left_out) = explore::triage(resolved, refused_by(super::given("methods")))?;
+    let result = explore::compare(estimated, left_out)?;
     let stem = format!("compare-{}", result.model);
     let table = report::table::compare(&result.bars);
     let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
@@ -463,7 +462,9 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         }
         resolved.push((method_name(m), input.resolve().map(case)));
     }
-    let (cases, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
+    let (estimated, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
+    // Each curve is estimated from its first value again, with the rest.
+    let cases: Vec<Case> = estimated.into_iter().map(|(c, _)| c).collect();
     let result = explore::sweep(&cases, &left_out, axis, &values)?;
     let stem = format!(
         "sweep-{}-{}",
@@ -513,12 +514,13 @@ fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         input.method = m;
         resolved.push((method_name(m), input.resolve().map(case)));
     }
-    let (cases, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
-    let model = &cases
+    let (estimated, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
+    let model = &estimated
         .first()
         .ok_or_else(|| Error::field("command line", "methods", "names no method"))?
+        .0
         .model;
-    let plans: Vec<_> = cases.iter().map(|c| c.plan.clone()).collect();
+    let plans: Vec<_> = estimated.iter().map(|(c, _)| c.plan.clone()).collect();
     let result = explore::updates(model, &plans);
     let table = report::table::updates(&result);
     let stem = format!("updates-{}", result.model);
@@ -600,8 +602,9 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .flat_map(|s| {
             let on = result.models.iter().zip(&s.refused);
             on.filter_map(move |(model, why)| {
-                why.as_ref()
-                    .map(|why| format!("{} on {model} is left out: {why}", s.method))
+                let label = format!("{} on {model}", s.method);
+                why.clone()
+                    .map(|reason| explore::LeftOut { label, reason }.to_string())
             })
         })
         .collect();
