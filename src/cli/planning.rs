@@ -11,7 +11,7 @@ use ftplan::layouts::{Bounds, Objective};
 use ftplan::report::{self, chart, gib};
 use ftplan::search::{self, Target};
 use ftplan::spec::hardware::Hardware;
-use ftplan::spec::registry::{hardware_files, parse_hardware_toml};
+use ftplan::spec::registry::{self, hardware_files, parse_hardware_toml};
 use ftplan::time::Rates;
 use serde_json::json;
 use std::path::PathBuf;
@@ -297,9 +297,9 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
 
 fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
     use clap::ValueEnum;
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    let typed = entries("methods", list, |s| s.to_lowercase())?;
+    typed
+        .iter()
         .map(|s| {
             MethodArg::from_str(s, true).map_err(|_| {
                 // The names clap knows for `--method`: one definition.
@@ -320,17 +320,70 @@ fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
         .collect()
 }
 
-fn gpu_list(first: Option<&str>, list: Option<&str>) -> Vec<String> {
+/// The entries of a comma-separated list flag (`--methods`, `--models`, `--gpus-list`), trimmed,
+/// a trailing comma's empty entry dropped. A list that names nothing is refused, and so is one
+/// that names a thing twice, by `identity` (an alias and the name it resolves to are one GPU):
+/// the second would only repeat a bar, a row or a column.
+fn entries(
+    flag: &str,
+    list: &str,
+    identity: impl Fn(&str) -> String,
+) -> anyhow::Result<Vec<String>> {
+    let typed: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if typed.is_empty() {
+        return Err(Error::field("command line", flag, "names nothing")
+            .with_hint(format!("pass a comma-separated list: --{flag} A,B"))
+            .into());
+    }
+    distinct(flag, &typed, &identity, None)?;
+    Ok(typed)
+}
+
+/// Refuses a list entry that names what an earlier one named, by `identity`; `first`, when
+/// given, is the flag whose value stands before the list (`--gpu` before `--gpus-list`).
+fn distinct(
+    flag: &str,
+    typed: &[String],
+    identity: impl Fn(&str) -> String,
+    first: Option<&str>,
+) -> anyhow::Result<()> {
+    let ids: Vec<String> = typed.iter().map(|s| identity(s)).collect();
+    for (j, id) in ids.iter().enumerate() {
+        if let Some(i) = ids[..j].iter().position(|x| x == id) {
+            let (a, b) = (&typed[i], &typed[j]);
+            let problem = match (i, first) {
+                (0, Some(f)) if a == b => format!("names `{b}`, which --{f} already names"),
+                (0, Some(f)) => format!("names `{b}`, which is --{f} `{a}` again (`{id}`)"),
+                _ if a == b => format!("names `{b}` twice"),
+                _ => format!("names `{a}` and `{b}`, which are both `{id}`"),
+            };
+            return Err(Error::field("command line", flag, problem)
+                .with_hint("drop one; each would repeat the other's results")
+                .into());
+        }
+    }
+    Ok(())
+}
+
+/// `--gpu` and then the GPUs of `--gpus-list`, no GPU twice.
+fn gpu_list(first: Option<&str>, list: Option<&str>) -> anyhow::Result<Vec<String>> {
     let mut out: Vec<String> = first.into_iter().map(String::from).collect();
     if let Some(l) = list {
-        out.extend(
-            l.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from),
-        );
+        out.extend(entries("gpus-list", l, registry::hardware_identity)?);
     }
-    out
+    let first = first.map(|_| "gpu");
+    distinct("gpus-list", &out, registry::hardware_identity, first)?;
+    Ok(out)
+}
+
+/// `--models`, or `default` when it is not given.
+fn model_list(given: Option<&str>, default: &str) -> anyhow::Result<Vec<String>> {
+    entries("models", given.unwrap_or(default), registry::model_identity)
 }
 
 /// A resolved plan as the library's exploration case.
@@ -404,15 +457,17 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let methods = methods(&a.methods)?;
-    let gpus = gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref());
+    let gpus = gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref())?;
     let mut resolved = Vec::new();
     for gpu in &gpus {
+        // A left-out method is labelled like the bars, by the GPU's own name.
+        let name = registry::resolve_hardware(gpu).map_or_else(|_| gpu.clone(), |r| r.value.name);
         for &m in &methods {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
             input.gpu = Some(gpu.clone());
             let label = if gpus.len() > 1 {
-                format!("{} @ {gpu}", method_name(m))
+                format!("{} @ {name}", method_name(m))
             } else {
                 method_name(m)
             };
@@ -537,13 +592,10 @@ fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
 
 /// Trainable parameters and peak memory per method across model sizes.
 fn scale(a: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let models: Vec<String> = a
-        .models
-        .as_deref()
-        .unwrap_or("gpt3-125m,gpt3-1.3b,gpt3-13b,gpt3-175b,palm-540b")
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let models = model_list(
+        a.models.as_deref(),
+        "gpt3-125m,gpt3-1.3b,gpt3-13b,gpt3-175b,palm-540b",
+    )?;
     let mut rows = Vec::new();
     for &m in &methods(a.methods.as_deref().unwrap_or(EVERY_METHOD))? {
         let mut cases = Vec::new();
@@ -570,13 +622,10 @@ fn scale(a: &SweepArgs) -> anyhow::Result<ExitCode> {
 
 /// The fewest GPUs each method needs, per model: why parameter-efficient methods exist.
 fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let models: Vec<String> = a
-        .models
-        .as_deref()
-        .unwrap_or("llama2-7b,llama2-13b,llama2-70b,gpt3-175b")
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let models = model_list(
+        a.models.as_deref(),
+        "llama2-7b,llama2-13b,llama2-70b,gpt3-175b",
+    )?;
     let mut rows = Vec::new();
     let mut fixed = None;
     for &m in &methods(a.methods.as_deref().unwrap_or("full,lora,qlora"))? {
@@ -623,20 +672,17 @@ fn gpus_needed(a: &SweepArgs) -> anyhow::Result<ExitCode> {
 
 /// Fit matrix: models x GPUs for one method.
 fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let models: Vec<String> = a
-        .models
-        .as_deref()
-        .unwrap_or("gpt2,tinyllama-1.1b,llama2-7b,llama2-13b,llama3-8b,llama2-70b")
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
-    let gpus: Vec<String> = a
-        .gpus_list
-        .as_deref()
-        .unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200")
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .collect();
+    let models = model_list(
+        a.models.as_deref(),
+        "gpt2,tinyllama-1.1b,llama2-7b,llama2-13b,llama3-8b,llama2-70b",
+    )?;
+    let gpus = entries(
+        "gpus-list",
+        a.gpus_list
+            .as_deref()
+            .unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200"),
+        registry::hardware_identity,
+    )?;
     let mut rows = Vec::new();
     let mut gpu_names = gpus.clone();
     for m in &models {
