@@ -96,6 +96,25 @@ impl Error {
         }
     }
 
+    /// The same error with a field error's problem and hint rewritten (flags named as a plan
+    /// file spells its keys); any other error unchanged.
+    pub fn map_words(self, rewrite: impl Fn(&str) -> String) -> Error {
+        match self {
+            Error::Field {
+                path,
+                field,
+                problem,
+                hint,
+            } => Error::Field {
+                path,
+                field,
+                problem: rewrite(&problem),
+                hint: hint.as_deref().map(rewrite),
+            },
+            other => other,
+        }
+    }
+
     pub fn with_hint(self, text: impl Into<String>) -> Error {
         match self {
             Error::Field {

@@ -461,6 +461,26 @@ fn a_plan_file_s_refused_field_is_named_as_the_file_spells_it() {
         let path = format!("tests/fixtures/plans/{fixture}");
         rejects(&["fit", &path], &[fixture, key]);
     }
+    // So do the other fields its problem names; on the command line they stay flags.
+    let path = "tests/fixtures/plans/micro-batches-without-pp.toml";
+    rejects(
+        &["check", path],
+        &["needs `pp` 2 or more (use `grad_accum` without a pipeline)"],
+    );
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "h100",
+            "--gpus",
+            "2",
+            "--micro-batches",
+            "4",
+        ],
+        &["needs --pp 2 or more (use --grad-accum without a pipeline)"],
+    );
 }
 
 #[test]

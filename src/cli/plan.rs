@@ -517,9 +517,7 @@ impl PlanInput {
     /// Validates and resolves names; a refused field is named as its origin spells it.
     pub fn resolve(&self) -> Result<Resolved> {
         self.resolve_fields().map_err(|e| match &e {
-            Error::Field { path, .. } if *path == self.origin => {
-                e.map_field(|field| spelled_for(&self.origin, field))
-            }
+            Error::Field { path, .. } if *path == self.origin => as_origin_spells(e, &self.origin),
             _ => e,
         })
     }
@@ -916,15 +914,91 @@ pub fn relabel(e: Error, origin: &str) -> Error {
             problem,
             hint,
             ..
-        } => Error::Field {
-            path: origin.to_string(),
-            field,
-            problem,
-            hint,
+        } => {
+            let relabelled = Error::Field {
+                path: origin.to_string(),
+                field,
+                problem,
+                hint,
+            };
+            as_origin_spells(relabelled, origin)
         }
-        .map_field(|field| spelled_for(origin, field)),
         other => other,
     }
+}
+
+/// A field error as its origin spells it: the field, and the flags its problem and hint name
+/// (`needs --pp 2 or more` in a plan file reads `needs `pp` 2 or more`).
+fn as_origin_spells(e: Error, origin: &str) -> Error {
+    e.map_field(|field| spelled_for(origin, field))
+        .map_words(|text| flags_as_keys(origin, text))
+}
+
+/// The keys of a plan file (`[lora]`'s as `lora.KEY`): `PlanFile`'s and `LoraFile`'s fields,
+/// which a test holds to serde's own list.
+const PLAN_KEYS: &[&str] = &[
+    "name",
+    "model",
+    "gpu",
+    "gpus",
+    "gpus_per_node",
+    "engine",
+    "offload",
+    "tp",
+    "sp",
+    "pp",
+    "micro_batches",
+    "grad_accum",
+    "method",
+    "precision",
+    "optimizer",
+    "batch",
+    "seq",
+    "target_seq",
+    "grad_ckpt",
+    "attention",
+    "headroom_percent",
+    "lora",
+    "virtual_tokens",
+    "adapter_size",
+    "train_layers",
+    "train_embeddings",
+    "train_side",
+    "expert_load",
+    "linear_kernel",
+    "calibration",
+    "deepspeed",
+    "accelerate_config",
+    "lora.rank",
+    "lora.alpha",
+    "lora.targets",
+    "lora.dora",
+];
+
+/// `text` with each `--flag` that a plan file takes as a key written as that key, in
+/// backquotes; other flags (`--format`) stay as they are.
+fn flags_as_keys(origin: &str, text: &str) -> String {
+    if origin == "command line" {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("--") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+            .unwrap_or(after.len());
+        let key = spelled_for(origin, &after[..len]);
+        if len > 0 && PLAN_KEYS.contains(&key.as_str()) {
+            out.push_str(&format!("`{key}`"));
+        } else {
+            out.push_str(&rest[at..at + 2 + len]);
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A plan field as its origin spells it: a flag on the command line (`micro-batches`,
@@ -940,5 +1014,54 @@ fn spelled_for(origin: &str, field: &str) -> String {
             Some(key) => format!("lora.{key}"),
             None => f.replace('-', "_"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// serde's own list of a struct's fields, from its refusal of an unknown one.
+    fn serde_fields<T: serde::de::DeserializeOwned + std::fmt::Debug>(text: &str) -> Vec<String> {
+        let e = toml::from_str::<T>(text).expect_err("an unknown field is refused");
+        let message = e.message().to_string();
+        let expected = message.split_once("expected one of").expect("a list").1;
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn plan_keys_are_the_plan_file_s_fields() {
+        let mut keys = serde_fields::<PlanFile>("unknown = 1");
+        keys.extend(
+            serde_fields::<LoraFile>("unknown = 1")
+                .into_iter()
+                .map(|k| format!("lora.{k}")),
+        );
+        assert_eq!(keys, PLAN_KEYS);
+    }
+
+    #[test]
+    fn flags_a_plan_file_takes_read_as_its_keys() {
+        let file = "plan.toml";
+        assert_eq!(
+            flags_as_keys(
+                file,
+                "needs --pp 2 or more (use --grad-accum without a pipeline)"
+            ),
+            "needs `pp` 2 or more (use `grad_accum` without a pipeline)"
+        );
+        assert_eq!(
+            flags_as_keys(
+                file,
+                "--lora-targets in_proj; --headroom 10; --format json; --"
+            ),
+            "`lora.targets` in_proj; `headroom_percent` 10; --format json; --"
+        );
+        assert_eq!(flags_as_keys("command line", "--pp 2"), "--pp 2");
     }
 }
