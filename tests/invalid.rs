@@ -178,6 +178,24 @@ fn unknown_hardware_fields_get_a_suggestion() {
 }
 
 #[test]
+fn a_missing_field_in_a_toml_file_is_named() {
+    rejects(
+        &[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu",
+            "tests/fixtures/invalid/gpu-missing-field.toml",
+        ],
+        &["gpu-missing-field.toml`: field `memory_gib` is missing"],
+    );
+    rejects(
+        &["check", "tests/fixtures/plans/missing-model.toml"],
+        &["missing-model.toml`: field `model` is missing"],
+    );
+}
+
+#[test]
 fn unknown_model_gpu_and_method() {
     rejects(
         &["estimate", "--model", "lama2-7b", "--gpu", "h100"],

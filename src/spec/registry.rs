@@ -71,7 +71,8 @@ pub fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// A TOML error as one line: `line N: message`, with a "did you mean" for unknown fields.
+/// A TOML error as one line: `line N: message`; an unknown field (with a "did you mean") or a
+/// missing one as a field error.
 pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> Error {
     let line = e
         .span()
@@ -87,6 +88,12 @@ pub fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> Error {
             Some(s) => err.with_hint(format!("did you mean `{s}`?")),
             None => err,
         };
+    }
+    // serde's "missing field `x`": the field, as every other refusal names one.
+    if let Some(rest) = message.strip_prefix("missing field `")
+        && let Some((field, "")) = rest.split_once('`')
+    {
+        return Error::field(path, field, "is missing");
     }
     Error::Parse {
         path: path.to_string(),
