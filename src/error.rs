@@ -64,6 +64,28 @@ fn hint_line(hint: &Option<String>) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The path a plan's own refusals name until the caller says where the plan came from.
+    pub const PLAN: &'static str = "plan";
+
+    /// A plan's refusal (path [`Error::PLAN`]) as from `origin` (a plan file, the command
+    /// line); any other error unchanged.
+    pub fn from_origin(self, origin: &str) -> Error {
+        match self {
+            Error::Field {
+                path,
+                field,
+                problem,
+                hint,
+            } if path == Error::PLAN => Error::Field {
+                path: origin.to_string(),
+                field,
+                problem,
+                hint,
+            },
+            other => other,
+        }
+    }
+
     pub fn field(
         path: impl Into<String>,
         field: impl Into<String>,

@@ -56,7 +56,7 @@ fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
 
 /// Rejects plans that cannot be simulated, naming the offending setting.
 pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
-    let field = |f: &str, problem: String| Error::field("plan", f, problem);
+    let field = |f: &str, problem: String| Error::field(Error::PLAN, f, problem);
     if plan.batch == 0 {
         return Err(field("batch", "must be at least 1".into()));
     }
@@ -460,7 +460,7 @@ pub fn estimate(
         // peft raises when its targets match no module (and BitFit on a model without biases
         // trains nothing); so does ftplan.
         return Err(Error::field(
-            "plan",
+            Error::PLAN,
             if plan.method.lora().is_some() {
                 "lora-targets"
             } else {

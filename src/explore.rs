@@ -22,6 +22,8 @@ pub struct Case {
     pub rates: Rates,
     /// Device memory the plan may use (less headroom).
     pub budget: Bytes,
+    /// Where the plan came from (the command line, a plan file): what its refusals name.
+    pub origin: String,
 }
 
 impl Case {
@@ -33,6 +35,7 @@ impl Case {
             &self.rates,
             self.budget,
         )
+        .map_err(|e| e.from_origin(&self.origin))
     }
 }
 
@@ -385,6 +388,7 @@ pub fn gpus_needed(
                 // A refusal the estimate finds (peft's targets matching nothing) comes back
                 // from the search's estimates.
                 layouts::fewest_gpus(&target, &c.plan, fixed, bounds)
+                    .map_err(|e| e.from_origin(&c.origin))
             });
             match best {
                 Ok(best) => {

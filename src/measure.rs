@@ -57,7 +57,7 @@ pub fn layout(plan: &Plan) -> Result<Option<(u64, &'static str)>> {
         "measure the plan with --engine ddp, fsdp or fsdp-grad-op on one node's GPUs";
     let refuse = |field: &str, what: &str, hint: &str| {
         Err(Error::field(
-            "plan",
+            Error::PLAN,
             field,
             format!(
                 "asks for {what}, which `ftplan measure` does not run (it runs one torchrun on \

@@ -822,6 +822,32 @@ fn list_flags_refuse_an_empty_list_and_a_thing_named_twice() {
         "models",
         "names `gpt2` twice",
     );
+    // A name nothing answers to, or a file that cannot be read, is an input error, not a
+    // refusal an exploration leaves out or marks as it does a method a model refuses.
+    let unknown = |args: &[&str], want: &str| {
+        let a = ftplan().args(args).args(["--out", &out]).assert().code(2);
+        let err = crate::stderr_of(&a);
+        crate::assert_message_policy(&err);
+        assert!(err.contains(want), "{err}");
+    };
+    unknown(&with(&["--gpus-list", "t4,a1000"]), "unknown GPU `a1000`");
+    unknown(&with(&["--gpus-list", "./no-such-gpu.toml"]), "cannot read");
+    unknown(
+        &["sweep", "--over", "matrix", "--models", "gpt2,lama2-7b"],
+        "unknown model `lama2-7b`",
+    );
+    unknown(
+        &[
+            "sweep",
+            "--over",
+            "gpus",
+            "--gpu",
+            "h100",
+            "--models",
+            "gpt2,gpt9",
+        ],
+        "unknown model `gpt9`",
+    );
     // Nothing was written by a refused exploration.
     assert_eq!(std::fs::read_dir(dir.path()).expect("out").count(), 0);
     // A trailing comma is no entry; a left-out method is labelled by the GPU's own name, as
@@ -937,8 +963,9 @@ fn grids_of_models_mark_a_method_a_model_refuses() {
         (v, crate::stderr_of(&out))
     };
     let (v, err) = sweep(&["--over", "gpus", "--gpu", "a100"]);
+    // The refusal names where the plan came from, as `estimate` and `fit` do.
     assert!(
-        err.contains("note: lora on mamba-130m is left out: "),
+        err.contains("note: lora on mamba-130m is left out: `command line`: field `lora-targets`"),
         "{err}"
     );
     let cell = |model: &str, method: &str| {

@@ -370,20 +370,38 @@ fn distinct(
     Ok(())
 }
 
-/// `--gpu` and then the GPUs of `--gpus-list`, no GPU twice.
-fn gpu_list(first: Option<&str>, list: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// `--gpu` and then the GPUs of `--gpus-list`, no GPU twice, each with its own name
+/// (`a100` is `a100-80gb`).
+fn gpu_list(first: Option<&str>, list: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
     let mut out: Vec<String> = first.into_iter().map(String::from).collect();
     if let Some(l) = list {
         out.extend(entries("gpus-list", l, registry::hardware_identity)?);
     }
     let first = first.map(|_| "gpu");
     distinct("gpus-list", &out, registry::hardware_identity, first)?;
-    Ok(out)
+    named_gpus(out)
 }
 
-/// `--models`, or `default` when it is not given.
+/// Each GPU with its own name. A GPU no profile answers to (or a file that cannot be read) is
+/// an input error, not a refusal an exploration leaves out or marks: those are for what a
+/// model or method refuses.
+fn named_gpus(typed: Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
+    typed
+        .into_iter()
+        .map(|g| {
+            let name = registry::resolve_hardware(&g)?.value.name;
+            Ok((g, name))
+        })
+        .collect()
+}
+
+/// `--models`, or `default` when it is not given; each must resolve (as [`named_gpus`]).
 fn model_list(given: Option<&str>, default: &str) -> anyhow::Result<Vec<String>> {
-    entries("models", given.unwrap_or(default), registry::model_identity)
+    let models = entries("models", given.unwrap_or(default), registry::model_identity)?;
+    for m in &models {
+        registry::resolve_model(m)?;
+    }
+    Ok(models)
 }
 
 /// A resolved plan as the library's exploration case.
@@ -395,6 +413,7 @@ fn case(r: Resolved) -> Case {
         hardware: r.hardware,
         rates: r.rates,
         budget,
+        origin: r.origin,
     }
 }
 
@@ -459,9 +478,8 @@ pub fn compare(a: &CompareArgs) -> anyhow::Result<ExitCode> {
     let methods = methods(&a.methods)?;
     let gpus = gpu_list(a.plan.gpu.as_deref(), a.gpus_list.as_deref())?;
     let mut resolved = Vec::new();
-    for gpu in &gpus {
+    for (gpu, name) in &gpus {
         // A left-out method is labelled like the bars, by the GPU's own name.
-        let name = registry::resolve_hardware(gpu).map_or_else(|_| gpu.clone(), |r| r.value.name);
         for &m in &methods {
             let mut input = PlanInput::from_args(&a.plan);
             input.method = m;
@@ -676,33 +694,26 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         a.models.as_deref(),
         "gpt2,tinyllama-1.1b,llama2-7b,llama2-13b,llama3-8b,llama2-70b",
     )?;
-    let gpus = entries(
+    let gpus = named_gpus(entries(
         "gpus-list",
         a.gpus_list
             .as_deref()
             .unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200"),
         registry::hardware_identity,
-    )?;
+    )?)?;
     let mut rows = Vec::new();
-    let mut gpu_names = gpus.clone();
     for m in &models {
         let mut cases = Vec::new();
-        for g in &gpus {
+        for (g, _) in &gpus {
             let mut input = PlanInput::from_args(&a.plan);
             input.model = Some(m.clone());
             input.gpu = Some(g.clone());
             cases.push(input.resolve().map(case));
         }
-        // The GPUs by their own names (`a100` resolves to `a100-80gb`).
-        if cases.iter().all(Result::is_ok) {
-            gpu_names = cases
-                .iter()
-                .flatten()
-                .map(|c| c.hardware.name.clone())
-                .collect();
-        }
         rows.push((m.clone(), cases));
     }
+    // The GPUs by their own names (`a100` resolves to `a100-80gb`).
+    let gpu_names = gpus.into_iter().map(|(_, name)| name).collect();
     let method = method_name(a.plan.method);
     let title = format!(
         "fit matrix: {method} fine-tuning, batch {} x seq {}",
