@@ -566,7 +566,12 @@ fn an_unwritable_output_is_an_error_with_no_partial_file() {
         .arg(&blocker)
         .assert()
         .code(2);
-    assert!(!crate::stderr_of(&out).contains("panicked"));
+    let err = crate::stderr_of(&out);
+    crate::assert_message_policy(&err);
+    assert!(
+        err.contains("is a file, not a folder for the reports"),
+        "{err}"
+    );
     let target = blocker.join("cal.toml");
     ftplan()
         .args(["calibrate", "--mock", "--quick", "--out"])

@@ -83,6 +83,13 @@ pub struct Stage {
 
 impl Stage {
     pub fn new(out: &Path) -> Result<Stage> {
+        if out.exists() && !out.is_dir() {
+            return Err(Error::Input {
+                path: out.into(),
+                problem: "is a file, not a folder for the reports".into(),
+                hint: Some("name a folder (it is created if missing)".into()),
+            });
+        }
         std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
         let dir = tempfile::Builder::new()
             .prefix(".ftplan-stage-")
