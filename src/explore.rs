@@ -549,30 +549,48 @@ pub struct Scale {
     pub models: Vec<String>,
     pub total_params: Vec<u64>,
     pub series: Vec<ScaleSeries>,
+    /// Models every method is refused on, left out of the columns.
+    pub left_out: Vec<LeftOut>,
 }
 
-/// Estimates each method (`cases[method][model]`) across the models. A method the plan's
-/// rules refuse on a model (prefix tuning on PaLM's multi-query cache, say) has no point
-/// there; a model every method is refused on is an error (its first refusal).
-pub fn scale(methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
-    let nothing = || Error::Plan {
-        message: "nothing to compare".into(),
-        hint: Some("pass --methods and --models".into()),
-    };
+/// Estimates each method (`cases[method][model]`) across the models (labelled as given). A
+/// method the plan's rules refuse on a model (prefix tuning on PaLM's multi-query cache, say)
+/// has no point there; a model every method is refused on is left out, as the fit matrix
+/// leaves one out; when every model is, the first refusal is the error.
+pub fn scale(models: &[String], methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
     let columns = methods.first().map_or(0, |(_, c)| c.len());
-    let resolved = |j: usize| {
-        methods
-            .iter()
-            .find_map(|(_, cases)| cases.get(j)?.as_ref().ok())
-    };
-    if let Some(j) = (0..columns).find(|&j| resolved(j).is_none()) {
-        let refusal = methods
-            .into_iter()
-            .find_map(|(_, mut cases)| (j < cases.len()).then(|| cases.swap_remove(j).err())?);
-        return Err(refusal.unwrap_or_else(nothing));
+    // Each model's first resolved case (any method), or its first refusal.
+    let mut firsts: Vec<&Case> = Vec::new();
+    let (mut left_out, mut first_refusal) = (Vec::new(), None);
+    let mut kept = vec![true; columns];
+    for j in 0..columns {
+        let mut column = methods.iter().filter_map(|(_, cases)| cases.get(j));
+        match column.clone().find_map(|c| c.as_ref().ok()) {
+            Some(c) => firsts.push(c),
+            None => {
+                kept[j] = false;
+                if let Some(err) = column.find_map(|c| c.as_ref().err()) {
+                    left_out.push(LeftOut {
+                        label: models.get(j).cloned().unwrap_or_default(),
+                        reason: one_line(err),
+                    });
+                    first_refusal.get_or_insert(j);
+                }
+            }
+        }
     }
-    let firsts: Vec<&Case> = (0..columns).filter_map(resolved).collect();
-    let first = *firsts.first().ok_or_else(nothing)?;
+    let Some(&first) = firsts.first() else {
+        // Every model is refused: the first refusal is the error.
+        let refusal = first_refusal.and_then(|j| {
+            methods
+                .into_iter()
+                .find_map(|(_, mut cases)| (j < cases.len()).then(|| cases.swap_remove(j).err())?)
+        });
+        return Err(refusal.unwrap_or_else(|| Error::Plan {
+            message: "nothing to compare".into(),
+            hint: Some("pass --methods and --models".into()),
+        }));
+    };
     let mut models = Vec::new();
     let mut total_params = Vec::new();
     for c in &firsts {
@@ -592,7 +610,7 @@ pub fn scale(methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
             trainable_params: Vec::new(),
             peak_gib: Vec::new(),
         };
-        for c in cases {
+        for (c, _) in cases.iter().zip(&kept).filter(|(_, k)| **k) {
             match c.as_ref().map(Case::run) {
                 Ok(Ok(e)) => {
                     s.trainable_params.push(e.memory.trainable_params);
@@ -614,5 +632,6 @@ pub fn scale(methods: Vec<(String, Vec<Result<Case>>)>) -> Result<Scale> {
         models,
         total_params,
         series,
+        left_out,
     })
 }

@@ -950,6 +950,26 @@ fn explorations_over_every_method_leave_out_what_the_model_refuses() {
         peaks[..4].iter().all(|p| p.is_f64()) && peaks[4].is_null(),
         "{peaks:?}"
     );
+    // A model every method is refused on (Marian's 512 positions at 1,024 tokens) is left out
+    // of the columns and said, as the fit matrix leaves out a row; alone, it is the error.
+    let scale = |models: &str, code: i32| {
+        let a = ftplan()
+            .args([
+                "sweep", "--over", "scale", "--gpu", "a100", "--format", "json",
+            ])
+            .args(["--models", models, "--out", &out])
+            .assert()
+            .code(code);
+        let v = serde_json::from_slice(&a.get_output().stdout).unwrap_or_default();
+        (v, crate::stderr_of(&a))
+    };
+    let (v, err): (serde_json::Value, String) = scale("gpt2,opus-mt-en-de,t5-small", 0);
+    assert_eq!(v["models"], serde_json::json!(["gpt2", "t5-small"]), "{v}");
+    assert_eq!(v["left_out"][0]["label"], "opus-mt-en-de", "{v}");
+    assert!(err.contains("note: opus-mt-en-de is left out: "), "{err}");
+    let (_, err) = scale("opus-mt-en-de", 2);
+    crate::assert_message_policy(&err);
+    assert!(err.contains("512 learned positions"), "{err}");
 }
 
 #[test]

@@ -625,10 +625,11 @@ fn scale(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         }
         rows.push((method_name(m), cases));
     }
-    let result = explore::scale(rows)?;
+    let result = explore::scale(&models, rows)?;
     let table = report::table::scale(&result);
     let stem = "why-peft";
-    publish(&a.out, stem, &result.title, &table, &[], |dir| {
+    let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
+    publish(&a.out, stem, &result.title, &table, &left_out, |dir| {
         chart::write_scale(dir, stem, &result)
     })?;
     match a.format {
