@@ -563,12 +563,12 @@ pub fn scale(models: &[String], methods: Vec<(String, Vec<Result<Case>>)>) -> Re
     let mut firsts: Vec<&Case> = Vec::new();
     let (mut left_out, mut first_refusal) = (Vec::new(), None);
     let mut kept = vec![true; columns];
-    for j in 0..columns {
+    for (j, keep) in kept.iter_mut().enumerate() {
         let mut column = methods.iter().filter_map(|(_, cases)| cases.get(j));
         match column.clone().find_map(|c| c.as_ref().ok()) {
             Some(c) => firsts.push(c),
             None => {
-                kept[j] = false;
+                *keep = false;
                 if let Some(err) = column.find_map(|c| c.as_ref().err()) {
                     left_out.push(LeftOut {
                         label: models.get(j).cloned().unwrap_or_default(),
