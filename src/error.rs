@@ -69,21 +69,13 @@ impl Error {
 
     /// A plan's refusal (path [`Error::PLAN`]) as from `origin` (a plan file, the command
     /// line); any other error unchanged.
-    pub fn from_origin(self, origin: &str) -> Error {
-        match self {
-            Error::Field {
-                path,
-                field,
-                problem,
-                hint,
-            } if path == Error::PLAN => Error::Field {
-                path: origin.to_string(),
-                field,
-                problem,
-                hint,
-            },
-            other => other,
+    pub fn from_origin(mut self, origin: &str) -> Error {
+        if let Error::Field { path, .. } = &mut self
+            && path == Error::PLAN
+        {
+            *path = origin.to_string();
         }
+        self
     }
 
     pub fn field(
@@ -101,40 +93,21 @@ impl Error {
 
     /// The same error with a field error's field renamed (a key under its section, a flag as
     /// a plan file spells it); any other error unchanged.
-    pub fn map_field(self, rename: impl FnOnce(&str) -> String) -> Error {
-        match self {
-            Error::Field {
-                path,
-                field,
-                problem,
-                hint,
-            } => Error::Field {
-                field: rename(&field),
-                path,
-                problem,
-                hint,
-            },
-            other => other,
+    pub fn map_field(mut self, rename: impl FnOnce(&str) -> String) -> Error {
+        if let Error::Field { field, .. } = &mut self {
+            *field = rename(field);
         }
+        self
     }
 
     /// The same error with a field error's problem and hint rewritten (flags named as a plan
     /// file spells its keys); any other error unchanged.
-    pub fn map_words(self, rewrite: impl Fn(&str) -> String) -> Error {
-        match self {
-            Error::Field {
-                path,
-                field,
-                problem,
-                hint,
-            } => Error::Field {
-                path,
-                field,
-                problem: rewrite(&problem),
-                hint: hint.as_deref().map(rewrite),
-            },
-            other => other,
+    pub fn map_words(mut self, rewrite: impl Fn(&str) -> String) -> Error {
+        if let Error::Field { problem, hint, .. } = &mut self {
+            *problem = rewrite(problem);
+            *hint = hint.as_deref().map(&rewrite);
         }
+        self
     }
 
     pub fn with_hint(self, text: impl Into<String>) -> Error {
