@@ -776,83 +776,51 @@ fn the_updates_and_why_peft_charts_are_written_with_their_json() {
 fn list_flags_refuse_an_empty_list_and_a_thing_named_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().display().to_string();
-    let refused = |args: &[&str], field: &str, problem: &str| {
-        let a = ftplan().args(args).args(["--out", &out]).assert().code(2);
-        let err = crate::stderr_of(&a);
-        crate::assert_message_policy(&err);
-        assert!(err.contains(&format!("field `{field}` {problem}")), "{err}");
-    };
-    let compare = ["compare", "--model", "gpt2", "--gpu", "a100"];
-    let with = |extra: &[&'static str]| [&compare[..], extra].concat();
-    // The same method twice, in any case, would draw its bar twice.
-    refused(
-        &with(&["--methods", "lora,LoRA"]),
-        "methods",
-        "names `lora` and `LoRA`, which are both `lora`",
-    );
-    refused(&with(&["--methods", " , "]), "methods", "names nothing");
-    // An alias and the profile it resolves to are one GPU, also across --gpu and --gpus-list.
-    refused(
-        &with(&["--gpus-list", "t4,a100-80gb"]),
-        "gpus-list",
-        "names `a100-80gb`, which is --gpu `a100` again (`a100-80gb`)",
-    );
-    refused(
-        &["sweep", "--over", "matrix", "--gpus-list", "h100,h100-sxm"],
-        "gpus-list",
-        "names `h100` and `h100-sxm`, which are both `h100-sxm`",
-    );
-    // Models by alias: `llama7b` is `llama2-7b`; an empty entry between commas is no model.
-    refused(
-        &[
-            "sweep",
-            "--over",
-            "matrix",
-            "--models",
-            "gpt2,,llama7b,llama2-7b",
-        ],
-        "models",
-        "names `llama7b` and `llama2-7b`, which are both `llama2-7b`",
-    );
-    refused(
-        &[
-            "sweep",
-            "--over",
-            "gpus",
-            "--gpu",
-            "h100",
-            "--models",
-            "gpt2,gpt2",
-        ],
-        "models",
-        "names `gpt2` twice",
-    );
-    // A name nothing answers to, or a file that cannot be read, is an input error, not a
-    // refusal an exploration leaves out or marks as it does a method a model refuses.
-    let unknown = |args: &[&str], want: &str| {
+    let refused = |args: &[&str], want: &str| {
         let a = ftplan().args(args).args(["--out", &out]).assert().code(2);
         let err = crate::stderr_of(&a);
         crate::assert_message_policy(&err);
         assert!(err.contains(want), "{err}");
     };
-    unknown(&with(&["--gpus-list", "t4,a1000"]), "unknown GPU `a1000`");
-    unknown(&with(&["--gpus-list", "./no-such-gpu.toml"]), "cannot read");
-    unknown(
-        &["sweep", "--over", "matrix", "--models", "gpt2,lama2-7b"],
+    let compare = ["compare", "--model", "gpt2", "--gpu", "a100"];
+    let with = |extra: &[&'static str]| [&compare[..], extra].concat();
+    let sweep = |over, models| ["sweep", "--over", over, "--gpu", "h100", "--models", models];
+    // The same method twice, in any case, would draw its bar twice.
+    refused(
+        &with(&["--methods", "lora,LoRA"]),
+        "field `methods` names `lora` and `LoRA`, which are both `lora`",
+    );
+    refused(
+        &with(&["--methods", " , "]),
+        "field `methods` names nothing",
+    );
+    // An alias and the profile it resolves to are one GPU, also across --gpu and --gpus-list.
+    refused(
+        &with(&["--gpus-list", "t4,a100-80gb"]),
+        "field `gpus-list` names `a100-80gb`, which is --gpu `a100` again (`a100-80gb`)",
+    );
+    refused(
+        &["sweep", "--over", "matrix", "--gpus-list", "h100,h100-sxm"],
+        "field `gpus-list` names `h100` and `h100-sxm`, which are both `h100-sxm`",
+    );
+    // Models by alias: `llama7b` is `llama2-7b`; an empty entry between commas is no model.
+    refused(
+        &sweep("matrix", "gpt2,,llama7b,llama2-7b"),
+        "field `models` names `llama7b` and `llama2-7b`, which are both `llama2-7b`",
+    );
+    refused(
+        &sweep("gpus", "gpt2,gpt2"),
+        "field `models` names `gpt2` twice",
+    );
+    // A name nothing answers to, or a file that cannot be read, is an input error, not a
+    // refusal an exploration leaves out or marks as it does a method a model refuses.
+    refused(&with(&["--gpus-list", "t4,a1000"]), "unknown GPU `a1000`");
+    refused(&with(&["--gpus-list", "./no-such-gpu.toml"]), "cannot read");
+    refused(
+        &sweep("matrix", "gpt2,lama2-7b"),
         "unknown model `lama2-7b`",
     );
-    unknown(
-        &[
-            "sweep",
-            "--over",
-            "gpus",
-            "--gpu",
-            "h100",
-            "--models",
-            "gpt2,gpt9",
-        ],
-        "unknown model `gpt9`",
-    );
+    refused(&sweep("gpus", "gpt2,gpt9"), "unknown model `gpt9`");
     // Nothing was written by a refused exploration.
     assert_eq!(std::fs::read_dir(dir.path()).expect("out").count(), 0);
     // A trailing comma is no entry; a left-out method is labelled by the GPU's own name, as
