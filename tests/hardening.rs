@@ -428,6 +428,25 @@ fn flags_that_would_be_dropped_are_said_or_refused() {
         err.contains("--lora-rank is ignored by --method full"),
         "{err}"
     );
+    // So is a plan file's key, named as the file spells it, and a kernel the model has no
+    // layers for (GPT-2 has no linear attention for flash-linear-attention).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plan = dir.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        "model = \"gpt2\"\ngpu = \"h100\"\nlinear_kernel = \"fla\"\n[lora]\nrank = 8\n",
+    )
+    .expect("write");
+    let out = ftplan().arg("fit").arg(&plan).assert().code(0);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("note: `lora.rank` is ignored by `method` full"),
+        "{err}"
+    );
+    assert!(
+        err.contains("note: `linear_kernel` fla is ignored: `gpt2` has no linear-attention"),
+        "{err}"
+    );
     // Plan flags beside a plan file would not apply: refused.
     let out = ftplan()
         .args(["check", "examples/llama2-7b-lora-a100.toml", "--batch", "4"])

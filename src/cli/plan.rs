@@ -235,6 +235,8 @@ pub struct PlanInput {
     pub calibration: Option<PathBuf>,
     pub deepspeed: Option<PathBuf>,
     pub accelerate_config: Option<PathBuf>,
+    /// The keys a plan file sets (`[lora]`'s as `lora.KEY`); the command line asks clap.
+    pub keys: Vec<String>,
 }
 
 /// The parallel layout as given; defaults are filled in by `resolve`.
@@ -338,7 +340,18 @@ impl PlanInput {
             calibration: a.calibration.clone(),
             deepspeed: a.deepspeed.clone(),
             accelerate_config: a.accelerate_config.clone(),
+            keys: Vec::new(),
         }
+    }
+
+    /// Whether the plan sets a field itself (by its clap id, `lora_rank`), rather than taking
+    /// its default.
+    fn given(&self, id: &str) -> bool {
+        if self.origin == "command line" {
+            return crate::cli::given(id);
+        }
+        let key = spelled_for(&self.origin, &id.replace('_', "-"));
+        self.keys.contains(&key)
     }
 
     /// Reads a plan file; relative model/GPU/calibration paths are relative to the file.
@@ -346,6 +359,15 @@ impl PlanInput {
         let origin = path.display().to_string();
         let text = ftplan::io::read_text(path)?;
         let f: PlanFile = toml::from_str(&text).map_err(|e| toml_error(&origin, &text, &e))?;
+        // The keys it sets, for the notes on keys its method does not read.
+        let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+        let keys = table
+            .iter()
+            .flat_map(|(k, v)| match v.as_table() {
+                Some(t) => t.keys().map(|sub| format!("{k}.{sub}")).collect(),
+                None => vec![k.clone()],
+            })
+            .collect();
         let dir = path.parent().unwrap_or(Path::new("."));
         let rel = |p: &str| {
             if p.ends_with(".json") || p.ends_with(".toml") {
@@ -404,6 +426,7 @@ impl PlanInput {
             calibration: f.calibration.map(|c| dir.join(c)),
             deepspeed: f.deepspeed.map(|c| dir.join(c)),
             accelerate_config: f.accelerate_config.map(|c| dir.join(c)),
+            keys,
             origin,
         })
     }
@@ -516,10 +539,15 @@ impl PlanInput {
 
     /// Validates and resolves names; a refused field is named as its origin spells it.
     pub fn resolve(&self) -> Result<Resolved> {
-        self.resolve_fields().map_err(|e| match &e {
+        let mut r = self.resolve_fields().map_err(|e| match &e {
             Error::Field { path, .. } if *path == self.origin => as_origin_spells(e, &self.origin),
             _ => e,
-        })
+        })?;
+        // Notes name the plan's settings as its origin spells them, as its errors do.
+        for n in &mut r.notes {
+            *n = flags_as_keys(&self.origin, n);
+        }
+        Ok(r)
     }
 
     fn resolve_fields(&self) -> Result<Resolved> {
@@ -603,8 +631,8 @@ impl PlanInput {
                 ),
             ));
         }
-        // Flags the method does not read: said, not silently dropped.
-        if self.origin == "command line" {
+        // Flags (or plan-file keys) the method does not read: said, not silently dropped.
+        {
             let lora = matches!(method, Method::Lora(_) | Method::Qlora(_));
             let tokens = matches!(method, Method::Prefix { .. } | Method::Prompt { .. });
             let unused: &[(&str, bool)] = &[
@@ -627,7 +655,7 @@ impl PlanInput {
                 ),
             ];
             for (id, ignored) in unused {
-                if *ignored && crate::cli::given(id) {
+                if *ignored && self.given(id) {
                     notes.push(format!(
                         "{} is ignored by --method {}",
                         crate::cli::flag(id),
@@ -756,6 +784,17 @@ impl PlanInput {
                 "`{}`'s Mamba-2 layers are planned as transformers' PyTorch chunked scan (no \
                  mamba-ssm installed), whose backward holds two fp32 tensors of chunk x chunk x \
                  heads x state elements per chunk",
+                model.value.name
+            ));
+        }
+        if self.linear_kernel == LinearKernelArg::Fla
+            && !model.value.has_linear_attention()
+            && !model.value.has_short_conv()
+            && !model.value.has_state_space_layers()
+        {
+            notes.push(format!(
+                "--linear-kernel fla is ignored: `{}` has no linear-attention or short-convolution \
+                 layers for its kernels",
                 model.value.name
             ));
         }
