@@ -54,8 +54,9 @@ fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
     }
 }
 
-/// Rejects plans that cannot be simulated, naming the offending setting.
-pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
+/// Rejects plans that cannot be simulated (or run) on this model and GPU, naming the
+/// offending setting.
+pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result<()> {
     let field = |f: &str, problem: String| Error::field(Error::PLAN, f, problem);
     if plan.batch == 0 {
         return Err(field("batch", "must be at least 1".into()));
@@ -79,6 +80,34 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan) -> Result<()> {
         } else {
             "use --attention eager (it has no SDPA path either: sdpa plans the same eager code)"
         }));
+    }
+    if plan.attention == crate::spec::plan::AttentionKernel::Flash2 {
+        // flash-attn's `mha_fwd` checks the device first ("FlashAttention only supports Ampere
+        // GPUs or newer": sm80 and up, or its ROCm build on MI200/MI300), the GPUs with bf16
+        // tensor cores; V100 (sm70) and T4 (sm75) have neither.
+        if !hardware.has_bf16_tensor_cores() {
+            return Err(field(
+                "attention",
+                format!(
+                    "flash_attention_2 runs on Ampere-class GPUs and newer; `{}` is older \
+                     (flash-attn refuses it)",
+                    hardware.name
+                ),
+            )
+            .with_hint("use --attention sdpa (its memory-efficient kernel runs there) or eager"));
+        }
+        // Then the dtype ("FlashAttention only support fp16 and bf16 data type"): transformers'
+        // `get_target_dtype` casts fp32 queries to autocast's dtype, or else to the weights'
+        // dtype, which an fp32 model without autocast keeps fp32.
+        if plan.precision == crate::spec::plan::Precision::Fp32 && !plan.autocast() {
+            return Err(field(
+                "attention",
+                "flash_attention_2 needs fp16 or bf16 inputs; an fp32 model without autocast \
+                 hands it fp32 (flash-attn refuses it)"
+                    .into(),
+            )
+            .with_hint("use --attention sdpa, or a bf16 or mixed precision"));
+        }
     }
     // flash-linear-attention's chunked rule asserts 16-bit inputs ("ChunkGatedDeltaRuleFunction
     // does not support float32"): an fp32 model without autocast cannot use it.
@@ -371,7 +400,7 @@ pub fn estimate(
     hardware: &Hardware,
     rates: &Rates,
 ) -> Result<Estimate> {
-    check_plan(model, plan)?;
+    check_plan(model, plan, hardware)?;
     let par = plan.parallel;
     // One rank's model: its tensor-parallel share of the largest pipeline stage.
     let rank_model = model.tensor_parallel_rank(par.tp).pipeline_stage(par.pp);

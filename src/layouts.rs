@@ -157,7 +157,7 @@ pub fn search(
                             // not split tp ways, Mamba-1 mixers under tp, pipeline stages of
                             // an encoder-decoder) is not a candidate; the plan itself passed
                             // them before the search.
-                            if pointless || check_plan(model, &p).is_err() {
+                            if pointless || check_plan(model, &p, hw).is_err() {
                                 return Ok(None);
                             }
                             *runs += 1;

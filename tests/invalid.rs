@@ -322,6 +322,26 @@ fn architecture_plan_rules() {
         &est(&["--model", "t5-small", "--attention", "flash2"]),
         &["`attention`", "flash_attention_2", "sdpa or eager"],
     );
+    // flash-attn runs on Ampere and newer, on fp16 or bf16 inputs: not on a T4, and not on an
+    // fp32 model without autocast; QLoRA computes in bf16 under autocast, so it takes it.
+    let flash = |gpu: &'static str, extra: &[&'static str], code: i32| {
+        let mut args = vec!["estimate", "--model", "gpt2", "--attention", "flash2"];
+        args.extend_from_slice(&["--gpu", gpu]);
+        args.extend_from_slice(extra);
+        ftplan().args(&args).assert().code(code);
+        args
+    };
+    rejects(
+        &flash("t4", &[], 2),
+        &["`attention`", "Ampere-class GPUs", "`t4`"],
+    );
+    rejects(
+        &flash("h100", &["--method", "lora", "--precision", "fp32"], 2),
+        &["`attention`", "fp16 or bf16 inputs"],
+    );
+    flash("h100", &["--method", "qlora", "--precision", "fp32"], 0);
+    flash("h100", &["--precision", "fp32"], 2);
+    flash("a10g", &["--precision", "mixed-bf16"], 0);
     rejects(
         &est(&["--model", "mamba-130m", "--method", "prefix"]),
         &["`method`", "does not apply", "prompt tuning"],

@@ -856,7 +856,7 @@ impl PlanInput {
             },
             parallel: self.layout.resolve(o, &gpu.value)?,
         };
-        ftplan::estimate::check_plan(&model.value, &plan).map_err(|e| relabel(e, o))?;
+        ftplan::estimate::check_plan(&model.value, &plan, &gpu.value).map_err(|e| relabel(e, o))?;
         // MambaMixer computes `dt_proj.weight @ time_step` without calling the wrapped module,
         // so LoRA's factors on `dt_proj` never get a gradient. DDP's reducer expects every
         // trainable parameter's gradient each step and raises on the second one unless it
