@@ -635,3 +635,146 @@ pub fn scale(models: &[String], methods: Vec<(String, Vec<Result<Case>>)>) -> Re
         left_out,
     })
 }
+
+/// `fit`'s answer for one plan: whether it fits, the largest batch and sequence that do, the
+/// changes that make it fit when it does not ([`crate::search::fixes`]), and the best layouts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fit {
+    pub plan: String,
+    pub fits: bool,
+    /// Bytes per GPU.
+    pub required: u64,
+    pub budget: u64,
+    pub max_batch: Option<u64>,
+    pub max_seq: Option<u64>,
+    pub fixes: Vec<crate::search::Fix>,
+    pub layouts: Vec<Layout>,
+    /// The GPU, and the batch and sequence the search held fixed (for the table).
+    #[serde(skip)]
+    pub gpu: String,
+    #[serde(skip)]
+    pub batch: u64,
+    #[serde(skip)]
+    pub seq: u64,
+}
+
+/// Answers `fit` for a case named `plan` whose estimate is `e`: the batch and sequence searches,
+/// the fixes over `catalogue` when it does not fit, and the `keep` best layouts by `objective`.
+pub fn fit(
+    plan: &str,
+    case: &Case,
+    e: &Estimate,
+    catalogue: &[(Hardware, Rates)],
+    layout: (Fixed, Bounds, layouts::Objective, usize),
+) -> Result<Fit> {
+    let target = Target {
+        model: &case.model,
+        hardware: &case.hardware,
+        rates: &case.rates,
+        budget: case.budget,
+    };
+    let (fixed, bounds, objective, keep) = layout;
+    let fixes = if e.fits {
+        Vec::new()
+    } else {
+        crate::search::fixes(&target, &case.plan, catalogue)?
+    };
+    Ok(Fit {
+        plan: plan.to_string(),
+        fits: e.fits,
+        required: e.memory.required.0,
+        budget: case.budget.0,
+        max_batch: crate::search::max_batch(&target, &case.plan)?,
+        max_seq: crate::search::max_seq(&target, &case.plan)?,
+        fixes,
+        layouts: layouts::search(&target, &case.plan, fixed, bounds, objective, keep)?.0,
+        gpu: case.hardware.name.clone(),
+        batch: case.plan.batch,
+        seq: case.plan.seq,
+    })
+}
+
+/// `check`'s answer: one row per plan, in the order given.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub plans: Vec<Checked>,
+}
+
+impl Check {
+    /// Whether a plan was invalid (exit 2).
+    pub fn invalid(&self) -> bool {
+        self.plans
+            .iter()
+            .any(|p| matches!(p, Checked::Invalid { .. }))
+    }
+
+    /// Whether a valid plan does not fit (exit 1).
+    pub fn misfit(&self) -> bool {
+        self.plans
+            .iter()
+            .any(|p| matches!(p, Checked::Plan(c) if !c.fits))
+    }
+}
+
+/// One plan checked: its memory against its GPU, or why it is invalid.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Checked {
+    Plan(CheckedPlan),
+    Invalid {
+        error: String,
+        /// Always null: an invalid plan neither fits nor fails to.
+        fits: Option<bool>,
+        /// The file (or "command line") the plan came from, for the table.
+        #[serde(skip)]
+        origin: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedPlan {
+    pub plan: String,
+    /// Bytes per GPU.
+    pub required: u64,
+    pub peak: u64,
+    pub device: CheckedDevice,
+    pub budget: u64,
+    /// Budget less required, bytes (negative when it does not fit).
+    pub margin: i64,
+    pub fits: bool,
+    pub step_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedDevice {
+    pub name: String,
+    pub memory: u64,
+}
+
+impl Checked {
+    /// A plan named `plan` on `hardware` with memory `budget`, estimated as `e`.
+    pub fn plan(plan: &str, hardware: &Hardware, budget: Bytes, e: &Estimate) -> Checked {
+        Checked::Plan(CheckedPlan {
+            plan: plan.to_string(),
+            required: e.memory.required.0,
+            peak: e.memory.peak.0,
+            device: CheckedDevice {
+                name: hardware.name.clone(),
+                memory: hardware.memory.0,
+            },
+            budget: budget.0,
+            margin: (budget.0 as f64 - e.memory.required.0 as f64) as i64,
+            fits: e.fits,
+            step_seconds: e.time.step_seconds,
+        })
+    }
+
+    /// A plan from `origin` refused with `error`.
+    pub fn invalid(origin: String, error: &Error) -> Checked {
+        Checked::Invalid {
+            error: error.to_string(),
+            fits: None,
+            origin,
+        }
+    }
+}

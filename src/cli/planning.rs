@@ -8,12 +8,10 @@ use super::{DOES_NOT_FIT, FITS, estimate_resolved, note};
 use ftplan::error::Error;
 use ftplan::explore::{self, Case};
 use ftplan::layouts::{Bounds, Objective};
-use ftplan::report::{self, chart, gib};
-use ftplan::search::{self, Target};
+use ftplan::report::{self, chart};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::registry::{self, hardware_files, parse_hardware_toml};
 use ftplan::time::Rates;
-use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -81,70 +79,25 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<ExitCode> {
             .map(|p| PlanInput::from_file(p))
             .collect()
     };
-    let mut results = Vec::new();
-    let (mut invalid, mut misfit) = (false, false);
-    let mut table = comfy_table::Table::new();
-    table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(vec![
-        "plan",
-        "required GiB",
-        "device",
-        "device GiB",
-        "margin GiB",
-        "verdict",
-    ]);
+    let mut plans = Vec::new();
     for input in inputs {
         let resolved = input.and_then(|i| i.resolve());
-        let outcome = resolved.and_then(|r| estimate_resolved(&r).map(|e| (r, e)));
-        match outcome {
-            Ok((r, e)) => {
-                let budget = r.budget();
-                let margin = budget.0 as f64 - e.memory.required.0 as f64;
-                misfit |= !e.fits;
-                table.add_row(vec![
-                    r.name.clone(),
-                    gib(e.memory.required),
-                    r.hardware.name.clone(),
-                    gib(budget),
-                    format!("{:+.2}", margin / (1u64 << 30) as f64),
-                    if e.fits {
-                        "fits".into()
-                    } else {
-                        "DOES NOT FIT".into()
-                    },
-                ]);
-                results.push(json!({
-                    "plan": r.name, "required": e.memory.required.0, "peak": e.memory.peak.0,
-                    "device": { "name": r.hardware.name, "memory": r.hardware.memory.0 },
-                    "budget": budget.0, "margin": margin as i64, "fits": e.fits,
-                    "step_seconds": e.time.step_seconds,
-                }));
-            }
+        match resolved.and_then(|r| estimate_resolved(&r).map(|e| (r, e))) {
+            Ok((r, e)) => plans.push(explore::Checked::plan(&r.name, &r.hardware, r.budget(), &e)),
             Err(err) => {
-                invalid = true;
                 eprintln!("error: {err}");
-                table.add_row(vec![
-                    err_origin(&err),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    "INVALID".into(),
-                ]);
-                results.push(json!({ "error": err.to_string(), "fits": serde_json::Value::Null }));
+                plans.push(explore::Checked::invalid(err_origin(&err), &err));
             }
         }
     }
+    let result = explore::Check { plans };
     match a.format {
-        Format::Table => outln!("{table}"),
-        Format::Json => outln!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "plans": results }))?
-        ),
+        Format::Table => outln!("{}", report::table::check(&result)),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&result)?),
     }
-    Ok(ExitCode::from(if invalid {
+    Ok(ExitCode::from(if result.invalid() {
         INVALID
-    } else if misfit {
+    } else if result.misfit() {
         DOES_NOT_FIT
     } else {
         FITS
@@ -170,15 +123,6 @@ fn catalogue() -> anyhow::Result<Vec<(Hardware, Rates)>> {
     Ok(out)
 }
 
-fn target(r: &Resolved) -> Target<'_> {
-    Target {
-        model: &r.model,
-        hardware: &r.hardware,
-        rates: &r.rates,
-        budget: r.budget(),
-    }
-}
-
 pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
     no_flags_beside_plan_files(a.plan_file.is_some())?;
     let input = match &a.plan_file {
@@ -186,15 +130,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         None => PlanInput::from_args(&a.plan),
     };
     let r = input.resolve()?;
-    let t = target(&r);
     let e = estimate_resolved(&r)?;
-    let max_batch = search::max_batch(&t, &r.plan)?;
-    let max_seq = search::max_seq(&t, &r.plan)?;
-    let fixes = if e.fits {
-        Vec::new()
-    } else {
-        search::fixes(&t, &r.plan, &catalogue()?)?
-    };
     if !(1..=ftplan::spec::parallel::MAX_GPUS).contains(&a.max_gpus) {
         return Err(Error::field(
             "command line",
@@ -230,67 +166,19 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         host_memory,
         price_per_gpu_hour: r.hardware.price_per_hour_usd,
     };
-    let (layouts, _) = ftplan::layouts::search(&t, &r.plan, fixed, bounds, objective, a.layouts)?;
+    let (name, notes) = (r.name.clone(), r.notes.clone());
+    let result = explore::fit(
+        &name,
+        &case(r),
+        &e,
+        &catalogue()?,
+        (fixed, bounds, objective, a.layouts),
+    )?;
     // Notes qualify a result: a refused plan or a bad flag gets its one error line alone.
-    note(&r.notes);
+    note(&notes);
     match a.format {
-        Format::Json => {
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(&json!({
-                    "plan": r.name, "fits": e.fits, "required": e.memory.required.0, "budget": r.budget().0,
-                    "max_batch": max_batch, "max_seq": max_seq, "fixes": fixes,
-                    "layouts": layouts,
-                }))?
-            );
-        }
-        Format::Table => {
-            let verdict = if e.fits { "fits" } else { "does not fit" };
-            outln!(
-                "{}: needs {} GiB of {} GiB on {}: {verdict}",
-                r.name,
-                gib(e.memory.required),
-                gib(r.budget()),
-                r.hardware.name
-            );
-            let show = |v: Option<u64>| {
-                v.map_or("none (batch 1 / length 1 does not fit)".to_string(), |v| {
-                    v.to_string()
-                })
-            };
-            outln!(
-                "largest micro-batch at seq {}: {}",
-                r.plan.seq,
-                show(max_batch)
-            );
-            outln!(
-                "longest sequence at batch {}: {}",
-                r.plan.batch,
-                show(max_seq)
-            );
-            if !e.fits {
-                let mut table = comfy_table::Table::new();
-                table.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-                table.set_header(vec!["#", "change", "required GiB", "time per token"]);
-                for (i, f) in fixes.iter().enumerate() {
-                    table.add_row(vec![
-                        (i + 1).to_string(),
-                        f.change.clone(),
-                        format!("{:.2}", f.required as f64 / (1u64 << 30) as f64),
-                        format!("{:.2}x", f.slowdown),
-                    ]);
-                }
-                if fixes.is_empty() {
-                    outln!("no change, nor two together, makes it fit");
-                } else {
-                    outln!("{table}");
-                }
-            }
-            outln!(
-                "{}",
-                ftplan::report::table::layouts(&layouts, a.max_gpus, objective)
-            );
-        }
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&result)?),
+        Format::Table => outln!("{}", report::table::fit(&result, a.max_gpus, objective)),
     }
     Ok(ExitCode::from(if e.fits { FITS } else { DOES_NOT_FIT }))
 }

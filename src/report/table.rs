@@ -427,6 +427,90 @@ pub fn matrix(gpus: &[String], rows: &[(String, Vec<super::chart::Cell>)]) -> St
     format!("required GiB per model and GPU\n{t}")
 }
 
+/// `check`: one row per plan, its required memory against its GPU's budget, or INVALID.
+pub fn check(c: &crate::explore::Check) -> String {
+    let header = [
+        "plan",
+        "required GiB",
+        "device",
+        "device GiB",
+        "margin GiB",
+        "verdict",
+    ];
+    let mut t = styled(header.iter().map(|h| h.to_string()).collect());
+    for p in &c.plans {
+        t.add_row(match p {
+            crate::explore::Checked::Plan(p) => vec![
+                p.plan.clone(),
+                gib(crate::units::Bytes(p.required)),
+                p.device.name.clone(),
+                gib(crate::units::Bytes(p.budget)),
+                format!("{:+.2}", p.margin as f64 / (1u64 << 30) as f64),
+                if p.fits { "fits" } else { "DOES NOT FIT" }.into(),
+            ],
+            crate::explore::Checked::Invalid { origin, .. } => {
+                let mut row = vec![origin.clone()];
+                row.extend([String::new(), String::new(), String::new(), String::new()]);
+                row.push("INVALID".into());
+                row
+            }
+        });
+    }
+    t.to_string()
+}
+
+/// `fit`: the verdict, the largest batch and sequence, the fixes when it does not fit, and
+/// the layouts (searched up to `max_gpus`, ranked by `objective`).
+pub fn fit(f: &crate::explore::Fit, max_gpus: u64, objective: crate::layouts::Objective) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let verdict = if f.fits { "fits" } else { "does not fit" };
+    let _ = writeln!(
+        out,
+        "{}: needs {} GiB of {} GiB on {}: {verdict}",
+        f.plan,
+        gib(crate::units::Bytes(f.required)),
+        gib(crate::units::Bytes(f.budget)),
+        f.gpu
+    );
+    let show = |v: Option<u64>| {
+        v.map_or("none (batch 1 / length 1 does not fit)".to_string(), |v| {
+            v.to_string()
+        })
+    };
+    let _ = writeln!(
+        out,
+        "largest micro-batch at seq {}: {}",
+        f.seq,
+        show(f.max_batch)
+    );
+    let _ = writeln!(
+        out,
+        "longest sequence at batch {}: {}",
+        f.batch,
+        show(f.max_seq)
+    );
+    if !f.fits {
+        if f.fixes.is_empty() {
+            let _ = writeln!(out, "no change, nor two together, makes it fit");
+        } else {
+            let header = ["#", "change", "required GiB", "time per token"];
+            let mut t = styled(header.iter().map(|h| h.to_string()).collect());
+            for (i, x) in f.fixes.iter().enumerate() {
+                t.add_row(vec![
+                    (i + 1).to_string(),
+                    x.change.clone(),
+                    format!("{:.2}", x.required as f64 / (1u64 << 30) as f64),
+                    format!("{:.2}x", x.slowdown),
+                ]);
+            }
+            let _ = writeln!(out, "{t}");
+        }
+    }
+    out.push_str(&layouts(&f.layouts, max_gpus, objective));
+    out
+}
+
 /// `fit`'s layout search: one line per layout, best first by `objective`.
 pub fn layouts(
     found: &[crate::layouts::Layout],
