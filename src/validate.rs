@@ -423,6 +423,39 @@ pub struct Summary {
     pub trainable_exact: bool,
 }
 
+impl Summary {
+    /// Whether the figures are within the accuracy table's bounds (and every trainable count
+    /// exact).
+    pub fn within_bounds(&self) -> bool {
+        self.memory_median <= MEDIAN_BOUND
+            && self.memory_worst <= WORST_BOUND
+            && self.time_median <= TIME_MEDIAN_BOUND
+            && self.time_worst <= TIME_WORST_BOUND
+            && self.trainable_exact
+    }
+}
+
+/// `validate`'s answer: each run's estimate beside its measurement, the summary, and whether
+/// every run was planned and the figures are within bounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Validation {
+    pub rows: Vec<Row>,
+    pub summary: Summary,
+    pub within_bounds: bool,
+}
+
+impl Validation {
+    /// The comparison of `rows`, of which `unplanned` runs could not be planned.
+    pub fn new(rows: Vec<Row>, unplanned: usize) -> Validation {
+        let summary = summary(&rows);
+        Validation {
+            within_bounds: unplanned == 0 && summary.within_bounds(),
+            rows,
+            summary,
+        }
+    }
+}
+
 impl Row {
     /// (estimate - measured) / measured step time.
     pub fn time_error(&self) -> Option<f64> {

@@ -31,7 +31,6 @@ use args::{CalibrateArgs, Cli, Command, EstimateArgs, ExportArgs, Format, ListWh
 use ftplan::error::Error;
 use ftplan::estimate::Estimate;
 use ftplan::report::{self, json::Budget};
-use ftplan::spec::registry::{hardware_files, model_files, parse_hardware_toml, parse_model_toml};
 use plan::{PlanInput, Resolved};
 use std::process::ExitCode;
 
@@ -345,12 +344,7 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
                 }
                 Format::Json => outln!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "estimate": report::json::estimate(&c.estimate, None, &r.notes),
-                        "measured": c.measured,
-                        "errors": c.errors,
-                        "environment": c.environment,
-                    }))?
+                    serde_json::to_string_pretty(&report::json::measure(&c, &r.notes))?
                 ),
             }
             Ok(ExitCode::SUCCESS)
@@ -388,80 +382,18 @@ fn export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn list(what: ListWhat, format: Format) -> anyhow::Result<ExitCode> {
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    let mut objs: Vec<serde_json::Value> = Vec::new();
-    let header: Vec<&str>;
-    match what {
-        ListWhat::Models => {
-            header = vec![
-                "name", "type", "params", "layers", "hidden", "heads/kv", "vocab",
-            ];
-            for (stem, text) in model_files() {
-                let m = parse_model_toml(&format!("models/{stem}.toml"), stem, text)?;
-                let layers = match m.encoder {
-                    Some(e) => format!("{}+{}", e.layers, m.decoder.layers),
-                    None => m.decoder.layers.to_string(),
-                };
-                let params = m.published_params.map(report::count).unwrap_or_default();
-                objs.push(serde_json::json!({
-                    "name": m.name, "model_type": m.family.model_type(),
-                    "params": m.published_params, "layers": m.decoder.layers,
-                    "encoder_layers": m.encoder.map(|e| e.layers), "hidden_size": m.hidden_size,
-                    "heads": m.decoder.heads, "kv_heads": m.decoder.kv_heads, "vocab_size": m.vocab_size,
-                }));
-                rows.push(vec![
-                    m.name.clone(),
-                    m.family.model_type().into(),
-                    params,
-                    layers,
-                    m.hidden_size.to_string(),
-                    format!("{}/{}", m.decoder.heads, m.decoder.kv_heads),
-                    m.vocab_size.to_string(),
-                ]);
-            }
+    use ftplan::spec::registry;
+    // Numbers are numbers in JSON (bytes for memory), as in `estimate`'s.
+    match (what, format) {
+        (ListWhat::Models, Format::Table) => {
+            outln!("{}", report::table::models(&registry::models()?))
         }
-        ListWhat::Gpus => {
-            header = vec![
-                "name",
-                "device",
-                "memory GiB",
-                "bf16 TFLOP/s",
-                "HBM GB/s",
-                "interconnect",
-            ];
-            for (stem, text) in hardware_files() {
-                let (h, _) = parse_hardware_toml(&format!("hardware/{stem}.toml"), stem, text)?;
-                objs.push(serde_json::json!({
-                    "name": h.name, "display_name": h.display_name, "memory": h.memory.0,
-                    "bf16_tflops": h.bf16_tflops, "hbm_gbps": h.hbm_gbps,
-                    "interconnect": h.interconnect, "interconnect_gbps": h.interconnect_gbps,
-                    "network_gbps": h.network_gbps, "gpus_per_node": h.gpus_per_node,
-                    "host_memory": h.host_memory.0,
-                }));
-                rows.push(vec![
-                    h.name.clone(),
-                    h.display_name.clone(),
-                    format!("{:.1}", h.memory.gib()),
-                    format!("{:.0}", h.bf16_tflops),
-                    format!("{:.0}", h.hbm_gbps),
-                    h.interconnect.clone(),
-                ]);
-            }
+        (ListWhat::Models, Format::Json) => {
+            outln!("{}", serde_json::to_string_pretty(&registry::models()?)?)
         }
-    }
-    match format {
-        Format::Table => {
-            let mut t = comfy_table::Table::new();
-            t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED);
-            t.set_header(header);
-            for r in rows {
-                t.add_row(r);
-            }
-            outln!("{t}");
-        }
-        Format::Json => {
-            // Numbers are numbers (bytes for memory), as in `estimate`'s JSON.
-            outln!("{}", serde_json::to_string_pretty(&objs)?);
+        (ListWhat::Gpus, Format::Table) => outln!("{}", report::table::gpus(&registry::gpus()?)),
+        (ListWhat::Gpus, Format::Json) => {
+            outln!("{}", serde_json::to_string_pretty(&registry::gpus()?)?)
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -500,23 +432,15 @@ fn validate(a: &ValidateArgs) -> anyhow::Result<ExitCode> {
     for (at, e) in &failed {
         eprintln!("error: {at}: run not planned: {e}");
     }
-    let s = ftplan::validate::summary(&rows);
-    let within = failed.is_empty()
-        && s.memory_median <= ftplan::validate::MEDIAN_BOUND
-        && s.memory_worst <= ftplan::validate::WORST_BOUND
-        && s.time_median <= ftplan::validate::TIME_MEDIAN_BOUND
-        && s.time_worst <= ftplan::validate::TIME_WORST_BOUND
-        && s.trainable_exact;
+    let v = ftplan::validate::Validation::new(rows, failed.len());
     match a.format {
-        Format::Table => out!("{}", report::table::validation(&rows, &s, &rates.source)),
-        Format::Json => outln!(
+        Format::Table => out!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "rows": rows, "summary": s, "within_bounds": within })
-            )?
+            report::table::validation(&v.rows, &v.summary, &rates.source)
         ),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&v)?),
     }
-    Ok(ExitCode::from(if within { 0 } else { 1 }))
+    Ok(ExitCode::from(if v.within_bounds { 0 } else { 1 }))
 }
 
 fn calibrate(a: &CalibrateArgs) -> anyhow::Result<ExitCode> {

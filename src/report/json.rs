@@ -128,3 +128,14 @@ pub fn gpus_needed(g: &crate::explore::GpusNeeded) -> Value {
     }
     json!({ "needed": needed })
 }
+
+/// `measure`'s JSON: the estimate (as `estimate` prints it, with its `notes`) beside the
+/// measurement, their relative errors and the Python stack that ran.
+pub fn measure(c: &crate::measure::Comparison, notes: &[String]) -> Value {
+    json!({
+        "estimate": estimate(&c.estimate, None, notes),
+        "measured": c.measured,
+        "errors": c.errors,
+        "environment": c.environment,
+    })
+}

@@ -427,6 +427,53 @@ pub fn matrix(gpus: &[String], rows: &[(String, Vec<super::chart::Cell>)]) -> St
     format!("required GiB per model and GPU\n{t}")
 }
 
+/// `list models`.
+pub fn models(entries: &[crate::spec::registry::ModelEntry]) -> String {
+    let header = [
+        "name", "type", "params", "layers", "hidden", "heads/kv", "vocab",
+    ];
+    let mut t = styled(header.iter().map(|h| h.to_string()).collect());
+    for m in entries {
+        t.add_row(vec![
+            m.name.clone(),
+            m.model_type.into(),
+            m.params.map(count).unwrap_or_default(),
+            match m.encoder_layers {
+                Some(e) => format!("{e}+{}", m.layers),
+                None => m.layers.to_string(),
+            },
+            m.hidden_size.to_string(),
+            format!("{}/{}", m.heads, m.kv_heads),
+            m.vocab_size.to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// `list gpus`.
+pub fn gpus(entries: &[crate::spec::registry::GpuEntry]) -> String {
+    let header = [
+        "name",
+        "device",
+        "memory GiB",
+        "bf16 TFLOP/s",
+        "HBM GB/s",
+        "interconnect",
+    ];
+    let mut t = styled(header.iter().map(|h| h.to_string()).collect());
+    for g in entries {
+        t.add_row(vec![
+            g.name.clone(),
+            g.display_name.clone(),
+            format!("{:.1}", crate::units::Bytes(g.memory).gib()),
+            format!("{:.0}", g.bf16_tflops),
+            format!("{:.0}", g.hbm_gbps),
+            g.interconnect.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
 /// `check`: one row per plan, its required memory against its GPU's budget, or INVALID.
 pub fn check(c: &crate::explore::Check) -> String {
     let header = [

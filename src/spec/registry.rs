@@ -199,6 +199,80 @@ pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
     ))
 }
 
+/// One shipped model as `ftplan list models` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub model_type: &'static str,
+    /// The published parameter count the file cites.
+    pub params: Option<u64>,
+    /// Decoder layers (every layer of a decoder-only model).
+    pub layers: u64,
+    pub encoder_layers: Option<u64>,
+    pub hidden_size: u64,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub vocab_size: u64,
+}
+
+/// The shipped models, by name.
+pub fn models() -> Result<Vec<ModelEntry>> {
+    model_files()
+        .iter()
+        .map(|(stem, text)| {
+            let m = parse_model_toml(&format!("models/{stem}.toml"), stem, text)?;
+            Ok(ModelEntry {
+                model_type: m.family.model_type(),
+                params: m.published_params,
+                layers: m.decoder.layers,
+                encoder_layers: m.encoder.map(|e| e.layers),
+                hidden_size: m.hidden_size,
+                heads: m.decoder.heads,
+                kv_heads: m.decoder.kv_heads,
+                vocab_size: m.vocab_size,
+                name: m.name,
+            })
+        })
+        .collect()
+}
+
+/// One shipped GPU as `ftplan list gpus` shows it (memory in bytes).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuEntry {
+    pub name: String,
+    pub display_name: String,
+    pub memory: u64,
+    pub bf16_tflops: f64,
+    pub hbm_gbps: f64,
+    pub interconnect: String,
+    pub interconnect_gbps: f64,
+    pub network_gbps: f64,
+    pub gpus_per_node: u64,
+    pub host_memory: u64,
+}
+
+/// The shipped GPUs, by name.
+pub fn gpus() -> Result<Vec<GpuEntry>> {
+    hardware_files()
+        .iter()
+        .map(|(stem, text)| {
+            let (h, _) = parse_hardware_toml(&format!("hardware/{stem}.toml"), stem, text)?;
+            Ok(GpuEntry {
+                name: h.name,
+                display_name: h.display_name,
+                memory: h.memory.0,
+                bf16_tflops: h.bf16_tflops,
+                hbm_gbps: h.hbm_gbps,
+                interconnect: h.interconnect,
+                interconnect_gbps: h.interconnect_gbps,
+                network_gbps: h.network_gbps,
+                gpus_per_node: h.gpus_per_node,
+                host_memory: h.host_memory.0,
+            })
+        })
+        .collect()
+}
+
 /// What a model argument names, for telling two list entries apart: the shipped model an alias
 /// resolves to (`llama7b` and `llama2-7b` are one model), else the argument itself (a path, `-`,
 /// or a name no model answers to, which resolving reports).
