@@ -27,6 +27,16 @@ pub struct Case {
 }
 
 impl Case {
+    /// What the searches read of it: the model, GPU, rates and budget.
+    fn target(&self) -> Target<'_> {
+        Target {
+            model: &self.model,
+            hardware: &self.hardware,
+            rates: &self.rates,
+            budget: self.budget,
+        }
+    }
+
     fn run(&self) -> Result<Estimate> {
         estimate_within(
             &self.model,
@@ -374,12 +384,7 @@ pub fn gpus_needed(
         for c in cases {
             let best = c.and_then(|c| {
                 gpu_name = c.hardware.display_name.clone();
-                let target = Target {
-                    model: &c.model,
-                    hardware: &c.hardware,
-                    rates: &c.rates,
-                    budget: c.budget,
-                };
+                let target = c.target();
                 let bounds = Bounds {
                     max_gpus,
                     host_memory: c.hardware.host_memory,
@@ -637,7 +642,8 @@ pub fn scale(models: &[String], methods: Vec<(String, Vec<Result<Case>>)>) -> Re
 }
 
 /// `fit`'s answer for one plan: whether it fits, the largest batch and sequence that do, the
-/// changes that make it fit when it does not ([`crate::search::fixes`]), and the best layouts.
+/// changes that make it fit when it does not ([`crate::search::fixes`]), and the best layouts
+/// (on its GPU, and on any other GPU types searched with it).
 #[derive(Debug, Clone, Serialize)]
 pub struct Fit {
     pub plan: String,
@@ -649,48 +655,82 @@ pub struct Fit {
     pub max_seq: Option<u64>,
     pub fixes: Vec<crate::search::Fix>,
     pub layouts: Vec<Layout>,
-    /// The GPU, and the batch and sequence the search held fixed (for the table).
+    /// The plan's GPU, and the batch and sequence the searches held fixed (for the table).
     #[serde(skip)]
     pub gpu: String,
     #[serde(skip)]
     pub batch: u64,
     #[serde(skip)]
     pub seq: u64,
+    /// The GPU types whose layouts were searched, the plan's first.
+    #[serde(skip)]
+    pub searched: Vec<String>,
+}
+
+/// How `fit` searches layouts: what the plan fixes, the bounds, the objective and how many
+/// layouts to keep.
+#[derive(Debug, Clone, Copy)]
+pub struct LayoutSearch {
+    pub fixed: Fixed,
+    pub max_gpus: u64,
+    /// Host memory per node for offload; `None`: each GPU's usual server.
+    pub host_memory: Option<Bytes>,
+    pub objective: layouts::Objective,
+    pub keep: usize,
 }
 
 /// Answers `fit` for a case named `plan` whose estimate is `e`: the batch and sequence searches,
-/// the fixes over `catalogue` when it does not fit, and the `keep` best layouts by `objective`.
+/// the fixes over `catalogue` when it does not fit, and the best layouts by the objective over
+/// the case's GPU and the GPU types of `others` (the same plan on each), ranked together.
 pub fn fit(
     plan: &str,
     case: &Case,
     e: &Estimate,
     catalogue: &[(Hardware, Rates)],
-    layout: (Fixed, Bounds, layouts::Objective, usize),
+    search: &LayoutSearch,
+    others: &[Case],
 ) -> Result<Fit> {
-    let target = Target {
-        model: &case.model,
-        hardware: &case.hardware,
-        rates: &case.rates,
-        budget: case.budget,
-    };
-    let (fixed, bounds, objective, keep) = layout;
+    let t = case.target();
     let fixes = if e.fits {
         Vec::new()
     } else {
-        crate::search::fixes(&target, &case.plan, catalogue)?
+        crate::search::fixes(&t, &case.plan, catalogue)?
     };
+    let mut found = Vec::new();
+    for c in std::iter::once(case).chain(others) {
+        let bounds = Bounds {
+            max_gpus: search.max_gpus,
+            host_memory: search.host_memory.unwrap_or(c.hardware.host_memory),
+            price_per_gpu_hour: c.hardware.price_per_hour_usd,
+        };
+        let (layouts, _) = layouts::search(
+            &c.target(),
+            &c.plan,
+            search.fixed,
+            bounds,
+            search.objective,
+            search.keep,
+        )?;
+        found.extend(layouts);
+    }
+    layouts::rank(&mut found, search.objective);
+    found.truncate(search.keep);
     Ok(Fit {
         plan: plan.to_string(),
         fits: e.fits,
         required: e.memory.required.0,
         budget: case.budget.0,
-        max_batch: crate::search::max_batch(&target, &case.plan)?,
-        max_seq: crate::search::max_seq(&target, &case.plan)?,
+        max_batch: crate::search::max_batch(&t, &case.plan)?,
+        max_seq: crate::search::max_seq(&t, &case.plan)?,
         fixes,
-        layouts: layouts::search(&target, &case.plan, fixed, bounds, objective, keep)?.0,
+        layouts: found,
         gpu: case.hardware.name.clone(),
         batch: case.plan.batch,
         seq: case.plan.seq,
+        searched: std::iter::once(case)
+            .chain(others)
+            .map(|c| c.hardware.name.clone())
+            .collect(),
     })
 }
 

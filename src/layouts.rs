@@ -49,6 +49,8 @@ pub struct Bounds {
 /// One layout and what it costs.
 #[derive(Debug, Clone, Serialize)]
 pub struct Layout {
+    /// The GPU type it runs on.
+    pub gpu: String,
     pub parallel: Parallel,
     pub grad_ckpt: bool,
     pub memory: LayoutMemory,
@@ -162,7 +164,7 @@ pub fn search(
                             }
                             *runs += 1;
                             let e = estimate(model, &p, hw, target.rates)?;
-                            Ok(Some(layout(&e, target.budget, bounds)))
+                            Ok(Some(layout(&e, target, bounds)))
                         };
                         let dps: Vec<u64> = match fixed.gpus {
                             Some(g) if g % (tp * pp) == 0 => vec![g / (tp * pp)],
@@ -240,13 +242,14 @@ fn undominated(found: Vec<Layout>) -> Vec<Layout> {
         .collect()
 }
 
-fn layout(e: &Estimate, budget: Bytes, bounds: Bounds) -> Layout {
+fn layout(e: &Estimate, target: &Target, bounds: Bounds) -> Layout {
     let par = e.plan.parallel;
     let cost = bounds
         .price_per_gpu_hour
         .map(|price| par.gpus as f64 * price / 3600.0 / e.time.tokens_per_second * 1e6);
     let host_ok = e.memory.host <= bounds.host_memory;
     Layout {
+        gpu: target.hardware.name.clone(),
         parallel: par,
         grad_ckpt: e.plan.grad_ckpt,
         memory: LayoutMemory {
@@ -261,7 +264,7 @@ fn layout(e: &Estimate, budget: Bytes, bounds: Bounds) -> Layout {
             communication_seconds: e.time.communication_seconds,
             cost_per_million_tokens: cost,
         },
-        fits: e.memory.required <= budget && host_ok,
+        fits: e.memory.required <= target.budget && host_ok,
     }
 }
 

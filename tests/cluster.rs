@@ -605,6 +605,67 @@ fn fit_prints_layouts_as_json() {
     assert!(gpus.windows(2).all(|w| w[0] <= w[1]), "{gpus:?}");
 }
 
+#[test]
+fn fit_ranks_layouts_across_gpu_types_by_cost() {
+    let fit = |gpus_list: Option<&str>| {
+        let mut args = vec![
+            "fit",
+            "--model",
+            "llama2-70b",
+            "--method",
+            "full",
+            "--gpu",
+            "a100",
+            "--objective",
+            "cost",
+            "--max-gpus",
+            "64",
+            "--layouts",
+            "20",
+            "--format",
+            "json",
+        ];
+        if let Some(l) = gpus_list {
+            args.extend(["--gpus-list", l]);
+        }
+        let out = ftplan().args(&args).assert().code(1);
+        let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("json");
+        let layouts = v["layouts"].as_array().cloned().expect("layouts");
+        let cost = |l: &serde_json::Value| {
+            l["time"]["cost_per_million_tokens"]
+                .as_f64()
+                .expect("every shipped GPU has a price")
+        };
+        let costs: Vec<f64> = layouts.iter().map(cost).collect();
+        let gpus: Vec<String> = layouts
+            .iter()
+            .map(|l| l["gpu"].as_str().expect("gpu").to_string())
+            .collect();
+        (costs, gpus)
+    };
+    // On its own GPU, every layout is an A100's.
+    let (alone, gpus) = fit(None);
+    assert!(gpus.iter().all(|g| g == "a100-80gb"), "{gpus:?}");
+    // With more GPU types, their layouts are ranked together, cheapest first: the best is no
+    // dearer than the A100's best, and more than one type makes the list.
+    let (together, gpus) = fit(Some("h100,mi300x"));
+    assert!(together.windows(2).all(|w| w[0] <= w[1]), "{together:?}");
+    assert!(together[0] <= alone[0], "{together:?} against {alone:?}");
+    let mut types = gpus.clone();
+    types.sort();
+    types.dedup();
+    assert!(types.len() > 1, "{gpus:?}");
+    // The plan's own GPU again, by an alias, is refused as in compare.
+    let out = ftplan()
+        .args(["fit", "--model", "gpt2", "--gpu", "a100"])
+        .args(["--gpus-list", "h100,a100-80gb"])
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    crate::assert_message_policy(&err);
+    assert!(err.contains("which is --gpu `a100` again"), "{err}");
+}
+
 /// Saved activations of one GPT-2 block (pure bf16, eager attention, dropout 0.1): the
 /// difference between models of 3 and 2 layers at the end of the forward pass, in bytes.
 fn gpt_block_activations(tp: u64, sp: bool, seq: u64) -> f64 {

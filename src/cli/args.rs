@@ -328,6 +328,10 @@ pub struct FitArgs {
     /// Layouts to show.
     #[arg(long, default_value_t = 5)]
     pub layouts: usize,
+    /// More GPU types to search layouts on, comma-separated: the layouts of all are ranked
+    /// together by --objective (the cheapest GPU type and layout, with --objective cost).
+    #[arg(long)]
+    pub gpus_list: Option<String>,
     /// Output: a table for people or JSON for programs.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,

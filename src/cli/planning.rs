@@ -7,7 +7,7 @@ use super::plan::{PlanInput, Resolved};
 use super::{DOES_NOT_FIT, FITS, estimate_resolved, note};
 use ftplan::error::Error;
 use ftplan::explore::{self, Case};
-use ftplan::layouts::{Bounds, Objective};
+use ftplan::layouts::Objective;
 use ftplan::report::{self, chart};
 use ftplan::spec::hardware::Hardware;
 use ftplan::spec::registry::{self, hardware_files, parse_hardware_toml};
@@ -144,7 +144,7 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
         .into());
     }
     let host_memory = match a.host_memory {
-        Some(g) if g.is_finite() && g > 0.0 && g <= 1e6 => ftplan::units::Bytes::from_gib(g),
+        Some(g) if g.is_finite() && g > 0.0 && g <= 1e6 => Some(ftplan::units::Bytes::from_gib(g)),
         Some(g) => {
             return Err(Error::field(
                 "command line",
@@ -153,27 +153,41 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
             )
             .into());
         }
-        None => r.hardware.host_memory,
+        None => None,
     };
-    let fixed = input.layout.fixed(&input.origin, r.plan.grad_ckpt)?;
     let objective = match a.objective {
         ObjectiveArg::Gpus => Objective::Gpus,
         ObjectiveArg::Time => Objective::Time,
         ObjectiveArg::Cost => Objective::Cost,
     };
-    let bounds = Bounds {
+    let search = explore::LayoutSearch {
+        fixed: input.layout.fixed(&input.origin, r.plan.grad_ckpt)?,
         max_gpus: a.max_gpus,
         host_memory,
-        price_per_gpu_hour: r.hardware.price_per_hour_usd,
+        objective,
+        keep: a.layouts,
     };
-    let (name, notes) = (r.name.clone(), r.notes.clone());
-    let result = explore::fit(
-        &name,
-        &case(r),
-        &e,
-        &catalogue()?,
-        (fixed, bounds, objective, a.layouts),
-    )?;
+    // The same plan on each other GPU type of --gpus-list (not the plan's own again).
+    let mut notes = r.notes.clone();
+    let mut others = Vec::new();
+    if let Some(list) = &a.gpus_list {
+        let gpus = gpu_list(input.gpu.as_deref(), Some(list))?;
+        for (gpu, _) in gpus.into_iter().skip(1) {
+            let mut i = input.clone();
+            i.gpu = Some(gpu);
+            let o = i.resolve()?;
+            let new: Vec<String> = o
+                .notes
+                .iter()
+                .filter(|n| !notes.contains(n))
+                .cloned()
+                .collect();
+            notes.extend(new);
+            others.push(case(o));
+        }
+    }
+    let name = r.name.clone();
+    let result = explore::fit(&name, &case(r), &e, &catalogue()?, &search, &others)?;
     // Notes qualify a result: a refused plan or a bad flag gets its one error line alone.
     note(&notes);
     match a.format {

@@ -554,7 +554,12 @@ pub fn fit(f: &crate::explore::Fit, max_gpus: u64, objective: crate::layouts::Ob
             let _ = writeln!(out, "{t}");
         }
     }
-    out.push_str(&layouts(&f.layouts, max_gpus, objective));
+    out.push_str(&layouts(
+        &f.layouts,
+        max_gpus,
+        objective,
+        f.searched.len() > 1,
+    ));
     out
 }
 
@@ -563,14 +568,15 @@ pub fn layouts(
     found: &[crate::layouts::Layout],
     max_gpus: u64,
     objective: crate::layouts::Objective,
+    several_gpu_types: bool,
 ) -> String {
     if found.is_empty() {
         return format!("no layout of up to {max_gpus} GPUs fits\n");
     }
     let mut t = Table::new();
     t.load_style(UTF8_FULL_CONDENSED);
-    t.set_header(vec![
-        "#",
+    let gpu = several_gpu_types.then_some("GPU");
+    t.set_header(["#"].into_iter().chain(gpu).chain([
         "GPUs",
         "layout",
         "ckpt",
@@ -579,30 +585,32 @@ pub fn layouts(
         "step",
         "tokens / s",
         "$ / M tokens",
-    ]);
+    ]));
     for (i, l) in found.iter().enumerate() {
-        t.add_row(vec![
-            (i + 1).to_string(),
-            format!(
-                "{} ({} node{})",
-                l.parallel.gpus,
-                l.parallel.nodes(),
-                if l.parallel.nodes() == 1 { "" } else { "s" }
-            ),
-            l.parallel.label(),
-            if l.grad_ckpt { "yes" } else { "no" }.to_string(),
-            gib(crate::units::Bytes(l.memory.required)),
-            if l.memory.host > 0 {
-                gib(crate::units::Bytes(l.memory.host))
-            } else {
-                String::new()
-            },
-            duration(l.time.step_seconds),
-            format!("{:.0}", l.time.tokens_per_second),
-            l.time
-                .cost_per_million_tokens
-                .map_or(String::new(), |c| format!("{c:.2}")),
-        ]);
+        let gpu = several_gpu_types.then(|| l.gpu.clone());
+        t.add_row(
+            [(i + 1).to_string()].into_iter().chain(gpu).chain([
+                format!(
+                    "{} ({} node{})",
+                    l.parallel.gpus,
+                    l.parallel.nodes(),
+                    if l.parallel.nodes() == 1 { "" } else { "s" }
+                ),
+                l.parallel.label(),
+                if l.grad_ckpt { "yes" } else { "no" }.to_string(),
+                gib(crate::units::Bytes(l.memory.required)),
+                if l.memory.host > 0 {
+                    gib(crate::units::Bytes(l.memory.host))
+                } else {
+                    String::new()
+                },
+                duration(l.time.step_seconds),
+                format!("{:.0}", l.time.tokens_per_second),
+                l.time
+                    .cost_per_million_tokens
+                    .map_or(String::new(), |c| format!("{c:.2}")),
+            ]),
+        );
     }
     let by = match objective {
         crate::layouts::Objective::Gpus => "fewest GPUs, then fastest step",
