@@ -1,6 +1,7 @@
-//! The explorations behind `compare`, `sweep` and the fit matrix: many estimates of resolved
-//! cases, gathered into one typed, serialisable result per command, which the table, JSON,
-//! Markdown and chart writers in `report` render. The CLI resolves the cases and renders.
+//! The answers behind `check`, `fit`, `compare`, `sweep` and the fit matrix: estimates and
+//! searches over resolved cases, gathered into one typed, serialisable result per command, which
+//! the table, JSON, Markdown and chart writers in `report` render. The CLI resolves the cases
+//! and renders.
 
 use crate::error::{Error, Result};
 use crate::estimate::{Estimate, estimate_within};
