@@ -220,8 +220,13 @@ pub struct Sweep {
 
 /// Sweeps `axis` over `values` for each case (one per method); `left_out` are the methods
 /// [`triage`] left out, said in `stopped`.
-pub fn sweep(cases: &[Case], left_out: &[LeftOut], axis: Axis, values: &[u64]) -> Result<Sweep> {
-    let first = cases.first().ok_or_else(|| Error::Plan {
+pub fn sweep(
+    estimated: &[Estimated],
+    left_out: &[LeftOut],
+    axis: Axis,
+    values: &[u64],
+) -> Result<Sweep> {
+    let (first, _) = estimated.first().ok_or_else(|| Error::Plan {
         message: "nothing to sweep".into(),
         hint: Some("pass --methods".into()),
     })?;
@@ -230,16 +235,24 @@ pub fn sweep(cases: &[Case], left_out: &[LeftOut], axis: Axis, values: &[u64]) -
         .iter()
         .map(|l| format!("the {} curve is left out: {}", l.label, l.reason))
         .collect();
-    for c in cases {
+    for (c, given) in estimated {
         let mut points = Vec::new();
         for &v in values {
             let mut case = c.clone();
-            match axis {
-                Axis::Seq => case.plan.seq = v,
-                Axis::Batch => case.plan.batch = v,
-            }
+            let at = match axis {
+                Axis::Seq => &mut case.plan.seq,
+                Axis::Batch => &mut case.plan.batch,
+            };
+            // The case's own estimate where it already sits at this value (triage estimated
+            // each curve at its first).
+            let e = if *at == v {
+                Ok(given.clone())
+            } else {
+                *at = v;
+                case.run()
+            };
             // The curve ends where the model stops.
-            let e = match case.run() {
+            let e = match e {
                 Ok(e) => e,
                 Err(err) if !points.is_empty() => {
                     stopped.push(format!(

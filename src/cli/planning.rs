@@ -438,9 +438,7 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         resolved.push((method_name(m), input.resolve().map(case)));
     }
     let (estimated, left_out) = explore::triage(resolved, refused_by(a.methods.is_some()))?;
-    // Each curve is estimated from its first value again, with the rest.
-    let cases: Vec<Case> = estimated.into_iter().map(|(c, _)| c).collect();
-    let result = explore::sweep(&cases, &left_out, axis, &values)?;
+    let result = explore::sweep(&estimated, &left_out, axis, &values)?;
     let stem = format!(
         "sweep-{}-{}",
         result.model,
