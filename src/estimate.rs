@@ -17,6 +17,9 @@ const MAX_TOKENS: u64 = 1 << 34;
 const MAX_WIDTH: u64 = 1 << 20;
 /// Past this a figure is beyond any device (and near where saturating arithmetic would clamp).
 const MAX_BYTES: u64 = 1 << 60;
+/// Past this the whole job's memory (every GPU's, or every node's host memory) is refused too,
+/// so its sum is a u64.
+const MAX_JOB_BYTES: u128 = 1 << 63;
 
 /// Everything computed for one model, plan and GPU.
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +32,19 @@ pub struct Estimate {
     /// Device memory the plan may use: the device's, less any headroom the user keeps free.
     pub budget: crate::units::Bytes,
     pub fits: bool,
+}
+
+impl Estimate {
+    /// The whole job's memory: device memory over its GPUs (each GPU's required; with pipeline
+    /// stages every stage counted as the largest, so at most that) and host memory over its
+    /// nodes, bytes. The estimate refuses a job whose sums would pass 8 EiB.
+    pub fn job_memory(&self) -> (crate::units::Bytes, crate::units::Bytes) {
+        let par = &self.plan.parallel;
+        (
+            crate::units::Bytes(self.memory.required.0 * par.gpus),
+            crate::units::Bytes(self.memory.host.0 * par.nodes()),
+        )
+    }
 }
 
 /// What LoRA can target in a model with Mamba or Mamba-2 mixers (peft refuses their `out_proj`
@@ -473,13 +489,15 @@ pub fn estimate(
     // No saturated or non-finite figure is ever shown as a result.
     let absurd = memory.required.0 >= MAX_BYTES
         || memory.host.0 >= MAX_BYTES
+        || u128::from(memory.required.0) * u128::from(par.gpus) >= MAX_JOB_BYTES
+        || u128::from(memory.host.0) * u128::from(par.nodes()) >= MAX_JOB_BYTES
         || memory.total_params >= 1 << 50
         || !(time.step_seconds.is_finite() && time.step_seconds > 0.0)
         || !(time.tokens_per_second.is_finite() && time.mfu.is_finite());
     if absurd {
         return Err(Error::Plan {
             message: format!(
-                "`{}` with this plan needs more than 1 EiB per GPU, or more parameters than exist; nothing is reported",
+                "`{}` with this plan needs more than 1 EiB per GPU (or 8 EiB for the job), or more parameters than exist; nothing is reported",
                 model.name
             ),
             hint: Some("check the model's sizes and the plan's batch and sequence".into()),

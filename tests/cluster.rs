@@ -606,6 +606,78 @@ fn fit_prints_layouts_as_json() {
 }
 
 #[test]
+fn the_job_s_memory_sums_its_gpus_and_nodes() {
+    // 16 H100s of 8 a node, ZeRO-3 with the optimizer on the host: the job holds 16 GPUs'
+    // required memory and 2 nodes' host memory.
+    let out = ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "llama2-13b",
+            "--gpu",
+            "h100",
+            "--method",
+            "full",
+        ])
+        .args([
+            "--gpus",
+            "16",
+            "--engine",
+            "zero3",
+            "--offload",
+            "optimizer",
+        ])
+        .args(["--format", "json"])
+        .assert();
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("json");
+    let n = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).expect(p);
+    assert_eq!(n("/job/gpus"), 16);
+    assert_eq!(n("/job/nodes"), 2);
+    assert_eq!(n("/job/required"), 16 * n("/memory/required"));
+    assert!(n("/host_memory") > 0);
+    assert_eq!(n("/job/host_memory"), 2 * n("/host_memory"));
+    // The table says so in one row.
+    let out = ftplan()
+        .args([
+            "estimate",
+            "--model",
+            "llama2-13b",
+            "--gpu",
+            "h100",
+            "--method",
+            "full",
+        ])
+        .args([
+            "--gpus",
+            "16",
+            "--engine",
+            "zero3",
+            "--offload",
+            "optimizer",
+        ])
+        .assert();
+    let table = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(
+        table.contains("16 GPUs x required; host") && table.contains("over 2 nodes"),
+        "{table}"
+    );
+    // 22 PiB per GPU is a figure; over 2^20 GPUs the job's sum would pass 8 EiB: refused, not
+    // wrapped.
+    let big = [
+        "estimate", "--model", "gpt2", "--gpu", "h100", "--batch", "16777216",
+    ];
+    ftplan().args(big).assert().code(1);
+    let out = ftplan()
+        .args(big)
+        .args(["--gpus", "1048576"])
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    crate::assert_message_policy(&err);
+    assert!(err.contains("8 EiB for the job"), "{err}");
+}
+
+#[test]
 fn fit_ranks_layouts_across_gpu_types_by_cost() {
     let fit = |gpus_list: Option<&str>| {
         let mut args = vec![

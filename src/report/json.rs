@@ -80,6 +80,12 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
             "dp": e.plan.parallel.dp(),
         },
         "host_memory": m.host.0,
+        "job": {
+            "gpus": e.plan.parallel.gpus,
+            "nodes": e.plan.parallel.nodes(),
+            "required": e.job_memory().0.0,
+            "host_memory": e.job_memory().1.0,
+        },
         "device": { "name": e.hardware.name, "memory": e.hardware.memory.0, "display_name": e.hardware.display_name },
         "fits": e.fits,
         "time": time,

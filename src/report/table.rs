@@ -166,6 +166,28 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         gib(e.hardware.memory),
         &e.hardware.display_name,
     );
+    if par.gpus > 1 {
+        let (device, host) = e.job_memory();
+        let nodes = par.nodes();
+        let mut note = format!(
+            "{}{} GPUs x required{}",
+            if par.pp > 1 { "at most " } else { "" },
+            par.gpus,
+            if par.pp > 1 {
+                " (each stage counted as the largest)"
+            } else {
+                ""
+            }
+        );
+        if host > crate::units::Bytes::ZERO {
+            note.push_str(&format!(
+                "; host {} GiB over {nodes} node{}",
+                gib(host),
+                if nodes == 1 { "" } else { "s" }
+            ));
+        }
+        row(&mut t, "job", gib(device), &note);
+    }
     let pct = 100.0 * m.trainable_params as f64 / m.total_params.max(1) as f64;
     t.add_row(vec![
         Cell::new("trainable params"),
