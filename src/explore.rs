@@ -676,9 +676,12 @@ pub struct Fit {
     pub batch: u64,
     #[serde(skip)]
     pub seq: u64,
-    /// The GPU types whose layouts were searched, the plan's first.
+    /// The GPU types whose layouts were searched, the plan's first, and how many layouts were
+    /// asked for (0: none, no search).
     #[serde(skip)]
     pub searched: Vec<String>,
+    #[serde(skip)]
+    pub keep: usize,
 }
 
 /// How `fit` searches layouts: what the plan fixes, the bounds, the objective and how many
@@ -711,7 +714,11 @@ pub fn fit(
         crate::search::fixes(&t, &case.plan, catalogue)?
     };
     let mut found = Vec::new();
-    for c in std::iter::once(case).chain(others) {
+    // `keep` 0 asks for no layouts: no search.
+    for c in std::iter::once(case)
+        .chain(others)
+        .filter(|_| search.keep > 0)
+    {
         let bounds = Bounds {
             max_gpus: search.max_gpus,
             host_memory: search.host_memory.unwrap_or(c.hardware.host_memory),
@@ -745,6 +752,7 @@ pub fn fit(
             .chain(others)
             .map(|c| c.hardware.name.clone())
             .collect(),
+        keep: search.keep,
     })
 }
 

@@ -727,6 +727,16 @@ fn fit_ranks_layouts_across_gpu_types_by_cost() {
     types.sort();
     types.dedup();
     assert!(types.len() > 1, "{gpus:?}");
+    // --layouts 0 asks for none: no search, no layout table.
+    let out = ftplan()
+        .args(["fit", "--model", "gpt2", "--gpu", "h100", "--layouts", "0"])
+        .assert()
+        .code(0);
+    let text = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(
+        text.contains("longest sequence") && !text.contains("layout"),
+        "{text}"
+    );
     // The plan's own GPU again, by an alias, is refused as in compare.
     let out = ftplan()
         .args(["fit", "--model", "gpt2", "--gpu", "a100"])

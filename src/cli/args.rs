@@ -325,7 +325,7 @@ pub struct FitArgs {
     /// Host memory per node for offload, GiB (default: the GPU's usual server).
     #[arg(long, allow_negative_numbers = true)]
     pub host_memory: Option<f64>,
-    /// Layouts to show.
+    /// Layouts to show (0: no layout search).
     #[arg(long, default_value_t = 5)]
     pub layouts: usize,
     /// More GPU types to search layouts on, comma-separated: the layouts of all are ranked

@@ -576,12 +576,10 @@ pub fn fit(f: &crate::explore::Fit, max_gpus: u64, objective: crate::layouts::Ob
             let _ = writeln!(out, "{t}");
         }
     }
-    out.push_str(&layouts(
-        &f.layouts,
-        max_gpus,
-        objective,
-        f.searched.len() > 1,
-    ));
+    if f.keep > 0 {
+        let several = f.searched.len() > 1;
+        out.push_str(&layouts(&f.layouts, max_gpus, objective, several));
+    }
     out
 }
 
