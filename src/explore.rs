@@ -469,6 +469,8 @@ pub struct Updates {
     pub model: String,
     pub blocks: u64,
     pub panels: Vec<UpdatePanel>,
+    /// Methods the model refuses, left out of the panels.
+    pub left_out: Vec<LeftOut>,
 }
 
 fn part_of(name: &str, role: crate::spec::model::ParamRole) -> usize {
@@ -491,7 +493,7 @@ fn part_of(name: &str, role: crate::spec::model::ParamRole) -> usize {
 }
 
 /// Which parameters update under each of `plans` for `model`.
-pub fn updates(model: &ModelSpec, plans: &[Plan]) -> Updates {
+pub fn updates(model: &ModelSpec, plans: &[Plan], left_out: Vec<LeftOut>) -> Updates {
     let blocks = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);
     let columns = blocks as usize + 1;
     let mut panels = Vec::new();
@@ -548,6 +550,7 @@ pub fn updates(model: &ModelSpec, plans: &[Plan]) -> Updates {
         model: model.name.clone(),
         blocks,
         panels,
+        left_out,
     }
 }
 

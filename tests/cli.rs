@@ -885,6 +885,31 @@ fn explorations_over_every_method_leave_out_what_the_model_refuses() {
         0,
     );
     assert!(err.contains("the lora curve is left out") && err.contains("the qlora curve"));
+    // The panels of what each method updates say in JSON which methods they leave out.
+    let a = ftplan()
+        .args([
+            "sweep",
+            "--over",
+            "updates",
+            "--model",
+            "mamba-130m",
+            "--gpu",
+            "a100",
+        ])
+        .args(["--format", "json", "--out", &out])
+        .assert()
+        .code(0);
+    let v: serde_json::Value = serde_json::from_slice(&a.get_output().stdout).expect("json");
+    let left: Vec<&str> = v["left_out"]
+        .as_array()
+        .expect("left_out")
+        .iter()
+        .filter_map(|l| l["label"].as_str())
+        .collect();
+    assert!(
+        left.contains(&"lora") && !left.contains(&"full"),
+        "{left:?}"
+    );
     // A sequence sweep replaces the plan's own length: Marian's 512 positions do not refuse
     // the default 1,024 before the sweep starts at 128.
     run(

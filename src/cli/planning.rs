@@ -494,10 +494,10 @@ fn updates(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         .0
         .model;
     let plans: Vec<_> = estimated.iter().map(|(c, _)| c.plan.clone()).collect();
-    let result = explore::updates(model, &plans);
+    let result = explore::updates(model, &plans, left_out);
     let table = report::table::updates(&result);
     let stem = format!("updates-{}", result.model);
-    let left_out: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+    let left_out: Vec<String> = result.left_out.iter().map(ToString::to_string).collect();
     publish(&a.out, &stem, &result.title, &table, &left_out, |dir| {
         chart::write_updates(dir, &stem, &result)
     })?;
