@@ -609,26 +609,22 @@ fn fit_prints_layouts_as_json() {
 fn the_job_s_memory_sums_its_gpus_and_nodes() {
     // 16 H100s of 8 a node, ZeRO-3 with the optimizer on the host: the job holds 16 GPUs'
     // required memory and 2 nodes' host memory.
-    let out = ftplan()
-        .args([
-            "estimate",
-            "--model",
-            "llama2-13b",
-            "--gpu",
-            "h100",
-            "--method",
-            "full",
-        ])
-        .args([
-            "--gpus",
-            "16",
-            "--engine",
-            "zero3",
-            "--offload",
-            "optimizer",
-        ])
-        .args(["--format", "json"])
-        .assert();
+    let plan = [
+        "estimate",
+        "--model",
+        "llama2-13b",
+        "--gpu",
+        "h100",
+        "--method",
+        "full",
+        "--gpus",
+        "16",
+        "--engine",
+        "zero3",
+        "--offload",
+        "optimizer",
+    ];
+    let out = ftplan().args(plan).args(["--format", "json"]).assert();
     let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("json");
     let n = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).expect(p);
     assert_eq!(n("/job/gpus"), 16);
@@ -637,25 +633,7 @@ fn the_job_s_memory_sums_its_gpus_and_nodes() {
     assert!(n("/host_memory") > 0);
     assert_eq!(n("/job/host_memory"), 2 * n("/host_memory"));
     // The table says so in one row.
-    let out = ftplan()
-        .args([
-            "estimate",
-            "--model",
-            "llama2-13b",
-            "--gpu",
-            "h100",
-            "--method",
-            "full",
-        ])
-        .args([
-            "--gpus",
-            "16",
-            "--engine",
-            "zero3",
-            "--offload",
-            "optimizer",
-        ])
-        .assert();
+    let out = ftplan().args(plan).assert();
     let table = String::from_utf8_lossy(&out.get_output().stdout).to_string();
     assert!(
         table.contains("16 GPUs x required; host") && table.contains("over 2 nodes"),
