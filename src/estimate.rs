@@ -40,9 +40,10 @@ impl Estimate {
     /// nodes, bytes. The estimate refuses a job whose sums would pass 8 EiB.
     pub fn job_memory(&self) -> (crate::units::Bytes, crate::units::Bytes) {
         let par = &self.plan.parallel;
+        // Never saturates for an estimate `estimate` made (it refuses those past 8 EiB).
         (
-            crate::units::Bytes(self.memory.required.0 * par.gpus),
-            crate::units::Bytes(self.memory.host.0 * par.nodes()),
+            crate::units::Bytes(self.memory.required.0.saturating_mul(par.gpus)),
+            crate::units::Bytes(self.memory.host.0.saturating_mul(par.nodes())),
         )
     }
 }
