@@ -711,10 +711,12 @@ pub fn fit(
     others: &[Case],
 ) -> Result<Fit> {
     let t = case.target();
+    // Refusals name where the plan came from.
+    let here = |e: Error| e.from_origin(&case.origin);
     let fixes = if e.fits {
         Vec::new()
     } else {
-        crate::search::fixes(&t, &case.plan, catalogue)?
+        crate::search::fixes(&t, &case.plan, catalogue).map_err(here)?
     };
     let mut found = Vec::new();
     // `keep` 0 asks for no layouts: no search.
@@ -734,7 +736,8 @@ pub fn fit(
             bounds,
             search.objective,
             search.keep,
-        )?;
+        )
+        .map_err(|e| e.from_origin(&c.origin))?;
         found.extend(layouts);
     }
     layouts::rank(&mut found, search.objective);
@@ -744,8 +747,8 @@ pub fn fit(
         fits: e.fits,
         required: e.memory.required.0,
         budget: case.budget.0,
-        max_batch: crate::search::max_batch(&t, &case.plan)?,
-        max_seq: crate::search::max_seq(&t, &case.plan)?,
+        max_batch: crate::search::max_batch(&t, &case.plan).map_err(here)?,
+        max_seq: crate::search::max_seq(&t, &case.plan).map_err(here)?,
         fixes,
         layouts: found,
         gpu: case.hardware.name.clone(),
