@@ -291,6 +291,25 @@ pub fn tiny_config(config: &Value) -> Value {
     Value::Object(c)
 }
 
+/// Where a CPU run (`--device cpu`) measures another program than the GPU the estimate
+/// follows, said beside its table: PyTorch's CPU SDPA has no fused kernel for attention dropout
+/// (`use_flash_attention_cpp` requires `check_for_dropout`, `sdp_utils_cpp.cpp`), so it runs
+/// the math path, which keeps each layer's scores and probabilities (heads x seq^2 elements
+/// each); CUDA's flash and memory-efficient kernels keep none.
+pub fn cpu_differences(model: &ModelSpec, plan: &Plan) -> Vec<String> {
+    let mut out = Vec::new();
+    if model.dropout.attention > 0.0 && plan.attention == crate::spec::plan::AttentionKernel::Sdpa {
+        out.push(format!(
+            "`{}` drops attention probabilities ({}): on CPU, PyTorch's SDPA has no fused kernel \
+             for that and runs its math path, which keeps every layer's scores; the estimate \
+             follows CUDA's kernels, so the CPU's peak reads higher as the sequence grows \
+             (and CPU dropout keeps other masks than CUDA's)",
+            model.name, model.dropout.attention
+        ));
+    }
+    out
+}
+
 /// The plan in the harness's (and `validation/*.jsonl`'s) run vocabulary.
 pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
     let method = match (&plan.method, plan.precision) {

@@ -142,6 +142,29 @@ fn fake_python(dir: &Path, reply: &str, code: i32) -> PathBuf {
 
 #[cfg(unix)]
 #[test]
+fn a_cpu_run_says_where_it_measures_other_kernels_than_the_gpu() {
+    // GPT-2 drops attention probabilities (0.1): CPU SDPA runs its math path there, keeping the
+    // scores CUDA's kernels do not, so the note comes before the run (here one that cannot
+    // start, which needs no Python). Llama has no attention dropout: no note.
+    let run = |model: &str| {
+        let out = ftplan()
+            .args([
+                "measure", "--model", model, "--gpu", "h100", "--device", "cpu",
+            ])
+            .args(["--tiny", "--python", "/no/such/python"])
+            .assert()
+            .code(2);
+        crate::stderr_of(&out)
+    };
+    let err = run("gpt2");
+    assert!(
+        err.contains("note: `gpt2-tiny` drops attention probabilities (0.1): on CPU"),
+        "{err}"
+    );
+    assert!(!run("llama3.2-1b").contains("drops attention"));
+}
+
+#[test]
 fn missing_packages_devices_and_out_of_memory_are_said() {
     let dir = tempfile::tempdir().expect("temp dir");
     let run = |py: &Path| {
