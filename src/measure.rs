@@ -242,6 +242,10 @@ pub fn tiny_config(config: &Value) -> Value {
         ("num_experts", 4),
         ("n_routed_experts", 4),
         ("num_experts_per_tok", 2),
+        // Gemma 4's and ERNIE 4.5's names for the experts and the top-k.
+        ("top_k_experts", 2),
+        ("moe_num_experts", 4),
+        ("moe_k", 2),
         ("first_k_dense_replace", 1),
         ("n_shared_experts", 1),
         // DeepSeek-V3's grouped routing: one group of the few experts left.
@@ -282,11 +286,74 @@ pub fn tiny_config(config: &Value) -> Value {
             c.insert("attention_layers".into(), Value::Array(layers));
         }
     }
+    // A per-layer pattern keeps one layer of each kind, in the order they first come (Gemma's
+    // sliding and full attention, Qwen3.5's linear and full, LFM2's convolution and attention):
+    // the first two alone can hold one kind only, and a hybrid without its attention layer
+    // fails in transformers' cache.
     if let Some(Value::Array(types)) = c.get("layer_types").cloned() {
-        c.insert(
-            "layer_types".into(),
-            Value::Array(types.into_iter().take(2).collect()),
-        );
+        let mut kinds: Vec<Value> = Vec::new();
+        for t in &types {
+            if !kinds.contains(t) {
+                kinds.push(t.clone());
+            }
+        }
+        let tiny: Vec<Value> = if kinds.len() >= 2 {
+            kinds
+        } else {
+            types.into_iter().take(2).collect()
+        };
+        set(&mut c, &["num_hidden_layers"], tiny.len() as u64);
+        // Gemma 4's shared-KV layers read an earlier layer of their own kind: with one layer
+        // of each kind there is none, so none shares.
+        let same = tiny.windows(2).any(|w| w[0] == w[1]);
+        cap(&mut c, "num_kv_shared_layers", u64::from(same));
+        c.insert("layer_types".into(), Value::Array(tiny));
+    } else {
+        cap(&mut c, "num_kv_shared_layers", 1);
+    }
+    // Interleaves given by period and offset put each kind in the two layers: Jamba's
+    // attention and experts in the second, Qwen3.5's full attention every second layer, LFM2's
+    // attention at index 1.
+    for (period, offset) in [
+        ("attn_layer_period", "attn_layer_offset"),
+        ("expert_layer_period", "expert_layer_offset"),
+    ] {
+        if c.contains_key(period) {
+            c.insert(period.into(), json!(2));
+            c.insert(offset.into(), json!(1));
+        }
+    }
+    if c.contains_key("full_attention_interval") {
+        c.insert("full_attention_interval".into(), json!(2));
+    }
+    if c.contains_key("full_attn_idxs") {
+        c.insert("full_attn_idxs".into(), json!([1]));
+    }
+    // ERNIE 4.5's sparse layers run to the last one.
+    if c.contains_key("moe_layer_end_index") {
+        c.insert("moe_layer_end_index".into(), json!(-1));
+        cap(&mut c, "moe_layer_start_index", 1);
+    }
+    // Mamba-2's heads tile its inner width (expand x hidden) at the small head width.
+    if c.get("model_type").and_then(Value::as_str) == Some("mamba2")
+        && let (Some(expand), Some(hd)) = (
+            c.get("expand").and_then(Value::as_u64),
+            c.get("head_dim").and_then(Value::as_u64),
+        )
+    {
+        c.insert("num_heads".into(), json!(expand * 64 / hd.max(1)));
+    }
+    // An encoder-decoder whose config leaves its special tokens to the class defaults (Marian's
+    // pad and decoder start are row 58100) gets them at row 0 of the small vocabulary.
+    if c.get("is_encoder_decoder").and_then(Value::as_bool) == Some(true)
+        || matches!(
+            c.get("model_type").and_then(Value::as_str),
+            Some("marian" | "bart" | "mbart" | "pegasus" | "t5" | "mt5")
+        )
+    {
+        for k in ["pad_token_id", "decoder_start_token_id"] {
+            c.entry(k.to_string()).or_insert(json!(0));
+        }
     }
     Value::Object(c)
 }

@@ -391,3 +391,46 @@ fn tiny_configs_keep_gpt_neo_layer_patterns_and_gpt_j_rotary_share() {
         "n_layer": 28, "rotary_dim": 64});
     assert_eq!(ftplan::measure::tiny_config(&gptj)["rotary_dim"], 4);
 }
+
+#[test]
+fn every_shipped_model_s_tiny_config_keeps_its_kinds_of_layer() {
+    // `--tiny` must build every family ftplan ships (PaLM has no transformers class), with each
+    // kind of layer the full model has: a hybrid without its attention layer fails in
+    // transformers' cache (Jamba, LFM2, Qwen3.5 did), and a top-k past the few tiny experts,
+    // Gemma 4's shared-KV layers or ERNIE's sparse range past two layers were refused.
+    use ftplan::spec::model::Mixer;
+    use ftplan::spec::registry::{model_config, model_files, resolve_model};
+    let kinds = |m: &ftplan::spec::model::ModelSpec| {
+        let attention = m.mixers.is_empty()
+            || m.mixers
+                .iter()
+                .any(|x| matches!(x, Mixer::Attention | Mixer::SlidingWindow { .. }));
+        (
+            attention,
+            m.has_linear_attention(),
+            m.has_short_conv(),
+            m.has_state_space_layers(),
+            m.moe.is_some(),
+        )
+    };
+    let mut checked = 0;
+    for (name, _) in model_files() {
+        let full = resolve_model(name).expect("shipped").value;
+        if full.family == ftplan::spec::model::Family::Palm {
+            continue;
+        }
+        let tiny = ftplan::measure::tiny_config(&model_config(name).expect("config"));
+        let t = ftplan::spec::hf::parse_config(name, &tiny, "tiny", false)
+            .unwrap_or_else(|e| panic!("{name}: the tiny config is refused: {e}"));
+        assert_eq!(kinds(&t), kinds(&full), "{name}");
+        // Special tokens stay inside the 512-row vocabulary, set or left to class defaults
+        // (Marian's pad and decoder start default to row 58100).
+        if full.is_encoder_decoder() {
+            for k in ["pad_token_id", "decoder_start_token_id"] {
+                assert!(tiny[k].as_u64().is_some_and(|t| t < 512), "{name} {k}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 100, "{checked}");
+}
