@@ -311,6 +311,32 @@ pub fn tiny_config(config: &Value) -> Value {
     } else {
         cap(&mut c, "num_kv_shared_layers", 1);
     }
+    // Nemotron-H spells its pattern as one character per layer (`M` Mamba-2, `*` attention,
+    // `-` MLP, `E` experts), or as `layers_block_type`: one layer of each kind too, at the
+    // small Mamba-2 widths (its heads are not among the attention heads above).
+    if let Some(pattern) = c.get("hybrid_override_pattern").and_then(Value::as_str) {
+        let mut kinds = String::new();
+        for ch in pattern.chars() {
+            if !kinds.contains(ch) {
+                kinds.push(ch);
+            }
+        }
+        set(&mut c, &["num_hidden_layers"], kinds.chars().count() as u64);
+        c.insert("hybrid_override_pattern".into(), json!(kinds));
+    }
+    if let Some(Value::Array(types)) = c.get("layers_block_type").cloned() {
+        let mut kinds: Vec<Value> = Vec::new();
+        for t in types {
+            if !kinds.contains(&t) {
+                kinds.push(t);
+            }
+        }
+        set(&mut c, &["num_hidden_layers"], kinds.len() as u64);
+        c.insert("layers_block_type".into(), Value::Array(kinds));
+    }
+    set(&mut c, &["mamba_head_dim"], 16);
+    cap(&mut c, "mamba_num_heads", 8);
+    cap(&mut c, "ssm_state_size", 16);
     // Interleaves given by period and offset put each kind in the two layers: Jamba's
     // attention and experts in the second, Qwen3.5's full attention every second layer, LFM2's
     // attention at index 1.
