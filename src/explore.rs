@@ -672,9 +672,7 @@ pub struct Fit {
     pub max_seq: Option<u64>,
     pub fixes: Vec<crate::search::Fix>,
     pub layouts: Vec<Layout>,
-    /// The plan's GPU, and the batch and sequence the searches held fixed (for the table).
-    #[serde(skip)]
-    pub gpu: String,
+    /// The batch and sequence the searches held fixed (for the table).
     #[serde(skip)]
     pub batch: u64,
     #[serde(skip)]
@@ -751,7 +749,6 @@ pub fn fit(
         max_seq: crate::search::max_seq(&t, &case.plan).map_err(here)?,
         fixes,
         layouts: found,
-        gpu: case.hardware.name.clone(),
         batch: case.plan.batch,
         seq: case.plan.seq,
         searched: std::iter::once(case)

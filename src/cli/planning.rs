@@ -199,8 +199,8 @@ pub fn fit(a: &FitArgs) -> anyhow::Result<ExitCode> {
 
 fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
     use clap::ValueEnum;
-    let typed = entries("methods", list, |s| s.to_lowercase())?;
-    typed
+    let typed = entries("methods", list)?;
+    let methods = typed
         .iter()
         .map(|s| {
             MethodArg::from_str(s, true).map_err(|_| {
@@ -219,18 +219,15 @@ fn methods(list: &str) -> anyhow::Result<Vec<MethodArg>> {
                 )
             })
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<MethodArg>>>()?;
+    let ids: Vec<String> = methods.iter().map(|&m| method_name(m)).collect();
+    distinct("methods", &typed, &ids, None)?;
+    Ok(methods)
 }
 
 /// The entries of a comma-separated list flag (`--methods`, `--models`, `--gpus-list`), trimmed,
-/// a trailing comma's empty entry dropped. A list that names nothing is refused, and so is one
-/// that names a thing twice, by `identity` (an alias and the name it resolves to are one GPU):
-/// the second would only repeat a bar, a row or a column.
-fn entries(
-    flag: &str,
-    list: &str,
-    identity: impl Fn(&str) -> String,
-) -> anyhow::Result<Vec<String>> {
+/// a trailing comma's empty entry dropped; a list that names nothing is refused.
+fn entries(flag: &str, list: &str) -> anyhow::Result<Vec<String>> {
     let typed: Vec<String> = list
         .split(',')
         .map(str::trim)
@@ -242,19 +239,19 @@ fn entries(
             .with_hint(format!("pass a comma-separated list: --{flag} A,B"))
             .into());
     }
-    distinct(flag, &typed, &identity, None)?;
     Ok(typed)
 }
 
-/// Refuses a list entry that names what an earlier one named, by `identity`; `first`, when
-/// given, is the flag whose value stands before the list (`--gpu` before `--gpus-list`).
+/// Refuses a list entry that names what an earlier one named: `ids` are what each of `typed`
+/// resolved to (an alias and the name it resolves to are one GPU), so the second would only
+/// repeat a bar, a row or a column. `first`, when given, is the flag whose value stands before
+/// the list (`--gpu` before `--gpus-list`).
 fn distinct(
     flag: &str,
     typed: &[String],
-    identity: impl Fn(&str) -> String,
+    ids: &[String],
     first: Option<&str>,
 ) -> anyhow::Result<()> {
-    let ids: Vec<String> = typed.iter().map(|s| identity(s)).collect();
     for (j, id) in ids.iter().enumerate() {
         if let Some(i) = ids[..j].iter().position(|x| x == id) {
             let (a, b) = (&typed[i], &typed[j]);
@@ -272,37 +269,51 @@ fn distinct(
     Ok(())
 }
 
-/// `--gpu` and then the GPUs of `--gpus-list`, no GPU twice, each with its own name
-/// (`a100` is `a100-80gb`).
+/// What a list entry names: the shipped model or GPU it resolves to (`a100` is `a100-80gb`),
+/// or, for a file, the file itself (a user's edited `h100-sxm.toml` is not the shipped one).
+fn identity(typed: &str, resolved: String) -> String {
+    if registry::names_a_file(typed) {
+        typed.to_string()
+    } else {
+        resolved
+    }
+}
+
+/// `--gpu` and then the GPUs of `--gpus-list`, no GPU twice, each with its own name.
 fn gpu_list(first: Option<&str>, list: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
     let mut out: Vec<String> = first.into_iter().map(String::from).collect();
     if let Some(l) = list {
-        out.extend(entries("gpus-list", l, registry::hardware_identity)?);
+        out.extend(entries("gpus-list", l)?);
     }
-    let first = first.map(|_| "gpu");
-    distinct("gpus-list", &out, registry::hardware_identity, first)?;
-    named_gpus(out)
+    named_gpus(out, first.map(|_| "gpu"))
 }
 
-/// Each GPU with its own name. A GPU no profile answers to (or a file that cannot be read) is
-/// an input error, not a refusal an exploration leaves out or marks: those are for what a
-/// model or method refuses.
-fn named_gpus(typed: Vec<String>) -> anyhow::Result<Vec<(String, String)>> {
-    typed
-        .into_iter()
-        .map(|g| {
-            let name = registry::resolve_hardware(&g)?.value.name;
-            Ok((g, name))
-        })
-        .collect()
+/// Each GPU of `--gpus-list` (after `first`'s, when given) with its own name, no GPU twice. A
+/// GPU no profile answers to (or a file that cannot be read) is an input error, not a refusal
+/// an exploration leaves out or marks: those are for what a model or method refuses.
+fn named_gpus(typed: Vec<String>, first: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
+    let names = typed
+        .iter()
+        .map(|g| Ok(registry::resolve_hardware(g)?.value.name))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    let ids: Vec<String> = typed
+        .iter()
+        .zip(&names)
+        .map(|(t, n)| identity(t, n.clone()))
+        .collect();
+    distinct("gpus-list", &typed, &ids, first)?;
+    Ok(typed.into_iter().zip(names).collect())
 }
 
-/// `--models`, or `default` when it is not given; each must resolve (as [`named_gpus`]).
+/// `--models`, or `default` when it is not given; each must resolve, and none twice (as
+/// [`named_gpus`]).
 fn model_list(given: Option<&str>, default: &str) -> anyhow::Result<Vec<String>> {
-    let models = entries("models", given.unwrap_or(default), registry::model_identity)?;
-    for m in &models {
-        registry::resolve_model(m)?;
-    }
+    let models = entries("models", given.unwrap_or(default))?;
+    let ids = models
+        .iter()
+        .map(|m| Ok(identity(m, registry::resolve_model(m)?.value.name)))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    distinct("models", &models, &ids, None)?;
     Ok(models)
 }
 
@@ -595,13 +606,15 @@ fn matrix(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         a.models.as_deref(),
         "gpt2,tinyllama-1.1b,llama2-7b,llama2-13b,llama3-8b,llama2-70b",
     )?;
-    let gpus = named_gpus(entries(
-        "gpus-list",
-        a.gpus_list
-            .as_deref()
-            .unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200"),
-        registry::hardware_identity,
-    )?)?;
+    let gpus = named_gpus(
+        entries(
+            "gpus-list",
+            a.gpus_list
+                .as_deref()
+                .unwrap_or("t4,l4,a10g,rtx4090,a100-40gb,a100-80gb,h100-sxm,h200"),
+        )?,
+        None,
+    )?;
     let mut rows = Vec::new();
     for m in &models {
         let mut cases = Vec::new();

@@ -540,7 +540,7 @@ pub fn fit(f: &crate::explore::Fit, max_gpus: u64, objective: crate::layouts::Ob
         f.plan,
         gib(crate::units::Bytes(f.required)),
         gib(crate::units::Bytes(f.budget)),
-        f.gpu
+        f.searched.first().map_or("", String::as_str)
     );
     let show = |v: Option<u64>| {
         v.map_or("none (batch 1 / length 1 does not fit)".to_string(), |v| {

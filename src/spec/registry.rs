@@ -273,38 +273,10 @@ pub fn gpus() -> Result<Vec<GpuEntry>> {
         .collect()
 }
 
-/// What a model argument names, for telling two list entries apart: the shipped model an alias
-/// resolves to (`llama7b` and `llama2-7b` are one model), else the argument itself (a path, `-`,
-/// or a name no model answers to, which resolving reports).
-pub fn model_identity(arg: &str) -> String {
-    identity(arg, model_files(), |text| {
-        toml::from_str::<toml::Table>(text)
-            .ok()
-            .and_then(|t| serde_json::to_value(t).ok())
-            .map(|v| aliases(&v))
-            .unwrap_or_default()
-    })
-}
-
-/// What a GPU argument names: the shipped profile an alias resolves to (`a100` and `a100-80gb`
-/// are one GPU), else the argument itself.
-pub fn hardware_identity(arg: &str) -> String {
-    identity(arg, hardware_files(), |text| {
-        toml::from_str::<HardwareWire>(text)
-            .map(|w| w.aliases.iter().map(|a| normalize(a)).collect())
-            .unwrap_or_default()
-    })
-}
-
-fn identity(arg: &str, files: &[(&str, &str)], aliases_of: impl Fn(&str) -> Vec<String>) -> String {
-    if arg == crate::io::STDIN || looks_like_path(arg) {
-        return arg.to_string();
-    }
-    let wanted = normalize(arg);
-    files
-        .iter()
-        .find(|(stem, text)| *stem == wanted || aliases_of(text).contains(&wanted))
-        .map_or(wanted, |(stem, _)| (*stem).to_string())
+/// Whether a model or GPU argument names a file (or standard input) rather than a shipped
+/// name or alias.
+pub fn names_a_file(arg: &str) -> bool {
+    arg == crate::io::STDIN || looks_like_path(arg)
 }
 
 /// A config.json piped to standard input (`--model -`).
