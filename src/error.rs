@@ -110,25 +110,11 @@ impl Error {
         self
     }
 
-    pub fn with_hint(self, text: impl Into<String>) -> Error {
-        match self {
-            Error::Field {
-                path,
-                field,
-                problem,
-                ..
-            } => Error::Field {
-                path,
-                field,
-                problem,
-                hint: Some(text.into()),
-            },
-            Error::Plan { message, .. } => Error::Plan {
-                message,
-                hint: Some(text.into()),
-            },
-            other => other,
+    pub fn with_hint(mut self, text: impl Into<String>) -> Error {
+        if let Error::Field { hint, .. } | Error::Plan { hint, .. } = &mut self {
+            *hint = Some(text.into());
         }
+        self
     }
 
     /// An unknown name with a "did you mean" drawn from `candidates`.
