@@ -1825,6 +1825,49 @@ fn nemotron_norm_runs_in_half_precision_and_relu2_keeps_an_fp32_copy() {
 }
 
 #[test]
+fn python_gelus_keep_what_their_chains_of_ops_keep() {
+    // A toy GPT-NeoX (hidden 256, intermediate 1,024), full fine-tuning in mixed bf16, batch 1
+    // x 64: fc1's output x is bf16 under autocast, 64 x 1,024 x 2 B = 131,072 per tensor, and
+    // none of these ops is on autocast's lists (transformers' `activations.py`).
+    // - gelu (`F.gelu`): one kernel keeping x: 131,072.
+    // - gelu_fast, `0.5 * x * (1.0 + tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))`:
+    //   `(0.044715 * x) * x` keeps both, `(x * 0.797...) * (1 + ...)` both, tanh its output,
+    //   the last product `0.5 * x` and `1 + tanh`: seven tensors, 917,504.
+    // - gelu_python, `x * 0.5 * (1.0 + erf(x / sqrt(2)))`: erf keeps `x / sqrt(2)`, the product
+    //   `x * 0.5` and `1 + erf`: three, 393,216.
+    // - quick_gelu, `x * sigmoid(1.702 * x)`: sigmoid keeps its output, the product x and it:
+    //   two, 262,144.
+    // - gelu_accurate is gelu_new's chain: pow's fp32 copy of x (262,144), tanh's fp32 output
+    //   (262,144), bf16 `0.5 * x` (131,072) and fp32 `1 + tanh` (262,144): 917,504.
+    let kept = |act: &str| {
+        let m = toy(&serde_json::json!({
+            "model_type": "gpt_neox", "hidden_size": 256, "intermediate_size": 1024,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
+            "hidden_act": act, "rotary_pct": 0.25, "tie_word_embeddings": false
+        }));
+        kept_under(
+            &m,
+            &full(Precision::MixedBf16, 1, 64),
+            "decoder.layers.1.mlp.act",
+        )
+    };
+    assert_eq!(kept("gelu"), 131_072);
+    assert_eq!(kept("gelu_fast"), 917_504);
+    assert_eq!(kept("gelu_python"), 393_216);
+    assert_eq!(kept("quick_gelu"), 262_144);
+    assert_eq!(kept("gelu_accurate"), 917_504);
+    assert_eq!(kept("gelu_python_tanh"), 917_504);
+    toy_refused(
+        &serde_json::json!({
+            "model_type": "gpt_neox", "hidden_size": 256, "intermediate_size": 1024,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
+            "hidden_act": "gelu_10"
+        }),
+        "hidden_act",
+    );
+}
+
+#[test]
 fn arcee_is_llama_with_a_non_gated_relu2_mlp() {
     // ArceeConfig: `hidden_act` defaults to relu2, the MLP is `down_proj(act(up_proj(x)))` with
     // `mlp_bias`, the norms are Llama's RMSNorm. A toy (hidden 256, intermediate 1,024, 4 heads

@@ -7,6 +7,13 @@ use crate::spec::model::{Activation, Norm, RotaryApply};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
 
+/// Which tensor a unary function's derivative reads besides the gradient.
+#[derive(Clone, Copy)]
+enum Keeps {
+    Input,
+    Output,
+}
+
 impl Builder<'_> {
     /// A norm's weight or bias; `reached` false leaves it frozen whatever its role.
     fn norm_param(&mut self, name: Name, weight: u64, role: ParamRole, reached: bool) -> ParamId {
@@ -296,8 +303,74 @@ impl Builder<'_> {
                 // product's backward makes both gradients in fp32 (`Builder::mul`).
                 self.mul(name.then("mul"), half, one_plus)
             }
+            Activation::GeluFastPython => {
+                // 0.5 * x * (1.0 + tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))), in
+                // Python's order: x is read by `0.5 * x`, `x * 0.797...`, `0.044715 * x` and the
+                // square, whose gradients autograd sums; the products by floats keep nothing.
+                self.fork(name.then("fork"), x, 4);
+                let half = self.scale(name.then("half"), x);
+                let scaled = self.scale(name.then("scale"), x);
+                let coef = self.scale(name.then("cube_coef"), x);
+                let cube = self.mul(name.then("cube"), coef, x);
+                let inner = self.offset(name.then("one_plus_cube"), cube);
+                let arg = self.mul(name.then("arg"), scaled, inner);
+                let t = self.unary(name.then("tanh"), arg, Keeps::Output, (1, 3));
+                let one_plus = self.offset(name.then("one_plus"), t);
+                self.mul(name.then("mul"), half, one_plus)
+            }
+            Activation::GeluErfPython => {
+                // x * 0.5 * (1.0 + erf(x / sqrt(2))): x read twice; erf's derivative
+                // `2 / sqrt(pi) * exp(-x.pow(2)) * grad` (derivatives.yaml) is five kernels
+                // (pow, neg, exp, the float multiply and the product), eleven passes.
+                self.fork(name.then("fork"), x, 2);
+                let half = self.scale(name.then("half"), x);
+                let scaled = self.scale(name.then("scale"), x);
+                let e = self.unary(name.then("erf"), scaled, Keeps::Input, (5, 11));
+                let one_plus = self.offset(name.then("one_plus"), e);
+                self.mul(name.then("mul"), half, one_plus)
+            }
+            Activation::QuickGelu => {
+                // x * sigmoid(1.702 * x): x read twice; `sigmoid_backward` reads the gradient
+                // and the kept output.
+                self.fork(name.then("fork"), x, 2);
+                let scaled = self.scale(name.then("scale"), x);
+                let s = self.unary(name.then("sigmoid"), scaled, Keeps::Output, (1, 3));
+                self.mul(name.then("mul"), x, s)
+            }
             Activation::Xielu => self.xielu(name, x),
         }
+    }
+
+    /// `x + c` for a Python float `c`: a new tensor of x's size and dtype, one kernel forward;
+    /// `AddBackward` hands the gradient on unchanged, no kernel (derivatives.yaml: `self:
+    /// grad`).
+    fn offset(&mut self, name: Name, x: Val) -> Val {
+        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        let op = self.elementwise(name, &[x], out, SmallVec::new(), 1.0);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.backward_transient = Bytes::ZERO;
+            o.cost.input_grad_flops = Flops(0.0);
+            o.cost.backward_bytes = Bytes::ZERO;
+            o.cost.backward_kernels = 0;
+        }
+        out
+    }
+
+    /// A unary function of x in x's dtype (one kernel forward) whose derivative needs its
+    /// input (`erf`) or its output (`tanh`, `sigmoid`: `tanh_backward`, `sigmoid_backward`),
+    /// with the backward's kernels and passes over x's size.
+    fn unary(&mut self, name: Name, x: Val, keeps: Keeps, (kernels, passes): (u32, u64)) -> Val {
+        let out = self.val(x.width, x.tokens, x.dtype, x.grad);
+        let kept = match keeps {
+            Keeps::Input => x.id,
+            Keeps::Output => out.id,
+        };
+        let op = self.elementwise(name, &[x], out, smallvec![kept], 4.0);
+        self.set_backward_bytes(op, x.bytes() * passes);
+        if let Some(o) = self.graph.op_mut(op) {
+            o.cost.backward_kernels = kernels;
+        }
+        out
     }
 
     /// A scale-less RMSNorm over groups of `group` channels (a head, or the whole width):

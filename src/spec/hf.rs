@@ -383,10 +383,13 @@ fn check_heads(path: &str, s: &Stack, hidden: u64, r: &Reader) -> Result<()> {
 fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
     Ok(match name {
         "silu" | "swish" => Activation::Silu,
-        "gelu" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_python" | "gelu_accurate" => {
-            Activation::Gelu
-        }
-        "gelu_new" => Activation::GeluNewPython,
+        // `GELUActivation` (`nn.functional.gelu`) and `GELUTanh` (its tanh form); the Python
+        // forms are chains of element-wise ops (transformers' `activations.py`).
+        "gelu" | "gelu_pytorch_tanh" => Activation::Gelu,
+        "gelu_new" | "gelu_accurate" | "gelu_python_tanh" => Activation::GeluNewPython,
+        "gelu_fast" => Activation::GeluFastPython,
+        "gelu_python" => Activation::GeluErfPython,
+        "quick_gelu" => Activation::QuickGelu,
         "relu" => Activation::Relu,
         "relu2" => Activation::Relu2,
         "xielu" => Activation::Xielu,
@@ -394,7 +397,8 @@ fn activation(path: &str, name: &str, key: &str) -> Result<Activation> {
             return Err(
                 Error::field(path, key, format!("activation `{other}` is not supported"))
                     .with_hint(
-                        "one of silu, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2, xielu",
+                        "one of silu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, gelu_python, \
+                         gelu_accurate, gelu_python_tanh, quick_gelu, relu, relu2, xielu",
                     ),
             );
         }

@@ -574,8 +574,22 @@ pub enum Activation {
     /// `F.gelu` exact or `approximate="tanh"` (one kernel; saves its input).
     Gelu,
     /// transformers' `NewGELUActivation` (`gelu_new`): a chain of Python element-wise ops, each
-    /// saving its own operands, with `pow` autocast to fp32.
+    /// saving its own operands, with `pow` autocast to fp32. `gelu_accurate`
+    /// (`AccurateGELUActivation`) and `gelu_python_tanh` (`GELUTanh(use_gelu_tanh_python=True)`)
+    /// are the same chain of ops.
     GeluNewPython,
+    /// transformers' `FastGELUActivation` (`gelu_fast`, GPT-NeoX-20B): `0.5 * x * (1.0 +
+    /// tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))`, nine Python element-wise ops in x's
+    /// dtype (none is on autocast's lists, and Python floats do not promote); the two
+    /// products of tensors and the last keep both operands and `tanh` its output, so seven
+    /// tensors of x's size are kept where `F.gelu` keeps one.
+    GeluFastPython,
+    /// transformers' `GELUActivation(use_gelu_python=True)` (`gelu_python`): `x * 0.5 * (1.0 +
+    /// erf(x / sqrt(2)))`; `erf` keeps its input and the product both operands.
+    GeluErfPython,
+    /// transformers' `QuickGELUActivation` (`quick_gelu`, CLIP's): `x * sigmoid(1.702 * x)`;
+    /// `sigmoid` keeps its output and the product both operands.
+    QuickGelu,
     /// `F.relu` (saves its output).
     Relu,
     /// transformers' `ReLUSquaredActivation` (`relu2`; So et al. 2021, "Primer"): `relu`, then
