@@ -1868,6 +1868,35 @@ fn python_gelus_keep_what_their_chains_of_ops_keep() {
 }
 
 #[test]
+fn a_linear_modules_input_and_peft_cast_copy_live_through_its_call() {
+    // A toy GPT-NeoX (hidden 256, intermediate 1,024) under LoRA r16 on every linear, bf16
+    // base, batch 1 x 64. fc2's input is the bf16 activation (64 x 1,024 x 2 B = 131,072),
+    // which the frozen base matmul does not keep; the caller still holds it while fc2 runs.
+    // peft's `Linear.forward` rebinds `x` to its fp32 cast for the adapter's dtype (262,144),
+    // bound until it returns, so both are alive while autocast makes lora_A's bf16 copy.
+    let m = toy(&serde_json::json!({
+        "model_type": "gpt_neox", "hidden_size": 256, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512,
+        "hidden_act": "gelu", "rotary_pct": 0.25, "tie_word_embeddings": false
+    }));
+    let g = graph::build(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa));
+    let named = |suffix: &str| -> Vec<u64> {
+        let op = crate::op_ending(&g, suffix);
+        g.named(op).map(|t| g.tensor(t).bytes.0).collect()
+    };
+    let base = named("layers.1.mlp.fc2");
+    assert!(base.contains(&131_072), "{base:?}");
+    let cast = named("layers.1.mlp.fc2.lora_autocast");
+    assert!(
+        cast.contains(&131_072) && cast.contains(&262_144),
+        "{cast:?}"
+    );
+    // Once fc2 returns, neither is named by the block's frames.
+    let after = named("layers.1.parallel.add");
+    assert!(!after.contains(&262_144), "{after:?}");
+}
+
+#[test]
 fn arcee_is_llama_with_a_non_gated_relu2_mlp() {
     // ArceeConfig: `hidden_act` defaults to relu2, the MLP is `down_proj(act(up_proj(x)))` with
     // `mlp_bias`, the norms are Llama's RMSNorm. A toy (hidden 256, intermediate 1,024, 4 heads

@@ -114,6 +114,20 @@ impl Builder<'_> {
         &mut self,
         name: Name,
         x: Val,
+        shape: (u64, bool),
+        proj: Option<Proj>,
+        module: bool,
+    ) -> Val {
+        let frame = self.name(&[x.id]);
+        let out = self.linear_module_ops(name, x, shape, proj, module);
+        self.unname(frame);
+        out
+    }
+
+    fn linear_module_ops(
+        &mut self,
+        name: Name,
+        x: Val,
         (out_features, bias): (u64, bool),
         proj: Option<Proj>,
         module: bool,
@@ -279,7 +293,12 @@ impl Builder<'_> {
         } else if let Some(rank) = self.lora_on(proj) {
             let a = self.adapter_param(name.then("lora_A"), (rank, in_features));
             let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
+            // peft's `Linear.forward` rebinds its argument to the cast copy (`x =
+            // self._cast_input_dtype(x, lora_A.weight.dtype)`), which stays bound until the
+            // forward returns, while the caller still holds the layer's input.
+            let frame = self.name(&[x.id]);
             let xa = self.cast(name.then("lora_cast"), x, self.adapter);
+            self.name(&[xa.id]);
             let xa = if self.autocast {
                 self.autocast(name.then("lora_autocast"), xa, self.half)
             } else {
@@ -294,6 +313,7 @@ impl Builder<'_> {
             } else {
                 out = self.residual(name.then("lora_add"), out, scaled);
             }
+            self.unname(frame);
         }
         // IA3 on an output (keys, values): `(result * l)` saves the result for l's gradient.
         if ia3 == Some(Ia3Site::Output) {
