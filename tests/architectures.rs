@@ -1897,6 +1897,45 @@ fn a_linear_modules_input_and_peft_cast_copy_live_through_its_call() {
 }
 
 #[test]
+fn falcon_multi_query_sdpa_runs_the_math_path() {
+    // FalconAttention calls `F.scaled_dot_product_attention` with its one key/value head and
+    // no `enable_gqa`; every fused kernel requires equal head counts for dense inputs, so SDPA
+    // takes its math path, which upcasts q, k and v to fp32 and keeps q, k, v and the fp32
+    // probabilities (`Family::sdpa_without_gqa`). A toy Falcon-7B (hidden 256, 4 heads of 64,
+    // one KV head) under LoRA, batch 2 x 64:
+    // - q in fp32: 2 x 64 x 256 x 4 B = 131,072;
+    // - k and v broadcast to the 4 heads by the matmuls, copied to fold batch and heads for
+    //   `bmm`: 131,072 each;
+    // - the probabilities: 2 x 4 x 64 x 64 x 4 B = 131,072.
+    // At batch 1 the single head folds as a stride-0 view: k and v stay one head (64 x 64 x 4
+    // B = 16,384 each), q is 65,536 and the probabilities 65,536.
+    let config = |multi_query: bool, kv_heads: u64| {
+        toy(&serde_json::json!({
+            "model_type": "falcon", "hidden_size": 256, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "vocab_size": 512, "multi_query": multi_query,
+            "new_decoder_architecture": false, "num_kv_heads": kv_heads, "parallel_attn": true,
+            "bias": false, "alibi": false
+        }))
+    };
+    let mq = config(true, 4);
+    let at = |m: &ModelSpec, batch: u64| {
+        kept_at(
+            m,
+            &plan(lora(), batch, 64, AttentionKernel::Sdpa),
+            "decoder.layers.1.attn.core",
+        )
+        .0
+    };
+    assert_eq!(at(&mq, 2), 524_288);
+    assert_eq!(at(&mq, 1), 163_840);
+    // With as many KV heads as query heads the fused kernel runs: bf16 q and k (rotated, 2 x
+    // 64 x 256 x 2 B = 65,536 each), v (a view of the fused projection's output, whose whole
+    // storage it keeps: 196,608), the output (65,536) and the fp32 logsumexp (2 x 4 x 64 x 4
+    // B = 2,048).
+    assert_eq!(at(&config(false, 4), 2), 395_264);
+}
+
+#[test]
 fn arcee_is_llama_with_a_non_gated_relu2_mlp() {
     // ArceeConfig: `hidden_act` defaults to relu2, the MLP is `down_proj(act(up_proj(x)))` with
     // `mlp_bias`, the norms are Llama's RMSNorm. A toy (hidden 256, intermediate 1,024, 4 heads

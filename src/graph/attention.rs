@@ -64,6 +64,15 @@ impl Builder<'_> {
             // the mask (`check_last_dim_stride_equals_1_dense`, aten sdp_utils), so SDPA runs
             // its math path. transformers has no flash_attention_2 path for it either.
             (_, AttnMask::StridedBias) => Kernel::Math,
+            // Falcon's own call with fewer KV heads than query heads (`Family::sdpa_without_gqa`;
+            // the new decoder broadcasts them to every head first).
+            (AttentionKernel::Sdpa, _)
+                if self.model.family.sdpa_without_gqa()
+                    && !self.model.kv_broadcast
+                    && stack.kv_heads < heads =>
+            {
+                Kernel::Math
+            }
             // flash_attention_2 takes causality, the window and padding as arguments (a
             // prefix is a longer key sequence, bottom-right aligned): never a mask tensor,
             // grouped KV heads native.
@@ -138,15 +147,28 @@ impl Builder<'_> {
                 // Backward holds the incoming gradient and softmax backward's result, both fp32
                 // and score-sized.
                 let acc = DType::F32;
+                // Grouped keys and values (Falcon's direct call) reach the math path's
+                // `matmul`s at their own head count: broadcasting expands them to every head,
+                // and `bmm` needs the batch and heads folded, which copies (what the matmul
+                // keeps) unless one KV head at batch 1 folds as a stride-0 view (as in the eager
+                // path, below). A CPU replay of four Falcon-7B layers keeps three (2, 71, 1,024,
+                // 64) fp32 tensors per layer: q, and k and v expanded.
+                let group = heads / stack.kv_heads.max(1);
+                let expanded = group > 1 && (stack.kv_heads > 1 || batch > 1);
+                let (k_width, v_width) = if expanded {
+                    (k_width, out_width)
+                } else {
+                    (k.width, v.width)
+                };
                 if k.grad {
                     saves.push(self.val(q.width, q.tokens, acc, q.grad).id);
                 }
                 if q.grad {
-                    saves.push(self.val(k.width, k.tokens, acc, k.grad).id);
+                    saves.push(self.val(k_width, k.tokens, acc, k.grad).id);
                 }
                 let mut v_copy = Bytes::ZERO;
                 if q.grad || k.grad {
-                    let v32 = self.val(v.width, v.tokens, acc, v.grad);
+                    let v32 = self.val(v_width, v.tokens, acc, v.grad);
                     v_copy = v32.bytes();
                     saves.push(v32.id);
                 }

@@ -321,6 +321,16 @@ impl Family {
         matches!(self, Family::Gptj | Family::Codegen)
     }
 
+    /// The attention calls `F.scaled_dot_product_attention` itself, with its keys and values
+    /// at their own head count and no `enable_gqa` (transformers 5.17's `FalconAttention`;
+    /// the other families go through `sdpa_attention_forward`, which passes `enable_gqa` or
+    /// repeats the keys first). For dense inputs every fused kernel then requires q, k and v
+    /// to have the same number of heads (`check_batch_size_and_num_heads_dense`, aten's
+    /// `sdp_utils_cpp.h`), so grouped keys (Falcon-7B's one) send SDPA to its math path.
+    pub fn sdpa_without_gqa(self) -> bool {
+        matches!(self, Family::Falcon)
+    }
+
     /// The eager attention keeps its unmasked scores referenced while softmax runs on their
     /// masked sum (transformers 5.17: Falcon's `F.softmax(attention_scores + attention_mask,
     /// ...)`, BLOOM's `attention_scores` local beside `attn_weights = attn_weights +
