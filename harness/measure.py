@@ -57,15 +57,23 @@ FROZEN = {"lora", "qlora", "prefix", "prompt", "ia3", "adapter"}
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of live tensor storages, as the dispatcher sees them created; freed when the storage dies."""
+    """Bytes of live tensor storages, as the dispatcher sees them created; freed when the storage dies.
+
+    While any TorchDispatchMode is active every tensor is subclass-like, and autograd's engine then sums a value's
+    gradients out of place (`can_accumulate_inplace`, torch/csrc/autograd/input_buffer.cpp), as `index_backward`
+    scatters out of place (`index_put`); on plain tensors it writes the sum into the first gradient when it holds
+    that gradient's last reference. So such a sum in backward (same shape and dtype as a dense first operand that
+    no view op made) is counted as written into its first operand when that operand dies before the next op, and
+    as a new tensor otherwise (validation/peak_live.py; the profiler agreed sum for sum on toy models)."""
 
     def __init__(self, start=()):
         super().__init__()
         self.live, self.now, self.peak = {}, 0, 0
+        self.pending = None  # (first operand's storage, the sum, the bytes live before it)
         for t in start:
             self.track(t)
 
-    def track(self, t):
+    def track(self, t, counted=True):
         if hasattr(t, "to_local"):  # an FSDP2 parameter (DTensor): this rank's shard
             t = t.to_local()
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
@@ -75,16 +83,49 @@ class LiveBytes(TorchDispatchMode):
         if key in self.live or st.nbytes() == 0:
             return
         self.live[key] = weakref.ref(st, lambda _, k=key, n=st.nbytes(): self.free(k, n))
-        self.now += st.nbytes()
-        self.peak = max(self.peak, self.now)
+        if counted:
+            self.now += st.nbytes()
+            self.peak = max(self.peak, self.now)
 
     def free(self, key, n):
         if self.live.pop(key, None) is not None:
             self.now -= n
 
+    def settle(self):
+        if self.pending is None:
+            return
+        operand, out, before = self.pending
+        self.pending = None
+        n = out.untyped_storage().nbytes()
+        if operand() is not None:  # still referenced: out of place on plain tensors too
+            self.peak = max(self.peak, before + n)
+        self.now += n
+
+    @staticmethod
+    def gradient_sum(func, args, out):
+        ops = (torch.ops.aten.add.Tensor, torch.ops.aten.index_put.default)
+        return (func in ops and torch._C._current_graph_task_id() != -1 and not torch.is_grad_enabled()
+                and len(args) >= 2 and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                and not getattr(args[0], "_made_by_view", False) and args[0].shape == out.shape
+                and args[0].dtype == out.dtype and args[0].is_contiguous() and args[0].device.type == "cpu")
+
+    def __exit__(self, *exc):
+        self.settle()
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.settle()
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
+        outs = tree_flatten(out)[0]
+        if func.is_view:
+            for t in outs:
+                if isinstance(t, torch.Tensor):
+                    t._made_by_view = True
+        if self.gradient_sum(func, args, out):
+            self.pending = (weakref.ref(args[0].untyped_storage()), out, self.now)
+            self.track(out, counted=False)
+            return out
+        for t in outs:
             self.track(t)
         return out
 
@@ -221,7 +262,10 @@ def optimizer(params, name, device):
         kind = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                 "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
         return kind(params, lr=1e-5)
-    fused = name == "fused" and device == "cuda"
+    # Fused AdamW runs on the CPU too (torch >= 2.4 lists it among the fused kernels' devices);
+    # without it, foreach holds a state-sized temporary the fused estimate does not have.
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    fused = name == "fused" and device in _get_fused_kernels_supported_devices()
     return torch.optim.AdamW(params, lr=1e-5, fused=fused, foreach=None if fused else True)
 
 
@@ -454,6 +498,7 @@ def main():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             elif tracker is not None:
+                tracker.settle()
                 tracker.peak = tracker.now
             t0 = time.perf_counter()
             with torch.autocast(device_type=device, dtype=half, enabled=autocast):
@@ -466,6 +511,7 @@ def main():
                 torch.cuda.synchronize()
                 peaks.append(torch.cuda.max_memory_allocated())
             else:
+                tracker.settle()
                 peaks.append(tracker.peak)
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as e:
