@@ -109,7 +109,8 @@ impl Builder<'_> {
     }
 
     /// `module`: the layer is an `nn.Linear` (or `Conv1D`) module, which QLoRA's
-    /// bitsandbytes may swap for `Linear4bit` (`Family::bnb_swaps`).
+    /// bitsandbytes may swap for `Linear4bit` (`Family::bnb_swaps`). The caller holds the
+    /// module's input `x` while it runs (an argument), so every op of the call names it.
     fn linear_module(
         &mut self,
         name: Name,
@@ -295,10 +296,9 @@ impl Builder<'_> {
             let b = self.adapter_param(name.then("lora_B"), (out_features, rank));
             // peft's `Linear.forward` rebinds its argument to the cast copy (`x =
             // self._cast_input_dtype(x, lora_A.weight.dtype)`), which stays bound until the
-            // forward returns, while the caller still holds the layer's input.
-            let frame = self.name(&[x.id]);
+            // forward returns (the caller still holds the layer's input: `linear_module`).
             let xa = self.cast(name.then("lora_cast"), x, self.adapter);
-            self.name(&[xa.id]);
+            let frame = self.name(&[xa.id]);
             let xa = if self.autocast {
                 self.autocast(name.then("lora_autocast"), xa, self.half)
             } else {
