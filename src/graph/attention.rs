@@ -82,6 +82,11 @@ impl Builder<'_> {
         // Without autocast, the values' dtype: the module's (q and k can be wider, rotated by
         // CodeGen's fp32 tables).
         let compute = if self.autocast { self.half } else { v.dtype };
+        // Query heads per KV head. A `matmul` reading grouped keys or values broadcast to every
+        // head folds batch and heads into `bmm`'s batch, which copies them at every head unless
+        // one KV head at batch 1 folds as a stride-0 view (the math and eager paths, below).
+        let group = heads / stack.kv_heads.max(1);
+        let broadcast_copies = group > 1 && (stack.kv_heads > 1 || batch > 1);
         let out;
         match kernel {
             Kernel::Fused | Kernel::Flash => {
@@ -97,7 +102,6 @@ impl Builder<'_> {
                 // keys from an fp32 rotary), and the cast writes every head. flash_attention_2
                 // never gets a mask tensor and takes grouped KV as is.
                 let masked = kernel == Kernel::Fused && mask == AttnMask::Explicit;
-                let group = heads / stack.kv_heads.max(1);
                 let repeated = kernel == Kernel::Fused && group > 1 && (masked || head_dim > 256);
                 let copied = |x: &Val| repeated && (stack.kv_heads > 1 || x.dtype != compute);
                 let k = if copied(&k) {
@@ -148,14 +152,10 @@ impl Builder<'_> {
                 // and score-sized.
                 let acc = DType::F32;
                 // Grouped keys and values (Falcon's direct call) reach the math path's
-                // `matmul`s at their own head count: broadcasting expands them to every head,
-                // and `bmm` needs the batch and heads folded, which copies (what the matmul
-                // keeps) unless one KV head at batch 1 folds as a stride-0 view (as in the eager
-                // path, below). A CPU replay of four Falcon-7B layers keeps three (2, 71, 1,024,
-                // 64) fp32 tensors per layer: q, and k and v expanded.
-                let group = heads / stack.kv_heads.max(1);
-                let expanded = group > 1 && (stack.kv_heads > 1 || batch > 1);
-                let (k_width, v_width) = if expanded {
+                // `matmul`s at their own head count, and the copies `broadcast_copies` says
+                // are what the matmuls keep. A CPU replay of four Falcon-7B layers keeps three
+                // (2, 71, 1,024, 64) fp32 tensors per layer: q, and k and v expanded.
+                let (k_width, v_width) = if broadcast_copies {
                     (k_width, out_width)
                 } else {
                     (k.width, v.width)
@@ -202,7 +202,6 @@ impl Builder<'_> {
                 // eager_attention_forward: matmul keeps q and k (GQA keys and values repeated
                 // to every head), softmax(dtype=fp32) keeps its fp32 output, the bf16 copy of
                 // it is kept by the matmul with v, and so is v.
-                let group = heads / stack.kv_heads.max(1);
                 // `matmul` on a head-split view of a fused projection's output (GPT-2's
                 // `c_attn`, MPT's `Wqkv`: batch and head strides that do not fold into one
                 // dimension) makes a contiguous copy for `bmm`, and that copy, part-sized, is
@@ -240,9 +239,8 @@ impl Builder<'_> {
                 // One KV head at batch 1 folds as a view (a stride-0 batch `bmm` reads as it
                 // is: a CPU replay of Falcon-7B keeps the one head); anything else, or a cast
                 // to the matmul's dtype, writes every head.
-                let repeated = |x: &Val, dtype: DType| {
-                    group > 1 && (stack.kv_heads > 1 || batch > 1 || x.dtype != dtype)
-                };
+                let repeated =
+                    |x: &Val, dtype: DType| broadcast_copies || (group > 1 && x.dtype != dtype);
                 let k_rep = if repeated(&k, qk_dtype) {
                     self.val(k_width, k.tokens, qk_dtype, k.grad)
                 } else {

@@ -13,6 +13,7 @@ pub struct Budget {
 pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value {
     let m = &e.memory;
     let b = &m.at_peak;
+    let (job_device, job_host) = e.job_memory();
     let mut time = json!({
         "step_seconds": e.time.step_seconds,
         "tokens_per_second": e.time.tokens_per_second,
@@ -83,8 +84,8 @@ pub fn estimate(e: &Estimate, budget: Option<Budget>, notes: &[String]) -> Value
         "job": {
             "gpus": e.plan.parallel.gpus,
             "nodes": e.plan.parallel.nodes(),
-            "required": e.job_memory().0.0,
-            "host_memory": e.job_memory().1.0,
+            "required": job_device.0,
+            "host_memory": job_host.0,
         },
         "device": { "name": e.hardware.name, "memory": e.hardware.memory.0, "display_name": e.hardware.display_name },
         "fits": e.fits,
