@@ -2142,3 +2142,44 @@ fn a_4bit_linear_packs_no_parameter_for_checkpointings_hooks() {
     assert_eq!(packed(Method::Qlora(adapter.clone()), "mlp.down_proj"), 0);
     assert_eq!(packed(Method::Qlora(adapter), "q_proj.lora_A"), 1);
 }
+
+#[test]
+fn an_rms_norm_backward_holds_five_fp32_tensors_at_pow_backward() {
+    // LlamaRMSNorm's backward, op by op (derivatives.yaml, FunctionsManual.cpp): the weight
+    // and rsqrt products hand on the input's first gradient (fp32); mean's backward divides
+    // the expanded gradient (`sum_backward(...) / n`, a new fp32 tensor); pow's backward is
+    // `grad * (2 * x.pow(1))`: `x^1`, `2 * x^1` and the product, three more. At that product
+    // five fp32 tensors of the input's size are live. A toy Llama (hidden 256) at batch 2 x
+    // 64: 128 x 256 x 4 B = 131,072 each, 655,360 in all (before: the bf16 incoming and
+    // outgoing gradients and one fp32 scratch, 262,144).
+    // T5LayerNorm multiplies the narrow input itself by the fp32 rsqrt: that product's
+    // gradient is cast back to bf16 (65,536) before pow's backward, beside four fp32 tensors
+    // (524,288): 589,824.
+    let llama = ftplan::spec::hf::parse_config(
+        "config.json",
+        &serde_json::json!({
+            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": 512
+        }),
+        "toy",
+        false,
+    )
+    .expect("reads");
+    let p = plan(Method::Full, Precision::MixedBf16, 2, 64, 0, false);
+    let g = graph::build(&llama, &p);
+    let norm = crate::op_ending(&g, "layers.1.input_layernorm");
+    assert_eq!(norm.backward_transient.0, 655_360);
+    let t5 = model("t5-small");
+    let p = plan(Method::Full, Precision::MixedBf16, 2, 64, 64, false);
+    let g = graph::build(
+        &t5,
+        &Plan {
+            precision: Precision::Bf16,
+            ..p
+        },
+    );
+    let norm = crate::op_ending(&g, "encoder.final_norm");
+    // t5-small's d_model is 512: 128 x 512 x 2 B + 4 x 128 x 512 x 4 B.
+    assert_eq!(norm.backward_transient.0, 131_072 + 1_048_576);
+}

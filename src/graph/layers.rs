@@ -171,7 +171,17 @@ impl Builder<'_> {
             saves: if out.grad { saves } else { SmallVec::new() },
             out: out.bytes(),
             forward_transient: out.bytes() + x.dtype.bytes(x.elements()),
-            backward_transient: out.bytes() + x.bytes() + DType::F32.bytes(x.elements()),
+            backward_transient: match kind {
+                // The fused kernel reads the incoming gradient and writes the input's.
+                Norm::LayerNorm
+                | Norm::LayerNormWithoutBias
+                | Norm::LayerNorm1P
+                | Norm::OlmoLayerNorm => out.bytes() + x.bytes() + DType::F32.bytes(x.elements()),
+                // T5LayerNorm's product reads the narrow input itself: its gradient is cast
+                // back to that dtype before pow's backward runs beside it.
+                Norm::T5RmsNorm => x.bytes() + DType::F32.bytes(x.elements()) * 4,
+                _ => rms_backward_peak(x.elements()),
+            },
             cost: Cost {
                 forward_flops: Flops(5.0 * x.elements() as f64),
                 input_grad_flops: Flops(8.0 * x.elements() as f64),
@@ -399,7 +409,7 @@ impl Builder<'_> {
             saves,
             out: out.bytes(),
             forward_transient: out.bytes() + f32,
-            backward_transient: out.bytes() + x.bytes() + f32,
+            backward_transient: rms_backward_peak(x.elements()),
             cost: Cost {
                 forward_flops: Flops(4.0 * x.elements() as f64),
                 input_grad_flops: Flops(8.0 * x.elements() as f64),
@@ -858,4 +868,16 @@ impl Builder<'_> {
         }
         (op, out)
     }
+}
+
+/// The most an RMSNorm's autograd chain holds at once in backward, over `elements` fp32
+/// values (its own saves apart): pow's backward, `grad * (2 * x.pow(1))`
+/// (`pow_backward`, torch/csrc/autograd/FunctionsManual.cpp), runs on mean's expanded
+/// division of the incoming gradient (`mean_backward`: `sum_backward(...) / n`) while the
+/// rsqrt product's input gradient waits to be summed with it. So five fp32 tensors are live:
+/// that waiting gradient, the division, `x^1`, `2 * x^1` and the product (a CPU dispatch trace
+/// of Gemma 4's `v_norm` shows the five, in that order). The incoming gradient and its fp32
+/// copy are freed before (the weight and rsqrt products hold three), the cast back after.
+fn rms_backward_peak(elements: u64) -> Bytes {
+    DType::F32.bytes(elements) * 5
 }
