@@ -1077,13 +1077,17 @@ fn t5_accumulates_its_position_bias_gradient_across_the_blocks_that_read_it() {
             .collect()
     };
     // Every self-attention adds to the encoder's sum (the first block and the other eleven).
+    // Beside it, q's and k's gradients (8 x 1,024 x 768 x 2 B = 12,582,912 each) wait for their
+    // projections' backward from the core's (`Builder::await_grads`); v's projection is the
+    // op right before the core.
+    let qk = (12_582_912, false);
     assert_eq!(
         grads("encoder.layers.0.self_attn.core"),
-        [(50_331_648, false)]
+        [(50_331_648, false), qk, qk]
     );
     assert_eq!(
         grads("encoder.layers.1+10.self_attn.core"),
-        [(50_331_648, false)]
+        [(50_331_648, false), qk, qk]
     );
     assert_eq!(
         grads("decoder.layers.1+10.cross_attn.core"),
@@ -1097,13 +1101,14 @@ fn t5_accumulates_its_position_bias_gradient_across_the_blocks_that_read_it() {
     let memory = ftplan::memory::estimate(&g, &row.plan, &h200);
     assert_eq!(memory.peak_op, "encoder.layers.0.self_attn.core");
     assert_eq!(row.estimated_peak - row.measured_peak, 3_101_176);
-    // Frozen, the table gets no gradient and nothing accumulates: LoRA on q and v.
+    // Frozen, the table gets no gradient and nothing accumulates: LoRA on q and v, where only
+    // q's and k's waiting gradients are held at each self-attention.
     let lora = sweep_run("t5-base|lora|b16|s(512, 128)|gc1|sdpa|r16|qv");
     let g = ftplan::graph::arch::build(&lora.model, &lora.plan);
     assert!(
         g.ops()
             .filter(|o| g.name(o.name).contains("self_attn.core"))
-            .all(|o| o.grads.is_empty())
+            .all(|o| o.grads.len() == 2)
     );
 }
 
@@ -2182,4 +2187,148 @@ fn an_rms_norm_backward_holds_five_fp32_tensors_at_pow_backward() {
     let norm = crate::op_ending(&g, "encoder.final_norm");
     // t5-small's d_model is 512: 128 x 512 x 2 B + 4 x 128 x 512 x 4 B.
     assert_eq!(norm.backward_transient.0, 131_072 + 1_048_576);
+}
+
+/// Bytes of the gradients held (`Op::grads`) while op `name`'s backward runs: each waits from
+/// the backward of the last op that lists it (in forward order) through that of the first.
+fn held_at(g: &OpGraph, name: &str) -> u64 {
+    let ops: Vec<&Op> = g.ops().collect();
+    let at = ops
+        .iter()
+        .position(|o| g.name(o.name) == name)
+        .unwrap_or_else(|| panic!("no op {name}"));
+    let mut span: std::collections::BTreeMap<u32, (usize, usize)> = Default::default();
+    for (i, o) in ops.iter().enumerate() {
+        for t in &o.grads {
+            let e = span.entry(t.0).or_insert((i, i));
+            e.1 = i;
+        }
+    }
+    span.iter()
+        .filter(|(_, (first, last))| *first <= at && at < *last)
+        .map(|(&t, _)| g.tensor(ftplan::graph::op::TensorId(t)).bytes.0)
+        .sum()
+}
+
+/// The attention's ops of layer 1 in forward order, from `names`.
+fn attention_order(g: &OpGraph, names: &[&str]) -> Vec<String> {
+    g.ops()
+        .map(|o| g.name(o.name))
+        .filter_map(|n| {
+            let part = n.strip_prefix("decoder.layers.1.self_attn.")?;
+            names.contains(&part).then(|| part.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_attentions_gradients_wait_for_their_producers_in_the_forwards_order() {
+    // Autograd runs backward in reverse creation order (`ReadyQueue` pops the highest sequence
+    // number), so a gradient made by one op's backward waits in its producer's `InputBuffer`
+    // while every op built between the two runs its backward.
+    // Gemma4TextAttention builds q's projection, norm and rotary, then k's, then the value
+    // norm (keys are values on the global layers). A toy Gemma 4 (hidden 64, 4 heads of 16,
+    // global heads of 512 with 4 KV heads and keys as values, layers sliding then full) in
+    // mixed bf16 at 1 x 1,024: the global layer's rotary multiplies q and k (bf16) by fp32
+    // tables, so their gradients coming back from SDPA's casts are fp32, 1,024 x 2,048 x 4 B
+    // = 8,388,608 each, and both wait while the value norm's backward runs, beside the
+    // residual stream's fp32 gradient that waits through the whole attention branch (1,024 x
+    // 64 x 4 B = 262,144): 17,039,360. A CPU dispatch trace of transformers' run shows the two
+    // live there, with the norm's five fp32 tensors of that size, at the run's peak.
+    let gemma4 = ftplan::spec::hf::parse_config(
+        "config.json",
+        &serde_json::json!({
+            "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "global_head_dim": 512, "num_global_key_value_heads": 4,
+            "attention_k_eq_v": true, "hidden_size_per_layer_input": 0,
+            "num_kv_shared_layers": 0, "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention"], "vocab_size": 512,
+            "tie_word_embeddings": true
+        }),
+        "toy",
+        false,
+    )
+    .expect("reads");
+    let p = plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false);
+    let g = graph::build(&gemma4, &p);
+    let parts = [
+        "q_proj", "q_norm", "rotary_q", "k_proj", "k_norm", "rotary_k", "v_proj", "v_norm", "core",
+    ];
+    assert_eq!(
+        attention_order(&g, &parts),
+        [
+            "q_proj", "q_norm", "rotary_q", "k_proj", "k_norm", "rotary_k", "v_norm", "core"
+        ]
+    );
+    assert_eq!(held_at(&g, "decoder.layers.1.self_attn.v_norm"), 17_039_360);
+    // The value norm's own backward: five fp32 tensors of 1,024 x 2,048.
+    let v_norm = op_named(&g, "decoder.layers.1.self_attn.v_norm");
+    assert_eq!(v_norm.backward_transient.0, 5 * 8_388_608);
+
+    // Llama builds q, k and v, then rotates q and k. A toy (hidden 256, 4 heads of 64, 2 KV
+    // heads) in bf16 at 2 x 64 (128 tokens): while k's rotary runs its backward, q's rotated
+    // gradient (128 x 256 x 2 B = 65,536) and v's (128 x 128 x 2 B = 32,768) wait; while v's
+    // projection runs its, the gradients of q's and k's projections wait (65,536 + 32,768).
+    // The residual stream's gradient (65,536) waits beside both.
+    let llama = ftplan::spec::hf::parse_config(
+        "config.json",
+        &serde_json::json!({
+            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 512
+        }),
+        "toy",
+        false,
+    )
+    .expect("reads");
+    let p = plan(Method::Full, Precision::Bf16, 2, 64, 0, false);
+    let g = graph::build(&llama, &p);
+    assert_eq!(held_at(&g, "decoder.layers.1.self_attn.rotary_k"), 163_840);
+    assert_eq!(held_at(&g, "decoder.layers.1.self_attn.v_proj"), 163_840);
+
+    // Qwen3 norms q and k as it projects them, then projects v and rotates both; HunYuan
+    // rotates q and k before its norms.
+    let qwen3 = ftplan::spec::hf::parse_config(
+        "config.json",
+        &serde_json::json!({
+            "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "vocab_size": 512
+        }),
+        "toy",
+        false,
+    )
+    .expect("reads");
+    let g = graph::build(
+        &qwen3,
+        &plan(Method::Full, Precision::Bf16, 1, 64, 0, false),
+    );
+    assert_eq!(
+        attention_order(&g, &parts),
+        [
+            "q_proj", "q_norm", "k_proj", "k_norm", "v_proj", "rotary_q", "rotary_k", "core"
+        ]
+    );
+    let hunyuan = ftplan::spec::hf::parse_config(
+        "config.json",
+        &serde_json::json!({
+            "model_type": "hunyuan_v1_dense", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "vocab_size": 512
+        }),
+        "toy",
+        false,
+    )
+    .expect("reads");
+    let g = graph::build(
+        &hunyuan,
+        &plan(Method::Full, Precision::Bf16, 1, 64, 0, false),
+    );
+    assert_eq!(
+        attention_order(&g, &parts),
+        [
+            "q_proj", "k_proj", "v_proj", "rotary_q", "rotary_k", "q_norm", "k_norm", "core"
+        ]
+    );
 }

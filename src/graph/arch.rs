@@ -16,8 +16,8 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, QueryScale,
-    RotaryApply, Stack,
+    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, QkOrder,
+    QueryScale, RotaryApply, Stack,
 };
 use crate::spec::plan::{Depth, Method, Plan, Proj};
 
@@ -792,6 +792,15 @@ fn self_attention(
     })
 }
 
+/// A q or k norm ([`QkNorm`]): one weight per head channel, or one over the whole projection.
+fn qk_norm(b: &mut Builder, name: Name, x: Val, head_dim: u64) -> Val {
+    match b.model.qk_norm {
+        QkNorm::PerHead => b.norm_sized(name, x, head_dim),
+        QkNorm::Full => b.norm(name, x),
+        QkNorm::None | QkNorm::L2AfterRotary => x,
+    }
+}
+
 fn self_attention_ops(
     b: &mut Builder,
     at: (Scope, &'static str),
@@ -827,6 +836,17 @@ fn self_attention_ops(
     // the frames around it name (the block's `hidden_states`, the norm's output the
     // projections read: `Builder::name` in `block`).
     let mut pinned: SmallVec<[TensorId; 4]> = SmallVec::new();
+    // Each value the ops below read, with the op that reads it last: its gradient waits from
+    // that op's backward to its producer's (`Builder::await_grads`).
+    let mut reads: SmallVec<[(Val, usize); 8]> = SmallVec::new();
+    // The order the forward builds q and k with their norms and rotary (`Family::qk_order`);
+    // the projections' branch below may norm (and rotate) each as it is made.
+    let order = model.family.qk_order();
+    let rotary_full_width = matches!(model.positions, Positions::Rotary { fraction } if fraction == 1.0)
+        && rope
+        && !model.family.rotary_concatenates()
+        && model.rotary_apply == RotaryApply::Shared;
+    let (mut normed, mut rotated) = (false, false);
     let (mut q, mut k, mut v) = if model.fused_qkv {
         let qkv = b.linear(
             name.at("qkv"),
@@ -877,7 +897,29 @@ fn self_attention_ops(
         } else {
             q
         };
-        let k = b.linear(
+        normed = matches!(
+            order,
+            QkOrder::NormedAsProjected | QkOrder::EachRotatedAsProjected
+        ) && model.qk_norm != QkNorm::None;
+        rotated = order == QkOrder::EachRotatedAsProjected && rotary_full_width;
+        let rotate = |b: &mut Builder, reads: &mut SmallVec<_>, part: &'static str, x: Val| {
+            reads.push((x, b.graph.len()));
+            let table = model.family.rotary_table_dtype(embed_dtype, x.dtype);
+            b.rotary(name.at(part), x, table, model.rotary_apply, SmallVec::new())
+                .1
+        };
+        let q = if normed {
+            reads.push((q, b.graph.len()));
+            qk_norm(b, name.at("q_norm"), q, stack.head_dim)
+        } else {
+            q
+        };
+        let q = if rotated {
+            rotate(b, &mut reads, "rotary_q", q)
+        } else {
+            q
+        };
+        let k_proj = b.linear(
             name.at("k_proj"),
             x,
             kv_width,
@@ -885,16 +927,32 @@ fn self_attention_ops(
             Some(Proj::K),
         );
         // Falcon-H1: `k_proj(x) * key_multiplier`, before v_proj runs.
-        let k = if model.family == crate::spec::model::Family::FalconH1 {
-            b.scale(name.at("key_multiplier"), k)
+        let k_proj = if model.family == crate::spec::model::Family::FalconH1 {
+            b.scale(name.at("key_multiplier"), k_proj)
+        } else {
+            k_proj
+        };
+        if keys_as_values {
+            // The key norm and the value norm both read k_proj's output: its gradient is
+            // their two gradients' sum.
+            b.fork(name.at("kv_fork"), k_proj, 2);
+        }
+        let k = if normed {
+            // With keys as values, the value norm reads k's projection last.
+            if !keys_as_values {
+                reads.push((k_proj, b.graph.len()));
+            }
+            qk_norm(b, name.at("k_norm"), k_proj, stack.head_dim)
+        } else {
+            k_proj
+        };
+        let k = if rotated {
+            rotate(b, &mut reads, "rotary_k", k)
         } else {
             k
         };
         let v = if keys_as_values {
-            // The key norm and the value norm both read k_proj's output: its gradient is
-            // their two gradients' sum.
-            b.fork(name.at("kv_fork"), k, 2);
-            k
+            k_proj
         } else {
             b.linear(
                 name.at("v_proj"),
@@ -907,28 +965,39 @@ fn self_attention_ops(
         (q, k, v)
     };
     match model.qk_norm {
+        _ if normed || order == QkOrder::NormsAfterRotary => {}
         QkNorm::None => {}
         QkNorm::PerHead if kv_shared => {
+            reads.push((q, b.graph.len()));
             q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
         }
         // Qwen3, Gemma-3: `q_norm(q.view(..., head_dim))`, the same for k, before rotary.
         QkNorm::PerHead => {
+            reads.push((q, b.graph.len()));
             q = b.norm_sized(name.at("q_norm"), q, stack.head_dim);
+            // With keys as values, the value norm below reads k's projection last.
+            if !keys_as_values {
+                reads.push((k, b.graph.len()));
+            }
             k = b.norm_sized(name.at("k_norm"), k, stack.head_dim);
         }
         // OLMo-2: one RMSNorm over the whole q (and k) projection.
         QkNorm::Full => {
+            reads.push((q, b.graph.len()));
             q = b.norm(name.at("q_norm"), q);
+            reads.push((k, b.graph.len()));
             k = b.norm(name.at("k_norm"), k);
         }
         // Llama 4: after rotary, below.
         QkNorm::L2AfterRotary => {}
     }
     if model.value_norm && !kv_shared {
+        reads.push((v, b.graph.len()));
         v = b.unscaled_rms_norm(name.at("v_norm"), v, (stack.head_dim, 2));
     }
     let mut q_head_major = false;
     if let (Positions::Rotary { .. }, true, true) = (model.positions, rope, kv_shared) {
+        reads.push((q, b.graph.len()));
         (_, q) = b.rotary(
             name.at("rotary_q"),
             q,
@@ -936,7 +1005,7 @@ fn self_attention_ops(
             model.rotary_apply,
             smallvec::SmallVec::new(),
         );
-    } else if let (Positions::Rotary { fraction }, true) = (model.positions, rope) {
+    } else if let (Positions::Rotary { fraction }, true, false) = (model.positions, rope, rotated) {
         let rotary_width = (stack.head_dim as f64 * fraction).round() as u64;
         // Partial rotary rebuilds q as `cat((q_rot, q_pass), dim=-1)`: a new, head-major tensor;
         // some families' rotary does so even with nothing to pass through.
@@ -944,6 +1013,7 @@ fn self_attention_ops(
         let partial = rotary_width < stack.head_dim;
         q_head_major = partial || concatenated;
         let (q_in, k_in) = (q, k);
+        let at = b.graph.len();
         (q, k) = b.rotary_qk(
             (name.at("rotary_q"), name.at("rotary_k")),
             (q, k),
@@ -951,6 +1021,10 @@ fn self_attention_ops(
             model.rotary_apply,
             (seq, stack.head_dim, rotary_width, concatenated),
         );
+        reads.push((q_in, at));
+        if let Some(k_at) = b.op_named_from(at, name.at("rotary_k")) {
+            reads.push((k_in, k_at));
+        }
         if partial && model.family.rotary_split_in_attention() {
             // `q_pass` and `k_pass` (views) keep the unrotated q and k, and `q_rot` and `k_rot`
             // the rotated parts, in the rotary's dtype.
@@ -963,6 +1037,12 @@ fn self_attention_ops(
             pinned.extend([q_in.id, k_in.id, q_rot, k_rot]);
         }
     }
+    if order == QkOrder::NormsAfterRotary && !kv_shared {
+        reads.push((q, b.graph.len()));
+        q = qk_norm(b, name.at("q_norm"), q, stack.head_dim);
+        reads.push((k, b.graph.len()));
+        k = qk_norm(b, name.at("k_norm"), k, stack.head_dim);
+    }
     if kv_shared {
         // The earlier layer's keys went through the same norm and rotary as these queries:
         // they arrive in the queries' dtype (fp32 where the rotary tables are), which decides
@@ -971,8 +1051,10 @@ fn self_attention_ops(
     }
     if model.qk_norm == QkNorm::L2AfterRotary && rope {
         // One `qk_norm` module, called on q and on k.
+        reads.push((q, b.graph.len()));
         q = b.unscaled_rms_norm(name.at("q_norm"), q, (stack.head_dim, 1));
         if !kv_shared {
+            reads.push((k, b.graph.len()));
             k = b.unscaled_rms_norm(name.at("k_norm"), k, (stack.head_dim, 1));
         }
     }
@@ -982,6 +1064,7 @@ fn self_attention_ops(
         QueryScale::NopeLayers => !rope,
     };
     if scaled {
+        reads.push((q, b.graph.len()));
         q = b.position_scale(name.at("q_scale"), q, seq);
     }
     let batch = b.plan.batch;
@@ -991,11 +1074,16 @@ fn self_attention_ops(
     // width the layer caches (Falcon's new decoder broadcasts its KV heads first); peft skips
     // the layers whose cache has another shape than the prefix (Gemma 4's local layers).
     let cached = model.cached_kv_width(stack);
+    // The keys and values the core reads from this layer's own projections (not an earlier
+    // layer's, nor the cache's concatenation with a prefix).
+    let mut own_kv = !kv_shared;
     if prefix > 0 && model.peft_prefix_width() == Ok(cached) {
         seq_k += prefix;
         k = b.val(cached, batch * seq_k, k.dtype, true);
         v = b.val(cached, batch * seq_k, v.dtype, true);
+        own_kv = false;
     }
+    let at = b.graph.len();
     let mut a = b.attention(
         name.at("core"),
         [q, k, v],
@@ -1009,6 +1097,25 @@ fn self_attention_ops(
             pinned,
         },
     );
+    // The core reads each operand through autocast's cast where it has one.
+    let core = name.at("core");
+    let reader = |b: &Builder, cast: &'static str| {
+        b.op_named_from(at, core.then(cast))
+            .or_else(|| b.op_named_from(at, core))
+    };
+    let mut operands: SmallVec<[(Val, &'static str); 3]> = smallvec::smallvec![(q, "q_cast")];
+    if own_kv {
+        operands.push((k, "k_cast"));
+        if v.id != k.id {
+            operands.push((v, "v_cast"));
+        }
+    }
+    for (x, cast) in operands {
+        if let Some(r) = reader(b, cast) {
+            reads.push((x, r));
+        }
+    }
+    b.await_grads(&reads);
     if let Some(g) = gate {
         // `attn_output * torch.sigmoid(gate)`: sigmoid keeps its output, the product both.
         let s = b.sigmoid(name.at("gate_sigmoid"), g);

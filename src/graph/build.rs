@@ -518,6 +518,25 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Gradients that wait for their producer: for each `(x, reader)`, op `reader` makes x's
+    /// gradient in its backward, and the engine hands it to x's producer only when it reaches
+    /// that producer. It runs nodes in reverse creation order (`ReadyQueue` pops the highest
+    /// sequence number, torch/csrc/autograd/engine.cpp), so every op built between the two runs
+    /// its backward first while the gradient waits in the producer's `InputBuffer`: the query's
+    /// and value's gradients beside the key's rotary backward, the key's beside the value
+    /// projection's. Held as [`Builder::hold_grad_sum`] holds a sum (one buffer per value, so
+    /// `reader` is the last op that reads x).
+    pub(super) fn await_grads(&mut self, reads: &[(Val, usize)]) {
+        for &(x, reader) in reads {
+            self.hold_grad_sum(x, reader);
+        }
+    }
+
+    /// The first op at or after `from` named `name` (one a helper built inside its call).
+    pub(super) fn op_named_from(&self, from: usize, name: Name) -> Option<usize> {
+        (from..self.graph.len()).find(|&i| self.graph.op(i).is_some_and(|o| o.name == name))
+    }
+
     /// A value read by `consumers` ops: autograd sums their gradients before passing one on
     /// (`InputBuffer::accumulate`), `consumers - 1` adds each reading two gradients and
     /// writing their sum. Emitted before the consumers, so that its backward runs after

@@ -5,6 +5,20 @@
 
 use serde::Serialize;
 
+/// The order an attention's forward builds q, k and v with their norms and rotary
+/// ([`Family::qk_order`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkOrder {
+    /// q, k and v projected, then q and k normed, then rotated (Llama, Gemma 3).
+    ProjectionsFirst,
+    /// Each of q and k normed as it is projected, v projected, then both rotated (Qwen3).
+    NormedAsProjected,
+    /// q projected, normed and rotated, then k, then v projected and normed (Gemma 4).
+    EachRotatedAsProjected,
+    /// q, k and v projected, q and k rotated, then normed (HunYuan).
+    NormsAfterRotary,
+}
+
 /// Which Hugging Face implementation the architecture follows; decides the block's op sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -260,6 +274,31 @@ impl Family {
             self,
             Family::Gpt2 | Family::GptBigcode | Family::GptNeo | Family::Gptj | Family::Codegen
         )
+    }
+
+    /// Where its attention's q/k norms and rotary run among the projections, in the order its
+    /// forward builds them (transformers 5.17). The engine runs backward in reverse creation
+    /// order, so this decides which gradients wait beside which ops (`Builder::await_grads`).
+    pub fn qk_order(self) -> QkOrder {
+        match self {
+            // `q_norm(q_proj(x))`, `k_norm(k_proj(x))`, `v_proj(x)`, then rotary.
+            Family::Qwen3
+            | Family::Qwen3Moe
+            | Family::Qwen35
+            | Family::Qwen35Moe
+            | Family::Qwen3Next
+            | Family::Dots1
+            | Family::Lfm2
+            | Family::Lfm2Moe
+            | Family::Olmo2
+            | Family::Olmoe
+            | Family::MinimaxM2 => QkOrder::NormedAsProjected,
+            // Gemma4TextAttention: q's projection, norm and rotary, then k's, then v's norm.
+            Family::Gemma4 => QkOrder::EachRotatedAsProjected,
+            // HunYuan: `query_layernorm` and `key_layernorm` on the rotated q and k.
+            Family::HunyuanDense | Family::HunyuanMoe => QkOrder::NormsAfterRotary,
+            _ => QkOrder::ProjectionsFirst,
+        }
     }
 
     /// Its `apply_rotary_pos_emb` (or attention) rebuilds q and k as `torch.cat([rotated,
