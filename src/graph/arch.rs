@@ -4,6 +4,7 @@
 use crate::graph::attention::{AttnCall, AttnMask};
 use crate::graph::build::{Builder, Val, wider};
 use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind};
+use crate::units::{Bytes, DType};
 use smallvec::SmallVec;
 
 /// Every parameter role, for checking that a run of blocks trains uniformly.
@@ -16,8 +17,8 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, ExpertGate, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm, QkOrder,
-    QueryScale, RotaryApply, Stack,
+    BlockKind, ExpertGate, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
+    QkOrder, QueryScale, RotaryApply, Stack,
 };
 use crate::spec::plan::{Depth, Method, Plan, Proj};
 
@@ -191,6 +192,11 @@ fn stack_forward(
         }
     };
     let embed_dtype = x.dtype;
+    let tables = rotary_tables(model, stack, seq, embed_dtype);
+    if tables > Bytes::ZERO {
+        let t = b.tensor(TensorKind::Activation, tables);
+        b.hold_tensor(name.at("position_embeddings"), t, embed_dtype);
+    }
     if let (Some(ple), Some(_), true) = (model.per_layer_input, embed, first) {
         b.per_layer_inputs = Some(per_layer_inputs(b, name, x, ple, stack.layers));
     }
@@ -790,6 +796,48 @@ fn self_attention(
     in_tp_region(b, |b| {
         self_attention_ops(b, at, x, stack, seq, embed_dtype, mask)
     })
+}
+
+/// The rotary tables a stack's forward computes once and hands to every layer
+/// (`position_embeddings = self.rotary_emb(hidden_states, position_ids)`, transformers 5.17):
+/// cos and sin, each (1, seq, rotary width) from the batch-1 `cache_position.unsqueeze(0)`, in
+/// the hidden states' dtype (`LlamaRotaryEmbedding.forward`'s `.to(dtype=x.dtype)`). Every
+/// layer's rotary multiplies save them, so they live from before the first layer to its
+/// backward. Gemma 3 and 4 and OLMo 3 compute a pair per layer type (`for layer_type in
+/// set(config.layer_types)`), Gemma 4's global pair at its global head width; Llama 4 one
+/// complex64 `freqs_cis` of half the width. GPT-J and CodeGen index a table buffer inside each
+/// attention instead (their pinned rotary locals).
+fn rotary_tables(model: &ModelSpec, stack: &Stack, seq: u64, dtype: DType) -> Bytes {
+    let Positions::Rotary { fraction } = model.positions else {
+        return Bytes::ZERO;
+    };
+    if matches!(model.family, Family::Gptj | Family::Codegen) {
+        return Bytes::ZERO;
+    }
+    let width = |head_dim: u64| (head_dim as f64 * fraction).round() as u64;
+    let local = model.mla.map_or(stack.head_dim, |m| m.rope_dim);
+    let per_type =
+        matches!(model.family, Family::Gemma3 | Family::Gemma4) || model.model_type == "olmo3";
+    let mut widths: SmallVec<[u64; 2]> = smallvec::smallvec![width(local)];
+    if per_type {
+        let kinds = |global: bool| {
+            model.mixers.iter().any(|m| match m {
+                Mixer::Attention => global,
+                Mixer::SlidingWindow { .. } => !global,
+                _ => false,
+            })
+        };
+        if kinds(true) && kinds(false) {
+            widths.push(width(model.global_attention.map_or(local, |g| g.head_dim)));
+        }
+    }
+    let elements: u64 = widths.iter().map(|w| seq.saturating_mul(*w)).sum();
+    if model.rotary_apply == RotaryApply::ComplexFp32 {
+        // One complex64 table of half the width: 8 bytes per complex, 4 per channel.
+        DType::F32.bytes(elements)
+    } else {
+        dtype.bytes(elements) * 2
+    }
 }
 
 /// A q or k norm ([`QkNorm`]): one weight per head channel, or one over the whole projection.

@@ -772,16 +772,21 @@ impl<'a> Builder<'a> {
     /// which its AccumulateGrad node holds for the whole backward pass (backward reaches the
     /// op, built before anything that reads `x`, last).
     pub fn hold(&mut self, name: Name, x: Val) {
+        self.hold_tensor(name, x.id, x.dtype);
+    }
+
+    /// [`Builder::hold`] of a tensor no op here made (the rotary tables a stack computes).
+    pub fn hold_tensor(&mut self, name: Name, t: TensorId, dtype: DType) {
         self.emit(OpSpec {
             name,
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
-            saves: smallvec![x.id],
+            saves: smallvec![t],
             out: Bytes::ZERO,
             forward_transient: Bytes::ZERO,
             backward_transient: Bytes::ZERO,
             cost: Cost::default(),
-            compute: x.dtype,
+            compute: dtype,
             in_backward: true,
         });
     }
