@@ -580,7 +580,14 @@ fn block(
             None => h,
         };
         b.name(&[h.id]);
+        let mlp_at = b.graph.len();
         let m = mlp(b, (name, "mlp"), h, stack, kind.ffn);
+        if h_mlp.is_none() && !model.parallel_two_norms {
+            // One norm output read by both: the MLP's gradient of it (in its dtype, fp32 from
+            // an autocast LayerNorm) waits through the attention's backward for the
+            // attention's, as a residual's does.
+            b.await_grads(&[(h, mlp_at)]);
+        }
         let m = if model.family.dropout_in_mlp() {
             let m = b.dropout(name.at("mlp").then("dropout"), m, p_res);
             adapter(b, name.at("adapter"), m)

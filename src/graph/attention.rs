@@ -372,10 +372,15 @@ impl Builder<'_> {
                     if p_drop == 0.0 {
                         // Backward through softmax holds its incoming gradient (upcast by the
                         // `.to()` backward where there is a cast) and its result, both in the
-                        // softmax's dtype; a bf16 copy the matmul with v kept is released when
-                        // that matmul's backward has run: two score matrices less the copy.
-                        let released = if copy_kept { s } else { Bytes::ZERO };
-                        bwd_extra += probs * 2 - released;
+                        // softmax's dtype; what the matmul with v kept, the bf16 copy and v
+                        // (where no saved q or k shares its storage, as a fused projection's
+                        // views do), is released when that matmul's backward has run: two
+                        // score matrices less those. (A replay of checkpointed GPT-J holds
+                        // neither there.)
+                        let copy = if copy_kept { s } else { Bytes::ZERO };
+                        let v_kept = scores_grad && v_rep.id != q.id && v_rep.id != k_rep.id;
+                        let v_freed = if v_kept { v_rep.bytes() } else { Bytes::ZERO };
+                        bwd_extra += probs * 2 - (copy + v_freed);
                     }
                 }
                 // Softmax's backward, the worst moment, runs after the product with v's
