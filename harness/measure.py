@@ -414,6 +414,11 @@ def main():
     cfg = dict(spec["config"])
     model_type = cfg.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **cfg)
+    # Training keeps no KV cache, as the estimate plans (and ../shared/gt/measure.py builds with
+    # use_cache=False): with it on, transformers 5 makes a DynamicCache whose first update copies
+    # every layer's keys and values (`torch.cat` onto an empty tensor in the keys' dtype) and
+    # holds them to the end of the forward.
+    config.use_cache = False
     enc_dec = bool(getattr(config, "is_encoder_decoder", False))
     if enc_dec and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = 0  # T5's published configs: the pad token starts the decoder
