@@ -1930,9 +1930,10 @@ fn falcon_multi_query_sdpa_runs_the_math_path() {
     assert_eq!(at(&mq, 1), 163_840);
     // With as many KV heads as query heads the fused kernel runs: bf16 q and k (rotated, 2 x
     // 64 x 256 x 2 B = 65,536 each), v (a view of the fused projection's output, whose whole
-    // storage it keeps: 196,608), the output (65,536) and the fp32 logsumexp (2 x 4 x 64 x 4
-    // B = 2,048).
-    assert_eq!(at(&config(false, 4), 2), 395_264);
+    // storage it keeps: 196,608), the output (65,536), the fp32 logsumexp (2 x 4 x 64 x 4
+    // B = 2,048) and the additive copy of Falcon's materialised mask (2 x 64 x 64 x 2 B =
+    // 16,384).
+    assert_eq!(at(&config(false, 4), 2), 411_648);
 }
 
 #[test]

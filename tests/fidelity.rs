@@ -2439,3 +2439,32 @@ fn a_parallel_blocks_shared_norm_output_gradient_waits_and_eager_attention_frees
     let core = op_named(&g, "decoder.layers.1.self_attn.core");
     assert_eq!(core.backward_transient.0, 196_608);
 }
+
+#[test]
+fn falcon_hands_sdpa_its_materialised_causal_mask() {
+    // FalconModel builds its causal mask with `allow_is_causal_skip=False` (so that ALiBi can be
+    // added onto it) and FalconAttention passes it to SDPA with or without ALiBi: SDPA converts
+    // the boolean mask to an additive one per call, which the memory-efficient kernel (and the
+    // CPU's flash kernel) keeps for backward. A toy Falcon with the new decoder (hidden 256, 4
+    // heads, 2 KV heads broadcast to all 4) in mixed bf16 at 2 x 64: 2 x 64 x 64 x 2 B =
+    // 16,384 per layer. (Tiny Falcon-40B on CPU: -23.9 -> -0.0 %.)
+    let falcon = ftplan::spec::hf::parse_config(
+        "config.json",
+        &serde_json::json!({
+            "model_type": "falcon", "hidden_size": 256, "num_attention_heads": 4,
+            "num_kv_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+            "new_decoder_architecture": true, "parallel_attn": true, "bias": false,
+            "alibi": false
+        }),
+        "toy",
+        false,
+    )
+    .expect("reads");
+    let g = graph::build(
+        &falcon,
+        &plan(Method::Full, Precision::MixedBf16, 2, 64, 0, false),
+    );
+    let core = op_named(&g, "decoder.layers.1.attn.core");
+    let saved: Vec<u64> = core.saves.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    assert!(saved.contains(&16_384), "{saved:?}");
+}

@@ -776,6 +776,9 @@ fn self_attention_mask(b: &Builder, is_decoder: bool, seq: u64, window: Option<u
         Positions::RelativeBias { .. } => AttnMask::StridedBias,
         _ if b.prefix > 0 => AttnMask::Explicit,
         _ if is_decoder && window.is_some_and(|w| keys >= w) => AttnMask::Explicit,
+        // FalconModel builds its mask with `allow_is_causal_skip=False` (to add ALiBi onto
+        // it), and its attention hands that mask to SDPA whether or not ALiBi is on.
+        _ if is_decoder && model.family == Family::Falcon => AttnMask::Explicit,
         _ if is_decoder => AttnMask::Causal,
         _ => AttnMask::Full,
     }
