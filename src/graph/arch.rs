@@ -281,12 +281,15 @@ fn stack_forward(
     }
 
     // Eager attention in a decoder-only model: one materialised mask per mask type (full,
-    // sliding), which checkpointing keeps to the end of backward.
+    // sliding), which checkpointing keeps to the end of backward. Without checkpointing the
+    // model's forward names them (`causal_mask_mapping`) until its blocks are done, and nothing
+    // keeps them after (a CPU replay of BLOOM, which peaks in its forward, holds its fp32 mask
+    // there).
+    let mut masks = None;
     if b.plan.attention == crate::spec::plan::AttentionKernel::Eager
         && first
         && model.has_attention()
         && !model.is_encoder_decoder()
-        && !matches!(model.positions, Positions::Alibi)
         && model.mla.is_none()
     {
         let full = model.mixers.iter().any(|m| matches!(m, Mixer::Attention));
@@ -296,7 +299,12 @@ fn stack_forward(
             .any(|m| matches!(m, Mixer::SlidingWindow { .. }));
         let types = u64::from(full) + u64::from(sliding);
         let keys = seq + prefix;
-        b.checkpointed_masks(embed_dtype.bytes(batch * seq * keys * types));
+        let bytes = embed_dtype.bytes(batch * seq * keys * types);
+        if !plan.grad_ckpt {
+            masks = Some(b.tensor(TensorKind::Activation, bytes));
+        } else if !matches!(model.positions, Positions::Alibi) {
+            b.checkpointed_masks(bytes);
+        }
     }
 
     // Blocks are built once per kind and marked as copies: the model is cut into segments
@@ -328,8 +336,10 @@ fn stack_forward(
             model.block_kind(l)
         }
     };
-    // The model's forward names the stack's input (`inputs_embeds`) until the blocks are done.
+    // The model's forward names the stack's input (`inputs_embeds`) and its masks until the
+    // blocks are done.
     let stack_named = b.name(&[x.id]);
+    b.name(masks.as_slice());
     let run = |b: &mut Builder, x: Val, (kind, first, copies): (BlockKind, u64, u64)| {
         let label = if copies > 1 {
             format!("layers.{first}+{}", copies - 1)
