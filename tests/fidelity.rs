@@ -57,6 +57,40 @@ fn lora(rank: u64) -> Method {
     })
 }
 
+/// A toy model read from a `config.json` object.
+fn toy(config: serde_json::Value) -> ModelSpec {
+    ftplan::spec::hf::parse_config("config.json", &config, "toy", false).expect("reads")
+}
+
+/// A toy decoder of `model_type`: hidden 256, intermediate 512, 2 layers, 4 heads of 64 over
+/// `kv_heads` KV heads, vocabulary 512.
+fn toy_decoder(model_type: &str, kv_heads: u64) -> ModelSpec {
+    toy(serde_json::json!({
+        "model_type": model_type, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
+        "head_dim": 64, "vocab_size": 512
+    }))
+}
+
+/// The toy decoder as a Llama.
+fn toy_llama(kv_heads: u64) -> ModelSpec {
+    toy_decoder("llama", kv_heads)
+}
+
+/// A toy Gemma 4: hidden 64, 4 heads of 16 over 2 KV heads on the sliding layer, and on the
+/// full one 4 heads of 512 over 4 KV heads whose keys are the values; vocabulary 512.
+fn toy_gemma4() -> ModelSpec {
+    toy(serde_json::json!({
+        "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "global_head_dim": 512, "num_global_key_value_heads": 4,
+        "attention_k_eq_v": true, "hidden_size_per_layer_input": 0,
+        "num_kv_shared_layers": 0, "sliding_window": 32,
+        "layer_types": ["sliding_attention", "full_attention"], "vocab_size": 512,
+        "tie_word_embeddings": true
+    }))
+}
+
 /// An op of a graph, by its full name.
 fn op_named<'g>(g: &'g OpGraph, name: &str) -> &'g Op {
     g.ops()
@@ -2166,17 +2200,7 @@ fn an_rms_norm_backward_holds_five_fp32_tensors_at_pow_backward() {
     // T5LayerNorm multiplies the narrow input itself by the fp32 rsqrt: that product's
     // gradient is cast back to bf16 (65,536) before pow's backward, beside four fp32 tensors
     // (524,288): 589,824.
-    let llama = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let llama = toy_llama(4);
     let p = plan(Method::Full, Precision::MixedBf16, 2, 64, 0, false);
     let g = graph::build(&llama, &p);
     let norm = crate::op_ending(&g, "layers.1.input_layernorm");
@@ -2241,21 +2265,7 @@ fn the_attentions_gradients_wait_for_their_producers_in_the_forwards_order() {
     // residual stream's fp32 gradient that waits through the whole attention branch (1,024 x
     // 64 x 4 B = 262,144): 17,039,360. A CPU dispatch trace of transformers' run shows the two
     // live there, with the norm's five fp32 tensors of that size, at the run's peak.
-    let gemma4 = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "global_head_dim": 512, "num_global_key_value_heads": 4,
-            "attention_k_eq_v": true, "hidden_size_per_layer_input": 0,
-            "num_kv_shared_layers": 0, "sliding_window": 32,
-            "layer_types": ["sliding_attention", "full_attention"], "vocab_size": 512,
-            "tie_word_embeddings": true
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let gemma4 = toy_gemma4();
     let p = plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false);
     let g = graph::build(&gemma4, &p);
     let parts = [
@@ -2277,17 +2287,7 @@ fn the_attentions_gradients_wait_for_their_producers_in_the_forwards_order() {
     // gradient (128 x 256 x 2 B = 65,536) and v's (128 x 128 x 2 B = 32,768) wait; while v's
     // projection runs its, the gradients of q's and k's projections wait (65,536 + 32,768).
     // The residual stream's gradient (65,536) waits beside both.
-    let llama = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let llama = toy_llama(2);
     let p = plan(Method::Full, Precision::Bf16, 2, 64, 0, false);
     let g = graph::build(&llama, &p);
     assert_eq!(held_at(&g, "decoder.layers.1.self_attn.rotary_k"), 163_840);
@@ -2295,44 +2295,19 @@ fn the_attentions_gradients_wait_for_their_producers_in_the_forwards_order() {
 
     // Qwen3 norms q and k as it projects them, then projects v and rotates both; HunYuan
     // rotates q and k before its norms.
-    let qwen3 = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 64, "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
-    let g = graph::build(
-        &qwen3,
-        &plan(Method::Full, Precision::Bf16, 1, 64, 0, false),
-    );
+    let order = |model_type: &str| {
+        let m = toy_decoder(model_type, 2);
+        let g = graph::build(&m, &plan(Method::Full, Precision::Bf16, 1, 64, 0, false));
+        attention_order(&g, &parts)
+    };
     assert_eq!(
-        attention_order(&g, &parts),
+        order("qwen3"),
         [
             "q_proj", "q_norm", "k_proj", "k_norm", "v_proj", "rotary_q", "rotary_k", "core"
         ]
     );
-    let hunyuan = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "hunyuan_v1_dense", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 64, "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
-    let g = graph::build(
-        &hunyuan,
-        &plan(Method::Full, Precision::Bf16, 1, 64, 0, false),
-    );
     assert_eq!(
-        attention_order(&g, &parts),
+        order("hunyuan_v1_dense"),
         [
             "q_proj", "k_proj", "v_proj", "rotary_q", "rotary_k", "q_norm", "k_norm", "core"
         ]
@@ -2346,17 +2321,7 @@ fn the_stack_keeps_its_rotary_tables_until_the_first_layers_backward() {
     // states' dtype, which every layer's rotary multiplies save. A toy Llama (4 heads of 64)
     // at 2 x 64 tokens in mixed bf16 (fp32 hidden states): 2 x 64 x 64 x 4 B = 32,768,
     // whatever the batch; in pure bf16 half that.
-    let llama = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let llama = toy_llama(2);
     let tables = |m: &ModelSpec, precision: Precision, batch: u64, seq: u64| {
         let g = graph::build(m, &plan(Method::Full, precision, batch, seq, 0, false));
         crate::kept_bytes(&g, crate::op_ending(&g, "position_embeddings"))
@@ -2368,21 +2333,7 @@ fn the_stack_keeps_its_rotary_tables_until_the_first_layers_backward() {
     // the global layers' at theirs (512): 2 x 1,024 x (16 + 512) x 4 B = 4,325,376 at 1,024
     // tokens. (Tiny Gemma 4 31B on CPU: the estimate had been 4.2 MB under the run's peak
     // with both layers' waiting gradients counted; with the tables it is within 0.1 %.)
-    let gemma4 = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 16, "global_head_dim": 512, "num_global_key_value_heads": 4,
-            "attention_k_eq_v": true, "hidden_size_per_layer_input": 0,
-            "num_kv_shared_layers": 0, "sliding_window": 32,
-            "layer_types": ["sliding_attention", "full_attention"], "vocab_size": 512,
-            "tie_word_embeddings": true
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let gemma4 = toy_gemma4();
     assert_eq!(tables(&gemma4, Precision::MixedBf16, 1, 1024), 4_325_376);
 }
 
@@ -2395,18 +2346,12 @@ fn a_parallel_blocks_shared_norm_output_gradient_waits_and_eager_attention_frees
     // at 2 x 64: 128 x 256 x 4 B = 131,072 each, 262,144 while the output projection's
     // backward runs. (A replay of four Falcon-7B layers under checkpointed LoRA holds that
     // fp32 gradient at its peak: -0.9 -> -0.0 %.)
-    let falcon = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "falcon", "hidden_size": 256, "num_attention_heads": 4,
-            "num_hidden_layers": 2, "vocab_size": 512, "multi_query": true,
-            "new_decoder_architecture": false, "parallel_attn": true, "bias": false,
-            "alibi": false
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let falcon = toy(serde_json::json!({
+        "model_type": "falcon", "hidden_size": 256, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "vocab_size": 512, "multi_query": true,
+        "new_decoder_architecture": false, "parallel_attn": true, "bias": false,
+        "alibi": false
+    }));
     let g = graph::build(
         &falcon,
         &plan(Method::Full, Precision::MixedBf16, 2, 64, 0, false),
@@ -2420,17 +2365,7 @@ fn a_parallel_blocks_shared_norm_output_gradient_waits_and_eager_attention_frees
     // 64) in bf16, eager, at 2 x 64: scores 2 x 4 x 64 x 64 = 32,768; probabilities 131,072
     // (fp32), their copy 65,536, v 128 x 256 x 2 B = 65,536 and its gradient 65,536: 2 x
     // 131,072 - 65,536 - 65,536 + 65,536 = 196,608 (262,144 while v was counted).
-    let llama = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let llama = toy_llama(4);
     let eager = Plan {
         attention: AttentionKernel::Eager,
         ..plan(Method::Full, Precision::Bf16, 2, 64, 0, false)
@@ -2448,18 +2383,12 @@ fn falcon_hands_sdpa_its_materialised_causal_mask() {
     // CPU's flash kernel) keeps for backward. A toy Falcon with the new decoder (hidden 256, 4
     // heads, 2 KV heads broadcast to all 4) in mixed bf16 at 2 x 64: 2 x 64 x 64 x 2 B =
     // 16,384 per layer. (Tiny Falcon-40B on CPU: -23.9 -> -0.0 %.)
-    let falcon = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "falcon", "hidden_size": 256, "num_attention_heads": 4,
-            "num_kv_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
-            "new_decoder_architecture": true, "parallel_attn": true, "bias": false,
-            "alibi": false
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let falcon = toy(serde_json::json!({
+        "model_type": "falcon", "hidden_size": 256, "num_attention_heads": 4,
+        "num_kv_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+        "new_decoder_architecture": true, "parallel_attn": true, "bias": false,
+        "alibi": false
+    }));
     let g = graph::build(
         &falcon,
         &plan(Method::Full, Precision::MixedBf16, 2, 64, 0, false),
@@ -2477,17 +2406,7 @@ fn eager_attentions_mask_lives_through_the_blocks_forward() {
     // mixed bf16 (fp32 embeddings), eager, at 2 x 64: 2 x 64 x 64 x 4 B = 32,768, named while
     // every block runs its forward. (Tiny BLOOM on CPU, which peaks in its second block's
     // forward: -5.2 -> -0.7 %.)
-    let llama = ftplan::spec::hf::parse_config(
-        "config.json",
-        &serde_json::json!({
-            "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "vocab_size": 512
-        }),
-        "toy",
-        false,
-    )
-    .expect("reads");
+    let llama = toy_llama(4);
     let eager = Plan {
         attention: AttentionKernel::Eager,
         ..plan(Method::Full, Precision::MixedBf16, 2, 64, 0, false)
