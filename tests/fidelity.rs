@@ -78,12 +78,12 @@ fn toy_llama(kv_heads: u64) -> ModelSpec {
 }
 
 /// A toy Gemma 4: hidden 64, 4 heads of 16 over 2 KV heads on the sliding layer, and on the
-/// full one 4 heads of 512 over 4 KV heads whose keys are the values; vocabulary 512.
-fn toy_gemma4() -> ModelSpec {
+/// full one 4 heads of 512 over `global_kv` KV heads whose keys are the values; vocabulary 512.
+fn toy_gemma4(global_kv: u64) -> ModelSpec {
     toy(serde_json::json!({
         "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "global_head_dim": 512, "num_global_key_value_heads": 4,
+        "head_dim": 16, "global_head_dim": 512, "num_global_key_value_heads": global_kv,
         "attention_k_eq_v": true, "hidden_size_per_layer_input": 0,
         "num_kv_shared_layers": 0, "sliding_window": 32,
         "layer_types": ["sliding_attention", "full_attention"], "vocab_size": 512,
@@ -2265,7 +2265,7 @@ fn the_attentions_gradients_wait_for_their_producers_in_the_forwards_order() {
     // residual stream's fp32 gradient that waits through the whole attention branch (1,024 x
     // 64 x 4 B = 262,144): 17,039,360. A CPU dispatch trace of transformers' run shows the two
     // live there, with the norm's five fp32 tensors of that size, at the run's peak.
-    let gemma4 = toy_gemma4();
+    let gemma4 = toy_gemma4(4);
     let p = plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false);
     let g = graph::build(&gemma4, &p);
     let parts = [
@@ -2333,7 +2333,7 @@ fn the_stack_keeps_its_rotary_tables_until_the_first_layers_backward() {
     // the global layers' at theirs (512): 2 x 1,024 x (16 + 512) x 4 B = 4,325,376 at 1,024
     // tokens. (Tiny Gemma 4 31B on CPU: the estimate had been 4.2 MB under the run's peak
     // with both layers' waiting gradients counted; with the tables it is within 0.1 %.)
-    let gemma4 = toy_gemma4();
+    let gemma4 = toy_gemma4(4);
     assert_eq!(tables(&gemma4, Precision::MixedBf16, 1, 1024), 4_325_376);
 }
 
@@ -2416,4 +2416,23 @@ fn eager_attentions_mask_lives_through_the_blocks_forward() {
     assert!(named_bytes(&g, core).contains(&32_768));
     let head = crate::op_ending(&g, "lm_head");
     assert!(!named_bytes(&g, head).contains(&32_768));
+}
+
+#[test]
+fn repeat_kv_copies_fp32_keys_before_autocast_casts_them() {
+    // With a mask or heads over 256 wide, transformers repeats grouped keys for every head
+    // (`repeat_kv`: `expand(...).reshape(...)`, a copy from more than one KV head) in their
+    // own dtype, and autocast casts that copy for the kernel: fp32 keys (rotated by fp32
+    // tables under autocast) leave the wide fp32 copy named `key` while the kernel runs. A toy
+    // Gemma 4 whose global layer has 4 heads of 512 over 2 KV heads, mixed bf16, 1 x 1,024:
+    // the repeated fp32 keys are 1,024 x 2,048 x 4 B = 8,388,608 beside the bf16 output
+    // (1,024 x 2,048 x 2 B = 4,194,304): 12,582,912 live only in the core's forward. (Tiny
+    // Gemma 4 26B-A4B on CPU shows both copies at its forward peak.)
+    let m = toy_gemma4(2);
+    let g = graph::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false),
+    );
+    let core = op_named(&g, "decoder.layers.1.self_attn.core");
+    assert_eq!(core.forward_transient.0, 12_582_912);
 }

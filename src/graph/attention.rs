@@ -104,6 +104,16 @@ impl Builder<'_> {
                 let masked = kernel == Kernel::Fused && mask == AttnMask::Explicit;
                 let repeated = kernel == Kernel::Fused && group > 1 && (masked || head_dim > 256);
                 let copied = |x: &Val| repeated && (stack.kv_heads > 1 || x.dtype != compute);
+                // From several KV heads, `repeat_kv` copies in the keys' own dtype, and
+                // autocast's cast of that copy is another: the wide copy, named `key` in
+                // `sdpa_attention_forward`, lives while the kernel runs (fp32 keys from an fp32
+                // rotary under autocast; a CPU trace of Gemma 4's global layer shows both).
+                for x in [&k, &v] {
+                    if repeated && stack.kv_heads > 1 && x.dtype != compute {
+                        let width = if x.id == v.id { out_width } else { k_width };
+                        fwd_extra += x.dtype.bytes(x.tokens.saturating_mul(width));
+                    }
+                }
                 let k = if copied(&k) {
                     self.val(k_width, k.tokens, compute, k.grad)
                 } else {
