@@ -385,6 +385,38 @@ def wrap(model, engine, device, mixed):
     return model
 
 
+def mirror_cuda_kernels():
+    """On CPU, the GPU's choice of kernels, which the estimate follows (as validation/peak_live.py replays):
+    - `F.dropout` in training with 0 < p < 1 takes aten's fused `native_dropout` on a CUDA tensor
+      (`is_fused_kernel_acceptable`), keeping a byte-wide mask where the CPU path keeps a full-width noise tensor;
+    - a fused SDPA kernel draws its dropout inside from a Philox seed and offset and keeps no mask (the CPU has no
+      fused kernel with dropout and would take the math path, keeping every layer's scores), so `dropout_p` is left
+      out of the call;
+    - CUDA's fused kernels refuse a mask whose last dimension is strided (T5's permuted position bias,
+      `check_last_dim_stride_equals_1_dense`), so such a call runs the math path, dropout and all, as on the GPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dropout = torch.nn.functional.dropout
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fused_dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and input.numel() > 0:
+            return torch.ops.aten.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def cuda_sdpa(*args, **kwargs):
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1:
+            with sdpa_kernel(SDPBackend.MATH):
+                return sdpa(*args, **kwargs)
+        if len(args) > 4:
+            args = args[:4] + (0.0,) + args[5:]
+        kwargs.pop("dropout_p", None)
+        return sdpa(*args, **kwargs)
+
+    torch.nn.functional.dropout = fused_dropout
+    torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
+
+
 def main():
     if "--spec" in sys.argv:
         with open(sys.argv[sys.argv.index("--spec") + 1]) as f:
@@ -401,6 +433,8 @@ def main():
     run, device, steps = spec["run"], spec["device"], max(2, spec.get("steps", 4))
     if device == "cuda" and not torch.cuda.is_available():
         emit({"unavailable": "no CUDA device is visible to PyTorch"}, 4)
+    if device == "cpu":
+        mirror_cuda_kernels()
     world, engine = spec.get("world_size", 1), spec.get("engine", "ddp")
     dist = None
     if world > 1:

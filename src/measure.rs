@@ -385,14 +385,14 @@ pub fn tiny_config(config: &Value) -> Value {
 }
 
 /// Where a CPU run (`--device cpu`) measures another program than the GPU the estimate
-/// follows, said beside its table: PyTorch's CPU SDPA has no fused kernel for attention dropout
-/// (`use_flash_attention_cpp` requires `check_for_dropout`, `sdp_utils_cpp.cpp`), so it runs
-/// the math path, which keeps each layer's scores and probabilities (heads x seq^2 elements
-/// each); CUDA's flash and memory-efficient kernels keep none. And CUDA autocast runs `pow` in
-/// fp32 (its fp32 list, `autocast_mode.cpp`), CPU autocast in bf16 (its list has no `pow`):
-/// `gelu_new`'s chain and relu2's square keep bf16 tensors on CPU where the estimate keeps
-/// fp32 ones (tiny GPT-J: the estimate 8.6 % above the CPU's peak, 389,368 B, of which those
-/// copies are 393,216).
+/// follows, said beside its table. The harness mirrors CUDA's dropout on CPU (aten's fused
+/// `native_dropout`, a byte mask; no `dropout_p` for SDPA, whose fused kernels keep no mask) and
+/// sends a strided mask to the math path, as CUDA's fused kernels refuse it. Inside that math
+/// path (T5's position bias) the CPU's dropout still keeps a full-width noise tensor where
+/// CUDA's keeps a byte mask. And CUDA autocast runs `pow` in fp32 (its fp32 list,
+/// `autocast_mode.cpp`), CPU autocast in bf16 (its list has no `pow`): `gelu_new`'s chain and
+/// relu2's square keep bf16 tensors on CPU where the estimate keeps fp32 ones (tiny GPT-J: the
+/// estimate 8.6 % above the CPU's peak, 389,368 B, of which those copies are 393,216).
 pub fn cpu_differences(model: &ModelSpec, plan: &Plan) -> Vec<String> {
     use crate::spec::model::Activation;
     let mut out = Vec::new();
@@ -409,12 +409,17 @@ pub fn cpu_differences(model: &ModelSpec, plan: &Plan) -> Vec<String> {
             model.name
         ));
     }
-    if model.dropout.attention > 0.0 && plan.attention == crate::spec::plan::AttentionKernel::Sdpa {
+    if model.dropout.attention > 0.0
+        && plan.attention == crate::spec::plan::AttentionKernel::Sdpa
+        && matches!(
+            model.positions,
+            crate::spec::model::Positions::RelativeBias { .. }
+        )
+    {
         out.push(format!(
-            "`{}` drops attention probabilities ({}): on CPU, PyTorch's SDPA has no fused kernel \
-             for that and runs its math path, which keeps every layer's scores; the estimate \
-             follows CUDA's kernels, so the CPU's peak reads higher as the sequence grows \
-             (and CPU dropout keeps other masks than CUDA's)",
+            "`{}` drops attention probabilities ({}) inside SDPA's math path (its position \
+             bias is a strided mask, as on CUDA), where CPU dropout keeps a full-width noise \
+             tensor per layer and CUDA a byte mask: the CPU's peak reads higher",
             model.name, model.dropout.attention
         ));
     }

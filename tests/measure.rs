@@ -165,9 +165,11 @@ fn the_cpu_tracker_counts_gradient_sums_and_the_optimizer_as_plain_tensors_run_t
 #[cfg(unix)]
 #[test]
 fn a_cpu_run_says_where_it_measures_other_kernels_than_the_gpu() {
-    // GPT-2 drops attention probabilities (0.1): CPU SDPA runs its math path there, keeping the
-    // scores CUDA's kernels do not, so the note comes before the run (here one that cannot
-    // start, which needs no Python). Llama has no attention dropout: no note.
+    // The harness mirrors CUDA's dropout kernels on CPU, except inside SDPA's math path, which
+    // T5's strided position bias takes (as on CUDA): there CPU dropout keeps a full-width noise
+    // tensor where CUDA keeps a byte mask, so the note comes before the run (here one that
+    // cannot start, which needs no Python). GPT-2's dropout is mirrored and Llama has none: no
+    // note.
     let run = |model: &str| {
         let out = ftplan()
             .args([
@@ -178,11 +180,14 @@ fn a_cpu_run_says_where_it_measures_other_kernels_than_the_gpu() {
             .code(2);
         crate::stderr_of(&out)
     };
-    let err = run("gpt2");
+    let err = run("t5-small");
     assert!(
-        err.contains("note: `gpt2-tiny` drops attention probabilities (0.1): on CPU"),
+        err.contains(
+            "note: `t5-small-tiny` drops attention probabilities (0.1) inside SDPA's math path"
+        ),
         "{err}"
     );
+    assert!(!run("gpt2").contains("drops attention"));
     assert!(!run("llama3.2-1b").contains("drops attention"));
     // GPT-J's gelu_new runs `pow`, fp32 under CUDA autocast and bf16 under CPU autocast.
     let gptj = run("gpt-j-6b");
