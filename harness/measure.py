@@ -393,7 +393,8 @@ def mirror_cuda_kernels():
       fused kernel with dropout and would take the math path, keeping every layer's scores), so `dropout_p` is left
       out of the call;
     - CUDA's fused kernels refuse a mask whose last dimension is strided (T5's permuted position bias,
-      `check_last_dim_stride_equals_1_dense`), so such a call runs the math path, dropout and all, as on the GPU."""
+      `check_last_dim_stride_equals_1_dense`), so such a call runs the math path, dropout and all, as on the GPU;
+    - CUDA autocast's fp32 ops (`mirror_cuda_autocast_fp32`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dropout = torch.nn.functional.dropout
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -415,6 +416,54 @@ def mirror_cuda_kernels():
 
     torch.nn.functional.dropout = fused_dropout
     torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
+    mirror_cuda_autocast_fp32()
+
+
+CUDA_AUTOCAST_LIB = []
+
+
+def mirror_cuda_autocast_fp32():
+    """CUDA autocast runs some ops in fp32 that CPU autocast leaves in bf16 (aten/src/ATen/autocast_mode.cpp: CUDA's
+    fp32 list, and the ops it runs with `dtype=torch.float32`): `pow` in gelu_new's chain and relu2, the norms and
+    losses among them. Kernels on the AutocastCPU key give CPU autocast CUDA's policy for those ops (the list
+    ../shared/gt/measure.py mirrors for the replays), in checkpoints' recomputation too."""
+    if CUDA_AUTOCAST_LIB:
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    half = (torch.bfloat16, torch.float16)
+    autocast_off = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def wide(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype in half else x
+
+    def in_fp32(op):
+        def kernel(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(autocast_off):
+                return op(*[wide(a) for a in args], **{k: wide(v) for k, v in kwargs.items()})
+        return kernel
+
+    def fp32_result(op, dtype_at):
+        def kernel(*args, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(autocast_off):
+                if args and isinstance(args[0], torch.Tensor) and args[0].dtype in half:
+                    if dtype_at is not None and len(args) > dtype_at:
+                        if args[dtype_at] is None:
+                            args = args[:dtype_at] + (torch.float32,) + args[dtype_at + 1:]
+                    elif kwargs.get("dtype") is None:
+                        kwargs = dict(kwargs, dtype=torch.float32)
+                return op(*args, **kwargs)
+        return kernel
+
+    def aten(name):
+        base, _, overload = name.partition(".")
+        return getattr(getattr(torch.ops.aten, base), overload or "default")
+
+    for name in ("layer_norm", "native_layer_norm", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "exp", "rsqrt", "log",
+                 "log1p", "expm1", "reciprocal", "group_norm", "softplus", "mse_loss", "nll_loss", "logsumexp"):
+        lib.impl(name, in_fp32(aten(name)), "AutocastCPU")
+    for name, dtype_at in (("softmax.int", 2), ("log_softmax.int", 2), ("cumsum", None), ("sum.dim_IntList", None)):
+        lib.impl(name, fp32_result(aten(name), dtype_at), "AutocastCPU")
+    CUDA_AUTOCAST_LIB.append(lib)
 
 
 def main():

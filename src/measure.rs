@@ -385,30 +385,14 @@ pub fn tiny_config(config: &Value) -> Value {
 }
 
 /// Where a CPU run (`--device cpu`) measures another program than the GPU the estimate
-/// follows, said beside its table. The harness mirrors CUDA's dropout on CPU (aten's fused
-/// `native_dropout`, a byte mask; no `dropout_p` for SDPA, whose fused kernels keep no mask) and
-/// sends a strided mask to the math path, as CUDA's fused kernels refuse it. Inside that math
-/// path (T5's position bias) the CPU's dropout still keeps a full-width noise tensor where
-/// CUDA's keeps a byte mask. And CUDA autocast runs `pow` in fp32 (its fp32 list,
-/// `autocast_mode.cpp`), CPU autocast in bf16 (its list has no `pow`): `gelu_new`'s chain and
-/// relu2's square keep bf16 tensors on CPU where the estimate keeps fp32 ones (tiny GPT-J: the
-/// estimate 8.6 % above the CPU's peak, 389,368 B, of which those copies are 393,216).
+/// follows, said beside its table. The harness runs CUDA's choices on CPU where it can:
+/// dropout as aten's fused `native_dropout` (a byte mask), SDPA without `dropout_p` (CUDA's
+/// fused kernels keep no mask), a strided mask on the math path (CUDA's fused kernels refuse
+/// it) and CUDA autocast's fp32 ops (`pow`, the norms, the losses). Inside that math path (T5's
+/// position bias) the CPU's dropout still keeps a full-width noise tensor where CUDA's keeps a
+/// byte mask.
 pub fn cpu_differences(model: &ModelSpec, plan: &Plan) -> Vec<String> {
-    use crate::spec::model::Activation;
     let mut out = Vec::new();
-    if plan.autocast()
-        && matches!(
-            model.activation,
-            Activation::GeluNewPython | Activation::Relu2
-        )
-    {
-        out.push(format!(
-            "`{}`'s activation raises to a power (`pow`), which CUDA autocast runs in fp32 and \
-             CPU autocast in bf16: the estimate keeps CUDA's fp32 copies, so the CPU's peak \
-             reads lower",
-            model.name
-        ));
-    }
     if model.dropout.attention > 0.0
         && plan.attention == crate::spec::plan::AttentionKernel::Sdpa
         && matches!(
