@@ -108,9 +108,8 @@ impl Builder<'_> {
                 // autocast's cast of that copy is another: the wide copy, named `key` in
                 // `sdpa_attention_forward`, lives while the kernel runs (fp32 keys from an fp32
                 // rotary under autocast; a CPU trace of Gemma 4's global layer shows both).
-                for x in [&k, &v] {
+                for (x, width) in [(&k, k_width), (&v, out_width)] {
                     if repeated && stack.kv_heads > 1 && x.dtype != compute {
-                        let width = if x.id == v.id { out_width } else { k_width };
                         fwd_extra += x.dtype.bytes(x.tokens.saturating_mul(width));
                     }
                 }
