@@ -291,12 +291,7 @@ pub fn tiny_config(config: &Value) -> Value {
     // the first two alone can hold one kind only, and a hybrid without its attention layer
     // fails in transformers' cache.
     if let Some(Value::Array(types)) = c.get("layer_types").cloned() {
-        let mut kinds: Vec<Value> = Vec::new();
-        for t in &types {
-            if !kinds.contains(t) {
-                kinds.push(t.clone());
-            }
-        }
+        let kinds = first_of_each(types.iter().cloned());
         let tiny: Vec<Value> = if kinds.len() >= 2 {
             kinds
         } else {
@@ -315,22 +310,12 @@ pub fn tiny_config(config: &Value) -> Value {
     // `-` MLP, `E` experts), or as `layers_block_type`: one layer of each kind too, at the
     // small Mamba-2 widths (its heads are not among the attention heads above).
     if let Some(pattern) = c.get("hybrid_override_pattern").and_then(Value::as_str) {
-        let mut kinds = String::new();
-        for ch in pattern.chars() {
-            if !kinds.contains(ch) {
-                kinds.push(ch);
-            }
-        }
+        let kinds: String = first_of_each(pattern.chars()).into_iter().collect();
         set(&mut c, &["num_hidden_layers"], kinds.chars().count() as u64);
         c.insert("hybrid_override_pattern".into(), json!(kinds));
     }
     if let Some(Value::Array(types)) = c.get("layers_block_type").cloned() {
-        let mut kinds: Vec<Value> = Vec::new();
-        for t in types {
-            if !kinds.contains(&t) {
-                kinds.push(t);
-            }
-        }
+        let kinds = first_of_each(types);
         set(&mut c, &["num_hidden_layers"], kinds.len() as u64);
         c.insert("layers_block_type".into(), Value::Array(kinds));
     }
@@ -382,6 +367,17 @@ pub fn tiny_config(config: &Value) -> Value {
         }
     }
     Value::Object(c)
+}
+
+/// One of each item, in the order each first comes (a per-layer pattern's kinds).
+fn first_of_each<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut kinds: Vec<T> = Vec::new();
+    for item in items {
+        if !kinds.contains(&item) {
+            kinds.push(item);
+        }
+    }
+    kinds
 }
 
 /// Where a CPU run (`--device cpu`) measures another program than the GPU the estimate

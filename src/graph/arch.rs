@@ -292,11 +292,7 @@ fn stack_forward(
         && !model.is_encoder_decoder()
         && model.mla.is_none()
     {
-        let full = model.mixers.iter().any(|m| matches!(m, Mixer::Attention));
-        let sliding = model
-            .mixers
-            .iter()
-            .any(|m| matches!(m, Mixer::SlidingWindow { .. }));
+        let (full, sliding) = model.attention_kinds();
         let types = u64::from(full) + u64::from(sliding);
         let keys = seq + prefix;
         let bytes = embed_dtype.bytes(batch * seq * keys * types);
@@ -839,17 +835,8 @@ fn rotary_tables(model: &ModelSpec, stack: &Stack, seq: u64, dtype: DType) -> By
     let per_type =
         matches!(model.family, Family::Gemma3 | Family::Gemma4) || model.model_type == "olmo3";
     let mut widths: SmallVec<[u64; 2]> = smallvec::smallvec![width(local)];
-    if per_type {
-        let kinds = |global: bool| {
-            model.mixers.iter().any(|m| match m {
-                Mixer::Attention => global,
-                Mixer::SlidingWindow { .. } => !global,
-                _ => false,
-            })
-        };
-        if kinds(true) && kinds(false) {
-            widths.push(width(model.global_attention.map_or(local, |g| g.head_dim)));
-        }
+    if per_type && model.attention_kinds() == (true, true) {
+        widths.push(width(model.global_attention.map_or(local, |g| g.head_dim)));
     }
     let elements: u64 = widths.iter().map(|w| seq.saturating_mul(*w)).sum();
     if model.rotary_apply == RotaryApply::ComplexFp32 {

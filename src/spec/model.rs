@@ -1580,6 +1580,18 @@ impl ModelSpec {
             .any(|m| !matches!(m, Mixer::Ssm(_) | Mixer::Ssd(_) | Mixer::None))
     }
 
+    /// Which kinds of softmax attention its layers have: (some attend to every key, some to a
+    /// window). transformers builds one mask (and, for Gemma 3/4 and OLMo 3, one rotary table
+    /// pair) per kind.
+    pub fn attention_kinds(&self) -> (bool, bool) {
+        let full = self.mixers.iter().any(|m| matches!(m, Mixer::Attention));
+        let windowed = self
+            .mixers
+            .iter()
+            .any(|m| matches!(m, Mixer::SlidingWindow { .. }));
+        (full, windowed)
+    }
+
     /// The number of sparse (mixture-of-experts) blocks.
     pub fn moe_layers(&self) -> u64 {
         (0..self.decoder.layers)
