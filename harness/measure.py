@@ -394,7 +394,10 @@ def mirror_cuda_kernels():
       out of the call;
     - CUDA's fused kernels refuse a mask whose last dimension is strided (T5's permuted position bias,
       `check_last_dim_stride_equals_1_dense`), so such a call runs the math path, dropout and all, as on the GPU;
-    - CUDA autocast's fp32 ops (`mirror_cuda_autocast_fp32`)."""
+    - CUDA autocast's fp32 ops (`mirror_cuda_autocast_fp32`);
+    - `torch.is_autocast_enabled()` without a device asks about CUDA's autocast (its legacy form), so code that
+      casts by it (Nemotron's `LayerNorm1P` runs its norm on the autocast dtype's copies) sees the CPU's state, as
+      it would see CUDA's on the GPU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     dropout = torch.nn.functional.dropout
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -414,8 +417,14 @@ def mirror_cuda_kernels():
         kwargs.pop("dropout_p", None)
         return sdpa(*args, **kwargs)
 
+    is_autocast_enabled = torch.is_autocast_enabled
+
+    def autocast_enabled(device_type=None):
+        return is_autocast_enabled("cpu" if device_type is None else device_type)
+
     torch.nn.functional.dropout = fused_dropout
     torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
+    torch.is_autocast_enabled = autocast_enabled
     mirror_cuda_autocast_fp32()
 
 
