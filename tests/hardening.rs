@@ -230,6 +230,8 @@ fn every_number_has_a_range() {
         ),
         (with(&["--tokens", "1e300"]), "`tokens`"),
         (with(&["--headroom", "-5"]), "`headroom`"),
+        // A huge value is named as written, not as 309 digits.
+        (with(&["--headroom", "1e308"]), "found 1e308"),
         (with(&["--seq", "100000000"]), "`seq`"),
         (
             vec![

@@ -114,7 +114,7 @@ pub fn estimate_resolved(r: &Resolved) -> ftplan::Result<Estimate> {
 }
 
 /// A number as a person reads it: plain when moderate, exponent form when huge or tiny.
-fn show(x: f64) -> String {
+pub(crate) fn show(x: f64) -> String {
     if x.is_finite() && x != 0.0 && !(1e-3..1e9).contains(&x.abs()) {
         format!("{x:e}")
     } else {

@@ -694,7 +694,7 @@ impl PlanInput {
                 "headroom",
                 format!(
                     "must be a percentage in [0, 100), found {}",
-                    self.headroom_percent
+                    crate::cli::show(self.headroom_percent)
                 ),
             ));
         }
