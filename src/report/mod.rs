@@ -59,11 +59,26 @@ pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
         .extension()
         .map(|e| format!(".{}", e.to_string_lossy()))
         .unwrap_or_default();
-    tempfile::Builder::new()
-        .prefix(".ftplan-")
-        .suffix(&suffix)
-        .tempfile_in(dir)
-        .map_err(|e| write_error(path, e))
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".ftplan-").suffix(&suffix);
+    // tempfile creates its files owner-only (0600), right for a secret and wrong for a report or
+    // an engine config that others read: a new file gets what `File::create` gives (0666 less the
+    // umask), and a file it replaces keeps its mode.
+    #[cfg(unix)]
+    let existing = std::fs::metadata(path).ok().map(|m| m.permissions());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder.tempfile_in(dir).map_err(|e| write_error(path, e))?;
+    #[cfg(unix)]
+    if let Some(p) = existing {
+        tmp.as_file()
+            .set_permissions(p)
+            .map_err(|e| write_error(path, e))?;
+    }
+    Ok(tmp)
 }
 
 /// Renames a finished temporary file onto `path` (the temporary file is removed on failure).
@@ -184,6 +199,24 @@ pub fn markdown(title: &str, table: &str, files: &[std::path::PathBuf]) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn written_files_get_the_modes_other_writers_give() {
+        use std::os::unix::fs::PermissionsExt;
+        let out = tempfile::tempdir().expect("temp dir");
+        let mode = |p: &Path| std::fs::metadata(p).expect("written").permissions().mode() & 0o777;
+        // A new file: what `File::create` gives under this process's umask, not tempfile's 0600.
+        let plain = out.path().join("plain.json");
+        std::fs::File::create(&plain).expect("plain file");
+        let ours = out.path().join("ds.json");
+        write_atomic(&ours, b"{}").expect("written");
+        assert_eq!(mode(&ours), mode(&plain));
+        // A replaced file keeps its own mode.
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        write_atomic(&ours, b"{\"a\": 1}").expect("rewritten");
+        assert_eq!(mode(&ours), 0o640);
+    }
 
     #[test]
     fn a_stage_dropped_before_commit_leaves_the_previous_reports() {
