@@ -146,6 +146,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         live_logits: Bytes::ZERO,
         grads: Bytes::ZERO,
         pending: Bytes::ZERO,
+        pending_ids: Vec::new(),
+        copy_start_pending: Vec::new(),
         best: None,
         best_total: Bytes::ZERO,
         base: Breakdown {
@@ -263,6 +265,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
         order.enter(&mut walk, ops[end - 1].block, copies.max(1));
         let before = walk.state();
         walk.local = (copies > 1).then_some([None, None]);
+        walk.copy_start_pending.clone_from(&walk.pending_ids);
         for i in (start..end).rev() {
             let op = ops[i];
             if i + 1 == ops.len() || ops[i + 1].unit != op.unit {
@@ -350,6 +353,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
     walk.live_act = Bytes::ZERO;
     walk.live_logits = Bytes::ZERO;
     walk.pending = Bytes::ZERO;
+    walk.pending_ids.clear();
 
     walk.gathered = Bytes::ZERO;
     walk.held_units = Bytes::ZERO;
@@ -682,18 +686,21 @@ struct Walk<'g> {
     live_act: Bytes,
     live_logits: Bytes,
     grads: Bytes,
-    /// Accumulated gradients of tensors several ops read (`Op::grads`): a level, not a per-copy
-    /// amount, since every copy of a block adds to the same sum.
+    /// Accumulated gradients of tensors several ops read, or waiting for their producer's
+    /// backward (`Op::grads`): their bytes, and which they are.
     pending: Bytes,
+    pending_ids: Vec<TensorId>,
+    /// Those pending when the repeated block being walked began its backward.
+    copy_start_pending: Vec<TensorId>,
     best: Option<Moment>,
     best_total: Bytes,
     base: Breakdown,
     base_total: Bytes,
     /// While walking a repeated block: its own best moment (compared across copies afterwards)
-    /// and the accumulated gradients then; one among its ops, one while it reduces (which
-    /// frees the previous copy's reduce-scatter input first, so later copies do not run it
-    /// beside that level).
-    local: Option<[Option<(Moment, Bytes)>; 2]>,
+    /// and the pending gradients then (their bytes, and those the copy began); one among its
+    /// ops, one while it reduces (which frees the previous copy's reduce-scatter input first, so
+    /// later copies do not run it beside that level).
+    local: Option<[Option<LocalMoment>; 2]>,
     /// The moment being observed is a unit's reduction (`Walk::observe_reduce`).
     reducing: bool,
     /// Gathered (unsharded) parameters of the units running now and prefetched: a level.
@@ -703,6 +710,10 @@ struct Walk<'g> {
     /// The last unit's reduce-scatter buffer, freed when the next one is issued: a level.
     reduce_buffer: Bytes,
 }
+
+/// A repeated block's highest moment in the copy walked, with its pending gradients' bytes and
+/// those of them the copy began.
+type LocalMoment = (Moment, Bytes, Vec<TensorId>);
 
 /// Live totals at a moment, to measure what one copy of a block changes.
 #[derive(Clone, Copy)]
@@ -744,6 +755,7 @@ impl Walk<'_> {
     fn accumulate(&mut self, t: TensorId) {
         if !std::mem::replace(&mut self.live[t.0 as usize], true) {
             self.pending += self.graph.tensor(t).bytes;
+            self.pending_ids.push(t);
         }
     }
 
@@ -751,6 +763,9 @@ impl Walk<'_> {
     fn settle(&mut self, t: TensorId) {
         if std::mem::replace(&mut self.live[t.0 as usize], false) {
             self.pending = self.pending - self.graph.tensor(t).bytes;
+            if let Some(at) = self.pending_ids.iter().position(|&p| p == t) {
+                self.pending_ids.swap_remove(at);
+            }
         }
     }
 
@@ -789,9 +804,19 @@ impl Walk<'_> {
         let now = self.state();
         let slots = self.local.take().unwrap_or_default();
         for (slot, reducing) in slots.into_iter().zip([false, true]) {
-            let Some(((b, phase, name), pending)) = slot else {
+            let Some(((b, phase, name), pending, begun)) = slot else {
                 continue;
             };
+            // What was pending at the moment is, in a later copy, what is pending when this
+            // copy ends (a level the copies share: T5's position-bias gradient, which every
+            // block adds to) plus the gradients this copy began and passed on before it ended
+            // (the residual stream's, whose MLP share waits for the input norm's backward),
+            // which every copy holds at the same moment of its own.
+            let own: Bytes = begun
+                .iter()
+                .filter(|t| !self.live[t.0 as usize])
+                .map(|&t| self.graph.tensor(t).bytes)
+                .sum();
             let delta = i128::from(now.act.0)
                 + i128::from(now.logits.0)
                 + i128::from(now.grads.0)
@@ -810,7 +835,7 @@ impl Walk<'_> {
             // `grads`: it runs beside all of the accumulated gradients the first one made.
             let copy = |k: u64, act: i128, grads: i128| Breakdown {
                 activations: shift(
-                    extend(b.activations, before.act, now.act, k) + self.pending - pending,
+                    extend(b.activations, before.act, now.act, k) + self.pending + own - pending,
                     act,
                 ),
                 logits: extend(b.logits, before.logits, now.logits, k),
@@ -990,8 +1015,14 @@ impl Walk<'_> {
         };
         if let Some(local) = &mut self.local {
             let slot = &mut local[usize::from(self.reducing)];
-            if slot.as_ref().is_none_or(|((b, ..), _)| total > b.total()) {
-                *slot = Some(((now, phase, op), self.pending));
+            if slot.as_ref().is_none_or(|((b, ..), ..)| total > b.total()) {
+                let begun = self
+                    .pending_ids
+                    .iter()
+                    .copied()
+                    .filter(|t| !self.copy_start_pending.contains(t))
+                    .collect();
+                *slot = Some(((now, phase, op), self.pending, begun));
             }
             return;
         }

@@ -617,6 +617,19 @@ fn gpt_oss_sinks_widen_the_eager_softmax_by_one_column() {
         .map(|o| crate::kept_bytes(&g, o) * u64::from(o.repeat.max(1)))
         .sum();
     assert_eq!(kept, 24 * 5_324_800 - 1_048_576);
+    // Backward's worst moment is softmax's: the sliced gradient widened back and `max`'s
+    // scattered gradient, 2 x 2,113,536, beside v's gradient from the product with v (v is
+    // repeated to 64 heads: 1,048,576); that product's backward has run and freed the v it
+    // kept (-1,048,576; a replay of GPT-OSS-20B over 8 FSDP2 ranks holds k's repeated copy
+    // there and not v's): 4,227,072.
+    let core = g
+        .ops()
+        .find(|o| o.kind == OpKind::Attention && o.repeat > 1)
+        .expect("a repeated block's attention");
+    assert_eq!(
+        core.backward_transient.0,
+        2 * 2_113_536 + 1_048_576 - 1_048_576
+    );
     // The sink is one parameter per head and layer.
     let without = ModelSpec {
         attention_sinks: false,

@@ -303,14 +303,22 @@ impl Builder<'_> {
                     saves.push(self.tensor(TensorKind::Activation, DType::I64.bytes(rows)));
                     let with_sink = rows.saturating_mul(seq_k + 1);
                     saves.push(self.tensor(TensorKind::Activation, softmax_dtype.bytes(with_sink)));
-                    if softmax_dtype != compute {
+                    let copy = if softmax_dtype != compute {
                         saves.push(self.tensor(TensorKind::Activation, compute.bytes(scores)));
-                    }
+                        compute.bytes(scores)
+                    } else {
+                        Bytes::ZERO
+                    };
                     // Forward: the concatenated logits and their max-subtracted copy live
                     // together before the softmax; backward: the sliced gradient widened back,
-                    // softmax's result and `max`'s scattered gradient, summed.
+                    // softmax's result and `max`'s scattered gradient, summed. By then the
+                    // product with v has run its backward and freed what it kept, the
+                    // probabilities' cast copy and v (as below; a replay of GPT-OSS-20B over
+                    // 8 FSDP2 ranks holds k's repeated copy there and not v's).
+                    let v_kept = scores_grad && v_rep.id != q.id && v_rep.id != k_rep.id;
+                    let v_freed = if v_kept { v_rep.bytes() } else { Bytes::ZERO };
                     fwd_extra += softmax_dtype.bytes(with_sink) * 2;
-                    bwd_extra += softmax_dtype.bytes(with_sink) * 2;
+                    bwd_extra += softmax_dtype.bytes(with_sink) * 2 - (copy + v_freed);
                     sink_kernels = (3, 5);
                 } else {
                     // The probabilities, mask and copy saved below, held from this op on.

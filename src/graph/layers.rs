@@ -77,6 +77,9 @@ impl Builder<'_> {
         // own (`cast` below); the norm op then holds the rest of the chain.
         let upcast = !layer_norm && kind != Norm::OlmoLayerNorm && x.dtype != DType::F32;
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();
+        // What the op saves and its backward frees before its peak (the walk holds an op's saves
+        // until its backward ends).
+        let mut freed_before_peak = Bytes::ZERO;
         let out = match kind {
             Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P => {
                 // native_layer_norm saves its input, mean and rstd; autocast runs it in fp32,
@@ -153,8 +156,12 @@ impl Builder<'_> {
                     self.val(h, tokens, out_dtype, x.grad)
                 };
                 if trainable {
-                    // weight * normed keeps `normed` for the weight gradient.
+                    // weight * normed keeps `normed` for the weight gradient. That product's
+                    // backward runs first, and autograd frees a node's saved tensors once it has
+                    // run (`Node::release_variables`), so `normed` is gone before pow's backward
+                    // peaks (`rms_backward_peak`).
                     saves.push(pre.id);
+                    freed_before_peak = pre.bytes();
                 }
                 let out_dtype = if fp32_weight {
                     x.dtype
@@ -179,8 +186,10 @@ impl Builder<'_> {
                 | Norm::OlmoLayerNorm => out.bytes() + x.bytes() + DType::F32.bytes(x.elements()),
                 // T5LayerNorm's product reads the narrow input itself: its gradient is cast
                 // back to that dtype before pow's backward runs beside it.
-                Norm::T5RmsNorm => x.bytes() + DType::F32.bytes(x.elements()) * 4,
-                _ => rms_backward_peak(x.elements()),
+                Norm::T5RmsNorm => {
+                    x.bytes() + DType::F32.bytes(x.elements()) * 4 - freed_before_peak
+                }
+                _ => rms_backward_peak(x.elements()) - freed_before_peak,
             },
             cost: Cost {
                 forward_flops: Flops(5.0 * x.elements() as f64),
