@@ -2140,6 +2140,26 @@ fn hunyuan_moe_shares_one_mlp_and_keeps_an_fp32_router_weight() {
         kept_at(&m, &p, "decoder.layers.1.mlp.gate"),
         (65_536, 4_096)
     );
+    // Over FSDP2 (2 ranks, mixed bf16) `MixedPrecisionPolicy(param_dtype=bf16)` gathers `wg` in
+    // bf16 like every parameter, so the `weight.dtype == torch.float32` test fails and the
+    // router multiplies its bf16 input as it is, which the matmul keeps (64 x 256 x 2 B =
+    // 32,768); no fp32 copy (a replay of an 8-layer HunYuan-MoE over 4 ranks holds none, and the
+    // estimate read 33.5 MB a layer over it). The weight stays fp32 in storage.
+    let fsdp = Plan {
+        parallel: ftplan::spec::parallel::Parallel {
+            gpus: 2,
+            gpus_per_node: 2,
+            engine: ftplan::spec::parallel::Engine::Fsdp,
+            ..ftplan::spec::parallel::Parallel::single()
+        },
+        ..full(Precision::MixedBf16, 1, 64)
+    };
+    assert_eq!(
+        kept_at(&m, &fsdp, "decoder.layers.1.mlp.gate"),
+        (32_768, 4_096)
+    );
+    let g = graph::build(&m, &fsdp);
+    assert!(g.ops().all(|o| !g.name(o.name).ends_with("gate.float")));
     // A different top-k per layer is refused.
     config["moe_topk"] = serde_json::json!([2, 1]);
     toy_refused(&config, "moe_topk");

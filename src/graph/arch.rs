@@ -1828,7 +1828,9 @@ fn moe_ops(
     // An fp32 router reads an fp32 copy of its input (the input itself when it is fp32
     // already), which its matmul and LoRA keep as they would a half-precision one. ERNIE's is
     // an fp32 module with autocast off; HunYuan's an fp32 weight whose matmul autocast still
-    // runs in bf16; DeepSeek's and GLM-4.5's cast both operands to fp32,
+    // runs in bf16, and which reads its input as it is when the weight is not fp32 at run time
+    // (`if self.wg.weight.dtype == torch.float32`), as under an engine that runs every
+    // parameter in bf16; DeepSeek's and GLM-4.5's cast both operands to fp32,
     // which autocast undoes when it is on, and which without it is the fp32 matmul that
     // autocast to an fp32 "half" type describes (the input's cast kept by the matmul), plus the
     // weight's fp32 copy, kept for the input's gradient.
@@ -1845,7 +1847,7 @@ fn moe_ops(
             (b.autocast, b.half) = (true, DType::F32);
             router_x
         }
-        RouterPrecision::Fp32Weight => {
+        RouterPrecision::Fp32Weight if !super::build::engine_casts_parameters(b.plan) => {
             (b.base, b.storage_base) = (DType::F32, DType::F32);
             if b.autocast {
                 router_x
@@ -1853,7 +1855,9 @@ fn moe_ops(
                 b.cast(name.at("gate").then("float"), router_x, DType::F32)
             }
         }
-        RouterPrecision::Fp32Operands | RouterPrecision::Model => router_x,
+        RouterPrecision::Fp32Operands | RouterPrecision::Fp32Weight | RouterPrecision::Model => {
+            router_x
+        }
     };
     let mut router = if b.model.family.router_is_linear() {
         b.nn_linear(name.at("gate"), router_in, experts, moe.bias)

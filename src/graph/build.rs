@@ -118,6 +118,13 @@ pub(super) struct OpSpec {
     pub(super) in_backward: bool,
 }
 
+/// Whether the engine itself runs every parameter in bf16 (a sharding engine in 16-bit
+/// precision: FSDP2's `MixedPrecisionPolicy(param_dtype=bf16)` casts each unit as it gathers it,
+/// DeepSpeed's `bf16` mode casts the module), whatever dtype a module made its weight in.
+pub(super) fn engine_casts_parameters(plan: &Plan) -> bool {
+    plan.parallel.engine != Engine::Ddp && plan.precision != Precision::Fp32
+}
+
 impl<'a> Builder<'a> {
     pub fn new(model: &'a ModelSpec, plan: &'a Plan) -> Builder<'a> {
         let base = match (&plan.method, plan.precision) {
@@ -132,8 +139,7 @@ impl<'a> Builder<'a> {
         // (the sharded parameter keeps its dtype), and DeepSpeed's `bf16` mode casts the
         // module itself and keeps fp32 master weights in its optimizer.
         let engine = plan.parallel.engine;
-        let sixteen_bit = engine != Engine::Ddp && plan.precision != Precision::Fp32;
-        let (compute_base, adapter, autocast) = if sixteen_bit {
+        let (compute_base, adapter, autocast) = if engine_casts_parameters(plan) {
             (DType::Bf16, DType::Bf16, false)
         } else {
             (base, DType::F32, plan.autocast())
