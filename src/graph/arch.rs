@@ -302,6 +302,23 @@ fn stack_forward(
             b.checkpointed_masks(bytes);
         }
     }
+    // SDPA's sliding window, once the keys reach it: `sdpa_mask` materialises one boolean
+    // (1, 1, q, k) mask for the sliding layers (no batch dimension without a padding mask),
+    // which checkpointing keeps to the end of backward as it does eager's (a CPU replay of
+    // checkpointed Gemma 4 holds it at the loss's backward; Command R7B's, 8,192 x 8,192, was
+    // the whole of its -0.2 %).
+    if b.plan.attention == crate::spec::plan::AttentionKernel::Sdpa
+        && first
+        && prefix == 0
+        && !model.is_encoder_decoder()
+        && model.mla.is_none()
+        && model
+            .mixers
+            .iter()
+            .any(|m| matches!(m, Mixer::SlidingWindow { window } if seq >= *window))
+    {
+        b.checkpointed_masks(DType::U8.bytes(seq.saturating_mul(seq)));
+    }
 
     // Blocks are built once per kind and marked as copies: the model is cut into segments
     // that train alike (the boundary of `--method freeze`); each segment's first block is built
@@ -430,6 +447,14 @@ fn stack_forward(
         start = end;
     }
     b.unname(stack_named);
+    // Gemma 4's stored keys and values of the first forward, kept by every checkpoint to the
+    // end of backward (`Builder::held_by_checkpoints`; a CPU replay of a checkpointed 6-layer
+    // Gemma 4 31B holds its last sliding layer's and its global layer's, 201 MB at 2 x 4,096).
+    // The recomputation replaces them with its own, which the attention keeps anyway.
+    for (i, bytes) in std::mem::take(&mut b.stored_kv).into_iter().enumerate() {
+        let kind = ["full", "sliding"][i];
+        b.held_by_checkpoints(name.at("shared_kv_states").then(kind), bytes);
+    }
     if model.norm_placement != NormPlacement::Post && b.stage.last {
         // The stack's final norm trains with its top block.
         b.layer = Some(offset + stack.layers.saturating_sub(1));
@@ -1103,6 +1128,8 @@ fn self_attention_ops(
         // they arrive in the queries' dtype (fp32 where the rotary tables are), which decides
         // whether SDPA's autocast casts them (and so copies `repeat_kv`'s view, below).
         k.dtype = q.dtype;
+    } else if model.family.stores_full_length_kv() {
+        b.stored_kv[usize::from(window.is_some())] = k.bytes() + v.bytes();
     }
     if model.qk_norm == QkNorm::L2AfterRotary && rope {
         // One `qk_norm` module, called on q and on k.

@@ -86,6 +86,9 @@ pub struct Builder<'a> {
     /// (T5's), each with the kind of attention mask that reads its bias: every attention op
     /// with that mask adds to it in backward (`Op::grads`).
     pub(super) bias_grads: SmallVec<[(super::attention::AttnMask, TensorId); 2]>,
+    /// The bytes of the keys and values a stack's layers store in Gemma 4's `shared_kv_states`,
+    /// per attention type (full, sliding), as the last block of each type built them.
+    pub(super) stored_kv: [Bytes; 2],
     /// What the Python frames around the ops being built still name (locals and arguments
     /// that no op need keep): each op emitted records them (`Op::frame`). Pushed and popped by
     /// [`Builder::name`] and [`Builder::unname`].
@@ -167,6 +170,7 @@ impl<'a> Builder<'a> {
             prefix: 0,
             per_layer_inputs: None,
             bias_grads: SmallVec::new(),
+            stored_kv: [Bytes::ZERO; 2],
             frame: SmallVec::new(),
             frame_id: 0,
             dense_ffn: false,
@@ -797,20 +801,20 @@ impl<'a> Builder<'a> {
         });
     }
 
-    /// Eager attention's masks under gradient checkpointing: transformers builds one 4-D
-    /// additive mask per mask type for the whole stack (`masking_utils.eager_mask`: the boolean
+    /// The stack's attention masks under gradient checkpointing: transformers builds one per
+    /// mask type for the whole stack (eager's `masking_utils.eager_mask`: the boolean
     /// `sdpa_mask`, expanded to the batch, through `torch.where` into the embeddings' dtype, so
-    /// `batch x q x k` elements each). Every checkpointed block keeps its inputs, the mask among
-    /// them, until its backward, so the masks live until the first block's backward is done.
-    /// (Without checkpointing nothing saves them: they are freed when the model's forward
-    /// returns, before backward.)
+    /// `batch x q x k` elements each; SDPA's sliding window the boolean mask itself). Every
+    /// checkpointed block keeps its inputs, the mask among them, until its backward, so the
+    /// masks live until the first block's backward is done. (Without checkpointing nothing
+    /// saves them: they are freed when the model's forward returns, before backward.)
     pub fn checkpointed_masks(&mut self, bytes: Bytes) {
         if !self.plan.grad_ckpt || bytes == Bytes::ZERO {
             return;
         }
         let mask = self.tensor(TensorKind::Activation, bytes);
         self.emit(OpSpec {
-            name: Name::root("eager_masks"),
+            name: Name::root("attention_masks"),
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves: smallvec![mask],
@@ -825,6 +829,22 @@ impl<'a> Builder<'a> {
             compute: DType::Bf16,
             in_backward: true,
         });
+    }
+
+    /// Tensors the model's forward hands every checkpointed block in a mutable container (Gemma
+    /// 4's `shared_kv_states`): each block's checkpoint keeps the container with its inputs
+    /// until its backward, so what a block puts in it lives to the end of backward, where
+    /// autograd saves nothing in a checkpointed block's first forward. Held from the stack's
+    /// last block on (`Tensor::graph_held`).
+    pub fn held_by_checkpoints(&mut self, name: Name, bytes: Bytes) {
+        if !self.plan.grad_ckpt || bytes == Bytes::ZERO {
+            return;
+        }
+        let t = self.graph.add_tensor(super::op::Tensor {
+            graph_held: true,
+            ..super::op::Tensor::new(TensorKind::Activation, bytes)
+        });
+        self.hold_tensor(name, t, DType::Bf16);
     }
 
     pub fn end_block(&mut self) {

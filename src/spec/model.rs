@@ -301,6 +301,14 @@ impl Family {
         }
     }
 
+    /// Its attention stores the keys and values of the last layer of each attention type (before
+    /// any KV-sharing layers) in the `shared_kv_states` dict the model's forward hands every
+    /// layer (`store_full_length_kv`, transformers 5.17 Gemma 4), whether or not any layer shares
+    /// them.
+    pub fn stores_full_length_kv(self) -> bool {
+        self == Family::Gemma4
+    }
+
     /// Its `apply_rotary_pos_emb` (or attention) rebuilds q and k as `torch.cat([rotated,
     /// pass], dim=-1)` whatever the rotary fraction, the pass-through part empty when it is 1
     /// (transformers 5.17: Phi-3, GPT-NeoX, GLM-4, GLM-4.5, Nemotron, MiniMax-M2, Qwen3.5,
