@@ -1977,6 +1977,20 @@ fn moe_ops(
         o.cost.forward_kernels += forward;
         o.cost.backward_kernels += backward;
     }
+    if probs.grad {
+        // `F.softmax(router_logits, dim=-1, dtype=torch.float)` keeps its fp32 output for its
+        // backward (`_softmax_backward_data` reads it), tokens x experts: 8 MiB a layer for
+        // Qwen3-MoE's 128 experts at 16,384 tokens, which a CPU replay holds in every layer.
+        // (An fp32 router's softmax is no cast: an op of its own keeps it.)
+        if probs.id != router.id {
+            if let Some(o) = b.graph.len().checked_sub(1).and_then(|i| b.graph.op_mut(i)) {
+                o.saves.push(probs.id);
+            }
+        } else {
+            let kept = b.tensor(crate::graph::op::TensorKind::Activation, probs.bytes());
+            b.hold_tensor(name.at("router").then("softmax"), kept, DType::F32);
+        }
+    }
     // Nemotron 3 Super's LatentMoE: the experts read `fc1_latent_proj(hidden_states)` and
     // work at its width; `fc2_latent_proj` projects their sum back (both `nn.Linear`, biased
     // by `mlp_bias`, reached by no target name).
