@@ -260,6 +260,18 @@ fn stack_forward(
         if trains {
             let g = b.tensor(TensorKind::Activation, bias);
             b.bias_grads.push((AttnMask::StridedBias, g));
+            if !plan.grad_ckpt {
+                // The lookup (`nn.Embedding` over the (q, k) bucket indices) keeps its int64
+                // indices for the table's gradient (`embedding_dense_backward`), from the first
+                // block's forward to its backward. (Checkpointed, only the first block's
+                // recomputation keeps them, at the very end of backward.)
+                let buckets = b.tensor(TensorKind::Activation, DType::I64.bytes(seq * keys));
+                b.hold_tensor(
+                    name.at("relative_attention_bias").then("buckets"),
+                    buckets,
+                    DType::I64,
+                );
+            }
         }
         if plan.grad_ckpt {
             position_biases.push(b.tensor(TensorKind::Activation, bias));
