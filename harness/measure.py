@@ -395,6 +395,10 @@ def mirror_cuda_kernels():
     - CUDA's fused kernels refuse a mask whose last dimension is strided (T5's permuted position bias,
       `check_last_dim_stride_equals_1_dense`), so such a call runs the math path, dropout and all, as on the GPU;
     - CUDA autocast's fp32 ops (`mirror_cuda_autocast_fp32`);
+    - T5's dropout inside that math path as CUDA draws it (`native_dropout`), the path written out op by op;
+    - CUDA autocast's cross entropy: CPU autocast lists `cross_entropy_loss` and casts 16-bit logits to fp32, CUDA's
+      runs the decomposition, `log_softmax` in the logits' dtype and `nll_loss` in fp32 (validation/peak_live.py's
+      mirror, which the replays use);
     - `torch.is_autocast_enabled()` without a device asks about CUDA's autocast (its legacy form), so code that
       casts by it (Nemotron's `LayerNorm1P` runs its norm on the autocast dtype's copies) sees the CPU's state, as
       it would see CUDA's on the GPU."""
@@ -407,15 +411,54 @@ def mirror_cuda_kernels():
             return torch.ops.aten.native_dropout(input, p, True)[0]
         return dropout(input, p, training, inplace)
 
+    def math_with_dropout(query, key, value, attn_mask, dropout_p, scale):
+        # aten's `_scaled_dot_product_attention_math` (torch 2.11) op by op, with CUDA's fused dropout: under
+        # autocast SDPA's operands arrive in the autocast dtype; the math path upcasts q, k and v, scales q and k
+        # by the square root of the scale, adds the mask in place, takes `_safe_softmax`, drops, multiplies by v,
+        # and casts the output (and the probabilities it also returns) back.
+        if torch.is_autocast_enabled("cpu"):
+            narrow = torch.get_autocast_dtype("cpu")
+            query, key, value = (t.to(narrow) for t in (query, key, value))
+            if attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(narrow)
+        origin = query.dtype
+        with torch.autocast("cpu", enabled=False):
+            if origin in (torch.bfloat16, torch.float16):
+                query, key, value = query.float(), key.float(), value.float()
+            factor = (scale if scale is not None else 1.0 / query.shape[-1] ** 0.5) ** 0.5
+            attn = torch.matmul(query * factor, key.transpose(-2, -1) * factor)
+            attn.add_(attn_mask)
+            attn = torch.ops.aten._safe_softmax(attn, -1)
+            attn = torch.ops.aten.native_dropout(attn, dropout_p, True)[0]
+            attn.to(origin)
+            return torch.matmul(attn, value).to(origin)
+
     def cuda_sdpa(*args, **kwargs):
         mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
         if isinstance(mask, torch.Tensor) and mask.dim() > 0 and mask.stride(-1) != 1:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+            call = dict(zip(names, args), **kwargs)
+            p = call.get("dropout_p", 0.0)
+            if p > 0 and not call.get("is_causal") and call.get("enable_gqa") is None:
+                return math_with_dropout(call["query"], call["key"], call["value"], mask, p, call.get("scale"))
             with sdpa_kernel(SDPBackend.MATH):
                 return sdpa(*args, **kwargs)
         if len(args) > 4:
             args = args[:4] + (0.0,) + args[5:]
         kwargs.pop("dropout_p", None)
         return sdpa(*args, **kwargs)
+
+    cross_entropy = torch.nn.functional.cross_entropy
+    nll_loss = torch.nn.functional.nll_loss
+
+    def cuda_cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                           reduction="mean", label_smoothing=0.0):
+        if (torch.is_autocast_enabled("cpu") and input.dtype in (torch.bfloat16, torch.float16)
+                and label_smoothing == 0.0 and size_average is None and reduce is None
+                and not torch.is_floating_point(target)):
+            logp = torch.log_softmax(input, 1 if input.dim() > 1 else 0, dtype=input.dtype)
+            return nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
+        return cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
 
     is_autocast_enabled = torch.is_autocast_enabled
 
@@ -425,6 +468,7 @@ def mirror_cuda_kernels():
     torch.nn.functional.dropout = fused_dropout
     torch.nn.functional.scaled_dot_product_attention = cuda_sdpa
     torch.is_autocast_enabled = autocast_enabled
+    torch.nn.functional.cross_entropy = cuda_cross_entropy
     mirror_cuda_autocast_fp32()
 
 

@@ -380,32 +380,6 @@ fn first_of_each<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
     kinds
 }
 
-/// Where a CPU run (`--device cpu`) measures another program than the GPU the estimate
-/// follows, said beside its table. The harness runs CUDA's choices on CPU where it can:
-/// dropout as aten's fused `native_dropout` (a byte mask), SDPA without `dropout_p` (CUDA's
-/// fused kernels keep no mask), a strided mask on the math path (CUDA's fused kernels refuse
-/// it) and CUDA autocast's fp32 ops (`pow`, the norms, the losses). Inside that math path (T5's
-/// position bias) the CPU's dropout still keeps a full-width noise tensor where CUDA's keeps a
-/// byte mask.
-pub fn cpu_differences(model: &ModelSpec, plan: &Plan) -> Vec<String> {
-    let mut out = Vec::new();
-    if model.dropout.attention > 0.0
-        && plan.attention == crate::spec::plan::AttentionKernel::Sdpa
-        && matches!(
-            model.positions,
-            crate::spec::model::Positions::RelativeBias { .. }
-        )
-    {
-        out.push(format!(
-            "`{}` drops attention probabilities ({}) inside SDPA's math path (its position \
-             bias is a strided mask, as on CUDA), where CPU dropout keeps a full-width noise \
-             tensor per layer and CUDA a byte mask: the CPU's peak reads higher",
-            model.name, model.dropout.attention
-        ));
-    }
-    out
-}
-
 /// The plan in the harness's (and `validation/*.jsonl`'s) run vocabulary.
 pub fn run_record(model: &ModelSpec, plan: &Plan) -> Value {
     let method = match (&plan.method, plan.precision) {

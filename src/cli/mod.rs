@@ -278,9 +278,6 @@ fn measure(a: &args::MeasureArgs) -> anyhow::Result<ExitCode> {
     let estimate = ftplan::estimate::estimate(&model, &r.plan, &hardware, &r.rates)?;
     // The plan is accepted: its notes come before the (long) run, a refusal without them.
     note(&r.notes);
-    if device == Device::Cpu {
-        note(&measure::cpu_differences(&model, &r.plan));
-    }
     let mut run = measure::run_record(&model, &r.plan);
     // Module names as given reach peft unchanged (`query_key_value`, `c_attn`, ...).
     if r.plan.method.lora().is_some()
