@@ -446,6 +446,18 @@ def mirror_cuda_kernels():
         if len(args) > 4:
             args = args[:4] + (0.0,) + args[5:]
         kwargs.pop("dropout_p", None)
+        query = kwargs.get("query", args[0] if args else None)
+        if isinstance(mask, torch.Tensor) and query.dim() == 4 and query.transpose(1, 2).is_contiguous() is False \
+                and query.is_contiguous():
+            # CUDA takes a masked call with the memory-efficient kernel, which writes its output token-major
+            # (`at::empty({B, M, num_heads, Kv})`); the CPU's kernel writes q's layout, so a head-major q (made by a
+            # `cat`: partial rotary, Phi-3) would make the caller's `transpose(1, 2).contiguous()` a second copy.
+            # A token-major q gives the CPU kernel CUDA's output layout (the kernel keeps this q as CUDA's keeps its).
+            query = query.transpose(1, 2).contiguous().transpose(1, 2)
+            if "query" in kwargs:
+                kwargs["query"] = query
+            else:
+                args = (query,) + tuple(args[1:])
         return sdpa(*args, **kwargs)
 
     cross_entropy = torch.nn.functional.cross_entropy
