@@ -175,7 +175,14 @@ fn a_cpu_run_of_t5_runs_cudas_math_path_dropout_and_cross_entropy() {
     let v = measure(
         &py,
         &[
-            "--model", "t5-small", "--batch", "1", "--seq", "1024", "--target-seq", "128",
+            "--model",
+            "t5-small",
+            "--batch",
+            "1",
+            "--seq",
+            "1024",
+            "--target-seq",
+            "128",
         ],
         &dir.path().join("runs.jsonl"),
     );
