@@ -278,6 +278,11 @@ impl Builder<'_> {
                 if scores_grad {
                     saves.push(v_rep.id);
                 }
+                // The product with v frees the v it kept once its backward has run, before
+                // softmax's backward (where no saved q or k shares its storage, as a fused
+                // projection's views do).
+                let v_kept = scores_grad && v_rep.id != q.id && v_rep.id != k_rep.id;
+                let v_freed = if v_kept { v_rep.bytes() } else { Bytes::ZERO };
                 // Softmax's saved output: fp32 where the code asks for it
                 // (`softmax(..., dtype=torch.float32)`, Llama and most families) or autocast
                 // promotes it; GPT-2's, T5's and BART's `eager_attention_forward` softmax in
@@ -313,10 +318,8 @@ impl Builder<'_> {
                     // together before the softmax; backward: the sliced gradient widened back,
                     // softmax's result and `max`'s scattered gradient, summed. By then the
                     // product with v has run its backward and freed what it kept, the
-                    // probabilities' cast copy and v (as below; a replay of GPT-OSS-20B over
+                    // probabilities' cast copy and v (`v_freed`; a replay of GPT-OSS-20B over
                     // 8 FSDP2 ranks holds k's repeated copy there and not v's).
-                    let v_kept = scores_grad && v_rep.id != q.id && v_rep.id != k_rep.id;
-                    let v_freed = if v_kept { v_rep.bytes() } else { Bytes::ZERO };
                     fwd_extra += softmax_dtype.bytes(with_sink) * 2;
                     bwd_extra += softmax_dtype.bytes(with_sink) * 2 - (copy + v_freed);
                     sink_kernels = (3, 5);
@@ -390,13 +393,10 @@ impl Builder<'_> {
                         // Backward through softmax holds its incoming gradient (upcast by the
                         // `.to()` backward where there is a cast) and its result, both in the
                         // softmax's dtype; what the matmul with v kept, the bf16 copy and v
-                        // (where no saved q or k shares its storage, as a fused projection's
-                        // views do), is released when that matmul's backward has run: two
+                        // (`v_freed`), is released when that matmul's backward has run: two
                         // score matrices less those. (A replay of checkpointed GPT-J holds
                         // neither there.)
                         let copy = if copy_kept { s } else { Bytes::ZERO };
-                        let v_kept = scores_grad && v_rep.id != q.id && v_rep.id != k_rep.id;
-                        let v_freed = if v_kept { v_rep.bytes() } else { Bytes::ZERO };
                         bwd_extra += probs * 2 - (copy + v_freed);
                     }
                 }
