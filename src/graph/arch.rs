@@ -314,20 +314,20 @@ fn stack_forward(
             b.checkpointed_masks(bytes);
         }
     }
-    // SDPA's sliding window, once the keys reach it: `sdpa_mask` materialises one boolean
-    // (1, 1, q, k) mask for the sliding layers (no batch dimension without a padding mask),
-    // which checkpointing keeps to the end of backward as it does eager's (a CPU replay of
-    // checkpointed Gemma 4 holds it at the loss's backward; Command R7B's, 8,192 x 8,192, was
-    // the whole of its -0.2 %).
+    // SDPA's sliding window, where the layers' calls get a mask (`self_attention_mask`: once
+    // the keys reach it): `sdpa_mask` materialises one boolean (1, 1, q, k) mask for the
+    // sliding layers (no batch dimension without a padding mask), which checkpointing keeps to
+    // the end of backward as it does eager's (a CPU replay of checkpointed Gemma 4 holds it at
+    // the loss's backward; Command R7B's, 8,192 x 8,192, was the whole of its -0.2 %).
     if b.plan.attention == crate::spec::plan::AttentionKernel::Sdpa
         && first
         && prefix == 0
         && !model.is_encoder_decoder()
         && model.mla.is_none()
-        && model
-            .mixers
-            .iter()
-            .any(|m| matches!(m, Mixer::SlidingWindow { window } if seq >= *window))
+        && model.mixers.iter().any(|m| {
+            matches!(m, Mixer::SlidingWindow { window }
+                if self_attention_mask(b, true, seq, Some(*window)) == AttnMask::Explicit)
+        })
     {
         b.checkpointed_masks(DType::U8.bytes(seq.saturating_mul(seq)));
     }
