@@ -447,8 +447,8 @@ def mirror_cuda_kernels():
             args = args[:4] + (0.0,) + args[5:]
         kwargs.pop("dropout_p", None)
         query = kwargs.get("query", args[0] if args else None)
-        if isinstance(mask, torch.Tensor) and query.dim() == 4 and query.transpose(1, 2).is_contiguous() is False \
-                and query.is_contiguous():
+        if (isinstance(mask, torch.Tensor) and query.dim() == 4 and query.is_contiguous()
+                and not query.transpose(1, 2).is_contiguous()):
             # CUDA takes a masked call with the memory-efficient kernel, which writes its output token-major
             # (`at::empty({B, M, num_heads, Kv})`); the CPU's kernel writes q's layout, so a head-major q (made by a
             # `cat`: partial rotary, Phi-3) would make the caller's `transpose(1, 2).contiguous()` a second copy.
