@@ -2434,22 +2434,41 @@ fn eager_attentions_mask_lives_through_the_blocks_forward() {
 }
 
 #[test]
-fn repeat_kv_copies_fp32_keys_before_autocast_casts_them() {
-    // With a mask or heads over 256 wide, transformers repeats grouped keys for every head
-    // (`repeat_kv`: `expand(...).reshape(...)`, a copy from more than one KV head) in their
-    // own dtype, and autocast casts that copy for the kernel: fp32 keys (rotated by fp32
-    // tables under autocast) leave the wide fp32 copy named `key` while the kernel runs. A toy
-    // Gemma 4 whose global layer has 4 heads of 512 over 2 KV heads, mixed bf16, 1 x 1,024:
-    // the repeated fp32 keys are 1,024 x 2,048 x 4 B = 8,388,608 beside the bf16 output
-    // (1,024 x 2,048 x 2 B = 4,194,304): 12,582,912 live only in the core's forward. (Tiny
-    // Gemma 4 26B-A4B on CPU shows both copies at its forward peak.)
+fn sdpa_runs_beside_its_callers_operands_and_the_copies_it_reads() {
+    // A toy Gemma 4 whose global layer has 4 heads of 512 over 2 KV heads, mixed bf16, 1 x
+    // 1,024 tokens. With a mask or heads over 256 wide, transformers repeats grouped keys for
+    // every head (`repeat_kv`: `expand(...).reshape(...)`, a copy from more than one KV head) in
+    // their own dtype, and autocast casts that copy for the kernel: fp32 keys (rotated by fp32
+    // tables under autocast) leave the wide fp32 copy named `key` while the kernel runs,
+    // 1,024 x 2,048 x 4 B = 8,388,608, the core's one transient. Its bf16 output (1,024 x 2,048
+    // x 2 B) is kept for the backward, so held from the core on (it had been counted twice).
     let m = toy_gemma4(2);
-    let g = graph::build(
-        &m,
-        &plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false),
-    );
+    let p = plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false);
+    let g = graph::build(&m, &p);
     let core = op_named(&g, "decoder.layers.1.self_attn.core");
-    assert_eq!(core.forward_transient.0, 12_582_912);
+    assert_eq!(core.forward_transient.0, 8_388_608);
+    // While it runs, the frames name the stack's input (1,024 x 64 x 4 B = 262,144), the
+    // sliding layers' boolean mask, which the model's forward holds until the blocks are done
+    // (1,024 x 1,024 x 1 B = 1,048,576), the block's input and its normed copy (262,144 each),
+    // and the operands as `sdpa_attention_forward(module, query, key, value, ...)` gets them:
+    // q out of the fp32 rotary (1,024 x 2,048 x 4 B = 8,388,608), k (1,024 x 1,024 x 4 B =
+    // 4,194,304) and v out of its norm in bf16 (1,024 x 1,024 x 2 B = 2,097,152).
+    assert_eq!(
+        named_bytes(&g, core),
+        [
+            262_144, 1_048_576, 262_144, 262_144, 8_388_608, 4_194_304, 2_097_152
+        ]
+    );
+    // No op keeps q, k or v (the kernel keeps autocast's casts), nor the mask, nor the normed
+    // input (the projections keep their bf16 casts of it): the run peaks there, with
+    // 8,388,608 + 8,388,608 + 4,194,304 + 2,097,152 + 1,048,576 + 262,144 = 24,379,392 B beyond
+    // the cuBLAS workspaces. A CPU run of this toy (`ftplan measure --device cpu`) peaks at that
+    // kernel: -5.4 -> -0.3 %; tiny Gemma 4 26B-A4B -5.1 -> -0.4 %.
+    let (m, hw) = replay_estimate(&g, &p);
+    assert_eq!(m.peak_phase, ftplan::memory::Phase::Forward);
+    assert_eq!(m.peak_op, "decoder.layers.1.self_attn.core");
+    let workspaces = hw.cublas_workspace * 2;
+    assert_eq!((m.at_peak.temporary - workspaces).0, 24_379_392);
 }
 
 #[test]

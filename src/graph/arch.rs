@@ -316,9 +316,10 @@ fn stack_forward(
     }
     // SDPA's sliding window, where the layers' calls get a mask (`self_attention_mask`: once
     // the keys reach it): `sdpa_mask` materialises one boolean (1, 1, q, k) mask for the
-    // sliding layers (no batch dimension without a padding mask), which checkpointing keeps to
-    // the end of backward as it does eager's (a CPU replay of checkpointed Gemma 4 holds it at
-    // the loss's backward; Command R7B's, 8,192 x 8,192, was the whole of its -0.2 %).
+    // sliding layers (no batch dimension without a padding mask), which the model's forward
+    // names until the blocks are done, and checkpointing keeps to the end of backward as it
+    // does eager's (a CPU replay of checkpointed Gemma 4 holds it at the loss's backward;
+    // Command R7B's, 8,192 x 8,192, was the whole of its -0.2 %).
     if b.plan.attention == crate::spec::plan::AttentionKernel::Sdpa
         && first
         && prefix == 0
@@ -329,7 +330,12 @@ fn stack_forward(
                 if self_attention_mask(b, true, seq, Some(*window)) == AttnMask::Explicit)
         })
     {
-        b.checkpointed_masks(DType::U8.bytes(seq.saturating_mul(seq)));
+        let bytes = DType::U8.bytes(seq.saturating_mul(seq));
+        if plan.grad_ckpt {
+            b.checkpointed_masks(bytes);
+        } else {
+            masks = Some(b.tensor(TensorKind::Activation, bytes));
+        }
     }
 
     // Blocks are built once per kind and marked as copies: the model is cut into segments

@@ -22,7 +22,7 @@ impl Builder<'_> {
             mask,
             window,
             q_head_major,
-            pinned,
+            mut pinned,
         } = call;
         let heads = stack.heads;
         let head_dim = stack.head_dim;
@@ -101,6 +101,16 @@ impl Builder<'_> {
                 // same storage), which the kernel reads as it is, unless autocast casts it (fp32
                 // keys from an fp32 rotary), and the cast writes every head. flash_attention_2
                 // never gets a mask tensor and takes grouped KV as is.
+                // The caller's locals (`sdpa_attention_forward(module, query, key, value,
+                // ...)`, and the attention forward's `query_states`, ...) name the operands
+                // while the kernel runs, beside the copies autocast and `repeat_kv` make of
+                // them: an operand nothing saves (the fp32 output of an fp32 rotary, which
+                // autocast casts) is alive there.
+                for t in [q.id, k.id, v.id] {
+                    if !pinned.contains(&t) {
+                        pinned.push(t);
+                    }
+                }
                 let masked = kernel == Kernel::Fused && mask == AttnMask::Explicit;
                 let repeated = kernel == Kernel::Fused && group > 1 && (masked || head_dim > 256);
                 let copied = |x: &Val| repeated && (stack.kv_heads > 1 || x.dtype != compute);
@@ -464,13 +474,17 @@ impl Builder<'_> {
         } else {
             Bytes::ZERO
         };
+        // The output is a transient unless the kernel keeps it (the fused kernels' backward
+        // reads it), when the walk holds it from this op on.
+        let kept_out = grad && saves.contains(&out.id);
+        let out_transient = if kept_out { Bytes::ZERO } else { out.bytes() };
         let op = self.emit(OpSpec {
             name,
             kind: OpKind::Attention,
             params,
             saves: if grad { saves } else { SmallVec::new() },
             out: out.bytes(),
-            forward_transient: out.bytes() + fwd_extra + returned - not_at_worst,
+            forward_transient: out_transient + fwd_extra + returned - not_at_worst,
             // (A checkpointed block's rerun forward is the walk's: `Phase::Recompute`.)
             backward_transient: grads_at_worst.unwrap_or(io) + math_backward.unwrap_or(bwd_extra),
             cost: Cost {
