@@ -2581,3 +2581,45 @@ fn t5s_bias_lookup_keeps_its_bucket_indices_for_the_tables_gradient() {
     let g = graph::build(&t5, &plan(lora(8), Precision::MixedBf16, 2, 64, 32, false));
     assert!(g.ops().all(|o| !g.name(o.name).ends_with("buckets")));
 }
+
+#[test]
+fn the_chunked_delta_rule_ends_beside_its_fp32_locals_and_the_outputs_copy() {
+    // `torch_chunk_gated_delta_rule` (transformers' Qwen3.5 fallback) at the end of its loop,
+    // as `--tiny` shrinks Qwen3.5-27B (hidden 64; the linear attention's 48 value heads over 16
+    // key heads of 128 kept), mixed bf16, 1 x 1,024 tokens: 16 chunks of 64, nothing padded.
+    // Per tensor of the value or key width, 48 x 128 x 1,024 x 4 B = 25,165,824 in fp32.
+    // - v * beta, the decayed k * beta (read by the solves, kept by neither) and the fp32
+    //   output being filled: 3 x 25,165,824;
+    // - under autocast the loop's matmuls keep bf16 casts of their slices, so no op keeps the
+    //   decayed q and k nor the intra-chunk matrix (48 x 64 x 1,024 x 4 B = 12,582,912), which
+    //   the function's locals still name: 2 x 25,165,824 + 12,582,912;
+    // - the output is `zeros_like(new_values)`, and `linalg_solve_triangular_out` makes its
+    //   result Fortran-contiguous in the last two dimensions (aten BatchLinearAlgebra.cpp), so
+    //   the final `reshape` across the chunks copies it: 25,165,824 more, beside the original
+    //   (the bf16 result comes after the original is freed, and is smaller);
+    // - the mixer's locals: the convolution's SiLU output ((2 x 16 x 128 + 6,144) x 1,024 x 2 B
+    //   = 20,971,520), the repeated q and k (2 x 6,144 x 1,024 x 2 B = 25,165,824) and z
+    //   (6,144 x 1,024 x 2 B = 12,582,912).
+    // 163,577,856 + 58,720,256 = 222,298,112 B.
+    let m = toy(serde_json::json!({
+        "model_type": "qwen3_5_text", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "linear_num_key_heads": 16, "linear_num_value_heads": 48,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+        "full_attention_interval": 2, "vocab_size": 512, "tie_word_embeddings": false
+    }));
+    let p = plan(Method::Full, Precision::MixedBf16, 1, 1024, 0, false);
+    let g = graph::build(&m, &p);
+    let rule = op_named(&g, "decoder.layers.0.linear_attn.chunk_gated_delta_rule");
+    assert_eq!(rule.forward_transient.0, 222_298_112);
+    // The run peaks there. The CPU run (`ftplan measure --model qwen3.5-27b --tiny --device
+    // cpu`) peaks at that copy, 745,114,116 B; the estimate was 710,475,760 (-4.6 %), and is
+    // now 741,866,352 (-0.4 %).
+    let (m, _) = replay_estimate(&g, &p);
+    assert_eq!(m.peak_phase, ftplan::memory::Phase::Forward);
+    assert_eq!(
+        m.peak_op,
+        "decoder.layers.0.linear_attn.chunk_gated_delta_rule"
+    );
+    assert_eq!(m.peak.0, 741_866_352);
+}

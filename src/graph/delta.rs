@@ -185,7 +185,7 @@ impl Builder<'_> {
         let kept = self.tensor(TensorKind::Activation, rule.saved);
         let op = self.elementwise(name, &[mixed, g, beta], out, smallvec![kept], 0.0);
         if let Some(o) = self.graph.op_mut(op) {
-            o.forward_transient += rule.forward;
+            o.forward_transient = rule.forward;
             o.backward_transient = out.bytes() + rule.backward;
             // Matmuls within chunks: q k^T and (k beta) k^T, the two solves, and per chunk
             // the state's reads (2 x 64 x dk x dv), the intra-chunk product (64 x 64 x dv)
@@ -207,9 +207,9 @@ impl Builder<'_> {
     }
 }
 
-/// What one kernel's rule keeps for backward, holds beyond its output forward and backward,
-/// over how many (head, position) pairs it computes, with how many launches each way, in
-/// which dtype.
+/// What one kernel's rule keeps for backward, holds at its worst moment forward (its output
+/// included where that is alive then) and beyond its output backward, over how many (head,
+/// position) pairs it computes, with how many launches each way, in which dtype.
 struct Rule {
     saved: Bytes,
     forward: Bytes,
@@ -225,7 +225,7 @@ struct Rule {
 /// decay (fp32), beta and the inverted 64-wide triangular system `A` (in k's dtype), and
 /// recomputes the WY factors `w`, `u` and the per-chunk states `h` in backward. Forward holds
 /// `h` (`key_dim x value_dim` per head and chunk, k's dtype), the corrected values, `w` and `u`
-/// until it returns; backward holds them again with the states' gradient and fp32 q, k and w
+/// beside its output until it returns; backward holds them again with the states' gradient and fp32 q, k and w
 /// gradients. Launches: two L2 norms, the cumsum, k k^T, the triangular solve, w and u, the
 /// states, the output and its cast; backward twice as many.
 fn fla_rule(d: DeltaNet, (batch, seq): (u64, u64), (half, beta): (DType, DType)) -> Rule {
@@ -239,7 +239,7 @@ fn fla_rule(d: DeltaNet, (batch, seq): (u64, u64), (half, beta): (DType, DType))
             + DType::F32.bytes(3 * heads * tokens)
             + beta.bytes(heads * tokens)
             + half.bytes(heads * CHUNK * tokens),
-        forward: states + half.bytes((hk + 2 * hv) * tokens),
+        forward: states + half.bytes((hk + 3 * hv) * tokens),
         backward: states * 2
             + half.bytes((hk + 2 * hv) * tokens)
             + DType::F32.bytes((3 * hk + hv) * tokens),
@@ -291,12 +291,23 @@ fn torch_rule(d: DeltaNet, (batch, seq): (u64, u64), autocast: bool, half: DType
         // values, both products and the intra-chunk matrix, and every chunk's incoming state.
         common + f32((2 * hk + hv) * padded + 3 * square * padded) + f32(state * chunks)
     };
+    // The locals at the loop's end: v * beta and the decayed k * beta (which the solves read
+    // but do not keep) and the fp32 output being filled. Under autocast no op keeps the decayed
+    // q and k nor the intra-chunk matrix in fp32 either (the loop's matmuls keep bf16 casts of
+    // their slices), and the locals name them. The output is `zeros_like(new_values)`, which
+    // keeps the solve's layout: `linalg_solve_triangular_out` makes its result
+    // Fortran-contiguous in the last two dimensions (aten BatchLinearAlgebra.cpp), so the
+    // final `reshape` across the chunk dimension is a copy, made beside the original; the
+    // bf16 result comes after the original is freed, and is smaller.
+    let named = if autocast {
+        f32(2 * hk * padded) + f32(square * padded)
+    } else {
+        Bytes::ZERO
+    };
     let steps = u32::try_from(chunks).unwrap_or(u32::MAX);
     Rule {
         saved,
-        // The locals at the loop's end: v * beta and the decayed k * beta (which the solves
-        // read but do not keep) and the fp32 output being filled, beside the result's copy.
-        forward: f32(hv * padded) * 2 + f32(hk * padded),
+        forward: f32(hv * padded) * 3 + f32(hk * padded) + named,
         // Full-size fp32 gradients of the sliced tensors (new values, decayed keys, decayed q
         // and k, the intra-chunk matrix), one more zero-filled slice gradient and the
         // output's `CopySlices` clone at a time.
