@@ -2623,3 +2623,24 @@ fn the_chunked_delta_rule_ends_beside_its_fp32_locals_and_the_outputs_copy() {
     );
     assert_eq!(m.peak.0, 741_866_352);
 }
+
+#[test]
+fn an_op_that_keeps_its_output_counts_it_once() {
+    // ReLU keeps its output for `threshold_backward`: from the op on the walk holds it, so the
+    // op's forward moment has nothing more of it as a transient (it had been counted twice
+    // there). A toy T5 (width 64, feed-forward 128), mixed bf16, 1 x 64 source tokens: the
+    // encoder's ReLU output is 64 x 128 x 2 B = 16,384.
+    let m = toy(serde_json::json!({
+        "model_type": "t5", "d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4,
+        "d_kv": 16, "vocab_size": 512, "feed_forward_proj": "relu", "dropout_rate": 0.0
+    }));
+    let g = graph::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 16, false),
+    );
+    let relu = op_named(&g, "encoder.layers.0.mlp.act");
+    assert_eq!(relu.out.0, 16_384);
+    let kept: Vec<u64> = relu.saves.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    assert_eq!(kept, [16_384]);
+    assert_eq!(relu.forward_transient.0, 0);
+}

@@ -368,13 +368,20 @@ impl<'a> Builder<'a> {
         let read: Bytes = inputs.iter().map(Val::bytes).sum();
         let in_backward = out.grad;
         let saves = if in_backward { saves } else { SmallVec::new() };
+        // The output is a transient unless the op keeps it (ReLU, sigmoid), when the walk holds
+        // it from this op on.
+        let transient = if saves.contains(&out.id) {
+            Bytes::ZERO
+        } else {
+            out.bytes()
+        };
         self.emit(OpSpec {
             name,
             kind: OpKind::Elementwise,
             params: SmallVec::new(),
             saves,
             out: out.bytes(),
-            forward_transient: out.bytes(),
+            forward_transient: transient,
             backward_transient: out.bytes() + read,
             cost: Cost {
                 forward_flops: Flops(flops_per_elem * out.elements() as f64),
