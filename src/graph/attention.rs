@@ -93,14 +93,6 @@ impl Builder<'_> {
                 // flash / memory-efficient: q, k, v (as cast by autocast), the output (token-major
                 // unless q is head-major, below), and fp32 logsumexp.
                 // Dropout inside the kernel is regenerated from the RNG state: no mask.
-                // With SDPA, transformers passes `enable_gqa` only when there is no mask and
-                // the heads are at most 256 wide (`use_gqa_in_sdpa`; Gemma 4's global heads are
-                // 512); otherwise `repeat_kv` materialises keys and values for every head: its
-                // `expand(...).reshape(...)` copies, except from a single KV head, whose size-1
-                // dimension merges with the expanded one into a stride-0 view (checked on CPU:
-                // same storage), which the kernel reads as it is, unless autocast casts it (fp32
-                // keys from an fp32 rotary), and the cast writes every head. flash_attention_2
-                // never gets a mask tensor and takes grouped KV as is.
                 // The caller's locals (`sdpa_attention_forward(module, query, key, value,
                 // ...)`, and the attention forward's `query_states`, ...) name the operands
                 // while the kernel runs, beside the copies autocast and `repeat_kv` make of
@@ -111,6 +103,14 @@ impl Builder<'_> {
                         pinned.push(t);
                     }
                 }
+                // With SDPA, transformers passes `enable_gqa` only when there is no mask and
+                // the heads are at most 256 wide (`use_gqa_in_sdpa`; Gemma 4's global heads are
+                // 512); otherwise `repeat_kv` materialises keys and values for every head: its
+                // `expand(...).reshape(...)` copies, except from a single KV head, whose size-1
+                // dimension merges with the expanded one into a stride-0 view (checked on CPU:
+                // same storage), which the kernel reads as it is, unless autocast casts it (fp32
+                // keys from an fp32 rotary), and the cast writes every head. flash_attention_2
+                // never gets a mask tensor and takes grouped KV as is.
                 let masked = kernel == Kernel::Fused && mask == AttnMask::Explicit;
                 let repeated = kernel == Kernel::Fused && group > 1 && (masked || head_dim > 256);
                 let copied = |x: &Val| repeated && (stack.kv_heads > 1 || x.dtype != compute);

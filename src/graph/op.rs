@@ -294,8 +294,8 @@ pub struct Op {
     /// What the Python frames around the op still name while its forward runs, which no op
     /// need keep (`OpGraph::frame`: the block's input, a residual's sum, a sub-layer's input,
     /// a function's locals), and beyond them what only this op's moment sees
-    /// (`pinned`: CodeGen's and GPT-J's rotary locals at the attention core). The walk counts
-    /// those not already held ([`OpGraph::named`]).
+    /// (`pinned`: SDPA's operands as its caller names them, CodeGen's and GPT-J's rotary locals
+    /// at the attention core). The walk counts those not already held ([`OpGraph::named`]).
     pub frame: u32,
     pub pinned: SmallVec<[TensorId; 4]>,
     /// Its output's bytes, and so those of the gradient backward hands it (zero for markers
