@@ -295,16 +295,23 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                 rerun = op.segment;
             }
             let mut transient = op.backward_transient;
+            // The gradients the op's backward makes for the parameters it reads, and (below)
+            // those made in the matmul's dtype and cast back to the parameter's.
+            let mut new_grads = Bytes::ZERO;
+            let mut half_grads = Bytes::ZERO;
             for &p in &op.params {
                 let param = graph.param(p);
                 if !param.trainable {
                     continue;
                 }
+                if op.kind == OpKind::Matmul && op.compute != param.dtype {
+                    half_grads += op.compute.bytes(param.elements);
+                }
                 // One copy's gradient; a repeated block's other copies are added after it.
                 let bytes = param.dtype.bytes(param.elements);
                 match held[p.0 as usize] {
                     HeldGrad::None => {
-                        walk.grads += bytes;
+                        new_grads += bytes;
                         unit_grads.push(p);
                         held[p.0 as usize] = HeldGrad::first_from(op, param);
                     }
@@ -320,15 +327,32 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hardware: &Hardware) -> MemoryEsti
                     }
                 }
             }
-            let (act_t, logit_t) = split_transient(op.kind, transient);
+            let last_use =
+                |t: &TensorId| first_saver[t.0 as usize] == i && !graph.tensor(*t).graph_held;
+            if half_grads > Bytes::ZERO {
+                // Under autocast the matmul's node (`MmBackward`) makes the weight's gradient in
+                // its own dtype, beside its incoming gradient and its saved tensors (the weight's
+                // cast copy among them); the cast back to the fp32 parameter is a node of its
+                // own (`ToCopyBackward`), which runs after the matmul's node has released its
+                // saved tensors and its incoming gradient (`Node::release_variables`; the
+                // engine frees a node's inputs once it has run). A CPU trace of GPT-2's tied LM
+                // head shows the two moments: 77 MB of bf16 gradient beside the 77 MB weight
+                // copy and the logits' gradient, then beside the fp32 gradient alone.
+                let (act_t, logit_t) = split_transient(op.kind, transient + half_grads);
+                walk.observe(Phase::Backward, Some(op.name), act_t, logit_t);
+                for &t in op.saves.iter().filter(|t| last_use(t)) {
+                    walk.release(t);
+                }
+                transient = transient - op.out;
+            }
+            walk.grads += new_grads;
+            let (act_t, logit_t) = split_transient(op.kind, transient + half_grads);
             walk.observe(Phase::Backward, Some(op.name), act_t, logit_t);
             // Its contribution to an accumulated gradient exists once its backward is done;
             // the earliest contributor's backward passes the sum on.
             for &g in &op.grads {
                 walk.accumulate(g);
             }
-            let last_use =
-                |t: &TensorId| first_saver[t.0 as usize] == i && !graph.tensor(*t).graph_held;
             for &t in op.saves.iter().filter(|t| last_use(t)) {
                 walk.release(t);
             }

@@ -2644,3 +2644,33 @@ fn an_op_that_keeps_its_output_counts_it_once() {
     assert_eq!(kept, [16_384]);
     assert_eq!(relu.forward_transient.0, 0);
 }
+
+#[test]
+fn a_weights_cast_back_to_fp32_is_a_node_of_its_own() {
+    // Under autocast a trained fp32 weight's gradient is made by the matmul's node in bf16, then
+    // cast back by `ToCopyBackward`, which runs after the matmul's node has released its saved
+    // tensors and its incoming gradient. GPT-2's tied head (50,257 x 768), mixed bf16, eager
+    // attention, 2 x 128 tokens: the head keeps its bf16 input (2 x 128 x 768 x 2 B = 393,216)
+    // and the weight's cast copy (50,257 x 768 x 2 B = 77,194,752); its backward reads the
+    // logits' gradient (2 x 128 x 50,257 x 2 B = 25,731,584) and writes the input's (393,216).
+    let m = model("gpt2");
+    let p = Plan {
+        attention: AttentionKernel::Eager,
+        ..plan(Method::Full, Precision::MixedBf16, 2, 128, 0, false)
+    };
+    let g = graph::build(&m, &p);
+    let head = op_named(&g, "lm_head");
+    assert_eq!(head.backward_transient.0, 25_731_584 + 393_216);
+    let kept: Vec<u64> = head.saves.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    assert_eq!(kept, [393_216, 77_194_752]);
+    // Beyond what the rest holds: the matmul's node holds the two saved tensors, the two
+    // gradients and the bf16 weight gradient (77,194,752), 180,907,520 B; the cast's node the
+    // input's gradient, the bf16 and the fp32 weight gradient (154,389,504), 231,977,472 B. The
+    // walk had one moment with the fp32 gradient beside the node's saved tensors and incoming
+    // gradient, 258,102,272 B: 26,124,800 (the logits' gradient and the saved input) over, which
+    // made the head the peak at +0.57 % of the CPU run (`ftplan measure --device cpu`). The
+    // run peaks at the embedding's backward, 2,146,215,512 B; so does the estimate now.
+    let (est, _) = replay_estimate(&g, &p);
+    assert_eq!(est.peak_op, "decoder.embed_tokens");
+    assert_eq!(est.peak.0, 2_146_213_456);
+}
