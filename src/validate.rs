@@ -210,7 +210,8 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
     // A replay on the CPU has no cuBLAS workspaces to count: compare like with like, as
     // `ftplan measure --device cpu` does.
     let cpu_hardware;
-    let hardware = if rec.replayed_on_cpu() {
+    let on_cpu = rec.replayed_on_cpu();
+    let hardware = if on_cpu {
         cpu_hardware = hardware.as_cpu_replay();
         &cpu_hardware
     } else {
@@ -226,7 +227,8 @@ fn compare_one(where_: &str, line: &str, hardware: &Hardware, rates: &Rates) -> 
         error: (estimated as f64 - measured as f64) / measured as f64,
         measured_trainable: rec.params_trainable,
         estimated_trainable: est.memory.trainable_params,
-        measured_step_s: rec.step_time_s,
+        // A CPU's step time (`ftplan measure --device cpu --save`) says nothing of the GPU's.
+        measured_step_s: rec.step_time_s.filter(|_| !on_cpu),
         estimated_step_s: est.time.step_seconds,
         estimated_time: est.time,
         plan,
