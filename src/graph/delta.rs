@@ -225,9 +225,9 @@ struct Rule {
 /// decay (fp32), beta and the inverted 64-wide triangular system `A` (in k's dtype), and
 /// recomputes the WY factors `w`, `u` and the per-chunk states `h` in backward. Forward holds
 /// `h` (`key_dim x value_dim` per head and chunk, k's dtype), the corrected values, `w` and `u`
-/// beside its output until it returns; backward holds them again with the states' gradient and fp32 q, k and w
-/// gradients. Launches: two L2 norms, the cumsum, k k^T, the triangular solve, w and u, the
-/// states, the output and its cast; backward twice as many.
+/// beside its output until it returns; backward holds them again with the states' gradient and
+/// fp32 q, k and w gradients. Launches: two L2 norms, the cumsum, k k^T, the triangular solve,
+/// w and u, the states, the output and its cast; backward twice as many.
 fn fla_rule(d: DeltaNet, (batch, seq): (u64, u64), (half, beta): (DType, DType)) -> Rule {
     let heads = d.value_heads;
     let hk = heads * d.key_dim;
