@@ -234,6 +234,18 @@ pub fn op_seconds(op: &Op, rates: &Rates) -> (f64, f64) {
 /// that pass.
 fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
     let c = &op.cost;
+    // Autocast's weight casts are kernels of their own, before the GEMM (forward: fp32 to half,
+    // `bfloat16_copy_kernel_cuda`'s vectorized loop) and after it (backward: the gradient
+    // widened back to fp32 by the dynamic-cast loop): their time adds to the GEMM's rather than
+    // hiding under it.
+    let cast = match pass {
+        Pass::Forward => {
+            c.forward_cast_bytes.0 as f64 / (rates.copy_bandwidth * CONTIGUOUS_EFFICIENCY)
+        }
+        Pass::Backward => {
+            c.backward_cast_bytes.0 as f64 / (rates.copy_bandwidth * WIDENING_EFFICIENCY)
+        }
+    };
     let (flops, bytes, access, kernels) = match pass {
         Pass::Forward => (
             c.forward_flops,
@@ -265,7 +277,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
     let floor = f64::from(kernels) * KERNEL_FLOOR;
     let t_memory = (bytes.0 as f64 / (rates.copy_bandwidth * efficiency)).max(floor);
     if flops.0 <= 0.0 {
-        return t_memory;
+        return t_memory + cast;
     }
     let (kind, compute, dim) = (op.kind, op.compute, op.cost.min_dim);
     let compute_rate = match kind {
@@ -288,7 +300,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
         OpKind::Norm | OpKind::Elementwise | OpKind::Embedding | OpKind::Loss => f64::INFINITY,
     };
     let t_compute = flops.0 / compute_rate;
-    if unfused {
+    cast + if unfused {
         // Separate kernels run one after another: the products, then the score passes.
         t_compute + t_memory
     } else {

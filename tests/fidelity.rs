@@ -2674,3 +2674,58 @@ fn a_weights_cast_back_to_fp32_is_a_node_of_its_own() {
     assert_eq!(est.peak_op, "decoder.embed_tokens");
     assert_eq!(est.peak.0, 2_146_213_456);
 }
+
+#[test]
+fn autocasts_weight_casts_are_kernels_of_their_own_beside_the_gemm() {
+    // The toy Llama (hidden 256) under mixed bf16, one sequence of 64 tokens. q_proj's fp32
+    // weight is 256 x 256 = 65,536 elements: autocast's copy reads 4 bytes and writes 2 per
+    // element (393,216 bytes, `bfloat16_copy_kernel_cuda`'s vectorized loop, 0.94 of the copy
+    // rate), and its bf16 gradient is widened back to fp32 (the same bytes through the
+    // dynamic-cast loop, 0.44). At 1e12 B/s those take 393,216 / 0.94e12 = 0.418 us forward
+    // and 393,216 / 0.44e12 = 0.894 us backward, added to the GEMM's roofline rather than
+    // hidden under it. Pure bf16 weights need no cast, so the op moves nothing beside its GEMM.
+    let m = toy_llama(4);
+    let rates = round_rates();
+    let g = ftplan::graph::arch::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
+    );
+    let op = op_named(&g, "decoder.layers.0.self_attn.q_proj");
+    assert_eq!(op.cost.forward_cast_bytes.0, 393_216);
+    assert_eq!(op.cost.backward_cast_bytes.0, 393_216);
+    let (forward, backward) = ftplan::time::op_seconds(op, &rates);
+    let mut bare = op.clone();
+    bare.cost.forward_cast_bytes = ftplan::units::Bytes::ZERO;
+    bare.cost.backward_cast_bytes = ftplan::units::Bytes::ZERO;
+    let (gemm_forward, gemm_backward) = ftplan::time::op_seconds(&bare, &rates);
+    assert!((forward - gemm_forward - 393_216.0 / 0.94e12).abs() < 1e-15);
+    assert!((backward - gemm_backward - 393_216.0 / 0.44e12).abs() < 1e-15);
+    // A frozen fp32 weight (LoRA over an fp32 base) is cast every forward; no gradient of it
+    // is cast back.
+    let lora_fp32 =
+        ftplan::graph::arch::build(&m, &plan(lora(8), Precision::MixedBf16, 1, 64, 0, false));
+    let op = op_named(&lora_fp32, "decoder.layers.0.self_attn.q_proj");
+    assert_eq!(op.cost.forward_cast_bytes.0, 393_216);
+    assert_eq!(op.cost.backward_cast_bytes.0, 0);
+    let bf16 =
+        ftplan::graph::arch::build(&m, &plan(Method::Full, Precision::Bf16, 1, 64, 0, false));
+    let op = op_named(&bf16, "decoder.layers.0.self_attn.q_proj");
+    assert_eq!(op.cost.forward_cast_bytes.0, 0);
+    assert_eq!(op.cost.backward_cast_bytes.0, 0);
+}
+
+#[test]
+fn an_fp32_rms_norm_makes_no_casts() {
+    // LlamaRMSNorm on an fp32 input (the residual stream of mixed-precision training): its
+    // `.to(float32)` and `.to(input_dtype)` return the input itself, so the chain is pow
+    // (x read, the square written), mean (the square read), the rsqrt multiply (x read, the
+    // normed written) and the weight multiply (the normed read, the output written): 7 fp32
+    // passes, 28 bytes per element. Toy Llama, 64 tokens x 256: 16,384 elements, 458,752 bytes.
+    let m = toy_llama(4);
+    let g = ftplan::graph::arch::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
+    );
+    let op = op_named(&g, "decoder.layers.0.input_layernorm");
+    assert_eq!(op.cost.forward_bytes.0, 16_384 * 28);
+}

@@ -2213,6 +2213,9 @@ fn grouped_linear(
     if let Some(o) = b.graph.op_mut(op) {
         o.cost.forward_bytes += weights * (e - 1);
         o.cost.backward_bytes += weights * (2 * (e - 1));
+        // Autocast casts the whole stacked fp32 weight (and its gradient back).
+        o.cost.forward_cast_bytes = o.cost.forward_cast_bytes * e;
+        o.cost.backward_cast_bytes = o.cost.backward_cast_bytes * e;
         // The grouped kernel runs each expert's rows as one group: the rate of a GEMM as tall
         // as a group (routing taken as uniform).
         o.cost.min_dim = o.cost.min_dim.min(x.tokens.div_ceil(e));

@@ -213,6 +213,13 @@ impl<'a> Builder<'a> {
         self.graph.scope(parent, child)
     }
 
+    /// Bytes one autocast cast of an fp32 weight of `elements` moves: fp32 read, half written
+    /// (`_to_copy` forward); the trained weight's gradient cast back moves the same the other
+    /// way (`ToCopyBackward`). Each is a kernel of its own beside the GEMM.
+    pub(super) fn weight_cast_bytes(&self, elements: u64) -> Bytes {
+        DType::F32.bytes(elements) + self.half.bytes(elements)
+    }
+
     /// The bf16 copy autocast makes of an fp32 weight for a matmul, given whether the weight
     /// trains and whether autograd keeps the copy (the matmul's input needs a gradient).
     ///

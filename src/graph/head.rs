@@ -65,7 +65,9 @@ impl Builder<'_> {
         }
         let mut weight_copy = None;
         let mut cast = Bytes::ZERO;
+        let mut cast_bytes = Bytes::ZERO;
         if self.autocast && head_param.dtype == DType::F32 {
+            cast_bytes = self.weight_cast_bytes(head_param.elements);
             let (copy, transient) =
                 self.autocast_weight(self.half.bytes(head_param.elements), trainable, x.grad);
             cast = transient;
@@ -119,6 +121,8 @@ impl Builder<'_> {
                 min_dim: tokens.min(x.width),
                 modules: 1,
                 misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
+                forward_cast_bytes: cast_bytes,
+                backward_cast_bytes: if trainable { cast_bytes } else { Bytes::ZERO },
                 ..Cost::default()
             },
             compute,

@@ -209,7 +209,11 @@ impl Builder<'_> {
                     };
                     out.bytes() + again + DType::F32.bytes(x.elements()) * 6
                 } else {
-                    x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 7
+                    // An fp32 input (mixed precision's residual stream): both `.to()` calls
+                    // return it as it is, so no cast runs: pow (x read, the square written),
+                    // mean (the square read), the rsqrt multiply (x read, the normed written)
+                    // and the weight multiply (the normed read, the output written).
+                    x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 5
                 },
                 backward_bytes: match kind {
                     Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P => {

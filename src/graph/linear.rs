@@ -199,10 +199,12 @@ impl Builder<'_> {
         let out_grad = x.grad || trainable || bias_trainable;
         let mut weight_copy = None;
         let weight_cast = self.autocast && self.base == DType::F32 && !qlora;
+        let mut cast_bytes = Bytes::ZERO;
         if weight_cast {
             // autocast's half-precision copy of the weight (and bias): cached when they train,
             // cast per use when frozen; autograd keeps it when the input needs a gradient.
             let elems = in_features * out_features + if bias { out_features } else { 0 };
+            cast_bytes = self.weight_cast_bytes(elems);
             let (copy, transient) = self.autocast_weight(self.half.bytes(elems), trainable, x.grad);
             forward_transient += transient;
             weight_copy = copy;
@@ -264,6 +266,8 @@ impl Builder<'_> {
                 modules: 1 + 2 * u32::from(qlora),
                 backward_modules: 2 * u32::from(qlora),
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
+                forward_cast_bytes: cast_bytes,
+                backward_cast_bytes: if trainable { cast_bytes } else { Bytes::ZERO },
                 ..Cost::default()
             },
             compute,
@@ -395,11 +399,13 @@ impl Builder<'_> {
             self.adapter
         };
         let mut saves = smallvec![x.id];
+        let mut cast_bytes = Bytes::ZERO;
         if self.autocast {
             // A trainable leaf: autocast caches its copy (held to the region's end either way).
             let elems = x.width * out_features;
             let (copy, _) = self.autocast_weight(self.half.bytes(elems), true, input_grad);
             saves.extend(copy);
+            cast_bytes = self.weight_cast_bytes(elems);
         }
         let out = self.val(out_features, x.tokens, compute, true);
         let flops = 2.0 * x.tokens as f64 * x.width as f64 * out_features as f64;
@@ -422,6 +428,8 @@ impl Builder<'_> {
                 min_dim: x.tokens.min(x.width).min(out_features),
                 modules: 1,
                 misaligned: false,
+                forward_cast_bytes: cast_bytes,
+                backward_cast_bytes: cast_bytes,
                 ..Cost::default()
             },
             compute,

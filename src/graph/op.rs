@@ -263,6 +263,11 @@ pub struct Cost {
     /// The memory path of an element-wise op's forward and backward kernels.
     pub forward_access: Access,
     pub backward_access: Access,
+    /// Bytes moved by autocast's casts of an fp32 weight, kernels of their own beside the
+    /// op's GEMM: forward the half-precision copy (fp32 read, half written), backward a
+    /// trained weight's gradient cast back to fp32 (half read, fp32 written).
+    pub forward_cast_bytes: Bytes,
+    pub backward_cast_bytes: Bytes,
 }
 
 /// One operation of the forward pass, with everything backward will need.
