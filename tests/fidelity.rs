@@ -2729,3 +2729,22 @@ fn an_fp32_rms_norm_makes_no_casts() {
     let op = op_named(&g, "decoder.layers.0.input_layernorm");
     assert_eq!(op.cost.forward_bytes.0, 16_384 * 28);
 }
+
+#[test]
+fn rotary_on_bf16_q_with_fp32_tables_moves_each_kernels_own_bytes() {
+    // Toy Llama under mixed bf16, 64 tokens: q is 4 heads x 64 = 256 wide, 16,384 bf16 elements
+    // (s = 2 bytes), and cos, built in the fp32 hidden state's dtype, makes the result fp32
+    // (r = 4). `q * cos` moves s + r per element, neg on half of q s, cat 2s, `rotate_half(q) *
+    // sin` s + r, the add of the two fp32 products 3r: 5s + 5r = 30 bytes, 491,520 in all, where
+    // ten passes of the fp32 result would be 40. In pure bf16 both are 2 bytes: 20 per element.
+    let m = toy_llama(4);
+    let bytes = |precision| {
+        let g = ftplan::graph::arch::build(&m, &plan(Method::Full, precision, 1, 64, 0, false));
+        op_named(&g, "decoder.layers.0.self_attn.rotary_q")
+            .cost
+            .forward_bytes
+            .0
+    };
+    assert_eq!(bytes(Precision::MixedBf16), 16_384 * 30);
+    assert_eq!(bytes(Precision::Bf16), 16_384 * 20);
+}

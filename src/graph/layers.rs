@@ -868,14 +868,18 @@ impl Builder<'_> {
                 o.cost.backward_bytes = Bytes(e.saturating_mul(28 + 12 * s));
                 o.forward_transient = DType::F32.bytes(e) * 3;
             } else {
-                // mul, two slices, neg, cat, mul, add: seven dispatches, ten passes over the
-                // tensor (transformers' `apply_rotary_pos_emb`). Backward: two muls, neg, two
-                // `slice_backward`s (each writes the whole zeroed gradient and copies half into it)
-                // and two adds, fourteen passes (a CPU dispatch trace of a Llama block: 14.1 for q,
-                // 14.5 for k).
+                // mul, two slices, neg, cat, mul, add: seven dispatches (transformers'
+                // `apply_rotary_pos_emb`). Per element, with q of s bytes and the result of r
+                // (r = s unless cos is wider): `q * cos` reads q and writes the result (s + r),
+                // neg reads and writes half of q (s), cat reads and writes q's size (2s),
+                // `rotate_half(q) * sin` moves s + r again and the add reads two results and
+                // writes one (3r): 5s + 5r, ten passes when the dtypes agree. Backward: two
+                // muls, neg, two `slice_backward`s (each writes the whole zeroed gradient and
+                // copies half into it) and two adds, fourteen passes (a CPU dispatch trace of a
+                // Llama block: 14.1 for q, 14.5 for k).
                 o.cost.forward_kernels = 7;
                 o.cost.backward_kernels = 7;
-                o.cost.forward_bytes = out.bytes() * 10;
+                o.cost.forward_bytes = (x.bytes() + out.bytes()) * 5;
                 o.cost.backward_bytes = out.bytes() * 14;
             }
         }
