@@ -191,6 +191,11 @@ const STRIDED_EFFICIENCY: f64 = 0.33;
 /// Row-wise kernels (norms, softmax): `F.layer_norm` in fp32 and transformers' eight-op
 /// `LlamaRMSNorm` on bf16 both sustain 2.23 TB/s of the bytes the graph counts for them.
 const ROWWISE_EFFICIENCY: f64 = 0.53;
+/// A trained bias's gradient, the output gradient summed over the tokens (`reduce_kernel` over
+/// dimension 0 of a 16-bit gradient): 0.31 and 0.37 of the copy rate by the bytes it reads in
+/// GPT-2's and GPT-2-medium's profiled steps (48 sums in 1.04 ms, 96 in 2.32 ms,
+/// `validation/profile-h200.jsonl`).
+const BIAS_SUM_EFFICIENCY: f64 = 0.34;
 /// The least time a kernel holds the GPU, launch to retirement: 1.3 us per kernel for adds of
 /// one element replayed back to back from a CUDA graph (`kbench.py`, `graph_add_bf16_n1`).
 const KERNEL_FLOOR: f64 = 1.3e-6;
@@ -244,6 +249,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
         }
         Pass::Backward => {
             c.backward_cast_bytes.0 as f64 / (rates.copy_bandwidth * WIDENING_EFFICIENCY)
+                + c.backward_bias_bytes.0 as f64 / (rates.copy_bandwidth * BIAS_SUM_EFFICIENCY)
         }
     };
     let (flops, bytes, access, kernels) = match pass {

@@ -2748,3 +2748,28 @@ fn rotary_on_bf16_q_with_fp32_tables_moves_each_kernels_own_bytes() {
     assert_eq!(bytes(Precision::MixedBf16), 16_384 * 30);
     assert_eq!(bytes(Precision::Bf16), 16_384 * 20);
 }
+
+#[test]
+fn a_trained_biass_gradient_is_a_sum_kernel_after_the_gemms() {
+    // GPT-2's fused qkv projection under mixed bf16, one sequence of 64 tokens: its bias's
+    // gradient is the bf16 output gradient (64 x 2,304 x 2 = 294,912 bytes) summed over the
+    // tokens, a reduction kernel of its own. At 1e12 B/s and the profiled 0.34 of the copy rate
+    // that takes 294,912 / 0.34e12 = 0.867 us beside the backward GEMMs. LoRA freezes the bias:
+    // nothing to sum.
+    let m = model("gpt2");
+    let rates = round_rates();
+    let g = ftplan::graph::arch::build(
+        &m,
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
+    );
+    let op = op_named(&g, "decoder.layers.0.self_attn.qkv");
+    assert_eq!(op.cost.backward_bias_bytes.0, 294_912);
+    let (_, backward) = ftplan::time::op_seconds(op, &rates);
+    let mut bare = op.clone();
+    bare.cost.backward_bias_bytes = ftplan::units::Bytes::ZERO;
+    let (_, without) = ftplan::time::op_seconds(&bare, &rates);
+    assert!((backward - without - 294_912.0 / 0.34e12).abs() < 1e-15);
+    let lora = ftplan::graph::arch::build(&m, &plan(lora(8), Precision::Bf16, 1, 64, 0, false));
+    let op = op_named(&lora, "decoder.layers.0.self_attn.qkv");
+    assert_eq!(op.cost.backward_bias_bytes.0, 0);
+}

@@ -268,6 +268,11 @@ impl Builder<'_> {
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
                 forward_cast_bytes: cast_bytes,
                 backward_cast_bytes: if trainable { cast_bytes } else { Bytes::ZERO },
+                backward_bias_bytes: if bias_trainable {
+                    out.bytes()
+                } else {
+                    Bytes::ZERO
+                },
                 ..Cost::default()
             },
             compute,
@@ -454,12 +459,14 @@ impl Builder<'_> {
         let mid = self.lora_matmul(name.then("down"), xin, size, down, x.grad);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(down_b);
+            o.cost.backward_bias_bytes = mid.bytes();
         }
         let act = self.val(size, x.tokens, mid.dtype, true);
         self.elementwise(name.then("relu"), &[mid], act, smallvec![act.id], 1.0);
         let upv = self.lora_matmul(name.then("up"), act, h, up, true);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(up_b);
+            o.cost.backward_bias_bytes = upv.bytes();
         }
         self.residual(name.then("residual"), x, upv)
     }

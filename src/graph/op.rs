@@ -268,6 +268,10 @@ pub struct Cost {
     /// trained weight's gradient cast back to fp32 (half read, fp32 written).
     pub forward_cast_bytes: Bytes,
     pub backward_cast_bytes: Bytes,
+    /// The output gradient a trained bias's gradient sums over the tokens: `addmm`'s bias
+    /// input is broadcast, and its gradient is that sum, a reduction kernel of its own after
+    /// the GEMMs.
+    pub backward_bias_bytes: Bytes,
 }
 
 /// One operation of the forward pass, with everything backward will need.
