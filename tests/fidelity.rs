@@ -2675,6 +2675,16 @@ fn a_weights_cast_back_to_fp32_is_a_node_of_its_own() {
     assert_eq!(est.peak.0, 2_146_213_456);
 }
 
+/// An op's forward and backward seconds without the side kernels beside its GEMM (autocast's
+/// weight casts, a bias's gradient sum).
+fn gemm_seconds(op: &Op, rates: &ftplan::time::Rates) -> (f64, f64) {
+    let mut bare = op.clone();
+    bare.cost.forward_cast_bytes = ftplan::units::Bytes::ZERO;
+    bare.cost.backward_cast_bytes = ftplan::units::Bytes::ZERO;
+    bare.cost.backward_bias_bytes = ftplan::units::Bytes::ZERO;
+    ftplan::time::op_seconds(&bare, rates)
+}
+
 #[test]
 fn autocasts_weight_casts_are_kernels_of_their_own_beside_the_gemm() {
     // The toy Llama (hidden 256) under mixed bf16, one sequence of 64 tokens. q_proj's fp32
@@ -2694,10 +2704,7 @@ fn autocasts_weight_casts_are_kernels_of_their_own_beside_the_gemm() {
     assert_eq!(op.cost.forward_cast_bytes.0, 393_216);
     assert_eq!(op.cost.backward_cast_bytes.0, 393_216);
     let (forward, backward) = ftplan::time::op_seconds(op, &rates);
-    let mut bare = op.clone();
-    bare.cost.forward_cast_bytes = ftplan::units::Bytes::ZERO;
-    bare.cost.backward_cast_bytes = ftplan::units::Bytes::ZERO;
-    let (gemm_forward, gemm_backward) = ftplan::time::op_seconds(&bare, &rates);
+    let (gemm_forward, gemm_backward) = gemm_seconds(op, &rates);
     assert!((forward - gemm_forward - 393_216.0 / 0.94e12).abs() < 1e-15);
     assert!((backward - gemm_backward - 393_216.0 / 0.44e12).abs() < 1e-15);
     // A frozen fp32 weight (LoRA over an fp32 base) is cast every forward; no gradient of it
@@ -2754,8 +2761,9 @@ fn a_trained_biass_gradient_is_a_sum_kernel_after_the_gemms() {
     // GPT-2's fused qkv projection under mixed bf16, one sequence of 64 tokens: its bias's
     // gradient is the bf16 output gradient (64 x 2,304 x 2 = 294,912 bytes) summed over the
     // tokens, a reduction kernel of its own. At 1e12 B/s and the profiled 0.34 of the copy rate
-    // that takes 294,912 / 0.34e12 = 0.867 us beside the backward GEMMs. LoRA freezes the bias:
-    // nothing to sum.
+    // that takes 294,912 / 0.34e12 = 0.867 us beside the backward GEMMs, as does the weight's
+    // (and bias's) gradient cast back to fp32: (768 x 2,304 + 2,304) x 6 = 10,630,656 bytes at
+    // 0.44e12. LoRA freezes the bias: nothing to sum.
     let m = model("gpt2");
     let rates = round_rates();
     let g = ftplan::graph::arch::build(
@@ -2765,10 +2773,10 @@ fn a_trained_biass_gradient_is_a_sum_kernel_after_the_gemms() {
     let op = op_named(&g, "decoder.layers.0.self_attn.qkv");
     assert_eq!(op.cost.backward_bias_bytes.0, 294_912);
     let (_, backward) = ftplan::time::op_seconds(op, &rates);
-    let mut bare = op.clone();
-    bare.cost.backward_bias_bytes = ftplan::units::Bytes::ZERO;
-    let (_, without) = ftplan::time::op_seconds(&bare, &rates);
-    assert!((backward - without - 294_912.0 / 0.34e12).abs() < 1e-15);
+    let (_, without) = gemm_seconds(op, &rates);
+    assert_eq!(op.cost.backward_cast_bytes.0, 10_630_656);
+    let sides = 294_912.0 / 0.34e12 + 10_630_656.0 / 0.44e12;
+    assert!((backward - without - sides).abs() < 1e-14);
     let lora = ftplan::graph::arch::build(&m, &plan(lora(8), Precision::Bf16, 1, 64, 0, false));
     let op = op_named(&lora, "decoder.layers.0.self_attn.qkv");
     assert_eq!(op.cost.backward_bias_bytes.0, 0);
