@@ -6,7 +6,7 @@
 //! kernels asynchronously from one host thread, paying a dispatch cost per kernel; when kernels
 //! are short the host, not the GPU, sets the pace, so the step takes the larger of the two totals.
 
-use crate::graph::op::{Access, AttentionPath, Op, OpGraph, OpKind};
+use crate::graph::op::{Access, AttentionPath, Op, OpGraph, OpKind, SideKernels};
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::{Optimizer, Plan};
 use crate::units::{Bytes, DType};
@@ -196,6 +196,10 @@ const ROWWISE_EFFICIENCY: f64 = 0.53;
 /// GPT-2's and GPT-2-medium's profiled steps (48 sums in 1.04 ms, 96 in 2.32 ms,
 /// `validation/profile-h200.jsonl`).
 const BIAS_SUM_EFFICIENCY: f64 = 0.34;
+/// bitsandbytes' `kDequantizeBlockwise` of an NF4 weight to bf16 (half a byte read, two written
+/// per element): 0.42 and 0.52 of the copy rate in the profiled QLoRA steps of TinyLlama (305
+/// dequantizations in 2.66 ms) and Llama-2-7B (445 in 14.7 ms, `validation/profile-h200.jsonl`).
+const DEQUANT_EFFICIENCY: f64 = 0.47;
 /// The least time a kernel holds the GPU, launch to retirement: 1.3 us per kernel for adds of
 /// one element replayed back to back from a CUDA graph (`kbench.py`, `graph_add_bf16_n1`).
 const KERNEL_FLOOR: f64 = 1.3e-6;
@@ -239,19 +243,7 @@ pub fn op_seconds(op: &Op, rates: &Rates) -> (f64, f64) {
 /// that pass.
 fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
     let c = &op.cost;
-    // Autocast's weight casts are kernels of their own, before the GEMM (forward: fp32 to half,
-    // `bfloat16_copy_kernel_cuda`'s vectorized loop) and after it (backward: the gradient
-    // widened back to fp32 by the dynamic-cast loop): their time adds to the GEMM's rather than
-    // hiding under it.
-    let cast = match pass {
-        Pass::Forward => {
-            c.forward_cast_bytes.0 as f64 / (rates.copy_bandwidth * CONTIGUOUS_EFFICIENCY)
-        }
-        Pass::Backward => {
-            c.backward_cast_bytes.0 as f64 / (rates.copy_bandwidth * WIDENING_EFFICIENCY)
-                + c.backward_bias_bytes.0 as f64 / (rates.copy_bandwidth * BIAS_SUM_EFFICIENCY)
-        }
-    };
+    let cast = side_seconds(&c.side, rates, pass);
     let (flops, bytes, access, kernels) = match pass {
         Pass::Forward => (
             c.forward_flops,
@@ -311,6 +303,25 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
         t_compute + t_memory
     } else {
         t_compute.max(t_memory)
+    }
+}
+
+/// Device seconds of the kernels an op launches beside its GEMM, which run before or after it
+/// on the same stream: autocast's weight cast (forward: fp32 to half through
+/// `bfloat16_copy_kernel_cuda`'s vectorized loop; backward: the gradient widened back by the
+/// dynamic-cast loop), QLoRA's dequantization, and a trained bias's gradient sum.
+fn side_seconds(side: &SideKernels, rates: &Rates, pass: Pass) -> f64 {
+    let at = |bytes: Bytes, efficiency: f64| bytes.0 as f64 / (rates.copy_bandwidth * efficiency);
+    match pass {
+        Pass::Forward => {
+            at(side.forward_cast, CONTIGUOUS_EFFICIENCY)
+                + at(side.forward_dequant, DEQUANT_EFFICIENCY)
+        }
+        Pass::Backward => {
+            at(side.backward_cast, WIDENING_EFFICIENCY)
+                + at(side.backward_dequant, DEQUANT_EFFICIENCY)
+                + at(side.backward_bias_sum, BIAS_SUM_EFFICIENCY)
+        }
     }
 }
 

@@ -2676,12 +2676,10 @@ fn a_weights_cast_back_to_fp32_is_a_node_of_its_own() {
 }
 
 /// An op's forward and backward seconds without the side kernels beside its GEMM (autocast's
-/// weight casts, a bias's gradient sum).
+/// weight casts, QLoRA's dequantization, a bias's gradient sum).
 fn gemm_seconds(op: &Op, rates: &ftplan::time::Rates) -> (f64, f64) {
     let mut bare = op.clone();
-    bare.cost.forward_cast_bytes = ftplan::units::Bytes::ZERO;
-    bare.cost.backward_cast_bytes = ftplan::units::Bytes::ZERO;
-    bare.cost.backward_bias_bytes = ftplan::units::Bytes::ZERO;
+    bare.cost.side = ftplan::graph::op::SideKernels::default();
     ftplan::time::op_seconds(&bare, rates)
 }
 
@@ -2701,8 +2699,8 @@ fn autocasts_weight_casts_are_kernels_of_their_own_beside_the_gemm() {
         &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
     );
     let op = op_named(&g, "decoder.layers.0.self_attn.q_proj");
-    assert_eq!(op.cost.forward_cast_bytes.0, 393_216);
-    assert_eq!(op.cost.backward_cast_bytes.0, 393_216);
+    assert_eq!(op.cost.side.forward_cast.0, 393_216);
+    assert_eq!(op.cost.side.backward_cast.0, 393_216);
     let (forward, backward) = ftplan::time::op_seconds(op, &rates);
     let (gemm_forward, gemm_backward) = gemm_seconds(op, &rates);
     assert!((forward - gemm_forward - 393_216.0 / 0.94e12).abs() < 1e-15);
@@ -2712,13 +2710,13 @@ fn autocasts_weight_casts_are_kernels_of_their_own_beside_the_gemm() {
     let lora_fp32 =
         ftplan::graph::arch::build(&m, &plan(lora(8), Precision::MixedBf16, 1, 64, 0, false));
     let op = op_named(&lora_fp32, "decoder.layers.0.self_attn.q_proj");
-    assert_eq!(op.cost.forward_cast_bytes.0, 393_216);
-    assert_eq!(op.cost.backward_cast_bytes.0, 0);
+    assert_eq!(op.cost.side.forward_cast.0, 393_216);
+    assert_eq!(op.cost.side.backward_cast.0, 0);
     let bf16 =
         ftplan::graph::arch::build(&m, &plan(Method::Full, Precision::Bf16, 1, 64, 0, false));
     let op = op_named(&bf16, "decoder.layers.0.self_attn.q_proj");
-    assert_eq!(op.cost.forward_cast_bytes.0, 0);
-    assert_eq!(op.cost.backward_cast_bytes.0, 0);
+    assert_eq!(op.cost.side.forward_cast.0, 0);
+    assert_eq!(op.cost.side.backward_cast.0, 0);
 }
 
 #[test]
@@ -2771,13 +2769,45 @@ fn a_trained_biass_gradient_is_a_sum_kernel_after_the_gemms() {
         &plan(Method::Full, Precision::MixedBf16, 1, 64, 0, false),
     );
     let op = op_named(&g, "decoder.layers.0.self_attn.qkv");
-    assert_eq!(op.cost.backward_bias_bytes.0, 294_912);
+    assert_eq!(op.cost.side.backward_bias_sum.0, 294_912);
     let (_, backward) = ftplan::time::op_seconds(op, &rates);
     let (_, without) = gemm_seconds(op, &rates);
-    assert_eq!(op.cost.backward_cast_bytes.0, 10_630_656);
+    assert_eq!(op.cost.side.backward_cast.0, 10_630_656);
     let sides = 294_912.0 / 0.34e12 + 10_630_656.0 / 0.44e12;
     assert!((backward - without - sides).abs() < 1e-14);
     let lora = ftplan::graph::arch::build(&m, &plan(lora(8), Precision::Bf16, 1, 64, 0, false));
     let op = op_named(&lora, "decoder.layers.0.self_attn.qkv");
-    assert_eq!(op.cost.backward_bias_bytes.0, 0);
+    assert_eq!(op.cost.side.backward_bias_sum.0, 0);
+}
+
+#[test]
+fn qloras_dequantization_is_a_kernel_of_its_own_before_each_use() {
+    // The toy Llama (hidden 256) under QLoRA, one sequence of 64 tokens. q_proj's NF4 weight
+    // is 65,536 elements: bitsandbytes' `kDequantizeBlockwise` reads half a byte and writes a
+    // bf16 per element (32,768 + 131,072 = 163,840 bytes) before the GEMM, which then reads the
+    // bf16 weight itself. At 1e12 B/s and the profiled 0.47 of the copy rate that is 163,840 /
+    // 0.47e12 = 0.349 us. Backward dequantizes again where the input needs a gradient: not in
+    // the first layer (the frozen embeddings' output needs none), in the second.
+    let m = toy_llama(4);
+    let rates = round_rates();
+    let Method::Lora(adapter) = lora(16) else {
+        unreachable!("lora() builds LoRA")
+    };
+    let g = ftplan::graph::arch::build(
+        &m,
+        &plan(Method::Qlora(adapter), Precision::Bf16, 1, 64, 0, false),
+    );
+    let q_projs: Vec<&Op> = g
+        .ops()
+        .filter(|o| g.name(o.name).ends_with("self_attn.q_proj"))
+        .collect();
+    assert_eq!(q_projs.len(), 2);
+    let (first, second) = (q_projs[0], q_projs[1]);
+    assert_eq!(first.cost.side.forward_dequant.0, 163_840);
+    assert_eq!(first.cost.side.backward_dequant.0, 0);
+    assert_eq!(second.cost.side.backward_dequant.0, 163_840);
+    let (forward, backward) = ftplan::time::op_seconds(second, &rates);
+    let (gemm_forward, gemm_backward) = gemm_seconds(second, &rates);
+    assert!((forward - gemm_forward - 163_840.0 / 0.47e12).abs() < 1e-15);
+    assert!((backward - gemm_backward - 163_840.0 / 0.47e12).abs() < 1e-15);
 }

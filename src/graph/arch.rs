@@ -2214,8 +2214,8 @@ fn grouped_linear(
         o.cost.forward_bytes += weights * (e - 1);
         o.cost.backward_bytes += weights * (2 * (e - 1));
         // Autocast casts the whole stacked fp32 weight (and its gradient back).
-        o.cost.forward_cast_bytes = o.cost.forward_cast_bytes * e;
-        o.cost.backward_cast_bytes = o.cost.backward_cast_bytes * e;
+        o.cost.side.forward_cast = o.cost.side.forward_cast * e;
+        o.cost.side.backward_cast = o.cost.side.backward_cast * e;
         // The grouped kernel runs each expert's rows as one group: the rate of a GEMM as tall
         // as a group (routing taken as uniform).
         o.cost.min_dim = o.cost.min_dim.min(x.tokens.div_ceil(e));

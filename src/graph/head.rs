@@ -1,7 +1,7 @@
 //! Embedding lookups, the LM head and the loss over the vocabulary.
 
 use super::build::{Builder, OpSpec, Val, wider};
-use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
+use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, SideKernels, TensorId, TensorKind};
 use crate::spec::plan::Method;
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -121,8 +121,11 @@ impl Builder<'_> {
                 min_dim: tokens.min(x.width),
                 modules: 1,
                 misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
-                forward_cast_bytes: cast_bytes,
-                backward_cast_bytes: if trainable { cast_bytes } else { Bytes::ZERO },
+                side: SideKernels {
+                    forward_cast: cast_bytes,
+                    backward_cast: if trainable { cast_bytes } else { Bytes::ZERO },
+                    ..SideKernels::default()
+                },
                 ..Cost::default()
             },
             compute,

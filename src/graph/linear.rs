@@ -3,7 +3,7 @@
 //! (Houlsby et al. 2019), as peft and bitsandbytes run them.
 
 use super::build::{Builder, OpSpec, Val, wider};
-use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, TensorId};
+use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, SideKernels, TensorId};
 use crate::spec::model::Family;
 use crate::spec::plan::{LoraTargets, Method, Proj};
 use crate::units::{Bytes, DType, Flops};
@@ -218,14 +218,15 @@ impl Builder<'_> {
         let out_dtype = if qlora { x.dtype } else { compute };
         let out = self.val(out_features, x.tokens, out_dtype, out_grad);
         let flops = 2.0 * x.tokens as f64 * in_features as f64 * out_features as f64;
-        // QLoRA dequantizes the NF4 weight to the compute dtype before each use, forward and
-        // backward: one more kernel that reads 4 bits and writes 16 per weight, which the matmul
-        // then reads.
-        let weight_bytes = if qlora {
+        // The matmul reads its weight in the compute dtype. QLoRA dequantizes the NF4 weight to
+        // it before each use, forward and backward: a kernel of its own that reads 4 bits and
+        // writes 16 per weight.
+        let weight_bytes = compute.bytes(in_features * out_features);
+        let dequant = if qlora {
             DType::Nf4.bytes(in_features * out_features)
-                + self.half.bytes(in_features * out_features) * 2
+                + self.half.bytes(in_features * out_features)
         } else {
-            compute.bytes(in_features * out_features)
+            Bytes::ZERO
         };
         self.emit(OpSpec {
             name,
@@ -266,12 +267,16 @@ impl Builder<'_> {
                 modules: 1 + 2 * u32::from(qlora),
                 backward_modules: 2 * u32::from(qlora),
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
-                forward_cast_bytes: cast_bytes,
-                backward_cast_bytes: if trainable { cast_bytes } else { Bytes::ZERO },
-                backward_bias_bytes: if bias_trainable {
-                    out.bytes()
-                } else {
-                    Bytes::ZERO
+                side: SideKernels {
+                    forward_cast: cast_bytes,
+                    backward_cast: if trainable { cast_bytes } else { Bytes::ZERO },
+                    forward_dequant: dequant,
+                    backward_dequant: if x.grad { dequant } else { Bytes::ZERO },
+                    backward_bias_sum: if bias_trainable {
+                        out.bytes()
+                    } else {
+                        Bytes::ZERO
+                    },
                 },
                 ..Cost::default()
             },
@@ -433,8 +438,11 @@ impl Builder<'_> {
                 min_dim: x.tokens.min(x.width).min(out_features),
                 modules: 1,
                 misaligned: false,
-                forward_cast_bytes: cast_bytes,
-                backward_cast_bytes: cast_bytes,
+                side: SideKernels {
+                    forward_cast: cast_bytes,
+                    backward_cast: cast_bytes,
+                    ..SideKernels::default()
+                },
                 ..Cost::default()
             },
             compute,
@@ -459,14 +467,14 @@ impl Builder<'_> {
         let mid = self.lora_matmul(name.then("down"), xin, size, down, x.grad);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(down_b);
-            o.cost.backward_bias_bytes = mid.bytes();
+            o.cost.side.backward_bias_sum = mid.bytes();
         }
         let act = self.val(size, x.tokens, mid.dtype, true);
         self.elementwise(name.then("relu"), &[mid], act, smallvec![act.id], 1.0);
         let upv = self.lora_matmul(name.then("up"), act, h, up, true);
         if let Some(o) = self.graph.op_mut(self.graph.len() - 1) {
             o.params.push(up_b);
-            o.cost.backward_bias_bytes = upv.bytes();
+            o.cost.side.backward_bias_sum = upv.bytes();
         }
         self.residual(name.then("residual"), x, upv)
     }

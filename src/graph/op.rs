@@ -263,15 +263,28 @@ pub struct Cost {
     /// The memory path of an element-wise op's forward and backward kernels.
     pub forward_access: Access,
     pub backward_access: Access,
-    /// Bytes moved by autocast's casts of an fp32 weight, kernels of their own beside the
-    /// op's GEMM: forward the half-precision copy (fp32 read, half written), backward a
-    /// trained weight's gradient cast back to fp32 (half read, fp32 written).
-    pub forward_cast_bytes: Bytes,
-    pub backward_cast_bytes: Bytes,
+    /// Memory-bound kernels the op launches beside its GEMM.
+    pub side: SideKernels,
+}
+
+/// Bytes moved by the memory-bound kernels a matmul op launches beside its GEMM. Each is a
+/// kernel of its own on the same stream, so its time adds to the GEMM's roofline rather than
+/// hiding under it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct SideKernels {
+    /// Autocast's half-precision copy of an fp32 weight before the GEMM (fp32 read, half
+    /// written), and a trained weight's gradient cast back to fp32 after it (half read, fp32
+    /// written).
+    pub forward_cast: Bytes,
+    pub backward_cast: Bytes,
+    /// bitsandbytes' dequantization of an NF4 weight to the compute dtype before each use
+    /// (`kDequantizeBlockwise`: NF4 read, half written), forward and, where the input needs a
+    /// gradient, again in backward (`MatMul4Bit.backward`).
+    pub forward_dequant: Bytes,
+    pub backward_dequant: Bytes,
     /// The output gradient a trained bias's gradient sums over the tokens: `addmm`'s bias
-    /// input is broadcast, and its gradient is that sum, a reduction kernel of its own after
-    /// the GEMMs.
-    pub backward_bias_bytes: Bytes,
+    /// input is broadcast, and its gradient is that sum, a reduction kernel after the GEMMs.
+    pub backward_bias_sum: Bytes,
 }
 
 /// One operation of the forward pass, with everything backward will need.
