@@ -311,6 +311,9 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
 /// `bfloat16_copy_kernel_cuda`'s vectorized loop; backward: the gradient widened back by the
 /// dynamic-cast loop), QLoRA's dequantization, and a trained bias's gradient sum.
 fn side_seconds(side: &SideKernels, rates: &Rates, pass: Pass) -> f64 {
+    if *side == SideKernels::default() {
+        return 0.0;
+    }
     let at = |bytes: Bytes, efficiency: f64| bytes.0 as f64 / (rates.copy_bandwidth * efficiency);
     match pass {
         Pass::Forward => {
