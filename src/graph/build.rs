@@ -128,6 +128,20 @@ pub(super) fn engine_casts_parameters(plan: &Plan) -> bool {
     plan.parallel.engine != Engine::Ddp && plan.precision != Precision::Fp32
 }
 
+/// What autocast's cast of an fp32 weight leaves ([`Builder::autocast_weight`]); nothing when
+/// there is no cast.
+#[derive(Default)]
+pub(super) struct WeightCast {
+    /// The copy the op saves, if any.
+    pub copy: Option<TensorId>,
+    /// The copy's bytes when nothing keeps it: live only while the op runs.
+    pub transient: Bytes,
+    /// What the cast's kernel moves (fp32 read, half written; `_to_copy`), and a trained
+    /// weight's gradient cast back the other way (`ToCopyBackward`): kernels of their own
+    /// beside the GEMM ([`SideKernels`](crate::graph::op::SideKernels)).
+    pub moved: Bytes,
+}
+
 impl<'a> Builder<'a> {
     pub fn new(model: &'a ModelSpec, plan: &'a Plan) -> Builder<'a> {
         let base = match (&plan.method, plan.precision) {
@@ -213,15 +227,9 @@ impl<'a> Builder<'a> {
         self.graph.scope(parent, child)
     }
 
-    /// Bytes one autocast cast of an fp32 weight of `elements` moves: fp32 read, half written
-    /// (`_to_copy` forward); the trained weight's gradient cast back moves the same the other
-    /// way (`ToCopyBackward`). Each is a kernel of its own beside the GEMM.
-    pub(super) fn weight_cast_bytes(&self, elements: u64) -> Bytes {
-        DType::F32.bytes(elements) + self.half.bytes(elements)
-    }
-
-    /// The bf16 copy autocast makes of an fp32 weight for a matmul, given whether the weight
-    /// trains and whether autograd keeps the copy (the matmul's input needs a gradient).
+    /// The bf16 copy autocast makes of an fp32 weight of `elements` for a matmul, given whether
+    /// the weight trains and whether autograd keeps the copy (the matmul's input needs a
+    /// gradient).
     ///
     /// ATen's `cached_cast` (aten/src/ATen/autocast_mode.h) caches only the casts of leaf
     /// tensors that require grad: a trainable weight is cast once and the cache holds the copy
@@ -230,14 +238,15 @@ impl<'a> Builder<'a> {
     /// base, the frozen part of BitFit or layer freezing) is cast at every use: autograd keeps
     /// that copy like any saved tensor, so checkpointing drops it with the block's other
     /// activations and the recompute casts again; when autograd does not keep it, it is freed
-    /// as the op returns. Returns the tensor to save, if any, and the op's transient bytes.
+    /// as the op returns.
     pub(super) fn autocast_weight(
         &mut self,
-        bytes: Bytes,
+        elements: u64,
         trainable: bool,
         kept: bool,
-    ) -> (Option<TensorId>, Bytes) {
-        if trainable {
+    ) -> WeightCast {
+        let bytes = self.half.bytes(elements);
+        let (copy, transient) = if trainable {
             let copy = self.graph.add_tensor(Tensor {
                 cache_only: !kept,
                 ..Tensor::new(TensorKind::WeightCopy, bytes)
@@ -250,6 +259,11 @@ impl<'a> Builder<'a> {
             )
         } else {
             (None, bytes)
+        };
+        WeightCast {
+            copy,
+            transient,
+            moved: DType::F32.bytes(elements) + bytes,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Embedding lookups, the LM head and the loss over the vocabulary.
 
-use super::build::{Builder, OpSpec, Val, wider};
+use super::build::{Builder, OpSpec, Val, WeightCast, wider};
 use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, SideKernels, TensorId, TensorKind};
 use crate::spec::plan::Method;
 use crate::units::{Bytes, DType, Flops};
@@ -63,16 +63,11 @@ impl Builder<'_> {
         if trainable {
             saves.push(xin.id);
         }
-        let mut weight_copy = None;
-        let mut cast = Bytes::ZERO;
-        let mut cast_bytes = Bytes::ZERO;
-        if self.autocast && head_param.dtype == DType::F32 {
-            cast_bytes = self.weight_cast_bytes(head_param.elements);
-            let (copy, transient) =
-                self.autocast_weight(self.half.bytes(head_param.elements), trainable, x.grad);
-            cast = transient;
-            weight_copy = copy;
-        }
+        let cast = if self.autocast && head_param.dtype == DType::F32 {
+            self.autocast_weight(head_param.elements, trainable, x.grad)
+        } else {
+            WeightCast::default()
+        };
         let mut params: SmallVec<[ParamId; 3]> = smallvec![head];
         if bias {
             params.push(self.base_param(
@@ -104,10 +99,10 @@ impl Builder<'_> {
             params,
             saves: if grad { saves } else { SmallVec::new() }
                 .into_iter()
-                .chain(weight_copy)
+                .chain(cast.copy)
                 .collect(),
             out: logits.bytes(),
-            forward_transient: logits.bytes() + cast + hidden,
+            forward_transient: logits.bytes() + cast.transient + hidden,
             backward_transient: logits.bytes() + xin.bytes(),
             cost: Cost {
                 forward_flops: Flops(flops),
@@ -122,8 +117,8 @@ impl Builder<'_> {
                 modules: 1,
                 misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
                 side: SideKernels {
-                    forward_cast: cast_bytes,
-                    backward_cast: if trainable { cast_bytes } else { Bytes::ZERO },
+                    forward_cast: cast.moved,
+                    backward_cast: if trainable { cast.moved } else { Bytes::ZERO },
                     ..SideKernels::default()
                 },
                 ..Cost::default()

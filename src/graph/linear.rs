@@ -2,7 +2,7 @@
 //! NF4 base (Dettmers et al. 2023), IA3 scalings (Liu et al. 2022) and bottleneck adapters
 //! (Houlsby et al. 2019), as peft and bitsandbytes run them.
 
-use super::build::{Builder, OpSpec, Val, wider};
+use super::build::{Builder, OpSpec, Val, WeightCast, wider};
 use crate::graph::op::{Cost, Name, OpKind, Param, ParamId, ParamRole, SideKernels, TensorId};
 use crate::spec::model::Family;
 use crate::spec::plan::{LoraTargets, Method, Proj};
@@ -195,20 +195,17 @@ impl Builder<'_> {
         if trainable {
             saves.push(xin.id);
         }
-        let mut forward_transient = Bytes::ZERO;
         let out_grad = x.grad || trainable || bias_trainable;
-        let mut weight_copy = None;
         let weight_cast = self.autocast && self.base == DType::F32 && !qlora;
-        let mut cast_bytes = Bytes::ZERO;
-        if weight_cast {
-            // autocast's half-precision copy of the weight (and bias): cached when they train,
-            // cast per use when frozen; autograd keeps it when the input needs a gradient.
-            let elems = in_features * out_features + if bias { out_features } else { 0 };
-            cast_bytes = self.weight_cast_bytes(elems);
-            let (copy, transient) = self.autocast_weight(self.half.bytes(elems), trainable, x.grad);
-            forward_transient += transient;
-            weight_copy = copy;
-        }
+        // autocast's half-precision copy of the weight (and bias): cached when they train, cast
+        // per use when frozen; autograd keeps it when the input needs a gradient.
+        let elems = in_features * out_features + if bias { out_features } else { 0 };
+        let cast = if weight_cast {
+            self.autocast_weight(elems, trainable, x.grad)
+        } else {
+            WeightCast::default()
+        };
+        let mut forward_transient = cast.transient;
         if qlora {
             // bitsandbytes dequantizes the whole weight to the compute dtype for the matmul.
             forward_transient += self.half.bytes(in_features * out_features);
@@ -234,7 +231,7 @@ impl Builder<'_> {
             params,
             saves: if out_grad { saves } else { SmallVec::new() }
                 .into_iter()
-                .chain(weight_copy)
+                .chain(cast.copy)
                 .collect(),
             out: out.bytes(),
             forward_transient: forward_transient + out.bytes(),
@@ -268,8 +265,8 @@ impl Builder<'_> {
                 backward_modules: 2 * u32::from(qlora),
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
                 side: SideKernels {
-                    forward_cast: cast_bytes,
-                    backward_cast: if trainable { cast_bytes } else { Bytes::ZERO },
+                    forward_cast: cast.moved,
+                    backward_cast: if trainable { cast.moved } else { Bytes::ZERO },
                     forward_dequant: dequant,
                     backward_dequant: if x.grad { dequant } else { Bytes::ZERO },
                     backward_bias_sum: if bias_trainable {
@@ -409,14 +406,13 @@ impl Builder<'_> {
             self.adapter
         };
         let mut saves = smallvec![x.id];
-        let mut cast_bytes = Bytes::ZERO;
-        if self.autocast {
-            // A trainable leaf: autocast caches its copy (held to the region's end either way).
-            let elems = x.width * out_features;
-            let (copy, _) = self.autocast_weight(self.half.bytes(elems), true, input_grad);
-            saves.extend(copy);
-            cast_bytes = self.weight_cast_bytes(elems);
-        }
+        // A trainable leaf: autocast caches its copy (held to the region's end either way).
+        let cast = if self.autocast {
+            self.autocast_weight(x.width * out_features, true, input_grad)
+        } else {
+            WeightCast::default()
+        };
+        saves.extend(cast.copy);
         let out = self.val(out_features, x.tokens, compute, true);
         let flops = 2.0 * x.tokens as f64 * x.width as f64 * out_features as f64;
         self.emit(OpSpec {
@@ -439,8 +435,8 @@ impl Builder<'_> {
                 modules: 1,
                 misaligned: false,
                 side: SideKernels {
-                    forward_cast: cast_bytes,
-                    backward_cast: cast_bytes,
+                    forward_cast: cast.moved,
+                    backward_cast: cast.moved,
                     ..SideKernels::default()
                 },
                 ..Cost::default()
