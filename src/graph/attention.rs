@@ -1,6 +1,6 @@
 //! The attention core: which SDPA kernel runs (fused, math, eager) and what each keeps.
 
-use super::build::{Builder, OpSpec, Val};
+use super::build::{Builder, OpSpec, Val, unless_kept};
 use crate::graph::op::{AttentionPath, Cost, Name, OpKind, TensorId, TensorKind};
 use crate::spec::model::{ReturnedWeights, Stack};
 use crate::spec::plan::AttentionKernel;
@@ -474,15 +474,14 @@ impl Builder<'_> {
         } else {
             Bytes::ZERO
         };
-        // The output is a transient unless the kernel keeps it (the fused kernels' backward
-        // reads it), when the walk holds it from this op on.
-        let kept_out = grad && saves.contains(&out.id);
-        let out_transient = if kept_out { Bytes::ZERO } else { out.bytes() };
+        let saves = if grad { saves } else { SmallVec::new() };
+        // The fused kernels' backward reads their output.
+        let out_transient = unless_kept(&saves, out);
         let op = self.emit(OpSpec {
             name,
             kind: OpKind::Attention,
             params,
-            saves: if grad { saves } else { SmallVec::new() },
+            saves,
             out: out.bytes(),
             forward_transient: out_transient + fwd_extra + returned - not_at_worst,
             // (A checkpointed block's rerun forward is the walk's: `Phase::Recompute`.)

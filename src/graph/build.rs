@@ -128,6 +128,16 @@ pub(super) fn engine_casts_parameters(plan: &Plan) -> bool {
     plan.parallel.engine != Engine::Ddp && plan.precision != Precision::Fp32
 }
 
+/// An op's output as part of its forward transient: its bytes, unless the op keeps it for
+/// backward (`saves`, as emitted), when the walk holds it from this op on.
+pub(super) fn unless_kept(saves: &[TensorId], out: Val) -> Bytes {
+    if saves.contains(&out.id) {
+        Bytes::ZERO
+    } else {
+        out.bytes()
+    }
+}
+
 /// What autocast's cast of an fp32 weight leaves ([`Builder::autocast_weight`]); nothing when
 /// there is no cast.
 #[derive(Default)]
@@ -389,13 +399,8 @@ impl<'a> Builder<'a> {
         let read: Bytes = inputs.iter().map(Val::bytes).sum();
         let in_backward = out.grad;
         let saves = if in_backward { saves } else { SmallVec::new() };
-        // The output is a transient unless the op keeps it (ReLU, sigmoid), when the walk holds
-        // it from this op on.
-        let transient = if saves.contains(&out.id) {
-            Bytes::ZERO
-        } else {
-            out.bytes()
-        };
+        // ReLU and sigmoid keep their output.
+        let transient = unless_kept(&saves, out);
         self.emit(OpSpec {
             name,
             kind: OpKind::Elementwise,
