@@ -243,7 +243,7 @@ pub fn op_seconds(op: &Op, rates: &Rates) -> (f64, f64) {
 /// that pass.
 fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
     let c = &op.cost;
-    let cast = side_seconds(&c.side, rates, pass);
+    let side = side_seconds(&c.side, rates, pass);
     let (flops, bytes, access, kernels) = match pass {
         Pass::Forward => (
             c.forward_flops,
@@ -275,7 +275,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
     let floor = f64::from(kernels) * KERNEL_FLOOR;
     let t_memory = (bytes.0 as f64 / (rates.copy_bandwidth * efficiency)).max(floor);
     if flops.0 <= 0.0 {
-        return t_memory + cast;
+        return t_memory + side;
     }
     let (kind, compute, dim) = (op.kind, op.compute, op.cost.min_dim);
     let compute_rate = match kind {
@@ -298,7 +298,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
         OpKind::Norm | OpKind::Elementwise | OpKind::Embedding | OpKind::Loss => f64::INFINITY,
     };
     let t_compute = flops.0 / compute_rate;
-    cast + if unfused {
+    side + if unfused {
         // Separate kernels run one after another: the products, then the score passes.
         t_compute + t_memory
     } else {
