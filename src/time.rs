@@ -6,7 +6,7 @@
 //! kernels asynchronously from one host thread, paying a dispatch cost per kernel; when kernels
 //! are short the host, not the GPU, sets the pace, so the step takes the larger of the two totals.
 
-use crate::graph::op::{Access, AttentionPath, Op, OpGraph, OpKind, SideKernels};
+use crate::graph::op::{Access, AttentionPath, Loops, Op, OpGraph, OpKind, SideKernels};
 use crate::spec::hardware::Hardware;
 use crate::spec::plan::{Optimizer, Plan};
 use crate::units::{Bytes, DType};
@@ -191,6 +191,24 @@ const STRIDED_EFFICIENCY: f64 = 0.33;
 /// Row-wise kernels (norms, softmax): `F.layer_norm` in fp32 and transformers' eight-op
 /// `LlamaRMSNorm` on bf16 both sustain 2.23 TB/s of the bytes the graph counts for them.
 const ROWWISE_EFFICIENCY: f64 = 0.53;
+/// A legacy `elementwise_kernel` element (a broadcast or strided operand) takes as long as this
+/// many bytes of copy, whatever its dtype: the loop computes every operand's offset per element,
+/// so elements, not bytes, bound it. Per 16.7 M elements on the H200 (4.23 TB/s): a bf16 row
+/// scale 45.3 us (11.4 B), rotary's bf16 `q * cos` 49.6 us (12.5 B), a bf16 transpose copy
+/// 49.9 us (12.6 B) (`kbench-h200.json`, less the event pair's 9.7 us); LlamaRMSNorm's fp32
+/// rsqrt multiply 52.7 us (13.3 B, 89 calls) and mean's expanded fp32 gradient 41.2 us
+/// (10.4 B, 44 calls) in TinyLlama LoRA's profiled step (`profile-h200.jsonl`). The median.
+/// For bf16 operands it is `STRIDED_EFFICIENCY`'s rate: 4 bytes per element at 0.33.
+const LEGACY_ELEMENT_BYTES: f64 = 12.5;
+/// A sum or mean along each row (`reduce_kernel` over the last dimension, fp32): LlamaRMSNorm's
+/// variance mean sustains 0.76 of the copy rate and its backward's row sum 0.65 in the
+/// profiled TinyLlama steps (45 and 44 calls on 16.7 M elements, `profile-h200.jsonl`).
+const ROW_REDUCE_EFFICIENCY: f64 = 0.7;
+/// A sum over the tokens in fp32 (`reduce_kernel` over dimension 0): `sum(0)` of a 16.7 M
+/// element tensor 0.47 of the copy rate (`kbench-h200.json`, `sum_dim0_fp32_T_H`), a trained
+/// fp32 RMSNorm weight's gradient 0.46 (45 calls in checkpointed TinyLlama's profiled step).
+/// In 16 bits the same sums are a bias's gradient (`BIAS_SUM_EFFICIENCY`).
+const TOKEN_SUM_F32_EFFICIENCY: f64 = 0.47;
 /// A trained bias's gradient, the output gradient summed over the tokens (`reduce_kernel` over
 /// dimension 0 of a 16-bit gradient): 0.31 and 0.37 of the copy rate by the bytes it reads in
 /// GPT-2's and GPT-2-medium's profiled steps (48 sums in 1.04 ms, 96 in 2.32 ms,
@@ -273,7 +291,16 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
         },
     };
     let floor = f64::from(kernels) * KERNEL_FLOOR;
-    let t_memory = (bytes.0 as f64 / (rates.copy_bandwidth * efficiency)).max(floor);
+    let loops = match pass {
+        Pass::Forward => &c.forward_loops,
+        Pass::Backward => &c.backward_loops,
+    };
+    let t_memory = if *loops == Loops::default() {
+        bytes.0 as f64 / (rates.copy_bandwidth * efficiency)
+    } else {
+        loops_seconds(loops, op.compute, rates)
+    }
+    .max(floor);
     if flops.0 <= 0.0 {
         return t_memory + side;
     }
@@ -304,6 +331,24 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
     } else {
         t_compute.max(t_memory)
     }
+}
+
+/// Device seconds of a chain of kernels, each part at its own loop's rate: the legacy loop at
+/// its element rate unless its bytes take longer, and sums over the tokens at the rate of their
+/// dtype (the op's compute dtype).
+fn loops_seconds(loops: &Loops, compute: DType, rates: &Rates) -> f64 {
+    let at = |bytes: Bytes, efficiency: f64| bytes.0 as f64 / (rates.copy_bandwidth * efficiency);
+    let legacy = loops.broadcast_elements as f64 * LEGACY_ELEMENT_BYTES / rates.copy_bandwidth;
+    let token_sum = if compute == DType::F32 {
+        TOKEN_SUM_F32_EFFICIENCY
+    } else {
+        BIAS_SUM_EFFICIENCY
+    };
+    at(loops.contiguous, CONTIGUOUS_EFFICIENCY)
+        + at(loops.widening, WIDENING_EFFICIENCY)
+        + at(loops.broadcast, CONTIGUOUS_EFFICIENCY).max(legacy)
+        + at(loops.row_reduce, ROW_REDUCE_EFFICIENCY)
+        + at(loops.token_reduce, token_sum)
 }
 
 /// Device seconds of the kernels an op launches beside its GEMM, which run before or after it

@@ -850,10 +850,15 @@ fn element_wise_kernels_run_at_their_loops_measured_rates() {
     // Rotary on k (4 KV heads: 655,360 bytes) would take 1.99 us at that rate, but seven
     // kernels hold the GPU at least 7 x 1.3 = 9.1 us.
     close(time("self_attn.rotary_k").0, 7.0 * 1.3e-6);
-    // The norm's own passes after the upcast: six fp32 passes (pow, mean, the rsqrt multiply,
-    // the cast down) and the bf16 result, 6 x 1,048,576 + 524,288 = 6,815,744 bytes at the
-    // row-wise kernels' 0.53: 12.86 us; seven kernels (the upcast is the eighth, its own op).
-    close(time("input_layernorm").0, 6_815_744.0 / 0.53e12);
+    // The norm's own kernels after the upcast, each at its loop's rate (n = 262,144): pow and
+    // the cast down contiguous (14n bytes, / 0.94e12), mean a row sum (4n, / 0.7e12), the rsqrt
+    // and weight multiplies broadcast (2n elements at 12.5 copied bytes each): 11.96 us, over
+    // its seven kernels' 9.1 (the upcast is the eighth, its own op).
+    let n = 262_144.0;
+    close(
+        time("input_layernorm").0,
+        14.0 * n / 0.94e12 + 2.0 * n * 12.5 / 1e12 + 4.0 * n / 0.7e12,
+    );
 }
 
 #[test]
@@ -2733,6 +2738,45 @@ fn an_fp32_rms_norm_makes_no_casts() {
     );
     let op = op_named(&g, "decoder.layers.0.input_layernorm");
     assert_eq!(op.cost.forward_bytes.0, 16_384 * 28);
+}
+
+#[test]
+fn llama_rms_norms_kernels_each_run_at_their_own_loops_rate() {
+    // LlamaRMSNorm in pure bf16 with its weight trained, toy Llama at 1 x 1,024 tokens of 256:
+    // n = 262,144 elements (bf16 2 bytes, fp32 4). Its kernels, by loop:
+    // - forward: pow (8n) and the cast back to bf16 (6n) contiguous; mean a row reduction
+    //   (4n); the rsqrt multiply (8n) and the weight multiply (4n) broadcast, 2n elements.
+    //   30n = 7,864,320 bytes.
+    // - backward: the weight multiply's gradient (4n), the rsqrt multiply's (8n) and mean's
+    //   expanded one (4n) broadcast, 3n elements; the product for the row sum (12n), pow's
+    //   copy, scale and product (28n), the two paths' sum (12n) and the weight's gradient
+    //   product (6n) contiguous, 58n; `.to()`'s gradient widened (6n); the row sum (4n); the
+    //   weight gradient's sum over the tokens (2n). 86n = 22,544,384 bytes.
+    // At 1e12 B/s: contiguous at 0.94, widening 0.44, a broadcast element as 12.5 copied bytes
+    // (more than its bytes at 0.94), row sums 0.7, 16-bit token sums 0.34:
+    // forward 14n/0.94 + 2n x 12.5 + 4n/0.7 = 11.96 us (one row-wise rate, 0.53, said 14.8);
+    // backward 58n/0.94 + 6n/0.44 + 3n x 12.5 + 4n/0.7 + 2n/0.34 = 32.6 us (0.53: 42.5).
+    let m = toy_llama(4);
+    let rates = round_rates();
+    let g = ftplan::graph::arch::build(&m, &plan(Method::Full, Precision::Bf16, 1, 1024, 0, false));
+    let op = op_named(&g, "decoder.layers.0.input_layernorm");
+    let n = 262_144.0;
+    assert_eq!(op.cost.forward_bytes.0, 262_144 * 30);
+    assert_eq!(op.cost.backward_bytes.0, 262_144 * 86);
+    let loops = op.cost.backward_loops;
+    assert_eq!(loops.broadcast_elements, 262_144 * 3);
+    assert_eq!(loops.widening.0, 262_144 * 6);
+    let (forward, backward) = ftplan::time::op_seconds(op, &rates);
+    let forward_by_hand = (14.0 * n / 0.94 + 2.0 * n * 12.5 + 4.0 * n / 0.7) / 1e12;
+    let backward_by_hand =
+        (58.0 * n / 0.94 + 6.0 * n / 0.44 + 3.0 * n * 12.5 + 4.0 * n / 0.7 + 2.0 * n / 0.34) / 1e12;
+    assert!((forward - forward_by_hand).abs() < 1e-12, "{forward}");
+    assert!((backward - backward_by_hand).abs() < 1e-12, "{backward}");
+    // LoRA freezes the weight: no gradient product, no sum over the tokens (78n).
+    let lora = ftplan::graph::arch::build(&m, &plan(lora(8), Precision::Bf16, 1, 1024, 0, false));
+    let frozen = op_named(&lora, "decoder.layers.1.input_layernorm");
+    assert_eq!(frozen.cost.backward_bytes.0, 262_144 * 78);
+    assert_eq!(frozen.cost.backward_loops.token_reduce.0, 0);
 }
 
 #[test]

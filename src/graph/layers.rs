@@ -2,7 +2,9 @@
 //! framework implementation's autograd graph keeps.
 
 use super::build::{Builder, OpSpec, Val, wider};
-use crate::graph::op::{Access, Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
+use crate::graph::op::{
+    Access, Cost, Loops, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind,
+};
 use crate::spec::model::{Activation, Norm, RotaryApply};
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -171,6 +173,13 @@ impl Builder<'_> {
                 self.val(h, tokens, out_dtype, x.grad || trainable)
             }
         };
+        // LlamaRMSNorm's chain after its upcast, kernel by kernel; the other norms are one fused
+        // kernel or are timed as one row-wise chain.
+        let (forward_loops, backward_loops) = if kind == Norm::RmsNorm {
+            llama_rms_loops(x.elements(), (x.dtype, out.dtype), x.grad, trainable)
+        } else {
+            (Loops::default(), Loops::default())
+        };
         self.emit(OpSpec {
             name,
             kind: OpKind::Norm,
@@ -199,6 +208,8 @@ impl Builder<'_> {
                 // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
                 forward_bytes: if layer_norm || kind == Norm::OlmoLayerNorm {
                     x.bytes() + out.bytes()
+                } else if kind == Norm::RmsNorm {
+                    forward_loops.bytes()
                 } else if upcast {
                     // The upcast (reading x, writing the first fp32 pass) is its own op; T5's
                     // norm reads x once more for its rsqrt multiply.
@@ -223,29 +234,8 @@ impl Builder<'_> {
                     Norm::OlmoLayerNorm => {
                         DType::F32.bytes(x.elements()) * 3 + x.bytes() + out.bytes()
                     }
-                    // LlamaRMSNorm's autograd, op by op (derivatives.yaml; a CPU dispatch trace
-                    // of a Llama block gives the same 84 bytes per bf16 element with the
-                    // upcast's backward): the weight multiply's input gradient (gradient read,
-                    // result written), its cast to fp32 when the input was narrower, then
-                    // seventeen fp32 passes: the rsqrt multiply's two gradients (3 + 2), the
-                    // sum over the row (1), mean's expanded division (1), pow's derivative
-                    // x^1, times 2, times the gradient (2 + 2 + 3), and the accumulation of
-                    // the two paths (3). A trained weight adds its product with the normed
-                    // input and the sum over tokens (4 passes of the normed dtype).
-                    Norm::RmsNorm => {
-                        let f32 = DType::F32.bytes(x.elements());
-                        let narrow = if out.dtype == DType::F32 {
-                            Bytes::ZERO
-                        } else {
-                            out.bytes() + f32
-                        };
-                        let weight = if trainable {
-                            out.dtype.bytes(x.elements()) * 4
-                        } else {
-                            Bytes::ZERO
-                        };
-                        out.bytes() * 2 + narrow + f32 * 17 + weight
-                    }
+                    // LlamaRMSNorm's autograd, op by op (`llama_rms_loops`).
+                    Norm::RmsNorm => backward_loops.bytes(),
                     // The other RMSNorm variants: about twelve fp32 passes.
                     Norm::GemmaRmsNorm
                     | Norm::Olmo2RmsNorm
@@ -274,6 +264,8 @@ impl Builder<'_> {
                     _ => 12,
                 },
                 modules: 1,
+                forward_loops,
+                backward_loops,
                 ..Cost::default()
             },
             compute: out.dtype,
@@ -895,6 +887,64 @@ impl Builder<'_> {
 /// that waiting gradient, the division, `x^1`, `2 * x^1` and the product (a CPU dispatch trace
 /// of Gemma 4's `v_norm` shows the five, in that order). The incoming gradient and its fp32
 /// copy are freed before (the weight and rsqrt products hold three), the cast back after.
+/// transformers' `LlamaRMSNorm` after `hidden_states.to(float32)` (an op of its own), kernel by
+/// kernel, forward and backward, for `n` elements of a `narrow` input whose output (the weight
+/// times the normed input cast back) is `out`.
+///
+/// Forward: `pow(2)` (fp32 read and written), `mean(-1)` (a row reduction reading the square),
+/// the rsqrt multiply (a broadcast row scale, fp32 read and written), `.to(input_dtype)` where
+/// that is narrower (fp32 read, narrow written), and the weight multiply (a broadcast weight,
+/// the narrow normed input read, the output written). `rsqrt(var + eps)` runs on one value per
+/// row.
+///
+/// Backward, by derivatives.yaml: the weight multiply's input gradient (a broadcast weight: the
+/// gradient read, written) and, where the output is wider than the input, the engine's cast of
+/// it to the input dtype; `.to()`'s gradient widened back to fp32; the rsqrt multiply's two
+/// gradients, one a broadcast row scale (2 fp32 passes), the other a product (3) summed along
+/// the row (1); mean's gradient, the row value expanded and divided (a broadcast write, 1);
+/// pow's, `2 * x.pow(1) * grad` (a copy, a scale and a product: 2 + 2 + 3); and the sum of the
+/// two paths (3). Seventeen fp32 passes; a CPU dispatch trace of a Llama block gives the same
+/// 84 bytes per bf16 element with the upcast's backward cast. A trained weight adds its
+/// product with the normed input and that product's sum over the tokens.
+fn llama_rms_loops(
+    n: u64,
+    (narrow, out): (DType, DType),
+    input_grad: bool,
+    trained: bool,
+) -> (Loops, Loops) {
+    let f32 = DType::F32.bytes(n);
+    let cast_down = if narrow == DType::F32 {
+        Bytes::ZERO
+    } else {
+        f32 + narrow.bytes(n)
+    };
+    let forward = Loops {
+        contiguous: f32 * 2 + cast_down,
+        broadcast: f32 * 2 + narrow.bytes(n) + out.bytes(n),
+        broadcast_elements: n * 2,
+        row_reduce: f32,
+        ..Loops::default()
+    };
+    let mut backward = Loops::default();
+    if input_grad {
+        let engine_cast = if out == narrow {
+            Bytes::ZERO
+        } else {
+            out.bytes(n) + narrow.bytes(n)
+        };
+        backward.broadcast = out.bytes(n) * 2 + f32 * 3;
+        backward.broadcast_elements = n * 3;
+        backward.contiguous = engine_cast + f32 * 13;
+        backward.widening = cast_down;
+        backward.row_reduce = f32;
+    }
+    if trained {
+        backward.contiguous += out.bytes(n) * 2 + narrow.bytes(n);
+        backward.token_reduce = out.bytes(n);
+    }
+    (forward, backward)
+}
+
 fn rms_backward_peak(elements: u64) -> Bytes {
     DType::F32.bytes(elements) * 5
 }

@@ -265,6 +265,52 @@ pub struct Cost {
     pub backward_access: Access,
     /// Memory-bound kernels the op launches beside its GEMM.
     pub side: SideKernels,
+    /// Each pass's bytes by the loop that moves them, for an op PyTorch runs as a chain of
+    /// separate kernels (empty: one loop, `forward_access` / `backward_access`, moves them all).
+    pub forward_loops: Loops,
+    pub backward_loops: Loops,
+}
+
+/// The traffic of a chain of separate memory-bound kernels (transformers' `LlamaRMSNorm`, op by
+/// op) by the loop each kernel runs: TensorIterator picks the element-wise loop per call
+/// (`gpu_kernel_impl` in aten/src/ATen/native/cuda/CUDALoops.cuh) and reductions run
+/// `reduce_kernel` (Reduce.cuh). The loops sustain different rates, so the time model times
+/// each part at its own (`time::loops_seconds`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Loops {
+    /// Contiguous operands of one dtype: `vectorized_elementwise_kernel`.
+    pub contiguous: Bytes,
+    /// Contiguous copies into a wider dtype: the dynamic-cast `unrolled_elementwise_kernel`.
+    pub widening: Bytes,
+    /// Products with a broadcast operand (a row's rsqrt, a weight across the rows, mean's
+    /// expanded gradient): the legacy `elementwise_kernel`, which computes each operand's
+    /// offset per element with an `OffsetCalculator`, so its elements bound it as much as its
+    /// bytes. Bytes moved and elements written.
+    pub broadcast: Bytes,
+    pub broadcast_elements: u64,
+    /// Sums and means along each row (the last dimension): bytes read.
+    pub row_reduce: Bytes,
+    /// Sums over the tokens (a weight's gradient from its broadcast product): bytes read.
+    pub token_reduce: Bytes,
+}
+
+impl Loops {
+    /// Everything the chain reads and writes.
+    pub fn bytes(&self) -> Bytes {
+        self.contiguous + self.widening + self.broadcast + self.row_reduce + self.token_reduce
+    }
+
+    /// `factor` identical chains one after another.
+    fn scaled(self, factor: u64) -> Self {
+        Self {
+            contiguous: self.contiguous * factor,
+            widening: self.widening * factor,
+            broadcast: self.broadcast * factor,
+            broadcast_elements: self.broadcast_elements.saturating_mul(factor),
+            row_reduce: self.row_reduce * factor,
+            token_reduce: self.token_reduce * factor,
+        }
+    }
 }
 
 /// Bytes moved by the memory-bound kernels a matmul op launches beside its GEMM. Each is a
@@ -532,6 +578,8 @@ impl OpGraph {
             c.weight_grad_flops = Flops(c.weight_grad_flops.0 * f as f64);
             c.forward_bytes = c.forward_bytes * f;
             c.backward_bytes = c.backward_bytes * f;
+            c.forward_loops = c.forward_loops.scaled(f);
+            c.backward_loops = c.backward_loops.scaled(f);
             c.forward_kernels = c.forward_kernels.saturating_mul(k);
             c.backward_kernels = c.backward_kernels.saturating_mul(k);
             c.modules = c.modules.saturating_mul(k);
