@@ -2777,6 +2777,17 @@ fn llama_rms_norms_kernels_each_run_at_their_own_loops_rate() {
     let frozen = op_named(&lora, "decoder.layers.1.input_layernorm");
     assert_eq!(frozen.cost.backward_bytes.0, 262_144 * 78);
     assert_eq!(frozen.cost.backward_loops.token_reduce.0, 0);
+    // LN tuning trains the weight of a first norm whose input (the frozen embeddings' output)
+    // needs no gradient: autograd builds no node before the weight multiply, whose backward is
+    // the weight's product (6n) and its sum over the tokens (2n), two kernels.
+    let ln = ftplan::graph::arch::build(
+        &m,
+        &plan(Method::LnTuning, Precision::Bf16, 1, 1024, 0, false),
+    );
+    let first = op_named(&ln, "decoder.layers.0.input_layernorm");
+    assert_eq!(first.cost.backward_bytes.0, 262_144 * 8);
+    assert_eq!(first.cost.backward_loops.token_reduce.0, 262_144 * 2);
+    assert_eq!(first.cost.backward_kernels, 2);
 }
 
 #[test]

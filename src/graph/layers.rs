@@ -261,6 +261,9 @@ impl Builder<'_> {
                         1 + u32::from(trainable) * (1 + 2 * u32::from(self.autocast))
                     }
                     Norm::OlmoLayerNorm => 2,
+                    // An input that needs no gradient builds no autograd node before the weight
+                    // multiply, whose backward is then the weight's product and its sum.
+                    Norm::RmsNorm if !x.grad => 2,
                     _ => 12,
                 },
                 modules: 1,
