@@ -351,6 +351,46 @@ fn loops_seconds(loops: &Loops, compute: DType, rates: &Rates) -> f64 {
         + at(loops.token_reduce, token_sum)
 }
 
+/// Device seconds of torch.optim.Adafactor's step as it runs by default: `foreach` defaults to
+/// off for Adafactor (unlike the other optimizers, to spare the foreach path's extra memory), so
+/// `_single_tensor_adafactor` steps one parameter at a time (torch/optim/_adafactor.py).
+///
+/// A matrix of P bytes (weight decay off): `param.norm(2)` reads P; the gradient's row norms
+/// (`vector_norm(dim=-1)`) read P along the rows, its column norms (`dim=-2`) P across them;
+/// `row_var @ col_var` writes the P-sized estimate; its `div_` by a one-element mean is a
+/// broadcast (the legacy loop, 2 P); `clamp_` and `rsqrt_` 2 P each, `mul_(grad)` 3 P,
+/// `update.norm(2)` P, `param.add_` 3 P: 17 P. Eight more kernels run over a row or a column
+/// (the norms' `square_` and `div_`, the factors' `lerp_`, the row mean and its `clamp_`), each
+/// at least the kernel floor. A vector: `grad * grad`, the variance's `lerp_`, `clone`,
+/// `clamp_`, `rsqrt_`, `mul_`, two norms and the add, 20 of its bytes in nine kernels.
+fn adafactor_step(trainable: &[&crate::graph::op::Param], rates: &Rates) -> f64 {
+    trainable
+        .iter()
+        .map(|p| {
+            let bytes = p.storage.bytes(p.elements) * p.copies;
+            let copies = p.copies as f64;
+            let (rows, cols) = p.shape;
+            if rows > 1 && cols > 1 {
+                let loops = Loops {
+                    contiguous: bytes * 13,
+                    broadcast: bytes * 2,
+                    broadcast_elements: p.count(),
+                    row_reduce: bytes,
+                    token_reduce: bytes,
+                    ..Loops::default()
+                };
+                loops_seconds(&loops, p.storage, rates) + 8.0 * copies * KERNEL_FLOOR
+            } else {
+                let loops = Loops {
+                    contiguous: bytes * 20,
+                    ..Loops::default()
+                };
+                loops_seconds(&loops, p.storage, rates).max(9.0 * copies * KERNEL_FLOOR)
+            }
+        })
+        .sum()
+}
+
 /// Device seconds of the kernels an op launches beside its GEMM, which run before or after it
 /// on the same stream: autocast's weight cast (forward: fp32 to half through
 /// `bfloat16_copy_kernel_cuda`'s vectorized loop; backward: the gradient widened back by the
@@ -549,7 +589,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     // parameters' bytes P (gradients are the parameters' size and dtype) and the states' S;
     // and its kernel launches per parameter tensor.
     let (p, s) = (param_bytes.0 as f64, state_bytes.0 as f64);
-    let (mut opt_bytes, kernels_per_tensor) = match plan.optimizer {
+    let (opt_bytes, kernels_per_tensor) = match plan.optimizer {
         // One fused kernel over chunks of many tensors (`_fused_adamw_`'s multi_tensor_apply,
         // bitsandbytes' blockwise kernels): parameter read and written, gradient read, states
         // read and written.
@@ -565,20 +605,19 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         // `_multi_tensor_sgd` with momentum: mul_(buf), add_(buf, grad), add_(param, buf):
         // buffer 5 S, gradient P, parameter 2 P.
         Optimizer::Sgd => (3.0 * p + 5.0 * s, 0.1),
-        // `_multi_tensor_adafactor` (torch.optim's default on CUDA): per parameter its norm,
-        // the gradient's row and column norms, the outer-product variance estimate, the row
-        // mean and the update's norm (6 kernels) and two `.item()` reads of those norms, which
-        // wait for the GPU; foreach kernels for the rest. Bytes: the norms read P and 2 P, the
-        // estimate is written, divided, clamped, rsqrt-ed, multiplied by the gradient (P),
-        // normed and added to the parameter (2 P): about 17 P (the factored states are
-        // negligible beside it).
-        Optimizer::Adafactor => (17.0 * p + 2.0 * s, 8.0),
+        // torch.optim.Adafactor, one parameter at a time: about 17 P, timed kernel by kernel
+        // (`adafactor_step`). Host: per parameter its norm, the gradient's row and column
+        // norms, the outer-product variance estimate, the row mean and the update's norm, and
+        // two `.item()` reads of those norms, which wait for the GPU.
+        Optimizer::Adafactor => (0.0, 8.0),
     };
-    if plan.precision == crate::spec::plan::Precision::MixedFp16 {
-        // GradScaler.unscale_: `_amp_foreach_non_finite_check_and_unscale_` reads and writes
-        // every gradient once more (the gradients are the parameters' size and dtype).
-        opt_bytes += param_bytes.0 as f64 * 2.0;
-    }
+    // GradScaler.unscale_: `_amp_foreach_non_finite_check_and_unscale_` reads and writes every
+    // gradient once more (the gradients are the parameters' size and dtype).
+    let unscale = if plan.precision == crate::spec::plan::Precision::MixedFp16 {
+        param_bytes.0 as f64 * 2.0
+    } else {
+        0.0
+    };
     let par = plan.parallel;
     let (_, _, optimizer_div) = par.divisors();
     let elements: f64 = trainable.iter().map(|p| p.count() as f64).sum();
@@ -591,8 +630,14 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
             }
             _ => (CONTIGUOUS_EFFICIENCY, f64::INFINITY),
         };
-        (opt_bytes / (rates.copy_bandwidth * efficiency)).max(elements / element_rate)
-            / optimizer_div as f64
+        let stepped = if plan.optimizer == Optimizer::Adafactor {
+            adafactor_step(&trainable, rates)
+                + unscale / (rates.copy_bandwidth * CONTIGUOUS_EFFICIENCY)
+        } else {
+            ((opt_bytes + unscale) / (rates.copy_bandwidth * efficiency))
+                .max(elements / element_rate)
+        };
+        stepped / optimizer_div as f64
     } else {
         // ZeRO-Offload's CPU Adam: fp32 parameter, gradient and two states read and written
         // (32 bytes per parameter) at the host's memory bandwidth, shared by the node's ranks.

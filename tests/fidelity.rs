@@ -504,6 +504,23 @@ fn optimizer_steps_move_the_bytes_their_kernels_touch() {
     // bitsandbytes' blockwise 8-bit AdamW: 3 P + 2 S is about 2 GB (2.1 ms at 0.94e12 B/s),
     // but the kernel updates 35e9 elements per second: 124,439,808 / 35e9 = 3.555 ms.
     assert!((seconds(Optimizer::Adamw8bit) - 124_439_808.0 / 35e9).abs() < 1e-9);
+    // torch.optim.Adafactor runs its single-tensor loop by default. GPT-2's 50 matrices (wte,
+    // wpe and four per block) hold 124,318,464 elements, Pm = 497,273,856 bytes; each reads or
+    // writes 17 of its sizes: 13 Pm through contiguous kernels (/ 0.94e12), the gradient's row
+    // norms Pm (/ 0.7e12) and column norms Pm (fp32 sums over a dimension, / 0.47e12), and the
+    // estimate's `div_` by a one-element mean through the legacy loop, 12.5 copied bytes per
+    // element (more than its 2 Pm at 0.94). Eight row- or column-sized kernels per matrix take
+    // the 1.3 us floor each. The 98 vectors (121,344 elements) are nine kernels apiece, all at
+    // the floor: 98 x 9 x 1.3 us.
+    let pm = 497_273_856.0;
+    let adafactor = 13.0 * pm / 0.94e12
+        + 124_318_464.0 * 12.5 / 1e12
+        + pm / 0.7e12
+        + pm / 0.47e12
+        + 50.0 * 8.0 * 1.3e-6
+        + 98.0 * 9.0 * 1.3e-6;
+    let got = seconds(Optimizer::Adafactor);
+    assert!((got - adafactor).abs() < 1e-9, "{got} vs {adafactor}");
 }
 
 #[test]
