@@ -479,6 +479,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let mut fwd = 0.0;
     let mut flops = 0.0;
     let ops: Vec<&Op> = graph.ops().collect();
+    // Each op's forward and backward seconds, once: a repeated block's copies are the same ops.
+    let seconds: Vec<(f64, f64)> = ops.iter().map(|op| op_seconds(op, rates)).collect();
     // Execution order with each repeated block expanded to its copies; `true` marks the first
     // op of a copy.
     let mut order: Vec<(usize, bool)> = Vec::with_capacity(ops.len());
@@ -507,7 +509,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     for &(k, first) in &order {
         let op = ops[k];
         let c = &op.cost;
-        let t = op_time(op, rates, Pass::Forward);
+        let t = seconds[k].0;
         if first || last.is_none_or(|l| ops[l].unit != op.unit) {
             fwd_units.push((op.unit, 0.0));
         }
@@ -549,9 +551,8 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
                 .rposition(|o| o.segment != op.segment)
                 .map_or(0, |p| p + 1);
             let mut entry = rates.checkpoint_block;
-            for o in &ops[start..=i] {
+            for (o, &(t, _)) in ops[start..=i].iter().zip(&seconds[start..=i]) {
                 let c = &o.cost;
-                let t = op_time(o, rates, Pass::Forward);
                 bwd += t;
                 flops += c.forward_flops.0;
                 q.push(
@@ -566,7 +567,7 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         current = op.segment;
         let c = &op.cost;
         let back_flops = c.input_grad_flops + c.weight_grad_flops;
-        let t = op_time(op, rates, Pass::Backward);
+        let t = seconds[i].1;
         bwd += t;
         flops += back_flops.0;
         // Backward runs in autograd's C++ engine: no module calls, except where a Python
