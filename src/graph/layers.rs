@@ -882,14 +882,6 @@ impl Builder<'_> {
     }
 }
 
-/// The most an RMSNorm's autograd chain holds at once in backward, over `elements` fp32
-/// values (its own saves apart): pow's backward, `grad * (2 * x.pow(1))`
-/// (`pow_backward`, torch/csrc/autograd/FunctionsManual.cpp), runs on mean's expanded
-/// division of the incoming gradient (`mean_backward`: `sum_backward(...) / n`) while the
-/// rsqrt product's input gradient waits to be summed with it. So five fp32 tensors are live:
-/// that waiting gradient, the division, `x^1`, `2 * x^1` and the product (a CPU dispatch trace
-/// of Gemma 4's `v_norm` shows the five, in that order). The incoming gradient and its fp32
-/// copy are freed before (the weight and rsqrt products hold three), the cast back after.
 /// transformers' `LlamaRMSNorm` after `hidden_states.to(float32)` (an op of its own), kernel by
 /// kernel, forward and backward, for `n` elements of a `narrow` input whose output (the weight
 /// times the normed input cast back) is `out`.
@@ -948,6 +940,14 @@ fn llama_rms_loops(
     (forward, backward)
 }
 
+/// The most an RMSNorm's autograd chain holds at once in backward, over `elements` fp32
+/// values (its own saves apart): pow's backward, `grad * (2 * x.pow(1))`
+/// (`pow_backward`, torch/csrc/autograd/FunctionsManual.cpp), runs on mean's expanded
+/// division of the incoming gradient (`mean_backward`: `sum_backward(...) / n`) while the
+/// rsqrt product's input gradient waits to be summed with it. So five fp32 tensors are live:
+/// that waiting gradient, the division, `x^1`, `2 * x^1` and the product (a CPU dispatch trace
+/// of Gemma 4's `v_norm` shows the five, in that order). The incoming gradient and its fp32
+/// copy are freed before (the weight and rsqrt products hold three), the cast back after.
 fn rms_backward_peak(elements: u64) -> Bytes {
     DType::F32.bytes(elements) * 5
 }

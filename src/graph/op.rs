@@ -266,7 +266,7 @@ pub struct Cost {
     /// Memory-bound kernels the op launches beside its GEMM.
     pub side: SideKernels,
     /// Each pass's bytes by the loop that moves them, for an op PyTorch runs as a chain of
-    /// separate kernels (empty: one loop, `forward_access` / `backward_access`, moves them all).
+    /// separate kernels (empty: the op's bytes move at its kind's or access path's one rate).
     pub forward_loops: Loops,
     pub backward_loops: Loops,
 }
