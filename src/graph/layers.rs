@@ -916,7 +916,7 @@ fn llama_rms_loops(
     let forward = Loops {
         contiguous: f32 * 2 + cast_down,
         broadcast: f32 * 2 + narrow.bytes(n) + out.bytes(n),
-        broadcast_elements: n * 2,
+        broadcast_elements: n.saturating_mul(2),
         row_reduce: f32,
         ..Loops::default()
     };
@@ -928,7 +928,7 @@ fn llama_rms_loops(
             out.bytes(n) + narrow.bytes(n)
         };
         backward.broadcast = out.bytes(n) * 2 + f32 * 3;
-        backward.broadcast_elements = n * 3;
+        backward.broadcast_elements = n.saturating_mul(3);
         backward.contiguous = engine_cast + f32 * 13;
         backward.widening = cast_down;
         backward.row_reduce = f32;
