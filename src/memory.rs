@@ -55,6 +55,18 @@ pub enum Phase {
     OptimizerStep,
 }
 
+impl Phase {
+    /// The phase as a report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Recompute => "recompute",
+            Phase::Backward => "backward",
+            Phase::OptimizerStep => "optimizer step",
+        }
+    }
+}
+
 /// The result of the walk.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryEstimate {

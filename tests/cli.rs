@@ -30,6 +30,36 @@ fn the_readme_command_fits_and_exits_zero() {
 }
 
 #[test]
+fn the_peak_row_names_its_phase_in_words() {
+    // Llama-2-7B trained in pure bf16 with Adafactor and checkpointing peaks in the optimizer
+    // step (Adafactor's full-size variance estimate on top of weights and gradients); the row
+    // says so as words, not as the enum's squashed name.
+    let text = stdout(
+        ftplan().args([
+            "estimate",
+            "--model",
+            "llama2-7b",
+            "--gpu",
+            "a100-80gb",
+            "--method",
+            "full",
+            "--optimizer",
+            "adafactor",
+            "--precision",
+            "bf16",
+            "--seq",
+            "1024",
+            "--grad-ckpt",
+        ]),
+        0,
+    );
+    assert!(
+        text.contains("optimizer step at `optimizer.step`"),
+        "{text}"
+    );
+}
+
+#[test]
 fn aliases_are_reported_on_stderr() {
     let out = ftplan()
         .args([

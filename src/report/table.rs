@@ -109,7 +109,7 @@ pub fn estimate(e: &Estimate, budget: Option<super::json::Budget>) -> String {
         gib(b.temporary),
         "op buffers, optimizer step, cuBLAS workspaces",
     );
-    let phase = format!("{:?} at `{}`", m.peak_phase, m.peak_op).to_lowercase();
+    let phase = format!("{} at `{}`", m.peak_phase.label(), m.peak_op);
     row(
         &mut t,
         "peak (allocated)",
