@@ -185,6 +185,12 @@ impl TimeEstimate {
 const CONTIGUOUS_EFFICIENCY: f64 = 0.94;
 /// `x.float()` of a bf16 tensor: 1.86 TB/s.
 const WIDENING_EFFICIENCY: f64 = 0.44;
+/// A binary op over contiguous operands of different dtypes (bf16 and fp32 in, fp32 out: 10
+/// bytes per element), the dynamic-cast `unrolled_elementwise_kernel`: mixed precision's
+/// residual adds 0.63 of the copy rate in TinyLlama's profiled steps (44 calls at 4.2 M elements,
+/// 66 at 16.7 M), GPT-2-medium's `0.5 * x * (1 + tanh(...))` multiply 0.62 (48 calls at
+/// 33.5 M, `validation/profile-h200.jsonl`).
+const MIXED_EFFICIENCY: f64 = 0.63;
 /// Rotary's `q * cos` over a transposed view, a row-broadcast multiply and `.contiguous()` of
 /// a transpose: 1.37, 1.48 and 1.35 TB/s.
 const STRIDED_EFFICIENCY: f64 = 0.33;
@@ -288,6 +294,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
             Access::Contiguous => CONTIGUOUS_EFFICIENCY,
             Access::Widening => WIDENING_EFFICIENCY,
             Access::Strided => STRIDED_EFFICIENCY,
+            Access::Mixed => MIXED_EFFICIENCY,
         },
     };
     let floor = f64::from(kernels) * KERNEL_FLOOR;

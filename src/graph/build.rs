@@ -507,6 +507,9 @@ impl<'a> Builder<'a> {
         let dtype = wider(a.dtype, b.dtype);
         let out = self.val(a.width, a.tokens, dtype, a.grad || b.grad);
         let op = self.elementwise(name, &[a, b], out, SmallVec::new(), 1.0);
+        if a.dtype != b.dtype {
+            self.set_access(op, (Access::Mixed, Access::Contiguous));
+        }
         // add's derivative hands the gradient to both inputs unchanged (no kernel); the one
         // kernel is autograd's accumulation where an input forked (`InputBuffer::accumulate`):
         // the residual stream read by the block and by this add, or for LoRA the layer input

@@ -685,6 +685,9 @@ impl Builder<'_> {
             saves.push(b.id);
         }
         let op = self.elementwise(name, &[a, b], out, saves, 1.0);
+        if a.dtype != b.dtype {
+            self.set_access(op, (Access::Mixed, Access::Contiguous));
+        }
         let saved: Bytes = self
             .graph
             .op(op)

@@ -211,6 +211,10 @@ pub enum Access {
     /// of a transpose): the legacy `elementwise_kernel`, which computes every operand's offset
     /// per element with an `OffsetCalculator`.
     Strided,
+    /// Contiguous operands of different dtypes (mixed precision's fp32 residual plus a bf16
+    /// branch): TensorIterator casts each element as it loads it, so the vectorized loop is out
+    /// and the dynamic-cast `unrolled_elementwise_kernel` runs the binary op.
+    Mixed,
 }
 
 /// How an attention op reaches its scores, for the time model.
