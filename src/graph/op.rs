@@ -275,8 +275,8 @@ pub struct Cost {
     pub backward_loops: Loops,
 }
 
-/// The traffic of a chain of separate memory-bound kernels (transformers' `LlamaRMSNorm`, op by
-/// op) by the loop each kernel runs: TensorIterator picks the element-wise loop per call
+/// The traffic of a chain of separate memory-bound kernels (transformers' `LlamaRMSNorm` op by
+/// op, torch's single-tensor Adafactor step per parameter) by the loop each kernel runs: TensorIterator picks the element-wise loop per call
 /// (`gpu_kernel_impl` in aten/src/ATen/native/cuda/CUDALoops.cuh) and reductions run
 /// `reduce_kernel` (Reduce.cuh). The loops sustain different rates, so the time model times
 /// each part at its own (`time::loops_seconds`).
