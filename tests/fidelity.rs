@@ -2805,6 +2805,19 @@ fn llama_rms_norms_kernels_each_run_at_their_own_loops_rate() {
     assert_eq!(first.cost.backward_bytes.0, 262_144 * 8);
     assert_eq!(first.cost.backward_loops.token_reduce.0, 262_144 * 2);
     assert_eq!(first.cost.backward_kernels, 2);
+    // T5LayerNorm on mixed precision's fp32 residual stream runs the same kernels (its
+    // `.to(float32)` returns the input, no cast runs before the fp32 weight multiply): T5-base's
+    // encoder at 64 tokens, n = 64 x 768 = 49,152, forward 28n (pow 8, mean 4, the two broadcast
+    // multiplies 16), backward with its trained fp32 weight 92n (the broadcast gradients 20, the
+    // contiguous passes 52 and the weight's product 12, the row sum 4, the token sum 4).
+    let t5 = ftplan::graph::arch::build(
+        &model("t5-base"),
+        &plan(Method::Full, Precision::MixedBf16, 1, 64, 16, false),
+    );
+    let norm = op_named(&t5, "encoder.layers.0.input_layernorm");
+    assert_eq!(norm.cost.forward_bytes.0, 49_152 * 28);
+    assert_eq!(norm.cost.backward_bytes.0, 49_152 * 92);
+    assert_eq!(norm.cost.forward_loops.broadcast_elements, 49_152 * 2);
 }
 
 #[test]

@@ -173,9 +173,14 @@ impl Builder<'_> {
                 self.val(h, tokens, out_dtype, x.grad || trainable)
             }
         };
-        // LlamaRMSNorm's chain after its upcast, kernel by kernel; the other norms are one fused
-        // kernel or are timed as one row-wise chain.
-        let (forward_loops, backward_loops) = if kind == Norm::RmsNorm {
+        // LlamaRMSNorm's chain after its upcast, kernel by kernel. T5LayerNorm on an fp32 input
+        // (mixed precision's residual stream, an fp32 weight) runs the same kernels: its
+        // `.to(float32)` returns the input, which its rsqrt multiply then reads, and no cast
+        // runs before the weight multiply. The other norms are one fused kernel or are timed as
+        // one row-wise chain.
+        let llama_chain =
+            kind == Norm::RmsNorm || (kind == Norm::T5RmsNorm && x.dtype == DType::F32);
+        let (forward_loops, backward_loops) = if llama_chain {
             llama_rms_loops(x.elements(), (x.dtype, out.dtype), x.grad, trainable)
         } else {
             (Loops::default(), Loops::default())
@@ -208,7 +213,7 @@ impl Builder<'_> {
                 // square, mean, multiply, downcast, weight multiply: ~9 fp32-sized passes).
                 forward_bytes: if layer_norm || kind == Norm::OlmoLayerNorm {
                     x.bytes() + out.bytes()
-                } else if kind == Norm::RmsNorm {
+                } else if llama_chain {
                     forward_loops.bytes()
                 } else if upcast {
                     // The upcast (reading x, writing the first fp32 pass) is its own op; T5's
@@ -227,6 +232,8 @@ impl Builder<'_> {
                     x.bytes() + out.bytes() + DType::F32.bytes(x.elements()) * 5
                 },
                 backward_bytes: match kind {
+                    // LlamaRMSNorm's autograd, op by op (`llama_rms_loops`).
+                    _ if llama_chain => backward_loops.bytes(),
                     Norm::LayerNorm | Norm::LayerNormWithoutBias | Norm::LayerNorm1P => {
                         (x.bytes() + out.bytes()) * 2
                     }
@@ -234,10 +241,10 @@ impl Builder<'_> {
                     Norm::OlmoLayerNorm => {
                         DType::F32.bytes(x.elements()) * 3 + x.bytes() + out.bytes()
                     }
-                    // LlamaRMSNorm's autograd, op by op (`llama_rms_loops`).
-                    Norm::RmsNorm => backward_loops.bytes(),
-                    // The other RMSNorm variants: about twelve fp32 passes.
-                    Norm::GemmaRmsNorm
+                    // The other RMSNorm variants (and T5's on a narrower input): about twelve
+                    // fp32 passes. (LlamaRMSNorm always takes the first arm.)
+                    Norm::RmsNorm
+                    | Norm::GemmaRmsNorm
                     | Norm::Olmo2RmsNorm
                     | Norm::T5RmsNorm
                     | Norm::CohereLayerNorm => {
@@ -263,7 +270,7 @@ impl Builder<'_> {
                     Norm::OlmoLayerNorm => 2,
                     // An input that needs no gradient builds no autograd node before the weight
                     // multiply, whose backward is then the weight's product and its sum.
-                    Norm::RmsNorm if !x.grad => 2,
+                    _ if llama_chain && !x.grad => 2,
                     _ => 12,
                 },
                 modules: 1,
