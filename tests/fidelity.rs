@@ -1923,6 +1923,32 @@ fn a_moes_shared_experts_gradient_waits_for_the_routed_ones_and_their_weighting_
 }
 
 #[test]
+fn one_expert_standing_for_many_carries_all_their_side_kernels() {
+    // Llama 4 Scout's 16 experts are built as expert 0 and one expert standing for the other
+    // 15 (`OpGraph::scale_since`). Under mixed precision each expert's fp32 gate_up stack is
+    // cast to bf16 before its `bmm` and its gradient widened back: the stand-in's casts are 15
+    // experts' worth, as its FLOPs and bytes are.
+    let g = graph::build(
+        &model("llama4-scout"),
+        &plan(Method::Full, Precision::MixedBf16, 1, 512, 0, false),
+    );
+    let side = |needle: &str| {
+        g.ops()
+            .find(|o| g.name(o.name).ends_with(needle))
+            .unwrap_or_else(|| panic!("no {needle}"))
+            .cost
+    };
+    let (one, rest) = (
+        side(".experts.0.gate_up_proj"),
+        side(".experts.1-15.gate_up_proj"),
+    );
+    assert!(one.side.forward_cast.0 > 0);
+    assert_eq!(rest.side.forward_cast.0, one.side.forward_cast.0 * 15);
+    assert_eq!(rest.side.backward_cast.0, one.side.backward_cast.0 * 15);
+    assert_eq!(rest.forward_bytes.0, one.forward_bytes.0 * 15);
+}
+
+#[test]
 fn llama4s_routed_sum_is_made_by_its_last_expert_so_the_shared_branch_alone_holds_its_gradient() {
     // Llama 4 adds the routed experts' sum into the shared expert's output. The shared
     // branch's backward runs first, while the routed side's gradient waits (`residual`): from

@@ -337,6 +337,19 @@ pub struct SideKernels {
     pub backward_bias_sum: Bytes,
 }
 
+impl SideKernels {
+    /// `factor` identical ops' side kernels.
+    fn scaled(self, factor: u64) -> Self {
+        Self {
+            forward_cast: self.forward_cast * factor,
+            backward_cast: self.backward_cast * factor,
+            forward_dequant: self.forward_dequant * factor,
+            backward_dequant: self.backward_dequant * factor,
+            backward_bias_sum: self.backward_bias_sum * factor,
+        }
+    }
+}
+
 /// One operation of the forward pass, with everything backward will need.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Op {
@@ -564,7 +577,7 @@ impl OpGraph {
 
     /// Makes everything added since `mark` stand for `factor` identical instances that run one
     /// after another (a mixture-of-experts layer's experts): their tensors, parameters, FLOPs,
-    /// bytes moved and kernel launches count `factor` times, while each op's transient
+    /// bytes moved (side kernels' and chains' too) and kernel launches count `factor` times, while each op's transient
     /// buffers stay those of one instance. Keeps a layer of many experts a handful of ops.
     pub fn scale_since(&mut self, (ops, tensors, params): (usize, usize, usize), factor: u64) {
         let f = factor.max(1);
@@ -582,6 +595,7 @@ impl OpGraph {
             c.weight_grad_flops = Flops(c.weight_grad_flops.0 * f as f64);
             c.forward_bytes = c.forward_bytes * f;
             c.backward_bytes = c.backward_bytes * f;
+            c.side = c.side.scaled(f);
             c.forward_loops = c.forward_loops.scaled(f);
             c.backward_loops = c.backward_loops.scaled(f);
             c.forward_kernels = c.forward_kernels.saturating_mul(k);
