@@ -66,6 +66,11 @@ const DROPOUT_ATTENTION_EFFICIENCY: f64 = 0.24;
 const MISALIGNED_EFFICIENCY: f64 = 0.125;
 
 impl Rates {
+    /// Seconds to move `bytes` through a loop that sustains `efficiency` of the copy rate.
+    fn moving(&self, bytes: f64, efficiency: f64) -> f64 {
+        bytes / (self.copy_bandwidth * efficiency)
+    }
+
     /// Datasheet-derived curves for a GPU that was not calibrated.
     pub fn from_datasheet(hw: &Hardware) -> Rates {
         let curve = |peak: f64| {
@@ -303,7 +308,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
         Pass::Backward => &c.backward_loops,
     };
     let t_memory = if *loops == Loops::default() {
-        bytes.0 as f64 / (rates.copy_bandwidth * efficiency)
+        rates.moving(bytes.0 as f64, efficiency)
     } else {
         loops_seconds(loops, op.compute, rates)
     }
@@ -344,7 +349,7 @@ fn op_time(op: &Op, rates: &Rates, pass: Pass) -> f64 {
 /// its element rate unless its bytes take longer, and sums over the tokens at the rate of their
 /// dtype (the op's compute dtype).
 fn loops_seconds(loops: &Loops, compute: DType, rates: &Rates) -> f64 {
-    let at = |bytes: Bytes, efficiency: f64| bytes.0 as f64 / (rates.copy_bandwidth * efficiency);
+    let at = |bytes: Bytes, efficiency: f64| rates.moving(bytes.0 as f64, efficiency);
     let legacy = loops.broadcast_elements as f64 * LEGACY_ELEMENT_BYTES / rates.copy_bandwidth;
     let token_sum = if compute == DType::F32 {
         TOKEN_SUM_F32_EFFICIENCY
@@ -406,7 +411,7 @@ fn side_seconds(side: &SideKernels, rates: &Rates, pass: Pass) -> f64 {
     if *side == SideKernels::default() {
         return 0.0;
     }
-    let at = |bytes: Bytes, efficiency: f64| bytes.0 as f64 / (rates.copy_bandwidth * efficiency);
+    let at = |bytes: Bytes, efficiency: f64| rates.moving(bytes.0 as f64, efficiency);
     match pass {
         Pass::Forward => {
             at(side.forward_cast, CONTIGUOUS_EFFICIENCY)
@@ -594,8 +599,9 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
     let param_bytes: Bytes = trainable.iter().map(|p| p.bytes()).sum();
     let state_bytes = crate::optimizer::state_bytes(plan.optimizer, &trainable);
     // Bytes each implementation's kernels read and write, from its source, in units of the
-    // parameters' bytes P (gradients are the parameters' size and dtype) and the states' S;
-    // and its kernel launches per parameter tensor.
+    // parameters' bytes P (gradients are the parameters' size and dtype) and the states' S
+    // (none where the step is timed kernel by kernel); and its kernel launches per parameter
+    // tensor.
     let (p, s) = (param_bytes.0 as f64, state_bytes.0 as f64);
     let (opt_bytes, kernels_per_tensor) = match plan.optimizer {
         // One fused kernel over chunks of many tensors (`_fused_adamw_`'s multi_tensor_apply,
@@ -604,20 +610,20 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
         Optimizer::Adamw
         | Optimizer::Adamw8bit
         | Optimizer::PagedAdamw8bit
-        | Optimizer::PagedAdamw32bit => (3.0 * p + 2.0 * s, 0.05),
+        | Optimizer::PagedAdamw32bit => (Some(3.0 * p + 2.0 * s), 0.05),
         // `_multi_tensor_adamw`, one foreach kernel each: mul_(param, 1 - lr wd),
         // lerp_(m, grad), mul_(v), addcmul_(v, grad, grad), sqrt(v) into a temporary of v's
         // size, div_ and add_ on it, addcdiv_(param, m, temporary). Parameter 4 P, gradient
         // 3 P, m 3 S/2, v 5 S/2, the temporary 6 S/2.
-        Optimizer::AdamwForeach => (7.0 * p + 7.0 * s, 0.5),
+        Optimizer::AdamwForeach => (Some(7.0 * p + 7.0 * s), 0.5),
         // `_multi_tensor_sgd` with momentum: mul_(buf), add_(buf, grad), add_(param, buf):
         // buffer 5 S, gradient P, parameter 2 P.
-        Optimizer::Sgd => (3.0 * p + 5.0 * s, 0.1),
+        Optimizer::Sgd => (Some(3.0 * p + 5.0 * s), 0.1),
         // torch.optim.Adafactor, one parameter at a time: about 17 P, timed kernel by kernel
         // (`adafactor_step`). Host: per parameter its norm, the gradient's row and column
         // norms, the outer-product variance estimate, the row mean and the update's norm, and
         // two `.item()` reads of those norms, which wait for the GPU.
-        Optimizer::Adafactor => (0.0, 8.0),
+        Optimizer::Adafactor => (None, 8.0),
     };
     // GradScaler.unscale_: `_amp_foreach_non_finite_check_and_unscale_` reads and writes every
     // gradient once more (the gradients are the parameters' size and dtype).
@@ -638,12 +644,13 @@ pub fn estimate(graph: &OpGraph, plan: &Plan, hw: &Hardware, rates: &Rates) -> T
             }
             _ => (CONTIGUOUS_EFFICIENCY, f64::INFINITY),
         };
-        let stepped = if plan.optimizer == Optimizer::Adafactor {
-            adafactor_step(&trainable, rates)
-                + unscale / (rates.copy_bandwidth * CONTIGUOUS_EFFICIENCY)
-        } else {
-            ((opt_bytes + unscale) / (rates.copy_bandwidth * efficiency))
-                .max(elements / element_rate)
+        let stepped = match opt_bytes {
+            Some(bytes) => rates
+                .moving(bytes + unscale, efficiency)
+                .max(elements / element_rate),
+            None => {
+                adafactor_step(&trainable, rates) + rates.moving(unscale, CONTIGUOUS_EFFICIENCY)
+            }
         };
         stepped / optimizer_div as f64
     } else {
