@@ -10,8 +10,8 @@
 //! are the whole activation model: there is no per-model multiplier.
 
 use crate::graph::op::{
-    Access, Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, Tensor, TensorId,
-    TensorKind,
+    Access, Cost, Name, Op, OpGraph, OpKind, Param, ParamId, ParamRole, Scope, SideKernels, Tensor,
+    TensorId, TensorKind,
 };
 use crate::spec::model::{Family, ModelSpec};
 use crate::spec::parallel::Engine;
@@ -146,10 +146,9 @@ pub(super) struct WeightCast {
     pub copy: Option<TensorId>,
     /// The copy's bytes when nothing keeps it: live only while the op runs.
     pub transient: Bytes,
-    /// What the cast's kernel moves (fp32 read, half written; `_to_copy`), and a trained
-    /// weight's gradient cast back the other way (`ToCopyBackward`): kernels of their own
-    /// beside the GEMM ([`SideKernels`](crate::graph::op::SideKernels)).
-    pub moved: Bytes,
+    /// The cast's kernel (fp32 read, half written; `_to_copy`) and a trained weight's gradient
+    /// cast back the other way (`ToCopyBackward`): kernels of their own beside the GEMM.
+    pub side: SideKernels,
 }
 
 impl<'a> Builder<'a> {
@@ -270,10 +269,15 @@ impl<'a> Builder<'a> {
         } else {
             (None, bytes)
         };
+        let moved = DType::F32.bytes(elements) + bytes;
         WeightCast {
             copy,
             transient,
-            moved: DType::F32.bytes(elements) + bytes,
+            side: SideKernels {
+                forward_cast: moved,
+                backward_cast: if trainable { moved } else { Bytes::ZERO },
+                ..SideKernels::default()
+            },
         }
     }
 
@@ -506,10 +510,7 @@ impl<'a> Builder<'a> {
     pub fn add(&mut self, name: Name, a: Val, b: Val) -> Val {
         let dtype = wider(a.dtype, b.dtype);
         let out = self.val(a.width, a.tokens, dtype, a.grad || b.grad);
-        let op = self.elementwise(name, &[a, b], out, SmallVec::new(), 1.0);
-        if a.dtype != b.dtype {
-            self.set_access(op, (Access::Mixed, Access::Contiguous));
-        }
+        let op = self.binary(name, (a, b), out, SmallVec::new());
         // add's derivative hands the gradient to both inputs unchanged (no kernel); the one
         // kernel is autograd's accumulation where an input forked (`InputBuffer::accumulate`):
         // the residual stream read by the block and by this add, or for LoRA the layer input
@@ -619,6 +620,23 @@ impl<'a> Builder<'a> {
             o.cost.forward_access = forward;
             o.cost.backward_access = backward;
         }
+    }
+
+    /// An element-wise op of two activations (an add, a product): one kernel, which runs the
+    /// dynamic-cast loop when their dtypes differ (`Access::Mixed`); its backward stays in
+    /// one dtype.
+    pub(super) fn binary(
+        &mut self,
+        name: Name,
+        (a, b): (Val, Val),
+        out: Val,
+        saves: SmallVec<[TensorId; 6]>,
+    ) -> usize {
+        let op = self.elementwise(name, &[a, b], out, saves, 1.0);
+        if a.dtype != b.dtype {
+            self.set_access(op, (Access::Mixed, Access::Contiguous));
+        }
+        op
     }
 
     /// Sets op `op`'s backward traffic where its derivative is not the generic two passes.

@@ -1,7 +1,7 @@
 //! Embedding lookups, the LM head and the loss over the vocabulary.
 
 use super::build::{Builder, OpSpec, Val, WeightCast, wider};
-use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, SideKernels, TensorId, TensorKind};
+use crate::graph::op::{Cost, Name, OpKind, ParamId, ParamRole, TensorId, TensorKind};
 use crate::spec::plan::Method;
 use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
@@ -116,11 +116,7 @@ impl Builder<'_> {
                 min_dim: tokens.min(x.width),
                 modules: 1,
                 misaligned: !vocab.is_multiple_of(8) || !x.width.is_multiple_of(8),
-                side: SideKernels {
-                    forward_cast: cast.moved,
-                    backward_cast: if trainable { cast.moved } else { Bytes::ZERO },
-                    ..SideKernels::default()
-                },
+                side: cast.side,
                 ..Cost::default()
             },
             compute,

@@ -691,10 +691,7 @@ impl Builder<'_> {
         if a.grad {
             saves.push(b.id);
         }
-        let op = self.elementwise(name, &[a, b], out, saves, 1.0);
-        if a.dtype != b.dtype {
-            self.set_access(op, (Access::Mixed, Access::Contiguous));
-        }
+        let op = self.binary(name, (a, b), out, saves);
         let saved: Bytes = self
             .graph
             .op(op)

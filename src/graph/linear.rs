@@ -265,8 +265,6 @@ impl Builder<'_> {
                 backward_modules: 2 * u32::from(qlora),
                 misaligned: !in_features.is_multiple_of(8) || !out_features.is_multiple_of(8),
                 side: SideKernels {
-                    forward_cast: cast.moved,
-                    backward_cast: if trainable { cast.moved } else { Bytes::ZERO },
                     forward_dequant: dequant,
                     backward_dequant: if x.grad { dequant } else { Bytes::ZERO },
                     backward_bias_sum: if bias_trainable {
@@ -274,6 +272,7 @@ impl Builder<'_> {
                     } else {
                         Bytes::ZERO
                     },
+                    ..cast.side
                 },
                 ..Cost::default()
             },
@@ -434,11 +433,7 @@ impl Builder<'_> {
                 min_dim: x.tokens.min(x.width).min(out_features),
                 modules: 1,
                 misaligned: false,
-                side: SideKernels {
-                    forward_cast: cast.moved,
-                    backward_cast: cast.moved,
-                    ..SideKernels::default()
-                },
+                side: cast.side,
                 ..Cost::default()
             },
             compute,
