@@ -723,3 +723,118 @@ fn a_config_json_piped_to_standard_input_is_read_as_the_model() {
         crate::assert_message_policy(&err);
     }
 }
+
+#[test]
+fn a_model_folder_or_a_hub_id_is_read_as_a_user_means_it() {
+    // A model folder, as `from_pretrained` takes it, is its config.json, named after the folder
+    // (also as `.` from inside it); a Hub id that is not a path here names its shipped copy, or
+    // says how to fetch the config; a folder without a config.json is one error naming it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let folder = dir.path().join("my-mistral");
+    std::fs::create_dir(&folder).expect("model folder");
+    std::fs::copy(
+        repo("examples/configs/mistral-7b-config.json"),
+        folder.join("config.json"),
+    )
+    .expect("copy config");
+    let json = |out: &assert_cmd::assert::Assert| -> serde_json::Value {
+        serde_json::from_slice(&out.get_output().stdout).expect("estimate JSON")
+    };
+    let args = [
+        "estimate", "--gpu", "h100-sxm", "--format", "json", "--model",
+    ];
+    let by_file = json(
+        &ftplan()
+            .args(args)
+            .arg(folder.join("config.json"))
+            .assert()
+            .code(1),
+    );
+    for (cwd, arg) in [(dir.path(), "./my-mistral"), (folder.as_path(), ".")] {
+        let by_folder = json(
+            &ftplan()
+                .current_dir(cwd)
+                .args(args)
+                .arg(arg)
+                .assert()
+                .code(1),
+        );
+        assert_eq!(by_folder["memory"], by_file["memory"], "{arg}");
+        assert_eq!(by_folder["model"]["name"], "my-mistral", "{arg}");
+    }
+    // A bare name stays a shipped model's; the folder of that name gets a hint.
+    let out = ftplan()
+        .current_dir(dir.path())
+        .args(args)
+        .arg("my-mistral")
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    assert!(err.contains("pass it as `./my-mistral`"), "{err}");
+    crate::assert_message_policy(&err);
+
+    // `meta-llama/Llama-3.1-8B` is no path here: the shipped llama3.1-8b, said in a note.
+    let out = ftplan()
+        .current_dir(dir.path())
+        .args(args)
+        .arg("meta-llama/Llama-3.1-8B")
+        .assert()
+        .code(1);
+    assert_eq!(json(&out)["model"]["name"], "llama3.1-8b");
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains(
+            "`meta-llama/Llama-3.1-8B` is not a file here: using the shipped `llama3.1-8b`"
+        ),
+        "{err}"
+    );
+    // One that does not ship: how to fetch it, exit 2.
+    let out = ftplan()
+        .current_dir(dir.path())
+        .args(args)
+        .arg("someone/Unknown-Model-7B")
+        .assert()
+        .code(2);
+    let err = crate::stderr_of(&out);
+    assert!(
+        err.contains("does not download from the Hugging Face Hub")
+            && err.contains("hf download someone/Unknown-Model-7B config.json"),
+        "{err}"
+    );
+    crate::assert_message_policy(&err);
+    // In a plan file, a model folder is relative to the file and a Hub id stays one.
+    let plans = dir.path().join("plans");
+    std::fs::create_dir(&plans).expect("plans");
+    std::fs::write(
+        plans.join("folder.toml"),
+        "model = \"../my-mistral\"\ngpu = \"h100-sxm\"\n",
+    )
+    .expect("plan");
+    std::fs::write(
+        plans.join("hub.toml"),
+        "model = \"meta-llama/Llama-3.1-8B\"\ngpu = \"h100-sxm\"\nmethod = \"lora\"\n",
+    )
+    .expect("plan");
+    let out = ftplan()
+        .args(["check", "--format", "json"])
+        .arg(&plans)
+        .assert()
+        .code(1);
+    let rows: serde_json::Value =
+        serde_json::from_slice(&out.get_output().stdout).expect("check JSON");
+    let lora = json(
+        &ftplan()
+            .args(["estimate", "--gpu", "h100-sxm", "--format", "json"])
+            .args(["--model", "llama3.1-8b", "--method", "lora"])
+            .assert()
+            .code(0),
+    );
+    assert_eq!(rows["plans"][0]["plan"], "folder");
+    assert_eq!(rows["plans"][0]["peak"], by_file["memory"]["peak"]);
+    assert_eq!(rows["plans"][1]["peak"], lora["memory"]["peak"]);
+    // A folder without a config.json.
+    let out = ftplan().args(args).arg(dir.path()).assert().code(2);
+    let err = crate::stderr_of(&out);
+    assert!(err.contains("is a folder without a config.json"), "{err}");
+    crate::assert_message_policy(&err);
+}

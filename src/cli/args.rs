@@ -131,8 +131,9 @@ pub enum AttentionArg {
 /// The flags that describe one plan (shared by estimate, check and fit).
 #[derive(Debug, Clone, Args)]
 pub struct PlanArgs {
-    /// Model name or alias (`ftplan list models`), a path to a config.json or model TOML, or
-    /// `-` for a config.json on standard input.
+    /// Model name or alias (`ftplan list models`), a path to a config.json, a model folder or a
+    /// model TOML, or `-` for a config.json on standard input. A Hub id (`org/name`) that is
+    /// not a path here names its shipped copy, if one ships.
     #[arg(long)]
     pub model: Option<String>,
     /// Fine-tuning method.

@@ -369,9 +369,12 @@ impl PlanInput {
             })
             .collect();
         let dir = path.parent().unwrap_or(Path::new("."));
+        // A file, or a model folder that is there; a name or Hub id (`org/name`) stays as it is.
         let rel = |p: &str| {
-            if p.ends_with(".json") || p.ends_with(".toml") {
-                dir.join(p).display().to_string()
+            let beside = dir.join(p);
+            if p.ends_with(".json") || p.ends_with(".toml") || (p.contains('/') && beside.is_dir())
+            {
+                beside.display().to_string()
             } else {
                 p.to_string()
             }

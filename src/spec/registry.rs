@@ -29,7 +29,7 @@ pub fn hardware_files() -> &'static [(&'static str, &'static str)] {
 }
 
 fn looks_like_path(arg: &str) -> bool {
-    arg.ends_with(".json") || arg.ends_with(".toml") || arg.contains('/') || arg.contains('\\')
+    looks_like_file(arg) || arg.contains('/') || arg.contains('\\') || arg == "." || arg == ".."
 }
 
 fn normalize(name: &str) -> String {
@@ -127,76 +127,211 @@ pub fn parse_model_toml(path: &str, stem: &str, text: &str) -> Result<ModelSpec>
     parse_config(path, &value, name, true)
 }
 
-/// Reads a model from a path (`config.json` or TOML), by shipped name or alias, or from a
-/// config.json on standard input (`-`).
-pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
+/// Where a model argument's config comes from.
+enum Source {
+    /// A config.json on standard input.
+    Stdin,
+    /// A user's file (a `config.json` or a model TOML), and the name the model takes.
+    File { path: String, name: String },
+    /// A shipped model file, with a note when the argument named it another way.
+    Shipped {
+        stem: &'static str,
+        text: &'static str,
+        note: Option<String>,
+    },
+}
+
+/// The shipped model named `arg` (its file stem or an alias).
+fn shipped(arg: &str) -> Result<Option<(&'static str, &'static str)>> {
+    let wanted = normalize(arg);
+    for (stem, text) in model_files() {
+        let path = format!("models/{stem}.toml");
+        if *stem == wanted || aliases(&toml_to_json(&path, text)?).contains(&wanted) {
+            return Ok(Some((stem, text)));
+        }
+    }
+    Ok(None)
+}
+
+/// The repository part of a Hugging Face Hub id (`meta-llama/Llama-3.1-8B`): one `owner/name`
+/// of the characters the Hub allows, not a file name.
+fn hub_repo(arg: &str) -> Option<&str> {
+    let (owner, repo) = arg.split_once('/')?;
+    let part = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    (part(owner) && part(repo) && !looks_like_file(repo)).then_some(repo)
+}
+
+fn looks_like_file(arg: &str) -> bool {
+    arg.ends_with(".json") || arg.ends_with(".toml")
+}
+
+/// Classifies a model argument: `-`, a path (a model folder stands for its `config.json`, as
+/// `from_pretrained` reads it), a Hub id that is not a path here (its shipped copy, if one
+/// ships), or a shipped name or alias.
+fn locate_model(arg: &str) -> Result<Source> {
     if arg == crate::io::STDIN {
-        let value = stdin_config()?;
-        // Named as the hub names it (`_name_or_path`, which `save_pretrained` writes), if it
-        // says.
-        let name = value
-            .get("_name_or_path")
-            .and_then(|v| v.as_str())
-            .and_then(|p| p.trim_end_matches('/').rsplit('/').next())
-            .filter(|n| !n.is_empty())
-            .unwrap_or("stdin")
-            .to_string();
-        return Ok(Resolved {
-            value: parse_config("standard input", &value, &name, false)?,
-            note: None,
-        });
+        return Ok(Source::Stdin);
     }
     // A path must look like one: a file in the working directory named like a shipped model
     // (`./llama2-7b`) must not silently replace it.
     if looks_like_path(arg) {
         let path = Path::new(arg);
-        let text = crate::io::read_text(path)?;
+        if path.is_dir() {
+            let config = path.join("config.json");
+            if !config.is_file() {
+                return Err(Error::Input {
+                    path: path.into(),
+                    problem: "is a folder without a config.json".into(),
+                    hint: Some("pass a model folder, its config.json or a model TOML".into()),
+                });
+            }
+            return Ok(Source::File {
+                path: config.to_string_lossy().into_owned(),
+                name: folder_name(path).unwrap_or_else(|| "config".into()),
+            });
+        }
+        if !path.exists()
+            && let Some(repo) = hub_repo(arg)
+        {
+            // ftplan reads no network; the shipped files are the published configs.
+            return match shipped(repo)? {
+                Some((stem, text)) => Ok(Source::Shipped {
+                    stem,
+                    text,
+                    note: Some(format!(
+                        "`{arg}` is not a file here: using the shipped `{stem}`"
+                    )),
+                }),
+                None => {
+                    let near =
+                        crate::error::did_you_mean(repo, model_files().iter().map(|(n, _)| *n))
+                            .map(|m| format!(" (or the shipped `{m}`?)"))
+                            .unwrap_or_default();
+                    Err(Error::Input {
+                        path: path.into(),
+                        problem: "is neither a file here nor a shipped model, and ftplan does \
+                                  not download from the Hugging Face Hub"
+                            .into(),
+                        hint: Some(format!(
+                            "download its config.json (`hf download {arg} config.json \
+                             --local-dir DIR`) and pass DIR{near}; `ftplan list models` lists \
+                             the shipped ones"
+                        )),
+                    })
+                }
+            };
+        }
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("model")
             .to_string();
-        let spec = if arg.ends_with(".toml") {
-            parse_model_toml(arg, &stem, &text)?
+        // A config.json is named after its folder (`Llama-2-7b-hf/config.json`).
+        let name = if stem == "config" && !arg.ends_with(".toml") {
+            path.parent()
+                .and_then(folder_name)
+                .unwrap_or_else(|| "config".into())
         } else {
-            let value: serde_json::Value =
-                crate::io::from_python_json(&text).map_err(|e| Error::Parse {
-                    path: arg.to_string(),
-                    message: format!("invalid JSON: {e}"),
-                })?;
-            // A config.json is named after its folder (`Llama-2-7b-hf/config.json`).
-            let name = if stem == "config" {
-                path.parent()
-                    .and_then(|p| p.file_name())
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("config")
-                    .to_string()
-            } else {
-                stem
-            };
-            parse_config(arg, &value, &name, false)?
+            stem
         };
-        return Ok(Resolved {
-            value: spec,
-            note: None,
+        return Ok(Source::File {
+            path: arg.to_string(),
+            name,
         });
     }
-    let wanted = normalize(arg);
-    for (stem, text) in model_files() {
-        let path = format!("models/{stem}.toml");
-        let value = toml_to_json(&path, text)?;
-        if *stem == wanted || aliases(&value).contains(&wanted) {
-            let spec = parse_model_toml(&path, stem, text)?;
-            let note = (*stem != wanted).then(|| format!("model `{arg}` resolves to `{stem}`"));
-            return Ok(Resolved { value: spec, note });
-        }
+    match shipped(arg)? {
+        Some((stem, text)) => Ok(Source::Shipped {
+            stem,
+            text,
+            note: (*stem != normalize(arg)).then(|| format!("model `{arg}` resolves to `{stem}`")),
+        }),
+        None if Path::new(arg).exists() => Err(Error::Unknown {
+            kind: "model",
+            name: arg.to_string(),
+            // A bare name is a shipped model's, so that a file named like one cannot shadow it.
+            hint: Some(format!(
+                "`{arg}` here is a file or folder: pass it as `./{arg}`"
+            )),
+        }),
+        None => Err(Error::unknown(
+            "model",
+            arg,
+            model_files().iter().map(|(n, _)| *n),
+            "ftplan list models",
+        )),
     }
-    Err(Error::unknown(
-        "model",
-        arg,
-        model_files().iter().map(|(n, _)| *n),
-        "ftplan list models",
-    ))
+}
+
+/// A folder's own name; for `.`, `..` or the empty parent of a bare `config.json`, that of the
+/// folder they stand for.
+fn folder_name(path: &Path) -> Option<String> {
+    let path = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    let named = path.file_name().map(|s| s.to_os_string()).or_else(|| {
+        path.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|s| s.to_os_string()))
+    })?;
+    named.to_str().map(str::to_string)
+}
+
+/// A user's model file's config object: TOML, or (Python's) JSON.
+fn read_model_file(path: &str) -> Result<serde_json::Value> {
+    let text = crate::io::read_text(Path::new(path))?;
+    if path.ends_with(".toml") {
+        toml_to_json(path, &text)
+    } else {
+        crate::io::from_python_json(&text).map_err(|e| Error::Parse {
+            path: path.to_string(),
+            message: format!("invalid JSON: {e}"),
+        })
+    }
+}
+
+/// Reads a model from a path (`config.json`, a model folder or TOML), by shipped name or alias
+/// (or a Hub id whose model ships), or from a config.json on standard input (`-`).
+pub fn resolve_model(arg: &str) -> Result<Resolved<ModelSpec>> {
+    match locate_model(arg)? {
+        Source::Stdin => {
+            let value = stdin_config()?;
+            // Named as the hub names it (`_name_or_path`, which `save_pretrained` writes), if
+            // it says.
+            let name = value
+                .get("_name_or_path")
+                .and_then(|v| v.as_str())
+                .and_then(|p| p.trim_end_matches('/').rsplit('/').next())
+                .filter(|n| !n.is_empty())
+                .unwrap_or("stdin")
+                .to_string();
+            Ok(Resolved {
+                value: parse_config("standard input", &value, &name, false)?,
+                note: None,
+            })
+        }
+        Source::File { path, name } => {
+            let spec = if path.ends_with(".toml") {
+                parse_model_toml(&path, &name, &crate::io::read_text(Path::new(&path))?)?
+            } else {
+                parse_config(&path, &read_model_file(&path)?, &name, false)?
+            };
+            Ok(Resolved {
+                value: spec,
+                note: None,
+            })
+        }
+        Source::Shipped { stem, text, note } => Ok(Resolved {
+            value: parse_model_toml(&format!("models/{stem}.toml"), stem, text)?,
+            note,
+        }),
+    }
 }
 
 /// One shipped model as `ftplan list models` shows it.
@@ -292,37 +427,10 @@ fn stdin_config() -> Result<serde_json::Value> {
 /// alias, or `-`), without the file-only keys (`name`, `source`, `params`, `aliases`): what
 /// `ftplan measure` hands to transformers.
 pub fn model_config(arg: &str) -> Result<serde_json::Value> {
-    let mut value = if arg == crate::io::STDIN {
-        stdin_config()?
-    } else if looks_like_path(arg) {
-        let text = crate::io::read_text(Path::new(arg))?;
-        if arg.ends_with(".toml") {
-            toml_to_json(arg, &text)?
-        } else {
-            crate::io::from_python_json(&text).map_err(|e| Error::Parse {
-                path: arg.to_string(),
-                message: format!("invalid JSON: {e}"),
-            })?
-        }
-    } else {
-        let wanted = normalize(arg);
-        let mut found = None;
-        for (stem, text) in model_files() {
-            let path = format!("models/{stem}.toml");
-            let value = toml_to_json(&path, text)?;
-            if *stem == wanted || aliases(&value).contains(&wanted) {
-                found = Some(value);
-                break;
-            }
-        }
-        found.ok_or_else(|| {
-            Error::unknown(
-                "model",
-                arg,
-                model_files().iter().map(|(n, _)| *n),
-                "ftplan list models",
-            )
-        })?
+    let mut value = match locate_model(arg)? {
+        Source::Stdin => stdin_config()?,
+        Source::File { path, .. } => read_model_file(&path)?,
+        Source::Shipped { stem, text, .. } => toml_to_json(&format!("models/{stem}.toml"), text)?,
     };
     if let Some(map) = value.as_object_mut() {
         for key in ["name", "source", "params", "aliases"] {
