@@ -72,6 +72,36 @@ fn aliases_are_reported_on_stderr() {
 }
 
 #[test]
+fn the_device_names_torch_reports_resolve_to_their_profiles() {
+    // `torch.cuda.get_device_name()` as pasted from a notebook: lowercased, spaces to hyphens.
+    for (name, stem) in [
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("Tesla T4", "t4"),
+        ("Tesla V100-SXM2-32GB", "v100-32gb"),
+        ("AMD Instinct MI300X", "mi300x"),
+        ("NVIDIA B200", "b200"),
+    ] {
+        let hw = ftplan::spec::registry::resolve_hardware(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .value;
+        assert_eq!(hw.name, stem, "{name}");
+    }
+    // torch 2.11 gives cuBLAS its 32 MiB workspace on compute capability 9.0 only
+    // (`parseChosenWorkspaceSize`): a B200 (10.0) gets 4 MiB x 2 + 16 KiB x 8 per handle.
+    let b200 = ftplan::spec::registry::resolve_hardware("b200")
+        .expect("ships")
+        .value;
+    assert_eq!(b200.cublas_workspace.0, 4 * 1024 * 1024 * 2 + 16 * 1024 * 8);
+    let h200 = ftplan::spec::registry::resolve_hardware("h200")
+        .expect("ships")
+        .value;
+    assert_eq!(h200.cublas_workspace.0, 32 * 1024 * 1024);
+}
+
+#[test]
 fn json_output_keeps_its_contract() {
     let v = json(
         ftplan().args([
