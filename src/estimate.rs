@@ -73,6 +73,66 @@ fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
 
 /// Rejects plans that cannot be simulated (or run) on this model and GPU, naming the
 /// offending setting.
+/// What is modelled for a multimodal checkpoint: text-only training of its language model, the
+/// tower loaded beside it and never run, under full fine-tuning, LoRA (which peft also puts on
+/// the tower's matching linears), adapters and freezing.
+fn check_vision(
+    model: &ModelSpec,
+    tower: &crate::spec::model::VisionTower,
+    plan: &Plan,
+) -> Result<()> {
+    let field = |f: &str, problem: String| Error::field(Error::PLAN, f, problem);
+    let alone = "or plan its `text_config` as a config.json of its own (the tower's weights are \
+                 then left out)";
+    let modelled = matches!(
+        plan.method,
+        Method::Full | Method::Lora(_) | Method::Adapter { .. } | Method::Freeze { .. }
+    );
+    if !modelled {
+        return Err(field(
+            "method",
+            format!(
+                "`{}` is not modelled for `{}`, a multimodal checkpoint (its {} vision tower)",
+                plan.method.name(),
+                model.name,
+                tower.model_type
+            ),
+        )
+        .with_hint(format!("use full, lora, adapter or freeze, {alone}")));
+    }
+    if let Method::Lora(l) = &plan.method
+        && l.targets == crate::spec::plan::LoraTargets::QueryValue
+    {
+        // peft 0.21's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING has `gemma3_text` but
+        // not `gemma3`: get_peft_model raises "Please specify `target_modules`".
+        return Err(field(
+            "lora-targets",
+            format!(
+                "peft has no default LoRA targets for `{}`'s multimodal checkpoint (it asks for \
+                 `target_modules`)",
+                model.name
+            ),
+        )
+        .with_hint(
+            "name them, e.g. --lora-targets q,v (peft's names reach the vision tower's q_proj \
+             and v_proj as well)",
+        ));
+    }
+    if plan.parallel.tp > 1 || plan.parallel.pp > 1 {
+        return Err(field(
+            if plan.parallel.tp > 1 { "tp" } else { "pp" },
+            format!(
+                "tensor and pipeline parallelism are not modelled for `{}`'s vision tower",
+                model.name
+            ),
+        )
+        .with_hint(format!(
+            "use data parallelism (--engine fsdp or zero3), {alone}"
+        )));
+    }
+    Ok(())
+}
+
 pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result<()> {
     let field = |f: &str, problem: String| Error::field(Error::PLAN, f, problem);
     if plan.batch == 0 {
@@ -152,6 +212,9 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result
             ),
         )
         .with_hint("use --linear-kernel torch: transformers' PyTorch path, without mamba-ssm"));
+    }
+    if let Some(tower) = model.vision {
+        check_vision(model, &tower, plan)?;
     }
     let heads = model.decoder.heads;
     let layers = model.decoder.layers + model.encoder.map_or(0, |e| e.layers);

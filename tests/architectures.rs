@@ -2922,3 +2922,84 @@ fn granite_moe_runs_experts_in_every_layer_with_an_optional_shared_mlp() {
     config["shared_intermediate_size"] = serde_json::json!(96);
     assert_eq!(lora_counts(&toy(&config)), (435_840, 46_080, 14_336));
 }
+
+#[test]
+fn a_gemma3_checkpoint_is_its_language_model_plus_a_tower_it_never_runs() {
+    // google/gemma-3-4b-it's config.json: `text_config` keeps only what differs from
+    // Gemma3TextConfig's defaults, `vision_config` is SigLIP (27 layers of 1,152, MLP 4,304,
+    // 896 px in 14 px patches, no pooling head). The tower, by its modules:
+    //   patch embedding 3 x 1,152 x 14 x 14 + 1,152 = 678,528
+    //   positions (896 / 14)^2 = 4,096 rows x 1,152 = 4,718,592
+    //   per layer 2 LayerNorms 4,608, q/k/v/out 4 x (1,152^2 + 1,152) = 5,313,024,
+    //     fc1 1,152 x 4,304 + 4,304 = 4,962,512, fc2 4,304 x 1,152 + 1,152 = 4,959,360:
+    //     15,239,504 x 27 = 411,466,608
+    //   final LayerNorm 2,304: the tower 416,866,032, as transformers builds it;
+    // the projector 1,152 x 2,560 + 1,152 = 2,950,272. The language model is 3,880,263,168.
+    let wrapper = model(
+        crate::repo("examples/configs/gemma-3-4b-it-config.json")
+            .to_str()
+            .expect("utf-8"),
+    );
+    let tower = wrapper.vision.expect("a vision tower");
+    assert_eq!(tower.params, 416_866_032 + 2_950_272);
+    let mut text = wrapper.clone();
+    text.vision = None;
+    text.buffers = ftplan::units::Bytes::ZERO;
+    let qv = lora_named(&["q_proj", "v_proj"]);
+    let (with, without) = (
+        run(&wrapper, &plan(qv.clone(), 1, 1024, AttentionKernel::Sdpa)),
+        run(&text, &plan(qv, 1, 1024, AttentionKernel::Sdpa)),
+    );
+    assert_eq!(without.memory.base_params, 3_880_263_168);
+    assert_eq!(with.memory.base_params, 4_300_079_472);
+    // peft's q_proj and v_proj reach the tower's too: 27 layers x 2 x 16 x (1,152 + 1,152) =
+    // 1,990,656 more trainable, which never get a gradient (the tower does not run).
+    assert_eq!(
+        with.memory.trainable_params - without.memory.trainable_params,
+        1_990_656
+    );
+    // The peak differs by what the tower holds and nothing it would compute: its bf16 weights,
+    // the idle fp32 factors, and `position_ids` (4,096 int64).
+    let held = (tower.params * 2 + 1_990_656 * 4 + 4_096 * 8) as i64;
+    assert_eq!(
+        with.memory.peak.0 as i64 - without.memory.peak.0 as i64,
+        held
+    );
+    assert_eq!(
+        with.memory.at_peak.optimizer,
+        without.memory.at_peak.optimizer
+    );
+    // Full fine-tuning leaves the tower `requires_grad` but without a gradient: no state.
+    let (with, without) = (
+        run(&wrapper, &full(Precision::MixedBf16, 1, 1024)),
+        run(&text, &full(Precision::MixedBf16, 1, 1024)),
+    );
+    assert_eq!(with.memory.trainable_params, 4_300_079_472);
+    assert_eq!(
+        with.memory.at_peak.optimizer,
+        without.memory.at_peak.optimizer
+    );
+    assert_eq!(
+        with.memory.at_peak.gradients,
+        without.memory.at_peak.gradients
+    );
+    // The step runs only the language model.
+    assert_eq!(with.time.step_seconds, without.time.step_seconds);
+    // What is not modelled is refused: peft has no default targets for `gemma3`, and the
+    // methods that would reach the tower otherwise are not modelled.
+    assert!(
+        refusal(&wrapper, &plan(lora(), 1, 1024, AttentionKernel::Sdpa))
+            .contains("no default LoRA targets")
+    );
+    assert!(
+        refusal(&wrapper, &plan(Method::Ia3, 1, 1024, AttentionKernel::Sdpa))
+            .contains("multimodal checkpoint")
+    );
+    // Against the replays (validation/multimodal.jsonl: the tower beside 4 and 34 text layers,
+    // full fine-tuning and LoRA): every peak within 0.3 %, every trainable count exact.
+    crate::each_within(
+        &crate::shipped_rows("validation/multimodal.jsonl"),
+        0.003,
+        None,
+    );
+}

@@ -86,7 +86,29 @@ fn unsupported_model_type_lists_the_supported_ones() {
 fn a_multimodal_wrapper_points_at_its_text_config() {
     model(
         "multimodal-wrapper.json",
-        &["`gemma3` is not supported", "`gemma3_text`", "text_config"],
+        &["`mistral3` is not supported", "`mistral`", "text_config"],
+    );
+}
+
+#[test]
+fn a_gemma3_checkpoint_names_the_nested_field() {
+    // Gemma 3's checkpoints are read whole (the language model and its SigLIP tower); a fault
+    // in either nested config names it by its path.
+    model(
+        "gemma3-foreign-tower.json",
+        &[
+            "`vision_config.model_type`",
+            "`clip_vision_model`",
+            "siglip_vision_model",
+        ],
+    );
+    model(
+        "gemma3-bad-patch.json",
+        &["`vision_config.patch_size`", "positive whole number"],
+    );
+    model(
+        "gemma3-bad-text.json",
+        &["`text_config.num_key_value_heads`", "does not divide"],
     );
 }
 

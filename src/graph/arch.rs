@@ -18,9 +18,9 @@ const ROLES: [ParamRole; 6] = [
 ];
 use crate::spec::model::{
     BlockKind, ExpertGate, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
-    QkOrder, QueryScale, RotaryApply, Stack,
+    QkOrder, QueryScale, RotaryApply, Stack, VisionTower,
 };
-use crate::spec::plan::{Depth, Method, Plan, Proj};
+use crate::spec::plan::{Depth, LoraTargets, Method, Plan, Proj};
 
 /// Which part of the model a graph covers: the whole model, or one pipeline stage (the first
 /// holds the embeddings, the last the final norm, LM head and loss; Narayanan et al. 2021).
@@ -56,6 +56,9 @@ pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
             ParamRole::Embedding,
         )
     });
+    if let Some(tower) = model.vision.filter(|_| stage.first) {
+        vision_tower(&mut b, &tower);
+    }
     let memory = match model.encoder {
         Some(enc) => {
             let src = plan.seq + plan.method.prompt_tokens();
@@ -98,6 +101,67 @@ pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
     };
     b.lm_head_and_loss(x, head, model.lm_head_bias);
     b.finish()
+}
+
+/// A multimodal checkpoint's vision tower and projector: weights that text-only training loads
+/// and never runs, so no op reads them. Full fine-tuning leaves them `requires_grad`: counted as
+/// trainable (as `requires_grad` counts them), but autograd gives them no `.grad`, so the
+/// optimizer keeps no state for them (`idle`). peft matches target names anywhere in the model:
+/// `q_proj`, `k_proj`, `v_proj` and `out_proj` name the tower's attention projections too, and
+/// `all-linear` also takes `fc1` and `fc2`; the factors it adds there are trainable and idle.
+fn vision_tower(b: &mut Builder, tower: &VisionTower) {
+    let full = b.plan.method == Method::Full;
+    let base = b.base_param(
+        Name::root("vision_tower"),
+        (tower.params, 1),
+        ParamRole::Linear,
+    );
+    if let Some(p) = b.graph.params.get_mut(base.0 as usize) {
+        p.trainable = full;
+        p.idle = full;
+    }
+    let Some(lora) = b.plan.method.lora() else {
+        return;
+    };
+    let (h, i) = (tower.hidden, tower.intermediate);
+    let attention = |proj: Proj| match &lora.targets {
+        LoraTargets::AllLinear => true,
+        LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
+        LoraTargets::Named(list) => list.contains(&proj),
+    };
+    let mlp = matches!(lora.targets, LoraTargets::AllLinear);
+    // (module, in, out, hit) per encoder layer; the pooling head has one more `out_proj`, `fc1`
+    // and `fc2`.
+    let sites = [
+        ("q_proj", h, h, attention(Proj::Q)),
+        ("k_proj", h, h, attention(Proj::K)),
+        ("v_proj", h, h, attention(Proj::V)),
+        ("out_proj", h, h, attention(Proj::OutProj)),
+        ("fc1", h, i, mlp),
+        ("fc2", i, h, mlp),
+    ];
+    for (module, inputs, outputs, hit) in sites {
+        if !hit {
+            continue;
+        }
+        let copies =
+            tower.layers + u64::from(tower.head && matches!(module, "out_proj" | "fc1" | "fc2"));
+        let name = Name::root("vision_tower").then(module);
+        let mut parts = vec![
+            ("lora_A", (lora.rank, inputs)),
+            ("lora_B", (outputs, lora.rank)),
+        ];
+        if lora.dora {
+            parts.push(("lora_magnitude_vector", (outputs, 1)));
+        }
+        for (part, shape) in parts {
+            let p = b.adapter_param(name.then(part), shape);
+            if let Some(p) = b.graph.params.get_mut(p.0 as usize) {
+                p.idle = true;
+                p.copies = copies;
+            }
+        }
+    }
 }
 
 /// The encoder (when `memory` is None and the model is encoder-decoder) or the decoder stack.

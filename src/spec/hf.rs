@@ -6,7 +6,7 @@ use crate::spec::model::{
     Activation, DeltaNet, Dropouts, DtBcNorms, ExpertGate, Family, FfnKind, GatedNorm,
     GlobalAttention, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput,
     Positions, QkNorm, QueryScale, ReturnedWeights, RotaryApply, RouterPrecision, Routing,
-    RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack,
+    RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack, VisionTower,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -222,6 +222,9 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     if model_type.is_empty() {
         return Err(Error::field(path, "model_type", "is missing").with_hint(supported()));
     }
+    if model_type == "gemma3" {
+        return gemma3_checkpoint(path, map, name);
+    }
     // The table's entry: its static name (kept on the spec for peft's tables) and family.
     let entry = Family::ALL.iter().find(|(n, _)| *n == model_type).copied();
     let (known_type, family) = entry.ok_or_else(|| {
@@ -344,6 +347,141 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         }
     }
     Ok(spec)
+}
+
+/// A Gemma 3 multimodal checkpoint (`Gemma3Config`, 4B and up): the language model from
+/// `text_config` and the SigLIP tower from `vision_config`, which text-only training loads and
+/// never runs. A saved config keeps only the values that differ from the defaults, so the
+/// keys `text_config` leaves out take `Gemma3TextConfig`'s (transformers 5.17).
+fn gemma3_checkpoint(path: &str, map: &Map<String, Value>, name: &str) -> Result<ModelSpec> {
+    let nested = |key: &str| match map.get(key) {
+        Some(Value::Object(o)) => Ok(o),
+        found => Err(Error::field(
+            path,
+            key,
+            match found {
+                None | Some(Value::Null) => "is missing".to_string(),
+                Some(v) => format!("must be an object, found `{v}`"),
+            },
+        )
+        .with_hint(
+            "a `gemma3` config nests its language model in `text_config` and its vision tower \
+             in `vision_config`",
+        )),
+    };
+    let mut text: Map<String, Value> = [
+        ("vocab_size", serde_json::json!(262_208)),
+        ("hidden_size", serde_json::json!(2304)),
+        ("intermediate_size", serde_json::json!(9216)),
+        ("num_hidden_layers", serde_json::json!(26)),
+        ("num_attention_heads", serde_json::json!(8)),
+        ("num_key_value_heads", serde_json::json!(4)),
+        ("head_dim", serde_json::json!(256)),
+        ("hidden_activation", serde_json::json!("gelu_pytorch_tanh")),
+        ("max_position_embeddings", serde_json::json!(131_072)),
+        ("query_pre_attn_scalar", serde_json::json!(256)),
+        ("sliding_window", serde_json::json!(4096)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    text.extend(nested("text_config")?.clone());
+    text.insert("model_type".into(), Value::from("gemma3_text"));
+    // The tie is the checkpoint's (`Gemma3Config.tie_word_embeddings`, true by default; the
+    // LM head shares `language_model.embed_tokens`).
+    let tie = map
+        .get("tie_word_embeddings")
+        .cloned()
+        .unwrap_or(Value::Bool(true));
+    text.insert("tie_word_embeddings".into(), tie);
+    let mut spec = parse_config(path, &Value::Object(text), name, false)
+        .map_err(|e| e.map_field(|f| format!("text_config.{f}")))?;
+    let vision = nested("vision_config")?;
+    let tower = siglip(path, vision, spec.hidden_size)
+        .map_err(|e| e.map_field(|f| format!("vision_config.{f}")))?;
+    // `SiglipVisionEmbeddings` registers `position_ids`, an int64 `arange` over the patches,
+    // as a (non-persistent) buffer: it moves to the GPU with the model.
+    spec.buffers += Bytes(tower.patches.saturating_mul(8));
+    spec.vision = Some(tower);
+    Ok(spec)
+}
+
+/// transformers' `SiglipVisionModel` (5.17) and Gemma 3's projector, counted from their modules:
+/// the patch embedding (a `Conv2d` of `patch_size` with a bias) and a position table of
+/// `(image_size / patch_size)^2` rows; per encoder layer two LayerNorms, biased `q_proj`,
+/// `k_proj`, `v_proj` and `out_proj`, and the MLP's biased `fc1` and `fc2`; the final LayerNorm;
+/// the attention-pooling head unless `vision_use_head` is false (a probe, an
+/// `nn.MultiheadAttention`, a LayerNorm and an MLP); then `Gemma3MultiModalProjector`'s
+/// `mm_input_projection_weight` (vision width by text width) and its RMSNorm's scale.
+fn siglip(path: &str, map: &Map<String, Value>, text_hidden: u64) -> Result<VisionTower> {
+    let r = Reader {
+        path,
+        map,
+        seen: RefCell::new(BTreeSet::new()),
+    };
+    let kind = r.str_or(&["model_type"], "siglip_vision_model")?;
+    if kind != "siglip_vision_model" {
+        return Err(Error::field(
+            path,
+            "model_type",
+            format!("`{kind}` is not modelled as a vision tower"),
+        )
+        .with_hint("Gemma 3's tower is `siglip_vision_model`"));
+    }
+    let size = |key: &'static str, default: u64| -> Result<u64> {
+        Ok(r.opt_u64(&[key])?.unwrap_or(default))
+    };
+    let h = size("hidden_size", 768)?;
+    let i = size("intermediate_size", 3072)?;
+    let layers = size("num_hidden_layers", 12)?;
+    let channels = size("num_channels", 3)?;
+    let image = size("image_size", 224)?;
+    let patch = size("patch_size", 16)?;
+    if patch > image {
+        return Err(Error::field(
+            path,
+            "patch_size",
+            format!("({patch}) is larger than the image ({image})"),
+        ));
+    }
+    // `SiglipVisionModel`: `vision_use_head` where the config has it, the head otherwise.
+    let head = match r.raw(&["vision_use_head"]) {
+        None => true,
+        Some((key, v)) => v.as_bool().ok_or_else(|| {
+            Error::field(path, key, format!("must be true or false, found `{v}`"))
+        })?,
+    };
+    let (h, i) = (u128::from(h), u128::from(i));
+    let patches = u128::from(image / patch).pow(2);
+    let mlp = (h * i + i) + (i * h + h);
+    let layer = 2 * 2 * h + 4 * (h * h + h) + mlp;
+    let pooling = h + (3 * h * h + 3 * h) + (h * h + h) + 2 * h + mlp;
+    let params = u128::from(channels) * h * u128::from(patch).pow(2)
+        + h
+        + patches * h
+        + u128::from(layers) * layer
+        + 2 * h
+        + if head { pooling } else { 0 }
+        + h * u128::from(text_hidden)
+        + h;
+    if params > MAX_PARAMS {
+        return Err(Error::field(
+            path,
+            "hidden_size",
+            format!(
+                "with these sizes the tower has about {params} parameters; the most accepted is 1e14"
+            ),
+        ));
+    }
+    Ok(VisionTower {
+        model_type: "siglip_vision_model",
+        params: params as u64,
+        patches: patches as u64,
+        layers,
+        hidden: h as u64,
+        intermediate: i as u64,
+        head,
+    })
 }
 
 fn supported() -> String {

@@ -1117,6 +1117,31 @@ pub struct ModelSpec {
     /// Non-parameter module buffers moved to the GPU with the model and kept there for the
     /// whole run (GPTBigCode's causal-mask table).
     pub buffers: crate::units::Bytes,
+    /// A multimodal checkpoint's vision tower (Gemma 3's SigLIP), loaded with the language
+    /// model and never run by text-only training.
+    pub vision: Option<VisionTower>,
+}
+
+/// The vision tower and projector of a multimodal checkpoint (`Gemma3ForConditionalGeneration`,
+/// which `AutoModelForCausalLM` builds from a `gemma3` config). Text-only fine-tuning loads them
+/// and never runs them: `Gemma3Model.forward` calls the tower only for `pixel_values`. They hold
+/// memory as weights, and LoRA's target names reach the tower's linears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VisionTower {
+    /// transformers' `model_type` of the vision config.
+    pub model_type: &'static str,
+    /// Parameters of the tower and of the projector into the language model.
+    pub params: u64,
+    /// Patches per image, `(image_size / patch_size)^2`: the rows of the position table.
+    pub patches: u64,
+    /// The tower's encoder layers, each with `q_proj`, `k_proj`, `v_proj` and `out_proj`
+    /// (hidden to hidden) and an MLP of `fc1` (hidden to intermediate) and `fc2`.
+    pub layers: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    /// SigLIP's attention-pooling head (`vision_use_head`): one more `out_proj` (inside
+    /// `nn.MultiheadAttention`), `fc1` and `fc2`.
+    pub head: bool,
 }
 
 /// A sparse mixture-of-experts FFN (Shazeer et al. 2017; Mixtral, Jiang et al. 2024): `experts`
@@ -1397,6 +1422,7 @@ impl ModelSpec {
             attention_upcast: false,
             returned_weights: ReturnedWeights::None,
             buffers: crate::units::Bytes::ZERO,
+            vision: None,
         }
     }
 
