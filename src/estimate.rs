@@ -108,8 +108,8 @@ fn check_vision(
         return Err(field(
             "lora-targets",
             format!(
-                "peft has no default LoRA targets for `{}`'s multimodal checkpoint (it asks for \
-                 `target_modules`)",
+                "must name the modules: peft has no default LoRA targets for `{}`, a multimodal \
+                 checkpoint (it asks for `target_modules`)",
                 model.name
             ),
         )

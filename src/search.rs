@@ -125,7 +125,7 @@ fn edit(label: &str, part: Part, apply: impl Fn(&Plan) -> Plan + 'static) -> Edi
 
 /// The changes that apply to `plan`: checkpointing, a lighter method (LoRA, QLoRA, a smaller
 /// rank, fewer targets), a lighter optimizer (8-bit, paged, Adafactor) and pure bf16.
-fn edits(plan: &Plan) -> Vec<Edit> {
+fn edits(plan: &Plan, model: &ModelSpec) -> Vec<Edit> {
     let mut out = Vec::new();
     if !plan.grad_ckpt {
         out.push(edit(
@@ -137,10 +137,17 @@ fn edits(plan: &Plan) -> Vec<Edit> {
             },
         ));
     }
+    // peft's default targets, q and v; a multimodal checkpoint, which peft has no default for,
+    // names them.
+    let qv = if model.vision.is_some() {
+        LoraTargets::Named(vec![crate::spec::plan::Proj::Q, crate::spec::plan::Proj::V])
+    } else {
+        LoraTargets::QueryValue
+    };
     let lora = Lora {
         rank: 16,
         alpha: 32.0,
-        targets: LoraTargets::QueryValue,
+        targets: qv.clone(),
         dora: false,
     };
     match &plan.method {
@@ -194,9 +201,9 @@ fn edits(plan: &Plan) -> Vec<Edit> {
                     ..p.clone()
                 }));
             }
-            if l.targets != LoraTargets::QueryValue {
+            if l.targets != qv {
                 let l = Lora {
-                    targets: LoraTargets::QueryValue,
+                    targets: qv,
                     ..l.clone()
                 };
                 out.push(edit("LoRA on q and v only", Part::Method, move |p| Plan {
@@ -326,7 +333,7 @@ pub fn fixes(target: &Target, plan: &Plan, gpus: &[(Hardware, Rates)]) -> Result
         }
         Ok(v)
     };
-    let edits = edits(plan);
+    let edits = edits(plan, target.model);
     for e in &edits {
         out.extend(assess(
             e.label.clone(),

@@ -2995,6 +2995,21 @@ fn a_gemma3_checkpoint_is_its_language_model_plus_a_tower_it_never_runs() {
         refusal(&wrapper, &plan(Method::Ia3, 1, 1024, AttentionKernel::Sdpa))
             .contains("multimodal checkpoint")
     );
+    // `fit` offers LoRA with q and v named, which peft takes for this checkpoint.
+    let out = crate::ftplan()
+        .args(["fit", "--gpu", "l4", "--format", "json", "--model"])
+        .arg(crate::repo("examples/configs/gemma-3-4b-it-config.json"))
+        .assert()
+        .code(1);
+    let fit: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).expect("JSON");
+    assert!(
+        fit["fixes"]
+            .as_array()
+            .expect("fixes")
+            .iter()
+            .any(|f| f["change"] == "switch to LoRA (r16, qv)" && f["fits"] == true),
+        "{fit}"
+    );
     // Against the replays (validation/multimodal.jsonl: the tower beside 4 and 34 text layers,
     // full fine-tuning and LoRA): every peak within 0.3 %, every trainable count exact.
     crate::each_within(
