@@ -3018,3 +3018,42 @@ fn a_gemma3_checkpoint_is_its_language_model_plus_a_tower_it_never_runs() {
         None,
     );
 }
+
+#[test]
+fn a_checkpoint_auto_model_for_causal_lm_reads_as_its_language_model_is_its_text_config() {
+    // transformers 5.17 builds `llama4` and `qwen3_5` checkpoints through AutoModelForCausalLM as
+    // Llama4ForCausalLM and Qwen3_5ForCausalLM: the language model alone, as many parameters as
+    // the text config builds by itself (checked on the meta device). So the checkpoint's
+    // config.json plans exactly as its `text_config`; the vision tower's config is not read.
+    for (shipped, wrapper) in [("llama4-scout", "llama4"), ("qwen3.5-27b", "qwen3_5")] {
+        let text = ftplan::spec::registry::model_config(shipped).expect("ships");
+        let checkpoint = serde_json::json!({
+            "model_type": wrapper,
+            "text_config": text,
+            "vision_config": {"model_type": "not read", "depth": 27},
+        });
+        let from_checkpoint =
+            ftplan::spec::hf::parse_config("config.json", &checkpoint, shipped, false)
+                .expect("reads");
+        let alone = model(shipped);
+        let p = plan(
+            lora_named(&["q_proj", "k_proj", "v_proj", "o_proj"]),
+            1,
+            1024,
+            AttentionKernel::Sdpa,
+        );
+        let (a, b) = (run(&from_checkpoint, &p), run(&alone, &p));
+        assert_eq!(a.memory.peak, b.memory.peak, "{wrapper}");
+        assert_eq!(
+            a.memory.trainable_params, b.memory.trainable_params,
+            "{wrapper}"
+        );
+        assert_eq!(a.time.step_seconds, b.time.step_seconds, "{wrapper}");
+    }
+    // A fault inside is named by its path.
+    let bad = serde_json::json!({"model_type": "llama4", "text_config": {"hidden_size": 0}});
+    let err = ftplan::spec::hf::parse_config("config.json", &bad, "x", false)
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("`text_config.hidden_size`"), "{err}");
+}

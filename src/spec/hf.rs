@@ -225,6 +225,38 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     if model_type == "gemma3" {
         return gemma3_checkpoint(path, map, name);
     }
+    // Multimodal checkpoints that `AutoModelForCausalLM` builds as their language model alone
+    // (transformers 5.17's MODEL_FOR_CAUSAL_LM_MAPPING: `llama4` -> Llama4ForCausalLM, `qwen3_5`
+    // -> Qwen3_5ForCausalLM, `qwen3_5_moe` -> Qwen3_5MoeForCausalLM; the same parameter count as
+    // the text config's own model, checked on the meta device): the `text_config` is the model.
+    let text_only = match model_type.as_str() {
+        "llama4" => Some("llama4_text"),
+        "qwen3_5" => Some("qwen3_5_text"),
+        "qwen3_5_moe" => Some("qwen3_5_moe_text"),
+        _ => None,
+    };
+    if let Some(text_type) = text_only {
+        let mut text = match map.get("text_config") {
+            Some(Value::Object(o)) => o.clone(),
+            found => {
+                return Err(Error::field(
+                    path,
+                    "text_config",
+                    match found {
+                        None | Some(Value::Null) => "is missing".to_string(),
+                        Some(v) => format!("must be an object, found `{v}`"),
+                    },
+                )
+                .with_hint(format!(
+                    "a `{model_type}` checkpoint nests its language model in `text_config`"
+                )));
+            }
+        };
+        text.entry("model_type")
+            .or_insert_with(|| Value::from(text_type));
+        return parse_config(path, &Value::Object(text), name, false)
+            .map_err(|e| e.map_field(|f| format!("text_config.{f}")));
+    }
     // The table's entry: its static name (kept on the spec for peft's tables) and family.
     let entry = Family::ALL.iter().find(|(n, _)| *n == model_type).copied();
     let (known_type, family) = entry.ok_or_else(|| {
