@@ -145,7 +145,41 @@ def ffn_sites(model):
     import re
     # MPT's `ffn` adds the residual itself: its output is the block's, the same shape.
     site = re.compile(r"\.\d+\.(mlp|ffn|fc2|layer\.\d+\.DenseReluDense)$")
-    return [m for n, m in model.named_modules() if site.search(n)]
+    # The language model's blocks only: a multimodal checkpoint's vision tower (never run by
+    # text-only training) has blocks named the same way.
+    return [m for n, m in model.named_modules() if site.search(n) and "vision_tower" not in n]
+
+
+# ftplan's projection roles (`--lora-targets q,v,gate`) by the module names families give them
+# (src/spec/plan.rs, `Proj::MODULES`), most common first: a role becomes the first group of names
+# the model has, as peft's `target_modules` then names them. Other names pass unchanged.
+ROLE_MODULES = {
+    "q": [["q_proj"], ["q"], ["query"], ["q_a_proj", "q_b_proj"], ["c_attn"], ["query_key_value"], ["qkv_proj"],
+          ["Wqkv"]],
+    "k": [["k_proj"], ["k"], ["key"], ["kv_a_proj_with_mqa"], ["c_attn"], ["query_key_value"], ["qkv_proj"],
+          ["Wqkv"]],
+    "v": [["v_proj"], ["v"], ["value"], ["kv_b_proj"], ["c_attn"], ["query_key_value"], ["qkv_proj"], ["Wqkv"]],
+    "o": [["o_proj"], ["o"], ["out_proj"], ["dense"], ["c_proj"]],
+    "gate": [["gate_proj"], ["w1"], ["wi_0"], ["gate_up_proj"]],
+    "up": [["up_proj"], ["w3"], ["wi_1"], ["wi"], ["c_fc"], ["fc1"], ["dense_h_to_4h"], ["gate_up_proj"]],
+    "down": [["down_proj"], ["w2"], ["wo"], ["fc2"], ["dense_4h_to_h"], ["c_proj"]],
+}
+
+
+def module_names(model, targets):
+    """`targets` with each role replaced by the module names this model gives it."""
+    head = model.get_output_embeddings()
+    leaves = {name.rpartition(".")[2] for name, m in model.named_modules()
+              if m is not head and type(m).__name__ in ("Linear", "Conv1D")}
+    out = []
+    for t in targets:
+        groups = ROLE_MODULES.get(t)
+        if groups is None:
+            out.append(t)
+            continue
+        found = next(([n for n in g if n in leaves] for g in groups if any(n in leaves for n in g)), [t])
+        out.extend(n for n in found if n not in out)
+    return out
 
 
 def apply_method(model, run, enc_dec):
@@ -190,7 +224,8 @@ def apply_method(model, run, enc_dec):
                 m.requires_grad_(emb)
         return model
     if method == "adapter":
-        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
+        text = model.config.get_text_config()
+        hidden = text.hidden_size if hasattr(text, "hidden_size") else text.d_model
         for site in ffn_sites(model):
             site.add_module("bottleneck", Bottleneck(hidden, run["adapter_dim"]).to(next(model.parameters()).device))
             site.register_forward_hook(lambda mod, inp, out: mod.bottleneck(out))
@@ -214,6 +249,8 @@ def apply_method(model, run, enc_dec):
                        "codegen": ["qkv_proj"], "mpt": ["Wqkv"],
                        "deepseek_v2": mla_q + ["kv_b_proj"], "deepseek_v3": mla_q + ["kv_b_proj"]}.get(
                 model.config.model_type, ["q_proj", "v_proj"])
+        elif isinstance(targets, list):
+            targets = module_names(model, targets)
         cfg = peft.LoraConfig(task_type=task, r=run["lora_r"], lora_alpha=run.get("lora_alpha", 2 * run["lora_r"]),
                               lora_dropout=0.0, target_modules=targets, use_dora=run.get("lora_dora", False),
                               fan_in_fan_out=model.config.model_type == "gpt2")
@@ -572,8 +609,10 @@ def main():
         config.decoder_start_token_id = 0  # T5's published configs: the pad token starts the decoder
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
+    # A multimodal checkpoint (Gemma 3) keeps its vocabulary and widths in its text config.
+    text_config = config.get_text_config()
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a class default past a shrunk vocabulary
-        if isinstance(getattr(config, attr, None), int) and getattr(config, attr) >= config.vocab_size:
+        if isinstance(getattr(config, attr, None), int) and getattr(config, attr) >= text_config.vocab_size:
             setattr(config, attr, 0)
     method = run["method"]
     frozen = method in FROZEN
@@ -626,7 +665,7 @@ def main():
     # GradScaler: the loss scaled before backward, the gradients unscaled (and checked for
     # infinities) before the step; its state is a one-element scale and growth tracker.
     scaler = torch.amp.GradScaler(device, enabled=fp16)
-    vocab = config.vocab_size
+    vocab = text_config.vocab_size
     seq = run["seq"]
     src, tgt = (seq[0], seq[1]) if isinstance(seq, list) else (seq, 0)
     batch = run["batch"]

@@ -366,6 +366,13 @@ pub fn tiny_config(config: &Value) -> Value {
             c.entry(k.to_string()).or_insert(json!(0));
         }
     }
+    // A multimodal checkpoint nests its language model and vision tower: each shrinks the same
+    // way (the tower is loaded, never run, by text-only training).
+    for key in ["text_config", "vision_config"] {
+        if let Some(nested) = c.get(key).filter(|v| v.is_object()).cloned() {
+            c.insert(key.into(), tiny_config(&nested));
+        }
+    }
     Value::Object(c)
 }
 

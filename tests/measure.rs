@@ -460,3 +460,50 @@ fn every_shipped_model_s_tiny_config_keeps_its_kinds_of_layer() {
     }
     assert!(checked > 100, "{checked}");
 }
+
+#[test]
+fn role_names_reach_peft_as_the_model_names_them_and_a_gemma3_checkpoint_runs_text_only() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let saved = dir.path().join("runs.jsonl");
+    // `--lora-targets q,v` are ftplan's roles: peft gets each model's own names for them
+    // (TinyLlama's q_proj and v_proj, T5's q and v), not the letters, which match no module.
+    // TinyLlama at toy size: 2 layers x (q: 16 x (64 + 64) + v: 16 x (64 + 32)) = 7,168;
+    // T5: 2 encoder and 2 decoder layers, q and v of self- and cross-attention, each
+    // 16 x (64 + 64): 12 x 2,048 = 24,576.
+    for (model, trainable) in [("tinyllama-1.1b", 7168), ("t5-base", 24_576)] {
+        let v = measure(
+            &py,
+            &[
+                "--model",
+                model,
+                "--method",
+                "lora",
+                "--lora-targets",
+                "q,v",
+            ],
+            &saved,
+        );
+        assert_eq!(v["measured"]["params_trainable"], trainable, "{model}");
+        assert_eq!(v["estimate"]["trainable_params"], trainable, "{model}");
+    }
+    // A Gemma 3 checkpoint, its language model and SigLIP tower both shrunk: the tower loads
+    // and never runs. LoRA's q_proj and v_proj reach the tower's too, the adapters go on the
+    // language model's blocks only; the peaks and counts agree.
+    let config = crate::repo("examples/configs/gemma-3-4b-it-config.json");
+    let config = config.to_str().expect("utf-8");
+    for method in [
+        &["--method", "lora", "--lora-targets", "q,v"][..],
+        &["--method", "adapter"],
+    ] {
+        let mut args = vec!["--model", config];
+        args.extend_from_slice(method);
+        let v = measure(&py, &args, &saved);
+        assert_eq!(
+            v["measured"]["params_trainable"], v["estimate"]["trainable_params"],
+            "{method:?}"
+        );
+        let err = v["errors"]["peak"].as_f64().expect("error");
+        assert!(err.abs() < 0.01, "{method:?}: peak error {err}");
+    }
+}
