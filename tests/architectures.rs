@@ -2995,6 +2995,21 @@ fn a_gemma3_checkpoint_is_its_language_model_plus_a_tower_it_never_runs() {
         refusal(&wrapper, &plan(Method::Ia3, 1, 1024, AttentionKernel::Sdpa))
             .contains("multimodal checkpoint")
     );
+    // `out_proj` names the tower's attention outputs only (the language model's is `o_proj`):
+    // 27 x 16 x (1,152 + 1,152) = 995,328, none of which train; on a Llama, whose attention has
+    // no `out_proj`, it names nothing, and peft raises.
+    let out = run(
+        &wrapper,
+        &plan(lora_named(&["out_proj"]), 1, 1024, AttentionKernel::Sdpa),
+    );
+    assert_eq!(out.memory.trainable_params, 995_328);
+    assert!(
+        refusal(
+            &model("llama2-7b"),
+            &plan(lora_named(&["out_proj"]), 1, 1024, AttentionKernel::Sdpa)
+        )
+        .contains("finds nothing to train")
+    );
     // `fit` offers LoRA with q and v named, which peft takes for this checkpoint.
     let out = crate::ftplan()
         .args(["fit", "--gpu", "l4", "--format", "json", "--model"])

@@ -43,6 +43,7 @@ impl Builder<'_> {
                     // does.
                     || (proj == Proj::O
                         && list.contains(&Proj::OutProj)
+                        && self.model.family.attention_out_proj()
                         && !self.model.has_linear_attention()
                         && !self.model.has_state_space_layers())
             }

@@ -378,6 +378,28 @@ impl Family {
         matches!(self, Family::Falcon)
     }
 
+    /// The attention's output projection is the module named `out_proj` (transformers 5.17:
+    /// BART and its kin, OPT, GPT-Neo, GPT-J, CodeGen, MPT, LFM2), which peft's `out_proj`
+    /// targets;
+    /// elsewhere it is `o_proj`, `o`, `dense` or `c_proj`, and `out_proj` names no attention
+    /// module.
+    pub fn attention_out_proj(self) -> bool {
+        matches!(
+            self,
+            Family::Bart
+                | Family::Mbart
+                | Family::Marian
+                | Family::Pegasus
+                | Family::Opt
+                | Family::GptNeo
+                | Family::Gptj
+                | Family::Codegen
+                | Family::Mpt
+                | Family::Lfm2
+                | Family::Lfm2Moe
+        )
+    }
+
     /// The eager attention keeps its unmasked scores referenced while softmax runs on their
     /// masked sum (transformers 5.17: Falcon's `F.softmax(attention_scores + attention_mask,
     /// ...)`, BLOOM's `attention_scores` local beside `attn_weights = attn_weights +

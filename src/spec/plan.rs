@@ -38,8 +38,9 @@ pub enum Proj {
     InProjQkvz,
     InProjBa,
     /// The module named `out_proj`: a linear-attention mixer's output projection where the
-    /// model has one (its attention's is `o_proj`), otherwise the attention output that
-    /// BART, OPT, GPT-Neo and MPT name so.
+    /// model has one (its attention's is `o_proj`), otherwise the attention output of the
+    /// families that name it so (`Family::attention_out_proj`: BART, OPT, GPT-Neo, MPT, ...);
+    /// in the others it names no attention module, as in peft's name matching.
     OutProj,
     /// The module named `in_proj`: Mamba's mixer input (x and the gate) and LFM2's short
     /// convolution input (B, C and x).
