@@ -71,8 +71,6 @@ fn mamba_targets(family: crate::spec::model::Family) -> Option<&'static str> {
     }
 }
 
-/// Rejects plans that cannot be simulated (or run) on this model and GPU, naming the
-/// offending setting.
 /// What is modelled for a multimodal checkpoint: text-only training of its language model, the
 /// tower loaded beside it and never run, under full fine-tuning, LoRA (which peft also puts on
 /// the tower's matching linears), adapters and freezing.
@@ -133,6 +131,8 @@ fn check_vision(
     Ok(())
 }
 
+/// Rejects plans that cannot be simulated (or run) on this model and GPU, naming the
+/// offending setting.
 pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result<()> {
     let field = |f: &str, problem: String| Error::field(Error::PLAN, f, problem);
     if plan.batch == 0 {

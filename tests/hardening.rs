@@ -762,16 +762,21 @@ fn a_model_folder_or_a_hub_id_is_read_as_a_user_means_it() {
         assert_eq!(by_folder["memory"], by_file["memory"], "{arg}");
         assert_eq!(by_folder["model"]["name"], "my-mistral", "{arg}");
     }
+    // A refusal from inside the temporary folder: one error line, exit 2.
+    let refusal = |arg: &str| {
+        let out = ftplan()
+            .current_dir(dir.path())
+            .args(args)
+            .arg(arg)
+            .assert()
+            .code(2);
+        let err = crate::stderr_of(&out);
+        crate::assert_message_policy(&err);
+        err
+    };
     // A bare name stays a shipped model's; the folder of that name gets a hint.
-    let out = ftplan()
-        .current_dir(dir.path())
-        .args(args)
-        .arg("my-mistral")
-        .assert()
-        .code(2);
-    let err = crate::stderr_of(&out);
+    let err = refusal("my-mistral");
     assert!(err.contains("pass it as `./my-mistral`"), "{err}");
-    crate::assert_message_policy(&err);
 
     // `meta-llama/Llama-3.1-8B` is no path here: the shipped llama3.1-8b, said in a note.
     let out = ftplan()
@@ -789,19 +794,12 @@ fn a_model_folder_or_a_hub_id_is_read_as_a_user_means_it() {
         "{err}"
     );
     // One that does not ship: how to fetch it, exit 2.
-    let out = ftplan()
-        .current_dir(dir.path())
-        .args(args)
-        .arg("someone/Unknown-Model-7B")
-        .assert()
-        .code(2);
-    let err = crate::stderr_of(&out);
+    let err = refusal("someone/Unknown-Model-7B");
     assert!(
         err.contains("does not download from the Hugging Face Hub")
             && err.contains("hf download someone/Unknown-Model-7B config.json"),
         "{err}"
     );
-    crate::assert_message_policy(&err);
     // In a plan file, a model folder is relative to the file and a Hub id stays one.
     let plans = dir.path().join("plans");
     std::fs::create_dir(&plans).expect("plans");
@@ -833,8 +831,6 @@ fn a_model_folder_or_a_hub_id_is_read_as_a_user_means_it() {
     assert_eq!(rows["plans"][0]["peak"], by_file["memory"]["peak"]);
     assert_eq!(rows["plans"][1]["peak"], lora["memory"]["peak"]);
     // A folder without a config.json.
-    let out = ftplan().args(args).arg(dir.path()).assert().code(2);
-    let err = crate::stderr_of(&out);
+    let err = refusal(dir.path().to_str().expect("utf-8"));
     assert!(err.contains("is a folder without a config.json"), "{err}");
-    crate::assert_message_policy(&err);
 }

@@ -111,25 +111,24 @@ pub fn build_stage(model: &ModelSpec, plan: &Plan, stage: Stage) -> OpGraph {
 /// `all-linear` also takes `fc1` and `fc2`; the factors it adds there are trainable and idle.
 fn vision_tower(b: &mut Builder, tower: &VisionTower) {
     let full = b.plan.method == Method::Full;
-    let base = b.base_param(
+    let (base, storage) = (b.base, b.storage_base);
+    let tower_param = b.param(
         Name::root("vision_tower"),
         (tower.params, 1),
+        base,
+        storage,
+        full,
         ParamRole::Linear,
     );
-    if let Some(p) = b.graph.params.get_mut(base.0 as usize) {
-        p.trainable = full;
+    if let Some(p) = b.graph.params.get_mut(tower_param.0 as usize) {
         p.idle = full;
     }
     let Some(lora) = b.plan.method.lora() else {
         return;
     };
     let (h, i) = (tower.hidden, tower.intermediate);
-    let attention = |proj: Proj| match &lora.targets {
-        LoraTargets::AllLinear => true,
-        LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
-        LoraTargets::Named(list) => list.contains(&proj),
-    };
-    let mlp = matches!(lora.targets, LoraTargets::AllLinear);
+    let attention = |proj: Proj| lora.targets.reaches(proj);
+    let mlp = lora.targets == LoraTargets::AllLinear;
     // (module, in, out, hit) per encoder layer; the pooling head has one more `out_proj`, `fc1`
     // and `fc2`.
     let sites = [

@@ -27,12 +27,11 @@ impl Builder<'_> {
         let fused = self.model.fused_qkv && proj == Proj::Q;
         // A fused `gate_up_proj` likewise: naming gate or up wraps the one module.
         let fused_ffn = self.model.fused_gate_up && proj == Proj::Gate;
-        let hit = match &lora.targets {
-            LoraTargets::AllLinear => true,
-            LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
-            LoraTargets::Named(list) => {
-                list.contains(&proj)
-                    || (fused
+        let hit = lora.targets.reaches(proj)
+            || match &lora.targets {
+                LoraTargets::AllLinear | LoraTargets::QueryValue => false,
+                LoraTargets::Named(list) => {
+                    (fused
                         && list
                             .iter()
                             .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V)))
@@ -46,8 +45,8 @@ impl Builder<'_> {
                         && self.model.family.attention_out_proj()
                         && !self.model.has_linear_attention()
                         && !self.model.has_state_space_layers())
-            }
-        };
+                }
+            };
         hit.then_some(lora.rank)
     }
 

@@ -236,22 +236,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         _ => None,
     };
     if let Some(text_type) = text_only {
-        let mut text = match map.get("text_config") {
-            Some(Value::Object(o)) => o.clone(),
-            found => {
-                return Err(Error::field(
-                    path,
-                    "text_config",
-                    match found {
-                        None | Some(Value::Null) => "is missing".to_string(),
-                        Some(v) => format!("must be an object, found `{v}`"),
-                    },
-                )
-                .with_hint(format!(
-                    "a `{model_type}` checkpoint nests its language model in `text_config`"
-                )));
-            }
-        };
+        let mut text = nested(path, map, "text_config", &model_type)?.clone();
         text.entry("model_type")
             .or_insert_with(|| Value::from(text_type));
         return parse_config(path, &Value::Object(text), name, false)
@@ -385,8 +370,14 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
 /// `text_config` and the SigLIP tower from `vision_config`, which text-only training loads and
 /// never runs. A saved config keeps only the values that differ from the defaults, so the
 /// keys `text_config` leaves out take `Gemma3TextConfig`'s (transformers 5.17).
-fn gemma3_checkpoint(path: &str, map: &Map<String, Value>, name: &str) -> Result<ModelSpec> {
-    let nested = |key: &str| match map.get(key) {
+/// A multimodal checkpoint's nested config object (`text_config`, `vision_config`).
+fn nested<'a>(
+    path: &str,
+    map: &'a Map<String, Value>,
+    key: &str,
+    model_type: &str,
+) -> Result<&'a Map<String, Value>> {
+    match map.get(key) {
         Some(Value::Object(o)) => Ok(o),
         found => Err(Error::field(
             path,
@@ -396,11 +387,15 @@ fn gemma3_checkpoint(path: &str, map: &Map<String, Value>, name: &str) -> Result
                 Some(v) => format!("must be an object, found `{v}`"),
             },
         )
-        .with_hint(
-            "a `gemma3` config nests its language model in `text_config` and its vision tower \
-             in `vision_config`",
-        )),
-    };
+        .with_hint(format!(
+            "a `{model_type}` checkpoint nests its language model in `text_config` and its \
+             vision tower in `vision_config`"
+        ))),
+    }
+}
+
+fn gemma3_checkpoint(path: &str, map: &Map<String, Value>, name: &str) -> Result<ModelSpec> {
+    let nested = |key: &str| nested(path, map, key, "gemma3");
     let mut text: Map<String, Value> = [
         ("vocab_size", serde_json::json!(262_208)),
         ("hidden_size", serde_json::json!(2304)),

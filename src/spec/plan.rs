@@ -171,6 +171,16 @@ impl Proj {
 }
 
 impl LoraTargets {
+    /// Whether these targets name the module of role `proj` (peft's `all-linear` names every
+    /// linear; the default q and v).
+    pub fn reaches(&self, proj: Proj) -> bool {
+        match self {
+            LoraTargets::AllLinear => true,
+            LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
+            LoraTargets::Named(list) => list.contains(&proj),
+        }
+    }
+
     /// `qv`, `all`, or a list of roles (`q`, `gate`) or Hugging Face module names (`q_proj`,
     /// `c_attn`, `wo`): the projections each names, or the unknown name with a suggestion.
     pub fn parse<'a>(
