@@ -2012,6 +2012,186 @@ fn ernie_biases_every_linear_and_keeps_interleaved_fp32_rotary_tables_per_layer(
     assert_eq!(kept_at(&llama, &p, rotary).0, 0);
 }
 
+/// The norms a toy's first decoder layer runs, by the part of their names.
+fn layer_norms(m: &ModelSpec) -> Vec<String> {
+    let p = full(Precision::MixedBf16, 1, 64);
+    let g = graph::build(m, &p);
+    let mut names: Vec<String> = g
+        .ops()
+        .map(|o| g.name(o.name).to_string())
+        .filter(|n| n.starts_with("decoder.layers.0.") && n.ends_with("layernorm"))
+        .map(|n| n.trim_start_matches("decoder.layers.0.").to_string())
+        .collect();
+    names.dedup();
+    names
+}
+
+#[test]
+fn glm_is_glm4_without_its_output_norms() {
+    // `GlmDecoderLayer` (GLM-4-9B-Chat, transformers 5.17) builds GLM-4-0414's block less its
+    // `post_self_attn_layernorm` and `post_mlp_layernorm`: the same q/k/v biases, fused
+    // `gate_up_proj`, and interleaved rotary on half of each head. A toy (hidden 256,
+    // intermediate 512, 4 heads of 64, 2 KV heads, 2 layers, vocabulary 512, untied): per
+    // layer q 256^2 + 256, k and v 256 x 128 + 128 each, o 256^2 (no bias), gate_up
+    // 256 x 1,024, down 512 x 256, and two norms of 256; the embedding and head 512 x 256 each
+    // and the final norm 256. GLM-4 adds two norms of 256 per layer.
+    let config = |model_type: &str| {
+        serde_json::json!({
+            "model_type": model_type, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "vocab_size": 512, "attention_bias": true,
+            "tie_word_embeddings": false
+        })
+    };
+    let (glm, glm4) = (toy(&config("glm")), toy(&config("glm4")));
+    let per_layer =
+        (256 * 256 + 256) + 2 * (256 * 128 + 128) + 256 * 256 + 256 * 1024 + 512 * 256 + 2 * 256;
+    let p = full(Precision::MixedBf16, 1, 64);
+    let total = |m: &ModelSpec| run(m, &p).memory.total_params;
+    assert_eq!(total(&glm), 2 * per_layer + 2 * 512 * 256 + 256);
+    assert_eq!(total(&glm4), total(&glm) + 2 * 2 * 256);
+    assert_eq!(
+        layer_norms(&glm),
+        ["input_layernorm", "pre_feedforward_layernorm"]
+    );
+    assert_eq!(
+        layer_norms(&glm4),
+        [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm"
+        ]
+    );
+    assert!(glm.fused_gate_up && glm.qkv_bias);
+    assert_eq!(glm.rotary_apply, glm4.rotary_apply);
+}
+
+#[test]
+fn vaultgemma_is_gemma2_with_pre_norms_only_and_no_ia3_entry() {
+    // `VaultGemmaDecoderLayer` deletes Gemma-2's `post_attention_layernorm` and
+    // `post_feedforward_layernorm`; the windows (even layers slide), soft-capping (50 and 30 by
+    // default) and the (1 + w) RMSNorm stay. A toy (hidden 256, intermediate 512, 4 heads of 64,
+    // 2 KV heads, 2 layers, vocabulary 512, tied by default): per layer q and o 256^2 each, k and v
+    // 256 x 128 each, gate and up 256 x 512 each, down 512 x 256, and two norms of 256; the tied
+    // embedding 512 x 256 and the final norm 256.
+    // peft 0.21's IA3 table has `gemma2` (q, v and down) but not `vaultgemma`, so peft asks for
+    // `target_modules` and the plan takes Llama's entry (k, v and down): per layer k's and v's
+    // outputs, 128 each, and down's input, 512: 2 x 768 = 1,536 (Gemma-2's entry: q's 256 in
+    // place of k's 128, 1,792).
+    let config = |model_type: &str| {
+        serde_json::json!({
+            "model_type": model_type, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 64, "vocab_size": 512, "sliding_window": 32
+        })
+    };
+    let (vault, gemma2) = (toy(&config("vaultgemma")), toy(&config("gemma2")));
+    let per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 2 * 256;
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(
+        run(&vault, &p).memory.total_params,
+        2 * per_layer + 512 * 256 + 256
+    );
+    assert_eq!(
+        layer_norms(&vault),
+        ["input_layernorm", "pre_feedforward_layernorm"]
+    );
+    assert_eq!(vault.mixers, gemma2.mixers);
+    assert_eq!(vault.softcap, gemma2.softcap);
+    assert_eq!(vault.norm, gemma2.norm);
+    let ia3 = |m: &ModelSpec| {
+        run(m, &plan(Method::Ia3, 1, 64, AttentionKernel::Sdpa))
+            .memory
+            .trainable_params
+    };
+    assert_eq!(ia3(&vault), 1_536);
+    assert_eq!(ia3(&gemma2), 1_792);
+}
+
+#[test]
+fn jais2_is_llama_with_layer_norms_and_a_biased_relu2_mlp() {
+    // Jais2Config defaults `attention_bias` and `mlp_bias` to true and `hidden_act` to relu2;
+    // Jais2DecoderLayer swaps Llama's RMSNorms for `nn.LayerNorm`s and its MLP is
+    // `down_proj(act(up_proj(x)))`. A toy (hidden 256, intermediate 1,024, 4 heads of 64, 2 KV
+    // heads, 2 layers, vocabulary 512, untied by default): per layer q and o 256^2 + 256 each,
+    // k and v 256 x 128 + 128 each, up 256 x 1,024 + 1,024, down 1,024 x 256 + 256, two norms of
+    // 2 x 256 (weight and bias); the embedding and head 512 x 256 each and the final norm 2 x 256.
+    let config = serde_json::json!({
+        "model_type": "jais2", "hidden_size": 256, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512
+    });
+    let m = toy(&config);
+    assert!(!m.gated_ffn && m.qkv_bias && m.linear_bias);
+    assert_eq!(m.activation, ftplan::spec::model::Activation::Relu2);
+    assert_eq!(m.norm, ftplan::spec::model::Norm::LayerNorm);
+    let per_layer = 2 * (256 * 256 + 256)
+        + 2 * (256 * 128 + 128)
+        + (256 * 1024 + 1024)
+        + (1024 * 256 + 256)
+        + 2 * 2 * 256;
+    let total = run(&m, &plan(Method::Full, 1, 64, AttentionKernel::Sdpa))
+        .memory
+        .total_params;
+    assert_eq!(total, 2 * per_layer + 2 * 512 * 256 + 2 * 256);
+    // `"attention_bias": false, "mlp_bias": false` leaves only the norms' biases.
+    let plain = toy(&serde_json::json!({
+        "model_type": "jais2", "hidden_size": 256, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "attention_bias": false, "mlp_bias": false
+    }));
+    let plain_total = run(&plain, &plan(Method::Full, 1, 64, AttentionKernel::Sdpa))
+        .memory
+        .total_params;
+    assert_eq!(total - plain_total, 2 * (2 * 256 + 2 * 128 + 1024 + 256));
+}
+
+#[test]
+fn solar_open_is_glm45s_sparse_block_in_every_layer_under_llamas_attention() {
+    // SolarOpenConfig (Solar Open 100B) is Glm4MoeConfig without `intermediate_size`,
+    // `first_k_dense_replace` and `use_qk_norm`: `Glm4MoeMoE` in every layer, Llama's attention
+    // with a bias-free `o_proj` and rotary over the whole head. A toy (hidden 256, 4 heads of
+    // 64, 2 KV heads, 2 layers, vocabulary 512, 4 experts of 128, top 2, one shared expert,
+    // untied), built by transformers 5.17 on the meta device: 1,641,728 parameters, per layer
+    // q and o 256^2 each, k and v 256 x 128 each, the experts' gate_up 4 x 256 x 256 and down
+    // 4 x 256 x 128, the router 4 x 256, the shared expert's three 256 x 128 matrices and two
+    // norms of 256; the embedding and head 512 x 256 each and the final norm 256. LoRA r16 on
+    // q and v trains 16 x (256 + 256) + 16 x (256 + 128) per layer: 28,672 (peft 0.21).
+    let config = serde_json::json!({
+        "model_type": "solar_open", "hidden_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "vocab_size": 512, "n_routed_experts": 4, "moe_intermediate_size": 128,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1
+    });
+    let m = toy(&config);
+    let moe = m.moe.expect("sparse");
+    assert_eq!((moe.first_dense, moe.every), (0, 1), "every layer sparse");
+    assert_eq!(
+        m.positions,
+        ftplan::spec::model::Positions::Rotary { fraction: 1.0 }
+    );
+    let per_layer = 2 * 256 * 256
+        + 2 * 256 * 128
+        + 4 * 256 * 256
+        + 4 * 256 * 128
+        + 4 * 256
+        + 3 * 256 * 128
+        + 2 * 256;
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(
+        run(&m, &p).memory.total_params,
+        2 * per_layer + 2 * 512 * 256 + 256
+    );
+    assert_eq!(2 * per_layer + 2 * 512 * 256 + 256, 1_641_728);
+    assert_eq!(lora_trainable(&m, &["q_proj", "v_proj"]), 28_672);
+    // Llama's `apply_rotary_pos_emb` multiplies the whole head, so a partial fraction fails in
+    // transformers and is refused here.
+    let mut partial = config.clone();
+    partial["partial_rotary_factor"] = serde_json::json!(0.5);
+    toy_refused(&partial, "partial_rotary_factor");
+}
+
 #[test]
 fn ministral3_scales_each_query_by_its_position_after_rotary() {
     // A toy Ministral 3 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,

@@ -699,6 +699,7 @@ impl<'a> Builder<'a> {
             | Family::Bloom
             | Family::SeedOss => (0, 1),
             Family::Gemma2
+            | Family::VaultGemma
             | Family::Gemma3
             | Family::Qwen2Moe
             | Family::Qwen3Moe
@@ -739,7 +740,10 @@ impl<'a> Builder<'a> {
             | Family::Exaone4
             | Family::GptOss
             | Family::Glm4Moe
+            | Family::SolarOpen
             | Family::Glm4
+            | Family::Glm
+            | Family::Jais2
             | Family::HunyuanDense
             | Family::Helium
             | Family::Olmoe

@@ -295,6 +295,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Phi3
         | Family::Qwen3
         | Family::Gemma2
+        | Family::VaultGemma
         | Family::Gemma3
         | Family::Olmo2
         | Family::Granite
@@ -303,7 +304,10 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Qwen3Moe
         | Family::GptOss
         | Family::Glm4Moe
+        | Family::SolarOpen
         | Family::Glm4
+        | Family::Glm
+        | Family::Jais2
         | Family::SeedOss
         | Family::HunyuanDense
         | Family::Helium
@@ -880,8 +884,9 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     };
     let local = Mixer::SlidingWindow { window: w };
     Ok(match family {
-        // Gemma2Config: even layers (0, 2, ...) slide, odd ones attend globally.
-        Family::Gemma2 => vec![local, Mixer::Attention],
+        // Gemma2Config and VaultGemmaConfig: even layers (0, 2, ...) slide, odd ones attend
+        // globally.
+        Family::Gemma2 | Family::VaultGemma => vec![local, Mixer::Attention],
         // Exaone4Config: `sliding_window_pattern` 4 (or "LLLG"): every fourth layer global.
         Family::Exaone4 => {
             let pattern: Vec<Mixer> = match r.raw(&["sliding_window_pattern"]) {
@@ -961,6 +966,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Deepseek | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
+        // SolarOpenConfig: 128 routed experts of 1,280 by default.
+        Family::SolarOpen => (
+            "n_routed_experts",
+            r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1280),
+        ),
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             ("num_experts", r.u64(&["moe_intermediate_size"])?)
         }
@@ -1063,6 +1073,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
         ),
+        // SolarOpenConfig: one shared expert by default.
+        Family::SolarOpen => (
+            r.opt_u64(&["n_shared_experts"])?.unwrap_or(1) * expert_inter,
+            false,
+        ),
         // Ernie4_5_MoeSparseMoeBlock: one MLP of `moe_intermediate_size` x shared experts.
         Family::Ernie45Moe => (
             r.opt_u64(&["moe_num_shared_experts"])?.unwrap_or(2) * expert_inter,
@@ -1136,6 +1151,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         // Lfm2MoeDecoderLayer: dense MLPs below `num_dense_layers` (2), experts from there.
         r.raw(&["use_expert_bias"]);
         (r.opt_u64(&["num_dense_layers"])?.unwrap_or(2), 1)
+    } else if family == Family::SolarOpen {
+        // SolarOpenDecoderLayer builds `SolarOpenMoE` in every layer; its config removes
+        // `first_k_dense_replace`, so a value left in a config.json builds nothing.
+        r.raw(&["first_k_dense_replace"]);
+        (0, 1)
     } else if let Some((key, types)) = r.raw(&["mlp_layer_types"]) {
         // Glm4MoeLiteConfig: a "dense" or "sparse" entry per layer (default one dense layer,
         // then sparse ones); ftplan models dense layers before the sparse ones.
@@ -1222,7 +1242,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         },
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
-            Family::Deepseek | Family::Glm4Moe | Family::Dots1 => RouterPrecision::Fp32Operands,
+            Family::Deepseek | Family::Glm4Moe | Family::SolarOpen | Family::Dots1 => {
+                RouterPrecision::Fp32Operands
+            }
             Family::HunyuanMoe => RouterPrecision::Fp32Weight,
             _ => RouterPrecision::Model,
         },
@@ -1287,14 +1309,14 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let head_dim = r.opt_u64(&["head_dim"])?.unwrap_or(head_dim_default);
     let gemma = matches!(
         family,
-        Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Gemma4
+        Family::Gemma | Family::Gemma2 | Family::VaultGemma | Family::Gemma3 | Family::Gemma4
     );
     let global_attention = gemma4_global_attention(r, family, kv_heads)?;
     let (per_layer_input, kv_shared_layers, double_wide_shared_mlp) = gemma4_small(r, family)?;
     let act_default = match family {
         _ if gemma => "gelu_pytorch_tanh",
         // ArceeConfig's and NemotronConfig's default.
-        Family::Arcee | Family::Nemotron => "relu2",
+        Family::Arcee | Family::Nemotron | Family::Jais2 => "relu2",
         Family::Apertus => "xielu",
         _ => "silu",
     };
@@ -1312,14 +1334,21 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     // instantiating each class): Qwen2 (and Qwen2-MoE) always bias q, k and v, never o; GLM-4,
     // GLM-4.5 and Helium put `attention_bias` on q, k and v only, Seed-OSS has its own key for
     // o; Mistral, Mixtral, Phi-3 and EXAONE-4 build no bias whatever the config says; the others
-    // put `attention_bias` on q, k, v and o. Only Llama's, Granite's (SmolLM3's), Seed-OSS's
-    // and Helium's MLPs read `mlp_bias`.
-    let attention_bias = r.bool_or(&["attention_bias"], family == Family::GptOss)?;
-    let mlp_bias = r.bool_or(&["mlp_bias"], false)?;
+    // put `attention_bias` on q, k, v and o. Only Llama's, Granite's (SmolLM3's), Seed-OSS's,
+    // Helium's, Nemotron's, Bamba's, Arcee's and Jais 2's MLPs read `mlp_bias`. GptOssConfig
+    // defaults `attention_bias` to true, Jais2Config both.
+    let attention_bias = r.bool_or(
+        &["attention_bias"],
+        matches!(family, Family::GptOss | Family::Jais2),
+    )?;
+    let mlp_bias = r.bool_or(&["mlp_bias"], family == Family::Jais2)?;
     let (qkv_bias, out_bias) = match family {
         Family::Qwen2 | Family::Qwen2Moe => (true, false),
         // Glm4Attention, Glm4MoeAttention: `attention_bias` on q, k and v; o never.
-        Family::Glm4 | Family::Glm4Moe | Family::Helium => (attention_bias, false),
+        // SolarOpenAttention: Llama's with a bias-free `o_proj`.
+        Family::Glm4 | Family::Glm | Family::Glm4Moe | Family::SolarOpen | Family::Helium => {
+            (attention_bias, false)
+        }
         Family::SeedOss => (
             r.bool_or(&["attention_bias"], true)?,
             r.bool_or(&["attention_out_bias"], false)?,
@@ -1358,7 +1387,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::Helium
         | Family::Nemotron
         | Family::Bamba
-        | Family::Arcee => mlp_bias,
+        | Family::Arcee
+        | Family::Jais2 => mlp_bias,
         // The same `use_bias` as the attention's (ERNIE-MoE's dense and shared-expert MLPs).
         Family::Ernie45 | Family::Ernie45Moe => qkv_bias,
         _ => false,
@@ -1411,6 +1441,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     // Qwen3_5MoeTextConfig has no dense layer and no `intermediate_size`.
     let intermediate = match family {
         Family::Qwen35Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(0),
+        // SolarOpenConfig has no `intermediate_size` (every layer is sparse; the shared expert
+        // is `moe_intermediate_size` wide, read by `moe`).
+        Family::SolarOpen => {
+            r.raw(&["intermediate_size"]);
+            0
+        }
         Family::Lfm2 => lfm2_intermediate(r)?,
         // Lfm2MoeMLP: `intermediate_size` as it is (7,168 by default), no auto-adjust.
         Family::Lfm2Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(7168),
@@ -1424,9 +1460,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     };
     let stack = Stack::new(layers, heads, kv_heads, head_dim, intermediate);
     let base = ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack);
-    // Gemma-2 soft-caps scores at 50 and logits at 30 by default (Gemma2Config); a null cap
-    // (Gemma-3) is none.
-    let (attn_cap, logit_cap) = if family == Family::Gemma2 {
+    // Gemma-2 soft-caps scores at 50 and logits at 30 by default (Gemma2Config, and
+    // VaultGemmaConfig's same defaults); a null cap (Gemma-3) is none.
+    let (attn_cap, logit_cap) = if matches!(family, Family::Gemma2 | Family::VaultGemma) {
         (50.0, 30.0)
     } else {
         (0.0, 0.0)
@@ -1480,8 +1516,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
             Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
-            // PhimoeDecoderLayer and PhimoeModel use `nn.LayerNorm` (weight and bias).
-            Family::StableLm | Family::Phimoe => Norm::LayerNorm,
+            // PhimoeDecoderLayer, PhimoeModel, Jais2DecoderLayer and Jais2Model use
+            // `nn.LayerNorm` (weight and bias).
+            Family::StableLm | Family::Phimoe | Family::Jais2 => Norm::LayerNorm,
             Family::Nemotron => Norm::LayerNorm1P,
             Family::Olmo => Norm::OlmoLayerNorm,
             _ => Norm::RmsNorm,
@@ -1522,7 +1559,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         fused_qkv: family == Family::Phi3,
         fused_gate_up: matches!(
             family,
-            Family::Phi3 | Family::Glm4 | Family::GraniteMoeHybrid | Family::GraniteMoe
+            Family::Phi3
+                | Family::Glm4
+                | Family::Glm
+                | Family::GraniteMoeHybrid
+                | Family::GraniteMoe
         ),
         dropout: Dropouts {
             attention: attention_dropout,
@@ -1580,7 +1621,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         kv_shared_layers,
         double_wide_shared_mlp,
         rotary_apply: match family {
-            Family::Glm4 => RotaryApply::Interleaved,
+            Family::Glm4 | Family::Glm => RotaryApply::Interleaved,
             Family::Ernie45 | Family::Ernie45Moe => RotaryApply::InterleavedFp32,
             Family::Llama4 => RotaryApply::ComplexFp32,
             _ => RotaryApply::Shared,
@@ -1589,14 +1630,18 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         softcap,
         multipliers,
         rope_layers,
-        // NemotronMLP, ArceeMLP and ApertusMLP: `down_proj(act(up_proj(x)))`, no gate.
-        gated_ffn: !matches!(family, Family::Nemotron | Family::Arcee | Family::Apertus),
+        // NemotronMLP, ArceeMLP, ApertusMLP and Jais2MLP: `down_proj(act(up_proj(x)))`, no
+        // gate.
+        gated_ffn: !matches!(
+            family,
+            Family::Nemotron | Family::Arcee | Family::Apertus | Family::Jais2
+        ),
         // PhimoeForCausalLM: `lm_head_bias` (true in Phi-3.5-MoE's config).
         lm_head_bias: family == Family::Phimoe && r.bool_or(&["lm_head_bias"], false)?,
         attention_sinks: family == Family::GptOss,
         // GptOssPreTrainedModel: `_supports_sdpa = False` (SDPA has no sink logit).
         sdpa: family != Family::GptOss,
-        positions: if matches!(family, Family::Glm4 | Family::Glm4Moe) {
+        positions: if matches!(family, Family::Glm4 | Family::Glm | Family::Glm4Moe) {
             rotary_fraction(r, 0.5)?
         } else if family == Family::StableLm || family.gated_delta_net() {
             // Qwen3_5TextConfig sets `partial_rotary_factor` 0.25 when absent.
@@ -1620,6 +1665,19 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
                 "rope" => Positions::Rotary { fraction: 1.0 },
                 _ => Positions::None,
             }
+        } else if family == Family::SolarOpen {
+            // SolarOpenConfig sets `partial_rotary_factor` 1.0 when absent, and Llama's
+            // `apply_rotary_pos_emb` multiplies the whole head by the tables, so a smaller
+            // fraction fails in transformers.
+            let fraction = rotary_fraction(r, 1.0)?;
+            if fraction != (Positions::Rotary { fraction: 1.0 }) {
+                return Err(Error::field(
+                    r.path,
+                    "partial_rotary_factor",
+                    "must be 1: SolarOpenAttention applies Llama's rotary to the whole head",
+                ));
+            }
+            fraction
         } else if matches!(family, Family::MinimaxM2 | Family::Phi3) {
             // MiniMaxM2RotaryEmbedding (GLM-4.5's) and Phi3RotaryEmbedding:
             // `partial_rotary_factor` (Phi-4-mini's 0.75), 1.0 when absent.

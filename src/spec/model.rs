@@ -166,6 +166,10 @@ pub enum Family {
     /// `Gemma2ForCausalLM`: Gemma with sandwich norms, alternating sliding-window and global
     /// layers (1:1) and tanh soft-capping of attention and final logits.
     Gemma2,
+    /// `VaultGemmaForCausalLM` (VaultGemma 1B, Google 2025, trained with DP-SGD): Gemma-2 with
+    /// only its two pre-norms (`VaultGemmaDecoderLayer` deletes `post_attention_layernorm` and
+    /// `post_feedforward_layernorm`): the same alternating windows and soft-capping.
+    VaultGemma,
     /// `Gemma3ForCausalLM` (text): Gemma-2's block with per-head q/k norms, five sliding-window
     /// layers to each global one, no soft-capping.
     Gemma3,
@@ -243,9 +247,23 @@ pub enum Family {
     /// layers, then DeepSeek-V3's routing (sigmoid scores, a shared expert). The checkpoint's
     /// multi-token-prediction layer is not built by transformers and is not counted.
     Glm4Moe,
+    /// `SolarOpenForCausalLM` (Solar Open 100B, Upstage 2025): GLM-4.5's sparse block
+    /// (`Glm4MoeMoE`: routed experts behind the fp32-operand sigmoid router, a shared expert) in
+    /// every layer (`SolarOpenConfig` removes `first_k_dense_replace` and `use_qk_norm`), under
+    /// Llama's attention and rotary over the whole head, with `attention_bias` on q, k and v.
+    SolarOpen,
     /// `Glm4ForCausalLM` (GLM-4-0414): the Llama block with sandwich norms (after attention and
     /// after the MLP too), q/k/v biases, rotary on half of each head and a fused `gate_up_proj`.
     Glm4,
+    /// `GlmForCausalLM` (GLM-4-9B-Chat, `glm-4-9b-chat-hf`; Zhipu AI 2024): GLM-4-0414's block
+    /// without its two output norms (`GlmDecoderLayer` has only `input_layernorm` and
+    /// `post_attention_layernorm`, the MLP's input norm); the rest is the same modules.
+    Glm,
+    /// `Jais2ForCausalLM` (Jais 2, Inception and MBZUAI 2025): the Llama block with
+    /// `nn.LayerNorm`s (weight and bias) and a non-gated MLP (`down_proj(act(up_proj(x)))`,
+    /// `relu2` by default, as Nemotron's), with `attention_bias` on q, k, v and o and `mlp_bias`
+    /// on both MLP linears, each true by default (`Jais2Config`).
+    Jais2,
     /// `SeedOssForCausalLM` (Seed-OSS-36B): the Llama block with q/k/v biases
     /// (`attention_bias`), an optional o bias (`attention_out_bias`), and dropout on the
     /// attention and MLP outputs (`residual_dropout`, 0.1 by default) and in attention.
@@ -323,6 +341,7 @@ impl Family {
                 | Family::Phi3
                 | Family::GptNeox
                 | Family::Glm4
+                | Family::Glm
                 | Family::Glm4Moe
                 | Family::StableLm
                 | Family::Nemotron
@@ -520,7 +539,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 78] = [
+    pub const ALL: [(&'static str, Family); 82] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -538,6 +557,7 @@ impl Family {
         ("gpt_neox", Family::GptNeox),
         ("gemma2", Family::Gemma2),
         ("gemma3_text", Family::Gemma3),
+        ("vaultgemma", Family::VaultGemma),
         ("olmo2", Family::Olmo2),
         ("starcoder2", Family::Starcoder2),
         ("bloom", Family::Bloom),
@@ -553,7 +573,10 @@ impl Family {
         ("ministral", Family::Mistral),
         ("gpt_oss", Family::GptOss),
         ("glm4_moe", Family::Glm4Moe),
+        ("solar_open", Family::SolarOpen),
         ("glm4", Family::Glm4),
+        ("glm", Family::Glm),
+        ("jais2", Family::Jais2),
         ("seed_oss", Family::SeedOss),
         ("hunyuan_v1_dense", Family::HunyuanDense),
         ("helium", Family::Helium),
@@ -636,6 +659,7 @@ impl Family {
                 | Family::Qwen3Moe
                 | Family::Deepseek
                 | Family::Glm4Moe
+                | Family::SolarOpen
                 | Family::Olmoe
                 | Family::Ernie45Moe
                 | Family::HunyuanMoe
