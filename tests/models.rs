@@ -362,12 +362,13 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // then Mamba-2's chunked scan and Granite 4.0's hybrid of it, then Nemotron-H's one-sub-layer
     // hybrids, dense and MoE, then Falcon-H1's parallel ones, then Falcon Mamba's and Jamba's
     // Mamba-1 layers and Nemotron-H's latent experts, then Bamba, then Granite 3.x MoE, then
-    // GPT-NeoX-20B's `gelu_fast` and Falcon-7B under SDPA (validation/families.jsonl,
+    // GPT-NeoX-20B's `gelu_fast` and Falcon-7B under SDPA, then GLM-4-9B-Chat, VaultGemma,
+    // Jais 2 and Solar Open (validation/families.jsonl,
     // measure.py --fake; the twenty-three before Mamba-2 replayed by validation/peak_live.py
     // only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 401);
+    assert_eq!(rows.len(), 421);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -398,8 +399,19 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         // multipliers were added after its replays and moved none of them). Since these CPU replays
         // are compared without the estimate's cuBLAS workspaces (64 MiB), which a CPU has not, the
         // one beyond 1 % is a pure-bf16 GLM-4.5 at 2 x 2,048 tokens, -1.1 %.
-        let bound = if r.name.starts_with("gpt-neox-20b-4l|") || r.name.starts_with("falcon-7b-4l|")
+        let bound = if [
+            "glm-4-9b-chat|",
+            "vaultgemma-1b|",
+            "jais2-8b|",
+            "solar-open-",
+        ]
+        .iter()
+        .any(|m| r.name.starts_with(m))
         {
+            // GLM-4-9B-Chat, VaultGemma 1B, Jais-2-8B and Solar Open (2026-12-07): twenty runs
+            // estimated before they ran, within 0.1 %.
+            0.005
+        } else if r.name.starts_with("gpt-neox-20b-4l|") || r.name.starts_with("falcon-7b-4l|") {
             // Four full-width layers each (2026-12-07): GPT-NeoX-20B's four within 0.0 % (LoRA
             // -22.6 % while `gelu_fast` was read as `F.gelu`, -4.8 % checkpointed before a
             // linear's input lived through its call); Falcon-7B's three under SDPA within 0.9 %
