@@ -370,10 +370,6 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
     Ok(spec)
 }
 
-/// A Gemma 3 multimodal checkpoint (`Gemma3Config`, 4B and up): the language model from
-/// `text_config` and the SigLIP tower from `vision_config`, which text-only training loads and
-/// never runs. A saved config keeps only the values that differ from the defaults, so the
-/// keys `text_config` leaves out take `Gemma3TextConfig`'s (transformers 5.17).
 /// A multimodal checkpoint's nested config object (`text_config`, `vision_config`).
 fn nested<'a>(
     path: &str,
@@ -398,6 +394,10 @@ fn nested<'a>(
     }
 }
 
+/// A Gemma 3 multimodal checkpoint (`Gemma3Config`, 4B and up): the language model from
+/// `text_config` and the SigLIP tower from `vision_config`, which text-only training loads and
+/// never runs. A saved config keeps only the values that differ from the defaults, so the
+/// keys `text_config` leaves out take `Gemma3TextConfig`'s (transformers 5.17).
 fn gemma3_checkpoint(path: &str, map: &Map<String, Value>, name: &str) -> Result<ModelSpec> {
     let nested = |key: &str| nested(path, map, key, "gemma3");
     let mut text: Map<String, Value> = [

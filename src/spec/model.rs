@@ -399,9 +399,8 @@ impl Family {
 
     /// The attention's output projection is the module named `out_proj` (transformers 5.17:
     /// BART and its kin, OPT, GPT-Neo, GPT-J, CodeGen, MPT, LFM2), which peft's `out_proj`
-    /// targets;
-    /// elsewhere it is `o_proj`, `o`, `dense` or `c_proj`, and `out_proj` names no attention
-    /// module.
+    /// targets; elsewhere it is `o_proj`, `o`, `dense` or `c_proj`, and `out_proj` names no
+    /// attention module.
     pub fn attention_out_proj(self) -> bool {
         matches!(
             self,
