@@ -2193,6 +2193,112 @@ fn solar_open_is_glm45s_sparse_block_in_every_layer_under_llamas_attention() {
 }
 
 #[test]
+fn flex_olmo_is_olmoes_sparse_block_under_olmo2s_attention_and_output_norms() {
+    // `FlexOlmoDecoderLayer` (transformers 5.17) is OLMoE's layer with `Olmo2Attention` (an
+    // `Olmo2RMSNorm` over the whole q and k projections, no `clip_qkv`), `input_layernorm`
+    // deleted and `Olmo2RMSNorm`s on each sub-layer's output. A toy (hidden 256, 4 heads of 64,
+    // 2 KV heads, 2 layers, vocabulary 512, 4 experts of 128, top 2, untied), which transformers
+    // builds on the meta device with 1,445,888 parameters: per layer q and o 256^2 each, k and
+    // v 256 x 128 each, the q norm 256 and the k norm 128, the router 4 x 256, the experts'
+    // gate_up 4 x 256 x 256 and down 4 x 256 x 128, two norms of 256; the embedding and head
+    // 512 x 256 each and the final norm 256. LoRA r16 on q and v trains 16 x (256 + 256) +
+    // 16 x (256 + 128) per layer: 28,672 (peft 0.21).
+    let config = |model_type: &str| {
+        serde_json::json!({
+            "model_type": model_type, "hidden_size": 256, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 512, "num_experts": 4, "num_experts_per_tok": 2,
+            "norm_topk_prob": false, "clip_qkv": null, "tie_word_embeddings": false
+        })
+    };
+    let (flex, olmoe) = (toy(&config("flex_olmo")), toy(&config("olmoe")));
+    let per_layer = 2 * 256 * 256
+        + 2 * 256 * 128
+        + (256 + 128)
+        + 4 * 256
+        + 4 * 256 * 256
+        + 4 * 256 * 128
+        + 2 * 256;
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(
+        run(&flex, &p).memory.total_params,
+        2 * per_layer + 2 * 512 * 256 + 256
+    );
+    assert_eq!(2 * per_layer + 2 * 512 * 256 + 256, 1_445_888);
+    assert_eq!(lora_trainable(&flex, &["q_proj", "v_proj"]), 28_672);
+    // OLMo-2's norms where OLMoE has Llama's, on the outputs; OLMoE's router.
+    use ftplan::spec::model::{Norm, NormPlacement, QkNorm, Routing};
+    assert_eq!(
+        (flex.norm, flex.norm_placement, flex.qk_norm),
+        (Norm::Olmo2RmsNorm, NormPlacement::Output, QkNorm::Full)
+    );
+    assert_eq!(
+        (olmoe.norm, olmoe.norm_placement, olmoe.qk_norm),
+        (Norm::RmsNorm, NormPlacement::Pre, QkNorm::Full)
+    );
+    let moe = flex.moe.expect("sparse");
+    assert_eq!(moe.routing, Routing::TopKUnnormalised);
+    assert_eq!(moe.routing, olmoe.moe.expect("sparse").routing);
+    assert_ne!(layer_norms(&flex), layer_norms(&olmoe));
+    // peft converts LoRA's FFN names onto the experts (`flex_olmo` maps to Qwen2-MoE's pattern).
+    assert!(flex.family.peft_converts_experts());
+}
+
+#[test]
+fn exaone_moe_is_exaone4s_attention_in_a_pre_norm_layer_with_deepseek_v3s_experts() {
+    // `ExaoneMoeDecoderLayer` (transformers 5.17): `Exaone4Attention` (per-head q/k norms,
+    // windows, rotary on the windowed layers only) in OLMoE's pre-norm layer, a dense
+    // `Qwen2MoeMLP` below `first_k_dense_replace` and `DeepseekV3MoE` above it. A toy (hidden
+    // 256, intermediate 512, 4 heads of 64, 2 KV heads, 3 layers, vocabulary 512, 4 experts of
+    // 128, top 2, one shared expert, one dense layer, window 64, pattern 3: local, local,
+    // global), which transformers builds with 2,232,448 parameters: per layer q and o 256^2
+    // each, k and v 256 x 128 each, the two per-head norms 64 each and two norms of 256
+    // (197,248); the dense layer's MLP 3 x 256 x 512; a sparse layer's experts 4 x 256 x 256 +
+    // 4 x 256 x 128, router 4 x 256 and shared expert 3 x 256 x 128; the embedding and head
+    // 512 x 256 each and the final norm 256. LoRA r16 on q and v: 3 x 14,336 = 43,008.
+    let config = serde_json::json!({
+        "model_type": "exaone_moe", "hidden_size": 256, "intermediate_size": 512,
+        "moe_intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "num_experts": 4,
+        "num_experts_per_tok": 2, "num_shared_experts": 1, "first_k_dense_replace": 1,
+        "sliding_window": 64, "sliding_window_pattern": 3, "tie_word_embeddings": false
+    });
+    let m = toy(&config);
+    let attention = 2 * 256 * 256 + 2 * 256 * 128 + 2 * 64 + 2 * 256;
+    let dense = attention + 3 * 256 * 512;
+    let sparse = attention + 4 * 256 * 256 + 4 * 256 * 128 + 4 * 256 + 3 * 256 * 128;
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(
+        run(&m, &p).memory.total_params,
+        dense + 2 * sparse + 2 * 512 * 256 + 256
+    );
+    assert_eq!(dense + 2 * sparse + 2 * 512 * 256 + 256, 2_232_448);
+    assert_eq!(lora_trainable(&m, &["q_proj", "v_proj"]), 43_008);
+    let local = Mixer::SlidingWindow { window: 64 };
+    assert_eq!(m.mixers, vec![local, local, Mixer::Attention]);
+    assert_eq!(m.rope_layers, vec![true, true, false]);
+    use ftplan::spec::model::{NormPlacement, QkNorm, RouterPrecision};
+    assert_eq!(
+        (m.norm_placement, m.qk_norm),
+        (NormPlacement::Pre, QkNorm::PerHead)
+    );
+    let moe = m.moe.expect("sparse");
+    assert_eq!((moe.first_dense, moe.shared_intermediate), (1, 128));
+    assert_eq!(moe.router, RouterPrecision::Fp32Operands);
+    // Without `first_k_dense_replace` (or `mlp_layer_types`), ExaoneMoeConfig's one dense layer.
+    let mut absent = config.clone();
+    absent
+        .as_object_mut()
+        .expect("an object")
+        .remove("first_k_dense_replace");
+    assert_eq!(toy(&absent).moe.expect("sparse").first_dense, 1);
+    // EXAONE-4 norms each sub-layer's output instead.
+    let mut exaone4 = config.clone();
+    exaone4["model_type"] = serde_json::json!("exaone4");
+    assert_eq!(toy(&exaone4).norm_placement, NormPlacement::Output);
+}
+
+#[test]
 fn ministral3_scales_each_query_by_its_position_after_rotary() {
     // A toy Ministral 3 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,
     // vocabulary 512), full fine-tuning in mixed bf16, batch 2 x 64. Ministral3Attention

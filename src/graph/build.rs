@@ -738,6 +738,7 @@ impl<'a> Builder<'a> {
             | Family::Qwen35
             | Family::Granite
             | Family::Exaone4
+            | Family::ExaoneMoe
             | Family::GptOss
             | Family::Glm4Moe
             | Family::SolarOpen
@@ -747,6 +748,7 @@ impl<'a> Builder<'a> {
             | Family::HunyuanDense
             | Family::Helium
             | Family::Olmoe
+            | Family::FlexOlmo
             | Family::Cohere
             | Family::Cohere2
             | Family::Jamba

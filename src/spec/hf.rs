@@ -300,6 +300,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Olmo2
         | Family::Granite
         | Family::Exaone4
+        | Family::ExaoneMoe
         | Family::Qwen2Moe
         | Family::Qwen3Moe
         | Family::GptOss
@@ -312,6 +313,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::HunyuanDense
         | Family::Helium
         | Family::Olmoe
+        | Family::FlexOlmo
         | Family::Cohere
         | Family::Cohere2
         | Family::StableLm
@@ -887,8 +889,9 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         // Gemma2Config and VaultGemmaConfig: even layers (0, 2, ...) slide, odd ones attend
         // globally.
         Family::Gemma2 | Family::VaultGemma => vec![local, Mixer::Attention],
-        // Exaone4Config: `sliding_window_pattern` 4 (or "LLLG"): every fourth layer global.
-        Family::Exaone4 => {
+        // Exaone4Config (and ExaoneMoeConfig, its subclass): `sliding_window_pattern` 4 (or
+        // "LLLG"): every fourth layer global.
+        Family::Exaone4 | Family::ExaoneMoe => {
             let pattern: Vec<Mixer> = match r.raw(&["sliding_window_pattern"]) {
                 Some((_, Value::String(p))) => p
                     .chars()
@@ -985,8 +988,14 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             "num_experts",
             r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1792),
         ),
-        // OlmoeConfig: `intermediate_size` is each expert's width; every layer is sparse.
-        Family::Olmoe => ("num_experts", intermediate),
+        // OlmoeConfig and FlexOlmoConfig: `intermediate_size` is each expert's width; every
+        // layer is sparse.
+        Family::Olmoe | Family::FlexOlmo => ("num_experts", intermediate),
+        // ExaoneMoeConfig: 64 routed experts of 1,024 by default.
+        Family::ExaoneMoe => (
+            "num_experts",
+            r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1024),
+        ),
         // GraniteMoeHybridConfig: 8 experts of `intermediate_size` (11,008) by default, none
         // (the shared MLP alone) with `num_local_experts` 0.
         Family::GraniteMoeHybrid => {
@@ -1071,6 +1080,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         }
         Family::Deepseek | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
+            false,
+        ),
+        // ExaoneMoeSparseMoEBlock: one MLP of `moe_intermediate_size` x `num_shared_experts` (1).
+        Family::ExaoneMoe => (
+            r.opt_u64(&["num_shared_experts"])?.unwrap_or(1) * expert_inter,
             false,
         ),
         // SolarOpenConfig: one shared expert by default.
@@ -1173,8 +1187,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         }
         (dense as u64, 1)
     } else {
-        // Without `mlp_layer_types`, Glm4MoeLiteConfig's default is one dense layer first.
-        let default_dense = u64::from(glm4_moe_lite(r));
+        // Without `mlp_layer_types`, Glm4MoeLiteConfig's and ExaoneMoeConfig's default is one
+        // dense layer first (`first_k_dense_replace` 1).
+        let default_dense = u64::from(glm4_moe_lite(r) || family == Family::ExaoneMoe);
         (
             r.opt_u64(&["first_k_dense_replace"])?
                 .unwrap_or(default_dense),
@@ -1210,7 +1225,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             // weights by their sum only `if self.norm_topk_prob` (their configs default it to
             // false, false, false and true; transformers 5.17). Qwen1.5-MoE, Qwen2-57B-A14B
             // and OLMoE-1B-7B ship false.
-            Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe | Family::Qwen3Next
+            Family::Qwen2Moe
+            | Family::Qwen3Moe
+            | Family::Olmoe
+            | Family::FlexOlmo
+            | Family::Qwen3Next
                 if !r.bool_or(&["norm_topk_prob"], family == Family::Qwen3Next)? =>
             {
                 Routing::TopKUnnormalised
@@ -1242,9 +1261,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         },
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
-            Family::Deepseek | Family::Glm4Moe | Family::SolarOpen | Family::Dots1 => {
-                RouterPrecision::Fp32Operands
-            }
+            Family::Deepseek
+            | Family::Glm4Moe
+            | Family::SolarOpen
+            | Family::ExaoneMoe
+            | Family::Dots1 => RouterPrecision::Fp32Operands,
             Family::HunyuanMoe => RouterPrecision::Fp32Weight,
             _ => RouterPrecision::Model,
         },
@@ -1358,6 +1379,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::Mixtral
         | Family::Phi3
         | Family::Exaone4
+        | Family::ExaoneMoe
         | Family::MinimaxM2
         | Family::Lfm2
         | Family::Lfm2Moe => (false, false),
@@ -1514,7 +1536,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // Qwen3_5RMSNorm: `(x.float() * rsqrt) * (1 + weight.float())`, Gemma's.
             _ if gemma || family.gated_delta_net() => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
-            Family::Olmo2 | Family::GptOss | Family::Helium => Norm::Olmo2RmsNorm,
+            Family::Olmo2 | Family::FlexOlmo | Family::GptOss | Family::Helium => {
+                Norm::Olmo2RmsNorm
+            }
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
             // PhimoeDecoderLayer, PhimoeModel, Jais2DecoderLayer and Jais2Model use
             // `nn.LayerNorm` (weight and bias).
@@ -1527,7 +1551,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Gemma2 | Family::Gemma3 | Family::Gemma4 | Family::Glm4 => {
                 NormPlacement::Sandwich
             }
-            Family::Olmo2 | Family::Exaone4 => NormPlacement::Output,
+            Family::Olmo2 | Family::FlexOlmo | Family::Exaone4 => NormPlacement::Output,
             _ => NormPlacement::Pre,
         },
         // Lfm2Config reads LFM2's own `tie_embedding` over `tie_word_embeddings`.
@@ -1581,6 +1605,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Qwen3Next
             | Family::Gemma3
             | Family::Exaone4
+            | Family::ExaoneMoe
             | Family::HunyuanDense
             | Family::HunyuanMoe
             | Family::Apertus
@@ -1595,7 +1620,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // head and channel, as many weights as one norm over the whole projection.
             Family::Cohere if r.bool_or(&["use_qk_norm"], false)? => QkNorm::Full,
             Family::Glm4Moe if r.bool_or(&["use_qk_norm"], false)? => QkNorm::PerHead,
-            Family::Olmo2 => QkNorm::Full,
+            // FlexOlmoAttention is Olmo2Attention.
+            Family::Olmo2 | Family::FlexOlmo => QkNorm::Full,
             _ => QkNorm::None,
         },
         // Ministral3Attention: `query_states * get_llama_4_attn_scale(position_ids, ...)`.
@@ -1814,13 +1840,18 @@ fn rotary_fraction_of(r: &Reader, keys: &[&'static str], default: f64) -> Result
     Ok(Positions::Rotary { fraction })
 }
 
-/// Which layers apply rotary (empty: all). EXAONE-4 and Cohere2 apply it on their windowed
-/// layers only once a window is set (global NoPE). SmolLM3 (`SmolLM3Config`): `no_rope_layers`
-/// lists 1 for a layer that applies rotary and 0 for one that does not; absent, every
-/// `no_rope_layer_interval`-th layer (4) goes without. Other families apply rotary everywhere.
+/// Which layers apply rotary (empty: all). EXAONE-4 (and K-EXAONE's `exaone_moe`) and Cohere2
+/// apply it on their windowed layers only once a window is set (global NoPE). SmolLM3
+/// (`SmolLM3Config`): `no_rope_layers` lists 1 for a layer that applies rotary and 0 for one
+/// that does not; absent, every `no_rope_layer_interval`-th layer (4) goes without. Other
+/// families apply rotary everywhere.
 fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Result<Vec<bool>> {
     let windowed = |m: &Mixer| matches!(m, Mixer::SlidingWindow { .. });
-    if matches!(family, Family::Exaone4 | Family::Cohere2) && mixers.iter().any(windowed) {
+    if matches!(
+        family,
+        Family::Exaone4 | Family::ExaoneMoe | Family::Cohere2
+    ) && mixers.iter().any(windowed)
+    {
         return Ok(mixers.iter().map(windowed).collect());
     }
     // Llama4TextConfig reads an empty `no_rope_layers` as absent (its interval applies).

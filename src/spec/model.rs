@@ -179,6 +179,11 @@ pub enum Family {
     /// `Exaone4ForCausalLM`: RMSNorm on each sub-layer's output (as OLMo-2), per-head q/k
     /// norms, windowed layers with rotary and global layers without (NoPE) once a window is set.
     Exaone4,
+    /// `ExaoneMoeForCausalLM` (K-EXAONE, LG AI Research 2025): EXAONE-4's attention (windows,
+    /// per-head q/k norms, NoPE global layers) in OLMoE's pre-norm layer, with DeepSeek-V3's
+    /// sparse block (`DeepseekV3MoE`: fp32-operand sigmoid router, shared experts) after
+    /// `first_k_dense_replace` (or `mlp_layer_types`') dense layers.
+    ExaoneMoe,
     /// `GraniteForCausalLM`: the Llama block with scalar multipliers on the embeddings, each
     /// residual branch and the logits (`embedding_multiplier`, `residual_multiplier`,
     /// `logits_scaling`).
@@ -276,6 +281,10 @@ pub enum Family {
     /// `OlmoeForCausalLM` (OLMoE, Muennighoff et al. 2024): pre-norm, RMSNorm over the whole q
     /// and k projections (OLMo-2's), routed experts without a shared one.
     Olmoe,
+    /// `FlexOlmoForCausalLM` (FlexOlmo, Shi et al. 2025): OLMoE's sparse block under OLMo-2's
+    /// attention and norms (`FlexOlmoDecoderLayer` deletes `input_layernorm` and norms each
+    /// sub-layer's output with `Olmo2RMSNorm`); no `clip_qkv`.
+    FlexOlmo,
     /// `CohereForCausalLM` (Command R): one LayerNorm (no bias) feeding attention and the MLP
     /// in parallel, rotary, tied embeddings, logits times `logit_scale`.
     Cohere,
@@ -310,6 +319,7 @@ impl Family {
             | Family::Lfm2Moe
             | Family::Olmo2
             | Family::Olmoe
+            | Family::FlexOlmo
             | Family::MinimaxM2 => QkOrder::NormedAsProjected,
             // Gemma4TextAttention: q's projection, norm and rotary, then k's, then v's norm.
             Family::Gemma4 => QkOrder::EachRotatedAsProjected,
@@ -538,7 +548,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 82] = [
+    pub const ALL: [(&'static str, Family); 84] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -568,6 +578,7 @@ impl Family {
         ("granite", Family::Granite),
         ("smollm3", Family::Llama),
         ("exaone4", Family::Exaone4),
+        ("exaone_moe", Family::ExaoneMoe),
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
         ("gpt_oss", Family::GptOss),
@@ -580,6 +591,7 @@ impl Family {
         ("hunyuan_v1_dense", Family::HunyuanDense),
         ("helium", Family::Helium),
         ("olmoe", Family::Olmoe),
+        ("flex_olmo", Family::FlexOlmo),
         ("cohere", Family::Cohere),
         ("cohere2", Family::Cohere2),
         ("mt5", Family::Mt5),
@@ -659,7 +671,9 @@ impl Family {
                 | Family::Deepseek
                 | Family::Glm4Moe
                 | Family::SolarOpen
+                | Family::ExaoneMoe
                 | Family::Olmoe
+                | Family::FlexOlmo
                 | Family::Ernie45Moe
                 | Family::HunyuanMoe
                 | Family::Qwen3Next
