@@ -2299,6 +2299,58 @@ fn exaone_moe_is_exaone4s_attention_in_a_pre_norm_layer_with_deepseek_v3s_expert
 }
 
 #[test]
+fn nanochat_norms_without_weights_on_the_embeddings_and_on_q_and_k_after_rotary() {
+    // NanoChatModel (transformers 5.17): the Llama layer with `NanoChatRMSNorm` (Llama 4's
+    // `Llama4TextL2Norm`: `x.float() * rsqrt(mean(x^2) + eps)`, `type_as(x)`, no weight) before
+    // each sub-layer, on the embeddings and at the end; the same norm on q and k per head after
+    // rotary; `fc2(relu2(fc1(x)))`; logits soft-capped at 15. A toy (hidden 256, MLP 1,024, 4
+    // heads of 64, 2 KV heads, 2 layers, vocabulary 512, untied), which transformers builds
+    // with 1,703,936 parameters, no norm among them: per layer q and o 256^2 each, k and v
+    // 256 x 128 each, fc1 and fc2 256 x 1,024 each; the embedding and head 512 x 256 each.
+    // LoRA r16 on q and v trains 2 x (16 x 512 + 16 x 384) = 28,672 (peft 0.21).
+    let config = serde_json::json!({
+        "model_type": "nanochat", "hidden_size": 256, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512
+    });
+    let m = toy(&config);
+    let per_layer = 2 * 256 * 256 + 2 * 256 * 128 + 2 * 256 * 1024;
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(
+        run(&m, &p).memory.total_params,
+        2 * per_layer + 2 * 512 * 256
+    );
+    assert_eq!(2 * per_layer + 2 * 512 * 256, 1_703_936);
+    assert_eq!(lora_trainable(&m, &["q_proj", "v_proj"]), 28_672);
+    use ftplan::spec::model::{Activation, Norm, QkNorm};
+    assert_eq!(
+        (m.norm, m.qk_norm, m.activation),
+        (
+            Norm::UnscaledRmsNorm,
+            QkNorm::L2AfterRotary,
+            Activation::Relu2
+        )
+    );
+    assert!(m.embedding_norm && !m.gated_ffn);
+    assert_eq!(m.softcap.logits, 15.0);
+    // Full fine-tuning in mixed bf16, 64 tokens: the embedding norm reads the fp32 lookup
+    // itself (`x.float()` returns it) and keeps it for pow's and the rsqrt multiply's backward,
+    // 64 x 256 x 4 B = 65,536, with the rsqrt per row, 64 x 4 B = 256.
+    let g = graph::build(&m, &p);
+    assert_eq!(
+        crate::kept_bytes(&g, crate::op_ending(&g, "embedding_norm")),
+        65_792
+    );
+    // Nothing to train for LN tuning (and no bias for BitFit).
+    for method in [Method::LnTuning, Method::BitFit] {
+        assert!(
+            refusal(&m, &plan(method, 1, 64, AttentionKernel::Sdpa))
+                .contains("finds nothing to train")
+        );
+    }
+}
+
+#[test]
 fn ministral3_scales_each_query_by_its_position_after_rotary() {
     // A toy Ministral 3 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,
     // vocabulary 512), full fine-tuning in mixed bf16, batch 2 x 64. Ministral3Attention

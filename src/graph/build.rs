@@ -745,6 +745,7 @@ impl<'a> Builder<'a> {
             | Family::Glm4
             | Family::Glm
             | Family::Jais2
+            | Family::NanoChat
             | Family::HunyuanDense
             | Family::Helium
             | Family::Olmoe

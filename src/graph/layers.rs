@@ -55,6 +55,10 @@ impl Builder<'_> {
     pub fn norm_sized(&mut self, name: Name, x: Val, weight: u64) -> Val {
         let h = x.width;
         let kind = self.model.norm;
+        if kind == Norm::UnscaledRmsNorm {
+            // No weight: Llama 4's q/k norm, one statistic per row of the whole width.
+            return self.unscaled_rms_norm(name, x, (h, 1));
+        }
         // nn.LayerNorm carries a bias whatever the linears do (Falcon: bias=False, LN biased).
         let has_bias = matches!(kind, Norm::LayerNorm | Norm::LayerNorm1P);
         let layer_norm = matches!(
@@ -115,7 +119,8 @@ impl Builder<'_> {
             | Norm::GemmaRmsNorm
             | Norm::Olmo2RmsNorm
             | Norm::T5RmsNorm
-            | Norm::CohereLayerNorm => {
+            | Norm::CohereLayerNorm
+            | Norm::UnscaledRmsNorm => {
                 // hidden.to(fp32): pow(2) and the rsqrt multiply keep the fp32 copy.
                 let x32 = self.cast(name.then("upcast"), x, DType::F32);
                 if x.grad {
@@ -247,7 +252,8 @@ impl Builder<'_> {
                     | Norm::GemmaRmsNorm
                     | Norm::Olmo2RmsNorm
                     | Norm::T5RmsNorm
-                    | Norm::CohereLayerNorm => {
+                    | Norm::CohereLayerNorm
+                    | Norm::UnscaledRmsNorm => {
                         (x.bytes() + out.bytes()) * 2 + DType::F32.bytes(x.elements()) * 12
                     }
                 },
@@ -402,8 +408,8 @@ impl Builder<'_> {
     /// `x.float()` times `pow(mean(x^2) + eps, -0.5)` (Gemma 4's `v_norm` and router norm,
     /// `Gemma4RMSNorm(with_scale=False)`, whose `pow` keeps its input and the product its
     /// output: two fp32 statistics per group) or times `rsqrt(...)` (Llama 4's
-    /// `Llama4TextL2Norm`, whose `rsqrt` and product keep one), cast back with `type_as`. The
-    /// square and the product keep the fp32 copy; there is no weight.
+    /// `Llama4TextL2Norm`, nanochat's every norm, whose `rsqrt` and product keep one), cast back
+    /// with `type_as`. The square and the product keep the fp32 copy; there is no weight.
     pub fn unscaled_rms_norm(&mut self, name: Name, x: Val, (group, stats): (u64, u64)) -> Val {
         let x32 = self.cast(name.then("upcast"), x, DType::F32);
         let mut saves: SmallVec<[TensorId; 6]> = SmallVec::new();

@@ -78,9 +78,12 @@ impl Builder<'_> {
             // lists no feed-forward module.
             Proj::Up if self.model.family == Family::Mt5 => Some(Ia3Site::Output),
             Proj::Down if self.model.family == Family::Mt5 => None,
-            // LFM2 is not in the table and names its FFN output `w2`: Llama's entry finds only
-            // `k_proj` and `v_proj` (a toy LFM2 trains k's and v's outputs only).
-            Proj::Down if self.model.family.is_lfm2() => None,
+            // LFM2 and nanochat are not in the table and name their FFN output `w2` and `fc2`:
+            // Llama's entry finds only `k_proj` and `v_proj` (a toy LFM2 trains k's and v's
+            // outputs only).
+            Proj::Down if self.model.family.is_lfm2() || self.model.family == Family::NanoChat => {
+                None
+            }
             Proj::Down => Some(Ia3Site::Input),
             p if attention.contains(&p) => Some(Ia3Site::Output),
             _ => None,

@@ -298,6 +298,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::VaultGemma
         | Family::Gemma3
         | Family::Olmo2
+        | Family::NanoChat
         | Family::Granite
         | Family::Exaone4
         | Family::ExaoneMoe
@@ -1337,7 +1338,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let act_default = match family {
         _ if gemma => "gelu_pytorch_tanh",
         // ArceeConfig's and NemotronConfig's default.
-        Family::Arcee | Family::Nemotron | Family::Jais2 => "relu2",
+        Family::Arcee | Family::Nemotron | Family::Jais2 | Family::NanoChat => "relu2",
         Family::Apertus => "xielu",
         _ => "silu",
     };
@@ -1484,10 +1485,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let base = ModelSpec::decoder_only(family, hidden, r.u64(&["vocab_size"])?, stack);
     // Gemma-2 soft-caps scores at 50 and logits at 30 by default (Gemma2Config, and
     // VaultGemmaConfig's same defaults); a null cap (Gemma-3) is none.
-    let (attn_cap, logit_cap) = if matches!(family, Family::Gemma2 | Family::VaultGemma) {
-        (50.0, 30.0)
-    } else {
-        (0.0, 0.0)
+    // NanoChatForCausalLM is Gemma2ForCausalLM's head: `final_logit_softcapping` 15 by default
+    // (NanoChatConfig), no attention soft-capping.
+    let (attn_cap, logit_cap) = match family {
+        Family::Gemma2 | Family::VaultGemma => (50.0, 30.0),
+        Family::NanoChat => (0.0, 15.0),
+        _ => (0.0, 0.0),
     };
     let softcap = Softcap {
         attention: r.opt_f64(&["attn_logit_softcapping"])?.unwrap_or(attn_cap),
@@ -1545,6 +1548,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::StableLm | Family::Phimoe | Family::Jais2 => Norm::LayerNorm,
             Family::Nemotron => Norm::LayerNorm1P,
             Family::Olmo => Norm::OlmoLayerNorm,
+            Family::NanoChat => Norm::UnscaledRmsNorm,
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
@@ -1614,6 +1618,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Lfm2Moe
             | Family::Gemma4 => QkNorm::PerHead,
             Family::Olmoe | Family::MinimaxM2 => QkNorm::Full,
+            // NanoChatAttention: `NanoChatRMSNorm` (Llama 4's L2 norm) on the rotated q and k.
+            Family::NanoChat => QkNorm::L2AfterRotary,
             // Llama4TextAttention: `Llama4TextL2Norm` on the rotary layers' q and k.
             Family::Llama4 if r.bool_or(&["use_qk_norm"], true)? => QkNorm::L2AfterRotary,
             // Command R+'s `use_qk_norm`: a CohereLayerNorm per head with a weight for every
@@ -1657,11 +1663,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         multipliers,
         rope_layers,
         // NemotronMLP, ArceeMLP, ApertusMLP and Jais2MLP: `down_proj(act(up_proj(x)))`, no
-        // gate.
+        // gate; NanoChatMLP the same as `fc2(act(fc1(x)))`.
         gated_ffn: !matches!(
             family,
-            Family::Nemotron | Family::Arcee | Family::Apertus | Family::Jais2
+            Family::Nemotron | Family::Arcee | Family::Apertus | Family::Jais2 | Family::NanoChat
         ),
+        // NanoChatModel: `hidden_states = self.norm(inputs_embeds)` before the layers.
+        embedding_norm: family == Family::NanoChat,
         // PhimoeForCausalLM: `lm_head_bias` (true in Phi-3.5-MoE's config).
         lm_head_bias: family == Family::Phimoe && r.bool_or(&["lm_head_bias"], false)?,
         attention_sinks: family == Family::GptOss,

@@ -176,6 +176,12 @@ pub enum Family {
     /// `Olmo2ForCausalLM`: RMSNorm on each sub-layer's output (not its input) and on the whole
     /// q and k projections.
     Olmo2,
+    /// `NanoChatForCausalLM` (nanochat, Karpathy 2025): the Llama block with weightless RMS
+    /// norms (`NanoChatRMSNorm`, Llama 4's `Llama4TextL2Norm`) before each sub-layer, on the
+    /// embeddings and at the end (the same module twice), the same norm on q and k per head
+    /// after rotary, a non-gated `relu2` MLP (`fc1`, `fc2`), no biases by default, and Gemma-2's
+    /// tanh soft-capping of the logits (15 by default).
+    NanoChat,
     /// `Exaone4ForCausalLM`: RMSNorm on each sub-layer's output (as OLMo-2), per-head q/k
     /// norms, windowed layers with rotary and global layers without (NoPE) once a window is set.
     Exaone4,
@@ -548,7 +554,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 84] = [
+    pub const ALL: [(&'static str, Family); 85] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -568,6 +574,7 @@ impl Family {
         ("gemma3_text", Family::Gemma3),
         ("vaultgemma", Family::VaultGemma),
         ("olmo2", Family::Olmo2),
+        ("nanochat", Family::NanoChat),
         ("starcoder2", Family::Starcoder2),
         ("bloom", Family::Bloom),
         ("qwen2_moe", Family::Qwen2Moe),
@@ -746,6 +753,9 @@ pub enum Norm {
     /// `OlmoLayerNorm` (OLMo 1): `F.layer_norm` of the fp32 upcast with no weight and no bias,
     /// cast back to the input's dtype. Nothing to train.
     OlmoLayerNorm,
+    /// `Llama4TextL2Norm` (nanochat's `NanoChatRMSNorm`): `x.float() * rsqrt(mean(x^2) + eps)`,
+    /// cast back with `type_as(x)`; no weight. Nothing to train.
+    UnscaledRmsNorm,
 }
 
 /// How token positions enter the model.
