@@ -2351,6 +2351,67 @@ fn nanochat_norms_without_weights_on_the_embeddings_and_on_q_and_k_after_rotary(
 }
 
 #[test]
+fn minicpm3_is_deepseek_v2s_latent_attention_with_mup_scalars() {
+    // MiniCPM3 (transformers 5.17): `DeepseekV2Attention`'s modules (with Llama's rotary) in
+    // Llama's layer and MLP. A toy (hidden 256, MLP 512, 4 heads, q rank 64, latent 32, heads of
+    // 32 + 16, values of 256 / 4 = 64, 2 layers, vocabulary 512, tied by default), which
+    // transformers builds with 1,156,544 parameters: per layer q_a 64 x 256 and its norm 64, q_b
+    // 192 x 64, kv_a 48 x 256 and its norm 32, kv_b 384 x 32, o 256 x 256, the MLP
+    // 3 x 256 x 512, two norms of 256 (512,608); the one embedding 512 x 256 and the final norm.
+    // LoRA r16 on the four latent projections: 16 x (320 + 256 + 304 + 416) = 20,736 per layer;
+    // IA3 with Llama's entry (peft has none for `minicpm3`) finds only `down_proj`: 2 x 512.
+    let config = serde_json::json!({
+        "model_type": "minicpm3", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": 512, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16, "v_head_dim": null, "dim_model_base": 64
+    });
+    let m = toy(&config);
+    let per_layer =
+        64 * 256 + 64 + 192 * 64 + 48 * 256 + 32 + 384 * 32 + 256 * 256 + 3 * 256 * 512 + 2 * 256;
+    let p = full(Precision::MixedBf16, 1, 64);
+    assert_eq!(
+        run(&m, &p).memory.total_params,
+        2 * per_layer + 512 * 256 + 256
+    );
+    assert_eq!(2 * per_layer + 512 * 256 + 256, 1_156_544);
+    let latent = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"];
+    assert_eq!(lora_trainable(&m, &latent), 41_472);
+    let ia3 = run(&m, &plan(Method::Ia3, 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(ia3.memory.trainable_params, 2 * 512);
+    // scale_emb 12, scale_depth 1.4 over sqrt(2) layers, 256 / dim_model_base 64.
+    let k = m.multipliers;
+    assert_eq!((k.token_embedding, k.head_input_divisor), (12.0, 4.0));
+    assert!((k.residual - 1.4 / 2f64.sqrt()).abs() < 1e-12);
+    // The embedding module scales the lookups before peft's prompt joins them: the 64 tokens'
+    // 256 channels in bf16, 32,768 B, not the 72 with the 8 virtual ones.
+    let prompt = plan(
+        Method::Prompt { virtual_tokens: 8 },
+        1,
+        64,
+        AttentionKernel::Sdpa,
+    );
+    let g = graph::build(&m, &prompt);
+    assert_eq!(crate::op_ending(&g, "embed_tokens.scale").out.0, 32_768);
+    // `hidden_states / logits_scaling` is a new tensor beside the model output's undivided
+    // state, which lives on until the loss: the LM head's forward holds both, one 64 x 256
+    // bf16 state (32,768 B) more than without the division.
+    let lora = plan(lora_named(&["q_b_proj"]), 1, 64, AttentionKernel::Sdpa);
+    let undivided = ModelSpec {
+        multipliers: ftplan::spec::model::Multipliers {
+            head_input_divisor: 1.0,
+            ..m.multipliers
+        },
+        ..m.clone()
+    };
+    let head = |m: &ModelSpec| {
+        let g = graph::build(m, &lora);
+        crate::op_ending(&g, "lm_head").forward_transient.0
+    };
+    assert_eq!(head(&m), head(&undivided) + 32_768);
+}
+
+#[test]
 fn ministral3_scales_each_query_by_its_position_after_rotary() {
     // A toy Ministral 3 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,
     // vocabulary 512), full fine-tuning in mixed bf16, batch 2 x 64. Ministral3Attention

@@ -203,6 +203,12 @@ fn stack_forward(
                 h,
                 batch * (seq - prompted),
             );
+            if model.multipliers.token_embedding != 1.0 {
+                // MiniCPM3ScaledWordEmbedding: `super().forward(input_ids) * embed_scale`, in
+                // the embedding module itself (so before peft's prompt, and the lookup the
+                // input-require-grads hook below sees is the scaled one).
+                x = b.scale(name.at("embed_tokens").then("scale"), x);
+            }
             if plan.grad_ckpt && !x.grad {
                 // `enable_input_require_grads`, which transformers' Trainer and peft call when
                 // a frozen model is checkpointed (a checkpoint needs a grad-requiring input): a

@@ -709,6 +709,7 @@ impl<'a> Builder<'a> {
             | Family::Qwen3Next
             | Family::Deepseek
             | Family::Mistral4
+            | Family::MiniCpm3
             | Family::Mamba
             | Family::FalconMamba
             | Family::Mamba2

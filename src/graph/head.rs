@@ -49,6 +49,15 @@ impl Builder<'_> {
     /// backward and `nll_loss`'s each produce a vocabulary-sized gradient, the largest transient
     /// of the step.
     pub fn lm_head_and_loss(&mut self, x: Val, head: ParamId, bias: bool) -> usize {
+        // MiniCPM3ForCausalLM: `hidden_states = hidden_states / self.config.logits_scaling`
+        // before the head. The model's output object still holds the undivided state until the
+        // loss is computed, beside the divided one (`output`, below).
+        let output = x;
+        let x = if self.model.multipliers.head_input_divisor == 1.0 {
+            x
+        } else {
+            self.scale(Name::root("lm_head").then("input_scaling"), x)
+        };
         let vocab = self.model.vocab_size;
         let tokens = x.tokens;
         let head_param = self.graph.param(head).clone();
@@ -88,11 +97,19 @@ impl Builder<'_> {
             .graph
             .op(self.graph.producer(x.id))
             .is_some_and(|o| o.saves.contains(&x.id));
-        let hidden = if saved_here || saved_before {
+        let mut hidden = if saved_here || saved_before {
             Bytes::ZERO
         } else {
             self.graph.tensor(x.id).bytes
         };
+        if output.id != x.id
+            && !self
+                .graph
+                .op(self.graph.producer(output.id))
+                .is_some_and(|o| o.saves.contains(&output.id))
+        {
+            hidden += self.graph.tensor(output.id).bytes;
+        }
         self.emit(OpSpec {
             name: Name::root("lm_head"),
             kind: OpKind::Matmul,

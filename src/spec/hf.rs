@@ -322,7 +322,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Mpt => mpt(&r)?,
-        Family::Deepseek | Family::Mistral4 => deepseek(&r, family)?,
+        Family::Deepseek | Family::Mistral4 | Family::MiniCpm3 => deepseek(&r, family)?,
         Family::Mamba | Family::FalconMamba => mamba(&r, family)?,
         Family::Mamba2 => mamba2(&r)?,
         Family::NemotronH => nemotron_h(&r)?,
@@ -1516,6 +1516,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             embedding: r.f64_or(&["embedding_multiplier"], 1.0)?,
             residual: r.f64_or(&["residual_multiplier"], 1.0)?,
             logits_divisor: r.f64_or(&["logits_scaling"], 1.0)?,
+            ..Multipliers::default()
         }
     } else {
         Multipliers::default()
@@ -2062,7 +2063,8 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
     // Glm4MoeLiteConfig); V2-Lite's config says null (no query bottleneck), which a TOML file
     // writes as 0.
     let q_rank = match r.map.get("q_lora_rank") {
-        None => Some(if glm4_moe_lite(r) {
+        // MiniCPM3Config's default is 768 too.
+        None => Some(if glm4_moe_lite(r) || family == Family::MiniCpm3 {
             768
         } else if family == Family::Mistral4 {
             1024
@@ -2076,12 +2078,49 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
         }
         Some(_) => r.opt_u64(&["q_lora_rank"])?,
     };
-    let mla = Mla {
-        q_rank,
-        kv_rank: r.u64(&["kv_lora_rank"])?,
-        rope_dim: r.u64(&["qk_rope_head_dim"])?,
-        nope_dim: r.u64(&["qk_nope_head_dim"])?,
-        v_dim: r.u64(&["v_head_dim"])?,
+    let minicpm3 = family == Family::MiniCpm3;
+    let mla = if minicpm3 {
+        // MiniCPM3Config's defaults (MiniCPM3-4B's): a latent of 256, heads of 64 + 32, values
+        // of `hidden_size / num_attention_heads` when `v_head_dim` is null.
+        Mla {
+            q_rank,
+            kv_rank: r.opt_u64(&["kv_lora_rank"])?.unwrap_or(256),
+            rope_dim: r.opt_u64(&["qk_rope_head_dim"])?.unwrap_or(32),
+            nope_dim: r.opt_u64(&["qk_nope_head_dim"])?.unwrap_or(64),
+            v_dim: r.opt_u64(&["v_head_dim"])?.unwrap_or(hidden / heads.max(1)),
+        }
+    } else {
+        Mla {
+            q_rank,
+            kv_rank: r.u64(&["kv_lora_rank"])?,
+            rope_dim: r.u64(&["qk_rope_head_dim"])?,
+            nope_dim: r.u64(&["qk_nope_head_dim"])?,
+            v_dim: r.u64(&["v_head_dim"])?,
+        }
+    };
+    let layers = r.u64(&["num_hidden_layers"])?;
+    let multipliers = if minicpm3 {
+        // MiniCPM3Config.__post_init__: a null `scale_depth` is sqrt(layers) (a residual scale
+        // of 1) and a null `dim_model_base` is `hidden_size` (a divisor of 1).
+        let depth = match r.raw(&["scale_depth"]) {
+            Some((_, Value::Null)) => (layers as f64).sqrt(),
+            _ => r.f64_or(&["scale_depth"], 1.4)?,
+        };
+        let base = match r.raw(&["dim_model_base"]) {
+            Some((_, Value::Null)) => hidden as f64,
+            _ => r.f64_or(&["dim_model_base"], 256.0)?,
+        };
+        if base.is_nan() || base <= 0.0 {
+            return Err(Error::field(r.path, "dim_model_base", "must be positive"));
+        }
+        Multipliers {
+            token_embedding: r.f64_or(&["scale_emb"], 12.0)?,
+            residual: depth / (layers.max(1) as f64).sqrt(),
+            head_input_divisor: hidden as f64 / base,
+            ..Multipliers::default()
+        }
+    } else {
+        Multipliers::default()
     };
     r.raw(&[
         "rms_norm_eps",
@@ -2095,22 +2134,30 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
         "attention_bias",
         "num_nextn_predict_layers",
         "ep_size",
+        // MiniCPM3Config.__post_init__ writes `qk_head_dim` (nope + rope) beside `head_dim`.
+        "qk_head_dim",
     ]);
     let stack = Stack::new(
-        r.u64(&["num_hidden_layers"])?,
+        layers,
         heads,
         heads,
         mla.nope_dim + mla.rope_dim,
         intermediate,
     );
+    // DeepseekV2MLP, DeepseekV3MLP, their experts and MiniCPM3MLP (LlamaMLP) all apply
+    // `ACT2FN[config.hidden_act]`.
+    let act = r.str_or(&["hidden_act"], "silu")?;
     Ok(ModelSpec {
-        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], false)?,
+        activation: activation(r.path, &act, "hidden_act")?,
+        // MiniCPM3Config ties the embeddings by default.
+        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], minicpm3)?,
         dropout: Dropouts {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             ..Dropouts::default()
         },
         moe: moe(r, family, intermediate)?,
         mla: Some(mla),
+        multipliers,
         // Mistral4Attention: `query_states * get_llama_4_attn_scale(...)` after the
         // concatenation, in every layer.
         query_scale: if family == Family::Mistral4 {

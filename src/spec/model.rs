@@ -205,6 +205,13 @@ pub enum Family {
     /// `DeepseekV2ForCausalLM` / `DeepseekV3ForCausalLM`: multi-head latent attention, shared
     /// plus routed experts after the first dense layers.
     Deepseek,
+    /// `MiniCPM3ForCausalLM` (MiniCPM3-4B, OpenBMB 2024): DeepSeek-V2's latent attention
+    /// (`MiniCPM3Attention` builds `DeepseekV2Attention`'s modules, with Llama's rotary) in
+    /// Llama's layer and MLP, and muP-style scalars: token embeddings times `scale_emb`
+    /// (`MiniCPM3ScaledWordEmbedding`), each sub-layer's output times `scale_depth /
+    /// sqrt(layers)`, and the last hidden state divided by `hidden_size / dim_model_base`
+    /// before the LM head.
+    MiniCpm3,
     /// `MambaForCausalLM`: selective state-space blocks (Gu & Dao 2023), no attention.
     Mamba,
     /// `Mamba2ForCausalLM` (Dao & Gu 2024, "Transformers are SSMs", Mamba-2 and
@@ -554,7 +561,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 85] = [
+    pub const ALL: [(&'static str, Family); 86] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -581,6 +588,7 @@ impl Family {
         ("qwen3_moe", Family::Qwen3Moe),
         ("deepseek_v2", Family::Deepseek),
         ("deepseek_v3", Family::Deepseek),
+        ("minicpm3", Family::MiniCpm3),
         ("mamba", Family::Mamba),
         ("granite", Family::Granite),
         ("smollm3", Family::Llama),
@@ -1399,10 +1407,16 @@ pub enum QueryScale {
 /// Scalar multipliers a model applies as separate multiplies (Granite); 1 means none.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Multipliers {
+    /// The embedding module's own scale (`MiniCPM3ScaledWordEmbedding`: the lookup times an
+    /// `embed_scale` buffer), on the token embeddings before peft's virtual tokens join them.
+    pub token_embedding: f64,
     /// `inputs_embeds * embedding_multiplier`, after the token embeddings.
     pub embedding: f64,
     /// `residual + branch * residual_multiplier`, on each sub-layer's output.
     pub residual: f64,
+    /// `hidden_states / logits_scaling` before the LM head (MiniCPM3): a new tensor of the
+    /// last hidden state's size, while the model's output still holds the undivided one.
+    pub head_input_divisor: f64,
     /// `logits / logits_scaling`, after the LM head.
     pub logits_divisor: f64,
 }
@@ -1410,8 +1424,10 @@ pub struct Multipliers {
 impl Default for Multipliers {
     fn default() -> Multipliers {
         Multipliers {
+            token_embedding: 1.0,
             embedding: 1.0,
             residual: 1.0,
+            head_input_divisor: 1.0,
             logits_divisor: 1.0,
         }
     }
