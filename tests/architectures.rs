@@ -2383,6 +2383,12 @@ fn minicpm3_is_deepseek_v2s_latent_attention_with_mup_scalars() {
     let k = m.multipliers;
     assert_eq!((k.token_embedding, k.head_input_divisor), (12.0, 4.0));
     assert!((k.residual - 1.4 / 2f64.sqrt()).abs() < 1e-12);
+    // MiniCPM3Config reads null as sqrt(layers) and `hidden_size`: no scaling.
+    let mut plain = config.clone();
+    plain["scale_depth"] = serde_json::Value::Null;
+    plain["dim_model_base"] = serde_json::Value::Null;
+    let k = toy(&plain).multipliers;
+    assert!((k.residual - 1.0).abs() < 1e-12 && k.head_input_divisor == 1.0);
     // The embedding module scales the lookups before peft's prompt joins them: the 64 tokens'
     // 256 channels in bf16, 32,768 B, not the 72 with the 8 virtual ones.
     let prompt = plan(

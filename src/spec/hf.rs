@@ -2101,18 +2101,21 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
     let layers = r.u64(&["num_hidden_layers"])?;
     let multipliers = if minicpm3 {
         // MiniCPM3Config.__post_init__: a null `scale_depth` is sqrt(layers) (a residual scale
-        // of 1) and a null `dim_model_base` is `hidden_size` (a divisor of 1).
-        let depth = match r.raw(&["scale_depth"]) {
-            Some((_, Value::Null)) => (layers as f64).sqrt(),
-            _ => r.f64_or(&["scale_depth"], 1.4)?,
+        // of 1) and a null `dim_model_base` is `hidden_size` (a divisor of 1); `f64_or` takes
+        // positive numbers only.
+        // (`Reader::raw` reads null as absent, so the map is asked directly.)
+        r.raw(&["scale_depth", "dim_model_base"]);
+        let null = |key: &str| r.map.get(key).is_some_and(Value::is_null);
+        let depth = if null("scale_depth") {
+            (layers as f64).sqrt()
+        } else {
+            r.f64_or(&["scale_depth"], 1.4)?
         };
-        let base = match r.raw(&["dim_model_base"]) {
-            Some((_, Value::Null)) => hidden as f64,
-            _ => r.f64_or(&["dim_model_base"], 256.0)?,
+        let base = if null("dim_model_base") {
+            hidden as f64
+        } else {
+            r.f64_or(&["dim_model_base"], 256.0)?
         };
-        if base.is_nan() || base <= 0.0 {
-            return Err(Error::field(r.path, "dim_model_base", "must be positive"));
-        }
         Multipliers {
             token_embedding: r.f64_or(&["scale_emb"], 12.0)?,
             residual: depth / (layers.max(1) as f64).sqrt(),
