@@ -2415,6 +2415,10 @@ fn minicpm3_is_deepseek_v2s_latent_attention_with_mup_scalars() {
         crate::op_ending(&g, "lm_head").forward_transient.0
     };
     assert_eq!(head(&m), head(&undivided) + 32_768);
+    // peft's usual q,v names find no `q_proj` and no `v_proj` in MiniCPM3-4B's latent
+    // attention: the plan takes the roles and says which modules to name.
+    let notes = estimate_notes("minicpm3-4b", "lora", &[]);
+    assert!(notes.contains("no `v_proj` and no `q_proj`") && notes.contains("`kv_b_proj`"));
 }
 
 #[test]

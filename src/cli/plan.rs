@@ -748,6 +748,27 @@ impl PlanInput {
                 model.value.model_type
             ));
         }
+        // Latent attention has no `v_proj` (nor a `q_proj` behind a query bottleneck), so peft's
+        // usual q,v names find little or nothing there; the plan takes the roles.
+        if let (Method::Lora(l) | Method::Qlora(l), Some(mla)) = (&method, model.value.mla)
+            && l.targets == LoraTargets::QueryValue
+        {
+            notes.push(format!(
+                "`{}`'s latent attention has no `v_proj`{}: LoRA q,v is planned on the query \
+                 projections ({}) and `kv_b_proj`, so pass those as target_modules",
+                model.value.name,
+                if mla.q_rank.is_some() {
+                    " and no `q_proj`"
+                } else {
+                    ""
+                },
+                if mla.q_rank.is_some() {
+                    "`q_a_proj`, `q_b_proj`"
+                } else {
+                    "`q_proj`"
+                }
+            ));
+        }
         if method == Method::LnTuning && !model.value.peft_ln_tuning_defaults() {
             notes.push(format!(
                 "peft has no LN-tuning defaults for model type `{}` and raises until \
