@@ -93,22 +93,21 @@ impl Builder<'_> {
         // or not autograd keeps it: under autocast the head keeps its bf16 copy, a frozen head
         // nothing, and a LayerNorm keeps its input, not its output.
         let saved_here = grad && trainable && xin.id == x.id;
-        let saved_before = self
-            .graph
-            .op(self.graph.producer(x.id))
-            .is_some_and(|o| o.saves.contains(&x.id));
-        let mut hidden = if saved_here || saved_before {
-            Bytes::ZERO
-        } else {
-            self.graph.tensor(x.id).bytes
-        };
-        if output.id != x.id
-            && !self
+        // Live only as a reference unless the op that made it keeps it for backward.
+        let unsaved = |v: Val| {
+            let kept = self
                 .graph
-                .op(self.graph.producer(output.id))
-                .is_some_and(|o| o.saves.contains(&output.id))
-        {
-            hidden += self.graph.tensor(output.id).bytes;
+                .op(self.graph.producer(v.id))
+                .is_some_and(|o| o.saves.contains(&v.id));
+            if kept {
+                Bytes::ZERO
+            } else {
+                self.graph.tensor(v.id).bytes
+            }
+        };
+        let mut hidden = if saved_here { Bytes::ZERO } else { unsaved(x) };
+        if output.id != x.id {
+            hidden += unsaved(output);
         }
         self.emit(OpSpec {
             name: Name::root("lm_head"),

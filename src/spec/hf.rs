@@ -2079,24 +2079,21 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
         Some(_) => r.opt_u64(&["q_lora_rank"])?,
     };
     let minicpm3 = family == Family::MiniCpm3;
-    let mla = if minicpm3 {
-        // MiniCPM3Config's defaults (MiniCPM3-4B's): a latent of 256, heads of 64 + 32, values
-        // of `hidden_size / num_attention_heads` when `v_head_dim` is null.
-        Mla {
-            q_rank,
-            kv_rank: r.opt_u64(&["kv_lora_rank"])?.unwrap_or(256),
-            rope_dim: r.opt_u64(&["qk_rope_head_dim"])?.unwrap_or(32),
-            nope_dim: r.opt_u64(&["qk_nope_head_dim"])?.unwrap_or(64),
-            v_dim: r.opt_u64(&["v_head_dim"])?.unwrap_or(hidden / heads.max(1)),
+    // MiniCPM3Config has defaults (MiniCPM3-4B's): a latent of 256, heads of 64 + 32, values of
+    // `hidden_size / num_attention_heads` when `v_head_dim` is null; DeepSeek's keys are required.
+    let width = |key: &'static str, default: u64| {
+        if minicpm3 {
+            Ok(r.opt_u64(&[key])?.unwrap_or(default))
+        } else {
+            r.u64(&[key])
         }
-    } else {
-        Mla {
-            q_rank,
-            kv_rank: r.u64(&["kv_lora_rank"])?,
-            rope_dim: r.u64(&["qk_rope_head_dim"])?,
-            nope_dim: r.u64(&["qk_nope_head_dim"])?,
-            v_dim: r.u64(&["v_head_dim"])?,
-        }
+    };
+    let mla = Mla {
+        q_rank,
+        kv_rank: width("kv_lora_rank", 256)?,
+        rope_dim: width("qk_rope_head_dim", 32)?,
+        nope_dim: width("qk_nope_head_dim", 64)?,
+        v_dim: width("v_head_dim", hidden / heads.max(1))?,
     };
     let layers = r.u64(&["num_hidden_layers"])?;
     let multipliers = if minicpm3 {
@@ -2104,18 +2101,16 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
         // of 1) and a null `dim_model_base` is `hidden_size` (a divisor of 1); `f64_or` takes
         // positive numbers only.
         // (`Reader::raw` reads null as absent, so the map is asked directly.)
-        r.raw(&["scale_depth", "dim_model_base"]);
-        let null = |key: &str| r.map.get(key).is_some_and(Value::is_null);
-        let depth = if null("scale_depth") {
-            (layers as f64).sqrt()
-        } else {
-            r.f64_or(&["scale_depth"], 1.4)?
+        let scalar = |key: &'static str, if_null: f64, default: f64| {
+            if r.map.get(key).is_some_and(Value::is_null) {
+                r.raw(&[key]);
+                Ok(if_null)
+            } else {
+                r.f64_or(&[key], default)
+            }
         };
-        let base = if null("dim_model_base") {
-            hidden as f64
-        } else {
-            r.f64_or(&["dim_model_base"], 256.0)?
-        };
+        let depth = scalar("scale_depth", (layers as f64).sqrt(), 1.4)?;
+        let base = scalar("dim_model_base", hidden as f64, 256.0)?;
         Multipliers {
             token_embedding: r.f64_or(&["scale_emb"], 12.0)?,
             residual: depth / (layers.max(1) as f64).sqrt(),
