@@ -583,13 +583,23 @@ pub fn estimate(
                 model.name
             ),
         )
-        .with_hint(
-            mamba_targets(model.family)
-                .filter(|_| plan.method.lora().is_some())
+        .with_hint(match (plan.method.lora(), model.mla) {
+            (Some(_), Some(mla)) => format!(
+                "latent attention's linears are {}`kv_a_proj_with_mqa`, `kv_b_proj` and `o_proj` \
+                 (LoRA's `all` covers every linear in the blocks)",
+                if mla.q_rank.is_some() {
+                    "`q_a_proj`, `q_b_proj`, "
+                } else {
+                    "`q_proj`, "
+                }
+            ),
+            (lora, _) => mamba_targets(model.family)
+                .filter(|_| lora.is_some())
                 .unwrap_or(
                     "choose what the model has (LoRA's `all` covers every linear in the blocks)",
-                ),
-        ));
+                )
+                .to_string(),
+        }));
     }
     let fits = memory.required <= hardware.memory;
     Ok(Estimate {

@@ -2422,6 +2422,39 @@ fn minicpm3_is_deepseek_v2s_latent_attention_with_mup_scalars() {
 }
 
 #[test]
+fn latent_attention_lora_names_reach_one_module_each_as_peft_matches_them() {
+    // peft matches a target name against each module's own name, so on MiniCPM3's toy above
+    // (q rank 64, latent 32, heads of 32 + 16, values of 64) each latent projection is reached
+    // by its name alone. LoRA r16 per layer: q_a 16 x (256 + 64) = 5,120, q_b 16 x (64 + 192)
+    // = 4,096, kv_a 16 x (256 + 48) = 4,864, kv_b 16 x (32 + 384) = 6,656. peft 0.21 on the
+    // meta device trains 10,240 for `q_a_proj`, 21,504 for `q_b_proj` and `kv_b_proj`, 9,728
+    // for `kv_a_proj_with_mqa`, and raises "Target modules {'q_proj', 'v_proj'} not found".
+    // Without the query bottleneck the query is `q_proj`, 16 x (256 + 192) = 7,168 per layer,
+    // and `q_a_proj` is what is missing.
+    let mut config = serde_json::json!({
+        "model_type": "minicpm3", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "vocab_size": 512, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16, "v_head_dim": null, "dim_model_base": 64
+    });
+    let m = toy(&config);
+    assert_eq!(lora_trainable(&m, &["q_a_proj"]), 2 * 5_120);
+    assert_eq!(lora_trainable(&m, &["q_b_proj", "kv_b_proj"]), 21_504);
+    assert_eq!(lora_trainable(&m, &["kv_a_proj_with_mqa"]), 9_728);
+    let lora = |names: &[&str]| plan(lora_named(names), 1, 64, AttentionKernel::Sdpa);
+    for names in [&["q_proj", "v_proj"][..], &["q", "k", "v"]] {
+        let why = refusal(&m, &lora(names));
+        assert!(why.contains("finds nothing to train"), "{why}");
+    }
+    config["q_lora_rank"] = serde_json::Value::Null;
+    let m = toy(&config);
+    assert_eq!(lora_trainable(&m, &["q_proj", "v_proj"]), 2 * 7_168);
+    assert_eq!(lora_trainable(&m, &["q_b_proj", "kv_b_proj"]), 2 * 6_656);
+    let why = refusal(&m, &lora(&["q_a_proj"]));
+    assert!(why.contains("finds nothing to train"), "{why}");
+}
+
+#[test]
 fn ministral3_scales_each_query_by_its_position_after_rotary() {
     // A toy Ministral 3 (hidden 256, intermediate 768, 4 heads of 64, 2 KV heads, 2 layers,
     // vocabulary 512), full fine-tuning in mixed bf16, batch 2 x 64. Ministral3Attention

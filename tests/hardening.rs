@@ -350,6 +350,21 @@ fn answers_that_used_to_mislead_are_refused_or_named() {
         ],
         "finds nothing to train",
     );
+    // peft's `q_proj` finds no `q_a_proj` behind DeepSeek-V3's query bottleneck; the hint names
+    // the latent projections.
+    refused(
+        &[
+            "--model",
+            "deepseek-v3",
+            "--gpu",
+            "h100",
+            "--method",
+            "lora",
+            "--lora-targets",
+            "q_proj,v_proj",
+        ],
+        "`q_a_proj`, `q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`",
+    );
     refused(
         &["--model", "gpt2", "--gpu", "h100", "--seq", "4096"],
         "1024 learned positions",

@@ -1492,9 +1492,9 @@ fn latent_attention(
     let qk = mla.nope_dim + mla.rope_dim;
     let q = match mla.q_rank {
         Some(r) => {
-            let qa = b.linear(name.at("q_a_proj"), x, r, false, Some(Proj::Q));
+            let qa = b.linear(name.at("q_a_proj"), x, r, false, Some(Proj::QA));
             let qa = b.norm(name.at("q_a_layernorm"), qa);
-            b.linear(name.at("q_b_proj"), qa, heads * qk, false, Some(Proj::Q))
+            b.linear(name.at("q_b_proj"), qa, heads * qk, false, Some(Proj::QB))
         }
         None => b.linear(name.at("q_proj"), x, heads * qk, false, Some(Proj::Q)),
     };
@@ -1503,7 +1503,7 @@ fn latent_attention(
         x,
         mla.kv_rank + mla.rope_dim,
         false,
-        Some(Proj::K),
+        Some(Proj::KvA),
     );
     let latent = Val {
         width: mla.kv_rank,
@@ -1515,7 +1515,7 @@ fn latent_attention(
         latent,
         heads * (mla.nope_dim + mla.v_dim),
         false,
-        Some(Proj::V),
+        Some(Proj::KvB),
     );
     let q_rope = Val {
         width: heads * mla.rope_dim,

@@ -59,6 +59,10 @@ impl Builder<'_> {
         // feed-forward module (the scaling multiplies its input). Which two depends on the
         // model type; a fused qkv projection is scaled whole. Model types missing from the
         // table make peft ask for `target_modules`; they get Llama's entry, as the harness does.
+        // No model type with multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash,
+        // Mistral 4, MiniCPM3) has an entry, and Llama's names none of its projections
+        // (`Proj::QA`..`KvB`), so peft trains the FFN's `down_proj` inputs only (MiniCPM3-4B:
+        // 396,800 scalings).
         let attention: [Proj; 2] = match self.model.family {
             Family::Qwen2
             | Family::Qwen3
@@ -73,12 +77,6 @@ impl Builder<'_> {
             _ => [Proj::K, Proj::V],
         };
         match proj? {
-            // No model type with multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash,
-            // Mistral 4, MiniCPM3) has an entry, and Llama's names no latent projection:
-            // `kv_a_proj_with_mqa` and `kv_b_proj`, which carry the key and value roles here,
-            // are not `k_proj` and `v_proj` (peft trains MiniCPM3-4B's `down_proj` inputs
-            // only, 396,800 scalings).
-            Proj::K | Proj::V if self.model.mla.is_some() => None,
             Proj::Q if self.model.fused_qkv => Some(Ia3Site::Output),
             // mT5's entry scales `wi_1`'s output (the gated FFN's linear half) instead, and
             // lists no feed-forward module.

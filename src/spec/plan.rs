@@ -50,6 +50,20 @@ pub enum Proj {
     /// Mamba's `dt_proj`. Its forward reads `dt_proj.weight` directly (`self.dt_proj.weight @
     /// time_step`), so LoRA factors peft puts on it never take part (transformers 5.17).
     DtProj,
+    /// Multi-head latent attention's projections (DeepSeek-V2/V3, GLM-4.7-Flash, Mistral 4,
+    /// MiniCPM3), by their module names: the query bottleneck's `q_a_proj` and `q_b_proj`, the
+    /// joint key/value latent with the shared rotary key `kv_a_proj_with_mqa`, and its
+    /// up-projection to keys and values `kv_b_proj`. peft matches a target name against the
+    /// module's own name, so each is reached by its name alone (`q_proj` finds no `q_a_proj`,
+    /// `v_proj` no `kv_b_proj`). A query without the bottleneck is `q_proj` (`Q`).
+    #[serde(rename = "q_a_proj")]
+    QA,
+    #[serde(rename = "q_b_proj")]
+    QB,
+    #[serde(rename = "kv_a_proj_with_mqa")]
+    KvA,
+    #[serde(rename = "kv_b_proj")]
+    KvB,
 }
 
 impl Proj {
@@ -99,10 +113,10 @@ impl Proj {
         ("gate_up_proj", &[Proj::Gate, Proj::Up]),
         // DeepSeek's multi-head latent attention: the query bottleneck, the joint key/value
         // latent (with the shared rotary key) and its up-projection to keys and values.
-        ("q_a_proj", &[Proj::Q]),
-        ("q_b_proj", &[Proj::Q]),
-        ("kv_a_proj_with_mqa", &[Proj::K]),
-        ("kv_b_proj", &[Proj::V]),
+        ("q_a_proj", &[Proj::QA]),
+        ("q_b_proj", &[Proj::QB]),
+        ("kv_a_proj_with_mqa", &[Proj::KvA]),
+        ("kv_b_proj", &[Proj::KvB]),
         // Gated DeltaNet's projections (Qwen3.5, Qwen3-Next).
         ("in_proj_qkv", &[Proj::InProjQkv]),
         ("in_proj_z", &[Proj::InProjZ]),
@@ -134,6 +148,10 @@ impl Proj {
                 Proj::InProj,
                 Proj::XProj,
                 Proj::DtProj,
+                Proj::QA,
+                Proj::QB,
+                Proj::KvA,
+                Proj::KvB,
             ],
         ),
     ];
@@ -166,6 +184,10 @@ impl Proj {
             Proj::InProj => "in_proj",
             Proj::XProj => "x_proj",
             Proj::DtProj => "dt_proj",
+            Proj::QA => "q_a_proj",
+            Proj::QB => "q_b_proj",
+            Proj::KvA => "kv_a_proj_with_mqa",
+            Proj::KvB => "kv_b_proj",
         }
     }
 }
@@ -176,7 +198,11 @@ impl LoraTargets {
     pub fn reaches(&self, proj: Proj) -> bool {
         match self {
             LoraTargets::AllLinear => true,
-            LoraTargets::QueryValue => matches!(proj, Proj::Q | Proj::V),
+            // On latent attention, which has no `v_proj` (and no `q_proj` behind a query
+            // bottleneck), the query projections and `kv_b_proj` (whose output holds the values).
+            LoraTargets::QueryValue => {
+                matches!(proj, Proj::Q | Proj::V | Proj::QA | Proj::QB | Proj::KvB)
+            }
             LoraTargets::Named(list) => list.contains(&proj),
         }
     }
