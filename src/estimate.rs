@@ -325,6 +325,30 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result
                 )
                 .with_hint("name the linears: --lora-targets q_proj,k_proj,v_proj,o_proj (and gate_proj,up_proj,down_proj where the model has dense or shared MLPs)"));
             }
+            // peft converts the gate and up names onto the experts' one fused `gate_up_proj`
+            // and raises when a target list names one without the other ("Cannot convert PEFT
+            // target(s) gate_proj without also targeting up_proj", peft 0.21's
+            // `_convert_peft_config_moe`).
+            if let crate::spec::plan::LoraTargets::Named(list) = &l.targets
+                && model.moe.is_some()
+                && model.family.peft_converts_experts()
+                && list.contains(&crate::spec::plan::Proj::Gate)
+                    != list.contains(&crate::spec::plan::Proj::Up)
+            {
+                let (gate, up) = if model.family == crate::spec::model::Family::Mixtral {
+                    ("w1", "w3")
+                } else {
+                    ("gate_proj", "up_proj")
+                };
+                return Err(field(
+                    "lora-targets",
+                    format!(
+                        "peft fuses `{gate}` and `{up}` into `{}`'s experts' `gate_up_proj` and raises when only one is named",
+                        model.name
+                    ),
+                )
+                .with_hint(format!("name both {gate} and {up}, or neither")));
+            }
             if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
                 return Err(field(
                     "lora-alpha",

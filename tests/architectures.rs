@@ -2299,6 +2299,84 @@ fn exaone_moe_is_exaone4s_attention_in_a_pre_norm_layer_with_deepseek_v3s_expert
 }
 
 #[test]
+fn afmoe_gates_attention_with_its_own_projection_and_freezes_the_expert_bias() {
+    // `AfmoeForCausalLM` (transformers 5.17, Arcee's Trinity): Llama's attention with per-head
+    // q/k norms, `output * sigmoid(gate_proj(x))` before `o_proj`, rotary on the sliding layers
+    // only; `GptOssRMSNorm` before and after each sub-layer; dense MLPs below
+    // `num_dense_layers` (1), then Qwen2-MoE's experts under a sigmoid router with a frozen
+    // `expert_bias` and one shared MLP of 2 x 128. A toy (hidden 256, MLP 512, 4 heads of 64,
+    // 2 KV heads, 4 layers, vocabulary 512, 8 experts of 128, top 2, window 32, every fourth
+    // layer global), which transformers builds with 4,664,088 parameters: per layer q, o and
+    // gate_proj 256^2 each, k and v 256 x 128 each, the two per-head norms 64 each and four
+    // norms of 256 (263,296); the dense MLP 3 x 256 x 512; a sparse layer's router 8 x 256, its
+    // `expert_bias` 8, shared MLP 3 x 256 x 256, experts 8 x 256 x 256 + 8 x 256 x 128
+    // (985,096); the embedding and head 512 x 256 each and the final norm. Full fine-tuning
+    // trains all but the three frozen biases: 4,664,064.
+    let config = serde_json::json!({
+        "model_type": "afmoe", "hidden_size": 256, "intermediate_size": 512,
+        "moe_intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512, "num_experts": 8,
+        "num_experts_per_tok": 2, "num_shared_experts": 2, "sliding_window": 32
+    });
+    let m = toy(&config);
+    let attention = 3 * 256 * 256 + 2 * 256 * 128 + 2 * 64 + 4 * 256;
+    let sparse = attention + 8 * 256 + 8 + 3 * 256 * 256 + 8 * 256 * 256 + 8 * 256 * 128;
+    let total = attention + 3 * 256 * 512 + 3 * sparse + 2 * 512 * 256 + 256;
+    assert_eq!(total, 4_664_088);
+    let p = full(Precision::Bf16, 1, 64);
+    let e = run(&m, &p);
+    assert_eq!(
+        (e.memory.total_params, e.memory.trainable_params),
+        (total, total - 3 * 8)
+    );
+    // peft 0.21 on the meta device. `all-linear`: q, k, v and o (16 x (512 + 384 + 384 + 512)
+    // = 28,672 per layer), the routers (16 x (256 + 8) = 4,224 each) and the experts, whose
+    // factors peft sizes to 256 x 256 twice on the fused gate_up stack (rank doubled for its
+    // two names) and 128 x 128 plus 256 x 128 on the down stack (180,224 per sparse layer):
+    // 668,032. peft moved `gate_proj`, `up_proj` and `down_proj` onto the experts and out of the
+    // targets, so neither the dense and shared MLPs nor the attention's `gate_proj` take LoRA:
+    // `gate_proj,up_proj` trains the three gate_up stacks only (393,216), `o_proj,down_proj`
+    // o and the down stacks (4 x 8,192 + 3 x 49,152 = 180,224).
+    assert_eq!(lora_trainable(&m, &["all-linear"]), 668_032);
+    assert_eq!(lora_trainable(&m, &["gate_proj", "up_proj"]), 3 * 131_072);
+    assert_eq!(lora_trainable(&m, &["o_proj", "down_proj"]), 180_224);
+    // IA3 with Llama's entry (peft has none for `afmoe`): k and v outputs in every layer, the
+    // dense MLP's and the shared MLPs' `down_proj` inputs: 4 x 256 + 512 + 3 x 256 = 2,304.
+    let ia3 = run(&m, &plan(Method::Ia3, 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(ia3.memory.trainable_params, 2_304);
+    // peft raises on `gate_proj` without `up_proj`: they are fused into the experts' stack.
+    let why = refusal(
+        &m,
+        &plan(lora_named(&["gate_proj"]), 1, 64, AttentionKernel::Sdpa),
+    );
+    assert!(why.contains("gate_up_proj"), "{why}");
+    let local = Mixer::SlidingWindow { window: 32 };
+    assert_eq!(m.mixers, vec![local, local, local, Mixer::Attention]);
+    assert_eq!(m.rope_layers, vec![true, true, true, false]);
+    use ftplan::spec::model::{AttentionGate, Norm, NormPlacement, QkNorm, RoutingWeights};
+    assert_eq!(
+        (m.norm, m.norm_placement, m.qk_norm),
+        (Norm::Olmo2RmsNorm, NormPlacement::Sandwich, QkNorm::PerHead)
+    );
+    assert_eq!(m.attention_output_gate, AttentionGate::Projection);
+    let moe = m.moe.expect("sparse");
+    assert!(moe.frozen_score_bias && moe.weights == RoutingWeights::Fp32);
+    assert_eq!((moe.first_dense, moe.shared_intermediate), (1, 256));
+    // The gate's sigmoid keeps its bf16 output for the product's backward: 64 x 256 x 2 B.
+    assert_eq!(
+        kept_at(&m, &p, "decoder.layers.0.self_attn.gate_sigmoid").0,
+        32_768
+    );
+    // `mup_enabled` scales the embeddings by sqrt(hidden).
+    let mut mup = config.clone();
+    mup["mup_enabled"] = serde_json::json!(true);
+    assert_eq!(toy(&mup).multipliers.embedding, 16.0);
+    // Without `layer_types`, every `global_attn_every_n_layers`-th layer is global (NoPE).
+    mup["global_attn_every_n_layers"] = serde_json::json!(2);
+    assert_eq!(toy(&mup).rope_layers, vec![true, false]);
+}
+
+#[test]
 fn nanochat_norms_without_weights_on_the_embeddings_and_on_q_and_k_after_rotary() {
     // NanoChatModel (transformers 5.17): the Llama layer with `NanoChatRMSNorm` (Llama 4's
     // `Llama4TextL2Norm`: `x.float() * rsqrt(mean(x^2) + eps)`, `type_as(x)`, no weight) before
@@ -2670,7 +2748,10 @@ fn qwen3_5_keeps_what_the_chunked_gated_delta_rule_saves() {
         fused: false,
     };
     assert_eq!(m.mixers, vec![Mixer::GatedDeltaNet(d), Mixer::Attention]);
-    assert!(m.attention_output_gate);
+    assert_eq!(
+        m.attention_output_gate,
+        ftplan::spec::model::AttentionGate::QueryHalf
+    );
     let kept = |precision, name: &str| kept_at(&m, &full(precision, 1, 100), name);
     let rule = "decoder.layers.0.linear_attn.chunk_gated_delta_rule";
     assert_eq!(kept(Precision::Bf16, rule).0, 1_392_640);

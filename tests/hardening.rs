@@ -365,6 +365,20 @@ fn answers_that_used_to_mislead_are_refused_or_named() {
         ],
         "`q_a_proj`, `q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`",
     );
+    // peft fuses Qwen3-MoE's expert gate and up projections and raises on one alone.
+    refused(
+        &[
+            "--model",
+            "qwen3-30b-a3b",
+            "--gpu",
+            "h100",
+            "--method",
+            "lora",
+            "--lora-targets",
+            "q_proj,gate_proj",
+        ],
+        "raises when only one is named",
+    );
     refused(
         &["--model", "gpt2", "--gpu", "h100", "--seq", "4096"],
         "1024 learned positions",

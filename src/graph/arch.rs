@@ -17,8 +17,8 @@ const ROLES: [ParamRole; 6] = [
     ParamRole::Adapter,
 ];
 use crate::spec::model::{
-    BlockKind, ExpertGate, Family, FfnKind, Mixer, ModelSpec, NormPlacement, Positions, QkNorm,
-    QkOrder, QueryScale, RotaryApply, Stack, VisionTower,
+    AttentionGate, BlockKind, ExpertGate, Family, FfnKind, Mixer, ModelSpec, NormPlacement,
+    Positions, QkNorm, QkOrder, QueryScale, RotaryApply, Stack, VisionTower,
 };
 use crate::spec::plan::{Depth, LoraTargets, Method, Plan, Proj};
 
@@ -997,7 +997,7 @@ fn self_attention_ops(
     // Gated attention (Qwen3.5): `q_proj` writes, per head, the queries and then the gate;
     // `gate.reshape(...)` of that strided half copies it, and the queries' half is a view
     // the q norm reads.
-    let gated = model.attention_output_gate;
+    let gated = model.attention_output_gate == AttentionGate::QueryHalf;
     let mut gate = None;
     // What the attention forward's own locals name while the core runs (below), beside what
     // the frames around it name (the block's `hidden_states`, the norm's output the
@@ -1051,7 +1051,12 @@ fn self_attention_ops(
         };
         (q, shared(b), shared(b))
     } else {
-        b.fork(name.at("fork"), x, if keys_as_values { 2 } else { 3 });
+        let gate_proj = model.attention_output_gate == AttentionGate::Projection;
+        b.fork(
+            name.at("fork"),
+            x,
+            if keys_as_values { 2 } else { 3 } + u32::from(gate_proj),
+        );
         let q_out = if gated { 2 * q_width } else { q_width };
         let q = b.linear(name.at("q_proj"), x, q_out, model.qkv_bias, Some(Proj::Q));
         let q = if gated {
@@ -1129,6 +1134,11 @@ fn self_attention_ops(
                 Some(Proj::V),
             )
         };
+        if gate_proj {
+            // AFMoE: `gate_proj(hidden_states)` after v, before the q/k norms; a module named
+            // `gate_proj`, as the FFN's gate is, so the FFN's target name reaches it too.
+            gate = Some(b.linear(name.at("gate_proj"), x, q_width, false, Some(Proj::Gate)));
+        }
         (q, k, v)
     };
     match model.qk_norm {
@@ -1392,13 +1402,6 @@ fn in_tp_region(b: &mut Builder, f: impl FnOnce(&mut Builder) -> Val) -> Val {
 /// A dense FFN of width `inter`: gated (SwiGLU/GeGLU) or two-matrix. Also returns the index of
 /// the last op that reads `x` (its projections', LoRA's included).
 fn dense_ffn(b: &mut Builder, name: Scope, x: Val, inter: u64) -> (Val, usize) {
-    b.dense_ffn = true;
-    let out = dense_ffn_ops(b, name, x, inter);
-    b.dense_ffn = false;
-    out
-}
-
-fn dense_ffn_ops(b: &mut Builder, name: Scope, x: Val, inter: u64) -> (Val, usize) {
     let model = b.model;
     let bias = model.linear_bias;
     if model.gated_ffn {
@@ -1979,9 +1982,10 @@ fn moe_ops(
         b.linear(name.at("gate"), router_in, experts, moe.bias, None)
     };
     let gate_op = b.graph.len().saturating_sub(1);
-    if moe.router == RouterPrecision::Fp32Module {
-        // Ernie4_5_MoeStatics' `e_score_correction_bias`: one fp32 value per expert, frozen
-        // (`requires_grad=False`), added to the probabilities before topk; read by the router.
+    if moe.frozen_score_bias {
+        // One value per expert, frozen (`requires_grad=False`), added to the scores before
+        // top-k; read by the router. ERNIE's `moe_statics` is fp32 (the router's module is);
+        // AFMoE's `expert_bias` has the model's dtype.
         let statics = b.frozen_param(name.at("gate").then("moe_statics"), (1, experts));
         if let Some(o) = b.graph.op_mut(gate_op) {
             o.params.push(statics);
@@ -2112,8 +2116,9 @@ fn moe_ops(
     // for backward.
     let (gate_up, down) = if peft_reaches_experts {
         (
-            b.lora_on(Some(Proj::Gate)).or(b.lora_on(Some(Proj::Up))),
-            b.lora_on(Some(Proj::Down)),
+            b.lora_on_experts(Proj::Gate)
+                .or(b.lora_on_experts(Proj::Up)),
+            b.lora_on_experts(Proj::Down),
         )
     } else {
         (None, None)

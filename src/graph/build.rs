@@ -70,9 +70,6 @@ pub struct Builder<'a> {
     /// `adapter` only under FSDP's mixed-precision policy).
     pub(super) storage_base: DType,
     pub(super) storage_adapter: DType,
-    /// Building a dense FFN (a dense layer's or a shared expert's), whose projection names
-    /// peft may have moved onto the experts (`Family::peft_converts_experts`).
-    pub(super) dense_ffn: bool,
     /// Inside attention or the FFN (a tensor-parallel region: sequence parallelism leaves its
     /// activations whole).
     pub(super) tp_region: bool,
@@ -196,7 +193,6 @@ impl<'a> Builder<'a> {
             stored_kv: [Bytes::ZERO; 2],
             frame: SmallVec::new(),
             frame_id: 0,
-            dense_ffn: false,
             adapter,
             layer: None,
             layers: model.decoder.layers + model.encoder.map_or(0, |e| e.layers),
@@ -740,6 +736,7 @@ impl<'a> Builder<'a> {
             | Family::Granite
             | Family::Exaone4
             | Family::ExaoneMoe
+            | Family::Afmoe
             | Family::GptOss
             | Family::Glm4Moe
             | Family::SolarOpen

@@ -10,18 +10,24 @@ use crate::units::{Bytes, DType, Flops};
 use smallvec::{SmallVec, smallvec};
 
 impl Builder<'_> {
-    /// Whether LoRA wraps this projection.
+    /// Whether LoRA wraps this projection, an `nn.Linear` module.
     pub(super) fn lora_on(&self, proj: Option<Proj>) -> Option<u64> {
-        let lora = self.plan.method.lora()?;
         let proj = proj?;
-        if self.dense_ffn
-            && self.model.moe.is_some()
+        if self.model.moe.is_some()
             && self.model.family.peft_converts_experts()
             && matches!(proj, Proj::Gate | Proj::Up | Proj::Down)
         {
-            // peft moved these names onto the fused experts.
+            // peft moved these names onto the fused experts and out of `target_modules`, so no
+            // module of those names takes LoRA: not a dense layer's or a shared expert's FFN,
+            // nor AFMoE's attention `gate_proj`.
             return None;
         }
+        self.lora_on_experts(proj)
+    }
+
+    /// Whether LoRA reaches the experts' fused parameters through role `proj`'s names.
+    pub(super) fn lora_on_experts(&self, proj: Proj) -> Option<u64> {
+        let lora = self.plan.method.lora()?;
         // A fused q/k/v projection (GPT-2 `c_attn`, Falcon `query_key_value`) is one module:
         // naming any of q, k or v wraps all of it, as peft's target names do.
         let fused = self.model.fused_qkv && proj == Proj::Q;

@@ -3,10 +3,10 @@
 
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
-    Activation, DeltaNet, Dropouts, DtBcNorms, ExpertGate, Family, FfnKind, GatedNorm,
-    GlobalAttention, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement, PerLayerInput,
-    Positions, QkNorm, QueryScale, ReturnedWeights, RotaryApply, RouterPrecision, Routing,
-    RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack, VisionTower,
+    Activation, AttentionGate, DeltaNet, Dropouts, DtBcNorms, ExpertGate, Family, FfnKind,
+    GatedNorm, GlobalAttention, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement,
+    PerLayerInput, Positions, QkNorm, QueryScale, ReturnedWeights, RotaryApply, RouterPrecision,
+    Routing, RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack, VisionTower,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -302,6 +302,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Granite
         | Family::Exaone4
         | Family::ExaoneMoe
+        | Family::Afmoe
         | Family::Qwen2Moe
         | Family::Qwen3Moe
         | Family::GptOss
@@ -918,10 +919,13 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             }
         }
         // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one;
-        // Cohere2Config the same rule with 4.
-        Family::Gemma3 | Family::Gemma4 | Family::Cohere2 => {
-            let default = if family == Family::Cohere2 { 4 } else { 6 };
-            let pattern = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(default);
+        // Cohere2Config the same rule with 4, AfmoeConfig with `global_attn_every_n_layers` (4).
+        Family::Gemma3 | Family::Gemma4 | Family::Cohere2 | Family::Afmoe => {
+            let pattern = match family {
+                Family::Afmoe => r.opt_u64(&["global_attn_every_n_layers"])?.unwrap_or(4),
+                Family::Cohere2 => r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4),
+                _ => r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(6),
+            };
             let mut v = vec![local; pattern.saturating_sub(1).min(layers) as usize];
             v.push(Mixer::Attention);
             v
@@ -997,6 +1001,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             "num_experts",
             r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1024),
         ),
+        // AfmoeConfig: 64 routed experts of 1,408, 6 per token, by default.
+        Family::Afmoe => (
+            "num_experts",
+            r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1408),
+        ),
         // GraniteMoeHybridConfig: 8 experts of `intermediate_size` (11,008) by default, none
         // (the shared MLP alone) with `num_local_experts` 0.
         Family::GraniteMoeHybrid => {
@@ -1030,6 +1039,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         (Family::HunyuanMoe, key) => uniform_per_layer(r, key)?,
         (_, "n_routed_experts") => r.u64(&["n_routed_experts"])?,
         (_, "moe_num_experts") => r.u64(&["moe_num_experts", "num_experts"])?,
+        (Family::Afmoe, _) => r.opt_u64(&["num_experts"])?.unwrap_or(64),
         (Family::GraniteMoeHybrid | Family::GraniteMoe, _) => {
             r.opt_u64(&["num_local_experts"])?.unwrap_or(8)
         }
@@ -1045,6 +1055,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::HunyuanMoe => uniform_per_layer(r, "moe_topk")?,
         Family::Gemma4 => r.u64(&["top_k_experts", "num_experts_per_tok"])?,
         Family::Llama4 => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(1),
+        Family::Afmoe => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(6),
         Family::GraniteMoeHybrid | Family::GraniteMoe => {
             r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2)
         }
@@ -1073,6 +1084,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         "moe_layer_freq",
         "aux_loss_alpha",
         "seq_aux",
+        // AFMoE's `top_scores * route_scale`: one multiply of the (tokens, k) weights.
+        "route_scale",
     ]);
     let (shared, gate) = match family {
         // Qwen3_5MoeSparseMoeBlock and Qwen3NextSparseMoeBlock are Qwen2-MoE's.
@@ -1086,6 +1099,12 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         // ExaoneMoeSparseMoEBlock: one MLP of `moe_intermediate_size` x `num_shared_experts` (1).
         Family::ExaoneMoe => (
             r.opt_u64(&["num_shared_experts"])?.unwrap_or(1) * expert_inter,
+            false,
+        ),
+        // AfmoeSparseMoeBlock: one AfmoeMLP of `moe_intermediate_size` x `num_shared_experts`
+        // (2), no gate on its output.
+        Family::Afmoe => (
+            r.opt_u64(&["num_shared_experts"])?.unwrap_or(2) * expert_inter,
             false,
         ),
         // SolarOpenConfig: one shared expert by default.
@@ -1166,6 +1185,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         // Lfm2MoeDecoderLayer: dense MLPs below `num_dense_layers` (2), experts from there.
         r.raw(&["use_expert_bias"]);
         (r.opt_u64(&["num_dense_layers"])?.unwrap_or(2), 1)
+    } else if family == Family::Afmoe {
+        // AfmoeDecoderLayer: `moe_enabled = layer_idx >= config.num_dense_layers` (1).
+        (r.opt_u64(&["num_dense_layers"])?.unwrap_or(1), 1)
     } else if family == Family::SolarOpen {
         // SolarOpenDecoderLayer builds `SolarOpenMoE` in every layer; its config removes
         // `first_k_dense_replace`, so a value left in a config.json builds nothing.
@@ -1243,9 +1265,15 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         },
         input_jitter,
         beside_mlp: family == Family::Gemma4,
+        // AfmoeSparseMoeBlock's `expert_bias` and Ernie4_5_MoeStatics' `e_score_correction_bias`.
+        frozen_score_bias: matches!(family, Family::Afmoe | Family::Ernie45Moe),
         latent: None,
         weights: match family {
-            Family::Mixtral | Family::MinimaxM2 | Family::Gemma4 => RoutingWeights::Fp32,
+            // AfmoeTokenChoiceRouter: the sigmoid of fp32 logits (`self.gate(x).to(float32)`),
+            // gathered, normalised and scaled in fp32.
+            Family::Mixtral | Family::MinimaxM2 | Family::Gemma4 | Family::Afmoe => {
+                RoutingWeights::Fp32
+            }
             // DeepSeek-V2's router softmaxes in fp32; V3's (and GLM-4.7-Flash's) takes a
             // sigmoid of the logits.
             Family::Deepseek
@@ -1323,6 +1351,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Lfm2 | Family::Lfm2Moe => (8, hidden / heads.max(1)),
         // Llama4TextConfig: 8 KV heads of 128.
         Family::Llama4 => (8, 128),
+        // AfmoeConfig: heads of 128.
+        Family::Afmoe => (heads, 128),
         // JambaConfig and BambaConfig: 8 KV heads.
         Family::Jamba | Family::Bamba => (8, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
@@ -1518,6 +1548,17 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             logits_divisor: r.f64_or(&["logits_scaling"], 1.0)?,
             ..Multipliers::default()
         }
+    } else if family == Family::Afmoe {
+        // AfmoeModel: `hidden_states * hidden_size**0.5` after the embeddings when
+        // `mup_enabled` (off by default).
+        Multipliers {
+            embedding: if r.bool_or(&["mup_enabled"], false)? {
+                (hidden as f64).sqrt()
+            } else {
+                1.0
+            },
+            ..Multipliers::default()
+        }
     } else {
         Multipliers::default()
     };
@@ -1540,7 +1581,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             // Qwen3_5RMSNorm: `(x.float() * rsqrt) * (1 + weight.float())`, Gemma's.
             _ if gemma || family.gated_delta_net() => Norm::GemmaRmsNorm,
             // GptOssRMSNorm multiplies by its weight in fp32 before casting back, as OLMo-2's.
-            Family::Olmo2 | Family::FlexOlmo | Family::GptOss | Family::Helium => {
+            // AfmoeRMSNorm is GptOssRMSNorm.
+            Family::Olmo2 | Family::FlexOlmo | Family::GptOss | Family::Helium | Family::Afmoe => {
                 Norm::Olmo2RmsNorm
             }
             Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
@@ -1553,7 +1595,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             _ => Norm::RmsNorm,
         },
         norm_placement: match family {
-            Family::Gemma2 | Family::Gemma3 | Family::Gemma4 | Family::Glm4 => {
+            // AfmoeDecoderLayer: `input_layernorm` and `post_attention_layernorm` around the
+            // attention, `pre_mlp_layernorm` and `post_mlp_layernorm` around the MLP.
+            Family::Gemma2 | Family::Gemma3 | Family::Gemma4 | Family::Glm4 | Family::Afmoe => {
                 NormPlacement::Sandwich
             }
             Family::Olmo2 | Family::FlexOlmo | Family::Exaone4 => NormPlacement::Output,
@@ -1611,6 +1655,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::Gemma3
             | Family::Exaone4
             | Family::ExaoneMoe
+            | Family::Afmoe
             | Family::HunyuanDense
             | Family::HunyuanMoe
             | Family::Apertus
@@ -1646,8 +1691,13 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             }
             _ => QueryScale::None,
         },
-        // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`.
-        attention_output_gate: family.gated_delta_net(),
+        // Qwen3_5Attention: `q_proj` gives queries and a gate, `attn * sigmoid(gate)`;
+        // AfmoeAttention: `output * torch.sigmoid(self.gate_proj(hidden_states))`.
+        attention_output_gate: match family {
+            _ if family.gated_delta_net() => AttentionGate::QueryHalf,
+            Family::Afmoe => AttentionGate::Projection,
+            _ => AttentionGate::None,
+        },
         global_attention,
         value_norm: family == Family::Gemma4,
         per_layer_input,
@@ -1856,6 +1906,11 @@ fn rotary_fraction_of(r: &Reader, keys: &[&'static str], default: f64) -> Result
 /// families apply rotary everywhere.
 fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Result<Vec<bool>> {
     let windowed = |m: &Mixer| matches!(m, Mixer::SlidingWindow { .. });
+    // AfmoeAttention applies rotary `if self.is_local_attention` whatever the window.
+    if family == Family::Afmoe {
+        r.raw(&["global_attn_every_n_layers"]);
+        return Ok(mixers.iter().map(windowed).collect());
+    }
     if matches!(
         family,
         Family::Exaone4 | Family::ExaoneMoe | Family::Cohere2
@@ -2313,6 +2368,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
         router: RouterPrecision::Model,
         weights: RoutingWeights::Hidden,
         beside_mlp: false,
+        frozen_score_bias: false,
         latent: None,
     });
     Ok(ModelSpec {
@@ -2561,6 +2617,7 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
             router: RouterPrecision::Fp32Operands,
             weights: RoutingWeights::Logits,
             beside_mlp: false,
+            frozen_score_bias: false,
             latent,
         })
     } else {

@@ -190,6 +190,12 @@ pub enum Family {
     /// sparse block (`DeepseekV3MoE`: fp32-operand sigmoid router, shared experts) after
     /// `first_k_dense_replace` (or `mlp_layer_types`') dense layers.
     ExaoneMoe,
+    /// `AfmoeForCausalLM` (Arcee's Trinity): Llama's attention with per-head q/k norms, a
+    /// sigmoid output gate from its own `gate_proj`, rotary on the windowed layers only (global
+    /// NoPE); `GptOssRMSNorm` before and after each sub-layer; dense MLPs below
+    /// `num_dense_layers`, then Qwen2-MoE's experts under a sigmoid router with a frozen
+    /// per-expert score bias and one ungated shared MLP.
+    Afmoe,
     /// `GraniteForCausalLM`: the Llama block with scalar multipliers on the embeddings, each
     /// residual branch and the logits (`embedding_multiplier`, `residual_multiplier`,
     /// `logits_scaling`).
@@ -489,7 +495,10 @@ impl Family {
     /// are `nn.Parameter`s of their own modules (`*TopKRouter`) or `nn.Linear` subclasses
     /// (PhiMoE's, Llama 4's), neither of which it swaps (transformers 5.17).
     pub fn router_is_linear(self) -> bool {
-        matches!(self, Family::Jamba | Family::Gemma4 | Family::HunyuanMoe)
+        matches!(
+            self,
+            Family::Jamba | Family::Gemma4 | Family::HunyuanMoe | Family::Afmoe
+        )
     }
 
     /// Whether the family's config has `num_key_value_heads`, which peft's prefix tuning
@@ -561,7 +570,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 86] = [
+    pub const ALL: [(&'static str, Family); 87] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -594,6 +603,7 @@ impl Family {
         ("smollm3", Family::Llama),
         ("exaone4", Family::Exaone4),
         ("exaone_moe", Family::ExaoneMoe),
+        ("afmoe", Family::Afmoe),
         ("olmo3", Family::Olmo2),
         ("ministral", Family::Mistral),
         ("gpt_oss", Family::GptOss),
@@ -687,6 +697,7 @@ impl Family {
                 | Family::Glm4Moe
                 | Family::SolarOpen
                 | Family::ExaoneMoe
+                | Family::Afmoe
                 | Family::Olmoe
                 | Family::FlexOlmo
                 | Family::Ernie45Moe
@@ -1129,9 +1140,8 @@ pub struct ModelSpec {
     /// Which layers multiply q by `1 + beta * log(1 + floor(position / original context))`
     /// per position after rotary (Llama 4's attention temperature scaling).
     pub query_scale: QueryScale,
-    /// The query projection is twice as wide; its second half, through a sigmoid, multiplies
-    /// the attention output before `o_proj` (Qwen3.5's and Qwen3-Next's gated attention).
-    pub attention_output_gate: bool,
+    /// A sigmoid gate on the attention output before `o_proj`.
+    pub attention_output_gate: AttentionGate,
     /// The global (full-attention) layers' own attention geometry, where the model has local
     /// layers beside them (Gemma 4's `global_head_dim`, `num_global_key_value_heads` and
     /// `attention_k_eq_v`).
@@ -1257,6 +1267,10 @@ pub struct Moe {
     /// `enable_moe_block`): router and experts read the block's residual input through norms of
     /// their own, and the experts' output, normed, is added to the MLP's.
     pub beside_mlp: bool,
+    /// A per-expert score bias the router adds before top-k, stored as a frozen parameter
+    /// (`requires_grad=False`): counted with the weights, never trained (AFMoE's
+    /// `expert_bias`, ERNIE 4.5's `moe_statics`). DeepSeek-V3's is a buffer, not a parameter.
+    pub frozen_score_bias: bool,
     /// The routed experts work on a narrower width (Nemotron 3 Super's LatentMoE,
     /// `moe_latent_size`): `fc1_latent_proj` projects the block's input down to it before the
     /// experts and `fc2_latent_proj` their sum back up; router and shared experts read the
@@ -1393,6 +1407,20 @@ pub enum QkNorm {
     L2AfterRotary,
 }
 
+/// Where the gate that multiplies the attention output (`attn * sigmoid(gate)`, before
+/// `o_proj`) comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionGate {
+    None,
+    /// The query projection is twice as wide and its second half is the gate, copied out of
+    /// the strided view (Qwen3.5's and Qwen3-Next's gated attention).
+    QueryHalf,
+    /// A projection of its own, `gate_proj` (hidden to heads x head width, no bias), run after
+    /// q, k and v (AFMoE's `AfmoeAttention`).
+    Projection,
+}
+
 /// Where Llama 4's per-position query temperature scaling applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -1485,7 +1513,7 @@ impl ModelSpec {
             qk_norm: QkNorm::None,
             rotary_apply: RotaryApply::Shared,
             query_scale: QueryScale::None,
-            attention_output_gate: false,
+            attention_output_gate: AttentionGate::None,
             global_attention: None,
             value_norm: false,
             per_layer_input: None,
