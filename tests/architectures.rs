@@ -2377,6 +2377,81 @@ fn afmoe_gates_attention_with_its_own_projection_and_freezes_the_expert_bias() {
 }
 
 #[test]
+fn cohere2_moe_routes_top_k_logits_and_averages_its_shared_expert() {
+    // `Cohere2MoeForCausalLM` (transformers 5.17; Command A+, North): Cohere2's parallel block
+    // (one norm feeding attention and MLP, Cohere's weight-only LayerNorm unless `rms_norm_eps`
+    // is set), a dense prefix of `prefix_dense_intermediate_size` MLPs, then MixtralExperts of
+    // `intermediate_size` under a router that takes top-k of the logits before its softmax, and
+    // a shared MLP averaged in: `(routed + shared) / 2`. A toy (hidden 256, experts of 128,
+    // prefix MLP 512, 4 heads of 64, 2 KV heads, 5 layers, vocabulary 512 tied, 8 experts, top
+    // 2, one shared expert, `first_k_dense_replace` 1, window 32), which transformers builds
+    // with 5,056,000 parameters: per layer q and o 256^2 each, k and v 256 x 128 each and one
+    // norm of 256 (196,864); the dense MLP 3 x 256 x 512; a sparse layer's router 8 x 256,
+    // experts 8 x 256 x 256 + 8 x 256 x 128 and shared MLP 3 x 256 x 128 (886,784); the
+    // embedding 512 x 256 (the head shares it) and the final norm.
+    let config = serde_json::json!({
+        "model_type": "cohere2_moe", "hidden_size": 256, "intermediate_size": 128,
+        "prefix_dense_intermediate_size": 512, "num_hidden_layers": 5,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512,
+        "num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1,
+        "first_k_dense_replace": 1, "sliding_window": 32
+    });
+    let m = toy(&config);
+    let attention = 2 * 256 * 256 + 2 * 256 * 128 + 256;
+    let sparse = attention + 8 * 256 + 8 * 256 * 256 + 8 * 256 * 128 + 3 * 256 * 128;
+    let total = attention + 3 * 256 * 512 + 4 * sparse + 512 * 256 + 256;
+    assert_eq!(total, 5_056_000);
+    let p = full(Precision::Bf16, 1, 64);
+    assert_eq!(run(&m, &p).memory.total_params, total);
+    // peft 0.21 on the meta device: `all-linear` wraps q, k, v, o (28,672 per layer), the
+    // router's weight (16 x (256 + 8) = 4,224) and the experts (180,224 per sparse layer, as
+    // for AFMoE's toy of the same widths): 881,152. q,v 5 x 14,336; gate,up the four gate_up
+    // stacks (4 x 131,072); o,down 5 x 8,192 + 4 x 49,152 (the dense and shared MLPs lose
+    // `down_proj` to the experts). IA3 with Llama's entry: k and v outputs (5 x 256) and the
+    // dense and shared `down_proj` inputs (512 + 4 x 128): 2,304.
+    assert_eq!(lora_trainable(&m, &["all-linear"]), 881_152);
+    assert_eq!(lora_trainable(&m, &["q_proj", "v_proj"]), 71_680);
+    assert_eq!(lora_trainable(&m, &["gate_proj", "up_proj"]), 524_288);
+    assert_eq!(lora_trainable(&m, &["o_proj", "down_proj"]), 237_568);
+    let ia3 = run(&m, &plan(Method::Ia3, 1, 64, AttentionKernel::Sdpa));
+    assert_eq!(ia3.memory.trainable_params, 2_304);
+    // The prefix's window pattern 1 makes its layer global but `force_rope` keeps its rotary;
+    // the rest slide three layers in four, rotary on the sliding ones only.
+    let local = Mixer::SlidingWindow { window: 32 };
+    assert_eq!(
+        m.mixers,
+        vec![Mixer::Attention, local, local, local, Mixer::Attention]
+    );
+    assert_eq!(m.rope_layers, vec![true, true, true, true, false]);
+    use ftplan::spec::model::{Norm, Routing, RoutingWeights};
+    assert!(m.parallel_block && m.norm == Norm::CohereLayerNorm);
+    let moe = m.moe.expect("sparse");
+    assert_eq!(
+        (moe.routing, moe.weights, moe.first_dense),
+        (Routing::SoftmaxOfTopK, RoutingWeights::Hidden, 1)
+    );
+    assert!(moe.shared_average && moe.shared_intermediate == 128);
+    // The average is one more tensor of the block's output size, kept by nothing: 64 x 256 bf16.
+    let g = graph::build(&m, &p);
+    let avg = crate::op_ending(&g, "shared_average");
+    assert_eq!((avg.out.0, crate::kept_bytes(&g, avg)), (32_768, 0));
+    // North's choices: RMSNorm, a sigmoid router without renormalisation, no shared expert.
+    let mut north = config.clone();
+    north["rms_norm_eps"] = serde_json::json!(1e-6);
+    north["expert_selection_fn"] = serde_json::json!("sigmoid");
+    north["norm_topk_prob"] = serde_json::json!(false);
+    north["num_shared_experts"] = serde_json::json!(0);
+    let n = toy(&north);
+    let moe = n.moe.expect("sparse");
+    assert_eq!(n.norm, Norm::RmsNorm);
+    assert_eq!(moe.routing, Routing::SigmoidOfTopK { normalised: false });
+    assert!(!moe.shared_average && moe.shared_intermediate == 0);
+    let mut bad = config.clone();
+    bad["shared_expert_combination_strategy"] = serde_json::json!("max");
+    toy_refused(&bad, "shared_expert_combination_strategy");
+}
+
+#[test]
 fn nanochat_norms_without_weights_on_the_embeddings_and_on_q_and_k_after_rotary() {
     // NanoChatModel (transformers 5.17): the Llama layer with `NanoChatRMSNorm` (Llama 4's
     // `Llama4TextL2Norm`: `x.float() * rsqrt(mean(x^2) + eps)`, `type_as(x)`, no weight) before

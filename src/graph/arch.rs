@@ -2051,7 +2051,17 @@ fn moe_ops(
             crate::spec::model::Routing::TopKUnnormalised => (2 + cast_back, 4 + cast_back),
             // GPT-OSS: topk on the logits, then the softmax (this op); backward, topk's zeros
             // and scatter and the fork's add (a dispatch count of its block, torch 2.15).
+            // Granite's and Command A+'s `softmax(top_k_logits, dtype=torch.float)` cast to the
+            // hidden states' dtype are counted as GPT-OSS's.
             crate::spec::model::Routing::SoftmaxOfTopK => (1, 3),
+            // Command A+'s sigmoid in place of that softmax (in the logits' dtype, so its
+            // `.to(hidden_states.dtype)` copies nothing), its `/ sum` where normalised: the sum
+            // and the division forward, the division's four kernels and the sum's expand
+            // backward, as in the in-place renormalisation above (which also clones).
+            crate::spec::model::Routing::SigmoidOfTopK { normalised } => {
+                let n = u32::from(normalised);
+                (1 + 2 * n, 3 + 5 * n)
+            }
             // PhimoeTopKRouter's `sparsemixer` (a dispatch count of the router in training,
             // torch 2.15, views and detaches left out): per choice the threshold mask (max,
             // abs, clamp, sub, div, gt), masked_fill, the Gumbel sample (empty_like,
@@ -2506,5 +2516,12 @@ fn shared_experts(
     if early.is_none() || moe.shared_gate {
         b.hold_grad_sum(x, last_reader);
     }
-    b.residual(name.at("shared_add"), out, s)
+    let sum = b.residual(name.at("shared_add"), out, s);
+    if moe.shared_average {
+        // `(final_hidden_states + shared_expert_output) / 2`: a new tensor; a division by a
+        // constant keeps nothing for backward.
+        b.scale(name.at("shared_average"), sum)
+    } else {
+        sum
+    }
 }

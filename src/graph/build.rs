@@ -750,6 +750,7 @@ impl<'a> Builder<'a> {
             | Family::FlexOlmo
             | Family::Cohere
             | Family::Cohere2
+            | Family::Cohere2Moe
             | Family::Jamba
             | Family::Bamba
             | Family::Olmo => (0, 0),

@@ -318,6 +318,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::FlexOlmo
         | Family::Cohere
         | Family::Cohere2
+        | Family::Cohere2Moe
         | Family::StableLm
         | Family::Olmo => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
@@ -869,7 +870,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     if let Some(chunked) = chunked {
         // Llama4TextConfig without `layer_types`: chunked where rotary applies, full on the
         // NoPE layers.
-        let rope = rope_layers(r, family, &[], layers)?;
+        let rope = rope_layers(r, family, (&[], 0), layers)?;
         return Ok(rope
             .iter()
             .map(|&rope| if rope { chunked } else { Mixer::Attention })
@@ -917,6 +918,31 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
             } else {
                 pattern
             }
+        }
+        // Cohere2MoeConfig without `layer_types`: the `first_k_dense_replace` dense layers by
+        // `prefix_dense_sliding_window_pattern` (1: all global), the others by
+        // `sliding_window_pattern` (4), each counted from its own first layer.
+        Family::Cohere2Moe => {
+            let prefix = r
+                .opt_u64(&["first_k_dense_replace"])?
+                .unwrap_or(0)
+                .min(layers);
+            let prefix_every = r
+                .opt_u64(&["prefix_dense_sliding_window_pattern"])?
+                .unwrap_or(1)
+                .max(1);
+            let every = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4).max(1);
+            let kind = |i: u64, every: u64| {
+                if (i + 1).is_multiple_of(every) {
+                    Mixer::Attention
+                } else {
+                    local
+                }
+            };
+            (0..prefix)
+                .map(|i| kind(i, prefix_every))
+                .chain((0..layers - prefix).map(|i| kind(i, every)))
+                .collect()
         }
         // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one;
         // Cohere2Config the same rule with 4, AfmoeConfig with `global_attn_every_n_layers` (4).
@@ -1001,6 +1027,9 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             "num_experts",
             r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1024),
         ),
+        // Cohere2MoeConfig: 8 of MixtralExperts, `intermediate_size` wide, 2 per token, by
+        // default (the dense prefix's MLPs are `prefix_dense_intermediate_size` wide).
+        Family::Cohere2Moe => ("num_experts", r.u64(&["intermediate_size"])?),
         // AfmoeConfig: 64 routed experts of 1,408, 6 per token, by default.
         Family::Afmoe => (
             "num_experts",
@@ -1040,6 +1069,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         (_, "n_routed_experts") => r.u64(&["n_routed_experts"])?,
         (_, "moe_num_experts") => r.u64(&["moe_num_experts", "num_experts"])?,
         (Family::Afmoe, _) => r.opt_u64(&["num_experts"])?.unwrap_or(64),
+        (Family::Cohere2Moe, _) => r.opt_u64(&["num_experts"])?.unwrap_or(8),
         (Family::GraniteMoeHybrid | Family::GraniteMoe, _) => {
             r.opt_u64(&["num_local_experts"])?.unwrap_or(8)
         }
@@ -1056,6 +1086,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Gemma4 => r.u64(&["top_k_experts", "num_experts_per_tok"])?,
         Family::Llama4 => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(1),
         Family::Afmoe => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(6),
+        Family::Cohere2Moe => r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2),
         Family::GraniteMoeHybrid | Family::GraniteMoe => {
             r.opt_u64(&["num_experts_per_tok"])?.unwrap_or(2)
         }
@@ -1107,6 +1138,15 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             r.opt_u64(&["num_shared_experts"])?.unwrap_or(2) * expert_inter,
             false,
         ),
+        // Cohere2MoeSparseMoeBlock: one Cohere2MoeMLP of `intermediate_size` x
+        // `num_shared_experts` (0 by default), no gate.
+        Family::Cohere2Moe => match r.raw(&["num_shared_experts"]) {
+            Some((_, v)) if v.as_u64() == Some(0) => (0, false),
+            _ => (
+                r.opt_u64(&["num_shared_experts"])?.unwrap_or(0) * expert_inter,
+                false,
+            ),
+        },
         // SolarOpenConfig: one shared expert by default.
         Family::SolarOpen => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(1) * expert_inter,
@@ -1261,10 +1301,44 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             Family::GptOss | Family::GraniteMoeHybrid | Family::GraniteMoe => {
                 Routing::SoftmaxOfTopK
             }
+            // Cohere2MoeTopKRouter: top-k of the logits, then `expert_selection_fn`.
+            Family::Cohere2Moe => match r.str_or(&["expert_selection_fn"], "softmax")?.as_str() {
+                "softmax" => {
+                    r.raw(&["norm_topk_prob"]);
+                    Routing::SoftmaxOfTopK
+                }
+                "sigmoid" => Routing::SigmoidOfTopK {
+                    normalised: r.bool_or(&["norm_topk_prob"], true)?,
+                },
+                other => {
+                    return Err(Error::field(
+                        r.path,
+                        "expert_selection_fn",
+                        format!("`{other}` is not `softmax` or `sigmoid`"),
+                    ));
+                }
+            },
             _ => Routing::TopK,
         },
         input_jitter,
         beside_mlp: family == Family::Gemma4,
+        // Cohere2MoeSparseMoeBlock: `(final + shared) / 2` unless the strategy is "sum".
+        shared_average: family == Family::Cohere2Moe
+            && shared > 0
+            && match r
+                .str_or(&["shared_expert_combination_strategy"], "average")?
+                .as_str()
+            {
+                "average" => true,
+                "sum" => false,
+                other => {
+                    return Err(Error::field(
+                        r.path,
+                        "shared_expert_combination_strategy",
+                        format!("`{other}` is not `sum` or `average`"),
+                    ));
+                }
+            },
         // AfmoeSparseMoeBlock's `expert_bias` and Ernie4_5_MoeStatics' `e_score_correction_bias`.
         frozen_score_bias: matches!(family, Family::Afmoe | Family::Ernie45Moe),
         latent: None,
@@ -1282,10 +1356,12 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
                 RoutingWeights::Fp32
             }
             Family::Mistral4 | Family::Phimoe => RoutingWeights::Softmax,
-            // GraniteMoeHybridTopKRouter: `.type_as(hidden_states)`.
-            Family::Ernie45Moe | Family::GraniteMoeHybrid | Family::GraniteMoe => {
-                RoutingWeights::Hidden
-            }
+            // GraniteMoeHybridTopKRouter: `.type_as(hidden_states)`; Cohere2MoeTopKRouter:
+            // `.to(hidden_states.dtype)`.
+            Family::Ernie45Moe
+            | Family::GraniteMoeHybrid
+            | Family::GraniteMoe
+            | Family::Cohere2Moe => RoutingWeights::Hidden,
             _ => RoutingWeights::Logits,
         },
         router: match family {
@@ -1351,8 +1427,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Lfm2 | Family::Lfm2Moe => (8, hidden / heads.max(1)),
         // Llama4TextConfig: 8 KV heads of 128.
         Family::Llama4 => (8, 128),
-        // AfmoeConfig: heads of 128.
-        Family::Afmoe => (heads, 128),
+        // AfmoeConfig and Cohere2MoeConfig: heads of 128.
+        Family::Afmoe | Family::Cohere2Moe => (heads, 128),
         // JambaConfig and BambaConfig: 8 KV heads.
         Family::Jamba | Family::Bamba => (8, hidden / heads.max(1)),
         _ => (heads, hidden / heads.max(1)),
@@ -1501,6 +1577,12 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             0
         }
         Family::Lfm2 => lfm2_intermediate(r)?,
+        // Cohere2MoeMLP in the dense prefix: `prefix_dense_intermediate_size`, or
+        // `intermediate_size` (the experts' width, read by `moe`) when it is null.
+        Family::Cohere2Moe => match r.opt_u64(&["prefix_dense_intermediate_size"])? {
+            Some(i) => i,
+            None => r.u64(&["intermediate_size"])?,
+        },
         // Lfm2MoeMLP: `intermediate_size` as it is (7,168 by default), no auto-adjust.
         Family::Lfm2Moe => r.opt_u64(&["intermediate_size"])?.unwrap_or(7168),
         // Llama4TextMLP in the dense layers: `intermediate_size_mlp` (16,384); the experts and
@@ -1529,7 +1611,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             .unwrap_or(logit_cap),
     };
     // Scalar multipliers, one multiply each where they are not 1.
-    let multipliers = if matches!(family, Family::Cohere | Family::Cohere2) {
+    let multipliers = if matches!(
+        family,
+        Family::Cohere | Family::Cohere2 | Family::Cohere2Moe
+    ) {
         // `logits * logit_scale` (CohereConfig's 0.0625): the same one op as a divisor.
         Multipliers {
             logits_divisor: 1.0 / r.f64_or(&["logit_scale"], 0.0625)?,
@@ -1574,7 +1659,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         );
     }
     let mixers = mixers(r, family, layers)?;
-    let rope_layers = rope_layers(r, family, &mixers, layers)?;
+    let moe = moe(r, family, intermediate)?;
+    let dense_prefix = moe.map_or(0, |m| m.first_dense);
+    let rope_layers = rope_layers(r, family, (&mixers, dense_prefix), layers)?;
     Ok(ModelSpec {
         activation: activation(r.path, &act, act_key)?,
         norm: match family {
@@ -1585,7 +1672,10 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             Family::Olmo2 | Family::FlexOlmo | Family::GptOss | Family::Helium | Family::Afmoe => {
                 Norm::Olmo2RmsNorm
             }
-            Family::Cohere | Family::Cohere2 => Norm::CohereLayerNorm,
+            // Cohere2MoeDecoderLayer and Cohere2MoeModel: LlamaRMSNorm where `rms_norm_eps` is
+            // set, Cohere's LayerNorm otherwise.
+            Family::Cohere2Moe if r.opt_f64(&["rms_norm_eps"])?.is_some() => Norm::RmsNorm,
+            Family::Cohere | Family::Cohere2 | Family::Cohere2Moe => Norm::CohereLayerNorm,
             // PhimoeDecoderLayer, PhimoeModel, Jais2DecoderLayer and Jais2Model use
             // `nn.LayerNorm` (weight and bias).
             Family::StableLm | Family::Phimoe | Family::Jais2 => Norm::LayerNorm,
@@ -1615,6 +1705,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
                     family,
                     Family::Cohere
                         | Family::Cohere2
+                        | Family::Cohere2Moe
                         | Family::Ernie45
                         | Family::Ernie45Moe
                         | Family::Lfm2
@@ -1623,8 +1714,11 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         )?,
         // Cohere (and StableLM's `use_parallel_residual`): attention and the MLP read one norm's
         // output and add to the residual together.
-        parallel_block: matches!(family, Family::Cohere | Family::Cohere2)
-            || (family == Family::StableLm && r.bool_or(&["use_parallel_residual"], false)?),
+        parallel_block: matches!(
+            family,
+            Family::Cohere | Family::Cohere2 | Family::Cohere2Moe
+        ) || (family == Family::StableLm
+            && r.bool_or(&["use_parallel_residual"], false)?),
         qkv_bias,
         linear_bias: mlp_bias,
         out_bias: Some(out_bias),
@@ -1645,7 +1739,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             embedding,
             ..Dropouts::default()
         },
-        moe: moe(r, family, intermediate)?,
+        moe,
         qk_norm: match family {
             Family::Qwen3
             | Family::Qwen3Moe
@@ -1904,8 +1998,29 @@ fn rotary_fraction_of(r: &Reader, keys: &[&'static str], default: f64) -> Result
 /// (`SmolLM3Config`): `no_rope_layers` lists 1 for a layer that applies rotary and 0 for one
 /// that does not; absent, every `no_rope_layer_interval`-th layer (4) goes without. Other
 /// families apply rotary everywhere.
-fn rope_layers(r: &Reader, family: Family, mixers: &[Mixer], layers: u64) -> Result<Vec<bool>> {
+fn rope_layers(
+    r: &Reader,
+    family: Family,
+    (mixers, dense_prefix): (&[Mixer], u64),
+    layers: u64,
+) -> Result<Vec<bool>> {
     let windowed = |m: &Mixer| matches!(m, Mixer::SlidingWindow { .. });
+    // Cohere2MoeAttention: rotary on the windowed layers, and on the dense prefix's
+    // (`mlp_layer_types`) where `prefix_dense_sliding_window_pattern` is 1 (`force_rope`).
+    if family == Family::Cohere2Moe {
+        let prefix_rope = r
+            .opt_u64(&["prefix_dense_sliding_window_pattern"])?
+            .unwrap_or(1)
+            == 1;
+        return Ok((0..layers)
+            .map(|i| {
+                mixers
+                    .get(i as usize % mixers.len().max(1))
+                    .is_some_and(windowed)
+                    || (prefix_rope && i < dense_prefix)
+            })
+            .collect());
+    }
     // AfmoeAttention applies rotary `if self.is_local_attention` whatever the window.
     if family == Family::Afmoe {
         r.raw(&["global_attn_every_n_layers"]);
@@ -2368,6 +2483,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
         router: RouterPrecision::Model,
         weights: RoutingWeights::Hidden,
         beside_mlp: false,
+        shared_average: false,
         frozen_score_bias: false,
         latent: None,
     });
@@ -2617,6 +2733,7 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
             router: RouterPrecision::Fp32Operands,
             weights: RoutingWeights::Logits,
             beside_mlp: false,
+            shared_average: false,
             frozen_score_bias: false,
             latent,
         })

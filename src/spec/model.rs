@@ -310,6 +310,12 @@ pub enum Family {
     /// `Cohere2ForCausalLM` (Command R7B, Command A): Cohere's block with three windowed layers
     /// (rotary) to one global layer (no positions).
     Cohere2,
+    /// `Cohere2MoeForCausalLM` (Command A+, North): Cohere2's parallel block (RMSNorm where
+    /// `rms_norm_eps` is set, Cohere's LayerNorm otherwise) with dense MLPs in the prefix layers
+    /// (`mlp_layer_types`), Mixtral's experts elsewhere under a router that takes top-k of the
+    /// logits before its softmax or sigmoid, and shared experts summed or averaged in; rotary
+    /// on the windowed layers and on the dense prefix's when its window pattern is 1.
+    Cohere2Moe,
 }
 
 impl Family {
@@ -570,7 +576,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 87] = [
+    pub const ALL: [(&'static str, Family); 88] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -619,6 +625,7 @@ impl Family {
         ("flex_olmo", Family::FlexOlmo),
         ("cohere", Family::Cohere),
         ("cohere2", Family::Cohere2),
+        ("cohere2_moe", Family::Cohere2Moe),
         ("mt5", Family::Mt5),
         ("stablelm", Family::StableLm),
         ("mbart", Family::Mbart),
@@ -698,6 +705,7 @@ impl Family {
                 | Family::SolarOpen
                 | Family::ExaoneMoe
                 | Family::Afmoe
+                | Family::Cohere2Moe
                 | Family::Olmoe
                 | Family::FlexOlmo
                 | Family::Ernie45Moe
@@ -1267,6 +1275,9 @@ pub struct Moe {
     /// `enable_moe_block`): router and experts read the block's residual input through norms of
     /// their own, and the experts' output, normed, is added to the MLP's.
     pub beside_mlp: bool,
+    /// The shared experts' output is averaged with the routed experts' (`(routed + shared) / 2`,
+    /// Command A+'s `shared_expert_combination_strategy = "average"`) rather than summed.
+    pub shared_average: bool,
     /// A per-expert score bias the router adds before top-k, stored as a frozen parameter
     /// (`requires_grad=False`): counted with the weights, never trained (AFMoE's
     /// `expert_bias`, ERNIE 4.5's `moe_statics`). DeepSeek-V3's is a buffer, not a parameter.
@@ -1331,8 +1342,13 @@ pub enum Routing {
     /// (Jamba's `JambaSparseMoeBlock.route_tokens_to_experts`; Qwen-MoE's and OLMoE's
     /// routers with `norm_topk_prob` false).
     TopKUnnormalised,
-    /// Top-k of the logits, then a softmax over the k (GPT-OSS's `GptOssTopKRouter`).
+    /// Top-k of the logits, then a softmax over the k (GPT-OSS's `GptOssTopKRouter`, Command
+    /// A+'s `expert_selection_fn = "softmax"`).
     SoftmaxOfTopK,
+    /// Top-k of the logits, then a sigmoid of the k (`Cohere2MoeTopKRouter` with
+    /// `expert_selection_fn = "sigmoid"`), divided by their sum when `normalised`
+    /// (`norm_topk_prob`).
+    SigmoidOfTopK { normalised: bool },
     /// Llama 4's `Llama4TextMoe`: top-k of the logits, a sigmoid of those (the others are
     /// -inf, so zero), and every token through every expert: the input is repeated once per
     /// expert and scaled by its score before the experts' batched matmuls, whose outputs are
