@@ -202,6 +202,24 @@ impl<'a> Reader<'a> {
             }),
         }
     }
+
+    /// A string that must be one of `choices` (the first is the default), as a config class
+    /// that raises on any other value reads it.
+    fn one_of(&self, key: &'static str, choices: &[&'static str]) -> Result<&'static str> {
+        let value = self.str_or(&[key], choices[0])?;
+        choices
+            .iter()
+            .find(|c| **c == value)
+            .copied()
+            .ok_or_else(|| {
+                let listed: Vec<String> = choices.iter().map(|c| format!("`{c}`")).collect();
+                Error::field(
+                    self.path,
+                    key,
+                    format!("`{value}` is not {}", listed.join(" or ")),
+                )
+            })
+    }
 }
 
 /// Parses an already-decoded config object.
@@ -1302,43 +1320,21 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
                 Routing::SoftmaxOfTopK
             }
             // Cohere2MoeTopKRouter: top-k of the logits, then `expert_selection_fn`.
-            Family::Cohere2Moe => match r.str_or(&["expert_selection_fn"], "softmax")?.as_str() {
-                "softmax" => {
-                    r.raw(&["norm_topk_prob"]);
-                    Routing::SoftmaxOfTopK
+            Family::Cohere2Moe => {
+                let normalised = r.bool_or(&["norm_topk_prob"], true)?;
+                match r.one_of("expert_selection_fn", &["softmax", "sigmoid"])? {
+                    "sigmoid" => Routing::SigmoidOfTopK { normalised },
+                    _ => Routing::SoftmaxOfTopK,
                 }
-                "sigmoid" => Routing::SigmoidOfTopK {
-                    normalised: r.bool_or(&["norm_topk_prob"], true)?,
-                },
-                other => {
-                    return Err(Error::field(
-                        r.path,
-                        "expert_selection_fn",
-                        format!("`{other}` is not `softmax` or `sigmoid`"),
-                    ));
-                }
-            },
+            }
             _ => Routing::TopK,
         },
         input_jitter,
         beside_mlp: family == Family::Gemma4,
         // Cohere2MoeSparseMoeBlock: `(final + shared) / 2` unless the strategy is "sum".
         shared_average: family == Family::Cohere2Moe
-            && shared > 0
-            && match r
-                .str_or(&["shared_expert_combination_strategy"], "average")?
-                .as_str()
-            {
-                "average" => true,
-                "sum" => false,
-                other => {
-                    return Err(Error::field(
-                        r.path,
-                        "shared_expert_combination_strategy",
-                        format!("`{other}` is not `sum` or `average`"),
-                    ));
-                }
-            },
+            && r.one_of("shared_expert_combination_strategy", &["average", "sum"])? == "average"
+            && shared > 0,
         // AfmoeSparseMoeBlock's `expert_bias` and Ernie4_5_MoeStatics' `e_score_correction_bias`.
         frozen_score_bias: matches!(family, Family::Afmoe | Family::Ernie45Moe),
         latent: None,
