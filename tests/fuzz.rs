@@ -190,17 +190,26 @@ fn fuzz_model_toml_and_config_json() {
             text,
         ))
     });
-    // The measured runs' real config.json files, one key per line so line mutations hit values.
-    let measured = std::fs::read_to_string(repo("validation/measured.jsonl")).expect("ships");
-    let jsons: Vec<String> = measured
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
-            serde_json::to_string_pretty(&v["config"]).expect("JSON")
-        })
-        .chain(files("examples/configs", "json"))
-        .collect();
+    // The measured and replayed runs' real config.json files, one per model type (every family
+    // reader, not only the shipped models'), one key per line so line mutations hit values.
+    let mut types = std::collections::BTreeSet::new();
+    let mut jsons: Vec<String> = Vec::new();
+    for file in [
+        "validation/measured.jsonl",
+        "validation/families.jsonl",
+        "validation/multimodal.jsonl",
+    ] {
+        let text = std::fs::read_to_string(repo(file)).expect("ships");
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            let config = &v["config"];
+            if config.is_object() && types.insert(config["model_type"].to_string()) {
+                jsons.push(serde_json::to_string_pretty(config).expect("JSON"));
+            }
+        }
+    }
+    jsons.extend(files("examples/configs", "json"));
+    assert!(types.len() > 80, "{} model types", types.len());
     assert!(!jsons.is_empty(), "config.json seeds");
     fuzz("config.json", &jsons, 2, |text| {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
