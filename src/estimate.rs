@@ -347,7 +347,9 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result
                         model.name
                     ),
                 )
-                .with_hint(format!("name both {gate} and {up}, or neither")));
+                .with_hint(format!(
+                    "name both {gate} and {up}, or neither (ftplan's short name `gate` is the {gate} role; peft's `gate` is the router, which ftplan plans under `all` only)"
+                )));
             }
             if !(l.alpha.is_finite() && l.alpha > 0.0 && l.alpha <= 1e6) {
                 return Err(field(
