@@ -611,13 +611,9 @@ pub fn estimate(
         )
         .with_hint(match (plan.method.lora(), model.mla) {
             (Some(_), Some(mla)) => format!(
-                "latent attention's linears are {}`kv_a_proj_with_mqa`, `kv_b_proj` and `o_proj` \
-                 (LoRA's `all` covers every linear in the blocks)",
-                if mla.q_rank.is_some() {
-                    "`q_a_proj`, `q_b_proj`, "
-                } else {
-                    "`q_proj`, "
-                }
+                "latent attention's linears are {}, `kv_a_proj_with_mqa`, `kv_b_proj` and \
+                 `o_proj` (LoRA's `all` covers every linear in the blocks)",
+                mla.query_modules()
             ),
             (lora, _) => mamba_targets(model.family)
                 .filter(|_| lora.is_some())

@@ -753,14 +753,16 @@ impl PlanInput {
         if let (Method::Lora(l) | Method::Qlora(l), Some(mla)) = (&method, model.value.mla)
             && l.targets == LoraTargets::QueryValue
         {
-            let (missing, queries) = match mla.q_rank {
-                Some(_) => (" and no `q_proj`", "`q_a_proj`, `q_b_proj`"),
-                None => ("", "`q_proj`"),
+            let missing = if mla.q_rank.is_some() {
+                " and no `q_proj`"
+            } else {
+                ""
             };
             notes.push(format!(
                 "`{}`'s latent attention has no `v_proj`{missing}: LoRA q,v is planned on the \
-                 query projections ({queries}) and `kv_b_proj`, so pass those as target_modules",
+                 query projections ({}) and `kv_b_proj`, so pass those as target_modules",
                 model.value.name,
+                mla.query_modules(),
             ));
         }
         if method == Method::LnTuning && !model.value.peft_ln_tuning_defaults() {

@@ -1046,6 +1046,17 @@ pub struct Mla {
     pub v_dim: u64,
 }
 
+impl Mla {
+    /// The query projections' module names, as a message lists them: `q_a_proj` and
+    /// `q_b_proj` behind a query bottleneck, else `q_proj`.
+    pub fn query_modules(&self) -> &'static str {
+        match self.q_rank {
+            Some(_) => "`q_a_proj`, `q_b_proj`",
+            None => "`q_proj`",
+        }
+    }
+}
+
 /// Dropout probabilities; a non-zero one stores a mask for backward.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct Dropouts {
