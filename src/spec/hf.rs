@@ -918,18 +918,11 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                     .chars()
                     .map(|c| if c == 'G' { Mixer::Attention } else { local })
                     .collect(),
-                _ => {
-                    let every = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4).max(1);
-                    (1..=every)
-                        .map(|l| {
-                            if l % every == 0 {
-                                Mixer::Attention
-                            } else {
-                                local
-                            }
-                        })
-                        .collect()
-                }
+                _ => every_nth_global(
+                    local,
+                    r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4),
+                    layers,
+                ),
             };
             if pattern.is_empty() {
                 vec![local]
@@ -947,19 +940,17 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 .min(layers);
             let prefix_every = r
                 .opt_u64(&["prefix_dense_sliding_window_pattern"])?
-                .unwrap_or(1)
-                .max(1);
-            let every = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4).max(1);
-            let kind = |i: u64, every: u64| {
-                if (i + 1).is_multiple_of(every) {
-                    Mixer::Attention
-                } else {
-                    local
-                }
-            };
-            (0..prefix)
-                .map(|i| kind(i, prefix_every))
-                .chain((0..layers - prefix).map(|i| kind(i, every)))
+                .unwrap_or(1);
+            let every = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4);
+            let (head, rest) = (
+                every_nth_global(local, prefix_every, layers),
+                every_nth_global(local, every, layers),
+            );
+            head.iter()
+                .cycle()
+                .take(prefix as usize)
+                .chain(rest.iter().cycle().take((layers - prefix) as usize))
+                .copied()
                 .collect()
         }
         // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one;
@@ -970,9 +961,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 Family::Cohere2 => r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4),
                 _ => r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(6),
             };
-            let mut v = vec![local; pattern.saturating_sub(1).min(layers) as usize];
-            v.push(Mixer::Attention);
-            v
+            every_nth_global(local, pattern, layers)
         }
         // Qwen2/Qwen3 (and Dots1Config, which derives `layer_types` the same way): the window
         // on the layers from `max_window_layers` up.
@@ -984,6 +973,15 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
         }
         _ => vec![local],
     })
+}
+
+/// One period of "every `every`-th layer global, the others `local`" (layer i is global when
+/// i + 1 is a multiple of `every`): `every - 1` local layers, then a global one, the local run
+/// cut at `layers` (a longer period repeats the same for a model that deep).
+fn every_nth_global(local: Mixer, every: u64, layers: u64) -> Vec<Mixer> {
+    let mut v = vec![local; every.saturating_sub(1).min(layers) as usize];
+    v.push(Mixer::Attention);
+    v
 }
 
 /// `layers` mixers, `other` but attention at the layer indices the config's `key` lists
