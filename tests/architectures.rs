@@ -3670,3 +3670,174 @@ fn a_checkpoint_auto_model_for_causal_lm_reads_as_its_language_model_is_its_text
         .to_string();
     assert!(err.contains("`text_config.hidden_size`"), "{err}");
 }
+
+#[test]
+fn cwm_slides_three_layers_after_each_global_one() {
+    // `CwmForCausalLM` (transformers 5.17, Meta's Code World Model): Llama's block whose
+    // attention (Qwen2Attention's, with q, k and v rebuilt without biases) slides over
+    // `sliding_window` on the layers `layer_types` calls "sliding_attention"; CwmConfig writes
+    // that list as layer i global when i is a multiple of 4. A toy (hidden 256, MLP 512, 4
+    // heads of 64, 2 KV heads, 6 layers, vocabulary 1,000, window 64), which transformers
+    // builds with 4,054,272 parameters: per layer q and o 256^2, k and v 256 x 128, the MLP
+    // 3 x 256 x 512 and two norms of 256 (590,336); the embedding and the untied head
+    // 1,000 x 256 each, the final norm 256.
+    let config = serde_json::json!({
+        "model_type": "cwm", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 64, "vocab_size": 1000, "sliding_window": 64
+    });
+    let m = toy(&config);
+    let layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 2 * 256;
+    let total = 6 * layer + 2 * 1000 * 256 + 256;
+    assert_eq!(total, 4_054_272);
+    let e = run(&m, &full(Precision::Bf16, 1, 64));
+    assert_eq!(e.memory.total_params, total);
+    // Without `layer_types`, CwmConfig's rule: global, then three windowed layers.
+    let local = Mixer::SlidingWindow { window: 64 };
+    assert_eq!(m.mixers, vec![Mixer::Attention, local, local, local]);
+    // A listed `layer_types` wins; without `sliding_window` the window is CwmConfig's 8,192.
+    let mut listed = config.clone();
+    listed
+        .as_object_mut()
+        .expect("object")
+        .remove("sliding_window");
+    listed["layer_types"] = serde_json::json!([
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention"
+    ]);
+    let wide = Mixer::SlidingWindow { window: 8192 };
+    assert_eq!(
+        toy(&listed).mixers,
+        vec![
+            wide,
+            Mixer::Attention,
+            wide,
+            Mixer::Attention,
+            wide,
+            Mixer::Attention
+        ]
+    );
+    // No biases, whatever `attention_bias` says: LoRA q,v at rank 16 trains
+    // 16 x (256 + 256) + 16 x (256 + 128) = 14,336 per layer (peft 0.21: 86,016).
+    let mut biased = config.clone();
+    biased["attention_bias"] = serde_json::json!(true);
+    let b = toy(&biased);
+    assert_eq!(
+        run(&b, &full(Precision::Bf16, 1, 64)).memory.total_params,
+        total
+    );
+    assert_eq!(lora_trainable(&m, &["q_proj", "v_proj"]), 86_016);
+}
+
+#[test]
+fn hyperclovax_norms_each_sublayer_output_and_multiplies_its_logits() {
+    // `HyperCLOVAXForCausalLM` (transformers 5.17, NAVER's HyperCLOVA X SEED): Granite's block
+    // with `post_norm1`/`post_norm2` (Peri-LN) on each sub-layer's output before Granite's
+    // residual multiplier, and `lm_head(x) * logits_scaling` where Granite divides. A toy
+    // (hidden 256, MLP 512, 4 heads of 64, 2 KV heads, 3 layers, vocabulary 1,000), which
+    // transformers builds with 2,284,800 parameters: per layer q and o 256^2, k and v
+    // 256 x 128, the MLP 3 x 256 x 512 and four norms of 256 (590,848); embedding and head
+    // 1,000 x 256 each, the final norm 256. Without `use_post_norm` two norms per layer go.
+    let config = serde_json::json!({
+        "model_type": "hyperclovax", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 1000, "logits_scaling": 0.125, "residual_multiplier": 0.5
+    });
+    let m = toy(&config);
+    let layer = 2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 4 * 256;
+    let total = 3 * layer + 2 * 1000 * 256 + 256;
+    assert_eq!(total, 2_284_800);
+    let p = full(Precision::Bf16, 1, 64);
+    assert_eq!(run(&m, &p).memory.total_params, total);
+    use ftplan::spec::model::NormPlacement;
+    assert_eq!(m.norm_placement, NormPlacement::Sandwich);
+    // Times 0.125 is the same one op as Granite's divide by 8: a new (64, 1,000) bf16 tensor.
+    assert_eq!(m.multipliers.logits_divisor, 8.0);
+    let names: Vec<String> = {
+        let g = graph::build(&m, &p);
+        g.ops().map(|o| g.name(o.name)).collect()
+    };
+    assert!(names.iter().any(|n| n == "lm_head.scaling"), "{names:?}");
+    let mut plain = config.clone();
+    plain["use_post_norm"] = serde_json::json!(false);
+    let q = toy(&plain);
+    assert_eq!(q.norm_placement, NormPlacement::Pre);
+    assert_eq!(run(&q, &p).memory.total_params, total - 3 * 2 * 256);
+}
+
+#[test]
+fn youtu_puts_latent_attention_in_a_dense_llama_layer() {
+    // `YoutuForCausalLM` (transformers 5.17, Tencent's Youtu-LLM): DeepSeek-V3's latent
+    // attention in Llama's layer, Qwen3's MLP in every layer, tied embeddings. A toy (hidden
+    // 256, MLP 512, 4 heads, query latent 96, KV latent 64, heads of 32 + 16 rotary, values of
+    // 32, 3 layers, vocabulary 1,000), which transformers builds with 1,775,840 parameters:
+    // per layer q_a 256 x 96 and its norm 96, q_b 96 x 4 x 48, kv_a 256 x (64 + 16) and its
+    // norm 64, kv_b 64 x 4 x (32 + 32), o 4 x 32 x 256 (112,800), the MLP 3 x 256 x 512 and
+    // two norms of 256; the tied embedding 1,000 x 256 and the final norm.
+    let config = serde_json::json!({
+        "model_type": "youtu", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 1000,
+        "q_lora_rank": 96, "kv_lora_rank": 64, "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32, "v_head_dim": 32
+    });
+    let m = toy(&config);
+    let attention = 256 * 96 + 96 + 96 * 4 * 48 + 256 * 80 + 64 + 64 * 4 * 64 + 4 * 32 * 256;
+    assert_eq!(attention, 112_800);
+    let total = 3 * (attention + 3 * 256 * 512 + 2 * 256) + 1000 * 256 + 256;
+    assert_eq!(total, 1_775_840);
+    assert_eq!(
+        run(&m, &full(Precision::Bf16, 1, 64)).memory.total_params,
+        total
+    );
+    assert!(m.moe.is_none() && m.tie_word_embeddings);
+    // peft 0.21 on the meta device: `q_a_proj,kv_b_proj` at rank 16 trains
+    // 16 x (256 + 96) + 16 x (64 + 256) = 10,752 per layer.
+    assert_eq!(lora_trainable(&m, &["q_a_proj", "kv_b_proj"]), 32_256);
+}
+
+#[test]
+fn axk1_norms_the_sparse_block_output_and_keeps_lora_off_its_experts() {
+    // `AXK1ForCausalLM` (transformers 5.17, SK Telecom's A.X K1): DeepSeek-V3 whose sparse
+    // block ends in `post_mlp_layernorm`, an RMSNorm on the routed plus shared experts' sum.
+    // A toy (hidden 256, dense MLP 512, the Youtu toy's latent attention of 112,800 per layer,
+    // 3 layers of which the first is dense, 8 experts of 64, top 2, one shared expert,
+    // vocabulary 1,000), which transformers builds with 2,134,752 parameters: the dense layer
+    // 112,800 + 3 x 256 x 512 + 2 x 256; a sparse layer 112,800, the router 8 x 256 (its
+    // score-correction bias is a buffer), experts 8 x 128 x 256 + 8 x 256 x 64, the shared
+    // expert 3 x 256 x 64, `post_mlp_layernorm` 256 and two norms of 256 (557,984); the
+    // untied embedding and head 1,000 x 256 each and the final norm.
+    let config = serde_json::json!({
+        "model_type": "axk1", "hidden_size": 256, "intermediate_size": 512,
+        "moe_intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "vocab_size": 1000, "q_lora_rank": 96, "kv_lora_rank": 64, "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32, "v_head_dim": 32, "n_routed_experts": 8,
+        "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1
+    });
+    let m = toy(&config);
+    let sparse = 112_800 + 8 * 256 + 8 * 128 * 256 + 8 * 256 * 64 + 3 * 256 * 64 + 256 + 512;
+    assert_eq!(sparse, 557_984);
+    let total = 112_800 + 3 * 256 * 512 + 512 + 2 * sparse + 2 * 1000 * 256 + 256;
+    assert_eq!(total, 2_134_752);
+    let p = full(Precision::Bf16, 1, 64);
+    assert_eq!(run(&m, &p).memory.total_params, total);
+    let moe = m.moe.expect("sparse");
+    assert!(moe.output_norm && moe.first_dense == 1);
+    // The norm runs on the shared experts' sum, before the residual add.
+    let g = graph::build(&m, &p);
+    let names: Vec<String> = g.ops().map(|o| g.name(o.name)).collect();
+    let norm = names
+        .iter()
+        .position(|n| n == "decoder.layers.1+1.mlp.post_mlp_layernorm")
+        .expect("the sparse block's output norm");
+    // (The repeated sparse layers are walked once, as `layers.1+1`; the norm's fp32 upcast
+    // comes between.)
+    assert_eq!(names[norm - 2], "decoder.layers.1+1.mlp.shared_add");
+    // `axk1` is not in peft 0.21's conversion table, so `gate_proj,up_proj` reaches the
+    // dense layer's MLP (16 x (256 + 512) x 2 = 24,576) and each shared expert
+    // (16 x (256 + 64) x 2 = 10,240), never the fused experts.
+    assert_eq!(lora_trainable(&m, &["gate_proj", "up_proj"]), 45_056);
+}

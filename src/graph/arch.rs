@@ -2013,6 +2013,7 @@ fn moe_ops(
     if moe.routing == crate::spec::model::Routing::EveryExpert {
         let out = experts_on_every_token(b, name, x, router, moe);
         let out = shared_experts(b, name, x, out, moe, early);
+        let out = output_norm(b, name, out, moe);
         b.unname(block_frame);
         return out;
     }
@@ -2264,8 +2265,18 @@ fn moe_ops(
     };
     let x = x_block;
     let out = shared_experts(b, name, x, out, moe, early);
+    let out = output_norm(b, name, out, moe);
     b.unname(block_frame);
     out
+}
+
+/// A.X K1's `post_mlp_layernorm`: the model's RMSNorm on the sparse block's output.
+fn output_norm(b: &mut Builder, name: Scope, out: Val, moe: crate::spec::model::Moe) -> Val {
+    if moe.output_norm {
+        b.norm(name.at("post_mlp_layernorm"), out)
+    } else {
+        out
+    }
 }
 
 /// One grouped matmul of the experts: `_grouped_mm` over the S routed rows against the whole

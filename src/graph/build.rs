@@ -706,6 +706,8 @@ impl<'a> Builder<'a> {
             | Family::Deepseek
             | Family::Mistral4
             | Family::MiniCpm3
+            | Family::Youtu
+            | Family::Axk1
             | Family::Mamba
             | Family::FalconMamba
             | Family::Mamba2
@@ -751,6 +753,8 @@ impl<'a> Builder<'a> {
             | Family::Cohere
             | Family::Cohere2
             | Family::Cohere2Moe
+            | Family::Cwm
+            | Family::HyperClovaX
             | Family::Jamba
             | Family::Bamba
             | Family::Olmo => (0, 0),

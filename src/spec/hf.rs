@@ -337,12 +337,16 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Cohere
         | Family::Cohere2
         | Family::Cohere2Moe
+        | Family::Cwm
+        | Family::HyperClovaX
         | Family::StableLm
         | Family::Olmo => llama_like(&r, family)?,
         Family::Starcoder2 => starcoder2(&r)?,
         Family::Bloom => bloom(&r)?,
         Family::Mpt => mpt(&r)?,
-        Family::Deepseek | Family::Mistral4 | Family::MiniCpm3 => deepseek(&r, family)?,
+        Family::Deepseek | Family::Mistral4 | Family::MiniCpm3 | Family::Youtu | Family::Axk1 => {
+            deepseek(&r, family)?
+        }
         Family::Mamba | Family::FalconMamba => mamba(&r, family)?,
         Family::Mamba2 => mamba2(&r)?,
         Family::NemotronH => nemotron_h(&r)?,
@@ -810,6 +814,8 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     // Qwen2-MoE writes `sliding_window: 0` when it is off.
     let window = match r.raw(&["sliding_window"]) {
         Some((_, v)) if v.as_u64() == Some(0) => None,
+        // CwmConfig: a window of 8,192 when the key is absent.
+        None if family == Family::Cwm => Some(8192),
         _ => r.opt_u64(&["sliding_window"])?,
     };
     // `use_sliding_window: false` turns the window off; absent, it is on where `layer_types`
@@ -953,6 +959,15 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 .copied()
                 .collect()
         }
+        // CwmConfig without `layer_types`: layer i global when i is a multiple of 4 (the first
+        // of each four), local otherwise.
+        Family::Cwm => {
+            let mut v = vec![local; 4.min(layers) as usize];
+            if let Some(first) = v.first_mut() {
+                *first = Mixer::Attention;
+            }
+            v
+        }
         // Gemma3TextConfig: `sliding_window_pattern` (6): five local layers, then a global one;
         // Cohere2Config the same rule with 4, AfmoeConfig with `global_attn_every_n_layers` (4).
         Family::Gemma3 | Family::Gemma4 | Family::Cohere2 | Family::Afmoe => {
@@ -1013,7 +1028,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     let (experts_key, expert_inter) = match family {
         // MiniMaxM2Config: `intermediate_size` is each expert's width; every layer is sparse.
         Family::Mixtral | Family::Phimoe | Family::MinimaxM2 => ("num_local_experts", intermediate),
-        Family::Deepseek | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => {
+        Family::Deepseek | Family::Axk1 | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => {
             ("n_routed_experts", r.u64(&["moe_intermediate_size"])?)
         }
         // SolarOpenConfig: 128 routed experts of 1,280 by default.
@@ -1139,7 +1154,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         Family::Qwen2Moe | Family::Qwen35Moe | Family::Qwen3Next => {
             (r.u64(&["shared_expert_intermediate_size"])?, true)
         }
-        Family::Deepseek | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => (
+        Family::Deepseek | Family::Axk1 | Family::Mistral4 | Family::Glm4Moe | Family::Dots1 => (
             r.opt_u64(&["n_shared_experts"])?.unwrap_or(0) * expert_inter,
             false,
         ),
@@ -1266,9 +1281,10 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         }
         (dense as u64, 1)
     } else {
-        // Without `mlp_layer_types`, Glm4MoeLiteConfig's and ExaoneMoeConfig's default is one
-        // dense layer first (`first_k_dense_replace` 1).
-        let default_dense = u64::from(glm4_moe_lite(r) || family == Family::ExaoneMoe);
+        // Without `mlp_layer_types`, Glm4MoeLiteConfig's, ExaoneMoeConfig's and AXK1Config's
+        // default is one dense layer first (`first_k_dense_replace` 1).
+        let default_dense =
+            u64::from(glm4_moe_lite(r) || matches!(family, Family::ExaoneMoe | Family::Axk1));
         (
             r.opt_u64(&["first_k_dense_replace"])?
                 .unwrap_or(default_dense),
@@ -1335,6 +1351,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             && shared > 0,
         // AfmoeSparseMoeBlock's `expert_bias` and Ernie4_5_MoeStatics' `e_score_correction_bias`.
         frozen_score_bias: matches!(family, Family::Afmoe | Family::Ernie45Moe),
+        // AXK1MoE: `post_mlp_layernorm` on the sum of the routed and shared experts.
+        output_norm: family == Family::Axk1,
         latent: None,
         weights: match family {
             // AfmoeTokenChoiceRouter: the sigmoid of fp32 logits (`self.gate(x).to(float32)`),
@@ -1361,6 +1379,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         router: match family {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
             Family::Deepseek
+            | Family::Axk1
             | Family::Glm4Moe
             | Family::SolarOpen
             | Family::ExaoneMoe
@@ -1425,6 +1444,8 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         Family::Afmoe | Family::Cohere2Moe => (heads, 128),
         // JambaConfig and BambaConfig: 8 KV heads.
         Family::Jamba | Family::Bamba => (8, hidden / heads.max(1)),
+        // CwmConfig: 8 KV heads of 128.
+        Family::Cwm => (8, 128),
         _ => (heads, hidden / heads.max(1)),
     };
     let kv_heads = r.opt_u64(&["num_key_value_heads"])?.unwrap_or(kv_default);
@@ -1483,7 +1504,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         | Family::ExaoneMoe
         | Family::MinimaxM2
         | Family::Lfm2
-        | Family::Lfm2Moe => (false, false),
+        | Family::Lfm2Moe
+        // CwmAttention rebuilds Qwen2Attention's q, k and v without biases (its o has none).
+        | Family::Cwm => (false, false),
         // StableLmAttention: `use_qkv_bias` on q, k and v; o never.
         Family::StableLm => (r.bool_or(&["use_qkv_bias"], false)?, false),
         // Ernie4_5Attention and Ernie4_5MLP: `use_bias` on every linear.
@@ -1505,7 +1528,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     }
     let mlp_bias = match family {
         Family::Llama
+        | Family::Cwm
         | Family::Granite
+        | Family::HyperClovaX
         | Family::SeedOss
         | Family::Helium
         | Family::Nemotron
@@ -1616,15 +1641,21 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         }
     } else if matches!(
         family,
-        Family::Granite | Family::GraniteMoeHybrid | Family::GraniteMoe
+        Family::Granite | Family::GraniteMoeHybrid | Family::GraniteMoe | Family::HyperClovaX
     ) {
         // GraniteConfig's defaults are 1 (none); `attention_multiplier` is SDPA's `scale`
-        // argument and costs nothing.
+        // argument and costs nothing. HyperCLOVAXForCausalLM multiplies the logits by
+        // `logits_scaling` where Granite divides: the same one op.
         r.raw(&["attention_multiplier"]);
+        let scaling = r.f64_or(&["logits_scaling"], 1.0)?;
         Multipliers {
             embedding: r.f64_or(&["embedding_multiplier"], 1.0)?,
             residual: r.f64_or(&["residual_multiplier"], 1.0)?,
-            logits_divisor: r.f64_or(&["logits_scaling"], 1.0)?,
+            logits_divisor: if family == Family::HyperClovaX {
+                1.0 / scaling
+            } else {
+                scaling
+            },
             ..Multipliers::default()
         }
     } else if family == Family::Afmoe {
@@ -1685,6 +1716,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
                 NormPlacement::Sandwich
             }
             Family::Olmo2 | Family::FlexOlmo | Family::Exaone4 => NormPlacement::Output,
+            // HyperCLOVAXDecoderLayer: `post_norm1` and `post_norm2` on each sub-layer's output
+            // (before the residual multiplier) where `use_post_norm`, the default.
+            Family::HyperClovaX if r.bool_or(&["use_post_norm"], true)? => NormPlacement::Sandwich,
             _ => NormPlacement::Pre,
         },
         // Lfm2Config reads LFM2's own `tie_embedding` over `tie_word_embeddings`.
@@ -2298,6 +2332,8 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
         "ep_size",
         // MiniCPM3Config.__post_init__ writes `qk_head_dim` (nope + rope) beside `head_dim`.
         "qk_head_dim",
+        // YoutuConfig's embedding initialiser: values, not shapes.
+        "embedding_initializer_range",
     ]);
     let stack = Stack::new(
         layers,
@@ -2311,8 +2347,11 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
     let act = r.str_or(&["hidden_act"], "silu")?;
     Ok(ModelSpec {
         activation: activation(r.path, &act, "hidden_act")?,
-        // MiniCPM3Config ties the embeddings by default.
-        tie_word_embeddings: r.bool_or(&["tie_word_embeddings"], minicpm3)?,
+        // MiniCPM3Config and YoutuConfig tie the embeddings by default.
+        tie_word_embeddings: r.bool_or(
+            &["tie_word_embeddings"],
+            minicpm3 || family == Family::Youtu,
+        )?,
         dropout: Dropouts {
             attention: r.f64_or(&["attention_dropout"], 0.0)?,
             ..Dropouts::default()
@@ -2479,6 +2518,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
         beside_mlp: false,
         shared_average: false,
         frozen_score_bias: false,
+        output_norm: false,
         latent: None,
     });
     Ok(ModelSpec {
@@ -2729,6 +2769,7 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
             beside_mlp: false,
             shared_average: false,
             frozen_score_bias: false,
+            output_norm: false,
             latent,
         })
     } else {

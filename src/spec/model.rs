@@ -316,6 +316,21 @@ pub enum Family {
     /// logits before its softmax or sigmoid, and shared experts summed or averaged in; rotary
     /// on the windowed layers and on the dense prefix's when its window pattern is 1.
     Cohere2Moe,
+    /// `CwmForCausalLM` (Meta's Code World Model, CWM 32B): Llama's block with bias-free
+    /// projections and a sliding window on the layers `layer_types` names (without it, three
+    /// windowed layers after each global one, starting with a global layer 0).
+    Cwm,
+    /// `HyperCLOVAXForCausalLM` (NAVER HyperCLOVA X SEED Think 14B): Granite's block and µP
+    /// multipliers, with Peri-LN's RMSNorm on each sub-layer's output as well as its input
+    /// (`use_post_norm`), and logits multiplied (not divided) by `logits_scaling`.
+    HyperClovaX,
+    /// `YoutuForCausalLM` (Tencent Youtu-LLM 2B): DeepSeek-V3's latent attention in Llama's
+    /// layer with Qwen3's dense MLP in every layer; no experts.
+    Youtu,
+    /// `AXK1ForCausalLM` (SK Telecom A.X K1): DeepSeek-V3 with an RMSNorm on the sparse block's
+    /// output (`post_mlp_layernorm`, after the shared experts are added); peft 0.21 does not
+    /// move LoRA's FFN names onto its experts.
+    Axk1,
 }
 
 impl Family {
@@ -576,7 +591,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 88] = [
+    pub const ALL: [(&'static str, Family); 92] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -626,6 +641,10 @@ impl Family {
         ("cohere", Family::Cohere),
         ("cohere2", Family::Cohere2),
         ("cohere2_moe", Family::Cohere2Moe),
+        ("cwm", Family::Cwm),
+        ("hyperclovax", Family::HyperClovaX),
+        ("youtu", Family::Youtu),
+        ("axk1", Family::Axk1),
         ("mt5", Family::Mt5),
         ("stablelm", Family::StableLm),
         ("mbart", Family::Mbart),
@@ -1293,6 +1312,9 @@ pub struct Moe {
     /// (`requires_grad=False`): counted with the weights, never trained (AFMoE's
     /// `expert_bias`, ERNIE 4.5's `moe_statics`). DeepSeek-V3's is a buffer, not a parameter.
     pub frozen_score_bias: bool,
+    /// An RMSNorm on the block's output, after the shared experts are added (A.X K1's
+    /// `post_mlp_layernorm`): one more weight of the hidden width per sparse layer.
+    pub output_norm: bool,
     /// The routed experts work on a narrower width (Nemotron 3 Super's LatentMoE,
     /// `moe_latent_size`): `fc1_latent_proj` projects the block's input down to it before the
     /// experts and `fc2_latent_proj` their sum back up; router and shared experts read the
