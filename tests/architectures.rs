@@ -3841,3 +3841,59 @@ fn axk1_norms_the_sparse_block_output_and_keeps_lora_off_its_experts() {
     // (16 x (256 + 64) x 2 = 10,240), never the fused experts.
     assert_eq!(lora_trainable(&m, &["gate_proj", "up_proj"]), 45_056);
 }
+
+#[test]
+fn mellum_windows_qwen3_moe_layers_by_type_with_a_rotary_pair_per_type() {
+    // `MellumForCausalLM` (transformers 5.17, JetBrains Mellum 2): Qwen3-MoE's attention
+    // (per-head q/k norms) with `sliding_window` on the layers `layer_types` calls sliding, and
+    // Qwen3-MoE's experts (softmax, top-k renormalised: `norm_topk_prob` true by default) on the
+    // layers `mlp_layer_types` calls sparse. A toy (hidden 256, dense MLP 512, 4 heads of 64,
+    // 2 KV heads, 4 layers, the first dense, 8 experts of 64, top 2, window 32 on the first
+    // three layers), which transformers builds with 2,880,256 parameters: attention q and o
+    // 256^2, k and v 256 x 128, q/k norms 64 each (196,736 per layer), two norms of 256; the
+    // dense MLP 3 x 256 x 512; a sparse layer's router 8 x 256 and experts 8 x 128 x 256 +
+    // 8 x 256 x 64; embedding and head 1,000 x 256 each, the final norm.
+    let config = serde_json::json!({
+        "model_type": "mellum", "hidden_size": 256, "intermediate_size": 512,
+        "moe_intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "num_experts": 8,
+        "num_experts_per_tok": 2, "sliding_window": 32,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention",
+                        "full_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"]
+    });
+    let m = toy(&config);
+    let attention = 2 * 256 * 256 + 2 * 256 * 128 + 2 * 64 + 2 * 256;
+    let sparse = attention + 8 * 256 + 8 * 128 * 256 + 8 * 256 * 64;
+    let total = attention + 3 * 256 * 512 + 3 * sparse + 2 * 1000 * 256 + 256;
+    assert_eq!(total, 2_880_256);
+    let p = full(Precision::Bf16, 1, 64);
+    assert_eq!(run(&m, &p).memory.total_params, total);
+    let local = Mixer::SlidingWindow { window: 32 };
+    assert_eq!(m.mixers, vec![local, local, local, Mixer::Attention]);
+    use ftplan::spec::model::Routing;
+    let moe = m.moe.expect("sparse");
+    assert_eq!((moe.first_dense, moe.routing), (1, Routing::TopK));
+    // peft 0.21 moves LoRA's FFN names onto the experts (`mellum` maps to Qwen2-MoE's
+    // conversion pattern): `all-linear` trains 545,152 and `gate_proj,up_proj` the fused
+    // gate_up stacks only, 8 x (32 x 256 + 128 x 32) per sparse layer with the rank doubled.
+    assert_eq!(lora_trainable(&m, &["all-linear"]), 545_152);
+    assert_eq!(
+        lora_trainable(&m, &["gate_proj", "up_proj"]),
+        3 * 8 * (32 * 256 + 128 * 32)
+    );
+    // One cos/sin pair per layer type, each (1, 64, 64) in bf16: 4 x 8,192 bytes live from
+    // before the first layer. Without the full layer, one pair.
+    let mut windowed = config.clone();
+    windowed["layer_types"] = serde_json::json!(vec!["sliding_attention"; 4]);
+    let one = toy(&windowed);
+    let tables = |m: &ModelSpec| kept_at(m, &p, "decoder.position_embeddings").0;
+    assert_eq!(tables(&m) - tables(&one), 2 * 64 * 64 * 2);
+    // A partial rotary factor per layer type (Laguna's) is refused by name.
+    let mut partial = config.clone();
+    partial["rope_parameters"] = serde_json::json!({
+        "full_attention": {"rope_type": "default", "rope_theta": 500000.0,
+                           "partial_rotary_factor": 0.5}
+    });
+    toy_refused(&partial, "rope_parameters");
+}

@@ -40,13 +40,9 @@ fn merge(a: Value, b: Value) -> Value {
             }
             Value::Object(x)
         }
-        (Value::Array(x), Value::Array(y)) => Value::Array(
-            x.into_iter()
-                .chain(y)
-                .reduce(merge)
-                .into_iter()
-                .collect(),
-        ),
+        (Value::Array(x), Value::Array(y)) => {
+            Value::Array(x.into_iter().chain(y).reduce(merge).into_iter().collect())
+        }
         (Value::String(x), Value::String(y)) => {
             let mut kinds: Vec<&str> = x.split(" | ").chain(y.split(" | ")).collect();
             kinds.sort_unstable();

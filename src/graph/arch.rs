@@ -931,7 +931,7 @@ fn self_attention(
 /// cos and sin, each (1, seq, rotary width) from the batch-1 `cache_position.unsqueeze(0)`, in
 /// the hidden states' dtype (`LlamaRotaryEmbedding.forward`'s `.to(dtype=x.dtype)`). Every
 /// layer's rotary multiplies save them, so they live from before the first layer to its
-/// backward. Gemma 3 and 4 and OLMo 3 compute a pair per layer type (`for layer_type in
+/// backward. Gemma 3 and 4, OLMo 3 and Mellum (`LagunaModel.forward`) compute a pair per layer type (`for layer_type in
 /// set(config.layer_types)`), Gemma 4's global pair at its global head width; Llama 4 one
 /// complex64 `freqs_cis` of half the width. GPT-J and CodeGen index a table buffer inside each
 /// attention instead (their pinned rotary locals).
@@ -944,8 +944,10 @@ fn rotary_tables(model: &ModelSpec, stack: &Stack, seq: u64, dtype: DType) -> By
     }
     let width = |head_dim: u64| (head_dim as f64 * fraction).round() as u64;
     let local = model.mla.map_or(stack.head_dim, |m| m.rope_dim);
-    let per_type =
-        matches!(model.family, Family::Gemma3 | Family::Gemma4) || model.model_type == "olmo3";
+    let per_type = matches!(
+        model.family,
+        Family::Gemma3 | Family::Gemma4 | Family::Mellum
+    ) || model.model_type == "olmo3";
     let mut widths: SmallVec<[u64; 2]> = smallvec::smallvec![width(local)];
     if per_type && model.attention_kinds() == (true, true) {
         widths.push(width(model.global_attention.map_or(local, |g| g.head_dim)));

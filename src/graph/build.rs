@@ -699,6 +699,7 @@ impl<'a> Builder<'a> {
             | Family::Gemma3
             | Family::Qwen2Moe
             | Family::Qwen3Moe
+            | Family::Mellum
             | Family::Ernie45Moe
             | Family::HunyuanMoe
             | Family::Qwen35Moe

@@ -323,6 +323,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Afmoe
         | Family::Qwen2Moe
         | Family::Qwen3Moe
+        | Family::Mellum
         | Family::GptOss
         | Family::Glm4Moe
         | Family::SolarOpen
@@ -814,8 +815,9 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     // Qwen2-MoE writes `sliding_window: 0` when it is off.
     let window = match r.raw(&["sliding_window"]) {
         Some((_, v)) if v.as_u64() == Some(0) => None,
-        // CwmConfig: a window of 8,192 when the key is absent.
+        // CwmConfig and MellumConfig: windows of 8,192 and 1,024 when the key is absent.
         None if family == Family::Cwm => Some(8192),
+        None if family == Family::Mellum => Some(1024),
         _ => r.opt_u64(&["sliding_window"])?,
     };
     // `use_sliding_window: false` turns the window off; absent, it is on where `layer_types`
@@ -1036,9 +1038,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             "n_routed_experts",
             r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1280),
         ),
-        Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen35Moe | Family::Qwen3Next => {
-            ("num_experts", r.u64(&["moe_intermediate_size"])?)
-        }
+        Family::Qwen2Moe
+        | Family::Qwen3Moe
+        | Family::Mellum
+        | Family::Qwen35Moe
+        | Family::Qwen3Next => ("num_experts", r.u64(&["moe_intermediate_size"])?),
         // Llama4TextConfig: `num_local_experts` (16) of `intermediate_size` (8,192); the dense
         // layers' width is `intermediate_size_mlp`.
         Family::Llama4 => (
@@ -1325,7 +1329,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             | Family::Olmoe
             | Family::FlexOlmo
             | Family::Qwen3Next
-                if !r.bool_or(&["norm_topk_prob"], family == Family::Qwen3Next)? =>
+            | Family::Mellum
+                if !r.bool_or(
+                    &["norm_topk_prob"],
+                    matches!(family, Family::Qwen3Next | Family::Mellum),
+                )? =>
             {
                 Routing::TopKUnnormalised
             }
@@ -1683,6 +1691,9 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
                 .with_hint("0, the default, is (no z-loss)"),
         );
     }
+    if family == Family::Mellum {
+        mellum_full_rotary(r)?;
+    }
     let mixers = mixers(r, family, layers)?;
     let moe = moe(r, family, intermediate)?;
     let dense_prefix = moe.map_or(0, |m| m.first_dense);
@@ -1771,6 +1782,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         qk_norm: match family {
             Family::Qwen3
             | Family::Qwen3Moe
+            | Family::Mellum
             | Family::Qwen35
             | Family::Qwen35Moe
             | Family::Qwen3Next
@@ -1894,6 +1906,28 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
         },
         ..base
     })
+}
+
+/// MellumRotaryEmbedding (Laguna's) sizes each layer type's table by that type's
+/// `rope_parameters[type]["partial_rotary_factor"]` (1.0 when absent, as in MellumConfig's
+/// defaults); a partial factor per layer type is not modelled, so one below 1 is refused.
+fn mellum_full_rotary(r: &Reader) -> Result<()> {
+    let Some(Value::Object(types)) = r.map.get("rope_parameters") else {
+        return Ok(());
+    };
+    for (kind, params) in types {
+        if let Some(f) = params.get("partial_rotary_factor")
+            && f.as_f64() != Some(1.0)
+        {
+            return Err(Error::field(
+                r.path,
+                "rope_parameters",
+                format!("`{kind}` rotates a fraction ({f}) of each head, which is not modelled"),
+            )
+            .with_hint("a factor of 1 (or none, MellumConfig's default) is"));
+        }
+    }
+    Ok(())
 }
 
 /// Gemma 4's global layers (`Gemma4TextConfig.__post_init__`'s `per_layer_config`): heads of

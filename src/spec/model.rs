@@ -331,6 +331,11 @@ pub enum Family {
     /// output (`post_mlp_layernorm`, after the shared experts are added); peft 0.21 does not
     /// move LoRA's FFN names onto its experts.
     Axk1,
+    /// `MellumForCausalLM` (JetBrains Mellum 2): Qwen3-MoE's attention (per-head q/k norms)
+    /// windowed on the layers `layer_types` names, with a rotary table pair per layer type;
+    /// Qwen3-MoE's routed experts (no shared expert) on the layers `mlp_layer_types` calls
+    /// sparse (all of them by default), dense MLPs elsewhere.
+    Mellum,
 }
 
 impl Family {
@@ -351,6 +356,7 @@ impl Family {
             // `q_norm(q_proj(x))`, `k_norm(k_proj(x))`, `v_proj(x)`, then rotary.
             Family::Qwen3
             | Family::Qwen3Moe
+            | Family::Mellum
             | Family::Qwen35
             | Family::Qwen35Moe
             | Family::Qwen3Next
@@ -591,7 +597,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 92] = [
+    pub const ALL: [(&'static str, Family); 93] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -645,6 +651,7 @@ impl Family {
         ("hyperclovax", Family::HyperClovaX),
         ("youtu", Family::Youtu),
         ("axk1", Family::Axk1),
+        ("mellum", Family::Mellum),
         ("mt5", Family::Mt5),
         ("stablelm", Family::StableLm),
         ("mbart", Family::Mbart),
@@ -719,6 +726,7 @@ impl Family {
                 | Family::MinimaxM2
                 | Family::Dots1
                 | Family::Qwen3Moe
+                | Family::Mellum
                 | Family::Deepseek
                 | Family::Glm4Moe
                 | Family::SolarOpen
