@@ -3897,3 +3897,47 @@ fn mellum_windows_qwen3_moe_layers_by_type_with_a_rotary_pair_per_type() {
     });
     toy_refused(&partial, "rope_parameters");
 }
+
+#[test]
+fn hy_v3_adds_its_shared_experts_in_fp32() {
+    // `HYV3ForCausalLM` (transformers 5.17, Tencent Hy3): Apertus's attention (per-head q/k
+    // norms) in Llama's layer, a dense MLP in the first layer, then routed experts under an
+    // fp32 sigmoid router (a score-correction buffer, not a parameter) and one shared expert,
+    // combined as `(routed.float() + shared.float()).to(dtype)`. A toy (hidden 256, dense MLP
+    // 512, 4 heads of 64, 2 KV heads, 3 layers, 8 experts of 64, top 2, vocabulary 1,000),
+    // which transformers builds with 2,386,048 parameters: attention 196,736 per layer (q, o
+    // 256^2; k, v 256 x 128; q/k norms 64 each) and two norms of 256; the dense MLP
+    // 3 x 256 x 512; a sparse layer's router 8 x 256, experts 8 x 128 x 256 + 8 x 256 x 64 and
+    // shared expert 3 x 256 x 64; embedding and head 1,000 x 256 each, the final norm.
+    let config = serde_json::json!({
+        "model_type": "hy_v3", "hidden_size": 256, "intermediate_size": 512,
+        "moe_intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "num_experts": 8,
+        "num_experts_per_tok": 2, "num_shared_experts": 1
+    });
+    let m = toy(&config);
+    let attention = 2 * 256 * 256 + 2 * 256 * 128 + 2 * 64 + 2 * 256;
+    let sparse = attention + 8 * 256 + 8 * 128 * 256 + 8 * 256 * 64 + 3 * 256 * 64;
+    let total = attention + 3 * 256 * 512 + 2 * sparse + 2 * 1000 * 256 + 256;
+    assert_eq!(total, 2_386_048);
+    let p = full(Precision::Bf16, 1, 64);
+    assert_eq!(run(&m, &p).memory.total_params, total);
+    let moe = m.moe.expect("sparse");
+    use ftplan::spec::model::RoutingWeights;
+    assert!(moe.fp32_combine && moe.weights == RoutingWeights::Fp32 && moe.first_dense == 1);
+    // In a bf16 model the routed and shared outputs are each copied to fp32 and the fp32 sum
+    // cast back: (64, 256) x 4 B twice and once more for the sum, then 2 B; none is kept.
+    let g = graph::build(&m, &p);
+    let names: Vec<String> = g.ops().map(|o| g.name(o.name)).collect();
+    for op in ["routed_float", "shared_float", "shared_add", "combine_cast"] {
+        let at = format!("decoder.layers.1+1.mlp.{op}");
+        assert!(names.contains(&at), "{at} in {names:?}");
+    }
+    // `enable_moe_fp32_combine = false` adds them as they are.
+    let mut plain = config.clone();
+    plain["enable_moe_fp32_combine"] = serde_json::json!(false);
+    assert!(!toy(&plain).moe.expect("sparse").fp32_combine);
+    // `hy_v3` is not in peft 0.21's conversion table: `gate_proj,up_proj` reaches the dense
+    // MLP (16 x (256 + 512) x 2) and each shared expert (16 x (256 + 64) x 2) only.
+    assert_eq!(lora_trainable(&m, &["gate_proj", "up_proj"]), 45_056);
+}

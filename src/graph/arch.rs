@@ -2529,7 +2529,24 @@ fn shared_experts(
     if early.is_none() || moe.shared_gate {
         b.hold_grad_sum(x, last_reader);
     }
+    // Hy3's `(routed_output.float() + self.shared_experts(x).float()).to(x.dtype)`: two fp32
+    // copies, their fp32 sum, and its cast back (no-ops where the hidden states are fp32).
+    let hidden = x.dtype;
+    let (out, s) = if moe.fp32_combine {
+        use crate::units::DType;
+        (
+            b.cast(name.at("routed_float"), out, DType::F32),
+            b.cast(name.at("shared_float"), s, DType::F32),
+        )
+    } else {
+        (out, s)
+    };
     let sum = b.residual(name.at("shared_add"), out, s);
+    let sum = if moe.fp32_combine {
+        b.cast(name.at("combine_cast"), sum, hidden)
+    } else {
+        sum
+    };
     if moe.shared_average {
         // `(final_hidden_states + shared_expert_output) / 2`: a new tensor; a division by a
         // constant keeps nothing for backward.

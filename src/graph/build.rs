@@ -700,6 +700,7 @@ impl<'a> Builder<'a> {
             | Family::Qwen2Moe
             | Family::Qwen3Moe
             | Family::Mellum
+            | Family::HyV3
             | Family::Ernie45Moe
             | Family::HunyuanMoe
             | Family::Qwen35Moe

@@ -324,6 +324,7 @@ pub fn parse_config(path: &str, value: &Value, name: &str, strict: bool) -> Resu
         | Family::Qwen2Moe
         | Family::Qwen3Moe
         | Family::Mellum
+        | Family::HyV3
         | Family::GptOss
         | Family::Glm4Moe
         | Family::SolarOpen
@@ -1065,6 +1066,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         // Cohere2MoeConfig: 8 of MixtralExperts, `intermediate_size` wide, 2 per token, by
         // default (the dense prefix's MLPs are `prefix_dense_intermediate_size` wide).
         Family::Cohere2Moe => ("num_experts", r.u64(&["intermediate_size"])?),
+        // HYV3Config: 192 routed experts of 1,536 by default.
+        Family::HyV3 => (
+            "num_experts",
+            r.opt_u64(&["moe_intermediate_size"])?.unwrap_or(1536),
+        ),
         // AfmoeConfig: 64 routed experts of 1,408, 6 per token, by default.
         Family::Afmoe => (
             "num_experts",
@@ -1152,6 +1158,8 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         "seq_aux",
         // AFMoE's `top_scores * route_scale`: one multiply of the (tokens, k) weights.
         "route_scale",
+        // Hy3's `top_k_weights * router_scaling_factor`, the same.
+        "router_scaling_factor",
     ]);
     let (shared, gate) = match family {
         // Qwen3_5MoeSparseMoeBlock and Qwen3NextSparseMoeBlock are Qwen2-MoE's.
@@ -1164,6 +1172,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         ),
         // ExaoneMoeSparseMoEBlock: one MLP of `moe_intermediate_size` x `num_shared_experts` (1).
         Family::ExaoneMoe => (
+            r.opt_u64(&["num_shared_experts"])?.unwrap_or(1) * expert_inter,
+            false,
+        ),
+        // HYV3MoE: one HYV3MLP of `moe_intermediate_size` x `num_shared_experts` (1).
+        Family::HyV3 => (
             r.opt_u64(&["num_shared_experts"])?.unwrap_or(1) * expert_inter,
             false,
         ),
@@ -1285,10 +1298,11 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         }
         (dense as u64, 1)
     } else {
-        // Without `mlp_layer_types`, Glm4MoeLiteConfig's, ExaoneMoeConfig's and AXK1Config's
-        // default is one dense layer first (`first_k_dense_replace` 1).
-        let default_dense =
-            u64::from(glm4_moe_lite(r) || matches!(family, Family::ExaoneMoe | Family::Axk1));
+        // Without `mlp_layer_types`, Glm4MoeLiteConfig's, ExaoneMoeConfig's, AXK1Config's and
+        // HYV3Config's default is one dense layer first (`first_k_dense_replace` 1).
+        let default_dense = u64::from(
+            glm4_moe_lite(r) || matches!(family, Family::ExaoneMoe | Family::Axk1 | Family::HyV3),
+        );
         (
             r.opt_u64(&["first_k_dense_replace"])?
                 .unwrap_or(default_dense),
@@ -1361,11 +1375,16 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
         frozen_score_bias: matches!(family, Family::Afmoe | Family::Ernie45Moe),
         // AXK1MoE: `post_mlp_layernorm` on the sum of the routed and shared experts.
         output_norm: family == Family::Axk1,
+        // HYV3MoE: `(routed.float() + shared.float()).to(dtype)` unless switched off.
+        fp32_combine: family == Family::HyV3
+            && r.bool_or(&["enable_moe_fp32_combine"], true)?
+            && shared > 0,
         latent: None,
         weights: match family {
             // AfmoeTokenChoiceRouter: the sigmoid of fp32 logits (`self.gate(x).to(float32)`),
             // gathered, normalised and scaled in fp32.
-            Family::Mixtral | Family::MinimaxM2 | Family::Gemma4 | Family::Afmoe => {
+            // HYV3TopKRouter: the fp32 sigmoid's scores gathered, normalised and scaled in fp32.
+            Family::Mixtral | Family::MinimaxM2 | Family::Gemma4 | Family::Afmoe | Family::HyV3 => {
                 RoutingWeights::Fp32
             }
             // DeepSeek-V2's router softmaxes in fp32; V3's (and GLM-4.7-Flash's) takes a
@@ -1388,6 +1407,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             Family::Ernie45Moe => RouterPrecision::Fp32Module,
             Family::Deepseek
             | Family::Axk1
+            | Family::HyV3
             | Family::Glm4Moe
             | Family::SolarOpen
             | Family::ExaoneMoe
@@ -1537,6 +1557,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
     let mlp_bias = match family {
         Family::Llama
         | Family::Cwm
+        | Family::HyV3
         | Family::Granite
         | Family::HyperClovaX
         | Family::SeedOss
@@ -1793,6 +1814,7 @@ fn llama_like(r: &Reader, family: Family) -> Result<ModelSpec> {
             | Family::HunyuanDense
             | Family::HunyuanMoe
             | Family::Apertus
+            | Family::HyV3
             | Family::Dots1
             | Family::Lfm2
             | Family::Lfm2Moe
@@ -2553,6 +2575,7 @@ fn jamba(r: &Reader) -> Result<ModelSpec> {
         shared_average: false,
         frozen_score_bias: false,
         output_norm: false,
+        fp32_combine: false,
         latent: None,
     });
     Ok(ModelSpec {
@@ -2804,6 +2827,7 @@ fn nemotron_h(r: &Reader) -> Result<ModelSpec> {
             shared_average: false,
             frozen_score_bias: false,
             output_norm: false,
+            fp32_combine: false,
             latent,
         })
     } else {

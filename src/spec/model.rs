@@ -336,6 +336,12 @@ pub enum Family {
     /// Qwen3-MoE's routed experts (no shared expert) on the layers `mlp_layer_types` calls
     /// sparse (all of them by default), dense MLPs elsewhere.
     Mellum,
+    /// `HYV3ForCausalLM` (Tencent Hy3): Apertus's attention (per-head q/k norms) in Llama's
+    /// layer, dense MLPs by `mlp_layer_types` (the first layer by default), and elsewhere
+    /// routed experts under an fp32 sigmoid router with a score-correction buffer, plus shared
+    /// experts added to them in fp32 (`enable_moe_fp32_combine`); peft 0.21 does not move
+    /// LoRA's FFN names onto its experts.
+    HyV3,
 }
 
 impl Family {
@@ -597,7 +603,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 93] = [
+    pub const ALL: [(&'static str, Family); 94] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -652,6 +658,7 @@ impl Family {
         ("youtu", Family::Youtu),
         ("axk1", Family::Axk1),
         ("mellum", Family::Mellum),
+        ("hy_v3", Family::HyV3),
         ("mt5", Family::Mt5),
         ("stablelm", Family::StableLm),
         ("mbart", Family::Mbart),
@@ -1323,6 +1330,10 @@ pub struct Moe {
     /// An RMSNorm on the block's output, after the shared experts are added (A.X K1's
     /// `post_mlp_layernorm`): one more weight of the hidden width per sparse layer.
     pub output_norm: bool,
+    /// The shared experts' output and the routed experts' are each cast to fp32, added, and
+    /// the sum cast back (Hy3's `enable_moe_fp32_combine`): three more tensors of the block's
+    /// size, none kept for backward.
+    pub fp32_combine: bool,
     /// The routed experts work on a narrower width (Nemotron 3 Super's LatentMoE,
     /// `moe_latent_size`): `fc1_latent_proj` projects the block's input down to it before the
     /// experts and `fc2_latent_proj` their sum back up; router and shared experts read the
