@@ -3941,3 +3941,95 @@ fn hy_v3_adds_its_shared_experts_in_fp32() {
     // MLP (16 x (256 + 512) x 2) and each shared expert (16 x (256 + 64) x 2) only.
     assert_eq!(lora_trainable(&m, &["gate_proj", "up_proj"]), 45_056);
 }
+
+#[test]
+fn deepseek_sparse_attention_indexes_without_gradients_and_masks_every_layer() {
+    // `DeepseekV32ForCausalLM` (transformers 5.17): DeepSeek-V3 with a lightning indexer in
+    // each attention. A toy (hidden 256, 2 layers, the first dense of 512, 4 heads with queries
+    // through a rank-96 bottleneck, a latent of 64, keys of 32 + 16 rotary, values of 32; 4
+    // experts of 128, top 2, one shared; an indexer of 4 heads of 32 keeping the top 8;
+    // vocabulary 1,000), which transformers builds with 1,667,776 parameters: attention
+    // 112,800 per layer (q_a 256 x 96, its norm 96, q_b 96 x 192, kv_a 256 x 80, its norm 64,
+    // kv_b 64 x 256, o 128 x 256); the indexer 21,568 (wq_b 96 x 128, wk 256 x 32, k_norm's
+    // weight and bias 2 x 32, weights_proj 256 x 4); two norms of 256 per layer; the dense MLP
+    // 3 x 256 x 512; the sparse one's router 4 x 256, experts 4 x 256 x 256 + 4 x 256 x 128
+    // and shared expert 3 x 256 x 128; embedding and head 1,000 x 256 each, the final norm.
+    let config = serde_json::json!({
+        "model_type": "deepseek_v32", "vocab_size": 1000, "hidden_size": 256,
+        "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4,
+        "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+        "kv_lora_rank": 64, "q_lora_rank": 96, "qk_rope_head_dim": 16, "v_head_dim": 32,
+        "qk_nope_head_dim": 32, "index_n_heads": 4, "index_head_dim": 32, "index_topk": 8,
+        "first_k_dense_replace": 1
+    });
+    let m = toy(&config);
+    let attention = 256 * 96 + 96 + 96 * 192 + 256 * 80 + 64 + 64 * 256 + 128 * 256;
+    let indexer = 96 * 128 + 256 * 32 + 2 * 32 + 256 * 4;
+    let sparse = 4 * 256 + 4 * 256 * 256 + 4 * 256 * 128 + 3 * 256 * 128;
+    let total = 2 * (attention + indexer + 2 * 256) + 3 * 256 * 512 + sparse + 2 * 1000 * 256 + 256;
+    assert_eq!(total, 1_667_776);
+    let p = full(Precision::Bf16, 1, 64);
+    assert_eq!(run(&m, &p).memory.total_params, total);
+    // Its parameters train (`requires_grad`) but the `@torch.no_grad()` forward gives them no
+    // gradient: idle, so no optimizer state.
+    let g = graph::build(&m, &p);
+    let idle: Vec<_> = g
+        .params
+        .iter()
+        .filter(|q| g.name(q.name).contains(".indexer."))
+        .collect();
+    assert_eq!(idle.len(), 2 * 5);
+    assert!(idle.iter().all(|q| q.trainable && q.idle));
+    // peft's `all-linear` adds LoRA to `wq_b`, `wk` and `weights_proj` too: counted as
+    // trainable (r16: 16 x (96 + 128) + 16 x (256 + 32) + 16 x (256 + 4) = 12,352 per layer),
+    // as peft counts them, and idle.
+    let with = run(&m, &plan(lora_all(), 1, 64, AttentionKernel::Sdpa))
+        .memory
+        .trainable_params;
+    assert_eq!(with, 172_736);
+    // The indexer's worst moment at batch 1 x 64 in pure bf16 (no autocast: fp32 scores):
+    // `* softmax_scale` beside the matmul's (1, 64, 4, 64) fp32 scores, 2 x 65,536 B, over what
+    // its locals keep to its return: the projected and the concatenated queries (1 x 64 x 4 x
+    // 32 x 2 B each), the rotated rotary part (64 x 4 x 16 x 2 B) and the key, its rotated part
+    // and their concatenation (64 x (32 + 16 + 32) x 2 B): 131,072 + 51,200 = 182,272 B. (The
+    // matmul's moment is 98,304 B of those, the weighted sum's 103,424 B.)
+    let scores = crate::op_ending(&g, "indexer.scores");
+    assert_eq!(scores.forward_transient.0, 182_272);
+    assert!(!scores.in_backward && scores.saves.is_empty());
+    // At batch 2 `torch.matmul` copies the key for every query: (2, 64, 32, 64) fp32 more at
+    // the matmul, whose moment becomes the worst: (2 x 64 x 4 x 32 + 2 x 64 x 32 x 64 + 2 x 64 x
+    // 4 x 64) x 4 B = 1,245,184 B over 102,400 B of locals.
+    let g2 = graph::build(&m, &full(Precision::Bf16, 2, 64));
+    assert_eq!(
+        crate::op_ending(&g2, "indexer.scores").forward_transient.0,
+        1_347_584
+    );
+    // While SDPA runs, the attention forward names the boolean index mask and the combined
+    // mask, (1, 1, 64, 64) each, and the int32 top-k, 64 x 8 x 4 B.
+    let core = crate::op_ending(&g, "self_attn.core");
+    let mut pinned: Vec<u64> = core.pinned.iter().map(|&t| g.tensor(t).bytes.0).collect();
+    pinned.sort_unstable();
+    assert_eq!(pinned[..2], [2_048, 8_192]);
+    assert!(!m.flash_attention);
+    // GLM-5 (`glm_moe_dsa`): a "shared" layer reuses the previous layer's top-k, so it has no
+    // indexer: 21,568 parameters fewer.
+    let mut glm = config.clone();
+    glm["model_type"] = serde_json::json!("glm_moe_dsa");
+    glm["indexer_types"] = serde_json::json!(["full", "shared"]);
+    let glm = toy(&glm);
+    assert_eq!(run(&glm, &p).memory.total_params, total - indexer);
+    let g = graph::build(&glm, &p);
+    assert!(
+        g.ops()
+            .any(|o| g.name(o.name) == "decoder.layers.1.self_attn.indexer.mask")
+    );
+    // A shared first layer has no top-k to reuse, and the indexer reads the query bottleneck.
+    let mut first_shared = config.clone();
+    first_shared["model_type"] = serde_json::json!("glm_moe_dsa");
+    first_shared["indexer_types"] = serde_json::json!(["shared", "full"]);
+    toy_refused(&first_shared, "indexer_types");
+    let mut no_bottleneck = config;
+    no_bottleneck["q_lora_rank"] = serde_json::Value::Null;
+    toy_refused(&no_bottleneck, "q_lora_rank");
+}

@@ -364,12 +364,12 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
     // Mamba-1 layers and Nemotron-H's latent experts, then Bamba, then Granite 3.x MoE, then
     // GPT-NeoX-20B's `gelu_fast` and Falcon-7B under SDPA, then GLM-4-9B-Chat, VaultGemma,
     // Jais 2 and Solar Open, then FlexOlmo, K-EXAONE's `exaone_moe`, nanochat, MiniCPM3, AFMoE and
-    // Cohere2-MoE, then CWM, HyperCLOVA X, Youtu-LLM, A.X K1, Mellum 2 and Hy3
-    // (validation/families.jsonl, measure.py --fake; the twenty-three before Mamba-2 replayed by
+    // Cohere2-MoE, then CWM, HyperCLOVA X, Youtu-LLM, A.X K1, Mellum 2 and Hy3, then
+    // DeepSeek-V3.2's and GLM-5's sparse attention (validation/families.jsonl, measure.py --fake; the twenty-three before Mamba-2 replayed by
     // validation/peak_live.py only).
     use ftplan::validate::{self, MEDIAN_BOUND, WORST_BOUND};
     let rows = crate::shipped_rows("validation/families.jsonl");
-    assert_eq!(rows.len(), 498);
+    assert_eq!(rows.len(), 513);
     let late = [
         "opt-1.3b|",
         "phi-2|",
@@ -400,28 +400,35 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         // multipliers were added after its replays and moved none of them). Since these CPU replays
         // are compared without the estimate's cuBLAS workspaces (64 MiB), which a CPU has not, the
         // one beyond 1 % is a pure-bf16 GLM-4.5 at 2 x 2,048 tokens, -1.1 %.
-        let bound = if [
-            "glm-4-9b-chat|",
-            "vaultgemma-1b|",
-            "jais2-8b|",
-            "solar-open-",
-            "flex-olmo-",
-            "exaone-moe",
-            "nanochat",
-            "minicpm3-4b|",
-            "trinity-mini|",
-            "afmoe-4l-",
-            "north-mini-code|",
-            "cohere2-moe-5l-",
-            "cwm-",
-            "hcx-4l-",
-            "youtu-llm-2b|",
-            "axk1-4l|",
-            "mellum",
-            "hy3-4l",
-        ]
-        .iter()
-        .any(|m| r.name.starts_with(m))
+        // DeepSeek Sparse Attention under eager attention: two toy runs at 1 x 2,048 without
+        // checkpointing, -0.6 % (16.9 MB whatever the top-k; not traced), the checkpointed one
+        // within 0.01 %.
+        let dsa = r.name.starts_with("dsv32-") || r.name.starts_with("glm5-");
+        let bound = if dsa && r.name.contains("|eager") {
+            0.01
+        } else if dsa
+            || [
+                "glm-4-9b-chat|",
+                "vaultgemma-1b|",
+                "jais2-8b|",
+                "solar-open-",
+                "flex-olmo-",
+                "exaone-moe",
+                "nanochat",
+                "minicpm3-4b|",
+                "trinity-mini|",
+                "afmoe-4l-",
+                "north-mini-code|",
+                "cohere2-moe-5l-",
+                "cwm-",
+                "hcx-4l-",
+                "youtu-llm-2b|",
+                "axk1-4l|",
+                "mellum",
+                "hy3-4l",
+            ]
+            .iter()
+            .any(|m| r.name.starts_with(m))
         {
             // GLM-4-9B-Chat, VaultGemma 1B, Jais-2-8B and Solar Open (2026-12-07): twenty runs
             // estimated before they ran, within 0.1 %; FlexOlmo-7x7B and ExaoneMoeConfig's
@@ -434,7 +441,9 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
             // 6-layer CWM, three 4-layer HyperCLOVA X layouts, Youtu-LLM 2B and a 4-layer A.X K1
             // (2026-12-08): eighteen, within 0.04 %; Mellum 2 at 28 layers and an 8-layer
             // Mellum with windows (2026-12-08): seven, within 0.06 %; Hy3 at 4 of its 80
-            // layers (2026-12-08): six, within 0.02 %.
+            // layers (2026-12-08): six, within 0.02 %; DeepSeek-V3.2 and GLM-5 at 4 full-width
+            // layers and as toys with long top-k scores (2026-12-08): twelve under SDPA, within
+            // 0.05 % (replayed while the indexer was written: see validation/README.md).
             0.005
         } else if r.name.starts_with("gpt-neox-20b-4l|") || r.name.starts_with("falcon-7b-4l|") {
             // Four full-width layers each (2026-12-07): GPT-NeoX-20B's four within 0.0 % (LoRA

@@ -2,9 +2,11 @@
 //! method's insertions (`peft`'s adapters, prompts and prefixes) placed where peft puts them.
 
 use crate::graph::attention::{AttnCall, AttnMask};
-use crate::graph::build::{Builder, Val, wider};
-use crate::graph::op::{Name, OpGraph, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind};
-use crate::units::{Bytes, DType};
+use crate::graph::build::{Builder, OpSpec, Val, wider};
+use crate::graph::op::{
+    Cost, Name, OpGraph, OpKind, ParamId, ParamRole, Scope, Tensor, TensorId, TensorKind,
+};
+use crate::units::{Bytes, DType, Flops};
 use smallvec::SmallVec;
 
 /// Every parameter role, for checking that a run of blocks trains uniformly.
@@ -145,21 +147,11 @@ fn vision_tower(b: &mut Builder, tower: &VisionTower) {
         }
         let copies =
             tower.layers + u64::from(tower.head && matches!(module, "out_proj" | "fc1" | "fc2"));
-        let name = Name::root("vision_tower").then(module);
-        let mut parts = vec![
-            ("lora_A", (lora.rank, inputs)),
-            ("lora_B", (outputs, lora.rank)),
-        ];
-        if lora.dora {
-            parts.push(("lora_magnitude_vector", (outputs, 1)));
-        }
-        for (part, shape) in parts {
-            let p = b.adapter_param(name.then(part), shape);
-            if let Some(p) = b.graph.params.get_mut(p.0 as usize) {
-                p.idle = true;
-                p.copies = copies;
-            }
-        }
+        b.idle_lora(
+            Name::root("vision_tower").then(module),
+            (inputs, outputs),
+            Some(copies),
+        );
     }
 }
 
@@ -371,7 +363,7 @@ fn stack_forward(
         && first
         && model.has_attention()
         && !model.is_encoder_decoder()
-        && model.mla.is_none()
+        && (model.mla.is_none() || model.indexer().is_some())
     {
         let (full, sliding) = model.attention_kinds();
         let types = u64::from(full) + u64::from(sliding);
@@ -389,15 +381,18 @@ fn stack_forward(
     // names until the blocks are done, and checkpointing keeps to the end of backward as it
     // does eager's (a CPU replay of checkpointed Gemma 4 holds it at the loss's backward;
     // Command R7B's, 8,192 x 8,192, was the whole of its -0.2 %).
+    // DeepSeek Sparse Attention's model builds its causal mask the same way, at any length
+    // (`allow_is_causal_skip=False`, for the indexer).
     if b.plan.attention == crate::spec::plan::AttentionKernel::Sdpa
         && first
         && prefix == 0
         && !model.is_encoder_decoder()
-        && model.mla.is_none()
-        && model.mixers.iter().any(|m| {
-            matches!(m, Mixer::SlidingWindow { window }
+        && (model.indexer().is_some()
+            || (model.mla.is_none()
+                && model.mixers.iter().any(|m| {
+                    matches!(m, Mixer::SlidingWindow { window }
                 if self_attention_mask(b, true, seq, Some(*window)) == AttnMask::Explicit)
-        })
+                })))
     {
         let bytes = DType::U8.bytes(seq.saturating_mul(seq));
         if plan.grad_ckpt {
@@ -431,15 +426,35 @@ fn stack_forward(
                 ffn: FfnKind::Dense,
                 rope: true,
                 kv_shared: false,
+                topk_shared: false,
             }
         } else {
             model.block_kind(l)
         }
     };
+    // GLM-5's layers return their top-k indices, (B, S, top-k) int32, to the model's loop,
+    // which names the latest until the blocks are done and hands it to the next layer as
+    // `prev_topk_indices`; under checkpointing each layer's checkpoint keeps that argument
+    // (`GradientCheckpointingLayer` binds its keyword arguments into the recomputed call) to
+    // its backward: one tensor per layer that runs an indexer, but the last.
+    let (mut topk, mut held_topk) = (None, Bytes::ZERO);
+    if let Some(ix) = model.indexer().filter(|ix| ix.returns_topk && first) {
+        let bytes = Bytes(
+            (batch * seq)
+                .saturating_mul(ix.topk.min(seq))
+                .saturating_mul(4),
+        );
+        topk = Some(b.tensor(TensorKind::Activation, bytes));
+        let running = (0..stack.layers.saturating_sub(1))
+            .filter(|&l| !model.reuses_topk(l))
+            .count() as u64;
+        held_topk = bytes * running;
+    }
     // The model's forward names the stack's input (`inputs_embeds`) and its masks until the
     // blocks are done.
     let stack_named = b.name(&[x.id]);
     b.name(masks.as_slice());
+    b.name(topk.as_slice());
     let run = |b: &mut Builder, x: Val, (kind, first, copies): (BlockKind, u64, u64)| {
         let label = if copies > 1 {
             format!("layers.{first}+{}", copies - 1)
@@ -542,6 +557,7 @@ fn stack_forward(
         let kind = ["full", "sliding"][i];
         b.held_by_checkpoints(name.at("shared_kv_states").then(kind), bytes);
     }
+    b.held_by_checkpoints(name.at("prev_topk_indices"), held_topk);
     if model.norm_placement != NormPlacement::Post && b.stage.last {
         // The stack's final norm trains with its top block.
         b.layer = Some(offset + stack.layers.saturating_sub(1));
@@ -897,6 +913,9 @@ fn self_attention_mask(b: &Builder, is_decoder: bool, seq: u64, window: Option<u
         // FalconModel builds its mask with `allow_is_causal_skip=False` (to add ALiBi onto
         // it), and its attention hands that mask to SDPA whether or not ALiBi is on.
         _ if is_decoder && model.family == Family::Falcon => AttnMask::Explicit,
+        // DeepSeek Sparse Attention ANDs each layer's top-k onto the causal mask, which its
+        // model builds with `allow_is_causal_skip=False` for the indexer.
+        _ if is_decoder && model.indexer().is_some() => AttnMask::Explicit,
         _ if is_decoder => AttnMask::Causal,
         _ => AttnMask::Full,
     }
@@ -1495,13 +1514,17 @@ fn latent_attention(
     let name = b.scope(at.0, at.1);
     let heads = stack.heads;
     let qk = mla.nope_dim + mla.rope_dim;
-    let q = match mla.q_rank {
+    let (q, q_resid) = match mla.q_rank {
         Some(r) => {
             let qa = b.linear(name.at("q_a_proj"), x, r, false, Some(Proj::QA));
             let qa = b.norm(name.at("q_a_layernorm"), qa);
-            b.linear(name.at("q_b_proj"), qa, heads * qk, false, Some(Proj::QB))
+            let q = b.linear(name.at("q_b_proj"), qa, heads * qk, false, Some(Proj::QB));
+            (q, Some(qa))
         }
-        None => b.linear(name.at("q_proj"), x, heads * qk, false, Some(Proj::Q)),
+        None => (
+            b.linear(name.at("q_proj"), x, heads * qk, false, Some(Proj::Q)),
+            None,
+        ),
     };
     let kv_a = b.linear(
         name.at("kv_a_proj_with_mqa"),
@@ -1543,6 +1566,7 @@ fn latent_attention(
         width: heads * mla.nope_dim,
         ..q
     };
+    let q_proj = q;
     let mut q = b.concat_width(name.at("q_cat"), q_nope, q_rope);
     if b.model.query_scale == QueryScale::Every {
         q = b.position_scale(name.at("q_scale"), q, seq);
@@ -1560,6 +1584,23 @@ fn latent_attention(
         width: heads * mla.v_dim,
         ..kv
     };
+    // DeepSeek Sparse Attention: the indexer runs once the keys and values exist; what the
+    // attention forward builds from its top-k is alive while the core runs.
+    let pinned = match (mla.indexer, q_resid) {
+        (Some(ix), Some(q_resid)) => {
+            // The attention forward names, while its indexer runs: `q_pass`, a view of
+            // `q_b_proj`'s output; the rotated `q_rot` and `k_rot`; `kv_pass`, a view of
+            // `compressed_kv`; `query_states`; and `expand_kv`'s keys and values (a view of
+            // `kv_b_proj`'s output). A CPU replay of a 4-layer toy in pure bf16, which peaks
+            // in the indexer, holds them (60 MB at 2 x 2,048).
+            let named = b.name(&[q_proj.id, q_rope.id, k_rope.id, kv_a.id, q.id, k.id, kv.id]);
+            let pinned =
+                lightning_indexer(b, name.at("indexer"), (x, q_resid), (seq, embed_dtype), ix);
+            b.unname(named);
+            pinned
+        }
+        _ => SmallVec::new(),
+    };
     let a = b.attention(
         name.at("core"),
         [q, k, v],
@@ -1570,6 +1611,7 @@ fn latent_attention(
         AttnCall {
             window,
             q_head_major: true,
+            pinned,
             ..AttnCall::masked(mask)
         },
     );
@@ -1580,6 +1622,217 @@ fn latent_attention(
         false,
         Some(Proj::O),
     )
+}
+
+/// DeepSeek Sparse Attention's lightning indexer ([`Indexer`]) as transformers 5.17 runs it on
+/// the eager and SDPA paths (`DeepseekV32Indexer.forward`, `DeepseekV32Attention.forward`;
+/// GLM-5's `GlmMoeDsaIndexer` differs only in its interleaved rotary), reading the block's
+/// normed input `x` and the query bottleneck `q_resid`. Returns what the attention forward
+/// then names while its core runs.
+///
+/// The indexer is a `@torch.no_grad()` method: its parameters (`wq_b`, `wk`, `k_norm`,
+/// `weights_proj`) and any LoRA factors `all-linear` puts on its linears are trainable yet get
+/// no gradient, so the optimizer keeps no state for them ([`Param::idle`]), and its ops save
+/// nothing. What it allocates lives only while it runs, at three candidate peaks, over the
+/// tensors its locals keep to its return (the projected queries, which `q_pass` views; the
+/// rotated rotary part; their concatenation; the normed key, its rotated part and their
+/// concatenation):
+/// - `torch.matmul(q.float(), k.float()...)`: q's fp32 copy (and autocast's bf16 cast of it)
+///   and the key broadcast to every query beside the (B, S, heads, keys) scores;
+/// - `* softmax_scale`, then `F.relu`: two such score tensors at once;
+/// - the head-weighted sum and its `masked_fill` (two (B, S, keys) tensors) beside the scores
+///   `scores` still names, then `topk`'s values and int64 indices and their int32 copy.
+///
+/// The scores' dtype is autocast's (bf16, matmul being on its lower-precision list) under
+/// autocast, else fp32 (`q.float()`). LayerNorm runs in fp32 under autocast, so the key is
+/// fp32 there. The causal mask reaches it batch-less (`sdpa_mask` without a padding mask).
+/// Back in the attention forward, `new_ones(...).scatter(-1, topk, False)` makes the (B, 1,
+/// S, keys) boolean index mask and `attention_mask & ~index_mask` the combined one that SDPA
+/// takes; both, and the int32 top-k, are named while the core runs (returned as pinned).
+fn lightning_indexer(
+    b: &mut Builder,
+    name: Name,
+    (x, q_resid): (Val, Val),
+    (seq, embed_dtype): (u64, DType),
+    ix: crate::spec::model::Indexer,
+) -> SmallVec<[TensorId; 4]> {
+    let model = b.model;
+    let keys = seq;
+    let topk = ix.topk.min(keys);
+    let (bs, bst) = (x.tokens, x.tokens.saturating_mul(keys));
+    // int32 indices, four bytes each.
+    let top = Bytes(bs.saturating_mul(topk).saturating_mul(4));
+    // SDPA gets the boolean `attention_mask & ~index_mask`; eager attention (whose causal mask
+    // is additive, in the embeddings' dtype) its `masked_fill(index_mask, min)`.
+    let index_masks = if b.plan.attention == crate::spec::plan::AttentionKernel::Eager {
+        Bytes(bst) + embed_dtype.bytes(bst)
+    } else {
+        Bytes(bst) * 2
+    };
+    let shared = b.layer.is_some_and(|l| model.reuses_topk(l));
+    let mut pinned: SmallVec<[TensorId; 4]> = SmallVec::new();
+    pinned.push(b.tensor(TensorKind::Activation, index_masks));
+    if !ix.returns_topk {
+        // DeepSeek-V3.2's top-k is the attention forward's local; GLM-5's goes back to the
+        // model's loop, which names it (`stack_forward`).
+        pinned.push(b.tensor(TensorKind::Activation, top));
+    }
+    let mask_kernels = 5;
+    if shared {
+        // A shared layer builds its mask from the previous layer's top-k: `new_ones`,
+        // `.long()`, `scatter`, `~` and `&`.
+        b.emit(OpSpec {
+            name: name.then("mask"),
+            kind: OpKind::Elementwise,
+            params: SmallVec::new(),
+            saves: SmallVec::new(),
+            out: Bytes::ZERO,
+            forward_transient: Bytes::ZERO,
+            backward_transient: Bytes::ZERO,
+            cost: Cost {
+                forward_bytes: Bytes(bst) * 5 + DType::I64.bytes(bs.saturating_mul(topk)) * 2,
+                forward_kernels: mask_kernels,
+                ..Cost::default()
+            },
+            compute: DType::Bf16,
+            in_backward: false,
+        });
+        return pinned;
+    }
+    let (heads, dim, rope) = (ix.heads, ix.head_dim, model.mla.map_or(0, |m| m.rope_dim));
+    let hidden = x.width;
+    let q_rank = q_resid.width;
+    // The parameters, frozen or trainable-but-idle.
+    let qlora = matches!(b.plan.method, Method::Qlora(_)) && model.family.bnb_swaps(None);
+    let mut params: SmallVec<[ParamId; 3]> = SmallVec::new();
+    let linears = [
+        ("wq_b", (heads * dim, q_rank)),
+        ("wk", (dim, hidden)),
+        ("weights_proj", (heads, hidden)),
+    ];
+    for (module, shape) in linears {
+        let p = if qlora {
+            b.nf4_weight(name.then(module).then("weight"), shape)
+        } else {
+            b.base_param(name.then(module).then("weight"), shape, ParamRole::Linear)
+        };
+        params.push(p);
+        if b.plan
+            .method
+            .lora()
+            .is_some_and(|l| l.targets == LoraTargets::AllLinear)
+        {
+            b.idle_lora(name.then(module), (shape.1, shape.0), None);
+        }
+    }
+    // `k_norm` is an `nn.LayerNorm`: a weight and a bias.
+    let norm = b.base_param(
+        name.then("k_norm").then("weight"),
+        (1, dim),
+        ParamRole::Norm,
+    );
+    let bias = b.base_param(
+        name.then("k_norm").then("bias"),
+        (1, dim),
+        ParamRole::NormBias,
+    );
+    for p in params.iter().copied().chain([norm, bias]) {
+        if let Some(p) = b.graph.params.get_mut(p.0 as usize)
+            && p.trainable
+        {
+            p.idle = true;
+        }
+    }
+    let c = b.compute();
+    let scores_dtype = if b.autocast { b.half } else { DType::F32 };
+    let key_dtype = if b.autocast { DType::F32 } else { c };
+    let q_elems = bs.saturating_mul(heads * dim);
+    let scores = scores_dtype.bytes(bst.saturating_mul(heads));
+    let index_scores = scores_dtype.bytes(bst);
+    // Named to the indexer's return: `q` (as `q_pass`), the rotated `q_rot`, their `cat`, the
+    // normed key, its rotated part and their `cat`.
+    let locals = c.bytes(q_elems) * 2
+        + c.bytes(bs.saturating_mul(heads * rope))
+        + key_dtype.bytes(bs.saturating_mul(2 * dim + rope));
+    let q_float = DType::F32.bytes(q_elems)
+        + if b.autocast {
+            b.half.bytes(q_elems)
+        } else {
+            Bytes::ZERO
+        };
+    // `torch.matmul` of (B, S, heads, dim) by the key's (B, 1, dim, keys) broadcasts the
+    // batch dimensions: it expands the key to (B, S, dim, keys) and reshapes that to
+    // (B * S, dim, keys) for `bmm` (aten `_matmul_impl`), which copies it, in the scores'
+    // dtype (autocast casts the key first), unless the batch is 1: merging a size-1 dimension
+    // with the stride-0 one is a view. (A CPU profile of the indexer shows the copy at batch 2
+    // and none at batch 1.)
+    let key_copy = if b.plan.batch > 1 {
+        scores_dtype.bytes(bst.saturating_mul(dim))
+    } else {
+        Bytes::ZERO
+    };
+    let at_matmul = q_float + key_copy + scores;
+    let at_scale_relu = scores * 2;
+    // The batch-less causal mask's `~` beside the weighted sum and its masked copy.
+    let at_mask = scores
+        + DType::F32.bytes(bs.saturating_mul(heads))
+        + index_scores * 2
+        + Bytes(seq.saturating_mul(keys));
+    let at_topk = scores
+        + index_scores
+        + DType::I64.bytes(bs.saturating_mul(topk))
+        + scores_dtype.bytes(bs.saturating_mul(topk)).max(top);
+    let peak = locals + at_matmul.max(at_scale_relu).max(at_mask).max(at_topk);
+    // The projections: `wq_b`, `wk`, `weights_proj` (and `k_norm` and the rotary, memory-bound).
+    let proj_flops =
+        2.0 * bs as f64 * (q_rank * heads * dim + hidden * dim + hidden * heads) as f64;
+    b.emit(OpSpec {
+        name: name.then("proj"),
+        kind: OpKind::Matmul,
+        params,
+        saves: SmallVec::new(),
+        out: Bytes::ZERO,
+        forward_transient: Bytes::ZERO,
+        backward_transient: Bytes::ZERO,
+        cost: Cost {
+            forward_flops: Flops(proj_flops),
+            forward_bytes: locals * 2 + c.bytes(bs.saturating_mul(q_rank + 2 * hidden)),
+            forward_kernels: 16,
+            min_dim: dim.min(heads),
+            modules: 5,
+            ..Cost::default()
+        },
+        compute: c,
+        in_backward: false,
+    });
+    // Every query head against every key (no causal skipping), the weighted sum over heads.
+    let score_flops = 2.0 * bst as f64 * heads as f64 * (dim + 1) as f64;
+    b.emit(OpSpec {
+        name: name.then("scores"),
+        kind: OpKind::Matmul,
+        params: SmallVec::new(),
+        saves: SmallVec::new(),
+        out: Bytes::ZERO,
+        forward_transient: peak,
+        backward_transient: Bytes::ZERO,
+        cost: Cost {
+            forward_flops: Flops(score_flops),
+            // The scores written, scaled, relu'd and read by the weighted sum; the sum, its
+            // masked copy and top-k's read; the index mask's and the combined mask's passes.
+            forward_bytes: scores * 6
+                + key_copy * 2
+                + q_float
+                + index_scores * 4
+                + Bytes(bst) * 5
+                + top * 3,
+            forward_kernels: 12 + mask_kernels,
+            min_dim: dim.min(keys),
+            ..Cost::default()
+        },
+        compute: scores_dtype,
+        in_backward: false,
+    });
+    pinned
 }
 
 /// A Mamba mixer as transformers runs it without the `mamba-ssm` CUDA kernels (the torch path

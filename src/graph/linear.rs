@@ -117,6 +117,56 @@ impl Builder<'_> {
     /// An `nn.Linear` module that no target role names (a shared expert's gate, Jamba's
     /// router, Gemma 4's per-layer projections): bitsandbytes quantizes it under QLoRA as it
     /// does the named ones.
+    /// A linear weight bitsandbytes quantized (QLoRA's `Linear4bit`): NF4 with double
+    /// quantization, 4 bits per weight, one 8-bit absmax per 64 weights plus one fp32
+    /// second-level constant per 256 blocks (Dettmers et al. 2023, sec. 3).
+    pub(super) fn nf4_weight(&mut self, name: Name, shape: (u64, u64)) -> ParamId {
+        let elements = shape.0.saturating_mul(shape.1);
+        let blocks = elements.div_ceil(64);
+        self.graph.add_param(Param {
+            name,
+            elements,
+            dtype: DType::Nf4,
+            storage: DType::Nf4,
+            unit: self.unit,
+            trainable: false,
+            role: ParamRole::Linear,
+            extra: Bytes(blocks + 4 * blocks.div_ceil(256)),
+            shape,
+            copies: u64::from(self.repeat),
+            layer: self.layer,
+            idle: false,
+        })
+    }
+
+    /// peft's LoRA factors on a linear whose forward takes no part in the gradient (a vision
+    /// tower text training never runs, an indexer under `torch.no_grad()`): trainable, counted
+    /// as such, and idle ([`Param::idle`]); `copies` of each where given.
+    pub(super) fn idle_lora(
+        &mut self,
+        name: Name,
+        (inputs, outputs): (u64, u64),
+        copies: Option<u64>,
+    ) {
+        let Some(lora) = self.plan.method.lora() else {
+            return;
+        };
+        let (rank, dora) = (lora.rank, lora.dora);
+        let mut parts = vec![("lora_A", (rank, inputs)), ("lora_B", (outputs, rank))];
+        if dora {
+            parts.push(("lora_magnitude_vector", (outputs, 1)));
+        }
+        for (part, shape) in parts {
+            let p = self.adapter_param(name.then(part), shape);
+            if let Some(p) = self.graph.params.get_mut(p.0 as usize) {
+                p.idle = true;
+                if let Some(c) = copies {
+                    p.copies = c;
+                }
+            }
+        }
+    }
+
     pub fn nn_linear(&mut self, name: Name, x: Val, out_features: u64, bias: bool) -> Val {
         self.linear_module(name, x, (out_features, bias), None, true)
     }
@@ -151,24 +201,7 @@ impl Builder<'_> {
             && module
             && self.model.family.bnb_swaps(proj);
         let weight = if qlora {
-            // NF4 with double quantization: 4 bits per weight, one 8-bit absmax per 64 weights
-            // plus one fp32 second-level constant per 256 blocks (Dettmers et al. 2023, sec. 3).
-            let elements = in_features.saturating_mul(out_features);
-            let blocks = elements.div_ceil(64);
-            self.graph.add_param(Param {
-                name: name.then("weight"),
-                elements,
-                dtype: DType::Nf4,
-                storage: DType::Nf4,
-                unit: self.unit,
-                trainable: false,
-                role: ParamRole::Linear,
-                extra: Bytes(blocks + 4 * blocks.div_ceil(256)),
-                shape: (out_features, in_features),
-                copies: u64::from(self.repeat),
-                layer: self.layer,
-                idle: false,
-            })
+            self.nf4_weight(name.then("weight"), (out_features, in_features))
         } else {
             self.base_param(
                 name.then("weight"),

@@ -4,9 +4,9 @@
 use crate::error::{Error, Result, did_you_mean};
 use crate::spec::model::{
     Activation, AttentionGate, DeltaNet, Dropouts, DtBcNorms, ExpertGate, Family, FfnKind,
-    GatedNorm, GlobalAttention, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm, NormPlacement,
-    PerLayerInput, Positions, QkNorm, QueryScale, ReturnedWeights, RotaryApply, RouterPrecision,
-    Routing, RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack, VisionTower,
+    GatedNorm, GlobalAttention, Indexer, Mixer, Mla, ModelSpec, Moe, Multipliers, Norm,
+    NormPlacement, PerLayerInput, Positions, QkNorm, QueryScale, ReturnedWeights, RotaryApply,
+    RouterPrecision, Routing, RoutingWeights, ShortConv, Softcap, Ssd, Ssm, Stack, VisionTower,
 };
 use crate::units::Bytes;
 use serde_json::{Map, Value};
@@ -1300,9 +1300,15 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
     } else {
         // Without `mlp_layer_types`, Glm4MoeLiteConfig's, ExaoneMoeConfig's, AXK1Config's and
         // HYV3Config's default is one dense layer first (`first_k_dense_replace` 1).
-        let default_dense = u64::from(
-            glm4_moe_lite(r) || matches!(family, Family::ExaoneMoe | Family::Axk1 | Family::HyV3),
-        );
+        // DeepseekV32Config's (and GlmMoeDsaConfig's) is three.
+        let default_dense = if sparse_attention(r) {
+            3
+        } else {
+            u64::from(
+                glm4_moe_lite(r)
+                    || matches!(family, Family::ExaoneMoe | Family::Axk1 | Family::HyV3),
+            )
+        };
         (
             r.opt_u64(&["first_k_dense_replace"])?
                 .unwrap_or(default_dense),
@@ -2309,6 +2315,139 @@ fn glm4_moe_lite(r: &Reader) -> bool {
     r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite")
 }
 
+/// DeepSeek-V3.2's `deepseek_v32` and GLM-5's `glm_moe_dsa`: DeepSeek-V3 with DeepSeek Sparse
+/// Attention's lightning indexer in every attention layer ([`Indexer`]).
+fn sparse_attention(r: &Reader) -> bool {
+    matches!(
+        r.map.get("model_type").and_then(Value::as_str),
+        Some("deepseek_v32" | "glm_moe_dsa")
+    )
+}
+
+/// The lightning indexer of a `deepseek_v32` or `glm_moe_dsa` config, and, for GLM-5, the
+/// layers that reuse the previous layer's top-k.
+fn indexer(r: &Reader, mla: &Mla, layers: u64) -> Result<Option<(Indexer, Vec<bool>)>> {
+    if !sparse_attention(r) {
+        return Ok(None);
+    }
+    let glm5 = r.map.get("model_type").and_then(Value::as_str) == Some("glm_moe_dsa");
+    // DeepseekV32Attention always runs `q_a_proj` (it drops V3's `q_proj` formulation) and the
+    // indexer's `wq_b` reads its normed output.
+    if mla.q_rank.is_none() {
+        return Err(Error::field(
+            r.path,
+            "q_lora_rank",
+            "must be set for DeepSeek Sparse Attention",
+        )
+        .with_hint("its indexer's `wq_b` reads the query bottleneck `q_a_proj`"));
+    }
+    let indexer = Indexer {
+        // DeepseekV32Config's defaults (64 heads of 128, top 2,048); GlmMoeDsaConfig's heads: 32.
+        heads: r
+            .opt_u64(&["index_n_heads"])?
+            .unwrap_or(if glm5 { 32 } else { 64 }),
+        head_dim: r.opt_u64(&["index_head_dim"])?.unwrap_or(128),
+        topk: r.opt_u64(&["index_topk"])?.unwrap_or(2048),
+        returns_topk: glm5,
+    };
+    // `torch.split(q, [qk_rope_head_dim, head_dim - qk_rope_head_dim])` needs the rotary part
+    // to fit in the indexer's head.
+    if indexer.head_dim < mla.rope_dim {
+        return Err(Error::field(
+            r.path,
+            "index_head_dim",
+            format!(
+                "({}) is narrower than qk_rope_head_dim ({})",
+                indexer.head_dim, mla.rope_dim
+            ),
+        ));
+    }
+    // Every layer is `"deepseek_sparse_attention"`, the one key of the model's mask mapping.
+    if let Some((key, list)) = r.raw(&["layer_types"]) {
+        let list = list.as_array().map_or(&[][..], Vec::as_slice);
+        one_per_layer(r, key, list, layers)?;
+        if list
+            .iter()
+            .any(|t| t.as_str() != Some("deepseek_sparse_attention"))
+        {
+            return Err(Error::field(
+                r.path,
+                key,
+                "must list \"deepseek_sparse_attention\" for every layer",
+            ));
+        }
+    }
+    let shared = if glm5 {
+        topk_shared_layers(r, layers)?
+    } else {
+        Vec::new()
+    };
+    Ok(Some((indexer, shared)))
+}
+
+/// GlmMoeDsaConfig's `indexer_types`, or the pattern it derives them from
+/// (`index_topk_pattern`, else `index_topk_freq` and `index_skip_topk_offset`): true where a
+/// layer reuses the previous layer's top-k (`"shared"`).
+fn topk_shared_layers(r: &Reader, layers: u64) -> Result<Vec<bool>> {
+    let listed = |key: &'static str, list: &[Value]| -> Result<Vec<bool>> {
+        one_per_layer(r, key, list, layers)?;
+        list.iter()
+            .map(|t| match t.as_str() {
+                Some("full" | "F") => Ok(false),
+                Some("shared" | "S") => Ok(true),
+                _ => Err(Error::field(
+                    r.path,
+                    key,
+                    format!("must list \"full\" or \"shared\" per layer, found `{t}`"),
+                )),
+            })
+            .collect()
+    };
+    let shared = if let Some((key, v)) = r.raw(&["indexer_types"]) {
+        listed(key, v.as_array().map_or(&[][..], Vec::as_slice))?
+    } else if let Some((key, v)) = r.raw(&["index_topk_pattern"]) {
+        match v {
+            Value::String(p) => {
+                let chars: Vec<Value> = p.chars().map(|c| Value::String(c.to_string())).collect();
+                listed(key, &chars)?
+            }
+            Value::Array(list) => listed(key, list)?,
+            _ => {
+                return Err(Error::field(
+                    r.path,
+                    key,
+                    "must be a string of F and S or a list",
+                ));
+            }
+        }
+    } else {
+        // `"full" if max(i - offset + 1, 0) % freq == 0 else "shared"`.
+        let freq = r.opt_u64(&["index_topk_freq"])?.unwrap_or(1);
+        let offset = match r.raw(&["index_skip_topk_offset"]) {
+            Some((key, v)) => v.as_u64().filter(|&o| o <= layers.max(1)).ok_or_else(|| {
+                Error::field(r.path, key, format!("must be a layer index, found `{v}`"))
+            })?,
+            None => 2,
+        };
+        (0..layers)
+            .map(|i| !(i + 1).saturating_sub(offset).is_multiple_of(freq))
+            .collect()
+    };
+    // A shared first layer has no earlier top-k: the forward raises.
+    if shared.first() == Some(&true) {
+        let key = ["indexer_types", "index_topk_pattern", "index_topk_freq"]
+            .into_iter()
+            .find(|k| r.map.contains_key(*k))
+            .unwrap_or("indexer_types");
+        return Err(
+            Error::field(r.path, key, "makes the first layer \"shared\"").with_hint(
+                "a shared layer reuses an earlier layer's top-k; the first must be \"full\"",
+            ),
+        );
+    }
+    Ok(shared)
+}
+
 fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
     let hidden = r.u64(&["hidden_size"])?;
     let heads = r.u64(&["num_attention_heads"])?;
@@ -2322,6 +2461,8 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
             768
         } else if family == Family::Mistral4 {
             1024
+        } else if r.map.get("model_type").and_then(Value::as_str) == Some("glm_moe_dsa") {
+            2048
         } else {
             1536
         }),
@@ -2342,14 +2483,20 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
             r.u64(&[key])
         }
     };
-    let mla = Mla {
+    let mut mla = Mla {
         q_rank,
         kv_rank: width("kv_lora_rank", 256)?,
         rope_dim: width("qk_rope_head_dim", 32)?,
         nope_dim: width("qk_nope_head_dim", 64)?,
         v_dim: width("v_head_dim", hidden / heads.max(1))?,
+        indexer: None,
     };
     let layers = r.u64(&["num_hidden_layers"])?;
+    let mut topk_shared_layers = Vec::new();
+    if let Some((indexer, shared)) = indexer(r, &mla, layers)? {
+        mla.indexer = Some(indexer);
+        topk_shared_layers = shared;
+    }
     let multipliers = if minicpm3 {
         // MiniCPM3Config.__post_init__: a null `scale_depth` is sqrt(layers) (a residual scale
         // of 1) and a null `dim_model_base` is `hidden_size` (a divisor of 1); `f64_or` takes
@@ -2413,7 +2560,11 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
             ..Dropouts::default()
         },
         moe: moe(r, family, intermediate)?,
+        // DeepseekV32PreTrainedModel: `_supports_flash_attn = False` (its FlashMLA path is not
+        // wired up).
+        flash_attention: mla.indexer.is_none(),
         mla: Some(mla),
+        topk_shared_layers,
         multipliers,
         // Mistral4Attention: `query_states * get_llama_4_attn_scale(...)` after the
         // concatenation, in every layer.

@@ -603,7 +603,7 @@ impl Family {
     /// Llama with NoPE layers, DeepSeek-V3 is V2's layout, GLM-4.7-Flash's `glm4_moe_lite` is
     /// DeepSeek-V3's attention with GLM-4.5's MoE, which is DeepSeek's); the first name is the
     /// family's own.
-    pub const ALL: [(&'static str, Family); 94] = [
+    pub const ALL: [(&'static str, Family); 96] = [
         ("llama", Family::Llama),
         ("mistral", Family::Mistral),
         ("qwen2", Family::Qwen2),
@@ -678,6 +678,8 @@ impl Family {
         ("ernie4_5_moe", Family::Ernie45Moe),
         ("hunyuan_v1_moe", Family::HunyuanMoe),
         ("glm4_moe_lite", Family::Deepseek),
+        ("deepseek_v32", Family::Deepseek),
+        ("glm_moe_dsa", Family::Deepseek),
         ("qwen3_5_text", Family::Qwen35),
         ("qwen3_5_moe_text", Family::Qwen35Moe),
         ("qwen3_next", Family::Qwen3Next),
@@ -1051,6 +1053,9 @@ pub struct BlockKind {
     /// Whether its attention reads the keys and values of an earlier layer of its type
     /// (Gemma 4's last `num_kv_shared_layers`): no key or value projections of its own.
     pub kv_shared: bool,
+    /// Whether its sparse attention reuses the previous layer's top-k instead of running an
+    /// indexer of its own (GLM-5's `"shared"` entries of `indexer_types`).
+    pub topk_shared: bool,
 }
 
 /// Where a block normalises.
@@ -1078,6 +1083,26 @@ pub struct Mla {
     pub rope_dim: u64,
     pub nope_dim: u64,
     pub v_dim: u64,
+    /// DeepSeek Sparse Attention's lightning indexer beside the latent attention.
+    pub indexer: Option<Indexer>,
+}
+
+/// DeepSeek Sparse Attention's lightning indexer (DeepSeek-AI 2025, "DeepSeek-V3.2-Exp:
+/// Boosting Long-Context Efficiency with DeepSeek Sparse Attention", sec. 2.1), as
+/// transformers 5.17 runs it without the FlashMLA kernels (`DeepseekV32Indexer`, GLM-5's
+/// `GlmMoeDsaIndexer`): `wq_b` from the query bottleneck to `heads` x `head_dim`, `wk` from the
+/// hidden states to one key of `head_dim` with a LayerNorm (`k_norm`), `weights_proj` to one
+/// weight per head; under `torch.no_grad()` the relu of every query head's scores against
+/// every key, weighted and summed over the heads, picks each query's `topk` keys, which become
+/// a boolean mask ANDed onto the causal one before SDPA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Indexer {
+    pub heads: u64,
+    pub head_dim: u64,
+    pub topk: u64,
+    /// Each layer returns its top-k indices to the model's loop, which hands them to the next
+    /// layer (GLM-5's `prev_topk_indices`, reused by its `"shared"` layers).
+    pub returns_topk: bool,
 }
 
 impl Mla {
@@ -1231,6 +1256,9 @@ pub struct ModelSpec {
     pub embedding_norm: bool,
     /// Multi-head latent attention in place of q/k/v projections (DeepSeek).
     pub mla: Option<Mla>,
+    /// Layers whose sparse attention reuses the previous layer's top-k (GLM-5's
+    /// `indexer_types`), one entry per layer; empty: none.
+    pub topk_shared_layers: Vec<bool>,
     /// The keys and values are broadcast from the KV heads to every query head before the
     /// cache sees them (Falcon's new decoder, `FalconAttention._split_heads`).
     pub kv_broadcast: bool,
@@ -1596,6 +1624,7 @@ impl ModelSpec {
             rope_layers: Vec::new(),
             embedding_norm: false,
             mla: None,
+            topk_shared_layers: Vec::new(),
             kv_broadcast: false,
             attention_sinks: false,
             sdpa: true,
@@ -1644,7 +1673,22 @@ impl ModelSpec {
             ffn,
             rope,
             kv_shared,
+            topk_shared: self.reuses_topk(layer),
         }
+    }
+
+    /// Whether layer `layer`'s sparse attention reuses the previous layer's top-k.
+    pub fn reuses_topk(&self, layer: u64) -> bool {
+        usize::try_from(layer)
+            .ok()
+            .and_then(|l| self.topk_shared_layers.get(l))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    /// The lightning indexer of DeepSeek Sparse Attention, if the model has one.
+    pub fn indexer(&self) -> Option<Indexer> {
+        self.mla.and_then(|m| m.indexer)
     }
 
     /// Whether any block is a linear-attention (Gated DeltaNet) layer.
