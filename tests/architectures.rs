@@ -4033,3 +4033,28 @@ fn deepseek_sparse_attention_indexes_without_gradients_and_masks_every_layer() {
     no_bottleneck["q_lora_rank"] = serde_json::Value::Null;
     toy_refused(&no_bottleneck, "q_lora_rank");
 }
+
+#[test]
+fn a_model_shallower_than_its_window_period_has_no_global_layer() {
+    // Gemma3TextConfig derives `layer_types` as five sliding layers, then a global one: a
+    // 1-layer Gemma 3 has one sliding layer and nothing else. Read from a config without the
+    // list (older config.json files), the rule's period is cut at the depth, so no rotary pair
+    // or eager mask is planned for a global layer that does not exist, and the estimate is
+    // the one its derived `layer_types` gives.
+    let config = serde_json::json!({
+        "model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 256,
+        "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "head_dim": 64, "sliding_window": 32
+    });
+    let derived = toy(&config);
+    assert_eq!(derived.attention_kinds(), (false, true));
+    let mut listed = config.clone();
+    listed["layer_types"] = serde_json::json!(["sliding_attention"]);
+    let listed = toy(&listed);
+    let p = plan(lora(), 2, 256, AttentionKernel::Eager);
+    assert_eq!(run(&derived, &p).memory.peak, run(&listed, &p).memory.peak);
+    // Seven layers reach the period's global layer.
+    let mut deeper = config;
+    deeper["num_hidden_layers"] = serde_json::json!(7);
+    assert_eq!(toy(&deeper).attention_kinds(), (true, true));
+}

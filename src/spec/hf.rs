@@ -812,7 +812,17 @@ fn lfm2_intermediate(r: &Reader) -> Result<u64> {
 
 /// Attention mixers by layer: the config's `layer_types` where it lists them (transformers 5
 /// writes it for every family with local layers), else the family's rule over `sliding_window`.
+/// A rule's period is cut at the model's depth: a model shallower than it has only the layers
+/// its config derives (a 1-layer Gemma 3's `layer_types` is one sliding layer), and the
+/// per-type parts read the whole period (`ModelSpec::attention_kinds`: a rotary table pair and
+/// eager attention's mask per type present).
 fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
+    let mut v = mixer_rule(r, family, layers)?;
+    v.truncate(layers.max(1) as usize);
+    Ok(v)
+}
+
+fn mixer_rule(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
     // Qwen2-MoE writes `sliding_window: 0` when it is off.
     let window = match r.raw(&["sliding_window"]) {
         Some((_, v)) if v.as_u64() == Some(0) => None,
@@ -927,11 +937,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                     .chars()
                     .map(|c| if c == 'G' { Mixer::Attention } else { local })
                     .collect(),
-                _ => every_nth_global(
-                    local,
-                    r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4),
-                    layers,
-                ),
+                _ => every_nth_global(local, r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4)),
             };
             if pattern.is_empty() {
                 vec![local]
@@ -952,8 +958,8 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 .unwrap_or(1);
             let every = r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4);
             let (head, rest) = (
-                every_nth_global(local, prefix_every, layers),
-                every_nth_global(local, every, layers),
+                every_nth_global(local, prefix_every),
+                every_nth_global(local, every),
             );
             head.iter()
                 .cycle()
@@ -979,7 +985,7 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
                 Family::Cohere2 => r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(4),
                 _ => r.opt_u64(&["sliding_window_pattern"])?.unwrap_or(6),
             };
-            every_nth_global(local, pattern, layers)
+            every_nth_global(local, pattern)
         }
         // Qwen2/Qwen3 (and Dots1Config, which derives `layer_types` the same way): the window
         // on the layers from `max_window_layers` up.
@@ -994,10 +1000,10 @@ fn mixers(r: &Reader, family: Family, layers: u64) -> Result<Vec<Mixer>> {
 }
 
 /// One period of "every `every`-th layer global, the others `local`" (layer i is global when
-/// i + 1 is a multiple of `every`): `every - 1` local layers, then a global one, the local run
-/// cut at `layers` (a longer period repeats the same for a model that deep).
-fn every_nth_global(local: Mixer, every: u64, layers: u64) -> Vec<Mixer> {
-    let mut v = vec![local; every.saturating_sub(1).min(layers) as usize];
+/// i + 1 is a multiple of `every`): `every - 1` local layers, then a global one ([`mixers`]
+/// cuts it at the model's depth).
+fn every_nth_global(local: Mixer, every: u64) -> Vec<Mixer> {
+    let mut v = vec![local; every.saturating_sub(1) as usize];
     v.push(Mixer::Attention);
     v
 }
