@@ -402,8 +402,9 @@ fn new_families_replayed_on_cpu_are_within_the_bounds() {
         // are compared without the estimate's cuBLAS workspaces (64 MiB), which a CPU has not, the
         // one beyond 1 % is a pure-bf16 GLM-4.5 at 2 x 2,048 tokens, -1.1 %.
         // DeepSeek Sparse Attention under eager attention: two toy runs at 1 x 2,048 without
-        // checkpointing, -0.6 % (16.9 MB whatever the top-k; not traced), the checkpointed one
-        // within 0.01 %.
+        // checkpointing, -0.6 % (16.9 MB whatever the top-k, as for a plain DeepSeek-V3 toy
+        // under eager attention: not the indexer's; not traced), the checkpointed one within
+        // 0.01 %.
         let dsa = r.name.starts_with("dsv32-") || r.name.starts_with("glm5-");
         let bound = if dsa && r.name.contains("|eager") {
             0.01
