@@ -148,8 +148,7 @@ pub fn check_plan(model: &ModelSpec, plan: &Plan, hardware: &Hardware) -> Result
             "attention",
             format!(
                 "`{}` ({}) has no flash_attention_2 in transformers",
-                model.name,
-                model.family.model_type()
+                model.name, model.model_type
             ),
         )
         .with_hint(if model.sdpa {

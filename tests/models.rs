@@ -749,3 +749,23 @@ fn partial_tuning_replayed_on_cpu_is_within_the_bounds() {
     }
     crate::each_within(&rows, 0.002, None);
 }
+
+#[test]
+fn the_model_list_names_each_files_own_model_type() {
+    // `list models` reports the `model_type` a file declares, as transformers knows it, not
+    // the name of the reader family it shares (DeepSeek-V3 and V3.2 read as DeepSeek-V2's
+    // layout; SmolLM3 as Llama's).
+    let entries = ftplan::spec::registry::models().expect("ships");
+    let of = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.model_type)
+            .expect("listed")
+    };
+    assert_eq!(of("deepseek-v3"), "deepseek_v3");
+    assert_eq!(of("deepseek-v3.2-exp"), "deepseek_v32");
+    assert_eq!(of("glm-5"), "glm_moe_dsa");
+    assert_eq!(of("smollm3-3b"), "smollm3");
+    assert_eq!(of("deepseek-v2-lite"), "deepseek_v2");
+}

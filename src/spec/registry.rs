@@ -357,7 +357,7 @@ pub fn models() -> Result<Vec<ModelEntry>> {
         .map(|(stem, text)| {
             let m = parse_model_toml(&format!("models/{stem}.toml"), stem, text)?;
             Ok(ModelEntry {
-                model_type: m.family.model_type(),
+                model_type: m.model_type,
                 params: m.published_params,
                 layers: m.decoder.layers,
                 encoder_layers: m.encoder.map(|e| e.layers),
