@@ -388,11 +388,10 @@ fn stack_forward(
         && prefix == 0
         && !model.is_encoder_decoder()
         && (model.indexer().is_some()
-            || (model.mla.is_none()
-                && model.mixers.iter().any(|m| {
-                    matches!(m, Mixer::SlidingWindow { window }
+            || model.mixers.iter().any(|m| {
+                matches!(m, Mixer::SlidingWindow { window }
                 if self_attention_mask(b, true, seq, Some(*window)) == AttnMask::Explicit)
-                })))
+            }))
     {
         let bytes = DType::U8.bytes(seq.saturating_mul(seq));
         if plan.grad_ckpt {
@@ -2786,7 +2785,6 @@ fn shared_experts(
     // copies, their fp32 sum, and its cast back (no-ops where the hidden states are fp32).
     let hidden = x.dtype;
     let (out, s) = if moe.fp32_combine {
-        use crate::units::DType;
         (
             b.cast(name.at("routed_float"), out, DType::F32),
             b.cast(name.at("shared_float"), s, DType::F32),

@@ -114,9 +114,6 @@ impl Builder<'_> {
         self.linear_module(name, x, (out_features, bias), proj, proj.is_some())
     }
 
-    /// An `nn.Linear` module that no target role names (a shared expert's gate, Jamba's
-    /// router, Gemma 4's per-layer projections): bitsandbytes quantizes it under QLoRA as it
-    /// does the named ones.
     /// A linear weight bitsandbytes quantized (QLoRA's `Linear4bit`): NF4 with double
     /// quantization, 4 bits per weight, one 8-bit absmax per 64 weights plus one fp32
     /// second-level constant per 256 blocks (Dettmers et al. 2023, sec. 3).
@@ -167,6 +164,9 @@ impl Builder<'_> {
         }
     }
 
+    /// An `nn.Linear` module that no target role names (a shared expert's gate, Jamba's
+    /// router, Gemma 4's per-layer projections): bitsandbytes quantizes it under QLoRA as it
+    /// does the named ones.
     pub fn nn_linear(&mut self, name: Name, x: Val, out_features: u64, bias: bool) -> Val {
         self.linear_module(name, x, (out_features, bias), None, true)
     }

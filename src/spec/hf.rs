@@ -59,6 +59,11 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// The config's `model_type`, which tells apart the types one reader serves.
+    fn model_type(&self) -> Option<&'a str> {
+        self.map.get("model_type").and_then(Value::as_str)
+    }
+
     fn raw(&self, keys: &[&'static str]) -> Option<(&'static str, &'a Value)> {
         let mut seen = self.seen.borrow_mut();
         seen.extend(keys.iter().copied());
@@ -1401,11 +1406,7 @@ fn moe(r: &Reader, family: Family, intermediate: u64) -> Result<Option<Moe>> {
             }
             // DeepSeek-V2's router softmaxes in fp32; V3's (and GLM-4.7-Flash's) takes a
             // sigmoid of the logits.
-            Family::Deepseek
-                if r.map.get("model_type").and_then(Value::as_str) == Some("deepseek_v2") =>
-            {
-                RoutingWeights::Fp32
-            }
+            Family::Deepseek if r.model_type() == Some("deepseek_v2") => RoutingWeights::Fp32,
             Family::Mistral4 | Family::Phimoe => RoutingWeights::Softmax,
             // GraniteMoeHybridTopKRouter: `.type_as(hidden_states)`; Cohere2MoeTopKRouter:
             // `.to(hidden_states.dtype)`.
@@ -2153,9 +2154,7 @@ fn rope_layers(
             })
             .collect();
     }
-    if family != Family::Llama4
-        && r.map.get("model_type").and_then(Value::as_str) != Some("smollm3")
-    {
+    if family != Family::Llama4 && r.model_type() != Some("smollm3") {
         return Ok(Vec::new());
     }
     let interval = r.opt_u64(&["no_rope_layer_interval"])?.unwrap_or(4).max(1);
@@ -2318,16 +2317,13 @@ fn mpt(r: &Reader) -> Result<ModelSpec> {
 /// in the first `first_k_dense_replace` layers, then shared plus routed experts.
 /// GLM-4.7-Flash's `glm4_moe_lite`, read as DeepSeek's family with its own defaults.
 fn glm4_moe_lite(r: &Reader) -> bool {
-    r.map.get("model_type").and_then(Value::as_str) == Some("glm4_moe_lite")
+    r.model_type() == Some("glm4_moe_lite")
 }
 
 /// DeepSeek-V3.2's `deepseek_v32` and GLM-5's `glm_moe_dsa`: DeepSeek-V3 with DeepSeek Sparse
 /// Attention's lightning indexer in every attention layer ([`Indexer`]).
 fn sparse_attention(r: &Reader) -> bool {
-    matches!(
-        r.map.get("model_type").and_then(Value::as_str),
-        Some("deepseek_v32" | "glm_moe_dsa")
-    )
+    matches!(r.model_type(), Some("deepseek_v32" | "glm_moe_dsa"))
 }
 
 /// The lightning indexer of a `deepseek_v32` or `glm_moe_dsa` config, and, for GLM-5, the
@@ -2336,7 +2332,7 @@ fn indexer(r: &Reader, mla: &Mla, layers: u64) -> Result<Option<(Indexer, Vec<bo
     if !sparse_attention(r) {
         return Ok(None);
     }
-    let glm5 = r.map.get("model_type").and_then(Value::as_str) == Some("glm_moe_dsa");
+    let glm5 = r.model_type() == Some("glm_moe_dsa");
     // DeepseekV32Attention always runs `q_a_proj` (it drops V3's `q_proj` formulation) and the
     // indexer's `wq_b` reads its normed output.
     if mla.q_rank.is_none() {
@@ -2467,7 +2463,7 @@ fn deepseek(r: &Reader, family: Family) -> Result<ModelSpec> {
             768
         } else if family == Family::Mistral4 {
             1024
-        } else if r.map.get("model_type").and_then(Value::as_str) == Some("glm_moe_dsa") {
+        } else if r.model_type() == Some("glm_moe_dsa") {
             2048
         } else {
             1536
